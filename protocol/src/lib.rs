@@ -1,0 +1,153 @@
+//! Courier's client wire protocol: frames, limits and error codes. No I/O.
+//!
+//! A connection carries a byte stream of frames. Each frame is a 4-byte big-endian length
+//! followed by an [rkyv] archive of [`Frame`]. Bytes from the network are untrusted: [`decode`]
+//! checks the length against [`FRAME_BYTES_MAX`] before it copies anything, validates the archive
+//! with `bytecheck`, and then checks every field against its limit ("parse, don't validate"). A
+//! frame that comes out of [`decode`] is safe to act on.
+//!
+//! The protocol version is the ALPN string [`ALPN`]; an incompatible change gets a new ALPN.
+
+mod frame;
+mod limits;
+
+pub use frame::{ALL_ERROR_CODES, ErrorCode, Frame, SignalKind};
+pub use limits::*;
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+/// The ALPN protocol identifier of this version of the protocol.
+pub const ALPN: &[u8] = b"courier/1";
+
+/// Bytes of the length prefix in front of every frame.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// Why a frame could not be decoded. Every variant is the peer's fault: answer with
+/// [`DecodeError::code`] and close the stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {length_bytes} bytes exceeds the limit of {FRAME_BYTES_MAX} bytes")]
+    FrameTooLarge { length_bytes: usize },
+    #[error("frame length is zero")]
+    FrameEmpty,
+    #[error("frame is not a valid archive: {0}")]
+    Malformed(String),
+    #[error("field {field} is {actual}, over the limit of {limit}")]
+    LimitExceeded {
+        field: &'static str,
+        actual: u64,
+        limit: u64,
+    },
+    #[error("field {field} has the reserved value 0")]
+    ZeroId { field: &'static str },
+}
+
+impl DecodeError {
+    /// The error code to send to the peer for this decode failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::FrameEmpty | DecodeError::Malformed(_) | DecodeError::ZeroId { .. } => {
+                ErrorCode::Malformed
+            }
+            DecodeError::LimitExceeded { .. } => ErrorCode::LimitExceeded,
+        }
+    }
+}
+
+/// Why a frame could not be encoded. This is a bug in the caller (it built a frame over a
+/// limit), reported instead of sending bytes the peer would reject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame would be invalid: {0}")]
+    Invalid(#[from] DecodeError),
+    #[error("archiving failed: {0}")]
+    Archive(String),
+}
+
+/// Appends `frame`, length-prefixed, to `out`.
+///
+/// The frame is checked against the same limits [`decode`] applies, so a peer never receives a
+/// frame it must reject.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    frame.check_limits()?;
+    let bytes = rkyv::to_bytes::<rancor::Error>(frame)
+        .map_err(|error| EncodeError::Archive(error.to_string()))?;
+    if bytes.len() > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge {
+            length_bytes: bytes.len(),
+        }
+        .into());
+    }
+    // The cast cannot truncate: FRAME_BYTES_MAX fits in u32 (asserted in limits.rs).
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(&bytes);
+    Ok(())
+}
+
+/// Encodes one frame into a fresh buffer.
+pub fn encode_to_vec(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    encode(frame, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes the first frame of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more bytes), and
+/// `Ok(Some((frame, consumed_bytes)))` when it does. An error means the stream is corrupt or
+/// hostile: answer with [`DecodeError::code`] and close it. A length prefix over
+/// [`FRAME_BYTES_MAX`] is rejected before any byte of the frame is buffered or copied.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+    let Some(length_bytes) = peek_length(buf)? else {
+        return Ok(None);
+    };
+    let frame_end = LENGTH_PREFIX_BYTES + length_bytes;
+    let Some(body) = buf.get(LENGTH_PREFIX_BYTES..frame_end) else {
+        return Ok(None);
+    };
+    let frame = decode_body(body)?;
+    Ok(Some((frame, frame_end)))
+}
+
+/// Reads and checks the length prefix at the front of `buf`, if all four bytes are there.
+///
+/// Stream readers call this to learn how many bytes to wait for, and to reject an oversized
+/// frame before buffering it.
+pub fn peek_length(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    let Some(prefix) = buf.first_chunk::<LENGTH_PREFIX_BYTES>() else {
+        return Ok(None);
+    };
+    let length_bytes = u32::from_be_bytes(*prefix) as usize;
+    if length_bytes == 0 {
+        return Err(DecodeError::FrameEmpty);
+    }
+    if length_bytes > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge { length_bytes });
+    }
+    Ok(Some(length_bytes))
+}
+
+/// Decodes one frame body (the bytes after the length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    if body.is_empty() {
+        return Err(DecodeError::FrameEmpty);
+    }
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge {
+            length_bytes: body.len(),
+        });
+    }
+    // rkyv validates alignment; bytes from a stream have none, so copy into an aligned buffer.
+    // The copy is bounded by FRAME_BYTES_MAX, checked above.
+    let mut aligned = AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned)
+        .map_err(|error| DecodeError::Malformed(error.to_string()))?;
+    frame.check_limits()?;
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests;

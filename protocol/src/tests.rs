@@ -1,0 +1,124 @@
+use super::*;
+
+fn send_frame(body_bytes: usize) -> Frame {
+    Frame::Send {
+        client_id: 7,
+        to: 42,
+        body: vec![0xAB; body_bytes],
+        ttl_secs: Some(60),
+    }
+}
+
+#[test]
+fn round_trip_keeps_every_field() {
+    let frames = [
+        Frame::Hello {
+            token: b"token".to_vec(),
+            device: 3,
+            resume_after_seq: Some(9),
+        },
+        send_frame(200),
+        Frame::Deliver {
+            seq: 1,
+            from: 2,
+            sent_at_ms: 3,
+            body: b"hi".to_vec(),
+        },
+        Frame::Error {
+            code: ErrorCode::TokenExpired,
+            message: "token expired: mint a new one".into(),
+        },
+    ];
+    let mut stream = Vec::new();
+    for frame in &frames {
+        encode(frame, &mut stream).unwrap();
+    }
+    let mut rest = &stream[..];
+    for frame in &frames {
+        let (decoded, consumed) = decode(rest).unwrap().unwrap();
+        assert_eq!(&decoded, frame);
+        rest = &rest[consumed..];
+    }
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn partial_frame_asks_for_more_bytes() {
+    let bytes = encode_to_vec(&send_frame(10)).unwrap();
+    for cut in 0..bytes.len() {
+        assert_eq!(decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+    }
+}
+
+#[test]
+fn oversized_length_prefix_is_rejected_before_buffering() {
+    let mut bytes = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes().to_vec();
+    bytes.push(0);
+    let error = decode(&bytes).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::FrameTooLarge);
+}
+
+#[test]
+fn largest_body_fits_and_one_more_byte_does_not() {
+    let max = encode_to_vec(&send_frame(BODY_BYTES_MAX)).unwrap();
+    assert!(decode(&max).unwrap().is_some());
+    let error = encode_to_vec(&send_frame(BODY_BYTES_MAX + 1)).unwrap_err();
+    assert!(matches!(
+        error,
+        EncodeError::Invalid(DecodeError::LimitExceeded { field: "send.body", .. })
+    ));
+}
+
+#[test]
+fn decoder_rejects_over_limit_fields_a_hostile_encoder_produced() {
+    // Archive directly, skipping encode's checks, as a hostile client would.
+    let frame = Frame::Hello {
+        token: vec![1; TOKEN_BYTES_MAX + 1],
+        device: 0,
+        resume_after_seq: None,
+    };
+    let body = rkyv::to_bytes::<rancor::Error>(&frame).unwrap();
+    let error = decode_body(&body).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::LimitExceeded);
+
+    let zero_recipient = Frame::Send {
+        client_id: 1,
+        to: USER_ID_RESERVED,
+        body: vec![],
+        ttl_secs: None,
+    };
+    let body = rkyv::to_bytes::<rancor::Error>(&zero_recipient).unwrap();
+    assert_eq!(
+        decode_body(&body).unwrap_err(),
+        DecodeError::ZeroId { field: "send.to" }
+    );
+}
+
+#[test]
+fn zero_length_frame_is_malformed() {
+    assert_eq!(decode(&[0, 0, 0, 0]), Err(DecodeError::FrameEmpty));
+}
+
+#[test]
+fn error_codes_round_trip_through_numbers() {
+    for code in ALL_ERROR_CODES {
+        assert_eq!(ErrorCode::from_u16(code.to_u16()), Some(code));
+    }
+    assert_eq!(ErrorCode::from_u16(0), None);
+    assert!(ErrorCode::StoreUnavailable.is_retryable());
+    assert!(!ErrorCode::Unauthenticated.is_retryable());
+}
+
+#[test]
+fn only_idempotent_frames_pass_the_0rtt_filter() {
+    assert!(send_frame(1).is_idempotent());
+    assert!(!Frame::Ack { up_to_seq: 1 }.is_idempotent());
+    assert!(
+        !Frame::Signal {
+            peer: 1,
+            kind: SignalKind::Typing,
+            payload: vec![]
+        }
+        .is_idempotent()
+    );
+}
