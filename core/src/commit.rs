@@ -1,0 +1,303 @@
+//! The commit logic of a home shard, written once against [`Store`].
+//!
+//! [`commit_batch`] stores a group-commit batch in one transaction: each send gets the next
+//! dense, gapless sequence number of its recipient's inbox unless its (sender, client id) was
+//! already stored, and each ack deletes a prefix of an inbox. [`read_inbox`] serves sync, and
+//! [`expire`] deletes undelivered messages after their retention and dedupe records after their
+//! window.
+
+use std::collections::HashMap;
+
+use crate::envelope::{self, StoredMessage};
+use crate::keys;
+use crate::store::{Store, StoreError, Transaction};
+use crate::{CoreConfig, UnixMillis, UserId};
+
+/// A request to an inbox's home shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Send(SendRequest),
+    /// Delete every message of `inbox` up to and including `up_to_seq`.
+    Ack { inbox: UserId, up_to_seq: u64 },
+}
+
+/// A message to store. The sender comes from the authenticated connection, never a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub sender: UserId,
+    pub client_id: u64,
+    pub to: UserId,
+    pub body: Vec<u8>,
+    pub ttl_secs: Option<u32>,
+}
+
+impl Request {
+    /// Bytes this request adds to a batch, for the byte maxima.
+    pub fn body_bytes(&self) -> usize {
+        match self {
+            Request::Send(send) => send.body.len(),
+            Request::Ack { .. } => 0,
+        }
+    }
+}
+
+/// The result of one request of a committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The message is stored as `seq`. `fresh` is false when an earlier attempt with the same
+    /// (sender, client id) had stored it; then `server_time_ms` is the time of that commit.
+    Stored {
+        seq: u64,
+        server_time_ms: UnixMillis,
+        expire_at_ms: UnixMillis,
+        fresh: bool,
+    },
+    Acked,
+}
+
+/// Commits `requests` in one transaction, retrying conflicts and unknown results up to
+/// `config.commit_attempts_max` times. Returns one outcome per request, in order.
+///
+/// Every write is idempotent under retry: a send whose earlier attempt landed is found by its
+/// dedupe record and answered with the same sequence number.
+pub fn commit_batch<S: Store>(
+    store: &S,
+    requests: &[Request],
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<Vec<Outcome>, StoreError> {
+    // Sequence numbers that an attempt with an unknown result may have committed. If a retry
+    // then finds the same seq through the dedupe record, the message is still fresh: nobody
+    // has been told about it yet.
+    let mut maybe_committed: Vec<Option<u64>> = vec![None; requests.len()];
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut txn = store.begin()?;
+        let mut outcomes = write_batch(&mut txn, requests, now, config)?;
+        match txn.commit() {
+            Ok(_version) => {
+                for (outcome, earlier) in outcomes.iter_mut().zip(&maybe_committed) {
+                    if let Outcome::Stored { seq, fresh, .. } = outcome
+                        && !*fresh
+                        && *earlier == Some(*seq)
+                    {
+                        *fresh = true;
+                    }
+                }
+                return Ok(outcomes);
+            }
+            Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {
+                if error == StoreError::CommitUnknown {
+                    for (slot, outcome) in maybe_committed.iter_mut().zip(&outcomes) {
+                        if let Outcome::Stored { seq, fresh: true, .. } = outcome {
+                            *slot = Some(*seq);
+                        }
+                    }
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Writes one attempt of a batch into `txn`.
+fn write_batch<T: Transaction>(
+    txn: &mut T,
+    requests: &[Request],
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<Vec<Outcome>, StoreError> {
+    let dedupe_bucket = now / config.dedupe_window_ms;
+    // Last sequence number per inbox touched by this batch; written back once at the end.
+    let mut last_seqs: HashMap<UserId, u64> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for request in requests {
+        let outcome = match request {
+            Request::Send(send) => {
+                if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
+                    found
+                } else {
+                    let last = match last_seqs.get(&send.to) {
+                        Some(last) => *last,
+                        None => read_counter(txn, send.to)?,
+                    };
+                    let seq = last + 1;
+                    last_seqs.insert(send.to, seq);
+                    let ttl_ms = send.ttl_secs.map_or(config.retention_ms, |ttl| u64::from(ttl) * 1000);
+                    let expire_at_ms = now.saturating_add(ttl_ms.min(config.retention_ms));
+                    txn.set(
+                        &keys::message(send.to, seq),
+                        &envelope::encode(send.sender, now, expire_at_ms, &send.body),
+                    );
+                    let mut record = [0u8; 24];
+                    record[..8].copy_from_slice(&seq.to_le_bytes());
+                    record[8..16].copy_from_slice(&now.to_le_bytes());
+                    record[16..].copy_from_slice(&expire_at_ms.to_le_bytes());
+                    txn.set(&keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id), &record);
+                    txn.atomic_max(&keys::expiry(expire_at_ms / config.expiry_bucket_ms, send.to), seq);
+                    Outcome::Stored {
+                        seq,
+                        server_time_ms: now,
+                        expire_at_ms,
+                        fresh: true,
+                    }
+                }
+            }
+            Request::Ack { inbox, up_to_seq } => {
+                txn.clear_range(
+                    &keys::message(*inbox, 0),
+                    &keys::message(*inbox, up_to_seq.saturating_add(1)),
+                );
+                Outcome::Acked
+            }
+        };
+        outcomes.push(outcome);
+    }
+    for (inbox, last) in last_seqs {
+        txn.set(&keys::counter(inbox), &last.to_le_bytes());
+    }
+    Ok(outcomes)
+}
+
+/// Looks for an earlier commit of the same (sender, client id) in the current and previous
+/// dedupe buckets; together they cover at least one whole window.
+fn find_dedupe<T: Transaction>(
+    txn: &mut T,
+    dedupe_bucket: u64,
+    send: &SendRequest,
+) -> Result<Option<Outcome>, StoreError> {
+    for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)].into_iter().flatten() {
+        let key = keys::dedupe(bucket, send.to, send.sender, send.client_id);
+        if let Some(record) = txn.get(&key)? {
+            let field = |at: usize| record.get(at..at + 8).and_then(keys::le_u64);
+            let (Some(seq), Some(server_time_ms), Some(expire_at_ms)) = (field(0), field(8), field(16)) else {
+                return Err(StoreError::Corrupt(format!("dedupe record of {} bytes", record.len())));
+            };
+            return Ok(Some(Outcome::Stored {
+                seq,
+                server_time_ms,
+                expire_at_ms,
+                fresh: false,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, StoreError> {
+    match txn.get(&keys::counter(inbox))? {
+        None => Ok(0),
+        Some(value) => keys::le_u64(&value)
+            .ok_or_else(|| StoreError::Corrupt(format!("counter of inbox {inbox} has {} bytes", value.len()))),
+    }
+}
+
+/// The last sequence number assigned in `inbox` (0 when none was).
+pub fn last_seq<S: Store>(store: &S, inbox: UserId) -> Result<u64, StoreError> {
+    let mut txn = store.begin()?;
+    read_counter(&mut txn, inbox)
+}
+
+/// Up to `config.sync_messages_max` stored, unexpired messages of `inbox` after `after_seq`,
+/// in sequence order.
+pub fn read_inbox<S: Store>(
+    store: &S,
+    inbox: UserId,
+    after_seq: u64,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut txn = store.begin()?;
+    let begin = keys::message(inbox, after_seq.saturating_add(1));
+    let end = keys::message(inbox, u64::MAX);
+    let pairs = txn.get_range(&begin, &end, config.sync_messages_max)?;
+    let mut messages = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        let Some((_, seq)) = keys::parse_message(&key) else {
+            return Err(StoreError::Corrupt("message key of unexpected shape".into()));
+        };
+        let message = envelope::decode(inbox, seq, &value)
+            .ok_or_else(|| StoreError::Corrupt(format!("message {seq} of inbox {inbox}")))?;
+        if message.expire_at_ms > now {
+            messages.push(message);
+        }
+    }
+    Ok(messages)
+}
+
+/// What one [`expire`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpireReport {
+    pub messages_deleted: u64,
+    pub index_entries_cleared: u64,
+    /// The scan budget ran out; call again.
+    pub more: bool,
+}
+
+/// Deletes dedupe records older than their window and messages past their expiry, reading at
+/// most `config.expire_scan_keys_max` keys. Idempotent; run it periodically and again while
+/// [`ExpireReport::more`] is set.
+pub fn expire<S: Store>(store: &S, now: UnixMillis, config: &CoreConfig) -> Result<ExpireReport, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut txn = store.begin()?;
+        let report = write_expiry(&mut txn, now, config)?;
+        match txn.commit() {
+            Ok(_) => return Ok(report),
+            Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn write_expiry<T: Transaction>(txn: &mut T, now: UnixMillis, config: &CoreConfig) -> Result<ExpireReport, StoreError> {
+    let mut report = ExpireReport::default();
+    // Dedupe lookups read the current and the previous bucket; everything older goes.
+    let dedupe_bucket = now / config.dedupe_window_ms;
+    if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
+        txn.clear_range(&keys::dedupe_bucket_start(0), &keys::dedupe_bucket_start(keep_from));
+    }
+    // Expiry buckets before `first_live` ended at or before `now`.
+    let first_live = now / config.expiry_bucket_ms;
+    let mut budget = config.expire_scan_keys_max.max(2);
+    // Index entries take at most half the budget so messages always get the rest.
+    let entries = txn.get_range(
+        &keys::expiry_bucket_start(0),
+        &keys::expiry_bucket_start(first_live),
+        (budget / 2).max(1),
+    )?;
+    budget -= entries.len();
+    for (key, value) in entries {
+        let (Some((_, inbox)), Some(max_seq)) = (keys::parse_expiry(&key), keys::le_u64(&value)) else {
+            return Err(StoreError::Corrupt("expiry index entry of unexpected shape".into()));
+        };
+        if budget == 0 {
+            report.more = true;
+            break;
+        }
+        let messages = txn.get_range(
+            &keys::message(inbox, 0),
+            &keys::message(inbox, max_seq.saturating_add(1)),
+            budget,
+        )?;
+        let complete = messages.len() < budget;
+        budget -= messages.len();
+        for (message_key, message_value) in messages {
+            let expire_at_ms = envelope::expire_at_ms(&message_value)
+                .ok_or_else(|| StoreError::Corrupt(format!("message of inbox {inbox} has no header")))?;
+            if expire_at_ms <= now {
+                txn.clear(&message_key);
+                report.messages_deleted += 1;
+            }
+        }
+        if !complete {
+            report.more = true;
+            break;
+        }
+        txn.clear(&key);
+        report.index_entries_cleared += 1;
+    }
+    Ok(report)
+}

@@ -1,0 +1,91 @@
+//! Limits and retention of the core, sized once at start-up.
+
+use courier_protocol::FRAME_BYTES_MAX;
+
+/// Configuration of the core. Every queue, batch and scan has a maximum here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// Undelivered messages are deleted this long after they were sent (R4).
+    pub retention_ms: u64,
+    /// A retry with the same (sender, client id) is stored once if it arrives within this window
+    /// of the first commit. Records live between one and two windows.
+    pub dedupe_window_ms: u64,
+    /// Granularity of the expiry index: a message is deleted at most this late.
+    pub expiry_bucket_ms: u64,
+    /// Requests per group-commit batch.
+    pub batch_requests_max: usize,
+    /// Body bytes per group-commit batch (keeps FoundationDB transactions under 1 MB).
+    pub batch_bytes_max: usize,
+    /// Requests waiting for a batch on one shard; beyond it, sends are refused as overloaded.
+    pub queue_requests_max: usize,
+    /// Body bytes waiting for a batch on one shard.
+    pub queue_bytes_max: usize,
+    /// Attempts per batch when the store reports a conflict or an unknown commit result.
+    pub commit_attempts_max: u32,
+    /// Keys one expiry pass may read.
+    pub expire_scan_keys_max: usize,
+    /// Messages one sync read returns.
+    pub sync_messages_max: usize,
+}
+
+const HOUR_MS: u64 = 3600 * 1000;
+
+impl Default for CoreConfig {
+    fn default() -> CoreConfig {
+        CoreConfig {
+            retention_ms: 30 * 24 * HOUR_MS,
+            dedupe_window_ms: 24 * HOUR_MS,
+            expiry_bucket_ms: HOUR_MS,
+            batch_requests_max: 1_000,
+            batch_bytes_max: 512 * 1024,
+            queue_requests_max: 10_000,
+            queue_bytes_max: 16 * 1024 * 1024,
+            commit_attempts_max: 5,
+            expire_scan_keys_max: 10_000,
+            sync_messages_max: 256,
+        }
+    }
+}
+
+/// A configuration value that cannot work, with the field and what is expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {expected}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub expected: &'static str,
+}
+
+impl CoreConfig {
+    /// Checks relations between the values; the runtime calls this at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, expected| Err(ConfigError { field, expected });
+        if self.retention_ms == 0 {
+            return fail("retention_ms", "a positive duration");
+        }
+        if self.dedupe_window_ms == 0 {
+            return fail("dedupe_window_ms", "a positive duration");
+        }
+        if self.expiry_bucket_ms == 0 || self.expiry_bucket_ms > self.retention_ms {
+            return fail("expiry_bucket_ms", "positive and at most retention_ms");
+        }
+        if self.batch_requests_max == 0 {
+            return fail("batch_requests_max", "at least 1");
+        }
+        if self.batch_bytes_max < FRAME_BYTES_MAX {
+            return fail("batch_bytes_max", "at least one maximal frame (66560 bytes)");
+        }
+        if self.queue_requests_max < self.batch_requests_max {
+            return fail("queue_requests_max", "at least batch_requests_max");
+        }
+        if self.queue_bytes_max < self.batch_bytes_max {
+            return fail("queue_bytes_max", "at least batch_bytes_max");
+        }
+        if self.commit_attempts_max == 0 {
+            return fail("commit_attempts_max", "at least 1");
+        }
+        if self.expire_scan_keys_max == 0 || self.sync_messages_max == 0 {
+            return fail("expire_scan_keys_max/sync_messages_max", "at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,138 @@
+//! The key layout shared by every store backend.
+//!
+//! Integers are big-endian so byte order is numeric order. Each key starts with a one-byte tag:
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `q` inbox seq | [`crate::envelope`] | a stored message |
+//! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
+//! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
+//! | `e` bucket inbox | highest seq, u64 LE (atomic max) | expiry index |
+//! | `o` shard | owner epoch | shard ownership (FoundationDB fencing) |
+//!
+//! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
+//! keyed by the recipient's inbox, so every key of an inbox is written by its home shard alone.
+
+use crate::UserId;
+
+pub const TAG_MESSAGE: u8 = b'q';
+pub const TAG_COUNTER: u8 = b'c';
+pub const TAG_DEDUPE: u8 = b'd';
+pub const TAG_EXPIRY: u8 = b'e';
+pub const TAG_OWNER: u8 = b'o';
+
+/// `q/{inbox}/{seq}`
+pub fn message(inbox: UserId, seq: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = TAG_MESSAGE;
+    key[1..9].copy_from_slice(&inbox.to_be_bytes());
+    key[9..17].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The inbox and sequence number of a message key.
+pub fn parse_message(key: &[u8]) -> Option<(UserId, u64)> {
+    let key: &[u8; 17] = key.try_into().ok()?;
+    if key[0] != TAG_MESSAGE {
+        return None;
+    }
+    Some((be_u64(&key[1..9]), be_u64(&key[9..17])))
+}
+
+/// `c/{inbox}`
+pub fn counter(inbox: UserId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = TAG_COUNTER;
+    key[1..9].copy_from_slice(&inbox.to_be_bytes());
+    key
+}
+
+/// `d/{bucket}/{inbox}/{sender}/{client_id}`
+pub fn dedupe(bucket: u64, inbox: UserId, sender: UserId, client_id: u64) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = TAG_DEDUPE;
+    key[1..9].copy_from_slice(&bucket.to_be_bytes());
+    key[9..17].copy_from_slice(&inbox.to_be_bytes());
+    key[17..25].copy_from_slice(&sender.to_be_bytes());
+    key[25..33].copy_from_slice(&client_id.to_be_bytes());
+    key
+}
+
+/// First key of dedupe bucket `bucket`; the end of the range of all earlier buckets.
+pub fn dedupe_bucket_start(bucket: u64) -> [u8; 9] {
+    tagged_u64(TAG_DEDUPE, bucket)
+}
+
+/// `e/{bucket}/{inbox}`
+pub fn expiry(bucket: u64, inbox: UserId) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = TAG_EXPIRY;
+    key[1..9].copy_from_slice(&bucket.to_be_bytes());
+    key[9..17].copy_from_slice(&inbox.to_be_bytes());
+    key
+}
+
+/// First key of expiry bucket `bucket`.
+pub fn expiry_bucket_start(bucket: u64) -> [u8; 9] {
+    tagged_u64(TAG_EXPIRY, bucket)
+}
+
+/// The bucket and inbox of an expiry key.
+pub fn parse_expiry(key: &[u8]) -> Option<(u64, UserId)> {
+    let key: &[u8; 17] = key.try_into().ok()?;
+    if key[0] != TAG_EXPIRY {
+        return None;
+    }
+    Some((be_u64(&key[1..9]), be_u64(&key[9..17])))
+}
+
+/// `o/{shard}`
+pub fn owner(shard: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = TAG_OWNER;
+    key[1..5].copy_from_slice(&shard.to_be_bytes());
+    key
+}
+
+/// The range `[start, end)` holding every key with tag `tag`.
+pub fn tag_range(tag: u8) -> ([u8; 1], [u8; 1]) {
+    ([tag], [tag + 1])
+}
+
+/// Decodes an 8-byte little-endian value, as written by atomic add and max.
+pub fn le_u64(value: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+fn tagged_u64(tag: u8, value: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = tag;
+    key[1..9].copy_from_slice(&value.to_be_bytes());
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut array = [0u8; 8];
+    array.copy_from_slice(bytes);
+    u64::from_be_bytes(array)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_keys_sort_by_inbox_then_seq() {
+        assert!(message(1, 2) < message(1, 10));
+        assert!(message(1, u64::MAX) < message(2, 0));
+        assert_eq!(parse_message(&message(7, 300)), Some((7, 300)));
+        assert_eq!(parse_message(&counter(7)), None);
+    }
+
+    #[test]
+    fn dedupe_buckets_sort_before_later_buckets() {
+        assert!(dedupe(4, u64::MAX, u64::MAX, u64::MAX).as_slice() < dedupe_bucket_start(5).as_slice());
+        assert!(dedupe_bucket_start(5).as_slice() <= dedupe(5, 0, 0, 0).as_slice());
+        assert_eq!(parse_expiry(&expiry(3, 9)), Some((3, 9)));
+    }
+}

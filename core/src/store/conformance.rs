@@ -1,0 +1,216 @@
+//! The store conformance suite: one set of checks that every backend must pass.
+//!
+//! Backend tests call [`run_all`] with a function that opens a fresh, empty store. It checks
+//! the transaction semantics the commit logic relies on (read-your-writes, atomic commit,
+//! ordered ranges, range clears, atomic mutations, durability across reopen) and then runs the
+//! commit logic itself on the backend. A failed check panics with the case's name.
+
+use super::{Store, StoreError, Transaction};
+use crate::commit::{self, Outcome, Request, SendRequest};
+use crate::{CoreConfig, keys};
+
+/// A backend under test.
+pub trait Harness {
+    type S: Store;
+
+    fn store(&self) -> &Self::S;
+
+    /// Closes and reopens the store as a restart would. Committed data must survive.
+    fn reopen(&mut self);
+}
+
+/// Runs every case, each on a fresh store from `fresh`.
+pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
+    let cases: [(&str, fn(&mut H)); 9] = [
+        ("reads_its_own_writes", reads_its_own_writes),
+        ("commit_is_all_or_nothing", commit_is_all_or_nothing),
+        ("ranges_are_ordered_limited_and_merged", ranges_are_ordered_limited_and_merged),
+        ("clear_range_is_half_open", clear_range_is_half_open),
+        ("atomic_mutations_are_little_endian", atomic_mutations_are_little_endian),
+        ("commit_versions_increase", commit_versions_increase),
+        ("committed_data_survives_reopen", committed_data_survives_reopen),
+        ("commit_logic_assigns_dense_seqs_and_dedupes", commit_logic_assigns_dense_seqs_and_dedupes),
+        ("commit_logic_acks_and_expires", commit_logic_acks_and_expires),
+    ];
+    for (name, case) in cases {
+        eprintln!("store conformance: {name}");
+        let mut harness = fresh();
+        case(&mut harness);
+    }
+}
+
+fn get<S: Store>(store: &S, key: &[u8]) -> Option<Vec<u8>> {
+    let mut txn = store.begin().expect("begin");
+    txn.get(key).expect("get")
+}
+
+fn write<S: Store>(store: &S, pairs: &[(&[u8], &[u8])]) {
+    let mut txn = store.begin().expect("begin");
+    for (key, value) in pairs {
+        txn.set(key, value);
+    }
+    txn.commit().expect("commit");
+}
+
+fn keys_of(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[u8]> {
+    pairs.iter().map(|(k, _)| k.as_slice()).collect()
+}
+
+fn reads_its_own_writes<H: Harness>(h: &mut H) {
+    let mut txn = h.store().begin().expect("begin");
+    assert_eq!(txn.get(b"a").unwrap(), None);
+    txn.set(b"a", b"1");
+    assert_eq!(txn.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    txn.clear(b"a");
+    assert_eq!(txn.get(b"a").unwrap(), None);
+    txn.set(b"a", b"2");
+    txn.commit().unwrap();
+    assert_eq!(get(h.store(), b"a").as_deref(), Some(&b"2"[..]));
+}
+
+fn commit_is_all_or_nothing<H: Harness>(h: &mut H) {
+    {
+        let mut txn = h.store().begin().unwrap();
+        txn.set(b"dropped", b"x");
+        // Dropped without commit.
+    }
+    assert_eq!(get(h.store(), b"dropped"), None);
+    write(h.store(), &[(b"k1", b"v1"), (b"k2", b"v2")]);
+    assert_eq!(get(h.store(), b"k1").as_deref(), Some(&b"v1"[..]));
+    assert_eq!(get(h.store(), b"k2").as_deref(), Some(&b"v2"[..]));
+}
+
+fn ranges_are_ordered_limited_and_merged<H: Harness>(h: &mut H) {
+    write(h.store(), &[(b"r/1", b"a"), (b"r/3", b"c"), (b"r/5", b"e"), (b"s/0", b"x")]);
+    let mut txn = h.store().begin().unwrap();
+    txn.set(b"r/2", b"b");
+    txn.clear(b"r/3");
+    txn.set(b"r/4", b"d");
+    let all = txn.get_range(b"r/", b"r0", 100).unwrap();
+    assert_eq!(keys_of(&all), vec![&b"r/1"[..], b"r/2", b"r/4", b"r/5"]);
+    assert_eq!(all[1].1, b"b");
+    let limited = txn.get_range(b"r/", b"r0", 2).unwrap();
+    assert_eq!(keys_of(&limited), vec![&b"r/1"[..], b"r/2"]);
+    let tail = txn.get_range(b"r/2", b"r/5", 100).unwrap();
+    assert_eq!(keys_of(&tail), vec![&b"r/2"[..], b"r/4"]);
+    assert!(txn.get_range(b"r/5", b"r/1", 100).unwrap().is_empty(), "empty when begin >= end");
+}
+
+fn clear_range_is_half_open<H: Harness>(h: &mut H) {
+    write(h.store(), &[(b"c/1", b""), (b"c/2", b""), (b"c/3", b""), (b"c/4", b"")]);
+    let mut txn = h.store().begin().unwrap();
+    txn.set(b"c/25", b"own write inside the range");
+    txn.clear_range(b"c/2", b"c/4");
+    txn.set(b"c/3", b"written again after the clear");
+    let seen = txn.get_range(b"c/", b"c0", 100).unwrap();
+    assert_eq!(keys_of(&seen), vec![&b"c/1"[..], b"c/3", b"c/4"]);
+    txn.commit().unwrap();
+    let mut txn = h.store().begin().unwrap();
+    let after = txn.get_range(b"c/", b"c0", 100).unwrap();
+    assert_eq!(keys_of(&after), vec![&b"c/1"[..], b"c/3", b"c/4"]);
+    assert_eq!(after[1].1, b"written again after the clear");
+}
+
+fn atomic_mutations_are_little_endian<H: Harness>(h: &mut H) {
+    let mut txn = h.store().begin().unwrap();
+    txn.atomic_add(b"n", 5);
+    txn.atomic_add(b"n", 7);
+    txn.atomic_max(b"m", 9);
+    txn.atomic_max(b"m", 4);
+    txn.commit().unwrap();
+    assert_eq!(get(h.store(), b"n"), Some(12u64.to_le_bytes().to_vec()));
+    assert_eq!(get(h.store(), b"m"), Some(9u64.to_le_bytes().to_vec()));
+}
+
+fn commit_versions_increase<H: Harness>(h: &mut H) {
+    let mut last = 0;
+    for i in 0..3u8 {
+        let mut txn = h.store().begin().unwrap();
+        txn.set(b"v", &[i]);
+        let version = txn.commit().unwrap();
+        assert!(version > last, "version {version} after {last}");
+        last = version;
+    }
+}
+
+fn committed_data_survives_reopen<H: Harness>(h: &mut H) {
+    write(h.store(), &[(b"durable", b"yes")]);
+    {
+        let mut txn = h.store().begin().unwrap();
+        txn.set(b"uncommitted", b"no");
+    }
+    h.reopen();
+    assert_eq!(get(h.store(), b"durable").as_deref(), Some(&b"yes"[..]));
+    assert_eq!(get(h.store(), b"uncommitted"), None);
+}
+
+fn send(sender: u64, client_id: u64, to: u64, body: &[u8]) -> Request {
+    Request::Send(SendRequest {
+        sender,
+        client_id,
+        to,
+        body: body.to_vec(),
+        ttl_secs: None,
+    })
+}
+
+fn seq_of(outcome: &Outcome) -> (u64, bool) {
+    match outcome {
+        Outcome::Stored { seq, fresh, .. } => (*seq, *fresh),
+        Outcome::Acked => panic!("expected a stored outcome"),
+    }
+}
+
+fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let now = 1_000_000;
+    let batch = [send(1, 10, 7, b"a"), send(2, 10, 7, b"b"), send(1, 10, 7, b"a again"), send(1, 11, 8, b"c")];
+    let outcomes = commit::commit_batch(h.store(), &batch, now, &config).unwrap();
+    let seqs: Vec<(u64, bool)> = outcomes.iter().map(seq_of).collect();
+    assert_eq!(seqs, vec![(1, true), (2, true), (1, false), (1, true)]);
+    let retry = commit::commit_batch(h.store(), &[send(2, 10, 7, b"b")], now + 1, &config).unwrap();
+    assert_eq!(seq_of(&retry[0]), (2, false));
+    let next = commit::commit_batch(h.store(), &[send(3, 1, 7, b"d")], now + 2, &config).unwrap();
+    assert_eq!(seq_of(&next[0]), (3, true));
+    h.reopen();
+    let messages = commit::read_inbox(h.store(), 7, 0, now + 3, &config).unwrap();
+    let bodies: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
+    assert_eq!(bodies, vec![&b"a"[..], b"b", b"d"]);
+    assert_eq!(messages[1].from, 2);
+    assert_eq!(commit::read_inbox(h.store(), 7, 2, now + 3, &config).unwrap().len(), 1);
+    assert_eq!(commit::last_seq(h.store(), 7).unwrap(), 3);
+}
+
+fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let now = 5 * config.dedupe_window_ms;
+    let sends: Vec<Request> = (1..=5).map(|id| send(1, id, 9, b"m")).collect();
+    commit::commit_batch(h.store(), &sends, now, &config).unwrap();
+    let ack = [Request::Ack { inbox: 9, up_to_seq: 3 }];
+    assert_eq!(commit::commit_batch(h.store(), &ack, now, &config).unwrap(), vec![Outcome::Acked]);
+    let left: Vec<u64> = commit::read_inbox(h.store(), 9, 0, now, &config)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(left, vec![4, 5]);
+
+    // After the retention, the rest expires; after two dedupe windows, the dedupe records go.
+    let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
+    assert!(commit::read_inbox(h.store(), 9, 0, later, &config).unwrap().is_empty());
+    let report = commit::expire(h.store(), later, &config).unwrap();
+    assert_eq!(report.messages_deleted, 2);
+    assert!(!report.more);
+    let mut txn = h.store().begin().unwrap();
+    for tag in [keys::TAG_MESSAGE, keys::TAG_DEDUPE, keys::TAG_EXPIRY] {
+        let (begin, end) = keys::tag_range(tag);
+        let left = txn.get_range(&begin, &end, 10).unwrap();
+        assert!(left.is_empty(), "keys with tag {} left: {left:?}", tag as char);
+    }
+    // The counter stays so sequence numbers never repeat.
+    assert_eq!(txn.get(&keys::counter(9)).unwrap(), Some(5u64.to_le_bytes().to_vec()));
+    drop(txn);
+    let next = commit::commit_batch(h.store(), &[send(1, 99, 9, b"n")], later, &config).unwrap();
+    assert_eq!(seq_of(&next[0]), (6, true));
+}
+

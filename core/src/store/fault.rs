@@ -1,0 +1,172 @@
+//! A fault-injecting store wrapper for tests and simulation.
+//!
+//! It fails commits the ways real backends do: a conflict (nothing written), an unknown result
+//! (written or not, decided by the seeded RNG) and a failed fsync (written or not, and the store
+//! is poisoned until [`FaultStore::reopen`]). These are the error kinds the FoundationDB backend
+//! maps its errors to, so the retry and recovery paths are exercised without a cluster.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::{CommitVersion, KeyValue, Store, StoreError, Transaction};
+use crate::rng::Rng;
+
+/// How often each fault happens, as a fraction `per_million / 1_000_000` of commits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultRates {
+    pub conflict_per_million: u64,
+    pub commit_unknown_per_million: u64,
+    pub fsync_failure_per_million: u64,
+}
+
+/// Counts of injected faults, for tests that check the faults really happened.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    pub conflicts: AtomicU64,
+    pub commit_unknown_applied: AtomicU64,
+    pub commit_unknown_dropped: AtomicU64,
+    pub fsync_failures: AtomicU64,
+}
+
+/// Wraps a store and injects commit faults.
+#[derive(Debug)]
+pub struct FaultStore<S> {
+    inner: S,
+    rates: Mutex<FaultRates>,
+    rng: Mutex<Rng>,
+    poisoned: AtomicBool,
+    pub counts: FaultCounts,
+}
+
+impl<S: Store> FaultStore<S> {
+    pub fn new(inner: S, rates: FaultRates, seed: u64) -> FaultStore<S> {
+        FaultStore {
+            inner,
+            rates: Mutex::new(rates),
+            rng: Mutex::new(Rng::new(seed)),
+            poisoned: AtomicBool::new(false),
+            counts: FaultCounts::default(),
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Changes the fault rates, for example to zero for a final drain.
+    pub fn set_rates(&self, rates: FaultRates) {
+        *self.rates.lock().expect("fault rates lock") = rates;
+    }
+
+    /// Clears the poisoned state, as reopening a real store after a crash would.
+    pub fn reopen(&self) {
+        self.poisoned.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn roll(&self) -> Fault {
+        let rates = *self.rates.lock().expect("fault rates lock");
+        let mut rng = self.rng.lock().expect("fault rng lock");
+        let draw = rng.below(1_000_000);
+        let applied = rng.chance(1, 2);
+        let mut threshold = rates.conflict_per_million;
+        if draw < threshold {
+            return Fault::Conflict;
+        }
+        threshold += rates.commit_unknown_per_million;
+        if draw < threshold {
+            return Fault::CommitUnknown { applied };
+        }
+        threshold += rates.fsync_failure_per_million;
+        if draw < threshold {
+            return Fault::FsyncFailed { applied };
+        }
+        Fault::None
+    }
+}
+
+enum Fault {
+    None,
+    Conflict,
+    CommitUnknown { applied: bool },
+    FsyncFailed { applied: bool },
+}
+
+/// A transaction of a [`FaultStore`].
+#[derive(Debug)]
+pub struct FaultTransaction<'a, S: Store + 'a> {
+    store: &'a FaultStore<S>,
+    inner: S::Transaction<'a>,
+}
+
+impl<S: Store> Store for FaultStore<S> {
+    type Transaction<'a>
+        = FaultTransaction<'a, S>
+    where
+        S: 'a;
+
+    fn begin(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(FaultTransaction {
+            store: self,
+            inner: self.inner.begin()?,
+        })
+    }
+}
+
+impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.get_range(begin, end, limit)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) {
+        self.inner.set(key, value);
+    }
+    fn clear(&mut self, key: &[u8]) {
+        self.inner.clear(key);
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.inner.clear_range(begin, end);
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: u64) {
+        self.inner.atomic_add(key, delta);
+    }
+    fn atomic_max(&mut self, key: &[u8], value: u64) {
+        self.inner.atomic_max(key, value);
+    }
+    fn commit(self) -> Result<CommitVersion, StoreError> {
+        let store = self.store;
+        let counts = &store.counts;
+        match store.roll() {
+            Fault::None => self.inner.commit(),
+            Fault::Conflict => {
+                counts.conflicts.fetch_add(1, Ordering::Relaxed);
+                Err(StoreError::Conflict)
+            }
+            Fault::CommitUnknown { applied } => {
+                if applied {
+                    counts.commit_unknown_applied.fetch_add(1, Ordering::Relaxed);
+                    self.inner.commit()?;
+                } else {
+                    counts.commit_unknown_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(StoreError::CommitUnknown)
+            }
+            Fault::FsyncFailed { applied } => {
+                counts.fsync_failures.fetch_add(1, Ordering::Relaxed);
+                if applied {
+                    self.inner.commit()?;
+                }
+                store.poisoned.store(true, Ordering::SeqCst);
+                Err(StoreError::Io("injected fsync failure".into()))
+            }
+        }
+    }
+}

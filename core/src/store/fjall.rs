@@ -1,0 +1,211 @@
+//! The embedded default store: fjall 3, one fsync per commit.
+//!
+//! One writer at a time: a transaction holds the store's lock from `begin` to `commit`, reads
+//! the latest committed state, and commits its writes as one fjall write batch persisted with
+//! `PersistMode::SyncAll` before `commit` returns. A failed write or fsync poisons the fjall
+//! database; every later call then fails with [`StoreError::Poisoned`] until the process
+//! reopens the store and recovers from the journal.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::overlay::{Engine, Overlay};
+use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
+
+const KEYSPACE_NAME: &str = "courier";
+
+/// How a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `fsync` of the journal before `commit` returns. The default.
+    SyncAll,
+    /// `fdatasync`: skips file metadata that recovery does not need.
+    SyncData,
+}
+
+/// Options of the embedded store.
+#[derive(Debug, Clone)]
+pub struct FjallOptions {
+    pub durability: Durability,
+    /// Block cache bytes.
+    pub cache_bytes: u64,
+    /// fjall's background threads for flushes and compactions.
+    pub worker_threads: usize,
+}
+
+impl Default for FjallOptions {
+    fn default() -> FjallOptions {
+        FjallOptions {
+            durability: Durability::SyncAll,
+            cache_bytes: 64 * 1024 * 1024,
+            worker_threads: 1,
+        }
+    }
+}
+
+/// The fjall-backed store in one directory.
+pub struct FjallStore {
+    path: PathBuf,
+    db: Database,
+    keyspace: Keyspace,
+    persist_mode: PersistMode,
+    /// The single-writer lock; it guards the last commit version.
+    writer: Mutex<CommitVersion>,
+}
+
+impl std::fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn io_error(error: fjall::Error) -> StoreError {
+    match error {
+        fjall::Error::Poisoned => StoreError::Poisoned,
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+impl FjallStore {
+    /// Opens the store in `path`, creating it if needed, and recovers committed data.
+    pub fn open(path: &Path, options: &FjallOptions) -> Result<FjallStore, StoreError> {
+        let db = Database::builder(path)
+            .cache_size(options.cache_bytes)
+            .worker_threads(options.worker_threads.max(1))
+            .open()
+            .map_err(|error| StoreError::Io(format!("cannot open store at {}: {error}", path.display())))?;
+        let keyspace = db
+            .keyspace(KEYSPACE_NAME, KeyspaceCreateOptions::default)
+            .map_err(io_error)?;
+        let persist_mode = match options.durability {
+            Durability::SyncAll => PersistMode::SyncAll,
+            Durability::SyncData => PersistMode::SyncData,
+        };
+        Ok(FjallStore {
+            path: path.to_path_buf(),
+            db,
+            keyspace,
+            persist_mode,
+            writer: Mutex::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A transaction on a [`FjallStore`]; it holds the writer lock.
+pub struct FjallTransaction<'a> {
+    overlay: Overlay<FjallEngine<'a>>,
+    /// A read error inside an atomic mutation, reported by `commit` (mutations return nothing,
+    /// as in FoundationDB, where they are blind writes).
+    deferred_error: Option<StoreError>,
+}
+
+impl FjallTransaction<'_> {
+    fn atomic(&mut self, key: &[u8], op: AtomicOp) {
+        if let Err(error) = self.overlay.atomic(key, op) {
+            self.deferred_error.get_or_insert(error);
+        }
+    }
+}
+
+impl std::fmt::Debug for FjallTransaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FjallTransaction")
+    }
+}
+
+struct FjallEngine<'a> {
+    store: &'a FjallStore,
+    version: MutexGuard<'a, CommitVersion>,
+}
+
+impl std::fmt::Debug for FjallEngine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FjallEngine")
+    }
+}
+
+impl Engine for FjallEngine<'_> {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.store.keyspace.get(key).map_err(io_error)?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, begin: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        for guard in self.store.keyspace.range(begin..end) {
+            let (key, value) = guard.into_inner().map_err(io_error)?;
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError> {
+        if !changes.is_empty() {
+            let mut batch = self
+                .store
+                .db
+                .batch()
+                .durability(Some(self.store.persist_mode));
+            for (key, value) in changes {
+                match value {
+                    Some(value) => batch.insert(&self.store.keyspace, key, value),
+                    None => batch.remove(&self.store.keyspace, key),
+                }
+            }
+            batch.commit().map_err(io_error)?;
+        }
+        *self.version += 1;
+        Ok(*self.version)
+    }
+}
+
+impl Store for FjallStore {
+    type Transaction<'a> = FjallTransaction<'a>;
+
+    fn begin(&self) -> Result<FjallTransaction<'_>, StoreError> {
+        // A panic in another writer cannot leave a half-applied batch (fjall batches are
+        // atomic), so a poisoned mutex is safe to reuse.
+        let version = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(FjallTransaction {
+            overlay: Overlay::new(FjallEngine { store: self, version }),
+            deferred_error: None,
+        })
+    }
+}
+
+impl Transaction for FjallTransaction<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.overlay.get(key)
+    }
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.overlay.get_range(begin, end, limit)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) {
+        self.overlay.set(key, value);
+    }
+    fn clear(&mut self, key: &[u8]) {
+        self.overlay.clear(key);
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.overlay.clear_range(begin, end);
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: u64) {
+        self.atomic(key, AtomicOp::Add(delta));
+    }
+    fn atomic_max(&mut self, key: &[u8], value: u64) {
+        self.atomic(key, AtomicOp::Max(value));
+    }
+    fn commit(self) -> Result<CommitVersion, StoreError> {
+        if let Some(error) = self.deferred_error {
+            return Err(error);
+        }
+        self.overlay.commit()
+    }
+}

@@ -1,0 +1,124 @@
+//! An in-memory store for simulation and tests.
+//!
+//! Commits are atomic and "durable" in the sense the simulation needs: a simulated crash drops
+//! the shard's memory, never the store's.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+
+use super::overlay::{Engine, Overlay};
+use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
+
+/// A store kept in a `BTreeMap` behind a lock.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    version: CommitVersion,
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        // A panic while holding the lock is a bug in a test; the data is still consistent
+        // because commits apply under the lock in one step.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every committed pair whose key starts with `prefix`, for checkers in tests.
+    pub fn dump_prefix(&self, prefix: &[u8]) -> Vec<KeyValue> {
+        self.lock()
+            .data
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A transaction on a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryTransaction<'a> {
+    overlay: Overlay<MemoryEngine<'a>>,
+}
+
+#[derive(Debug)]
+struct MemoryEngine<'a> {
+    state: MutexGuard<'a, MemoryState>,
+}
+
+impl Engine for MemoryEngine<'_> {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.data.get(key).cloned())
+    }
+
+    fn scan(&self, begin: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        for (key, value) in self
+            .state
+            .data
+            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
+        {
+            if !visit(key, value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError> {
+        for (key, value) in changes {
+            match value {
+                Some(value) => self.state.data.insert(key, value),
+                None => self.state.data.remove(&key),
+            };
+        }
+        self.state.version += 1;
+        Ok(self.state.version)
+    }
+}
+
+impl Store for MemoryStore {
+    type Transaction<'a> = MemoryTransaction<'a>;
+
+    fn begin(&self) -> Result<MemoryTransaction<'_>, StoreError> {
+        Ok(MemoryTransaction {
+            overlay: Overlay::new(MemoryEngine { state: self.lock() }),
+        })
+    }
+}
+
+impl Transaction for MemoryTransaction<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.overlay.get(key)
+    }
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.overlay.get_range(begin, end, limit)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) {
+        self.overlay.set(key, value);
+    }
+    fn clear(&mut self, key: &[u8]) {
+        self.overlay.clear(key);
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.overlay.clear_range(begin, end);
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: u64) {
+        // Reading the memory engine cannot fail.
+        let _ = self.overlay.atomic(key, AtomicOp::Add(delta));
+    }
+    fn atomic_max(&mut self, key: &[u8], value: u64) {
+        let _ = self.overlay.atomic(key, AtomicOp::Max(value));
+    }
+    fn commit(self) -> Result<CommitVersion, StoreError> {
+        self.overlay.commit()
+    }
+}

@@ -1,0 +1,108 @@
+//! The FoundationDB-shaped store trait and its backends.
+//!
+//! A [`Store`] hands out [`Transaction`]s over one ordered byte-key space. A transaction reads
+//! its own writes, and its writes land atomically at [`Transaction::commit`] or not at all. The
+//! commit logic ([`crate::commit`]) is written once against this trait.
+//!
+//! The trait is synchronous: the runtime calls it from a thread that may block (a writer thread
+//! per shard), never from an executor thread. The FoundationDB backend blocks on its futures in
+//! that thread.
+//!
+//! Backends: [`memory::MemoryStore`] (simulation and tests), [`fjall::FjallStore`] (the embedded
+//! default, one fsync per commit) and, behind the `fdb` feature, FoundationDB. The
+//! [`fault::FaultStore`] wrapper injects conflicts, unknown commit results and failed fsyncs.
+
+pub mod conformance;
+pub mod fault;
+pub mod fjall;
+pub mod memory;
+mod overlay;
+
+/// What can go wrong in a store. The doc of each variant says what the caller does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Another transaction changed what this one read; nothing was written. Retry the
+    /// transaction from the start.
+    #[error("transaction conflict: retry")]
+    Conflict,
+    /// The commit may or may not have happened. Retry; the dedupe key makes the retry a no-op
+    /// if the first attempt landed.
+    #[error("commit result unknown: retry, the retry is idempotent")]
+    CommitUnknown,
+    /// A write or fsync failed. The store is poisoned: every later call fails until it is
+    /// reopened, because what is on disk is no longer known.
+    #[error("store poisoned by an earlier failed write: restart the shard to recover")]
+    Poisoned,
+    /// An I/O error, with the underlying message.
+    #[error("store i/o error: {0}")]
+    Io(String),
+    /// The store holds data this version cannot read.
+    #[error("store data is corrupt or from a newer version: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same transaction may succeed without operator action.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict | StoreError::CommitUnknown)
+    }
+}
+
+/// A version number assigned to a commit; later commits get larger versions.
+pub type CommitVersion = u64;
+
+/// A key-value pair read from a store.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// An ordered, transactional key-value store.
+pub trait Store: Send + Sync {
+    type Transaction<'a>: Transaction
+    where
+        Self: 'a;
+
+    /// Starts a transaction. Embedded backends serialise writers: hold a transaction briefly.
+    fn begin(&self) -> Result<Self::Transaction<'_>, StoreError>;
+}
+
+/// One transaction. Dropping it without [`commit`](Transaction::commit) discards its writes.
+pub trait Transaction {
+    /// The value of `key`, seeing this transaction's own writes.
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` pairs with `begin <= key < end`, in key order, seeing own writes.
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError>;
+
+    fn set(&mut self, key: &[u8], value: &[u8]);
+
+    fn clear(&mut self, key: &[u8]);
+
+    /// Clears every key with `begin <= key < end`.
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]);
+
+    /// Adds `delta` to the little-endian u64 at `key` (a missing key counts as 0), wrapping,
+    /// like FoundationDB's `ADD` mutation.
+    fn atomic_add(&mut self, key: &[u8], delta: u64);
+
+    /// Stores the larger of `value` and the little-endian u64 at `key`, like FoundationDB's
+    /// `MAX` mutation.
+    fn atomic_max(&mut self, key: &[u8], value: u64);
+
+    /// Makes every write durable and visible, atomically.
+    fn commit(self) -> Result<CommitVersion, StoreError>;
+}
+
+/// Applies a little-endian u64 mutation to an existing value, as FoundationDB does.
+pub(crate) fn apply_atomic(existing: Option<&[u8]>, op: AtomicOp) -> Vec<u8> {
+    let current = existing.and_then(crate::keys::le_u64).unwrap_or(0);
+    let next = match op {
+        AtomicOp::Add(delta) => current.wrapping_add(delta),
+        AtomicOp::Max(value) => current.max(value),
+    };
+    next.to_le_bytes().to_vec()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AtomicOp {
+    Add(u64),
+    Max(u64),
+}

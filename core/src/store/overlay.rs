@@ -1,0 +1,149 @@
+//! A transaction for embedded engines: a write overlay over a locked engine.
+//!
+//! The embedded backends serialise transactions with a lock held from `begin` to `commit`, so
+//! every transaction sees the latest committed state and no conflict can arise. The overlay
+//! records the final state of every key this transaction touched plus the ranges it cleared;
+//! `commit` turns that into one atomic engine write.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::{AtomicOp, CommitVersion, KeyValue, StoreError, apply_atomic};
+
+/// The committed state a transaction reads and writes. Implementations hold the store's lock.
+pub(crate) trait Engine {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `visit` for each pair with `begin <= key < end` in order until it returns false.
+    fn scan(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+
+    /// Writes all `changes` (`None` deletes) atomically and durably.
+    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError>;
+}
+
+/// A transaction's writes on top of an engine.
+#[derive(Debug)]
+pub(crate) struct Overlay<E> {
+    engine: E,
+    /// Final state of each written key: `Some` set, `None` cleared.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
+    cleared: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<E: Engine> Overlay<E> {
+    pub(crate) fn new(engine: E) -> Overlay<E> {
+        Overlay {
+            engine,
+            writes: BTreeMap::new(),
+            cleared: Vec::new(),
+        }
+    }
+
+    fn in_cleared_range(&self, key: &[u8]) -> bool {
+        self.cleared
+            .iter()
+            .any(|(begin, end)| begin.as_slice() <= key && key < end.as_slice())
+    }
+
+    pub(crate) fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(state) = self.writes.get(key) {
+            return Ok(state.clone());
+        }
+        if self.in_cleared_range(key) {
+            return Ok(None);
+        }
+        self.engine.read(key)
+    }
+
+    pub(crate) fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        if begin >= end || limit == 0 {
+            return Ok(out);
+        }
+        let mut own = self
+            .writes
+            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
+            .peekable();
+        let cleared = &self.cleared;
+        let in_cleared = |key: &[u8]| cleared.iter().any(|(b, e)| b.as_slice() <= key && key < e.as_slice());
+        self.engine.scan(begin, end, &mut |key, value| {
+            // Emit own writes that sort before this engine key.
+            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
+                if let Some(v) = own_value {
+                    out.push((own_key.clone(), v.clone()));
+                    if out.len() == limit {
+                        return false;
+                    }
+                }
+            }
+            if let Some((_, own_value)) = own.next_if(|(k, _)| k.as_slice() == key) {
+                if let Some(v) = own_value {
+                    out.push((key.to_vec(), v.clone()));
+                }
+            } else if !in_cleared(key) {
+                out.push((key.to_vec(), value.to_vec()));
+            }
+            out.len() < limit
+        })?;
+        for (own_key, own_value) in own {
+            if out.len() == limit {
+                break;
+            }
+            if let Some(v) = own_value {
+                out.push((own_key.clone(), v.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn set(&mut self, key: &[u8], value: &[u8]) {
+        self.writes.insert(key.to_vec(), Some(value.to_vec()));
+    }
+
+    pub(crate) fn clear(&mut self, key: &[u8]) {
+        self.writes.insert(key.to_vec(), None);
+    }
+
+    pub(crate) fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        if begin >= end {
+            return;
+        }
+        let inside: Vec<Vec<u8>> = self
+            .writes
+            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in inside {
+            self.writes.remove(&key);
+        }
+        self.cleared.push((begin.to_vec(), end.to_vec()));
+    }
+
+    pub(crate) fn atomic(&mut self, key: &[u8], op: AtomicOp) -> Result<(), StoreError> {
+        let existing = self.get(key)?;
+        let next = apply_atomic(existing.as_deref(), op);
+        self.set(key, &next);
+        Ok(())
+    }
+
+    pub(crate) fn commit(mut self) -> Result<CommitVersion, StoreError> {
+        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for (begin, end) in &self.cleared {
+            let writes = &self.writes;
+            self.engine.scan(begin, end, &mut |key, _| {
+                if !writes.contains_key(key) {
+                    changes.push((key.to_vec(), None));
+                }
+                true
+            })?;
+        }
+        changes.extend(self.writes);
+        self.engine.apply(changes)
+    }
+}
