@@ -31,16 +31,6 @@ pub struct SendRequest {
     pub ttl_secs: Option<u32>,
 }
 
-impl Request {
-    /// Bytes this request adds to a batch, for the byte maxima.
-    pub fn body_bytes(&self) -> usize {
-        match self {
-            Request::Send(send) => send.body.len(),
-            Request::Ack { .. } => 0,
-        }
-    }
-}
-
 /// The result of one request of a committed batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -263,11 +253,13 @@ fn write_expiry<T: Transaction>(txn: &mut T, now: UnixMillis, config: &CoreConfi
     let first_live = now / config.expiry_bucket_ms;
     let mut budget = config.expire_scan_keys_max.max(2);
     // Index entries take at most half the budget so messages always get the rest.
+    let entries_max = budget / 2;
     let entries = txn.get_range(
         &keys::expiry_bucket_start(0),
         &keys::expiry_bucket_start(first_live),
-        (budget / 2).max(1),
+        entries_max,
     )?;
+    report.more = entries.len() == entries_max;
     budget -= entries.len();
     for (key, value) in entries {
         let (Some((_, inbox)), Some(max_seq)) = (keys::parse_expiry(&key), keys::le_u64(&value)) else {

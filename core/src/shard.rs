@@ -1,25 +1,30 @@
 //! The home shard's request queue and group-commit batching, sans-IO.
 //!
-//! The runtime feeds requests in with [`InboxShard::handle_request`], takes a batch with
+//! The runtime feeds sends in with [`InboxShard::handle_send`] and acks with
+//! [`InboxShard::handle_ack`], takes a batch with
 //! [`InboxShard::poll_batch`] when its input has run dry (or the queue holds a full batch),
 //! commits it with [`crate::commit::commit_batch`] on a thread that may block, and hands the
 //! result back to [`InboxShard::handle_commit`], which returns what to send to whom. Only one
 //! batch is in flight at a time: while it commits, new requests queue up and form the next,
 //! larger batch, so light load gets low latency and heavy load gets large batches.
 //!
-//! Call order: `handle_request`* → `poll_batch` → (commit) → `handle_commit` → `poll_batch` …
+//! Acks are coalesced per inbox (only the highest `up_to_seq` matters) and kept until a commit
+//! applies them: a failed commit puts them back, so an ack is never lost to a store error.
+//!
+//! Call order: `handle_send`/`handle_ack`* → `poll_batch` → (commit) → `handle_commit` → …
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use courier_protocol::ErrorCode;
 
-use crate::commit::{Outcome, Request};
+use crate::commit::{Outcome, Request, SendRequest};
 use crate::envelope::StoredMessage;
 use crate::store::StoreError;
 use crate::{CoreConfig, UnixMillis, UserId};
 
-/// Requests taken from the queue to be committed together. `tags` has one entry per request:
-/// whatever the runtime needs to route the answer (a connection handle, a reply channel).
+/// Requests taken from the queue to be committed together: first the sends, then the acks.
+/// `tags` has one entry per send: whatever the runtime needs to route the answer (a
+/// connection handle, a reply channel).
 #[derive(Debug)]
 pub struct Batch<T> {
     pub requests: Vec<Request>,
@@ -40,21 +45,19 @@ pub enum Output<T> {
     SendError { tag: T, client_id: u64, code: ErrorCode },
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
-    /// The ack was applied (or, if `applied` is false, failed and will be redone by a later ack).
-    Acked {
-        tag: T,
-        inbox: UserId,
-        up_to_seq: u64,
-        applied: bool,
-    },
 }
 
-/// The queue was full; the request is handed back so the runtime can refuse it.
+/// The queue was full; the send is handed back so the runtime can refuse it (`Overloaded`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused<T> {
-    pub request: Request,
+    pub send: SendRequest,
     pub tag: T,
 }
+
+/// The ack table was full; the ack is dropped. The client repeats it in its next `Ack` or
+/// `Hello`, and until then the messages are only re-delivered, never lost.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AckRefused;
 
 /// A home shard's queue of requests waiting to be committed.
 #[derive(Debug)]
@@ -63,8 +66,10 @@ pub struct InboxShard<T> {
     batch_bytes_max: usize,
     queue_requests_max: usize,
     queue_bytes_max: usize,
-    queue: VecDeque<(Request, T)>,
+    queue: VecDeque<(SendRequest, T)>,
     queue_bytes: usize,
+    /// Highest ack per inbox, not yet committed.
+    acks: BTreeMap<UserId, u64>,
     batch_in_flight: bool,
 }
 
@@ -77,13 +82,14 @@ impl<T> InboxShard<T> {
             queue_bytes_max: config.queue_bytes_max,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            acks: BTreeMap::new(),
             batch_in_flight: false,
         }
     }
 
-    /// Requests waiting for a batch.
+    /// Sends and acks waiting for a batch.
     pub fn queued_requests(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.acks.len()
     }
 
     pub fn batch_in_flight(&self) -> bool {
@@ -95,22 +101,36 @@ impl<T> InboxShard<T> {
         self.queue.len() >= self.batch_requests_max || self.queue_bytes >= self.batch_bytes_max
     }
 
-    /// Queues a request, or refuses it when the queue is at its maximum (backpressure: the
+    /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
     /// runtime answers `Overloaded`, and the sender retries later).
-    pub fn handle_request(&mut self, request: Request, tag: T) -> Result<(), Refused<T>> {
-        let bytes = request.body_bytes();
+    pub fn handle_send(&mut self, send: SendRequest, tag: T) -> Result<(), Refused<T>> {
+        let bytes = send.body.len();
         if self.queue.len() >= self.queue_requests_max || self.queue_bytes + bytes > self.queue_bytes_max {
-            return Err(Refused { request, tag });
+            return Err(Refused { send, tag });
         }
         self.queue_bytes += bytes;
-        self.queue.push_back((request, tag));
+        self.queue.push_back((send, tag));
+        Ok(())
+    }
+
+    /// Records that `inbox` acknowledged everything up to `up_to_seq`, merged with earlier
+    /// acks of the same inbox. Refused when `queue_requests_max` inboxes already wait.
+    pub fn handle_ack(&mut self, inbox: UserId, up_to_seq: u64) -> Result<(), AckRefused> {
+        if let Some(existing) = self.acks.get_mut(&inbox) {
+            *existing = (*existing).max(up_to_seq);
+            return Ok(());
+        }
+        if self.acks.len() >= self.queue_requests_max {
+            return Err(AckRefused);
+        }
+        self.acks.insert(inbox, up_to_seq);
         Ok(())
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
     /// while a batch is in flight or when nothing is queued.
     pub fn poll_batch(&mut self) -> Option<Batch<T>> {
-        if self.batch_in_flight || self.queue.is_empty() {
+        if self.batch_in_flight || (self.queue.is_empty() && self.acks.is_empty()) {
             return None;
         }
         let mut batch = Batch {
@@ -118,24 +138,32 @@ impl<T> InboxShard<T> {
             tags: Vec::new(),
         };
         let mut batch_bytes = 0;
-        while let Some((request, _)) = self.queue.front() {
-            let bytes = request.body_bytes();
+        while let Some((send, _)) = self.queue.front() {
+            let bytes = send.body.len();
             let full = batch.requests.len() >= self.batch_requests_max
                 || (!batch.requests.is_empty() && batch_bytes + bytes > self.batch_bytes_max);
             if full {
                 break;
             }
-            let (request, tag) = self.queue.pop_front().expect("front exists");
+            let (send, tag) = self.queue.pop_front().expect("front exists");
             self.queue_bytes -= bytes;
             batch_bytes += bytes;
-            batch.requests.push(request);
+            batch.requests.push(Request::Send(send));
             batch.tags.push(tag);
+        }
+        // Acks cost no body bytes; up to `batch_requests_max` ride along with the sends.
+        for _ in 0..self.batch_requests_max {
+            let Some((inbox, up_to_seq)) = self.acks.pop_first() else {
+                break;
+            };
+            batch.requests.push(Request::Ack { inbox, up_to_seq });
         }
         self.batch_in_flight = true;
         Some(batch)
     }
 
-    /// Turns the result of committing `batch` into answers and deliveries.
+    /// Turns the result of committing `batch` into answers and deliveries. Acks of a failed
+    /// batch go back into the ack table to be retried with the next batch.
     pub fn handle_commit(
         &mut self,
         batch: Batch<T>,
@@ -143,11 +171,12 @@ impl<T> InboxShard<T> {
     ) -> Vec<Output<T>> {
         assert!(self.batch_in_flight, "handle_commit without a batch in flight");
         self.batch_in_flight = false;
-        let mut outputs = Vec::with_capacity(batch.requests.len() * 2);
+        let mut outputs = Vec::with_capacity(batch.tags.len() * 2);
+        let mut tags = batch.tags.into_iter();
         match result {
             Ok(outcomes) => {
                 assert_eq!(outcomes.len(), batch.requests.len(), "one outcome per request");
-                for ((request, tag), outcome) in batch.requests.into_iter().zip(batch.tags).zip(outcomes) {
+                for (request, outcome) in batch.requests.into_iter().zip(outcomes) {
                     match (request, outcome) {
                         (
                             Request::Send(send),
@@ -158,6 +187,7 @@ impl<T> InboxShard<T> {
                                 fresh,
                             },
                         ) => {
+                            let tag = tags.next().expect("one tag per send");
                             outputs.push(Output::SendAck {
                                 tag,
                                 client_id: send.client_id,
@@ -175,12 +205,7 @@ impl<T> InboxShard<T> {
                                 }));
                             }
                         }
-                        (Request::Ack { inbox, up_to_seq }, Outcome::Acked) => outputs.push(Output::Acked {
-                            tag,
-                            inbox,
-                            up_to_seq,
-                            applied: true,
-                        }),
+                        (Request::Ack { .. }, Outcome::Acked) => {}
                         (request, outcome) => {
                             unreachable!("commit_batch answered {request:?} with {outcome:?}")
                         }
@@ -188,19 +213,19 @@ impl<T> InboxShard<T> {
                 }
             }
             Err(_error) => {
-                for (request, tag) in batch.requests.into_iter().zip(batch.tags) {
+                for request in batch.requests {
                     match request {
                         Request::Send(send) => outputs.push(Output::SendError {
-                            tag,
+                            tag: tags.next().expect("one tag per send"),
                             client_id: send.client_id,
                             code: ErrorCode::StoreUnavailable,
                         }),
-                        Request::Ack { inbox, up_to_seq } => outputs.push(Output::Acked {
-                            tag,
-                            inbox,
-                            up_to_seq,
-                            applied: false,
-                        }),
+                        Request::Ack { inbox, up_to_seq } => {
+                            // Re-inserting never grows the table past its maximum by more
+                            // than this batch took out of it.
+                            let merged = self.acks.entry(inbox).or_insert(up_to_seq);
+                            *merged = (*merged).max(up_to_seq);
+                        }
                     }
                 }
             }
@@ -208,10 +233,11 @@ impl<T> InboxShard<T> {
         outputs
     }
 
-    /// Drops everything queued, as a crash would. Returns the dropped requests' tags so the
-    /// runtime can answer them with a retryable error.
-    pub fn drain_queue(&mut self) -> Vec<(Request, T)> {
+    /// Takes every queued send out, for a shutdown that answers them with a retryable error.
+    /// Pending acks are dropped; clients repeat them on reconnect.
+    pub fn drain_queue(&mut self) -> Vec<(SendRequest, T)> {
         self.queue_bytes = 0;
+        self.acks.clear();
         self.queue.drain(..).collect()
     }
 }
@@ -219,16 +245,15 @@ impl<T> InboxShard<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commit::SendRequest;
 
-    fn send(client_id: u64, body_bytes: usize) -> Request {
-        Request::Send(SendRequest {
+    fn send(client_id: u64, body_bytes: usize) -> SendRequest {
+        SendRequest {
             sender: 1,
             client_id,
             to: 2,
             body: vec![0; body_bytes],
             ttl_secs: None,
-        })
+        }
     }
 
     #[test]
@@ -242,9 +267,9 @@ mod tests {
         };
         let mut shard = InboxShard::new(&config);
         for id in 1..=5 {
-            shard.handle_request(send(id, 10), id).unwrap();
+            shard.handle_send(send(id, 10), id).unwrap();
         }
-        let refused = shard.handle_request(send(6, 10), 6).unwrap_err();
+        let refused = shard.handle_send(send(6, 10), 6).unwrap_err();
         assert_eq!(refused.tag, 6);
 
         let batch = shard.poll_batch().unwrap();
@@ -261,9 +286,30 @@ mod tests {
         assert_eq!(batch.tags, vec![4, 5]);
         shard.handle_commit(batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
-        shard.handle_request(send(8, 60_000), 8).unwrap();
-        shard.handle_request(send(9, 60_000), 9).unwrap();
+        shard.handle_send(send(8, 60_000), 8).unwrap();
+        shard.handle_send(send(9, 60_000), 9).unwrap();
         let batch = shard.poll_batch().unwrap();
         assert_eq!(batch.tags, vec![8]);
+    }
+
+    #[test]
+    fn acks_coalesce_per_inbox_and_survive_a_failed_commit() {
+        let mut shard: InboxShard<()> = InboxShard::new(&CoreConfig::default());
+        shard.handle_ack(5, 3).unwrap();
+        shard.handle_ack(5, 9).unwrap();
+        shard.handle_ack(5, 4).unwrap();
+        shard.handle_ack(6, 1).unwrap();
+        let batch = shard.poll_batch().unwrap();
+        assert_eq!(
+            batch.requests,
+            vec![Request::Ack { inbox: 5, up_to_seq: 9 }, Request::Ack { inbox: 6, up_to_seq: 1 }]
+        );
+        shard.handle_ack(5, 2).unwrap();
+        assert!(shard.handle_commit(batch, Err(StoreError::CommitUnknown)).is_empty());
+        let retry = shard.poll_batch().unwrap();
+        assert_eq!(
+            retry.requests,
+            vec![Request::Ack { inbox: 5, up_to_seq: 9 }, Request::Ack { inbox: 6, up_to_seq: 1 }]
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! ordered ranges, range clears, atomic mutations, durability across reopen) and then runs the
 //! commit logic itself on the backend. A failed check panics with the case's name.
 
-use super::{Store, StoreError, Transaction};
+use super::{Store, Transaction};
 use crate::commit::{self, Outcome, Request, SendRequest};
 use crate::{CoreConfig, keys};
 
