@@ -1,6 +1,6 @@
 //! The commit logic of a home shard, written once against [`Store`].
 //!
-//! [`commit_batch`] stores a group-commit batch in one transaction: each send gets the next
+//! [`Committer::commit_batch`] stores a group-commit batch in one transaction: each send gets the next
 //! dense, gapless sequence number of its recipient's inbox unless its (sender, client id) was
 //! already stored, and each ack deletes a prefix of an inbox. [`read_inbox`] serves sync, and
 //! [`expire`] deletes undelivered messages after their retention and dedupe records after their
@@ -45,62 +45,118 @@ pub enum Outcome {
     Acked,
 }
 
-/// Commits `requests` in one transaction, retrying conflicts and unknown results up to
-/// `config.commit_attempts_max` times. Returns one outcome per request, in order.
+/// Commits batches for one home shard, remembering each inbox's last sequence number.
 ///
-/// Every write is idempotent under retry: a send whose earlier attempt landed is found by its
-/// dedupe record and answered with the same sequence number.
-pub fn commit_batch<S: Store>(
-    store: &S,
-    requests: &[Request],
-    now: UnixMillis,
-    config: &CoreConfig,
-) -> Result<Vec<Outcome>, StoreError> {
-    // Sequence numbers that an attempt with an unknown result may have committed. If a retry
-    // then finds the same seq through the dedupe record, the message is still fresh: nobody
-    // has been told about it yet.
-    let mut maybe_committed: Vec<Option<u64>> = vec![None; requests.len()];
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let mut txn = store.begin()?;
-        let mut outcomes = write_batch(&mut txn, requests, now, config)?;
-        match txn.commit() {
-            Ok(_version) => {
-                for (outcome, earlier) in outcomes.iter_mut().zip(&maybe_committed) {
-                    if let Outcome::Stored { seq, fresh, .. } = outcome
-                        && !*fresh
-                        && *earlier == Some(*seq)
-                    {
-                        *fresh = true;
+/// The shard is the only writer of its inboxes (the FoundationDB backend fences stale owners),
+/// so a sequence number it committed stays the latest until it commits the next: the cache
+/// saves one store read per send. Any failed commit empties the cache, because an unknown
+/// result may or may not have advanced the counters.
+#[derive(Debug)]
+pub struct Committer {
+    config: CoreConfig,
+    last_seqs: HashMap<UserId, u64>,
+}
+
+impl Committer {
+    pub fn new(config: &CoreConfig) -> Committer {
+        Committer {
+            config: config.clone(),
+            last_seqs: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Commits `requests` in one transaction, retrying conflicts and unknown results up to
+    /// `config.commit_attempts_max` times. Returns one outcome per request, in order.
+    ///
+    /// Every write is idempotent under retry: a send whose earlier attempt landed is found by
+    /// its dedupe record and answered with the same sequence number.
+    pub fn commit_batch<S: Store>(
+        &mut self,
+        store: &S,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        // Sequence numbers that an attempt with an unknown result may have committed. If a
+        // retry then finds the same seq through the dedupe record, the message is still fresh:
+        // nobody has been told about it yet.
+        let mut maybe_committed: Vec<Option<u64>> = vec![None; requests.len()];
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.attempt(store, requests, now);
+            let (mut outcomes, batch_seqs) = match result {
+                Ok(written) => written,
+                Err((error, outcomes)) => {
+                    self.last_seqs.clear();
+                    if !(error.is_retryable() && attempt < self.config.commit_attempts_max) {
+                        return Err(error);
                     }
-                }
-                return Ok(outcomes);
-            }
-            Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {
-                if error == StoreError::CommitUnknown {
-                    for (slot, outcome) in maybe_committed.iter_mut().zip(&outcomes) {
-                        if let Outcome::Stored { seq, fresh: true, .. } = outcome {
-                            *slot = Some(*seq);
+                    if error == StoreError::CommitUnknown {
+                        for (slot, outcome) in maybe_committed.iter_mut().zip(&outcomes) {
+                            if let Outcome::Stored { seq, fresh: true, .. } = outcome {
+                                *slot = Some(*seq);
+                            }
                         }
                     }
+                    continue;
+                }
+            };
+            for (outcome, earlier) in outcomes.iter_mut().zip(&maybe_committed) {
+                if let Outcome::Stored { seq, fresh, .. } = outcome
+                    && !*fresh
+                    && *earlier == Some(*seq)
+                {
+                    *fresh = true;
                 }
             }
-            Err(error) => return Err(error),
+            if self.last_seqs.len() + batch_seqs.len() > self.config.seq_cache_entries_max {
+                // Bounded: start over rather than track recency; misses only cost a read.
+                self.last_seqs.clear();
+            }
+            self.last_seqs.extend(batch_seqs);
+            return Ok(outcomes);
+        }
+    }
+
+    /// One transaction. On failure, returns the outcomes it would have had, so the caller
+    /// can remember which sequence numbers an unknown commit may have stored.
+    #[allow(clippy::type_complexity)]
+    fn attempt<S: Store>(
+        &mut self,
+        store: &S,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<(Vec<Outcome>, HashMap<UserId, u64>), (StoreError, Vec<Outcome>)> {
+        let mut txn = store.begin().map_err(|error| (error, Vec::new()))?;
+        let mut batch_seqs = HashMap::new();
+        let outcomes = write_batch(&mut txn, requests, now, &self.config, &self.last_seqs, &mut batch_seqs)
+            .map_err(|error| (error, Vec::new()))?;
+        match txn.commit() {
+            Ok(_version) => Ok((outcomes, batch_seqs)),
+            Err(error) => Err((error, outcomes)),
         }
     }
 }
 
 /// Writes one attempt of a batch into `txn`.
+///
+/// `cached_seqs` holds last sequence numbers known from earlier commits; `last_seqs` receives
+/// those of the inboxes this batch touches, which are written back once at the end.
 fn write_batch<T: Transaction>(
     txn: &mut T,
     requests: &[Request],
     now: UnixMillis,
     config: &CoreConfig,
+    cached_seqs: &HashMap<UserId, u64>,
+    last_seqs: &mut HashMap<UserId, u64>,
 ) -> Result<Vec<Outcome>, StoreError> {
     let dedupe_bucket = now / config.dedupe_window_ms;
-    // Last sequence number per inbox touched by this batch; written back once at the end.
-    let mut last_seqs: HashMap<UserId, u64> = HashMap::new();
+    // Highest seq per (expiry bucket, inbox) of this batch; written once at the end.
+    let mut expiry_seqs: HashMap<(u64, UserId), u64> = HashMap::new();
     let mut outcomes = Vec::with_capacity(requests.len());
     for request in requests {
         let outcome = match request {
@@ -108,7 +164,7 @@ fn write_batch<T: Transaction>(
                 if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
                     found
                 } else {
-                    let last = match last_seqs.get(&send.to) {
+                    let last = match last_seqs.get(&send.to).or_else(|| cached_seqs.get(&send.to)) {
                         Some(last) => *last,
                         None => read_counter(txn, send.to)?,
                     };
@@ -125,7 +181,7 @@ fn write_batch<T: Transaction>(
                     record[8..16].copy_from_slice(&now.to_le_bytes());
                     record[16..].copy_from_slice(&expire_at_ms.to_le_bytes());
                     txn.set(&keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id), &record);
-                    txn.atomic_max(&keys::expiry(expire_at_ms / config.expiry_bucket_ms, send.to), seq);
+                    expiry_seqs.insert((expire_at_ms / config.expiry_bucket_ms, send.to), seq);
                     Outcome::Stored {
                         seq,
                         server_time_ms: now,
@@ -144,8 +200,13 @@ fn write_batch<T: Transaction>(
         };
         outcomes.push(outcome);
     }
-    for (inbox, last) in last_seqs {
-        txn.set(&keys::counter(inbox), &last.to_le_bytes());
+    for (inbox, last) in last_seqs.iter() {
+        txn.set(&keys::counter(*inbox), &last.to_le_bytes());
+    }
+    // A plain set acts as a max: sequence numbers only grow, so this batch's seq is above any
+    // earlier one in the bucket. Unlike an atomic max, the embedded store needs no read for it.
+    for ((bucket, inbox), seq) in expiry_seqs {
+        txn.set(&keys::expiry(bucket, inbox), &seq.to_le_bytes());
     }
     Ok(outcomes)
 }

@@ -26,6 +26,8 @@ pub struct CoreConfig {
     pub expire_scan_keys_max: usize,
     /// Messages one sync read returns.
     pub sync_messages_max: usize,
+    /// Inboxes whose last sequence number a shard remembers (saves a store read per send).
+    pub seq_cache_entries_max: usize,
 }
 
 const HOUR_MS: u64 = 3600 * 1000;
@@ -43,6 +45,7 @@ impl Default for CoreConfig {
             commit_attempts_max: 5,
             expire_scan_keys_max: 10_000,
             sync_messages_max: 256,
+            seq_cache_entries_max: 262_144,
         }
     }
 }

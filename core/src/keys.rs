@@ -7,7 +7,7 @@
 //! | `q` inbox seq | [`crate::envelope`] | a stored message |
 //! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
-//! | `e` bucket inbox | highest seq, u64 LE (atomic max) | expiry index |
+//! | `e` bucket inbox | highest seq, u64 LE | expiry index: inbox has messages expiring in bucket |
 //! | `o` shard | owner epoch | shard ownership (FoundationDB fencing) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are

@@ -3,7 +3,7 @@
 //! The runtime feeds sends in with [`InboxShard::handle_send`] and acks with
 //! [`InboxShard::handle_ack`], takes a batch with
 //! [`InboxShard::poll_batch`] when its input has run dry (or the queue holds a full batch),
-//! commits it with [`crate::commit::commit_batch`] on a thread that may block, and hands the
+//! commits it with [`crate::commit::Committer::commit_batch`] on a thread that may block, and hands the
 //! result back to [`InboxShard::handle_commit`], which returns what to send to whom. Only one
 //! batch is in flight at a time: while it commits, new requests queue up and form the next,
 //! larger batch, so light load gets low latency and heavy load gets large batches.

@@ -176,6 +176,7 @@ struct World {
     config: CoreConfig,
     store: FaultStore<MemoryStore>,
     shards: Vec<InboxShard<Tag>>,
+    committers: Vec<commit::Committer>,
     clients: Vec<Client>,
     /// In-flight packets by delivery time; the counter keeps equal times in FIFO order.
     network: BTreeMap<(UnixMillis, u64), Packet>,
@@ -196,6 +197,7 @@ impl World {
             commit_attempts_max: 1 + rng.below(4) as u32,
             expire_scan_keys_max: 2 + rng.below(50) as usize,
             sync_messages_max: 1 + rng.below(20) as usize,
+            seq_cache_entries_max: rng.below(8) as usize,
             ..CoreConfig::default()
         };
         config.validate().expect("valid sim config");
@@ -238,6 +240,7 @@ impl World {
             rng,
             now: 1_700_000_000_000,
             shards: (0..shard_count).map(|_| InboxShard::new(&config)).collect(),
+            committers: (0..shard_count).map(|_| commit::Committer::new(&config)).collect(),
             config,
             store,
             clients,
@@ -359,6 +362,7 @@ impl World {
             shard.drain_queue();
         }
         self.shards = (0..self.shards.len()).map(|_| InboxShard::new(&self.config)).collect();
+        self.committers = (0..self.shards.len()).map(|_| commit::Committer::new(&self.config)).collect();
         // Packets to and from the crashed process are lost; clients reconnect.
         self.network.clear();
         for client in &mut self.clients {
@@ -375,7 +379,7 @@ impl World {
     }
 
     fn commit(&mut self, shard: usize, batch: Batch<Tag>) {
-        let result = commit::commit_batch(&self.store, &batch.requests, self.now, &self.config);
+        let result = self.committers[shard].commit_batch(&self.store, &batch.requests, self.now);
         let failed = result.as_ref().err().cloned();
         if let Ok(outcomes) = &result {
             self.stats.duplicate_sends += outcomes

@@ -163,14 +163,15 @@ fn seq_of(outcome: &Outcome) -> (u64, bool) {
 
 fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
+    let mut committer = commit::Committer::new(&config);
     let now = 1_000_000;
     let batch = [send(1, 10, 7, b"a"), send(2, 10, 7, b"b"), send(1, 10, 7, b"a again"), send(1, 11, 8, b"c")];
-    let outcomes = commit::commit_batch(h.store(), &batch, now, &config).unwrap();
+    let outcomes = committer.commit_batch(h.store(), &batch, now).unwrap();
     let seqs: Vec<(u64, bool)> = outcomes.iter().map(seq_of).collect();
     assert_eq!(seqs, vec![(1, true), (2, true), (1, false), (1, true)]);
-    let retry = commit::commit_batch(h.store(), &[send(2, 10, 7, b"b")], now + 1, &config).unwrap();
+    let retry = committer.commit_batch(h.store(), &[send(2, 10, 7, b"b")], now + 1).unwrap();
     assert_eq!(seq_of(&retry[0]), (2, false));
-    let next = commit::commit_batch(h.store(), &[send(3, 1, 7, b"d")], now + 2, &config).unwrap();
+    let next = committer.commit_batch(h.store(), &[send(3, 1, 7, b"d")], now + 2).unwrap();
     assert_eq!(seq_of(&next[0]), (3, true));
     h.reopen();
     let messages = commit::read_inbox(h.store(), 7, 0, now + 3, &config).unwrap();
@@ -183,11 +184,12 @@ fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
 
 fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
+    let mut committer = commit::Committer::new(&config);
     let now = 5 * config.dedupe_window_ms;
     let sends: Vec<Request> = (1..=5).map(|id| send(1, id, 9, b"m")).collect();
-    commit::commit_batch(h.store(), &sends, now, &config).unwrap();
+    committer.commit_batch(h.store(), &sends, now).unwrap();
     let ack = [Request::Ack { inbox: 9, up_to_seq: 3 }];
-    assert_eq!(commit::commit_batch(h.store(), &ack, now, &config).unwrap(), vec![Outcome::Acked]);
+    assert_eq!(committer.commit_batch(h.store(), &ack, now).unwrap(), vec![Outcome::Acked]);
     let left: Vec<u64> = commit::read_inbox(h.store(), 9, 0, now, &config)
         .unwrap()
         .iter()
@@ -210,7 +212,9 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     // The counter stays so sequence numbers never repeat.
     assert_eq!(txn.get(&keys::counter(9)).unwrap(), Some(5u64.to_le_bytes().to_vec()));
     drop(txn);
-    let next = commit::commit_batch(h.store(), &[send(1, 99, 9, b"n")], later, &config).unwrap();
+    // A new committer (as after a restart) reads the counter from the store.
+    let mut committer = commit::Committer::new(&config);
+    let next = committer.commit_batch(h.store(), &[send(1, 99, 9, b"n")], later).unwrap();
     assert_eq!(seq_of(&next[0]), (6, true));
 }
 

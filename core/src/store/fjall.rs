@@ -12,9 +12,14 @@ use std::sync::{Mutex, MutexGuard};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::overlay::{Engine, Overlay};
+use crate::keys;
 use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
 
-const KEYSPACE_NAME: &str = "courier";
+/// Key tags that get a fjall keyspace of their own (see [`crate::keys`]); every other key
+/// goes to the `misc` keyspace. Separate keyspaces keep each memtable small and let messages,
+/// counters and dedupe records flush and compact on their own schedules. Sorted.
+const PARTITIONED_TAGS: [u8; 4] = [keys::TAG_COUNTER, keys::TAG_DEDUPE, keys::TAG_EXPIRY, keys::TAG_MESSAGE];
+const MISC_KEYSPACE: &str = "misc";
 
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +38,9 @@ pub struct FjallOptions {
     pub cache_bytes: u64,
     /// fjall's background threads for flushes and compactions.
     pub worker_threads: usize,
+    /// Bytes of the in-memory write buffer before it is flushed to a table. Smaller keeps
+    /// memtable lookups (a skiplist) shallow; larger means fewer flushes.
+    pub memtable_bytes_max: u64,
 }
 
 impl Default for FjallOptions {
@@ -41,6 +49,7 @@ impl Default for FjallOptions {
             durability: Durability::SyncAll,
             cache_bytes: 64 * 1024 * 1024,
             worker_threads: 1,
+            memtable_bytes_max: 32 * 1024 * 1024,
         }
     }
 }
@@ -49,7 +58,9 @@ impl Default for FjallOptions {
 pub struct FjallStore {
     path: PathBuf,
     db: Database,
-    keyspace: Keyspace,
+    /// One keyspace per entry of `PARTITIONED_TAGS`, in the same order.
+    tagged: Vec<Keyspace>,
+    misc: Keyspace,
     persist_mode: PersistMode,
     /// The single-writer lock; it guards the last commit version.
     writer: Mutex<CommitVersion>,
@@ -76,9 +87,17 @@ impl FjallStore {
             .worker_threads(options.worker_threads.max(1))
             .open()
             .map_err(|error| StoreError::Io(format!("cannot open store at {}: {error}", path.display())))?;
-        let keyspace = db
-            .keyspace(KEYSPACE_NAME, KeyspaceCreateOptions::default)
-            .map_err(io_error)?;
+        let open_keyspace = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(options.memtable_bytes_max)
+            })
+            .map_err(io_error)
+        };
+        let tagged = PARTITIONED_TAGS
+            .iter()
+            .map(|tag| open_keyspace(&format!("tag-{}", *tag as char)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let misc = open_keyspace(MISC_KEYSPACE)?;
         let persist_mode = match options.durability {
             Durability::SyncAll => PersistMode::SyncAll,
             Durability::SyncData => PersistMode::SyncData,
@@ -86,7 +105,8 @@ impl FjallStore {
         Ok(FjallStore {
             path: path.to_path_buf(),
             db,
-            keyspace,
+            tagged,
+            misc,
             persist_mode,
             writer: Mutex::new(0),
         })
@@ -94,6 +114,32 @@ impl FjallStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn keyspace_of(&self, key: &[u8]) -> &Keyspace {
+        key.first()
+            .and_then(|tag| PARTITIONED_TAGS.binary_search(tag).ok())
+            .map_or(&self.misc, |index| &self.tagged[index])
+    }
+
+    /// Splits `[begin, end)` into pieces that each lie in one keyspace, in key order.
+    fn segments(&self, begin: &[u8], end: &[u8]) -> Vec<(&Keyspace, Vec<u8>, Vec<u8>)> {
+        let mut segments = Vec::new();
+        let mut cursor = begin.to_vec();
+        while cursor.as_slice() < end {
+            let (keyspace, boundary) = match cursor.first() {
+                Some(tag) if PARTITIONED_TAGS.contains(tag) => (self.keyspace_of(&cursor), vec![tag + 1]),
+                _ => {
+                    // Misc keys run up to the next partitioned tag.
+                    let next = PARTITIONED_TAGS.iter().find(|tag| [**tag].as_slice() > cursor.as_slice());
+                    (&self.misc, next.map(|tag| vec![*tag]).unwrap_or_else(|| end.to_vec()))
+                }
+            };
+            let segment_end = if boundary.as_slice() < end { boundary } else { end.to_vec() };
+            segments.push((keyspace, cursor, segment_end.clone()));
+            cursor = segment_end;
+        }
+        segments
     }
 }
 
@@ -132,15 +178,17 @@ impl std::fmt::Debug for FjallEngine<'_> {
 
 impl Engine for FjallEngine<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.store.keyspace.get(key).map_err(io_error)?;
+        let value = self.store.keyspace_of(key).get(key).map_err(io_error)?;
         Ok(value.map(|v| v.to_vec()))
     }
 
     fn scan(&self, begin: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
-        for guard in self.store.keyspace.range(begin..end) {
-            let (key, value) = guard.into_inner().map_err(io_error)?;
-            if !visit(&key, &value) {
-                break;
+        for (keyspace, segment_begin, segment_end) in self.store.segments(begin, end) {
+            for guard in keyspace.range(segment_begin..segment_end) {
+                let (key, value) = guard.into_inner().map_err(io_error)?;
+                if !visit(&key, &value) {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -154,9 +202,10 @@ impl Engine for FjallEngine<'_> {
                 .batch()
                 .durability(Some(self.store.persist_mode));
             for (key, value) in changes {
+                let keyspace = self.store.keyspace_of(&key);
                 match value {
-                    Some(value) => batch.insert(&self.store.keyspace, key, value),
-                    None => batch.remove(&self.store.keyspace, key),
+                    Some(value) => batch.insert(keyspace, key, value),
+                    None => batch.remove(keyspace, key),
                 }
             }
             batch.commit().map_err(io_error)?;
