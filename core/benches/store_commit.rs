@@ -4,13 +4,20 @@
 //! inboxes with `Committer::commit_batch` (dedupe lookups, sequence counters, message, dedupe and
 //! expiry-index writes) and one fsync per batch, for a fixed time, and prints a Markdown table.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N]`
+//! With `--raw`, each message is a single `Transaction::set` of its 200-byte body (no dedupe,
+//! no counter, no index): the ceiling of the store layer, for comparison.
+//!
+//! With `--writers N`, N threads commit at once, each to its own store, as N shards of an edge
+//! do (each shard owns an embedded store and a writer thread).
+//!
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--raw]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use courier_core::CoreConfig;
+use courier_core::store::{Store, Transaction};
+use courier_core::{CoreConfig, keys};
 use courier_core::commit::{Committer, Request, SendRequest};
 use courier_core::rng::Rng;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
@@ -22,54 +29,92 @@ fn main() {
     let mut seconds = 5.0f64;
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/store-bench");
     let mut batch_sizes = vec![1usize, 10, 100, 1000];
+    let mut writers = 1usize;
+    let mut raw = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--seconds N")
+            }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
-            "--batch" => batch_sizes = vec![args.next().and_then(|v| v.parse().ok()).expect("--batch N")],
+            "--raw" => raw = true,
+            "--writers" => {
+                writers = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--writers N")
+            }
+            "--batch" => {
+                batch_sizes = vec![args.next().and_then(|v| v.parse().ok()).expect("--batch N")]
+            }
             // `cargo bench` passes --bench; anything else is a mistake worth reporting.
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N]");
+                eprintln!(
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N]"
+                );
                 std::process::exit(2);
             }
         }
     }
-    println!("| batch size | messages/s | batches/s (fsyncs/s) | commit p50 | commit p99 |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("mode: {}", if raw { "raw set per message" } else { "commit logic" });
+    println!(
+        "| writers | batch size | messages/s | batches/s (fsyncs/s) | commit p50 | commit p99 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
     for batch_size in batch_sizes {
-        let run_dir = dir.join(format!("batch-{batch_size}"));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(&run_dir).expect("create bench dir");
-        let result = run(&run_dir, batch_size, Duration::from_secs_f64(seconds));
+        let duration = Duration::from_secs_f64(seconds);
+        let results: Vec<RunResult> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..writers)
+                .map(|writer| {
+                    let run_dir = dir.join(format!("batch-{batch_size}-writer-{writer}"));
+                    scope.spawn(move || {
+                        let _ = std::fs::remove_dir_all(&run_dir);
+                        std::fs::create_dir_all(&run_dir).expect("create bench dir");
+                        let result = run(&run_dir, batch_size, writer as u64, duration, raw);
+                        let _ = std::fs::remove_dir_all(&run_dir);
+                        result
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("writer thread"))
+                .collect()
+        });
+        let elapsed = results.iter().map(|r| r.elapsed).max().expect("one writer");
+        let messages: u64 = results.iter().map(|r| r.messages).sum();
+        let mut latencies: Vec<Duration> = results.into_iter().flat_map(|r| r.latencies).collect();
+        latencies.sort();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
         println!(
-            "| {batch_size} | {:.0} | {:.0} | {:.2} ms | {:.2} ms |",
-            result.messages as f64 / result.elapsed.as_secs_f64(),
-            result.batches as f64 / result.elapsed.as_secs_f64(),
-            result.p50.as_secs_f64() * 1e3,
-            result.p99.as_secs_f64() * 1e3,
+            "| {writers} | {batch_size} | {:.0} | {:.0} | {:.2} ms | {:.2} ms |",
+            messages as f64 / elapsed.as_secs_f64(),
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            at(0.50).as_secs_f64() * 1e3,
+            at(0.99).as_secs_f64() * 1e3,
         );
-        let _ = std::fs::remove_dir_all(&run_dir);
     }
 }
 
 struct RunResult {
     messages: u64,
-    batches: u64,
     elapsed: Duration,
-    p50: Duration,
-    p99: Duration,
+    latencies: Vec<Duration>,
 }
 
-fn run(dir: &std::path::Path, batch_size: usize, duration: Duration) -> RunResult {
+fn run(dir: &std::path::Path, batch_size: usize, writer: u64, duration: Duration, raw: bool) -> RunResult {
     let store = FjallStore::open(dir, &FjallOptions::default()).expect("open store");
     let config = CoreConfig {
         batch_requests_max: batch_size,
         ..CoreConfig::default()
     };
     let mut committer = Committer::new(&config);
-    let mut rng = Rng::new(batch_size as u64);
+    let mut rng = Rng::new(batch_size as u64 * 1000 + writer);
     let mut client_id = 0u64;
     let mut latencies = Vec::new();
     let mut messages = 0u64;
@@ -89,19 +134,26 @@ fn run(dir: &std::path::Path, batch_size: usize, duration: Duration) -> RunResul
             })
             .collect();
         let commit_start = Instant::now();
-        let outcomes = committer.commit_batch(&store, &batch, now_ms + messages).expect("commit");
+        if raw {
+            let mut txn = store.begin().expect("begin");
+            for (index, request) in batch.iter().enumerate() {
+                if let Request::Send(send) = request {
+                    txn.set(&keys::message(send.to, messages + index as u64), &send.body);
+                }
+            }
+            txn.commit().expect("commit");
+        } else {
+            let outcomes = committer
+                .commit_batch(&store, &batch, now_ms + messages)
+                .expect("commit");
+            assert_eq!(outcomes.len(), batch_size);
+        }
         latencies.push(commit_start.elapsed());
-        assert_eq!(outcomes.len(), batch_size);
         messages += batch_size as u64;
     }
-    let elapsed = start.elapsed();
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     RunResult {
         messages,
-        batches: latencies.len() as u64,
-        elapsed,
-        p50: at(0.50),
-        p99: at(0.99),
+        elapsed: start.elapsed(),
+        latencies,
     }
 }

@@ -18,7 +18,10 @@ use crate::{CoreConfig, UnixMillis, UserId};
 pub enum Request {
     Send(SendRequest),
     /// Delete every message of `inbox` up to and including `up_to_seq`.
-    Ack { inbox: UserId, up_to_seq: u64 },
+    Ack {
+        inbox: UserId,
+        up_to_seq: u64,
+    },
 }
 
 /// A message to store. The sender comes from the authenticated connection, never a frame.
@@ -97,7 +100,10 @@ impl Committer {
                     }
                     if error == StoreError::CommitUnknown {
                         for (slot, outcome) in maybe_committed.iter_mut().zip(&outcomes) {
-                            if let Outcome::Stored { seq, fresh: true, .. } = outcome {
+                            if let Outcome::Stored {
+                                seq, fresh: true, ..
+                            } = outcome
+                            {
                                 *slot = Some(*seq);
                             }
                         }
@@ -133,8 +139,15 @@ impl Committer {
     ) -> Result<(Vec<Outcome>, HashMap<UserId, u64>), (StoreError, Vec<Outcome>)> {
         let mut txn = store.begin().map_err(|error| (error, Vec::new()))?;
         let mut batch_seqs = HashMap::new();
-        let outcomes = write_batch(&mut txn, requests, now, &self.config, &self.last_seqs, &mut batch_seqs)
-            .map_err(|error| (error, Vec::new()))?;
+        let outcomes = write_batch(
+            &mut txn,
+            requests,
+            now,
+            &self.config,
+            &self.last_seqs,
+            &mut batch_seqs,
+        )
+        .map_err(|error| (error, Vec::new()))?;
         match txn.commit() {
             Ok(_version) => Ok((outcomes, batch_seqs)),
             Err(error) => Err((error, outcomes)),
@@ -164,13 +177,18 @@ fn write_batch<T: Transaction>(
                 if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
                     found
                 } else {
-                    let last = match last_seqs.get(&send.to).or_else(|| cached_seqs.get(&send.to)) {
+                    let last = match last_seqs
+                        .get(&send.to)
+                        .or_else(|| cached_seqs.get(&send.to))
+                    {
                         Some(last) => *last,
                         None => read_counter(txn, send.to)?,
                     };
                     let seq = last + 1;
                     last_seqs.insert(send.to, seq);
-                    let ttl_ms = send.ttl_secs.map_or(config.retention_ms, |ttl| u64::from(ttl) * 1000);
+                    let ttl_ms = send
+                        .ttl_secs
+                        .map_or(config.retention_ms, |ttl| u64::from(ttl) * 1000);
                     let expire_at_ms = now.saturating_add(ttl_ms.min(config.retention_ms));
                     txn.set(
                         &keys::message(send.to, seq),
@@ -180,7 +198,10 @@ fn write_batch<T: Transaction>(
                     record[..8].copy_from_slice(&seq.to_le_bytes());
                     record[8..16].copy_from_slice(&now.to_le_bytes());
                     record[16..].copy_from_slice(&expire_at_ms.to_le_bytes());
-                    txn.set(&keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id), &record);
+                    txn.set(
+                        &keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id),
+                        &record,
+                    );
                     expiry_seqs.insert((expire_at_ms / config.expiry_bucket_ms, send.to), seq);
                     Outcome::Stored {
                         seq,
@@ -218,12 +239,20 @@ fn find_dedupe<T: Transaction>(
     dedupe_bucket: u64,
     send: &SendRequest,
 ) -> Result<Option<Outcome>, StoreError> {
-    for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)].into_iter().flatten() {
+    for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)]
+        .into_iter()
+        .flatten()
+    {
         let key = keys::dedupe(bucket, send.to, send.sender, send.client_id);
         if let Some(record) = txn.get(&key)? {
             let field = |at: usize| record.get(at..at + 8).and_then(keys::le_u64);
-            let (Some(seq), Some(server_time_ms), Some(expire_at_ms)) = (field(0), field(8), field(16)) else {
-                return Err(StoreError::Corrupt(format!("dedupe record of {} bytes", record.len())));
+            let (Some(seq), Some(server_time_ms), Some(expire_at_ms)) =
+                (field(0), field(8), field(16))
+            else {
+                return Err(StoreError::Corrupt(format!(
+                    "dedupe record of {} bytes",
+                    record.len()
+                )));
             };
             return Ok(Some(Outcome::Stored {
                 seq,
@@ -239,8 +268,12 @@ fn find_dedupe<T: Transaction>(
 fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, StoreError> {
     match txn.get(&keys::counter(inbox))? {
         None => Ok(0),
-        Some(value) => keys::le_u64(&value)
-            .ok_or_else(|| StoreError::Corrupt(format!("counter of inbox {inbox} has {} bytes", value.len()))),
+        Some(value) => keys::le_u64(&value).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "counter of inbox {inbox} has {} bytes",
+                value.len()
+            ))
+        }),
     }
 }
 
@@ -266,7 +299,9 @@ pub fn read_inbox<S: Store>(
     let mut messages = Vec::with_capacity(pairs.len());
     for (key, value) in pairs {
         let Some((_, seq)) = keys::parse_message(&key) else {
-            return Err(StoreError::Corrupt("message key of unexpected shape".into()));
+            return Err(StoreError::Corrupt(
+                "message key of unexpected shape".into(),
+            ));
         };
         let message = envelope::decode(inbox, seq, &value)
             .ok_or_else(|| StoreError::Corrupt(format!("message {seq} of inbox {inbox}")))?;
@@ -289,7 +324,11 @@ pub struct ExpireReport {
 /// Deletes dedupe records older than their window and messages past their expiry, reading at
 /// most `config.expire_scan_keys_max` keys. Idempotent; run it periodically and again while
 /// [`ExpireReport::more`] is set.
-pub fn expire<S: Store>(store: &S, now: UnixMillis, config: &CoreConfig) -> Result<ExpireReport, StoreError> {
+pub fn expire<S: Store>(
+    store: &S,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<ExpireReport, StoreError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -303,12 +342,19 @@ pub fn expire<S: Store>(store: &S, now: UnixMillis, config: &CoreConfig) -> Resu
     }
 }
 
-fn write_expiry<T: Transaction>(txn: &mut T, now: UnixMillis, config: &CoreConfig) -> Result<ExpireReport, StoreError> {
+fn write_expiry<T: Transaction>(
+    txn: &mut T,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<ExpireReport, StoreError> {
     let mut report = ExpireReport::default();
     // Dedupe lookups read the current and the previous bucket; everything older goes.
     let dedupe_bucket = now / config.dedupe_window_ms;
     if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
-        txn.clear_range(&keys::dedupe_bucket_start(0), &keys::dedupe_bucket_start(keep_from));
+        txn.clear_range(
+            &keys::dedupe_bucket_start(0),
+            &keys::dedupe_bucket_start(keep_from),
+        );
     }
     // Expiry buckets before `first_live` ended at or before `now`.
     let first_live = now / config.expiry_bucket_ms;
@@ -323,8 +369,11 @@ fn write_expiry<T: Transaction>(txn: &mut T, now: UnixMillis, config: &CoreConfi
     report.more = entries.len() == entries_max;
     budget -= entries.len();
     for (key, value) in entries {
-        let (Some((_, inbox)), Some(max_seq)) = (keys::parse_expiry(&key), keys::le_u64(&value)) else {
-            return Err(StoreError::Corrupt("expiry index entry of unexpected shape".into()));
+        let (Some((_, inbox)), Some(max_seq)) = (keys::parse_expiry(&key), keys::le_u64(&value))
+        else {
+            return Err(StoreError::Corrupt(
+                "expiry index entry of unexpected shape".into(),
+            ));
         };
         if budget == 0 {
             report.more = true;
@@ -338,8 +387,9 @@ fn write_expiry<T: Transaction>(txn: &mut T, now: UnixMillis, config: &CoreConfi
         let complete = messages.len() < budget;
         budget -= messages.len();
         for (message_key, message_value) in messages {
-            let expire_at_ms = envelope::expire_at_ms(&message_value)
-                .ok_or_else(|| StoreError::Corrupt(format!("message of inbox {inbox} has no header")))?;
+            let expire_at_ms = envelope::expire_at_ms(&message_value).ok_or_else(|| {
+                StoreError::Corrupt(format!("message of inbox {inbox} has no header"))
+            })?;
             if expire_at_ms <= now {
                 txn.clear(&message_key);
                 report.messages_deleted += 1;

@@ -75,7 +75,10 @@ impl CoreConfig {
             return fail("batch_requests_max", "at least 1");
         }
         if self.batch_bytes_max < FRAME_BYTES_MAX {
-            return fail("batch_bytes_max", "at least one maximal frame (66560 bytes)");
+            return fail(
+                "batch_bytes_max",
+                "at least one maximal frame (66560 bytes)",
+            );
         }
         if self.queue_requests_max < self.batch_requests_max {
             return fail("queue_requests_max", "at least batch_requests_max");

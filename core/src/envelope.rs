@@ -21,7 +21,12 @@ pub struct StoredMessage {
 }
 
 /// Encodes the stored value of a message (everything but the inbox and seq, which are the key).
-pub fn encode(from: UserId, sent_at_ms: UnixMillis, expire_at_ms: UnixMillis, body: &[u8]) -> Vec<u8> {
+pub fn encode(
+    from: UserId,
+    sent_at_ms: UnixMillis,
+    expire_at_ms: UnixMillis,
+    body: &[u8],
+) -> Vec<u8> {
     let mut value = Vec::with_capacity(HEADER_BYTES + body.len());
     value.push(VERSION);
     value.extend_from_slice(&from.to_le_bytes());

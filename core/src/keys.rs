@@ -131,7 +131,9 @@ mod tests {
 
     #[test]
     fn dedupe_buckets_sort_before_later_buckets() {
-        assert!(dedupe(4, u64::MAX, u64::MAX, u64::MAX).as_slice() < dedupe_bucket_start(5).as_slice());
+        assert!(
+            dedupe(4, u64::MAX, u64::MAX, u64::MAX).as_slice() < dedupe_bucket_start(5).as_slice()
+        );
         assert!(dedupe_bucket_start(5).as_slice() <= dedupe(5, 0, 0, 0).as_slice());
         assert_eq!(parse_expiry(&expiry(3, 9)), Some((3, 9)));
     }

@@ -52,7 +52,10 @@ mod tests {
             counts[shard as usize] += 1;
         }
         for count in counts {
-            assert!((9_000..11_000).contains(&count), "uneven spread: {counts:?}");
+            assert!(
+                (9_000..11_000).contains(&count),
+                "uneven spread: {counts:?}"
+            );
         }
     }
 

@@ -42,7 +42,11 @@ pub enum Output<T> {
         server_time_ms: UnixMillis,
     },
     /// Tell the sender its message was not stored.
-    SendError { tag: T, client_id: u64, code: ErrorCode },
+    SendError {
+        tag: T,
+        client_id: u64,
+        code: ErrorCode,
+    },
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
 }
@@ -105,7 +109,9 @@ impl<T> InboxShard<T> {
     /// runtime answers `Overloaded`, and the sender retries later).
     pub fn handle_send(&mut self, send: SendRequest, tag: T) -> Result<(), Refused<T>> {
         let bytes = send.body.len();
-        if self.queue.len() >= self.queue_requests_max || self.queue_bytes + bytes > self.queue_bytes_max {
+        if self.queue.len() >= self.queue_requests_max
+            || self.queue_bytes + bytes > self.queue_bytes_max
+        {
             return Err(Refused { send, tag });
         }
         self.queue_bytes += bytes;
@@ -169,13 +175,20 @@ impl<T> InboxShard<T> {
         batch: Batch<T>,
         result: Result<Vec<Outcome>, StoreError>,
     ) -> Vec<Output<T>> {
-        assert!(self.batch_in_flight, "handle_commit without a batch in flight");
+        assert!(
+            self.batch_in_flight,
+            "handle_commit without a batch in flight"
+        );
         self.batch_in_flight = false;
         let mut outputs = Vec::with_capacity(batch.tags.len() * 2);
         let mut tags = batch.tags.into_iter();
         match result {
             Ok(outcomes) => {
-                assert_eq!(outcomes.len(), batch.requests.len(), "one outcome per request");
+                assert_eq!(
+                    outcomes.len(),
+                    batch.requests.len(),
+                    "one outcome per request"
+                );
                 for (request, outcome) in batch.requests.into_iter().zip(outcomes) {
                     match (request, outcome) {
                         (
@@ -276,11 +289,13 @@ mod tests {
         assert_eq!(batch.tags, vec![1, 2, 3]);
         assert!(shard.poll_batch().is_none(), "only one batch in flight");
         let outputs = shard.handle_commit(batch, Err(StoreError::CommitUnknown));
-        assert!(
-            outputs
-                .iter()
-                .all(|o| matches!(o, Output::SendError { code: ErrorCode::StoreUnavailable, .. }))
-        );
+        assert!(outputs.iter().all(|o| matches!(
+            o,
+            Output::SendError {
+                code: ErrorCode::StoreUnavailable,
+                ..
+            }
+        )));
 
         let batch = shard.poll_batch().unwrap();
         assert_eq!(batch.tags, vec![4, 5]);
@@ -302,14 +317,36 @@ mod tests {
         let batch = shard.poll_batch().unwrap();
         assert_eq!(
             batch.requests,
-            vec![Request::Ack { inbox: 5, up_to_seq: 9 }, Request::Ack { inbox: 6, up_to_seq: 1 }]
+            vec![
+                Request::Ack {
+                    inbox: 5,
+                    up_to_seq: 9
+                },
+                Request::Ack {
+                    inbox: 6,
+                    up_to_seq: 1
+                }
+            ]
         );
         shard.handle_ack(5, 2).unwrap();
-        assert!(shard.handle_commit(batch, Err(StoreError::CommitUnknown)).is_empty());
+        assert!(
+            shard
+                .handle_commit(batch, Err(StoreError::CommitUnknown))
+                .is_empty()
+        );
         let retry = shard.poll_batch().unwrap();
         assert_eq!(
             retry.requests,
-            vec![Request::Ack { inbox: 5, up_to_seq: 9 }, Request::Ack { inbox: 6, up_to_seq: 1 }]
+            vec![
+                Request::Ack {
+                    inbox: 5,
+                    up_to_seq: 9
+                },
+                Request::Ack {
+                    inbox: 6,
+                    up_to_seq: 1
+                }
+            ]
         );
     }
 }

@@ -19,9 +19,9 @@ use courier_core::keys;
 use courier_core::placement::home_shard;
 use courier_core::rng::Rng;
 use courier_core::shard::{Batch, InboxShard, Output};
+use courier_core::store::StoreError;
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::memory::MemoryStore;
-use courier_core::store::StoreError;
 use courier_core::{CoreConfig, UnixMillis, UserId};
 use courier_protocol::ErrorCode;
 
@@ -54,9 +54,13 @@ fn simulation_over_many_seeds() {
                 })
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().expect("worker")).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
     });
-    let failures: Vec<&(u64, Result<Stats, String>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let failures: Vec<&(u64, Result<Stats, String>)> =
+        results.iter().filter(|(_, r)| r.is_err()).collect();
     if let Some((seed, Err(failure))) = failures.first() {
         panic!(
             "{} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}",
@@ -71,10 +75,22 @@ fn simulation_over_many_seeds() {
     // A simulation that stopped injecting faults would pass without proving anything.
     if seeds >= 100 {
         assert!(total.messages_acked > 10_000, "too few messages: {total:?}");
-        assert!(total.crashes > 0 && total.conflicts > 0 && total.fsync_failures > 0, "{total:?}");
-        assert!(total.commit_unknown_applied > 0 && total.commit_unknown_dropped > 0, "{total:?}");
-        assert!(total.duplicate_sends > 0, "no retry was ever deduplicated: {total:?}");
-        assert!(total.overloaded > 0, "backpressure never triggered: {total:?}");
+        assert!(
+            total.crashes > 0 && total.conflicts > 0 && total.fsync_failures > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.commit_unknown_applied > 0 && total.commit_unknown_dropped > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.duplicate_sends > 0,
+            "no retry was ever deduplicated: {total:?}"
+        );
+        assert!(
+            total.overloaded > 0,
+            "backpressure never triggered: {total:?}"
+        );
         assert!(total.disconnects > 0, "{total:?}");
     }
 }
@@ -130,15 +146,33 @@ struct Tag {
 
 #[derive(Debug)]
 enum Packet {
-    ToShard { shard: usize, request: Request, tag: Tag },
-    ToClient { client: usize, connection: u64, message: ClientMessage },
+    ToShard {
+        shard: usize,
+        request: Request,
+        tag: Tag,
+    },
+    ToClient {
+        client: usize,
+        connection: u64,
+        message: ClientMessage,
+    },
 }
 
 #[derive(Debug)]
 enum ClientMessage {
-    SendAck { client_id: u64, seq: u64 },
-    SendError { client_id: u64, code: ErrorCode },
-    Deliver { seq: u64, from: UserId, body: Vec<u8> },
+    SendAck {
+        client_id: u64,
+        seq: u64,
+    },
+    SendError {
+        client_id: u64,
+        code: ErrorCode,
+    },
+    Deliver {
+        seq: u64,
+        from: UserId,
+        body: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -240,7 +274,9 @@ impl World {
             rng,
             now: 1_700_000_000_000,
             shards: (0..shard_count).map(|_| InboxShard::new(&config)).collect(),
-            committers: (0..shard_count).map(|_| commit::Committer::new(&config)).collect(),
+            committers: (0..shard_count)
+                .map(|_| commit::Committer::new(&config))
+                .collect(),
             config,
             store,
             clients,
@@ -283,7 +319,11 @@ impl World {
     }
 
     fn describe(&self) -> String {
-        let pending: usize = self.clients.iter().map(|c| c.pending.len() + c.planned.len()).sum();
+        let pending: usize = self
+            .clients
+            .iter()
+            .map(|c| c.pending.len() + c.planned.len())
+            .sum();
         format!(
             "seed {} shards {} clients {} pending {} network {} crashes {} store poisoned {}",
             self.seed,
@@ -310,7 +350,8 @@ impl World {
         }
         let latency = 1 + self.rng.below(20);
         self.packet_counter += 1;
-        self.network.insert((self.now + latency, self.packet_counter), packet);
+        self.network
+            .insert((self.now + latency, self.packet_counter), packet);
     }
 
     fn step(&mut self, chaos: bool) {
@@ -361,8 +402,12 @@ impl World {
         for shard in &mut self.shards {
             shard.drain_queue();
         }
-        self.shards = (0..self.shards.len()).map(|_| InboxShard::new(&self.config)).collect();
-        self.committers = (0..self.shards.len()).map(|_| commit::Committer::new(&self.config)).collect();
+        self.shards = (0..self.shards.len())
+            .map(|_| InboxShard::new(&self.config))
+            .collect();
+        self.committers = (0..self.shards.len())
+            .map(|_| commit::Committer::new(&self.config))
+            .collect();
         // Packets to and from the crashed process are lost; clients reconnect.
         self.network.clear();
         for client in &mut self.clients {
@@ -390,12 +435,21 @@ impl World {
         let outputs = self.shards[shard].handle_commit(batch, result);
         for output in outputs {
             match output {
-                Output::SendAck { tag, client_id, seq, .. } => self.send_packet(Packet::ToClient {
+                Output::SendAck {
+                    tag,
+                    client_id,
+                    seq,
+                    ..
+                } => self.send_packet(Packet::ToClient {
                     client: tag.client,
                     connection: tag.connection,
                     message: ClientMessage::SendAck { client_id, seq },
                 }),
-                Output::SendError { tag, client_id, code } => self.send_packet(Packet::ToClient {
+                Output::SendError {
+                    tag,
+                    client_id,
+                    code,
+                } => self.send_packet(Packet::ToClient {
                     client: tag.client,
                     connection: tag.connection,
                     message: ClientMessage::SendError { client_id, code },
@@ -431,7 +485,11 @@ impl World {
 
     fn receive(&mut self, packet: Packet) {
         match packet {
-            Packet::ToShard { shard, request, tag } => match request {
+            Packet::ToShard {
+                shard,
+                request,
+                tag,
+            } => match request {
                 Request::Send(send) => {
                     if let Err(refused) = self.shards[shard].handle_send(send, tag) {
                         self.stats.overloaded += 1;
@@ -469,7 +527,10 @@ impl World {
         match message {
             ClientMessage::SendAck { client_id, seq } => {
                 if let Some((earlier, _)) = c.acked.get(&client_id) {
-                    assert_eq!(*earlier, seq, "client {client} id {client_id}: two different seqs acked");
+                    assert_eq!(
+                        *earlier, seq,
+                        "client {client} id {client_id}: two different seqs acked"
+                    );
                 } else if let Some(pending) = c.pending.remove(&client_id) {
                     c.acked.insert(client_id, (seq, pending.to));
                 }
@@ -523,13 +584,14 @@ impl World {
         let user = self.clients[client].user;
         loop {
             let after = self.clients[client].last_seq;
-            let messages = match commit::read_inbox(&self.store, user, after, self.now, &self.config) {
-                Ok(messages) => messages,
-                Err(error) => {
-                    self.handle_store_error(error);
-                    return;
-                }
-            };
+            let messages =
+                match commit::read_inbox(&self.store, user, after, self.now, &self.config) {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        self.handle_store_error(error);
+                        return;
+                    }
+                };
             let c = &mut self.clients[client];
             if messages.is_empty() {
                 c.needs_sync = false;
@@ -631,7 +693,8 @@ impl World {
         }
         // Every acknowledged message has reached its recipient (seqs are dense, so the
         // recipient's last seq tells).
-        let last_seqs: HashMap<UserId, u64> = self.clients.iter().map(|c| (c.user, c.last_seq)).collect();
+        let last_seqs: HashMap<UserId, u64> =
+            self.clients.iter().map(|c| (c.user, c.last_seq)).collect();
         let all_received = self
             .clients
             .iter()
@@ -649,7 +712,10 @@ impl World {
         // Every recipient has acked everything and the acks are committed.
         self.clients.iter().all(|c| c.acked_up_to == c.last_seq)
             && self.network.is_empty()
-            && self.shards.iter().all(|s| s.queued_requests() == 0 && !s.batch_in_flight())
+            && self
+                .shards
+                .iter()
+                .all(|s| s.queued_requests() == 0 && !s.batch_in_flight())
     }
 
     /// The checkers. Runs after convergence.
@@ -660,7 +726,10 @@ impl World {
             let mut previous = 0;
             for (seq, from, body) in &c.received {
                 if *seq <= previous {
-                    return Err(format!("inbox {} out of order: {seq} after {previous}", c.user));
+                    return Err(format!(
+                        "inbox {} out of order: {seq} after {previous}",
+                        c.user
+                    ));
                 }
                 previous = *seq;
                 let sender_prefix = format!("{from}:");
@@ -681,7 +750,12 @@ impl World {
                 acked_total += 1;
                 let body = format!("{}:{client_id}", sender.user).into_bytes();
                 match delivered_at.get(&body) {
-                    None => return Err(format!("acknowledged message {}:{client_id} was lost", sender.user)),
+                    None => {
+                        return Err(format!(
+                            "acknowledged message {}:{client_id} was lost",
+                            sender.user
+                        ));
+                    }
                     Some((_, delivered_seq)) if delivered_seq != seq => {
                         return Err(format!(
                             "message {}:{client_id} acked as seq {seq} but delivered as {delivered_seq}",
@@ -708,14 +782,20 @@ impl World {
         // R4: after all acks, no message is stored.
         let left = self.store.inner().dump_prefix(&[keys::TAG_MESSAGE]);
         if !left.is_empty() {
-            return Err(format!("{} messages left in the store after all acks", left.len()));
+            return Err(format!(
+                "{} messages left in the store after all acks",
+                left.len()
+            ));
         }
         // After the dedupe window (twice, since records live up to two windows) and the
         // retention, expiry leaves no dedupe records and no index entries.
-        self.now += 2 * self.config.dedupe_window_ms + self.config.retention_ms + self.config.expiry_bucket_ms;
+        self.now += 2 * self.config.dedupe_window_ms
+            + self.config.retention_ms
+            + self.config.expiry_bucket_ms;
         let mut passes = 0;
         loop {
-            let report = commit::expire(&self.store, self.now, &self.config).map_err(|e| e.to_string())?;
+            let report =
+                commit::expire(&self.store, self.now, &self.config).map_err(|e| e.to_string())?;
             passes += 1;
             if !report.more {
                 break;
@@ -727,11 +807,17 @@ impl World {
         for tag in [keys::TAG_DEDUPE, keys::TAG_EXPIRY, keys::TAG_MESSAGE] {
             let left = self.store.inner().dump_prefix(&[tag]);
             if !left.is_empty() {
-                return Err(format!("{} keys with tag {} left after expiry", left.len(), tag as char));
+                return Err(format!(
+                    "{} keys with tag {} left after expiry",
+                    left.len(),
+                    tag as char
+                ));
             }
         }
         let counts = &self.store.counts;
-        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
         self.stats.messages_acked = acked_total as u64;
         self.stats.conflicts = load(&counts.conflicts);
         self.stats.commit_unknown_applied = load(&counts.commit_unknown_applied);
@@ -748,6 +834,8 @@ fn simulation_detects_a_store_that_loses_commits() {
     let mut world = World::new(7);
     let to = world.clients[1].user;
     world.clients[0].acked.insert(1, (1, to));
-    let failure = world.check().expect_err("a lost acknowledged message must fail the check");
+    let failure = world
+        .check()
+        .expect_err("a lost acknowledged message must fail the check");
     assert!(failure.contains("lost"), "{failure}");
 }

@@ -29,7 +29,8 @@ impl Harness for Fjall {
     fn reopen(&mut self) {
         // Close first: fjall locks its directory.
         self.store = None;
-        self.store = Some(FjallStore::open(self.dir.path(), &FjallOptions::default()).expect("reopen"));
+        self.store =
+            Some(FjallStore::open(self.dir.path(), &FjallOptions::default()).expect("reopen"));
     }
 }
 
@@ -55,11 +56,20 @@ fn fjall_backend_conforms() {
     run_all(|| {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("open fjall");
-        Fjall { dir, store: Some(store) }
+        Fjall {
+            dir,
+            store: Some(store),
+        }
     });
 }
 
 #[test]
 fn fault_wrapper_without_faults_conforms() {
-    run_all(|| Faulty(FaultStore::new(MemoryStore::new(), FaultRates::default(), 1)));
+    run_all(|| {
+        Faulty(FaultStore::new(
+            MemoryStore::new(),
+            FaultRates::default(),
+            1,
+        ))
+    });
 }

@@ -57,9 +57,13 @@ pub enum Frame {
         body: Vec<u8>,
     },
     /// The device holds every message up to and including `up_to_seq`; the server deletes them.
-    Ack { up_to_seq: u64 },
+    Ack {
+        up_to_seq: u64,
+    },
     /// Send again every stored message after `after_seq`.
-    Sync { after_seq: u64 },
+    Sync {
+        after_seq: u64,
+    },
     /// Ephemeral signal (typing, presence); never stored, dropped when the peer is offline.
     /// Client to server, `peer` is the recipient; server to client, `peer` is the sender.
     Signal {
@@ -67,15 +71,22 @@ pub enum Frame {
         kind: SignalKind,
         payload: Vec<u8>,
     },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// The server is going away: reconnect, to `reconnect_to` if given.
     Goaway {
         reason: String,
         reconnect_to: Option<String>,
     },
     /// A protocol-level error; the server closes the connection after sending it.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Kinds of ephemeral signals.
@@ -201,7 +212,11 @@ impl Frame {
             }
             Frame::Welcome { user, device, .. } => {
                 check_nonzero("welcome.user", *user)?;
-                check_max("welcome.device", u64::from(*device), u64::from(DEVICE_ID_MAX))
+                check_max(
+                    "welcome.device",
+                    u64::from(*device),
+                    u64::from(DEVICE_ID_MAX),
+                )
             }
             Frame::Send {
                 client_id,
@@ -213,7 +228,9 @@ impl Frame {
                 check_nonzero("send.to", *to)?;
                 check_len("send.body", body.len(), BODY_BYTES_MAX)?;
                 match ttl_secs {
-                    Some(ttl) => check_max("send.ttl_secs", u64::from(*ttl), u64::from(TTL_SECS_MAX)),
+                    Some(ttl) => {
+                        check_max("send.ttl_secs", u64::from(*ttl), u64::from(TTL_SECS_MAX))
+                    }
                     None => Ok(()),
                 }
             }
@@ -222,7 +239,9 @@ impl Frame {
                 check_nonzero("send_ack.seq", *seq)
             }
             Frame::SendError { client_id, .. } => check_nonzero("send_error.client_id", *client_id),
-            Frame::Deliver { seq, from, body, .. } => {
+            Frame::Deliver {
+                seq, from, body, ..
+            } => {
                 check_nonzero("deliver.seq", *seq)?;
                 check_nonzero("deliver.from", *from)?;
                 check_len("deliver.body", body.len(), BODY_BYTES_MAX)
@@ -240,11 +259,15 @@ impl Frame {
             } => {
                 check_len("goaway.reason", reason.len(), TEXT_BYTES_MAX)?;
                 match reconnect_to {
-                    Some(address) => check_len("goaway.reconnect_to", address.len(), ADDRESS_BYTES_MAX),
+                    Some(address) => {
+                        check_len("goaway.reconnect_to", address.len(), ADDRESS_BYTES_MAX)
+                    }
                     None => Ok(()),
                 }
             }
-            Frame::Error { message, .. } => check_len("error.message", message.len(), TEXT_BYTES_MAX),
+            Frame::Error { message, .. } => {
+                check_len("error.message", message.len(), TEXT_BYTES_MAX)
+            }
         }
     }
 }

@@ -65,7 +65,10 @@ fn largest_body_fits_and_one_more_byte_does_not() {
     let error = encode_to_vec(&send_frame(BODY_BYTES_MAX + 1)).unwrap_err();
     assert!(matches!(
         error,
-        EncodeError::Invalid(DecodeError::LimitExceeded { field: "send.body", .. })
+        EncodeError::Invalid(DecodeError::LimitExceeded {
+            field: "send.body",
+            ..
+        })
     ));
 }
 

@@ -91,14 +91,18 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
                 server_time_ms,
             }
         }),
-        (nonzero(), nonzero(), bytes(300), prop::option::of(0..=TTL_SECS_MAX)).prop_map(
-            |(client_id, to, body, ttl_secs)| Frame::Send {
+        (
+            nonzero(),
+            nonzero(),
+            bytes(300),
+            prop::option::of(0..=TTL_SECS_MAX)
+        )
+            .prop_map(|(client_id, to, body, ttl_secs)| Frame::Send {
                 client_id,
                 to,
                 body,
                 ttl_secs
-            }
-        ),
+            }),
         (nonzero(), nonzero(), any::<u64>()).prop_map(|(client_id, seq, server_time_ms)| {
             Frame::SendAck {
                 client_id,
@@ -132,24 +136,41 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
         ),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
-        (text(TEXT_BYTES_MAX), prop::option::of(text(ADDRESS_BYTES_MAX))).prop_map(
-            |(reason, reconnect_to)| Frame::Goaway {
+        (
+            text(TEXT_BYTES_MAX),
+            prop::option::of(text(ADDRESS_BYTES_MAX))
+        )
+            .prop_map(|(reason, reconnect_to)| Frame::Goaway {
                 reason,
                 reconnect_to
-            }
-        ),
-        (error_code(), text(TEXT_BYTES_MAX)).prop_map(|(code, message)| Frame::Error { code, message }),
+            }),
+        (error_code(), text(TEXT_BYTES_MAX))
+            .prop_map(|(code, message)| Frame::Error { code, message }),
     ]
 }
 
 #[derive(Debug, Clone)]
 enum Mutation {
-    FlipBit { index: usize, bit: u8 },
-    SetByte { index: usize, value: u8 },
-    Truncate { len: usize },
-    Insert { index: usize, value: u8 },
+    FlipBit {
+        index: usize,
+        bit: u8,
+    },
+    SetByte {
+        index: usize,
+        value: u8,
+    },
+    Truncate {
+        len: usize,
+    },
+    Insert {
+        index: usize,
+        value: u8,
+    },
     /// Overwrite four bytes with a u32, which hits lengths and relative pointers.
-    SetWord { index: usize, value: u32 },
+    SetWord {
+        index: usize,
+        value: u32,
+    },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -158,7 +179,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), any::<u8>()).prop_map(|(index, value)| Mutation::SetByte { index, value }),
         any::<usize>().prop_map(|len| Mutation::Truncate { len }),
         (any::<usize>(), any::<u8>()).prop_map(|(index, value)| Mutation::Insert { index, value }),
-        (any::<usize>(), any::<u32>()).prop_map(|(index, value)| Mutation::SetWord { index, value }),
+        (any::<usize>(), any::<u32>())
+            .prop_map(|(index, value)| Mutation::SetWord { index, value }),
     ]
 }
 
@@ -190,7 +212,11 @@ fn apply(bytes: &mut Vec<u8>, mutation: &Mutation) {
 
 /// Whatever decode returned, it must be consistent: a frame satisfies its limits and the
 /// consumed count lies within the input.
-fn check_outcome(input: &[u8], outcome: &Result<Option<(Frame, usize)>, DecodeError>, allocated: usize) {
+fn check_outcome(
+    input: &[u8],
+    outcome: &Result<Option<(Frame, usize)>, DecodeError>,
+    allocated: usize,
+) {
     assert!(
         allocated <= DECODE_ALLOCATED_BYTES_MAX,
         "decode allocated {allocated} bytes for {} input bytes",
@@ -198,7 +224,9 @@ fn check_outcome(input: &[u8], outcome: &Result<Option<(Frame, usize)>, DecodeEr
     );
     if let Ok(Some((frame, consumed))) = outcome {
         assert!(*consumed <= input.len());
-        frame.check_limits().expect("decoded frame must satisfy the limits");
+        frame
+            .check_limits()
+            .expect("decoded frame must satisfy the limits");
     }
 }
 

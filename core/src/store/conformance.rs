@@ -19,18 +19,37 @@ pub trait Harness {
     fn reopen(&mut self);
 }
 
+/// One named check of the suite.
+type Case<H> = (&'static str, fn(&mut H));
+
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [(&str, fn(&mut H)); 9] = [
+    let cases: [Case<H>; 10] = [
+        ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
-        ("ranges_are_ordered_limited_and_merged", ranges_are_ordered_limited_and_merged),
+        (
+            "ranges_are_ordered_limited_and_merged",
+            ranges_are_ordered_limited_and_merged,
+        ),
         ("clear_range_is_half_open", clear_range_is_half_open),
-        ("atomic_mutations_are_little_endian", atomic_mutations_are_little_endian),
+        (
+            "atomic_mutations_are_little_endian",
+            atomic_mutations_are_little_endian,
+        ),
         ("commit_versions_increase", commit_versions_increase),
-        ("committed_data_survives_reopen", committed_data_survives_reopen),
-        ("commit_logic_assigns_dense_seqs_and_dedupes", commit_logic_assigns_dense_seqs_and_dedupes),
-        ("commit_logic_acks_and_expires", commit_logic_acks_and_expires),
+        (
+            "committed_data_survives_reopen",
+            committed_data_survives_reopen,
+        ),
+        (
+            "commit_logic_assigns_dense_seqs_and_dedupes",
+            commit_logic_assigns_dense_seqs_and_dedupes,
+        ),
+        (
+            "commit_logic_acks_and_expires",
+            commit_logic_acks_and_expires,
+        ),
     ];
     for (name, case) in cases {
         eprintln!("store conformance: {name}");
@@ -81,7 +100,15 @@ fn commit_is_all_or_nothing<H: Harness>(h: &mut H) {
 }
 
 fn ranges_are_ordered_limited_and_merged<H: Harness>(h: &mut H) {
-    write(h.store(), &[(b"r/1", b"a"), (b"r/3", b"c"), (b"r/5", b"e"), (b"s/0", b"x")]);
+    write(
+        h.store(),
+        &[
+            (b"r/1", b"a"),
+            (b"r/3", b"c"),
+            (b"r/5", b"e"),
+            (b"s/0", b"x"),
+        ],
+    );
     let mut txn = h.store().begin().unwrap();
     txn.set(b"r/2", b"b");
     txn.clear(b"r/3");
@@ -93,11 +120,37 @@ fn ranges_are_ordered_limited_and_merged<H: Harness>(h: &mut H) {
     assert_eq!(keys_of(&limited), vec![&b"r/1"[..], b"r/2"]);
     let tail = txn.get_range(b"r/2", b"r/5", 100).unwrap();
     assert_eq!(keys_of(&tail), vec![&b"r/2"[..], b"r/4"]);
-    assert!(txn.get_range(b"r/5", b"r/1", 100).unwrap().is_empty(), "empty when begin >= end");
+    assert!(
+        txn.get_range(b"r/5", b"r/1", 100).unwrap().is_empty(),
+        "empty when begin >= end"
+    );
+}
+
+/// Backends may partition keys by their first byte (the fjall one does); ranges must still
+/// come back in one order across partitions.
+fn ranges_span_every_key_prefix<H: Harness>(h: &mut H) {
+    let all: [&[u8]; 10] = [b"\x00", b"a1", b"c1", b"cz", b"d1", b"e1", b"o1", b"p1", b"q1", b"z1"];
+    let pairs: Vec<(&[u8], &[u8])> = all.iter().map(|k| (*k, &b"v"[..])).collect();
+    write(h.store(), &pairs);
+    let mut txn = h.store().begin().unwrap();
+    let every = txn.get_range(b"", b"\xff", 100).unwrap();
+    assert_eq!(keys_of(&every), all.to_vec());
+    let middle = txn.get_range(b"c5", b"q1", 100).unwrap();
+    assert_eq!(keys_of(&middle), vec![&b"cz"[..], b"d1", b"e1", b"o1", b"p1"]);
+    let limited = txn.get_range(b"b", b"\xff", 3).unwrap();
+    assert_eq!(keys_of(&limited), vec![&b"c1"[..], b"cz", b"d1"]);
+    txn.clear_range(b"cz", b"p1");
+    txn.commit().unwrap();
+    let mut txn = h.store().begin().unwrap();
+    let left = txn.get_range(b"", b"\xff", 100).unwrap();
+    assert_eq!(keys_of(&left), vec![&b"\x00"[..], b"a1", b"c1", b"p1", b"q1", b"z1"]);
 }
 
 fn clear_range_is_half_open<H: Harness>(h: &mut H) {
-    write(h.store(), &[(b"c/1", b""), (b"c/2", b""), (b"c/3", b""), (b"c/4", b"")]);
+    write(
+        h.store(),
+        &[(b"c/1", b""), (b"c/2", b""), (b"c/3", b""), (b"c/4", b"")],
+    );
     let mut txn = h.store().begin().unwrap();
     txn.set(b"c/25", b"own write inside the range");
     txn.clear_range(b"c/2", b"c/4");
@@ -165,20 +218,34 @@ fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
     let mut committer = commit::Committer::new(&config);
     let now = 1_000_000;
-    let batch = [send(1, 10, 7, b"a"), send(2, 10, 7, b"b"), send(1, 10, 7, b"a again"), send(1, 11, 8, b"c")];
+    let batch = [
+        send(1, 10, 7, b"a"),
+        send(2, 10, 7, b"b"),
+        send(1, 10, 7, b"a again"),
+        send(1, 11, 8, b"c"),
+    ];
     let outcomes = committer.commit_batch(h.store(), &batch, now).unwrap();
     let seqs: Vec<(u64, bool)> = outcomes.iter().map(seq_of).collect();
     assert_eq!(seqs, vec![(1, true), (2, true), (1, false), (1, true)]);
-    let retry = committer.commit_batch(h.store(), &[send(2, 10, 7, b"b")], now + 1).unwrap();
+    let retry = committer
+        .commit_batch(h.store(), &[send(2, 10, 7, b"b")], now + 1)
+        .unwrap();
     assert_eq!(seq_of(&retry[0]), (2, false));
-    let next = committer.commit_batch(h.store(), &[send(3, 1, 7, b"d")], now + 2).unwrap();
+    let next = committer
+        .commit_batch(h.store(), &[send(3, 1, 7, b"d")], now + 2)
+        .unwrap();
     assert_eq!(seq_of(&next[0]), (3, true));
     h.reopen();
     let messages = commit::read_inbox(h.store(), 7, 0, now + 3, &config).unwrap();
     let bodies: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
     assert_eq!(bodies, vec![&b"a"[..], b"b", b"d"]);
     assert_eq!(messages[1].from, 2);
-    assert_eq!(commit::read_inbox(h.store(), 7, 2, now + 3, &config).unwrap().len(), 1);
+    assert_eq!(
+        commit::read_inbox(h.store(), 7, 2, now + 3, &config)
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(commit::last_seq(h.store(), 7).unwrap(), 3);
 }
 
@@ -188,8 +255,14 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     let now = 5 * config.dedupe_window_ms;
     let sends: Vec<Request> = (1..=5).map(|id| send(1, id, 9, b"m")).collect();
     committer.commit_batch(h.store(), &sends, now).unwrap();
-    let ack = [Request::Ack { inbox: 9, up_to_seq: 3 }];
-    assert_eq!(committer.commit_batch(h.store(), &ack, now).unwrap(), vec![Outcome::Acked]);
+    let ack = [Request::Ack {
+        inbox: 9,
+        up_to_seq: 3,
+    }];
+    assert_eq!(
+        committer.commit_batch(h.store(), &ack, now).unwrap(),
+        vec![Outcome::Acked]
+    );
     let left: Vec<u64> = commit::read_inbox(h.store(), 9, 0, now, &config)
         .unwrap()
         .iter()
@@ -199,7 +272,11 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
 
     // After the retention, the rest expires; after two dedupe windows, the dedupe records go.
     let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
-    assert!(commit::read_inbox(h.store(), 9, 0, later, &config).unwrap().is_empty());
+    assert!(
+        commit::read_inbox(h.store(), 9, 0, later, &config)
+            .unwrap()
+            .is_empty()
+    );
     let report = commit::expire(h.store(), later, &config).unwrap();
     assert_eq!(report.messages_deleted, 2);
     assert!(!report.more);
@@ -207,14 +284,22 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     for tag in [keys::TAG_MESSAGE, keys::TAG_DEDUPE, keys::TAG_EXPIRY] {
         let (begin, end) = keys::tag_range(tag);
         let left = txn.get_range(&begin, &end, 10).unwrap();
-        assert!(left.is_empty(), "keys with tag {} left: {left:?}", tag as char);
+        assert!(
+            left.is_empty(),
+            "keys with tag {} left: {left:?}",
+            tag as char
+        );
     }
     // The counter stays so sequence numbers never repeat.
-    assert_eq!(txn.get(&keys::counter(9)).unwrap(), Some(5u64.to_le_bytes().to_vec()));
+    assert_eq!(
+        txn.get(&keys::counter(9)).unwrap(),
+        Some(5u64.to_le_bytes().to_vec())
+    );
     drop(txn);
     // A new committer (as after a restart) reads the counter from the store.
     let mut committer = commit::Committer::new(&config);
-    let next = committer.commit_batch(h.store(), &[send(1, 99, 9, b"n")], later).unwrap();
+    let next = committer
+        .commit_batch(h.store(), &[send(1, 99, 9, b"n")], later)
+        .unwrap();
     assert_eq!(seq_of(&next[0]), (6, true));
 }
-

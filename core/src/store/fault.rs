@@ -123,7 +123,12 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
     }
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         self.inner.get_range(begin, end, limit)
     }
     fn set(&mut self, key: &[u8], value: &[u8]) {
@@ -152,10 +157,14 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
             }
             Fault::CommitUnknown { applied } => {
                 if applied {
-                    counts.commit_unknown_applied.fetch_add(1, Ordering::Relaxed);
+                    counts
+                        .commit_unknown_applied
+                        .fetch_add(1, Ordering::Relaxed);
                     self.inner.commit()?;
                 } else {
-                    counts.commit_unknown_dropped.fetch_add(1, Ordering::Relaxed);
+                    counts
+                        .commit_unknown_dropped
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Err(StoreError::CommitUnknown)
             }

@@ -12,13 +12,18 @@ use std::sync::{Mutex, MutexGuard};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::overlay::{Engine, Overlay};
-use crate::keys;
 use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
+use crate::keys;
 
 /// Key tags that get a fjall keyspace of their own (see [`crate::keys`]); every other key
 /// goes to the `misc` keyspace. Separate keyspaces keep each memtable small and let messages,
 /// counters and dedupe records flush and compact on their own schedules. Sorted.
-const PARTITIONED_TAGS: [u8; 4] = [keys::TAG_COUNTER, keys::TAG_DEDUPE, keys::TAG_EXPIRY, keys::TAG_MESSAGE];
+const PARTITIONED_TAGS: [u8; 4] = [
+    keys::TAG_COUNTER,
+    keys::TAG_DEDUPE,
+    keys::TAG_EXPIRY,
+    keys::TAG_MESSAGE,
+];
 const MISC_KEYSPACE: &str = "misc";
 
 /// How a commit reaches the disk.
@@ -49,7 +54,7 @@ impl Default for FjallOptions {
             durability: Durability::SyncAll,
             cache_bytes: 64 * 1024 * 1024,
             worker_threads: 1,
-            memtable_bytes_max: 32 * 1024 * 1024,
+            memtable_bytes_max: 8 * 1024 * 1024,
         }
     }
 }
@@ -68,7 +73,9 @@ pub struct FjallStore {
 
 impl std::fmt::Debug for FjallStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FjallStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("FjallStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -86,7 +93,9 @@ impl FjallStore {
             .cache_size(options.cache_bytes)
             .worker_threads(options.worker_threads.max(1))
             .open()
-            .map_err(|error| StoreError::Io(format!("cannot open store at {}: {error}", path.display())))?;
+            .map_err(|error| {
+                StoreError::Io(format!("cannot open store at {}: {error}", path.display()))
+            })?;
         let open_keyspace = |name: &str| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default().max_memtable_size(options.memtable_bytes_max)
@@ -128,14 +137,25 @@ impl FjallStore {
         let mut cursor = begin.to_vec();
         while cursor.as_slice() < end {
             let (keyspace, boundary) = match cursor.first() {
-                Some(tag) if PARTITIONED_TAGS.contains(tag) => (self.keyspace_of(&cursor), vec![tag + 1]),
+                Some(tag) if PARTITIONED_TAGS.contains(tag) => {
+                    (self.keyspace_of(&cursor), vec![tag + 1])
+                }
                 _ => {
                     // Misc keys run up to the next partitioned tag.
-                    let next = PARTITIONED_TAGS.iter().find(|tag| [**tag].as_slice() > cursor.as_slice());
-                    (&self.misc, next.map(|tag| vec![*tag]).unwrap_or_else(|| end.to_vec()))
+                    let next = PARTITIONED_TAGS
+                        .iter()
+                        .find(|tag| [**tag].as_slice() > cursor.as_slice());
+                    (
+                        &self.misc,
+                        next.map(|tag| vec![*tag]).unwrap_or_else(|| end.to_vec()),
+                    )
                 }
             };
-            let segment_end = if boundary.as_slice() < end { boundary } else { end.to_vec() };
+            let segment_end = if boundary.as_slice() < end {
+                boundary
+            } else {
+                end.to_vec()
+            };
             segments.push((keyspace, cursor, segment_end.clone()));
             cursor = segment_end;
         }
@@ -182,7 +202,12 @@ impl Engine for FjallEngine<'_> {
         Ok(value.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, begin: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+    fn scan(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         for (keyspace, segment_begin, segment_end) in self.store.segments(begin, end) {
             for guard in keyspace.range(segment_begin..segment_end) {
                 let (key, value) = guard.into_inner().map_err(io_error)?;
@@ -194,7 +219,10 @@ impl Engine for FjallEngine<'_> {
         Ok(())
     }
 
-    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError> {
+    fn apply(
+        &mut self,
+        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<CommitVersion, StoreError> {
         if !changes.is_empty() {
             let mut batch = self
                 .store
@@ -221,9 +249,15 @@ impl Store for FjallStore {
     fn begin(&self) -> Result<FjallTransaction<'_>, StoreError> {
         // A panic in another writer cannot leave a half-applied batch (fjall batches are
         // atomic), so a poisoned mutex is safe to reuse.
-        let version = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let version = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(FjallTransaction {
-            overlay: Overlay::new(FjallEngine { store: self, version }),
+            overlay: Overlay::new(FjallEngine {
+                store: self,
+                version,
+            }),
             deferred_error: None,
         })
     }
@@ -233,7 +267,12 @@ impl Transaction for FjallTransaction<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.overlay.get(key)
     }
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         self.overlay.get_range(begin, end, limit)
     }
     fn set(&mut self, key: &[u8], value: &[u8]) {

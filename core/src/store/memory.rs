@@ -30,7 +30,9 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, MemoryState> {
         // A panic while holding the lock is a bug in a test; the data is still consistent
         // because commits apply under the lock in one step.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Every committed pair whose key starts with `prefix`, for checkers in tests.
@@ -60,7 +62,12 @@ impl Engine for MemoryEngine<'_> {
         Ok(self.state.data.get(key).cloned())
     }
 
-    fn scan(&self, begin: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+    fn scan(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         for (key, value) in self
             .state
             .data
@@ -73,7 +80,10 @@ impl Engine for MemoryEngine<'_> {
         Ok(())
     }
 
-    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError> {
+    fn apply(
+        &mut self,
+        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<CommitVersion, StoreError> {
         for (key, value) in changes {
             match value {
                 Some(value) => self.state.data.insert(key, value),
@@ -99,7 +109,12 @@ impl Transaction for MemoryTransaction<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.overlay.get(key)
     }
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         self.overlay.get_range(begin, end, limit)
     }
     fn set(&mut self, key: &[u8], value: &[u8]) {

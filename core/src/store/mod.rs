@@ -70,7 +70,12 @@ pub trait Transaction {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Up to `limit` pairs with `begin <= key < end`, in key order, seeing own writes.
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError>;
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError>;
 
     fn set(&mut self, key: &[u8], value: &[u8]);
 

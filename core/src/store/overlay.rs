@@ -23,7 +23,10 @@ pub(crate) trait Engine {
     ) -> Result<(), StoreError>;
 
     /// Writes all `changes` (`None` deletes) atomically and durably.
-    fn apply(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<CommitVersion, StoreError>;
+    fn apply(
+        &mut self,
+        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<CommitVersion, StoreError>;
 }
 
 /// A transaction's writes on top of an engine.
@@ -61,7 +64,12 @@ impl<E: Engine> Overlay<E> {
         self.engine.read(key)
     }
 
-    pub(crate) fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    pub(crate) fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         if begin >= end || limit == 0 {
             return Ok(out);
@@ -71,7 +79,11 @@ impl<E: Engine> Overlay<E> {
             .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
             .peekable();
         let cleared = &self.cleared;
-        let in_cleared = |key: &[u8]| cleared.iter().any(|(b, e)| b.as_slice() <= key && key < e.as_slice());
+        let in_cleared = |key: &[u8]| {
+            cleared
+                .iter()
+                .any(|(b, e)| b.as_slice() <= key && key < e.as_slice())
+        };
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
             while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
