@@ -16,11 +16,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use courier_core::store::{Store, Transaction};
-use courier_core::{CoreConfig, keys};
 use courier_core::commit::{Committer, Request, SendRequest};
 use courier_core::rng::Rng;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::{Store, Transaction};
+use courier_core::{CoreConfig, keys};
 
 const BODY_BYTES: usize = 200;
 const INBOXES: u64 = 100_000;
@@ -61,7 +61,14 @@ fn main() {
             }
         }
     }
-    println!("mode: {}", if raw { "raw set per message" } else { "commit logic" });
+    println!(
+        "mode: {}",
+        if raw {
+            "raw set per message"
+        } else {
+            "commit logic"
+        }
+    );
     println!(
         "| writers | batch size | messages/s | batches/s (fsyncs/s) | commit p50 | commit p99 |"
     );
@@ -107,7 +114,13 @@ struct RunResult {
     latencies: Vec<Duration>,
 }
 
-fn run(dir: &std::path::Path, batch_size: usize, writer: u64, duration: Duration, raw: bool) -> RunResult {
+fn run(
+    dir: &std::path::Path,
+    batch_size: usize,
+    writer: u64,
+    duration: Duration,
+    raw: bool,
+) -> RunResult {
     let store = FjallStore::open(dir, &FjallOptions::default()).expect("open store");
     let config = CoreConfig {
         batch_requests_max: batch_size,

@@ -22,7 +22,8 @@ fn body(client_id: u64) -> Vec<u8> {
 }
 
 fn child(dir: &str) -> ! {
-    let store = FjallStore::open(std::path::Path::new(dir), &FjallOptions::default()).expect("open");
+    let store =
+        FjallStore::open(std::path::Path::new(dir), &FjallOptions::default()).expect("open");
     let mut committer = Committer::new(&CoreConfig::default());
     let mut stdout = std::io::stdout();
     let mut client_id = 0;
@@ -39,7 +40,9 @@ fn child(dir: &str) -> ! {
                 })
             })
             .collect();
-        let outcomes = committer.commit_batch(&store, &batch, 1_000 + batch_number).expect("commit");
+        let outcomes = committer
+            .commit_batch(&store, &batch, 1_000 + batch_number)
+            .expect("commit");
         for (request, outcome) in batch.iter().zip(outcomes) {
             let (Request::Send(send), Outcome::Stored { seq, .. }) = (request, outcome) else {
                 unreachable!("only sends were committed");
@@ -62,15 +65,22 @@ fn acknowledged_commits_survive_an_abort() {
         child(&dir);
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "acknowledged_commits_survive_an_abort", "--nocapture", "--test-threads", "1"])
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "acknowledged_commits_survive_an_abort",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn child");
     let mut acked = Vec::new();
-    for line in BufReader::new(child.stdout.expect("child stdout")).lines() {
+    let stdout = child.stdout.take().expect("child stdout");
+    for line in BufReader::new(stdout).lines() {
         let line = line.expect("line");
         let Some(ack) = line.strip_prefix("ACK ") else {
             continue;
@@ -80,7 +90,16 @@ fn acknowledged_commits_survive_an_abort() {
             acked.push((client_id, seq));
         }
     }
-    assert_eq!(acked.len(), 580, "the child acknowledged 58 batches of 10 before aborting");
+    let status = child.wait().expect("wait for child");
+    assert!(
+        !status.success(),
+        "the child must die by abort, not exit cleanly"
+    );
+    assert_eq!(
+        acked.len(),
+        580,
+        "the child acknowledged 58 batches of 10 before aborting"
+    );
 
     let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("reopen after abort");
     let config = CoreConfig {
@@ -88,7 +107,12 @@ fn acknowledged_commits_survive_an_abort() {
         ..CoreConfig::default()
     };
     let stored = read_inbox(&store, INBOX, 0, 2_000, &config).expect("read");
-    assert!(stored.len() >= acked.len(), "{} stored, {} acknowledged", stored.len(), acked.len());
+    assert!(
+        stored.len() >= acked.len(),
+        "{} stored, {} acknowledged",
+        stored.len(),
+        acked.len()
+    );
     for ((client_id, seq), message) in acked.iter().zip(&stored) {
         assert_eq!(message.seq, *seq);
         assert_eq!(message.body, body(*client_id));

@@ -129,21 +129,29 @@ fn ranges_are_ordered_limited_and_merged<H: Harness>(h: &mut H) {
 /// Backends may partition keys by their first byte (the fjall one does); ranges must still
 /// come back in one order across partitions.
 fn ranges_span_every_key_prefix<H: Harness>(h: &mut H) {
-    let all: [&[u8]; 10] = [b"\x00", b"a1", b"c1", b"cz", b"d1", b"e1", b"o1", b"p1", b"q1", b"z1"];
+    let all: [&[u8]; 10] = [
+        b"\x00", b"a1", b"c1", b"cz", b"d1", b"e1", b"o1", b"p1", b"q1", b"z1",
+    ];
     let pairs: Vec<(&[u8], &[u8])> = all.iter().map(|k| (*k, &b"v"[..])).collect();
     write(h.store(), &pairs);
     let mut txn = h.store().begin().unwrap();
     let every = txn.get_range(b"", b"\xff", 100).unwrap();
     assert_eq!(keys_of(&every), all.to_vec());
     let middle = txn.get_range(b"c5", b"q1", 100).unwrap();
-    assert_eq!(keys_of(&middle), vec![&b"cz"[..], b"d1", b"e1", b"o1", b"p1"]);
+    assert_eq!(
+        keys_of(&middle),
+        vec![&b"cz"[..], b"d1", b"e1", b"o1", b"p1"]
+    );
     let limited = txn.get_range(b"b", b"\xff", 3).unwrap();
     assert_eq!(keys_of(&limited), vec![&b"c1"[..], b"cz", b"d1"]);
     txn.clear_range(b"cz", b"p1");
     txn.commit().unwrap();
     let mut txn = h.store().begin().unwrap();
     let left = txn.get_range(b"", b"\xff", 100).unwrap();
-    assert_eq!(keys_of(&left), vec![&b"\x00"[..], b"a1", b"c1", b"p1", b"q1", b"z1"]);
+    assert_eq!(
+        keys_of(&left),
+        vec![&b"\x00"[..], b"a1", b"c1", b"p1", b"q1", b"z1"]
+    );
 }
 
 fn clear_range_is_half_open<H: Harness>(h: &mut H) {
