@@ -1,0 +1,432 @@
+//! The edge's configuration: TOML, every key known, every value checked at start-up.
+//!
+//! `Config::default()` is the built-in configuration that `serve` runs with when no file is
+//! given, and `print-default-config` prints it. Unknown keys are rejected with the file and the
+//! key; bad values with the key and what is expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use courier_core::CoreConfig;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub auth: AuthSection,
+    pub limits: LimitsSection,
+    pub quic: QuicSection,
+    pub retention: RetentionSection,
+    pub batching: BatchingSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// UDP address every shard binds (with SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Directory for the store, the development certificate and the signing key.
+    pub data_dir: PathBuf,
+    /// Shards (one glommio executor each); 0 means one per available core.
+    pub shards: u32,
+    /// Pin shard `n` to CPU `n`. Turn off when several edges share a machine (tests).
+    pub pin_shards: bool,
+    /// Socket receive and send buffer bytes per shard.
+    pub socket_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain. Empty: generate a development certificate in the data directory.
+    pub cert_path: PathBuf,
+    /// PEM private key, required when `cert_path` is set.
+    pub key_path: PathBuf,
+    /// TLS sessions remembered for resumption and 0-RTT (~275 bytes each), shared by shards.
+    pub session_cache_entries: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Ed25519 signing key (32-byte seed, base64) used by `courier-edge token`. Empty: the
+    /// development key in the data directory, generated on first start.
+    pub signing_key_path: PathBuf,
+    /// Key id stamped into minted tokens.
+    pub signing_key_id: u32,
+    /// Further public keys accepted when verifying tokens, for rotation.
+    pub verify_keys: Vec<VerifyKey>,
+}
+
+/// A public key that tokens may be signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyKey {
+    pub id: u32,
+    /// Ed25519 public key, 32 bytes, base64.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Connections one shard holds at most; further handshakes are refused.
+    pub connections_per_shard_max: usize,
+    /// Connections of one user across the edge.
+    pub connections_per_user_max: usize,
+    /// Sends of one connection waiting for their `SendAck`; beyond it: `TooManyInFlight`.
+    pub sends_in_flight_per_connection_max: usize,
+    /// Bytes queued for one connection; beyond it live deliveries pause and the connection
+    /// catches up from the store.
+    pub outbound_bytes_per_connection_max: usize,
+    /// Datagrams one shard reads per wake-up before it serves other work.
+    pub datagrams_per_wakeup_max: usize,
+    /// Messages in each cross-shard channel.
+    pub mesh_channel_messages_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicSection {
+    /// Close a connection after this long without traffic.
+    pub idle_timeout_ms: u64,
+    /// Bytes the peer may send on one stream before we read them.
+    pub stream_receive_window_bytes: u32,
+    /// Bytes the peer may send on the whole connection before we read them.
+    pub receive_window_bytes: u32,
+    /// Bytes we may have unacknowledged towards one peer.
+    pub send_window_bytes: u64,
+    /// Path MTU discovery (costs ~28% of handshake CPU; loopback and most paths do fine
+    /// without it).
+    pub mtu_discovery: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Undelivered messages are deleted this long after they were sent.
+    pub message_retention_secs: u64,
+    /// Retries with the same client id are deduplicated for at least this long.
+    pub dedupe_window_secs: u64,
+    /// Expiry granularity: messages are deleted at most this late.
+    pub expiry_bucket_secs: u64,
+    /// How often the expiry pass runs.
+    pub expiry_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingSection {
+    pub batch_requests_max: usize,
+    pub batch_bytes_max: usize,
+    pub queue_requests_max: usize,
+    pub queue_bytes_max: usize,
+    pub sync_messages_max: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> ServerSection {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("./courier-data"),
+            shards: 0,
+            pin_shards: true,
+            socket_buffer_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> TlsSection {
+        TlsSection {
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            session_cache_entries: 100_000,
+        }
+    }
+}
+
+impl Default for AuthSection {
+    fn default() -> AuthSection {
+        AuthSection {
+            signing_key_path: PathBuf::new(),
+            signing_key_id: 1,
+            verify_keys: Vec::new(),
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> LimitsSection {
+        LimitsSection {
+            connections_per_shard_max: 100_000,
+            connections_per_user_max: 16,
+            sends_in_flight_per_connection_max: 256,
+            outbound_bytes_per_connection_max: 1024 * 1024,
+            datagrams_per_wakeup_max: 256,
+            mesh_channel_messages_max: 4096,
+        }
+    }
+}
+
+impl Default for QuicSection {
+    fn default() -> QuicSection {
+        QuicSection {
+            idle_timeout_ms: 30_000,
+            stream_receive_window_bytes: 256 * 1024,
+            receive_window_bytes: 1024 * 1024,
+            send_window_bytes: 1024 * 1024,
+            mtu_discovery: false,
+        }
+    }
+}
+
+impl Default for RetentionSection {
+    fn default() -> RetentionSection {
+        let core = CoreConfig::default();
+        RetentionSection {
+            message_retention_secs: core.retention_ms / 1000,
+            dedupe_window_secs: core.dedupe_window_ms / 1000,
+            expiry_bucket_secs: core.expiry_bucket_ms / 1000,
+            expiry_interval_secs: 60,
+        }
+    }
+}
+
+impl Default for BatchingSection {
+    fn default() -> BatchingSection {
+        let core = CoreConfig::default();
+        BatchingSection {
+            batch_requests_max: core.batch_requests_max,
+            batch_bytes_max: core.batch_bytes_max,
+            queue_requests_max: core.queue_requests_max,
+            queue_bytes_max: core.queue_bytes_max,
+            sync_messages_max: core.sync_messages_max,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            server: ServerSection::default(),
+            tls: TlsSection::default(),
+            auth: AuthSection::default(),
+            limits: LimitsSection::default(),
+            quic: QuicSection::default(),
+            retention: RetentionSection::default(),
+            batching: BatchingSection::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {origin}: {key}: {expected}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        expected: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the key and line (toml's message does).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|error| error.to_string().trim_end().to_string())
+    }
+
+    /// The default configuration as TOML, with every key.
+    pub fn default_toml() -> String {
+        let body =
+            toml::to_string_pretty(&Config::default()).expect("the default config serialises");
+        format!(
+            "# Courier edge configuration. Every key is shown with its default.\n\
+             # Docs: docs/configuration.md. Check a file with `courier-edge check-config PATH`.\n\n{body}"
+        )
+    }
+
+    /// Checks every value and the relations between them.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, expected: &str| {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key,
+                expected: expected.to_string(),
+            })
+        };
+        if self.server.shards > 255 {
+            return invalid(
+                "server.shards",
+                "at most 255 (the shard id is one byte of every connection id)",
+            );
+        }
+        if self.server.socket_buffer_bytes < 64 * 1024 {
+            return invalid("server.socket_buffer_bytes", "at least 65536");
+        }
+        if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
+            return invalid(
+                "tls.cert_path/tls.key_path",
+                "both set, or both empty for the development certificate",
+            );
+        }
+        if self.tls.session_cache_entries == 0 {
+            return invalid("tls.session_cache_entries", "at least 1");
+        }
+        let limits = &self.limits;
+        for (key, value) in [
+            (
+                "limits.connections_per_shard_max",
+                limits.connections_per_shard_max,
+            ),
+            (
+                "limits.connections_per_user_max",
+                limits.connections_per_user_max,
+            ),
+            (
+                "limits.sends_in_flight_per_connection_max",
+                limits.sends_in_flight_per_connection_max,
+            ),
+            (
+                "limits.datagrams_per_wakeup_max",
+                limits.datagrams_per_wakeup_max,
+            ),
+            (
+                "limits.mesh_channel_messages_max",
+                limits.mesh_channel_messages_max,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(key, "at least 1");
+            }
+        }
+        if limits.outbound_bytes_per_connection_max < 2 * courier_protocol::FRAME_BYTES_MAX {
+            return invalid(
+                "limits.outbound_bytes_per_connection_max",
+                "at least two maximal frames (133120 bytes)",
+            );
+        }
+        if self.quic.idle_timeout_ms < 1000 {
+            return invalid("quic.idle_timeout_ms", "at least 1000");
+        }
+        if (self.quic.stream_receive_window_bytes as usize) < courier_protocol::FRAME_BYTES_MAX + 4
+        {
+            return invalid(
+                "quic.stream_receive_window_bytes",
+                "at least one maximal frame (66564 bytes)",
+            );
+        }
+        if self.quic.receive_window_bytes < self.quic.stream_receive_window_bytes {
+            return invalid(
+                "quic.receive_window_bytes",
+                "at least quic.stream_receive_window_bytes",
+            );
+        }
+        if self.retention.expiry_interval_secs == 0 {
+            return invalid("retention.expiry_interval_secs", "at least 1");
+        }
+        if let Err(error) = self.core_config().validate() {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: "retention/batching",
+                expected: error.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The core's configuration, from the retention and batching sections.
+    pub fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            retention_ms: self.retention.message_retention_secs.saturating_mul(1000),
+            dedupe_window_ms: self.retention.dedupe_window_secs.saturating_mul(1000),
+            expiry_bucket_ms: self.retention.expiry_bucket_secs.saturating_mul(1000),
+            batch_requests_max: self.batching.batch_requests_max,
+            batch_bytes_max: self.batching.batch_bytes_max,
+            queue_requests_max: self.batching.queue_requests_max,
+            queue_bytes_max: self.batching.queue_bytes_max,
+            sync_messages_max: self.batching.sync_messages_max,
+            ..CoreConfig::default()
+        }
+    }
+
+    /// Shards to run: the configured count, or one per available core.
+    pub fn shard_count(&self) -> u32 {
+        if self.server.shards > 0 {
+            return self.server.shards;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u32)
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.server.data_dir.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips_through_its_printed_form() {
+        let printed = Config::default_toml();
+        let parsed = Config::parse(&printed).expect("printed default parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate("default").expect("default is valid");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let error = Config::parse("[server]\nlisten_port = 5\n").unwrap_err();
+        assert!(error.contains("listen_port"), "{error}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_and_the_expectation() {
+        let mut config = Config::default();
+        config.limits.sends_in_flight_per_connection_max = 0;
+        let error = config.validate("test.toml").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "config test.toml: limits.sends_in_flight_per_connection_max: at least 1"
+        );
+    }
+
+    #[test]
+    fn example_config_in_deploy_matches_the_default() {
+        // deploy/courier.toml is generated from the code; regenerate it with
+        // `cargo run -p courier-edge -- print-default-config > deploy/courier.toml`.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/courier.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/courier.toml exists");
+        assert_eq!(
+            text,
+            Config::default_toml(),
+            "deploy/courier.toml drifted from the code"
+        );
+    }
+}

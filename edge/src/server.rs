@@ -1,0 +1,136 @@
+//! Starting the edge: data directory, keys, TLS, the store, and one executor per shard.
+
+use std::sync::Arc;
+
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::info;
+
+use crate::config::Config;
+use crate::shard::{self, ShardSetup};
+use crate::{auth, tls};
+
+/// glommio registers this much memory per executor for its own I/O buffers. The network path
+/// does not use them, and this machine's locked-memory limit is 8 MiB.
+const IO_MEMORY_BYTES: usize = 512 * 1024;
+
+/// Runs the edge until SIGINT or SIGTERM.
+pub fn serve(config: Config) -> Result<(), String> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
+        format!(
+            "cannot create data directory {}: {e}",
+            config.server.data_dir.display()
+        )
+    })?;
+
+    let (signing_key, generated_key) = auth::load_or_create_signing_key(&config)?;
+    if generated_key {
+        info!(path = %auth::signing_key_path(&config).display(), "generated a development token-signing key");
+    }
+    let verifier = Arc::new(auth::verifier(&config, &signing_key)?);
+    let (identity, generated_cert) = tls::load_identity(&config)?;
+    if generated_cert {
+        let (cert, _) = tls::dev_cert_paths(&config);
+        info!(path = %cert.display(), "generated a development TLS certificate (clients must trust it)");
+    }
+    let server_config = tls::server_config(&config, identity)?;
+    let reset_key = tls::reset_key();
+
+    let store_dir = config.store_dir();
+    let store = Arc::new(
+        FjallStore::open(&store_dir, &FjallOptions::default())
+            .map_err(|e| format!("cannot open the store in {}: {e}", store_dir.display()))?,
+    );
+    let core = config.core_config();
+    let shard_count = config.shard_count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // Block the shutdown signals before spawning, so every thread inherits the mask and only
+    // this thread receives them.
+    let signals = block_shutdown_signals()?;
+
+    let mesh = (shard_count > 1).then(|| {
+        MeshBuilder::full(
+            shard_count as usize,
+            config.limits.mesh_channel_messages_max,
+        )
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::new();
+    for index in 0..shard_count {
+        let placement = if config.server.pin_shards && (index as usize) < cores {
+            Placement::Fixed(index as usize)
+        } else {
+            Placement::Unbound
+        };
+        let setup = ShardSetup {
+            config: config.clone(),
+            core: core.clone(),
+            shard_count,
+            store: store.clone(),
+            verifier: verifier.clone(),
+            server_config: server_config.clone(),
+            reset_key: reset_key.clone(),
+            ready: ready_tx.clone(),
+        };
+        let mesh = mesh.clone();
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{index}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .ring_depth(256)
+            .spawn(move || shard::run(setup, mesh))
+            .map_err(|e| format!("cannot start shard executor {index}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shard_count {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err("a shard stopped during start-up".into()),
+        }
+    }
+    info!(
+        listen = %config.server.listen,
+        shards = shard_count,
+        data_dir = %config.server.data_dir.display(),
+        "courier-edge listening"
+    );
+    let signal = wait_for_signal(&signals);
+    info!(
+        signal,
+        "shutting down; every acknowledged message is already on disk"
+    );
+    // Commits are durable when acknowledged, so exiting here loses nothing acknowledged;
+    // clients reconnect and resume.
+    std::process::exit(0);
+}
+
+#[allow(unsafe_code)]
+fn block_shutdown_signals() -> Result<libc::sigset_t, String> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use; pthread_sigmask
+    // only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let result = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if result != 0 {
+            return Err(format!("cannot block shutdown signals: error {result}"));
+        }
+        Ok(set)
+    }
+}
+
+#[allow(unsafe_code)]
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: `set` is a valid, initialised signal set; sigwait writes one int.
+    unsafe {
+        libc::sigwait(set, &mut signal);
+    }
+    signal
+}

@@ -1,0 +1,1322 @@
+//! One shard: a glommio executor pinned to a core, with its own UDP socket, its own quinn-proto
+//! endpoint and connections, and the inboxes homed to it.
+//!
+//! State lives in one `Rc<RefCell<Shard>>` owned by the executor. Tasks feed it inputs and never
+//! hold the borrow across an await:
+//! - the socket task waits for readability (io_uring peek), then drains at most
+//!   `datagrams_per_wakeup_max` datagrams with quinn-udp (GRO) and hands them to the endpoint;
+//! - one task per mesh peer receives cross-shard messages;
+//! - the timer task drives quinn's timeouts;
+//! - commit and sync tasks run the store on glommio's blocking thread pool (`spawn_blocking`),
+//!   so an fsync never blocks the executor.
+//!
+//! After every input the shard drains its local queue, starts a group commit if none is in
+//! flight, and flushes pending transmits (quinn-udp, GSO).
+
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use courier_core::commit::{Committer, SendRequest, expire, read_inbox};
+use courier_core::envelope::StoredMessage;
+use courier_core::placement::home_shard;
+use courier_core::shard::{Batch, InboxShard, Output};
+use courier_core::store::StoreError;
+use courier_core::store::fjall::FjallStore;
+use courier_core::{CoreConfig, UserId};
+use courier_protocol::{ErrorCode, Frame, SignalKind};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::local_channel::{self, LocalSender};
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Endpoint, EndpointConfig, Event,
+    StreamEvent, StreamId, VarInt,
+};
+use tracing::{debug, info, warn};
+
+use crate::auth::TokenVerifier;
+use crate::cid::{self, ShardCidGenerator};
+use crate::config::Config;
+use crate::mesh::{ConnRef, MeshMessage};
+
+/// Bytes of one receive buffer; GRO may coalesce up to 64 KiB.
+const RECV_BUFFER_BYTES: usize = 64 * 1024;
+/// Transmits one connection may produce per flush, so one busy connection cannot starve others.
+const TRANSMITS_PER_FLUSH_MAX: usize = 64;
+/// Local messages handled per drain; more wait for the next input.
+const LOCAL_MESSAGES_PER_DRAIN_MAX: usize = 100_000;
+/// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
+const INBUF_BYTES_MAX: usize =
+    courier_protocol::FRAME_BYTES_MAX + courier_protocol::LENGTH_PREFIX_BYTES;
+
+/// Everything a shard needs from the process, built once in `server`.
+pub struct ShardSetup {
+    pub config: Arc<Config>,
+    pub core: CoreConfig,
+    pub shard_count: u32,
+    pub store: Arc<FjallStore>,
+    pub verifier: Arc<TokenVerifier>,
+    pub server_config: Arc<quinn_proto::ServerConfig>,
+    pub reset_key: Arc<ring::hmac::Key>,
+    pub ready: std::sync::mpsc::Sender<Result<u8, String>>,
+}
+
+/// Where a connection's session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Session {
+    AwaitingHello,
+    /// Authenticated; waiting for the home shard to register the connection.
+    Registering {
+        user: UserId,
+    },
+    Active {
+        user: UserId,
+    },
+    Closing,
+}
+
+struct Conn {
+    quic: quinn_proto::Connection,
+    generation: u64,
+    stream: Option<StreamId>,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    session: Session,
+    /// The handshake finished; before that, stream data is 0-RTT.
+    handshake_done: bool,
+    sends_in_flight: usize,
+    /// Highest seq written to this connection (or held by the device, from `Hello`).
+    delivered_up_to: u64,
+    sync_running: bool,
+    sync_again: bool,
+    dirty: bool,
+    timer_armed: Option<Instant>,
+}
+
+/// The state of one shard.
+pub struct Shard {
+    id: u8,
+    shard_count: u32,
+    config: Arc<Config>,
+    core: CoreConfig,
+    store: Arc<FjallStore>,
+    verifier: Arc<TokenVerifier>,
+    endpoint: Endpoint,
+    conns: HashMap<ConnectionHandle, Conn>,
+    next_generation: u64,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    timer_wake: Option<LocalSender<()>>,
+    armed_deadline: Option<Instant>,
+    dirty: Vec<ConnectionHandle>,
+    inbox: InboxShard<ConnRef>,
+    committer: Option<Committer>,
+    /// Connections of users homed here that want live deliveries.
+    registry: HashMap<UserId, Vec<ConnRef>>,
+    local: VecDeque<MeshMessage>,
+    mesh: Option<Senders<MeshMessage>>,
+    socket: Rc<Socket>,
+    transmit_buf: Vec<u8>,
+    self_ref: Weak<RefCell<Shard>>,
+}
+
+/// The shard's UDP socket: glommio waits for readability, quinn-udp does the I/O.
+struct Socket {
+    std: std::net::UdpSocket,
+    glommio: glommio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn bind_socket(listen: SocketAddr, buffer_bytes: usize) -> std::io::Result<Socket> {
+    let domain = socket2::Domain::for_address(listen);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    // The kernel may cap these (net.core.rmem_max); that is not fatal.
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    let std_socket: std::net::UdpSocket = socket.into();
+    let state = quinn_udp::UdpSocketState::new((&std_socket).into())?;
+    let for_glommio = std_socket.try_clone()?;
+    let glommio = glommio::net::UdpSocket::from(socket2_glommio::Socket::from(for_glommio));
+    Ok(Socket {
+        std: std_socket,
+        glommio,
+        state,
+    })
+}
+
+/// Runs one shard until the process ends.
+pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>) {
+    let (senders, receivers) = match mesh {
+        Some(builder) => match builder.join().await {
+            Ok((senders, receivers)) => (Some(senders), Some(receivers)),
+            Err(error) => {
+                let _ = setup
+                    .ready
+                    .send(Err(format!("cannot join the shard mesh: {error}")));
+                return;
+            }
+        },
+        None => (None, None),
+    };
+    let id = senders.as_ref().map_or(0, |s| s.peer_id()) as u8;
+    let socket = match bind_socket(
+        setup.config.server.listen,
+        setup.config.server.socket_buffer_bytes,
+    ) {
+        Ok(socket) => Rc::new(socket),
+        Err(error) => {
+            let _ = setup.ready.send(Err(format!(
+                "shard {id}: cannot bind {}: {error}",
+                setup.config.server.listen
+            )));
+            return;
+        }
+    };
+    let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());
+    endpoint_config.cid_generator(move || Box::new(ShardCidGenerator::new(id)));
+    endpoint_config.supported_versions(vec![1]);
+    let endpoint = Endpoint::new(
+        Arc::new(endpoint_config),
+        Some(setup.server_config.clone()),
+        !socket.state.may_fragment(),
+        None,
+    );
+    let shard = Rc::new(RefCell::new(Shard {
+        id,
+        shard_count: setup.shard_count,
+        core: setup.core.clone(),
+        store: setup.store.clone(),
+        verifier: setup.verifier.clone(),
+        endpoint,
+        conns: HashMap::new(),
+        next_generation: 1,
+        timers: BinaryHeap::new(),
+        timer_wake: None,
+        armed_deadline: None,
+        dirty: Vec::new(),
+        inbox: InboxShard::new(&setup.core),
+        committer: Some(Committer::new(&setup.core)),
+        registry: HashMap::new(),
+        local: VecDeque::new(),
+        mesh: senders,
+        socket: socket.clone(),
+        transmit_buf: Vec::with_capacity(64 * 1024),
+        self_ref: Weak::new(),
+        config: setup.config.clone(),
+    }));
+    shard.borrow_mut().self_ref = Rc::downgrade(&shard);
+
+    if let Some(mut receivers) = receivers {
+        for (_peer, receiver) in receivers.streams() {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(message) = receiver.recv().await {
+                    let mut shard = shard.borrow_mut();
+                    shard.handle_mesh(message);
+                    shard.after_input();
+                }
+            })
+            .detach();
+        }
+    }
+
+    let (wake_tx, wake_rx) = local_channel::new_bounded::<()>(1);
+    shard.borrow_mut().timer_wake = Some(wake_tx);
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let deadline = shard.borrow().armed_deadline;
+                let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+                    d.saturating_duration_since(Instant::now())
+                });
+                futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(wait).await;
+                    },
+                    async {
+                        let _ = wake_rx.recv().await;
+                    },
+                )
+                .await;
+                let mut shard = shard.borrow_mut();
+                shard.handle_timeouts(Instant::now());
+                shard.after_input();
+            }
+        })
+        .detach();
+    }
+
+    if id == 0 {
+        let shard = shard.clone();
+        let interval = Duration::from_secs(setup.config.retention.expiry_interval_secs);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(interval).await;
+                let (store, core) = {
+                    let shard = shard.borrow();
+                    (shard.store.clone(), shard.core.clone())
+                };
+                loop {
+                    let (store, core) = (store.clone(), core.clone());
+                    let report = glommio::executor()
+                        .spawn_blocking(move || expire(&*store, unix_ms(), &core))
+                        .await;
+                    match report {
+                        Ok(report) if report.more => continue,
+                        Ok(report) => {
+                            debug!(deleted = report.messages_deleted, "expiry pass");
+                            break;
+                        }
+                        Err(error) => {
+                            warn!(%error, "expiry pass failed; retrying at the next interval");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+
+    info!(shard = id, listen = %setup.config.server.listen, "shard ready");
+    let _ = setup.ready.send(Ok(id));
+    receive_loop(shard, socket).await;
+}
+
+/// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
+async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
+    let batch = quinn_udp::BATCH_SIZE;
+    let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();
+    let mut metas = vec![quinn_udp::RecvMeta::default(); batch];
+    let datagrams_max = shard.borrow().config.limits.datagrams_per_wakeup_max;
+    let mut peek = [0u8; 1];
+    loop {
+        match socket.glommio.peek_from(&mut peek).await {
+            Ok((bytes, from)) => tracing::trace!(bytes, %from, "socket readable"),
+            Err(error) => {
+                warn!(%error, "socket peek failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        }
+        let mut handled = 0;
+        while handled < datagrams_max {
+            tracing::trace!("draining socket");
+            let count = {
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                match socket
+                    .state
+                    .recv((&socket.std).into(), &mut slices, &mut metas)
+                {
+                    Ok(count) => count,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(error) => {
+                        debug!(%error, "recv failed");
+                        break;
+                    }
+                }
+            };
+            tracing::trace!(count, "received");
+            let now = Instant::now();
+            let mut shard = shard.borrow_mut();
+            for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
+                let stride = meta.stride.max(1);
+                for segment in buffer[..meta.len].chunks(stride) {
+                    handled += 1;
+                    let ecn = meta.ecn.map(|e| e as u8);
+                    shard.handle_datagram(now, meta.addr, meta.dst_ip, ecn, segment);
+                }
+            }
+            shard.after_input();
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {
+    EcnCodepoint::from_bits(bits)
+}
+
+impl Shard {
+    fn home_of(&self, user: UserId) -> u8 {
+        home_shard(user, self.shard_count) as u8
+    }
+
+    fn conn_ref(&self, handle: ConnectionHandle, conn: &Conn) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            slot: handle.0,
+            generation: conn.generation,
+        }
+    }
+
+    /// Sends a message to `shard`, or queues it locally when that is this shard.
+    fn route(&mut self, shard: u8, message: MeshMessage) {
+        if shard == self.id {
+            self.local.push_back(message);
+            return;
+        }
+        let Some(senders) = &self.mesh else {
+            warn!(shard, "no mesh: dropping a message for another shard");
+            return;
+        };
+        if let Err(error) = senders.try_send_to(shard as usize, message) {
+            let message = match error {
+                glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(message))
+                | glommio::GlommioError::Closed(glommio::ResourceType::Channel(message)) => message,
+                other => {
+                    warn!(shard, error = %other, "mesh send failed");
+                    return;
+                }
+            };
+            // The channel is full: the peer is overloaded. Answer what can be answered.
+            match message {
+                MeshMessage::Send { send, reply } => {
+                    self.local.push_back(MeshMessage::SendResult {
+                        reply,
+                        client_id: send.client_id,
+                        result: Err(ErrorCode::Overloaded),
+                    })
+                }
+                other => {
+                    warn!(shard, message = ?std::mem::discriminant(&other), "mesh channel full: message dropped")
+                }
+            }
+        }
+    }
+
+    /// Work after any input: local messages, a group commit, transmits.
+    fn after_input(&mut self) {
+        let mut handled = 0;
+        while let Some(message) = self.local.pop_front() {
+            self.handle_mesh(message);
+            handled += 1;
+            if handled >= LOCAL_MESSAGES_PER_DRAIN_MAX {
+                break;
+            }
+        }
+        self.maybe_start_commit();
+        self.flush();
+    }
+
+    // ---- QUIC input ------------------------------------------------------------------------
+
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<u8>,
+        data: &[u8],
+    ) {
+        if let Some(target) = cid::shard_of_datagram(data)
+            && target != self.id
+            && u32::from(target) < self.shard_count
+        {
+            tracing::trace!(from = self.id, to = target, %remote, "steering a datagram to its connection's shard");
+            self.route(
+                target,
+                MeshMessage::Datagram {
+                    remote,
+                    local_ip,
+                    ecn,
+                    data: data.to_vec(),
+                },
+            );
+            return;
+        }
+        self.endpoint_input(now, remote, local_ip, ecn, data);
+    }
+
+    fn endpoint_input(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<u8>,
+        data: &[u8],
+    ) {
+        let mut buf = Vec::new();
+        let event = self.endpoint.handle(
+            now,
+            remote,
+            local_ip,
+            ecn.and_then(ecn_from_bits),
+            BytesMut::from(data),
+            &mut buf,
+        );
+        match event {
+            None => {}
+            Some(DatagramEvent::Response(transmit)) => self.send_transmit(&transmit, &buf),
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.quic.handle_event(event);
+                    self.process_conn(now, handle);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.conns.len() >= self.config.limits.connections_per_shard_max {
+                    let transmit = self.endpoint.refuse(incoming, &mut buf);
+                    self.send_transmit(&transmit, &buf);
+                    return;
+                }
+                match self.endpoint.accept(incoming, now, &mut buf, None) {
+                    Ok((handle, quic)) => {
+                        let generation = self.next_generation;
+                        self.next_generation += 1;
+                        self.conns.insert(
+                            handle,
+                            Conn {
+                                quic,
+                                generation,
+                                stream: None,
+                                inbuf: Vec::new(),
+                                outbuf: Vec::new(),
+                                session: Session::AwaitingHello,
+                                handshake_done: false,
+                                sends_in_flight: 0,
+                                delivered_up_to: 0,
+                                sync_running: false,
+                                sync_again: false,
+                                dirty: false,
+                                timer_armed: None,
+                            },
+                        );
+                        self.process_conn(now, handle);
+                    }
+                    Err(error) => {
+                        debug!(cause = %error.cause, "handshake refused");
+                        if let Some(transmit) = error.response {
+                            self.send_transmit(&transmit, &buf);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
+        while let Some(Reverse((at, slot, generation))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let handle = ConnectionHandle(slot);
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            if conn.generation != generation {
+                continue;
+            }
+            conn.timer_armed = None;
+            if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
+                conn.quic.handle_timeout(now);
+            }
+            self.process_conn(now, handle);
+        }
+        self.armed_deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
+    }
+
+    /// Runs a connection's state machine after an input: endpoint events, application
+    /// events, stream data, timers.
+    fn process_conn(&mut self, now: Instant, handle: ConnectionHandle) {
+        let Some(mut conn) = self.conns.remove(&handle) else {
+            return;
+        };
+        while let Some(event) = conn.quic.poll_endpoint_events() {
+            if let Some(reply) = self.endpoint.handle_event(handle, event) {
+                conn.quic.handle_event(reply);
+            }
+        }
+        while let Some(event) = conn.quic.poll() {
+            match event {
+                Event::Connected => conn.handshake_done = true,
+                Event::HandshakeDataReady => {}
+                Event::ConnectionLost { reason } => {
+                    debug!(%reason, "connection lost");
+                    self.end_session(handle, &mut conn);
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    while let Some(id) = conn.quic.streams().accept(Dir::Bi) {
+                        if conn.stream.is_none() {
+                            conn.stream = Some(id);
+                            // A newly opened stream gets no Readable event: read it now.
+                            self.read_stream(now, handle, &mut conn);
+                        } else {
+                            // One stream per connection carries the protocol.
+                            let _ = conn
+                                .quic
+                                .recv_stream(id)
+                                .stop(VarInt::from_u32(ErrorCode::UnexpectedFrame.to_u16().into()));
+                        }
+                    }
+                }
+                Event::Stream(StreamEvent::Readable { id }) if Some(id) == conn.stream => {
+                    self.read_stream(now, handle, &mut conn);
+                }
+                Event::Stream(StreamEvent::Writable { id }) if Some(id) == conn.stream => {
+                    flush_outbuf(&mut conn);
+                    if conn.outbuf.is_empty() && conn.sync_again && !conn.sync_running {
+                        self.start_sync(handle, &mut conn);
+                    }
+                }
+                Event::Stream(_) | Event::DatagramReceived | Event::DatagramsUnblocked => {}
+            }
+        }
+        if conn.quic.is_drained() {
+            self.end_session(handle, &mut conn);
+            return;
+        }
+        if let Some(timeout) = conn.quic.poll_timeout()
+            && conn.timer_armed.is_none_or(|armed| timeout < armed)
+        {
+            conn.timer_armed = Some(timeout);
+            self.timers
+                .push(Reverse((timeout, handle.0, conn.generation)));
+            if self.armed_deadline.is_none_or(|armed| timeout < armed) {
+                self.armed_deadline = Some(timeout);
+                if let Some(wake) = &self.timer_wake {
+                    let _ = wake.try_send(());
+                }
+            }
+        }
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(handle);
+        }
+        self.conns.insert(handle, conn);
+    }
+
+    fn end_session(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        if let Session::Registering { user } | Session::Active { user } = conn.session {
+            let conn_ref = self.conn_ref(handle, conn);
+            let home = self.home_of(user);
+            self.route(
+                home,
+                MeshMessage::Unregister {
+                    user,
+                    conn: conn_ref,
+                },
+            );
+        }
+        conn.session = Session::Closing;
+    }
+
+    fn close(&mut self, now: Instant, conn: &mut Conn, code: ErrorCode, reason: &str) {
+        debug!(?code, reason, "closing connection");
+        conn.quic.close(
+            now,
+            VarInt::from_u32(code.to_u16().into()),
+            Bytes::copy_from_slice(reason.as_bytes()),
+        );
+    }
+
+    fn read_stream(&mut self, now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
+        let Some(id) = conn.stream else {
+            return;
+        };
+        loop {
+            let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
+            if room == 0 {
+                // A whole frame fits in the buffer, so a full buffer always holds one: decode.
+                self.decode_frames(now, handle, conn);
+                if INBUF_BYTES_MAX == conn.inbuf.len() || conn.session == Session::Closing {
+                    return;
+                }
+                continue;
+            }
+            let mut stream = conn.quic.recv_stream(id);
+            let mut chunks = match stream.read(true) {
+                Ok(chunks) => chunks,
+                Err(_) => return,
+            };
+            let mut finished = false;
+            let mut got = false;
+            match chunks.next(room) {
+                Ok(Some(chunk)) => {
+                    conn.inbuf.extend_from_slice(&chunk.bytes);
+                    got = true;
+                }
+                Ok(None) => finished = true,
+                Err(quinn_proto::ReadError::Blocked) => {}
+                Err(quinn_proto::ReadError::Reset(_)) => finished = true,
+            }
+            let _ = chunks.finalize();
+            if got {
+                self.decode_frames(now, handle, conn);
+            }
+            if finished {
+                self.close(now, conn, ErrorCode::ShuttingDown, "stream finished");
+                return;
+            }
+            if !got || conn.session == Session::Closing {
+                return;
+            }
+        }
+    }
+
+    fn decode_frames(&mut self, now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
+        let mut consumed_total = 0;
+        loop {
+            if conn.session == Session::Closing {
+                break;
+            }
+            match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
+                Ok(Some((frame, consumed))) => {
+                    consumed_total += consumed;
+                    self.handle_frame(now, handle, conn, frame);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let reason = error.to_string();
+                    self.close(now, conn, error.code(), &reason);
+                    self.end_session(handle, conn);
+                    conn.inbuf.clear();
+                    return;
+                }
+            }
+        }
+        conn.inbuf.drain(..consumed_total);
+    }
+
+    // ---- Frames from clients ------------------------------------------------------------------
+
+    fn handle_frame(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        conn: &mut Conn,
+        frame: Frame,
+    ) {
+        let in_0rtt = !conn.handshake_done && conn.quic.is_handshaking();
+        if in_0rtt && !frame.is_idempotent() {
+            self.close(
+                now,
+                conn,
+                ErrorCode::UnexpectedFrame,
+                "only idempotent frames are allowed in 0-RTT data",
+            );
+            self.end_session(handle, conn);
+            return;
+        }
+        let user = match (conn.session, &frame) {
+            (Session::AwaitingHello, Frame::Hello { .. }) => 0,
+            (Session::AwaitingHello, _) => {
+                self.close(
+                    now,
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "the first frame must be Hello",
+                );
+                self.end_session(handle, conn);
+                return;
+            }
+            (Session::Registering { user } | Session::Active { user }, Frame::Hello { .. }) => {
+                let _ = user;
+                self.close(
+                    now,
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "Hello was already sent",
+                );
+                self.end_session(handle, conn);
+                return;
+            }
+            (Session::Registering { user } | Session::Active { user }, _) => user,
+            (Session::Closing, _) => return,
+        };
+        match frame {
+            Frame::Hello {
+                token,
+                device,
+                resume_after_seq,
+            } => {
+                let claims = match self.verifier.verify(&token, unix_ms() / 1000) {
+                    Ok(claims) => claims,
+                    Err(error) => {
+                        let code = match error {
+                            crate::auth::AuthError::Expired { .. } => ErrorCode::TokenExpired,
+                            _ => ErrorCode::Unauthenticated,
+                        };
+                        self.close(now, conn, code, &error.to_string());
+                        conn.session = Session::Closing;
+                        return;
+                    }
+                };
+                if claims.device != device {
+                    self.close(
+                        now,
+                        conn,
+                        ErrorCode::Unauthenticated,
+                        "token was minted for another device",
+                    );
+                    conn.session = Session::Closing;
+                    return;
+                }
+                conn.session = Session::Registering { user: claims.user };
+                conn.delivered_up_to = resume_after_seq.unwrap_or(0);
+                write_frame(
+                    conn,
+                    &Frame::Welcome {
+                        user: claims.user,
+                        device,
+                        server_time_ms: unix_ms(),
+                    },
+                );
+                let home = self.home_of(claims.user);
+                let conn_ref = self.conn_ref(handle, conn);
+                self.route(
+                    home,
+                    MeshMessage::Register {
+                        user: claims.user,
+                        conn: conn_ref,
+                    },
+                );
+                if let Some(up_to_seq) = resume_after_seq.filter(|seq| *seq > 0) {
+                    // Holding a seq is acknowledging it.
+                    self.route(
+                        home,
+                        MeshMessage::Ack {
+                            inbox: claims.user,
+                            up_to_seq,
+                        },
+                    );
+                }
+            }
+            Frame::Send {
+                client_id,
+                to,
+                body,
+                ttl_secs,
+            } => {
+                if conn.sends_in_flight >= self.config.limits.sends_in_flight_per_connection_max {
+                    write_frame(
+                        conn,
+                        &Frame::SendError {
+                            client_id,
+                            code: ErrorCode::TooManyInFlight,
+                            retryable: true,
+                        },
+                    );
+                    return;
+                }
+                conn.sends_in_flight += 1;
+                let reply = self.conn_ref(handle, conn);
+                let home = self.home_of(to);
+                self.route(
+                    home,
+                    MeshMessage::Send {
+                        send: SendRequest {
+                            sender: user,
+                            client_id,
+                            to,
+                            body,
+                            ttl_secs,
+                        },
+                        reply,
+                    },
+                );
+            }
+            Frame::Ack { up_to_seq } => {
+                // A device cannot acknowledge what it was never given.
+                let up_to_seq = up_to_seq.min(conn.delivered_up_to);
+                if up_to_seq > 0 {
+                    let home = self.home_of(user);
+                    self.route(
+                        home,
+                        MeshMessage::Ack {
+                            inbox: user,
+                            up_to_seq,
+                        },
+                    );
+                }
+            }
+            Frame::Sync { after_seq } => {
+                conn.delivered_up_to = after_seq;
+                if matches!(conn.session, Session::Active { .. }) {
+                    self.start_sync(handle, conn);
+                }
+            }
+            Frame::Signal {
+                peer,
+                kind,
+                payload,
+            } => {
+                let home = self.home_of(peer);
+                self.route(
+                    home,
+                    MeshMessage::Signal {
+                        to: peer,
+                        from: user,
+                        kind,
+                        payload,
+                    },
+                );
+            }
+            Frame::Ping { nonce } => write_frame(conn, &Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            Frame::Welcome { .. }
+            | Frame::SendAck { .. }
+            | Frame::SendError { .. }
+            | Frame::Deliver { .. }
+            | Frame::Goaway { .. }
+            | Frame::Error { .. } => {
+                self.close(
+                    now,
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "that frame only goes from server to client",
+                );
+                self.end_session(handle, conn);
+            }
+        }
+    }
+
+    // ---- Cross-shard input ------------------------------------------------------------------
+
+    fn handle_mesh(&mut self, message: MeshMessage) {
+        match message {
+            MeshMessage::Datagram {
+                remote,
+                local_ip,
+                ecn,
+                data,
+            } => self.endpoint_input(Instant::now(), remote, local_ip, ecn, &data),
+            MeshMessage::Send { send, reply } => {
+                if let Err(refused) = self.inbox.handle_send(send, reply) {
+                    self.route(
+                        refused.tag.shard,
+                        MeshMessage::SendResult {
+                            reply: refused.tag,
+                            client_id: refused.send.client_id,
+                            result: Err(ErrorCode::Overloaded),
+                        },
+                    );
+                }
+            }
+            MeshMessage::Ack { inbox, up_to_seq } => {
+                // A refused ack is repeated by the client's next ack or reconnect.
+                let _ = self.inbox.handle_ack(inbox, up_to_seq);
+            }
+            MeshMessage::SendResult {
+                reply,
+                client_id,
+                result,
+            } => self.with_conn(reply, |_, conn| {
+                conn.sends_in_flight = conn.sends_in_flight.saturating_sub(1);
+                let frame = match result {
+                    Ok((seq, server_time_ms)) => Frame::SendAck {
+                        client_id,
+                        seq,
+                        server_time_ms,
+                    },
+                    Err(code) => Frame::SendError {
+                        client_id,
+                        code,
+                        retryable: code.is_retryable(),
+                    },
+                };
+                write_frame(conn, &frame);
+            }),
+            MeshMessage::Register { user, conn } => {
+                let entries = self.registry.entry(user).or_default();
+                let accepted = entries.len() < self.config.limits.connections_per_user_max;
+                if accepted {
+                    entries.push(conn);
+                }
+                if !accepted {
+                    self.route(conn.shard, MeshMessage::RegisterRefused { conn });
+                } else {
+                    self.route(conn.shard, MeshMessage::Registered { conn });
+                }
+            }
+            MeshMessage::Registered { conn: conn_ref } => {
+                self.with_conn(conn_ref, |shard, conn| {
+                    if let Session::Registering { user } = conn.session {
+                        conn.session = Session::Active { user };
+                        let handle = ConnectionHandle(conn_ref.slot);
+                        shard.start_sync(handle, conn);
+                    }
+                })
+            }
+            MeshMessage::RegisterRefused { conn: conn_ref } => {
+                self.with_conn(conn_ref, |shard, conn| {
+                    shard.close(
+                        Instant::now(),
+                        conn,
+                        ErrorCode::LimitExceeded,
+                        "too many connections for this user",
+                    );
+                    conn.session = Session::Closing;
+                })
+            }
+            MeshMessage::Unregister { user, conn } => {
+                if let Some(entries) = self.registry.get_mut(&user) {
+                    entries.retain(|c| *c != conn);
+                    if entries.is_empty() {
+                        self.registry.remove(&user);
+                    }
+                }
+            }
+            MeshMessage::Deliver {
+                conn: conn_ref,
+                message,
+            } => self.with_conn(conn_ref, |shard, conn| {
+                shard.deliver(ConnectionHandle(conn_ref.slot), conn, message);
+            }),
+            MeshMessage::Signal {
+                to,
+                from,
+                kind,
+                payload,
+            } => {
+                let targets = self.registry.get(&to).cloned().unwrap_or_default();
+                for conn in targets {
+                    self.route(
+                        conn.shard,
+                        MeshMessage::SignalDeliver {
+                            conn,
+                            from,
+                            kind,
+                            payload: payload.clone(),
+                        },
+                    );
+                }
+            }
+            MeshMessage::SignalDeliver {
+                conn: conn_ref,
+                from,
+                kind,
+                payload,
+            } => self.with_conn(conn_ref, |_, conn| push_signal(conn, from, kind, payload)),
+        }
+    }
+
+    /// Runs `f` on the connection `conn_ref` names, if it is still the same connection.
+    fn with_conn(&mut self, conn_ref: ConnRef, f: impl FnOnce(&mut Shard, &mut Conn)) {
+        let handle = ConnectionHandle(conn_ref.slot);
+        let Some(mut conn) = self.conns.remove(&handle) else {
+            return;
+        };
+        if conn.generation == conn_ref.generation {
+            f(self, &mut conn);
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(handle);
+            }
+        }
+        self.conns.insert(handle, conn);
+    }
+
+    // ---- Delivery ---------------------------------------------------------------------------
+
+    /// Pushes a live message, in sequence order, or falls back to reading the store.
+    fn deliver(&mut self, handle: ConnectionHandle, conn: &mut Conn, message: StoredMessage) {
+        if !matches!(conn.session, Session::Active { .. }) || message.seq <= conn.delivered_up_to {
+            return;
+        }
+        let in_order = message.seq == conn.delivered_up_to + 1;
+        let room = conn.outbuf.len() + message.body.len() + 64
+            <= self.config.limits.outbound_bytes_per_connection_max;
+        if in_order && room && !conn.sync_running {
+            conn.delivered_up_to = message.seq;
+            write_frame(conn, &deliver_frame(message));
+        } else {
+            // A gap or a full buffer: the store has it; catch up from there.
+            conn.sync_again = true;
+            if !conn.sync_running && conn.outbuf.is_empty() {
+                self.start_sync(handle, conn);
+            }
+        }
+    }
+
+    /// Reads the store for everything after `delivered_up_to` on the blocking pool.
+    fn start_sync(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        let Session::Active { user } = conn.session else {
+            return;
+        };
+        if conn.sync_running {
+            conn.sync_again = true;
+            return;
+        }
+        conn.sync_running = true;
+        conn.sync_again = false;
+        let conn_ref = self.conn_ref(handle, conn);
+        let after_seq = conn.delivered_up_to;
+        let store = self.store.clone();
+        let core = self.core.clone();
+        let Some(shard) = self.self_ref.upgrade() else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            let result = glommio::executor()
+                .spawn_blocking(move || read_inbox(&*store, user, after_seq, unix_ms(), &core))
+                .await;
+            let mut shard = shard.borrow_mut();
+            shard.finish_sync(conn_ref, result);
+            shard.after_input();
+        })
+        .detach();
+    }
+
+    fn finish_sync(&mut self, conn_ref: ConnRef, result: Result<Vec<StoredMessage>, StoreError>) {
+        let page_max = self.core.sync_messages_max;
+        let outbound_max = self.config.limits.outbound_bytes_per_connection_max;
+        self.with_conn(conn_ref, |shard, conn| {
+            conn.sync_running = false;
+            let handle = ConnectionHandle(conn_ref.slot);
+            let messages = match result {
+                Ok(messages) => messages,
+                Err(error) => {
+                    warn!(%error, "sync read failed; the client will sync again on reconnect");
+                    return;
+                }
+            };
+            let full_page = messages.len() >= page_max;
+            let mut stopped = false;
+            for message in messages {
+                if message.seq <= conn.delivered_up_to {
+                    continue;
+                }
+                if conn.outbuf.len() + message.body.len() + 64 > outbound_max {
+                    stopped = true;
+                    break;
+                }
+                conn.delivered_up_to = message.seq;
+                write_frame(conn, &deliver_frame(message));
+            }
+            if stopped || full_page {
+                conn.sync_again = true;
+            }
+            if conn.sync_again && conn.outbuf.is_empty() {
+                shard.start_sync(handle, conn);
+            }
+        });
+    }
+
+    // ---- Group commit -----------------------------------------------------------------------
+
+    fn maybe_start_commit(&mut self) {
+        if self.committer.is_none() {
+            return;
+        }
+        let Some(batch) = self.inbox.poll_batch() else {
+            return;
+        };
+        let Some(mut committer) = self.committer.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        let Some(shard) = self.self_ref.upgrade() else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            let (committer, batch, result) = glommio::executor()
+                .spawn_blocking(move || {
+                    let result = committer.commit_batch(&*store, &batch.requests, unix_ms());
+                    (committer, batch, result)
+                })
+                .await;
+            let mut shard = shard.borrow_mut();
+            shard.committer = Some(committer);
+            shard.finish_commit(batch, result);
+            shard.after_input();
+        })
+        .detach();
+    }
+
+    fn finish_commit(
+        &mut self,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
+    ) {
+        if let Err(error) = &result {
+            warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
+        }
+        for output in self.inbox.handle_commit(batch, result) {
+            match output {
+                Output::SendAck {
+                    tag,
+                    client_id,
+                    seq,
+                    server_time_ms,
+                } => self.route(
+                    tag.shard,
+                    MeshMessage::SendResult {
+                        reply: tag,
+                        client_id,
+                        result: Ok((seq, server_time_ms)),
+                    },
+                ),
+                Output::SendError {
+                    tag,
+                    client_id,
+                    code,
+                } => self.route(
+                    tag.shard,
+                    MeshMessage::SendResult {
+                        reply: tag,
+                        client_id,
+                        result: Err(code),
+                    },
+                ),
+                Output::Deliver(message) => {
+                    let targets = self
+                        .registry
+                        .get(&message.inbox)
+                        .cloned()
+                        .unwrap_or_default();
+                    for conn in targets {
+                        self.route(
+                            conn.shard,
+                            MeshMessage::Deliver {
+                                conn,
+                                message: message.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- Output -----------------------------------------------------------------------------
+
+    fn flush(&mut self) {
+        let now = Instant::now();
+        let max_datagrams = self.socket.state.max_gso_segments().max(1);
+        let dirty = std::mem::take(&mut self.dirty);
+        for handle in dirty {
+            let Some(mut conn) = self.conns.remove(&handle) else {
+                continue;
+            };
+            conn.dirty = false;
+            flush_outbuf(&mut conn);
+            let mut buf = std::mem::take(&mut self.transmit_buf);
+            for _ in 0..TRANSMITS_PER_FLUSH_MAX {
+                buf.clear();
+                let Some(transmit) = conn.quic.poll_transmit(now, max_datagrams, &mut buf) else {
+                    break;
+                };
+                tracing::trace!(bytes = transmit.size, to = %transmit.destination, "transmit");
+                self.send_transmit(&transmit, &buf);
+            }
+            self.transmit_buf = buf;
+            // Stream writes and closes change timers and may finish the connection.
+            self.conns.insert(handle, conn);
+            self.process_timer_only(handle);
+        }
+    }
+
+    /// Re-arms a connection's timer and drops it when drained, without reading input.
+    fn process_timer_only(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        if conn.quic.is_drained() {
+            let mut conn = self.conns.remove(&handle).expect("present");
+            self.end_session(handle, &mut conn);
+            return;
+        }
+        if let Some(timeout) = conn.quic.poll_timeout()
+            && conn.timer_armed.is_none_or(|armed| timeout < armed)
+        {
+            conn.timer_armed = Some(timeout);
+            self.timers
+                .push(Reverse((timeout, handle.0, conn.generation)));
+            if self.armed_deadline.is_none_or(|armed| timeout < armed) {
+                self.armed_deadline = Some(timeout);
+                if let Some(wake) = &self.timer_wake {
+                    let _ = wake.try_send(());
+                }
+            }
+        }
+    }
+
+    fn send_transmit(&self, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+        let udp = quinn_udp::Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn.map(|e| match e {
+                EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
+                EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
+                EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
+            }),
+            contents: &buf[..transmit.size],
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        };
+        // A full socket buffer drops the datagram; QUIC's loss recovery resends it.
+        if let Err(error) = self.socket.state.try_send((&self.socket.std).into(), &udp) {
+            debug!(%error, "send failed");
+        }
+    }
+}
+
+fn deliver_frame(message: StoredMessage) -> Frame {
+    Frame::Deliver {
+        seq: message.seq,
+        from: message.from,
+        sent_at_ms: message.sent_at_ms,
+        body: message.body,
+    }
+}
+
+fn push_signal(conn: &mut Conn, from: UserId, kind: SignalKind, payload: Vec<u8>) {
+    if matches!(conn.session, Session::Active { .. }) {
+        write_frame(
+            conn,
+            &Frame::Signal {
+                peer: from,
+                kind,
+                payload,
+            },
+        );
+    }
+}
+
+/// Queues a frame on the connection's stream and writes what flow control allows.
+fn write_frame(conn: &mut Conn, frame: &Frame) {
+    if conn.stream.is_none() {
+        return;
+    }
+    if let Err(error) = courier_protocol::encode(frame, &mut conn.outbuf) {
+        warn!(%error, kind = frame.kind(), "cannot encode a frame: this is a bug");
+        return;
+    }
+    flush_outbuf(conn);
+}
+
+fn flush_outbuf(conn: &mut Conn) {
+    let Some(id) = conn.stream else {
+        return;
+    };
+    if conn.outbuf.is_empty() {
+        return;
+    }
+    match conn.quic.send_stream(id).write(&conn.outbuf) {
+        Ok(written) => {
+            conn.outbuf.drain(..written);
+        }
+        Err(quinn_proto::WriteError::Blocked) => {}
+        Err(error) => {
+            debug!(%error, "stream write failed");
+            conn.outbuf.clear();
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! TLS and QUIC configuration shared by every shard.
+//!
+//! One rustls `ServerConfig` (and so one session cache) is shared by all shards, so a client can
+//! resume on whichever shard the kernel hands its new connection to. Session tickets are
+//! stateful (the cache holds the session; the ticket is its id) because rustls only offers 0-RTT
+//! for those; `max_early_data_size` is `u32::MAX` as quinn requires.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn_proto::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::Config;
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct Identity {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Where the development certificate lives.
+pub fn dev_cert_paths(config: &Config) -> (PathBuf, PathBuf) {
+    let dir = config.server.data_dir.join("tls");
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// Loads the configured certificate, or the development one, generating it on first start.
+/// Returns the identity and whether a certificate was just generated.
+pub fn load_identity(config: &Config) -> Result<(Identity, bool), String> {
+    if !config.tls.cert_path.as_os_str().is_empty() {
+        return read_identity(&config.tls.cert_path, &config.tls.key_path).map(|id| (id, false));
+    }
+    let (cert_path, key_path) = dev_cert_paths(config);
+    if cert_path.exists() && key_path.exists() {
+        return read_identity(&cert_path, &key_path).map(|id| (id, false));
+    }
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+    if let Some(dir) = cert_path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    std::fs::write(&cert_path, generated.cert.pem())
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    crate::auth::write_private_file(&key_path, generated.key_pair.serialize_pem().as_bytes())?;
+    read_identity(&cert_path, &key_path).map(|id| (id, true))
+}
+
+fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> {
+    let cert_pem = std::fs::read(cert_path)
+        .map_err(|e| format!("cannot read tls.cert_path {}: {e}", cert_path.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "{} is not a PEM certificate chain: {e}",
+                cert_path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", cert_path.display()));
+    }
+    let key_pem = std::fs::read(key_path)
+        .map_err(|e| format!("cannot read tls.key_path {}: {e}", key_path.display()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("{} is not a PEM private key: {e}", key_path.display()))?
+        .ok_or_else(|| format!("{} holds no private key", key_path.display()))?;
+    Ok(Identity { certs, key })
+}
+
+/// The QUIC server configuration every shard's endpoint uses.
+pub fn server_config(
+    config: &Config,
+    identity: Identity,
+) -> Result<Arc<quinn_proto::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(identity.certs, identity.key)
+        .map_err(|e| format!("tls certificate and key do not fit together: {e}"))?;
+    tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+    tls.max_early_data_size = u32::MAX;
+    tls.session_storage =
+        rustls::server::ServerSessionMemoryCache::new(config.tls.session_cache_entries);
+    tls.send_half_rtt_data = true;
+    let crypto = QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| format!("tls: {e}"))?;
+
+    let mut token_secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut token_secret);
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_secret);
+    let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+    server.transport_config(Arc::new(transport_config(config)));
+    server.migration(true);
+    Ok(Arc::new(server))
+}
+
+/// Transport parameters: small stream counts (quinn reserves state for every stream the peer
+/// may open) and bounded windows.
+pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
+    let quic = &config.quic;
+    let mut transport = quinn_proto::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.stream_receive_window(quic.stream_receive_window_bytes.into());
+    transport.receive_window(quic.receive_window_bytes.into());
+    transport.send_window(quic.send_window_bytes);
+    let idle = quinn_proto::IdleTimeout::try_from(Duration::from_millis(quic.idle_timeout_ms))
+        .unwrap_or(quinn_proto::IdleTimeout::from(
+            quinn_proto::VarInt::from_u32(30_000),
+        ));
+    transport.max_idle_timeout(Some(idle));
+    if !quic.mtu_discovery {
+        transport.mtu_discovery_config(None);
+    }
+    transport
+}
+
+/// A reset key shared by every shard, so any shard can answer for any connection id.
+pub fn reset_key() -> Arc<ring::hmac::Key> {
+    let mut secret = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}

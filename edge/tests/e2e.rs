@@ -1,0 +1,447 @@
+//! End-to-end tests: the real `courier-edge` binary on loopback, real QUIC clients.
+//!
+//! Each test starts its own edge on a free port with its own data directory, waits for the
+//! "listening" log line, and stops the process (by its PID) when it ends. Tests wait for
+//! events with generous timeouts; none asserts on speed.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use courier_client::raw::RawConnection;
+use courier_client::{ClientError, ConnectOptions, Connector, Delivery, EarlySend};
+use courier_protocol::{ErrorCode, Frame};
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Edge {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Edge {
+    fn start(shards: u32) -> Edge {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let config_path = dir.path().join("courier.toml");
+        let config = format!(
+            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        let mut edge = Edge {
+            child: None,
+            dir,
+            config_path,
+            addr,
+        };
+        edge.spawn();
+        edge
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("COURIER_TEST_EDGE_RUST_LOG")
+                    .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn".into()),
+            )
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn courier-edge");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("courier-edge listening")
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(());
+                }
+                if std::env::var_os("COURIER_TEST_EDGE_LOG").is_some() {
+                    eprintln!("edge: {line}");
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(EVENT_TIMEOUT)
+            .expect("the edge printed its listening line");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    fn token(&self, user: u64, device: u32) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(["token", "--config"])
+            .arg(&self.config_path)
+            .args(["--user", &user.to_string(), "--device", &device.to_string()])
+            .output()
+            .expect("run courier-edge token");
+        assert!(
+            output.status.success(),
+            "token: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    }
+
+    fn connector(&self) -> Connector {
+        let pem = std::fs::read(self.dir.path().join("data/tls/cert.pem")).expect("dev cert");
+        Connector::new(&pem, "localhost").expect("connector")
+    }
+
+    async fn client(&self, user: u64) -> courier_client::Client {
+        self.connector()
+            .connect(ConnectOptions::new(self.addr, self.token(user, 0), 0))
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn next_message(client: &mut courier_client::Client) -> Delivery {
+    tokio::time::timeout(EVENT_TIMEOUT, client.recv_message())
+        .await
+        .expect("a delivery arrives in time")
+        .expect("client still open")
+}
+
+/// Asserts that nothing more arrives for a while (a duplicate would).
+async fn assert_quiet(client: &mut courier_client::Client) {
+    if let Ok(Some(extra)) =
+        tokio::time::timeout(Duration::from_millis(500), client.recv_message()).await
+    {
+        panic!("unexpected extra delivery: {extra:?}");
+    }
+}
+
+/// a. Two clients chat both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_clients_chat_both_ways() {
+    let edge = Edge::start(1);
+    let mut alice = edge.client(11).await;
+    let mut bob = edge.client(12).await;
+    for round in 0..5 {
+        let receipt = alice
+            .send(12, format!("hi bob {round}"))
+            .await
+            .expect("send");
+        assert_eq!(receipt.seq, round + 1, "bob's inbox is dense and gapless");
+        let got = next_message(&mut bob).await;
+        assert_eq!(
+            (got.from, got.seq, got.body),
+            (11, round + 1, format!("hi bob {round}").into_bytes())
+        );
+        bob.send(11, format!("hi alice {round}"))
+            .await
+            .expect("send");
+        let got = next_message(&mut alice).await;
+        assert_eq!(
+            (got.from, got.body),
+            (12, format!("hi alice {round}").into_bytes())
+        );
+    }
+}
+
+/// b. A recipient offline while 1,000 messages arrive gets all of them once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_offline_recipient_gets_1000_messages_once_in_order() {
+    let edge = Edge::start(1);
+    let alice = edge.client(21).await;
+    for i in 0..1000u32 {
+        alice
+            .send(22, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    let mut bob = edge.client(22).await;
+    for i in 0..1000u32 {
+        let got = next_message(&mut bob).await;
+        assert_eq!(got.seq, u64::from(i) + 1);
+        assert_eq!(got.body, i.to_be_bytes().to_vec());
+    }
+    assert_quiet(&mut bob).await;
+}
+
+/// c. The edge is killed with SIGKILL after the sends were acknowledged and before delivery;
+/// after restart everything arrives exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_sigkill_after_ack_loses_nothing() {
+    let mut edge = Edge::start(2);
+    let alice = edge.client(31).await;
+    for i in 0..200u32 {
+        alice
+            .send(32, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    drop(alice);
+    edge.kill9();
+    edge.spawn();
+    let mut bob = edge.client(32).await;
+    for i in 0..200u32 {
+        let got = next_message(&mut bob).await;
+        assert_eq!(
+            (got.seq, got.body),
+            (u64::from(i) + 1, i.to_be_bytes().to_vec())
+        );
+    }
+    assert_quiet(&mut bob).await;
+}
+
+/// d. The sender's connection drops before it reads `SendAck`; its retry with the same client
+/// id leads to exactly one delivered copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_retry_after_dropped_connection_delivers_one_copy() {
+    let edge = Edge::start(1);
+    let mut bob = edge.client(42).await;
+    let connector = edge.connector();
+    let client_id = 0xD00D;
+    let mut options = ConnectOptions::new(edge.addr, edge.token(41, 0), 0);
+    options.early_sends = vec![EarlySend {
+        client_id,
+        to: 42,
+        body: b"once".to_vec(),
+    }];
+    options.reconnect = false;
+    let first = connector.connect(options.clone()).await.expect("connect");
+    // Drop the connection without waiting for the SendAck of the first-flight message.
+    first.close();
+    drop(first);
+    let got = next_message(&mut bob).await;
+    assert_eq!(got.body, b"once");
+    // The retry, on a new connection, with the same id.
+    options.early_sends.clear();
+    let second = connector.connect(options).await.expect("reconnect");
+    let receipt = second
+        .send_with_id(client_id, 42, b"once".to_vec(), None)
+        .await
+        .expect("retry");
+    assert_eq!(
+        receipt.seq, got.seq,
+        "the retry is answered with the first copy's seq"
+    );
+    assert_quiet(&mut bob).await;
+}
+
+/// e. Garbage bytes, an oversized frame and a bad token each get the right error code on their
+/// own connection while another pair keeps chatting undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_bad_input_closes_only_its_connection() {
+    let edge = Edge::start(2);
+    let alice = edge.client(51).await;
+    let mut bob = edge.client(52).await;
+    let connector = edge.connector();
+
+    let mut garbage = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    garbage.write_bytes(&[0, 0, 0, 16]).await.expect("write");
+    garbage.write_bytes(&[0xFF; 16]).await.expect("write");
+    let mut oversized = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    oversized
+        .write_bytes(&(10_000_000u32).to_be_bytes())
+        .await
+        .expect("write");
+    let mut bad_token = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    bad_token
+        .write_frame(&Frame::Hello {
+            token: b"forged".to_vec(),
+            device: 0,
+            resume_after_seq: None,
+        })
+        .await
+        .expect("write");
+    let mut send_first = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    send_first
+        .write_frame(&Frame::Ping { nonce: 1 })
+        .await
+        .expect("write");
+
+    let chat = async {
+        for i in 0..50u32 {
+            alice
+                .send(52, i.to_be_bytes().to_vec())
+                .await
+                .expect("send while others misbehave");
+            let got = next_message(&mut bob).await;
+            assert_eq!(got.body, i.to_be_bytes().to_vec());
+        }
+    };
+    let closes = async {
+        let codes = [
+            garbage.closed().await.code(),
+            oversized.closed().await.code(),
+            bad_token.closed().await.code(),
+            send_first.closed().await.code(),
+        ];
+        codes
+    };
+    let ((), codes) = tokio::time::timeout(EVENT_TIMEOUT, async { tokio::join!(chat, closes) })
+        .await
+        .expect("in time");
+    assert_eq!(
+        codes,
+        [
+            Some(ErrorCode::Malformed),
+            Some(ErrorCode::FrameTooLarge),
+            Some(ErrorCode::Unauthenticated),
+            Some(ErrorCode::UnexpectedFrame),
+        ]
+    );
+}
+
+/// f. A client moves to a new local UDP port mid-conversation and the conversation continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_connection_migrates_to_a_new_local_port() {
+    let edge = Edge::start(2);
+    let connector = edge.connector();
+    let alice = connector
+        .connect(ConnectOptions::new(edge.addr, edge.token(61, 0), 0))
+        .await
+        .expect("connect");
+    let mut bob = edge.client(62).await;
+    alice.send(62, b"before".to_vec()).await.expect("send");
+    assert_eq!(next_message(&mut bob).await.body, b"before");
+    let old_addr = connector.local_addr().expect("addr");
+    for round in 0..3 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("new socket");
+        connector.rebind(socket).expect("rebind");
+        assert_ne!(connector.local_addr().expect("addr"), old_addr);
+        let body = format!("after move {round}").into_bytes();
+        alice
+            .send(62, body.clone())
+            .await
+            .expect("send after migration");
+        assert_eq!(next_message(&mut bob).await.body, body);
+        bob.send(61, b"still here".to_vec()).await.expect("reply");
+    }
+    assert_eq!(
+        alice.connections(),
+        1,
+        "the same connection carried on, no reconnect"
+    );
+}
+
+/// g. A second connection resumes the TLS session and its 0-RTT data is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_resumed_connection_sends_in_0rtt() {
+    let edge = Edge::start(2);
+    let mut bob = edge.client(72).await;
+    let connector = edge.connector();
+    let token = edge.token(71, 0);
+    let first = connector
+        .connect(ConnectOptions::new(edge.addr, token.clone(), 0))
+        .await
+        .expect("first connection");
+    assert_eq!(
+        first.zero_rtt_accepted(),
+        None,
+        "a first connection has no session to resume"
+    );
+    first
+        .send(72, b"full handshake".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut bob).await.body, b"full handshake");
+    first.close();
+    drop(first);
+
+    let mut options = ConnectOptions::new(edge.addr, token, 0);
+    options.early_sends = vec![EarlySend {
+        client_id: 0x0E71,
+        to: 72,
+        body: b"in 0-RTT".to_vec(),
+    }];
+    let second = connector
+        .connect(options)
+        .await
+        .expect("resumed connection");
+    assert_eq!(
+        second.zero_rtt_accepted(),
+        Some(true),
+        "the server accepted 0-RTT data"
+    );
+    let got = next_message(&mut bob).await;
+    assert_eq!(got.body, b"in 0-RTT");
+    let receipt = second
+        .send_with_id(0x0E71, 72, b"in 0-RTT".to_vec(), None)
+        .await
+        .expect("receipt");
+    assert_eq!(receipt.seq, got.seq);
+}
+
+/// h. Two users homed on different shards chat (the cross-shard path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_users_on_different_home_shards_chat() {
+    let edge = Edge::start(2);
+    let alice_id = 81;
+    let bob_id = (82..)
+        .find(|&user| {
+            courier_core::placement::home_shard(user, 2)
+                != courier_core::placement::home_shard(alice_id, 2)
+        })
+        .expect("a user homed on the other shard");
+    let mut alice = edge.client(alice_id).await;
+    let mut bob = edge.client(bob_id).await;
+    for round in 0..20 {
+        alice.send(bob_id, format!("a{round}")).await.expect("send");
+        assert_eq!(
+            next_message(&mut bob).await.body,
+            format!("a{round}").into_bytes()
+        );
+        bob.send(alice_id, format!("b{round}")).await.expect("send");
+        assert_eq!(
+            next_message(&mut alice).await.body,
+            format!("b{round}").into_bytes()
+        );
+    }
+}
+
+/// A token minted for another device than the one in `Hello` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_device_mismatch_is_refused() {
+    let edge = Edge::start(1);
+    let connector = edge.connector();
+    let error = connector
+        .connect(ConnectOptions::new(edge.addr, edge.token(91, 1), 2))
+        .await
+        .expect_err("device mismatch");
+    assert_eq!(error.code(), Some(ErrorCode::Unauthenticated), "{error}");
+    assert!(matches!(error, ClientError::Closed { .. }));
+}
