@@ -5,6 +5,12 @@
 //! shard count grows from `n - 1` to `n`, and needs no table. The function is part of the
 //! on-disk contract: changing it re-homes users, so it is pinned by a test of known values.
 //! Across several edges, rendezvous hashing will pick the edge first, then this picks the core.
+//!
+//! With FoundationDB, an inbox's keys also live on one of several clusters:
+//! `jump_hash(mix64(inbox ^ CLUSTER_SALT), clusters)` ([`cluster_of`]). The salt makes it
+//! independent of the home shard, so the shard count and the cluster count change apart; the
+//! cluster is where the data is, so this function is pinned by a test too (decision record
+//! docs/decisions/0004-foundationdb-backend.md).
 
 use crate::UserId;
 use crate::rng::mix64;
@@ -12,10 +18,28 @@ use crate::rng::mix64;
 /// Index of a shard (one per core) within an edge.
 pub type ShardId = u32;
 
+/// Index of a FoundationDB cluster in the configured list of cluster files.
+pub type ClusterId = u32;
+
+/// Mixed into the inbox before hashing it to a cluster, so that an inbox's cluster says
+/// nothing about its home shard (the 64-bit golden ratio, as any odd constant would do).
+const CLUSTER_SALT: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// The home shard of `user` among `shards` shards. `shards` must be positive.
 pub fn home_shard(user: UserId, shards: u32) -> ShardId {
     assert!(shards > 0, "an edge has at least one shard");
     jump_hash(mix64(user), shards)
+}
+
+/// The cluster, among `clusters`, that holds every key of `inbox` (its messages, counter,
+/// dedupe records and expiry index entries all carry the inbox id, so they move together).
+/// `clusters` must be positive.
+///
+/// Growing from `k` to `k + 1` clusters moves about `1/(k + 1)` of the inboxes, all of them to
+/// the new cluster `k`; docs/foundationdb.md describes the migration.
+pub fn cluster_of(inbox: UserId, clusters: u32) -> ClusterId {
+    assert!(clusters > 0, "a deployment has at least one cluster");
+    jump_hash(mix64(inbox ^ CLUSTER_SALT), clusters)
 }
 
 /// Jump consistent hash: maps `key` to a bucket in `0..buckets`.
@@ -57,6 +81,45 @@ mod tests {
                 "uneven spread: {counts:?}"
             );
         }
+    }
+
+    #[test]
+    fn clusters_are_pinned_to_known_values() {
+        // If this fails, inboxes would be looked up on clusters that do not hold them.
+        let clusters: Vec<ClusterId> = (1..=8).map(|inbox| cluster_of(inbox, 4)).collect();
+        assert_eq!(clusters, PINNED_CLUSTERS);
+        assert!((1..=1000).all(|inbox| cluster_of(inbox, 1) == 0));
+    }
+
+    const PINNED_CLUSTERS: [ClusterId; 8] = [3, 0, 3, 2, 3, 2, 1, 0];
+
+    #[test]
+    fn clusters_spread_evenly_and_independently_of_shards() {
+        // Users of one home shard must still spread over every cluster, or one cluster would
+        // carry a whole shard's traffic.
+        let mut counts = [[0u32; 4]; 4];
+        for user in 1..=80_000u64 {
+            counts[home_shard(user, 4) as usize][cluster_of(user, 4) as usize] += 1;
+        }
+        for row in counts {
+            for count in row {
+                assert!((4_500..5_500).contains(&count), "uneven: {counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn growing_by_one_cluster_moves_few_inboxes_all_to_the_new_one() {
+        let moved: Vec<u64> = (1..=10_000u64)
+            .filter(|&inbox| cluster_of(inbox, 4) != cluster_of(inbox, 5))
+            .collect();
+        // Ideal is 1/5 of the inboxes.
+        assert!(
+            (1_700..2_300).contains(&moved.len()),
+            "{} moved",
+            moved.len()
+        );
+        assert!(moved.iter().all(|&inbox| cluster_of(inbox, 5) == 4));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Deterministic simulation of the core: many clients sending to each other through home shards
 //! over a lossy simulated network, on a virtual clock, with random shard crashes and injected
-//! store faults.
+//! store faults (including fencing: the shards stop and a new owner takes over).
 //!
 //! Goal: prove R2 and R4 under failure. After a chaotic phase and a calm drain phase, the
 //! checkers assert that every message the server acknowledged is delivered exactly once (after
@@ -76,7 +76,10 @@ fn simulation_over_many_seeds() {
     if seeds >= 100 {
         assert!(total.messages_acked > 10_000, "too few messages: {total:?}");
         assert!(
-            total.crashes > 0 && total.conflicts > 0 && total.fsync_failures > 0,
+            total.crashes > 0
+                && total.conflicts > 0
+                && total.fsync_failures > 0
+                && total.fenced > 0,
             "{total:?}"
         );
         assert!(
@@ -105,6 +108,7 @@ struct Stats {
     commit_unknown_applied: u64,
     commit_unknown_dropped: u64,
     fsync_failures: u64,
+    fenced: u64,
     /// Sends answered from the dedupe record instead of being stored again.
     duplicate_sends: u64,
     overloaded: u64,
@@ -119,6 +123,7 @@ impl Stats {
         self.commit_unknown_applied += other.commit_unknown_applied;
         self.commit_unknown_dropped += other.commit_unknown_dropped;
         self.fsync_failures += other.fsync_failures;
+        self.fenced += other.fenced;
         self.duplicate_sends += other.duplicate_sends;
         self.overloaded += other.overloaded;
     }
@@ -240,6 +245,7 @@ impl World {
             conflict_per_million: fault_level * 20_000,
             commit_unknown_per_million: fault_level * 20_000,
             fsync_failure_per_million: fault_level * 5_000,
+            fenced_per_million: fault_level * 2_000,
         };
         let store = FaultStore::new(MemoryStore::new(), rates, rng.next_u64());
         let shard_count = 1 + rng.below(4) as usize;
@@ -418,7 +424,9 @@ impl World {
 
     fn handle_store_error(&mut self, error: StoreError) {
         if !error.is_retryable() {
-            // A poisoned store needs a restart, as the runtime would do.
+            // A poisoned store needs a restart, as the runtime would do. A fenced shard stops
+            // serving and the shard's new owner starts from the store, which the restart
+            // models (reopening the fault store re-claims it).
             self.crash_all_shards();
         }
     }
@@ -823,6 +831,7 @@ impl World {
         self.stats.commit_unknown_applied = load(&counts.commit_unknown_applied);
         self.stats.commit_unknown_dropped = load(&counts.commit_unknown_dropped);
         self.stats.fsync_failures = load(&counts.fsync_failures);
+        self.stats.fenced = load(&counts.fenced);
         Ok(self.stats)
     }
 }

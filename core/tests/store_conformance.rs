@@ -73,3 +73,160 @@ fn fault_wrapper_without_faults_conforms() {
         ))
     });
 }
+
+/// The FoundationDB run: the same suite on a real cluster, whenever `FDB_CLUSTER_FILE` names
+/// one, then the fencing checks that only FoundationDB has. Each case gets a fresh, empty key
+/// prefix of its own under `courier-test/`, cleared again when the case ends, so runs can
+/// share a cluster with each other and with deployments (which use other prefixes).
+#[cfg(feature = "fdb")]
+mod foundationdb {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use courier_core::rng::mix64;
+    use courier_core::store::config::FdbConfig;
+    use courier_core::store::fdb::{FdbClusters, FdbNetwork, FdbStore, ShardClaim};
+    use courier_core::store::{Store, StoreError, Transaction};
+
+    use super::{Harness, run_all};
+
+    const SHARD: u32 = 3;
+    const OWNER: u64 = 1;
+    const ATTEMPTS_MAX: u32 = 5;
+
+    /// A key prefix no other run uses: time, process and a counter, mixed.
+    fn fresh_prefix() -> Vec<u8> {
+        static CASES: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+        let unique = mix64(nanos ^ mix64(u64::from(std::process::id())))
+            ^ CASES.fetch_add(1, Ordering::Relaxed);
+        format!("courier-test/{unique:016x}/").into_bytes()
+    }
+
+    struct Fdb {
+        network: Arc<FdbNetwork>,
+        config: FdbConfig,
+        claim: ShardClaim,
+        clusters: FdbClusters,
+        store: FdbStore,
+    }
+
+    impl Fdb {
+        fn fresh(network: &Arc<FdbNetwork>, cluster_file: &Path) -> Fdb {
+            let config = FdbConfig {
+                cluster_files: vec![cluster_file.to_path_buf()],
+                key_prefix: fresh_prefix(),
+                ..FdbConfig::default()
+            };
+            let clusters = FdbClusters::open(network, &config).expect("open cluster");
+            let store = clusters
+                .claim_shard(SHARD, OWNER, ATTEMPTS_MAX)
+                .expect("claim shard")
+                .remove(0);
+            Fdb {
+                network: Arc::clone(network),
+                claim: store.claim(),
+                config,
+                clusters,
+                store,
+            }
+        }
+    }
+
+    impl Harness for Fdb {
+        type S = FdbStore;
+        fn store(&self) -> &FdbStore {
+            &self.store
+        }
+        fn reopen(&mut self) {
+            // A new database handle and store for the same claim, as after a restart that
+            // kept its claim.
+            self.clusters = FdbClusters::open(&self.network, &self.config).expect("reopen");
+            self.store = self.clusters.open_shard(self.claim).remove(0);
+        }
+    }
+
+    impl Drop for Fdb {
+        fn drop(&mut self) {
+            // Everything under the prefix, the owner key (after `prefix 0xff`) included: the
+            // prefix ends in '/', so incrementing its last byte gives the end of its range.
+            let prefix = &self.config.key_prefix;
+            let mut end = prefix.clone();
+            if let Some(last) = end.last_mut() {
+                *last += 1;
+            }
+            let db = self.store.cluster().database();
+            let cleared = db.create_trx().map(|trx| {
+                trx.clear_range(prefix, &end);
+                futures_executor::block_on(trx.commit())
+            });
+            if !matches!(cleared, Ok(Ok(_))) {
+                eprintln!(
+                    "could not clear test prefix {}",
+                    String::from_utf8_lossy(prefix)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn foundationdb_backend_conforms() {
+        let Some(cluster_file) = std::env::var_os("FDB_CLUSTER_FILE").map(PathBuf::from) else {
+            eprintln!("skipped: FDB_CLUSTER_FILE is not set");
+            return;
+        };
+        let network = FdbNetwork::start().expect("start the foundationdb network");
+        run_all(|| Fdb::fresh(&network, &cluster_file));
+        a_new_claim_fences_the_old_owner(&network, &cluster_file);
+        a_claim_between_read_and_commit_conflicts_then_fences(&network, &cluster_file);
+        // Every store and cluster handle is gone here; the network stops last.
+        drop(network);
+    }
+
+    /// After a second claim, the first owner can neither read nor commit, and the new owner
+    /// can; the epochs increase.
+    fn a_new_claim_fences_the_old_owner(network: &Arc<FdbNetwork>, cluster_file: &Path) {
+        let old = Fdb::fresh(network, cluster_file);
+        let new = old
+            .clusters
+            .claim_shard(SHARD, OWNER + 1, ATTEMPTS_MAX)
+            .expect("second claim")
+            .remove(0);
+        assert_eq!(new.claim().epoch, old.claim.epoch + 1);
+
+        let mut txn = old.store.begin().expect("begin");
+        txn.set(b"k", b"stale");
+        assert_eq!(txn.commit(), Err(StoreError::Fenced));
+        let mut txn = old.store.begin().expect("begin");
+        assert_eq!(txn.get(b"k"), Err(StoreError::Fenced));
+
+        let mut txn = new.begin().expect("begin");
+        txn.set(b"k", b"fresh");
+        txn.commit().expect("the new owner commits");
+        let mut txn = new.begin().expect("begin");
+        assert_eq!(txn.get(b"k").expect("get").as_deref(), Some(&b"fresh"[..]));
+    }
+
+    /// A claim that lands after a transaction read the owner key, but before it commits,
+    /// makes that commit conflict; the retry is fenced.
+    fn a_claim_between_read_and_commit_conflicts_then_fences(
+        network: &Arc<FdbNetwork>,
+        cluster_file: &Path,
+    ) {
+        let old = Fdb::fresh(network, cluster_file);
+        let mut txn = old.store.begin().expect("begin");
+        assert_eq!(txn.get(b"k").expect("owner check passes"), None);
+        old.clusters
+            .claim_shard(SHARD, OWNER + 1, ATTEMPTS_MAX)
+            .expect("second claim");
+        txn.set(b"k", b"stale");
+        assert_eq!(txn.commit(), Err(StoreError::Conflict));
+        let mut retry = old.store.begin().expect("begin");
+        retry.set(b"k", b"stale");
+        assert_eq!(retry.commit(), Err(StoreError::Fenced));
+    }
+}

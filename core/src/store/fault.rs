@@ -1,9 +1,12 @@
 //! A fault-injecting store wrapper for tests and simulation.
 //!
 //! It fails commits the ways real backends do: a conflict (nothing written), an unknown result
-//! (written or not, decided by the seeded RNG) and a failed fsync (written or not, and the store
-//! is poisoned until [`FaultStore::reopen`]). These are the error kinds the FoundationDB backend
-//! maps its errors to, so the retry and recovery paths are exercised without a cluster.
+//! (written or not, decided by the seeded RNG), a failed fsync (written or not, and the store
+//! is poisoned until [`FaultStore::reopen`]) and fencing (nothing written, and every later
+//! transaction is fenced until [`FaultStore::reopen`], as a FoundationDB store stays fenced
+//! until its shard is claimed again). These cover every error kind the FoundationDB backend
+//! maps its errors to (`Conflict`, `CommitUnknown`, `Fenced`, `Io`), so the retry and recovery
+//! paths are exercised without a cluster.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +20,9 @@ pub struct FaultRates {
     pub conflict_per_million: u64,
     pub commit_unknown_per_million: u64,
     pub fsync_failure_per_million: u64,
+    /// Another process claimed the shard: this commit and every later transaction fail with
+    /// [`StoreError::Fenced`] until [`FaultStore::reopen`].
+    pub fenced_per_million: u64,
 }
 
 /// Counts of injected faults, for tests that check the faults really happened.
@@ -26,6 +32,7 @@ pub struct FaultCounts {
     pub commit_unknown_applied: AtomicU64,
     pub commit_unknown_dropped: AtomicU64,
     pub fsync_failures: AtomicU64,
+    pub fenced: AtomicU64,
 }
 
 /// Wraps a store and injects commit faults.
@@ -35,6 +42,7 @@ pub struct FaultStore<S> {
     rates: Mutex<FaultRates>,
     rng: Mutex<Rng>,
     poisoned: AtomicBool,
+    fenced: AtomicBool,
     pub counts: FaultCounts,
 }
 
@@ -45,6 +53,7 @@ impl<S: Store> FaultStore<S> {
             rates: Mutex::new(rates),
             rng: Mutex::new(Rng::new(seed)),
             poisoned: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             counts: FaultCounts::default(),
         }
     }
@@ -58,13 +67,19 @@ impl<S: Store> FaultStore<S> {
         *self.rates.lock().expect("fault rates lock") = rates;
     }
 
-    /// Clears the poisoned state, as reopening a real store after a crash would.
+    /// Clears the poisoned and fenced states, as reopening a real store after a crash, or
+    /// claiming the shard again after being fenced, would.
     pub fn reopen(&self) {
         self.poisoned.store(false, Ordering::SeqCst);
+        self.fenced.store(false, Ordering::SeqCst);
     }
 
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::SeqCst)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
     }
 
     fn roll(&self) -> Fault {
@@ -84,6 +99,10 @@ impl<S: Store> FaultStore<S> {
         if draw < threshold {
             return Fault::FsyncFailed { applied };
         }
+        threshold += rates.fenced_per_million;
+        if draw < threshold {
+            return Fault::Fenced;
+        }
         Fault::None
     }
 }
@@ -93,6 +112,7 @@ enum Fault {
     Conflict,
     CommitUnknown { applied: bool },
     FsyncFailed { applied: bool },
+    Fenced,
 }
 
 /// A transaction of a [`FaultStore`].
@@ -111,6 +131,9 @@ impl<S: Store> Store for FaultStore<S> {
     fn begin(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
+        }
+        if self.is_fenced() {
+            return Err(StoreError::Fenced);
         }
         Ok(FaultTransaction {
             store: self,
@@ -176,6 +199,40 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
                 store.poisoned.store(true, Ordering::SeqCst);
                 Err(StoreError::Io("injected fsync failure".into()))
             }
+            Fault::Fenced => {
+                // FoundationDB checks the owner epoch before committing: nothing is written.
+                counts.fenced.fetch_add(1, Ordering::Relaxed);
+                store.fenced.store(true, Ordering::SeqCst);
+                Err(StoreError::Fenced)
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// A fenced commit writes nothing, and the store stays fenced until it is reopened (the
+    /// shard claimed again), as a FoundationDB store does.
+    #[test]
+    fn fencing_writes_nothing_and_sticks_until_reopen() {
+        let always_fenced = FaultRates {
+            fenced_per_million: 1_000_000,
+            ..FaultRates::default()
+        };
+        let store = FaultStore::new(MemoryStore::new(), always_fenced, 7);
+        let mut txn = store.begin().expect("begin");
+        txn.set(b"k", b"v");
+        assert_eq!(txn.commit(), Err(StoreError::Fenced));
+        assert!(!StoreError::Fenced.is_retryable());
+        assert_eq!(store.counts.fenced.load(Ordering::Relaxed), 1);
+        assert!(matches!(store.begin(), Err(StoreError::Fenced)));
+
+        store.set_rates(FaultRates::default());
+        store.reopen();
+        let mut txn = store.begin().expect("begin after reopen");
+        assert_eq!(txn.get(b"k").expect("get"), None);
     }
 }

@@ -9,11 +9,19 @@
 //! that thread.
 //!
 //! Backends: [`memory::MemoryStore`] (simulation and tests), [`fjall::FjallStore`] (the embedded
-//! default, one fsync per commit) and, behind the `fdb` feature, FoundationDB. The
-//! [`fault::FaultStore`] wrapper injects conflicts, unknown commit results and failed fsyncs.
+//! default, one fsync per commit) and, behind the `fdb` feature, `fdb::FdbStore` (FoundationDB,
+//! see docs/foundationdb.md). The [`fault::FaultStore`] wrapper injects the errors the
+//! backends report: conflicts, unknown commit results, failed fsyncs and fencing.
+//! [`config::StoreConfig`] says which backend a process runs on; [`clusters`] splits a batch
+//! over several stores (one per FoundationDB cluster).
 
+pub mod clusters;
+pub mod config;
 pub mod conformance;
 pub mod fault;
+#[cfg(feature = "fdb")]
+pub mod fdb;
+mod fdb_error;
 pub mod fjall;
 pub mod memory;
 mod overlay;
@@ -21,14 +29,21 @@ mod overlay;
 /// What can go wrong in a store. The doc of each variant says what the caller does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// Another transaction changed what this one read; nothing was written. Retry the
-    /// transaction from the start.
+    /// Nothing was written, and the same transaction may succeed if retried from the start:
+    /// another transaction changed what this one read or, on FoundationDB, the transaction was
+    /// too old, throttled or timed out before its commit was sent.
     #[error("transaction conflict: retry")]
     Conflict,
-    /// The commit may or may not have happened. Retry; the dedupe key makes the retry a no-op
-    /// if the first attempt landed.
+    /// The commit may or may not have happened (on FoundationDB also: the transaction timed out
+    /// during its commit). Retry; the dedupe key makes the retry a no-op if the first attempt
+    /// landed.
     #[error("commit result unknown: retry, the retry is idempotent")]
     CommitUnknown,
+    /// The shard's owner epoch in the store is no longer the one this store was opened with:
+    /// another process claimed the shard (FoundationDB fencing). Nothing was written, and no
+    /// retry can succeed: stop serving the shard. See docs/foundationdb.md, "Fencing".
+    #[error("another edge owns this shard: stop serving it")]
+    Fenced,
     /// A write or fsync failed. The store is poisoned: every later call fails until it is
     /// reopened, because what is on disk is no longer known.
     #[error("store poisoned by an earlier failed write: restart the shard to recover")]
