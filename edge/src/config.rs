@@ -11,7 +11,7 @@ use courier_core::CoreConfig;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerSection,
@@ -205,20 +205,6 @@ impl Default for BatchingSection {
             queue_requests_max: core.queue_requests_max,
             queue_bytes_max: core.queue_bytes_max,
             sync_messages_max: core.sync_messages_max,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            server: ServerSection::default(),
-            tls: TlsSection::default(),
-            auth: AuthSection::default(),
-            limits: LimitsSection::default(),
-            quic: QuicSection::default(),
-            retention: RetentionSection::default(),
-            batching: BatchingSection::default(),
         }
     }
 }

@@ -304,13 +304,12 @@ async fn e_bad_input_closes_only_its_connection() {
         }
     };
     let closes = async {
-        let codes = [
+        [
             garbage.closed().await.code(),
             oversized.closed().await.code(),
             bad_token.closed().await.code(),
             send_first.closed().await.code(),
-        ];
-        codes
+        ]
     };
     let ((), codes) = tokio::time::timeout(EVENT_TIMEOUT, async { tokio::join!(chat, closes) })
         .await
