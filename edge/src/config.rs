@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use courier_core::CoreConfig;
+use courier_core::store::config::{FdbConfig, StoreConfig, StoreKind};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
@@ -21,6 +22,50 @@ pub struct Config {
     pub quic: QuicSection,
     pub retention: RetentionSection,
     pub batching: BatchingSection,
+    pub store: StoreSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `embedded` (fjall in `server.data_dir/store`) or `foundationdb` (needs a build with
+    /// `--features fdb`; see docs/foundationdb.md).
+    pub kind: String,
+    pub foundationdb: FoundationDbSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FoundationDbSection {
+    /// One cluster file per cluster; the order is part of the data layout (append only).
+    pub cluster_files: Vec<PathBuf>,
+    /// Prefix of every key, one per deployment sharing a cluster.
+    pub key_prefix: String,
+    pub transaction_timeout_ms: u32,
+    pub retry_delay_ms_max: u32,
+    pub transaction_bytes_max: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> StoreSection {
+        StoreSection {
+            kind: StoreKind::Embedded.name().to_string(),
+            foundationdb: FoundationDbSection::default(),
+        }
+    }
+}
+
+impl Default for FoundationDbSection {
+    fn default() -> FoundationDbSection {
+        let fdb = FdbConfig::default();
+        FoundationDbSection {
+            cluster_files: fdb.cluster_files,
+            key_prefix: String::from_utf8_lossy(&fdb.key_prefix).into_owned(),
+            transaction_timeout_ms: fdb.transaction_timeout_ms,
+            retry_delay_ms_max: fdb.retry_delay_ms_max,
+            transaction_bytes_max: fdb.transaction_bytes_max,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,14 +381,48 @@ impl Config {
         if self.retention.expiry_interval_secs == 0 {
             return invalid("retention.expiry_interval_secs", "at least 1");
         }
-        if let Err(error) = self.core_config().validate() {
+        let core = self.core_config();
+        if let Err(error) = core.validate() {
             return Err(ConfigError::Invalid {
                 origin: origin.to_string(),
                 key: "retention/batching",
                 expected: error.to_string(),
             });
         }
+        let store = self.store_config().map_err(|error| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: "store.kind",
+            expected: error.to_string(),
+        })?;
+        if let Err(error) = store.validate(&core) {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: "store",
+                expected: error.to_string(),
+            });
+        }
         Ok(())
+    }
+
+    /// The store the core runs on, from the `[store]` section.
+    pub fn store_config(
+        &self,
+    ) -> Result<StoreConfig, courier_core::store::config::StoreConfigError> {
+        Ok(match self.store.kind.parse::<StoreKind>()? {
+            StoreKind::Embedded => StoreConfig::Embedded {
+                dir: self.store_dir(),
+            },
+            StoreKind::FoundationDb => {
+                let fdb = &self.store.foundationdb;
+                StoreConfig::FoundationDb(FdbConfig {
+                    cluster_files: fdb.cluster_files.clone(),
+                    key_prefix: fdb.key_prefix.as_bytes().to_vec(),
+                    transaction_timeout_ms: fdb.transaction_timeout_ms,
+                    retry_delay_ms_max: fdb.retry_delay_ms_max,
+                    transaction_bytes_max: fdb.transaction_bytes_max,
+                })
+            }
+        })
     }
 
     /// The core's configuration, from the retention and batching sections.
@@ -400,6 +479,23 @@ mod tests {
         assert_eq!(
             error,
             "config test.toml: limits.sends_in_flight_per_connection_max: at least 1"
+        );
+    }
+
+    #[test]
+    fn foundationdb_without_the_feature_is_refused_with_the_rebuild_command() {
+        let config = Config::parse("[store]\nkind = \"foundationdb\"\n").expect("parses");
+        let error = config.validate("test.toml").unwrap_err().to_string();
+        if cfg!(feature = "fdb") {
+            assert!(error.contains("cluster"), "{error}");
+        } else {
+            assert!(error.contains("--features fdb"), "{error}");
+        }
+        let typo = Config::parse("[store]\nkind = \"fundationdb\"\n").expect("parses");
+        let error = typo.validate("test.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("expected \"embedded\" or \"foundationdb\""),
+            "{error}"
         );
     }
 

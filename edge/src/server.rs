@@ -38,6 +38,14 @@ pub fn serve(config: Config) -> Result<(), String> {
     let server_config = tls::server_config(&config, identity)?;
     let reset_key = tls::reset_key();
 
+    if let courier_core::store::config::StoreConfig::FoundationDb(_) =
+        config.store_config().map_err(|e| e.to_string())?
+    {
+        return Err("store.kind = \"foundationdb\": the FoundationDB backend is built and checked, but the edge \
+                    runtime does not drive it yet; use store.kind = \"embedded\" (docs/foundationdb.md)"
+            .into());
+    }
+    probe_address_free(config.server.listen)?;
     let store_dir = config.store_dir();
     let store = Arc::new(
         FjallStore::open(&store_dir, &FjallOptions::default())
@@ -106,6 +114,17 @@ pub fn serve(config: Config) -> Result<(), String> {
     // Commits are durable when acknowledged, so exiting here loses nothing acknowledged;
     // clients reconnect and resume.
     std::process::exit(0);
+}
+
+/// Fails if another process already serves `listen`. Shards bind with SO_REUSEPORT, which
+/// would otherwise silently share the port (and its traffic) with that process.
+fn probe_address_free(listen: std::net::SocketAddr) -> Result<(), String> {
+    match std::net::UdpSocket::bind(listen) {
+        Ok(_probe) => Ok(()),
+        Err(error) => Err(format!(
+            "cannot listen on {listen}: {error} (is another courier-edge running? set server.listen)"
+        )),
+    }
 }
 
 #[allow(unsafe_code)]
