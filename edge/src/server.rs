@@ -117,15 +117,26 @@ pub fn serve(config: Config) -> Result<(), String> {
 }
 
 /// Fails if another process already serves `listen`. Shards bind with SO_REUSEPORT, which
-/// would otherwise silently share the port (and its traffic) with that process.
+/// would otherwise silently share the port (and its traffic) with that process. A process that
+/// just died may hold its socket for a moment while the kernel tears down its io_uring, so the
+/// probe retries for up to `PORT_PROBE_WAIT` before it gives up.
 fn probe_address_free(listen: std::net::SocketAddr) -> Result<(), String> {
-    match std::net::UdpSocket::bind(listen) {
-        Ok(_probe) => Ok(()),
-        Err(error) => Err(format!(
-            "cannot listen on {listen}: {error} (is another courier-edge running? set server.listen)"
-        )),
+    let deadline = std::time::Instant::now() + PORT_PROBE_WAIT;
+    loop {
+        match std::net::UdpSocket::bind(listen) {
+            Ok(_probe) => return Ok(()),
+            Err(error) if std::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "cannot listen on {listen}: {error} (is another courier-edge running? set server.listen)"
+                ));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
     }
 }
+
+/// How long start-up waits for a port still held by a process that just ended.
+const PORT_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[allow(unsafe_code)]
 fn block_shutdown_signals() -> Result<libc::sigset_t, String> {
