@@ -88,7 +88,27 @@ pub enum Incoming {
 pub struct Connector {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
+    roots: Arc<rustls::RootCertStore>,
     server_name: String,
+}
+
+/// TLS 1.3 with ALPN `courier/1`, early data on, and a fresh session cache.
+fn client_config(roots: &Arc<rustls::RootCertStore>) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+    tls.enable_early_data = true;
+    let quic = QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    client_config.transport_config(Arc::new(transport));
+    Ok(client_config)
 }
 
 impl Connector {
@@ -106,26 +126,26 @@ impl Connector {
         if roots.is_empty() {
             return Err(ClientError::Config("no trusted certificate given".into()));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
-        tls.enable_early_data = true;
-        let quic = QuicClientConfig::try_from(Arc::new(tls))
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
-        client_config.transport_config(Arc::new(transport));
+        let roots = Arc::new(roots);
+        let client_config = client_config(&roots)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| ClientError::Config(format!("cannot bind a UDP socket: {e}")))?;
         Ok(Connector {
             endpoint,
             client_config,
+            roots,
             server_name: server_name.to_string(),
+        })
+    }
+
+    /// A connector on the same socket with an empty TLS session cache: its next connection
+    /// makes a full handshake, like a freshly installed app.
+    pub fn fresh_session(&self) -> Result<Connector, ClientError> {
+        Ok(Connector {
+            endpoint: self.endpoint.clone(),
+            client_config: client_config(&self.roots)?,
+            roots: self.roots.clone(),
+            server_name: self.server_name.clone(),
         })
     }
 
@@ -227,11 +247,25 @@ enum Command {
 
 /// One logged-in device.
 pub struct Client {
-    shared: Arc<Mutex<Shared>>,
-    commands: mpsc::UnboundedSender<Command>,
+    sender: Sender,
     incoming: mpsc::Receiver<Incoming>,
     auto_ack: bool,
     user: u64,
+    early_receipts: Vec<oneshot::Receiver<Result<SendReceipt, ClientError>>>,
+}
+
+/// The sending half of a [`Client`]: cheap to clone, shareable between tasks. It stops working
+/// (with [`ClientError::Shutdown`]) when its `Client` is dropped.
+#[derive(Clone)]
+pub struct Sender {
+    shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sender")
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -244,15 +278,18 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     async fn connect(connector: Connector, options: ConnectOptions) -> Result<Client, ClientError> {
+        let mut early_receipts = Vec::new();
         let pending = options
             .early_sends
             .iter()
             .map(|early| {
+                let (tx, rx) = oneshot::channel();
+                early_receipts.push(rx);
                 let send = PendingSend {
                     to: early.to,
                     body: early.body.clone(),
                     ttl_secs: None,
-                    waiters: Vec::new(),
+                    waiters: vec![tx],
                 };
                 (early.client_id, send)
             })
@@ -276,11 +313,14 @@ impl Client {
         };
         tokio::spawn(driver.run(session));
         Ok(Client {
-            shared,
-            commands: commands_tx,
+            sender: Sender {
+                shared,
+                commands: commands_tx,
+            },
             incoming: incoming_rx,
             auto_ack: options.auto_ack,
             user,
+            early_receipts,
         })
     }
 
@@ -289,6 +329,114 @@ impl Client {
         self.user
     }
 
+    /// A handle for sending from other tasks.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// Sends `body` to `to` and waits until the server has stored it durably.
+    pub async fn send(
+        &self,
+        to: u64,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<SendReceipt, ClientError> {
+        self.sender.send(to, body).await
+    }
+
+    /// Sends with a chosen client message id; see [`Sender::send_with_id`].
+    pub async fn send_with_id(
+        &self,
+        client_id: u64,
+        to: u64,
+        body: impl Into<Vec<u8>>,
+        ttl_secs: Option<u32>,
+    ) -> Result<SendReceipt, ClientError> {
+        self.sender
+            .send_with_id(client_id, to, body, ttl_secs)
+            .await
+    }
+
+    /// The receipts of [`ConnectOptions::early_sends`], in order, once each is stored.
+    pub async fn early_receipts(&mut self) -> Vec<Result<SendReceipt, ClientError>> {
+        let mut receipts = Vec::new();
+        for receiver in std::mem::take(&mut self.early_receipts) {
+            receipts.push(receiver.await.unwrap_or(Err(ClientError::Shutdown)));
+        }
+        receipts
+    }
+
+    /// The next message or signal, in sequence order; `None` once the client is closed.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        let incoming = self.incoming.recv().await?;
+        if let Incoming::Message(delivery) = &incoming
+            && self.auto_ack
+        {
+            let _ = self.sender.commands.send(Command::Ack(delivery.seq));
+        }
+        Some(incoming)
+    }
+
+    /// The next stored message, skipping signals.
+    pub async fn recv_message(&mut self) -> Option<Delivery> {
+        loop {
+            match self.recv().await? {
+                Incoming::Message(delivery) => return Some(delivery),
+                Incoming::Signal { .. } => continue,
+            }
+        }
+    }
+
+    /// Acknowledges every message up to `up_to_seq`; the server deletes them.
+    pub fn ack(&self, up_to_seq: u64) {
+        let _ = self.sender.commands.send(Command::Ack(up_to_seq));
+    }
+
+    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline.
+    pub fn signal(&self, peer: u64, kind: SignalKind, payload: Vec<u8>) {
+        let _ = self.sender.commands.send(Command::Signal {
+            peer,
+            kind,
+            payload,
+        });
+    }
+
+    /// The highest sequence number received.
+    pub fn last_seq(&self) -> u64 {
+        self.sender.shared.lock().expect("client state").last_seq
+    }
+
+    /// Whether the server accepted the latest connection's 0-RTT data (`None`: no 0-RTT was
+    /// attempted).
+    pub fn zero_rtt_accepted(&self) -> Option<bool> {
+        self.sender
+            .shared
+            .lock()
+            .expect("client state")
+            .zero_rtt_accepted
+    }
+
+    /// Connections made so far, including reconnects.
+    pub fn connections(&self) -> u64 {
+        self.sender.shared.lock().expect("client state").connections
+    }
+
+    /// Sends not yet acknowledged by the server.
+    pub fn pending_sends(&self) -> usize {
+        self.sender
+            .shared
+            .lock()
+            .expect("client state")
+            .pending
+            .len()
+    }
+
+    /// Closes the connection; pending sends fail with [`ClientError::Shutdown`].
+    pub fn close(&self) {
+        let _ = self.sender.commands.send(Command::Close);
+    }
+}
+
+impl Sender {
     /// Sends `body` to `to` and waits until the server has stored it durably.
     pub async fn send(
         &self,
@@ -305,7 +453,8 @@ impl Client {
     }
 
     /// Sends with a chosen client message id (unique per sender), for callers that persist
-    /// their outbox and must retry with the same id after a restart.
+    /// their outbox and must retry with the same id after a restart. A second call with an id
+    /// already stored is answered with the first copy's receipt.
     pub async fn send_with_id(
         &self,
         client_id: u64,
@@ -343,72 +492,11 @@ impl Client {
             .map_err(|_| ClientError::Shutdown)?;
         rx.await.map_err(|_| ClientError::Shutdown)?
     }
-
-    /// The next message or signal, in sequence order; `None` once the client is closed.
-    pub async fn recv(&mut self) -> Option<Incoming> {
-        let incoming = self.incoming.recv().await?;
-        if let Incoming::Message(delivery) = &incoming
-            && self.auto_ack
-        {
-            let _ = self.commands.send(Command::Ack(delivery.seq));
-        }
-        Some(incoming)
-    }
-
-    /// The next stored message, skipping signals.
-    pub async fn recv_message(&mut self) -> Option<Delivery> {
-        loop {
-            match self.recv().await? {
-                Incoming::Message(delivery) => return Some(delivery),
-                Incoming::Signal { .. } => continue,
-            }
-        }
-    }
-
-    /// Acknowledges every message up to `up_to_seq`; the server deletes them.
-    pub fn ack(&self, up_to_seq: u64) {
-        let _ = self.commands.send(Command::Ack(up_to_seq));
-    }
-
-    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline.
-    pub fn signal(&self, peer: u64, kind: SignalKind, payload: Vec<u8>) {
-        let _ = self.commands.send(Command::Signal {
-            peer,
-            kind,
-            payload,
-        });
-    }
-
-    /// The highest sequence number received.
-    pub fn last_seq(&self) -> u64 {
-        self.shared.lock().expect("client state").last_seq
-    }
-
-    /// Whether the server accepted the latest connection's 0-RTT data (`None`: no 0-RTT was
-    /// attempted).
-    pub fn zero_rtt_accepted(&self) -> Option<bool> {
-        self.shared.lock().expect("client state").zero_rtt_accepted
-    }
-
-    /// Connections made so far, including reconnects.
-    pub fn connections(&self) -> u64 {
-        self.shared.lock().expect("client state").connections
-    }
-
-    /// Sends not yet acknowledged by the server.
-    pub fn pending_sends(&self) -> usize {
-        self.shared.lock().expect("client state").pending.len()
-    }
-
-    /// Closes the connection; pending sends fail with [`ClientError::Shutdown`].
-    pub fn close(&self) {
-        let _ = self.commands.send(Command::Close);
-    }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Close);
+        let _ = self.sender.commands.send(Command::Close);
     }
 }
 

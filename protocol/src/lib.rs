@@ -10,6 +10,8 @@
 
 mod frame;
 mod limits;
+#[cfg(feature = "token")]
+pub mod token;
 
 pub use frame::{ALL_ERROR_CODES, ErrorCode, Frame, SignalKind};
 pub use limits::*;

@@ -1,0 +1,221 @@
+//! The edge under load: one this process spawned, or one already running.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use courier_client::{ConnectOptions, Connector};
+use courier_protocol::token::{Claims, Role, SigningKey, mint, signing_key_from_base64};
+
+use crate::TargetArgs;
+
+/// How long a spawned edge may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything a workload needs to reach the edge and log in.
+pub struct Target {
+    pub addr: SocketAddr,
+    cert_pem: Vec<u8>,
+    server_name: String,
+    key: SigningKey,
+    key_id: u32,
+    pub pid: Option<u32>,
+    /// Users of this run start above this, so runs against a long-lived edge do not mix.
+    pub user_base: u64,
+    _spawned: Option<SpawnedEdge>,
+}
+
+impl Target {
+    pub async fn open(args: &TargetArgs) -> Result<Target, String> {
+        let user_base = (u64::from(rand::random::<u32>()) + 1) << 20;
+        if args.spawn_edge {
+            let spawned = SpawnedEdge::start(args.edge_shards)?;
+            return Ok(Target {
+                addr: spawned.addr,
+                cert_pem: std::fs::read(spawned.data_dir().join("tls/cert.pem"))
+                    .map_err(|e| format!("spawned edge wrote no certificate: {e}"))?,
+                server_name: "localhost".into(),
+                key: read_key(&spawned.data_dir().join("keys/token-signing.key"))?,
+                key_id: 1,
+                pid: Some(spawned.child.id()),
+                user_base,
+                _spawned: Some(spawned),
+            });
+        }
+        Ok(Target {
+            addr: args.addr,
+            cert_pem: std::fs::read(&args.cert).map_err(|e| {
+                format!(
+                    "cannot read --cert {}: {e} (or use --spawn-edge)",
+                    args.cert.display()
+                )
+            })?,
+            server_name: args.server_name.clone(),
+            key: read_key(&args.token_key)?,
+            key_id: args.token_key_id,
+            pid: args.edge_pid,
+            user_base,
+            _spawned: None,
+        })
+    }
+
+    /// A token for `user`, valid for a day.
+    pub fn token(&self, user: u64) -> String {
+        let now_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        mint(
+            &self.key,
+            &Claims {
+                key_id: self.key_id,
+                user,
+                device: 0,
+                role: Role::Agent,
+                expires_at_secs: now_secs + 86_400,
+            },
+        )
+    }
+
+    /// A connector with its own UDP socket and session cache.
+    pub fn connector(&self) -> Result<Connector, String> {
+        Connector::new(&self.cert_pem, &self.server_name).map_err(|e| e.to_string())
+    }
+
+    pub fn options(&self, user: u64) -> ConnectOptions {
+        ConnectOptions::new(self.addr, self.token(user), 0)
+    }
+}
+
+fn read_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read --token-key {}: {e} (or use --spawn-edge)",
+            path.display()
+        )
+    })?;
+    signing_key_from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// An edge running as a child process of this binary, stopped on drop.
+struct SpawnedEdge {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl SpawnedEdge {
+    fn start(shards: u32) -> Result<SpawnedEdge, String> {
+        let dir =
+            tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config_path = dir.path().join("courier.toml");
+        let config = format!(
+            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config_path, config)
+            .map_err(|e| format!("cannot write the edge config: {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg(crate::EDGE_SUBCOMMAND)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn,courier_edge::server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the edge: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no stderr from the edge")?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("courier-edge listening") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                } else if line.contains("WARN")
+                    || line.contains("ERROR")
+                    || line.contains("courier-edge:")
+                {
+                    eprintln!("edge: {line}");
+                    if line.contains("courier-edge:")
+                        && let Some(tx) = ready_tx.take()
+                    {
+                        let _ = tx.send(Err(line));
+                    }
+                }
+            }
+        });
+        let mut edge = SpawnedEdge { child, dir, addr };
+        match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(())) => {
+                eprintln!("spawned courier-edge (pid {}) on {addr}", edge.child.id());
+                Ok(edge)
+            }
+            Ok(Err(line)) => Err(format!("the spawned edge failed: {line}")),
+            Err(_) => {
+                let _ = edge.child.kill();
+                Err("the spawned edge did not start in time".into())
+            }
+        }
+    }
+
+    fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for SpawnedEdge {
+    fn drop(&mut self) {
+        // SIGTERM: the edge exits at once; everything acknowledged is on disk already.
+        let pid = self.child.id() as libc::pid_t;
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) with a PID we started and have not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// CPU seconds (user + system) and resident bytes of a process, from /proc.
+pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a constant.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks / ticks_per_sec.max(1.0), rss_kib * 1024))
+}

@@ -1,0 +1,135 @@
+//! `courier-bench`: Courier's load generator and correctness checker.
+//!
+//! Workloads (`pairs`, `offline`, `connections`, `reconnect`) run against an edge that is
+//! already running (`--addr`, `--token-key`, `--cert`) or one it starts itself
+//! (`--spawn-edge`: a child process of this binary on a temporary data directory). Every run
+//! prints a table, a progress line while it runs, and with `--json PATH` one JSON object
+//! (fields: docs/bench.md). Message workloads check what they measure: any lost message is a
+//! non-zero exit.
+
+mod edge;
+mod report;
+mod workloads;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The hidden first argument that makes this binary run `courier-edge` (for `--spawn-edge`).
+pub const EDGE_SUBCOMMAND: &str = "__edge";
+
+#[derive(Parser)]
+#[command(
+    name = "courier-bench",
+    version,
+    about = "Load generator and correctness checker for Courier"
+)]
+struct Cli {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Write the run's results as one JSON object to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+/// Which edge to load.
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Start an edge on a temporary data directory, sign tokens with its key, stop it after.
+    #[arg(long, global = true)]
+    pub spawn_edge: bool,
+    /// Shards of the spawned edge (0: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub edge_shards: u32,
+    /// Address of a running edge (ignored with --spawn-edge).
+    #[arg(long, global = true, default_value = "127.0.0.1:4433")]
+    pub addr: SocketAddr,
+    /// The running edge's token-signing key file (base64 seed), to mint tokens.
+    #[arg(
+        long,
+        global = true,
+        default_value = "courier-data/keys/token-signing.key"
+    )]
+    pub token_key: PathBuf,
+    /// Key id the edge knows the signing key by.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub token_key_id: u32,
+    /// PEM certificate of the running edge to trust.
+    #[arg(long, global = true, default_value = "courier-data/tls/cert.pem")]
+    pub cert: PathBuf,
+    /// Name to check the edge's certificate against.
+    #[arg(long, global = true, default_value = "localhost")]
+    pub server_name: String,
+    /// PID of the running edge, to report its CPU time and memory.
+    #[arg(long, global = true)]
+    pub edge_pid: Option<u32>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Workload {
+    /// N sender→receiver pairs, M messages each: closed loop (at most K unacknowledged sends
+    /// per sender) or paced (R messages/s per sender).
+    Pairs(workloads::PairsArgs),
+    /// Receivers connect once and leave; senders send everything; receivers come back and
+    /// drain. Reports the drain rate.
+    Offline(workloads::PairsArgs),
+    /// Hold N authenticated idle connections for T seconds; reports the edge's memory per
+    /// connection when it knows the edge's process.
+    Connections(workloads::ConnectionsArgs),
+    /// A storm of reconnects, full handshakes then resumed sessions with 0-RTT: handshakes/s
+    /// and the time from starting to connect until the first send is acknowledged.
+    Reconnect(workloads::ReconnectArgs),
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    let program = args.next();
+    let rest: Vec<_> = args.collect();
+    if rest.first().is_some_and(|first| first == EDGE_SUBCOMMAND) {
+        let edge_args = std::iter::once("courier-edge".into()).chain(rest.into_iter().skip(1));
+        return courier_edge::cli::main(edge_args);
+    }
+    let cli = Cli::parse_from(program.into_iter().chain(rest));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("courier-bench: cannot start the runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("courier-bench: the checks failed (see above)");
+            ExitCode::from(1)
+        }
+        Err(error) => {
+            eprintln!("courier-bench: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the workload; `Ok(false)` means it ran but a check failed.
+async fn run(cli: Cli) -> Result<bool, String> {
+    let target = edge::Target::open(&cli.target).await?;
+    let report = match &cli.workload {
+        Workload::Pairs(args) => workloads::pairs(&target, args, false).await?,
+        Workload::Offline(args) => workloads::pairs(&target, args, true).await?,
+        Workload::Connections(args) => workloads::connections(&target, args).await?,
+        Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,
+    };
+    report.print();
+    if let Some(path) = &cli.json {
+        report.write_json(path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report.passed())
+}

@@ -1,0 +1,164 @@
+//! What a run measured and checked: a table for people, JSON for tools (docs/bench.md).
+
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Latency {
+    pub fn from_histogram(histogram: &Histogram<u64>) -> Option<Latency> {
+        if histogram.is_empty() {
+            return None;
+        }
+        Some(Latency {
+            count: histogram.len(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        })
+    }
+}
+
+/// A histogram for microsecond latencies from 1 µs to 10 minutes, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One run's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub workload: String,
+    /// The command line that produced this report.
+    pub command: String,
+    pub started_at_unix_ms: u64,
+    pub params: serde_json::Value,
+    pub duration_secs: f64,
+    pub messages_sent: u64,
+    pub messages_acked: u64,
+    pub messages_delivered: u64,
+    /// Acknowledged by the server, never delivered. Must be 0.
+    pub lost: u64,
+    /// Delivered more than once to the application (after the SDK's dedupe). Must be 0.
+    pub duplicates: u64,
+    /// Delivered out of sequence order in an inbox. Must be 0.
+    pub reordered: u64,
+    /// Delivered under another sequence number than the sender was told. Must be 0.
+    pub seq_mismatches: u64,
+    pub delivered_per_sec: f64,
+    pub send_ack_latency: Option<Latency>,
+    pub deliver_latency: Option<Latency>,
+    /// CPU seconds the edge process used during the run, when its PID is known.
+    pub edge_cpu_secs: Option<f64>,
+    /// The edge's resident memory at the end of the run, when its PID is known.
+    pub edge_rss_bytes: Option<u64>,
+    /// Workload-specific results.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    pub fn new(workload: &str, params: serde_json::Value) -> Report {
+        Report {
+            workload: workload.to_string(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            started_at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            params,
+            duration_secs: 0.0,
+            messages_sent: 0,
+            messages_acked: 0,
+            messages_delivered: 0,
+            lost: 0,
+            duplicates: 0,
+            reordered: 0,
+            seq_mismatches: 0,
+            delivered_per_sec: 0.0,
+            send_ack_latency: None,
+            deliver_latency: None,
+            edge_cpu_secs: None,
+            edge_rss_bytes: None,
+            extra: serde_json::Map::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.lost == 0
+            && self.duplicates == 0
+            && self.reordered == 0
+            && self.seq_mismatches == 0
+            && self.errors.is_empty()
+    }
+
+    pub fn print(&self) {
+        println!();
+        println!(
+            "courier-bench {} ({:.2} s)",
+            self.workload, self.duration_secs
+        );
+        println!("  params     {}", self.params);
+        if self.messages_sent > 0 {
+            println!(
+                "  messages   sent {}  acked {}  delivered {}  ({:.0} delivered/s)",
+                self.messages_sent,
+                self.messages_acked,
+                self.messages_delivered,
+                self.delivered_per_sec
+            );
+            println!(
+                "  checks     lost {}  duplicates {}  reordered {}  seq mismatches {}  => {}",
+                self.lost,
+                self.duplicates,
+                self.reordered,
+                self.seq_mismatches,
+                if self.passed() { "PASS" } else { "FAIL" }
+            );
+        }
+        println!("  latency µs         p50      p90      p99    p99.9      max    count");
+        for (name, latency) in [
+            ("send→ack", &self.send_ack_latency),
+            ("send→deliver", &self.deliver_latency),
+        ] {
+            if let Some(l) = latency {
+                println!(
+                    "  {name:<14} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                    l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.count
+                );
+            }
+        }
+        if let Some(cpu) = self.edge_cpu_secs {
+            println!("  edge       cpu {cpu:.2} s");
+        }
+        if let Some(rss) = self.edge_rss_bytes {
+            println!("  edge       rss {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+        }
+        for (key, value) in &self.extra {
+            println!("  {key:<10} {value}");
+        }
+        for error in &self.errors {
+            println!("  error      {error}");
+        }
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| format!("cannot encode the report: {e}"))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}

@@ -1,0 +1,652 @@
+//! The workloads. Each connects real clients through the SDK, measures, and checks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use courier_client::{Client, EarlySend};
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::edge::{Target, process_usage};
+use crate::report::{Latency, Report, latency_histogram};
+
+/// Bytes of the header every bench message body starts with: pair, index, send time.
+const HEADER_BYTES: usize = 4 + 4 + 8;
+
+#[derive(Args, Debug, Clone)]
+pub struct PairsArgs {
+    /// Sender→receiver pairs.
+    #[arg(long, default_value_t = 100)]
+    pub pairs: u32,
+    /// Messages each sender sends.
+    #[arg(long, default_value_t = 1000)]
+    pub msgs: u32,
+    /// Bytes of each message body (at least 16).
+    #[arg(long, default_value_t = 200)]
+    pub bytes: usize,
+    /// Closed loop: unacknowledged sends per sender.
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: u32,
+    /// Paced instead of closed loop: messages per second per sender.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// After the last send, wait at most this long for deliveries before counting the rest lost.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectionsArgs {
+    /// Idle connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: u32,
+    /// Seconds to hold them.
+    #[arg(long, default_value_t = 10)]
+    pub hold_secs: u64,
+    /// Client UDP sockets to spread the connections over.
+    #[arg(long, default_value_t = 16)]
+    pub sockets: u32,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReconnectArgs {
+    /// Connections per phase (full handshakes, then resumed with 0-RTT).
+    #[arg(long, default_value_t = 2000)]
+    pub connections: u32,
+    /// Connections made at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u32,
+}
+
+fn micros(duration: Duration) -> u64 {
+    (duration.as_micros() as u64).max(1)
+}
+
+/// The edge's CPU seconds and memory, if its PID is known.
+struct EdgeUsage {
+    pid: Option<u32>,
+    cpu_start: Option<f64>,
+}
+
+impl EdgeUsage {
+    fn start(target: &Target) -> EdgeUsage {
+        EdgeUsage {
+            pid: target.pid,
+            cpu_start: target.pid.and_then(process_usage).map(|(cpu, _)| cpu),
+        }
+    }
+
+    fn finish(&self, report: &mut Report) {
+        if let (Some(pid), Some(start)) = (self.pid, self.cpu_start)
+            && let Some((cpu, rss)) = process_usage(pid)
+        {
+            report.edge_cpu_secs = Some(cpu - start);
+            report.edge_rss_bytes = Some(rss);
+        }
+    }
+}
+
+/// What the receivers saw, per pair.
+struct PairState {
+    /// Seq the sender was told for each message index (0: not acknowledged).
+    acked_seq: Vec<AtomicU64>,
+    /// Seq each index was delivered with (0: not delivered).
+    delivered_seq: Mutex<Vec<u64>>,
+}
+
+/// Shared counters for the progress line and the checks.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    delivered: AtomicU64,
+    duplicates: AtomicU64,
+    reordered: AtomicU64,
+}
+
+fn body(pair: u32, index: u32, bytes: usize, epoch: Instant) -> Vec<u8> {
+    let mut body = Vec::with_capacity(bytes.max(HEADER_BYTES));
+    body.extend_from_slice(&pair.to_be_bytes());
+    body.extend_from_slice(&index.to_be_bytes());
+    body.extend_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+    body.resize(bytes.max(HEADER_BYTES), 0x5A);
+    body
+}
+
+fn parse_body(body: &[u8]) -> Option<(u32, u32, u64)> {
+    let pair = u32::from_be_bytes(body.get(0..4)?.try_into().ok()?);
+    let index = u32::from_be_bytes(body.get(4..8)?.try_into().ok()?);
+    let sent_ns = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
+    Some((pair, index, sent_ns))
+}
+
+async fn connect(target: &Target, user: u64) -> Result<Client, String> {
+    let connector = target.connector()?;
+    connector
+        .connect(target.options(user))
+        .await
+        .map_err(|e| format!("user {user} cannot connect: {e}"))
+}
+
+/// Prints a progress line every second until `stop` is set.
+fn progress(
+    counters: Arc<Counters>,
+    expected: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut last_delivered = 0;
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let delivered = counters.delivered.load(Ordering::Relaxed);
+            eprintln!(
+                "[{:>5.1}s] sent {} acked {} delivered {}/{} ({} /s)",
+                start.elapsed().as_secs_f64(),
+                counters.sent.load(Ordering::Relaxed),
+                counters.acked.load(Ordering::Relaxed),
+                delivered,
+                expected,
+                delivered - last_delivered
+            );
+            last_delivered = delivered;
+        }
+    })
+}
+
+/// `pairs` and `offline`: senders send to receivers; check every acknowledged message arrives
+/// once, in order, at the seq the sender was told.
+pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<Report, String> {
+    let workload = if offline { "offline" } else { "pairs" };
+    let mut report = Report::new(
+        workload,
+        json!({
+            "pairs": args.pairs, "msgs": args.msgs, "bytes": args.bytes,
+            "in_flight": args.in_flight, "rate": args.rate,
+        }),
+    );
+    if args.bytes < HEADER_BYTES {
+        return Err(format!("--bytes must be at least {HEADER_BYTES}"));
+    }
+    let epoch = Instant::now();
+    let sender_user = |pair: u32| target.user_base + 2 * u64::from(pair) + 1;
+    let receiver_user = |pair: u32| target.user_base + 2 * u64::from(pair) + 2;
+    let states: Arc<Vec<PairState>> = Arc::new(
+        (0..args.pairs)
+            .map(|_| PairState {
+                acked_seq: (0..args.msgs).map(|_| AtomicU64::new(0)).collect(),
+                delivered_seq: Mutex::new(vec![0; args.msgs as usize]),
+            })
+            .collect(),
+    );
+    let counters = Arc::new(Counters::default());
+    let deliver_hist = Arc::new(Mutex::new(latency_histogram()));
+    let expected = u64::from(args.pairs) * u64::from(args.msgs);
+
+    let mut senders = Vec::new();
+    for pair in 0..args.pairs {
+        senders.push(connect(target, sender_user(pair)).await?);
+    }
+    let mut receivers = Vec::new();
+    if !offline {
+        for pair in 0..args.pairs {
+            receivers.push(connect(target, receiver_user(pair)).await?);
+        }
+    } else {
+        // Receivers log in once, so they exist, and leave.
+        for pair in 0..args.pairs {
+            drop(connect(target, receiver_user(pair)).await?);
+        }
+    }
+    eprintln!("{workload}: {} pairs connected", args.pairs);
+
+    let usage = EdgeUsage::start(target);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress_task = progress(counters.clone(), expected, stop.clone());
+    let start = Instant::now();
+    let mut receive_tasks = Vec::new();
+    let spawn_receivers =
+        |receivers: Vec<Client>, receive_tasks: &mut Vec<tokio::task::JoinHandle<Instant>>| {
+            for (pair, mut client) in receivers.into_iter().enumerate() {
+                let states = states.clone();
+                let counters = counters.clone();
+                let hist = deliver_hist.clone();
+                let msgs = args.msgs as usize;
+                receive_tasks.push(tokio::spawn(async move {
+                    let mut last = Instant::now();
+                    let mut received = 0usize;
+                    let mut last_seq = 0;
+                    let mut local = latency_histogram();
+                    while received < msgs {
+                        let Some(delivery) = client.recv_message().await else {
+                            break;
+                        };
+                        last = Instant::now();
+                        let Some((from_pair, index, sent_ns)) = parse_body(&delivery.body) else {
+                            continue;
+                        };
+                        if delivery.seq <= last_seq {
+                            counters.reordered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        last_seq = delivery.seq;
+                        if from_pair as usize != pair || index as usize >= msgs {
+                            continue;
+                        }
+                        let mut delivered = states[pair].delivered_seq.lock().expect("state");
+                        if delivered[index as usize] != 0 {
+                            counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        delivered[index as usize] = delivery.seq;
+                        drop(delivered);
+                        received += 1;
+                        counters.delivered.fetch_add(1, Ordering::Relaxed);
+                        let now_ns = epoch.elapsed().as_nanos() as u64;
+                        let _ = local.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+                    }
+                    hist.lock()
+                        .expect("histogram")
+                        .add(&local)
+                        .expect("same bounds");
+                    last
+                }));
+            }
+        };
+    spawn_receivers(std::mem::take(&mut receivers), &mut receive_tasks);
+
+    // Senders.
+    let mut send_tasks = Vec::new();
+    for (pair, client) in senders.iter().enumerate() {
+        let pair = pair as u32;
+        let to = receiver_user(pair);
+        let sender = client.sender();
+        let states = states.clone();
+        let counters = counters.clone();
+        let args = args.clone();
+        send_tasks.push(tokio::spawn(async move {
+            let hist = Arc::new(Mutex::new(latency_histogram()));
+            let next = Arc::new(AtomicU64::new(0));
+            let lanes = if args.rate.is_some() {
+                1
+            } else {
+                args.in_flight.max(1)
+            };
+            let paced_interval = args
+                .rate
+                .map(|rate| Duration::from_secs_f64(1.0 / rate.max(0.001)));
+            let mut lane_tasks = Vec::new();
+            if let Some(interval) = paced_interval {
+                // Paced: one send started per tick, each in its own task so a slow ack does
+                // not delay the next send.
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                for index in 0..args.msgs {
+                    ticker.tick().await;
+                    let sender = sender.clone();
+                    let (states, counters, hist) = (states.clone(), counters.clone(), hist.clone());
+                    let bytes = args.bytes;
+                    lane_tasks.push(tokio::spawn(async move {
+                        send_one(
+                            &sender, to, pair, index, bytes, epoch, &states, &counters, &hist,
+                        )
+                        .await
+                    }));
+                }
+            } else {
+                for _ in 0..lanes {
+                    let sender = sender.clone();
+                    let (states, counters, hist, next) =
+                        (states.clone(), counters.clone(), hist.clone(), next.clone());
+                    let (msgs, bytes) = (args.msgs, args.bytes);
+                    lane_tasks.push(tokio::spawn(async move {
+                        loop {
+                            let index = next.fetch_add(1, Ordering::Relaxed);
+                            if index >= u64::from(msgs) {
+                                return Ok(());
+                            }
+                            send_one(
+                                &sender,
+                                to,
+                                pair,
+                                index as u32,
+                                bytes,
+                                epoch,
+                                &states,
+                                &counters,
+                                &hist,
+                            )
+                            .await?;
+                        }
+                    }));
+                }
+            }
+            let mut errors = Vec::new();
+            for task in lane_tasks {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => errors.push(error),
+                    Err(error) => errors.push(error.to_string()),
+                }
+            }
+            let hist = hist.lock().expect("histogram").clone();
+            (hist, errors)
+        }));
+    }
+    let mut ack_hist = latency_histogram();
+    for task in send_tasks {
+        let (hist, errors) = task.await.map_err(|e| e.to_string())?;
+        ack_hist.add(&hist).expect("same bounds");
+        report.errors.extend(errors.into_iter().take(5));
+    }
+    let sends_done = Instant::now();
+    eprintln!(
+        "{workload}: all sends acknowledged after {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    let drain_start = Instant::now();
+    if offline {
+        let mut receivers = Vec::new();
+        for pair in 0..args.pairs {
+            receivers.push(connect(target, receiver_user(pair)).await?);
+        }
+        spawn_receivers(receivers, &mut receive_tasks);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+    let mut last_delivery = sends_done;
+    for task in receive_tasks {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(last)) => last_delivery = last_delivery.max(last),
+            Ok(Err(error)) => report.errors.push(error.to_string()),
+            Err(_) => {
+                report
+                    .errors
+                    .push("deliveries still missing at the drain timeout".into());
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = progress_task.await;
+    usage.finish(&mut report);
+
+    // Checks: every acknowledged message delivered, at the seq the sender was told.
+    for state in states.iter() {
+        let delivered = state.delivered_seq.lock().expect("state");
+        for (acked, delivered) in state.acked_seq.iter().zip(delivered.iter()) {
+            let acked = acked.load(Ordering::Relaxed);
+            if acked != 0 && *delivered == 0 {
+                report.lost += 1;
+            } else if acked != 0 && acked != *delivered {
+                report.seq_mismatches += 1;
+            }
+        }
+    }
+    report.messages_sent = counters.sent.load(Ordering::Relaxed);
+    report.messages_acked = counters.acked.load(Ordering::Relaxed);
+    report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
+    report.duplicates = counters.duplicates.load(Ordering::Relaxed);
+    report.reordered = counters.reordered.load(Ordering::Relaxed);
+    let active = if offline {
+        last_delivery - drain_start
+    } else {
+        last_delivery - start
+    };
+    report.duration_secs = (last_delivery - start).as_secs_f64();
+    report.delivered_per_sec = report.messages_delivered as f64 / active.as_secs_f64().max(1e-9);
+    report.send_ack_latency = Latency::from_histogram(&ack_hist);
+    if !offline {
+        report.deliver_latency = Latency::from_histogram(&deliver_hist.lock().expect("histogram"));
+    }
+    if offline {
+        report.extra.insert(
+            "send_secs".into(),
+            json!((sends_done - start).as_secs_f64()),
+        );
+        report
+            .extra
+            .insert("drain_secs".into(), json!(active.as_secs_f64()));
+        report
+            .extra
+            .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
+    }
+    drop(senders);
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_one(
+    sender: &courier_client::Sender,
+    to: u64,
+    pair: u32,
+    index: u32,
+    bytes: usize,
+    epoch: Instant,
+    states: &[PairState],
+    counters: &Counters,
+    hist: &Mutex<Histogram<u64>>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    counters.sent.fetch_add(1, Ordering::Relaxed);
+    let receipt = sender
+        .send(to, body(pair, index, bytes, epoch))
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    let _ = hist
+        .lock()
+        .expect("histogram")
+        .record(micros(started.elapsed()));
+    states[pair as usize].acked_seq[index as usize].store(receipt.seq, Ordering::Relaxed);
+    counters.acked.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// `connections`: hold many idle, authenticated connections; memory per connection.
+pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "connections",
+        json!({ "connections": args.connections, "hold_secs": args.hold_secs, "sockets": args.sockets }),
+    );
+    let usage = EdgeUsage::start(target);
+    let rss_before = target.pid.and_then(process_usage).map(|(_, rss)| rss);
+    let connectors: Vec<_> = (0..args.sockets.max(1))
+        .map(|_| target.connector())
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1) as usize));
+    let mut tasks = Vec::new();
+    for index in 0..args.connections {
+        let connector = connectors[index as usize % connectors.len()].clone();
+        let options = target.options(target.user_base + u64::from(index) + 1);
+        let permit = semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        tasks.push(tokio::spawn(async move {
+            let result = connector.connect(options).await;
+            drop(permit);
+            result
+        }));
+        if index % 1000 == 999 {
+            eprintln!(
+                "[{:>5.1}s] {} connections started",
+                start.elapsed().as_secs_f64(),
+                index + 1
+            );
+        }
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(client)) => clients.push(client),
+            Ok(Err(error)) => {
+                if report.errors.len() < 5 {
+                    report.errors.push(error.to_string());
+                }
+            }
+            Err(error) => report.errors.push(error.to_string()),
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} connections open after {connect_secs:.2} s; holding {} s",
+        clients.len(),
+        args.hold_secs
+    );
+    tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    let still_open = clients.iter().filter(|c| c.connections() == 1).count();
+    let rss_held = target.pid.and_then(process_usage).map(|(_, rss)| rss);
+    usage.finish(&mut report);
+    report.duration_secs = start.elapsed().as_secs_f64();
+    report
+        .extra
+        .insert("connections_open".into(), json!(clients.len()));
+    report
+        .extra
+        .insert("connections_never_reconnected".into(), json!(still_open));
+    report.extra.insert(
+        "connect_per_sec".into(),
+        json!(clients.len() as f64 / connect_secs.max(1e-9)),
+    );
+    if let (Some(before), Some(held)) = (rss_before, rss_held)
+        && !clients.is_empty()
+    {
+        let per_connection = held.saturating_sub(before) as f64 / clients.len() as f64;
+        report
+            .extra
+            .insert("edge_rss_before_bytes".into(), json!(before));
+        report.extra.insert(
+            "edge_rss_per_connection_bytes".into(),
+            json!(per_connection.round()),
+        );
+    }
+    if clients.len() < args.connections as usize {
+        report.errors.push(format!(
+            "only {} of {} connections opened",
+            clients.len(),
+            args.connections
+        ));
+    }
+    Ok(report)
+}
+
+/// `reconnect`: connect, send one message, wait for its ack, disconnect; full handshakes, then
+/// resumed sessions whose first send rides in 0-RTT data.
+pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "reconnect",
+        json!({ "connections": args.connections, "concurrency": args.concurrency }),
+    );
+    let usage = EdgeUsage::start(target);
+    let recipient = target.user_base + 1;
+    let start = Instant::now();
+    for resumed in [false, true] {
+        let phase = if resumed { "resumed_0rtt" } else { "full" };
+        let hist = Arc::new(Mutex::new(latency_histogram()));
+        let accepted_0rtt = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let phase_start = Instant::now();
+        let mut lanes = Vec::new();
+        for lane in 0..args.concurrency.max(1) {
+            let (hist, accepted_0rtt, next) = (hist.clone(), accepted_0rtt.clone(), next.clone());
+            let user = target.user_base + 10 + u64::from(lane);
+            let options = target.options(user);
+            // Resumed phase: one connector per lane, primed by one connection so it holds a
+            // session ticket. Full phase: a fresh connector (no ticket) for every connection.
+            let primed = if resumed {
+                let connector = target.connector()?;
+                let client = connector
+                    .connect(options.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client
+                    .send(recipient, b"prime".to_vec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                drop(client);
+                Some(connector)
+            } else {
+                None
+            };
+            let connections = args.connections;
+            let fresh = (!resumed).then(|| target.connector());
+            let fresh = match fresh {
+                Some(Ok(connector)) => Some(connector),
+                Some(Err(error)) => return Err(error),
+                None => None,
+            };
+            let cert_source = fresh.clone();
+            lanes.push(tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= u64::from(connections) {
+                        return Ok::<(), String>(());
+                    }
+                    let connector = match (&primed, &cert_source) {
+                        (Some(connector), _) => connector.clone(),
+                        (None, Some(template)) => {
+                            template.fresh_session().map_err(|e| e.to_string())?
+                        }
+                        (None, None) => unreachable!("one of the two is set"),
+                    };
+                    let mut options = options.clone();
+                    options.reconnect = false;
+                    options.early_sends = vec![EarlySend {
+                        client_id: rand::random::<u64>() | 1,
+                        to: recipient,
+                        body: b"hello".to_vec(),
+                    }];
+                    let began = Instant::now();
+                    let mut client = connector
+                        .connect(options)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let receipts = client.early_receipts().await;
+                    for receipt in receipts {
+                        receipt.map_err(|e| e.to_string())?;
+                    }
+                    let _ = hist
+                        .lock()
+                        .expect("histogram")
+                        .record(micros(began.elapsed()));
+                    if client.zero_rtt_accepted() == Some(true) {
+                        accepted_0rtt.fetch_add(1, Ordering::Relaxed);
+                    }
+                    client.close();
+                }
+            }));
+        }
+        for lane in lanes {
+            if let Err(error) = lane.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                report.errors.push(format!("{phase}: {error}"));
+            }
+        }
+        let secs = phase_start.elapsed().as_secs_f64();
+        let hist = hist.lock().expect("histogram").clone();
+        report.extra.insert(
+            format!("{phase}_handshakes_per_sec"),
+            json!(hist.len() as f64 / secs.max(1e-9)),
+        );
+        report.extra.insert(
+            format!("{phase}_first_ack_latency"),
+            serde_json::to_value(Latency::from_histogram(&hist)).unwrap_or_default(),
+        );
+        report.extra.insert(
+            format!("{phase}_0rtt_accepted"),
+            json!(accepted_0rtt.load(Ordering::Relaxed)),
+        );
+        eprintln!(
+            "reconnect {phase}: {} connections in {secs:.2} s",
+            hist.len()
+        );
+    }
+    usage.finish(&mut report);
+    report.duration_secs = start.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,137 @@
+//! The `courier-edge` command line. `main.rs` calls [`main`]; the load generator calls it too,
+//! to run an edge in a child process of its own binary.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::{auth, server};
+
+#[derive(Parser)]
+#[command(
+    name = "courier-edge",
+    version,
+    about = "Courier chat-messaging edge gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the edge. Without --config it runs on built-in defaults: QUIC on 127.0.0.1:4433,
+    /// data in ./courier-data, the embedded store, one shard per core.
+    Serve {
+        /// TOML config file (see `print-default-config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Mint a token signed with the configured key (the development key by default).
+    Token {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// User id (a positive 64-bit number).
+        #[arg(long)]
+        user: u64,
+        /// Device number of the user, 0 to 63.
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+        /// `user` or `agent`.
+        #[arg(long, default_value = "user")]
+        role: auth::Role,
+        /// Lifetime, like 90s, 30m, 24h or 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Print the built-in configuration as TOML, every key with its default.
+    PrintDefaultConfig,
+    /// Check a config file and exit 0 if it is valid.
+    CheckConfig { path: PathBuf },
+}
+
+/// Parses `args` (program name first) and runs the command.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,lsm_tree=warn,fjall=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match try_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("courier-edge: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn try_main(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config } => server::serve(load(config.as_ref())?),
+        Command::Token {
+            config,
+            user,
+            device,
+            role,
+            ttl,
+        } => {
+            let config = load(config.as_ref())?;
+            if user == 0 {
+                return Err("--user must be positive: 0 is reserved".into());
+            }
+            if device > courier_protocol::DEVICE_ID_MAX {
+                return Err(format!(
+                    "--device must be at most {}",
+                    courier_protocol::DEVICE_ID_MAX
+                ));
+            }
+            let ttl_secs = auth::parse_duration_secs(&ttl)?;
+            let (key, generated) = auth::load_or_create_signing_key(&config)?;
+            if generated {
+                eprintln!(
+                    "generated a development token-signing key in {}",
+                    auth::signing_key_path(&config).display()
+                );
+            }
+            let now_secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let claims = auth::Claims {
+                key_id: config.auth.signing_key_id,
+                user,
+                device,
+                role,
+                expires_at_secs: now_secs.saturating_add(ttl_secs),
+            };
+            println!("{}", auth::mint(&key, &claims));
+            Ok(())
+        }
+        Command::PrintDefaultConfig => {
+            print!("{}", Config::default_toml());
+            Ok(())
+        }
+        Command::CheckConfig { path } => {
+            Config::load(&path).map_err(|e| e.to_string())?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The Courier edge server: one glommio executor per core terminating QUIC with quinn-proto,
+//! committing through `courier-core`. The binary is `courier-edge` (`cli::main`).
+
+pub mod auth;
+pub mod cid;
+pub mod cli;
+pub mod config;
+mod mesh;
+pub mod server;
+mod shard;
+pub mod tls;
