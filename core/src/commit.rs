@@ -52,19 +52,46 @@ pub enum Outcome {
 ///
 /// The shard is the only writer of its inboxes (the FoundationDB backend fences stale owners),
 /// so a sequence number it committed stays the latest until it commits the next: the cache
-/// saves one store read per send. Any failed commit empties the cache, because an unknown
-/// result may or may not have advanced the counters.
+/// saves one store read per send. It also remembers up to where each inbox is already
+/// deleted, so an ack clears only the live messages instead of scanning every tombstone since
+/// seq 1. Any failed commit empties the cache, because an unknown result may or may not have
+/// advanced the counters.
 #[derive(Debug)]
 pub struct Committer {
     config: CoreConfig,
+    known: InboxFacts,
+}
+
+/// What the committer knows about inboxes from its own commits.
+#[derive(Debug, Default)]
+struct InboxFacts {
+    /// The last sequence number assigned in each inbox.
     last_seqs: HashMap<UserId, u64>,
+    /// Every message up to this seq is deleted.
+    acked_up_to: HashMap<UserId, u64>,
+}
+
+impl InboxFacts {
+    fn len(&self) -> usize {
+        self.last_seqs.len() + self.acked_up_to.len()
+    }
+
+    fn clear(&mut self) {
+        self.last_seqs.clear();
+        self.acked_up_to.clear();
+    }
+
+    fn extend(&mut self, learned: InboxFacts) {
+        self.last_seqs.extend(learned.last_seqs);
+        self.acked_up_to.extend(learned.acked_up_to);
+    }
 }
 
 impl Committer {
     pub fn new(config: &CoreConfig) -> Committer {
         Committer {
             config: config.clone(),
-            last_seqs: HashMap::new(),
+            known: InboxFacts::default(),
         }
     }
 
@@ -91,10 +118,10 @@ impl Committer {
         loop {
             attempt += 1;
             let result = self.attempt(store, requests, now);
-            let (mut outcomes, batch_seqs) = match result {
+            let (mut outcomes, learned) = match result {
                 Ok(written) => written,
                 Err((error, outcomes)) => {
-                    self.last_seqs.clear();
+                    self.known.clear();
                     if !(error.is_retryable() && attempt < self.config.commit_attempts_max) {
                         return Err(error);
                     }
@@ -119,11 +146,11 @@ impl Committer {
                     *fresh = true;
                 }
             }
-            if self.last_seqs.len() + batch_seqs.len() > self.config.seq_cache_entries_max {
+            if self.known.len() + learned.len() > self.config.seq_cache_entries_max {
                 // Bounded: start over rather than track recency; misses only cost a read.
-                self.last_seqs.clear();
+                self.known.clear();
             }
-            self.last_seqs.extend(batch_seqs);
+            self.known.extend(learned);
             return Ok(outcomes);
         }
     }
@@ -136,20 +163,13 @@ impl Committer {
         store: &S,
         requests: &[Request],
         now: UnixMillis,
-    ) -> Result<(Vec<Outcome>, HashMap<UserId, u64>), (StoreError, Vec<Outcome>)> {
+    ) -> Result<(Vec<Outcome>, InboxFacts), (StoreError, Vec<Outcome>)> {
         let mut txn = store.begin().map_err(|error| (error, Vec::new()))?;
-        let mut batch_seqs = HashMap::new();
-        let outcomes = write_batch(
-            &mut txn,
-            requests,
-            now,
-            &self.config,
-            &self.last_seqs,
-            &mut batch_seqs,
-        )
-        .map_err(|error| (error, Vec::new()))?;
+        let mut learned = InboxFacts::default();
+        let outcomes = write_batch(&mut txn, requests, now, &self.config, &self.known, &mut learned)
+            .map_err(|error| (error, Vec::new()))?;
         match txn.commit() {
-            Ok(_version) => Ok((outcomes, batch_seqs)),
+            Ok(_version) => Ok((outcomes, learned)),
             Err(error) => Err((error, outcomes)),
         }
     }
@@ -157,16 +177,17 @@ impl Committer {
 
 /// Writes one attempt of a batch into `txn`.
 ///
-/// `cached_seqs` holds last sequence numbers known from earlier commits; `last_seqs` receives
-/// those of the inboxes this batch touches, which are written back once at the end.
+/// `known` holds what earlier commits established; `learned` receives what this batch
+/// establishes (last seqs are also written back to the store once at the end).
 fn write_batch<T: Transaction>(
     txn: &mut T,
     requests: &[Request],
     now: UnixMillis,
     config: &CoreConfig,
-    cached_seqs: &HashMap<UserId, u64>,
-    last_seqs: &mut HashMap<UserId, u64>,
+    known: &InboxFacts,
+    learned: &mut InboxFacts,
 ) -> Result<Vec<Outcome>, StoreError> {
+    let last_seqs = &mut learned.last_seqs;
     let dedupe_bucket = now / config.dedupe_window_ms;
     // Highest seq per (expiry bucket, inbox) of this batch; written once at the end.
     let mut expiry_seqs: HashMap<(u64, UserId), u64> = HashMap::new();
@@ -179,7 +200,7 @@ fn write_batch<T: Transaction>(
                 } else {
                     let last = match last_seqs
                         .get(&send.to)
-                        .or_else(|| cached_seqs.get(&send.to))
+                        .or_else(|| known.last_seqs.get(&send.to))
                     {
                         Some(last) => *last,
                         None => read_counter(txn, send.to)?,
@@ -212,16 +233,27 @@ fn write_batch<T: Transaction>(
                 }
             }
             Request::Ack { inbox, up_to_seq } => {
-                txn.clear_range(
-                    &keys::message(*inbox, 0),
-                    &keys::message(*inbox, up_to_seq.saturating_add(1)),
-                );
+                // Start after what is known to be deleted: deleted keys leave tombstones that
+                // a range scan from seq 1 would walk on every ack.
+                let deleted_up_to = learned
+                    .acked_up_to
+                    .get(inbox)
+                    .or_else(|| known.acked_up_to.get(inbox))
+                    .copied()
+                    .unwrap_or(0);
+                if *up_to_seq > deleted_up_to {
+                    txn.clear_range(
+                        &keys::message(*inbox, deleted_up_to.saturating_add(1)),
+                        &keys::message(*inbox, up_to_seq.saturating_add(1)),
+                    );
+                    learned.acked_up_to.insert(*inbox, *up_to_seq);
+                }
                 Outcome::Acked
             }
         };
         outcomes.push(outcome);
     }
-    for (inbox, last) in last_seqs.iter() {
+    for (inbox, last) in learned.last_seqs.iter() {
         txn.set(&keys::counter(*inbox), &last.to_le_bytes());
     }
     // A plain set acts as a max: sequence numbers only grow, so this batch's seq is above any
