@@ -234,6 +234,9 @@ struct Shared {
     closed: Option<ClientError>,
 }
 
+/// How long acks are gathered before the highest is sent.
+const ACK_COALESCE: Duration = Duration::from_millis(5);
+
 enum Command {
     Send(u64),
     Ack(u64),
@@ -755,8 +758,18 @@ impl Driver {
         // Unacknowledged sends already went out in the session's first flight.
         let mut retry = tokio::time::interval(self.options.retry_after);
         let mut retry_due: Vec<u64> = Vec::new();
+        let mut ack_tick = tokio::time::interval(ACK_COALESCE);
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_due: Option<u64> = None;
         loop {
             tokio::select! {
+                _ = ack_tick.tick(), if ack_due.is_some() => {
+                    if let Some(up_to_seq) = ack_due.take()
+                        && let Err(error) = write_frame(&mut session.send, &Frame::Ack { up_to_seq }).await
+                    {
+                        return SessionEnd::Lost(error);
+                    }
+                }
                 frame = session.frames.recv() => {
                     let frame = match frame {
                         Some(Ok(frame)) => frame,
@@ -778,17 +791,14 @@ impl Driver {
                         }
                         Some(Command::Send(client_id)) => self.write_send(&mut session, client_id).await,
                         Some(Command::Ack(up_to_seq)) => {
-                            let due = {
-                                let mut shared = self.shared.lock().expect("client state");
-                                (up_to_seq > shared.acked_up_to).then(|| {
-                                    shared.acked_up_to = up_to_seq;
-                                    up_to_seq
-                                })
-                            };
-                            match due {
-                                Some(up_to_seq) => write_frame(&mut session.send, &Frame::Ack { up_to_seq }).await,
-                                None => Ok(()),
+                            // Acks are cumulative and not urgent: coalesce them and send the
+                            // highest at the next ack tick.
+                            let mut shared = self.shared.lock().expect("client state");
+                            if up_to_seq > shared.acked_up_to {
+                                shared.acked_up_to = up_to_seq;
+                                ack_due = Some(up_to_seq);
                             }
+                            Ok(())
                         }
                         Some(Command::Signal { peer, kind, payload }) => {
                             write_frame(&mut session.send, &Frame::Signal { peer, kind, payload }).await

@@ -166,8 +166,15 @@ impl Committer {
     ) -> Result<(Vec<Outcome>, InboxFacts), (StoreError, Vec<Outcome>)> {
         let mut txn = store.begin().map_err(|error| (error, Vec::new()))?;
         let mut learned = InboxFacts::default();
-        let outcomes = write_batch(&mut txn, requests, now, &self.config, &self.known, &mut learned)
-            .map_err(|error| (error, Vec::new()))?;
+        let outcomes = write_batch(
+            &mut txn,
+            requests,
+            now,
+            &self.config,
+            &self.known,
+            &mut learned,
+        )
+        .map_err(|error| (error, Vec::new()))?;
         match txn.commit() {
             Ok(_version) => Ok((outcomes, learned)),
             Err(error) => Err((error, outcomes)),

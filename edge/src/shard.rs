@@ -107,7 +107,9 @@ pub struct Shard {
     store: Arc<FjallStore>,
     verifier: Arc<TokenVerifier>,
     endpoint: Endpoint,
-    conns: HashMap<ConnectionHandle, Conn>,
+    /// Boxed: a quinn connection is several KB, and a map of inline values would keep that
+    /// much in every empty slot of its capacity.
+    conns: HashMap<ConnectionHandle, Box<Conn>>,
     next_generation: u64,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     timer_wake: Option<LocalSender<()>>,
@@ -482,7 +484,7 @@ impl Shard {
                         self.next_generation += 1;
                         self.conns.insert(
                             handle,
-                            Conn {
+                            Box::new(Conn {
                                 quic,
                                 generation,
                                 stream: None,
@@ -496,7 +498,7 @@ impl Shard {
                                 sync_again: false,
                                 dirty: false,
                                 timer_armed: None,
-                            },
+                            }),
                         );
                         self.process_conn(now, handle);
                     }

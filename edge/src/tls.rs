@@ -109,7 +109,8 @@ pub fn server_config(
 pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
     let quic = &config.quic;
     let mut transport = quinn_proto::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // One stream carries the protocol; every permitted stream costs state up front.
+    transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     transport.stream_receive_window(quic.stream_receive_window_bytes.into());
     transport.receive_window(quic.receive_window_bytes.into());
