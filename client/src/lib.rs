@@ -835,6 +835,19 @@ impl Driver {
         write_frame(&mut session.send, &frame).await
     }
 
+    /// Hands a send's final result to everyone waiting for it.
+    fn finish_send(&self, client_id: u64, result: Result<SendReceipt, ClientError>) {
+        let pending = self
+            .shared
+            .lock()
+            .expect("client state")
+            .pending
+            .remove(&client_id);
+        for waiter in pending.into_iter().flat_map(|pending| pending.waiters) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
     async fn handle_frame(
         &mut self,
         session: &mut Session,
@@ -846,23 +859,14 @@ impl Driver {
                 client_id,
                 seq,
                 server_time_ms,
-            } => {
-                let pending = self
-                    .shared
-                    .lock()
-                    .expect("client state")
-                    .pending
-                    .remove(&client_id);
-                if let Some(pending) = pending {
-                    for waiter in pending.waiters {
-                        let _ = waiter.send(Ok(SendReceipt {
-                            client_id,
-                            seq,
-                            server_time_ms,
-                        }));
-                    }
-                }
-            }
+            } => self.finish_send(
+                client_id,
+                Ok(SendReceipt {
+                    client_id,
+                    seq,
+                    server_time_ms,
+                }),
+            ),
             Frame::SendError {
                 client_id,
                 code,
@@ -871,17 +875,7 @@ impl Driver {
                 if retryable {
                     retry_due.push(client_id);
                 } else {
-                    let pending = self
-                        .shared
-                        .lock()
-                        .expect("client state")
-                        .pending
-                        .remove(&client_id);
-                    if let Some(pending) = pending {
-                        for waiter in pending.waiters {
-                            let _ = waiter.send(Err(ClientError::Refused(code)));
-                        }
-                    }
+                    self.finish_send(client_id, Err(ClientError::Refused(code)));
                 }
             }
             Frame::Deliver {

@@ -585,19 +585,7 @@ impl Shard {
             self.end_session(handle, &mut conn);
             return;
         }
-        if let Some(timeout) = conn.quic.poll_timeout()
-            && conn.timer_armed.is_none_or(|armed| timeout < armed)
-        {
-            conn.timer_armed = Some(timeout);
-            self.timers
-                .push(Reverse((timeout, handle.0, conn.generation)));
-            if self.armed_deadline.is_none_or(|armed| timeout < armed) {
-                self.armed_deadline = Some(timeout);
-                if let Some(wake) = &self.timer_wake {
-                    let _ = wake.try_send(());
-                }
-            }
-        }
+        self.arm_timer(handle, &mut conn);
         if !conn.dirty {
             conn.dirty = true;
             self.dirty.push(handle);
@@ -1228,25 +1216,33 @@ impl Shard {
 
     /// Re-arms a connection's timer and drops it when drained, without reading input.
     fn process_timer_only(&mut self, handle: ConnectionHandle) {
-        let Some(conn) = self.conns.get_mut(&handle) else {
+        let Some(mut conn) = self.conns.remove(&handle) else {
             return;
         };
         if conn.quic.is_drained() {
-            let mut conn = self.conns.remove(&handle).expect("present");
             self.end_session(handle, &mut conn);
             return;
         }
-        if let Some(timeout) = conn.quic.poll_timeout()
-            && conn.timer_armed.is_none_or(|armed| timeout < armed)
-        {
-            conn.timer_armed = Some(timeout);
-            self.timers
-                .push(Reverse((timeout, handle.0, conn.generation)));
-            if self.armed_deadline.is_none_or(|armed| timeout < armed) {
-                self.armed_deadline = Some(timeout);
-                if let Some(wake) = &self.timer_wake {
-                    let _ = wake.try_send(());
-                }
+        self.arm_timer(handle, &mut conn);
+        self.conns.insert(handle, conn);
+    }
+
+    /// Puts the connection's next timeout on the timer heap if it is earlier than the one
+    /// already there, and wakes the timer task when it is the shard's earliest.
+    fn arm_timer(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        let Some(timeout) = conn.quic.poll_timeout() else {
+            return;
+        };
+        if conn.timer_armed.is_some_and(|armed| armed <= timeout) {
+            return;
+        }
+        conn.timer_armed = Some(timeout);
+        self.timers
+            .push(Reverse((timeout, handle.0, conn.generation)));
+        if self.armed_deadline.is_none_or(|armed| timeout < armed) {
+            self.armed_deadline = Some(timeout);
+            if let Some(wake) = &self.timer_wake {
+                let _ = wake.try_send(());
             }
         }
     }
