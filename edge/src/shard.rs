@@ -1021,7 +1021,8 @@ impl Shard {
         if !matches!(conn.session, Session::Active { .. }) || message.seq <= conn.delivered_up_to {
             return;
         }
-        let in_order = message.seq == conn.delivered_up_to + 1;
+        // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
+        let in_order = conn.delivered_up_to.checked_add(1) == Some(message.seq);
         let room = conn.outbuf.len() + message.body.len() + 64
             <= self.config.limits.outbound_bytes_per_connection_max;
         if in_order && room && !conn.sync_running {
