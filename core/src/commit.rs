@@ -213,7 +213,10 @@ fn write_batch<T: Transaction>(
                         None => read_counter(txn, send.to)?,
                     };
                     let seq = last.checked_add(1).ok_or_else(|| {
-                        StoreError::Corrupt(format!("inbox {} has used every sequence number", send.to))
+                        StoreError::Corrupt(format!(
+                            "inbox {} has used every sequence number",
+                            send.to
+                        ))
                     })?;
                     last_seqs.insert(send.to, seq);
                     let ttl_ms = send

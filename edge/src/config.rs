@@ -160,6 +160,8 @@ pub struct RetentionSection {
     pub expiry_bucket_secs: u64,
     /// How often the expiry pass runs.
     pub expiry_interval_secs: u64,
+    /// Keys one expiry pass may read (one transaction; FoundationDB needs it at most 2500).
+    pub expire_scan_keys_max: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +239,7 @@ impl Default for RetentionSection {
             dedupe_window_secs: core.dedupe_window_ms / 1000,
             expiry_bucket_secs: core.expiry_bucket_ms / 1000,
             expiry_interval_secs: 60,
+            expire_scan_keys_max: core.expire_scan_keys_max,
         }
     }
 }
@@ -436,6 +439,7 @@ impl Config {
             queue_requests_max: self.batching.queue_requests_max,
             queue_bytes_max: self.batching.queue_bytes_max,
             sync_messages_max: self.batching.sync_messages_max,
+            expire_scan_keys_max: self.retention.expire_scan_keys_max,
             ..CoreConfig::default()
         }
     }

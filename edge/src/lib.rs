@@ -2,6 +2,7 @@
 //! committing through `courier-core`. The binary is `courier-edge` (`cli::main`).
 
 pub mod auth;
+pub mod backend;
 pub mod cid;
 pub mod cli;
 pub mod config;

@@ -7,6 +7,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::info;
 
+use crate::backend::{Embedded, OpenShardStore, ShardStore};
 use crate::config::Config;
 use crate::shard::{self, ShardSetup};
 use crate::{auth, tls};
@@ -17,6 +18,9 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), String> {
+    config
+        .validate("built-in or loaded config")
+        .map_err(|e| e.to_string())?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
         format!(
@@ -38,20 +42,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     let server_config = tls::server_config(&config, identity)?;
     let reset_key = tls::reset_key();
 
-    if let courier_core::store::config::StoreConfig::FoundationDb(_) =
-        config.store_config().map_err(|e| e.to_string())?
-    {
-        return Err("store.kind = \"foundationdb\": the FoundationDB backend is built and checked, but the edge \
-                    runtime does not drive it yet; use store.kind = \"embedded\" (docs/foundationdb.md)"
-            .into());
-    }
     probe_address_free(config.server.listen)?;
-    let store_dir = config.store_dir();
-    let store = Arc::new(
-        FjallStore::open(&store_dir, &FjallOptions::default())
-            .map_err(|e| format!("cannot open the store in {}: {e}", store_dir.display()))?,
-    );
     let core = config.core_config();
+    let (open_store, _keep_alive) = open_store(&config, &core)?;
     let shard_count = config.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
@@ -77,7 +70,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             config: config.clone(),
             core: core.clone(),
             shard_count,
-            store: store.clone(),
+            open_store: open_store.clone(),
             verifier: verifier.clone(),
             server_config: server_config.clone(),
             reset_key: reset_key.clone(),
@@ -114,6 +107,54 @@ pub fn serve(config: Config) -> Result<(), String> {
     // Commits are durable when acknowledged, so exiting here loses nothing acknowledged;
     // clients reconnect and resume.
     std::process::exit(0);
+}
+
+/// Opens the configured store and returns how each shard gets its part, plus whatever must
+/// live as long as the process (FoundationDB's network thread).
+fn open_store(
+    config: &Config,
+    core: &courier_core::CoreConfig,
+) -> Result<(OpenShardStore, Box<dyn std::any::Any>), String> {
+    use courier_core::store::config::StoreConfig;
+    match config.store_config().map_err(|e| e.to_string())? {
+        StoreConfig::Embedded { dir } => {
+            let store = FjallStore::open(&dir, &FjallOptions::default())
+                .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+            let shared: Arc<dyn ShardStore> = Arc::new(Embedded(Arc::new(store)));
+            let open: OpenShardStore = Arc::new(move |_shard| Ok(shared.clone()));
+            Ok((open, Box::new(())))
+        }
+        #[cfg(feature = "fdb")]
+        StoreConfig::FoundationDb(fdb) => {
+            use courier_core::store::fdb::{FdbClusters, FdbNetwork};
+            let network = FdbNetwork::start()
+                .map_err(|e| format!("cannot start FoundationDB's client: {e}"))?;
+            let clusters = Arc::new(
+                FdbClusters::open(&network, &fdb)
+                    .map_err(|e| format!("cannot open the FoundationDB clusters: {e}"))?,
+            );
+            // This process's claim on its shards; a later claim (another edge) fences it.
+            let owner: u64 = rand::random();
+            let attempts = core.commit_attempts_max;
+            let open: OpenShardStore = Arc::new(move |shard| {
+                let stores = clusters
+                    .claim_shard(u32::from(shard), owner, attempts)
+                    .map_err(|e| format!("cannot claim shard {shard} in FoundationDB: {e}"))?;
+                let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb { stores });
+                Ok(store)
+            });
+            info!(
+                clusters = fdb.cluster_files.len(),
+                owner, "store: FoundationDB"
+            );
+            Ok((open, Box::new(network)))
+        }
+        #[cfg(not(feature = "fdb"))]
+        StoreConfig::FoundationDb(_) => {
+            let _ = core;
+            Err(courier_core::store::config::StoreConfigError::FdbNotBuilt.to_string())
+        }
+    }
 }
 
 /// Fails if another process already serves `listen`. Shards bind with SO_REUSEPORT, which

@@ -23,12 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use courier_core::commit::{Committer, SendRequest, expire, read_inbox};
+use courier_core::commit::{Committer, SendRequest};
 use courier_core::envelope::StoredMessage;
 use courier_core::placement::home_shard;
 use courier_core::shard::{Batch, InboxShard, Output};
 use courier_core::store::StoreError;
-use courier_core::store::fjall::FjallStore;
 use courier_core::{CoreConfig, UserId};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -40,6 +39,7 @@ use quinn_proto::{
 use tracing::{debug, info, warn};
 
 use crate::auth::TokenVerifier;
+use crate::backend::ShardStore;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
 use crate::mesh::{ConnRef, MeshMessage};
@@ -59,7 +59,8 @@ pub struct ShardSetup {
     pub config: Arc<Config>,
     pub core: CoreConfig,
     pub shard_count: u32,
-    pub store: Arc<FjallStore>,
+    /// Opens this shard's store once the shard knows its id.
+    pub open_store: crate::backend::OpenShardStore,
     pub verifier: Arc<TokenVerifier>,
     pub server_config: Arc<quinn_proto::ServerConfig>,
     pub reset_key: Arc<ring::hmac::Key>,
@@ -104,7 +105,7 @@ pub struct Shard {
     shard_count: u32,
     config: Arc<Config>,
     core: CoreConfig,
-    store: Arc<FjallStore>,
+    store: Arc<dyn ShardStore>,
     verifier: Arc<TokenVerifier>,
     endpoint: Endpoint,
     /// Boxed: a quinn connection is several KB, and a map of inline values would keep that
@@ -188,6 +189,13 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
+    let store = match (setup.open_store)(id) {
+        Ok(store) => store,
+        Err(error) => {
+            let _ = setup.ready.send(Err(format!("shard {id}: {error}")));
+            return;
+        }
+    };
     let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());
     endpoint_config.cid_generator(move || Box::new(ShardCidGenerator::new(id)));
     endpoint_config.supported_versions(vec![1]);
@@ -201,7 +209,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         id,
         shard_count: setup.shard_count,
         core: setup.core.clone(),
-        store: setup.store.clone(),
+        store,
         verifier: setup.verifier.clone(),
         endpoint,
         conns: HashMap::new(),
@@ -276,7 +284,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 loop {
                     let (store, core) = (store.clone(), core.clone());
                     let report = glommio::executor()
-                        .spawn_blocking(move || expire(&*store, unix_ms(), &core))
+                        .spawn_blocking(move || store.expire(unix_ms(), &core))
                         .await;
                     match report {
                         Ok(report) if report.more => continue,
@@ -1057,7 +1065,7 @@ impl Shard {
         };
         glommio::spawn_local(async move {
             let result = glommio::executor()
-                .spawn_blocking(move || read_inbox(&*store, user, after_seq, unix_ms(), &core))
+                .spawn_blocking(move || store.read_inbox(user, after_seq, unix_ms(), &core))
                 .await;
             let mut shard = shard.borrow_mut();
             shard.finish_sync(conn_ref, result);
@@ -1120,7 +1128,7 @@ impl Shard {
         glommio::spawn_local(async move {
             let (committer, batch, result) = glommio::executor()
                 .spawn_blocking(move || {
-                    let result = committer.commit_batch(&*store, &batch.requests, unix_ms());
+                    let result = store.commit(&mut committer, &batch.requests, unix_ms());
                     (committer, batch, result)
                 })
                 .await;
@@ -1138,6 +1146,13 @@ impl Shard {
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
         if let Err(error) = &result {
+            if matches!(error, StoreError::Fenced | StoreError::Poisoned) {
+                // Fenced: another edge owns this shard now. Poisoned: what is on disk is
+                // unknown. Either way this process must stop; a restart recovers from the
+                // store, and clients reconnect and retry with the same ids.
+                tracing::error!(shard = self.id, %error, "the store refuses this shard; exiting");
+                std::process::exit(3);
+            }
             warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
         }
         for output in self.inbox.handle_commit(batch, result) {

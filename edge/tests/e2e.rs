@@ -452,7 +452,9 @@ async fn token_device_mismatch_is_refused() {
 async fn hostile_cursor_and_frames_do_not_disturb_the_edge() {
     let edge = Edge::start(2);
     let connector = edge.connector();
-    let mut hostile = RawConnection::connect(&connector, edge.addr).await.expect("raw");
+    let mut hostile = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
     hostile
         .write_frame(&Frame::Hello {
             token: edge.token(101, 0).into_bytes(),
@@ -461,13 +463,29 @@ async fn hostile_cursor_and_frames_do_not_disturb_the_edge() {
         })
         .await
         .expect("hello");
-    assert!(matches!(hostile.read_frame().await, Ok(Frame::Welcome { user: 101, .. })));
-    hostile.write_frame(&Frame::Sync { after_seq: u64::MAX }).await.expect("sync");
-    hostile.write_frame(&Frame::Ack { up_to_seq: u64::MAX }).await.expect("ack");
+    assert!(matches!(
+        hostile.read_frame().await,
+        Ok(Frame::Welcome { user: 101, .. })
+    ));
+    hostile
+        .write_frame(&Frame::Sync {
+            after_seq: u64::MAX,
+        })
+        .await
+        .expect("sync");
+    hostile
+        .write_frame(&Frame::Ack {
+            up_to_seq: u64::MAX,
+        })
+        .await
+        .expect("ack");
     let alice = edge.client(102).await;
     // Deliveries to the hostile user's inbox meet its cursor at u64::MAX.
     for i in 0..5u32 {
-        alice.send(101, i.to_be_bytes().to_vec()).await.expect("send to the hostile user");
+        alice
+            .send(101, i.to_be_bytes().to_vec())
+            .await
+            .expect("send to the hostile user");
     }
     hostile
         .write_frame(&Frame::Deliver {
@@ -478,7 +496,10 @@ async fn hostile_cursor_and_frames_do_not_disturb_the_edge() {
         })
         .await
         .expect("write");
-    assert_eq!(hostile.closed().await.code(), Some(ErrorCode::UnexpectedFrame));
+    assert_eq!(
+        hostile.closed().await.code(),
+        Some(ErrorCode::UnexpectedFrame)
+    );
     // Everyone else carries on.
     let mut bob = edge.client(103).await;
     alice.send(103, b"still up".to_vec()).await.expect("send");

@@ -1,0 +1,118 @@
+//! The store behind a shard: the embedded fjall store, or FoundationDB (feature `fdb`).
+//!
+//! Shards call the store only through [`ShardStore`], on glommio's blocking pool. The embedded
+//! store is one fjall database shared by the edge's shards (its writer lock serialises
+//! commits); with FoundationDB each shard claims its shard id on every cluster (fencing any
+//! earlier owner) and commits one transaction per cluster a batch touches.
+
+use std::sync::Arc;
+
+use courier_core::commit::{Committer, ExpireReport, Outcome, Request, expire, read_inbox};
+use courier_core::envelope::StoredMessage;
+use courier_core::store::StoreError;
+use courier_core::store::fjall::FjallStore;
+use courier_core::{CoreConfig, UnixMillis, UserId};
+
+/// What a shard needs from its store. Every method blocks: call it from a blocking thread.
+pub trait ShardStore: Send + Sync + 'static {
+    /// Commits one group-commit batch.
+    fn commit(
+        &self,
+        committer: &mut Committer,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Stored messages of `inbox` after `after_seq`, for a connection catching up.
+    fn read_inbox(
+        &self,
+        inbox: UserId,
+        after_seq: u64,
+        now: UnixMillis,
+        core: &CoreConfig,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// One expiry pass over everything this store holds.
+    fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError>;
+}
+
+/// Opens the store of the shard with the given id (called once per shard, at start).
+pub type OpenShardStore = Arc<dyn Fn(u8) -> Result<Arc<dyn ShardStore>, String> + Send + Sync>;
+
+/// The embedded store, shared by the shards of this edge.
+#[derive(Debug)]
+pub struct Embedded(pub Arc<FjallStore>);
+
+impl ShardStore for Embedded {
+    fn commit(
+        &self,
+        committer: &mut Committer,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        committer.commit_batch(&*self.0, requests, now)
+    }
+
+    fn read_inbox(
+        &self,
+        inbox: UserId,
+        after_seq: u64,
+        now: UnixMillis,
+        core: &CoreConfig,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        read_inbox(&*self.0, inbox, after_seq, now, core)
+    }
+
+    fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
+        expire(&*self.0, now, core)
+    }
+}
+
+/// A shard's stores on FoundationDB: one per cluster, claimed for this shard.
+#[cfg(feature = "fdb")]
+#[derive(Debug)]
+pub struct FoundationDb {
+    pub stores: Vec<courier_core::store::fdb::FdbStore>,
+}
+
+#[cfg(feature = "fdb")]
+impl FoundationDb {
+    fn store_of(&self, inbox: UserId) -> &courier_core::store::fdb::FdbStore {
+        let cluster = courier_core::placement::cluster_of(inbox, self.stores.len() as u32);
+        &self.stores[cluster as usize]
+    }
+}
+
+#[cfg(feature = "fdb")]
+impl ShardStore for FoundationDb {
+    fn commit(
+        &self,
+        committer: &mut Committer,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        courier_core::store::clusters::commit_batch_split(committer, &self.stores, requests, now)
+    }
+
+    fn read_inbox(
+        &self,
+        inbox: UserId,
+        after_seq: u64,
+        now: UnixMillis,
+        core: &CoreConfig,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        read_inbox(self.store_of(inbox), inbox, after_seq, now, core)
+    }
+
+    fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
+        // One pass per cluster; `more` if any cluster has more to do.
+        let mut total = ExpireReport::default();
+        for store in &self.stores {
+            let report = expire(store, now, core)?;
+            total.messages_deleted += report.messages_deleted;
+            total.index_entries_cleared += report.index_entries_cleared;
+            total.more |= report.more;
+        }
+        Ok(total)
+    }
+}
