@@ -8,7 +8,7 @@
 //! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
 //! | `e` bucket inbox | highest seq, u64 LE | expiry index: inbox has messages expiring in bucket |
-//! | `o` shard | owner epoch | shard ownership (FoundationDB fencing) |
+//! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
 //! keyed by the recipient's inbox, so every key of an inbox is written by its home shard alone.
