@@ -505,3 +505,59 @@ async fn hostile_cursor_and_frames_do_not_disturb_the_edge() {
     alice.send(103, b"still up".to_vec()).await.expect("send");
     assert_eq!(next_message(&mut bob).await.body, b"still up");
 }
+
+/// Signals (typing, presence) reach an online peer and are never stored: a peer that connects
+/// later gets the messages but not the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_online_peers_and_are_not_stored() {
+    let edge = Edge::start(2);
+    let alice = edge.client(111).await;
+    let mut bob = edge.client(112).await;
+    alice.signal(112, courier_protocol::SignalKind::Typing, b"...".to_vec());
+    let incoming = tokio::time::timeout(EVENT_TIMEOUT, bob.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(
+        incoming,
+        courier_client::Incoming::Signal {
+            from: 111,
+            kind: courier_protocol::SignalKind::Typing,
+            payload: b"...".to_vec()
+        }
+    );
+    // Carol is offline: her signal is dropped, her message is kept.
+    alice.signal(113, courier_protocol::SignalKind::Typing, vec![]);
+    alice.send(113, b"kept".to_vec()).await.expect("send");
+    let mut carol = edge.client(113).await;
+    let first = tokio::time::timeout(EVENT_TIMEOUT, carol.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert!(
+        matches!(first, courier_client::Incoming::Message(ref m) if m.body == b"kept"),
+        "{first:?}"
+    );
+}
+
+/// A token past its expiry is refused with `TokenExpired`, so the client knows to get a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_is_refused_with_its_own_code() {
+    let edge = Edge::start(1);
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["token", "--config"])
+        .arg(&edge.config_path)
+        .args(["--user", "121", "--ttl", "0s"])
+        .output()
+        .expect("run courier-edge token");
+    let token = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let error = edge
+        .connector()
+        .connect(ConnectOptions::new(edge.addr, token, 0))
+        .await
+        .expect_err("expired");
+    assert_eq!(error.code(), Some(ErrorCode::TokenExpired), "{error}");
+}
