@@ -91,6 +91,8 @@ struct Conn {
     /// The handshake finished; before that, stream data is 0-RTT.
     handshake_done: bool,
     sends_in_flight: usize,
+    /// Device number from the token, once authenticated.
+    device: u32,
     /// Highest seq written to this connection (or held by the device, from `Hello`).
     delivered_up_to: u64,
     sync_running: bool,
@@ -121,7 +123,11 @@ pub struct Shard {
     /// Connections of users homed here that want live deliveries.
     registry: HashMap<UserId, Vec<ConnRef>>,
     local: VecDeque<MeshMessage>,
-    mesh: Option<Senders<MeshMessage>>,
+    mesh: Option<Rc<Senders<MeshMessage>>>,
+    /// Per peer shard: messages that found its channel full, in order. A task per peer feeds
+    /// them in as room appears; while it runs, new messages queue behind them.
+    mesh_backlog: Vec<VecDeque<MeshMessage>>,
+    mesh_draining: Vec<bool>,
     socket: Rc<Socket>,
     transmit_buf: Vec<u8>,
     self_ref: Weak<RefCell<Shard>>,
@@ -222,7 +228,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         committer: Some(Committer::new(&setup.core)),
         registry: HashMap::new(),
         local: VecDeque::new(),
-        mesh: senders,
+        mesh: senders.map(Rc::new),
+        mesh_backlog: (0..setup.shard_count).map(|_| VecDeque::new()).collect(),
+        mesh_draining: vec![false; setup.shard_count as usize],
         socket: socket.clone(),
         transmit_buf: Vec::with_capacity(64 * 1024),
         self_ref: Weak::new(),
@@ -382,20 +390,35 @@ impl Shard {
             self.local.push_back(message);
             return;
         }
-        let Some(senders) = &self.mesh else {
+        let Some(senders) = self.mesh.clone() else {
             warn!(shard, "no mesh: dropping a message for another shard");
             return;
         };
-        if let Err(error) = senders.try_send_to(shard as usize, message) {
-            let message = match error {
-                glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(message))
-                | glommio::GlommioError::Closed(glommio::ResourceType::Channel(message)) => message,
-                other => {
-                    warn!(shard, error = %other, "mesh send failed");
-                    return;
+        let peer = shard as usize;
+        if !self.mesh_draining[peer] {
+            match senders.try_send_to(peer, message) {
+                Ok(()) => return,
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(message))) => {
+                    self.queue_for_peer(peer, message, senders);
                 }
-            };
-            // The channel is full: the peer is overloaded. Answer what can be answered.
+                Err(other) => warn!(shard, error = %other, "mesh send failed; message dropped"),
+            }
+            return;
+        }
+        self.queue_for_peer(peer, message, senders);
+    }
+
+    /// Queues a message behind a full channel and makes sure a task is feeding that channel.
+    fn queue_for_peer(
+        &mut self,
+        peer: usize,
+        message: MeshMessage,
+        senders: Rc<Senders<MeshMessage>>,
+    ) {
+        let backlog_max = 4 * self.config.limits.mesh_channel_messages_max;
+        if self.mesh_backlog[peer].len() >= backlog_max {
+            // The peer shard is far behind. Refuse what can be refused; datagrams are
+            // retransmitted by QUIC; anything else is lost only to this overload.
             match message {
                 MeshMessage::Send { send, reply } => {
                     self.local.push_back(MeshMessage::SendResult {
@@ -404,11 +427,38 @@ impl Shard {
                         result: Err(ErrorCode::Overloaded),
                     })
                 }
+                MeshMessage::Datagram { .. } => {}
                 other => {
-                    warn!(shard, message = ?std::mem::discriminant(&other), "mesh channel full: message dropped")
+                    warn!(peer, message = ?std::mem::discriminant(&other), "mesh backlog full: message dropped")
                 }
             }
+            return;
         }
+        self.mesh_backlog[peer].push_back(message);
+        if self.mesh_draining[peer] {
+            return;
+        }
+        self.mesh_draining[peer] = true;
+        let Some(shard) = self.self_ref.upgrade() else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            loop {
+                let next = shard.borrow_mut().mesh_backlog[peer].pop_front();
+                let Some(message) = next else {
+                    shard.borrow_mut().mesh_draining[peer] = false;
+                    return;
+                };
+                if let Err(error) = senders.send_to(peer, message).await {
+                    warn!(peer, %error, "mesh peer gone; dropping its backlog");
+                    let mut shard = shard.borrow_mut();
+                    shard.mesh_backlog[peer].clear();
+                    shard.mesh_draining[peer] = false;
+                    return;
+                }
+            }
+        })
+        .detach();
     }
 
     /// Work after any input: local messages, a group commit, transmits.
@@ -501,6 +551,7 @@ impl Shard {
                                 session: Session::AwaitingHello,
                                 handshake_done: false,
                                 sends_in_flight: 0,
+                                device: 0,
                                 delivered_up_to: 0,
                                 sync_running: false,
                                 sync_again: false,
@@ -582,6 +633,8 @@ impl Shard {
                 }
                 Event::Stream(StreamEvent::Writable { id }) if Some(id) == conn.stream => {
                     flush_outbuf(&mut conn);
+                    // Input may have waited for room to answer it.
+                    self.read_stream(now, handle, &mut conn);
                     if conn.outbuf.is_empty() && conn.sync_again && !conn.sync_running {
                         self.start_sync(handle, &mut conn);
                     }
@@ -630,6 +683,11 @@ impl Shard {
             return;
         };
         loop {
+            // Backpressure: a client that does not read its answers stops being read; QUIC
+            // flow control then stops it from sending. Reading resumes on `Writable`.
+            if conn.outbuf.len() >= self.config.limits.outbound_bytes_per_connection_max {
+                return;
+            }
             let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
             if room == 0 {
                 // A whole frame fits in the buffer, so a full buffer always holds one: decode.
@@ -769,14 +827,9 @@ impl Shard {
                 }
                 conn.session = Session::Registering { user: claims.user };
                 conn.delivered_up_to = resume_after_seq.unwrap_or(0);
-                write_frame(
-                    conn,
-                    &Frame::Welcome {
-                        user: claims.user,
-                        device,
-                        server_time_ms: unix_ms(),
-                    },
-                );
+                conn.device = device;
+                // `Welcome` waits for `Registered`: once the client sees it, live deliveries
+                // and signals reach this connection.
                 let home = self.home_of(claims.user);
                 let conn_ref = self.conn_ref(handle, conn);
                 self.route(
@@ -948,6 +1001,14 @@ impl Shard {
                 self.with_conn(conn_ref, |shard, conn| {
                     if let Session::Registering { user } = conn.session {
                         conn.session = Session::Active { user };
+                        write_frame(
+                            conn,
+                            &Frame::Welcome {
+                                user,
+                                device: conn.device,
+                                server_time_ms: unix_ms(),
+                            },
+                        );
                         let handle = ConnectionHandle(conn_ref.slot);
                         shard.start_sync(handle, conn);
                     }

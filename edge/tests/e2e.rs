@@ -16,9 +16,15 @@ use courier_client::{ClientError, ConnectOptions, Connector, Delivery, EarlySend
 use courier_protocol::{ErrorCode, Frame};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A test still running after this long is hung: the watchdog stops its edge and the test
+/// binary, so CI fails instead of waiting forever.
+const TEST_DEADLINE: Duration = Duration::from_secs(180);
 
 struct Edge {
     child: Option<Child>,
+    /// Set when the test is over; until then the watchdog may end a hung test.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
     dir: tempfile::TempDir,
     config_path: PathBuf,
     addr: SocketAddr,
@@ -38,8 +44,34 @@ impl Edge {
             dir.path().join("data").display()
         );
         std::fs::write(&config_path, config).expect("write config");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        {
+            let (done, pid) = (done.clone(), pid.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                while started.elapsed() < TEST_DEADLINE {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprintln!(
+                    "e2e test hung for {TEST_DEADLINE:?}: stopping its edge and the test binary"
+                );
+                let _ = Command::new("kill")
+                    .args([
+                        "-9",
+                        &pid.load(std::sync::atomic::Ordering::SeqCst).to_string(),
+                    ])
+                    .status();
+                std::process::abort();
+            });
+        }
         let mut edge = Edge {
             child: None,
+            done,
+            pid,
             dir,
             config_path,
             addr,
@@ -80,6 +112,8 @@ impl Edge {
         ready_rx
             .recv_timeout(EVENT_TIMEOUT)
             .expect("the edge printed its listening line");
+        self.pid
+            .store(child.id(), std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
     }
 
@@ -124,6 +158,7 @@ impl Edge {
 
 impl Drop for Edge {
     fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
         self.kill9();
     }
 }
@@ -560,4 +595,49 @@ async fn expired_token_is_refused_with_its_own_code() {
         .await
         .expect_err("expired");
     assert_eq!(error.code(), Some(ErrorCode::TokenExpired), "{error}");
+}
+
+/// A client that floods pings and never reads the pongs is held back by flow control (the edge
+/// stops reading it once its answers pile up) while another pair chats undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_held_back_not_buffered() {
+    let edge = Edge::start(2);
+    let connector = edge.connector();
+    let mut flooder = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    flooder
+        .write_frame(&Frame::Hello {
+            token: edge.token(131, 0).into_bytes(),
+            device: 0,
+            resume_after_seq: None,
+        })
+        .await
+        .expect("hello");
+    let ping = courier_protocol::encode_to_vec(&Frame::Ping { nonce: 7 }).expect("encode");
+    let flood: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 200_000)
+        .collect();
+    let flooding = tokio::spawn(async move {
+        // Blocks once the edge stops reading: that is the point.
+        let _ = flooder.write_bytes(&flood).await;
+        flooder
+    });
+    let alice = edge.client(132).await;
+    let mut bob = edge.client(133).await;
+    for i in 0..20u32 {
+        alice
+            .send(133, i.to_be_bytes().to_vec())
+            .await
+            .expect("send while a client floods");
+        assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
+    }
+    assert!(
+        !flooding.is_finished(),
+        "4 MB of pings went through although nobody read a pong"
+    );
+    flooding.abort();
 }
