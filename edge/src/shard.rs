@@ -324,17 +324,14 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let datagrams_max = shard.borrow().config.limits.datagrams_per_wakeup_max;
     let mut peek = [0u8; 1];
     loop {
-        match socket.glommio.peek_from(&mut peek).await {
-            Ok((bytes, from)) => tracing::trace!(bytes, %from, "socket readable"),
-            Err(error) => {
-                warn!(%error, "socket peek failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        // Peeking waits for readability without taking the datagram; quinn-udp reads it below.
+        if let Err(error) = socket.glommio.peek_from(&mut peek).await {
+            warn!(%error, "socket peek failed");
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            continue;
         }
         let mut handled = 0;
         while handled < datagrams_max {
-            tracing::trace!("draining socket");
             let count = {
                 let mut slices: Vec<IoSliceMut<'_>> =
                     buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
@@ -350,7 +347,6 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
                     }
                 }
             };
-            tracing::trace!(count, "received");
             let now = Instant::now();
             let mut shard = shard.borrow_mut();
             for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
@@ -1281,7 +1277,6 @@ impl Shard {
                 let Some(transmit) = conn.quic.poll_transmit(now, max_datagrams, &mut buf) else {
                     break;
                 };
-                tracing::trace!(bytes = transmit.size, to = %transmit.destination, "transmit");
                 self.send_transmit(&transmit, &buf);
             }
             self.transmit_buf = buf;
