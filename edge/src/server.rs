@@ -59,6 +59,8 @@ pub fn serve(config: Config) -> Result<(), String> {
         )
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut handles = Vec::new();
     for index in 0..shard_count {
         let placement = if config.server.pin_shards && (index as usize) < cores {
@@ -75,6 +77,8 @@ pub fn serve(config: Config) -> Result<(), String> {
             server_config: server_config.clone(),
             reset_key: reset_key.clone(),
             ready: ready_tx.clone(),
+            shutdown: shutdown.clone(),
+            stopped: stopped_tx.clone(),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -86,6 +90,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         handles.push(handle);
     }
     drop(ready_tx);
+    drop(stopped_tx);
     for _ in 0..shard_count {
         match ready_rx.recv() {
             Ok(Ok(_)) => {}
@@ -102,10 +107,23 @@ pub fn serve(config: Config) -> Result<(), String> {
     let signal = wait_for_signal(&signals);
     info!(
         signal,
-        "shutting down; every acknowledged message is already on disk"
+        "shutting down: finishing commits and closing connections"
     );
-    // Commits are durable when acknowledged, so exiting here loses nothing acknowledged;
-    // clients reconnect and resume.
+    shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Every acknowledged message is already on disk, so the grace period only spares clients
+    // a timeout: they see `ShuttingDown` and reconnect. The deadline bounds it.
+    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+    let mut stopped = 0;
+    while stopped < shard_count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match stopped_rx.recv_timeout(left) {
+            Ok(_) => stopped += 1,
+            Err(_) => break,
+        }
+    }
+    // Let the executors put the closes on the wire.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    info!(shards_stopped = stopped, "stopped");
     std::process::exit(0);
 }
 
@@ -175,6 +193,9 @@ fn probe_address_free(listen: std::net::SocketAddr) -> Result<(), String> {
         }
     }
 }
+
+/// How long shutdown waits for the shards to finish their commits and close connections.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long start-up waits for a port still held by a process that just ended.
 const PORT_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

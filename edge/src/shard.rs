@@ -44,6 +44,8 @@ use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
 use crate::mesh::{ConnRef, MeshMessage};
 
+/// How often a shard checks for a shutdown request.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 /// Bytes of one receive buffer; GRO may coalesce up to 64 KiB.
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Transmits one connection may produce per flush, so one busy connection cannot starve others.
@@ -65,6 +67,10 @@ pub struct ShardSetup {
     pub server_config: Arc<quinn_proto::ServerConfig>,
     pub reset_key: Arc<ring::hmac::Key>,
     pub ready: std::sync::mpsc::Sender<Result<u8, String>>,
+    /// Set by the main thread on SIGTERM/SIGINT: finish in-flight commits, then close every
+    /// connection with `ShuttingDown` and report on `stopped`.
+    pub shutdown: Arc<std::sync::atomic::AtomicBool>,
+    pub stopped: std::sync::mpsc::Sender<u8>,
 }
 
 /// Where a connection's session is.
@@ -131,6 +137,10 @@ pub struct Shard {
     socket: Rc<Socket>,
     transmit_buf: Vec<u8>,
     self_ref: Weak<RefCell<Shard>>,
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
+    /// Shutting down: no new connections; connections close once commits are done.
+    draining: bool,
+    connections_closed: bool,
 }
 
 /// The shard's UDP socket: glommio waits for readability, quinn-udp does the I/O.
@@ -234,6 +244,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         socket: socket.clone(),
         transmit_buf: Vec::with_capacity(64 * 1024),
         self_ref: Weak::new(),
+        shutdown: setup.shutdown.clone(),
+        draining: false,
+        connections_closed: false,
         config: setup.config.clone(),
     }));
     shard.borrow_mut().self_ref = Rc::downgrade(&shard);
@@ -252,6 +265,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         }
     }
 
+    let stopped = setup.stopped.clone();
     let (wake_tx, wake_rx) = local_channel::new_bounded::<()>(1);
     shard.borrow_mut().timer_wake = Some(wake_tx);
     {
@@ -259,9 +273,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         glommio::spawn_local(async move {
             loop {
                 let deadline = shard.borrow().armed_deadline;
-                let wait = deadline.map_or(Duration::from_secs(3600), |d| {
-                    d.saturating_duration_since(Instant::now())
-                });
+                // Wake at least every SHUTDOWN_POLL to notice a shutdown request.
+                let wait = deadline
+                    .map_or(SHUTDOWN_POLL, |d| {
+                        d.saturating_duration_since(Instant::now())
+                    })
+                    .min(SHUTDOWN_POLL);
                 futures_lite::future::or(
                     async {
                         glommio::timer::sleep(wait).await;
@@ -274,6 +291,11 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 let mut shard = shard.borrow_mut();
                 shard.handle_timeouts(Instant::now());
                 shard.after_input();
+                if shard.poll_shutdown() {
+                    shard.after_input();
+                    let _ = stopped.send(shard.id);
+                    return;
+                }
             }
         })
         .detach();
@@ -527,7 +549,8 @@ impl Shard {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.conns.len() >= self.config.limits.connections_per_shard_max {
+                if self.draining || self.conns.len() >= self.config.limits.connections_per_shard_max
+                {
                     let transmit = self.endpoint.refuse(incoming, &mut buf);
                     self.send_transmit(&transmit, &buf);
                     return;
@@ -1077,6 +1100,50 @@ impl Shard {
             }
         }
         self.conns.insert(handle, conn);
+    }
+
+    // ---- Shutdown ---------------------------------------------------------------------------
+
+    /// Advances a requested shutdown. Returns true once the shard has finished: no commit in
+    /// flight, nothing queued, and every connection closed with `ShuttingDown` (clients
+    /// reconnect, to this edge once it is back or to another).
+    fn poll_shutdown(&mut self) -> bool {
+        if !self.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        if !self.draining {
+            self.draining = true;
+            info!(
+                shard = self.id,
+                "draining: refusing new connections, finishing commits"
+            );
+        }
+        if self.committer.is_none() || self.inbox.queued_requests() > 0 {
+            return false;
+        }
+        if !self.connections_closed {
+            self.connections_closed = true;
+            let now = Instant::now();
+            let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+            for handle in handles {
+                let Some(mut conn) = self.conns.remove(&handle) else {
+                    continue;
+                };
+                self.close(
+                    now,
+                    &mut conn,
+                    ErrorCode::ShuttingDown,
+                    "the edge is shutting down",
+                );
+                self.end_session(handle, &mut conn);
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(handle);
+                }
+                self.conns.insert(handle, conn);
+            }
+        }
+        true
     }
 
     // ---- Delivery ---------------------------------------------------------------------------

@@ -117,6 +117,19 @@ impl Edge {
         self.child = Some(child);
     }
 
+    /// SIGTERM, then waits for the process; returns whether it exited successfully.
+    fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        child.wait().expect("reap").success()
+    }
+
     /// SIGKILL: no shutdown code runs.
     fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -640,4 +653,42 @@ async fn a_client_that_never_reads_is_held_back_not_buffered() {
         "4 MB of pings went through although nobody read a pong"
     );
     flooding.abort();
+}
+
+/// SIGTERM: the edge finishes its commits, closes every connection with `ShuttingDown` (so
+/// clients reconnect instead of waiting for a timeout) and exits 0; nothing acknowledged is
+/// lost across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_connections_with_shutting_down_and_loses_nothing() {
+    let mut edge = Edge::start(2);
+    let connector = edge.connector();
+    let mut raw = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    raw.write_frame(&Frame::Hello {
+        token: edge.token(141, 0).into_bytes(),
+        device: 0,
+        resume_after_seq: None,
+    })
+    .await
+    .expect("hello");
+    assert!(matches!(raw.read_frame().await, Ok(Frame::Welcome { .. })));
+    let alice = edge.client(142).await;
+    for i in 0..50u32 {
+        alice
+            .send(143, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    assert!(edge.terminate(), "the edge exits 0 on SIGTERM");
+    let code = tokio::time::timeout(EVENT_TIMEOUT, raw.closed())
+        .await
+        .expect("closed in time")
+        .code();
+    assert_eq!(code, Some(ErrorCode::ShuttingDown));
+    edge.spawn();
+    let mut bob = edge.client(143).await;
+    for i in 0..50u32 {
+        assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
+    }
 }
