@@ -175,7 +175,8 @@ impl SpawnedEdge {
 
 impl Drop for SpawnedEdge {
     fn drop(&mut self) {
-        // SIGTERM: the edge exits at once; everything acknowledged is on disk already.
+        // SIGTERM: the edge finishes its commits and exits within its 3 s grace period;
+        // everything acknowledged is on disk already.
         let pid = self.child.id() as libc::pid_t;
         #[allow(unsafe_code)]
         // SAFETY: kill(2) with a PID we started and have not reaped yet.
