@@ -95,10 +95,6 @@ impl Committer {
         }
     }
 
-    pub fn config(&self) -> &CoreConfig {
-        &self.config
-    }
-
     /// Commits `requests` in one transaction, retrying conflicts and unknown results up to
     /// `config.commit_attempts_max` times. Returns one outcome per request, in order.
     ///

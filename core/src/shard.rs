@@ -100,11 +100,6 @@ impl<T> InboxShard<T> {
         self.batch_in_flight
     }
 
-    /// Whether the queue already holds a full batch, so waiting for more input gains nothing.
-    pub fn has_full_batch(&self) -> bool {
-        self.queue.len() >= self.batch_requests_max || self.queue_bytes >= self.batch_bytes_max
-    }
-
     /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
     /// runtime answers `Overloaded`, and the sender retries later).
     pub fn handle_send(&mut self, send: SendRequest, tag: T) -> Result<(), Refused<T>> {
@@ -244,14 +239,6 @@ impl<T> InboxShard<T> {
             }
         }
         outputs
-    }
-
-    /// Takes every queued send out, for a shutdown that answers them with a retryable error.
-    /// Pending acks are dropped; clients repeat them on reconnect.
-    pub fn drain_queue(&mut self) -> Vec<(SendRequest, T)> {
-        self.queue_bytes = 0;
-        self.acks.clear();
-        self.queue.drain(..).collect()
     }
 }
 

@@ -405,9 +405,6 @@ impl World {
     /// A process crash: every shard loses its queue and the store is reopened.
     fn crash_all_shards(&mut self) {
         self.stats.crashes += 1;
-        for shard in &mut self.shards {
-            shard.drain_queue();
-        }
         self.shards = (0..self.shards.len())
             .map(|_| InboxShard::new(&self.config))
             .collect();

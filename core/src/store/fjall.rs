@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::overlay::{Engine, Overlay};
-use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
+use super::overlay::{self, Engine, Overlay};
+use super::{CommitVersion, Store, StoreError};
 use crate::keys;
 
 /// Key tags that get a fjall keyspace of their own (see [`crate::keys`]); every other key
@@ -166,17 +166,6 @@ impl FjallStore {
 /// A transaction on a [`FjallStore`]; it holds the writer lock.
 pub struct FjallTransaction<'a> {
     overlay: Overlay<FjallEngine<'a>>,
-    /// A read error inside an atomic mutation, reported by `commit` (mutations return nothing,
-    /// as in FoundationDB, where they are blind writes).
-    deferred_error: Option<StoreError>,
-}
-
-impl FjallTransaction<'_> {
-    fn atomic(&mut self, key: &[u8], op: AtomicOp) {
-        if let Err(error) = self.overlay.atomic(key, op) {
-            self.deferred_error.get_or_insert(error);
-        }
-    }
 }
 
 impl std::fmt::Debug for FjallTransaction<'_> {
@@ -258,42 +247,8 @@ impl Store for FjallStore {
                 store: self,
                 version,
             }),
-            deferred_error: None,
         })
     }
 }
 
-impl Transaction for FjallTransaction<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.overlay.get(key)
-    }
-    fn get_range(
-        &mut self,
-        begin: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<KeyValue>, StoreError> {
-        self.overlay.get_range(begin, end, limit)
-    }
-    fn set(&mut self, key: &[u8], value: &[u8]) {
-        self.overlay.set(key, value);
-    }
-    fn clear(&mut self, key: &[u8]) {
-        self.overlay.clear(key);
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
-        self.overlay.clear_range(begin, end);
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: u64) {
-        self.atomic(key, AtomicOp::Add(delta));
-    }
-    fn atomic_max(&mut self, key: &[u8], value: u64) {
-        self.atomic(key, AtomicOp::Max(value));
-    }
-    fn commit(self) -> Result<CommitVersion, StoreError> {
-        if let Some(error) = self.deferred_error {
-            return Err(error);
-        }
-        self.overlay.commit()
-    }
-}
+overlay::overlay_transaction!(FjallTransaction<'_>);

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
-use super::overlay::{Engine, Overlay};
-use super::{AtomicOp, CommitVersion, KeyValue, Store, StoreError, Transaction};
+use super::overlay::{self, Engine, Overlay};
+use super::{CommitVersion, KeyValue, Store, StoreError};
 
 /// A store kept in a `BTreeMap` behind a lock.
 #[derive(Debug, Default)]
@@ -105,35 +105,4 @@ impl Store for MemoryStore {
     }
 }
 
-impl Transaction for MemoryTransaction<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.overlay.get(key)
-    }
-    fn get_range(
-        &mut self,
-        begin: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<KeyValue>, StoreError> {
-        self.overlay.get_range(begin, end, limit)
-    }
-    fn set(&mut self, key: &[u8], value: &[u8]) {
-        self.overlay.set(key, value);
-    }
-    fn clear(&mut self, key: &[u8]) {
-        self.overlay.clear(key);
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
-        self.overlay.clear_range(begin, end);
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: u64) {
-        // Reading the memory engine cannot fail.
-        let _ = self.overlay.atomic(key, AtomicOp::Add(delta));
-    }
-    fn atomic_max(&mut self, key: &[u8], value: u64) {
-        let _ = self.overlay.atomic(key, AtomicOp::Max(value));
-    }
-    fn commit(self) -> Result<CommitVersion, StoreError> {
-        self.overlay.commit()
-    }
-}
+overlay::overlay_transaction!(MemoryTransaction<'_>);

@@ -37,6 +37,9 @@ pub(crate) struct Overlay<E> {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
     cleared: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A read error inside an atomic mutation, reported by `commit`: mutations return
+    /// nothing, as in FoundationDB, where they are blind writes.
+    deferred_error: Option<StoreError>,
 }
 
 impl<E: Engine> Overlay<E> {
@@ -45,6 +48,7 @@ impl<E: Engine> Overlay<E> {
             engine,
             writes: BTreeMap::new(),
             cleared: Vec::new(),
+            deferred_error: None,
         }
     }
 
@@ -137,14 +141,22 @@ impl<E: Engine> Overlay<E> {
         self.cleared.push((begin.to_vec(), end.to_vec()));
     }
 
-    pub(crate) fn atomic(&mut self, key: &[u8], op: AtomicOp) -> Result<(), StoreError> {
-        let existing = self.get(key)?;
-        let next = apply_atomic(existing.as_deref(), op);
-        self.set(key, &next);
-        Ok(())
+    pub(crate) fn atomic(&mut self, key: &[u8], op: AtomicOp) {
+        match self.get(key) {
+            Ok(existing) => {
+                let next = apply_atomic(existing.as_deref(), op);
+                self.set(key, &next);
+            }
+            Err(error) => {
+                self.deferred_error.get_or_insert(error);
+            }
+        }
     }
 
     pub(crate) fn commit(mut self) -> Result<CommitVersion, StoreError> {
+        if let Some(error) = self.deferred_error.take() {
+            return Err(error);
+        }
         let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for (begin, end) in &self.cleared {
             let writes = &self.writes;
@@ -159,3 +171,44 @@ impl<E: Engine> Overlay<E> {
         self.engine.apply(changes)
     }
 }
+
+/// Implements `Transaction` for a wrapper type whose `overlay` field is an [`Overlay`]: the
+/// embedded backends differ only in their engine.
+macro_rules! overlay_transaction {
+    ($wrapper:ty) => {
+        impl $crate::store::Transaction for $wrapper {
+            fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, $crate::store::StoreError> {
+                self.overlay.get(key)
+            }
+            fn get_range(
+                &mut self,
+                begin: &[u8],
+                end: &[u8],
+                limit: usize,
+            ) -> Result<Vec<$crate::store::KeyValue>, $crate::store::StoreError> {
+                self.overlay.get_range(begin, end, limit)
+            }
+            fn set(&mut self, key: &[u8], value: &[u8]) {
+                self.overlay.set(key, value);
+            }
+            fn clear(&mut self, key: &[u8]) {
+                self.overlay.clear(key);
+            }
+            fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+                self.overlay.clear_range(begin, end);
+            }
+            fn atomic_add(&mut self, key: &[u8], delta: u64) {
+                self.overlay
+                    .atomic(key, $crate::store::AtomicOp::Add(delta));
+            }
+            fn atomic_max(&mut self, key: &[u8], value: u64) {
+                self.overlay
+                    .atomic(key, $crate::store::AtomicOp::Max(value));
+            }
+            fn commit(self) -> Result<$crate::store::CommitVersion, $crate::store::StoreError> {
+                self.overlay.commit()
+            }
+        }
+    };
+}
+pub(crate) use overlay_transaction;
