@@ -82,4 +82,58 @@ pub enum MeshMessage {
         kind: SignalKind,
         payload: Vec<u8>,
     },
+    /// To the shard holding `conn`: a live delivery did not fit the mesh; read the store.
+    CatchUp {
+        conn: ConnRef,
+    },
+}
+
+/// What happens to a message that finds its peer shard's backlog over its data maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Ephemeral or retransmitted by QUIC: drop it.
+    Drop,
+    /// A send: answer `Overloaded`; the client retries under the same id.
+    Refuse,
+    /// A live delivery: send a `CatchUp` instead; the store holds the message.
+    CatchUp,
+    /// Control: never dropped for overload.
+    Keep,
+}
+
+impl MeshMessage {
+    pub fn on_overload(&self) -> Overload {
+        match self {
+            MeshMessage::Datagram { .. }
+            | MeshMessage::Signal { .. }
+            | MeshMessage::SignalDeliver { .. } => Overload::Drop,
+            MeshMessage::Send { .. } => Overload::Refuse,
+            MeshMessage::Deliver { .. } => Overload::CatchUp,
+            MeshMessage::SendResult { .. }
+            | MeshMessage::Ack { .. }
+            | MeshMessage::Register { .. }
+            | MeshMessage::Registered { .. }
+            | MeshMessage::RegisterRefused { .. }
+            | MeshMessage::Unregister { .. }
+            | MeshMessage::CatchUp { .. } => Overload::Keep,
+        }
+    }
+
+    /// The variant's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MeshMessage::Datagram { .. } => "Datagram",
+            MeshMessage::Send { .. } => "Send",
+            MeshMessage::SendResult { .. } => "SendResult",
+            MeshMessage::Ack { .. } => "Ack",
+            MeshMessage::Register { .. } => "Register",
+            MeshMessage::Registered { .. } => "Registered",
+            MeshMessage::RegisterRefused { .. } => "RegisterRefused",
+            MeshMessage::Unregister { .. } => "Unregister",
+            MeshMessage::Deliver { .. } => "Deliver",
+            MeshMessage::Signal { .. } => "Signal",
+            MeshMessage::SignalDeliver { .. } => "SignalDeliver",
+            MeshMessage::CatchUp { .. } => "CatchUp",
+        }
+    }
 }

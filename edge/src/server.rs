@@ -18,6 +18,7 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), String> {
+    install_panic_exit();
     config
         .validate("built-in or loaded config")
         .map_err(|e| e.to_string())?;
@@ -123,8 +124,38 @@ pub fn serve(config: Config) -> Result<(), String> {
     }
     // Let the executors put the closes on the wire.
     std::thread::sleep(std::time::Duration::from_millis(50));
+    if stopped < shard_count {
+        tracing::error!(
+            shards_stopped = stopped,
+            shards = shard_count,
+            "stopped, but some shards did not finish in time"
+        );
+        std::process::exit(EXIT_SHUTDOWN_INCOMPLETE);
+    }
     info!(shards_stopped = stopped, "stopped");
     std::process::exit(0);
+}
+
+/// Exit status when a shard panicked: the process must not live on serving nothing, and a
+/// supervisor must see a failure (Rust's own status for a panicking `main`).
+pub const EXIT_SHARD_PANICKED: i32 = 101;
+/// Exit status when shutdown ended with shards that never reported done.
+pub const EXIT_SHUTDOWN_INCOMPLETE: i32 = 2;
+
+/// Makes a panic on any thread (a shard, its blocking pool, the main thread) end the whole
+/// process with `EXIT_SHARD_PANICKED` after the usual panic message. Without it a panicking
+/// executor thread dies alone and the process stays up, listening on nothing.
+pub fn install_panic_exit() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            "a thread of the edge panicked; exiting so that a supervisor restarts it"
+        );
+        std::process::exit(EXIT_SHARD_PANICKED);
+    }));
 }
 
 /// Opens the configured store and returns how each shard gets its part, plus whatever must

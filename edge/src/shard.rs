@@ -2,7 +2,10 @@
 //! endpoint and connections, and the inboxes homed to it.
 //!
 //! State lives in one `Rc<RefCell<Shard>>` owned by the executor. Tasks feed it inputs and never
-//! hold the borrow across an await:
+//! hold the borrow across an await. Code that runs under the borrow never lets another task
+//! run inside it: glommio's `spawn_local` polls a new task at once, so the shard spawns only
+//! through `spawn_detached`, which defers the task's body to a later turn; channel sends under
+//! the borrow only wake tasks (`try_send`), they never run them. The tasks:
 //! - the socket task waits for readability (io_uring peek), then drains at most
 //!   `datagrams_per_wakeup_max` datagrams with quinn-udp (GRO) and hands them to the endpoint;
 //! - one task per mesh peer receives cross-shard messages;
@@ -42,7 +45,7 @@ use crate::auth::TokenVerifier;
 use crate::backend::ShardStore;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
-use crate::mesh::{ConnRef, MeshMessage};
+use crate::mesh::{ConnRef, MeshMessage, Overload};
 
 /// How often a shard checks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -50,6 +53,12 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Transmits one connection may produce per flush, so one busy connection cannot starve others.
 const TRANSMITS_PER_FLUSH_MAX: usize = 64;
+/// Bytes a frame adds to its body or payload (prefix and fields), for outbound-bound checks.
+const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
+/// Floor of the hard maximum of a peer backlog (`Shard::mesh_backlog_messages_max`).
+const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
+/// How often a shard logs what it dropped under overload, if anything.
+const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Local messages handled per drain; more wait for the next input.
 const LOCAL_MESSAGES_PER_DRAIN_MAX: usize = 100_000;
 /// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
@@ -104,6 +113,8 @@ struct Conn {
     sync_running: bool,
     sync_again: bool,
     dirty: bool,
+    /// Stopped decoding frames while the mesh is congested; on `Shard::parked`.
+    parked: bool,
     timer_armed: Option<Instant>,
 }
 
@@ -134,6 +145,11 @@ pub struct Shard {
     /// them in as room appears; while it runs, new messages queue behind them.
     mesh_backlog: Vec<VecDeque<MeshMessage>>,
     mesh_draining: Vec<bool>,
+    /// Connections with undecoded input, waiting for the mesh to drain.
+    parked: Vec<ConnectionHandle>,
+    stats: ShardStats,
+    stats_logged: ShardStats,
+    stats_logged_at: Instant,
     socket: Rc<Socket>,
     transmit_buf: Vec<u8>,
     self_ref: Weak<RefCell<Shard>>,
@@ -141,6 +157,17 @@ pub struct Shard {
     /// Shutting down: no new connections; connections close once commits are done.
     draining: bool,
     connections_closed: bool,
+}
+
+/// Counts of what a shard dropped under overload, logged periodically (see `log_stats`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ShardStats {
+    /// Signals not written because their connection's outbound buffer was full.
+    signals_dropped: u64,
+    /// Datagrams and signals dropped because a peer shard's backlog was full.
+    mesh_messages_dropped: u64,
+    /// Control messages dropped at the backlog's hard maximum (should stay 0).
+    mesh_control_dropped: u64,
 }
 
 /// The shard's UDP socket: glommio waits for readability, quinn-udp does the I/O.
@@ -241,6 +268,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         mesh: senders.map(Rc::new),
         mesh_backlog: (0..setup.shard_count).map(|_| VecDeque::new()).collect(),
         mesh_draining: vec![false; setup.shard_count as usize],
+        parked: Vec::new(),
+        stats: ShardStats::default(),
+        stats_logged: ShardStats::default(),
+        stats_logged_at: Instant::now(),
         socket: socket.clone(),
         transmit_buf: Vec::with_capacity(64 * 1024),
         self_ref: Weak::new(),
@@ -291,6 +322,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 let mut shard = shard.borrow_mut();
                 shard.handle_timeouts(Instant::now());
                 shard.after_input();
+                shard.log_stats(Instant::now());
                 if shard.poll_shutdown() {
                     shard.after_input();
                     let _ = stopped.send(shard.id);
@@ -329,6 +361,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     }
                 }
             }
+        })
+        .detach();
+    }
+
+    if let Some(delay) = forced_panic_delay(id) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(delay).await;
+            panic!("shard {id}: forced panic ({FORCED_PANIC_ENV})");
         })
         .detach();
     }
@@ -385,6 +425,54 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     }
 }
 
+/// Fault injection for tests: `COURIER_FAULT_PANIC_SHARD=<shard>[:<ms>]` makes that shard
+/// panic `ms` milliseconds (default 500) after it is ready, to check that a panicking shard
+/// ends the process with a failure status (`server::install_panic_exit`).
+const FORCED_PANIC_ENV: &str = "COURIER_FAULT_PANIC_SHARD";
+
+fn forced_panic_delay(shard: u8) -> Option<Duration> {
+    let value = std::env::var(FORCED_PANIC_ENV).ok()?;
+    let (target, delay_ms) = match value.split_once(':') {
+        Some((target, delay)) => (target, delay.parse().ok()?),
+        None => (value.as_str(), 500),
+    };
+    (target.parse::<u8>().ok()? == shard).then(|| Duration::from_millis(delay_ms))
+}
+
+/// Spawns a detached task whose body starts on a later turn of the executor, never inside the
+/// caller.
+///
+/// glommio's `spawn_local` polls a new task at once, inside the spawning call. The shard spawns
+/// from code that holds `RefCell<Shard>` borrowed, and a task that borrows the shard before its
+/// first await would then panic with "already borrowed" (issue 8). Every spawn from shard code
+/// goes through here.
+fn spawn_detached(future: impl std::future::Future<Output = ()> + 'static) {
+    glommio::spawn_local(async move {
+        YieldOnce(false).await;
+        future.await;
+    })
+    .detach();
+}
+
+/// A future that is pending once (waking itself at once), then ready.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        context.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {
     EcnCodepoint::from_bits(bits)
 }
@@ -427,30 +515,54 @@ impl Shard {
     }
 
     /// Queues a message behind a full channel and makes sure a task is feeding that channel.
+    ///
+    /// The backlog holds at most `mesh_backlog_data_max` messages; past that, what may be lost
+    /// is dropped (datagrams, signals), sends are refused with `Overloaded`, and a live
+    /// delivery becomes a small `CatchUp` so the connection reads the store instead. Control
+    /// messages are never dropped for overload: the shard stops decoding client frames and
+    /// starting commits while any backlog is congested, which bounds them; past
+    /// `mesh_backlog_messages_max` (a safety net the back-pressure keeps out of reach) even they
+    /// are dropped, loudly, so memory stays bounded.
     fn queue_for_peer(
         &mut self,
         peer: usize,
-        message: MeshMessage,
+        mut message: MeshMessage,
         senders: Rc<Senders<MeshMessage>>,
     ) {
-        let backlog_max = 4 * self.config.limits.mesh_channel_messages_max;
-        if self.mesh_backlog[peer].len() >= backlog_max {
-            // The peer shard is far behind. Refuse what can be refused; datagrams are
-            // retransmitted by QUIC; anything else is lost only to this overload.
-            match message {
-                MeshMessage::Send { send, reply } => {
-                    self.local.push_back(MeshMessage::SendResult {
-                        reply,
-                        client_id: send.client_id,
-                        result: Err(ErrorCode::Overloaded),
-                    })
+        let queued = self.mesh_backlog[peer].len();
+        if queued >= self.mesh_backlog_data_max() {
+            match message.on_overload() {
+                Overload::Drop => {
+                    self.stats.mesh_messages_dropped += 1;
+                    return;
                 }
-                MeshMessage::Datagram { .. } => {}
-                other => {
-                    warn!(peer, message = ?std::mem::discriminant(&other), "mesh backlog full: message dropped")
+                Overload::Refuse => {
+                    if let MeshMessage::Send { send, reply } = message {
+                        self.local.push_back(MeshMessage::SendResult {
+                            reply,
+                            client_id: send.client_id,
+                            result: Err(ErrorCode::Overloaded),
+                        });
+                    }
+                    return;
                 }
+                Overload::CatchUp => {
+                    if let MeshMessage::Deliver { conn, .. } = message {
+                        message = MeshMessage::CatchUp { conn };
+                    }
+                }
+                Overload::Keep => {}
             }
-            return;
+            if queued >= self.mesh_backlog_messages_max() {
+                tracing::error!(
+                    peer,
+                    queued,
+                    kind = message.kind(),
+                    "mesh backlog at its hard maximum: control message dropped"
+                );
+                self.stats.mesh_control_dropped += 1;
+                return;
+            }
         }
         self.mesh_backlog[peer].push_back(message);
         if self.mesh_draining[peer] {
@@ -460,11 +572,14 @@ impl Shard {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
-        glommio::spawn_local(async move {
+        spawn_detached(async move {
             loop {
                 let next = shard.borrow_mut().mesh_backlog[peer].pop_front();
                 let Some(message) = next else {
-                    shard.borrow_mut().mesh_draining[peer] = false;
+                    let mut shard = shard.borrow_mut();
+                    shard.mesh_draining[peer] = false;
+                    shard.resume_parked();
+                    shard.after_input();
                     return;
                 };
                 if let Err(error) = senders.send_to(peer, message).await {
@@ -474,9 +589,52 @@ impl Shard {
                     shard.mesh_draining[peer] = false;
                     return;
                 }
+                let mut shard = shard.borrow_mut();
+                if !shard.parked.is_empty() && !shard.mesh_congested() {
+                    shard.resume_parked();
+                    shard.after_input();
+                }
             }
-        })
-        .detach();
+        });
+    }
+
+    /// Backlog length past which droppable messages are dropped and sends refused.
+    fn mesh_backlog_data_max(&self) -> usize {
+        4 * self.config.limits.mesh_channel_messages_max
+    }
+
+    /// Backlog length past which even control messages are dropped. Back-pressure keeps the
+    /// backlog far below it; it exists so that memory stays bounded whatever happens.
+    fn mesh_backlog_messages_max(&self) -> usize {
+        (64 * self.config.limits.mesh_channel_messages_max).max(MESH_BACKLOG_MESSAGES_MIN)
+    }
+
+    /// True while some peer's backlog holds a channel's worth: the shard then decodes no client
+    /// frames and starts no commits, the two sources of new cross-shard messages.
+    fn mesh_congested(&self) -> bool {
+        let channel = self.config.limits.mesh_channel_messages_max;
+        self.mesh_backlog
+            .iter()
+            .any(|backlog| backlog.len() >= channel)
+    }
+
+    /// Decodes and reads again the connections that stopped decoding while the mesh was
+    /// congested.
+    fn resume_parked(&mut self) {
+        let now = Instant::now();
+        for handle in std::mem::take(&mut self.parked) {
+            let Some(mut conn) = self.conns.remove(&handle) else {
+                continue;
+            };
+            conn.parked = false;
+            self.decode_frames(now, handle, &mut conn);
+            self.read_stream(now, handle, &mut conn);
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(handle);
+            }
+            self.conns.insert(handle, conn);
+        }
     }
 
     /// Work after any input: local messages, a group commit, transmits.
@@ -575,6 +733,7 @@ impl Shard {
                                 sync_running: false,
                                 sync_again: false,
                                 dirty: false,
+                                parked: false,
                                 timer_armed: None,
                             }),
                         );
@@ -711,7 +870,10 @@ impl Shard {
             if room == 0 {
                 // A whole frame fits in the buffer, so a full buffer always holds one: decode.
                 self.decode_frames(now, handle, conn);
-                if INBUF_BYTES_MAX == conn.inbuf.len() || conn.session == Session::Closing {
+                if INBUF_BYTES_MAX == conn.inbuf.len()
+                    || conn.session == Session::Closing
+                    || conn.parked
+                {
                     return;
                 }
                 continue;
@@ -750,6 +912,15 @@ impl Shard {
         let mut consumed_total = 0;
         loop {
             if conn.session == Session::Closing {
+                break;
+            }
+            if self.mesh_congested() {
+                // Back-pressure: the frame waits in `inbuf`, and once that is full QUIC flow
+                // control stops the client. The mesh drain resumes the connection.
+                if !conn.parked {
+                    conn.parked = true;
+                    self.parked.push(handle);
+                }
                 break;
             }
             match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
@@ -1082,7 +1253,22 @@ impl Shard {
                 from,
                 kind,
                 payload,
-            } => self.with_conn(conn_ref, |_, conn| push_signal(conn, from, kind, payload)),
+            } => {
+                let outbound_max = self.config.limits.outbound_bytes_per_connection_max;
+                let mut dropped = false;
+                self.with_conn(conn_ref, |_, conn| {
+                    dropped = !push_signal(conn, from, kind, payload, outbound_max);
+                });
+                if dropped {
+                    self.stats.signals_dropped += 1;
+                }
+            }
+            MeshMessage::CatchUp { conn: conn_ref } => self.with_conn(conn_ref, |shard, conn| {
+                conn.sync_again = true;
+                if !conn.sync_running && conn.outbuf.is_empty() {
+                    shard.start_sync(ConnectionHandle(conn_ref.slot), conn);
+                }
+            }),
         }
     }
 
@@ -1103,6 +1289,25 @@ impl Shard {
     }
 
     // ---- Shutdown ---------------------------------------------------------------------------
+
+    /// Logs what the shard dropped under overload since the last log, at most every
+    /// `STATS_LOG_INTERVAL`.
+    fn log_stats(&mut self, now: Instant) {
+        if now < self.stats_logged_at + STATS_LOG_INTERVAL || self.stats == self.stats_logged {
+            return;
+        }
+        let (was, is) = (self.stats_logged, self.stats);
+        warn!(
+            shard = self.id,
+            signals_dropped = is.signals_dropped - was.signals_dropped,
+            mesh_messages_dropped = is.mesh_messages_dropped - was.mesh_messages_dropped,
+            mesh_control_dropped = is.mesh_control_dropped - was.mesh_control_dropped,
+            "dropped under overload (signals to connections that do not read, mesh messages \
+             to a busy shard) since the last report"
+        );
+        self.stats_logged = is;
+        self.stats_logged_at = now;
+    }
 
     /// Advances a requested shutdown. Returns true once the shard has finished: no commit in
     /// flight, nothing queued, and every connection closed with `ShuttingDown` (clients
@@ -1155,7 +1360,7 @@ impl Shard {
         }
         // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
         let in_order = conn.delivered_up_to.checked_add(1) == Some(message.seq);
-        let room = conn.outbuf.len() + message.body.len() + 64
+        let room = conn.outbuf.len() + message.body.len() + FRAME_OVERHEAD_BYTES_MAX
             <= self.config.limits.outbound_bytes_per_connection_max;
         if in_order && room && !conn.sync_running {
             conn.delivered_up_to = message.seq;
@@ -1187,15 +1392,14 @@ impl Shard {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
-        glommio::spawn_local(async move {
+        spawn_detached(async move {
             let result = glommio::executor()
                 .spawn_blocking(move || store.read_inbox(user, after_seq, unix_ms(), &core))
                 .await;
             let mut shard = shard.borrow_mut();
             shard.finish_sync(conn_ref, result);
             shard.after_input();
-        })
-        .detach();
+        });
     }
 
     fn finish_sync(&mut self, conn_ref: ConnRef, result: Result<Vec<StoredMessage>, StoreError>) {
@@ -1217,7 +1421,8 @@ impl Shard {
                 if message.seq <= conn.delivered_up_to {
                     continue;
                 }
-                if conn.outbuf.len() + message.body.len() + 64 > outbound_max {
+                if conn.outbuf.len() + message.body.len() + FRAME_OVERHEAD_BYTES_MAX > outbound_max
+                {
                     stopped = true;
                     break;
                 }
@@ -1236,7 +1441,9 @@ impl Shard {
     // ---- Group commit -----------------------------------------------------------------------
 
     fn maybe_start_commit(&mut self) {
-        if self.committer.is_none() {
+        // A commit's results and deliveries go to other shards: wait while the mesh is
+        // congested (the drain task calls back once it has room).
+        if self.committer.is_none() || self.mesh_congested() {
             return;
         }
         let Some(batch) = self.inbox.poll_batch() else {
@@ -1249,7 +1456,7 @@ impl Shard {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
-        glommio::spawn_local(async move {
+        spawn_detached(async move {
             let (committer, batch, result) = glommio::executor()
                 .spawn_blocking(move || {
                     let result = store.commit(&mut committer, &batch.requests, unix_ms());
@@ -1260,8 +1467,7 @@ impl Shard {
             shard.committer = Some(committer);
             shard.finish_commit(batch, result);
             shard.after_input();
-        })
-        .detach();
+        });
     }
 
     fn finish_commit(
@@ -1414,17 +1620,31 @@ fn deliver_frame(message: StoredMessage) -> Frame {
     }
 }
 
-fn push_signal(conn: &mut Conn, from: UserId, kind: SignalKind, payload: Vec<u8>) {
-    if matches!(conn.session, Session::Active { .. }) {
-        write_frame(
-            conn,
-            &Frame::Signal {
-                peer: from,
-                kind,
-                payload,
-            },
-        );
+/// Writes a signal unless the connection's outbound buffer is over `outbound_max`: signals are
+/// ephemeral by contract, so a connection that does not read loses them instead of growing
+/// the edge. Returns false when the signal was dropped for that reason.
+fn push_signal(
+    conn: &mut Conn,
+    from: UserId,
+    kind: SignalKind,
+    payload: Vec<u8>,
+    outbound_max: usize,
+) -> bool {
+    if !matches!(conn.session, Session::Active { .. }) {
+        return true;
     }
+    if conn.outbuf.len() + payload.len() + FRAME_OVERHEAD_BYTES_MAX > outbound_max {
+        return false;
+    }
+    write_frame(
+        conn,
+        &Frame::Signal {
+            peer: from,
+            kind,
+            payload,
+        },
+    );
+    true
 }
 
 /// Queues a frame on the connection's stream and writes what flow control allows.

@@ -1,0 +1,234 @@
+//! The test harness shared by the end-to-end test files: the real `courier-edge` binary on
+//! loopback with its own port and data directory, stopped (by its PID) when the test ends.
+
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use courier_client::{ConnectOptions, Connector, Delivery};
+
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A test still running after this long is hung: the watchdog stops its edge and the test
+/// binary, so CI fails instead of waiting forever.
+const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+pub struct Edge {
+    child: Option<Child>,
+    /// Set when the test is over; until then the watchdog may end a hung test.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub addr: SocketAddr,
+    /// Extra environment for the edge process.
+    env: Vec<(String, String)>,
+}
+
+impl Edge {
+    pub fn start(shards: u32) -> Edge {
+        Edge::start_with(shards, "", &[])
+    }
+
+    /// Starts an edge with `extra_config` appended to its config file (whole TOML sections,
+    /// such as `[limits]`) and `env` set for the process.
+    pub fn start_with(shards: u32, extra_config: &str, env: &[(&str, &str)]) -> Edge {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let config_path = dir.path().join("courier.toml");
+        let config = format!(
+            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
+            dir.path().join("data").display()
+        ) + extra_config;
+        std::fs::write(&config_path, config).expect("write config");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        {
+            let (done, pid) = (done.clone(), pid.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                while started.elapsed() < TEST_DEADLINE {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprintln!(
+                    "e2e test hung for {TEST_DEADLINE:?}: stopping its edge and the test binary"
+                );
+                let _ = Command::new("kill")
+                    .args([
+                        "-9",
+                        &pid.load(std::sync::atomic::Ordering::SeqCst).to_string(),
+                    ])
+                    .status();
+                std::process::abort();
+            });
+        }
+        let mut edge = Edge {
+            child: None,
+            done,
+            pid,
+            dir,
+            config_path,
+            addr,
+            env: env
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        };
+        edge.spawn();
+        edge
+    }
+
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("COURIER_TEST_EDGE_RUST_LOG")
+                    .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn courier-edge");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("courier-edge listening")
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(());
+                }
+                if std::env::var_os("COURIER_TEST_EDGE_LOG").is_some() {
+                    eprintln!("edge: {line}");
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(EVENT_TIMEOUT)
+            .expect("the edge printed its listening line");
+        self.pid
+            .store(child.id(), std::sync::atomic::Ordering::SeqCst);
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, then waits for the process; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        child.wait().expect("reap").success()
+    }
+
+    /// The edge's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Resident memory of the edge process in bytes (from /proc).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.pid().expect("edge running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    pub fn token(&self, user: u64, device: u32) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(["token", "--config"])
+            .arg(&self.config_path)
+            .args(["--user", &user.to_string(), "--device", &device.to_string()])
+            .output()
+            .expect("run courier-edge token");
+        assert!(
+            output.status.success(),
+            "token: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    }
+
+    pub fn connector(&self) -> Connector {
+        let pem = std::fs::read(self.dir.path().join("data/tls/cert.pem")).expect("dev cert");
+        Connector::new(&pem, "localhost").expect("connector")
+    }
+
+    pub async fn client(&self, user: u64) -> courier_client::Client {
+        self.connector()
+            .connect(ConnectOptions::new(self.addr, self.token(user, 0), 0))
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kill9();
+    }
+}
+
+pub async fn next_message(client: &mut courier_client::Client) -> Delivery {
+    tokio::time::timeout(EVENT_TIMEOUT, client.recv_message())
+        .await
+        .expect("a delivery arrives in time")
+        .expect("client still open")
+}
+
+/// Asserts that nothing more arrives for a while (a duplicate would).
+pub async fn assert_quiet(client: &mut courier_client::Client) {
+    if let Ok(Some(extra)) =
+        tokio::time::timeout(Duration::from_millis(500), client.recv_message()).await
+    {
+        panic!("unexpected extra delivery: {extra:?}");
+    }
+}

@@ -1,0 +1,258 @@
+//! Regression tests for issue 8: overload of the cross-shard mesh and of a connection that
+//! never reads must not take the edge down, and a shard that does go down must take the
+//! process with it (so a supervisor restarts it).
+//!
+//! Each test runs the real `courier-edge` binary (see `common`). None asserts on speed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{EVENT_TIMEOUT, Edge, next_message};
+use courier_client::raw::RawConnection;
+use courier_client::{ConnectOptions, Incoming};
+use courier_protocol::{Frame, SignalKind};
+
+/// The tiniest mesh the config allows more or less: every burst of cross-shard traffic fills
+/// it, so the full-channel path runs all the time.
+const TINY_MESH: &str = "[limits]\nmesh_channel_messages_max = 2\n";
+
+/// With cross-shard channels of two messages, a burst of sends, registrations and signals
+/// crossing both shards is served in full: every send is acknowledged (after retries of
+/// `Overloaded`), every recipient gets every message once and in order, the signal target keeps
+/// reading, the edge stays up, and a pair that starts afterwards chats normally.
+///
+/// Before the fix the first full channel panicked both shards ("RefCell already borrowed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_mesh_under_cross_shard_load_serves_every_connection() {
+    let mut edge = Edge::start_with(2, TINY_MESH, &[]);
+    const SENDERS: u64 = 4;
+    const RECIPIENTS: u64 = 4;
+    const SENDS_PER_PAIR: u32 = 150;
+
+    let mut recipients = Vec::new();
+    for r in 0..RECIPIENTS {
+        recipients.push(edge.client(800 + r).await);
+    }
+    // The signal target holds several connections, so each signal fans out across shards.
+    let signal_target = 850;
+    let mut signal_readers = Vec::new();
+    for device in 0..4 {
+        let client = edge
+            .connector()
+            .connect(ConnectOptions::new(
+                edge.addr,
+                edge.token(signal_target, device),
+                device,
+            ))
+            .await
+            .expect("connect signal reader");
+        signal_readers.push(client);
+    }
+    let signalling = edge.client(851).await;
+
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        senders.push(edge.client(810 + s).await);
+    }
+
+    // Sends: every sender pipelines to every recipient at once.
+    let mut sending = Vec::new();
+    for (s, client) in senders.iter().enumerate() {
+        for r in 0..RECIPIENTS {
+            let sender = client.sender();
+            sending.push(tokio::spawn(async move {
+                let mut sends = Vec::new();
+                for i in 0..SENDS_PER_PAIR {
+                    let sender = sender.clone();
+                    let body = format!("{s}:{i}").into_bytes();
+                    sends.push(tokio::spawn(
+                        async move { sender.send(800 + r, body).await },
+                    ));
+                }
+                for send in sends {
+                    send.await
+                        .expect("task")
+                        .expect("every send is acknowledged");
+                }
+            }));
+        }
+    }
+    // Signals: a burst that overflows the two-message channels many times over.
+    for i in 0..20_000u32 {
+        signalling.signal(signal_target, SignalKind::Typing, i.to_be_bytes().to_vec());
+    }
+    // Registrations: connections of other users come and go during the burst.
+    let churn = {
+        let connector = edge.connector();
+        let options: Vec<ConnectOptions> = (0..20)
+            .map(|i| ConnectOptions::new(edge.addr, edge.token(870 + i, 0), 0))
+            .collect();
+        tokio::spawn(async move {
+            for options in options {
+                let client = connector.connect(options).await.expect("churn connect");
+                client.close();
+            }
+        })
+    };
+    // The signal readers read whatever arrives (some signals may be dropped by design).
+    let reading_signals: Vec<_> = signal_readers
+        .into_iter()
+        .map(|mut reader| {
+            tokio::spawn(async move {
+                let mut signals = 0u64;
+                while let Ok(Some(incoming)) =
+                    tokio::time::timeout(Duration::from_secs(2), reader.recv()).await
+                {
+                    if matches!(incoming, Incoming::Signal { .. }) {
+                        signals += 1;
+                    }
+                }
+                signals
+            })
+        })
+        .collect();
+
+    // Every recipient gets SENDERS * SENDS_PER_PAIR messages at dense seqs, each exactly once.
+    // (The sends of one sender run concurrently, so their order is not defined.)
+    for (r, recipient) in recipients.iter_mut().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        for expected_seq in 1..=(SENDERS * u64::from(SENDS_PER_PAIR)) {
+            let got = next_message(recipient).await;
+            assert_eq!(got.seq, expected_seq, "recipient {r}: dense and in order");
+            let body = String::from_utf8(got.body).expect("utf-8 body");
+            assert!(seen.insert(body.clone()), "recipient {r}: {body} twice");
+        }
+        for s in 0..SENDERS {
+            for i in 0..SENDS_PER_PAIR {
+                assert!(
+                    seen.contains(&format!("{s}:{i}")),
+                    "recipient {r}: {s}:{i} missing"
+                );
+            }
+        }
+    }
+    for task in sending {
+        tokio::time::timeout(EVENT_TIMEOUT, task)
+            .await
+            .expect("sends finish in time")
+            .expect("send task");
+    }
+    tokio::time::timeout(EVENT_TIMEOUT, churn)
+        .await
+        .expect("churn in time")
+        .expect("churn task");
+    let mut signals_read = 0;
+    for reader in reading_signals {
+        signals_read += reader.await.expect("reader task");
+    }
+    assert!(signals_read > 0, "some signals reach the readers");
+
+    // The edge is still up and a new pair chats.
+    assert!(
+        edge.wait_exit(Duration::from_millis(10)).is_none(),
+        "the edge is still running"
+    );
+    let alice = edge.client(890).await;
+    let mut bob = edge.client(891).await;
+    for i in 0..10u32 {
+        alice
+            .send(891, i.to_be_bytes().to_vec())
+            .await
+            .expect("send after the burst");
+        assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
+    }
+}
+
+/// A flood of signals at connections that never read leaves the edge's memory bounded: over a
+/// connection's outbound bound, signals are dropped (they are ephemeral). The flood carries
+/// ~100 MB of signal frames to each of four connections; before the fix the edge grew by about
+/// that much per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_flood_at_connections_that_never_read_leaves_memory_bounded() {
+    let edge = Edge::start_with(2, "", &[]);
+    let connector = edge.connector();
+    let target = 901;
+    let mut silent = Vec::new();
+    for device in 0..4 {
+        let mut raw = RawConnection::connect(&connector, edge.addr)
+            .await
+            .expect("raw");
+        raw.write_frame(&Frame::Hello {
+            token: edge.token(target, device).into_bytes(),
+            device,
+            resume_after_seq: None,
+        })
+        .await
+        .expect("hello");
+        let welcome = raw.read_frame().await.expect("welcome");
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        // From here on this connection never reads.
+        silent.push(raw);
+    }
+    let mut flooder = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("raw");
+    flooder
+        .write_frame(&Frame::Hello {
+            token: edge.token(900, 0).into_bytes(),
+            device: 0,
+            resume_after_seq: None,
+        })
+        .await
+        .expect("hello");
+    assert!(matches!(
+        flooder.read_frame().await,
+        Ok(Frame::Welcome { .. })
+    ));
+
+    let rss_before = edge.rss_bytes();
+    let signal = courier_protocol::encode_to_vec(&Frame::Signal {
+        peer: target,
+        kind: SignalKind::Online,
+        payload: vec![7; courier_protocol::SIGNAL_PAYLOAD_BYTES_MAX],
+    })
+    .expect("encode");
+    let per_round: Vec<u8> = signal
+        .iter()
+        .copied()
+        .cycle()
+        .take(signal.len() * 10_000)
+        .collect();
+    let rounds = 40; // 400,000 signals, ~100 MB per target connection.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for _ in 0..rounds {
+            flooder.write_bytes(&per_round).await.expect("flood");
+        }
+        // The edge handles a connection's frames in order: the pong means every signal
+        // before it was handled.
+        flooder
+            .write_frame(&Frame::Ping { nonce: 9 })
+            .await
+            .expect("ping");
+        let pong = flooder.read_frame().await.expect("pong");
+        assert_eq!(pong, Frame::Pong { nonce: 9 });
+    })
+    .await
+    .expect("the flood is handled in time");
+    let rss_after = edge.rss_bytes();
+    let grown_mb = rss_after.saturating_sub(rss_before) / (1024 * 1024);
+    assert!(
+        grown_mb < 100,
+        "the edge grew by {grown_mb} MB under a signal flood (before {} MB, after {} MB)",
+        rss_before / (1024 * 1024),
+        rss_after / (1024 * 1024)
+    );
+    drop(silent);
+}
+
+/// A panic on one shard ends the process with a failure status (101), instead of leaving a
+/// live process that serves nothing and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_shard_ends_the_process_with_a_failure_status() {
+    let mut edge = Edge::start_with(2, "", &[("COURIER_FAULT_PANIC_SHARD", "1:1500")]);
+    let status = edge
+        .wait_exit(EVENT_TIMEOUT)
+        .expect("the edge exits after a shard panics");
+    assert_eq!(status.code(), Some(101), "exit status: {status:?}");
+}
