@@ -2,22 +2,34 @@
 //!
 //! A [`Connector`] holds the QUIC endpoint and TLS settings; keep one per process so later
 //! connections can resume the TLS session and send their first frames as 0-RTT data. A
-//! [`Client`] is one logged-in device:
+//! [`Client`] is one logged-in device. Its protocol logic is
+//! [`courier_protocol::client::ClientSession`] (sans-IO, the same type the simulation drives);
+//! this crate is the I/O around it:
 //!
 //! - [`Client::send`] stores a message durably: it retries under the same client message id until
-//!   the server's `SendAck`, across reconnects, so a message is stored exactly once.
-//! - [`Client::recv`] yields deliveries in sequence order, each once: the client drops any
-//!   sequence number it already has and asks the server to sync when it sees a gap.
-//! - Acks are sent automatically when a delivery is handed out (or manually with
-//!   [`Client::ack`] when [`ConnectOptions::auto_ack`] is off).
-//! - A lost connection is re-established with backoff; `Hello` carries the last sequence
-//!   number held, so delivery resumes after it and nothing is delivered twice.
+//!   the server's `SendAck`, across reconnects, so a message is stored exactly once. Sends go out
+//!   in the order they were made, at most `sends_in_flight_max` unanswered at a time.
+//! - [`Client::recv`] yields deliveries in sequence order, each once. Holes the server declares
+//!   (messages acknowledged elsewhere, expired) are skipped; a gap it did not declare makes the
+//!   client sync.
+//! - Only what the application took is acknowledged: with [`ConnectOptions::auto_ack`] a
+//!   delivery is acked when [`Client::recv`] hands it out, otherwise by [`Client::ack`].
+//!   Deliveries still buffered in the SDK are never acked for the application.
+//! - A lost connection is re-established with jittered exponential backoff (capped at
+//!   [`ConnectOptions::reconnect_backoff_max`], 2 s by default). `Hello` carries what the device
+//!   holds (delivery resumes after it) apart from what it consumed (the server may delete that).
+//! - [`Client::close`] (or dropping the client) sends the last ack before it closes, and a
+//!   closed client never reconnects.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use courier_protocol::client::{
+    ClientConfig, ClientEvent, ClientSession, SendRefused, SessionError,
+};
+pub use courier_protocol::client::{Delivery, SendReceipt};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::{mpsc, oneshot};
@@ -54,24 +66,6 @@ impl ClientError {
     }
 }
 
-/// A message for this device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub seq: u64,
-    pub from: u64,
-    pub sent_at_ms: u64,
-    pub body: Vec<u8>,
-}
-
-/// The server's confirmation that a message is durably stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SendReceipt {
-    pub client_id: u64,
-    /// Position in the recipient's inbox.
-    pub seq: u64,
-    pub server_time_ms: u64,
-}
-
 /// Something for the application: a stored message or an ephemeral signal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -92,7 +86,7 @@ pub struct Connector {
     server_name: String,
 }
 
-/// TLS 1.3 with ALPN `courier/1`, early data on, and a fresh session cache.
+/// TLS 1.3 with ALPN `courier/2`, early data on, and a fresh session cache.
 fn client_config(roots: &Arc<rustls::RootCertStore>) -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -173,21 +167,30 @@ pub struct ConnectOptions {
     /// Token minted for this user and device (`courier-edge token`).
     pub token: String,
     pub device: u32,
-    /// The last sequence number this device already holds; delivery starts after it.
+    /// The highest sequence number this device's application already consumed (and keeps,
+    /// for example in its database): delivery starts after it, and the server may delete up to
+    /// it. 0 for a fresh install.
     pub resume_after_seq: u64,
-    /// Ack each delivery when [`Client::recv`] hands it out.
+    /// Ack each delivery when [`Client::recv`] hands it out. Off: the application acks with
+    /// [`Client::ack`], and nothing is acked for it, across reconnects too.
     pub auto_ack: bool,
-    /// Reconnect when the connection is lost (with backoff between these bounds).
+    /// Reconnect when the connection is lost, with jittered exponential backoff between these
+    /// bounds.
     pub reconnect: bool,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
     /// Wait this long before retrying a send the server refused with a retryable error.
     pub retry_after: Duration,
+    /// Sends written and not yet answered; the rest wait in the client. At most the server's
+    /// `limits.sends_in_flight_per_connection_max` (256 by default).
+    pub sends_in_flight_max: usize,
+    /// Sends queued or in flight; beyond it `send` fails with `Refused(TooManyInFlight)`.
+    pub sends_pending_max: usize,
     /// Deliveries buffered for the application before the client stops reading.
     pub deliveries_buffered_max: usize,
     /// Messages to send in the connection's first flight, right after `Hello` (as 0-RTT data
     /// when the connector resumes a session). Wait for their receipts with
-    /// [`Client::send_with_id`] and the same ids.
+    /// [`Client::early_receipts`].
     pub early_sends: Vec<EarlySend>,
 }
 
@@ -209,36 +212,46 @@ impl ConnectOptions {
             auto_ack: true,
             reconnect: true,
             reconnect_backoff_min: Duration::from_millis(50),
-            reconnect_backoff_max: Duration::from_secs(5),
+            reconnect_backoff_max: Duration::from_secs(2),
             retry_after: Duration::from_millis(200),
+            sends_in_flight_max: 256,
+            sends_pending_max: 100_000,
             deliveries_buffered_max: 4096,
             early_sends: Vec::new(),
         }
     }
+
+    fn session_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(self.token.as_bytes().to_vec(), self.device);
+        config.sends_in_flight_max = self.sends_in_flight_max.max(1);
+        config.sends_pending_max = self.sends_pending_max.max(1);
+        config.retry_after_ms = self.retry_after.as_millis() as u64;
+        config.reconnect_backoff_min_ms = self.reconnect_backoff_min.as_millis() as u64;
+        config.reconnect_backoff_max_ms = self.reconnect_backoff_max.as_millis() as u64;
+        config
+    }
 }
 
-struct PendingSend {
-    to: u64,
-    body: Vec<u8>,
-    ttl_secs: Option<u32>,
-    waiters: Vec<oneshot::Sender<Result<SendReceipt, ClientError>>>,
-}
-
-#[derive(Default)]
+/// What the application side can see of the driver's state.
+#[derive(Debug, Default)]
 struct Shared {
-    pending: BTreeMap<u64, PendingSend>,
-    last_seq: u64,
-    acked_up_to: u64,
+    received_up_to: u64,
+    pending_sends: usize,
     zero_rtt_accepted: Option<bool>,
     connections: u64,
     closed: Option<ClientError>,
 }
 
-/// How long acks are gathered before the highest is sent.
-const ACK_COALESCE: Duration = Duration::from_millis(5);
+type Waiter = oneshot::Sender<Result<SendReceipt, ClientError>>;
 
 enum Command {
-    Send(u64),
+    Send {
+        client_id: u64,
+        to: u64,
+        body: Vec<u8>,
+        ttl_secs: Option<u32>,
+        waiter: Waiter,
+    },
     Ack(u64),
     Signal {
         peer: u64,
@@ -281,40 +294,38 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     async fn connect(connector: Connector, options: ConnectOptions) -> Result<Client, ClientError> {
+        let mut session = ClientSession::new(options.session_config(), options.resume_after_seq);
+        let mut waiters: HashMap<u64, Vec<Waiter>> = HashMap::new();
         let mut early_receipts = Vec::new();
-        let pending = options
-            .early_sends
-            .iter()
-            .map(|early| {
-                let (tx, rx) = oneshot::channel();
-                early_receipts.push(rx);
-                let send = PendingSend {
-                    to: early.to,
-                    body: early.body.clone(),
-                    ttl_secs: None,
-                    waiters: vec![tx],
-                };
-                (early.client_id, send)
-            })
-            .collect();
+        for early in &options.early_sends {
+            let (tx, rx) = oneshot::channel();
+            session
+                .send(early.client_id, early.to, early.body.clone(), None)
+                .map_err(refusal_error)?;
+            waiters.entry(early.client_id).or_default().push(tx);
+            early_receipts.push(rx);
+        }
         let shared = Arc::new(Mutex::new(Shared {
-            pending,
-            last_seq: options.resume_after_seq,
-            acked_up_to: options.resume_after_seq,
+            received_up_to: options.resume_after_seq,
             ..Shared::default()
         }));
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::channel(options.deliveries_buffered_max.max(1));
-        let session = Session::open(&connector, &options, &shared).await?;
-        let user = session.user;
+        let (welcomed_tx, welcomed_rx) = oneshot::channel();
         let driver = Driver {
             connector,
             options: options.clone(),
+            session,
+            waiters,
             shared: shared.clone(),
             commands: commands_rx,
             incoming: incoming_tx,
+            to_app: VecDeque::new(),
+            started: Instant::now(),
+            welcomed: Some(welcomed_tx),
         };
-        tokio::spawn(driver.run(session));
+        tokio::spawn(driver.run());
+        let user = welcomed_rx.await.map_err(|_| ClientError::Shutdown)??;
         Ok(Client {
             sender: Sender {
                 shared,
@@ -368,7 +379,8 @@ impl Client {
         receipts
     }
 
-    /// The next message or signal, in sequence order; `None` once the client is closed.
+    /// The next message or signal, in sequence order; `None` once the client is closed. With
+    /// `auto_ack`, handing out a message acknowledges it.
     pub async fn recv(&mut self) -> Option<Incoming> {
         let incoming = self.incoming.recv().await?;
         if let Incoming::Message(delivery) = &incoming
@@ -389,12 +401,14 @@ impl Client {
         }
     }
 
-    /// Acknowledges every message up to `up_to_seq`; the server deletes them.
+    /// Acknowledges every message up to `up_to_seq` (at most what was received); the server
+    /// deletes them once every device of the user acknowledged them.
     pub fn ack(&self, up_to_seq: u64) {
         let _ = self.sender.commands.send(Command::Ack(up_to_seq));
     }
 
-    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline.
+    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline
+    /// or this client is between connections.
     pub fn signal(&self, peer: u64, kind: SignalKind, payload: Vec<u8>) {
         let _ = self.sender.commands.send(Command::Signal {
             peer,
@@ -403,9 +417,14 @@ impl Client {
         });
     }
 
-    /// The highest sequence number received.
+    /// The highest sequence number received (handed to the application's buffer, or skipped
+    /// as a declared hole).
     pub fn last_seq(&self) -> u64 {
-        self.sender.shared.lock().expect("client state").last_seq
+        self.sender
+            .shared
+            .lock()
+            .expect("client state")
+            .received_up_to
     }
 
     /// Whether the server accepted the latest connection's 0-RTT data (`None`: no 0-RTT was
@@ -418,7 +437,7 @@ impl Client {
             .zero_rtt_accepted
     }
 
-    /// Connections made so far, including reconnects.
+    /// Connections welcomed so far, including reconnects.
     pub fn connections(&self) -> u64 {
         self.sender.shared.lock().expect("client state").connections
     }
@@ -429,11 +448,11 @@ impl Client {
             .shared
             .lock()
             .expect("client state")
-            .pending
-            .len()
+            .pending_sends
     }
 
-    /// Closes the connection; pending sends fail with [`ClientError::Shutdown`].
+    /// Sends the last ack, then closes the connection; pending sends fail with
+    /// [`ClientError::Shutdown`]. The client never reconnects afterwards.
     pub fn close(&self) {
         let _ = self.sender.commands.send(Command::Close);
     }
@@ -465,35 +484,20 @@ impl Sender {
         body: impl Into<Vec<u8>>,
         ttl_secs: Option<u32>,
     ) -> Result<SendReceipt, ClientError> {
-        if client_id == 0 {
-            return Err(ClientError::Config("client id 0 is reserved".into()));
+        if let Some(error) = &self.shared.lock().expect("client state").closed {
+            return Err(error.clone());
         }
-        let body = body.into();
-        if body.len() > courier_protocol::BODY_BYTES_MAX {
-            return Err(ClientError::Config(format!(
-                "body of {} bytes exceeds {}",
-                body.len(),
-                courier_protocol::BODY_BYTES_MAX
-            )));
-        }
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut shared = self.shared.lock().expect("client state");
-            if let Some(error) = &shared.closed {
-                return Err(error.clone());
-            }
-            let pending = shared.pending.entry(client_id).or_insert(PendingSend {
-                to,
-                body,
-                ttl_secs,
-                waiters: Vec::new(),
-            });
-            pending.waiters.push(tx);
-        }
+        let (waiter, answer) = oneshot::channel();
         self.commands
-            .send(Command::Send(client_id))
+            .send(Command::Send {
+                client_id,
+                to,
+                body: body.into(),
+                ttl_secs,
+                waiter,
+            })
             .map_err(|_| ClientError::Shutdown)?;
-        rx.await.map_err(|_| ClientError::Shutdown)?
+        answer.await.map_err(|_| ClientError::Shutdown)?
     }
 }
 
@@ -503,20 +507,68 @@ impl Drop for Client {
     }
 }
 
-/// One QUIC connection with its protocol stream.
-struct Session {
-    connection: quinn::Connection,
-    send: quinn::SendStream,
-    frames: mpsc::Receiver<Result<Frame, ClientError>>,
-    user: u64,
+fn refusal_error(refused: SendRefused) -> ClientError {
+    match refused {
+        SendRefused::ReservedId | SendRefused::BodyTooLarge(_) => {
+            ClientError::Config(refused.to_string())
+        }
+        SendRefused::QueueFull => ClientError::Refused(ErrorCode::TooManyInFlight),
+        SendRefused::Closed => ClientError::Shutdown,
+    }
 }
 
-impl Session {
+fn session_error(error: SessionError) -> ClientError {
+    match error {
+        SessionError::Closed { code, reason } => ClientError::Closed {
+            code: Some(code),
+            reason,
+        },
+        SessionError::Goaway { reason, .. } => ClientError::Closed {
+            code: Some(ErrorCode::ShuttingDown),
+            reason,
+        },
+        SessionError::Unexpected(kind) => {
+            ClientError::Protocol(format!("unexpected {kind} from the server"))
+        }
+    }
+}
+
+/// Errors after which reconnecting cannot help.
+fn is_fatal(error: &ClientError) -> bool {
+    error
+        .code()
+        .is_some_and(courier_protocol::client::is_fatal_code)
+        || matches!(error, ClientError::Config(_) | ClientError::Protocol(_))
+}
+
+/// Bytes of encoded frames the driver buffers for the stream; past it, it stops taking frames
+/// from the session until the stream drains.
+const OUTBUF_BYTES_MAX: usize = 1024 * 1024;
+/// How long a close waits for the server to take the last frames (the last ack).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes read from the stream at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One QUIC connection with its protocol stream. The driver reads and writes the stream
+/// itself (quinn's `read` and `write` are cancel-safe), so no other task ever holds it: after
+/// a rejected 0-RTT the new stream reuses the old one's id, and a second reader would race
+/// for its data.
+struct Link {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// Bytes read and not yet decoded: at most one partial frame between reads.
+    inbuf: Vec<u8>,
+    /// Bytes of frames not yet written to `send`.
+    outbuf: Vec<u8>,
+}
+
+impl Link {
     async fn open(
         connector: &Connector,
         options: &ConnectOptions,
-        shared: &Mutex<Shared>,
-    ) -> Result<Session, ClientError> {
+    ) -> Result<(Link, Option<quinn::ZeroRttAccepted>), ClientError> {
         let connecting = connector
             .endpoint
             .connect_with(
@@ -532,108 +584,345 @@ impl Session {
                 None,
             ),
         };
-        let resume_after_seq = shared.lock().expect("client state").last_seq;
-        let hello = Frame::Hello {
-            token: options.token.as_bytes().to_vec(),
-            device: options.device,
-            resume_after_seq: (resume_after_seq > 0).then_some(resume_after_seq),
-        };
-        // The first flight: Hello and every unacknowledged send, as 0-RTT data when resuming.
-        let first_flight = |shared: &Mutex<Shared>| -> Vec<Frame> {
-            let shared = shared.lock().expect("client state");
-            std::iter::once(hello.clone())
-                .chain(
-                    shared
-                        .pending
-                        .iter()
-                        .map(|(client_id, pending)| Frame::Send {
-                            client_id: *client_id,
-                            to: pending.to,
-                            body: pending.body.clone(),
-                            ttl_secs: pending.ttl_secs,
-                        }),
-                )
-                .collect()
-        };
-        let (mut send, recv) = connection
+        let link = Link::on_new_stream(connection).await?;
+        Ok((link, zero_rtt))
+    }
+
+    async fn on_new_stream(connection: quinn::Connection) -> Result<Link, ClientError> {
+        let (send, recv) = connection
             .open_bi()
             .await
             .map_err(|e| map_connection_error(&e))?;
-        for frame in first_flight(shared) {
-            write_frame(&mut send, &frame).await?;
-        }
-        let (frames_tx, mut frames) = mpsc::channel(1024);
-        tokio::spawn(read_frames(recv, frames_tx));
-        if let Some(accepted) = zero_rtt {
-            let accepted = accepted.await;
-            shared.lock().expect("client state").zero_rtt_accepted = Some(accepted);
-            if !accepted {
-                // Streams opened in rejected 0-RTT data are gone: start over on a new one.
-                let (new_send, new_recv) = connection
-                    .open_bi()
-                    .await
-                    .map_err(|e| map_connection_error(&e))?;
-                send = new_send;
-                for frame in first_flight(shared) {
-                    write_frame(&mut send, &frame).await?;
-                }
-                let (frames_tx, new_frames) = mpsc::channel(1024);
-                frames = new_frames;
-                tokio::spawn(read_frames(new_recv, frames_tx));
-            }
-        }
-        let user = match frames.recv().await {
-            Some(Ok(Frame::Welcome { user, .. })) => user,
-            Some(Ok(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Welcome, got {}",
-                    other.kind()
-                )));
-            }
-            Some(Err(error)) => return Err(error),
-            None => {
-                let reason = connection.closed().await;
-                return Err(map_connection_error(&reason));
-            }
-        };
-        shared.lock().expect("client state").connections += 1;
-        Ok(Session {
+        Ok(Link {
             connection,
             send,
-            frames,
-            user,
+            recv,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
         })
+    }
+
+    async fn lost(&self) -> ClientError {
+        map_connection_error(&self.connection.closed().await)
     }
 }
 
-async fn read_frames(
-    mut recv: quinn::RecvStream,
-    frames: mpsc::Sender<Result<Frame, ClientError>>,
-) {
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
+/// Owns the session and drives it over one connection after another.
+struct Driver {
+    connector: Connector,
+    options: ConnectOptions,
+    session: ClientSession,
+    waiters: HashMap<u64, Vec<Waiter>>,
+    shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    incoming: mpsc::Sender<Incoming>,
+    /// Events for the application waiting for room in `incoming`.
+    to_app: VecDeque<Incoming>,
+    started: Instant,
+    /// Until the first `Welcome`: where `Client::connect` waits for the outcome.
+    welcomed: Option<oneshot::Sender<Result<u64, ClientError>>>,
+}
+
+enum LinkEnd {
+    /// The application closed the client (or dropped it).
+    Closed,
+    Lost(ClientError),
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self) {
         loop {
-            match courier_protocol::decode(&buffer) {
-                Ok(Some((frame, consumed))) => {
-                    buffer.drain(..consumed);
-                    if frames.send(Ok(frame)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    let _ = frames
-                        .send(Err(ClientError::Protocol(error.to_string())))
-                        .await;
+            let end = match Link::open(&self.connector, &self.options).await {
+                Ok((link, zero_rtt)) => self.run_link(link, zero_rtt).await,
+                Err(error) => LinkEnd::Lost(error),
+            };
+            let error = match end {
+                LinkEnd::Closed => {
+                    self.fail(ClientError::Shutdown);
                     return;
+                }
+                LinkEnd::Lost(error) => error,
+            };
+            let now = self.now();
+            self.session.disconnected(now);
+            if let Some(welcomed) = self.welcomed.take() {
+                // The first connection failed: `connect` reports it.
+                let _ = welcomed.send(Err(error.clone()));
+                self.fail(error);
+                return;
+            }
+            debug!(%error, "connection lost");
+            if !self.options.reconnect || is_fatal(&error) {
+                self.fail(error);
+                return;
+            }
+            let delay = self.session.reconnect_delay_ms(rand::random());
+            if self.wait_or_close(Duration::from_millis(delay)).await {
+                self.fail(ClientError::Shutdown);
+                return;
+            }
+        }
+    }
+
+    /// Sleeps for `delay` while taking commands; returns true if the application closed the
+    /// client meanwhile.
+    async fn wait_or_close(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return false,
+                command = self.commands.recv() => {
+                    if self.apply(command) {
+                        return true;
+                    }
                 }
             }
         }
-        match recv.read(&mut chunk).await {
-            Ok(Some(read)) => buffer.extend_from_slice(&chunk[..read]),
-            Ok(None) | Err(_) => return,
+    }
+
+    /// Applies one command to the session; returns true when the client is to close.
+    fn apply(&mut self, command: Option<Command>) -> bool {
+        let now = self.now();
+        match command {
+            None | Some(Command::Close) => {
+                for client_id in self.session.close() {
+                    for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
+                        let _ = waiter.send(Err(ClientError::Shutdown));
+                    }
+                }
+                return true;
+            }
+            Some(Command::Send {
+                client_id,
+                to,
+                body,
+                ttl_secs,
+                waiter,
+            }) => match self.session.send(client_id, to, body, ttl_secs) {
+                Ok(()) => self.waiters.entry(client_id).or_default().push(waiter),
+                Err(refused) => {
+                    let _ = waiter.send(Err(refusal_error(refused)));
+                }
+            },
+            Some(Command::Ack(up_to_seq)) => self.session.ack(now, up_to_seq),
+            Some(Command::Signal {
+                peer,
+                kind,
+                payload,
+            }) => {
+                self.session.signal(peer, kind, payload);
+            }
         }
+        self.publish();
+        false
+    }
+
+    /// Hands the session's events to their owners and mirrors its state for the getters.
+    /// Returns an error when the first connection learns it cannot be welcomed.
+    fn take_events(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ClientEvent::Welcome { user, .. } => {
+                    self.shared.lock().expect("client state").connections += 1;
+                    if let Some(welcomed) = self.welcomed.take() {
+                        let _ = welcomed.send(Ok(user));
+                    }
+                }
+                ClientEvent::Message(delivery) => {
+                    self.to_app.push_back(Incoming::Message(delivery))
+                }
+                ClientEvent::Signal {
+                    from,
+                    kind,
+                    payload,
+                } => {
+                    // Signals are ephemeral: dropped when the application is behind.
+                    let _ = self.incoming.try_send(Incoming::Signal {
+                        from,
+                        kind,
+                        payload,
+                    });
+                }
+                ClientEvent::Hole {
+                    after_seq,
+                    up_to_seq,
+                } => debug!(
+                    after_seq,
+                    up_to_seq, "the server declared a hole; skipping it"
+                ),
+                ClientEvent::SendDone { client_id, result } => {
+                    let result = result.map_err(ClientError::Refused);
+                    for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let mut shared = self.shared.lock().expect("client state");
+        shared.received_up_to = self.session.received_up_to();
+        shared.pending_sends = self.session.pending_sends();
+    }
+
+    /// Encodes the session's frames into the link's buffer, up to its bound.
+    fn take_transmits(&mut self, link: &mut Link) -> Result<(), ClientError> {
+        while link.outbuf.len() < OUTBUF_BYTES_MAX {
+            let Some(frame) = self.session.poll_transmit() else {
+                break;
+            };
+            courier_protocol::encode(&frame, &mut link.outbuf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn run_link(
+        &mut self,
+        mut link: Link,
+        zero_rtt: Option<quinn::ZeroRttAccepted>,
+    ) -> LinkEnd {
+        let now = self.now();
+        self.session.connected(now);
+        if let Some(accepted) = zero_rtt {
+            // The first flight goes out as 0-RTT data; wait for the verdict before anything else.
+            if let Err(error) = self.take_transmits(&mut link) {
+                return LinkEnd::Lost(error);
+            }
+            let _ = link.send.write_all(&link.outbuf).await;
+            link.outbuf.clear();
+            let accepted = accepted.await;
+            self.shared.lock().expect("client state").zero_rtt_accepted = Some(accepted);
+            if !accepted {
+                // Streams opened in rejected 0-RTT data are gone: start over on a new one,
+                // after letting go of the old one (the server allows one stream at a time).
+                let connection = link.connection.clone();
+                drop(link);
+                link = match Link::on_new_stream(connection).await {
+                    Ok(link) => link,
+                    Err(error) => return LinkEnd::Lost(error),
+                };
+                let now = self.now();
+                self.session.connected(now);
+            }
+        }
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            self.take_events();
+            if let Err(error) = self.take_transmits(&mut link) {
+                return LinkEnd::Lost(error);
+            }
+            let timeout = self.session.poll_timeout();
+            let sleep_for =
+                timeout.map(|due| Duration::from_millis(due.saturating_sub(self.now())));
+            let app_has_room = self.to_app.len() < self.options.deliveries_buffered_max.max(1);
+            let incoming = self.incoming.clone();
+            tokio::select! {
+                read = link.recv.read(&mut chunk), if app_has_room => {
+                    match read {
+                        Ok(Some(read)) => link.inbuf.extend_from_slice(&chunk[..read]),
+                        Ok(None) | Err(_) => return LinkEnd::Lost(link.lost().await),
+                    }
+                    if let Err(error) = self.handle_input(&mut link) {
+                        return LinkEnd::Lost(error);
+                    }
+                }
+                written = link.send.write(&link.outbuf), if !link.outbuf.is_empty() => {
+                    match written {
+                        Ok(written) => {
+                            link.outbuf.drain(..written);
+                        }
+                        Err(error) => {
+                            debug!(%error, "stream write failed");
+                            return LinkEnd::Lost(link.lost().await);
+                        }
+                    }
+                }
+                permit = incoming.reserve(), if !self.to_app.is_empty() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(incoming) = self.to_app.pop_front() {
+                                permit.send(incoming);
+                            }
+                        }
+                        // The application dropped its client: close as it asked.
+                        Err(_) => return self.close_link(link).await,
+                    }
+                }
+                _ = async { tokio::time::sleep(sleep_for.unwrap_or_default()).await }, if sleep_for.is_some() => {
+                    let now = self.now();
+                    self.session.handle_timeout(now);
+                }
+                command = self.commands.recv() => {
+                    if self.apply(command) {
+                        return self.close_link(link).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes every whole frame in the link's input buffer into the session.
+    fn handle_input(&mut self, link: &mut Link) -> Result<(), ClientError> {
+        let mut consumed_total = 0;
+        let result = loop {
+            match courier_protocol::decode(&link.inbuf[consumed_total..]) {
+                Ok(Some((frame, consumed))) => {
+                    consumed_total += consumed;
+                    let now = self.now();
+                    if let Err(error) = self.session.handle_frame(now, frame) {
+                        break Err(session_error(error));
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(ClientError::Protocol(error.to_string())),
+            }
+        };
+        link.inbuf.drain(..consumed_total);
+        result
+    }
+
+    /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
+    /// the server to close the connection after reading it.
+    async fn close_link(&mut self, mut link: Link) -> LinkEnd {
+        if self.take_transmits(&mut link).is_ok() {
+            let flush = async {
+                link.send.write_all(&link.outbuf).await.ok()?;
+                link.send.finish().ok()?;
+                link.connection.closed().await;
+                Some(())
+            };
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+        }
+        link.connection.close(0u32.into(), b"client closed");
+        LinkEnd::Closed
+    }
+
+    /// Ends the client: every waiting send gets `error`, later calls get it too.
+    fn fail(&mut self, error: ClientError) {
+        for client_id in self.session.close() {
+            for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        for (_, waiters) in self.waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        if let Some(welcomed) = self.welcomed.take() {
+            let _ = welcomed.send(Err(error.clone()));
+        }
+        let mut shared = self.shared.lock().expect("client state");
+        shared.closed = Some(error);
+        shared.pending_sends = 0;
     }
 }
 
@@ -654,295 +943,6 @@ fn map_connection_error(error: &quinn::ConnectionError) -> ClientError {
             reason: String::from_utf8_lossy(&close.reason).into_owned(),
         },
         other => ClientError::Connect(other.to_string()),
-    }
-}
-
-/// Codes after which reconnecting cannot help.
-fn is_fatal(error: &ClientError) -> bool {
-    matches!(
-        error.code(),
-        Some(
-            ErrorCode::Unauthenticated
-                | ErrorCode::TokenExpired
-                | ErrorCode::Malformed
-                | ErrorCode::FrameTooLarge
-                | ErrorCode::LimitExceeded
-                | ErrorCode::UnexpectedFrame
-        )
-    ) || matches!(error, ClientError::Config(_))
-}
-
-struct Driver {
-    connector: Connector,
-    options: ConnectOptions,
-    shared: Arc<Mutex<Shared>>,
-    commands: mpsc::UnboundedReceiver<Command>,
-    incoming: mpsc::Sender<Incoming>,
-}
-
-enum SessionEnd {
-    Closed,
-    Lost(ClientError),
-}
-
-impl Driver {
-    async fn run(mut self, first: Session) {
-        let mut session = Some(first);
-        let mut backoff = self.options.reconnect_backoff_min;
-        loop {
-            let current = match session.take() {
-                Some(session) => session,
-                None => match Session::open(&self.connector, &self.options, &self.shared).await {
-                    Ok(session) => {
-                        backoff = self.options.reconnect_backoff_min;
-                        session
-                    }
-                    Err(error) if is_fatal(&error) => {
-                        self.fail(error);
-                        return;
-                    }
-                    Err(error) => {
-                        debug!(%error, "reconnect failed");
-                        if self.wait_or_close(backoff).await {
-                            self.fail(ClientError::Shutdown);
-                            return;
-                        }
-                        backoff = (backoff * 2).min(self.options.reconnect_backoff_max);
-                        continue;
-                    }
-                },
-            };
-            match self.run_session(current).await {
-                SessionEnd::Closed => {
-                    self.fail(ClientError::Shutdown);
-                    return;
-                }
-                SessionEnd::Lost(error) => {
-                    debug!(%error, "connection lost");
-                    if !self.options.reconnect || is_fatal(&error) {
-                        self.fail(error);
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sleeps for `delay`; returns true if the application closed the client meanwhile.
-    async fn wait_or_close(&mut self, delay: Duration) -> bool {
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                _ = &mut sleep => return false,
-                command = self.commands.recv() => match command {
-                    None | Some(Command::Close) => return true,
-                    // Sends wait in `pending` and go out after reconnecting.
-                    Some(_) => {}
-                },
-            }
-        }
-    }
-
-    fn fail(&self, error: ClientError) {
-        let mut shared = self.shared.lock().expect("client state");
-        shared.closed = Some(error.clone());
-        for (_, pending) in std::mem::take(&mut shared.pending) {
-            for waiter in pending.waiters {
-                let _ = waiter.send(Err(error.clone()));
-            }
-        }
-    }
-
-    async fn run_session(&mut self, mut session: Session) -> SessionEnd {
-        // Unacknowledged sends already went out in the session's first flight.
-        let mut retry = tokio::time::interval(self.options.retry_after);
-        let mut retry_due: Vec<u64> = Vec::new();
-        let mut ack_tick = tokio::time::interval(ACK_COALESCE);
-        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ack_due: Option<u64> = None;
-        loop {
-            tokio::select! {
-                _ = ack_tick.tick(), if ack_due.is_some() => {
-                    if let Some(up_to_seq) = ack_due.take()
-                        && let Err(error) = write_frame(&mut session.send, &Frame::Ack { up_to_seq }).await
-                    {
-                        return SessionEnd::Lost(error);
-                    }
-                }
-                frame = session.frames.recv() => {
-                    let frame = match frame {
-                        Some(Ok(frame)) => frame,
-                        Some(Err(error)) => return SessionEnd::Lost(error),
-                        None => {
-                            let reason = session.connection.closed().await;
-                            return SessionEnd::Lost(map_connection_error(&reason));
-                        }
-                    };
-                    if let Err(error) = self.handle_frame(&mut session, frame, &mut retry_due).await {
-                        return SessionEnd::Lost(error);
-                    }
-                }
-                command = self.commands.recv() => {
-                    let result = match command {
-                        None | Some(Command::Close) => {
-                            session.connection.close(0u32.into(), b"client closed");
-                            return SessionEnd::Closed;
-                        }
-                        Some(Command::Send(client_id)) => self.write_send(&mut session, client_id).await,
-                        Some(Command::Ack(up_to_seq)) => {
-                            // Acks are cumulative and not urgent: coalesce them and send the
-                            // highest at the next ack tick.
-                            let mut shared = self.shared.lock().expect("client state");
-                            if up_to_seq > shared.acked_up_to {
-                                shared.acked_up_to = up_to_seq;
-                                ack_due = Some(up_to_seq);
-                            }
-                            Ok(())
-                        }
-                        Some(Command::Signal { peer, kind, payload }) => {
-                            write_frame(&mut session.send, &Frame::Signal { peer, kind, payload }).await
-                        }
-                    };
-                    if let Err(error) = result {
-                        return SessionEnd::Lost(error);
-                    }
-                }
-                _ = retry.tick() => {
-                    for client_id in std::mem::take(&mut retry_due) {
-                        if let Err(error) = self.write_send(&mut session, client_id).await {
-                            return SessionEnd::Lost(error);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn write_send(&self, session: &mut Session, client_id: u64) -> Result<(), ClientError> {
-        let frame = {
-            let shared = self.shared.lock().expect("client state");
-            let Some(pending) = shared.pending.get(&client_id) else {
-                return Ok(());
-            };
-            Frame::Send {
-                client_id,
-                to: pending.to,
-                body: pending.body.clone(),
-                ttl_secs: pending.ttl_secs,
-            }
-        };
-        write_frame(&mut session.send, &frame).await
-    }
-
-    /// Hands a send's final result to everyone waiting for it.
-    fn finish_send(&self, client_id: u64, result: Result<SendReceipt, ClientError>) {
-        let pending = self
-            .shared
-            .lock()
-            .expect("client state")
-            .pending
-            .remove(&client_id);
-        for waiter in pending.into_iter().flat_map(|pending| pending.waiters) {
-            let _ = waiter.send(result.clone());
-        }
-    }
-
-    async fn handle_frame(
-        &mut self,
-        session: &mut Session,
-        frame: Frame,
-        retry_due: &mut Vec<u64>,
-    ) -> Result<(), ClientError> {
-        match frame {
-            Frame::SendAck {
-                client_id,
-                seq,
-                server_time_ms,
-            } => self.finish_send(
-                client_id,
-                Ok(SendReceipt {
-                    client_id,
-                    seq,
-                    server_time_ms,
-                }),
-            ),
-            Frame::SendError {
-                client_id,
-                code,
-                retryable,
-            } => {
-                if retryable {
-                    retry_due.push(client_id);
-                } else {
-                    self.finish_send(client_id, Err(ClientError::Refused(code)));
-                }
-            }
-            Frame::Deliver {
-                seq,
-                from,
-                sent_at_ms,
-                body,
-            } => {
-                let last = self.shared.lock().expect("client state").last_seq;
-                if seq <= last {
-                    return Ok(()); // Already held: drop the duplicate.
-                }
-                if seq != last + 1 {
-                    // A gap: ask the server for everything after what we hold.
-                    debug!(seq, last, "gap in deliveries; syncing");
-                    return write_frame(&mut session.send, &Frame::Sync { after_seq: last }).await;
-                }
-                self.shared.lock().expect("client state").last_seq = seq;
-                let delivery = Delivery {
-                    seq,
-                    from,
-                    sent_at_ms,
-                    body,
-                };
-                // Waiting here is backpressure: the server's stream stops while the app is busy.
-                if self
-                    .incoming
-                    .send(Incoming::Message(delivery))
-                    .await
-                    .is_err()
-                {
-                    return Err(ClientError::Shutdown);
-                }
-            }
-            Frame::Signal {
-                peer,
-                kind,
-                payload,
-            } => {
-                let _ = self.incoming.try_send(Incoming::Signal {
-                    from: peer,
-                    kind,
-                    payload,
-                });
-            }
-            Frame::Ping { nonce } => write_frame(&mut session.send, &Frame::Pong { nonce }).await?,
-            Frame::Pong { .. } | Frame::Welcome { .. } => {}
-            Frame::Goaway { reason, .. } => {
-                return Err(ClientError::Closed {
-                    code: Some(ErrorCode::ShuttingDown),
-                    reason,
-                });
-            }
-            Frame::Error { code, message } => {
-                return Err(ClientError::Closed {
-                    code: Some(code),
-                    reason: message,
-                });
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected {} from the server",
-                    other.kind()
-                )));
-            }
-        }
-        Ok(())
     }
 }
 

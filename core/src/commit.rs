@@ -323,33 +323,61 @@ pub fn last_seq<S: Store>(store: &S, inbox: UserId) -> Result<u64, StoreError> {
     read_counter(&mut txn, inbox)
 }
 
-/// Up to `config.sync_messages_max` stored, unexpired messages of `inbox` after `after_seq`,
-/// in sequence order.
+/// One page of an inbox for a device whose cursor is at some `after_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxPage {
+    /// Stored, unexpired messages after `after_seq`, in sequence order.
+    pub messages: Vec<StoredMessage>,
+    /// Every seq in `after_seq + 1 ..= covered_up_to` that is not in `messages` is gone for good
+    /// (acknowledged, expired, or past retention): the server declares it a hole instead of
+    /// letting the device wait for it. At least `after_seq`.
+    pub covered_up_to: u64,
+    /// The page stopped at `config.sync_messages_max` keys: read again after `covered_up_to`.
+    pub more: bool,
+}
+
+/// Up to `config.sync_messages_max` keys of `inbox` after `after_seq`: the stored, unexpired
+/// messages among them, and how far the page covers the inbox (see [`InboxPage`]).
 pub fn read_inbox<S: Store>(
     store: &S,
     inbox: UserId,
     after_seq: u64,
     now: UnixMillis,
     config: &CoreConfig,
-) -> Result<Vec<StoredMessage>, StoreError> {
+) -> Result<InboxPage, StoreError> {
     let mut txn = store.begin()?;
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
     let pairs = txn.get_range(&begin, &end, config.sync_messages_max)?;
+    let more = pairs.len() >= config.sync_messages_max;
     let mut messages = Vec::with_capacity(pairs.len());
+    let mut last_scanned = after_seq;
     for (key, value) in pairs {
         let Some((_, seq)) = keys::parse_message(&key) else {
             return Err(StoreError::Corrupt(
                 "message key of unexpected shape".into(),
             ));
         };
+        last_scanned = seq;
         let message = envelope::decode(inbox, seq, &value)
             .ok_or_else(|| StoreError::Corrupt(format!("message {seq} of inbox {inbox}")))?;
         if message.expire_at_ms > now {
             messages.push(message);
         }
     }
-    Ok(messages)
+    // A full page covers what it scanned. A short one saw every stored message, so it covers
+    // the inbox up to its counter, read in the same transaction: a seq at or below the counter
+    // is committed, so if it is not stored it was deleted.
+    let covered_up_to = if more {
+        last_scanned
+    } else {
+        read_counter(&mut txn, inbox)?.max(last_scanned)
+    };
+    Ok(InboxPage {
+        messages,
+        covered_up_to: covered_up_to.max(after_seq),
+        more,
+    })
 }
 
 /// What one [`expire`] pass did.

@@ -106,7 +106,9 @@ fn acknowledged_commits_survive_an_abort() {
         sync_messages_max: 10_000,
         ..CoreConfig::default()
     };
-    let stored = read_inbox(&store, INBOX, 0, 2_000, &config).expect("read");
+    let stored = read_inbox(&store, INBOX, 0, 2_000, &config)
+        .expect("read")
+        .messages;
     assert!(
         stored.len() >= acked.len(),
         "{} stored, {} acknowledged",

@@ -591,7 +591,7 @@ impl World {
             let after = self.clients[client].last_seq;
             let messages =
                 match commit::read_inbox(&self.store, user, after, self.now, &self.config) {
-                    Ok(messages) => messages,
+                    Ok(page) => page.messages,
                     Err(error) => {
                         self.handle_store_error(error);
                         return;

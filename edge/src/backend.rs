@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
-use courier_core::commit::{Committer, ExpireReport, Outcome, Request, expire, read_inbox};
-use courier_core::envelope::StoredMessage;
+use courier_core::commit::{
+    Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
+};
 use courier_core::store::StoreError;
 use courier_core::store::fjall::FjallStore;
 use courier_core::{CoreConfig, UnixMillis, UserId};
@@ -23,14 +24,14 @@ pub trait ShardStore: Send + Sync + 'static {
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError>;
 
-    /// Stored messages of `inbox` after `after_seq`, for a connection catching up.
+    /// A page of `inbox` after `after_seq`, for a connection catching up.
     fn read_inbox(
         &self,
         inbox: UserId,
         after_seq: u64,
         now: UnixMillis,
         core: &CoreConfig,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
+    ) -> Result<InboxPage, StoreError>;
 
     /// One expiry pass over everything this store holds.
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError>;
@@ -59,7 +60,7 @@ impl ShardStore for Embedded {
         after_seq: u64,
         now: UnixMillis,
         core: &CoreConfig,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<InboxPage, StoreError> {
         read_inbox(&*self.0, inbox, after_seq, now, core)
     }
 
@@ -100,7 +101,7 @@ impl ShardStore for FoundationDb {
         after_seq: u64,
         now: UnixMillis,
         core: &CoreConfig,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<InboxPage, StoreError> {
         read_inbox(self.store_of(inbox), inbox, after_seq, now, core)
     }
 

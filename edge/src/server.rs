@@ -41,7 +41,10 @@ pub fn serve(config: Config) -> Result<(), String> {
         info!(path = %cert.display(), "generated a development TLS certificate (clients must trust it)");
     }
     let server_config = tls::server_config(&config, identity)?;
-    let reset_key = tls::reset_key();
+    let (reset_key, generated_reset_key) = tls::load_or_create_reset_key(&config)?;
+    if generated_reset_key {
+        info!(path = %tls::reset_key_path(&config).display(), "generated the stateless-reset key");
+    }
 
     probe_address_free(config.server.listen)?;
     let core = config.core_config();

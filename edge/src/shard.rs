@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use courier_core::commit::{Committer, SendRequest};
+use courier_core::commit::{Committer, InboxPage, SendRequest};
 use courier_core::envelope::StoredMessage;
 use courier_core::placement::home_shard;
 use courier_core::shard::{Batch, InboxShard, Output};
@@ -793,6 +793,7 @@ impl Shard {
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                     while let Some(id) = conn.quic.streams().accept(Dir::Bi) {
+                        tracing::trace!(?id, existing = ?conn.stream, "stream opened");
                         if conn.stream.is_none() {
                             conn.stream = Some(id);
                             // A newly opened stream gets no Readable event: read it now.
@@ -950,6 +951,7 @@ impl Shard {
         conn: &mut Conn,
         frame: Frame,
     ) {
+        tracing::trace!(kind = frame.kind(), "frame from client");
         let in_0rtt = !conn.handshake_done && conn.quic.is_handshaking();
         if in_0rtt && !frame.is_idempotent() {
             self.close(
@@ -991,6 +993,7 @@ impl Shard {
             Frame::Hello {
                 token,
                 device,
+                acked_up_to,
                 resume_after_seq,
             } => {
                 let claims = match self.verifier.verify(&token, unix_ms() / 1000) {
@@ -1016,7 +1019,7 @@ impl Shard {
                     return;
                 }
                 conn.session = Session::Registering { user: claims.user };
-                conn.delivered_up_to = resume_after_seq.unwrap_or(0);
+                conn.delivered_up_to = resume_after_seq;
                 conn.device = device;
                 // `Welcome` waits for `Registered`: once the client sees it, live deliveries
                 // and signals reach this connection.
@@ -1029,8 +1032,10 @@ impl Shard {
                         conn: conn_ref,
                     },
                 );
-                if let Some(up_to_seq) = resume_after_seq.filter(|seq| *seq > 0) {
-                    // Holding a seq is acknowledging it.
+                if acked_up_to > 0 {
+                    // What the application consumed; what the device merely holds is not
+                    // acknowledged (the decoder checked acked_up_to <= resume_after_seq).
+                    let up_to_seq = acked_up_to;
                     self.route(
                         home,
                         MeshMessage::Ack {
@@ -1116,6 +1121,7 @@ impl Shard {
             | Frame::SendAck { .. }
             | Frame::SendError { .. }
             | Frame::Deliver { .. }
+            | Frame::Hole { .. }
             | Frame::Goaway { .. }
             | Frame::Error { .. } => {
                 self.close(
@@ -1397,40 +1403,66 @@ impl Shard {
                 .spawn_blocking(move || store.read_inbox(user, after_seq, unix_ms(), &core))
                 .await;
             let mut shard = shard.borrow_mut();
-            shard.finish_sync(conn_ref, result);
+            shard.finish_sync(conn_ref, after_seq, result);
             shard.after_input();
         });
     }
 
-    fn finish_sync(&mut self, conn_ref: ConnRef, result: Result<Vec<StoredMessage>, StoreError>) {
-        let page_max = self.core.sync_messages_max;
+    /// Writes a page read for the cursor `after_seq`: each message in order, and a `Hole` in
+    /// front of any seq the store no longer has (and up to where the page covers the inbox),
+    /// so the client never waits for a message that is gone.
+    fn finish_sync(
+        &mut self,
+        conn_ref: ConnRef,
+        after_seq: u64,
+        result: Result<InboxPage, StoreError>,
+    ) {
         let outbound_max = self.config.limits.outbound_bytes_per_connection_max;
         self.with_conn(conn_ref, |shard, conn| {
             conn.sync_running = false;
             let handle = ConnectionHandle(conn_ref.slot);
-            let messages = match result {
-                Ok(messages) => messages,
+            let page = match result {
+                Ok(page) => page,
                 Err(error) => {
                     warn!(%error, "sync read failed; the client will sync again on reconnect");
                     return;
                 }
             };
-            let full_page = messages.len() >= page_max;
-            let mut stopped = false;
-            for message in messages {
-                if message.seq <= conn.delivered_up_to {
-                    continue;
-                }
-                if conn.outbuf.len() + message.body.len() + FRAME_OVERHEAD_BYTES_MAX > outbound_max
-                {
-                    stopped = true;
-                    break;
-                }
-                conn.delivered_up_to = message.seq;
-                write_frame(conn, &deliver_frame(message));
-            }
-            if stopped || full_page {
+            if conn.delivered_up_to != after_seq {
+                // The client moved its cursor (`Sync`) while the read ran: read again.
                 conn.sync_again = true;
+            } else {
+                let mut stopped = false;
+                for message in page.messages {
+                    if conn.outbuf.len() + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX
+                        > outbound_max
+                    {
+                        stopped = true;
+                        break;
+                    }
+                    if message.seq > conn.delivered_up_to + 1 {
+                        write_frame(
+                            conn,
+                            &Frame::Hole {
+                                up_to_seq: message.seq - 1,
+                            },
+                        );
+                    }
+                    conn.delivered_up_to = message.seq;
+                    write_frame(conn, &deliver_frame(message));
+                }
+                if !stopped && page.covered_up_to > conn.delivered_up_to {
+                    conn.delivered_up_to = page.covered_up_to;
+                    write_frame(
+                        conn,
+                        &Frame::Hole {
+                            up_to_seq: page.covered_up_to,
+                        },
+                    );
+                }
+                if stopped || page.more {
+                    conn.sync_again = true;
+                }
             }
             if conn.sync_again && conn.outbuf.is_empty() {
                 shard.start_sync(handle, conn);

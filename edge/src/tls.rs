@@ -126,9 +126,44 @@ pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
     transport
 }
 
-/// A reset key shared by every shard, so any shard can answer for any connection id.
-pub fn reset_key() -> Arc<ring::hmac::Key> {
-    let mut secret = [0u8; 64];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+/// Bytes of the stateless-reset secret.
+const RESET_SECRET_BYTES: usize = 64;
+
+/// Where the stateless-reset secret lives: with the data, so it outlives the process.
+pub fn reset_key_path(config: &Config) -> PathBuf {
+    config
+        .server
+        .data_dir
+        .join("keys")
+        .join("stateless-reset.key")
+}
+
+/// The stateless-reset key, shared by every shard (so any shard can answer for any connection
+/// id) and kept in the data directory (generated on first start), so that after a crash and
+/// restart the edge's resets for connections it forgot are ones their clients accept: they
+/// learn at their next packet that the connection is gone and reconnect at once, instead of
+/// waiting for the idle timeout. Returns whether the key was generated.
+pub fn load_or_create_reset_key(config: &Config) -> Result<(Arc<ring::hmac::Key>, bool), String> {
+    let path = reset_key_path(config);
+    let (secret, generated) = if path.exists() {
+        let secret = std::fs::read(&path)
+            .map_err(|e| format!("cannot read the reset key {}: {e}", path.display()))?;
+        if secret.len() != RESET_SECRET_BYTES {
+            return Err(format!(
+                "{} holds {} bytes, expected {RESET_SECRET_BYTES}: delete it to generate a new one",
+                path.display(),
+                secret.len()
+            ));
+        }
+        (secret, false)
+    } else {
+        let mut secret = vec![0u8; RESET_SECRET_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        crate::auth::write_private_file(&path, &secret)?;
+        (secret, true)
+    };
+    Ok((
+        Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)),
+        generated,
+    ))
 }

@@ -150,7 +150,8 @@ async fn e_bad_input_closes_only_its_connection() {
         .write_frame(&Frame::Hello {
             token: b"forged".to_vec(),
             device: 0,
-            resume_after_seq: None,
+            acked_up_to: 0,
+            resume_after_seq: 0,
         })
         .await
         .expect("write");
@@ -328,7 +329,8 @@ async fn hostile_cursor_and_frames_do_not_disturb_the_edge() {
         .write_frame(&Frame::Hello {
             token: edge.token(101, 0).into_bytes(),
             device: 0,
-            resume_after_seq: Some(u64::MAX),
+            acked_up_to: 0,
+            resume_after_seq: u64::MAX,
         })
         .await
         .expect("hello");
@@ -444,7 +446,8 @@ async fn a_client_that_never_reads_is_held_back_not_buffered() {
         .write_frame(&Frame::Hello {
             token: edge.token(131, 0).into_bytes(),
             device: 0,
-            resume_after_seq: None,
+            acked_up_to: 0,
+            resume_after_seq: 0,
         })
         .await
         .expect("hello");
@@ -489,7 +492,8 @@ async fn sigterm_closes_connections_with_shutting_down_and_loses_nothing() {
     raw.write_frame(&Frame::Hello {
         token: edge.token(141, 0).into_bytes(),
         device: 0,
-        resume_after_seq: None,
+        acked_up_to: 0,
+        resume_after_seq: 0,
     })
     .await
     .expect("hello");

@@ -181,7 +181,8 @@ async fn a_signal_flood_at_connections_that_never_read_leaves_memory_bounded() {
         raw.write_frame(&Frame::Hello {
             token: edge.token(target, device).into_bytes(),
             device,
-            resume_after_seq: None,
+            acked_up_to: 0,
+            resume_after_seq: 0,
         })
         .await
         .expect("hello");
@@ -197,7 +198,8 @@ async fn a_signal_flood_at_connections_that_never_read_leaves_memory_bounded() {
         .write_frame(&Frame::Hello {
             token: edge.token(900, 0).into_bytes(),
             device: 0,
-            resume_after_seq: None,
+            acked_up_to: 0,
+            resume_after_seq: 0,
         })
         .await
         .expect("hello");

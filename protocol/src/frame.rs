@@ -8,8 +8,8 @@ use crate::limits::*;
 /// One message of the client protocol, in either direction.
 ///
 /// Client to server: `Hello`, `Send`, `Ack`, `Sync`, `Signal`, `Ping`, `Pong`.
-/// Server to client: `Welcome`, `SendAck`, `SendError`, `Deliver`, `Signal`, `Ping`, `Pong`,
-/// `Goaway`, `Error`.
+/// Server to client: `Welcome`, `SendAck`, `SendError`, `Deliver`, `Hole`, `Signal`, `Ping`,
+/// `Pong`, `Goaway`, `Error`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// First frame of every connection: who the client is and where its device left off.
@@ -18,8 +18,12 @@ pub enum Frame {
         token: Vec<u8>,
         /// Device number of the user, at most [`DEVICE_ID_MAX`].
         device: u32,
-        /// Highest sequence number this device already holds; delivery resumes after it.
-        resume_after_seq: Option<u64>,
+        /// Highest sequence number the application consumed (or acknowledged explicitly) on
+        /// this device: the server may delete up to here. 0 for none.
+        acked_up_to: u64,
+        /// Highest sequence number this device holds, consumed or still buffered: delivery
+        /// resumes after it. At least `acked_up_to`; 0 for a fresh install.
+        resume_after_seq: u64,
     },
     /// The server accepted `Hello`.
     Welcome {
@@ -63,6 +67,13 @@ pub enum Frame {
     /// Send again every stored message after `after_seq`.
     Sync {
         after_seq: u64,
+    },
+    /// Every message after the device's cursor up to and including `up_to_seq` is gone
+    /// (acknowledged, expired or past retention): the client moves its cursor to `up_to_seq`
+    /// instead of waiting for them. A server declares a hole before delivering past it, so a
+    /// `Deliver` with `seq > cursor + 1` and no `Hole` before it is a real gap (then `Sync`).
+    Hole {
+        up_to_seq: u64,
     },
     /// Ephemeral signal (typing, presence); never stored, dropped when the peer is offline.
     /// Client to server, `peer` is the recipient; server to client, `peer` is the sender.
@@ -195,6 +206,7 @@ impl Frame {
             Frame::Deliver { .. } => "deliver",
             Frame::Ack { .. } => "ack",
             Frame::Sync { .. } => "sync",
+            Frame::Hole { .. } => "hole",
             Frame::Signal { .. } => "signal",
             Frame::Ping { .. } => "ping",
             Frame::Pong { .. } => "pong",
@@ -206,9 +218,16 @@ impl Frame {
     /// Checks every field against its limit. [`crate::decode`] and [`crate::encode`] call this.
     pub fn check_limits(&self) -> Result<(), DecodeError> {
         match self {
-            Frame::Hello { token, device, .. } => {
+            Frame::Hello {
+                token,
+                device,
+                acked_up_to,
+                resume_after_seq,
+            } => {
                 check_len("hello.token", token.len(), TOKEN_BYTES_MAX)?;
-                check_max("hello.device", u64::from(*device), u64::from(DEVICE_ID_MAX))
+                check_max("hello.device", u64::from(*device), u64::from(DEVICE_ID_MAX))?;
+                // A device cannot have consumed what it does not hold.
+                check_max("hello.acked_up_to", *acked_up_to, *resume_after_seq)
             }
             Frame::Welcome { user, device, .. } => {
                 check_nonzero("welcome.user", *user)?;
@@ -246,9 +265,11 @@ impl Frame {
                 check_nonzero("deliver.from", *from)?;
                 check_len("deliver.body", body.len(), BODY_BYTES_MAX)
             }
-            Frame::Ack { .. } | Frame::Sync { .. } | Frame::Ping { .. } | Frame::Pong { .. } => {
-                Ok(())
-            }
+            Frame::Ack { .. }
+            | Frame::Sync { .. }
+            | Frame::Hole { .. }
+            | Frame::Ping { .. }
+            | Frame::Pong { .. } => Ok(()),
             Frame::Signal { peer, payload, .. } => {
                 check_nonzero("signal.peer", *peer)?;
                 check_len("signal.payload", payload.len(), SIGNAL_PAYLOAD_BYTES_MAX)

@@ -8,6 +8,7 @@
 //!
 //! The protocol version is the ALPN string [`ALPN`]; an incompatible change gets a new ALPN.
 
+pub mod client;
 mod frame;
 mod limits;
 #[cfg(feature = "token")]
@@ -20,7 +21,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 /// The ALPN protocol identifier of this version of the protocol.
-pub const ALPN: &[u8] = b"courier/1";
+pub const ALPN: &[u8] = b"courier/2";
 
 /// Bytes of the length prefix in front of every frame.
 pub const LENGTH_PREFIX_BYTES: usize = 4;

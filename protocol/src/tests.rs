@@ -15,7 +15,8 @@ fn round_trip_keeps_every_field() {
         Frame::Hello {
             token: b"token".to_vec(),
             device: 3,
-            resume_after_seq: Some(9),
+            acked_up_to: 7,
+            resume_after_seq: 9,
         },
         send_frame(200),
         Frame::Deliver {
@@ -24,6 +25,7 @@ fn round_trip_keeps_every_field() {
             sent_at_ms: 3,
             body: b"hi".to_vec(),
         },
+        Frame::Hole { up_to_seq: 41 },
         Frame::Error {
             code: ErrorCode::TokenExpired,
             message: "token expired: mint a new one".into(),
@@ -78,7 +80,8 @@ fn decoder_rejects_over_limit_fields_a_hostile_encoder_produced() {
     let frame = Frame::Hello {
         token: vec![1; TOKEN_BYTES_MAX + 1],
         device: 0,
-        resume_after_seq: None,
+        acked_up_to: 0,
+        resume_after_seq: 0,
     };
     let body = rkyv::to_bytes::<rancor::Error>(&frame).unwrap();
     let error = decode_body(&body).unwrap_err();

@@ -77,13 +77,15 @@ fn text(max: usize) -> impl Strategy<Value = String> {
 /// Every frame that satisfies the limits.
 fn valid_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (bytes(64), 0..=DEVICE_ID_MAX, any::<Option<u64>>()).prop_map(
-            |(token, device, resume_after_seq)| Frame::Hello {
+        (bytes(64), 0..=DEVICE_ID_MAX, any::<u64>(), any::<u64>()).prop_map(
+            |(token, device, a, b)| Frame::Hello {
                 token,
                 device,
-                resume_after_seq
+                acked_up_to: a.min(b),
+                resume_after_seq: a.max(b),
             }
         ),
+        any::<u64>().prop_map(|up_to_seq| Frame::Hole { up_to_seq }),
         (nonzero(), 0..=DEVICE_ID_MAX, any::<u64>()).prop_map(|(user, device, server_time_ms)| {
             Frame::Welcome {
                 user,

@@ -120,7 +120,9 @@ mod tests {
                 let counter = store.dump_prefix(&keys::counter(inbox));
                 assert_eq!(counter.len(), usize::from(cluster == home), "inbox {inbox}");
             }
-            let left = commit::read_inbox(&stores[home], inbox, 0, 1_000, &config).unwrap();
+            let left = commit::read_inbox(&stores[home], inbox, 0, 1_000, &config)
+                .unwrap()
+                .messages;
             assert_eq!(left.len(), if inbox == 5 { 1 } else { 2 }, "inbox {inbox}");
         }
         let again = commit_batch_split(&mut committer, &stores, &batch[..1], 1_001).unwrap();

@@ -244,13 +244,16 @@ fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
         .unwrap();
     assert_eq!(seq_of(&next[0]), (3, true));
     h.reopen();
-    let messages = commit::read_inbox(h.store(), 7, 0, now + 3, &config).unwrap();
+    let messages = commit::read_inbox(h.store(), 7, 0, now + 3, &config)
+        .unwrap()
+        .messages;
     let bodies: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
     assert_eq!(bodies, vec![&b"a"[..], b"b", b"d"]);
     assert_eq!(messages[1].from, 2);
     assert_eq!(
         commit::read_inbox(h.store(), 7, 2, now + 3, &config)
             .unwrap()
+            .messages
             .len(),
         1
     );
@@ -271,19 +274,19 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
         committer.commit_batch(h.store(), &ack, now).unwrap(),
         vec![Outcome::Acked]
     );
-    let left: Vec<u64> = commit::read_inbox(h.store(), 9, 0, now, &config)
-        .unwrap()
-        .iter()
-        .map(|m| m.seq)
-        .collect();
+    let page = commit::read_inbox(h.store(), 9, 0, now, &config).unwrap();
+    let left: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
     assert_eq!(left, vec![4, 5]);
+    // The page covers the inbox to its last seq: 1..=3 are a declared hole, not a gap.
+    assert_eq!((page.covered_up_to, page.more), (5, false));
 
     // After the retention, the rest expires; after two dedupe windows, the dedupe records go.
     let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
-    assert!(
-        commit::read_inbox(h.store(), 9, 0, later, &config)
-            .unwrap()
-            .is_empty()
+    let expired = commit::read_inbox(h.store(), 9, 0, later, &config).unwrap();
+    assert!(expired.messages.is_empty());
+    assert_eq!(
+        expired.covered_up_to, 5,
+        "expired messages are a declared hole"
     );
     let report = commit::expire(h.store(), later, &config).unwrap();
     assert_eq!(report.messages_deleted, 2);

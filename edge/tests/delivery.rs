@@ -1,0 +1,179 @@
+//! Delivery that converges (issue 9), end to end on the real binary with the real SDK: holes
+//! are declared instead of waited for, only what the application took is acknowledged, the last
+//! ack goes out before a close, and queued sends survive a restart of the edge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{EVENT_TIMEOUT, Edge, assert_quiet, next_message};
+use courier_client::{ConnectOptions, Incoming};
+use courier_core::CoreConfig;
+use courier_core::commit::read_inbox;
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+
+/// Messages still stored in `inbox`, read from the edge's data directory after it stopped.
+fn stored_messages(edge: &Edge, inbox: u64) -> Vec<u64> {
+    let store = FjallStore::open(
+        &edge.dir.path().join("data/store"),
+        &FjallOptions::default(),
+    )
+    .expect("open the stopped edge's store");
+    let page = read_inbox(&store, inbox, 0, 0, &CoreConfig::default()).expect("read");
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+/// The README's two-terminal chat: user 2 reads "first" and quits; user 1 sends "second"; user
+/// 2 runs the same command again (a fresh client, resume 0, on an inbox whose seq 1 was acked
+/// and deleted) and gets "second" and then live messages. Before the fix it waited for seq 1
+/// forever, syncing in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_chat_receives_what_was_sent_while_it_was_away() {
+    let edge = Edge::start(2);
+    let one = edge.client(1001).await;
+    let mut two = edge.client(1002).await;
+    one.send(1002, b"first".to_vec()).await.expect("send");
+    assert_eq!(next_message(&mut two).await.body, b"first");
+    two.close();
+    drop(two);
+
+    one.send(1002, b"second".to_vec()).await.expect("send");
+    let mut two = edge.client(1002).await;
+    let got = next_message(&mut two).await;
+    assert_eq!((got.seq, got.body), (2, b"second".to_vec()));
+    one.send(1002, b"third".to_vec()).await.expect("send");
+    let got = next_message(&mut two).await;
+    assert_eq!((got.seq, got.body), (3, b"third".to_vec()));
+    assert_quiet(&mut two).await;
+}
+
+/// A fresh install on an inbox with a long acknowledged history starts at its head: it is
+/// told the history is a hole and receives what is sent next, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_install_on_an_acked_inbox_receives_new_messages() {
+    let edge = Edge::start(1);
+    let sender = edge.client(1011).await;
+    let mut old = edge.client(1012).await;
+    for i in 0..100u32 {
+        sender
+            .send(1012, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        assert_eq!(next_message(&mut old).await.seq, u64::from(i) + 1);
+    }
+    old.close();
+    drop(old);
+    // A new phone: new TLS session, nothing held.
+    let connector = edge.connector().fresh_session().expect("fresh connector");
+    let mut fresh = connector
+        .connect(ConnectOptions::new(edge.addr, edge.token(1012, 0), 0))
+        .await
+        .expect("connect");
+    sender.send(1012, b"new".to_vec()).await.expect("send");
+    let got = next_message(&mut fresh).await;
+    assert_eq!((got.seq, got.body), (101, b"new".to_vec()));
+    assert_eq!(fresh.last_seq(), 101);
+}
+
+/// With `auto_ack = false`, nothing is acknowledged for the application, across a reconnect
+/// too: the client holds 5 messages and acks 2; the edge is killed and restarted, the client
+/// reconnects by itself; messages 3 to 5 are still stored (a second connection resuming after
+/// 2 receives them), and the first client is not given them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_ack_a_reconnect_acknowledges_nothing_the_application_did_not() {
+    let mut edge = Edge::start(2);
+    let sender = edge.client(1021).await;
+    let mut options = ConnectOptions::new(edge.addr, edge.token(1022, 0), 0);
+    options.auto_ack = false;
+    let connector = edge.connector();
+    let mut manual = connector.connect(options).await.expect("connect");
+    for i in 1..=5u64 {
+        sender
+            .send(1022, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        assert_eq!(next_message(&mut manual).await.seq, i);
+    }
+    manual.ack(2);
+    tokio::time::sleep(Duration::from_millis(200)).await; // The coalesced ack goes out.
+    edge.kill9();
+    edge.spawn();
+    // The SDK reconnects by itself; a send through it proves it did.
+    tokio::time::timeout(EVENT_TIMEOUT, manual.send(1021, b"back".to_vec()))
+        .await
+        .expect("reconnected in time")
+        .expect("send after reconnect");
+    let mut resumed = edge
+        .connector()
+        .connect({
+            let mut options = ConnectOptions::new(edge.addr, edge.token(1022, 1), 1);
+            options.resume_after_seq = 2;
+            options
+        })
+        .await
+        .expect("connect");
+    for seq in 3..=5u64 {
+        assert_eq!(next_message(&mut resumed).await.seq, seq);
+    }
+    if let Ok(Some(Incoming::Message(extra))) =
+        tokio::time::timeout(Duration::from_millis(500), manual.recv()).await
+    {
+        panic!("the reconnected client got {} again", extra.seq);
+    }
+}
+
+/// 1,000 sends queued while the edge is down go out once it is back (the SDK reconnects by
+/// itself and keeps their ids), and each is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_sends_are_flushed_after_the_edge_restarts() {
+    let mut edge = Edge::start(2);
+    let sender = edge.client(1031).await;
+    edge.kill9();
+    let mut sends = Vec::new();
+    for i in 0..1000u32 {
+        let sender = sender.sender();
+        sends.push(tokio::spawn(async move {
+            sender.send(1032, i.to_be_bytes().to_vec()).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    edge.spawn();
+    for send in sends {
+        tokio::time::timeout(EVENT_TIMEOUT, send)
+            .await
+            .expect("acknowledged in time")
+            .expect("task")
+            .expect("stored");
+    }
+    let mut recipient = edge.client(1032).await;
+    let mut seen = std::collections::HashSet::new();
+    for seq in 1..=1000u64 {
+        let got = next_message(&mut recipient).await;
+        assert_eq!(got.seq, seq);
+        assert!(seen.insert(got.body), "stored twice");
+    }
+    assert_quiet(&mut recipient).await;
+}
+
+/// A client that reads and then closes sends its last ack first: nothing stays stored. Before
+/// the fix the coalesced ack died with the client and the messages stayed until the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_after_reading_leaves_nothing_stored() {
+    let mut edge = Edge::start(1);
+    let sender = edge.client(1041).await;
+    let mut reader = edge.client(1042).await;
+    for i in 0..50u32 {
+        sender
+            .send(1042, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    for seq in 1..=50u64 {
+        assert_eq!(next_message(&mut reader).await.seq, seq);
+    }
+    reader.close();
+    drop(reader);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(stored_messages(&edge, 1042), Vec::<u64>::new());
+}

@@ -1,0 +1,753 @@
+//! The client side of the protocol, sans-IO: what a conforming client does with the frames.
+//!
+//! [`ClientSession`] is one device's protocol state across connections: sends waiting for their
+//! `SendAck` (retried under the same id), the delivery cursor (what the device holds) apart
+//! from the ack cursor (what the application consumed), hole handling, coalesced acks and the
+//! reconnect backoff. It performs no I/O and reads no clock: time is an argument in
+//! milliseconds of any monotonic clock, and randomness (backoff jitter) is an argument too. The
+//! SDK (`courier-client`) drives it over quinn; the deterministic simulation
+//! (`core/tests/simulation.rs`) drives the very same type over a simulated network.
+//!
+//! Methods, in the order a driver uses them:
+//! - connection: [`ClientSession::connected`] when a stream is open (queues `Hello` and every
+//!   unanswered send), [`ClientSession::disconnected`] when it is gone;
+//! - input: [`ClientSession::handle_frame`] for each frame from the server,
+//!   [`ClientSession::handle_timeout`] once [`ClientSession::poll_timeout`] has passed;
+//! - application: [`ClientSession::send`], [`ClientSession::consumed`] (or
+//!   [`ClientSession::ack`]), [`ClientSession::signal`], [`ClientSession::close`];
+//! - output, after any of the above: [`ClientSession::poll_transmit`] until `None` (frames to
+//!   write, in order), then [`ClientSession::poll_event`] until `None` (for the application).
+//!
+//! The cursors: `received_up_to` is the highest seq handed to the application (or declared a
+//! hole); `acked_up_to` is the highest the application consumed. `Hello` carries both, so a
+//! reconnect neither re-delivers what the device still buffers nor deletes what the
+//! application never saw.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::{BODY_BYTES_MAX, ErrorCode, Frame, SIGNAL_PAYLOAD_BYTES_MAX, SignalKind};
+
+/// Milliseconds of the driver's monotonic clock.
+pub type Millis = u64;
+
+/// Settings of a [`ClientSession`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The signed token for `Hello`.
+    pub token: Vec<u8>,
+    /// The device number the token was minted for.
+    pub device: u32,
+    /// Sends written and not yet answered. Keep it at most the server's
+    /// `sends_in_flight_per_connection_max` (256 by default), so queued sends wait here instead
+    /// of being refused with `TooManyInFlight`.
+    pub sends_in_flight_max: usize,
+    /// Sends the application may have queued or in flight; beyond it `send` is refused.
+    pub sends_pending_max: usize,
+    /// Wait before resending a send the server refused with a retryable code.
+    pub retry_after_ms: u64,
+    /// Acks are gathered this long and the highest sent (acks are cumulative).
+    pub ack_delay_ms: u64,
+    /// Signals waiting to be written; the oldest is dropped beyond it (signals are ephemeral).
+    pub signals_queued_max: usize,
+    /// First reconnect delay; doubles per failed attempt, with jitter, up to the maximum.
+    pub reconnect_backoff_min_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+}
+
+impl ClientConfig {
+    pub fn new(token: Vec<u8>, device: u32) -> ClientConfig {
+        ClientConfig {
+            token,
+            device,
+            sends_in_flight_max: 256,
+            sends_pending_max: 100_000,
+            retry_after_ms: 200,
+            ack_delay_ms: 5,
+            signals_queued_max: 1024,
+            reconnect_backoff_min_ms: 50,
+            reconnect_backoff_max_ms: 2_000,
+        }
+    }
+}
+
+/// A stored message for this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub seq: u64,
+    pub from: u64,
+    pub sent_at_ms: u64,
+    pub body: Vec<u8>,
+}
+
+/// The server's confirmation that a message is durably stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReceipt {
+    pub client_id: u64,
+    /// Position in the recipient's inbox.
+    pub seq: u64,
+    pub server_time_ms: u64,
+}
+
+/// What the session has for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The server accepted `Hello`; live deliveries flow from now on.
+    Welcome { user: u64, device: u32 },
+    /// The next message, in sequence order, never twice.
+    Message(Delivery),
+    /// Messages after `after_seq` up to `up_to_seq` are gone (acknowledged by another device,
+    /// expired, or past retention) and will not be delivered.
+    Hole { after_seq: u64, up_to_seq: u64 },
+    Signal {
+        from: u64,
+        kind: SignalKind,
+        payload: Vec<u8>,
+    },
+    /// A send's final answer: stored, or refused for good.
+    SendDone {
+        client_id: u64,
+        result: Result<SendReceipt, ErrorCode>,
+    },
+}
+
+/// Why a send was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendRefused {
+    #[error("client message id 0 is reserved")]
+    ReservedId,
+    #[error("body of {0} bytes exceeds the protocol's maximum")]
+    BodyTooLarge(usize),
+    #[error("too many sends pending: wait for receipts")]
+    QueueFull,
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// Why the server ended the connection, from a frame it sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("server closed the session: {code:?}: {reason}")]
+    Closed { code: ErrorCode, reason: String },
+    #[error("server is going away: {reason}")]
+    Goaway {
+        reason: String,
+        reconnect_to: Option<String>,
+    },
+    #[error("protocol error: unexpected {0} from the server")]
+    Unexpected(&'static str),
+}
+
+impl SessionError {
+    /// Whether reconnecting cannot help (a bad token, a protocol violation).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            SessionError::Closed { code, .. } => is_fatal_code(*code),
+            SessionError::Goaway { .. } => false,
+            SessionError::Unexpected(_) => true,
+        }
+    }
+}
+
+/// Codes after which reconnecting cannot help.
+pub fn is_fatal_code(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unauthenticated
+            | ErrorCode::TokenExpired
+            | ErrorCode::Malformed
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::LimitExceeded
+            | ErrorCode::UnexpectedFrame
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Down,
+    AwaitingWelcome,
+    Active,
+}
+
+#[derive(Debug)]
+struct PendingSend {
+    /// Submission order: sends go out in the order the application made them.
+    order: u64,
+    to: u64,
+    body: Vec<u8>,
+    ttl_secs: Option<u32>,
+    in_flight: bool,
+}
+
+/// One device's protocol state. See the module documentation for the calling order.
+#[derive(Debug)]
+pub struct ClientSession {
+    config: ClientConfig,
+    link: Link,
+    user: Option<u64>,
+    received_up_to: u64,
+    acked_up_to: u64,
+    /// Highest ack the server was told on the current connection (`Hello` or `Ack`).
+    ack_sent_up_to: u64,
+    ack_due_at: Option<Millis>,
+    /// The `received_up_to` a `Sync` was sent for; another gap at the same cursor waits for
+    /// its answer instead of asking again.
+    sync_sent_for: Option<u64>,
+    pending: HashMap<u64, PendingSend>,
+    /// Sends waiting to be written: order → client id.
+    queue: BTreeMap<u64, u64>,
+    /// Refused sends waiting for their retry: (due, order) → client id.
+    retries: BTreeMap<(Millis, u64), u64>,
+    next_order: u64,
+    in_flight: usize,
+    /// Control frames to write before any send.
+    control: VecDeque<Frame>,
+    signals: VecDeque<Frame>,
+    events: VecDeque<ClientEvent>,
+    closed: bool,
+    reconnect_attempts: u32,
+}
+
+impl ClientSession {
+    /// A session for a device that consumed everything up to `acked_up_to` (0 for a fresh
+    /// install). Delivery starts after it.
+    pub fn new(config: ClientConfig, acked_up_to: u64) -> ClientSession {
+        ClientSession {
+            config,
+            link: Link::Down,
+            user: None,
+            received_up_to: acked_up_to,
+            acked_up_to,
+            ack_sent_up_to: 0,
+            ack_due_at: None,
+            sync_sent_for: None,
+            pending: HashMap::new(),
+            queue: BTreeMap::new(),
+            retries: BTreeMap::new(),
+            next_order: 0,
+            in_flight: 0,
+            control: VecDeque::new(),
+            signals: VecDeque::new(),
+            events: VecDeque::new(),
+            closed: false,
+            reconnect_attempts: 0,
+        }
+    }
+
+    // ---- Getters ----------------------------------------------------------------------------
+
+    /// The user, once a server welcomed this device.
+    pub fn user(&self) -> Option<u64> {
+        self.user
+    }
+
+    /// Whether the current connection was welcomed.
+    pub fn is_active(&self) -> bool {
+        self.link == Link::Active
+    }
+
+    /// Highest seq handed to the application or declared a hole.
+    pub fn received_up_to(&self) -> u64 {
+        self.received_up_to
+    }
+
+    /// Highest seq the application consumed or acknowledged.
+    pub fn acked_up_to(&self) -> u64 {
+        self.acked_up_to
+    }
+
+    /// Sends not yet answered (queued, in flight or waiting for a retry).
+    pub fn pending_sends(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether every ack the application made reached a connection.
+    pub fn ack_flushed(&self) -> bool {
+        self.acked_up_to <= self.ack_sent_up_to
+    }
+
+    /// Whether [`ClientSession::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    // ---- Connection ---------------------------------------------------------------------------
+
+    /// A new connection's stream is open: queues `Hello` and every unanswered send (in the
+    /// order they were made) as the first flight.
+    pub fn connected(&mut self, _now: Millis) {
+        self.link = Link::AwaitingWelcome;
+        self.control.clear();
+        self.signals.clear();
+        self.sync_sent_for = None;
+        self.in_flight = 0;
+        self.retries.clear();
+        self.queue.clear();
+        for (client_id, pending) in &mut self.pending {
+            pending.in_flight = false;
+            self.queue.insert(pending.order, *client_id);
+        }
+        self.control.push_back(Frame::Hello {
+            token: self.config.token.clone(),
+            device: self.config.device,
+            acked_up_to: self.acked_up_to,
+            resume_after_seq: self.received_up_to,
+        });
+        self.ack_sent_up_to = self.acked_up_to;
+        self.ack_due_at = None;
+    }
+
+    /// The connection is gone. Unanswered sends go out again on the next connection, under
+    /// the same ids; signals and control frames for this connection are dropped.
+    pub fn disconnected(&mut self, _now: Millis) {
+        self.link = Link::Down;
+        self.control.clear();
+        self.signals.clear();
+        self.in_flight = 0;
+        for pending in self.pending.values_mut() {
+            pending.in_flight = false;
+        }
+    }
+
+    /// How long to wait before the next connection attempt: exponential from the minimum,
+    /// capped at the maximum, with jitter (half to all of it) from `random`. Reset by a
+    /// `Welcome`.
+    pub fn reconnect_delay_ms(&mut self, random: u64) -> u64 {
+        let min = self.config.reconnect_backoff_min_ms.max(1);
+        let max = self.config.reconnect_backoff_max_ms.max(min);
+        let base = min
+            .saturating_mul(1u64 << self.reconnect_attempts.min(32))
+            .min(max);
+        self.reconnect_attempts = self.reconnect_attempts.saturating_add(1);
+        base / 2 + random % (base / 2 + 1)
+    }
+
+    // ---- Input --------------------------------------------------------------------------------
+
+    /// Handles one frame from the server. An error means the connection is over (the server
+    /// closes it, or it broke the protocol); whether to reconnect: [`SessionError::is_fatal`].
+    pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<(), SessionError> {
+        match frame {
+            Frame::Welcome { user, device, .. } => {
+                self.link = Link::Active;
+                self.user = Some(user);
+                self.reconnect_attempts = 0;
+                self.events.push_back(ClientEvent::Welcome { user, device });
+            }
+            Frame::SendAck {
+                client_id,
+                seq,
+                server_time_ms,
+            } => self.finish_send(
+                client_id,
+                Ok(SendReceipt {
+                    client_id,
+                    seq,
+                    server_time_ms,
+                }),
+            ),
+            Frame::SendError {
+                client_id,
+                code,
+                retryable,
+            } => {
+                if retryable {
+                    if let Some(pending) = self.pending.get_mut(&client_id)
+                        && pending.in_flight
+                    {
+                        pending.in_flight = false;
+                        self.in_flight -= 1;
+                        let due = now.saturating_add(self.config.retry_after_ms);
+                        self.retries.insert((due, pending.order), client_id);
+                    }
+                } else {
+                    self.finish_send(client_id, Err(code));
+                }
+            }
+            Frame::Deliver {
+                seq,
+                from,
+                sent_at_ms,
+                body,
+            } => {
+                if seq <= self.received_up_to {
+                    return Ok(()); // Already held: a duplicate.
+                }
+                if Some(seq) != self.received_up_to.checked_add(1) {
+                    // A gap the server did not declare: ask for everything after the cursor,
+                    // once per cursor position.
+                    if self.sync_sent_for != Some(self.received_up_to) {
+                        self.sync_sent_for = Some(self.received_up_to);
+                        self.control.push_back(Frame::Sync {
+                            after_seq: self.received_up_to,
+                        });
+                    }
+                    return Ok(());
+                }
+                self.received_up_to = seq;
+                self.sync_sent_for = None;
+                self.events.push_back(ClientEvent::Message(Delivery {
+                    seq,
+                    from,
+                    sent_at_ms,
+                    body,
+                }));
+            }
+            Frame::Hole { up_to_seq } => {
+                if up_to_seq > self.received_up_to {
+                    self.events.push_back(ClientEvent::Hole {
+                        after_seq: self.received_up_to,
+                        up_to_seq,
+                    });
+                    self.received_up_to = up_to_seq;
+                    self.sync_sent_for = None;
+                }
+            }
+            Frame::Signal {
+                peer,
+                kind,
+                payload,
+            } => self.events.push_back(ClientEvent::Signal {
+                from: peer,
+                kind,
+                payload,
+            }),
+            Frame::Ping { nonce } => self.control.push_back(Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            Frame::Goaway {
+                reason,
+                reconnect_to,
+            } => {
+                return Err(SessionError::Goaway {
+                    reason,
+                    reconnect_to,
+                });
+            }
+            Frame::Error { code, message } => {
+                return Err(SessionError::Closed {
+                    code,
+                    reason: message,
+                });
+            }
+            Frame::Hello { .. } | Frame::Send { .. } | Frame::Ack { .. } | Frame::Sync { .. } => {
+                return Err(SessionError::Unexpected(frame.kind()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs what is due at `now`: the coalesced ack, retries of refused sends.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.ack_due_at.is_some_and(|due| due <= now) {
+            self.ack_due_at = None;
+            self.queue_ack();
+        }
+        while let Some((&(due, order), &client_id)) = self.retries.first_key_value() {
+            if due > now {
+                break;
+            }
+            self.retries.remove(&(due, order));
+            if self.pending.contains_key(&client_id) {
+                self.queue.insert(order, client_id);
+            }
+        }
+    }
+
+    // ---- Application --------------------------------------------------------------------------
+
+    /// Queues a message for `to` under `client_id` (unique per sender; a retry after a restart
+    /// reuses it). A second call with the id of a pending send joins it. The answer comes as
+    /// [`ClientEvent::SendDone`].
+    pub fn send(
+        &mut self,
+        client_id: u64,
+        to: u64,
+        body: Vec<u8>,
+        ttl_secs: Option<u32>,
+    ) -> Result<(), SendRefused> {
+        if self.closed {
+            return Err(SendRefused::Closed);
+        }
+        if client_id == 0 {
+            return Err(SendRefused::ReservedId);
+        }
+        if body.len() > BODY_BYTES_MAX {
+            return Err(SendRefused::BodyTooLarge(body.len()));
+        }
+        if self.pending.contains_key(&client_id) {
+            return Ok(());
+        }
+        if self.pending.len() >= self.config.sends_pending_max {
+            return Err(SendRefused::QueueFull);
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.pending.insert(
+            client_id,
+            PendingSend {
+                order,
+                to,
+                body,
+                ttl_secs,
+                in_flight: false,
+            },
+        );
+        self.queue.insert(order, client_id);
+        Ok(())
+    }
+
+    /// The application took the message `seq`: acknowledge it (coalesced).
+    pub fn consumed(&mut self, now: Millis, seq: u64) {
+        self.ack(now, seq);
+    }
+
+    /// Acknowledges every message up to `up_to_seq` (at most what was received): the server
+    /// may delete them. Sent after `ack_delay_ms`, the highest of the acks made meanwhile.
+    pub fn ack(&mut self, now: Millis, up_to_seq: u64) {
+        let up_to_seq = up_to_seq.min(self.received_up_to);
+        if up_to_seq <= self.acked_up_to {
+            return;
+        }
+        self.acked_up_to = up_to_seq;
+        if self.ack_due_at.is_none() {
+            self.ack_due_at = Some(now.saturating_add(self.config.ack_delay_ms));
+        }
+    }
+
+    /// Queues an ephemeral signal for `peer`. Dropped when there is no connection (signals
+    /// are never stored) and, oldest first, beyond `signals_queued_max`.
+    pub fn signal(&mut self, peer: u64, kind: SignalKind, payload: Vec<u8>) -> bool {
+        if self.link == Link::Down || self.closed || payload.len() > SIGNAL_PAYLOAD_BYTES_MAX {
+            return false;
+        }
+        if self.signals.len() >= self.config.signals_queued_max {
+            self.signals.pop_front();
+        }
+        self.signals.push_back(Frame::Signal {
+            peer,
+            kind,
+            payload,
+        });
+        true
+    }
+
+    /// Closes the session: the last ack goes out at once (write what `poll_transmit` returns
+    /// before closing the connection), and pending sends are dropped; returns their ids.
+    pub fn close(&mut self) -> Vec<u64> {
+        self.closed = true;
+        self.ack_due_at = None;
+        self.queue_ack();
+        self.queue.clear();
+        self.retries.clear();
+        self.signals.clear();
+        self.in_flight = 0;
+        let mut abandoned: Vec<(u64, u64)> = self
+            .pending
+            .drain()
+            .map(|(client_id, pending)| (pending.order, client_id))
+            .collect();
+        abandoned.sort_unstable();
+        abandoned
+            .into_iter()
+            .map(|(_, client_id)| client_id)
+            .collect()
+    }
+
+    // ---- Output -------------------------------------------------------------------------------
+
+    /// When [`ClientSession::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let retry = self.retries.first_key_value().map(|(&(due, _), _)| due);
+        match (self.ack_due_at, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next frame to write on the connection: control frames, then signals, then sends
+    /// while fewer than `sends_in_flight_max` are unanswered.
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        if self.link == Link::Down {
+            return None;
+        }
+        if let Some(frame) = self.control.pop_front() {
+            return Some(frame);
+        }
+        if let Some(frame) = self.signals.pop_front() {
+            return Some(frame);
+        }
+        if self.in_flight >= self.config.sends_in_flight_max {
+            return None;
+        }
+        let (_, client_id) = self.queue.pop_first()?;
+        let pending = self.pending.get_mut(&client_id)?;
+        pending.in_flight = true;
+        self.in_flight += 1;
+        Some(Frame::Send {
+            client_id,
+            to: pending.to,
+            body: pending.body.clone(),
+            ttl_secs: pending.ttl_secs,
+        })
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    fn queue_ack(&mut self) {
+        if self.link != Link::Down && self.acked_up_to > self.ack_sent_up_to {
+            self.ack_sent_up_to = self.acked_up_to;
+            self.control.push_back(Frame::Ack {
+                up_to_seq: self.acked_up_to,
+            });
+        }
+    }
+
+    fn finish_send(&mut self, client_id: u64, result: Result<SendReceipt, ErrorCode>) {
+        let Some(pending) = self.pending.remove(&client_id) else {
+            return; // An answer to a send already answered (a retry's duplicate).
+        };
+        if pending.in_flight {
+            self.in_flight -= 1;
+        } else {
+            self.queue.remove(&pending.order);
+            self.retries.retain(|_, id| *id != client_id);
+        }
+        self.events
+            .push_back(ClientEvent::SendDone { client_id, result });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> ClientSession {
+        ClientSession::new(ClientConfig::new(b"token".to_vec(), 0), 0)
+    }
+
+    fn drain(session: &mut ClientSession) -> Vec<Frame> {
+        std::iter::from_fn(|| session.poll_transmit()).collect()
+    }
+
+    fn deliver(seq: u64) -> Frame {
+        Frame::Deliver {
+            seq,
+            from: 9,
+            sent_at_ms: 0,
+            body: vec![],
+        }
+    }
+
+    /// Resume and ack are separate: a reconnect carries what the device holds and what the
+    /// application consumed, and acks only the latter.
+    #[test]
+    fn hello_acks_only_what_the_application_consumed() {
+        let mut s = session();
+        s.connected(0);
+        drain(&mut s);
+        s.handle_frame(
+            0,
+            Frame::Welcome {
+                user: 1,
+                device: 0,
+                server_time_ms: 0,
+            },
+        )
+        .unwrap();
+        for seq in 1..=3 {
+            s.handle_frame(0, deliver(seq)).unwrap();
+        }
+        s.consumed(0, 1);
+        s.disconnected(1);
+        s.connected(2);
+        assert_eq!(
+            drain(&mut s).first(),
+            Some(&Frame::Hello {
+                token: b"token".to_vec(),
+                device: 0,
+                acked_up_to: 1,
+                resume_after_seq: 3,
+            })
+        );
+    }
+
+    /// A declared hole moves the cursor; an undeclared gap asks for a sync once.
+    #[test]
+    fn holes_are_skipped_and_gaps_synced_once() {
+        let mut s = session();
+        s.connected(0);
+        drain(&mut s);
+        s.handle_frame(0, deliver(5)).unwrap();
+        s.handle_frame(0, deliver(6)).unwrap();
+        assert_eq!(drain(&mut s), vec![Frame::Sync { after_seq: 0 }]);
+        s.handle_frame(0, Frame::Hole { up_to_seq: 4 }).unwrap();
+        s.handle_frame(0, deliver(5)).unwrap();
+        let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(s.received_up_to(), 5);
+    }
+
+    /// Sends go out in order, at most `sends_in_flight_max` at a time, and a retryable refusal
+    /// resends under the same id after `retry_after_ms`.
+    #[test]
+    fn sends_are_windowed_and_retried_under_their_id() {
+        let mut s = session();
+        for id in 1..=300 {
+            s.send(id, 2, vec![], None).unwrap();
+        }
+        s.connected(0);
+        let first = drain(&mut s);
+        assert_eq!(first.len(), 1 + 256, "Hello and a window of sends");
+        assert!(matches!(first[1], Frame::Send { client_id: 1, .. }));
+        s.handle_frame(
+            10,
+            Frame::SendError {
+                client_id: 1,
+                code: ErrorCode::Overloaded,
+                retryable: true,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            drain(&mut s).as_slice(),
+            [Frame::Send { client_id: 257, .. }]
+        ));
+        s.handle_frame(
+            20,
+            Frame::SendAck {
+                client_id: 2,
+                seq: 1,
+                server_time_ms: 0,
+            },
+        )
+        .unwrap();
+        s.handle_timeout(10 + 200);
+        assert!(matches!(
+            drain(&mut s).as_slice(),
+            [Frame::Send { client_id: 1, .. }]
+        ));
+    }
+
+    /// Closing sends the last ack at once.
+    #[test]
+    fn close_flushes_the_last_ack() {
+        let mut s = session();
+        s.connected(0);
+        drain(&mut s);
+        s.handle_frame(0, deliver(1)).unwrap();
+        s.consumed(0, 1);
+        s.close();
+        assert_eq!(drain(&mut s), vec![Frame::Ack { up_to_seq: 1 }]);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut s = session();
+        let delays: Vec<u64> = (0..10).map(|i| s.reconnect_delay_ms(i * 7919)).collect();
+        assert!(delays.iter().all(|d| *d <= 2_000), "{delays:?}");
+        assert!(delays[0] <= 50);
+        assert!(delays[9] >= 1_000);
+    }
+}
