@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod keys;
 pub mod placement;
 pub mod rng;
+pub mod session;
 pub mod shard;
 pub mod store;
 

@@ -1,6 +1,14 @@
 //! One shard: a glommio executor pinned to a core, with its own UDP socket, its own quinn-proto
 //! endpoint and connections, and the inboxes homed to it.
 //!
+//! This file is wiring. What to do with frames, registrations, cursors, syncs, acks and
+//! signals is decided by `courier_core::session::EdgeSession` (sans-IO, the same type the
+//! simulation drives); here are the QUIC driver (endpoint, connection slab, timers, CID
+//! steering, stream buffers) and the runtime (glommio tasks, mesh channels with their
+//! backlogs, store reads and commits on the blocking pool). After every input the shard
+//! applies the session's effects (`apply_effects`), starts a group commit if none is in flight,
+//! and flushes transmits.
+//!
 //! State lives in one `Rc<RefCell<Shard>>` owned by the executor. Tasks feed it inputs and never
 //! hold the borrow across an await. Code that runs under the borrow never lets another task
 //! run inside it: glommio's `spawn_local` polls a new task at once, so the shard spawns only
@@ -26,13 +34,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use courier_core::commit::{Committer, InboxPage, SendRequest};
-use courier_core::envelope::StoredMessage;
-use courier_core::placement::home_shard;
-use courier_core::shard::{Batch, InboxShard, Output};
+use courier_core::CoreConfig;
+use courier_core::commit::Committer;
+use courier_core::session::{
+    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, SessionConfig,
+    SessionStats, ShardMessage,
+};
+use courier_core::shard::Batch;
 use courier_core::store::StoreError;
-use courier_core::{CoreConfig, UserId};
-use courier_protocol::{ErrorCode, Frame, SignalKind};
+use courier_protocol::{ErrorCode, Frame};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
 use quinn_proto::{
@@ -45,7 +55,7 @@ use crate::auth::TokenVerifier;
 use crate::backend::ShardStore;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
-use crate::mesh::{ConnRef, MeshMessage, Overload};
+use crate::mesh::MeshMessage;
 
 /// How often a shard checks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -53,14 +63,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Transmits one connection may produce per flush, so one busy connection cannot starve others.
 const TRANSMITS_PER_FLUSH_MAX: usize = 64;
-/// Bytes a frame adds to its body or payload (prefix and fields), for outbound-bound checks.
-const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
 /// Floor of the hard maximum of a peer backlog (`Shard::mesh_backlog_messages_max`).
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Local messages handled per drain; more wait for the next input.
-const LOCAL_MESSAGES_PER_DRAIN_MAX: usize = 100_000;
 /// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
 const INBUF_BYTES_MAX: usize =
     courier_protocol::FRAME_BYTES_MAX + courier_protocol::LENGTH_PREFIX_BYTES;
@@ -82,40 +88,51 @@ pub struct ShardSetup {
     pub stopped: std::sync::mpsc::Sender<u8>,
 }
 
-/// Where a connection's session is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Session {
-    AwaitingHello,
-    /// Authenticated; waiting for the home shard to register the connection.
-    Registering {
-        user: UserId,
-    },
-    Active {
-        user: UserId,
-    },
-    Closing,
-}
-
+/// The transport side of one connection; its login and cursor live in the session.
 struct Conn {
     quic: quinn_proto::Connection,
     generation: u64,
     stream: Option<StreamId>,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
-    session: Session,
     /// The handshake finished; before that, stream data is 0-RTT.
     handshake_done: bool,
-    sends_in_flight: usize,
-    /// Device number from the token, once authenticated.
-    device: u32,
-    /// Highest seq written to this connection (or held by the device, from `Hello`).
-    delivered_up_to: u64,
-    sync_running: bool,
-    sync_again: bool,
+    /// The session closed it: decode nothing more.
+    closing: bool,
     dirty: bool,
     /// Stopped decoding frames while the mesh is congested; on `Shard::parked`.
     parked: bool,
     timer_armed: Option<Instant>,
+}
+
+/// Checks `Hello` tokens with the edge's keys, for the session.
+struct TokenAuthenticator(Arc<TokenVerifier>);
+
+impl Authenticator for TokenAuthenticator {
+    fn authenticate(
+        &self,
+        token: &[u8],
+        device: u32,
+        now_secs: u64,
+    ) -> Result<courier_core::UserId, AuthFailure> {
+        let claims = self
+            .0
+            .verify(token, now_secs)
+            .map_err(|error| AuthFailure {
+                code: match error {
+                    crate::auth::AuthError::Expired { .. } => ErrorCode::TokenExpired,
+                    _ => ErrorCode::Unauthenticated,
+                },
+                reason: error.to_string(),
+            })?;
+        if claims.device != device {
+            return Err(AuthFailure {
+                code: ErrorCode::Unauthenticated,
+                reason: "token was minted for another device".into(),
+            });
+        }
+        Ok(claims.user)
+    }
 }
 
 /// The state of one shard.
@@ -125,7 +142,6 @@ pub struct Shard {
     config: Arc<Config>,
     core: CoreConfig,
     store: Arc<dyn ShardStore>,
-    verifier: Arc<TokenVerifier>,
     endpoint: Endpoint,
     /// Boxed: a quinn connection is several KB, and a map of inline values would keep that
     /// much in every empty slot of its capacity.
@@ -135,11 +151,8 @@ pub struct Shard {
     timer_wake: Option<LocalSender<()>>,
     armed_deadline: Option<Instant>,
     dirty: Vec<ConnectionHandle>,
-    inbox: InboxShard<ConnRef>,
+    session: EdgeSession<TokenAuthenticator>,
     committer: Option<Committer>,
-    /// Connections of users homed here that want live deliveries.
-    registry: HashMap<UserId, Vec<ConnRef>>,
-    local: VecDeque<MeshMessage>,
     mesh: Option<Rc<Senders<MeshMessage>>>,
     /// Per peer shard: messages that found its channel full, in order. A task per peer feeds
     /// them in as room appears; while it runs, new messages queue behind them.
@@ -162,8 +175,7 @@ pub struct Shard {
 /// Counts of what a shard dropped under overload, logged periodically (see `log_stats`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct ShardStats {
-    /// Signals not written because their connection's outbound buffer was full.
-    signals_dropped: u64,
+    session: SessionStats,
     /// Datagrams and signals dropped because a peer shard's backlog was full.
     mesh_messages_dropped: u64,
     /// Control messages dropped at the backlog's hard maximum (should stay 0).
@@ -253,7 +265,6 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         shard_count: setup.shard_count,
         core: setup.core.clone(),
         store,
-        verifier: setup.verifier.clone(),
         endpoint,
         conns: HashMap::new(),
         next_generation: 1,
@@ -261,10 +272,24 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         timer_wake: None,
         armed_deadline: None,
         dirty: Vec::new(),
-        inbox: InboxShard::new(&setup.core),
+        session: EdgeSession::new(
+            SessionConfig {
+                shard: id,
+                shard_count: setup.shard_count,
+                connections_per_user_max: setup.config.limits.connections_per_user_max,
+                sends_in_flight_per_connection_max: setup
+                    .config
+                    .limits
+                    .sends_in_flight_per_connection_max,
+                outbound_bytes_per_connection_max: setup
+                    .config
+                    .limits
+                    .outbound_bytes_per_connection_max,
+                core: setup.core.clone(),
+            },
+            TokenAuthenticator(setup.verifier.clone()),
+        ),
         committer: Some(Committer::new(&setup.core)),
-        registry: HashMap::new(),
-        local: VecDeque::new(),
         mesh: senders.map(Rc::new),
         mesh_backlog: (0..setup.shard_count).map(|_| VecDeque::new()).collect(),
         mesh_draining: vec![false; setup.shard_count as usize],
@@ -478,10 +503,6 @@ fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {
 }
 
 impl Shard {
-    fn home_of(&self, user: UserId) -> u8 {
-        home_shard(user, self.shard_count) as u8
-    }
-
     fn conn_ref(&self, handle: ConnectionHandle, conn: &Conn) -> ConnRef {
         ConnRef {
             shard: self.id,
@@ -490,12 +511,8 @@ impl Shard {
         }
     }
 
-    /// Sends a message to `shard`, or queues it locally when that is this shard.
+    /// Sends a message to another shard, through its backlog when its channel is full.
     fn route(&mut self, shard: u8, message: MeshMessage) {
-        if shard == self.id {
-            self.local.push_back(message);
-            return;
-        }
         let Some(senders) = self.mesh.clone() else {
             warn!(shard, "no mesh: dropping a message for another shard");
             return;
@@ -537,18 +554,22 @@ impl Shard {
                     return;
                 }
                 Overload::Refuse => {
-                    if let MeshMessage::Send { send, reply } = message {
-                        self.local.push_back(MeshMessage::SendResult {
-                            reply,
-                            client_id: send.client_id,
-                            result: Err(ErrorCode::Overloaded),
-                        });
+                    if let MeshMessage::Session(ShardMessage::Send { send, reply }) = message {
+                        // Answer as the home shard would have.
+                        self.session.handle_message(
+                            unix_ms(),
+                            ShardMessage::SendResult {
+                                reply,
+                                client_id: send.client_id,
+                                result: Err(ErrorCode::Overloaded),
+                            },
+                        );
                     }
                     return;
                 }
                 Overload::CatchUp => {
-                    if let MeshMessage::Deliver { conn, .. } = message {
-                        message = MeshMessage::CatchUp { conn };
+                    if let MeshMessage::Session(inner) = message {
+                        message = MeshMessage::Session(inner.degrade());
                     }
                 }
                 Overload::Keep => {}
@@ -637,18 +658,69 @@ impl Shard {
         }
     }
 
-    /// Work after any input: local messages, a group commit, transmits.
+    /// Work after any input: the session's effects, a group commit, transmits.
     fn after_input(&mut self) {
-        let mut handled = 0;
-        while let Some(message) = self.local.pop_front() {
-            self.handle_mesh(message);
-            handled += 1;
-            if handled >= LOCAL_MESSAGES_PER_DRAIN_MAX {
-                break;
-            }
-        }
+        self.apply_effects();
         self.maybe_start_commit();
         self.flush();
+        // Connections that drained during the flush leave unregistrations behind.
+        self.apply_effects();
+    }
+
+    /// Carries out what the session decided. Writing may let a paused sync continue, which
+    /// adds effects; the loop takes them too.
+    fn apply_effects(&mut self) {
+        while let Some(effect) = self.session.poll_effect() {
+            match effect {
+                Effect::Write { conn, frame } => {
+                    let handle = ConnectionHandle(conn.slot);
+                    let Some(c) = self.conns.get_mut(&handle) else {
+                        continue;
+                    };
+                    if c.generation != conn.generation {
+                        continue;
+                    }
+                    write_frame(c, &frame);
+                    let buffered = c.outbuf.len();
+                    self.mark_dirty(handle);
+                    self.session.set_outbound_bytes(conn, buffered);
+                }
+                Effect::Close { conn, code, reason } => {
+                    let handle = ConnectionHandle(conn.slot);
+                    let Some(c) = self.conns.get_mut(&handle) else {
+                        continue;
+                    };
+                    if c.generation != conn.generation {
+                        continue;
+                    }
+                    debug!(?code, reason, "closing connection");
+                    c.closing = true;
+                    c.quic.close(
+                        Instant::now(),
+                        VarInt::from_u32(code.to_u16().into()),
+                        Bytes::copy_from_slice(reason.as_bytes()),
+                    );
+                    self.mark_dirty(handle);
+                }
+                Effect::Route { shard, message } => {
+                    self.route(shard, MeshMessage::Session(message))
+                }
+                Effect::Read {
+                    conn,
+                    inbox,
+                    after_seq,
+                } => self.start_read(conn, inbox, after_seq),
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(handle);
+        }
     }
 
     // ---- QUIC input ------------------------------------------------------------------------
@@ -725,18 +797,18 @@ impl Shard {
                                 stream: None,
                                 inbuf: Vec::new(),
                                 outbuf: Vec::new(),
-                                session: Session::AwaitingHello,
                                 handshake_done: false,
-                                sends_in_flight: 0,
-                                device: 0,
-                                delivered_up_to: 0,
-                                sync_running: false,
-                                sync_again: false,
+                                closing: false,
                                 dirty: false,
                                 parked: false,
                                 timer_armed: None,
                             }),
                         );
+                        self.session.open_connection(ConnRef {
+                            shard: self.id,
+                            slot: handle.0,
+                            generation,
+                        });
                         self.process_conn(now, handle);
                     }
                     Err(error) => {
@@ -789,7 +861,8 @@ impl Shard {
                 Event::HandshakeDataReady => {}
                 Event::ConnectionLost { reason } => {
                     debug!(%reason, "connection lost");
-                    self.end_session(handle, &mut conn);
+                    let conn_ref = self.conn_ref(handle, &conn);
+                    self.session.connection_lost(conn_ref);
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                     while let Some(id) = conn.quic.streams().accept(Dir::Bi) {
@@ -812,17 +885,18 @@ impl Shard {
                 }
                 Event::Stream(StreamEvent::Writable { id }) if Some(id) == conn.stream => {
                     flush_outbuf(&mut conn);
+                    // A sync may have paused for room.
+                    let conn_ref = self.conn_ref(handle, &conn);
+                    self.session.set_outbound_bytes(conn_ref, conn.outbuf.len());
                     // Input may have waited for room to answer it.
                     self.read_stream(now, handle, &mut conn);
-                    if conn.outbuf.is_empty() && conn.sync_again && !conn.sync_running {
-                        self.start_sync(handle, &mut conn);
-                    }
                 }
                 Event::Stream(_) | Event::DatagramReceived | Event::DatagramsUnblocked => {}
             }
         }
         if conn.quic.is_drained() {
-            self.end_session(handle, &mut conn);
+            let conn_ref = self.conn_ref(handle, &conn);
+            self.session.connection_lost(conn_ref);
             return;
         }
         self.arm_timer(handle, &mut conn);
@@ -831,30 +905,6 @@ impl Shard {
             self.dirty.push(handle);
         }
         self.conns.insert(handle, conn);
-    }
-
-    fn end_session(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        if let Session::Registering { user } | Session::Active { user } = conn.session {
-            let conn_ref = self.conn_ref(handle, conn);
-            let home = self.home_of(user);
-            self.route(
-                home,
-                MeshMessage::Unregister {
-                    user,
-                    conn: conn_ref,
-                },
-            );
-        }
-        conn.session = Session::Closing;
-    }
-
-    fn close(&mut self, now: Instant, conn: &mut Conn, code: ErrorCode, reason: &str) {
-        debug!(?code, reason, "closing connection");
-        conn.quic.close(
-            now,
-            VarInt::from_u32(code.to_u16().into()),
-            Bytes::copy_from_slice(reason.as_bytes()),
-        );
     }
 
     fn read_stream(&mut self, now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
@@ -871,10 +921,7 @@ impl Shard {
             if room == 0 {
                 // A whole frame fits in the buffer, so a full buffer always holds one: decode.
                 self.decode_frames(now, handle, conn);
-                if INBUF_BYTES_MAX == conn.inbuf.len()
-                    || conn.session == Session::Closing
-                    || conn.parked
-                {
+                if INBUF_BYTES_MAX == conn.inbuf.len() || conn.closing || conn.parked {
                     return;
                 }
                 continue;
@@ -900,19 +947,29 @@ impl Shard {
                 self.decode_frames(now, handle, conn);
             }
             if finished {
-                self.close(now, conn, ErrorCode::ShuttingDown, "stream finished");
+                // The client finished its stream (a graceful close, after its last frames).
+                let conn_ref = self.conn_ref(handle, conn);
+                self.session.close_connection(
+                    conn_ref,
+                    ErrorCode::ShuttingDown,
+                    "stream finished".into(),
+                );
+                conn.closing = true;
                 return;
             }
-            if !got || conn.session == Session::Closing {
+            if !got || conn.closing {
                 return;
             }
         }
     }
 
-    fn decode_frames(&mut self, now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
+    /// Decodes whole frames from the connection's input and hands them to the session.
+    fn decode_frames(&mut self, _now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
+        let conn_ref = self.conn_ref(handle, conn);
+        let now_ms = unix_ms();
         let mut consumed_total = 0;
         loop {
-            if conn.session == Session::Closing {
+            if conn.closing {
                 break;
             }
             if self.mesh_congested() {
@@ -927,212 +984,21 @@ impl Shard {
             match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
                 Ok(Some((frame, consumed))) => {
                     consumed_total += consumed;
-                    self.handle_frame(now, handle, conn, frame);
+                    tracing::trace!(kind = frame.kind(), "frame from client");
+                    let early = !conn.handshake_done && conn.quic.is_handshaking();
+                    self.session.handle_frame(now_ms, conn_ref, frame, early);
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    let reason = error.to_string();
-                    self.close(now, conn, error.code(), &reason);
-                    self.end_session(handle, conn);
+                    self.session
+                        .close_connection(conn_ref, error.code(), error.to_string());
+                    conn.closing = true;
                     conn.inbuf.clear();
                     return;
                 }
             }
         }
         conn.inbuf.drain(..consumed_total);
-    }
-
-    // ---- Frames from clients ------------------------------------------------------------------
-
-    fn handle_frame(
-        &mut self,
-        now: Instant,
-        handle: ConnectionHandle,
-        conn: &mut Conn,
-        frame: Frame,
-    ) {
-        tracing::trace!(kind = frame.kind(), "frame from client");
-        let in_0rtt = !conn.handshake_done && conn.quic.is_handshaking();
-        if in_0rtt && !frame.is_idempotent() {
-            self.close(
-                now,
-                conn,
-                ErrorCode::UnexpectedFrame,
-                "only idempotent frames are allowed in 0-RTT data",
-            );
-            self.end_session(handle, conn);
-            return;
-        }
-        let user = match (conn.session, &frame) {
-            (Session::AwaitingHello, Frame::Hello { .. }) => 0,
-            (Session::AwaitingHello, _) => {
-                self.close(
-                    now,
-                    conn,
-                    ErrorCode::UnexpectedFrame,
-                    "the first frame must be Hello",
-                );
-                self.end_session(handle, conn);
-                return;
-            }
-            (Session::Registering { user } | Session::Active { user }, Frame::Hello { .. }) => {
-                let _ = user;
-                self.close(
-                    now,
-                    conn,
-                    ErrorCode::UnexpectedFrame,
-                    "Hello was already sent",
-                );
-                self.end_session(handle, conn);
-                return;
-            }
-            (Session::Registering { user } | Session::Active { user }, _) => user,
-            (Session::Closing, _) => return,
-        };
-        match frame {
-            Frame::Hello {
-                token,
-                device,
-                acked_up_to,
-                resume_after_seq,
-            } => {
-                let claims = match self.verifier.verify(&token, unix_ms() / 1000) {
-                    Ok(claims) => claims,
-                    Err(error) => {
-                        let code = match error {
-                            crate::auth::AuthError::Expired { .. } => ErrorCode::TokenExpired,
-                            _ => ErrorCode::Unauthenticated,
-                        };
-                        self.close(now, conn, code, &error.to_string());
-                        conn.session = Session::Closing;
-                        return;
-                    }
-                };
-                if claims.device != device {
-                    self.close(
-                        now,
-                        conn,
-                        ErrorCode::Unauthenticated,
-                        "token was minted for another device",
-                    );
-                    conn.session = Session::Closing;
-                    return;
-                }
-                conn.session = Session::Registering { user: claims.user };
-                conn.delivered_up_to = resume_after_seq;
-                conn.device = device;
-                // `Welcome` waits for `Registered`: once the client sees it, live deliveries
-                // and signals reach this connection.
-                let home = self.home_of(claims.user);
-                let conn_ref = self.conn_ref(handle, conn);
-                self.route(
-                    home,
-                    MeshMessage::Register {
-                        user: claims.user,
-                        conn: conn_ref,
-                    },
-                );
-                if acked_up_to > 0 {
-                    // What the application consumed; what the device merely holds is not
-                    // acknowledged (the decoder checked acked_up_to <= resume_after_seq).
-                    let up_to_seq = acked_up_to;
-                    self.route(
-                        home,
-                        MeshMessage::Ack {
-                            inbox: claims.user,
-                            up_to_seq,
-                        },
-                    );
-                }
-            }
-            Frame::Send {
-                client_id,
-                to,
-                body,
-                ttl_secs,
-            } => {
-                if conn.sends_in_flight >= self.config.limits.sends_in_flight_per_connection_max {
-                    write_frame(
-                        conn,
-                        &Frame::SendError {
-                            client_id,
-                            code: ErrorCode::TooManyInFlight,
-                            retryable: true,
-                        },
-                    );
-                    return;
-                }
-                conn.sends_in_flight += 1;
-                let reply = self.conn_ref(handle, conn);
-                let home = self.home_of(to);
-                self.route(
-                    home,
-                    MeshMessage::Send {
-                        send: SendRequest {
-                            sender: user,
-                            client_id,
-                            to,
-                            body,
-                            ttl_secs,
-                        },
-                        reply,
-                    },
-                );
-            }
-            Frame::Ack { up_to_seq } => {
-                // A device cannot acknowledge what it was never given.
-                let up_to_seq = up_to_seq.min(conn.delivered_up_to);
-                if up_to_seq > 0 {
-                    let home = self.home_of(user);
-                    self.route(
-                        home,
-                        MeshMessage::Ack {
-                            inbox: user,
-                            up_to_seq,
-                        },
-                    );
-                }
-            }
-            Frame::Sync { after_seq } => {
-                conn.delivered_up_to = after_seq;
-                if matches!(conn.session, Session::Active { .. }) {
-                    self.start_sync(handle, conn);
-                }
-            }
-            Frame::Signal {
-                peer,
-                kind,
-                payload,
-            } => {
-                let home = self.home_of(peer);
-                self.route(
-                    home,
-                    MeshMessage::Signal {
-                        to: peer,
-                        from: user,
-                        kind,
-                        payload,
-                    },
-                );
-            }
-            Frame::Ping { nonce } => write_frame(conn, &Frame::Pong { nonce }),
-            Frame::Pong { .. } => {}
-            Frame::Welcome { .. }
-            | Frame::SendAck { .. }
-            | Frame::SendError { .. }
-            | Frame::Deliver { .. }
-            | Frame::Hole { .. }
-            | Frame::Goaway { .. }
-            | Frame::Error { .. } => {
-                self.close(
-                    now,
-                    conn,
-                    ErrorCode::UnexpectedFrame,
-                    "that frame only goes from server to client",
-                );
-                self.end_session(handle, conn);
-            }
-        }
     }
 
     // ---- Cross-shard input ------------------------------------------------------------------
@@ -1145,153 +1011,8 @@ impl Shard {
                 ecn,
                 data,
             } => self.endpoint_input(Instant::now(), remote, local_ip, ecn, &data),
-            MeshMessage::Send { send, reply } => {
-                if let Err(refused) = self.inbox.handle_send(send, reply) {
-                    self.route(
-                        refused.tag.shard,
-                        MeshMessage::SendResult {
-                            reply: refused.tag,
-                            client_id: refused.send.client_id,
-                            result: Err(ErrorCode::Overloaded),
-                        },
-                    );
-                }
-            }
-            MeshMessage::Ack { inbox, up_to_seq } => {
-                // A refused ack is repeated by the client's next ack or reconnect.
-                let _ = self.inbox.handle_ack(inbox, up_to_seq);
-            }
-            MeshMessage::SendResult {
-                reply,
-                client_id,
-                result,
-            } => self.with_conn(reply, |_, conn| {
-                conn.sends_in_flight = conn.sends_in_flight.saturating_sub(1);
-                let frame = match result {
-                    Ok((seq, server_time_ms)) => Frame::SendAck {
-                        client_id,
-                        seq,
-                        server_time_ms,
-                    },
-                    Err(code) => Frame::SendError {
-                        client_id,
-                        code,
-                        retryable: code.is_retryable(),
-                    },
-                };
-                write_frame(conn, &frame);
-            }),
-            MeshMessage::Register { user, conn } => {
-                let entries = self.registry.entry(user).or_default();
-                let accepted = entries.len() < self.config.limits.connections_per_user_max;
-                if accepted {
-                    entries.push(conn);
-                }
-                if !accepted {
-                    self.route(conn.shard, MeshMessage::RegisterRefused { conn });
-                } else {
-                    self.route(conn.shard, MeshMessage::Registered { conn });
-                }
-            }
-            MeshMessage::Registered { conn: conn_ref } => {
-                self.with_conn(conn_ref, |shard, conn| {
-                    if let Session::Registering { user } = conn.session {
-                        conn.session = Session::Active { user };
-                        write_frame(
-                            conn,
-                            &Frame::Welcome {
-                                user,
-                                device: conn.device,
-                                server_time_ms: unix_ms(),
-                            },
-                        );
-                        let handle = ConnectionHandle(conn_ref.slot);
-                        shard.start_sync(handle, conn);
-                    }
-                })
-            }
-            MeshMessage::RegisterRefused { conn: conn_ref } => {
-                self.with_conn(conn_ref, |shard, conn| {
-                    shard.close(
-                        Instant::now(),
-                        conn,
-                        ErrorCode::LimitExceeded,
-                        "too many connections for this user",
-                    );
-                    conn.session = Session::Closing;
-                })
-            }
-            MeshMessage::Unregister { user, conn } => {
-                if let Some(entries) = self.registry.get_mut(&user) {
-                    entries.retain(|c| *c != conn);
-                    if entries.is_empty() {
-                        self.registry.remove(&user);
-                    }
-                }
-            }
-            MeshMessage::Deliver {
-                conn: conn_ref,
-                message,
-            } => self.with_conn(conn_ref, |shard, conn| {
-                shard.deliver(ConnectionHandle(conn_ref.slot), conn, message);
-            }),
-            MeshMessage::Signal {
-                to,
-                from,
-                kind,
-                payload,
-            } => {
-                let targets = self.registry.get(&to).cloned().unwrap_or_default();
-                for conn in targets {
-                    self.route(
-                        conn.shard,
-                        MeshMessage::SignalDeliver {
-                            conn,
-                            from,
-                            kind,
-                            payload: payload.clone(),
-                        },
-                    );
-                }
-            }
-            MeshMessage::SignalDeliver {
-                conn: conn_ref,
-                from,
-                kind,
-                payload,
-            } => {
-                let outbound_max = self.config.limits.outbound_bytes_per_connection_max;
-                let mut dropped = false;
-                self.with_conn(conn_ref, |_, conn| {
-                    dropped = !push_signal(conn, from, kind, payload, outbound_max);
-                });
-                if dropped {
-                    self.stats.signals_dropped += 1;
-                }
-            }
-            MeshMessage::CatchUp { conn: conn_ref } => self.with_conn(conn_ref, |shard, conn| {
-                conn.sync_again = true;
-                if !conn.sync_running && conn.outbuf.is_empty() {
-                    shard.start_sync(ConnectionHandle(conn_ref.slot), conn);
-                }
-            }),
+            MeshMessage::Session(message) => self.session.handle_message(unix_ms(), message),
         }
-    }
-
-    /// Runs `f` on the connection `conn_ref` names, if it is still the same connection.
-    fn with_conn(&mut self, conn_ref: ConnRef, f: impl FnOnce(&mut Shard, &mut Conn)) {
-        let handle = ConnectionHandle(conn_ref.slot);
-        let Some(mut conn) = self.conns.remove(&handle) else {
-            return;
-        };
-        if conn.generation == conn_ref.generation {
-            f(self, &mut conn);
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(handle);
-            }
-        }
-        self.conns.insert(handle, conn);
     }
 
     // ---- Shutdown ---------------------------------------------------------------------------
@@ -1299,17 +1020,19 @@ impl Shard {
     /// Logs what the shard dropped under overload since the last log, at most every
     /// `STATS_LOG_INTERVAL`.
     fn log_stats(&mut self, now: Instant) {
+        self.stats.session = self.session.stats();
         if now < self.stats_logged_at + STATS_LOG_INTERVAL || self.stats == self.stats_logged {
             return;
         }
         let (was, is) = (self.stats_logged, self.stats);
         warn!(
             shard = self.id,
-            signals_dropped = is.signals_dropped - was.signals_dropped,
+            signals_dropped = is.session.signals_dropped - was.session.signals_dropped,
+            sends_overloaded = is.session.sends_overloaded - was.session.sends_overloaded,
             mesh_messages_dropped = is.mesh_messages_dropped - was.mesh_messages_dropped,
             mesh_control_dropped = is.mesh_control_dropped - was.mesh_control_dropped,
-            "dropped under overload (signals to connections that do not read, mesh messages \
-             to a busy shard) since the last report"
+            "dropped or refused under overload (signals to connections that do not read, \
+             sends to a full inbox queue, mesh messages to a busy shard) since the last report"
         );
         self.stats_logged = is;
         self.stats_logged_at = now;
@@ -1329,70 +1052,21 @@ impl Shard {
                 "draining: refusing new connections, finishing commits"
             );
         }
-        if self.committer.is_none() || self.inbox.queued_requests() > 0 {
+        if self.committer.is_none() || self.session.queued_requests() > 0 {
             return false;
         }
         if !self.connections_closed {
             self.connections_closed = true;
-            let now = Instant::now();
-            let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
-            for handle in handles {
-                let Some(mut conn) = self.conns.remove(&handle) else {
-                    continue;
-                };
-                self.close(
-                    now,
-                    &mut conn,
-                    ErrorCode::ShuttingDown,
-                    "the edge is shutting down",
-                );
-                self.end_session(handle, &mut conn);
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(handle);
-                }
-                self.conns.insert(handle, conn);
-            }
+            self.session
+                .close_all(ErrorCode::ShuttingDown, "the edge is shutting down");
         }
         true
     }
 
-    // ---- Delivery ---------------------------------------------------------------------------
+    // ---- Store reads ------------------------------------------------------------------------
 
-    /// Pushes a live message, in sequence order, or falls back to reading the store.
-    fn deliver(&mut self, handle: ConnectionHandle, conn: &mut Conn, message: StoredMessage) {
-        if !matches!(conn.session, Session::Active { .. }) || message.seq <= conn.delivered_up_to {
-            return;
-        }
-        // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
-        let in_order = conn.delivered_up_to.checked_add(1) == Some(message.seq);
-        let room = conn.outbuf.len() + message.body.len() + FRAME_OVERHEAD_BYTES_MAX
-            <= self.config.limits.outbound_bytes_per_connection_max;
-        if in_order && room && !conn.sync_running {
-            conn.delivered_up_to = message.seq;
-            write_frame(conn, &deliver_frame(message));
-        } else {
-            // A gap or a full buffer: the store has it; catch up from there.
-            conn.sync_again = true;
-            if !conn.sync_running && conn.outbuf.is_empty() {
-                self.start_sync(handle, conn);
-            }
-        }
-    }
-
-    /// Reads the store for everything after `delivered_up_to` on the blocking pool.
-    fn start_sync(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        let Session::Active { user } = conn.session else {
-            return;
-        };
-        if conn.sync_running {
-            conn.sync_again = true;
-            return;
-        }
-        conn.sync_running = true;
-        conn.sync_again = false;
-        let conn_ref = self.conn_ref(handle, conn);
-        let after_seq = conn.delivered_up_to;
+    /// Reads a page of `inbox` for the session on the blocking pool.
+    fn start_read(&mut self, conn: ConnRef, inbox: courier_core::UserId, after_seq: u64) {
         let store = self.store.clone();
         let core = self.core.clone();
         let Some(shard) = self.self_ref.upgrade() else {
@@ -1400,73 +1074,14 @@ impl Shard {
         };
         spawn_detached(async move {
             let result = glommio::executor()
-                .spawn_blocking(move || store.read_inbox(user, after_seq, unix_ms(), &core))
+                .spawn_blocking(move || store.read_inbox(inbox, after_seq, unix_ms(), &core))
                 .await;
+            if let Err(error) = &result {
+                warn!(%error, "sync read failed; the connection reads again at its next delivery");
+            }
             let mut shard = shard.borrow_mut();
-            shard.finish_sync(conn_ref, after_seq, result);
+            shard.session.handle_read(conn, after_seq, result);
             shard.after_input();
-        });
-    }
-
-    /// Writes a page read for the cursor `after_seq`: each message in order, and a `Hole` in
-    /// front of any seq the store no longer has (and up to where the page covers the inbox),
-    /// so the client never waits for a message that is gone.
-    fn finish_sync(
-        &mut self,
-        conn_ref: ConnRef,
-        after_seq: u64,
-        result: Result<InboxPage, StoreError>,
-    ) {
-        let outbound_max = self.config.limits.outbound_bytes_per_connection_max;
-        self.with_conn(conn_ref, |shard, conn| {
-            conn.sync_running = false;
-            let handle = ConnectionHandle(conn_ref.slot);
-            let page = match result {
-                Ok(page) => page,
-                Err(error) => {
-                    warn!(%error, "sync read failed; the client will sync again on reconnect");
-                    return;
-                }
-            };
-            if conn.delivered_up_to != after_seq {
-                // The client moved its cursor (`Sync`) while the read ran: read again.
-                conn.sync_again = true;
-            } else {
-                let mut stopped = false;
-                for message in page.messages {
-                    if conn.outbuf.len() + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX
-                        > outbound_max
-                    {
-                        stopped = true;
-                        break;
-                    }
-                    if message.seq > conn.delivered_up_to + 1 {
-                        write_frame(
-                            conn,
-                            &Frame::Hole {
-                                up_to_seq: message.seq - 1,
-                            },
-                        );
-                    }
-                    conn.delivered_up_to = message.seq;
-                    write_frame(conn, &deliver_frame(message));
-                }
-                if !stopped && page.covered_up_to > conn.delivered_up_to {
-                    conn.delivered_up_to = page.covered_up_to;
-                    write_frame(
-                        conn,
-                        &Frame::Hole {
-                            up_to_seq: page.covered_up_to,
-                        },
-                    );
-                }
-                if stopped || page.more {
-                    conn.sync_again = true;
-                }
-            }
-            if conn.sync_again && conn.outbuf.is_empty() {
-                shard.start_sync(handle, conn);
-            }
         });
     }
 
@@ -1478,7 +1093,7 @@ impl Shard {
         if self.committer.is_none() || self.mesh_congested() {
             return;
         }
-        let Some(batch) = self.inbox.poll_batch() else {
+        let Some(batch) = self.session.poll_batch() else {
             return;
         };
         let Some(mut committer) = self.committer.take() else {
@@ -1517,51 +1132,7 @@ impl Shard {
             }
             warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
         }
-        for output in self.inbox.handle_commit(batch, result) {
-            match output {
-                Output::SendAck {
-                    tag,
-                    client_id,
-                    seq,
-                    server_time_ms,
-                } => self.route(
-                    tag.shard,
-                    MeshMessage::SendResult {
-                        reply: tag,
-                        client_id,
-                        result: Ok((seq, server_time_ms)),
-                    },
-                ),
-                Output::SendError {
-                    tag,
-                    client_id,
-                    code,
-                } => self.route(
-                    tag.shard,
-                    MeshMessage::SendResult {
-                        reply: tag,
-                        client_id,
-                        result: Err(code),
-                    },
-                ),
-                Output::Deliver(message) => {
-                    let targets = self
-                        .registry
-                        .get(&message.inbox)
-                        .cloned()
-                        .unwrap_or_default();
-                    for conn in targets {
-                        self.route(
-                            conn.shard,
-                            MeshMessage::Deliver {
-                                conn,
-                                message: message.clone(),
-                            },
-                        );
-                    }
-                }
-            }
-        }
+        self.session.handle_commit(batch, result);
     }
 
     // ---- Output -----------------------------------------------------------------------------
@@ -1597,7 +1168,8 @@ impl Shard {
             return;
         };
         if conn.quic.is_drained() {
-            self.end_session(handle, &mut conn);
+            let conn_ref = self.conn_ref(handle, &conn);
+            self.session.connection_lost(conn_ref);
             return;
         }
         self.arm_timer(handle, &mut conn);
@@ -1641,42 +1213,6 @@ impl Shard {
             debug!(%error, "send failed");
         }
     }
-}
-
-fn deliver_frame(message: StoredMessage) -> Frame {
-    Frame::Deliver {
-        seq: message.seq,
-        from: message.from,
-        sent_at_ms: message.sent_at_ms,
-        body: message.body,
-    }
-}
-
-/// Writes a signal unless the connection's outbound buffer is over `outbound_max`: signals are
-/// ephemeral by contract, so a connection that does not read loses them instead of growing
-/// the edge. Returns false when the signal was dropped for that reason.
-fn push_signal(
-    conn: &mut Conn,
-    from: UserId,
-    kind: SignalKind,
-    payload: Vec<u8>,
-    outbound_max: usize,
-) -> bool {
-    if !matches!(conn.session, Session::Active { .. }) {
-        return true;
-    }
-    if conn.outbuf.len() + payload.len() + FRAME_OVERHEAD_BYTES_MAX > outbound_max {
-        return false;
-    }
-    write_frame(
-        conn,
-        &Frame::Signal {
-            peer: from,
-            kind,
-            payload,
-        },
-    );
-    true
 }
 
 /// Queues a frame on the connection's stream and writes what flow control allows.

@@ -1,0 +1,966 @@
+//! The edge's session layer, sans-IO: what one shard decides about connections and inboxes.
+//!
+//! [`EdgeSession`] holds, for one shard, the state of every connection it terminates (login,
+//! delivery cursor, sync paging, sends in flight) and, for the users homed on it, the registry
+//! of their connections and the inbox queue ([`InboxShard`]). Inputs are frames from clients,
+//! messages from other shards, results of store reads and commits; every effect is an output
+//! ([`Effect`]: write a frame, close a connection, route to a shard, read an inbox) or a batch
+//! to commit ([`EdgeSession::poll_batch`]). Time is an argument. The edge (`edge/src/shard.rs`)
+//! runs it on glommio and quinn-proto; the simulation (`core/tests/simulation.rs`) runs the
+//! same type over a simulated network and store.
+//!
+//! Methods, in the order a driver uses them:
+//! - connections: [`EdgeSession::open_connection`], [`EdgeSession::connection_lost`],
+//!   [`EdgeSession::set_outbound_bytes`] after writing (it resumes paused syncs);
+//! - input: [`EdgeSession::handle_frame`], [`EdgeSession::close_connection`],
+//!   [`EdgeSession::handle_message`], [`EdgeSession::handle_read`],
+//!   [`EdgeSession::handle_commit`], [`EdgeSession::close_all`];
+//! - output, after any input: [`EdgeSession::poll_effect`] until `None`, and
+//!   [`EdgeSession::poll_batch`] when no commit is in flight.
+
+use std::collections::{HashMap, VecDeque};
+
+use courier_protocol::{ErrorCode, Frame, SignalKind};
+
+use crate::commit::{InboxPage, Outcome, SendRequest};
+use crate::envelope::StoredMessage;
+use crate::placement::home_shard;
+use crate::shard::{Batch, InboxShard, Output};
+use crate::store::StoreError;
+use crate::{CoreConfig, UnixMillis, UserId};
+
+/// Bytes a frame adds to its body or payload (prefix and fields), for the outbound bound.
+pub const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
+
+/// A connection anywhere in the edge: its shard, its slot there, and the generation that tells
+/// a reused slot from the connection that held it before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub shard: u8,
+    pub slot: usize,
+    pub generation: u64,
+}
+
+/// One message between shards of an edge, at the session level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardMessage {
+    /// To the recipient's home shard: store this message.
+    Send {
+        send: SendRequest,
+        reply: ConnRef,
+    },
+    /// Back to the sender's shard: the outcome of a send.
+    SendResult {
+        reply: ConnRef,
+        client_id: u64,
+        result: Result<(u64, u64), ErrorCode>,
+    },
+    /// To the inbox's home shard: a device consumed everything up to `up_to_seq`.
+    Ack {
+        inbox: UserId,
+        up_to_seq: u64,
+    },
+    /// To the user's home shard: this connection wants live deliveries.
+    Register {
+        user: UserId,
+        conn: ConnRef,
+    },
+    /// Back from the home shard: live deliveries flow from now on, so the connection can read
+    /// the store for what it missed without a gap.
+    Registered {
+        conn: ConnRef,
+    },
+    /// Back from the home shard when the user already has the maximum of connections.
+    RegisterRefused {
+        conn: ConnRef,
+    },
+    Unregister {
+        user: UserId,
+        conn: ConnRef,
+    },
+    /// To the shard holding `conn`: push this stored message.
+    Deliver {
+        conn: ConnRef,
+        message: StoredMessage,
+    },
+    /// To the peer's home shard: an ephemeral signal, never stored.
+    Signal {
+        to: UserId,
+        from: UserId,
+        kind: SignalKind,
+        payload: Vec<u8>,
+    },
+    /// To the shard holding `conn`: push this signal.
+    SignalDeliver {
+        conn: ConnRef,
+        from: UserId,
+        kind: SignalKind,
+        payload: Vec<u8>,
+    },
+    /// To the shard holding `conn`: a live delivery did not reach it; read the store.
+    CatchUp {
+        conn: ConnRef,
+    },
+}
+
+/// What may happen to a message that a congested lane cannot take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Ephemeral: drop it.
+    Drop,
+    /// A send: answer `Overloaded`; the client retries under the same id.
+    Refuse,
+    /// A live delivery: send a `CatchUp` instead; the store holds the message.
+    CatchUp,
+    /// Control: never dropped.
+    Keep,
+}
+
+impl ShardMessage {
+    pub fn on_overload(&self) -> Overload {
+        match self {
+            ShardMessage::Signal { .. } | ShardMessage::SignalDeliver { .. } => Overload::Drop,
+            ShardMessage::Send { .. } => Overload::Refuse,
+            ShardMessage::Deliver { .. } => Overload::CatchUp,
+            ShardMessage::SendResult { .. }
+            | ShardMessage::Ack { .. }
+            | ShardMessage::Register { .. }
+            | ShardMessage::Registered { .. }
+            | ShardMessage::RegisterRefused { .. }
+            | ShardMessage::Unregister { .. }
+            | ShardMessage::CatchUp { .. } => Overload::Keep,
+        }
+    }
+
+    /// The variant's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ShardMessage::Send { .. } => "Send",
+            ShardMessage::SendResult { .. } => "SendResult",
+            ShardMessage::Ack { .. } => "Ack",
+            ShardMessage::Register { .. } => "Register",
+            ShardMessage::Registered { .. } => "Registered",
+            ShardMessage::RegisterRefused { .. } => "RegisterRefused",
+            ShardMessage::Unregister { .. } => "Unregister",
+            ShardMessage::Deliver { .. } => "Deliver",
+            ShardMessage::Signal { .. } => "Signal",
+            ShardMessage::SignalDeliver { .. } => "SignalDeliver",
+            ShardMessage::CatchUp { .. } => "CatchUp",
+        }
+    }
+
+    /// The message for `conn` when a `Deliver` cannot be carried: read the store instead.
+    pub fn degrade(self) -> ShardMessage {
+        match self {
+            ShardMessage::Deliver { conn, .. } => ShardMessage::CatchUp { conn },
+            other => other,
+        }
+    }
+}
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write `frame` on the connection's stream.
+    Write { conn: ConnRef, frame: Frame },
+    /// Close the connection with `code`. The session already forgot its login.
+    Close {
+        conn: ConnRef,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Deliver `message` to another shard (never this one: the session handles its own).
+    Route { shard: u8, message: ShardMessage },
+    /// Read a page of `inbox` after `after_seq` and hand it to [`EdgeSession::handle_read`].
+    Read {
+        conn: ConnRef,
+        inbox: UserId,
+        after_seq: u64,
+    },
+}
+
+/// Checks `Hello`'s token. The edge verifies signatures; the simulation trusts a user id.
+pub trait Authenticator {
+    /// The user the token names, if it is valid for `device` at `now_secs`.
+    fn authenticate(&self, token: &[u8], device: u32, now_secs: u64)
+    -> Result<UserId, AuthFailure>;
+}
+
+/// Why a token was refused: the code for the client and a short text (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// Settings of an [`EdgeSession`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub shard: u8,
+    pub shard_count: u32,
+    pub connections_per_user_max: usize,
+    pub sends_in_flight_per_connection_max: usize,
+    pub outbound_bytes_per_connection_max: usize,
+    pub core: CoreConfig,
+}
+
+/// Counts of what the session dropped under overload.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Signals not written because their connection's outbound buffer was full.
+    pub signals_dropped: u64,
+    /// Sends refused because the inbox queue was full.
+    pub sends_overloaded: u64,
+}
+
+/// Where a connection's login is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Login {
+    AwaitingHello,
+    /// Authenticated; waiting for the home shard to register the connection.
+    Registering {
+        user: UserId,
+    },
+    Active {
+        user: UserId,
+    },
+    Closing,
+}
+
+#[derive(Debug)]
+struct Connection {
+    generation: u64,
+    login: Login,
+    device: u32,
+    sends_in_flight: usize,
+    /// Highest seq written to this connection, or declared a hole, or held by the device.
+    delivered_up_to: u64,
+    sync_running: bool,
+    sync_again: bool,
+    /// Bytes written and not yet taken by the transport, as last reported by the driver plus
+    /// what the session wrote since.
+    outbound_bytes: usize,
+}
+
+/// One shard's session layer. See the module documentation for the calling order.
+#[derive(Debug)]
+pub struct EdgeSession<A> {
+    config: SessionConfig,
+    auth: A,
+    conns: HashMap<usize, Connection>,
+    /// Connections of users homed here that want live deliveries.
+    registry: HashMap<UserId, Vec<ConnRef>>,
+    inbox: InboxShard<ConnRef>,
+    /// Messages for this shard itself, handled before the call returns.
+    local: VecDeque<ShardMessage>,
+    effects: VecDeque<Effect>,
+    stats: SessionStats,
+    /// The time of the latest input, for the messages handled from `local`.
+    now_ms: UnixMillis,
+}
+
+impl<A: Authenticator> EdgeSession<A> {
+    pub fn new(config: SessionConfig, auth: A) -> EdgeSession<A> {
+        EdgeSession {
+            inbox: InboxShard::new(&config.core),
+            config,
+            auth,
+            conns: HashMap::new(),
+            registry: HashMap::new(),
+            local: VecDeque::new(),
+            effects: VecDeque::new(),
+            stats: SessionStats::default(),
+            now_ms: 0,
+        }
+    }
+
+    // ---- Getters ----------------------------------------------------------------------------
+
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Requests waiting for a commit, and whether one is in flight: a shard is idle when both
+    /// are zero.
+    pub fn queued_requests(&self) -> usize {
+        self.inbox.queued_requests()
+    }
+
+    pub fn batch_in_flight(&self) -> bool {
+        self.inbox.batch_in_flight()
+    }
+
+    /// Connections this shard holds.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    // ---- Connections ------------------------------------------------------------------------
+
+    /// A new connection on this shard; it must send `Hello` first.
+    pub fn open_connection(&mut self, conn: ConnRef) {
+        self.conns.insert(
+            conn.slot,
+            Connection {
+                generation: conn.generation,
+                login: Login::AwaitingHello,
+                device: 0,
+                sends_in_flight: 0,
+                delivered_up_to: 0,
+                sync_running: false,
+                sync_again: false,
+                outbound_bytes: 0,
+            },
+        );
+    }
+
+    /// The connection is gone (lost, drained or closed): forget it and its registration.
+    pub fn connection_lost(&mut self, conn: ConnRef) {
+        if self.conn(conn).is_none() {
+            return;
+        }
+        self.end_login(conn);
+        self.conns.remove(&conn.slot);
+        self.drain_local();
+    }
+
+    /// The driver's count of bytes still waiting in the connection's outbound buffer. When it
+    /// falls to zero, a sync that paused for room continues.
+    pub fn set_outbound_bytes(&mut self, conn: ConnRef, bytes: usize) {
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        c.outbound_bytes = bytes;
+        if bytes == 0 && c.sync_again && !c.sync_running {
+            self.start_sync(conn);
+        }
+        self.drain_local();
+    }
+
+    // ---- Input ------------------------------------------------------------------------------
+
+    /// Handles a frame from a client. `early` is true for 0-RTT data, which an attacker can
+    /// replay: only idempotent frames are accepted there.
+    pub fn handle_frame(&mut self, now_ms: UnixMillis, conn: ConnRef, frame: Frame, early: bool) {
+        self.now_ms = now_ms;
+        self.handle_client_frame(now_ms, conn, frame, early);
+        self.drain_local();
+    }
+
+    /// The driver ends the connection (bytes that are not a valid frame, a finished stream):
+    /// ends its login and closes it with `code`.
+    pub fn close_connection(&mut self, conn: ConnRef, code: ErrorCode, reason: String) {
+        self.close(conn, code, reason);
+        self.drain_local();
+    }
+
+    /// Handles a message from another shard.
+    pub fn handle_message(&mut self, now_ms: UnixMillis, message: ShardMessage) {
+        self.now_ms = now_ms;
+        self.handle_shard_message(now_ms, message);
+        self.drain_local();
+    }
+
+    /// The result of a [`Effect::Read`] for `conn` at cursor `after_seq`. Writes each message
+    /// in order, with a `Hole` in front of any seq the store no longer has (and up to where
+    /// the page covers the inbox), so the client never waits for a message that is gone.
+    pub fn handle_read(
+        &mut self,
+        conn: ConnRef,
+        after_seq: u64,
+        result: Result<InboxPage, StoreError>,
+    ) {
+        self.finish_read(conn, after_seq, result);
+        self.drain_local();
+    }
+
+    /// Takes the next group-commit batch, if any and none is in flight.
+    pub fn poll_batch(&mut self) -> Option<Batch<ConnRef>> {
+        self.inbox.poll_batch()
+    }
+
+    /// The result of committing `batch`: answers to the senders and live deliveries.
+    pub fn handle_commit(
+        &mut self,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<Outcome>, StoreError>,
+    ) {
+        for output in self.inbox.handle_commit(batch, result) {
+            match output {
+                Output::SendAck {
+                    tag,
+                    client_id,
+                    seq,
+                    server_time_ms,
+                } => self.route(
+                    tag.shard,
+                    ShardMessage::SendResult {
+                        reply: tag,
+                        client_id,
+                        result: Ok((seq, server_time_ms)),
+                    },
+                ),
+                Output::SendError {
+                    tag,
+                    client_id,
+                    code,
+                } => self.route(
+                    tag.shard,
+                    ShardMessage::SendResult {
+                        reply: tag,
+                        client_id,
+                        result: Err(code),
+                    },
+                ),
+                Output::Deliver(message) => {
+                    let targets = self
+                        .registry
+                        .get(&message.inbox)
+                        .cloned()
+                        .unwrap_or_default();
+                    for conn in targets {
+                        self.route(
+                            conn.shard,
+                            ShardMessage::Deliver {
+                                conn,
+                                message: message.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.drain_local();
+    }
+
+    /// Closes every connection with `code` (shutdown: clients reconnect).
+    pub fn close_all(&mut self, code: ErrorCode, reason: &str) {
+        let conns: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .map(|(slot, c)| ConnRef {
+                shard: self.config.shard,
+                slot: *slot,
+                generation: c.generation,
+            })
+            .collect();
+        for conn in conns {
+            self.close(conn, code, reason.to_string());
+        }
+        self.drain_local();
+    }
+
+    // ---- Output -----------------------------------------------------------------------------
+
+    /// The next effect for the driver.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    // ---- Frames from clients ----------------------------------------------------------------
+
+    fn handle_client_frame(
+        &mut self,
+        now_ms: UnixMillis,
+        conn: ConnRef,
+        frame: Frame,
+        early: bool,
+    ) {
+        let Some(c) = self.conn(conn) else {
+            return;
+        };
+        let login = c.login;
+        if early && !frame.is_idempotent() {
+            return self.close(
+                conn,
+                ErrorCode::UnexpectedFrame,
+                "only idempotent frames are allowed in 0-RTT data".into(),
+            );
+        }
+        let user = match (login, &frame) {
+            (Login::Closing, _) => return,
+            (Login::AwaitingHello, Frame::Hello { .. }) => 0,
+            (Login::AwaitingHello, _) => {
+                return self.close(
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "the first frame must be Hello".into(),
+                );
+            }
+            (Login::Registering { .. } | Login::Active { .. }, Frame::Hello { .. }) => {
+                return self.close(
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "Hello was already sent".into(),
+                );
+            }
+            (Login::Registering { user } | Login::Active { user }, _) => user,
+        };
+        match frame {
+            Frame::Hello {
+                token,
+                device,
+                acked_up_to,
+                resume_after_seq,
+            } => {
+                let user = match self.auth.authenticate(&token, device, now_ms / 1000) {
+                    Ok(user) => user,
+                    Err(failure) => return self.close(conn, failure.code, failure.reason),
+                };
+                if let Some(c) = self.conn_mut(conn) {
+                    c.login = Login::Registering { user };
+                    c.device = device;
+                    c.delivered_up_to = resume_after_seq;
+                }
+                // `Welcome` waits for `Registered`: once the client sees it, live deliveries
+                // and signals reach this connection.
+                let home = self.home_of(user);
+                self.route(home, ShardMessage::Register { user, conn });
+                if acked_up_to > 0 {
+                    // What the application consumed; what the device merely holds is not
+                    // acknowledged (the decoder checked acked_up_to <= resume_after_seq).
+                    self.route(
+                        home,
+                        ShardMessage::Ack {
+                            inbox: user,
+                            up_to_seq: acked_up_to,
+                        },
+                    );
+                }
+            }
+            Frame::Send {
+                client_id,
+                to,
+                body,
+                ttl_secs,
+            } => {
+                let max = self.config.sends_in_flight_per_connection_max;
+                let Some(c) = self.conn_mut(conn) else {
+                    return;
+                };
+                if c.sends_in_flight >= max {
+                    return self.write(
+                        conn,
+                        Frame::SendError {
+                            client_id,
+                            code: ErrorCode::TooManyInFlight,
+                            retryable: true,
+                        },
+                    );
+                }
+                c.sends_in_flight += 1;
+                let home = self.home_of(to);
+                self.route(
+                    home,
+                    ShardMessage::Send {
+                        send: SendRequest {
+                            sender: user,
+                            client_id,
+                            to,
+                            body,
+                            ttl_secs,
+                        },
+                        reply: conn,
+                    },
+                );
+            }
+            Frame::Ack { up_to_seq } => {
+                // A device cannot acknowledge what it was never given.
+                let Some(c) = self.conn(conn) else {
+                    return;
+                };
+                let up_to_seq = up_to_seq.min(c.delivered_up_to);
+                if up_to_seq > 0 {
+                    let home = self.home_of(user);
+                    self.route(
+                        home,
+                        ShardMessage::Ack {
+                            inbox: user,
+                            up_to_seq,
+                        },
+                    );
+                }
+            }
+            Frame::Sync { after_seq } => {
+                let Some(c) = self.conn_mut(conn) else {
+                    return;
+                };
+                c.delivered_up_to = after_seq;
+                if matches!(c.login, Login::Active { .. }) {
+                    self.start_sync(conn);
+                }
+            }
+            Frame::Signal {
+                peer,
+                kind,
+                payload,
+            } => {
+                let home = self.home_of(peer);
+                self.route(
+                    home,
+                    ShardMessage::Signal {
+                        to: peer,
+                        from: user,
+                        kind,
+                        payload,
+                    },
+                );
+            }
+            Frame::Ping { nonce } => self.write(conn, Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            Frame::Welcome { .. }
+            | Frame::SendAck { .. }
+            | Frame::SendError { .. }
+            | Frame::Deliver { .. }
+            | Frame::Hole { .. }
+            | Frame::Goaway { .. }
+            | Frame::Error { .. } => self.close(
+                conn,
+                ErrorCode::UnexpectedFrame,
+                "that frame only goes from server to client".into(),
+            ),
+        }
+    }
+
+    // ---- Messages between shards ------------------------------------------------------------
+
+    fn handle_shard_message(&mut self, now_ms: UnixMillis, message: ShardMessage) {
+        match message {
+            ShardMessage::Send { send, reply } => {
+                if let Err(refused) = self.inbox.handle_send(send, reply) {
+                    self.stats.sends_overloaded += 1;
+                    self.route(
+                        refused.tag.shard,
+                        ShardMessage::SendResult {
+                            reply: refused.tag,
+                            client_id: refused.send.client_id,
+                            result: Err(ErrorCode::Overloaded),
+                        },
+                    );
+                }
+            }
+            ShardMessage::Ack { inbox, up_to_seq } => {
+                // A refused ack is repeated by the client's next ack or reconnect.
+                let _ = self.inbox.handle_ack(inbox, up_to_seq);
+            }
+            ShardMessage::SendResult {
+                reply,
+                client_id,
+                result,
+            } => {
+                let Some(c) = self.conn_mut(reply) else {
+                    return;
+                };
+                c.sends_in_flight = c.sends_in_flight.saturating_sub(1);
+                let frame = match result {
+                    Ok((seq, server_time_ms)) => Frame::SendAck {
+                        client_id,
+                        seq,
+                        server_time_ms,
+                    },
+                    Err(code) => Frame::SendError {
+                        client_id,
+                        code,
+                        retryable: code.is_retryable(),
+                    },
+                };
+                self.write(reply, frame);
+            }
+            ShardMessage::Register { user, conn } => {
+                let entries = self.registry.entry(user).or_default();
+                if entries.len() < self.config.connections_per_user_max {
+                    entries.push(conn);
+                    self.route(conn.shard, ShardMessage::Registered { conn });
+                } else {
+                    self.route(conn.shard, ShardMessage::RegisterRefused { conn });
+                }
+            }
+            ShardMessage::Registered { conn } => {
+                let Some(c) = self.conn_mut(conn) else {
+                    return;
+                };
+                if let Login::Registering { user } = c.login {
+                    c.login = Login::Active { user };
+                    let device = c.device;
+                    self.write(
+                        conn,
+                        Frame::Welcome {
+                            user,
+                            device,
+                            server_time_ms: now_ms,
+                        },
+                    );
+                    self.start_sync(conn);
+                }
+            }
+            ShardMessage::RegisterRefused { conn } => {
+                if let Some(c) = self.conn_mut(conn) {
+                    // The home shard did not register it: nothing to unregister.
+                    c.login = Login::Closing;
+                    self.effects.push_back(Effect::Close {
+                        conn,
+                        code: ErrorCode::LimitExceeded,
+                        reason: "too many connections for this user".into(),
+                    });
+                }
+            }
+            ShardMessage::Unregister { user, conn } => {
+                if let Some(entries) = self.registry.get_mut(&user) {
+                    entries.retain(|c| *c != conn);
+                    if entries.is_empty() {
+                        self.registry.remove(&user);
+                    }
+                }
+            }
+            ShardMessage::Deliver { conn, message } => self.deliver(conn, message),
+            ShardMessage::Signal {
+                to,
+                from,
+                kind,
+                payload,
+            } => {
+                let targets = self.registry.get(&to).cloned().unwrap_or_default();
+                for conn in targets {
+                    self.route(
+                        conn.shard,
+                        ShardMessage::SignalDeliver {
+                            conn,
+                            from,
+                            kind,
+                            payload: payload.clone(),
+                        },
+                    );
+                }
+            }
+            ShardMessage::SignalDeliver {
+                conn,
+                from,
+                kind,
+                payload,
+            } => {
+                let outbound_max = self.config.outbound_bytes_per_connection_max;
+                let Some(c) = self.conn(conn) else {
+                    return;
+                };
+                if !matches!(c.login, Login::Active { .. }) {
+                    return;
+                }
+                // Signals are ephemeral: a connection that does not read loses them instead
+                // of growing the edge.
+                if c.outbound_bytes + payload.len() + FRAME_OVERHEAD_BYTES_MAX > outbound_max {
+                    self.stats.signals_dropped += 1;
+                    return;
+                }
+                self.write(
+                    conn,
+                    Frame::Signal {
+                        peer: from,
+                        kind,
+                        payload,
+                    },
+                );
+            }
+            ShardMessage::CatchUp { conn } => {
+                let Some(c) = self.conn_mut(conn) else {
+                    return;
+                };
+                c.sync_again = true;
+                if !c.sync_running && c.outbound_bytes == 0 {
+                    self.start_sync(conn);
+                }
+            }
+        }
+    }
+
+    // ---- Delivery ---------------------------------------------------------------------------
+
+    /// Pushes a live message, in sequence order, or falls back to reading the store.
+    fn deliver(&mut self, conn: ConnRef, message: StoredMessage) {
+        let outbound_max = self.config.outbound_bytes_per_connection_max;
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        if !matches!(c.login, Login::Active { .. }) || message.seq <= c.delivered_up_to {
+            return;
+        }
+        // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
+        let in_order = c.delivered_up_to.checked_add(1) == Some(message.seq);
+        let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max;
+        if in_order && room && !c.sync_running {
+            c.delivered_up_to = message.seq;
+            self.write(conn, deliver_frame(message));
+        } else {
+            // A gap or a full buffer: the store has it; catch up from there.
+            c.sync_again = true;
+            if !c.sync_running && c.outbound_bytes == 0 {
+                self.start_sync(conn);
+            }
+        }
+    }
+
+    /// Asks the driver to read the store for everything after the connection's cursor.
+    fn start_sync(&mut self, conn: ConnRef) {
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let Login::Active { user } = c.login else {
+            return;
+        };
+        if c.sync_running {
+            c.sync_again = true;
+            return;
+        }
+        c.sync_running = true;
+        c.sync_again = false;
+        let after_seq = c.delivered_up_to;
+        self.effects.push_back(Effect::Read {
+            conn,
+            inbox: user,
+            after_seq,
+        });
+    }
+
+    fn finish_read(
+        &mut self,
+        conn: ConnRef,
+        after_seq: u64,
+        result: Result<InboxPage, StoreError>,
+    ) {
+        let outbound_max = self.config.outbound_bytes_per_connection_max;
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        c.sync_running = false;
+        let page = match result {
+            Ok(page) => page,
+            Err(_) => {
+                // The next delivery, `Sync` or reconnect reads again.
+                c.sync_again = true;
+                return;
+            }
+        };
+        if c.delivered_up_to != after_seq {
+            // The client moved its cursor (`Sync`) while the read ran: read again.
+            c.sync_again = true;
+        } else {
+            let mut stopped = false;
+            let mut frames = Vec::new();
+            let mut outbound = c.outbound_bytes;
+            for message in page.messages {
+                if outbound + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX > outbound_max {
+                    stopped = true;
+                    break;
+                }
+                if message.seq > c.delivered_up_to + 1 {
+                    frames.push(Frame::Hole {
+                        up_to_seq: message.seq - 1,
+                    });
+                }
+                c.delivered_up_to = message.seq;
+                outbound += message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX;
+                frames.push(deliver_frame(message));
+            }
+            if !stopped && page.covered_up_to > c.delivered_up_to {
+                c.delivered_up_to = page.covered_up_to;
+                frames.push(Frame::Hole {
+                    up_to_seq: page.covered_up_to,
+                });
+            }
+            if stopped || page.more {
+                c.sync_again = true;
+            }
+            for frame in frames {
+                self.write(conn, frame);
+            }
+        }
+        if let Some(c) = self.conn(conn)
+            && c.sync_again
+            && c.outbound_bytes == 0
+        {
+            self.start_sync(conn);
+        }
+    }
+
+    // ---- Helpers ----------------------------------------------------------------------------
+
+    fn home_of(&self, user: UserId) -> u8 {
+        home_shard(user, self.config.shard_count) as u8
+    }
+
+    fn conn(&self, conn: ConnRef) -> Option<&Connection> {
+        self.conns
+            .get(&conn.slot)
+            .filter(|c| c.generation == conn.generation && conn.shard == self.config.shard)
+    }
+
+    fn conn_mut(&mut self, conn: ConnRef) -> Option<&mut Connection> {
+        let shard = self.config.shard;
+        self.conns
+            .get_mut(&conn.slot)
+            .filter(|c| c.generation == conn.generation && conn.shard == shard)
+    }
+
+    /// Routes to `shard`, or queues locally when that is this shard.
+    fn route(&mut self, shard: u8, message: ShardMessage) {
+        if shard == self.config.shard {
+            self.local.push_back(message);
+        } else {
+            self.effects.push_back(Effect::Route { shard, message });
+        }
+    }
+
+    fn drain_local(&mut self) {
+        // Every local message comes from a bounded input and produces a bounded number of
+        // others (a signal fans out to at most `connections_per_user_max`), so this ends.
+        while let Some(message) = self.local.pop_front() {
+            self.handle_shard_message(self.now_ms, message);
+        }
+    }
+
+    fn write(&mut self, conn: ConnRef, frame: Frame) {
+        if let Some(c) = self.conn_mut(conn) {
+            c.outbound_bytes += frame_bytes_estimate(&frame);
+            self.effects.push_back(Effect::Write { conn, frame });
+        }
+    }
+
+    /// Ends the login (unregisters it at its home shard) and asks the driver to close.
+    fn close(&mut self, conn: ConnRef, code: ErrorCode, reason: String) {
+        if self.conn(conn).is_none() {
+            return;
+        }
+        self.end_login(conn);
+        self.effects.push_back(Effect::Close { conn, code, reason });
+    }
+
+    fn end_login(&mut self, conn: ConnRef) {
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let login = std::mem::replace(&mut c.login, Login::Closing);
+        if let Login::Registering { user } | Login::Active { user } = login {
+            let home = self.home_of(user);
+            self.route(home, ShardMessage::Unregister { user, conn });
+        }
+    }
+}
+
+fn deliver_frame(message: StoredMessage) -> Frame {
+    Frame::Deliver {
+        seq: message.seq,
+        from: message.from,
+        sent_at_ms: message.sent_at_ms,
+        body: message.body,
+    }
+}
+
+/// Bytes a frame takes on the wire, at most (body or payload plus fields).
+fn frame_bytes_estimate(frame: &Frame) -> usize {
+    FRAME_OVERHEAD_BYTES_MAX
+        + match frame {
+            Frame::Deliver { body, .. } => body.len(),
+            Frame::Signal { payload, .. } => payload.len(),
+            Frame::Error { message, .. } => message.len(),
+            _ => 0,
+        }
+}
