@@ -60,9 +60,19 @@ pub enum ShardMessage {
         inbox: UserId,
         up_to_seq: u64,
     },
-    /// To the user's home shard: this connection wants live deliveries.
+    /// To the user's home shard: this connection of `device` wants live deliveries. It
+    /// replaces an earlier connection of the same device (a phone that reconnected before its
+    /// old connection timed out).
     Register {
         user: UserId,
+        device: u32,
+        conn: ConnRef,
+        /// When the connection said `Hello`: of two connections of one device, the later one
+        /// wins, whichever `Register` arrives first (they travel on different lanes).
+        hello_at_ms: UnixMillis,
+    },
+    /// From the home shard to an older connection of a device that registered again: close.
+    Superseded {
         conn: ConnRef,
     },
     /// Back from the home shard: live deliveries flow from now on, so the connection can read
@@ -127,6 +137,7 @@ impl ShardMessage {
             | ShardMessage::Register { .. }
             | ShardMessage::Registered { .. }
             | ShardMessage::RegisterRefused { .. }
+            | ShardMessage::Superseded { .. }
             | ShardMessage::Unregister { .. }
             | ShardMessage::CatchUp { .. } => Overload::Keep,
         }
@@ -141,6 +152,7 @@ impl ShardMessage {
             ShardMessage::Register { .. } => "Register",
             ShardMessage::Registered { .. } => "Registered",
             ShardMessage::RegisterRefused { .. } => "RegisterRefused",
+            ShardMessage::Superseded { .. } => "Superseded",
             ShardMessage::Unregister { .. } => "Unregister",
             ShardMessage::Deliver { .. } => "Deliver",
             ShardMessage::Signal { .. } => "Signal",
@@ -242,6 +254,14 @@ struct Connection {
     outbound_bytes: usize,
 }
 
+/// A connection registered at its user's home shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Registration {
+    device: u32,
+    conn: ConnRef,
+    hello_at_ms: UnixMillis,
+}
+
 /// One shard's session layer. See the module documentation for the calling order.
 #[derive(Debug)]
 pub struct EdgeSession<A> {
@@ -249,7 +269,7 @@ pub struct EdgeSession<A> {
     auth: A,
     conns: HashMap<usize, Connection>,
     /// Connections of users homed here that want live deliveries.
-    registry: HashMap<UserId, Vec<ConnRef>>,
+    registry: HashMap<UserId, Vec<Registration>>,
     inbox: InboxShard<ConnRef>,
     /// Messages for this shard itself, handled before the call returns.
     local: VecDeque<ShardMessage>,
@@ -418,7 +438,7 @@ impl<A: Authenticator> EdgeSession<A> {
                         .get(&message.inbox)
                         .cloned()
                         .unwrap_or_default();
-                    for conn in targets {
+                    for Registration { conn, .. } in targets {
                         self.route(
                             conn.shard,
                             ShardMessage::Deliver {
@@ -515,7 +535,15 @@ impl<A: Authenticator> EdgeSession<A> {
                 // `Welcome` waits for `Registered`: once the client sees it, live deliveries
                 // and signals reach this connection.
                 let home = self.home_of(user);
-                self.route(home, ShardMessage::Register { user, conn });
+                self.route(
+                    home,
+                    ShardMessage::Register {
+                        user,
+                        device,
+                        conn,
+                        hello_at_ms: now_ms,
+                    },
+                );
                 if acked_up_to > 0 {
                     // What the application consumed; what the device merely holds is not
                     // acknowledged (the decoder checked acked_up_to <= resume_after_seq).
@@ -666,13 +694,54 @@ impl<A: Authenticator> EdgeSession<A> {
                 };
                 self.write(reply, frame);
             }
-            ShardMessage::Register { user, conn } => {
+            ShardMessage::Register {
+                user,
+                device,
+                conn,
+                hello_at_ms,
+            } => {
+                let incoming = Registration {
+                    device,
+                    conn,
+                    hello_at_ms,
+                };
                 let entries = self.registry.entry(user).or_default();
-                if entries.len() < self.config.connections_per_user_max {
-                    entries.push(conn);
-                    self.route(conn.shard, ShardMessage::Registered { conn });
+                // One connection per device: the later `Hello` wins.
+                let mut loser = None;
+                if let Some(at) = entries.iter().position(|r| r.device == device) {
+                    let existing = entries[at];
+                    if (existing.hello_at_ms, existing.conn.generation)
+                        > (incoming.hello_at_ms, incoming.conn.generation)
+                    {
+                        self.route(conn.shard, ShardMessage::Superseded { conn });
+                        return;
+                    }
+                    entries.remove(at);
+                    loser = Some(existing.conn);
+                }
+                let accepted = entries.len() < self.config.connections_per_user_max;
+                if accepted {
+                    entries.push(incoming);
+                }
+                if let Some(old) = loser {
+                    self.route(old.shard, ShardMessage::Superseded { conn: old });
+                }
+                let reply = if accepted {
+                    ShardMessage::Registered { conn }
                 } else {
-                    self.route(conn.shard, ShardMessage::RegisterRefused { conn });
+                    ShardMessage::RegisterRefused { conn }
+                };
+                self.route(conn.shard, reply);
+            }
+            ShardMessage::Superseded { conn } => {
+                if let Some(c) = self.conn_mut(conn) {
+                    // The home shard already dropped its registration.
+                    c.login = Login::Closing;
+                    self.effects.push_back(Effect::Close {
+                        conn,
+                        code: ErrorCode::Superseded,
+                        reason: "replaced by a newer connection of the same device".into(),
+                    });
                 }
             }
             ShardMessage::Registered { conn } => {
@@ -706,7 +775,7 @@ impl<A: Authenticator> EdgeSession<A> {
             }
             ShardMessage::Unregister { user, conn } => {
                 if let Some(entries) = self.registry.get_mut(&user) {
-                    entries.retain(|c| *c != conn);
+                    entries.retain(|r| r.conn != conn);
                     if entries.is_empty() {
                         self.registry.remove(&user);
                     }
@@ -720,7 +789,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 payload,
             } => {
                 let targets = self.registry.get(&to).cloned().unwrap_or_default();
-                for conn in targets {
+                for Registration { conn, .. } in targets {
                     self.route(
                         conn.shard,
                         ShardMessage::SignalDeliver {
@@ -832,17 +901,17 @@ impl<A: Authenticator> EdgeSession<A> {
         };
         c.sync_running = false;
         let page = match result {
-            Ok(page) => page,
+            Ok(page) => Some(page),
             Err(_) => {
-                // The next delivery, `Sync` or reconnect reads again.
+                // Read again (the driver delays failed reads, so this does not spin).
                 c.sync_again = true;
-                return;
+                None
             }
         };
-        if c.delivered_up_to != after_seq {
+        if page.is_some() && c.delivered_up_to != after_seq {
             // The client moved its cursor (`Sync`) while the read ran: read again.
             c.sync_again = true;
-        } else {
+        } else if let Some(page) = page {
             let mut stopped = false;
             let mut frames = Vec::new();
             let mut outbound = c.outbound_bytes;

@@ -65,6 +65,8 @@ const RECV_BUFFER_BYTES: usize = 64 * 1024;
 const TRANSMITS_PER_FLUSH_MAX: usize = 64;
 /// Floor of the hard maximum of a peer backlog (`Shard::mesh_backlog_messages_max`).
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
+/// Pause before a failed store read is handed back (the session then reads again).
+const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
@@ -380,6 +382,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             break;
                         }
                         Err(error) => {
+                            exit_if_store_refuses(&error);
                             warn!(%error, "expiry pass failed; retrying at the next interval");
                             break;
                         }
@@ -447,6 +450,16 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
             shard.after_input();
         }
         glommio::yield_if_needed().await;
+    }
+}
+
+/// Ends the process when the store refuses this process for good. Fenced: another edge owns
+/// the shard now. Poisoned: what is on disk is unknown. A restart recovers from the store, and
+/// clients reconnect and retry with the same ids.
+fn exit_if_store_refuses(error: &StoreError) {
+    if matches!(error, StoreError::Fenced | StoreError::Poisoned) {
+        tracing::error!(%error, "the store refuses this process; exiting");
+        std::process::exit(3);
     }
 }
 
@@ -1077,7 +1090,10 @@ impl Shard {
                 .spawn_blocking(move || store.read_inbox(inbox, after_seq, unix_ms(), &core))
                 .await;
             if let Err(error) = &result {
-                warn!(%error, "sync read failed; the connection reads again at its next delivery");
+                exit_if_store_refuses(error);
+                // The session reads again at once: pause, so a failing store is not spun on.
+                warn!(%error, "sync read failed; reading again shortly");
+                glommio::timer::sleep(READ_RETRY_DELAY).await;
             }
             let mut shard = shard.borrow_mut();
             shard.session.handle_read(conn, after_seq, result);
@@ -1123,13 +1139,7 @@ impl Shard {
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
         if let Err(error) = &result {
-            if matches!(error, StoreError::Fenced | StoreError::Poisoned) {
-                // Fenced: another edge owns this shard now. Poisoned: what is on disk is
-                // unknown. Either way this process must stop; a restart recovers from the
-                // store, and clients reconnect and retry with the same ids.
-                tracing::error!(shard = self.id, %error, "the store refuses this shard; exiting");
-                std::process::exit(3);
-            }
+            exit_if_store_refuses(error);
             warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
         }
         self.session.handle_commit(batch, result);

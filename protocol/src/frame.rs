@@ -142,6 +142,10 @@ pub enum ErrorCode {
     ShuttingDown = 12,
     /// A bug in the server.
     Internal = 13,
+    /// A newer connection of the same device replaced this one (the device reconnected before
+    /// this connection timed out). Retryable: a client that still runs reconnects, and its
+    /// newer connection replaces the other in turn.
+    Superseded = 14,
 }
 
 impl ErrorCode {
@@ -154,6 +158,7 @@ impl ErrorCode {
                 | ErrorCode::StoreUnavailable
                 | ErrorCode::ShardUnavailable
                 | ErrorCode::ShuttingDown
+                | ErrorCode::Superseded
         )
     }
 
@@ -169,7 +174,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for lookups and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 13] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::LimitExceeded,
@@ -183,6 +188,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::ShardUnavailable,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::Superseded,
 ];
 
 impl Frame {
