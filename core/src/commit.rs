@@ -2,11 +2,12 @@
 //!
 //! [`Committer::commit_batch`] stores a group-commit batch in one transaction: each send gets the next
 //! dense, gapless sequence number of its recipient's inbox unless its (sender, client id) was
-//! already stored, and each ack deletes a prefix of an inbox. [`read_inbox`] serves sync, and
-//! [`expire`] deletes undelivered messages after their retention and dedupe records after their
-//! window.
+//! already stored; each link records a device of an inbox (a new one starts at the inbox's
+//! head); each ack moves a device's cursor, and an inbox's messages are deleted up to the
+//! lowest cursor of its devices. [`read_inbox`] serves sync, and [`expire`] deletes undelivered
+//! messages after their retention and dedupe records after their window.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::envelope::{self, StoredMessage};
 use crate::keys;
@@ -17,9 +18,18 @@ use crate::{CoreConfig, UnixMillis, UserId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Send(SendRequest),
-    /// Delete every message of `inbox` up to and including `up_to_seq`.
+    /// A device logs in: record it (a device new to the inbox starts at the inbox's head) and
+    /// move its cursor to `acked_up_to`, what its application consumed.
+    Link {
+        inbox: UserId,
+        device: u32,
+        acked_up_to: u64,
+    },
+    /// `device` consumed every message of `inbox` up to and including `up_to_seq`. Messages
+    /// are deleted once every device of the inbox consumed them.
     Ack {
         inbox: UserId,
+        device: u32,
         up_to_seq: u64,
     },
 }
@@ -44,6 +54,10 @@ pub enum Outcome {
         server_time_ms: UnixMillis,
         expire_at_ms: UnixMillis,
         fresh: bool,
+    },
+    /// The device's cursor after the link: delivery to it starts after this seq.
+    Linked {
+        cursor: u64,
     },
     Acked,
 }
@@ -192,6 +206,8 @@ fn write_batch<T: Transaction>(
 ) -> Result<Vec<Outcome>, StoreError> {
     let last_seqs = &mut learned.last_seqs;
     let dedupe_bucket = now / config.dedupe_window_ms;
+    // New cursors of the devices this batch links or acks.
+    let mut devices: BTreeMap<(UserId, u32), u64> = BTreeMap::new();
     // Highest seq per (expiry bucket, inbox) of this batch; written once at the end.
     let mut expiry_seqs: HashMap<(u64, UserId), u64> = HashMap::new();
     let mut outcomes = Vec::with_capacity(requests.len());
@@ -201,13 +217,7 @@ fn write_batch<T: Transaction>(
                 if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
                     found
                 } else {
-                    let last = match last_seqs
-                        .get(&send.to)
-                        .or_else(|| known.last_seqs.get(&send.to))
-                    {
-                        Some(last) => *last,
-                        None => read_counter(txn, send.to)?,
-                    };
+                    let last = last_seq_of(txn, send.to, last_seqs, known)?;
                     let seq = last.checked_add(1).ok_or_else(|| {
                         StoreError::Corrupt(format!(
                             "inbox {} has used every sequence number",
@@ -240,26 +250,83 @@ fn write_batch<T: Transaction>(
                     }
                 }
             }
-            Request::Ack { inbox, up_to_seq } => {
-                // Start after what is known to be deleted: deleted keys leave tombstones that
-                // a range scan from seq 1 would walk on every ack.
-                let deleted_up_to = learned
-                    .acked_up_to
-                    .get(inbox)
-                    .or_else(|| known.acked_up_to.get(inbox))
-                    .copied()
-                    .unwrap_or(0);
-                if *up_to_seq > deleted_up_to {
-                    txn.clear_range(
-                        &keys::message(*inbox, deleted_up_to.saturating_add(1)),
-                        &keys::message(*inbox, up_to_seq.saturating_add(1)),
-                    );
-                    learned.acked_up_to.insert(*inbox, *up_to_seq);
-                }
+            Request::Link {
+                inbox,
+                device,
+                acked_up_to,
+            } => {
+                let last = last_seq_of(txn, *inbox, last_seqs, known)?;
+                let cursor = match device_cursor(txn, &devices, *inbox, *device)? {
+                    // The inbox's first device gets everything stored; a device added to an
+                    // inbox that has others starts at the head (it gets what is sent after it
+                    // links, like a newly linked companion device).
+                    None if has_live_device(txn, &devices, *inbox, now, config)? => last,
+                    None => (*acked_up_to).min(last),
+                    Some(cursor) => cursor.max((*acked_up_to).min(last)),
+                };
+                devices.insert((*inbox, *device), cursor);
+                Outcome::Linked { cursor }
+            }
+            Request::Ack {
+                inbox,
+                device,
+                up_to_seq,
+            } => {
+                // A cursor never passes the inbox's head, so a hostile ack cannot delete
+                // messages that are not written yet.
+                let last = last_seq_of(txn, *inbox, last_seqs, known)?;
+                let cursor = device_cursor(txn, &devices, *inbox, *device)?.unwrap_or(0);
+                devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
                 Outcome::Acked
             }
         };
         outcomes.push(outcome);
+    }
+    // Devices whose cursor moved: write them, then delete each touched inbox's messages up to
+    // the lowest cursor of its live devices.
+    let mut inboxes: Vec<UserId> = devices.keys().map(|(inbox, _)| *inbox).collect();
+    inboxes.dedup();
+    for inbox in inboxes {
+        let (start, end) = keys::device_range(inbox);
+        let stored = txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)?;
+        let mut lowest: Option<u64> = None;
+        let mut forgot_one = false;
+        for (key, value) in stored {
+            let Some((_, device)) = keys::parse_device(&key) else {
+                return Err(StoreError::Corrupt("device key of unexpected shape".into()));
+            };
+            if devices.contains_key(&(inbox, device)) {
+                continue; // Written below, with its new cursor.
+            }
+            let (cursor, last_seen_ms) = decode_device(&value)?;
+            if last_seen_ms.saturating_add(config.retention_ms) < now {
+                // Unseen for the retention period: forgotten (one per inbox and transaction,
+                // so the transaction's size stays bounded; the next ack takes the next).
+                if !forgot_one {
+                    txn.clear(&key);
+                    forgot_one = true;
+                    continue;
+                }
+            }
+            lowest = Some(lowest.map_or(cursor, |l| l.min(cursor)));
+        }
+        for ((_, device), cursor) in devices.range((inbox, 0)..=(inbox, u32::MAX)) {
+            txn.set(&keys::device(inbox, *device), &encode_device(*cursor, now));
+            lowest = Some(lowest.map_or(*cursor, |l| l.min(*cursor)));
+        }
+        let Some(delete_up_to) = lowest else {
+            continue;
+        };
+        // Start after what is known to be deleted: deleted keys leave tombstones that a
+        // range scan from seq 1 would walk on every ack.
+        let deleted_up_to = known.acked_up_to.get(&inbox).copied().unwrap_or(0);
+        if delete_up_to > deleted_up_to {
+            txn.clear_range(
+                &keys::message(inbox, deleted_up_to.saturating_add(1)),
+                &keys::message(inbox, delete_up_to.saturating_add(1)),
+            );
+            learned.acked_up_to.insert(inbox, delete_up_to);
+        }
     }
     for (inbox, last) in learned.last_seqs.iter() {
         txn.set(&keys::counter(*inbox), &last.to_le_bytes());
@@ -303,6 +370,80 @@ fn find_dedupe<T: Transaction>(
         }
     }
     Ok(None)
+}
+
+/// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
+const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
+
+/// The inbox's last seq: from this batch, the cache, or the store.
+fn last_seq_of<T: Transaction>(
+    txn: &mut T,
+    inbox: UserId,
+    batch: &HashMap<UserId, u64>,
+    known: &InboxFacts,
+) -> Result<u64, StoreError> {
+    match batch.get(&inbox).or_else(|| known.last_seqs.get(&inbox)) {
+        Some(last) => Ok(*last),
+        None => read_counter(txn, inbox),
+    }
+}
+
+/// A device's cursor: as this batch left it, or as stored; `None` for a device new to the inbox.
+fn device_cursor<T: Transaction>(
+    txn: &mut T,
+    batch: &BTreeMap<(UserId, u32), u64>,
+    inbox: UserId,
+    device: u32,
+) -> Result<Option<u64>, StoreError> {
+    if let Some(cursor) = batch.get(&(inbox, device)) {
+        return Ok(Some(*cursor));
+    }
+    match txn.get(&keys::device(inbox, device))? {
+        None => Ok(None),
+        Some(value) => decode_device(&value).map(|(cursor, _)| Some(cursor)),
+    }
+}
+
+/// Whether `inbox` has a device seen within the retention period (stored, or linked by this
+/// batch).
+fn has_live_device<T: Transaction>(
+    txn: &mut T,
+    batch: &BTreeMap<(UserId, u32), u64>,
+    inbox: UserId,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<bool, StoreError> {
+    if batch.range((inbox, 0)..=(inbox, u32::MAX)).next().is_some() {
+        return Ok(true);
+    }
+    let (start, end) = keys::device_range(inbox);
+    for (_, value) in txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)? {
+        let (_, last_seen_ms) = decode_device(&value)?;
+        if last_seen_ms.saturating_add(config.retention_ms) >= now {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn encode_device(cursor: u64, last_seen_ms: UnixMillis) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&cursor.to_le_bytes());
+    value[8..].copy_from_slice(&last_seen_ms.to_le_bytes());
+    value
+}
+
+fn decode_device(value: &[u8]) -> Result<(u64, UnixMillis), StoreError> {
+    match (
+        value.get(..8).and_then(keys::le_u64),
+        value.get(8..16).and_then(keys::le_u64),
+    ) {
+        (Some(cursor), Some(last_seen_ms)) => Ok((cursor, last_seen_ms)),
+        _ => Err(StoreError::Corrupt(format!(
+            "device record of {} bytes",
+            value.len()
+        ))),
+    }
 }
 
 fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, StoreError> {

@@ -8,6 +8,7 @@
 //! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
 //! | `e` bucket inbox | highest seq, u64 LE | expiry index: inbox has messages expiring in bucket |
+//! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
@@ -20,6 +21,7 @@ pub const TAG_COUNTER: u8 = b'c';
 pub const TAG_DEDUPE: u8 = b'd';
 pub const TAG_EXPIRY: u8 = b'e';
 pub const TAG_OWNER: u8 = b'o';
+pub const TAG_DEVICE: u8 = b'v';
 
 /// `q/{inbox}/{seq}`
 pub fn message(inbox: UserId, seq: u64) -> [u8; 17] {
@@ -45,6 +47,36 @@ pub fn counter(inbox: UserId) -> [u8; 9] {
     key[0] = TAG_COUNTER;
     key[1..9].copy_from_slice(&inbox.to_be_bytes());
     key
+}
+
+/// `v/{inbox}/{device}`
+pub fn device(inbox: UserId, device: u32) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = TAG_DEVICE;
+    key[1..9].copy_from_slice(&inbox.to_be_bytes());
+    key[9..13].copy_from_slice(&device.to_be_bytes());
+    key
+}
+
+/// The range `[start, end)` of every device key of `inbox`.
+pub fn device_range(inbox: UserId) -> (Vec<u8>, Vec<u8>) {
+    let start = tagged_u64(TAG_DEVICE, inbox).to_vec();
+    let end = match inbox.checked_add(1) {
+        Some(next) => tagged_u64(TAG_DEVICE, next).to_vec(),
+        None => vec![TAG_DEVICE + 1],
+    };
+    (start, end)
+}
+
+/// The inbox and device of a device key.
+pub fn parse_device(key: &[u8]) -> Option<(UserId, u32)> {
+    let key: &[u8; 13] = key.try_into().ok()?;
+    if key[0] != TAG_DEVICE {
+        return None;
+    }
+    let mut device = [0u8; 4];
+    device.copy_from_slice(&key[9..13]);
+    Some((be_u64(&key[1..9]), u32::from_be_bytes(device)))
 }
 
 /// `d/{bucket}/{inbox}/{sender}/{client_id}`
@@ -136,5 +168,19 @@ mod tests {
         );
         assert!(dedupe_bucket_start(5).as_slice() <= dedupe(5, 0, 0, 0).as_slice());
         assert_eq!(parse_expiry(&expiry(3, 9)), Some((3, 9)));
+    }
+
+    #[test]
+    fn device_keys_of_an_inbox_fall_in_its_range() {
+        let (start, end) = device_range(7);
+        for device_id in [0, 1, 63, u32::MAX] {
+            let key = device(7, device_id);
+            assert!(start.as_slice() <= key.as_slice() && key.as_slice() < end.as_slice());
+            assert_eq!(parse_device(&key), Some((7, device_id)));
+        }
+        assert!(device(8, 0).as_slice() >= end.as_slice());
+        assert!(device(6, u32::MAX).as_slice() < start.as_slice());
+        let (_, last_end) = device_range(u64::MAX);
+        assert!(device(u64::MAX, u32::MAX).as_slice() < last_end.as_slice());
     }
 }

@@ -58,6 +58,7 @@ pub enum ShardMessage {
     /// To the inbox's home shard: a device consumed everything up to `up_to_seq`.
     Ack {
         inbox: UserId,
+        device: u32,
         up_to_seq: u64,
     },
     /// To the user's home shard: this connection of `device` wants live deliveries. It
@@ -70,19 +71,24 @@ pub enum ShardMessage {
         /// When the connection said `Hello`: of two connections of one device, the later one
         /// wins, whichever `Register` arrives first (they travel on different lanes).
         hello_at_ms: UnixMillis,
+        /// What the device's application consumed (`Hello`): the link moves its cursor there.
+        acked_up_to: u64,
     },
     /// From the home shard to an older connection of a device that registered again: close.
     Superseded {
         conn: ConnRef,
     },
-    /// Back from the home shard: live deliveries flow from now on, so the connection can read
-    /// the store for what it missed without a gap.
+    /// Back from the home shard once the device is linked (committed): live deliveries flow
+    /// from now on, so the connection can read the store after `cursor` without a gap.
     Registered {
         conn: ConnRef,
+        cursor: u64,
     },
-    /// Back from the home shard when the user already has the maximum of connections.
+    /// Back from the home shard when the user already has the maximum of connections
+    /// (`LimitExceeded`) or logins wait in numbers (`Overloaded`).
     RegisterRefused {
         conn: ConnRef,
+        code: ErrorCode,
     },
     Unregister {
         user: UserId,
@@ -432,6 +438,9 @@ impl<A: Authenticator> EdgeSession<A> {
                         result: Err(code),
                     },
                 ),
+                Output::Linked { tag, cursor } => {
+                    self.route(tag.shard, ShardMessage::Registered { conn: tag, cursor })
+                }
                 Output::Deliver(message) => {
                     let targets = self
                         .registry
@@ -535,6 +544,8 @@ impl<A: Authenticator> EdgeSession<A> {
                 // `Welcome` waits for `Registered`: once the client sees it, live deliveries
                 // and signals reach this connection.
                 let home = self.home_of(user);
+                // What the application consumed is acknowledged with the link; what the device
+                // merely holds is not (the decoder checked acked_up_to <= resume_after_seq).
                 self.route(
                     home,
                     ShardMessage::Register {
@@ -542,19 +553,9 @@ impl<A: Authenticator> EdgeSession<A> {
                         device,
                         conn,
                         hello_at_ms: now_ms,
+                        acked_up_to,
                     },
                 );
-                if acked_up_to > 0 {
-                    // What the application consumed; what the device merely holds is not
-                    // acknowledged (the decoder checked acked_up_to <= resume_after_seq).
-                    self.route(
-                        home,
-                        ShardMessage::Ack {
-                            inbox: user,
-                            up_to_seq: acked_up_to,
-                        },
-                    );
-                }
             }
             Frame::Send {
                 client_id,
@@ -598,12 +599,14 @@ impl<A: Authenticator> EdgeSession<A> {
                     return;
                 };
                 let up_to_seq = up_to_seq.min(c.delivered_up_to);
+                let device = c.device;
                 if up_to_seq > 0 {
                     let home = self.home_of(user);
                     self.route(
                         home,
                         ShardMessage::Ack {
                             inbox: user,
+                            device,
                             up_to_seq,
                         },
                     );
@@ -667,9 +670,13 @@ impl<A: Authenticator> EdgeSession<A> {
                     );
                 }
             }
-            ShardMessage::Ack { inbox, up_to_seq } => {
+            ShardMessage::Ack {
+                inbox,
+                device,
+                up_to_seq,
+            } => {
                 // A refused ack is repeated by the client's next ack or reconnect.
-                let _ = self.inbox.handle_ack(inbox, up_to_seq);
+                let _ = self.inbox.handle_ack(inbox, device, up_to_seq);
             }
             ShardMessage::SendResult {
                 reply,
@@ -699,6 +706,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 device,
                 conn,
                 hello_at_ms,
+                acked_up_to,
             } => {
                 let incoming = Registration {
                     device,
@@ -726,12 +734,18 @@ impl<A: Authenticator> EdgeSession<A> {
                 if let Some(old) = loser {
                     self.route(old.shard, ShardMessage::Superseded { conn: old });
                 }
-                let reply = if accepted {
-                    ShardMessage::Registered { conn }
-                } else {
-                    ShardMessage::RegisterRefused { conn }
-                };
-                self.route(conn.shard, reply);
+                if !accepted {
+                    let code = ErrorCode::LimitExceeded;
+                    return self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
+                }
+                // `Registered` follows once the link is committed (`Output::Linked`).
+                if let Err(conn) = self.inbox.handle_link(user, device, acked_up_to, conn) {
+                    if let Some(entries) = self.registry.get_mut(&user) {
+                        entries.retain(|r| r.conn != conn);
+                    }
+                    let code = ErrorCode::Overloaded;
+                    self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
+                }
             }
             ShardMessage::Superseded { conn } => {
                 if let Some(c) = self.conn_mut(conn) {
@@ -744,12 +758,14 @@ impl<A: Authenticator> EdgeSession<A> {
                     });
                 }
             }
-            ShardMessage::Registered { conn } => {
+            ShardMessage::Registered { conn, cursor } => {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
                 if let Login::Registering { user } = c.login {
                     c.login = Login::Active { user };
+                    // What the device consumed (maybe on an earlier install) is not sent again.
+                    c.delivered_up_to = c.delivered_up_to.max(cursor);
                     let device = c.device;
                     self.write(
                         conn,
@@ -757,19 +773,24 @@ impl<A: Authenticator> EdgeSession<A> {
                             user,
                             device,
                             server_time_ms: now_ms,
+                            acked_up_to: cursor,
                         },
                     );
                     self.start_sync(conn);
                 }
             }
-            ShardMessage::RegisterRefused { conn } => {
+            ShardMessage::RegisterRefused { conn, code } => {
                 if let Some(c) = self.conn_mut(conn) {
                     // The home shard did not register it: nothing to unregister.
                     c.login = Login::Closing;
+                    let reason = match code {
+                        ErrorCode::LimitExceeded => "too many connections for this user",
+                        _ => "too many logins at once: reconnect later",
+                    };
                     self.effects.push_back(Effect::Close {
                         conn,
-                        code: ErrorCode::LimitExceeded,
-                        reason: "too many connections for this user".into(),
+                        code,
+                        reason: reason.into(),
                     });
                 }
             }

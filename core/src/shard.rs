@@ -8,8 +8,10 @@
 //! batch is in flight at a time: while it commits, new requests queue up and form the next,
 //! larger batch, so light load gets low latency and heavy load gets large batches.
 //!
-//! Acks are coalesced per inbox (only the highest `up_to_seq` matters) and kept until a commit
-//! applies them: a failed commit puts them back, so an ack is never lost to a store error.
+//! Acks are coalesced per inbox and device (only the highest `up_to_seq` matters) and kept
+//! until a commit applies them: a failed commit puts them back, so an ack is never lost to a
+//! store error. Links (a device logging in) queue like sends and go back to the queue after a
+//! failed commit: their answer (the device's cursor) lets the connection start.
 //!
 //! Call order: `handle_send`/`handle_ack`* → `poll_batch` → (commit) → `handle_commit` → …
 
@@ -22,9 +24,9 @@ use crate::envelope::StoredMessage;
 use crate::store::StoreError;
 use crate::{CoreConfig, UnixMillis, UserId};
 
-/// Requests taken from the queue to be committed together: first the sends, then the acks.
-/// `tags` has one entry per send: whatever the runtime needs to route the answer (a
-/// connection handle, a reply channel).
+/// Requests taken from the queue to be committed together: first the sends, then the links,
+/// then the acks. `tags` has one entry per send and per link, in order: whatever the runtime
+/// needs to route the answer (a connection handle, a reply channel).
 #[derive(Debug)]
 pub struct Batch<T> {
     pub requests: Vec<Request>,
@@ -49,6 +51,8 @@ pub enum Output<T> {
     },
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
+    /// The device is linked: delivery to its connection starts after `cursor`.
+    Linked { tag: T, cursor: u64 },
 }
 
 /// The queue was full; the send is handed back so the runtime can refuse it (`Overloaded`).
@@ -72,8 +76,10 @@ pub struct InboxShard<T> {
     queue_bytes_max: usize,
     queue: VecDeque<(SendRequest, T)>,
     queue_bytes: usize,
-    /// Highest ack per inbox, not yet committed.
-    acks: BTreeMap<UserId, u64>,
+    /// Devices logging in: (inbox, device, acked_up_to), with their tags.
+    links: VecDeque<((UserId, u32, u64), T)>,
+    /// Highest ack per inbox and device, not yet committed.
+    acks: BTreeMap<(UserId, u32), u64>,
     batch_in_flight: bool,
 }
 
@@ -86,14 +92,15 @@ impl<T> InboxShard<T> {
             queue_bytes_max: config.queue_bytes_max,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            links: VecDeque::new(),
             acks: BTreeMap::new(),
             batch_in_flight: false,
         }
     }
 
-    /// Sends and acks waiting for a batch.
+    /// Sends, links and acks waiting for a batch.
     pub fn queued_requests(&self) -> usize {
-        self.queue.len() + self.acks.len()
+        self.queue.len() + self.links.len() + self.acks.len()
     }
 
     pub fn batch_in_flight(&self) -> bool {
@@ -114,24 +121,45 @@ impl<T> InboxShard<T> {
         Ok(())
     }
 
-    /// Records that `inbox` acknowledged everything up to `up_to_seq`, merged with earlier
-    /// acks of the same inbox. Refused when `queue_requests_max` inboxes already wait.
-    pub fn handle_ack(&mut self, inbox: UserId, up_to_seq: u64) -> Result<(), AckRefused> {
-        if let Some(existing) = self.acks.get_mut(&inbox) {
+    /// Queues the login of `device` of `inbox`, or refuses it when `queue_requests_max` logins
+    /// already wait (the runtime answers `Overloaded`; the client reconnects later).
+    pub fn handle_link(
+        &mut self,
+        inbox: UserId,
+        device: u32,
+        acked_up_to: u64,
+        tag: T,
+    ) -> Result<(), T> {
+        if self.links.len() >= self.queue_requests_max {
+            return Err(tag);
+        }
+        self.links.push_back(((inbox, device, acked_up_to), tag));
+        Ok(())
+    }
+
+    /// Records that `device` of `inbox` consumed everything up to `up_to_seq`, merged with
+    /// earlier acks of the same device. Refused when `queue_requests_max` devices already wait.
+    pub fn handle_ack(
+        &mut self,
+        inbox: UserId,
+        device: u32,
+        up_to_seq: u64,
+    ) -> Result<(), AckRefused> {
+        if let Some(existing) = self.acks.get_mut(&(inbox, device)) {
             *existing = (*existing).max(up_to_seq);
             return Ok(());
         }
         if self.acks.len() >= self.queue_requests_max {
             return Err(AckRefused);
         }
-        self.acks.insert(inbox, up_to_seq);
+        self.acks.insert((inbox, device), up_to_seq);
         Ok(())
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
     /// while a batch is in flight or when nothing is queued.
     pub fn poll_batch(&mut self) -> Option<Batch<T>> {
-        if self.batch_in_flight || (self.queue.is_empty() && self.acks.is_empty()) {
+        if self.batch_in_flight || self.queued_requests() == 0 {
             return None;
         }
         let mut batch = Batch {
@@ -152,12 +180,31 @@ impl<T> InboxShard<T> {
             batch.requests.push(Request::Send(send));
             batch.tags.push(tag);
         }
-        // Acks cost no body bytes; up to `batch_requests_max` ride along with the sends.
-        for _ in 0..self.batch_requests_max {
-            let Some((inbox, up_to_seq)) = self.acks.pop_first() else {
+        // Links and acks cost no body bytes; up to `batch_requests_max` of them together ride
+        // along with the sends, links first (a connection waits for its link).
+        let mut device_updates = 0;
+        while device_updates < self.batch_requests_max {
+            let Some(((inbox, device, acked_up_to), tag)) = self.links.pop_front() else {
                 break;
             };
-            batch.requests.push(Request::Ack { inbox, up_to_seq });
+            device_updates += 1;
+            batch.requests.push(Request::Link {
+                inbox,
+                device,
+                acked_up_to,
+            });
+            batch.tags.push(tag);
+        }
+        while device_updates < self.batch_requests_max {
+            let Some(((inbox, device), up_to_seq)) = self.acks.pop_first() else {
+                break;
+            };
+            device_updates += 1;
+            batch.requests.push(Request::Ack {
+                inbox,
+                device,
+                up_to_seq,
+            });
         }
         self.batch_in_flight = true;
         Some(batch)
@@ -213,6 +260,10 @@ impl<T> InboxShard<T> {
                                 }));
                             }
                         }
+                        (Request::Link { .. }, Outcome::Linked { cursor }) => {
+                            let tag = tags.next().expect("one tag per link");
+                            outputs.push(Output::Linked { tag, cursor });
+                        }
                         (Request::Ack { .. }, Outcome::Acked) => {}
                         (request, outcome) => {
                             unreachable!("commit_batch answered {request:?} with {outcome:?}")
@@ -221,6 +272,7 @@ impl<T> InboxShard<T> {
                 }
             }
             Err(_error) => {
+                let mut links = Vec::new();
                 for request in batch.requests {
                     match request {
                         Request::Send(send) => outputs.push(Output::SendError {
@@ -228,13 +280,29 @@ impl<T> InboxShard<T> {
                             client_id: send.client_id,
                             code: ErrorCode::StoreUnavailable,
                         }),
-                        Request::Ack { inbox, up_to_seq } => {
+                        Request::Link {
+                            inbox,
+                            device,
+                            acked_up_to,
+                        } => links.push((
+                            (inbox, device, acked_up_to),
+                            tags.next().expect("one tag per link"),
+                        )),
+                        Request::Ack {
+                            inbox,
+                            device,
+                            up_to_seq,
+                        } => {
                             // Re-inserting never grows the table past its maximum by more
                             // than this batch took out of it.
-                            let merged = self.acks.entry(inbox).or_insert(up_to_seq);
+                            let merged = self.acks.entry((inbox, device)).or_insert(up_to_seq);
                             *merged = (*merged).max(up_to_seq);
                         }
                     }
+                }
+                // Back to the front of the queue, in order, to be retried with the next batch.
+                for link in links.into_iter().rev() {
+                    self.links.push_front(link);
                 }
             }
         }
@@ -297,25 +365,27 @@ mod tests {
     #[test]
     fn acks_coalesce_per_inbox_and_survive_a_failed_commit() {
         let mut shard: InboxShard<()> = InboxShard::new(&CoreConfig::default());
-        shard.handle_ack(5, 3).unwrap();
-        shard.handle_ack(5, 9).unwrap();
-        shard.handle_ack(5, 4).unwrap();
-        shard.handle_ack(6, 1).unwrap();
+        shard.handle_ack(5, 0, 3).unwrap();
+        shard.handle_ack(5, 0, 9).unwrap();
+        shard.handle_ack(5, 0, 4).unwrap();
+        shard.handle_ack(6, 0, 1).unwrap();
         let batch = shard.poll_batch().unwrap();
         assert_eq!(
             batch.requests,
             vec![
                 Request::Ack {
                     inbox: 5,
+                    device: 0,
                     up_to_seq: 9
                 },
                 Request::Ack {
                     inbox: 6,
+                    device: 0,
                     up_to_seq: 1
                 }
             ]
         );
-        shard.handle_ack(5, 2).unwrap();
+        shard.handle_ack(5, 0, 2).unwrap();
         assert!(
             shard
                 .handle_commit(batch, Err(StoreError::CommitUnknown))
@@ -327,10 +397,12 @@ mod tests {
             vec![
                 Request::Ack {
                     inbox: 5,
+                    device: 0,
                     up_to_seq: 9
                 },
                 Request::Ack {
                     inbox: 6,
+                    device: 0,
                     up_to_seq: 1
                 }
             ]

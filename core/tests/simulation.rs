@@ -2,7 +2,8 @@
 //! with its inbox queue and the real `Committer` on a fault-injecting store) and the client's
 //! `ClientSession` (one per device), exchanging real frames over a simulated network, on a
 //! virtual clock, with lost connections, shard crashes, fencing, store faults, mesh
-//! back-pressure, app restarts and messages with short TTLs that expire.
+//! back-pressure, app restarts, several devices per user and messages with short TTLs that
+//! expire.
 //!
 //! The types are the ones the edge (`edge/src/shard.rs`) and the SDK (`client/src/lib.rs`) run;
 //! only the I/O is simulated. The network keeps each connection's frames in order (a QUIC stream
@@ -11,10 +12,12 @@
 //!
 //! Goal: prove R2, R4 and liveness. After a chaotic phase, a calm phase (no new faults, every
 //! device online) must converge within a bounded number of steps. Then the checkers assert:
-//! every message the server acknowledged reached its recipient exactly once, in inbox order, at
-//! the acknowledged seq, unless it expired, and then inside a hole the server declared; no hole
-//! ever covered a live message; a retried send was stored once; after all acks the store holds
-//! no message; after expiry no dedupe record or index entry is left.
+//! every message the server acknowledged reached every device of its recipient exactly once,
+//! in inbox order, at the acknowledged seq (a device added to an inbox that had others starts
+//! at the head it was told in `Welcome`), unless it expired, and then inside a hole the server
+//! declared; no hole ever covered a live message; one device's ack never deleted a message
+//! another device had not received; a retried send was stored once; after every device acked,
+//! the store holds no message; after expiry no dedupe record or index entry is left.
 //!
 //! Everything random comes from one seed. A failure prints it; `SIM_SEED=<n>` replays exactly
 //! that run, and `SIM_SEEDS=<count>` changes how many seeds run (default 1000).
@@ -179,15 +182,16 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
     }
 }
 
-/// Tokens in the simulation are the user id in decimal; the device must be 0.
+/// Tokens in the simulation are `user:device` in decimal.
 struct SimAuth;
 
 impl Authenticator for SimAuth {
     fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<UserId, AuthFailure> {
         let user = std::str::from_utf8(token)
             .ok()
-            .and_then(|t| t.parse().ok())
-            .filter(|_| device == 0);
+            .and_then(|t| t.split_once(':'))
+            .filter(|(_, d)| d.parse() == Ok(device))
+            .and_then(|(u, _)| u.parse().ok());
         user.ok_or(AuthFailure {
             code: ErrorCode::Unauthenticated,
             reason: "bad simulated token".into(),
@@ -252,8 +256,13 @@ struct Receipt {
     ttl_secs: Option<u32>,
 }
 
-fn new_client_session(user: UserId, in_flight_max: usize, consumed_up_to: u64) -> ClientSession {
-    let mut config = ClientConfig::new(user.to_string().into_bytes(), 0);
+fn new_client_session(
+    user: UserId,
+    device: u32,
+    in_flight_max: usize,
+    consumed_up_to: u64,
+) -> ClientSession {
+    let mut config = ClientConfig::new(format!("{user}:{device}").into_bytes(), device);
     config.sends_in_flight_max = in_flight_max;
     config.retry_after_ms = 150;
     ClientSession::new(config, consumed_up_to)
@@ -263,12 +272,15 @@ fn new_client_session(user: UserId, in_flight_max: usize, consumed_up_to: u64) -
 #[derive(Debug)]
 struct Client {
     user: UserId,
+    device: u32,
     session: ClientSession,
+    /// The cursor the first `Welcome` gave: the device receives what comes after it.
+    linked_after: Option<u64>,
     /// The connection this client is on, if any.
     conn: Option<ConnRef>,
     /// When to try connecting again while offline.
     reconnect_at: UnixMillis,
-    /// Messages still to send: (client id, recipient index, ttl).
+    /// Messages still to send: (client id, recipient user index, ttl).
     planned: VecDeque<(u64, usize, Option<u32>)>,
     /// The app's outbox: sends made and not answered, resent under their ids after a restart.
     outbox: BTreeMap<u64, (UserId, Vec<u8>, Option<u32>)>,
@@ -337,25 +349,38 @@ impl World {
         };
         let store = FaultStore::new(MemoryStore::new(), rates, rng.next_u64());
         let shard_count = 1 + rng.below(4) as u32;
-        let client_count = 2 + rng.below(15) as usize;
         let messages_per_client = 1 + rng.below(60);
         let in_flight_max = 1 + rng.below(8) as usize;
         let ttl_share = rng.below(4); // in quarters of the sends
-        let clients = (0..client_count)
-            .map(|index| {
+        let user_count = 2 + rng.below(10) as usize;
+        let devices_max = 1 + rng.below(3) as u32;
+        let devices: Vec<(UserId, u32)> = (0..user_count)
+            .flat_map(|index| {
+                // Spread user ids so placement puts them on different shards.
+                let user = 1000 + index as u64 * 7919;
+                let count = 1 + rng.below(u64::from(devices_max)) as u32;
+                (0..count).map(move |device| (user, device))
+            })
+            .collect();
+        let users: Vec<UserId> = (0..user_count).map(|i| 1000 + i as u64 * 7919).collect();
+        let clients = devices
+            .into_iter()
+            .map(|(user, device)| {
                 let planned = (1..=messages_per_client)
-                    .map(|client_id| {
-                        let to = rng.below(client_count as u64) as usize;
+                    .map(|n| {
+                        // Ids are unique per sender (the user), across its devices.
+                        let client_id = n * 64 + u64::from(device);
+                        let to = rng.below(users.len() as u64) as usize;
                         let ttl = (rng.below(4) < ttl_share && rng.chance(1, 3))
                             .then(|| 1 + rng.below(3) as u32);
                         (client_id, to, ttl)
                     })
                     .collect();
-                // Spread user ids so placement puts them on different shards.
-                let user = 1000 + index as u64 * 7919;
                 Client {
                     user,
-                    session: new_client_session(user, in_flight_max, 0),
+                    device,
+                    session: new_client_session(user, device, in_flight_max, 0),
+                    linked_after: None,
                     conn: None,
                     reconnect_at: 0,
                     planned,
@@ -607,7 +632,7 @@ impl World {
         self.drop_connection(client);
         let in_flight_max = self.client_in_flight_max;
         let c = &mut self.clients[client];
-        let mut session = new_client_session(c.user, in_flight_max, c.consumed_up_to);
+        let mut session = new_client_session(c.user, c.device, in_flight_max, c.consumed_up_to);
         for (client_id, (to, body, ttl)) in &c.outbox {
             session
                 .send(*client_id, *to, body.clone(), *ttl)
@@ -779,7 +804,8 @@ impl World {
                 return;
             }
         }
-        let recipients: Vec<UserId> = self.clients.iter().map(|c| c.user).collect();
+        let mut recipients: Vec<UserId> = self.clients.iter().map(|c| c.user).collect();
+        recipients.dedup();
         let consume_chance = self.clients[client].consume_per_thousand;
         let c = &mut self.clients[client];
         // The application sends what it planned, a few at a time.
@@ -806,7 +832,14 @@ impl World {
         let c = &mut self.clients[client];
         while let Some(event) = c.session.poll_event() {
             match event {
-                ClientEvent::Welcome { user, .. } => assert_eq!(user, c.user),
+                ClientEvent::Welcome {
+                    user, acked_up_to, ..
+                } => {
+                    assert_eq!(user, c.user);
+                    if c.linked_after.is_none() {
+                        c.linked_after = Some(acked_up_to);
+                    }
+                }
                 ClientEvent::Message(delivery) => {
                     c.unconsumed
                         .push_back((delivery.seq, delivery.from, delivery.body));
@@ -815,6 +848,14 @@ impl World {
                     after_seq,
                     up_to_seq,
                 } => {
+                    // The hole a new device's link leaves (its start) is not a deletion.
+                    if c.received.is_empty()
+                        && c.unconsumed.is_empty()
+                        && after_seq == 0
+                        && Some(up_to_seq) == c.linked_after
+                    {
+                        continue;
+                    }
                     self.stats.holes += 1;
                     c.holes.push((after_seq, up_to_seq));
                 }
@@ -892,15 +933,16 @@ impl World {
 
     /// The checkers. Runs after convergence.
     fn check(mut self) -> Result<Stats, String> {
-        // Which message each body is, and where it was delivered.
-        let mut delivered_at: HashMap<Vec<u8>, (UserId, u64)> = HashMap::new();
+        // Per device: deliveries in inbox order, from their claimed sender, each once.
+        let mut delivered: Vec<HashMap<Vec<u8>, u64>> = Vec::new();
         for c in &self.clients {
             let mut previous = 0;
+            let mut bodies = HashMap::new();
             for (seq, from, body) in &c.received {
                 if *seq <= previous {
                     return Err(format!(
-                        "inbox {} out of order: {seq} after {previous}",
-                        c.user
+                        "device {}/{} out of order: {seq} after {previous}",
+                        c.user, c.device
                     ));
                 }
                 previous = *seq;
@@ -908,55 +950,69 @@ impl World {
                 if !body.starts_with(sender_prefix.as_bytes()) {
                     return Err(format!("message from {from} carries another sender's body"));
                 }
-                if delivered_at.insert(body.clone(), (c.user, *seq)).is_some() {
+                if bodies.insert(body.clone(), *seq).is_some() {
                     return Err(format!(
-                        "message {} stored or delivered twice",
-                        String::from_utf8_lossy(body)
+                        "message {} stored or delivered twice to device {}/{}",
+                        String::from_utf8_lossy(body),
+                        c.user,
+                        c.device
                     ));
                 }
             }
+            delivered.push(bodies);
         }
-        let holes: HashMap<UserId, &Vec<(u64, u64)>> =
-            self.clients.iter().map(|c| (c.user, &c.holes)).collect();
-        let in_hole = |user: UserId, seq: u64| {
-            holes[&user]
+        let in_hole = |c: &Client, seq: u64| {
+            c.holes
                 .iter()
                 .any(|(after, up_to)| *after < seq && seq <= *up_to)
         };
-        // Every acknowledged message was delivered at its seq, or expired into a hole.
+        // Every acknowledged message reached every device of its recipient at its seq (those
+        // linked before it was stored), or expired into a hole declared to that device.
         let mut acked_total = 0;
-        let mut expired_in_holes = 0;
+        let mut expected_per_device = vec![0usize; self.clients.len()];
         let mut by_inbox_seq: HashMap<(UserId, u64), Option<u32>> = HashMap::new();
         for sender in &self.clients {
             for (client_id, receipt) in &sender.acked {
                 acked_total += 1;
                 by_inbox_seq.insert((receipt.to, receipt.seq), receipt.ttl_secs);
                 let body = format!("{}:{client_id}", sender.user).into_bytes();
-                match delivered_at.get(&body) {
-                    Some((to, seq)) if (*to, *seq) == (receipt.to, receipt.seq) => {}
-                    Some((to, seq)) => {
-                        return Err(format!(
-                            "message {}:{client_id} acked as {}#{} but delivered as {to}#{seq}",
-                            sender.user, receipt.to, receipt.seq
-                        ));
+                for (index, device) in self.clients.iter().enumerate() {
+                    if device.user != receipt.to
+                        || device
+                            .linked_after
+                            .is_some_and(|after| after >= receipt.seq)
+                    {
+                        continue;
                     }
-                    None if receipt.ttl_secs.is_some() && in_hole(receipt.to, receipt.seq) => {
-                        expired_in_holes += 1;
-                    }
-                    None => {
-                        return Err(format!(
-                            "acknowledged message {}:{client_id} ({}#{}) was lost",
-                            sender.user, receipt.to, receipt.seq
-                        ));
+                    match delivered[index].get(&body) {
+                        Some(seq) if *seq == receipt.seq => expected_per_device[index] += 1,
+                        Some(seq) => {
+                            return Err(format!(
+                                "message {}:{client_id} acked as {}#{} but delivered to device {} as {seq}",
+                                sender.user, receipt.to, receipt.seq, device.device
+                            ));
+                        }
+                        None if receipt.ttl_secs.is_some() && in_hole(device, receipt.seq) => {}
+                        None => {
+                            return Err(format!(
+                                "acknowledged message {}:{client_id} ({}#{}) was lost for device {}",
+                                sender.user, receipt.to, receipt.seq, device.device
+                            ));
+                        }
                     }
                 }
             }
         }
-        if delivered_at.len() + expired_in_holes != acked_total {
-            return Err(format!(
-                "{} messages delivered and {expired_in_holes} expired, but {acked_total} acknowledged",
-                delivered_at.len()
-            ));
+        for (index, c) in self.clients.iter().enumerate() {
+            if delivered[index].len() != expected_per_device[index] {
+                return Err(format!(
+                    "device {}/{} got {} messages, {} of them acknowledged",
+                    c.user,
+                    c.device,
+                    delivered[index].len(),
+                    expected_per_device[index]
+                ));
+            }
         }
         // A hole covers only messages that expired, never a live one.
         for c in &self.clients {
@@ -966,8 +1022,8 @@ impl World {
                         Some(Some(_ttl)) => {}
                         Some(None) => {
                             return Err(format!(
-                                "inbox {}: a hole ({after}, {up_to}] covered live message {seq}",
-                                c.user
+                                "device {}/{}: a hole ({after}, {up_to}] covered live message {seq}",
+                                c.user, c.device
                             ));
                         }
                         None => {
@@ -1048,6 +1104,9 @@ fn simulation_detects_a_lost_acknowledged_message() {
             ttl_secs: None,
         },
     );
+    for client in &mut world.clients {
+        client.linked_after = Some(0);
+    }
     let failure = world
         .check()
         .expect_err("a lost acknowledged message must fail the check");

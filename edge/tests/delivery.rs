@@ -77,8 +77,7 @@ async fn a_fresh_install_on_an_acked_inbox_receives_new_messages() {
 
 /// With `auto_ack = false`, nothing is acknowledged for the application, across a reconnect
 /// too: the client holds 5 messages and acks 2; the edge is killed and restarted, the client
-/// reconnects by itself; messages 3 to 5 are still stored (a second connection resuming after
-/// 2 receives them), and the first client is not given them twice.
+/// reconnects by itself and is not given the 5 again; messages 3 to 5 are still stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_ack_a_reconnect_acknowledges_nothing_the_application_did_not() {
     let mut edge = Edge::start(2);
@@ -103,23 +102,60 @@ async fn without_auto_ack_a_reconnect_acknowledges_nothing_the_application_did_n
         .await
         .expect("reconnected in time")
         .expect("send after reconnect");
-    let mut resumed = edge
-        .connector()
-        .connect({
-            let mut options = ConnectOptions::new(edge.addr, edge.token(1022, 1), 1);
-            options.resume_after_seq = 2;
-            options
-        })
-        .await
-        .expect("connect");
-    for seq in 3..=5u64 {
-        assert_eq!(next_message(&mut resumed).await.seq, seq);
-    }
     if let Ok(Some(Incoming::Message(extra))) =
         tokio::time::timeout(Duration::from_millis(500), manual.recv()).await
     {
         panic!("the reconnected client got {} again", extra.seq);
     }
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(stored_messages(&edge, 1022), vec![3, 4, 5]);
+}
+
+/// Two devices of one user each receive every message, and one device's acks do not delete
+/// what the other has not acknowledged: device 1 reads everything while device 0 is away;
+/// device 0 comes back and still gets all of it; once both acked, nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_each_receive_everything_and_one_ack_does_not_delete_for_the_other() {
+    let mut edge = Edge::start(2);
+    let sender = edge.client(1051).await;
+    let device = |id: u32| ConnectOptions::new(edge.addr, edge.token(1052, id), id);
+    let connector = edge.connector();
+    let mut phone = connector.connect(device(0)).await.expect("phone");
+    let mut laptop = connector.connect(device(1)).await.expect("laptop");
+    sender
+        .send(1052, b"both online".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut phone).await.body, b"both online");
+    assert_eq!(next_message(&mut laptop).await.body, b"both online");
+    phone.close();
+    drop(phone);
+    for i in 0..20u32 {
+        sender
+            .send(1052, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        assert_eq!(next_message(&mut laptop).await.seq, u64::from(i) + 2);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // The laptop's acks are committed.
+    // The phone comes back (its app persisted that it consumed seq 1).
+    let mut options = device(0);
+    options.resume_after_seq = 1;
+    let mut phone = connector.connect(options).await.expect("phone again");
+    for i in 0..20u32 {
+        let got = next_message(&mut phone).await;
+        assert_eq!(
+            (got.seq, got.body),
+            (u64::from(i) + 2, i.to_be_bytes().to_vec())
+        );
+    }
+    assert_quiet(&mut phone).await;
+    phone.close();
+    laptop.close();
+    drop((phone, laptop));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(stored_messages(&edge, 1052), Vec::<u64>::new());
 }
 
 /// 1,000 sends queued while the edge is down go out once it is back (the SDK reconnects by

@@ -91,8 +91,14 @@ pub struct SendReceipt {
 /// What the session has for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    /// The server accepted `Hello`; live deliveries flow from now on.
-    Welcome { user: u64, device: u32 },
+    /// The server accepted `Hello`; live deliveries flow from now on. `acked_up_to` is the
+    /// device's durable cursor (a device new to an inbox that has others starts at its head);
+    /// if it is past what this session held, a `Hole` up to it follows.
+    Welcome {
+        user: u64,
+        device: u32,
+        acked_up_to: u64,
+    },
     /// The next message, in sequence order, never twice.
     Message(Delivery),
     /// Messages after `after_seq` up to `up_to_seq` are gone (acknowledged by another device,
@@ -327,11 +333,32 @@ impl ClientSession {
     /// closes it, or it broke the protocol); whether to reconnect: [`SessionError::is_fatal`].
     pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<(), SessionError> {
         match frame {
-            Frame::Welcome { user, device, .. } => {
+            Frame::Welcome {
+                user,
+                device,
+                acked_up_to,
+                ..
+            } => {
                 self.link = Link::Active;
                 self.user = Some(user);
                 self.reconnect_attempts = 0;
-                self.events.push_back(ClientEvent::Welcome { user, device });
+                self.events.push_back(ClientEvent::Welcome {
+                    user,
+                    device,
+                    acked_up_to,
+                });
+                // The device consumed up to there (maybe on an earlier install): those are not
+                // delivered again.
+                if acked_up_to > self.received_up_to {
+                    self.events.push_back(ClientEvent::Hole {
+                        after_seq: self.received_up_to,
+                        up_to_seq: acked_up_to,
+                    });
+                    self.received_up_to = acked_up_to;
+                    self.sync_sent_for = None;
+                }
+                self.acked_up_to = self.acked_up_to.max(acked_up_to);
+                self.ack_sent_up_to = self.ack_sent_up_to.max(acked_up_to);
             }
             Frame::SendAck {
                 client_id,
@@ -653,6 +680,7 @@ mod tests {
                 user: 1,
                 device: 0,
                 server_time_ms: 0,
+                acked_up_to: 0,
             },
         )
         .unwrap();

@@ -25,11 +25,16 @@ pub enum Frame {
         /// resumes after it. At least `acked_up_to`; 0 for a fresh install.
         resume_after_seq: u64,
     },
-    /// The server accepted `Hello`.
+    /// The server accepted `Hello`: from now on live deliveries and signals reach this
+    /// connection.
     Welcome {
         user: u64,
         device: u32,
         server_time_ms: u64,
+        /// The device's durable cursor: everything up to here it consumed (on this install or
+        /// an earlier one) and is not delivered again. A device new to the inbox starts at the
+        /// inbox's head.
+        acked_up_to: u64,
     },
     /// Store and deliver `body` to user `to`. The sender is the authenticated user.
     Send {

@@ -15,7 +15,7 @@ use crate::placement::{ClusterId, cluster_of};
 fn inbox_of(request: &Request) -> crate::UserId {
     match request {
         Request::Send(send) => send.to,
-        Request::Ack { inbox, .. } => *inbox,
+        Request::Link { inbox, .. } | Request::Ack { inbox, .. } => *inbox,
     }
 }
 
@@ -101,6 +101,7 @@ mod tests {
         batch.extend(inboxes.iter().map(|&to| send(101, to, to)));
         batch.push(Request::Ack {
             inbox: 5,
+            device: 0,
             up_to_seq: 1,
         });
         let outcomes = commit_batch_split(&mut committer, &stores, &batch, 1_000).unwrap();
@@ -112,6 +113,7 @@ mod tests {
                     assert_eq!((*seq, *fresh), (expected_seq, true), "request {at}");
                 }
                 Outcome::Acked => assert_eq!(at, batch.len() - 1),
+                Outcome::Linked { .. } => panic!("no link in this batch"),
             }
         }
         for &inbox in &inboxes {

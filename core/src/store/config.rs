@@ -231,13 +231,15 @@ impl FdbConfig {
     /// An upper bound of the bytes FoundationDB counts for the largest batch `core` allows:
     /// `batch_requests_max` sends, each to a new inbox (two dedupe reads, a counter read, the
     /// message, dedupe record, counter and expiry entry writes) plus their bodies, and
-    /// `batch_requests_max` acks (one range clear each), plus the owner check.
+    /// `batch_requests_max` links and acks together, each to a new inbox (a counter read, a
+    /// device read, a read of the inbox's devices, the device write, one forgotten device and
+    /// one range clear of messages), plus the owner check.
     pub fn batch_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_request) = self.batch_costs();
         fixed + core.batch_requests_max * per_request + core.batch_bytes_max
     }
 
-    /// Bytes of the owner check, and of one send plus one ack without the body.
+    /// Bytes of the owner check, and of one send and one link or ack without the body.
     fn batch_costs(&self) -> (usize, usize) {
         let prefixed = |key_len: usize| self.key_prefix.len() + key_len;
         let message_key = prefixed(keys::message(0, 0).len());
@@ -253,8 +255,19 @@ impl FdbConfig {
             + set_bytes(dedupe_key, dedupe_record)
             + set_bytes(counter_key, 8)
             + set_bytes(expiry_key, 8);
-        let ack = clear_range_bytes(message_key, message_key);
-        (self.owner_check_bytes(), send + ack)
+        let device_key = prefixed(keys::device(0, 0).len());
+        let (devices_start, devices_end) = keys::device_range(0);
+        // Link and ack cost the same: both move a device's cursor and delete up to the lowest.
+        let devices_read =
+            range_read_bytes(prefixed(devices_start.len()), prefixed(devices_end.len()));
+        // A link of a new device reads the inbox's devices once more (is it the first?).
+        let device_update = read_bytes(counter_key)
+            + read_bytes(device_key)
+            + 2 * devices_read
+            + set_bytes(device_key, 16)
+            + clear_range_bytes(device_key, device_key + 1)
+            + clear_range_bytes(message_key, message_key);
+        (self.owner_check_bytes(), send + device_update)
     }
 
     fn owner_check_bytes(&self) -> usize {
@@ -369,7 +382,7 @@ mod tests {
     /// The core limits docs/foundationdb.md recommends for FoundationDB.
     fn fdb_core_config() -> CoreConfig {
         CoreConfig {
-            batch_requests_max: 250,
+            batch_requests_max: 175,
             expire_scan_keys_max: 2_500,
             ..CoreConfig::default()
         }
@@ -592,6 +605,7 @@ mod tests {
             batch_requests_max: 50,
             batch_bytes_max: 100_000,
             expire_scan_keys_max: 200,
+            retention_ms: 5 * 24 * 3600 * 1000,
             ..CoreConfig::default()
         };
         let store = Weighing {
@@ -600,6 +614,29 @@ mod tests {
             committed_bytes: Mutex::new(Vec::new()),
         };
         let now = 10 * core.dedupe_window_ms;
+        // The acked inboxes hold a message and a device unseen for longer than the retention,
+        // so each ack reads a counter, deletes a message and forgets a device.
+        let setup: Vec<Request> = (1..=core.batch_requests_max as u64)
+            .flat_map(|inbox| {
+                [
+                    Request::Send(SendRequest {
+                        sender: 3,
+                        client_id: inbox,
+                        to: inbox + 1_000,
+                        body: vec![2],
+                        ttl_secs: None,
+                    }),
+                    Request::Link {
+                        inbox: inbox + 1_000,
+                        device: 1,
+                        acked_up_to: 0,
+                    },
+                ]
+            })
+            .collect();
+        Committer::new(&core)
+            .commit_batch(&store, &setup, 0)
+            .unwrap();
         let body_bytes = core.batch_bytes_max / core.batch_requests_max;
         let mut batch: Vec<Request> = (1..=core.batch_requests_max as u64)
             .map(|to| {
@@ -615,12 +652,13 @@ mod tests {
         batch.extend(
             (1..=core.batch_requests_max as u64).map(|inbox| Request::Ack {
                 inbox: inbox + 1_000,
+                device: 0,
                 up_to_seq: 7,
             }),
         );
         let mut committer = Committer::new(&core);
         committer.commit_batch(&store, &batch, now).unwrap();
-        let weighed = store.committed_bytes.lock().unwrap()[0];
+        let weighed = store.committed_bytes.lock().unwrap()[1];
         let estimate = fdb.batch_transaction_bytes_max(&core);
         assert!(weighed <= estimate, "batch {weighed} > estimate {estimate}");
         assert!(
@@ -628,7 +666,14 @@ mod tests {
             "loose: {weighed} of {estimate}"
         );
 
-        // One expired message per inbox, for many more inboxes than one pass reads.
+        // One expired message per inbox, for many more inboxes than one pass reads, in a
+        // store of their own.
+        let store = Weighing {
+            inner: MemoryStore::new(),
+            prefix_bytes: fdb.key_prefix.len(),
+            committed_bytes: Mutex::new(Vec::new()),
+        };
+        let mut committer = Committer::new(&core);
         let messages: Vec<Request> = (1..=4 * core.expire_scan_keys_max as u64)
             .map(|to| {
                 Request::Send(SendRequest {

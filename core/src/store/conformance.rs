@@ -24,7 +24,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 10] = [
+    let cases: [Case<H>; 11] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -49,6 +49,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
         (
             "commit_logic_acks_and_expires",
             commit_logic_acks_and_expires,
+        ),
+        (
+            "commit_logic_deletes_what_every_device_acked",
+            commit_logic_deletes_what_every_device_acked,
         ),
     ];
     for (name, case) in cases {
@@ -218,7 +222,7 @@ fn send(sender: u64, client_id: u64, to: u64, body: &[u8]) -> Request {
 fn seq_of(outcome: &Outcome) -> (u64, bool) {
     match outcome {
         Outcome::Stored { seq, fresh, .. } => (*seq, *fresh),
-        Outcome::Acked => panic!("expected a stored outcome"),
+        Outcome::Linked { .. } | Outcome::Acked => panic!("expected a stored outcome"),
     }
 }
 
@@ -260,6 +264,86 @@ fn commit_logic_assigns_dense_seqs_and_dedupes<H: Harness>(h: &mut H) {
     assert_eq!(commit::last_seq(h.store(), 7).unwrap(), 3);
 }
 
+/// Per-device cursors: a message is deleted once every device of its inbox acknowledged it; a
+/// device new to the inbox starts at its head; a cursor never passes the head.
+fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let mut committer = commit::Committer::new(&config);
+    let now = 3 * config.dedupe_window_ms;
+    let link = |device, acked_up_to| Request::Link {
+        inbox: 20,
+        device,
+        acked_up_to,
+    };
+    let ack = |device, up_to_seq| Request::Ack {
+        inbox: 20,
+        device,
+        up_to_seq,
+    };
+    let stored = |h: &mut H| -> Vec<u64> {
+        commit::read_inbox(h.store(), 20, 0, now, &config)
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.seq)
+            .collect()
+    };
+    // The inbox's first device gets what was stored before it linked.
+    committer
+        .commit_batch(h.store(), &[send(1, 100, 20, b"early")], now)
+        .unwrap();
+    let linked = committer
+        .commit_batch(h.store(), &[link(0, 0)], now)
+        .unwrap();
+    assert_eq!(linked, vec![Outcome::Linked { cursor: 0 }]);
+    committer
+        .commit_batch(h.store(), &[ack(0, 1)], now)
+        .unwrap();
+    let linked = committer
+        .commit_batch(h.store(), &[link(1, 0)], now)
+        .unwrap();
+    assert_eq!(
+        linked,
+        vec![Outcome::Linked { cursor: 1 }],
+        "second device: at the head"
+    );
+    let sends: Vec<Request> = (1..=4).map(|id| send(1, id, 20, b"m")).collect();
+    committer.commit_batch(h.store(), &sends, now).unwrap();
+
+    committer
+        .commit_batch(h.store(), &[ack(0, 5)], now)
+        .unwrap();
+    assert_eq!(stored(h), vec![2, 3, 4, 5], "device 1 has not acked");
+    committer
+        .commit_batch(h.store(), &[ack(1, 3)], now)
+        .unwrap();
+    assert_eq!(stored(h), vec![4, 5]);
+    h.reopen();
+    let mut committer = commit::Committer::new(&config);
+    let new_device = committer
+        .commit_batch(h.store(), &[link(2, 0)], now)
+        .unwrap();
+    assert_eq!(
+        new_device,
+        vec![Outcome::Linked { cursor: 5 }],
+        "a new device starts at the head"
+    );
+    // A hostile ack far beyond the head moves the cursor to the head only.
+    committer
+        .commit_batch(h.store(), &[ack(1, 1_000)], now)
+        .unwrap();
+    assert!(stored(h).is_empty(), "every device is at 5");
+    committer
+        .commit_batch(h.store(), &[send(1, 6, 20, b"m")], now)
+        .unwrap();
+    assert_eq!(stored(h), vec![6], "no cursor passed the head");
+    // A device that relinks keeps its cursor, and moves it to what its app consumed.
+    let relinked = committer
+        .commit_batch(h.store(), &[link(0, 6)], now)
+        .unwrap();
+    assert_eq!(relinked, vec![Outcome::Linked { cursor: 6 }]);
+}
+
 fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
     let mut committer = commit::Committer::new(&config);
@@ -268,6 +352,7 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     committer.commit_batch(h.store(), &sends, now).unwrap();
     let ack = [Request::Ack {
         inbox: 9,
+        device: 0,
         up_to_seq: 3,
     }];
     assert_eq!(
