@@ -331,6 +331,8 @@ fn write_batch<T: Transaction>(
     for (inbox, last) in learned.last_seqs.iter() {
         txn.set(&keys::counter(*inbox), &last.to_le_bytes());
     }
+    // The server time high-water mark: after a restart, time never runs back behind it.
+    txn.atomic_max(&keys::clock(), now);
     // A plain set acts as a max: sequence numbers only grow, so this batch's seq is above any
     // earlier one in the bucket. Unlike an atomic max, the embedded store needs no read for it.
     for ((bucket, inbox), seq) in expiry_seqs {
@@ -455,6 +457,16 @@ fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, Store
                 value.len()
             ))
         }),
+    }
+}
+
+/// The highest time any commit used: the start of a [`crate::clock::ServerClock`].
+pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
+    let mut txn = store.begin()?;
+    match txn.get(&keys::clock())? {
+        None => Ok(0),
+        Some(value) => keys::le_u64(&value)
+            .ok_or_else(|| StoreError::Corrupt(format!("clock of {} bytes", value.len()))),
     }
 }
 

@@ -8,6 +8,7 @@
 //! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
 //! | `e` bucket inbox | highest seq, u64 LE | expiry index: inbox has messages expiring in bucket |
+//! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
@@ -22,6 +23,12 @@ pub const TAG_DEDUPE: u8 = b'd';
 pub const TAG_EXPIRY: u8 = b'e';
 pub const TAG_OWNER: u8 = b'o';
 pub const TAG_DEVICE: u8 = b'v';
+pub const TAG_CLOCK: u8 = b't';
+
+/// `t`: the highest time any commit used (`crate::clock`).
+pub fn clock() -> [u8; 1] {
+    [TAG_CLOCK]
+}
 
 /// `q/{inbox}/{seq}`
 pub fn message(inbox: UserId, seq: u64) -> [u8; 17] {

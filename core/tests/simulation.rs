@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use courier_core::clock::ServerClock;
 use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::rng::Rng;
@@ -116,6 +117,10 @@ fn simulation_over_many_seeds() {
             "mesh congestion never hit: {total:?}"
         );
         assert!(
+            total.clock_steps > 0,
+            "the wall clock never stepped: {total:?}"
+        );
+        assert!(
             total.expired > 0 && total.holes > 0,
             "no message expired into a declared hole: {total:?}"
         );
@@ -148,6 +153,8 @@ struct Stats {
     syncs: u64,
     /// Steps of the calm phase until convergence, summed.
     drain_steps: u64,
+    /// Wall-clock steps (the edge sees them when it restarts).
+    clock_steps: u64,
 }
 
 impl Stats {
@@ -168,6 +175,7 @@ impl Stats {
         self.holes += other.holes;
         self.syncs += other.syncs;
         self.drain_steps += other.drain_steps;
+        self.clock_steps += other.clock_steps;
     }
 }
 
@@ -320,6 +328,10 @@ struct World {
     disconnect_per_thousand: u64,
     restart_per_thousand: u64,
     congestion_per_thousand: u64,
+    /// The wall clock's error: stepped back and forth in the chaotic phase. The edge reads the
+    /// wall clock only when it starts, through the real `ServerClock`.
+    wall_offset_ms: i64,
+    clock: ServerClock,
     client_in_flight_max: usize,
     session_config: SessionConfig,
     stats: Stats,
@@ -425,6 +437,8 @@ impl World {
             network: BTreeMap::new(),
             lane_clock: HashMap::new(),
             packet_counter: 0,
+            wall_offset_ms: 0,
+            clock: ServerClock::start(0, 0, 0),
             client_in_flight_max: in_flight_max,
             session_config,
             stats: Stats::default(),
@@ -433,7 +447,16 @@ impl World {
         world
     }
 
+    /// The edge's time: its `ServerClock`, advanced by the (monotonic) simulated time.
+    fn edge_now(&self) -> UnixMillis {
+        self.clock.now(self.now)
+    }
+
+    /// The edge process starts: its clock from the wall clock and the store's high-water mark.
     fn start_shards(&mut self) {
+        let wall = self.now.saturating_add_signed(self.wall_offset_ms);
+        let high_water = commit::clock_high_water(self.store.inner()).expect("read the clock");
+        self.clock = ServerClock::start(wall, high_water, self.now);
         let count = self.session_config.shard_count;
         self.shards = (0..count)
             .map(|shard| {
@@ -563,8 +586,8 @@ impl World {
         // Shards commit: one batch per shard per step, when not congested.
         for shard in 0..self.shards.len() {
             if let Some(batch) = self.shards[shard].poll_batch() {
-                let result =
-                    self.committers[shard].commit_batch(&self.store, &batch.requests, self.now);
+                let now = self.edge_now();
+                let result = self.committers[shard].commit_batch(&self.store, &batch.requests, now);
                 if let Ok(outcomes) = &result {
                     self.stats.duplicate_sends += outcomes
                         .iter()
@@ -583,6 +606,17 @@ impl World {
             }
         }
         if chaos {
+            if self.rng.chance(1, 300) {
+                // The wall clock steps: back by up to three days (a VM restored from a
+                // snapshot) or forward by up to six hours. The edge sees it at its next start.
+                let step = if self.rng.chance(2, 3) {
+                    -((self.rng.below(3 * 24 * 3600 * 1000)) as i64)
+                } else {
+                    self.rng.below(6 * 3600 * 1000) as i64
+                };
+                self.wall_offset_ms += step;
+                self.stats.clock_steps += 1;
+            }
             if self.rng.below(1000) < self.crash_per_thousand {
                 self.crash();
             }
@@ -598,7 +632,7 @@ impl World {
         if self.rng.chance(1, 50) {
             // Expiry runs alongside, as on shard 0 of the edge; a store that refuses this
             // process ends it there too.
-            match commit::expire(&self.store, self.now, &self.config) {
+            match commit::expire(&self.store, self.edge_now(), &self.config) {
                 Ok(report) => self.stats.expired += report.messages_deleted,
                 Err(error) if !error.is_retryable() => self.crash(),
                 Err(_) => {}
@@ -661,7 +695,8 @@ impl World {
     fn receive(&mut self, packet: Packet) {
         match packet {
             Packet::ToEdge { conn, frame } => {
-                self.shards[conn.shard as usize].handle_frame(self.now, conn, frame, false);
+                let now = self.edge_now();
+                self.shards[conn.shard as usize].handle_frame(now, conn, frame, false);
                 self.apply_effects(conn.shard as usize);
             }
             Packet::ToClient {
@@ -687,7 +722,8 @@ impl World {
                 }
             }
             Packet::Mesh { shard, message } => {
-                self.shards[shard as usize].handle_message(self.now, message);
+                let now = self.edge_now();
+                self.shards[shard as usize].handle_message(now, message);
                 self.apply_effects(shard as usize);
             }
             Packet::ReadDone {
@@ -739,8 +775,9 @@ impl World {
                             Overload::Refuse => {
                                 if let ShardMessage::Send { send, reply } = message {
                                     self.stats.overloaded += 1;
+                                    let now = self.edge_now();
                                     self.shards[shard].handle_message(
-                                        self.now,
+                                        now,
                                         ShardMessage::SendResult {
                                             reply,
                                             client_id: send.client_id,
@@ -771,8 +808,13 @@ impl World {
                     inbox,
                     after_seq,
                 } => {
-                    let result =
-                        commit::read_inbox(&self.store, inbox, after_seq, self.now, &self.config);
+                    let result = commit::read_inbox(
+                        &self.store,
+                        inbox,
+                        after_seq,
+                        self.edge_now(),
+                        &self.config,
+                    );
                     if let Err(error) = &result
                         && !error.is_retryable()
                     {
@@ -1043,7 +1085,7 @@ impl World {
             let (inbox, seq) = keys::parse_message(key).expect("message key");
             let message =
                 courier_core::envelope::decode(inbox, seq, value).expect("stored envelope");
-            if message.expire_at_ms > self.now {
+            if message.expire_at_ms > self.edge_now() {
                 return Err(format!(
                     "message {inbox}#{seq} left in the store after every device acked it"
                 ));
@@ -1056,8 +1098,8 @@ impl World {
             + self.config.expiry_bucket_ms;
         let mut passes = 0;
         loop {
-            let report =
-                commit::expire(&self.store, self.now, &self.config).map_err(|e| e.to_string())?;
+            let report = commit::expire(&self.store, self.edge_now(), &self.config)
+                .map_err(|e| e.to_string())?;
             passes += 1;
             if !report.more {
                 break;

@@ -35,6 +35,9 @@ pub trait ShardStore: Send + Sync + 'static {
 
     /// One expiry pass over everything this store holds.
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError>;
+
+    /// The highest time any commit used, where the server clock starts (`core::clock`).
+    fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 }
 
 /// Opens the store of the shard with the given id (called once per shard, at start).
@@ -66,6 +69,10 @@ impl ShardStore for Embedded {
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
         expire(&*self.0, now, core)
+    }
+
+    fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {
+        courier_core::commit::clock_high_water(&*self.0)
     }
 }
 
@@ -115,5 +122,13 @@ impl ShardStore for FoundationDb {
             total.more |= report.more;
         }
         Ok(total)
+    }
+
+    fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {
+        let mut highest = 0;
+        for store in &self.stores {
+            highest = highest.max(courier_core::commit::clock_high_water(store)?);
+        }
+        Ok(highest)
     }
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use courier_core::CoreConfig;
+use courier_core::clock::ServerClock;
 use courier_core::commit::Committer;
 use courier_core::session::{
     AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, SessionConfig,
@@ -144,6 +145,8 @@ pub struct Shard {
     config: Arc<Config>,
     core: CoreConfig,
     store: Arc<dyn ShardStore>,
+    /// Server time for commits, reads, expiry and logins; never runs backwards.
+    clock: ServerClock,
     endpoint: Endpoint,
     /// Boxed: a quinn connection is several KB, and a map of inline values would keep that
     /// much in every empty slot of its capacity.
@@ -195,6 +198,12 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds of a monotonic clock shared by the process's shards.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 fn bind_socket(listen: SocketAddr, buffer_bytes: usize) -> std::io::Result<Socket> {
@@ -253,6 +262,16 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
+    // Dedupe buckets and expiry run on a clock that never goes back (core::clock).
+    let clock = match store.clock_high_water() {
+        Ok(high_water_ms) => ServerClock::start(unix_ms(), high_water_ms, monotonic_ms()),
+        Err(error) => {
+            let _ = setup.ready.send(Err(format!(
+                "shard {id}: cannot read the clock high-water mark: {error}"
+            )));
+            return;
+        }
+    };
     let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());
     endpoint_config.cid_generator(move || Box::new(ShardCidGenerator::new(id)));
     endpoint_config.supported_versions(vec![1]);
@@ -267,6 +286,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         shard_count: setup.shard_count,
         core: setup.core.clone(),
         store,
+        clock,
         endpoint,
         conns: HashMap::new(),
         next_generation: 1,
@@ -366,14 +386,15 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(interval).await;
-                let (store, core) = {
+                let (store, core, clock) = {
                     let shard = shard.borrow();
-                    (shard.store.clone(), shard.core.clone())
+                    (shard.store.clone(), shard.core.clone(), shard.clock)
                 };
                 loop {
                     let (store, core) = (store.clone(), core.clone());
+                    let now = clock.now(monotonic_ms());
                     let report = glommio::executor()
-                        .spawn_blocking(move || store.expire(unix_ms(), &core))
+                        .spawn_blocking(move || store.expire(now, &core))
                         .await;
                     match report {
                         Ok(report) if report.more => continue,
@@ -516,6 +537,11 @@ fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {
 }
 
 impl Shard {
+    /// The server time (never backwards; see `core::clock`).
+    fn now_ms(&self) -> u64 {
+        self.clock.now(monotonic_ms())
+    }
+
     fn conn_ref(&self, handle: ConnectionHandle, conn: &Conn) -> ConnRef {
         ConnRef {
             shard: self.id,
@@ -569,8 +595,9 @@ impl Shard {
                 Overload::Refuse => {
                     if let MeshMessage::Session(ShardMessage::Send { send, reply }) = message {
                         // Answer as the home shard would have.
+                        let now = self.now_ms();
                         self.session.handle_message(
-                            unix_ms(),
+                            now,
                             ShardMessage::SendResult {
                                 reply,
                                 client_id: send.client_id,
@@ -979,7 +1006,7 @@ impl Shard {
     /// Decodes whole frames from the connection's input and hands them to the session.
     fn decode_frames(&mut self, _now: Instant, handle: ConnectionHandle, conn: &mut Conn) {
         let conn_ref = self.conn_ref(handle, conn);
-        let now_ms = unix_ms();
+        let now_ms = self.now_ms();
         let mut consumed_total = 0;
         loop {
             if conn.closing {
@@ -1024,7 +1051,10 @@ impl Shard {
                 ecn,
                 data,
             } => self.endpoint_input(Instant::now(), remote, local_ip, ecn, &data),
-            MeshMessage::Session(message) => self.session.handle_message(unix_ms(), message),
+            MeshMessage::Session(message) => {
+                let now = self.now_ms();
+                self.session.handle_message(now, message)
+            }
         }
     }
 
@@ -1082,12 +1112,13 @@ impl Shard {
     fn start_read(&mut self, conn: ConnRef, inbox: courier_core::UserId, after_seq: u64) {
         let store = self.store.clone();
         let core = self.core.clone();
+        let now = self.now_ms();
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
         spawn_detached(async move {
             let result = glommio::executor()
-                .spawn_blocking(move || store.read_inbox(inbox, after_seq, unix_ms(), &core))
+                .spawn_blocking(move || store.read_inbox(inbox, after_seq, now, &core))
                 .await;
             if let Err(error) = &result {
                 exit_if_store_refuses(error);
@@ -1116,13 +1147,14 @@ impl Shard {
             return;
         };
         let store = self.store.clone();
+        let now = self.now_ms();
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
         spawn_detached(async move {
             let (committer, batch, result) = glommio::executor()
                 .spawn_blocking(move || {
-                    let result = store.commit(&mut committer, &batch.requests, unix_ms());
+                    let result = store.commit(&mut committer, &batch.requests, now);
                     (committer, batch, result)
                 })
                 .await;

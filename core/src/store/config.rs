@@ -267,7 +267,8 @@ impl FdbConfig {
             + set_bytes(device_key, 16)
             + clear_range_bytes(device_key, device_key + 1)
             + clear_range_bytes(message_key, message_key);
-        (self.owner_check_bytes(), send + device_update)
+        let clock = set_bytes(prefixed(keys::clock().len()), 8);
+        (self.owner_check_bytes() + clock, send + device_update)
     }
 
     fn owner_check_bytes(&self) -> usize {
