@@ -24,7 +24,7 @@ pub struct Target {
     pub pid: Option<u32>,
     /// Users of this run start above this, so runs against a long-lived edge do not mix.
     pub user_base: u64,
-    _spawned: Option<SpawnedEdge>,
+    spawned: Option<std::sync::Mutex<SpawnedEdge>>,
 }
 
 impl Target {
@@ -41,7 +41,7 @@ impl Target {
                 key_id: 1,
                 pid: Some(spawned.child.id()),
                 user_base,
-                _spawned: Some(spawned),
+                spawned: Some(std::sync::Mutex::new(spawned)),
             });
         }
         Ok(Target {
@@ -57,7 +57,7 @@ impl Target {
             key_id: args.token_key_id,
             pid: args.edge_pid,
             user_base,
-            _spawned: None,
+            spawned: None,
         })
     }
 
@@ -85,6 +85,22 @@ impl Target {
 
     pub fn options(&self, user: u64) -> ConnectOptions {
         ConnectOptions::new(self.addr, self.token(user), 0)
+    }
+
+    /// Kills the spawned edge with SIGKILL and starts it again on the same data directory.
+    /// Returns the new PID and the time from spawning to its "listening" line.
+    pub fn restart_edge(&self) -> Result<(u32, Duration), String> {
+        let spawned = self
+            .spawned
+            .as_ref()
+            .ok_or("restarting needs --spawn-edge")?;
+        let mut spawned = spawned.lock().map_err(|_| "edge lock poisoned")?;
+        let _ = spawned.child.kill();
+        let _ = spawned.child.wait();
+        let started = std::time::Instant::now();
+        let child = spawn_and_wait(&spawned.config_path(), spawned.addr)?;
+        spawned.child = child;
+        Ok((spawned.child.id(), started.elapsed()))
     }
 }
 
@@ -121,55 +137,62 @@ impl SpawnedEdge {
         );
         std::fs::write(&config_path, config)
             .map_err(|e| format!("cannot write the edge config: {e}"))?;
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-        let mut child = Command::new(exe)
-            .arg(crate::EDGE_SUBCOMMAND)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "warn,courier_edge::server=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start the edge: {e}"))?;
-        let stderr = child.stderr.take().ok_or("no stderr from the edge")?;
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready_tx = Some(ready_tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("courier-edge listening") {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                } else if line.contains("WARN")
-                    || line.contains("ERROR")
-                    || line.contains("courier-edge:")
-                {
-                    eprintln!("edge: {line}");
-                    if line.contains("courier-edge:")
-                        && let Some(tx) = ready_tx.take()
-                    {
-                        let _ = tx.send(Err(line));
-                    }
-                }
-            }
-        });
-        let mut edge = SpawnedEdge { child, dir, addr };
-        match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(())) => {
-                eprintln!("spawned courier-edge (pid {}) on {addr}", edge.child.id());
-                Ok(edge)
-            }
-            Ok(Err(line)) => Err(format!("the spawned edge failed: {line}")),
-            Err(_) => {
-                let _ = edge.child.kill();
-                Err("the spawned edge did not start in time".into())
-            }
-        }
+        let child = spawn_and_wait(&config_path, addr)?;
+        eprintln!("spawned courier-edge (pid {}) on {addr}", child.id());
+        Ok(SpawnedEdge { child, dir, addr })
+    }
+
+    fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("courier.toml")
     }
 
     fn data_dir(&self) -> std::path::PathBuf {
         self.dir.path().join("data")
+    }
+}
+
+/// Starts the edge as a child of this binary and waits for its "listening" line.
+fn spawn_and_wait(config_path: &std::path::Path, addr: SocketAddr) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .arg(crate::EDGE_SUBCOMMAND)
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .env("RUST_LOG", "warn,courier_edge::server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the edge: {e}"))?;
+    let stderr = child.stderr.take().ok_or("no stderr from the edge")?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("courier-edge listening") {
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            } else if line.contains("WARN")
+                || line.contains("ERROR")
+                || line.contains("courier-edge:")
+            {
+                eprintln!("edge: {line}");
+                if line.contains("courier-edge:")
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(Err(line));
+                }
+            }
+        }
+    });
+    match ready_rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(())) => Ok(child),
+        Ok(Err(line)) => Err(format!("the spawned edge failed: {line}")),
+        Err(_) => {
+            let _ = child.kill();
+            Err(format!("the spawned edge did not listen on {addr} in time"))
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `courier-bench`: Courier's load generator and correctness checker.
 //!
-//! Workloads (`pairs`, `offline`, `connections`, `reconnect`) run against an edge that is
+//! Workloads (`pairs`, `offline`, `connections`, `reconnect`, `restart`) run against an edge that is
 //! already running (`--addr`, `--token-key`, `--cert`) or one it starts itself
 //! (`--spawn-edge`: a child process of this binary on a temporary data directory). Every run
 //! prints a table, a progress line while it runs, and with `--json PATH` one JSON object
@@ -83,6 +83,10 @@ pub enum Workload {
     /// A storm of reconnects, full handshakes then resumed sessions with 0-RTT: handshakes/s
     /// and the time from starting to connect until the first send is acknowledged.
     Reconnect(workloads::ReconnectArgs),
+    /// Kill the spawned edge with SIGKILL under N idle clients and restart it on the same data
+    /// directory (optionally holding --fill undelivered messages): time to listening, and how
+    /// soon each client is logged in again by itself. Needs --spawn-edge.
+    Restart(workloads::RestartArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         Workload::Offline(args) => workloads::pairs(&target, args, true).await?,
         Workload::Connections(args) => workloads::connections(&target, args).await?,
         Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,
+        Workload::Restart(args) => workloads::restart(&target, args).await?,
     };
     report.print();
     if let Some(path) = &cli.json {

@@ -63,6 +63,35 @@ pub struct ReconnectArgs {
     pub concurrency: u32,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct RestartArgs {
+    /// Clients connected (idle, with the SDK's own reconnect) when the edge is killed.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: u32,
+    /// SIGKILL-and-restart cycles.
+    #[arg(long, default_value_t = 3)]
+    pub restarts: u32,
+    /// Undelivered messages to store first (to offline recipients), so every restart
+    /// recovers a store that size.
+    #[arg(long, default_value_t = 0)]
+    pub fill: u64,
+    /// Bytes of each fill message body.
+    #[arg(long, default_value_t = 200)]
+    pub bytes: usize,
+    /// Fill senders, each closed loop with --in-flight unanswered sends.
+    #[arg(long, default_value_t = 32)]
+    pub fill_senders: u32,
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: u32,
+    /// The clients' keep-alive interval: how soon an idle client learns that the restarted
+    /// edge forgot its connection.
+    #[arg(long, default_value_t = 10_000)]
+    pub keep_alive_ms: u64,
+    /// Client UDP sockets to spread the clients over.
+    #[arg(long, default_value_t = 16)]
+    pub sockets: u32,
+}
+
 fn micros(duration: Duration) -> u64 {
     (duration.as_micros() as u64).max(1)
 }
@@ -649,4 +678,144 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
     usage.finish(&mut report);
     report.duration_secs = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// `restart`: fills the store (optionally), connects idle clients, then kills the edge with
+/// SIGKILL and restarts it on the same data directory, `--restarts` times. Measures the time
+/// from spawning to listening, and for each client the time from listening until it is
+/// logged in again by itself. Needs `--spawn-edge`.
+pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "restart",
+        json!({
+            "clients": args.clients, "restarts": args.restarts, "fill": args.fill,
+            "bytes": args.bytes, "keep_alive_ms": args.keep_alive_ms,
+        }),
+    );
+    let start = Instant::now();
+    if args.fill > 0 {
+        let filled = fill(target, args).await?;
+        report.messages_sent = filled;
+        report.messages_acked = filled;
+    }
+    let keep_alive = Duration::from_millis(args.keep_alive_ms.max(1));
+    let mut connectors = Vec::new();
+    for _ in 0..args.sockets.max(1) {
+        connectors.push(
+            target
+                .connector()?
+                .with_keep_alive(keep_alive)
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let mut clients = Vec::new();
+    for index in 0..args.clients {
+        let connector = &connectors[index as usize % connectors.len()];
+        let user = target.user_base + 10 + u64::from(index);
+        clients.push(
+            connector
+                .connect(target.options(user))
+                .await
+                .map_err(|e| format!("client {index}: {e}"))?,
+        );
+    }
+    eprintln!("restart: {} clients connected", clients.len());
+    let mut listening = Vec::new();
+    let mut all = latency_histogram();
+    for cycle in 0..args.restarts {
+        let before: Vec<u64> = clients.iter().map(Client::connections).collect();
+        let (pid, to_listening) = tokio::task::block_in_place(|| target.restart_edge())?;
+        let listening_at = Instant::now();
+        listening.push(to_listening.as_secs_f64() * 1000.0);
+        let mut hist = latency_histogram();
+        let mut back = vec![false; clients.len()];
+        let mut left = clients.len();
+        let deadline = listening_at + Duration::from_secs(90);
+        while left > 0 && Instant::now() < deadline {
+            for (index, client) in clients.iter().enumerate() {
+                if !back[index] && client.connections() > before[index] {
+                    back[index] = true;
+                    left -= 1;
+                    let _ = hist.record(micros(listening_at.elapsed()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if left > 0 {
+            report.errors.push(format!(
+                "restart {cycle}: {left} clients did not come back in 90 s"
+            ));
+        }
+        let rss = process_usage(pid).map(|(_, rss)| rss);
+        eprintln!(
+            "restart {cycle}: listening {:.0} ms after spawn; clients back p50 {} ms p99 {} ms max {} ms; edge rss {} MiB",
+            to_listening.as_secs_f64() * 1000.0,
+            hist.value_at_quantile(0.5) / 1000,
+            hist.value_at_quantile(0.99) / 1000,
+            hist.max() / 1000,
+            rss.unwrap_or(0) / (1024 * 1024)
+        );
+        report.extra.insert(
+            format!("restart_{cycle}_reconnect_after_listening"),
+            serde_json::to_value(Latency::from_histogram(&hist)).unwrap_or_default(),
+        );
+        let _ = all.add(&hist);
+    }
+    report
+        .extra
+        .insert("spawn_to_listening_ms".into(), json!(listening));
+    report.extra.insert(
+        "reconnect_after_listening".into(),
+        serde_json::to_value(Latency::from_histogram(&all)).unwrap_or_default(),
+    );
+    report.duration_secs = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Stores `args.fill` messages for offline recipients (1,000 inboxes nobody reads).
+async fn fill(target: &Target, args: &RestartArgs) -> Result<u64, String> {
+    let began = Instant::now();
+    let senders = args.fill_senders.max(1);
+    let per_sender = args.fill.div_ceil(u64::from(senders));
+    let mut tasks = Vec::new();
+    for sender in 0..senders {
+        let client = connect(target, target.user_base + 1_000_000 + u64::from(sender)).await?;
+        let inboxes = target.user_base + 2_000_000;
+        let (in_flight, bytes) = (args.in_flight.max(1) as usize, args.bytes);
+        let count = per_sender.min(args.fill.saturating_sub(u64::from(sender) * per_sender));
+        tasks.push(tokio::spawn(async move {
+            let handle = client.sender();
+            let mut pending = tokio::task::JoinSet::new();
+            for index in 0..count {
+                while pending.len() >= in_flight {
+                    if let Some(result) = pending.join_next().await {
+                        result.map_err(|e| e.to_string())??;
+                    }
+                }
+                let handle = handle.clone();
+                let to = inboxes + (index + u64::from(sender)) % 1000;
+                pending.spawn(async move {
+                    handle
+                        .send(to, vec![0x42; bytes])
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            }
+            while let Some(result) = pending.join_next().await {
+                result.map_err(|e| e.to_string())??;
+            }
+            client.close();
+            Ok::<u64, String>(count)
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        stored += task.await.map_err(|e| e.to_string())??;
+    }
+    eprintln!(
+        "restart: stored {stored} undelivered messages in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    Ok(stored)
 }
