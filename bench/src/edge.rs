@@ -176,6 +176,7 @@ fn spawn_and_wait(config_path: &std::path::Path, addr: SocketAddr) -> Result<Chi
             } else if line.contains("WARN")
                 || line.contains("ERROR")
                 || line.contains("courier-edge:")
+                || line.contains("store opened")
             {
                 eprintln!("edge: {line}");
                 if line.contains("courier-edge:")

@@ -48,7 +48,13 @@ pub fn serve(config: Config) -> Result<(), String> {
 
     probe_address_free(config.server.listen)?;
     let core = config.core_config();
+    let opening = std::time::Instant::now();
     let (open_store, _keep_alive) = open_store(&config, &core)?;
+    // Recovery (replaying the journal) is most of a restart's time on a big store.
+    info!(
+        elapsed_ms = opening.elapsed().as_millis() as u64,
+        "store opened"
+    );
     let shard_count = config.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 

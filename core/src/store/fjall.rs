@@ -46,6 +46,9 @@ pub struct FjallOptions {
     /// Bytes of the in-memory write buffer before it is flushed to a table. Smaller keeps
     /// memtable lookups (a skiplist) shallow; larger means fewer flushes.
     pub memtable_bytes_max: u64,
+    /// Bytes of journal kept before fjall flushes the memtables that pin the oldest journal.
+    /// A restart replays the journal, so this bounds recovery time (fjall's minimum: 64 MiB).
+    pub journal_bytes_max: u64,
 }
 
 impl Default for FjallOptions {
@@ -55,6 +58,9 @@ impl Default for FjallOptions {
             cache_bytes: 64 * 1024 * 1024,
             worker_threads: 1,
             memtable_bytes_max: 8 * 1024 * 1024,
+            // Small keyspaces (counters, devices, the clock) fill their memtables slowly and
+            // would pin old journals up to fjall's default of 512 MiB: five seconds of replay.
+            journal_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -92,6 +98,7 @@ impl FjallStore {
         let db = Database::builder(path)
             .cache_size(options.cache_bytes)
             .worker_threads(options.worker_threads.max(1))
+            .max_journaling_size(options.journal_bytes_max.max(64 * 1024 * 1024))
             .open()
             .map_err(|error| {
                 StoreError::Io(format!("cannot open store at {}: {error}", path.display()))
