@@ -850,15 +850,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     },
                 );
             }
-            ShardMessage::CatchUp { conn } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return;
-                };
-                c.sync_again = true;
-                if !c.sync_running && c.outbound_bytes == 0 {
-                    self.start_sync(conn);
-                }
-            }
+            ShardMessage::CatchUp { conn } => self.catch_up(conn),
         }
     }
 
@@ -881,10 +873,19 @@ impl<A: Authenticator> EdgeSession<A> {
             self.write(conn, deliver_frame(message));
         } else {
             // A gap or a full buffer: the store has it; catch up from there.
-            c.sync_again = true;
-            if !c.sync_running && c.outbound_bytes == 0 {
-                self.start_sync(conn);
-            }
+            self.catch_up(conn);
+        }
+    }
+
+    /// The connection reads the store after its cursor: now if no read runs and its outbound
+    /// buffer is empty, else once they are (`set_outbound_bytes`, `finish_read`).
+    fn catch_up(&mut self, conn: ConnRef) {
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        c.sync_again = true;
+        if !c.sync_running && c.outbound_bytes == 0 {
+            self.start_sync(conn);
         }
     }
 
