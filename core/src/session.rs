@@ -321,6 +321,11 @@ impl<A: Authenticator> EdgeSession<A> {
         self.conns.len()
     }
 
+    /// The session's state of one connection, for diagnostics (simulation failures).
+    pub fn describe_connection(&self, conn: ConnRef) -> Option<String> {
+        self.conn(conn).map(|c| format!("{c:?}"))
+    }
+
     // ---- Connections ------------------------------------------------------------------------
 
     /// A new connection on this shard; it must send `Hello` first.

@@ -239,7 +239,7 @@ impl<T> InboxShard<T> {
                                 seq,
                                 server_time_ms,
                                 expire_at_ms,
-                                fresh,
+                                fresh: _,
                             },
                         ) => {
                             let tag = tags.next().expect("one tag per send");
@@ -249,16 +249,17 @@ impl<T> InboxShard<T> {
                                 seq,
                                 server_time_ms,
                             });
-                            if fresh {
-                                outputs.push(Output::Deliver(StoredMessage {
-                                    inbox: send.to,
-                                    seq,
-                                    from: send.sender,
-                                    sent_at_ms: server_time_ms,
-                                    expire_at_ms,
-                                    body: send.body,
-                                }));
-                            }
+                            // Delivered even when an earlier attempt stored it (not `fresh`):
+                            // that attempt may have ended in an unknown result, which delivered
+                            // nothing. A connection skips a seq it already has.
+                            outputs.push(Output::Deliver(StoredMessage {
+                                inbox: send.to,
+                                seq,
+                                from: send.sender,
+                                sent_at_ms: server_time_ms,
+                                expire_at_ms,
+                                body: send.body,
+                            }));
                         }
                         (Request::Link { .. }, Outcome::Linked { cursor }) => {
                             let tag = tags.next().expect("one tag per link");

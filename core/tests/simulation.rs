@@ -20,7 +20,9 @@
 //! the store holds no message; after expiry no dedupe record or index entry is left.
 //!
 //! Everything random comes from one seed. A failure prints it; `SIM_SEED=<n>` replays exactly
-//! that run, and `SIM_SEEDS=<count>` changes how many seeds run (default 1000).
+//! that run, and `SIM_SEEDS=<count>` changes how many seeds run (default 1000). A failure that
+//! does not converge names the devices behind and their edge-side state; `SIM_TRACE_USER=<id>`
+//! with `SIM_SEED` prints that user's frames and the mesh messages that name it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -512,11 +514,19 @@ impl World {
             .clients
             .iter()
             .map(|c| {
+                let head = commit::last_seq(self.store.inner(), c.user).unwrap_or(0);
+                let behind = c.session.received_up_to() < head;
+                let edge_side = c
+                    .conn
+                    .filter(|_| behind)
+                    .and_then(|conn| self.shards[conn.shard as usize].describe_connection(conn))
+                    .map(|state| format!(" edge: {state} client active: {}", c.session.is_active()))
+                    .unwrap_or_default();
                 format!(
-                    "{}:{}/{}{}",
+                    "{}:{}/{}{}{edge_side}",
                     c.user,
                     c.session.received_up_to(),
-                    commit::last_seq(self.store.inner(), c.user).unwrap_or(0),
+                    head,
                     if c.conn.is_some() { "" } else { " offline" }
                 )
             })
@@ -695,6 +705,13 @@ impl World {
     fn receive(&mut self, packet: Packet) {
         match packet {
             Packet::ToEdge { conn, frame } => {
+                if let Some(client) = self.traced(conn.slot) {
+                    eprintln!(
+                        "t={} c{client} -> edge {conn:?}: {}",
+                        self.now,
+                        frame_summary(&frame)
+                    );
+                }
                 let now = self.edge_now();
                 self.shards[conn.shard as usize].handle_frame(now, conn, frame, false);
                 self.apply_effects(conn.shard as usize);
@@ -704,6 +721,13 @@ impl World {
                 conn,
                 frame,
             } => {
+                if self.traced(conn.slot).is_some() {
+                    eprintln!(
+                        "t={} edge -> c{client} {conn:?}: {}",
+                        self.now,
+                        frame_summary(&frame)
+                    );
+                }
                 if self.clients[client].conn != Some(conn) {
                     return; // The connection is gone.
                 }
@@ -722,6 +746,13 @@ impl World {
                 }
             }
             Packet::Mesh { shard, message } => {
+                if let Ok(user) = std::env::var("SIM_TRACE_USER") {
+                    let text = format!("{message:?}");
+                    if text.contains(&user) {
+                        let text: String = text.chars().take(200).collect();
+                        eprintln!("t={} mesh -> shard {shard}: {text}", self.now);
+                    }
+                }
                 let now = self.edge_now();
                 self.shards[shard as usize].handle_message(now, message);
                 self.apply_effects(shard as usize);
@@ -1153,4 +1184,21 @@ fn simulation_detects_a_lost_acknowledged_message() {
         .check()
         .expect_err("a lost acknowledged message must fail the check");
     assert!(failure.contains("lost"), "{failure}");
+}
+
+impl World {
+    /// The client on `slot`, if `SIM_TRACE_USER` names its user (debugging aid).
+    fn traced(&self, slot: usize) -> Option<usize> {
+        let user: UserId = std::env::var("SIM_TRACE_USER").ok()?.parse().ok()?;
+        let client = *self.slot_owner.get(&slot)?;
+        (self.clients[client].user == user).then_some(client)
+    }
+}
+
+fn frame_summary(frame: &Frame) -> String {
+    match frame {
+        Frame::Deliver { seq, .. } => format!("Deliver {seq}"),
+        Frame::Send { client_id, to, .. } => format!("Send {client_id} to {to}"),
+        other => format!("{other:?}").chars().take(120).collect(),
+    }
 }
