@@ -49,6 +49,9 @@ pub struct FjallOptions {
     /// Bytes of journal kept before fjall flushes the memtables that pin the oldest journal.
     /// A restart replays the journal, so this bounds recovery time (fjall's minimum: 64 MiB).
     pub journal_bytes_max: u64,
+    /// After this many bytes written, every keyspace's memtable is sealed and flushed, so no
+    /// slowly written keyspace keeps old journals alive: a restart replays about this much.
+    pub flush_every_bytes: u64,
 }
 
 impl Default for FjallOptions {
@@ -61,6 +64,7 @@ impl Default for FjallOptions {
             // Small keyspaces (counters, devices, the clock) fill their memtables slowly and
             // would pin old journals up to fjall's default of 512 MiB: five seconds of replay.
             journal_bytes_max: 64 * 1024 * 1024,
+            flush_every_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -75,6 +79,9 @@ pub struct FjallStore {
     persist_mode: PersistMode,
     /// The single-writer lock; it guards the last commit version.
     writer: Mutex<CommitVersion>,
+    flush_every_bytes: u64,
+    /// Bytes written since every memtable was last sealed (only the writer touches it).
+    written_since_flush: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -125,6 +132,8 @@ impl FjallStore {
             misc,
             persist_mode,
             writer: Mutex::new(0),
+            flush_every_bytes: options.flush_every_bytes.max(1024 * 1024),
+            written_since_flush: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -225,17 +234,38 @@ impl Engine for FjallEngine<'_> {
                 .db
                 .batch()
                 .durability(Some(self.store.persist_mode));
+            let mut bytes = 0u64;
             for (key, value) in changes {
                 let keyspace = self.store.keyspace_of(&key);
+                bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
                 match value {
                     Some(value) => batch.insert(keyspace, key, value),
                     None => batch.remove(keyspace, key),
                 }
             }
             batch.commit().map_err(io_error)?;
+            self.store.note_written(bytes);
         }
         *self.version += 1;
         Ok(*self.version)
+    }
+}
+
+impl FjallStore {
+    /// Counts bytes written and, every `flush_every_bytes`, seals every keyspace's memtable so
+    /// fjall flushes it. Counters, device records and the clock are written a few bytes at a
+    /// time and would otherwise pin the journal until it reaches `journal_bytes_max`.
+    fn note_written(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let total = self.written_since_flush.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total < self.flush_every_bytes {
+            return;
+        }
+        self.written_since_flush.store(0, Ordering::Relaxed);
+        for keyspace in self.tagged.iter().chain(std::iter::once(&self.misc)) {
+            // Best effort: a memtable that cannot be sealed now is sealed by fjall later.
+            let _ = keyspace.rotate_memtable();
+        }
     }
 }
 
