@@ -55,9 +55,13 @@ pub enum Outcome {
         expire_at_ms: UnixMillis,
         fresh: bool,
     },
-    /// The device's cursor after the link: delivery to it starts after this seq.
+    /// The device's cursor after the link: delivery to it starts after this seq. Every seq
+    /// after it and before `first_seq` is gone (acknowledged by every device, or expired);
+    /// `first_seq` is the first stored message after the cursor, or the next seq the inbox
+    /// will assign when none is stored.
     Linked {
         cursor: u64,
+        first_seq: u64,
     },
     Acked,
 }
@@ -265,7 +269,22 @@ fn write_batch<T: Transaction>(
                     Some(cursor) => cursor.max((*acked_up_to).min(last)),
                 };
                 devices.insert((*inbox, *device), cursor);
-                Outcome::Linked { cursor }
+                let after_cursor = txn.get_range(
+                    &keys::message(*inbox, cursor.saturating_add(1)),
+                    &keys::message(*inbox, u64::MAX),
+                    1,
+                )?;
+                let first_seq = match after_cursor.first() {
+                    Some((key, _)) => {
+                        keys::parse_message(key)
+                            .map(|(_, seq)| seq)
+                            .ok_or_else(|| {
+                                StoreError::Corrupt("message key of unexpected shape".into())
+                            })?
+                    }
+                    None => last.saturating_add(1),
+                };
+                Outcome::Linked { cursor, first_seq }
             }
             Request::Ack {
                 inbox,

@@ -83,6 +83,7 @@ pub enum ShardMessage {
     Registered {
         conn: ConnRef,
         cursor: u64,
+        first_seq: u64,
     },
     /// Back from the home shard when the user already has the maximum of connections
     /// (`LimitExceeded`) or logins wait in numbers (`Overloaded`).
@@ -443,9 +444,18 @@ impl<A: Authenticator> EdgeSession<A> {
                         result: Err(code),
                     },
                 ),
-                Output::Linked { tag, cursor } => {
-                    self.route(tag.shard, ShardMessage::Registered { conn: tag, cursor })
-                }
+                Output::Linked {
+                    tag,
+                    cursor,
+                    first_seq,
+                } => self.route(
+                    tag.shard,
+                    ShardMessage::Registered {
+                        conn: tag,
+                        cursor,
+                        first_seq,
+                    },
+                ),
                 Output::Deliver(message) => {
                     let targets = self
                         .registry
@@ -763,7 +773,11 @@ impl<A: Authenticator> EdgeSession<A> {
                     });
                 }
             }
-            ShardMessage::Registered { conn, cursor } => {
+            ShardMessage::Registered {
+                conn,
+                cursor,
+                first_seq,
+            } => {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
@@ -779,6 +793,7 @@ impl<A: Authenticator> EdgeSession<A> {
                             device,
                             server_time_ms: now_ms,
                             acked_up_to: cursor,
+                            first_seq,
                         },
                     );
                     self.start_sync(conn);

@@ -51,8 +51,9 @@ pub enum Output<T> {
     },
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
-    /// The device is linked: delivery to its connection starts after `cursor`.
-    Linked { tag: T, cursor: u64 },
+    /// The device is linked: delivery to its connection starts after `cursor`, and the first
+    /// stored message after it is `first_seq` (see `Outcome::Linked`).
+    Linked { tag: T, cursor: u64, first_seq: u64 },
 }
 
 /// The queue was full; the send is handed back so the runtime can refuse it (`Overloaded`).
@@ -261,9 +262,13 @@ impl<T> InboxShard<T> {
                                 body: send.body,
                             }));
                         }
-                        (Request::Link { .. }, Outcome::Linked { cursor }) => {
+                        (Request::Link { .. }, Outcome::Linked { cursor, first_seq }) => {
                             let tag = tags.next().expect("one tag per link");
-                            outputs.push(Output::Linked { tag, cursor });
+                            outputs.push(Output::Linked {
+                                tag,
+                                cursor,
+                                first_seq,
+                            });
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}
                         (request, outcome) => {

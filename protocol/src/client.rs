@@ -337,6 +337,7 @@ impl ClientSession {
                 user,
                 device,
                 acked_up_to,
+                first_seq,
                 ..
             } => {
                 self.link = Link::Active;
@@ -359,6 +360,16 @@ impl ClientSession {
                 }
                 self.acked_up_to = self.acked_up_to.max(acked_up_to);
                 self.ack_sent_up_to = self.ack_sent_up_to.max(acked_up_to);
+                // Nothing is stored between the cursor and `first_seq`: a declared hole.
+                let gone_up_to = first_seq.saturating_sub(1);
+                if gone_up_to > self.received_up_to {
+                    self.events.push_back(ClientEvent::Hole {
+                        after_seq: self.received_up_to,
+                        up_to_seq: gone_up_to,
+                    });
+                    self.received_up_to = gone_up_to;
+                    self.sync_sent_for = None;
+                }
             }
             Frame::SendAck {
                 client_id,
@@ -681,6 +692,7 @@ mod tests {
                 device: 0,
                 server_time_ms: 0,
                 acked_up_to: 0,
+                first_seq: 1,
             },
         )
         .unwrap();

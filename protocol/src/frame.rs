@@ -35,6 +35,9 @@ pub enum Frame {
         /// an earlier one) and is not delivered again. A device new to the inbox starts at the
         /// inbox's head.
         acked_up_to: u64,
+        /// The inbox's first stored message after `acked_up_to` (or the next seq it will
+        /// assign, when none is stored): every seq in between is gone, a declared hole.
+        first_seq: u64,
     },
     /// Store and deliver `body` to user `to`. The sender is the authenticated user.
     Send {

@@ -86,14 +86,22 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
             }
         ),
         any::<u64>().prop_map(|up_to_seq| Frame::Hole { up_to_seq }),
-        (nonzero(), 0..=DEVICE_ID_MAX, any::<u64>(), any::<u64>()).prop_map(
-            |(user, device, server_time_ms, acked_up_to)| Frame::Welcome {
-                user,
-                device,
-                server_time_ms,
-                acked_up_to,
-            }
-        ),
+        (
+            nonzero(),
+            0..=DEVICE_ID_MAX,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(user, device, server_time_ms, acked_up_to, first_seq)| {
+                Frame::Welcome {
+                    user,
+                    device,
+                    server_time_ms,
+                    acked_up_to,
+                    first_seq,
+                }
+            }),
         (
             nonzero(),
             nonzero(),

@@ -232,8 +232,8 @@ impl FdbConfig {
     /// `batch_requests_max` sends, each to a new inbox (two dedupe reads, a counter read, the
     /// message, dedupe record, counter and expiry entry writes) plus their bodies, and
     /// `batch_requests_max` links and acks together, each to a new inbox (a counter read, a
-    /// device read, a read of the inbox's devices, the device write, one forgotten device and
-    /// one range clear of messages), plus the owner check.
+    /// device read, two reads of the inbox's devices, a read of its first message, the device
+    /// write, one forgotten device and one range clear of messages), plus the owner check.
     pub fn batch_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_request) = self.batch_costs();
         fixed + core.batch_requests_max * per_request + core.batch_bytes_max
@@ -260,10 +260,12 @@ impl FdbConfig {
         // Link and ack cost the same: both move a device's cursor and delete up to the lowest.
         let devices_read =
             range_read_bytes(prefixed(devices_start.len()), prefixed(devices_end.len()));
-        // A link of a new device reads the inbox's devices once more (is it the first?).
+        // A link of a new device reads the inbox's devices once more (is it the first?) and
+        // the first message after its cursor.
         let device_update = read_bytes(counter_key)
             + read_bytes(device_key)
             + 2 * devices_read
+            + range_read_bytes(message_key, message_key)
             + set_bytes(device_key, 16)
             + clear_range_bytes(device_key, device_key + 1)
             + clear_range_bytes(message_key, message_key);
@@ -383,7 +385,7 @@ mod tests {
     /// The core limits docs/foundationdb.md recommends for FoundationDB.
     fn fdb_core_config() -> CoreConfig {
         CoreConfig {
-            batch_requests_max: 175,
+            batch_requests_max: 160,
             expire_scan_keys_max: 2_500,
             ..CoreConfig::default()
         }

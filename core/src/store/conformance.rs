@@ -295,7 +295,13 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
     let linked = committer
         .commit_batch(h.store(), &[link(0, 0)], now)
         .unwrap();
-    assert_eq!(linked, vec![Outcome::Linked { cursor: 0 }]);
+    assert_eq!(
+        linked,
+        vec![Outcome::Linked {
+            cursor: 0,
+            first_seq: 1
+        }]
+    );
     committer
         .commit_batch(h.store(), &[ack(0, 1)], now)
         .unwrap();
@@ -304,7 +310,10 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         .unwrap();
     assert_eq!(
         linked,
-        vec![Outcome::Linked { cursor: 1 }],
+        vec![Outcome::Linked {
+            cursor: 1,
+            first_seq: 2
+        }],
         "second device: at the head"
     );
     let sends: Vec<Request> = (1..=4).map(|id| send(1, id, 20, b"m")).collect();
@@ -325,7 +334,10 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         .unwrap();
     assert_eq!(
         new_device,
-        vec![Outcome::Linked { cursor: 5 }],
+        vec![Outcome::Linked {
+            cursor: 5,
+            first_seq: 6
+        }],
         "a new device starts at the head"
     );
     // A hostile ack far beyond the head moves the cursor to the head only.
@@ -341,7 +353,13 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
     let relinked = committer
         .commit_batch(h.store(), &[link(0, 6)], now)
         .unwrap();
-    assert_eq!(relinked, vec![Outcome::Linked { cursor: 6 }]);
+    assert_eq!(
+        relinked,
+        vec![Outcome::Linked {
+            cursor: 6,
+            first_seq: 7
+        }]
+    );
 }
 
 fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
