@@ -85,7 +85,7 @@ pub struct RestartArgs {
     pub in_flight: u32,
     /// The clients' keep-alive interval: how soon an idle client learns that the restarted
     /// edge forgot its connection.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     pub keep_alive_ms: u64,
     /// Client UDP sockets to spread the clients over.
     #[arg(long, default_value_t = 16)]

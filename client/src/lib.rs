@@ -90,9 +90,11 @@ pub struct Connector {
 /// TLS 1.3 with ALPN `courier/2`, early data on, and a fresh session cache.
 /// How often an idle connection sends a keep-alive. It is also how soon an idle client learns
 /// that a restarted edge forgot its connection (the edge answers the keep-alive with a
-/// stateless reset, and the client reconnects): shorter detects a crash sooner and costs
-/// radio time on phones. See [`Connector::with_keep_alive`].
-pub const KEEP_ALIVE_DEFAULT: Duration = Duration::from_secs(10);
+/// stateless reset, and the client reconnects), so with 2 s an idle client is back within about
+/// 2 s of a crashed edge listening again. This SDK serves agents and servers; a phone app
+/// would pick a longer interval (radio time, idle traffic at scale) and accept slower
+/// detection: [`Connector::with_keep_alive`].
+pub const KEEP_ALIVE_DEFAULT: Duration = Duration::from_secs(2);
 
 fn client_config(
     roots: &Arc<rustls::RootCertStore>,
@@ -150,7 +152,7 @@ impl Connector {
     }
 
     /// A connector on the same socket whose connections send a keep-alive every `interval`
-    /// when idle ([`KEEP_ALIVE_DEFAULT`]: 10 s), with an empty TLS session cache. After an edge
+    /// when idle ([`KEEP_ALIVE_DEFAULT`]: 2 s), with an empty TLS session cache. After an edge
     /// crash, an idle client notices at its next keep-alive; a client that sends notices at
     /// once.
     pub fn with_keep_alive(&self, interval: Duration) -> Result<Connector, ClientError> {
