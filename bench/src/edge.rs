@@ -31,7 +31,8 @@ impl Target {
     pub async fn open(args: &TargetArgs) -> Result<Target, String> {
         let user_base = (u64::from(rand::random::<u32>()) + 1) << 20;
         if args.spawn_edge {
-            let spawned = SpawnedEdge::start(args.edge_shards)?;
+            let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
+            let spawned = SpawnedEdge::start(args.edge_shards, cpus)?;
             return Ok(Target {
                 addr: spawned.addr,
                 cert_pem: std::fs::read(spawned.data_dir().join("tls/cert.pem"))
@@ -98,7 +99,11 @@ impl Target {
         let _ = spawned.child.kill();
         let _ = spawned.child.wait();
         let started = std::time::Instant::now();
-        let child = spawn_and_wait(&spawned.config_path(), spawned.addr)?;
+        let child = spawn_and_wait(
+            &spawned.config_path(),
+            spawned.addr,
+            spawned.cpus.as_deref(),
+        )?;
         spawned.child = child;
         Ok((spawned.child.id(), started.elapsed()))
     }
@@ -119,10 +124,12 @@ struct SpawnedEdge {
     child: Child,
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    /// `--edge-cpus`, as the list the child parses.
+    cpus: Option<String>,
 }
 
 impl SpawnedEdge {
-    fn start(shards: u32) -> Result<SpawnedEdge, String> {
+    fn start(shards: u32, cpus: Option<&[usize]>) -> Result<SpawnedEdge, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -137,9 +144,20 @@ impl SpawnedEdge {
         );
         std::fs::write(&config_path, config)
             .map_err(|e| format!("cannot write the edge config: {e}"))?;
-        let child = spawn_and_wait(&config_path, addr)?;
+        let cpus = cpus.map(|cpus| {
+            cpus.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let child = spawn_and_wait(&config_path, addr, cpus.as_deref())?;
         eprintln!("spawned courier-edge (pid {}) on {addr}", child.id());
-        Ok(SpawnedEdge { child, dir, addr })
+        Ok(SpawnedEdge {
+            child,
+            dir,
+            addr,
+            cpus,
+        })
     }
 
     fn config_path(&self) -> std::path::PathBuf {
@@ -152,9 +170,17 @@ impl SpawnedEdge {
 }
 
 /// Starts the edge as a child of this binary and waits for its "listening" line.
-fn spawn_and_wait(config_path: &std::path::Path, addr: SocketAddr) -> Result<Child, String> {
+fn spawn_and_wait(
+    config_path: &std::path::Path,
+    addr: SocketAddr,
+    cpus: Option<&str>,
+) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if let Some(cpus) = cpus {
+        command.env(crate::EDGE_CPUS_ENV, cpus);
+    }
+    let mut child = command
         .arg(crate::EDGE_SUBCOMMAND)
         .args(["serve", "--config"])
         .arg(config_path)

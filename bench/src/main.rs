@@ -67,7 +67,65 @@ pub struct TargetArgs {
     /// PID of the running edge, to report its CPU time and memory.
     #[arg(long, global = true)]
     pub edge_pid: Option<u32>,
+    /// CPUs the spawned edge may run on, like `0` or `0,1` (default: any). With
+    /// --bench-cpus on other CPUs, the two do not compete for a core.
+    #[arg(long, global = true, value_parser = parse_cpus)]
+    pub edge_cpus: Option<CpuList>,
+    /// CPUs the load generator may run on, like `1` (default: any).
+    #[arg(long, global = true, value_parser = parse_cpus)]
+    pub bench_cpus: Option<CpuList>,
 }
+
+/// A list of CPU numbers (`--edge-cpus 0,1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// Parses a CPU list like `0,2,3`.
+fn parse_cpus(text: &str) -> Result<CpuList, String> {
+    let cpus = text
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{part:?} is not a CPU number (expected a list like 0,1)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Online CPUs of the machine, not of this process (whose CPU set may be pinned already).
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a system value.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let available = usize::try_from(online).unwrap_or(1).max(1);
+    match cpus.iter().find(|cpu| **cpu >= available) {
+        Some(cpu) => Err(format!(
+            "CPU {cpu} does not exist (this machine has {available})"
+        )),
+        None if cpus.is_empty() => Err("an empty CPU list".into()),
+        None => Ok(CpuList(cpus)),
+    }
+}
+
+/// Restricts this process (and the threads it starts afterwards) to `cpus`.
+#[allow(unsafe_code)]
+pub fn pin_to_cpus(cpus: &[usize]) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data, zeroed then filled by CPU_SET for CPUs below the
+    // machine's count (checked by parse_cpus); sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(*cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "cannot pin to CPUs {cpus:?}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Environment variable that carries `--edge-cpus` to the spawned edge process.
+pub const EDGE_CPUS_ENV: &str = "COURIER_BENCH_EDGE_CPUS";
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Workload {
@@ -94,10 +152,31 @@ fn main() -> ExitCode {
     let program = args.next();
     let rest: Vec<_> = args.collect();
     if rest.first().is_some_and(|first| first == EDGE_SUBCOMMAND) {
+        // Pin before the edge starts any thread: its shards inherit the CPU set.
+        if let Ok(list) = std::env::var(EDGE_CPUS_ENV) {
+            let pinned = parse_cpus(&list).and_then(|cpus| pin_to_cpus(&cpus.0));
+            if let Err(error) = pinned {
+                eprintln!("courier-edge (spawned by courier-bench): {error}");
+                return ExitCode::from(2);
+            }
+        }
         let edge_args = std::iter::once("courier-edge".into()).chain(rest.into_iter().skip(1));
         return courier_edge::cli::main(edge_args);
     }
     let cli = Cli::parse_from(program.into_iter().chain(rest));
+    if cli.target.edge_cpus.is_some() && !cli.target.spawn_edge {
+        eprintln!(
+            "courier-bench: --edge-cpus needs --spawn-edge (pin a running edge with taskset)"
+        );
+        return ExitCode::from(2);
+    }
+    // Before the runtime starts its threads, so they inherit the CPU set.
+    if let Some(cpus) = &cli.target.bench_cpus
+        && let Err(error) = pin_to_cpus(&cpus.0)
+    {
+        eprintln!("courier-bench: {error}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

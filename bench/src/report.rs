@@ -96,6 +96,13 @@ impl Report {
         }
     }
 
+    /// Delivered messages per CPU-second the edge used: efficiency that survives a shared box
+    /// better than throughput does.
+    pub fn delivered_per_edge_cpu_sec(&self) -> Option<f64> {
+        let cpu = self.edge_cpu_secs.filter(|cpu| *cpu > 0.0)?;
+        (self.messages_delivered > 0).then(|| self.messages_delivered as f64 / cpu)
+    }
+
     /// Whether every check passed.
     pub fn passed(&self) -> bool {
         self.lost == 0
@@ -143,6 +150,9 @@ impl Report {
         }
         if let Some(cpu) = self.edge_cpu_secs {
             println!("  edge       cpu {cpu:.2} s");
+            if let Some(per_cpu) = self.delivered_per_edge_cpu_sec() {
+                println!("  edge       {per_cpu:.0} delivered per edge CPU-second");
+            }
         }
         if let Some(rss) = self.edge_rss_bytes {
             println!("  edge       rss {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
@@ -156,7 +166,15 @@ impl Report {
     }
 
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self)
+        let mut value =
+            serde_json::to_value(self).map_err(|e| format!("cannot encode the report: {e}"))?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert(
+                "delivered_per_edge_cpu_sec".into(),
+                serde_json::json!(self.delivered_per_edge_cpu_sec()),
+            );
+        }
+        let text = serde_json::to_string_pretty(&value)
             .map_err(|e| format!("cannot encode the report: {e}"))?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
