@@ -745,7 +745,6 @@ impl Driver {
     }
 
     /// Hands the session's events to their owners and mirrors its state for the getters.
-    /// Returns an error when the first connection learns it cannot be welcomed.
     fn take_events(&mut self) {
         while let Some(event) = self.session.poll_event() {
             match event {

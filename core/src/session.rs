@@ -30,7 +30,7 @@ use crate::store::StoreError;
 use crate::{CoreConfig, UnixMillis, UserId};
 
 /// Bytes a frame adds to its body or payload (prefix and fields), for the outbound bound.
-pub const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
+const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
 
 /// A connection anywhere in the edge: its shard, its slot there, and the generation that tells
 /// a reused slot from the connection that held it before.

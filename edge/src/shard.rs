@@ -512,29 +512,11 @@ fn forced_panic_delay(shard: u8) -> Option<Duration> {
 /// goes through here.
 fn spawn_detached(future: impl std::future::Future<Output = ()> + 'static) {
     glommio::spawn_local(async move {
-        YieldOnce(false).await;
+        // Pending once (it wakes itself), so the body runs on a later turn.
+        futures_lite::future::yield_now().await;
         future.await;
     })
     .detach();
-}
-
-/// A future that is pending once (waking itself at once), then ready.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        context.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
 }
 
 fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {

@@ -486,18 +486,7 @@ async fn a_client_that_never_reads_is_held_back_not_buffered() {
 async fn sigterm_closes_connections_with_shutting_down_and_loses_nothing() {
     let mut edge = Edge::start(2);
     let connector = edge.connector();
-    let mut raw = RawConnection::connect(&connector, edge.addr)
-        .await
-        .expect("raw");
-    raw.write_frame(&Frame::Hello {
-        token: edge.token(141, 0).into_bytes(),
-        device: 0,
-        acked_up_to: 0,
-        resume_after_seq: 0,
-    })
-    .await
-    .expect("hello");
-    assert!(matches!(raw.read_frame().await, Ok(Frame::Welcome { .. })));
+    let raw = edge.raw_session(&connector, 141, 0).await;
     let alice = edge.client(142).await;
     for i in 0..50u32 {
         alice

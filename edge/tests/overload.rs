@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::{EVENT_TIMEOUT, Edge, next_message};
-use courier_client::raw::RawConnection;
 use courier_client::{ConnectOptions, Incoming};
 use courier_protocol::{Frame, SignalKind};
 
@@ -175,38 +174,10 @@ async fn a_signal_flood_at_connections_that_never_read_leaves_memory_bounded() {
     let target = 901;
     let mut silent = Vec::new();
     for device in 0..4 {
-        let mut raw = RawConnection::connect(&connector, edge.addr)
-            .await
-            .expect("raw");
-        raw.write_frame(&Frame::Hello {
-            token: edge.token(target, device).into_bytes(),
-            device,
-            acked_up_to: 0,
-            resume_after_seq: 0,
-        })
-        .await
-        .expect("hello");
-        let welcome = raw.read_frame().await.expect("welcome");
-        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
         // From here on this connection never reads.
-        silent.push(raw);
+        silent.push(edge.raw_session(&connector, target, device).await);
     }
-    let mut flooder = RawConnection::connect(&connector, edge.addr)
-        .await
-        .expect("raw");
-    flooder
-        .write_frame(&Frame::Hello {
-            token: edge.token(900, 0).into_bytes(),
-            device: 0,
-            acked_up_to: 0,
-            resume_after_seq: 0,
-        })
-        .await
-        .expect("hello");
-    assert!(matches!(
-        flooder.read_frame().await,
-        Ok(Frame::Welcome { .. })
-    ));
+    let mut flooder = edge.raw_session(&connector, 900, 0).await;
 
     let rss_before = edge.rss_bytes();
     let signal = courier_protocol::encode_to_vec(&Frame::Signal {

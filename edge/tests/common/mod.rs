@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use courier_client::raw::RawConnection;
 use courier_client::{ConnectOptions, Connector, Delivery};
+use courier_protocol::Frame;
 
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A test still running after this long is hung: the watchdog stops its edge and the test
@@ -200,6 +202,30 @@ impl Edge {
     pub fn connector(&self) -> Connector {
         let pem = std::fs::read(self.dir.path().join("data/tls/cert.pem")).expect("dev cert");
         Connector::new(&pem, "localhost").expect("connector")
+    }
+
+    /// A raw connection logged in as `user`/`device` (a fresh install: nothing acked or
+    /// held), after its `Welcome`; what it reads and writes next is up to the test.
+    pub async fn raw_session(
+        &self,
+        connector: &Connector,
+        user: u64,
+        device: u32,
+    ) -> RawConnection {
+        let mut raw = RawConnection::connect(connector, self.addr)
+            .await
+            .expect("raw connection");
+        raw.write_frame(&Frame::Hello {
+            token: self.token(user, device).into_bytes(),
+            device,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        })
+        .await
+        .expect("hello");
+        let welcome = raw.read_frame().await.expect("welcome");
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        raw
     }
 
     pub async fn client(&self, user: u64) -> courier_client::Client {
