@@ -7,6 +7,10 @@
 //! (fields: docs/bench.md). Message workloads check what they measure: any lost message is a
 //! non-zero exit.
 
+/// The same allocator as `courier-edge`, whose edge this binary also runs (`--spawn-edge`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod edge;
 mod report;
 mod workloads;
