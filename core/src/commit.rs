@@ -517,7 +517,7 @@ pub fn read_inbox<S: Store>(
     now: UnixMillis,
     config: &CoreConfig,
 ) -> Result<InboxPage, StoreError> {
-    let mut txn = store.begin()?;
+    let mut txn = store.begin_read()?;
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
     let pairs = txn.get_range(&begin, &end, config.sync_messages_max)?;

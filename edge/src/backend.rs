@@ -1,8 +1,8 @@
 //! The store behind a shard: the embedded fjall store, or FoundationDB (feature `fdb`).
 //!
-//! Shards call the store only through [`ShardStore`], on glommio's blocking pool. The embedded
-//! store is one fjall database shared by the edge's shards (its writer lock serialises
-//! commits); with FoundationDB each shard claims its shard id on every cluster (fencing any
+//! Shards call the store only through [`ShardStore`], on their store threads (`lanes`). The
+//! embedded store is one fjall database per shard (`stores`), so shards never wait on each
+//! other's commits; with FoundationDB each shard claims its shard id on every cluster (fencing any
 //! earlier owner) and commits one transaction per cluster a batch touches.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use courier_core::commit::{
     Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
 };
 use courier_core::store::StoreError;
-use courier_core::store::fjall::FjallStore;
+use courier_core::store::fjall::{EraseReport, FjallStore};
 use courier_core::{CoreConfig, UnixMillis, UserId};
 
 /// What a shard needs from its store. Every method blocks: call it from a blocking thread.
@@ -38,14 +38,32 @@ pub trait ShardStore: Send + Sync + 'static {
 
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
+
+    /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`). FoundationDB
+    /// reclaims deleted data in its own storage engine, so its backend does nothing here.
+    fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Opens the store of the shard with the given id (called once per shard, at start).
 pub type OpenShardStore = Arc<dyn Fn(u8) -> Result<Arc<dyn ShardStore>, String> + Send + Sync>;
 
-/// The embedded store, shared by the shards of this edge.
+/// A shard's embedded store, and its view of the other shards' stores for reads: a connection
+/// on this shard syncs the inbox of its user, which lives in the user's home shard's store.
 #[derive(Debug)]
-pub struct Embedded(pub Arc<FjallStore>);
+pub struct Embedded {
+    /// This shard's id, the index of its own store in `all`.
+    pub shard: u8,
+    /// Every shard's store, in shard order.
+    pub all: Arc<Vec<Arc<FjallStore>>>,
+}
+
+impl Embedded {
+    fn own(&self) -> &FjallStore {
+        &self.all[usize::from(self.shard)]
+    }
+}
 
 impl ShardStore for Embedded {
     fn commit(
@@ -54,7 +72,8 @@ impl ShardStore for Embedded {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError> {
-        committer.commit_batch(&*self.0, requests, now)
+        // Every request of a shard's batch is for an inbox homed to it (the session routes them).
+        committer.commit_batch(self.own(), requests, now)
     }
 
     fn read_inbox(
@@ -64,15 +83,21 @@ impl ShardStore for Embedded {
         now: UnixMillis,
         core: &CoreConfig,
     ) -> Result<InboxPage, StoreError> {
-        read_inbox(&*self.0, inbox, after_seq, now, core)
+        // Snapshot reads take no lock: reading another shard's store never delays its commits.
+        let home = courier_core::placement::home_shard(inbox, self.all.len() as u32);
+        read_inbox(&*self.all[home as usize], inbox, after_seq, now, core)
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
-        expire(&*self.0, now, core)
+        expire(self.own(), now, core)
     }
 
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {
-        courier_core::commit::clock_high_water(&*self.0)
+        courier_core::commit::clock_high_water(self.own())
+    }
+
+    fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
+        self.own().erase_deleted().map(Some)
     }
 }
 

@@ -131,6 +131,8 @@ pub struct LimitsSection {
     pub datagrams_per_wakeup_max: usize,
     /// Messages in each cross-shard channel.
     pub mesh_channel_messages_max: usize,
+    /// Sync reads queued for one shard's store reader; further reads wait their turn.
+    pub store_reads_queued_max: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +164,9 @@ pub struct RetentionSection {
     pub expiry_interval_secs: u64,
     /// Keys one expiry pass may read (one transaction; FoundationDB needs it at most 2500).
     pub expire_scan_keys_max: usize,
+    /// An acknowledged or expired message body is gone from every file of the embedded store
+    /// within this long (an erase pass runs every half of it).
+    pub erase_within_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +220,7 @@ impl Default for LimitsSection {
             outbound_bytes_per_connection_max: 1024 * 1024,
             datagrams_per_wakeup_max: 256,
             mesh_channel_messages_max: 4096,
+            store_reads_queued_max: 64,
         }
     }
 }
@@ -240,6 +246,7 @@ impl Default for RetentionSection {
             expiry_bucket_secs: core.expiry_bucket_ms / 1000,
             expiry_interval_secs: 60,
             expire_scan_keys_max: core.expire_scan_keys_max,
+            erase_within_secs: 3600,
         }
     }
 }
@@ -354,6 +361,10 @@ impl Config {
                 "limits.mesh_channel_messages_max",
                 limits.mesh_channel_messages_max,
             ),
+            (
+                "limits.store_reads_queued_max",
+                limits.store_reads_queued_max,
+            ),
         ] {
             if value == 0 {
                 return invalid(key, "at least 1");
@@ -380,6 +391,9 @@ impl Config {
                 "quic.receive_window_bytes",
                 "at least quic.stream_receive_window_bytes",
             );
+        }
+        if self.retention.erase_within_secs < 2 {
+            return invalid("retention.erase_within_secs", "at least 2");
         }
         if self.retention.expiry_interval_secs == 0 {
             return invalid("retention.expiry_interval_secs", "at least 1");
@@ -453,7 +467,7 @@ impl Config {
     }
 
     pub fn store_dir(&self) -> PathBuf {
-        self.server.data_dir.join("store")
+        crate::stores::stores_dir(&self.server.data_dir)
     }
 }
 

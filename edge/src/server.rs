@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::fjall::FjallOptions;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::info;
@@ -79,6 +79,10 @@ pub fn serve(config: Config) -> Result<(), String> {
             Placement::Unbound
         };
         let setup = ShardSetup {
+            cpu: match placement {
+                Placement::Fixed(cpu) => Some(cpu),
+                _ => None,
+            },
             config: config.clone(),
             core: core.clone(),
             shard_count,
@@ -175,11 +179,29 @@ fn open_store(
 ) -> Result<(OpenShardStore, Box<dyn std::any::Any>), String> {
     use courier_core::store::config::StoreConfig;
     match config.store_config().map_err(|e| e.to_string())? {
-        StoreConfig::Embedded { dir } => {
-            let store = FjallStore::open(&dir, &FjallOptions::default())
-                .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
-            let shared: Arc<dyn ShardStore> = Arc::new(Embedded(Arc::new(store)));
-            let open: OpenShardStore = Arc::new(move |_shard| Ok(shared.clone()));
+        StoreConfig::Embedded { .. } => {
+            let shards = config.shard_count();
+            let options = FjallOptions {
+                // One block cache budget for the edge, split between its shards' stores.
+                cache_bytes: (FjallOptions::default().cache_bytes / u64::from(shards))
+                    .max(8 * 1024 * 1024),
+                ..FjallOptions::default()
+            };
+            let all = Arc::new(crate::stores::open_embedded(
+                &config.server.data_dir,
+                shards,
+                &options,
+            )?);
+            let open: OpenShardStore = Arc::new(move |shard| {
+                if usize::from(shard) >= all.len() {
+                    return Err(format!("no store for shard {shard}"));
+                }
+                let store: Arc<dyn ShardStore> = Arc::new(Embedded {
+                    shard,
+                    all: all.clone(),
+                });
+                Ok(store)
+            });
             Ok((open, Box::new(())))
         }
         #[cfg(feature = "fdb")]

@@ -5,7 +5,7 @@
 //! signals is decided by `courier_core::session::EdgeSession` (sans-IO, the same type the
 //! simulation drives); here are the QUIC driver (endpoint, connection slab, timers, CID
 //! steering, stream buffers) and the runtime (glommio tasks, mesh channels with their
-//! backlogs, store reads and commits on the blocking pool). After every input the shard
+//! backlogs, store reads and commits on the shard's store threads). After every input the shard
 //! applies the session's effects (`apply_effects`), starts a group commit if none is in flight,
 //! and flushes transmits.
 //!
@@ -18,8 +18,9 @@
 //!   `datagrams_per_wakeup_max` datagrams with quinn-udp (GRO) and hands them to the endpoint;
 //! - one task per mesh peer receives cross-shard messages;
 //! - the timer task drives quinn's timeouts;
-//! - commit and sync tasks run the store on glommio's blocking thread pool (`spawn_blocking`),
-//!   so an fsync never blocks the executor.
+//! - commit, sync and expiry tasks hand the store work to the shard's store threads
+//!   (`lanes`: a writer, a reader, a maintenance thread), so an fsync never blocks the executor
+//!   and a sync never waits for a commit.
 //!
 //! After every input the shard drains its local queue, starts a group commit if none is in
 //! flight, and flushes pending transmits (quinn-udp, GSO).
@@ -56,6 +57,7 @@ use crate::auth::TokenVerifier;
 use crate::backend::ShardStore;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
+use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
 
 /// How often a shard checks for a shutdown request.
@@ -76,6 +78,8 @@ const INBUF_BYTES_MAX: usize =
 
 /// Everything a shard needs from the process, built once in `server`.
 pub struct ShardSetup {
+    /// The core this shard's executor is pinned to (its store threads run there too).
+    pub cpu: Option<usize>,
     pub config: Arc<Config>,
     pub core: CoreConfig,
     pub shard_count: u32,
@@ -145,6 +149,8 @@ pub struct Shard {
     config: Arc<Config>,
     core: CoreConfig,
     store: Arc<dyn ShardStore>,
+    /// Threads that run the store's commits, reads and maintenance.
+    lanes: StoreLanes,
     /// Server time for commits, reads, expiry and logins; never runs backwards.
     clock: ServerClock,
     endpoint: Endpoint,
@@ -262,6 +268,13 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
+    let lanes = match StoreLanes::start(id, setup.config.limits.store_reads_queued_max, setup.cpu) {
+        Ok(lanes) => lanes,
+        Err(error) => {
+            let _ = setup.ready.send(Err(format!("shard {id}: {error}")));
+            return;
+        }
+    };
     // Dedupe buckets and expiry run on a clock that never goes back (core::clock).
     let clock = match store.clock_high_water() {
         Ok(high_water_ms) => ServerClock::start(unix_ms(), high_water_ms, monotonic_ms()),
@@ -291,6 +304,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         shard_count: setup.shard_count,
         core: setup.core.clone(),
         store,
+        lanes,
         clock,
         endpoint,
         conns: HashMap::new(),
@@ -385,22 +399,29 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         .detach();
     }
 
-    if id == 0 {
+    {
+        // Every shard expires its own store, on its maintenance thread.
         let shard = shard.clone();
         let interval = Duration::from_secs(setup.config.retention.expiry_interval_secs);
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(interval).await;
-                let (store, core, clock) = {
+                let (store, core, clock, lane) = {
                     let shard = shard.borrow();
-                    (shard.store.clone(), shard.core.clone(), shard.clock)
+                    (
+                        shard.store.clone(),
+                        shard.core.clone(),
+                        shard.clock,
+                        shard.lanes.maintenance.clone(),
+                    )
                 };
                 loop {
                     let (store, core) = (store.clone(), core.clone());
                     let now = clock.now(monotonic_ms());
-                    let report = glommio::executor()
-                        .spawn_blocking(move || store.expire(now, &core))
-                        .await;
+                    let report = lane
+                        .run(move || store.expire(now, &core))
+                        .await
+                        .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
                     match report {
                         Ok(report) if report.more => continue,
                         Ok(report) => {
@@ -412,6 +433,42 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             warn!(%error, "expiry pass failed; retrying at the next interval");
                             break;
                         }
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+
+    {
+        // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread.
+        let shard = shard.clone();
+        let interval = Duration::from_secs(setup.config.retention.erase_within_secs / 2);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(interval).await;
+                let (store, lane) = {
+                    let shard = shard.borrow();
+                    (shard.store.clone(), shard.lanes.maintenance.clone())
+                };
+                let started = Instant::now();
+                let report = lane
+                    .run(move || store.erase_deleted())
+                    .await
+                    .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
+                match report {
+                    Ok(Some(report)) if report.keyspaces_compacted > 0 => debug!(
+                        shard = id,
+                        keyspaces_compacted = report.keyspaces_compacted,
+                        disk_bytes_before = report.disk_bytes_before,
+                        disk_bytes_after = report.disk_bytes_after,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "erase pass"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => {
+                        exit_if_store_refuses(&error);
+                        warn!(shard = id, %error, "erase pass failed; retrying at the next interval");
                     }
                 }
             }
@@ -1100,13 +1157,15 @@ impl Shard {
         let store = self.store.clone();
         let core = self.core.clone();
         let now = self.now_ms();
+        let lane = self.lanes.reader.clone();
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
         spawn_detached(async move {
-            let result = glommio::executor()
-                .spawn_blocking(move || store.read_inbox(inbox, after_seq, now, &core))
-                .await;
+            let result = lane
+                .run(move || store.read_inbox(inbox, after_seq, now, &core))
+                .await
+                .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
             if let Err(error) = &result {
                 exit_if_store_refuses(error);
                 // The session reads again at once: pause, so a failing store is not spun on.
@@ -1135,16 +1194,22 @@ impl Shard {
         };
         let store = self.store.clone();
         let now = self.now_ms();
+        let lane = self.lanes.writer.clone();
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
         spawn_detached(async move {
-            let (committer, batch, result) = glommio::executor()
-                .spawn_blocking(move || {
+            let ran = lane
+                .run(move || {
                     let result = store.commit(&mut committer, &batch.requests, now);
                     (committer, batch, result)
                 })
                 .await;
+            // The writer thread ends only with the process (a panic exits it).
+            let Ok((committer, batch, result)) = ran else {
+                tracing::error!("the store writer thread stopped; exiting");
+                std::process::exit(3);
+            };
             let mut shard = shard.borrow_mut();
             shard.committer = Some(committer);
             shard.finish_commit(batch, result);

@@ -10,16 +10,18 @@ use common::{EVENT_TIMEOUT, Edge, assert_quiet, next_message};
 use courier_client::{ConnectOptions, Incoming};
 use courier_core::CoreConfig;
 use courier_core::commit::read_inbox;
-use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::fjall::FjallOptions;
 
 /// Messages still stored in `inbox`, read from the edge's data directory after it stopped.
 fn stored_messages(edge: &Edge, inbox: u64) -> Vec<u64> {
-    let store = FjallStore::open(
-        &edge.dir.path().join("data/store"),
+    let stores = courier_edge::stores::open_existing(
+        &edge.dir.path().join("data"),
         &FjallOptions::default(),
     )
-    .expect("open the stopped edge's store");
-    let page = read_inbox(&store, inbox, 0, 0, &CoreConfig::default()).expect("read");
+    .expect("open the stopped edge's stores");
+    let home = courier_core::placement::home_shard(inbox, stores.len() as u32);
+    let page =
+        read_inbox(&*stores[home as usize], inbox, 0, 0, &CoreConfig::default()).expect("read");
     page.messages.iter().map(|m| m.seq).collect()
 }
 

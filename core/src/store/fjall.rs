@@ -2,14 +2,15 @@
 //!
 //! One writer at a time: a transaction holds the store's lock from `begin` to `commit`, reads
 //! the latest committed state, and commits its writes as one fjall write batch persisted with
-//! `PersistMode::SyncAll` before `commit` returns. A failed write or fsync poisons the fjall
+//! `PersistMode::SyncAll` before `commit` returns. Readers (`begin_read`) take no lock: they
+//! read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync poisons the fjall
 //! database; every later call then fails with [`StoreError::Poisoned`] until the process
 //! reopens the store and recovers from the journal.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 
 use super::overlay::{self, Engine, Overlay};
 use super::{CommitVersion, Store, StoreError};
@@ -82,6 +83,20 @@ pub struct FjallStore {
     flush_every_bytes: u64,
     /// Bytes written since every memtable was last sealed (only the writer touches it).
     written_since_flush: std::sync::atomic::AtomicU64,
+    /// Per keyspace (`tagged`, then `misc`): something was deleted since the last erase pass.
+    deleted_since_erase: Vec<std::sync::atomic::AtomicBool>,
+    /// Anything was written since the last erase pass.
+    written_since_erase: std::sync::atomic::AtomicBool,
+}
+
+/// What one [`FjallStore::erase_deleted`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EraseReport {
+    /// Keyspaces whose tables were rewritten without their deleted keys.
+    pub keyspaces_compacted: usize,
+    /// Bytes the store used on disk before and after the pass.
+    pub disk_bytes_before: u64,
+    pub disk_bytes_after: u64,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -134,6 +149,10 @@ impl FjallStore {
             writer: Mutex::new(0),
             flush_every_bytes: options.flush_every_bytes.max(1024 * 1024),
             written_since_flush: std::sync::atomic::AtomicU64::new(0),
+            deleted_since_erase: (0..=PARTITIONED_TAGS.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            written_since_erase: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -142,9 +161,66 @@ impl FjallStore {
     }
 
     fn keyspace_of(&self, key: &[u8]) -> &Keyspace {
+        self.keyspace_at(Self::keyspace_index(key))
+    }
+
+    /// The position of a key's keyspace: in `tagged`, or `tagged.len()` for `misc`.
+    fn keyspace_index(key: &[u8]) -> usize {
         key.first()
             .and_then(|tag| PARTITIONED_TAGS.binary_search(tag).ok())
-            .map_or(&self.misc, |index| &self.tagged[index])
+            .unwrap_or(PARTITIONED_TAGS.len())
+    }
+
+    fn keyspace_at(&self, index: usize) -> &Keyspace {
+        self.tagged.get(index).unwrap_or(&self.misc)
+    }
+
+    /// Bytes the store uses on disk (journals and tables).
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        self.db.disk_space().map_err(io_error)
+    }
+
+    /// Makes what was deleted physically gone from disk, and disk use fall with it.
+    ///
+    /// A delete in an LSM store writes a tombstone; the old value stays in the journal until
+    /// the journal is dropped, and in tables until a compaction merges it with its tombstone
+    /// at the last level. This pass seals the journal, flushes every memtable, deletes the
+    /// sealed journals (fjall patch, vendor/README.md), and rewrites the tables of every
+    /// keyspace that had deletions into one run, which drops deleted keys with their
+    /// tombstones. Everything deleted before the pass started is then in no file of the store.
+    ///
+    /// Its cost is a flush plus rewriting the live data of the keyspaces with deletions
+    /// (undelivered messages, dedupe records): run it every few minutes, not per commit. It
+    /// runs beside commits (fjall serialises what needs it) and does nothing if nothing was
+    /// written since the last pass.
+    pub fn erase_deleted(&self) -> Result<EraseReport, StoreError> {
+        use std::sync::atomic::Ordering;
+        let disk_bytes_before = self.disk_bytes()?;
+        if !self.written_since_erase.swap(false, Ordering::AcqRel) {
+            return Ok(EraseReport {
+                keyspaces_compacted: 0,
+                disk_bytes_before,
+                disk_bytes_after: disk_bytes_before,
+            });
+        }
+        self.db.rotate_journal().map_err(io_error)?;
+        for keyspace in self.tagged.iter().chain(std::iter::once(&self.misc)) {
+            keyspace.rotate_memtable_and_wait().map_err(io_error)?;
+        }
+        // Deletes the journal sealed above: everything in it is now in tables.
+        self.db.rotate_journal().map_err(io_error)?;
+        let mut keyspaces_compacted = 0;
+        for (index, deleted) in self.deleted_since_erase.iter().enumerate() {
+            if deleted.swap(false, Ordering::AcqRel) {
+                self.keyspace_at(index).major_compact().map_err(io_error)?;
+                keyspaces_compacted += 1;
+            }
+        }
+        Ok(EraseReport {
+            keyspaces_compacted,
+            disk_bytes_before,
+            disk_bytes_after: self.disk_bytes()?,
+        })
     }
 
     /// Splits `[begin, end)` into pieces that each lie in one keyspace, in key order.
@@ -192,7 +268,13 @@ impl std::fmt::Debug for FjallTransaction<'_> {
 
 struct FjallEngine<'a> {
     store: &'a FjallStore,
-    version: MutexGuard<'a, CommitVersion>,
+    access: Access<'a>,
+}
+
+/// How a transaction reads: under the writer lock (it may commit), or from a snapshot.
+enum Access<'a> {
+    Write(MutexGuard<'a, CommitVersion>),
+    Read(Snapshot),
 }
 
 impl std::fmt::Debug for FjallEngine<'_> {
@@ -203,7 +285,12 @@ impl std::fmt::Debug for FjallEngine<'_> {
 
 impl Engine for FjallEngine<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.store.keyspace_of(key).get(key).map_err(io_error)?;
+        let keyspace = self.store.keyspace_of(key);
+        let value = match &self.access {
+            Access::Write(_) => keyspace.get(key),
+            Access::Read(snapshot) => snapshot.get(keyspace, key),
+        }
+        .map_err(io_error)?;
         Ok(value.map(|v| v.to_vec()))
     }
 
@@ -214,7 +301,11 @@ impl Engine for FjallEngine<'_> {
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         for (keyspace, segment_begin, segment_end) in self.store.segments(begin, end) {
-            for guard in keyspace.range(segment_begin..segment_end) {
+            let range = match &self.access {
+                Access::Write(_) => keyspace.range(segment_begin..segment_end),
+                Access::Read(snapshot) => snapshot.range(keyspace, segment_begin..segment_end),
+            };
+            for guard in range {
                 let (key, value) = guard.into_inner().map_err(io_error)?;
                 if !visit(&key, &value) {
                     return Ok(());
@@ -228,6 +319,14 @@ impl Engine for FjallEngine<'_> {
         &mut self,
         changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<CommitVersion, StoreError> {
+        let Access::Write(version) = &mut self.access else {
+            if changes.is_empty() {
+                return Ok(0);
+            }
+            return Err(StoreError::Io(
+                "a read-only transaction cannot commit writes: this is a bug".into(),
+            ));
+        };
         if !changes.is_empty() {
             let mut batch = self
                 .store
@@ -235,19 +334,24 @@ impl Engine for FjallEngine<'_> {
                 .batch()
                 .durability(Some(self.store.persist_mode));
             let mut bytes = 0u64;
+            let mut deleted_in = [false; PARTITIONED_TAGS.len() + 1];
             for (key, value) in changes {
-                let keyspace = self.store.keyspace_of(&key);
+                let index = FjallStore::keyspace_index(&key);
+                let keyspace = self.store.keyspace_at(index);
                 bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
                 match value {
                     Some(value) => batch.insert(keyspace, key, value),
-                    None => batch.remove(keyspace, key),
+                    None => {
+                        deleted_in[index] = true;
+                        batch.remove(keyspace, key)
+                    }
                 }
             }
             batch.commit().map_err(io_error)?;
-            self.store.note_written(bytes);
+            self.store.note_written(bytes, &deleted_in);
         }
-        *self.version += 1;
-        Ok(*self.version)
+        **version += 1;
+        Ok(**version)
     }
 }
 
@@ -255,8 +359,14 @@ impl FjallStore {
     /// Counts bytes written and, every `flush_every_bytes`, seals every keyspace's memtable so
     /// fjall flushes it. Counters, device records and the clock are written a few bytes at a
     /// time and would otherwise pin the journal until it reaches `journal_bytes_max`.
-    fn note_written(&self, bytes: u64) {
+    fn note_written(&self, bytes: u64, deleted_in: &[bool]) {
         use std::sync::atomic::Ordering;
+        self.written_since_erase.store(true, Ordering::Release);
+        for (flag, deleted) in self.deleted_since_erase.iter().zip(deleted_in) {
+            if *deleted {
+                flag.store(true, Ordering::Release);
+            }
+        }
         let total = self.written_since_flush.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total < self.flush_every_bytes {
             return;
@@ -282,7 +392,16 @@ impl Store for FjallStore {
         Ok(FjallTransaction {
             overlay: Overlay::new(FjallEngine {
                 store: self,
-                version,
+                access: Access::Write(version),
+            }),
+        })
+    }
+
+    fn begin_read(&self) -> Result<FjallTransaction<'_>, StoreError> {
+        Ok(FjallTransaction {
+            overlay: Overlay::new(FjallEngine {
+                store: self,
+                access: Access::Read(self.db.snapshot()),
             }),
         })
     }

@@ -77,6 +77,13 @@ pub trait Store: Send + Sync {
 
     /// Starts a transaction. Embedded backends serialise writers: hold a transaction briefly.
     fn begin(&self) -> Result<Self::Transaction<'_>, StoreError>;
+
+    /// Starts a transaction that only reads, from a consistent snapshot. Embedded backends take
+    /// no writer lock for it, so reads (syncs) never wait for a commit's fsync. Committing
+    /// writes from it is an error.
+    fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.begin()
+    }
 }
 
 /// One transaction. Dropping it without [`commit`](Transaction::commit) discards its writes.

@@ -1,0 +1,144 @@
+//! Store lanes: threads of a shard that run its blocking store work, each fed by a bounded
+//! queue.
+//!
+//! A shard has three (docs/decisions/0008-per-shard-stores.md):
+//! - the **writer** runs group commits, one at a time, so an fsync never blocks the executor
+//!   and no other shard's commit ever waits behind it;
+//! - the **reader** runs sync reads (fjall snapshots: no writer lock), so a reconnect storm
+//!   that reads thousands of pages never stalls a commit;
+//! - **maintenance** runs the expiry and erase passes, which can take long.
+//!
+//! The executor hands a closure to a lane and awaits its result; the lane's thread wakes the
+//! waiting task. glommio queues a wake from another thread and writes its eventfd only when
+//! the executor is about to sleep, so a busy shard takes completions without a system call.
+//! With `server.pin_shards` the lanes run on the shard's core: a wake-up then never needs an
+//! interrupt to another core.
+
+use std::future::Future;
+
+/// Work handed to a lane.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One thread and its bounded queue of jobs.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    jobs: flume::Sender<Job>,
+    name: String,
+}
+
+/// The lane's thread is gone (it can only end by a panic, which ends the process).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the store thread {0} stopped")]
+pub struct LaneStopped(pub String);
+
+impl Lane {
+    /// Starts a lane thread named `name` whose queue holds at most `queued_jobs_max` jobs,
+    /// pinned to `cpu` if given.
+    pub fn start(name: String, queued_jobs_max: usize, cpu: Option<usize>) -> Result<Lane, String> {
+        let (jobs, queue) = flume::bounded::<Job>(queued_jobs_max.max(1));
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(error) = pin_current_thread(cpu)
+                {
+                    tracing::warn!(cpu, %error, "cannot pin a store thread to its shard's core");
+                }
+                while let Ok(job) = queue.recv() {
+                    job();
+                }
+            })
+            .map_err(|error| format!("cannot start store thread {name}: {error}"))?;
+        Ok(Lane { jobs, name })
+    }
+
+    /// Runs `work` on the lane's thread and returns its result. Waits for room in the queue
+    /// first: a full lane slows its callers down instead of growing.
+    pub fn run<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> impl Future<Output = Result<R, LaneStopped>> + 'static {
+        let jobs = self.jobs.clone();
+        let name = self.name.clone();
+        async move {
+            let (reply, result) = flume::bounded(1);
+            let job: Job = Box::new(move || {
+                let _ = reply.send(work());
+            });
+            jobs.send_async(job)
+                .await
+                .map_err(|_| LaneStopped(name.clone()))?;
+            result.recv_async().await.map_err(|_| LaneStopped(name))
+        }
+    }
+}
+
+/// The writer, reader and maintenance lanes of one shard.
+#[derive(Debug, Clone)]
+pub struct StoreLanes {
+    pub writer: Lane,
+    pub reader: Lane,
+    pub maintenance: Lane,
+}
+
+impl StoreLanes {
+    /// Starts the lanes of shard `shard`; reads queue at most `reads_queued_max` deep.
+    pub fn start(
+        shard: u8,
+        reads_queued_max: usize,
+        cpu: Option<usize>,
+    ) -> Result<StoreLanes, String> {
+        Ok(StoreLanes {
+            // One commit is in flight per shard; room for two keeps the lane busy.
+            writer: Lane::start(format!("store-w{shard}"), 2, cpu)?,
+            reader: Lane::start(format!("store-r{shard}"), reads_queued_max, cpu)?,
+            maintenance: Lane::start(format!("store-m{shard}"), 2, cpu)?,
+        })
+    }
+}
+
+/// Pins the calling thread to one CPU.
+#[allow(unsafe_code)]
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data, zeroed then filled by CPU_SET; sched_setaffinity reads
+    // it for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_runs_work_on_its_thread_and_returns_the_result() {
+        let lane = Lane::start("test-lane".into(), 1, None).expect("lane starts");
+        let results = glommio::LocalExecutorBuilder::default()
+            .io_memory(64 * 1024)
+            .spawn(move || async move {
+                let mut results = Vec::new();
+                for i in 0..10u32 {
+                    let thread = lane
+                        .run(move || (i * 2, std::thread::current().name().map(String::from)))
+                        .await
+                        .expect("lane runs");
+                    results.push(thread);
+                }
+                results
+            })
+            .expect("executor starts")
+            .join()
+            .expect("executor ends");
+        assert_eq!(results.len(), 10);
+        for (i, (doubled, thread)) in results.into_iter().enumerate() {
+            assert_eq!(doubled, 2 * i as u32);
+            assert_eq!(thread.as_deref(), Some("test-lane"));
+        }
+    }
+}

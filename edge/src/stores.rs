@@ -1,0 +1,384 @@
+//! The embedded store on disk: one fjall database per shard.
+//!
+//! ```text
+//! data_dir/stores/layout        "courier store layout 2" and the shard count
+//! data_dir/stores/shard-0/      fjall database of shard 0 (the inboxes homed to it)
+//! data_dir/stores/shard-1/      ...
+//! ```
+//!
+//! Users are placed on shards by hash (`courier_core::placement::home_shard`), so a data
+//! directory's shard count is fixed: an edge with another count refuses to start and says
+//! which count to set. A data directory from before per-shard stores (one database in
+//! `data_dir/store`) is migrated at start: every key is copied to the store of its inbox's
+//! shard, the new layout is renamed into place, and the old database is deleted. A crash
+//! during migration leaves the old database untouched and the next start migrates again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use courier_core::keys;
+use courier_core::placement::home_shard;
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::{Store, StoreError, Transaction};
+use tracing::info;
+
+const LAYOUT_FILE: &str = "layout";
+const LAYOUT_HEADER: &str = "courier store layout 2";
+/// Keys copied per transaction during a migration.
+const MIGRATION_KEYS_PER_COMMIT: usize = 10_000;
+
+/// Where the per-shard stores of a data directory live.
+pub fn stores_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("stores")
+}
+
+/// The single shared store of data directories written before per-shard stores.
+pub fn legacy_store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("store")
+}
+
+fn shard_dir(stores: &Path, shard: u32) -> PathBuf {
+    stores.join(format!("shard-{shard}"))
+}
+
+/// Opens (creating or migrating if needed) the store of every shard, in shard order.
+pub fn open_embedded(
+    data_dir: &Path,
+    shards: u32,
+    options: &FjallOptions,
+) -> Result<Vec<Arc<FjallStore>>, String> {
+    let stores = stores_dir(data_dir);
+    let legacy = legacy_store_dir(data_dir);
+    match read_layout(&stores)? {
+        Some(existing) if existing != shards => {
+            return Err(format!(
+                "the store in {} was written by an edge with {existing} shards, and this one would \
+                 run {shards}: users are placed on shards by hash, so the count of a data directory \
+                 is fixed. Set server.shards = {existing}",
+                stores.display()
+            ));
+        }
+        Some(_) => {
+            if legacy.exists() {
+                // A migration renamed the new layout into place and stopped before it deleted
+                // the old database: finish it.
+                remove_legacy(&legacy)?;
+            }
+        }
+        None => {
+            if legacy.exists() {
+                migrate(&legacy, &stores, shards, options)?;
+            } else {
+                create_layout(&stores, shards)?;
+            }
+        }
+    }
+    open_shards(&stores, shards, options)
+}
+
+/// Opens the stores of an existing data directory with the shard count it was written with
+/// (for tools and tests; the edge itself uses [`open_embedded`]).
+pub fn open_existing(
+    data_dir: &Path,
+    options: &FjallOptions,
+) -> Result<Vec<Arc<FjallStore>>, String> {
+    let stores = stores_dir(data_dir);
+    let shards = read_layout(&stores)?
+        .ok_or_else(|| format!("{} holds no Courier store", stores.display()))?;
+    open_shards(&stores, shards, options)
+}
+
+/// Opens the shard stores in parallel: each replays its own journal.
+fn open_shards(
+    stores: &Path,
+    shards: u32,
+    options: &FjallOptions,
+) -> Result<Vec<Arc<FjallStore>>, String> {
+    std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..shards)
+            .map(|shard| {
+                let dir = shard_dir(stores, shard);
+                scope.spawn(move || {
+                    FjallStore::open(&dir, options)
+                        .map(Arc::new)
+                        .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))
+                })
+            })
+            .collect();
+        opening
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|_| Err("a store failed to open (panic)".into()))
+            })
+            .collect()
+    })
+}
+
+/// The shard count recorded in `stores`, or `None` if there is no layout yet.
+fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
+    let path = stores.join(LAYOUT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if stores.exists() && std::fs::read_dir(stores).is_ok_and(|mut d| d.next().is_some()) {
+                return Err(format!(
+                    "{} holds files but no {LAYOUT_FILE} file: it is not a Courier store. Move it \
+                     away or set server.data_dir to another directory",
+                    stores.display()
+                ));
+            }
+            return Ok(None);
+        }
+        Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+    };
+    let mut lines = text.lines();
+    if lines.next() != Some(LAYOUT_HEADER) {
+        return Err(format!(
+            "{} is not a store layout this version understands (expected the first line \
+             \"{LAYOUT_HEADER}\")",
+            path.display()
+        ));
+    }
+    let shards = lines
+        .find_map(|line| line.strip_prefix("shards = "))
+        .and_then(|count| count.trim().parse::<u32>().ok())
+        .filter(|count| *count > 0)
+        .ok_or_else(|| format!("{} names no shard count", path.display()))?;
+    Ok(Some(shards))
+}
+
+/// Writes the layout file of a new store directory, atomically and durably.
+fn create_layout(stores: &Path, shards: u32) -> Result<(), String> {
+    std::fs::create_dir_all(stores)
+        .map_err(|e| format!("cannot create {}: {e}", stores.display()))?;
+    let path = stores.join(LAYOUT_FILE);
+    let temporary = stores.join(format!("{LAYOUT_FILE}.tmp"));
+    let text = format!("{LAYOUT_HEADER}\nshards = {shards}\n");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temporary)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        sync_dir(stores)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn remove_legacy(legacy: &Path) -> Result<(), String> {
+    std::fs::remove_dir_all(legacy).map_err(|e| {
+        format!(
+            "migrated the store, but cannot delete the old one in {}: {e}; delete it by hand",
+            legacy.display()
+        )
+    })
+}
+
+/// Copies a single shared store into per-shard stores, then swaps them in.
+fn migrate(
+    legacy: &Path,
+    stores: &Path,
+    shards: u32,
+    options: &FjallOptions,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let parent = stores.parent().unwrap_or(Path::new("."));
+    let staging = parent.join("stores.migrating");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| {
+            format!(
+                "cannot remove an unfinished migration in {}: {e}",
+                staging.display()
+            )
+        })?;
+    }
+    info!(from = %legacy.display(), to = %stores.display(), shards, "migrating the store to one database per shard");
+    create_layout(&staging, shards)?;
+    let copied = {
+        let source = FjallStore::open(legacy, options)
+            .map_err(|e| format!("cannot open the old store in {}: {e}", legacy.display()))?;
+        let targets = open_shards(&staging, shards, options)?;
+        copy_keys(&source, &targets).map_err(|e| {
+            format!(
+                "migrating the store in {} failed (it is left as it was): {e}",
+                legacy.display()
+            )
+        })?
+    };
+    std::fs::rename(&staging, stores)
+        .and_then(|()| sync_dir(parent))
+        .map_err(|e| {
+            format!(
+                "cannot move the migrated store into {}: {e}",
+                stores.display()
+            )
+        })?;
+    remove_legacy(legacy)?;
+    info!(
+        keys = copied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "store migrated"
+    );
+    Ok(())
+}
+
+/// Copies every key of `source` to the target store of its inbox's shard. Returns the count.
+fn copy_keys(source: &FjallStore, targets: &[Arc<FjallStore>]) -> Result<u64, StoreError> {
+    let shards = targets.len() as u32;
+    let mut pending: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); targets.len()];
+    let mut copied = 0u64;
+    let mut from = Vec::new();
+    loop {
+        let page = source
+            .begin_read()?
+            .get_range(&from, &[0xff; 2], MIGRATION_KEYS_PER_COMMIT)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        from = last.clone();
+        from.push(0);
+        for (key, value) in page {
+            copied += 1;
+            match shard_of_key(&key, shards)? {
+                Some(shard) => pending[shard as usize].push((key, value)),
+                // The clock high-water mark belongs to every shard.
+                None => pending
+                    .iter_mut()
+                    .for_each(|p| p.push((key.clone(), value.clone()))),
+            }
+        }
+        for (target, pairs) in targets.iter().zip(&mut pending) {
+            if pairs.len() >= MIGRATION_KEYS_PER_COMMIT {
+                write_pairs(target, std::mem::take(pairs))?;
+            }
+        }
+    }
+    for (target, pairs) in targets.iter().zip(pending) {
+        write_pairs(target, pairs)?;
+    }
+    Ok(copied)
+}
+
+fn write_pairs(target: &FjallStore, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let mut txn = target.begin()?;
+    for (key, value) in pairs {
+        txn.set(&key, &value);
+    }
+    txn.commit().map(|_| ())
+}
+
+/// The shard whose store holds `key`, or `None` for keys every shard keeps (the clock).
+fn shard_of_key(key: &[u8], shards: u32) -> Result<Option<u32>, StoreError> {
+    let inbox_at = |offset: usize| -> Result<Option<u32>, StoreError> {
+        let bytes: [u8; 8] = key
+            .get(offset..offset + 8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("key too short: {key:02x?}")))?;
+        Ok(Some(home_shard(u64::from_be_bytes(bytes), shards)))
+    };
+    match key.first() {
+        Some(&keys::TAG_MESSAGE | &keys::TAG_COUNTER | &keys::TAG_DEVICE) => inbox_at(1),
+        Some(&keys::TAG_DEDUPE | &keys::TAG_EXPIRY) => inbox_at(9),
+        Some(&keys::TAG_CLOCK) => Ok(None),
+        _ => Err(StoreError::Corrupt(format!(
+            "a key this version does not know: {key:02x?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::CoreConfig;
+    use courier_core::commit::{Committer, Outcome, Request, SendRequest, read_inbox};
+
+    fn send(sender: u64, to: u64, client_id: u64) -> Request {
+        Request::Send(SendRequest {
+            sender,
+            to,
+            client_id,
+            body: format!("hello {to} #{client_id}").into_bytes(),
+            ttl_secs: None,
+        })
+    }
+
+    #[test]
+    fn a_single_store_migrates_to_per_shard_stores_with_every_message_and_counter() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let options = FjallOptions::default();
+        let core = CoreConfig::default();
+        let now = 1_000_000;
+        let recipients: Vec<u64> = (1..=40).collect();
+        {
+            let legacy = FjallStore::open(&legacy_store_dir(data.path()), &options).unwrap();
+            let mut committer = Committer::new(&core);
+            let requests: Vec<Request> = recipients
+                .iter()
+                .flat_map(|to| [send(99, *to, *to * 10), send(99, *to, *to * 10 + 1)])
+                .collect();
+            let outcomes = committer.commit_batch(&legacy, &requests, now).unwrap();
+            assert!(outcomes.iter().all(|o| matches!(o, Outcome::Stored { .. })));
+        }
+        let stores = open_embedded(data.path(), 3, &options).expect("migrates");
+        assert!(!legacy_store_dir(data.path()).exists(), "old store deleted");
+        for to in &recipients {
+            let shard = home_shard(*to, 3) as usize;
+            let page = read_inbox(&*stores[shard], *to, 0, now, &core).unwrap();
+            let bodies: Vec<_> = page.messages.iter().map(|m| m.body.clone()).collect();
+            assert_eq!(
+                bodies,
+                vec![
+                    format!("hello {to} #{}", to * 10).into_bytes(),
+                    format!("hello {to} #{}", to * 10 + 1).into_bytes()
+                ]
+            );
+            assert_eq!(page.covered_up_to, 2);
+            for other in (0..3).filter(|s| *s != shard) {
+                let page = read_inbox(&*stores[other], *to, 0, now, &core).unwrap();
+                assert!(page.messages.is_empty(), "inbox {to} only on shard {shard}");
+            }
+        }
+        // The counter moved too: the next message of an inbox gets seq 3, not 1.
+        let to = recipients[0];
+        let shard = home_shard(to, 3) as usize;
+        let mut committer = Committer::new(&core);
+        let outcome = committer
+            .commit_batch(&*stores[shard], &[send(7, to, 1)], now + 1)
+            .unwrap();
+        assert!(
+            matches!(outcome[0], Outcome::Stored { seq: 3, .. }),
+            "{outcome:?}"
+        );
+        drop(stores);
+        // Reopening finds the layout and keeps everything.
+        let again = open_embedded(data.path(), 3, &options).expect("reopens");
+        let page = read_inbox(&*again[shard], to, 0, now + 1, &core).unwrap();
+        assert_eq!(page.messages.len(), 3);
+    }
+
+    #[test]
+    fn another_shard_count_is_refused_with_the_count_to_set() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let options = FjallOptions::default();
+        drop(open_embedded(data.path(), 2, &options).expect("creates"));
+        let error = open_embedded(data.path(), 4, &options).expect_err("refused");
+        assert!(error.contains("server.shards = 2"), "{error}");
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused() {
+        let data = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(stores_dir(data.path())).unwrap();
+        std::fs::write(stores_dir(data.path()).join("notes.txt"), "mine").unwrap();
+        let error = open_embedded(data.path(), 1, &FjallOptions::default()).expect_err("refused");
+        assert!(error.contains("not a Courier store"), "{error}");
+    }
+}

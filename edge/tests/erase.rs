@@ -1,0 +1,79 @@
+//! Deleted means gone from disk (R4, issue 10): once a message is acknowledged, its body is in
+//! no file of the data directory within `retention.erase_within_secs`.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Edge, next_message};
+
+/// Files under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|window| window == needle)
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// A marker body is on disk once its send is acknowledged, and after the recipient acked it,
+/// within the configured bound (2 s here, polled for up to 60 s on a slow machine) no file of
+/// the running edge's data directory holds it: not the journal, not a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound() {
+    let edge = Edge::start_with(2, "[retention]\nerase_within_secs = 2\n", &[]);
+    let data = edge.dir.path().join("data");
+    // Random bytes: compression cannot hide them, and nothing else on disk matches.
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let sender = edge.client(3001).await;
+    let mut recipient = edge.client(3002).await;
+    // Traffic around the marker, so it shares journals and tables with messages that stay.
+    let mut kept = edge.client(3003).await;
+    for i in 0..50u32 {
+        sender
+            .send(3004, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    sender.send(3002, marker.clone()).await.expect("send");
+    assert!(
+        !files_containing(&data, &marker).is_empty(),
+        "an acknowledged send is on disk (else this test could not fail)"
+    );
+    assert_eq!(next_message(&mut recipient).await.body, marker);
+    // The SDK acks what the application took; more traffic moves the ack along.
+    for i in 0..50u32 {
+        sender
+            .send(3003, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        next_message(&mut kept).await;
+    }
+    recipient.close();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = files_containing(&data, &marker);
+        if found.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the acknowledged body is still on disk in {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
