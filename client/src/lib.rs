@@ -87,7 +87,9 @@ pub struct Connector {
     keep_alive: Duration,
 }
 
-/// TLS 1.3 with ALPN `courier/2`, early data on, and a fresh session cache.
+/// How long the SDK lets the edge delay its acknowledgements (QUIC ACK frequency extension).
+const EDGE_ACK_DELAY_MS: u64 = 100;
+
 /// How often an idle connection sends a keep-alive. It is also how soon an idle client learns
 /// that a restarted edge forgot its connection (the edge answers the keep-alive with a
 /// stateless reset, and the client reconnects), so with 2 s an idle client is back within about
@@ -96,6 +98,7 @@ pub struct Connector {
 /// detection: [`Connector::with_keep_alive`].
 pub const KEEP_ALIVE_DEFAULT: Duration = Duration::from_secs(2);
 
+/// TLS 1.3 with ALPN `courier/2`, early data on, and a fresh session cache.
 fn client_config(
     roots: &Arc<rustls::RootCertStore>,
     keep_alive: Duration,
@@ -113,6 +116,13 @@ fn client_config(
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(keep_alive));
+    // Let the edge acknowledge our packets in its next answer (a `SendAck`, a delivery)
+    // instead of an ACK-only datagram; loss recovery waits up to this much longer.
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency
+        .max_ack_delay(Some(Duration::from_millis(EDGE_ACK_DELAY_MS)))
+        .ack_eliciting_threshold(quinn::VarInt::from_u32(4));
+    transport.ack_frequency_config(Some(ack_frequency));
     client_config.transport_config(Arc::new(transport));
     Ok(client_config)
 }

@@ -407,8 +407,14 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// Takes the next group-commit batch, if any and none is in flight.
-    pub fn poll_batch(&mut self) -> Option<Batch<ConnRef>> {
-        self.inbox.poll_batch()
+    pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<ConnRef>> {
+        self.inbox.poll_batch(now_ms)
+    }
+
+    /// When `poll_batch` has a batch of waiting acks even if nothing else arrives: the driver
+    /// calls it again then (`InboxShard::batch_deadline_ms`).
+    pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
+        self.inbox.batch_deadline_ms()
     }
 
     /// The result of committing `batch`: answers to the senders and live deliveries.
@@ -691,7 +697,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 up_to_seq,
             } => {
                 // A refused ack is repeated by the client's next ack or reconnect.
-                let _ = self.inbox.handle_ack(inbox, device, up_to_seq);
+                let _ = self.inbox.handle_ack(inbox, device, up_to_seq, now_ms);
             }
             ShardMessage::SendResult {
                 reply,

@@ -81,6 +81,9 @@ pub struct InboxShard<T> {
     links: VecDeque<((UserId, u32, u64), T)>,
     /// Highest ack per inbox and device, not yet committed.
     acks: BTreeMap<(UserId, u32), u64>,
+    /// When the oldest ack in `acks` arrived; acks alone make a batch `ack_delay_ms` later.
+    acks_waiting_since_ms: Option<UnixMillis>,
+    ack_delay_ms: u64,
     batch_in_flight: bool,
 }
 
@@ -95,8 +98,21 @@ impl<T> InboxShard<T> {
             queue_bytes: 0,
             links: VecDeque::new(),
             acks: BTreeMap::new(),
+            acks_waiting_since_ms: None,
+            ack_delay_ms: config.ack_commit_delay_ms,
             batch_in_flight: false,
         }
+    }
+
+    /// When the waiting acks make a batch on their own, if nothing else comes first: the
+    /// runtime calls `poll_batch` again then. `None` when no acks wait or a batch is due (or in
+    /// flight) anyway.
+    pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
+        if self.batch_in_flight || !self.queue.is_empty() || !self.links.is_empty() {
+            return None;
+        }
+        self.acks_waiting_since_ms
+            .map(|since| since.saturating_add(self.ack_delay_ms))
     }
 
     /// Sends, links and acks waiting for a batch.
@@ -145,6 +161,7 @@ impl<T> InboxShard<T> {
         inbox: UserId,
         device: u32,
         up_to_seq: u64,
+        now_ms: UnixMillis,
     ) -> Result<(), AckRefused> {
         if let Some(existing) = self.acks.get_mut(&(inbox, device)) {
             *existing = (*existing).max(up_to_seq);
@@ -154,13 +171,25 @@ impl<T> InboxShard<T> {
             return Err(AckRefused);
         }
         self.acks.insert((inbox, device), up_to_seq);
+        self.acks_waiting_since_ms.get_or_insert(now_ms);
         Ok(())
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
-    /// while a batch is in flight or when nothing is queued.
-    pub fn poll_batch(&mut self) -> Option<Batch<T>> {
+    /// while a batch is in flight, when nothing is queued, or when only acks wait and the
+    /// oldest has waited less than `ack_commit_delay_ms` (see `batch_deadline_ms`) and they do
+    /// not fill a batch.
+    pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<T>> {
         if self.batch_in_flight || self.queued_requests() == 0 {
+            return None;
+        }
+        let acks_only = self.queue.is_empty() && self.links.is_empty();
+        if acks_only
+            && self.acks.len() < self.batch_requests_max
+            && self
+                .acks_waiting_since_ms
+                .is_some_and(|since| now_ms < since.saturating_add(self.ack_delay_ms))
+        {
             return None;
         }
         let mut batch = Batch {
@@ -206,6 +235,9 @@ impl<T> InboxShard<T> {
                 device,
                 up_to_seq,
             });
+        }
+        if self.acks.is_empty() {
+            self.acks_waiting_since_ms = None;
         }
         self.batch_in_flight = true;
         Some(batch)
@@ -306,6 +338,10 @@ impl<T> InboxShard<T> {
                         }
                     }
                 }
+                if !self.acks.is_empty() {
+                    // Retried with the next batch, without waiting again.
+                    self.acks_waiting_since_ms = Some(0);
+                }
                 // Back to the front of the queue, in order, to be retried with the next batch.
                 for link in links.into_iter().rev() {
                     self.links.push_front(link);
@@ -346,9 +382,12 @@ mod tests {
         let refused = shard.handle_send(send(6, 10), 6).unwrap_err();
         assert_eq!(refused.tag, 6);
 
-        let batch = shard.poll_batch().unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![1, 2, 3]);
-        assert!(shard.poll_batch().is_none(), "only one batch in flight");
+        assert!(
+            shard.poll_batch(u64::MAX).is_none(),
+            "only one batch in flight"
+        );
         let outputs = shard.handle_commit(batch, Err(StoreError::CommitUnknown));
         assert!(outputs.iter().all(|o| matches!(
             o,
@@ -358,24 +397,24 @@ mod tests {
             }
         )));
 
-        let batch = shard.poll_batch().unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![4, 5]);
         shard.handle_commit(batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
         shard.handle_send(send(8, 60_000), 8).unwrap();
         shard.handle_send(send(9, 60_000), 9).unwrap();
-        let batch = shard.poll_batch().unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![8]);
     }
 
     #[test]
     fn acks_coalesce_per_inbox_and_survive_a_failed_commit() {
         let mut shard: InboxShard<()> = InboxShard::new(&CoreConfig::default());
-        shard.handle_ack(5, 0, 3).unwrap();
-        shard.handle_ack(5, 0, 9).unwrap();
-        shard.handle_ack(5, 0, 4).unwrap();
-        shard.handle_ack(6, 0, 1).unwrap();
-        let batch = shard.poll_batch().unwrap();
+        shard.handle_ack(5, 0, 3, 0).unwrap();
+        shard.handle_ack(5, 0, 9, 0).unwrap();
+        shard.handle_ack(5, 0, 4, 0).unwrap();
+        shard.handle_ack(6, 0, 1, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(
             batch.requests,
             vec![
@@ -391,13 +430,13 @@ mod tests {
                 }
             ]
         );
-        shard.handle_ack(5, 0, 2).unwrap();
+        shard.handle_ack(5, 0, 2, 0).unwrap();
         assert!(
             shard
                 .handle_commit(batch, Err(StoreError::CommitUnknown))
                 .is_empty()
         );
-        let retry = shard.poll_batch().unwrap();
+        let retry = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(
             retry.requests,
             vec![
@@ -413,5 +452,39 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn acks_alone_wait_for_company_or_their_delay_and_ride_with_the_next_send() {
+        let config = CoreConfig {
+            ack_commit_delay_ms: 50,
+            ..CoreConfig::default()
+        };
+        let mut shard: InboxShard<u32> = InboxShard::new(&config);
+        shard.handle_ack(5, 0, 3, 1_000).unwrap();
+        assert_eq!(shard.batch_deadline_ms(), Some(1_050));
+        assert!(shard.poll_batch(1_049).is_none(), "an ack alone waits");
+        // A send arrives: the ack rides along at once.
+        shard.handle_send(send(1, 10), 1).unwrap();
+        assert_eq!(shard.batch_deadline_ms(), None, "a batch is due now");
+        let batch = shard.poll_batch(1_010).unwrap();
+        assert_eq!(batch.requests.len(), 2);
+        assert!(matches!(
+            batch.requests[1],
+            Request::Ack { up_to_seq: 3, .. }
+        ));
+        // A failed commit answers the send (its client retries) and keeps the ack, which is
+        // retried at once, without waiting again.
+        assert_eq!(
+            shard.handle_commit(batch, Err(StoreError::Conflict)).len(),
+            1
+        );
+        let batch = shard.poll_batch(1_011).unwrap();
+        assert_eq!(batch.requests.len(), 1);
+        shard.handle_commit(batch, Ok(vec![Outcome::Acked]));
+        // Nothing else comes: an ack makes its own batch once its delay has passed.
+        shard.handle_ack(7, 0, 1, 3_000).unwrap();
+        assert!(shard.poll_batch(3_049).is_none());
+        assert!(shard.poll_batch(3_050).is_some());
     }
 }

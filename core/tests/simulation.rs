@@ -595,8 +595,8 @@ impl World {
         }
         // Shards commit: one batch per shard per step, when not congested.
         for shard in 0..self.shards.len() {
-            if let Some(batch) = self.shards[shard].poll_batch() {
-                let now = self.edge_now();
+            let now = self.edge_now();
+            if let Some(batch) = self.shards[shard].poll_batch(now) {
                 let result = self.committers[shard].commit_batch(&self.store, &batch.requests, now);
                 if let Ok(outcomes) = &result {
                     self.stats.duplicate_sends += outcomes

@@ -149,6 +149,10 @@ pub struct QuicSection {
     /// Path MTU discovery (costs ~28% of handshake CPU; loopback and most paths do fine
     /// without it).
     pub mtu_discovery: bool,
+    /// How long clients may delay acknowledging our packets (QUIC ACK frequency extension):
+    /// longer lets their next packet carry the acknowledgement instead of a datagram of its
+    /// own, shorter recovers a lost packet sooner.
+    pub client_ack_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +181,8 @@ pub struct BatchingSection {
     pub queue_requests_max: usize,
     pub queue_bytes_max: usize,
     pub sync_messages_max: usize,
+    /// How long an ack waits for sends to share a commit with before it is committed alone.
+    pub ack_commit_delay_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -233,6 +239,7 @@ impl Default for QuicSection {
             receive_window_bytes: 1024 * 1024,
             send_window_bytes: 1024 * 1024,
             mtu_discovery: false,
+            client_ack_delay_ms: 100,
         }
     }
 }
@@ -260,6 +267,7 @@ impl Default for BatchingSection {
             queue_requests_max: core.queue_requests_max,
             queue_bytes_max: core.queue_bytes_max,
             sync_messages_max: core.sync_messages_max,
+            ack_commit_delay_ms: core.ack_commit_delay_ms,
         }
     }
 }
@@ -453,6 +461,7 @@ impl Config {
             queue_requests_max: self.batching.queue_requests_max,
             queue_bytes_max: self.batching.queue_bytes_max,
             sync_messages_max: self.batching.sync_messages_max,
+            ack_commit_delay_ms: self.batching.ack_commit_delay_ms,
             expire_scan_keys_max: self.retention.expire_scan_keys_max,
             ..CoreConfig::default()
         }

@@ -1186,7 +1186,9 @@ impl Shard {
         if self.committer.is_none() || self.mesh_congested() {
             return;
         }
-        let Some(batch) = self.session.poll_batch() else {
+        let now_ms = self.now_ms();
+        let Some(batch) = self.session.poll_batch(now_ms) else {
+            self.arm_batch_timer(now_ms);
             return;
         };
         let Some(mut committer) = self.committer.take() else {
@@ -1268,6 +1270,20 @@ impl Shard {
         }
         self.arm_timer(handle, &mut conn);
         self.conns.insert(handle, conn);
+    }
+
+    /// Makes the timer task wake when waiting acks are due to be committed on their own.
+    fn arm_batch_timer(&mut self, now_ms: u64) {
+        let Some(deadline_ms) = self.session.batch_deadline_ms() else {
+            return;
+        };
+        let at = Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+        if self.armed_deadline.is_none_or(|armed| at < armed) {
+            self.armed_deadline = Some(at);
+            if let Some(wake) = &self.timer_wake {
+                let _ = wake.try_send(());
+            }
+        }
     }
 
     /// Puts the connection's next timeout on the timer heap if it is earlier than the one

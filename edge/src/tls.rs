@@ -123,8 +123,19 @@ pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
     if !quic.mtu_discovery {
         transport.mtu_discovery_config(None);
     }
+    // Ask clients to acknowledge less often (the QUIC ACK frequency extension): an app that
+    // sends again within the delay carries the acknowledgement in that packet instead of an
+    // ACK-only datagram of its own.
+    let mut ack_frequency = quinn_proto::AckFrequencyConfig::default();
+    ack_frequency
+        .max_ack_delay(Some(Duration::from_millis(quic.client_ack_delay_ms)))
+        .ack_eliciting_threshold(quinn_proto::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    transport.ack_frequency_config(Some(ack_frequency));
     transport
 }
+
+/// Ack-eliciting packets a client may receive before it must acknowledge them.
+const ACK_ELICITING_THRESHOLD: u32 = 4;
 
 /// Bytes of the stateless-reset secret.
 const RESET_SECRET_BYTES: usize = 64;
