@@ -32,7 +32,12 @@ impl Target {
         let user_base = (u64::from(rand::random::<u32>()) + 1) << 20;
         if args.spawn_edge {
             let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
-            let spawned = SpawnedEdge::start(args.edge_shards, cpus)?;
+            let extra = match &args.edge_config {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
+                None => String::new(),
+            };
+            let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra)?;
             return Ok(Target {
                 addr: spawned.addr,
                 cert_pem: std::fs::read(spawned.data_dir().join("tls/cert.pem"))
@@ -60,6 +65,13 @@ impl Target {
             user_base,
             spawned: None,
         })
+    }
+
+    /// Bytes of the spawned edge's store on disk (`None` for an edge this process did not
+    /// start).
+    pub fn store_disk_bytes(&self) -> Option<u64> {
+        let spawned = self.spawned.as_ref()?.lock().ok()?;
+        Some(dir_bytes(&spawned.data_dir().join("stores")))
     }
 
     /// A token for `user`, valid for a day.
@@ -119,6 +131,26 @@ fn read_key(path: &std::path::Path) -> Result<SigningKey, String> {
     signing_key_from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Bytes allocated on disk by the files under `dir` (fjall preallocates its journals as sparse
+/// files, so their length is not what they use).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => pending.push(entry.path()),
+                Ok(meta) => total += std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 /// An edge running as a child process of this binary, stopped on drop.
 struct SpawnedEdge {
     child: Child,
@@ -129,7 +161,7 @@ struct SpawnedEdge {
 }
 
 impl SpawnedEdge {
-    fn start(shards: u32, cpus: Option<&[usize]>) -> Result<SpawnedEdge, String> {
+    fn start(shards: u32, cpus: Option<&[usize]>, extra: &str) -> Result<SpawnedEdge, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -139,7 +171,7 @@ impl SpawnedEdge {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let config_path = dir.path().join("courier.toml");
         let config = format!(
-            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
+            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config_path, config)

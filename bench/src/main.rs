@@ -7,10 +7,6 @@
 //! (fields: docs/bench.md). Message workloads check what they measure: any lost message is a
 //! non-zero exit.
 
-/// The same allocator as `courier-edge`, whose edge this binary also runs (`--spawn-edge`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod edge;
 mod report;
 mod workloads;
@@ -78,6 +74,10 @@ pub struct TargetArgs {
     /// CPUs the load generator may run on, like `1` (default: any).
     #[arg(long, global = true, value_parser = parse_cpus)]
     pub bench_cpus: Option<CpuList>,
+    /// A TOML file appended to the spawned edge's config, like a `[retention]` section with a
+    /// short `erase_within_secs`.
+    #[arg(long, global = true)]
+    pub edge_config: Option<PathBuf>,
 }
 
 /// A list of CPU numbers (`--edge-cpus 0,1`).
@@ -152,6 +152,8 @@ pub enum Workload {
 }
 
 fn main() -> ExitCode {
+    // The edge this binary runs with --spawn-edge tunes its allocator the same way.
+    courier_edge::server::tune_malloc();
     let mut args = std::env::args_os();
     let program = args.next();
     let rest: Vec<_> = args.collect();

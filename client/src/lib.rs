@@ -88,7 +88,7 @@ pub struct Connector {
 }
 
 /// How long the SDK lets the edge delay its acknowledgements (QUIC ACK frequency extension).
-const EDGE_ACK_DELAY_MS: u64 = 100;
+const EDGE_ACK_DELAY_MS: u64 = 25;
 
 /// How often an idle connection sends a keep-alive. It is also how soon an idle client learns
 /// that a restarted edge forgot its connection (the edge answers the keep-alive with a

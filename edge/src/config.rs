@@ -239,7 +239,7 @@ impl Default for QuicSection {
             receive_window_bytes: 1024 * 1024,
             send_window_bytes: 1024 * 1024,
             mtu_discovery: false,
-            client_ack_delay_ms: 100,
+            client_ack_delay_ms: 25,
         }
     }
 }

@@ -26,6 +26,10 @@ const PARTITIONED_TAGS: [u8; 4] = [
     keys::TAG_MESSAGE,
 ];
 const MISC_KEYSPACE: &str = "misc";
+/// How long an erase pass waits for fjall's background compactions before its own.
+const COMPACTION_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Major compactions an erase pass tries per keyspace while background ones interfere.
+const COMPACTION_ATTEMPTS_MAX: usize = 5;
 
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +179,28 @@ impl FjallStore {
         self.tagged.get(index).unwrap_or(&self.misc)
     }
 
+    /// Rewrites every table of `keyspace` into the last level, which drops deleted keys and
+    /// their tombstones. fjall's major compaction silently does nothing while a background
+    /// compaction holds any table of the keyspace (one follows every flush), so this waits for
+    /// those and tries again if one started or ended during its own. Returns false if that kept
+    /// happening (under constant writes): the next pass tries again.
+    fn compact_fully(&self, keyspace: &Keyspace) -> Result<bool, StoreError> {
+        for _ in 0..COMPACTION_ATTEMPTS_MAX {
+            let deadline = std::time::Instant::now() + COMPACTION_WAIT_MAX;
+            while self.db.active_compactions() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let completed_before = self.db.compactions_completed();
+            keyspace.major_compact().map_err(io_error)?;
+            if self.db.active_compactions() == 0
+                && self.db.compactions_completed() == completed_before
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Bytes the store uses on disk (journals and tables).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.db.disk_space().map_err(io_error)
@@ -212,10 +238,18 @@ impl FjallStore {
         let mut keyspaces_compacted = 0;
         for (index, deleted) in self.deleted_since_erase.iter().enumerate() {
             if deleted.swap(false, Ordering::AcqRel) {
-                self.keyspace_at(index).major_compact().map_err(io_error)?;
-                keyspaces_compacted += 1;
+                if self.compact_fully(self.keyspace_at(index))? {
+                    keyspaces_compacted += 1;
+                } else {
+                    // A background compaction overlapped ours, which then may have merged
+                    // nothing: the next pass tries again.
+                    deleted.store(true, Ordering::Release);
+                    self.written_since_erase.store(true, Ordering::Release);
+                }
             }
         }
+        // The compactions' input tables hold the deleted values until their files go.
+        self.db.collect_garbage().map_err(io_error)?;
         Ok(EraseReport {
             keyspaces_compacted,
             disk_bytes_before,

@@ -310,6 +310,31 @@ impl Database {
         journal_manager.maintenance()
     }
 
+    /// Deletes the files of tables that no current version of any keyspace uses any more
+    /// (for example the inputs of a finished compaction), as far as open snapshots allow.
+    ///
+    /// Courier patch (see vendor/README.md): fjall does this only when a memtable is rotated,
+    /// so after a major compaction on a quiet database the old tables, deleted values and
+    /// all, stayed on disk until the next write filled a memtable.
+    ///
+    /// # Errors
+    ///
+    /// Will return `Err` if an IO error occurs.
+    pub fn collect_garbage(&self) -> crate::Result<()> {
+        self.supervisor.snapshot_tracker.pullup();
+        self.supervisor.snapshot_tracker.gc();
+        let gc_seqno = self.supervisor.snapshot_tracker.get_seqno_safe_to_gc();
+        #[expect(clippy::expect_used)]
+        let keyspaces = self.supervisor.keyspaces.read().expect("lock is poisoned");
+        for keyspace in keyspaces.values() {
+            keyspace
+                .tree
+                .get_version_history_lock()
+                .maintenance(keyspace.path(), gc_seqno)?;
+        }
+        Ok(())
+    }
+
     /// Returns the disk space usage of the journal.
     #[doc(hidden)]
     pub fn journal_disk_space(&self) -> crate::Result<u64> {
