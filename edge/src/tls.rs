@@ -105,8 +105,7 @@ pub fn server_config(
         .map_err(|e| format!("tls certificate and key do not fit together: {e}"))?;
     tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
     tls.max_early_data_size = u32::MAX;
-    tls.session_storage =
-        rustls::server::ServerSessionMemoryCache::new(config.tls.session_cache_entries);
+    tls.session_storage = Arc::new(SessionCache::new(config.tls.session_cache_entries));
     tls.send_half_rtt_data = true;
     // Our order, not the client's: AES-128-GCM with SHA-256 (see `crypto_provider`).
     tls.ignore_client_order = true;
@@ -194,4 +193,141 @@ pub fn load_or_create_reset_key(config: &Config) -> Result<(Arc<ring::hmac::Key>
         Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)),
         generated,
     ))
+}
+
+/// The TLS session cache shared by every shard: at most `entries_max` sessions, the oldest
+/// evicted first, and every operation O(1).
+///
+/// rustls's `ServerSessionMemoryCache` removes a taken session (every resumption takes one: a
+/// 0-RTT ticket is single-use) with a linear search of its eviction queue. With 100,000 cached
+/// sessions that search was a third of the edge's CPU while clients kept connecting, and the
+/// reason handshakes got slower the more connections were open (issue 10). Here a taken entry
+/// leaves a stale slot in the queue, which eviction skips; the queue is compacted when stale
+/// slots outnumber live ones, so it stays under twice the maximum.
+#[derive(Debug)]
+pub struct SessionCache {
+    inner: std::sync::Mutex<SessionCacheInner>,
+    entries_max: usize,
+}
+
+#[derive(Debug, Default)]
+struct SessionCacheInner {
+    /// Session id → (session, insertion stamp).
+    sessions: std::collections::HashMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// Ids in insertion order with their stamp; a slot whose stamp no longer matches the map is
+    /// stale (taken or overwritten).
+    order: std::collections::VecDeque<(Vec<u8>, u64)>,
+    next_stamp: u64,
+}
+
+impl SessionCache {
+    pub fn new(entries_max: usize) -> SessionCache {
+        SessionCache {
+            inner: std::sync::Mutex::new(SessionCacheInner::default()),
+            entries_max: entries_max.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionCacheInner> {
+        // Every method leaves the cache consistent before it can panic, so a poisoned lock is
+        // safe to reuse.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sessions held now.
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl SessionCacheInner {
+    fn is_live(&self, id: &[u8], stamp: u64) -> bool {
+        self.sessions
+            .get(id)
+            .is_some_and(|(_, live)| *live == stamp)
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut inner = self.lock();
+        let stamp = inner.next_stamp;
+        inner.next_stamp += 1;
+        inner.order.push_back((key.clone(), stamp));
+        inner.sessions.insert(key, (value, stamp));
+        while inner.sessions.len() > self.entries_max {
+            let Some((oldest, stamp)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.is_live(&oldest, stamp) {
+                inner.sessions.remove(&oldest);
+            }
+        }
+        if inner.order.len() > 2 * self.entries_max {
+            let SessionCacheInner {
+                sessions, order, ..
+            } = &mut *inner;
+            order.retain(|(id, stamp)| sessions.get(id).is_some_and(|(_, live)| live == stamp));
+        }
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lock()
+            .sessions
+            .get(key)
+            .map(|(value, _)| value.clone())
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lock().sessions.remove(key).map(|(value, _)| value)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::server::StoresServerSessions;
+
+    #[test]
+    fn the_session_cache_is_bounded_evicts_the_oldest_and_takes_once() {
+        let cache = SessionCache::new(3);
+        for id in 0..3u8 {
+            assert!(cache.put(vec![id], vec![id; 4]));
+        }
+        assert_eq!(cache.take(&[1]), Some(vec![1; 4]));
+        assert_eq!(
+            cache.take(&[1]),
+            None,
+            "a taken session is gone (0-RTT is single-use)"
+        );
+        assert_eq!(cache.get(&[0]), Some(vec![0; 4]));
+        cache.put(vec![3], vec![3; 4]);
+        cache.put(vec![4], vec![4; 4]);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.get(&[0]), None, "the oldest live session was evicted");
+        assert!(cache.get(&[2]).is_some() && cache.get(&[4]).is_some());
+        // Overwriting keeps one entry, at its new age.
+        cache.put(vec![2], vec![9; 4]);
+        cache.put(vec![5], vec![5; 4]);
+        assert_eq!(cache.get(&[2]), Some(vec![9; 4]));
+        assert_eq!(cache.get(&[3]), None);
+        // Churn never lets the queue grow past twice the maximum.
+        for id in 0..10_000u32 {
+            cache.put(id.to_be_bytes().to_vec(), vec![]);
+            cache.take(&id.to_be_bytes());
+        }
+        assert!(cache.lock().order.len() <= 6);
+        assert!(cache.len() <= 3);
+    }
 }
