@@ -161,6 +161,8 @@ pub struct Shard {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     timer_wake: Option<LocalSender<()>>,
     armed_deadline: Option<Instant>,
+    /// When waiting acks are due to be committed on their own (server ms and its instant).
+    batch_timer: Option<(u64, Instant)>,
     dirty: Vec<ConnectionHandle>,
     session: EdgeSession<TokenAuthenticator>,
     committer: Option<Committer>,
@@ -312,6 +314,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         timers: BinaryHeap::new(),
         timer_wake: None,
         armed_deadline: None,
+        batch_timer: None,
         dirty: Vec::new(),
         session: EdgeSession::new(
             SessionConfig {
@@ -925,7 +928,15 @@ impl Shard {
             }
             self.process_conn(now, handle);
         }
-        self.armed_deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        if self.batch_timer.is_some_and(|(_, at)| at <= now) {
+            self.batch_timer = None;
+        }
+        let connections_next = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let batch_next = self.batch_timer.map(|(_, at)| at);
+        self.armed_deadline = match (connections_next, batch_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     /// Runs a connection's state machine after an input: endpoint events, application
@@ -1273,11 +1284,20 @@ impl Shard {
     }
 
     /// Makes the timer task wake when waiting acks are due to be committed on their own.
+    /// Arms once per deadline: the timer task re-runs this after every wake, and waking it
+    /// again for the same deadline would spin it until the deadline passed.
     fn arm_batch_timer(&mut self, now_ms: u64) {
         let Some(deadline_ms) = self.session.batch_deadline_ms() else {
             return;
         };
+        if self
+            .batch_timer
+            .is_some_and(|(armed_ms, _)| armed_ms == deadline_ms)
+        {
+            return;
+        }
         let at = Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+        self.batch_timer = Some((deadline_ms, at));
         if self.armed_deadline.is_none_or(|armed| at < armed) {
             self.armed_deadline = Some(at);
             if let Some(wake) = &self.timer_wake {
