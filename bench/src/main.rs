@@ -152,8 +152,6 @@ pub enum Workload {
 }
 
 fn main() -> ExitCode {
-    // The edge this binary runs with --spawn-edge tunes its allocator the same way.
-    courier_edge::server::tune_malloc();
     let mut args = std::env::args_os();
     let program = args.next();
     let rest: Vec<_> = args.collect();

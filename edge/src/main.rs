@@ -1,6 +1,5 @@
 //! `courier-edge`: the Courier edge server. See `courier-edge --help`.
 
 fn main() -> std::process::ExitCode {
-    courier_edge::server::tune_malloc();
     courier_edge::cli::main(std::env::args_os())
 }

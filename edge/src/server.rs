@@ -149,22 +149,6 @@ pub fn serve(config: Config) -> Result<(), String> {
     std::process::exit(0);
 }
 
-/// Bytes of free memory a glibc arena keeps instead of returning it to the kernel.
-const MALLOC_TRIM_THRESHOLD_BYTES: libc::c_int = 64 * 1024 * 1024;
-
-/// Keeps glibc's malloc from shrinking and regrowing its thread arenas a page at a time: with
-/// the default trim threshold the store and shard threads did that on nearly every message
-/// (one `mprotect` per delivered message, each a TLB shootdown on every core). mimalloc avoids
-/// it too, but halved the load generator's drain rate (cross-thread frees in tokio); this keeps
-/// glibc and makes it keep up to 64 MiB per arena. Call first thing in `main`.
-#[allow(unsafe_code)]
-pub fn tune_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES);
-    }
-}
-
 /// Exit status when a shard panicked: the process must not live on serving nothing, and a
 /// supervisor must see a failure (Rust's own status for a panicking `main`).
 pub const EXIT_SHARD_PANICKED: i32 = 101;
