@@ -621,6 +621,7 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
         let accepted_0rtt = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
         let phase_start = Instant::now();
+        let mut phase_cpu_start = None;
         let mut lanes = Vec::new();
         for lane in 0..args.concurrency.max(1) {
             let (hist, accepted_0rtt, next) = (hist.clone(), accepted_0rtt.clone(), next.clone());
@@ -651,6 +652,10 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
                 None => None,
             };
             let cert_source = fresh.clone();
+            // Edge CPU of the phase is counted from here: after the priming connections.
+            if lane + 1 == args.concurrency.max(1) {
+                phase_cpu_start = target.pid.and_then(process_usage).map(|(cpu, _)| cpu);
+            }
             lanes.push(tokio::spawn(async move {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
@@ -710,6 +715,17 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
             format!("{phase}_0rtt_accepted"),
             json!(accepted_0rtt.load(Ordering::Relaxed)),
         );
+        // Each connection is a handshake, a login (one commit), one send (one commit) and a
+        // close: the edge's CPU per connection bounds what one handshake costs.
+        if let (Some(pid), Some(cpu_start)) = (target.pid, phase_cpu_start)
+            && let Some((cpu, _)) = process_usage(pid)
+            && !hist.is_empty()
+        {
+            report.extra.insert(
+                format!("{phase}_edge_cpu_us_per_connection"),
+                json!((cpu - cpu_start) * 1e6 / hist.len() as f64),
+            );
+        }
         eprintln!(
             "reconnect {phase}: {} connections in {secs:.2} s",
             hist.len()
