@@ -106,6 +106,67 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
     Ok(number.saturating_mul(scale))
 }
 
+/// Tokens one shard verified recently: a client that reconnects with the same token (a network
+/// change, a restart storm) skips the Ed25519 check, about 50 µs and a tenth of the edge's CPU
+/// while clients reconnect. Only tokens that verified are kept, at most `entries_max` (the
+/// oldest go first), and an entry counts only until the token's own expiry. The keys a process
+/// verifies with never change while it runs; whatever reloads them must clear this.
+#[derive(Debug)]
+pub struct VerifiedTokens {
+    entries: std::collections::HashMap<Vec<u8>, Claims>,
+    /// Tokens in the order they were added, for eviction.
+    order: std::collections::VecDeque<Vec<u8>>,
+    entries_max: usize,
+}
+
+impl VerifiedTokens {
+    pub fn new(entries_max: usize) -> VerifiedTokens {
+        VerifiedTokens {
+            entries: std::collections::HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            entries_max,
+        }
+    }
+
+    /// The token's claims: from the cache if it verified before and has not expired, else
+    /// from `verifier` (and then cached).
+    pub fn verify(
+        &mut self,
+        verifier: &TokenVerifier,
+        token: &[u8],
+        now_secs: u64,
+    ) -> Result<Claims, AuthError> {
+        if let Some(claims) = self.entries.get(token)
+            && claims.expires_at_secs > now_secs
+        {
+            return Ok(*claims);
+        }
+        let claims = verifier.verify(token, now_secs)?;
+        if self.entries_max == 0 {
+            return Ok(claims);
+        }
+        if !self.entries.contains_key(token) {
+            while self.entries.len() >= self.entries_max {
+                let Some(oldest) = self.order.pop_front() else {
+                    break;
+                };
+                self.entries.remove(&oldest);
+            }
+            self.order.push_back(token.to_vec());
+        }
+        self.entries.insert(token.to_vec(), claims);
+        Ok(claims)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +178,52 @@ mod tests {
         assert_eq!(parse_duration_secs("7d"), Ok(604_800));
         assert!(parse_duration_secs("1y").is_err());
         assert!(parse_duration_secs("h").is_err());
+    }
+
+    #[test]
+    fn verified_tokens_skip_the_check_until_expiry_and_stay_bounded() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let verifier = TokenVerifier::new([(1, key.verifying_key())].into_iter().collect());
+        let no_keys = TokenVerifier::new(std::collections::HashMap::new());
+        let token = |user: u64| {
+            mint(
+                &key,
+                &Claims {
+                    key_id: 1,
+                    user,
+                    device: 0,
+                    role: Role::User,
+                    expires_at_secs: 1_000,
+                },
+            )
+        };
+        let mut cache = VerifiedTokens::new(2);
+        let one = token(1);
+        assert!(
+            cache.verify(&no_keys, one.as_bytes(), 10).is_err(),
+            "nothing cached yet"
+        );
+        assert_eq!(cache.verify(&verifier, one.as_bytes(), 10).unwrap().user, 1);
+        // Cached: a verifier without keys is not consulted.
+        assert_eq!(cache.verify(&no_keys, one.as_bytes(), 20).unwrap().user, 1);
+        // Expired: checked again, and refused.
+        assert_eq!(
+            cache.verify(&verifier, one.as_bytes(), 1_000),
+            Err(AuthError::Expired {
+                expired_at_secs: 1_000,
+                now_secs: 1_000
+            })
+        );
+        // Bounded: the oldest goes first.
+        cache.verify(&verifier, token(2).as_bytes(), 10).unwrap();
+        cache.verify(&verifier, token(3).as_bytes(), 10).unwrap();
+        assert_eq!(cache.len(), 2);
+        assert!(cache.verify(&no_keys, one.as_bytes(), 10).is_err());
+        assert!(cache.verify(&no_keys, token(3).as_bytes(), 10).is_ok());
+        // A forged token is never cached.
+        let mut forged = token(4).into_bytes();
+        forged[5] ^= 1;
+        assert!(cache.verify(&verifier, &forged, 10).is_err());
+        assert_eq!(cache.len(), 2);
     }
 }

@@ -102,6 +102,9 @@ pub struct AuthSection {
     pub signing_key_path: PathBuf,
     /// Key id stamped into minted tokens.
     pub signing_key_id: u32,
+    /// Tokens each shard remembers as verified, so a client reconnecting with the same token
+    /// skips the signature check (until the token expires). 0: verify every time.
+    pub verified_tokens_per_shard_max: usize,
     /// Further public keys accepted when verifying tokens, for rotation.
     pub verify_keys: Vec<VerifyKey>,
 }
@@ -212,6 +215,7 @@ impl Default for AuthSection {
         AuthSection {
             signing_key_path: PathBuf::new(),
             signing_key_id: 1,
+            verified_tokens_per_shard_max: 8192,
             verify_keys: Vec::new(),
         }
     }

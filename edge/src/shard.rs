@@ -112,8 +112,12 @@ struct Conn {
     timer_armed: Option<Instant>,
 }
 
-/// Checks `Hello` tokens with the edge's keys, for the session.
-struct TokenAuthenticator(Arc<TokenVerifier>);
+/// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
+/// verified (`auth::VerifiedTokens`).
+struct TokenAuthenticator {
+    verifier: Arc<TokenVerifier>,
+    verified: RefCell<crate::auth::VerifiedTokens>,
+}
 
 impl Authenticator for TokenAuthenticator {
     fn authenticate(
@@ -123,8 +127,9 @@ impl Authenticator for TokenAuthenticator {
         now_secs: u64,
     ) -> Result<courier_core::UserId, AuthFailure> {
         let claims = self
-            .0
-            .verify(token, now_secs)
+            .verified
+            .borrow_mut()
+            .verify(&self.verifier, token, now_secs)
             .map_err(|error| AuthFailure {
                 code: match error {
                     crate::auth::AuthError::Expired { .. } => ErrorCode::TokenExpired,
@@ -331,7 +336,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     .outbound_bytes_per_connection_max,
                 core: setup.core.clone(),
             },
-            TokenAuthenticator(setup.verifier.clone()),
+            TokenAuthenticator {
+                verifier: setup.verifier.clone(),
+                verified: RefCell::new(crate::auth::VerifiedTokens::new(
+                    setup.config.auth.verified_tokens_per_shard_max,
+                )),
+            },
         ),
         committer: Some(Committer::new(&setup.core)),
         mesh: senders.map(Rc::new),
