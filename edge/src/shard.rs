@@ -544,6 +544,11 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
                 }
             }
             shard.after_input();
+            if count < batch {
+                // A short read drained the socket: wait for readability instead of asking
+                // again (one `recvmmsg` that would fail per wake-up).
+                break;
+            }
         }
         glommio::yield_if_needed().await;
     }
