@@ -129,7 +129,10 @@ fn try_main(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::CheckConfig { path } => {
-            Config::load(&path).map_err(|e| e.to_string())?;
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            // The store's layout is fixed once written: a shard count it was not written with
+            // would make `serve` refuse.
+            crate::stores::check_layout(&config.server.data_dir, config.shard_count())?;
             println!("{}: ok", path.display());
             Ok(())
         }

@@ -41,6 +41,26 @@ fn shard_dir(stores: &Path, shard: u32) -> PathBuf {
     stores.join(format!("shard-{shard}"))
 }
 
+/// Checks, without writing anything, that an edge with `shards` shards can open the store in
+/// `data_dir` (no store yet, an old single store to migrate, or a layout of that many shards).
+pub fn check_layout(data_dir: &Path, shards: u32) -> Result<(), String> {
+    match read_layout(&stores_dir(data_dir))? {
+        Some(existing) if existing != shards => {
+            Err(shard_count_error(&stores_dir(data_dir), existing, shards))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn shard_count_error(stores: &Path, existing: u32, shards: u32) -> String {
+    format!(
+        "the store in {} was written by an edge with {existing} shards, and this one would run \
+         {shards}: users are placed on shards by hash, so the count of a data directory is \
+         fixed. Set server.shards = {existing}",
+        stores.display()
+    )
+}
+
 /// Opens (creating or migrating if needed) the store of every shard, in shard order.
 pub fn open_embedded(
     data_dir: &Path,
@@ -51,12 +71,7 @@ pub fn open_embedded(
     let legacy = legacy_store_dir(data_dir);
     match read_layout(&stores)? {
         Some(existing) if existing != shards => {
-            return Err(format!(
-                "the store in {} was written by an edge with {existing} shards, and this one would \
-                 run {shards}: users are placed on shards by hash, so the count of a data directory \
-                 is fixed. Set server.shards = {existing}",
-                stores.display()
-            ));
+            return Err(shard_count_error(&stores, existing, shards));
         }
         Some(_) => {
             if legacy.exists() {
@@ -368,9 +383,16 @@ mod tests {
     fn another_shard_count_is_refused_with_the_count_to_set() {
         let data = tempfile::tempdir().expect("tempdir");
         let options = FjallOptions::default();
+        assert!(check_layout(data.path(), 4).is_ok(), "no store yet");
         drop(open_embedded(data.path(), 2, &options).expect("creates"));
         let error = open_embedded(data.path(), 4, &options).expect_err("refused");
         assert!(error.contains("server.shards = 2"), "{error}");
+        assert_eq!(
+            check_layout(data.path(), 4),
+            Err(error),
+            "check-config says the same"
+        );
+        assert!(check_layout(data.path(), 2).is_ok());
     }
 
     #[test]
