@@ -60,6 +60,11 @@ use crate::config::Config;
 use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
 
+/// How late a shard may run its timers so that timers due close together share one wake-up:
+/// quinn's own timer granularity. Each connection arms its own acknowledgement and loss timers,
+/// and without slack the shard woke for each one separately: at 1,000 msgs/s those wake-ups
+/// were most of its parks (docs/decisions/0009).
+const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// How often a shard checks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 /// Bytes of one receive buffer; GRO may coalesce up to 64 KiB.
@@ -384,9 +389,11 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             loop {
                 let deadline = shard.borrow().armed_deadline;
                 // Wake at least every SHUTDOWN_POLL to notice a shutdown request.
+                // Timer slack: timers due within TIMER_SLACK of the earliest fire together, one
+                // wake-up for many connections' acknowledgement and loss timers.
                 let wait = deadline
                     .map_or(SHUTDOWN_POLL, |d| {
-                        d.saturating_duration_since(Instant::now())
+                        d.saturating_duration_since(Instant::now()) + TIMER_SLACK
                     })
                     .min(SHUTDOWN_POLL);
                 futures_lite::future::or(
