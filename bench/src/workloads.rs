@@ -620,8 +620,9 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
         let hist = Arc::new(Mutex::new(latency_histogram()));
         let accepted_0rtt = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
-        let phase_start = Instant::now();
-        let mut phase_cpu_start = None;
+        // Lanes wait for this until every lane is primed, so the phase's time and edge CPU
+        // count only its own connections.
+        let (start_tx, start_rx) = tokio::sync::watch::channel(false);
         let mut lanes = Vec::new();
         for lane in 0..args.concurrency.max(1) {
             let (hist, accepted_0rtt, next) = (hist.clone(), accepted_0rtt.clone(), next.clone());
@@ -652,11 +653,9 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
                 None => None,
             };
             let cert_source = fresh.clone();
-            // Edge CPU of the phase is counted from here: after the priming connections.
-            if lane + 1 == args.concurrency.max(1) {
-                phase_cpu_start = target.pid.and_then(process_usage).map(|(cpu, _)| cpu);
-            }
+            let mut start_rx = start_rx.clone();
             lanes.push(tokio::spawn(async move {
+                let _ = start_rx.wait_for(|started| *started).await;
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     if index >= u64::from(connections) {
@@ -696,6 +695,9 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
                 }
             }));
         }
+        let phase_cpu_start = target.pid.and_then(process_usage).map(|(cpu, _)| cpu);
+        let phase_start = Instant::now();
+        let _ = start_tx.send(true);
         for lane in lanes {
             if let Err(error) = lane.await.map_err(|e| e.to_string()).and_then(|r| r) {
                 report.errors.push(format!("{phase}: {error}"));

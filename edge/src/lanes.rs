@@ -73,6 +73,22 @@ impl Lane {
     }
 }
 
+impl Lane {
+    /// Runs store work on the lane; a stopped lane reads as a store I/O error, which the
+    /// callers already retry or report.
+    pub fn run_store<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<R, courier_core::store::StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<R, courier_core::store::StoreError>> + 'static {
+        let ran = self.run(work);
+        async move {
+            ran.await.unwrap_or_else(|stopped| {
+                Err(courier_core::store::StoreError::Io(stopped.to_string()))
+            })
+        }
+    }
+}
+
 /// The writer, reader and maintenance lanes of one shard.
 #[derive(Debug, Clone)]
 pub struct StoreLanes {

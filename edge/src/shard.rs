@@ -438,10 +438,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 loop {
                     let (store, core) = (store.clone(), core.clone());
                     let now = clock.now(monotonic_ms());
-                    let report = lane
-                        .run(move || store.expire(now, &core))
-                        .await
-                        .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
+                    let report = lane.run_store(move || store.expire(now, &core)).await;
                     match report {
                         Ok(report) if report.more => continue,
                         Ok(report) => {
@@ -472,10 +469,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     (shard.store.clone(), shard.lanes.maintenance.clone())
                 };
                 let started = Instant::now();
-                let report = lane
-                    .run(move || store.erase_deleted())
-                    .await
-                    .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
+                let report = lane.run_store(move || store.erase_deleted()).await;
                 match report {
                     Ok(Some(report)) if report.keyspaces_compacted > 0 => debug!(
                         shard = id,
@@ -955,10 +949,7 @@ impl Shard {
         }
         let connections_next = self.timers.peek().map(|Reverse((at, _, _))| *at);
         let batch_next = self.batch_timer.map(|(_, at)| at);
-        self.armed_deadline = match (connections_next, batch_next) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        self.armed_deadline = connections_next.into_iter().chain(batch_next).min();
     }
 
     /// Runs a connection's state machine after an input: endpoint events, application
@@ -1196,9 +1187,8 @@ impl Shard {
         };
         spawn_detached(async move {
             let result = lane
-                .run(move || store.read_inbox(inbox, after_seq, now, &core))
-                .await
-                .unwrap_or_else(|stopped| Err(StoreError::Io(stopped.to_string())));
+                .run_store(move || store.read_inbox(inbox, after_seq, now, &core))
+                .await;
             if let Err(error) = &result {
                 exit_if_store_refuses(error);
                 // The session reads again at once: pause, so a failing store is not spun on.

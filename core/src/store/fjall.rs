@@ -3,9 +3,9 @@
 //! One writer at a time: a transaction holds the store's lock from `begin` to `commit`, reads
 //! the latest committed state, and commits its writes as one fjall write batch persisted with
 //! `PersistMode::SyncAll` before `commit` returns. Readers (`begin_read`) take no lock: they
-//! read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync poisons the fjall
-//! database; every later call then fails with [`StoreError::Poisoned`] until the process
-//! reopens the store and recovers from the journal.
+//! read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync
+//! poisons the fjall database; every later call then fails with [`StoreError::Poisoned`] until
+//! the process reopens the store and recovers from the journal.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -179,6 +179,11 @@ impl FjallStore {
         self.tagged.get(index).unwrap_or(&self.misc)
     }
 
+    /// Every keyspace, in `keyspace_at` order.
+    fn keyspaces(&self) -> impl Iterator<Item = &Keyspace> {
+        self.tagged.iter().chain(std::iter::once(&self.misc))
+    }
+
     /// Rewrites every table of `keyspace` into the last level, which drops deleted keys and
     /// their tombstones. fjall's major compaction silently does nothing while a background
     /// compaction holds any table of the keyspace (one follows every flush), so this waits for
@@ -201,7 +206,8 @@ impl FjallStore {
         Ok(false)
     }
 
-    /// Bytes the store uses on disk (journals and tables).
+    /// Bytes of the store's journals and tables as fjall counts them (a journal file at its
+    /// preallocated length, not the blocks it uses).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.db.disk_space().map_err(io_error)
     }
@@ -230,7 +236,7 @@ impl FjallStore {
             });
         }
         self.db.rotate_journal().map_err(io_error)?;
-        for keyspace in self.tagged.iter().chain(std::iter::once(&self.misc)) {
+        for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait().map_err(io_error)?;
         }
         // Deletes the journal sealed above: everything in it is now in tables.
@@ -406,7 +412,7 @@ impl FjallStore {
             return;
         }
         self.written_since_flush.store(0, Ordering::Relaxed);
-        for keyspace in self.tagged.iter().chain(std::iter::once(&self.misc)) {
+        for keyspace in self.keyspaces() {
             // Best effort: a memtable that cannot be sealed now is sealed by fjall later.
             let _ = keyspace.rotate_memtable();
         }
