@@ -20,6 +20,11 @@ pub struct CoreConfig {
     pub queue_requests_max: usize,
     /// Body bytes waiting for a batch on one shard.
     pub queue_bytes_max: usize,
+    /// Sends of one sender waiting for a batch on one shard: one flooding sender gets its
+    /// share of the queue and `Overloaded` beyond it, and everyone else still gets in.
+    pub queue_requests_per_sender_max: usize,
+    /// Body bytes of one sender waiting for a batch on one shard.
+    pub queue_bytes_per_sender_max: usize,
     /// Attempts per batch when the store reports a conflict or an unknown commit result.
     pub commit_attempts_max: u32,
     /// Keys one expiry pass may read.
@@ -47,6 +52,8 @@ impl Default for CoreConfig {
             batch_bytes_max: 512 * 1024,
             queue_requests_max: 10_000,
             queue_bytes_max: 16 * 1024 * 1024,
+            queue_requests_per_sender_max: 1_000,
+            queue_bytes_per_sender_max: 2 * 1024 * 1024,
             commit_attempts_max: 5,
             expire_scan_keys_max: 10_000,
             sync_messages_max: 256,
@@ -91,6 +98,22 @@ impl CoreConfig {
         }
         if self.queue_bytes_max < self.batch_bytes_max {
             return fail("queue_bytes_max", "at least batch_bytes_max");
+        }
+        if self.queue_requests_per_sender_max == 0
+            || self.queue_requests_per_sender_max > self.queue_requests_max
+        {
+            return fail(
+                "queue_requests_per_sender_max",
+                "at least 1 and at most queue_requests_max",
+            );
+        }
+        if self.queue_bytes_per_sender_max < FRAME_BYTES_MAX
+            || self.queue_bytes_per_sender_max > self.queue_bytes_max
+        {
+            return fail(
+                "queue_bytes_per_sender_max",
+                "at least one maximal frame (66560 bytes) and at most queue_bytes_max",
+            );
         }
         if self.commit_attempts_max == 0 {
             return fail("commit_attempts_max", "at least 1");

@@ -6,6 +6,7 @@
 //! nothing here reads a clock, spawns a thread or touches a socket. Store backends do blocking
 //! I/O; the runtime calls them from a thread that may block (never an executor thread).
 
+pub mod budget;
 pub mod clock;
 pub mod commit;
 pub mod config;

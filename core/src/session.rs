@@ -18,10 +18,12 @@
 //! - output, after any input: [`EdgeSession::poll_effect`] until `None`, and
 //!   [`EdgeSession::poll_batch`] when no commit is in flight.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 
+use crate::budget::{SendBuckets, SendBudget};
 use crate::commit::{InboxPage, Outcome, SendRequest};
 use crate::envelope::StoredMessage;
 use crate::placement::home_shard;
@@ -53,6 +55,8 @@ pub enum ShardMessage {
     SendResult {
         reply: ConnRef,
         client_id: u64,
+        /// The send's body bytes, which its connection no longer has in flight.
+        body_bytes: usize,
         result: Result<(u64, u64), ErrorCode>,
     },
     /// To the inbox's home shard: a device consumed everything up to `up_to_seq`.
@@ -219,8 +223,46 @@ pub struct SessionConfig {
     pub shard_count: u32,
     pub connections_per_user_max: usize,
     pub sends_in_flight_per_connection_max: usize,
+    /// Body bytes of one connection's sends waiting for their `SendAck`; beyond it:
+    /// `TooManyInFlight`. At least one maximal frame.
+    pub send_bytes_in_flight_per_connection_max: usize,
     pub outbound_bytes_per_connection_max: usize,
+    /// What one connection may send; beyond it: `Overloaded`.
+    pub send_budget_per_connection: SendBudget,
+    /// What one user may send through the connections this shard holds; beyond it:
+    /// `Overloaded`.
+    pub send_budget_per_user: SendBudget,
+    /// Distinct recipients one user may send to per `recipients_window_ms` on this shard
+    /// (0: no limit): each new recipient leaves a record in the store, so a sender cannot
+    /// spray ids.
+    pub recipients_per_user_per_window_max: usize,
+    pub recipients_window_ms: u64,
+    /// The handshake and `Hello` must be done this long after the connection opened.
+    pub hello_timeout_ms: u64,
+    /// A frame whose first bytes arrived must be complete this long after.
+    pub frame_timeout_ms: u64,
     pub core: CoreConfig,
+}
+
+impl SessionConfig {
+    /// A configuration with the given identity and core, and the edge's default limits.
+    pub fn new(shard: u8, shard_count: u32, core: CoreConfig) -> SessionConfig {
+        SessionConfig {
+            shard,
+            shard_count,
+            connections_per_user_max: 16,
+            sends_in_flight_per_connection_max: 256,
+            send_bytes_in_flight_per_connection_max: 1024 * 1024,
+            outbound_bytes_per_connection_max: 1024 * 1024,
+            send_budget_per_connection: SendBudget::UNLIMITED,
+            send_budget_per_user: SendBudget::UNLIMITED,
+            recipients_per_user_per_window_max: 0,
+            recipients_window_ms: 60_000,
+            hello_timeout_ms: 10_000,
+            frame_timeout_ms: 10_000,
+            core,
+        }
+    }
 }
 
 /// Counts of what the session dropped under overload.
@@ -230,6 +272,29 @@ pub struct SessionStats {
     pub signals_dropped: u64,
     /// Sends refused because the inbox queue was full.
     pub sends_overloaded: u64,
+    /// Sends refused because their connection or user spent its send budget.
+    pub sends_over_budget: u64,
+    /// Sends refused because their user passed its distinct recipients per minute.
+    pub sends_over_recipient_limit: u64,
+    /// Connections closed because `Hello` or a started frame did not arrive in time.
+    pub connections_timed_out: u64,
+}
+
+/// Why a connection has an entry in the deadline heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Deadline {
+    Hello,
+    Frame,
+}
+
+/// What the session tracks of a user that has connections on this shard.
+#[derive(Debug)]
+struct Sender {
+    connections: usize,
+    budget: SendBuckets,
+    /// Recipients of the current window, at most `recipients_per_user_per_window_max`.
+    recipients: HashSet<UserId>,
+    recipients_since_ms: UnixMillis,
 }
 
 /// Where a connection's login is.
@@ -252,6 +317,12 @@ struct Connection {
     login: Login,
     device: u32,
     sends_in_flight: usize,
+    send_bytes_in_flight: usize,
+    budget: SendBuckets,
+    opened_at_ms: UnixMillis,
+    /// Since when the driver holds the start of a frame whose rest has not arrived.
+    partial_frame_since_ms: Option<UnixMillis>,
+    frame_deadline_queued: bool,
     /// Highest seq written to this connection, or declared a hole, or held by the device.
     delivered_up_to: u64,
     sync_running: bool,
@@ -284,6 +355,12 @@ pub struct EdgeSession<A> {
     stats: SessionStats,
     /// The time of the latest input, for the messages handled from `local`.
     now_ms: UnixMillis,
+    /// Users with connections on this shard: their send budgets and recipient counts.
+    senders: HashMap<UserId, Sender>,
+    /// Connections that have not said a valid `Hello` (handshaking or waiting).
+    unauthenticated: usize,
+    /// At most one entry per connection and kind: (when, slot, generation, kind).
+    deadlines: BinaryHeap<Reverse<(UnixMillis, usize, u64, Deadline)>>,
 }
 
 impl<A: Authenticator> EdgeSession<A> {
@@ -298,6 +375,9 @@ impl<A: Authenticator> EdgeSession<A> {
             effects: VecDeque::new(),
             stats: SessionStats::default(),
             now_ms: 0,
+            senders: HashMap::new(),
+            unauthenticated: 0,
+            deadlines: BinaryHeap::new(),
         }
     }
 
@@ -322,6 +402,17 @@ impl<A: Authenticator> EdgeSession<A> {
         self.conns.len()
     }
 
+    /// Connections that have not said a valid `Hello` yet, handshakes included: the driver
+    /// keeps them under their own, small limit.
+    pub fn unauthenticated_connections(&self) -> usize {
+        self.unauthenticated
+    }
+
+    /// When [`EdgeSession::handle_deadlines`] has work: a `Hello` or a started frame is due.
+    pub fn next_deadline_ms(&self) -> Option<UnixMillis> {
+        self.deadlines.peek().map(|Reverse((at, ..))| *at)
+    }
+
     /// The session's state of one connection, for diagnostics (simulation failures).
     pub fn describe_connection(&self, conn: ConnRef) -> Option<String> {
         self.conn(conn).map(|c| format!("{c:?}"))
@@ -329,8 +420,17 @@ impl<A: Authenticator> EdgeSession<A> {
 
     // ---- Connections ------------------------------------------------------------------------
 
-    /// A new connection on this shard; it must send `Hello` first.
-    pub fn open_connection(&mut self, conn: ConnRef) {
+    /// A new connection on this shard; it must send `Hello` within `hello_timeout_ms`.
+    pub fn open_connection(&mut self, now_ms: UnixMillis, conn: ConnRef) {
+        let hello_due = now_ms.saturating_add(self.config.hello_timeout_ms);
+        self.deadlines.push(Reverse((
+            hello_due,
+            conn.slot,
+            conn.generation,
+            Deadline::Hello,
+        )));
+        self.unauthenticated += 1;
+        let budget = SendBuckets::full(self.config.send_budget_per_connection, now_ms);
         self.conns.insert(
             conn.slot,
             Connection {
@@ -338,6 +438,11 @@ impl<A: Authenticator> EdgeSession<A> {
                 login: Login::AwaitingHello,
                 device: 0,
                 sends_in_flight: 0,
+                send_bytes_in_flight: 0,
+                budget,
+                opened_at_ms: now_ms,
+                partial_frame_since_ms: None,
+                frame_deadline_queued: false,
                 delivered_up_to: 0,
                 sync_running: false,
                 sync_again: false,
@@ -353,6 +458,84 @@ impl<A: Authenticator> EdgeSession<A> {
         }
         self.end_login(conn);
         self.conns.remove(&conn.slot);
+        self.drain_local();
+    }
+
+    /// Whether the driver holds the start of a frame from this connection whose rest has not
+    /// arrived. A frame must be complete within `frame_timeout_ms` of its first bytes, so a
+    /// client cannot park a partial frame (and its buffer) forever.
+    pub fn set_partial_frame(&mut self, now_ms: UnixMillis, conn: ConnRef, partial: bool) {
+        let timeout_ms = self.config.frame_timeout_ms;
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        if !partial {
+            c.partial_frame_since_ms = None;
+            return;
+        }
+        if c.partial_frame_since_ms.is_some() {
+            return;
+        }
+        c.partial_frame_since_ms = Some(now_ms);
+        if !c.frame_deadline_queued {
+            c.frame_deadline_queued = true;
+            let due = now_ms.saturating_add(timeout_ms);
+            self.deadlines
+                .push(Reverse((due, conn.slot, conn.generation, Deadline::Frame)));
+        }
+    }
+
+    /// Closes the connections whose `Hello` or started frame is overdue at `now_ms`.
+    pub fn handle_deadlines(&mut self, now_ms: UnixMillis) {
+        self.now_ms = now_ms;
+        while let Some(Reverse((at, slot, generation, kind))) = self.deadlines.peek().copied() {
+            if at > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            let conn = ConnRef {
+                shard: self.config.shard,
+                slot,
+                generation,
+            };
+            let frame_timeout_ms = self.config.frame_timeout_ms;
+            let Some(c) = self.conn_mut(conn) else {
+                continue;
+            };
+            match kind {
+                Deadline::Hello => {
+                    if c.login == Login::AwaitingHello {
+                        let waited_ms = now_ms.saturating_sub(c.opened_at_ms);
+                        self.stats.connections_timed_out += 1;
+                        self.close(
+                            conn,
+                            ErrorCode::UnexpectedFrame,
+                            format!("no Hello within {waited_ms} ms of connecting"),
+                        );
+                    }
+                }
+                Deadline::Frame => match c.partial_frame_since_ms {
+                    None => c.frame_deadline_queued = false,
+                    Some(since) if since.saturating_add(frame_timeout_ms) <= now_ms => {
+                        c.frame_deadline_queued = false;
+                        self.stats.connections_timed_out += 1;
+                        self.close(
+                            conn,
+                            ErrorCode::Malformed,
+                            format!(
+                                "a frame was started and not finished within {frame_timeout_ms} ms"
+                            ),
+                        );
+                    }
+                    Some(since) => {
+                        // A later frame started since: wait for its own deadline.
+                        let due = since.saturating_add(frame_timeout_ms);
+                        self.deadlines
+                            .push(Reverse((due, slot, generation, Deadline::Frame)));
+                    }
+                },
+            }
+        }
         self.drain_local();
     }
 
@@ -428,6 +611,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 Output::SendAck {
                     tag,
                     client_id,
+                    body_bytes,
                     seq,
                     server_time_ms,
                 } => self.route(
@@ -435,18 +619,21 @@ impl<A: Authenticator> EdgeSession<A> {
                     ShardMessage::SendResult {
                         reply: tag,
                         client_id,
+                        body_bytes,
                         result: Ok((seq, server_time_ms)),
                     },
                 ),
                 Output::SendError {
                     tag,
                     client_id,
+                    body_bytes,
                     code,
                 } => self.route(
                     tag.shard,
                     ShardMessage::SendResult {
                         reply: tag,
                         client_id,
+                        body_bytes,
                         result: Err(code),
                     },
                 ),
@@ -557,11 +744,23 @@ impl<A: Authenticator> EdgeSession<A> {
                     Ok(user) => user,
                     Err(failure) => return self.close(conn, failure.code, failure.reason),
                 };
-                if let Some(c) = self.conn_mut(conn) {
-                    c.login = Login::Registering { user };
-                    c.device = device;
-                    c.delivered_up_to = resume_after_seq;
-                }
+                let Some(c) = self.conn_mut(conn) else {
+                    return;
+                };
+                c.login = Login::Registering { user };
+                c.device = device;
+                c.delivered_up_to = resume_after_seq;
+                self.unauthenticated -= 1;
+                let budget = self.config.send_budget_per_user;
+                self.senders
+                    .entry(user)
+                    .or_insert_with(|| Sender {
+                        connections: 0,
+                        budget: SendBuckets::full(budget, now_ms),
+                        recipients: HashSet::new(),
+                        recipients_since_ms: now_ms,
+                    })
+                    .connections += 1;
                 // `Welcome` waits for `Registered`: once the client sees it, live deliveries
                 // and signals reach this connection.
                 let home = self.home_of(user);
@@ -584,21 +783,16 @@ impl<A: Authenticator> EdgeSession<A> {
                 body,
                 ttl_secs,
             } => {
-                let max = self.config.sends_in_flight_per_connection_max;
-                let Some(c) = self.conn_mut(conn) else {
-                    return;
-                };
-                if c.sends_in_flight >= max {
+                if let Err(code) = self.admit_send(now_ms, conn, user, to, body.len()) {
                     return self.write(
                         conn,
                         Frame::SendError {
                             client_id,
-                            code: ErrorCode::TooManyInFlight,
-                            retryable: true,
+                            code,
+                            retryable: code.is_retryable(),
                         },
                     );
                 }
-                c.sends_in_flight += 1;
                 let home = self.home_of(to);
                 self.route(
                     home,
@@ -686,6 +880,7 @@ impl<A: Authenticator> EdgeSession<A> {
                         ShardMessage::SendResult {
                             reply: refused.tag,
                             client_id: refused.send.client_id,
+                            body_bytes: refused.send.body.len(),
                             result: Err(ErrorCode::Overloaded),
                         },
                     );
@@ -702,12 +897,14 @@ impl<A: Authenticator> EdgeSession<A> {
             ShardMessage::SendResult {
                 reply,
                 client_id,
+                body_bytes,
                 result,
             } => {
                 let Some(c) = self.conn_mut(reply) else {
                     return;
                 };
                 c.sends_in_flight = c.sends_in_flight.saturating_sub(1);
+                c.send_bytes_in_flight = c.send_bytes_in_flight.saturating_sub(body_bytes);
                 let frame = match result {
                     Ok((seq, server_time_ms)) => Frame::SendAck {
                         client_id,
@@ -771,7 +968,8 @@ impl<A: Authenticator> EdgeSession<A> {
             ShardMessage::Superseded { conn } => {
                 if let Some(c) = self.conn_mut(conn) {
                     // The home shard already dropped its registration.
-                    c.login = Login::Closing;
+                    let login = std::mem::replace(&mut c.login, Login::Closing);
+                    self.forget_login(login);
                     self.effects.push_back(Effect::Close {
                         conn,
                         code: ErrorCode::Superseded,
@@ -808,7 +1006,8 @@ impl<A: Authenticator> EdgeSession<A> {
             ShardMessage::RegisterRefused { conn, code } => {
                 if let Some(c) = self.conn_mut(conn) {
                     // The home shard did not register it: nothing to unregister.
-                    c.login = Login::Closing;
+                    let login = std::mem::replace(&mut c.login, Login::Closing);
+                    self.forget_login(login);
                     let reason = match code {
                         ErrorCode::LimitExceeded => "too many connections for this user",
                         _ => "too many logins at once: reconnect later",
@@ -1055,10 +1254,84 @@ impl<A: Authenticator> EdgeSession<A> {
             return;
         };
         let login = std::mem::replace(&mut c.login, Login::Closing);
+        self.forget_login(login);
         if let Login::Registering { user } | Login::Active { user } = login {
             let home = self.home_of(user);
             self.route(home, ShardMessage::Unregister { user, conn });
         }
+    }
+
+    /// Updates the counts a connection's login was part of, once it leaves `login`.
+    fn forget_login(&mut self, login: Login) {
+        match login {
+            Login::AwaitingHello => self.unauthenticated -= 1,
+            Login::Registering { user } | Login::Active { user } => {
+                if let Some(sender) = self.senders.get_mut(&user) {
+                    sender.connections -= 1;
+                    if sender.connections == 0 {
+                        self.senders.remove(&user);
+                    }
+                }
+            }
+            Login::Closing => {}
+        }
+    }
+
+    /// Checks a send of `bytes` from `user` on `conn` to `to` against the connection's
+    /// in-flight limits, the send budgets and the recipient limit, and counts it in.
+    fn admit_send(
+        &mut self,
+        now_ms: UnixMillis,
+        conn: ConnRef,
+        user: UserId,
+        to: UserId,
+        bytes: usize,
+    ) -> Result<(), ErrorCode> {
+        let config = &self.config;
+        let Some(c) = self
+            .conns
+            .get_mut(&conn.slot)
+            .filter(|c| c.generation == conn.generation)
+        else {
+            return Err(ErrorCode::Internal);
+        };
+        // A send always fits when none is in flight (the limit is at least one frame).
+        if c.sends_in_flight >= config.sends_in_flight_per_connection_max
+            || (c.sends_in_flight > 0
+                && c.send_bytes_in_flight + bytes > config.send_bytes_in_flight_per_connection_max)
+        {
+            return Err(ErrorCode::TooManyInFlight);
+        }
+        let Some(sender) = self.senders.get_mut(&user) else {
+            return Err(ErrorCode::Internal);
+        };
+        let connection_budget = config.send_budget_per_connection;
+        let user_budget = config.send_budget_per_user;
+        if !c.budget.allows(connection_budget, bytes, now_ms)
+            || !sender.budget.allows(user_budget, bytes, now_ms)
+        {
+            self.stats.sends_over_budget += 1;
+            return Err(ErrorCode::Overloaded);
+        }
+        let recipients_max = config.recipients_per_user_per_window_max;
+        if recipients_max > 0 {
+            if now_ms.saturating_sub(sender.recipients_since_ms) >= config.recipients_window_ms {
+                sender.recipients.clear();
+                sender.recipients_since_ms = now_ms;
+            }
+            if !sender.recipients.contains(&to) {
+                if sender.recipients.len() >= recipients_max {
+                    self.stats.sends_over_recipient_limit += 1;
+                    return Err(ErrorCode::Overloaded);
+                }
+                sender.recipients.insert(to);
+            }
+        }
+        c.budget.spend(connection_budget, bytes);
+        sender.budget.spend(user_budget, bytes);
+        c.sends_in_flight += 1;
+        c.send_bytes_in_flight += bytes;
+        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@
 //!
 //! Call order: `handle_send`/`handle_ack`* → `poll_batch` → (commit) → `handle_commit` → …
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use courier_protocol::ErrorCode;
 
@@ -40,6 +40,8 @@ pub enum Output<T> {
     SendAck {
         tag: T,
         client_id: u64,
+        /// The send's body bytes (its connection counts the bytes it has in flight).
+        body_bytes: usize,
         seq: u64,
         server_time_ms: UnixMillis,
     },
@@ -47,6 +49,7 @@ pub enum Output<T> {
     SendError {
         tag: T,
         client_id: u64,
+        body_bytes: usize,
         code: ErrorCode,
     },
     /// Push a newly stored message to the recipient's open connections.
@@ -77,6 +80,10 @@ pub struct InboxShard<T> {
     queue_bytes_max: usize,
     queue: VecDeque<(SendRequest, T)>,
     queue_bytes: usize,
+    queue_requests_per_sender_max: usize,
+    queue_bytes_per_sender_max: usize,
+    /// Sends and body bytes each sender has in `queue`.
+    queued_by_sender: HashMap<UserId, (usize, usize)>,
     /// Devices logging in: (inbox, device, acked_up_to), with their tags.
     links: VecDeque<((UserId, u32, u64), T)>,
     /// Highest ack per inbox and device, not yet committed.
@@ -96,6 +103,9 @@ impl<T> InboxShard<T> {
             queue_bytes_max: config.queue_bytes_max,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            queue_requests_per_sender_max: config.queue_requests_per_sender_max,
+            queue_bytes_per_sender_max: config.queue_bytes_per_sender_max,
+            queued_by_sender: HashMap::new(),
             links: VecDeque::new(),
             acks: BTreeMap::new(),
             acks_waiting_since_ms: None,
@@ -126,13 +136,25 @@ impl<T> InboxShard<T> {
 
     /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
     /// runtime answers `Overloaded`, and the sender retries later).
+    ///
+    /// Each sender may hold at most its share of the queue (`queue_requests_per_sender_max`,
+    /// `queue_bytes_per_sender_max`), so one flooding sender cannot crowd out the others.
     pub fn handle_send(&mut self, send: SendRequest, tag: T) -> Result<(), Refused<T>> {
         let bytes = send.body.len();
+        let (sender_requests, sender_bytes) = self
+            .queued_by_sender
+            .get(&send.sender)
+            .copied()
+            .unwrap_or((0, 0));
         if self.queue.len() >= self.queue_requests_max
             || self.queue_bytes + bytes > self.queue_bytes_max
+            || sender_requests >= self.queue_requests_per_sender_max
+            || sender_bytes + bytes > self.queue_bytes_per_sender_max
         {
             return Err(Refused { send, tag });
         }
+        self.queued_by_sender
+            .insert(send.sender, (sender_requests + 1, sender_bytes + bytes));
         self.queue_bytes += bytes;
         self.queue.push_back((send, tag));
         Ok(())
@@ -206,6 +228,13 @@ impl<T> InboxShard<T> {
             }
             let (send, tag) = self.queue.pop_front().expect("front exists");
             self.queue_bytes -= bytes;
+            if let Some(queued) = self.queued_by_sender.get_mut(&send.sender) {
+                queued.0 -= 1;
+                queued.1 -= bytes;
+                if queued.0 == 0 {
+                    self.queued_by_sender.remove(&send.sender);
+                }
+            }
             batch_bytes += bytes;
             batch.requests.push(Request::Send(send));
             batch.tags.push(tag);
@@ -279,6 +308,7 @@ impl<T> InboxShard<T> {
                             outputs.push(Output::SendAck {
                                 tag,
                                 client_id: send.client_id,
+                                body_bytes: send.body.len(),
                                 seq,
                                 server_time_ms,
                             });
@@ -316,6 +346,7 @@ impl<T> InboxShard<T> {
                         Request::Send(send) => outputs.push(Output::SendError {
                             tag: tags.next().expect("one tag per send"),
                             client_id: send.client_id,
+                            body_bytes: send.body.len(),
                             code: ErrorCode::StoreUnavailable,
                         }),
                         Request::Link {
@@ -405,6 +436,29 @@ mod tests {
         shard.handle_send(send(9, 60_000), 9).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![8]);
+    }
+
+    #[test]
+    fn a_flooding_sender_gets_its_share_of_the_queue_and_others_still_get_in() {
+        let config = CoreConfig {
+            queue_requests_max: 10,
+            queue_requests_per_sender_max: 3,
+            ..CoreConfig::default()
+        };
+        let mut shard = InboxShard::new(&config);
+        let from = |sender: UserId, client_id: u64| SendRequest {
+            sender,
+            ..send(client_id, 10)
+        };
+        for id in 1..=3 {
+            shard.handle_send(from(7, id), id).unwrap();
+        }
+        assert!(shard.handle_send(from(7, 4), 4).is_err(), "over its share");
+        shard.handle_send(from(8, 5), 5).unwrap();
+        // Once its sends are taken for a batch, the flooder has room again.
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        assert_eq!(batch.tags, vec![1, 2, 3, 5]);
+        shard.handle_send(from(7, 6), 6).unwrap();
     }
 
     #[test]

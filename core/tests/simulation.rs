@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use courier_core::budget::{Rate, SendBudget};
 use courier_core::clock::ServerClock;
 use courier_core::commit::{self, Committer};
 use courier_core::keys;
@@ -346,12 +347,19 @@ impl World {
         let config = CoreConfig {
             batch_requests_max,
             queue_requests_max: batch_requests_max + rng.below(32) as usize,
+            queue_requests_per_sender_max: 1 + rng.below(8) as usize,
             commit_attempts_max: 1 + rng.below(4) as u32,
             expire_scan_keys_max: 2 + rng.below(50) as usize,
             sync_messages_max: 1 + rng.below(20) as usize,
             seq_cache_entries_max: rng.below(8) as usize,
             expiry_bucket_ms: 1_000,
             ..CoreConfig::default()
+        };
+        let config = CoreConfig {
+            queue_requests_per_sender_max: config
+                .queue_requests_per_sender_max
+                .min(config.queue_requests_max),
+            ..config
         };
         config.validate().expect("valid sim config");
         let fault_level = rng.below(4);
@@ -412,13 +420,41 @@ impl World {
                 }
             })
             .collect();
+        // Limits against abuse, tight in some worlds so their refusals happen: every one is
+        // retryable (or closes a connection that the client opens again), so delivery must
+        // still converge.
+        let rate = |rng: &mut Rng, per_sec_min: u64, burst_min: u64| {
+            if rng.chance(1, 2) {
+                Rate::UNLIMITED
+            } else {
+                Rate {
+                    per_sec: per_sec_min + rng.below(10 * per_sec_min),
+                    burst: burst_min + rng.below(4 * burst_min),
+                }
+            }
+        };
+        let budget = |rng: &mut Rng| SendBudget {
+            messages: rate(rng, 20, 1),
+            // The burst holds at least one maximal body, so every send can pass eventually.
+            bytes: rate(rng, 2_000, courier_protocol::FRAME_BYTES_MAX as u64),
+        };
         let session_config = SessionConfig {
-            shard: 0,
-            shard_count,
             connections_per_user_max: 4,
             sends_in_flight_per_connection_max: 1 + rng.below(8) as usize,
+            send_bytes_in_flight_per_connection_max: 1 + rng.below(300) as usize,
             outbound_bytes_per_connection_max: 2 * courier_protocol::FRAME_BYTES_MAX,
-            core: config.clone(),
+            send_budget_per_connection: budget(&mut rng),
+            send_budget_per_user: budget(&mut rng),
+            // Tight enough to refuse in the chaos phase; windows short enough that a
+            // client's peers all get through within the calm phase's simulated minutes.
+            recipients_per_user_per_window_max: if rng.chance(1, 2) {
+                0
+            } else {
+                1 + rng.below(6) as usize
+            },
+            recipients_window_ms: 500 + rng.below(5_000),
+            hello_timeout_ms: 50 + rng.below(2_000),
+            ..SessionConfig::new(0, shard_count, config.clone())
         };
         let mut world = World {
             seed,
@@ -531,14 +567,20 @@ impl World {
                 )
             })
             .collect();
+        let session_stats: Vec<String> = self
+            .shards
+            .iter()
+            .map(|shard| format!("{:?}", shard.stats()))
+            .collect();
         format!(
-            "seed {} shards {} clients {} pending {} network {} crashes {} cursors/last [{}]",
+            "seed {} shards {} clients {} pending {} network {} crashes {} session stats {} cursors/last [{}]",
             self.seed,
             self.shards.len(),
             self.clients.len(),
             pending,
             self.network.len(),
             self.stats.crashes,
+            session_stats.join(" "),
             cursors.join(" ")
         )
     }
@@ -592,6 +634,17 @@ impl World {
         }
         for client in 0..self.clients.len() {
             self.client_tick(client);
+        }
+        // Overdue `Hello`s close their connections, as the edge's timer does.
+        for shard in 0..self.shards.len() {
+            let now = self.edge_now();
+            if self.shards[shard]
+                .next_deadline_ms()
+                .is_some_and(|at| at <= now)
+            {
+                self.shards[shard].handle_deadlines(now);
+                self.apply_effects(shard);
+            }
         }
         // Shards commit: one batch per shard per step, when not congested.
         for shard in 0..self.shards.len() {
@@ -695,7 +748,8 @@ impl World {
         };
         self.next_slot += 1;
         self.slot_owner.insert(conn.slot, client);
-        self.shards[shard as usize].open_connection(conn);
+        let now = self.edge_now();
+        self.shards[shard as usize].open_connection(now, conn);
         let now = self.now;
         let c = &mut self.clients[client];
         c.conn = Some(conn);
@@ -812,6 +866,7 @@ impl World {
                                         ShardMessage::SendResult {
                                             reply,
                                             client_id: send.client_id,
+                                            body_bytes: send.body.len(),
                                             result: Err(ErrorCode::Overloaded),
                                         },
                                     );

@@ -136,6 +136,57 @@ pub struct LimitsSection {
     pub mesh_channel_messages_max: usize,
     /// Sync reads queued for one shard's store reader; further reads wait their turn.
     pub store_reads_queued_max: usize,
+    /// Body bytes of one connection's sends waiting for their `SendAck`; beyond it:
+    /// `TooManyInFlight`. At least one maximal frame (66560).
+    pub send_bytes_in_flight_per_connection_max: usize,
+    /// What one connection may send (token buckets); beyond it sends get `Overloaded`.
+    pub send_per_connection: SendRateSection,
+    /// What one user may send through one shard's connections, all of them together.
+    pub send_per_user: SendRateSection,
+    /// Distinct recipients one user may send to per `recipients_window_secs` on one shard
+    /// (0: no limit). Beyond it: `Overloaded`. Every recipient ever addressed keeps a record.
+    pub recipients_per_user_per_window_max: usize,
+    pub recipients_window_secs: u64,
+    /// The handshake and `Hello` must be done this long after a connection's first packet.
+    pub hello_timeout_ms: u64,
+    /// A frame whose first bytes arrived must be complete this long after.
+    pub frame_timeout_ms: u64,
+    /// Connections of one shard that have not said a valid `Hello` (handshakes included);
+    /// beyond it new connections are refused.
+    pub unauthenticated_connections_per_shard_max: usize,
+    /// Above this many unauthenticated connections on a shard, a new client must first prove
+    /// its address with a QUIC Retry (one more round trip, no state kept for spoofed floods).
+    pub retry_above_unauthenticated: usize,
+    /// Handshakes in progress from one IP address on one shard; beyond it: refused.
+    pub handshakes_per_address_max: usize,
+}
+
+/// A token bucket in messages and in body bytes. A `_per_sec` of 0 means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRateSection {
+    pub messages_per_sec: u64,
+    /// Messages that may be sent at once after a quiet time.
+    pub messages_burst: u64,
+    pub bytes_per_sec: u64,
+    /// At least one maximal frame (66560).
+    pub bytes_burst: u64,
+}
+
+impl SendRateSection {
+    pub fn budget(&self) -> courier_core::budget::SendBudget {
+        use courier_core::budget::{Rate, SendBudget};
+        SendBudget {
+            messages: Rate {
+                per_sec: self.messages_per_sec,
+                burst: self.messages_burst,
+            },
+            bytes: Rate {
+                per_sec: self.bytes_per_sec,
+                burst: self.bytes_burst,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +234,9 @@ pub struct BatchingSection {
     pub batch_bytes_max: usize,
     pub queue_requests_max: usize,
     pub queue_bytes_max: usize,
+    /// One sender's share of a shard's queue: beyond it its sends get `Overloaded`.
+    pub queue_requests_per_sender_max: usize,
+    pub queue_bytes_per_sender_max: usize,
     pub sync_messages_max: usize,
     /// How long an ack waits for sends to share a commit with before it is committed alone.
     pub ack_commit_delay_ms: u64,
@@ -231,6 +285,26 @@ impl Default for LimitsSection {
             datagrams_per_wakeup_max: 256,
             mesh_channel_messages_max: 4096,
             store_reads_queued_max: 64,
+            send_bytes_in_flight_per_connection_max: 1024 * 1024,
+            send_per_connection: SendRateSection {
+                messages_per_sec: 2_000,
+                messages_burst: 4_000,
+                bytes_per_sec: 4 * 1024 * 1024,
+                bytes_burst: 8 * 1024 * 1024,
+            },
+            send_per_user: SendRateSection {
+                messages_per_sec: 4_000,
+                messages_burst: 8_000,
+                bytes_per_sec: 8 * 1024 * 1024,
+                bytes_burst: 16 * 1024 * 1024,
+            },
+            recipients_per_user_per_window_max: 1_000,
+            recipients_window_secs: 60,
+            hello_timeout_ms: 10_000,
+            frame_timeout_ms: 10_000,
+            unauthenticated_connections_per_shard_max: 4_096,
+            retry_above_unauthenticated: 512,
+            handshakes_per_address_max: 1_024,
         }
     }
 }
@@ -270,6 +344,8 @@ impl Default for BatchingSection {
             batch_bytes_max: core.batch_bytes_max,
             queue_requests_max: core.queue_requests_max,
             queue_bytes_max: core.queue_bytes_max,
+            queue_requests_per_sender_max: core.queue_requests_per_sender_max,
+            queue_bytes_per_sender_max: core.queue_bytes_per_sender_max,
             sync_messages_max: core.sync_messages_max,
             ack_commit_delay_ms: core.ack_commit_delay_ms,
         }
@@ -377,6 +453,14 @@ impl Config {
                 "limits.store_reads_queued_max",
                 limits.store_reads_queued_max,
             ),
+            (
+                "limits.unauthenticated_connections_per_shard_max",
+                limits.unauthenticated_connections_per_shard_max,
+            ),
+            (
+                "limits.handshakes_per_address_max",
+                limits.handshakes_per_address_max,
+            ),
         ] {
             if value == 0 {
                 return invalid(key, "at least 1");
@@ -386,6 +470,39 @@ impl Config {
             return invalid(
                 "limits.outbound_bytes_per_connection_max",
                 "at least two maximal frames (133120 bytes)",
+            );
+        }
+        if limits.send_bytes_in_flight_per_connection_max < courier_protocol::FRAME_BYTES_MAX {
+            return invalid(
+                "limits.send_bytes_in_flight_per_connection_max",
+                "at least one maximal frame (66560 bytes)",
+            );
+        }
+        for (key, rate) in [
+            ("limits.send_per_connection", limits.send_per_connection),
+            ("limits.send_per_user", limits.send_per_user),
+        ] {
+            if rate.messages_per_sec > 0 && rate.messages_burst == 0 {
+                return invalid(
+                    key,
+                    "messages_burst of at least 1 when messages_per_sec is set",
+                );
+            }
+            if rate.bytes_per_sec > 0 && rate.bytes_burst < courier_protocol::FRAME_BYTES_MAX as u64
+            {
+                return invalid(
+                    key,
+                    "bytes_burst of at least one maximal frame (66560) when bytes_per_sec is set",
+                );
+            }
+        }
+        if limits.recipients_window_secs == 0 {
+            return invalid("limits.recipients_window_secs", "at least 1");
+        }
+        if limits.hello_timeout_ms < 100 || limits.frame_timeout_ms < 100 {
+            return invalid(
+                "limits.hello_timeout_ms/limits.frame_timeout_ms",
+                "at least 100 (a client on a slow network needs a few round trips)",
             );
         }
         if self.quic.idle_timeout_ms < 1000 {
@@ -464,6 +581,8 @@ impl Config {
             batch_bytes_max: self.batching.batch_bytes_max,
             queue_requests_max: self.batching.queue_requests_max,
             queue_bytes_max: self.batching.queue_bytes_max,
+            queue_requests_per_sender_max: self.batching.queue_requests_per_sender_max,
+            queue_bytes_per_sender_max: self.batching.queue_bytes_per_sender_max,
             sync_messages_max: self.batching.sync_messages_max,
             ack_commit_delay_ms: self.batching.ack_commit_delay_ms,
             expire_scan_keys_max: self.retention.expire_scan_keys_max,

@@ -115,6 +115,11 @@ struct Conn {
     /// Stopped decoding frames while the mesh is congested; on `Shard::parked`.
     parked: bool,
     timer_armed: Option<Instant>,
+    /// The peer's IP address while its handshake is in progress (counted in
+    /// `Shard::handshakes_by_address`); `None` once it is done.
+    handshaking_from: Option<IpAddr>,
+    /// The session was told that `inbuf` holds the start of an unfinished frame.
+    partial_frame: bool,
 }
 
 /// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
@@ -183,6 +188,8 @@ pub struct Shard {
     mesh_draining: Vec<bool>,
     /// Connections with undecoded input, waiting for the mesh to drain.
     parked: Vec<ConnectionHandle>,
+    /// Handshakes in progress per peer IP address (`limits.handshakes_per_address_max`).
+    handshakes_by_address: HashMap<IpAddr, usize>,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -203,6 +210,11 @@ struct ShardStats {
     mesh_messages_dropped: u64,
     /// Control messages dropped at the backlog's hard maximum (should stay 0).
     mesh_control_dropped: u64,
+    /// New connections refused: too many unauthenticated on the shard, or too many
+    /// handshakes from one address.
+    handshakes_refused: u64,
+    /// New connections asked to prove their address first (QUIC Retry).
+    retries_sent: u64,
 }
 
 /// The shard's UDP socket: glommio waits for readability, quinn-udp does the I/O.
@@ -210,6 +222,26 @@ struct Socket {
     std: std::net::UdpSocket,
     glommio: glommio::net::UdpSocket,
     state: quinn_udp::UdpSocketState,
+}
+
+/// The session's settings from the edge's configuration.
+fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) -> SessionConfig {
+    let limits = &config.limits;
+    SessionConfig {
+        shard: id,
+        shard_count,
+        connections_per_user_max: limits.connections_per_user_max,
+        sends_in_flight_per_connection_max: limits.sends_in_flight_per_connection_max,
+        send_bytes_in_flight_per_connection_max: limits.send_bytes_in_flight_per_connection_max,
+        outbound_bytes_per_connection_max: limits.outbound_bytes_per_connection_max,
+        send_budget_per_connection: limits.send_per_connection.budget(),
+        send_budget_per_user: limits.send_per_user.budget(),
+        recipients_per_user_per_window_max: limits.recipients_per_user_per_window_max,
+        recipients_window_ms: limits.recipients_window_secs.saturating_mul(1000),
+        hello_timeout_ms: limits.hello_timeout_ms,
+        frame_timeout_ms: limits.frame_timeout_ms,
+        core: core.clone(),
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -327,20 +359,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         batch_timer: None,
         dirty: Vec::new(),
         session: EdgeSession::new(
-            SessionConfig {
-                shard: id,
-                shard_count: setup.shard_count,
-                connections_per_user_max: setup.config.limits.connections_per_user_max,
-                sends_in_flight_per_connection_max: setup
-                    .config
-                    .limits
-                    .sends_in_flight_per_connection_max,
-                outbound_bytes_per_connection_max: setup
-                    .config
-                    .limits
-                    .outbound_bytes_per_connection_max,
-                core: setup.core.clone(),
-            },
+            session_config(id, setup.shard_count, &setup.config, &setup.core),
             TokenAuthenticator {
                 verifier: setup.verifier.clone(),
                 verified: RefCell::new(crate::auth::VerifiedTokens::new(
@@ -353,6 +372,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         mesh_backlog: (0..setup.shard_count).map(|_| VecDeque::new()).collect(),
         mesh_draining: vec![false; setup.shard_count as usize],
         parked: Vec::new(),
+        handshakes_by_address: HashMap::new(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -664,6 +684,7 @@ impl Shard {
                             ShardMessage::SendResult {
                                 reply,
                                 client_id: send.client_id,
+                                body_bytes: send.body.len(),
                                 result: Err(ErrorCode::Overloaded),
                             },
                         );
@@ -882,14 +903,40 @@ impl Shard {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.draining || self.conns.len() >= self.config.limits.connections_per_shard_max
-                {
+                let limits = &self.config.limits;
+                let address = incoming.remote_address().ip();
+                let unauthenticated = self.session.unauthenticated_connections();
+                let from_address = self
+                    .handshakes_by_address
+                    .get(&address)
+                    .copied()
+                    .unwrap_or(0);
+                let refuse = self.draining
+                    || self.conns.len() >= limits.connections_per_shard_max
+                    || unauthenticated >= limits.unauthenticated_connections_per_shard_max
+                    || from_address >= limits.handshakes_per_address_max;
+                if refuse {
+                    if !self.draining {
+                        self.stats.handshakes_refused += 1;
+                    }
                     let transmit = self.endpoint.refuse(incoming, &mut buf);
                     self.send_transmit(&transmit, &buf);
                     return;
                 }
+                if unauthenticated >= limits.retry_above_unauthenticated && incoming.may_retry() {
+                    // Stateless: a spoofed source never comes back with the token, and the
+                    // Retry packet is smaller than the Initial that caused it.
+                    self.stats.retries_sent += 1;
+                    debug!(%address, unauthenticated, "asking a new client to prove its address (QUIC Retry)");
+                    match self.endpoint.retry(incoming, &mut buf) {
+                        Ok(transmit) => self.send_transmit(&transmit, &buf),
+                        Err(error) => self.endpoint.ignore(error.into_incoming()),
+                    }
+                    return;
+                }
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
+                        *self.handshakes_by_address.entry(address).or_insert(0) += 1;
                         let generation = self.next_generation;
                         self.next_generation += 1;
                         self.conns.insert(
@@ -905,13 +952,19 @@ impl Shard {
                                 dirty: false,
                                 parked: false,
                                 timer_armed: None,
+                                handshaking_from: Some(address),
+                                partial_frame: false,
                             }),
                         );
-                        self.session.open_connection(ConnRef {
-                            shard: self.id,
-                            slot: handle.0,
-                            generation,
-                        });
+                        let now_ms = self.now_ms();
+                        self.session.open_connection(
+                            now_ms,
+                            ConnRef {
+                                shard: self.id,
+                                slot: handle.0,
+                                generation,
+                            },
+                        );
                         self.process_conn(now, handle);
                     }
                     Err(error) => {
@@ -947,6 +1000,16 @@ impl Shard {
         if self.batch_timer.is_some_and(|(_, at)| at <= now) {
             self.batch_timer = None;
         }
+        // `Hello` and frame deadlines are seconds long: checking them at every wake-up of
+        // this task (at least every SHUTDOWN_POLL) is precise enough.
+        let now_ms = self.now_ms();
+        if self
+            .session
+            .next_deadline_ms()
+            .is_some_and(|at| at <= now_ms)
+        {
+            self.session.handle_deadlines(now_ms);
+        }
         let connections_next = self.timers.peek().map(|Reverse((at, _, _))| *at);
         let batch_next = self.batch_timer.map(|(_, at)| at);
         self.armed_deadline = connections_next.into_iter().chain(batch_next).min();
@@ -965,7 +1028,10 @@ impl Shard {
         }
         while let Some(event) = conn.quic.poll() {
             match event {
-                Event::Connected => conn.handshake_done = true,
+                Event::Connected => {
+                    conn.handshake_done = true;
+                    self.handshake_finished(&mut conn);
+                }
                 Event::HandshakeDataReady => {}
                 Event::ConnectionLost { reason } => {
                     debug!(%reason, "connection lost");
@@ -1005,6 +1071,7 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
+            self.handshake_finished(&mut conn);
             return;
         }
         self.arm_timer(handle, &mut conn);
@@ -1023,6 +1090,12 @@ impl Shard {
             // Backpressure: a client that does not read its answers stops being read; QUIC
             // flow control then stops it from sending. Reading resumes on `Writable`.
             if conn.outbuf.len() >= self.config.limits.outbound_bytes_per_connection_max {
+                if conn.partial_frame {
+                    // The rest of the frame may wait in QUIC's buffer: not the client's delay.
+                    conn.partial_frame = false;
+                    let (conn_ref, now_ms) = (self.conn_ref(handle, conn), self.now_ms());
+                    self.session.set_partial_frame(now_ms, conn_ref, false);
+                }
                 return;
             }
             let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
@@ -1076,6 +1149,7 @@ impl Shard {
         let conn_ref = self.conn_ref(handle, conn);
         let now_ms = self.now_ms();
         let mut consumed_total = 0;
+        let mut incomplete = false;
         loop {
             if conn.closing {
                 break;
@@ -1096,7 +1170,10 @@ impl Shard {
                     let early = !conn.handshake_done && conn.quic.is_handshaking();
                     self.session.handle_frame(now_ms, conn_ref, frame, early);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    incomplete = consumed_total < conn.inbuf.len();
+                    break;
+                }
                 Err(error) => {
                     self.session
                         .close_connection(conn_ref, error.code(), error.to_string());
@@ -1107,6 +1184,16 @@ impl Shard {
             }
         }
         conn.inbuf.drain(..consumed_total);
+        // The frame timeout runs only while the rest of a frame is the client's to send: not
+        // while this shard holds whole frames back (mesh congestion) or stopped reading
+        // (the client does not read its answers).
+        let partial = incomplete
+            && !conn.parked
+            && conn.outbuf.len() < self.config.limits.outbound_bytes_per_connection_max;
+        if partial != conn.partial_frame {
+            conn.partial_frame = partial;
+            self.session.set_partial_frame(now_ms, conn_ref, partial);
+        }
     }
 
     // ---- Cross-shard input ------------------------------------------------------------------
@@ -1142,8 +1229,17 @@ impl Shard {
             sends_overloaded = is.session.sends_overloaded - was.session.sends_overloaded,
             mesh_messages_dropped = is.mesh_messages_dropped - was.mesh_messages_dropped,
             mesh_control_dropped = is.mesh_control_dropped - was.mesh_control_dropped,
-            "dropped or refused under overload (signals to connections that do not read, \
-             sends to a full inbox queue, mesh messages to a busy shard) since the last report"
+            sends_over_budget = is.session.sends_over_budget - was.session.sends_over_budget,
+            sends_over_recipient_limit =
+                is.session.sends_over_recipient_limit - was.session.sends_over_recipient_limit,
+            connections_timed_out =
+                is.session.connections_timed_out - was.session.connections_timed_out,
+            handshakes_refused = is.handshakes_refused - was.handshakes_refused,
+            retries_sent = is.retries_sent - was.retries_sent,
+            "dropped or refused under overload or abuse since the last report (signals to \
+             connections that do not read, sends to a full inbox queue or over a send budget, \
+             mesh messages to a busy shard, connections without Hello or with an unfinished \
+             frame, handshakes over a limit)"
         );
         self.stats_logged = is;
         self.stats_logged_at = now;
@@ -1289,10 +1385,25 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
+            self.handshake_finished(&mut conn);
             return;
         }
         self.arm_timer(handle, &mut conn);
         self.conns.insert(handle, conn);
+    }
+
+    /// The connection's handshake is over (done, or the connection is gone): it no longer
+    /// counts against its address's handshakes in progress.
+    fn handshake_finished(&mut self, conn: &mut Conn) {
+        let Some(address) = conn.handshaking_from.take() else {
+            return;
+        };
+        if let Some(count) = self.handshakes_by_address.get_mut(&address) {
+            *count -= 1;
+            if *count == 0 {
+                self.handshakes_by_address.remove(&address);
+            }
+        }
     }
 
     /// Makes the timer task wake when waiting acks are due to be committed on their own.

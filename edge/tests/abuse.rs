@@ -1,0 +1,198 @@
+//! Issue 11: one abusive client cannot hurt the others. Deadlines for `Hello` and for a started
+//! frame, send budgets, the limit on unauthenticated connections, and QUIC Retry, each against
+//! the real `courier-edge` binary (see `common`). None asserts on speed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{EVENT_TIMEOUT, Edge};
+use courier_client::ClientError;
+use courier_client::raw::RawConnection;
+use courier_protocol::{ErrorCode, Frame};
+
+/// How long a test waits for the edge to act on a deadline of a few hundred ms.
+const DEADLINE_GRACE: Duration = Duration::from_secs(10);
+
+async fn closed_code(raw: &RawConnection) -> Option<ErrorCode> {
+    let error = tokio::time::timeout(DEADLINE_GRACE, raw.closed())
+        .await
+        .expect("the edge closes the connection in time");
+    match error {
+        ClientError::Closed { code, .. } => code,
+        other => panic!("closed without an application code: {other:?}"),
+    }
+}
+
+/// A client that finishes the handshake and never says `Hello` is closed once
+/// `hello_timeout_ms` has passed, with a reason about its input; a client that logs in on time
+/// is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_hello_is_closed_after_the_hello_timeout() {
+    let edge = Edge::start_with(1, "[limits]\nhello_timeout_ms = 300\n", &[]);
+    let connector = edge.connector();
+    let silent = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("handshake");
+    let mut on_time = edge.raw_session(&connector, 5, 0).await;
+    let close = tokio::time::timeout(DEADLINE_GRACE, silent.closed())
+        .await
+        .expect("closed in time");
+    match close {
+        ClientError::Closed { code, reason } => {
+            assert_eq!(code, Some(ErrorCode::UnexpectedFrame));
+            assert!(reason.contains("no Hello within"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The logged-in connection outlives the deadline.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    on_time
+        .write_frame(&Frame::Ping { nonce: 1 })
+        .await
+        .expect("ping");
+    let pong = tokio::time::timeout(EVENT_TIMEOUT, on_time.read_frame())
+        .await
+        .expect("pong in time")
+        .expect("still open");
+    assert_eq!(pong, Frame::Pong { nonce: 1 });
+}
+
+/// A frame whose length prefix arrived and whose body never does closes its connection after
+/// `frame_timeout_ms`; a connection sending whole frames slowly stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_left_unfinished_closes_its_connection() {
+    let edge = Edge::start_with(1, "[limits]\nframe_timeout_ms = 300\n", &[]);
+    let connector = edge.connector();
+    let mut stalled = edge.raw_session(&connector, 6, 0).await;
+    let mut slow = edge.raw_session(&connector, 7, 0).await;
+    let ping = courier_protocol::encode_to_vec(&Frame::Ping { nonce: 2 }).expect("encode");
+    // The prefix and one byte of the body.
+    stalled
+        .write_bytes(&ping[..courier_protocol::LENGTH_PREFIX_BYTES + 1])
+        .await
+        .expect("partial frame");
+    for nonce in 0..6 {
+        slow.write_frame(&Frame::Ping { nonce })
+            .await
+            .expect("ping");
+        let pong = slow.read_frame().await.expect("slow client stays open");
+        assert_eq!(pong, Frame::Pong { nonce });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(closed_code(&stalled).await, Some(ErrorCode::Malformed));
+}
+
+/// A connection that pipelines sends past its budget gets retryable `Overloaded` for the
+/// excess, and another user's send on the same shard is acknowledged at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_over_the_budget_are_refused_as_overloaded_and_others_still_send() {
+    let edge = Edge::start_with(
+        1,
+        "[limits.send_per_connection]\nmessages_per_sec = 1\nmessages_burst = 5\n\
+         bytes_per_sec = 0\nbytes_burst = 0\n",
+        &[],
+    );
+    let connector = edge.connector();
+    let mut flooder = edge.raw_session(&connector, 8, 0).await;
+    let sends = 30u64;
+    let mut burst = Vec::new();
+    for client_id in 1..=sends {
+        burst.extend(
+            courier_protocol::encode_to_vec(&Frame::Send {
+                client_id,
+                to: 9,
+                body: b"flood".to_vec(),
+                ttl_secs: None,
+            })
+            .expect("encode"),
+        );
+    }
+    flooder.write_bytes(&burst).await.expect("flood");
+    let (mut acked, mut refused) = (0u64, 0u64);
+    while acked + refused < sends {
+        let frame = tokio::time::timeout(EVENT_TIMEOUT, flooder.read_frame())
+            .await
+            .expect("an answer in time")
+            .expect("open");
+        match frame {
+            Frame::SendAck { .. } => acked += 1,
+            Frame::SendError {
+                code: ErrorCode::Overloaded,
+                retryable: true,
+                ..
+            } => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (5..=7).contains(&acked),
+        "the burst of 5 (plus what 1/s refilled) passes: {acked} acked, {refused} refused"
+    );
+    let other = edge.client(10).await;
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, other.send(9, b"hello".to_vec()))
+        .await
+        .expect("in time")
+        .expect("another user's send is acknowledged");
+    assert!(receipt.seq > 0);
+}
+
+/// Past `unauthenticated_connections_per_shard_max` connections without `Hello`, new
+/// connections are refused; once one logs in there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_have_their_own_limit() {
+    let edge = Edge::start_with(
+        1,
+        "[limits]\nunauthenticated_connections_per_shard_max = 3\n",
+        &[],
+    );
+    let connector = edge.connector();
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(
+            RawConnection::connect(&connector, edge.addr)
+                .await
+                .expect("under the limit"),
+        );
+    }
+    let refused = RawConnection::connect(&connector, edge.addr).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection without Hello is refused"
+    );
+    // One of them logs in: it no longer counts.
+    let mut first = waiting.remove(0);
+    first
+        .write_frame(&Frame::Hello {
+            token: edge.token(11, 0).into_bytes(),
+            device: 0,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        })
+        .await
+        .expect("hello");
+    assert!(matches!(
+        first.read_frame().await.expect("welcome"),
+        Frame::Welcome { .. }
+    ));
+    RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("room again after a login");
+}
+
+/// Above `retry_above_unauthenticated`, a new client must prove its address with a QUIC Retry
+/// first; a real client does so by itself and logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_retry_threshold_clients_still_connect_through_a_retry() {
+    let edge = Edge::start_with(1, "[limits]\nretry_above_unauthenticated = 1\n", &[]);
+    let connector = edge.connector();
+    let _waiting = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("first connection");
+    let client = edge.client(12).await;
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, client.send(13, b"after retry".to_vec()))
+        .await
+        .expect("in time")
+        .expect("acknowledged");
+    assert!(receipt.seq > 0);
+}
