@@ -1,12 +1,13 @@
 //! `courier-bench`: Courier's load generator and correctness checker.
 //!
-//! Workloads (`pairs`, `offline`, `connections`, `reconnect`, `restart`) run against an edge that is
+//! Workloads (`pairs`, `offline`, `connections`, `reconnect`, `restart`, `abuse`) run against an edge that is
 //! already running (`--addr`, `--token-key`, `--cert`) or one it starts itself
 //! (`--spawn-edge`: a child process of this binary on a temporary data directory). Every run
 //! prints a table, a progress line while it runs, and with `--json PATH` one JSON object
 //! (fields: docs/bench.md). Message workloads check what they measure: any lost message is a
 //! non-zero exit.
 
+mod abuse;
 mod edge;
 mod report;
 mod workloads;
@@ -149,6 +150,9 @@ pub enum Workload {
     /// directory (optionally holding --fill undelivered messages): time to listening, and how
     /// soon each client is logged in again by itself. Needs --spawn-edge.
     Restart(workloads::RestartArgs),
+    /// Attacks, each bounded in time, while a clean pair chats alongside: what the attacker
+    /// achieved, the edge's memory, the clean pair's latency and losses (docs/security.md).
+    Abuse(abuse::AbuseArgs),
 }
 
 fn main() -> ExitCode {
@@ -213,6 +217,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         Workload::Connections(args) => workloads::connections(&target, args).await?,
         Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,
         Workload::Restart(args) => workloads::restart(&target, args).await?,
+        Workload::Abuse(args) => abuse::abuse(&target, args).await?,
     };
     report.print();
     if let Some(path) = &cli.json {

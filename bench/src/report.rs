@@ -158,7 +158,15 @@ impl Report {
             println!("  edge       rss {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
         }
         for (key, value) in &self.extra {
-            println!("  {key:<10} {value}");
+            match value.as_array() {
+                // A table: one row per line.
+                Some(rows) => {
+                    for row in rows {
+                        println!("  {key:<10} {row}");
+                    }
+                }
+                None => println!("  {key:<10} {value}"),
+            }
         }
         for error in &self.errors {
             println!("  error      {error}");

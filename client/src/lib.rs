@@ -1063,5 +1063,40 @@ pub mod raw {
         pub async fn closed(&self) -> ClientError {
             map_connection_error(&self.connection.closed().await)
         }
+
+        /// The connection and its stream's halves, to write and read from separate tasks.
+        pub fn into_parts(self) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+            (self.connection, self.send, self.recv)
+        }
+    }
+
+    /// The first datagram of a handshake with `addr` (a QUIC Initial carrying a TLS
+    /// ClientHello), as a client would send it, from a connection that will never send
+    /// another: for handshake-flood tests.
+    pub fn initial_datagram(
+        connector: &Connector,
+        addr: SocketAddr,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut endpoint = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            false,
+            None,
+        );
+        let now = Instant::now();
+        let (_handle, mut connection) = endpoint
+            .connect(
+                now,
+                connector.client_config.clone(),
+                addr,
+                &connector.server_name,
+            )
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let mut buf = Vec::new();
+        let transmit = connection
+            .poll_transmit(now, 1, &mut buf)
+            .ok_or_else(|| ClientError::Connect("no initial packet".into()))?;
+        buf.truncate(transmit.size);
+        Ok(buf)
     }
 }

@@ -64,6 +64,19 @@ impl TokenBucket {
         self.level_milli >= amount.saturating_mul(1000)
     }
 
+    /// Milliseconds until `amount` tokens are there (0 if they are now; `u64::MAX` if the
+    /// burst can never hold them).
+    pub fn wait_ms(&mut self, rate: Rate, amount: u64, now_ms: UnixMillis) -> u64 {
+        if rate.is_unlimited() || self.has(rate, amount, now_ms) {
+            return 0;
+        }
+        if amount > rate.burst {
+            return u64::MAX;
+        }
+        let missing_milli = amount.saturating_mul(1000) - self.level_milli;
+        missing_milli.div_ceil(rate.per_sec)
+    }
+
     /// Takes `amount` tokens (call after `has`); the level never goes below zero.
     pub fn take(&mut self, rate: Rate, amount: u64) {
         if !rate.is_unlimited() {
@@ -105,6 +118,13 @@ impl SendBuckets {
             && self.bytes.has(budget.bytes, bytes as u64, now_ms)
     }
 
+    /// Milliseconds until one message of `bytes` fits.
+    pub fn wait_ms(&mut self, budget: SendBudget, bytes: usize, now_ms: UnixMillis) -> u64 {
+        self.messages
+            .wait_ms(budget.messages, 1, now_ms)
+            .max(self.bytes.wait_ms(budget.bytes, bytes as u64, now_ms))
+    }
+
     pub fn spend(&mut self, budget: SendBudget, bytes: usize) {
         self.messages.take(budget.messages, 1);
         self.bytes.take(budget.bytes, bytes as u64);
@@ -128,6 +148,8 @@ mod tests {
         }
         assert!(!bucket.has(rate, 1, 1_000), "the burst is spent");
         assert!(!bucket.has(rate, 1, 1_099), "a token takes 100 ms at 10/s");
+        assert_eq!(bucket.wait_ms(rate, 1, 1_099), 1);
+        assert_eq!(bucket.wait_ms(rate, 6, 1_000), u64::MAX, "over the burst");
         assert!(bucket.has(rate, 1, 1_100));
         // A long pause refills only up to the burst.
         assert!(bucket.has(rate, 5, 60_000));

@@ -33,6 +33,8 @@ use crate::{CoreConfig, UnixMillis, UserId};
 
 /// Bytes a frame adds to its body or payload (prefix and fields), for the outbound bound.
 const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
+/// The longest an over-budget connection's input stays paused at once.
+const INPUT_PAUSE_MS_MAX: u64 = 1_000;
 
 /// A connection anywhere in the edge: its shard, its slot there, and the generation that tells
 /// a reused slot from the connection that held it before.
@@ -200,6 +202,9 @@ pub enum Effect {
         inbox: UserId,
         after_seq: u64,
     },
+    /// Read the connection's input again: it was paused ([`EdgeSession::input_paused`])
+    /// until its send budget refilled.
+    ResumeInput { conn: ConnRef },
 }
 
 /// Checks `Hello`'s token. The edge verifies signatures; the simulation trusts a user id.
@@ -278,6 +283,8 @@ pub struct SessionStats {
     pub sends_over_recipient_limit: u64,
     /// Connections closed because `Hello` or a started frame did not arrive in time.
     pub connections_timed_out: u64,
+    /// Sends refused because the edge's memory was near its ceiling.
+    pub sends_shed: u64,
 }
 
 /// Why a connection has an entry in the deadline heap.
@@ -285,6 +292,8 @@ pub struct SessionStats {
 enum Deadline {
     Hello,
     Frame,
+    /// The connection's input is paused until its send budget refills.
+    Resume,
 }
 
 /// What the session tracks of a user that has connections on this shard.
@@ -323,6 +332,11 @@ struct Connection {
     /// Since when the driver holds the start of a frame whose rest has not arrived.
     partial_frame_since_ms: Option<UnixMillis>,
     frame_deadline_queued: bool,
+    /// Input is paused until this time: the connection spent its send budget.
+    input_paused_until_ms: Option<UnixMillis>,
+    /// Input is paused until one of the connection's sends is answered: it has the maximum
+    /// in flight.
+    input_paused_for_answer: bool,
     /// Highest seq written to this connection, or declared a hole, or held by the device.
     delivered_up_to: u64,
     sync_running: bool,
@@ -361,6 +375,8 @@ pub struct EdgeSession<A> {
     unauthenticated: usize,
     /// At most one entry per connection and kind: (when, slot, generation, kind).
     deadlines: BinaryHeap<Reverse<(UnixMillis, usize, u64, Deadline)>>,
+    /// The edge is near its memory ceiling: refuse sends.
+    shedding: bool,
 }
 
 impl<A: Authenticator> EdgeSession<A> {
@@ -378,7 +394,14 @@ impl<A: Authenticator> EdgeSession<A> {
             senders: HashMap::new(),
             unauthenticated: 0,
             deadlines: BinaryHeap::new(),
+            shedding: false,
         }
+    }
+
+    /// While set, every send is refused with `Overloaded` (the edge's memory is near its
+    /// ceiling); deliveries and acks go on, and they free memory.
+    pub fn set_shedding(&mut self, shedding: bool) {
+        self.shedding = shedding;
     }
 
     // ---- Getters ----------------------------------------------------------------------------
@@ -443,6 +466,8 @@ impl<A: Authenticator> EdgeSession<A> {
                 opened_at_ms: now_ms,
                 partial_frame_since_ms: None,
                 frame_deadline_queued: false,
+                input_paused_until_ms: None,
+                input_paused_for_answer: false,
                 delivered_up_to: 0,
                 sync_running: false,
                 sync_again: false,
@@ -459,6 +484,23 @@ impl<A: Authenticator> EdgeSession<A> {
         self.end_login(conn);
         self.conns.remove(&conn.slot);
         self.drain_local();
+    }
+
+    /// Whether the driver must stop reading the connection's input (leave its frames undecoded,
+    /// and its bytes to QUIC flow control) until [`Effect::ResumeInput`]: the connection spent
+    /// its send budget, and decoding more of its sends would only refuse them.
+    pub fn input_paused(&self, conn: ConnRef) -> bool {
+        self.conn(conn)
+            .is_some_and(|c| c.input_paused_until_ms.is_some() || c.input_paused_for_answer)
+    }
+
+    /// The largest frame body the connection may send next: before `Hello`, only a `Hello`
+    /// fits, so an unauthenticated client cannot make the driver buffer a maximal frame.
+    pub fn frame_bytes_max(&self, conn: ConnRef) -> usize {
+        match self.conn(conn).map(|c| c.login) {
+            Some(Login::AwaitingHello) => courier_protocol::HELLO_FRAME_BYTES_MAX,
+            _ => courier_protocol::FRAME_BYTES_MAX,
+        }
     }
 
     /// Whether the driver holds the start of a frame from this connection whose rest has not
@@ -512,6 +554,14 @@ impl<A: Authenticator> EdgeSession<A> {
                             ErrorCode::UnexpectedFrame,
                             format!("no Hello within {waited_ms} ms of connecting"),
                         );
+                    }
+                }
+                Deadline::Resume => {
+                    if c.input_paused_until_ms.is_some_and(|until| until <= now_ms) {
+                        c.input_paused_until_ms = None;
+                        if !c.input_paused_for_answer {
+                            self.effects.push_back(Effect::ResumeInput { conn });
+                        }
                     }
                 }
                 Deadline::Frame => match c.partial_frame_since_ms {
@@ -905,6 +955,12 @@ impl<A: Authenticator> EdgeSession<A> {
                 };
                 c.sends_in_flight = c.sends_in_flight.saturating_sub(1);
                 c.send_bytes_in_flight = c.send_bytes_in_flight.saturating_sub(body_bytes);
+                if c.input_paused_for_answer {
+                    c.input_paused_for_answer = false;
+                    if c.input_paused_until_ms.is_none() {
+                        self.effects.push_back(Effect::ResumeInput { conn: reply });
+                    }
+                }
                 let frame = match result {
                     Ok((seq, server_time_ms)) => Frame::SendAck {
                         client_id,
@@ -1287,6 +1343,10 @@ impl<A: Authenticator> EdgeSession<A> {
         to: UserId,
         bytes: usize,
     ) -> Result<(), ErrorCode> {
+        if self.shedding {
+            self.stats.sends_shed += 1;
+            return Err(ErrorCode::Overloaded);
+        }
         let config = &self.config;
         let Some(c) = self
             .conns
@@ -1300,6 +1360,9 @@ impl<A: Authenticator> EdgeSession<A> {
             || (c.sends_in_flight > 0
                 && c.send_bytes_in_flight + bytes > config.send_bytes_in_flight_per_connection_max)
         {
+            // Read nothing more until an answer frees room: a pipelining client is held back
+            // by flow control instead of having every further send refused.
+            c.input_paused_for_answer = true;
             return Err(ErrorCode::TooManyInFlight);
         }
         let Some(sender) = self.senders.get_mut(&user) else {
@@ -1311,6 +1374,23 @@ impl<A: Authenticator> EdgeSession<A> {
             || !sender.budget.allows(user_budget, bytes, now_ms)
         {
             self.stats.sends_over_budget += 1;
+            // Refuse this one, and read nothing more from the connection until the budget
+            // holds a send like it again: flow control slows the client from here.
+            let wait_ms = c
+                .budget
+                .wait_ms(connection_budget, bytes, now_ms)
+                .max(sender.budget.wait_ms(user_budget, bytes, now_ms))
+                .clamp(1, INPUT_PAUSE_MS_MAX);
+            if c.input_paused_until_ms.is_none() {
+                let until = now_ms.saturating_add(wait_ms);
+                c.input_paused_until_ms = Some(until);
+                self.deadlines.push(Reverse((
+                    until,
+                    conn.slot,
+                    conn.generation,
+                    Deadline::Resume,
+                )));
+            }
             return Err(ErrorCode::Overloaded);
         }
         let recipients_max = config.recipients_per_user_per_window_max;

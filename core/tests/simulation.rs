@@ -127,6 +127,12 @@ fn simulation_over_many_seeds() {
             total.expired > 0 && total.holes > 0,
             "no message expired into a declared hole: {total:?}"
         );
+        assert!(
+            total.sends_over_budget > 0
+                && total.sends_over_recipient_limit > 0
+                && total.connections_timed_out > 0,
+            "the abuse limits never refused anything: {total:?}"
+        );
     }
 }
 
@@ -158,6 +164,12 @@ struct Stats {
     drain_steps: u64,
     /// Wall-clock steps (the edge sees them when it restarts).
     clock_steps: u64,
+    /// Sends refused over a send budget (their connection's input paused) or over the
+    /// distinct-recipients limit.
+    sends_over_budget: u64,
+    sends_over_recipient_limit: u64,
+    /// Connections closed for a late `Hello`.
+    connections_timed_out: u64,
 }
 
 impl Stats {
@@ -179,6 +191,9 @@ impl Stats {
         self.syncs += other.syncs;
         self.drain_steps += other.drain_steps;
         self.clock_steps += other.clock_steps;
+        self.sends_over_budget += other.sends_over_budget;
+        self.sends_over_recipient_limit += other.sends_over_recipient_limit;
+        self.connections_timed_out += other.connections_timed_out;
     }
 }
 
@@ -337,6 +352,8 @@ struct World {
     clock: ServerClock,
     client_in_flight_max: usize,
     session_config: SessionConfig,
+    /// Frames for connections whose input the edge paused, in arrival order.
+    held: HashMap<ConnRef, VecDeque<Frame>>,
     stats: Stats,
 }
 
@@ -471,6 +488,7 @@ impl World {
             store,
             clients,
             slot_owner: HashMap::new(),
+            held: HashMap::new(),
             next_slot: 0,
             network: BTreeMap::new(),
             lane_clock: HashMap::new(),
@@ -490,8 +508,19 @@ impl World {
         self.clock.now(self.now)
     }
 
+    /// Adds what the shards' sessions refused to the run's stats (before they are replaced).
+    fn harvest_session_stats(&mut self) {
+        for shard in &self.shards {
+            let stats = shard.stats();
+            self.stats.sends_over_budget += stats.sends_over_budget;
+            self.stats.sends_over_recipient_limit += stats.sends_over_recipient_limit;
+            self.stats.connections_timed_out += stats.connections_timed_out;
+        }
+    }
+
     /// The edge process starts: its clock from the wall clock and the store's high-water mark.
     fn start_shards(&mut self) {
+        self.harvest_session_stats();
         let wall = self.now.saturating_add_signed(self.wall_offset_ms);
         let high_water = commit::clock_high_water(self.store.inner()).expect("read the clock");
         self.clock = ServerClock::start(wall, high_water, self.now);
@@ -537,6 +566,7 @@ impl World {
             }
         }
         self.stats.drain_steps = steps as u64;
+        self.harvest_session_stats();
         self.check()
     }
 
@@ -635,6 +665,22 @@ impl World {
         for client in 0..self.clients.len() {
             self.client_tick(client);
         }
+        // Connections whose input resumed: their held frames, in order, until paused again.
+        let held: Vec<ConnRef> = self.held.keys().copied().collect();
+        for conn in held {
+            let shard = conn.shard as usize;
+            while !self.shards[shard].input_paused(conn) {
+                let Some(frame) = self.held.get_mut(&conn).and_then(|q| q.pop_front()) else {
+                    break;
+                };
+                let now = self.edge_now();
+                self.shards[shard].handle_frame(now, conn, frame, false);
+                self.apply_effects(shard);
+            }
+            if self.held.get(&conn).is_some_and(|q| q.is_empty()) {
+                self.held.remove(&conn);
+            }
+        }
         // Overdue `Hello`s close their connections, as the edge's timer does.
         for shard in 0..self.shards.len() {
             let now = self.edge_now();
@@ -709,6 +755,7 @@ impl World {
         self.stats.crashes += 1;
         self.start_shards();
         self.network.clear();
+        self.held.clear();
         self.lane_clock.clear();
         self.store.reopen();
         for client in 0..self.clients.len() {
@@ -765,6 +812,14 @@ impl World {
                         self.now,
                         frame_summary(&frame)
                     );
+                }
+                if self.shards[conn.shard as usize].input_paused(conn)
+                    || self.held.contains_key(&conn)
+                {
+                    // Over its send budget: the edge reads nothing more from the connection
+                    // until it resumes; its frames wait, in order, as in QUIC's buffers.
+                    self.held.entry(conn).or_default().push_back(frame);
+                    return;
                 }
                 let now = self.edge_now();
                 self.shards[conn.shard as usize].handle_frame(now, conn, frame, false);
@@ -889,6 +944,8 @@ impl World {
                     }
                     self.schedule(Packet::Mesh { shard: to, message }, latency);
                 }
+                // The step loop feeds held frames once input is no longer paused.
+                Effect::ResumeInput { .. } => {}
                 Effect::Read {
                     conn,
                     inbox,
@@ -1034,6 +1091,7 @@ impl World {
     /// its ack is committed, and nothing is in flight.
     fn converged(&mut self) -> bool {
         if !self.network.is_empty()
+            || !self.held.is_empty()
             || self
                 .shards
                 .iter()

@@ -159,6 +159,10 @@ pub struct LimitsSection {
     pub retry_above_unauthenticated: usize,
     /// Handshakes in progress from one IP address on one shard; beyond it: refused.
     pub handshakes_per_address_max: usize,
+    /// The edge's memory ceiling in bytes: above 90% of it new connections and sends are
+    /// refused until it is back under 80%. 0: 75% of the machine's memory (or of the
+    /// container's limit). docs/security.md gives the formula to size the other limits by.
+    pub memory_bytes_max: u64,
 }
 
 /// A token bucket in messages and in body bytes. A `_per_sec` of 0 means no limit.
@@ -289,14 +293,14 @@ impl Default for LimitsSection {
             send_per_connection: SendRateSection {
                 messages_per_sec: 2_000,
                 messages_burst: 4_000,
-                bytes_per_sec: 4 * 1024 * 1024,
-                bytes_burst: 8 * 1024 * 1024,
+                bytes_per_sec: 1024 * 1024,
+                bytes_burst: 4 * 1024 * 1024,
             },
             send_per_user: SendRateSection {
                 messages_per_sec: 4_000,
                 messages_burst: 8_000,
-                bytes_per_sec: 8 * 1024 * 1024,
-                bytes_burst: 16 * 1024 * 1024,
+                bytes_per_sec: 2 * 1024 * 1024,
+                bytes_burst: 8 * 1024 * 1024,
             },
             recipients_per_user_per_window_max: 1_000,
             recipients_window_secs: 60,
@@ -305,6 +309,7 @@ impl Default for LimitsSection {
             unauthenticated_connections_per_shard_max: 4_096,
             retry_above_unauthenticated: 512,
             handshakes_per_address_max: 1_024,
+            memory_bytes_max: 0,
         }
     }
 }
@@ -495,6 +500,12 @@ impl Config {
                     "bytes_burst of at least one maximal frame (66560) when bytes_per_sec is set",
                 );
             }
+        }
+        if limits.memory_bytes_max != 0 && limits.memory_bytes_max < 64 * 1024 * 1024 {
+            return invalid(
+                "limits.memory_bytes_max",
+                "0 (automatic) or at least 67108864 (64 MiB)",
+            );
         }
         if limits.recipients_window_secs == 0 {
             return invalid("limits.recipients_window_secs", "at least 1");

@@ -7,6 +7,7 @@ pub mod cid;
 pub mod cli;
 pub mod config;
 mod lanes;
+pub mod memory;
 mod mesh;
 pub mod server;
 mod shard;

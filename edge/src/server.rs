@@ -71,6 +71,8 @@ pub fn serve(config: Config) -> Result<(), String> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
     let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
+        .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
     let mut handles = Vec::new();
     for index in 0..shard_count {
         let placement = if config.server.pin_shards && (index as usize) < cores {
@@ -93,6 +95,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             ready: ready_tx.clone(),
             shutdown: shutdown.clone(),
             stopped: stopped_tx.clone(),
+            memory: memory.clone(),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)

@@ -98,6 +98,8 @@ pub struct ShardSetup {
     /// connection with `ShuttingDown` and report on `stopped`.
     pub shutdown: Arc<std::sync::atomic::AtomicBool>,
     pub stopped: std::sync::mpsc::Sender<u8>,
+    /// Says when memory is near its ceiling: refuse new connections and sends then.
+    pub memory: Arc<crate::memory::MemoryGuard>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -190,6 +192,7 @@ pub struct Shard {
     parked: Vec<ConnectionHandle>,
     /// Handshakes in progress per peer IP address (`limits.handshakes_per_address_max`).
     handshakes_by_address: HashMap<IpAddr, usize>,
+    memory: Arc<crate::memory::MemoryGuard>,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -373,6 +376,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         mesh_draining: vec![false; setup.shard_count as usize],
         parked: Vec::new(),
         handshakes_by_address: HashMap::new(),
+        memory: setup.memory.clone(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -834,6 +838,24 @@ impl Shard {
                     inbox,
                     after_seq,
                 } => self.start_read(conn, inbox, after_seq),
+                Effect::ResumeInput { conn } => {
+                    let handle = ConnectionHandle(conn.slot);
+                    let Some(mut c) = self.conns.remove(&handle) else {
+                        continue;
+                    };
+                    if c.generation == conn.generation {
+                        let now = Instant::now();
+                        // Frames that waited in the buffer first, then what QUIC holds (reading
+                        // it reopens the client's flow-control window).
+                        self.decode_frames(now, handle, &mut c);
+                        self.read_stream(now, handle, &mut c);
+                        if !c.dirty {
+                            c.dirty = true;
+                            self.dirty.push(handle);
+                        }
+                    }
+                    self.conns.insert(handle, c);
+                }
             }
         }
     }
@@ -912,6 +934,7 @@ impl Shard {
                     .copied()
                     .unwrap_or(0);
                 let refuse = self.draining
+                    || self.memory.shedding()
                     || self.conns.len() >= limits.connections_per_shard_max
                     || unauthenticated >= limits.unauthenticated_connections_per_shard_max
                     || from_address >= limits.handshakes_per_address_max;
@@ -1003,6 +1026,7 @@ impl Shard {
         // `Hello` and frame deadlines are seconds long: checking them at every wake-up of
         // this task (at least every SHUTDOWN_POLL) is precise enough.
         let now_ms = self.now_ms();
+        self.session.set_shedding(self.memory.shedding());
         if self
             .session
             .next_deadline_ms()
@@ -1089,7 +1113,8 @@ impl Shard {
         loop {
             // Backpressure: a client that does not read its answers stops being read; QUIC
             // flow control then stops it from sending. Reading resumes on `Writable`.
-            if conn.outbuf.len() >= self.config.limits.outbound_bytes_per_connection_max {
+            let paused = self.session.input_paused(self.conn_ref(handle, conn));
+            if paused || conn.outbuf.len() >= self.config.limits.outbound_bytes_per_connection_max {
                 if conn.partial_frame {
                     // The rest of the frame may wait in QUIC's buffer: not the client's delay.
                     conn.partial_frame = false;
@@ -1163,7 +1188,26 @@ impl Shard {
                 }
                 break;
             }
-            match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
+            if self.session.input_paused(conn_ref) {
+                // Over its send budget: the rest waits, and QUIC flow control slows the client.
+                break;
+            }
+            let pending = &conn.inbuf[consumed_total..];
+            let frame_bytes_max = self.session.frame_bytes_max(conn_ref);
+            if let Ok(Some(length_bytes)) = courier_protocol::peek_length(pending)
+                && length_bytes > frame_bytes_max
+            {
+                let reason = format!(
+                    "a frame of {length_bytes} bytes before Hello; the first frame must be a \
+                     Hello of at most {frame_bytes_max} bytes"
+                );
+                self.session
+                    .close_connection(conn_ref, ErrorCode::FrameTooLarge, reason);
+                conn.closing = true;
+                conn.inbuf.clear();
+                return;
+            }
+            match courier_protocol::decode(pending) {
                 Ok(Some((frame, consumed))) => {
                     consumed_total += consumed;
                     tracing::trace!(kind = frame.kind(), "frame from client");
@@ -1235,6 +1279,7 @@ impl Shard {
             connections_timed_out =
                 is.session.connections_timed_out - was.session.connections_timed_out,
             handshakes_refused = is.handshakes_refused - was.handshakes_refused,
+            sends_shed = is.session.sends_shed - was.session.sends_shed,
             retries_sent = is.retries_sent - was.retries_sent,
             "dropped or refused under overload or abuse since the last report (signals to \
              connections that do not read, sends to a full inbox queue or over a send budget, \

@@ -34,7 +34,7 @@ pub enum DecodeError {
     FrameTooLarge { length_bytes: usize },
     #[error("frame length is zero")]
     FrameEmpty,
-    #[error("frame is not a valid archive: {0}")]
+    #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("field {field} is {actual}, over the limit of {limit}")]
     LimitExceeded {
@@ -146,8 +146,15 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
     // The copy is bounded by FRAME_BYTES_MAX, checked above.
     let mut aligned = AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
-    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned)
-        .map_err(|error| DecodeError::Malformed(error.to_string()))?;
+    // rkyv's error text names its own internals (and without its `alloc` feature says only
+    // how to get more text): the peer gets a sentence about its bytes instead.
+    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned).map_err(|_| {
+        DecodeError::Malformed(
+            "the bytes are not a frame of this protocol version (corrupt, truncated, or an \
+             unknown frame kind or field value)"
+                .into(),
+        )
+    })?;
     frame.check_limits()?;
     Ok(frame)
 }

@@ -35,3 +35,7 @@ pub const CLIENT_ID_RESERVED: u64 = 0;
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(BODY_BYTES_MAX + TOKEN_BYTES_MAX <= FRAME_BYTES_MAX + 1024);
 const _: () = assert!(SIGNAL_PAYLOAD_BYTES_MAX < BODY_BYTES_MAX);
+
+/// Bytes of a `Hello` frame's body at most (a maximal token and the fields): before `Hello`,
+/// a server buffers no more than this for a connection.
+pub const HELLO_FRAME_BYTES_MAX: usize = TOKEN_BYTES_MAX + 1024;
