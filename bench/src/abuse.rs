@@ -24,7 +24,7 @@ use crate::report::{Latency, Report, latency_histogram};
 pub enum Attack {
     /// No attack: the clean pair's quiet baseline.
     Quiet,
-    /// One user, 16 connections, each pipelining maximal (64 KiB) sends.
+    /// One user, 16 connections (16 devices), each pipelining maximal (64 KiB) sends.
     FloodUser,
     /// One connection pipelining maximal sends.
     FloodConnection,
@@ -137,6 +137,9 @@ impl RssSampler {
 /// arrive.
 struct CleanPair {
     stop: Arc<AtomicBool>,
+    /// Set once every send has its answer: the receiver then waits for exactly the
+    /// acknowledged ones (up to `CLEAN_DRAIN_MAX`).
+    answered: Arc<AtomicBool>,
     sender_task: tokio::task::JoinHandle<(u64, u64)>,
     receiver_task: tokio::task::JoinHandle<(HashSet<u32>, hdrhistogram::Histogram<u64>)>,
     acked: Arc<Mutex<HashSet<u32>>>,
@@ -148,6 +151,7 @@ impl CleanPair {
         let sender = connect(target, sender_user).await?;
         let mut receiver = connect(target, receiver_user).await?;
         let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let epoch = Instant::now();
         let sender_task = {
@@ -183,18 +187,25 @@ impl CleanPair {
             })
         };
         let receiver_task = {
-            let stop = stop.clone();
+            let (answered, acked) = (answered.clone(), acked.clone());
             tokio::spawn(async move {
                 let mut seen = HashSet::new();
                 let mut latency = latency_histogram();
+                let mut answered_at = None;
                 loop {
+                    if answered.load(Ordering::Relaxed) {
+                        let since = *answered_at.get_or_insert_with(Instant::now);
+                        let all_seen = acked.lock().expect("acked").is_subset(&seen);
+                        if all_seen || since.elapsed() > CLEAN_DRAIN_MAX {
+                            break;
+                        }
+                    }
                     let next =
-                        tokio::time::timeout(Duration::from_millis(500), receiver.recv_message())
+                        tokio::time::timeout(Duration::from_millis(200), receiver.recv_message())
                             .await;
                     let delivery = match next {
                         Ok(Some(delivery)) => delivery,
                         Ok(None) => break,
-                        Err(_) if stop.load(Ordering::Relaxed) => break,
                         Err(_) => continue,
                     };
                     let (Some(index), Some(sent_ns)) = (
@@ -213,14 +224,15 @@ impl CleanPair {
         };
         Ok(CleanPair {
             stop,
+            answered,
             sender_task,
             receiver_task,
             acked,
         })
     }
 
-    /// Stops sending, waits up to 30 s for every acknowledged message, and returns the
-    /// latency, the number acknowledged and the number lost.
+    /// Stops sending, waits up to `CLEAN_DRAIN_MAX` for every acknowledged message, and
+    /// returns the latency, the number acknowledged and the number lost.
     async fn finish(self) -> Result<(Option<Latency>, u64, u64), String> {
         self.stop.store(true, Ordering::Relaxed);
         let (_sent, _errors) = self
@@ -228,12 +240,7 @@ impl CleanPair {
             .await
             .map_err(|e| format!("clean sender failed: {e}"))?;
         let acked: HashSet<u32> = self.acked.lock().expect("acked").clone();
-        // The receiver stops after 500 ms without a delivery once sending stopped; give a
-        // slow edge (one still shedding an attack) more time by waiting here too.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.receiver_task.is_finished() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.answered.store(true, Ordering::Relaxed);
         let (seen, latency) = self
             .receiver_task
             .await
@@ -243,6 +250,10 @@ impl CleanPair {
     }
 }
 
+/// How long the clean receiver waits for the last acknowledged messages after sending stopped:
+/// one still missing then counts as lost.
+const CLEAN_DRAIN_MAX: Duration = Duration::from_secs(60);
+
 async fn connect(target: &Target, user: u64) -> Result<Client, String> {
     target
         .connector()?
@@ -251,18 +262,19 @@ async fn connect(target: &Target, user: u64) -> Result<Client, String> {
         .map_err(|e| format!("user {user} cannot connect: {e}"))
 }
 
-/// A raw connection logged in as `user`.
+/// A raw connection logged in as `device` of `user`.
 async fn raw_login(
     target: &Target,
     connector: &Connector,
     user: u64,
+    device: u32,
 ) -> Result<RawConnection, String> {
     let mut raw = RawConnection::connect(connector, target.addr)
         .await
         .map_err(|e| format!("raw connection: {e}"))?;
     raw.write_frame(&Frame::Hello {
-        token: target.token(user).into_bytes(),
-        device: 0,
+        token: target.device_token(user, device).into_bytes(),
+        device,
         acked_up_to: 0,
         resume_after_seq: 0,
     })
@@ -444,9 +456,11 @@ async fn run_attack(
             let connections = if attack == Attack::FloodUser { 16 } else { 1 };
             let tally = Arc::new(SendTally::default());
             let mut tasks = Vec::new();
-            for _ in 0..connections {
+            // One device per connection: a second connection of the same device would
+            // replace the first.
+            for device in 0..connections {
                 let connector = target.connector()?;
-                let raw = raw_login(target, &connector, users + 40).await?;
+                let raw = raw_login(target, &connector, users + 40, device).await?;
                 let tally = tally.clone();
                 tasks.push(tokio::spawn(async move {
                     let _connector = connector;
@@ -564,7 +578,7 @@ async fn run_attack(
         }
         Attack::StalledFrame => {
             let connector = target.connector()?;
-            let mut raw = raw_login(target, &connector, users + 41).await?;
+            let mut raw = raw_login(target, &connector, users + 41, 0).await?;
             // A real frame's length prefix and the first byte of its body.
             let ping = courier_protocol::encode_to_vec(&Frame::Ping { nonce: 1 })
                 .map_err(|e| e.to_string())?;
@@ -583,7 +597,7 @@ async fn run_attack(
         }
         Attack::Recipients => {
             let connector = target.connector()?;
-            let raw = raw_login(target, &connector, users + 42).await?;
+            let raw = raw_login(target, &connector, users + 42, 0).await?;
             let tally = Arc::new(SendTally::default());
             let base = users + 1_000_000;
             let limit = u64::from(args.recipients);

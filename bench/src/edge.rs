@@ -76,6 +76,11 @@ impl Target {
 
     /// A token for `user`, valid for a day.
     pub fn token(&self, user: u64) -> String {
+        self.device_token(user, 0)
+    }
+
+    /// A token for `device` of `user`, valid for a day.
+    pub fn device_token(&self, user: u64, device: u32) -> String {
         let now_secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -84,7 +89,7 @@ impl Target {
             &Claims {
                 key_id: self.key_id,
                 user,
-                device: 0,
+                device,
                 role: Role::Agent,
                 expires_at_secs: now_secs + 86_400,
             },

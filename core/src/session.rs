@@ -1379,18 +1379,8 @@ impl<A: Authenticator> EdgeSession<A> {
             let wait_ms = c
                 .budget
                 .wait_ms(connection_budget, bytes, now_ms)
-                .max(sender.budget.wait_ms(user_budget, bytes, now_ms))
-                .clamp(1, INPUT_PAUSE_MS_MAX);
-            if c.input_paused_until_ms.is_none() {
-                let until = now_ms.saturating_add(wait_ms);
-                c.input_paused_until_ms = Some(until);
-                self.deadlines.push(Reverse((
-                    until,
-                    conn.slot,
-                    conn.generation,
-                    Deadline::Resume,
-                )));
-            }
+                .max(sender.budget.wait_ms(user_budget, bytes, now_ms));
+            pause_input(&mut self.deadlines, c, conn, now_ms, wait_ms);
             return Err(ErrorCode::Overloaded);
         }
         let recipients_max = config.recipients_per_user_per_window_max;
@@ -1402,6 +1392,10 @@ impl<A: Authenticator> EdgeSession<A> {
             if !sender.recipients.contains(&to) {
                 if sender.recipients.len() >= recipients_max {
                     self.stats.sends_over_recipient_limit += 1;
+                    // Slowed like a send over budget, until the window turns.
+                    let window_left_ms = (sender.recipients_since_ms + config.recipients_window_ms)
+                        .saturating_sub(now_ms);
+                    pause_input(&mut self.deadlines, c, conn, now_ms, window_left_ms);
                     return Err(ErrorCode::Overloaded);
                 }
                 sender.recipients.insert(to);
@@ -1413,6 +1407,28 @@ impl<A: Authenticator> EdgeSession<A> {
         c.send_bytes_in_flight += bytes;
         Ok(())
     }
+}
+
+/// Pauses the connection's input for `wait_ms` (between 1 ms and `INPUT_PAUSE_MS_MAX`), unless
+/// it is paused already: the session's deadline resumes it.
+fn pause_input(
+    deadlines: &mut BinaryHeap<Reverse<(UnixMillis, usize, u64, Deadline)>>,
+    c: &mut Connection,
+    conn: ConnRef,
+    now_ms: UnixMillis,
+    wait_ms: u64,
+) {
+    if c.input_paused_until_ms.is_some() {
+        return;
+    }
+    let until = now_ms.saturating_add(wait_ms.clamp(1, INPUT_PAUSE_MS_MAX));
+    c.input_paused_until_ms = Some(until);
+    deadlines.push(Reverse((
+        until,
+        conn.slot,
+        conn.generation,
+        Deadline::Resume,
+    )));
 }
 
 fn deliver_frame(message: StoredMessage) -> Frame {

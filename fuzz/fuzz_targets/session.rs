@@ -1,0 +1,137 @@
+//! The session layer of two shards on arbitrary input: connections open and close, send any
+//! frame (decoded from the input, so every frame kind and field value the decoder accepts),
+//! time passes, batches commit through the real commit logic on the memory store, and reads are
+//! served from it. Nothing may panic, and every effect names a connection the shard holds or
+//! held.
+
+#![no_main]
+
+use courier_core::CoreConfig;
+use courier_core::commit::{Committer, read_inbox};
+use courier_core::session::{
+    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, SessionConfig,
+};
+use courier_core::store::memory::MemoryStore;
+use courier_protocol::ErrorCode;
+use libfuzzer_sys::fuzz_target;
+
+/// Tokens are `user:device` in decimal, as in the simulation.
+struct FuzzAuth;
+
+impl Authenticator for FuzzAuth {
+    fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<u64, AuthFailure> {
+        std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.split_once(':'))
+            .filter(|(_, d)| d.parse() == Ok(device))
+            .and_then(|(u, _)| u.parse().ok())
+            .ok_or(AuthFailure {
+                code: ErrorCode::Unauthenticated,
+                reason: "bad token".into(),
+            })
+    }
+}
+
+const SHARDS: u32 = 2;
+
+fuzz_target!(|data: &[u8]| {
+    let core = CoreConfig {
+        batch_requests_max: 4,
+        queue_requests_max: 8,
+        queue_requests_per_sender_max: 3,
+        sync_messages_max: 3,
+        ..CoreConfig::default()
+    };
+    let store = MemoryStore::new();
+    let mut shards: Vec<EdgeSession<FuzzAuth>> = (0..SHARDS)
+        .map(|shard| {
+            let mut config = SessionConfig::new(shard as u8, SHARDS, core.clone());
+            config.sends_in_flight_per_connection_max = 2;
+            config.send_bytes_in_flight_per_connection_max = 100;
+            config.send_budget_per_connection = courier_core::budget::SendBudget {
+                messages: courier_core::budget::Rate { per_sec: 5, burst: 3 },
+                bytes: courier_core::budget::Rate::UNLIMITED,
+            };
+            config.recipients_per_user_per_window_max = 2;
+            config.hello_timeout_ms = 500;
+            config.frame_timeout_ms = 300;
+            EdgeSession::new(config, FuzzAuth)
+        })
+        .collect();
+    let mut committers: Vec<Committer> = (0..SHARDS).map(|_| Committer::new(&core)).collect();
+    let mut now_ms: u64 = 1_700_000_000_000;
+    let mut generation = 1u64;
+    let mut rest = data;
+    let mut steps = 0;
+    while let Some((&op, tail)) = rest.split_first() {
+        steps += 1;
+        if steps > 256 {
+            break;
+        }
+        rest = tail;
+        let shard = usize::from(op & 1);
+        let slot = usize::from((op >> 1) & 3);
+        let conn = |generation| ConnRef {
+            shard: shard as u8,
+            slot,
+            generation,
+        };
+        match op >> 4 {
+            0 => {
+                generation += 1;
+                shards[shard].open_connection(now_ms, conn(generation));
+            }
+            1..=6 => {
+                let Ok(Some((frame, used))) = courier_protocol::decode(rest) else {
+                    continue;
+                };
+                rest = &rest[used..];
+                let early = op & 8 != 0;
+                shards[shard].handle_frame(now_ms, conn(generation), frame, early);
+            }
+            7 => shards[shard].connection_lost(conn(generation)),
+            8 => {
+                now_ms += u64::from(op & 0x0f) * 97;
+                for session in shards.iter_mut() {
+                    session.handle_deadlines(now_ms);
+                }
+            }
+            9 => shards[shard].set_partial_frame(now_ms, conn(generation), op & 8 != 0),
+            10 => shards[shard].set_outbound_bytes(conn(generation), usize::from(op & 8) * 1000),
+            11 => shards[shard].set_shedding(op & 8 != 0),
+            _ => {
+                if let Some(batch) = shards[shard].poll_batch(now_ms) {
+                    let result = committers[shard].commit_batch(&store, &batch.requests, now_ms);
+                    shards[shard].handle_commit(batch, result);
+                }
+            }
+        }
+        // Route effects until none are left (each input causes a bounded number).
+        for _ in 0..64 {
+            let mut any = false;
+            for from in 0..shards.len() {
+                while let Some(effect) = shards[from].poll_effect() {
+                    any = true;
+                    match effect {
+                        Effect::Route { shard: to, message } => {
+                            assert!(u32::from(to) < SHARDS && usize::from(to) != from);
+                            shards[usize::from(to)].handle_message(now_ms, message);
+                        }
+                        Effect::Read {
+                            conn,
+                            inbox,
+                            after_seq,
+                        } => {
+                            let page = read_inbox(&store, inbox, after_seq, now_ms, &core);
+                            shards[from].handle_read(conn, after_seq, page);
+                        }
+                        Effect::Write { .. } | Effect::Close { .. } | Effect::ResumeInput { .. } => {}
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+});
