@@ -941,8 +941,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 device,
                 up_to_seq,
             } => {
-                // A refused ack is repeated by the client's next ack or reconnect.
-                let _ = self.inbox.handle_ack(inbox, device, up_to_seq, now_ms);
+                self.inbox.handle_ack(inbox, device, up_to_seq, now_ms);
             }
             ShardMessage::SendResult {
                 reply,

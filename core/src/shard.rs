@@ -66,11 +66,6 @@ pub struct Refused<T> {
     pub tag: T,
 }
 
-/// The ack table was full; the ack is dropped. The client repeats it in its next `Ack` or
-/// `Hello`, and until then the messages are only re-delivered, never lost.
-#[derive(Debug, PartialEq, Eq)]
-pub struct AckRefused;
-
 /// A home shard's queue of requests waiting to be committed.
 #[derive(Debug)]
 pub struct InboxShard<T> {
@@ -177,24 +172,18 @@ impl<T> InboxShard<T> {
     }
 
     /// Records that `device` of `inbox` consumed everything up to `up_to_seq`, merged with
-    /// earlier acks of the same device. Refused when `queue_requests_max` devices already wait.
-    pub fn handle_ack(
-        &mut self,
-        inbox: UserId,
-        device: u32,
-        up_to_seq: u64,
-        now_ms: UnixMillis,
-    ) -> Result<(), AckRefused> {
-        if let Some(existing) = self.acks.get_mut(&(inbox, device)) {
-            *existing = (*existing).max(up_to_seq);
-            return Ok(());
-        }
-        if self.acks.len() >= self.queue_requests_max {
-            return Err(AckRefused);
-        }
-        self.acks.insert((inbox, device), up_to_seq);
+    /// earlier acks of the same device.
+    ///
+    /// Never refused: a refused ack was lost for good when the device had nothing more to
+    /// acknowledge, and the acknowledged messages stayed stored until it reconnected (the
+    /// simulation found it). The table is bounded without a limit of its own: it holds one
+    /// entry per device, and only a device with an open, logged-in connection sends acks
+    /// (`EdgeSession` acknowledges for the connection's own user and device), so it holds at
+    /// most as many entries as the edge has connections.
+    pub fn handle_ack(&mut self, inbox: UserId, device: u32, up_to_seq: u64, now_ms: UnixMillis) {
+        let entry = self.acks.entry((inbox, device)).or_insert(up_to_seq);
+        *entry = (*entry).max(up_to_seq);
         self.acks_waiting_since_ms.get_or_insert(now_ms);
-        Ok(())
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
@@ -464,10 +453,10 @@ mod tests {
     #[test]
     fn acks_coalesce_per_inbox_and_survive_a_failed_commit() {
         let mut shard: InboxShard<()> = InboxShard::new(&CoreConfig::default());
-        shard.handle_ack(5, 0, 3, 0).unwrap();
-        shard.handle_ack(5, 0, 9, 0).unwrap();
-        shard.handle_ack(5, 0, 4, 0).unwrap();
-        shard.handle_ack(6, 0, 1, 0).unwrap();
+        shard.handle_ack(5, 0, 3, 0);
+        shard.handle_ack(5, 0, 9, 0);
+        shard.handle_ack(5, 0, 4, 0);
+        shard.handle_ack(6, 0, 1, 0);
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(
             batch.requests,
@@ -484,7 +473,7 @@ mod tests {
                 }
             ]
         );
-        shard.handle_ack(5, 0, 2, 0).unwrap();
+        shard.handle_ack(5, 0, 2, 0);
         assert!(
             shard
                 .handle_commit(batch, Err(StoreError::CommitUnknown))
@@ -515,7 +504,7 @@ mod tests {
             ..CoreConfig::default()
         };
         let mut shard: InboxShard<u32> = InboxShard::new(&config);
-        shard.handle_ack(5, 0, 3, 1_000).unwrap();
+        shard.handle_ack(5, 0, 3, 1_000);
         assert_eq!(shard.batch_deadline_ms(), Some(1_050));
         assert!(shard.poll_batch(1_049).is_none(), "an ack alone waits");
         // A send arrives: the ack rides along at once.
@@ -537,7 +526,7 @@ mod tests {
         assert_eq!(batch.requests.len(), 1);
         shard.handle_commit(batch, Ok(vec![Outcome::Acked]));
         // Nothing else comes: an ack makes its own batch once its delay has passed.
-        shard.handle_ack(7, 0, 1, 3_000).unwrap();
+        shard.handle_ack(7, 0, 1, 3_000);
         assert!(shard.poll_batch(3_049).is_none());
         assert!(shard.poll_batch(3_050).is_some());
     }

@@ -352,8 +352,9 @@ struct World {
     clock: ServerClock,
     client_in_flight_max: usize,
     session_config: SessionConfig,
-    /// Frames for connections whose input the edge paused, in arrival order.
-    held: HashMap<ConnRef, VecDeque<Frame>>,
+    /// Frames for connections whose input the edge paused, in arrival order. Ordered by
+    /// connection, so a seed replays exactly.
+    held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
     stats: Stats,
 }
 
@@ -464,12 +465,15 @@ impl World {
             send_budget_per_user: budget(&mut rng),
             // Tight enough to refuse in the chaos phase; windows short enough that a
             // client's peers all get through within the calm phase's simulated minutes.
+            // A user's devices share the limit, so a tight one lets one device starve another
+            // of the same user for a while: it must stay loose enough for every device's
+            // peers to get through within the calm phase.
             recipients_per_user_per_window_max: if rng.chance(1, 2) {
                 0
             } else {
-                1 + rng.below(6) as usize
+                3 + rng.below(6) as usize
             },
-            recipients_window_ms: 500 + rng.below(5_000),
+            recipients_window_ms: 500 + rng.below(2_000),
             hello_timeout_ms: 50 + rng.below(2_000),
             ..SessionConfig::new(0, shard_count, config.clone())
         };
@@ -488,7 +492,7 @@ impl World {
             store,
             clients,
             slot_owner: HashMap::new(),
-            held: HashMap::new(),
+            held: BTreeMap::new(),
             next_slot: 0,
             network: BTreeMap::new(),
             lane_clock: HashMap::new(),
@@ -581,7 +585,7 @@ impl World {
             .iter()
             .map(|c| {
                 let head = commit::last_seq(self.store.inner(), c.user).unwrap_or(0);
-                let behind = c.session.received_up_to() < head;
+                let behind = c.session.received_up_to() < head || c.session.pending_sends() > 0;
                 let edge_side = c
                     .conn
                     .filter(|_| behind)
@@ -603,12 +607,16 @@ impl World {
             .map(|shard| format!("{:?}", shard.stats()))
             .collect();
         format!(
-            "seed {} shards {} clients {} pending {} network {} crashes {} session stats {} cursors/last [{}]",
+            "seed {} shards {} clients {} pending {} network {} held {:?} crashes {} session stats {} cursors/last [{}]",
             self.seed,
             self.shards.len(),
             self.clients.len(),
             pending,
             self.network.len(),
+            self.held
+                .iter()
+                .map(|(key, q)| (key.1, q.len()))
+                .collect::<Vec<_>>(),
             self.stats.crashes,
             session_stats.join(" "),
             cursors.join(" ")
@@ -666,19 +674,25 @@ impl World {
             self.client_tick(client);
         }
         // Connections whose input resumed: their held frames, in order, until paused again.
-        let held: Vec<ConnRef> = self.held.keys().copied().collect();
-        for conn in held {
-            let shard = conn.shard as usize;
+        let held: Vec<(u8, usize, u64)> = self.held.keys().copied().collect();
+        for key in held {
+            let (shard, slot, generation) = key;
+            let conn = ConnRef {
+                shard,
+                slot,
+                generation,
+            };
+            let shard = shard as usize;
             while !self.shards[shard].input_paused(conn) {
-                let Some(frame) = self.held.get_mut(&conn).and_then(|q| q.pop_front()) else {
+                let Some(frame) = self.held.get_mut(&key).and_then(|q| q.pop_front()) else {
                     break;
                 };
                 let now = self.edge_now();
                 self.shards[shard].handle_frame(now, conn, frame, false);
                 self.apply_effects(shard);
             }
-            if self.held.get(&conn).is_some_and(|q| q.is_empty()) {
-                self.held.remove(&conn);
+            if self.held.get(&key).is_some_and(|q| q.is_empty()) {
+                self.held.remove(&key);
             }
         }
         // Overdue `Hello`s close their connections, as the edge's timer does.
@@ -813,12 +827,13 @@ impl World {
                         frame_summary(&frame)
                     );
                 }
+                let key = (conn.shard, conn.slot, conn.generation);
                 if self.shards[conn.shard as usize].input_paused(conn)
-                    || self.held.contains_key(&conn)
+                    || self.held.contains_key(&key)
                 {
                     // Over its send budget: the edge reads nothing more from the connection
                     // until it resumes; its frames wait, in order, as in QUIC's buffers.
-                    self.held.entry(conn).or_default().push_back(frame);
+                    self.held.entry(key).or_default().push_back(frame);
                     return;
                 }
                 let now = self.edge_now();
@@ -1230,8 +1245,17 @@ impl World {
             let message =
                 courier_core::envelope::decode(inbox, seq, value).expect("stored envelope");
             if message.expire_at_ms > self.edge_now() {
+                let (start, _) = keys::device_range(inbox);
+                let devices: Vec<String> = self
+                    .store
+                    .inner()
+                    .dump_prefix(&start)
+                    .iter()
+                    .map(|(key, value)| format!("{key:?}={value:?}"))
+                    .collect();
                 return Err(format!(
-                    "message {inbox}#{seq} left in the store after every device acked it"
+                    "message {inbox}#{seq} left in the store after every device acked it \
+                     (device records: {devices:?})"
                 ));
             }
         }
