@@ -278,3 +278,72 @@ async fn a_large_frame_before_hello_is_refused_at_its_length_prefix() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Near its memory ceiling the edge refuses new connections instead of growing past it, and
+/// once they are gone (and the heap trimmed) it accepts new ones again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_new_connections_near_its_memory_ceiling_and_recovers() {
+    let ceiling_bytes: u64 = 64 * 1024 * 1024;
+    let edge = Edge::start_with(
+        2,
+        &format!(
+            "[limits]\nmemory_bytes_max = {ceiling_bytes}\nhello_timeout_ms = 120000\n\
+             unauthenticated_connections_per_shard_max = 100000\n"
+        ),
+        &[],
+    );
+    let connectors: Vec<_> = (0..8).map(|_| edge.connector()).collect();
+    let mut held = Vec::new();
+    let mut refused = false;
+    let mut peak_rss = 0;
+    'open: for round in 0..200 {
+        let mut attempts = tokio::task::JoinSet::new();
+        for i in 0..32 {
+            let connector = connectors[(round * 32 + i) % connectors.len()].clone();
+            let addr = edge.addr;
+            attempts.spawn(async move { RawConnection::connect(&connector, addr).await });
+        }
+        while let Some(result) = attempts.join_next().await {
+            match result.expect("task") {
+                Ok(raw) => held.push(raw),
+                Err(_) => refused = true,
+            }
+        }
+        peak_rss = peak_rss.max(edge.rss_bytes());
+        if refused {
+            break 'open;
+        }
+    }
+    assert!(
+        refused,
+        "no connection was refused: {} held, edge at {} MiB",
+        held.len(),
+        edge.rss_bytes() / (1024 * 1024)
+    );
+    assert!(
+        peak_rss <= ceiling_bytes,
+        "the edge grew to {} MiB, past its ceiling of {} MiB",
+        peak_rss / (1024 * 1024),
+        ceiling_bytes / (1024 * 1024)
+    );
+    // Everything goes away; the edge frees the connections, trims, and takes new ones.
+    for raw in &held {
+        raw.connection.close(0u32.into(), b"done");
+    }
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if RawConnection::connect(&connectors[0], edge.addr)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refusing a minute after the load left (edge at {} MiB)",
+            edge.rss_bytes() / (1024 * 1024)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
