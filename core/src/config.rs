@@ -38,6 +38,10 @@ pub struct CoreConfig {
     /// them, and a lost one means a re-delivery the client drops. Riding along saves a commit
     /// (an fsync and two thread wake-ups) per acknowledged message at low rates.
     pub ack_commit_delay_ms: u64,
+    /// A commit that has taken longer than this opens a circuit breaker: new sends are refused
+    /// with `StoreUnavailable` (retry later) until it completes, instead of queueing behind a
+    /// slow or stuck store.
+    pub commit_slow_ms: u64,
 }
 
 const HOUR_MS: u64 = 3600 * 1000;
@@ -59,6 +63,7 @@ impl Default for CoreConfig {
             sync_messages_max: 256,
             seq_cache_entries_max: 262_144,
             ack_commit_delay_ms: 50,
+            commit_slow_ms: 2_000,
         }
     }
 }
@@ -114,6 +119,9 @@ impl CoreConfig {
                 "queue_bytes_per_sender_max",
                 "at least one maximal frame (66560 bytes) and at most queue_bytes_max",
             );
+        }
+        if self.commit_slow_ms == 0 {
+            return fail("commit_slow_ms", "at least 1");
         }
         if self.commit_attempts_max == 0 {
             return fail("commit_attempts_max", "at least 1");

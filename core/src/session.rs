@@ -923,7 +923,7 @@ impl<A: Authenticator> EdgeSession<A> {
     fn handle_shard_message(&mut self, now_ms: UnixMillis, message: ShardMessage) {
         match message {
             ShardMessage::Send { send, reply } => {
-                if let Err(refused) = self.inbox.handle_send(send, reply) {
+                if let Err(refused) = self.inbox.handle_send(send, reply, now_ms) {
                     self.stats.sends_overloaded += 1;
                     self.route(
                         refused.tag.shard,
@@ -931,7 +931,7 @@ impl<A: Authenticator> EdgeSession<A> {
                             reply: refused.tag,
                             client_id: refused.send.client_id,
                             body_bytes: refused.send.body.len(),
-                            result: Err(ErrorCode::Overloaded),
+                            result: Err(refused.code),
                         },
                     );
                 }

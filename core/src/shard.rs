@@ -59,11 +59,13 @@ pub enum Output<T> {
     Linked { tag: T, cursor: u64, first_seq: u64 },
 }
 
-/// The queue was full; the send is handed back so the runtime can refuse it (`Overloaded`).
+/// The send is handed back so the runtime can refuse it with `code`: `Overloaded` when the
+/// queue (or the sender's share of it) is full, `StoreUnavailable` while the store is slow.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused<T> {
     pub send: SendRequest,
     pub tag: T,
+    pub code: ErrorCode,
 }
 
 /// A home shard's queue of requests waiting to be committed.
@@ -87,6 +89,10 @@ pub struct InboxShard<T> {
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
     batch_in_flight: bool,
+    /// When the batch in flight was taken: once it has taken `commit_slow_ms`, the store is
+    /// slow and sends are refused at once instead of queueing behind it (a circuit breaker).
+    batch_taken_ms: UnixMillis,
+    commit_slow_ms: u64,
 }
 
 impl<T> InboxShard<T> {
@@ -106,6 +112,8 @@ impl<T> InboxShard<T> {
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
             batch_in_flight: false,
+            batch_taken_ms: 0,
+            commit_slow_ms: config.commit_slow_ms,
         }
     }
 
@@ -129,12 +137,34 @@ impl<T> InboxShard<T> {
         self.batch_in_flight
     }
 
+    /// Whether the commit in flight has taken longer than `commit_slow_ms` (the breaker is
+    /// open: sends are refused until it completes).
+    pub fn store_slow(&self, now_ms: UnixMillis) -> bool {
+        self.batch_in_flight && now_ms.saturating_sub(self.batch_taken_ms) > self.commit_slow_ms
+    }
+
     /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
     /// runtime answers `Overloaded`, and the sender retries later).
     ///
     /// Each sender may hold at most its share of the queue (`queue_requests_per_sender_max`,
     /// `queue_bytes_per_sender_max`), so one flooding sender cannot crowd out the others.
-    pub fn handle_send(&mut self, send: SendRequest, tag: T) -> Result<(), Refused<T>> {
+    ///
+    /// While the batch in flight has taken longer than `commit_slow_ms`, every send is refused
+    /// with `StoreUnavailable`: the client retries later instead of waiting in a queue that
+    /// does not move.
+    pub fn handle_send(
+        &mut self,
+        send: SendRequest,
+        tag: T,
+        now_ms: UnixMillis,
+    ) -> Result<(), Refused<T>> {
+        if self.store_slow(now_ms) {
+            return Err(Refused {
+                send,
+                tag,
+                code: ErrorCode::StoreUnavailable,
+            });
+        }
         let bytes = send.body.len();
         let (sender_requests, sender_bytes) = self
             .queued_by_sender
@@ -146,7 +176,11 @@ impl<T> InboxShard<T> {
             || sender_requests >= self.queue_requests_per_sender_max
             || sender_bytes + bytes > self.queue_bytes_per_sender_max
         {
-            return Err(Refused { send, tag });
+            return Err(Refused {
+                send,
+                tag,
+                code: ErrorCode::Overloaded,
+            });
         }
         self.queued_by_sender
             .insert(send.sender, (sender_requests + 1, sender_bytes + bytes));
@@ -258,6 +292,7 @@ impl<T> InboxShard<T> {
             self.acks_waiting_since_ms = None;
         }
         self.batch_in_flight = true;
+        self.batch_taken_ms = now_ms;
         Some(batch)
     }
 
@@ -397,9 +432,9 @@ mod tests {
         };
         let mut shard = InboxShard::new(&config);
         for id in 1..=5 {
-            shard.handle_send(send(id, 10), id).unwrap();
+            shard.handle_send(send(id, 10), id, 0).unwrap();
         }
-        let refused = shard.handle_send(send(6, 10), 6).unwrap_err();
+        let refused = shard.handle_send(send(6, 10), 6, 0).unwrap_err();
         assert_eq!(refused.tag, 6);
 
         let batch = shard.poll_batch(u64::MAX).unwrap();
@@ -421,8 +456,8 @@ mod tests {
         assert_eq!(batch.tags, vec![4, 5]);
         shard.handle_commit(batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
-        shard.handle_send(send(8, 60_000), 8).unwrap();
-        shard.handle_send(send(9, 60_000), 9).unwrap();
+        shard.handle_send(send(8, 60_000), 8, 0).unwrap();
+        shard.handle_send(send(9, 60_000), 9, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![8]);
     }
@@ -440,14 +475,36 @@ mod tests {
             ..send(client_id, 10)
         };
         for id in 1..=3 {
-            shard.handle_send(from(7, id), id).unwrap();
+            shard.handle_send(from(7, id), id, 0).unwrap();
         }
-        assert!(shard.handle_send(from(7, 4), 4).is_err(), "over its share");
-        shard.handle_send(from(8, 5), 5).unwrap();
+        assert!(
+            shard.handle_send(from(7, 4), 4, 0).is_err(),
+            "over its share"
+        );
+        shard.handle_send(from(8, 5), 5, 0).unwrap();
         // Once its sends are taken for a batch, the flooder has room again.
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![1, 2, 3, 5]);
-        shard.handle_send(from(7, 6), 6).unwrap();
+        shard.handle_send(from(7, 6), 6, 0).unwrap();
+    }
+
+    #[test]
+    fn a_slow_commit_opens_the_breaker_until_it_completes() {
+        let config = CoreConfig {
+            commit_slow_ms: 1_000,
+            ..CoreConfig::default()
+        };
+        let mut shard = InboxShard::new(&config);
+        shard.handle_send(send(1, 10), 1, 0).unwrap();
+        let batch = shard.poll_batch(10).unwrap();
+        shard.handle_send(send(2, 10), 2, 900).unwrap();
+        assert!(!shard.store_slow(1_010));
+        let refused = shard.handle_send(send(3, 10), 3, 1_011).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::StoreUnavailable);
+        // The slow commit ends (here: failed; its send is answered StoreUnavailable).
+        shard.handle_commit(batch, Err(StoreError::Io("slow disk".into())));
+        assert!(!shard.store_slow(5_000), "closed once the commit is back");
+        shard.handle_send(send(4, 10), 4, 5_000).unwrap();
     }
 
     #[test]
@@ -508,7 +565,7 @@ mod tests {
         assert_eq!(shard.batch_deadline_ms(), Some(1_050));
         assert!(shard.poll_batch(1_049).is_none(), "an ack alone waits");
         // A send arrives: the ack rides along at once.
-        shard.handle_send(send(1, 10), 1).unwrap();
+        shard.handle_send(send(1, 10), 1, 0).unwrap();
         assert_eq!(shard.batch_deadline_ms(), None, "a batch is due now");
         let batch = shard.poll_batch(1_010).unwrap();
         assert_eq!(batch.requests.len(), 2);

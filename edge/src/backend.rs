@@ -11,7 +11,7 @@ use courier_core::commit::{
     Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
 };
 use courier_core::store::StoreError;
-use courier_core::store::fjall::{EraseReport, FjallStore};
+use courier_core::store::fjall::{EraseReport, FjallOptions, FjallStore};
 use courier_core::{CoreConfig, UnixMillis, UserId};
 
 /// What a shard needs from its store. Every method blocks: call it from a blocking thread.
@@ -44,6 +44,55 @@ pub trait ShardStore: Send + Sync + 'static {
     fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
         Ok(None)
     }
+
+    /// Brings a store that refused with `Poisoned` (a failed write or fsync: a full disk, a
+    /// disk error) back: the embedded store reopens this shard's database, which recovers
+    /// what was committed. Until it succeeds every call fails with `Poisoned`, and the shard
+    /// answers sends with the retryable `StoreUnavailable`. FoundationDB never poisons.
+    fn recover(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// One shard's embedded store, which can be closed and opened again in place.
+#[derive(Debug)]
+pub struct EmbeddedSlot {
+    path: std::path::PathBuf,
+    options: FjallOptions,
+    /// `None` while the store is being reopened, or after a reopen failed.
+    current: std::sync::RwLock<Option<Arc<FjallStore>>>,
+}
+
+impl EmbeddedSlot {
+    pub fn new(store: Arc<FjallStore>, options: FjallOptions) -> EmbeddedSlot {
+        EmbeddedSlot {
+            path: store.path().to_path_buf(),
+            options,
+            current: std::sync::RwLock::new(Some(store)),
+        }
+    }
+
+    fn get(&self) -> Result<Arc<FjallStore>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or(StoreError::Poisoned)
+    }
+
+    /// Closes the database (once every reader let go of it) and opens it again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Ours is dropped here; a read on another thread may hold the database a moment
+        // longer, and its lock file with it: then the open fails and the next attempt retries.
+        current.take();
+        let store = FjallStore::open(&self.path, &self.options)?;
+        *current = Some(Arc::new(store));
+        Ok(())
+    }
 }
 
 /// Opens the store of the shard with the given id (called once per shard, at start).
@@ -56,12 +105,12 @@ pub struct Embedded {
     /// This shard's id, the index of its own store in `all`.
     pub shard: u8,
     /// Every shard's store, in shard order.
-    pub all: Arc<Vec<Arc<FjallStore>>>,
+    pub all: Arc<Vec<EmbeddedSlot>>,
 }
 
 impl Embedded {
-    fn own(&self) -> &FjallStore {
-        &self.all[usize::from(self.shard)]
+    fn own(&self) -> Result<Arc<FjallStore>, StoreError> {
+        self.all[usize::from(self.shard)].get()
     }
 }
 
@@ -73,7 +122,7 @@ impl ShardStore for Embedded {
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError> {
         // Every request of a shard's batch is for an inbox homed to it (the session routes them).
-        committer.commit_batch(self.own(), requests, now)
+        committer.commit_batch(&*self.own()?, requests, now)
     }
 
     fn read_inbox(
@@ -85,19 +134,29 @@ impl ShardStore for Embedded {
     ) -> Result<InboxPage, StoreError> {
         // Snapshot reads take no lock: reading another shard's store never delays its commits.
         let home = courier_core::placement::home_shard(inbox, self.all.len() as u32);
-        read_inbox(&*self.all[home as usize], inbox, after_seq, now, core)
+        read_inbox(
+            &*self.all[home as usize].get()?,
+            inbox,
+            after_seq,
+            now,
+            core,
+        )
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
-        expire(self.own(), now, core)
+        expire(&*self.own()?, now, core)
     }
 
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {
-        courier_core::commit::clock_high_water(self.own())
+        courier_core::commit::clock_high_water(&*self.own()?)
     }
 
     fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
-        self.own().erase_deleted().map(Some)
+        self.own()?.erase_deleted().map(Some)
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        self.all[usize::from(self.shard)].reopen()
     }
 }
 

@@ -244,6 +244,9 @@ pub struct BatchingSection {
     pub sync_messages_max: usize,
     /// How long an ack waits for sends to share a commit with before it is committed alone.
     pub ack_commit_delay_ms: u64,
+    /// A commit running longer than this opens a circuit breaker: new sends get the
+    /// retryable `StoreUnavailable` until it completes, instead of queueing behind a slow store.
+    pub commit_slow_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -353,6 +356,7 @@ impl Default for BatchingSection {
             queue_bytes_per_sender_max: core.queue_bytes_per_sender_max,
             sync_messages_max: core.sync_messages_max,
             ack_commit_delay_ms: core.ack_commit_delay_ms,
+            commit_slow_ms: core.commit_slow_ms,
         }
     }
 }
@@ -596,6 +600,7 @@ impl Config {
             queue_bytes_per_sender_max: self.batching.queue_bytes_per_sender_max,
             sync_messages_max: self.batching.sync_messages_max,
             ack_commit_delay_ms: self.batching.ack_commit_delay_ms,
+            commit_slow_ms: self.batching.commit_slow_ms,
             expire_scan_keys_max: self.retention.expire_scan_keys_max,
             ..CoreConfig::default()
         }

@@ -190,11 +190,12 @@ fn open_store(
                     .max(8 * 1024 * 1024),
                 ..FjallOptions::default()
             };
-            let all = Arc::new(crate::stores::open_embedded(
-                &config.server.data_dir,
-                shards,
-                &options,
-            )?);
+            let all = Arc::new(
+                crate::stores::open_embedded(&config.server.data_dir, shards, &options)?
+                    .into_iter()
+                    .map(|store| crate::backend::EmbeddedSlot::new(store, options.clone()))
+                    .collect::<Vec<_>>(),
+            );
             let open: OpenShardStore = Arc::new(move |shard| {
                 if usize::from(shard) >= all.len() {
                     return Err(format!("no store for shard {shard}"));

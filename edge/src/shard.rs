@@ -75,6 +75,9 @@ const TRANSMITS_PER_FLUSH_MAX: usize = 64;
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
 /// Pause before a failed store read is handed back (the session then reads again).
 const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Pauses between attempts to reopen a store that failed a write, doubling up to the maximum.
+const STORE_RECOVERY_PAUSE_MIN: Duration = Duration::from_millis(500);
+const STORE_RECOVERY_PAUSE_MAX: Duration = Duration::from_secs(30);
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
@@ -202,6 +205,8 @@ pub struct Shard {
     shutdown: Arc<std::sync::atomic::AtomicBool>,
     /// Shutting down: no new connections; connections close once commits are done.
     draining: bool,
+    /// The store failed a write and is being reopened (`store_refused`).
+    store_recovering: bool,
     connections_closed: bool,
 }
 
@@ -385,6 +390,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         self_ref: Weak::new(),
         shutdown: setup.shutdown.clone(),
         draining: false,
+        store_recovering: false,
         connections_closed: false,
         config: setup.config.clone(),
     }));
@@ -470,7 +476,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             break;
                         }
                         Err(error) => {
-                            exit_if_store_refuses(&error);
+                            shard.borrow_mut().store_refused(&error);
                             warn!(%error, "expiry pass failed; retrying at the next interval");
                             break;
                         }
@@ -505,7 +511,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     ),
                     Ok(_) => {}
                     Err(error) => {
-                        exit_if_store_refuses(&error);
+                        shard.borrow_mut().store_refused(&error);
                         warn!(shard = id, %error, "erase pass failed; retrying at the next interval");
                     }
                 }
@@ -582,8 +588,10 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
 /// Ends the process when the store refuses this process for good. Fenced: another edge owns
 /// the shard now. Poisoned: what is on disk is unknown. A restart recovers from the store, and
 /// clients reconnect and retry with the same ids.
-fn exit_if_store_refuses(error: &StoreError) {
-    if matches!(error, StoreError::Fenced | StoreError::Poisoned) {
+/// Ends the process when another edge took the shard over: nothing this process does with it
+/// can succeed any more, and its supervisor restarts it as a fresh claimant.
+fn exit_if_fenced(error: &StoreError) {
+    if matches!(error, StoreError::Fenced) {
         tracing::error!(%error, "the store refuses this process; exiting");
         std::process::exit(3);
     }
@@ -1331,9 +1339,13 @@ impl Shard {
                 .run_store(move || store.read_inbox(inbox, after_seq, now, &core))
                 .await;
             if let Err(error) = &result {
-                exit_if_store_refuses(error);
+                shard.borrow_mut().store_refused(error);
                 // The session reads again at once: pause, so a failing store is not spun on.
-                warn!(%error, "sync read failed; reading again shortly");
+                if *error == StoreError::Poisoned {
+                    debug!(%error, "sync read failed while the store recovers; reading again shortly");
+                } else {
+                    warn!(%error, "sync read failed; reading again shortly");
+                }
                 glommio::timer::sleep(READ_RETRY_DELAY).await;
             }
             let mut shard = shard.borrow_mut();
@@ -1389,10 +1401,51 @@ impl Shard {
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
         if let Err(error) = &result {
-            exit_if_store_refuses(error);
-            warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
+            self.store_refused(error);
+            if !(self.store_recovering && *error == StoreError::Poisoned) {
+                warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
+            }
         }
         self.session.handle_commit(batch, result);
+    }
+
+    /// Acts on a store error: a fenced shard ends the process; a poisoned store (a failed write
+    /// or fsync: a full disk, a disk error) is reopened in place, again and again with a
+    /// growing pause, until it works. Meanwhile sends get the retryable `StoreUnavailable`
+    /// and the edge keeps serving everything that needs no write.
+    fn store_refused(&mut self, error: &StoreError) {
+        exit_if_fenced(error);
+        if *error != StoreError::Poisoned || self.store_recovering {
+            return;
+        }
+        self.store_recovering = true;
+        tracing::error!(
+            shard = self.id,
+            %error,
+            "the store failed a write; refusing sends with StoreUnavailable and reopening it"
+        );
+        let (store, lane) = (self.store.clone(), self.lanes.maintenance.clone());
+        let (id, shard) = (self.id, self.self_ref.clone());
+        spawn_detached(async move {
+            let mut pause = STORE_RECOVERY_PAUSE_MIN;
+            loop {
+                glommio::timer::sleep(pause).await;
+                let store = store.clone();
+                match lane.run_store(move || store.recover()).await {
+                    Ok(()) => {
+                        info!(shard = id, "store reopened; accepting sends again");
+                        if let Some(shard) = shard.upgrade() {
+                            shard.borrow_mut().store_recovering = false;
+                        }
+                        return;
+                    }
+                    Err(error) => {
+                        warn!(shard = id, %error, retry_in_ms = pause.as_millis() as u64, "the store cannot be reopened yet");
+                        pause = (pause * 2).min(STORE_RECOVERY_PAUSE_MAX);
+                    }
+                }
+            }
+        });
     }
 
     // ---- Output -----------------------------------------------------------------------------

@@ -114,6 +114,9 @@ impl std::fmt::Debug for FjallStore {
 fn io_error(error: fjall::Error) -> StoreError {
     match error {
         fjall::Error::Poisoned => StoreError::Poisoned,
+        // The OS's sentence ("No space left on device (os error 28)"), not fjall's debug dump.
+        fjall::Error::Io(io) => StoreError::Io(io.to_string()),
+        fjall::Error::Storage(fjall::LsmError::Io(io)) => StoreError::Io(io.to_string()),
         other => StoreError::Io(other.to_string()),
     }
 }

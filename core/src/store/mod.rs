@@ -44,9 +44,10 @@ pub enum StoreError {
     /// retry can succeed: stop serving the shard. See docs/foundationdb.md, "Fencing".
     #[error("another edge owns this shard: stop serving it")]
     Fenced,
-    /// A write or fsync failed. The store is poisoned: every later call fails until it is
-    /// reopened, because what is on disk is no longer known.
-    #[error("store poisoned by an earlier failed write: restart the shard to recover")]
+    /// A write or fsync failed (a full disk, a disk error). The store is poisoned: every later
+    /// call fails until it is reopened, because what is on disk is no longer known. The edge
+    /// reopens it by itself (`ShardStore::recover`).
+    #[error("the store failed a write (full disk or disk error) and refuses until it is reopened")]
     Poisoned,
     /// An I/O error, with the underlying message.
     #[error("store i/o error: {0}")]

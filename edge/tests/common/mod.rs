@@ -25,6 +25,8 @@ pub struct Edge {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
     pub dir: tempfile::TempDir,
+    /// `server.data_dir`: `dir/data` unless the test chose another.
+    pub data_dir: PathBuf,
     pub config_path: PathBuf,
     pub addr: SocketAddr,
     /// Extra environment for the edge process.
@@ -39,7 +41,19 @@ impl Edge {
     /// Starts an edge with `extra_config` appended to its config file (whole TOML sections,
     /// such as `[limits]`) and `env` set for the process.
     pub fn start_with(shards: u32, extra_config: &str, env: &[(&str, &str)]) -> Edge {
+        Edge::start_in(shards, None, extra_config, env)
+    }
+
+    /// Like [`Edge::start_with`], with the data directory at `data_dir` when given (for
+    /// example on a small filesystem).
+    pub fn start_in(
+        shards: u32,
+        data_dir: Option<&std::path::Path>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = data_dir.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let port = UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .expect("free port")
@@ -48,7 +62,7 @@ impl Edge {
         let config_path = dir.path().join("courier.toml");
         let config = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
-            dir.path().join("data").display()
+            data_dir.display()
         ) + extra_config;
         std::fs::write(&config_path, config).expect("write config");
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -80,6 +94,7 @@ impl Edge {
             done,
             pid,
             dir,
+            data_dir,
             config_path,
             addr,
             env: env
@@ -200,7 +215,7 @@ impl Edge {
     }
 
     pub fn connector(&self) -> Connector {
-        let pem = std::fs::read(self.dir.path().join("data/tls/cert.pem")).expect("dev cert");
+        let pem = std::fs::read(self.data_dir.join("tls/cert.pem")).expect("dev cert");
         Connector::new(&pem, "localhost").expect("connector")
     }
 
