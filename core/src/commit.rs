@@ -64,6 +64,8 @@ pub enum Outcome {
         first_seq: u64,
     },
     Acked,
+    /// Not stored: the recipient has never logged in, and `recipients_must_exist` is set.
+    UnknownRecipient,
 }
 
 /// Commits batches for one home shard, remembering each inbox's last sequence number.
@@ -220,6 +222,14 @@ fn write_batch<T: Transaction>(
             Request::Send(send) => {
                 if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
                     found
+                } else if config.recipients_must_exist
+                    && !last_seqs.contains_key(&send.to)
+                    && !known.last_seqs.contains_key(&send.to)
+                    && !has_device(txn, send.to)?
+                {
+                    // The deployment's directory is the set of users that ever logged in: a
+                    // send to anyone else creates nothing.
+                    Outcome::UnknownRecipient
                 } else {
                     let last = last_seq_of(txn, send.to, last_seqs, known)?;
                     let seq = last.checked_add(1).ok_or_else(|| {
@@ -423,6 +433,12 @@ fn device_cursor<T: Transaction>(
         None => Ok(None),
         Some(value) => decode_device(&value).map(|(cursor, _)| Some(cursor)),
     }
+}
+
+/// Whether `inbox` has any device record: someone logged in as that user at least once.
+fn has_device<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<bool, StoreError> {
+    let (start, end) = keys::device_range(inbox);
+    Ok(!txn.get_range(&start, &end, 1)?.is_empty())
 }
 
 /// Whether `inbox` has a device seen within the retention period (stored, or linked by this
@@ -643,4 +659,59 @@ fn write_expiry<T: Transaction>(
         report.index_entries_cleared += 1;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn send(client_id: u64, to: UserId) -> Request {
+        Request::Send(SendRequest {
+            sender: 1,
+            client_id,
+            to,
+            body: b"hi".to_vec(),
+            ttl_secs: None,
+        })
+    }
+
+    #[test]
+    fn with_recipients_must_exist_only_users_that_logged_in_get_messages() {
+        let config = CoreConfig {
+            recipients_must_exist: true,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let outcomes = committer
+            .commit_batch(&store, &[send(1, 7)], 1_000)
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::UnknownRecipient]);
+        assert_eq!(
+            last_seq(&store, 7).unwrap(),
+            0,
+            "no record for an unknown id"
+        );
+        let link = Request::Link {
+            inbox: 7,
+            device: 0,
+            acked_up_to: 0,
+        };
+        committer.commit_batch(&store, &[link], 2_000).unwrap();
+        let outcomes = committer
+            .commit_batch(&store, &[send(2, 7)], 3_000)
+            .unwrap();
+        assert!(
+            matches!(outcomes[0], Outcome::Stored { seq: 1, .. }),
+            "{outcomes:?}"
+        );
+        // Off (the default), anyone can be messaged.
+        let mut open = Committer::new(&CoreConfig::default());
+        let outcomes = open.commit_batch(&store, &[send(3, 8)], 4_000).unwrap();
+        assert!(
+            matches!(outcomes[0], Outcome::Stored { seq: 1, .. }),
+            "{outcomes:?}"
+        );
+    }
 }

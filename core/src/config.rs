@@ -42,6 +42,10 @@ pub struct CoreConfig {
     /// with `StoreUnavailable` (retry later) until it completes, instead of queueing behind a
     /// slow or stuck store.
     pub commit_slow_ms: u64,
+    /// Refuse sends (`BadRecipient`) to users that never logged in: no inbox record is made
+    /// for an id nobody uses. Off by default, since apps may message users before their first
+    /// login.
+    pub recipients_must_exist: bool,
 }
 
 const HOUR_MS: u64 = 3600 * 1000;
@@ -64,6 +68,7 @@ impl Default for CoreConfig {
             seq_cache_entries_max: 262_144,
             ack_commit_delay_ms: 50,
             commit_slow_ms: 2_000,
+            recipients_must_exist: false,
         }
     }
 }

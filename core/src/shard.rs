@@ -357,6 +357,14 @@ impl<T> InboxShard<T> {
                             });
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}
+                        (Request::Send(send), Outcome::UnknownRecipient) => {
+                            outputs.push(Output::SendError {
+                                tag: tags.next().expect("one tag per send"),
+                                client_id: send.client_id,
+                                body_bytes: send.body.len(),
+                                code: ErrorCode::BadRecipient,
+                            });
+                        }
                         (request, outcome) => {
                             unreachable!("commit_batch answered {request:?} with {outcome:?}")
                         }

@@ -147,6 +147,10 @@ pub struct LimitsSection {
     /// (0: no limit). Beyond it: `Overloaded`. Every recipient ever addressed keeps a record.
     pub recipients_per_user_per_window_max: usize,
     pub recipients_window_secs: u64,
+    /// Refuse sends to users that never logged in (`BadRecipient`, not retryable), so no
+    /// inbox record is made for an id nobody uses. The edge's directory is its device
+    /// records. Off: apps may message users before their first login.
+    pub recipients_must_exist: bool,
     /// The handshake and `Hello` must be done this long after a connection's first packet.
     pub hello_timeout_ms: u64,
     /// A frame whose first bytes arrived must be complete this long after.
@@ -307,6 +311,7 @@ impl Default for LimitsSection {
             },
             recipients_per_user_per_window_max: 1_000,
             recipients_window_secs: 60,
+            recipients_must_exist: false,
             hello_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
             unauthenticated_connections_per_shard_max: 4_096,
@@ -601,6 +606,7 @@ impl Config {
             sync_messages_max: self.batching.sync_messages_max,
             ack_commit_delay_ms: self.batching.ack_commit_delay_ms,
             commit_slow_ms: self.batching.commit_slow_ms,
+            recipients_must_exist: self.limits.recipients_must_exist,
             expire_scan_keys_max: self.retention.expire_scan_keys_max,
             ..CoreConfig::default()
         }

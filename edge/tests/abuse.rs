@@ -347,3 +347,26 @@ async fn the_edge_refuses_new_connections_near_its_memory_ceiling_and_recovers()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// With `recipients_must_exist`, a send to a user that never logged in is refused for good
+/// with `BadRecipient`, and once that user has logged in the same sender reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_recipients_must_exist_only_known_users_can_be_messaged() {
+    let edge = Edge::start_with(2, "[limits]\nrecipients_must_exist = true\n", &[]);
+    let sender = edge.client(30).await;
+    let refused = tokio::time::timeout(EVENT_TIMEOUT, sender.send(31, b"anyone?".to_vec()))
+        .await
+        .expect("answered in time");
+    assert_eq!(
+        refused.as_ref().err().and_then(|e| e.code()),
+        Some(ErrorCode::BadRecipient),
+        "{refused:?}"
+    );
+    let recipient = edge.client(31).await;
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, sender.send(31, b"hello".to_vec()))
+        .await
+        .expect("answered in time")
+        .expect("a user that logged in can be messaged");
+    assert!(receipt.seq > 0);
+    drop(recipient);
+}

@@ -113,7 +113,9 @@ mod tests {
                     assert_eq!((*seq, *fresh), (expected_seq, true), "request {at}");
                 }
                 Outcome::Acked => assert_eq!(at, batch.len() - 1),
-                Outcome::Linked { .. } => panic!("no link in this batch"),
+                Outcome::Linked { .. } | Outcome::UnknownRecipient => {
+                    panic!("no link or unknown recipient in this batch")
+                }
             }
         }
         for &inbox in &inboxes {

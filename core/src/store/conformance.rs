@@ -222,7 +222,9 @@ fn send(sender: u64, client_id: u64, to: u64, body: &[u8]) -> Request {
 fn seq_of(outcome: &Outcome) -> (u64, bool) {
     match outcome {
         Outcome::Stored { seq, fresh, .. } => (*seq, *fresh),
-        Outcome::Linked { .. } | Outcome::Acked => panic!("expected a stored outcome"),
+        Outcome::Linked { .. } | Outcome::Acked | Outcome::UnknownRecipient => {
+            panic!("expected a stored outcome")
+        }
     }
 }
 
