@@ -285,6 +285,8 @@ pub struct SessionStats {
     pub connections_timed_out: u64,
     /// Sends refused because the edge's memory was near its ceiling.
     pub sends_shed: u64,
+    /// Sends refused because the commit in flight was slow (the store breaker).
+    pub sends_store_slow: u64,
 }
 
 /// Why a connection has an entry in the deadline heap.
@@ -924,7 +926,11 @@ impl<A: Authenticator> EdgeSession<A> {
         match message {
             ShardMessage::Send { send, reply } => {
                 if let Err(refused) = self.inbox.handle_send(send, reply, now_ms) {
-                    self.stats.sends_overloaded += 1;
+                    if refused.code == ErrorCode::StoreUnavailable {
+                        self.stats.sends_store_slow += 1;
+                    } else {
+                        self.stats.sends_overloaded += 1;
+                    }
                     self.route(
                         refused.tag.shard,
                         ShardMessage::SendResult {

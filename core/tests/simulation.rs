@@ -133,6 +133,10 @@ fn simulation_over_many_seeds() {
                 && total.connections_timed_out > 0,
             "the abuse limits never refused anything: {total:?}"
         );
+        assert!(
+            total.slow_commits > 0 && total.sends_store_slow > 0 && total.store_reopens > 0,
+            "no slow commit tripped the breaker, or no poisoned store was reopened: {total:?}"
+        );
     }
 }
 
@@ -170,6 +174,12 @@ struct Stats {
     sends_over_recipient_limit: u64,
     /// Connections closed for a late `Hello`.
     connections_timed_out: u64,
+    /// Commits whose result came back later than the step they were taken in.
+    slow_commits: u64,
+    /// Sends refused while a commit was slow (the breaker).
+    sends_store_slow: u64,
+    /// Poisoned stores reopened in place (without a process crash).
+    store_reopens: u64,
 }
 
 impl Stats {
@@ -194,6 +204,9 @@ impl Stats {
         self.sends_over_budget += other.sends_over_budget;
         self.sends_over_recipient_limit += other.sends_over_recipient_limit;
         self.connections_timed_out += other.connections_timed_out;
+        self.slow_commits += other.slow_commits;
+        self.sends_store_slow += other.sends_store_slow;
+        self.store_reopens += other.store_reopens;
     }
 }
 
@@ -352,6 +365,18 @@ struct World {
     clock: ServerClock,
     client_in_flight_max: usize,
     session_config: SessionConfig,
+    /// Per shard: a slow commit whose result arrives at the given time.
+    #[allow(clippy::type_complexity)]
+    commits_in_flight: Vec<
+        Option<(
+            u64,
+            courier_core::shard::Batch<ConnRef>,
+            Result<Vec<commit::Outcome>, StoreError>,
+        )>,
+    >,
+    slow_commit_per_thousand: u64,
+    /// When the poisoned store is reopened (`store_refused`).
+    store_reopen_at: Option<u64>,
     /// Frames for connections whose input the edge paused, in arrival order. Ordered by
     /// connection, so a seed replays exactly.
     held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
@@ -366,6 +391,7 @@ impl World {
             batch_requests_max,
             queue_requests_max: batch_requests_max + rng.below(32) as usize,
             queue_requests_per_sender_max: 1 + rng.below(8) as usize,
+            commit_slow_ms: 5 + rng.below(50),
             commit_attempts_max: 1 + rng.below(4) as u32,
             expire_scan_keys_max: 2 + rng.below(50) as usize,
             sync_messages_max: 1 + rng.below(20) as usize,
@@ -477,6 +503,7 @@ impl World {
             hello_timeout_ms: 50 + rng.below(2_000),
             ..SessionConfig::new(0, shard_count, config.clone())
         };
+        let slow_commit_per_thousand = rng.below(200);
         let mut world = World {
             seed,
             loss_per_thousand: rng.below(30),
@@ -493,6 +520,9 @@ impl World {
             clients,
             slot_owner: HashMap::new(),
             held: BTreeMap::new(),
+            commits_in_flight: Vec::new(),
+            slow_commit_per_thousand,
+            store_reopen_at: None,
             next_slot: 0,
             network: BTreeMap::new(),
             lane_clock: HashMap::new(),
@@ -519,6 +549,7 @@ impl World {
             self.stats.sends_over_budget += stats.sends_over_budget;
             self.stats.sends_over_recipient_limit += stats.sends_over_recipient_limit;
             self.stats.connections_timed_out += stats.connections_timed_out;
+            self.stats.sends_store_slow += stats.sends_store_slow;
         }
     }
 
@@ -539,6 +570,7 @@ impl World {
             })
             .collect();
         self.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
+        self.commits_in_flight = (0..count).map(|_| None).collect();
     }
 
     fn run(mut self) -> Result<Stats, String> {
@@ -706,8 +738,26 @@ impl World {
                 self.apply_effects(shard);
             }
         }
-        // Shards commit: one batch per shard per step, when not congested.
+        // A poisoned store is reopened in place after a pause, as the edge does.
+        if self.store_reopen_at.is_some_and(|at| at <= self.now) {
+            self.store_reopen_at = None;
+            self.store.reopen();
+        }
+        // Shards commit: one batch per shard at a time. The commit runs when the batch is
+        // taken; its result comes back now or, for a slow commit, some steps later, while new
+        // requests queue (and the slow-store breaker may refuse them).
         for shard in 0..self.shards.len() {
+            if self.commits_in_flight[shard]
+                .as_ref()
+                .is_some_and(|(due, ..)| *due <= self.now)
+            {
+                let (_, batch, result) = self.commits_in_flight[shard].take().expect("in flight");
+                self.finish_commit(shard, batch, result);
+                continue;
+            }
+            if self.commits_in_flight[shard].is_some() {
+                continue;
+            }
             let now = self.edge_now();
             if let Some(batch) = self.shards[shard].poll_batch(now) {
                 let result = self.committers[shard].commit_batch(&self.store, &batch.requests, now);
@@ -717,14 +767,12 @@ impl World {
                         .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
                         .count() as u64;
                 }
-                let failed = result.as_ref().err().cloned();
-                self.shards[shard].handle_commit(batch, result);
-                self.apply_effects(shard);
-                if let Some(error) = failed
-                    && !error.is_retryable()
-                {
-                    // Fenced or poisoned: the process exits and restarts, as the edge does.
-                    self.crash();
+                if self.rng.below(1000) < self.slow_commit_per_thousand {
+                    self.stats.slow_commits += 1;
+                    let due = self.now + 1 + self.rng.below(3 * self.config.commit_slow_ms);
+                    self.commits_in_flight[shard] = Some((due, batch, result));
+                } else {
+                    self.finish_commit(shard, batch, result);
                 }
             }
         }
@@ -753,13 +801,40 @@ impl World {
             }
         }
         if self.rng.chance(1, 50) {
-            // Expiry runs alongside, as on shard 0 of the edge; a store that refuses this
-            // process ends it there too.
+            // Expiry runs alongside, as on the edge's maintenance thread; a store that refuses
+            // it is handled as the edge handles it.
             match commit::expire(&self.store, self.edge_now(), &self.config) {
                 Ok(report) => self.stats.expired += report.messages_deleted,
-                Err(error) if !error.is_retryable() => self.crash(),
-                Err(_) => {}
+                Err(error) => self.store_refused(&error),
             }
+        }
+    }
+
+    /// A commit's result reaches its shard.
+    fn finish_commit(
+        &mut self,
+        shard: usize,
+        batch: courier_core::shard::Batch<ConnRef>,
+        result: Result<Vec<commit::Outcome>, StoreError>,
+    ) {
+        let failed = result.as_ref().err().cloned();
+        self.shards[shard].handle_commit(batch, result);
+        self.apply_effects(shard);
+        if let Some(error) = failed {
+            self.store_refused(&error);
+        }
+    }
+
+    /// What the edge does when the store refuses: fenced ends the process; poisoned (a failed
+    /// write or fsync) is reopened in place after a pause while the shards keep running.
+    fn store_refused(&mut self, error: &StoreError) {
+        match error {
+            StoreError::Fenced => self.crash(),
+            StoreError::Poisoned if self.store_reopen_at.is_none() => {
+                self.stats.store_reopens += 1;
+                self.store_reopen_at = Some(self.now + 1 + self.rng.below(200));
+            }
+            _ => {}
         }
     }
 
@@ -771,6 +846,11 @@ impl World {
         self.network.clear();
         self.held.clear();
         self.lane_clock.clear();
+        // Commits in flight die with the process: nobody hears of them.
+        for in_flight in &mut self.commits_in_flight {
+            *in_flight = None;
+        }
+        self.store_reopen_at = None;
         self.store.reopen();
         for client in 0..self.clients.len() {
             if self.clients[client].conn.take().is_some() {
@@ -973,12 +1053,12 @@ impl World {
                         self.edge_now(),
                         &self.config,
                     );
-                    if let Err(error) = &result
-                        && !error.is_retryable()
-                    {
-                        // As the edge does: a fenced or poisoned store ends the process.
-                        self.crash();
-                        return;
+                    if let Err(error) = &result {
+                        let fenced = *error == StoreError::Fenced;
+                        self.store_refused(error);
+                        if fenced {
+                            return; // The process ended.
+                        }
                     }
                     let latency = 1 + self.rng.below(10);
                     self.schedule(
@@ -1107,6 +1187,10 @@ impl World {
     fn converged(&mut self) -> bool {
         if !self.network.is_empty()
             || !self.held.is_empty()
+            || self.store_reopen_at.is_some()
+            // Poisoned by a write whose error was another one (an fsync failure reported as
+            // an unknown result): the next store call notices, as on the edge.
+            || self.store.is_poisoned()
             || self
                 .shards
                 .iter()
