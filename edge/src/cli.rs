@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::{auth, server};
 
 #[derive(Parser)]
@@ -17,6 +17,10 @@ use crate::{auth, server};
     about = "Courier chat-messaging edge gateway"
 )]
 struct Cli {
+    /// Log lines as `text` (colours only on a terminal) or `json` (one object per line);
+    /// overrides `log.format`. Which events: `RUST_LOG` (overrides `log.filter`).
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,20 +63,40 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,lsm_tree=warn,fjall=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` logs as its config says; a config that does not load is reported below.
+    let log = match &cli.command {
+        Command::Serve { config: Some(path) } => {
+            Config::load(path).map(|c| c.log).unwrap_or_default()
+        }
+        _ => crate::config::LogSection::default(),
+    };
+    let format = cli
+        .log_format
+        .or_else(|| log.format.parse().ok())
+        .unwrap_or(LogFormat::Text);
+    init_logging(format, &log.filter);
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("courier-edge: {error}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` or else `filter`. Colours only when
+/// stderr is a terminal: a file or a log collector gets plain text.
+fn init_logging(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }
 

@@ -23,6 +23,28 @@ pub struct Config {
     pub retention: RetentionSection,
     pub batching: BatchingSection,
     pub store: StoreSection,
+    pub log: LogSection,
+}
+
+/// Where logs go: always stderr, for the supervisor (journald, Kubernetes) to collect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` (one human line per event; colours only when stderr is a terminal) or `json`
+    /// (one JSON object per line). `--log-format` overrides it.
+    pub format: String,
+    /// Which events to log, in `RUST_LOG` syntax (`info`, `courier_edge=debug,info`). The
+    /// `RUST_LOG` environment variable overrides it.
+    pub filter: String,
+}
+
+impl Default for LogSection {
+    fn default() -> LogSection {
+        LogSection {
+            format: "text".into(),
+            filter: "info,lsm_tree=warn,fjall=warn".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,6 +445,15 @@ impl Config {
                 expected: expected.to_string(),
             })
         };
+        if self.log.format.parse::<LogFormat>().is_err() {
+            return invalid("log.format", "\"text\" or \"json\"");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
+            return invalid(
+                "log.filter",
+                "a RUST_LOG-style filter, like \"info\" or \"courier_edge=debug,info\"",
+            );
+        }
         if self.server.shards > 255 {
             return invalid(
                 "server.shards",
@@ -622,6 +653,25 @@ impl Config {
 
     pub fn store_dir(&self) -> PathBuf {
         crate::stores::stores_dir(&self.server.data_dir)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format: use text or json")),
+        }
     }
 }
 

@@ -31,7 +31,12 @@ pub struct Edge {
     pub addr: SocketAddr,
     /// Extra environment for the edge process.
     env: Vec<(String, String)>,
+    /// Every line the edge wrote to stderr (at most `LOG_LINES_MAX`), for tests that check logs.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
+
+/// Lines of edge output a test keeps.
+const LOG_LINES_MAX: usize = 1_000_000;
 
 impl Edge {
     pub fn start(shards: u32) -> Edge {
@@ -101,6 +106,7 @@ impl Edge {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
+            log: Default::default(),
         };
         edge.spawn();
         edge
@@ -122,10 +128,17 @@ impl Edge {
             .expect("spawn courier-edge");
         let stderr = child.stderr.take().expect("stderr");
         let (ready_tx, ready_rx) = mpsc::channel();
+        let log = self.log.clone();
         std::thread::spawn(move || {
             let mut ready_tx = Some(ready_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut log = log.lock().expect("log");
+                    if log.len() < LOG_LINES_MAX {
+                        log.push(line.clone());
+                    }
+                }
                 if line.contains("courier-edge listening")
                     && let Some(tx) = ready_tx.take()
                 {
