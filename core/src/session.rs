@@ -188,9 +188,11 @@ impl ShardMessage {
 pub enum Effect {
     /// Write `frame` on the connection's stream.
     Write { conn: ConnRef, frame: Frame },
-    /// Close the connection with `code`. The session already forgot its login.
+    /// Close the connection with `code`. The session already forgot its login. `user` is who
+    /// it was logged in as, if it got that far (for the operator's log).
     Close {
         conn: ConnRef,
+        user: Option<UserId>,
         code: ErrorCode,
         reason: String,
     },
@@ -322,6 +324,15 @@ enum Login {
     Closing,
 }
 
+impl Login {
+    fn user(self) -> Option<UserId> {
+        match self {
+            Login::Registering { user } | Login::Active { user } => Some(user),
+            Login::AwaitingHello | Login::Closing => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Connection {
     generation: u64,
@@ -425,6 +436,11 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Connections this shard holds.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The user a connection is logged in as (or logging in as), for logs.
+    pub fn user_of(&self, conn: ConnRef) -> Option<UserId> {
+        self.conn(conn).and_then(|c| c.login.user())
     }
 
     /// Connections that have not said a valid `Hello` yet, handshakes included: the driver
@@ -1033,6 +1049,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     self.forget_login(login);
                     self.effects.push_back(Effect::Close {
                         conn,
+                        user: login.user(),
                         code: ErrorCode::Superseded,
                         reason: "replaced by a newer connection of the same device".into(),
                     });
@@ -1075,6 +1092,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     };
                     self.effects.push_back(Effect::Close {
                         conn,
+                        user: login.user(),
                         code,
                         reason: reason.into(),
                     });
@@ -1306,8 +1324,14 @@ impl<A: Authenticator> EdgeSession<A> {
         if self.conn(conn).is_none() {
             return;
         }
+        let user = self.user_of(conn);
         self.end_login(conn);
-        self.effects.push_back(Effect::Close { conn, code, reason });
+        self.effects.push_back(Effect::Close {
+            conn,
+            user,
+            code,
+            reason,
+        });
     }
 
     fn end_login(&mut self, conn: ConnRef) {

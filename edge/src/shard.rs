@@ -821,7 +821,12 @@ impl Shard {
                     self.mark_dirty(handle);
                     self.session.set_outbound_bytes(conn, buffered);
                 }
-                Effect::Close { conn, code, reason } => {
+                Effect::Close {
+                    conn,
+                    user,
+                    code,
+                    reason,
+                } => {
                     let handle = ConnectionHandle(conn.slot);
                     let Some(c) = self.conns.get_mut(&handle) else {
                         continue;
@@ -829,7 +834,14 @@ impl Shard {
                     if c.generation != conn.generation {
                         continue;
                     }
-                    debug!(?code, reason, "closing connection");
+                    // Who and why, never a token or a body.
+                    info!(
+                        peer = %c.quic.remote_address(),
+                        user = %user.map_or_else(|| "-".to_string(), |u| u.to_string()),
+                        code = ?code,
+                        reason,
+                        "closing connection"
+                    );
                     c.closing = true;
                     c.quic.close(
                         Instant::now(),
@@ -1066,8 +1078,19 @@ impl Shard {
                 }
                 Event::HandshakeDataReady => {}
                 Event::ConnectionLost { reason } => {
-                    debug!(%reason, "connection lost");
                     let conn_ref = self.conn_ref(handle, &conn);
+                    // A connection this edge closed was logged when it closed it.
+                    if reason != quinn_proto::ConnectionError::LocallyClosed {
+                        info!(
+                        peer = %conn.quic.remote_address(),
+                        user = %self
+                            .session
+                            .user_of(conn_ref)
+                            .map_or_else(|| "-".to_string(), |u| u.to_string()),
+                            %reason,
+                            "connection lost"
+                        );
+                    }
                     self.session.connection_lost(conn_ref);
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {

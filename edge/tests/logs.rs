@@ -70,3 +70,50 @@ async fn logs_are_plain_text_off_a_terminal_and_json_when_asked() {
         assert!(object["fields"]["message"].is_string(), "{line}");
     }
 }
+
+/// An auth failure and a normal close are logged at info with the peer's address and the
+/// user, and the refused token appears in no line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_and_auth_failures_are_logged_with_peer_and_user_never_the_token() {
+    let mut edge = Edge::start(1);
+    let connector = edge.connector();
+    let mut forged = courier_client::raw::RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("handshake");
+    let bad_token = "not-a-token-4b2a76";
+    forged
+        .write_frame(&courier_protocol::Frame::Hello {
+            token: bad_token.as_bytes().to_vec(),
+            device: 0,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        })
+        .await
+        .expect("hello");
+    let _ = tokio::time::timeout(EVENT_TIMEOUT, forged.closed()).await;
+    let mut superseded = edge.raw_session(&connector, 45, 0).await;
+    let _newer = edge.raw_session(&connector, 45, 0).await;
+    let _ = tokio::time::timeout(EVENT_TIMEOUT, superseded.read_frame()).await;
+    assert!(edge.terminate());
+    let log = edge.log.lock().expect("log");
+    let closes: Vec<&String> = log
+        .iter()
+        .filter(|line| line.contains("closing connection"))
+        .collect();
+    assert!(
+        closes.iter().any(|l| l.contains("Unauthenticated")
+            && l.contains("127.0.0.1")
+            && l.contains("INFO")),
+        "no info line for the refused token: {closes:?}"
+    );
+    assert!(
+        closes
+            .iter()
+            .any(|l| l.contains("Superseded") && l.contains("user=45")),
+        "no info line naming the superseded user: {closes:?}"
+    );
+    assert!(
+        log.iter().all(|line| !line.contains(bad_token)),
+        "the token was logged"
+    );
+}
