@@ -154,9 +154,9 @@ fn try_main(cli: Cli) -> Result<(), String> {
         }
         Command::CheckConfig { path } => {
             let config = Config::load(&path).map_err(|e| e.to_string())?;
-            // The store's layout is fixed once written: a shard count it was not written with
-            // would make `serve` refuse.
-            crate::stores::check_layout(&config.server.data_dir, config.shard_count())?;
+            // Everything `serve` checks before it starts: files, keys, the data directory, and
+            // the store's layout (fixed once written).
+            server::preflight(&config)?;
             println!("{}: ok", path.display());
             Ok(())
         }

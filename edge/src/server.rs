@@ -22,6 +22,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     config
         .validate("built-in or loaded config")
         .map_err(|e| e.to_string())?;
+    // Everything that can be checked is checked before anything is written.
+    preflight(&config)?;
+    probe_address_free(config.server.listen)?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
         format!(
@@ -46,7 +49,6 @@ pub fn serve(config: Config) -> Result<(), String> {
         info!(path = %tls::reset_key_path(&config).display(), "generated the stateless-reset key");
     }
 
-    probe_address_free(config.server.listen)?;
     let core = config.core_config();
     let opening = std::time::Instant::now();
     let (open_store, _keep_alive) = open_store(&config, &core)?;
@@ -239,6 +241,48 @@ fn open_store(
             Err(courier_core::store::config::StoreConfigError::FdbNotBuilt.to_string())
         }
     }
+}
+
+/// What `serve` checks before it writes anything, and all `check-config` checks, so that its
+/// "ok" means the edge will start (unless its address is taken then): the files the config names
+/// are readable and parse, the data directory can be written, and the store's layout fits the
+/// shard count.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    if !config.tls.cert_path.as_os_str().is_empty() {
+        tls::load_identity(config)?;
+    }
+    if !config.auth.signing_key_path.as_os_str().is_empty() {
+        let key = auth::read_signing_key(&config.auth.signing_key_path)?;
+        auth::verifier(config, &key)?;
+    } else {
+        // The verify keys parse whatever the signing key turns out to be.
+        let placeholder = courier_protocol::token::SigningKey::from_bytes(&[7; 32]);
+        auth::verifier(config, &placeholder)?;
+    }
+    check_writable(&config.server.data_dir)?;
+    crate::stores::check_layout(&config.server.data_dir, config.shard_count())
+}
+
+/// The data directory, or the nearest directory above it that exists, accepts a new file.
+fn check_writable(data_dir: &std::path::Path) -> Result<(), String> {
+    let mut dir = data_dir;
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => std::path::Path::new("."),
+        };
+    }
+    let probe = dir.join(format!(".courier-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            format!(
+                "server.data_dir {}: {} is not writable ({e}); give the edge's user write access \
+                 or choose another directory",
+                data_dir.display(),
+                dir.display()
+            )
+        })
 }
 
 /// Fails if another process already serves `listen`. Shards bind with SO_REUSEPORT, which

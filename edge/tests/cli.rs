@@ -1,0 +1,104 @@
+//! Issue 12, item 5: `check-config` checks what `serve` checks before it starts, so its "ok"
+//! means the edge will start; and `serve` writes nothing when a check fails.
+
+use std::process::Command;
+
+fn check_config(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, config).expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn check_config_accepts_a_config_serve_would_start_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ok, text) = check_config(&format!(
+        "[server]\ndata_dir = \"{}\"\n",
+        dir.path().join("data").display()
+    ));
+    assert!(ok, "{text}");
+    assert!(text.contains(": ok"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "check-config wrote the data directory"
+    );
+}
+
+#[test]
+fn check_config_refuses_what_serve_would_refuse() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    for (config, expected) in [
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[tls]\ncert_path = \"/nonexistent/cert.pem\"\nkey_path = \"/nonexistent/key.pem\"\n",
+                data.display()
+            ),
+            "cannot read tls.cert_path /nonexistent/cert.pem",
+        ),
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[auth]\nsigning_key_path = \"/nonexistent/signing.key\"\n",
+                data.display()
+            ),
+            "cannot read signing key /nonexistent/signing.key",
+        ),
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[[auth.verify_keys]]\nid = 2\npublic_key = \"not-base64\"\n",
+                data.display()
+            ),
+            "auth.verify_keys id 2",
+        ),
+        // /proc refuses new files even to root.
+        (
+            "[server]\ndata_dir = \"/proc/courier-data\"\n".to_string(),
+            "is not writable",
+        ),
+    ] {
+        let (ok, text) = check_config(&config);
+        assert!(!ok, "check-config passed {config}");
+        assert!(text.contains(expected), "expected {expected:?} in: {text}");
+        assert!(!text.contains("Os {"), "a debug dump: {text}");
+    }
+}
+
+/// `serve` with a configuration that fails a check exits without writing its data directory
+/// (keys, certificates).
+#[test]
+fn serve_writes_nothing_when_a_check_fails() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[auth]\nsigning_key_path = \"/nonexistent/signing.key\"\n",
+            data.display()
+        ),
+    )
+    .expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run serve");
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("/nonexistent/signing.key"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !data.exists(),
+        "serve wrote its data directory before failing"
+    );
+}
