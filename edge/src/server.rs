@@ -19,6 +19,10 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), String> {
     install_panic_exit();
+    // Block the shutdown signals before any thread starts (the store's own threads included),
+    // so every thread inherits the mask and only this thread, in `sigwait`, receives them: a
+    // second SIGTERM during the drain then waits instead of killing the process.
+    let signals = block_shutdown_signals()?;
     config
         .validate("built-in or loaded config")
         .map_err(|e| e.to_string())?;
@@ -59,10 +63,6 @@ pub fn serve(config: Config) -> Result<(), String> {
     );
     let shard_count = config.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    // Block the shutdown signals before spawning, so every thread inherits the mask and only
-    // this thread receives them.
-    let signals = block_shutdown_signals()?;
 
     let mesh = (shard_count > 1).then(|| {
         MeshBuilder::full(
@@ -123,7 +123,15 @@ pub fn serve(config: Config) -> Result<(), String> {
         data_dir = %config.server.data_dir.display(),
         "courier-edge listening"
     );
-    let signal = wait_for_signal(&signals);
+    let signal = loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGHUP {
+            break signal;
+        }
+        // Blocked, so a SIGHUP (a terminal closing, an operator's reload habit) no longer
+        // kills the edge. Reloading keys and log level on it is not built yet.
+        tracing::warn!("SIGHUP received: reloading is not supported yet; nothing changed");
+    };
     info!(
         signal,
         "shutting down: finishing commits and closing connections"
@@ -319,6 +327,7 @@ fn block_shutdown_signals() -> Result<libc::sigset_t, String> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let result = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if result != 0 {
             return Err(format!("cannot block shutdown signals: error {result}"));
