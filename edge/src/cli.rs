@@ -51,6 +51,16 @@ enum Command {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// Generate a new token-signing key (Ed25519) into a new file readable only by its owner,
+    /// and print its public key with the steps to rotate to it.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// The key id it will be known by (`auth.signing_key_id`, `auth.verify_keys`).
+        #[arg(long)]
+        key_id: u32,
+    },
     /// Print the built-in configuration as TOML, every key with its default.
     PrintDefaultConfig,
     /// Check a config file and exit 0 if it is valid.
@@ -146,6 +156,34 @@ fn try_main(cli: Cli) -> Result<(), String> {
                 expires_at_secs: now_secs.saturating_add(ttl_secs),
             };
             println!("{}", auth::mint(&key, &claims));
+            Ok(())
+        }
+        Command::Keygen { out, key_id } => {
+            let mut seed = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+            let key = courier_protocol::token::SigningKey::from_bytes(&seed);
+            auth::write_private_file(
+                &out,
+                courier_protocol::token::signing_key_to_base64(&key).as_bytes(),
+            )?;
+            let public = courier_protocol::token::verifying_key_to_base64(&key.verifying_key());
+            println!(
+                "wrote a new token-signing key to {} (readable by its owner only)\n\
+                 \n\
+                 To rotate to it (docs/operations.md, \"Rotating the token-signing key\"):\n\
+                 1. On every edge, accept tokens it signs, then restart the edge:\n\
+                 \n\
+                 [[auth.verify_keys]]\n\
+                 id = {key_id}\n\
+                 public_key = \"{public}\"\n\
+                 \n\
+                 2. Where tokens are minted, set auth.signing_key_path = \"{}\" and\n\
+                 \x20  auth.signing_key_id = {key_id}, and keep the old key's public half in\n\
+                 \x20  auth.verify_keys under its old id.\n\
+                 3. Once every token signed with the old key has expired, remove its entry.",
+                out.display(),
+                out.display()
+            );
             Ok(())
         }
         Command::PrintDefaultConfig => {

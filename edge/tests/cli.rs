@@ -102,3 +102,53 @@ fn serve_writes_nothing_when_a_check_fails() {
         "serve wrote its data directory before failing"
     );
 }
+
+/// `keygen` writes an owner-only key file that `token` can sign with, prints its public key in
+/// config form, and never overwrites an existing file.
+#[test]
+fn keygen_writes_a_usable_owner_only_key_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = dir.path().join("signing-2.key");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(args)
+            .output()
+            .expect("run courier-edge")
+    };
+    let key_arg = key.to_str().expect("utf-8");
+    let output = run(&["keygen", "--out", key_arg, "--key-id", "2"]);
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("[[auth.verify_keys]]") && printed.contains("id = 2"),
+        "{printed}"
+    );
+    let mode = std::fs::metadata(&key)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[auth]\nsigning_key_path = \"{key_arg}\"\nsigning_key_id = 2\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let token = run(&[
+        "token",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--user",
+        "9",
+    ]);
+    assert!(token.status.success(), "{token:?}");
+    assert!(!String::from_utf8_lossy(&token.stdout).trim().is_empty());
+
+    let again = run(&["keygen", "--out", key_arg, "--key-id", "3"]);
+    assert!(!again.status.success(), "keygen overwrote an existing key");
+}

@@ -164,6 +164,11 @@ pub fn signing_key_to_base64(key: &SigningKey) -> String {
     STANDARD.encode(key.to_bytes())
 }
 
+/// A public key as config holds it (`auth.verify_keys`): base64 of its 32 bytes.
+pub fn verifying_key_to_base64(key: &VerifyingKey) -> String {
+    STANDARD.encode(key.to_bytes())
+}
+
 /// Parses a public key from config: base64 of its 32 bytes.
 pub fn verifying_key_from_base64(text: &str) -> Result<VerifyingKey, String> {
     let bytes = STANDARD
