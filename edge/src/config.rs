@@ -24,6 +24,30 @@ pub struct Config {
     pub batching: BatchingSection,
     pub store: StoreSection,
     pub log: LogSection,
+    pub metrics: MetricsSection,
+}
+
+/// The observability listener (HTTP): `/livez` and `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// TCP address of the listener, like `127.0.0.1:9464`. Empty: off. Keep it on loopback or
+    /// a private network: it needs no credentials.
+    pub listen: String,
+}
+
+impl MetricsSection {
+    /// The address to listen on, if any.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.listen))
+    }
 }
 
 /// Where logs go: always stderr, for the supervisor (journald, Kubernetes) to collect.
@@ -445,6 +469,9 @@ impl Config {
                 expected: expected.to_string(),
             })
         };
+        if let Err(expected) = self.metrics.listen_addr() {
+            return invalid("metrics.listen", &expected);
+        }
         if self.log.format.parse::<LogFormat>().is_err() {
             return invalid("log.format", "\"text\" or \"json\"");
         }

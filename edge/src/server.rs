@@ -73,6 +73,10 @@ pub fn serve(config: Config) -> Result<(), String> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
     let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
+    if let Some(listen) = config.metrics.listen_addr()? {
+        crate::health::start(listen, health.clone())?;
+    }
     let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
         .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
     let mut handles = Vec::new();
@@ -98,6 +102,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             shutdown: shutdown.clone(),
             stopped: stopped_tx.clone(),
             memory: memory.clone(),
+            health: health.clone(),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -112,7 +117,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     drop(stopped_tx);
     for _ in 0..shard_count {
         match ready_rx.recv() {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => health.shard_ready(),
             Ok(Err(error)) => return Err(error),
             Err(_) => return Err("a shard stopped during start-up".into()),
         }

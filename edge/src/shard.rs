@@ -103,6 +103,8 @@ pub struct ShardSetup {
     pub stopped: std::sync::mpsc::Sender<u8>,
     /// Says when memory is near its ceiling: refuse new connections and sends then.
     pub memory: Arc<crate::memory::MemoryGuard>,
+    /// What `/readyz` reports; the shard says when its store is being reopened.
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -196,6 +198,7 @@ pub struct Shard {
     /// Handshakes in progress per peer IP address (`limits.handshakes_per_address_max`).
     handshakes_by_address: HashMap<IpAddr, usize>,
     memory: Arc<crate::memory::MemoryGuard>,
+    health: Arc<crate::health::Health>,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -382,6 +385,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         parked: Vec::new(),
         handshakes_by_address: HashMap::new(),
         memory: setup.memory.clone(),
+        health: setup.health.clone(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -1442,6 +1446,7 @@ impl Shard {
             return;
         }
         self.store_recovering = true;
+        self.health.store_recovering(true);
         tracing::error!(
             shard = self.id,
             %error,
@@ -1458,7 +1463,9 @@ impl Shard {
                     Ok(()) => {
                         info!(shard = id, "store reopened; accepting sends again");
                         if let Some(shard) = shard.upgrade() {
-                            shard.borrow_mut().store_recovering = false;
+                            let mut shard = shard.borrow_mut();
+                            shard.store_recovering = false;
+                            shard.health.store_recovering(false);
                         }
                         return;
                     }

@@ -1,0 +1,150 @@
+//! Health checks for supervisors and load balancers: `GET /livez` and `GET /readyz` on the
+//! `[metrics] listen` address, served by one thread off the data path.
+//!
+//! - `/livez` answers 200 while the process runs.
+//! - `/readyz` answers 200 only when every shard runs with its store open, no store is being
+//!   reopened after a failed write, and the edge is not draining; otherwise 503 and the reason.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+/// A request that does not arrive within this long is dropped: one slow client cannot hold the
+/// (single) health thread for long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes of a request read at most; a health check's request line is far shorter.
+const REQUEST_BYTES_MAX: usize = 4096;
+
+/// What `/readyz` reports, updated by the shards and the main thread.
+#[derive(Debug)]
+pub struct Health {
+    shards: usize,
+    /// Shards that opened their store and serve.
+    shards_ready: AtomicUsize,
+    /// Shards whose store is being reopened after a failed write.
+    stores_recovering: AtomicUsize,
+    draining: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// `draining` is the shutdown flag the shards watch.
+    pub fn new(shards: usize, draining: Arc<AtomicBool>) -> Arc<Health> {
+        Arc::new(Health {
+            shards,
+            shards_ready: AtomicUsize::new(0),
+            stores_recovering: AtomicUsize::new(0),
+            draining,
+        })
+    }
+
+    pub fn shard_ready(&self) {
+        self.shards_ready.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A shard's store started or finished being reopened.
+    pub fn store_recovering(&self, recovering: bool) {
+        if recovering {
+            self.stores_recovering.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.stores_recovering.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining: the edge is shutting down".into());
+        }
+        let ready = self.shards_ready.load(Ordering::SeqCst);
+        if ready < self.shards {
+            return Err(format!("starting: {ready} of {} shards ready", self.shards));
+        }
+        let recovering = self.stores_recovering.load(Ordering::SeqCst);
+        if recovering > 0 {
+            return Err(format!(
+                "{recovering} shard(s) reopening their store after a failed write"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Binds `listen` and serves the health endpoints on a thread of their own.
+pub fn start(listen: SocketAddr, health: Arc<Health>) -> Result<(), String> {
+    let listener = TcpListener::bind(listen).map_err(|e| {
+        format!("cannot listen on metrics.listen {listen}: {e}; choose a free address")
+    })?;
+    std::thread::Builder::new()
+        .name("courier-health".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => serve_one(stream, &health),
+                    Err(error) => warn!(%error, "health endpoint: accept failed"),
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the health thread: {e}"))?;
+    info!(%listen, "health checks on /livez and /readyz");
+    Ok(())
+}
+
+fn serve_one(mut stream: TcpStream, health: &Health) {
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 512];
+    // Read up to the end of the request line (the headers do not matter).
+    while !request.contains(&b'\n') && request.len() < REQUEST_BYTES_MAX {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => request.extend_from_slice(&chunk[..read]),
+        }
+    }
+    let line = String::from_utf8_lossy(&request);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = match (method, path) {
+        ("GET", "/livez") => ("200 OK", "ok\n".to_string()),
+        ("GET", "/readyz") => match health.readiness() {
+            Ok(()) => ("200 OK", "ready\n".to_string()),
+            Err(reason) => ("503 Service Unavailable", format!("not ready: {reason}\n")),
+        },
+        ("GET", _) => (
+            "404 Not Found",
+            "not found: try /livez or /readyz\n".to_string(),
+        ),
+        _ => ("405 Method Not Allowed", "only GET\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_with_every_shard_up_no_store_reopening_and_no_drain() {
+        let draining = Arc::new(AtomicBool::new(false));
+        let health = Health::new(2, draining.clone());
+        assert!(health.readiness().unwrap_err().contains("0 of 2"));
+        health.shard_ready();
+        health.shard_ready();
+        assert_eq!(health.readiness(), Ok(()));
+        health.store_recovering(true);
+        assert!(health.readiness().unwrap_err().contains("reopening"));
+        health.store_recovering(false);
+        assert_eq!(health.readiness(), Ok(()));
+        draining.store(true, Ordering::SeqCst);
+        assert!(health.readiness().unwrap_err().contains("draining"));
+    }
+}

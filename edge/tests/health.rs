@@ -1,0 +1,44 @@
+//! Issue 12, item 2: `/livez` and `/readyz` on `[metrics] listen`, on the real binary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::Edge;
+
+fn get(addr: &str, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the health listener");
+    stream.write_all(request.as_bytes()).expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn livez_and_readyz_answer_once_every_shard_serves() {
+    // A free TCP port: bind, read it, let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let edge = Edge::start_with(2, &format!("[metrics]\nlisten = \"{addr}\"\n"), &[]);
+    assert_eq!(
+        get(&addr, "GET /livez HTTP/1.1\r\n\r\n"),
+        (200, "ok\n".into())
+    );
+    assert_eq!(
+        get(&addr, "GET /readyz HTTP/1.1\r\n\r\n"),
+        (200, "ready\n".into())
+    );
+    assert_eq!(get(&addr, "GET /nothing HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(get(&addr, "POST /readyz HTTP/1.1\r\n\r\n").0, 405);
+    drop(edge);
+}
