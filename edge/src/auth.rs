@@ -111,6 +111,46 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
 /// while clients reconnect. Only tokens that verified are kept, at most `entries_max` (the
 /// oldest go first), and an entry counts only until the token's own expiry. The keys a process
 /// verifies with never change while it runs; whatever reloads them must clear this.
+/// The keys tokens are checked with, replaceable while the edge runs (SIGHUP reloads them).
+/// Shards hold the cell and drop their cache of verified tokens when its generation changes,
+/// so a token signed with a removed key stops working at its next login.
+#[derive(Debug)]
+pub struct VerifierCell {
+    current: std::sync::RwLock<std::sync::Arc<TokenVerifier>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl VerifierCell {
+    pub fn new(verifier: TokenVerifier) -> VerifierCell {
+        VerifierCell {
+            current: std::sync::RwLock::new(std::sync::Arc::new(verifier)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The verifier now, and its generation.
+    pub fn current(&self) -> (std::sync::Arc<TokenVerifier>, u64) {
+        let verifier = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        (
+            verifier,
+            self.generation.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    pub fn replace(&self, verifier: TokenVerifier) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(verifier);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[derive(Debug)]
 pub struct VerifiedTokens {
     entries: std::collections::HashMap<Vec<u8>, Claims>,
@@ -160,6 +200,12 @@ impl VerifiedTokens {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Forgets every verified token (the keys changed).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
     }
 
     pub fn is_empty(&self) -> bool {

@@ -94,6 +94,23 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
+/// Replaces the log filter while the edge runs (SIGHUP), when `RUST_LOG` does not set it.
+type SetLogFilter = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static SET_LOG_FILTER: std::sync::OnceLock<SetLogFilter> = std::sync::OnceLock::new();
+
+/// Applies `filter` (RUST_LOG syntax) to the running logger. `RUST_LOG`, when set, wins.
+pub fn set_log_filter(filter: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("log.filter {filter:?}: {e}"))?;
+    match SET_LOG_FILTER.get() {
+        Some(set) => set(filter),
+        None => Ok(()),
+    }
+}
+
 /// Logs to stderr in `format`, filtered by `RUST_LOG` or else `filter`. Colours only when
 /// stderr is a terminal: a file or a log collector gets plain text.
 fn init_logging(format: LogFormat, filter: &str) {
@@ -101,12 +118,32 @@ fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = SET_LOG_FILTER.set(Box::new(move |filter| {
+                handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
+        LogFormat::Json => {
+            let builder = tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = SET_LOG_FILTER.set(Box::new(move |filter| {
+                handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
     }
 }
 
@@ -119,7 +156,7 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn try_main(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve { config } => server::serve(load(config.as_ref())?),
+        Command::Serve { config } => server::serve(load(config.as_ref())?, config),
         Command::Token {
             config,
             user,
@@ -171,7 +208,7 @@ fn try_main(cli: Cli) -> Result<(), String> {
                 "wrote a new token-signing key to {} (readable by its owner only)\n\
                  \n\
                  To rotate to it (docs/operations.md, \"Rotating the token-signing key\"):\n\
-                 1. On every edge, accept tokens it signs, then restart the edge:\n\
+                 1. On every edge, accept tokens it signs, then send the edge SIGHUP:\n\
                  \n\
                  [[auth.verify_keys]]\n\
                  id = {key_id}\n\

@@ -17,7 +17,7 @@ use crate::{auth, tls};
 const IO_MEMORY_BYTES: usize = 512 * 1024;
 
 /// Runs the edge until SIGINT or SIGTERM.
-pub fn serve(config: Config) -> Result<(), String> {
+pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<(), String> {
     install_panic_exit();
     // Block the shutdown signals before any thread starts (the store's own threads included),
     // so every thread inherits the mask and only this thread, in `sigwait`, receives them: a
@@ -41,7 +41,10 @@ pub fn serve(config: Config) -> Result<(), String> {
     if generated_key {
         info!(path = %auth::signing_key_path(&config).display(), "generated a development token-signing key");
     }
-    let verifier = Arc::new(auth::verifier(&config, &signing_key)?);
+    let verifier = Arc::new(auth::VerifierCell::new(auth::verifier(
+        &config,
+        &signing_key,
+    )?));
     let (identity, generated_cert) = tls::load_identity(&config)?;
     if generated_cert {
         let (cert, _) = tls::dev_cert_paths(&config);
@@ -133,9 +136,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         if signal != libc::SIGHUP {
             break signal;
         }
-        // Blocked, so a SIGHUP (a terminal closing, an operator's reload habit) no longer
-        // kills the edge. Reloading keys and log level on it is not built yet.
-        tracing::warn!("SIGHUP received: reloading is not supported yet; nothing changed");
+        reload(config_path.as_deref(), &verifier);
     };
     info!(
         signal,
@@ -252,6 +253,37 @@ fn open_store(
         StoreConfig::FoundationDb(_) => {
             let _ = core;
             Err(courier_core::store::config::StoreConfigError::FdbNotBuilt.to_string())
+        }
+    }
+}
+
+/// SIGHUP: reads the config file again and applies what can change while the edge runs: the
+/// token keys (`auth`) and the log filter (`log.filter`). Everything else needs a restart. A
+/// file that does not load changes nothing.
+fn reload(config_path: Option<&std::path::Path>, verifier: &auth::VerifierCell) {
+    let Some(path) = config_path else {
+        info!("SIGHUP received: no config file to reload (the edge runs on built-in defaults)");
+        return;
+    };
+    let reloaded = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let (key, _) = auth::load_or_create_signing_key(&config)?;
+            let keys = auth::verifier(&config, &key)?;
+            crate::cli::set_log_filter(&config.log.filter)?;
+            Ok((keys, config.auth.verify_keys.len()))
+        });
+    match reloaded {
+        Ok((keys, verify_keys)) => {
+            verifier.replace(keys);
+            info!(
+                path = %path.display(),
+                verify_keys,
+                "SIGHUP: reloaded the token keys and the log filter (other settings need a restart)"
+            );
+        }
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "SIGHUP: reload failed; nothing changed");
         }
     }
 }

@@ -53,7 +53,6 @@ use quinn_proto::{
 };
 use tracing::{debug, info, warn};
 
-use crate::auth::TokenVerifier;
 use crate::backend::ShardStore;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
@@ -93,7 +92,7 @@ pub struct ShardSetup {
     pub shard_count: u32,
     /// Opens this shard's store once the shard knows its id.
     pub open_store: crate::backend::OpenShardStore,
-    pub verifier: Arc<TokenVerifier>,
+    pub verifier: Arc<crate::auth::VerifierCell>,
     pub server_config: Arc<quinn_proto::ServerConfig>,
     pub reset_key: Arc<ring::hmac::Key>,
     pub ready: std::sync::mpsc::Sender<Result<u8, String>>,
@@ -132,8 +131,10 @@ struct Conn {
 /// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
 /// verified (`auth::VerifiedTokens`).
 struct TokenAuthenticator {
-    verifier: Arc<TokenVerifier>,
+    verifier: Arc<crate::auth::VerifierCell>,
     verified: RefCell<crate::auth::VerifiedTokens>,
+    /// The verifier generation the cache of verified tokens belongs to.
+    verified_generation: std::cell::Cell<u64>,
 }
 
 impl Authenticator for TokenAuthenticator {
@@ -143,10 +144,16 @@ impl Authenticator for TokenAuthenticator {
         device: u32,
         now_secs: u64,
     ) -> Result<courier_core::UserId, AuthFailure> {
+        let (verifier, generation) = self.verifier.current();
+        if generation != self.verified_generation.get() {
+            // The keys were reloaded: what verified before may not any more.
+            self.verified.borrow_mut().clear();
+            self.verified_generation.set(generation);
+        }
         let claims = self
             .verified
             .borrow_mut()
-            .verify(&self.verifier, token, now_secs)
+            .verify(&verifier, token, now_secs)
             .map_err(|error| AuthFailure {
                 code: match error {
                     crate::auth::AuthError::Expired { .. } => ErrorCode::TokenExpired,
@@ -373,6 +380,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             session_config(id, setup.shard_count, &setup.config, &setup.core),
             TokenAuthenticator {
                 verifier: setup.verifier.clone(),
+                verified_generation: std::cell::Cell::new(0),
                 verified: RefCell::new(crate::auth::VerifiedTokens::new(
                     setup.config.auth.verified_tokens_per_shard_max,
                 )),

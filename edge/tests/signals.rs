@@ -1,5 +1,5 @@
-//! Issue 12, item 5: signals an operator sends. SIGHUP does not kill the edge; a second SIGTERM
-//! during the drain does not turn it into a hard kill.
+//! Issue 12, item 5: signals an operator sends. SIGHUP reloads the token keys instead of
+//! killing the edge; a second SIGTERM during the drain does not turn it into a hard kill.
 
 mod common;
 
@@ -33,7 +33,7 @@ async fn sighup_leaves_the_edge_serving_and_a_second_sigterm_still_drains() {
             .lock()
             .expect("log")
             .iter()
-            .any(|line| line.contains("SIGHUP received")),
+            .any(|line| line.contains("SIGHUP: reloaded")),
         "SIGHUP is logged"
     );
     // Two SIGTERMs in a row: the drain runs to its end and the exit is clean.
@@ -43,4 +43,90 @@ async fn sighup_leaves_the_edge_serving_and_a_second_sigterm_still_drains() {
         .wait_exit(Duration::from_secs(20))
         .expect("the edge exits after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// A key added to `auth.verify_keys` takes effect on SIGHUP: a token it signed is refused
+/// before and accepted after, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_keys() {
+    let edge = Edge::start(1);
+    let pid = edge.pid().expect("running");
+    let bin = env!("CARGO_BIN_EXE_courier-edge");
+    let key = edge.dir.path().join("signing-7.key");
+    let keygen = Command::new(bin)
+        .args(["keygen", "--key-id", "7", "--out"])
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(keygen.status.success());
+    let printed = String::from_utf8_lossy(&keygen.stdout).into_owned();
+    let public = printed
+        .lines()
+        .find_map(|line| line.strip_prefix("public_key = "))
+        .expect("keygen prints the public key")
+        .to_string();
+    // A token issuer with the new key.
+    let issuer = edge.dir.path().join("issuer.toml");
+    std::fs::write(
+        &issuer,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[auth]\nsigning_key_path = \"{}\"\nsigning_key_id = 7\n",
+            edge.dir.path().join("issuer-data").display(),
+            key.display()
+        ),
+    )
+    .expect("issuer config");
+    let token = Command::new(bin)
+        .args(["token", "--user", "61", "--config"])
+        .arg(&issuer)
+        .output()
+        .expect("token");
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let hello = |token: &str| courier_protocol::Frame::Hello {
+        token: token.as_bytes().to_vec(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    };
+    let connector = edge.connector();
+    let mut before = courier_client::raw::RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("handshake");
+    before.write_frame(&hello(&token)).await.expect("hello");
+    assert!(
+        before.read_frame().await.is_err(),
+        "a token of an unknown key is refused"
+    );
+
+    let mut config = std::fs::read_to_string(&edge.config_path).expect("config");
+    config.push_str(&format!(
+        "\n[[auth.verify_keys]]\nid = 7\npublic_key = {public}\n"
+    ));
+    std::fs::write(&edge.config_path, config).expect("rewrite config");
+    signal(pid, "HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !edge
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .any(|line| line.contains("SIGHUP: reloaded"))
+    {
+        assert!(std::time::Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut after = courier_client::raw::RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("handshake");
+    after.write_frame(&hello(&token)).await.expect("hello");
+    let welcome = tokio::time::timeout(EVENT_TIMEOUT, after.read_frame())
+        .await
+        .expect("in time")
+        .expect("the new key is accepted after SIGHUP");
+    assert!(
+        matches!(welcome, courier_protocol::Frame::Welcome { .. }),
+        "{welcome:?}"
+    );
+    assert_eq!(edge.pid(), Some(pid), "no restart");
 }
