@@ -74,6 +74,12 @@ const TRANSMITS_PER_FLUSH_MAX: usize = 64;
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
 /// Pause before a failed store read is handed back (the session then reads again).
 const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Connection close and loss lines a shard logs at info per second (and at once); beyond, they
+/// are counted in the periodic summary instead.
+const CONNECTION_LOGS: courier_core::budget::Rate = courier_core::budget::Rate {
+    per_sec: 100,
+    burst: 1_000,
+};
 /// Pauses between attempts to reopen a store that failed a write, doubling up to the maximum.
 const STORE_RECOVERY_PAUSE_MIN: Duration = Duration::from_millis(500);
 const STORE_RECOVERY_PAUSE_MAX: Duration = Duration::from_secs(30);
@@ -217,6 +223,8 @@ pub struct Shard {
     draining: bool,
     /// The store failed a write and is being reopened (`store_refused`).
     store_recovering: bool,
+    /// Budget of connection close and loss log lines, so a connection flood is not a log flood.
+    connection_logs: courier_core::budget::TokenBucket,
     connections_closed: bool,
 }
 
@@ -233,6 +241,8 @@ struct ShardStats {
     handshakes_refused: u64,
     /// New connections asked to prove their address first (QUIC Retry).
     retries_sent: u64,
+    /// Connection close and loss lines not logged (over `CONNECTION_LOGS_PER_SEC`).
+    connection_logs_suppressed: u64,
 }
 
 /// The shard's UDP socket: glommio waits for readability, quinn-udp does the I/O.
@@ -403,6 +413,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         shutdown: setup.shutdown.clone(),
         draining: false,
         store_recovering: false,
+        connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
         connections_closed: false,
         config: setup.config.clone(),
     }));
@@ -846,14 +857,20 @@ impl Shard {
                     if c.generation != conn.generation {
                         continue;
                     }
-                    // Who and why, never a token or a body.
-                    info!(
-                        peer = %c.quic.remote_address(),
-                        user = %user.map_or_else(|| "-".to_string(), |u| u.to_string()),
-                        code = ?code,
-                        reason,
-                        "closing connection"
-                    );
+                    // Who and why, never a token or a body; at most `CONNECTION_LOGS`.
+                    let peer = c.quic.remote_address();
+                    if self.connection_log_allowed() {
+                        info!(
+                            peer = %peer,
+                            user = %user.map_or_else(|| "-".to_string(), |u| u.to_string()),
+                            code = ?code,
+                            reason,
+                            "closing connection"
+                        );
+                    }
+                    let Some(c) = self.conns.get_mut(&handle) else {
+                        continue;
+                    };
                     c.closing = true;
                     c.quic.close(
                         Instant::now(),
@@ -1092,7 +1109,9 @@ impl Shard {
                 Event::ConnectionLost { reason } => {
                     let conn_ref = self.conn_ref(handle, &conn);
                     // A connection this edge closed was logged when it closed it.
-                    if reason != quinn_proto::ConnectionError::LocallyClosed {
+                    if reason != quinn_proto::ConnectionError::LocallyClosed
+                        && self.connection_log_allowed()
+                    {
                         info!(
                         peer = %conn.quic.remote_address(),
                         user = %self
@@ -1324,6 +1343,8 @@ impl Shard {
             handshakes_refused = is.handshakes_refused - was.handshakes_refused,
             sends_shed = is.session.sends_shed - was.session.sends_shed,
             retries_sent = is.retries_sent - was.retries_sent,
+            connection_logs_suppressed =
+                is.connection_logs_suppressed - was.connection_logs_suppressed,
             "dropped or refused under overload or abuse since the last report (signals to \
              connections that do not read, sends to a full inbox queue or over a send budget, \
              mesh messages to a busy shard, connections without Hello or with an unfinished \
@@ -1526,6 +1547,18 @@ impl Shard {
         }
         self.arm_timer(handle, &mut conn);
         self.conns.insert(handle, conn);
+    }
+
+    /// Whether one more connection close or loss may be logged now; counts it if not.
+    fn connection_log_allowed(&mut self) -> bool {
+        let now_ms = monotonic_ms();
+        if self.connection_logs.has(CONNECTION_LOGS, 1, now_ms) {
+            self.connection_logs.take(CONNECTION_LOGS, 1);
+            true
+        } else {
+            self.stats.connection_logs_suppressed += 1;
+            false
+        }
     }
 
     /// The connection's handshake is over (done, or the connection is gone): it no longer
