@@ -512,12 +512,17 @@ impl<A: Authenticator> EdgeSession<A> {
             .is_some_and(|c| c.input_paused_until_ms.is_some() || c.input_paused_for_answer)
     }
 
-    /// The largest frame body the connection may send next: before `Hello`, only a `Hello`
-    /// fits, so an unauthenticated client cannot make the driver buffer a maximal frame.
-    pub fn frame_bytes_max(&self, conn: ConnRef) -> usize {
-        match self.conn(conn).map(|c| c.login) {
-            Some(Login::AwaitingHello) => courier_protocol::HELLO_FRAME_BYTES_MAX,
-            _ => courier_protocol::FRAME_BYTES_MAX,
+    /// What the driver may decode next from the connection, in one lookup per frame: `None`
+    /// while its input is paused ([`EdgeSession::input_paused`]), else the largest frame body
+    /// it may send. Before `Hello` only a `Hello` fits, so an unauthenticated client cannot
+    /// make the driver buffer a maximal frame.
+    pub fn frame_bytes_max(&self, conn: ConnRef) -> Option<usize> {
+        match self.conn(conn) {
+            Some(c) if c.input_paused_until_ms.is_some() || c.input_paused_for_answer => None,
+            Some(c) if c.login == Login::AwaitingHello => {
+                Some(courier_protocol::HELLO_FRAME_BYTES_MAX)
+            }
+            _ => Some(courier_protocol::FRAME_BYTES_MAX),
         }
     }
 
@@ -1340,7 +1345,7 @@ impl<A: Authenticator> EdgeSession<A> {
         };
         let login = std::mem::replace(&mut c.login, Login::Closing);
         self.forget_login(login);
-        if let Login::Registering { user } | Login::Active { user } = login {
+        if let Some(user) = login.user() {
             let home = self.home_of(user);
             self.route(home, ShardMessage::Unregister { user, conn });
         }

@@ -52,9 +52,23 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey, String> {
 
 /// The verifier for `config`: the signing key's public half plus `auth.verify_keys`.
 pub fn verifier(config: &Config, signing_key: &SigningKey) -> Result<TokenVerifier, String> {
-    let mut keys = std::collections::HashMap::new();
+    let mut keys = verify_keys(config)?;
     keys.insert(config.auth.signing_key_id, signing_key.verifying_key());
+    Ok(TokenVerifier::new(keys))
+}
+
+/// `auth.verify_keys`, parsed, with ids distinct from each other and from the signing key's.
+pub fn verify_keys(
+    config: &Config,
+) -> Result<std::collections::HashMap<u32, courier_protocol::token::VerifyingKey>, String> {
+    let mut keys = std::collections::HashMap::new();
     for extra in &config.auth.verify_keys {
+        if extra.id == config.auth.signing_key_id {
+            return Err(format!(
+                "auth.verify_keys: key id {} is used twice",
+                extra.id
+            ));
+        }
         let key = verifying_key_from_base64(&extra.public_key)
             .map_err(|e| format!("auth.verify_keys id {}: {e}", extra.id))?;
         if keys.insert(extra.id, key).is_some() {
@@ -64,7 +78,7 @@ pub fn verifier(config: &Config, signing_key: &SigningKey) -> Result<TokenVerifi
             ));
         }
     }
-    Ok(TokenVerifier::new(keys))
+    Ok(keys)
 }
 
 /// Writes a file readable by its owner only, creating its directory.
@@ -106,11 +120,6 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
     Ok(number.saturating_mul(scale))
 }
 
-/// Tokens one shard verified recently: a client that reconnects with the same token (a network
-/// change, a restart storm) skips the Ed25519 check, about 50 µs and a tenth of the edge's CPU
-/// while clients reconnect. Only tokens that verified are kept, at most `entries_max` (the
-/// oldest go first), and an entry counts only until the token's own expiry. The keys a process
-/// verifies with never change while it runs; whatever reloads them must clear this.
 /// The keys tokens are checked with, replaceable while the edge runs (SIGHUP reloads them).
 /// Shards hold the cell and drop their cache of verified tokens when its generation changes,
 /// so a token signed with a removed key stops working at its next login.
@@ -151,6 +160,11 @@ impl VerifierCell {
     }
 }
 
+/// Tokens one shard verified recently: a client that reconnects with the same token (a network
+/// change, a restart storm) skips the Ed25519 check, about 50 µs and a tenth of the edge's CPU
+/// while clients reconnect. Only tokens that verified are kept, at most `entries_max` (the
+/// oldest go first), and an entry counts only until the token's own expiry. When the keys are
+/// reloaded (`VerifierCell`), the shard clears it.
 #[derive(Debug)]
 pub struct VerifiedTokens {
     entries: std::collections::HashMap<Vec<u8>, Claims>,

@@ -9,7 +9,7 @@
 //! beyond what the machine has.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -27,12 +27,11 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// (or the container's memory limit) allows, in percent.
 const AUTO_CEILING_PERCENT: u64 = 75;
 
-/// Shared by the shards: whether to refuse new work, and the last resident size.
+/// Shared by the shards: whether to refuse new work.
 #[derive(Debug)]
 pub struct MemoryGuard {
     ceiling_bytes: u64,
     shedding: AtomicBool,
-    resident_bytes: AtomicU64,
 }
 
 impl MemoryGuard {
@@ -46,7 +45,6 @@ impl MemoryGuard {
         let guard = Arc::new(MemoryGuard {
             ceiling_bytes,
             shedding: AtomicBool::new(false),
-            resident_bytes: AtomicU64::new(resident_bytes().unwrap_or(0)),
         });
         info!(
             ceiling_mib = ceiling_bytes / (1024 * 1024),
@@ -64,14 +62,10 @@ impl MemoryGuard {
         self.shedding.load(Ordering::Relaxed)
     }
 
-    pub fn ceiling_bytes(&self) -> u64 {
-        self.ceiling_bytes
-    }
-
     fn run(&self) {
         let shed_above = self.ceiling_bytes / 100 * SHED_ABOVE_PERCENT;
         let resume_below = self.ceiling_bytes / 100 * RESUME_BELOW_PERCENT;
-        let mut trimmed_at_bytes = self.resident_bytes.load(Ordering::Relaxed);
+        let mut trimmed_at_bytes = resident_bytes().unwrap_or(0);
         let mut since_trim_check = Duration::ZERO;
         loop {
             std::thread::sleep(SAMPLE_INTERVAL);
@@ -102,11 +96,9 @@ impl MemoryGuard {
             if since_trim_check >= TRIM_INTERVAL {
                 since_trim_check = Duration::ZERO;
                 if resident > trimmed_at_bytes + TRIM_AFTER_GROWTH_BYTES || shedding {
-                    resident = trim().unwrap_or(resident);
-                    trimmed_at_bytes = resident;
+                    trimmed_at_bytes = trim().unwrap_or(resident);
                 }
             }
-            self.resident_bytes.store(resident, Ordering::Relaxed);
         }
     }
 }

@@ -268,7 +268,8 @@ fn reload(config_path: Option<&std::path::Path>, verifier: &auth::VerifierCell) 
     let reloaded = Config::load(path)
         .map_err(|e| e.to_string())
         .and_then(|config| {
-            let (key, _) = auth::load_or_create_signing_key(&config)?;
+            // Read only: a reload never generates a key.
+            let key = auth::read_signing_key(&auth::signing_key_path(&config))?;
             let keys = auth::verifier(&config, &key)?;
             crate::cli::set_log_filter(&config.log.filter)?;
             Ok((keys, config.auth.verify_keys.len()))
@@ -297,13 +298,9 @@ pub fn preflight(config: &Config) -> Result<(), String> {
         tls::load_identity(config)?;
     }
     if !config.auth.signing_key_path.as_os_str().is_empty() {
-        let key = auth::read_signing_key(&config.auth.signing_key_path)?;
-        auth::verifier(config, &key)?;
-    } else {
-        // The verify keys parse whatever the signing key turns out to be.
-        let placeholder = courier_protocol::token::SigningKey::from_bytes(&[7; 32]);
-        auth::verifier(config, &placeholder)?;
+        auth::read_signing_key(&config.auth.signing_key_path)?;
     }
+    auth::verify_keys(config)?;
     check_writable(&config.server.data_dir)?;
     crate::stores::check_layout(&config.server.data_dir, config.shard_count())
 }

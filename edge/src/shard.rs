@@ -272,6 +272,21 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
     }
 }
 
+/// Whether one more connection close or loss may be logged now; counts it if not. A function
+/// of the two fields, not of the shard, so it can run while a connection is borrowed.
+fn connection_log_allowed(
+    budget: &mut courier_core::budget::TokenBucket,
+    stats: &mut ShardStats,
+) -> bool {
+    if budget.has(CONNECTION_LOGS, 1, monotonic_ms()) {
+        budget.take(CONNECTION_LOGS, 1);
+        true
+    } else {
+        stats.connection_logs_suppressed += 1;
+        false
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -858,19 +873,15 @@ impl Shard {
                         continue;
                     }
                     // Who and why, never a token or a body; at most `CONNECTION_LOGS`.
-                    let peer = c.quic.remote_address();
-                    if self.connection_log_allowed() {
+                    if connection_log_allowed(&mut self.connection_logs, &mut self.stats) {
                         info!(
-                            peer = %peer,
+                            peer = %c.quic.remote_address(),
                             user = %user.map_or_else(|| "-".to_string(), |u| u.to_string()),
                             code = ?code,
                             reason,
                             "closing connection"
                         );
                     }
-                    let Some(c) = self.conns.get_mut(&handle) else {
-                        continue;
-                    };
                     c.closing = true;
                     c.quic.close(
                         Instant::now(),
@@ -1110,7 +1121,7 @@ impl Shard {
                     let conn_ref = self.conn_ref(handle, &conn);
                     // A connection this edge closed was logged when it closed it.
                     if reason != quinn_proto::ConnectionError::LocallyClosed
-                        && self.connection_log_allowed()
+                        && connection_log_allowed(&mut self.connection_logs, &mut self.stats)
                     {
                         info!(
                         peer = %conn.quic.remote_address(),
@@ -1250,12 +1261,12 @@ impl Shard {
                 }
                 break;
             }
-            if self.session.input_paused(conn_ref) {
-                // Over its send budget: the rest waits, and QUIC flow control slows the client.
+            let Some(frame_bytes_max) = self.session.frame_bytes_max(conn_ref) else {
+                // Input paused (over its send budget, or at its in-flight limit): the rest
+                // waits, and QUIC flow control slows the client.
                 break;
-            }
+            };
             let pending = &conn.inbuf[consumed_total..];
-            let frame_bytes_max = self.session.frame_bytes_max(conn_ref);
             if let Ok(Some(length_bytes)) = courier_protocol::peek_length(pending)
                 && length_bytes > frame_bytes_max
             {
@@ -1547,18 +1558,6 @@ impl Shard {
         }
         self.arm_timer(handle, &mut conn);
         self.conns.insert(handle, conn);
-    }
-
-    /// Whether one more connection close or loss may be logged now; counts it if not.
-    fn connection_log_allowed(&mut self) -> bool {
-        let now_ms = monotonic_ms();
-        if self.connection_logs.has(CONNECTION_LOGS, 1, now_ms) {
-            self.connection_logs.take(CONNECTION_LOGS, 1);
-            true
-        } else {
-            self.stats.connection_logs_suppressed += 1;
-            false
-        }
     }
 
     /// The connection's handshake is over (done, or the connection is gone): it no longer

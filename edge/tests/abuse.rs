@@ -14,6 +14,22 @@ use courier_protocol::{ErrorCode, Frame};
 /// How long a test waits for the edge to act on a deadline of a few hundred ms.
 const DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
+/// `sends` Send frames to `to`, client ids 1 to `sends`, back to back: what a pipelining
+/// client writes at once.
+fn send_burst(sends: u64, to: u64, body: &[u8]) -> Vec<u8> {
+    let mut burst = Vec::new();
+    for client_id in 1..=sends {
+        let frame = Frame::Send {
+            client_id,
+            to,
+            body: body.to_vec(),
+            ttl_secs: None,
+        };
+        burst.extend(courier_protocol::encode_to_vec(&frame).expect("encode"));
+    }
+    burst
+}
+
 async fn closed_code(raw: &RawConnection) -> Option<ErrorCode> {
     let error = tokio::time::timeout(DEADLINE_GRACE, raw.closed())
         .await
@@ -98,18 +114,7 @@ async fn a_sender_over_its_budget_is_refused_then_slowed_and_others_still_send()
     let connector = edge.connector();
     let mut flooder = edge.raw_session(&connector, 8, 0).await;
     let sends = 30u64;
-    let mut burst = Vec::new();
-    for client_id in 1..=sends {
-        burst.extend(
-            courier_protocol::encode_to_vec(&Frame::Send {
-                client_id,
-                to: 9,
-                body: b"flood".to_vec(),
-                ttl_secs: None,
-            })
-            .expect("encode"),
-        );
-    }
+    let burst = send_burst(sends, 9, b"flood");
     flooder.write_bytes(&burst).await.expect("flood");
     let (mut acked, mut refused) = (0u64, 0u64);
     // Two seconds of answers: the burst of 5, a refusal, then about one send per second.
@@ -150,18 +155,7 @@ async fn a_pipelining_client_is_held_back_at_its_in_flight_limit() {
     let connector = edge.connector();
     let mut pipeliner = edge.raw_session(&connector, 14, 0).await;
     let sends = 200u64;
-    let mut burst = Vec::new();
-    for client_id in 1..=sends {
-        burst.extend(
-            courier_protocol::encode_to_vec(&Frame::Send {
-                client_id,
-                to: 15,
-                body: vec![1; 100],
-                ttl_secs: None,
-            })
-            .expect("encode"),
-        );
-    }
+    let burst = send_burst(sends, 15, &[1; 100]);
     pipeliner.write_bytes(&burst).await.expect("pipeline");
     let (mut acked, mut too_many) = (0u64, 0u64);
     while acked + too_many < sends {

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{EVENT_TIMEOUT, Edge};
+use courier_client::raw::RawConnection;
 use courier_protocol::{ErrorCode, Frame};
 
 /// A tmpfs mounted for the test, unmounted when it ends.
@@ -45,13 +46,19 @@ impl Drop for Tmpfs {
     }
 }
 
-fn send(client_id: u64, to: u64) -> Frame {
-    Frame::Send {
+/// Sends a 60 KiB message to user 22 under `client_id` and returns the edge's answer.
+async fn send_and_answer(sender: &mut RawConnection, client_id: u64) -> Frame {
+    let send = Frame::Send {
         client_id,
-        to,
+        to: 22,
         body: vec![7; 60 * 1024],
         ttl_secs: None,
-    }
+    };
+    sender.write_frame(&send).await.expect("send");
+    tokio::time::timeout(EVENT_TIMEOUT, sender.read_frame())
+        .await
+        .expect("answer in time")
+        .expect("open")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,15 +94,7 @@ async fn a_full_disk_refuses_sends_as_retryable_and_the_edge_recovers_by_itself(
     let refused_at = loop {
         client_id += 1;
         assert!(client_id < 2_000, "the store never refused on a full disk");
-        sender
-            .write_frame(&send(client_id, 22))
-            .await
-            .expect("send");
-        let answer = tokio::time::timeout(EVENT_TIMEOUT, sender.read_frame())
-            .await
-            .expect("answer in time")
-            .expect("open");
-        match answer {
+        match send_and_answer(&mut sender, client_id).await {
             Frame::SendAck { .. } => continue,
             Frame::SendError {
                 code: ErrorCode::StoreUnavailable,
@@ -110,15 +109,7 @@ async fn a_full_disk_refuses_sends_as_retryable_and_the_edge_recovers_by_itself(
     std::fs::remove_file(&filler).expect("remove filler");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        sender
-            .write_frame(&send(refused_at, 22))
-            .await
-            .expect("retry");
-        let answer = tokio::time::timeout(EVENT_TIMEOUT, sender.read_frame())
-            .await
-            .expect("answer in time")
-            .expect("open");
-        match answer {
+        match send_and_answer(&mut sender, refused_at).await {
             Frame::SendAck { .. } => break,
             Frame::SendError {
                 code: ErrorCode::StoreUnavailable,
