@@ -10,7 +10,7 @@
 //! With `--writers N`, N threads commit at once, each to its own store, as N shards of an edge
 //! do (each shard owns an embedded store and a writer thread).
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--raw]`
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
@@ -23,7 +23,8 @@ use courier_core::store::{Store, Transaction};
 use courier_core::{CoreConfig, keys};
 
 const BODY_BYTES: usize = 200;
-const INBOXES: u64 = 100_000;
+/// Users messages go between, unless `--inboxes` says otherwise.
+const INBOXES_DEFAULT: u64 = 100_000;
 
 fn main() {
     let mut seconds = 5.0f64;
@@ -31,6 +32,7 @@ fn main() {
     let mut batch_sizes = vec![1usize, 10, 100, 1000];
     let mut writers = 1usize;
     let mut raw = false;
+    let mut inboxes = INBOXES_DEFAULT;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -42,6 +44,13 @@ fn main() {
             }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
+            "--inboxes" => {
+                inboxes = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n > 0)
+                    .expect("--inboxes N (at least 1)")
+            }
             "--writers" => {
                 writers = args
                     .next()
@@ -55,7 +64,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw]"
                 );
                 std::process::exit(2);
             }
@@ -82,7 +91,8 @@ fn main() {
                     scope.spawn(move || {
                         let _ = std::fs::remove_dir_all(&run_dir);
                         std::fs::create_dir_all(&run_dir).expect("create bench dir");
-                        let result = run(&run_dir, batch_size, writer as u64, duration, raw);
+                        let result =
+                            run(&run_dir, batch_size, writer as u64, duration, raw, inboxes);
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
                     })
@@ -120,6 +130,7 @@ fn run(
     writer: u64,
     duration: Duration,
     raw: bool,
+    inboxes: u64,
 ) -> RunResult {
     let store = FjallStore::open(dir, &FjallOptions::default()).expect("open store");
     let config = CoreConfig {
@@ -138,9 +149,9 @@ fn run(
             .map(|_| {
                 client_id += 1;
                 Request::Send(SendRequest {
-                    sender: 1 + rng.below(INBOXES),
+                    sender: 1 + rng.below(inboxes),
                     client_id,
-                    to: 1 + rng.below(INBOXES),
+                    to: 1 + rng.below(inboxes),
                     body: vec![0x5A; BODY_BYTES],
                     ttl_secs: None,
                 })

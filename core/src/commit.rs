@@ -6,8 +6,13 @@
 //! head); each ack moves a device's cursor, and an inbox's messages are deleted up to the
 //! lowest cursor of its devices. [`read_inbox`] serves sync, and [`expire`] deletes undelivered
 //! messages after their retention and dedupe records after their window.
+//!
+//! An inbox that expiry emptied is forgotten ([`Request::Forget`]): its counter is deleted and
+//! the shard's seq floor (`keys::floor`) raised to its last seq. An inbox without a counter
+//! continues from the floor, so a seq is never used twice in an inbox, and a sender who
+//! addresses a million ids that never log in leaves no record once their messages expire.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::envelope::{self, StoredMessage};
 use crate::keys;
@@ -31,6 +36,11 @@ pub enum Request {
         inbox: UserId,
         device: u32,
         up_to_seq: u64,
+    },
+    /// Expiry found `inbox` empty: if it still holds no message, delete its counter and raise
+    /// the shard's seq floor to its last seq (decision 0011).
+    Forget {
+        inbox: UserId,
     },
 }
 
@@ -64,6 +74,7 @@ pub enum Outcome {
         first_seq: u64,
     },
     Acked,
+    Forgotten,
     /// Not stored: the recipient has never logged in, and `recipients_must_exist` is set.
     UnknownRecipient,
 }
@@ -89,21 +100,34 @@ struct InboxFacts {
     last_seqs: HashMap<UserId, u64>,
     /// Every message up to this seq is deleted.
     acked_up_to: HashMap<UserId, u64>,
+    /// Expiry index entries (bucket, inbox) already written: an inbox's entry is written once
+    /// per bucket, not once per batch.
+    expiry_written: HashSet<(u64, UserId)>,
+    /// Inboxes this batch forgot (only in what a batch learned).
+    forgotten: Vec<UserId>,
 }
 
 impl InboxFacts {
     fn len(&self) -> usize {
-        self.last_seqs.len() + self.acked_up_to.len()
+        self.last_seqs.len() + self.acked_up_to.len() + self.expiry_written.len()
     }
 
     fn clear(&mut self) {
         self.last_seqs.clear();
         self.acked_up_to.clear();
+        self.expiry_written.clear();
     }
 
     fn extend(&mut self, learned: InboxFacts) {
+        for inbox in &learned.forgotten {
+            if !learned.last_seqs.contains_key(inbox) {
+                self.last_seqs.remove(inbox);
+            }
+            self.acked_up_to.remove(inbox);
+        }
         self.last_seqs.extend(learned.last_seqs);
         self.acked_up_to.extend(learned.acked_up_to);
+        self.expiry_written.extend(learned.expiry_written);
     }
 }
 
@@ -210,12 +234,10 @@ fn write_batch<T: Transaction>(
     known: &InboxFacts,
     learned: &mut InboxFacts,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let last_seqs = &mut learned.last_seqs;
     let dedupe_bucket = now / config.dedupe_window_ms;
     // New cursors of the devices this batch links or acks.
     let mut devices: BTreeMap<(UserId, u32), u64> = BTreeMap::new();
-    // Highest seq per (expiry bucket, inbox) of this batch; written once at the end.
-    let mut expiry_seqs: HashMap<(u64, UserId), u64> = HashMap::new();
+    let mut seqs = SeqSource::default();
     let mut outcomes = Vec::with_capacity(requests.len());
     for request in requests {
         let outcome = match request {
@@ -223,7 +245,7 @@ fn write_batch<T: Transaction>(
                 if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
                     found
                 } else if config.recipients_must_exist
-                    && !last_seqs.contains_key(&send.to)
+                    && !learned.last_seqs.contains_key(&send.to)
                     && !known.last_seqs.contains_key(&send.to)
                     && !has_device(txn, send.to)?
                 {
@@ -231,14 +253,14 @@ fn write_batch<T: Transaction>(
                     // send to anyone else creates nothing.
                     Outcome::UnknownRecipient
                 } else {
-                    let last = last_seq_of(txn, send.to, last_seqs, known)?;
+                    let last = seqs.last_seq_of(txn, send.to, learned, known)?;
                     let seq = last.checked_add(1).ok_or_else(|| {
                         StoreError::Corrupt(format!(
                             "inbox {} has used every sequence number",
                             send.to
                         ))
                     })?;
-                    last_seqs.insert(send.to, seq);
+                    learned.last_seqs.insert(send.to, seq);
                     let ttl_ms = send
                         .ttl_secs
                         .map_or(config.retention_ms, |ttl| u64::from(ttl) * 1000);
@@ -255,7 +277,12 @@ fn write_batch<T: Transaction>(
                         &keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id),
                         &record,
                     );
-                    expiry_seqs.insert((expire_at_ms / config.expiry_bucket_ms, send.to), seq);
+                    let expiry = (expire_at_ms / config.expiry_bucket_ms, send.to);
+                    if !known.expiry_written.contains(&expiry)
+                        && learned.expiry_written.insert(expiry)
+                    {
+                        txn.set(&keys::expiry(expiry.0, expiry.1), &[]);
+                    }
                     Outcome::Stored {
                         seq,
                         server_time_ms: now,
@@ -269,7 +296,7 @@ fn write_batch<T: Transaction>(
                 device,
                 acked_up_to,
             } => {
-                let last = last_seq_of(txn, *inbox, last_seqs, known)?;
+                let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 let cursor = match device_cursor(txn, &devices, *inbox, *device)? {
                     // The inbox's first device gets everything stored; a device added to an
                     // inbox that has others starts at the head (it gets what is sent after it
@@ -303,10 +330,22 @@ fn write_batch<T: Transaction>(
             } => {
                 // A cursor never passes the inbox's head, so a hostile ack cannot delete
                 // messages that are not written yet.
-                let last = last_seq_of(txn, *inbox, last_seqs, known)?;
+                let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 let cursor = device_cursor(txn, &devices, *inbox, *device)?.unwrap_or(0);
                 devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
                 Outcome::Acked
+            }
+            Request::Forget { inbox } => {
+                // Expiry saw the inbox empty; a send may have come since.
+                txn.clear(&keys::emptied(*inbox));
+                let (start, end) = (keys::message(*inbox, 0), keys::message(*inbox, u64::MAX));
+                if txn.get_range(&start, &end, 1)?.is_empty() {
+                    let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
+                    seqs.forget(txn, *inbox, last)?;
+                    learned.last_seqs.remove(inbox);
+                    learned.forgotten.push(*inbox);
+                }
+                Outcome::Forgotten
             }
         };
         outcomes.push(outcome);
@@ -360,14 +399,74 @@ fn write_batch<T: Transaction>(
     for (inbox, last) in learned.last_seqs.iter() {
         txn.set(&keys::counter(*inbox), &last.to_le_bytes());
     }
+    if let Some(floor) = seqs.floor_raised_to {
+        txn.atomic_max(&keys::floor(), floor);
+    }
     // The server time high-water mark: after a restart, time never runs back behind it.
     txn.atomic_max(&keys::clock(), now);
-    // A plain set acts as a max: sequence numbers only grow, so this batch's seq is above any
-    // earlier one in the bucket. Unlike an atomic max, the embedded store needs no read for it.
-    for ((bucket, inbox), seq) in expiry_seqs {
-        txn.set(&keys::expiry(bucket, inbox), &seq.to_le_bytes());
-    }
     Ok(outcomes)
+}
+
+/// Where a batch gets an inbox's last seq: the batch itself, the committer's cache, the
+/// inbox's counter, or — for an inbox without a counter — the shard's seq floor.
+#[derive(Debug, Default)]
+struct SeqSource {
+    /// The floor as this batch sees it, read at most once.
+    floor: Option<u64>,
+    /// The floor this batch raised by forgetting inboxes; written once at the end.
+    floor_raised_to: Option<u64>,
+    /// Forgotten by this batch: the cache's last seq no longer applies.
+    forgotten: HashSet<UserId>,
+}
+
+impl SeqSource {
+    fn last_seq_of<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        inbox: UserId,
+        batch: &InboxFacts,
+        known: &InboxFacts,
+    ) -> Result<u64, StoreError> {
+        if let Some(last) = batch.last_seqs.get(&inbox) {
+            return Ok(*last);
+        }
+        if !self.forgotten.contains(&inbox)
+            && let Some(last) = known.last_seqs.get(&inbox)
+        {
+            return Ok(*last);
+        }
+        match read_counter(txn, inbox)? {
+            Some(last) => Ok(last),
+            None => self.floor(txn),
+        }
+    }
+
+    fn floor<T: Transaction>(&mut self, txn: &mut T) -> Result<u64, StoreError> {
+        if let Some(floor) = self.floor {
+            return Ok(floor);
+        }
+        let floor = read_floor(txn)?;
+        self.floor = Some(floor);
+        Ok(floor)
+    }
+
+    /// Deletes `inbox`'s counter and raises the floor to its `last` seq, so the next seq of
+    /// the inbox is above every seq it ever had.
+    fn forget<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        inbox: UserId,
+        last: u64,
+    ) -> Result<(), StoreError> {
+        txn.clear(&keys::counter(inbox));
+        let floor = self.floor(txn)?;
+        if last > floor {
+            self.floor = Some(last);
+            self.floor_raised_to = Some(last);
+        }
+        self.forgotten.insert(inbox);
+        Ok(())
+    }
 }
 
 /// Looks for an earlier commit of the same (sender, client id) in the current and previous
@@ -405,19 +504,6 @@ fn find_dedupe<T: Transaction>(
 
 /// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
 const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
-
-/// The inbox's last seq: from this batch, the cache, or the store.
-fn last_seq_of<T: Transaction>(
-    txn: &mut T,
-    inbox: UserId,
-    batch: &HashMap<UserId, u64>,
-    known: &InboxFacts,
-) -> Result<u64, StoreError> {
-    match batch.get(&inbox).or_else(|| known.last_seqs.get(&inbox)) {
-        Some(last) => Ok(*last),
-        None => read_counter(txn, inbox),
-    }
-}
 
 /// A device's cursor: as this batch left it, or as stored; `None` for a device new to the inbox.
 fn device_cursor<T: Transaction>(
@@ -483,15 +569,31 @@ fn decode_device(value: &[u8]) -> Result<(u64, UnixMillis), StoreError> {
     }
 }
 
-fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, StoreError> {
+fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<Option<u64>, StoreError> {
     match txn.get(&keys::counter(inbox))? {
-        None => Ok(0),
-        Some(value) => keys::le_u64(&value).ok_or_else(|| {
+        None => Ok(None),
+        Some(value) => keys::le_u64(&value).map(Some).ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "counter of inbox {inbox} has {} bytes",
                 value.len()
             ))
         }),
+    }
+}
+
+fn read_floor<T: Transaction>(txn: &mut T) -> Result<u64, StoreError> {
+    match txn.get(&keys::floor())? {
+        None => Ok(0),
+        Some(value) => keys::le_u64(&value)
+            .ok_or_else(|| StoreError::Corrupt(format!("seq floor of {} bytes", value.len()))),
+    }
+}
+
+/// The inbox's last seq as stored: its counter, or the shard's floor when it has none.
+fn read_last_seq<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, StoreError> {
+    match read_counter(txn, inbox)? {
+        Some(last) => Ok(last),
+        None => read_floor(txn),
     }
 }
 
@@ -505,10 +607,17 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
     }
 }
 
-/// The last sequence number assigned in `inbox` (0 when none was).
+/// The last sequence number of `inbox`: the last one assigned, or for an inbox without a
+/// counter (never written to, or forgotten) the shard's floor, above every seq it ever had.
 pub fn last_seq<S: Store>(store: &S, inbox: UserId) -> Result<u64, StoreError> {
     let mut txn = store.begin()?;
-    read_counter(&mut txn, inbox)
+    read_last_seq(&mut txn, inbox)
+}
+
+/// Whether `inbox` has a counter record (something was sent to it and it was not forgotten).
+pub fn has_counter<S: Store>(store: &S, inbox: UserId) -> Result<bool, StoreError> {
+    let mut txn = store.begin_read()?;
+    Ok(read_counter(&mut txn, inbox)?.is_some())
 }
 
 /// One page of an inbox for a device whose cursor is at some `after_seq`.
@@ -554,12 +663,12 @@ pub fn read_inbox<S: Store>(
         }
     }
     // A full page covers what it scanned. A short one saw every stored message, so it covers
-    // the inbox up to its counter, read in the same transaction: a seq at or below the counter
-    // is committed, so if it is not stored it was deleted.
+    // the inbox up to its counter (or the floor), read in the same transaction: a seq at or
+    // below it is committed or will never be used, so if it is not stored it is gone.
     let covered_up_to = if more {
         last_scanned
     } else {
-        read_counter(&mut txn, inbox)?.max(last_scanned)
+        read_last_seq(&mut txn, inbox)?.max(last_scanned)
     };
     Ok(InboxPage {
         messages,
@@ -569,10 +678,15 @@ pub fn read_inbox<S: Store>(
 }
 
 /// What one [`expire`] pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExpireReport {
     pub messages_deleted: u64,
     pub index_entries_cleared: u64,
+    /// Inboxes expiry left without a message (this pass or an earlier one) that are not yet
+    /// forgotten: hand each to its home shard as a [`Request::Forget`], so the counter goes
+    /// too. Each stays listed (a `g` record) until its forget commits, so a crash in between
+    /// loses none. At most `expire_scan_keys_max / 2`.
+    pub emptied: Vec<UserId>,
     /// The scan budget ran out; call again.
     pub more: bool,
 }
@@ -624,9 +738,8 @@ fn write_expiry<T: Transaction>(
     )?;
     report.more = entries.len() == entries_max;
     budget -= entries.len();
-    for (key, value) in entries {
-        let (Some((_, inbox)), Some(max_seq)) = (keys::parse_expiry(&key), keys::le_u64(&value))
-        else {
+    for (key, _) in entries {
+        let Some((bucket, inbox)) = keys::parse_expiry(&key) else {
             return Err(StoreError::Corrupt(
                 "expiry index entry of unexpected shape".into(),
             ));
@@ -635,28 +748,59 @@ fn write_expiry<T: Transaction>(
             report.more = true;
             break;
         }
+        // A message expiring in `bucket` was stored before the bucket ended, and seqs follow
+        // commit time, so the scan ends at the first message stored after it. (The entry is
+        // written once per inbox and bucket, so it cannot name the bucket's highest seq.)
+        let bucket_end_ms = bucket
+            .saturating_add(1)
+            .saturating_mul(config.expiry_bucket_ms);
         let messages = txn.get_range(
             &keys::message(inbox, 0),
-            &keys::message(inbox, max_seq.saturating_add(1)),
+            &keys::message(inbox, u64::MAX),
             budget,
         )?;
-        let complete = messages.len() < budget;
-        budget -= messages.len();
+        let scanned_all = messages.len() < budget;
+        let mut complete = scanned_all;
+        let mut kept = false;
+        let mut read = 0;
         for (message_key, message_value) in messages {
-            let expire_at_ms = envelope::expire_at_ms(&message_value).ok_or_else(|| {
-                StoreError::Corrupt(format!("message of inbox {inbox} has no header"))
-            })?;
+            read += 1;
+            let (Some(sent_at_ms), Some(expire_at_ms)) = (
+                envelope::sent_at_ms(&message_value),
+                envelope::expire_at_ms(&message_value),
+            ) else {
+                return Err(StoreError::Corrupt(format!(
+                    "message of inbox {inbox} has no header"
+                )));
+            };
+            if sent_at_ms >= bucket_end_ms {
+                kept = true;
+                complete = true;
+                break;
+            }
             if expire_at_ms <= now {
                 txn.clear(&message_key);
                 report.messages_deleted += 1;
+            } else {
+                kept = true;
             }
         }
+        budget -= read;
         if !complete {
             report.more = true;
             break;
         }
         txn.clear(&key);
         report.index_entries_cleared += 1;
+        if scanned_all && !kept {
+            txn.set(&keys::emptied(inbox), &[]);
+        }
+    }
+    let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
+    for (key, _) in txn.get_range(&start, &end, entries_max)? {
+        let inbox = keys::parse_emptied(&key)
+            .ok_or_else(|| StoreError::Corrupt("emptied-inbox key of unexpected shape".into()))?;
+        report.emptied.push(inbox);
     }
     Ok(report)
 }

@@ -54,6 +54,11 @@ pub fn decode(inbox: UserId, seq: u64, value: &[u8]) -> Option<StoredMessage> {
     })
 }
 
+/// Reads only the commit time of a stored value, for the expiry scan.
+pub fn sent_at_ms(value: &[u8]) -> Option<UnixMillis> {
+    Some(u64::from_le_bytes(value.get(9..17)?.try_into().ok()?))
+}
+
 /// Reads only the expiry time of a stored value, for the expiry scan.
 pub fn expire_at_ms(value: &[u8]) -> Option<UnixMillis> {
     Some(u64::from_le_bytes(value.get(17..25)?.try_into().ok()?))
@@ -70,6 +75,7 @@ mod tests {
         assert_eq!(message.from, 5);
         assert_eq!(message.body, b"hello");
         assert_eq!(expire_at_ms(&value), Some(2000));
+        assert_eq!(sent_at_ms(&value), Some(1000));
         assert_eq!(decode(9, 3, &value[..HEADER_BYTES - 1]), None);
         let mut future = value.clone();
         future[0] = 2;

@@ -5,9 +5,11 @@
 //! | key | value | what |
 //! |---|---|---|
 //! | `q` inbox seq | [`crate::envelope`] | a stored message |
-//! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes) |
+//! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes, deleted when expiry empties the inbox) |
+//! | `f` | highest last seq of a forgotten inbox, u64 LE (atomic max) | the seq floor: an inbox without a counter continues above it |
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
-//! | `e` bucket inbox | highest seq, u64 LE | expiry index: inbox has messages expiring in bucket |
+//! | `e` bucket inbox | empty (older stores: a seq, ignored) | expiry index: inbox has messages expiring in bucket |
+//! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
 //! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
@@ -24,6 +26,24 @@ pub const TAG_EXPIRY: u8 = b'e';
 pub const TAG_OWNER: u8 = b'o';
 pub const TAG_DEVICE: u8 = b'v';
 pub const TAG_CLOCK: u8 = b't';
+pub const TAG_FLOOR: u8 = b'f';
+pub const TAG_EMPTIED: u8 = b'g';
+
+/// `g/{inbox}`
+pub fn emptied(inbox: UserId) -> [u8; 9] {
+    tagged_u64(TAG_EMPTIED, inbox)
+}
+
+/// The inbox of an emptied-inbox key.
+pub fn parse_emptied(key: &[u8]) -> Option<UserId> {
+    let key: &[u8; 9] = key.try_into().ok()?;
+    (key[0] == TAG_EMPTIED).then(|| be_u64(&key[1..9]))
+}
+
+/// `f`: the seq floor of the store's inboxes (`crate::commit`).
+pub fn floor() -> [u8; 1] {
+    [TAG_FLOOR]
+}
 
 /// `t`: the highest time any commit used (`crate::clock`).
 pub fn clock() -> [u8; 1] {

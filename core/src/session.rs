@@ -667,6 +667,15 @@ impl<A: Authenticator> EdgeSession<A> {
         self.inbox.poll_batch(now_ms)
     }
 
+    /// Expiry left these inboxes of this shard without a message: forget them with a later
+    /// batch (their counters go; decision 0011). Returns how many the queue had no room for.
+    pub fn handle_emptied(&mut self, inboxes: &[UserId], now_ms: UnixMillis) -> usize {
+        inboxes
+            .iter()
+            .filter(|inbox| !self.inbox.handle_emptied(**inbox, now_ms))
+            .count()
+    }
+
     /// When `poll_batch` has a batch of waiting acks even if nothing else arrives: the driver
     /// calls it again then (`InboxShard::batch_deadline_ms`).
     pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {

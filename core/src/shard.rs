@@ -15,7 +15,7 @@
 //!
 //! Call order: `handle_send`/`handle_ack`* → `poll_batch` → (commit) → `handle_commit` → …
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use courier_protocol::ErrorCode;
 
@@ -25,7 +25,7 @@ use crate::store::StoreError;
 use crate::{CoreConfig, UnixMillis, UserId};
 
 /// Requests taken from the queue to be committed together: first the sends, then the links,
-/// then the acks. `tags` has one entry per send and per link, in order: whatever the runtime
+/// then the acks, then the forgets. `tags` has one entry per send and per link, in order: whatever the runtime
 /// needs to route the answer (a connection handle, a reply channel).
 #[derive(Debug)]
 pub struct Batch<T> {
@@ -85,7 +85,10 @@ pub struct InboxShard<T> {
     links: VecDeque<((UserId, u32, u64), T)>,
     /// Highest ack per inbox and device, not yet committed.
     acks: BTreeMap<(UserId, u32), u64>,
-    /// When the oldest ack in `acks` arrived; acks alone make a batch `ack_delay_ms` later.
+    /// Inboxes expiry emptied, to be forgotten (`Request::Forget`); at most
+    /// `queue_requests_max`.
+    forgets: BTreeSet<UserId>,
+    /// When the oldest ack (or forget) arrived; they alone make a batch `ack_delay_ms` later.
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
     batch_in_flight: bool,
@@ -109,6 +112,7 @@ impl<T> InboxShard<T> {
             queued_by_sender: HashMap::new(),
             links: VecDeque::new(),
             acks: BTreeMap::new(),
+            forgets: BTreeSet::new(),
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
             batch_in_flight: false,
@@ -128,9 +132,9 @@ impl<T> InboxShard<T> {
             .map(|since| since.saturating_add(self.ack_delay_ms))
     }
 
-    /// Sends, links and acks waiting for a batch.
+    /// Sends, links, acks and forgets waiting for a batch.
     pub fn queued_requests(&self) -> usize {
-        self.queue.len() + self.links.len() + self.acks.len()
+        self.queue.len() + self.links.len() + self.acks.len() + self.forgets.len()
     }
 
     pub fn batch_in_flight(&self) -> bool {
@@ -220,6 +224,18 @@ impl<T> InboxShard<T> {
         self.acks_waiting_since_ms.get_or_insert(now_ms);
     }
 
+    /// Queues `inbox`, which expiry found empty, to be forgotten with a later batch (its
+    /// counter deleted, decision 0011). Returns false when `queue_requests_max` wait already:
+    /// then the counter stays, which costs a record and nothing else.
+    pub fn handle_emptied(&mut self, inbox: UserId, now_ms: UnixMillis) -> bool {
+        if self.forgets.len() >= self.queue_requests_max && !self.forgets.contains(&inbox) {
+            return false;
+        }
+        self.forgets.insert(inbox);
+        self.acks_waiting_since_ms.get_or_insert(now_ms);
+        true
+    }
+
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
     /// while a batch is in flight, when nothing is queued, or when only acks wait and the
     /// oldest has waited less than `ack_commit_delay_ms` (see `batch_deadline_ms`) and they do
@@ -230,7 +246,7 @@ impl<T> InboxShard<T> {
         }
         let acks_only = self.queue.is_empty() && self.links.is_empty();
         if acks_only
-            && self.acks.len() < self.batch_requests_max
+            && self.acks.len() + self.forgets.len() < self.batch_requests_max
             && self
                 .acks_waiting_since_ms
                 .is_some_and(|since| now_ms < since.saturating_add(self.ack_delay_ms))
@@ -288,7 +304,14 @@ impl<T> InboxShard<T> {
                 up_to_seq,
             });
         }
-        if self.acks.is_empty() {
+        while device_updates < self.batch_requests_max {
+            let Some(inbox) = self.forgets.pop_first() else {
+                break;
+            };
+            device_updates += 1;
+            batch.requests.push(Request::Forget { inbox });
+        }
+        if self.acks.is_empty() && self.forgets.is_empty() {
             self.acks_waiting_since_ms = None;
         }
         self.batch_in_flight = true;
@@ -357,6 +380,7 @@ impl<T> InboxShard<T> {
                             });
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}
+                        (Request::Forget { .. }, Outcome::Forgotten) => {}
                         (Request::Send(send), Outcome::UnknownRecipient) => {
                             outputs.push(Output::SendError {
                                 tag: tags.next().expect("one tag per send"),
@@ -399,9 +423,12 @@ impl<T> InboxShard<T> {
                             let merged = self.acks.entry((inbox, device)).or_insert(up_to_seq);
                             *merged = (*merged).max(up_to_seq);
                         }
+                        Request::Forget { inbox } => {
+                            self.forgets.insert(inbox);
+                        }
                     }
                 }
-                if !self.acks.is_empty() {
+                if !self.acks.is_empty() || !self.forgets.is_empty() {
                     // Retried with the next batch, without waiting again.
                     self.acks_waiting_since_ms = Some(0);
                 }

@@ -24,7 +24,7 @@
 //! does not converge names the devices behind and their edge-side state; `SIM_TRACE_USER=<id>`
 //! with `SIM_SEED` prints that user's frames and the mesh messages that name it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use courier_core::budget::{Rate, SendBudget};
@@ -137,6 +137,10 @@ fn simulation_over_many_seeds() {
             total.slow_commits > 0 && total.sends_store_slow > 0 && total.store_reopens > 0,
             "no slow commit tripped the breaker, or no poisoned store was reopened: {total:?}"
         );
+        assert!(
+            total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
+            "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
+        );
     }
 }
 
@@ -180,6 +184,10 @@ struct Stats {
     sends_store_slow: u64,
     /// Poisoned stores reopened in place (without a process crash).
     store_reopens: u64,
+    /// Inboxes expiry emptied and handed to their home shard to be forgotten.
+    inboxes_emptied: u64,
+    /// Sends to a forgotten inbox, which continued from the seq floor.
+    seqs_from_floor: u64,
 }
 
 impl Stats {
@@ -207,6 +215,8 @@ impl Stats {
         self.slow_commits += other.slow_commits;
         self.sends_store_slow += other.sends_store_slow;
         self.store_reopens += other.store_reopens;
+        self.inboxes_emptied += other.inboxes_emptied;
+        self.seqs_from_floor += other.seqs_from_floor;
     }
 }
 
@@ -345,6 +355,10 @@ struct World {
     store: FaultStore<MemoryStore>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
+    /// Every (inbox, seq) a commit was seen to store.
+    assigned: HashSet<(UserId, u64)>,
+    /// The highest of them per inbox.
+    last_assigned: HashMap<UserId, u64>,
     clients: Vec<Client>,
     /// Which client holds each connection slot (slots are never reused).
     slot_owner: HashMap<usize, usize>,
@@ -515,6 +529,8 @@ impl World {
             now: 1_700_000_000_000,
             shards: Vec::new(),
             committers: Vec::new(),
+            assigned: HashSet::new(),
+            last_assigned: HashMap::new(),
             config,
             store,
             clients,
@@ -616,7 +632,7 @@ impl World {
             .clients
             .iter()
             .map(|c| {
-                let head = commit::last_seq(self.store.inner(), c.user).unwrap_or(0);
+                let head = self.head(c.user);
                 let behind = c.session.received_up_to() < head || c.session.pending_sends() > 0;
                 let edge_side = c
                     .conn
@@ -762,6 +778,19 @@ impl World {
             if let Some(batch) = self.shards[shard].poll_batch(now) {
                 let result = self.committers[shard].commit_batch(&self.store, &batch.requests, now);
                 if let Ok(outcomes) = &result {
+                    for (request, outcome) in batch.requests.iter().zip(outcomes) {
+                        if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =
+                            (request, outcome)
+                        {
+                            self.assigned.insert((send.to, *seq));
+                            let last = self.last_assigned.entry(send.to).or_insert(0);
+                            if *seq > *last + 1 {
+                                // A forgotten inbox continued from the floor.
+                                self.stats.seqs_from_floor += 1;
+                            }
+                            *last = (*last).max(*seq);
+                        }
+                    }
                     self.stats.duplicate_sends += outcomes
                         .iter()
                         .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
@@ -804,9 +833,35 @@ impl World {
             // Expiry runs alongside, as on the edge's maintenance thread; a store that refuses
             // it is handled as the edge handles it.
             match commit::expire(&self.store, self.edge_now(), &self.config) {
-                Ok(report) => self.stats.expired += report.messages_deleted,
+                Ok(report) => {
+                    self.stats.expired += report.messages_deleted;
+                    self.hand_emptied(&report.emptied);
+                }
                 Err(error) => self.store_refused(&error),
             }
+        }
+    }
+
+    /// The last seq an inbox used: its counter or, once it is forgotten (the floor is above
+    /// it and may come from another inbox), the highest seq a commit gave it.
+    fn head(&self, inbox: UserId) -> u64 {
+        // Read past the fault injection: this is the checker looking, not the edge.
+        let store = self.store.inner();
+        if commit::has_counter(store, inbox).expect("read the counter") {
+            commit::last_seq(store, inbox).expect("read the counter")
+        } else {
+            self.last_assigned.get(&inbox).copied().unwrap_or(0)
+        }
+    }
+
+    /// Inboxes an expiry pass emptied go to their home shards to be forgotten, as on the edge.
+    fn hand_emptied(&mut self, emptied: &[UserId]) {
+        self.stats.inboxes_emptied += emptied.len() as u64;
+        let now = self.edge_now();
+        let shard_count = self.shards.len() as u32;
+        for inbox in emptied {
+            let home = courier_core::placement::home_shard(*inbox, shard_count) as usize;
+            self.shards[home].handle_emptied(&[*inbox], now);
         }
     }
 
@@ -1208,7 +1263,7 @@ impl World {
                 return false;
             }
             // Read past the fault injection: this is the checker looking, not the edge.
-            let head = commit::last_seq(self.store.inner(), c.user).expect("read the counter");
+            let head = self.head(c.user);
             if c.session.received_up_to() < head {
                 return false;
             }
@@ -1311,6 +1366,8 @@ impl World {
                                 c.user, c.device
                             ));
                         }
+                        // Below the seq floor of a forgotten inbox: never used in this inbox.
+                        None if !self.assigned.contains(&(c.user, seq)) => {}
                         None => {
                             return Err(format!(
                                 "inbox {}: a hole covered seq {seq}, which no sender was acked for",
@@ -1348,19 +1405,44 @@ impl World {
         self.now += 2 * self.config.dedupe_window_ms
             + self.config.retention_ms
             + self.config.expiry_bucket_ms;
+        // Every emptied inbox is forgotten by its home shard, so no counter outlives its inbox.
         let mut passes = 0;
         loop {
             let report = commit::expire(&self.store, self.edge_now(), &self.config)
                 .map_err(|e| e.to_string())?;
             passes += 1;
-            if !report.more {
+            self.hand_emptied(&report.emptied);
+            for shard in 0..self.shards.len() {
+                if let Some((_, batch, result)) = self.commits_in_flight[shard].take() {
+                    self.finish_commit(shard, batch, result);
+                }
+                let now = self.edge_now();
+                while let Some(batch) =
+                    self.shards[shard].poll_batch(now + self.config.ack_commit_delay_ms)
+                {
+                    let result =
+                        self.committers[shard].commit_batch(&self.store, &batch.requests, now);
+                    if let Err(error) = &result {
+                        return Err(format!("forgetting emptied inboxes failed: {error}"));
+                    }
+                    self.shards[shard].handle_commit(batch, result);
+                }
+            }
+            // A shard queues a bounded number of forgets; the rest are listed again next pass.
+            if !report.more && report.emptied.is_empty() {
                 break;
             }
             if passes > 10_000 {
                 return Err("expiry never finished".into());
             }
         }
-        for tag in [keys::TAG_DEDUPE, keys::TAG_EXPIRY, keys::TAG_MESSAGE] {
+        for tag in [
+            keys::TAG_DEDUPE,
+            keys::TAG_EXPIRY,
+            keys::TAG_MESSAGE,
+            keys::TAG_COUNTER,
+            keys::TAG_EMPTIED,
+        ] {
             let left = self.store.inner().dump_prefix(&[tag]);
             if !left.is_empty() {
                 return Err(format!(

@@ -203,6 +203,7 @@ impl ShardStore for FoundationDb {
             let report = expire(store, now, core)?;
             total.messages_deleted += report.messages_deleted;
             total.index_entries_cleared += report.index_entries_cleared;
+            total.emptied.extend(report.emptied);
             total.more |= report.more;
         }
         Ok(total)

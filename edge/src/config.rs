@@ -274,7 +274,7 @@ pub struct RetentionSection {
     pub expiry_bucket_secs: u64,
     /// How often the expiry pass runs.
     pub expiry_interval_secs: u64,
-    /// Keys one expiry pass may read (one transaction; FoundationDB needs it at most 2500).
+    /// Keys one expiry pass may read (one transaction; FoundationDB needs it at most 2000).
     pub expire_scan_keys_max: usize,
     /// An acknowledged or expired message body is gone from every file of the embedded store
     /// within this long (an erase pass runs every half of it).

@@ -35,7 +35,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use courier_core::CoreConfig;
 use courier_core::clock::ServerClock;
 use courier_core::commit::Committer;
 use courier_core::session::{
@@ -44,6 +43,7 @@ use courier_core::session::{
 };
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
+use courier_core::{CoreConfig, UserId, placement};
 use courier_protocol::{ErrorCode, Frame};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
@@ -507,6 +507,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     let (store, core) = (store.clone(), core.clone());
                     let now = clock.now(monotonic_ms());
                     let report = lane.run_store(move || store.expire(now, &core)).await;
+                    if let Ok(report) = &report {
+                        shard.borrow_mut().forget_emptied(&report.emptied);
+                    }
                     match report {
                         Ok(report) if report.more => continue,
                         Ok(report) => {
@@ -1422,6 +1425,26 @@ impl Shard {
     }
 
     // ---- Group commit -----------------------------------------------------------------------
+
+    /// Inboxes an expiry pass emptied: those homed here are forgotten with a later batch
+    /// (decision 0011). On FoundationDB a pass covers a whole cluster; another shard's inboxes
+    /// keep their counters, since only an inbox's home shard may write it.
+    fn forget_emptied(&mut self, emptied: &[UserId]) {
+        let own: Vec<UserId> = emptied
+            .iter()
+            .copied()
+            .filter(|inbox| placement::home_shard(*inbox, self.shard_count) == u32::from(self.id))
+            .collect();
+        if own.is_empty() {
+            return;
+        }
+        let now_ms = self.now_ms();
+        let dropped = self.session.handle_emptied(&own, now_ms);
+        if dropped > 0 {
+            debug!(dropped, "forget queue full; those inbox counters stay");
+        }
+        self.maybe_start_commit();
+    }
 
     fn maybe_start_commit(&mut self) {
         // A commit's results and deliveries go to other shards: wait while the mesh is

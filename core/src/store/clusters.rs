@@ -15,7 +15,9 @@ use crate::placement::{ClusterId, cluster_of};
 fn inbox_of(request: &Request) -> crate::UserId {
     match request {
         Request::Send(send) => send.to,
-        Request::Link { inbox, .. } | Request::Ack { inbox, .. } => *inbox,
+        Request::Link { inbox, .. } | Request::Ack { inbox, .. } | Request::Forget { inbox } => {
+            *inbox
+        }
     }
 }
 
@@ -113,8 +115,8 @@ mod tests {
                     assert_eq!((*seq, *fresh), (expected_seq, true), "request {at}");
                 }
                 Outcome::Acked => assert_eq!(at, batch.len() - 1),
-                Outcome::Linked { .. } | Outcome::UnknownRecipient => {
-                    panic!("no link or unknown recipient in this batch")
+                Outcome::Linked { .. } | Outcome::Forgotten | Outcome::UnknownRecipient => {
+                    panic!("no link, forget or unknown recipient in this batch")
                 }
             }
         }

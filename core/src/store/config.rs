@@ -254,7 +254,7 @@ impl FdbConfig {
             + set_bytes(message_key, envelope_header)
             + set_bytes(dedupe_key, dedupe_record)
             + set_bytes(counter_key, 8)
-            + set_bytes(expiry_key, 8);
+            + set_bytes(expiry_key, 0);
         let device_key = prefixed(keys::device(0, 0).len());
         let (devices_start, devices_end) = keys::device_range(0);
         // Link and ack cost the same: both move a device's cursor and delete up to the lowest.
@@ -269,8 +269,16 @@ impl FdbConfig {
             + set_bytes(device_key, 16)
             + clear_range_bytes(device_key, device_key + 1)
             + clear_range_bytes(message_key, message_key);
+        // A forget (decision 0011) costs less than a device update: a clear of its `g` record,
+        // a counter read, a range read of its messages, a counter clear. The seq floor is read
+        // and raised at most once per batch.
         let clock = set_bytes(prefixed(keys::clock().len()), 8);
-        (self.owner_check_bytes() + clock, send + device_update)
+        let floor_key = prefixed(keys::floor().len());
+        let floor = read_bytes(floor_key) + set_bytes(floor_key, 8);
+        (
+            self.owner_check_bytes() + clock + floor,
+            send + device_update,
+        )
     }
 
     fn owner_check_bytes(&self) -> usize {
@@ -279,8 +287,9 @@ impl FdbConfig {
 
     /// An upper bound of the bytes FoundationDB counts for one `commit::expire` pass under
     /// `core`: it reads at most `expire_scan_keys_max` keys, at most half of them expiry index
-    /// entries (each a range read of messages and a clear) and the rest messages (a clear
-    /// each), plus one dedupe range clear and the owner check.
+    /// entries (each a range read of messages, a clear and an emptied-inbox mark) and the rest
+    /// messages (a clear each), plus one dedupe range clear, the list of emptied inboxes and
+    /// the owner check.
     pub fn expire_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_key) = self.expire_costs();
         fixed + core.expire_scan_keys_max.max(2) * per_key
@@ -293,11 +302,17 @@ impl FdbConfig {
         let message_key = prefixed(keys::message(0, 0).len());
         let expiry_key = prefixed(keys::expiry(0, 0).len());
         let bucket_key = prefixed(keys::dedupe_bucket_start(0).len());
+        let emptied_key = prefixed(keys::emptied(0).len());
+        let tag_key = prefixed(1);
+        // The dedupe clear, the read of the index, the list of emptied inboxes.
         let fixed = self.owner_check_bytes()
             + clear_range_bytes(bucket_key, bucket_key)
-            + range_read_bytes(bucket_key, bucket_key);
+            + range_read_bytes(bucket_key, bucket_key)
+            + range_read_bytes(tag_key, tag_key);
+        // An entry: its inbox's messages read, the entry cleared, the inbox marked emptied.
         let entry = range_read_bytes(message_key, message_key)
-            + clear_range_bytes(expiry_key, expiry_key + 1);
+            + clear_range_bytes(expiry_key, expiry_key + 1)
+            + set_bytes(emptied_key, 0);
         let message = clear_range_bytes(message_key, message_key + 1);
         (fixed, (entry + message).div_ceil(2))
     }
@@ -386,7 +401,7 @@ mod tests {
     fn fdb_core_config() -> CoreConfig {
         CoreConfig {
             batch_requests_max: 160,
-            expire_scan_keys_max: 2_500,
+            expire_scan_keys_max: 2_000,
             ..CoreConfig::default()
         }
     }

@@ -24,7 +24,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 11] = [
+    let cases: [Case<H>; 12] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -53,6 +53,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
         (
             "commit_logic_deletes_what_every_device_acked",
             commit_logic_deletes_what_every_device_acked,
+        ),
+        (
+            "commit_logic_forgets_emptied_inboxes",
+            commit_logic_forgets_emptied_inboxes,
         ),
     ];
     for (name, case) in cases {
@@ -222,7 +226,10 @@ fn send(sender: u64, client_id: u64, to: u64, body: &[u8]) -> Request {
 fn seq_of(outcome: &Outcome) -> (u64, bool) {
     match outcome {
         Outcome::Stored { seq, fresh, .. } => (*seq, *fresh),
-        Outcome::Linked { .. } | Outcome::Acked | Outcome::UnknownRecipient => {
+        Outcome::Linked { .. }
+        | Outcome::Acked
+        | Outcome::Forgotten
+        | Outcome::UnknownRecipient => {
             panic!("expected a stored outcome")
         }
     }
@@ -396,6 +403,11 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     let report = commit::expire(h.store(), later, &config).unwrap();
     assert_eq!(report.messages_deleted, 2);
     assert!(!report.more);
+    assert_eq!(
+        report.emptied,
+        vec![9],
+        "expiry reports the inbox it emptied"
+    );
     let mut txn = h.store().begin().unwrap();
     for tag in [keys::TAG_MESSAGE, keys::TAG_DEDUPE, keys::TAG_EXPIRY] {
         let (begin, end) = keys::tag_range(tag);
@@ -418,4 +430,78 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
         .commit_batch(h.store(), &[send(1, 99, 9, b"n")], later)
         .unwrap();
     assert_eq!(seq_of(&next[0]), (6, true));
+}
+
+/// Issue 11: an inbox expiry emptied leaves no record, and its seqs never repeat.
+fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let mut committer = commit::Committer::new(&config);
+    let now = 5 * config.dedupe_window_ms;
+    // Inbox 9 gets three messages nobody reads; inbox 8 gets one.
+    let sends: Vec<Request> = (1..=3).map(|id| send(1, id, 9, b"m")).collect();
+    committer.commit_batch(h.store(), &sends, now).unwrap();
+    committer
+        .commit_batch(h.store(), &[send(1, 10, 8, b"m")], now)
+        .unwrap();
+    let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
+    let report = commit::expire(h.store(), later, &config).unwrap();
+    let mut emptied = report.emptied.clone();
+    emptied.sort_unstable();
+    assert_eq!(emptied, vec![8, 9]);
+    // A send to 8 comes in before its forget: 8 is not empty any more and keeps its counter.
+    let forget = |inbox| Request::Forget { inbox };
+    let outcomes = committer
+        .commit_batch(
+            h.store(),
+            &[send(2, 1, 8, b"n"), forget(8), forget(9)],
+            later,
+        )
+        .unwrap();
+    assert_eq!(seq_of(&outcomes[0]), (2, true));
+    assert_eq!(&outcomes[1..], &[Outcome::Forgotten, Outcome::Forgotten]);
+    assert!(commit::has_counter(h.store(), 8).unwrap());
+    assert!(
+        !commit::has_counter(h.store(), 9).unwrap(),
+        "the emptied inbox's counter is gone"
+    );
+    assert_eq!(commit::last_seq(h.store(), 9).unwrap(), 3, "from the floor");
+    // The inbox's next seq is above every seq it had, from this committer (whose cache knew
+    // 9 at 3) and from a new one (as after a restart).
+    let next = committer
+        .commit_batch(h.store(), &[send(1, 50, 9, b"x")], later)
+        .unwrap();
+    assert_eq!(seq_of(&next[0]), (4, true));
+    let mut fresh = commit::Committer::new(&config);
+    let next = fresh
+        .commit_batch(h.store(), &[send(1, 51, 7, b"y")], later)
+        .unwrap();
+    assert_eq!(
+        seq_of(&next[0]),
+        (4, true),
+        "a new inbox starts above the floor"
+    );
+    // A device linking to a forgotten inbox is told everything up to the floor is gone.
+    let linked = fresh
+        .commit_batch(
+            h.store(),
+            &[
+                forget(7),
+                Request::Link {
+                    inbox: 6,
+                    device: 0,
+                    acked_up_to: 0,
+                },
+            ],
+            later,
+        )
+        .unwrap();
+    assert_eq!(
+        linked[1],
+        Outcome::Linked {
+            cursor: 0,
+            first_seq: 4
+        }
+    );
+    let page = commit::read_inbox(h.store(), 6, 0, later, &config).unwrap();
+    assert_eq!((page.messages.len(), page.covered_up_to), (0, 3));
 }
