@@ -1,0 +1,117 @@
+//! Issue 11, item 6: a sender who addresses ids that never log in leaves no record once the
+//! messages expire, and an inbox that was forgotten never reuses a seq (decision 0011).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Edge, next_message};
+use courier_core::keys;
+use courier_core::placement::home_shard;
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::{Store, Transaction};
+
+const SHARDS: u32 = 2;
+
+/// Keys with `tag` in every shard's store of a stopped edge.
+fn keys_with_tag(data: &Path, tag: u8) -> usize {
+    (0..SHARDS)
+        .map(|shard| {
+            let store = FjallStore::open(
+                &data.join("stores").join(format!("shard-{shard}")),
+                &FjallOptions::default(),
+            )
+            .expect("open the stopped edge's store");
+            let mut txn = store.begin_read().expect("read");
+            let (start, end) = keys::tag_range(tag);
+            txn.get_range(&start, &end, 100_000).expect("range").len()
+        })
+        .sum()
+}
+
+/// Ids homed on shard 0, from `first` up.
+fn homed_on_shard_0(first: u64, count: usize) -> Vec<u64> {
+    (first..)
+        .filter(|id| home_shard(*id, SHARDS) == 0)
+        .take(count)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_ids_that_never_log_in_leave_no_record_and_seqs_never_repeat() {
+    let mut edge = Edge::start_with(
+        SHARDS,
+        "[retention]\nexpiry_bucket_secs = 1\nexpiry_interval_secs = 1\n",
+        &[],
+    );
+    let data = edge.data_dir.clone();
+    let sender = edge.client(6001).await;
+    // `busy` gets five messages, so the seq floor of shard 0 reaches 5; the others one each.
+    let on_shard_0 = homed_on_shard_0(7_000, 2);
+    let (busy, quiet) = (on_shard_0[0], on_shard_0[1]);
+    let mut client_id = 0;
+    for _ in 0..5 {
+        client_id += 1;
+        sender
+            .send_with_id(client_id, busy, b"gone soon".to_vec(), Some(1))
+            .await
+            .expect("send");
+    }
+    for to in std::iter::once(quiet).chain(8_000..8_030) {
+        client_id += 1;
+        let receipt = sender
+            .send_with_id(client_id, to, b"gone soon".to_vec(), Some(1))
+            .await
+            .expect("send");
+        assert_eq!(receipt.seq, 1);
+    }
+    drop(sender);
+    assert!(
+        keys_while_stopped(&mut edge, &data, [keys::TAG_COUNTER])[0] > 0,
+        "the counters exist before expiry (else this test could not fail)"
+    );
+
+    // Expiry (a 1 s TTL, 1 s buckets, a pass every second) empties every inbox, and each
+    // shard forgets its own. Look at the stores between runs of the edge, for up to 60 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let [counters, emptied, messages] = keys_while_stopped(
+            &mut edge,
+            &data,
+            [keys::TAG_COUNTER, keys::TAG_EMPTIED, keys::TAG_MESSAGE],
+        );
+        if counters == 0 && emptied == 0 && messages == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counters} counters, {emptied} emptied marks and {messages} messages left"
+        );
+    }
+
+    // The quiet inbox had seq 1. Forgotten, it continues above shard 0's floor (5), so no
+    // device can mistake a new message for one it consumed.
+    let sender = edge.client(6001).await;
+    let receipt = sender
+        .send_with_id(client_id + 1, quiet, b"after the floor".to_vec(), None)
+        .await
+        .expect("send");
+    assert!(receipt.seq > 5, "seq {} reused", receipt.seq);
+    let mut recipient = edge.client(quiet).await;
+    let delivery = next_message(&mut recipient).await;
+    assert_eq!(
+        (delivery.seq, delivery.body.as_slice()),
+        (receipt.seq, b"after the floor".as_slice())
+    );
+}
+
+/// Stops the edge (the stores are locked while it runs), counts the keys with each tag in its
+/// stores, and starts it again.
+fn keys_while_stopped<const N: usize>(edge: &mut Edge, data: &Path, tags: [u8; N]) -> [usize; N] {
+    assert!(edge.terminate(), "the edge stops cleanly");
+    let counts = tags.map(|tag| keys_with_tag(data, tag));
+    edge.spawn();
+    counts
+}
