@@ -187,7 +187,13 @@ impl ShardMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Write `frame` on the connection's stream.
-    Write { conn: ConnRef, frame: Frame },
+    /// `live` marks a `Deliver` written as its commit completed, not read back from the store
+    /// (the driver measures online delivery latency on those).
+    Write {
+        conn: ConnRef,
+        frame: Frame,
+        live: bool,
+    },
     /// Close the connection with `code`. The session already forgot its login. `user` is who
     /// it was logged in as, if it got that far (for the operator's log).
     Close {
@@ -1188,7 +1194,7 @@ impl<A: Authenticator> EdgeSession<A> {
         let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max;
         if in_order && room && !c.sync_running {
             c.delivered_up_to = message.seq;
-            self.write(conn, deliver_frame(message));
+            self.write_frame(conn, deliver_frame(message), true);
         } else {
             // A gap or a full buffer: the store has it; catch up from there.
             self.catch_up(conn);
@@ -1327,9 +1333,13 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     fn write(&mut self, conn: ConnRef, frame: Frame) {
+        self.write_frame(conn, frame, false);
+    }
+
+    fn write_frame(&mut self, conn: ConnRef, frame: Frame, live: bool) {
         if let Some(c) = self.conn_mut(conn) {
             c.outbound_bytes += frame_bytes_estimate(&frame);
-            self.effects.push_back(Effect::Write { conn, frame });
+            self.effects.push_back(Effect::Write { conn, frame, live });
         }
     }
 

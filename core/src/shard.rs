@@ -31,6 +31,8 @@ use crate::{CoreConfig, UnixMillis, UserId};
 pub struct Batch<T> {
     pub requests: Vec<Request>,
     pub tags: Vec<T>,
+    /// When each send was queued, in order (the runtime measures send-to-commit latency).
+    pub send_queued_ms: Vec<UnixMillis>,
 }
 
 /// What the runtime must do after a commit.
@@ -75,7 +77,8 @@ pub struct InboxShard<T> {
     batch_bytes_max: usize,
     queue_requests_max: usize,
     queue_bytes_max: usize,
-    queue: VecDeque<(SendRequest, T)>,
+    /// Sends waiting, with their tags and when they were queued.
+    queue: VecDeque<(SendRequest, T, UnixMillis)>,
     queue_bytes: usize,
     queue_requests_per_sender_max: usize,
     queue_bytes_per_sender_max: usize,
@@ -189,7 +192,7 @@ impl<T> InboxShard<T> {
         self.queued_by_sender
             .insert(send.sender, (sender_requests + 1, sender_bytes + bytes));
         self.queue_bytes += bytes;
-        self.queue.push_back((send, tag));
+        self.queue.push_back((send, tag, now_ms));
         Ok(())
     }
 
@@ -256,16 +259,17 @@ impl<T> InboxShard<T> {
         let mut batch = Batch {
             requests: Vec::new(),
             tags: Vec::new(),
+            send_queued_ms: Vec::new(),
         };
         let mut batch_bytes = 0;
-        while let Some((send, _)) = self.queue.front() {
+        while let Some((send, ..)) = self.queue.front() {
             let bytes = send.body.len();
             let full = batch.requests.len() >= self.batch_requests_max
                 || (!batch.requests.is_empty() && batch_bytes + bytes > self.batch_bytes_max);
             if full {
                 break;
             }
-            let (send, tag) = self.queue.pop_front().expect("front exists");
+            let (send, tag, queued_ms) = self.queue.pop_front().expect("front exists");
             self.queue_bytes -= bytes;
             if let Some(queued) = self.queued_by_sender.get_mut(&send.sender) {
                 queued.0 -= 1;
@@ -277,6 +281,7 @@ impl<T> InboxShard<T> {
             batch_bytes += bytes;
             batch.requests.push(Request::Send(send));
             batch.tags.push(tag);
+            batch.send_queued_ms.push(queued_ms);
         }
         // Links and acks cost no body bytes; up to `batch_requests_max` of them together ride
         // along with the sends, links first (a connection waits for its link).

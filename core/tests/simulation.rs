@@ -1036,7 +1036,7 @@ impl World {
     fn apply_effects(&mut self, shard: usize) {
         while let Some(effect) = self.shards[shard].poll_effect() {
             match effect {
-                Effect::Write { conn, frame } => {
+                Effect::Write { conn, frame, .. } => {
                     let client = self.slot_owner[&conn.slot];
                     let latency = 1 + self.rng.below(20);
                     self.schedule(

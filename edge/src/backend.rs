@@ -52,6 +52,12 @@ pub trait ShardStore: Send + Sync + 'static {
     fn recover(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Stored message keys of this shard, approximately (deleted keys count until compaction
+    /// drops them), for the backlog gauge; `None` where counting is not cheap.
+    fn message_keys_approximate(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One shard's embedded store, which can be closed and opened again in place.
@@ -157,6 +163,10 @@ impl ShardStore for Embedded {
 
     fn recover(&self) -> Result<(), StoreError> {
         self.all[usize::from(self.shard)].reopen()
+    }
+
+    fn message_keys_approximate(&self) -> Option<u64> {
+        Some(self.own().ok()?.message_keys_approximate())
     }
 }
 

@@ -1,5 +1,6 @@
-//! Health checks for supervisors and load balancers: `GET /livez` and `GET /readyz` on the
-//! `[metrics] listen` address, served by one thread off the data path.
+//! Health checks for supervisors and load balancers, `GET /livez` and `GET /readyz`, and
+//! Prometheus metrics, `GET /metrics` (`crate::metrics`), on the `[metrics] listen` address,
+//! served by one thread off the data path.
 //!
 //! - `/livez` answers 200 while the process runs.
 //! - `/readyz` answers 200 only when every shard runs with its store open, no store is being
@@ -74,7 +75,11 @@ impl Health {
 }
 
 /// Binds `listen` and serves the health endpoints on a thread of their own.
-pub fn start(listen: SocketAddr, health: Arc<Health>) -> Result<(), String> {
+pub fn start(
+    listen: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| {
         format!("cannot listen on metrics.listen {listen}: {e}; choose a free address")
     })?;
@@ -83,32 +88,45 @@ pub fn start(listen: SocketAddr, health: Arc<Health>) -> Result<(), String> {
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => serve_one(stream, &health),
+                    Ok(stream) => serve_one(stream, &health, &metrics),
                     Err(error) => warn!(%error, "health endpoint: accept failed"),
                 }
             }
         })
         .map_err(|e| format!("cannot start the health thread: {e}"))?;
-    info!(%listen, "health checks on /livez and /readyz");
+    info!(%listen, "metrics on /metrics, health checks on /livez and /readyz");
     Ok(())
 }
 
-fn serve_one(mut stream: TcpStream, health: &Health) {
+fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::Metrics) {
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let mut request = Vec::new();
     let mut chunk = [0u8; 512];
-    // Read up to the end of the request line (the headers do not matter).
-    while !request.contains(&b'\n') && request.len() < REQUEST_BYTES_MAX {
+    // Read up to the end of the headers (only Accept matters).
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_BYTES_MAX {
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(read) => request.extend_from_slice(&chunk[..read]),
         }
     }
     let line = String::from_utf8_lossy(&request);
+    // Prometheus asks for OpenMetrics in its Accept header.
+    let openmetrics = line
+        .to_ascii_lowercase()
+        .contains("application/openmetrics-text");
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
+            };
+            ("200 OK", metrics.encode(openmetrics))
+        }
         ("GET", "/livez") => ("200 OK", "ok\n".to_string()),
         ("GET", "/readyz") => match health.readiness() {
             Ok(()) => ("200 OK", "ready\n".to_string()),
@@ -116,12 +134,12 @@ fn serve_one(mut stream: TcpStream, health: &Health) {
         },
         ("GET", _) => (
             "404 Not Found",
-            "not found: try /livez or /readyz\n".to_string(),
+            "not found: try /metrics, /livez or /readyz\n".to_string(),
         ),
         _ => ("405 Method Not Allowed", "only GET\n".to_string()),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
          connection: close\r\n\r\n{body}",
         body.len()
     );

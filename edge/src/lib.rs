@@ -9,6 +9,7 @@ pub mod config;
 pub mod health;
 mod lanes;
 pub mod memory;
+pub mod metrics;
 mod mesh;
 pub mod server;
 mod shard;

@@ -77,8 +77,21 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
     let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
+    let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
+        courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
+            .map(|shard| {
+                crate::stores::shard_dir(
+                    &crate::stores::stores_dir(&config.server.data_dir),
+                    shard,
+                )
+            })
+            .collect(),
+        // FoundationDB's storage is the cluster's, not this machine's.
+        _ => Vec::new(),
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs));
     if let Some(listen) = config.metrics.listen_addr()? {
-        crate::health::start(listen, health.clone())?;
+        crate::health::start(listen, health.clone(), metrics.clone())?;
     }
     let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
         .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
@@ -106,6 +119,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
             stopped: stopped_tx.clone(),
             memory: memory.clone(),
             health: health.clone(),
+            metrics: metrics.clone(),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)

@@ -85,6 +85,8 @@ const STORE_RECOVERY_PAUSE_MIN: Duration = Duration::from_millis(500);
 const STORE_RECOVERY_PAUSE_MAX: Duration = Duration::from_secs(30);
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a shard sets its gauges (open connections, queue and backlog depths).
+const GAUGES_INTERVAL: Duration = Duration::from_secs(1);
 /// Bytes of decoded input one connection buffers: room for one maximal frame and its prefix.
 const INBUF_BYTES_MAX: usize =
     courier_protocol::FRAME_BYTES_MAX + courier_protocol::LENGTH_PREFIX_BYTES;
@@ -110,6 +112,8 @@ pub struct ShardSetup {
     pub memory: Arc<crate::memory::MemoryGuard>,
     /// What `/readyz` reports; the shard says when its store is being reopened.
     pub health: Arc<crate::health::Health>,
+    /// The edge's Prometheus series; the shard takes its own handles.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -212,6 +216,9 @@ pub struct Shard {
     handshakes_by_address: HashMap<IpAddr, usize>,
     memory: Arc<crate::memory::MemoryGuard>,
     health: Arc<crate::health::Health>,
+    metrics: crate::metrics::ShardMetrics,
+    /// When the gauges were last set (`publish_gauges`).
+    gauges_published_at: Instant,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -419,6 +426,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         handshakes_by_address: HashMap::new(),
         memory: setup.memory.clone(),
         health: setup.health.clone(),
+        metrics: setup.metrics.shard(u32::from(id)),
+        gauges_published_at: Instant::now(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -477,6 +486,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 shard.handle_timeouts(Instant::now());
                 shard.after_input();
                 shard.log_stats(Instant::now());
+                shard.publish_gauges(Instant::now());
                 if shard.poll_shutdown() {
                     shard.after_input();
                     let _ = stopped.send(shard.id);
@@ -508,7 +518,13 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     let now = clock.now(monotonic_ms());
                     let report = lane.run_store(move || store.expire(now, &core)).await;
                     if let Ok(report) = &report {
-                        shard.borrow_mut().forget_emptied(&report.emptied);
+                        let mut shard = shard.borrow_mut();
+                        shard.metrics.expired_messages.inc_by(report.messages_deleted);
+                        shard
+                            .metrics
+                            .expiry_index_entries_cleared
+                            .inc_by(report.index_entries_cleared);
+                        shard.forget_emptied(&report.emptied);
                     }
                     match report {
                         Ok(report) if report.more => continue,
@@ -726,6 +742,7 @@ impl Shard {
             match message.on_overload() {
                 Overload::Drop => {
                     self.stats.mesh_messages_dropped += 1;
+                    self.metrics.mesh_messages_dropped.inc();
                     return;
                 }
                 Overload::Refuse => {
@@ -847,9 +864,10 @@ impl Shard {
     /// Carries out what the session decided. Writing may let a paused sync continue, which
     /// adds effects; the loop takes them too.
     fn apply_effects(&mut self) {
+        let now_ms = self.now_ms();
         while let Some(effect) = self.session.poll_effect() {
             match effect {
-                Effect::Write { conn, frame } => {
+                Effect::Write { conn, frame, live } => {
                     let handle = ConnectionHandle(conn.slot);
                     let Some(c) = self.conns.get_mut(&handle) else {
                         continue;
@@ -858,6 +876,17 @@ impl Shard {
                         continue;
                     }
                     write_frame(c, &frame);
+                    self.metrics.frame_sent(frame.kind());
+                    match &frame {
+                        Frame::SendAck { .. } => {
+                            self.metrics.sends_acked.inc();
+                        }
+                        Frame::SendError { code, .. } => self.metrics.send_refused(*code),
+                        Frame::Deliver { sent_at_ms, .. } => self
+                            .metrics
+                            .delivered(live, now_ms.saturating_sub(*sent_at_ms)),
+                        _ => {}
+                    }
                     let buffered = c.outbuf.len();
                     self.mark_dirty(handle);
                     self.session.set_outbound_bytes(conn, buffered);
@@ -875,6 +904,7 @@ impl Shard {
                     if c.generation != conn.generation {
                         continue;
                     }
+                    self.metrics.connection_closed(Some(code));
                     // Who and why, never a token or a body; at most `CONNECTION_LOGS`.
                     if connection_log_allowed(&mut self.connection_logs, &mut self.stats) {
                         info!(
@@ -900,7 +930,10 @@ impl Shard {
                     conn,
                     inbox,
                     after_seq,
-                } => self.start_read(conn, inbox, after_seq),
+                } => {
+                    self.metrics.sync_reads.inc();
+                    self.start_read(conn, inbox, after_seq)
+                }
                 Effect::ResumeInput { conn } => {
                     let handle = ConnectionHandle(conn.slot);
                     let Some(mut c) = self.conns.remove(&handle) else {
@@ -1004,6 +1037,7 @@ impl Shard {
                 if refuse {
                     if !self.draining {
                         self.stats.handshakes_refused += 1;
+                        self.metrics.handshakes_refused.inc();
                     }
                     let transmit = self.endpoint.refuse(incoming, &mut buf);
                     self.send_transmit(&transmit, &buf);
@@ -1013,6 +1047,7 @@ impl Shard {
                     // Stateless: a spoofed source never comes back with the token, and the
                     // Retry packet is smaller than the Initial that caused it.
                     self.stats.retries_sent += 1;
+                    self.metrics.retries_sent.inc();
                     debug!(%address, unauthenticated, "asking a new client to prove its address (QUIC Retry)");
                     match self.endpoint.retry(incoming, &mut buf) {
                         Ok(transmit) => self.send_transmit(&transmit, &buf),
@@ -1022,6 +1057,7 @@ impl Shard {
                 }
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
+                        self.metrics.connections_accepted.inc();
                         *self.handshakes_by_address.entry(address).or_insert(0) += 1;
                         let generation = self.next_generation;
                         self.next_generation += 1;
@@ -1116,12 +1152,16 @@ impl Shard {
         while let Some(event) = conn.quic.poll() {
             match event {
                 Event::Connected => {
+                    self.metrics.handshake_completed(conn.quic.accepted_0rtt());
                     conn.handshake_done = true;
                     self.handshake_finished(&mut conn);
                 }
                 Event::HandshakeDataReady => {}
                 Event::ConnectionLost { reason } => {
                     let conn_ref = self.conn_ref(handle, &conn);
+                    if reason != quinn_proto::ConnectionError::LocallyClosed {
+                        self.metrics.connection_closed(None);
+                    }
                     // A connection this edge closed was logged when it closed it.
                     if reason != quinn_proto::ConnectionError::LocallyClosed
                         && connection_log_allowed(&mut self.connection_logs, &mut self.stats)
@@ -1259,6 +1299,7 @@ impl Shard {
                 // Back-pressure: the frame waits in `inbuf`, and once that is full QUIC flow
                 // control stops the client. The mesh drain resumes the connection.
                 if !conn.parked {
+                    self.metrics.mesh_backpressure.inc();
                     conn.parked = true;
                     self.parked.push(handle);
                 }
@@ -1287,6 +1328,7 @@ impl Shard {
                 Ok(Some((frame, consumed))) => {
                     consumed_total += consumed;
                     tracing::trace!(kind = frame.kind(), "frame from client");
+                    self.metrics.frame_received(frame.kind());
                     let early = !conn.handshake_done && conn.quic.is_handshaking();
                     self.session.handle_frame(now_ms, conn_ref, frame, early);
                 }
@@ -1438,6 +1480,7 @@ impl Shard {
         if own.is_empty() {
             return;
         }
+        self.metrics.inboxes_emptied.inc_by(own.len() as u64);
         let now_ms = self.now_ms();
         let dropped = self.session.handle_emptied(&own, now_ms);
         if dropped > 0 {
@@ -1469,20 +1512,62 @@ impl Shard {
         spawn_detached(async move {
             let ran = lane
                 .run(move || {
+                    let started = Instant::now();
                     let result = store.commit(&mut committer, &batch.requests, now);
-                    (committer, batch, result)
+                    (committer, batch, result, started.elapsed())
                 })
                 .await;
             // The writer thread ends only with the process (a panic exits it).
-            let Ok((committer, batch, result)) = ran else {
+            let Ok((committer, batch, result, took)) = ran else {
                 tracing::error!("the store writer thread stopped; exiting");
                 std::process::exit(3);
             };
             let mut shard = shard.borrow_mut();
             shard.committer = Some(committer);
+            shard.measure_commit(&batch, result.is_ok(), took);
             shard.finish_commit(batch, result);
             shard.after_input();
         });
+    }
+
+    fn measure_commit(&self, batch: &Batch<ConnRef>, committed: bool, took: Duration) {
+        let metrics = &self.metrics;
+        if !committed {
+            metrics.commit_failures.inc();
+            return;
+        }
+        metrics.commit_batches.inc();
+        metrics
+            .commit_batch_requests
+            .observe(batch.requests.len() as f64);
+        metrics.commit_duration.observe(took.as_secs_f64());
+        let now_ms = self.now_ms();
+        for queued_ms in &batch.send_queued_ms {
+            metrics
+                .send_ack_latency
+                .observe(now_ms.saturating_sub(*queued_ms) as f64 / 1000.0);
+        }
+    }
+
+    /// Sets the gauges that describe the shard's state, about once a second.
+    fn publish_gauges(&mut self, now: Instant) {
+        if now < self.gauges_published_at + GAUGES_INTERVAL {
+            return;
+        }
+        self.gauges_published_at = now;
+        let metrics = &self.metrics;
+        metrics.connections_open.set(self.conns.len() as i64);
+        metrics
+            .connections_unauthenticated
+            .set(self.session.unauthenticated_connections() as i64);
+        metrics
+            .inbox_queue_requests
+            .set(self.session.queued_requests() as i64);
+        let backlog: usize = self.mesh_backlog.iter().map(VecDeque::len).sum();
+        metrics.mesh_backlog_messages.set(backlog as i64);
+        if let Some(keys) = self.store.message_keys_approximate() {
+            metrics.store_message_keys.set(keys as i64);
+        }
     }
 
     fn finish_commit(

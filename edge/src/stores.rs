@@ -37,7 +37,8 @@ pub fn legacy_store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
 }
 
-fn shard_dir(stores: &Path, shard: u32) -> PathBuf {
+/// The directory of shard `shard`'s store under `stores` ([`stores_dir`]).
+pub fn shard_dir(stores: &Path, shard: u32) -> PathBuf {
     stores.join(format!("shard-{shard}"))
 }
 

@@ -209,6 +209,15 @@ impl FjallStore {
         Ok(false)
     }
 
+    /// Message keys in the store, from fjall's metadata (no read): deleted keys count until a
+    /// compaction drops them.
+    pub fn message_keys_approximate(&self) -> u64 {
+        let index = PARTITIONED_TAGS
+            .binary_search(&crate::keys::TAG_MESSAGE)
+            .expect("messages have a keyspace");
+        self.tagged[index].approximate_len() as u64
+    }
+
     /// Bytes of the store's journals and tables as fjall counts them (a journal file at its
     /// preallocated length, not the blocks it uses).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {

@@ -1,0 +1,584 @@
+//! Prometheus metrics: `GET /metrics` on `[metrics] listen`, in the text exposition format
+//! (prometheus-client, the Prometheus project's Rust client).
+//!
+//! Each shard holds [`ShardMetrics`]: its own handles to every series labelled with its shard
+//! id. An increment is a relaxed atomic add on a counter no other shard touches, and a
+//! histogram observation takes an uncontended lock, so the data path never waits for another
+//! thread. Series with a second label (frame kind, error code) are created once per shard and
+//! kept in a small map, so the registry's lock is not taken per frame. The health thread
+//! encodes the registry when Prometheus scrapes; gauges that describe a shard's state are set
+//! by the shard about once a second, and store sizes are read on the scrape.
+//!
+//! Naming follows Prometheus's conventions: a `courier_` prefix, base units in the name
+//! (`_seconds`, `_bytes`), `_total` on counters. docs/operations.md lists every series.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use courier_protocol::ErrorCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    shard: u32,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    shard: u32,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    shard: u32,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    shard: u32,
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZeroRttLabel {
+    shard: u32,
+    zero_rtt: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Seconds from 100 µs to ~52 s, doubling: the latency buckets.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Requests per commit batch: 1 to 2,048, doubling.
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+/// Every series of the edge, registered once; shards take their handles with [`Metrics::shard`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections_open: Family<ShardLabel, Gauge>,
+    connections_unauthenticated: Family<ShardLabel, Gauge>,
+    connections_accepted: Family<ShardLabel, Counter>,
+    connections_closed: Family<ReasonLabel, Counter>,
+    handshakes_completed: Family<ZeroRttLabel, Counter>,
+    handshakes_refused: Family<ShardLabel, Counter>,
+    retries_sent: Family<ShardLabel, Counter>,
+    frames_received: Family<KindLabel, Counter>,
+    frames_sent: Family<KindLabel, Counter>,
+    sends_acked: Family<ShardLabel, Counter>,
+    sends_refused: Family<CodeLabel, Counter>,
+    deliveries: Family<PathLabel, Counter>,
+    delivery_latency: Histograms<PathLabel>,
+    send_ack_latency: Histograms<ShardLabel>,
+    commit_batches: Family<ShardLabel, Counter>,
+    commit_failures: Family<ShardLabel, Counter>,
+    commit_batch_requests: Histograms<ShardLabel>,
+    commit_duration: Histograms<ShardLabel>,
+    sync_reads: Family<ShardLabel, Counter>,
+    expired_messages: Family<ShardLabel, Counter>,
+    expiry_index_entries_cleared: Family<ShardLabel, Counter>,
+    inboxes_emptied: Family<ShardLabel, Counter>,
+    inbox_queue_requests: Family<ShardLabel, Gauge>,
+    store_message_keys: Family<ShardLabel, Gauge>,
+    mesh_backlog_messages: Family<ShardLabel, Gauge>,
+    mesh_messages_dropped: Family<ShardLabel, Counter>,
+    mesh_backpressure: Family<ShardLabel, Counter>,
+    /// Read on each scrape.
+    store_disk_bytes: Family<ShardLabel, Gauge>,
+    stores: Vec<PathBuf>,
+    /// Serialises scrapes (the disk walk sets gauges before encoding).
+    scrape: Mutex<()>,
+}
+
+impl Metrics {
+    /// The registry with every series. `stores` are the shards' embedded store directories
+    /// (empty with FoundationDB), whose disk use each scrape reports.
+    pub fn new(stores: Vec<PathBuf>) -> Metrics {
+        let mut registry = Registry::with_prefix("courier");
+        macro_rules! family {
+            ($name:literal, $help:literal) => {{
+                let family = Family::default();
+                registry.register($name, $help, family.clone());
+                family
+            }};
+            ($name:literal, $help:literal, $unit:expr, $histogram:expr) => {{
+                let family: Histograms<_> = Family::new_with_constructor($histogram);
+                registry.register_with_unit($name, $help, $unit, family.clone());
+                family
+            }};
+        }
+        let connections_open = family!("connections_open", "QUIC connections the shard holds");
+        let connections_unauthenticated = family!(
+            "connections_unauthenticated",
+            "Connections whose Hello has not been accepted yet"
+        );
+        let connections_accepted = family!(
+            "connections_accepted",
+            "Connections accepted from clients (before the handshake completes)"
+        );
+        let connections_closed = family!(
+            "connections_closed",
+            "Connections ended, by reason: the error code the edge closed with, or lost (the client closed, went silent or the idle timeout passed)"
+        );
+        let handshakes_completed = family!(
+            "handshakes_completed",
+            "TLS handshakes completed, by whether 0-RTT data was accepted"
+        );
+        let handshakes_refused = family!(
+            "handshakes_refused",
+            "New connections refused: too many unauthenticated on the shard, or too many handshakes from one address"
+        );
+        let retries_sent = family!(
+            "retries_sent",
+            "QUIC Retry packets sent (address validation under a handshake flood)"
+        );
+        let frames_received =
+            family!("frames_received", "Protocol frames decoded from clients, by kind");
+        let frames_sent = family!("frames_sent", "Protocol frames written to clients, by kind");
+        let sends_acked = family!(
+            "sends_acked",
+            "Sends answered with SendAck (durably stored) on this shard's connections"
+        );
+        let sends_refused = family!(
+            "sends_refused",
+            "Sends answered with SendError, by error code"
+        );
+        let deliveries = family!(
+            "deliveries",
+            "Messages written to a recipient's connection: live (as committed) or sync (read back from the store)"
+        );
+        let delivery_latency = family!(
+            "delivery_latency",
+            "From a message's commit (its server time) to its Deliver frame handed to QUIC; path=live is the online-delivery SLO",
+            Unit::Seconds,
+            latency_histogram as fn() -> Histogram
+        );
+        let send_ack_latency = family!(
+            "send_ack_latency",
+            "From the home shard queuing a send to its commit completing (what SendAck waits for)",
+            Unit::Seconds,
+            latency_histogram as fn() -> Histogram
+        );
+        let commit_batches = family!(
+            "commit_batches",
+            "Group-commit batches committed (one transaction and fsync each)"
+        );
+        let commit_failures = family!("commit_failures", "Group-commit batches the store refused");
+        let commit_batch_requests = family!(
+            "commit_batch_requests",
+            "Requests (sends, logins, acks, forgets) per committed batch",
+            Unit::Other("requests".into()),
+            batch_histogram as fn() -> Histogram
+        );
+        let commit_duration = family!(
+            "commit_duration",
+            "Time a batch's commit took on the writer thread, fsync included",
+            Unit::Seconds,
+            latency_histogram as fn() -> Histogram
+        );
+        let sync_reads = family!(
+            "sync_reads",
+            "Store reads for connections catching up (after login, a gap or a full buffer)"
+        );
+        let expired_messages = family!(
+            "expired_messages",
+            "Undelivered messages deleted after their retention or TTL"
+        );
+        let expiry_index_entries_cleared = family!(
+            "expiry_index_entries_cleared",
+            "Expiry index entries processed and cleared"
+        );
+        let inboxes_emptied = family!(
+            "inboxes_emptied",
+            "Inboxes expiry left empty and handed to be forgotten (counter deleted)"
+        );
+        let inbox_queue_requests = family!(
+            "inbox_queue_requests",
+            "Sends, logins, acks and forgets waiting for the next commit batch"
+        );
+        let store_message_keys = family!(
+            "store_message_keys",
+            "Stored message keys, approximately (the embedded store counts deleted keys until compaction drops them): the inbox backlog"
+        );
+        let mesh_backlog_messages = family!(
+            "mesh_backlog_messages",
+            "Messages waiting for room in the channels to other shards"
+        );
+        let mesh_messages_dropped = family!(
+            "mesh_messages_dropped",
+            "Datagrams and signals dropped because another shard's backlog was full"
+        );
+        let mesh_backpressure = family!(
+            "mesh_backpressure",
+            "Times a connection's input was held back because the channels to other shards were congested"
+        );
+        let store_disk_bytes: Family<ShardLabel, Gauge> = Family::default();
+        registry.register_with_unit(
+            "store_disk",
+            "Disk blocks the shard's embedded store uses",
+            Unit::Bytes,
+            store_disk_bytes.clone(),
+        );
+        let build_info: Family<Vec<(String, String)>, Gauge> = Family::default();
+        build_info
+            .get_or_create(&vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )])
+            .set(1);
+        registry.register("build_info", "The edge's version", build_info);
+        Metrics {
+            registry,
+            connections_open,
+            connections_unauthenticated,
+            connections_accepted,
+            connections_closed,
+            handshakes_completed,
+            handshakes_refused,
+            retries_sent,
+            frames_received,
+            frames_sent,
+            sends_acked,
+            sends_refused,
+            deliveries,
+            delivery_latency,
+            send_ack_latency,
+            commit_batches,
+            commit_failures,
+            commit_batch_requests,
+            commit_duration,
+            sync_reads,
+            expired_messages,
+            expiry_index_entries_cleared,
+            inboxes_emptied,
+            inbox_queue_requests,
+            store_message_keys,
+            mesh_backlog_messages,
+            mesh_messages_dropped,
+            mesh_backpressure,
+            store_disk_bytes,
+            stores,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// Shard `shard`'s handles.
+    pub fn shard(&self, shard: u32) -> ShardMetrics {
+        let label = ShardLabel { shard };
+        let path = |path| PathLabel { shard, path };
+        ShardMetrics {
+            shard,
+            connections_open: self.connections_open.get_or_create_owned(&label),
+            connections_unauthenticated: self.connections_unauthenticated.get_or_create_owned(&label),
+            connections_accepted: self.connections_accepted.get_or_create_owned(&label),
+            connections_closed: self.connections_closed.clone(),
+            handshakes_completed: [
+                self.handshakes_completed.get_or_create_owned(&ZeroRttLabel {
+                    shard,
+                    zero_rtt: "accepted",
+                }),
+                self.handshakes_completed.get_or_create_owned(&ZeroRttLabel {
+                    shard,
+                    zero_rtt: "none",
+                }),
+            ],
+            handshakes_refused: self.handshakes_refused.get_or_create_owned(&label),
+            retries_sent: self.retries_sent.get_or_create_owned(&label),
+            frames_received_family: self.frames_received.clone(),
+            frames_sent_family: self.frames_sent.clone(),
+            frames_received: HashMap::new(),
+            frames_sent: HashMap::new(),
+            sends_acked: self.sends_acked.get_or_create_owned(&label),
+            sends_refused_family: self.sends_refused.clone(),
+            sends_refused: HashMap::new(),
+            deliveries: [
+                self.deliveries.get_or_create_owned(&path("live")),
+                self.deliveries.get_or_create_owned(&path("sync")),
+            ],
+            delivery_latency: [
+                self.delivery_latency.get_or_create_owned(&path("live")),
+                self.delivery_latency.get_or_create_owned(&path("sync")),
+            ],
+            send_ack_latency: self.send_ack_latency.get_or_create_owned(&label),
+            commit_batches: self.commit_batches.get_or_create_owned(&label),
+            commit_failures: self.commit_failures.get_or_create_owned(&label),
+            commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
+            commit_duration: self.commit_duration.get_or_create_owned(&label),
+            sync_reads: self.sync_reads.get_or_create_owned(&label),
+            expired_messages: self.expired_messages.get_or_create_owned(&label),
+            expiry_index_entries_cleared: self
+                .expiry_index_entries_cleared
+                .get_or_create_owned(&label),
+            inboxes_emptied: self.inboxes_emptied.get_or_create_owned(&label),
+            inbox_queue_requests: self.inbox_queue_requests.get_or_create_owned(&label),
+            store_message_keys: self.store_message_keys.get_or_create_owned(&label),
+            mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
+            mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
+            mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
+        }
+    }
+
+    /// The exposition of every series, with the stores' disk use read now: OpenMetrics text
+    /// when `openmetrics` (Prometheus asks for it), else the classic Prometheus text format
+    /// 0.0.4, which `promtool check metrics` and older scrapers read.
+    pub fn encode(&self, openmetrics: bool) -> String {
+        let text = self.encode_openmetrics();
+        if openmetrics {
+            text
+        } else {
+            openmetrics_to_text_004(&text)
+        }
+    }
+
+    fn encode_openmetrics(&self) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        for (shard, dir) in self.stores.iter().enumerate() {
+            self.store_disk_bytes
+                .get_or_create(&ShardLabel {
+                    shard: shard as u32,
+                })
+                .set(allocated_bytes(dir) as i64);
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The classic text format from OpenMetrics text: a counter's `# HELP` and `# TYPE` name its
+/// samples' `_total` name, and there are no `# UNIT` or `# EOF` lines. Samples, gauges and
+/// histograms read the same in both.
+fn openmetrics_to_text_004(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let metadata = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        if let Some((prefix, rest)) = metadata {
+            let name = rest.split(' ').next().unwrap_or("");
+            if counters.contains(name) {
+                text.push_str(prefix);
+                text.push_str(name);
+                text.push_str("_total");
+                text.push_str(&rest[name.len()..]);
+                text.push('\n');
+                continue;
+            }
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// Bytes of disk blocks the files under `dir` use (journals are sparse, preallocated files:
+/// their length is not their use).
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total += metadata.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// One shard's handles to its series.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    shard: u32,
+    pub connections_open: Gauge,
+    pub connections_unauthenticated: Gauge,
+    pub connections_accepted: Counter,
+    connections_closed: Family<ReasonLabel, Counter>,
+    /// [accepted 0-RTT, no 0-RTT].
+    handshakes_completed: [Counter; 2],
+    pub handshakes_refused: Counter,
+    pub retries_sent: Counter,
+    frames_received_family: Family<KindLabel, Counter>,
+    frames_sent_family: Family<KindLabel, Counter>,
+    frames_received: HashMap<&'static str, Counter>,
+    frames_sent: HashMap<&'static str, Counter>,
+    pub sends_acked: Counter,
+    sends_refused_family: Family<CodeLabel, Counter>,
+    sends_refused: HashMap<ErrorCode, Counter>,
+    /// [live, sync].
+    deliveries: [Counter; 2],
+    delivery_latency: [Histogram; 2],
+    pub send_ack_latency: Histogram,
+    pub commit_batches: Counter,
+    pub commit_failures: Counter,
+    pub commit_batch_requests: Histogram,
+    pub commit_duration: Histogram,
+    pub sync_reads: Counter,
+    pub expired_messages: Counter,
+    pub expiry_index_entries_cleared: Counter,
+    pub inboxes_emptied: Counter,
+    pub inbox_queue_requests: Gauge,
+    pub store_message_keys: Gauge,
+    pub mesh_backlog_messages: Gauge,
+    pub mesh_messages_dropped: Counter,
+    pub mesh_backpressure: Counter,
+}
+
+impl ShardMetrics {
+    pub fn frame_received(&mut self, kind: &'static str) {
+        let (family, shard) = (&self.frames_received_family, self.shard);
+        self.frames_received
+            .entry(kind)
+            .or_insert_with(|| family.get_or_create_owned(&KindLabel { shard, kind }))
+            .inc();
+    }
+
+    pub fn frame_sent(&mut self, kind: &'static str) {
+        let (family, shard) = (&self.frames_sent_family, self.shard);
+        self.frames_sent
+            .entry(kind)
+            .or_insert_with(|| family.get_or_create_owned(&KindLabel { shard, kind }))
+            .inc();
+    }
+
+    pub fn send_refused(&mut self, code: ErrorCode) {
+        let (family, shard) = (&self.sends_refused_family, self.shard);
+        self.sends_refused
+            .entry(code)
+            .or_insert_with(|| {
+                family.get_or_create_owned(&CodeLabel {
+                    shard,
+                    code: code_name(code),
+                })
+            })
+            .inc();
+    }
+
+    /// A connection ended: closed by the edge with `code`, or lost (`None`).
+    pub fn connection_closed(&self, code: Option<ErrorCode>) {
+        let reason = code.map_or("lost", code_name);
+        self.connections_closed
+            .get_or_create(&ReasonLabel {
+                shard: self.shard,
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn handshake_completed(&self, zero_rtt_accepted: bool) {
+        self.handshakes_completed[usize::from(!zero_rtt_accepted)].inc();
+    }
+
+    /// A Deliver frame written: `live` as committed, or from a sync read; `age_ms` since its
+    /// commit.
+    pub fn delivered(&self, live: bool, age_ms: u64) {
+        let path = usize::from(!live);
+        self.deliveries[path].inc();
+        self.delivery_latency[path].observe(age_ms as f64 / 1000.0);
+    }
+}
+
+/// The label value of an error code: its name in snake case.
+pub fn code_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Malformed => "malformed",
+        ErrorCode::FrameTooLarge => "frame_too_large",
+        ErrorCode::LimitExceeded => "limit_exceeded",
+        ErrorCode::Unauthenticated => "unauthenticated",
+        ErrorCode::TokenExpired => "token_expired",
+        ErrorCode::UnexpectedFrame => "unexpected_frame",
+        ErrorCode::BadRecipient => "bad_recipient",
+        ErrorCode::TooManyInFlight => "too_many_in_flight",
+        ErrorCode::Overloaded => "overloaded",
+        ErrorCode::StoreUnavailable => "store_unavailable",
+        ErrorCode::ShardUnavailable => "shard_unavailable",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Internal => "internal",
+        ErrorCode::Superseded => "superseded",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition has every family with its help, type and unit, per shard, and counts
+    /// what the shards counted.
+    #[test]
+    fn shards_count_into_one_exposition() {
+        let metrics = Metrics::new(Vec::new());
+        let mut zero = metrics.shard(0);
+        let one = metrics.shard(1);
+        zero.frame_received("send");
+        zero.frame_received("send");
+        zero.send_refused(ErrorCode::Overloaded);
+        one.sends_acked.inc();
+        one.delivered(true, 3);
+        one.connection_closed(None);
+        let text = metrics.encode(true);
+        for line in [
+            "courier_frames_received_total{shard=\"0\",kind=\"send\"} 2",
+            "courier_sends_refused_total{shard=\"0\",code=\"overloaded\"} 1",
+            "courier_sends_acked_total{shard=\"1\"} 1",
+            "courier_deliveries_total{shard=\"1\",path=\"live\"} 1",
+            "courier_connections_closed_total{shard=\"1\",reason=\"lost\"} 1",
+            "# TYPE courier_delivery_latency_seconds histogram",
+            "courier_delivery_latency_seconds_count{shard=\"1\",path=\"live\"} 1",
+            "# UNIT courier_commit_duration_seconds seconds",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        let classic = metrics.encode(false);
+        for line in [
+            "# TYPE courier_frames_received_total counter",
+            "# HELP courier_frames_received_total Protocol frames decoded from clients, by kind.",
+            "courier_frames_received_total{shard=\"0\",kind=\"send\"} 2",
+            "# TYPE courier_delivery_latency_seconds histogram",
+        ] {
+            assert!(classic.contains(line), "no {line:?} in:\n{classic}");
+        }
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+    }
+}
