@@ -22,7 +22,9 @@ fn free_port() -> u16 {
 /// The body of `GET path` on `addr`, or `None` if nothing answered with 200.
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     write!(
         stream,
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
@@ -47,10 +49,7 @@ fn query(prometheus: SocketAddr, promql: &str) -> Option<f64> {
         .collect();
     let body = http_get(prometheus, &format!("/api/v1/query?query={encoded}"))?;
     let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-    json["data"]["result"][0]["value"][1]
-        .as_str()?
-        .parse()
-        .ok()
+    json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
 struct Killed(Child);
@@ -159,6 +158,7 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+    check_deploy_files(&scrape);
 
     let status = bench.0.wait().expect("bench");
     assert!(status.success(), "the bench failed: {status}");
@@ -198,4 +198,55 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
     }
     let batches = query(web, "sum(courier_commit_batches_total)").unwrap_or(0.0);
     assert!(batches >= 1.0, "no commit batch counted");
+}
+
+/// The alert rules pass `promtool check rules` and their unit tests, and every `courier_`
+/// series the alert rules and the Grafana dashboard use is one the edge exports.
+fn check_deploy_files(scrape: &str) {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(deploy.join("prometheus"))
+            .output()
+            .expect("promtool");
+        assert!(
+            output.status.success(),
+            "promtool {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Sample names, and the family names of `# TYPE` lines (a histogram's base name).
+    let exported: std::collections::HashSet<&str> = scrape
+        .lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .collect();
+    for file in [
+        deploy.join("prometheus/alerts.yml"),
+        deploy.join("grafana/courier-edge.json"),
+    ] {
+        let text = std::fs::read_to_string(&file).expect("deploy file");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("courier_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            assert!(
+                exported.contains(name.as_str()),
+                "{} uses {name}, which the edge does not export",
+                file.display()
+            );
+        }
+    }
 }

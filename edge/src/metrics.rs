@@ -151,8 +151,10 @@ impl Metrics {
             "retries_sent",
             "QUIC Retry packets sent (address validation under a handshake flood)"
         );
-        let frames_received =
-            family!("frames_received", "Protocol frames decoded from clients, by kind");
+        let frames_received = family!(
+            "frames_received",
+            "Protocol frames decoded from clients, by kind"
+        );
         let frames_sent = family!("frames_sent", "Protocol frames written to clients, by kind");
         let sends_acked = family!(
             "sends_acked",
@@ -183,11 +185,12 @@ impl Metrics {
             "Group-commit batches committed (one transaction and fsync each)"
         );
         let commit_failures = family!("commit_failures", "Group-commit batches the store refused");
-        let commit_batch_requests = family!(
+        let commit_batch_requests: Histograms<ShardLabel> =
+            Family::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register(
             "commit_batch_requests",
             "Requests (sends, logins, acks, forgets) per committed batch",
-            Unit::Other("requests".into()),
-            batch_histogram as fn() -> Histogram
+            commit_batch_requests.clone(),
         );
         let commit_duration = family!(
             "commit_duration",
@@ -284,22 +287,44 @@ impl Metrics {
     /// Shard `shard`'s handles.
     pub fn shard(&self, shard: u32) -> ShardMetrics {
         let label = ShardLabel { shard };
+        // Every code and reason from the start: a series that appears only with its first
+        // event loses that event to `rate()`, and alerts on it would see nothing at all.
+        let mut sends_refused = HashMap::new();
+        for code in ERROR_CODES {
+            self.connections_closed.get_or_create_owned(&ReasonLabel {
+                shard,
+                reason: code_name(code),
+            });
+            let counter = self.sends_refused.get_or_create_owned(&CodeLabel {
+                shard,
+                code: code_name(code),
+            });
+            sends_refused.insert(code, counter);
+        }
+        self.connections_closed.get_or_create_owned(&ReasonLabel {
+            shard,
+            reason: "lost",
+        });
         let path = |path| PathLabel { shard, path };
         ShardMetrics {
             shard,
             connections_open: self.connections_open.get_or_create_owned(&label),
-            connections_unauthenticated: self.connections_unauthenticated.get_or_create_owned(&label),
+            connections_unauthenticated: self
+                .connections_unauthenticated
+                .get_or_create_owned(&label),
             connections_accepted: self.connections_accepted.get_or_create_owned(&label),
             connections_closed: self.connections_closed.clone(),
             handshakes_completed: [
-                self.handshakes_completed.get_or_create_owned(&ZeroRttLabel {
-                    shard,
-                    zero_rtt: "accepted",
-                }),
-                self.handshakes_completed.get_or_create_owned(&ZeroRttLabel {
-                    shard,
-                    zero_rtt: "none",
-                }),
+                self.handshakes_completed
+                    .get_or_create_owned(&ZeroRttLabel {
+                        shard,
+                        zero_rtt: "accepted",
+                    }),
+                self.handshakes_completed
+                    .get_or_create_owned(&ZeroRttLabel {
+                        shard,
+                        zero_rtt: "none",
+                    }),
             ],
             handshakes_refused: self.handshakes_refused.get_or_create_owned(&label),
             retries_sent: self.retries_sent.get_or_create_owned(&label),
@@ -309,7 +334,7 @@ impl Metrics {
             frames_sent: HashMap::new(),
             sends_acked: self.sends_acked.get_or_create_owned(&label),
             sends_refused_family: self.sends_refused.clone(),
-            sends_refused: HashMap::new(),
+            sends_refused,
             deliveries: [
                 self.deliveries.get_or_create_owned(&path("live")),
                 self.deliveries.get_or_create_owned(&path("sync")),
@@ -519,6 +544,24 @@ impl ShardMetrics {
     }
 }
 
+/// Every error code, for series that exist from the start.
+const ERROR_CODES: [ErrorCode; 14] = [
+    ErrorCode::Malformed,
+    ErrorCode::FrameTooLarge,
+    ErrorCode::LimitExceeded,
+    ErrorCode::Unauthenticated,
+    ErrorCode::TokenExpired,
+    ErrorCode::UnexpectedFrame,
+    ErrorCode::BadRecipient,
+    ErrorCode::TooManyInFlight,
+    ErrorCode::Overloaded,
+    ErrorCode::StoreUnavailable,
+    ErrorCode::ShardUnavailable,
+    ErrorCode::ShuttingDown,
+    ErrorCode::Internal,
+    ErrorCode::Superseded,
+];
+
 /// The label value of an error code: its name in snake case.
 pub fn code_name(code: ErrorCode) -> &'static str {
     match code {
@@ -580,5 +623,13 @@ mod tests {
             assert!(classic.contains(line), "no {line:?} in:\n{classic}");
         }
         assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+        // Series alerts use exist before their first event.
+        for line in [
+            "courier_sends_refused_total{shard=\"1\",code=\"store_unavailable\"} 0",
+            "courier_connections_closed_total{shard=\"0\",reason=\"lost\"} 0",
+            "# TYPE courier_commit_batch_requests histogram",
+        ] {
+            assert!(classic.contains(line), "no {line:?} in:\n{classic}");
+        }
     }
 }

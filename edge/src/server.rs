@@ -80,10 +80,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
         courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
             .map(|shard| {
-                crate::stores::shard_dir(
-                    &crate::stores::stores_dir(&config.server.data_dir),
-                    shard,
-                )
+                crate::stores::shard_dir(&crate::stores::stores_dir(&config.server.data_dir), shard)
             })
             .collect(),
         // FoundationDB's storage is the cluster's, not this machine's.

@@ -519,7 +519,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     let report = lane.run_store(move || store.expire(now, &core)).await;
                     if let Ok(report) = &report {
                         let mut shard = shard.borrow_mut();
-                        shard.metrics.expired_messages.inc_by(report.messages_deleted);
+                        shard
+                            .metrics
+                            .expired_messages
+                            .inc_by(report.messages_deleted);
                         shard
                             .metrics
                             .expiry_index_entries_cleared
