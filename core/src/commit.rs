@@ -42,6 +42,13 @@ pub enum Request {
     Forget {
         inbox: UserId,
     },
+    /// Erasure on request (`courier-edge ctl purge`): delete every message of `inbox`, its
+    /// device records, its dedupe records and its counter (then forgotten like an emptied
+    /// inbox, so its seqs never repeat). Messages the user sent to others stay in their
+    /// inboxes.
+    Purge {
+        inbox: UserId,
+    },
 }
 
 /// A message to store. The sender comes from the authenticated connection, never a frame.
@@ -75,6 +82,7 @@ pub enum Outcome {
     },
     Acked,
     Forgotten,
+    Purged,
     /// Not stored: the recipient has never logged in, and `recipients_must_exist` is set.
     UnknownRecipient,
 }
@@ -346,6 +354,29 @@ fn write_batch<T: Transaction>(
                     learned.forgotten.push(*inbox);
                 }
                 Outcome::Forgotten
+            }
+            Request::Purge { inbox } => {
+                let last_key = keys::message(*inbox, u64::MAX);
+                txn.clear_range(&keys::message(*inbox, 0), &last_key);
+                txn.clear(&last_key);
+                let (start, end) = keys::device_range(*inbox);
+                txn.clear_range(&start, &end);
+                // Dedupe records live in the current and the previous bucket (`find_dedupe`).
+                for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)]
+                    .into_iter()
+                    .flatten()
+                {
+                    let (start, end) = keys::dedupe_inbox_range(bucket, *inbox);
+                    txn.clear_range(&start, &end);
+                }
+                txn.clear(&keys::emptied(*inbox));
+                // Device updates this batch made before the purge are purged too.
+                devices.retain(|(device_inbox, _), _| device_inbox != inbox);
+                let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
+                seqs.forget(txn, *inbox, last)?;
+                learned.last_seqs.remove(inbox);
+                learned.forgotten.push(*inbox);
+                Outcome::Purged
             }
         };
         outcomes.push(outcome);

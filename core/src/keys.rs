@@ -117,6 +117,19 @@ pub fn dedupe(bucket: u64, inbox: UserId, sender: UserId, client_id: u64) -> [u8
     key
 }
 
+/// The range `[start, end)` of every dedupe record of `inbox` in bucket `bucket`.
+pub fn dedupe_inbox_range(bucket: u64, inbox: UserId) -> (Vec<u8>, Vec<u8>) {
+    let start = dedupe(bucket, inbox, 0, 0)[..17].to_vec();
+    let end = match inbox.checked_add(1) {
+        Some(next) => dedupe(bucket, next, 0, 0)[..17].to_vec(),
+        None => match bucket.checked_add(1) {
+            Some(next_bucket) => dedupe_bucket_start(next_bucket).to_vec(),
+            None => vec![TAG_DEDUPE + 1],
+        },
+    };
+    (start, end)
+}
+
 /// First key of dedupe bucket `bucket`; the end of the range of all earlier buckets.
 pub fn dedupe_bucket_start(bucket: u64) -> [u8; 9] {
     tagged_u64(TAG_DEDUPE, bucket)
@@ -195,6 +208,21 @@ mod tests {
         );
         assert!(dedupe_bucket_start(5).as_slice() <= dedupe(5, 0, 0, 0).as_slice());
         assert_eq!(parse_expiry(&expiry(3, 9)), Some((3, 9)));
+    }
+
+    #[test]
+    fn dedupe_records_of_an_inbox_fall_in_its_range() {
+        for (bucket, inbox) in [(3, 7), (3, u64::MAX), (u64::MAX, u64::MAX)] {
+            let (start, end) = dedupe_inbox_range(bucket, inbox);
+            for (sender, client_id) in [(0, 0), (u64::MAX, u64::MAX), (5, 9)] {
+                let key = dedupe(bucket, inbox, sender, client_id);
+                assert!(start.as_slice() <= key.as_slice() && key.as_slice() < end.as_slice());
+            }
+            if inbox < u64::MAX {
+                assert!(dedupe(bucket, inbox + 1, 0, 0).as_slice() >= end.as_slice());
+            }
+            assert!(dedupe(bucket, inbox - 1, u64::MAX, u64::MAX).as_slice() < start.as_slice());
+        }
     }
 
     #[test]

@@ -758,6 +758,39 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drain_local();
     }
 
+    /// The connections this shard holds for `user` (logged in or logging in): each with its
+    /// device and when it opened. For operators (`courier-edge ctl connections`).
+    pub fn connections_of(&self, user: UserId) -> Vec<(ConnRef, u32, UnixMillis)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.login.user() == Some(user))
+            .map(|(slot, c)| {
+                let conn = ConnRef {
+                    shard: self.config.shard,
+                    slot: *slot,
+                    generation: c.generation,
+                };
+                (conn, c.device, c.opened_at_ms)
+            })
+            .collect()
+    }
+
+    /// Closes every connection of `user` on this shard with `Disconnected`; returns how many.
+    pub fn disconnect_user(&mut self, user: UserId, reason: &str) -> usize {
+        let conns = self.connections_of(user);
+        for (conn, ..) in &conns {
+            self.close(*conn, ErrorCode::Disconnected, reason.to_string());
+        }
+        self.drain_local();
+        conns.len()
+    }
+
+    /// Queues the erasure of `inbox`, homed on this shard, for the next batch
+    /// (`Request::Purge`). False when too many purges wait already.
+    pub fn handle_purge(&mut self, inbox: UserId) -> bool {
+        self.inbox.handle_purge(inbox)
+    }
+
     /// Closes every connection with `code` (shutdown: clients reconnect).
     pub fn close_all(&mut self, code: ErrorCode, reason: &str) {
         let conns: Vec<ConnRef> = self

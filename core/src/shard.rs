@@ -35,6 +35,9 @@ pub struct Batch<T> {
     pub send_queued_ms: Vec<UnixMillis>,
 }
 
+/// Purges (erasure on request) one batch carries at most, on top of `batch_requests_max`.
+pub const PURGES_PER_BATCH_MAX: usize = 8;
+
 /// What the runtime must do after a commit.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output<T> {
@@ -91,6 +94,8 @@ pub struct InboxShard<T> {
     /// Inboxes expiry emptied, to be forgotten (`Request::Forget`); at most
     /// `queue_requests_max`.
     forgets: BTreeSet<UserId>,
+    /// Inboxes an operator asked to erase (`Request::Purge`); at most `queue_requests_max`.
+    purges: BTreeSet<UserId>,
     /// When the oldest ack (or forget) arrived; they alone make a batch `ack_delay_ms` later.
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
@@ -116,6 +121,7 @@ impl<T> InboxShard<T> {
             links: VecDeque::new(),
             acks: BTreeMap::new(),
             forgets: BTreeSet::new(),
+            purges: BTreeSet::new(),
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
             batch_in_flight: false,
@@ -128,7 +134,11 @@ impl<T> InboxShard<T> {
     /// runtime calls `poll_batch` again then. `None` when no acks wait or a batch is due (or in
     /// flight) anyway.
     pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
-        if self.batch_in_flight || !self.queue.is_empty() || !self.links.is_empty() {
+        if self.batch_in_flight
+            || !self.queue.is_empty()
+            || !self.links.is_empty()
+            || !self.purges.is_empty()
+        {
             return None;
         }
         self.acks_waiting_since_ms
@@ -137,7 +147,11 @@ impl<T> InboxShard<T> {
 
     /// Sends, links, acks and forgets waiting for a batch.
     pub fn queued_requests(&self) -> usize {
-        self.queue.len() + self.links.len() + self.acks.len() + self.forgets.len()
+        self.queue.len()
+            + self.links.len()
+            + self.acks.len()
+            + self.forgets.len()
+            + self.purges.len()
     }
 
     pub fn batch_in_flight(&self) -> bool {
@@ -239,6 +253,16 @@ impl<T> InboxShard<T> {
         true
     }
 
+    /// Queues the erasure of `inbox` (`Request::Purge`) for the next batch. Returns false when
+    /// `queue_requests_max` purges wait already (the operator tries again).
+    pub fn handle_purge(&mut self, inbox: UserId) -> bool {
+        if self.purges.len() >= self.queue_requests_max && !self.purges.contains(&inbox) {
+            return false;
+        }
+        self.purges.insert(inbox);
+        true
+    }
+
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
     /// while a batch is in flight, when nothing is queued, or when only acks wait and the
     /// oldest has waited less than `ack_commit_delay_ms` (see `batch_deadline_ms`) and they do
@@ -247,7 +271,7 @@ impl<T> InboxShard<T> {
         if self.batch_in_flight || self.queued_requests() == 0 {
             return None;
         }
-        let acks_only = self.queue.is_empty() && self.links.is_empty();
+        let acks_only = self.queue.is_empty() && self.links.is_empty() && self.purges.is_empty();
         if acks_only
             && self.acks.len() + self.forgets.len() < self.batch_requests_max
             && self
@@ -315,6 +339,13 @@ impl<T> InboxShard<T> {
             };
             device_updates += 1;
             batch.requests.push(Request::Forget { inbox });
+        }
+        // Purges are rare and clear whole ranges: a few per batch keep its size bounded.
+        for _ in 0..PURGES_PER_BATCH_MAX {
+            let Some(inbox) = self.purges.pop_first() else {
+                break;
+            };
+            batch.requests.push(Request::Purge { inbox });
         }
         if self.acks.is_empty() && self.forgets.is_empty() {
             self.acks_waiting_since_ms = None;
@@ -386,6 +417,7 @@ impl<T> InboxShard<T> {
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}
                         (Request::Forget { .. }, Outcome::Forgotten) => {}
+                        (Request::Purge { .. }, Outcome::Purged) => {}
                         (Request::Send(send), Outcome::UnknownRecipient) => {
                             outputs.push(Output::SendError {
                                 tag: tags.next().expect("one tag per send"),
@@ -430,6 +462,9 @@ impl<T> InboxShard<T> {
                         }
                         Request::Forget { inbox } => {
                             self.forgets.insert(inbox);
+                        }
+                        Request::Purge { inbox } => {
+                            self.purges.insert(inbox);
                         }
                     }
                 }

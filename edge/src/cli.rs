@@ -65,6 +65,51 @@ enum Command {
     PrintDefaultConfig,
     /// Check a config file and exit 0 if it is valid.
     CheckConfig { path: PathBuf },
+    /// Ask a running edge, over its local control socket (`control.socket`, by default
+    /// `control.sock` in the data directory).
+    Ctl {
+        /// The edge's config file, to find its control socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The control socket itself (overrides --config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the edge's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Each shard's connections, queued requests and state.
+    Status,
+    /// Drain and stop the edge, as SIGTERM does: refuse new connections, finish commits,
+    /// tell clients to reconnect.
+    Drain,
+    /// List a user's connections: shard, device, peer address, how long open.
+    Connections {
+        #[arg(long)]
+        user: u64,
+    },
+    /// Close every connection of a user with `Disconnected` (not retryable: the app decides
+    /// whether to log in again). Revoke the user's tokens too if they must stay out.
+    Disconnect {
+        #[arg(long)]
+        user: u64,
+    },
+    /// Erasure on request: disconnect a user, then delete their inbox (every stored message
+    /// to them), their device records, dedupe records and inbox counter. Gone from disk within
+    /// `retention.erase_within_secs`. Messages they sent to others stay in those inboxes.
+    Purge {
+        #[arg(long)]
+        user: u64,
+        /// Confirm: a purge cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Parses `args` (program name first) and runs the command.
@@ -154,8 +199,93 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     }
 }
 
+/// Runs `courier-edge ctl`: one request to the running edge, its answer printed.
+fn ctl(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    json: bool,
+    action: CtlAction,
+) -> Result<(), String> {
+    use crate::control::{Answer, Command as Request};
+    let socket = match socket {
+        Some(socket) => socket,
+        None => load(config.as_ref())?.control_socket_path(),
+    };
+    let request = match action {
+        CtlAction::Status => Request::Status,
+        CtlAction::Drain => Request::Drain,
+        CtlAction::Connections { user } => Request::Connections { user },
+        CtlAction::Disconnect { user } => Request::Disconnect { user },
+        CtlAction::Purge { user, yes } => {
+            if !yes {
+                return Err(format!(
+                    "a purge erases every message to user {user} and their devices for good; \
+                     run it again with --yes"
+                ));
+            }
+            Request::Purge { user }
+        }
+    };
+    let answer = crate::control::request(&socket, &request)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())?
+        );
+        return match answer {
+            Answer::Error { message } => Err(message),
+            _ => Ok(()),
+        };
+    }
+    match answer {
+        Answer::Status { version, shards } => {
+            println!("courier-edge {version}, {} shard(s)", shards.len());
+            println!("shard  connections  unauthenticated  queued  state");
+            for s in shards {
+                let state = match (s.draining, s.store_recovering) {
+                    (true, _) => "draining",
+                    (false, true) => "store reopening",
+                    (false, false) => "serving",
+                };
+                println!(
+                    "{:>5}  {:>11}  {:>15}  {:>6}  {state}",
+                    s.shard, s.connections, s.unauthenticated, s.queued_requests
+                );
+            }
+        }
+        Answer::Draining => println!("draining: the edge stops once its commits are done"),
+        Answer::Connections { user, connections } => {
+            println!("user {user}: {} connection(s)", connections.len());
+            for c in connections {
+                println!(
+                    "  shard {} device {} from {} open {} s",
+                    c.shard, c.device, c.peer, c.open_secs
+                );
+            }
+        }
+        Answer::Disconnected { user, connections } => {
+            println!("user {user}: closed {connections} connection(s)")
+        }
+        Answer::Purged {
+            user,
+            connections_closed,
+        } => println!(
+            "user {user}: closed {connections_closed} connection(s) and erased the inbox and \
+             device records (gone from disk within retention.erase_within_secs)"
+        ),
+        Answer::Error { message } => return Err(message),
+    }
+    Ok(())
+}
+
 fn try_main(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Ctl {
+            config,
+            socket,
+            json,
+            action,
+        } => ctl(config, socket, json, action),
         Command::Serve { config } => server::serve(load(config.as_ref())?, config),
         Command::Token {
             config,

@@ -25,9 +25,42 @@ pub struct Config {
     pub store: StoreSection,
     pub log: LogSection,
     pub metrics: MetricsSection,
+    pub control: ControlSection,
 }
 
-/// The observability listener (HTTP): `/livez` and `/readyz`.
+/// The local control channel of `courier-edge ctl` (docs/decisions/0012).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Serve `courier-edge ctl` on a Unix socket.
+    pub enabled: bool,
+    /// The socket's path. Empty: `control.sock` in `server.data_dir`. It is created readable
+    /// and writable by the edge's user only: whoever can open it can disconnect users and
+    /// erase inboxes.
+    pub socket: String,
+}
+
+impl Default for ControlSection {
+    fn default() -> ControlSection {
+        ControlSection {
+            enabled: true,
+            socket: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Where the control socket is (or would be).
+    pub fn control_socket_path(&self) -> std::path::PathBuf {
+        if self.control.socket.trim().is_empty() {
+            self.server.data_dir.join("control.sock")
+        } else {
+            std::path::PathBuf::from(self.control.socket.trim())
+        }
+    }
+}
+
+/// The observability listener (HTTP): `/metrics`, `/livez` and `/readyz`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {

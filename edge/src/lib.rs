@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cid;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod health;
 mod lanes;
 pub mod memory;

@@ -290,7 +290,7 @@ impl Metrics {
         // Every code and reason from the start: a series that appears only with its first
         // event loses that event to `rate()`, and alerts on it would see nothing at all.
         let mut sends_refused = HashMap::new();
-        for code in ERROR_CODES {
+        for code in courier_protocol::ALL_ERROR_CODES {
             self.connections_closed.get_or_create_owned(&ReasonLabel {
                 shard,
                 reason: code_name(code),
@@ -544,24 +544,6 @@ impl ShardMetrics {
     }
 }
 
-/// Every error code, for series that exist from the start.
-const ERROR_CODES: [ErrorCode; 14] = [
-    ErrorCode::Malformed,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::LimitExceeded,
-    ErrorCode::Unauthenticated,
-    ErrorCode::TokenExpired,
-    ErrorCode::UnexpectedFrame,
-    ErrorCode::BadRecipient,
-    ErrorCode::TooManyInFlight,
-    ErrorCode::Overloaded,
-    ErrorCode::StoreUnavailable,
-    ErrorCode::ShardUnavailable,
-    ErrorCode::ShuttingDown,
-    ErrorCode::Internal,
-    ErrorCode::Superseded,
-];
-
 /// The label value of an error code: its name in snake case.
 pub fn code_name(code: ErrorCode) -> &'static str {
     match code {
@@ -579,6 +561,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Internal => "internal",
         ErrorCode::Superseded => "superseded",
+        ErrorCode::Disconnected => "disconnected",
     }
 }
 

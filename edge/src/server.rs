@@ -87,6 +87,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         _ => Vec::new(),
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs));
+    let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
     if let Some(listen) = config.metrics.listen_addr()? {
         crate::health::start(listen, health.clone(), metrics.clone())?;
     }
@@ -117,6 +118,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
             memory: memory.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
+            control: control_receivers.remove(0),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -135,6 +137,10 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
             Ok(Err(error)) => return Err(error),
             Err(_) => return Err("a shard stopped during start-up".into()),
         }
+    }
+    let control_socket = config.control_socket_path();
+    if config.control.enabled {
+        crate::control::start(&control_socket, control_shards)?;
     }
     info!(
         listen = %config.server.listen,
@@ -176,6 +182,9 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         std::process::exit(EXIT_SHUTDOWN_INCOMPLETE);
     }
     info!(shards_stopped = stopped, "stopped");
+    if config.control.enabled {
+        let _ = std::fs::remove_file(&control_socket);
+    }
     std::process::exit(0);
 }
 

@@ -114,6 +114,8 @@ pub struct ShardSetup {
     pub health: Arc<crate::health::Health>,
     /// The edge's Prometheus series; the shard takes its own handles.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Requests from `courier-edge ctl`, through the control thread.
+    pub control: flume::Receiver<crate::control::ShardRequest>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -217,6 +219,8 @@ pub struct Shard {
     memory: Arc<crate::memory::MemoryGuard>,
     health: Arc<crate::health::Health>,
     metrics: crate::metrics::ShardMetrics,
+    /// Operators waiting for a purge of this user's inbox to commit.
+    purge_waiters: HashMap<UserId, Vec<flume::Sender<Result<(), String>>>>,
     /// When the gauges were last set (`publish_gauges`).
     gauges_published_at: Instant,
     stats: ShardStats,
@@ -427,6 +431,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         memory: setup.memory.clone(),
         health: setup.health.clone(),
         metrics: setup.metrics.shard(u32::from(id)),
+        purge_waiters: HashMap::new(),
         gauges_published_at: Instant::now(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
@@ -492,6 +497,18 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     let _ = stopped.send(shard.id);
                     return;
                 }
+            }
+        })
+        .detach();
+    }
+
+    {
+        // Requests from `courier-edge ctl` (the control thread).
+        let shard = shard.clone();
+        let control = setup.control.clone();
+        glommio::spawn_local(async move {
+            while let Ok(request) = control.recv_async().await {
+                shard.borrow_mut().handle_control(request);
             }
         })
         .detach();
@@ -1528,6 +1545,9 @@ impl Shard {
             let mut shard = shard.borrow_mut();
             shard.committer = Some(committer);
             shard.measure_commit(&batch, result.is_ok(), took);
+            if result.is_ok() {
+                shard.answer_purges(&batch);
+            }
             shard.finish_commit(batch, result);
             shard.after_input();
         });
@@ -1549,6 +1569,72 @@ impl Shard {
             metrics
                 .send_ack_latency
                 .observe(now_ms.saturating_sub(*queued_ms) as f64 / 1000.0);
+        }
+    }
+
+    /// Tells the operators waiting for the purges of a committed batch that they are done.
+    fn answer_purges(&mut self, batch: &Batch<ConnRef>) {
+        for request in &batch.requests {
+            if let courier_core::commit::Request::Purge { inbox } = request {
+                for waiter in self.purge_waiters.remove(inbox).unwrap_or_default() {
+                    let _ = waiter.try_send(Ok(()));
+                }
+                info!(
+                    shard = self.id,
+                    user = inbox,
+                    "purged the user's inbox and devices"
+                );
+            }
+        }
+    }
+
+    /// Carries out a request from `courier-edge ctl`.
+    fn handle_control(&mut self, request: crate::control::ShardRequest) {
+        use crate::control::{ConnectionInfo, ShardRequest, ShardStatus};
+        match request {
+            ShardRequest::Status { reply } => {
+                let _ = reply.try_send(ShardStatus {
+                    shard: self.id,
+                    connections: self.conns.len(),
+                    unauthenticated: self.session.unauthenticated_connections(),
+                    queued_requests: self.session.queued_requests(),
+                    draining: self.draining,
+                    store_recovering: self.store_recovering,
+                });
+            }
+            ShardRequest::Connections { user, reply } => {
+                let now_ms = self.now_ms();
+                let connections = self
+                    .session
+                    .connections_of(user)
+                    .into_iter()
+                    .filter_map(|(conn, device, opened_at_ms)| {
+                        let c = self.conns.get(&ConnectionHandle(conn.slot))?;
+                        Some(ConnectionInfo {
+                            shard: self.id,
+                            device,
+                            peer: c.quic.remote_address().to_string(),
+                            open_secs: now_ms.saturating_sub(opened_at_ms) / 1000,
+                        })
+                    })
+                    .collect();
+                let _ = reply.try_send(connections);
+            }
+            ShardRequest::Disconnect { user, reply } => {
+                let closed = self
+                    .session
+                    .disconnect_user(user, "disconnected by an operator");
+                self.after_input();
+                let _ = reply.try_send(closed);
+            }
+            ShardRequest::Purge { user, reply } => {
+                if self.session.handle_purge(user) {
+                    self.purge_waiters.entry(user).or_default().push(reply);
+                    self.after_input();
+                } else {
+                    let _ = reply.try_send(Err("too many purges are queued; try again".into()));
+                }
+            }
         }
     }
 

@@ -154,11 +154,13 @@ impl SessionError {
     }
 }
 
-/// Codes after which reconnecting cannot help.
+/// Codes after which reconnecting cannot help (or, for `Disconnected`, must not happen
+/// without the application deciding to log in again).
 pub fn is_fatal_code(code: ErrorCode) -> bool {
     matches!(
         code,
-        ErrorCode::Unauthenticated
+        ErrorCode::Disconnected
+            | ErrorCode::Unauthenticated
             | ErrorCode::TokenExpired
             | ErrorCode::Malformed
             | ErrorCode::FrameTooLarge

@@ -154,6 +154,9 @@ pub enum ErrorCode {
     /// this connection timed out). Retryable: a client that still runs reconnects, and its
     /// newer connection replaces the other in turn.
     Superseded = 14,
+    /// An operator ended this connection (`courier-edge ctl disconnect`). Not retryable: the
+    /// application decides whether to log in again.
+    Disconnected = 15,
 }
 
 impl ErrorCode {
@@ -182,7 +185,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for lookups and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::LimitExceeded,
@@ -197,6 +200,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
     ErrorCode::Superseded,
+    ErrorCode::Disconnected,
 ];
 
 impl Frame {

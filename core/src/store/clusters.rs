@@ -15,9 +15,10 @@ use crate::placement::{ClusterId, cluster_of};
 fn inbox_of(request: &Request) -> crate::UserId {
     match request {
         Request::Send(send) => send.to,
-        Request::Link { inbox, .. } | Request::Ack { inbox, .. } | Request::Forget { inbox } => {
-            *inbox
-        }
+        Request::Link { inbox, .. }
+        | Request::Ack { inbox, .. }
+        | Request::Forget { inbox }
+        | Request::Purge { inbox } => *inbox,
     }
 }
 
@@ -115,7 +116,10 @@ mod tests {
                     assert_eq!((*seq, *fresh), (expected_seq, true), "request {at}");
                 }
                 Outcome::Acked => assert_eq!(at, batch.len() - 1),
-                Outcome::Linked { .. } | Outcome::Forgotten | Outcome::UnknownRecipient => {
+                Outcome::Linked { .. }
+                | Outcome::Forgotten
+                | Outcome::Purged
+                | Outcome::UnknownRecipient => {
                     panic!("no link, forget or unknown recipient in this batch")
                 }
             }

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use courier_protocol::BODY_BYTES_MAX;
 
+use crate::shard::PURGES_PER_BATCH_MAX;
 use crate::{CoreConfig, envelope, keys};
 
 /// FoundationDB's hard limit on the bytes of one transaction (its default `size_limit`).
@@ -270,13 +271,24 @@ impl FdbConfig {
             + clear_range_bytes(device_key, device_key + 1)
             + clear_range_bytes(message_key, message_key);
         // A forget (decision 0011) costs less than a device update: a clear of its `g` record,
-        // a counter read, a range read of its messages, a counter clear. The seq floor is read
-        // and raised at most once per batch.
+        // a counter read, a range read of its messages, a counter clear. A purge clears
+        // ranges instead: messages (and the last seq's key), devices, two dedupe buckets, and
+        // the same keys as a forget. The seq floor is read and raised at most once per batch.
+        let dedupe_inbox = prefixed(keys::dedupe_inbox_range(0, 0).0.len());
+        let emptied_key = prefixed(keys::emptied(0).len());
+        let purge = clear_range_bytes(message_key, message_key)
+            + clear_range_bytes(message_key, message_key + 1)
+            + clear_range_bytes(prefixed(devices_start.len()), prefixed(devices_end.len()))
+            + 2 * clear_range_bytes(dedupe_inbox, dedupe_inbox)
+            + clear_range_bytes(emptied_key, emptied_key + 1)
+            + read_bytes(counter_key)
+            + clear_range_bytes(counter_key, counter_key + 1);
+
         let clock = set_bytes(prefixed(keys::clock().len()), 8);
         let floor_key = prefixed(keys::floor().len());
         let floor = read_bytes(floor_key) + set_bytes(floor_key, 8);
         (
-            self.owner_check_bytes() + clock + floor,
+            self.owner_check_bytes() + clock + floor + PURGES_PER_BATCH_MAX * purge,
             send + device_update,
         )
     }
@@ -672,6 +684,12 @@ mod tests {
                 inbox: inbox + 1_000,
                 device: 0,
                 up_to_seq: 7,
+            }),
+        );
+        // And as many purges as a batch carries.
+        batch.extend(
+            (1..=PURGES_PER_BATCH_MAX as u64).map(|inbox| Request::Purge {
+                inbox: inbox + 5_000,
             }),
         );
         let mut committer = Committer::new(&core);

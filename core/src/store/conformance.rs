@@ -24,7 +24,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 12] = [
+    let cases: [Case<H>; 13] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -58,6 +58,7 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
             "commit_logic_forgets_emptied_inboxes",
             commit_logic_forgets_emptied_inboxes,
         ),
+        ("commit_logic_purges_an_inbox", commit_logic_purges_an_inbox),
     ];
     for (name, case) in cases {
         eprintln!("store conformance: {name}");
@@ -229,6 +230,7 @@ fn seq_of(outcome: &Outcome) -> (u64, bool) {
         Outcome::Linked { .. }
         | Outcome::Acked
         | Outcome::Forgotten
+        | Outcome::Purged
         | Outcome::UnknownRecipient => {
             panic!("expected a stored outcome")
         }
@@ -430,6 +432,58 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
         .commit_batch(h.store(), &[send(1, 99, 9, b"n")], later)
         .unwrap();
     assert_eq!(seq_of(&next[0]), (6, true));
+}
+
+/// Issue 12: erasure on request leaves nothing of the inbox but the seq floor: no message,
+/// device record, dedupe record or counter. Its seqs never repeat, and other inboxes keep
+/// everything.
+fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let mut committer = commit::Committer::new(&config);
+    let now = 5 * config.dedupe_window_ms;
+    let link = |inbox| Request::Link {
+        inbox,
+        device: 0,
+        acked_up_to: 0,
+    };
+    let mut batch: Vec<Request> = (1..=4).map(|id| send(1, id, 9, b"erase me")).collect();
+    batch.push(send(1, 5, 8, b"keep me"));
+    batch.extend([link(9), link(8)]);
+    committer.commit_batch(h.store(), &batch, now).unwrap();
+    let outcomes = committer
+        .commit_batch(h.store(), &[Request::Purge { inbox: 9 }], now)
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Purged]);
+    let prefix_left = |prefix: Vec<u8>| {
+        let mut end = prefix.clone();
+        *end.last_mut().unwrap() += 1;
+        let mut txn = h.store().begin().unwrap();
+        txn.get_range(&prefix, &end, 10).unwrap().len()
+    };
+    assert_eq!(
+        prefix_left(keys::message(9, 0)[..9].to_vec()),
+        0,
+        "messages"
+    );
+    assert_eq!(prefix_left(keys::device(9, 0)[..9].to_vec()), 0, "devices");
+    let bucket = now / config.dedupe_window_ms;
+    assert_eq!(
+        prefix_left(keys::dedupe(bucket, 9, 0, 0)[..17].to_vec()),
+        0,
+        "dedupe records"
+    );
+    assert!(!commit::has_counter(h.store(), 9).unwrap());
+    assert_eq!(
+        prefix_left(keys::message(8, 0)[..9].to_vec()),
+        1,
+        "inbox 8 kept"
+    );
+    assert!(commit::has_counter(h.store(), 8).unwrap());
+    // A retry of a purged send inside the dedupe window is a new message, at a new seq.
+    let again = committer
+        .commit_batch(h.store(), &[send(1, 1, 9, b"new")], now)
+        .unwrap();
+    assert_eq!(seq_of(&again[0]), (5, true));
 }
 
 /// Issue 11: an inbox expiry emptied leaves no record, and its seqs never repeat.

@@ -1,0 +1,323 @@
+//! The local control channel: `courier-edge ctl` talks to a running edge over a Unix socket
+//! (docs/decisions/0012 says why not quic-rpc).
+//!
+//! One thread off the data path accepts a connection, reads one request (a JSON object on one
+//! line, at most `REQUEST_BYTES_MAX`), and writes one JSON answer. It asks the shards through
+//! a bounded channel per shard, which each shard's executor reads in a task of its own, and
+//! waits for their answers at most `SHARD_ANSWER_TIMEOUT`. Only the edge's user can open the
+//! socket (mode 0600): whoever can may disconnect users and erase inboxes.
+//!
+//! Requests: `{"command":"status"}`, `{"command":"drain"}`, and with a `"user"`:
+//! `connections`, `disconnect`, `purge`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use courier_core::UserId;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// Bytes of a request read at most.
+const REQUEST_BYTES_MAX: usize = 4096;
+/// How long a client may take to send its request, and the answer to be taken.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the control thread waits for a shard (a purge waits for its commit).
+pub const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control requests a shard holds before the control thread is told it is busy.
+pub const SHARD_QUEUE_MAX: usize = 16;
+
+/// A request from an operator, as sent on the socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Each shard's connections, queues and state.
+    Status,
+    /// Drain and stop the edge, as SIGTERM does.
+    Drain,
+    /// The user's connections on every shard.
+    Connections { user: UserId },
+    /// Close every connection of the user with `Disconnected`.
+    Disconnect { user: UserId },
+    /// Disconnect the user, then erase their inbox: messages, device records, dedupe records
+    /// and counter (erasure on request).
+    Purge { user: UserId },
+}
+
+/// One shard's state, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: u8,
+    pub connections: usize,
+    pub unauthenticated: usize,
+    /// Sends, logins, acks, forgets and purges waiting for a commit.
+    pub queued_requests: usize,
+    pub draining: bool,
+    pub store_recovering: bool,
+}
+
+/// One connection of a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub shard: u8,
+    pub device: u32,
+    pub peer: String,
+    /// How long it has been open.
+    pub open_secs: u64,
+}
+
+/// The answer to a [`Command`], as sent on the socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Status {
+        version: String,
+        shards: Vec<ShardStatus>,
+    },
+    Draining,
+    Connections {
+        user: UserId,
+        connections: Vec<ConnectionInfo>,
+    },
+    Disconnected {
+        user: UserId,
+        connections: usize,
+    },
+    Purged {
+        user: UserId,
+        connections_closed: usize,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// What the control thread asks a shard; the shard answers on `reply`.
+#[derive(Debug)]
+pub enum ShardRequest {
+    Status {
+        reply: flume::Sender<ShardStatus>,
+    },
+    Connections {
+        user: UserId,
+        reply: flume::Sender<Vec<ConnectionInfo>>,
+    },
+    Disconnect {
+        user: UserId,
+        reply: flume::Sender<usize>,
+    },
+    /// To the user's home shard: erase the inbox; the answer comes once the commit is done.
+    Purge {
+        user: UserId,
+        reply: flume::Sender<Result<(), String>>,
+    },
+}
+
+/// The control thread's handles to the shards.
+#[derive(Debug, Clone)]
+pub struct Shards {
+    pub senders: Vec<flume::Sender<ShardRequest>>,
+}
+
+impl Shards {
+    /// A channel per shard: the senders for the control thread, the receivers for the shards.
+    pub fn new(count: u32) -> (Shards, Vec<flume::Receiver<ShardRequest>>) {
+        let (senders, receivers) = (0..count).map(|_| flume::bounded(SHARD_QUEUE_MAX)).unzip();
+        (Shards { senders }, receivers)
+    }
+}
+
+/// Binds `path` (replacing a stale socket file) with mode 0600 and serves requests on a thread
+/// of its own.
+pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another process serves the control socket {}; is an edge already running \
+                 with this data directory?",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| {
+            format!(
+                "cannot remove the stale control socket {}: {e}",
+                path.display()
+            )
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        format!(
+            "cannot create the control socket {}: {e}; set control.socket to a writable path, \
+             or control.enabled = false",
+            path.display()
+        )
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot restrict the control socket {}: {e}", path.display()))?;
+    }
+    let shown = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("courier-control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => serve_one(stream, &shards),
+                    Err(error) => warn!(%error, "control socket: accept failed"),
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    info!(socket = %shown.display(), "control socket for courier-edge ctl");
+    Ok(())
+}
+
+fn serve_one(mut stream: UnixStream, shards: &Shards) {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut line = String::new();
+    let mut reader = BufReader::new(std::io::Read::take(read_half, REQUEST_BYTES_MAX as u64));
+    let answer = match reader.read_line(&mut line) {
+        Err(error) => Answer::Error {
+            message: format!("could not read the request: {error}"),
+        },
+        Ok(_) if !line.ends_with('\n') => Answer::Error {
+            message: format!("a request is one JSON line of at most {REQUEST_BYTES_MAX} bytes"),
+        },
+        Ok(_) => match serde_json::from_str::<Command>(&line) {
+            Ok(command) => {
+                info!(?command, "control request");
+                execute(command, shards)
+            }
+            Err(error) => Answer::Error {
+                message: format!("not a request: {error}"),
+            },
+        },
+    };
+    let mut text = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    let _ = stream.write_all(text.as_bytes());
+}
+
+fn execute(command: Command, shards: &Shards) -> Answer {
+    match command {
+        Command::Status => match ask_all(shards, |reply| ShardRequest::Status { reply }) {
+            Ok(shards) => Answer::Status {
+                version: env!("CARGO_PKG_VERSION").into(),
+                shards,
+            },
+            Err(message) => Answer::Error { message },
+        },
+        Command::Drain => {
+            // The same path as SIGTERM: the main thread waits for it in `sigwait`.
+            #[allow(unsafe_code)]
+            // SAFETY: kill only sends a signal to this process.
+            let sent = unsafe { libc::kill(libc::getpid(), libc::SIGTERM) } == 0;
+            if sent {
+                Answer::Draining
+            } else {
+                Answer::Error {
+                    message: "could not signal the edge to drain".into(),
+                }
+            }
+        }
+        Command::Connections { user } => {
+            match ask_all(shards, |reply| ShardRequest::Connections { user, reply }) {
+                Ok(per_shard) => Answer::Connections {
+                    user,
+                    connections: per_shard.into_iter().flatten().collect(),
+                },
+                Err(message) => Answer::Error { message },
+            }
+        }
+        Command::Disconnect { user } => {
+            match ask_all(shards, |reply| ShardRequest::Disconnect { user, reply }) {
+                Ok(counts) => Answer::Disconnected {
+                    user,
+                    connections: counts.into_iter().sum(),
+                },
+                Err(message) => Answer::Error { message },
+            }
+        }
+        Command::Purge { user } => {
+            // Disconnect first: a device still connected would go on acking with its cursor.
+            let closed = match ask_all(shards, |reply| ShardRequest::Disconnect { user, reply }) {
+                Ok(counts) => counts.into_iter().sum(),
+                Err(message) => return Answer::Error { message },
+            };
+            let home = courier_core::placement::home_shard(user, shards.senders.len() as u32);
+            let (reply, answer) = flume::bounded(1);
+            let asked = shards.senders[home as usize].try_send(ShardRequest::Purge { user, reply });
+            if asked.is_err() {
+                return Answer::Error {
+                    message: format!("shard {home} is busy; try again"),
+                };
+            }
+            match answer.recv_timeout(SHARD_ANSWER_TIMEOUT) {
+                Ok(Ok(())) => Answer::Purged {
+                    user,
+                    connections_closed: closed,
+                },
+                Ok(Err(message)) => Answer::Error { message },
+                Err(_) => Answer::Error {
+                    message: format!(
+                        "the purge did not commit within {} s (is the store failing? see the \
+                         log); it stays queued and will run",
+                        SHARD_ANSWER_TIMEOUT.as_secs()
+                    ),
+                },
+            }
+        }
+    }
+}
+
+/// Sends a request to every shard and collects the answers in shard order.
+fn ask_all<T>(
+    shards: &Shards,
+    request: impl Fn(flume::Sender<T>) -> ShardRequest,
+) -> Result<Vec<T>, String> {
+    let mut answers = Vec::with_capacity(shards.senders.len());
+    let mut pending = Vec::with_capacity(shards.senders.len());
+    for (shard, sender) in shards.senders.iter().enumerate() {
+        let (reply, answer) = flume::bounded(1);
+        sender
+            .try_send(request(reply))
+            .map_err(|_| format!("shard {shard} is busy or stopped; try again"))?;
+        pending.push((shard, answer));
+    }
+    for (shard, answer) in pending {
+        answers.push(
+            answer
+                .recv_timeout(SHARD_ANSWER_TIMEOUT)
+                .map_err(|_| format!("shard {shard} did not answer"))?,
+        );
+    }
+    Ok(answers)
+}
+
+/// Sends `command` to the edge serving `socket` and returns its answer.
+pub fn request(socket: &Path, command: &Command) -> Result<Answer, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the edge's control socket {}: {e}; is the edge running, with this \
+             config (--config) and control.enabled?",
+            socket.display()
+        )
+    })?;
+    let _ = stream.set_read_timeout(Some(SHARD_ANSWER_TIMEOUT + CLIENT_TIMEOUT));
+    let mut text = serde_json::to_string(command).map_err(|e| e.to_string())?;
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from the edge: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("an answer that does not parse ({e}): {line}"))
+}
