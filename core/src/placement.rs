@@ -4,7 +4,8 @@
 //! Jump consistent hashing (Lamping and Veach, 2014) moves only about `1/n` of the users when the
 //! shard count grows from `n - 1` to `n`, and needs no table. The function is part of the
 //! on-disk contract: changing it re-homes users, so it is pinned by a test of known values.
-//! Across several edges, rendezvous hashing will pick the edge first, then this picks the core.
+//! Across several edges, rendezvous hashing picks the edge first ([`home_edge`]), then this
+//! picks the core within it (docs/cluster.md).
 //!
 //! With FoundationDB, an inbox's keys also live on one of several clusters:
 //! `jump_hash(mix64(inbox ^ CLUSTER_SALT), clusters)` ([`cluster_of`]). The salt makes it
@@ -20,6 +21,14 @@ pub type ShardId = u32;
 
 /// Index of a FoundationDB cluster in the configured list of cluster files.
 pub type ClusterId = u32;
+
+/// An edge's id in a cluster of edges (`[cluster] edge_id`): stable for the edge's life, since
+/// placement hashes it.
+pub type EdgeId = u32;
+
+/// Mixed into the user before scoring edges, so a user's home edge says nothing about its
+/// home shard: the users of one edge spread over all of its shards.
+const EDGE_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 
 /// Mixed into the inbox before hashing it to a cluster, so that an inbox's cluster says
 /// nothing about its home shard (the 64-bit golden ratio, as any odd constant would do).
@@ -40,6 +49,28 @@ pub fn home_shard(user: UserId, shards: u32) -> ShardId {
 pub fn cluster_of(inbox: UserId, clusters: u32) -> ClusterId {
     assert!(clusters > 0, "a deployment has at least one cluster");
     jump_hash(mix64(inbox ^ CLUSTER_SALT), clusters)
+}
+
+/// The home edge of `user` among the cluster's `edges`, by rendezvous (highest random weight)
+/// hashing: each edge scores `mix64(mix64(user ^ salt) ^ mix64(edge))`, and the highest score
+/// wins (the lower id on a tie). Integer arithmetic only, so every edge computes the same
+/// answer on any machine.
+///
+/// Adding an edge moves to it the users it now outscores, about `1/(n + 1)` of them, and moves
+/// no one else; removing an edge moves only its own users, spread over the rest. The order of
+/// `edges` does not matter. `edges` must not be empty.
+pub fn home_edge(user: UserId, edges: &[EdgeId]) -> EdgeId {
+    let key = mix64(user ^ EDGE_SALT);
+    edges
+        .iter()
+        .copied()
+        .max_by_key(|edge| {
+            (
+                mix64(key ^ mix64(u64::from(*edge))),
+                std::cmp::Reverse(*edge),
+            )
+        })
+        .expect("a cluster has at least one edge")
 }
 
 /// Jump consistent hash: maps `key` to a bucket in `0..buckets`.
@@ -120,6 +151,57 @@ mod tests {
             moved.len()
         );
         assert!(moved.iter().all(|&inbox| cluster_of(inbox, 5) == 4));
+    }
+
+    #[test]
+    fn home_edges_are_pinned_to_known_values() {
+        // If this fails, every cluster would re-home its users.
+        let edges = [0, 1, 2, 3, 4];
+        let homes: Vec<EdgeId> = (1..=8).map(|user| home_edge(user, &edges)).collect();
+        assert_eq!(homes, PINNED_EDGES);
+        let shuffled = [3, 0, 4, 2, 1];
+        assert!((1..=1000).all(|user| home_edge(user, &shuffled) == home_edge(user, &edges)));
+    }
+
+    const PINNED_EDGES: [EdgeId; 8] = [4, 2, 4, 0, 3, 3, 0, 4];
+
+    #[test]
+    fn users_spread_over_edges_and_over_each_edges_shards() {
+        let edges = [10, 11, 12, 13];
+        let mut counts = [[0u32; 4]; 4];
+        for user in 1..=80_000u64 {
+            let edge = home_edge(user, &edges) - 10;
+            counts[edge as usize][home_shard(user, 4) as usize] += 1;
+        }
+        for row in counts {
+            for count in row {
+                assert!((4_500..5_500).contains(&count), "uneven: {counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn adding_an_edge_moves_a_fair_share_all_to_it_and_removing_moves_only_its_users() {
+        let before = [1, 2, 3, 4];
+        let after = [1, 2, 3, 4, 5];
+        let moved: Vec<u64> = (1..=10_000u64)
+            .filter(|&user| home_edge(user, &before) != home_edge(user, &after))
+            .collect();
+        // Ideal is 1/5 of the users.
+        assert!(
+            (1_700..2_300).contains(&moved.len()),
+            "{} moved",
+            moved.len()
+        );
+        assert!(moved.iter().all(|&user| home_edge(user, &after) == 5));
+        // Removing edge 2 moves its users and no one else.
+        let without = [1, 3, 4, 5];
+        for user in 1..=10_000u64 {
+            let home = home_edge(user, &after);
+            if home != 2 {
+                assert_eq!(home_edge(user, &without), home, "user {user} moved");
+            }
+        }
     }
 
     #[test]
