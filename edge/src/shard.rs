@@ -1172,7 +1172,8 @@ impl Shard {
         while let Some(event) = conn.quic.poll() {
             match event {
                 Event::Connected => {
-                    self.metrics.handshake_completed(conn.quic.accepted_0rtt());
+                    // On a server, `has_0rtt` says the early data was accepted (`accepted_0rtt` is a client's).
+                    self.metrics.handshake_completed(conn.quic.has_0rtt());
                     conn.handshake_done = true;
                     self.handshake_finished(&mut conn);
                 }

@@ -230,7 +230,10 @@ async fn f_connection_migrates_to_a_new_local_port() {
 /// g. A second connection resumes the TLS session and its 0-RTT data is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_resumed_connection_sends_in_0rtt() {
-    let edge = Edge::start(2);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let edge = Edge::start_with(2, &format!("[metrics]\nlisten = \"{metrics}\"\n"), &[]);
     let mut bob = edge.client(72).await;
     let connector = edge.connector();
     let token = edge.token(71, 0);
@@ -273,6 +276,27 @@ async fn g_resumed_connection_sends_in_0rtt() {
         .await
         .expect("receipt");
     assert_eq!(receipt.seq, got.seq);
+
+    // The edge counted one handshake whose early data it accepted.
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(metrics).expect("metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text
+    };
+    let accepted: f64 = scrape
+        .lines()
+        .filter(|line| {
+            line.starts_with("courier_handshakes_completed_total")
+                && line.contains("zero_rtt=\"accepted\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(accepted, 1.0, "{scrape}");
 }
 
 /// h. Two users homed on different shards chat (the cross-shard path).
