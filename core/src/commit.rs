@@ -286,9 +286,14 @@ fn write_batch<T: Transaction>(
                         &record,
                     );
                     let expiry = (expire_at_ms / config.expiry_bucket_ms, send.to);
-                    if !known.expiry_written.contains(&expiry)
-                        && learned.expiry_written.insert(expiry)
-                    {
+                    // A bucket that ends soon is written every time: an expiry pass that began
+                    // after this batch took its time may already have cleared the entry the
+                    // cache remembers, and the message would be left out.
+                    let ends_soon = expiry.0 <= (now / config.expiry_bucket_ms).saturating_add(1);
+                    let cached = !ends_soon
+                        && (known.expiry_written.contains(&expiry)
+                            || !learned.expiry_written.insert(expiry));
+                    if !cached {
                         txn.set(&keys::expiry(expiry.0, expiry.1), &[]);
                     }
                     Outcome::Stored {
@@ -339,8 +344,11 @@ fn write_batch<T: Transaction>(
                 // A cursor never passes the inbox's head, so a hostile ack cannot delete
                 // messages that are not written yet.
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                let cursor = device_cursor(txn, &devices, *inbox, *device)?.unwrap_or(0);
-                devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
+                // A device without a record (never linked, forgotten, or purged while its ack
+                // was on the way) records nothing: an ack must not bring a purged user back.
+                if let Some(cursor) = device_cursor(txn, &devices, *inbox, *device)? {
+                    devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
+                }
                 Outcome::Acked
             }
             Request::Forget { inbox } => {
@@ -349,7 +357,7 @@ fn write_batch<T: Transaction>(
                 let (start, end) = (keys::message(*inbox, 0), keys::message(*inbox, u64::MAX));
                 if txn.get_range(&start, &end, 1)?.is_empty() {
                     let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                    seqs.forget(txn, *inbox, last)?;
+                    seqs.forget(txn, *inbox, last);
                     learned.last_seqs.remove(inbox);
                     learned.forgotten.push(*inbox);
                 }
@@ -373,7 +381,7 @@ fn write_batch<T: Transaction>(
                 // Device updates this batch made before the purge are purged too.
                 devices.retain(|(device_inbox, _), _| device_inbox != inbox);
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                seqs.forget(txn, *inbox, last)?;
+                seqs.forget(txn, *inbox, last);
                 learned.last_seqs.remove(inbox);
                 learned.forgotten.push(*inbox);
                 Outcome::Purged
@@ -442,8 +450,8 @@ fn write_batch<T: Transaction>(
 /// inbox's counter, or — for an inbox without a counter — the shard's seq floor.
 #[derive(Debug, Default)]
 struct SeqSource {
-    /// The floor as this batch sees it, read at most once.
-    floor: Option<u64>,
+    /// The floor as stored when this batch first needed it, read at most once.
+    floor_stored: Option<u64>,
     /// The floor this batch raised by forgetting inboxes; written once at the end.
     floor_raised_to: Option<u64>,
     /// Forgotten by this batch: the cache's last seq no longer applies.
@@ -472,31 +480,32 @@ impl SeqSource {
         }
     }
 
+    /// The floor: as stored, or as this batch raised it.
+    ///
+    /// The stored floor is a snapshot read: it adds no read conflict, so on FoundationDB a
+    /// send to a new inbox does not conflict with another shard forgetting one of its own
+    /// inboxes. That is safe because the floor only has to be above the seqs of this shard's
+    /// own forgotten inboxes, and this shard raised it for those in batches that committed
+    /// before this one began (one batch in flight per shard; a takeover fences the old owner).
     fn floor<T: Transaction>(&mut self, txn: &mut T) -> Result<u64, StoreError> {
-        if let Some(floor) = self.floor {
-            return Ok(floor);
-        }
-        let floor = read_floor(txn)?;
-        self.floor = Some(floor);
-        Ok(floor)
+        let stored = match self.floor_stored {
+            Some(floor) => floor,
+            None => {
+                let floor = read_floor(txn)?;
+                self.floor_stored = Some(floor);
+                floor
+            }
+        };
+        Ok(stored.max(self.floor_raised_to.unwrap_or(0)))
     }
 
-    /// Deletes `inbox`'s counter and raises the floor to its `last` seq, so the next seq of
-    /// the inbox is above every seq it ever had.
-    fn forget<T: Transaction>(
-        &mut self,
-        txn: &mut T,
-        inbox: UserId,
-        last: u64,
-    ) -> Result<(), StoreError> {
+    /// Deletes `inbox`'s counter and raises the floor to its `last` seq (an atomic max at the
+    /// end of the batch, with no read), so the next seq of the inbox is above every seq it
+    /// ever had.
+    fn forget<T: Transaction>(&mut self, txn: &mut T, inbox: UserId, last: u64) {
         txn.clear(&keys::counter(inbox));
-        let floor = self.floor(txn)?;
-        if last > floor {
-            self.floor = Some(last);
-            self.floor_raised_to = Some(last);
-        }
+        self.floor_raised_to = Some(self.floor_raised_to.unwrap_or(0).max(last));
         self.forgotten.insert(inbox);
-        Ok(())
     }
 }
 
@@ -613,7 +622,7 @@ fn read_counter<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<Option<u64
 }
 
 fn read_floor<T: Transaction>(txn: &mut T) -> Result<u64, StoreError> {
-    match txn.get(&keys::floor())? {
+    match txn.get_snapshot(&keys::floor())? {
         None => Ok(0),
         Some(value) => keys::le_u64(&value)
             .ok_or_else(|| StoreError::Corrupt(format!("seq floor of {} bytes", value.len()))),
@@ -708,6 +717,14 @@ pub fn read_inbox<S: Store>(
     })
 }
 
+/// Messages an expiry scan reads at a time: most scans stop within the first page.
+pub const EXPIRY_PAGE_KEYS: usize = 64;
+
+/// An expiry index entry's value when a pass ran out of budget inside its inbox: this tag, then
+/// the seq to go on after (u64 LE). Other values (empty; older versions: a seq) mean "from the
+/// start".
+const EXPIRY_RESUME_TAG: u8 = b'r';
+
 /// What one [`expire`] pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExpireReport {
@@ -769,7 +786,7 @@ fn write_expiry<T: Transaction>(
     )?;
     report.more = entries.len() == entries_max;
     budget -= entries.len();
-    for (key, _) in entries {
+    for (key, value) in entries {
         let Some((bucket, inbox)) = keys::parse_expiry(&key) else {
             return Err(StoreError::Corrupt(
                 "expiry index entry of unexpected shape".into(),
@@ -781,49 +798,75 @@ fn write_expiry<T: Transaction>(
         }
         // A message expiring in `bucket` was stored before the bucket ended, and seqs follow
         // commit time, so the scan ends at the first message stored after it. (The entry is
-        // written once per inbox and bucket, so it cannot name the bucket's highest seq.)
+        // written once per inbox and bucket, so it cannot name the bucket's highest seq.) An
+        // earlier pass that ran out of budget in this inbox left where to go on from.
         let bucket_end_ms = bucket
             .saturating_add(1)
             .saturating_mul(config.expiry_bucket_ms);
-        let messages = txn.get_range(
-            &keys::message(inbox, 0),
-            &keys::message(inbox, u64::MAX),
-            budget,
-        )?;
-        let scanned_all = messages.len() < budget;
-        let mut complete = scanned_all;
-        let mut kept = false;
-        let mut read = 0;
-        for (message_key, message_value) in messages {
-            read += 1;
-            let (Some(sent_at_ms), Some(expire_at_ms)) = (
-                envelope::sent_at_ms(&message_value),
-                envelope::expire_at_ms(&message_value),
-            ) else {
-                return Err(StoreError::Corrupt(format!(
-                    "message of inbox {inbox} has no header"
-                )));
-            };
-            if sent_at_ms >= bucket_end_ms {
-                kept = true;
-                complete = true;
+        let resume_after = match value.as_slice() {
+            [EXPIRY_RESUME_TAG, seq @ ..] => keys::le_u64(seq),
+            _ => None,
+        };
+        let last_key = keys::message(inbox, u64::MAX);
+        let mut from = keys::message(inbox, resume_after.map_or(0, |seq| seq.saturating_add(1)));
+        let mut last_seen: Option<u64> = None;
+        let mut complete = false;
+        // Pages of a few keys, each charged to the budget: most scans stop within the first.
+        while !complete {
+            let page_keys = budget.min(EXPIRY_PAGE_KEYS);
+            if page_keys == 0 {
                 break;
             }
-            if expire_at_ms <= now {
-                txn.clear(&message_key);
-                report.messages_deleted += 1;
-            } else {
-                kept = true;
+            let page = txn.get_range(&from, &last_key, page_keys)?;
+            budget -= page.len();
+            complete = page.len() < page_keys;
+            for (message_key, message_value) in page {
+                let (Some((_, seq)), Some(sent_at_ms), Some(expire_at_ms)) = (
+                    keys::parse_message(&message_key),
+                    envelope::sent_at_ms(&message_value),
+                    envelope::expire_at_ms(&message_value),
+                ) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "message of inbox {inbox} has no header"
+                    )));
+                };
+                if sent_at_ms >= bucket_end_ms {
+                    complete = true;
+                    break;
+                }
+                if expire_at_ms <= now {
+                    txn.clear(&message_key);
+                    report.messages_deleted += 1;
+                }
+                last_seen = Some(seq);
+            }
+            match last_seen.and_then(|seq| seq.checked_add(1)) {
+                Some(next) => from = keys::message(inbox, next),
+                None if last_seen.is_some() => complete = true,
+                None => {}
             }
         }
-        budget -= read;
         if !complete {
+            // Out of budget inside this inbox: the next pass goes on after the last message
+            // seen, so an inbox with more live messages than the budget still gets done.
+            if let Some(seq) = last_seen {
+                let mut resume = [0u8; 9];
+                resume[0] = EXPIRY_RESUME_TAG;
+                resume[1..].copy_from_slice(&seq.to_le_bytes());
+                txn.set(&key, &resume);
+            }
             report.more = true;
             break;
         }
         txn.clear(&key);
         report.index_entries_cleared += 1;
-        if scanned_all && !kept {
+        // Nothing left at all (this transaction sees its own deletes): the home shard forgets
+        // the inbox.
+        budget = budget.saturating_sub(1);
+        if txn
+            .get_range(&keys::message(inbox, 0), &last_key, 1)?
+            .is_empty()
+        {
             txn.set(&keys::emptied(inbox), &[]);
         }
     }
@@ -849,6 +892,51 @@ mod tests {
             body: b"hi".to_vec(),
             ttl_secs: None,
         })
+    }
+
+    /// An inbox with more live messages than one pass may read still gets its expiry done:
+    /// each pass goes on where the last one stopped, and the passes end.
+    #[test]
+    fn expiry_goes_on_where_a_pass_ran_out_of_budget() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 10,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let now = 5 * config.dedupe_window_ms;
+        let mut batch: Vec<Request> = (1..=30).map(|id| send(id, 7)).collect();
+        batch.push(Request::Send(SendRequest {
+            sender: 1,
+            client_id: 99,
+            to: 7,
+            body: b"short".to_vec(),
+            ttl_secs: Some(1),
+        }));
+        committer.commit_batch(&store, &batch, now).unwrap();
+        let later = now + 2 * config.expiry_bucket_ms;
+        let mut passes = 0;
+        let mut deleted = 0;
+        loop {
+            let report = expire(&store, later, &config).unwrap();
+            deleted += report.messages_deleted;
+            passes += 1;
+            assert!(passes < 20, "expiry never finished");
+            if !report.more {
+                break;
+            }
+        }
+        assert_eq!(deleted, 1, "only the short-lived message expired");
+        let page = read_inbox(&store, 7, 0, later, &config).unwrap();
+        assert_eq!(page.messages.len(), 30);
+        let mut txn = store.begin().unwrap();
+        let (start, end) = keys::tag_range(keys::TAG_EXPIRY);
+        let entries = txn.get_range(&start, &end, 10).unwrap();
+        assert_eq!(
+            entries.len(),
+            1,
+            "only the retention bucket's entry is left"
+        );
     }
 
     #[test]

@@ -259,6 +259,9 @@ impl<T> InboxShard<T> {
         if self.purges.len() >= self.queue_requests_max && !self.purges.contains(&inbox) {
             return false;
         }
+        // Acks of the inbox's devices that wait would only move cursors about to be erased.
+        self.acks
+            .retain(|(acked_inbox, _), _| *acked_inbox != inbox);
         self.purges.insert(inbox);
         true
     }

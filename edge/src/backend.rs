@@ -54,7 +54,8 @@ pub trait ShardStore: Send + Sync + 'static {
     }
 
     /// Stored message keys of this shard, approximately (deleted keys count until compaction
-    /// drops them), for the backlog gauge; `None` where counting is not cheap.
+    /// drops them), for the backlog gauge; `None` where counting is not cheap, or now would
+    /// mean waiting. Called on the shard's own thread: it must never block.
     fn message_keys_approximate(&self) -> Option<u64> {
         None
     }
@@ -84,6 +85,15 @@ impl EmbeddedSlot {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
             .ok_or(StoreError::Poisoned)
+    }
+
+    /// The store if it is open and nobody is reopening it right now: for callers that must
+    /// not wait (a shard's own thread), never blocking.
+    fn try_get(&self) -> Option<Arc<FjallStore>> {
+        match self.current.try_read() {
+            Ok(current) => current.clone(),
+            Err(_) => None,
+        }
     }
 
     /// Closes the database (once every reader let go of it) and opens it again.
@@ -166,7 +176,9 @@ impl ShardStore for Embedded {
     }
 
     fn message_keys_approximate(&self) -> Option<u64> {
-        Some(self.own().ok()?.message_keys_approximate())
+        // Called on the shard's thread: skip a beat rather than wait for a reopen.
+        let own = self.all[usize::from(self.shard)].try_get()?;
+        Some(own.message_keys_approximate())
     }
 }
 

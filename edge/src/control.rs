@@ -131,7 +131,14 @@ impl Shards {
 /// Binds `path` (replacing a stale socket file) with mode 0600 and serves requests on a thread
 /// of its own.
 pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
-    if path.exists() {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !metadata.file_type().is_socket() {
+            return Err(format!(
+                "control.socket {} exists and is not a socket; choose another path",
+                path.display()
+            ));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(format!(
                 "another process serves the control socket {}; is an edge already running \
@@ -146,7 +153,11 @@ pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
             )
         })?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| {
+    // Bound under a temporary name, restricted to 0600, then renamed into place: nobody can
+    // open it by its real name before only the owner may.
+    let staging = path.with_extension(format!("{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(|e| {
         format!(
             "cannot create the control socket {}: {e}; set control.socket to a writable path, \
              or control.enabled = false",
@@ -155,8 +166,12 @@ pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
     })?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot restrict the control socket {}: {e}", path.display()))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&staging, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&staging);
+                format!("cannot set up the control socket {}: {e}", path.display())
+            })?;
     }
     let shown = path.to_path_buf();
     std::thread::Builder::new()
@@ -175,21 +190,10 @@ pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
 }
 
 fn serve_one(mut stream: UnixStream, shards: &Shards) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut line = String::new();
-    let mut reader = BufReader::new(std::io::Read::take(read_half, REQUEST_BYTES_MAX as u64));
-    let answer = match reader.read_line(&mut line) {
-        Err(error) => Answer::Error {
-            message: format!("could not read the request: {error}"),
-        },
-        Ok(_) if !line.ends_with('\n') => Answer::Error {
-            message: format!("a request is one JSON line of at most {REQUEST_BYTES_MAX} bytes"),
-        },
-        Ok(_) => match serde_json::from_str::<Command>(&line) {
+    let answer = match read_request(&mut stream) {
+        Err(message) => Answer::Error { message },
+        Ok(line) => match serde_json::from_str::<Command>(&line) {
             Ok(command) => {
                 info!(?command, "control request");
                 execute(command, shards)
@@ -202,6 +206,37 @@ fn serve_one(mut stream: UnixStream, shards: &Shards) {
     let mut text = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
     text.push('\n');
     let _ = stream.write_all(text.as_bytes());
+}
+
+/// One request line, read within `CLIENT_TIMEOUT` in all (a client trickling bytes cannot
+/// hold the control thread) and at most `REQUEST_BYTES_MAX` bytes.
+fn read_request(stream: &mut UnixStream) -> Result<String, String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !request.contains(&b'\n') {
+        if request.len() >= REQUEST_BYTES_MAX {
+            return Err(format!(
+                "a request is one JSON line of at most {REQUEST_BYTES_MAX} bytes"
+            ));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err("the request did not arrive in time".into());
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("a request is one JSON object ending with a newline".into()),
+            Ok(read) => request.extend_from_slice(&chunk[..read]),
+            Err(error) => return Err(format!("could not read the request: {error}")),
+        }
+    }
+    let end = request
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(request.len());
+    String::from_utf8(request[..end].to_vec()).map_err(|_| "a request is UTF-8 JSON".into())
 }
 
 fn execute(command: Command, shards: &Shards) -> Answer {
@@ -264,7 +299,10 @@ fn execute(command: Command, shards: &Shards) -> Answer {
                     connections_closed: closed,
                 },
                 Ok(Err(message)) => Answer::Error { message },
-                Err(_) => Answer::Error {
+                Err(flume::RecvTimeoutError::Disconnected) => Answer::Error {
+                    message: "the edge stopped before the purge committed; run it again".into(),
+                },
+                Err(flume::RecvTimeoutError::Timeout) => Answer::Error {
                     message: format!(
                         "the purge did not commit within {} s (is the store failing? see the \
                          log); it stays queued and will run",
@@ -309,7 +347,8 @@ pub fn request(socket: &Path, command: &Command) -> Result<Answer, String> {
             socket.display()
         )
     })?;
-    let _ = stream.set_read_timeout(Some(SHARD_ANSWER_TIMEOUT + CLIENT_TIMEOUT));
+    // A purge waits for a disconnect on every shard, then for its commit.
+    let _ = stream.set_read_timeout(Some(2 * SHARD_ANSWER_TIMEOUT + CLIENT_TIMEOUT));
     let mut text = serde_json::to_string(command).map_err(|e| e.to_string())?;
     text.push('\n');
     stream

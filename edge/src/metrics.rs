@@ -212,7 +212,7 @@ impl Metrics {
         );
         let inboxes_emptied = family!(
             "inboxes_emptied",
-            "Inboxes expiry left empty and handed to be forgotten (counter deleted)"
+            "Forgets committed: inboxes expiry left empty, whose counter is deleted unless a message came in since"
         );
         let inbox_queue_requests = family!(
             "inbox_queue_requests",

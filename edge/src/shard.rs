@@ -183,6 +183,9 @@ impl Authenticator for TokenAuthenticator {
     }
 }
 
+/// Where the control thread waits for a purge's commit.
+type PurgeReply = flume::Sender<Result<(), String>>;
+
 /// The state of one shard.
 pub struct Shard {
     id: u8,
@@ -219,8 +222,11 @@ pub struct Shard {
     memory: Arc<crate::memory::MemoryGuard>,
     health: Arc<crate::health::Health>,
     metrics: crate::metrics::ShardMetrics,
-    /// Operators waiting for a purge of this user's inbox to commit.
-    purge_waiters: HashMap<UserId, Vec<flume::Sender<Result<(), String>>>>,
+    /// Operators waiting for a purge of this user's inbox to commit, each with the number of
+    /// the first batch that can carry its purge (`batches_taken` when it asked).
+    purge_waiters: HashMap<UserId, Vec<(u64, PurgeReply)>>,
+    /// Commit batches taken so far: a batch's number is this count when it was taken.
+    batches_taken: u64,
     /// When the gauges were last set (`publish_gauges`).
     gauges_published_at: Instant,
     stats: ShardStats,
@@ -432,6 +438,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         health: setup.health.clone(),
         metrics: setup.metrics.shard(u32::from(id)),
         purge_waiters: HashMap::new(),
+        batches_taken: 0,
         gauges_published_at: Instant::now(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
@@ -1501,7 +1508,6 @@ impl Shard {
         if own.is_empty() {
             return;
         }
-        self.metrics.inboxes_emptied.inc_by(own.len() as u64);
         let now_ms = self.now_ms();
         let dropped = self.session.handle_emptied(&own, now_ms);
         if dropped > 0 {
@@ -1524,6 +1530,8 @@ impl Shard {
         let Some(mut committer) = self.committer.take() else {
             return;
         };
+        let batch_number = self.batches_taken;
+        self.batches_taken += 1;
         let store = self.store.clone();
         let now = self.now_ms();
         let lane = self.lanes.writer.clone();
@@ -1547,7 +1555,7 @@ impl Shard {
             shard.committer = Some(committer);
             shard.measure_commit(&batch, result.is_ok(), took);
             if result.is_ok() {
-                shard.answer_purges(&batch);
+                shard.answer_commit(&batch, batch_number);
             }
             shard.finish_commit(batch, result);
             shard.after_input();
@@ -1573,18 +1581,36 @@ impl Shard {
         }
     }
 
-    /// Tells the operators waiting for the purges of a committed batch that they are done.
-    fn answer_purges(&mut self, batch: &Batch<ConnRef>) {
+    /// What a committed batch settles beyond the session's answers: the operators waiting for
+    /// its purges (those who asked before the batch was taken; a later request waits for its
+    /// own purge), and the forgets it committed.
+    fn answer_commit(&mut self, batch: &Batch<ConnRef>, batch_number: u64) {
         for request in &batch.requests {
-            if let courier_core::commit::Request::Purge { inbox } = request {
-                for waiter in self.purge_waiters.remove(inbox).unwrap_or_default() {
-                    let _ = waiter.try_send(Ok(()));
+            match request {
+                courier_core::commit::Request::Purge { inbox } => {
+                    if let Some(waiters) = self.purge_waiters.get_mut(inbox) {
+                        waiters.retain(|(first_batch, waiter)| {
+                            if *first_batch <= batch_number {
+                                let _ = waiter.try_send(Ok(()));
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                        if waiters.is_empty() {
+                            self.purge_waiters.remove(inbox);
+                        }
+                    }
+                    info!(
+                        shard = self.id,
+                        user = inbox,
+                        "purged the user's inbox and devices"
+                    );
                 }
-                info!(
-                    shard = self.id,
-                    user = inbox,
-                    "purged the user's inbox and devices"
-                );
+                courier_core::commit::Request::Forget { .. } => {
+                    self.metrics.inboxes_emptied.inc();
+                }
+                _ => {}
             }
         }
     }
@@ -1630,7 +1656,10 @@ impl Shard {
             }
             ShardRequest::Purge { user, reply } => {
                 if self.session.handle_purge(user) {
-                    self.purge_waiters.entry(user).or_default().push(reply);
+                    let waiters = self.purge_waiters.entry(user).or_default();
+                    // Operators who gave up waiting (their control request timed out).
+                    waiters.retain(|(_, waiter)| !waiter.is_disconnected());
+                    waiters.push((self.batches_taken, reply));
                     self.after_input();
                 } else {
                     let _ = reply.try_send(Err("too many purges are queued; try again".into()));

@@ -377,7 +377,12 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
     let mut committer = commit::Committer::new(&config);
     let now = 5 * config.dedupe_window_ms;
-    let sends: Vec<Request> = (1..=5).map(|id| send(1, id, 9, b"m")).collect();
+    let mut sends: Vec<Request> = (1..=5).map(|id| send(1, id, 9, b"m")).collect();
+    sends.push(Request::Link {
+        inbox: 9,
+        device: 0,
+        acked_up_to: 0,
+    });
     committer.commit_batch(h.store(), &sends, now).unwrap();
     let ack = [Request::Ack {
         inbox: 9,

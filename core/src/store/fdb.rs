@@ -515,6 +515,15 @@ impl Transaction for FdbTransaction<'_> {
         }
     }
 
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.store.prefixed(key);
+        let result = block_on(self.checked()?.get(&key, true));
+        match result {
+            Ok(value) => Ok(value.map(|value| value.to_vec())),
+            Err(error) => Err(self.fail(error, FdbPhase::Read)),
+        }
+    }
+
     fn get_range(
         &mut self,
         begin: &[u8],

@@ -92,6 +92,13 @@ pub trait Transaction {
     /// The value of `key`, seeing this transaction's own writes.
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Like [`get`](Transaction::get), without a read conflict: a concurrent writer of `key`
+    /// does not make this transaction fail (FoundationDB's snapshot read). Embedded backends
+    /// serialise writers, so for them it is `get`. Use it only where a stale value is safe.
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key)
+    }
+
     /// Up to `limit` pairs with `begin <= key < end`, in key order, seeing own writes.
     fn get_range(
         &mut self,
