@@ -74,6 +74,9 @@ const TRANSMITS_PER_FLUSH_MAX: usize = 64;
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
 /// Pause before a failed store read is handed back (the session then reads again).
 const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// After a failed commit, the next one waits this long: a failing store (a full disk) answers
+/// at once, and the requeued acks would otherwise be committed again in a tight loop.
+const COMMIT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Connection close and loss lines a shard logs at info per second (and at once); beyond, they
 /// are counted in the periodic summary instead.
 const CONNECTION_LOGS: courier_core::budget::Rate = courier_core::budget::Rate {
@@ -227,6 +230,9 @@ pub struct Shard {
     purge_waiters: HashMap<UserId, Vec<(u64, PurgeReply)>>,
     /// Commit batches taken so far: a batch's number is this count when it was taken.
     batches_taken: u64,
+    /// After a failed commit, no batch is taken before this (`COMMIT_RETRY_DELAY`); the timer
+    /// task, which wakes at least every `SHUTDOWN_POLL`, tries again.
+    commit_retry_at: Option<Instant>,
     /// When the gauges were last set (`publish_gauges`).
     gauges_published_at: Instant,
     stats: ShardStats,
@@ -439,6 +445,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         metrics: setup.metrics.shard(u32::from(id)),
         purge_waiters: HashMap::new(),
         batches_taken: 0,
+        commit_retry_at: None,
         gauges_published_at: Instant::now(),
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
@@ -1522,6 +1529,9 @@ impl Shard {
         if self.committer.is_none() || self.mesh_congested() {
             return;
         }
+        if self.commit_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         let now_ms = self.now_ms();
         let Some(batch) = self.session.poll_batch(now_ms) else {
             self.arm_batch_timer(now_ms);
@@ -1694,6 +1704,7 @@ impl Shard {
         batch: Batch<ConnRef>,
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
+        self.commit_retry_at = result.is_err().then(|| Instant::now() + COMMIT_RETRY_DELAY);
         if let Err(error) = &result {
             self.store_refused(error);
             if !(self.store_recovering && *error == StoreError::Poisoned) {
