@@ -71,7 +71,9 @@ impl Target {
     /// start).
     pub fn store_disk_bytes(&self) -> Option<u64> {
         let spawned = self.spawned.as_ref()?.lock().ok()?;
-        Some(dir_bytes(&spawned.data_dir().join("stores")))
+        Some(courier_edge::stores::allocated_bytes(
+            &spawned.data_dir().join("stores"),
+        ))
     }
 
     /// A token for `user`, valid for a day.
@@ -134,26 +136,6 @@ fn read_key(path: &std::path::Path) -> Result<SigningKey, String> {
         )
     })?;
     signing_key_from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Bytes allocated on disk by the files under `dir` (fjall preallocates its journals as sparse
-/// files, so their length is not what they use).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            match entry.metadata() {
-                Ok(meta) if meta.is_dir() => pending.push(entry.path()),
-                Ok(meta) => total += std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 /// An edge running as a child process of this binary, stopped on drop.

@@ -111,8 +111,9 @@ struct InboxFacts {
     /// Expiry index entries (bucket, inbox) already written: an inbox's entry is written once
     /// per bucket, not once per batch.
     expiry_written: HashSet<(u64, UserId)>,
-    /// Inboxes this batch forgot (only in what a batch learned).
-    forgotten: Vec<UserId>,
+    /// Inboxes this batch forgot (only in what a batch learned): the cache's last seq no
+    /// longer applies to them.
+    forgotten: HashSet<UserId>,
 }
 
 impl InboxFacts {
@@ -356,10 +357,7 @@ fn write_batch<T: Transaction>(
                 txn.clear(&keys::emptied(*inbox));
                 let (start, end) = (keys::message(*inbox, 0), keys::message(*inbox, u64::MAX));
                 if txn.get_range(&start, &end, 1)?.is_empty() {
-                    let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                    seqs.forget(txn, *inbox, last);
-                    learned.last_seqs.remove(inbox);
-                    learned.forgotten.push(*inbox);
+                    seqs.forget(txn, *inbox, learned, known)?;
                 }
                 Outcome::Forgotten
             }
@@ -380,10 +378,7 @@ fn write_batch<T: Transaction>(
                 txn.clear(&keys::emptied(*inbox));
                 // Device updates this batch made before the purge are purged too.
                 devices.retain(|(device_inbox, _), _| device_inbox != inbox);
-                let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                seqs.forget(txn, *inbox, last);
-                learned.last_seqs.remove(inbox);
-                learned.forgotten.push(*inbox);
+                seqs.forget(txn, *inbox, learned, known)?;
                 Outcome::Purged
             }
         };
@@ -454,8 +449,6 @@ struct SeqSource {
     floor_stored: Option<u64>,
     /// The floor this batch raised by forgetting inboxes; written once at the end.
     floor_raised_to: Option<u64>,
-    /// Forgotten by this batch: the cache's last seq no longer applies.
-    forgotten: HashSet<UserId>,
 }
 
 impl SeqSource {
@@ -469,7 +462,7 @@ impl SeqSource {
         if let Some(last) = batch.last_seqs.get(&inbox) {
             return Ok(*last);
         }
-        if !self.forgotten.contains(&inbox)
+        if !batch.forgotten.contains(&inbox)
             && let Some(last) = known.last_seqs.get(&inbox)
         {
             return Ok(*last);
@@ -499,13 +492,22 @@ impl SeqSource {
         Ok(stored.max(self.floor_raised_to.unwrap_or(0)))
     }
 
-    /// Deletes `inbox`'s counter and raises the floor to its `last` seq (an atomic max at the
+    /// Deletes `inbox`'s counter and raises the floor to its last seq (an atomic max at the
     /// end of the batch, with no read), so the next seq of the inbox is above every seq it
-    /// ever had.
-    fn forget<T: Transaction>(&mut self, txn: &mut T, inbox: UserId, last: u64) {
+    /// ever had; `batch` learns that the inbox is forgotten.
+    fn forget<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        inbox: UserId,
+        batch: &mut InboxFacts,
+        known: &InboxFacts,
+    ) -> Result<(), StoreError> {
+        let last = self.last_seq_of(txn, inbox, batch, known)?;
         txn.clear(&keys::counter(inbox));
         self.floor_raised_to = Some(self.floor_raised_to.unwrap_or(0).max(last));
-        self.forgotten.insert(inbox);
+        batch.last_seqs.remove(&inbox);
+        batch.forgotten.insert(inbox);
+        Ok(())
     }
 }
 

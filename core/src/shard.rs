@@ -245,10 +245,9 @@ impl<T> InboxShard<T> {
     /// counter deleted, decision 0011). Returns false when `queue_requests_max` wait already:
     /// then the counter stays, which costs a record and nothing else.
     pub fn handle_emptied(&mut self, inbox: UserId, now_ms: UnixMillis) -> bool {
-        if self.forgets.len() >= self.queue_requests_max && !self.forgets.contains(&inbox) {
+        if !insert_bounded(&mut self.forgets, inbox, self.queue_requests_max) {
             return false;
         }
-        self.forgets.insert(inbox);
         self.acks_waiting_since_ms.get_or_insert(now_ms);
         true
     }
@@ -256,13 +255,12 @@ impl<T> InboxShard<T> {
     /// Queues the erasure of `inbox` (`Request::Purge`) for the next batch. Returns false when
     /// `queue_requests_max` purges wait already (the operator tries again).
     pub fn handle_purge(&mut self, inbox: UserId) -> bool {
-        if self.purges.len() >= self.queue_requests_max && !self.purges.contains(&inbox) {
+        if !insert_bounded(&mut self.purges, inbox, self.queue_requests_max) {
             return false;
         }
         // Acks of the inbox's devices that wait would only move cursors about to be erased.
         self.acks
             .retain(|(acked_inbox, _), _| *acked_inbox != inbox);
-        self.purges.insert(inbox);
         true
     }
 
@@ -483,6 +481,15 @@ impl<T> InboxShard<T> {
         }
         outputs
     }
+}
+
+/// Adds `inbox` to `set` unless that would pass `max`; whether it is in the set now.
+fn insert_bounded(set: &mut BTreeSet<UserId>, inbox: UserId, max: usize) -> bool {
+    if set.len() >= max && !set.contains(&inbox) {
+        return false;
+    }
+    set.insert(inbox);
+    true
 }
 
 #[cfg(test)]

@@ -211,26 +211,22 @@ fn serve_one(mut stream: UnixStream, shards: &Shards) {
 /// One request line, read within `CLIENT_TIMEOUT` in all (a client trickling bytes cannot
 /// hold the control thread) and at most `REQUEST_BYTES_MAX` bytes.
 fn read_request(stream: &mut UnixStream) -> Result<String, String> {
-    use std::io::Read;
-    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 512];
-    while !request.contains(&b'\n') {
-        if request.len() >= REQUEST_BYTES_MAX {
+    use crate::bounded_read::{ReadEnd, read_until};
+    let (request, end) = read_until(stream, CLIENT_TIMEOUT, REQUEST_BYTES_MAX, |request| {
+        request.contains(&b'\n')
+    });
+    match end {
+        ReadEnd::Done => {}
+        ReadEnd::TooLarge => {
             return Err(format!(
                 "a request is one JSON line of at most {REQUEST_BYTES_MAX} bytes"
             ));
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err("the request did not arrive in time".into());
+        ReadEnd::TimedOut => return Err("the request did not arrive in time".into()),
+        ReadEnd::Closed => {
+            return Err("a request is one JSON object ending with a newline".into());
         }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err("a request is one JSON object ending with a newline".into()),
-            Ok(read) => request.extend_from_slice(&chunk[..read]),
-            Err(error) => return Err(format!("could not read the request: {error}")),
-        }
+        ReadEnd::Failed(error) => return Err(format!("could not read the request: {error}")),
     }
     let end = request
         .iter()

@@ -6,7 +6,7 @@
 //! - `/readyz` answers 200 only when every shard runs with its store open, no store is being
 //!   reopened after a failed write, and the edge is not draining; otherwise 503 and the reason.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -100,25 +100,15 @@ pub fn start(
 
 fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::Metrics) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 512];
-    // Read up to the end of the headers (only Accept matters), within REQUEST_TIMEOUT in all:
-    // a client trickling bytes cannot hold the thread.
-    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
-    let headers_done = |request: &[u8]| {
-        request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
-    };
-    while !headers_done(&request) && request.len() < REQUEST_BYTES_MAX {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(read) => request.extend_from_slice(&chunk[..read]),
-        }
-    }
+    // Up to the end of the headers (only Accept matters); whatever arrived is answered.
+    let (request, _) = crate::bounded_read::read_until(
+        &mut stream,
+        REQUEST_TIMEOUT,
+        REQUEST_BYTES_MAX,
+        |request| {
+            request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
+        },
+    );
     let line = String::from_utf8_lossy(&request);
     // Prometheus asks for OpenMetrics in its Accept header.
     let openmetrics = line

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backend;
+mod bounded_read;
 pub mod cid;
 pub mod cli;
 pub mod config;

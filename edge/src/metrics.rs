@@ -289,22 +289,21 @@ impl Metrics {
         let label = ShardLabel { shard };
         // Every code and reason from the start: a series that appears only with its first
         // event loses that event to `rate()`, and alerts on it would see nothing at all.
+        let closed = |reason| {
+            self.connections_closed
+                .get_or_create_owned(&ReasonLabel { shard, reason })
+        };
         let mut sends_refused = HashMap::new();
+        let mut connections_closed = HashMap::new();
         for code in courier_protocol::ALL_ERROR_CODES {
-            self.connections_closed.get_or_create_owned(&ReasonLabel {
-                shard,
-                reason: code_name(code),
-            });
             let counter = self.sends_refused.get_or_create_owned(&CodeLabel {
                 shard,
                 code: code_name(code),
             });
             sends_refused.insert(code, counter);
+            connections_closed.insert(Some(code), closed(code_name(code)));
         }
-        self.connections_closed.get_or_create_owned(&ReasonLabel {
-            shard,
-            reason: "lost",
-        });
+        connections_closed.insert(None, closed("lost"));
         let path = |path| PathLabel { shard, path };
         ShardMetrics {
             shard,
@@ -313,7 +312,7 @@ impl Metrics {
                 .connections_unauthenticated
                 .get_or_create_owned(&label),
             connections_accepted: self.connections_accepted.get_or_create_owned(&label),
-            connections_closed: self.connections_closed.clone(),
+            connections_closed,
             handshakes_completed: [
                 self.handshakes_completed
                     .get_or_create_owned(&ZeroRttLabel {
@@ -333,7 +332,6 @@ impl Metrics {
             frames_received: HashMap::new(),
             frames_sent: HashMap::new(),
             sends_acked: self.sends_acked.get_or_create_owned(&label),
-            sends_refused_family: self.sends_refused.clone(),
             sends_refused,
             deliveries: [
                 self.deliveries.get_or_create_owned(&path("live")),
@@ -381,7 +379,7 @@ impl Metrics {
                 .get_or_create(&ShardLabel {
                     shard: shard as u32,
                 })
-                .set(allocated_bytes(dir) as i64);
+                .set(crate::stores::allocated_bytes(dir) as i64);
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
@@ -428,30 +426,6 @@ fn openmetrics_to_text_004(openmetrics: &str) -> String {
     text
 }
 
-/// Bytes of disk blocks the files under `dir` use (journals are sparse, preallocated files:
-/// their length is not their use).
-fn allocated_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(metadata) = entry.metadata() else {
-                continue;
-            };
-            if metadata.is_dir() {
-                pending.push(entry.path());
-            } else {
-                total += metadata.blocks() * 512;
-            }
-        }
-    }
-    total
-}
-
 /// One shard's handles to its series.
 #[derive(Debug)]
 pub struct ShardMetrics {
@@ -459,7 +433,8 @@ pub struct ShardMetrics {
     pub connections_open: Gauge,
     pub connections_unauthenticated: Gauge,
     pub connections_accepted: Counter,
-    connections_closed: Family<ReasonLabel, Counter>,
+    /// By the code the edge closed with; `None`: lost.
+    connections_closed: HashMap<Option<ErrorCode>, Counter>,
     /// [accepted 0-RTT, no 0-RTT].
     handshakes_completed: [Counter; 2],
     pub handshakes_refused: Counter,
@@ -469,7 +444,6 @@ pub struct ShardMetrics {
     frames_received: HashMap<&'static str, Counter>,
     frames_sent: HashMap<&'static str, Counter>,
     pub sends_acked: Counter,
-    sends_refused_family: Family<CodeLabel, Counter>,
     sends_refused: HashMap<ErrorCode, Counter>,
     /// [live, sync].
     deliveries: [Counter; 2],
@@ -507,28 +481,17 @@ impl ShardMetrics {
             .inc();
     }
 
-    pub fn send_refused(&mut self, code: ErrorCode) {
-        let (family, shard) = (&self.sends_refused_family, self.shard);
-        self.sends_refused
-            .entry(code)
-            .or_insert_with(|| {
-                family.get_or_create_owned(&CodeLabel {
-                    shard,
-                    code: code_name(code),
-                })
-            })
-            .inc();
+    pub fn send_refused(&self, code: ErrorCode) {
+        if let Some(counter) = self.sends_refused.get(&code) {
+            counter.inc();
+        }
     }
 
     /// A connection ended: closed by the edge with `code`, or lost (`None`).
     pub fn connection_closed(&self, code: Option<ErrorCode>) {
-        let reason = code.map_or("lost", code_name);
-        self.connections_closed
-            .get_or_create(&ReasonLabel {
-                shard: self.shard,
-                reason,
-            })
-            .inc();
+        if let Some(counter) = self.connections_closed.get(&code) {
+            counter.inc();
+        }
     }
 
     pub fn handshake_completed(&self, zero_rtt_accepted: bool) {

@@ -676,9 +676,6 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     }
 }
 
-/// Ends the process when the store refuses this process for good. Fenced: another edge owns
-/// the shard now. Poisoned: what is on disk is unknown. A restart recovers from the store, and
-/// clients reconnect and retry with the same ids.
 /// Ends the process when another edge took the shard over: nothing this process does with it
 /// can succeed any more, and its supervisor restarts it as a fresh claimant.
 fn exit_if_fenced(error: &StoreError) {
@@ -898,7 +895,6 @@ impl Shard {
     /// Carries out what the session decided. Writing may let a paused sync continue, which
     /// adds effects; the loop takes them too.
     fn apply_effects(&mut self) {
-        let now_ms = self.now_ms();
         while let Some(effect) = self.session.poll_effect() {
             match effect {
                 Effect::Write { conn, frame, live } => {
@@ -916,9 +912,10 @@ impl Shard {
                             self.metrics.sends_acked.inc();
                         }
                         Frame::SendError { code, .. } => self.metrics.send_refused(*code),
-                        Frame::Deliver { sent_at_ms, .. } => self
-                            .metrics
-                            .delivered(live, now_ms.saturating_sub(*sent_at_ms)),
+                        Frame::Deliver { sent_at_ms, .. } => {
+                            let age_ms = self.clock.now(monotonic_ms()).saturating_sub(*sent_at_ms);
+                            self.metrics.delivered(live, age_ms);
+                        }
                         _ => {}
                     }
                     let buffered = c.outbuf.len();
