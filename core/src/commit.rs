@@ -93,8 +93,8 @@ pub enum Outcome {
 /// so a sequence number it committed stays the latest until it commits the next: the cache
 /// saves one store read per send. It also remembers up to where each inbox is already
 /// deleted, so an ack clears only the live messages instead of scanning every tombstone since
-/// seq 1. Any failed commit empties the cache, because an unknown result may or may not have
-/// advanced the counters.
+/// seq 1, and the inbox's device records, so an ack reads no range at all. Any failed commit
+/// empties the cache, because an unknown result may or may not have advanced the counters.
 #[derive(Debug)]
 pub struct Committer {
     config: CoreConfig,
@@ -111,20 +111,36 @@ struct InboxFacts {
     /// Expiry index entries (bucket, inbox) already written: an inbox's entry is written once
     /// per bucket, not once per batch.
     expiry_written: HashSet<(u64, UserId)>,
-    /// Inboxes this batch forgot (only in what a batch learned): the cache's last seq no
-    /// longer applies to them.
+    /// Inboxes this batch forgot or purged (only in what a batch learned): the cache's last
+    /// seq and device records no longer apply to them.
     forgotten: HashSet<UserId>,
+    /// Every device record of an inbox, as committed: each ack rewrites one, and in fjall's
+    /// memtable a range over keys rewritten thousands of times since the last flush walks
+    /// every version, so reading the records back on every ack cost more than the ack.
+    devices: HashMap<UserId, Vec<DeviceRecord>>,
+}
+
+/// A device record: everything up to `cursor` consumed; last linked or acked at `last_seen_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceRecord {
+    device: u32,
+    cursor: u64,
+    last_seen_ms: UnixMillis,
 }
 
 impl InboxFacts {
     fn len(&self) -> usize {
-        self.last_seqs.len() + self.acked_up_to.len() + self.expiry_written.len()
+        self.last_seqs.len()
+            + self.acked_up_to.len()
+            + self.expiry_written.len()
+            + self.devices.len()
     }
 
     fn clear(&mut self) {
         self.last_seqs.clear();
         self.acked_up_to.clear();
         self.expiry_written.clear();
+        self.devices.clear();
     }
 
     fn extend(&mut self, learned: InboxFacts) {
@@ -133,10 +149,12 @@ impl InboxFacts {
                 self.last_seqs.remove(inbox);
             }
             self.acked_up_to.remove(inbox);
+            self.devices.remove(inbox);
         }
         self.last_seqs.extend(learned.last_seqs);
         self.acked_up_to.extend(learned.acked_up_to);
         self.expiry_written.extend(learned.expiry_written);
+        self.devices.extend(learned.devices);
     }
 }
 
@@ -256,7 +274,7 @@ fn write_batch<T: Transaction>(
                 } else if config.recipients_must_exist
                     && !learned.last_seqs.contains_key(&send.to)
                     && !known.last_seqs.contains_key(&send.to)
-                    && !has_device(txn, send.to)?
+                    && stored_devices(txn, send.to, learned, known)?.is_empty()
                 {
                     // The deployment's directory is the set of users that ever logged in: a
                     // send to anyone else creates nothing.
@@ -311,11 +329,16 @@ fn write_batch<T: Transaction>(
                 acked_up_to,
             } => {
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                let cursor = match device_cursor(txn, &devices, *inbox, *device)? {
+                let cursor = match device_cursor(txn, &devices, *inbox, *device, learned, known)? {
                     // The inbox's first device gets everything stored; a device added to an
                     // inbox that has others starts at the head (it gets what is sent after it
                     // links, like a newly linked companion device).
-                    None if has_live_device(txn, &devices, *inbox, now, config)? => last,
+                    None if has_live_device(
+                        txn, &devices, *inbox, now, config, learned, known,
+                    )? =>
+                    {
+                        last
+                    }
                     None => (*acked_up_to).min(last),
                     Some(cursor) => cursor.max((*acked_up_to).min(last)),
                 };
@@ -347,7 +370,8 @@ fn write_batch<T: Transaction>(
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 // A device without a record (never linked, forgotten, or purged while its ack
                 // was on the way) records nothing: an ack must not bring a purged user back.
-                if let Some(cursor) = device_cursor(txn, &devices, *inbox, *device)? {
+                if let Some(cursor) = device_cursor(txn, &devices, *inbox, *device, learned, known)?
+                {
                     devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
                 }
                 Outcome::Acked
@@ -389,33 +413,36 @@ fn write_batch<T: Transaction>(
     let mut inboxes: Vec<UserId> = devices.keys().map(|(inbox, _)| *inbox).collect();
     inboxes.dedup();
     for inbox in inboxes {
-        let (start, end) = keys::device_range(inbox);
-        let stored = txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)?;
+        let stored = stored_devices(txn, inbox, learned, known)?;
+        let mut kept = Vec::with_capacity(stored.len() + 1);
         let mut lowest: Option<u64> = None;
         let mut forgot_one = false;
-        for (key, value) in stored {
-            let Some((_, device)) = keys::parse_device(&key) else {
-                return Err(StoreError::Corrupt("device key of unexpected shape".into()));
-            };
-            if devices.contains_key(&(inbox, device)) {
+        for record in stored {
+            if devices.contains_key(&(inbox, record.device)) {
                 continue; // Written below, with its new cursor.
             }
-            let (cursor, last_seen_ms) = decode_device(&value)?;
-            if last_seen_ms.saturating_add(config.retention_ms) < now {
+            if record.last_seen_ms.saturating_add(config.retention_ms) < now {
                 // Unseen for the retention period: forgotten (one per inbox and transaction,
                 // so the transaction's size stays bounded; the next ack takes the next).
                 if !forgot_one {
-                    txn.clear(&key);
+                    txn.clear(&keys::device(inbox, record.device));
                     forgot_one = true;
                     continue;
                 }
             }
-            lowest = Some(lowest.map_or(cursor, |l| l.min(cursor)));
+            lowest = Some(lowest.map_or(record.cursor, |l| l.min(record.cursor)));
+            kept.push(record);
         }
         for ((_, device), cursor) in devices.range((inbox, 0)..=(inbox, u32::MAX)) {
             txn.set(&keys::device(inbox, *device), &encode_device(*cursor, now));
             lowest = Some(lowest.map_or(*cursor, |l| l.min(*cursor)));
+            kept.push(DeviceRecord {
+                device: *device,
+                cursor: *cursor,
+                last_seen_ms: now,
+            });
         }
+        learned.devices.insert(inbox, kept);
         let Some(delete_up_to) = lowest else {
             continue;
         };
@@ -547,15 +574,54 @@ fn find_dedupe<T: Transaction>(
 /// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
 const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
 
+/// The device records of `inbox` as stored before this batch's device writes: from the
+/// committer's cache, or read. An inbox this batch purged is read (the purge cleared its
+/// records in the transaction, not in the cache).
+fn stored_devices<T: Transaction>(
+    txn: &mut T,
+    inbox: UserId,
+    batch: &InboxFacts,
+    known: &InboxFacts,
+) -> Result<Vec<DeviceRecord>, StoreError> {
+    if !batch.forgotten.contains(&inbox)
+        && let Some(records) = known.devices.get(&inbox)
+    {
+        return Ok(records.clone());
+    }
+    let (start, end) = keys::device_range(inbox);
+    let stored = txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)?;
+    let mut records = Vec::with_capacity(stored.len());
+    for (key, value) in stored {
+        let Some((_, device)) = keys::parse_device(&key) else {
+            return Err(StoreError::Corrupt("device key of unexpected shape".into()));
+        };
+        let (cursor, last_seen_ms) = decode_device(&value)?;
+        records.push(DeviceRecord {
+            device,
+            cursor,
+            last_seen_ms,
+        });
+    }
+    Ok(records)
+}
+
 /// A device's cursor: as this batch left it, or as stored; `None` for a device new to the inbox.
 fn device_cursor<T: Transaction>(
     txn: &mut T,
-    batch: &BTreeMap<(UserId, u32), u64>,
+    batch_cursors: &BTreeMap<(UserId, u32), u64>,
     inbox: UserId,
     device: u32,
+    batch: &InboxFacts,
+    known: &InboxFacts,
 ) -> Result<Option<u64>, StoreError> {
-    if let Some(cursor) = batch.get(&(inbox, device)) {
+    if let Some(cursor) = batch_cursors.get(&(inbox, device)) {
         return Ok(Some(*cursor));
+    }
+    if !batch.forgotten.contains(&inbox)
+        && let Some(records) = known.devices.get(&inbox)
+    {
+        let record = records.iter().find(|record| record.device == device);
+        return Ok(record.map(|record| record.cursor));
     }
     match txn.get(&keys::device(inbox, device))? {
         None => Ok(None),
@@ -563,32 +629,27 @@ fn device_cursor<T: Transaction>(
     }
 }
 
-/// Whether `inbox` has any device record: someone logged in as that user at least once.
-fn has_device<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<bool, StoreError> {
-    let (start, end) = keys::device_range(inbox);
-    Ok(!txn.get_range(&start, &end, 1)?.is_empty())
-}
-
 /// Whether `inbox` has a device seen within the retention period (stored, or linked by this
 /// batch).
 fn has_live_device<T: Transaction>(
     txn: &mut T,
-    batch: &BTreeMap<(UserId, u32), u64>,
+    batch_cursors: &BTreeMap<(UserId, u32), u64>,
     inbox: UserId,
     now: UnixMillis,
     config: &CoreConfig,
+    batch: &InboxFacts,
+    known: &InboxFacts,
 ) -> Result<bool, StoreError> {
-    if batch.range((inbox, 0)..=(inbox, u32::MAX)).next().is_some() {
+    if batch_cursors
+        .range((inbox, 0)..=(inbox, u32::MAX))
+        .next()
+        .is_some()
+    {
         return Ok(true);
     }
-    let (start, end) = keys::device_range(inbox);
-    for (_, value) in txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)? {
-        let (_, last_seen_ms) = decode_device(&value)?;
-        if last_seen_ms.saturating_add(config.retention_ms) >= now {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(stored_devices(txn, inbox, batch, known)?
+        .iter()
+        .any(|record| record.last_seen_ms.saturating_add(config.retention_ms) >= now))
 }
 
 fn encode_device(cursor: u64, last_seen_ms: UnixMillis) -> [u8; 16] {
