@@ -311,11 +311,11 @@ impl Frame {
     }
 }
 
-fn check_len(field: &'static str, actual: usize, limit: usize) -> Result<(), DecodeError> {
+pub(crate) fn check_len(field: &'static str, actual: usize, limit: usize) -> Result<(), DecodeError> {
     check_max(field, actual as u64, limit as u64)
 }
 
-fn check_max(field: &'static str, actual: u64, limit: u64) -> Result<(), DecodeError> {
+pub(crate) fn check_max(field: &'static str, actual: u64, limit: u64) -> Result<(), DecodeError> {
     if actual > limit {
         return Err(DecodeError::LimitExceeded {
             field,
@@ -326,7 +326,7 @@ fn check_max(field: &'static str, actual: u64, limit: u64) -> Result<(), DecodeE
     Ok(())
 }
 
-fn check_nonzero(field: &'static str, value: u64) -> Result<(), DecodeError> {
+pub(crate) fn check_nonzero(field: &'static str, value: u64) -> Result<(), DecodeError> {
     if value == 0 {
         return Err(DecodeError::ZeroId { field });
     }

@@ -11,6 +11,7 @@
 pub mod client;
 mod frame;
 mod limits;
+pub mod link;
 #[cfg(feature = "token")]
 pub mod token;
 
@@ -77,16 +78,32 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     frame.check_limits()?;
     let bytes = rkyv::to_bytes::<rancor::Error>(frame)
         .map_err(|error| EncodeError::Archive(error.to_string()))?;
-    if bytes.len() > FRAME_BYTES_MAX {
+    append_prefixed(&bytes, out)
+}
+
+/// Appends an archived frame body with its length prefix (client and link frames alike).
+fn append_prefixed(body: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    if body.len() > FRAME_BYTES_MAX {
         return Err(DecodeError::FrameTooLarge {
-            length_bytes: bytes.len(),
+            length_bytes: body.len(),
         }
         .into());
     }
     // The cast cannot truncate: FRAME_BYTES_MAX fits in u32 (asserted in limits.rs).
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(&bytes);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
     Ok(())
+}
+
+/// The body of the first frame of `buf` and the bytes it takes with its prefix, once whole.
+fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, DecodeError> {
+    let Some(length_bytes) = peek_length(buf)? else {
+        return Ok(None);
+    };
+    let frame_end = LENGTH_PREFIX_BYTES + length_bytes;
+    Ok(buf
+        .get(LENGTH_PREFIX_BYTES..frame_end)
+        .map(|body| (body, frame_end)))
 }
 
 /// Encodes one frame into a fresh buffer.
@@ -103,15 +120,11 @@ pub fn encode_to_vec(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
 /// hostile: answer with [`DecodeError::code`] and close it. A length prefix over
 /// [`FRAME_BYTES_MAX`] is rejected before any byte of the frame is buffered or copied.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
-    let Some(length_bytes) = peek_length(buf)? else {
-        return Ok(None);
-    };
-    let frame_end = LENGTH_PREFIX_BYTES + length_bytes;
-    let Some(body) = buf.get(LENGTH_PREFIX_BYTES..frame_end) else {
+    let Some((body, consumed)) = split_frame(buf)? else {
         return Ok(None);
     };
     let frame = decode_body(body)?;
-    Ok(Some((frame, frame_end)))
+    Ok(Some((frame, consumed)))
 }
 
 /// Reads and checks the length prefix at the front of `buf`, if all four bytes are there.
@@ -134,6 +147,22 @@ pub fn peek_length(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
 
 /// Decodes one frame body (the bytes after the length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    let aligned = aligned_body(body)?;
+    // rkyv's error text names its own internals (and without its `alloc` feature says only
+    // how to get more text): the peer gets a sentence about its bytes instead.
+    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned).map_err(|_| {
+        DecodeError::Malformed(
+            "the bytes are not a frame of this protocol version (corrupt, truncated, or an \
+             unknown frame kind or field value)"
+                .into(),
+        )
+    })?;
+    frame.check_limits()?;
+    Ok(frame)
+}
+
+/// A frame body copied into an aligned buffer for rkyv, after its size is checked.
+fn aligned_body(body: &[u8]) -> Result<AlignedVec<16>, DecodeError> {
     if body.is_empty() {
         return Err(DecodeError::FrameEmpty);
     }
@@ -146,17 +175,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
     // The copy is bounded by FRAME_BYTES_MAX, checked above.
     let mut aligned = AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
-    // rkyv's error text names its own internals (and without its `alloc` feature says only
-    // how to get more text): the peer gets a sentence about its bytes instead.
-    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned).map_err(|_| {
-        DecodeError::Malformed(
-            "the bytes are not a frame of this protocol version (corrupt, truncated, or an \
-             unknown frame kind or field value)"
-                .into(),
-        )
-    })?;
-    frame.check_limits()?;
-    Ok(frame)
+    Ok(aligned)
 }
 
 #[cfg(test)]
