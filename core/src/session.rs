@@ -16,17 +16,31 @@
 //!   [`EdgeSession::handle_message`], [`EdgeSession::handle_read`],
 //!   [`EdgeSession::handle_commit`], [`EdgeSession::close_all`];
 //! - output, after any input: [`EdgeSession::poll_effect`] until `None`, and
-//!   [`EdgeSession::poll_batch`] when no commit is in flight.
+//!   [`EdgeSession::poll_batch`] when no commit is in flight;
+//! - in a cluster of edges (`SessionConfig::cluster`, issue 13): this shard's links to the
+//!   other edges ([`EdgeSession::link_up`], [`EdgeSession::link_down`],
+//!   [`EdgeSession::handle_link_answer`]) and the links other edges opened to this shard
+//!   ([`EdgeSession::open_link`], [`EdgeSession::handle_link_request`],
+//!   [`EdgeSession::link_closed`]).
+//!
+//! In a cluster, a client whose user lives on another edge is redirected there at `Hello`
+//! ([`Effect::Redirect`]), so a connection always lives on its user's home edge. A send or a
+//! signal to a user of another edge is forwarded on this shard's link to that edge
+//! ([`Effect::LinkWrite`]); the answer comes back on the same link. If the link is down, or goes
+//! down with sends unanswered, those sends get the retryable `ShardUnavailable`: the client
+//! retries with the same client id, and the dedupe record on the far edge makes a retry of a
+//! send that did commit return the same seq.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 
+use courier_protocol::link::{LinkFrame, LinkSendResult};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 
 use crate::budget::{SendBuckets, SendBudget};
 use crate::commit::{InboxPage, Outcome, SendRequest};
 use crate::envelope::StoredMessage;
-use crate::placement::home_shard;
+use crate::placement::{EdgeId, home_edge, home_shard};
 use crate::shard::{Batch, InboxShard, Output};
 use crate::store::StoreError;
 use crate::{CoreConfig, UnixMillis, UserId};
@@ -35,6 +49,9 @@ use crate::{CoreConfig, UnixMillis, UserId};
 const FRAME_OVERHEAD_BYTES_MAX: usize = 64;
 /// The longest an over-budget connection's input stays paused at once.
 const INPUT_PAUSE_MS_MAX: u64 = 1_000;
+/// The slot of the stand-in connection a forwarded send from another edge is answered to: a
+/// driver never gives a real connection this slot.
+pub const LINK_PROXY_SLOT: usize = usize::MAX;
 
 /// A connection anywhere in the edge: its shard, its slot there, and the generation that tells
 /// a reused slot from the connection that held it before.
@@ -213,6 +230,17 @@ pub enum Effect {
     /// Read the connection's input again: it was paused ([`EdgeSession::input_paused`])
     /// until its send budget refilled.
     ResumeInput { conn: ConnRef },
+    /// The connection's user lives on another edge: write `Goaway { reconnect_to }` and close
+    /// the connection once it is sent. The session already forgot the connection's login.
+    Redirect {
+        conn: ConnRef,
+        user: UserId,
+        reconnect_to: String,
+    },
+    /// Write `frame` on this shard's link to `edge` (which [`EdgeSession::link_up`] said is up).
+    LinkWrite { edge: EdgeId, frame: LinkFrame },
+    /// Write `frame` on the link another edge opened to this shard ([`EdgeSession::open_link`]).
+    LinkReply { link: u64, frame: LinkFrame },
 }
 
 /// Checks `Hello`'s token. The edge verifies signatures; the simulation trusts a user id.
@@ -254,7 +282,29 @@ pub struct SessionConfig {
     pub hello_timeout_ms: u64,
     /// A frame whose first bytes arrived must be complete this long after.
     pub frame_timeout_ms: u64,
+    /// The edges of the cluster; `None` for an edge on its own.
+    pub cluster: Option<ClusterView>,
+    /// Forwarded sends one incoming link may have waiting for their commit; beyond it they are
+    /// refused with `Overloaded` (the sending edge bounds its own side per connection).
+    pub link_requests_in_flight_max: usize,
     pub core: CoreConfig,
+}
+
+/// The edges of a cluster, as one shard needs them (issue 13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This edge.
+    pub edge: EdgeId,
+    /// Every edge of the cluster, this one included: its id and the address its clients
+    /// connect to (what a redirect tells them).
+    pub members: Vec<EdgeMember>,
+}
+
+/// One edge of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeMember {
+    pub id: EdgeId,
+    pub client_address: String,
 }
 
 impl SessionConfig {
@@ -273,6 +323,8 @@ impl SessionConfig {
             recipients_window_ms: 60_000,
             hello_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
+            cluster: None,
+            link_requests_in_flight_max: 4096,
             core,
         }
     }
@@ -396,10 +448,55 @@ pub struct EdgeSession<A> {
     deadlines: BinaryHeap<Reverse<(UnixMillis, usize, u64, Deadline)>>,
     /// The edge is near its memory ceiling: refuse sends.
     shedding: bool,
+    /// The cluster's edge ids, for placement (empty for an edge on its own).
+    edge_ids: Vec<EdgeId>,
+    /// This shard's links to the other edges of the cluster.
+    out_links: HashMap<EdgeId, OutLink>,
+    next_request_id: u64,
+    /// Links other edges opened to this shard.
+    in_links: HashMap<u64, InLink>,
+    /// Forwarded sends from other edges waiting for their commit, by the generation of their
+    /// stand-in connection (`LINK_PROXY_SLOT`): the link and request to answer.
+    link_proxies: HashMap<u64, (u64, u64)>,
+    next_proxy: u64,
+}
+
+/// This shard's link to another edge.
+#[derive(Debug, Default)]
+struct OutLink {
+    up: bool,
+    /// Sends forwarded on the link and not answered yet, by request id. Bounded by the
+    /// connections' own in-flight maximum.
+    pending: HashMap<u64, PendingSend>,
+}
+
+/// A send this shard forwarded to another edge.
+#[derive(Debug, Clone, Copy)]
+struct PendingSend {
+    reply: ConnRef,
+    client_id: u64,
+    body_bytes: usize,
+}
+
+/// A link another edge opened to this shard.
+#[derive(Debug, Default)]
+struct InLink {
+    /// The edge it said it is (`LinkFrame::Hello`); nothing else is accepted before.
+    edge: Option<EdgeId>,
+    /// Its forwarded sends waiting for their commit.
+    requests_in_flight: usize,
 }
 
 impl<A: Authenticator> EdgeSession<A> {
     pub fn new(config: SessionConfig, auth: A) -> EdgeSession<A> {
+        let members = config.cluster.iter().flat_map(|c| c.members.iter());
+        let edge_ids: Vec<EdgeId> = members.map(|member| member.id).collect();
+        let local_edge = config.cluster.as_ref().map(|cluster| cluster.edge);
+        let out_links = edge_ids
+            .iter()
+            .filter(|id| Some(**id) != local_edge)
+            .map(|id| (*id, OutLink::default()))
+            .collect();
         EdgeSession {
             inbox: InboxShard::new(&config.core),
             config,
@@ -414,6 +511,12 @@ impl<A: Authenticator> EdgeSession<A> {
             unauthenticated: 0,
             deadlines: BinaryHeap::new(),
             shedding: false,
+            edge_ids,
+            out_links,
+            next_request_id: 1,
+            in_links: HashMap::new(),
+            link_proxies: HashMap::new(),
+            next_proxy: 1,
         }
     }
 
@@ -668,6 +771,212 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drain_local();
     }
 
+    // ---- Links between edges ----------------------------------------------------------------
+
+    /// This shard's link to `edge` is connected (and said `Hello`): sends to its users are
+    /// forwarded from now on.
+    pub fn link_up(&mut self, edge: EdgeId) {
+        if let Some(link) = self.out_links.get_mut(&edge) {
+            link.up = true;
+        }
+    }
+
+    /// This shard's link to `edge` is down: sends to its users are refused with the retryable
+    /// `ShardUnavailable` until [`EdgeSession::link_up`], and so are the sends it carried that
+    /// were not answered (their clients retry them; the far edge's dedupe record answers a
+    /// retry of one that did commit with its seq).
+    pub fn link_down(&mut self, edge: EdgeId) {
+        let Some(link) = self.out_links.get_mut(&edge) else {
+            return;
+        };
+        link.up = false;
+        let pending = std::mem::take(&mut link.pending);
+        for send in pending.into_values() {
+            self.local.push_back(ShardMessage::SendResult {
+                reply: send.reply,
+                client_id: send.client_id,
+                body_bytes: send.body_bytes,
+                result: Err(ErrorCode::ShardUnavailable),
+            });
+        }
+        self.drain_local();
+    }
+
+    /// A frame that arrived on this shard's link to `edge`: the answer to a forwarded send.
+    /// An error means the peer broke the link protocol: the driver closes the link (and then
+    /// calls [`EdgeSession::link_down`]).
+    pub fn handle_link_answer(
+        &mut self,
+        now_ms: UnixMillis,
+        edge: EdgeId,
+        frame: LinkFrame,
+    ) -> Result<(), String> {
+        self.now_ms = now_ms;
+        let LinkFrame::SendResult { request_id, result } = frame else {
+            return Err(format!(
+                "edge {edge} sent a {} frame on a link this edge opened",
+                frame.kind()
+            ));
+        };
+        let Some(link) = self.out_links.get_mut(&edge) else {
+            return Err(format!("edge {edge} is not a member of the cluster"));
+        };
+        // An answer to a send already failed by `link_down` does not exist on a new link.
+        let Some(send) = link.pending.remove(&request_id) else {
+            return Err(format!(
+                "edge {edge} answered request {request_id}, never sent"
+            ));
+        };
+        let result = match result {
+            LinkSendResult::Stored {
+                seq,
+                server_time_ms,
+            } => Ok((seq, server_time_ms)),
+            LinkSendResult::Refused { code } => Err(code),
+        };
+        self.local.push_back(ShardMessage::SendResult {
+            reply: send.reply,
+            client_id: send.client_id,
+            body_bytes: send.body_bytes,
+            result,
+        });
+        self.drain_local();
+        Ok(())
+    }
+
+    /// Another edge opened a link to this shard; `link` is the driver's id for it.
+    pub fn open_link(&mut self, link: u64) {
+        self.in_links.insert(link, InLink::default());
+    }
+
+    /// A link another edge opened to this shard is gone: answers to its sends have nowhere to
+    /// go (the other edge failed them as `ShardUnavailable` when it saw the link drop).
+    pub fn link_closed(&mut self, link: u64) {
+        if self.in_links.remove(&link).is_some() {
+            self.link_proxies.retain(|_, (on, _)| *on != link);
+        }
+    }
+
+    /// A frame on a link another edge opened to this shard. An error means the peer broke the
+    /// link protocol: the driver closes the link (and calls [`EdgeSession::link_closed`]).
+    pub fn handle_link_request(
+        &mut self,
+        now_ms: UnixMillis,
+        link: u64,
+        frame: LinkFrame,
+    ) -> Result<(), String> {
+        self.now_ms = now_ms;
+        let result = self.link_request(link, frame);
+        self.drain_local();
+        result
+    }
+
+    fn link_request(&mut self, link: u64, frame: LinkFrame) -> Result<(), String> {
+        let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
+        let requests_max = self.config.link_requests_in_flight_max;
+        let Some(said_hello) = self.in_links.get(&link).map(|in_link| in_link.edge) else {
+            return Err(format!("link {link} is not open"));
+        };
+        let peer = match (said_hello, frame) {
+            (None, LinkFrame::Hello { edge }) => {
+                if local_edge.is_none() || local_edge == Some(edge) {
+                    return Err(format!("edge {edge} cannot link to this edge"));
+                }
+                if !self.edge_ids.contains(&edge) {
+                    return Err(format!("edge {edge} is not a member of this cluster"));
+                }
+                if let Some(in_link) = self.in_links.get_mut(&link) {
+                    in_link.edge = Some(edge);
+                }
+                return Ok(());
+            }
+            (None, frame) => {
+                return Err(format!(
+                    "a link must start with hello, not {}",
+                    frame.kind()
+                ));
+            }
+            (Some(edge), LinkFrame::Hello { .. }) => {
+                return Err(format!("edge {edge} said hello twice"));
+            }
+            (Some(_), LinkFrame::SendResult { .. }) => {
+                return Err("a send result on a link the other edge opened".into());
+            }
+            (Some(edge), frame) => (edge, frame),
+        };
+        let (edge, frame) = peer;
+        let frame_kind = frame.kind();
+        match frame {
+            LinkFrame::Send {
+                request_id,
+                sender,
+                client_id,
+                to,
+                body,
+                ttl_secs,
+            } => {
+                // The sender's edge placed `to` here; if this edge disagrees (membership
+                // changing), refuse as retryable instead of storing where no one reads.
+                let misplaced = self.remote_home(to).is_some();
+                let Some(in_link) = self.in_links.get_mut(&link) else {
+                    return Ok(());
+                };
+                let refusal = if misplaced {
+                    Some(ErrorCode::ShardUnavailable)
+                } else if in_link.requests_in_flight >= requests_max {
+                    Some(ErrorCode::Overloaded)
+                } else {
+                    None
+                };
+                if let Some(code) = refusal {
+                    let result = LinkSendResult::Refused { code };
+                    let frame = LinkFrame::SendResult { request_id, result };
+                    self.effects.push_back(Effect::LinkReply { link, frame });
+                    return Ok(());
+                }
+                in_link.requests_in_flight += 1;
+                let proxy = self.next_proxy;
+                self.next_proxy += 1;
+                self.link_proxies.insert(proxy, (link, request_id));
+                let reply = ConnRef {
+                    shard: self.config.shard,
+                    slot: LINK_PROXY_SLOT,
+                    generation: proxy,
+                };
+                let send = SendRequest {
+                    sender,
+                    client_id,
+                    to,
+                    body,
+                    ttl_secs,
+                };
+                let home = self.home_of(to);
+                self.route(home, ShardMessage::Send { send, reply });
+            }
+            LinkFrame::Signal {
+                to,
+                from,
+                kind,
+                payload,
+            } => {
+                if self.remote_home(to).is_none() {
+                    let home = self.home_of(to);
+                    let message = ShardMessage::Signal {
+                        to,
+                        from,
+                        kind,
+                        payload,
+                    };
+                    self.route(home, message);
+                }
+            }
+            LinkFrame::Hello { .. } | LinkFrame::SendResult { .. } => {
+                return Err(format!("edge {edge} sent an unexpected {}", frame_kind));
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the next group-commit batch, if any and none is in flight.
     pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<ConnRef>> {
         self.inbox.poll_batch(now_ms)
@@ -865,6 +1174,9 @@ impl<A: Authenticator> EdgeSession<A> {
                     Ok(user) => user,
                     Err(failure) => return self.close(conn, failure.code, failure.reason),
                 };
+                if let Some(edge) = self.remote_home(user) {
+                    return self.redirect(conn, user, edge);
+                }
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
@@ -914,20 +1226,18 @@ impl<A: Authenticator> EdgeSession<A> {
                         },
                     );
                 }
+                let send = SendRequest {
+                    sender: user,
+                    client_id,
+                    to,
+                    body,
+                    ttl_secs,
+                };
+                if let Some(edge) = self.remote_home(to) {
+                    return self.forward_send(edge, send, conn);
+                }
                 let home = self.home_of(to);
-                self.route(
-                    home,
-                    ShardMessage::Send {
-                        send: SendRequest {
-                            sender: user,
-                            client_id,
-                            to,
-                            body,
-                            ttl_secs,
-                        },
-                        reply: conn,
-                    },
-                );
+                self.route(home, ShardMessage::Send { send, reply: conn });
             }
             Frame::Ack { up_to_seq } => {
                 // A device cannot acknowledge what it was never given.
@@ -962,6 +1272,19 @@ impl<A: Authenticator> EdgeSession<A> {
                 kind,
                 payload,
             } => {
+                if let Some(edge) = self.remote_home(peer) {
+                    // Ephemeral: without a link up, it is dropped like one over a full lane.
+                    if self.out_links.get(&edge).is_some_and(|link| link.up) {
+                        let frame = LinkFrame::Signal {
+                            to: peer,
+                            from: user,
+                            kind,
+                            payload,
+                        };
+                        self.effects.push_back(Effect::LinkWrite { edge, frame });
+                    }
+                    return;
+                }
                 let home = self.home_of(peer);
                 self.route(
                     home,
@@ -1017,6 +1340,30 @@ impl<A: Authenticator> EdgeSession<A> {
                 up_to_seq,
             } => {
                 self.inbox.handle_ack(inbox, device, up_to_seq, now_ms);
+            }
+            ShardMessage::SendResult {
+                reply,
+                client_id: _,
+                body_bytes: _,
+                result,
+            } if reply.slot == LINK_PROXY_SLOT => {
+                // A send another edge forwarded: answer on its link, if that is still open.
+                let Some((link, request_id)) = self.link_proxies.remove(&reply.generation) else {
+                    return;
+                };
+                let Some(in_link) = self.in_links.get_mut(&link) else {
+                    return;
+                };
+                in_link.requests_in_flight = in_link.requests_in_flight.saturating_sub(1);
+                let result = match result {
+                    Ok((seq, server_time_ms)) => LinkSendResult::Stored {
+                        seq,
+                        server_time_ms,
+                    },
+                    Err(code) => LinkSendResult::Refused { code },
+                };
+                let frame = LinkFrame::SendResult { request_id, result };
+                self.effects.push_back(Effect::LinkReply { link, frame });
             }
             ShardMessage::SendResult {
                 reply,
@@ -1333,6 +1680,70 @@ impl<A: Authenticator> EdgeSession<A> {
 
     fn home_of(&self, user: UserId) -> u8 {
         home_shard(user, self.config.shard_count) as u8
+    }
+
+    /// The edge `user` lives on, if that is not this one.
+    fn remote_home(&self, user: UserId) -> Option<EdgeId> {
+        let cluster = self.config.cluster.as_ref()?;
+        if self.edge_ids.is_empty() {
+            return None;
+        }
+        let edge = home_edge(user, &self.edge_ids);
+        (edge != cluster.edge).then_some(edge)
+    }
+
+    /// Tells the client of `conn` to reconnect to `edge`, where `user` lives.
+    fn redirect(&mut self, conn: ConnRef, user: UserId, edge: EdgeId) {
+        let reconnect_to = self
+            .config
+            .cluster
+            .iter()
+            .flat_map(|cluster| cluster.members.iter())
+            .find(|member| member.id == edge)
+            .map(|member| member.client_address.clone())
+            .unwrap_or_default();
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let login = std::mem::replace(&mut c.login, Login::Closing);
+        self.forget_login(login);
+        self.effects.push_back(Effect::Redirect {
+            conn,
+            user,
+            reconnect_to,
+        });
+    }
+
+    /// Forwards a send from `reply`, a connection of this shard, to the edge `to` lives on.
+    fn forward_send(&mut self, edge: EdgeId, send: SendRequest, reply: ConnRef) {
+        let body_bytes = send.body.len();
+        let Some(link) = self.out_links.get_mut(&edge).filter(|link| link.up) else {
+            return self.local.push_back(ShardMessage::SendResult {
+                reply,
+                client_id: send.client_id,
+                body_bytes,
+                result: Err(ErrorCode::ShardUnavailable),
+            });
+        };
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        link.pending.insert(
+            request_id,
+            PendingSend {
+                reply,
+                client_id: send.client_id,
+                body_bytes,
+            },
+        );
+        let frame = LinkFrame::Send {
+            request_id,
+            sender: send.sender,
+            client_id: send.client_id,
+            to: send.to,
+            body: send.body,
+            ttl_secs: send.ttl_secs,
+        };
+        self.effects.push_back(Effect::LinkWrite { edge, frame });
     }
 
     fn conn(&self, conn: ConnRef) -> Option<&Connection> {

@@ -1096,6 +1096,10 @@ impl World {
                 }
                 // The step loop feeds held frames once input is no longer paused.
                 Effect::ResumeInput { .. } => {}
+                // One edge: cluster_simulation.rs covers redirects and links.
+                Effect::Redirect { .. } | Effect::LinkWrite { .. } | Effect::LinkReply { .. } => {
+                    panic!("an edge without a cluster redirected or used a link")
+                }
                 Effect::Read {
                     conn,
                     inbox,

@@ -291,6 +291,10 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
         recipients_window_ms: limits.recipients_window_secs.saturating_mul(1000),
         hello_timeout_ms: limits.hello_timeout_ms,
         frame_timeout_ms: limits.frame_timeout_ms,
+        // The edge runs on its own until `[cluster]` and the links land (issue 13).
+        cluster: None,
+        link_requests_in_flight_max: SessionConfig::new(id, shard_count, core.clone())
+            .link_requests_in_flight_max,
         core: core.clone(),
     }
 }
@@ -982,6 +986,25 @@ impl Shard {
                         }
                     }
                     self.conns.insert(handle, c);
+                }
+                // Only a session with `cluster` set redirects or uses links, and the edge does
+                // not set it yet (issue 13: the links are the next step).
+                Effect::Redirect { user, .. } => {
+                    warn!(user, "redirect without a cluster; ignored");
+                }
+                Effect::LinkWrite { edge, frame } => {
+                    warn!(
+                        edge,
+                        kind = frame.kind(),
+                        "link frame without a cluster; ignored"
+                    );
+                }
+                Effect::LinkReply { link, frame } => {
+                    warn!(
+                        link,
+                        kind = frame.kind(),
+                        "link frame without a cluster; ignored"
+                    );
                 }
             }
         }

@@ -311,7 +311,11 @@ impl Frame {
     }
 }
 
-pub(crate) fn check_len(field: &'static str, actual: usize, limit: usize) -> Result<(), DecodeError> {
+pub(crate) fn check_len(
+    field: &'static str,
+    actual: usize,
+    limit: usize,
+) -> Result<(), DecodeError> {
     check_max(field, actual as u64, limit as u64)
 }
 

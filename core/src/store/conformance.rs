@@ -494,12 +494,20 @@ fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
     committer
         .commit_batch(h.store(), std::slice::from_ref(&late_ack), now)
         .unwrap();
-    assert_eq!(prefix_left(keys::device(9, 0)[..9].to_vec()), 0, "ack after");
+    assert_eq!(
+        prefix_left(keys::device(9, 0)[..9].to_vec()),
+        0,
+        "ack after"
+    );
     committer.commit_batch(h.store(), &[link(9)], now).unwrap();
     committer
         .commit_batch(h.store(), &[Request::Purge { inbox: 9 }, late_ack], now)
         .unwrap();
-    assert_eq!(prefix_left(keys::device(9, 0)[..9].to_vec()), 0, "same batch");
+    assert_eq!(
+        prefix_left(keys::device(9, 0)[..9].to_vec()),
+        0,
+        "same batch"
+    );
     // A retry of a purged send inside the dedupe window is a new message, at a new seq.
     let again = committer
         .commit_batch(h.store(), &[send(1, 1, 9, b"new")], now)

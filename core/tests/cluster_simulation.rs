@@ -1,0 +1,1077 @@
+//! Deterministic simulation of a cluster of edges (issue 13): several edges, each with its own
+//! shards and its own store (the embedded mode), linked shard to edge, driven through the real
+//! `EdgeSession` (placement, redirects, forwarding over links, link failure) and the real
+//! `Committer`, with the client's real `ClientSession`.
+//!
+//! Clients connect to a random edge; the edge redirects each to its user's home edge, and the
+//! client follows `Goaway { reconnect_to }` as the SDK does. Sends to users of other edges go
+//! over this shard's link to that edge. In the chaotic phase links break (the requests and
+//! answers on them are lost), edges crash and restart on their stores, and connections die.
+//! Then a calm phase must converge, and the checker asserts R2 across edges: every message a
+//! server acknowledged reached its recipient exactly once, in inbox order, at the acknowledged
+//! seq; nothing was stored twice.
+//!
+//! The single-edge simulation (`simulation.rs`) covers what happens inside one edge (store
+//! faults, expiry, abuse limits, several devices); this one covers what crosses edges.
+//! `SIM_SEED=<n>` replays one seed; `SIM_SEEDS=<count>` sets how many run (default 500).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use courier_core::commit::{self, Committer};
+use courier_core::placement::{EdgeId, home_edge};
+use courier_core::rng::Rng;
+use courier_core::session::{
+    AuthFailure, Authenticator, ClusterView, ConnRef, EdgeMember, EdgeSession, Effect,
+    SessionConfig, ShardMessage,
+};
+use courier_core::store::StoreError;
+use courier_core::store::memory::MemoryStore;
+use courier_core::{CoreConfig, UnixMillis, UserId};
+use courier_protocol::client::{ClientConfig, ClientEvent, ClientSession, SessionError};
+use courier_protocol::link::LinkFrame;
+use courier_protocol::{ErrorCode, Frame};
+
+const SEEDS_DEFAULT: u64 = 500;
+const CHAOS_STEPS: usize = 2_000;
+const DRAIN_STEPS_MAX: usize = 50_000;
+const IDLE_TIMEOUT_MS: u64 = 300;
+
+#[test]
+fn cluster_simulation_over_many_seeds() {
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        let seed: u64 = seed.parse().expect("SIM_SEED must be a number");
+        let stats =
+            run_seed(seed).unwrap_or_else(|failure| panic!("SIM_SEED={seed} failed: {failure}"));
+        eprintln!("cluster simulation: seed {seed}: {stats:?}");
+        return;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .map(|count| count.parse().expect("SIM_SEEDS must be a number"))
+        .unwrap_or(SEEDS_DEFAULT);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let results: Vec<(u64, Result<Stats, String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|worker| {
+                scope.spawn(move || {
+                    (0..seeds)
+                        .filter(|seed| seed % threads == worker)
+                        .map(|seed| (seed, run_seed(seed)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    if let Some((seed, Err(failure))) = results.iter().find(|(_, r)| r.is_err()) {
+        let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+        panic!(
+            "{failed} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}"
+        );
+    }
+    let mut total = Stats::default();
+    for (_, stats) in &results {
+        total.add(stats.as_ref().expect("no failures"));
+    }
+    eprintln!("cluster simulation: {seeds} seeds, {total:?}");
+    // A simulation that stopped crossing edges, or stopped breaking links, proves nothing.
+    if seeds >= 100 {
+        assert!(total.messages_acked > 5_000, "too few messages: {total:?}");
+        assert!(
+            total.redirects > 0 && total.forwarded_sends > 0 && total.forwarded_signals > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.link_failures > 0 && total.refused_link_down > 0 && total.edge_crashes > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.duplicate_sends > 0,
+            "no retry was deduplicated: {total:?}"
+        );
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Stats {
+    messages_acked: u64,
+    /// Connections the edge sent to the user's home edge.
+    redirects: u64,
+    forwarded_sends: u64,
+    forwarded_signals: u64,
+    link_failures: u64,
+    /// `SendError { ShardUnavailable }` written to clients: a link down, or failed under them.
+    refused_link_down: u64,
+    edge_crashes: u64,
+    disconnects: u64,
+    /// Sends answered from the dedupe record instead of being stored again.
+    duplicate_sends: u64,
+}
+
+impl Stats {
+    fn add(&mut self, other: &Stats) {
+        self.messages_acked += other.messages_acked;
+        self.redirects += other.redirects;
+        self.forwarded_sends += other.forwarded_sends;
+        self.forwarded_signals += other.forwarded_signals;
+        self.link_failures += other.link_failures;
+        self.refused_link_down += other.refused_link_down;
+        self.edge_crashes += other.edge_crashes;
+        self.disconnects += other.disconnects;
+        self.duplicate_sends += other.duplicate_sends;
+    }
+}
+
+fn run_seed(seed: u64) -> Result<Stats, String> {
+    match catch_unwind(AssertUnwindSafe(|| World::new(seed).run())) {
+        Ok(result) => result,
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into())),
+    }
+}
+
+/// Tokens are `user:device` in decimal.
+struct SimAuth;
+
+impl Authenticator for SimAuth {
+    fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<UserId, AuthFailure> {
+        std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.split_once(':'))
+            .filter(|(_, d)| d.parse() == Ok(device))
+            .and_then(|(u, _)| u.parse().ok())
+            .ok_or(AuthFailure {
+                code: ErrorCode::Unauthenticated,
+                reason: "bad simulated token".into(),
+            })
+    }
+}
+
+/// The address a redirect names for an edge, and back.
+fn address_of(edge: EdgeId) -> String {
+    format!("edge-{edge}")
+}
+
+#[derive(Debug)]
+enum Packet {
+    ToEdge {
+        edge: usize,
+        conn: ConnRef,
+        frame: Frame,
+    },
+    ToClient {
+        client: usize,
+        conn: ConnRef,
+        frame: Frame,
+    },
+    Closed {
+        client: usize,
+        conn: ConnRef,
+    },
+    Mesh {
+        edge: usize,
+        shard: u8,
+        message: ShardMessage,
+    },
+    /// On a link, from the shard that opened it to the shard it landed on.
+    LinkRequest {
+        link: u64,
+        frame: LinkFrame,
+    },
+    /// On a link, back to the shard that opened it.
+    LinkAnswer {
+        link: u64,
+        frame: LinkFrame,
+    },
+    ReadDone {
+        edge: usize,
+        shard: u8,
+        conn: ConnRef,
+        after_seq: u64,
+        result: Result<commit::InboxPage, StoreError>,
+    },
+    IdleTimeout {
+        edge: usize,
+        conn: ConnRef,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    Up(usize),
+    Down(usize),
+    Mesh(usize, u8),
+    LinkRequest(u64),
+    LinkAnswer(u64),
+    Local(usize),
+}
+
+impl Packet {
+    fn lane(&self) -> Lane {
+        match self {
+            Packet::ToEdge { conn, .. } => Lane::Up(conn.slot),
+            Packet::ToClient { conn, .. } | Packet::Closed { conn, .. } => Lane::Down(conn.slot),
+            Packet::Mesh { edge, shard, .. } => Lane::Mesh(*edge, *shard),
+            Packet::LinkRequest { link, .. } => Lane::LinkRequest(*link),
+            Packet::LinkAnswer { link, .. } => Lane::LinkAnswer(*link),
+            Packet::ReadDone { conn, .. } | Packet::IdleTimeout { conn, .. } => {
+                Lane::Local(conn.slot)
+            }
+        }
+    }
+
+    /// Whether the packet lives in the process of edge `edge` (lost when it crashes).
+    fn touches_edge(&self, edge: usize, world: &World) -> bool {
+        match self {
+            Packet::ToEdge { edge: e, .. }
+            | Packet::Mesh { edge: e, .. }
+            | Packet::ReadDone { edge: e, .. }
+            | Packet::IdleTimeout { edge: e, .. } => *e == edge,
+            Packet::ToClient { conn, .. } | Packet::Closed { conn, .. } => {
+                world.slot_edge.get(&conn.slot) == Some(&edge)
+            }
+            Packet::LinkRequest { link, .. } | Packet::LinkAnswer { link, .. } => world
+                .links
+                .get(link)
+                .is_none_or(|l| l.from_edge == edge || l.to_edge == edge),
+        }
+    }
+}
+
+/// One edge process: its shards and its own store.
+struct Edge {
+    id: EdgeId,
+    store: MemoryStore,
+    shards: Vec<EdgeSession<SimAuth>>,
+    committers: Vec<Committer>,
+}
+
+/// A link that is up: opened by (from_edge, from_shard), landed on (to_edge, to_shard).
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    from_edge: usize,
+    from_shard: u8,
+    to_edge: usize,
+    to_shard: u8,
+}
+
+#[derive(Debug)]
+struct Client {
+    user: UserId,
+    session: ClientSession,
+    conn: Option<ConnRef>,
+    /// The edge it connects to next: a random one at first, then where it was redirected.
+    target_edge: usize,
+    reconnect_at: UnixMillis,
+    /// Still to send: (client id, recipient index).
+    planned: VecDeque<(u64, usize)>,
+    /// Sent and not answered: client id → recipient.
+    outbox: BTreeMap<u64, UserId>,
+    /// Answered: client id → (recipient, seq).
+    acked: HashMap<u64, (UserId, u64)>,
+    /// Deliveries the application took, in order: (seq, from, body).
+    received: Vec<(u64, UserId, Vec<u8>)>,
+    linked_after: Option<u64>,
+}
+
+struct World {
+    rng: Rng,
+    now: UnixMillis,
+    config: CoreConfig,
+    session_config: SessionConfig,
+    edges: Vec<Edge>,
+    edge_ids: Vec<EdgeId>,
+    /// Links up, by id; a packet on a link that is gone is lost.
+    links: HashMap<u64, Link>,
+    /// Per (edge, shard, peer edge): the link up, or when to open one again.
+    out_links: BTreeMap<(usize, u8, usize), Result<u64, UnixMillis>>,
+    next_link: u64,
+    clients: Vec<Client>,
+    slot_owner: HashMap<usize, usize>,
+    slot_edge: HashMap<usize, usize>,
+    next_slot: usize,
+    network: BTreeMap<(UnixMillis, u64), Packet>,
+    lane_clock: HashMap<Lane, UnixMillis>,
+    packet_counter: u64,
+    link_fail_per_thousand: u64,
+    crash_per_thousand: u64,
+    disconnect_per_thousand: u64,
+    stats: Stats,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng::new(seed);
+        let batch_requests_max = 1 + rng.below(8) as usize;
+        let config = CoreConfig {
+            batch_requests_max,
+            queue_requests_max: batch_requests_max + 16 + rng.below(32) as usize,
+            queue_requests_per_sender_max: 1 + rng.below(8) as usize,
+            sync_messages_max: 1 + rng.below(20) as usize,
+            seq_cache_entries_max: rng.below(8) as usize,
+            ..CoreConfig::default()
+        };
+        config.validate().expect("valid sim config");
+        let edge_count = 2 + rng.below(2) as usize;
+        // Ids that are not indexes, so a mix-up of the two shows.
+        let edge_ids: Vec<EdgeId> = (0..edge_count).map(|i| 10 * (i as u32 + 1) + 3).collect();
+        let members: Vec<EdgeMember> = edge_ids
+            .iter()
+            .map(|id| EdgeMember {
+                id: *id,
+                client_address: address_of(*id),
+            })
+            .collect();
+        let shard_count = 1 + rng.below(3) as u32;
+        let session_config = SessionConfig {
+            sends_in_flight_per_connection_max: 1 + rng.below(8) as usize,
+            link_requests_in_flight_max: 1 + rng.below(16) as usize,
+            cluster: Some(ClusterView {
+                edge: edge_ids[0],
+                members,
+            }),
+            ..SessionConfig::new(0, shard_count, config.clone())
+        };
+        let user_count = 3 + rng.below(6) as usize;
+        let users: Vec<UserId> = (0..user_count).map(|i| 1000 + i as u64 * 7919).collect();
+        let messages_per_client = 1 + rng.below(30);
+        let in_flight_max = 1 + rng.below(4) as usize;
+        let clients = users
+            .iter()
+            .map(|user| {
+                let planned = (1..=messages_per_client)
+                    .map(|n| (n, rng.below(user_count as u64) as usize))
+                    .collect();
+                let mut client_config = ClientConfig::new(format!("{user}:0").into_bytes(), 0);
+                client_config.sends_in_flight_max = in_flight_max;
+                client_config.retry_after_ms = 100;
+                Client {
+                    user: *user,
+                    session: ClientSession::new(client_config, 0),
+                    conn: None,
+                    target_edge: rng.below(edge_count as u64) as usize,
+                    reconnect_at: 0,
+                    planned,
+                    outbox: BTreeMap::new(),
+                    acked: HashMap::new(),
+                    received: Vec::new(),
+                    linked_after: None,
+                }
+            })
+            .collect();
+        let mut world = World {
+            link_fail_per_thousand: rng.below(20),
+            crash_per_thousand: rng.below(3),
+            disconnect_per_thousand: rng.below(10),
+            rng,
+            now: 1_700_000_000_000,
+            config,
+            session_config,
+            edges: Vec::new(),
+            edge_ids: edge_ids.clone(),
+            links: HashMap::new(),
+            out_links: BTreeMap::new(),
+            next_link: 1,
+            clients,
+            slot_owner: HashMap::new(),
+            slot_edge: HashMap::new(),
+            next_slot: 0,
+            network: BTreeMap::new(),
+            lane_clock: HashMap::new(),
+            packet_counter: 0,
+            stats: Stats::default(),
+        };
+        for id in &edge_ids {
+            world.edges.push(Edge {
+                id: *id,
+                store: MemoryStore::new(),
+                shards: Vec::new(),
+                committers: Vec::new(),
+            });
+        }
+        for index in 0..edge_ids.len() {
+            world.start_edge(index);
+        }
+        world
+    }
+
+    /// The edge's process starts on its store: new shards, links to every peer to be opened.
+    fn start_edge(&mut self, edge: usize) {
+        let count = self.session_config.shard_count;
+        let mut cluster = self.session_config.cluster.clone().expect("a cluster");
+        cluster.edge = self.edges[edge].id;
+        let e = &mut self.edges[edge];
+        e.shards = (0..count)
+            .map(|shard| {
+                let config = SessionConfig {
+                    shard: shard as u8,
+                    cluster: Some(cluster.clone()),
+                    ..self.session_config.clone()
+                };
+                EdgeSession::new(config, SimAuth)
+            })
+            .collect();
+        e.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
+        for shard in 0..count as u8 {
+            for peer in 0..self.edges.len() {
+                if peer != edge {
+                    self.out_links.insert((edge, shard, peer), Err(self.now));
+                }
+            }
+        }
+    }
+
+    fn run(mut self) -> Result<Stats, String> {
+        for _ in 0..CHAOS_STEPS {
+            self.step(true);
+        }
+        let mut steps = 0;
+        while !self.converged() {
+            self.step(false);
+            steps += 1;
+            if steps > DRAIN_STEPS_MAX {
+                return Err(format!(
+                    "did not converge within {DRAIN_STEPS_MAX} calm steps: {}",
+                    self.describe()
+                ));
+            }
+        }
+        self.check()
+    }
+
+    fn describe(&self) -> String {
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} on {:?} target {} pending {} planned {} received {}/{}",
+                    c.user,
+                    c.conn.map(|conn| self.slot_edge[&conn.slot]),
+                    c.target_edge,
+                    c.session.pending_sends(),
+                    c.planned.len(),
+                    c.session.received_up_to(),
+                    self.head(c.user)
+                )
+            })
+            .collect();
+        let network: Vec<String> = self
+            .network
+            .iter()
+            .take(8)
+            .map(|((at, _), packet)| {
+                let text: String = format!("{packet:?}").chars().take(160).collect();
+                format!("at {at}: {text}")
+            })
+            .collect();
+        format!(
+            "now {} edges {:?} links {:?} network {} [{}] clients [{}]",
+            self.now,
+            self.edge_ids,
+            self.out_links,
+            self.network.len(),
+            network.join("; "),
+            clients.join("; ")
+        )
+    }
+
+    fn home_index(&self, user: UserId) -> usize {
+        let id = home_edge(user, &self.edge_ids);
+        self.edge_ids.iter().position(|e| *e == id).expect("member")
+    }
+
+    /// The last seq of `user`'s inbox, read on its home edge.
+    fn head(&self, user: UserId) -> u64 {
+        commit::last_seq(&self.edges[self.home_index(user)].store, user).expect("read")
+    }
+
+    fn schedule(&mut self, packet: Packet, latency: u64) {
+        let lane = packet.lane();
+        let earliest = self.lane_clock.get(&lane).copied().unwrap_or(0);
+        let at = (self.now + latency).max(earliest);
+        self.lane_clock.insert(lane, at);
+        self.packet_counter += 1;
+        self.network.insert((at, self.packet_counter), packet);
+    }
+
+    fn step(&mut self, chaos: bool) {
+        self.now += 1 + self.rng.below(5);
+        while let Some(entry) = self.network.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let packet = entry.remove();
+            self.receive(packet);
+        }
+        self.open_links();
+        for client in 0..self.clients.len() {
+            self.client_tick(client);
+        }
+        for edge in 0..self.edges.len() {
+            for shard in 0..self.edges[edge].shards.len() {
+                let now = self.now;
+                let e = &mut self.edges[edge];
+                if let Some(batch) = e.shards[shard].poll_batch(now) {
+                    let result = e.committers[shard].commit_batch(&e.store, &batch.requests, now);
+                    if let Ok(outcomes) = &result {
+                        self.stats.duplicate_sends += outcomes
+                            .iter()
+                            .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
+                            .count() as u64;
+                    }
+                    e.shards[shard].handle_commit(batch, result);
+                    self.apply_effects(edge, shard as u8);
+                }
+            }
+        }
+        if chaos {
+            if self.rng.below(1000) < self.link_fail_per_thousand && !self.links.is_empty() {
+                let mut ids: Vec<u64> = self.links.keys().copied().collect();
+                ids.sort_unstable();
+                let link = ids[self.rng.below(ids.len() as u64) as usize];
+                self.break_link(link);
+            }
+            if self.rng.below(1000) < self.crash_per_thousand {
+                let edge = self.rng.below(self.edges.len() as u64) as usize;
+                self.crash_edge(edge);
+            }
+            for client in 0..self.clients.len() {
+                if self.rng.below(1000) < self.disconnect_per_thousand {
+                    self.drop_connection(client);
+                }
+            }
+        }
+    }
+
+    /// Opens the links that are due: the landing shard learns of it and its `Hello` first,
+    /// then the opening shard may forward on it.
+    fn open_links(&mut self) {
+        let due: Vec<(usize, u8, usize)> = self
+            .out_links
+            .iter()
+            .filter(|(_, state)| matches!(state, Err(at) if *at <= self.now))
+            .map(|(key, _)| *key)
+            .collect();
+        for (from_edge, from_shard, to_edge) in due {
+            let link = self.next_link;
+            self.next_link += 1;
+            let to_shard = (u64::from(from_shard) + link) % self.edges[to_edge].shards.len() as u64;
+            let to_shard = to_shard as u8;
+            self.links.insert(
+                link,
+                Link {
+                    from_edge,
+                    from_shard,
+                    to_edge,
+                    to_shard,
+                },
+            );
+            self.out_links
+                .insert((from_edge, from_shard, to_edge), Ok(link));
+            let hello = LinkFrame::Hello {
+                edge: self.edges[from_edge].id,
+            };
+            let now = self.now;
+            let landing = &mut self.edges[to_edge].shards[to_shard as usize];
+            landing.open_link(link);
+            landing
+                .handle_link_request(now, link, hello)
+                .expect("a member's hello is accepted");
+            let peer = self.edges[to_edge].id;
+            self.edges[from_edge].shards[from_shard as usize].link_up(peer);
+        }
+    }
+
+    /// A link breaks: what was on it is lost; both ends learn, and it is opened again later.
+    fn break_link(&mut self, link: u64) {
+        let Some(l) = self.links.remove(&link) else {
+            return;
+        };
+        self.stats.link_failures += 1;
+        let peer = self.edges[l.to_edge].id;
+        self.edges[l.from_edge].shards[l.from_shard as usize].link_down(peer);
+        self.apply_effects(l.from_edge, l.from_shard);
+        self.edges[l.to_edge].shards[l.to_shard as usize].link_closed(link);
+        let again_at = self.now + 1 + self.rng.below(200);
+        self.out_links
+            .insert((l.from_edge, l.from_shard, l.to_edge), Err(again_at));
+    }
+
+    /// The edge's process dies and restarts on its store. Its connections and links die.
+    fn crash_edge(&mut self, edge: usize) {
+        self.stats.edge_crashes += 1;
+        let dead: Vec<u64> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.from_edge == edge || l.to_edge == edge)
+            .map(|(id, _)| *id)
+            .collect();
+        for link in dead {
+            let l = self.links.remove(&link).expect("listed");
+            if l.from_edge != edge {
+                // The peer sees its link drop.
+                let id = self.edges[edge].id;
+                self.edges[l.from_edge].shards[l.from_shard as usize].link_down(id);
+                self.apply_effects(l.from_edge, l.from_shard);
+                let again_at = self.now + 1 + self.rng.below(200);
+                self.out_links
+                    .insert((l.from_edge, l.from_shard, edge), Err(again_at));
+            } else {
+                self.edges[l.to_edge].shards[l.to_shard as usize].link_closed(link);
+            }
+        }
+        let packets = std::mem::take(&mut self.network);
+        self.network = packets
+            .into_iter()
+            .filter(|(_, packet)| !packet.touches_edge(edge, self))
+            .collect();
+        for client in 0..self.clients.len() {
+            let on_edge = self.clients[client]
+                .conn
+                .is_some_and(|conn| self.slot_edge[&conn.slot] == edge);
+            if on_edge {
+                self.clients[client].conn = None;
+                let now = self.now;
+                let c = &mut self.clients[client];
+                c.session.disconnected(now);
+                c.reconnect_at = now + c.session.reconnect_delay_ms(self.rng.next_u64());
+            }
+        }
+        self.start_edge(edge);
+    }
+
+    fn drop_connection(&mut self, client: usize) {
+        let Some(conn) = self.clients[client].conn.take() else {
+            return;
+        };
+        self.stats.disconnects += 1;
+        let now = self.now;
+        let c = &mut self.clients[client];
+        c.session.disconnected(now);
+        c.reconnect_at = now + c.session.reconnect_delay_ms(self.rng.next_u64());
+        let edge = self.slot_edge[&conn.slot];
+        self.schedule(Packet::IdleTimeout { edge, conn }, IDLE_TIMEOUT_MS);
+    }
+
+    fn connect(&mut self, client: usize) {
+        let edge = self.clients[client].target_edge;
+        let shard = self.rng.below(self.edges[edge].shards.len() as u64) as u8;
+        let conn = ConnRef {
+            shard,
+            slot: self.next_slot,
+            generation: 1,
+        };
+        self.next_slot += 1;
+        self.slot_owner.insert(conn.slot, client);
+        self.slot_edge.insert(conn.slot, edge);
+        let now = self.now;
+        self.edges[edge].shards[shard as usize].open_connection(now, conn);
+        let c = &mut self.clients[client];
+        c.conn = Some(conn);
+        c.session.connected(now);
+    }
+
+    fn receive(&mut self, packet: Packet) {
+        let now = self.now;
+        match packet {
+            Packet::ToEdge { edge, conn, frame } => {
+                self.edges[edge].shards[conn.shard as usize].handle_frame(now, conn, frame, false);
+                self.apply_effects(edge, conn.shard);
+            }
+            Packet::ToClient {
+                client,
+                conn,
+                frame,
+            } => {
+                if self.clients[client].conn != Some(conn) {
+                    return;
+                }
+                match self.clients[client].session.handle_frame(now, frame) {
+                    Ok(()) => {}
+                    Err(SessionError::Goaway {
+                        reconnect_to: Some(address),
+                        ..
+                    }) => {
+                        // What the SDK does: reconnect at once, to the edge named.
+                        let target = self
+                            .edge_ids
+                            .iter()
+                            .position(|id| address_of(*id) == address)
+                            .unwrap_or_else(|| panic!("redirected to an unknown {address}"));
+                        let c = &mut self.clients[client];
+                        c.conn = None;
+                        c.session.disconnected(now);
+                        c.target_edge = target;
+                        c.reconnect_at = now;
+                    }
+                    Err(error) => panic!("client {client}: the edge broke the protocol: {error}"),
+                }
+            }
+            Packet::Closed { client, conn } => {
+                if self.clients[client].conn == Some(conn) {
+                    self.drop_connection(client);
+                }
+            }
+            Packet::Mesh {
+                edge,
+                shard,
+                message,
+            } => {
+                self.edges[edge].shards[shard as usize].handle_message(now, message);
+                self.apply_effects(edge, shard);
+            }
+            Packet::LinkRequest { link, frame } => {
+                let Some(l) = self.links.get(&link).copied() else {
+                    return; // The link broke with the frame on it.
+                };
+                let landing = &mut self.edges[l.to_edge].shards[l.to_shard as usize];
+                if let Err(error) = landing.handle_link_request(now, link, frame) {
+                    panic!("link {link}: the far edge refused a request: {error}");
+                }
+                self.apply_effects(l.to_edge, l.to_shard);
+            }
+            Packet::LinkAnswer { link, frame } => {
+                let Some(l) = self.links.get(&link).copied() else {
+                    return;
+                };
+                let peer = self.edges[l.to_edge].id;
+                let opener = &mut self.edges[l.from_edge].shards[l.from_shard as usize];
+                if let Err(error) = opener.handle_link_answer(now, peer, frame) {
+                    panic!("link {link}: an answer was refused: {error}");
+                }
+                self.apply_effects(l.from_edge, l.from_shard);
+            }
+            Packet::ReadDone {
+                edge,
+                shard,
+                conn,
+                after_seq,
+                result,
+            } => {
+                self.edges[edge].shards[shard as usize].handle_read(conn, after_seq, result);
+                self.apply_effects(edge, shard);
+            }
+            Packet::IdleTimeout { edge, conn } => {
+                self.edges[edge].shards[conn.shard as usize].connection_lost(conn);
+                self.apply_effects(edge, conn.shard);
+            }
+        }
+    }
+
+    /// Carries out a shard's effects, as `edge/src/shard.rs` does.
+    fn apply_effects(&mut self, edge: usize, shard: u8) {
+        while let Some(effect) = self.edges[edge].shards[shard as usize].poll_effect() {
+            match effect {
+                Effect::Write { conn, frame, .. } => {
+                    if let Frame::SendError {
+                        code: ErrorCode::ShardUnavailable,
+                        ..
+                    } = frame
+                    {
+                        self.stats.refused_link_down += 1;
+                    }
+                    let client = self.slot_owner[&conn.slot];
+                    let latency = 1 + self.rng.below(20);
+                    self.schedule(
+                        Packet::ToClient {
+                            client,
+                            conn,
+                            frame,
+                        },
+                        latency,
+                    );
+                    self.edges[edge].shards[shard as usize].set_outbound_bytes(conn, 0);
+                }
+                Effect::Close { conn, code, .. } => {
+                    assert!(
+                        !courier_protocol::client::is_fatal_code(code),
+                        "a connection was closed with {code:?}"
+                    );
+                    let client = self.slot_owner[&conn.slot];
+                    self.schedule(Packet::Closed { client, conn }, 1);
+                    self.edges[edge].shards[shard as usize].connection_lost(conn);
+                }
+                Effect::Redirect {
+                    conn,
+                    user,
+                    reconnect_to,
+                } => {
+                    assert_ne!(self.home_index(user), edge, "redirected from its home edge");
+                    assert_eq!(reconnect_to, address_of(home_edge(user, &self.edge_ids)));
+                    self.stats.redirects += 1;
+                    let client = self.slot_owner[&conn.slot];
+                    let frame = Frame::Goaway {
+                        reason: "homed on another edge".into(),
+                        reconnect_to: Some(reconnect_to),
+                    };
+                    let latency = 1 + self.rng.below(20);
+                    self.schedule(
+                        Packet::ToClient {
+                            client,
+                            conn,
+                            frame,
+                        },
+                        latency,
+                    );
+                    self.edges[edge].shards[shard as usize].connection_lost(conn);
+                }
+                Effect::Route { shard: to, message } => {
+                    let latency = self.rng.below(3);
+                    self.schedule(
+                        Packet::Mesh {
+                            edge,
+                            shard: to,
+                            message,
+                        },
+                        latency,
+                    );
+                }
+                Effect::ResumeInput { .. } => {}
+                Effect::Read {
+                    conn,
+                    inbox,
+                    after_seq,
+                } => {
+                    let store = &self.edges[edge].store;
+                    let result =
+                        commit::read_inbox(store, inbox, after_seq, self.now, &self.config);
+                    let latency = 1 + self.rng.below(10);
+                    self.schedule(
+                        Packet::ReadDone {
+                            edge,
+                            shard,
+                            conn,
+                            after_seq,
+                            result,
+                        },
+                        latency,
+                    );
+                }
+                Effect::LinkWrite { edge: peer, frame } => {
+                    match &frame {
+                        LinkFrame::Send { to, .. } => {
+                            assert_eq!(self.edge_ids[self.home_index(*to)], peer);
+                            self.stats.forwarded_sends += 1;
+                        }
+                        LinkFrame::Signal { .. } => self.stats.forwarded_signals += 1,
+                        LinkFrame::Hello { .. } | LinkFrame::SendResult { .. } => {
+                            panic!("a shard wrote {} on its own link", frame.kind())
+                        }
+                    }
+                    let peer = self
+                        .edge_ids
+                        .iter()
+                        .position(|e| *e == peer)
+                        .expect("member");
+                    let Some(Ok(link)) = self.out_links.get(&(edge, shard, peer)).copied() else {
+                        panic!("a shard wrote on a link that is down");
+                    };
+                    let latency = 1 + self.rng.below(10);
+                    self.schedule(Packet::LinkRequest { link, frame }, latency);
+                }
+                Effect::LinkReply { link, frame } => {
+                    if self.links.contains_key(&link) {
+                        let latency = 1 + self.rng.below(10);
+                        self.schedule(Packet::LinkAnswer { link, frame }, latency);
+                    }
+                }
+            }
+        }
+    }
+
+    fn client_tick(&mut self, client: usize) {
+        let now = self.now;
+        if self.clients[client].conn.is_none() {
+            if now < self.clients[client].reconnect_at {
+                return;
+            }
+            self.connect(client);
+        }
+        let users: Vec<UserId> = self.clients.iter().map(|c| c.user).collect();
+        let c = &mut self.clients[client];
+        while c.session.pending_sends() < 8 {
+            let Some((client_id, recipient)) = c.planned.pop_front() else {
+                break;
+            };
+            let to = users[recipient];
+            let body = format!("{}:{client_id}", c.user).into_bytes();
+            c.outbox.insert(client_id, to);
+            c.session
+                .send(client_id, to, body, None)
+                .expect("send queued");
+            // Now and then a typing signal too: it crosses edges like a send, unanswered.
+            if client_id % 4 == 0 {
+                // Signals are dropped while offline (false): ephemeral by design.
+                let _sent = c
+                    .session
+                    .signal(to, courier_protocol::SignalKind::Typing, Vec::new());
+            }
+        }
+        c.session.handle_timeout(now);
+        while let Some(event) = c.session.poll_event() {
+            match event {
+                ClientEvent::Welcome {
+                    user, acked_up_to, ..
+                } => {
+                    assert_eq!(user, c.user);
+                    c.linked_after.get_or_insert(acked_up_to);
+                }
+                ClientEvent::Message(delivery) => {
+                    c.received
+                        .push((delivery.seq, delivery.from, delivery.body));
+                    c.session.consumed(now, delivery.seq);
+                }
+                ClientEvent::Hole { .. } | ClientEvent::Signal { .. } => {}
+                ClientEvent::SendDone { client_id, result } => match result {
+                    Ok(receipt) => {
+                        let to = c.outbox.remove(&client_id).expect("a send made");
+                        if let Some((_, earlier)) = c.acked.insert(client_id, (to, receipt.seq)) {
+                            assert_eq!(earlier, receipt.seq, "two seqs for one send");
+                        }
+                    }
+                    Err(code) => panic!("client {client}: send {client_id} refused: {code:?}"),
+                },
+            }
+        }
+        let Some(conn) = self.clients[client].conn else {
+            return;
+        };
+        let edge = self.slot_edge[&conn.slot];
+        while let Some(frame) = self.clients[client].session.poll_transmit() {
+            let latency = 1 + self.rng.below(20);
+            self.schedule(Packet::ToEdge { edge, conn, frame }, latency);
+        }
+    }
+
+    fn converged(&self) -> bool {
+        if !self.network.is_empty()
+            || self.out_links.values().any(|state| state.is_err())
+            || self.edges.iter().any(|e| {
+                e.shards
+                    .iter()
+                    .any(|s| s.queued_requests() > 0 || s.batch_in_flight())
+            })
+        {
+            return false;
+        }
+        self.clients.iter().all(|c| {
+            c.conn.is_some()
+                && c.session.is_active()
+                && c.planned.is_empty()
+                && c.outbox.is_empty()
+                && c.session.ack_flushed()
+                && c.session.received_up_to() >= self.head(c.user)
+        })
+    }
+
+    fn check(mut self) -> Result<Stats, String> {
+        for c in &self.clients {
+            let home = self.home_index(c.user);
+            let conn = c.conn.expect("converged clients are connected");
+            if self.slot_edge[&conn.slot] != home {
+                return Err(format!(
+                    "user {} settled on an edge that is not its home",
+                    c.user
+                ));
+            }
+        }
+        let mut delivered: Vec<HashMap<Vec<u8>, u64>> = Vec::new();
+        for c in &self.clients {
+            let mut previous = 0;
+            let mut bodies = HashMap::new();
+            for (seq, from, body) in &c.received {
+                if *seq <= previous {
+                    return Err(format!("user {} got {seq} after {previous}", c.user));
+                }
+                previous = *seq;
+                if !body.starts_with(format!("{from}:").as_bytes()) {
+                    return Err(format!(
+                        "a message from {from} carries another sender's body"
+                    ));
+                }
+                if bodies.insert(body.clone(), *seq).is_some() {
+                    return Err(format!(
+                        "message {} delivered twice to {}",
+                        String::from_utf8_lossy(body),
+                        c.user
+                    ));
+                }
+            }
+            delivered.push(bodies);
+        }
+        let mut acked = 0;
+        let mut expected = vec![0usize; self.clients.len()];
+        for sender in &self.clients {
+            for (client_id, (to, seq)) in &sender.acked {
+                acked += 1;
+                let body = format!("{}:{client_id}", sender.user).into_bytes();
+                let index = self
+                    .clients
+                    .iter()
+                    .position(|c| c.user == *to)
+                    .expect("a recipient");
+                if self.clients[index]
+                    .linked_after
+                    .is_some_and(|after| after >= *seq)
+                {
+                    continue;
+                }
+                match delivered[index].get(&body) {
+                    Some(got) if got == seq => expected[index] += 1,
+                    Some(got) => {
+                        return Err(format!(
+                            "message {}:{client_id} acked as {to}#{seq}, delivered as {got}",
+                            sender.user
+                        ));
+                    }
+                    None => {
+                        return Err(format!(
+                            "acknowledged message {}:{client_id} ({to}#{seq}) was lost",
+                            sender.user
+                        ));
+                    }
+                }
+            }
+        }
+        for (index, c) in self.clients.iter().enumerate() {
+            if delivered[index].len() != expected[index] {
+                return Err(format!(
+                    "user {} got {} messages, {} of them acknowledged",
+                    c.user,
+                    delivered[index].len(),
+                    expected[index]
+                ));
+            }
+        }
+        self.stats.messages_acked = acked;
+        Ok(self.stats)
+    }
+}
+
+/// The checker must notice an acknowledged message that never arrived.
+#[test]
+fn cluster_simulation_detects_a_lost_acknowledged_message() {
+    let mut world = World::new(3);
+    let to = world.clients[1].user;
+    world.clients[0].acked.insert(1, (to, 1));
+    for client in &mut world.clients {
+        client.linked_after = Some(0);
+        client.conn = None;
+    }
+    // Settle every client on its home edge, as convergence would.
+    for client in 0..world.clients.len() {
+        world.clients[client].target_edge = world.home_index(world.clients[client].user);
+        world.connect(client);
+    }
+    let failure = world
+        .check()
+        .expect_err("a lost acknowledged message must fail the check");
+    assert!(failure.contains("lost"), "{failure}");
+}
