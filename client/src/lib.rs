@@ -53,6 +53,10 @@ pub enum ClientError {
     Shutdown,
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The edge sent the client to its user's home edge (`Goaway { reconnect_to }`); the
+    /// client follows by itself and reports this only when it cannot.
+    #[error("redirected to {to}")]
+    Redirected { to: String },
 }
 
 impl ClientError {
@@ -365,6 +369,7 @@ impl Client {
             to_app: VecDeque::new(),
             started: Instant::now(),
             welcomed: Some(welcomed_tx),
+            redirects: 0,
         };
         tokio::spawn(driver.run());
         let user = welcomed_rx.await.map_err(|_| ClientError::Shutdown)??;
@@ -565,6 +570,10 @@ fn session_error(error: SessionError) -> ClientError {
             code: Some(code),
             reason,
         },
+        SessionError::Goaway {
+            reconnect_to: Some(to),
+            ..
+        } => ClientError::Redirected { to },
         SessionError::Goaway { reason, .. } => ClientError::Closed {
             code: Some(ErrorCode::ShuttingDown),
             reason,
@@ -663,7 +672,13 @@ struct Driver {
     started: Instant,
     /// Until the first `Welcome`: where `Client::connect` waits for the outcome.
     welcomed: Option<oneshot::Sender<Result<u64, ClientError>>>,
+    /// Redirects followed since the last `Welcome`: more than `REDIRECTS_MAX` is a loop
+    /// (edges that disagree about the cluster), reported instead of followed.
+    redirects: usize,
 }
+
+/// Redirects a client follows in a row before it gives up.
+const REDIRECTS_MAX: usize = 4;
 
 enum LinkEnd {
     /// The application closed the client (or dropped it).
@@ -691,6 +706,13 @@ impl Driver {
             };
             let now = self.now();
             self.session.disconnected(now);
+            let error = match error {
+                ClientError::Redirected { to } => match self.follow_redirect(&to).await {
+                    Ok(()) => continue,
+                    Err(error) => error,
+                },
+                error => error,
+            };
             if let Some(welcomed) = self.welcomed.take() {
                 // The first connection failed: `connect` reports it.
                 let _ = welcomed.send(Err(error.clone()));
@@ -708,6 +730,30 @@ impl Driver {
                 return;
             }
         }
+    }
+
+    /// Points the next connection at `to` (`host:port`), the edge the server redirected to.
+    async fn follow_redirect(&mut self, to: &str) -> Result<(), ClientError> {
+        self.redirects += 1;
+        if self.redirects > REDIRECTS_MAX {
+            return Err(ClientError::Connect(format!(
+                "redirected {REDIRECTS_MAX} times in a row, last to {to}: the edges disagree \
+                 about where this user lives"
+            )));
+        }
+        let addr = match to.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => tokio::net::lookup_host(to)
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    ClientError::Connect(format!("redirected to {to}, which does not resolve"))
+                })?,
+        };
+        debug!(%addr, "redirected to the user's home edge");
+        self.options.addr = addr;
+        Ok(())
     }
 
     /// Sleeps for `delay` while taking commands; returns true if the application closed the
@@ -769,6 +815,7 @@ impl Driver {
         while let Some(event) = self.session.poll_event() {
             match event {
                 ClientEvent::Welcome { user, .. } => {
+                    self.redirects = 0;
                     self.shared.lock().expect("client state").connections += 1;
                     if let Some(welcomed) = self.welcomed.take() {
                         let _ = welcomed.send(Ok(user));

@@ -26,6 +26,125 @@ pub struct Config {
     pub log: LogSection,
     pub metrics: MetricsSection,
     pub control: ControlSection,
+    pub cluster: ClusterSection,
+}
+
+/// A cluster of edges (docs/cluster.md): users are placed on edges by rendezvous hashing of
+/// the members' ids; an edge redirects clients to their user's home edge and forwards sends to
+/// users of other edges over QUIC links, authenticated by mutual TLS with the cluster's CA.
+/// No members (the default): the edge runs on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// This edge's id: one of `members`, kept for the edge's life (placement hashes it).
+    pub edge_id: u32,
+    /// PEM certificate of the cluster's CA: a link's peer must present a certificate it signed.
+    pub ca_cert_path: PathBuf,
+    /// PEM certificate (signed by the CA, with the DNS name `courier-link`) and key this edge
+    /// presents on links, both as the connecting and the accepting side.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    /// A link that broke is opened again after a backoff that doubles from the minimum to the
+    /// maximum (with jitter).
+    pub link_reconnect_ms_min: u64,
+    pub link_reconnect_ms_max: u64,
+    /// Bytes a link may hold unsent; past it the link is closed and opened again, and the
+    /// sends it carried are refused as retryable (`ShardUnavailable`).
+    pub link_outbound_bytes_max: usize,
+    /// Forwarded sends one link may have waiting for their commit; beyond it: `Overloaded`.
+    pub link_requests_in_flight_max: usize,
+    /// Every edge of the cluster, this one included, in any order.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One edge of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMember {
+    pub id: u32,
+    /// Where clients reach it (`host:port`): what a redirect to it says.
+    pub client_address: String,
+    /// Where other edges open links to it: its `server.listen` address as they reach it.
+    pub link_address: SocketAddr,
+}
+
+impl Default for ClusterSection {
+    fn default() -> ClusterSection {
+        ClusterSection {
+            edge_id: 0,
+            ca_cert_path: PathBuf::new(),
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            link_reconnect_ms_min: 500,
+            link_reconnect_ms_max: 30_000,
+            link_outbound_bytes_max: 16 * 1024 * 1024,
+            link_requests_in_flight_max: 4096,
+            members: Vec::new(),
+        }
+    }
+}
+
+impl ClusterSection {
+    /// Whether the edge is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.members.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !self.members.iter().any(|member| member.id == self.edge_id) {
+            return Err((
+                "cluster.edge_id",
+                format!("one of the members' ids, and {} is not", self.edge_id),
+            ));
+        }
+        let mut ids: Vec<u32> = self.members.iter().map(|member| member.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(("cluster.members", "a different id for every member".into()));
+        }
+        for member in &self.members {
+            let address = member.client_address.trim();
+            if address.is_empty() || address.len() > courier_protocol::ADDRESS_BYTES_MAX {
+                return Err((
+                    "cluster.members.client_address",
+                    format!(
+                        "host:port of at most {} bytes for every member",
+                        courier_protocol::ADDRESS_BYTES_MAX
+                    ),
+                ));
+            }
+        }
+        for (key, path) in [
+            ("cluster.ca_cert_path", &self.ca_cert_path),
+            ("cluster.cert_path", &self.cert_path),
+            ("cluster.key_path", &self.key_path),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err((key, "a PEM file: links need mutual TLS".into()));
+            }
+        }
+        if self.link_reconnect_ms_min == 0
+            || self.link_reconnect_ms_max < self.link_reconnect_ms_min
+        {
+            return Err((
+                "cluster.link_reconnect_ms_min/max",
+                "a minimum of at least 1 and a maximum at least the minimum".into(),
+            ));
+        }
+        if self.link_outbound_bytes_max < 2 * courier_protocol::FRAME_BYTES_MAX {
+            return Err((
+                "cluster.link_outbound_bytes_max",
+                "at least two maximal frames (133120 bytes)".into(),
+            ));
+        }
+        if self.link_requests_in_flight_max == 0 {
+            return Err(("cluster.link_requests_in_flight_max", "at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The local control channel of `courier-edge ctl` (docs/decisions/0012).
@@ -637,6 +756,9 @@ impl Config {
         }
         if self.retention.expiry_interval_secs == 0 {
             return invalid("retention.expiry_interval_secs", "at least 1");
+        }
+        if let Err((key, expected)) = self.cluster.validate() {
+            return invalid(key, &expected);
         }
         let core = self.core_config();
         if let Err(error) = core.validate() {

@@ -50,7 +50,16 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         let (cert, _) = tls::dev_cert_paths(&config);
         info!(path = %cert.display(), "generated a development TLS certificate (clients must trust it)");
     }
-    let server_config = tls::server_config(&config, identity)?;
+    let cluster_tls = if config.cluster.enabled() {
+        Some(tls::load_cluster_tls(&config)?)
+    } else {
+        None
+    };
+    let server_config = tls::server_config(&config, identity, cluster_tls.as_ref())?;
+    let link_client_config = match &cluster_tls {
+        Some(cluster) => Some(tls::link_client_config(&config, cluster)?),
+        None => None,
+    };
     let (reset_key, generated_reset_key) = tls::load_or_create_reset_key(&config)?;
     if generated_reset_key {
         info!(path = %tls::reset_key_path(&config).display(), "generated the stateless-reset key");
@@ -111,6 +120,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
             open_store: open_store.clone(),
             verifier: verifier.clone(),
             server_config: server_config.clone(),
+            link_client_config: link_client_config.clone(),
             reset_key: reset_key.clone(),
             ready: ready_tx.clone(),
             shutdown: shutdown.clone(),
@@ -316,6 +326,9 @@ fn reload(config_path: Option<&std::path::Path>, verifier: &auth::VerifierCell) 
 pub fn preflight(config: &Config) -> Result<(), String> {
     if !config.tls.cert_path.as_os_str().is_empty() {
         tls::load_identity(config)?;
+    }
+    if config.cluster.enabled() {
+        tls::load_cluster_tls(config)?;
     }
     if !config.auth.signing_key_path.as_os_str().is_empty() {
         auth::read_signing_key(&config.auth.signing_key_path)?;

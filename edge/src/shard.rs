@@ -54,10 +54,13 @@ use quinn_proto::{
 use tracing::{debug, info, warn};
 
 use crate::backend::ShardStore;
+
+mod links;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
 use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
+use links::ConnKind;
 
 /// How late a shard may run its timers so that timers due close together share one wake-up:
 /// quinn's own timer granularity. Each connection arms its own acknowledgement and loss timers,
@@ -105,6 +108,8 @@ pub struct ShardSetup {
     pub open_store: crate::backend::OpenShardStore,
     pub verifier: Arc<crate::auth::VerifierCell>,
     pub server_config: Arc<quinn_proto::ServerConfig>,
+    /// How this shard opens its links to the other edges (`[cluster]`); `None` on its own.
+    pub link_client_config: Option<quinn_proto::ClientConfig>,
     pub reset_key: Arc<ring::hmac::Key>,
     pub ready: std::sync::mpsc::Sender<Result<u8, String>>,
     /// Set by the main thread on SIGTERM/SIGINT: finish in-flight commits, then close every
@@ -141,7 +146,40 @@ struct Conn {
     handshaking_from: Option<IpAddr>,
     /// The session was told that `inbuf` holds the start of an unfinished frame.
     partial_frame: bool,
+    /// A client, or a link between edges.
+    kind: ConnKind,
+    /// Close it then, if it is still open: a redirected client had time to read `Goaway`.
+    close_at: Option<Instant>,
 }
+
+impl Conn {
+    fn new(
+        quic: quinn_proto::Connection,
+        generation: u64,
+        kind: ConnKind,
+        handshaking_from: Option<IpAddr>,
+    ) -> Conn {
+        Conn {
+            quic,
+            generation,
+            stream: None,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            handshake_done: false,
+            closing: false,
+            dirty: false,
+            parked: false,
+            timer_armed: None,
+            handshaking_from,
+            partial_frame: false,
+            kind,
+            close_at: None,
+        }
+    }
+}
+
+/// How long a redirected client has to read `Goaway` and close before the edge closes.
+const REDIRECT_CLOSE_AFTER: Duration = Duration::from_secs(2);
 
 /// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
 /// verified (`auth::VerifiedTokens`).
@@ -239,6 +277,10 @@ pub struct Shard {
     stats_logged: ShardStats,
     stats_logged_at: Instant,
     socket: Rc<Socket>,
+    /// The socket this shard's links to other edges send from, on a port of its own: the
+    /// shards share the listening port, and the answers to a link's handshake (long-header
+    /// packets, which are not steered by connection id) must come back to this shard.
+    link_socket: Option<Rc<Socket>>,
     transmit_buf: Vec<u8>,
     self_ref: Weak<RefCell<Shard>>,
     shutdown: Arc<std::sync::atomic::AtomicBool>,
@@ -249,6 +291,10 @@ pub struct Shard {
     /// Budget of connection close and loss log lines, so a connection flood is not a log flood.
     connection_logs: courier_core::budget::TokenBucket,
     connections_closed: bool,
+    /// The other edges and this shard's links to them (`[cluster]`).
+    cluster: Option<links::Cluster>,
+    /// Links other edges opened to this shard, by the session's id for them.
+    in_links: HashMap<u64, ConnectionHandle>,
 }
 
 /// Counts of what a shard dropped under overload, logged periodically (see `log_stats`).
@@ -291,10 +337,8 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
         recipients_window_ms: limits.recipients_window_secs.saturating_mul(1000),
         hello_timeout_ms: limits.hello_timeout_ms,
         frame_timeout_ms: limits.frame_timeout_ms,
-        // The edge runs on its own until `[cluster]` and the links land (issue 13).
-        cluster: None,
-        link_requests_in_flight_max: SessionConfig::new(id, shard_count, core.clone())
-            .link_requests_in_flight_max,
+        cluster: links::cluster_view(config),
+        link_requests_in_flight_max: config.cluster.link_requests_in_flight_max,
         core: core.clone(),
     }
 }
@@ -374,6 +418,20 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             )));
             return;
         }
+    };
+    let link_socket = if setup.link_client_config.is_some() {
+        let address = SocketAddr::new(setup.config.server.listen.ip(), 0);
+        match bind_socket(address, setup.config.server.socket_buffer_bytes) {
+            Ok(socket) => Some(Rc::new(socket)),
+            Err(error) => {
+                let _ = setup.ready.send(Err(format!(
+                    "shard {id}: cannot bind a socket for links on {address}: {error}"
+                )));
+                return;
+            }
+        }
+    } else {
+        None
     };
     let store = match (setup.open_store)(id) {
         Ok(store) => store,
@@ -455,6 +513,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
         socket: socket.clone(),
+        link_socket: link_socket.clone(),
         transmit_buf: Vec::with_capacity(64 * 1024),
         self_ref: Weak::new(),
         shutdown: setup.shutdown.clone(),
@@ -462,8 +521,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         store_recovering: false,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
         connections_closed: false,
+        cluster: setup
+            .link_client_config
+            .clone()
+            .map(|client| links::Cluster::new(&setup.config, client)),
+        in_links: HashMap::new(),
         config: setup.config.clone(),
     }));
+    shard.borrow_mut().connect_links(Instant::now());
     shard.borrow_mut().self_ref = Rc::downgrade(&shard);
 
     if let Some(mut receivers) = receivers {
@@ -625,6 +690,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
 
     info!(shard = id, listen = %setup.config.server.listen, "shard ready");
     let _ = setup.ready.send(Ok(id));
+    if let Some(link_socket) = link_socket {
+        glommio::spawn_local(receive_loop(shard.clone(), link_socket)).detach();
+    }
     receive_loop(shard, socket).await;
 }
 
@@ -987,27 +1055,42 @@ impl Shard {
                     }
                     self.conns.insert(handle, c);
                 }
-                // Only a session with `cluster` set redirects or uses links, and the edge does
-                // not set it yet (issue 13: the links are the next step).
-                Effect::Redirect { user, .. } => {
-                    warn!(user, "redirect without a cluster; ignored");
-                }
-                Effect::LinkWrite { edge, frame } => {
-                    warn!(
-                        edge,
-                        kind = frame.kind(),
-                        "link frame without a cluster; ignored"
-                    );
-                }
-                Effect::LinkReply { link, frame } => {
-                    warn!(
-                        link,
-                        kind = frame.kind(),
-                        "link frame without a cluster; ignored"
-                    );
-                }
+                Effect::Redirect {
+                    conn,
+                    user,
+                    reconnect_to,
+                } => self.redirect(conn, user, reconnect_to),
+                Effect::LinkWrite { edge, frame } => self.write_link_out(edge, &frame),
+                Effect::LinkReply { link, frame } => self.write_link_in(link, &frame),
             }
         }
+    }
+
+    /// Tells a client its user lives on another edge: `Goaway` with the address, the stream
+    /// finished, and the connection closed by the client or, at the latest, after
+    /// `REDIRECT_CLOSE_AFTER` (a close right away would discard the unsent `Goaway`).
+    fn redirect(&mut self, conn: ConnRef, user: UserId, reconnect_to: String) {
+        let handle = ConnectionHandle(conn.slot);
+        let Some(mut c) = self.conns.remove(&handle) else {
+            return;
+        };
+        if c.generation == conn.generation {
+            debug!(user, reconnect_to, "redirecting a client to its home edge");
+            let frame = Frame::Goaway {
+                reason: "this user lives on another edge".into(),
+                reconnect_to: Some(reconnect_to),
+            };
+            write_frame(&mut c, &frame);
+            self.metrics.frame_sent(frame.kind());
+            if let Some(stream) = c.stream {
+                let _ = c.quic.send_stream(stream).finish();
+            }
+            c.closing = true;
+            c.close_at = Some(Instant::now() + REDIRECT_CLOSE_AFTER);
+            self.arm_timer(handle, &mut c);
+        }
+        self.conns.insert(handle, c);
+        self.mark_dirty(handle);
     }
 
     fn mark_dirty(&mut self, handle: ConnectionHandle) {
@@ -1117,20 +1200,7 @@ impl Shard {
                         self.next_generation += 1;
                         self.conns.insert(
                             handle,
-                            Box::new(Conn {
-                                quic,
-                                generation,
-                                stream: None,
-                                inbuf: Vec::new(),
-                                outbuf: Vec::new(),
-                                handshake_done: false,
-                                closing: false,
-                                dirty: false,
-                                parked: false,
-                                timer_armed: None,
-                                handshaking_from: Some(address),
-                                partial_frame: false,
-                            }),
+                            Box::new(Conn::new(quic, generation, ConnKind::Client, Some(address))),
                         );
                         let now_ms = self.now_ms();
                         self.session.open_connection(
@@ -1171,8 +1241,17 @@ impl Shard {
             if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
                 conn.quic.handle_timeout(now);
             }
+            if conn.close_at.is_some_and(|at| at <= now) {
+                conn.close_at = None;
+                conn.quic.close(
+                    now,
+                    VarInt::from_u32(ErrorCode::ShuttingDown.to_u16().into()),
+                    Bytes::from_static(b"redirected to the user's home edge"),
+                );
+            }
             self.process_conn(now, handle);
         }
+        self.connect_links(now);
         if self.batch_timer.is_some_and(|(_, at)| at <= now) {
             self.batch_timer = None;
         }
@@ -1207,11 +1286,19 @@ impl Shard {
             match event {
                 Event::Connected => {
                     // On a server, `has_0rtt` says the early data was accepted (`accepted_0rtt` is a client's).
-                    self.metrics.handshake_completed(conn.quic.has_0rtt());
+                    if conn.kind == ConnKind::Client {
+                        self.metrics.handshake_completed(conn.quic.has_0rtt());
+                    }
                     conn.handshake_done = true;
                     self.handshake_finished(&mut conn);
+                    if self.cluster.is_some() {
+                        self.link_handshake_done(handle, &mut conn);
+                    }
                 }
                 Event::HandshakeDataReady => {}
+                Event::ConnectionLost { .. } if conn.kind != ConnKind::Client => {
+                    self.link_gone(handle, &conn);
+                }
                 Event::ConnectionLost { reason } => {
                     let conn_ref = self.conn_ref(handle, &conn);
                     if reason != quinn_proto::ConnectionError::LocallyClosed {
@@ -1239,7 +1326,11 @@ impl Shard {
                         if conn.stream.is_none() {
                             conn.stream = Some(id);
                             // A newly opened stream gets no Readable event: read it now.
-                            self.read_stream(now, handle, &mut conn);
+                            if conn.kind == ConnKind::Client {
+                                self.read_stream(now, handle, &mut conn);
+                            } else {
+                                self.read_link_stream(handle, &mut conn);
+                            }
                         } else {
                             // One stream per connection carries the protocol.
                             let _ = conn
@@ -1248,6 +1339,12 @@ impl Shard {
                                 .stop(VarInt::from_u32(ErrorCode::UnexpectedFrame.to_u16().into()));
                         }
                     }
+                }
+                Event::Stream(StreamEvent::Readable { id } | StreamEvent::Writable { id })
+                    if Some(id) == conn.stream && conn.kind != ConnKind::Client =>
+                {
+                    flush_outbuf(&mut conn);
+                    self.read_link_stream(handle, &mut conn);
                 }
                 Event::Stream(StreamEvent::Readable { id }) if Some(id) == conn.stream => {
                     self.read_stream(now, handle, &mut conn);
@@ -1266,6 +1363,7 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
+            self.link_gone(handle, &conn);
             self.handshake_finished(&mut conn);
             return;
         }
@@ -1794,7 +1892,12 @@ impl Shard {
                 let Some(transmit) = conn.quic.poll_transmit(now, max_datagrams, &mut buf) else {
                     break;
                 };
-                self.send_transmit(&transmit, &buf);
+                match (&conn.kind, &self.link_socket) {
+                    (ConnKind::LinkOut { .. }, Some(socket)) => {
+                        send_transmit_on(socket, &transmit, &buf)
+                    }
+                    _ => self.send_transmit(&transmit, &buf),
+                }
             }
             self.transmit_buf = buf;
             // Stream writes and closes change timers and may finish the connection.
@@ -1811,6 +1914,7 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
+            self.link_gone(handle, &conn);
             self.handshake_finished(&mut conn);
             return;
         }
@@ -1858,7 +1962,11 @@ impl Shard {
     /// Puts the connection's next timeout on the timer heap if it is earlier than the one
     /// already there, and wakes the timer task when it is the shard's earliest.
     fn arm_timer(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        let Some(timeout) = conn.quic.poll_timeout() else {
+        let timeout = match (conn.quic.poll_timeout(), conn.close_at) {
+            (Some(quic), Some(close)) => Some(quic.min(close)),
+            (quic, close) => quic.or(close),
+        };
+        let Some(timeout) = timeout else {
             return;
         };
         if conn.timer_armed.is_some_and(|armed| armed <= timeout) {
@@ -1876,6 +1984,12 @@ impl Shard {
     }
 
     fn send_transmit(&self, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+        send_transmit_on(&self.socket, transmit, buf);
+    }
+}
+
+fn send_transmit_on(socket: &Socket, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+    {
         let udp = quinn_udp::Transmit {
             destination: transmit.destination,
             ecn: transmit.ecn.map(|e| match e {
@@ -1888,7 +2002,7 @@ impl Shard {
             src_ip: transmit.src_ip,
         };
         // A full socket buffer drops the datagram; QUIC's loss recovery resends it.
-        if let Err(error) = self.socket.state.try_send((&self.socket.std).into(), &udp) {
+        if let Err(error) = socket.state.try_send((&socket.std).into(), &udp) {
             debug!(%error, "send failed");
         }
     }

@@ -92,18 +92,157 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     })
 }
 
-/// The QUIC server configuration every shard's endpoint uses.
+/// The DNS name every edge's cluster certificate carries: a link's connecting side checks it.
+pub const LINK_SERVER_NAME: &str = "courier-link";
+
+/// What links between edges authenticate with (`[cluster]`): this edge's cluster certificate
+/// and the cluster's CA.
+#[derive(Debug)]
+pub struct ClusterTls {
+    identity: Identity,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+/// Loads `[cluster]`'s CA, certificate and key.
+pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
+    let cluster = &config.cluster;
+    let identity = read_identity(&cluster.cert_path, &cluster.key_path)
+        .map_err(|e| format!("cluster.cert_path/key_path: {e}"))?;
+    let ca_pem = std::fs::read(&cluster.ca_cert_path).map_err(|e| {
+        format!(
+            "cannot read cluster.ca_cert_path {}: {e}",
+            cluster.ca_cert_path.display()
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_slice()) {
+        let cert = cert.map_err(|e| {
+            format!(
+                "{} is not a PEM certificate: {e}",
+                cluster.ca_cert_path.display()
+            )
+        })?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", cluster.ca_cert_path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{} holds no CA certificate",
+            cluster.ca_cert_path.display()
+        ));
+    }
+    Ok(ClusterTls {
+        identity,
+        roots: Arc::new(roots),
+    })
+}
+
+/// Presents the cluster certificate to a peer edge (a client hello offering the link ALPN)
+/// and the public one to everyone else.
+#[derive(Debug)]
+struct CertificateByAlpn {
+    public: Arc<rustls::sign::CertifiedKey>,
+    link: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for CertificateByAlpn {
+    fn resolve(
+        &self,
+        client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let wants_link = client_hello.alpn().is_some_and(|mut offered| {
+            offered.any(|alpn| alpn == courier_protocol::link::LINK_ALPN)
+        });
+        Some(if wants_link { &self.link } else { &self.public }.clone())
+    }
+}
+
+fn certified_key(
+    identity: Identity,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    rustls::sign::CertifiedKey::from_der(identity.certs, identity.key, provider)
+        .map(Arc::new)
+        .map_err(|e| format!("tls certificate and key do not fit together: {e}"))
+}
+
+/// The QUIC client configuration a shard opens its links to other edges with: it presents the
+/// cluster certificate and accepts only a peer whose certificate the cluster's CA signed. The
+/// link sends keep-alives, so a dead peer is noticed within the idle timeout.
+pub fn link_client_config(
+    config: &Config,
+    cluster: &ClusterTls,
+) -> Result<quinn_proto::ClientConfig, String> {
+    let identity = Identity {
+        certs: cluster.identity.certs.clone(),
+        key: cluster.identity.key.clone_key(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(cluster.roots.clone())
+        .with_client_auth_cert(identity.certs, identity.key)
+        .map_err(|e| format!("cluster certificate and key do not fit together: {e}"))?;
+    tls.alpn_protocols = vec![courier_protocol::link::LINK_ALPN.to_vec()];
+    let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| format!("tls: {e}"))?;
+    let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
+    let mut transport = transport_config(config);
+    transport.keep_alive_interval(Some(LINK_KEEP_ALIVE));
+    let idle = quinn_proto::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).expect("a few seconds");
+    transport.max_idle_timeout(Some(idle));
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+/// How often a link proves it is alive, and how long without a packet ends it.
+const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
+const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The QUIC server configuration every shard's endpoint uses. With `cluster`, it also accepts
+/// links from other edges (their ALPN, their certificate checked against the cluster's CA).
 pub fn server_config(
     config: &Config,
     identity: Identity,
+    cluster: Option<&ClusterTls>,
 ) -> Result<Arc<quinn_proto::ServerConfig>, String> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| format!("tls: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(identity.certs, identity.key)
-        .map_err(|e| format!("tls certificate and key do not fit together: {e}"))?;
+        .map_err(|e| format!("tls: {e}"))?;
+    let mut tls = match cluster {
+        None => builder
+            .with_no_client_auth()
+            .with_single_cert(identity.certs, identity.key)
+            .map_err(|e| format!("tls certificate and key do not fit together: {e}"))?,
+        Some(cluster) => {
+            // Clients send no certificate; a link must, and the shard closes a link
+            // connection without one (`Shard::handshake_done`).
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                cluster.roots.clone(),
+                crypto_provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("cluster.ca_cert_path: {e}"))?;
+            let provider = crypto_provider();
+            let link = Identity {
+                certs: cluster.identity.certs.clone(),
+                key: cluster.identity.key.clone_key(),
+            };
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(CertificateByAlpn {
+                    public: certified_key(identity, &provider)?,
+                    link: certified_key(link, &provider)?,
+                }))
+        }
+    };
     tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+    if cluster.is_some() {
+        tls.alpn_protocols
+            .push(courier_protocol::link::LINK_ALPN.to_vec());
+    }
     tls.max_early_data_size = u32::MAX;
     tls.session_storage = Arc::new(SessionCache::new(config.tls.session_cache_entries));
     tls.send_half_rtt_data = true;

@@ -57,13 +57,20 @@ impl Edge {
         extra_config: &str,
         env: &[(&str, &str)],
     ) -> Edge {
+        Edge::start_on(free_addr(), shards, data_dir, extra_config, env)
+    }
+
+    /// Like [`Edge::start_in`], listening on `addr` (a cluster's members know each other's
+    /// addresses before they start).
+    pub fn start_on(
+        addr: SocketAddr,
+        shards: u32,
+        data_dir: Option<&std::path::Path>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let config_path = dir.path().join("courier.toml");
         let config = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n",
@@ -269,6 +276,15 @@ impl Drop for Edge {
         self.done.store(true, std::sync::atomic::Ordering::SeqCst);
         self.kill9();
     }
+}
+
+/// A loopback address with a UDP port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}").parse().expect("addr")
 }
 
 pub async fn next_message(client: &mut courier_client::Client) -> Delivery {

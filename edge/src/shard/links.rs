@@ -1,0 +1,396 @@
+//! The shard's side of a cluster of edges (issue 13, decision 0013): its links to the other
+//! edges, driven by the same quinn-proto endpoint and loop as client connections.
+//!
+//! A shard opens one link to every other edge (`ConnKind::LinkOut`): a QUIC connection with
+//! the link ALPN, mutual TLS with the cluster's CA, and one bidirectional stream that starts
+//! with `LinkFrame::Hello`. Links other edges open land on whichever shard their connection
+//! ids steer them to (`ConnKind::LinkIn`). What the links carry, and what happens when one
+//! drops, is the session's (`courier_core::session`); this file moves the bytes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_core::placement::EdgeId;
+use courier_core::session::{ClusterView, EdgeMember};
+use courier_protocol::ErrorCode;
+use courier_protocol::link::{LINK_ALPN, LinkFrame, decode_link, encode_link};
+use quinn_proto::{ConnectionHandle, Dir, VarInt};
+use tracing::{debug, info, warn};
+
+use super::{Conn, INBUF_BYTES_MAX, Shard, flush_outbuf};
+use crate::config::Config;
+
+/// What a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnKind {
+    /// A client, speaking the client protocol to the session.
+    Client,
+    /// This shard's link to the edge `peer`.
+    LinkOut { peer: EdgeId },
+    /// A link another edge opened; `link` is the session's id for it.
+    LinkIn { link: u64 },
+}
+
+/// The cluster as one shard sees it.
+pub(super) struct Cluster {
+    edge: EdgeId,
+    client_config: quinn_proto::ClientConfig,
+    /// Every other edge: where to reach it, and this shard's link to it.
+    peers: BTreeMap<EdgeId, PeerLink>,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    outbound_bytes_max: usize,
+}
+
+struct PeerLink {
+    address: SocketAddr,
+    /// The link's connection, from `connect` until it is gone.
+    conn: Option<ConnectionHandle>,
+    /// When to open it again, and the backoff after that.
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// The session's view of the cluster (`None` for an edge on its own).
+pub(super) fn cluster_view(config: &Config) -> Option<ClusterView> {
+    let cluster = &config.cluster;
+    cluster.enabled().then(|| ClusterView {
+        edge: cluster.edge_id,
+        members: cluster
+            .members
+            .iter()
+            .map(|member| EdgeMember {
+                id: member.id,
+                client_address: member.client_address.trim().to_string(),
+            })
+            .collect(),
+    })
+}
+
+impl Cluster {
+    pub(super) fn new(config: &Config, client_config: quinn_proto::ClientConfig) -> Cluster {
+        let cluster = &config.cluster;
+        let now = Instant::now();
+        let reconnect_min = Duration::from_millis(cluster.link_reconnect_ms_min);
+        Cluster {
+            edge: cluster.edge_id,
+            client_config,
+            peers: cluster
+                .members
+                .iter()
+                .filter(|member| member.id != cluster.edge_id)
+                .map(|member| {
+                    let link = PeerLink {
+                        address: member.link_address,
+                        conn: None,
+                        retry_at: now,
+                        backoff: reconnect_min,
+                    };
+                    (member.id, link)
+                })
+                .collect(),
+            reconnect_min,
+            reconnect_max: Duration::from_millis(cluster.link_reconnect_ms_max),
+            outbound_bytes_max: cluster.link_outbound_bytes_max,
+        }
+    }
+}
+
+/// The ALPN the handshake settled on.
+fn negotiated_alpn(quic: &quinn_proto::Connection) -> Option<Vec<u8>> {
+    let data = quic.crypto_session().handshake_data()?;
+    data.downcast::<quinn_proto::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+impl Shard {
+    /// Opens the links that are down and due.
+    pub(super) fn connect_links(&mut self, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if self.draining {
+            return;
+        }
+        let mut opened = Vec::new();
+        for (peer, link) in &mut cluster.peers {
+            if link.conn.is_some() || link.retry_at > now {
+                continue;
+            }
+            match self.endpoint.connect(
+                now,
+                cluster.client_config.clone(),
+                link.address,
+                crate::tls::LINK_SERVER_NAME,
+            ) {
+                Ok((handle, quic)) => {
+                    link.conn = Some(handle);
+                    opened.push((*peer, handle, quic));
+                }
+                Err(error) => {
+                    warn!(peer, address = %link.address, %error, "cannot open a link");
+                    link.retry_at = now + link.backoff;
+                }
+            }
+        }
+        for (peer, handle, quic) in opened {
+            debug!(shard = self.id, peer, "opening a link");
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            self.conns.insert(
+                handle,
+                Box::new(Conn::new(
+                    quic,
+                    generation,
+                    ConnKind::LinkOut { peer },
+                    None,
+                )),
+            );
+            self.process_conn(now, handle);
+        }
+    }
+
+    /// A connection's handshake finished: a link this shard opened starts its stream with
+    /// `Hello`; an accepted connection that negotiated the link ALPN becomes a link if the
+    /// peer presented a certificate (the TLS layer checked it against the cluster's CA).
+    pub(super) fn link_handshake_done(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        match conn.kind {
+            ConnKind::LinkOut { peer } => {
+                let Some(cluster) = self.cluster.as_mut() else {
+                    return;
+                };
+                let Some(stream) = conn.quic.streams().open(Dir::Bi) else {
+                    conn.quic.close(
+                        Instant::now(),
+                        VarInt::from_u32(ErrorCode::Internal.to_u16().into()),
+                        Bytes::from_static(b"no stream for the link"),
+                    );
+                    return;
+                };
+                conn.stream = Some(stream);
+                if let Some(link) = cluster.peers.get_mut(&peer) {
+                    link.backoff = cluster.reconnect_min;
+                }
+                let hello = LinkFrame::Hello { edge: cluster.edge };
+                write_link_frame(conn, &hello);
+                info!(edge = cluster.edge, shard = self.id, peer, "link up");
+                self.session.link_up(peer);
+            }
+            ConnKind::Client => {
+                if negotiated_alpn(&conn.quic).as_deref() != Some(LINK_ALPN) {
+                    return;
+                }
+                let conn_ref = self.conn_ref(handle, conn);
+                // It was opened as a client connection (its ALPN was not known yet).
+                self.session.connection_lost(conn_ref);
+                if self.cluster.is_none() || conn.quic.crypto_session().peer_identity().is_none() {
+                    warn!(peer = %conn.quic.remote_address(), "a link without a cluster certificate; closing it");
+                    conn.quic.close(
+                        Instant::now(),
+                        VarInt::from_u32(ErrorCode::Unauthenticated.to_u16().into()),
+                        Bytes::from_static(b"a link needs the cluster's certificate"),
+                    );
+                    conn.closing = true;
+                    return;
+                }
+                let link = conn.generation;
+                conn.kind = ConnKind::LinkIn { link };
+                self.in_links.insert(link, handle);
+                self.session.open_link(link);
+                debug!(shard = self.id, link, peer = %conn.quic.remote_address(), "link accepted");
+            }
+            ConnKind::LinkIn { .. } => {}
+        }
+    }
+
+    /// A link's connection is gone: the session learns, and a link of this shard is opened
+    /// again after its backoff.
+    pub(super) fn link_gone(&mut self, handle: ConnectionHandle, conn: &Conn) {
+        match conn.kind {
+            ConnKind::Client => {}
+            ConnKind::LinkIn { link } => {
+                self.in_links.remove(&link);
+                self.session.link_closed(link);
+            }
+            ConnKind::LinkOut { peer } => {
+                let Some(cluster) = self.cluster.as_mut() else {
+                    return;
+                };
+                let Some(link) = cluster.peers.get_mut(&peer) else {
+                    return;
+                };
+                if link.conn != Some(handle) {
+                    return;
+                }
+                link.conn = None;
+                // Jitter: links of every shard to a peer that restarted do not come back at once.
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                let wait = link.backoff.mul_f64(jitter);
+                link.retry_at = Instant::now() + wait;
+                link.backoff = (link.backoff * 2).min(cluster.reconnect_max);
+                info!(
+                    shard = self.id,
+                    peer,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "link down"
+                );
+                self.session.link_down(peer);
+            }
+        }
+    }
+
+    /// Writes `frame` on this shard's link to `peer`.
+    pub(super) fn write_link_out(&mut self, peer: EdgeId, frame: &LinkFrame) {
+        let handle = self
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.peers.get(&peer))
+            .and_then(|link| link.conn);
+        match handle {
+            Some(handle) => self.write_link(handle, frame),
+            // The session hears `link_down` when the connection's loss is processed.
+            None => debug!(peer, kind = frame.kind(), "no link to write on"),
+        }
+    }
+
+    /// Writes `frame` on the link another edge opened as `link`.
+    pub(super) fn write_link_in(&mut self, link: u64, frame: &LinkFrame) {
+        if let Some(handle) = self.in_links.get(&link).copied() {
+            self.write_link(handle, frame);
+        }
+    }
+
+    fn write_link(&mut self, handle: ConnectionHandle, frame: &LinkFrame) {
+        let outbound_bytes_max = self
+            .cluster
+            .as_ref()
+            .map_or(usize::MAX, |c| c.outbound_bytes_max);
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        write_link_frame(conn, frame);
+        if conn.outbuf.len() > outbound_bytes_max {
+            // The peer does not keep up: start the link over. The session refuses what it
+            // carried as retryable once the loss is processed.
+            warn!(peer = %conn.quic.remote_address(), bytes = conn.outbuf.len(), "link over its outbound bytes; closing it");
+            conn.quic.close(
+                Instant::now(),
+                VarInt::from_u32(ErrorCode::Overloaded.to_u16().into()),
+                Bytes::from_static(b"link over its outbound bytes"),
+            );
+            conn.closing = true;
+            conn.outbuf.clear();
+        }
+        self.mark_dirty(handle);
+    }
+
+    /// Reads and handles what a link's stream holds, until it is empty or the link's outbound
+    /// bytes are at their maximum (then the peer waits, by QUIC flow control).
+    pub(super) fn read_link_stream(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        let Some(id) = conn.stream else {
+            return;
+        };
+        let outbound_bytes_max = self
+            .cluster
+            .as_ref()
+            .map_or(0, |cluster| cluster.outbound_bytes_max);
+        loop {
+            if conn.closing || conn.outbuf.len() >= outbound_bytes_max {
+                return;
+            }
+            let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
+            let mut stream = conn.quic.recv_stream(id);
+            let mut chunks = match stream.read(true) {
+                Ok(chunks) => chunks,
+                Err(_) => return,
+            };
+            let mut finished = false;
+            let mut got = false;
+            match chunks.next(room) {
+                Ok(Some(chunk)) => {
+                    conn.inbuf.extend_from_slice(&chunk.bytes);
+                    got = true;
+                }
+                Ok(None) => finished = true,
+                Err(quinn_proto::ReadError::Blocked) => {}
+                Err(quinn_proto::ReadError::Reset(_)) => finished = true,
+            }
+            let _ = chunks.finalize();
+            if got {
+                self.decode_link_frames(handle, conn);
+            }
+            if finished {
+                self.close_link(conn, ErrorCode::ShuttingDown, "link stream finished".into());
+                return;
+            }
+            if !got {
+                return;
+            }
+        }
+    }
+
+    fn decode_link_frames(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        let now_ms = self.now_ms();
+        let mut consumed_total = 0;
+        while !conn.closing {
+            match decode_link(&conn.inbuf[consumed_total..]) {
+                Ok(Some((frame, consumed))) => {
+                    consumed_total += consumed;
+                    let handled = match conn.kind {
+                        ConnKind::LinkIn { link } => {
+                            self.session.handle_link_request(now_ms, link, frame)
+                        }
+                        ConnKind::LinkOut { peer } => {
+                            self.session.handle_link_answer(now_ms, peer, frame)
+                        }
+                        ConnKind::Client => Ok(()),
+                    };
+                    if let Err(reason) = handled {
+                        self.close_link(conn, ErrorCode::UnexpectedFrame, reason);
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => self.close_link(conn, error.code(), error.to_string()),
+            }
+        }
+        conn.inbuf.drain(..consumed_total.min(conn.inbuf.len()));
+        self.mark_dirty_conn(handle, conn);
+    }
+
+    fn close_link(&mut self, conn: &mut Conn, code: ErrorCode, reason: String) {
+        warn!(shard = self.id, peer = %conn.quic.remote_address(), ?code, reason, "closing a link");
+        conn.quic.close(
+            Instant::now(),
+            VarInt::from_u32(code.to_u16().into()),
+            Bytes::from(reason.into_bytes()),
+        );
+        conn.closing = true;
+        conn.inbuf.clear();
+    }
+
+    /// Marks a connection that is out of the map (being processed) for a flush.
+    fn mark_dirty_conn(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(handle);
+        }
+    }
+}
+
+/// Queues a link frame on the connection's stream and writes what flow control allows.
+fn write_link_frame(conn: &mut Conn, frame: &LinkFrame) {
+    if conn.stream.is_none() {
+        return;
+    }
+    if let Err(error) = encode_link(frame, &mut conn.outbuf) {
+        warn!(%error, kind = frame.kind(), "cannot encode a link frame: this is a bug");
+        return;
+    }
+    flush_outbuf(conn);
+}

@@ -1,0 +1,279 @@
+//! Goal: a cluster of three real edges on loopback (issue 13). Each user lives on one edge;
+//! a client that connects to another edge is redirected home and the SDK follows; sends
+//! between users of different edges cross a link, both ways; while a user's edge is down,
+//! sends to that user are refused as retryable and the SDK's retry delivers them once it is
+//! back, exactly once; an edge whose cluster certificate another CA signed never links.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{EVENT_TIMEOUT, Edge, assert_quiet, free_addr, next_message};
+use courier_client::raw::RawConnection;
+use courier_client::{ConnectOptions, Connector};
+use courier_core::placement::home_edge;
+use courier_protocol::Frame;
+
+const EDGE_IDS: [u32; 3] = [11, 22, 33];
+
+/// Certificates and keys a cluster shares: the public TLS certificate every edge presents to
+/// clients, the token-signing key, and the cluster CA with one link certificate per edge.
+struct ClusterFiles {
+    dir: tempfile::TempDir,
+}
+
+impl ClusterFiles {
+    fn new() -> ClusterFiles {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = ClusterFiles { dir };
+        // The public certificate, shared: a client trusts the deployment, not one machine.
+        let public = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("public certificate");
+        std::fs::write(files.path("public.pem"), public.cert.pem()).expect("write");
+        std::fs::write(files.path("public.key"), public.key_pair.serialize_pem()).expect("write");
+        let keygen = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(["keygen", "--key-id", "1", "--out"])
+            .arg(files.path("signing.key"))
+            .output()
+            .expect("run courier-edge keygen");
+        assert!(
+            keygen.status.success(),
+            "{}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+        files.make_ca("ca", &EDGE_IDS);
+        files
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A CA (`{name}.pem`) and, for each id, a link certificate it signed (`{name}-{id}.pem`,
+    /// `{name}-{id}.key`).
+    fn make_ca(&self, name: &str, ids: &[u32]) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} cluster CA"));
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        std::fs::write(self.path(&format!("{name}.pem")), ca.pem()).expect("write");
+        for id in ids {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params =
+                rcgen::CertificateParams::new(vec!["courier-link".to_string()]).expect("params");
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
+            std::fs::write(self.path(&format!("{name}-{id}.pem")), cert.pem()).expect("write");
+            std::fs::write(self.path(&format!("{name}-{id}.key")), key.serialize_pem())
+                .expect("write");
+        }
+    }
+
+    /// The config sections of edge `id` in a cluster of `members`, its link certificate from
+    /// the CA `ca`.
+    fn config(&self, id: u32, ca: &str, members: &[(u32, SocketAddr)]) -> String {
+        let path = |name: &str| self.path(name).display().to_string();
+        let mut text = format!(
+            "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n\n\
+             [auth]\nsigning_key_path = \"{}\"\n\n\
+             [cluster]\nedge_id = {id}\nca_cert_path = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
+             link_reconnect_ms_min = 100\nlink_reconnect_ms_max = 500\n",
+            path("public.pem"),
+            path("public.key"),
+            path("signing.key"),
+            path(&format!("{ca}.pem")),
+            path(&format!("{ca}-{id}.pem")),
+            path(&format!("{ca}-{id}.key")),
+        );
+        for (member, addr) in members {
+            text += &format!(
+                "\n[[cluster.members]]\nid = {member}\nclient_address = \"{addr}\"\nlink_address = \"{addr}\"\n"
+            );
+        }
+        text
+    }
+
+    fn connector(&self) -> Connector {
+        let pem = std::fs::read(self.path("public.pem")).expect("public certificate");
+        Connector::new(&pem, "localhost").expect("connector")
+    }
+}
+
+/// Three edges of two shards each, on loopback.
+fn start_cluster(files: &ClusterFiles) -> (Vec<Edge>, Vec<(u32, SocketAddr)>) {
+    let members: Vec<(u32, SocketAddr)> = EDGE_IDS.iter().map(|id| (*id, free_addr())).collect();
+    let edges = members
+        .iter()
+        .map(|(id, addr)| Edge::start_on(*addr, 2, None, &files.config(*id, "ca", &members), &[]))
+        .collect();
+    (edges, members)
+}
+
+/// A user id whose home is the edge at `index` of `EDGE_IDS`, the `nth` such id.
+fn user_homed_on(index: usize, nth: usize) -> u64 {
+    (1..)
+        .filter(|user| home_edge(*user, &EDGE_IDS) == EDGE_IDS[index])
+        .nth(nth)
+        .expect("users on every edge")
+}
+
+/// Waits until every edge's log says its links to the other two are up (two shards each).
+fn wait_links_up(edges: &[Edge]) {
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let up = edges.iter().all(|edge| {
+            let log = edge.log.lock().expect("log");
+            log.iter().filter(|line| line.contains("link up")).count() >= 4
+        });
+        if up {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "links did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn client_via(files: &ClusterFiles, edge: &Edge, user: u64) -> courier_client::Client {
+    let mut options = ConnectOptions::new(edge.addr, edge.token(user, 0), 0);
+    options.retry_after = Duration::from_millis(100);
+    tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
+        .await
+        .expect("connected in time")
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_redirect_and_carry_messages_both_ways() {
+    let files = ClusterFiles::new();
+    let (edges, members) = start_cluster(&files);
+    wait_links_up(&edges);
+    let users: Vec<u64> = (0..3).map(|index| user_homed_on(index, 0)).collect();
+
+    // The protocol: an edge answers the Hello of a user who lives elsewhere with Goaway and
+    // the address of the user's home edge.
+    let mut raw = RawConnection::connect(&files.connector(), edges[1].addr)
+        .await
+        .expect("raw connection");
+    raw.write_frame(&Frame::Hello {
+        token: edges[1].token(users[0], 0).into_bytes(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    })
+    .await
+    .expect("hello");
+    let answer = raw.read_frame().await.expect("an answer to Hello");
+    assert_eq!(
+        answer,
+        Frame::Goaway {
+            reason: "this user lives on another edge".into(),
+            reconnect_to: Some(members[0].1.to_string()),
+        }
+    );
+
+    // The SDK follows the redirect by itself: every client starts on the wrong edge.
+    let mut clients = Vec::new();
+    for (index, user) in users.iter().enumerate() {
+        let wrong = &edges[(index + 1) % 3];
+        clients.push(client_via(&files, wrong, *user).await);
+    }
+    // Every pair, both ways: each message crosses a link to the recipient's edge.
+    for from in 0..3 {
+        for to in 0..3 {
+            if from == to {
+                continue;
+            }
+            let body = format!("{from}->{to}").into_bytes();
+            let receipt = clients[from]
+                .send(users[to], body.clone())
+                .await
+                .expect("acknowledged");
+            let delivery = next_message(&mut clients[to]).await;
+            assert_eq!(delivery.body, body);
+            assert_eq!(delivery.from, users[from]);
+            assert_eq!(delivery.seq, receipt.seq);
+        }
+    }
+    for client in &mut clients {
+        assert_quiet(client).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_stopped_edge_are_retried_until_it_is_back() {
+    let files = ClusterFiles::new();
+    let (mut edges, _members) = start_cluster(&files);
+    wait_links_up(&edges);
+    let alice = user_homed_on(0, 0);
+    let bob = user_homed_on(1, 0);
+    let alice_client = client_via(&files, &edges[0], alice).await;
+    let mut bob_client = client_via(&files, &edges[1], bob).await;
+    let first = alice_client
+        .send(bob, b"before".to_vec())
+        .await
+        .expect("acknowledged");
+    assert_eq!(next_message(&mut bob_client).await.seq, first.seq);
+
+    // Bob's edge dies: Alice's send is refused as retryable while it is down, and her SDK
+    // keeps retrying it under the same id.
+    edges[1].kill9();
+    let sender = alice_client.sender();
+    let pending = tokio::spawn(async move { sender.send(bob, b"during".to_vec()).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !pending.is_finished(),
+        "a send to a stopped edge cannot be acknowledged"
+    );
+    edges[1].spawn();
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, pending)
+        .await
+        .expect("acknowledged once the edge is back")
+        .expect("task")
+        .expect("acknowledged");
+    assert_eq!(receipt.seq, first.seq + 1);
+    // Bob's SDK reconnects to his restarted edge and gets it, once.
+    let delivery = next_message(&mut bob_client).await;
+    assert_eq!(
+        (delivery.seq, delivery.body),
+        (receipt.seq, b"during".to_vec())
+    );
+    assert_quiet(&mut bob_client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_with_a_certificate_from_another_ca_never_links() {
+    let files = ClusterFiles::new();
+    files.make_ca("forged", &[44]);
+    let real = EDGE_IDS[0];
+    let (real_addr, forged_addr) = (free_addr(), free_addr());
+    // Both claim the same cluster; only the real edge has the real CA's certificate.
+    let members = [(real, real_addr), (44, forged_addr)];
+    let real_edge = Edge::start_on(real_addr, 1, None, &files.config(real, "ca", &members), &[]);
+    let forged_config = files.config(44, "forged", &members);
+    let forged = Edge::start_on(forged_addr, 1, None, &forged_config, &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (edge, name) in [(&real_edge, "real"), (&forged, "forged")] {
+        let log = edge.log.lock().expect("log");
+        assert!(
+            !log.iter().any(|line| line.contains("link up")),
+            "the {name} edge linked to an edge of another CA"
+        );
+        // It tried: each attempt failed at the TLS handshake and is retried with backoff.
+        assert!(
+            log.iter().any(|line| line.contains("link down")),
+            "the {name} edge never tried to link"
+        );
+    }
+}
