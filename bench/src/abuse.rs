@@ -641,11 +641,11 @@ pub async fn abuse(target: &Target, args: &AbuseArgs) -> Result<Report, String> 
         }),
     );
     let started = Instant::now();
-    let cpu_start = target.pid.and_then(process_usage).map(|(cpu, _)| cpu);
+    let cpu_start = target.edge_usage().map(|(cpu, _)| cpu);
     let mut rows = Vec::new();
     for (index, attack) in attacks.iter().enumerate() {
         let users = target.user_base + 100 * index as u64;
-        let rss_before = target.pid.and_then(process_usage).map(|(_, rss)| rss);
+        let rss_before = target.edge_usage().map(|(_, rss)| rss);
         eprintln!("attack {}: running for {} s", attack.name(), args.secs);
         let sampler = RssSampler::start(target.pid);
         let clean = CleanPair::start(target, (users + 1, users + 2), args.clean_rate).await?;
@@ -653,7 +653,7 @@ pub async fn abuse(target: &Target, args: &AbuseArgs) -> Result<Report, String> 
         let clean_result = clean.finish().await;
         let rss_peak = sampler.finish().await;
         tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
-        let rss_after = target.pid.and_then(process_usage).map(|(_, rss)| rss);
+        let rss_after = target.edge_usage().map(|(_, rss)| rss);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -716,7 +716,7 @@ pub async fn abuse(target: &Target, args: &AbuseArgs) -> Result<Report, String> 
         }));
     }
     report.duration_secs = started.elapsed().as_secs_f64();
-    if let (Some(start), Some((cpu, rss))) = (cpu_start, target.pid.and_then(process_usage)) {
+    if let (Some(start), Some((cpu, rss))) = (cpu_start, target.edge_usage()) {
         report.edge_cpu_secs = Some(cpu - start);
         report.edge_rss_bytes = Some(rss);
     }

@@ -17,6 +17,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Everything a workload needs to reach the edge and log in.
 pub struct Target {
     pub addr: SocketAddr,
+    /// Every edge clients connect to, spread by user (`--spawn-edges`: the cluster's edges;
+    /// a client on an edge that is not its user's home is redirected there).
+    addrs: Vec<SocketAddr>,
+    /// Every spawned edge's PID, for their CPU time and memory together.
+    pids: Vec<u32>,
+    /// A spawned cluster's edges, stopped on drop.
+    _cluster: Vec<SpawnedEdge>,
     cert_pem: Vec<u8>,
     server_name: String,
     key: SigningKey,
@@ -30,6 +37,9 @@ pub struct Target {
 impl Target {
     pub async fn open(args: &TargetArgs) -> Result<Target, String> {
         let user_base = (u64::from(rand::random::<u32>()) + 1) << 20;
+        if let Some(count) = args.spawn_edges {
+            return Target::spawn_cluster(args, count, user_base);
+        }
         if args.spawn_edge {
             let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
             let extra = match &args.edge_config {
@@ -40,6 +50,9 @@ impl Target {
             let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra)?;
             return Ok(Target {
                 addr: spawned.addr,
+                addrs: vec![spawned.addr],
+                pids: vec![spawned.child.id()],
+                _cluster: Vec::new(),
                 cert_pem: std::fs::read(spawned.data_dir().join("tls/cert.pem"))
                     .map_err(|e| format!("spawned edge wrote no certificate: {e}"))?,
                 server_name: "localhost".into(),
@@ -52,6 +65,9 @@ impl Target {
         }
         Ok(Target {
             addr: args.addr,
+            addrs: vec![args.addr],
+            pids: args.edge_pid.into_iter().collect(),
+            _cluster: Vec::new(),
             cert_pem: std::fs::read(&args.cert).map_err(|e| {
                 format!(
                     "cannot read --cert {}: {e} (or use --spawn-edge)",
@@ -64,6 +80,112 @@ impl Target {
             pid: args.edge_pid,
             user_base,
             spawned: None,
+        })
+    }
+
+    /// Starts `count` edges on loopback as one cluster (docs/cluster.md): a shared public
+    /// certificate and token key, a cluster CA and a link certificate per edge, all generated
+    /// in a temporary directory.
+    fn spawn_cluster(args: &TargetArgs, count: u32, user_base: u64) -> Result<Target, String> {
+        if count < 2 {
+            return Err("--spawn-edges needs at least 2 edges (use --spawn-edge for one)".into());
+        }
+        let files =
+            tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let write = |name: &str, text: String| {
+            let path = files.path().join(name);
+            std::fs::write(&path, text)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok::<String, String>(path.display().to_string())
+        };
+        let public = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+        let public_cert = write("public.pem", public.cert.pem())?;
+        let public_key = write("public.key", public.key_pair.serialize_pem())?;
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let signing_key = write(
+            "signing.key",
+            courier_protocol::token::signing_key_to_base64(&key),
+        )?;
+        let ca_key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).map_err(|e| e.to_string())?;
+        let ca_cert = write("ca.pem", ca.pem())?;
+        let members: Vec<(u32, SocketAddr)> = (1..=count)
+            .map(|id| free_addr().map(|addr| (id, addr)))
+            .collect::<Result<_, _>>()?;
+        let mut member_tables = String::new();
+        for (id, addr) in &members {
+            member_tables += &format!(
+                "\n[[cluster.members]]\nid = {id}\nclient_address = \"{addr}\"\nlink_address = \"{addr}\"\n"
+            );
+        }
+        let extra = match &args.edge_config {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
+            None => String::new(),
+        };
+        let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
+        let mut cluster = Vec::new();
+        for (id, addr) in &members {
+            let link_key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+            let mut params = rcgen::CertificateParams::new(vec!["courier-link".to_string()])
+                .map_err(|e| e.to_string())?;
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let link = params
+                .signed_by(&link_key, &ca, &ca_key)
+                .map_err(|e| e.to_string())?;
+            let link_cert = write(&format!("link-{id}.pem"), link.pem())?;
+            let link_key = write(&format!("link-{id}.key"), link_key.serialize_pem())?;
+            let config = format!(
+                "[tls]\ncert_path = \"{public_cert}\"\nkey_path = \"{public_key}\"\n\n\
+                 [auth]\nsigning_key_path = \"{signing_key}\"\n\n\
+                 [cluster]\nedge_id = {id}\nca_cert_path = \"{ca_cert}\"\n\
+                 cert_path = \"{link_cert}\"\nkey_path = \"{link_key}\"\n{member_tables}\n{extra}"
+            );
+            cluster.push(SpawnedEdge::start_on(
+                *addr,
+                args.edge_shards,
+                cpus,
+                &config,
+            )?);
+        }
+        // Links come up within a backoff step or two; a workload's first sends may otherwise
+        // meet a link that is still opening (refused as retryable, and retried).
+        std::thread::sleep(Duration::from_millis(500));
+        let pem = std::fs::read(files.path().join("public.pem"))
+            .map_err(|e| format!("cannot read the public certificate: {e}"))?;
+        let target = Target {
+            addr: members[0].1,
+            addrs: members.iter().map(|(_, addr)| *addr).collect(),
+            pids: cluster.iter().map(|edge| edge.child.id()).collect(),
+            _cluster: cluster,
+            cert_pem: pem,
+            server_name: "localhost".into(),
+            key,
+            key_id: 1,
+            pid: None,
+            user_base,
+            spawned: None,
+        };
+        // The files (keys included) are read at start; the directory can go.
+        drop(files);
+        Ok(target)
+    }
+
+    /// CPU seconds and resident bytes of every edge under load, added up (`None` when no PID
+    /// is known).
+    pub fn edge_usage(&self) -> Option<(f64, u64)> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids.iter().try_fold((0.0, 0), |(cpu, rss), pid| {
+            process_usage(*pid).map(|(c, r)| (cpu + c, rss + r))
         })
     }
 
@@ -104,7 +226,8 @@ impl Target {
     }
 
     pub fn options(&self, user: u64) -> ConnectOptions {
-        ConnectOptions::new(self.addr, self.token(user), 0)
+        let addr = self.addrs[(user % self.addrs.len() as u64) as usize];
+        ConnectOptions::new(addr, self.token(user), 0)
     }
 
     /// Kills the spawned edge with SIGKILL and starts it again on the same data directory.
@@ -147,15 +270,28 @@ struct SpawnedEdge {
     cpus: Option<String>,
 }
 
+/// A loopback address whose UDP port was free a moment ago.
+fn free_addr() -> Result<SocketAddr, String> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))?
+        .port();
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 impl SpawnedEdge {
     fn start(shards: u32, cpus: Option<&[usize]>, extra: &str) -> Result<SpawnedEdge, String> {
+        SpawnedEdge::start_on(free_addr()?, shards, cpus, extra)
+    }
+
+    fn start_on(
+        addr: SocketAddr,
+        shards: u32,
+        cpus: Option<&[usize]>,
+        extra: &str,
+    ) -> Result<SpawnedEdge, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|socket| socket.local_addr())
-            .map_err(|e| format!("cannot find a free port: {e}"))?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let config_path = dir.path().join("courier.toml");
         let config = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n{extra}\n",

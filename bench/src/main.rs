@@ -43,6 +43,12 @@ pub struct TargetArgs {
     /// Start an edge on a temporary data directory, sign tokens with its key, stop it after.
     #[arg(long, global = true)]
     pub spawn_edge: bool,
+    /// Start N edges as one cluster on loopback (docs/cluster.md) instead of one, and spread
+    /// the clients over them by user: each is redirected to its user's home edge, and a send
+    /// to a user of another edge crosses a link. The report's edge CPU and memory are the
+    /// edges' sum. Not with `restart`.
+    #[arg(long, global = true)]
+    pub spawn_edges: Option<u32>,
     /// Shards of the spawned edge (0: one per core).
     #[arg(long, global = true, default_value_t = 0)]
     pub edge_shards: u32,
@@ -172,10 +178,15 @@ fn main() -> ExitCode {
         return courier_edge::cli::main(edge_args);
     }
     let cli = Cli::parse_from(program.into_iter().chain(rest));
-    if cli.target.edge_cpus.is_some() && !cli.target.spawn_edge {
+    let spawning = cli.target.spawn_edge || cli.target.spawn_edges.is_some();
+    if cli.target.edge_cpus.is_some() && !spawning {
         eprintln!(
-            "courier-bench: --edge-cpus needs --spawn-edge (pin a running edge with taskset)"
+            "courier-bench: --edge-cpus needs --spawn-edge or --spawn-edges (pin a running edge with taskset)"
         );
+        return ExitCode::from(2);
+    }
+    if cli.target.spawn_edge && cli.target.spawn_edges.is_some() {
+        eprintln!("courier-bench: choose --spawn-edge (one edge) or --spawn-edges N (a cluster)");
         return ExitCode::from(2);
     }
     // Before the runtime starts its threads, so they inherit the CPU set.

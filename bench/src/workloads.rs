@@ -106,23 +106,21 @@ fn micros(duration: Duration) -> u64 {
     (duration.as_micros() as u64).max(1)
 }
 
-/// The edge's CPU seconds and memory, if its PID is known.
+/// The edge's CPU seconds and memory (every edge's, added up), if its PID is known.
 struct EdgeUsage {
-    pid: Option<u32>,
     cpu_start: Option<f64>,
 }
 
 impl EdgeUsage {
     fn start(target: &Target) -> EdgeUsage {
         EdgeUsage {
-            pid: target.pid,
-            cpu_start: target.pid.and_then(process_usage).map(|(cpu, _)| cpu),
+            cpu_start: target.edge_usage().map(|(cpu, _)| cpu),
         }
     }
 
-    fn finish(&self, report: &mut Report) {
-        if let (Some(pid), Some(start)) = (self.pid, self.cpu_start)
-            && let Some((cpu, rss)) = process_usage(pid)
+    fn finish(&self, target: &Target, report: &mut Report) {
+        if let Some(start) = self.cpu_start
+            && let Some((cpu, rss)) = target.edge_usage()
         {
             report.edge_cpu_secs = Some(cpu - start);
             report.edge_rss_bytes = Some(rss);
@@ -414,7 +412,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     }
     stop.store(true, Ordering::Relaxed);
     let _ = progress_task.await;
-    usage.finish(&mut report);
+    usage.finish(target, &mut report);
     if let (Some(baseline), Some(filled)) = (disk_baseline, disk_filled) {
         report
             .extra
@@ -516,7 +514,7 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         }),
     );
     let usage = EdgeUsage::start(target);
-    let rss_before = target.pid.and_then(process_usage).map(|(_, rss)| rss);
+    let rss_before = target.edge_usage().map(|(_, rss)| rss);
     let keep_alive = Duration::from_millis(args.keep_alive_ms.max(1));
     let connectors: Vec<_> = (0..args.sockets.max(1))
         .map(|_| {
@@ -570,8 +568,8 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     );
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     let still_open = clients.iter().filter(|c| c.connections() == 1).count();
-    let rss_held = target.pid.and_then(process_usage).map(|(_, rss)| rss);
-    usage.finish(&mut report);
+    let rss_held = target.edge_usage().map(|(_, rss)| rss);
+    usage.finish(target, &mut report);
     report.duration_secs = start.elapsed().as_secs_f64();
     report
         .extra
@@ -695,7 +693,7 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
                 }
             }));
         }
-        let phase_cpu_start = target.pid.and_then(process_usage).map(|(cpu, _)| cpu);
+        let phase_cpu_start = target.edge_usage().map(|(cpu, _)| cpu);
         let phase_start = Instant::now();
         let _ = start_tx.send(true);
         for lane in lanes {
@@ -719,8 +717,8 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
         );
         // Each connection is a handshake, a login (one commit), one send (one commit) and a
         // close: the edge's CPU per connection bounds what one handshake costs.
-        if let (Some(pid), Some(cpu_start)) = (target.pid, phase_cpu_start)
-            && let Some((cpu, _)) = process_usage(pid)
+        if let Some(cpu_start) = phase_cpu_start
+            && let Some((cpu, _)) = target.edge_usage()
             && !hist.is_empty()
         {
             report.extra.insert(
@@ -733,7 +731,7 @@ pub async fn reconnect(target: &Target, args: &ReconnectArgs) -> Result<Report, 
             hist.len()
         );
     }
-    usage.finish(&mut report);
+    usage.finish(target, &mut report);
     report.duration_secs = start.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -284,8 +284,8 @@ pub struct SessionConfig {
     pub frame_timeout_ms: u64,
     /// The edges of the cluster; `None` for an edge on its own.
     pub cluster: Option<ClusterView>,
-    /// Forwarded sends one incoming link may have waiting for their commit; beyond it they are
-    /// refused with `Overloaded` (the sending edge bounds its own side per connection).
+    /// Forwarded sends one link may carry unanswered: the sending shard refuses more with
+    /// `Overloaded`, and so does the receiving one.
     pub link_requests_in_flight_max: usize,
     pub core: CoreConfig,
 }
@@ -1717,12 +1717,20 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Forwards a send from `reply`, a connection of this shard, to the edge `to` lives on.
     fn forward_send(&mut self, edge: EdgeId, send: SendRequest, reply: ConnRef) {
         let body_bytes = send.body.len();
-        let Some(link) = self.out_links.get_mut(&edge).filter(|link| link.up) else {
+        let pending_max = self.config.link_requests_in_flight_max;
+        let refusal = match self.out_links.get(&edge) {
+            Some(link) if !link.up => Some(ErrorCode::ShardUnavailable),
+            // As many as the far edge takes from one link: more would only wait there.
+            Some(link) if link.pending.len() >= pending_max => Some(ErrorCode::Overloaded),
+            Some(_) => None,
+            None => Some(ErrorCode::ShardUnavailable),
+        };
+        let (Some(link), None) = (self.out_links.get_mut(&edge), refusal) else {
             return self.local.push_back(ShardMessage::SendResult {
                 reply,
                 client_id: send.client_id,
                 body_bytes,
-                result: Err(ErrorCode::ShardUnavailable),
+                result: Err(refusal.unwrap_or(ErrorCode::ShardUnavailable)),
             });
         };
         let request_id = self.next_request_id;

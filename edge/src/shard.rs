@@ -1584,6 +1584,7 @@ impl Shard {
             self.connections_closed = true;
             self.session
                 .close_all(ErrorCode::ShuttingDown, "the edge is shutting down");
+            self.close_links();
         }
         true
     }

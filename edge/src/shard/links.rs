@@ -305,6 +305,11 @@ impl Shard {
                 return;
             }
             let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
+            if room == 0 {
+                // Cannot happen: the buffer holds one maximal frame, and decoding takes every
+                // whole frame. Stop rather than spin on empty reads.
+                return;
+            }
             let mut stream = conn.quic.recv_stream(id);
             let mut chunks = match stream.read(true) {
                 Ok(chunks) => chunks,
@@ -372,6 +377,28 @@ impl Shard {
         );
         conn.closing = true;
         conn.inbuf.clear();
+    }
+
+    /// The edge is shutting down: its links close now, so peers fail what they carried at
+    /// once instead of after the links' idle timeout.
+    pub(super) fn close_links(&mut self) {
+        let handles: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.kind != ConnKind::Client)
+            .map(|(handle, _)| *handle)
+            .collect();
+        for handle in handles {
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.quic.close(
+                    Instant::now(),
+                    VarInt::from_u32(ErrorCode::ShuttingDown.to_u16().into()),
+                    Bytes::from_static(b"the edge is shutting down"),
+                );
+                conn.closing = true;
+            }
+            self.mark_dirty(handle);
+        }
     }
 
     /// Marks a connection that is out of the map (being processed) for a flush.
