@@ -155,9 +155,10 @@ impl Target {
                 &config,
             )?);
         }
-        // Links come up within a backoff step or two; a workload's first sends may otherwise
-        // meet a link that is still opening (refused as retryable, and retried).
-        std::thread::sleep(Duration::from_millis(500));
+        // An edge started before its peers dialled them while they were not listening yet;
+        // QUIC resends the first packet after 1 s and then 2 s. Wait that out, or a
+        // workload's first sends meet links still opening (refused as retryable, retried).
+        std::thread::sleep(Duration::from_secs(3));
         let pem = std::fs::read(files.path().join("public.pem"))
             .map_err(|e| format!("cannot read the public certificate: {e}"))?;
         let target = Target {

@@ -53,9 +53,13 @@ pub enum ClientError {
     Shutdown,
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The edge sent the client to its user's home edge (`Goaway { reconnect_to }`); the
-    /// client follows by itself and reports this only when it cannot.
-    #[error("redirected to {to}")]
+    /// The edge sent the client to its user's home edge (`Goaway { reconnect_to }`). The
+    /// client follows by itself; `connect` reports this when the edges kept redirecting
+    /// (more than four times in a row: they disagree about where the user lives), or when
+    /// `to` does not resolve.
+    #[error(
+        "redirected to {to} (the edges disagree about this user's home, or it does not resolve)"
+    )]
     Redirected { to: String },
 }
 
@@ -673,7 +677,8 @@ struct Driver {
     /// Until the first `Welcome`: where `Client::connect` waits for the outcome.
     welcomed: Option<oneshot::Sender<Result<u64, ClientError>>>,
     /// Redirects followed since the last `Welcome`: more than `REDIRECTS_MAX` is a loop
-    /// (edges that disagree about the cluster), reported instead of followed.
+    /// (edges that disagree about the cluster, as in a rolling restart). Before the first
+    /// `Welcome` it fails `connect`; after it, the client waits its backoff and starts over.
     redirects: usize,
 }
 
@@ -736,10 +741,9 @@ impl Driver {
     async fn follow_redirect(&mut self, to: &str) -> Result<(), ClientError> {
         self.redirects += 1;
         if self.redirects > REDIRECTS_MAX {
-            return Err(ClientError::Connect(format!(
-                "redirected {REDIRECTS_MAX} times in a row, last to {to}: the edges disagree \
-                 about where this user lives"
-            )));
+            // Start over after the backoff: the edges may agree by then.
+            self.redirects = 0;
+            return Err(ClientError::Redirected { to: to.to_string() });
         }
         let addr = match to.parse::<SocketAddr>() {
             Ok(addr) => addr,
@@ -747,9 +751,7 @@ impl Driver {
                 .await
                 .ok()
                 .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| {
-                    ClientError::Connect(format!("redirected to {to}, which does not resolve"))
-                })?,
+                .ok_or_else(|| ClientError::Redirected { to: to.to_string() })?,
         };
         debug!(%addr, "redirected to the user's home edge");
         self.options.addr = addr;

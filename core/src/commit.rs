@@ -118,6 +118,9 @@ struct InboxFacts {
     /// memtable a range over keys rewritten thousands of times since the last flush walks
     /// every version, so reading the records back on every ack cost more than the ack.
     devices: HashMap<UserId, Vec<DeviceRecord>>,
+    /// The records in `devices`, which the cache's bound counts (an inbox holds up to
+    /// `DEVICES_PER_INBOX_MAX`).
+    device_records: usize,
 }
 
 /// A device record: everything up to `cursor` consumed; last linked or acked at `last_seen_ms`.
@@ -133,7 +136,7 @@ impl InboxFacts {
         self.last_seqs.len()
             + self.acked_up_to.len()
             + self.expiry_written.len()
-            + self.devices.len()
+            + self.device_records
     }
 
     fn clear(&mut self) {
@@ -141,6 +144,20 @@ impl InboxFacts {
         self.acked_up_to.clear();
         self.expiry_written.clear();
         self.devices.clear();
+        self.device_records = 0;
+    }
+
+    fn insert_devices(&mut self, inbox: UserId, records: Vec<DeviceRecord>) {
+        self.device_records += records.len();
+        if let Some(old) = self.devices.insert(inbox, records) {
+            self.device_records -= old.len();
+        }
+    }
+
+    fn remove_devices(&mut self, inbox: UserId) {
+        if let Some(old) = self.devices.remove(&inbox) {
+            self.device_records -= old.len();
+        }
     }
 
     fn extend(&mut self, learned: InboxFacts) {
@@ -149,12 +166,14 @@ impl InboxFacts {
                 self.last_seqs.remove(inbox);
             }
             self.acked_up_to.remove(inbox);
-            self.devices.remove(inbox);
+            self.remove_devices(*inbox);
         }
         self.last_seqs.extend(learned.last_seqs);
         self.acked_up_to.extend(learned.acked_up_to);
         self.expiry_written.extend(learned.expiry_written);
-        self.devices.extend(learned.devices);
+        for (inbox, records) in learned.devices {
+            self.insert_devices(inbox, records);
+        }
     }
 }
 
@@ -442,7 +461,7 @@ fn write_batch<T: Transaction>(
                 last_seen_ms: now,
             });
         }
-        learned.devices.insert(inbox, kept);
+        learned.insert_devices(inbox, kept);
         let Some(delete_up_to) = lowest else {
             continue;
         };

@@ -287,6 +287,9 @@ pub struct SessionConfig {
     /// Forwarded sends one link may carry unanswered: the sending shard refuses more with
     /// `Overloaded`, and so does the receiving one.
     pub link_requests_in_flight_max: usize,
+    /// Body bytes of the sends one link of this shard carries unanswered; beyond it more are
+    /// refused with `Overloaded` (one send is always let through).
+    pub link_send_bytes_in_flight_max: usize,
     pub core: CoreConfig,
 }
 
@@ -325,6 +328,7 @@ impl SessionConfig {
             frame_timeout_ms: 10_000,
             cluster: None,
             link_requests_in_flight_max: 4096,
+            link_send_bytes_in_flight_max: 8 * 1024 * 1024,
             core,
         }
     }
@@ -465,9 +469,10 @@ pub struct EdgeSession<A> {
 #[derive(Debug, Default)]
 struct OutLink {
     up: bool,
-    /// Sends forwarded on the link and not answered yet, by request id. Bounded by the
-    /// connections' own in-flight maximum.
+    /// Sends forwarded on the link and not answered yet, by request id: at most
+    /// `link_requests_in_flight_max` of them and `link_send_bytes_in_flight_max` body bytes.
     pending: HashMap<u64, PendingSend>,
+    pending_bytes: usize,
 }
 
 /// A send this shard forwarded to another edge.
@@ -790,6 +795,7 @@ impl<A: Authenticator> EdgeSession<A> {
             return;
         };
         link.up = false;
+        link.pending_bytes = 0;
         let pending = std::mem::take(&mut link.pending);
         for send in pending.into_values() {
             self.local.push_back(ShardMessage::SendResult {
@@ -827,6 +833,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 "edge {edge} answered request {request_id}, never sent"
             ));
         };
+        link.pending_bytes = link.pending_bytes.saturating_sub(send.body_bytes);
         let result = match result {
             LinkSendResult::Stored {
                 seq,
@@ -1718,10 +1725,17 @@ impl<A: Authenticator> EdgeSession<A> {
     fn forward_send(&mut self, edge: EdgeId, send: SendRequest, reply: ConnRef) {
         let body_bytes = send.body.len();
         let pending_max = self.config.link_requests_in_flight_max;
+        let pending_bytes_max = self.config.link_send_bytes_in_flight_max;
         let refusal = match self.out_links.get(&edge) {
             Some(link) if !link.up => Some(ErrorCode::ShardUnavailable),
             // As many as the far edge takes from one link: more would only wait there.
             Some(link) if link.pending.len() >= pending_max => Some(ErrorCode::Overloaded),
+            Some(link)
+                if !link.pending.is_empty()
+                    && link.pending_bytes + body_bytes > pending_bytes_max =>
+            {
+                Some(ErrorCode::Overloaded)
+            }
             Some(_) => None,
             None => Some(ErrorCode::ShardUnavailable),
         };
@@ -1735,6 +1749,7 @@ impl<A: Authenticator> EdgeSession<A> {
         };
         let request_id = self.next_request_id;
         self.next_request_id += 1;
+        link.pending_bytes += body_bytes;
         link.pending.insert(
             request_id,
             PendingSend {

@@ -332,6 +332,8 @@ impl World {
         let session_config = SessionConfig {
             sends_in_flight_per_connection_max: 1 + rng.below(8) as usize,
             link_requests_in_flight_max: 1 + rng.below(16) as usize,
+            // Bodies are about ten bytes: a few sends fill it.
+            link_send_bytes_in_flight_max: 1 + rng.below(64) as usize,
             cluster: Some(ClusterView {
                 edge: edge_ids[0],
                 members,

@@ -339,6 +339,9 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
         frame_timeout_ms: limits.frame_timeout_ms,
         cluster: links::cluster_view(config),
         link_requests_in_flight_max: config.cluster.link_requests_in_flight_max,
+        // Half the unsent bytes a link may hold: sends beyond it are refused as `Overloaded`
+        // before the link would have to be closed for them.
+        link_send_bytes_in_flight_max: config.cluster.link_outbound_bytes_max / 2,
         core: core.clone(),
     }
 }
@@ -1082,7 +1085,11 @@ impl Shard {
             };
             write_frame(&mut c, &frame);
             self.metrics.frame_sent(frame.kind());
-            if let Some(stream) = c.stream {
+            // Finished only once all of `Goaway` is in the stream (a finished stream takes no
+            // more bytes); otherwise the close deadline ends it.
+            if let Some(stream) = c.stream
+                && c.outbuf.is_empty()
+            {
                 let _ = c.quic.send_stream(stream).finish();
             }
             c.closing = true;

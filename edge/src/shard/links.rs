@@ -51,6 +51,9 @@ struct PeerLink {
     /// When to open it again, and the backoff after that.
     retry_at: Instant,
     backoff: Duration,
+    /// Since when the link has been up: one that lasted `reconnect_max` resets the backoff
+    /// when it drops (a peer that accepts the handshake and then closes is redialled slowly).
+    up_since: Option<Instant>,
 }
 
 /// The session's view of the cluster (`None` for an edge on its own).
@@ -87,6 +90,7 @@ impl Cluster {
                         conn: None,
                         retry_at: now,
                         backoff: reconnect_min,
+                        up_since: None,
                     };
                     (member.id, link)
                 })
@@ -133,6 +137,7 @@ impl Shard {
                 Err(error) => {
                     warn!(peer, address = %link.address, %error, "cannot open a link");
                     link.retry_at = now + link.backoff;
+                    link.backoff = (link.backoff * 2).min(cluster.reconnect_max);
                 }
             }
         }
@@ -172,7 +177,7 @@ impl Shard {
                 };
                 conn.stream = Some(stream);
                 if let Some(link) = cluster.peers.get_mut(&peer) {
-                    link.backoff = cluster.reconnect_min;
+                    link.up_since = Some(Instant::now());
                 }
                 let hello = LinkFrame::Hello { edge: cluster.edge };
                 write_link_frame(conn, &hello);
@@ -209,7 +214,15 @@ impl Shard {
     /// A link's connection is gone: the session learns, and a link of this shard is opened
     /// again after its backoff.
     pub(super) fn link_gone(&mut self, handle: ConnectionHandle, conn: &Conn) {
-        match conn.kind {
+        self.link_gone_kind(handle, conn.kind);
+    }
+
+    /// [`Shard::link_gone`] by the connection's kind: called when the connection is lost or
+    /// drained, and at once when this shard closes a link itself (so the session stops
+    /// forwarding on it and fails what it carried without waiting for the drain). A second
+    /// call for the same connection does nothing.
+    fn link_gone_kind(&mut self, handle: ConnectionHandle, kind: ConnKind) {
+        match kind {
             ConnKind::Client => {}
             ConnKind::LinkIn { link } => {
                 self.in_links.remove(&link);
@@ -226,10 +239,18 @@ impl Shard {
                     return;
                 }
                 link.conn = None;
+                let now = Instant::now();
+                if link
+                    .up_since
+                    .take()
+                    .is_some_and(|since| now.duration_since(since) >= cluster.reconnect_max)
+                {
+                    link.backoff = cluster.reconnect_min;
+                }
                 // Jitter: links of every shard to a peer that restarted do not come back at once.
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
                 let wait = link.backoff.mul_f64(jitter);
-                link.retry_at = Instant::now() + wait;
+                link.retry_at = now + wait;
                 link.backoff = (link.backoff * 2).min(cluster.reconnect_max);
                 info!(
                     shard = self.id,
@@ -286,6 +307,8 @@ impl Shard {
             );
             conn.closing = true;
             conn.outbuf.clear();
+            let kind = conn.kind;
+            self.link_gone_kind(handle, kind);
         }
         self.mark_dirty(handle);
     }
@@ -331,7 +354,8 @@ impl Shard {
                 self.decode_link_frames(handle, conn);
             }
             if finished {
-                self.close_link(conn, ErrorCode::ShuttingDown, "link stream finished".into());
+                let reason = "link stream finished".into();
+                self.close_link(handle, conn, ErrorCode::ShuttingDown, reason);
                 return;
             }
             if !got {
@@ -357,18 +381,24 @@ impl Shard {
                         ConnKind::Client => Ok(()),
                     };
                     if let Err(reason) = handled {
-                        self.close_link(conn, ErrorCode::UnexpectedFrame, reason);
+                        self.close_link(handle, conn, ErrorCode::UnexpectedFrame, reason);
                     }
                 }
                 Ok(None) => break,
-                Err(error) => self.close_link(conn, error.code(), error.to_string()),
+                Err(error) => self.close_link(handle, conn, error.code(), error.to_string()),
             }
         }
         conn.inbuf.drain(..consumed_total.min(conn.inbuf.len()));
         self.mark_dirty_conn(handle, conn);
     }
 
-    fn close_link(&mut self, conn: &mut Conn, code: ErrorCode, reason: String) {
+    fn close_link(
+        &mut self,
+        handle: ConnectionHandle,
+        conn: &mut Conn,
+        code: ErrorCode,
+        reason: String,
+    ) {
         warn!(shard = self.id, peer = %conn.quic.remote_address(), ?code, reason, "closing a link");
         conn.quic.close(
             Instant::now(),
@@ -377,6 +407,7 @@ impl Shard {
         );
         conn.closing = true;
         conn.inbuf.clear();
+        self.link_gone_kind(handle, conn.kind);
     }
 
     /// The edge is shutting down: its links close now, so peers fail what they carried at
@@ -396,6 +427,8 @@ impl Shard {
                     Bytes::from_static(b"the edge is shutting down"),
                 );
                 conn.closing = true;
+                let kind = conn.kind;
+                self.link_gone_kind(handle, kind);
             }
             self.mark_dirty(handle);
         }
