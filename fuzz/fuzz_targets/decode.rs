@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
         match courier_protocol::decode(rest) {
             Ok(Some((frame, used))) => {
                 assert!(used > courier_protocol::LENGTH_PREFIX_BYTES && used <= rest.len());
-                let bytes = courier_protocol::encode_to_vec(&frame).expect("a decoded frame encodes");
+                let bytes =
+                    courier_protocol::encode_to_vec(&frame).expect("a decoded frame encodes");
                 let (again, again_used) = courier_protocol::decode(&bytes)
                     .expect("its encoding decodes")
                     .expect("its encoding is whole");

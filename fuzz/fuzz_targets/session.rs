@@ -1,18 +1,22 @@
 //! The session layer of two shards on arbitrary input: connections open and close, send any
 //! frame (decoded from the input, so every frame kind and field value the decoder accepts),
 //! time passes, batches commit through the real commit logic on the memory store, and reads are
-//! served from it. Nothing may panic, and every effect names a connection the shard holds or
-//! held.
+//! served from it. The shards are one edge of a two-edge cluster, so users of the other edge
+//! are redirected and sends to them forwarded, and the input also plays the other edge: any
+//! link frame on a link it opened or on this shard's link to it, links up, down and closed.
+//! Nothing may panic, and every effect names a connection the shard holds or held.
 
 #![no_main]
 
 use courier_core::CoreConfig;
 use courier_core::commit::{Committer, read_inbox};
 use courier_core::session::{
-    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, SessionConfig,
+    AuthFailure, Authenticator, ClusterView, ConnRef, EdgeMember, EdgeSession, Effect,
+    SessionConfig,
 };
 use courier_core::store::memory::MemoryStore;
 use courier_protocol::ErrorCode;
+use courier_protocol::link::decode_link;
 use libfuzzer_sys::fuzz_target;
 
 /// Tokens are `user:device` in decimal, as in the simulation.
@@ -33,6 +37,8 @@ impl Authenticator for FuzzAuth {
 }
 
 const SHARDS: u32 = 2;
+const LOCAL_EDGE: u32 = 1;
+const PEER_EDGE: u32 = 2;
 
 fuzz_target!(|data: &[u8]| {
     let core = CoreConfig {
@@ -49,12 +55,27 @@ fuzz_target!(|data: &[u8]| {
             config.sends_in_flight_per_connection_max = 2;
             config.send_bytes_in_flight_per_connection_max = 100;
             config.send_budget_per_connection = courier_core::budget::SendBudget {
-                messages: courier_core::budget::Rate { per_sec: 5, burst: 3 },
+                messages: courier_core::budget::Rate {
+                    per_sec: 5,
+                    burst: 3,
+                },
                 bytes: courier_core::budget::Rate::UNLIMITED,
             };
             config.recipients_per_user_per_window_max = 2;
             config.hello_timeout_ms = 500;
             config.frame_timeout_ms = 300;
+            config.link_requests_in_flight_max = 3;
+            config.link_send_bytes_in_flight_max = 100;
+            config.cluster = Some(ClusterView {
+                edge: LOCAL_EDGE,
+                members: [LOCAL_EDGE, PEER_EDGE]
+                    .into_iter()
+                    .map(|id| EdgeMember {
+                        id,
+                        client_address: format!("edge-{id}:4433"),
+                    })
+                    .collect(),
+            });
             EdgeSession::new(config, FuzzAuth)
         })
         .collect();
@@ -99,6 +120,26 @@ fuzz_target!(|data: &[u8]| {
             9 => shards[shard].set_partial_frame(now_ms, conn(generation), op & 8 != 0),
             10 => shards[shard].set_outbound_bytes(conn(generation), usize::from(op & 8) * 1000),
             11 => shards[shard].set_shedding(op & 8 != 0),
+            // The other edge, on a link it opened (`slot` is the link's id) or on this
+            // shard's link to it: any frame, which may break the link protocol (an error,
+            // after which the driver closes the link).
+            13 | 14 => {
+                let Ok(Some((frame, used))) = decode_link(rest) else {
+                    continue;
+                };
+                rest = &rest[used..];
+                if op >> 4 == 13 {
+                    let _ = shards[shard].handle_link_request(now_ms, slot as u64, frame);
+                } else {
+                    let _ = shards[shard].handle_link_answer(now_ms, PEER_EDGE, frame);
+                }
+            }
+            15 => match (op >> 2) & 3 {
+                0 => shards[shard].link_up(PEER_EDGE),
+                1 => shards[shard].link_down(PEER_EDGE),
+                2 => shards[shard].open_link(slot as u64),
+                _ => shards[shard].link_closed(slot as u64),
+            },
             _ => {
                 if let Some(batch) = shards[shard].poll_batch(now_ms) {
                     let result = committers[shard].commit_batch(&store, &batch.requests, now_ms);
@@ -125,7 +166,12 @@ fuzz_target!(|data: &[u8]| {
                             let page = read_inbox(&store, inbox, after_seq, now_ms, &core);
                             shards[from].handle_read(conn, after_seq, page);
                         }
-                        Effect::Write { .. } | Effect::Close { .. } | Effect::ResumeInput { .. } => {}
+                        Effect::Write { .. }
+                        | Effect::Close { .. }
+                        | Effect::ResumeInput { .. }
+                        | Effect::Redirect { .. }
+                        | Effect::LinkWrite { .. }
+                        | Effect::LinkReply { .. } => {}
                     }
                 }
             }
