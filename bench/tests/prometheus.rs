@@ -96,7 +96,8 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
         ),
     )
     .unwrap();
-    let _prometheus = Killed(
+    let prometheus_log = dir.path().join("prometheus.log");
+    let mut prometheus = Killed(
         Command::new("prometheus")
             .arg(format!("--config.file={}", prometheus_config.display()))
             .arg(format!(
@@ -105,10 +106,22 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
             ))
             .arg(format!("--web.listen-address={web}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&prometheus_log).expect("log file"))
             .spawn()
             .expect("start prometheus"),
     );
+    // Prometheus first, ready to scrape: on a busy machine its start takes seconds, and the
+    // edge's counters must be scraped before the edge stops.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(web, "/-/ready").is_none() {
+        let exited = prometheus.0.try_wait().expect("prometheus status");
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "Prometheus did not become ready ({exited:?}):\n{}",
+            std::fs::read_to_string(&prometheus_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The bench loads a spawned edge and keeps it up for a few seconds after the run, so
     // Prometheus scrapes the final counts.
@@ -171,13 +184,27 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
     assert_eq!(acked, sent, "{report}");
     assert_eq!(delivered, sent, "{report}");
 
-    // What Prometheus scraped (the last scrape before the edge stopped) matches.
+    // What Prometheus scraped (the last scrape before the edge stopped) matches. The edge has
+    // stopped by now, and the first scrape that fails marks its series stale: an instant
+    // query would find nothing, so each asks for the last sample of the past minutes.
     let expected = [
-        ("sum(courier_frames_received_total{kind=\"send\"})", sent),
-        ("sum(courier_sends_acked_total)", acked),
-        ("sum(courier_deliveries_total)", delivered),
-        ("sum(courier_delivery_latency_seconds_count)", delivered),
-        ("sum(courier_send_ack_latency_seconds_count)", acked),
+        (
+            "sum(last_over_time(courier_frames_received_total{kind=\"send\"}[5m]))",
+            sent,
+        ),
+        ("sum(last_over_time(courier_sends_acked_total[5m]))", acked),
+        (
+            "sum(last_over_time(courier_deliveries_total[5m]))",
+            delivered,
+        ),
+        (
+            "sum(last_over_time(courier_delivery_latency_seconds_count[5m]))",
+            delivered,
+        ),
+        (
+            "sum(last_over_time(courier_send_ack_latency_seconds_count[5m]))",
+            acked,
+        ),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -191,12 +218,14 @@ fn prometheus_scrapes_counters_that_match_what_the_bench_sent_and_received() {
         }
         assert!(
             Instant::now() < deadline,
-            "Prometheus's values {got:?} do not match the bench's {:?}",
-            expected.map(|(q, want)| (q, want))
+            "Prometheus's values {got:?} do not match the bench's {:?}; its log:\n{}",
+            expected.map(|(q, want)| (q, want)),
+            std::fs::read_to_string(&prometheus_log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let batches = query(web, "sum(courier_commit_batches_total)").unwrap_or(0.0);
+    let batches =
+        query(web, "sum(last_over_time(courier_commit_batches_total[5m]))").unwrap_or(0.0);
     assert!(batches >= 1.0, "no commit batch counted");
 }
 
