@@ -102,6 +102,10 @@ pub struct Metrics {
     mesh_backlog_messages: Family<ShardLabel, Gauge>,
     mesh_messages_dropped: Family<ShardLabel, Counter>,
     mesh_backpressure: Family<ShardLabel, Counter>,
+    links_up: Family<ShardLabel, Gauge>,
+    link_failures: Family<ShardLabel, Counter>,
+    link_sends_forwarded: Family<ShardLabel, Counter>,
+    link_requests_received: Family<ShardLabel, Counter>,
     /// Read on each scrape.
     store_disk_bytes: Family<ShardLabel, Gauge>,
     stores: Vec<PathBuf>,
@@ -234,6 +238,22 @@ impl Metrics {
             "mesh_backpressure",
             "Times a connection's input was held back because the channels to other shards were congested"
         );
+        let links_up = family!(
+            "links_up",
+            "This shard's links to the other edges of the cluster that are up"
+        );
+        let link_failures = family!(
+            "link_failures",
+            "Links of this shard to other edges that went down (or never came up)"
+        );
+        let link_sends_forwarded = family!(
+            "link_sends_forwarded",
+            "Sends this shard forwarded to the edge where their recipient lives"
+        );
+        let link_requests_received = family!(
+            "link_requests_received",
+            "Sends other edges forwarded to this shard, for users of this edge"
+        );
         let store_disk_bytes: Family<ShardLabel, Gauge> = Family::default();
         registry.register_with_unit(
             "store_disk",
@@ -278,6 +298,10 @@ impl Metrics {
             mesh_backlog_messages,
             mesh_messages_dropped,
             mesh_backpressure,
+            links_up,
+            link_failures,
+            link_sends_forwarded,
+            link_requests_received,
             store_disk_bytes,
             stores,
             scrape: Mutex::new(()),
@@ -357,6 +381,10 @@ impl Metrics {
             mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
             mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
+            links_up: self.links_up.get_or_create_owned(&label),
+            link_failures: self.link_failures.get_or_create_owned(&label),
+            link_sends_forwarded: self.link_sends_forwarded.get_or_create_owned(&label),
+            link_requests_received: self.link_requests_received.get_or_create_owned(&label),
         }
     }
 
@@ -462,6 +490,10 @@ pub struct ShardMetrics {
     pub mesh_backlog_messages: Gauge,
     pub mesh_messages_dropped: Counter,
     pub mesh_backpressure: Counter,
+    pub links_up: Gauge,
+    pub link_failures: Counter,
+    pub link_sends_forwarded: Counter,
+    pub link_requests_received: Counter,
 }
 
 impl ShardMetrics {

@@ -1292,14 +1292,15 @@ impl Shard {
         while let Some(event) = conn.quic.poll() {
             match event {
                 Event::Connected => {
-                    // On a server, `has_0rtt` says the early data was accepted (`accepted_0rtt` is a client's).
-                    if conn.kind == ConnKind::Client {
-                        self.metrics.handshake_completed(conn.quic.has_0rtt());
-                    }
                     conn.handshake_done = true;
                     self.handshake_finished(&mut conn);
                     if self.cluster.is_some() {
                         self.link_handshake_done(handle, &mut conn);
+                    }
+                    // Clients only (an accepted link became `LinkIn` just above).
+                    // On a server, `has_0rtt` says the early data was accepted (`accepted_0rtt` is a client's).
+                    if conn.kind == ConnKind::Client && !conn.closing {
+                        self.metrics.handshake_completed(conn.quic.has_0rtt());
                     }
                 }
                 Event::HandshakeDataReady => {}
@@ -1811,7 +1812,15 @@ impl Shard {
         }
         self.gauges_published_at = now;
         let metrics = &self.metrics;
-        metrics.connections_open.set(self.conns.len() as i64);
+        // Client connections: links to and from other edges have their own gauge.
+        let links = self.in_links.len() as i64
+            + self
+                .cluster
+                .as_ref()
+                .map_or(0, |cluster| cluster.links_open() as i64);
+        metrics
+            .connections_open
+            .set(self.conns.len() as i64 - links);
         metrics
             .connections_unauthenticated
             .set(self.session.unauthenticated_connections() as i64);

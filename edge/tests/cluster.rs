@@ -108,14 +108,41 @@ impl ClusterFiles {
     }
 }
 
-/// Three edges of two shards each, on loopback.
+/// Three edges of two shards each, on loopback, each with its metrics listener.
 fn start_cluster(files: &ClusterFiles) -> (Vec<Edge>, Vec<(u32, SocketAddr)>) {
     let members: Vec<(u32, SocketAddr)> = EDGE_IDS.iter().map(|id| (*id, free_addr())).collect();
     let edges = members
         .iter()
-        .map(|(id, addr)| Edge::start_on(*addr, 2, None, &files.config(*id, "ca", &members), &[]))
+        .map(|(id, addr)| {
+            let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("free TCP port");
+            let config = files.config(*id, "ca", &members)
+                + &format!("\n[metrics]\nlisten = \"{metrics}\"\n");
+            let edge = Edge::start_on(*addr, 2, None, &config, &[]);
+            METRICS.lock().expect("metrics").insert(edge.addr, metrics);
+            edge
+        })
         .collect();
     (edges, members)
+}
+
+/// Each edge's metrics listener, by its QUIC address.
+static METRICS: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, SocketAddr>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The sum of a metric's series on `edge`'s `/metrics`.
+fn metric_sum(edge: &Edge, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let addr = METRICS.lock().expect("metrics")[&edge.addr];
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A user id whose home is the edge at `index` of `EDGE_IDS`, the `nth` such id.
@@ -208,6 +235,12 @@ async fn three_edges_redirect_and_carry_messages_both_ways() {
     }
     for client in &mut clients {
         assert_quiet(client).await;
+    }
+    // Operators see it: every edge has its four links up, and sends crossed them.
+    for edge in &edges {
+        assert_eq!(metric_sum(edge, "courier_links_up"), 4.0);
+        assert!(metric_sum(edge, "courier_link_sends_forwarded_total") >= 2.0);
+        assert!(metric_sum(edge, "courier_link_requests_received_total") >= 2.0);
     }
 }
 

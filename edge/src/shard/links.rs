@@ -102,6 +102,16 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Connections of links this shard opened (up or still connecting).
+    pub(super) fn links_open(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|link| link.conn.is_some())
+            .count()
+    }
+}
+
 /// The ALPN the handshake settled on.
 fn negotiated_alpn(quic: &quinn_proto::Connection) -> Option<Vec<u8>> {
     let data = quic.crypto_session().handshake_data()?;
@@ -182,6 +192,7 @@ impl Shard {
                 let hello = LinkFrame::Hello { edge: cluster.edge };
                 write_link_frame(conn, &hello);
                 info!(edge = cluster.edge, shard = self.id, peer, "link up");
+                self.metrics.links_up.inc();
                 self.session.link_up(peer);
             }
             ConnKind::Client => {
@@ -240,10 +251,12 @@ impl Shard {
                 }
                 link.conn = None;
                 let now = Instant::now();
-                if link
-                    .up_since
-                    .take()
-                    .is_some_and(|since| now.duration_since(since) >= cluster.reconnect_max)
+                let up_since = link.up_since.take();
+                if up_since.is_some() {
+                    self.metrics.links_up.dec();
+                }
+                self.metrics.link_failures.inc();
+                if up_since.is_some_and(|since| now.duration_since(since) >= cluster.reconnect_max)
                 {
                     link.backoff = cluster.reconnect_min;
                 }
@@ -265,6 +278,9 @@ impl Shard {
 
     /// Writes `frame` on this shard's link to `peer`.
     pub(super) fn write_link_out(&mut self, peer: EdgeId, frame: &LinkFrame) {
+        if matches!(frame, LinkFrame::Send { .. }) {
+            self.metrics.link_sends_forwarded.inc();
+        }
         let handle = self
             .cluster
             .as_ref()
@@ -373,6 +389,9 @@ impl Shard {
                     consumed_total += consumed;
                     let handled = match conn.kind {
                         ConnKind::LinkIn { link } => {
+                            if matches!(frame, LinkFrame::Send { .. }) {
+                                self.metrics.link_requests_received.inc();
+                            }
                             self.session.handle_link_request(now_ms, link, frame)
                         }
                         ConnKind::LinkOut { peer } => {
