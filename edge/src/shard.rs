@@ -948,8 +948,13 @@ impl Shard {
                 continue;
             };
             conn.parked = false;
-            self.decode_frames(now, handle, &mut conn);
-            self.read_stream(now, handle, &mut conn);
+            if conn.kind == ConnKind::Client {
+                self.decode_frames(now, handle, &mut conn);
+                self.read_stream(now, handle, &mut conn);
+            } else {
+                self.decode_link_frames(handle, &mut conn);
+                self.read_link_stream(handle, &mut conn);
+            }
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.push(handle);

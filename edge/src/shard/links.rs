@@ -340,7 +340,7 @@ impl Shard {
             .as_ref()
             .map_or(0, |cluster| cluster.outbound_bytes_max);
         loop {
-            if conn.closing || conn.outbuf.len() >= outbound_bytes_max {
+            if conn.closing || conn.parked || conn.outbuf.len() >= outbound_bytes_max {
                 return;
             }
             let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
@@ -380,10 +380,20 @@ impl Shard {
         }
     }
 
-    fn decode_link_frames(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+    pub(super) fn decode_link_frames(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
         let now_ms = self.now_ms();
         let mut consumed_total = 0;
         while !conn.closing {
+            if self.mesh_congested() {
+                // Back-pressure, as for a client: the requests wait in `inbuf`, then in QUIC's
+                // buffers, and flow control slows the peer. The mesh drain resumes the link.
+                if !conn.parked {
+                    self.metrics.mesh_backpressure.inc();
+                    conn.parked = true;
+                    self.parked.push(handle);
+                }
+                break;
+            }
             match decode_link(&conn.inbuf[consumed_total..]) {
                 Ok(Some((frame, consumed))) => {
                     consumed_total += consumed;
