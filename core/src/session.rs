@@ -32,7 +32,7 @@
 //! send that did commit return the same seq.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 
 use courier_protocol::link::{LinkFrame, LinkSendResult};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
@@ -469,9 +469,10 @@ pub struct EdgeSession<A> {
 #[derive(Debug, Default)]
 struct OutLink {
     up: bool,
-    /// Sends forwarded on the link and not answered yet, by request id: at most
+    /// Sends forwarded on the link and not answered yet, by request id (in order, so a link
+    /// that drops fails them in the order they were sent): at most
     /// `link_requests_in_flight_max` of them and `link_send_bytes_in_flight_max` body bytes.
-    pending: HashMap<u64, PendingSend>,
+    pending: BTreeMap<u64, PendingSend>,
     pending_bytes: usize,
 }
 
@@ -834,18 +835,11 @@ impl<A: Authenticator> EdgeSession<A> {
             ));
         };
         link.pending_bytes = link.pending_bytes.saturating_sub(send.body_bytes);
-        let result = match result {
-            LinkSendResult::Stored {
-                seq,
-                server_time_ms,
-            } => Ok((seq, server_time_ms)),
-            LinkSendResult::Refused { code } => Err(code),
-        };
         self.local.push_back(ShardMessage::SendResult {
             reply: send.reply,
             client_id: send.client_id,
             body_bytes: send.body_bytes,
-            result,
+            result: result.into_result(),
         });
         self.drain_local();
         Ok(())
@@ -1362,13 +1356,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     return;
                 };
                 in_link.requests_in_flight = in_link.requests_in_flight.saturating_sub(1);
-                let result = match result {
-                    Ok((seq, server_time_ms)) => LinkSendResult::Stored {
-                        seq,
-                        server_time_ms,
-                    },
-                    Err(code) => LinkSendResult::Refused { code },
-                };
+                let result = LinkSendResult::from_result(result);
                 let frame = LinkFrame::SendResult { request_id, result };
                 self.effects.push_back(Effect::LinkReply { link, frame });
             }

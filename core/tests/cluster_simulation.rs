@@ -16,14 +16,15 @@
 //! `SIM_SEED=<n>` replays one seed; `SIM_SEEDS=<count>` sets how many run (default 500).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::panic::{AssertUnwindSafe, catch_unwind};
+
+mod common;
+use common::SimAuth;
 
 use courier_core::commit::{self, Committer};
 use courier_core::placement::{EdgeId, home_edge};
 use courier_core::rng::Rng;
 use courier_core::session::{
-    AuthFailure, Authenticator, ClusterView, ConnRef, EdgeMember, EdgeSession, Effect,
-    SessionConfig, ShardMessage,
+    ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
 };
 use courier_core::store::StoreError;
 use courier_core::store::memory::MemoryStore;
@@ -39,42 +40,13 @@ const IDLE_TIMEOUT_MS: u64 = 300;
 
 #[test]
 fn cluster_simulation_over_many_seeds() {
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        let seed: u64 = seed.parse().expect("SIM_SEED must be a number");
-        let stats =
-            run_seed(seed).unwrap_or_else(|failure| panic!("SIM_SEED={seed} failed: {failure}"));
-        eprintln!("cluster simulation: seed {seed}: {stats:?}");
+    let Some((seeds, results)) = common::run_seeds("cluster simulation", SEEDS_DEFAULT, run_seed)
+    else {
         return;
-    }
-    let seeds: u64 = std::env::var("SIM_SEEDS")
-        .map(|count| count.parse().expect("SIM_SEEDS must be a number"))
-        .unwrap_or(SEEDS_DEFAULT);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    let results: Vec<(u64, Result<Stats, String>)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|worker| {
-                scope.spawn(move || {
-                    (0..seeds)
-                        .filter(|seed| seed % threads == worker)
-                        .map(|seed| (seed, run_seed(seed)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("worker"))
-            .collect()
-    });
-    if let Some((seed, Err(failure))) = results.iter().find(|(_, r)| r.is_err()) {
-        let failed = results.iter().filter(|(_, r)| r.is_err()).count();
-        panic!(
-            "{failed} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}"
-        );
-    }
+    };
     let mut total = Stats::default();
-    for (_, stats) in &results {
-        total.add(stats.as_ref().expect("no failures"));
+    for stats in &results {
+        total.add(stats);
     }
     eprintln!("cluster simulation: {seeds} seeds, {total:?}");
     // A simulation that stopped crossing edges, or stopped breaking links, proves nothing.
@@ -126,31 +98,7 @@ impl Stats {
 }
 
 fn run_seed(seed: u64) -> Result<Stats, String> {
-    match catch_unwind(AssertUnwindSafe(|| World::new(seed).run())) {
-        Ok(result) => result,
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into())),
-    }
-}
-
-/// Tokens are `user:device` in decimal.
-struct SimAuth;
-
-impl Authenticator for SimAuth {
-    fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<UserId, AuthFailure> {
-        std::str::from_utf8(token)
-            .ok()
-            .and_then(|t| t.split_once(':'))
-            .filter(|(_, d)| d.parse() == Ok(device))
-            .and_then(|(u, _)| u.parse().ok())
-            .ok_or(AuthFailure {
-                code: ErrorCode::Unauthenticated,
-                reason: "bad simulated token".into(),
-            })
-    }
+    World::new(seed).run()
 }
 
 /// The address a redirect names for an edge, and back.
@@ -609,12 +557,14 @@ impl World {
     /// The edge's process dies and restarts on its store. Its connections and links die.
     fn crash_edge(&mut self, edge: usize) {
         self.stats.edge_crashes += 1;
-        let dead: Vec<u64> = self
+        let mut dead: Vec<u64> = self
             .links
             .iter()
             .filter(|(_, l)| l.from_edge == edge || l.to_edge == edge)
             .map(|(id, _)| *id)
             .collect();
+        // In id order, not the map's: a seed must replay exactly.
+        dead.sort_unstable();
         for link in dead {
             let l = self.links.remove(&link).expect("listed");
             if l.from_edge != edge {
@@ -767,6 +717,20 @@ impl World {
         }
     }
 
+    /// A frame from the edge to the client on `conn`, after the network's latency.
+    fn send_to_client(&mut self, conn: ConnRef, frame: Frame) {
+        let client = self.slot_owner[&conn.slot];
+        let latency = 1 + self.rng.below(20);
+        self.schedule(
+            Packet::ToClient {
+                client,
+                conn,
+                frame,
+            },
+            latency,
+        );
+    }
+
     /// Carries out a shard's effects, as `edge/src/shard.rs` does.
     fn apply_effects(&mut self, edge: usize, shard: u8) {
         while let Some(effect) = self.edges[edge].shards[shard as usize].poll_effect() {
@@ -779,16 +743,7 @@ impl World {
                     {
                         self.stats.refused_link_down += 1;
                     }
-                    let client = self.slot_owner[&conn.slot];
-                    let latency = 1 + self.rng.below(20);
-                    self.schedule(
-                        Packet::ToClient {
-                            client,
-                            conn,
-                            frame,
-                        },
-                        latency,
-                    );
+                    self.send_to_client(conn, frame);
                     self.edges[edge].shards[shard as usize].set_outbound_bytes(conn, 0);
                 }
                 Effect::Close { conn, code, .. } => {
@@ -808,20 +763,11 @@ impl World {
                     assert_ne!(self.home_index(user), edge, "redirected from its home edge");
                     assert_eq!(reconnect_to, address_of(home_edge(user, &self.edge_ids)));
                     self.stats.redirects += 1;
-                    let client = self.slot_owner[&conn.slot];
                     let frame = Frame::Goaway {
                         reason: "homed on another edge".into(),
                         reconnect_to: Some(reconnect_to),
                     };
-                    let latency = 1 + self.rng.below(20);
-                    self.schedule(
-                        Packet::ToClient {
-                            client,
-                            conn,
-                            frame,
-                        },
-                        latency,
-                    );
+                    self.send_to_client(conn, frame);
                     self.edges[edge].shards[shard as usize].connection_lost(conn);
                 }
                 Effect::Route { shard: to, message } => {

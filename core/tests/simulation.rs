@@ -25,16 +25,16 @@
 //! with `SIM_SEED` prints that user's frames and the mesh messages that name it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::panic::{AssertUnwindSafe, catch_unwind};
+
+mod common;
+use common::SimAuth;
 
 use courier_core::budget::{Rate, SendBudget};
 use courier_core::clock::ServerClock;
 use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::rng::Rng;
-use courier_core::session::{
-    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage,
-};
+use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage};
 use courier_core::store::StoreError;
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::memory::MemoryStore;
@@ -52,44 +52,12 @@ const IDLE_TIMEOUT_MS: u64 = 300;
 
 #[test]
 fn simulation_over_many_seeds() {
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        let seed: u64 = seed.parse().expect("SIM_SEED must be a number");
-        let stats =
-            run_seed(seed).unwrap_or_else(|failure| panic!("SIM_SEED={seed} failed: {failure}"));
-        eprintln!("simulation: seed {seed}: {stats:?}");
+    let Some((seeds, results)) = common::run_seeds("simulation", SEEDS_DEFAULT, run_seed) else {
         return;
-    }
-    let seeds: u64 = std::env::var("SIM_SEEDS")
-        .map(|count| count.parse().expect("SIM_SEEDS must be a number"))
-        .unwrap_or(SEEDS_DEFAULT);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    let results: Vec<(u64, Result<Stats, String>)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|worker| {
-                scope.spawn(move || {
-                    (0..seeds)
-                        .filter(|seed| seed % threads == worker)
-                        .map(|seed| (seed, run_seed(seed)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("worker"))
-            .collect()
-    });
-    let failures: Vec<&(u64, Result<Stats, String>)> =
-        results.iter().filter(|(_, r)| r.is_err()).collect();
-    if let Some((seed, Err(failure))) = failures.first() {
-        panic!(
-            "{} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}",
-            failures.len()
-        );
-    }
+    };
     let mut total = Stats::default();
-    for (_, stats) in &results {
-        total.add(stats.as_ref().expect("no failures"));
+    for stats in &results {
+        total.add(stats);
     }
     eprintln!("simulation: {seeds} seeds, {total:?}");
     // A simulation that stopped injecting faults would pass without proving anything.
@@ -221,31 +189,7 @@ impl Stats {
 }
 
 fn run_seed(seed: u64) -> Result<Stats, String> {
-    match catch_unwind(AssertUnwindSafe(|| World::new(seed).run())) {
-        Ok(result) => result,
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into())),
-    }
-}
-
-/// Tokens in the simulation are `user:device` in decimal.
-struct SimAuth;
-
-impl Authenticator for SimAuth {
-    fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<UserId, AuthFailure> {
-        let user = std::str::from_utf8(token)
-            .ok()
-            .and_then(|t| t.split_once(':'))
-            .filter(|(_, d)| d.parse() == Ok(device))
-            .and_then(|(u, _)| u.parse().ok());
-        user.ok_or(AuthFailure {
-            code: ErrorCode::Unauthenticated,
-            reason: "bad simulated token".into(),
-        })
-    }
+    World::new(seed).run()
 }
 
 #[derive(Debug)]

@@ -1310,7 +1310,7 @@ impl Shard {
                 }
                 Event::HandshakeDataReady => {}
                 Event::ConnectionLost { .. } if conn.kind != ConnKind::Client => {
-                    self.link_gone(handle, &conn);
+                    self.link_gone(handle, conn.kind);
                 }
                 Event::ConnectionLost { reason } => {
                     let conn_ref = self.conn_ref(handle, &conn);
@@ -1376,7 +1376,7 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
-            self.link_gone(handle, &conn);
+            self.link_gone(handle, conn.kind);
             self.handshake_finished(&mut conn);
             return;
         }
@@ -1414,23 +1414,9 @@ impl Shard {
                 }
                 continue;
             }
-            let mut stream = conn.quic.recv_stream(id);
-            let mut chunks = match stream.read(true) {
-                Ok(chunks) => chunks,
-                Err(_) => return,
+            let Some(StreamRead { got, finished }) = read_chunk(conn, id, room) else {
+                return;
             };
-            let mut finished = false;
-            let mut got = false;
-            match chunks.next(room) {
-                Ok(Some(chunk)) => {
-                    conn.inbuf.extend_from_slice(&chunk.bytes);
-                    got = true;
-                }
-                Ok(None) => finished = true,
-                Err(quinn_proto::ReadError::Blocked) => {}
-                Err(quinn_proto::ReadError::Reset(_)) => finished = true,
-            }
-            let _ = chunks.finalize();
             if got {
                 self.decode_frames(now, handle, conn);
             }
@@ -1818,14 +1804,14 @@ impl Shard {
         self.gauges_published_at = now;
         let metrics = &self.metrics;
         // Client connections: links to and from other edges have their own gauge.
-        let links = self.in_links.len() as i64
-            + self
-                .cluster
-                .as_ref()
-                .map_or(0, |cluster| cluster.links_open() as i64);
+        let (links_open, links_up) = self.cluster.as_ref().map_or((0, 0), |cluster| {
+            (cluster.links_open() as i64, cluster.links_up() as i64)
+        });
+        let links = self.in_links.len() as i64 + links_open;
         metrics
             .connections_open
             .set(self.conns.len() as i64 - links);
+        metrics.links_up.set(links_up);
         metrics
             .connections_unauthenticated
             .set(self.session.unauthenticated_connections() as i64);
@@ -1936,7 +1922,7 @@ impl Shard {
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
-            self.link_gone(handle, &conn);
+            self.link_gone(handle, conn.kind);
             self.handshake_finished(&mut conn);
             return;
         }
@@ -2028,6 +2014,35 @@ fn send_transmit_on(socket: &Socket, transmit: &quinn_proto::Transmit, buf: &[u8
             debug!(%error, "send failed");
         }
     }
+}
+
+/// What one read of a connection's stream did.
+struct StreamRead {
+    /// Bytes were appended to `inbuf`.
+    got: bool,
+    /// The peer finished or reset the stream.
+    finished: bool,
+}
+
+/// Appends at most `room` bytes of stream `id` to the connection's `inbuf`; `None` when the
+/// stream cannot be read (gone, or stopped).
+fn read_chunk(conn: &mut Conn, id: StreamId, room: usize) -> Option<StreamRead> {
+    let mut stream = conn.quic.recv_stream(id);
+    let mut chunks = stream.read(true).ok()?;
+    let mut read = StreamRead {
+        got: false,
+        finished: false,
+    };
+    match chunks.next(room) {
+        Ok(Some(chunk)) => {
+            conn.inbuf.extend_from_slice(&chunk.bytes);
+            read.got = true;
+        }
+        Ok(None) | Err(quinn_proto::ReadError::Reset(_)) => read.finished = true,
+        Err(quinn_proto::ReadError::Blocked) => {}
+    }
+    let _ = chunks.finalize();
+    Some(read)
 }
 
 /// Queues a frame on the connection's stream and writes what flow control allows.

@@ -238,6 +238,11 @@ async fn three_edges_redirect_and_carry_messages_both_ways() {
     }
     // Operators see it: every edge has its four links up, and sends crossed them.
     for edge in &edges {
+        // The gauge is set once a second.
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while metric_sum(edge, "courier_links_up") != 4.0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(metric_sum(edge, "courier_links_up"), 4.0);
         assert!(metric_sum(edge, "courier_link_sends_forwarded_total") >= 2.0);
         assert!(metric_sum(edge, "courier_link_requests_received_total") >= 2.0);

@@ -4,42 +4,41 @@
 
 #![no_main]
 
+use courier_protocol::DecodeError;
 use courier_protocol::link::{decode_link, encode_link};
 use libfuzzer_sys::fuzz_target;
 
+/// Decodes frames from `data` back to back with `decode`, checking each against `encode`.
+fn read_back_to_back<F: PartialEq + std::fmt::Debug>(
+    data: &[u8],
+    decode: fn(&[u8]) -> Result<Option<(F, usize)>, DecodeError>,
+    encode: fn(&F) -> Vec<u8>,
+) {
+    let mut rest = data;
+    for _ in 0..64 {
+        match decode(rest) {
+            Ok(Some((frame, used))) => {
+                assert!(used > courier_protocol::LENGTH_PREFIX_BYTES && used <= rest.len());
+                let bytes = encode(&frame);
+                let (again, again_used) = decode(&bytes)
+                    .expect("its encoding decodes")
+                    .expect("its encoding is whole");
+                assert_eq!(again, frame);
+                assert_eq!(again_used, bytes.len());
+                rest = &rest[used..];
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
-    let mut rest = data;
-    for _ in 0..64 {
-        match courier_protocol::decode(rest) {
-            Ok(Some((frame, used))) => {
-                assert!(used > courier_protocol::LENGTH_PREFIX_BYTES && used <= rest.len());
-                let bytes =
-                    courier_protocol::encode_to_vec(&frame).expect("a decoded frame encodes");
-                let (again, again_used) = courier_protocol::decode(&bytes)
-                    .expect("its encoding decodes")
-                    .expect("its encoding is whole");
-                assert_eq!(again, frame);
-                assert_eq!(again_used, bytes.len());
-                rest = &rest[used..];
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let mut rest = data;
-    for _ in 0..64 {
-        match decode_link(rest) {
-            Ok(Some((frame, used))) => {
-                assert!(used > courier_protocol::LENGTH_PREFIX_BYTES && used <= rest.len());
-                let mut bytes = Vec::new();
-                encode_link(&frame, &mut bytes).expect("a decoded link frame encodes");
-                let (again, again_used) = decode_link(&bytes)
-                    .expect("its encoding decodes")
-                    .expect("its encoding is whole");
-                assert_eq!(again, frame);
-                assert_eq!(again_used, bytes.len());
-                rest = &rest[used..];
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
+    read_back_to_back(data, courier_protocol::decode, |frame| {
+        courier_protocol::encode_to_vec(frame).expect("a decoded frame encodes")
+    });
+    read_back_to_back(data, decode_link, |frame| {
+        let mut bytes = Vec::new();
+        encode_link(frame, &mut bytes).expect("a decoded link frame encodes");
+        bytes
+    });
 });

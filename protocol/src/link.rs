@@ -59,6 +59,30 @@ pub enum LinkSendResult {
     Refused { code: ErrorCode },
 }
 
+impl LinkSendResult {
+    /// From a send's outcome as the session carries it: `(seq, server_time_ms)` or a code.
+    pub fn from_result(result: Result<(u64, u64), ErrorCode>) -> LinkSendResult {
+        match result {
+            Ok((seq, server_time_ms)) => LinkSendResult::Stored {
+                seq,
+                server_time_ms,
+            },
+            Err(code) => LinkSendResult::Refused { code },
+        }
+    }
+
+    /// The outcome as the session carries it.
+    pub fn into_result(self) -> Result<(u64, u64), ErrorCode> {
+        match self {
+            LinkSendResult::Stored {
+                seq,
+                server_time_ms,
+            } => Ok((seq, server_time_ms)),
+            LinkSendResult::Refused { code } => Err(code),
+        }
+    }
+}
+
 impl LinkFrame {
     /// Checks every field against its limit; [`encode_link`] and [`decode_link`] call this.
     pub fn check_limits(&self) -> Result<(), DecodeError> {

@@ -19,7 +19,7 @@ use courier_protocol::link::{LINK_ALPN, LinkFrame, decode_link, encode_link};
 use quinn_proto::{ConnectionHandle, Dir, VarInt};
 use tracing::{debug, info, warn};
 
-use super::{Conn, INBUF_BYTES_MAX, Shard, flush_outbuf};
+use super::{Conn, INBUF_BYTES_MAX, Shard, StreamRead, flush_outbuf, read_chunk};
 use crate::config::Config;
 
 /// What a connection carries.
@@ -110,6 +110,14 @@ impl Cluster {
             .filter(|link| link.conn.is_some())
             .count()
     }
+
+    /// Links this shard opened that are up (their handshake done and `Hello` sent).
+    pub(super) fn links_up(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|link| link.up_since.is_some())
+            .count()
+    }
 }
 
 /// The ALPN the handshake settled on.
@@ -192,7 +200,6 @@ impl Shard {
                 let hello = LinkFrame::Hello { edge: cluster.edge };
                 write_link_frame(conn, &hello);
                 info!(edge = cluster.edge, shard = self.id, peer, "link up");
-                self.metrics.links_up.inc();
                 self.session.link_up(peer);
             }
             ConnKind::Client => {
@@ -222,17 +229,12 @@ impl Shard {
         }
     }
 
-    /// A link's connection is gone: the session learns, and a link of this shard is opened
-    /// again after its backoff.
-    pub(super) fn link_gone(&mut self, handle: ConnectionHandle, conn: &Conn) {
-        self.link_gone_kind(handle, conn.kind);
-    }
-
-    /// [`Shard::link_gone`] by the connection's kind: called when the connection is lost or
-    /// drained, and at once when this shard closes a link itself (so the session stops
-    /// forwarding on it and fails what it carried without waiting for the drain). A second
-    /// call for the same connection does nothing.
-    fn link_gone_kind(&mut self, handle: ConnectionHandle, kind: ConnKind) {
+    /// A link's connection (of `kind`) is gone: the session learns, and a link of this shard
+    /// is opened again after its backoff. Called when the connection is lost or drained, and
+    /// at once when this shard closes a link itself (so the session stops forwarding on it
+    /// and fails what it carried without waiting for the drain). A second call for the same
+    /// connection does nothing; a client connection is not a link and is ignored.
+    pub(super) fn link_gone(&mut self, handle: ConnectionHandle, kind: ConnKind) {
         match kind {
             ConnKind::Client => {}
             ConnKind::LinkIn { link } => {
@@ -252,9 +254,6 @@ impl Shard {
                 link.conn = None;
                 let now = Instant::now();
                 let up_since = link.up_since.take();
-                if up_since.is_some() {
-                    self.metrics.links_up.dec();
-                }
                 self.metrics.link_failures.inc();
                 if up_since.is_some_and(|since| now.duration_since(since) >= cluster.reconnect_max)
                 {
@@ -324,7 +323,7 @@ impl Shard {
             conn.closing = true;
             conn.outbuf.clear();
             let kind = conn.kind;
-            self.link_gone_kind(handle, kind);
+            self.link_gone(handle, kind);
         }
         self.mark_dirty(handle);
     }
@@ -349,23 +348,9 @@ impl Shard {
                 // whole frame. Stop rather than spin on empty reads.
                 return;
             }
-            let mut stream = conn.quic.recv_stream(id);
-            let mut chunks = match stream.read(true) {
-                Ok(chunks) => chunks,
-                Err(_) => return,
+            let Some(StreamRead { got, finished }) = read_chunk(conn, id, room) else {
+                return;
             };
-            let mut finished = false;
-            let mut got = false;
-            match chunks.next(room) {
-                Ok(Some(chunk)) => {
-                    conn.inbuf.extend_from_slice(&chunk.bytes);
-                    got = true;
-                }
-                Ok(None) => finished = true,
-                Err(quinn_proto::ReadError::Blocked) => {}
-                Err(quinn_proto::ReadError::Reset(_)) => finished = true,
-            }
-            let _ = chunks.finalize();
             if got {
                 self.decode_link_frames(handle, conn);
             }
@@ -436,7 +421,7 @@ impl Shard {
         );
         conn.closing = true;
         conn.inbuf.clear();
-        self.link_gone_kind(handle, conn.kind);
+        self.link_gone(handle, conn.kind);
     }
 
     /// The edge is shutting down: its links close now, so peers fail what they carried at
@@ -457,7 +442,7 @@ impl Shard {
                 );
                 conn.closing = true;
                 let kind = conn.kind;
-                self.link_gone_kind(handle, kind);
+                self.link_gone(handle, kind);
             }
             self.mark_dirty(handle);
         }

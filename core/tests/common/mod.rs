@@ -1,0 +1,84 @@
+//! What the two simulations (`simulation.rs`, one edge; `cluster_simulation.rs`, several)
+//! share: how seeds are chosen and run, and the simulated token check.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use courier_core::UserId;
+use courier_core::session::{AuthFailure, Authenticator};
+use courier_protocol::ErrorCode;
+
+/// Runs `run_seed` over the seeds the environment asks for, on every core:
+/// - `SIM_SEED=<n>` replays that one seed, prints its stats and returns `None`;
+/// - otherwise `SIM_SEEDS=<count>` seeds (default `seeds_default`), and returns their count
+///   and stats.
+///
+/// A failing seed (an `Err`, or a panic) fails the test with the first failure and how to
+/// replay it.
+pub fn run_seeds<S: Send + std::fmt::Debug>(
+    name: &str,
+    seeds_default: u64,
+    run_seed: fn(u64) -> Result<S, String>,
+) -> Option<(u64, Vec<S>)> {
+    let run = move |seed: u64| match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
+        Ok(result) => result,
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into())),
+    };
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        let seed: u64 = seed.parse().expect("SIM_SEED must be a number");
+        let stats = run(seed).unwrap_or_else(|failure| panic!("SIM_SEED={seed} failed: {failure}"));
+        eprintln!("{name}: seed {seed}: {stats:?}");
+        return None;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .map(|count| count.parse().expect("SIM_SEEDS must be a number"))
+        .unwrap_or(seeds_default);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let results: Vec<(u64, Result<S, String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|worker| {
+                scope.spawn(move || {
+                    (0..seeds)
+                        .filter(|seed| seed % threads == worker)
+                        .map(|seed| (seed, run(seed)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if let Some((seed, Err(failure))) = results.iter().find(|(_, r)| r.is_err()) {
+        panic!(
+            "{failed} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}"
+        );
+    }
+    let stats = results
+        .into_iter()
+        .map(|(_, result)| result.expect("no failures"))
+        .collect();
+    Some((seeds, stats))
+}
+
+/// Tokens in the simulations are `user:device` in decimal.
+pub struct SimAuth;
+
+impl Authenticator for SimAuth {
+    fn authenticate(&self, token: &[u8], device: u32, _now: u64) -> Result<UserId, AuthFailure> {
+        std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.split_once(':'))
+            .filter(|(_, d)| d.parse() == Ok(device))
+            .and_then(|(u, _)| u.parse().ok())
+            .ok_or(AuthFailure {
+                code: ErrorCode::Unauthenticated,
+                reason: "bad simulated token".into(),
+            })
+    }
+}
