@@ -12,6 +12,7 @@
 //! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
 //! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
+//! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
@@ -28,6 +29,7 @@ pub const TAG_DEVICE: u8 = b'v';
 pub const TAG_CLOCK: u8 = b't';
 pub const TAG_FLOOR: u8 = b'f';
 pub const TAG_EMPTIED: u8 = b'g';
+pub const TAG_LEASE: u8 = b'l';
 
 /// `g/{inbox}`
 pub fn emptied(inbox: UserId) -> [u8; 9] {
@@ -156,6 +158,14 @@ pub fn parse_expiry(key: &[u8]) -> Option<(u64, UserId)> {
         return None;
     }
     Some((be_u64(&key[1..9]), be_u64(&key[9..17])))
+}
+
+/// `l/{edge}`
+pub fn lease(edge: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = TAG_LEASE;
+    key[1..5].copy_from_slice(&edge.to_be_bytes());
+    key
 }
 
 /// `o/{shard}`

@@ -17,6 +17,7 @@ pub mod rng;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod takeover;
 
 pub use config::CoreConfig;
 

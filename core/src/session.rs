@@ -30,6 +30,13 @@
 //! down with sends unanswered, those sends get the retryable `ShardUnavailable`: the client
 //! retries with the same client id, and the dedupe record on the far edge makes a retry of a
 //! send that did commit return the same seq.
+//!
+//! Takeover (decision 0015): while another edge is dead, the runtime may make this edge serve
+//! its users ([`EdgeSession::serve_guest`], after claiming the dead edge's lease with
+//! [`crate::takeover`]). Each guest edge gets a commit queue of its own
+//! ([`EdgeSession::poll_guest_batch`]), committed under that edge's lease, until
+//! [`EdgeSession::release_guest`] sends its clients on. [`EdgeSession::set_servers`] says
+//! which edges other edges serve, so clients and sends for those users go there.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -463,6 +470,13 @@ pub struct EdgeSession<A> {
     /// stand-in connection (`LINK_PROXY_SLOT`): the link and request to answer.
     link_proxies: HashMap<u64, (u64, u64)>,
     next_proxy: u64,
+    /// Edges whose users this shard serves besides its own (takeover), each with its own
+    /// commit queue: their batches commit under that edge's lease. At most one per member.
+    guests: BTreeMap<EdgeId, InboxShard<ConnRef>>,
+    /// Queues of guests released while a batch of theirs was in flight, until it is answered.
+    released: BTreeMap<EdgeId, InboxShard<ConnRef>>,
+    /// Edges whose users another edge serves (a takeover elsewhere): home → serving edge.
+    servers: BTreeMap<EdgeId, EdgeId>,
 }
 
 /// This shard's link to another edge.
@@ -523,6 +537,9 @@ impl<A: Authenticator> EdgeSession<A> {
             in_links: HashMap::new(),
             link_proxies: HashMap::new(),
             next_proxy: 1,
+            guests: BTreeMap::new(),
+            released: BTreeMap::new(),
+            servers: BTreeMap::new(),
         }
     }
 
@@ -542,10 +559,18 @@ impl<A: Authenticator> EdgeSession<A> {
     /// are zero.
     pub fn queued_requests(&self) -> usize {
         self.inbox.queued_requests()
+            + self
+                .guests
+                .values()
+                .map(InboxShard::queued_requests)
+                .sum::<usize>()
     }
 
+    /// Whether a batch of this edge's users or of a guest edge's (released or not) is in flight.
     pub fn batch_in_flight(&self) -> bool {
         self.inbox.batch_in_flight()
+            || self.guests.values().any(InboxShard::batch_in_flight)
+            || !self.released.is_empty()
     }
 
     /// Connections this shard holds.
@@ -992,10 +1017,109 @@ impl<A: Authenticator> EdgeSession<A> {
             .count()
     }
 
-    /// When `poll_batch` has a batch of waiting acks even if nothing else arrives: the driver
-    /// calls it again then (`InboxShard::batch_deadline_ms`).
+    /// When `poll_batch` (or `poll_guest_batch`) has a batch of waiting acks even if nothing
+    /// else arrives: the driver calls it again then (`InboxShard::batch_deadline_ms`).
     pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
-        self.inbox.batch_deadline_ms()
+        std::iter::once(&self.inbox)
+            .chain(self.guests.values())
+            .filter_map(InboxShard::batch_deadline_ms)
+            .min()
+    }
+
+    /// The next batch of a guest edge's users, if any: the driver commits it under that
+    /// edge's lease and hands the result to [`EdgeSession::handle_guest_commit`]. One batch per
+    /// guest is in flight at a time, apart from this edge's own.
+    pub fn poll_guest_batch(&mut self, now_ms: UnixMillis) -> Option<(EdgeId, Batch<ConnRef>)> {
+        self.guests
+            .iter_mut()
+            .find_map(|(edge, inbox)| Some((*edge, inbox.poll_batch(now_ms)?)))
+    }
+
+    /// The result of committing a guest edge's batch (`Fenced`: the driver also releases the
+    /// guest, on every shard).
+    pub fn handle_guest_commit(
+        &mut self,
+        edge: EdgeId,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<Outcome>, StoreError>,
+    ) {
+        let outputs = match self.released.remove(&edge) {
+            Some(mut inbox) => inbox.handle_commit(batch, result),
+            None => match self.guests.get_mut(&edge) {
+                Some(inbox) => inbox.handle_commit(batch, result),
+                None => panic!("handle_guest_commit for edge {edge} without a batch in flight"),
+            },
+        };
+        self.apply_outputs(outputs);
+    }
+
+    /// Serves `edge`'s users from now on (this edge claimed its lease): their clients are
+    /// accepted and their inboxes committed through [`EdgeSession::poll_guest_batch`].
+    pub fn serve_guest(&mut self, edge: EdgeId) {
+        let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
+        if local_edge == Some(edge) || !self.edge_ids.contains(&edge) {
+            return;
+        }
+        self.servers.remove(&edge);
+        if !self.guests.contains_key(&edge) {
+            // A queue released with its batch in flight serves again as it is.
+            let inbox = self
+                .released
+                .remove(&edge)
+                .unwrap_or_else(|| InboxShard::new(&self.config.core));
+            self.guests.insert(edge, inbox);
+        }
+    }
+
+    /// Stops serving `edge`'s users (its lease was claimed by someone else): their clients on
+    /// this shard are redirected to whoever serves them now ([`EdgeSession::set_servers`] first),
+    /// their queued sends refused as retryable. Queued acks and logins are dropped: the
+    /// clients repeat both where they log in next.
+    pub fn release_guest(&mut self, edge: EdgeId) {
+        let Some(mut inbox) = self.guests.remove(&edge) else {
+            return;
+        };
+        for (send, reply) in inbox.take_queued_sends() {
+            self.route(
+                reply.shard,
+                ShardMessage::SendResult {
+                    reply,
+                    client_id: send.client_id,
+                    body_bytes: send.body.len(),
+                    result: Err(ErrorCode::ShardUnavailable),
+                },
+            );
+        }
+        if inbox.batch_in_flight() {
+            self.released.insert(edge, inbox);
+        }
+        let mut moving: Vec<(ConnRef, UserId)> = self
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| {
+                let user = c.login.user()?;
+                let conn = ConnRef {
+                    shard: self.config.shard,
+                    slot: *slot,
+                    generation: c.generation,
+                };
+                (home_edge(user, &self.edge_ids) == edge).then_some((conn, user))
+            })
+            .collect();
+        // In slot order, not the map's: a simulation seed must replay exactly.
+        moving.sort_unstable_by_key(|(conn, _)| conn.slot);
+        for (conn, user) in moving {
+            let server = self.remote_home(user).unwrap_or(edge);
+            self.redirect(conn, user, server);
+        }
+        self.drain_local();
+    }
+
+    /// Which edges other edges serve (from [`crate::takeover::Planner::servers`]): home →
+    /// serving edge, for every edge not serving its own users. Entries naming this edge are
+    /// ignored: what this edge serves is [`EdgeSession::serve_guest`]'s.
+    pub fn set_servers(&mut self, servers: BTreeMap<EdgeId, EdgeId>) {
+        self.servers = servers;
     }
 
     /// The result of committing `batch`: answers to the senders and live deliveries.
@@ -1004,7 +1128,12 @@ impl<A: Authenticator> EdgeSession<A> {
         batch: Batch<ConnRef>,
         result: Result<Vec<Outcome>, StoreError>,
     ) {
-        for output in self.inbox.handle_commit(batch, result) {
+        let outputs = self.inbox.handle_commit(batch, result);
+        self.apply_outputs(outputs);
+    }
+
+    fn apply_outputs(&mut self, outputs: Vec<Output<ConnRef>>) {
+        for output in outputs {
             match output {
                 Output::SendAck {
                     tag,
@@ -1098,7 +1227,8 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Queues the erasure of `inbox`, homed on this shard, for the next batch
     /// (`Request::Purge`). False when too many purges wait already.
     pub fn handle_purge(&mut self, inbox: UserId) -> bool {
-        self.inbox.handle_purge(inbox)
+        self.inbox_of(inbox)
+            .is_some_and(|queue| queue.handle_purge(inbox))
     }
 
     /// Closes every connection with `code` (shutdown: clients reconnect).
@@ -1318,7 +1448,20 @@ impl<A: Authenticator> EdgeSession<A> {
     fn handle_shard_message(&mut self, now_ms: UnixMillis, message: ShardMessage) {
         match message {
             ShardMessage::Send { send, reply } => {
-                if let Err(refused) = self.inbox.handle_send(send, reply, now_ms) {
+                let Some(queue) = self.inbox_of(send.to) else {
+                    // Its edge's users stopped being served here (a takeover ended) since
+                    // the send was placed: the client retries where they are now.
+                    let (client_id, body_bytes) = (send.client_id, send.body.len());
+                    let result = Err(ErrorCode::ShardUnavailable);
+                    let message = ShardMessage::SendResult {
+                        reply,
+                        client_id,
+                        body_bytes,
+                        result,
+                    };
+                    return self.route(reply.shard, message);
+                };
+                if let Err(refused) = queue.handle_send(send, reply, now_ms) {
                     if refused.code == ErrorCode::StoreUnavailable {
                         self.stats.sends_store_slow += 1;
                     } else {
@@ -1340,7 +1483,10 @@ impl<A: Authenticator> EdgeSession<A> {
                 device,
                 up_to_seq,
             } => {
-                self.inbox.handle_ack(inbox, device, up_to_seq, now_ms);
+                // Dropped if no longer served here: the device acks again where it logs in.
+                if let Some(queue) = self.inbox_of(inbox) {
+                    queue.handle_ack(inbox, device, up_to_seq, now_ms);
+                }
             }
             ShardMessage::SendResult {
                 reply,
@@ -1429,7 +1575,12 @@ impl<A: Authenticator> EdgeSession<A> {
                     return self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
                 }
                 // `Registered` follows once the link is committed (`Output::Linked`).
-                if let Err(conn) = self.inbox.handle_link(user, device, acked_up_to, conn) {
+                let linked = match self.inbox_of(user) {
+                    Some(queue) => queue.handle_link(user, device, acked_up_to, conn),
+                    // No longer served here: the connection is being redirected.
+                    None => Err(conn),
+                };
+                if let Err(conn) = linked {
                     if let Some(entries) = self.registry.get_mut(&user) {
                         entries.retain(|r| r.conn != conn);
                     }
@@ -1677,14 +1828,40 @@ impl<A: Authenticator> EdgeSession<A> {
         home_shard(user, self.config.shard_count) as u8
     }
 
-    /// The edge `user` lives on, if that is not this one.
+    /// The edge serving `user`, if that is not this one: its home edge, or the edge that took
+    /// its home over (`set_servers`). `None` for this edge's users and its guests'.
     fn remote_home(&self, user: UserId) -> Option<EdgeId> {
         let cluster = self.config.cluster.as_ref()?;
         if self.edge_ids.is_empty() {
             return None;
         }
-        let edge = home_edge(user, &self.edge_ids);
-        (edge != cluster.edge).then_some(edge)
+        let home = home_edge(user, &self.edge_ids);
+        if home == cluster.edge || self.guests.contains_key(&home) {
+            return None;
+        }
+        let server = self.servers.get(&home).copied();
+        Some(
+            server
+                .filter(|server| *server != cluster.edge)
+                .unwrap_or(home),
+        )
+    }
+
+    /// The commit queue of `user`'s inbox on this shard: this edge's own, or its guest
+    /// edge's; `None` if this edge does not serve the user.
+    fn inbox_of(&mut self, user: UserId) -> Option<&mut InboxShard<ConnRef>> {
+        let Some(cluster) = self.config.cluster.as_ref() else {
+            return Some(&mut self.inbox);
+        };
+        if self.edge_ids.is_empty() {
+            return Some(&mut self.inbox);
+        }
+        let home = home_edge(user, &self.edge_ids);
+        if home == cluster.edge {
+            Some(&mut self.inbox)
+        } else {
+            self.guests.get_mut(&home)
+        }
     }
 
     /// Tells the client of `conn` to reconnect to `edge`, where `user` lives.
@@ -1697,11 +1874,11 @@ impl<A: Authenticator> EdgeSession<A> {
             .find(|member| member.id == edge)
             .map(|member| member.client_address.clone())
             .unwrap_or_default();
-        let Some(c) = self.conn_mut(conn) else {
+        if self.conn(conn).is_none() {
             return;
-        };
-        let login = std::mem::replace(&mut c.login, Login::Closing);
-        self.forget_login(login);
+        }
+        // A logged-in connection (a takeover ending) also leaves its home shard's registry.
+        self.end_login(conn);
         self.effects.push_back(Effect::Redirect {
             conn,
             user,

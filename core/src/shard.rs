@@ -356,6 +356,23 @@ impl<T> InboxShard<T> {
         Some(batch)
     }
 
+    /// Empties the queue when its users move to another edge (a takeover ends): returns
+    /// the sends waiting, for the caller to refuse; logins, acks, forgets and purges waiting
+    /// are dropped (clients repeat logins and acks where they log in next).
+    pub fn take_queued_sends(&mut self) -> Vec<(SendRequest, T)> {
+        self.queue_bytes = 0;
+        self.queued_by_sender.clear();
+        self.links.clear();
+        self.acks.clear();
+        self.forgets.clear();
+        self.purges.clear();
+        self.acks_waiting_since_ms = None;
+        self.queue
+            .drain(..)
+            .map(|(send, tag, _)| (send, tag))
+            .collect()
+    }
+
     /// Turns the result of committing `batch` into answers and deliveries. Acks of a failed
     /// batch go back into the ack table to be retried with the next batch.
     pub fn handle_commit(

@@ -1,0 +1,482 @@
+//! Takeover: while an edge is dead, another edge serves its users (issue 13, decision 0015).
+//!
+//! Only where the edges share one store (FoundationDB): an inbox's keys do not depend on the
+//! edge serving it, so any edge can commit for any user, and the question is only who may.
+//! That is a [`Lease`] per edge, at `l/{edge}` in the store:
+//!
+//! - An edge starting up claims its own lease ([`claim_own`]): a new epoch, itself as holder.
+//!   While it lives it raises a beat counter next to it ([`renew`]), a key of its own so the
+//!   beat never conflicts with the commits that read the lease.
+//! - Every commit runs through a [`LeasedStore`], which reads the lease inside the transaction
+//!   and fails with [`StoreError::Fenced`] unless it is still the claim the committer holds.
+//!   On FoundationDB that read also makes a concurrent claim abort the commit (a read
+//!   conflict); on the embedded backends writers are serialised. So a claim fences every
+//!   commit of the earlier holder at once, as the owner epoch fences a shard.
+//! - The [`Planner`] (one per edge, sans-IO) reads every lease and beat each period. An edge
+//!   whose beat stood still for `lease_timeout_ms` of the observer's own clock (no clocks are
+//!   compared across machines) is dead. Its successor, by rendezvous hashing over the edges
+//!   alive, claims its lease ([`claim`]) if the record is still the one it saw, and serves its
+//!   users on its own shards until the lease changes again: the edge restarted and claimed
+//!   its own lease back, or the successor is fenced.
+//!
+//! Edges that see things differently cannot both commit: each claim raises the epoch, and
+//! only the latest claim's commits pass. What differs is only where clients and forwarded
+//! sends go, and a wrong guess is answered with a redirect or a retryable refusal.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::UnixMillis;
+use crate::keys;
+use crate::placement::{EdgeId, home_edge};
+use crate::store::{Store, StoreError, Transaction};
+
+/// Who serves an edge's users, under which epoch: the value at `l/{edge}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Raised by every claim; commits under an earlier claim are fenced.
+    pub epoch: u64,
+    /// The edge serving the users: the edge itself, or the one that took it over.
+    pub holder: EdgeId,
+    /// The holder's process (random per start), so a restarted holder is a new claim.
+    pub owner: u64,
+}
+
+const LEASE_BYTES: usize = 20;
+
+impl Lease {
+    pub fn encode(&self) -> [u8; LEASE_BYTES] {
+        let mut value = [0u8; LEASE_BYTES];
+        value[..8].copy_from_slice(&self.epoch.to_le_bytes());
+        value[8..12].copy_from_slice(&self.holder.to_le_bytes());
+        value[12..].copy_from_slice(&self.owner.to_le_bytes());
+        value
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Lease, StoreError> {
+        let value: &[u8; LEASE_BYTES] = value.try_into().map_err(|_| {
+            StoreError::Corrupt(format!(
+                "lease of {} bytes, expected {LEASE_BYTES}",
+                value.len()
+            ))
+        })?;
+        let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().expect("8"));
+        Ok(Lease {
+            epoch: u64_at(0),
+            holder: u32::from_le_bytes(value[8..12].try_into().expect("4")),
+            owner: u64_at(12),
+        })
+    }
+}
+
+/// An edge's lease and beat as read from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Observed {
+    /// `None` while the edge never started.
+    pub lease: Option<Lease>,
+    /// Raised by the edge every renew interval while it holds its own lease.
+    pub beat: u64,
+}
+
+/// `l/{edge}/b`: the beat, apart from the lease so that raising it conflicts with no commit.
+fn beat_key(edge: EdgeId) -> [u8; 6] {
+    let mut key = [0u8; 6];
+    key[..5].copy_from_slice(&keys::lease(edge));
+    key[5] = b'b';
+    key
+}
+
+fn read_lease<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Option<Lease>, StoreError> {
+    txn.get(&keys::lease(edge))?
+        .map(|value| Lease::decode(&value))
+        .transpose()
+}
+
+fn read_observed<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Observed, StoreError> {
+    let lease = read_lease(txn, edge)?;
+    let beat = txn
+        .get(&beat_key(edge))?
+        .and_then(|value| keys::le_u64(&value))
+        .unwrap_or(0);
+    Ok(Observed { lease, beat })
+}
+
+/// Every edge's lease and beat, from one snapshot.
+pub fn observe_all<S: Store>(
+    store: &S,
+    edges: &[EdgeId],
+) -> Result<BTreeMap<EdgeId, Observed>, StoreError> {
+    let mut txn = store.begin_read()?;
+    edges
+        .iter()
+        .map(|edge| Ok((*edge, read_observed(&mut txn, *edge)?)))
+        .collect()
+}
+
+/// An edge starting up claims its own users: a new epoch with itself as holder, whoever held
+/// them (a successor's commits for them are fenced from now on).
+pub fn claim_own<S: Store>(store: &S, edge: EdgeId, owner: u64) -> Result<Lease, StoreError> {
+    let mut txn = store.begin()?;
+    let current = read_lease(&mut txn, edge)?;
+    let lease = Lease {
+        epoch: current.map_or(0, |lease| lease.epoch) + 1,
+        holder: edge,
+        owner,
+    };
+    txn.set(&keys::lease(edge), &lease.encode());
+    txn.commit()?;
+    Ok(lease)
+}
+
+/// Claims `edge`'s users for `holder` if its lease and beat are still `expected` (what the
+/// planner saw when it judged the edge dead): a beat that moved since means it lives, and a
+/// lease that changed means someone else acted first. Either way: `Fenced`, nothing written.
+pub fn claim<S: Store>(
+    store: &S,
+    edge: EdgeId,
+    holder: EdgeId,
+    owner: u64,
+    expected: Observed,
+) -> Result<Lease, StoreError> {
+    let mut txn = store.begin()?;
+    if read_observed(&mut txn, edge)? != expected {
+        return Err(StoreError::Fenced);
+    }
+    let lease = Lease {
+        epoch: expected.lease.map_or(0, |lease| lease.epoch) + 1,
+        holder,
+        owner,
+    };
+    txn.set(&keys::lease(edge), &lease.encode());
+    txn.commit()?;
+    Ok(lease)
+}
+
+/// Raises the beat of `edge`'s own lease; `Fenced` once another claim replaced `lease`.
+pub fn renew<S: Store>(store: &S, edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
+    let mut txn = store.begin()?;
+    if read_lease(&mut txn, edge)? != Some(lease) {
+        return Err(StoreError::Fenced);
+    }
+    txn.atomic_add(&beat_key(edge), 1);
+    txn.commit()?;
+    Ok(())
+}
+
+/// A store whose transactions first check that `lease` still stands for `edge`'s users:
+/// commits for them go through one of these (the owner epoch of a shard, per edge).
+#[derive(Debug)]
+pub struct LeasedStore<'a, S> {
+    store: &'a S,
+    edge: EdgeId,
+    lease: Lease,
+}
+
+impl<'a, S: Store> LeasedStore<'a, S> {
+    pub fn new(store: &'a S, edge: EdgeId, lease: Lease) -> LeasedStore<'a, S> {
+        LeasedStore { store, edge, lease }
+    }
+}
+
+impl<S: Store> Store for LeasedStore<'_, S> {
+    type Transaction<'b>
+        = S::Transaction<'b>
+    where
+        Self: 'b;
+
+    fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        let mut txn = self.store.begin()?;
+        if read_lease(&mut txn, self.edge)? != Some(self.lease) {
+            return Err(StoreError::Fenced);
+        }
+        Ok(txn)
+    }
+
+    /// Reads need no lease: what is committed is true whoever serves the users.
+    fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.store.begin_read()
+    }
+}
+
+/// Mixed into an edge id to pick its successor, so that it says nothing about user placement.
+const SUCCESSOR_SALT: u64 = 0x5851_F42D_4C95_7F2D;
+
+/// What the runtime must do for the [`Planner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeoverAction {
+    /// `edge` is dead and this edge is its successor: [`claim`] it with `expected`, and
+    /// report the result to [`Planner::claimed`]. On success, every shard serves its users.
+    Claim { edge: EdgeId, expected: Observed },
+    /// Another claim replaced this edge's lease for `edge`: every shard stops serving its
+    /// users (redirects their clients, refuses what it queued for them).
+    Release { edge: EdgeId },
+}
+
+/// One edge's view of who serves whom, from the leases it reads (sans-IO; see the module).
+#[derive(Debug)]
+pub struct Planner {
+    edge: EdgeId,
+    members: Vec<EdgeId>,
+    lease_timeout_ms: u64,
+    /// Per other member: what was read last, and when that last changed.
+    seen: BTreeMap<EdgeId, (Observed, UnixMillis)>,
+    /// Edges whose users this edge serves besides its own, with the lease it claimed.
+    guests: BTreeMap<EdgeId, Lease>,
+    /// Claims asked for and not reported yet.
+    claiming: BTreeSet<EdgeId>,
+}
+
+impl Planner {
+    /// `members` includes `edge`. An edge counts as dead once its beat stood still for
+    /// `lease_timeout_ms`, so that must be several renew intervals.
+    pub fn new(edge: EdgeId, members: &[EdgeId], lease_timeout_ms: u64) -> Planner {
+        Planner {
+            edge,
+            members: members.to_vec(),
+            lease_timeout_ms,
+            seen: BTreeMap::new(),
+            guests: BTreeMap::new(),
+            claiming: BTreeSet::new(),
+        }
+    }
+
+    /// What the store says of `edge` now (this edge's own record is ignored).
+    pub fn observe(&mut self, now_ms: UnixMillis, edge: EdgeId, observed: Observed) {
+        if edge == self.edge || !self.members.contains(&edge) {
+            return;
+        }
+        match self.seen.get_mut(&edge) {
+            Some((seen, _)) if *seen == observed => {}
+            Some(entry) => *entry = (observed, now_ms),
+            None => {
+                self.seen.insert(edge, (observed, now_ms));
+            }
+        }
+    }
+
+    /// Whether `edge` holds its own lease and beat within the timeout.
+    pub fn alive(&self, edge: EdgeId, now_ms: UnixMillis) -> bool {
+        if edge == self.edge {
+            return true;
+        }
+        self.seen.get(&edge).is_some_and(|(observed, changed_ms)| {
+            observed.lease.is_some_and(|lease| lease.holder == edge)
+                && now_ms.saturating_sub(*changed_ms) < self.lease_timeout_ms
+        })
+    }
+
+    /// The edge serving `home`'s users: `home` while alive, else the live holder of its
+    /// lease; `None` while no one does (sends to them are refused as retryable).
+    pub fn server_of(&self, home: EdgeId, now_ms: UnixMillis) -> Option<EdgeId> {
+        if self.alive(home, now_ms) {
+            return Some(home);
+        }
+        if self.guests.contains_key(&home) {
+            return Some(self.edge);
+        }
+        let holder = self.seen.get(&home)?.0.lease?.holder;
+        (holder != home && holder != self.edge && self.alive(holder, now_ms)).then_some(holder)
+    }
+
+    /// Every edge served by another one, for [`crate::session::EdgeSession::set_servers`].
+    pub fn servers(&self, now_ms: UnixMillis) -> BTreeMap<EdgeId, EdgeId> {
+        self.members
+            .iter()
+            .filter_map(|home| {
+                let server = self.server_of(*home, now_ms)?;
+                (server != *home).then_some((*home, server))
+            })
+            .collect()
+    }
+
+    /// The edges whose users this edge serves besides its own.
+    pub fn guests(&self) -> impl Iterator<Item = (EdgeId, Lease)> + '_ {
+        self.guests.iter().map(|(edge, lease)| (*edge, *lease))
+    }
+
+    /// What to do after the latest observations: releases first, then claims.
+    pub fn actions(&mut self, now_ms: UnixMillis) -> Vec<TakeoverAction> {
+        let mut actions = Vec::new();
+        let lost: Vec<EdgeId> = self
+            .guests
+            .iter()
+            .filter(|(edge, lease)| {
+                self.seen.get(edge).and_then(|(observed, _)| observed.lease) != Some(**lease)
+            })
+            .map(|(edge, _)| *edge)
+            .collect();
+        for edge in lost {
+            self.guests.remove(&edge);
+            actions.push(TakeoverAction::Release { edge });
+        }
+        let alive: Vec<EdgeId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|edge| self.alive(*edge, now_ms))
+            .collect();
+        for (edge, (observed, changed_ms)) in &self.seen {
+            let dead_long_enough = now_ms.saturating_sub(*changed_ms) >= self.lease_timeout_ms;
+            if self.guests.contains_key(edge)
+                || self.claiming.contains(edge)
+                || !dead_long_enough
+                || self.server_of(*edge, now_ms).is_some()
+                || home_edge(SUCCESSOR_SALT ^ u64::from(*edge), &alive) != self.edge
+            {
+                continue;
+            }
+            actions.push(TakeoverAction::Claim {
+                edge: *edge,
+                expected: *observed,
+            });
+        }
+        for action in &actions {
+            if let TakeoverAction::Claim { edge, .. } = action {
+                self.claiming.insert(*edge);
+            }
+        }
+        actions
+    }
+
+    /// The result of a [`TakeoverAction::Claim`]. On success this edge serves `edge`'s users
+    /// until [`TakeoverAction::Release`]; a failed claim is tried again if still due.
+    pub fn claimed(&mut self, edge: EdgeId, result: Result<Lease, StoreError>) {
+        self.claiming.remove(&edge);
+        if let Ok(lease) = result {
+            self.guests.insert(edge, lease);
+        }
+    }
+
+    /// A commit for `edge`'s users came back `Fenced`: someone claimed them since. Returns
+    /// whether this edge was serving them (then every shard must release them now, without
+    /// waiting for the next observation).
+    pub fn fenced(&mut self, edge: EdgeId) -> bool {
+        self.guests.remove(&edge).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    const TIMEOUT: u64 = 1_000;
+
+    fn observe_store(planner: &mut Planner, store: &MemoryStore, now: UnixMillis) {
+        for (edge, observed) in observe_all(store, &[1, 2, 3]).expect("read") {
+            planner.observe(now, edge, observed);
+        }
+    }
+
+    #[test]
+    fn a_silent_edge_is_taken_over_by_one_successor_and_given_back_when_it_returns() {
+        let store = MemoryStore::new();
+        let leases: Vec<Lease> = (1..=3)
+            .map(|edge| claim_own(&store, edge, 100 + u64::from(edge)).expect("claim"))
+            .collect();
+        let mut planners: Vec<Planner> = (1..=3)
+            .map(|e| Planner::new(e, &[1, 2, 3], TIMEOUT))
+            .collect();
+        // Edges 1 and 2 keep beating; edge 3 stops at once.
+        let mut now = 0;
+        let mut claims = Vec::new();
+        while now <= 3 * TIMEOUT {
+            for (index, lease) in leases.iter().enumerate().take(2) {
+                renew(&store, index as u32 + 1, *lease).expect("renew");
+            }
+            for planner in planners.iter_mut().take(2) {
+                observe_store(planner, &store, now);
+                for action in planner.actions(now) {
+                    let TakeoverAction::Claim { edge, expected } = action else {
+                        panic!("nothing to release yet");
+                    };
+                    let result = claim(&store, edge, planner.edge, 7, expected);
+                    claims.push((planner.edge, edge, result.is_ok()));
+                    planner.claimed(edge, result);
+                }
+            }
+            now += 100;
+        }
+        assert_eq!(claims.len(), 1, "one successor claims: {claims:?}");
+        let (successor, dead, ok) = claims[0];
+        assert!(ok && dead == 3);
+        let other = if successor == 1 { 2 } else { 1 };
+        assert_eq!(
+            planners[other as usize - 1].server_of(3, now),
+            Some(successor)
+        );
+        assert_eq!(
+            planners[successor as usize - 1].server_of(3, now),
+            Some(successor)
+        );
+        // The successor's commits for edge 3 pass; edge 3's own (older claim) are fenced.
+        let taken = planners[successor as usize - 1]
+            .guests()
+            .next()
+            .expect("a guest")
+            .1;
+        assert!(LeasedStore::new(&store, 3, taken).begin().is_ok());
+        assert!(matches!(
+            LeasedStore::new(&store, 3, leases[2]).begin(),
+            Err(StoreError::Fenced)
+        ));
+        assert!(matches!(
+            renew(&store, 3, leases[2]),
+            Err(StoreError::Fenced)
+        ));
+        // Edge 3 restarts: its new claim fences the successor, which releases.
+        let back = claim_own(&store, 3, 999).expect("claim");
+        assert!(matches!(
+            LeasedStore::new(&store, 3, taken).begin(),
+            Err(StoreError::Fenced)
+        ));
+        renew(&store, 3, back).expect("renew");
+        let planner = &mut planners[successor as usize - 1];
+        observe_store(planner, &store, now);
+        assert_eq!(
+            planner.actions(now),
+            vec![TakeoverAction::Release { edge: 3 }]
+        );
+        assert_eq!(planner.server_of(3, now), Some(3));
+        assert!(planner.servers(now).is_empty());
+    }
+
+    #[test]
+    fn a_claim_fails_when_the_edge_beat_since_it_was_judged_dead() {
+        let store = MemoryStore::new();
+        let lease = claim_own(&store, 3, 1).expect("claim");
+        let seen = observe_all(&store, &[3]).expect("read")[&3];
+        renew(&store, 3, lease).expect("renew");
+        assert_eq!(claim(&store, 3, 1, 2, seen), Err(StoreError::Fenced));
+        assert!(LeasedStore::new(&store, 3, lease).begin().is_ok());
+    }
+
+    #[test]
+    fn an_edge_that_never_started_is_taken_over_after_the_timeout() {
+        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
+        planner.observe(0, 2, Observed::default());
+        assert!(planner.actions(TIMEOUT - 1).is_empty());
+        let actions = planner.actions(TIMEOUT);
+        assert_eq!(
+            actions,
+            vec![TakeoverAction::Claim {
+                edge: 2,
+                expected: Observed::default()
+            }]
+        );
+        // Asked once until reported.
+        assert!(planner.actions(TIMEOUT + 1).is_empty());
+        planner.claimed(2, Err(StoreError::Conflict));
+        assert_eq!(planner.actions(TIMEOUT + 2).len(), 1);
+    }
+
+    #[test]
+    fn lease_round_trips_and_rejects_other_lengths() {
+        let lease = Lease {
+            epoch: 9,
+            holder: 4,
+            owner: u64::MAX,
+        };
+        assert_eq!(Lease::decode(&lease.encode()), Ok(lease));
+        assert!(Lease::decode(&[0; 19]).is_err());
+    }
+}
