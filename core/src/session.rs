@@ -1115,6 +1115,33 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drain_local();
     }
 
+    /// A drain: every logged-in client on this shard is sent to `edge` (which the edge's
+    /// leases were handed to), the rest closed with `ShuttingDown`. Queued sends stay queued:
+    /// their commits are fenced once the lease is handed over, and they are refused as
+    /// retryable; the clients send them again to `edge`.
+    pub fn drain_to(&mut self, edge: EdgeId) {
+        let mut conns: Vec<(ConnRef, Option<UserId>)> = self
+            .conns
+            .iter()
+            .map(|(slot, c)| {
+                let conn = ConnRef {
+                    shard: self.config.shard,
+                    slot: *slot,
+                    generation: c.generation,
+                };
+                (conn, c.login.user())
+            })
+            .collect();
+        conns.sort_unstable_by_key(|(conn, _)| conn.slot);
+        for (conn, user) in conns {
+            match user {
+                Some(user) => self.redirect(conn, user, edge),
+                None => self.close(conn, ErrorCode::ShuttingDown, "edge draining".into()),
+            }
+        }
+        self.drain_local();
+    }
+
     /// Which edges other edges serve (from [`crate::takeover::Planner::servers`]): home →
     /// serving edge, for every edge not serving its own users. Entries naming this edge are
     /// ignored: what this edge serves is [`EdgeSession::serve_guest`]'s.

@@ -19,6 +19,10 @@
 //!   users on its own shards until the lease changes again: the edge restarted and claimed
 //!   its own lease back, or the successor is fenced.
 //!
+//! - A drain hands the lease over instead ([`hand_over`]): the draining edge names its
+//!   successor as holder, which claims it at its next observation without waiting for the
+//!   timeout, and the draining edge redirects its clients there.
+//!
 //! Edges that see things differently cannot both commit: each claim raises the epoch, and
 //! only the latest claim's commits pass. What differs is only where clients and forwarded
 //! sends go, and a wrong guess is answered with a redirect or a retryable refusal.
@@ -149,6 +153,32 @@ pub fn claim<S: Store>(
     txn.set(&keys::lease(edge), &lease.encode());
     txn.commit()?;
     Ok(lease)
+}
+
+/// The owner a handed-over lease carries until its new holder claims it.
+const HANDOVER_OWNER: u64 = 0;
+
+/// A draining edge gives the users of `edge` (its own, or a guest's) to `to`: the lease names
+/// `to` as holder, and `to` claims it at its next observation. Commits under `lease` are
+/// fenced from now on; `Fenced` if `lease` was no longer the latest claim.
+pub fn hand_over<S: Store>(
+    store: &S,
+    edge: EdgeId,
+    lease: Lease,
+    to: EdgeId,
+) -> Result<(), StoreError> {
+    let mut txn = store.begin()?;
+    if read_lease(&mut txn, edge)? != Some(lease) {
+        return Err(StoreError::Fenced);
+    }
+    let handed = Lease {
+        epoch: lease.epoch + 1,
+        holder: to,
+        owner: HANDOVER_OWNER,
+    };
+    txn.set(&keys::lease(edge), &handed.encode());
+    txn.commit()?;
+    Ok(())
 }
 
 /// Raises the beat of `edge`'s own lease; `Fenced` once another claim replaced `lease`.
@@ -293,7 +323,20 @@ impl Planner {
         self.guests.iter().map(|(edge, lease)| (*edge, *lease))
     }
 
-    /// What to do after the latest observations: releases first, then claims.
+    /// Where a drain of this edge sends its users: the successor among the edges alive, by
+    /// the same rendezvous a takeover uses. `None` when no other edge is alive.
+    pub fn drain_target(&self, now_ms: UnixMillis) -> Option<EdgeId> {
+        let alive: Vec<EdgeId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|edge| *edge != self.edge && self.alive(*edge, now_ms))
+            .collect();
+        (!alive.is_empty()).then(|| home_edge(SUCCESSOR_SALT ^ u64::from(self.edge), &alive))
+    }
+
+    /// What to do after the latest observations: releases first, then claims (a lease
+    /// handed over to this edge at once, a dead edge's after the timeout).
     pub fn actions(&mut self, now_ms: UnixMillis) -> Vec<TakeoverAction> {
         let mut actions = Vec::new();
         let lost: Vec<EdgeId> = self
@@ -315,6 +358,16 @@ impl Planner {
             .filter(|edge| self.alive(*edge, now_ms))
             .collect();
         for (edge, (observed, changed_ms)) in &self.seen {
+            let handed_here = observed
+                .lease
+                .is_some_and(|lease| lease.holder == self.edge && lease.owner == HANDOVER_OWNER);
+            if handed_here && !self.guests.contains_key(edge) && !self.claiming.contains(edge) {
+                actions.push(TakeoverAction::Claim {
+                    edge: *edge,
+                    expected: *observed,
+                });
+                continue;
+            }
             let dead_long_enough = now_ms.saturating_sub(*changed_ms) >= self.lease_timeout_ms;
             if self.guests.contains_key(edge)
                 || self.claiming.contains(edge)
@@ -467,6 +520,36 @@ mod tests {
         assert!(planner.actions(TIMEOUT + 1).is_empty());
         planner.claimed(2, Err(StoreError::Conflict));
         assert_eq!(planner.actions(TIMEOUT + 2).len(), 1);
+    }
+
+    #[test]
+    fn a_drained_edge_hands_its_users_to_its_successor_without_the_timeout() {
+        let store = MemoryStore::new();
+        let lease = claim_own(&store, 1, 11).expect("claim");
+        let successor = claim_own(&store, 2, 22).expect("claim");
+        let mut draining = Planner::new(1, &[1, 2], TIMEOUT);
+        let mut taker = Planner::new(2, &[1, 2], TIMEOUT);
+        renew(&store, 2, successor).expect("renew");
+        for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
+            draining.observe(0, edge, observed);
+        }
+        assert_eq!(draining.drain_target(0), Some(2));
+        hand_over(&store, 1, lease, 2).expect("hand over");
+        assert!(matches!(
+            LeasedStore::new(&store, 1, lease).begin(),
+            Err(StoreError::Fenced)
+        ));
+        for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
+            taker.observe(1, edge, observed);
+        }
+        let actions = taker.actions(1);
+        let [TakeoverAction::Claim { edge: 1, expected }] = actions[..] else {
+            panic!("the successor claims at once: {actions:?}");
+        };
+        let claimed = claim(&store, 1, 2, 22, expected);
+        assert!(claimed.is_ok());
+        taker.claimed(1, claimed);
+        assert_eq!(taker.server_of(1, 1), Some(2));
     }
 
     #[test]

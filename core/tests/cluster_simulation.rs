@@ -81,6 +81,7 @@ fn cluster_simulation_over_many_seeds() {
             "no takeover served a dead edge's users: {total:?}"
         );
         assert!(total.fenced > 0, "no stale holder was fenced: {total:?}");
+        assert!(total.drains > 0, "no edge was drained: {total:?}");
     }
 }
 
@@ -105,6 +106,8 @@ struct Stats {
     guest_commits: u64,
     /// Commits or beats refused because another edge claimed the lease since.
     fenced: u64,
+    /// Edges drained: leases handed to a successor, clients redirected there.
+    drains: u64,
 }
 
 impl Stats {
@@ -122,6 +125,7 @@ impl Stats {
         self.takeovers_given_back += other.takeovers_given_back;
         self.guest_commits += other.guest_commits;
         self.fenced += other.fenced;
+        self.drains += other.drains;
     }
 }
 
@@ -248,6 +252,9 @@ struct Edge {
     down_until: Option<UnixMillis>,
     /// Misses its beats until then, while serving on (a stall: a long pause, a slow store).
     stalled_until: UnixMillis,
+    /// Draining: its leases are handed over and its clients redirected; its process exits
+    /// then (time for the `Goaway`s to leave).
+    exits_at: Option<UnixMillis>,
 }
 
 /// A link that is up: opened by (from_edge, from_shard), landed on (to_edge, to_shard).
@@ -303,6 +310,7 @@ struct World {
     /// The edges share one store and take over each other's users.
     takeover: bool,
     stall_per_thousand: u64,
+    drain_per_thousand: u64,
     next_owner: u64,
     stats: Stats,
 }
@@ -373,6 +381,7 @@ impl World {
         let mut world = World {
             takeover,
             stall_per_thousand: if takeover { rng.below(2) } else { 0 },
+            drain_per_thousand: if takeover { rng.below(2) } else { 0 },
             next_owner: 1,
             link_fail_per_thousand: rng.below(20),
             crash_per_thousand: rng.below(3),
@@ -413,6 +422,7 @@ impl World {
                 next_beat_at: 0,
                 down_until: None,
                 stalled_until: 0,
+                exits_at: None,
             });
         }
         for index in 0..edge_ids.len() {
@@ -432,6 +442,7 @@ impl World {
         let now = self.now;
         let e = &mut self.edges[edge];
         e.down_until = None;
+        e.exits_at = None;
         e.guest_committers.clear();
         if self.takeover {
             let lease = takeover::claim_own(&*e.store, e.id, owner).expect("claim own lease");
@@ -573,6 +584,10 @@ impl World {
                     self.drop_connection(client);
                 }
             }
+            if self.rng.below(1000) < self.drain_per_thousand {
+                let edge = self.rng.below(self.edges.len() as u64) as usize;
+                self.drain_edge(edge);
+            }
             if self.rng.below(1000) < self.stall_per_thousand {
                 let edge = self.rng.below(self.edges.len() as u64) as usize;
                 self.edges[edge].stalled_until = self.now + self.rng.below(3 * LEASE_TIMEOUT_MS);
@@ -664,6 +679,12 @@ impl World {
             }
             return;
         }
+        if let Some(exits_at) = self.edges[edge].exits_at {
+            if exits_at <= now {
+                self.crash_edge(edge);
+            }
+            return;
+        }
         let e = &mut self.edges[edge];
         if now >= e.next_beat_at && (now >= e.stalled_until || !chaos) {
             e.next_beat_at = now + RENEW_MS;
@@ -704,6 +725,32 @@ impl World {
                 }
                 TakeoverAction::Release { edge: guest } => self.release(edge, guest),
             }
+        }
+    }
+
+    /// An operator drains `edge` (SIGTERM): it hands its own lease and its guests' to its
+    /// successor, redirects every client there, and exits a little later.
+    fn drain_edge(&mut self, edge: usize) {
+        let now = self.now;
+        let e = &mut self.edges[edge];
+        if e.shards.is_empty() || e.exits_at.is_some() {
+            return;
+        }
+        let planner = e.planner.as_ref().expect("a live edge plans");
+        let Some(target) = planner.drain_target(now) else {
+            return; // No other edge alive: a drain closes with `ShuttingDown` instead.
+        };
+        let mut leases: Vec<(EdgeId, Lease)> = planner.guests().collect();
+        leases.push((e.id, e.lease.expect("a live edge holds its lease")));
+        for (users_of, lease) in leases {
+            // Fenced: a claim came first, and that claimer serves them.
+            let _ = takeover::hand_over(&*e.store, users_of, lease, target);
+        }
+        e.exits_at = Some(now + 30);
+        self.stats.drains += 1;
+        for shard in 0..self.edges[edge].shards.len() {
+            self.edges[edge].shards[shard].drain_to(target);
+            self.apply_effects(edge, shard as u8);
         }
     }
 
@@ -866,7 +913,7 @@ impl World {
 
     fn connect(&mut self, client: usize) {
         let edge = self.clients[client].target_edge;
-        if self.edges[edge].shards.is_empty() {
+        if self.edges[edge].shards.is_empty() || self.edges[edge].exits_at.is_some() {
             // The edge is down: the SDK waits its backoff and goes back to the address it
             // was given first (here: any edge), which redirects it to whoever serves it now.
             let now = self.now;
@@ -1023,7 +1070,9 @@ impl World {
                     user,
                     reconnect_to,
                 } => {
-                    assert_ne!(self.home_index(user), edge, "redirected from its home edge");
+                    if self.edges[edge].exits_at.is_none() {
+                        assert_ne!(self.home_index(user), edge, "redirected from its home edge");
+                    }
                     if self.takeover {
                         // To its home, or to the edge that took its home over.
                         assert_ne!(reconnect_to, address_of(self.edges[edge].id));
