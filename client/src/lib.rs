@@ -374,6 +374,7 @@ impl Client {
             started: Instant::now(),
             welcomed: Some(welcomed_tx),
             redirects: 0,
+            first_addr: options.addr,
         };
         tokio::spawn(driver.run());
         let user = welcomed_rx.await.map_err(|_| ClientError::Shutdown)??;
@@ -680,6 +681,10 @@ struct Driver {
     /// (edges that disagree about the cluster, as in a rolling restart). Before the first
     /// `Welcome` it fails `connect`; after it, the client waits its backoff and starts over.
     redirects: usize,
+    /// The address the application gave. After a redirect the client connects where it was
+    /// sent; if that edge cannot be reached, it goes back here, and this edge redirects it to
+    /// whoever serves its user now (another edge may have taken a dead one's users over).
+    first_addr: SocketAddr,
 }
 
 /// Redirects a client follows in a row before it gives up.
@@ -700,7 +705,13 @@ impl Driver {
         loop {
             let end = match Link::open(&self.connector, &self.options).await {
                 Ok((link, zero_rtt)) => self.run_link(link, zero_rtt).await,
-                Err(error) => LinkEnd::Lost(error),
+                Err(error) => {
+                    if self.options.addr != self.first_addr {
+                        debug!(%error, "the edge redirected to is unreachable; back to the first address");
+                        self.options.addr = self.first_addr;
+                    }
+                    LinkEnd::Lost(error)
+                }
             };
             let error = match end {
                 LinkEnd::Closed => {

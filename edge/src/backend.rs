@@ -3,15 +3,19 @@
 //! Shards call the store only through [`ShardStore`], on their store threads (`lanes`). The
 //! embedded store is one fjall database per shard (`stores`), so shards never wait on each
 //! other's commits; with FoundationDB each shard claims its shard id on every cluster (fencing any
-//! earlier owner) and commits one transaction per cluster a batch touches.
+//! earlier owner) and commits one transaction per cluster a batch touches. In a cluster of
+//! edges on FoundationDB the process claims one owner key for the edge instead, and with
+//! takeover every commit also runs under a lease (`courier_core::takeover`).
 
 use std::sync::Arc;
 
 use courier_core::commit::{
     Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
 };
+use courier_core::placement::EdgeId;
 use courier_core::store::StoreError;
 use courier_core::store::fjall::{EraseReport, FjallOptions, FjallStore};
+use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UnixMillis, UserId};
 
 /// What a shard needs from its store. Every method blocks: call it from a blocking thread.
@@ -23,6 +27,21 @@ pub trait ShardStore: Send + Sync + 'static {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Commits a batch of a guest edge's users under the lease this edge claimed for them
+    /// (takeover, decision 0015). Only a store every edge shares serves guests; the others
+    /// refuse as fenced.
+    fn commit_guest(
+        &self,
+        committer: &mut Committer,
+        guest: EdgeId,
+        lease: Lease,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let _ = (committer, guest, lease, requests, now);
+        Err(StoreError::Fenced)
+    }
 
     /// A page of `inbox` after `after_seq`, for a connection catching up.
     fn read_inbox(
@@ -182,11 +201,14 @@ impl ShardStore for Embedded {
     }
 }
 
-/// A shard's stores on FoundationDB: one per cluster, claimed for this shard.
+/// A shard's stores on FoundationDB: one per cluster, claimed for this shard (or, in a
+/// cluster of edges, for this edge's process).
 #[cfg(feature = "fdb")]
 #[derive(Debug)]
 pub struct FoundationDb {
     pub stores: Vec<courier_core::store::fdb::FdbStore>,
+    /// With takeover: this edge's own lease, under which its own commits run.
+    pub lease: Option<(EdgeId, Lease)>,
 }
 
 #[cfg(feature = "fdb")]
@@ -205,7 +227,31 @@ impl ShardStore for FoundationDb {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError> {
-        courier_core::store::clusters::commit_batch_split(committer, &self.stores, requests, now)
+        match self.lease {
+            Some((edge, lease)) => self.commit_guest(committer, edge, lease, requests, now),
+            None => courier_core::store::clusters::commit_batch_split(
+                committer,
+                &self.stores,
+                requests,
+                now,
+            ),
+        }
+    }
+
+    fn commit_guest(
+        &self,
+        committer: &mut Committer,
+        edge: EdgeId,
+        lease: Lease,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let leased: Vec<_> = self
+            .stores
+            .iter()
+            .map(|store| courier_core::takeover::LeasedStore::new(store, edge, lease))
+            .collect();
+        courier_core::store::clusters::commit_batch_split(committer, &leased, requests, now)
     }
 
     fn read_inbox(

@@ -53,6 +53,14 @@ pub struct ClusterSection {
     pub link_outbound_bytes_max: usize,
     /// Forwarded sends one link may have waiting for their commit; beyond it: `Overloaded`.
     pub link_requests_in_flight_max: usize,
+    /// While an edge is dead, another serves its users (decision 0015). Needs a store every
+    /// edge shares: `store.kind = "foundationdb"` with one cluster file.
+    pub takeover: bool,
+    /// An edge whose lease beat stood still this long is dead to the others, which take its
+    /// users over. Several renew intervals, and longer than a pause the edge may take.
+    pub lease_timeout_ms: u64,
+    /// How often an edge beats its lease and reads the others'.
+    pub lease_renew_ms: u64,
     /// Every edge of the cluster, this one included, in any order.
     pub members: Vec<ClusterMember>,
 }
@@ -79,6 +87,9 @@ impl Default for ClusterSection {
             link_reconnect_ms_max: 30_000,
             link_outbound_bytes_max: 16 * 1024 * 1024,
             link_requests_in_flight_max: 4096,
+            takeover: false,
+            lease_timeout_ms: 10_000,
+            lease_renew_ms: 1_000,
             members: Vec::new(),
         }
     }
@@ -143,9 +154,19 @@ impl ClusterSection {
         if self.link_requests_in_flight_max == 0 {
             return Err(("cluster.link_requests_in_flight_max", "at least 1".into()));
         }
+        if self.lease_renew_ms == 0 || self.lease_timeout_ms < 3 * self.lease_renew_ms {
+            return Err((
+                "cluster.lease_renew_ms/lease_timeout_ms",
+                "a renew interval of at least 1 and a timeout of at least three of them".into(),
+            ));
+        }
         Ok(())
     }
 }
+
+/// Edge ids with FoundationDB stay below this: the edge's owner key is `EDGE_ID_FDB_MAX | id`,
+/// above the owner keys of a lone edge's shards.
+pub const EDGE_ID_FDB_MAX: u32 = 1 << 31;
 
 /// The local control channel of `courier-edge ctl` (docs/decisions/0012).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -780,6 +801,35 @@ impl Config {
                 expected: error.to_string(),
             });
         }
+        let shared = match &store {
+            StoreConfig::FoundationDb(fdb) => Some(fdb.cluster_files.len()),
+            StoreConfig::Embedded { .. } => None,
+        };
+        if self.cluster.enabled() && shared.is_some() && self.cluster.edge_id >= EDGE_ID_FDB_MAX {
+            return invalid(
+                "cluster.edge_id",
+                "below 2147483648 with FoundationDB (it names the edge's owner key)",
+            );
+        }
+        if self.cluster.enabled() && self.cluster.takeover {
+            match shared {
+                None => {
+                    return invalid(
+                        "cluster.takeover",
+                        "false unless store.kind = \"foundationdb\": a successor can serve a \
+                         dead edge's users only from a store every edge shares",
+                    );
+                }
+                Some(clusters) if clusters != 1 => {
+                    return invalid(
+                        "cluster.takeover",
+                        "false unless there is exactly one FoundationDB cluster file (takeover \
+                         across several clusters is not built yet)",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -901,6 +951,57 @@ mod tests {
             error.contains("expected \"embedded\" or \"foundationdb\""),
             "{error}"
         );
+    }
+
+    fn cluster_of_two() -> Config {
+        let mut config = Config::default();
+        config.cluster.edge_id = 1;
+        config.cluster.ca_cert_path = "ca.pem".into();
+        config.cluster.cert_path = "edge.pem".into();
+        config.cluster.key_path = "edge.key".into();
+        config.cluster.members = (1..=2)
+            .map(|id| ClusterMember {
+                id,
+                client_address: format!("edge-{id}:4433"),
+                link_address: SocketAddr::from(([127, 0, 0, 1], 4433 + id as u16)),
+            })
+            .collect();
+        config
+    }
+
+    #[test]
+    fn takeover_needs_one_shared_store_and_a_timeout_of_several_beats() {
+        let mut config = cluster_of_two();
+        config.validate("test").expect("a cluster of two is valid");
+        config.cluster.takeover = true;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(
+            error.contains("cluster.takeover") && error.contains("foundationdb"),
+            "{error}"
+        );
+        if !cfg!(feature = "fdb") {
+            // Without the feature, store = "foundationdb" is refused before takeover is read.
+            return;
+        }
+        config.store.kind = "foundationdb".into();
+        config.store.foundationdb.cluster_files = vec!["a.cluster".into(), "b.cluster".into()];
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(
+            error.contains("exactly one FoundationDB cluster"),
+            "{error}"
+        );
+        config.store.foundationdb.cluster_files.truncate(1);
+        config
+            .validate("test")
+            .expect("takeover on one FoundationDB cluster");
+        config.cluster.lease_timeout_ms = 2 * config.cluster.lease_renew_ms;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("cluster.lease_renew_ms"), "{error}");
+        config.cluster.lease_timeout_ms = 10_000;
+        config.cluster.edge_id = EDGE_ID_FDB_MAX;
+        config.cluster.members[0].id = EDGE_ID_FDB_MAX;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("cluster.edge_id"), "{error}");
     }
 
     #[test]

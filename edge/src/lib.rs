@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod server;
 mod shard;
 pub mod stores;
+pub mod takeover;
 pub mod tls;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use courier_core::store::fjall::FjallOptions;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::{Embedded, OpenShardStore, ShardStore};
 use crate::config::Config;
@@ -67,7 +67,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
 
     let core = config.core_config();
     let opening = std::time::Instant::now();
-    let (open_store, _keep_alive) = open_store(&config, &core)?;
+    let (open_store, _keep_alive, takeover) = open_store(&config, &core)?;
     // Recovery (replaying the journal) is most of a restart's time on a big store.
     info!(
         elapsed_ms = opening.elapsed().as_millis() as u64,
@@ -129,6 +129,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
             health: health.clone(),
             metrics: metrics.clone(),
             control: control_receivers.remove(0),
+            takeover: takeover.clone(),
         };
         let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -169,6 +170,16 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         signal,
         "shutting down: finishing commits and closing connections"
     );
+    if let Some(takeover) = &takeover {
+        // Hand the users to the successor first, so the redirected clients find it serving.
+        match takeover.drain(DRAIN_HANDOVER_WAIT) {
+            Some(edge) => info!(
+                edge,
+                "draining to the successor: clients are redirected there"
+            ),
+            None => warn!("no other edge is alive to drain to: clients are closed instead"),
+        }
+    }
     shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
     // Every acknowledged message is already on disk, so the grace period only spares clients
     // a timeout: they see `ShuttingDown` and reconnect. The deadline bounds it.
@@ -222,10 +233,16 @@ pub fn install_panic_exit() {
 
 /// Opens the configured store and returns how each shard gets its part, plus whatever must
 /// live as long as the process (FoundationDB's network thread).
+/// How long a drain waits for the lease thread to hand the leases over.
+const DRAIN_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The lease thread, when the edge takes part in takeover.
+type TakeoverHandle = Option<Arc<crate::takeover::Takeover>>;
+
 fn open_store(
     config: &Config,
     core: &courier_core::CoreConfig,
-) -> Result<(OpenShardStore, Box<dyn std::any::Any>), String> {
+) -> Result<(OpenShardStore, Box<dyn std::any::Any>, TakeoverHandle), String> {
     use courier_core::store::config::StoreConfig;
     match config.store_config().map_err(|e| e.to_string())? {
         StoreConfig::Embedded { .. } => {
@@ -252,7 +269,7 @@ fn open_store(
                 });
                 Ok(store)
             });
-            Ok((open, Box::new(())))
+            Ok((open, Box::new(()), None))
         }
         #[cfg(feature = "fdb")]
         StoreConfig::FoundationDb(fdb) => {
@@ -266,18 +283,28 @@ fn open_store(
             // This process's claim on its shards; a later claim (another edge) fences it.
             let owner: u64 = rand::random();
             let attempts = core.commit_attempts_max;
+            if config.cluster.enabled() {
+                return open_cluster_edge(config, &clusters, owner, attempts).map(
+                    |(open, takeover)| {
+                        (open, Box::new(network) as Box<dyn std::any::Any>, takeover)
+                    },
+                );
+            }
             let open: OpenShardStore = Arc::new(move |shard| {
                 let stores = clusters
                     .claim_shard(u32::from(shard), owner, attempts)
                     .map_err(|e| format!("cannot claim shard {shard} in FoundationDB: {e}"))?;
-                let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb { stores });
+                let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {
+                    stores,
+                    lease: None,
+                });
                 Ok(store)
             });
             info!(
                 clusters = fdb.cluster_files.len(),
                 owner, "store: FoundationDB"
             );
-            Ok((open, Box::new(network)))
+            Ok((open, Box::new(network), None))
         }
         #[cfg(not(feature = "fdb"))]
         StoreConfig::FoundationDb(_) => {
@@ -285,6 +312,51 @@ fn open_store(
             Err(courier_core::store::config::StoreConfigError::FdbNotBuilt.to_string())
         }
     }
+}
+
+/// The stores of an edge in a cluster on FoundationDB. The shard ids of different edges are
+/// the same numbers, so the process claims one owner key for the edge (`EDGE_ID_FDB_MAX | id`)
+/// that all its shards commit under; with takeover it also claims the edge's lease and starts
+/// the lease thread (decision 0015).
+#[cfg(feature = "fdb")]
+fn open_cluster_edge(
+    config: &Config,
+    clusters: &Arc<courier_core::store::fdb::FdbClusters>,
+    owner: u64,
+    attempts: u32,
+) -> Result<(OpenShardStore, TakeoverHandle), String> {
+    let cluster = &config.cluster;
+    let slot = crate::config::EDGE_ID_FDB_MAX | cluster.edge_id;
+    let stores = clusters
+        .claim_shard(slot, owner, attempts)
+        .map_err(|e| format!("cannot claim edge {} in FoundationDB: {e}", cluster.edge_id))?;
+    let claim = stores
+        .first()
+        .map(|store| store.claim())
+        .ok_or("no FoundationDB cluster configured")?;
+    let (takeover, lease) = if cluster.takeover {
+        let settings = crate::takeover::LeaseSettings {
+            edge: cluster.edge_id,
+            members: cluster.members.iter().map(|member| member.id).collect(),
+            timeout_ms: cluster.lease_timeout_ms,
+            renew_ms: cluster.lease_renew_ms,
+        };
+        // Takeover runs on one cluster (`Config::validate`): the lease lives there.
+        let lease_store = Arc::new(stores.into_iter().next().ok_or("no store")?);
+        let (takeover, lease) = crate::takeover::Takeover::start(lease_store, settings, owner)?;
+        (Some(takeover), Some((cluster.edge_id, lease)))
+    } else {
+        (None, None)
+    };
+    let clusters = Arc::clone(clusters);
+    let open: OpenShardStore = Arc::new(move |_shard| {
+        let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {
+            stores: clusters.open_shard(claim),
+            lease,
+        });
+        Ok(store)
+    });
+    Ok((open, takeover))
 }
 
 /// SIGHUP: reads the config file again and applies what can change while the edge runs: the

@@ -27,7 +27,7 @@
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
@@ -37,12 +37,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use courier_core::clock::ServerClock;
 use courier_core::commit::Committer;
+use courier_core::placement::EdgeId;
 use courier_core::session::{
     AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, SessionConfig,
     SessionStats, ShardMessage,
 };
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
+use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UserId, placement};
 use courier_protocol::{ErrorCode, Frame};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -124,6 +126,8 @@ pub struct ShardSetup {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Requests from `courier-edge ctl`, through the control thread.
     pub control: flume::Receiver<crate::control::ShardRequest>,
+    /// The lease thread, when the edge takes part in takeover (decision 0015).
+    pub takeover: Option<Arc<crate::takeover::Takeover>>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -295,6 +299,15 @@ pub struct Shard {
     cluster: Option<links::Cluster>,
     /// Links other edges opened to this shard, by the session's id for them.
     in_links: HashMap<u64, ConnectionHandle>,
+    /// The lease thread (takeover), and the version of its view this shard applied last.
+    takeover: Option<Arc<crate::takeover::Takeover>>,
+    takeover_version: u64,
+    /// Each guest edge this shard serves: the lease its commits run under, and its committer
+    /// (`None` while a batch is in flight). A new claim gets a new committer: an earlier one's
+    /// cache may be stale.
+    guests: BTreeMap<EdgeId, (Lease, Option<Committer>)>,
+    /// A drain handed this edge's users to this edge: clients are redirected there.
+    drained_to: Option<EdgeId>,
 }
 
 /// Counts of what a shard dropped under overload, logged periodically (see `log_stats`).
@@ -524,6 +537,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         store_recovering: false,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
         connections_closed: false,
+        takeover: setup.takeover.clone(),
+        takeover_version: 0,
+        guests: BTreeMap::new(),
+        drained_to: None,
         cluster: setup
             .link_client_config
             .clone()
@@ -575,6 +592,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 .await;
                 let mut shard = shard.borrow_mut();
                 shard.handle_timeouts(Instant::now());
+                shard.apply_takeover();
                 shard.after_input();
                 shard.log_stats(Instant::now());
                 shard.publish_gauges(Instant::now());
@@ -1575,8 +1593,16 @@ impl Shard {
                 shard = self.id,
                 "draining: refusing new connections, finishing commits"
             );
+            if let Some(edge) = self.drained_to {
+                // The leases went to `edge` already: what is still queued here is fenced
+                // and refused as retryable, and the clients send it again there.
+                self.session.drain_to(edge);
+            }
         }
-        if self.committer.is_none() || self.session.queued_requests() > 0 {
+        if self.committer.is_none()
+            || self.session.queued_requests() > 0
+            || self.session.batch_in_flight()
+        {
             return false;
         }
         if !self.connections_closed {
@@ -1642,6 +1668,119 @@ impl Shard {
     }
 
     fn maybe_start_commit(&mut self) {
+        self.start_own_commit();
+        self.start_guest_commits();
+    }
+
+    /// Applies the lease thread's latest view to the session: guests to serve or release,
+    /// and which edges serve whom.
+    fn apply_takeover(&mut self) {
+        let Some(takeover) = &self.takeover else {
+            return;
+        };
+        let version = takeover.version();
+        if version == self.takeover_version {
+            return;
+        }
+        self.takeover_version = version;
+        let view = takeover.view();
+        self.session.set_servers(view.servers.clone());
+        let released: Vec<EdgeId> = self
+            .guests
+            .iter()
+            .filter(|(guest, (lease, _))| view.guests.get(guest) != Some(lease))
+            .map(|(guest, _)| *guest)
+            .collect();
+        for guest in released {
+            self.guests.remove(&guest);
+            self.session.release_guest(guest);
+        }
+        for (guest, lease) in &view.guests {
+            if !self.guests.contains_key(guest) {
+                let committer = Committer::new(&self.core);
+                self.guests.insert(*guest, (*lease, Some(committer)));
+                self.session.serve_guest(*guest);
+            }
+        }
+        self.drained_to = view.drained_to;
+    }
+
+    /// Starts a commit for each guest edge with a batch waiting, under its lease.
+    fn start_guest_commits(&mut self) {
+        if self.guests.is_empty() || self.mesh_congested() {
+            return;
+        }
+        let now = self.now_ms();
+        while let Some((guest, batch)) = self.session.poll_guest_batch(now) {
+            let taken = self
+                .guests
+                .get_mut(&guest)
+                .and_then(|(lease, committer)| Some((*lease, committer.take()?)));
+            let Some((lease, mut committer)) = taken else {
+                // Not serving it here any more (cannot happen: the session and this map
+                // change together); refuse as fenced, which the session answers retryably.
+                self.session
+                    .handle_guest_commit(guest, batch, Err(StoreError::Fenced));
+                continue;
+            };
+            let store = self.store.clone();
+            let lane = self.lanes.writer.clone();
+            let Some(shard) = self.self_ref.upgrade() else {
+                return;
+            };
+            spawn_detached(async move {
+                let ran = lane
+                    .run(move || {
+                        let started = Instant::now();
+                        let result =
+                            store.commit_guest(&mut committer, guest, lease, &batch.requests, now);
+                        (committer, batch, result, started.elapsed())
+                    })
+                    .await;
+                let Ok((committer, batch, result, took)) = ran else {
+                    tracing::error!("the store writer thread stopped; exiting");
+                    std::process::exit(3);
+                };
+                let mut shard = shard.borrow_mut();
+                shard.measure_commit(&batch, result.is_ok(), took);
+                shard.finish_guest_commit(guest, lease, committer, batch, result);
+                shard.after_input();
+            });
+        }
+    }
+
+    fn finish_guest_commit(
+        &mut self,
+        guest: EdgeId,
+        lease: Lease,
+        committer: Committer,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
+    ) {
+        let current = self
+            .guests
+            .get_mut(&guest)
+            .filter(|(current, _)| *current == lease);
+        let still_serving = current.is_some();
+        if let Some((_, slot)) = current {
+            *slot = Some(committer);
+        }
+        let fenced = result == Err(StoreError::Fenced);
+        if let Err(error) = &result {
+            warn!(guest, %error, "commit for a guest edge failed; senders will retry");
+        }
+        self.session.handle_guest_commit(guest, batch, result);
+        if fenced && still_serving {
+            // Claimed by someone else since: this edge may not commit for them any more.
+            self.guests.remove(&guest);
+            self.session.release_guest(guest);
+            if let Some(takeover) = &self.takeover {
+                takeover.fenced(guest);
+            }
+        }
+    }
+
+    fn start_own_commit(&mut self) {
         // A commit's results and deliveries go to other shards: wait while the mesh is
         // congested (the drain task calls back once it has room).
         if self.committer.is_none() || self.mesh_congested() {
@@ -1845,7 +1984,10 @@ impl Shard {
     /// growing pause, until it works. Meanwhile sends get the retryable `StoreUnavailable`
     /// and the edge keeps serving everything that needs no write.
     fn store_refused(&mut self, error: &StoreError) {
-        exit_if_fenced(error);
+        // After a drain handed the lease over, own commits are fenced as expected.
+        if !self.takeover.as_ref().is_some_and(|t| t.handed_over()) {
+            exit_if_fenced(error);
+        }
         if *error != StoreError::Poisoned || self.store_recovering {
             return;
         }

@@ -1,0 +1,358 @@
+//! The thread that holds this edge's lease (takeover, decision 0015).
+//!
+//! With `cluster.takeover` the edge claims its own lease at start, before any shard commits,
+//! and every commit runs under it (`courier_core::takeover::LeasedStore`). This thread then
+//! beats the lease every `cluster.lease_renew_ms`, reads every member's lease and beat, and
+//! runs the sans-IO [`Planner`]: it claims a dead edge's users when this edge is the
+//! successor, and releases them when their lease moves on. The shards read the outcome (a
+//! [`View`]) once per tick and apply it to their sessions: guests to serve, and which edges
+//! serve whom.
+//!
+//! A beat refused as `Fenced` means another edge took this edge's users over (this edge
+//! stalled longer than the timeout, or the network cut it off from the store): nothing it
+//! commits can land any more, and the process exits for its supervisor to restart it, as a
+//! fenced shard does. A drain ([`Takeover::drain`]) hands every lease to the successor first.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use courier_core::placement::EdgeId;
+use courier_core::store::{Store, StoreError};
+use courier_core::takeover::{self, Lease, Planner, TakeoverAction};
+use tracing::{info, warn};
+
+/// What the shards apply to their sessions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Edges whose users this edge serves besides its own, with the lease to commit under.
+    pub guests: BTreeMap<EdgeId, Lease>,
+    /// Edges whose users another edge serves: home → serving edge.
+    pub servers: BTreeMap<EdgeId, EdgeId>,
+    /// Set by a drain: every lease went to this edge, and clients are redirected there.
+    pub drained_to: Option<EdgeId>,
+}
+
+/// Where the edge's lease settings come from (`[cluster]`).
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub edge: EdgeId,
+    pub members: Vec<EdgeId>,
+    pub timeout_ms: u64,
+    pub renew_ms: u64,
+}
+
+enum Command {
+    /// Hand every lease to the successor; answer with it (`None`: no other edge is alive).
+    Drain(flume::Sender<Option<EdgeId>>),
+    /// A shard's commit for this guest was fenced: stop serving it now.
+    Fenced(EdgeId),
+}
+
+/// The lease thread's shared side.
+#[derive(Debug)]
+pub struct Takeover {
+    view: Mutex<View>,
+    /// Raised on every change of `view`, so shards copy it only when it changed.
+    version: AtomicU64,
+    commands: flume::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Drain(_) => f.write_str("Drain"),
+            Command::Fenced(edge) => write!(f, "Fenced({edge})"),
+        }
+    }
+}
+
+/// Commands the thread may hold unread: a fenced report per guest and a drain.
+const COMMANDS_MAX: usize = 64;
+
+impl Takeover {
+    /// Claims this edge's own lease (fencing whoever served its users while it was down) and
+    /// starts the lease thread. Returns the lease the edge's own commits run under.
+    pub fn start<S: Store + 'static>(
+        store: Arc<S>,
+        settings: LeaseSettings,
+        owner: u64,
+    ) -> Result<(Arc<Takeover>, Lease), String> {
+        // 0 marks a lease handed over and not yet claimed.
+        let owner = owner.max(1);
+        let own = takeover::claim_own(&*store, settings.edge, owner)
+            .map_err(|e| format!("cannot claim this edge's lease in the store: {e}"))?;
+        info!(
+            edge = settings.edge,
+            epoch = own.epoch,
+            "claimed this edge's lease"
+        );
+        let (commands, receiver) = flume::bounded(COMMANDS_MAX);
+        let shared = Arc::new(Takeover {
+            view: Mutex::new(View::default()),
+            version: AtomicU64::new(0),
+            commands,
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("lease".into())
+            .spawn(move || {
+                LeaseThread {
+                    planner: Planner::new(settings.edge, &settings.members, settings.timeout_ms),
+                    store,
+                    settings,
+                    own,
+                    owner,
+                    shared: thread_shared,
+                    started: Instant::now(),
+                }
+                .run(receiver)
+            })
+            .map_err(|e| format!("cannot start the lease thread: {e}"))?;
+        Ok((shared, own))
+    }
+
+    /// The version of the view, raised on every change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Whether a drain handed the leases over: this edge's own commits are fenced from then
+    /// on, which is expected and no reason to exit.
+    pub fn handed_over(&self) -> bool {
+        self.view().drained_to.is_some()
+    }
+
+    /// A shard's commit for `guest` came back fenced: the thread stops serving it at once.
+    pub fn fenced(&self, guest: EdgeId) {
+        // A full queue already carries reports enough; the next observation catches up.
+        let _ = self.commands.try_send(Command::Fenced(guest));
+    }
+
+    /// Hands this edge's lease and its guests' to the successor, waiting at most `wait`,
+    /// and returns it. `None`: no other edge is alive (or the thread did not answer), so
+    /// the edge keeps its users (and its lease thread beats on) and its clients are closed
+    /// with `ShuttingDown`.
+    pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
+        let (reply, answer) = flume::bounded(1);
+        self.commands
+            .send_timeout(Command::Drain(reply), wait)
+            .ok()?;
+        answer.recv_timeout(wait).ok().flatten()
+    }
+
+    fn publish(&self, view: View) {
+        let mut current = self
+            .view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *current != view {
+            *current = view;
+            self.version.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+struct LeaseThread<S> {
+    store: Arc<S>,
+    settings: LeaseSettings,
+    own: Lease,
+    owner: u64,
+    planner: Planner,
+    shared: Arc<Takeover>,
+    /// The planner's clock: this process's own, never compared with another machine's.
+    started: Instant,
+}
+
+impl<S: Store> LeaseThread<S> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn run(mut self, commands: flume::Receiver<Command>) {
+        let renew = Duration::from_millis(self.settings.renew_ms);
+        let mut next_tick = Instant::now();
+        loop {
+            match commands.recv_deadline(next_tick) {
+                Ok(Command::Drain(reply)) => {
+                    let target = self.drain();
+                    let _ = reply.send(target);
+                    if target.is_some() {
+                        // The leases are gone: nothing to beat any more.
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Command::Fenced(guest)) => {
+                    if self.planner.fenced(guest) {
+                        warn!(guest, "a commit for a guest edge was fenced; releasing it");
+                        self.publish();
+                    }
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => return,
+            }
+            next_tick = Instant::now() + renew;
+            self.tick();
+        }
+    }
+
+    /// Beats, observes, and acts on what the planner says.
+    fn tick(&mut self) {
+        let edge = self.settings.edge;
+        match takeover::renew(&*self.store, edge, self.own) {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => {
+                tracing::error!(
+                    edge,
+                    "another edge took this edge's users over (its lease beat stood still \
+                     longer than cluster.lease_timeout_ms); exiting"
+                );
+                std::process::exit(3);
+            }
+            // Transient: the next beat may pass, and the timeout is several beats long.
+            Err(error) => warn!(%error, "cannot beat this edge's lease"),
+        }
+        let observed = match takeover::observe_all(&*self.store, &self.settings.members) {
+            Ok(observed) => observed,
+            Err(error) => return warn!(%error, "cannot read the edges' leases"),
+        };
+        let now = self.now_ms();
+        for (member, seen) in observed {
+            self.planner.observe(now, member, seen);
+        }
+        for action in self.planner.actions(now) {
+            match action {
+                TakeoverAction::Claim {
+                    edge: dead,
+                    expected,
+                } => {
+                    let result = takeover::claim(&*self.store, dead, edge, self.owner, expected);
+                    match &result {
+                        Ok(lease) => info!(
+                            dead,
+                            epoch = lease.epoch,
+                            "took over the users of an edge that is dead or drained"
+                        ),
+                        Err(error) => info!(dead, %error, "another edge claimed a dead edge first"),
+                    }
+                    self.planner.claimed(dead, result);
+                }
+                TakeoverAction::Release { edge: guest } => {
+                    info!(guest, "the users of a guest edge moved on; releasing them");
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn drain(&mut self) -> Option<EdgeId> {
+        let target = self.planner.drain_target(self.now_ms())?;
+        let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
+        leases.push((self.settings.edge, self.own));
+        for (users_of, lease) in leases {
+            match takeover::hand_over(&*self.store, users_of, lease, target) {
+                Ok(()) => info!(users_of, target, "handed a lease to the successor"),
+                // Fenced: someone claimed it first and serves them. Otherwise the
+                // successor takes them over after the timeout instead.
+                Err(error) => warn!(users_of, %error, "cannot hand a lease over"),
+            }
+        }
+        // The guests go with the rest: their clients are redirected to the target too.
+        let mut view = self.view();
+        for (guest, _) in std::mem::take(&mut view.guests) {
+            view.servers.insert(guest, target);
+        }
+        view.drained_to = Some(target);
+        self.shared.publish(view);
+        Some(target)
+    }
+
+    fn view(&self) -> View {
+        let now = self.now_ms();
+        View {
+            guests: self.planner.guests().collect(),
+            servers: self.planner.servers(now),
+            drained_to: None,
+        }
+    }
+
+    fn publish(&self) {
+        self.shared.publish(self.view());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::store::memory::MemoryStore;
+
+    fn settings(edge: EdgeId) -> LeaseSettings {
+        LeaseSettings {
+            edge,
+            members: vec![1, 2],
+            // Long next to the beat, so a busy test machine never stalls a thread into being
+            // taken over (which would end the test process, as it ends an edge).
+            timeout_ms: 1_500,
+            renew_ms: 20,
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The lease threads of two edges on one store: a drained edge's users go to the other
+    /// at once, and its own commits are fenced from then on.
+    #[test]
+    fn a_drain_hands_the_users_to_the_other_edge() {
+        let store = Arc::new(MemoryStore::new());
+        let (one, lease_one) = Takeover::start(Arc::clone(&store), settings(1), 11).expect("1");
+        let (two, _) = Takeover::start(Arc::clone(&store), settings(2), 22).expect("2");
+        // Until edge 1 has read edge 2's lease it knows no one to drain to.
+        wait_for("a drain to find edge 2", || {
+            one.drain(Duration::from_secs(5)) == Some(2)
+        });
+        assert!(one.handed_over());
+        let fenced = takeover::LeasedStore::new(&*store, 1, lease_one);
+        assert!(matches!(
+            courier_core::store::Store::begin(&fenced),
+            Err(StoreError::Fenced)
+        ));
+        wait_for("edge 2 to serve edge 1's users", || {
+            two.view().guests.contains_key(&1)
+        });
+        let (_, lease) = two.view().guests.into_iter().next().expect("a guest");
+        assert_eq!(lease.holder, 2);
+    }
+
+    /// An edge that stops beating is taken over after the timeout; when it starts again it
+    /// claims its users back and the other edge releases them.
+    #[test]
+    fn a_silent_edge_is_taken_over_and_given_back() {
+        let store = Arc::new(MemoryStore::new());
+        let (two, _) = Takeover::start(Arc::clone(&store), settings(2), 22).expect("2");
+        // Edge 1 claims its lease once and never beats: as if it died at once.
+        takeover::claim_own(&*store, 1, 11).expect("claim");
+        wait_for("edge 2 to take edge 1 over", || {
+            two.view().guests.contains_key(&1)
+        });
+        let (_one, _) = Takeover::start(Arc::clone(&store), settings(1), 12).expect("1");
+        wait_for("edge 2 to give edge 1 back", || {
+            two.view().guests.is_empty() && two.view().servers.is_empty()
+        });
+    }
+}
