@@ -1010,11 +1010,22 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Expiry left these inboxes of this shard without a message: forget them with a later
     /// batch (their counters go; decision 0011). Returns how many the queue had no room for.
+    ///
+    /// In a cluster, only inboxes of this edge's own users: on a shared store an expiry pass
+    /// sees every edge's, and only the edge serving an inbox may write it.
     pub fn handle_emptied(&mut self, inboxes: &[UserId], now_ms: UnixMillis) -> usize {
-        inboxes
-            .iter()
-            .filter(|inbox| !self.inbox.handle_emptied(**inbox, now_ms))
-            .count()
+        let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
+        let mut dropped = 0;
+        for inbox in inboxes {
+            let home = (!self.edge_ids.is_empty()).then(|| home_edge(*inbox, &self.edge_ids));
+            if home.is_some() && home != local_edge {
+                continue;
+            }
+            if !self.inbox.handle_emptied(*inbox, now_ms) {
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// When `poll_batch` (or `poll_guest_batch`) has a batch of waiting acks even if nothing

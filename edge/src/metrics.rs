@@ -103,6 +103,7 @@ pub struct Metrics {
     mesh_messages_dropped: Family<ShardLabel, Counter>,
     mesh_backpressure: Family<ShardLabel, Counter>,
     links_up: Family<ShardLabel, Gauge>,
+    guest_edges: Family<ShardLabel, Gauge>,
     link_failures: Family<ShardLabel, Counter>,
     link_sends_forwarded: Family<ShardLabel, Counter>,
     link_requests_received: Family<ShardLabel, Counter>,
@@ -242,6 +243,10 @@ impl Metrics {
             "links_up",
             "This shard's links to the other edges of the cluster that are up"
         );
+        let guest_edges = family!(
+            "guest_edges",
+            "Dead or drained edges whose users this shard serves (takeover)"
+        );
         let link_failures = family!(
             "link_failures",
             "Links of this shard to other edges that went down (or never came up)"
@@ -299,6 +304,7 @@ impl Metrics {
             mesh_messages_dropped,
             mesh_backpressure,
             links_up,
+            guest_edges,
             link_failures,
             link_sends_forwarded,
             link_requests_received,
@@ -382,6 +388,7 @@ impl Metrics {
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
             mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
             links_up: self.links_up.get_or_create_owned(&label),
+            guest_edges: self.guest_edges.get_or_create_owned(&label),
             link_failures: self.link_failures.get_or_create_owned(&label),
             link_sends_forwarded: self.link_sends_forwarded.get_or_create_owned(&label),
             link_requests_received: self.link_requests_received.get_or_create_owned(&label),
@@ -491,6 +498,7 @@ pub struct ShardMetrics {
     pub mesh_messages_dropped: Counter,
     pub mesh_backpressure: Counter,
     pub links_up: Gauge,
+    pub guest_edges: Gauge,
     pub link_failures: Counter,
     pub link_sends_forwarded: Counter,
     pub link_requests_received: Counter,

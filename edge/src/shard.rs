@@ -1951,6 +1951,7 @@ impl Shard {
             .connections_open
             .set(self.conns.len() as i64 - links);
         metrics.links_up.set(links_up);
+        metrics.guest_edges.set(self.guests.len() as i64);
         metrics
             .connections_unauthenticated
             .set(self.session.unauthenticated_connections() as i64);
