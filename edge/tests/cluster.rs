@@ -81,12 +81,23 @@ impl ClusterFiles {
     /// The config sections of edge `id` in a cluster of `members`, its link certificate from
     /// the CA `ca`.
     fn config(&self, id: u32, ca: &str, members: &[(u32, SocketAddr)]) -> String {
+        self.config_with(id, ca, members, "")
+    }
+
+    /// [`ClusterFiles::config`] with more `[cluster]` keys (`key = value` lines).
+    fn config_with(
+        &self,
+        id: u32,
+        ca: &str,
+        members: &[(u32, SocketAddr)],
+        cluster_keys: &str,
+    ) -> String {
         let path = |name: &str| self.path(name).display().to_string();
         let mut text = format!(
             "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n\n\
              [auth]\nsigning_key_path = \"{}\"\n\n\
              [cluster]\nedge_id = {id}\nca_cert_path = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
-             link_reconnect_ms_min = 100\nlink_reconnect_ms_max = 500\n",
+             link_reconnect_ms_min = 100\nlink_reconnect_ms_max = 500\n{cluster_keys}",
             path("public.pem"),
             path("public.key"),
             path("signing.key"),
@@ -110,6 +121,15 @@ impl ClusterFiles {
 
 /// Three edges of two shards each, on loopback, each with its metrics listener.
 fn start_cluster(files: &ClusterFiles) -> (Vec<Edge>, Vec<(u32, SocketAddr)>) {
+    start_cluster_with(files, "", "")
+}
+
+/// [`start_cluster`] with more `[cluster]` keys and `extra` sections in every edge's config.
+fn start_cluster_with(
+    files: &ClusterFiles,
+    cluster_keys: &str,
+    extra: &str,
+) -> (Vec<Edge>, Vec<(u32, SocketAddr)>) {
     let members: Vec<(u32, SocketAddr)> = EDGE_IDS.iter().map(|id| (*id, free_addr())).collect();
     let edges = members
         .iter()
@@ -117,7 +137,8 @@ fn start_cluster(files: &ClusterFiles) -> (Vec<Edge>, Vec<(u32, SocketAddr)>) {
             let metrics = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|listener| listener.local_addr())
                 .expect("free TCP port");
-            let config = files.config(*id, "ca", &members)
+            let config = files.config_with(*id, "ca", &members, cluster_keys)
+                + extra
                 + &format!("\n[metrics]\nlisten = \"{metrics}\"\n");
             let edge = Edge::start_on(*addr, 2, None, &config, &[]);
             METRICS.lock().expect("metrics").insert(edge.addr, metrics);
@@ -381,5 +402,121 @@ async fn pairs_chatting_across_an_edge_killed_and_restarted_lose_nothing() {
             .map(|(n, seq)| (*seq, format!("{n}")))
             .collect();
         assert_eq!(got, expected);
+    }
+}
+
+/// Takeover and drain on FoundationDB (decision 0015). They run wherever `FDB_CLUSTER_FILE`
+/// names a cluster and the edge is built with `--features fdb`; these machines can build but
+/// not link FoundationDB's client, so here they are only type-checked (clippy in `.ci/run`).
+#[cfg(feature = "fdb")]
+mod takeover_on_foundationdb {
+    use super::*;
+
+    /// The config every edge adds: the shared store under a key prefix of this test run, and
+    /// takeover with a short lease.
+    fn shared_store() -> Option<String> {
+        let Ok(cluster_file) = std::env::var("FDB_CLUSTER_FILE") else {
+            eprintln!("skipped: FDB_CLUSTER_FILE is not set");
+            return None;
+        };
+        let prefix = format!("courier-test/takeover-{}", rand::random::<u64>());
+        Some(format!(
+            "\n[store]\nkind = \"foundationdb\"\n\n[store.foundationdb]\n\
+             cluster_files = [\"{cluster_file}\"]\nkey_prefix = \"{prefix}\"\n"
+        ))
+    }
+
+    /// Takeover with a short lease, so a dead edge is taken over within seconds.
+    const TAKEOVER: &str = "takeover = true\nlease_timeout_ms = 2000\nlease_renew_ms = 200\n";
+
+    /// Alice (edge 0) writes to Bob (edge 1) across Bob's edge being killed: his successor
+    /// serves him until his edge is back, and every acknowledged message arrives once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_edge_is_taken_over_and_given_back_without_loss() {
+        let Some(store) = shared_store() else {
+            return;
+        };
+        let files = ClusterFiles::new();
+        let (mut edges, _members) = start_cluster_with(&files, TAKEOVER, &store);
+        wait_links_up(&edges);
+        let alice = user_homed_on(0, 0);
+        let bob = user_homed_on(1, 0);
+        // Both start at edge 2: the address a client falls back to when its edge is gone.
+        let alice_client = client_via(&files, &edges[2], alice).await;
+        let mut bob_client = client_via(&files, &edges[2], bob).await;
+        let mut acked = Vec::new();
+        for n in 0..3 {
+            acked.push(
+                alice_client
+                    .send(bob, format!("{n}").into_bytes())
+                    .await
+                    .expect("ack"),
+            );
+        }
+        edges[1].kill9();
+        // While edge 1 is dead its successor takes Bob over after the lease timeout.
+        for n in 3..6 {
+            let receipt = tokio::time::timeout(
+                EVENT_TIMEOUT,
+                alice_client.send(bob, format!("{n}").into_bytes()),
+            )
+            .await
+            .expect("acknowledged once a successor serves Bob")
+            .expect("ack");
+            acked.push(receipt);
+        }
+        edges[1].spawn();
+        for n in 6..9 {
+            let receipt = tokio::time::timeout(
+                EVENT_TIMEOUT,
+                alice_client.send(bob, format!("{n}").into_bytes()),
+            )
+            .await
+            .expect("acknowledged after edge 1 is back")
+            .expect("ack");
+            acked.push(receipt);
+        }
+        for (n, receipt) in acked.iter().enumerate() {
+            let delivery = next_message(&mut bob_client).await;
+            assert_eq!(
+                (delivery.seq, delivery.body),
+                (receipt.seq, format!("{n}").into_bytes())
+            );
+        }
+        assert_quiet(&mut bob_client).await;
+    }
+
+    /// SIGTERM on Bob's edge hands him to its successor: his client is redirected there and
+    /// Alice's messages keep being acknowledged and delivered, once each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_edge_redirects_its_clients_to_its_successor() {
+        let Some(store) = shared_store() else {
+            return;
+        };
+        let files = ClusterFiles::new();
+        let (mut edges, _members) = start_cluster_with(&files, TAKEOVER, &store);
+        wait_links_up(&edges);
+        let alice = user_homed_on(0, 1);
+        let bob = user_homed_on(1, 1);
+        let alice_client = client_via(&files, &edges[0], alice).await;
+        let mut bob_client = client_via(&files, &edges[2], bob).await;
+        let before = alice_client
+            .send(bob, b"before".to_vec())
+            .await
+            .expect("ack");
+        assert!(edges[1].terminate(), "a drain exits cleanly");
+        let after = tokio::time::timeout(EVENT_TIMEOUT, alice_client.send(bob, b"after".to_vec()))
+            .await
+            .expect("acknowledged by the successor")
+            .expect("ack");
+        assert_eq!(after.seq, before.seq + 1);
+        for (receipt, body) in [(before, &b"before"[..]), (after, &b"after"[..])] {
+            let delivery = next_message(&mut bob_client).await;
+            assert_eq!(
+                (delivery.seq, delivery.body.as_slice()),
+                (receipt.seq, body)
+            );
+        }
+        assert_quiet(&mut bob_client).await;
     }
 }
