@@ -104,44 +104,59 @@ fn read_observed<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Observed, 
     Ok(Observed { lease, beat })
 }
 
-/// Every edge's lease and beat, from one snapshot.
+/// Every edge's lease and beat, from one snapshot of the first store (see [`claim`] for why
+/// the first one decides).
 pub fn observe_all<S: Store>(
-    store: &S,
+    stores: &[S],
     edges: &[EdgeId],
 ) -> Result<BTreeMap<EdgeId, Observed>, StoreError> {
-    let mut txn = store.begin_read()?;
+    let mut txn = first(stores)?.begin_read()?;
     edges
         .iter()
         .map(|edge| Ok((*edge, read_observed(&mut txn, *edge)?)))
         .collect()
 }
 
-/// An edge starting up claims its own users: a new epoch with itself as holder, whoever held
-/// them (a successor's commits for them are fenced from now on).
-pub fn claim_own<S: Store>(store: &S, edge: EdgeId, owner: u64) -> Result<Lease, StoreError> {
-    let mut txn = store.begin()?;
-    let current = read_lease(&mut txn, edge)?;
+/// An edge starting up claims its own users: a new epoch, one above the highest on any store,
+/// with itself as holder, whoever held them (a successor's commits for them are fenced from
+/// now on).
+pub fn claim_own<S: Store>(stores: &[S], edge: EdgeId, owner: u64) -> Result<Lease, StoreError> {
+    let mut highest = 0;
+    for store in stores {
+        let mut txn = store.begin_read()?;
+        highest = highest.max(read_lease(&mut txn, edge)?.map_or(0, |lease| lease.epoch));
+    }
     let lease = Lease {
-        epoch: current.map_or(0, |lease| lease.epoch) + 1,
+        epoch: highest + 1,
         holder: edge,
         owner,
     };
-    txn.set(&keys::lease(edge), &lease.encode());
-    txn.commit()?;
+    for store in stores {
+        write_if_newer(store, edge, lease)?;
+    }
     Ok(lease)
 }
 
 /// Claims `edge`'s users for `holder` if its lease and beat are still `expected` (what the
 /// planner saw when it judged the edge dead): a beat that moved since means it lives, and a
 /// lease that changed means someone else acted first. Either way: `Fenced`, nothing written.
+///
+/// With several stores (FoundationDB clusters; an inbox lives on one) every store holds a
+/// copy of the lease, and each store's commits check their own copy. A claim checks and
+/// writes the first store, then the others in order, each only over an earlier epoch; every
+/// claimer goes in the same order, so of concurrent claims one wins the first store and the
+/// later epoch wins every other. The claimer serves the users only once every store is
+/// written, so it reads their inboxes after the last commit the earlier holder made. A claim
+/// cut short is finished by the next one, which the planner makes once the holder it names
+/// stops beating.
 pub fn claim<S: Store>(
-    store: &S,
+    stores: &[S],
     edge: EdgeId,
     holder: EdgeId,
     owner: u64,
     expected: Observed,
 ) -> Result<Lease, StoreError> {
-    let mut txn = store.begin()?;
+    let mut txn = first(stores)?.begin()?;
     if read_observed(&mut txn, edge)? != expected {
         return Err(StoreError::Fenced);
     }
@@ -152,6 +167,9 @@ pub fn claim<S: Store>(
     };
     txn.set(&keys::lease(edge), &lease.encode());
     txn.commit()?;
+    for store in &stores[1..] {
+        write_if_newer(store, edge, lease)?;
+    }
     Ok(lease)
 }
 
@@ -162,12 +180,12 @@ const HANDOVER_OWNER: u64 = 0;
 /// `to` as holder, and `to` claims it at its next observation. Commits under `lease` are
 /// fenced from now on; `Fenced` if `lease` was no longer the latest claim.
 pub fn hand_over<S: Store>(
-    store: &S,
+    stores: &[S],
     edge: EdgeId,
     lease: Lease,
     to: EdgeId,
 ) -> Result<(), StoreError> {
-    let mut txn = store.begin()?;
+    let mut txn = first(stores)?.begin()?;
     if read_lease(&mut txn, edge)? != Some(lease) {
         return Err(StoreError::Fenced);
     }
@@ -178,16 +196,40 @@ pub fn hand_over<S: Store>(
     };
     txn.set(&keys::lease(edge), &handed.encode());
     txn.commit()?;
+    for store in &stores[1..] {
+        write_if_newer(store, edge, handed)?;
+    }
     Ok(())
 }
 
-/// Raises the beat of `edge`'s own lease; `Fenced` once another claim replaced `lease`.
-pub fn renew<S: Store>(store: &S, edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
-    let mut txn = store.begin()?;
+/// Raises the beat of `edge`'s own lease, on the first store; `Fenced` once another claim
+/// replaced `lease` (every claim writes the first store first).
+pub fn renew<S: Store>(stores: &[S], edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
+    let mut txn = first(stores)?.begin()?;
     if read_lease(&mut txn, edge)? != Some(lease) {
         return Err(StoreError::Fenced);
     }
     txn.atomic_add(&beat_key(edge), 1);
+    txn.commit()?;
+    Ok(())
+}
+
+fn first<S>(stores: &[S]) -> Result<&S, StoreError> {
+    stores
+        .first()
+        .ok_or_else(|| StoreError::Io("a lease needs at least one store".into()))
+}
+
+/// Writes `lease` unless the store holds the same or a later epoch already (a concurrent,
+/// later claim): then `Fenced`. Writing the same lease again is fine (a retry).
+fn write_if_newer<S: Store>(store: &S, edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
+    let mut txn = store.begin()?;
+    match read_lease(&mut txn, edge)? {
+        Some(current) if current == lease => return Ok(()),
+        Some(current) if current.epoch >= lease.epoch => return Err(StoreError::Fenced),
+        _ => {}
+    }
+    txn.set(&keys::lease(edge), &lease.encode());
     txn.commit()?;
     Ok(())
 }
@@ -414,7 +456,7 @@ mod tests {
 
     const TIMEOUT: u64 = 1_000;
 
-    fn observe_store(planner: &mut Planner, store: &MemoryStore, now: UnixMillis) {
+    fn observe_store(planner: &mut Planner, store: &[MemoryStore], now: UnixMillis) {
         for (edge, observed) in observe_all(store, &[1, 2, 3]).expect("read") {
             planner.observe(now, edge, observed);
         }
@@ -422,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_silent_edge_is_taken_over_by_one_successor_and_given_back_when_it_returns() {
-        let store = MemoryStore::new();
+        let store = [MemoryStore::new()];
         let leases: Vec<Lease> = (1..=3)
             .map(|edge| claim_own(&store, edge, 100 + u64::from(edge)).expect("claim"))
             .collect();
@@ -467,9 +509,9 @@ mod tests {
             .next()
             .expect("a guest")
             .1;
-        assert!(LeasedStore::new(&store, 3, taken).begin().is_ok());
+        assert!(LeasedStore::new(&store[0], 3, taken).begin().is_ok());
         assert!(matches!(
-            LeasedStore::new(&store, 3, leases[2]).begin(),
+            LeasedStore::new(&store[0], 3, leases[2]).begin(),
             Err(StoreError::Fenced)
         ));
         assert!(matches!(
@@ -479,7 +521,7 @@ mod tests {
         // Edge 3 restarts: its new claim fences the successor, which releases.
         let back = claim_own(&store, 3, 999).expect("claim");
         assert!(matches!(
-            LeasedStore::new(&store, 3, taken).begin(),
+            LeasedStore::new(&store[0], 3, taken).begin(),
             Err(StoreError::Fenced)
         ));
         renew(&store, 3, back).expect("renew");
@@ -495,12 +537,12 @@ mod tests {
 
     #[test]
     fn a_claim_fails_when_the_edge_beat_since_it_was_judged_dead() {
-        let store = MemoryStore::new();
+        let store = [MemoryStore::new()];
         let lease = claim_own(&store, 3, 1).expect("claim");
         let seen = observe_all(&store, &[3]).expect("read")[&3];
         renew(&store, 3, lease).expect("renew");
         assert_eq!(claim(&store, 3, 1, 2, seen), Err(StoreError::Fenced));
-        assert!(LeasedStore::new(&store, 3, lease).begin().is_ok());
+        assert!(LeasedStore::new(&store[0], 3, lease).begin().is_ok());
     }
 
     #[test]
@@ -524,7 +566,7 @@ mod tests {
 
     #[test]
     fn a_drained_edge_hands_its_users_to_its_successor_without_the_timeout() {
-        let store = MemoryStore::new();
+        let store = [MemoryStore::new()];
         let lease = claim_own(&store, 1, 11).expect("claim");
         let successor = claim_own(&store, 2, 22).expect("claim");
         let mut draining = Planner::new(1, &[1, 2], TIMEOUT);
@@ -536,7 +578,7 @@ mod tests {
         assert_eq!(draining.drain_target(0), Some(2));
         hand_over(&store, 1, lease, 2).expect("hand over");
         assert!(matches!(
-            LeasedStore::new(&store, 1, lease).begin(),
+            LeasedStore::new(&store[0], 1, lease).begin(),
             Err(StoreError::Fenced)
         ));
         for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
@@ -550,6 +592,43 @@ mod tests {
         assert!(claimed.is_ok());
         taker.claimed(1, claimed);
         assert_eq!(taker.server_of(1, 1), Some(2));
+    }
+
+    /// With several stores (FoundationDB clusters) each holds a copy of the lease: a claim
+    /// cut short after the first store is finished by the next claim, and a late write of an
+    /// older epoch never replaces a newer one.
+    #[test]
+    fn every_store_ends_with_the_latest_claim() {
+        let stores = [MemoryStore::new(), MemoryStore::new()];
+        let passes = |lease: Lease| {
+            stores
+                .iter()
+                .all(|store| LeasedStore::new(store, 3, lease).begin().is_ok())
+        };
+        let fenced_everywhere = |lease: Lease| {
+            stores.iter().all(|store| {
+                matches!(
+                    LeasedStore::new(store, 3, lease).begin(),
+                    Err(StoreError::Fenced)
+                )
+            })
+        };
+        let own = claim_own(&stores, 3, 1).expect("claim");
+        assert!(passes(own));
+        let seen = observe_all(&stores, &[3]).expect("read")[&3];
+        let taken = claim(&stores, 3, 1, 7, seen).expect("claim");
+        assert!(passes(taken) && fenced_everywhere(own));
+        // A claimer that dies after the first store: the second still names the earlier one.
+        let seen = observe_all(&stores, &[3]).expect("read")[&3];
+        let partial = claim(&stores[..1], 3, 2, 8, seen).expect("claim");
+        assert!(LeasedStore::new(&stores[1], 3, taken).begin().is_ok());
+        let seen = observe_all(&stores, &[3]).expect("read")[&3];
+        let next = claim(&stores, 3, 1, 9, seen).expect("claim");
+        assert!(passes(next) && fenced_everywhere(partial) && fenced_everywhere(taken));
+        // The edge comes back; a claimer still writing an older epoch cannot undo that.
+        let back = claim_own(&stores, 3, 10).expect("claim");
+        assert_eq!(write_if_newer(&stores[1], 3, next), Err(StoreError::Fenced));
+        assert!(passes(back) && fenced_everywhere(next));
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //! server acknowledged reached its recipient exactly once, in inbox order, at the acknowledged
 //! seq; nothing was stored twice.
 //!
-//! Half the seeds run the edges on one shared store instead, as with FoundationDB, with
-//! takeover (decision 0015): each edge claims its own lease at start and beats it; a crashed
+//! Half the seeds run the edges on shared stores instead (one or two, as FoundationDB
+//! clusters, each holding a copy of every lease), with takeover (decision 0015): each edge claims its own lease at start and beats it; a crashed
 //! edge stays down for a while (or a live one stalls, missing its beats), and its successor
 //! claims its lease, serves its users and forwarded sends for them, and gives them back when
 //! the edge returns and claims its lease again. Every commit runs under a lease
@@ -29,12 +29,14 @@ mod common;
 use common::SimAuth;
 
 use courier_core::commit::{self, Committer};
-use courier_core::placement::{EdgeId, home_edge};
+use courier_core::placement::{EdgeId, cluster_of, home_edge};
 use courier_core::rng::Rng;
 use courier_core::session::{
     ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
 };
+use courier_core::shard::Batch;
 use courier_core::store::StoreError;
+use courier_core::store::clusters::commit_batch_split;
 use courier_core::store::memory::MemoryStore;
 use courier_core::takeover::{self, Lease, LeasedStore, Planner, TakeoverAction};
 use courier_core::{CoreConfig, UnixMillis, UserId};
@@ -127,6 +129,23 @@ impl Stats {
         self.fenced += other.fenced;
         self.drains += other.drains;
     }
+}
+
+/// Commits `batch` over the stores (one transaction per store it touches), each checking its
+/// copy of `edge`'s lease, as the edge's FoundationDB backend does.
+fn commit_leased(
+    committer: &mut Committer,
+    stores: &[MemoryStore],
+    edge: EdgeId,
+    lease: Lease,
+    batch: &Batch<ConnRef>,
+    now: UnixMillis,
+) -> Result<Vec<commit::Outcome>, StoreError> {
+    let leased: Vec<LeasedStore<'_, MemoryStore>> = stores
+        .iter()
+        .map(|store| LeasedStore::new(store, edge, lease))
+        .collect();
+    commit_batch_split(committer, &leased, &batch.requests, now)
 }
 
 /// Sends of a commit answered from the dedupe record instead of being stored again.
@@ -238,7 +257,8 @@ impl Packet {
 /// While the edge is down, `shards` is empty.
 struct Edge {
     id: EdgeId,
-    store: Rc<MemoryStore>,
+    /// One store per FoundationDB cluster stand-in: inboxes spread over them (`cluster_of`).
+    stores: Rc<Vec<MemoryStore>>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
     /// Takeover seeds: the lease this process claimed at start, its view of the others, and
@@ -404,16 +424,18 @@ impl World {
             packet_counter: 0,
             stats: Stats::default(),
         };
-        let shared = Rc::new(MemoryStore::new());
+        // With takeover, one or two FoundationDB clusters: a lease then has a copy on each.
+        let cluster_count = if takeover { 1 + world.rng.below(2) } else { 1 };
+        let shared = Rc::new((0..cluster_count).map(|_| MemoryStore::new()).collect());
         for id in &edge_ids {
-            let store = if takeover {
+            let stores = if takeover {
                 Rc::clone(&shared)
             } else {
-                Rc::new(MemoryStore::new())
+                Rc::new(vec![MemoryStore::new()])
             };
             world.edges.push(Edge {
                 id: *id,
-                store,
+                stores,
                 shards: Vec::new(),
                 committers: Vec::new(),
                 lease: None,
@@ -445,7 +467,7 @@ impl World {
         e.exits_at = None;
         e.guest_committers.clear();
         if self.takeover {
-            let lease = takeover::claim_own(&*e.store, e.id, owner).expect("claim own lease");
+            let lease = takeover::claim_own(&e.stores, e.id, owner).expect("claim own lease");
             e.lease = Some(lease);
             e.planner = Some(Planner::new(e.id, &self.edge_ids, LEASE_TIMEOUT_MS));
             e.next_beat_at = now;
@@ -532,7 +554,9 @@ impl World {
 
     /// The last seq of `user`'s inbox, read on its home edge.
     fn head(&self, user: UserId) -> u64 {
-        commit::last_seq(&*self.edges[self.home_index(user)].store, user).expect("read")
+        let stores = &self.edges[self.home_index(user)].stores;
+        let cluster = cluster_of(user, stores.len() as u32) as usize;
+        commit::last_seq(&stores[cluster], user).expect("read")
     }
 
     fn schedule(&mut self, packet: Packet, latency: u64) {
@@ -607,11 +631,15 @@ impl World {
             return;
         };
         let result = match e.lease {
-            Some(lease) => {
-                let leased = LeasedStore::new(&*e.store, e.id, lease);
-                e.committers[shard].commit_batch(&leased, &batch.requests, now)
-            }
-            None => e.committers[shard].commit_batch(&*e.store, &batch.requests, now),
+            Some(lease) => commit_leased(
+                &mut e.committers[shard],
+                &e.stores,
+                e.id,
+                lease,
+                &batch,
+                now,
+            ),
+            None => commit_batch_split(&mut e.committers[shard], &e.stores, &batch.requests, now),
         };
         self.stats.duplicate_sends += duplicates_in(&result);
         let fenced = result == Err(StoreError::Fenced);
@@ -644,10 +672,7 @@ impl World {
                 .entry((shard, guest))
                 .or_insert_with(|| Committer::new(&self.config));
             let result = match lease {
-                Some(lease) => {
-                    let leased = LeasedStore::new(&*e.store, guest, lease);
-                    committer.commit_batch(&leased, &batch.requests, now)
-                }
+                Some(lease) => commit_leased(committer, &e.stores, guest, lease, &batch, now),
                 // Released by the planner, not yet by this shard: nothing may commit.
                 None => Err(StoreError::Fenced),
             };
@@ -689,13 +714,13 @@ impl World {
         if now >= e.next_beat_at && (now >= e.stalled_until || !chaos) {
             e.next_beat_at = now + RENEW_MS;
             let lease = e.lease.expect("a live edge holds its lease");
-            if takeover::renew(&*e.store, e.id, lease) == Err(StoreError::Fenced) {
+            if takeover::renew(&e.stores, e.id, lease) == Err(StoreError::Fenced) {
                 // Its users were taken over while it stalled: the process exits.
                 self.stats.fenced += 1;
                 return self.crash_edge(edge);
             }
         }
-        let observed = takeover::observe_all(&*e.store, &self.edge_ids).expect("read leases");
+        let observed = takeover::observe_all(&e.stores, &self.edge_ids).expect("read leases");
         let planner = e.planner.as_mut().expect("a live edge plans");
         for (id, seen) in observed {
             planner.observe(now, id, seen);
@@ -712,7 +737,7 @@ impl World {
                     expected,
                 } => {
                     let e = &mut self.edges[edge];
-                    let result = takeover::claim(&*e.store, dead, e.id, e.id.into(), expected);
+                    let result = takeover::claim(&e.stores, dead, e.id, e.id.into(), expected);
                     let ok = result.is_ok();
                     e.planner.as_mut().expect("planner").claimed(dead, result);
                     if ok {
@@ -744,7 +769,7 @@ impl World {
         leases.push((e.id, e.lease.expect("a live edge holds its lease")));
         for (users_of, lease) in leases {
             // Fenced: a claim came first, and that claimer serves them.
-            let _ = takeover::hand_over(&*e.store, users_of, lease, target);
+            let _ = takeover::hand_over(&e.stores, users_of, lease, target);
         }
         e.exits_at = Some(now + 30);
         self.stats.drains += 1;
@@ -1104,9 +1129,10 @@ impl World {
                     inbox,
                     after_seq,
                 } => {
-                    let store = &self.edges[edge].store;
+                    let stores = &self.edges[edge].stores;
+                    let store = &stores[cluster_of(inbox, stores.len() as u32) as usize];
                     let result =
-                        commit::read_inbox(&**store, inbox, after_seq, self.now, &self.config);
+                        commit::read_inbox(store, inbox, after_seq, self.now, &self.config);
                     let latency = 1 + self.rng.below(10);
                     self.schedule(
                         Packet::ReadDone {

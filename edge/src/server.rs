@@ -341,9 +341,9 @@ fn open_cluster_edge(
             timeout_ms: cluster.lease_timeout_ms,
             renew_ms: cluster.lease_renew_ms,
         };
-        // Takeover runs on one cluster (`Config::validate`): the lease lives there.
-        let lease_store = Arc::new(stores.into_iter().next().ok_or("no store")?);
-        let (takeover, lease) = crate::takeover::Takeover::start(lease_store, settings, owner)?;
+        // Every cluster holds a copy of every lease (`courier_core::takeover::claim`).
+        let (takeover, lease) =
+            crate::takeover::Takeover::start(Arc::new(stores), settings, owner)?;
         (Some(takeover), Some((cluster.edge_id, lease)))
     } else {
         (None, None)

@@ -75,13 +75,13 @@ impl Takeover {
     /// Claims this edge's own lease (fencing whoever served its users while it was down) and
     /// starts the lease thread. Returns the lease the edge's own commits run under.
     pub fn start<S: Store + 'static>(
-        store: Arc<S>,
+        stores: Arc<Vec<S>>,
         settings: LeaseSettings,
         owner: u64,
     ) -> Result<(Arc<Takeover>, Lease), String> {
         // 0 marks a lease handed over and not yet claimed.
         let owner = owner.max(1);
-        let own = takeover::claim_own(&*store, settings.edge, owner)
+        let own = takeover::claim_own(&stores, settings.edge, owner)
             .map_err(|e| format!("cannot claim this edge's lease in the store: {e}"))?;
         info!(
             edge = settings.edge,
@@ -100,7 +100,7 @@ impl Takeover {
             .spawn(move || {
                 LeaseThread {
                     planner: Planner::new(settings.edge, &settings.members, settings.timeout_ms),
-                    store,
+                    stores,
                     settings,
                     own,
                     owner,
@@ -162,7 +162,8 @@ impl Takeover {
 }
 
 struct LeaseThread<S> {
-    store: Arc<S>,
+    /// One per FoundationDB cluster; each holds a copy of every lease.
+    stores: Arc<Vec<S>>,
     settings: LeaseSettings,
     own: Lease,
     owner: u64,
@@ -209,7 +210,7 @@ impl<S: Store> LeaseThread<S> {
     /// Beats, observes, and acts on what the planner says.
     fn tick(&mut self) {
         let edge = self.settings.edge;
-        match takeover::renew(&*self.store, edge, self.own) {
+        match takeover::renew(&self.stores, edge, self.own) {
             Ok(()) => {}
             Err(StoreError::Fenced) => {
                 tracing::error!(
@@ -222,7 +223,7 @@ impl<S: Store> LeaseThread<S> {
             // Transient: the next beat may pass, and the timeout is several beats long.
             Err(error) => warn!(%error, "cannot beat this edge's lease"),
         }
-        let observed = match takeover::observe_all(&*self.store, &self.settings.members) {
+        let observed = match takeover::observe_all(&self.stores, &self.settings.members) {
             Ok(observed) => observed,
             Err(error) => return warn!(%error, "cannot read the edges' leases"),
         };
@@ -236,7 +237,7 @@ impl<S: Store> LeaseThread<S> {
                     edge: dead,
                     expected,
                 } => {
-                    let result = takeover::claim(&*self.store, dead, edge, self.owner, expected);
+                    let result = takeover::claim(&self.stores, dead, edge, self.owner, expected);
                     match &result {
                         Ok(lease) => info!(
                             dead,
@@ -260,7 +261,7 @@ impl<S: Store> LeaseThread<S> {
         let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
         leases.push((self.settings.edge, self.own));
         for (users_of, lease) in leases {
-            match takeover::hand_over(&*self.store, users_of, lease, target) {
+            match takeover::hand_over(&self.stores, users_of, lease, target) {
                 Ok(()) => info!(users_of, target, "handed a lease to the successor"),
                 // Fenced: someone claimed it first and serves them. Otherwise the
                 // successor takes them over after the timeout instead.
@@ -319,7 +320,7 @@ mod tests {
     /// at once, and its own commits are fenced from then on.
     #[test]
     fn a_drain_hands_the_users_to_the_other_edge() {
-        let store = Arc::new(MemoryStore::new());
+        let store = Arc::new(vec![MemoryStore::new()]);
         let (one, lease_one) = Takeover::start(Arc::clone(&store), settings(1), 11).expect("1");
         let (two, _) = Takeover::start(Arc::clone(&store), settings(2), 22).expect("2");
         // Until edge 1 has read edge 2's lease it knows no one to drain to.
@@ -327,7 +328,7 @@ mod tests {
             one.drain(Duration::from_secs(5)) == Some(2)
         });
         assert!(one.handed_over());
-        let fenced = takeover::LeasedStore::new(&*store, 1, lease_one);
+        let fenced = takeover::LeasedStore::new(&store[0], 1, lease_one);
         assert!(matches!(
             courier_core::store::Store::begin(&fenced),
             Err(StoreError::Fenced)
@@ -343,10 +344,10 @@ mod tests {
     /// claims its users back and the other edge releases them.
     #[test]
     fn a_silent_edge_is_taken_over_and_given_back() {
-        let store = Arc::new(MemoryStore::new());
+        let store = Arc::new(vec![MemoryStore::new()]);
         let (two, _) = Takeover::start(Arc::clone(&store), settings(2), 22).expect("2");
         // Edge 1 claims its lease once and never beats: as if it died at once.
-        takeover::claim_own(&*store, 1, 11).expect("claim");
+        takeover::claim_own(&store, 1, 11).expect("claim");
         wait_for("edge 2 to take edge 1 over", || {
             two.view().guests.contains_key(&1)
         });
