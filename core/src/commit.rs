@@ -99,6 +99,9 @@ pub enum Outcome {
 pub struct Committer {
     config: CoreConfig,
     known: InboxFacts,
+    /// The lease the cache was learned under (`Store::lease_claim`): under another one, the
+    /// cache is dropped, since the users' inboxes may have been written by another edge.
+    lease_claim: Option<(u32, u64)>,
 }
 
 /// What the committer knows about inboxes from its own commits.
@@ -182,6 +185,7 @@ impl Committer {
         Committer {
             config: config.clone(),
             known: InboxFacts::default(),
+            lease_claim: None,
         }
     }
 
@@ -196,6 +200,11 @@ impl Committer {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError> {
+        let lease_claim = store.lease_claim();
+        if lease_claim != self.lease_claim {
+            self.known.clear();
+            self.lease_claim = lease_claim;
+        }
         // Sequence numbers that an attempt with an unknown result may have committed. If a
         // retry then finds the same seq through the dedupe record, the message is still fresh:
         // nobody has been told about it yet.

@@ -267,6 +267,10 @@ impl<S: Store> Store for LeasedStore<'_, S> {
     fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
         self.store.begin_read()
     }
+
+    fn lease_claim(&self) -> Option<(u32, u64)> {
+        Some((self.edge, self.lease.epoch))
+    }
 }
 
 /// Mixed into an edge id to pick its successor, so that it says nothing about user placement.

@@ -85,6 +85,13 @@ pub trait Store: Send + Sync {
     fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
         self.begin()
     }
+
+    /// The lease this store's commits run under (edge and epoch; `crate::takeover`), if any.
+    /// A committer forgets what it cached when it changes: another holder may have written
+    /// the inboxes in between.
+    fn lease_claim(&self) -> Option<(u32, u64)> {
+        None
+    }
 }
 
 /// One transaction. Dropping it without [`commit`](Transaction::commit) discards its writes.
