@@ -5,8 +5,9 @@
 //! ordered ranges, range clears, atomic mutations, durability across reopen) and then runs the
 //! commit logic itself on the backend. A failed check panics with the case's name.
 
-use super::{Store, Transaction};
+use super::{Store, StoreError, Transaction};
 use crate::commit::{self, Outcome, Request, SendRequest};
+use crate::takeover::{self, LeasedStore};
 use crate::{CoreConfig, keys};
 
 /// A backend under test.
@@ -24,7 +25,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 13] = [
+    let cases: [Case<H>; 14] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -59,6 +60,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
             commit_logic_forgets_emptied_inboxes,
         ),
         ("commit_logic_purges_an_inbox", commit_logic_purges_an_inbox),
+        (
+            "leases_fence_the_earlier_holder",
+            leases_fence_the_earlier_holder,
+        ),
     ];
     for (name, case) in cases {
         eprintln!("store conformance: {name}");
@@ -587,4 +592,48 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
     );
     let page = commit::read_inbox(h.store(), 6, 0, later, &config).unwrap();
     assert_eq!((page.messages.len(), page.covered_up_to), (0, 3));
+}
+
+/// Takeover (decision 0015) on this backend: a claim of an edge's lease fences the earlier
+/// holder's commits and beats, the new holder continues the inbox where it was, and the lease
+/// survives a reopen.
+fn leases_fence_the_earlier_holder<H: Harness>(h: &mut H) {
+    let config = CoreConfig::default();
+    let now = 1_000_000;
+    let stores = std::slice::from_ref(h.store());
+    let own = takeover::claim_own(stores, 5, 1).unwrap();
+    let mut earlier = commit::Committer::new(&config);
+    let first = earlier
+        .commit_batch(
+            &LeasedStore::new(h.store(), 5, own),
+            &[send(1, 1, 7, b"a")],
+            now,
+        )
+        .unwrap();
+    assert_eq!(seq_of(&first[0]), (1, true));
+    takeover::renew(stores, 5, own).unwrap();
+    let seen = takeover::observe_all(stores, &[5]).unwrap()[&5];
+    assert_eq!((seen.lease, seen.beat), (Some(own), 1));
+    let taken = takeover::claim(stores, 5, 6, 2, seen).unwrap();
+    assert_eq!(taken.epoch, own.epoch + 1);
+    let refused = earlier.commit_batch(
+        &LeasedStore::new(h.store(), 5, own),
+        &[send(1, 2, 7, b"b")],
+        now + 1,
+    );
+    assert_eq!(refused, Err(StoreError::Fenced));
+    assert_eq!(takeover::renew(stores, 5, own), Err(StoreError::Fenced));
+    let mut successor = commit::Committer::new(&config);
+    let next = successor
+        .commit_batch(
+            &LeasedStore::new(h.store(), 5, taken),
+            &[send(1, 2, 7, b"b")],
+            now + 2,
+        )
+        .unwrap();
+    assert_eq!(seq_of(&next[0]), (2, true));
+    h.reopen();
+    let stores = std::slice::from_ref(h.store());
+    let seen = takeover::observe_all(stores, &[5]).unwrap()[&5];
+    assert_eq!(seen.lease, Some(taken));
 }
