@@ -250,6 +250,15 @@ pub enum Effect {
     LinkReply { link: u64, frame: LinkFrame },
 }
 
+/// Why [`EdgeSession::handle_purge`] did not queue a purge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeRefused {
+    /// Too many purges wait already: try again.
+    QueueFull,
+    /// The user's inbox is not this edge's to write: run the purge on `edge`.
+    ServedElsewhere { edge: EdgeId },
+}
+
 /// Checks `Hello`'s token. The edge verifies signatures; the simulation trusts a user id.
 pub trait Authenticator {
     /// The user the token names, if it is valid for `device` at `now_secs`.
@@ -477,6 +486,9 @@ pub struct EdgeSession<A> {
     released: BTreeMap<EdgeId, InboxShard<ConnRef>>,
     /// Edges whose users another edge serves (a takeover elsewhere): home → serving edge.
     servers: BTreeMap<EdgeId, EdgeId>,
+    /// A drain handed this edge's users (and its guests') to this edge: nothing is committed
+    /// here any more, and clients and sends for them go there.
+    drained_to: Option<EdgeId>,
 }
 
 /// This shard's link to another edge.
@@ -540,6 +552,7 @@ impl<A: Authenticator> EdgeSession<A> {
             guests: BTreeMap::new(),
             released: BTreeMap::new(),
             servers: BTreeMap::new(),
+            drained_to: None,
         }
     }
 
@@ -1005,6 +1018,10 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Takes the next group-commit batch, if any and none is in flight.
     pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<ConnRef>> {
+        if self.drained_to.is_some() {
+            // The lease is handed over: a commit could only be fenced.
+            return None;
+        }
         self.inbox.poll_batch(now_ms)
     }
 
@@ -1058,7 +1075,11 @@ impl<A: Authenticator> EdgeSession<A> {
             Some(mut inbox) => inbox.handle_commit(batch, result),
             None => match self.guests.get_mut(&edge) {
                 Some(inbox) => inbox.handle_commit(batch, result),
-                None => panic!("handle_guest_commit for edge {edge} without a batch in flight"),
+                None => {
+                    // A driver bug; ending the process for it would drop every connection.
+                    debug_assert!(false, "handle_guest_commit for edge {edge} with no batch");
+                    return;
+                }
             },
         };
         self.apply_outputs(outputs);
@@ -1126,11 +1147,22 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drain_local();
     }
 
-    /// A drain: every logged-in client on this shard is sent to `edge` (which the edge's
-    /// leases were handed to), the rest closed with `ShuttingDown`. Queued sends stay queued:
-    /// their commits are fenced once the lease is handed over, and they are refused as
-    /// retryable; the clients send them again to `edge`.
+    /// A drain: this edge's leases (its own and its guests') were handed to `edge`. Every
+    /// logged-in client on this shard is sent there, the rest closed with `ShuttingDown`;
+    /// queued sends are refused as retryable (the clients send them again there), and queued
+    /// acks and logins dropped (repeated there). From now on nothing is committed here, and
+    /// sends forwarded to this edge's users are refused as retryable.
     pub fn drain_to(&mut self, edge: EdgeId) {
+        if self.drained_to.is_some() {
+            return;
+        }
+        self.drained_to = Some(edge);
+        let guests: Vec<EdgeId> = self.guests.keys().copied().collect();
+        for guest in guests {
+            self.servers.insert(guest, edge);
+            self.release_guest(guest);
+        }
+        self.refuse_queued_own();
         let mut conns: Vec<(ConnRef, Option<UserId>)> = self
             .conns
             .iter()
@@ -1153,6 +1185,22 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drain_local();
     }
 
+    /// Refuses the sends queued for this edge's own users as retryable and drops the rest of
+    /// the queue (a drain: the lease is gone).
+    fn refuse_queued_own(&mut self) {
+        for (send, reply) in self.inbox.take_queued_sends() {
+            self.route(
+                reply.shard,
+                ShardMessage::SendResult {
+                    reply,
+                    client_id: send.client_id,
+                    body_bytes: send.body.len(),
+                    result: Err(ErrorCode::ShardUnavailable),
+                },
+            );
+        }
+    }
+
     /// Which edges other edges serve (from [`crate::takeover::Planner::servers`]): home →
     /// serving edge, for every edge not serving its own users. Entries naming this edge are
     /// ignored: what this edge serves is [`EdgeSession::serve_guest`]'s.
@@ -1168,6 +1216,11 @@ impl<A: Authenticator> EdgeSession<A> {
     ) {
         let outputs = self.inbox.handle_commit(batch, result);
         self.apply_outputs(outputs);
+        if self.drained_to.is_some() {
+            // A failed batch put its acks back: nothing here may commit them any more.
+            self.refuse_queued_own();
+            self.drain_local();
+        }
     }
 
     fn apply_outputs(&mut self, outputs: Vec<Output<ConnRef>>) {
@@ -1263,10 +1316,25 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// Queues the erasure of `inbox`, homed on this shard, for the next batch
-    /// (`Request::Purge`). False when too many purges wait already.
-    pub fn handle_purge(&mut self, inbox: UserId) -> bool {
-        self.inbox_of(inbox)
-            .is_some_and(|queue| queue.handle_purge(inbox))
+    /// (`Request::Purge`).
+    ///
+    /// Only for this edge's own users: a guest's purge would be answered by this edge's own
+    /// batches, and the guest's edge can purge once it is back.
+    pub fn handle_purge(&mut self, inbox: UserId) -> Result<(), PurgeRefused> {
+        let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
+        let home = (!self.edge_ids.is_empty()).then(|| home_edge(inbox, &self.edge_ids));
+        if let Some(home) = home.filter(|home| Some(*home) != local_edge) {
+            let edge = self.remote_home(inbox).unwrap_or(home);
+            return Err(PurgeRefused::ServedElsewhere { edge });
+        }
+        if let Some(edge) = self.drained_to {
+            return Err(PurgeRefused::ServedElsewhere { edge });
+        }
+        if self.inbox.handle_purge(inbox) {
+            Ok(())
+        } else {
+            Err(PurgeRefused::QueueFull)
+        }
     }
 
     /// Closes every connection with `code` (shutdown: clients reconnect).
@@ -1874,7 +1942,10 @@ impl<A: Authenticator> EdgeSession<A> {
             return None;
         }
         let home = home_edge(user, &self.edge_ids);
-        if home == cluster.edge || self.guests.contains_key(&home) {
+        if home == cluster.edge {
+            return self.drained_to;
+        }
+        if self.guests.contains_key(&home) {
             return None;
         }
         let server = self.servers.get(&home).copied();
@@ -1896,7 +1967,7 @@ impl<A: Authenticator> EdgeSession<A> {
         }
         let home = home_edge(user, &self.edge_ids);
         if home == cluster.edge {
-            Some(&mut self.inbox)
+            self.drained_to.is_none().then_some(&mut self.inbox)
         } else {
             self.guests.get_mut(&home)
         }

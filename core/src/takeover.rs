@@ -291,8 +291,12 @@ pub enum TakeoverAction {
 #[derive(Debug)]
 pub struct Planner {
     edge: EdgeId,
+    /// This process's owner id, the one its claims carry.
+    owner: u64,
     members: Vec<EdgeId>,
     lease_timeout_ms: u64,
+    /// When the last full round of observations was read.
+    last_round_ms: Option<UnixMillis>,
     /// Per other member: what was read last, and when that last changed.
     seen: BTreeMap<EdgeId, (Observed, UnixMillis)>,
     /// Edges whose users this edge serves besides its own, with the lease it claimed.
@@ -302,16 +306,38 @@ pub struct Planner {
 }
 
 impl Planner {
-    /// `members` includes `edge`. An edge counts as dead once its beat stood still for
-    /// `lease_timeout_ms`, so that must be several renew intervals.
-    pub fn new(edge: EdgeId, members: &[EdgeId], lease_timeout_ms: u64) -> Planner {
+    /// `members` includes `edge`; `owner` is the id this process's claims carry. An edge
+    /// counts as dead once its beat stood still for `lease_timeout_ms`, so that must be
+    /// several renew intervals.
+    pub fn new(edge: EdgeId, owner: u64, members: &[EdgeId], lease_timeout_ms: u64) -> Planner {
         Planner {
             edge,
+            owner,
             members: members.to_vec(),
             lease_timeout_ms,
+            last_round_ms: None,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
             claiming: BTreeSet::new(),
+        }
+    }
+
+    /// One round of observations, every member's lease and beat as read together. After a gap
+    /// in this edge's own rounds (it could not read the store, or was paused) no beat was
+    /// watched in between, so every edge gets a full timeout again instead of being judged
+    /// dead on the spot.
+    pub fn observe_round(&mut self, now_ms: UnixMillis, observed: BTreeMap<EdgeId, Observed>) {
+        let gap = self
+            .last_round_ms
+            .is_some_and(|last| now_ms.saturating_sub(last) > self.lease_timeout_ms / 2);
+        if gap {
+            for (_, changed_ms) in self.seen.values_mut() {
+                *changed_ms = now_ms;
+            }
+        }
+        self.last_round_ms = Some(now_ms);
+        for (edge, seen) in observed {
+            self.observe(now_ms, edge, seen);
         }
     }
 
@@ -404,10 +430,13 @@ impl Planner {
             .filter(|edge| self.alive(*edge, now_ms))
             .collect();
         for (edge, (observed, changed_ms)) in &self.seen {
-            let handed_here = observed
-                .lease
-                .is_some_and(|lease| lease.holder == self.edge && lease.owner == HANDOVER_OWNER);
-            if handed_here && !self.guests.contains_key(edge) && !self.claiming.contains(edge) {
+            // Handed over to this edge by a drain, or claimed by it in a claim whose result was
+            // lost (unknown, or cut short between clusters): claim at once.
+            let ours = observed.lease.is_some_and(|lease| {
+                lease.holder == self.edge
+                    && (lease.owner == HANDOVER_OWNER || lease.owner == self.owner)
+            });
+            if ours && !self.guests.contains_key(edge) && !self.claiming.contains(edge) {
                 actions.push(TakeoverAction::Claim {
                     edge: *edge,
                     expected: *observed,
@@ -445,11 +474,16 @@ impl Planner {
         }
     }
 
-    /// A commit for `edge`'s users came back `Fenced`: someone claimed them since. Returns
-    /// whether this edge was serving them (then every shard must release them now, without
-    /// waiting for the next observation).
-    pub fn fenced(&mut self, edge: EdgeId) -> bool {
-        self.guests.remove(&edge).is_some()
+    /// A commit for `edge`'s users under `lease` came back `Fenced`: someone claimed them
+    /// since. Returns whether this edge was serving them under that lease (then every shard
+    /// must release them now, without waiting for the next observation); a report about an
+    /// earlier claim changes nothing.
+    pub fn fenced(&mut self, edge: EdgeId, lease: Lease) -> bool {
+        if self.guests.get(&edge) != Some(&lease) {
+            return false;
+        }
+        self.guests.remove(&edge);
+        true
     }
 }
 
@@ -473,7 +507,7 @@ mod tests {
             .map(|edge| claim_own(&store, edge, 100 + u64::from(edge)).expect("claim"))
             .collect();
         let mut planners: Vec<Planner> = (1..=3)
-            .map(|e| Planner::new(e, &[1, 2, 3], TIMEOUT))
+            .map(|e| Planner::new(e, 7, &[1, 2, 3], TIMEOUT))
             .collect();
         // Edges 1 and 2 keep beating; edge 3 stops at once.
         let mut now = 0;
@@ -551,7 +585,7 @@ mod tests {
 
     #[test]
     fn an_edge_that_never_started_is_taken_over_after_the_timeout() {
-        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
+        let mut planner = Planner::new(1, 11, &[1, 2], TIMEOUT);
         planner.observe(0, 2, Observed::default());
         assert!(planner.actions(TIMEOUT - 1).is_empty());
         let actions = planner.actions(TIMEOUT);
@@ -573,8 +607,8 @@ mod tests {
         let store = [MemoryStore::new()];
         let lease = claim_own(&store, 1, 11).expect("claim");
         let successor = claim_own(&store, 2, 22).expect("claim");
-        let mut draining = Planner::new(1, &[1, 2], TIMEOUT);
-        let mut taker = Planner::new(2, &[1, 2], TIMEOUT);
+        let mut draining = Planner::new(1, 11, &[1, 2], TIMEOUT);
+        let mut taker = Planner::new(2, 22, &[1, 2], TIMEOUT);
         renew(&store, 2, successor).expect("renew");
         for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
             draining.observe(0, edge, observed);
@@ -633,6 +667,52 @@ mod tests {
         let back = claim_own(&stores, 3, 10).expect("claim");
         assert_eq!(write_if_newer(&stores[1], 3, next), Err(StoreError::Fenced));
         assert!(passes(back) && fenced_everywhere(next));
+    }
+
+    /// A claim whose result this edge lost (it landed, but the answer did not) is claimed
+    /// again at once instead of waiting for the timeout; a fenced report about an earlier
+    /// claim releases nothing; and after a gap in this edge's own observations nobody is
+    /// judged dead before a full timeout of watching.
+    #[test]
+    fn lost_claims_stale_reports_and_gaps_in_watching() {
+        let store = [MemoryStore::new()];
+        claim_own(&store, 2, 20).expect("claim");
+        let mut planner = Planner::new(1, 11, &[1, 2], TIMEOUT);
+        planner.observe_round(0, observe_all(&store, &[1, 2]).expect("read"));
+        let actions = planner.actions(TIMEOUT);
+        let [TakeoverAction::Claim { edge: 2, expected }] = actions[..] else {
+            panic!("edge 2 never beat: {actions:?}");
+        };
+        let lost = claim(&store, 2, 1, 11, expected).expect("claim");
+        planner.claimed(2, Err(StoreError::CommitUnknown));
+        planner.observe_round(TIMEOUT + 1, observe_all(&store, &[1, 2]).expect("read"));
+        let actions = planner.actions(TIMEOUT + 1);
+        let [TakeoverAction::Claim { edge: 2, expected }] = actions[..] else {
+            panic!("its own lost claim is claimed again: {actions:?}");
+        };
+        let held = claim(&store, 2, 1, 11, expected).expect("claim");
+        planner.claimed(2, Ok(held));
+        assert!(!planner.fenced(2, lost), "a report about the lost claim");
+        assert_eq!(planner.server_of(2, TIMEOUT + 1), Some(1));
+        // Edge 2 returns; then edge 1 stops watching for a while (a store outage).
+        let back = claim_own(&store, 2, 21).expect("claim");
+        renew(&store, 2, back).expect("renew");
+        planner.observe_round(TIMEOUT + 2, observe_all(&store, &[1, 2]).expect("read"));
+        assert_eq!(
+            planner.actions(TIMEOUT + 2),
+            vec![TakeoverAction::Release { edge: 2 }]
+        );
+        let later = 10 * TIMEOUT;
+        planner.observe_round(later, observe_all(&store, &[1, 2]).expect("read"));
+        assert!(
+            planner.alive(2, later),
+            "not judged on the beats it did not watch"
+        );
+        assert!(planner.actions(later).is_empty());
+        assert!(
+            !planner.actions(later + TIMEOUT).is_empty(),
+            "silent for a full timeout"
+        );
     }
 
     #[test]

@@ -84,6 +84,10 @@ fn cluster_simulation_over_many_seeds() {
         );
         assert!(total.fenced > 0, "no stale holder was fenced: {total:?}");
         assert!(total.drains > 0, "no edge was drained: {total:?}");
+        assert!(
+            total.released_in_flight > 0,
+            "no guest was released with a batch in flight: {total:?}"
+        );
     }
 }
 
@@ -110,6 +114,8 @@ struct Stats {
     fenced: u64,
     /// Edges drained: leases handed to a successor, clients redirected there.
     drains: u64,
+    /// Guest commit results that came back after the guest was released.
+    released_in_flight: u64,
 }
 
 impl Stats {
@@ -128,6 +134,7 @@ impl Stats {
         self.guest_commits += other.guest_commits;
         self.fenced += other.fenced;
         self.drains += other.drains;
+        self.released_in_flight += other.released_in_flight;
     }
 }
 
@@ -209,6 +216,16 @@ enum Packet {
         edge: usize,
         conn: ConnRef,
     },
+    /// A guest's batch committed (or refused) on the store thread, its result on the way
+    /// back to the shard: meanwhile the guest may be released, or served again.
+    GuestCommitDone {
+        edge: usize,
+        shard: u8,
+        guest: EdgeId,
+        lease: Option<Lease>,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<commit::Outcome>, StoreError>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,6 +236,7 @@ enum Lane {
     LinkRequest(u64),
     LinkAnswer(u64),
     Local(usize),
+    GuestCommit(usize, u8),
 }
 
 impl Packet {
@@ -232,6 +250,7 @@ impl Packet {
             Packet::ReadDone { conn, .. } | Packet::IdleTimeout { conn, .. } => {
                 Lane::Local(conn.slot)
             }
+            Packet::GuestCommitDone { edge, shard, .. } => Lane::GuestCommit(*edge, *shard),
         }
     }
 
@@ -241,7 +260,8 @@ impl Packet {
             Packet::ToEdge { edge: e, .. }
             | Packet::Mesh { edge: e, .. }
             | Packet::ReadDone { edge: e, .. }
-            | Packet::IdleTimeout { edge: e, .. } => *e == edge,
+            | Packet::IdleTimeout { edge: e, .. }
+            | Packet::GuestCommitDone { edge: e, .. } => *e == edge,
             Packet::ToClient { conn, .. } | Packet::Closed { conn, .. } => {
                 world.slot_edge.get(&conn.slot) == Some(&edge)
             }
@@ -269,6 +289,8 @@ struct Edge {
     planner: Option<Planner>,
     guest_committers: BTreeMap<(usize, EdgeId), Committer>,
     next_beat_at: UnixMillis,
+    /// This process's owner id, which its claims carry.
+    owner: u64,
     /// Down until then (takeover seeds: a crashed edge stays down a while).
     down_until: Option<UnixMillis>,
     /// Misses its beats until then, while serving on (a stall: a long pause, a slow store).
@@ -443,6 +465,7 @@ impl World {
                 planner: None,
                 guest_committers: BTreeMap::new(),
                 next_beat_at: 0,
+                owner: 0,
                 down_until: None,
                 stalled_until: 0,
                 exits_at: None,
@@ -470,7 +493,8 @@ impl World {
         if self.takeover {
             let lease = takeover::claim_own(&e.stores, e.id, owner).expect("claim own lease");
             e.lease = Some(lease);
-            e.planner = Some(Planner::new(e.id, &self.edge_ids, LEASE_TIMEOUT_MS));
+            e.owner = owner;
+            e.planner = Some(Planner::new(e.id, owner, &self.edge_ids, LEASE_TIMEOUT_MS));
             e.next_beat_at = now;
         }
         e.shards = (0..count)
@@ -679,16 +703,48 @@ impl World {
             };
             self.stats.guest_commits += 1;
             self.stats.duplicate_sends += duplicates_in(&result);
-            let fenced = result == Err(StoreError::Fenced);
-            e.shards[shard].handle_guest_commit(guest, batch, result);
-            if fenced {
-                self.stats.fenced += 1;
-                let released = e.planner.as_mut().is_some_and(|p| p.fenced(guest));
-                if released {
-                    self.release(edge, guest);
-                }
+            let latency = self.rng.below(10);
+            let done = Packet::GuestCommitDone {
+                edge,
+                shard: shard as u8,
+                guest,
+                lease,
+                batch,
+                result,
+            };
+            self.schedule(done, latency);
+        }
+    }
+
+    /// A guest's commit result reaches its shard; a fenced one releases the guest on every
+    /// shard, unless it was about an earlier claim.
+    fn guest_commit_done(
+        &mut self,
+        edge: usize,
+        shard: u8,
+        guest: EdgeId,
+        lease: Option<Lease>,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<commit::Outcome>, StoreError>,
+    ) {
+        let fenced = result == Err(StoreError::Fenced);
+        let e = &mut self.edges[edge];
+        let serving = lease.is_some_and(|lease| {
+            e.planner
+                .as_ref()
+                .is_some_and(|p| p.guests().any(|held| held == (guest, lease)))
+        });
+        self.stats.released_in_flight += u64::from(!serving);
+        e.shards[shard as usize].handle_guest_commit(guest, batch, result);
+        self.apply_effects(edge, shard);
+        if fenced {
+            self.stats.fenced += 1;
+            let e = &mut self.edges[edge];
+            let released = lease
+                .is_some_and(|lease| e.planner.as_mut().is_some_and(|p| p.fenced(guest, lease)));
+            if released {
+                self.release(edge, guest);
             }
-            self.apply_effects(edge, shard as u8);
         }
     }
 
@@ -712,7 +768,11 @@ impl World {
             return;
         }
         let e = &mut self.edges[edge];
-        if now >= e.next_beat_at && (now >= e.stalled_until || !chaos) {
+        if now < e.stalled_until && chaos {
+            // Its lease thread is paused (its shards serve on): no beat, no observation.
+            return;
+        }
+        if now >= e.next_beat_at {
             e.next_beat_at = now + RENEW_MS;
             let lease = e.lease.expect("a live edge holds its lease");
             if takeover::renew(&e.stores, e.id, lease) == Err(StoreError::Fenced) {
@@ -723,9 +783,7 @@ impl World {
         }
         let observed = takeover::observe_all(&e.stores, &self.edge_ids).expect("read leases");
         let planner = e.planner.as_mut().expect("a live edge plans");
-        for (id, seen) in observed {
-            planner.observe(now, id, seen);
-        }
+        planner.observe_round(now, observed);
         let actions = planner.actions(now);
         let servers = planner.servers(now);
         for shard in &mut e.shards {
@@ -738,7 +796,7 @@ impl World {
                     expected,
                 } => {
                     let e = &mut self.edges[edge];
-                    let result = takeover::claim(&e.stores, dead, e.id, e.id.into(), expected);
+                    let result = takeover::claim(&e.stores, dead, e.id, e.owner, expected);
                     let ok = result.is_ok();
                     e.planner.as_mut().expect("planner").claimed(dead, result);
                     if ok {
@@ -1048,6 +1106,14 @@ impl World {
                 self.edges[edge].shards[conn.shard as usize].connection_lost(conn);
                 self.apply_effects(edge, conn.shard);
             }
+            Packet::GuestCommitDone {
+                edge,
+                shard,
+                guest,
+                lease,
+                batch,
+                result,
+            } => self.guest_commit_done(edge, shard, guest, lease, batch, result),
         }
     }
 
