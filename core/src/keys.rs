@@ -13,6 +13,7 @@
 //! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
+//! | `l` edge `b` | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are

@@ -154,7 +154,8 @@ impl ClusterSection {
         if self.link_requests_in_flight_max == 0 {
             return Err(("cluster.link_requests_in_flight_max", "at least 1".into()));
         }
-        if self.lease_renew_ms == 0 || self.lease_timeout_ms < 3 * self.lease_renew_ms {
+        if self.lease_renew_ms == 0 || self.lease_timeout_ms < self.lease_renew_ms.saturating_mul(3)
+        {
             return Err((
                 "cluster.lease_renew_ms/lease_timeout_ms",
                 "a renew interval of at least 1 and a timeout of at least three of them".into(),

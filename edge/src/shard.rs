@@ -39,8 +39,8 @@ use courier_core::clock::ServerClock;
 use courier_core::commit::Committer;
 use courier_core::placement::EdgeId;
 use courier_core::session::{
-    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, SessionConfig,
-    SessionStats, ShardMessage,
+    AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, PurgeRefused,
+    SessionConfig, SessionStats, ShardMessage,
 };
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
@@ -308,6 +308,8 @@ pub struct Shard {
     guests: BTreeMap<EdgeId, (Lease, Option<Committer>)>,
     /// A drain handed this edge's users to this edge: clients are redirected there.
     drained_to: Option<EdgeId>,
+    /// After a failed guest commit, guests commit again from then on.
+    guest_retry_at: Option<Instant>,
 }
 
 /// Counts of what a shard dropped under overload, logged periodically (see `log_stats`).
@@ -541,6 +543,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         takeover_version: 0,
         guests: BTreeMap::new(),
         drained_to: None,
+        guest_retry_at: None,
         cluster: setup
             .link_client_config
             .clone()
@@ -1593,11 +1596,14 @@ impl Shard {
                 shard = self.id,
                 "draining: refusing new connections, finishing commits"
             );
-            if let Some(edge) = self.drained_to {
-                // The leases went to `edge` already: what is still queued here is fenced
-                // and refused as retryable, and the clients send it again there.
-                self.session.drain_to(edge);
-            }
+        }
+        // The main thread published the drain before it set `shutdown`: read it now, even if
+        // this tick's earlier look came just before.
+        self.apply_takeover();
+        if let Some(edge) = self.drained_to {
+            // The leases went to `edge`: clients are redirected there, and what was queued
+            // here is refused as retryable (the session does this once).
+            self.session.drain_to(edge);
         }
         if self.committer.is_none()
             || self.session.queued_requests() > 0
@@ -1710,6 +1716,9 @@ impl Shard {
         if self.guests.is_empty() || self.mesh_congested() {
             return;
         }
+        if self.guest_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         let now = self.now_ms();
         while let Some((guest, batch)) = self.session.poll_guest_batch(now) {
             let taken = self
@@ -1717,11 +1726,12 @@ impl Shard {
                 .get_mut(&guest)
                 .and_then(|(lease, committer)| Some((*lease, committer.take()?)));
             let Some((lease, mut committer)) = taken else {
-                // Not serving it here any more (cannot happen: the session and this map
-                // change together); refuse as fenced, which the session answers retryably.
+                // Cannot happen: the session and this map change together. Answer the batch
+                // (retryably) and stop here rather than take the same batch again.
+                warn!(guest, "a guest batch without its committer; refusing it");
                 self.session
                     .handle_guest_commit(guest, batch, Err(StoreError::Fenced));
-                continue;
+                break;
             };
             let store = self.store.clone();
             let lane = self.lanes.writer.clone();
@@ -1766,6 +1776,8 @@ impl Shard {
             *slot = Some(committer);
         }
         let fenced = result == Err(StoreError::Fenced);
+        // A failing store is not spun on: guests wait as this edge's own commits do.
+        self.guest_retry_at = result.is_err().then(|| Instant::now() + COMMIT_RETRY_DELAY);
         if let Err(error) = &result {
             warn!(guest, %error, "commit for a guest edge failed; senders will retry");
         }
@@ -1775,7 +1787,7 @@ impl Shard {
             self.guests.remove(&guest);
             self.session.release_guest(guest);
             if let Some(takeover) = &self.takeover {
-                takeover.fenced(guest);
+                takeover.fenced(guest, lease);
             }
         }
     }
@@ -1922,14 +1934,24 @@ impl Shard {
                 let _ = reply.try_send(closed);
             }
             ShardRequest::Purge { user, reply } => {
-                if self.session.handle_purge(user) {
-                    let waiters = self.purge_waiters.entry(user).or_default();
-                    // Operators who gave up waiting (their control request timed out).
-                    waiters.retain(|(_, waiter)| !waiter.is_disconnected());
-                    waiters.push((self.batches_taken, reply));
-                    self.after_input();
-                } else {
-                    let _ = reply.try_send(Err("too many purges are queued; try again".into()));
+                match self.session.handle_purge(user) {
+                    Ok(()) => {
+                        let waiters = self.purge_waiters.entry(user).or_default();
+                        // Operators who gave up waiting (their control request timed out).
+                        waiters.retain(|(_, waiter)| !waiter.is_disconnected());
+                        waiters.push((self.batches_taken, reply));
+                        self.after_input();
+                    }
+                    Err(PurgeRefused::QueueFull) => {
+                        let _ = reply.try_send(Err("too many purges are queued; try again".into()));
+                    }
+                    Err(PurgeRefused::ServedElsewhere { edge }) => {
+                        let message = format!(
+                            "user {user} lives on edge {edge} (or is served there now): run the \
+                             purge on that edge"
+                        );
+                        let _ = reply.try_send(Err(message));
+                    }
                 }
             }
         }

@@ -14,7 +14,7 @@
 //! fenced shard does. A drain ([`Takeover::drain`]) hands every lease to the successor first.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,8 @@ pub struct LeaseSettings {
 enum Command {
     /// Hand every lease to the successor; answer with it (`None`: no other edge is alive).
     Drain(flume::Sender<Option<EdgeId>>),
-    /// A shard's commit for this guest was fenced: stop serving it now.
-    Fenced(EdgeId),
+    /// A shard's commit for this guest under this lease was fenced: stop serving it now.
+    Fenced(EdgeId, Lease),
 }
 
 /// The lease thread's shared side.
@@ -57,13 +57,16 @@ pub struct Takeover {
     /// Raised on every change of `view`, so shards copy it only when it changed.
     version: AtomicU64,
     commands: flume::Sender<Command>,
+    /// Set before a drain hands the first lease over: from then on this edge's own commits
+    /// may be fenced, which is expected and no reason to exit.
+    handing_over: AtomicBool,
 }
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Drain(_) => f.write_str("Drain"),
-            Command::Fenced(edge) => write!(f, "Fenced({edge})"),
+            Command::Fenced(edge, lease) => write!(f, "Fenced({edge}, epoch {})", lease.epoch),
         }
     }
 }
@@ -93,13 +96,19 @@ impl Takeover {
             view: Mutex::new(View::default()),
             version: AtomicU64::new(0),
             commands,
+            handing_over: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("lease".into())
             .spawn(move || {
                 LeaseThread {
-                    planner: Planner::new(settings.edge, &settings.members, settings.timeout_ms),
+                    planner: Planner::new(
+                        settings.edge,
+                        owner,
+                        &settings.members,
+                        settings.timeout_ms,
+                    ),
                     stores,
                     settings,
                     own,
@@ -125,16 +134,17 @@ impl Takeover {
             .clone()
     }
 
-    /// Whether a drain handed the leases over: this edge's own commits are fenced from then
-    /// on, which is expected and no reason to exit.
+    /// Whether a drain is handing (or handed) the leases over: this edge's own commits may
+    /// be fenced from then on, which is expected and no reason to exit.
     pub fn handed_over(&self) -> bool {
-        self.view().drained_to.is_some()
+        self.handing_over.load(Ordering::Acquire)
     }
 
-    /// A shard's commit for `guest` came back fenced: the thread stops serving it at once.
-    pub fn fenced(&self, guest: EdgeId) {
+    /// A shard's commit for `guest` under `lease` came back fenced: the thread stops serving
+    /// it at once (unless it holds a later claim).
+    pub fn fenced(&self, guest: EdgeId, lease: Lease) {
         // A full queue already carries reports enough; the next observation catches up.
-        let _ = self.commands.try_send(Command::Fenced(guest));
+        let _ = self.commands.try_send(Command::Fenced(guest, lease));
     }
 
     /// Hands this edge's lease and its guests' to the successor, waiting at most `wait`,
@@ -142,6 +152,7 @@ impl Takeover {
     /// the edge keeps its users (and its lease thread beats on) and its clients are closed
     /// with `ShuttingDown`.
     pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
+        self.handing_over.store(true, Ordering::Release);
         let (reply, answer) = flume::bounded(1);
         self.commands
             .send_timeout(Command::Drain(reply), wait)
@@ -192,8 +203,8 @@ impl<S: Store> LeaseThread<S> {
                     }
                     continue;
                 }
-                Ok(Command::Fenced(guest)) => {
-                    if self.planner.fenced(guest) {
+                Ok(Command::Fenced(guest, lease)) => {
+                    if self.planner.fenced(guest, lease) {
                         warn!(guest, "a commit for a guest edge was fenced; releasing it");
                         self.publish();
                     }
@@ -210,8 +221,8 @@ impl<S: Store> LeaseThread<S> {
     /// Beats, observes, and acts on what the planner says.
     fn tick(&mut self) {
         let edge = self.settings.edge;
-        match takeover::renew(&self.stores, edge, self.own) {
-            Ok(()) => {}
+        let renewed = match takeover::renew(&self.stores, edge, self.own) {
+            Ok(()) => true,
             Err(StoreError::Fenced) => {
                 tracing::error!(
                     edge,
@@ -221,15 +232,20 @@ impl<S: Store> LeaseThread<S> {
                 std::process::exit(3);
             }
             // Transient: the next beat may pass, and the timeout is several beats long.
-            Err(error) => warn!(%error, "cannot beat this edge's lease"),
-        }
+            Err(error) => {
+                warn!(%error, "cannot beat this edge's lease");
+                false
+            }
+        };
         let observed = match takeover::observe_all(&self.stores, &self.settings.members) {
             Ok(observed) => observed,
             Err(error) => return warn!(%error, "cannot read the edges' leases"),
         };
         let now = self.now_ms();
-        for (member, seen) in observed {
-            self.planner.observe(now, member, seen);
+        self.planner.observe_round(now, observed);
+        if !renewed {
+            // While this edge cannot beat, it may be the one cut off: it judges no one.
+            return self.publish();
         }
         for action in self.planner.actions(now) {
             match action {
