@@ -29,10 +29,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::UnixMillis;
+use crate::commit::{Committer, Outcome};
 use crate::keys;
 use crate::placement::{EdgeId, home_edge};
+use crate::session::{Authenticator, ConnRef, EdgeSession};
+use crate::shard::Batch;
 use crate::store::{Store, StoreError, Transaction};
+use crate::{CoreConfig, UnixMillis};
 
 /// Who serves an edge's users, under which epoch: the value at `l/{edge}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,6 +490,129 @@ impl Planner {
     }
 }
 
+/// One shard's side of the guests its edge serves: the lease each is served under and its
+/// committer, kept in step with the session. The edge's shards and the simulation both drive
+/// the session's guests through this.
+#[derive(Debug)]
+pub struct ShardGuests {
+    config: CoreConfig,
+    /// Per guest: the lease, and its committer (`None` while a batch is in flight). A new
+    /// claim gets a new committer.
+    guests: BTreeMap<EdgeId, (Lease, Option<Committer>)>,
+}
+
+/// A guest's batch to commit under `lease` with `committer` (hand all three back to
+/// [`ShardGuests::finish`]).
+#[derive(Debug)]
+pub struct GuestCommit {
+    pub guest: EdgeId,
+    pub lease: Lease,
+    pub committer: Committer,
+    pub batch: Batch<ConnRef>,
+}
+
+impl ShardGuests {
+    pub fn new(config: &CoreConfig) -> ShardGuests {
+        ShardGuests {
+            config: config.clone(),
+            guests: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.guests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.guests.is_empty()
+    }
+
+    /// Makes the session serve exactly the guests the edge holds now (`held`, from the
+    /// planner): a guest gone or held under another lease is released (its clients
+    /// redirected), a new one served with a new committer.
+    pub fn apply<A: Authenticator>(
+        &mut self,
+        session: &mut EdgeSession<A>,
+        held: &BTreeMap<EdgeId, Lease>,
+    ) {
+        let released: Vec<EdgeId> = self
+            .guests
+            .iter()
+            .filter(|(guest, (lease, _))| held.get(guest) != Some(lease))
+            .map(|(guest, _)| *guest)
+            .collect();
+        for guest in released {
+            self.guests.remove(&guest);
+            session.release_guest(guest);
+        }
+        for (guest, lease) in held {
+            if !self.guests.contains_key(guest) {
+                let committer = Committer::new(&self.config);
+                self.guests.insert(*guest, (*lease, Some(committer)));
+                session.serve_guest(*guest);
+            }
+        }
+    }
+
+    /// The next guest batch to commit, with its lease and committer.
+    pub fn next<A: Authenticator>(
+        &mut self,
+        session: &mut EdgeSession<A>,
+        now_ms: UnixMillis,
+    ) -> Option<GuestCommit> {
+        let (guest, batch) = session.poll_guest_batch(now_ms)?;
+        let taken = self
+            .guests
+            .get_mut(&guest)
+            .and_then(|(lease, committer)| Some((*lease, committer.take()?)));
+        let Some((lease, committer)) = taken else {
+            // Cannot happen: the session and this map change together. Answer the batch
+            // (retryably) rather than commit it under no lease.
+            session.handle_guest_commit(guest, batch, Err(StoreError::Fenced));
+            return None;
+        };
+        Some(GuestCommit {
+            guest,
+            lease,
+            committer,
+            batch,
+        })
+    }
+
+    /// A guest commit's result. Returns the guest and lease to report to the planner when it
+    /// was fenced while this shard still served it under that lease (released here already;
+    /// the planner releases it on the other shards).
+    pub fn finish<A: Authenticator>(
+        &mut self,
+        session: &mut EdgeSession<A>,
+        commit: GuestCommit,
+        result: Result<Vec<Outcome>, StoreError>,
+    ) -> Option<(EdgeId, Lease)> {
+        let GuestCommit {
+            guest,
+            lease,
+            committer,
+            batch,
+        } = commit;
+        let current = self
+            .guests
+            .get_mut(&guest)
+            .filter(|(current, _)| *current == lease);
+        let still_serving = current.is_some();
+        if let Some((_, slot)) = current {
+            *slot = Some(committer);
+        }
+        let fenced = result == Err(StoreError::Fenced);
+        session.handle_guest_commit(guest, batch, result);
+        if !(fenced && still_serving) {
+            return None;
+        }
+        self.guests.remove(&guest);
+        session.release_guest(guest);
+        Some((guest, lease))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,6 +838,51 @@ mod tests {
         assert!(
             !planner.actions(later + TIMEOUT).is_empty(),
             "silent for a full timeout"
+        );
+    }
+
+    /// A committer reused under a new claim must not trust what it cached under the old one:
+    /// another edge may have written the inbox in between.
+    #[test]
+    fn a_committer_forgets_its_cache_when_its_lease_changes() {
+        use crate::commit::{Committer, Request, SendRequest};
+        let store = [MemoryStore::new()];
+        let config = CoreConfig::default();
+        let send = |client_id: u64| {
+            [Request::Send(SendRequest {
+                sender: 1,
+                client_id,
+                to: 7,
+                body: b"x".to_vec(),
+                ttl_secs: None,
+            })]
+        };
+        let seq = |outcomes: Vec<Outcome>| match outcomes[0] {
+            Outcome::Stored { seq, .. } => seq,
+            other => panic!("not stored: {other:?}"),
+        };
+        let own = claim_own(&store, 3, 1).expect("claim");
+        let mut reused = Committer::new(&config);
+        let leased = LeasedStore::new(&store[0], 3, own);
+        assert_eq!(
+            seq(reused.commit_batch(&leased, &send(1), 1).expect("commit")),
+            1
+        );
+        // Another edge takes the users over and stores seq 2.
+        let seen = observe_all(&store, &[3]).expect("read")[&3];
+        let other = claim(&store, 3, 2, 9, seen).expect("claim");
+        let mut theirs = Committer::new(&config);
+        let leased = LeasedStore::new(&store[0], 3, other);
+        assert_eq!(
+            seq(theirs.commit_batch(&leased, &send(2), 2).expect("commit")),
+            2
+        );
+        // The first holder claims them back and commits with its old committer.
+        let back = claim_own(&store, 3, 1).expect("claim");
+        let leased = LeasedStore::new(&store[0], 3, back);
+        assert_eq!(
+            seq(reused.commit_batch(&leased, &send(3), 3).expect("commit")),
+            3
         );
     }
 

@@ -38,7 +38,9 @@ use courier_core::shard::Batch;
 use courier_core::store::StoreError;
 use courier_core::store::clusters::commit_batch_split;
 use courier_core::store::memory::MemoryStore;
-use courier_core::takeover::{self, Lease, LeasedStore, Planner, TakeoverAction};
+use courier_core::takeover::{
+    self, GuestCommit, Lease, LeasedStore, Planner, ShardGuests, TakeoverAction,
+};
 use courier_core::{CoreConfig, UnixMillis, UserId};
 use courier_protocol::client::{ClientConfig, ClientEvent, ClientSession, SessionError};
 use courier_protocol::link::LinkFrame;
@@ -221,9 +223,7 @@ enum Packet {
     GuestCommitDone {
         edge: usize,
         shard: u8,
-        guest: EdgeId,
-        lease: Option<Lease>,
-        batch: Batch<ConnRef>,
+        commit: Box<GuestCommit>,
         result: Result<Vec<commit::Outcome>, StoreError>,
     },
 }
@@ -282,12 +282,10 @@ struct Edge {
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
     /// Takeover seeds: the lease this process claimed at start, its view of the others, and
-    /// a committer per (shard, guest edge), kept across claims on purpose: the committer
-    /// itself must drop a cache learned under an earlier lease (`Store::lease_claim`); without
-    /// that, 6 of 4,000 seeds lose an acknowledged message.
+    /// each shard's guests (`ShardGuests`, as in the edge).
     lease: Option<Lease>,
     planner: Option<Planner>,
-    guest_committers: BTreeMap<(usize, EdgeId), Committer>,
+    guests: Vec<ShardGuests>,
     next_beat_at: UnixMillis,
     /// This process's owner id, which its claims carry.
     owner: u64,
@@ -463,7 +461,7 @@ impl World {
                 committers: Vec::new(),
                 lease: None,
                 planner: None,
-                guest_committers: BTreeMap::new(),
+                guests: Vec::new(),
                 next_beat_at: 0,
                 owner: 0,
                 down_until: None,
@@ -489,7 +487,7 @@ impl World {
         let e = &mut self.edges[edge];
         e.down_until = None;
         e.exits_at = None;
-        e.guest_committers.clear();
+        e.guests.clear();
         if self.takeover {
             let lease = takeover::claim_own(&e.stores, e.id, owner).expect("claim own lease");
             e.lease = Some(lease);
@@ -508,6 +506,7 @@ impl World {
             })
             .collect();
         e.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
+        e.guests = (0..count).map(|_| ShardGuests::new(&self.config)).collect();
         for shard in 0..count as u8 {
             for peer in 0..self.edges.len() {
                 if peer != edge {
@@ -686,64 +685,55 @@ impl World {
         if e.shards.len() <= shard {
             return; // Crashed while committing its own batch.
         }
-        if let Some((guest, batch)) = e.shards[shard].poll_guest_batch(now) {
-            let lease = e
-                .planner
-                .as_ref()
-                .and_then(|p| p.guests().find(|(g, _)| *g == guest))
-                .map(|(_, lease)| lease);
-            let committer = e
-                .guest_committers
-                .entry((shard, guest))
-                .or_insert_with(|| Committer::new(&self.config));
-            let result = match lease {
-                Some(lease) => commit_leased(committer, &e.stores, guest, lease, &batch, now),
-                // Released by the planner, not yet by this shard: nothing may commit.
-                None => Err(StoreError::Fenced),
-            };
-            self.stats.guest_commits += 1;
-            self.stats.duplicate_sends += duplicates_in(&result);
-            let latency = self.rng.below(10);
-            let done = Packet::GuestCommitDone {
-                edge,
-                shard: shard as u8,
-                guest,
-                lease,
-                batch,
-                result,
-            };
-            self.schedule(done, latency);
-        }
+        let Some(mut commit) = e.guests[shard].next(&mut e.shards[shard], now) else {
+            return;
+        };
+        let result = commit_leased(
+            &mut commit.committer,
+            &e.stores,
+            commit.guest,
+            commit.lease,
+            &commit.batch,
+            now,
+        );
+        self.stats.guest_commits += 1;
+        self.stats.duplicate_sends += duplicates_in(&result);
+        let latency = self.rng.below(10);
+        let done = Packet::GuestCommitDone {
+            edge,
+            shard: shard as u8,
+            commit: Box::new(commit),
+            result,
+        };
+        self.schedule(done, latency);
     }
 
-    /// A guest's commit result reaches its shard; a fenced one releases the guest on every
-    /// shard, unless it was about an earlier claim.
+    /// A guest's commit result reaches its shard; a fenced one is released there and
+    /// reported to the planner, which releases it on the other shards (unless the report is
+    /// about an earlier claim).
     fn guest_commit_done(
         &mut self,
         edge: usize,
         shard: u8,
-        guest: EdgeId,
-        lease: Option<Lease>,
-        batch: Batch<ConnRef>,
+        commit: GuestCommit,
         result: Result<Vec<commit::Outcome>, StoreError>,
     ) {
-        let fenced = result == Err(StoreError::Fenced);
         let e = &mut self.edges[edge];
-        let serving = lease.is_some_and(|lease| {
-            e.planner
-                .as_ref()
-                .is_some_and(|p| p.guests().any(|held| held == (guest, lease)))
-        });
+        let held = (commit.guest, commit.lease);
+        let serving = e
+            .planner
+            .as_ref()
+            .is_some_and(|p| p.guests().any(|guest| guest == held));
         self.stats.released_in_flight += u64::from(!serving);
-        e.shards[shard as usize].handle_guest_commit(guest, batch, result);
+        self.stats.fenced += u64::from(result == Err(StoreError::Fenced));
+        let s = shard as usize;
+        let fenced = e.guests[s].finish(&mut e.shards[s], commit, result);
         self.apply_effects(edge, shard);
-        if fenced {
-            self.stats.fenced += 1;
+        if let Some((guest, lease)) = fenced {
             let e = &mut self.edges[edge];
-            let released = lease
-                .is_some_and(|lease| e.planner.as_mut().is_some_and(|p| p.fenced(guest, lease)));
-            if released {
-                self.release(edge, guest);
+            if e.planner.as_mut().is_some_and(|p| p.fenced(guest, lease)) {
+                self.stats.takeovers_given_back += 1;
+                self.apply_guests(edge);
             }
         }
     }
@@ -785,10 +775,6 @@ impl World {
         let planner = e.planner.as_mut().expect("a live edge plans");
         planner.observe_round(now, observed);
         let actions = planner.actions(now);
-        let servers = planner.servers(now);
-        for shard in &mut e.shards {
-            shard.set_servers(servers.clone());
-        }
         for action in actions {
             match action {
                 TakeoverAction::Claim {
@@ -799,16 +785,12 @@ impl World {
                     let result = takeover::claim(&e.stores, dead, e.id, e.owner, expected);
                     let ok = result.is_ok();
                     e.planner.as_mut().expect("planner").claimed(dead, result);
-                    if ok {
-                        self.stats.takeovers += 1;
-                        for shard in &mut e.shards {
-                            shard.serve_guest(dead);
-                        }
-                    }
+                    self.stats.takeovers += u64::from(ok);
                 }
-                TakeoverAction::Release { edge: guest } => self.release(edge, guest),
+                TakeoverAction::Release { .. } => self.stats.takeovers_given_back += 1,
             }
         }
+        self.apply_guests(edge);
     }
 
     /// An operator drains `edge` (SIGTERM): it hands its own lease and its guests' to its
@@ -837,20 +819,20 @@ impl World {
         }
     }
 
-    /// Edge `edge` stops serving `guest`'s users, on every shard.
-    fn release(&mut self, edge: usize, guest: EdgeId) {
-        self.stats.takeovers_given_back += 1;
+    /// Every shard of `edge` serves exactly the guests its planner holds (through
+    /// `ShardGuests`, as the edge's shards do), and knows who serves whom.
+    fn apply_guests(&mut self, edge: usize) {
         let now = self.now;
-        let e = &mut self.edges[edge];
-        let servers = e
-            .planner
-            .as_ref()
-            .map(|p| p.servers(now))
-            .unwrap_or_default();
+        let e = &self.edges[edge];
+        let Some(planner) = e.planner.as_ref() else {
+            return;
+        };
+        let held: BTreeMap<EdgeId, Lease> = planner.guests().collect();
+        let servers = planner.servers(now);
         for shard in 0..e.shards.len() {
             let e = &mut self.edges[edge];
             e.shards[shard].set_servers(servers.clone());
-            e.shards[shard].release_guest(guest);
+            e.guests[shard].apply(&mut e.shards[shard], &held);
             self.apply_effects(edge, shard as u8);
         }
     }
@@ -971,7 +953,7 @@ impl World {
             let e = &mut self.edges[edge];
             e.shards.clear();
             e.committers.clear();
-            e.guest_committers.clear();
+            e.guests.clear();
             e.planner = None;
             e.lease = None;
             e.down_until = Some(self.now + self.rng.below(3 * LEASE_TIMEOUT_MS));
@@ -1109,11 +1091,9 @@ impl World {
             Packet::GuestCommitDone {
                 edge,
                 shard,
-                guest,
-                lease,
-                batch,
+                commit,
                 result,
-            } => self.guest_commit_done(edge, shard, guest, lease, batch, result),
+            } => self.guest_commit_done(edge, shard, *commit, result),
         }
     }
 

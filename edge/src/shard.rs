@@ -27,7 +27,7 @@
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
@@ -44,7 +44,7 @@ use courier_core::session::{
 };
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
-use courier_core::takeover::Lease;
+use courier_core::takeover::{GuestCommit, ShardGuests};
 use courier_core::{CoreConfig, UserId, placement};
 use courier_protocol::{ErrorCode, Frame};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -302,10 +302,8 @@ pub struct Shard {
     /// The lease thread (takeover), and the version of its view this shard applied last.
     takeover: Option<Arc<crate::takeover::Takeover>>,
     takeover_version: u64,
-    /// Each guest edge this shard serves: the lease its commits run under, and its committer
-    /// (`None` while a batch is in flight). A new claim gets a new committer: an earlier one's
-    /// cache may be stale.
-    guests: BTreeMap<EdgeId, (Lease, Option<Committer>)>,
+    /// The guest edges this shard serves (takeover): each one's lease and committer.
+    guests: ShardGuests,
     /// A drain handed this edge's users to this edge: clients are redirected there.
     drained_to: Option<EdgeId>,
     /// After a failed guest commit, guests commit again from then on.
@@ -541,7 +539,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         connections_closed: false,
         takeover: setup.takeover.clone(),
         takeover_version: 0,
-        guests: BTreeMap::new(),
+        guests: ShardGuests::new(&setup.core),
         drained_to: None,
         guest_retry_at: None,
         cluster: setup
@@ -1691,23 +1689,7 @@ impl Shard {
         self.takeover_version = version;
         let view = takeover.view();
         self.session.set_servers(view.servers.clone());
-        let released: Vec<EdgeId> = self
-            .guests
-            .iter()
-            .filter(|(guest, (lease, _))| view.guests.get(guest) != Some(lease))
-            .map(|(guest, _)| *guest)
-            .collect();
-        for guest in released {
-            self.guests.remove(&guest);
-            self.session.release_guest(guest);
-        }
-        for (guest, lease) in &view.guests {
-            if !self.guests.contains_key(guest) {
-                let committer = Committer::new(&self.core);
-                self.guests.insert(*guest, (*lease, Some(committer)));
-                self.session.serve_guest(*guest);
-            }
-        }
+        self.guests.apply(&mut self.session, &view.guests);
         self.drained_to = view.drained_to;
     }
 
@@ -1720,19 +1702,7 @@ impl Shard {
             return;
         }
         let now = self.now_ms();
-        while let Some((guest, batch)) = self.session.poll_guest_batch(now) {
-            let taken = self
-                .guests
-                .get_mut(&guest)
-                .and_then(|(lease, committer)| Some((*lease, committer.take()?)));
-            let Some((lease, mut committer)) = taken else {
-                // Cannot happen: the session and this map change together. Answer the batch
-                // (retryably) and stop here rather than take the same batch again.
-                warn!(guest, "a guest batch without its committer; refusing it");
-                self.session
-                    .handle_guest_commit(guest, batch, Err(StoreError::Fenced));
-                break;
-            };
+        while let Some(mut commit) = self.guests.next(&mut self.session, now) {
             let store = self.store.clone();
             let lane = self.lanes.writer.clone();
             let Some(shard) = self.self_ref.upgrade() else {
@@ -1742,18 +1712,23 @@ impl Shard {
                 let ran = lane
                     .run(move || {
                         let started = Instant::now();
-                        let result =
-                            store.commit_guest(&mut committer, guest, lease, &batch.requests, now);
-                        (committer, batch, result, started.elapsed())
+                        let result = store.commit_guest(
+                            &mut commit.committer,
+                            commit.guest,
+                            commit.lease,
+                            &commit.batch.requests,
+                            now,
+                        );
+                        (commit, result, started.elapsed())
                     })
                     .await;
-                let Ok((committer, batch, result, took)) = ran else {
+                let Ok((commit, result, took)) = ran else {
                     tracing::error!("the store writer thread stopped; exiting");
                     std::process::exit(3);
                 };
                 let mut shard = shard.borrow_mut();
-                shard.measure_commit(&batch, result.is_ok(), took);
-                shard.finish_guest_commit(guest, lease, committer, batch, result);
+                shard.measure_commit(&commit.batch, result.is_ok(), took);
+                shard.finish_guest_commit(commit, result);
                 shard.after_input();
             });
         }
@@ -1761,31 +1736,17 @@ impl Shard {
 
     fn finish_guest_commit(
         &mut self,
-        guest: EdgeId,
-        lease: Lease,
-        committer: Committer,
-        batch: Batch<ConnRef>,
+        commit: GuestCommit,
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
-        let current = self
-            .guests
-            .get_mut(&guest)
-            .filter(|(current, _)| *current == lease);
-        let still_serving = current.is_some();
-        if let Some((_, slot)) = current {
-            *slot = Some(committer);
-        }
-        let fenced = result == Err(StoreError::Fenced);
         // A failing store is not spun on: guests wait as this edge's own commits do.
         self.guest_retry_at = result.is_err().then(|| Instant::now() + COMMIT_RETRY_DELAY);
         if let Err(error) = &result {
-            warn!(guest, %error, "commit for a guest edge failed; senders will retry");
+            warn!(guest = commit.guest, %error, "commit for a guest edge failed; senders will retry");
         }
-        self.session.handle_guest_commit(guest, batch, result);
-        if fenced && still_serving {
-            // Claimed by someone else since: this edge may not commit for them any more.
-            self.guests.remove(&guest);
-            self.session.release_guest(guest);
+        if let Some((guest, lease)) = self.guests.finish(&mut self.session, commit, result) {
+            // Claimed by someone else since: this shard released them; the lease thread
+            // stops serving them on every shard.
             if let Some(takeover) = &self.takeover {
                 takeover.fenced(guest, lease);
             }
