@@ -7,8 +7,8 @@ use courier_core::placement::home_edge;
 use courier_protocol::link::{LinkFrame, LinkSendResult, encode_link};
 use courier_protocol::{Frame, encode_to_vec};
 
-/// The cluster of `fuzz_targets/session.rs`: this edge and its peer.
-const EDGES: [u32; 2] = [1, 2];
+/// The cluster of `fuzz_targets/session.rs`: this edge, its peer, and an edge that is dead.
+const EDGES: [u32; 3] = [1, 2, 3];
 
 /// The `nth` user who lives on `edge`.
 fn user_on(edge: u32, nth: usize) -> u64 {
@@ -40,8 +40,10 @@ fn hello(user: u64, device: u32) -> Frame {
 fn main() -> std::io::Result<()> {
     // Ops (fuzz_targets/session.rs): bit 0 shard, bits 1-2 slot, bit 3 flag, high nibble kind:
     // 0 open, 1-6 frame, 7 lost, 8 time, 9 partial frame, 10 outbound bytes, 11 shedding,
-    // 12 commit, 13 link frame from the peer, 14 answer on this shard's link, 15 link events
-    // (bits 2-3: up, down, open, closed).
+    // 12 commit (bits 1-3 zero; otherwise takeover: 1 serve edge 3, 2 serve edge 2, 3 release
+    // 3, 4 release 2, 5 edge 2 serves 3, 6 no one serves for another, 7 drain to edge 2),
+    // 13 link frame from the peer, 14 answer on this shard's link, 15 link events (bits 2-3:
+    // up, down, open, closed).
     let (alice, bob) = (user_on(1, 0), user_on(1, 1));
     let mut session = Vec::new();
     session.push(0x00); // open shard 0, slot 0
@@ -102,6 +104,25 @@ fn main() -> std::io::Result<()> {
     link_frame(0xE0, &answer, &mut link);
     link.push(0xF4); // and down
     std::fs::write("corpus/session/seed-link", &link)?;
+
+    // Edge 3 is dead and served here: its user logs in, sends to a user of this edge, and is
+    // redirected when edge 3 is released; then this edge drains.
+    let dave = user_on(3, 0);
+    let mut takeover = vec![0xC2, 0xC3]; // both shards serve edge 3
+    takeover.push(0x00);
+    frame(0x10, &hello(dave, 0), &mut takeover);
+    takeover.extend([0xC0, 0xC1, 0xC0, 0xC1]);
+    let send = Frame::Send {
+        client_id: 1,
+        to: alice,
+        body: b"from a guest".to_vec(),
+        ttl_secs: None,
+    };
+    frame(0x10, &send, &mut takeover);
+    takeover.extend([0xC0, 0xC1, 0xC0, 0xC1]);
+    takeover.extend([0xC6, 0xC7]); // release edge 3
+    takeover.extend([0xCE, 0xCF]); // drain to edge 2
+    std::fs::write("corpus/session/seed-takeover", &takeover)?;
 
     let mut stream = Vec::new();
     for f in [

@@ -4,7 +4,10 @@
 //! served from it. The shards are one edge of a two-edge cluster, so users of the other edge
 //! are redirected and sends to them forwarded, and the input also plays the other edge: any
 //! link frame on a link it opened or on this shard's link to it, links up, down and closed.
-//! Nothing may panic, and every effect names a connection the shard holds or held.
+//! A third edge never links: the input makes it dead and served here (takeover: served,
+//! released, or served by the peer), and drains this edge, shard by shard as the edge's
+//! shards apply such changes at their own ticks. Nothing may panic, and every effect names a
+//! connection the shard holds or held.
 
 #![no_main]
 
@@ -39,6 +42,8 @@ impl Authenticator for FuzzAuth {
 const SHARDS: u32 = 2;
 const LOCAL_EDGE: u32 = 1;
 const PEER_EDGE: u32 = 2;
+/// Never links; its users are served here, by the peer, or by no one (takeover).
+const DEAD_EDGE: u32 = 3;
 
 fuzz_target!(|data: &[u8]| {
     let core = CoreConfig {
@@ -68,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
             config.link_send_bytes_in_flight_max = 100;
             config.cluster = Some(ClusterView {
                 edge: LOCAL_EDGE,
-                members: [LOCAL_EDGE, PEER_EDGE]
+                members: [LOCAL_EDGE, PEER_EDGE, DEAD_EDGE]
                     .into_iter()
                     .map(|id| EdgeMember {
                         id,
@@ -80,6 +85,8 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let mut committers: Vec<Committer> = (0..SHARDS).map(|_| Committer::new(&core)).collect();
+    let mut guest_committers: Vec<Committer> =
+        (0..SHARDS).map(|_| Committer::new(&core)).collect();
     let mut now_ms: u64 = 1_700_000_000_000;
     let mut generation = 1u64;
     let mut rest = data;
@@ -140,10 +147,25 @@ fuzz_target!(|data: &[u8]| {
                 2 => shards[shard].open_link(slot as u64),
                 _ => shards[shard].link_closed(slot as u64),
             },
+            // Takeover, on one shard (the edge's shards apply it each at its own tick).
+            12 if (op >> 1) & 7 != 0 => match (op >> 1) & 7 {
+                1 => shards[shard].serve_guest(DEAD_EDGE),
+                2 => shards[shard].serve_guest(PEER_EDGE),
+                3 => shards[shard].release_guest(DEAD_EDGE),
+                4 => shards[shard].release_guest(PEER_EDGE),
+                5 => shards[shard].set_servers([(DEAD_EDGE, PEER_EDGE)].into()),
+                6 => shards[shard].set_servers(Default::default()),
+                _ => shards[shard].drain_to(PEER_EDGE),
+            },
             _ => {
                 if let Some(batch) = shards[shard].poll_batch(now_ms) {
                     let result = committers[shard].commit_batch(&store, &batch.requests, now_ms);
                     shards[shard].handle_commit(batch, result);
+                }
+                if let Some((guest, batch)) = shards[shard].poll_guest_batch(now_ms) {
+                    let committer = &mut guest_committers[shard];
+                    let result = committer.commit_batch(&store, &batch.requests, now_ms);
+                    shards[shard].handle_guest_commit(guest, batch, result);
                 }
             }
         }
