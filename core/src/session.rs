@@ -1031,6 +1031,10 @@ impl<A: Authenticator> EdgeSession<A> {
     /// In a cluster, only inboxes of this edge's own users: on a shared store an expiry pass
     /// sees every edge's, and only the edge serving an inbox may write it.
     pub fn handle_emptied(&mut self, inboxes: &[UserId], now_ms: UnixMillis) -> usize {
+        if self.drained_to.is_some() {
+            // Nothing commits here any more; the edge serving them now forgets them.
+            return 0;
+        }
         let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
         let mut dropped = 0;
         for inbox in inboxes {
@@ -1048,7 +1052,8 @@ impl<A: Authenticator> EdgeSession<A> {
     /// When `poll_batch` (or `poll_guest_batch`) has a batch of waiting acks even if nothing
     /// else arrives: the driver calls it again then (`InboxShard::batch_deadline_ms`).
     pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
-        std::iter::once(&self.inbox)
+        let own = self.drained_to.is_none().then_some(&self.inbox);
+        own.into_iter()
             .chain(self.guests.values())
             .filter_map(InboxShard::batch_deadline_ms)
             .min()
@@ -1166,6 +1171,7 @@ impl<A: Authenticator> EdgeSession<A> {
         let mut conns: Vec<(ConnRef, Option<UserId>)> = self
             .conns
             .iter()
+            .filter(|(_, c)| c.login != Login::Closing)
             .map(|(slot, c)| {
                 let conn = ConnRef {
                     shard: self.config.shard,
@@ -1338,10 +1344,13 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// Closes every connection with `code` (shutdown: clients reconnect).
+    /// Connections already redirected or closed are left to finish: a second close would
+    /// discard a `Goaway` not yet sent.
     pub fn close_all(&mut self, code: ErrorCode, reason: &str) {
         let conns: Vec<ConnRef> = self
             .conns
             .iter()
+            .filter(|(_, c)| c.login != Login::Closing)
             .map(|(slot, c)| ConnRef {
                 shard: self.config.shard,
                 slot: *slot,
@@ -1690,11 +1699,20 @@ impl<A: Authenticator> EdgeSession<A> {
                     if let Some(entries) = self.registry.get_mut(&user) {
                         entries.retain(|r| r.conn != conn);
                     }
-                    let code = ErrorCode::Overloaded;
+                    // Not served here any more (a takeover ended, a drain): the connection's
+                    // shard sends it on; otherwise the queue was full.
+                    let code = if self.remote_home(user).is_some() {
+                        ErrorCode::ShardUnavailable
+                    } else {
+                        ErrorCode::Overloaded
+                    };
                     self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
                 }
             }
             ShardMessage::Superseded { conn } => {
+                if self.is_leaving(conn) {
+                    return; // Redirected or closed already: a second close would cut it short.
+                }
                 if let Some(c) = self.conn_mut(conn) {
                     // The home shard already dropped its registration.
                     let login = std::mem::replace(&mut c.login, Login::Closing);
@@ -1734,12 +1752,21 @@ impl<A: Authenticator> EdgeSession<A> {
                 }
             }
             ShardMessage::RegisterRefused { conn, code } => {
+                if self.is_leaving(conn) {
+                    return; // Redirected or closed already: a second close would cut it short.
+                }
+                let user = self.user_of(conn);
+                let served_by = user.and_then(|user| Some((user, self.remote_home(user)?)));
+                if let (ErrorCode::ShardUnavailable, Some((user, edge))) = (code, served_by) {
+                    return self.redirect(conn, user, edge);
+                }
                 if let Some(c) = self.conn_mut(conn) {
                     // The home shard did not register it: nothing to unregister.
                     let login = std::mem::replace(&mut c.login, Login::Closing);
                     self.forget_login(login);
                     let reason = match code {
                         ErrorCode::LimitExceeded => "too many connections for this user",
+                        ErrorCode::ShardUnavailable => "not served here any more: reconnect",
                         _ => "too many logins at once: reconnect later",
                     };
                     self.effects.push_back(Effect::Close {
@@ -2097,6 +2124,11 @@ impl<A: Authenticator> EdgeSession<A> {
             code,
             reason,
         });
+    }
+
+    /// Whether `conn` was redirected or closed already (its driver is finishing it).
+    fn is_leaving(&self, conn: ConnRef) -> bool {
+        self.conn(conn).is_some_and(|c| c.login == Login::Closing)
     }
 
     fn end_login(&mut self, conn: ConnRef) {

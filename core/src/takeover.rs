@@ -294,12 +294,12 @@ pub enum TakeoverAction {
 #[derive(Debug)]
 pub struct Planner {
     edge: EdgeId,
-    /// This process's owner id, the one its claims carry.
-    owner: u64,
     members: Vec<EdgeId>,
     lease_timeout_ms: u64,
     /// When the last full round of observations was read.
     last_round_ms: Option<UnixMillis>,
+    /// A round failed since (the store could not be read): beats went unwatched.
+    round_missed: bool,
     /// Per other member: what was read last, and when that last changed.
     seen: BTreeMap<EdgeId, (Observed, UnixMillis)>,
     /// Edges whose users this edge serves besides its own, with the lease it claimed.
@@ -309,31 +309,31 @@ pub struct Planner {
 }
 
 impl Planner {
-    /// `members` includes `edge`; `owner` is the id this process's claims carry. An edge
-    /// counts as dead once its beat stood still for `lease_timeout_ms`, so that must be
-    /// several renew intervals.
-    pub fn new(edge: EdgeId, owner: u64, members: &[EdgeId], lease_timeout_ms: u64) -> Planner {
+    /// `members` includes `edge`. An edge counts as dead once its beat stood still for
+    /// `lease_timeout_ms`, so that must be several renew intervals.
+    pub fn new(edge: EdgeId, members: &[EdgeId], lease_timeout_ms: u64) -> Planner {
         Planner {
             edge,
-            owner,
             members: members.to_vec(),
             lease_timeout_ms,
             last_round_ms: None,
+            round_missed: false,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
             claiming: BTreeSet::new(),
         }
     }
 
-    /// One round of observations, every member's lease and beat as read together. After a gap
-    /// in this edge's own rounds (it could not read the store, or was paused) no beat was
-    /// watched in between, so every edge gets a full timeout again instead of being judged
-    /// dead on the spot.
+    /// One round of observations, every member's lease and beat as read together. After a
+    /// failed round ([`Planner::round_failed`]: the store could not be read, as may have been
+    /// true for every edge) or a pause of this edge as long as the timeout, no beat was watched
+    /// in between, so every edge gets a full timeout again instead of being judged dead on the
+    /// spot.
     pub fn observe_round(&mut self, now_ms: UnixMillis, observed: BTreeMap<EdgeId, Observed>) {
-        let gap = self
+        let paused = self
             .last_round_ms
-            .is_some_and(|last| now_ms.saturating_sub(last) > self.lease_timeout_ms / 2);
-        if gap {
+            .is_some_and(|last| now_ms.saturating_sub(last) >= self.lease_timeout_ms);
+        if paused || std::mem::take(&mut self.round_missed) {
             for (_, changed_ms) in self.seen.values_mut() {
                 *changed_ms = now_ms;
             }
@@ -342,6 +342,11 @@ impl Planner {
         for (edge, seen) in observed {
             self.observe(now_ms, edge, seen);
         }
+    }
+
+    /// A round of observations could not be read.
+    pub fn round_failed(&mut self) {
+        self.round_missed = true;
     }
 
     /// What the store says of `edge` now (this edge's own record is ignored).
@@ -433,12 +438,13 @@ impl Planner {
             .filter(|edge| self.alive(*edge, now_ms))
             .collect();
         for (edge, (observed, changed_ms)) in &self.seen {
-            // Handed over to this edge by a drain, or claimed by it in a claim whose result was
-            // lost (unknown, or cut short between clusters): claim at once.
-            let ours = observed.lease.is_some_and(|lease| {
-                lease.holder == self.edge
-                    && (lease.owner == HANDOVER_OWNER || lease.owner == self.owner)
-            });
+            // Names this edge but is not held here: handed over by a drain, claimed in a claim
+            // whose answer was lost (unknown, or cut short between clusters), or claimed by
+            // this edge's previous process. Claim at once (a compare-and-set that raises the
+            // epoch), or no other edge would: they see this live edge as the holder.
+            let ours = observed
+                .lease
+                .is_some_and(|lease| lease.holder == self.edge);
             if ours && !self.guests.contains_key(edge) && !self.claiming.contains(edge) {
                 actions.push(TakeoverAction::Claim {
                     edge: *edge,
@@ -633,7 +639,7 @@ mod tests {
             .map(|edge| claim_own(&store, edge, 100 + u64::from(edge)).expect("claim"))
             .collect();
         let mut planners: Vec<Planner> = (1..=3)
-            .map(|e| Planner::new(e, 7, &[1, 2, 3], TIMEOUT))
+            .map(|e| Planner::new(e, &[1, 2, 3], TIMEOUT))
             .collect();
         // Edges 1 and 2 keep beating; edge 3 stops at once.
         let mut now = 0;
@@ -711,7 +717,7 @@ mod tests {
 
     #[test]
     fn an_edge_that_never_started_is_taken_over_after_the_timeout() {
-        let mut planner = Planner::new(1, 11, &[1, 2], TIMEOUT);
+        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
         planner.observe(0, 2, Observed::default());
         assert!(planner.actions(TIMEOUT - 1).is_empty());
         let actions = planner.actions(TIMEOUT);
@@ -733,8 +739,8 @@ mod tests {
         let store = [MemoryStore::new()];
         let lease = claim_own(&store, 1, 11).expect("claim");
         let successor = claim_own(&store, 2, 22).expect("claim");
-        let mut draining = Planner::new(1, 11, &[1, 2], TIMEOUT);
-        let mut taker = Planner::new(2, 22, &[1, 2], TIMEOUT);
+        let mut draining = Planner::new(1, &[1, 2], TIMEOUT);
+        let mut taker = Planner::new(2, &[1, 2], TIMEOUT);
         renew(&store, 2, successor).expect("renew");
         for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
             draining.observe(0, edge, observed);
@@ -803,7 +809,7 @@ mod tests {
     fn lost_claims_stale_reports_and_gaps_in_watching() {
         let store = [MemoryStore::new()];
         claim_own(&store, 2, 20).expect("claim");
-        let mut planner = Planner::new(1, 11, &[1, 2], TIMEOUT);
+        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
         planner.observe_round(0, observe_all(&store, &[1, 2]).expect("read"));
         let actions = planner.actions(TIMEOUT);
         let [TakeoverAction::Claim { edge: 2, expected }] = actions[..] else {

@@ -492,7 +492,7 @@ impl World {
             let lease = takeover::claim_own(&e.stores, e.id, owner).expect("claim own lease");
             e.lease = Some(lease);
             e.owner = owner;
-            e.planner = Some(Planner::new(e.id, owner, &self.edge_ids, LEASE_TIMEOUT_MS));
+            e.planner = Some(Planner::new(e.id, &self.edge_ids, LEASE_TIMEOUT_MS));
             e.next_beat_at = now;
         }
         e.shards = (0..count)

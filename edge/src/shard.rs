@@ -1600,8 +1600,16 @@ impl Shard {
         self.apply_takeover();
         if let Some(edge) = self.drained_to {
             // The leases went to `edge`: clients are redirected there, and what was queued
-            // here is refused as retryable (the session does this once).
+            // here is refused as retryable (the session does this once). Purges waiting for
+            // a commit here will not get one.
             self.session.drain_to(edge);
+            for (user, waiters) in self.purge_waiters.drain() {
+                let message =
+                    format!("the edge drained to edge {edge}: run the purge of {user} there");
+                for (_, waiter) in waiters {
+                    let _ = waiter.try_send(Err(message.clone()));
+                }
+            }
         }
         if self.committer.is_none()
             || self.session.queued_requests() > 0
@@ -1739,8 +1747,12 @@ impl Shard {
         commit: GuestCommit,
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
     ) {
-        // A failing store is not spun on: guests wait as this edge's own commits do.
-        self.guest_retry_at = result.is_err().then(|| Instant::now() + COMMIT_RETRY_DELAY);
+        // A failing store is not spun on: guests wait as this edge's own commits do. A fenced
+        // result is no failure of the store: that guest is released, the others go on.
+        let failed = result
+            .as_ref()
+            .is_err_and(|error| *error != StoreError::Fenced);
+        self.guest_retry_at = failed.then(|| Instant::now() + COMMIT_RETRY_DELAY);
         if let Err(error) = &result {
             warn!(guest = commit.guest, %error, "commit for a guest edge failed; senders will retry");
         }

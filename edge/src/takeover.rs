@@ -103,12 +103,7 @@ impl Takeover {
             .name("lease".into())
             .spawn(move || {
                 LeaseThread {
-                    planner: Planner::new(
-                        settings.edge,
-                        owner,
-                        &settings.members,
-                        settings.timeout_ms,
-                    ),
+                    planner: Planner::new(settings.edge, &settings.members, settings.timeout_ms),
                     stores,
                     settings,
                     own,
@@ -152,7 +147,6 @@ impl Takeover {
     /// the edge keeps its users (and its lease thread beats on) and its clients are closed
     /// with `ShuttingDown`.
     pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
-        self.handing_over.store(true, Ordering::Release);
         let (reply, answer) = flume::bounded(1);
         self.commands
             .send_timeout(Command::Drain(reply), wait)
@@ -239,7 +233,10 @@ impl<S: Store> LeaseThread<S> {
         };
         let observed = match takeover::observe_all(&self.stores, &self.settings.members) {
             Ok(observed) => observed,
-            Err(error) => return warn!(%error, "cannot read the edges' leases"),
+            Err(error) => {
+                self.planner.round_failed();
+                return warn!(%error, "cannot read the edges' leases");
+            }
         };
         let now = self.now_ms();
         self.planner.observe_round(now, observed);
@@ -274,6 +271,8 @@ impl<S: Store> LeaseThread<S> {
 
     fn drain(&mut self) -> Option<EdgeId> {
         let target = self.planner.drain_target(self.now_ms())?;
+        // From the first hand-over on, this edge's own commits may be fenced.
+        self.shared.handing_over.store(true, Ordering::Release);
         let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
         leases.push((self.settings.edge, self.own));
         for (users_of, lease) in leases {

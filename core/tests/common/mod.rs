@@ -14,6 +14,7 @@ use courier_protocol::ErrorCode;
 ///
 /// A failing seed (an `Err`, or a panic) fails the test with the first failure and how to
 /// replay it.
+#[allow(dead_code)] // Not every test file that shares this module runs seeds.
 pub fn run_seeds<S: Send + std::fmt::Debug>(
     name: &str,
     seeds_default: u64,

@@ -1,0 +1,154 @@
+//! A drain on one shard of a cluster (decision 0015), step by step: the logged-in client is
+//! redirected to the edge the leases went to, and the shutdown that follows does not close
+//! it a second time (which would discard the `Goaway` before it is sent); nothing is
+//! committed here afterwards, and a send forwarded for a user of the drained edge is refused
+//! as retryable.
+
+mod common;
+use common::SimAuth;
+
+use courier_core::CoreConfig;
+use courier_core::commit::Committer;
+use courier_core::placement::home_edge;
+use courier_core::session::{
+    ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
+};
+use courier_core::store::memory::MemoryStore;
+use courier_protocol::link::{LinkFrame, LinkSendResult};
+use courier_protocol::{ErrorCode, Frame};
+
+const EDGES: [u32; 2] = [1, 2];
+
+fn session() -> EdgeSession<SimAuth> {
+    let mut config = SessionConfig::new(0, 1, CoreConfig::default());
+    config.cluster = Some(ClusterView {
+        edge: 1,
+        members: EDGES
+            .iter()
+            .map(|id| EdgeMember {
+                id: *id,
+                client_address: format!("edge-{id}"),
+            })
+            .collect(),
+    });
+    EdgeSession::new(config, SimAuth)
+}
+
+fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
+    std::iter::from_fn(|| session.poll_effect()).collect()
+}
+
+#[test]
+fn a_drained_shard_redirects_once_and_commits_nothing_more() {
+    let now = 1_700_000_000_000;
+    let user = (1..)
+        .find(|u| home_edge(*u, &EDGES) == 1)
+        .expect("a user of edge 1");
+    let mut shard = session();
+    let store = MemoryStore::new();
+    let mut committer = Committer::new(&CoreConfig::default());
+    let conn = ConnRef {
+        shard: 0,
+        slot: 0,
+        generation: 1,
+    };
+    shard.open_connection(now, conn);
+    let hello = Frame::Hello {
+        token: format!("{user}:0").into_bytes(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    };
+    shard.handle_frame(now, conn, hello, false);
+    let batch = shard.poll_batch(now).expect("the login commits");
+    let result = committer.commit_batch(&store, &batch.requests, now);
+    shard.handle_commit(batch, result);
+    let welcomed = effects(&mut shard).into_iter().any(|effect| {
+        matches!(
+            effect,
+            Effect::Write {
+                frame: Frame::Welcome { .. },
+                ..
+            }
+        )
+    });
+    assert!(welcomed, "logged in");
+
+    // A send from the client is queued, then the edge drains to edge 2.
+    let send = Frame::Send {
+        client_id: 1,
+        to: user,
+        body: b"queued".to_vec(),
+        ttl_secs: None,
+    };
+    shard.handle_frame(now, conn, send, false);
+    shard.drain_to(2);
+    let drained = effects(&mut shard);
+    assert!(
+        drained.iter().any(|effect| matches!(
+            effect,
+            Effect::Redirect { conn: c, reconnect_to, .. } if *c == conn && reconnect_to == "edge-2"
+        )),
+        "the client is sent to edge 2: {drained:?}"
+    );
+    assert_eq!(shard.queued_requests(), 0, "the queued send was refused");
+    assert!(
+        shard.poll_batch(now).is_none(),
+        "nothing commits here after a drain"
+    );
+
+    // Shutdown closes what is left, but not the redirected connection.
+    shard.close_all(ErrorCode::ShuttingDown, "the edge is shutting down");
+    let closed = effects(&mut shard);
+    assert!(
+        !closed
+            .iter()
+            .any(|effect| matches!(effect, Effect::Close { conn: c, .. } if *c == conn)),
+        "a second close would discard the Goaway: {closed:?}"
+    );
+
+    // The peer forwards a send for the drained edge's user: refused as retryable.
+    shard.open_link(7);
+    shard
+        .handle_link_request(now, 7, LinkFrame::Hello { edge: 2 })
+        .expect("a member links");
+    let forwarded = LinkFrame::Send {
+        request_id: 1,
+        sender: 99,
+        client_id: 1,
+        to: user,
+        body: b"late".to_vec(),
+        ttl_secs: None,
+    };
+    shard
+        .handle_link_request(now, 7, forwarded)
+        .expect("a well-formed request");
+    let answered = effects(&mut shard);
+    assert!(
+        answered.iter().any(|effect| matches!(
+            effect,
+            Effect::LinkReply {
+                frame: LinkFrame::SendResult {
+                    result: LinkSendResult::Refused {
+                        code: ErrorCode::ShardUnavailable
+                    },
+                    ..
+                },
+                ..
+            }
+        )),
+        "a forwarded send after the drain is refused as retryable: {answered:?}"
+    );
+    // Nothing else the drained shard could still be asked to commit.
+    shard.handle_message(
+        now,
+        ShardMessage::Ack {
+            inbox: user,
+            device: 0,
+            up_to_seq: 1,
+        },
+    );
+    assert_eq!(shard.queued_requests(), 0);
+    assert_eq!(shard.handle_emptied(&[user], now), 0);
+    assert_eq!(shard.queued_requests(), 0);
+}
