@@ -340,6 +340,7 @@ fn open_cluster_edge(
             members: cluster.members.iter().map(|member| member.id).collect(),
             timeout_ms: cluster.lease_timeout_ms,
             renew_ms: cluster.lease_renew_ms,
+            exit_when_fenced: true,
         };
         // Every cluster holds a copy of every lease (`courier_core::takeover::claim`).
         let (takeover, lease) =

@@ -41,6 +41,9 @@ pub struct LeaseSettings {
     pub members: Vec<EdgeId>,
     pub timeout_ms: u64,
     pub renew_ms: u64,
+    /// A fenced beat ends the process (the edge); off, only the lease thread stops (tests,
+    /// which must not end the test process).
+    pub exit_when_fenced: bool,
 }
 
 enum Command {
@@ -208,12 +211,15 @@ impl<S: Store> LeaseThread<S> {
                 Err(flume::RecvTimeoutError::Disconnected) => return,
             }
             next_tick = Instant::now() + renew;
-            self.tick();
+            if self.tick().is_err() {
+                return;
+            }
         }
     }
 
-    /// Beats, observes, and acts on what the planner says.
-    fn tick(&mut self) {
+    /// Beats, observes, and acts on what the planner says. `Err` once this edge's own lease
+    /// was taken (with `exit_when_fenced` off; on, the process has ended).
+    fn tick(&mut self) -> Result<(), StoreError> {
         let edge = self.settings.edge;
         let renewed = match takeover::renew(&self.stores, edge, self.own) {
             Ok(()) => true,
@@ -223,7 +229,10 @@ impl<S: Store> LeaseThread<S> {
                     "another edge took this edge's users over (its lease beat stood still \
                      longer than cluster.lease_timeout_ms); exiting"
                 );
-                std::process::exit(3);
+                if self.settings.exit_when_fenced {
+                    std::process::exit(3);
+                }
+                return Err(StoreError::Fenced);
             }
             // Transient: the next beat may pass, and the timeout is several beats long.
             Err(error) => {
@@ -235,14 +244,16 @@ impl<S: Store> LeaseThread<S> {
             Ok(observed) => observed,
             Err(error) => {
                 self.planner.round_failed();
-                return warn!(%error, "cannot read the edges' leases");
+                warn!(%error, "cannot read the edges' leases");
+                return Ok(());
             }
         };
         let now = self.now_ms();
         self.planner.observe_round(now, observed);
         if !renewed {
             // While this edge cannot beat, it may be the one cut off: it judges no one.
-            return self.publish();
+            self.publish();
+            return Ok(());
         }
         for action in self.planner.actions(now) {
             match action {
@@ -267,6 +278,7 @@ impl<S: Store> LeaseThread<S> {
             }
         }
         self.publish();
+        Ok(())
     }
 
     fn drain(&mut self) -> Option<EdgeId> {
@@ -316,10 +328,11 @@ mod tests {
         LeaseSettings {
             edge,
             members: vec![1, 2],
-            // Long next to the beat, so a busy test machine never stalls a thread into being
-            // taken over (which would end the test process, as it ends an edge).
+            // Long next to the beat, so a busy test machine does not stall a thread into being
+            // taken over (which would stop that edge's lease thread and fail the test).
             timeout_ms: 1_500,
             renew_ms: 20,
+            exit_when_fenced: false,
         }
     }
 
