@@ -1116,17 +1116,7 @@ impl<A: Authenticator> EdgeSession<A> {
         let Some(mut inbox) = self.guests.remove(&edge) else {
             return;
         };
-        for (send, reply) in inbox.take_queued_sends() {
-            self.route(
-                reply.shard,
-                ShardMessage::SendResult {
-                    reply,
-                    client_id: send.client_id,
-                    body_bytes: send.body.len(),
-                    result: Err(ErrorCode::ShardUnavailable),
-                },
-            );
-        }
+        self.refuse_sends(inbox.take_queued_sends());
         if inbox.batch_in_flight() {
             self.released.insert(edge, inbox);
         }
@@ -1194,7 +1184,14 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Refuses the sends queued for this edge's own users as retryable and drops the rest of
     /// the queue (a drain: the lease is gone).
     fn refuse_queued_own(&mut self) {
-        for (send, reply) in self.inbox.take_queued_sends() {
+        let sends = self.inbox.take_queued_sends();
+        self.refuse_sends(sends);
+    }
+
+    /// Answers `sends` with the retryable `ShardUnavailable`: their users are not served here
+    /// (any more), and the clients send them again where they are.
+    fn refuse_sends(&mut self, sends: Vec<(SendRequest, ConnRef)>) {
+        for (send, reply) in sends {
             self.route(
                 reply.shard,
                 ShardMessage::SendResult {
@@ -1566,15 +1563,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 let Some(queue) = self.inbox_of(send.to) else {
                     // Its edge's users stopped being served here (a takeover ended) since
                     // the send was placed: the client retries where they are now.
-                    let (client_id, body_bytes) = (send.client_id, send.body.len());
-                    let result = Err(ErrorCode::ShardUnavailable);
-                    let message = ShardMessage::SendResult {
-                        reply,
-                        client_id,
-                        body_bytes,
-                        result,
-                    };
-                    return self.route(reply.shard, message);
+                    return self.refuse_sends(vec![(send, reply)]);
                 };
                 if let Err(refused) = queue.handle_send(send, reply, now_ms) {
                     if refused.code == ErrorCode::StoreUnavailable {

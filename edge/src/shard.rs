@@ -1466,14 +1466,9 @@ impl Shard {
             if conn.closing {
                 break;
             }
-            if self.mesh_congested() {
-                // Back-pressure: the frame waits in `inbuf`, and once that is full QUIC flow
-                // control stops the client. The mesh drain resumes the connection.
-                if !conn.parked {
-                    self.metrics.mesh_backpressure.inc();
-                    conn.parked = true;
-                    self.parked.push(handle);
-                }
+            // Back-pressure: the frame waits in `inbuf`, and once that is full QUIC flow
+            // control stops the client.
+            if self.park_while_congested(handle, conn) {
                 break;
             }
             let Some(frame_bytes_max) = self.session.frame_bytes_max(conn_ref) else {
@@ -1712,34 +1707,52 @@ impl Shard {
         let now = self.now_ms();
         while let Some(mut commit) = self.guests.next(&mut self.session, now) {
             let store = self.store.clone();
-            let lane = self.lanes.writer.clone();
-            let Some(shard) = self.self_ref.upgrade() else {
-                return;
-            };
-            spawn_detached(async move {
-                let ran = lane
-                    .run(move || {
-                        let started = Instant::now();
-                        let result = store.commit_guest(
-                            &mut commit.committer,
-                            commit.guest,
-                            commit.lease,
-                            &commit.batch.requests,
-                            now,
-                        );
-                        (commit, result, started.elapsed())
-                    })
-                    .await;
-                let Ok((commit, result, took)) = ran else {
-                    tracing::error!("the store writer thread stopped; exiting");
-                    std::process::exit(3);
-                };
-                let mut shard = shard.borrow_mut();
-                shard.measure_commit(&commit.batch, result.is_ok(), took);
-                shard.finish_guest_commit(commit, result);
-                shard.after_input();
-            });
+            self.on_writer(
+                move || {
+                    let result = store.commit_guest(
+                        &mut commit.committer,
+                        commit.guest,
+                        commit.lease,
+                        &commit.batch.requests,
+                        now,
+                    );
+                    (commit, result)
+                },
+                |shard, (commit, result), took| {
+                    shard.measure_commit(&commit.batch, result.is_ok(), took);
+                    shard.finish_guest_commit(commit, result);
+                },
+            );
         }
+    }
+
+    /// Runs `work` on the shard's writer thread, then `done` on the shard with its result and
+    /// how long it took. The writer thread ends only with the process (a panic exits it).
+    fn on_writer<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+        done: impl FnOnce(&mut Shard, R, Duration) + 'static,
+    ) {
+        let lane = self.lanes.writer.clone();
+        let Some(shard) = self.self_ref.upgrade() else {
+            return;
+        };
+        spawn_detached(async move {
+            let ran = lane
+                .run(move || {
+                    let started = Instant::now();
+                    let result = work();
+                    (result, started.elapsed())
+                })
+                .await;
+            let Ok((result, took)) = ran else {
+                tracing::error!("the store writer thread stopped; exiting");
+                std::process::exit(3);
+            };
+            let mut shard = shard.borrow_mut();
+            done(&mut shard, result, took);
+            shard.after_input();
+        });
     }
 
     fn finish_guest_commit(
@@ -1765,6 +1778,20 @@ impl Shard {
         }
     }
 
+    /// While the channels to other shards are congested, parks the connection (a client or a
+    /// link) until the mesh drains, which resumes it; returns whether it is parked.
+    fn park_while_congested(&mut self, handle: ConnectionHandle, conn: &mut Conn) -> bool {
+        if !self.mesh_congested() {
+            return false;
+        }
+        if !conn.parked {
+            self.metrics.mesh_backpressure.inc();
+            conn.parked = true;
+            self.parked.push(handle);
+        }
+        true
+    }
+
     fn start_own_commit(&mut self) {
         // A commit's results and deliveries go to other shards: wait while the mesh is
         // congested (the drain task calls back once it has room).
@@ -1786,32 +1813,20 @@ impl Shard {
         self.batches_taken += 1;
         let store = self.store.clone();
         let now = self.now_ms();
-        let lane = self.lanes.writer.clone();
-        let Some(shard) = self.self_ref.upgrade() else {
-            return;
-        };
-        spawn_detached(async move {
-            let ran = lane
-                .run(move || {
-                    let started = Instant::now();
-                    let result = store.commit(&mut committer, &batch.requests, now);
-                    (committer, batch, result, started.elapsed())
-                })
-                .await;
-            // The writer thread ends only with the process (a panic exits it).
-            let Ok((committer, batch, result, took)) = ran else {
-                tracing::error!("the store writer thread stopped; exiting");
-                std::process::exit(3);
-            };
-            let mut shard = shard.borrow_mut();
-            shard.committer = Some(committer);
-            shard.measure_commit(&batch, result.is_ok(), took);
-            if result.is_ok() {
-                shard.answer_commit(&batch, batch_number);
-            }
-            shard.finish_commit(batch, result);
-            shard.after_input();
-        });
+        self.on_writer(
+            move || {
+                let result = store.commit(&mut committer, &batch.requests, now);
+                (committer, batch, result)
+            },
+            move |shard, (committer, batch, result), took| {
+                shard.committer = Some(committer);
+                shard.measure_commit(&batch, result.is_ok(), took);
+                if result.is_ok() {
+                    shard.answer_commit(&batch, batch_number);
+                }
+                shard.finish_commit(batch, result);
+            },
+        );
     }
 
     fn measure_commit(&self, batch: &Batch<ConnRef>, committed: bool, took: Duration) {

@@ -369,14 +369,9 @@ impl Shard {
         let now_ms = self.now_ms();
         let mut consumed_total = 0;
         while !conn.closing {
-            if self.mesh_congested() {
-                // Back-pressure, as for a client: the requests wait in `inbuf`, then in QUIC's
-                // buffers, and flow control slows the peer. The mesh drain resumes the link.
-                if !conn.parked {
-                    self.metrics.mesh_backpressure.inc();
-                    conn.parked = true;
-                    self.parked.push(handle);
-                }
+            // Back-pressure, as for a client: the requests wait in `inbuf`, then in QUIC's
+            // buffers, and flow control slows the peer.
+            if self.park_while_congested(handle, conn) {
                 break;
             }
             match decode_link(&conn.inbuf[consumed_total..]) {
