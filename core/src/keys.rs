@@ -14,6 +14,7 @@
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `l` edge `b` | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive |
+//! | `m` | [`crate::membership::Membership`] | the cluster's members and their epoch: an edge on other members is fenced |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
 //! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
@@ -31,6 +32,7 @@ pub const TAG_CLOCK: u8 = b't';
 pub const TAG_FLOOR: u8 = b'f';
 pub const TAG_EMPTIED: u8 = b'g';
 pub const TAG_LEASE: u8 = b'l';
+pub const TAG_MEMBERS: u8 = b'm';
 
 /// `g/{inbox}`
 pub fn emptied(inbox: UserId) -> [u8; 9] {
@@ -167,6 +169,11 @@ pub fn lease(edge: u32) -> [u8; 5] {
     key[0] = TAG_LEASE;
     key[1..5].copy_from_slice(&edge.to_be_bytes());
     key
+}
+
+/// `m`
+pub fn members() -> [u8; 1] {
+    [TAG_MEMBERS]
 }
 
 /// `o/{shard}`

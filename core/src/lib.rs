@@ -12,6 +12,7 @@ pub mod commit;
 pub mod config;
 pub mod envelope;
 pub mod keys;
+pub mod membership;
 pub mod placement;
 pub mod rng;
 pub mod session;

@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::commit::{Committer, Outcome};
 use crate::keys;
+use crate::membership;
 use crate::placement::{EdgeId, home_edge};
 use crate::session::{Authenticator, ConnRef, EdgeSession};
 use crate::shard::Batch;
@@ -122,8 +123,14 @@ pub fn observe_all<S: Store>(
 
 /// An edge starting up claims its own users: a new epoch, one above the highest on any store,
 /// with itself as holder, whoever held them (a successor's commits for them are fenced from
-/// now on).
-pub fn claim_own<S: Store>(stores: &[S], edge: EdgeId, owner: u64) -> Result<Lease, StoreError> {
+/// now on). `Fenced` unless the cluster's membership epoch is `members_epoch` (the edge
+/// [`crate::membership::join`]ed first).
+pub fn claim_own<S: Store>(
+    stores: &[S],
+    edge: EdgeId,
+    owner: u64,
+    members_epoch: u64,
+) -> Result<Lease, StoreError> {
     let mut highest = 0;
     for store in stores {
         let mut txn = store.begin_read()?;
@@ -134,8 +141,8 @@ pub fn claim_own<S: Store>(stores: &[S], edge: EdgeId, owner: u64) -> Result<Lea
         holder: edge,
         owner,
     };
-    for store in stores {
-        write_if_newer(store, edge, lease)?;
+    for (index, store) in stores.iter().enumerate() {
+        write_if_newer(store, edge, lease, (index == 0).then_some(members_epoch))?;
     }
     Ok(lease)
 }
@@ -151,15 +158,17 @@ pub fn claim_own<S: Store>(stores: &[S], edge: EdgeId, owner: u64) -> Result<Lea
 /// later epoch wins every other. The claimer serves the users only once every store is
 /// written, so it reads their inboxes after the last commit the earlier holder made. A claim
 /// cut short is finished by the next one, which the planner makes once the holder it names
-/// stops beating.
+/// stops beating. Like every lease change, only under the membership epoch `members_epoch`.
 pub fn claim<S: Store>(
     stores: &[S],
     edge: EdgeId,
     holder: EdgeId,
     owner: u64,
     expected: Observed,
+    members_epoch: u64,
 ) -> Result<Lease, StoreError> {
     let mut txn = first(stores)?.begin()?;
+    membership::check(&mut txn, members_epoch)?;
     if read_observed(&mut txn, edge)? != expected {
         return Err(StoreError::Fenced);
     }
@@ -171,7 +180,7 @@ pub fn claim<S: Store>(
     txn.set(&keys::lease(edge), &lease.encode());
     txn.commit()?;
     for store in &stores[1..] {
-        write_if_newer(store, edge, lease)?;
+        write_if_newer(store, edge, lease, None)?;
     }
     Ok(lease)
 }
@@ -187,8 +196,10 @@ pub fn hand_over<S: Store>(
     edge: EdgeId,
     lease: Lease,
     to: EdgeId,
+    members_epoch: u64,
 ) -> Result<(), StoreError> {
     let mut txn = first(stores)?.begin()?;
+    membership::check(&mut txn, members_epoch)?;
     if read_lease(&mut txn, edge)? != Some(lease) {
         return Err(StoreError::Fenced);
     }
@@ -200,15 +211,21 @@ pub fn hand_over<S: Store>(
     txn.set(&keys::lease(edge), &handed.encode());
     txn.commit()?;
     for store in &stores[1..] {
-        write_if_newer(store, edge, handed)?;
+        write_if_newer(store, edge, handed, None)?;
     }
     Ok(())
 }
 
 /// Raises the beat of `edge`'s own lease, on the first store; `Fenced` once another claim
-/// replaced `lease` (every claim writes the first store first).
-pub fn renew<S: Store>(stores: &[S], edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
+/// replaced `lease` (every claim writes the first store first) or the members changed.
+pub fn renew<S: Store>(
+    stores: &[S],
+    edge: EdgeId,
+    lease: Lease,
+    members_epoch: u64,
+) -> Result<(), StoreError> {
     let mut txn = first(stores)?.begin()?;
+    membership::check(&mut txn, members_epoch)?;
     if read_lease(&mut txn, edge)? != Some(lease) {
         return Err(StoreError::Fenced);
     }
@@ -224,9 +241,18 @@ fn first<S>(stores: &[S]) -> Result<&S, StoreError> {
 }
 
 /// Writes `lease` unless the store holds the same or a later epoch already (a concurrent,
-/// later claim): then `Fenced`. Writing the same lease again is fine (a retry).
-fn write_if_newer<S: Store>(store: &S, edge: EdgeId, lease: Lease) -> Result<(), StoreError> {
+/// later claim): then `Fenced`. Writing the same lease again is fine (a retry). On the first
+/// store, also `Fenced` unless the membership epoch is `members_epoch`.
+pub(crate) fn write_if_newer<S: Store>(
+    store: &S,
+    edge: EdgeId,
+    lease: Lease,
+    members_epoch: Option<u64>,
+) -> Result<(), StoreError> {
     let mut txn = store.begin()?;
+    if let Some(epoch) = members_epoch {
+        membership::check(&mut txn, epoch)?;
+    }
     match read_lease(&mut txn, edge)? {
         Some(current) if current == lease => return Ok(()),
         Some(current) if current.epoch >= lease.epoch => return Err(StoreError::Fenced),
@@ -625,6 +651,14 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     const TIMEOUT: u64 = 1_000;
+    const MEMBERS_EPOCH: u64 = 1;
+
+    /// Stores the members 1, 2 and 3 joined, as every edge does before it claims a lease.
+    fn joined<const N: usize>(stores: [MemoryStore; N]) -> [MemoryStore; N] {
+        let members = crate::membership::Membership::new(MEMBERS_EPOCH, &[1, 2, 3]);
+        crate::membership::join(&stores, &members).expect("join");
+        stores
+    }
 
     fn observe_store(planner: &mut Planner, store: &[MemoryStore], now: UnixMillis) {
         for (edge, observed) in observe_all(store, &[1, 2, 3]).expect("read") {
@@ -634,9 +668,11 @@ mod tests {
 
     #[test]
     fn a_silent_edge_is_taken_over_by_one_successor_and_given_back_when_it_returns() {
-        let store = [MemoryStore::new()];
+        let store = joined([MemoryStore::new()]);
         let leases: Vec<Lease> = (1..=3)
-            .map(|edge| claim_own(&store, edge, 100 + u64::from(edge)).expect("claim"))
+            .map(|edge| {
+                claim_own(&store, edge, 100 + u64::from(edge), MEMBERS_EPOCH).expect("claim")
+            })
             .collect();
         let mut planners: Vec<Planner> = (1..=3)
             .map(|e| Planner::new(e, &[1, 2, 3], TIMEOUT))
@@ -646,7 +682,7 @@ mod tests {
         let mut claims = Vec::new();
         while now <= 3 * TIMEOUT {
             for (index, lease) in leases.iter().enumerate().take(2) {
-                renew(&store, index as u32 + 1, *lease).expect("renew");
+                renew(&store, index as u32 + 1, *lease, MEMBERS_EPOCH).expect("renew");
             }
             for planner in planners.iter_mut().take(2) {
                 observe_store(planner, &store, now);
@@ -654,7 +690,7 @@ mod tests {
                     let TakeoverAction::Claim { edge, expected } = action else {
                         panic!("nothing to release yet");
                     };
-                    let result = claim(&store, edge, planner.edge, 7, expected);
+                    let result = claim(&store, edge, planner.edge, 7, expected, MEMBERS_EPOCH);
                     claims.push((planner.edge, edge, result.is_ok()));
                     planner.claimed(edge, result);
                 }
@@ -685,16 +721,16 @@ mod tests {
             Err(StoreError::Fenced)
         ));
         assert!(matches!(
-            renew(&store, 3, leases[2]),
+            renew(&store, 3, leases[2], MEMBERS_EPOCH),
             Err(StoreError::Fenced)
         ));
         // Edge 3 restarts: its new claim fences the successor, which releases.
-        let back = claim_own(&store, 3, 999).expect("claim");
+        let back = claim_own(&store, 3, 999, MEMBERS_EPOCH).expect("claim");
         assert!(matches!(
             LeasedStore::new(&store[0], 3, taken).begin(),
             Err(StoreError::Fenced)
         ));
-        renew(&store, 3, back).expect("renew");
+        renew(&store, 3, back, MEMBERS_EPOCH).expect("renew");
         let planner = &mut planners[successor as usize - 1];
         observe_store(planner, &store, now);
         assert_eq!(
@@ -707,11 +743,14 @@ mod tests {
 
     #[test]
     fn a_claim_fails_when_the_edge_beat_since_it_was_judged_dead() {
-        let store = [MemoryStore::new()];
-        let lease = claim_own(&store, 3, 1).expect("claim");
+        let store = joined([MemoryStore::new()]);
+        let lease = claim_own(&store, 3, 1, MEMBERS_EPOCH).expect("claim");
         let seen = observe_all(&store, &[3]).expect("read")[&3];
-        renew(&store, 3, lease).expect("renew");
-        assert_eq!(claim(&store, 3, 1, 2, seen), Err(StoreError::Fenced));
+        renew(&store, 3, lease, MEMBERS_EPOCH).expect("renew");
+        assert_eq!(
+            claim(&store, 3, 1, 2, seen, MEMBERS_EPOCH),
+            Err(StoreError::Fenced)
+        );
         assert!(LeasedStore::new(&store[0], 3, lease).begin().is_ok());
     }
 
@@ -736,17 +775,17 @@ mod tests {
 
     #[test]
     fn a_drained_edge_hands_its_users_to_its_successor_without_the_timeout() {
-        let store = [MemoryStore::new()];
-        let lease = claim_own(&store, 1, 11).expect("claim");
-        let successor = claim_own(&store, 2, 22).expect("claim");
+        let store = joined([MemoryStore::new()]);
+        let lease = claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
+        let successor = claim_own(&store, 2, 22, MEMBERS_EPOCH).expect("claim");
         let mut draining = Planner::new(1, &[1, 2], TIMEOUT);
         let mut taker = Planner::new(2, &[1, 2], TIMEOUT);
-        renew(&store, 2, successor).expect("renew");
+        renew(&store, 2, successor, MEMBERS_EPOCH).expect("renew");
         for (edge, observed) in observe_all(&store, &[1, 2]).expect("read") {
             draining.observe(0, edge, observed);
         }
         assert_eq!(draining.drain_target(0), Some(2));
-        hand_over(&store, 1, lease, 2).expect("hand over");
+        hand_over(&store, 1, lease, 2, MEMBERS_EPOCH).expect("hand over");
         assert!(matches!(
             LeasedStore::new(&store[0], 1, lease).begin(),
             Err(StoreError::Fenced)
@@ -758,7 +797,7 @@ mod tests {
         let [TakeoverAction::Claim { edge: 1, expected }] = actions[..] else {
             panic!("the successor claims at once: {actions:?}");
         };
-        let claimed = claim(&store, 1, 2, 22, expected);
+        let claimed = claim(&store, 1, 2, 22, expected, MEMBERS_EPOCH);
         assert!(claimed.is_ok());
         taker.claimed(1, claimed);
         assert_eq!(taker.server_of(1, 1), Some(2));
@@ -769,7 +808,7 @@ mod tests {
     /// older epoch never replaces a newer one.
     #[test]
     fn every_store_ends_with_the_latest_claim() {
-        let stores = [MemoryStore::new(), MemoryStore::new()];
+        let stores = joined([MemoryStore::new(), MemoryStore::new()]);
         let passes = |lease: Lease| {
             stores
                 .iter()
@@ -783,21 +822,24 @@ mod tests {
                 )
             })
         };
-        let own = claim_own(&stores, 3, 1).expect("claim");
+        let own = claim_own(&stores, 3, 1, MEMBERS_EPOCH).expect("claim");
         assert!(passes(own));
         let seen = observe_all(&stores, &[3]).expect("read")[&3];
-        let taken = claim(&stores, 3, 1, 7, seen).expect("claim");
+        let taken = claim(&stores, 3, 1, 7, seen, MEMBERS_EPOCH).expect("claim");
         assert!(passes(taken) && fenced_everywhere(own));
         // A claimer that dies after the first store: the second still names the earlier one.
         let seen = observe_all(&stores, &[3]).expect("read")[&3];
-        let partial = claim(&stores[..1], 3, 2, 8, seen).expect("claim");
+        let partial = claim(&stores[..1], 3, 2, 8, seen, MEMBERS_EPOCH).expect("claim");
         assert!(LeasedStore::new(&stores[1], 3, taken).begin().is_ok());
         let seen = observe_all(&stores, &[3]).expect("read")[&3];
-        let next = claim(&stores, 3, 1, 9, seen).expect("claim");
+        let next = claim(&stores, 3, 1, 9, seen, MEMBERS_EPOCH).expect("claim");
         assert!(passes(next) && fenced_everywhere(partial) && fenced_everywhere(taken));
         // The edge comes back; a claimer still writing an older epoch cannot undo that.
-        let back = claim_own(&stores, 3, 10).expect("claim");
-        assert_eq!(write_if_newer(&stores[1], 3, next), Err(StoreError::Fenced));
+        let back = claim_own(&stores, 3, 10, MEMBERS_EPOCH).expect("claim");
+        assert_eq!(
+            write_if_newer(&stores[1], 3, next, None),
+            Err(StoreError::Fenced)
+        );
         assert!(passes(back) && fenced_everywhere(next));
     }
 
@@ -807,28 +849,28 @@ mod tests {
     /// judged dead before a full timeout of watching.
     #[test]
     fn lost_claims_stale_reports_and_gaps_in_watching() {
-        let store = [MemoryStore::new()];
-        claim_own(&store, 2, 20).expect("claim");
+        let store = joined([MemoryStore::new()]);
+        claim_own(&store, 2, 20, MEMBERS_EPOCH).expect("claim");
         let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
         planner.observe_round(0, observe_all(&store, &[1, 2]).expect("read"));
         let actions = planner.actions(TIMEOUT);
         let [TakeoverAction::Claim { edge: 2, expected }] = actions[..] else {
             panic!("edge 2 never beat: {actions:?}");
         };
-        let lost = claim(&store, 2, 1, 11, expected).expect("claim");
+        let lost = claim(&store, 2, 1, 11, expected, MEMBERS_EPOCH).expect("claim");
         planner.claimed(2, Err(StoreError::CommitUnknown));
         planner.observe_round(TIMEOUT + 1, observe_all(&store, &[1, 2]).expect("read"));
         let actions = planner.actions(TIMEOUT + 1);
         let [TakeoverAction::Claim { edge: 2, expected }] = actions[..] else {
             panic!("its own lost claim is claimed again: {actions:?}");
         };
-        let held = claim(&store, 2, 1, 11, expected).expect("claim");
+        let held = claim(&store, 2, 1, 11, expected, MEMBERS_EPOCH).expect("claim");
         planner.claimed(2, Ok(held));
         assert!(!planner.fenced(2, lost), "a report about the lost claim");
         assert_eq!(planner.server_of(2, TIMEOUT + 1), Some(1));
         // Edge 2 returns; then edge 1 stops watching for a while (a store outage).
-        let back = claim_own(&store, 2, 21).expect("claim");
-        renew(&store, 2, back).expect("renew");
+        let back = claim_own(&store, 2, 21, MEMBERS_EPOCH).expect("claim");
+        renew(&store, 2, back, MEMBERS_EPOCH).expect("renew");
         planner.observe_round(TIMEOUT + 2, observe_all(&store, &[1, 2]).expect("read"));
         assert_eq!(
             planner.actions(TIMEOUT + 2),
@@ -852,7 +894,7 @@ mod tests {
     #[test]
     fn a_committer_forgets_its_cache_when_its_lease_changes() {
         use crate::commit::{Committer, Request, SendRequest};
-        let store = [MemoryStore::new()];
+        let store = joined([MemoryStore::new()]);
         let config = CoreConfig::default();
         let send = |client_id: u64| {
             [Request::Send(SendRequest {
@@ -867,7 +909,7 @@ mod tests {
             Outcome::Stored { seq, .. } => seq,
             other => panic!("not stored: {other:?}"),
         };
-        let own = claim_own(&store, 3, 1).expect("claim");
+        let own = claim_own(&store, 3, 1, MEMBERS_EPOCH).expect("claim");
         let mut reused = Committer::new(&config);
         let leased = LeasedStore::new(&store[0], 3, own);
         assert_eq!(
@@ -876,7 +918,7 @@ mod tests {
         );
         // Another edge takes the users over and stores seq 2.
         let seen = observe_all(&store, &[3]).expect("read")[&3];
-        let other = claim(&store, 3, 2, 9, seen).expect("claim");
+        let other = claim(&store, 3, 2, 9, seen, MEMBERS_EPOCH).expect("claim");
         let mut theirs = Committer::new(&config);
         let leased = LeasedStore::new(&store[0], 3, other);
         assert_eq!(
@@ -884,7 +926,7 @@ mod tests {
             2
         );
         // The first holder claims them back and commits with its old committer.
-        let back = claim_own(&store, 3, 1).expect("claim");
+        let back = claim_own(&store, 3, 1, MEMBERS_EPOCH).expect("claim");
         let leased = LeasedStore::new(&store[0], 3, back);
         assert_eq!(
             seq(reused.commit_batch(&leased, &send(3), 3).expect("commit")),

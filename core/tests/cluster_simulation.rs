@@ -17,6 +17,11 @@
 //! claims its lease, serves its users and forwarded sends for them, and gives them back when
 //! the edge returns and claims its lease again. Every commit runs under a lease
 //! (`LeasedStore`), so an edge whose lease was taken is fenced, and exits (here: crashes).
+//! In half of those seeds the operator also changes the members mid-run (decision 0016): an
+//! edge is added, and maybe another removed, one edge at a time in random order, while the
+//! rest still run on the old members. The first edge on the new members fences the others
+//! through the membership epoch; an edge restarted on the old config is refused until its
+//! config is updated.
 //!
 //! The single-edge simulation (`simulation.rs`) covers what happens inside one edge (store
 //! faults, expiry, abuse limits, several devices); this one covers what crosses edges.
@@ -29,6 +34,7 @@ mod common;
 use common::SimAuth;
 
 use courier_core::commit::{self, Committer};
+use courier_core::membership::{self, JoinError, Joined, Membership};
 use courier_core::placement::{EdgeId, cluster_of, home_edge};
 use courier_core::rng::Rng;
 use courier_core::session::{
@@ -90,6 +96,10 @@ fn cluster_simulation_over_many_seeds() {
             total.released_in_flight > 0,
             "no guest was released with a batch in flight: {total:?}"
         );
+        assert!(
+            total.membership_changes > 0 && total.stale_joins > 0,
+            "no rolling change of the members fenced an edge on the old ones: {total:?}"
+        );
     }
 }
 
@@ -118,6 +128,10 @@ struct Stats {
     drains: u64,
     /// Guest commit results that came back after the guest was released.
     released_in_flight: u64,
+    /// Joins that brought in a new membership (fencing every edge on the old one), and
+    /// starts refused because the edge's config had the old members.
+    membership_changes: u64,
+    stale_joins: u64,
 }
 
 impl Stats {
@@ -137,6 +151,8 @@ impl Stats {
         self.fenced += other.fenced;
         self.drains += other.drains;
         self.released_in_flight += other.released_in_flight;
+        self.membership_changes += other.membership_changes;
+        self.stale_joins += other.stale_joins;
     }
 }
 
@@ -277,6 +293,10 @@ impl Packet {
 /// While the edge is down, `shards` is empty.
 struct Edge {
     id: EdgeId,
+    /// The members in its config file (the operator changes it), and those its process
+    /// started with (what it places users by, and the epoch its lease changes carry).
+    config: Membership,
+    running: Membership,
     /// One store per FoundationDB cluster stand-in: inboxes spread over them (`cluster_of`).
     stores: Rc<Vec<MemoryStore>>,
     shards: Vec<EdgeSession<SimAuth>>,
@@ -332,7 +352,14 @@ struct World {
     config: CoreConfig,
     session_config: SessionConfig,
     edges: Vec<Edge>,
+    /// Every edge's id, members or not (a spare one may join, a member may be removed).
     edge_ids: Vec<EdgeId>,
+    /// The members the operator wants: every config ends with them.
+    members: Membership,
+    /// When the operator changes the members (seeds with a spare edge), and the edges whose
+    /// config is updated (then restarted) at which time.
+    change_members_at: Option<UnixMillis>,
+    rollout: Vec<(UnixMillis, usize)>,
     /// Links up, by id; a packet on a link that is gone is lost.
     links: HashMap<u64, Link>,
     /// Per (edge, shard, peer edge): the link up, or when to open one again.
@@ -370,25 +397,21 @@ impl World {
         };
         config.validate().expect("valid sim config");
         let edge_count = 2 + rng.below(2) as usize;
+        let takeover = rng.below(2) == 0;
+        // With takeover, half the seeds change the members mid-run: a spare edge joins.
+        let spare = takeover && rng.below(2) == 0;
         // Ids that are not indexes, so a mix-up of the two shows.
-        let edge_ids: Vec<EdgeId> = (0..edge_count).map(|i| 10 * (i as u32 + 1) + 3).collect();
-        let members: Vec<EdgeMember> = edge_ids
-            .iter()
-            .map(|id| EdgeMember {
-                id: *id,
-                client_address: address_of(*id),
-            })
+        let edge_ids: Vec<EdgeId> = (0..edge_count + usize::from(spare))
+            .map(|i| 10 * (i as u32 + 1) + 3)
             .collect();
+        let members = Membership::new(1, &edge_ids[..edge_count]);
         let shard_count = 1 + rng.below(3) as u32;
         let session_config = SessionConfig {
             sends_in_flight_per_connection_max: 1 + rng.below(8) as usize,
             link_requests_in_flight_max: 1 + rng.below(16) as usize,
             // Bodies are about ten bytes: a few sends fill it.
             link_send_bytes_in_flight_max: 1 + rng.below(64) as usize,
-            cluster: Some(ClusterView {
-                edge: edge_ids[0],
-                members,
-            }),
+            cluster: Some(cluster_view(edge_ids[0], &members)),
             ..SessionConfig::new(0, shard_count, config.clone())
         };
         let user_count = 3 + rng.below(6) as usize;
@@ -408,7 +431,7 @@ impl World {
                     user: *user,
                     session: ClientSession::new(client_config, 0),
                     conn: None,
-                    target_edge: rng.below(edge_count as u64) as usize,
+                    target_edge: rng.below(edge_ids.len() as u64) as usize,
                     reconnect_at: 0,
                     planned,
                     outbox: BTreeMap::new(),
@@ -418,7 +441,7 @@ impl World {
                 }
             })
             .collect();
-        let takeover = rng.below(2) == 0;
+        let change_members_at = spare.then(|| 1_700_000_000_000 + 100 + rng.below(1_500));
         let mut world = World {
             takeover,
             stall_per_thousand: if takeover { rng.below(2) } else { 0 },
@@ -433,6 +456,9 @@ impl World {
             session_config,
             edges: Vec::new(),
             edge_ids: edge_ids.clone(),
+            members: members.clone(),
+            change_members_at,
+            rollout: Vec::new(),
             links: HashMap::new(),
             out_links: BTreeMap::new(),
             next_link: 1,
@@ -456,6 +482,8 @@ impl World {
             };
             world.edges.push(Edge {
                 id: *id,
+                config: members.clone(),
+                running: members.clone(),
                 stores,
                 shards: Vec::new(),
                 committers: Vec::new(),
@@ -469,7 +497,7 @@ impl World {
                 exits_at: None,
             });
         }
-        for index in 0..edge_ids.len() {
+        for index in 0..edge_count {
             world.start_edge(index);
         }
         world
@@ -479,20 +507,37 @@ impl World {
     /// With takeover it first claims its own lease, fencing whoever served its users.
     fn start_edge(&mut self, edge: usize) {
         let count = self.session_config.shard_count;
-        let mut cluster = self.session_config.cluster.clone().expect("a cluster");
-        cluster.edge = self.edges[edge].id;
         let owner = self.next_owner;
         self.next_owner += 1;
         let now = self.now;
+        let retry_at = now + 20 + self.rng.below(100);
         let e = &mut self.edges[edge];
         e.down_until = None;
         e.exits_at = None;
         e.guests.clear();
+        e.running = e.config.clone();
+        let cluster = cluster_view(e.id, &e.running);
         if self.takeover {
-            let lease = takeover::claim_own(&e.stores, e.id, owner).expect("claim own lease");
+            // As the edge does: join the members first, then claim its own lease.
+            match membership::join(&e.stores, &e.running) {
+                Ok(Joined::Same) => {}
+                Ok(Joined::Changed { previous }) => {
+                    self.stats.membership_changes += u64::from(previous.is_some());
+                }
+                Err(JoinError::Stale { .. }) => {
+                    // Its config still has the old members: it exits, and its supervisor
+                    // tries again (the operator updates the config meanwhile).
+                    self.stats.stale_joins += 1;
+                    e.down_until = Some(retry_at);
+                    return;
+                }
+                Err(error) => panic!("edge {} cannot join: {error}", e.id),
+            }
+            let lease = takeover::claim_own(&e.stores, e.id, owner, e.running.epoch)
+                .expect("claim own lease");
             e.lease = Some(lease);
             e.owner = owner;
-            e.planner = Some(Planner::new(e.id, &self.edge_ids, LEASE_TIMEOUT_MS));
+            e.planner = Some(Planner::new(e.id, &e.running.members, LEASE_TIMEOUT_MS));
             e.next_beat_at = now;
         }
         e.shards = (0..count)
@@ -509,8 +554,65 @@ impl World {
         e.guests = (0..count).map(|_| ShardGuests::new(&self.config)).collect();
         for shard in 0..count as u8 {
             for peer in 0..self.edges.len() {
-                if peer != edge {
+                if peer != edge
+                    && self.edges[edge]
+                        .running
+                        .members
+                        .contains(&self.edge_ids[peer])
+                {
                     self.out_links.insert((edge, shard, peer), Err(self.now));
+                }
+            }
+        }
+    }
+
+    /// The operator changes the members: the spare edge joins, and in half the seeds a
+    /// member leaves. Every edge's config is then updated, and the edge restarted (a member)
+    /// or stopped (not one), one at a time in random order.
+    fn change_members(&mut self) {
+        let spare = *self.edge_ids.last().expect("edges");
+        let mut members = self.members.members.clone();
+        members.push(spare);
+        if self.rng.below(2) == 0 {
+            let leaving = self.rng.below(members.len() as u64 - 1) as usize;
+            members.remove(leaving);
+        }
+        self.members = Membership::new(self.members.epoch + 1, &members);
+        // Often one edge's lease thread is paused right then: it beats (and so learns of the
+        // change) late, while its shards commit on; only the raised leases fence them.
+        if self.rng.below(2) == 0 {
+            let edge = self.rng.below(self.edges.len() as u64) as usize;
+            self.edges[edge].stalled_until = self.now + self.rng.below(3 * LEASE_TIMEOUT_MS);
+        }
+        for edge in 0..self.edges.len() {
+            let at = self.now + self.rng.below(6 * LEASE_TIMEOUT_MS);
+            self.rollout.push((at, edge));
+        }
+    }
+
+    /// Config updates that are due: the edge restarts on the new members, or stops for good
+    /// (drained when it can be) if it is no longer one of them.
+    fn roll_out(&mut self) {
+        let now = self.now;
+        let due: Vec<usize> = self
+            .rollout
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, edge)| *edge)
+            .collect();
+        self.rollout.retain(|(at, _)| *at > now);
+        for edge in due {
+            self.edges[edge].config = self.members.clone();
+            let member = self.members.members.contains(&self.edges[edge].id);
+            if self.edges[edge].shards.is_empty() {
+                self.edges[edge].down_until = member.then_some(now);
+            } else if member {
+                self.crash_edge(edge);
+                self.edges[edge].down_until = Some(now);
+            } else {
+                self.drain_edge(edge);
+                if self.edges[edge].exits_at.is_none() {
+                    self.crash_edge(edge);
                 }
             }
         }
@@ -572,7 +674,7 @@ impl World {
     }
 
     fn home_index(&self, user: UserId) -> usize {
-        let id = home_edge(user, &self.edge_ids);
+        let id = home_edge(user, &self.members.members);
         self.edge_ids.iter().position(|e| *e == id).expect("member")
     }
 
@@ -601,6 +703,11 @@ impl World {
             let packet = entry.remove();
             self.receive(packet);
         }
+        if self.change_members_at.is_some_and(|at| at <= self.now) {
+            self.change_members_at = None;
+            self.change_members();
+        }
+        self.roll_out();
         if self.takeover {
             for edge in 0..self.edges.len() {
                 self.run_leases(edge, chaos);
@@ -743,9 +850,11 @@ impl World {
     fn run_leases(&mut self, edge: usize, chaos: bool) {
         let now = self.now;
         if self.edges[edge].shards.is_empty() {
-            let due = self.edges[edge]
-                .down_until
-                .is_some_and(|at| at <= now || !chaos);
+            let e = &self.edges[edge];
+            // An edge its own config leaves out is stopped for good (the edge refuses to
+            // start with an id that is not a member).
+            let due = e.config.members.contains(&e.id)
+                && e.down_until.is_some_and(|at| at <= now || !chaos);
             if due {
                 self.start_edge(edge);
             }
@@ -765,13 +874,14 @@ impl World {
         if now >= e.next_beat_at {
             e.next_beat_at = now + RENEW_MS;
             let lease = e.lease.expect("a live edge holds its lease");
-            if takeover::renew(&e.stores, e.id, lease) == Err(StoreError::Fenced) {
-                // Its users were taken over while it stalled: the process exits.
+            if takeover::renew(&e.stores, e.id, lease, e.running.epoch) == Err(StoreError::Fenced) {
+                // Its users were taken over while it stalled, or the members changed: the
+                // process exits.
                 self.stats.fenced += 1;
                 return self.crash_edge(edge);
             }
         }
-        let observed = takeover::observe_all(&e.stores, &self.edge_ids).expect("read leases");
+        let observed = takeover::observe_all(&e.stores, &e.running.members).expect("read leases");
         let planner = e.planner.as_mut().expect("a live edge plans");
         planner.observe_round(now, observed);
         let actions = planner.actions(now);
@@ -782,7 +892,8 @@ impl World {
                     expected,
                 } => {
                     let e = &mut self.edges[edge];
-                    let result = takeover::claim(&e.stores, dead, e.id, e.owner, expected);
+                    let result =
+                        takeover::claim(&e.stores, dead, e.id, e.owner, expected, e.running.epoch);
                     let ok = result.is_ok();
                     e.planner.as_mut().expect("planner").claimed(dead, result);
                     self.stats.takeovers += u64::from(ok);
@@ -809,7 +920,7 @@ impl World {
         leases.push((e.id, e.lease.expect("a live edge holds its lease")));
         for (users_of, lease) in leases {
             // Fenced: a claim came first, and that claimer serves them.
-            let _ = takeover::hand_over(&e.stores, users_of, lease, target);
+            let _ = takeover::hand_over(&e.stores, users_of, lease, target, e.running.epoch);
         }
         e.exits_at = Some(now + 30);
         self.stats.drains += 1;
@@ -852,7 +963,13 @@ impl World {
                 self.out_links.remove(&(from_edge, from_shard, to_edge));
                 continue;
             }
-            if self.edges[to_edge].shards.is_empty() {
+            let from_id = self.edges[from_edge].id;
+            let to = &self.edges[to_edge];
+            let listed = self.edges[from_edge].running.members.contains(&to.id)
+                && to.running.members.contains(&from_id);
+            if to.shards.is_empty() || !listed {
+                // Down, or running on members without this edge (a change rolling out): it
+                // would refuse the hello.
                 let again_at = self.now + 1 + self.rng.below(200);
                 self.out_links
                     .insert((from_edge, from_shard, to_edge), Err(again_at));
@@ -1140,14 +1257,20 @@ impl World {
                     user,
                     reconnect_to,
                 } => {
-                    if self.edges[edge].exits_at.is_none() {
-                        assert_ne!(self.home_index(user), edge, "redirected from its home edge");
+                    let e = &self.edges[edge];
+                    if e.exits_at.is_none() {
+                        assert_ne!(
+                            home_edge(user, &e.running.members),
+                            e.id,
+                            "redirected from its home edge"
+                        );
                     }
                     if self.takeover {
                         // To its home, or to the edge that took its home over.
-                        assert_ne!(reconnect_to, address_of(self.edges[edge].id));
+                        assert_ne!(reconnect_to, address_of(e.id));
                     } else {
-                        assert_eq!(reconnect_to, address_of(home_edge(user, &self.edge_ids)));
+                        let members = &self.members.members;
+                        assert_eq!(reconnect_to, address_of(home_edge(user, members)));
                     }
                     self.stats.redirects += 1;
                     let frame = Frame::Goaway {
@@ -1289,13 +1412,20 @@ impl World {
     }
 
     fn converged(&self) -> bool {
-        // With takeover: every edge is back and serves its own users alone.
-        let settled = self.edges.iter().all(|e| {
-            !e.shards.is_empty()
-                && e.planner
-                    .as_ref()
-                    .is_none_or(|p| p.guests().next().is_none() && p.servers(self.now).is_empty())
-        });
+        // Every member is up on the wanted members, every other edge stopped; with takeover,
+        // each serves its own users alone.
+        let settled = self.change_members_at.is_none()
+            && self.rollout.is_empty()
+            && self.edges.iter().all(|e| {
+                if !self.members.members.contains(&e.id) {
+                    return e.shards.is_empty();
+                }
+                !e.shards.is_empty()
+                    && e.running == self.members
+                    && e.planner.as_ref().is_none_or(|p| {
+                        p.guests().next().is_none() && p.servers(self.now).is_empty()
+                    })
+            });
         if !settled
             || !self.network.is_empty()
             || self.out_links.values().any(|state| state.is_err())
@@ -1398,6 +1528,21 @@ impl World {
         }
         self.stats.messages_acked = acked;
         Ok(self.stats)
+    }
+}
+
+/// The view a shard of `edge` has of the cluster: the members its process runs with.
+fn cluster_view(edge: EdgeId, members: &Membership) -> ClusterView {
+    ClusterView {
+        edge,
+        members: members
+            .members
+            .iter()
+            .map(|id| EdgeMember {
+                id: *id,
+                client_address: address_of(*id),
+            })
+            .collect(),
     }
 }
 

@@ -61,6 +61,11 @@ pub struct ClusterSection {
     pub lease_timeout_ms: u64,
     /// How often an edge beats its lease and reads the others'.
     pub lease_renew_ms: u64,
+    /// Raise it with every change of `members`, in every edge's config (decision 0016). On
+    /// FoundationDB the first edge started with a later epoch fences every edge still on the
+    /// earlier one, which exits; an edge started with an earlier epoch than the store's is
+    /// refused. So a rolling change never lets two edges serve one user.
+    pub membership_epoch: u64,
     /// Every edge of the cluster, this one included, in any order.
     pub members: Vec<ClusterMember>,
 }
@@ -90,6 +95,7 @@ impl Default for ClusterSection {
             takeover: false,
             lease_timeout_ms: 10_000,
             lease_renew_ms: 1_000,
+            membership_epoch: 1,
             members: Vec::new(),
         }
     }
@@ -104,6 +110,18 @@ impl ClusterSection {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if !self.enabled() {
             return Ok(());
+        }
+        if self.members.len() > courier_core::membership::MEMBERS_MAX {
+            return Err((
+                "cluster.members",
+                format!("at most {} members", courier_core::membership::MEMBERS_MAX),
+            ));
+        }
+        if self.membership_epoch == 0 {
+            return Err((
+                "cluster.membership_epoch",
+                "at least 1, raised with every change of the members".into(),
+            ));
         }
         if !self.members.iter().any(|member| member.id == self.edge_id) {
             return Err((
@@ -953,6 +971,26 @@ mod tests {
             })
             .collect();
         config
+    }
+
+    #[test]
+    fn membership_epoch_starts_at_one_and_members_are_bounded() {
+        let mut config = cluster_of_two();
+        assert_eq!(config.cluster.membership_epoch, 1);
+        config.cluster.membership_epoch = 0;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("cluster.membership_epoch"), "{error}");
+        config.cluster.membership_epoch = 2;
+        config.validate("test").expect("a raised epoch is valid");
+        let member = config.cluster.members[1].clone();
+        config.cluster.members = (1..=courier_core::membership::MEMBERS_MAX as u32 + 1)
+            .map(|id| ClusterMember {
+                id,
+                ..member.clone()
+            })
+            .collect();
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("cluster.members"), "{error}");
     }
 
     #[test]

@@ -170,7 +170,8 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         signal,
         "shutting down: finishing commits and closing connections"
     );
-    if let Some(takeover) = &takeover {
+    // Without takeover the lease thread only fences (decision 0016): no one to hand over to.
+    if let Some(takeover) = takeover.as_ref().filter(|_| config.cluster.takeover) {
         // Hand the users to the successor first, so the redirected clients find it serving.
         match takeover.drain(DRAIN_HANDOVER_WAIT) {
             Some(edge) => info!(
@@ -316,8 +317,8 @@ fn open_store(
 
 /// The stores of an edge in a cluster on FoundationDB. The shard ids of different edges are
 /// the same numbers, so the process claims one owner key for the edge (`EDGE_ID_FDB_MAX | id`)
-/// that all its shards commit under; with takeover it also claims the edge's lease and starts
-/// the lease thread (decision 0015).
+/// that all its shards commit under, joins the cluster's membership, claims the edge's lease
+/// and starts the lease thread (decisions 0015 and 0016).
 #[cfg(feature = "fdb")]
 fn open_cluster_edge(
     config: &Config,
@@ -334,21 +335,20 @@ fn open_cluster_edge(
         .first()
         .map(|store| store.claim())
         .ok_or("no FoundationDB cluster configured")?;
-    let (takeover, lease) = if cluster.takeover {
-        let settings = crate::takeover::LeaseSettings {
-            edge: cluster.edge_id,
-            members: cluster.members.iter().map(|member| member.id).collect(),
-            timeout_ms: cluster.lease_timeout_ms,
-            renew_ms: cluster.lease_renew_ms,
-            exit_when_fenced: true,
-        };
-        // Every cluster holds a copy of every lease (`courier_core::takeover::claim`).
-        let (takeover, lease) =
-            crate::takeover::Takeover::start(Arc::new(stores), settings, owner)?;
-        (Some(takeover), Some((cluster.edge_id, lease)))
-    } else {
-        (None, None)
+    let ids: Vec<u32> = cluster.members.iter().map(|member| member.id).collect();
+    let settings = crate::takeover::LeaseSettings {
+        edge: cluster.edge_id,
+        membership: courier_core::membership::Membership::new(cluster.membership_epoch, &ids),
+        takeover: cluster.takeover,
+        timeout_ms: cluster.lease_timeout_ms,
+        renew_ms: cluster.lease_renew_ms,
+        exit_when_fenced: true,
     };
+    // Every cluster holds a copy of every lease (`courier_core::takeover::claim`). With or
+    // without takeover the edge commits under its lease, so that a change of the members
+    // fences the edges still on the earlier ones (decision 0016).
+    let (takeover, lease) = crate::takeover::Takeover::start(Arc::new(stores), settings, owner)?;
+    let (takeover, lease) = (Some(takeover), Some((cluster.edge_id, lease)));
     let clusters = Arc::clone(clusters);
     let open: OpenShardStore = Arc::new(move |_shard| {
         let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {

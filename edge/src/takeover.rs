@@ -1,16 +1,18 @@
-//! The thread that holds this edge's lease (takeover, decision 0015).
+//! The thread that holds this edge's lease (takeover, decision 0015; membership, 0016).
 //!
-//! With `cluster.takeover` the edge claims its own lease at start, before any shard commits,
-//! and every commit runs under it (`courier_core::takeover::LeasedStore`). This thread then
-//! beats the lease every `cluster.lease_renew_ms`, reads every member's lease and beat, and
-//! runs the sans-IO [`Planner`]: it claims a dead edge's users when this edge is the
-//! successor, and releases them when their lease moves on. The shards read the outcome (a
+//! In a cluster on a shared store (FoundationDB) the edge joins the cluster's membership
+//! (`courier_core::membership::join`) and claims its own lease at start, before any shard
+//! commits, and every commit runs under it (`courier_core::takeover::LeasedStore`). This
+//! thread then beats the lease every `cluster.lease_renew_ms`. With `cluster.takeover` it also
+//! reads every member's lease and beat and runs the sans-IO [`Planner`]: it claims a dead
+//! edge's users when this edge is the successor, and releases them when their lease moves on.
+//! Without takeover the planner knows this edge alone, so it claims nothing. The shards read the outcome (a
 //! [`View`]) once per tick and apply it to their sessions: guests to serve, and which edges
 //! serve whom.
 //!
 //! A beat refused as `Fenced` means another edge took this edge's users over (this edge
-//! stalled longer than the timeout, or the network cut it off from the store): nothing it
-//! commits can land any more, and the process exits for its supervisor to restart it, as a
+//! stalled longer than the timeout, or the network cut it off from the store), or an edge
+//! joined with a later membership epoch: nothing it commits can land any more, and the process exits for its supervisor to restart it, as a
 //! fenced shard does. A drain ([`Takeover::drain`]) hands every lease to the successor first.
 
 use std::collections::BTreeMap;
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use courier_core::membership::{self, Joined, Membership};
 use courier_core::placement::EdgeId;
 use courier_core::store::{Store, StoreError};
 use courier_core::takeover::{self, Lease, Planner, TakeoverAction};
@@ -38,7 +41,10 @@ pub struct View {
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
     pub edge: EdgeId,
-    pub members: Vec<EdgeId>,
+    /// `cluster.membership_epoch` and the members' ids.
+    pub membership: Membership,
+    /// Whether this edge takes dead edges' users over (`cluster.takeover`).
+    pub takeover: bool,
     pub timeout_ms: u64,
     pub renew_ms: u64,
     /// A fenced beat ends the process (the edge); off, only the lease thread stops (tests,
@@ -78,16 +84,32 @@ impl std::fmt::Debug for Command {
 const COMMANDS_MAX: usize = 64;
 
 impl Takeover {
-    /// Claims this edge's own lease (fencing whoever served its users while it was down) and
-    /// starts the lease thread. Returns the lease the edge's own commits run under.
+    /// Joins the cluster's membership, claims this edge's own lease (fencing whoever served
+    /// its users while it was down) and starts the lease thread. Returns the lease the edge's
+    /// own commits run under.
     pub fn start<S: Store + 'static>(
         stores: Arc<Vec<S>>,
         settings: LeaseSettings,
         owner: u64,
     ) -> Result<(Arc<Takeover>, Lease), String> {
+        match membership::join(&stores, &settings.membership) {
+            Ok(Joined::Same) => {}
+            Ok(Joined::Changed { previous: None }) => {
+                info!(membership = %settings.membership, "the cluster's first membership");
+            }
+            Ok(Joined::Changed {
+                previous: Some(previous),
+            }) => warn!(
+                %previous,
+                membership = %settings.membership,
+                "the members changed: every edge still on the earlier ones is fenced and exits                  until it is restarted with this membership"
+            ),
+            Err(error) => return Err(error.to_string()),
+        }
         // 0 marks a lease handed over and not yet claimed.
         let owner = owner.max(1);
-        let own = takeover::claim_own(&stores, settings.edge, owner)
+        let epoch = settings.membership.epoch;
+        let own = takeover::claim_own(&stores, settings.edge, owner, epoch)
             .map_err(|e| format!("cannot claim this edge's lease in the store: {e}"))?;
         info!(
             edge = settings.edge,
@@ -105,8 +127,13 @@ impl Takeover {
         std::thread::Builder::new()
             .name("lease".into())
             .spawn(move || {
+                let members = if settings.takeover {
+                    settings.membership.members.clone()
+                } else {
+                    vec![settings.edge]
+                };
                 LeaseThread {
-                    planner: Planner::new(settings.edge, &settings.members, settings.timeout_ms),
+                    planner: Planner::new(settings.edge, &members, settings.timeout_ms),
                     stores,
                     settings,
                     own,
@@ -221,14 +248,23 @@ impl<S: Store> LeaseThread<S> {
     /// was taken (with `exit_when_fenced` off; on, the process has ended).
     fn tick(&mut self) -> Result<(), StoreError> {
         let edge = self.settings.edge;
-        let renewed = match takeover::renew(&self.stores, edge, self.own) {
+        let epoch = self.settings.membership.epoch;
+        let renewed = match takeover::renew(&self.stores, edge, self.own, epoch) {
             Ok(()) => true,
             Err(StoreError::Fenced) => {
-                tracing::error!(
-                    edge,
-                    "another edge took this edge's users over (its lease beat stood still \
-                     longer than cluster.lease_timeout_ms); exiting"
-                );
+                match membership::read(&self.stores) {
+                    Ok(Some(stored)) if stored.epoch != epoch => tracing::error!(
+                        edge,
+                        %stored,
+                        "the cluster's members changed; exiting: restart this edge with the \
+                         new [cluster] members and membership_epoch"
+                    ),
+                    _ => tracing::error!(
+                        edge,
+                        "another edge took this edge's users over (its lease beat stood still \
+                         longer than cluster.lease_timeout_ms); exiting"
+                    ),
+                }
                 if self.settings.exit_when_fenced {
                     std::process::exit(3);
                 }
@@ -240,7 +276,11 @@ impl<S: Store> LeaseThread<S> {
                 false
             }
         };
-        let observed = match takeover::observe_all(&self.stores, &self.settings.members) {
+        if !self.settings.takeover {
+            return Ok(());
+        }
+        let observed = match takeover::observe_all(&self.stores, &self.settings.membership.members)
+        {
             Ok(observed) => observed,
             Err(error) => {
                 self.planner.round_failed();
@@ -261,7 +301,8 @@ impl<S: Store> LeaseThread<S> {
                     edge: dead,
                     expected,
                 } => {
-                    let result = takeover::claim(&self.stores, dead, edge, self.owner, expected);
+                    let result =
+                        takeover::claim(&self.stores, dead, edge, self.owner, expected, epoch);
                     match &result {
                         Ok(lease) => info!(
                             dead,
@@ -288,7 +329,8 @@ impl<S: Store> LeaseThread<S> {
         let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
         leases.push((self.settings.edge, self.own));
         for (users_of, lease) in leases {
-            match takeover::hand_over(&self.stores, users_of, lease, target) {
+            let epoch = self.settings.membership.epoch;
+            match takeover::hand_over(&self.stores, users_of, lease, target, epoch) {
                 Ok(()) => info!(users_of, target, "handed a lease to the successor"),
                 // Fenced: someone claimed it first and serves them. Otherwise the
                 // successor takes them over after the timeout instead.
@@ -327,7 +369,8 @@ mod tests {
     fn settings(edge: EdgeId) -> LeaseSettings {
         LeaseSettings {
             edge,
-            members: vec![1, 2],
+            membership: Membership::new(1, &[1, 2]),
+            takeover: true,
             // Long next to the beat, so a busy test machine does not stall a thread into being
             // taken over (which would stop that edge's lease thread and fail the test).
             timeout_ms: 1_500,
@@ -375,7 +418,8 @@ mod tests {
         let store = Arc::new(vec![MemoryStore::new()]);
         let (two, _) = Takeover::start(Arc::clone(&store), settings(2), 22).expect("2");
         // Edge 1 claims its lease once and never beats: as if it died at once.
-        takeover::claim_own(&store, 1, 11).expect("claim");
+        membership::join(&store, &Membership::new(1, &[1, 2])).expect("join");
+        takeover::claim_own(&store, 1, 11, 1).expect("claim");
         wait_for("edge 2 to take edge 1 over", || {
             two.view().guests.contains_key(&1)
         });

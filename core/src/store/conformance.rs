@@ -7,6 +7,7 @@
 
 use super::{Store, StoreError, Transaction};
 use crate::commit::{self, Outcome, Request, SendRequest};
+use crate::membership::{self, Membership};
 use crate::takeover::{self, LeasedStore};
 use crate::{CoreConfig, keys};
 
@@ -596,12 +597,17 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
 
 /// Takeover (decision 0015) on this backend: a claim of an edge's lease fences the earlier
 /// holder's commits and beats, the new holder continues the inbox where it was, and the lease
-/// survives a reopen.
+/// survives a reopen. A later membership (decision 0016) fences the holder again.
 fn leases_fence_the_earlier_holder<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
     let now = 1_000_000;
     let stores = std::slice::from_ref(h.store());
-    let own = takeover::claim_own(stores, 5, 1).unwrap();
+    let members = Membership::new(1, &[5, 6]);
+    assert_eq!(
+        membership::join(stores, &members),
+        Ok(membership::Joined::Changed { previous: None })
+    );
+    let own = takeover::claim_own(stores, 5, 1, 1).unwrap();
     let mut earlier = commit::Committer::new(&config);
     let first = earlier
         .commit_batch(
@@ -611,10 +617,10 @@ fn leases_fence_the_earlier_holder<H: Harness>(h: &mut H) {
         )
         .unwrap();
     assert_eq!(seq_of(&first[0]), (1, true));
-    takeover::renew(stores, 5, own).unwrap();
+    takeover::renew(stores, 5, own, 1).unwrap();
     let seen = takeover::observe_all(stores, &[5]).unwrap()[&5];
     assert_eq!((seen.lease, seen.beat), (Some(own), 1));
-    let taken = takeover::claim(stores, 5, 6, 2, seen).unwrap();
+    let taken = takeover::claim(stores, 5, 6, 2, seen, 1).unwrap();
     assert_eq!(taken.epoch, own.epoch + 1);
     let refused = earlier.commit_batch(
         &LeasedStore::new(h.store(), 5, own),
@@ -622,7 +628,7 @@ fn leases_fence_the_earlier_holder<H: Harness>(h: &mut H) {
         now + 1,
     );
     assert_eq!(refused, Err(StoreError::Fenced));
-    assert_eq!(takeover::renew(stores, 5, own), Err(StoreError::Fenced));
+    assert_eq!(takeover::renew(stores, 5, own, 1), Err(StoreError::Fenced));
     let mut successor = commit::Committer::new(&config);
     let next = successor
         .commit_batch(
@@ -636,4 +642,24 @@ fn leases_fence_the_earlier_holder<H: Harness>(h: &mut H) {
     let stores = std::slice::from_ref(h.store());
     let seen = takeover::observe_all(stores, &[5]).unwrap()[&5];
     assert_eq!(seen.lease, Some(taken));
+    assert_eq!(membership::read(stores).unwrap(), Some(members.clone()));
+
+    // Edge 7 joins with the members changed: the successor, still on the old members, is
+    // fenced, and the raised lease survives a reopen.
+    let changed = Membership::new(2, &[5, 6, 7]);
+    membership::join(stores, &changed).unwrap();
+    let refused = successor.commit_batch(
+        &LeasedStore::new(h.store(), 5, taken),
+        &[send(1, 3, 7, b"c")],
+        now + 3,
+    );
+    assert_eq!(refused, Err(StoreError::Fenced));
+    h.reopen();
+    let stores = std::slice::from_ref(h.store());
+    assert!(matches!(
+        membership::join(stores, &members),
+        Err(membership::JoinError::Stale { .. })
+    ));
+    let seen = takeover::observe_all(stores, &[5]).unwrap()[&5];
+    assert_eq!(seen.lease.map(|lease| lease.epoch), Some(taken.epoch + 1));
 }
