@@ -242,6 +242,10 @@ pub struct ConnectOptions {
     /// when the connector resumes a session). Wait for their receipts with
     /// [`Client::early_receipts`].
     pub early_sends: Vec<EarlySend>,
+    /// A connection whose handshake and `Welcome` take longer is given up and another is
+    /// tried; after a redirect, at the first address. Without it a resumed session to an edge
+    /// that is gone (0-RTT needs no answer to start) would wait for QUIC's idle timeout.
+    pub welcome_timeout: Duration,
 }
 
 /// A message sent in the first flight of a connection.
@@ -268,6 +272,7 @@ impl ConnectOptions {
             sends_pending_max: 100_000,
             deliveries_buffered_max: 4096,
             early_sends: Vec::new(),
+            welcome_timeout: Duration::from_secs(10),
         }
     }
 
@@ -687,6 +692,13 @@ struct Driver {
     first_addr: SocketAddr,
 }
 
+fn welcome_timed_out(timeout: Duration) -> ClientError {
+    ClientError::Connect(format!(
+        "no Welcome within {} ms (ConnectOptions::welcome_timeout)",
+        timeout.as_millis()
+    ))
+}
+
 /// Redirects a client follows in a row before it gives up.
 const REDIRECTS_MAX: usize = 4;
 
@@ -703,16 +715,25 @@ impl Driver {
 
     async fn run(mut self) {
         loop {
-            let end = match Link::open(&self.connector, &self.options).await {
-                Ok((link, zero_rtt)) => self.run_link(link, zero_rtt).await,
-                Err(error) => {
-                    if self.options.addr != self.first_addr {
-                        debug!(%error, "the edge redirected to is unreachable; back to the first address");
-                        self.options.addr = self.first_addr;
-                    }
-                    LinkEnd::Lost(error)
-                }
+            let welcome_by = tokio::time::Instant::now() + self.options.welcome_timeout;
+            let opened =
+                tokio::time::timeout_at(welcome_by, Link::open(&self.connector, &self.options))
+                    .await
+                    .unwrap_or_else(|_| Err(welcome_timed_out(self.options.welcome_timeout)));
+            let end = match opened {
+                Ok((link, zero_rtt)) => self.run_link(link, zero_rtt, welcome_by).await,
+                Err(error) => LinkEnd::Lost(error),
             };
+            let unreachable = matches!(&end, LinkEnd::Lost(error)
+                if !matches!(error, ClientError::Redirected { .. }));
+            if unreachable && !self.session.is_active() {
+                // No `Welcome` on this connection: an edge redirected to that is gone or
+                // going. The first address leads to one that is up, which redirects again.
+                if self.options.addr != self.first_addr {
+                    debug!("the edge redirected to is unreachable; back to the first address");
+                    self.options.addr = self.first_addr;
+                }
+            }
             let error = match end {
                 LinkEnd::Closed => {
                     self.fail(ClientError::Shutdown);
@@ -889,7 +910,9 @@ impl Driver {
         &mut self,
         mut link: Link,
         zero_rtt: Option<quinn::ZeroRttAccepted>,
+        welcome_by: tokio::time::Instant,
     ) -> LinkEnd {
+        let welcome_timeout = self.options.welcome_timeout;
         let now = self.now();
         self.session.connected(now);
         if let Some(accepted) = zero_rtt {
@@ -899,7 +922,9 @@ impl Driver {
             }
             let _ = link.send.write_all(&link.outbuf).await;
             link.outbuf.clear();
-            let accepted = accepted.await;
+            let Ok(accepted) = tokio::time::timeout_at(welcome_by, accepted).await else {
+                return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
+            };
             self.shared.lock().expect("client state").zero_rtt_accepted = Some(accepted);
             if !accepted {
                 // Streams opened in rejected 0-RTT data are gone: start over on a new one,
@@ -960,6 +985,9 @@ impl Driver {
                 _ = async { tokio::time::sleep(sleep_for.unwrap_or_default()).await }, if sleep_for.is_some() => {
                     let now = self.now();
                     self.session.handle_timeout(now);
+                }
+                _ = tokio::time::sleep_until(welcome_by), if !self.session.is_active() => {
+                    return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
                 }
                 command = self.commands.recv() => {
                     if self.apply(command) {

@@ -188,6 +188,23 @@ pub fn claim<S: Store>(
 /// The owner a handed-over lease carries until its new holder claims it.
 const HANDOVER_OWNER: u64 = 0;
 
+impl Lease {
+    /// Whether a drain handed these users to `holder`, which has not claimed them yet.
+    pub fn is_handed_over(&self) -> bool {
+        self.owner == HANDOVER_OWNER
+    }
+}
+
+/// Whether every lease a drain handed over (`observed`, read after [`hand_over`]) was taken
+/// up: claimed by its new holder (or by anyone else since). Only then does the draining edge
+/// redirect its clients, so that the successor serves them when they arrive; before, it
+/// would send them back to the draining edge's address, where nothing will answer soon.
+pub fn taken_up(observed: &BTreeMap<EdgeId, Observed>) -> bool {
+    observed
+        .values()
+        .all(|seen| !seen.lease.is_some_and(|lease| lease.is_handed_over()))
+}
+
 /// A draining edge gives the users of `edge` (its own, or a guest's) to `to`: the lease names
 /// `to` as holder, and `to` claims it at its next observation. Commits under `lease` are
 /// fenced from now on; `Fenced` if `lease` was no longer the latest claim.

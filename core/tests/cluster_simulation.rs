@@ -313,6 +313,9 @@ struct Edge {
     down_until: Option<UnixMillis>,
     /// Misses its beats until then, while serving on (a stall: a long pause, a slow store).
     stalled_until: UnixMillis,
+    /// Draining: its leases were handed to this successor, which has until the deadline to
+    /// claim them before the clients are redirected there (`takeover::taken_up`).
+    handing_over: Option<(EdgeId, Vec<EdgeId>, UnixMillis)>,
     /// Draining: its leases are handed over and its clients redirected; its process exits
     /// then (time for the `Goaway`s to leave).
     exits_at: Option<UnixMillis>,
@@ -494,6 +497,7 @@ impl World {
                 owner: 0,
                 down_until: None,
                 stalled_until: 0,
+                handing_over: None,
                 exits_at: None,
             });
         }
@@ -513,6 +517,7 @@ impl World {
         let retry_at = now + 20 + self.rng.below(100);
         let e = &mut self.edges[edge];
         e.down_until = None;
+        e.handing_over = None;
         e.exits_at = None;
         e.guests.clear();
         e.running = e.config.clone();
@@ -611,7 +616,8 @@ impl World {
                 self.edges[edge].down_until = Some(now);
             } else {
                 self.drain_edge(edge);
-                if self.edges[edge].exits_at.is_none() {
+                let e = &self.edges[edge];
+                if e.exits_at.is_none() && e.handing_over.is_none() {
                     self.crash_edge(edge);
                 }
             }
@@ -778,7 +784,12 @@ impl World {
         self.apply_effects(edge, shard as u8);
         if fenced {
             self.stats.fenced += 1;
-            self.crash_edge(edge);
+            // After a drain handed the lease over, fenced commits are expected (the edge's
+            // `Takeover::handed_over`): the clients are redirected soon.
+            let e = &self.edges[edge];
+            if e.handing_over.is_none() && e.exits_at.is_none() {
+                self.crash_edge(edge);
+            }
         }
     }
 
@@ -866,6 +877,16 @@ impl World {
             }
             return;
         }
+        if let Some((target, handed, deadline)) = self.edges[edge].handing_over.clone() {
+            // As the edge's lease thread: no beat (the lease is handed over); redirect once
+            // the successor claimed what it was handed, or the wait is over.
+            let e = &self.edges[edge];
+            let observed = takeover::observe_all(&e.stores, &handed).expect("read leases");
+            if takeover::taken_up(&observed) || now >= deadline {
+                self.finish_drain(edge, target);
+            }
+            return;
+        }
         let e = &mut self.edges[edge];
         if now < e.stalled_until && chaos {
             // Its lease thread is paused (its shards serve on): no beat, no observation.
@@ -909,7 +930,7 @@ impl World {
     fn drain_edge(&mut self, edge: usize) {
         let now = self.now;
         let e = &mut self.edges[edge];
-        if e.shards.is_empty() || e.exits_at.is_some() {
+        if e.shards.is_empty() || e.exits_at.is_some() || e.handing_over.is_some() {
             return;
         }
         let planner = e.planner.as_ref().expect("a live edge plans");
@@ -918,12 +939,23 @@ impl World {
         };
         let mut leases: Vec<(EdgeId, Lease)> = planner.guests().collect();
         leases.push((e.id, e.lease.expect("a live edge holds its lease")));
+        let mut handed = Vec::new();
         for (users_of, lease) in leases {
             // Fenced: a claim came first, and that claimer serves them.
-            let _ = takeover::hand_over(&e.stores, users_of, lease, target, e.running.epoch);
+            if takeover::hand_over(&e.stores, users_of, lease, target, e.running.epoch).is_ok() {
+                handed.push(users_of);
+            }
         }
-        e.exits_at = Some(now + 30);
+        e.handing_over = Some((target, handed, now + 3 * RENEW_MS));
         self.stats.drains += 1;
+    }
+
+    /// The drain's second half, once the successor took the users up: every client is
+    /// redirected there and the process exits a little later.
+    fn finish_drain(&mut self, edge: usize, target: EdgeId) {
+        let e = &mut self.edges[edge];
+        e.handing_over = None;
+        e.exits_at = Some(self.now + 30);
         for shard in 0..self.edges[edge].shards.len() {
             self.edges[edge].shards[shard].drain_to(target);
             self.apply_effects(edge, shard as u8);

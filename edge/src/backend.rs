@@ -13,8 +13,8 @@ use courier_core::commit::{
     Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
 };
 use courier_core::placement::EdgeId;
-use courier_core::store::StoreError;
 use courier_core::store::fjall::{EraseReport, FjallOptions, FjallStore};
+use courier_core::store::{Store, StoreError};
 use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UnixMillis, UserId};
 
@@ -201,26 +201,28 @@ impl ShardStore for Embedded {
     }
 }
 
-/// A shard's stores on FoundationDB: one per cluster, claimed for this shard (or, in a
-/// cluster of edges, for this edge's process).
-#[cfg(feature = "fdb")]
+/// A shard's stores on a store every edge shares: FoundationDB, one per cluster, claimed for
+/// this shard (or, in a cluster of edges, for this edge's process); or, in tests, memory stores
+/// that the edges of one process share (`server::EdgeStore::SharedMemory`).
 #[derive(Debug)]
-pub struct FoundationDb {
-    pub stores: Vec<courier_core::store::fdb::FdbStore>,
-    /// With takeover: this edge's own lease, under which its own commits run.
+pub struct Shared<S> {
+    pub stores: Vec<S>,
+    /// In a cluster: this edge's own lease, under which its own commits run.
     pub lease: Option<(EdgeId, Lease)>,
 }
 
+/// A shard's stores on FoundationDB.
 #[cfg(feature = "fdb")]
-impl FoundationDb {
-    fn store_of(&self, inbox: UserId) -> &courier_core::store::fdb::FdbStore {
+pub type FoundationDb = Shared<courier_core::store::fdb::FdbStore>;
+
+impl<S: Store> Shared<S> {
+    fn store_of(&self, inbox: UserId) -> &S {
         let cluster = courier_core::placement::cluster_of(inbox, self.stores.len() as u32);
         &self.stores[cluster as usize]
     }
 }
 
-#[cfg(feature = "fdb")]
-impl ShardStore for FoundationDb {
+impl<S: Store + 'static> ShardStore for Shared<S> {
     fn commit(
         &self,
         committer: &mut Committer,

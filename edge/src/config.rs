@@ -654,6 +654,12 @@ impl Config {
 
     /// Checks every value and the relations between them.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        self.validate_on(origin, false)
+    }
+
+    /// [`Config::validate`] for an edge whose store every edge shares whatever `[store]` says
+    /// (`server::EdgeStore::SharedMemory`, in tests): takeover is allowed on it.
+    pub fn validate_on(&self, origin: &str, shared_store: bool) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, expected: &str| {
             Err(ConfigError::Invalid {
                 origin: origin.to_string(),
@@ -821,13 +827,14 @@ impl Config {
             });
         }
         let on_foundationdb = matches!(store, StoreConfig::FoundationDb(_));
+        let shared = on_foundationdb || shared_store;
         if self.cluster.enabled() && on_foundationdb && self.cluster.edge_id >= EDGE_ID_FDB_MAX {
             return invalid(
                 "cluster.edge_id",
                 "below 2147483648 with FoundationDB (it names the edge's owner key)",
             );
         }
-        if self.cluster.enabled() && self.cluster.takeover && !on_foundationdb {
+        if self.cluster.enabled() && self.cluster.takeover && !shared {
             return invalid(
                 "cluster.takeover",
                 "false unless store.kind = \"foundationdb\": a successor can serve a dead \

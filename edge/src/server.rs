@@ -23,191 +23,308 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     // so every thread inherits the mask and only this thread, in `sigwait`, receives them: a
     // second SIGTERM during the drain then waits instead of killing the process.
     let signals = block_shutdown_signals()?;
-    config
-        .validate("built-in or loaded config")
-        .map_err(|e| e.to_string())?;
-    // Everything that can be checked is checked before anything is written.
-    preflight(&config)?;
-    probe_address_free(config.server.listen)?;
-    let config = Arc::new(config);
-    std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
-        format!(
-            "cannot create data directory {}: {e}",
-            config.server.data_dir.display()
-        )
-    })?;
-
-    let (signing_key, generated_key) = auth::load_or_create_signing_key(&config)?;
-    if generated_key {
-        info!(path = %auth::signing_key_path(&config).display(), "generated a development token-signing key");
-    }
-    let verifier = Arc::new(auth::VerifierCell::new(auth::verifier(
-        &config,
-        &signing_key,
-    )?));
-    let (identity, generated_cert) = tls::load_identity(&config)?;
-    if generated_cert {
-        let (cert, _) = tls::dev_cert_paths(&config);
-        info!(path = %cert.display(), "generated a development TLS certificate (clients must trust it)");
-    }
-    let cluster_tls = if config.cluster.enabled() {
-        Some(tls::load_cluster_tls(&config)?)
-    } else {
-        None
-    };
-    let server_config = tls::server_config(&config, identity, cluster_tls.as_ref())?;
-    let link_client_config = match &cluster_tls {
-        Some(cluster) => Some(tls::link_client_config(&config, cluster)?),
-        None => None,
-    };
-    let (reset_key, generated_reset_key) = tls::load_or_create_reset_key(&config)?;
-    if generated_reset_key {
-        info!(path = %tls::reset_key_path(&config).display(), "generated the stateless-reset key");
-    }
-
-    let core = config.core_config();
-    let opening = std::time::Instant::now();
-    let (open_store, _keep_alive, takeover) = open_store(&config, &core)?;
-    // Recovery (replaying the journal) is most of a restart's time on a big store.
-    info!(
-        elapsed_ms = opening.elapsed().as_millis() as u64,
-        "store opened"
-    );
-    let shard_count = config.shard_count();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    let mesh = (shard_count > 1).then(|| {
-        MeshBuilder::full(
-            shard_count as usize,
-            config.limits.mesh_channel_messages_max,
-        )
-    });
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
-    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
-    let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
-        courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
-            .map(|shard| {
-                crate::stores::shard_dir(&crate::stores::stores_dir(&config.server.data_dir), shard)
-            })
-            .collect(),
-        // FoundationDB's storage is the cluster's, not this machine's.
-        _ => Vec::new(),
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs));
-    let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
-    if let Some(listen) = config.metrics.listen_addr()? {
-        crate::health::start(listen, health.clone(), metrics.clone())?;
-    }
-    let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
-        .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
-    let mut handles = Vec::new();
-    for index in 0..shard_count {
-        let placement = if config.server.pin_shards && (index as usize) < cores {
-            Placement::Fixed(index as usize)
-        } else {
-            Placement::Unbound
-        };
-        let setup = ShardSetup {
-            cpu: match placement {
-                Placement::Fixed(cpu) => Some(cpu),
-                _ => None,
-            },
-            config: config.clone(),
-            core: core.clone(),
-            shard_count,
-            open_store: open_store.clone(),
-            verifier: verifier.clone(),
-            server_config: server_config.clone(),
-            link_client_config: link_client_config.clone(),
-            reset_key: reset_key.clone(),
-            ready: ready_tx.clone(),
-            shutdown: shutdown.clone(),
-            stopped: stopped_tx.clone(),
-            memory: memory.clone(),
-            health: health.clone(),
-            metrics: metrics.clone(),
-            control: control_receivers.remove(0),
-            takeover: takeover.clone(),
-        };
-        let mesh = mesh.clone();
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("shard-{index}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .ring_depth(256)
-            .spawn(move || shard::run(setup, mesh))
-            .map_err(|e| format!("cannot start shard executor {index}: {e}"))?;
-        handles.push(handle);
-    }
-    drop(ready_tx);
-    drop(stopped_tx);
-    for _ in 0..shard_count {
-        match ready_rx.recv() {
-            Ok(Ok(_)) => health.shard_ready(),
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err("a shard stopped during start-up".into()),
-        }
-    }
-    let control_socket = config.control_socket_path();
-    if config.control.enabled {
-        crate::control::start(&control_socket, control_shards)?;
-    }
-    info!(
-        listen = %config.server.listen,
-        shards = shard_count,
-        data_dir = %config.server.data_dir.display(),
-        "courier-edge listening"
-    );
+    let edge = Edge::start(config, EdgeStore::Configured)?;
     let signal = loop {
         let signal = wait_for_signal(&signals);
         if signal != libc::SIGHUP {
             break signal;
         }
-        reload(config_path.as_deref(), &verifier);
+        reload(config_path.as_deref(), &edge.verifier);
     };
     info!(
         signal,
         "shutting down: finishing commits and closing connections"
     );
-    // Without takeover the lease thread only fences (decision 0016): no one to hand over to.
-    if let Some(takeover) = takeover.as_ref().filter(|_| config.cluster.takeover) {
-        // Hand the users to the successor first, so the redirected clients find it serving.
-        match takeover.drain(DRAIN_HANDOVER_WAIT) {
-            Some(edge) => info!(
-                edge,
-                "draining to the successor: clients are redirected there"
-            ),
-            None => warn!("no other edge is alive to drain to: clients are closed instead"),
-        }
+    match edge.shut_down() {
+        Ok(()) => std::process::exit(0),
+        Err(_) => std::process::exit(EXIT_SHUTDOWN_INCOMPLETE),
     }
-    shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
-    // Every acknowledged message is already on disk, so the grace period only spares clients
-    // a timeout: they see `ShuttingDown` and reconnect. The deadline bounds it.
-    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
-    let mut stopped = 0;
-    while stopped < shard_count {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match stopped_rx.recv_timeout(left) {
-            Ok(_) => stopped += 1,
-            Err(_) => break,
-        }
+}
+
+/// Where an edge's store comes from.
+#[derive(Debug)]
+pub enum EdgeStore {
+    /// `[store]` in the config.
+    Configured,
+    /// Memory stores that every edge of this process given the same ones shares, standing in
+    /// for FoundationDB (one per cluster): for end-to-end tests of takeover, drains and
+    /// membership changes where FoundationDB cannot run. Nothing survives the process.
+    SharedMemory(Arc<Vec<Arc<courier_core::store::memory::MemoryStore>>>),
+}
+
+/// A running edge: its shards' executors and what stops them.
+pub struct Edge {
+    config: Arc<Config>,
+    verifier: Arc<auth::VerifierCell>,
+    shard_count: u32,
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
+    /// Set to stop every shard at once, as if the process died (`Edge::crash`).
+    abort: Arc<std::sync::atomic::AtomicBool>,
+    stopped: std::sync::mpsc::Receiver<u8>,
+    takeover: TakeoverHandle,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// What must live as long as the edge (FoundationDB's network thread).
+    _keep_alive: Box<dyn std::any::Any>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("listen", &self.config.server.listen)
+            .field("shards", &self.shard_count)
+            .finish_non_exhaustive()
     }
-    // Let the executors put the closes on the wire.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    if stopped < shard_count {
-        tracing::error!(
-            shards_stopped = stopped,
-            shards = shard_count,
-            "stopped, but some shards did not finish in time"
+}
+
+impl Edge {
+    /// Checks the config, opens the store and starts every shard; returns once all serve.
+    pub fn start(config: Config, store: EdgeStore) -> Result<Edge, String> {
+        let shared_store = matches!(store, EdgeStore::SharedMemory(_));
+        config
+            .validate_on("built-in or loaded config", shared_store)
+            .map_err(|e| e.to_string())?;
+        // Everything that can be checked is checked before anything is written.
+        preflight(&config)?;
+        probe_address_free(config.server.listen)?;
+        let config = Arc::new(config);
+        std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
+            format!(
+                "cannot create data directory {}: {e}",
+                config.server.data_dir.display()
+            )
+        })?;
+
+        let (signing_key, generated_key) = auth::load_or_create_signing_key(&config)?;
+        if generated_key {
+            info!(path = %auth::signing_key_path(&config).display(), "generated a development token-signing key");
+        }
+        let verifier = Arc::new(auth::VerifierCell::new(auth::verifier(
+            &config,
+            &signing_key,
+        )?));
+        let (identity, generated_cert) = tls::load_identity(&config)?;
+        if generated_cert {
+            let (cert, _) = tls::dev_cert_paths(&config);
+            info!(path = %cert.display(), "generated a development TLS certificate (clients must trust it)");
+        }
+        let cluster_tls = if config.cluster.enabled() {
+            Some(tls::load_cluster_tls(&config)?)
+        } else {
+            None
+        };
+        let server_config = tls::server_config(&config, identity, cluster_tls.as_ref())?;
+        let link_client_config = match &cluster_tls {
+            Some(cluster) => Some(tls::link_client_config(&config, cluster)?),
+            None => None,
+        };
+        let (reset_key, generated_reset_key) = tls::load_or_create_reset_key(&config)?;
+        if generated_reset_key {
+            info!(path = %tls::reset_key_path(&config).display(), "generated the stateless-reset key");
+        }
+
+        let core = config.core_config();
+        let opening = std::time::Instant::now();
+        let (open_store, keep_alive, takeover, exit_when_fenced) = match store {
+            EdgeStore::Configured => {
+                let (open, keep_alive, takeover) = open_store(&config, &core)?;
+                (open, keep_alive, takeover, true)
+            }
+            EdgeStore::SharedMemory(stores) => {
+                let (open, takeover) = open_shared_edge(&config, stores, rand::random(), false)?;
+                (
+                    open,
+                    Box::new(()) as Box<dyn std::any::Any>,
+                    takeover,
+                    false,
+                )
+            }
+        };
+        // Recovery (replaying the journal) is most of a restart's time on a big store.
+        info!(
+            elapsed_ms = opening.elapsed().as_millis() as u64,
+            "store opened"
         );
-        std::process::exit(EXIT_SHUTDOWN_INCOMPLETE);
+        let shard_count = config.shard_count();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+        let mesh = (shard_count > 1).then(|| {
+            MeshBuilder::full(
+                shard_count as usize,
+                config.limits.mesh_channel_messages_max,
+            )
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+        let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
+        let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
+            courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
+                .map(|shard| {
+                    crate::stores::shard_dir(
+                        &crate::stores::stores_dir(&config.server.data_dir),
+                        shard,
+                    )
+                })
+                .collect(),
+            // FoundationDB's storage is the cluster's, not this machine's.
+            _ => Vec::new(),
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs));
+        let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
+        if let Some(listen) = config.metrics.listen_addr()? {
+            crate::health::start(listen, health.clone(), metrics.clone())?;
+        }
+        let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
+            .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
+        let mut executors = Vec::new();
+        for index in 0..shard_count {
+            let placement = if config.server.pin_shards && (index as usize) < cores {
+                Placement::Fixed(index as usize)
+            } else {
+                Placement::Unbound
+            };
+            let setup = ShardSetup {
+                cpu: match placement {
+                    Placement::Fixed(cpu) => Some(cpu),
+                    _ => None,
+                },
+                config: config.clone(),
+                core: core.clone(),
+                shard_count,
+                open_store: open_store.clone(),
+                verifier: verifier.clone(),
+                server_config: server_config.clone(),
+                link_client_config: link_client_config.clone(),
+                reset_key: reset_key.clone(),
+                ready: ready_tx.clone(),
+                shutdown: shutdown.clone(),
+                abort: abort.clone(),
+                exit_when_fenced,
+                stopped: stopped_tx.clone(),
+                memory: memory.clone(),
+                health: health.clone(),
+                metrics: metrics.clone(),
+                control: control_receivers.remove(0),
+                takeover: takeover.clone(),
+            };
+            let mesh = mesh.clone();
+            let executor = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{index}"))
+                .io_memory(IO_MEMORY_BYTES)
+                .ring_depth(256)
+                .spawn(move || shard::run(setup, mesh))
+                .map_err(|e| format!("cannot start shard executor {index}: {e}"))?;
+            executors.push(executor);
+        }
+        drop(ready_tx);
+        drop(stopped_tx);
+        for _ in 0..shard_count {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => health.shard_ready(),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err("a shard stopped during start-up".into()),
+            }
+        }
+        if config.control.enabled {
+            crate::control::start(&config.control_socket_path(), control_shards)?;
+        }
+        info!(
+            listen = %config.server.listen,
+            shards = shard_count,
+            data_dir = %config.server.data_dir.display(),
+            "courier-edge listening"
+        );
+        Ok(Edge {
+            config,
+            verifier,
+            shard_count,
+            shutdown,
+            abort,
+            stopped: stopped_rx,
+            takeover,
+            executors,
+            _keep_alive: keep_alive,
+        })
     }
-    info!(shards_stopped = stopped, "stopped");
-    if config.control.enabled {
-        let _ = std::fs::remove_file(&control_socket);
+
+    /// Drains the edge: with takeover its users go to the successor first and its clients are
+    /// redirected there; then every shard finishes its commits and closes its connections,
+    /// within a grace period. `Err` with the shards that did not finish in time.
+    pub fn shut_down(&self) -> Result<(), u32> {
+        // Without takeover the lease thread only fences (decision 0016): no one to hand over to.
+        if let Some(takeover) = self
+            .takeover
+            .as_ref()
+            .filter(|_| self.config.cluster.takeover)
+        {
+            // Hand the users to the successor first, so the redirected clients find it serving.
+            match takeover.drain(DRAIN_HANDOVER_WAIT) {
+                Some(edge) => info!(
+                    edge,
+                    "draining to the successor: clients are redirected there"
+                ),
+                None => warn!("no other edge is alive to drain to: clients are closed instead"),
+            }
+        }
+        self.shutdown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Every acknowledged message is already on disk, so the grace period only spares
+        // clients a timeout: they see `ShuttingDown` and reconnect. The deadline bounds it.
+        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        let mut stopped = 0;
+        while stopped < self.shard_count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stopped.recv_timeout(left) {
+                Ok(_) => stopped += 1,
+                Err(_) => break,
+            }
+        }
+        // Let the executors put the closes on the wire.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if self.config.control.enabled {
+            let _ = std::fs::remove_file(self.config.control_socket_path());
+        }
+        if stopped < self.shard_count {
+            tracing::error!(
+                shards_stopped = stopped,
+                shards = self.shard_count,
+                "stopped, but some shards did not finish in time"
+            );
+            return Err(self.shard_count - stopped);
+        }
+        info!(shards_stopped = stopped, "stopped");
+        Ok(())
     }
-    std::process::exit(0);
+
+    /// Stops the edge at once, as if its process died: no hand-over, no closes, no last
+    /// commits; its lease stops beating. For tests of an edge that runs in-process.
+    pub fn crash(self) {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(takeover) = &self.takeover {
+            takeover.stop();
+        }
+        self.join();
+    }
+
+    /// Waits for the shards' executors to end, after [`Edge::shut_down`] or a crash, so that
+    /// their sockets are closed and the address can be served again.
+    pub fn join(self) {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(takeover) = &self.takeover {
+            takeover.stop();
+        }
+        for executor in self.executors {
+            let _ = executor.join();
+        }
+    }
+
+    /// Whether the store refused this edge (another edge claimed its lease, or the members
+    /// changed): its shards stop, as its process would exit (an in-process edge).
+    pub fn fenced(&self) -> bool {
+        self.abort.load(std::sync::atomic::Ordering::SeqCst)
+            || self.takeover.as_ref().is_some_and(|t| t.fenced_out())
+    }
 }
 
 /// Exit status when a shard panicked: the process must not live on serving nothing, and a
@@ -317,8 +434,8 @@ fn open_store(
 
 /// The stores of an edge in a cluster on FoundationDB. The shard ids of different edges are
 /// the same numbers, so the process claims one owner key for the edge (`EDGE_ID_FDB_MAX | id`)
-/// that all its shards commit under, joins the cluster's membership, claims the edge's lease
-/// and starts the lease thread (decisions 0015 and 0016).
+/// that all its shards commit under, then joins the cluster's membership, claims the edge's
+/// lease and starts the lease thread (decisions 0015 and 0016).
 #[cfg(feature = "fdb")]
 fn open_cluster_edge(
     config: &Config,
@@ -326,15 +443,55 @@ fn open_cluster_edge(
     owner: u64,
     attempts: u32,
 ) -> Result<(OpenShardStore, TakeoverHandle), String> {
-    let cluster = &config.cluster;
-    let slot = crate::config::EDGE_ID_FDB_MAX | cluster.edge_id;
+    let edge = config.cluster.edge_id;
+    let slot = crate::config::EDGE_ID_FDB_MAX | edge;
     let stores = clusters
         .claim_shard(slot, owner, attempts)
-        .map_err(|e| format!("cannot claim edge {} in FoundationDB: {e}", cluster.edge_id))?;
+        .map_err(|e| format!("cannot claim edge {edge} in FoundationDB: {e}"))?;
     let claim = stores
         .first()
         .map(|store| store.claim())
         .ok_or("no FoundationDB cluster configured")?;
+    let clusters = Arc::clone(clusters);
+    open_leased(config, Arc::new(stores), owner, true, move || {
+        clusters.open_shard(claim)
+    })
+}
+
+/// An edge of a cluster on memory stores shared in this process (`EdgeStore::SharedMemory`),
+/// as [`open_cluster_edge`] on FoundationDB, without the owner key: the lease fences.
+fn open_shared_edge(
+    config: &Config,
+    stores: Arc<Vec<Arc<courier_core::store::memory::MemoryStore>>>,
+    owner: u64,
+    exit_when_fenced: bool,
+) -> Result<(OpenShardStore, TakeoverHandle), String> {
+    if !config.cluster.enabled() {
+        return Err("shared memory stores stand in for FoundationDB in a cluster only".into());
+    }
+    let shard_stores = Arc::clone(&stores);
+    open_leased(config, stores, owner, exit_when_fenced, move || {
+        shard_stores.to_vec()
+    })
+}
+
+/// Joins the membership, claims the edge's lease and starts the lease thread on `stores`;
+/// each shard then commits under the lease on the stores `shard_stores` gives it. With or
+/// without takeover the edge commits under its lease, so that a change of the members fences
+/// the edges still on the earlier ones (decision 0016). Every store (FoundationDB cluster)
+/// holds a copy of every lease (`courier_core::takeover::claim`).
+fn open_leased<S, F>(
+    config: &Config,
+    stores: Arc<Vec<S>>,
+    owner: u64,
+    exit_when_fenced: bool,
+    shard_stores: F,
+) -> Result<(OpenShardStore, TakeoverHandle), String>
+where
+    S: courier_core::store::Store + 'static,
+    F: Fn() -> Vec<S> + Send + Sync + 'static,
+{
+    let cluster = &config.cluster;
     let ids: Vec<u32> = cluster.members.iter().map(|member| member.id).collect();
     let settings = crate::takeover::LeaseSettings {
         edge: cluster.edge_id,
@@ -342,22 +499,18 @@ fn open_cluster_edge(
         takeover: cluster.takeover,
         timeout_ms: cluster.lease_timeout_ms,
         renew_ms: cluster.lease_renew_ms,
-        exit_when_fenced: true,
+        exit_when_fenced,
     };
-    // Every cluster holds a copy of every lease (`courier_core::takeover::claim`). With or
-    // without takeover the edge commits under its lease, so that a change of the members
-    // fences the edges still on the earlier ones (decision 0016).
-    let (takeover, lease) = crate::takeover::Takeover::start(Arc::new(stores), settings, owner)?;
-    let (takeover, lease) = (Some(takeover), Some((cluster.edge_id, lease)));
-    let clusters = Arc::clone(clusters);
+    let (takeover, lease) = crate::takeover::Takeover::start(stores, settings, owner)?;
+    let lease = Some((cluster.edge_id, lease));
     let open: OpenShardStore = Arc::new(move |_shard| {
-        let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {
-            stores: clusters.open_shard(claim),
+        let store: Arc<dyn ShardStore> = Arc::new(crate::backend::Shared {
+            stores: shard_stores(),
             lease,
         });
         Ok(store)
     });
-    Ok((open, takeover))
+    Ok((open, Some(takeover)))
 }
 
 /// SIGHUP: reads the config file again and applies what can change while the edge runs: the

@@ -117,6 +117,12 @@ pub struct ShardSetup {
     /// Set by the main thread on SIGTERM/SIGINT: finish in-flight commits, then close every
     /// connection with `ShuttingDown` and report on `stopped`.
     pub shutdown: Arc<std::sync::atomic::AtomicBool>,
+    /// Set to stop at once, as if the process died: nothing is closed or committed
+    /// (`server::Edge::crash`, and a fenced in-process edge).
+    pub abort: Arc<std::sync::atomic::AtomicBool>,
+    /// A fenced store ends the process (the edge); off, it sets `abort` (a test's edge, which
+    /// must not end the test process).
+    pub exit_when_fenced: bool,
     pub stopped: std::sync::mpsc::Sender<u8>,
     /// Says when memory is near its ceiling: refuse new connections and sends then.
     pub memory: Arc<crate::memory::MemoryGuard>,
@@ -288,6 +294,8 @@ pub struct Shard {
     transmit_buf: Vec<u8>,
     self_ref: Weak<RefCell<Shard>>,
     shutdown: Arc<std::sync::atomic::AtomicBool>,
+    abort: Arc<std::sync::atomic::AtomicBool>,
+    exit_when_fenced: bool,
     /// Shutting down: no new connections; connections close once commits are done.
     draining: bool,
     /// The store failed a write and is being reopened (`store_refused`).
@@ -533,6 +541,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         transmit_buf: Vec::with_capacity(64 * 1024),
         self_ref: Weak::new(),
         shutdown: setup.shutdown.clone(),
+        abort: setup.abort.clone(),
+        exit_when_fenced: setup.exit_when_fenced,
         draining: false,
         store_recovering: false,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
@@ -555,23 +565,25 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     if let Some(mut receivers) = receivers {
         for (_peer, receiver) in receivers.streams() {
             let shard = shard.clone();
-            glommio::spawn_local(async move {
+            spawn_task(async move {
                 while let Some(message) = receiver.recv().await {
                     let mut shard = shard.borrow_mut();
                     shard.handle_mesh(message);
                     shard.after_input();
                 }
-            })
-            .detach();
+            });
         }
     }
 
     let stopped = setup.stopped.clone();
+    // The timer task ends the executor (the receive loop below never ends by itself) once the
+    // shard finished a shutdown, or at once on an abort.
+    let (end_tx, end_rx) = local_channel::new_bounded::<()>(1);
     let (wake_tx, wake_rx) = local_channel::new_bounded::<()>(1);
     shard.borrow_mut().timer_wake = Some(wake_tx);
     {
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        spawn_task(async move {
             loop {
                 let deadline = shard.borrow().armed_deadline;
                 // Wake at least every SHUTDOWN_POLL to notice a shutdown request.
@@ -592,6 +604,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 )
                 .await;
                 let mut shard = shard.borrow_mut();
+                if shard.aborted() {
+                    let _ = end_tx.try_send(());
+                    return;
+                }
                 shard.handle_timeouts(Instant::now());
                 shard.apply_takeover();
                 shard.after_input();
@@ -600,30 +616,29 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 if shard.poll_shutdown() {
                     shard.after_input();
                     let _ = stopped.send(shard.id);
+                    let _ = end_tx.try_send(());
                     return;
                 }
             }
-        })
-        .detach();
+        });
     }
 
     {
         // Requests from `courier-edge ctl` (the control thread).
         let shard = shard.clone();
         let control = setup.control.clone();
-        glommio::spawn_local(async move {
+        spawn_task(async move {
             while let Ok(request) = control.recv_async().await {
                 shard.borrow_mut().handle_control(request);
             }
-        })
-        .detach();
+        });
     }
 
     {
         // Every shard expires its own store, on its maintenance thread.
         let shard = shard.clone();
         let interval = Duration::from_secs(setup.config.retention.expiry_interval_secs);
-        glommio::spawn_local(async move {
+        spawn_task(async move {
             loop {
                 glommio::timer::sleep(interval).await;
                 let (store, core, clock, lane) = {
@@ -665,15 +680,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     }
                 }
             }
-        })
-        .detach();
+        });
     }
 
     {
         // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread.
         let shard = shard.clone();
         let interval = Duration::from_secs(setup.config.retention.erase_within_secs / 2);
-        glommio::spawn_local(async move {
+        spawn_task(async move {
             loop {
                 glommio::timer::sleep(interval).await;
                 let (store, lane) = {
@@ -698,24 +712,26 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     }
                 }
             }
-        })
-        .detach();
+        });
     }
 
     if let Some(delay) = forced_panic_delay(id) {
-        glommio::spawn_local(async move {
+        spawn_task(async move {
             glommio::timer::sleep(delay).await;
             panic!("shard {id}: forced panic ({FORCED_PANIC_ENV})");
-        })
-        .detach();
+        });
     }
 
     info!(shard = id, listen = %setup.config.server.listen, "shard ready");
     let _ = setup.ready.send(Ok(id));
     if let Some(link_socket) = link_socket {
-        glommio::spawn_local(receive_loop(shard.clone(), link_socket)).detach();
+        spawn_task(receive_loop(shard.clone(), link_socket));
     }
-    receive_loop(shard, socket).await;
+    futures_lite::future::or(receive_loop(shard, socket), async {
+        let _ = end_rx.recv().await;
+    })
+    .await;
+    end_tasks().await;
 }
 
 /// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
@@ -770,12 +786,20 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     }
 }
 
-/// Ends the process when another edge took the shard over: nothing this process does with it
-/// can succeed any more, and its supervisor restarts it as a fresh claimant.
-fn exit_if_fenced(error: &StoreError) {
+/// Ends the process when another edge took the shard over, or the cluster's members changed
+/// (decision 0016): nothing this process does with it can succeed any more, and its supervisor
+/// restarts it as a fresh claimant. An in-process edge (tests) aborts instead.
+fn exit_if_fenced(error: &StoreError, exit: bool, abort: &std::sync::atomic::AtomicBool) {
     if matches!(error, StoreError::Fenced) {
-        tracing::error!(%error, "the store refuses this process; exiting");
-        std::process::exit(3);
+        tracing::error!(
+            %error,
+            "the store refuses this process (another edge took its users over, or the \
+             cluster's members changed); exiting"
+        );
+        if exit {
+            std::process::exit(3);
+        }
+        abort.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -801,12 +825,96 @@ fn forced_panic_delay(shard: u8) -> Option<Duration> {
 /// first await would then panic with "already borrowed" (issue 8). Every spawn from shard code
 /// goes through here.
 fn spawn_detached(future: impl std::future::Future<Output = ()> + 'static) {
-    glommio::spawn_local(async move {
+    spawn_task(async move {
         // Pending once (it wakes itself), so the body runs on a later turn.
         futures_lite::future::yield_now().await;
         future.await;
-    })
-    .detach();
+    });
+}
+
+/// Spawns a detached task of this shard that ends, at the latest, when the shard does
+/// ([`end_tasks`]). glommio drops no task when its executor stops, and a task left waiting
+/// keeps the shard, and so its socket and io_uring, alive: an edge that stops in-process
+/// (tests) could not be started again on its address. Every task of the shard goes through
+/// here.
+fn spawn_task(future: impl std::future::Future<Output = ()> + 'static) {
+    glommio::spawn_local(futures_lite::future::or(future, shard_ended())).detach();
+}
+
+/// This thread's shard end (one shard per executor thread): whether it ended, and the tasks
+/// waiting for it, by key. A task that ends first removes its entry, so the map holds only
+/// tasks that are still waiting.
+#[derive(Default)]
+struct ShardEnd {
+    ended: bool,
+    waiting: HashMap<u64, std::task::Waker>,
+    next_key: u64,
+}
+
+thread_local! {
+    static SHARD_END: RefCell<ShardEnd> = RefCell::new(ShardEnd::default());
+}
+
+/// Completes once [`end_tasks`] ran on this thread.
+fn shard_ended() -> ShardEnded {
+    ShardEnded { key: None }
+}
+
+struct ShardEnded {
+    key: Option<u64>,
+}
+
+impl std::future::Future for ShardEnded {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        SHARD_END.with(|end| {
+            let mut end = end.borrow_mut();
+            if end.ended {
+                return std::task::Poll::Ready(());
+            }
+            let key = *self.key.get_or_insert_with(|| {
+                end.next_key += 1;
+                end.next_key
+            });
+            match end.waiting.get_mut(&key) {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => {
+                    end.waiting.insert(key, cx.waker().clone());
+                }
+            }
+            std::task::Poll::Pending
+        })
+    }
+}
+
+impl Drop for ShardEnded {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            // During thread teardown the map may be gone already; nothing to remove then.
+            let _ = SHARD_END.try_with(|end| end.borrow_mut().waiting.remove(&key));
+        }
+    }
+}
+
+/// Ends every task of this thread's shard (see [`spawn_task`]), and lets them run once to
+/// drop what they hold.
+async fn end_tasks() {
+    let wakers = SHARD_END.with(|end| {
+        let mut end = end.borrow_mut();
+        end.ended = true;
+        std::mem::take(&mut end.waiting)
+    });
+    for waker in wakers.into_values() {
+        waker.wake();
+    }
+    for _ in 0..4 {
+        futures_lite::future::yield_now().await;
+    }
 }
 
 fn ecn_from_bits(bits: u8) -> Option<EcnCodepoint> {
@@ -1576,6 +1684,13 @@ impl Shard {
         self.stats_logged_at = now;
     }
 
+    /// Whether the shard must stop at once, as if its process died: an abort, or (in-process)
+    /// a lease thread fenced out.
+    fn aborted(&self) -> bool {
+        self.abort.load(std::sync::atomic::Ordering::SeqCst)
+            || self.takeover.as_ref().is_some_and(|t| t.fenced_out())
+    }
+
     /// Advances a requested shutdown. Returns true once the shard has finished: no commit in
     /// flight, nothing queued, and every connection closed with `ShuttingDown` (clients
     /// reconnect, to this edge once it is back or to another).
@@ -1997,7 +2112,7 @@ impl Shard {
     fn store_refused(&mut self, error: &StoreError) {
         // After a drain handed the lease over, own commits are fenced as expected.
         if !self.takeover.as_ref().is_some_and(|t| t.handed_over()) {
-            exit_if_fenced(error);
+            exit_if_fenced(error, self.exit_when_fenced, &self.abort);
         }
         if *error != StoreError::Poisoned || self.store_recovering {
             return;

@@ -55,6 +55,8 @@ pub struct LeaseSettings {
 enum Command {
     /// Hand every lease to the successor; answer with it (`None`: no other edge is alive).
     Drain(flume::Sender<Option<EdgeId>>),
+    /// End the thread without handing anything over (the edge stopped, or crashed in a test).
+    Stop,
     /// A shard's commit for this guest under this lease was fenced: stop serving it now.
     Fenced(EdgeId, Lease),
 }
@@ -69,12 +71,16 @@ pub struct Takeover {
     /// Set before a drain hands the first lease over: from then on this edge's own commits
     /// may be fenced, which is expected and no reason to exit.
     handing_over: AtomicBool,
+    /// Set when a beat was fenced and the thread stopped instead of ending the process
+    /// (`LeaseSettings::exit_when_fenced` off): the shards stop as the process would.
+    fenced_out: AtomicBool,
 }
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Drain(_) => f.write_str("Drain"),
+            Command::Stop => f.write_str("Stop"),
             Command::Fenced(edge, lease) => write!(f, "Fenced({edge}, epoch {})", lease.epoch),
         }
     }
@@ -82,6 +88,10 @@ impl std::fmt::Debug for Command {
 
 /// Commands the thread may hold unread: a fenced report per guest and a drain.
 const COMMANDS_MAX: usize = 64;
+
+/// The longest a drain waits for the successor to claim what it handed over (below the
+/// server's wait for the drain's answer, `server::DRAIN_HANDOVER_WAIT`).
+const DRAIN_CLAIM_WAIT: Duration = Duration::from_secs(3);
 
 impl Takeover {
     /// Joins the cluster's membership, claims this edge's own lease (fencing whoever served
@@ -122,6 +132,7 @@ impl Takeover {
             version: AtomicU64::new(0),
             commands,
             handing_over: AtomicBool::new(false),
+            fenced_out: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -163,6 +174,19 @@ impl Takeover {
     /// be fenced from then on, which is expected and no reason to exit.
     pub fn handed_over(&self) -> bool {
         self.handing_over.load(Ordering::Acquire)
+    }
+
+    /// Whether this edge's own lease was taken while the thread did not end the process: its
+    /// shards must stop (a test's in-process edge).
+    pub fn fenced_out(&self) -> bool {
+        self.fenced_out.load(Ordering::Acquire)
+    }
+
+    /// Ends the lease thread without handing anything over: its lease stops beating.
+    pub fn stop(&self) {
+        let _ = self
+            .commands
+            .send_timeout(Command::Stop, Duration::from_secs(1));
     }
 
     /// A shard's commit for `guest` under `lease` came back fenced: the thread stops serving
@@ -234,8 +258,8 @@ impl<S: Store> LeaseThread<S> {
                     }
                     continue;
                 }
+                Ok(Command::Stop) | Err(flume::RecvTimeoutError::Disconnected) => return,
                 Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => return,
             }
             next_tick = Instant::now() + renew;
             if self.tick().is_err() {
@@ -268,6 +292,7 @@ impl<S: Store> LeaseThread<S> {
                 if self.settings.exit_when_fenced {
                     std::process::exit(3);
                 }
+                self.shared.fenced_out.store(true, Ordering::Release);
                 return Err(StoreError::Fenced);
             }
             // Transient: the next beat may pass, and the timeout is several beats long.
@@ -328,13 +353,35 @@ impl<S: Store> LeaseThread<S> {
         self.shared.handing_over.store(true, Ordering::Release);
         let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
         leases.push((self.settings.edge, self.own));
+        let mut handed = Vec::new();
         for (users_of, lease) in leases {
             let epoch = self.settings.membership.epoch;
             match takeover::hand_over(&self.stores, users_of, lease, target, epoch) {
-                Ok(()) => info!(users_of, target, "handed a lease to the successor"),
+                Ok(()) => {
+                    info!(users_of, target, "handed a lease to the successor");
+                    handed.push(users_of);
+                }
                 // Fenced: someone claimed it first and serves them. Otherwise the
                 // successor takes them over after the timeout instead.
                 Err(error) => warn!(users_of, %error, "cannot hand a lease over"),
+            }
+        }
+        // The successor claims at its next beat; clients redirected before that would be sent
+        // back here. Bounded: past it the clients go anyway (and come back through their first
+        // address).
+        let claim_wait = Duration::from_millis(3 * self.settings.renew_ms).min(DRAIN_CLAIM_WAIT);
+        let deadline = Instant::now() + claim_wait;
+        loop {
+            match takeover::observe_all(&self.stores, &handed) {
+                Ok(observed) if takeover::taken_up(&observed) => break,
+                Ok(_) | Err(_) if Instant::now() >= deadline => {
+                    warn!(
+                        target,
+                        "the successor did not claim the handed leases in time"
+                    );
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }
         // The guests go with the rest: their clients are redirected to the target too.

@@ -520,3 +520,424 @@ mod takeover_on_foundationdb {
         assert_quiet(&mut bob_client).await;
     }
 }
+
+/// Takeover, drain and a rolling change of the members (decisions 0015 and 0016), end to end
+/// where FoundationDB cannot run: three edges run in this test process on memory stores they
+/// share, standing in for FoundationDB (`EdgeStore::SharedMemory`), with everything else real:
+/// QUIC, shards, links, the lease thread, the SDK following redirects. A crash stops an
+/// edge's executors and lease thread at once, without a close or a last commit, as `kill -9`
+/// would; a fenced edge does the same instead of ending the process.
+mod takeover_on_shared_memory {
+    use super::*;
+    use courier_core::store::memory::MemoryStore;
+    use courier_edge::config::Config;
+    use courier_edge::server::{Edge as EdgeProcess, EdgeStore};
+    use std::sync::Arc;
+
+    /// One at a time: every in-process edge's executor locks memory for io_uring, and the
+    /// process's locked-memory limit is small.
+    static IN_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    const TAKEOVER: &str = "takeover = true\nlease_timeout_ms = 3000\nlease_renew_ms = 200\n";
+
+    type Stores = Arc<Vec<Arc<MemoryStore>>>;
+
+    /// An edge of the shared-store cluster: its files, and its running edge (while it runs).
+    struct InProcess {
+        id: u32,
+        addr: SocketAddr,
+        dir: tempfile::TempDir,
+        running: Option<EdgeProcess>,
+        metrics: SocketAddr,
+        signing_key: PathBuf,
+    }
+
+    impl InProcess {
+        fn config_path(&self) -> PathBuf {
+            self.dir.path().join("courier.toml")
+        }
+
+        /// Writes its config: one shard, members and `cluster_keys` as given.
+        fn write_config(
+            &mut self,
+            files: &ClusterFiles,
+            members: &[(u32, SocketAddr)],
+            keys: &str,
+        ) {
+            self.metrics = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("free TCP port");
+            let config = format!(
+                "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = 1\npin_shards = false\n\n\
+                 [control]\nenabled = false\n\n[metrics]\nlisten = \"{}\"\n\n",
+                self.addr,
+                self.dir.path().join("data").display(),
+                self.metrics,
+            ) + &files.config_with(self.id, "ca", members, keys);
+            std::fs::write(self.config_path(), config).expect("write config");
+        }
+
+        fn start(&mut self, stores: &Stores) -> Result<(), String> {
+            if std::env::var_os("COURIER_TEST_LOG").is_some() {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(std::env::var("COURIER_TEST_LOG").unwrap_or_default())
+                    .with_test_writer()
+                    .try_init();
+            }
+            // A metrics listener of an earlier start keeps its port: take a new one.
+            let path = self.config_path();
+            let old = format!("[metrics]\nlisten = \"{}\"", self.metrics);
+            self.metrics = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("free TCP port");
+            let text = std::fs::read_to_string(&path)
+                .expect("config")
+                .replace(&old, &format!("[metrics]\nlisten = \"{}\"", self.metrics));
+            std::fs::write(&path, &text).expect("config");
+            // Parsed here and checked by `start`, which allows takeover on the shared store.
+            let config = Config::parse(&text)?;
+            let edge = tokio::task::block_in_place(|| {
+                EdgeProcess::start(config, EdgeStore::SharedMemory(Arc::clone(stores)))
+            })?;
+            self.running = Some(edge);
+            Ok(())
+        }
+
+        fn crash(&mut self) {
+            if let Some(edge) = self.running.take() {
+                tokio::task::block_in_place(|| edge.crash());
+            }
+        }
+
+        /// SIGTERM's path: hand over, redirect, finish, stop.
+        fn drain(&mut self) {
+            let edge = self.running.take().expect("running");
+            tokio::task::block_in_place(|| {
+                edge.shut_down().expect("every shard finished");
+                edge.join();
+            });
+        }
+
+        fn fenced(&self) -> bool {
+            self.running.as_ref().is_some_and(|edge| edge.fenced())
+        }
+
+        /// A token from the cluster's signing key (through a config of its own: the edge's
+        /// has takeover on a store that only this process shares, which the CLI refuses).
+        fn token(&self, user: u64) -> String {
+            let token_config = self.dir.path().join("token.toml");
+            std::fs::write(
+                &token_config,
+                format!(
+                    "[auth]\nsigning_key_path = \"{}\"\n",
+                    self.signing_key.display()
+                ),
+            )
+            .expect("write token config");
+            let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+                .args(["token", "--config"])
+                .arg(&token_config)
+                .args(["--user", &user.to_string()])
+                .output()
+                .expect("run courier-edge token");
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8(output.stdout)
+                .expect("utf-8")
+                .trim()
+                .to_string()
+        }
+
+        /// The sum of a metric's series on its `/metrics`.
+        fn metric_sum(&self, name: &str) -> f64 {
+            use std::io::{Read, Write};
+            let Ok(mut stream) = std::net::TcpStream::connect(self.metrics) else {
+                return 0.0;
+            };
+            let addr = self.metrics;
+            write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text);
+            text.lines()
+                .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        }
+    }
+
+    impl Drop for InProcess {
+        fn drop(&mut self) {
+            if let Some(edge) = self.running.take() {
+                edge.crash();
+            }
+        }
+    }
+
+    /// The three edges of `EDGE_IDS`, each with its config (members: all three unless
+    /// `members` says which), none started.
+    fn cluster(files: &ClusterFiles, ids: &[u32], keys: &str) -> Vec<InProcess> {
+        let members: Vec<(u32, SocketAddr)> =
+            EDGE_IDS.iter().map(|id| (*id, free_addr())).collect();
+        EDGE_IDS
+            .iter()
+            .zip(&members)
+            .map(|(id, (_, addr))| {
+                let mut edge = InProcess {
+                    id: *id,
+                    addr: *addr,
+                    dir: tempfile::tempdir().expect("temp dir"),
+                    running: None,
+                    metrics: "127.0.0.1:1".parse().expect("addr"),
+                    signing_key: files.path("signing.key"),
+                };
+                let listed: Vec<(u32, SocketAddr)> = members
+                    .iter()
+                    .filter(|(member, _)| ids.contains(member))
+                    .copied()
+                    .collect();
+                edge.write_config(files, &listed, keys);
+                edge
+            })
+            .collect()
+    }
+
+    fn members_of(edges: &[InProcess], ids: &[u32]) -> Vec<(u32, SocketAddr)> {
+        edges
+            .iter()
+            .filter(|edge| ids.contains(&edge.id))
+            .map(|edge| (edge.id, edge.addr))
+            .collect()
+    }
+
+    /// Waits until every running edge has a link up to each of the `peers` others.
+    fn wait_links(edges: &[InProcess], peers: usize) {
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !edges
+            .iter()
+            .filter(|edge| edge.running.is_some())
+            .all(|edge| edge.metric_sum("courier_links_up") >= peers as f64)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "links did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn client_via(
+        files: &ClusterFiles,
+        edge: &InProcess,
+        user: u64,
+    ) -> courier_client::Client {
+        let mut options = ConnectOptions::new(edge.addr, edge.token(user), 0);
+        options.retry_after = Duration::from_millis(100);
+        tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
+            .await
+            .expect("connected in time")
+            .expect("connect")
+    }
+
+    fn shared_stores() -> Stores {
+        Arc::new(vec![Arc::new(MemoryStore::new())])
+    }
+
+    /// Alice (edge 0) writes to Bob (edge 1) across Bob's edge crashing: his successor serves
+    /// him until his edge is back, and every acknowledged message arrives once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crashed_edge_is_taken_over_and_given_back_without_loss() {
+        let _one_at_a_time = IN_PROCESS.lock().await;
+        let files = ClusterFiles::new();
+        let stores = shared_stores();
+        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
+        for edge in &mut edges {
+            edge.start(&stores).expect("start");
+        }
+        wait_links(&edges, 2);
+        let alice = user_homed_on(0, 0);
+        let bob = user_homed_on(1, 0);
+        // Both start at edge 2: the address a client falls back to when its edge is gone.
+        let alice_client = client_via(&files, &edges[2], alice).await;
+        let mut bob_client = client_via(&files, &edges[2], bob).await;
+        let mut acked = Vec::new();
+        for n in 0..3 {
+            acked.push(
+                alice_client
+                    .send(bob, format!("{n}").into_bytes())
+                    .await
+                    .expect("ack"),
+            );
+        }
+        edges[1].crash();
+        for n in 3..6 {
+            let receipt = tokio::time::timeout(
+                EVENT_TIMEOUT,
+                alice_client.send(bob, format!("{n}").into_bytes()),
+            )
+            .await
+            .expect("acknowledged once a successor serves Bob")
+            .expect("ack");
+            acked.push(receipt);
+        }
+        assert!(
+            edges
+                .iter()
+                .any(|edge| edge.metric_sum("courier_guest_edges") > 0.0),
+            "a successor serves edge 1's users"
+        );
+        edges[1].start(&stores).expect("restart");
+        for n in 6..9 {
+            let receipt = tokio::time::timeout(
+                EVENT_TIMEOUT,
+                alice_client.send(bob, format!("{n}").into_bytes()),
+            )
+            .await
+            .expect("acknowledged after edge 1 is back")
+            .expect("ack");
+            acked.push(receipt);
+        }
+        for (n, receipt) in acked.iter().enumerate() {
+            let delivery = next_message(&mut bob_client).await;
+            assert_eq!(
+                (delivery.seq, delivery.body),
+                (receipt.seq, format!("{n}").into_bytes())
+            );
+        }
+        assert_quiet(&mut bob_client).await;
+    }
+
+    /// A drain of Bob's edge hands him to its successor: his client is redirected there, and
+    /// Alice's messages keep being acknowledged and delivered, once each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_edge_redirects_its_clients_to_its_successor() {
+        let _one_at_a_time = IN_PROCESS.lock().await;
+        let files = ClusterFiles::new();
+        let stores = shared_stores();
+        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
+        for edge in &mut edges {
+            edge.start(&stores).expect("start");
+        }
+        wait_links(&edges, 2);
+        let alice = user_homed_on(0, 1);
+        let bob = user_homed_on(1, 1);
+        let alice_client = client_via(&files, &edges[0], alice).await;
+        let mut bob_client = client_via(&files, &edges[2], bob).await;
+        let before = alice_client
+            .send(bob, b"before".to_vec())
+            .await
+            .expect("ack");
+        let before_delivery = next_message(&mut bob_client).await;
+        assert_eq!(before_delivery.seq, before.seq);
+        edges[1].drain();
+        let after = tokio::time::timeout(EVENT_TIMEOUT, alice_client.send(bob, b"after".to_vec()))
+            .await
+            .expect("acknowledged by the successor")
+            .expect("ack");
+        assert_eq!(after.seq, before.seq + 1);
+        // Bob's client followed the redirect to the successor, which delivers.
+        let delivery = next_message(&mut bob_client).await;
+        assert_eq!(
+            (delivery.seq, delivery.body.as_slice()),
+            (after.seq, &b"after"[..])
+        );
+        assert_quiet(&mut bob_client).await;
+        // The gauge is published once a second or so.
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !edges
+            .iter()
+            .any(|edge| edge.running.is_some() && edge.metric_sum("courier_guest_edges") > 0.0)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the successor serves the drained edge's users"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The members change one edge at a time (decision 0016): edge 33 joins a cluster of 11 and
+    /// 22 with a raised `membership_epoch`. The first edge on the new epoch fences the two on
+    /// the old one at once; one restarted on its old config is refused; restarted on the new
+    /// config they serve again, and users who moved to edge 33 lose nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rolling_change_of_the_members_fences_the_edges_on_the_old_ones() {
+        let _one_at_a_time = IN_PROCESS.lock().await;
+        let files = ClusterFiles::new();
+        let stores = shared_stores();
+        let old = [EDGE_IDS[0], EDGE_IDS[1]];
+        let mut edges = cluster(
+            &files,
+            &old,
+            "lease_timeout_ms = 3000\nlease_renew_ms = 200\n",
+        );
+        edges[0].start(&stores).expect("start");
+        edges[1].start(&stores).expect("start");
+        wait_links(&edges, 1);
+        // Carol moves from edge 11 or 22 to edge 33 with the change; Dave writes to her.
+        let carol = (1..)
+            .find(|user| home_edge(*user, &EDGE_IDS) == EDGE_IDS[2])
+            .expect("a user of edge 33");
+        let dave = user_homed_on(0, 0);
+        let dave_client = client_via(&files, &edges[0], dave).await;
+        let mut carol_client = client_via(&files, &edges[0], carol).await;
+        let mut acked = Vec::new();
+        for n in 0..3 {
+            acked.push(
+                dave_client
+                    .send(carol, format!("{n}").into_bytes())
+                    .await
+                    .expect("ack"),
+            );
+        }
+
+        // The operator raises the epoch with the new members in every config, and starts 33.
+        let new_keys = "lease_timeout_ms = 3000\nlease_renew_ms = 200\nmembership_epoch = 2\n";
+        let all = members_of(&edges, &EDGE_IDS);
+        let stale_config = std::fs::read_to_string(edges[0].config_path()).expect("config");
+        for edge in &mut edges {
+            edge.write_config(&files, &all, new_keys);
+        }
+        edges[2]
+            .start(&stores)
+            .expect("the first edge on the new members starts");
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !(edges[0].fenced() && edges[1].fenced()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the edges on the old members were not fenced"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        edges[0].crash();
+        edges[1].crash();
+
+        // Edge 11 restarted on its old config is refused, and says what to do.
+        std::fs::write(edges[0].config_path(), &stale_config).expect("config");
+        let refused = edges[0]
+            .start(&stores)
+            .expect_err("a stale config is refused");
+        assert!(refused.contains("membership_epoch"), "{refused}");
+        for edge in &mut edges[..2] {
+            edge.write_config(&files, &all, new_keys);
+            edge.start(&stores).expect("restart on the new members");
+        }
+        wait_links(&edges, 2);
+        for n in 3..6 {
+            let receipt = tokio::time::timeout(
+                EVENT_TIMEOUT,
+                dave_client.send(carol, format!("{n}").into_bytes()),
+            )
+            .await
+            .expect("acknowledged on the new members")
+            .expect("ack");
+            acked.push(receipt);
+        }
+        for (n, receipt) in acked.iter().enumerate() {
+            let delivery = next_message(&mut carol_client).await;
+            assert_eq!(
+                (delivery.seq, delivery.body),
+                (receipt.seq, format!("{n}").into_bytes())
+            );
+        }
+        assert_quiet(&mut carol_client).await;
+    }
+}

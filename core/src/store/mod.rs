@@ -94,6 +94,27 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// A shared store: the edges of a test process share one memory store this way, standing in
+/// for FoundationDB (`courier_edge::server::EdgeStore::SharedMemory`).
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    type Transaction<'a>
+        = S::Transaction<'a>
+    where
+        Self: 'a;
+
+    fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        (**self).begin()
+    }
+
+    fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        (**self).begin_read()
+    }
+
+    fn lease_claim(&self) -> Option<(u32, u64)> {
+        (**self).lease_claim()
+    }
+}
+
 /// One transaction. Dropping it without [`commit`](Transaction::commit) discards its writes.
 pub trait Transaction {
     /// The value of `key`, seeing this transaction's own writes.
