@@ -726,14 +726,10 @@ impl Driver {
             };
             let unreachable = matches!(&end, LinkEnd::Lost(error)
                 if !matches!(error, ClientError::Redirected { .. }));
-            if unreachable && !self.session.is_active() {
-                // No `Welcome` on this connection: an edge redirected to that is gone or
-                // going. The first address leads to one that is up, which redirects again.
-                if self.options.addr != self.first_addr {
-                    debug!("the edge redirected to is unreachable; back to the first address");
-                    self.options.addr = self.first_addr;
-                }
-            }
+            // No `Welcome` on a connection to an edge it was redirected to: that edge is gone
+            // or going. The first address leads to one that is up, which redirects again.
+            let back_to_first =
+                unreachable && !self.session.is_active() && self.options.addr != self.first_addr;
             let error = match end {
                 LinkEnd::Closed => {
                     self.fail(ClientError::Shutdown);
@@ -743,6 +739,14 @@ impl Driver {
             };
             let now = self.now();
             self.session.disconnected(now);
+            if back_to_first {
+                debug!(%error, "the edge redirected to is unreachable; back to the first address");
+                self.options.addr = self.first_addr;
+                if self.welcomed.is_some() && self.redirects <= REDIRECTS_MAX {
+                    // Still in `connect`: go on at once; the redirect count bounds the rounds.
+                    continue;
+                }
+            }
             let error = match error {
                 ClientError::Redirected { to } => match self.follow_redirect(&to).await {
                     Ok(()) => continue,
@@ -920,7 +924,13 @@ impl Driver {
             if let Err(error) = self.take_transmits(&mut link) {
                 return LinkEnd::Lost(error);
             }
-            let _ = link.send.write_all(&link.outbuf).await;
+            // Bounded too: a gone edge never opens the stream window the first flight may need.
+            if tokio::time::timeout_at(welcome_by, link.send.write_all(&link.outbuf))
+                .await
+                .is_err()
+            {
+                return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
+            }
             link.outbuf.clear();
             let Ok(accepted) = tokio::time::timeout_at(welcome_by, accepted).await else {
                 return LinkEnd::Lost(welcome_timed_out(welcome_timeout));

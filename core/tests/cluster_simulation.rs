@@ -882,8 +882,12 @@ impl World {
             // the successor claimed what it was handed, or the wait is over.
             let e = &self.edges[edge];
             let observed = takeover::observe_all(&e.stores, &handed).expect("read leases");
-            if takeover::taken_up(&observed) || now >= deadline {
-                self.finish_drain(edge, target);
+            if takeover::taken_up(&observed) {
+                self.finish_drain(edge, Some(target));
+            } else if now >= deadline {
+                // Not claimed in time (the successor is draining too, or down): the clients
+                // are closed instead, and come back through another edge.
+                self.finish_drain(edge, None);
             }
             return;
         }
@@ -951,13 +955,17 @@ impl World {
     }
 
     /// The drain's second half, once the successor took the users up: every client is
-    /// redirected there and the process exits a little later.
-    fn finish_drain(&mut self, edge: usize, target: EdgeId) {
+    /// redirected there (`None`: closed) and the process exits a little later.
+    fn finish_drain(&mut self, edge: usize, target: Option<EdgeId>) {
         let e = &mut self.edges[edge];
         e.handing_over = None;
         e.exits_at = Some(self.now + 30);
         for shard in 0..self.edges[edge].shards.len() {
-            self.edges[edge].shards[shard].drain_to(target);
+            let session = &mut self.edges[edge].shards[shard];
+            match target {
+                Some(target) => session.drain_to(target),
+                None => session.close_all(ErrorCode::ShuttingDown, "the edge is shutting down"),
+            }
             self.apply_effects(edge, shard as u8);
         }
     }

@@ -67,6 +67,26 @@ pub struct Edge {
     _keep_alive: Box<dyn std::any::Any>,
 }
 
+/// Stops the lease thread and the shards of an edge whose start failed, when dropped
+/// (disarmed once the edge serves).
+struct StopOnDrop {
+    abort: Arc<std::sync::atomic::AtomicBool>,
+    takeover: TakeoverHandle,
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(takeover) = &self.takeover {
+            takeover.stop();
+        }
+    }
+}
+
 impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Edge")
@@ -139,6 +159,14 @@ impl Edge {
                 )
             }
         };
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A start that fails from here on stops the lease thread (which would beat on, and
+        // keep other edges from taking this one over) and the shards already started.
+        let mut start_failed = StopOnDrop {
+            abort: abort.clone(),
+            takeover: takeover.clone(),
+            armed: true,
+        };
         // Recovery (replaying the journal) is most of a restart's time on a big store.
         info!(
             elapsed_ms = opening.elapsed().as_millis() as u64,
@@ -156,7 +184,6 @@ impl Edge {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
         let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
             courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
@@ -235,6 +262,7 @@ impl Edge {
             data_dir = %config.server.data_dir.display(),
             "courier-edge listening"
         );
+        start_failed.armed = false;
         Ok(Edge {
             config,
             verifier,
@@ -264,7 +292,10 @@ impl Edge {
                     edge,
                     "draining to the successor: clients are redirected there"
                 ),
-                None => warn!("no other edge is alive to drain to: clients are closed instead"),
+                None => warn!(
+                    "no other edge took the users up: clients are closed instead (they \
+                     reconnect through their first address)"
+                ),
             }
         }
         self.shutdown
@@ -349,14 +380,15 @@ pub fn install_panic_exit() {
     }));
 }
 
-/// Opens the configured store and returns how each shard gets its part, plus whatever must
-/// live as long as the process (FoundationDB's network thread).
-/// How long a drain waits for the lease thread to hand the leases over.
-const DRAIN_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a drain waits for the lease thread to hand the leases over and see them claimed.
+const DRAIN_HANDOVER_WAIT: std::time::Duration =
+    std::time::Duration::from_secs(5).saturating_add(crate::takeover::DRAIN_CLAIM_WAIT);
 
-/// The lease thread, when the edge takes part in takeover.
+/// The lease thread, in a cluster on a shared store.
 type TakeoverHandle = Option<Arc<crate::takeover::Takeover>>;
 
+/// Opens the configured store and returns how each shard gets its part, plus whatever must
+/// live as long as the process (FoundationDB's network thread).
 fn open_store(
     config: &Config,
     core: &courier_core::CoreConfig,

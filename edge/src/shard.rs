@@ -727,9 +727,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     if let Some(link_socket) = link_socket {
         spawn_task(receive_loop(shard.clone(), link_socket));
     }
-    futures_lite::future::or(receive_loop(shard, socket), async {
-        let _ = end_rx.recv().await;
-    })
+    futures_lite::future::or(
+        async {
+            let _ = end_rx.recv().await;
+        },
+        receive_loop(shard, socket),
+    )
     .await;
     end_tasks().await;
 }
@@ -838,7 +841,8 @@ fn spawn_detached(future: impl std::future::Future<Output = ()> + 'static) {
 /// (tests) could not be started again on its address. Every task of the shard goes through
 /// here.
 fn spawn_task(future: impl std::future::Future<Output = ()> + 'static) {
-    glommio::spawn_local(futures_lite::future::or(future, shard_ended())).detach();
+    // The end first: a task woken by the end must not take one more step.
+    glommio::spawn_local(futures_lite::future::or(shard_ended(), future)).detach();
 }
 
 /// This thread's shard end (one shard per executor thread): whether it ended, and the tasks

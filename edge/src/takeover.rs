@@ -86,12 +86,46 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// Start-up's store work, tried again while it fails retryably: on FoundationDB a join reads
+/// every lease and beat, so any edge's beat during it is a conflict, and the first edge on a
+/// new membership starts while the others still beat. Bounded: about 10 s in all.
+fn retry_transient<T>(mut attempt: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut pause = Duration::from_millis(10);
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_retryable() && tries < START_ATTEMPTS_MAX => {
+                std::thread::sleep(pause.mul_f64(0.5 + rand::random::<f64>() / 2.0));
+                pause = (pause * 2).min(Duration::from_secs(1));
+                tries += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Attempts of a start-up transaction that conflicts (see [`retry_transient`]).
+const START_ATTEMPTS_MAX: u32 = 20;
+
 /// Commands the thread may hold unread: a fenced report per guest and a drain.
 const COMMANDS_MAX: usize = 64;
 
-/// The longest a drain waits for the successor to claim what it handed over (below the
-/// server's wait for the drain's answer, `server::DRAIN_HANDOVER_WAIT`).
-const DRAIN_CLAIM_WAIT: Duration = Duration::from_secs(3);
+/// The longest a drain waits for the successor to claim what it handed over (the server waits
+/// for the drain's answer this long and more, `server::DRAIN_HANDOVER_WAIT`).
+pub const DRAIN_CLAIM_WAIT: Duration = Duration::from_secs(3);
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// No other edge is alive, or this edge's lease could not be handed over: it keeps its
+    /// users (and beats on), and its clients are closed.
+    Kept,
+    /// The leases went to this edge, which claimed them: clients are redirected there.
+    Redirected(EdgeId),
+    /// The leases were handed over but not claimed in time: clients are closed.
+    Handed,
+}
 
 impl Takeover {
     /// Joins the cluster's membership, claims this edge's own lease (fencing whoever served
@@ -102,7 +136,12 @@ impl Takeover {
         settings: LeaseSettings,
         owner: u64,
     ) -> Result<(Arc<Takeover>, Lease), String> {
-        match membership::join(&stores, &settings.membership) {
+        let joined = retry_transient(|| match membership::join(&stores, &settings.membership) {
+            Err(membership::JoinError::Store(error)) => Err(error),
+            other => Ok(other),
+        })
+        .map_err(|e| format!("cannot join the cluster's membership in the store: {e}"))?;
+        match joined {
             Ok(Joined::Same) => {}
             Ok(Joined::Changed { previous: None }) => {
                 info!(membership = %settings.membership, "the cluster's first membership");
@@ -119,7 +158,7 @@ impl Takeover {
         // 0 marks a lease handed over and not yet claimed.
         let owner = owner.max(1);
         let epoch = settings.membership.epoch;
-        let own = takeover::claim_own(&stores, settings.edge, owner, epoch)
+        let own = retry_transient(|| takeover::claim_own(&stores, settings.edge, owner, epoch))
             .map_err(|e| format!("cannot claim this edge's lease in the store: {e}"))?;
         info!(
             edge = settings.edge,
@@ -197,9 +236,9 @@ impl Takeover {
     }
 
     /// Hands this edge's lease and its guests' to the successor, waiting at most `wait`,
-    /// and returns it. `None`: no other edge is alive (or the thread did not answer), so
-    /// the edge keeps its users (and its lease thread beats on) and its clients are closed
-    /// with `ShuttingDown`.
+    /// and returns it once it claimed them. `None`: no other edge is alive, the lease could
+    /// not be handed over, the successor did not claim in time, or the thread did not answer;
+    /// the edge's clients are then closed with `ShuttingDown`.
     pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
         let (reply, answer) = flume::bounded(1);
         self.commands
@@ -243,9 +282,12 @@ impl<S: Store> LeaseThread<S> {
         loop {
             match commands.recv_deadline(next_tick) {
                 Ok(Command::Drain(reply)) => {
-                    let target = self.drain();
-                    let _ = reply.send(target);
-                    if target.is_some() {
+                    let drained = self.drain();
+                    let _ = reply.send(match drained {
+                        Drained::Redirected(target) => Some(target),
+                        Drained::Kept | Drained::Handed => None,
+                    });
+                    if drained != Drained::Kept {
                         // The leases are gone: nothing to beat any more.
                         return;
                     }
@@ -347,15 +389,25 @@ impl<S: Store> LeaseThread<S> {
         Ok(())
     }
 
-    fn drain(&mut self) -> Option<EdgeId> {
-        let target = self.planner.drain_target(self.now_ms())?;
-        // From the first hand-over on, this edge's own commits may be fenced.
+    fn drain(&mut self) -> Drained {
+        let Some(target) = self.planner.drain_target(self.now_ms()) else {
+            return Drained::Kept;
+        };
+        let epoch = self.settings.membership.epoch;
+        // From the hand-over on, this edge's own commits are fenced: expected, no reason to exit.
         self.shared.handing_over.store(true, Ordering::Release);
-        let mut leases: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
-        leases.push((self.settings.edge, self.own));
-        let mut handed = Vec::new();
-        for (users_of, lease) in leases {
-            let epoch = self.settings.membership.epoch;
+        let own = self.settings.edge;
+        if let Err(error) = takeover::hand_over(&self.stores, own, self.own, target, epoch) {
+            // Not handed (a store error; or fenced, and then the next beat ends the process):
+            // the edge keeps its users and closes its clients instead.
+            warn!(%error, "cannot hand this edge's lease over; closing clients instead");
+            self.shared.handing_over.store(false, Ordering::Release);
+            return Drained::Kept;
+        }
+        info!(users_of = own, target, "handed a lease to the successor");
+        let mut handed = vec![own];
+        let guests: Vec<(EdgeId, Lease)> = self.planner.guests().collect();
+        for (users_of, lease) in guests {
             match takeover::hand_over(&self.stores, users_of, lease, target, epoch) {
                 Ok(()) => {
                     info!(users_of, target, "handed a lease to the successor");
@@ -367,8 +419,8 @@ impl<S: Store> LeaseThread<S> {
             }
         }
         // The successor claims at its next beat; clients redirected before that would be sent
-        // back here. Bounded: past it the clients go anyway (and come back through their first
-        // address).
+        // back here. Bounded: a successor that does not claim (it is draining too, or cut off)
+        // gets no clients; they are closed and come back through their first address.
         let claim_wait = Duration::from_millis(3 * self.settings.renew_ms).min(DRAIN_CLAIM_WAIT);
         let deadline = Instant::now() + claim_wait;
         loop {
@@ -377,9 +429,10 @@ impl<S: Store> LeaseThread<S> {
                 Ok(_) | Err(_) if Instant::now() >= deadline => {
                     warn!(
                         target,
-                        "the successor did not claim the handed leases in time"
+                        "the successor did not claim the handed leases in time; closing \
+                         clients instead of redirecting them"
                     );
-                    break;
+                    return Drained::Handed;
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -391,7 +444,7 @@ impl<S: Store> LeaseThread<S> {
         }
         view.drained_to = Some(target);
         self.shared.publish(view);
-        Some(target)
+        Drained::Redirected(target)
     }
 
     fn view(&self) -> View {
@@ -456,6 +509,29 @@ mod tests {
         });
         let (_, lease) = two.view().guests.into_iter().next().expect("a guest");
         assert_eq!(lease.holder, 2);
+    }
+
+    /// A start whose join and claim conflict (on FoundationDB, every beat of another edge
+    /// during the join is one) tries again instead of refusing to start; a stale config is
+    /// refused at once, with what to change.
+    #[test]
+    fn start_retries_conflicts_and_refuses_a_stale_membership() {
+        use courier_core::store::fault::{FaultRates, FaultStore};
+        let rates = FaultRates {
+            conflict_per_million: 700_000,
+            ..FaultRates::default()
+        };
+        let store = Arc::new(vec![FaultStore::new(MemoryStore::new(), rates, 7)]);
+        let (one, _) = Takeover::start(Arc::clone(&store), settings(1), 11).expect("started");
+        assert!(store[0].counts.conflicts.load(Ordering::Relaxed) > 0);
+        one.stop();
+        store[0].set_rates(FaultRates::default());
+        let mut later = settings(2);
+        later.membership = Membership::new(2, &[1, 2]);
+        let (two, _) = Takeover::start(Arc::clone(&store), later, 22).expect("epoch 2");
+        let error = Takeover::start(Arc::clone(&store), settings(1), 12).unwrap_err();
+        assert!(error.contains("membership_epoch"), "{error}");
+        two.stop();
     }
 
     /// An edge that stops beating is taken over after the timeout; when it starts again it

@@ -521,6 +521,22 @@ mod takeover_on_foundationdb {
     }
 }
 
+/// A client whose edge never answers (gone, with a resumed session's 0-RTT needing no answer
+/// to start) gives up after `welcome_timeout`, saying so, instead of waiting out QUIC's idle
+/// timeout; after a redirect it would then go back to its first address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_welcome_is_given_up() {
+    let files = ClusterFiles::new();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut options = ConnectOptions::new(silent.local_addr().expect("addr"), "token", 0);
+    options.welcome_timeout = Duration::from_millis(500);
+    let error = tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
+        .await
+        .expect("given up in time")
+        .expect_err("no edge answers");
+    assert!(error.to_string().contains("no Welcome"), "{error}");
+}
+
 /// Takeover, drain and a rolling change of the members (decisions 0015 and 0016), end to end
 /// where FoundationDB cannot run: three edges run in this test process on memory stores they
 /// share, standing in for FoundationDB (`EdgeStore::SharedMemory`), with everything else real:
@@ -584,15 +600,26 @@ mod takeover_on_shared_memory {
                     .with_test_writer()
                     .try_init();
             }
-            // A metrics listener of an earlier start keeps its port: take a new one.
+            // A metrics listener of an earlier start keeps its port: take a new one, whatever
+            // port the config file names.
             let path = self.config_path();
-            let old = format!("[metrics]\nlisten = \"{}\"", self.metrics);
             self.metrics = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|listener| listener.local_addr())
                 .expect("free TCP port");
-            let text = std::fs::read_to_string(&path)
+            let text: String = std::fs::read_to_string(&path)
                 .expect("config")
-                .replace(&old, &format!("[metrics]\nlisten = \"{}\"", self.metrics));
+                .split_inclusive('\n')
+                .scan(false, |in_metrics, line| {
+                    if line.starts_with('[') {
+                        *in_metrics = line.trim() == "[metrics]";
+                    }
+                    Some(if *in_metrics && line.starts_with("listen = ") {
+                        format!("listen = \"{}\"\n", self.metrics)
+                    } else {
+                        line.to_string()
+                    })
+                })
+                .collect();
             std::fs::write(&path, &text).expect("config");
             // Parsed here and checked by `start`, which allows takeover on the shared store.
             let config = Config::parse(&text)?;
@@ -729,12 +756,68 @@ mod takeover_on_shared_memory {
         edge: &InProcess,
         user: u64,
     ) -> courier_client::Client {
+        client_waiting(files, edge, user, Duration::from_secs(10)).await
+    }
+
+    /// A client that gives a connection `welcome_timeout` for its `Welcome`.
+    async fn client_waiting(
+        files: &ClusterFiles,
+        edge: &InProcess,
+        user: u64,
+        welcome_timeout: Duration,
+    ) -> courier_client::Client {
         let mut options = ConnectOptions::new(edge.addr, edge.token(user), 0);
         options.retry_after = Duration::from_millis(100);
+        options.welcome_timeout = welcome_timeout;
         tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
             .await
             .expect("connected in time")
             .expect("connect")
+    }
+
+    /// Waits until a running edge serves another's users (its gauge is published about once
+    /// a second).
+    fn wait_for_a_guest(edges: &[InProcess]) {
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !edges
+            .iter()
+            .any(|edge| edge.running.is_some() && edge.metric_sum("courier_guest_edges") > 0.0)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no edge serves another's users"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ends the test binary if a test hangs (in-process edges have no process to kill): CI
+    /// fails instead of waiting forever.
+    struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Watchdog {
+        fn start() -> Watchdog {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watched = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_secs(180) {
+                    if watched.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprintln!("an in-process cluster test hung for 180 s: ending the test binary");
+                std::process::abort();
+            });
+            Watchdog(done)
+        }
+    }
+
+    impl Drop for Watchdog {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn shared_stores() -> Stores {
@@ -746,6 +829,7 @@ mod takeover_on_shared_memory {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crashed_edge_is_taken_over_and_given_back_without_loss() {
         let _one_at_a_time = IN_PROCESS.lock().await;
+        let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
         let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
@@ -778,12 +862,7 @@ mod takeover_on_shared_memory {
             .expect("ack");
             acked.push(receipt);
         }
-        assert!(
-            edges
-                .iter()
-                .any(|edge| edge.metric_sum("courier_guest_edges") > 0.0),
-            "a successor serves edge 1's users"
-        );
+        wait_for_a_guest(&edges);
         edges[1].start(&stores).expect("restart");
         for n in 6..9 {
             let receipt = tokio::time::timeout(
@@ -810,6 +889,7 @@ mod takeover_on_shared_memory {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_drained_edge_redirects_its_clients_to_its_successor() {
         let _one_at_a_time = IN_PROCESS.lock().await;
+        let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
         let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
@@ -820,7 +900,9 @@ mod takeover_on_shared_memory {
         let alice = user_homed_on(0, 1);
         let bob = user_homed_on(1, 1);
         let alice_client = client_via(&files, &edges[0], alice).await;
-        let mut bob_client = client_via(&files, &edges[2], bob).await;
+        // Bob's client would wait out a connection to the drained edge for longer than the
+        // test: the drain must send him where he is served at once.
+        let mut bob_client = client_waiting(&files, &edges[2], bob, 2 * EVENT_TIMEOUT).await;
         let before = alice_client
             .send(bob, b"before".to_vec())
             .await
@@ -833,25 +915,19 @@ mod takeover_on_shared_memory {
             .expect("acknowledged by the successor")
             .expect("ack");
         assert_eq!(after.seq, before.seq + 1);
-        // Bob's client followed the redirect to the successor, which delivers.
-        let delivery = next_message(&mut bob_client).await;
+        // Bob's client followed the redirect to the successor, which delivers. Sent back to
+        // the drained edge instead, he would wait out QUIC's idle timeout (30 s) first: the
+        // bound tells the two apart with room to spare on a slow machine.
+        let delivery = tokio::time::timeout(Duration::from_secs(20), bob_client.recv_message())
+            .await
+            .expect("delivered without waiting out a connection to the drained edge")
+            .expect("client open");
         assert_eq!(
             (delivery.seq, delivery.body.as_slice()),
             (after.seq, &b"after"[..])
         );
         assert_quiet(&mut bob_client).await;
-        // The gauge is published once a second or so.
-        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
-        while !edges
-            .iter()
-            .any(|edge| edge.running.is_some() && edge.metric_sum("courier_guest_edges") > 0.0)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the successor serves the drained edge's users"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_a_guest(&edges);
     }
 
     /// The members change one edge at a time (decision 0016): edge 33 joins a cluster of 11 and
@@ -861,6 +937,7 @@ mod takeover_on_shared_memory {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rolling_change_of_the_members_fences_the_edges_on_the_old_ones() {
         let _one_at_a_time = IN_PROCESS.lock().await;
+        let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
         let old = [EDGE_IDS[0], EDGE_IDS[1]];
