@@ -742,7 +742,7 @@ impl Driver {
             if back_to_first {
                 debug!(%error, "the edge redirected to is unreachable; back to the first address");
                 self.options.addr = self.first_addr;
-                if self.welcomed.is_some() && self.redirects <= REDIRECTS_MAX {
+                if self.welcomed.is_some() && !is_fatal(&error) {
                     // Still in `connect`: go on at once; the redirect count bounds the rounds.
                     continue;
                 }

@@ -882,12 +882,10 @@ impl World {
             // the successor claimed what it was handed, or the wait is over.
             let e = &self.edges[edge];
             let observed = takeover::observe_all(&e.stores, &handed).expect("read leases");
-            if takeover::taken_up(&observed) {
-                self.finish_drain(edge, Some(target));
-            } else if now >= deadline {
-                // Not claimed in time (the successor is draining too, or down): the clients
-                // are closed instead, and come back through another edge.
-                self.finish_drain(edge, None);
+            // Not claimed in time (the successor is draining too, or down): the clients go
+            // there anyway, and come back through their first address.
+            if takeover::taken_up(&observed) || now >= deadline {
+                self.finish_drain(edge, target);
             }
             return;
         }
@@ -941,10 +939,15 @@ impl World {
         let Some(target) = planner.drain_target(now) else {
             return; // No other edge alive: a drain closes with `ShuttingDown` instead.
         };
-        let mut leases: Vec<(EdgeId, Lease)> = planner.guests().collect();
-        leases.push((e.id, e.lease.expect("a live edge holds its lease")));
-        let mut handed = Vec::new();
-        for (users_of, lease) in leases {
+        // Its own lease first: if that fails (it was taken: the next beat ends the process),
+        // the edge keeps its users and a drain closes with `ShuttingDown` instead.
+        let own = e.lease.expect("a live edge holds its lease");
+        if takeover::hand_over(&e.stores, e.id, own, target, e.running.epoch).is_err() {
+            return;
+        }
+        let mut handed = vec![e.id];
+        let guests: Vec<(EdgeId, Lease)> = planner.guests().collect();
+        for (users_of, lease) in guests {
             // Fenced: a claim came first, and that claimer serves them.
             if takeover::hand_over(&e.stores, users_of, lease, target, e.running.epoch).is_ok() {
                 handed.push(users_of);
@@ -954,18 +957,14 @@ impl World {
         self.stats.drains += 1;
     }
 
-    /// The drain's second half, once the successor took the users up: every client is
-    /// redirected there (`None`: closed) and the process exits a little later.
-    fn finish_drain(&mut self, edge: usize, target: Option<EdgeId>) {
+    /// The drain's second half, once the successor took the users up (or had its time to):
+    /// every client is redirected there and the process exits a little later.
+    fn finish_drain(&mut self, edge: usize, target: EdgeId) {
         let e = &mut self.edges[edge];
         e.handing_over = None;
         e.exits_at = Some(self.now + 30);
         for shard in 0..self.edges[edge].shards.len() {
-            let session = &mut self.edges[edge].shards[shard];
-            match target {
-                Some(target) => session.drain_to(target),
-                None => session.close_all(ErrorCode::ShuttingDown, "the edge is shutting down"),
-            }
+            self.edges[edge].shards[shard].drain_to(target);
             self.apply_effects(edge, shard as u8);
         }
     }

@@ -121,10 +121,9 @@ enum Drained {
     /// No other edge is alive, or this edge's lease could not be handed over: it keeps its
     /// users (and beats on), and its clients are closed.
     Kept,
-    /// The leases went to this edge, which claimed them: clients are redirected there.
+    /// The leases went to this edge (which claimed them, or had its time to): clients are
+    /// redirected there.
     Redirected(EdgeId),
-    /// The leases were handed over but not claimed in time: clients are closed.
-    Handed,
 }
 
 impl Takeover {
@@ -236,9 +235,9 @@ impl Takeover {
     }
 
     /// Hands this edge's lease and its guests' to the successor, waiting at most `wait`,
-    /// and returns it once it claimed them. `None`: no other edge is alive, the lease could
-    /// not be handed over, the successor did not claim in time, or the thread did not answer;
-    /// the edge's clients are then closed with `ShuttingDown`.
+    /// and returns it once it claimed them (or had its time to). `None`: no other edge is
+    /// alive, the lease could not be handed over, or the thread did not answer; the edge's
+    /// clients are then closed with `ShuttingDown`.
     pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
         let (reply, answer) = flume::bounded(1);
         self.commands
@@ -285,7 +284,7 @@ impl<S: Store> LeaseThread<S> {
                     let drained = self.drain();
                     let _ = reply.send(match drained {
                         Drained::Redirected(target) => Some(target),
-                        Drained::Kept | Drained::Handed => None,
+                        Drained::Kept => None,
                     });
                     if drained != Drained::Kept {
                         // The leases are gone: nothing to beat any more.
@@ -397,7 +396,7 @@ impl<S: Store> LeaseThread<S> {
         // From the hand-over on, this edge's own commits are fenced: expected, no reason to exit.
         self.shared.handing_over.store(true, Ordering::Release);
         let own = self.settings.edge;
-        if let Err(error) = takeover::hand_over(&self.stores, own, self.own, target, epoch) {
+        if let Err(error) = self.hand_over_own(target) {
             // Not handed (a store error; or fenced, and then the next beat ends the process):
             // the edge keeps its users and closes its clients instead.
             warn!(%error, "cannot hand this edge's lease over; closing clients instead");
@@ -419,8 +418,8 @@ impl<S: Store> LeaseThread<S> {
             }
         }
         // The successor claims at its next beat; clients redirected before that would be sent
-        // back here. Bounded: a successor that does not claim (it is draining too, or cut off)
-        // gets no clients; they are closed and come back through their first address.
+        // back here. Bounded: a successor that does not claim in time (it is draining too, or
+        // cut off) gets the clients anyway, and they come back through their first address.
         let claim_wait = Duration::from_millis(3 * self.settings.renew_ms).min(DRAIN_CLAIM_WAIT);
         let deadline = Instant::now() + claim_wait;
         loop {
@@ -429,10 +428,10 @@ impl<S: Store> LeaseThread<S> {
                 Ok(_) | Err(_) if Instant::now() >= deadline => {
                     warn!(
                         target,
-                        "the successor did not claim the handed leases in time; closing \
-                         clients instead of redirecting them"
+                        "the successor did not claim the handed leases in time; redirecting \
+                         the clients there anyway"
                     );
-                    return Drained::Handed;
+                    break;
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -445,6 +444,34 @@ impl<S: Store> LeaseThread<S> {
         view.drained_to = Some(target);
         self.shared.publish(view);
         Drained::Redirected(target)
+    }
+
+    /// Hands this edge's own lease to `target`, trying again on a conflict. An error whose
+    /// write landed anyway (an unknown commit result; with several clusters, a later one
+    /// failing after the first was written) counts as handed: the first store decides.
+    fn hand_over_own(&self, target: EdgeId) -> Result<(), StoreError> {
+        let (own, epoch) = (self.settings.edge, self.settings.membership.epoch);
+        let handed = |lease: Lease| {
+            lease.holder == target && lease.is_handed_over() && lease.epoch == self.own.epoch + 1
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let Err(error) = takeover::hand_over(&self.stores, own, self.own, target, epoch) else {
+                return Ok(());
+            };
+            let landed = takeover::observe_all(&self.stores, &[own])
+                .ok()
+                .and_then(|observed| observed.get(&own)?.lease)
+                .is_some_and(handed);
+            if landed {
+                return Ok(());
+            }
+            if !error.is_retryable() || attempts >= 3 {
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn view(&self) -> View {
