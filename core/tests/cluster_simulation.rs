@@ -12,16 +12,20 @@
 //! seq; nothing was stored twice.
 //!
 //! Half the seeds run the edges on shared stores instead (one or two, as FoundationDB
-//! clusters, each holding a copy of every lease), with takeover (decision 0015): each edge claims its own lease at start and beats it; a crashed
-//! edge stays down for a while (or a live one stalls, missing its beats), and its successor
-//! claims its lease, serves its users and forwarded sends for them, and gives them back when
-//! the edge returns and claims its lease again. Every commit runs under a lease
-//! (`LeasedStore`), so an edge whose lease was taken is fenced, and exits (here: crashes).
-//! In half of those seeds the operator also changes the members mid-run (decision 0016): an
-//! edge is added, and maybe another removed, one edge at a time in random order, while the
-//! rest still run on the old members. The first edge on the new members fences the others
-//! through the membership epoch; an edge restarted on the old config is refused until its
-//! config is updated.
+//! clusters, each holding a copy of every lease), with takeover (decision 0015): each edge
+//! claims its own lease at start and beats it; a crashed edge stays down for a while (or a
+//! live one stalls, missing its beats), and its successor claims its lease, serves its users
+//! and forwarded sends for them, and gives them back when the edge returns and claims its
+//! lease again. Every commit runs under a lease (`LeasedStore`), so an edge whose lease was
+//! taken is fenced, and exits (here: crashes). A quarter of those seeds run without takeover
+//! (`cluster.takeover` off): leases and beats as before, so membership changes still fence,
+//! but no edge serves another's users.
+//!
+//! In half of the shared-store seeds the operator also changes the members mid-run (decision
+//! 0016): an edge is added, and maybe another removed, one edge at a time in random order,
+//! while the rest still run on the old members. The first edge on the new members fences the
+//! others through the membership epoch; an edge restarted on the old config is refused until
+//! its config is updated.
 //!
 //! The single-edge simulation (`simulation.rs`) covers what happens inside one edge (store
 //! faults, expiry, abuse limits, several devices); this one covers what crosses edges.
@@ -378,8 +382,12 @@ struct World {
     link_fail_per_thousand: u64,
     crash_per_thousand: u64,
     disconnect_per_thousand: u64,
-    /// The edges share one store and take over each other's users.
+    /// The edges share one store, commit under leases and take over each other's users.
     takeover: bool,
+    /// Shared-store seeds where `cluster.takeover` is off: each edge still joins, holds and
+    /// beats its lease (so a change of the members fences it), but its planner knows only
+    /// itself, so no edge serves another's users.
+    lease_only: bool,
     stall_per_thousand: u64,
     drain_per_thousand: u64,
     next_owner: u64,
@@ -447,6 +455,7 @@ impl World {
         let change_members_at = spare.then(|| 1_700_000_000_000 + 100 + rng.below(1_500));
         let mut world = World {
             takeover,
+            lease_only: takeover && rng.below(4) == 0,
             stall_per_thousand: if takeover { rng.below(2) } else { 0 },
             drain_per_thousand: if takeover { rng.below(2) } else { 0 },
             next_owner: 1,
@@ -542,7 +551,12 @@ impl World {
                 .expect("claim own lease");
             e.lease = Some(lease);
             e.owner = owner;
-            e.planner = Some(Planner::new(e.id, &e.running.members, LEASE_TIMEOUT_MS));
+            let planned = if self.lease_only {
+                vec![e.id]
+            } else {
+                e.running.members.clone()
+            };
+            e.planner = Some(Planner::new(e.id, &planned, LEASE_TIMEOUT_MS));
             e.next_beat_at = now;
         }
         e.shards = (0..count)
