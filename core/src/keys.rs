@@ -13,7 +13,7 @@
 //! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
-//! | `l` edge `b` | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive |
+//! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
 //! | `m` | [`crate::membership::Membership`] | the cluster's members and their epoch: an edge on other members is fenced |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
@@ -33,6 +33,7 @@ pub const TAG_FLOOR: u8 = b'f';
 pub const TAG_EMPTIED: u8 = b'g';
 pub const TAG_LEASE: u8 = b'l';
 pub const TAG_MEMBERS: u8 = b'm';
+pub const TAG_BEAT: u8 = b'b';
 
 /// `g/{inbox}`
 pub fn emptied(inbox: UserId) -> [u8; 9] {
@@ -167,6 +168,14 @@ pub fn parse_expiry(key: &[u8]) -> Option<(u64, UserId)> {
 pub fn lease(edge: u32) -> [u8; 5] {
     let mut key = [0u8; 5];
     key[0] = TAG_LEASE;
+    key[1..5].copy_from_slice(&edge.to_be_bytes());
+    key
+}
+
+/// `b/{edge}`
+pub fn beat(edge: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = TAG_BEAT;
     key[1..5].copy_from_slice(&edge.to_be_bytes());
     key
 }

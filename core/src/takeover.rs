@@ -85,12 +85,11 @@ pub struct Observed {
     pub beat: u64,
 }
 
-/// `l/{edge}/b`: the beat, apart from the lease so that raising it conflicts with no commit.
-fn beat_key(edge: EdgeId) -> [u8; 6] {
-    let mut key = [0u8; 6];
-    key[..5].copy_from_slice(&keys::lease(edge));
-    key[5] = b'b';
-    key
+/// `b/{edge}`: the beat, apart from the lease so that raising it conflicts with no commit,
+/// and outside the leases' range so that it conflicts with no membership join either (a join
+/// reads every lease: with the beats among them, any edge's beat would abort it).
+fn beat_key(edge: EdgeId) -> [u8; 5] {
+    keys::beat(edge)
 }
 
 fn read_lease<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Option<Lease>, StoreError> {
