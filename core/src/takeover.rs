@@ -214,11 +214,7 @@ pub fn hand_over<S: Store>(
     to: EdgeId,
     members_epoch: u64,
 ) -> Result<(), StoreError> {
-    let mut txn = first(stores)?.begin()?;
-    membership::check(&mut txn, members_epoch)?;
-    if read_lease(&mut txn, edge)? != Some(lease) {
-        return Err(StoreError::Fenced);
-    }
+    let mut txn = begin_holding(stores, edge, lease, members_epoch)?;
     let handed = Lease {
         epoch: lease.epoch + 1,
         holder: to,
@@ -240,14 +236,26 @@ pub fn renew<S: Store>(
     lease: Lease,
     members_epoch: u64,
 ) -> Result<(), StoreError> {
+    let mut txn = begin_holding(stores, edge, lease, members_epoch)?;
+    txn.atomic_add(&beat_key(edge), 1);
+    txn.commit()?;
+    Ok(())
+}
+
+/// A transaction on the first store that goes on only while `lease` is still `edge`'s latest
+/// claim under the membership epoch `members_epoch`; `Fenced` otherwise.
+fn begin_holding<S: Store>(
+    stores: &[S],
+    edge: EdgeId,
+    lease: Lease,
+    members_epoch: u64,
+) -> Result<S::Transaction<'_>, StoreError> {
     let mut txn = first(stores)?.begin()?;
     membership::check(&mut txn, members_epoch)?;
     if read_lease(&mut txn, edge)? != Some(lease) {
         return Err(StoreError::Fenced);
     }
-    txn.atomic_add(&beat_key(edge), 1);
-    txn.commit()?;
-    Ok(())
+    Ok(txn)
 }
 
 fn first<S>(stores: &[S]) -> Result<&S, StoreError> {

@@ -331,15 +331,12 @@ impl Edge {
     /// Stops the edge at once, as if its process died: no hand-over, no closes, no last
     /// commits; its lease stops beating. For tests of an edge that runs in-process.
     pub fn crash(self) {
-        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(takeover) = &self.takeover {
-            takeover.stop();
-        }
         self.join();
     }
 
-    /// Waits for the shards' executors to end, after [`Edge::shut_down`] or a crash, so that
-    /// their sockets are closed and the address can be served again.
+    /// Stops whatever still runs (every shard, the lease thread) and waits for the shards'
+    /// executors to end, so that their sockets are closed and the address can be served
+    /// again. After [`Edge::shut_down`] the shards have finished already.
     pub fn join(self) {
         self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(takeover) = &self.takeover {

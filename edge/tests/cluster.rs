@@ -154,16 +154,24 @@ static METRICS: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, SocketAd
 
 /// The sum of a metric's series on `edge`'s `/metrics`.
 fn metric_sum(edge: &Edge, name: &str) -> f64 {
-    use std::io::{Read, Write};
     let addr = METRICS.lock().expect("metrics")[&edge.addr];
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    metric_sum_at(addr, name).expect("metrics listener")
+}
+
+/// The sum of a metric's series on the `/metrics` listener at `addr`; `None` if it cannot be
+/// reached.
+fn metric_sum_at(addr: SocketAddr, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
     write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
     let mut text = String::new();
     stream.read_to_string(&mut text).expect("response");
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 /// A user id whose home is the edge at `index` of `EDGE_IDS`, the `nth` such id.
@@ -194,12 +202,66 @@ fn wait_links_up(edges: &[Edge]) {
 }
 
 async fn client_via(files: &ClusterFiles, edge: &Edge, user: u64) -> courier_client::Client {
-    let mut options = ConnectOptions::new(edge.addr, edge.token(user, 0), 0);
+    connect(
+        files,
+        edge.addr,
+        edge.token(user, 0),
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// A client of `token` connected through `addr`, resending refused sends quickly, that gives a
+/// connection `welcome_timeout` for its `Welcome`.
+async fn connect(
+    files: &ClusterFiles,
+    addr: SocketAddr,
+    token: String,
+    welcome_timeout: Duration,
+) -> courier_client::Client {
+    let mut options = ConnectOptions::new(addr, token, 0);
     options.retry_after = Duration::from_millis(100);
+    options.welcome_timeout = welcome_timeout;
     tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
         .await
         .expect("connected in time")
         .expect("connect")
+}
+
+/// Sends the bodies `"{n}"` for `numbers` from `client` to `to`, each acknowledged within
+/// `EVENT_TIMEOUT` (`what` says when, for the failure message).
+async fn send_numbered(
+    client: &courier_client::Client,
+    to: u64,
+    numbers: std::ops::Range<usize>,
+    what: &str,
+) -> Vec<courier_client::SendReceipt> {
+    let mut acked = Vec::new();
+    for n in numbers {
+        let receipt =
+            tokio::time::timeout(EVENT_TIMEOUT, client.send(to, format!("{n}").into_bytes()))
+                .await
+                .unwrap_or_else(|_| panic!("acknowledged {what}"))
+                .expect("ack");
+        acked.push(receipt);
+    }
+    acked
+}
+
+/// Asserts that `client` receives the numbered bodies of `acked` (body `n` is `acked[n]`), each
+/// once, in order, at its acknowledged seq, and nothing more.
+async fn assert_numbered_delivered(
+    client: &mut courier_client::Client,
+    acked: &[courier_client::SendReceipt],
+) {
+    for (n, receipt) in acked.iter().enumerate() {
+        let delivery = next_message(client).await;
+        assert_eq!(
+            (delivery.seq, delivery.body),
+            (receipt.seq, format!("{n}").into_bytes())
+        );
+    }
+    assert_quiet(client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,46 +506,13 @@ mod takeover_on_foundationdb {
         // Both start at edge 2: the address a client falls back to when its edge is gone.
         let alice_client = client_via(&files, &edges[2], alice).await;
         let mut bob_client = client_via(&files, &edges[2], bob).await;
-        let mut acked = Vec::new();
-        for n in 0..3 {
-            acked.push(
-                alice_client
-                    .send(bob, format!("{n}").into_bytes())
-                    .await
-                    .expect("ack"),
-            );
-        }
+        let mut acked = send_numbered(&alice_client, bob, 0..3, "in time").await;
         edges[1].kill9();
         // While edge 1 is dead its successor takes Bob over after the lease timeout.
-        for n in 3..6 {
-            let receipt = tokio::time::timeout(
-                EVENT_TIMEOUT,
-                alice_client.send(bob, format!("{n}").into_bytes()),
-            )
-            .await
-            .expect("acknowledged once a successor serves Bob")
-            .expect("ack");
-            acked.push(receipt);
-        }
+        acked.extend(send_numbered(&alice_client, bob, 3..6, "once a successor serves Bob").await);
         edges[1].spawn();
-        for n in 6..9 {
-            let receipt = tokio::time::timeout(
-                EVENT_TIMEOUT,
-                alice_client.send(bob, format!("{n}").into_bytes()),
-            )
-            .await
-            .expect("acknowledged after edge 1 is back")
-            .expect("ack");
-            acked.push(receipt);
-        }
-        for (n, receipt) in acked.iter().enumerate() {
-            let delivery = next_message(&mut bob_client).await;
-            assert_eq!(
-                (delivery.seq, delivery.body),
-                (receipt.seq, format!("{n}").into_bytes())
-            );
-        }
-        assert_quiet(&mut bob_client).await;
+        acked.extend(send_numbered(&alice_client, bob, 6..9, "after edge 1 is back").await);
+        assert_numbered_delivered(&mut bob_client, &acked).await;
     }
 
     /// SIGTERM on Bob's edge hands him to its successor: his client is redirected there and
@@ -674,20 +703,9 @@ mod takeover_on_shared_memory {
                 .to_string()
         }
 
-        /// The sum of a metric's series on its `/metrics`.
+        /// The sum of a metric's series on its `/metrics` (0 while it cannot be reached).
         fn metric_sum(&self, name: &str) -> f64 {
-            use std::io::{Read, Write};
-            let Ok(mut stream) = std::net::TcpStream::connect(self.metrics) else {
-                return 0.0;
-            };
-            let addr = self.metrics;
-            write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-            let mut text = String::new();
-            let _ = stream.read_to_string(&mut text);
-            text.lines()
-                .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
+            metric_sum_at(self.metrics, name).unwrap_or(0.0)
         }
     }
 
@@ -766,13 +784,7 @@ mod takeover_on_shared_memory {
         user: u64,
         welcome_timeout: Duration,
     ) -> courier_client::Client {
-        let mut options = ConnectOptions::new(edge.addr, edge.token(user), 0);
-        options.retry_after = Duration::from_millis(100);
-        options.welcome_timeout = welcome_timeout;
-        tokio::time::timeout(EVENT_TIMEOUT, files.connector().connect(options))
-            .await
-            .expect("connected in time")
-            .expect("connect")
+        connect(files, edge.addr, edge.token(user), welcome_timeout).await
     }
 
     /// Waits until a running edge serves another's users (its gauge is published about once
@@ -842,46 +854,13 @@ mod takeover_on_shared_memory {
         // Both start at edge 2: the address a client falls back to when its edge is gone.
         let alice_client = client_via(&files, &edges[2], alice).await;
         let mut bob_client = client_via(&files, &edges[2], bob).await;
-        let mut acked = Vec::new();
-        for n in 0..3 {
-            acked.push(
-                alice_client
-                    .send(bob, format!("{n}").into_bytes())
-                    .await
-                    .expect("ack"),
-            );
-        }
+        let mut acked = send_numbered(&alice_client, bob, 0..3, "in time").await;
         edges[1].crash();
-        for n in 3..6 {
-            let receipt = tokio::time::timeout(
-                EVENT_TIMEOUT,
-                alice_client.send(bob, format!("{n}").into_bytes()),
-            )
-            .await
-            .expect("acknowledged once a successor serves Bob")
-            .expect("ack");
-            acked.push(receipt);
-        }
+        acked.extend(send_numbered(&alice_client, bob, 3..6, "once a successor serves Bob").await);
         wait_for_a_guest(&edges);
         edges[1].start(&stores).expect("restart");
-        for n in 6..9 {
-            let receipt = tokio::time::timeout(
-                EVENT_TIMEOUT,
-                alice_client.send(bob, format!("{n}").into_bytes()),
-            )
-            .await
-            .expect("acknowledged after edge 1 is back")
-            .expect("ack");
-            acked.push(receipt);
-        }
-        for (n, receipt) in acked.iter().enumerate() {
-            let delivery = next_message(&mut bob_client).await;
-            assert_eq!(
-                (delivery.seq, delivery.body),
-                (receipt.seq, format!("{n}").into_bytes())
-            );
-        }
-        assert_quiet(&mut bob_client).await;
+        acked.extend(send_numbered(&alice_client, bob, 6..9, "after edge 1 is back").await);
+        assert_numbered_delivered(&mut bob_client, &acked).await;
     }
 
     /// A drain of Bob's edge hands him to its successor: his client is redirected there, and
@@ -956,15 +935,7 @@ mod takeover_on_shared_memory {
         let dave = user_homed_on(0, 0);
         let dave_client = client_via(&files, &edges[0], dave).await;
         let mut carol_client = client_via(&files, &edges[0], carol).await;
-        let mut acked = Vec::new();
-        for n in 0..3 {
-            acked.push(
-                dave_client
-                    .send(carol, format!("{n}").into_bytes())
-                    .await
-                    .expect("ack"),
-            );
-        }
+        let mut acked = send_numbered(&dave_client, carol, 0..3, "in time").await;
 
         // The operator raises the epoch with the new members in every config, and starts 33.
         let new_keys = "lease_timeout_ms = 3000\nlease_renew_ms = 200\nmembership_epoch = 2\n";
@@ -998,23 +969,7 @@ mod takeover_on_shared_memory {
             edge.start(&stores).expect("restart on the new members");
         }
         wait_links(&edges, 2);
-        for n in 3..6 {
-            let receipt = tokio::time::timeout(
-                EVENT_TIMEOUT,
-                dave_client.send(carol, format!("{n}").into_bytes()),
-            )
-            .await
-            .expect("acknowledged on the new members")
-            .expect("ack");
-            acked.push(receipt);
-        }
-        for (n, receipt) in acked.iter().enumerate() {
-            let delivery = next_message(&mut carol_client).await;
-            assert_eq!(
-                (delivery.seq, delivery.body),
-                (receipt.seq, format!("{n}").into_bytes())
-            );
-        }
-        assert_quiet(&mut carol_client).await;
+        acked.extend(send_numbered(&dave_client, carol, 3..6, "on the new members").await);
+        assert_numbered_delivered(&mut carol_client, &acked).await;
     }
 }
