@@ -476,12 +476,24 @@ fn write_batch<T: Transaction>(
         };
         // Start after what is known to be deleted: deleted keys leave tombstones that a
         // range scan from seq 1 would walk on every ack.
-        let deleted_up_to = known.acked_up_to.get(&inbox).copied().unwrap_or(0);
+        let known_deleted_up_to = known.acked_up_to.get(&inbox).copied();
+        let deleted_up_to = known_deleted_up_to.unwrap_or(0);
         if delete_up_to > deleted_up_to {
-            txn.clear_range(
-                &keys::message(inbox, deleted_up_to.saturating_add(1)),
-                &keys::message(inbox, delete_up_to.saturating_add(1)),
-            );
+            match known_deleted_up_to {
+                // The usual ack: a few messages right after what is known deleted. One clear
+                // per key, because the embedded engines have no range delete and turn a range
+                // clear into a scan of every table at commit (11% of the edge's CPU at
+                // 10,000 msgs/s). A key that expiry deleted already gets a second tombstone.
+                Some(_) if delete_up_to - deleted_up_to <= ACK_POINT_CLEARS_MAX => {
+                    for seq in deleted_up_to + 1..=delete_up_to {
+                        txn.clear(&keys::message(inbox, seq));
+                    }
+                }
+                _ => txn.clear_range(
+                    &keys::message(inbox, deleted_up_to.saturating_add(1)),
+                    &keys::message(inbox, delete_up_to.saturating_add(1)),
+                ),
+            }
             learned.acked_up_to.insert(inbox, delete_up_to);
         }
     }
@@ -600,6 +612,10 @@ fn find_dedupe<T: Transaction>(
 }
 
 /// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
+/// At most this many messages an ack deletes key by key; more take one range clear (see
+/// `commit_batch`). Message keys have one fixed length, so both delete exactly the same keys.
+const ACK_POINT_CLEARS_MAX: u64 = 64;
+
 const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
 
 /// The device records of `inbox` as stored before this batch's device writes: from the
@@ -1028,6 +1044,42 @@ mod tests {
             1,
             "only the retention bucket's entry is left"
         );
+    }
+
+    /// Acks delete exactly the messages up to the cursor: the first by a range clear, the
+    /// next ones key by key (the committer knows where the deleted ones end), and a jump past
+    /// `ACK_POINT_CLEARS_MAX` by a range clear again.
+    #[test]
+    fn acks_delete_exactly_the_acknowledged_messages() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let link = Request::Link {
+            inbox: 7,
+            device: 0,
+            acked_up_to: 0,
+        };
+        committer.commit_batch(&store, &[link], 1_000).unwrap();
+        let sends: Vec<Request> = (1..=200).map(|id| send(id, 7)).collect();
+        committer.commit_batch(&store, &sends, 1_000).unwrap();
+        let stored = || {
+            let mut txn = store.begin().unwrap();
+            let (start, end) = (keys::message(7, 0), keys::message(7, u64::MAX));
+            let rows = txn.get_range(&start, &end, 1_000).unwrap();
+            rows.iter()
+                .map(|(key, _)| keys::parse_message(key).unwrap().1)
+                .collect::<Vec<u64>>()
+        };
+        for up_to_seq in [3, 4, 10, 10 + ACK_POINT_CLEARS_MAX, 150] {
+            let ack = Request::Ack {
+                inbox: 7,
+                device: 0,
+                up_to_seq,
+            };
+            committer.commit_batch(&store, &[ack], 1_000).unwrap();
+            let expected: Vec<u64> = (up_to_seq + 1..=200).collect();
+            assert_eq!(stored(), expected, "after the ack up to {up_to_seq}");
+        }
     }
 
     #[test]
