@@ -32,6 +32,8 @@ pub struct Target {
     /// Users of this run start above this, so runs against a long-lived edge do not mix.
     pub user_base: u64,
     spawned: Option<std::sync::Mutex<SpawnedEdge>>,
+    /// `--ack-delay-ms`, for the clients' side.
+    edge_ack_delay: Option<Duration>,
 }
 
 impl Target {
@@ -42,11 +44,7 @@ impl Target {
         }
         if args.spawn_edge {
             let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
-            let extra = match &args.edge_config {
-                Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
-                None => String::new(),
-            };
+            let extra = spawned_edge_extra(args)?;
             let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra)?;
             return Ok(Target {
                 addr: spawned.addr,
@@ -61,6 +59,7 @@ impl Target {
                 pid: Some(spawned.child.id()),
                 user_base,
                 spawned: Some(std::sync::Mutex::new(spawned)),
+                edge_ack_delay: args.ack_delay_ms.map(Duration::from_millis),
             });
         }
         Ok(Target {
@@ -80,6 +79,7 @@ impl Target {
             pid: args.edge_pid,
             user_base,
             spawned: None,
+            edge_ack_delay: args.ack_delay_ms.map(Duration::from_millis),
         })
     }
 
@@ -122,11 +122,7 @@ impl Target {
                 "\n[[cluster.members]]\nid = {id}\nclient_address = \"{addr}\"\nlink_address = \"{addr}\"\n"
             );
         }
-        let extra = match &args.edge_config {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
-            None => String::new(),
-        };
+        let extra = spawned_edge_extra(args)?;
         let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
         let mut cluster = Vec::new();
         for (id, addr) in &members {
@@ -173,6 +169,7 @@ impl Target {
             pid: None,
             user_base,
             spawned: None,
+            edge_ack_delay: args.ack_delay_ms.map(Duration::from_millis),
         };
         // The files (keys included) are read at start; the directory can go.
         drop(files);
@@ -223,7 +220,14 @@ impl Target {
 
     /// A connector with its own UDP socket and session cache.
     pub fn connector(&self) -> Result<Connector, String> {
-        Connector::new(&self.cert_pem, &self.server_name).map_err(|e| e.to_string())
+        let connector =
+            Connector::new(&self.cert_pem, &self.server_name).map_err(|e| e.to_string())?;
+        match self.edge_ack_delay {
+            Some(delay) => connector
+                .with_edge_ack_delay(delay)
+                .map_err(|e| format!("--ack-delay-ms: {e}")),
+            None => Ok(connector),
+        }
     }
 
     pub fn options(&self, user: u64) -> ConnectOptions {
@@ -250,6 +254,26 @@ impl Target {
         spawned.child = child;
         Ok((spawned.child.id(), started.elapsed()))
     }
+}
+
+/// What a spawned edge's config gets after its own sections: `--edge-config`, and the
+/// edge's side of `--ack-delay-ms`.
+fn spawned_edge_extra(args: &TargetArgs) -> Result<String, String> {
+    let extra = match &args.edge_config {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
+        None => String::new(),
+    };
+    let Some(ms) = args.ack_delay_ms else {
+        return Ok(extra);
+    };
+    if extra.lines().any(|line| line.trim() == "[quic]") {
+        return Err(
+            "--ack-delay-ms and a [quic] section in --edge-config: set client_ack_delay_ms in that section instead"
+                .into(),
+        );
+    }
+    Ok(format!("[quic]\nclient_ack_delay_ms = {ms}\n{extra}"))
 }
 
 fn read_key(path: &std::path::Path) -> Result<SigningKey, String> {

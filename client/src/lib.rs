@@ -31,6 +31,7 @@ use courier_protocol::client::{
 };
 pub use courier_protocol::client::{Delivery, SendReceipt};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
+pub use quinn::ConnectionStats;
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
@@ -93,10 +94,16 @@ pub struct Connector {
     roots: Arc<rustls::RootCertStore>,
     server_name: String,
     keep_alive: Duration,
+    edge_ack_delay: Duration,
 }
 
-/// How long the SDK lets the edge delay its acknowledgements (QUIC ACK frequency extension).
-const EDGE_ACK_DELAY_MS: u64 = 25;
+/// How long the SDK lets the edge delay its acknowledgements by default (QUIC ACK frequency
+/// extension): QUIC's own default, so a lost packet is recovered as quickly as without the
+/// extension. [`Connector::with_edge_ack_delay`] trades that for fewer datagrams.
+pub const EDGE_ACK_DELAY_DEFAULT: Duration = Duration::from_millis(25);
+
+/// The longest acknowledgement delay QUIC allows (RFC 9000, 18.2: below 2^14 ms).
+const ACK_DELAY_MAX: Duration = Duration::from_millis((1 << 14) - 1);
 
 /// How often an idle connection sends a keep-alive. It is also how soon an idle client learns
 /// that a restarted edge forgot its connection (the edge answers the keep-alive with a
@@ -110,6 +117,7 @@ pub const KEEP_ALIVE_DEFAULT: Duration = Duration::from_secs(2);
 fn client_config(
     roots: &Arc<rustls::RootCertStore>,
     keep_alive: Duration,
+    edge_ack_delay: Duration,
 ) -> Result<quinn::ClientConfig, ClientError> {
     // AES-128-GCM/SHA-256 first: cheaper than rustls's default AES-256/SHA-384 on both ends
     // (SHA-256 runs on the CPU's SHA extensions); the edge prefers it too.
@@ -138,7 +146,7 @@ fn client_config(
     // instead of an ACK-only datagram; loss recovery waits up to this much longer.
     let mut ack_frequency = quinn::AckFrequencyConfig::default();
     ack_frequency
-        .max_ack_delay(Some(Duration::from_millis(EDGE_ACK_DELAY_MS)))
+        .max_ack_delay(Some(edge_ack_delay))
         .ack_eliciting_threshold(quinn::VarInt::from_u32(4));
     transport.ack_frequency_config(Some(ack_frequency));
     client_config.transport_config(Arc::new(transport));
@@ -161,7 +169,7 @@ impl Connector {
             return Err(ClientError::Config("no trusted certificate given".into()));
         }
         let roots = Arc::new(roots);
-        let client_config = client_config(&roots, KEEP_ALIVE_DEFAULT)?;
+        let client_config = client_config(&roots, KEEP_ALIVE_DEFAULT, EDGE_ACK_DELAY_DEFAULT)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| ClientError::Config(format!("cannot bind a UDP socket: {e}")))?;
         Ok(Connector {
@@ -170,13 +178,14 @@ impl Connector {
             roots,
             server_name: server_name.to_string(),
             keep_alive: KEEP_ALIVE_DEFAULT,
+            edge_ack_delay: EDGE_ACK_DELAY_DEFAULT,
         })
     }
 
     /// A connector on the same socket with an empty TLS session cache: its next connection
     /// makes a full handshake, like a freshly installed app.
     pub fn fresh_session(&self) -> Result<Connector, ClientError> {
-        self.with_keep_alive(self.keep_alive)
+        self.with_transport(self.keep_alive, self.edge_ack_delay)
     }
 
     /// A connector on the same socket whose connections send a keep-alive every `interval`
@@ -184,12 +193,36 @@ impl Connector {
     /// crash, an idle client notices at its next keep-alive; a client that sends notices at
     /// once.
     pub fn with_keep_alive(&self, interval: Duration) -> Result<Connector, ClientError> {
+        self.with_transport(interval, self.edge_ack_delay)
+    }
+
+    /// A connector on the same socket whose connections let the edge delay acknowledging
+    /// their packets by up to `delay` ([`EDGE_ACK_DELAY_DEFAULT`]: 25 ms), with an empty TLS
+    /// session cache. A client that sends again within the delay carries the edge's
+    /// acknowledgement in the answer to it instead of an ACK-only datagram: an agent sending
+    /// several messages a second saves a datagram per message. In exchange a lost packet of
+    /// this client is resent up to `delay` later. At most 16,383 ms (QUIC's bound).
+    pub fn with_edge_ack_delay(&self, delay: Duration) -> Result<Connector, ClientError> {
+        if delay.is_zero() || delay > ACK_DELAY_MAX {
+            return Err(ClientError::Config(format!(
+                "edge acknowledgement delay {delay:?}: give between 1 ms and {ACK_DELAY_MAX:?}"
+            )));
+        }
+        self.with_transport(self.keep_alive, delay)
+    }
+
+    fn with_transport(
+        &self,
+        keep_alive: Duration,
+        edge_ack_delay: Duration,
+    ) -> Result<Connector, ClientError> {
         Ok(Connector {
             endpoint: self.endpoint.clone(),
-            client_config: client_config(&self.roots, interval)?,
+            client_config: client_config(&self.roots, keep_alive, edge_ack_delay)?,
             roots: self.roots.clone(),
             server_name: self.server_name.clone(),
-            keep_alive: interval,
+            keep_alive,
+            edge_ack_delay,
         })
     }
 
@@ -295,6 +328,8 @@ struct Shared {
     zero_rtt_accepted: Option<bool>,
     connections: u64,
     closed: Option<ClientError>,
+    /// The QUIC connection in use (or last used), for its statistics.
+    connection: Option<quinn::Connection>,
 }
 
 type Waiter = oneshot::Sender<Result<SendReceipt, ClientError>>;
@@ -492,6 +527,13 @@ impl Client {
             .lock()
             .expect("client state")
             .zero_rtt_accepted
+    }
+
+    /// QUIC's counters of the connection in use (or the last one): datagrams, packets and
+    /// frames each way, round-trip time. `None` before the first connection.
+    pub fn transport_stats(&self) -> Option<quinn::ConnectionStats> {
+        let shared = self.sender.shared.lock().expect("client state");
+        shared.connection.as_ref().map(quinn::Connection::stats)
     }
 
     /// Connections welcomed so far, including reconnects.
@@ -919,6 +961,7 @@ impl Driver {
         let welcome_timeout = self.options.welcome_timeout;
         let now = self.now();
         self.session.connected(now);
+        self.shared.lock().expect("client state").connection = Some(link.connection.clone());
         if let Some(accepted) = zero_rtt {
             // The first flight goes out as 0-RTT data; wait for the verdict before anything else.
             if let Err(error) = self.take_transmits(&mut link) {

@@ -33,6 +33,7 @@ fn main() {
     let mut writers = 1usize;
     let mut raw = false;
     let mut inboxes = INBOXES_DEFAULT;
+    let mut memtable_mib: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -44,6 +45,14 @@ fn main() {
             }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
+            "--memtable-mib" => {
+                memtable_mib = Some(
+                    args.next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|&n| n > 0)
+                        .expect("--memtable-mib N (at least 1)"),
+                )
+            }
             "--inboxes" => {
                 inboxes = args
                     .next()
@@ -64,7 +73,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw]"
                 );
                 std::process::exit(2);
             }
@@ -91,8 +100,15 @@ fn main() {
                     scope.spawn(move || {
                         let _ = std::fs::remove_dir_all(&run_dir);
                         std::fs::create_dir_all(&run_dir).expect("create bench dir");
-                        let result =
-                            run(&run_dir, batch_size, writer as u64, duration, raw, inboxes);
+                        let result = run(
+                            &run_dir,
+                            batch_size,
+                            writer as u64,
+                            duration,
+                            raw,
+                            inboxes,
+                            memtable_mib,
+                        );
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
                     })
@@ -131,8 +147,13 @@ fn run(
     duration: Duration,
     raw: bool,
     inboxes: u64,
+    memtable_mib: Option<u64>,
 ) -> RunResult {
-    let store = FjallStore::open(dir, &FjallOptions::default()).expect("open store");
+    let mut options = FjallOptions::default();
+    if let Some(mib) = memtable_mib {
+        options.memtable_bytes_max = mib * 1024 * 1024;
+    }
+    let store = FjallStore::open(dir, &options).expect("open store");
     let config = CoreConfig {
         batch_requests_max: batch_size,
         ..CoreConfig::default()

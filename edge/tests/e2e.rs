@@ -530,3 +530,45 @@ async fn sigterm_closes_connections_with_shutting_down_and_loses_nothing() {
         assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
     }
 }
+
+/// A client that sends every 60 ms, with both sides letting the other delay its
+/// acknowledgements by 2 s, carries QUIC's acknowledgements in its messages and their
+/// answers: about one datagram each way per message instead of two. (quinn-proto used to cap
+/// any configured delay at 25 ms on a short path, so every `SendAck` got an ACK-only datagram
+/// back; vendor/README.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_ack_delays_let_acknowledgements_ride_in_messages() {
+    let edge = Edge::start_with(1, "[quic]\nclient_ack_delay_ms = 2000\n", &[]);
+    let connector = edge
+        .connector()
+        .with_edge_ack_delay(std::time::Duration::from_secs(2))
+        .expect("a valid delay");
+    let alice = connector
+        .connect(ConnectOptions::new(edge.addr, edge.token(21, 0), 0))
+        .await
+        .expect("connect");
+    assert!(
+        connector
+            .with_edge_ack_delay(std::time::Duration::ZERO)
+            .is_err(),
+        "a zero delay is refused"
+    );
+    const SENDS: u64 = 30;
+    let before = alice.transport_stats().expect("connected");
+    for n in 0..SENDS {
+        alice.send(22, format!("m{n}")).await.expect("send");
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+    let after = alice.transport_stats().expect("connected");
+    let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
+    let received = after.udp_rx.datagrams - before.udp_rx.datagrams;
+    // A few spare for a lost packet's resend or a path probe.
+    assert!(
+        sent <= SENDS + 5,
+        "{sent} datagrams sent for {SENDS} sends: acknowledgements went alone"
+    );
+    assert!(
+        received <= SENDS + 5,
+        "{received} datagrams received for {SENDS} sends"
+    );
+}

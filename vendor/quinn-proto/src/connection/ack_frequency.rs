@@ -43,15 +43,24 @@ impl AckFrequencyState {
         let min_ack_delay =
             Duration::from_micros(peer_params.min_ack_delay.map_or(0, |x| x.into()));
 
-        // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the config
-        let candidate = config.max_ack_delay.unwrap_or(self.peer_max_ack_delay);
+        // courier patch: a max_ack_delay the application configured is used as given (no
+        // smaller than the peer's `min_ack_delay`). Upstream also caps it at the RTT (at least
+        // `MIN_AUTOMATIC_ACK_DELAY`), which on a short path turns any configured delay into
+        // 25 ms, so an application-limited peer (a chat client sending every few hundred
+        // milliseconds) could never carry its acknowledgements in its next packet.
+        let candidate = match config.max_ack_delay {
+            Some(configured) => configured,
+            // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the
+            // config; it should be less than the RTT (itself at least
+            // `MIN_AUTOMATIC_ACK_DELAY`)
+            None => Ord::min(
+                self.peer_max_ack_delay,
+                Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY),
+            ),
+        };
 
         // Must be no smaller than the `min_ack_delay` advertised by the peer
-        Ord::max(
-            // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`)
-            Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
-            min_ack_delay,
-        )
+        Ord::max(candidate, min_ack_delay)
     }
 
     /// Returns the `max_ack_delay` for the purposes of calculating the PTO
