@@ -553,7 +553,7 @@ async fn long_ack_delays_let_acknowledgements_ride_in_messages() {
             .is_err(),
         "a zero delay is refused"
     );
-    const SENDS: u64 = 30;
+    const SENDS: u64 = 40;
     let before = alice.transport_stats().expect("connected");
     for n in 0..SENDS {
         alice.send(22, format!("m{n}")).await.expect("send");
@@ -562,13 +562,13 @@ async fn long_ack_delays_let_acknowledgements_ride_in_messages() {
     let after = alice.transport_stats().expect("connected");
     let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
     let received = after.udp_rx.datagrams - before.udp_rx.datagrams;
-    // A few spare for a lost packet's resend or a path probe.
+    // Spare for a lost packet's resend or a path MTU probe; without the delay it is 2 × SENDS.
     assert!(
-        sent <= SENDS + 5,
+        sent <= SENDS + 10,
         "{sent} datagrams sent for {SENDS} sends: acknowledgements went alone"
     );
     assert!(
-        received <= SENDS + 5,
+        received <= SENDS + 10,
         "{received} datagrams received for {SENDS} sends"
     );
 }
