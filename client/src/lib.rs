@@ -328,8 +328,12 @@ struct Shared {
     zero_rtt_accepted: Option<bool>,
     connections: u64,
     closed: Option<ClientError>,
-    /// The QUIC connection in use (or last used), for its statistics.
+    /// The QUIC connection in use, for its statistics; taken out as soon as the link ends, so
+    /// this handle never keeps a finished connection open (quinn closes a connection when
+    /// its last handle goes).
     connection: Option<quinn::Connection>,
+    /// The statistics of the last connection, kept when it ended.
+    last_stats: Option<quinn::ConnectionStats>,
 }
 
 type Waiter = oneshot::Sender<Result<SendReceipt, ClientError>>;
@@ -529,11 +533,15 @@ impl Client {
             .zero_rtt_accepted
     }
 
-    /// QUIC's counters of the connection in use (or the last one): datagrams, packets and
-    /// frames each way, round-trip time. `None` before the first connection.
+    /// QUIC's counters of the connection in use (or, between connections, of the last one):
+    /// datagrams, packets and frames each way, round-trip time. `None` before the first
+    /// connection.
     pub fn transport_stats(&self) -> Option<quinn::ConnectionStats> {
         let shared = self.sender.shared.lock().expect("client state");
-        shared.connection.as_ref().map(quinn::Connection::stats)
+        match &shared.connection {
+            Some(connection) => Some(connection.stats()),
+            None => shared.last_stats,
+        }
     }
 
     /// Connections welcomed so far, including reconnects.
@@ -766,6 +774,12 @@ impl Driver {
                 Ok((link, zero_rtt)) => self.run_link(link, zero_rtt, welcome_by).await,
                 Err(error) => LinkEnd::Lost(error),
             };
+            {
+                let mut shared = self.shared.lock().expect("client state");
+                if let Some(connection) = shared.connection.take() {
+                    shared.last_stats = Some(connection.stats());
+                }
+            }
             let unreachable = matches!(&end, LinkEnd::Lost(error)
                 if !matches!(error, ClientError::Redirected { .. }));
             // No `Welcome` on a connection to an edge it was redirected to: that edge is gone

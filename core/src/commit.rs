@@ -611,11 +611,11 @@ fn find_dedupe<T: Transaction>(
     Ok(None)
 }
 
-/// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
 /// At most this many messages an ack deletes key by key; more take one range clear (see
-/// `commit_batch`). Message keys have one fixed length, so both delete exactly the same keys.
+/// `write_batch`). Message keys have one fixed length, so both delete exactly the same keys.
 const ACK_POINT_CLEARS_MAX: u64 = 64;
 
+/// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
 const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
 
 /// The device records of `inbox` as stored before this batch's device writes: from the
@@ -1047,8 +1047,8 @@ mod tests {
     }
 
     /// Acks delete exactly the messages up to the cursor: the first by a range clear, the
-    /// next ones key by key (the committer knows where the deleted ones end), and a jump past
-    /// `ACK_POINT_CLEARS_MAX` by a range clear again.
+    /// next ones key by key (the committer knows where the deleted ones end; a jump of exactly
+    /// `ACK_POINT_CLEARS_MAX` too), and a longer jump by a range clear again.
     #[test]
     fn acks_delete_exactly_the_acknowledged_messages() {
         let config = CoreConfig::default();

@@ -455,8 +455,11 @@ pub struct QuicSection {
     pub client_ack_delay_ms: u64,
 }
 
-/// QUIC's bound on a `max_ack_delay` (RFC 9000, 18.2: 2^14 ms and above are invalid).
-const QUIC_ACK_DELAY_MS_MAX: u64 = (1 << 14) - 1;
+/// The longest acknowledgement delay the edge asks of its peers. A lost packet is resent
+/// after a probe timeout that includes it, and quinn stretches the idle timeout to three probe
+/// timeouts: at 1 s, links accepted from other edges (which get the same request) still
+/// notice a dead peer within their 5 s idle timeout.
+const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -787,16 +790,10 @@ impl Config {
         if self.quic.idle_timeout_ms < 1000 {
             return invalid("quic.idle_timeout_ms", "at least 1000");
         }
-        if !(1..=QUIC_ACK_DELAY_MS_MAX).contains(&self.quic.client_ack_delay_ms) {
+        if !(1..=CLIENT_ACK_DELAY_MS_MAX).contains(&self.quic.client_ack_delay_ms) {
             return invalid(
                 "quic.client_ack_delay_ms",
-                "between 1 and 16383 (QUIC's bound on an acknowledgement delay)",
-            );
-        }
-        if self.quic.client_ack_delay_ms >= self.quic.idle_timeout_ms {
-            return invalid(
-                "quic.client_ack_delay_ms",
-                "below quic.idle_timeout_ms (a client would time out waiting for its own acknowledgements)",
+                "between 1 and 1000 (a lost packet waits this long more to be resent)",
             );
         }
         if (self.quic.stream_receive_window_bytes as usize) < courier_protocol::FRAME_BYTES_MAX + 4
@@ -946,11 +943,10 @@ mod tests {
     }
 
     #[test]
-    fn client_ack_delay_stays_within_quic_and_the_idle_timeout() {
-        for (delay_ms, accepted) in [(0, false), (1, true), (2_000, true), (16_383, false)] {
+    fn client_ack_delay_is_between_1_ms_and_1_s() {
+        for (delay_ms, accepted) in [(0, false), (1, true), (1_000, true), (1_001, false)] {
             let mut config = Config::default();
             config.quic.client_ack_delay_ms = delay_ms;
-            config.quic.idle_timeout_ms = 16_000;
             let result = config.validate("test.toml");
             assert_eq!(result.is_ok(), accepted, "{delay_ms} ms: {result:?}");
             if let Err(error) = result {
@@ -960,10 +956,6 @@ mod tests {
                 );
             }
         }
-        let mut config = Config::default();
-        config.quic.client_ack_delay_ms = 16_384;
-        config.quic.idle_timeout_ms = 60_000;
-        assert!(config.validate("test.toml").is_err(), "above QUIC's bound");
     }
 
     #[test]

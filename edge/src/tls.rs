@@ -189,6 +189,15 @@ pub fn link_client_config(
         .map_err(|e| format!("tls: {e}"))?;
     let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
     let mut transport = transport_config(config);
+    // The accepting edge may acknowledge this edge's packets within QUIC's own 25 ms, whatever
+    // `quic.client_ack_delay_ms` says: a link's loss recovery should not wait for a delay
+    // chosen for chatty clients. (The accepting side cannot tell a link from a client before
+    // the handshake, so it asks this side for `client_ack_delay_ms`, which validation bounds.)
+    let mut ack_frequency = quinn_proto::AckFrequencyConfig::default();
+    ack_frequency
+        .max_ack_delay(Some(LINK_ACK_DELAY))
+        .ack_eliciting_threshold(quinn_proto::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    transport.ack_frequency_config(Some(ack_frequency));
     transport.keep_alive_interval(Some(LINK_KEEP_ALIVE));
     let idle = quinn_proto::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).expect("a few seconds");
     transport.max_idle_timeout(Some(idle));
@@ -198,6 +207,10 @@ pub fn link_client_config(
 
 /// How often a link proves it is alive, and how long without a packet ends it.
 const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// How long the dialing edge lets the accepting one delay its acknowledgements: QUIC's own
+/// default.
+const LINK_ACK_DELAY: Duration = Duration::from_millis(25);
 const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The QUIC server configuration every shard's endpoint uses. With `cluster`, it also accepts
