@@ -85,7 +85,7 @@ pub struct TargetArgs {
     /// short `erase_within_secs`.
     #[arg(long, global = true)]
     pub edge_config: Option<PathBuf>,
-    /// QUIC acknowledgement delay in both directions, in ms (1 to 16383; default 25 both
+    /// QUIC acknowledgement delay in both directions, in ms (1 to 1000; default 25 both
     /// ways): the clients let the edge delay acknowledging their packets this long, and a
     /// spawned edge lets the clients delay theirs (`quic.client_ack_delay_ms`). A side that
     /// sends again within it carries the acknowledgement instead of an ACK-only datagram; a

@@ -102,8 +102,10 @@ pub struct Connector {
 /// extension. [`Connector::with_edge_ack_delay`] trades that for fewer datagrams.
 pub const EDGE_ACK_DELAY_DEFAULT: Duration = Duration::from_millis(25);
 
-/// The longest acknowledgement delay QUIC allows (RFC 9000, 18.2: below 2^14 ms).
-const ACK_DELAY_MAX: Duration = Duration::from_millis((1 << 14) - 1);
+/// The longest acknowledgement delay the SDK asks of the edge: a lost packet of the client
+/// waits this much more to be resent, and quinn stretches the idle timeout to three probe
+/// timeouts, so a longer one would also delay noticing a dead edge. The edge has the same bound.
+const ACK_DELAY_MAX: Duration = Duration::from_secs(1);
 
 /// How often an idle connection sends a keep-alive. It is also how soon an idle client learns
 /// that a restarted edge forgot its connection (the edge answers the keep-alive with a
@@ -201,7 +203,7 @@ impl Connector {
     /// session cache. A client that sends again within the delay carries the edge's
     /// acknowledgement in the answer to it instead of an ACK-only datagram: an agent sending
     /// several messages a second saves a datagram per message. In exchange a lost packet of
-    /// this client is resent up to `delay` later. At most 16,383 ms (QUIC's bound).
+    /// this client is resent up to `delay` later. At most 1 s.
     pub fn with_edge_ack_delay(&self, delay: Duration) -> Result<Connector, ClientError> {
         if delay.is_zero() || delay > ACK_DELAY_MAX {
             return Err(ClientError::Config(format!(
@@ -328,9 +330,8 @@ struct Shared {
     zero_rtt_accepted: Option<bool>,
     connections: u64,
     closed: Option<ClientError>,
-    /// The QUIC connection in use, for its statistics; taken out as soon as the link ends, so
-    /// this handle never keeps a finished connection open (quinn closes a connection when
-    /// its last handle goes).
+    /// The QUIC connection in use, for its statistics; taken out when the link ends
+    /// (`PublishedConnection`), so this handle keeps no finished connection open.
     connection: Option<quinn::Connection>,
     /// The statistics of the last connection, kept when it ended.
     last_stats: Option<quinn::ConnectionStats>,
@@ -749,6 +750,37 @@ fn welcome_timed_out(timeout: Duration) -> ClientError {
     ))
 }
 
+/// The link's connection, visible to `Client::transport_stats` while the link runs. Dropped
+/// when `run_link` ends in any way (returns, or its task is cancelled or panics), it takes the
+/// handle back out and keeps the connection's last statistics: quinn closes a connection when
+/// its last handle goes, so a handle left in `Shared` would keep a finished one open.
+struct PublishedConnection {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl PublishedConnection {
+    fn new(shared: &Arc<Mutex<Shared>>, connection: &quinn::Connection) -> PublishedConnection {
+        shared.lock().expect("client state").connection = Some(connection.clone());
+        PublishedConnection {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for PublishedConnection {
+    fn drop(&mut self) {
+        // Not `expect`: this may run while a panic unwinds, and a poisoned lock still holds
+        // the handle to give back.
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(connection) = shared.connection.take() {
+            shared.last_stats = Some(connection.stats());
+        }
+    }
+}
+
 /// Redirects a client follows in a row before it gives up.
 const REDIRECTS_MAX: usize = 4;
 
@@ -774,12 +806,6 @@ impl Driver {
                 Ok((link, zero_rtt)) => self.run_link(link, zero_rtt, welcome_by).await,
                 Err(error) => LinkEnd::Lost(error),
             };
-            {
-                let mut shared = self.shared.lock().expect("client state");
-                if let Some(connection) = shared.connection.take() {
-                    shared.last_stats = Some(connection.stats());
-                }
-            }
             let unreachable = matches!(&end, LinkEnd::Lost(error)
                 if !matches!(error, ClientError::Redirected { .. }));
             // No `Welcome` on a connection to an edge it was redirected to: that edge is gone
@@ -975,7 +1001,7 @@ impl Driver {
         let welcome_timeout = self.options.welcome_timeout;
         let now = self.now();
         self.session.connected(now);
-        self.shared.lock().expect("client state").connection = Some(link.connection.clone());
+        let _published = PublishedConnection::new(&self.shared, &link.connection);
         if let Some(accepted) = zero_rtt {
             // The first flight goes out as 0-RTT data; wait for the verdict before anything else.
             if let Err(error) = self.take_transmits(&mut link) {

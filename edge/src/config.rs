@@ -457,8 +457,10 @@ pub struct QuicSection {
 
 /// The longest acknowledgement delay the edge asks of its peers. A lost packet is resent
 /// after a probe timeout that includes it, and quinn stretches the idle timeout to three probe
-/// timeouts: at 1 s, links accepted from other edges (which get the same request) still
-/// notice a dead peer within their 5 s idle timeout.
+/// timeouts. Links accepted from other edges get the same request (the edge cannot tell them
+/// from clients before the handshake): at 1 s, on a path whose srtt + 4 × rttvar stays under
+/// about 650 ms (a data centre), they still notice a dead peer within their 5 s idle timeout.
+/// Their replies (a forwarded send's result) are resent up to the delay later when lost.
 const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
