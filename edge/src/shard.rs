@@ -773,6 +773,11 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
             };
             let now = Instant::now();
             let mut shard = shard.borrow_mut();
+            // The lease thread's latest view before any `Hello` is placed: a client redirected
+            // here by a drained edge must not be sent back because this shard's timer task has
+            // not looked yet (it looks at least every SHUTDOWN_POLL). One atomic load when
+            // nothing changed.
+            shard.apply_takeover();
             for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
                 let stride = meta.stride.max(1);
                 for segment in buffer[..meta.len].chunks(stride) {
