@@ -193,11 +193,7 @@ pub fn link_client_config(
     // `quic.client_ack_delay_ms` says: a link's loss recovery should not wait for a delay
     // chosen for chatty clients. (The accepting side cannot tell a link from a client before
     // the handshake, so it asks this side for `client_ack_delay_ms`, which validation bounds.)
-    let mut ack_frequency = quinn_proto::AckFrequencyConfig::default();
-    ack_frequency
-        .max_ack_delay(Some(LINK_ACK_DELAY))
-        .ack_eliciting_threshold(quinn_proto::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
-    transport.ack_frequency_config(Some(ack_frequency));
+    transport.ack_frequency_config(Some(ack_frequency(LINK_ACK_DELAY)));
     transport.keep_alive_interval(Some(LINK_KEEP_ALIVE));
     let idle = quinn_proto::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).expect("a few seconds");
     transport.max_idle_timeout(Some(idle));
@@ -294,12 +290,20 @@ pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
     // Ask clients to acknowledge less often (the QUIC ACK frequency extension): an app that
     // sends again within the delay carries the acknowledgement in that packet instead of an
     // ACK-only datagram of its own.
-    let mut ack_frequency = quinn_proto::AckFrequencyConfig::default();
-    ack_frequency
-        .max_ack_delay(Some(Duration::from_millis(quic.client_ack_delay_ms)))
-        .ack_eliciting_threshold(quinn_proto::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
-    transport.ack_frequency_config(Some(ack_frequency));
+    transport.ack_frequency_config(Some(ack_frequency(Duration::from_millis(
+        quic.client_ack_delay_ms,
+    ))));
     transport
+}
+
+/// What this side asks of its peer (QUIC ACK frequency extension): acknowledge within
+/// `max_ack_delay`, and at the latest after `ACK_ELICITING_THRESHOLD` ack-eliciting packets.
+fn ack_frequency(max_ack_delay: Duration) -> quinn_proto::AckFrequencyConfig {
+    let mut config = quinn_proto::AckFrequencyConfig::default();
+    config
+        .max_ack_delay(Some(max_ack_delay))
+        .ack_eliciting_threshold(quinn_proto::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    config
 }
 
 /// Ack-eliciting packets a client may receive before it must acknowledge them.

@@ -836,6 +836,16 @@ mod takeover_on_shared_memory {
         Arc::new(vec![Arc::new(MemoryStore::new())])
     }
 
+    /// The three edges with takeover on, started on `stores` and linked to each other.
+    fn started_cluster(files: &ClusterFiles, stores: &Stores) -> Vec<InProcess> {
+        let mut edges = cluster(files, &EDGE_IDS, TAKEOVER);
+        for edge in &mut edges {
+            edge.start(stores).expect("start");
+        }
+        wait_links(&edges, 2);
+        edges
+    }
+
     /// Alice (edge 0) writes to Bob (edge 1) across Bob's edge crashing: his successor serves
     /// him until his edge is back, and every acknowledged message arrives once, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,11 +854,7 @@ mod takeover_on_shared_memory {
         let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
-        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
-        for edge in &mut edges {
-            edge.start(&stores).expect("start");
-        }
-        wait_links(&edges, 2);
+        let mut edges = started_cluster(&files, &stores);
         let alice = user_homed_on(0, 0);
         let bob = user_homed_on(1, 0);
         // Both start at edge 2: the address a client falls back to when its edge is gone.
@@ -871,11 +877,7 @@ mod takeover_on_shared_memory {
         let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
-        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
-        for edge in &mut edges {
-            edge.start(&stores).expect("start");
-        }
-        wait_links(&edges, 2);
+        let mut edges = started_cluster(&files, &stores);
         let alice = user_homed_on(0, 1);
         let bob = user_homed_on(1, 1);
         let alice_client = client_via(&files, &edges[0], alice).await;
