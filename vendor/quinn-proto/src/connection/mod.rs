@@ -904,8 +904,16 @@ impl Connection {
 
             if sent.largest_acked.is_some() {
                 self.spaces[space_id].pending_acks.acks_sent();
-                self.timers.stop(Timer::MaxAckDelay);
-                self.next_bundled_ack_time = Some(now + self.next_bundled_ack_delay());
+                // courier patch: only an ACK of the Data space answers the Data space's delayed
+                // acknowledgement. Upstream also stopped the `MaxAckDelay` timer (armed only for
+                // the Data space) when a client acknowledged the server's Initial or Handshake
+                // packets. The 1-RTT packets that came in the same flight were then acknowledged
+                // by nothing: the server's probe timeout fired and it resent them with an
+                // IMMEDIATE_ACK, three datagrams more on every new connection.
+                if space_id == SpaceId::Data {
+                    self.timers.stop(Timer::MaxAckDelay);
+                    self.next_bundled_ack_time = Some(now + self.next_bundled_ack_delay());
+                }
             }
 
             // Keep information about the packet around until it gets finalized
