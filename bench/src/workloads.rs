@@ -32,6 +32,11 @@ pub struct PairsArgs {
     /// Paced instead of closed loop: messages per second per sender.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Paced only: every sender ticks at the same instants, so the edge gets bursts of
+    /// `--pairs` sends at once (how paced runs were made before 2026-11-29). By default the
+    /// senders' ticks are spread evenly over the interval, as independent clients' would be.
+    #[arg(long)]
+    pub aligned: bool,
     /// After the last send, wait at most this long for deliveries before counting the rest lost.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_secs: u64,
@@ -204,7 +209,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         workload,
         json!({
             "pairs": args.pairs, "msgs": args.msgs, "bytes": args.bytes,
-            "in_flight": args.in_flight, "rate": args.rate,
+            "in_flight": args.in_flight, "rate": args.rate, "aligned": args.aligned,
         }),
     );
     if args.bytes < HEADER_BYTES {
@@ -321,7 +326,10 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
             if let Some(interval) = paced_interval {
                 // Paced: one send started per tick, each in its own task so a slow ack does
                 // not delay the next send.
-                let mut ticker = tokio::time::interval(interval);
+                let mut ticker = tokio::time::interval_at(
+                    tokio::time::Instant::now() + tick_phase(pair, interval, args.aligned),
+                    interval,
+                );
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 for index in 0..args.msgs {
                     ticker.tick().await;
@@ -475,6 +483,18 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     }
     drop(senders);
     Ok(report)
+}
+
+/// When a paced sender's first tick comes, within its first interval. Spread evenly over the
+/// interval (the golden-ratio sequence: no two senders close together, whatever their count)
+/// unless `aligned`: senders that all tick at once are one burst per interval, which measures
+/// how the edge drains a burst rather than its latency at a steady rate.
+fn tick_phase(pair: u32, interval: Duration, aligned: bool) -> Duration {
+    if aligned {
+        return Duration::ZERO;
+    }
+    const GOLDEN_RATIO_FRACTION: f64 = 0.618_033_988_749_895;
+    interval.mul_f64((f64::from(pair) * GOLDEN_RATIO_FRACTION).fract())
 }
 
 #[allow(clippy::too_many_arguments)]

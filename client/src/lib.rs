@@ -182,9 +182,10 @@ const MTU_BYTES_MIN: u16 = 1200;
 /// acknowledges each one at once in a datagram of its own: a third of a new connection's
 /// datagrams. quinn probes the upper bound as soon as the next midpoint is closer to the last
 /// success than `minimum_change`; with that set just above the first step, the first probe is
-/// 1,452 bytes. A path that drops it (a tunnel, PPPoE) gets one more probe at 1,325 bytes and
-/// keeps whichever got through: up to 120 bytes less per packet than a full search would
-/// find there, for three fewer round trips everywhere.
+/// 1,452 bytes, and where it gets through (any path of a 1,500-byte MTU) the search ends there.
+/// A path that drops it (a tunnel, PPPoE) loses three tries of it, then gets up to three tries
+/// at 1,325 bytes and keeps 1,325 or 1,200: up to about 95 bytes per packet less than the full
+/// search would find there, which would also have taken more probes.
 fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut config = quinn::MtuDiscoveryConfig::default();
     config

@@ -33,8 +33,13 @@ pub struct LaneStopped(pub String);
 
 impl Lane {
     /// Starts a lane thread named `name` whose queue holds at most `queued_jobs_max` jobs,
-    /// pinned to `cpu` if given.
-    pub fn start(name: String, queued_jobs_max: usize, cpu: Option<usize>) -> Result<Lane, String> {
+    /// pinned to `cpu` if given, at nice value `nice` if not 0.
+    pub fn start(
+        name: String,
+        queued_jobs_max: usize,
+        cpu: Option<usize>,
+        nice: i32,
+    ) -> Result<Lane, String> {
         let (jobs, queue) = flume::bounded::<Job>(queued_jobs_max.max(1));
         std::thread::Builder::new()
             .name(name.clone())
@@ -43,6 +48,18 @@ impl Lane {
                     && let Err(error) = pin_current_thread(cpu)
                 {
                     tracing::warn!(cpu, %error, "cannot pin a store thread to its shard's core");
+                }
+                if nice != 0
+                    && let Err(error) = set_current_thread_nice(nice)
+                    && !NICE_REFUSAL_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        nice,
+                        %error,
+                        "cannot raise the store writer threads' priority: commits then wait for \
+                         their shard's time slice under load. Allow it with CAP_SYS_NICE or \
+                         RLIMIT_NICE (systemd: LimitNICE=-10), or set server.store_writer_nice = 0"
+                    );
                 }
                 while let Ok(job) = queue.recv() {
                     job();
@@ -98,19 +115,38 @@ pub struct StoreLanes {
 }
 
 impl StoreLanes {
-    /// Starts the lanes of shard `shard`; reads queue at most `reads_queued_max` deep.
+    /// Starts the lanes of shard `shard`; reads queue at most `reads_queued_max` deep, and
+    /// the writer runs at nice value `writer_nice` (`server.store_writer_nice`).
     pub fn start(
         shard: u8,
         reads_queued_max: usize,
         cpu: Option<usize>,
+        writer_nice: i32,
     ) -> Result<StoreLanes, String> {
         Ok(StoreLanes {
             // One commit is in flight per shard; room for two keeps the lane busy.
-            writer: Lane::start(format!("store-w{shard}"), 2, cpu)?,
-            reader: Lane::start(format!("store-r{shard}"), reads_queued_max, cpu)?,
-            maintenance: Lane::start(format!("store-m{shard}"), 2, cpu)?,
+            writer: Lane::start(format!("store-w{shard}"), 2, cpu, writer_nice)?,
+            reader: Lane::start(format!("store-r{shard}"), reads_queued_max, cpu, 0)?,
+            maintenance: Lane::start(format!("store-m{shard}"), 2, cpu, 0)?,
         })
     }
+}
+
+/// Whether a refused priority was logged: once per process, not once per shard.
+static NICE_REFUSAL_LOGGED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the calling thread's nice value (Linux schedules threads, so this is per thread).
+#[allow(unsafe_code)]
+fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::gettid();
+        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Pins the calling thread to one CPU.
@@ -134,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_lane_runs_work_on_its_thread_and_returns_the_result() {
-        let lane = Lane::start("test-lane".into(), 1, None).expect("lane starts");
+        let lane = Lane::start("test-lane".into(), 1, None, 0).expect("lane starts");
         let results = glommio::LocalExecutorBuilder::default()
             .io_memory(64 * 1024)
             .spawn(move || async move {
@@ -156,5 +192,44 @@ mod tests {
             assert_eq!(doubled, 2 * i as u32);
             assert_eq!(thread.as_deref(), Some("test-lane"));
         }
+    }
+
+    /// The thread's own nice value, as the scheduler sees it.
+    #[allow(unsafe_code)]
+    fn current_thread_nice() -> i32 {
+        // SAFETY: plain integers in and out. getpriority returns the nice value itself (it
+        // can be -1), so errno tells a failure apart.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+            assert_eq!(*libc::__errno_location(), 0, "getpriority failed");
+            nice
+        }
+    }
+
+    #[test]
+    fn a_lane_runs_at_its_nice_value_and_others_at_the_process_s() {
+        // Raising a nice value (lowering the priority) needs no privilege, so the test runs
+        // anywhere; lowering it below the process's is what the writer lane does in production.
+        let process_nice = current_thread_nice();
+        let target = (process_nice + 5).min(19);
+        let niced = Lane::start("test-niced".into(), 1, None, target).expect("lane starts");
+        let plain = Lane::start("test-plain".into(), 1, None, 0).expect("lane starts");
+        let (niced_value, plain_value) = glommio::LocalExecutorBuilder::default()
+            .io_memory(64 * 1024)
+            .spawn(move || async move {
+                (
+                    niced.run(current_thread_nice).await.expect("lane runs"),
+                    plain.run(current_thread_nice).await.expect("lane runs"),
+                )
+            })
+            .expect("executor starts")
+            .join()
+            .expect("executor ends");
+        assert_eq!(niced_value, target, "the lane's thread took its nice value");
+        assert_eq!(
+            plain_value, process_nice,
+            "a lane without one keeps the process's"
+        );
     }
 }

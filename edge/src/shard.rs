@@ -467,7 +467,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
-    let lanes = match StoreLanes::start(id, setup.config.limits.store_reads_queued_max, setup.cpu) {
+    let lanes = match StoreLanes::start(
+        id,
+        setup.config.limits.store_reads_queued_max,
+        setup.cpu,
+        setup.config.server.store_writer_nice,
+    ) {
         Ok(lanes) => lanes,
         Err(error) => {
             let _ = setup.ready.send(Err(format!("shard {id}: {error}")));

