@@ -321,8 +321,8 @@ pub struct ServerSection {
     pub socket_buffer_bytes: usize,
     /// Nice value of each shard's store writer thread (-20 to 19; 0 leaves it as the process
     /// is). The writer shares its shard's CPU; below 0 the scheduler lets it run as soon as a
-    /// commit is due instead of after the shard's time slice, which cut the 99th percentile
-    /// of paced 10,000 msgs/s runs from 12–27 ms to 10–16 ms (docs/benchmarks.md). Needs
+    /// commit is due instead of after the shard's time slice, which halved the median 99th
+    /// percentile of paced 10,000 msgs/s runs, 20 ms to 11 ms (docs/benchmarks.md). Needs
     /// CAP_SYS_NICE or a matching RLIMIT_NICE (systemd: `LimitNICE=-10`); without either the
     /// edge warns once and runs the writer at the process's priority.
     pub store_writer_nice: i32,
