@@ -302,7 +302,8 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         };
     spawn_receivers(std::mem::take(&mut receivers), &mut receive_tasks);
 
-    // Senders.
+    // Senders. Paced senders' phases count from one start, not from when each task first runs.
+    let paced_start = tokio::time::Instant::now();
     let mut send_tasks = Vec::new();
     for (pair, client) in senders.iter().enumerate() {
         let pair = pair as u32;
@@ -327,7 +328,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                 // Paced: one send started per tick, each in its own task so a slow ack does
                 // not delay the next send.
                 let mut ticker = tokio::time::interval_at(
-                    tokio::time::Instant::now() + tick_phase(pair, interval, args.aligned),
+                    paced_start + tick_phase(pair, interval, args.aligned),
                     interval,
                 );
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -485,8 +486,8 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     Ok(report)
 }
 
-/// When a paced sender's first tick comes, within its first interval. Spread evenly over the
-/// interval (the golden-ratio sequence: no two senders close together, whatever their count)
+/// When a paced sender's first tick comes, within its first interval. Spread over the interval
+/// by the golden-ratio sequence (gaps within about 2.6× of each other, whatever the count)
 /// unless `aligned`: senders that all tick at once are one burst per interval, which measures
 /// how the edge drains a burst rather than its latency at a steady rate.
 fn tick_phase(pair: u32, interval: Duration, aligned: bool) -> Duration {

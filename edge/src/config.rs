@@ -321,10 +321,12 @@ pub struct ServerSection {
     pub socket_buffer_bytes: usize,
     /// Nice value of each shard's store writer thread (-20 to 19; 0 leaves it as the process
     /// is). The writer shares its shard's CPU; below 0 the scheduler lets it run as soon as a
-    /// commit is due instead of after the shard's time slice, which halved the median 99th
-    /// percentile of paced 10,000 msgs/s runs, 20 ms to 11 ms (docs/benchmarks.md). Needs
-    /// CAP_SYS_NICE or a matching RLIMIT_NICE (systemd: `LimitNICE=-10`); without either the
-    /// edge warns once and runs the writer at the process's priority.
+    /// commit is due instead of after the shard's time slice: paced 10,000 msgs/s had a lower
+    /// 99th percentile in 4 of 6 rounds, medians 20 ms and 11 ms (docs/benchmarks.md). Needs
+    /// CAP_SYS_NICE or RLIMIT_NICE down to this value (systemd: `LimitNICE=-10`); without
+    /// either the edge warns once and runs the writer at the process's priority. The value
+    /// is absolute, and 0 means "leave it", so a process started at nice 5 cannot put its
+    /// writer at exactly 0.
     pub store_writer_nice: i32,
 }
 

@@ -212,7 +212,11 @@ mod tests {
         // Raising a nice value (lowering the priority) needs no privilege, so the test runs
         // anywhere; lowering it below the process's is what the writer lane does in production.
         let process_nice = current_thread_nice();
-        let target = (process_nice + 5).min(19);
+        // Never 0: that means "leave the thread as the process is".
+        let target = match (process_nice + 5).min(19) {
+            0 => 1,
+            target => target,
+        };
         let niced = Lane::start("test-niced".into(), 1, None, target).expect("lane starts");
         let plain = Lane::start("test-plain".into(), 1, None, 0).expect("lane starts");
         let (niced_value, plain_value) = glommio::LocalExecutorBuilder::default()
