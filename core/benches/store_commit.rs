@@ -10,7 +10,10 @@
 //! With `--writers N`, N threads commit at once, each to its own store, as N shards of an edge
 //! do (each shard owns an embedded store and a writer thread).
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw]`
+//! With `--memory`, the same commit logic runs over `MemoryStore` (a map, no disk): what the
+//! logic itself costs, the ceiling no embedded engine can pass.
+//!
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
@@ -32,6 +35,7 @@ fn main() {
     let mut batch_sizes = vec![1usize, 10, 100, 1000];
     let mut writers = 1usize;
     let mut raw = false;
+    let mut memory = false;
     let mut inboxes = INBOXES_DEFAULT;
     let mut memtable_mib: Option<u64> = None;
     let mut args = std::env::args().skip(1);
@@ -45,6 +49,7 @@ fn main() {
             }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
+            "--memory" => memory = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
                     args.next()
@@ -73,7 +78,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory]"
                 );
                 std::process::exit(2);
             }
@@ -108,6 +113,7 @@ fn main() {
                             raw,
                             inboxes,
                             memtable_mib,
+                            memory,
                         );
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
@@ -148,12 +154,29 @@ fn run(
     raw: bool,
     inboxes: u64,
     memtable_mib: Option<u64>,
+    memory: bool,
 ) -> RunResult {
+    if memory {
+        // The commit logic over an in-memory map: what the logic costs without an engine.
+        let store = courier_core::store::memory::MemoryStore::new();
+        return run_on(&store, batch_size, writer, duration, raw, inboxes);
+    }
     let mut options = FjallOptions::default();
     if let Some(mib) = memtable_mib {
         options.memtable_bytes_max = mib * 1024 * 1024;
     }
     let store = FjallStore::open(dir, &options).expect("open store");
+    run_on(&store, batch_size, writer, duration, raw, inboxes)
+}
+
+fn run_on<S: Store>(
+    store: &S,
+    batch_size: usize,
+    writer: u64,
+    duration: Duration,
+    raw: bool,
+    inboxes: u64,
+) -> RunResult {
     let config = CoreConfig {
         batch_requests_max: batch_size,
         ..CoreConfig::default()
@@ -189,7 +212,7 @@ fn run(
             txn.commit().expect("commit");
         } else {
             let outcomes = committer
-                .commit_batch(&store, &batch, now_ms + messages)
+                .commit_batch(store, &batch, now_ms + messages)
                 .expect("commit");
             assert_eq!(outcomes.len(), batch_size);
         }
