@@ -105,15 +105,19 @@ fn main() {
                     scope.spawn(move || {
                         let _ = std::fs::remove_dir_all(&run_dir);
                         std::fs::create_dir_all(&run_dir).expect("create bench dir");
+                        let engine = if memory {
+                            Engine::Memory
+                        } else {
+                            Engine::Fjall { memtable_mib }
+                        };
                         let result = run(
                             &run_dir,
+                            engine,
                             batch_size,
                             writer as u64,
                             duration,
                             raw,
                             inboxes,
-                            memtable_mib,
-                            memory,
                         );
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
@@ -146,21 +150,31 @@ struct RunResult {
     latencies: Vec<Duration>,
 }
 
+/// What the commits run on.
+#[derive(Clone, Copy)]
+enum Engine {
+    /// The embedded store, with fjall's default memtable size unless given.
+    Fjall { memtable_mib: Option<u64> },
+    /// An in-memory map: what the commit logic costs without an engine.
+    Memory,
+}
+
 fn run(
     dir: &std::path::Path,
+    engine: Engine,
     batch_size: usize,
     writer: u64,
     duration: Duration,
     raw: bool,
     inboxes: u64,
-    memtable_mib: Option<u64>,
-    memory: bool,
 ) -> RunResult {
-    if memory {
-        // The commit logic over an in-memory map: what the logic costs without an engine.
-        let store = courier_core::store::memory::MemoryStore::new();
-        return run_on(&store, batch_size, writer, duration, raw, inboxes);
-    }
+    let memtable_mib = match engine {
+        Engine::Memory => {
+            let store = courier_core::store::memory::MemoryStore::new();
+            return run_on(&store, batch_size, writer, duration, raw, inboxes);
+        }
+        Engine::Fjall { memtable_mib } => memtable_mib,
+    };
     let mut options = FjallOptions::default();
     if let Some(mib) = memtable_mib {
         options.memtable_bytes_max = mib * 1024 * 1024;
