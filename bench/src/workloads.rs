@@ -34,7 +34,7 @@ pub struct PairsArgs {
     pub rate: Option<f64>,
     /// Paced only: every sender ticks at the same instants, so the edge gets bursts of
     /// `--pairs` sends at once (how paced runs were made before 2026-11-29). By default the
-    /// senders' ticks are spread evenly over the interval, as independent clients' would be.
+    /// senders' ticks are spread over the interval, as independent clients' would be.
     #[arg(long)]
     pub aligned: bool,
     /// After the last send, wait at most this long for deliveries before counting the rest lost.
