@@ -110,15 +110,14 @@ fn main() {
                         } else {
                             Engine::Fjall { memtable_mib }
                         };
-                        let result = run(
-                            &run_dir,
-                            engine,
+                        let workload = Workload {
                             batch_size,
-                            writer as u64,
+                            writer: writer as u64,
                             duration,
                             raw,
                             inboxes,
-                        );
+                        };
+                        let result = run(&run_dir, engine, &workload);
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
                     })
@@ -159,38 +158,40 @@ enum Engine {
     Memory,
 }
 
-fn run(
-    dir: &std::path::Path,
-    engine: Engine,
+/// What one writer thread commits, whatever the engine.
+struct Workload {
     batch_size: usize,
+    /// The writer's number, which seeds its random users.
     writer: u64,
     duration: Duration,
     raw: bool,
     inboxes: u64,
-) -> RunResult {
-    let memtable_mib = match engine {
-        Engine::Memory => {
-            let store = courier_core::store::memory::MemoryStore::new();
-            return run_on(&store, batch_size, writer, duration, raw, inboxes);
-        }
-        Engine::Fjall { memtable_mib } => memtable_mib,
-    };
-    let mut options = FjallOptions::default();
-    if let Some(mib) = memtable_mib {
-        options.memtable_bytes_max = mib * 1024 * 1024;
-    }
-    let store = FjallStore::open(dir, &options).expect("open store");
-    run_on(&store, batch_size, writer, duration, raw, inboxes)
 }
 
-fn run_on<S: Store>(
-    store: &S,
-    batch_size: usize,
-    writer: u64,
-    duration: Duration,
-    raw: bool,
-    inboxes: u64,
-) -> RunResult {
+fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult {
+    match engine {
+        Engine::Memory => run_on(&courier_core::store::memory::MemoryStore::new(), workload),
+        Engine::Fjall { memtable_mib } => {
+            let mut options = FjallOptions::default();
+            if let Some(mib) = memtable_mib {
+                options.memtable_bytes_max = mib * 1024 * 1024;
+            }
+            run_on(
+                &FjallStore::open(dir, &options).expect("open store"),
+                workload,
+            )
+        }
+    }
+}
+
+fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
+    let &Workload {
+        batch_size,
+        writer,
+        duration,
+        raw,
+        inboxes,
+    } = workload;
     let config = CoreConfig {
         batch_requests_max: batch_size,
         ..CoreConfig::default()

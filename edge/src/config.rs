@@ -960,42 +960,46 @@ mod tests {
         parsed.validate("default").expect("default is valid");
     }
 
-    #[test]
-    fn client_ack_delay_is_between_1_ms_and_1_s() {
-        for (delay_ms, accepted) in [(0, false), (1, true), (1_000, true), (1_001, false)] {
+    /// Validates the default config with each case's value set by `set`: accepted or not as
+    /// the case says, and a refusal names `key`.
+    fn check_accepted_values<T: Copy + std::fmt::Debug>(
+        key: &str,
+        cases: &[(T, bool)],
+        set: impl Fn(&mut Config, T),
+    ) {
+        for &(value, accepted) in cases {
             let mut config = Config::default();
-            config.quic.client_ack_delay_ms = delay_ms;
+            set(&mut config, value);
             let result = config.validate("test.toml");
-            assert_eq!(result.is_ok(), accepted, "{delay_ms} ms: {result:?}");
+            assert_eq!(result.is_ok(), accepted, "{key} = {value:?}: {result:?}");
             if let Err(error) = result {
-                assert!(
-                    error.to_string().contains("quic.client_ack_delay_ms"),
-                    "{error}"
-                );
+                assert!(error.to_string().contains(key), "{error}");
             }
         }
     }
 
     #[test]
+    fn client_ack_delay_is_between_1_ms_and_1_s() {
+        check_accepted_values(
+            "quic.client_ack_delay_ms",
+            &[(0, false), (1, true), (1_000, true), (1_001, false)],
+            |config, delay_ms| config.quic.client_ack_delay_ms = delay_ms,
+        );
+    }
+
+    #[test]
     fn store_writer_nice_is_a_nice_value() {
-        for (nice, accepted) in [
-            (-21, false),
-            (-20, true),
-            (0, true),
-            (19, true),
-            (20, false),
-        ] {
-            let mut config = Config::default();
-            config.server.store_writer_nice = nice;
-            let result = config.validate("test.toml");
-            assert_eq!(result.is_ok(), accepted, "{nice}: {result:?}");
-            if let Err(error) = result {
-                assert!(
-                    error.to_string().contains("server.store_writer_nice"),
-                    "{error}"
-                );
-            }
-        }
+        check_accepted_values(
+            "server.store_writer_nice",
+            &[
+                (-21, false),
+                (-20, true),
+                (0, true),
+                (19, true),
+                (20, false),
+            ],
+            |config, nice| config.server.store_writer_nice = nice,
+        );
     }
 
     #[test]

@@ -1387,6 +1387,8 @@ impl Shard {
             }
             self.timers.pop_first();
             let handle = ConnectionHandle(slot);
+            // Dropping a connection disarms its entry, so these two checks only guard a
+            // future path that forgets to.
             let Some(conn) = self.conns.get_mut(&handle) else {
                 continue;
             };
