@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 
+use super::dedupe_filter::DedupeFilter;
 use super::overlay::{self, Engine, Overlay};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
@@ -57,6 +58,10 @@ pub struct FjallOptions {
     /// After this many bytes written, every keyspace's memtable is sealed and flushed, so no
     /// slowly written keyspace keeps old journals alive: a restart replays about this much.
     pub flush_every_bytes: u64,
+    /// Memory for the filter that answers most dedupe-record lookups without a read (decision
+    /// 0018): about 1.25 bytes per send per dedupe window (a day by default) keeps every
+    /// lookup in memory; past it, older windows' lookups read the store. Below 64 KiB: off.
+    pub dedupe_filter_bytes_max: usize,
 }
 
 impl Default for FjallOptions {
@@ -70,6 +75,7 @@ impl Default for FjallOptions {
             // would pin old journals up to fjall's default of 512 MiB: five seconds of replay.
             journal_bytes_max: 64 * 1024 * 1024,
             flush_every_bytes: 16 * 1024 * 1024,
+            dedupe_filter_bytes_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -82,8 +88,8 @@ pub struct FjallStore {
     tagged: Vec<Keyspace>,
     misc: Keyspace,
     persist_mode: PersistMode,
-    /// The single-writer lock; it guards the last commit version.
-    writer: Mutex<CommitVersion>,
+    /// The single-writer lock.
+    writer: Mutex<Writer>,
     flush_every_bytes: u64,
     /// Bytes written since every memtable was last sealed (only the writer touches it).
     written_since_flush: std::sync::atomic::AtomicU64,
@@ -91,6 +97,14 @@ pub struct FjallStore {
     deleted_since_erase: Vec<std::sync::atomic::AtomicBool>,
     /// Anything was written since the last erase pass.
     written_since_erase: std::sync::atomic::AtomicBool,
+}
+
+/// What the writer lock guards.
+#[derive(Debug)]
+struct Writer {
+    version: CommitVersion,
+    /// Every write goes through a write transaction's `apply`, which notes it here first.
+    dedupe_filter: DedupeFilter,
 }
 
 /// What one [`FjallStore::erase_deleted`] pass did.
@@ -143,6 +157,17 @@ impl FjallStore {
             .map(|tag| open_keyspace(&format!("tag-{}", *tag as char)))
             .collect::<Result<Vec<_>, _>>()?;
         let misc = open_keyspace(MISC_KEYSPACE)?;
+        let dedupe_keyspace = &tagged[PARTITIONED_TAGS
+            .binary_search(&keys::TAG_DEDUPE)
+            .expect("dedupe records have a keyspace")];
+        let highest_dedupe_key = match dedupe_keyspace.last_key_value() {
+            Some(guard) => Some(guard.key().map_err(io_error)?),
+            None => None,
+        };
+        let dedupe_filter = DedupeFilter::new(
+            highest_dedupe_key.as_deref(),
+            options.dedupe_filter_bytes_max,
+        );
         let persist_mode = match options.durability {
             Durability::SyncAll => PersistMode::SyncAll,
             Durability::SyncData => PersistMode::SyncData,
@@ -153,7 +178,10 @@ impl FjallStore {
             tagged,
             misc,
             persist_mode,
-            writer: Mutex::new(0),
+            writer: Mutex::new(Writer {
+                version: 0,
+                dedupe_filter,
+            }),
             flush_every_bytes: options.flush_every_bytes.max(1024 * 1024),
             written_since_flush: std::sync::atomic::AtomicU64::new(0),
             deleted_since_erase: (0..=PARTITIONED_TAGS.len())
@@ -325,7 +353,7 @@ struct FjallEngine<'a> {
 
 /// How a transaction reads: under the writer lock (it may commit), or from a snapshot.
 enum Access<'a> {
-    Write(MutexGuard<'a, CommitVersion>),
+    Write(MutexGuard<'a, Writer>),
     Read(Snapshot),
 }
 
@@ -339,6 +367,7 @@ impl Engine for FjallEngine<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let keyspace = self.store.keyspace_of(key);
         let value = match &self.access {
+            Access::Write(writer) if writer.dedupe_filter.is_absent(key) => return Ok(None),
             Access::Write(_) => keyspace.get(key),
             Access::Read(snapshot) => snapshot.get(keyspace, key),
         }
@@ -371,7 +400,7 @@ impl Engine for FjallEngine<'_> {
         &mut self,
         changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<CommitVersion, StoreError> {
-        let Access::Write(version) = &mut self.access else {
+        let Access::Write(writer) = &mut self.access else {
             if changes.is_empty() {
                 return Ok(0);
             }
@@ -392,7 +421,10 @@ impl Engine for FjallEngine<'_> {
                 let keyspace = self.store.keyspace_at(index);
                 bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
                 match value {
-                    Some(value) => batch.insert(keyspace, key, value),
+                    Some(value) => {
+                        writer.dedupe_filter.note_written(&key);
+                        batch.insert(keyspace, key, value)
+                    }
                     None => {
                         deleted_in[index] = true;
                         batch.remove(keyspace, key)
@@ -402,8 +434,8 @@ impl Engine for FjallEngine<'_> {
             batch.commit().map_err(io_error)?;
             self.store.note_written(bytes, &deleted_in);
         }
-        **version += 1;
-        Ok(**version)
+        writer.version += 1;
+        Ok(writer.version)
     }
 }
 
@@ -437,14 +469,14 @@ impl Store for FjallStore {
     fn begin(&self) -> Result<FjallTransaction<'_>, StoreError> {
         // A panic in another writer cannot leave a half-applied batch (fjall batches are
         // atomic), so a poisoned mutex is safe to reuse.
-        let version = self
+        let writer = self
             .writer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(FjallTransaction {
             overlay: Overlay::new(FjallEngine {
                 store: self,
-                access: Access::Write(version),
+                access: Access::Write(writer),
             }),
         })
     }

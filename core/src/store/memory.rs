@@ -7,8 +7,13 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
+use super::dedupe_filter::DedupeFilter;
 use super::overlay::{self, Engine, Overlay};
 use super::{CommitVersion, KeyValue, Store, StoreError};
+
+/// The memory store's dedupe filter budget: the same filter as the embedded store, so the
+/// simulation runs the reads it saves.
+const DEDUPE_FILTER_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// A store kept in a `BTreeMap` behind a lock.
 #[derive(Debug, Default)]
@@ -16,10 +21,22 @@ pub struct MemoryStore {
     state: Mutex<MemoryState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MemoryState {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
     version: CommitVersion,
+    /// Every write goes through `apply`, which notes it here first.
+    dedupe_filter: DedupeFilter,
+}
+
+impl Default for MemoryState {
+    fn default() -> MemoryState {
+        MemoryState {
+            data: BTreeMap::new(),
+            version: 0,
+            dedupe_filter: DedupeFilter::new(None, DEDUPE_FILTER_BYTES_MAX),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -59,6 +76,9 @@ struct MemoryEngine<'a> {
 
 impl Engine for MemoryEngine<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.state.dedupe_filter.is_absent(key) {
+            return Ok(None);
+        }
         Ok(self.state.data.get(key).cloned())
     }
 
@@ -86,7 +106,10 @@ impl Engine for MemoryEngine<'_> {
     ) -> Result<CommitVersion, StoreError> {
         for (key, value) in changes {
             match value {
-                Some(value) => self.state.data.insert(key, value),
+                Some(value) => {
+                    self.state.dedupe_filter.note_written(&key);
+                    self.state.data.insert(key, value)
+                }
                 None => self.state.data.remove(&key),
             };
         }

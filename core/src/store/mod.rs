@@ -18,6 +18,7 @@
 pub mod clusters;
 pub mod config;
 pub mod conformance;
+mod dedupe_filter;
 pub mod fault;
 #[cfg(feature = "fdb")]
 pub mod fdb;
