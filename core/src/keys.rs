@@ -136,6 +136,11 @@ pub fn dedupe_inbox_range(bucket: u64, inbox: UserId) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
+/// The bucket of a dedupe key.
+pub fn parse_dedupe_bucket(key: &[u8]) -> Option<u64> {
+    (key.first() == Some(&TAG_DEDUPE) && key.len() >= 9).then(|| be_u64(&key[1..9]))
+}
+
 /// First key of dedupe bucket `bucket`; the end of the range of all earlier buckets.
 pub fn dedupe_bucket_start(bucket: u64) -> [u8; 9] {
     tagged_u64(TAG_DEDUPE, bucket)
