@@ -13,7 +13,10 @@
 //! With `--memory`, the same commit logic runs over `MemoryStore` (a map, no disk): what the
 //! logic itself costs, the ceiling no embedded engine can pass.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory]`
+//! With `--messages N`, each writer stops after N messages instead of after `--seconds`: the
+//! same work every run, for counting instructions (`valgrind --tool=callgrind`).
+//!
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
@@ -31,6 +34,7 @@ const INBOXES_DEFAULT: u64 = 100_000;
 
 fn main() {
     let mut seconds = 5.0f64;
+    let mut messages_max: Option<u64> = None;
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/store-bench");
     let mut batch_sizes = vec![1usize, 10, 100, 1000];
     let mut writers = 1usize;
@@ -46,6 +50,13 @@ fn main() {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .expect("--seconds N")
+            }
+            "--messages" => {
+                messages_max = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--messages N"),
+                )
             }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
@@ -78,7 +89,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory]"
                 );
                 std::process::exit(2);
             }
@@ -114,6 +125,7 @@ fn main() {
                             batch_size,
                             writer: writer as u64,
                             duration,
+                            messages_max,
                             raw,
                             inboxes,
                         };
@@ -164,6 +176,8 @@ struct Workload {
     /// The writer's number, which seeds its random users.
     writer: u64,
     duration: Duration,
+    /// Stop after this many messages instead (then `duration` does not apply).
+    messages_max: Option<u64>,
     raw: bool,
     inboxes: u64,
 }
@@ -189,6 +203,7 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         batch_size,
         writer,
         duration,
+        messages_max,
         raw,
         inboxes,
     } = workload;
@@ -203,7 +218,11 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
     let mut messages = 0u64;
     let now_ms = 1_700_000_000_000u64;
     let start = Instant::now();
-    while start.elapsed() < duration {
+    let more = |messages: u64| match messages_max {
+        Some(max) => messages < max,
+        None => start.elapsed() < duration,
+    };
+    while more(messages) {
         let batch: Vec<Request> = (0..batch_size)
             .map(|_| {
                 client_id += 1;

@@ -99,9 +99,9 @@ pub struct FjallStore {
     written_since_erase: std::sync::atomic::AtomicBool,
 }
 
-/// Dedupe records an open loads into the filter (about 10 ms of reads here): a store with
-/// more in its last two buckets reads every lookup in those buckets until a new one begins.
-const DEDUPE_FILTER_WARM_KEYS_MAX: usize = 262_144;
+/// Dedupe records an open loads into the filter (at most ~35 ms of a restart here): a store
+/// with more in its last two buckets reads every lookup in them until newer buckets begin.
+const DEDUPE_FILTER_WARM_KEYS_MAX: usize = 65_536;
 
 /// The dedupe filter of a store just opened: warmed with the records of the last two buckets
 /// that hold any, when they are few, else knowing only buckets above the highest.
@@ -109,6 +109,9 @@ fn open_dedupe_filter(keyspace: &Keyspace, bytes_max: usize) -> Result<DedupeFil
     let Some(highest) = keyspace.last_key_value() else {
         return Ok(DedupeFilter::new(None, bytes_max));
     };
+    if !DedupeFilter::is_budget_enough(bytes_max) {
+        return Ok(DedupeFilter::new(None, 0));
+    }
     let highest = highest.key().map_err(io_error)?;
     let Some(bucket) = keys::parse_dedupe_bucket(&highest) else {
         return Ok(DedupeFilter::new(Some(&highest), bytes_max));
