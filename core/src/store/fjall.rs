@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 
 use super::dedupe_filter::DedupeFilter;
-use super::overlay::{self, Engine, Overlay};
+use super::overlay::{self, Bytes, Engine, Overlay};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
 
@@ -421,10 +421,7 @@ impl Engine for FjallEngine<'_> {
         Ok(())
     }
 
-    fn apply(
-        &mut self,
-        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<CommitVersion, StoreError> {
+    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError> {
         let Access::Write(writer) = &mut self.access else {
             if changes.is_empty() {
                 return Ok(0);
@@ -444,7 +441,7 @@ impl Engine for FjallEngine<'_> {
             for (key, value) in changes {
                 let index = FjallStore::keyspace_index(&key);
                 let keyspace = self.store.keyspace_at(index);
-                bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+                bytes += (key.len() + value.as_ref().map_or(0, |value| value.len())) as u64;
                 match value {
                     Some(value) => {
                         writer.dedupe_filter.note_written(&key);

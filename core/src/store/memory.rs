@@ -8,7 +8,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use super::dedupe_filter::DedupeFilter;
-use super::overlay::{self, Engine, Overlay};
+use super::overlay::{self, Bytes, Engine, Overlay};
 use super::{CommitVersion, KeyValue, Store, StoreError};
 
 /// The memory store's dedupe filter budget: the same filter as the embedded store, so the
@@ -100,17 +100,14 @@ impl Engine for MemoryEngine<'_> {
         Ok(())
     }
 
-    fn apply(
-        &mut self,
-        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<CommitVersion, StoreError> {
+    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError> {
         for (key, value) in changes {
             match value {
                 Some(value) => {
                     self.state.dedupe_filter.note_written(&key);
-                    self.state.data.insert(key, value)
+                    self.state.data.insert(key.to_vec(), value.to_vec())
                 }
-                None => self.state.data.remove(&key),
+                None => self.state.data.remove(&*key),
             };
         }
         self.state.version += 1;

@@ -10,6 +10,11 @@ use std::ops::Bound;
 
 use super::{AtomicOp, CommitVersion, KeyValue, StoreError, apply_atomic};
 
+/// Bytes a transaction writes: fjall's own type, so a commit hands the engine what the
+/// transaction built without copying it again. Keys and values up to 20 bytes (message,
+/// counter and device keys) are stored inline, without an allocation.
+pub(crate) type Bytes = fjall::Slice;
+
 /// The committed state a transaction reads and writes. Implementations hold the store's lock.
 pub(crate) trait Engine {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -23,10 +28,7 @@ pub(crate) trait Engine {
     ) -> Result<(), StoreError>;
 
     /// Writes all `changes` (`None` deletes) atomically and durably.
-    fn apply(
-        &mut self,
-        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<CommitVersion, StoreError>;
+    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
 }
 
 /// A transaction's writes on top of an engine.
@@ -34,7 +36,7 @@ pub(crate) trait Engine {
 pub(crate) struct Overlay<E> {
     engine: E,
     /// Final state of each written key: `Some` set, `None` cleared.
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: BTreeMap<Bytes, Option<Bytes>>,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
     cleared: Vec<(Vec<u8>, Vec<u8>)>,
     /// A read error inside an atomic mutation, reported by `commit`: mutations return
@@ -60,7 +62,7 @@ impl<E: Engine> Overlay<E> {
 
     pub(crate) fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(state) = self.writes.get(key) {
-            return Ok(state.clone());
+            return Ok(state.as_ref().map(|value| value.to_vec()));
         }
         if self.in_cleared_range(key) {
             return Ok(None);
@@ -92,7 +94,7 @@ impl<E: Engine> Overlay<E> {
             // Emit own writes that sort before this engine key.
             while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
                 if let Some(v) = own_value {
-                    out.push((own_key.clone(), v.clone()));
+                    out.push((own_key.to_vec(), v.to_vec()));
                     if out.len() == limit {
                         return false;
                     }
@@ -100,7 +102,7 @@ impl<E: Engine> Overlay<E> {
             }
             if let Some((_, own_value)) = own.next_if(|(k, _)| k.as_slice() == key) {
                 if let Some(v) = own_value {
-                    out.push((key.to_vec(), v.clone()));
+                    out.push((key.to_vec(), v.to_vec()));
                 }
             } else if !in_cleared(key) {
                 out.push((key.to_vec(), value.to_vec()));
@@ -112,25 +114,26 @@ impl<E: Engine> Overlay<E> {
                 break;
             }
             if let Some(v) = own_value {
-                out.push((own_key.clone(), v.clone()));
+                out.push((own_key.to_vec(), v.to_vec()));
             }
         }
         Ok(out)
     }
 
     pub(crate) fn set(&mut self, key: &[u8], value: &[u8]) {
-        self.writes.insert(key.to_vec(), Some(value.to_vec()));
+        self.writes
+            .insert(Bytes::from(key), Some(Bytes::from(value)));
     }
 
     pub(crate) fn clear(&mut self, key: &[u8]) {
-        self.writes.insert(key.to_vec(), None);
+        self.writes.insert(Bytes::from(key), None);
     }
 
     pub(crate) fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
         if begin >= end {
             return;
         }
-        let inside: Vec<Vec<u8>> = self
+        let inside: Vec<Bytes> = self
             .writes
             .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
             .map(|(k, _)| k.clone())
@@ -157,12 +160,12 @@ impl<E: Engine> Overlay<E> {
         if let Some(error) = self.deferred_error.take() {
             return Err(error);
         }
-        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut changes: Vec<(Bytes, Option<Bytes>)> = Vec::new();
         for (begin, end) in &self.cleared {
             let writes = &self.writes;
             self.engine.scan(begin, end, &mut |key, _| {
                 if !writes.contains_key(key) {
-                    changes.push((key.to_vec(), None));
+                    changes.push((Bytes::from(key), None));
                 }
                 true
             })?;
