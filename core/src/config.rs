@@ -33,10 +33,10 @@ pub struct CoreConfig {
     pub sync_messages_max: usize,
     /// Inboxes whose last sequence number a shard remembers (saves a store read per send).
     pub seq_cache_entries_max: usize,
-    /// How long an ack waits for a batch of sends or links to ride in before it is committed
-    /// on its own. Acks only move cursors and delete delivered messages; nobody waits for
-    /// them, and a lost one means a re-delivery the client drops. Riding along saves a commit
-    /// (an fsync and two thread wake-ups) per acknowledged message at low rates.
+    /// How long acks wait before they are committed: a device's acks in that time make one
+    /// cursor write and one batch of deletes, riding in the first batch after the delay (or
+    /// making one of their own). Acks only move cursors and delete delivered messages; nobody
+    /// waits for them, and a lost one means a re-delivery the client drops.
     pub ack_commit_delay_ms: u64,
     /// A commit that has taken longer than this opens a circuit breaker: new sends are refused
     /// with `StoreUnavailable` (retry later) until it completes, instead of queueing behind a

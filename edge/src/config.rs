@@ -501,7 +501,8 @@ pub struct BatchingSection {
     pub queue_requests_per_sender_max: usize,
     pub queue_bytes_per_sender_max: usize,
     pub sync_messages_max: usize,
-    /// How long an ack waits for sends to share a commit with before it is committed alone.
+    /// How long acks wait before they are committed, so that a device's acks share one
+    /// cursor write; they ride in the first batch after the delay or make their own.
     pub ack_commit_delay_ms: u64,
     /// A commit running longer than this opens a circuit breaker: new sends get the
     /// retryable `StoreUnavailable` until it completes, instead of queueing behind a slow store.
