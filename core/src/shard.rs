@@ -222,6 +222,15 @@ impl<T> InboxShard<T> {
         if self.links.len() >= self.queue_requests_max {
             return Err(tag);
         }
+        // The device's acks still waiting (`ack_commit_delay_ms`) are what it consumed: the
+        // login carries them, so the connection it opens is not given those messages again.
+        let acked_up_to = match self.acks.remove(&(inbox, device)) {
+            Some(waiting) => acked_up_to.max(waiting),
+            None => acked_up_to,
+        };
+        if self.acks.is_empty() && self.forgets.is_empty() {
+            self.acks_waiting_since_ms = None;
+        }
         self.links.push_back(((inbox, device, acked_up_to), tag));
         Ok(())
     }
@@ -658,6 +667,26 @@ mod tests {
                     up_to_seq: 1
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_login_carries_the_acks_its_device_has_waiting() {
+        let mut shard: InboxShard<u32> = InboxShard::new(&CoreConfig::default());
+        shard.handle_ack(5, 0, 3, 1_000);
+        shard.handle_ack(5, 1, 7, 1_000);
+        // Device 0 closes and logs in again at once, saying it consumed nothing (a fresh
+        // install): the wait for company must not make it receive seqs 1 to 3 again.
+        shard.handle_link(5, 0, 0, 9).unwrap();
+        let batch = shard.poll_batch(1_001).unwrap();
+        assert_eq!(
+            batch.requests,
+            vec![Request::Link {
+                inbox: 5,
+                device: 0,
+                acked_up_to: 3
+            }],
+            "device 1's ack keeps waiting for its delay"
         );
     }
 
