@@ -13,8 +13,9 @@
 //! With `--memory`, the same commit logic runs over `MemoryStore` (a map, no disk): what the
 //! logic itself costs, the ceiling no embedded engine can pass.
 //!
-//! With `--messages N`, each writer stops after N messages instead of after `--seconds`: the
-//! same work every run, for counting instructions (`valgrind --tool=callgrind`).
+//! With `--messages N`, each writer stops after N messages (rounded up to whole batches)
+//! instead of after `--seconds`: the same work every run, for counting instructions
+//! (`valgrind --tool=callgrind`).
 //!
 //! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
@@ -49,13 +50,15 @@ fn main() {
                 seconds = args
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .expect("--seconds N")
+                    .filter(|&n: &f64| n > 0.0)
+                    .expect("--seconds N (more than 0)")
             }
             "--messages" => {
                 messages_max = Some(
                     args.next()
                         .and_then(|v| v.parse().ok())
-                        .expect("--messages N"),
+                        .filter(|&n| n > 0)
+                        .expect("--messages N (at least 1)"),
                 )
             }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),

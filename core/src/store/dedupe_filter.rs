@@ -6,12 +6,14 @@
 //!
 //! An embedded store sees every write to itself, so it can answer most of those misses from
 //! memory: a [`DedupeFilter`] holds a Bloom filter per dedupe bucket of every record written
-//! since the store was opened, plus, when they are few, the records of the last two buckets
-//! that held any at open ([`DedupeFilter::warmed`]). A bucket above the ones it knows whole
+//! since the store was opened, plus, when they are few, the records of the highest bucket
+//! at open and the one before it ([`DedupeFilter::warmed`]). A bucket above the ones it knows whole
 //! can only hold records written since, so for it "not in the filter" means "not in the
 //! store". Older buckets, a bucket whose filter was dropped to stay within its memory budget,
-//! and a filter's false positives (~1–2%) fall back to the real read. Deletes are not
-//! tracked: a deleted key left in the filter only costs a read.
+//! and a filter's false positives (about 1% per full slice a bucket has, so up to ~7% for a
+//! bucket at a 16 MiB budget) fall back to the real read. Deletes are not tracked: a deleted
+//! key left in the filter only costs a read. Only the current and the previous bucket are
+//! kept: lookups go nowhere else.
 //!
 //! The filter never says a key exists, so the worst it can do is cost a read: the store's
 //! answers are the same with or without it.
@@ -25,7 +27,7 @@ const BUCKET_PREFIX_BYTES: usize = 9;
 /// A filter block: one cache line, which holds every probe of a key.
 const BLOCK_BITS: u64 = 512;
 const BLOCK_WORDS: usize = (BLOCK_BITS / 64) as usize;
-/// Probes per key; with ~10 bits per key a blocked filter gives about 1–2% false positives.
+/// Probes per key; with ~10 bits per key a full blocked slice gives about 1% false positives.
 const PROBES: u64 = 6;
 const BITS_PER_KEY: usize = 10;
 /// A bucket's first filter; each next one is twice the last, until the budget.
@@ -130,6 +132,9 @@ impl DedupeFilter {
             return;
         }
         let hash = hash(key);
+        if !self.buckets.contains_key(&prefix) {
+            self.drop_buckets_before_previous(prefix);
+        }
         let needs_slice = match self.buckets.get(&prefix) {
             None => true,
             Some(bucket) if bucket.saturated => return,
@@ -175,6 +180,22 @@ impl DedupeFilter {
         bucket.slices.push(Slice::with_bytes(slice_bytes));
         self.bytes += slice_bytes;
         true
+    }
+
+    /// A first write to bucket `prefix` means time reached it: lookups go to it and the one
+    /// before it only (`commit::find_dedupe`), so older buckets' filters are freed.
+    fn drop_buckets_before_previous(&mut self, prefix: BucketPrefix) {
+        let Some(previous) = keys::parse_dedupe_bucket(&prefix).and_then(|b| b.checked_sub(1))
+        else {
+            return;
+        };
+        let previous = keys::dedupe_bucket_start(previous);
+        while let Some((&oldest, _)) = self.buckets.first_key_value() {
+            if oldest >= previous {
+                break;
+            }
+            self.drop_bucket(oldest);
+        }
     }
 
     /// Forgets `prefix`'s filter: it and every bucket below it are read from now on.
@@ -340,6 +361,18 @@ mod tests {
             from_zero.is_absent(&key(0, 5)),
             "nothing is older than bucket 0"
         );
+    }
+
+    #[test]
+    fn a_new_bucket_frees_the_filters_no_lookup_reaches() {
+        let mut filter = DedupeFilter::new(None, 1 << 20);
+        filter.note_written(&key(1, 1));
+        filter.note_written(&key(2, 1));
+        assert_eq!(filter.bytes(), 2 * FIRST_SLICE_BYTES);
+        filter.note_written(&key(3, 1));
+        assert_eq!(filter.bytes(), 2 * FIRST_SLICE_BYTES, "bucket 1 freed");
+        assert!(!filter.is_absent(&key(1, 9)), "and read from now on");
+        assert!(filter.is_absent(&key(2, 9)) && filter.is_absent(&key(3, 9)));
     }
 
     #[test]

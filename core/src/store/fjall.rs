@@ -59,9 +59,15 @@ pub struct FjallOptions {
     /// slowly written keyspace keeps old journals alive: a restart replays about this much.
     pub flush_every_bytes: u64,
     /// Memory for the filter that answers most dedupe-record lookups without a read (decision
-    /// 0018): about 1.25 bytes per send per dedupe window (a day by default) keeps every
-    /// lookup in memory; past it, older windows' lookups read the store. Below 64 KiB: off.
+    /// 0018). It holds the current and the previous dedupe bucket (a day each by default) at
+    /// about 1.25 bytes per send, so 16 MiB keeps every lookup in memory up to ~6.6 million
+    /// sends per shard and day; past it, the previous bucket's lookups read the store. Below
+    /// 64 KiB: off.
     pub dedupe_filter_bytes_max: usize,
+    /// Dedupe records an open loads into the filter, from the highest bucket and the one
+    /// before it (loading 65,536 added 25–50 ms to an open here). With more, lookups in those
+    /// two buckets read the store until time has moved two buckets on.
+    pub dedupe_filter_warm_keys_max: usize,
 }
 
 impl Default for FjallOptions {
@@ -76,6 +82,7 @@ impl Default for FjallOptions {
             journal_bytes_max: 64 * 1024 * 1024,
             flush_every_bytes: 16 * 1024 * 1024,
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
+            dedupe_filter_warm_keys_max: 65_536,
         }
     }
 }
@@ -99,13 +106,14 @@ pub struct FjallStore {
     written_since_erase: std::sync::atomic::AtomicBool,
 }
 
-/// Dedupe records an open loads into the filter (at most ~35 ms of a restart here): a store
-/// with more in its last two buckets reads every lookup in them until newer buckets begin.
-const DEDUPE_FILTER_WARM_KEYS_MAX: usize = 65_536;
-
-/// The dedupe filter of a store just opened: warmed with the records of the last two buckets
-/// that hold any, when they are few, else knowing only buckets above the highest.
-fn open_dedupe_filter(keyspace: &Keyspace, bytes_max: usize) -> Result<DedupeFilter, StoreError> {
+/// The dedupe filter of a store just opened: warmed with every record of the highest bucket
+/// and the one before it when they are at most `warm_keys_max`, else knowing only buckets
+/// above the highest.
+fn open_dedupe_filter(
+    keyspace: &Keyspace,
+    bytes_max: usize,
+    warm_keys_max: usize,
+) -> Result<DedupeFilter, StoreError> {
     let Some(highest) = keyspace.last_key_value() else {
         return Ok(DedupeFilter::new(None, bytes_max));
     };
@@ -119,7 +127,7 @@ fn open_dedupe_filter(keyspace: &Keyspace, bytes_max: usize) -> Result<DedupeFil
     let first_bucket = bucket.saturating_sub(1);
     let mut recent = Vec::new();
     for guard in keyspace.range(keys::dedupe_bucket_start(first_bucket).to_vec()..) {
-        if recent.len() == DEDUPE_FILTER_WARM_KEYS_MAX {
+        if recent.len() == warm_keys_max {
             return Ok(DedupeFilter::new(Some(&highest), bytes_max));
         }
         recent.push(guard.key().map_err(io_error)?);
@@ -192,7 +200,11 @@ impl FjallStore {
         let dedupe_keyspace = &tagged[PARTITIONED_TAGS
             .binary_search(&keys::TAG_DEDUPE)
             .expect("dedupe records have a keyspace")];
-        let dedupe_filter = open_dedupe_filter(dedupe_keyspace, options.dedupe_filter_bytes_max)?;
+        let dedupe_filter = open_dedupe_filter(
+            dedupe_keyspace,
+            options.dedupe_filter_bytes_max,
+            options.dedupe_filter_warm_keys_max,
+        )?;
         let persist_mode = match options.durability {
             Durability::SyncAll => PersistMode::SyncAll,
             Durability::SyncData => PersistMode::SyncData,
