@@ -215,3 +215,38 @@ macro_rules! overlay_transaction {
     };
 }
 pub(crate) use overlay_transaction;
+
+#[cfg(test)]
+mod tests {
+    use super::Bytes;
+    use crate::rng::Rng;
+
+    /// The overlay keeps its writes in a map keyed by `Bytes` and looks them up with byte
+    /// slices, and fjall's memtables sort by it: it must order exactly as byte slices do,
+    /// including the patched comparison in vendor/byteview (short and heap-held strings,
+    /// long shared prefixes, one string a prefix of the other).
+    #[test]
+    fn bytes_order_exactly_like_byte_slices() {
+        let mut rng = Rng::new(7);
+        let random = |rng: &mut Rng| -> Vec<u8> {
+            let len = rng.below(41) as usize;
+            // Few distinct bytes, so that strings share long prefixes.
+            (0..len).map(|_| rng.below(3) as u8 * 127).collect()
+        };
+        for _ in 0..200_000 {
+            let left = random(&mut rng);
+            let right = if rng.below(4) == 0 {
+                let mut copy = left.clone();
+                copy.truncate(rng.below(left.len() as u64 + 1) as usize);
+                copy
+            } else {
+                random(&mut rng)
+            };
+            assert_eq!(
+                Bytes::from(&left[..]).cmp(&Bytes::from(&right[..])),
+                left.cmp(&right),
+                "{left:?} against {right:?}"
+            );
+        }
+    }
+}
