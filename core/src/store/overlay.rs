@@ -218,13 +218,47 @@ pub(crate) use overlay_transaction;
 
 #[cfg(test)]
 mod tests {
+    use std::hash::BuildHasher;
+
+    use byteview::ByteView;
+
     use super::Bytes;
     use crate::rng::Rng;
 
+    /// `bytes` as a `ByteView` built one of the ways fjall and lsm-tree build keys, since each
+    /// fills the stored prefix its own way: copied, cut out of a longer string at an offset
+    /// (heap or inline), joined from two parts, written into a fresh buffer, or read.
+    fn built_some_way(bytes: &[u8], rng: &mut Rng) -> ByteView {
+        match rng.below(6) {
+            0 => ByteView::new(bytes),
+            1 => {
+                let before = rng.below(30) as usize;
+                let mut longer = vec![0xEE; before];
+                longer.extend_from_slice(bytes);
+                longer.extend(std::iter::repeat_n(0x11, rng.below(30) as usize));
+                ByteView::new(&longer).slice(before..before + bytes.len())
+            }
+            2 => {
+                let split = rng.below(bytes.len() as u64 + 1) as usize;
+                ByteView::fused(&bytes[..split], &bytes[split..])
+            }
+            3 => {
+                let mut view = ByteView::with_size(bytes.len());
+                view.get_mut()
+                    .expect("a fresh view is unique")
+                    .copy_from_slice(bytes);
+                view
+            }
+            4 => ByteView::from_reader(&mut &bytes[..], bytes.len()).expect("read"),
+            _ => ByteView::new(bytes).to_detached(),
+        }
+    }
+
     /// The overlay keeps its writes in a map keyed by `Bytes` and looks them up with byte
     /// slices, and fjall's memtables sort by it: it must order exactly as byte slices do,
-    /// including the patched comparison in vendor/byteview (short and heap-held strings,
-    /// long shared prefixes, one string a prefix of the other).
+    /// including the patched comparison in vendor/byteview (short and heap-held strings, long
+    /// shared prefixes, one string a prefix of the other, every way a string is built), and
+    /// agree with equality and hashing.
     #[test]
     fn bytes_order_exactly_like_byte_slices() {
         let mut rng = Rng::new(7);
@@ -233,6 +267,7 @@ mod tests {
             // Few distinct bytes, so that strings share long prefixes.
             (0..len).map(|_| rng.below(3) as u8 * 127).collect()
         };
+        let hasher = std::hash::RandomState::new();
         for _ in 0..200_000 {
             let left = random(&mut rng);
             let right = if rng.below(4) == 0 {
@@ -242,10 +277,23 @@ mod tests {
             } else {
                 random(&mut rng)
             };
+            let (left_view, right_view) = (
+                built_some_way(&left, &mut rng),
+                built_some_way(&right, &mut rng),
+            );
+            assert_eq!(&*left_view, &left[..]);
             assert_eq!(
-                Bytes::from(&left[..]).cmp(&Bytes::from(&right[..])),
+                left_view.cmp(&right_view),
                 left.cmp(&right),
                 "{left:?} against {right:?}"
+            );
+            assert_eq!(left_view == right_view, left == right);
+            if left == right {
+                assert_eq!(hasher.hash_one(&left_view), hasher.hash_one(&right_view));
+            }
+            assert_eq!(
+                Bytes::from(left_view).cmp(&Bytes::from(right_view)),
+                left.cmp(&right)
             );
         }
     }
