@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use courier_core::CoreConfig;
 use courier_core::store::config::{FdbConfig, StoreConfig, StoreKind};
+use courier_core::store::fjall::FjallOptions;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
@@ -269,6 +270,10 @@ pub struct StoreSection {
     /// `embedded` (fjall in `server.data_dir/store`) or `foundationdb` (needs a build with
     /// `--features fdb`; see docs/foundationdb.md).
     pub kind: String,
+    /// Embedded store: memory per shard for the filter that answers dedupe lookups without a
+    /// read (decision 0018). 16 MiB keeps every lookup in memory up to ~6.6 million sends per
+    /// shard and day; 0 turns it off.
+    pub dedupe_filter_bytes_max: usize,
     pub foundationdb: FoundationDbSection,
 }
 
@@ -288,6 +293,7 @@ impl Default for StoreSection {
     fn default() -> StoreSection {
         StoreSection {
             kind: StoreKind::Embedded.name().to_string(),
+            dedupe_filter_bytes_max: FjallOptions::default().dedupe_filter_bytes_max,
             foundationdb: FoundationDbSection::default(),
         }
     }
@@ -471,6 +477,9 @@ pub struct QuicSection {
 /// about 650 ms (a data centre), they still notice a dead peer within their 5 s idle timeout.
 /// Their replies (a forwarded send's result) are resent up to the delay later when lost.
 const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
+/// The largest dedupe filter budget per shard (`store.dedupe_filter_bytes_max`): 1 GiB holds a
+/// day of ~400 million sends, beyond what a shard commits.
+const DEDUPE_FILTER_BYTES_MAX_LIMIT: usize = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -711,6 +720,14 @@ impl Config {
             return invalid(
                 "server.store_writer_nice",
                 "a nice value from -20 to 19 (0 leaves the writer at the process's priority)",
+            );
+        }
+        let filter_bytes = self.store.dedupe_filter_bytes_max;
+        if filter_bytes != 0 && !(64 * 1024..=DEDUPE_FILTER_BYTES_MAX_LIMIT).contains(&filter_bytes)
+        {
+            return invalid(
+                "store.dedupe_filter_bytes_max",
+                "0 (off) or from 65536 (64 KiB) to 1073741824 (1 GiB) per shard",
             );
         }
         if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
@@ -1000,6 +1017,22 @@ mod tests {
                 (20, false),
             ],
             |config, nice| config.server.store_writer_nice = nice,
+        );
+    }
+
+    #[test]
+    fn dedupe_filter_budget_is_off_or_between_64_kib_and_1_gib() {
+        check_accepted_values(
+            "store.dedupe_filter_bytes_max",
+            &[
+                (0, true),
+                (1, false),
+                (65_535, false),
+                (65_536, true),
+                (1 << 30, true),
+                ((1 << 30) + 1, false),
+            ],
+            |config, bytes| config.store.dedupe_filter_bytes_max = bytes,
         );
     }
 

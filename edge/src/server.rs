@@ -398,6 +398,7 @@ fn open_store(
                 // One block cache budget for the edge, split between its shards' stores.
                 cache_bytes: (FjallOptions::default().cache_bytes / u64::from(shards))
                     .max(8 * 1024 * 1024),
+                dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                 ..FjallOptions::default()
             };
             let all = Arc::new(
