@@ -22,8 +22,6 @@ use std::collections::BTreeMap;
 
 use crate::keys;
 
-/// Bytes of a dedupe key that name its bucket: the tag and the bucket number.
-const BUCKET_PREFIX_BYTES: usize = 9;
 /// A filter block: one cache line, which holds every probe of a key.
 const BLOCK_BITS: u64 = 512;
 const BLOCK_WORDS: usize = (BLOCK_BITS / 64) as usize;
@@ -34,15 +32,14 @@ const BITS_PER_KEY: usize = 10;
 const FIRST_SLICE_BYTES: usize = 64 * 1024;
 
 type Block = [u64; BLOCK_WORDS];
-type BucketPrefix = [u8; BUCKET_PREFIX_BYTES];
 
 /// Which dedupe records a store may hold, from the writes it saw since it was opened.
 #[derive(Debug)]
 pub(crate) struct DedupeFilter {
     /// Buckets at or below this may hold records the filter never saw (written before the
     /// store was opened, or in a bucket whose filters were dropped): always read.
-    floor: Option<BucketPrefix>,
-    buckets: BTreeMap<BucketPrefix, BucketFilter>,
+    floor: Option<u64>,
+    buckets: BTreeMap<u64, BucketFilter>,
     /// Bytes of every bucket's slices; at most `bytes_max`.
     bytes: usize,
     bytes_max: usize,
@@ -68,7 +65,7 @@ impl DedupeFilter {
     /// store held no dedupe record). A `bytes_max` below one slice (64 KiB) disables it.
     pub(crate) fn new(highest_key: Option<&[u8]>, bytes_max: usize) -> DedupeFilter {
         DedupeFilter {
-            floor: highest_key.map(|key| bucket_prefix(key).unwrap_or([u8::MAX; 9])),
+            floor: highest_key.map(|key| keys::parse_dedupe_bucket(key).unwrap_or(u64::MAX)),
             buckets: BTreeMap::new(),
             bytes: 0,
             bytes_max,
@@ -83,7 +80,7 @@ impl DedupeFilter {
         bytes_max: usize,
     ) -> DedupeFilter {
         let mut filter = DedupeFilter {
-            floor: first_bucket.checked_sub(1).map(keys::dedupe_bucket_start),
+            floor: first_bucket.checked_sub(1),
             ..DedupeFilter::new(None, bytes_max)
         };
         for key in records {
@@ -107,13 +104,13 @@ impl DedupeFilter {
         if !self.enabled() {
             return false;
         }
-        let Some(prefix) = bucket_prefix(key) else {
+        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
             return false;
         };
-        if self.floor.is_some_and(|floor| prefix <= floor) {
+        if self.floor.is_some_and(|floor| bucket <= floor) {
             return false;
         }
-        match self.buckets.get(&prefix) {
+        match self.buckets.get(&bucket) {
             // Nothing was written to this bucket since open, nor before (it is above the floor).
             None => true,
             Some(bucket) => !bucket.saturated && !bucket.may_contain(hash(key)),
@@ -125,71 +122,70 @@ impl DedupeFilter {
         if !self.enabled() {
             return;
         }
-        let Some(prefix) = bucket_prefix(key) else {
+        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
             return;
         };
-        if self.floor.is_some_and(|floor| prefix <= floor) {
+        if self.floor.is_some_and(|floor| bucket <= floor) {
             return;
         }
         let hash = hash(key);
-        if !self.buckets.contains_key(&prefix) {
-            self.drop_buckets_before_previous(prefix);
+        if !self.buckets.contains_key(&bucket) {
+            self.drop_buckets_before_previous(bucket);
         }
-        let needs_slice = match self.buckets.get(&prefix) {
+        let needs_slice = match self.buckets.get(&bucket) {
             None => true,
             Some(bucket) if bucket.saturated => return,
             Some(bucket) => bucket.slices.last().is_none_or(|s| s.keys >= s.keys_max),
         };
-        if needs_slice && !self.grow(prefix) {
+        if needs_slice && !self.grow(bucket) {
             return;
         }
-        let bucket = self.buckets.get_mut(&prefix).expect("grown above");
-        bucket
+        self.buckets
+            .get_mut(&bucket)
+            .expect("grown above")
             .slices
             .last_mut()
             .expect("a bucket that is not saturated has a slice")
             .insert(hash);
     }
 
-    /// Adds a slice to `prefix`'s filter, dropping older buckets' filters to make room. When
+    /// Adds a slice to `bucket`'s filter, dropping older buckets' filters to make room. When
     /// no older bucket is left to drop, the bucket saturates; returns whether it has a slice.
-    fn grow(&mut self, prefix: BucketPrefix) -> bool {
+    fn grow(&mut self, bucket: u64) -> bool {
         let slice_bytes = self
             .buckets
-            .get(&prefix)
+            .get(&bucket)
             .and_then(|bucket| bucket.slices.last())
             .map_or(FIRST_SLICE_BYTES, |last| last.bytes() * 2);
         while self.bytes + slice_bytes > self.bytes_max {
             let Some((&oldest, _)) = self.buckets.first_key_value() else {
                 break;
             };
-            if oldest >= prefix {
+            if oldest >= bucket {
                 break;
             }
             self.drop_bucket(oldest);
         }
-        let bucket = self.buckets.entry(prefix).or_default();
+        let filter = self.buckets.entry(bucket).or_default();
         if self.bytes + slice_bytes > self.bytes_max {
             // Nothing older to drop: this bucket stops answering from memory.
-            let freed: usize = bucket.slices.iter().map(Slice::bytes).sum();
-            bucket.slices = Vec::new();
-            bucket.saturated = true;
+            let freed: usize = filter.slices.iter().map(Slice::bytes).sum();
+            filter.slices = Vec::new();
+            filter.saturated = true;
             self.bytes -= freed;
             return false;
         }
-        bucket.slices.push(Slice::with_bytes(slice_bytes));
+        filter.slices.push(Slice::with_bytes(slice_bytes));
         self.bytes += slice_bytes;
         true
     }
 
-    /// A first write to bucket `prefix` means time reached it: lookups go to it and the one
-    /// before it only (`commit::find_dedupe`), so older buckets' filters are freed.
-    fn drop_buckets_before_previous(&mut self, prefix: BucketPrefix) {
-        let Some(previous) = keys::parse_dedupe_bucket(&prefix).and_then(|b| b.checked_sub(1))
-        else {
+    /// A first write to `bucket` means time reached it: lookups go to it and the one before
+    /// it only (`commit::find_dedupe`), so older buckets' filters are freed.
+    fn drop_buckets_before_previous(&mut self, bucket: u64) {
+        let Some(previous) = bucket.checked_sub(1) else {
             return;
         };
-        let previous = keys::dedupe_bucket_start(previous);
         while let Some((&oldest, _)) = self.buckets.first_key_value() {
             if oldest >= previous {
                 break;
@@ -198,12 +194,12 @@ impl DedupeFilter {
         }
     }
 
-    /// Forgets `prefix`'s filter: it and every bucket below it are read from now on.
-    fn drop_bucket(&mut self, prefix: BucketPrefix) {
-        if let Some(bucket) = self.buckets.remove(&prefix) {
-            self.bytes -= bucket.slices.iter().map(Slice::bytes).sum::<usize>();
+    /// Forgets `bucket`'s filter: it and every bucket below it are read from now on.
+    fn drop_bucket(&mut self, bucket: u64) {
+        if let Some(filter) = self.buckets.remove(&bucket) {
+            self.bytes -= filter.slices.iter().map(Slice::bytes).sum::<usize>();
         }
-        self.floor = Some(self.floor.map_or(prefix, |floor| floor.max(prefix)));
+        self.floor = Some(self.floor.map_or(bucket, |floor| floor.max(bucket)));
     }
 
     #[cfg(test)]
@@ -256,14 +252,6 @@ impl Slice {
         let block = &self.blocks[block];
         bits.all(|bit| block[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
     }
-}
-
-/// The bucket part of a dedupe key; none for any other key.
-fn bucket_prefix(key: &[u8]) -> Option<BucketPrefix> {
-    if key.first() != Some(&keys::TAG_DEDUPE) {
-        return None;
-    }
-    key.get(..BUCKET_PREFIX_BYTES)?.try_into().ok()
 }
 
 /// A fixed hash, so a seeded simulation reads the same keys every run: 8-byte words mixed

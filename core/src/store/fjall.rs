@@ -114,12 +114,12 @@ fn open_dedupe_filter(
     bytes_max: usize,
     warm_keys_max: usize,
 ) -> Result<DedupeFilter, StoreError> {
+    if !DedupeFilter::is_budget_enough(bytes_max) {
+        return Ok(DedupeFilter::new(None, bytes_max));
+    }
     let Some(highest) = keyspace.last_key_value() else {
         return Ok(DedupeFilter::new(None, bytes_max));
     };
-    if !DedupeFilter::is_budget_enough(bytes_max) {
-        return Ok(DedupeFilter::new(None, 0));
-    }
     let highest = highest.key().map_err(io_error)?;
     let Some(bucket) = keys::parse_dedupe_bucket(&highest) else {
         return Ok(DedupeFilter::new(Some(&highest), bytes_max));
@@ -197,11 +197,8 @@ impl FjallStore {
             .map(|tag| open_keyspace(&format!("tag-{}", *tag as char)))
             .collect::<Result<Vec<_>, _>>()?;
         let misc = open_keyspace(MISC_KEYSPACE)?;
-        let dedupe_keyspace = &tagged[PARTITIONED_TAGS
-            .binary_search(&keys::TAG_DEDUPE)
-            .expect("dedupe records have a keyspace")];
         let dedupe_filter = open_dedupe_filter(
-            dedupe_keyspace,
+            &tagged[FjallStore::keyspace_index(&[keys::TAG_DEDUPE])],
             options.dedupe_filter_bytes_max,
             options.dedupe_filter_warm_keys_max,
         )?;
