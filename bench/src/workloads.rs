@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use courier_client::{Client, EarlySend};
+use courier_client::{Client, ConnectOptions, Connector, EarlySend};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -105,6 +105,17 @@ pub struct RestartArgs {
     /// Client UDP sockets to spread the clients over.
     #[arg(long, default_value_t = 16)]
     pub sockets: u32,
+}
+
+/// A receiver's client: connected already, or to connect in its own task.
+enum ReceiverClient {
+    Connected(Client),
+    Connect(Connector, ConnectOptions),
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn own_cpu_secs() -> Option<f64> {
+    process_usage(std::process::id()).map(|(cpu, _)| cpu)
 }
 
 fn micros(duration: Duration) -> u64 {
@@ -253,54 +264,63 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     let progress_task = progress(counters.clone(), expected, stop.clone());
     let start = Instant::now();
     let mut receive_tasks = Vec::new();
-    let spawn_receivers =
-        |receivers: Vec<Client>, receive_tasks: &mut Vec<tokio::task::JoinHandle<Instant>>| {
-            for (pair, mut client) in receivers.into_iter().enumerate() {
-                let states = states.clone();
-                let counters = counters.clone();
-                let hist = deliver_hist.clone();
-                let msgs = args.msgs as usize;
-                receive_tasks.push(tokio::spawn(async move {
-                    let mut last = Instant::now();
-                    let mut received = 0usize;
-                    let mut last_seq = 0;
-                    let mut local = latency_histogram();
-                    while received < msgs {
-                        let Some(delivery) = client.recv_message().await else {
-                            break;
-                        };
-                        last = Instant::now();
-                        let Some((from_pair, index, sent_ns)) = parse_body(&delivery.body) else {
-                            continue;
-                        };
-                        if delivery.seq <= last_seq {
-                            counters.reordered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last_seq = delivery.seq;
-                        if from_pair as usize != pair || index as usize >= msgs {
-                            continue;
-                        }
-                        let mut delivered = states[pair].delivered_seq.lock().expect("state");
-                        if delivered[index as usize] != 0 {
-                            counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        delivered[index as usize] = delivery.seq;
-                        drop(delivered);
-                        received += 1;
-                        counters.delivered.fetch_add(1, Ordering::Relaxed);
-                        let now_ns = epoch.elapsed().as_nanos() as u64;
-                        let _ = local.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+    let spawn_receiver =
+        |pair: usize,
+         client: ReceiverClient,
+         receive_tasks: &mut Vec<tokio::task::JoinHandle<Result<Instant, String>>>| {
+            let states = states.clone();
+            let counters = counters.clone();
+            let hist = deliver_hist.clone();
+            let msgs = args.msgs as usize;
+            receive_tasks.push(tokio::spawn(async move {
+                let mut client = match client {
+                    ReceiverClient::Connected(client) => client,
+                    ReceiverClient::Connect(connector, options) => connector
+                        .connect(options)
+                        .await
+                        .map_err(|e| format!("receiver of pair {pair} cannot connect: {e}"))?,
+                };
+                let mut last = Instant::now();
+                let mut received = 0usize;
+                let mut last_seq = 0;
+                let mut local = latency_histogram();
+                while received < msgs {
+                    let Some(delivery) = client.recv_message().await else {
+                        break;
+                    };
+                    last = Instant::now();
+                    let Some((from_pair, index, sent_ns)) = parse_body(&delivery.body) else {
+                        continue;
+                    };
+                    if delivery.seq <= last_seq {
+                        counters.reordered.fetch_add(1, Ordering::Relaxed);
                     }
-                    hist.lock()
-                        .expect("histogram")
-                        .add(&local)
-                        .expect("same bounds");
-                    last
-                }));
-            }
+                    last_seq = delivery.seq;
+                    if from_pair as usize != pair || index as usize >= msgs {
+                        continue;
+                    }
+                    let mut delivered = states[pair].delivered_seq.lock().expect("state");
+                    if delivered[index as usize] != 0 {
+                        counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    delivered[index as usize] = delivery.seq;
+                    drop(delivered);
+                    received += 1;
+                    counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    let now_ns = epoch.elapsed().as_nanos() as u64;
+                    let _ = local.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+                }
+                hist.lock()
+                    .expect("histogram")
+                    .add(&local)
+                    .expect("same bounds");
+                Ok(last)
+            }));
         };
-    spawn_receivers(std::mem::take(&mut receivers), &mut receive_tasks);
+    for (pair, client) in std::mem::take(&mut receivers).into_iter().enumerate() {
+        spawn_receiver(pair, ReceiverClient::Connected(client), &mut receive_tasks);
+    }
 
     // Senders. Paced senders' phases count from one start, not from when each task first runs.
     let paced_start = tokio::time::Instant::now();
@@ -398,18 +418,25 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     let disk_filled = target.store_disk_bytes();
 
     let drain_start = Instant::now();
+    let drain_edge_cpu_start = target.edge_usage().map(|(cpu, _)| cpu);
+    let drain_bench_cpu_start = own_cpu_secs();
     if offline {
-        let mut receivers = Vec::new();
+        // The receivers come back together, as a fleet of phones does when a network returns:
+        // each connects in its own task and drains as soon as it is in. (Connected one after
+        // another, the drain measured mostly the 100 handshakes in a row, ~3.7 ms each on a
+        // busy edge, not the edge's delivery.)
         for pair in 0..args.pairs {
-            receivers.push(connect(target, receiver_user(pair)).await?);
+            let connect =
+                ReceiverClient::Connect(target.connector()?, target.options(receiver_user(pair)));
+            spawn_receiver(pair as usize, connect, &mut receive_tasks);
         }
-        spawn_receivers(receivers, &mut receive_tasks);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_secs);
     let mut last_delivery = sends_done;
     for task in receive_tasks {
         match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok(last)) => last_delivery = last_delivery.max(last),
+            Ok(Ok(Ok(last))) => last_delivery = last_delivery.max(last),
+            Ok(Ok(Err(error))) => report.errors.push(error),
             Ok(Err(error)) => report.errors.push(error.to_string()),
             Err(_) => {
                 report
@@ -417,6 +444,20 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                     .push("deliveries still missing at the drain timeout".into());
                 break;
             }
+        }
+    }
+    if offline {
+        // The drain's own CPU, apart from the sends before it: the edge's and this process's
+        // (the receivers'), to tell which side bounds the drain rate.
+        if let (Some(start), Some((cpu, _))) = (drain_edge_cpu_start, target.edge_usage()) {
+            report
+                .extra
+                .insert("drain_edge_cpu_secs".into(), json!(cpu - start));
+        }
+        if let (Some(start), Some(now)) = (drain_bench_cpu_start, own_cpu_secs()) {
+            report
+                .extra
+                .insert("drain_bench_cpu_secs".into(), json!(now - start));
         }
     }
     stop.store(true, Ordering::Relaxed);

@@ -17,13 +17,20 @@
 //! instead of after `--seconds`: the same work every run, for counting instructions
 //! (`valgrind --tool=callgrind`).
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory]`
+//! With `--drain`, each writer first stores `--messages` messages (default 100,000) spread
+//! over `--inboxes` inboxes (default 100), unmeasured, then drains them as the edge does for
+//! devices coming back: it reads each inbox a page at a time (`read_inbox`) and acknowledges
+//! every page in one batch of acks per round (`Committer::commit_batch`), which deletes the
+//! messages. The drain alone is timed, and runs inside `drain_stored_messages`, so
+//! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
+//!
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--drain]`
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use courier_core::commit::{Committer, Request, SendRequest};
+use courier_core::commit::{Committer, Request, SendRequest, read_inbox};
 use courier_core::rng::Rng;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::{Store, Transaction};
@@ -32,6 +39,10 @@ use courier_core::{CoreConfig, keys};
 const BODY_BYTES: usize = 200;
 /// Users messages go between, unless `--inboxes` says otherwise.
 const INBOXES_DEFAULT: u64 = 100_000;
+/// With `--drain`: inboxes, and messages stored before the drain, unless told otherwise (the
+/// edge bench's `offline --pairs 100 --msgs 1000`).
+const DRAIN_INBOXES_DEFAULT: u64 = 100;
+const DRAIN_MESSAGES_DEFAULT: u64 = 100_000;
 
 fn main() {
     let mut seconds = 5.0f64;
@@ -41,7 +52,8 @@ fn main() {
     let mut writers = 1usize;
     let mut raw = false;
     let mut memory = false;
-    let mut inboxes = INBOXES_DEFAULT;
+    let mut inboxes = None;
+    let mut drain = false;
     let mut memtable_mib: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -64,6 +76,7 @@ fn main() {
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
             "--memory" => memory = true,
+            "--drain" => drain = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
                     args.next()
@@ -73,11 +86,12 @@ fn main() {
                 )
             }
             "--inboxes" => {
-                inboxes = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| *n > 0)
-                    .expect("--inboxes N (at least 1)")
+                inboxes = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| *n > 0)
+                        .expect("--inboxes N (at least 1)"),
+                )
             }
             "--writers" => {
                 writers = args
@@ -92,16 +106,28 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--drain]"
                 );
                 std::process::exit(2);
             }
         }
     }
+    if drain && raw {
+        eprintln!("--drain reads and acknowledges what the commit logic stored; not with --raw");
+        std::process::exit(2);
+    }
+    let inboxes = inboxes.unwrap_or(if drain {
+        DRAIN_INBOXES_DEFAULT
+    } else {
+        INBOXES_DEFAULT
+    });
+    let drain_messages = drain.then(|| messages_max.unwrap_or(DRAIN_MESSAGES_DEFAULT));
     println!(
         "mode: {}",
         if raw {
             "raw set per message"
+        } else if drain {
+            "drain: read pages and acknowledge them (fill before, not timed)"
         } else {
             "commit logic"
         }
@@ -131,6 +157,7 @@ fn main() {
                             messages_max,
                             raw,
                             inboxes,
+                            drain_messages,
                         };
                         let result = run(&run_dir, engine, &workload);
                         let _ = std::fs::remove_dir_all(&run_dir);
@@ -183,6 +210,8 @@ struct Workload {
     messages_max: Option<u64>,
     raw: bool,
     inboxes: u64,
+    /// Store this many messages, then time their drain instead of the sends.
+    drain_messages: Option<u64>,
 }
 
 fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult {
@@ -209,11 +238,15 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         messages_max,
         raw,
         inboxes,
+        drain_messages,
     } = workload;
     let config = CoreConfig {
         batch_requests_max: batch_size,
         ..CoreConfig::default()
     };
+    if let Some(fill) = drain_messages {
+        return fill_then_drain(store, &config, workload, fill);
+    }
     let mut committer = Committer::new(&config);
     let mut rng = Rng::new(batch_size as u64 * 1000 + writer);
     let mut client_id = 0u64;
@@ -261,4 +294,104 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         elapsed: start.elapsed(),
         latencies,
     }
+}
+
+/// `--drain`: stores `fill` messages over `inboxes` inboxes (not timed), then drains them.
+fn fill_then_drain<S: Store>(
+    store: &S,
+    config: &CoreConfig,
+    workload: &Workload,
+    fill: u64,
+) -> RunResult {
+    let mut committer = Committer::new(config);
+    let now_ms = 1_700_000_000_000u64;
+    // Each inbox's device logs in first, as the edge bench's receivers do: an ack of a device
+    // without a record deletes nothing.
+    let links: Vec<Request> = (1..=workload.inboxes)
+        .map(|inbox| Request::Link {
+            inbox,
+            device: 0,
+            acked_up_to: 0,
+        })
+        .collect();
+    for chunk in links.chunks(config.batch_requests_max.max(1)) {
+        committer.commit_batch(store, chunk, now_ms).expect("link");
+    }
+    let mut stored = 0u64;
+    while stored < fill {
+        let batch: Vec<Request> = (0..workload.batch_size as u64)
+            .map(|index| {
+                let n = stored + index;
+                Request::Send(SendRequest {
+                    sender: workload.inboxes + 1 + n % workload.inboxes,
+                    client_id: n + 1,
+                    to: 1 + n % workload.inboxes,
+                    body: vec![0x5A; BODY_BYTES],
+                    ttl_secs: None,
+                })
+            })
+            .collect();
+        committer
+            .commit_batch(store, &batch, now_ms)
+            .expect("commit");
+        stored += workload.batch_size as u64;
+    }
+    let start = Instant::now();
+    let (messages, latencies) =
+        drain_stored_messages(store, &mut committer, config, workload.inboxes, now_ms + 1);
+    assert_eq!(messages, stored, "the drain read every stored message");
+    for inbox in 1..=workload.inboxes {
+        let page = read_inbox(store, inbox, 0, now_ms + 1, config).expect("read inbox");
+        assert!(page.messages.is_empty(), "the acks deleted inbox {inbox}");
+    }
+    RunResult {
+        messages,
+        elapsed: start.elapsed(),
+        latencies,
+    }
+}
+
+/// Reads every inbox a page at a time and acknowledges each round's pages in one commit, until
+/// every inbox is empty: what the edge's reader lane and writer do while devices drain. Returns
+/// the messages read and each round's read-and-commit time.
+#[inline(never)]
+fn drain_stored_messages<S: Store>(
+    store: &S,
+    committer: &mut Committer,
+    config: &CoreConfig,
+    inboxes: u64,
+    now_ms: u64,
+) -> (u64, Vec<Duration>) {
+    let mut cursors = vec![0u64; inboxes as usize];
+    let mut done = vec![false; inboxes as usize];
+    let mut messages = 0u64;
+    let mut latencies = Vec::new();
+    while done.iter().any(|done| !done) {
+        let round_start = Instant::now();
+        let mut acks = Vec::new();
+        for inbox in 1..=inboxes {
+            let slot = (inbox - 1) as usize;
+            if done[slot] {
+                continue;
+            }
+            let page = read_inbox(store, inbox, cursors[slot], now_ms, config).expect("read inbox");
+            messages += page.messages.len() as u64;
+            if page.covered_up_to > cursors[slot] {
+                cursors[slot] = page.covered_up_to;
+                acks.push(Request::Ack {
+                    inbox,
+                    device: 0,
+                    up_to_seq: page.covered_up_to,
+                });
+            }
+            done[slot] = !page.more;
+        }
+        for chunk in acks.chunks(config.batch_requests_max.max(1)) {
+            committer
+                .commit_batch(store, chunk, now_ms)
+                .expect("commit acks");
+        }
+        latencies.push(round_start.elapsed());
+    }
+    (messages, latencies)
 }

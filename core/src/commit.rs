@@ -479,20 +479,22 @@ fn write_batch<T: Transaction>(
         let known_deleted_up_to = known.acked_up_to.get(&inbox).copied();
         let deleted_up_to = known_deleted_up_to.unwrap_or(0);
         if delete_up_to > deleted_up_to {
+            let begin = keys::message(inbox, deleted_up_to.saturating_add(1));
+            let end = keys::message(inbox, delete_up_to.saturating_add(1));
             match known_deleted_up_to {
-                // The usual ack: a few messages right after what is known deleted. One clear
-                // per key, because the embedded engines have no range delete and turn a range
-                // clear into a scan of every table at commit (11% of the edge's CPU at
-                // 10,000 msgs/s). A key that expiry deleted already gets a second tombstone.
-                Some(_) if delete_up_to - deleted_up_to <= ACK_POINT_CLEARS_MAX => {
-                    for seq in deleted_up_to + 1..=delete_up_to {
-                        txn.clear(&keys::message(inbox, seq));
-                    }
-                }
-                _ => txn.clear_range(
-                    &keys::message(inbox, deleted_up_to.saturating_add(1)),
-                    &keys::message(inbox, delete_up_to.saturating_add(1)),
-                ),
+                // The usual ack: the messages right after what is known deleted. The range is
+                // cleared with its keys listed, because the embedded engines have no range
+                // delete and turn a plain range clear into a scan of every table at commit
+                // (11% of the edge's CPU at 10,000 msgs/s). Message keys have one length, so
+                // the seqs list every key the range can hold. A key that expiry deleted
+                // already gets a second tombstone.
+                Some(_) if delete_up_to - deleted_up_to <= ACK_LISTED_CLEARS_MAX => txn
+                    .clear_range_with_keys(
+                        &begin,
+                        &end,
+                        (deleted_up_to + 1..=delete_up_to).map(|seq| keys::message(inbox, seq)),
+                    ),
+                _ => txn.clear_range(&begin, &end),
             }
             learned.acked_up_to.insert(inbox, delete_up_to);
         }
@@ -611,9 +613,11 @@ fn find_dedupe<T: Transaction>(
     Ok(None)
 }
 
-/// At most this many messages an ack deletes key by key; more take one range clear (see
-/// `write_batch`). Message keys have one fixed length, so both delete exactly the same keys.
-const ACK_POINT_CLEARS_MAX: u64 = 64;
+/// At most this many messages an ack deletes by listing their keys; more (or after a seq the
+/// committer does not know to be deleted) take a range clear that the embedded engines scan
+/// (see `write_batch`). Both delete exactly the same keys. The bound keeps few the tombstones
+/// of seqs that expiry deleted already.
+const ACK_LISTED_CLEARS_MAX: u64 = 1024;
 
 /// Devices one inbox may have (a device id is at most `DEVICE_ID_MAX`).
 const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 1;
@@ -1047,8 +1051,9 @@ mod tests {
     }
 
     /// Acks delete exactly the messages up to the cursor: the first by a range clear, the
-    /// next ones key by key (the committer knows where the deleted ones end; a jump of exactly
-    /// `ACK_POINT_CLEARS_MAX` too), and a longer jump by a range clear again.
+    /// next ones by a range clear with the keys listed (the committer knows where the deleted
+    /// ones end; a jump of exactly `ACK_LISTED_CLEARS_MAX` too), and a longer jump by a range
+    /// clear again.
     #[test]
     fn acks_delete_exactly_the_acknowledged_messages() {
         let config = CoreConfig::default();
@@ -1060,24 +1065,26 @@ mod tests {
             acked_up_to: 0,
         };
         committer.commit_batch(&store, &[link], 1_000).unwrap();
-        let sends: Vec<Request> = (1..=200).map(|id| send(id, 7)).collect();
-        committer.commit_batch(&store, &sends, 1_000).unwrap();
+        let sends: Vec<Request> = (1..=3_000).map(|id| send(id, 7)).collect();
+        for batch in sends.chunks(config.batch_requests_max) {
+            committer.commit_batch(&store, batch, 1_000).unwrap();
+        }
         let stored = || {
             let mut txn = store.begin().unwrap();
             let (start, end) = (keys::message(7, 0), keys::message(7, u64::MAX));
-            let rows = txn.get_range(&start, &end, 1_000).unwrap();
+            let rows = txn.get_range(&start, &end, 10_000).unwrap();
             rows.iter()
                 .map(|(key, _)| keys::parse_message(key).unwrap().1)
                 .collect::<Vec<u64>>()
         };
-        for up_to_seq in [3, 4, 10, 10 + ACK_POINT_CLEARS_MAX, 150] {
+        for up_to_seq in [3, 4, 10, 10 + ACK_LISTED_CLEARS_MAX, 2_900] {
             let ack = Request::Ack {
                 inbox: 7,
                 device: 0,
                 up_to_seq,
             };
             committer.commit_batch(&store, &[ack], 1_000).unwrap();
-            let expected: Vec<u64> = (up_to_seq + 1..=200).collect();
+            let expected: Vec<u64> = (up_to_seq + 1..=3_000).collect();
             assert_eq!(stored(), expected, "after the ack up to {up_to_seq}");
         }
     }

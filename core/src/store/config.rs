@@ -613,6 +613,17 @@ mod tests {
             self.bytes += clear_range_bytes(p + begin.len(), p + end.len());
             self.inner.clear_range(begin, end);
         }
+        fn clear_range_with_keys<K: AsRef<[u8]>>(
+            &mut self,
+            begin: &[u8],
+            end: &[u8],
+            keys: impl IntoIterator<Item = K>,
+        ) {
+            // FoundationDB clears the range, whatever the list.
+            let p = self.store.prefix_bytes;
+            self.bytes += clear_range_bytes(p + begin.len(), p + end.len());
+            self.inner.clear_range_with_keys(begin, end, keys);
+        }
         fn atomic_add(&mut self, key: &[u8], delta: u64) {
             self.bytes += set_bytes(self.store.prefix_bytes + key.len(), 8);
             self.inner.atomic_add(key, delta);

@@ -26,7 +26,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 14] = [
+    let cases: [Case<H>; 15] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -35,6 +35,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
             ranges_are_ordered_limited_and_merged,
         ),
         ("clear_range_is_half_open", clear_range_is_half_open),
+        (
+            "clear_range_with_keys_clears_like_clear_range",
+            clear_range_with_keys_clears_like_clear_range,
+        ),
         (
             "atomic_mutations_are_little_endian",
             atomic_mutations_are_little_endian,
@@ -185,6 +189,40 @@ fn clear_range_is_half_open<H: Harness>(h: &mut H) {
     let after = txn.get_range(b"c/", b"c0", 100).unwrap();
     assert_eq!(keys_of(&after), vec![&b"c/1"[..], b"c/3", b"c/4"]);
     assert_eq!(after[1].1, b"written again after the clear");
+}
+
+/// A range cleared with its keys listed (how acks delete messages) reads and commits exactly
+/// as a plain range clear: own writes before it go, writes after it stay, the end is excluded.
+/// A listed key outside the range is not deleted.
+fn clear_range_with_keys_clears_like_clear_range<H: Harness>(h: &mut H) {
+    write(
+        h.store(),
+        &[
+            (b"c/1", b""),
+            (b"c/2", b""),
+            (b"c/3", b""),
+            (b"c/4", b""),
+            (b"c/5", b""),
+        ],
+    );
+    let mut txn = h.store().begin().unwrap();
+    txn.set(b"c/2", b"own write inside the range");
+    txn.clear_range_with_keys(b"c/2", b"c/5", [&b"c/2"[..], b"c/3", b"c/4", b"c/5"]);
+    txn.set(b"c/3", b"written again after the clear");
+    assert_eq!(txn.get(b"c/2").unwrap(), None);
+    assert_eq!(txn.get(b"c/4").unwrap(), None);
+    let seen = txn.get_range(b"c/", b"c0", 100).unwrap();
+    assert_eq!(keys_of(&seen), vec![&b"c/1"[..], b"c/3", b"c/5"]);
+    txn.commit().unwrap();
+    let mut txn = h.store().begin().unwrap();
+    let after = txn.get_range(b"c/", b"c0", 100).unwrap();
+    assert_eq!(keys_of(&after), vec![&b"c/1"[..], b"c/3", b"c/5"]);
+    assert_eq!(after[1].1, b"written again after the clear");
+    drop(txn);
+    h.reopen();
+    let mut txn = h.store().begin().unwrap();
+    let reopened = txn.get_range(b"c/", b"c0", 100).unwrap();
+    assert_eq!(keys_of(&reopened), vec![&b"c/1"[..], b"c/3", b"c/5"]);
 }
 
 fn atomic_mutations_are_little_endian<H: Harness>(h: &mut H) {

@@ -163,6 +163,14 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
         self.inner.clear_range(begin, end);
     }
+    fn clear_range_with_keys<K: AsRef<[u8]>>(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        keys: impl IntoIterator<Item = K>,
+    ) {
+        self.inner.clear_range_with_keys(begin, end, keys);
+    }
     fn atomic_add(&mut self, key: &[u8], delta: u64) {
         self.inner.atomic_add(key, delta);
     }

@@ -31,6 +31,23 @@ pub(crate) trait Engine {
     fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
 }
 
+/// A range a transaction cleared.
+#[derive(Debug)]
+struct ClearedRange {
+    begin: Vec<u8>,
+    end: Vec<u8>,
+    /// Every key the range can hold, when the caller listed them
+    /// (`Transaction::clear_range_with_keys`): the commit deletes these instead of scanning
+    /// the range for what it holds.
+    keys: Option<Vec<Bytes>>,
+}
+
+impl ClearedRange {
+    fn contains(&self, key: &[u8]) -> bool {
+        self.begin.as_slice() <= key && key < self.end.as_slice()
+    }
+}
+
 /// A transaction's writes on top of an engine.
 #[derive(Debug)]
 pub(crate) struct Overlay<E> {
@@ -38,7 +55,7 @@ pub(crate) struct Overlay<E> {
     /// Final state of each written key: `Some` set, `None` cleared.
     writes: BTreeMap<Bytes, Option<Bytes>>,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
-    cleared: Vec<(Vec<u8>, Vec<u8>)>,
+    cleared: Vec<ClearedRange>,
     /// A read error inside an atomic mutation, reported by `commit`: mutations return
     /// nothing, as in FoundationDB, where they are blind writes.
     deferred_error: Option<StoreError>,
@@ -55,9 +72,7 @@ impl<E: Engine> Overlay<E> {
     }
 
     fn in_cleared_range(&self, key: &[u8]) -> bool {
-        self.cleared
-            .iter()
-            .any(|(begin, end)| begin.as_slice() <= key && key < end.as_slice())
+        self.cleared.iter().any(|range| range.contains(key))
     }
 
     pub(crate) fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -85,11 +100,7 @@ impl<E: Engine> Overlay<E> {
             .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
             .peekable();
         let cleared = &self.cleared;
-        let in_cleared = |key: &[u8]| {
-            cleared
-                .iter()
-                .any(|(b, e)| b.as_slice() <= key && key < e.as_slice())
-        };
+        let in_cleared = |key: &[u8]| cleared.iter().any(|range| range.contains(key));
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
             while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
@@ -130,6 +141,26 @@ impl<E: Engine> Overlay<E> {
     }
 
     pub(crate) fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.clear_range_listed(begin, end, None);
+    }
+
+    /// `clear_range` where `keys` are every key the range can hold: the commit deletes them
+    /// without scanning the range. Keys outside the range are ignored.
+    pub(crate) fn clear_range_with_keys<K: AsRef<[u8]>>(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        keys: impl IntoIterator<Item = K>,
+    ) {
+        let keys = keys
+            .into_iter()
+            .filter(|key| begin <= key.as_ref() && key.as_ref() < end)
+            .map(|key| Bytes::from(key.as_ref()))
+            .collect();
+        self.clear_range_listed(begin, end, Some(keys));
+    }
+
+    fn clear_range_listed(&mut self, begin: &[u8], end: &[u8], keys: Option<Vec<Bytes>>) {
         if begin >= end {
             return;
         }
@@ -141,7 +172,11 @@ impl<E: Engine> Overlay<E> {
         for key in inside {
             self.writes.remove(&key);
         }
-        self.cleared.push((begin.to_vec(), end.to_vec()));
+        self.cleared.push(ClearedRange {
+            begin: begin.to_vec(),
+            end: end.to_vec(),
+            keys,
+        });
     }
 
     pub(crate) fn atomic(&mut self, key: &[u8], op: AtomicOp) {
@@ -161,14 +196,21 @@ impl<E: Engine> Overlay<E> {
             return Err(error);
         }
         let mut changes: Vec<(Bytes, Option<Bytes>)> = Vec::new();
-        for (begin, end) in &self.cleared {
+        for range in &self.cleared {
             let writes = &self.writes;
-            self.engine.scan(begin, end, &mut |key, _| {
-                if !writes.contains_key(key) {
-                    changes.push((Bytes::from(key), None));
-                }
-                true
-            })?;
+            match &range.keys {
+                Some(keys) => changes.extend(
+                    keys.iter()
+                        .filter(|key| !writes.contains_key(*key))
+                        .map(|key| (key.clone(), None)),
+                ),
+                None => self.engine.scan(&range.begin, &range.end, &mut |key, _| {
+                    if !writes.contains_key(key) {
+                        changes.push((Bytes::from(key), None));
+                    }
+                    true
+                })?,
+            }
         }
         changes.extend(self.writes);
         self.engine.apply(changes)
@@ -199,6 +241,14 @@ macro_rules! overlay_transaction {
             }
             fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
                 self.overlay.clear_range(begin, end);
+            }
+            fn clear_range_with_keys<K: AsRef<[u8]>>(
+                &mut self,
+                begin: &[u8],
+                end: &[u8],
+                keys: impl IntoIterator<Item = K>,
+            ) {
+                self.overlay.clear_range_with_keys(begin, end, keys);
             }
             fn atomic_add(&mut self, key: &[u8], delta: u64) {
                 self.overlay
