@@ -110,7 +110,7 @@ pub struct RestartArgs {
 /// A receiver's client: connected already, or to connect in its own task.
 enum ReceiverClient {
     Connected(Client),
-    Connect(Connector, ConnectOptions),
+    Connect(Box<Connector>, ConnectOptions),
 }
 
 /// CPU seconds (user + system) this process has used so far.
@@ -426,8 +426,10 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         // another, the drain measured mostly the 100 handshakes in a row, ~3.7 ms each on a
         // busy edge, not the edge's delivery.)
         for pair in 0..args.pairs {
-            let connect =
-                ReceiverClient::Connect(target.connector()?, target.options(receiver_user(pair)));
+            let connect = ReceiverClient::Connect(
+                Box::new(target.connector()?),
+                target.options(receiver_user(pair)),
+            );
             spawn_receiver(pair as usize, connect, &mut receive_tasks);
         }
     }
