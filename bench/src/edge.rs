@@ -187,6 +187,26 @@ impl Target {
         })
     }
 
+    /// Bytes the edge processes handed to `write` calls (`wchar` in /proc/PID/io: the store's
+    /// journal, flushes and compactions; datagrams go by `sendmsg`, which it does not count)
+    /// and bytes they sent to the storage layer (`write_bytes`), added up.
+    pub fn edge_written_bytes(&self) -> Option<(u64, u64)> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids.iter().try_fold((0, 0), |(wchar, storage), pid| {
+            let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+            let field = |name: &str| -> Option<u64> {
+                io.lines()
+                    .find_map(|line| line.strip_prefix(name))?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            Some((wchar + field("wchar:")?, storage + field("write_bytes:")?))
+        })
+    }
+
     /// Bytes of the spawned edge's store on disk (`None` for an edge this process did not
     /// start).
     pub fn store_disk_bytes(&self) -> Option<u64> {

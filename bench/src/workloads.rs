@@ -125,12 +125,14 @@ fn micros(duration: Duration) -> u64 {
 /// The edge's CPU seconds and memory (every edge's, added up), if its PID is known.
 struct EdgeUsage {
     cpu_start: Option<f64>,
+    written_start: Option<(u64, u64)>,
 }
 
 impl EdgeUsage {
     fn start(target: &Target) -> EdgeUsage {
         EdgeUsage {
             cpu_start: target.edge_usage().map(|(cpu, _)| cpu),
+            written_start: target.edge_written_bytes(),
         }
     }
 
@@ -140,6 +142,19 @@ impl EdgeUsage {
         {
             report.edge_cpu_secs = Some(cpu - start);
             report.edge_rss_bytes = Some(rss);
+        }
+        // What the store wrote for the run (journal, flushes, compactions): unlike CPU time,
+        // it hardly depends on how busy the machine is.
+        if let Some((wchar_start, storage_start)) = self.written_start
+            && let Some((wchar, storage)) = target.edge_written_bytes()
+        {
+            report
+                .extra
+                .insert("edge_write_call_bytes".into(), json!(wchar - wchar_start));
+            report.extra.insert(
+                "edge_storage_write_bytes".into(),
+                json!(storage - storage_start),
+            );
         }
     }
 }
