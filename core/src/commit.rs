@@ -442,6 +442,10 @@ fn write_batch<T: Transaction>(
     inboxes.dedup();
     for inbox in inboxes {
         let stored = stored_devices(txn, inbox, learned, known)?;
+        // Every transaction that writes device records deletes the inbox's messages up to the
+        // lowest cursor it leaves (below), so before this batch nothing at or below the lowest
+        // stored cursor is stored.
+        let stored_lowest = stored.iter().map(|record| record.cursor).min();
         let mut kept = Vec::with_capacity(stored.len() + 1);
         let mut lowest: Option<u64> = None;
         let mut forgot_one = false;
@@ -475,8 +479,10 @@ fn write_batch<T: Transaction>(
             continue;
         };
         // Start after what is known to be deleted: deleted keys leave tombstones that a
-        // range scan from seq 1 would walk on every ack.
-        let known_deleted_up_to = known.acked_up_to.get(&inbox).copied();
+        // range scan from seq 1 would walk on every ack. The committer remembers where its
+        // deletes ended; after a restart, or once the inbox left its cache, the lowest stored
+        // cursor says the same.
+        let known_deleted_up_to = known.acked_up_to.get(&inbox).copied().or(stored_lowest);
         let deleted_up_to = known_deleted_up_to.unwrap_or(0);
         if delete_up_to > deleted_up_to {
             let begin = keys::message(inbox, deleted_up_to.saturating_add(1));
@@ -1050,10 +1056,10 @@ mod tests {
         );
     }
 
-    /// Acks delete exactly the messages up to the cursor: the first by a range clear, the
-    /// next ones by a range clear with the keys listed (the committer knows where the deleted
-    /// ones end; a jump of exactly `ACK_LISTED_CLEARS_MAX` too), and a longer jump by a range
-    /// clear again.
+    /// Acks delete exactly the messages up to the cursor: by a range clear with the keys
+    /// listed from where the deleted ones end (which the committer remembers, or reads from
+    /// the lowest stored cursor: the first ack, and the first after a restart), a jump of
+    /// exactly `ACK_LISTED_CLEARS_MAX` too, and a longer jump by a plain range clear.
     #[test]
     fn acks_delete_exactly_the_acknowledged_messages() {
         let config = CoreConfig::default();
@@ -1086,6 +1092,22 @@ mod tests {
             committer.commit_batch(&store, &[ack], 1_000).unwrap();
             let expected: Vec<u64> = (up_to_seq + 1..=3_000).collect();
             assert_eq!(stored(), expected, "after the ack up to {up_to_seq}");
+        }
+        // A restarted edge's committer knows nothing: it starts after the stored cursor.
+        let mut restarted = Committer::new(&config);
+        for up_to_seq in [2_905, 2_999] {
+            let ack = Request::Ack {
+                inbox: 7,
+                device: 0,
+                up_to_seq,
+            };
+            restarted.commit_batch(&store, &[ack], 1_000).unwrap();
+            let expected: Vec<u64> = (up_to_seq + 1..=3_000).collect();
+            assert_eq!(
+                stored(),
+                expected,
+                "after a restart, the ack up to {up_to_seq}"
+            );
         }
     }
 
