@@ -126,6 +126,9 @@ fn micros(duration: Duration) -> u64 {
 struct EdgeUsage {
     cpu_start: Option<f64>,
     written_start: Option<(u64, u64)>,
+    /// This process's CPU seconds at the start: a load generator near one full core adds its
+    /// own queueing to the latencies it measures.
+    bench_cpu_start: Option<f64>,
 }
 
 impl EdgeUsage {
@@ -133,6 +136,7 @@ impl EdgeUsage {
         EdgeUsage {
             cpu_start: target.edge_usage().map(|(cpu, _)| cpu),
             written_start: target.edge_written_bytes(),
+            bench_cpu_start: own_cpu_secs(),
         }
     }
 
@@ -142,6 +146,11 @@ impl EdgeUsage {
         {
             report.edge_cpu_secs = Some(cpu - start);
             report.edge_rss_bytes = Some(rss);
+        }
+        if let (Some(start), Some(now)) = (self.bench_cpu_start, own_cpu_secs()) {
+            report
+                .extra
+                .insert("bench_cpu_secs".into(), json!(now - start));
         }
         // What the store wrote for the run (journal, flushes, compactions): unlike CPU time,
         // it hardly depends on how busy the machine is.
