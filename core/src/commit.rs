@@ -883,17 +883,25 @@ fn write_expiry<T: Transaction>(
     config: &CoreConfig,
 ) -> Result<ExpireReport, StoreError> {
     let mut report = ExpireReport::default();
-    // Dedupe lookups read the current and the previous bucket; everything older goes.
+    // At least 4: half for old dedupe records leaves index entries and messages at least one
+    // key each, so every pass makes progress.
+    let mut budget = config.expire_scan_keys_max.max(4);
+    // Dedupe lookups read the current and the previous bucket; everything older goes, at
+    // most half the budget a pass. (A bucket holds a window's sends: cleared in one
+    // transaction, an embedded store would read, and hold a tombstone in memory for, every
+    // one of them while its writer lock keeps every commit of the shard waiting.)
     let dedupe_bucket = now / config.dedupe_window_ms;
     if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
-        txn.clear_range(
+        let cleared = txn.clear_range_bounded(
             &keys::dedupe_bucket_start(0),
             &keys::dedupe_bucket_start(keep_from),
-        );
+            budget / 2,
+        )?;
+        budget -= cleared.keys_read;
+        report.more |= !cleared.finished;
     }
     // Expiry buckets before `first_live` ended at or before `now`.
     let first_live = now / config.expiry_bucket_ms;
-    let mut budget = config.expire_scan_keys_max.max(2);
     // Index entries take at most half the budget so messages always get the rest.
     let entries_max = budget / 2;
     let entries = txn.get_range(
@@ -901,7 +909,7 @@ fn write_expiry<T: Transaction>(
         &keys::expiry_bucket_start(first_live),
         entries_max,
     )?;
-    report.more = entries.len() == entries_max;
+    report.more |= entries.len() == entries_max;
     budget -= entries.len();
     for (key, value) in entries {
         let Some((bucket, inbox)) = keys::parse_expiry(&key) else {
@@ -1054,6 +1062,52 @@ mod tests {
             1,
             "only the retention bucket's entry is left"
         );
+    }
+
+    /// Dedupe records of buckets past their window go a bounded number per pass (half the
+    /// budget), not a whole window's sends in one transaction; the passes say there is more
+    /// until they are all gone, and the current and previous buckets stay.
+    #[test]
+    fn old_dedupe_records_go_at_most_half_the_budget_per_pass() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 40,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let window = config.dedupe_window_ms;
+        // 100 sends in bucket 1, then 3 in bucket 3 (the current one at the expiry below).
+        let old: Vec<Request> = (1..=100).map(|id| send(id, 7)).collect();
+        for batch in old.chunks(config.batch_requests_max) {
+            committer.commit_batch(&store, batch, window + 1).unwrap();
+        }
+        let new: Vec<Request> = (1_001..=1_003).map(|id| send(id, 7)).collect();
+        committer
+            .commit_batch(&store, &new, 3 * window + 1)
+            .unwrap();
+        let dedupe_records = |bucket: u64| {
+            let mut txn = store.begin().unwrap();
+            txn.get_range(
+                &keys::dedupe_bucket_start(bucket),
+                &keys::dedupe_bucket_start(bucket + 1),
+                1_000,
+            )
+            .unwrap()
+            .len()
+        };
+        assert_eq!((dedupe_records(1), dedupe_records(3)), (100, 3));
+        let now = 3 * window + 2;
+        let mut left = vec![dedupe_records(1)];
+        loop {
+            let report = expire(&store, now, &config).unwrap();
+            left.push(dedupe_records(1));
+            assert!(left.len() < 20, "expiry never finished: {left:?}");
+            if !report.more {
+                break;
+            }
+        }
+        assert_eq!(left, vec![100, 80, 60, 40, 20, 0], "20 (half of 40) a pass");
+        assert_eq!(dedupe_records(3), 3, "the current bucket stays");
     }
 
     /// Acks delete exactly the messages up to the cursor: by a range clear with the keys

@@ -613,6 +613,19 @@ mod tests {
             self.bytes += clear_range_bytes(p + begin.len(), p + end.len());
             self.inner.clear_range(begin, end);
         }
+        fn clear_range_bounded(
+            &mut self,
+            begin: &[u8],
+            end: &[u8],
+            _keys_max: usize,
+        ) -> Result<crate::store::BoundedClear, StoreError> {
+            // FoundationDB clears the whole range with one mutation.
+            self.clear_range(begin, end);
+            Ok(crate::store::BoundedClear {
+                keys_read: 0,
+                finished: true,
+            })
+        }
         fn clear_range_with_keys<K: AsRef<[u8]>>(
             &mut self,
             begin: &[u8],

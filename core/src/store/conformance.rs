@@ -26,7 +26,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 15] = [
+    let cases: [Case<H>; 16] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -38,6 +38,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
         (
             "clear_range_with_keys_clears_like_clear_range",
             clear_range_with_keys_clears_like_clear_range,
+        ),
+        (
+            "clear_range_bounded_clears_a_first_part_or_all",
+            clear_range_bounded_clears_a_first_part_or_all,
         ),
         (
             "atomic_mutations_are_little_endian",
@@ -223,6 +227,51 @@ fn clear_range_with_keys_clears_like_clear_range<H: Harness>(h: &mut H) {
     let mut txn = h.store().begin().unwrap();
     let reopened = txn.get_range(b"c/", b"c0", 100).unwrap();
     assert_eq!(keys_of(&reopened), vec![&b"c/1"[..], b"c/3", b"c/5"]);
+}
+
+/// A bounded range clear (how expiry drops old dedupe buckets) removes either the whole range
+/// or exactly its first `keys_max` keys as the transaction sees them (own writes included),
+/// and says which; repeated, it empties the range and nothing outside it.
+fn clear_range_bounded_clears_a_first_part_or_all<H: Harness>(h: &mut H) {
+    let stored: Vec<Vec<u8>> = (1..=9).map(|n| format!("b/{n}").into_bytes()).collect();
+    let mut pairs: Vec<(&[u8], &[u8])> = stored.iter().map(|k| (k.as_slice(), &b"v"[..])).collect();
+    pairs.push((b"c/1", b"outside"));
+    write(h.store(), &pairs);
+    let mut txn = h.store().begin().unwrap();
+    txn.set(b"b/2a", b"own write inside the range");
+    let first = txn.clear_range_bounded(b"b/", b"b0", 4).unwrap();
+    let seen = txn.get_range(b"b/", b"b0", 100).unwrap();
+    txn.commit().unwrap();
+    let mut txn = h.store().begin().unwrap();
+    let left = txn.get_range(b"b/", b"b0", 100).unwrap();
+    assert_eq!(
+        keys_of(&seen),
+        keys_of(&left),
+        "what the transaction saw was committed"
+    );
+    if first.finished {
+        assert!(left.is_empty(), "a finished clear leaves nothing");
+    } else {
+        assert_eq!(first.keys_read, 4);
+        let expected: Vec<&[u8]> = vec![b"b/4", b"b/5", b"b/6", b"b/7", b"b/8", b"b/9"];
+        assert_eq!(
+            keys_of(&left),
+            expected,
+            "the first four keys went, own write included"
+        );
+    }
+    drop(txn);
+    for _ in 0..5 {
+        let mut txn = h.store().begin().unwrap();
+        let cleared = txn.clear_range_bounded(b"b/", b"b0", 4).unwrap();
+        txn.commit().unwrap();
+        if cleared.finished {
+            break;
+        }
+    }
+    let mut txn = h.store().begin().unwrap();
+    assert!(txn.get_range(b"b/", b"b0", 100).unwrap().is_empty());
+    assert_eq!(txn.get(b"c/1").unwrap(), Some(b"outside".to_vec()));
 }
 
 fn atomic_mutations_are_little_endian<H: Harness>(h: &mut H) {

@@ -163,6 +163,14 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
         self.inner.clear_range(begin, end);
     }
+    fn clear_range_bounded(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        keys_max: usize,
+    ) -> Result<super::BoundedClear, StoreError> {
+        self.inner.clear_range_bounded(begin, end, keys_max)
+    }
     fn clear_range_with_keys<K: AsRef<[u8]>>(
         &mut self,
         begin: &[u8],

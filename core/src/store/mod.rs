@@ -71,6 +71,16 @@ pub type CommitVersion = u64;
 /// A key-value pair read from a store.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// What [`Transaction::clear_range_bounded`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundedClear {
+    /// Keys read to find what to delete (0 where the engine clears a range without reading).
+    pub keys_read: usize,
+    /// The whole range is cleared; otherwise only a first part of it, and the rest is left
+    /// for another transaction.
+    pub finished: bool,
+}
+
 /// An ordered, transactional key-value store.
 pub trait Store: Send + Sync {
     type Transaction<'a>: Transaction
@@ -158,6 +168,24 @@ pub trait Transaction {
     ) {
         let _ = keys;
         self.clear_range(begin, end);
+    }
+
+    /// Clears `begin..end`, but on engines that delete key by key (the embedded ones: no range
+    /// delete) at most its first `keys_max` keys, so that a transaction clearing a range of
+    /// unknown size stays bounded; `finished` says whether the whole range is gone. FoundationDB
+    /// clears the whole range without reading.
+    fn clear_range_bounded(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        keys_max: usize,
+    ) -> Result<BoundedClear, StoreError> {
+        let _ = keys_max;
+        self.clear_range(begin, end);
+        Ok(BoundedClear {
+            keys_read: 0,
+            finished: true,
+        })
     }
 
     /// Adds `delta` to the little-endian u64 at `key` (a missing key counts as 0), wrapping,

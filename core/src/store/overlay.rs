@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::{AtomicOp, CommitVersion, KeyValue, StoreError, apply_atomic};
+use super::{AtomicOp, BoundedClear, CommitVersion, KeyValue, StoreError, apply_atomic};
 
 /// Bytes a transaction writes: fjall's own type, so a commit hands the engine what the
 /// transaction built without copying it again. Keys and values up to 20 bytes (message,
@@ -160,6 +160,37 @@ impl<E: Engine> Overlay<E> {
         self.clear_range_listed(begin, end, Some(keys));
     }
 
+    /// `clear_range` of at most the first `keys_max` keys the range holds (as this
+    /// transaction sees it): the commit deletes what was read, without a scan of its own.
+    pub(crate) fn clear_range_bounded(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        keys_max: usize,
+    ) -> Result<BoundedClear, StoreError> {
+        if begin >= end {
+            return Ok(BoundedClear {
+                keys_read: 0,
+                finished: true,
+            });
+        }
+        // One key past the bound says whether the range goes on, and where the part to clear
+        // ends.
+        let held = self.get_range(begin, end, keys_max.saturating_add(1))?;
+        let finished = held.len() <= keys_max;
+        let keys_read = held.len().min(keys_max);
+        let stop = if finished {
+            end.to_vec()
+        } else {
+            held[keys_max].0.clone()
+        };
+        self.clear_range_with_keys(begin, &stop, held[..keys_read].iter().map(|(key, _)| key));
+        Ok(BoundedClear {
+            keys_read,
+            finished,
+        })
+    }
+
     fn clear_range_listed(&mut self, begin: &[u8], end: &[u8], keys: Option<Vec<Bytes>>) {
         if begin >= end {
             return;
@@ -249,6 +280,14 @@ macro_rules! overlay_transaction {
                 keys: impl IntoIterator<Item = K>,
             ) {
                 self.overlay.clear_range_with_keys(begin, end, keys);
+            }
+            fn clear_range_bounded(
+                &mut self,
+                begin: &[u8],
+                end: &[u8],
+                keys_max: usize,
+            ) -> Result<$crate::store::BoundedClear, $crate::store::StoreError> {
+                self.overlay.clear_range_bounded(begin, end, keys_max)
             }
             fn atomic_add(&mut self, key: &[u8], delta: u64) {
                 self.overlay
