@@ -890,15 +890,26 @@ fn write_expiry<T: Transaction>(
     // most half the budget a pass. (A bucket holds a window's sends: cleared in one
     // transaction, an embedded store would read, and hold a tombstone in memory for, every
     // one of them while its writer lock keeps every commit of the shard waiting.)
+    // Each pass begins where the last one stopped: from the start, it would walk the
+    // tombstones of every record deleted before (quadratic in a window's sends).
     let dedupe_bucket = now / config.dedupe_window_ms;
     if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
-        let cleared = txn.clear_range_bounded(
-            &keys::dedupe_bucket_start(0),
-            &keys::dedupe_bucket_start(keep_from),
-            budget / 2,
-        )?;
-        budget -= cleared.keys_read;
-        report.more |= !cleared.finished;
+        let end = keys::dedupe_bucket_start(keep_from);
+        let begin = match txn.get(&keys::dedupe_expired_below())? {
+            Some(mark) if keys::parse_dedupe_bucket(&mark).is_some() => mark,
+            _ => keys::dedupe_bucket_start(0).to_vec(),
+        };
+        if begin.as_slice() < end.as_slice() {
+            let cleared = txn.clear_range_bounded(&begin, &end, budget / 2)?;
+            budget -= cleared.keys_read;
+            report.more |= !cleared.finished;
+            // Engines that delete key by key read what they cleared; FoundationDB cleared the
+            // range at once and needs no mark (nor a write every shard would contend on).
+            if cleared.keys_read > 0 {
+                let below = cleared.resume_at.unwrap_or_else(|| end.to_vec());
+                txn.set(&keys::dedupe_expired_below(), &below);
+            }
+        }
     }
     // Expiry buckets before `first_live` ended at or before `now`.
     let first_live = now / config.expiry_bucket_ms;

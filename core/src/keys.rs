@@ -11,6 +11,7 @@
 //! | `e` bucket inbox | empty (older stores: a seq, ignored) | expiry index: inbox has messages expiring in bucket |
 //! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
 //! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
+//! | `k` | a dedupe key | every dedupe record below it is deleted: where expiry goes on clearing buckets past their window (embedded stores, which delete key by key) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
@@ -34,6 +35,12 @@ pub const TAG_EMPTIED: u8 = b'g';
 pub const TAG_LEASE: u8 = b'l';
 pub const TAG_MEMBERS: u8 = b'm';
 pub const TAG_BEAT: u8 = b'b';
+pub const TAG_DEDUPE_EXPIRED: u8 = b'k';
+
+/// `k`: below this dedupe key every record is deleted (`crate::commit::expire`).
+pub fn dedupe_expired_below() -> [u8; 1] {
+    [TAG_DEDUPE_EXPIRED]
+}
 
 /// `g/{inbox}`
 pub fn emptied(inbox: UserId) -> [u8; 9] {

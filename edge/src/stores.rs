@@ -324,7 +324,8 @@ fn shard_of_key(key: &[u8], shards: u32) -> Result<Option<u32>, StoreError> {
     match key.first() {
         Some(&keys::TAG_MESSAGE | &keys::TAG_COUNTER | &keys::TAG_DEVICE) => inbox_at(1),
         Some(&keys::TAG_DEDUPE | &keys::TAG_EXPIRY) => inbox_at(9),
-        Some(&keys::TAG_CLOCK) => Ok(None),
+        // Expiry's mark of deleted dedupe records holds for each shard's copy too.
+        Some(&keys::TAG_CLOCK | &keys::TAG_DEDUPE_EXPIRED) => Ok(None),
         _ => Err(StoreError::Corrupt(format!(
             "a key this version does not know: {key:02x?}"
         ))),

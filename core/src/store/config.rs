@@ -624,6 +624,7 @@ mod tests {
             Ok(crate::store::BoundedClear {
                 keys_read: 0,
                 finished: true,
+                resume_at: None,
             })
         }
         fn clear_range_with_keys<K: AsRef<[u8]>>(

@@ -72,13 +72,16 @@ pub type CommitVersion = u64;
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// What [`Transaction::clear_range_bounded`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundedClear {
     /// Keys read to find what to delete (0 where the engine clears a range without reading).
     pub keys_read: usize,
     /// The whole range is cleared; otherwise only a first part of it, and the rest is left
     /// for another transaction.
     pub finished: bool,
+    /// When not finished: the first key left, where the next clear can begin (below it the
+    /// range is cleared).
+    pub resume_at: Option<Vec<u8>>,
 }
 
 /// An ordered, transactional key-value store.
@@ -185,6 +188,7 @@ pub trait Transaction {
         Ok(BoundedClear {
             keys_read: 0,
             finished: true,
+            resume_at: None,
         })
     }
 

@@ -172,6 +172,7 @@ impl<E: Engine> Overlay<E> {
             return Ok(BoundedClear {
                 keys_read: 0,
                 finished: true,
+                resume_at: None,
             });
         }
         // One key past the bound says whether the range goes on, and where the part to clear
@@ -188,6 +189,7 @@ impl<E: Engine> Overlay<E> {
         Ok(BoundedClear {
             keys_read,
             finished,
+            resume_at: (!finished).then_some(stop),
         })
     }
 

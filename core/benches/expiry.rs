@@ -1,0 +1,111 @@
+//! How long expiry holds an embedded store when a dedupe window's records fall due.
+//!
+//! Stores `--sends N` messages (default 200,000) to random inboxes in one dedupe bucket (not
+//! timed), then moves the clock two windows on and runs `expire` passes until none says
+//! there is more, as a shard's maintenance thread does. Each pass holds the store's writer
+//! lock, so a pass's length is how long every commit of the shard may wait. Prints the
+//! passes, the median and the longest pass, the total, and the process's peak memory.
+//!
+//! Run: `cargo bench -p courier-core --bench expiry -- [--sends N] [--dir PATH]`
+//! The directory must be on the disk you want to measure; default: `target/expiry-bench`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use courier_core::CoreConfig;
+use courier_core::commit::{Committer, Request, SendRequest, expire};
+use courier_core::rng::Rng;
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+
+fn main() {
+    let mut sends = 200_000u64;
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/expiry-bench");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--sends" => {
+                sends = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--sends N (at least 1)")
+            }
+            "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
+            // `cargo bench` passes --bench; anything else is a mistake worth reporting.
+            "--bench" => {}
+            other => {
+                eprintln!("unknown argument {other}; usage: expiry [--sends N] [--dir PATH]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create bench dir");
+    let config = CoreConfig::default();
+    let store = FjallStore::open(&dir, &FjallOptions::default()).expect("open store");
+    let mut committer = Committer::new(&config);
+    let mut rng = Rng::new(1);
+    let window_ms = config.dedupe_window_ms;
+    let mut stored = 0u64;
+    while stored < sends {
+        let batch: Vec<Request> = (0..config.batch_requests_max as u64)
+            .map(|index| {
+                Request::Send(SendRequest {
+                    sender: 1 + rng.below(100_000),
+                    client_id: stored + index + 1,
+                    to: 1 + rng.below(100_000),
+                    body: vec![0x5A; 200],
+                    ttl_secs: None,
+                })
+            })
+            .collect();
+        committer
+            .commit_batch(&store, &batch, window_ms + 1)
+            .expect("commit");
+        stored += batch.len() as u64;
+    }
+    let now = 3 * window_ms + 1;
+    let mut passes: Vec<Duration> = Vec::new();
+    let start = Instant::now();
+    loop {
+        let pass_start = Instant::now();
+        let report = expire(&store, now, &config).expect("expire");
+        passes.push(pass_start.elapsed());
+        if !report.more {
+            break;
+        }
+    }
+    let total = start.elapsed();
+    let count = passes.len();
+    passes.sort();
+    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    println!(
+        "| dedupe records due | expiry passes | pass p50 / longest (writer lock held) | all passes | peak RSS |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {stored} | {count} | {:.1} / {:.1} ms | {:.2} s | {} MiB |",
+        ms(passes[count / 2]),
+        ms(passes[count - 1]),
+        total.as_secs_f64(),
+        peak_rss_kib() / 1024
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
