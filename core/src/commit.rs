@@ -1077,7 +1077,8 @@ mod tests {
 
     /// Dedupe records of buckets past their window go a bounded number per pass (half the
     /// budget), not a whole window's sends in one transaction; the passes say there is more
-    /// until they are all gone, and the current and previous buckets stay.
+    /// until they are all gone, the current and previous buckets stay, and the next passes
+    /// begin at the mark the last one left.
     #[test]
     fn old_dedupe_records_go_at_most_half_the_budget_per_pass() {
         let config = CoreConfig {
@@ -1119,6 +1120,24 @@ mod tests {
         }
         assert_eq!(left, vec![100, 80, 60, 40, 20, 0], "20 (half of 40) a pass");
         assert_eq!(dedupe_records(3), 3, "the current bucket stays");
+        let mark = || {
+            store
+                .begin()
+                .unwrap()
+                .get(&keys::dedupe_expired_below())
+                .unwrap()
+        };
+        assert_eq!(
+            mark(),
+            Some(keys::dedupe_bucket_start(2).to_vec()),
+            "the passes marked everything below the buckets they keep as deleted"
+        );
+        // A window later, bucket 3 is past its window too: the passes go on from the mark
+        // and reach it.
+        let report = expire(&store, 5 * window + 2, &config).unwrap();
+        assert!(!report.more);
+        assert_eq!(dedupe_records(3), 0, "bucket 3 went a window later");
+        assert_eq!(mark(), Some(keys::dedupe_bucket_start(4).to_vec()));
     }
 
     /// Acks delete exactly the messages up to the cursor: by a range clear with the keys

@@ -18,7 +18,8 @@
 //! | `m` | [`crate::membership::Membership`] | the cluster's members and their epoch: an edge on other members is fenced |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
-//! Dedupe records are keyed by time bucket first so expiring them is one range clear. They are
+//! Dedupe records are keyed by time bucket first so expiring them is one range clear (in bounded
+//! passes on the embedded stores, decision 0020). They are
 //! keyed by the recipient's inbox, so every key of an inbox is written by its home shard alone.
 
 use crate::UserId;
