@@ -480,8 +480,8 @@ fn write_batch<T: Transaction>(
         };
         // Start after what is known to be deleted: deleted keys leave tombstones that a
         // range scan from seq 1 would walk on every ack. The committer remembers where its
-        // deletes ended; after a restart, or once the inbox left its cache, the lowest stored
-        // cursor says the same.
+        // deletes ended; before its first delete of the inbox (after a login, a restart, or
+        // once the inbox left its cache), the lowest stored cursor says the same.
         let known_deleted_up_to = known.acked_up_to.get(&inbox).copied().or(stored_lowest);
         let deleted_up_to = known_deleted_up_to.unwrap_or(0);
         if delete_up_to > deleted_up_to {
@@ -857,7 +857,8 @@ pub struct ExpireReport {
 }
 
 /// Deletes dedupe records older than their window and messages past their expiry, reading at
-/// most `config.expire_scan_keys_max` keys. Idempotent; run it periodically and again while
+/// most `config.expire_scan_keys_max` keys (at least 4), plus a few more to see where ranges
+/// end and where the last pass stopped. Idempotent; run it periodically and again while
 /// [`ExpireReport::more`] is set.
 pub fn expire<S: Store>(
     store: &S,
@@ -895,20 +896,28 @@ fn write_expiry<T: Transaction>(
     let dedupe_bucket = now / config.dedupe_window_ms;
     if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
         let end = keys::dedupe_bucket_start(keep_from);
+        // A mark at or past the end is not one this clock and window would have left (the
+        // window was raised, which makes bucket numbers smaller, or the clock was set back):
+        // records may lie below it, so the pass starts over from the first bucket.
         let begin = match txn.get(&keys::dedupe_expired_below())? {
-            Some(mark) if keys::parse_dedupe_bucket(&mark).is_some() => mark,
+            Some(mark)
+                if keys::parse_dedupe_bucket(&mark).is_some() && mark.as_slice() < &end[..] =>
+            {
+                mark
+            }
             _ => keys::dedupe_bucket_start(0).to_vec(),
         };
-        if begin.as_slice() < end.as_slice() {
-            let cleared = txn.clear_range_bounded(&begin, &end, budget / 2)?;
-            budget -= cleared.keys_read;
-            report.more |= !cleared.finished;
-            // Engines that delete key by key read what they cleared; FoundationDB cleared the
-            // range at once and needs no mark (nor a write every shard would contend on).
-            if cleared.keys_read > 0 {
-                let below = cleared.resume_at.unwrap_or_else(|| end.to_vec());
-                txn.set(&keys::dedupe_expired_below(), &below);
-            }
+        let cleared = txn.clear_range_bounded(&begin, &end, budget / 2)?;
+        budget -= cleared.keys_read;
+        report.more |= !cleared.finished;
+        // Engines that delete key by key read what they cleared; FoundationDB cleared the
+        // range at once and needs no mark (nor a write every shard would contend on).
+        if cleared.keys_read > 0 {
+            let below = cleared.resume_at.unwrap_or_else(|| end.to_vec());
+            txn.set(&keys::dedupe_expired_below(), &below);
+            // The mark rests on time never running back behind this pass: after a restart,
+            // the clock starts above its high-water mark, so no record goes below the mark.
+            txn.atomic_max(&keys::clock(), now);
         }
     }
     // Expiry buckets before `first_live` ended at or before `now`.
@@ -1138,6 +1147,32 @@ mod tests {
         assert!(!report.more);
         assert_eq!(dedupe_records(3), 0, "bucket 3 went a window later");
         assert_eq!(mark(), Some(keys::dedupe_bucket_start(4).to_vec()));
+        // The mark rests on the clock never going back behind the pass: it is in the store's
+        // high-water mark, where a restarted clock starts.
+        let clock = store.begin().unwrap().get(&keys::clock()).unwrap();
+        assert!(clock.and_then(|v| keys::le_u64(&v)) >= Some(5 * window + 2));
+        // The window raised tenfold: bucket numbers shrink, so new records land below the
+        // mark. The passes must start over, not skip them.
+        let wider = CoreConfig {
+            dedupe_window_ms: 10 * window,
+            ..config.clone()
+        };
+        let mut committer = Committer::new(&wider);
+        committer
+            .commit_batch(&store, &[send(2_001, 7)], 5 * window + 3)
+            .unwrap();
+        assert_eq!(
+            dedupe_records(0),
+            1,
+            "written in bucket 0 of the wider window"
+        );
+        let report = expire(&store, 30 * window, &wider).unwrap();
+        assert!(!report.more);
+        assert_eq!(
+            dedupe_records(0),
+            0,
+            "a record below the old mark still goes"
+        );
     }
 
     /// Acks delete exactly the messages up to the cursor: by a range clear with the keys

@@ -10,7 +10,7 @@
 //! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
 //! | `e` bucket inbox | empty (older stores: a seq, ignored) | expiry index: inbox has messages expiring in bucket |
 //! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
-//! | `t` | highest commit time, u64 LE (atomic max) | server time high-water mark (`clock`) |
+//! | `t` | highest commit time (and time of an expiry pass that wrote `k`), u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `k` | a dedupe key | every dedupe record below it is deleted: where expiry goes on clearing buckets past their window (embedded stores, which delete key by key) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |

@@ -298,13 +298,14 @@ impl FdbConfig {
     }
 
     /// An upper bound of the bytes FoundationDB counts for one `commit::expire` pass under
-    /// `core`: it reads at most `expire_scan_keys_max` keys, at most half of them expiry index
-    /// entries (each a range read of messages, a clear and an emptied-inbox mark) and the rest
-    /// messages (a clear each), plus one dedupe range clear, the list of emptied inboxes and
-    /// the owner check.
+    /// `core`: it reads at most `expire_scan_keys_max` keys (at least 4), at most half of them
+    /// expiry index entries (each a range read of messages, a clear and an emptied-inbox mark)
+    /// and the rest messages (a clear each), plus one dedupe range clear (FoundationDB clears
+    /// it without reading, so it writes no `k` mark), the read of that mark, the list of
+    /// emptied inboxes and the owner check.
     pub fn expire_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_key) = self.expire_costs();
-        fixed + core.expire_scan_keys_max.max(2) * per_key
+        fixed + core.expire_scan_keys_max.max(4) * per_key
     }
 
     /// Bytes of the fixed part of an expiry pass, and per scanned key (the average of an
@@ -316,10 +317,11 @@ impl FdbConfig {
         let bucket_key = prefixed(keys::dedupe_bucket_start(0).len());
         let emptied_key = prefixed(keys::emptied(0).len());
         let tag_key = prefixed(1);
-        // The dedupe clear, the read of the index, the list of emptied inboxes, and one entry
-        // rewritten with where the next pass goes on.
+        // The dedupe clear and the read of its mark, the read of the index, the list of
+        // emptied inboxes, and one entry rewritten with where the next pass goes on.
         let fixed = self.owner_check_bytes()
             + clear_range_bytes(bucket_key, bucket_key)
+            + read_bytes(prefixed(keys::dedupe_expired_below().len()))
             + range_read_bytes(bucket_key, bucket_key)
             + range_read_bytes(tag_key, tag_key)
             + set_bytes(expiry_key, 9);

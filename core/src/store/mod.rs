@@ -174,7 +174,7 @@ pub trait Transaction {
     }
 
     /// Clears `begin..end`, but on engines that delete key by key (the embedded ones: no range
-    /// delete) at most its first `keys_max` keys, so that a transaction clearing a range of
+    /// delete) at most its first `keys_max` keys (at least one), so that a transaction clearing a range of
     /// unknown size stays bounded; `finished` says whether the whole range is gone. FoundationDB
     /// clears the whole range without reading.
     fn clear_range_bounded(

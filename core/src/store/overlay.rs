@@ -175,6 +175,8 @@ impl<E: Engine> Overlay<E> {
                 resume_at: None,
             });
         }
+        // At least one key, so that a caller repeating the clear always gets to the end.
+        let keys_max = keys_max.max(1);
         // One key past the bound says whether the range goes on, and where the part to clear
         // ends.
         let held = self.get_range(begin, end, keys_max.saturating_add(1))?;
