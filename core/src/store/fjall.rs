@@ -309,6 +309,16 @@ impl FjallStore {
                 disk_bytes_after: disk_bytes_before,
             });
         }
+        // Which keyspaces had deletes, taken before the flush below: a delete counted here
+        // committed before it, so its tombstone reaches the tables this pass compacts. (Taken
+        // after the flush, a delete committed in between was counted here while its tombstone
+        // stayed in the memtable, and the next pass, seeing no delete, never compacted it
+        // away: the deleted value stayed in a table.) A delete after this goes to the next pass.
+        let deleted: Vec<bool> = self
+            .deleted_since_erase
+            .iter()
+            .map(|deleted| deleted.swap(false, Ordering::AcqRel))
+            .collect();
         self.db.rotate_journal().map_err(io_error)?;
         for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait().map_err(io_error)?;
@@ -316,16 +326,14 @@ impl FjallStore {
         // Deletes the journal sealed above: everything in it is now in tables.
         self.db.rotate_journal().map_err(io_error)?;
         let mut keyspaces_compacted = 0;
-        for (index, deleted) in self.deleted_since_erase.iter().enumerate() {
-            if deleted.swap(false, Ordering::AcqRel) {
-                if self.compact_fully(self.keyspace_at(index))? {
-                    keyspaces_compacted += 1;
-                } else {
-                    // A background compaction overlapped ours, which then may have merged
-                    // nothing: the next pass tries again.
-                    deleted.store(true, Ordering::Release);
-                    self.written_since_erase.store(true, Ordering::Release);
-                }
+        for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
+            if self.compact_fully(self.keyspace_at(index))? {
+                keyspaces_compacted += 1;
+            } else {
+                // A background compaction overlapped ours, which then may have merged
+                // nothing: the next pass tries again.
+                self.deleted_since_erase[index].store(true, Ordering::Release);
+                self.written_since_erase.store(true, Ordering::Release);
             }
         }
         // The compactions' input tables hold the deleted values until their files go.
