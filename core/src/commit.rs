@@ -802,23 +802,35 @@ pub fn read_inbox<S: Store>(
     let mut txn = store.begin_read()?;
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
-    let pairs = txn.get_range(&begin, &end, config.sync_messages_max)?;
-    let more = pairs.len() >= config.sync_messages_max;
-    let mut messages = Vec::with_capacity(pairs.len());
+    let mut messages = Vec::new();
+    let mut scanned = 0usize;
     let mut last_scanned = after_seq;
-    for (key, value) in pairs {
-        let Some((_, seq)) = keys::parse_message(&key) else {
-            return Err(StoreError::Corrupt(
+    let mut corrupt = None;
+    // Decoded from the engine's bytes as they are scanned: no copy of each pair first.
+    txn.scan_range(&begin, &end, config.sync_messages_max, &mut |key, value| {
+        scanned += 1;
+        let Some((_, seq)) = keys::parse_message(key) else {
+            corrupt = Some(StoreError::Corrupt(
                 "message key of unexpected shape".into(),
             ));
+            return false;
         };
         last_scanned = seq;
-        let message = envelope::decode(inbox, seq, &value)
-            .ok_or_else(|| StoreError::Corrupt(format!("message {seq} of inbox {inbox}")))?;
+        let Some(message) = envelope::decode(inbox, seq, value) else {
+            corrupt = Some(StoreError::Corrupt(format!(
+                "message {seq} of inbox {inbox}"
+            )));
+            return false;
+        };
         if message.expire_at_ms > now {
             messages.push(message);
         }
+        true
+    })?;
+    if let Some(error) = corrupt {
+        return Err(error);
     }
+    let more = scanned >= config.sync_messages_max;
     // A full page covers what it scanned. A short one saw every stored message, so it covers
     // the inbox up to its counter (or the floor), read in the same transaction: a seq at or
     // below it is committed or will never be used, so if it is not stored it is gone.

@@ -601,6 +601,17 @@ mod tests {
             self.bytes += range_read_bytes(p + begin.len(), p + end.len());
             self.inner.get_range(begin, end, limit)
         }
+        fn scan_range(
+            &mut self,
+            begin: &[u8],
+            end: &[u8],
+            limit: usize,
+            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            let p = self.store.prefix_bytes;
+            self.bytes += range_read_bytes(p + begin.len(), p + end.len());
+            self.inner.scan_range(begin, end, limit, visit)
+        }
         fn set(&mut self, key: &[u8], value: &[u8]) {
             self.bytes += set_bytes(self.store.prefix_bytes + key.len(), value.len());
             self.inner.set(key, value);

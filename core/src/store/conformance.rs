@@ -147,6 +147,27 @@ fn ranges_are_ordered_limited_and_merged<H: Harness>(h: &mut H) {
         txn.get_range(b"r/5", b"r/1", 100).unwrap().is_empty(),
         "empty when begin >= end"
     );
+    // A scan sees the same pairs (own writes merged, the limit kept) and stops when told.
+    let scanned = |txn: &mut <H::S as Store>::Transaction<'_>, limit: usize, stop_after: usize| {
+        let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        txn.scan_range(b"r/", b"r0", limit, &mut |key, value| {
+            seen.push((key.to_vec(), value.to_vec()));
+            seen.len() < stop_after
+        })
+        .unwrap();
+        seen
+    };
+    for limit in 1..=5 {
+        assert_eq!(
+            scanned(&mut txn, limit, usize::MAX),
+            txn.get_range(b"r/", b"r0", limit).unwrap(),
+            "limit {limit}"
+        );
+    }
+    assert_eq!(
+        keys_of(&scanned(&mut txn, 100, 3)),
+        vec![&b"r/1"[..], b"r/2", b"r/4"]
+    );
 }
 
 /// Backends may partition keys by their first byte (the fjall one does); ranges must still

@@ -154,6 +154,15 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     ) -> Result<Vec<KeyValue>, StoreError> {
         self.inner.get_range(begin, end, limit)
     }
+    fn scan_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.inner.scan_range(begin, end, limit, visit)
+    }
     fn set(&mut self, key: &[u8], value: &[u8]) {
         self.inner.set(key, value);
     }

@@ -149,6 +149,23 @@ pub trait Transaction {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError>;
 
+    /// Like [`get_range`](Transaction::get_range), handing each pair to `visit` (which returns
+    /// false to stop) instead of collecting copies: the embedded engines lend their own bytes.
+    fn scan_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for (key, value) in self.get_range(begin, end, limit)? {
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn set(&mut self, key: &[u8], value: &[u8]);
 
     fn clear(&mut self, key: &[u8]);

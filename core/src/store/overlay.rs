@@ -92,8 +92,24 @@ impl<E: Engine> Overlay<E> {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
+        self.scan_range(begin, end, limit, &mut |key, value| {
+            out.push((key.to_vec(), value.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `visit` with up to `limit` pairs of `begin..end` in key order, seeing this
+    /// transaction's writes, until it returns false. The engine's bytes are lent, not copied.
+    pub(crate) fn scan_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         if begin >= end || limit == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let mut own = self
             .writes
@@ -101,34 +117,42 @@ impl<E: Engine> Overlay<E> {
             .peekable();
         let cleared = &self.cleared;
         let in_cleared = |key: &[u8]| cleared.iter().any(|range| range.contains(key));
+        let mut emitted = 0usize;
+        // Whether to go on after one more pair.
+        let mut emit = |key: &[u8], value: &[u8]| {
+            emitted += 1;
+            visit(key, value) && emitted < limit
+        };
+        let mut going = true;
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
             while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
-                if let Some(v) = own_value {
-                    out.push((own_key.to_vec(), v.to_vec()));
-                    if out.len() == limit {
-                        return false;
-                    }
+                if let Some(v) = own_value
+                    && !emit(own_key, v)
+                {
+                    going = false;
+                    return false;
                 }
             }
-            if let Some((_, own_value)) = own.next_if(|(k, _)| k.as_slice() == key) {
-                if let Some(v) = own_value {
-                    out.push((key.to_vec(), v.to_vec()));
-                }
-            } else if !in_cleared(key) {
-                out.push((key.to_vec(), value.to_vec()));
-            }
-            out.len() < limit
+            let more = match own.next_if(|(k, _)| k.as_slice() == key) {
+                Some((_, Some(v))) => emit(key, v),
+                Some((_, None)) => true,
+                None if in_cleared(key) => true,
+                None => emit(key, value),
+            };
+            going = more;
+            more
         })?;
-        for (own_key, own_value) in own {
-            if out.len() == limit {
-                break;
-            }
-            if let Some(v) = own_value {
-                out.push((own_key.to_vec(), v.to_vec()));
+        if going {
+            for (own_key, own_value) in own {
+                if let Some(v) = own_value
+                    && !emit(own_key, v)
+                {
+                    break;
+                }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub(crate) fn set(&mut self, key: &[u8], value: &[u8]) {
@@ -267,6 +291,15 @@ macro_rules! overlay_transaction {
                 limit: usize,
             ) -> Result<Vec<$crate::store::KeyValue>, $crate::store::StoreError> {
                 self.overlay.get_range(begin, end, limit)
+            }
+            fn scan_range(
+                &mut self,
+                begin: &[u8],
+                end: &[u8],
+                limit: usize,
+                visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.overlay.scan_range(begin, end, limit, visit)
             }
             fn set(&mut self, key: &[u8], value: &[u8]) {
                 self.overlay.set(key, value);
