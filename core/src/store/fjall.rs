@@ -300,6 +300,17 @@ impl FjallStore {
     /// runs beside commits (fjall serialises what needs it) and does nothing if nothing was
     /// written since the last pass.
     pub fn erase_deleted(&self) -> Result<EraseReport, StoreError> {
+        self.erase_deleted_then(|| {})
+    }
+
+    /// [`erase_deleted`](FjallStore::erase_deleted), calling `after_flush` once the pass has
+    /// flushed the memtables and before it compacts: where a commit racing the pass lands in
+    /// the tests (`core/tests/fjall_erase.rs`).
+    #[doc(hidden)]
+    pub fn erase_deleted_then(
+        &self,
+        after_flush: impl FnOnce(),
+    ) -> Result<EraseReport, StoreError> {
         use std::sync::atomic::Ordering;
         let disk_bytes_before = self.disk_bytes()?;
         if !self.written_since_erase.swap(false, Ordering::AcqRel) {
@@ -325,6 +336,7 @@ impl FjallStore {
         }
         // Deletes the journal sealed above: everything in it is now in tables.
         self.db.rotate_journal().map_err(io_error)?;
+        after_flush();
         let mut keyspaces_compacted = 0;
         for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
             if self.compact_fully(self.keyspace_at(index))? {

@@ -321,6 +321,14 @@ impl Database {
     ///
     /// Will return `Err` if an IO error occurs.
     pub fn collect_garbage(&self) -> crate::Result<()> {
+        // Courier patch: versions retired at the newest sequence number (by a compaction that
+        // no write has followed) are only collectable once the number moves on. Move it on
+        // here, as an empty batch would, under the journal lock that orders batches.
+        {
+            let _journal = self.supervisor.journal.get_writer()?;
+            let seqno = self.supervisor.seqno.next();
+            self.supervisor.snapshot_tracker.publish(seqno);
+        }
         self.supervisor.snapshot_tracker.pullup();
         self.supervisor.snapshot_tracker.gc();
         let gc_seqno = self.supervisor.snapshot_tracker.get_seqno_safe_to_gc();
