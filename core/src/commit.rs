@@ -1214,7 +1214,8 @@ mod tests {
                 .map(|(key, _)| keys::parse_message(key).unwrap().1)
                 .collect::<Vec<u64>>()
         };
-        for up_to_seq in [3, 4, 10, 10 + ACK_LISTED_CLEARS_MAX, 2_900] {
+        // Acks `up_to_seq` through `committer`, then checks exactly what follows it is stored.
+        let ack_and_check = |committer: &mut Committer, up_to_seq: u64, when: &str| {
             let ack = Request::Ack {
                 inbox: 7,
                 device: 0,
@@ -1222,23 +1223,15 @@ mod tests {
             };
             committer.commit_batch(&store, &[ack], 1_000).unwrap();
             let expected: Vec<u64> = (up_to_seq + 1..=3_000).collect();
-            assert_eq!(stored(), expected, "after the ack up to {up_to_seq}");
+            assert_eq!(stored(), expected, "{when}the ack up to {up_to_seq}");
+        };
+        for up_to_seq in [3, 4, 10, 10 + ACK_LISTED_CLEARS_MAX, 2_900] {
+            ack_and_check(&mut committer, up_to_seq, "after ");
         }
         // A restarted edge's committer knows nothing: it starts after the stored cursor.
         let mut restarted = Committer::new(&config);
         for up_to_seq in [2_905, 2_999] {
-            let ack = Request::Ack {
-                inbox: 7,
-                device: 0,
-                up_to_seq,
-            };
-            restarted.commit_batch(&store, &[ack], 1_000).unwrap();
-            let expected: Vec<u64> = (up_to_seq + 1..=3_000).collect();
-            assert_eq!(
-                stored(),
-                expected,
-                "after a restart, the ack up to {up_to_seq}"
-            );
+            ack_and_check(&mut restarted, up_to_seq, "after a restart, ");
         }
     }
 

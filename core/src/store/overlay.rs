@@ -202,16 +202,21 @@ impl<E: Engine> Overlay<E> {
         // At least one key, so that a caller repeating the clear always gets to the end.
         let keys_max = keys_max.max(1);
         // One key past the bound says whether the range goes on, and where the part to clear
-        // ends.
-        let held = self.get_range(begin, end, keys_max.saturating_add(1))?;
+        // ends. Keys only: the values are not needed.
+        let mut held: Vec<Bytes> = Vec::new();
+        self.scan_range(begin, end, keys_max.saturating_add(1), &mut |key, _| {
+            held.push(Bytes::from(key));
+            true
+        })?;
         let finished = held.len() <= keys_max;
         let keys_read = held.len().min(keys_max);
         let stop = if finished {
             end.to_vec()
         } else {
-            held[keys_max].0.clone()
+            held[keys_max].to_vec()
         };
-        self.clear_range_with_keys(begin, &stop, held[..keys_read].iter().map(|(key, _)| key));
+        held.truncate(keys_read);
+        self.clear_range_listed(begin, &stop, Some(held));
         Ok(BoundedClear {
             keys_read,
             finished,
