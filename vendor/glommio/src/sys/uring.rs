@@ -1222,7 +1222,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
+    /// Courier patch: when the running task queues should yield, checked in user space
+    /// (`preempt_deadline_passed`) instead of by a timeout in the latency ring.
+    preempt_deadline: Cell<Option<Instant>>,
 
     link_fd: RawFd,
 
@@ -1353,7 +1355,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
+            preempt_deadline: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1820,16 +1822,17 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
+        //
+        // Courier patch: only a sleep's wake-up timer is ever registered here now (see the
+        // end of this function), so on a busy executor there is nothing to cancel.
         drop(self.latency_preemption_timeout_src.take());
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // Courier patch: upstream re-registered a throughput preemption timer here on every
+        // call (a cancellation, a count-based timeout and a linked eventfd write in the main
+        // ring: three submissions per loop of the executor). It preempted a task queue once
+        // `ring_depth` main-ring I/Os had completed; the time-based deadline below still
+        // preempts it, so it is not registered.
+        self.preempt_deadline.set(None);
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1882,8 +1885,12 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            // Courier patch: upstream registered a timeout in the latency ring here, on every
+            // loop of the executor (two submissions with its cancellation above, and a kernel
+            // timer armed and cancelled), so that `need_preempt` saw it complete. The deadline
+            // is now kept here and `need_preempt` reads the clock (`preempt_deadline_passed`):
+            // a loop of the executor that finds nothing new makes no system call.
+            self.preempt_deadline.set(Some(Instant::now() + preempt));
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1899,6 +1906,14 @@ impl Reactor {
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
+    }
+
+    /// Courier patch: whether the deadline `wait` set for the running task queues has passed.
+    #[inline(always)]
+    pub(crate) fn preempt_deadline_passed(&self) -> bool {
+        self.preempt_deadline
+            .get()
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {

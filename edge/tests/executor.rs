@@ -1,0 +1,123 @@
+//! The patched glommio executor (vendor/README.md) still does what the shards rely on: a busy
+//! task is told to yield once its task queue has run for the preemption period, a parked
+//! executor wakes for its own timer, and a thread outside the executor always wakes it.
+//!
+//! glommio decides preemption with a deadline read in user space instead of a timeout it
+//! registered in its latency ring on every loop, and an executor goes to sleep after a fence
+//! instead of a `membarrier` system call; a mistake in either shows here as a task that is
+//! never told to yield or an executor that sleeps through a wake-up.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use glommio::LocalExecutorBuilder;
+
+/// Runs `body` on a fresh executor thread and returns its result, failing the test instead of
+/// hanging if the executor never finishes (a lost wake-up).
+fn run_on_executor<T, F>(preempt: Duration, body: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: Future<Output = T> + 'static,
+{
+    let (done_tx, done_rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let executor = LocalExecutorBuilder::default()
+            .io_memory(64 * 1024)
+            .preempt_timer(preempt)
+            .make()
+            .expect("an executor");
+        let result = executor.run(body());
+        let _ = done_tx.send(result);
+    });
+    let result = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the executor finished within 60 s");
+    thread.join().expect("the executor thread ends");
+    result
+}
+
+/// Busy work that stops after `limit`, so a broken check fails an assertion instead of
+/// spinning forever.
+const BUSY_LIMIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_busy_task_is_told_to_yield_after_the_preemption_period() {
+    let preempt = Duration::from_millis(20);
+    let (told, spun) = run_on_executor(preempt, || async {
+        let started = Instant::now();
+        while started.elapsed() < BUSY_LIMIT {
+            if glommio::executor().need_preempt() {
+                return (true, started.elapsed());
+            }
+            std::hint::spin_loop();
+        }
+        (false, started.elapsed())
+    });
+    assert!(told, "need_preempt stayed false for {spun:?} of busy work");
+    // The period starts when the executor last polled for I/O, a moment before the task.
+    assert!(
+        spun >= preempt / 2,
+        "need_preempt was true after {spun:?}, long before the {preempt:?} period"
+    );
+}
+
+#[test]
+fn a_busy_task_that_yields_when_told_lets_another_task_run() {
+    // Without preemption `yield_if_needed` never yields, and the second task runs only once
+    // the busy one gave up after BUSY_LIMIT.
+    let (other_ran_while_busy, busy_for) = run_on_executor(Duration::from_millis(10), || async {
+        let other_ran = Rc::new(Cell::new(false));
+        let other = glommio::spawn_local({
+            let other_ran = other_ran.clone();
+            async move { other_ran.set(true) }
+        });
+        let started = Instant::now();
+        while !other_ran.get() && started.elapsed() < BUSY_LIMIT {
+            glommio::yield_if_needed().await;
+        }
+        let ran_while_busy = other_ran.get();
+        other.await;
+        (ran_while_busy, started.elapsed())
+    });
+    assert!(
+        other_ran_while_busy,
+        "the other task did not run during {busy_for:?} of busy work"
+    );
+}
+
+#[test]
+fn a_parked_executor_wakes_for_its_timer_and_for_other_threads() {
+    const ROUNDS: usize = 200;
+    let (received, slept) = run_on_executor(Duration::from_millis(100), || async {
+        // Nothing else to run: the executor sleeps until its timer is due.
+        let started = Instant::now();
+        glommio::timer::sleep(Duration::from_millis(30)).await;
+        let slept = started.elapsed();
+        // Another thread wakes it, with pauses in between so that it parks before most sends
+        // (how a store thread hands back a commit).
+        let (tx, rx) = flume::bounded::<usize>(1);
+        let sender = std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                std::thread::sleep(Duration::from_micros(200 * (round % 5) as u64));
+                if tx.send(round).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut received = 0;
+        while let Ok(round) = rx.recv_async().await {
+            assert_eq!(round, received, "rounds arrive in order");
+            received += 1;
+        }
+        sender.join().expect("the sending thread ends");
+        (received, slept)
+    });
+    assert!(
+        slept >= Duration::from_millis(30),
+        "the timer fired early: {slept:?}"
+    );
+    assert_eq!(received, ROUNDS, "every wake-up from the other thread arrived");
+}
