@@ -119,5 +119,8 @@ fn a_parked_executor_wakes_for_its_timer_and_for_other_threads() {
         slept >= Duration::from_millis(30),
         "the timer fired early: {slept:?}"
     );
-    assert_eq!(received, ROUNDS, "every wake-up from the other thread arrived");
+    assert_eq!(
+        received, ROUNDS,
+        "every wake-up from the other thread arrived"
+    );
 }
