@@ -124,3 +124,46 @@ fn a_parked_executor_wakes_for_its_timer_and_for_other_threads() {
         "every wake-up from the other thread arrived"
     );
 }
+
+#[test]
+fn timers_armed_and_fired_while_the_executor_runs_never_strand_a_woken_task() {
+    // A sleep's wake-up timeout stays registered while the executor runs, and may fire in the
+    // middle of a busy task. An executor that then parked with a woken task queued stranded
+    // it: here the receiver would never take the next round and the sender would wait
+    // forever on the full channel (`run_on_executor` fails after 60 s).
+    const ROUNDS: usize = 10_000;
+    let received = run_on_executor(Duration::from_millis(100), || async {
+        let ticker = glommio::spawn_local(async {
+            for _ in 0..400 {
+                glommio::timer::sleep(Duration::from_micros(700)).await;
+            }
+        });
+        let (tx, rx) = flume::bounded::<usize>(1);
+        let sender = std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                std::thread::sleep(Duration::from_micros(((round * 37) % 300) as u64));
+                if tx.send(round).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut received = 0;
+        while let Ok(round) = rx.recv_async().await {
+            assert_eq!(round, received, "rounds arrive in order");
+            received += 1;
+            if round % 3 == 0 {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+            if round % 7 == 0 {
+                let busy = Instant::now();
+                while busy.elapsed() < Duration::from_micros(300) {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        sender.join().expect("the sending thread ends");
+        ticker.await;
+        received
+    });
+    assert_eq!(received, ROUNDS, "every round was received");
+}

@@ -1325,6 +1325,12 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
+                // Courier patch: tasks that are still runnable count as run, so that the
+                // executor polls for I/O and comes back to them instead of parking with them
+                // queued. A latency-ring event that wakes no task (a sleep's timeout firing
+                // while the executor runs, `sys::Reactor::wait`) otherwise sent an executor to
+                // sleep with runnable tasks.
+                ran |= !self.queues.borrow().active_executors.is_empty();
                 break;
             }
             if !self.run_one_task_queue() {

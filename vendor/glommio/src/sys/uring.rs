@@ -1215,6 +1215,12 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// Courier patch: how far apart a registered sleep timeout and a new sleep's deadline may be
+/// for the sleep to keep the registered one (`Reactor::wait`). Two computations of the same
+/// timer's deadline differ by the microseconds between them; a timer that moved by more is
+/// another timer.
+const SLEEP_TIMEOUT_KEPT_WITHIN: Duration = Duration::from_micros(50);
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1225,6 +1231,9 @@ pub(crate) struct Reactor {
     /// Courier patch: when the running task queues should yield, checked in user space
     /// (`preempt_deadline_passed`) instead of by a timeout in the latency ring.
     preempt_deadline: Cell<Option<Instant>>,
+    /// Courier patch: when the timeout in `latency_preemption_timeout_src` (a sleep's
+    /// wake-up for the next timer) fires, so that a sleep for the same timer keeps it.
+    sleep_timeout_at: Cell<Option<Instant>>,
 
     link_fd: RawFd,
 
@@ -1356,6 +1365,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             preempt_deadline: Cell::new(None),
+            sleep_timeout_at: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1823,9 +1833,11 @@ impl Reactor {
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
         //
-        // Courier patch: only a sleep's wake-up timer is ever registered here now (see the
-        // end of this function), so on a busy executor there is nothing to cancel.
-        drop(self.latency_preemption_timeout_src.take());
+        // Courier patch: only a sleep's wake-up timeout is registered in the latency ring now,
+        // and it is kept until a sleep needs another one (below): an executor that wakes for
+        // I/O and sleeps again until the same timer used to cancel and re-register it each
+        // time, two kernel timer operations per wake-up. If it fires while the executor runs,
+        // the task queues are preempted once, as they were by upstream's timer.
 
         // Courier patch: upstream re-registered a throughput preemption timer here on every
         // call (a cancellation, a count-based timeout and a linked eventfd write in the main
@@ -1853,10 +1865,42 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            // Courier patch: keep the registered timeout when it is still pending and fires
+            // within SLEEP_TIMEOUT_KEPT_WITHIN of this sleep's deadline (the same timer, seen
+            // from a later moment); otherwise cancel it and register this one.
+            let keep = match (user_timer, self.latency_preemption_timeout_src.take()) {
+                (Some(dur), Some(armed)) => {
+                    let target = Instant::now() + dur;
+                    let pending = armed.result().is_none();
+                    let close = self.sleep_timeout_at.get().is_some_and(|at| {
+                        let apart = if at > target { at - target } else { target - at };
+                        apart <= SLEEP_TIMEOUT_KEPT_WITHIN
+                    });
+                    let keep = pending && close;
+                    if keep {
+                        self.latency_preemption_timeout_src.set(Some(armed));
+                    }
+                    keep
+                }
+                // Dropping `armed` queues its cancellation, submitted with what follows.
+                (_, armed) => {
+                    drop(armed);
+                    false
+                }
+            };
+            if !keep {
+                lat_ring
+                    .consume_cancellation_queue()
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)?;
+                self.sleep_timeout_at.set(None);
+                if let Some(dur) = user_timer {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.sleep_timeout_at.set(Some(Instant::now() + dur));
+                }
+                flush_rings!(lat_ring)?;
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
