@@ -1322,6 +1322,11 @@ impl LocalExecutor {
 
     fn run_task_queues(&self) -> bool {
         let mut ran = false;
+        // Courier patch: the preemption period starts here, when the task queues start to
+        // run (upstream registered a timeout for it at the end of polling for I/O).
+        self.reactor
+            .sys
+            .start_preempt_period(self.preempt_timer_duration());
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {

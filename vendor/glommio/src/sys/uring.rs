@@ -1220,6 +1220,10 @@ impl UringCommon for SleepableRing {
 /// timer's deadline differ by the microseconds between them; a timer that moved by more is
 /// another timer.
 const SLEEP_TIMEOUT_KEPT_WITHIN: Duration = Duration::from_micros(50);
+/// Courier patch: the shortest preemption period, so that a period shorter than the work
+/// between its start and the first task (a zero `preempt_timer`) cannot keep every task from
+/// running.
+const PREEMPT_PERIOD_MIN: Duration = Duration::from_micros(100);
 
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
@@ -1834,16 +1838,44 @@ impl Reactor {
         // to be removed otherwise we'll wake up when it expires.
         //
         // Courier patch: only a sleep's wake-up timeout is registered in the latency ring now,
-        // and it is kept until a sleep needs another one (below): an executor that wakes for
-        // I/O and sleeps again until the same timer used to cancel and re-register it each
-        // time, two kernel timer operations per wake-up. If it fires while the executor runs,
-        // the task queues are preempted once, as they were by upstream's timer.
+        // and it is kept while it still serves: pending, and firing within
+        // SLEEP_TIMEOUT_KEPT_WITHIN of the next timer's deadline (the same timer, seen from a
+        // later moment). An executor that wakes for I/O and sleeps again until the same timer
+        // used to cancel and register it again each time, two kernel timer operations per
+        // wake-up. The decision is made here, before the cancellations are flushed and their
+        // completions consumed, so that a replaced timeout's completions cannot end the sleep
+        // below at once. If a kept timeout fires while the executor runs, the task queues are
+        // preempted once (`run_task_queues` then polls again and comes back to them).
+        let kept = match (user_timer, self.latency_preemption_timeout_src.take()) {
+            (Some(dur), Some(armed)) => {
+                let target = Instant::now() + dur;
+                let close = self.sleep_timeout_at.get().is_some_and(|at| {
+                    let apart = if at > target { at - target } else { target - at };
+                    apart <= SLEEP_TIMEOUT_KEPT_WITHIN
+                });
+                let keep = close && armed.result().is_none();
+                if keep {
+                    self.latency_preemption_timeout_src.set(Some(armed));
+                }
+                keep
+            }
+            // Dropping `armed` queues its cancellation, flushed below.
+            (_, armed) => {
+                drop(armed);
+                false
+            }
+        };
+        if !kept {
+            self.sleep_timeout_at.set(None);
+        }
 
         // Courier patch: upstream re-registered a throughput preemption timer here on every
         // call (a cancellation, a count-based timeout and a linked eventfd write in the main
         // ring: three submissions per loop of the executor). It preempted a task queue once
-        // `ring_depth` main-ring I/Os had completed; the time-based deadline below still
-        // preempts it, so it is not registered.
+        // `ring_depth` main-ring I/Os had completed. The edge has one main-ring operation per
+        // wake-up (its socket's readiness; datagrams are read and sent with direct system
+        // calls and the store's I/O runs on its own threads), and the time-based deadline
+        // (`run_task_queues`) still preempts a busy queue, so it is not registered.
         self.preempt_deadline.set(None);
 
         // This will only dispatch if we run out of sqes. Which means until
@@ -1865,42 +1897,27 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            // Courier patch: keep the registered timeout when it is still pending and fires
-            // within SLEEP_TIMEOUT_KEPT_WITHIN of this sleep's deadline (the same timer, seen
-            // from a later moment); otherwise cancel it and register this one.
-            let keep = match (user_timer, self.latency_preemption_timeout_src.take()) {
-                (Some(dur), Some(armed)) => {
-                    let target = Instant::now() + dur;
-                    let pending = armed.result().is_none();
-                    let close = self.sleep_timeout_at.get().is_some_and(|at| {
-                        let apart = if at > target { at - target } else { target - at };
-                        apart <= SLEEP_TIMEOUT_KEPT_WITHIN
-                    });
-                    let keep = pending && close;
-                    if keep {
-                        self.latency_preemption_timeout_src.set(Some(armed));
-                    }
-                    keep
-                }
-                // Dropping `armed` queues its cancellation, submitted with what follows.
-                (_, armed) => {
-                    drop(armed);
-                    false
-                }
-            };
-            if !keep {
-                lat_ring
-                    .consume_cancellation_queue()
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)?;
-                self.sleep_timeout_at.set(None);
-                if let Some(dur) = user_timer {
+            // Courier patch: register a timeout unless the one kept above is still pending
+            // (it may have fired, and its completion been consumed, since it was kept), and
+            // sleep only once it is in the kernel (upstream asserted that it was).
+            let mut timeout_registered = true;
+            if let Some(dur) = user_timer {
+                let kept = self.latency_preemption_timeout_src.take();
+                let pending = kept.as_ref().is_some_and(|armed| armed.result().is_none());
+                if pending && self.sleep_timeout_at.get().is_some() {
+                    self.latency_preemption_timeout_src.set(kept);
+                } else {
+                    // Not kept at the top of `wait`, so either none or one that completed:
+                    // nothing to cancel.
+                    drop(kept);
+                    self.sleep_timeout_at.set(None);
                     self.latency_preemption_timeout_src
                         .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                    self.sleep_timeout_at.set(Some(Instant::now() + dur));
+                    timeout_registered = flush_rings!(lat_ring)? > 0;
+                    if timeout_registered {
+                        self.sleep_timeout_at.set(Some(Instant::now() + dur));
+                    }
                 }
-                flush_rings!(lat_ring)?;
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1914,7 +1931,7 @@ impl Reactor {
             // the waker instead: a SeqCst fence here and one in `SleepNotifier::notify`.
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
-            if events == 0 {
+            if events == 0 && timeout_registered {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
@@ -1928,13 +1945,13 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if preempt_timer().is_some() {
             // Courier patch: upstream registered a timeout in the latency ring here, on every
             // loop of the executor (two submissions with its cancellation above, and a kernel
             // timer armed and cancelled), so that `need_preempt` saw it complete. The deadline
-            // is now kept here and `need_preempt` reads the clock (`preempt_deadline_passed`):
-            // a loop of the executor that finds nothing new makes no system call.
-            self.preempt_deadline.set(Some(Instant::now() + preempt));
+            // is now kept in user space, set when the task queues start to run
+            // (`start_preempt_period`), and `need_preempt` reads the clock: a loop of the
+            // executor that finds nothing new makes no system call.
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1952,7 +1969,14 @@ impl Reactor {
         self.blocking_thread.flush()
     }
 
-    /// Courier patch: whether the deadline `wait` set for the running task queues has passed.
+    /// Courier patch: the task queues start to run; `need_preempt` turns true once they ran
+    /// for `period` (at least PREEMPT_PERIOD_MIN, so that one task always runs first).
+    pub(crate) fn start_preempt_period(&self, period: Duration) {
+        self.preempt_deadline
+            .set(Some(Instant::now() + period.max(PREEMPT_PERIOD_MIN)));
+    }
+
+    /// Courier patch: whether the running task queues' period (`start_preempt_period`) is over.
     #[inline(always)]
     pub(crate) fn preempt_deadline_passed(&self) -> bool {
         self.preempt_deadline
