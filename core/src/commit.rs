@@ -104,23 +104,29 @@ pub struct Committer {
     lease_claim: Option<(u32, u64)>,
 }
 
+/// Maps and sets keyed by inbox: ahash with per-process random keys instead of std's SipHash,
+/// which was ~8% of a committed message's instructions (docs/decisions/0021). Inbox ids are
+/// chosen by clients, so the hash stays keyed.
+type InboxMap<K, V> = HashMap<K, V, ahash::RandomState>;
+type InboxSet<K> = HashSet<K, ahash::RandomState>;
+
 /// What the committer knows about inboxes from its own commits.
 #[derive(Debug, Default)]
 struct InboxFacts {
     /// The last sequence number assigned in each inbox.
-    last_seqs: HashMap<UserId, u64>,
+    last_seqs: InboxMap<UserId, u64>,
     /// Every message up to this seq is deleted.
-    acked_up_to: HashMap<UserId, u64>,
+    acked_up_to: InboxMap<UserId, u64>,
     /// Expiry index entries (bucket, inbox) already written: an inbox's entry is written once
     /// per bucket, not once per batch.
-    expiry_written: HashSet<(u64, UserId)>,
+    expiry_written: InboxSet<(u64, UserId)>,
     /// Inboxes this batch forgot or purged (only in what a batch learned): the cache's last
     /// seq and device records no longer apply to them.
-    forgotten: HashSet<UserId>,
+    forgotten: InboxSet<UserId>,
     /// Every device record of an inbox, as committed: each ack rewrites one, and in fjall's
     /// memtable a range over keys rewritten thousands of times since the last flush walks
     /// every version, so reading the records back on every ack cost more than the ack.
-    devices: HashMap<UserId, Vec<DeviceRecord>>,
+    devices: InboxMap<UserId, Vec<DeviceRecord>>,
     /// The records in `devices`, which the cache's bound counts (an inbox holds up to
     /// `DEVICES_PER_INBOX_MAX`).
     device_records: usize,
