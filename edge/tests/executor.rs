@@ -39,6 +39,25 @@ where
     result
 }
 
+/// Sends rounds `0..rounds` from a thread outside the executor through a channel of one,
+/// pausing `pause_us(round)` microseconds before each: every send that finds the executor
+/// asleep must wake it.
+fn send_rounds_from_a_thread(
+    rounds: usize,
+    pause_us: impl Fn(usize) -> u64 + Send + 'static,
+) -> (flume::Receiver<usize>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = flume::bounded::<usize>(1);
+    let sender = std::thread::spawn(move || {
+        for round in 0..rounds {
+            std::thread::sleep(Duration::from_micros(pause_us(round)));
+            if tx.send(round).is_err() {
+                return;
+            }
+        }
+    });
+    (rx, sender)
+}
+
 /// Busy work that stops after `limit`, so a broken check fails an assertion instead of
 /// spinning forever.
 const BUSY_LIMIT: Duration = Duration::from_secs(10);
@@ -95,15 +114,7 @@ fn a_parked_executor_wakes_for_its_timer_and_for_other_threads() {
         glommio::timer::sleep(Duration::from_millis(30)).await;
         // Another thread wakes it, with pauses in between so that it parks before most sends
         // (how a store thread hands back a commit).
-        let (tx, rx) = flume::bounded::<usize>(1);
-        let sender = std::thread::spawn(move || {
-            for round in 0..ROUNDS {
-                std::thread::sleep(Duration::from_micros(200 * (round % 5) as u64));
-                if tx.send(round).is_err() {
-                    return;
-                }
-            }
-        });
+        let (rx, sender) = send_rounds_from_a_thread(ROUNDS, |round| 200 * (round % 5) as u64);
         let mut received = 0;
         while let Ok(round) = rx.recv_async().await {
             assert_eq!(round, received, "rounds arrive in order");
@@ -132,15 +143,7 @@ fn timers_armed_and_fired_while_the_executor_runs_never_strand_a_woken_task() {
                 glommio::timer::sleep(Duration::from_micros(700)).await;
             }
         });
-        let (tx, rx) = flume::bounded::<usize>(1);
-        let sender = std::thread::spawn(move || {
-            for round in 0..ROUNDS {
-                std::thread::sleep(Duration::from_micros(((round * 37) % 300) as u64));
-                if tx.send(round).is_err() {
-                    return;
-                }
-            }
-        });
+        let (rx, sender) = send_rounds_from_a_thread(ROUNDS, |round| ((round * 37) % 300) as u64);
         let mut received = 0;
         while let Ok(round) = rx.recv_async().await {
             assert_eq!(round, received, "rounds arrive in order");
