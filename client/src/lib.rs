@@ -21,8 +21,9 @@
 //! - [`Client::close`] (or dropping the client) sends the last ack before it closes, and a
 //!   closed client never reconnects.
 //! - A new connection sends few datagrams: path MTU discovery probes 1,452 bytes first (one
-//!   probe where quinn's search takes four), and the TLS key exchange is ring's, or with the
-//!   `aws-lc-kx` feature aws-lc-rs's (faster, for a C build; `courier-bench` turns it on).
+//!   probe where quinn's search takes four), and the TLS key exchange is ring's unless the
+//!   application passes other groups ([`Connector::with_key_exchange_groups`]; `courier-bench`
+//!   passes aws-lc-rs's, which are faster).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -96,8 +97,15 @@ pub struct Connector {
     client_config: quinn::ClientConfig,
     roots: Arc<rustls::RootCertStore>,
     server_name: String,
+    transport: Transport,
+}
+
+/// The settings a [`Connector`] builds its TLS and QUIC configuration from.
+#[derive(Debug, Clone)]
+struct Transport {
     keep_alive: Duration,
     edge_ack_delay: Duration,
+    key_exchange_groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
 }
 
 /// How long the SDK lets the edge delay its acknowledgements by default (QUIC ACK frequency
@@ -118,12 +126,9 @@ const ACK_DELAY_MAX: Duration = Duration::from_secs(1);
 /// detection: [`Connector::with_keep_alive`].
 pub const KEEP_ALIVE_DEFAULT: Duration = Duration::from_secs(2);
 
-/// The key exchange groups the client offers, X25519 first: ring's, or with the `aws-lc-kx`
-/// feature the same groups from aws-lc-rs (faster; the edge uses it too, decision 0017).
-fn key_exchange_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
-    #[cfg(feature = "aws-lc-kx")]
-    use rustls::crypto::aws_lc_rs::kx_group;
-    #[cfg(not(feature = "aws-lc-kx"))]
+/// The key exchange groups the client offers by default, X25519 first: ring's, which build
+/// without a C toolchain ([`Connector::with_key_exchange_groups`] takes others).
+fn key_exchange_groups_default() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
     use rustls::crypto::ring::kx_group;
     vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1]
 }
@@ -131,8 +136,7 @@ fn key_exchange_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
 /// TLS 1.3 with ALPN `courier/2`, early data on, and a fresh session cache.
 fn client_config(
     roots: &Arc<rustls::RootCertStore>,
-    keep_alive: Duration,
-    edge_ack_delay: Duration,
+    transport_settings: &Transport,
 ) -> Result<quinn::ClientConfig, ClientError> {
     // AES-128-GCM/SHA-256 first: cheaper than rustls's default AES-256/SHA-384 on both ends
     // (SHA-256 runs on the CPU's SHA extensions); the edge prefers it too.
@@ -143,7 +147,7 @@ fn client_config(
             cipher_suite::TLS13_AES_256_GCM_SHA384,
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        kx_groups: key_exchange_groups(),
+        kx_groups: transport_settings.key_exchange_groups.clone(),
         ..rustls::crypto::ring::default_provider()
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -157,12 +161,12 @@ fn client_config(
         .map_err(|e| ClientError::Config(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(keep_alive));
+    transport.keep_alive_interval(Some(transport_settings.keep_alive));
     // Let the edge acknowledge our packets in its next answer (a `SendAck`, a delivery)
     // instead of an ACK-only datagram; loss recovery waits up to this much longer.
     let mut ack_frequency = quinn::AckFrequencyConfig::default();
     ack_frequency
-        .max_ack_delay(Some(edge_ack_delay))
+        .max_ack_delay(Some(transport_settings.edge_ack_delay))
         .ack_eliciting_threshold(quinn::VarInt::from_u32(4));
     transport.ack_frequency_config(Some(ack_frequency));
     transport.mtu_discovery_config(Some(mtu_discovery()));
@@ -210,7 +214,12 @@ impl Connector {
             return Err(ClientError::Config("no trusted certificate given".into()));
         }
         let roots = Arc::new(roots);
-        let client_config = client_config(&roots, KEEP_ALIVE_DEFAULT, EDGE_ACK_DELAY_DEFAULT)?;
+        let transport = Transport {
+            keep_alive: KEEP_ALIVE_DEFAULT,
+            edge_ack_delay: EDGE_ACK_DELAY_DEFAULT,
+            key_exchange_groups: key_exchange_groups_default(),
+        };
+        let client_config = client_config(&roots, &transport)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| ClientError::Config(format!("cannot bind a UDP socket: {e}")))?;
         Ok(Connector {
@@ -218,15 +227,14 @@ impl Connector {
             client_config,
             roots,
             server_name: server_name.to_string(),
-            keep_alive: KEEP_ALIVE_DEFAULT,
-            edge_ack_delay: EDGE_ACK_DELAY_DEFAULT,
+            transport,
         })
     }
 
     /// A connector on the same socket with an empty TLS session cache: its next connection
     /// makes a full handshake, like a freshly installed app.
     pub fn fresh_session(&self) -> Result<Connector, ClientError> {
-        self.with_transport(self.keep_alive, self.edge_ack_delay)
+        self.with_transport(self.transport.clone())
     }
 
     /// A connector on the same socket whose connections send a keep-alive every `interval`
@@ -234,7 +242,10 @@ impl Connector {
     /// crash, an idle client notices at its next keep-alive; a client that sends notices at
     /// once.
     pub fn with_keep_alive(&self, interval: Duration) -> Result<Connector, ClientError> {
-        self.with_transport(interval, self.edge_ack_delay)
+        self.with_transport(Transport {
+            keep_alive: interval,
+            ..self.transport.clone()
+        })
     }
 
     /// A connector on the same socket whose connections let the edge delay acknowledging
@@ -249,21 +260,40 @@ impl Connector {
                 "edge acknowledgement delay {delay:?}: give between 1 ms and {ACK_DELAY_MAX:?}"
             )));
         }
-        self.with_transport(self.keep_alive, delay)
+        self.with_transport(Transport {
+            edge_ack_delay: delay,
+            ..self.transport.clone()
+        })
     }
 
-    fn with_transport(
+    /// A connector on the same socket that offers the edge `groups` for the TLS key exchange,
+    /// in order of preference, with an empty TLS session cache. By default the SDK offers
+    /// ring's X25519, P-256 and P-384, which build without a C toolchain. An application that
+    /// builds aws-lc-rs (rustls's `aws_lc_rs` feature) can pass
+    /// `rustls::crypto::aws_lc_rs::kx_group`'s instead: about half the CPU per full handshake
+    /// (docs/decisions/0017). The edge accepts X25519, P-256 and P-384.
+    pub fn with_key_exchange_groups(
         &self,
-        keep_alive: Duration,
-        edge_ack_delay: Duration,
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
     ) -> Result<Connector, ClientError> {
+        if groups.is_empty() {
+            return Err(ClientError::Config(
+                "no key exchange group given: pass at least X25519".into(),
+            ));
+        }
+        self.with_transport(Transport {
+            key_exchange_groups: groups,
+            ..self.transport.clone()
+        })
+    }
+
+    fn with_transport(&self, transport: Transport) -> Result<Connector, ClientError> {
         Ok(Connector {
             endpoint: self.endpoint.clone(),
-            client_config: client_config(&self.roots, keep_alive, edge_ack_delay)?,
+            client_config: client_config(&self.roots, &transport)?,
             roots: self.roots.clone(),
             server_name: self.server_name.clone(),
-            keep_alive,
-            edge_ack_delay,
+            transport,
         })
     }
 
