@@ -31,6 +31,57 @@ pub(crate) trait Engine {
     fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
 }
 
+/// A key the transaction wrote, with its first 16 bytes as one big-endian number (zero past a
+/// short key's end), which orders as the bytes do wherever they differ. An insert into the
+/// write map then compares two numbers where it compared two `Bytes` (about 7% of a committed
+/// message's instructions in the store bench went to those comparisons); equal heads fall back
+/// to the bytes. Lookups borrow it as `[u8]`, in the same order.
+#[derive(Debug, Clone)]
+struct WriteKey {
+    head: u128,
+    bytes: Bytes,
+}
+
+impl WriteKey {
+    fn new(bytes: Bytes) -> WriteKey {
+        let mut head = [0u8; 16];
+        let shared = bytes.len().min(head.len());
+        head[..shared].copy_from_slice(&bytes[..shared]);
+        WriteKey {
+            head: u128::from_be_bytes(head),
+            bytes,
+        }
+    }
+}
+
+impl PartialEq for WriteKey {
+    fn eq(&self, other: &WriteKey) -> bool {
+        self.head == other.head && self.bytes == other.bytes
+    }
+}
+
+impl Eq for WriteKey {}
+
+impl Ord for WriteKey {
+    fn cmp(&self, other: &WriteKey) -> std::cmp::Ordering {
+        self.head
+            .cmp(&other.head)
+            .then_with(|| self.bytes.as_ref().cmp(other.bytes.as_ref()))
+    }
+}
+
+impl PartialOrd for WriteKey {
+    fn partial_cmp(&self, other: &WriteKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for WriteKey {
+    fn borrow(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// A range a transaction cleared.
 #[derive(Debug)]
 struct ClearedRange {
@@ -53,7 +104,7 @@ impl ClearedRange {
 pub(crate) struct Overlay<E> {
     engine: E,
     /// Final state of each written key: `Some` set, `None` cleared.
-    writes: BTreeMap<Bytes, Option<Bytes>>,
+    writes: BTreeMap<WriteKey, Option<Bytes>>,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
     cleared: Vec<ClearedRange>,
     /// A read error inside an atomic mutation, reported by `commit`: mutations return
@@ -126,15 +177,15 @@ impl<E: Engine> Overlay<E> {
         let mut going = true;
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
-            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.as_slice() < key) {
+            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.bytes.as_slice() < key) {
                 if let Some(v) = own_value
-                    && !emit(own_key, v)
+                    && !emit(&own_key.bytes, v)
                 {
                     going = false;
                     return false;
                 }
             }
-            let more = match own.next_if(|(k, _)| k.as_slice() == key) {
+            let more = match own.next_if(|(k, _)| k.bytes.as_slice() == key) {
                 Some((_, Some(v))) => emit(key, v),
                 Some((_, None)) => true,
                 None if in_cleared(key) => true,
@@ -146,7 +197,7 @@ impl<E: Engine> Overlay<E> {
         if going {
             for (own_key, own_value) in own {
                 if let Some(v) = own_value
-                    && !emit(own_key, v)
+                    && !emit(&own_key.bytes, v)
                 {
                     break;
                 }
@@ -157,11 +208,11 @@ impl<E: Engine> Overlay<E> {
 
     pub(crate) fn set(&mut self, key: &[u8], value: &[u8]) {
         self.writes
-            .insert(Bytes::from(key), Some(Bytes::from(value)));
+            .insert(WriteKey::new(Bytes::from(key)), Some(Bytes::from(value)));
     }
 
     pub(crate) fn clear(&mut self, key: &[u8]) {
-        self.writes.insert(Bytes::from(key), None);
+        self.writes.insert(WriteKey::new(Bytes::from(key)), None);
     }
 
     pub(crate) fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
@@ -231,10 +282,10 @@ impl<E: Engine> Overlay<E> {
         let inside: Vec<Bytes> = self
             .writes
             .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.bytes.clone())
             .collect();
         for key in inside {
-            self.writes.remove(&key);
+            self.writes.remove(key.as_ref());
         }
         self.cleared.push(ClearedRange {
             begin: begin.to_vec(),
@@ -265,7 +316,7 @@ impl<E: Engine> Overlay<E> {
             match &range.keys {
                 Some(keys) => changes.extend(
                     keys.iter()
-                        .filter(|key| !writes.contains_key(*key))
+                        .filter(|key| !writes.contains_key(key.as_ref()))
                         .map(|key| (key.clone(), None)),
                 ),
                 None => self.engine.scan(&range.begin, &range.end, &mut |key, _| {
@@ -276,7 +327,11 @@ impl<E: Engine> Overlay<E> {
                 })?,
             }
         }
-        changes.extend(self.writes);
+        changes.extend(
+            self.writes
+                .into_iter()
+                .map(|(key, value)| (key.bytes, value)),
+        );
         self.engine.apply(changes)
     }
 }
@@ -353,7 +408,7 @@ mod tests {
 
     use byteview::ByteView;
 
-    use super::Bytes;
+    use super::{Bytes, WriteKey};
     use crate::rng::Rng;
 
     /// `bytes` as a `ByteView` built one of the ways fjall and lsm-tree build keys, since each
@@ -422,10 +477,16 @@ mod tests {
             if left == right {
                 assert_eq!(hasher.hash_one(&left_view), hasher.hash_one(&right_view));
             }
+            let (left_bytes, right_bytes) = (Bytes::from(left_view), Bytes::from(right_view));
+            assert_eq!(left_bytes.cmp(&right_bytes), left.cmp(&right));
+            // The write map's keys, compared by their 16-byte heads first.
+            let (left_key, right_key) = (WriteKey::new(left_bytes), WriteKey::new(right_bytes));
             assert_eq!(
-                Bytes::from(left_view).cmp(&Bytes::from(right_view)),
-                left.cmp(&right)
+                left_key.cmp(&right_key),
+                left.cmp(&right),
+                "write keys {left:?} against {right:?}"
             );
+            assert_eq!(left_key == right_key, left == right);
         }
     }
 }
