@@ -37,6 +37,8 @@ pub use courier_protocol::client::{Delivery, SendReceipt};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 pub use quinn::ConnectionStats;
 use quinn::crypto::rustls::QuicClientConfig;
+/// The TLS library whose types [`Connector::with_key_exchange_groups`] takes.
+pub use rustls;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
@@ -269,16 +271,19 @@ impl Connector {
     /// A connector on the same socket that offers the edge `groups` for the TLS key exchange,
     /// in order of preference, with an empty TLS session cache. By default the SDK offers
     /// ring's X25519, P-256 and P-384, which build without a C toolchain. An application that
-    /// builds aws-lc-rs (rustls's `aws_lc_rs` feature) can pass
-    /// `rustls::crypto::aws_lc_rs::kx_group`'s instead: about half the CPU per full handshake
-    /// (docs/decisions/0017). The edge accepts X25519, P-256 and P-384.
+    /// builds aws-lc-rs (rustls's `aws_lc_rs` feature, through [`rustls`] re-exported here)
+    /// can pass `rustls::crypto::aws_lc_rs::kx_group`'s instead: about half the CPU of the
+    /// key exchange (docs/decisions/0017). The edge accepts X25519, P-256 and P-384. A client
+    /// sends a key share for its first group only: if the edge does not accept that one, every
+    /// full handshake takes an extra round trip (a HelloRetryRequest).
     pub fn with_key_exchange_groups(
         &self,
         groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
     ) -> Result<Connector, ClientError> {
         if groups.is_empty() {
             return Err(ClientError::Config(
-                "no key exchange group given: pass at least X25519".into(),
+                "no key exchange group given: pass one the edge accepts (X25519, P-256 or P-384)"
+                    .into(),
             ));
         }
         self.with_transport(Transport {
@@ -1348,5 +1353,45 @@ pub mod raw {
             .ok_or_else(|| ClientError::Connect("no initial packet".into()))?;
         buf.truncate(transmit.size);
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector() -> Connector {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .expect("a self-signed certificate");
+        Connector::new(certified.cert.pem().as_bytes(), "localhost").expect("connector")
+    }
+
+    /// An empty list of key exchange groups is refused with an error that says what to pass;
+    /// a list is taken, and the connector's other settings carry over both ways.
+    #[tokio::test]
+    async fn key_exchange_groups_are_checked_and_kept() {
+        let connector = connector();
+        let error = connector
+            .with_key_exchange_groups(Vec::new())
+            .expect_err("no group at all");
+        assert!(error.to_string().contains("X25519"), "{error}");
+
+        let p256_only = connector
+            .with_edge_ack_delay(Duration::from_millis(5))
+            .expect("ack delay")
+            .with_key_exchange_groups(vec![rustls::crypto::ring::kx_group::SECP256R1])
+            .expect("one group");
+        assert_eq!(p256_only.transport.key_exchange_groups.len(), 1);
+        assert_eq!(p256_only.transport.edge_ack_delay, Duration::from_millis(5));
+        let later = p256_only
+            .with_keep_alive(Duration::from_secs(3))
+            .expect("keep-alive");
+        assert_eq!(later.transport.key_exchange_groups.len(), 1);
+        assert_eq!(later.transport.keep_alive, Duration::from_secs(3));
+        assert_eq!(
+            connector.transport.key_exchange_groups.len(),
+            3,
+            "the default"
+        );
     }
 }

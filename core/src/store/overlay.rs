@@ -440,11 +440,11 @@ mod tests {
         }
     }
 
-    /// The overlay keeps its writes in a map keyed by `Bytes` and looks them up with byte
-    /// slices, and fjall's memtables sort by it: it must order exactly as byte slices do,
-    /// including the patched comparison in vendor/byteview (short and heap-held strings, long
-    /// shared prefixes, one string a prefix of the other, every way a string is built), and
-    /// agree with equality and hashing.
+    /// The overlay keeps its writes in a map keyed by `WriteKey` (a `Bytes` and its 16-byte
+    /// head) and looks them up with byte slices, and fjall's memtables sort by `Bytes`: both
+    /// must order exactly as byte slices do, including the patched comparison in
+    /// vendor/byteview (short and heap-held strings, long shared prefixes, one string a prefix
+    /// of the other, every way a string is built), and agree with equality and hashing.
     #[test]
     fn bytes_order_exactly_like_byte_slices() {
         let mut rng = Rng::new(7);
