@@ -12,7 +12,7 @@
 //! continues from the floor, so a seq is never used twice in an inbox, and a sender who
 //! addresses a million ids that never log in leaves no record once their messages expire.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use crate::envelope::{self, StoredMessage};
 use crate::keys;
@@ -111,8 +111,8 @@ pub struct Committer {
 /// Maps and sets keyed by inbox: ahash with per-process random keys instead of std's SipHash,
 /// which was ~8% of a committed message's instructions (docs/decisions/0021). Inbox ids are
 /// chosen by clients, so the hash stays keyed.
-type InboxMap<K, V> = HashMap<K, V, ahash::RandomState>;
-type InboxSet<K> = HashSet<K, ahash::RandomState>;
+type InboxMap<K, V> = crate::FastHashMap<K, V>;
+type InboxSet<K> = crate::FastHashSet<K>;
 
 /// What the committer knows about inboxes from its own commits.
 #[derive(Debug, Default)]

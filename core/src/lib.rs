@@ -22,6 +22,13 @@ pub mod takeover;
 
 pub use config::CoreConfig;
 
+/// Maps and sets on the per-message paths (the session layer, the shards, the committer's
+/// caches): ahash with per-process random keys instead of std's SipHash (docs/decisions/0021).
+/// Their keys include ids chosen by clients, so the hash stays keyed.
+pub type FastHashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+/// See [`FastHashMap`].
+pub type FastHashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
+
 /// A user id; also names the user's inbox. 0 is reserved.
 pub type UserId = u64;
 

@@ -39,7 +39,9 @@
 //! which edges other edges serve, so clients and sends for those users go there.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+use crate::{FastHashMap, FastHashSet};
 
 use courier_protocol::link::{LinkFrame, LinkSendResult};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
@@ -384,7 +386,7 @@ struct Sender {
     connections: usize,
     budget: SendBuckets,
     /// Recipients of the current window, at most `recipients_per_user_per_window_max`.
-    recipients: HashSet<UserId>,
+    recipients: FastHashSet<UserId>,
     recipients_since_ms: UnixMillis,
 }
 
@@ -450,9 +452,9 @@ struct Registration {
 pub struct EdgeSession<A> {
     config: SessionConfig,
     auth: A,
-    conns: HashMap<usize, Connection>,
+    conns: FastHashMap<usize, Connection>,
     /// Connections of users homed here that want live deliveries.
-    registry: HashMap<UserId, Vec<Registration>>,
+    registry: FastHashMap<UserId, Vec<Registration>>,
     inbox: InboxShard<ConnRef>,
     /// Messages for this shard itself, handled before the call returns.
     local: VecDeque<ShardMessage>,
@@ -461,7 +463,7 @@ pub struct EdgeSession<A> {
     /// The time of the latest input, for the messages handled from `local`.
     now_ms: UnixMillis,
     /// Users with connections on this shard: their send budgets and recipient counts.
-    senders: HashMap<UserId, Sender>,
+    senders: FastHashMap<UserId, Sender>,
     /// Connections that have not said a valid `Hello` (handshaking or waiting).
     unauthenticated: usize,
     /// At most one entry per connection and kind: (when, slot, generation, kind).
@@ -471,13 +473,13 @@ pub struct EdgeSession<A> {
     /// The cluster's edge ids, for placement (empty for an edge on its own).
     edge_ids: Vec<EdgeId>,
     /// This shard's links to the other edges of the cluster.
-    out_links: HashMap<EdgeId, OutLink>,
+    out_links: FastHashMap<EdgeId, OutLink>,
     next_request_id: u64,
     /// Links other edges opened to this shard.
-    in_links: HashMap<u64, InLink>,
+    in_links: FastHashMap<u64, InLink>,
     /// Forwarded sends from other edges waiting for their commit, by the generation of their
     /// stand-in connection (`LINK_PROXY_SLOT`): the link and request to answer.
-    link_proxies: HashMap<u64, (u64, u64)>,
+    link_proxies: FastHashMap<u64, (u64, u64)>,
     next_proxy: u64,
     /// Edges whose users this shard serves besides its own (takeover), each with its own
     /// commit queue: their batches commit under that edge's lease. At most one per member.
@@ -533,21 +535,21 @@ impl<A: Authenticator> EdgeSession<A> {
             inbox: InboxShard::new(&config.core),
             config,
             auth,
-            conns: HashMap::new(),
-            registry: HashMap::new(),
+            conns: FastHashMap::default(),
+            registry: FastHashMap::default(),
             local: VecDeque::new(),
             effects: VecDeque::new(),
             stats: SessionStats::default(),
             now_ms: 0,
-            senders: HashMap::new(),
+            senders: FastHashMap::default(),
             unauthenticated: 0,
             deadlines: BinaryHeap::new(),
             shedding: false,
             edge_ids,
             out_links,
             next_request_id: 1,
-            in_links: HashMap::new(),
-            link_proxies: HashMap::new(),
+            in_links: FastHashMap::default(),
+            link_proxies: FastHashMap::default(),
             next_proxy: 1,
             guests: BTreeMap::new(),
             released: BTreeMap::new(),
@@ -1433,7 +1435,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     .or_insert_with(|| Sender {
                         connections: 0,
                         budget: SendBuckets::full(budget, now_ms),
-                        recipients: HashSet::new(),
+                        recipients: FastHashSet::default(),
                         recipients_since_ms: now_ms,
                     })
                     .connections += 1;

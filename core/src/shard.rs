@@ -15,7 +15,9 @@
 //!
 //! Call order: `handle_send`/`handle_ack`* → `poll_batch` → (commit) → `handle_commit` → …
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::FastHashMap;
 
 use courier_protocol::ErrorCode;
 
@@ -86,7 +88,7 @@ pub struct InboxShard<T> {
     queue_requests_per_sender_max: usize,
     queue_bytes_per_sender_max: usize,
     /// Sends and body bytes each sender has in `queue`.
-    queued_by_sender: HashMap<UserId, (usize, usize)>,
+    queued_by_sender: FastHashMap<UserId, (usize, usize)>,
     /// Devices logging in: (inbox, device, acked_up_to), with their tags.
     links: VecDeque<((UserId, u32, u64), T)>,
     /// Highest ack per inbox and device, not yet committed.
@@ -117,7 +119,7 @@ impl<T> InboxShard<T> {
             queue_bytes: 0,
             queue_requests_per_sender_max: config.queue_requests_per_sender_max,
             queue_bytes_per_sender_max: config.queue_bytes_per_sender_max,
-            queued_by_sender: HashMap::new(),
+            queued_by_sender: FastHashMap::default(),
             links: VecDeque::new(),
             acks: BTreeMap::new(),
             forgets: BTreeSet::new(),

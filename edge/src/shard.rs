@@ -26,7 +26,9 @@
 //! flight, and flushes pending transmits (quinn-udp, GSO).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use courier_core::FastHashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
@@ -250,7 +252,7 @@ pub struct Shard {
     endpoint: Endpoint,
     /// Boxed: a quinn connection is several KB, and a map of inline values would keep that
     /// much in every empty slot of its capacity.
-    conns: HashMap<ConnectionHandle, Box<Conn>>,
+    conns: FastHashMap<ConnectionHandle, Box<Conn>>,
     next_generation: u64,
     /// Each connection's next timeout, exactly one entry per connection with a timer
     /// (`Conn::timer_armed`): re-arming replaces the entry, so the set never holds more than
@@ -272,13 +274,13 @@ pub struct Shard {
     /// Connections with undecoded input, waiting for the mesh to drain.
     parked: Vec<ConnectionHandle>,
     /// Handshakes in progress per peer IP address (`limits.handshakes_per_address_max`).
-    handshakes_by_address: HashMap<IpAddr, usize>,
+    handshakes_by_address: FastHashMap<IpAddr, usize>,
     memory: Arc<crate::memory::MemoryGuard>,
     health: Arc<crate::health::Health>,
     metrics: crate::metrics::ShardMetrics,
     /// Operators waiting for a purge of this user's inbox to commit, each with the number of
     /// the first batch that can carry its purge (`batches_taken` when it asked).
-    purge_waiters: HashMap<UserId, Vec<(u64, PurgeReply)>>,
+    purge_waiters: FastHashMap<UserId, Vec<(u64, PurgeReply)>>,
     /// Commit batches taken so far: a batch's number is this count when it was taken.
     batches_taken: u64,
     /// After a failed commit, no batch is taken before this (`COMMIT_RETRY_DELAY`); the timer
@@ -309,7 +311,7 @@ pub struct Shard {
     /// The other edges and this shard's links to them (`[cluster]`).
     cluster: Option<links::Cluster>,
     /// Links other edges opened to this shard, by the session's id for them.
-    in_links: HashMap<u64, ConnectionHandle>,
+    in_links: FastHashMap<u64, ConnectionHandle>,
     /// The lease thread (takeover), and the version of its view this shard applied last.
     takeover: Option<Arc<crate::takeover::Takeover>>,
     takeover_version: u64,
@@ -511,7 +513,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         lanes,
         clock,
         endpoint,
-        conns: HashMap::new(),
+        conns: FastHashMap::default(),
         next_generation: 1,
         timers: BTreeSet::new(),
         timer_wake: None,
@@ -533,11 +535,11 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         mesh_backlog: (0..setup.shard_count).map(|_| VecDeque::new()).collect(),
         mesh_draining: vec![false; setup.shard_count as usize],
         parked: Vec::new(),
-        handshakes_by_address: HashMap::new(),
+        handshakes_by_address: FastHashMap::default(),
         memory: setup.memory.clone(),
         health: setup.health.clone(),
         metrics: setup.metrics.shard(u32::from(id)),
-        purge_waiters: HashMap::new(),
+        purge_waiters: FastHashMap::default(),
         batches_taken: 0,
         commit_retry_at: None,
         gauges_published_at: Instant::now(),
@@ -564,7 +566,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             .link_client_config
             .clone()
             .map(|client| links::Cluster::new(&setup.config, client)),
-        in_links: HashMap::new(),
+        in_links: FastHashMap::default(),
         config: setup.config.clone(),
     }));
     shard.borrow_mut().connect_links(Instant::now());
@@ -864,7 +866,7 @@ fn spawn_task(future: impl std::future::Future<Output = ()> + 'static) {
 #[derive(Default)]
 struct ShardEnd {
     ended: bool,
-    waiting: HashMap<u64, std::task::Waker>,
+    waiting: FastHashMap<u64, std::task::Waker>,
     next_key: u64,
 }
 
