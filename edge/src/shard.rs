@@ -27,8 +27,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
-
-use courier_core::FastHashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
@@ -46,7 +44,7 @@ use courier_core::session::{
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
 use courier_core::takeover::{GuestCommit, ShardGuests};
-use courier_core::{CoreConfig, UserId, placement};
+use courier_core::{CoreConfig, FastHashMap, UserId, placement};
 use courier_protocol::{ErrorCode, Frame};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
