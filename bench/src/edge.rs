@@ -240,14 +240,9 @@ impl Target {
 
     /// A connector with its own UDP socket and session cache.
     pub fn connector(&self) -> Result<Connector, String> {
-        use rustls::crypto::aws_lc_rs::kx_group;
         let connector = Connector::new(&self.cert_pem, &self.server_name)
             .and_then(|connector| {
-                connector.with_key_exchange_groups(vec![
-                    kx_group::X25519,
-                    kx_group::SECP256R1,
-                    kx_group::SECP384R1,
-                ])
+                connector.with_key_exchange_groups(courier_edge::tls::key_exchange_groups())
             })
             .map_err(|e| e.to_string())?;
         match self.edge_ack_delay {

@@ -92,7 +92,6 @@ fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> 
 /// than SHA-256, which runs on the CPU's SHA extensions, and AES-128 seals packets in fewer
 /// rounds. AES-128 keeps the security level QUIC's own Initial packets use.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::kx_group;
     use rustls::crypto::ring::cipher_suite;
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: vec![
@@ -100,9 +99,16 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
             cipher_suite::TLS13_AES_256_GCM_SHA384,
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        kx_groups: key_exchange_groups(),
         ..rustls::crypto::ring::default_provider()
     })
+}
+
+/// The key exchange groups the edge accepts, X25519 first, from aws-lc-rs (decision 0017).
+/// The load generator's clients offer the same ones.
+pub fn key_exchange_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1]
 }
 
 /// The DNS name every edge's cluster certificate carries: a link's connecting side checks it.
