@@ -505,4 +505,215 @@ mod tests {
         assert!(cache.lock().order.len() <= 6);
         assert!(cache.len() <= 3);
     }
+
+    /// Two quinn-proto endpoints joined in memory: what one sends, the other receives.
+    struct Pair {
+        server: quinn_proto::Endpoint,
+        client: quinn_proto::Endpoint,
+        server_conn: Option<(quinn_proto::ConnectionHandle, quinn_proto::Connection)>,
+        client_conn: (quinn_proto::ConnectionHandle, quinn_proto::Connection),
+        now: std::time::Instant,
+    }
+
+    const SERVER_ADDR: &str = "127.0.0.1:4433";
+    const CLIENT_ADDR: &str = "127.0.0.1:50000";
+
+    impl Pair {
+        fn new() -> Pair {
+            let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+            let identity = Identity {
+                certs: vec![generated.cert.der().clone()],
+                key: PrivateKeyDer::try_from(generated.key_pair.serialize_der()).unwrap(),
+            };
+            let server_config = server_config(&Config::default(), identity, None).unwrap();
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(generated.cert.der().clone()).unwrap();
+            let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+            let crypto =
+                quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+            let endpoint_config = Arc::new(quinn_proto::EndpointConfig::default());
+            let server = quinn_proto::Endpoint::new(
+                endpoint_config.clone(),
+                Some(server_config),
+                true,
+                None,
+            );
+            let mut client = quinn_proto::Endpoint::new(endpoint_config, None, true, None);
+            let now = std::time::Instant::now();
+            let client_conn = client
+                .connect(
+                    now,
+                    quinn_proto::ClientConfig::new(Arc::new(crypto)),
+                    SERVER_ADDR.parse().unwrap(),
+                    "localhost",
+                )
+                .unwrap();
+            Pair {
+                server,
+                client,
+                server_conn: None,
+                client_conn,
+                now,
+            }
+        }
+
+        fn server_conn(&mut self) -> &mut quinn_proto::Connection {
+            &mut self.server_conn.as_mut().expect("the server accepted").1
+        }
+
+        /// Moves datagrams both ways until neither side sends, at most `rounds_max` times.
+        fn drive(&mut self, rounds_max: usize) {
+            let mut buf = Vec::new();
+            for _ in 0..rounds_max {
+                self.now += Duration::from_millis(1);
+                let mut sent = false;
+                // Client to server.
+                loop {
+                    buf.clear();
+                    let Some(transmit) = self.client_conn.1.poll_transmit(self.now, 1, &mut buf)
+                    else {
+                        break;
+                    };
+                    sent = true;
+                    let data = bytes::BytesMut::from(&buf[..transmit.size]);
+                    let mut response = Vec::new();
+                    match self.server.handle(
+                        self.now,
+                        CLIENT_ADDR.parse().unwrap(),
+                        None,
+                        None,
+                        data,
+                        &mut response,
+                    ) {
+                        Some(quinn_proto::DatagramEvent::NewConnection(incoming)) => {
+                            let accepted = self
+                                .server
+                                .accept(incoming, self.now, &mut response, None)
+                                .unwrap();
+                            self.server_conn = Some(accepted);
+                        }
+                        Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) => {
+                            self.server_conn().handle_event(event);
+                        }
+                        _ => {}
+                    }
+                }
+                // Server to client.
+                if let Some((_, conn)) = self.server_conn.as_mut() {
+                    loop {
+                        buf.clear();
+                        let Some(transmit) = conn.poll_transmit(self.now, 1, &mut buf) else {
+                            break;
+                        };
+                        sent = true;
+                        let data = bytes::BytesMut::from(&buf[..transmit.size]);
+                        let mut response = Vec::new();
+                        if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) =
+                            self.client.handle(
+                                self.now,
+                                SERVER_ADDR.parse().unwrap(),
+                                None,
+                                None,
+                                data,
+                                &mut response,
+                            )
+                        {
+                            self.client_conn.1.handle_event(event);
+                        }
+                    }
+                }
+                // Endpoint events (connection ids) and timers, both sides.
+                let (handle, conn) = &mut self.client_conn;
+                while let Some(event) = conn.poll_endpoint_events() {
+                    if let Some(event) = self.client.handle_event(*handle, event) {
+                        conn.handle_event(event);
+                    }
+                }
+                conn.handle_timeout(self.now);
+                while conn.poll().is_some() {}
+                if let Some((handle, conn)) = self.server_conn.as_mut() {
+                    while let Some(event) = conn.poll_endpoint_events() {
+                        if let Some(event) = self.server.handle_event(*handle, event) {
+                            conn.handle_event(event);
+                        }
+                    }
+                    conn.handle_timeout(self.now);
+                    while conn.poll().is_some() {}
+                }
+                if !sent {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The server drops its rustls connection once the handshake is over (the vendored
+    /// quinn-proto's `TlsSession::release_finished_server`, ~3.7 KB per idle connection), and
+    /// the connection goes on working: it still names its ALPN, carries stream data, and
+    /// takes a key update from the client, which needs only the secrets the session kept.
+    #[test]
+    fn a_server_connection_releases_its_tls_state_and_keeps_working() {
+        let mut pair = Pair::new();
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "the handshake finished"
+        );
+        let mut exported = [0u8; 32];
+        assert!(
+            pair.client_conn
+                .1
+                .crypto_session()
+                .export_keying_material(&mut exported, b"courier", b"test")
+                .is_ok(),
+            "the client keeps its TLS state"
+        );
+        let server = pair.server_conn();
+        assert!(!server.is_handshaking());
+        assert!(
+            server
+                .crypto_session()
+                .export_keying_material(&mut exported, b"courier", b"test")
+                .is_err(),
+            "the server released its TLS state"
+        );
+        let data = server
+            .crypto_session()
+            .handshake_data()
+            .expect("handshake data is kept")
+            .downcast::<quinn_proto::crypto::rustls::HandshakeData>()
+            .unwrap();
+        assert_eq!(data.protocol.as_deref(), Some(courier_protocol::ALPN));
+
+        // A key update, then stream data under the new keys.
+        pair.client_conn.1.force_key_update();
+        let stream = pair
+            .client_conn
+            .1
+            .streams()
+            .open(quinn_proto::Dir::Bi)
+            .unwrap();
+        pair.client_conn
+            .1
+            .send_stream(stream)
+            .write(b"after the handshake")
+            .unwrap();
+        pair.drive(100);
+        let server = pair.server_conn();
+        let accepted = server.streams().accept(quinn_proto::Dir::Bi).unwrap();
+        let mut received = Vec::new();
+        let mut recv = server.recv_stream(accepted);
+        let mut chunks = recv.read(true).unwrap();
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            received.extend_from_slice(&chunk.bytes);
+        }
+        let _ = chunks.finalize();
+        assert_eq!(received, b"after the handshake");
+        assert!(!server.is_closed(), "the key update was taken");
+    }
 }

@@ -37,18 +37,72 @@ impl From<Side> for rustls::Side {
 /// A rustls TLS session
 pub struct TlsSession {
     version: Version,
+    side: Side,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    /// The rustls connection. Courier patch: a server drops it once its handshake is over
+    /// (`release_finished_server`), which frees about 3.7 KB per connection; what the session
+    /// still answers after that is in `finished`.
+    inner: Option<Box<Connection>>,
+    finished: Option<Box<FinishedHandshake>>,
     suite: Suite,
 }
 
+/// What a server's session keeps of its handshake once the rustls connection is dropped.
+struct FinishedHandshake {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+}
+
 impl TlsSession {
-    fn side(&self) -> Side {
-        match self.inner {
+    fn new(version: Version, inner: Connection, suite: Suite) -> Self {
+        let side = match inner {
             Connection::Client(_) => Side::Client,
             Connection::Server(_) => Side::Server,
+        };
+        Self {
+            version,
+            side,
+            got_handshake_data: false,
+            next_secrets: None,
+            inner: Some(Box::new(inner)),
+            finished: None,
+            suite,
         }
+    }
+
+    fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Courier patch: drops a server's rustls connection once its handshake is over and all
+    /// it had to write (the session tickets) was written. Key updates need only
+    /// `next_secrets`, which the session holds itself. A TLS 1.3 client sends no handshake
+    /// message after its Finished, so any later CRYPTO data is refused as a protocol violation,
+    /// and `export_keying_material` fails from then on.
+    fn release_finished_server(&mut self) {
+        if self.side != Side::Server || cfg!(feature = "__rustls-post-quantum-test") {
+            return;
+        }
+        let Some(inner) = self.inner.as_deref() else {
+            return;
+        };
+        if inner.is_handshaking() || self.next_secrets.is_none() {
+            return;
+        }
+        let server_name = match inner {
+            Connection::Server(session) => session.server_name().map(|x| x.into()),
+            Connection::Client(_) => None,
+        };
+        self.finished = Some(Box::new(FinishedHandshake {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name,
+            peer_certificates: inner
+                .peer_certificates()
+                .map(|v| v.iter().map(|v| v.clone().into_owned()).collect()),
+        }));
+        self.inner = None;
     }
 }
 
@@ -61,15 +115,27 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let Some(inner) = self.inner.as_deref() else {
+            // Never released with this test feature: the group is not kept.
+            #[cfg(feature = "__rustls-post-quantum-test")]
+            return None;
+            #[cfg(not(feature = "__rustls-post-quantum-test"))]
+            {
+                let finished = self.finished.as_deref()?;
+                return Some(Box::new(HandshakeData {
+                    protocol: finished.protocol.clone(),
+                    server_name: finished.server_name.clone(),
+                }));
+            }
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name: match inner {
                 Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
+                Connection::Server(session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: inner
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +144,11 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let Some(inner) = self.inner.as_deref() else {
+            let certificates = self.finished.as_deref()?.peer_certificates.clone()?;
+            return Some(Box::new(certificates));
+        };
+        inner.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +158,29 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.inner.as_deref()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+        match self.inner.as_deref()? {
+            Connection::Client(session) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.inner.as_deref().is_some_and(|inner| inner.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Some(inner) = self.inner.as_deref_mut() else {
+            return Err(TransportError::PROTOCOL_VIOLATION(
+                "TLS handshake data after the handshake",
+            ));
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +194,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match inner {
                 Connection::Client(_) => false,
-                Connection::Server(ref session) => session.server_name().is_some(),
+                Connection::Server(session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +207,10 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let Some(inner) = self.inner.as_deref() else {
+            return Ok(None);
+        };
+        match inner.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +220,11 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Some(change) = self.inner.as_deref_mut()?.write_hs(buf) else {
+            self.release_finished_server();
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -205,6 +287,8 @@ impl crypto::Session for TlsSession {
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
         self.inner
+            .as_deref()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -361,11 +445,9 @@ impl crypto::ClientConfig for QuicClientConfig {
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
         let version = interpret_version(version)?;
-        Ok(Box::new(TlsSession {
+        Ok(Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -376,8 +458,8 @@ impl crypto::ClientConfig for QuicClientConfig {
                 )
                 .unwrap(),
             ),
-            suite: self.initial,
-        }))
+            self.initial,
+        )))
     }
 }
 
@@ -517,16 +599,14 @@ impl crypto::ServerConfig for QuicServerConfig {
     ) -> Box<dyn crypto::Session> {
         // Safe: `start_session()` is never called if `initial_keys()` rejected `version`
         let version = interpret_version(version).unwrap();
-        Box::new(TlsSession {
+        Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
             ),
-            suite: self.initial,
-        })
+            self.initial,
+        ))
     }
 
     fn initial_keys(
