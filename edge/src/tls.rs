@@ -512,6 +512,7 @@ mod tests {
         client: quinn_proto::Endpoint,
         server_conn: Option<(quinn_proto::ConnectionHandle, quinn_proto::Connection)>,
         client_conn: (quinn_proto::ConnectionHandle, quinn_proto::Connection),
+        client_config: quinn_proto::ClientConfig,
         now: std::time::Instant,
     }
 
@@ -534,8 +535,10 @@ mod tests {
                 .with_root_certificates(roots)
                 .with_no_client_auth();
             tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+            tls.enable_early_data = true;
             let crypto =
                 quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+            let client_config = quinn_proto::ClientConfig::new(Arc::new(crypto));
             let endpoint_config = Arc::new(quinn_proto::EndpointConfig::default());
             let server = quinn_proto::Endpoint::new(
                 endpoint_config.clone(),
@@ -548,7 +551,7 @@ mod tests {
             let client_conn = client
                 .connect(
                     now,
-                    quinn_proto::ClientConfig::new(Arc::new(crypto)),
+                    client_config.clone(),
                     SERVER_ADDR.parse().unwrap(),
                     "localhost",
                 )
@@ -558,8 +561,23 @@ mod tests {
                 client,
                 server_conn: None,
                 client_conn,
+                client_config,
                 now,
             }
+        }
+
+        /// A new connection from the same client (with the tickets it was given).
+        fn reconnect(&mut self) {
+            self.client_conn = self
+                .client
+                .connect(
+                    self.now,
+                    self.client_config.clone(),
+                    SERVER_ADDR.parse().unwrap(),
+                    "localhost",
+                )
+                .unwrap();
+            self.server_conn = None;
         }
 
         fn server_conn(&mut self) -> &mut quinn_proto::Connection {
@@ -654,8 +672,10 @@ mod tests {
 
     /// The server drops its rustls connection once the handshake is over (the vendored
     /// quinn-proto's `TlsSession::release_finished_server`, ~3.7 KB per idle connection), and
-    /// the connection goes on working: it still names its ALPN, carries stream data, and
-    /// takes a key update from the client, which needs only the secrets the session kept.
+    /// the connection goes on working: it still names its ALPN, carries stream data, takes
+    /// key updates from either side (which need only the secrets the session kept), and the
+    /// session tickets written just before the release reach the client, which resumes with
+    /// 0-RTT.
     #[test]
     fn a_server_connection_releases_its_tls_state_and_keeps_working() {
         let mut pair = Pair::new();
@@ -664,6 +684,7 @@ mod tests {
             !pair.client_conn.1.is_handshaking(),
             "the handshake finished"
         );
+        assert!(!pair.client_conn.1.is_closed() && !pair.server_conn().is_closed());
         let mut exported = [0u8; 32];
         assert!(
             pair.client_conn
@@ -714,6 +735,34 @@ mod tests {
         }
         let _ = chunks.finalize();
         assert_eq!(received, b"after the handshake");
-        assert!(!server.is_closed(), "the key update was taken");
+        assert!(!server.is_closed(), "the client's key update was taken");
+
+        // The server updates its keys, then answers on the stream.
+        server.force_key_update();
+        server
+            .send_stream(accepted)
+            .write(b"from the server")
+            .unwrap();
+        pair.drive(100);
+        let client = &mut pair.client_conn.1;
+        let mut received = Vec::new();
+        let mut recv = client.recv_stream(stream);
+        let mut chunks = recv.read(true).unwrap();
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            received.extend_from_slice(&chunk.bytes);
+        }
+        let _ = chunks.finalize();
+        assert_eq!(received, b"from the server");
+        assert!(!client.is_closed() && !pair.server_conn().is_closed());
+
+        // The tickets arrived: the next connection resumes with 0-RTT.
+        pair.reconnect();
+        assert!(
+            pair.client_conn.1.has_0rtt(),
+            "the client holds a ticket that allows 0-RTT"
+        );
+        pair.drive(100);
+        assert!(!pair.client_conn.1.is_handshaking());
+        assert!(pair.client_conn.1.accepted_0rtt(), "the server resumed it");
     }
 }

@@ -372,14 +372,15 @@ fn export_keying_material() {
         .export_keying_material(&mut client_buf, LABEL, CONTEXT)
         .unwrap();
 
-    // server keying material
+    // Courier patch: a server releases its TLS state once the handshake is over
+    // (`TlsSession::release_finished_server`), and with it the exporter secret.
     let mut server_buf = [0u8; 64];
-    pair.server_conn_mut(server_ch)
-        .crypto_session()
-        .export_keying_material(&mut server_buf, LABEL, CONTEXT)
-        .unwrap();
-
-    assert_eq!(&client_buf[..], &server_buf[..]);
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .crypto_session()
+            .export_keying_material(&mut server_buf, LABEL, CONTEXT)
+            .is_err()
+    );
 }
 
 #[test]
