@@ -2,7 +2,8 @@
 //! `SAMPLE_INTERVAL`; above `SHED_ABOVE` of `limits.memory_bytes_max` the shards refuse new
 //! connections and new sends (`Overloaded`) until it falls below `RESUME_BELOW`, while
 //! deliveries and acks (which free memory) go on. After load falls, freed heap is handed back
-//! to the kernel (`malloc_trim`), so the resident size follows the load down.
+//! to the kernel (jemalloc's purge and glibc's `malloc_trim`), so the resident size follows the
+//! load down.
 //!
 //! The ceiling is the last line: the limits in `[limits]` bound each connection, queue and
 //! cache (docs/security.md has the formula), and the ceiling catches what their sum allows
