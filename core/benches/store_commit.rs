@@ -28,6 +28,11 @@
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
+
+/// The edge's allocator (decision 0022): the committer allocates and frees on every commit,
+/// and fjall's memtables free what another thread allocated.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::time::{Duration, Instant};
 
 use courier_core::commit::{Committer, Request, SendRequest, read_inbox};
