@@ -28,11 +28,6 @@
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
-
-/// The edge's allocator (decision 0022): the committer allocates and frees on every commit,
-/// and fjall's memtables free what another thread allocated.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::time::{Duration, Instant};
 
 use courier_core::commit::{Committer, Request, SendRequest, read_inbox};
@@ -40,6 +35,13 @@ use courier_core::rng::Rng;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::{Store, Transaction};
 use courier_core::{CoreConfig, keys};
+
+/// With `--features bench-jemalloc`, the edge's allocator (decision 0022): the committer
+/// allocates and frees on every commit, and fjall's memtables free what another thread
+/// allocated.
+#[cfg(feature = "bench-jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const BODY_BYTES: usize = 200;
 /// Users messages go between, unless `--inboxes` says otherwise.
@@ -127,6 +129,14 @@ fn main() {
         INBOXES_DEFAULT
     });
     let drain_messages = drain.then(|| messages_max.unwrap_or(DRAIN_MESSAGES_DEFAULT));
+    println!(
+        "allocator: {}",
+        if cfg!(feature = "bench-jemalloc") {
+            "jemalloc (the edge's)"
+        } else {
+            "glibc malloc (--features bench-jemalloc for the edge's)"
+        }
+    );
     println!(
         "mode: {}",
         if raw {
