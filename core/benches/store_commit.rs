@@ -25,6 +25,7 @@
 //! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
 //!
 //! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--drain]`
+//! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
 use std::path::PathBuf;
