@@ -603,10 +603,10 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     );
     // Tokens are minted before anything is measured: an app's client holds its token already,
     // and Ed25519 signing was about 4% of the load generator's samples in a storm.
-    let mut all_options: Vec<_> = (0..args.connections)
+    let all_options: Vec<_> = (0..args.connections)
         .map(|index| target.options(target.user_base + u64::from(index) + 1))
         .collect();
-    all_options.reverse();
+    let mut all_options = all_options.into_iter();
     let usage = EdgeUsage::start(target);
     let rss_before = target.edge_usage().map(|(_, rss)| rss);
     let keep_alive = Duration::from_millis(args.keep_alive_ms.max(1));
@@ -623,7 +623,7 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     let mut tasks = Vec::new();
     for index in 0..args.connections {
         let connector = connectors[index as usize % connectors.len()].clone();
-        let options = all_options.pop().expect("one per connection");
+        let options = all_options.next().expect("one per connection");
         let permit = semaphore
             .clone()
             .acquire_owned()

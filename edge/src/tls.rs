@@ -670,6 +670,18 @@ mod tests {
         }
     }
 
+    /// What stream `id` of `conn` has received so far.
+    fn read_available(conn: &mut quinn_proto::Connection, id: quinn_proto::StreamId) -> Vec<u8> {
+        let mut received = Vec::new();
+        let mut recv = conn.recv_stream(id);
+        let mut chunks = recv.read(true).unwrap();
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            received.extend_from_slice(&chunk.bytes);
+        }
+        let _ = chunks.finalize();
+        received
+    }
+
     /// The server drops its rustls connection once the handshake is over (the vendored
     /// quinn-proto's `TlsSession::release_finished_server`, ~3.7 KB per idle connection), and
     /// the connection goes on working: it still names its ALPN, carries stream data, takes
@@ -727,14 +739,7 @@ mod tests {
         pair.drive(100);
         let server = pair.server_conn();
         let accepted = server.streams().accept(quinn_proto::Dir::Bi).unwrap();
-        let mut received = Vec::new();
-        let mut recv = server.recv_stream(accepted);
-        let mut chunks = recv.read(true).unwrap();
-        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
-            received.extend_from_slice(&chunk.bytes);
-        }
-        let _ = chunks.finalize();
-        assert_eq!(received, b"after the handshake");
+        assert_eq!(read_available(server, accepted), b"after the handshake");
         assert!(!server.is_closed(), "the client's key update was taken");
 
         // The server updates its keys, then answers on the stream.
@@ -745,14 +750,7 @@ mod tests {
             .unwrap();
         pair.drive(100);
         let client = &mut pair.client_conn.1;
-        let mut received = Vec::new();
-        let mut recv = client.recv_stream(stream);
-        let mut chunks = recv.read(true).unwrap();
-        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
-            received.extend_from_slice(&chunk.bytes);
-        }
-        let _ = chunks.finalize();
-        assert_eq!(received, b"from the server");
+        assert_eq!(read_available(client, stream), b"from the server");
         assert!(!client.is_closed() && !pair.server_conn().is_closed());
 
         // The tickets arrived: the next connection resumes with 0-RTT.
