@@ -74,6 +74,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Transmits one connection may produce per flush, so one busy connection cannot starve others.
 const TRANSMITS_PER_FLUSH_MAX: usize = 64;
+/// The session's frames for a connection collect in its `outbuf` and go to QUIC's stream once
+/// per flush, or as soon as this many bytes wait: one stream write (one segment of QUIC's
+/// send buffer, one copy) per wake-up instead of one per frame.
+const OUTBUF_FLUSH_BYTES: usize = 16 * 1024;
 /// Floor of the hard maximum of a peer backlog (`Shard::mesh_backlog_messages_max`).
 const MESH_BACKLOG_MESSAGES_MIN: usize = 65_536;
 /// Pause before a failed store read is handed back (the session then reads again).
@@ -1129,7 +1133,11 @@ impl Shard {
                     if c.generation != conn.generation {
                         continue;
                     }
-                    write_frame(c, &frame);
+                    // Written to the stream by `flush`, with the rest of this wake-up's frames.
+                    encode_frame(c, &frame);
+                    if c.outbuf.len() >= OUTBUF_FLUSH_BYTES {
+                        flush_outbuf(c);
+                    }
                     self.metrics.frame_sent(frame.kind());
                     match &frame {
                         Frame::SendAck { .. } => {
@@ -2181,7 +2189,13 @@ impl Shard {
                 continue;
             };
             conn.dirty = false;
+            let buffered = conn.outbuf.len();
             flush_outbuf(&mut conn);
+            if conn.kind == ConnKind::Client && conn.outbuf.len() != buffered {
+                // What QUIC took may let a paused sync continue (`after_input` takes its effects).
+                let conn_ref = self.conn_ref(handle, &conn);
+                self.session.set_outbound_bytes(conn_ref, conn.outbuf.len());
+            }
             let mut buf = std::mem::take(&mut self.transmit_buf);
             for _ in 0..TRANSMITS_PER_FLUSH_MAX {
                 buf.clear();
@@ -2343,15 +2357,20 @@ fn read_chunk(conn: &mut Conn, id: StreamId, room: usize) -> Option<StreamRead> 
 }
 
 /// Queues a frame on the connection's stream and writes what flow control allows.
+/// Encodes `frame` into the connection's `outbuf` and writes what it can to the stream now.
 fn write_frame(conn: &mut Conn, frame: &Frame) {
+    encode_frame(conn, frame);
+    flush_outbuf(conn);
+}
+
+/// Encodes `frame` into the connection's `outbuf`; `flush_outbuf` writes it to the stream.
+fn encode_frame(conn: &mut Conn, frame: &Frame) {
     if conn.stream.is_none() {
         return;
     }
     if let Err(error) = courier_protocol::encode(frame, &mut conn.outbuf) {
         warn!(%error, kind = frame.kind(), "cannot encode a frame: this is a bug");
-        return;
     }
-    flush_outbuf(conn);
 }
 
 fn flush_outbuf(conn: &mut Conn) {

@@ -61,6 +61,35 @@ async fn b_offline_recipient_gets_1000_messages_once_in_order() {
     assert_quiet(&mut bob).await;
 }
 
+/// An offline recipient whose stored messages are twenty times the edge's outbound buffer per
+/// connection gets all of them once, in order: the sync pauses whenever QUIC's window and the
+/// buffer are full, and continues as QUIC takes what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b2_a_backlog_larger_than_the_outbound_buffer_arrives_in_order() {
+    let outbound_max = 2 * courier_protocol::FRAME_BYTES_MAX;
+    let edge = Edge::start_with(
+        1,
+        &format!("[limits]\noutbound_bytes_per_connection_max = {outbound_max}\n"),
+        &[],
+    );
+    let alice = edge.client(23).await;
+    let body_bytes = 8 * 1024;
+    let messages = (20 * outbound_max / body_bytes) as u32;
+    for i in 0..messages {
+        let mut body = vec![0u8; body_bytes];
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        alice.send(24, body).await.expect("send");
+    }
+    let mut bob = edge.client(24).await;
+    for i in 0..messages {
+        let got = next_message(&mut bob).await;
+        assert_eq!(got.seq, u64::from(i) + 1);
+        assert_eq!(got.body.len(), body_bytes);
+        assert_eq!(got.body[..4], i.to_be_bytes());
+    }
+    assert_quiet(&mut bob).await;
+}
+
 /// c. The edge is killed with SIGKILL after the sends were acknowledged and before delivery;
 /// after restart everything arrives exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
