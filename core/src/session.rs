@@ -1273,20 +1273,24 @@ impl<A: Authenticator> EdgeSession<A> {
                     },
                 ),
                 Output::Deliver(message) => {
-                    let targets = self
+                    // The last connection takes the message itself: most inboxes have one.
+                    let Some((last, others)) = self
                         .registry
                         .get(&message.inbox)
-                        .cloned()
-                        .unwrap_or_default();
-                    for Registration { conn, .. } in targets {
-                        self.route(
-                            conn.shard,
-                            ShardMessage::Deliver {
-                                conn,
-                                message: message.clone(),
-                            },
-                        );
+                        .and_then(|targets| targets.split_last())
+                    else {
+                        continue;
+                    };
+                    let (own, local, effects) =
+                        (self.config.shard, &mut self.local, &mut self.effects);
+                    for &Registration { conn, .. } in others {
+                        let message = message.clone();
+                        let routed = ShardMessage::Deliver { conn, message };
+                        route_to(own, local, effects, conn.shard, routed);
                     }
+                    let conn = last.conn;
+                    let routed = ShardMessage::Deliver { conn, message };
+                    route_to(own, local, effects, conn.shard, routed);
                 }
             }
         }
@@ -2076,11 +2080,13 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Routes to `shard`, or queues locally when that is this shard.
     fn route(&mut self, shard: u8, message: ShardMessage) {
-        if shard == self.config.shard {
-            self.local.push_back(message);
-        } else {
-            self.effects.push_back(Effect::Route { shard, message });
-        }
+        route_to(
+            self.config.shard,
+            &mut self.local,
+            &mut self.effects,
+            shard,
+            message,
+        );
     }
 
     fn drain_local(&mut self) {
@@ -2223,6 +2229,23 @@ impl<A: Authenticator> EdgeSession<A> {
         c.sends_in_flight += 1;
         c.send_bytes_in_flight += bytes;
         Ok(())
+    }
+}
+
+/// Queues `message` for `shard`: handled here (`local`) when that is this shard (`own`), else
+/// an [`Effect::Route`] for the driver. Takes the queues, not the session, so a caller can
+/// route while it reads the registry.
+fn route_to(
+    own: u8,
+    local: &mut VecDeque<ShardMessage>,
+    effects: &mut VecDeque<Effect>,
+    shard: u8,
+    message: ShardMessage,
+) {
+    if shard == own {
+        local.push_back(message);
+    } else {
+        effects.push_back(Effect::Route { shard, message });
     }
 }
 
