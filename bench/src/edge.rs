@@ -428,15 +428,15 @@ fn spawn_and_wait(
 
 impl Drop for SpawnedEdge {
     fn drop(&mut self) {
-        // SIGTERM: the edge finishes its commits and exits within its 3 s grace period;
-        // everything acknowledged is on disk already.
+        // SIGTERM: the edge finishes its commits and exits within its grace period
+        // (`server.shutdown_grace_secs`, 10 s); everything acknowledged is on disk already.
         let pid = self.child.id() as libc::pid_t;
         #[allow(unsafe_code)]
         // SAFETY: kill(2) with a PID we started and have not reaped yet.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => return,

@@ -302,7 +302,8 @@ impl Edge {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // Every acknowledged message is already on disk, so the grace period only spares
         // clients a timeout: they see `ShuttingDown` and reconnect. The deadline bounds it.
-        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        let grace = std::time::Duration::from_secs(self.config.server.shutdown_grace_secs);
+        let deadline = std::time::Instant::now() + grace;
         let mut stopped = 0;
         while stopped < self.shard_count {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -320,7 +321,10 @@ impl Edge {
             tracing::error!(
                 shards_stopped = stopped,
                 shards = self.shard_count,
-                "stopped, but some shards did not finish in time"
+                grace_secs = grace.as_secs(),
+                "stopped, but some shards did not finish in time: what they acknowledged is on \
+                 disk, but some clients were not told to reconnect (raise \
+                 server.shutdown_grace_secs when shards hold many connections)"
             );
             return Err(self.shard_count - stopped);
         }
@@ -634,9 +638,6 @@ fn probe_address_free(listen: std::net::SocketAddr) -> Result<(), String> {
         }
     }
 }
-
-/// How long shutdown waits for the shards to finish their commits and close connections.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long start-up waits for a port still held by a process that just ended.
 const PORT_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
