@@ -436,6 +436,7 @@ impl Drop for SpawnedEdge {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
+        // The default grace and 2 s more; an `--edge-config` raising it is cut short here.
         let deadline = std::time::Instant::now() + Duration::from_secs(12);
         loop {
             match self.child.try_wait() {

@@ -337,7 +337,8 @@ pub struct ServerSection {
     /// Seconds shutdown waits for the shards to finish their commits and close their
     /// connections before the process exits with code 2. Closing costs ~15 µs per connection
     /// on the development box (100,000 on one shard: 1.5 s), so raise it with
-    /// `limits.connections_per_shard_max`; keep it below the supervisor's stop timeout.
+    /// `limits.connections_per_shard_max`; keep it below the supervisor's stop timeout, less
+    /// the up to 8 s the hand-over to a successor takes first with `cluster.takeover`.
     pub shutdown_grace_secs: u64,
 }
 

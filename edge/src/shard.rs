@@ -2356,7 +2356,6 @@ fn read_chunk(conn: &mut Conn, id: StreamId, room: usize) -> Option<StreamRead> 
     Some(read)
 }
 
-/// Queues a frame on the connection's stream and writes what flow control allows.
 /// Encodes `frame` into the connection's `outbuf` and writes what it can to the stream now.
 fn write_frame(conn: &mut Conn, frame: &Frame) {
     encode_frame(conn, frame);

@@ -62,8 +62,8 @@ async fn b_offline_recipient_gets_1000_messages_once_in_order() {
 }
 
 /// An offline recipient whose stored messages are twenty times the edge's outbound buffer per
-/// connection gets all of them once, in order: the sync pauses whenever QUIC's window and the
-/// buffer are full, and continues as QUIC takes what was written.
+/// connection gets all of them once, in order: the sync pauses whenever the outbound buffer
+/// would overflow, and continues once QUIC has taken all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b2_a_backlog_larger_than_the_outbound_buffer_arrives_in_order() {
     let outbound_max = 2 * courier_protocol::FRAME_BYTES_MAX;
