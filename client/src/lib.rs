@@ -1106,7 +1106,6 @@ impl Driver {
                 self.session.connected(now);
             }
         }
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         loop {
             self.take_events();
             if let Err(error) = self.take_transmits(&mut link) {
@@ -1118,12 +1117,13 @@ impl Driver {
             let app_has_room = self.to_app.len() < self.options.deliveries_buffered_max.max(1);
             let incoming = self.incoming.clone();
             tokio::select! {
-                read = link.recv.read(&mut chunk), if app_has_room => {
-                    match read {
-                        Ok(Some(read)) => link.inbuf.extend_from_slice(&chunk[..read]),
+                // quinn hands over its own buffer (no copy); frames are decoded from it.
+                read = link.recv.read_chunk(READ_CHUNK_BYTES, true), if app_has_room => {
+                    let chunk = match read {
+                        Ok(Some(chunk)) => chunk,
                         Ok(None) | Err(_) => return LinkEnd::Lost(link.lost().await),
-                    }
-                    if let Err(error) = self.handle_input(&mut link) {
+                    };
+                    if let Err(error) = self.handle_input(&mut link, &chunk.bytes) {
                         return LinkEnd::Lost(error);
                     }
                 }
@@ -1165,11 +1165,29 @@ impl Driver {
         }
     }
 
-    /// Decodes every whole frame in the link's input buffer into the session.
-    fn handle_input(&mut self, link: &mut Link) -> Result<(), ClientError> {
+    /// Decodes every whole frame of `data`, after the partial frame the link buffered before it,
+    /// into the session, and buffers the partial frame at its end. Without a buffered partial
+    /// frame (the usual case) `data` is decoded where it lies, without a copy.
+    fn handle_input(&mut self, link: &mut Link, data: &[u8]) -> Result<(), ClientError> {
+        if link.inbuf.is_empty() {
+            let (consumed, result) = self.decode_frames(data);
+            link.inbuf.extend_from_slice(&data[consumed..]);
+            return result;
+        }
+        link.inbuf.extend_from_slice(data);
+        let inbuf = std::mem::take(&mut link.inbuf);
+        let (consumed, result) = self.decode_frames(&inbuf);
+        link.inbuf = inbuf;
+        link.inbuf.drain(..consumed);
+        result
+    }
+
+    /// Decodes whole frames from the front of `buf` into the session: how many bytes they
+    /// took, and the first error.
+    fn decode_frames(&mut self, buf: &[u8]) -> (usize, Result<(), ClientError>) {
         let mut consumed_total = 0;
         let result = loop {
-            match courier_protocol::decode(&link.inbuf[consumed_total..]) {
+            match courier_protocol::decode(&buf[consumed_total..]) {
                 Ok(Some((frame, consumed))) => {
                     consumed_total += consumed;
                     let now = self.now();
@@ -1181,8 +1199,7 @@ impl Driver {
                 Err(error) => break Err(ClientError::Protocol(error.to_string())),
             }
         };
-        link.inbuf.drain(..consumed_total);
-        result
+        (consumed_total, result)
     }
 
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for

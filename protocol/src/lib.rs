@@ -147,10 +147,10 @@ pub fn peek_length(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
 
 /// Decodes one frame body (the bytes after the length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
-    let aligned = aligned_body(body)?;
+    let frame = with_aligned_body(body, rkyv::from_bytes::<Frame, rancor::Error>)?;
     // rkyv's error text names its own internals (and without its `alloc` feature says only
     // how to get more text): the peer gets a sentence about its bytes instead.
-    let frame = rkyv::from_bytes::<Frame, rancor::Error>(&aligned).map_err(|_| {
+    let frame = frame.map_err(|_| {
         DecodeError::Malformed(
             "the bytes are not a frame of this protocol version (corrupt, truncated, or an \
              unknown frame kind or field value)"
@@ -161,8 +161,8 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
     Ok(frame)
 }
 
-/// A frame body copied into an aligned buffer for rkyv, after its size is checked.
-fn aligned_body(body: &[u8]) -> Result<AlignedVec<16>, DecodeError> {
+/// Runs `decode` on a copy of `body` in an aligned buffer, after its size is checked.
+fn with_aligned_body<T>(body: &[u8], decode: impl FnOnce(&[u8]) -> T) -> Result<T, DecodeError> {
     if body.is_empty() {
         return Err(DecodeError::FrameEmpty);
     }
@@ -171,11 +171,20 @@ fn aligned_body(body: &[u8]) -> Result<AlignedVec<16>, DecodeError> {
             length_bytes: body.len(),
         });
     }
-    // rkyv validates alignment; bytes from a stream have none, so copy into an aligned buffer.
-    // The copy is bounded by FRAME_BYTES_MAX, checked above.
-    let mut aligned = AlignedVec::<16>::with_capacity(body.len());
-    aligned.extend_from_slice(body);
-    Ok(aligned)
+    Ok(ALIGNED_BODY.with_borrow_mut(|aligned| {
+        // rkyv validates alignment; bytes from a stream have none, so copy into an aligned
+        // buffer. The copy is bounded by FRAME_BYTES_MAX, checked above.
+        aligned.clear();
+        aligned.extend_from_slice(body);
+        decode(aligned)
+    }))
+}
+
+thread_local! {
+    /// The aligned copy of the frame body being decoded, one per thread and reused: a buffer
+    /// per frame was an allocation and a free per frame. Holds at most `FRAME_BYTES_MAX`.
+    static ALIGNED_BODY: std::cell::RefCell<AlignedVec<16>> =
+        std::cell::RefCell::new(AlignedVec::new());
 }
 
 #[cfg(test)]

@@ -152,8 +152,7 @@ pub fn decode_link(buf: &[u8]) -> Result<Option<(LinkFrame, usize)>, DecodeError
     let Some((body, consumed)) = crate::split_frame(buf)? else {
         return Ok(None);
     };
-    let aligned = crate::aligned_body(body)?;
-    let frame = rkyv::from_bytes::<LinkFrame, rancor::Error>(&aligned)
+    let frame = crate::with_aligned_body(body, rkyv::from_bytes::<LinkFrame, rancor::Error>)?
         .map_err(|_| DecodeError::Malformed("the bytes are not a link frame".into()))?;
     frame.check_limits()?;
     Ok(Some((frame, consumed)))
