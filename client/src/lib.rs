@@ -733,11 +733,11 @@ const OUTBUF_BYTES_MAX: usize = 1024 * 1024;
 /// How long a close waits for the server to take the last frames (the last ack).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Bytes read from the stream at a time.
+/// Most bytes taken from the stream at a time; quinn usually hands over less (about one packet).
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// One QUIC connection with its protocol stream. The driver reads and writes the stream
-/// itself (quinn's `read` and `write` are cancel-safe), so no other task ever holds it: after
+/// itself (quinn's `read_chunk` and `write` are cancel-safe), so no other task ever holds it: after
 /// a rejected 0-RTT the new stream reuses the old one's id, and a second reader would race
 /// for its data.
 struct Link {
@@ -1165,41 +1165,12 @@ impl Driver {
         }
     }
 
-    /// Decodes every whole frame of `data`, after the partial frame the link buffered before it,
-    /// into the session, and buffers the partial frame at its end. Without a buffered partial
-    /// frame (the usual case) `data` is decoded where it lies, without a copy.
+    /// Hands every whole frame of `data` to the session (see [`take_frames`]).
     fn handle_input(&mut self, link: &mut Link, data: &[u8]) -> Result<(), ClientError> {
-        if link.inbuf.is_empty() {
-            let (consumed, result) = self.decode_frames(data);
-            link.inbuf.extend_from_slice(&data[consumed..]);
-            return result;
-        }
-        link.inbuf.extend_from_slice(data);
-        let inbuf = std::mem::take(&mut link.inbuf);
-        let (consumed, result) = self.decode_frames(&inbuf);
-        link.inbuf = inbuf;
-        link.inbuf.drain(..consumed);
-        result
-    }
-
-    /// Decodes whole frames from the front of `buf` into the session: how many bytes they
-    /// took, and the first error.
-    fn decode_frames(&mut self, buf: &[u8]) -> (usize, Result<(), ClientError>) {
-        let mut consumed_total = 0;
-        let result = loop {
-            match courier_protocol::decode(&buf[consumed_total..]) {
-                Ok(Some((frame, consumed))) => {
-                    consumed_total += consumed;
-                    let now = self.now();
-                    if let Err(error) = self.session.handle_frame(now, frame) {
-                        break Err(session_error(error));
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(error) => break Err(ClientError::Protocol(error.to_string())),
-            }
-        };
-        (consumed_total, result)
+        take_frames(&mut link.inbuf, data, |frame| {
+            let now = self.now();
+            self.session.handle_frame(now, frame).map_err(session_error)
+        })
     }
 
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
@@ -1373,9 +1344,105 @@ pub mod raw {
     }
 }
 
+/// Hands every whole frame of `data` to `on_frame`, after the frame the previous read split
+/// (buffered in `inbuf`), and buffers the frame split at its end; stops at the first error.
+/// Only split frames are copied; the rest is decoded where quinn left it. quinn hands over
+/// about one packet per read, so most reads finish or split a frame.
+fn take_frames(
+    inbuf: &mut Vec<u8>,
+    mut data: &[u8],
+    mut on_frame: impl FnMut(Frame) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let protocol_error =
+        |error: courier_protocol::DecodeError| ClientError::Protocol(error.to_string());
+    // Finish the split frame with only the bytes it still lacks: its length prefix first,
+    // which is checked as soon as it is whole.
+    while !inbuf.is_empty() {
+        let body_bytes = courier_protocol::peek_length(inbuf).map_err(protocol_error)?;
+        let wanted = courier_protocol::LENGTH_PREFIX_BYTES + body_bytes.unwrap_or(0);
+        if body_bytes.is_some() && inbuf.len() == wanted {
+            let decoded = courier_protocol::decode(inbuf).map_err(protocol_error)?;
+            inbuf.clear();
+            if let Some((frame, _)) = decoded {
+                on_frame(frame)?;
+            }
+            break;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let take = (wanted - inbuf.len()).min(data.len());
+        inbuf.extend_from_slice(&data[..take]);
+        data = &data[take..];
+    }
+    let mut consumed_total = 0;
+    let result = loop {
+        match courier_protocol::decode(&data[consumed_total..]) {
+            Ok(Some((frame, consumed))) => {
+                consumed_total += consumed;
+                if let Err(error) = on_frame(frame) {
+                    break Err(error);
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(protocol_error(error)),
+        }
+    };
+    inbuf.extend_from_slice(&data[consumed_total..]);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frames cut at every possible place, as quinn's reads cut a stream, come out whole, in
+    /// order and once each; a split length prefix, a split body and a read holding several
+    /// frames and the start of the next are all among the cuts.
+    #[test]
+    fn frames_split_across_reads_come_out_whole_and_in_order() {
+        let frames: Vec<Frame> = (0..40u64)
+            .map(|i| Frame::Ping { nonce: i })
+            .chain((0..20usize).map(|i| Frame::SendAck {
+                client_id: 1 + i as u64,
+                seq: 1000 + i as u64,
+                server_time_ms: 7,
+            }))
+            .collect();
+        let mut stream = Vec::new();
+        for frame in &frames {
+            courier_protocol::encode(frame, &mut stream).expect("encode");
+        }
+        // Reads of every size from 1 byte to past the whole stream, in turn.
+        for read_bytes in 1..=stream.len() + 1 {
+            let (mut inbuf, mut taken) = (Vec::new(), Vec::new());
+            for data in stream.chunks(read_bytes) {
+                take_frames(&mut inbuf, data, |frame| {
+                    taken.push(frame);
+                    Ok(())
+                })
+                .expect("valid frames");
+            }
+            assert!(
+                inbuf.is_empty(),
+                "reads of {read_bytes} B left bytes buffered"
+            );
+            assert_eq!(taken, frames, "reads of {read_bytes} B");
+        }
+    }
+
+    /// A read that ends inside a frame whose length prefix is too large fails with a protocol
+    /// error instead of buffering it.
+    #[test]
+    fn an_oversized_split_frame_is_refused() {
+        let prefix = u32::try_from(courier_protocol::FRAME_BYTES_MAX + 1).expect("fits");
+        let mut inbuf = Vec::new();
+        let first = take_frames(&mut inbuf, &prefix.to_be_bytes()[..2], |_| Ok(()));
+        assert!(first.is_ok(), "half a prefix waits for the rest");
+        let error = take_frames(&mut inbuf, &prefix.to_be_bytes()[2..], |_| Ok(()))
+            .expect_err("an oversized frame");
+        assert!(matches!(error, ClientError::Protocol(_)), "{error:?}");
+    }
 
     fn connector() -> Connector {
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])

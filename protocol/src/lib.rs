@@ -182,7 +182,8 @@ fn with_aligned_body<T>(body: &[u8], decode: impl FnOnce(&[u8]) -> T) -> Result<
 
 thread_local! {
     /// The aligned copy of the frame body being decoded, one per thread and reused: a buffer
-    /// per frame was an allocation and a free per frame. Holds at most `FRAME_BYTES_MAX`.
+    /// per frame was an allocation and a free per frame. Grows to at most `FRAME_BYTES_MAX`
+    /// rounded up to a power of two (128 KiB).
     static ALIGNED_BODY: std::cell::RefCell<AlignedVec<16>> =
         std::cell::RefCell::new(AlignedVec::new());
 }
