@@ -1787,18 +1787,33 @@ impl<A: Authenticator> EdgeSession<A> {
                 kind,
                 payload,
             } => {
-                let targets = self.registry.get(&to).cloned().unwrap_or_default();
-                for Registration { conn, .. } in targets {
-                    self.route(
-                        conn.shard,
-                        ShardMessage::SignalDeliver {
-                            conn,
-                            from,
-                            kind,
-                            payload: payload.clone(),
-                        },
-                    );
+                // As with messages: no copy of the registry, none of the payload for the last.
+                let Some((last, others)) = self
+                    .registry
+                    .get(&to)
+                    .and_then(|targets| targets.split_last())
+                else {
+                    return;
+                };
+                let (own, local, effects) = (self.config.shard, &mut self.local, &mut self.effects);
+                for &Registration { conn, .. } in others {
+                    let payload = payload.clone();
+                    let routed = ShardMessage::SignalDeliver {
+                        conn,
+                        from,
+                        kind,
+                        payload,
+                    };
+                    route_to(own, local, effects, conn.shard, routed);
                 }
+                let conn = last.conn;
+                let routed = ShardMessage::SignalDeliver {
+                    conn,
+                    from,
+                    kind,
+                    payload,
+                };
+                route_to(own, local, effects, conn.shard, routed);
             }
             ShardMessage::SignalDeliver {
                 conn,

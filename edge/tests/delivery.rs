@@ -113,6 +113,33 @@ async fn without_auto_ack_a_reconnect_acknowledges_nothing_the_application_did_n
     assert_eq!(stored_messages(&edge, 1022), vec![3, 4, 5]);
 }
 
+/// A signal to a user with two devices online reaches both, with its payload, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_reaches_every_device_of_its_user() {
+    let edge = Edge::start(2);
+    let sender = edge.client(1061).await;
+    let device = |id: u32| ConnectOptions::new(edge.addr, edge.token(1062, id), id);
+    let connector = edge.connector();
+    let mut phone = connector.connect(device(0)).await.expect("phone");
+    let mut laptop = connector.connect(device(1)).await.expect("laptop");
+    let kind = courier_protocol::SignalKind::Typing;
+    sender.signal(1062, kind, b"typing".to_vec());
+    for client in [&mut phone, &mut laptop] {
+        let incoming = tokio::time::timeout(EVENT_TIMEOUT, client.recv())
+            .await
+            .expect("in time")
+            .expect("open");
+        let expected = Incoming::Signal {
+            from: 1061,
+            kind,
+            payload: b"typing".to_vec(),
+        };
+        assert_eq!(incoming, expected);
+    }
+    assert_quiet(&mut phone).await;
+    assert_quiet(&mut laptop).await;
+}
+
 /// Two devices of one user each receive every message, and one device's acks do not delete
 /// what the other has not acknowledged: device 1 reads everything while device 0 is away;
 /// device 0 comes back and still gets all of it; once both acked, nothing is stored.
