@@ -1273,24 +1273,9 @@ impl<A: Authenticator> EdgeSession<A> {
                     },
                 ),
                 Output::Deliver(message) => {
-                    // The last connection takes the message itself: most inboxes have one.
-                    let Some((last, others)) = self
-                        .registry
-                        .get(&message.inbox)
-                        .and_then(|targets| targets.split_last())
-                    else {
-                        continue;
-                    };
-                    let (own, local, effects) =
-                        (self.config.shard, &mut self.local, &mut self.effects);
-                    for &Registration { conn, .. } in others {
-                        let message = message.clone();
-                        let routed = ShardMessage::Deliver { conn, message };
-                        route_to(own, local, effects, conn.shard, routed);
-                    }
-                    let conn = last.conn;
-                    let routed = ShardMessage::Deliver { conn, message };
-                    route_to(own, local, effects, conn.shard, routed);
+                    self.fan_out(message.inbox, message, |conn, message| {
+                        ShardMessage::Deliver { conn, message }
+                    });
                 }
             }
         }
@@ -1787,33 +1772,12 @@ impl<A: Authenticator> EdgeSession<A> {
                 kind,
                 payload,
             } => {
-                // As with messages: no copy of the registry, none of the payload for the last.
-                let Some((last, others)) = self
-                    .registry
-                    .get(&to)
-                    .and_then(|targets| targets.split_last())
-                else {
-                    return;
-                };
-                let (own, local, effects) = (self.config.shard, &mut self.local, &mut self.effects);
-                for &Registration { conn, .. } in others {
-                    let payload = payload.clone();
-                    let routed = ShardMessage::SignalDeliver {
-                        conn,
-                        from,
-                        kind,
-                        payload,
-                    };
-                    route_to(own, local, effects, conn.shard, routed);
-                }
-                let conn = last.conn;
-                let routed = ShardMessage::SignalDeliver {
+                self.fan_out(to, payload, |conn, payload| ShardMessage::SignalDeliver {
                     conn,
                     from,
                     kind,
                     payload,
-                };
-                route_to(own, local, effects, conn.shard, routed);
+                });
             }
             ShardMessage::SignalDeliver {
                 conn,
@@ -2094,6 +2058,29 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// Routes to `shard`, or queues locally when that is this shard.
+    /// Routes `make(conn, item)` to every connection registered for `user`. The last takes
+    /// `item` itself and the others a clone (most users have one connection), and the
+    /// registry is read in place, not copied.
+    fn fan_out<T: Clone>(
+        &mut self,
+        user: UserId,
+        item: T,
+        make: impl Fn(ConnRef, T) -> ShardMessage,
+    ) {
+        let Some((last, others)) = self
+            .registry
+            .get(&user)
+            .and_then(|targets| targets.split_last())
+        else {
+            return;
+        };
+        let (own, local, effects) = (self.config.shard, &mut self.local, &mut self.effects);
+        for &Registration { conn, .. } in others {
+            route_to(own, local, effects, conn.shard, make(conn, item.clone()));
+        }
+        route_to(own, local, effects, last.conn.shard, make(last.conn, item));
+    }
+
     fn route(&mut self, shard: u8, message: ShardMessage) {
         route_to(
             self.config.shard,
