@@ -13,6 +13,9 @@
 //! With `--memory`, the same commit logic runs over `MemoryStore` (a map, no disk): what the
 //! logic itself costs, the ceiling no embedded engine can pass.
 //!
+//! With `--log`, the same commit logic runs over the log store (`store::log`: live keys in
+//! memory, one journal append and fdatasync per commit).
+//!
 //! With `--messages N`, each writer stops after N messages (rounded up to whole batches)
 //! instead of after `--seconds`: the same work every run, for counting instructions
 //! (`valgrind --tool=callgrind`).
@@ -24,7 +27,7 @@
 //! messages. The drain alone is timed, and runs inside `drain_stored_messages`, so
 //! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--drain]`
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain]`
 //! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
@@ -60,6 +63,7 @@ fn main() {
     let mut writers = 1usize;
     let mut raw = false;
     let mut memory = false;
+    let mut log = false;
     let mut inboxes = None;
     let mut drain = false;
     let mut memtable_mib: Option<u64> = None;
@@ -84,6 +88,7 @@ fn main() {
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             "--raw" => raw = true,
             "--memory" => memory = true,
+            "--log" => log = true,
             "--drain" => drain = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
@@ -114,7 +119,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--drain]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain]"
                 );
                 std::process::exit(2);
             }
@@ -163,6 +168,8 @@ fn main() {
                         std::fs::create_dir_all(&run_dir).expect("create bench dir");
                         let engine = if memory {
                             Engine::Memory
+                        } else if log {
+                            Engine::Log
                         } else {
                             Engine::Fjall { memtable_mib }
                         };
@@ -214,6 +221,8 @@ enum Engine {
     Fjall { memtable_mib: Option<u64> },
     /// An in-memory map: what the commit logic costs without an engine.
     Memory,
+    /// The log store.
+    Log,
 }
 
 /// What one writer thread commits, whatever the engine.
@@ -233,6 +242,11 @@ struct Workload {
 fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult {
     match engine {
         Engine::Memory => run_on(&courier_core::store::memory::MemoryStore::new(), workload),
+        Engine::Log => run_on(
+            &courier_core::store::log::LogStore::open(dir, &Default::default())
+                .expect("open store"),
+            workload,
+        ),
         Engine::Fjall { memtable_mib } => {
             let mut options = FjallOptions::default();
             if let Some(mib) = memtable_mib {

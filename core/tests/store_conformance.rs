@@ -1,9 +1,11 @@
-//! Runs the one store conformance suite against every backend: memory, fjall, the fault
+//! Runs the one store conformance suite against every backend: memory, fjall, the log store,
+//! the fault
 //! wrapper with faults off, and FoundationDB when `FDB_CLUSTER_FILE` is set (feature `fdb`).
 
 use courier_core::store::conformance::{Harness, run_all};
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::memory::MemoryStore;
 
 struct Memory(MemoryStore);
@@ -34,6 +36,25 @@ impl Harness for Fjall {
     }
 }
 
+struct Log {
+    dir: tempfile::TempDir,
+    store: Option<LogStore>,
+    options: LogOptions,
+}
+
+impl Harness for Log {
+    type S = LogStore;
+    fn store(&self) -> &LogStore {
+        self.store.as_ref().expect("store is open")
+    }
+    fn reopen(&mut self) {
+        // Close first: the store locks its directory. Recovery replays the snapshot (if a
+        // checkpoint ran) and the journals.
+        self.store = None;
+        self.store = Some(LogStore::open(self.dir.path(), &self.options).expect("reopen"));
+    }
+}
+
 struct Faulty(FaultStore<MemoryStore>);
 
 impl Harness for Faulty {
@@ -61,6 +82,49 @@ fn fjall_backend_conforms() {
             store: Some(store),
         }
     });
+}
+
+#[test]
+fn log_backend_conforms() {
+    run_all(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions::default();
+        let store = LogStore::open(dir.path(), &options).expect("open log store");
+        Log {
+            dir,
+            store: Some(store),
+            options,
+        }
+    });
+}
+
+/// The same suite with a checkpoint before every reopen: recovery then starts from a
+/// snapshot (and the journal opened with it) instead of the journals alone.
+#[test]
+fn log_backend_conforms_when_recovering_from_snapshots() {
+    run_all(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions::default();
+        let store = LogStore::open(dir.path(), &options).expect("open log store");
+        LogCheckpointed(Log {
+            dir,
+            store: Some(store),
+            options,
+        })
+    });
+}
+
+struct LogCheckpointed(Log);
+
+impl Harness for LogCheckpointed {
+    type S = LogStore;
+    fn store(&self) -> &LogStore {
+        self.0.store()
+    }
+    fn reopen(&mut self) {
+        self.0.store().checkpoint().expect("checkpoint");
+        self.0.reopen();
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
-//! The store behind a shard: the embedded fjall store, or FoundationDB (feature `fdb`).
+//! The store behind a shard: an embedded store (fjall, or the log store with `store.engine =
+//! "log"`), or FoundationDB (feature `fdb`).
 //!
 //! Shards call the store only through [`ShardStore`], on their store threads (`lanes`). The
-//! embedded store is one fjall database per shard (`stores`), so shards never wait on each
+//! embedded store is one database per shard (`stores`), so shards never wait on each
 //! other's commits; with FoundationDB each shard claims its shard id on every cluster (fencing any
 //! earlier owner) and commits one transaction per cluster a batch touches. In a cluster of
 //! edges on FoundationDB the process claims one owner key for the edge instead, and with
@@ -13,7 +14,10 @@ use courier_core::commit::{
     Committer, ExpireReport, InboxPage, Outcome, Request, expire, read_inbox,
 };
 use courier_core::placement::EdgeId;
-use courier_core::store::fjall::{EraseReport, FjallOptions, FjallStore};
+use std::path::Path;
+
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::{Store, StoreError};
 use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UnixMillis, UserId};
@@ -58,9 +62,10 @@ pub trait ShardStore: Send + Sync + 'static {
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 
-    /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`). FoundationDB
-    /// reclaims deleted data in its own storage engine, so its backend does nothing here.
-    fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
+    /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`,
+    /// `LogStore::erase_deleted`). FoundationDB reclaims deleted data in its own storage
+    /// engine, so its backend does nothing here.
+    fn erase_deleted(&self) -> Result<Option<ErasePass>, StoreError> {
         Ok(None)
     }
 
@@ -80,17 +85,80 @@ pub trait ShardStore: Send + Sync + 'static {
     }
 }
 
-/// One shard's embedded store, which can be closed and opened again in place.
-#[derive(Debug)]
-pub struct EmbeddedSlot {
-    path: std::path::PathBuf,
-    options: FjallOptions,
-    /// `None` while the store is being reopened, or after a reopen failed.
-    current: std::sync::RwLock<Option<Arc<FjallStore>>>,
+/// What one erase pass of an embedded store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErasePass {
+    /// Files rewritten without deleted data: fjall keyspaces compacted, or log store
+    /// snapshots written.
+    pub rewrites: usize,
+    pub disk_bytes_before: u64,
+    pub disk_bytes_after: u64,
 }
 
-impl EmbeddedSlot {
-    pub fn new(store: Arc<FjallStore>, options: FjallOptions) -> EmbeddedSlot {
+/// An embedded engine: one per shard, in its own directory (`stores`).
+pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
+    type Options: Clone + std::fmt::Debug + Send + Sync + 'static;
+    fn open(path: &Path, options: &Self::Options) -> Result<Self, StoreError>;
+    fn path(&self) -> &Path;
+    fn erase_deleted(&self) -> Result<ErasePass, StoreError>;
+    /// Stored message keys, possibly counting deleted ones; `None` rather than waiting.
+    fn message_keys_approximate(&self) -> Option<u64>;
+}
+
+impl EmbeddedEngine for FjallStore {
+    type Options = FjallOptions;
+    fn open(path: &Path, options: &FjallOptions) -> Result<FjallStore, StoreError> {
+        FjallStore::open(path, options)
+    }
+    fn path(&self) -> &Path {
+        FjallStore::path(self)
+    }
+    fn erase_deleted(&self) -> Result<ErasePass, StoreError> {
+        let report = FjallStore::erase_deleted(self)?;
+        Ok(ErasePass {
+            rewrites: report.keyspaces_compacted,
+            disk_bytes_before: report.disk_bytes_before,
+            disk_bytes_after: report.disk_bytes_after,
+        })
+    }
+    fn message_keys_approximate(&self) -> Option<u64> {
+        Some(FjallStore::message_keys_approximate(self))
+    }
+}
+
+impl EmbeddedEngine for LogStore {
+    type Options = LogOptions;
+    fn open(path: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
+        LogStore::open(path, options)
+    }
+    fn path(&self) -> &Path {
+        LogStore::path(self)
+    }
+    fn erase_deleted(&self) -> Result<ErasePass, StoreError> {
+        let report = LogStore::erase_deleted(self)?;
+        Ok(ErasePass {
+            rewrites: usize::from(report.checkpointed),
+            disk_bytes_before: report.disk_bytes_before,
+            disk_bytes_after: report.disk_bytes_after,
+        })
+    }
+    fn message_keys_approximate(&self) -> Option<u64> {
+        // Exact, but it needs the map's read lock: skip a beat rather than wait for a commit.
+        self.message_keys_without_waiting()
+    }
+}
+
+/// One shard's embedded store, which can be closed and opened again in place.
+#[derive(Debug)]
+pub struct EmbeddedSlot<E: EmbeddedEngine> {
+    path: std::path::PathBuf,
+    options: E::Options,
+    /// `None` while the store is being reopened, or after a reopen failed.
+    current: std::sync::RwLock<Option<Arc<E>>>,
+}
+
+impl<E: EmbeddedEngine> EmbeddedSlot<E> {
+    pub fn new(store: Arc<E>, options: E::Options) -> EmbeddedSlot<E> {
         EmbeddedSlot {
             path: store.path().to_path_buf(),
             options,
@@ -98,7 +166,7 @@ impl EmbeddedSlot {
         }
     }
 
-    fn get(&self) -> Result<Arc<FjallStore>, StoreError> {
+    fn get(&self) -> Result<Arc<E>, StoreError> {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -108,7 +176,7 @@ impl EmbeddedSlot {
 
     /// The store if it is open and nobody is reopening it right now: for callers that must
     /// not wait (a shard's own thread), never blocking.
-    fn try_get(&self) -> Option<Arc<FjallStore>> {
+    fn try_get(&self) -> Option<Arc<E>> {
         match self.current.try_read() {
             Ok(current) => current.clone(),
             Err(_) => None,
@@ -124,7 +192,7 @@ impl EmbeddedSlot {
         // Ours is dropped here; a read on another thread may hold the database a moment
         // longer, and its lock file with it: then the open fails and the next attempt retries.
         current.take();
-        let store = FjallStore::open(&self.path, &self.options)?;
+        let store = E::open(&self.path, &self.options)?;
         *current = Some(Arc::new(store));
         Ok(())
     }
@@ -136,20 +204,20 @@ pub type OpenShardStore = Arc<dyn Fn(u8) -> Result<Arc<dyn ShardStore>, String> 
 /// A shard's embedded store, and its view of the other shards' stores for reads: a connection
 /// on this shard syncs the inbox of its user, which lives in the user's home shard's store.
 #[derive(Debug)]
-pub struct Embedded {
+pub struct Embedded<E: EmbeddedEngine> {
     /// This shard's id, the index of its own store in `all`.
     pub shard: u8,
     /// Every shard's store, in shard order.
-    pub all: Arc<Vec<EmbeddedSlot>>,
+    pub all: Arc<Vec<EmbeddedSlot<E>>>,
 }
 
-impl Embedded {
-    fn own(&self) -> Result<Arc<FjallStore>, StoreError> {
+impl<E: EmbeddedEngine> Embedded<E> {
+    fn own(&self) -> Result<Arc<E>, StoreError> {
         self.all[usize::from(self.shard)].get()
     }
 }
 
-impl ShardStore for Embedded {
+impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     fn commit(
         &self,
         committer: &mut Committer,
@@ -186,7 +254,7 @@ impl ShardStore for Embedded {
         courier_core::commit::clock_high_water(&*self.own()?)
     }
 
-    fn erase_deleted(&self) -> Result<Option<EraseReport>, StoreError> {
+    fn erase_deleted(&self) -> Result<Option<ErasePass>, StoreError> {
         self.own()?.erase_deleted().map(Some)
     }
 
@@ -197,7 +265,7 @@ impl ShardStore for Embedded {
     fn message_keys_approximate(&self) -> Option<u64> {
         // Called on the shard's thread: skip a beat rather than wait for a reopen.
         let own = self.all[usize::from(self.shard)].try_get()?;
-        Some(own.message_keys_approximate())
+        own.message_keys_approximate()
     }
 }
 

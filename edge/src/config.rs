@@ -274,8 +274,17 @@ pub struct StoreSection {
     /// read (decision 0018). 16 MiB keeps every lookup in memory up to ~6.6 million sends per
     /// shard and day; 0 turns it off.
     pub dedupe_filter_bytes_max: usize,
+    /// Embedded store: the engine, `fjall` (an LSM tree; the default) or `log` (live keys in
+    /// memory, every commit appended to a journal; decision 0023).
+    pub engine: String,
+    /// `engine = "log"`: memory per shard the stored keys may take. Past it, sends fail with
+    /// the retryable `StoreUnavailable` until deliveries and expiry free some.
+    pub log_memory_bytes_max: u64,
     pub foundationdb: FoundationDbSection,
 }
+
+/// The embedded engines `store.engine` names.
+pub const STORE_ENGINES: [&str; 2] = ["fjall", "log"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -294,6 +303,8 @@ impl Default for StoreSection {
         StoreSection {
             kind: StoreKind::Embedded.name().to_string(),
             dedupe_filter_bytes_max: FjallOptions::default().dedupe_filter_bytes_max,
+            engine: STORE_ENGINES[0].to_string(),
+            log_memory_bytes_max: courier_core::store::log::LogOptions::default().memory_bytes_max,
             foundationdb: FoundationDbSection::default(),
         }
     }
@@ -746,6 +757,15 @@ impl Config {
                 "0 (off) or from 65536 (64 KiB) to 1073741824 (1 GiB) per shard",
             );
         }
+        if !STORE_ENGINES.contains(&self.store.engine.as_str()) {
+            return invalid("store.engine", "\"fjall\" or \"log\"");
+        }
+        if self.store.log_memory_bytes_max < 16 * 1024 * 1024 {
+            return invalid(
+                "store.log_memory_bytes_max",
+                "at least 16777216 (16 MiB) per shard",
+            );
+        }
         if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
             return invalid(
                 "tls.cert_path/tls.key_path",
@@ -1058,6 +1078,25 @@ mod tests {
                 ((1 << 30) + 1, false),
             ],
             |config, bytes| config.store.dedupe_filter_bytes_max = bytes,
+        );
+    }
+
+    #[test]
+    fn store_engine_is_fjall_or_log() {
+        check_accepted_values(
+            "store.engine",
+            &[
+                ("fjall", true),
+                ("log", true),
+                ("rocksdb", false),
+                ("", false),
+            ],
+            |config, engine: &str| config.store.engine = engine.to_string(),
+        );
+        check_accepted_values(
+            "store.log_memory_bytes_max",
+            &[(0, false), ((16 << 20) - 1, false), (16 << 20, true)],
+            |config, bytes| config.store.log_memory_bytes_max = bytes,
         );
     }
 

@@ -388,6 +388,29 @@ const DRAIN_HANDOVER_WAIT: std::time::Duration =
 /// The lease thread, in a cluster on a shared store.
 type TakeoverHandle = Option<Arc<crate::takeover::Takeover>>;
 
+/// How each shard gets its part of the embedded stores: its own, and the others' for reads.
+fn embedded_opener<E: crate::backend::EmbeddedEngine + Send + Sync>(
+    stores: Vec<Arc<E>>,
+    options: E::Options,
+) -> OpenShardStore {
+    let all = Arc::new(
+        stores
+            .into_iter()
+            .map(|store| crate::backend::EmbeddedSlot::new(store, options.clone()))
+            .collect::<Vec<_>>(),
+    );
+    Arc::new(move |shard| {
+        if usize::from(shard) >= all.len() {
+            return Err(format!("no store for shard {shard}"));
+        }
+        let store: Arc<dyn ShardStore> = Arc::new(Embedded {
+            shard,
+            all: all.clone(),
+        });
+        Ok(store)
+    })
+}
+
 /// Opens the configured store and returns how each shard gets its part, plus whatever must
 /// live as long as the process (FoundationDB's network thread).
 fn open_store(
@@ -398,6 +421,15 @@ fn open_store(
     match config.store_config().map_err(|e| e.to_string())? {
         StoreConfig::Embedded { .. } => {
             let shards = config.shard_count();
+            if config.store.engine == "log" {
+                let options = courier_core::store::log::LogOptions {
+                    memory_bytes_max: config.store.log_memory_bytes_max,
+                    ..Default::default()
+                };
+                let stores =
+                    crate::stores::open_embedded_log(&config.server.data_dir, shards, &options)?;
+                return Ok((embedded_opener(stores, options), Box::new(()), None));
+            }
             let options = FjallOptions {
                 // One block cache budget for the edge, split between its shards' stores.
                 cache_bytes: (FjallOptions::default().cache_bytes / u64::from(shards))
@@ -405,23 +437,8 @@ fn open_store(
                 dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                 ..FjallOptions::default()
             };
-            let all = Arc::new(
-                crate::stores::open_embedded(&config.server.data_dir, shards, &options)?
-                    .into_iter()
-                    .map(|store| crate::backend::EmbeddedSlot::new(store, options.clone()))
-                    .collect::<Vec<_>>(),
-            );
-            let open: OpenShardStore = Arc::new(move |shard| {
-                if usize::from(shard) >= all.len() {
-                    return Err(format!("no store for shard {shard}"));
-                }
-                let store: Arc<dyn ShardStore> = Arc::new(Embedded {
-                    shard,
-                    all: all.clone(),
-                });
-                Ok(store)
-            });
-            Ok((open, Box::new(()), None))
+            let stores = crate::stores::open_embedded(&config.server.data_dir, shards, &options)?;
+            Ok((embedded_opener(stores, options), Box::new(()), None))
         }
         #[cfg(feature = "fdb")]
         StoreConfig::FoundationDb(fdb) => {

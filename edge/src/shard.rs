@@ -709,9 +709,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 let started = Instant::now();
                 let report = lane.run_store(move || store.erase_deleted()).await;
                 match report {
-                    Ok(Some(report)) if report.keyspaces_compacted > 0 => debug!(
+                    Ok(Some(report)) if report.rewrites > 0 => debug!(
                         shard = id,
-                        keyspaces_compacted = report.keyspaces_compacted,
+                        rewrites = report.rewrites,
                         disk_bytes_before = report.disk_bytes_before,
                         disk_bytes_after = report.disk_bytes_after,
                         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -19,8 +19,11 @@ use std::sync::Arc;
 use courier_core::keys;
 use courier_core::placement::home_shard;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::{Store, StoreError, Transaction};
 use tracing::info;
+
+use crate::backend::EmbeddedEngine;
 
 const LAYOUT_FILE: &str = "layout";
 const LAYOUT_HEADER: &str = "courier store layout 2";
@@ -110,6 +113,16 @@ pub fn open_embedded(
             }
         }
     }
+    for shard in 0..shards {
+        let dir = shard_dir(&stores, shard);
+        if LogStore::is_log_store(&dir) {
+            return Err(format!(
+                "{} holds a log store: set store.engine = \"log\" (the engines cannot read \
+                 each other's files)",
+                dir.display()
+            ));
+        }
+    }
     open_shards(&stores, shards, options)
 }
 
@@ -125,18 +138,46 @@ pub fn open_existing(
     open_shards(&stores, shards, options)
 }
 
+/// Opens (creating if needed) the log store of every shard, in shard order
+/// (`store.engine = "log"`). A data directory of the other engine is refused, by the log
+/// store itself (its directories hold no `FORMAT` file) or here (a store from before
+/// per-shard stores, which only the fjall engine migrates).
+pub fn open_embedded_log(
+    data_dir: &Path,
+    shards: u32,
+    options: &LogOptions,
+) -> Result<Vec<Arc<LogStore>>, String> {
+    let stores = stores_dir(data_dir);
+    let legacy = legacy_store_dir(data_dir);
+    match read_layout(&stores)? {
+        Some(existing) if existing != shards => {
+            return Err(shard_count_error(&stores, existing, shards));
+        }
+        Some(_) => {}
+        None if legacy.exists() => {
+            return Err(format!(
+                "{} holds a store from before per-shard stores, which the log engine cannot \
+                 read: start once with store.engine = \"fjall\" to migrate it",
+                legacy.display()
+            ));
+        }
+        None => create_layout(&stores, shards)?,
+    }
+    open_shards(&stores, shards, options)
+}
+
 /// Opens the shard stores in parallel: each replays its own journal.
-fn open_shards(
+fn open_shards<E: EmbeddedEngine + Send + Sync>(
     stores: &Path,
     shards: u32,
-    options: &FjallOptions,
-) -> Result<Vec<Arc<FjallStore>>, String> {
+    options: &E::Options,
+) -> Result<Vec<Arc<E>>, String> {
     std::thread::scope(|scope| {
         let opening: Vec<_> = (0..shards)
             .map(|shard| {
                 let dir = shard_dir(stores, shard);
                 scope.spawn(move || {
-                    FjallStore::open(&dir, options)
+                    E::open(&dir, options)
                         .map(Arc::new)
                         .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))
                 })

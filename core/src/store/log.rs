@@ -1,0 +1,942 @@
+//! The log store: every live key in memory, every commit appended to a journal.
+//!
+//! Chat messages live for milliseconds: written, delivered, acknowledged, deleted. In fjall
+//! (an LSM tree) each of those writes is a memtable insert, and flushes and compactions then
+//! rewrite what is mostly already deleted. This store keeps the live keys in an ordered map
+//! and appends each commit to a journal file, fsynced before `commit` returns (durable before
+//! acknowledged). Deleting is dropping the key from the map; the journal that held it is
+//! deleted whole at the next checkpoint (decision 0023).
+//!
+//! Files in the store's directory:
+//! - `journal-{id}`: commits in order, each one record (below). New ones get higher ids.
+//! - `snapshot-{id}`: every live pair, taken while journal `id` was the current one. Recovery
+//!   loads the newest snapshot and replays the journals from `id` on: a commit is a list of
+//!   plain sets and deletes, so replaying one the snapshot already holds changes nothing, and
+//!   the snapshot may be taken while commits go on (a fuzzy checkpoint).
+//! - `snapshot-{id}.tmp`: a snapshot being written; recovery deletes it.
+//! - `FORMAT`: names this layout, so an engine never opens another's directory.
+//!
+//! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload][payload]`; a payload is a
+//! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
+//! for a set, `[u32 LE value bytes][value]`. A crash can leave a torn record at the end of the
+//! newest journal only (each commit is fsynced before the next is written): recovery cuts it
+//! off. A bad record anywhere else is corruption, reported as such.
+//!
+//! Checkpoints run on their own thread when the journals since the last one pass
+//! `journal_bytes_max` (and at least the live data's size), and on [`LogStore::erase_deleted`].
+//! They bound both recovery time and how long a deleted value stays on disk.
+//!
+//! Readers (`begin_read`) hold the map's read lock for their transaction, a consistent
+//! snapshot; a writer fsyncs its journal record before it takes the write lock, so a reader
+//! never sees a commit that is not yet durable, and never waits for an fsync.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
+use super::{CommitVersion, Store, StoreError};
+use crate::keys;
+
+/// The first line of `FORMAT`.
+const FORMAT: &str = "courier log store 1\n";
+const FORMAT_FILE: &str = "FORMAT";
+const JOURNAL_PREFIX: &str = "journal-";
+const SNAPSHOT_PREFIX: &str = "snapshot-";
+const TMP_SUFFIX: &str = ".tmp";
+/// Header of a record: payload length and checksum.
+const RECORD_HEADER_BYTES: usize = 4 + 8;
+/// The largest record recovery accepts: larger is corruption, not a commit.
+const RECORD_BYTES_MAX: usize = 1 << 30;
+const KIND_SET: u8 = 1;
+const KIND_DELETE: u8 = 2;
+/// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
+const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
+/// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
+/// bound: an estimate, so the bound is approximate.
+const PAIR_OVERHEAD_BYTES: u64 = 96;
+
+/// Options of the log store.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Journal bytes written since the last checkpoint that start a new one (when they also
+    /// exceed the live data's size). Bounds recovery (a restart replays this much) and the
+    /// disk used.
+    pub journal_bytes_max: u64,
+    /// Memory the live pairs may take (estimated). A commit that would grow past it fails
+    /// with an I/O error saying so; commits that shrink the store (acks, expiry) still pass.
+    pub memory_bytes_max: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> LogOptions {
+        LogOptions {
+            journal_bytes_max: 64 * 1024 * 1024,
+            memory_bytes_max: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// The committed state: what readers see.
+#[derive(Debug, Default)]
+struct State {
+    map: BTreeMap<WriteKey, Bytes>,
+    /// Estimated bytes of the live pairs (`pair_bytes`).
+    live_bytes: u64,
+    /// Message keys (`q`) in `map`.
+    message_keys: u64,
+}
+
+fn pair_bytes(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64 + PAIR_OVERHEAD_BYTES
+}
+
+/// What the writer lock guards.
+#[derive(Debug)]
+struct Writer {
+    journal: File,
+    journal_id: u64,
+    version: CommitVersion,
+    /// The record being written, reused.
+    record: Vec<u8>,
+}
+
+/// The log store in one directory.
+pub struct LogStore {
+    inner: Arc<Inner>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    options: LogOptions,
+    state: RwLock<State>,
+    writer: Mutex<Writer>,
+    /// A write or fsync failed: what is on disk is unknown until the store is reopened.
+    poisoned: AtomicBool,
+    /// Journal bytes written since the journal the last checkpoint started.
+    journal_bytes_since_checkpoint: AtomicU64,
+    /// Something was deleted since the last checkpoint started.
+    deleted_since_checkpoint: AtomicBool,
+    /// One checkpoint at a time; the background thread waits on `checkpoint_wanted`.
+    checkpoint_running: Mutex<()>,
+    checkpoint_wanted: Mutex<CheckpointRequest>,
+    checkpoint_signal: Condvar,
+    /// Held for the store's life: a second process opening the directory fails.
+    _lock: File,
+}
+
+#[derive(Debug, Default)]
+struct CheckpointRequest {
+    wanted: bool,
+    closing: bool,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one [`LogStore::erase_deleted`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogEraseReport {
+    /// A checkpoint ran (something was deleted since the last one).
+    pub checkpointed: bool,
+    pub disk_bytes_before: u64,
+    pub disk_bytes_after: u64,
+}
+
+fn io(context: impl std::fmt::Display, error: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{context}: {error}"))
+}
+
+fn file_name(prefix: &str, id: u64) -> String {
+    format!("{prefix}{id:020}")
+}
+
+/// Ids of the files named `prefix{id}` in `dir`, sorted; `.tmp` files go to `tmp`.
+fn list_ids(dir: &Path, prefix: &str, tmp: &mut Vec<PathBuf>) -> Result<Vec<u64>, StoreError> {
+    let mut ids = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| io(format!("list {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io(format!("list {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if rest.ends_with(TMP_SUFFIX) {
+            tmp.push(entry.path());
+        } else if let Ok(id) = rest.parse::<u64>() {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(format!("fsync directory {}", dir.display()), e))
+}
+
+/// Appends one record holding `changes` to `out`.
+fn encode_record<'a>(
+    out: &mut Vec<u8>,
+    changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
+    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+    for (key, value) in changes {
+        out.push(if value.is_some() {
+            KIND_SET
+        } else {
+            KIND_DELETE
+        });
+        out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        out.extend_from_slice(key);
+        if let Some(value) = value {
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value);
+        }
+    }
+    let payload_bytes = out.len() - start - RECORD_HEADER_BYTES;
+    let checksum = xxhash_rust::xxh3::xxh3_64(&out[start + RECORD_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
+    out[start + 4..start + RECORD_HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
+}
+
+/// Why a record could not be read.
+#[derive(Debug, PartialEq, Eq)]
+enum BadRecord {
+    /// The file ends inside the record.
+    Short,
+    /// Checksum mismatch or a malformed payload.
+    Damaged,
+}
+
+/// The record at the start of `bytes`: its changes and its length, or why it is bad.
+#[allow(clippy::type_complexity)]
+fn decode_record(bytes: &[u8]) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), BadRecord> {
+    let header = bytes.get(..RECORD_HEADER_BYTES).ok_or(BadRecord::Short)?;
+    let payload_bytes = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    if payload_bytes > RECORD_BYTES_MAX {
+        return Err(BadRecord::Damaged);
+    }
+    let checksum = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
+    let payload = bytes
+        .get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_bytes)
+        .ok_or(BadRecord::Short)?;
+    if xxhash_rust::xxh3::xxh3_64(payload) != checksum {
+        return Err(BadRecord::Damaged);
+    }
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], BadRecord> {
+        let part = payload.get(at..at + n).ok_or(BadRecord::Damaged)?;
+        at += n;
+        Ok(part)
+    };
+    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let mut changes = Vec::with_capacity(count.min(payload_bytes));
+    for _ in 0..count {
+        let kind = take(1)?[0];
+        let key_bytes = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let key = take(key_bytes)?;
+        let value = match kind {
+            KIND_SET => {
+                let value_bytes = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+                Some(take(value_bytes as usize)?)
+            }
+            KIND_DELETE => None,
+            _ => return Err(BadRecord::Damaged),
+        };
+        changes.push((key, value));
+    }
+    if at != payload.len() {
+        return Err(BadRecord::Damaged);
+    }
+    Ok((changes, RECORD_HEADER_BYTES + payload_bytes))
+}
+
+impl State {
+    fn set(&mut self, key: Bytes, value: Bytes) {
+        let added = pair_bytes(&key, &value);
+        let is_message = key.first() == Some(&keys::TAG_MESSAGE);
+        let key_bytes = key.len();
+        match self.map.insert(WriteKey::new(key), value) {
+            Some(old) => {
+                let removed = (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES;
+                self.live_bytes = (self.live_bytes + added).saturating_sub(removed);
+            }
+            None => {
+                self.live_bytes += added;
+                if is_message {
+                    self.message_keys += 1;
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, key: Bytes) {
+        if let Some((key, value)) = self.map.remove_entry(&WriteKey::new(key)) {
+            self.live_bytes = self
+                .live_bytes
+                .saturating_sub(pair_bytes(&key.bytes, &value));
+            if key.bytes.first() == Some(&keys::TAG_MESSAGE) {
+                self.message_keys = self.message_keys.saturating_sub(1);
+            }
+        }
+    }
+
+    fn apply<'a>(&mut self, changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) {
+        for (key, value) in changes {
+            match value {
+                Some(value) => self.set(Bytes::from(key), Bytes::from(value)),
+                None => self.delete(Bytes::from(key)),
+            }
+        }
+    }
+}
+
+/// Replays the records at the start of `bytes` into `state`. Returns the length of the valid
+/// prefix and whether a bad (torn or damaged) record ends it.
+fn replay(state: &mut State, bytes: &[u8]) -> (usize, bool) {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        match decode_record(&bytes[at..]) {
+            Ok((changes, len)) => {
+                state.apply(changes.into_iter());
+                at += len;
+            }
+            Err(_) => return (at, true),
+        }
+    }
+    (at, false)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| io(format!("read {}", path.display()), e))?;
+    Ok(bytes)
+}
+
+impl LogStore {
+    /// Opens the store in `dir`, creating it if needed, and recovers what was committed.
+    pub fn open(dir: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
+        let format_path = dir.join(FORMAT_FILE);
+        match std::fs::read_to_string(&format_path) {
+            Ok(format) if format == FORMAT => {}
+            Ok(other) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} says {:?}, not {FORMAT:?}: this directory belongs to another store \
+                     format; point the log engine at an empty directory",
+                    format_path.display(),
+                    other.trim()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let occupied = std::fs::read_dir(dir)
+                    .map_err(|e| io(format!("list {}", dir.display()), e))?
+                    .next()
+                    .is_some();
+                if occupied {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds files but no {FORMAT_FILE}: it is not a log store (another \
+                         engine's data?); point the log engine at an empty directory or \
+                         switch back to the engine that wrote it",
+                        dir.display()
+                    )));
+                }
+                std::fs::write(&format_path, FORMAT)
+                    .and_then(|()| File::open(&format_path)?.sync_all())
+                    .map_err(|e| io(format!("write {}", format_path.display()), e))?;
+                sync_dir(dir)?;
+            }
+            Err(e) => return Err(io(format!("read {}", format_path.display()), e)),
+        }
+        let lock = lock_dir(dir)?;
+
+        let mut stale = Vec::new();
+        let snapshots = list_ids(dir, SNAPSHOT_PREFIX, &mut stale)?;
+        let journals = list_ids(dir, JOURNAL_PREFIX, &mut stale)?;
+        for path in &stale {
+            std::fs::remove_file(path).map_err(|e| io(format!("remove {}", path.display()), e))?;
+        }
+        let mut state = State::default();
+        let first_journal = match snapshots.last() {
+            Some(&id) => {
+                let path = dir.join(file_name(SNAPSHOT_PREFIX, id));
+                let bytes = read_file(&path)?;
+                let (valid, bad) = replay(&mut state, &bytes);
+                if bad {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} is damaged at byte {valid}: restore the store from a backup",
+                        path.display()
+                    )));
+                }
+                id
+            }
+            None => 0,
+        };
+        let replayed: Vec<u64> = journals
+            .iter()
+            .copied()
+            .filter(|id| *id >= first_journal)
+            .collect();
+        for (index, id) in replayed.iter().enumerate() {
+            let path = dir.join(file_name(JOURNAL_PREFIX, *id));
+            let bytes = read_file(&path)?;
+            let (valid, torn) = replay(&mut state, &bytes);
+            if torn {
+                if index + 1 != replayed.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} is damaged at byte {valid} and newer journals follow it: restore \
+                         the store from a backup",
+                        path.display()
+                    )));
+                }
+                // A commit cut short by a crash: never acknowledged, so dropped.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| {
+                        f.set_len(valid as u64)?;
+                        f.sync_all()
+                    })
+                    .map_err(|e| io(format!("cut the torn end of {}", path.display()), e))?;
+            }
+        }
+        // Older files a crash left behind after a checkpoint.
+        for id in journals.iter().filter(|id| **id < first_journal) {
+            remove(dir, &file_name(JOURNAL_PREFIX, *id))?;
+        }
+        for id in snapshots.iter().filter(|id| **id < first_journal) {
+            remove(dir, &file_name(SNAPSHOT_PREFIX, *id))?;
+        }
+        // Commits go to a new journal: recovered files are never appended to.
+        let journal_id = journals
+            .last()
+            .map_or(first_journal, |last| last + 1)
+            .max(1);
+        let journal = create_journal(dir, journal_id)?;
+        let journal_bytes: u64 = replayed
+            .iter()
+            .map(|id| {
+                std::fs::metadata(dir.join(file_name(JOURNAL_PREFIX, *id))).map_or(0, |m| m.len())
+            })
+            .sum();
+
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            options: options.clone(),
+            state: RwLock::new(state),
+            writer: Mutex::new(Writer {
+                journal,
+                journal_id,
+                version: 0,
+                record: Vec::new(),
+            }),
+            poisoned: AtomicBool::new(false),
+            journal_bytes_since_checkpoint: AtomicU64::new(journal_bytes),
+            deleted_since_checkpoint: AtomicBool::new(true),
+            checkpoint_running: Mutex::new(()),
+            checkpoint_wanted: Mutex::new(CheckpointRequest::default()),
+            checkpoint_signal: Condvar::new(),
+            _lock: lock,
+        });
+        let background = Arc::clone(&inner);
+        let checkpointer = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || background.run_checkpoints())
+            .map_err(|e| io("start the checkpoint thread", e))?;
+        inner.want_checkpoint_if_due();
+        Ok(LogStore {
+            inner,
+            checkpointer: Some(checkpointer),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Whether `dir` holds a log store (its `FORMAT` file).
+    pub fn is_log_store(dir: &Path) -> bool {
+        dir.join(FORMAT_FILE).exists()
+    }
+
+    /// Message keys in the store (exact).
+    pub fn message_keys(&self) -> u64 {
+        self.inner.read_state().message_keys
+    }
+
+    /// [`message_keys`](LogStore::message_keys), or `None` if a commit holds the map now.
+    pub fn message_keys_without_waiting(&self) -> Option<u64> {
+        self.inner
+            .state
+            .try_read()
+            .ok()
+            .map(|state| state.message_keys)
+    }
+
+    /// Estimated bytes of memory the live pairs take.
+    pub fn live_bytes(&self) -> u64 {
+        self.inner.read_state().live_bytes
+    }
+
+    /// Bytes of the store's files.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        let entries = std::fs::read_dir(&self.inner.dir)
+            .map_err(|e| io(format!("list {}", self.inner.dir.display()), e))?;
+        for entry in entries.flatten() {
+            total += entry.metadata().map_or(0, |m| m.len());
+        }
+        Ok(total)
+    }
+
+    /// Makes what was deleted physically gone from disk: a checkpoint, after which the
+    /// journals that held deleted values are deleted. Everything deleted before the pass
+    /// started is then in no file of the store. Does nothing if nothing was deleted since the
+    /// last checkpoint.
+    pub fn erase_deleted(&self) -> Result<LogEraseReport, StoreError> {
+        let disk_bytes_before = self.disk_bytes()?;
+        let checkpointed = self.inner.deleted_since_checkpoint.load(Ordering::Acquire);
+        if checkpointed {
+            self.inner.checkpoint()?;
+        }
+        Ok(LogEraseReport {
+            checkpointed,
+            disk_bytes_before,
+            disk_bytes_after: self.disk_bytes()?,
+        })
+    }
+
+    /// Runs a checkpoint now, on this thread.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.inner.checkpoint()
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        self.inner
+            .checkpoint_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closing = true;
+        self.inner.checkpoint_signal.notify_all();
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn remove(dir: &Path, name: &str) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("remove {}", path.display()), e)),
+    }
+}
+
+fn create_journal(dir: &Path, id: u64) -> Result<File, StoreError> {
+    let path = dir.join(file_name(JOURNAL_PREFIX, id));
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| io(format!("create {}", path.display()), e))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// An exclusive lock on `dir/LOCK`, held while the file stays open.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(format!("open {}", path.display()), e))?;
+    file.try_lock().map_err(|_| {
+        StoreError::Io(format!(
+            "{} is locked: another process (or store) has this directory open",
+            dir.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+impl Inner {
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        // Commits change the map in one step under the write lock; a panic cannot leave half.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            Err(StoreError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes one commit: journal, fsync, then the map.
+    fn commit(
+        &self,
+        writer: &mut Writer,
+        changes: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<CommitVersion, StoreError> {
+        self.check_poisoned()?;
+        if changes.is_empty() {
+            writer.version += 1;
+            return Ok(writer.version);
+        }
+        self.check_memory_bound(&changes)?;
+        writer.record.clear();
+        encode_record(
+            &mut writer.record,
+            changes
+                .iter()
+                .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
+        );
+        let written = writer
+            .journal
+            .write_all(&writer.record)
+            .and_then(|()| writer.journal.sync_data());
+        if let Err(error) = written {
+            // The record may be on disk in part or whole: only recovery can tell.
+            self.poisoned.store(true, Ordering::Release);
+            return Err(io(
+                format!(
+                    "append to journal {} in {}",
+                    writer.journal_id,
+                    self.dir.display()
+                ),
+                error,
+            ));
+        }
+        let deleted = changes.iter().any(|(_, value)| value.is_none());
+        {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for (key, value) in changes {
+                match value {
+                    Some(value) => state.set(key, value),
+                    None => state.delete(key),
+                }
+            }
+        }
+        if deleted {
+            self.deleted_since_checkpoint.store(true, Ordering::Release);
+        }
+        self.journal_bytes_since_checkpoint
+            .fetch_add(writer.record.len() as u64, Ordering::Relaxed);
+        // A large one-off record is not kept for the next commit.
+        if writer.record.capacity() > 1 << 20 {
+            writer.record = Vec::new();
+        }
+        self.want_checkpoint_if_due();
+        writer.version += 1;
+        Ok(writer.version)
+    }
+
+    /// Refuses a commit that would leave the live pairs above `memory_bytes_max`. What its
+    /// deletes free counts: acks and expiry always pass, and make room for sends.
+    fn check_memory_bound(&self, changes: &[(Bytes, Option<Bytes>)]) -> Result<(), StoreError> {
+        let added: u64 = changes
+            .iter()
+            .filter_map(|(key, value)| value.as_ref().map(|v| pair_bytes(key, v)))
+            .sum();
+        let state = self.read_state();
+        if state.live_bytes + added <= self.options.memory_bytes_max {
+            return Ok(());
+        }
+        // Near the bound only: look up what the deletes and overwrites free.
+        let freed: u64 = changes
+            .iter()
+            .filter_map(|(key, _)| {
+                let old = state.map.get(&WriteKey::new(key.clone()))?;
+                Some(pair_bytes(key, old))
+            })
+            .sum();
+        if state.live_bytes + added <= self.options.memory_bytes_max + freed {
+            return Ok(());
+        }
+        Err(StoreError::Io(format!(
+            "the log store in {} holds about {} bytes in memory, at its limit of {} \
+             (store.log_memory_bytes_max): deliver or expire stored messages, or raise the limit",
+            self.dir.display(),
+            state.live_bytes,
+            self.options.memory_bytes_max
+        )))
+    }
+
+    /// Wakes the checkpoint thread once the journals outgrow both the bound and the live data.
+    fn want_checkpoint_if_due(&self) {
+        let journal = self.journal_bytes_since_checkpoint.load(Ordering::Relaxed);
+        if journal < self.options.journal_bytes_max {
+            return;
+        }
+        // Reading live_bytes takes the read lock: only past the bound, so rarely.
+        if journal < self.read_state().live_bytes {
+            return;
+        }
+        let mut request = self
+            .checkpoint_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !request.wanted {
+            request.wanted = true;
+            self.checkpoint_signal.notify_one();
+        }
+    }
+
+    fn run_checkpoints(&self) {
+        loop {
+            {
+                let mut request = self
+                    .checkpoint_wanted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                while !request.wanted && !request.closing {
+                    request = self
+                        .checkpoint_signal
+                        .wait(request)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                if request.closing {
+                    return;
+                }
+                request.wanted = false;
+            }
+            // A failure leaves the old files in place, which recovery still reads; the next
+            // commit past the bound asks again.
+            if let Err(error) = self.checkpoint() {
+                tracing_free_warn(&self.dir, &error);
+            }
+        }
+    }
+
+    /// Starts a new journal, writes every live pair to a snapshot named after it, and deletes
+    /// the older journals and snapshots.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _running = self
+            .checkpoint_running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.check_poisoned()?;
+        let id = {
+            let mut writer = self.lock_writer();
+            let id = writer.journal_id + 1;
+            writer.journal = create_journal(&self.dir, id)?;
+            writer.journal_id = id;
+            // Counted from here: what goes to the new journal.
+            self.journal_bytes_since_checkpoint
+                .store(0, Ordering::Relaxed);
+            self.deleted_since_checkpoint
+                .store(false, Ordering::Release);
+            id
+        };
+        let name = file_name(SNAPSHOT_PREFIX, id);
+        let tmp_path = self.dir.join(format!("{name}{TMP_SUFFIX}"));
+        let write = || -> std::io::Result<()> {
+            let mut file = std::io::BufWriter::with_capacity(
+                1 << 20,
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&tmp_path)?,
+            );
+            let mut chunk = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                chunk.clear();
+                let mut last = None;
+                {
+                    let state = self.read_state();
+                    let lower = match &after {
+                        Some(key) => Bound::Excluded(key.as_slice()),
+                        None => Bound::Unbounded,
+                    };
+                    let pairs: Vec<(&[u8], Option<&[u8]>)> = state
+                        .map
+                        .range::<[u8], _>((lower, Bound::Unbounded))
+                        .take(CHECKPOINT_CHUNK_PAIRS)
+                        .map(|(key, value)| (&key.bytes[..], Some(&value[..])))
+                        .collect();
+                    if let Some((key, _)) = pairs.last() {
+                        last = Some(key.to_vec());
+                        encode_record(&mut chunk, pairs.into_iter());
+                    }
+                }
+                let Some(last) = last else { break };
+                file.write_all(&chunk)?;
+                after = Some(last);
+            }
+            let file = file.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+        };
+        write().map_err(|e| io(format!("write snapshot {}", tmp_path.display()), e))?;
+        let path = self.dir.join(&name);
+        std::fs::rename(&tmp_path, &path).map_err(|e| {
+            io(
+                format!("rename {} to {}", tmp_path.display(), path.display()),
+                e,
+            )
+        })?;
+        sync_dir(&self.dir)?;
+        // The snapshot and the journals from `id` on hold everything now.
+        let mut stale = Vec::new();
+        for old in list_ids(&self.dir, JOURNAL_PREFIX, &mut stale)? {
+            if old < id {
+                remove(&self.dir, &file_name(JOURNAL_PREFIX, old))?;
+            }
+        }
+        for old in list_ids(&self.dir, SNAPSHOT_PREFIX, &mut stale)? {
+            if old < id {
+                remove(&self.dir, &file_name(SNAPSHOT_PREFIX, old))?;
+            }
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+/// core has no logging: a failed background checkpoint goes to stderr.
+fn tracing_free_warn(dir: &Path, error: &StoreError) {
+    eprintln!(
+        "courier: checkpoint of the log store in {} failed ({error}); the journals stay and \
+         the next one tries again",
+        dir.display()
+    );
+}
+
+/// A transaction on a [`LogStore`].
+pub struct LogTransaction<'a> {
+    overlay: Overlay<LogEngine<'a>>,
+}
+
+impl std::fmt::Debug for LogTransaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogTransaction")
+    }
+}
+
+struct LogEngine<'a> {
+    inner: &'a Inner,
+    access: LogAccess<'a>,
+}
+
+impl std::fmt::Debug for LogEngine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogEngine")
+    }
+}
+
+/// A writer reads the map under short read locks (only it changes the map); a reader holds
+/// the read lock for its whole transaction, a consistent snapshot.
+enum LogAccess<'a> {
+    Write(MutexGuard<'a, Writer>),
+    Read(RwLockReadGuard<'a, State>),
+}
+
+impl LogEngine<'_> {
+    fn with_state<T>(&self, read: impl FnOnce(&State) -> T) -> T {
+        match &self.access {
+            LogAccess::Write(_) => read(&self.inner.read_state()),
+            LogAccess::Read(state) => read(state),
+        }
+    }
+}
+
+impl Engine for LogEngine<'_> {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.check_poisoned()?;
+        // Looked up as a `WriteKey`, so the search compares numbers, not byte strings.
+        let key = WriteKey::new(Bytes::from(key));
+        Ok(self.with_state(|state| state.map.get(&key).map(|value| value.to_vec())))
+    }
+
+    fn scan(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.inner.check_poisoned()?;
+        if begin >= end {
+            return Ok(());
+        }
+        let (begin, end) = (
+            WriteKey::new(Bytes::from(begin)),
+            WriteKey::new(Bytes::from(end)),
+        );
+        self.with_state(|state| {
+            for (key, value) in state
+                .map
+                .range::<WriteKey, _>((Bound::Included(&begin), Bound::Excluded(&end)))
+            {
+                if !visit(&key.bytes, value) {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError> {
+        match &mut self.access {
+            LogAccess::Write(writer) => self.inner.commit(writer, changes),
+            LogAccess::Read(_) if changes.is_empty() => Ok(0),
+            LogAccess::Read(_) => Err(StoreError::Io(
+                "a read-only transaction cannot commit writes: this is a bug".into(),
+            )),
+        }
+    }
+}
+
+impl Store for LogStore {
+    type Transaction<'a> = LogTransaction<'a>;
+
+    fn begin(&self) -> Result<LogTransaction<'_>, StoreError> {
+        self.inner.check_poisoned()?;
+        Ok(LogTransaction {
+            overlay: Overlay::new(LogEngine {
+                inner: &self.inner,
+                access: LogAccess::Write(self.inner.lock_writer()),
+            }),
+        })
+    }
+
+    fn begin_read(&self) -> Result<LogTransaction<'_>, StoreError> {
+        self.inner.check_poisoned()?;
+        Ok(LogTransaction {
+            overlay: Overlay::new(LogEngine {
+                inner: &self.inner,
+                access: LogAccess::Read(self.inner.read_state()),
+            }),
+        })
+    }
+}
+
+overlay::overlay_transaction!(LogTransaction<'_>);

@@ -1,0 +1,245 @@
+//! The log store's own guarantees, beyond the conformance suite: recovery after a crash cut a
+//! commit short, snapshots taken while commits go on, deleted values gone from every file
+//! after an erase pass, refusals that say what to do, and the memory bound.
+
+use std::io::Write;
+use std::path::Path;
+
+use courier_core::store::log::{LogOptions, LogStore};
+use courier_core::store::{Store, StoreError, Transaction};
+
+fn set(store: &LogStore, key: &[u8], value: &[u8]) {
+    let mut txn = store.begin().expect("begin");
+    txn.set(key, value);
+    txn.commit().expect("commit");
+}
+
+fn get(store: &LogStore, key: &[u8]) -> Option<Vec<u8>> {
+    store.begin_read().expect("begin").get(key).expect("get")
+}
+
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn newest_journal(dir: &Path) -> std::path::PathBuf {
+    files(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("journal-")
+        })
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .next_back()
+        .expect("a journal with commits")
+}
+
+/// A crash in the middle of a commit's write leaves part of a record at the journal's end:
+/// recovery keeps every commit before it, drops the torn one (never acknowledged), cuts it
+/// off, and later commits and recoveries go on normally.
+#[test]
+fn a_torn_last_record_is_dropped_and_everything_before_it_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        for i in 0..100u32 {
+            set(&store, &i.to_be_bytes(), b"kept");
+        }
+    }
+    // The first half of a record that would set key 1000.
+    let journal = newest_journal(dir.path());
+    let whole = std::fs::read(&journal).unwrap();
+    let torn: Vec<u8> = whole[whole.len() - 30..].to_vec();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .unwrap()
+        .write_all(&torn[..20])
+        .unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        for i in 0..100u32 {
+            assert_eq!(get(&store, &i.to_be_bytes()).as_deref(), Some(&b"kept"[..]));
+        }
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            whole.len() as u64
+        );
+        set(&store, b"after", b"recovery");
+    }
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    assert_eq!(get(&store, b"after").as_deref(), Some(&b"recovery"[..]));
+    assert_eq!(
+        get(&store, &99u32.to_be_bytes()).as_deref(),
+        Some(&b"kept"[..])
+    );
+}
+
+/// Damage in a journal that newer journals follow is not a torn write: the store refuses to
+/// open and says to restore, instead of silently dropping acknowledged commits.
+#[test]
+fn damage_before_the_last_journal_is_refused_as_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        set(&store, b"a", b"1");
+    }
+    let damaged = newest_journal(dir.path());
+    {
+        // A second run writes a newer journal.
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        set(&store, b"b", b"2");
+    }
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    match LogStore::open(dir.path(), &LogOptions::default()) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("restore"), "{message}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
+/// Checkpoints copy the map in chunks while commits go on (a fuzzy snapshot); recovery from
+/// the snapshot plus the journals after it must give exactly the committed state.
+#[test]
+fn snapshots_taken_during_commits_recover_the_exact_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        std::thread::scope(|scope| {
+            let checkpoints = scope.spawn(|| {
+                for _ in 0..20 {
+                    store.checkpoint().expect("checkpoint");
+                }
+            });
+            // Sets, overwrites and deletes over 20,000 keys, while the checkpoints run.
+            let mut x = 1u64;
+            for _ in 0..30_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key = (x % 20_000).to_be_bytes();
+                let mut txn = store.begin().unwrap();
+                if x % 3 == 0 {
+                    txn.clear(&key);
+                    expected.remove(&key.to_vec());
+                } else {
+                    let value = x.to_le_bytes();
+                    txn.set(&key, &value);
+                    expected.insert(key.to_vec(), value.to_vec());
+                }
+                txn.commit().unwrap();
+            }
+            checkpoints.join().unwrap();
+        });
+    }
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    let all = store
+        .begin_read()
+        .unwrap()
+        .get_range(&[], &[0xff; 9], usize::MAX)
+        .unwrap();
+    let expected: Vec<_> = expected.into_iter().collect();
+    assert_eq!(all.len(), expected.len());
+    assert!(
+        all == expected,
+        "recovered state differs from what was committed"
+    );
+}
+
+/// R4: a value deleted before an erase pass is in no file of the store after it.
+#[test]
+fn a_deleted_marker_is_in_no_file_after_an_erase_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = b"MARKER-4f1c9a-deleted-body";
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    set(&store, b"q-marker", marker);
+    set(&store, b"kept", b"still here");
+    let contains_marker = |dir: &Path| {
+        files(dir).iter().any(|path| {
+            std::fs::read(path)
+                .unwrap()
+                .windows(marker.len())
+                .any(|w| w == marker)
+        })
+    };
+    assert!(
+        contains_marker(dir.path()),
+        "the marker reached the journal"
+    );
+    let mut txn = store.begin().unwrap();
+    txn.clear(b"q-marker");
+    txn.commit().unwrap();
+    let report = store.erase_deleted().unwrap();
+    assert!(report.checkpointed);
+    assert!(!contains_marker(dir.path()), "the marker is still on disk");
+    drop(store);
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    assert_eq!(get(&store, b"q-marker"), None);
+    assert_eq!(get(&store, b"kept").as_deref(), Some(&b"still here"[..]));
+}
+
+/// The log store never opens another engine's directory, nor one a live store holds.
+#[test]
+fn foreign_and_locked_directories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("version"), b"fjall").unwrap();
+    let error = LogStore::open(dir.path(), &LogOptions::default()).unwrap_err();
+    assert!(error.to_string().contains("not a log store"), "{error}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let _open = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    let error = LogStore::open(dir.path(), &LogOptions::default()).unwrap_err();
+    assert!(error.to_string().contains("locked"), "{error}");
+}
+
+/// Past its memory bound the store refuses commits that only add, with a message naming the
+/// setting, and still takes deletes (acks, expiry), which make room again.
+#[test]
+fn the_memory_bound_refuses_growth_but_not_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        memory_bytes_max: 64 * 1024,
+        ..LogOptions::default()
+    };
+    let store = LogStore::open(dir.path(), &options).unwrap();
+    let value = [7u8; 1000];
+    let mut stored = 0u32;
+    let error = loop {
+        let mut txn = store.begin().unwrap();
+        txn.set(&stored.to_be_bytes(), &value);
+        match txn.commit() {
+            Ok(_) => stored += 1,
+            Err(error) => break error,
+        }
+        assert!(stored < 1000, "the bound never refused");
+    };
+    assert!(
+        error.to_string().contains("log_memory_bytes_max"),
+        "{error}"
+    );
+    assert!(stored > 10);
+    // A send that comes with an ack freeing as much passes; one without is refused.
+    let mut txn = store.begin().unwrap();
+    txn.clear(&0u32.to_be_bytes());
+    txn.set(&stored.to_be_bytes(), &value);
+    txn.commit()
+        .expect("a commit that frees what it adds passes at the bound");
+    let mut txn = store.begin().unwrap();
+    txn.set(&(stored + 1).to_be_bytes(), &value);
+    assert!(txn.commit().is_err(), "growth past the bound was refused");
+    let mut txn = store.begin().unwrap();
+    txn.clear(&1u32.to_be_bytes());
+    txn.commit().expect("a delete passes at the bound");
+    set(&store, &(stored + 1).to_be_bytes(), &value);
+}
