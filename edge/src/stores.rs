@@ -128,10 +128,10 @@ pub fn open_embedded(
 
 /// Opens the stores of an existing data directory with the shard count it was written with
 /// (for tools and tests; the edge itself uses [`open_embedded`]).
-pub fn open_existing(
+pub fn open_existing<E: EmbeddedEngine + Send + Sync>(
     data_dir: &Path,
-    options: &FjallOptions,
-) -> Result<Vec<Arc<FjallStore>>, String> {
+    options: &E::Options,
+) -> Result<Vec<Arc<E>>, String> {
     let stores = stores_dir(data_dir);
     let shards = read_layout(&stores)?
         .ok_or_else(|| format!("{} holds no Courier store", stores.display()))?;

@@ -10,15 +10,29 @@ use common::{EVENT_TIMEOUT, Edge, assert_quiet, next_message};
 use courier_client::{ConnectOptions, Incoming};
 use courier_core::CoreConfig;
 use courier_core::commit::read_inbox;
-use courier_core::store::fjall::FjallOptions;
+use courier_core::store::fjall::{FjallOptions, FjallStore};
+use courier_core::store::log::{LogOptions, LogStore};
 
 /// Messages still stored in `inbox`, read from the edge's data directory after it stopped.
 fn stored_messages(edge: &Edge, inbox: u64) -> Vec<u64> {
-    let stores = courier_edge::stores::open_existing(
+    let stores = courier_edge::stores::open_existing::<FjallStore>(
         &edge.dir.path().join("data"),
         &FjallOptions::default(),
     )
     .expect("open the stopped edge's stores");
+    let home = courier_core::placement::home_shard(inbox, stores.len() as u32);
+    let page =
+        read_inbox(&*stores[home as usize], inbox, 0, 0, &CoreConfig::default()).expect("read");
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+/// [`stored_messages`] for an edge on the log engine (`store.engine = "log"`).
+fn stored_messages_in_log(edge: &Edge, inbox: u64) -> Vec<u64> {
+    let stores = courier_edge::stores::open_existing::<LogStore>(
+        &edge.dir.path().join("data"),
+        &LogOptions::default(),
+    )
+    .expect("open the stopped edge's log stores");
     let home = courier_core::placement::home_shard(inbox, stores.len() as u32);
     let page =
         read_inbox(&*stores[home as usize], inbox, 0, 0, &CoreConfig::default()).expect("read");
@@ -250,11 +264,32 @@ async fn a_client_that_closes_after_reading_leaves_nothing_stored() {
 /// recipients acked and closed, nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_under_load_loses_nothing_and_leaves_nothing() {
+    let edge = Edge::start(2);
+    let edge = kill_9_loop_under_load(edge).await;
+    for pair in 0..KILL_LOOP_PAIRS {
+        assert_eq!(stored_messages(&edge, 1100 + pair), Vec::<u64>::new());
+    }
+}
+
+/// The same on the log engine: its journal and snapshots recover every acknowledged message
+/// through every kill, and acks delete them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loop_under_load_on_the_log_engine_loses_nothing_and_leaves_nothing() {
+    let edge = Edge::start_with(2, "[store]\nengine = \"log\"\n", &[]);
+    let edge = kill_9_loop_under_load(edge).await;
+    for pair in 0..KILL_LOOP_PAIRS {
+        assert_eq!(stored_messages_in_log(&edge, 1100 + pair), Vec::<u64>::new());
+    }
+}
+
+const KILL_LOOP_PAIRS: u64 = 4;
+
+/// Runs the kill -9 loop's load and checks what the receivers got; returns the stopped edge.
+async fn kill_9_loop_under_load(mut edge: Edge) -> Edge {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    const PAIRS: u64 = 4;
+    const PAIRS: u64 = KILL_LOOP_PAIRS;
     const CYCLES: usize = 10;
-    let mut edge = Edge::start(2);
     let stop = Arc::new(AtomicBool::new(false));
     let mut receivers = Vec::new();
     for pair in 0..PAIRS {
@@ -342,7 +377,5 @@ async fn kill_9_loop_under_load_loses_nothing_and_leaves_nothing() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(edge.terminate(), "the edge stops cleanly");
-    for pair in 0..PAIRS {
-        assert_eq!(stored_messages(&edge, 1100 + pair), Vec::<u64>::new());
-    }
+    edge
 }
