@@ -37,8 +37,7 @@ fn newest_journal(dir: &Path) -> std::path::PathBuf {
                 .unwrap()
                 .starts_with("journal-")
         })
-        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
-        .next_back()
+        .rfind(|p| std::fs::metadata(p).unwrap().len() > 0)
         .expect("a journal with commits")
 }
 
@@ -132,7 +131,7 @@ fn snapshots_taken_during_commits_recover_the_exact_state() {
                 let mut txn = store.begin().unwrap();
                 if x % 3 == 0 {
                     txn.clear(&key);
-                    expected.remove(&key.to_vec());
+                    expected.remove(key.as_slice());
                 } else {
                     let value = x.to_le_bytes();
                     txn.set(&key, &value);
@@ -242,4 +241,27 @@ fn the_memory_bound_refuses_growth_but_not_deletes() {
     txn.clear(&1u32.to_be_bytes());
     txn.commit().expect("a delete passes at the bound");
     set(&store, &(stored + 1).to_be_bytes(), &value);
+}
+
+/// Damage inside the newest journal with whole records after it is bit rot, not a torn
+/// write: cutting there would drop acknowledged commits, so the store refuses instead.
+#[test]
+fn damage_with_whole_records_after_it_is_refused_as_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        for i in 0..10u32 {
+            set(&store, &i.to_be_bytes(), b"acknowledged");
+        }
+    }
+    let journal = newest_journal(dir.path());
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // Inside the first record's payload.
+    bytes[20] ^= 0xff;
+    std::fs::write(&journal, &bytes).unwrap();
+    match LogStore::open(dir.path(), &LogOptions::default()) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("restore"), "{message}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&journal).unwrap(), bytes, "nothing was cut");
 }

@@ -235,7 +235,9 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         now: UnixMillis,
         core: &CoreConfig,
     ) -> Result<InboxPage, StoreError> {
-        // Snapshot reads take no lock: reading another shard's store never delays its commits.
+        // On fjall a snapshot read takes no lock. On the log store a read holds the map's read
+        // lock for its page (bounded by `batching.sync_messages_max`), during which the home
+        // shard's next commit waits to apply (not to fsync).
         let home = courier_core::placement::home_shard(inbox, self.all.len() as u32);
         read_inbox(
             &*self.all[home as usize].get()?,

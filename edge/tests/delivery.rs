@@ -278,7 +278,10 @@ async fn kill_9_loop_under_load_on_the_log_engine_loses_nothing_and_leaves_nothi
     let edge = Edge::start_with(2, "[store]\nengine = \"log\"\n", &[]);
     let edge = kill_9_loop_under_load(edge).await;
     for pair in 0..KILL_LOOP_PAIRS {
-        assert_eq!(stored_messages_in_log(&edge, 1100 + pair), Vec::<u64>::new());
+        assert_eq!(
+            stored_messages_in_log(&edge, 1100 + pair),
+            Vec::<u64>::new()
+        );
     }
 }
 

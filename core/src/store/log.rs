@@ -307,9 +307,21 @@ impl State {
     }
 }
 
+/// How a file of records ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// After its last whole record.
+    Clean,
+    /// In a record a crash cut short: the file ends inside it, or everything from its start
+    /// on is zeros (blocks the file system allocated but the write never filled).
+    Torn,
+    /// In a record that is whole but wrong: damage, not a crash.
+    Damaged,
+}
+
 /// Replays the records at the start of `bytes` into `state`. Returns the length of the valid
-/// prefix and whether a bad (torn or damaged) record ends it.
-fn replay(state: &mut State, bytes: &[u8]) -> (usize, bool) {
+/// prefix and how the file ends after it.
+fn replay(state: &mut State, bytes: &[u8]) -> (usize, Ending) {
     let mut at = 0usize;
     while at < bytes.len() {
         match decode_record(&bytes[at..]) {
@@ -317,10 +329,19 @@ fn replay(state: &mut State, bytes: &[u8]) -> (usize, bool) {
                 state.apply(changes.into_iter());
                 at += len;
             }
-            Err(_) => return (at, true),
+            Err(BadRecord::Short) => return (at, Ending::Torn),
+            Err(BadRecord::Damaged) => {
+                let rest = &bytes[at..];
+                let declared_end = rest.get(..4).map_or(usize::MAX, |len| {
+                    RECORD_HEADER_BYTES
+                        + u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize
+                });
+                let torn = declared_end >= rest.len() || rest.iter().all(|byte| *byte == 0);
+                return (at, if torn { Ending::Torn } else { Ending::Damaged });
+            }
         }
     }
-    (at, false)
+    (at, Ending::Clean)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
@@ -360,8 +381,10 @@ impl LogStore {
                         dir.display()
                     )));
                 }
-                std::fs::write(&format_path, FORMAT)
-                    .and_then(|()| File::open(&format_path)?.sync_all())
+                let tmp_path = dir.join(format!("{FORMAT_FILE}{TMP_SUFFIX}"));
+                std::fs::write(&tmp_path, FORMAT)
+                    .and_then(|()| File::open(&tmp_path)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp_path, &format_path))
                     .map_err(|e| io(format!("write {}", format_path.display()), e))?;
                 sync_dir(dir)?;
             }
@@ -380,8 +403,8 @@ impl LogStore {
             Some(&id) => {
                 let path = dir.join(file_name(SNAPSHOT_PREFIX, id));
                 let bytes = read_file(&path)?;
-                let (valid, bad) = replay(&mut state, &bytes);
-                if bad {
+                let (valid, ending) = replay(&mut state, &bytes);
+                if ending != Ending::Clean {
                     return Err(StoreError::Corrupt(format!(
                         "{} is damaged at byte {valid}: restore the store from a backup",
                         path.display()
@@ -399,15 +422,25 @@ impl LogStore {
         for (index, id) in replayed.iter().enumerate() {
             let path = dir.join(file_name(JOURNAL_PREFIX, *id));
             let bytes = read_file(&path)?;
-            let (valid, torn) = replay(&mut state, &bytes);
-            if torn {
-                if index + 1 != replayed.len() {
-                    return Err(StoreError::Corrupt(format!(
-                        "{} is damaged at byte {valid} and newer journals follow it: restore \
-                         the store from a backup",
-                        path.display()
-                    )));
-                }
+            let (valid, ending) = replay(&mut state, &bytes);
+            // Journals a failed write left empty after this one (a checkpoint or a reopen
+            // started them) do not make its tear a damage.
+            let newer_hold_commits = replayed[index + 1..].iter().any(|newer| {
+                std::fs::metadata(dir.join(file_name(JOURNAL_PREFIX, *newer)))
+                    .map_or(true, |m| m.len() > 0)
+            });
+            if ending == Ending::Damaged || (ending == Ending::Torn && newer_hold_commits) {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is damaged at byte {valid}{}: restore the store from a backup",
+                    path.display(),
+                    if newer_hold_commits {
+                        " and newer journals follow it"
+                    } else {
+                        ", with whole records after the damage"
+                    }
+                )));
+            }
+            if ending == Ending::Torn {
                 // A commit cut short by a crash: never acknowledged, so dropped.
                 OpenOptions::new()
                     .write(true)
@@ -429,7 +462,8 @@ impl LogStore {
         // Commits go to a new journal: recovered files are never appended to.
         let journal_id = journals
             .last()
-            .map_or(first_journal, |last| last + 1)
+            .map_or(0, |last| last + 1)
+            .max(first_journal)
             .max(1);
         let journal = create_journal(dir, journal_id)?;
         let journal_bytes: u64 = replayed
@@ -514,10 +548,14 @@ impl LogStore {
     /// last checkpoint.
     pub fn erase_deleted(&self) -> Result<LogEraseReport, StoreError> {
         let disk_bytes_before = self.disk_bytes()?;
+        // Waits for a background checkpoint that is running: until it deletes the old
+        // journals, what it cleared the flag for is still on disk.
+        let running = self.inner.lock_checkpoint();
         let checkpointed = self.inner.deleted_since_checkpoint.load(Ordering::Acquire);
         if checkpointed {
-            self.inner.checkpoint()?;
+            self.inner.checkpoint_locked(&running)?;
         }
+        drop(running);
         Ok(LogEraseReport {
             checkpointed,
             disk_bytes_before,
@@ -557,7 +595,7 @@ fn remove(dir: &Path, name: &str) -> Result<(), StoreError> {
 fn create_journal(dir: &Path, id: u64) -> Result<File, StoreError> {
     let path = dir.join(file_name(JOURNAL_PREFIX, id));
     let file = OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
         .open(&path)
         .map_err(|e| io(format!("create {}", path.display()), e))?;
@@ -574,12 +612,16 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(|e| io(format!("open {}", path.display()), e))?;
-    file.try_lock().map_err(|_| {
-        StoreError::Io(format!(
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns and keeps open; it only sets a lock.
+    #[allow(unsafe_code)]
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        return Err(StoreError::Io(format!(
             "{} is locked: another process (or store) has this directory open",
             dir.display()
-        ))
-    })?;
+        )));
+    }
     Ok(file)
 }
 
@@ -612,6 +654,15 @@ impl Inner {
             writer.version += 1;
             return Ok(writer.version);
         }
+        if let Some((key, _)) = changes
+            .iter()
+            .find(|(key, _)| key.len() > usize::from(u16::MAX))
+        {
+            return Err(StoreError::Io(format!(
+                "a key of {} bytes: the log store takes keys up to 65,535 bytes",
+                key.len()
+            )));
+        }
         self.check_memory_bound(&changes)?;
         writer.record.clear();
         encode_record(
@@ -620,6 +671,12 @@ impl Inner {
                 .iter()
                 .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
         );
+        if writer.record.len() > RECORD_BYTES_MAX {
+            return Err(StoreError::Io(format!(
+                "a commit of {} bytes: the log store takes commits up to {RECORD_BYTES_MAX} bytes",
+                writer.record.len()
+            )));
+        }
         let written = writer
             .journal
             .write_all(&writer.record)
@@ -671,15 +728,20 @@ impl Inner {
         if state.live_bytes + added <= self.options.memory_bytes_max {
             return Ok(());
         }
-        // Near the bound only: look up what the deletes and overwrites free.
+        // Near the bound only: look up what the deletes and overwrites free (each key once:
+        // overlapping cleared ranges can list one twice).
+        let mut counted = std::collections::HashSet::new();
         let freed: u64 = changes
             .iter()
+            .filter(|(key, _)| counted.insert(&key[..]))
             .filter_map(|(key, _)| {
                 let old = state.map.get(&WriteKey::new(key.clone()))?;
                 Some(pair_bytes(key, old))
             })
             .sum();
-        if state.live_bytes + added <= self.options.memory_bytes_max + freed {
+        // A commit that shrinks the store always passes, even above the bound (after a
+        // restart with a lower one): acks and expiry must be able to make room.
+        if added <= freed || state.live_bytes + added <= self.options.memory_bytes_max + freed {
             return Ok(());
         }
         Err(StoreError::Io(format!(
@@ -740,23 +802,54 @@ impl Inner {
     /// Starts a new journal, writes every live pair to a snapshot named after it, and deletes
     /// the older journals and snapshots.
     fn checkpoint(&self) -> Result<(), StoreError> {
-        let _running = self
-            .checkpoint_running
+        let running = self.lock_checkpoint();
+        self.checkpoint_locked(&running)
+    }
+
+    fn lock_checkpoint(&self) -> MutexGuard<'_, ()> {
+        self.checkpoint_running
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`checkpoint`](Inner::checkpoint) with `checkpoint_running` held by the caller. On a
+    /// failure after the journal switch it puts the counts back, so the next erase pass or
+    /// full journal tries again, and deletes its partial snapshot.
+    fn checkpoint_locked(&self, _running: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
         self.check_poisoned()?;
-        let id = {
+        let (id, journal_bytes, deleted) = {
             let mut writer = self.lock_writer();
+            // A commit that failed while this waited for the lock poisoned the store: a new
+            // journal after its torn record would make recovery see damage.
+            self.check_poisoned()?;
             let id = writer.journal_id + 1;
             writer.journal = create_journal(&self.dir, id)?;
             writer.journal_id = id;
             // Counted from here: what goes to the new journal.
-            self.journal_bytes_since_checkpoint
-                .store(0, Ordering::Relaxed);
-            self.deleted_since_checkpoint
-                .store(false, Ordering::Release);
-            id
+            (
+                id,
+                self.journal_bytes_since_checkpoint
+                    .swap(0, Ordering::Relaxed),
+                self.deleted_since_checkpoint.swap(false, Ordering::AcqRel),
+            )
         };
+        let written = self.write_snapshot(id);
+        if written.is_err() {
+            self.journal_bytes_since_checkpoint
+                .fetch_add(journal_bytes, Ordering::Relaxed);
+            if deleted {
+                self.deleted_since_checkpoint.store(true, Ordering::Release);
+            }
+            let _ = std::fs::remove_file(
+                self.dir
+                    .join(format!("{}{TMP_SUFFIX}", file_name(SNAPSHOT_PREFIX, id))),
+            );
+        }
+        written
+    }
+
+    /// Writes `snapshot-{id}` from the map, then deletes the journals and snapshots before it.
+    fn write_snapshot(&self, id: u64) -> Result<(), StoreError> {
         let name = file_name(SNAPSHOT_PREFIX, id);
         let tmp_path = self.dir.join(format!("{name}{TMP_SUFFIX}"));
         let write = || -> std::io::Result<()> {
@@ -806,7 +899,8 @@ impl Inner {
             )
         })?;
         sync_dir(&self.dir)?;
-        // The snapshot and the journals from `id` on hold everything now.
+        // The snapshot and the journals from `id` on hold everything now. Partial snapshots
+        // of failed checkpoints go too.
         let mut stale = Vec::new();
         for old in list_ids(&self.dir, JOURNAL_PREFIX, &mut stale)? {
             if old < id {
@@ -817,6 +911,9 @@ impl Inner {
             if old < id {
                 remove(&self.dir, &file_name(SNAPSHOT_PREFIX, old))?;
             }
+        }
+        for path in stale {
+            let _ = std::fs::remove_file(path);
         }
         sync_dir(&self.dir)
     }
