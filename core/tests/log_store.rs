@@ -265,3 +265,40 @@ fn damage_with_whole_records_after_it_is_refused_as_corruption() {
     }
     assert_eq!(std::fs::read(&journal).unwrap(), bytes, "nothing was cut");
 }
+
+/// The dedupe filter answers lookups of records never written without searching the map; it
+/// must never hide a record that is there: written in this run, recovered from the journal,
+/// or recovered when more records exist than an open warms the filter with.
+#[test]
+fn dedupe_records_are_found_across_reopens_whatever_the_filter_knows() {
+    use courier_core::keys;
+    for warm_keys_max in [65_536, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LogOptions {
+            dedupe_filter_warm_keys_max: warm_keys_max,
+            ..LogOptions::default()
+        };
+        let records: Vec<[u8; 33]> = (0..10u64)
+            .map(|i| keys::dedupe(7 + i % 2, 100 + i, 5, i))
+            .collect();
+        {
+            let store = LogStore::open(dir.path(), &options).unwrap();
+            for key in &records {
+                set(&store, key, b"seq");
+            }
+            let mut txn = store.begin().unwrap();
+            assert_eq!(txn.get(&records[3]).unwrap().as_deref(), Some(&b"seq"[..]));
+            assert_eq!(txn.get(&keys::dedupe(8, 999, 5, 1)).unwrap(), None);
+        }
+        let store = LogStore::open(dir.path(), &options).unwrap();
+        let mut txn = store.begin().unwrap();
+        for key in &records {
+            assert_eq!(
+                txn.get(key).unwrap().as_deref(),
+                Some(&b"seq"[..]),
+                "warm_keys_max {warm_keys_max}"
+            );
+        }
+        assert_eq!(txn.get(&keys::dedupe(8, 999, 5, 1)).unwrap(), None);
+    }
+}

@@ -424,6 +424,7 @@ fn open_store(
             if config.store.engine == "log" {
                 let options = courier_core::store::log::LogOptions {
                     memory_bytes_max: config.store.log_memory_bytes_max,
+                    dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                     ..Default::default()
                 };
                 let stores =
