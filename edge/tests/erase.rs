@@ -36,6 +36,26 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound() {
     let edge = Edge::start_with(2, "[retention]\nerase_within_secs = 2\n", &[]);
+    erased_within_the_bound(edge).await;
+}
+
+/// The same on the log engine, where the erase pass is a checkpoint that deletes the journals
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound_on_the_log_engine() {
+    let edge = Edge::start_with(
+        2,
+        "[retention]\nerase_within_secs = 2\n[store]\nengine = \"log\"\n",
+        &[],
+    );
+    assert!(
+        edge.dir.path().join("data/stores/shard-0/FORMAT").exists(),
+        "the edge runs on the log engine"
+    );
+    erased_within_the_bound(edge).await;
+}
+
+async fn erased_within_the_bound(edge: Edge) {
     let data = edge.dir.path().join("data");
     // Random bytes: compression cannot hide them, and nothing else on disk matches.
     let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
