@@ -1213,6 +1213,12 @@ impl<A: Authenticator> EdgeSession<A> {
         self.servers = servers;
     }
 
+    /// Whether this shard's own store is near its memory bound (`InboxShard::set_store_full`):
+    /// sends for its inboxes are refused with `StoreUnavailable` while it is.
+    pub fn set_store_full(&mut self, full: bool) {
+        self.inbox.set_store_full(full);
+    }
+
     /// The result of committing `batch`: answers to the senders and live deliveries.
     pub fn handle_commit(
         &mut self,

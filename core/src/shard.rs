@@ -106,6 +106,9 @@ pub struct InboxShard<T> {
     /// slow and sends are refused at once instead of queueing behind it (a circuit breaker).
     batch_taken_ms: UnixMillis,
     commit_slow_ms: u64,
+    /// The store is near its memory bound (the log engine's `store.log_memory_bytes_max`):
+    /// sends are refused until deliveries and expiry free room; acks still go, and free it.
+    store_full: bool,
 }
 
 impl<T> InboxShard<T> {
@@ -129,7 +132,19 @@ impl<T> InboxShard<T> {
             batch_in_flight: false,
             batch_taken_ms: 0,
             commit_slow_ms: config.commit_slow_ms,
+            store_full: false,
         }
+    }
+
+    /// Tells the shard whether its store is near its memory bound (the runtime asks the store
+    /// after every commit). While it is, sends are refused with `StoreUnavailable` before
+    /// they reach a batch, so the batches that still go (acks, links) never fail on the bound.
+    pub fn set_store_full(&mut self, full: bool) {
+        self.store_full = full;
+    }
+
+    pub fn store_full(&self) -> bool {
+        self.store_full
     }
 
     /// When the waiting acks make a batch on their own, if nothing else comes first: the
@@ -172,16 +187,16 @@ impl<T> InboxShard<T> {
     /// Each sender may hold at most its share of the queue (`queue_requests_per_sender_max`,
     /// `queue_bytes_per_sender_max`), so one flooding sender cannot crowd out the others.
     ///
-    /// While the batch in flight has taken longer than `commit_slow_ms`, every send is refused
-    /// with `StoreUnavailable`: the client retries later instead of waiting in a queue that
-    /// does not move.
+    /// While the batch in flight has taken longer than `commit_slow_ms`, or the store is near
+    /// its memory bound (`set_store_full`), every send is refused with `StoreUnavailable`: the
+    /// client retries later instead of waiting in a queue that does not move.
     pub fn handle_send(
         &mut self,
         send: SendRequest,
         tag: T,
         now_ms: UnixMillis,
     ) -> Result<(), Refused<T>> {
-        if self.store_slow(now_ms) {
+        if self.store_full || self.store_slow(now_ms) {
             return Err(Refused {
                 send,
                 tag,
@@ -623,6 +638,29 @@ mod tests {
         shard.handle_commit(batch, Err(StoreError::Io("slow disk".into())));
         assert!(!shard.store_slow(5_000), "closed once the commit is back");
         shard.handle_send(send(4, 10), 4, 5_000).unwrap();
+    }
+
+    /// A store at its memory bound refuses sends at the door, so no batch carrying acks fails
+    /// on the bound; acks still make batches, and once they freed room sends go again.
+    #[test]
+    fn a_full_store_refuses_sends_but_takes_acks() {
+        let mut shard = InboxShard::new(&CoreConfig::default());
+        shard.set_store_full(true);
+        let refused = shard.handle_send(send(1, 10), 1, 0).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::StoreUnavailable);
+        shard.handle_ack(5, 0, 3, 0);
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        assert!(
+            batch
+                .requests
+                .iter()
+                .all(|request| matches!(request, Request::Ack { .. })),
+            "only acks in the batch: {:?}",
+            batch.requests
+        );
+        shard.handle_commit(batch, Ok(vec![Outcome::Acked]));
+        shard.set_store_full(false);
+        shard.handle_send(send(2, 10), 2, 0).unwrap();
     }
 
     #[test]

@@ -83,6 +83,13 @@ pub trait ShardStore: Send + Sync + 'static {
     fn message_keys_approximate(&self) -> Option<u64> {
         None
     }
+
+    /// Whether this shard's own store is near its memory bound (the log engine's
+    /// `store.log_memory_bytes_max`): the shard then refuses sends until acks and expiry free
+    /// room. Called on the shard's own thread: it must never block.
+    fn nearly_full(&self) -> bool {
+        false
+    }
 }
 
 /// What one erase pass of an embedded store did.
@@ -103,6 +110,10 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     fn erase_deleted(&self) -> Result<ErasePass, StoreError>;
     /// Stored message keys, possibly counting deleted ones; `None` rather than waiting.
     fn message_keys_approximate(&self) -> Option<u64>;
+    /// Near a memory bound (`ShardStore::nearly_full`); never blocks.
+    fn nearly_full(&self) -> bool {
+        false
+    }
 }
 
 impl EmbeddedEngine for FjallStore {
@@ -145,6 +156,9 @@ impl EmbeddedEngine for LogStore {
     fn message_keys_approximate(&self) -> Option<u64> {
         // Exact, but it needs the map's read lock: skip a beat rather than wait for a commit.
         self.message_keys_without_waiting()
+    }
+    fn nearly_full(&self) -> bool {
+        self.is_nearly_full()
     }
 }
 
@@ -268,6 +282,12 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         // Called on the shard's thread: skip a beat rather than wait for a reopen.
         let own = self.all[usize::from(self.shard)].try_get()?;
         own.message_keys_approximate()
+    }
+
+    fn nearly_full(&self) -> bool {
+        self.all[usize::from(self.shard)]
+            .try_get()
+            .is_some_and(|own| own.nearly_full())
     }
 }
 

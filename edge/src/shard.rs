@@ -307,6 +307,8 @@ pub struct Shard {
     draining: bool,
     /// The store failed a write and is being reopened (`store_refused`).
     store_recovering: bool,
+    /// The store is near its memory bound (`note_store_full`): sends are refused.
+    store_full: bool,
     /// Budget of connection close and loss log lines, so a connection flood is not a log flood.
     connection_logs: courier_core::budget::TokenBucket,
     connections_closed: bool,
@@ -557,6 +559,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         exit_when_fenced: setup.exit_when_fenced,
         draining: false,
         store_recovering: false,
+        store_full: false,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
         connections_closed: false,
         takeover: setup.takeover.clone(),
@@ -677,6 +680,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             .expiry_index_entries_cleared
                             .inc_by(report.index_entries_cleared);
                         shard.forget_emptied(&report.emptied);
+                        // Expiry frees room in a store at its memory bound.
+                        shard.note_store_full();
                     }
                     match report {
                         Ok(report) if report.more => continue,
@@ -2131,6 +2136,26 @@ impl Shard {
             }
         }
         self.session.handle_commit(batch, result);
+        self.note_store_full();
+    }
+
+    /// Asks the store whether it is near its memory bound and tells the session, which refuses
+    /// sends while it is; logs each change.
+    fn note_store_full(&mut self) {
+        let full = self.store.nearly_full();
+        if full != self.store_full {
+            self.store_full = full;
+            if full {
+                warn!(
+                    shard = self.id,
+                    "the store is near store.log_memory_bytes_max: refusing sends with \
+                     StoreUnavailable until deliveries and expiry free room (or raise the limit)"
+                );
+            } else {
+                info!(shard = self.id, "the store has room again: accepting sends");
+            }
+        }
+        self.session.set_store_full(full);
     }
 
     /// Acts on a store error: a fenced shard ends the process; a poisoned store (a failed write

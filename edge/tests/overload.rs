@@ -229,3 +229,67 @@ async fn a_panicking_shard_ends_the_process_with_a_failure_status() {
         .expect("the edge exits after a shard panics");
     assert_eq!(status.code(), Some(101), "exit status: {status:?}");
 }
+
+/// The log engine's memory bound (`store.log_memory_bytes_max`, here its minimum, 16 MiB):
+/// sends to an offline recipient are acknowledged until the store is nearly full, then held
+/// (refused with the retryable `StoreUnavailable`, which the SDK retries), never acknowledged
+/// and lost. Once the recipient connects, reads and acks, room comes back: the held send is
+/// acknowledged, and every acknowledged message was delivered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_store_at_its_memory_bound_holds_sends_until_acks_free_room() {
+    const CONFIG: &str = "[store]\nengine = \"log\"\nlog_memory_bytes_max = 16777216\n\
+        [limits.send_per_connection]\nmessages_per_sec = 2000\nmessages_burst = 4000\n\
+        bytes_per_sec = 67108864\nbytes_burst = 67108864\n\
+        [limits.send_per_user]\nmessages_per_sec = 4000\nmessages_burst = 8000\n\
+        bytes_per_sec = 67108864\nbytes_burst = 67108864\n";
+    let edge = Edge::start_with(1, CONFIG, &[]);
+    let sender = edge.client(4001).await;
+    let body = |i: u32| {
+        let mut body = vec![0u8; 16 * 1024];
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        body
+    };
+    let mut acknowledged = Vec::new();
+    let held = loop {
+        let i = acknowledged.len() as u32;
+        assert!(i < 2_000, "16 MiB never filled: the bound is not enforced");
+        let send = tokio::spawn({
+            let sender = sender.sender();
+            let body = body(i);
+            async move { sender.send(4002, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        match tokio::time::timeout(Duration::from_secs(3), send).await {
+            Ok(receipt) => acknowledged.push(receipt.expect("task").expect("send").seq),
+            Err(_) => break i,
+        }
+    };
+    // Held at the door (the shard asked the store after a commit), not by a failed batch.
+    assert!(
+        edge.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|line| line.contains("near store.log_memory_bytes_max")),
+        "the edge said why it refuses sends"
+    );
+    // About 90% of 16 MiB of 16 KiB bodies.
+    assert!(
+        (700..=1_000).contains(&acknowledged.len()),
+        "{} sends acknowledged before the bound held them",
+        acknowledged.len()
+    );
+    let mut recipient = edge.client(4002).await;
+    for (i, seq) in acknowledged.iter().enumerate() {
+        let delivery = next_message(&mut recipient).await;
+        assert_eq!(
+            (delivery.seq, &delivery.body[..4]),
+            (*seq, &(i as u32).to_be_bytes()[..])
+        );
+    }
+    // The recipient's acks free room; the held send goes through and arrives last.
+    let delivery = tokio::time::timeout(Duration::from_secs(30), next_message(&mut recipient))
+        .await
+        .expect("the held send is delivered once the store has room");
+    assert_eq!(&delivery.body[..4], &held.to_be_bytes()[..]);
+}

@@ -57,6 +57,8 @@ const KIND_SET: u8 = 1;
 const KIND_DELETE: u8 = 2;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
+/// Share of `memory_bytes_max` from which [`LogStore::is_nearly_full`] says so.
+const NEARLY_FULL_PERCENT: u64 = 90;
 /// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
 /// bound: an estimate, so the bound is approximate.
 const PAIR_OVERHEAD_BYTES: u64 = 96;
@@ -130,6 +132,8 @@ struct Inner {
     writer: Mutex<Writer>,
     /// A write or fsync failed: what is on disk is unknown until the store is reopened.
     poisoned: AtomicBool,
+    /// `State::live_bytes` after the last commit, readable without the lock.
+    live_bytes_now: AtomicU64,
     /// Journal bytes written since the journal the last checkpoint started.
     journal_bytes_since_checkpoint: AtomicU64,
     /// Something was deleted since the last checkpoint started.
@@ -519,6 +523,7 @@ impl LogStore {
             })
             .sum();
 
+        let live_bytes = state.live_bytes;
         let dedupe_filter = open_dedupe_filter(
             &state,
             options.dedupe_filter_bytes_max,
@@ -536,6 +541,7 @@ impl LogStore {
                 dedupe_filter,
             }),
             poisoned: AtomicBool::new(false),
+            live_bytes_now: AtomicU64::new(live_bytes),
             journal_bytes_since_checkpoint: AtomicU64::new(journal_bytes),
             deleted_since_checkpoint: AtomicBool::new(true),
             checkpoint_running: Mutex::new(()),
@@ -581,6 +587,14 @@ impl LogStore {
     /// Estimated bytes of memory the live pairs take.
     pub fn live_bytes(&self) -> u64 {
         self.inner.read_state().live_bytes
+    }
+
+    /// Whether the live pairs take at least `NEARLY_FULL_PERCENT` of `memory_bytes_max`,
+    /// without waiting for a lock: the edge then refuses sends at the door, and the rest is
+    /// room for the batches already queued and for acks.
+    pub fn is_nearly_full(&self) -> bool {
+        let bound = self.inner.options.memory_bytes_max;
+        self.inner.live_bytes_now.load(Ordering::Relaxed) >= bound / 100 * NEARLY_FULL_PERCENT
     }
 
     /// Bytes of the store's files.
@@ -759,6 +773,8 @@ impl Inner {
                     None => state.delete(key),
                 }
             }
+            self.live_bytes_now
+                .store(state.live_bytes, Ordering::Relaxed);
         }
         if deleted {
             self.deleted_since_checkpoint.store(true, Ordering::Release);
