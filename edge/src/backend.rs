@@ -90,6 +90,12 @@ pub trait ShardStore: Send + Sync + 'static {
     fn nearly_full(&self) -> bool {
         false
     }
+
+    /// Memory the stored keys take, where the store keeps them in memory (the log engine);
+    /// never blocks.
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What one erase pass of an embedded store did.
@@ -113,6 +119,10 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     /// Near a memory bound (`ShardStore::nearly_full`); never blocks.
     fn nearly_full(&self) -> bool {
         false
+    }
+    /// `ShardStore::memory_bytes`; never blocks.
+    fn memory_bytes(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -159,6 +169,9 @@ impl EmbeddedEngine for LogStore {
     }
     fn nearly_full(&self) -> bool {
         self.is_nearly_full()
+    }
+    fn memory_bytes(&self) -> Option<u64> {
+        Some(self.live_bytes_without_waiting())
     }
 }
 
@@ -288,6 +301,10 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         self.all[usize::from(self.shard)]
             .try_get()
             .is_some_and(|own| own.nearly_full())
+    }
+
+    fn memory_bytes(&self) -> Option<u64> {
+        self.all[usize::from(self.shard)].try_get()?.memory_bytes()
     }
 }
 

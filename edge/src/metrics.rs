@@ -99,6 +99,8 @@ pub struct Metrics {
     inboxes_emptied: Family<ShardLabel, Counter>,
     inbox_queue_requests: Family<ShardLabel, Gauge>,
     store_message_keys: Family<ShardLabel, Gauge>,
+    store_memory_bytes: Family<ShardLabel, Gauge>,
+    store_full: Family<ShardLabel, Gauge>,
     mesh_backlog_messages: Family<ShardLabel, Gauge>,
     mesh_messages_dropped: Family<ShardLabel, Counter>,
     mesh_backpressure: Family<ShardLabel, Counter>,
@@ -227,6 +229,14 @@ impl Metrics {
             "store_message_keys",
             "Stored message keys, approximately (the embedded store counts deleted keys until compaction drops them): the inbox backlog"
         );
+        let store_memory_bytes = family!(
+            "store_memory_bytes",
+            "Memory the stored keys take, estimated (store.engine = \"log\" only; bounded by store.log_memory_bytes_max)"
+        );
+        let store_full = family!(
+            "store_full",
+            "1 while the store is near its memory bound and the shard refuses sends with StoreUnavailable, else 0"
+        );
         let mesh_backlog_messages = family!(
             "mesh_backlog_messages",
             "Messages waiting for room in the channels to other shards"
@@ -300,6 +310,8 @@ impl Metrics {
             inboxes_emptied,
             inbox_queue_requests,
             store_message_keys,
+            store_memory_bytes,
+            store_full,
             mesh_backlog_messages,
             mesh_messages_dropped,
             mesh_backpressure,
@@ -384,6 +396,8 @@ impl Metrics {
             inboxes_emptied: self.inboxes_emptied.get_or_create_owned(&label),
             inbox_queue_requests: self.inbox_queue_requests.get_or_create_owned(&label),
             store_message_keys: self.store_message_keys.get_or_create_owned(&label),
+            store_memory_bytes: self.store_memory_bytes.get_or_create_owned(&label),
+            store_full: self.store_full.get_or_create_owned(&label),
             mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
             mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
@@ -496,6 +510,8 @@ pub struct ShardMetrics {
     pub inboxes_emptied: Counter,
     pub inbox_queue_requests: Gauge,
     pub store_message_keys: Gauge,
+    pub store_memory_bytes: Gauge,
+    pub store_full: Gauge,
     pub mesh_backlog_messages: Gauge,
     pub mesh_messages_dropped: Counter,
     pub mesh_backpressure: Counter,

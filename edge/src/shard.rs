@@ -2121,6 +2121,10 @@ impl Shard {
         if let Some(keys) = self.store.message_keys_approximate() {
             metrics.store_message_keys.set(keys as i64);
         }
+        if let Some(bytes) = self.store.memory_bytes() {
+            metrics.store_memory_bytes.set(bytes as i64);
+        }
+        metrics.store_full.set(i64::from(self.store_full));
     }
 
     fn finish_commit(

@@ -589,6 +589,11 @@ impl LogStore {
         self.inner.read_state().live_bytes
     }
 
+    /// [`live_bytes`](LogStore::live_bytes) as of the last commit, without a lock.
+    pub fn live_bytes_without_waiting(&self) -> u64 {
+        self.inner.live_bytes_now.load(Ordering::Relaxed)
+    }
+
     /// Whether the live pairs take at least `NEARLY_FULL_PERCENT` of `memory_bytes_max`,
     /// without waiting for a lock: the edge then refuses sends at the door, and the rest is
     /// room for the batches already queued and for acks.
