@@ -163,7 +163,20 @@ pub fn open_embedded_log(
         }
         None => create_layout(&stores, shards)?,
     }
-    open_shards(&stores, shards, options)
+    let opened: Vec<Arc<LogStore>> = open_shards(&stores, shards, options)?;
+    for (shard, store) in opened.iter().enumerate() {
+        let recovery = store.recovery();
+        info!(
+            shard,
+            keys = recovery.keys,
+            from_snapshot = recovery.snapshot,
+            journal_bytes = recovery.journal_bytes,
+            torn_bytes_cut = recovery.torn_bytes_cut,
+            elapsed_ms = recovery.elapsed.as_millis() as u64,
+            "log store recovered"
+        );
+    }
+    Ok(opened)
 }
 
 /// Opens the shard stores in parallel: each replays its own journal.

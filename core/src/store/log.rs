@@ -123,6 +123,21 @@ struct Writer {
 pub struct LogStore {
     inner: Arc<Inner>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
+    recovery: LogRecovery,
+}
+
+/// What [`LogStore::open`] recovered, for the operator's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRecovery {
+    /// Live keys after recovery.
+    pub keys: u64,
+    /// Recovery started from a snapshot (else from the journals alone).
+    pub snapshot: bool,
+    /// Bytes of journal replayed: bounded by `journal_bytes_max` plus the live size.
+    pub journal_bytes: u64,
+    /// Bytes of a torn last record cut off (a crash during a commit), usually 0.
+    pub torn_bytes_cut: u64,
+    pub elapsed: std::time::Duration,
 }
 
 struct Inner {
@@ -405,6 +420,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
 impl LogStore {
     /// Opens the store in `dir`, creating it if needed, and recovers what was committed.
     pub fn open(dir: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
+        let started = std::time::Instant::now();
+        let mut torn_bytes_cut = 0u64;
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
         let format_path = dir.join(FORMAT_FILE);
@@ -492,6 +509,7 @@ impl LogStore {
             }
             if ending == Ending::Torn {
                 // A commit cut short by a crash: never acknowledged, so dropped.
+                torn_bytes_cut = (bytes.len() - valid) as u64;
                 OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -523,6 +541,13 @@ impl LogStore {
             })
             .sum();
 
+        let recovery = LogRecovery {
+            keys: state.map.len() as u64,
+            snapshot: snapshots.last().is_some(),
+            journal_bytes,
+            torn_bytes_cut,
+            elapsed: started.elapsed(),
+        };
         let live_bytes = state.live_bytes;
         let dedupe_filter = open_dedupe_filter(
             &state,
@@ -558,11 +583,17 @@ impl LogStore {
         Ok(LogStore {
             inner,
             checkpointer: Some(checkpointer),
+            recovery,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// What opening the store recovered.
+    pub fn recovery(&self) -> LogRecovery {
+        self.recovery
     }
 
     /// Whether `dir` holds a log store (its `FORMAT` file).
