@@ -72,9 +72,12 @@ fn a_torn_last_record_is_dropped_and_everything_before_it_kept() {
             std::fs::metadata(&journal).unwrap().len(),
             whole.len() as u64
         );
+        assert_eq!(store.recovery().torn_bytes_cut, 20);
+        assert_eq!(store.recovery().keys, 100);
         set(&store, b"after", b"recovery");
     }
     let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    assert_eq!(store.recovery().torn_bytes_cut, 0);
     assert_eq!(get(&store, b"after").as_deref(), Some(&b"recovery"[..]));
     assert_eq!(
         get(&store, &99u32.to_be_bytes()).as_deref(),
