@@ -84,11 +84,11 @@ pub trait ShardStore: Send + Sync + 'static {
         None
     }
 
-    /// Whether this shard's own store is near its memory bound (the log engine's
-    /// `store.log_memory_bytes_max`): the shard then refuses sends until acks and expiry free
-    /// room. Called on the shard's own thread: it must never block.
-    fn nearly_full(&self) -> bool {
-        false
+    /// How full this shard's own store is against its memory bound (the log engine's
+    /// `store.log_memory_bytes_max`): from 90% the shard refuses sends until acks and expiry
+    /// bring it below 80%. Called on the shard's own thread: it must never block.
+    fn memory_fill(&self) -> MemoryFill {
+        MemoryFill::Unbounded
     }
 
     /// Memory the stored keys take, where the store keeps them in memory (the log engine);
@@ -96,6 +96,17 @@ pub trait ShardStore: Send + Sync + 'static {
     fn memory_bytes(&self) -> Option<u64> {
         None
     }
+}
+
+/// How full a store is against a memory bound (`ShardStore::memory_fill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryFill {
+    /// The store keeps its data on disk: no memory bound.
+    Unbounded,
+    /// Not known right now (the store is being reopened).
+    Unknown,
+    /// Percent of the bound in use.
+    Percent(u64),
 }
 
 /// What one erase pass of an embedded store did.
@@ -116,9 +127,9 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     fn erase_deleted(&self) -> Result<ErasePass, StoreError>;
     /// Stored message keys, possibly counting deleted ones; `None` rather than waiting.
     fn message_keys_approximate(&self) -> Option<u64>;
-    /// Near a memory bound (`ShardStore::nearly_full`); never blocks.
-    fn nearly_full(&self) -> bool {
-        false
+    /// `ShardStore::memory_fill`; never blocks.
+    fn memory_fill(&self) -> MemoryFill {
+        MemoryFill::Unbounded
     }
     /// `ShardStore::memory_bytes`; never blocks.
     fn memory_bytes(&self) -> Option<u64> {
@@ -129,6 +140,13 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
 impl EmbeddedEngine for FjallStore {
     type Options = FjallOptions;
     fn open(path: &Path, options: &FjallOptions) -> Result<FjallStore, StoreError> {
+        if LogStore::is_log_store(path) {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds a log store: set store.engine = \"log\" (the engines cannot read \
+                 each other's files)",
+                path.display()
+            )));
+        }
         FjallStore::open(path, options)
     }
     fn path(&self) -> &Path {
@@ -167,8 +185,8 @@ impl EmbeddedEngine for LogStore {
         // Exact, but it needs the map's read lock: skip a beat rather than wait for a commit.
         self.message_keys_without_waiting()
     }
-    fn nearly_full(&self) -> bool {
-        self.is_nearly_full()
+    fn memory_fill(&self) -> MemoryFill {
+        MemoryFill::Percent(self.memory_fill_percent())
     }
     fn memory_bytes(&self) -> Option<u64> {
         Some(self.live_bytes_without_waiting())
@@ -297,10 +315,11 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         own.message_keys_approximate()
     }
 
-    fn nearly_full(&self) -> bool {
+    fn memory_fill(&self) -> MemoryFill {
+        // While the store is being reopened nobody knows: the shard keeps what it had.
         self.all[usize::from(self.shard)]
             .try_get()
-            .is_some_and(|own| own.nearly_full())
+            .map_or(MemoryFill::Unknown, |own| own.memory_fill())
     }
 
     fn memory_bytes(&self) -> Option<u64> {

@@ -766,6 +766,17 @@ impl Config {
                 "at least 16777216 (16 MiB) per shard",
             );
         }
+        // Sends are refused from 90% of the bound; the last tenth must hold what is already
+        // queued, or batches carrying acks fail on the bound with those sends.
+        if self.store.engine == "log"
+            && self.store.log_memory_bytes_max / 10 < self.batching.queue_bytes_max as u64
+        {
+            return invalid(
+                "store.log_memory_bytes_max",
+                "at least ten times batching.queue_bytes_max (the last tenth of the bound holds \
+                 the sends already queued when the shard starts refusing new ones)",
+            );
+        }
         if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
             return invalid(
                 "tls.cert_path/tls.key_path",
@@ -1097,6 +1108,19 @@ mod tests {
             "store.log_memory_bytes_max",
             &[(0, false), ((16 << 20) - 1, false), (16 << 20, true)],
             |config, bytes| config.store.log_memory_bytes_max = bytes,
+        );
+        // On the log engine the bound's last tenth must hold a full send queue (16 MiB).
+        check_accepted_values(
+            "store.log_memory_bytes_max",
+            &[
+                (16 << 20, false),
+                ((160 << 20) - 1, false),
+                (160 << 20, true),
+            ],
+            |config, bytes| {
+                config.store.engine = "log".into();
+                config.store.log_memory_bytes_max = bytes;
+            },
         );
     }
 

@@ -85,6 +85,11 @@ const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// After a failed commit, the next one waits this long: a failing store (a full disk) answers
 /// at once, and the requeued acks would otherwise be committed again in a tight loop.
 const COMMIT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Share of the store's memory bound (`store.log_memory_bytes_max`) from which the shard
+/// refuses sends; the rest is room for what is already queued and for acks.
+const STORE_FULL_ON_PERCENT: u64 = 90;
+/// ... and below which it takes them again.
+const STORE_FULL_OFF_PERCENT: u64 = 80;
 /// Connection close and loss lines a shard logs at info per second (and at once); beyond, they
 /// are counted in the periodic summary instead.
 const CONNECTION_LOGS: courier_core::budget::Rate = courier_core::budget::Rate {
@@ -576,6 +581,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     }));
     shard.borrow_mut().connect_links(Instant::now());
     shard.borrow_mut().self_ref = Rc::downgrade(&shard);
+    // A store recovered above its memory bound refuses sends from the first one on.
+    shard.borrow_mut().note_store_full();
 
     if let Some(mut receivers) = receivers {
         for (_peer, receiver) in receivers.streams() {
@@ -2143,10 +2150,19 @@ impl Shard {
         self.note_store_full();
     }
 
-    /// Asks the store whether it is near its memory bound and tells the session, which refuses
-    /// sends while it is; logs each change.
+    /// Asks the store how full it is against its memory bound and tells the session, which
+    /// refuses sends from `STORE_FULL_ON_PERCENT` until the store is below
+    /// `STORE_FULL_OFF_PERCENT` (the gap keeps the gate from flapping on every commit); logs
+    /// each change.
     fn note_store_full(&mut self) {
-        let full = self.store.nearly_full();
+        let full = match self.store.memory_fill() {
+            crate::backend::MemoryFill::Unbounded => false,
+            crate::backend::MemoryFill::Unknown => self.store_full,
+            crate::backend::MemoryFill::Percent(percent) if self.store_full => {
+                percent >= STORE_FULL_OFF_PERCENT
+            }
+            crate::backend::MemoryFill::Percent(percent) => percent >= STORE_FULL_ON_PERCENT,
+        };
         if full != self.store_full {
             self.store_full = full;
             if full {
@@ -2195,6 +2211,7 @@ impl Shard {
                             let mut shard = shard.borrow_mut();
                             shard.store_recovering = false;
                             shard.health.store_recovering(false);
+                            shard.note_store_full();
                         }
                         return;
                     }

@@ -113,16 +113,7 @@ pub fn open_embedded(
             }
         }
     }
-    for shard in 0..shards {
-        let dir = shard_dir(&stores, shard);
-        if LogStore::is_log_store(&dir) {
-            return Err(format!(
-                "{} holds a log store: set store.engine = \"log\" (the engines cannot read \
-                 each other's files)",
-                dir.display()
-            ));
-        }
-    }
+    // A shard directory of the log engine is refused by `EmbeddedEngine::open` for fjall.
     open_shards(&stores, shards, options)
 }
 
@@ -391,6 +382,29 @@ mod tests {
     use super::*;
     use courier_core::CoreConfig;
     use courier_core::commit::{Committer, Outcome, Request, SendRequest, read_inbox};
+
+    /// A data directory stays with the engine that wrote it: each engine refuses the other's
+    /// and names the setting to change.
+    #[test]
+    fn each_engine_refuses_the_others_data_directory() {
+        let log_dir = tempfile::tempdir().unwrap();
+        drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
+        let error = open_embedded(log_dir.path(), 2, &FjallOptions::default()).unwrap_err();
+        assert!(error.contains("store.engine = \"log\""), "{error}");
+        assert!(
+            !shard_dir(&stores_dir(log_dir.path()), 0)
+                .join("version")
+                .exists()
+        );
+
+        let fjall_dir = tempfile::tempdir().unwrap();
+        drop(open_embedded(fjall_dir.path(), 2, &FjallOptions::default()).unwrap());
+        let error = open_embedded_log(fjall_dir.path(), 2, &LogOptions::default()).unwrap_err();
+        assert!(error.contains("not a log store"), "{error}");
+        // Both still open with their own engine.
+        drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
+        drop(open_embedded(fjall_dir.path(), 2, &FjallOptions::default()).unwrap());
+    }
 
     fn send(sender: u64, to: u64, client_id: u64) -> Request {
         Request::Send(SendRequest {

@@ -238,6 +238,7 @@ async fn a_panicking_shard_ends_the_process_with_a_failure_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_store_at_its_memory_bound_holds_sends_until_acks_free_room() {
     const CONFIG: &str = "[store]\nengine = \"log\"\nlog_memory_bytes_max = 16777216\n\
+        [batching]\nqueue_bytes_max = 1048576\nqueue_bytes_per_sender_max = 1048576\n\
         [limits.send_per_connection]\nmessages_per_sec = 2000\nmessages_burst = 4000\n\
         bytes_per_sec = 67108864\nbytes_burst = 67108864\n\
         [limits.send_per_user]\nmessages_per_sec = 4000\nmessages_burst = 8000\n\

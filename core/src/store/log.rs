@@ -57,8 +57,6 @@ const KIND_SET: u8 = 1;
 const KIND_DELETE: u8 = 2;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
-/// Share of `memory_bytes_max` from which [`LogStore::is_nearly_full`] says so.
-const NEARLY_FULL_PERCENT: u64 = 90;
 /// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
 /// bound: an estimate, so the bound is approximate.
 const PAIR_OVERHEAD_BYTES: u64 = 96;
@@ -436,6 +434,8 @@ impl LogStore {
                 )));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A crash while this store was first created can leave the unrenamed copy.
+                remove(dir, &format!("{FORMAT_FILE}{TMP_SUFFIX}"))?;
                 let occupied = std::fs::read_dir(dir)
                     .map_err(|e| io(format!("list {}", dir.display()), e))?
                     .next()
@@ -625,12 +625,12 @@ impl LogStore {
         self.inner.live_bytes_now.load(Ordering::Relaxed)
     }
 
-    /// Whether the live pairs take at least `NEARLY_FULL_PERCENT` of `memory_bytes_max`,
-    /// without waiting for a lock: the edge then refuses sends at the door, and the rest is
-    /// room for the batches already queued and for acks.
-    pub fn is_nearly_full(&self) -> bool {
-        let bound = self.inner.options.memory_bytes_max;
-        self.inner.live_bytes_now.load(Ordering::Relaxed) >= bound / 100 * NEARLY_FULL_PERCENT
+    /// How full the store is, in percent of `memory_bytes_max`, without waiting for a lock
+    /// (the edge refuses sends from 90% until it falls below 80%).
+    pub fn memory_fill_percent(&self) -> u64 {
+        let bound = self.inner.options.memory_bytes_max.max(1);
+        let live = self.inner.live_bytes_now.load(Ordering::Relaxed);
+        u64::try_from(u128::from(live) * 100 / u128::from(bound)).unwrap_or(u64::MAX)
     }
 
     /// Bytes of the store's files.
