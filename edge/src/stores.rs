@@ -391,9 +391,10 @@ mod tests {
         drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
         let error = open_embedded(log_dir.path(), 2, &FjallOptions::default()).unwrap_err();
         assert!(error.contains("store.engine = \"log\""), "{error}");
+        // fjall wrote nothing into the log store's directory.
         assert!(
             !shard_dir(&stores_dir(log_dir.path()), 0)
-                .join("version")
+                .join("keyspaces")
                 .exists()
         );
 
