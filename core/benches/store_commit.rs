@@ -16,6 +16,10 @@
 //! With `--log`, the same commit logic runs over the log store (`store::log`: live keys in
 //! memory, one journal append and fdatasync per commit).
 //!
+//! With `--reopen`, each writer's store is closed after its run and opened again, timed: how
+//! long a restart takes to recover what the run stored (fjall replays its journal; the log
+//! store loads its snapshot and replays its journals).
+//!
 //! With `--messages N`, each writer stops after N messages (rounded up to whole batches)
 //! instead of after `--seconds`: the same work every run, for counting instructions
 //! (`valgrind --tool=callgrind`).
@@ -27,7 +31,7 @@
 //! messages. The drain alone is timed, and runs inside `drain_stored_messages`, so
 //! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain]`
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain] [--reopen]`
 //! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
@@ -64,6 +68,7 @@ fn main() {
     let mut raw = false;
     let mut memory = false;
     let mut log = false;
+    let mut reopen = false;
     let mut inboxes = None;
     let mut drain = false;
     let mut memtable_mib: Option<u64> = None;
@@ -89,6 +94,7 @@ fn main() {
             "--raw" => raw = true,
             "--memory" => memory = true,
             "--log" => log = true,
+            "--reopen" => reopen = true,
             "--drain" => drain = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
@@ -119,7 +125,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain] [--reopen]"
                 );
                 std::process::exit(2);
             }
@@ -183,6 +189,9 @@ fn main() {
                             drain_messages,
                         };
                         let result = run(&run_dir, engine, &workload);
+                        if reopen {
+                            reopen_timed(&run_dir, engine, writer);
+                        }
                         let _ = std::fs::remove_dir_all(&run_dir);
                         result
                     })
@@ -258,6 +267,39 @@ fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult 
             )
         }
     }
+}
+
+/// `--reopen`: opens the store a run left in `dir` and prints how long that took.
+fn reopen_timed(dir: &std::path::Path, engine: Engine, writer: usize) {
+    let start = Instant::now();
+    let what = match engine {
+        Engine::Memory => return,
+        Engine::Fjall { .. } => {
+            let store = FjallStore::open(dir, &FjallOptions::default()).expect("reopen");
+            let elapsed = start.elapsed();
+            drop(store);
+            (elapsed, "fjall".to_string())
+        }
+        Engine::Log => {
+            let store =
+                courier_core::store::log::LogStore::open(dir, &Default::default()).expect("reopen");
+            let elapsed = start.elapsed();
+            let recovery = store.recovery();
+            drop(store);
+            (
+                elapsed,
+                format!(
+                    "log: {} keys, from a snapshot: {}, {} journal bytes replayed",
+                    recovery.keys, recovery.snapshot, recovery.journal_bytes
+                ),
+            )
+        }
+    };
+    println!(
+        "reopen of writer {writer}'s store: {:.0} ms ({})",
+        what.0.as_secs_f64() * 1e3,
+        what.1
+    );
 }
 
 fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
