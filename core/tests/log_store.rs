@@ -2,7 +2,6 @@
 //! commit short, snapshots taken while commits go on, deleted values gone from every file
 //! after an erase pass, refusals that say what to do, and the memory bound.
 
-use std::io::Write;
 use std::path::Path;
 
 use courier_core::store::log::{LogOptions, LogStore};
@@ -27,6 +26,7 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// The journal with the highest id that holds anything (not a spare segment).
 fn newest_journal(dir: &Path) -> std::path::PathBuf {
     files(dir)
         .into_iter()
@@ -35,7 +35,7 @@ fn newest_journal(dir: &Path) -> std::path::PathBuf {
                 .unwrap()
                 .to_str()
                 .unwrap()
-                .starts_with("journal-")
+                .starts_with("journal-0")
         })
         .rfind(|p| std::fs::metadata(p).unwrap().len() > 0)
         .expect("a journal with commits")
@@ -53,26 +53,34 @@ fn a_torn_last_record_is_dropped_and_everything_before_it_kept() {
             set(&store, &i.to_be_bytes(), b"kept");
         }
     }
-    // The first half of a record that would set key 1000.
+    // The first 20 bytes of another record like the last one (31 bytes: header, count, and a
+    // set of a 4-byte key to a 4-byte value), written where the next record goes: into the
+    // zeros of the journal's segment, as a crash mid-write leaves it.
     let journal = newest_journal(dir.path());
     let whole = std::fs::read(&journal).unwrap();
-    let torn: Vec<u8> = whole[whole.len() - 30..].to_vec();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&journal)
-        .unwrap()
-        .write_all(&torn[..20])
-        .unwrap();
+    let end = whole.iter().rposition(|byte| *byte != 0).unwrap() + 1;
+    assert!(
+        whole.len() > end,
+        "the segment was filled with zeros in advance"
+    );
+    let torn: Vec<u8> = whole[end - 31..end - 11].to_vec();
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap()
+            .write_all_at(&torn, end as u64)
+            .unwrap();
+    }
     {
         let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
         for i in 0..100u32 {
             assert_eq!(get(&store, &i.to_be_bytes()).as_deref(), Some(&b"kept"[..]));
         }
-        assert_eq!(
-            std::fs::metadata(&journal).unwrap().len(),
-            whole.len() as u64
-        );
-        assert_eq!(store.recovery().torn_bytes_cut, 20);
+        // Cut at the last whole record: the torn bytes and the segment's zeros are gone.
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), end as u64);
+        assert!((1..=20).contains(&store.recovery().torn_bytes_cut));
         assert_eq!(store.recovery().keys, 100);
         set(&store, b"after", b"recovery");
     }
@@ -114,10 +122,25 @@ fn damage_before_the_last_journal_is_refused_as_corruption() {
 /// the snapshot plus the journals after it must give exactly the committed state.
 #[test]
 fn snapshots_taken_during_commits_recover_the_exact_state() {
+    snapshots_during_commits_recover_exactly(&LogOptions::default());
+}
+
+/// The same with journal segments of 4 KiB: the writer moves to a spare segment every ~100
+/// commits (or appends past a full one while no spare is ready) while checkpoints rotate
+/// journals too; recovery reads them all in order, zero tails and all.
+#[test]
+fn small_journal_segments_recover_the_exact_state() {
+    snapshots_during_commits_recover_exactly(&LogOptions {
+        journal_segment_bytes: 4096,
+        ..LogOptions::default()
+    });
+}
+
+fn snapshots_during_commits_recover_exactly(options: &LogOptions) {
     let dir = tempfile::tempdir().unwrap();
     let mut expected = std::collections::BTreeMap::new();
     {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        let store = LogStore::open(dir.path(), options).unwrap();
         std::thread::scope(|scope| {
             let checkpoints = scope.spawn(|| {
                 for _ in 0..20 {
@@ -145,7 +168,7 @@ fn snapshots_taken_during_commits_recover_the_exact_state() {
             checkpoints.join().unwrap();
         });
     }
-    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    let store = LogStore::open(dir.path(), options).unwrap();
     let all = store
         .begin_read()
         .unwrap()

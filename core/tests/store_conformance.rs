@@ -127,6 +127,24 @@ impl Harness for LogCheckpointed {
     }
 }
 
+/// The same suite with journal segments of 512 bytes: commits cross segments all the time.
+#[test]
+fn log_backend_conforms_with_tiny_journal_segments() {
+    run_all(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions {
+            journal_segment_bytes: 512,
+            ..LogOptions::default()
+        };
+        let store = LogStore::open(dir.path(), &options).expect("open log store");
+        Log {
+            dir,
+            store: Some(store),
+            options,
+        }
+    });
+}
+
 #[test]
 fn fault_wrapper_without_faults_conforms() {
     run_all(|| {
