@@ -16,6 +16,10 @@
 //! With `--log`, the same commit logic runs over the log store (`store::log`: live keys in
 //! memory, one journal append and fdatasync per commit).
 //!
+//! With `--log --append`, the log store's journals grow by appending instead of being
+//! zero-filled a segment ahead (`LogOptions::journal_segment_bytes = 0`): what preallocation
+//! saves.
+//!
 //! With `--reopen`, each writer's store is closed after its run and opened again, timed: how
 //! long a restart takes to recover what the run stored (fjall replays its journal; the log
 //! store loads its snapshot and replays its journals).
@@ -31,7 +35,7 @@
 //! messages. The drain alone is timed, and runs inside `drain_stored_messages`, so
 //! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain] [--reopen]`
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain] [--reopen] [--append]`
 //! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
@@ -69,6 +73,7 @@ fn main() {
     let mut memory = false;
     let mut log = false;
     let mut reopen = false;
+    let mut append = false;
     let mut inboxes = None;
     let mut drain = false;
     let mut memtable_mib: Option<u64> = None;
@@ -95,6 +100,7 @@ fn main() {
             "--memory" => memory = true,
             "--log" => log = true,
             "--reopen" => reopen = true,
+            "--append" => append = true,
             "--drain" => drain = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
@@ -125,7 +131,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain] [--reopen]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain] [--reopen] [--append]"
                 );
                 std::process::exit(2);
             }
@@ -175,7 +181,7 @@ fn main() {
                         let engine = if memory {
                             Engine::Memory
                         } else if log {
-                            Engine::Log
+                            Engine::Log { append }
                         } else {
                             Engine::Fjall { memtable_mib }
                         };
@@ -230,8 +236,8 @@ enum Engine {
     Fjall { memtable_mib: Option<u64> },
     /// An in-memory map: what the commit logic costs without an engine.
     Memory,
-    /// The log store.
-    Log,
+    /// The log store; `append`: without preallocated journal segments.
+    Log { append: bool },
 }
 
 /// What one writer thread commits, whatever the engine.
@@ -251,8 +257,8 @@ struct Workload {
 fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult {
     match engine {
         Engine::Memory => run_on(&courier_core::store::memory::MemoryStore::new(), workload),
-        Engine::Log => run_on(
-            &courier_core::store::log::LogStore::open(dir, &Default::default())
+        Engine::Log { append } => run_on(
+            &courier_core::store::log::LogStore::open(dir, &log_options(append))
                 .expect("open store"),
             workload,
         ),
@@ -269,6 +275,14 @@ fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult 
     }
 }
 
+fn log_options(append: bool) -> courier_core::store::log::LogOptions {
+    let mut options = courier_core::store::log::LogOptions::default();
+    if append {
+        options.journal_segment_bytes = 0;
+    }
+    options
+}
+
 /// `--reopen`: opens the store a run left in `dir` and prints how long that took.
 fn reopen_timed(dir: &std::path::Path, engine: Engine, writer: usize) {
     let start = Instant::now();
@@ -280,9 +294,9 @@ fn reopen_timed(dir: &std::path::Path, engine: Engine, writer: usize) {
             drop(store);
             (elapsed, "fjall".to_string())
         }
-        Engine::Log => {
-            let store =
-                courier_core::store::log::LogStore::open(dir, &Default::default()).expect("reopen");
+        Engine::Log { append } => {
+            let store = courier_core::store::log::LogStore::open(dir, &log_options(append))
+                .expect("reopen");
             let elapsed = start.elapsed();
             let recovery = store.recovery();
             drop(store);
