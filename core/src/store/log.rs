@@ -8,7 +8,11 @@
 //! deleted whole at the next checkpoint (decision 0023).
 //!
 //! Files in the store's directory:
-//! - `journal-{id}`: commits in order, each one record (below). New ones get higher ids.
+//! - `journal-{id}`: commits in order, each one record (below). New ones get higher ids. A
+//!   journal is a segment zero-filled in advance (`journal_segment_bytes`): records overwrite
+//!   zeros, so an fdatasync need not persist a new file size.
+//! - `journal-spare-{n}.tmp`: the next segment, being or already zero-filled by the background
+//!   thread; the writer renames it to the next journal id when its segment is full.
 //! - `snapshot-{id}`: every live pair, taken while journal `id` was the current one. Recovery
 //!   loads the newest snapshot and replays the journals from `id` on: a commit is a list of
 //!   plain sets and deletes, so replaying one the snapshot already holds changes nothing, and
@@ -19,8 +23,9 @@
 //! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload][payload]`; a payload is a
 //! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
 //! for a set, `[u32 LE value bytes][value]`. A crash can leave a torn record at the end of the
-//! newest journal only (each commit is fsynced before the next is written): recovery cuts it
-//! off. A bad record anywhere else is corruption, reported as such.
+//! newest journal only (each commit is fsynced before the next is written), with only zeros
+//! after it: recovery cuts it off, and gives back a segment's unused zeros. A bad record with
+//! data after it is corruption, reported as such.
 //!
 //! Checkpoints run on their own thread when the journals since the last one pass
 //! `journal_bytes_max` (and at least the live data's size), and on [`LogStore::erase_deleted`].
