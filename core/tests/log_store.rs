@@ -269,6 +269,61 @@ fn the_memory_bound_refuses_growth_but_not_deletes() {
     set(&store, &(stored + 1).to_be_bytes(), &value);
 }
 
+/// A record overwrites zeros in place, so a crash can leave a later page of it on disk while
+/// the page with its header is still zeros. That is a torn write too (nothing whole follows
+/// it): recovery keeps everything before it and opens.
+#[test]
+fn a_torn_record_whose_header_never_reached_the_disk_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        for i in 0..100u32 {
+            set(&store, &i.to_be_bytes(), b"kept");
+        }
+    }
+    let journal = newest_journal(dir.path());
+    let whole = std::fs::read(&journal).unwrap();
+    let end = whole.iter().rposition(|byte| *byte != 0).unwrap() + 1;
+    {
+        // The tail of a large record, 5,000 bytes past where its header should be.
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap()
+            .write_all_at(&[0x5a; 300], end as u64 + 5_000)
+            .unwrap();
+    }
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    for i in 0..100u32 {
+        assert_eq!(get(&store, &i.to_be_bytes()).as_deref(), Some(&b"kept"[..]));
+    }
+    assert!(store.recovery().torn_bytes_cut > 0);
+}
+
+/// A damaged length field in the first record of the newest journal must not make recovery
+/// cut every acknowledged record after it as if the journal were torn there.
+#[test]
+fn a_damaged_length_with_records_after_it_is_refused_as_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        for i in 0..10u32 {
+            set(&store, &i.to_be_bytes(), b"acknowledged");
+        }
+    }
+    let journal = newest_journal(dir.path());
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // The length's high bytes: past the record size limit, or past the file's end.
+    bytes[2] = 0xff;
+    bytes[3] = 0x7f;
+    std::fs::write(&journal, &bytes).unwrap();
+    match LogStore::open(dir.path(), &LogOptions::default()) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("restore"), "{message}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
 /// Damage inside the newest journal with whole records after it is bit rot, not a torn
 /// write: cutting there would drop acknowledged commits, so the store refuses instead.
 #[test]

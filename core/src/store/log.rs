@@ -391,25 +391,42 @@ fn replay(state: &mut State, bytes: &[u8]) -> (usize, Ending) {
                 state.apply(changes.into_iter());
                 at += len;
             }
-            Err(bad) => {
+            Err(_) => {
                 let rest = &bytes[at..];
                 if is_zeros(rest) {
                     return (at, Ending::ZeroTail);
                 }
-                if bad == BadRecord::Short {
-                    return (at, Ending::Torn);
-                }
-                let declared_end = rest.get(..4).map_or(rest.len(), |len| {
-                    (RECORD_HEADER_BYTES
-                        + u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize)
-                        .min(rest.len())
-                });
-                let torn = is_zeros(&rest[declared_end..]);
-                return (at, if torn { Ending::Torn } else { Ending::Damaged });
+                // A torn write is the last write: no whole record can follow it. Whatever its
+                // pages look like (a record's later page can reach the disk before the page
+                // with its header), only a record that decodes after it proves damage.
+                let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
+                let damaged = (1..=last).any(|offset| starts_a_record(&rest[offset..]));
+                return (
+                    at,
+                    if damaged {
+                        Ending::Damaged
+                    } else {
+                        Ending::Torn
+                    },
+                );
             }
         }
     }
     (at, Ending::Clean)
+}
+
+/// Whether `bytes` starts with a whole, valid record. Checks the header's length against what
+/// is there before hashing anything, so scanning garbage byte by byte stays cheap.
+fn starts_a_record(bytes: &[u8]) -> bool {
+    let Some(len) = bytes.get(..4) else {
+        return false;
+    };
+    let payload_bytes = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    // The smallest payload is a count of 4 bytes.
+    if payload_bytes < 4 || RECORD_HEADER_BYTES + payload_bytes > bytes.len() {
+        return false;
+    }
+    decode_record(bytes).is_ok()
 }
 
 fn is_zeros(bytes: &[u8]) -> bool {
@@ -1069,12 +1086,24 @@ impl Inner {
                         error,
                     ));
                 }
-                sync_dir(&self.dir)?;
+                if let Err(error) = sync_dir(&self.dir) {
+                    // The next journal exists, maybe not durably: only a reopen (recovery)
+                    // knows where commits can go. Until then the store refuses.
+                    self.poisoned.store(true, Ordering::Release);
+                    return Err(error);
+                }
                 self.want_spare();
                 (file, self.options.journal_segment_bytes)
             }
             None if only_spare => return Ok(()),
-            None => (create_journal(&self.dir, id)?, 0),
+            None => match create_journal(&self.dir, id) {
+                Ok(file) => (file, 0),
+                Err(error) => {
+                    // The file may exist (its directory sync failed): as above.
+                    self.poisoned.store(true, Ordering::Release);
+                    return Err(error);
+                }
+            },
         };
         writer.journal = journal;
         writer.journal_id = id;
