@@ -280,6 +280,10 @@ pub struct StoreSection {
     /// `engine = "log"`: memory per shard the stored keys may take. Past it, sends fail with
     /// the retryable `StoreUnavailable` until deliveries and expiry free some.
     pub log_memory_bytes_max: u64,
+    /// `engine = "log"`: bytes of each journal segment, zero-filled in advance so an fsync need
+    /// not persist a new file size (decision 0023). Each shard holds a segment and a spare on
+    /// disk. 0: journals grow by appending (slower fsyncs, no space held in advance).
+    pub log_journal_segment_bytes: u64,
     pub foundationdb: FoundationDbSection,
 }
 
@@ -305,6 +309,8 @@ impl Default for StoreSection {
             dedupe_filter_bytes_max: FjallOptions::default().dedupe_filter_bytes_max,
             engine: STORE_ENGINES[0].to_string(),
             log_memory_bytes_max: courier_core::store::log::LogOptions::default().memory_bytes_max,
+            log_journal_segment_bytes: courier_core::store::log::LogOptions::default()
+                .journal_segment_bytes,
             foundationdb: FoundationDbSection::default(),
         }
     }
@@ -766,6 +772,13 @@ impl Config {
                 "at least 16777216 (16 MiB) per shard",
             );
         }
+        let segment = self.store.log_journal_segment_bytes;
+        if segment != 0 && !(1024 * 1024..=1024 * 1024 * 1024).contains(&segment) {
+            return invalid(
+                "store.log_journal_segment_bytes",
+                "0 (journals append) or from 1048576 (1 MiB) to 1073741824 (1 GiB)",
+            );
+        }
         // Sends are refused from 90% of the bound; the last tenth must hold what is already
         // queued, or batches carrying acks fail on the bound with those sends.
         if self.store.engine == "log"
@@ -1108,6 +1121,18 @@ mod tests {
             "store.log_memory_bytes_max",
             &[(0, false), ((16 << 20) - 1, false), (16 << 20, true)],
             |config, bytes| config.store.log_memory_bytes_max = bytes,
+        );
+        check_accepted_values(
+            "store.log_journal_segment_bytes",
+            &[
+                (0, true),
+                (1, false),
+                ((1 << 20) - 1, false),
+                (1 << 20, true),
+                (1 << 30, true),
+                ((1 << 30) + 1, false),
+            ],
+            |config, bytes| config.store.log_journal_segment_bytes = bytes,
         );
         // On the log engine the bound's last tenth must hold a full send queue (16 MiB).
         check_accepted_values(

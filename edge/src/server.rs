@@ -425,6 +425,7 @@ fn open_store(
                 let options = courier_core::store::log::LogOptions {
                     memory_bytes_max: config.store.log_memory_bytes_max,
                     dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
+                    journal_segment_bytes: config.store.log_journal_segment_bytes,
                     ..Default::default()
                 };
                 let stores =

@@ -237,7 +237,9 @@ async fn a_panicking_shard_ends_the_process_with_a_failure_status() {
 /// acknowledged, and every acknowledged message was delivered once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_store_at_its_memory_bound_holds_sends_until_acks_free_room() {
+    // 1 MiB journal segments: the 14 MiB stored cross a dozen of them.
     const CONFIG: &str = "[store]\nengine = \"log\"\nlog_memory_bytes_max = 16777216\n\
+        log_journal_segment_bytes = 1048576\n\
         [batching]\nqueue_bytes_max = 1048576\nqueue_bytes_per_sender_max = 1048576\n\
         [limits.send_per_connection]\nmessages_per_sec = 2000\nmessages_burst = 4000\n\
         bytes_per_sec = 67108864\nbytes_burst = 67108864\n\
@@ -274,6 +276,15 @@ async fn a_log_store_at_its_memory_bound_holds_sends_until_acks_free_room() {
             .any(|line| line.contains("near store.log_memory_bytes_max")),
         "the edge said why it refuses sends"
     );
+    let journals = std::fs::read_dir(edge.dir.path().join("data/stores/shard-0"))
+        .expect("shard directory")
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("journal-0"))
+        })
+        .count();
+    assert!(journals > 5, "1 MiB segments: {journals} journals");
     // About 90% of 16 MiB of 16 KiB bodies.
     assert!(
         (700..=1_000).contains(&acknowledged.len()),
