@@ -41,38 +41,49 @@ fn newest_journal(dir: &Path) -> std::path::PathBuf {
         .expect("a journal with commits")
 }
 
+/// A store in `dir` holding keys 0..`count` set to `value`, closed again.
+fn store_with(dir: &Path, count: u32, value: &[u8]) {
+    let store = LogStore::open(dir, &LogOptions::default()).unwrap();
+    for i in 0..count {
+        set(&store, &i.to_be_bytes(), value);
+    }
+}
+
+/// Where the journal's records end: after its last byte that is not zero (the segment's zeros
+/// follow; the tests' records end in a byte that is not zero).
+fn records_end(journal: &[u8]) -> usize {
+    journal.iter().rposition(|byte| *byte != 0).unwrap() + 1
+}
+
+/// Writes `bytes` at `offset` into `path`, as a write that reached the disk before a crash.
+fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(bytes, offset)
+        .unwrap();
+}
+
 /// A crash in the middle of a commit's write leaves part of a record at the journal's end:
 /// recovery keeps every commit before it, drops the torn one (never acknowledged), cuts it
 /// off, and later commits and recoveries go on normally.
 #[test]
 fn a_torn_last_record_is_dropped_and_everything_before_it_kept() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        for i in 0..100u32 {
-            set(&store, &i.to_be_bytes(), b"kept");
-        }
-    }
+    store_with(dir.path(), 100, b"kept");
     // The first 20 bytes of another record like the last one (31 bytes: header, count, and a
     // set of a 4-byte key to a 4-byte value), written where the next record goes: into the
     // zeros of the journal's segment, as a crash mid-write leaves it.
     let journal = newest_journal(dir.path());
     let whole = std::fs::read(&journal).unwrap();
-    let end = whole.iter().rposition(|byte| *byte != 0).unwrap() + 1;
+    let end = records_end(&whole);
     assert!(
         whole.len() > end,
         "the segment was filled with zeros in advance"
     );
-    let torn: Vec<u8> = whole[end - 31..end - 11].to_vec();
-    {
-        use std::os::unix::fs::FileExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&journal)
-            .unwrap()
-            .write_all_at(&torn, end as u64)
-            .unwrap();
-    }
+    write_at(&journal, end as u64, &whole[end - 31..end - 11]);
     {
         let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
         for i in 0..100u32 {
@@ -275,25 +286,11 @@ fn the_memory_bound_refuses_growth_but_not_deletes() {
 #[test]
 fn a_torn_record_whose_header_never_reached_the_disk_is_cut() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        for i in 0..100u32 {
-            set(&store, &i.to_be_bytes(), b"kept");
-        }
-    }
+    store_with(dir.path(), 100, b"kept");
     let journal = newest_journal(dir.path());
-    let whole = std::fs::read(&journal).unwrap();
-    let end = whole.iter().rposition(|byte| *byte != 0).unwrap() + 1;
-    {
-        // The tail of a large record, 5,000 bytes past where its header should be.
-        use std::os::unix::fs::FileExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&journal)
-            .unwrap()
-            .write_all_at(&[0x5a; 300], end as u64 + 5_000)
-            .unwrap();
-    }
+    let end = records_end(&std::fs::read(&journal).unwrap());
+    // The tail of a large record, 5,000 bytes past where its header should be.
+    write_at(&journal, end as u64 + 5_000, &[0x5a; 300]);
     let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
     for i in 0..100u32 {
         assert_eq!(get(&store, &i.to_be_bytes()).as_deref(), Some(&b"kept"[..]));
@@ -306,12 +303,7 @@ fn a_torn_record_whose_header_never_reached_the_disk_is_cut() {
 #[test]
 fn a_damaged_length_with_records_after_it_is_refused_as_corruption() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        for i in 0..10u32 {
-            set(&store, &i.to_be_bytes(), b"acknowledged");
-        }
-    }
+    store_with(dir.path(), 10, b"acknowledged");
     let journal = newest_journal(dir.path());
     let mut bytes = std::fs::read(&journal).unwrap();
     // The length's high bytes: past the record size limit, or past the file's end.
@@ -329,12 +321,7 @@ fn a_damaged_length_with_records_after_it_is_refused_as_corruption() {
 #[test]
 fn damage_with_whole_records_after_it_is_refused_as_corruption() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        for i in 0..10u32 {
-            set(&store, &i.to_be_bytes(), b"acknowledged");
-        }
-    }
+    store_with(dir.path(), 10, b"acknowledged");
     let journal = newest_journal(dir.path());
     let mut bytes = std::fs::read(&journal).unwrap();
     // Inside the first record's payload.

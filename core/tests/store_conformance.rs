@@ -42,6 +42,19 @@ struct Log {
     options: LogOptions,
 }
 
+impl Log {
+    /// A fresh log store in its own temporary directory.
+    fn fresh(options: LogOptions) -> Log {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LogStore::open(dir.path(), &options).expect("open log store");
+        Log {
+            dir,
+            store: Some(store),
+            options,
+        }
+    }
+}
+
 impl Harness for Log {
     type S = LogStore;
     fn store(&self) -> &LogStore {
@@ -86,32 +99,14 @@ fn fjall_backend_conforms() {
 
 #[test]
 fn log_backend_conforms() {
-    run_all(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let options = LogOptions::default();
-        let store = LogStore::open(dir.path(), &options).expect("open log store");
-        Log {
-            dir,
-            store: Some(store),
-            options,
-        }
-    });
+    run_all(|| Log::fresh(LogOptions::default()));
 }
 
 /// The same suite with a checkpoint before every reopen: recovery then starts from a
 /// snapshot (and the journal opened with it) instead of the journals alone.
 #[test]
 fn log_backend_conforms_when_recovering_from_snapshots() {
-    run_all(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let options = LogOptions::default();
-        let store = LogStore::open(dir.path(), &options).expect("open log store");
-        LogCheckpointed(Log {
-            dir,
-            store: Some(store),
-            options,
-        })
-    });
+    run_all(|| LogCheckpointed(Log::fresh(LogOptions::default())));
 }
 
 struct LogCheckpointed(Log);
@@ -131,17 +126,10 @@ impl Harness for LogCheckpointed {
 #[test]
 fn log_backend_conforms_with_tiny_journal_segments() {
     run_all(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let options = LogOptions {
+        Log::fresh(LogOptions {
             journal_segment_bytes: 512,
             ..LogOptions::default()
-        };
-        let store = LogStore::open(dir.path(), &options).expect("open log store");
-        Log {
-            dir,
-            store: Some(store),
-            options,
-        }
+        })
     });
 }
 

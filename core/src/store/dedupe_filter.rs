@@ -89,6 +89,41 @@ impl DedupeFilter {
         filter
     }
 
+    /// The filter of a store just opened (every embedded engine): warmed with every record of
+    /// the highest bucket and the one before it when they are at most `warm_keys_max`, else
+    /// knowing only buckets above the highest. `highest` reads the store's highest dedupe key;
+    /// `keys_from(start, n)` reads up to `n` dedupe keys from `start` on, in order.
+    pub(crate) fn opened<K: AsRef<[u8]>, E>(
+        bytes_max: usize,
+        warm_keys_max: usize,
+        highest: impl FnOnce() -> Result<Option<K>, E>,
+        keys_from: impl FnOnce(&[u8], usize) -> Result<Vec<K>, E>,
+    ) -> Result<DedupeFilter, E> {
+        if !DedupeFilter::is_budget_enough(bytes_max) {
+            return Ok(DedupeFilter::new(None, bytes_max));
+        }
+        let Some(highest) = highest()? else {
+            return Ok(DedupeFilter::new(None, bytes_max));
+        };
+        let highest = highest.as_ref();
+        let Some(bucket) = keys::parse_dedupe_bucket(highest) else {
+            return Ok(DedupeFilter::new(Some(highest), bytes_max));
+        };
+        let first_bucket = bucket.saturating_sub(1);
+        let recent = keys_from(
+            &keys::dedupe_bucket_start(first_bucket),
+            warm_keys_max.saturating_add(1),
+        )?;
+        if recent.len() > warm_keys_max {
+            return Ok(DedupeFilter::new(Some(highest), bytes_max));
+        }
+        Ok(DedupeFilter::warmed(
+            first_bucket,
+            recent.iter().map(AsRef::as_ref),
+            bytes_max,
+        ))
+    }
+
     /// Whether a filter with `bytes_max` answers anything (it needs one slice).
     pub(crate) fn is_budget_enough(bytes_max: usize) -> bool {
         bytes_max >= FIRST_SLICE_BYTES

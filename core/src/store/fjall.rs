@@ -106,37 +106,29 @@ pub struct FjallStore {
     written_since_erase: std::sync::atomic::AtomicBool,
 }
 
-/// The dedupe filter of a store just opened: warmed with every record of the highest bucket
-/// and the one before it when they are at most `warm_keys_max`, else knowing only buckets
-/// above the highest.
+/// The dedupe filter of a store just opened (`DedupeFilter::opened`).
 fn open_dedupe_filter(
     keyspace: &Keyspace,
     bytes_max: usize,
     warm_keys_max: usize,
 ) -> Result<DedupeFilter, StoreError> {
-    if !DedupeFilter::is_budget_enough(bytes_max) {
-        return Ok(DedupeFilter::new(None, bytes_max));
-    }
-    let Some(highest) = keyspace.last_key_value() else {
-        return Ok(DedupeFilter::new(None, bytes_max));
-    };
-    let highest = highest.key().map_err(io_error)?;
-    let Some(bucket) = keys::parse_dedupe_bucket(&highest) else {
-        return Ok(DedupeFilter::new(Some(&highest), bytes_max));
-    };
-    let first_bucket = bucket.saturating_sub(1);
-    let mut recent = Vec::new();
-    for guard in keyspace.range(keys::dedupe_bucket_start(first_bucket).to_vec()..) {
-        if recent.len() == warm_keys_max {
-            return Ok(DedupeFilter::new(Some(&highest), bytes_max));
-        }
-        recent.push(guard.key().map_err(io_error)?);
-    }
-    Ok(DedupeFilter::warmed(
-        first_bucket,
-        recent.iter().map(|key| &key[..]),
+    DedupeFilter::opened(
         bytes_max,
-    ))
+        warm_keys_max,
+        || {
+            keyspace
+                .last_key_value()
+                .map(|highest| highest.key().map_err(io_error))
+                .transpose()
+        },
+        |start, take| {
+            keyspace
+                .range(start.to_vec()..)
+                .take(take)
+                .map(|guard| guard.key().map_err(io_error))
+                .collect()
+        },
+    )
 }
 
 /// What the writer lock guards.

@@ -274,33 +274,29 @@ fn encode_record<'a>(
     out[start + 4..start + RECORD_HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
 }
 
-/// Why a record could not be read.
+/// A record that could not be read: the bytes end inside it, its checksum does not match, or
+/// its payload is malformed. Recovery tells a tear from damage by what follows (`replay`).
 #[derive(Debug, PartialEq, Eq)]
-enum BadRecord {
-    /// The file ends inside the record.
-    Short,
-    /// Checksum mismatch or a malformed payload.
-    Damaged,
-}
+struct BadRecord;
 
-/// The record at the start of `bytes`: its changes and its length, or why it is bad.
+/// The record at the start of `bytes`: its changes and its length.
 #[allow(clippy::type_complexity)]
 fn decode_record(bytes: &[u8]) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), BadRecord> {
-    let header = bytes.get(..RECORD_HEADER_BYTES).ok_or(BadRecord::Short)?;
+    let header = bytes.get(..RECORD_HEADER_BYTES).ok_or(BadRecord)?;
     let payload_bytes = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
     if payload_bytes > RECORD_BYTES_MAX {
-        return Err(BadRecord::Damaged);
+        return Err(BadRecord);
     }
     let checksum = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
     let payload = bytes
         .get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_bytes)
-        .ok_or(BadRecord::Short)?;
+        .ok_or(BadRecord)?;
     if xxhash_rust::xxh3::xxh3_64(payload) != checksum {
-        return Err(BadRecord::Damaged);
+        return Err(BadRecord);
     }
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], BadRecord> {
-        let part = payload.get(at..at + n).ok_or(BadRecord::Damaged)?;
+        let part = payload.get(at..at + n).ok_or(BadRecord)?;
         at += n;
         Ok(part)
     };
@@ -316,12 +312,12 @@ fn decode_record(bytes: &[u8]) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), B
                 Some(take(value_bytes as usize)?)
             }
             KIND_DELETE => None,
-            _ => return Err(BadRecord::Damaged),
+            _ => return Err(BadRecord),
         };
         changes.push((key, value));
     }
     if at != payload.len() {
-        return Err(BadRecord::Damaged);
+        return Err(BadRecord);
     }
     Ok((changes, RECORD_HEADER_BYTES + payload_bytes))
 }
@@ -441,38 +437,25 @@ fn torn_bytes(bytes: &[u8], valid: usize) -> u64 {
         .map_or(0, |last| last as u64 + 1)
 }
 
-/// The dedupe filter of a store just recovered: warmed with every record of the highest bucket
-/// and the one before it when they are at most `warm_keys_max`, else knowing only buckets
-/// above the highest (as the fjall store's).
+/// The dedupe filter of a store just recovered (`DedupeFilter::opened`).
 fn open_dedupe_filter(state: &State, bytes_max: usize, warm_keys_max: usize) -> DedupeFilter {
-    if !DedupeFilter::is_budget_enough(bytes_max) {
-        return DedupeFilter::new(None, bytes_max);
-    }
-    let tag = [keys::TAG_DEDUPE];
     let next_tag = [keys::TAG_DEDUPE + 1];
-    let dedupe_keys = || {
+    let dedupe_keys_from = |start: &[u8]| {
         state
             .map
-            .range::<[u8], _>((Bound::Included(&tag[..]), Bound::Excluded(&next_tag[..])))
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(&next_tag[..])))
+            .map(|(key, _)| &key.bytes[..])
     };
-    let Some((highest, _)) = dedupe_keys().next_back() else {
-        return DedupeFilter::new(None, bytes_max);
-    };
-    let Some(bucket) = keys::parse_dedupe_bucket(&highest.bytes) else {
-        return DedupeFilter::new(Some(&highest.bytes), bytes_max);
-    };
-    let first_bucket = bucket.saturating_sub(1);
-    let start = keys::dedupe_bucket_start(first_bucket);
-    let recent: Vec<&[u8]> = state
-        .map
-        .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&next_tag[..])))
-        .take(warm_keys_max.saturating_add(1))
-        .map(|(key, _)| &key.bytes[..])
-        .collect();
-    if recent.len() > warm_keys_max {
-        return DedupeFilter::new(Some(&highest.bytes), bytes_max);
+    let opened: Result<DedupeFilter, std::convert::Infallible> = DedupeFilter::opened(
+        bytes_max,
+        warm_keys_max,
+        || Ok(dedupe_keys_from(&[keys::TAG_DEDUPE]).next_back()),
+        |start, take| Ok(dedupe_keys_from(start).take(take).collect()),
+    );
+    match opened {
+        Ok(filter) => filter,
+        Err(never) => match never {},
     }
-    DedupeFilter::warmed(first_bucket, recent, bytes_max)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
@@ -687,12 +670,7 @@ impl LogStore {
         dir.join(FORMAT_FILE).exists()
     }
 
-    /// Message keys in the store (exact).
-    pub fn message_keys(&self) -> u64 {
-        self.inner.read_state().message_keys
-    }
-
-    /// [`message_keys`](LogStore::message_keys), or `None` if a commit holds the map now.
+    /// Message keys in the store (exact), or `None` if a commit holds the map now.
     pub fn message_keys_without_waiting(&self) -> Option<u64> {
         self.inner
             .state
@@ -701,12 +679,7 @@ impl LogStore {
             .map(|state| state.message_keys)
     }
 
-    /// Estimated bytes of memory the live pairs take.
-    pub fn live_bytes(&self) -> u64 {
-        self.inner.read_state().live_bytes
-    }
-
-    /// [`live_bytes`](LogStore::live_bytes) as of the last commit, without a lock.
+    /// Estimated bytes of memory the live pairs take, as of the last commit, without a lock.
     pub fn live_bytes_without_waiting(&self) -> u64 {
         self.inner.live_bytes_now.load(Ordering::Relaxed)
     }
