@@ -35,7 +35,8 @@ use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::rng::Rng;
 use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage};
-use courier_core::store::StoreError;
+use courier_core::store::log::{LogOptions, LogStore};
+use courier_core::store::{KeyValue, Store, StoreError, Transaction};
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::memory::MemoryStore;
 use courier_core::{CoreConfig, UnixMillis, UserId};
@@ -43,6 +44,8 @@ use courier_protocol::client::{ClientConfig, ClientEvent, ClientSession};
 use courier_protocol::{ErrorCode, Frame};
 
 const SEEDS_DEFAULT: u64 = 1_000;
+/// Seeds on the log store (`simulation_on_the_log_store`) unless `SIM_LOG_SEEDS` says otherwise.
+const LOG_SEEDS_DEFAULT: u64 = 200;
 /// Steps of the chaotic phase.
 const CHAOS_STEPS: usize = 3_000;
 /// Bound on the calm phase: liveness means converging within it.
@@ -156,6 +159,8 @@ struct Stats {
     inboxes_emptied: u64,
     /// Sends to a forgotten inbox, which continued from the seq floor.
     seqs_from_floor: u64,
+    /// Restarts that recovered the store from a snapshot and journals (log store only).
+    recoveries_from_snapshot: u64,
 }
 
 impl Stats {
@@ -185,11 +190,142 @@ impl Stats {
         self.store_reopens += other.store_reopens;
         self.inboxes_emptied += other.inboxes_emptied;
         self.seqs_from_floor += other.seqs_from_floor;
+        self.recoveries_from_snapshot += other.recoveries_from_snapshot;
     }
 }
 
 fn run_seed(seed: u64) -> Result<Stats, String> {
-    World::new(seed).run()
+    World::new(seed, |_| MemoryStore::new()).run()
+}
+
+/// The same seeds on the log store engine (`store.engine = "log"`) in a temporary directory:
+/// every crash and every reopen of a poisoned store closes it and recovers it from its files
+/// (snapshot and journals), so recovery and checkpoints run under the checkers. Journals are
+/// small and checkpoints frequent, so each seed crosses segments and snapshots.
+fn run_seed_on_the_log_store(seed: u64) -> Result<Stats, String> {
+    World::new(seed, SimLog::open).run()
+}
+
+/// The simulation on the log store: fewer seeds than on memory (each opens real files), set
+/// with `SIM_LOG_SEEDS`; `SIM_SEED` replays one seed on both stores.
+#[test]
+fn simulation_on_the_log_store() {
+    let Some((seeds, results)) = common::run_seeds_counted_by(
+        "simulation on the log store",
+        "SIM_LOG_SEEDS",
+        LOG_SEEDS_DEFAULT,
+        run_seed_on_the_log_store,
+    ) else {
+        return;
+    };
+    let mut total = Stats::default();
+    for stats in &results {
+        total.add(stats);
+    }
+    eprintln!("simulation on the log store: {seeds} seeds, {total:?}");
+    if seeds >= 100 {
+        // Recovery from files is what this test adds: it must have run, often.
+        assert!(
+            total.crashes > 50
+                && total.store_reopens > 10
+                && total.recoveries_from_snapshot > 50
+                && total.messages_acked > 1_000,
+            "too few crashes, reopens, snapshots or messages to test recovery: {total:?}"
+        );
+    }
+}
+
+/// A store the simulation runs on. A crash, or reopening a poisoned store, calls `restart`:
+/// what a restarted edge finds is what the store made durable.
+trait SimStore: Store {
+    fn restart(&mut self);
+
+    /// Restarts so far that recovered from a snapshot.
+    fn recoveries_from_snapshot(&self) -> u64 {
+        0
+    }
+}
+
+impl SimStore for MemoryStore {
+    /// Everything committed is durable: the map stays.
+    fn restart(&mut self) {}
+}
+
+/// The log store engine in its own temporary directory, closed and opened again on restart.
+struct SimLog {
+    /// Before `dir`: fields drop in order, and the store's thread must stop before its
+    /// directory goes.
+    store: Option<LogStore>,
+    dir: tempfile::TempDir,
+    options: LogOptions,
+    recoveries_from_snapshot: u64,
+}
+
+impl SimLog {
+    fn open(rng: &mut Rng) -> SimLog {
+        // On tmpfs where there is one: fsync is free there, and a process crash (which is what
+        // the simulation's crash is) keeps what was written, as the page cache would.
+        let dir = match std::path::Path::new("/dev/shm") {
+            shm if shm.is_dir() => tempfile::tempdir_in(shm),
+            _ => tempfile::tempdir(),
+        }
+        .expect("temp dir for the log store");
+        let options = LogOptions {
+            // A checkpoint every few dozen commits, and segments from tiny to none.
+            journal_bytes_max: 4_096 << rng.below(4),
+            journal_segment_bytes: [0, 512, 4_096][rng.below(3) as usize],
+            ..LogOptions::default()
+        };
+        let store = LogStore::open(dir.path(), &options).expect("open the log store");
+        SimLog {
+            store: Some(store),
+            dir,
+            options,
+            recoveries_from_snapshot: 0,
+        }
+    }
+
+    fn store(&self) -> &LogStore {
+        self.store.as_ref().expect("the log store is open")
+    }
+}
+
+impl SimStore for SimLog {
+    fn restart(&mut self) {
+        // Close first: the store locks its directory.
+        self.store = None;
+        let store = LogStore::open(self.dir.path(), &self.options)
+            .unwrap_or_else(|error| panic!("recover the log store: {error}"));
+        self.recoveries_from_snapshot += u64::from(store.recovery().snapshot);
+        self.store = Some(store);
+    }
+
+    fn recoveries_from_snapshot(&self) -> u64 {
+        self.recoveries_from_snapshot
+    }
+}
+
+impl Store for SimLog {
+    type Transaction<'a> = <LogStore as Store>::Transaction<'a>;
+
+    fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.store().begin()
+    }
+
+    fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.store().begin_read()
+    }
+}
+
+/// Every committed pair whose key starts with `prefix` (a checker looking, past any fault).
+fn dump_prefix<S: Store>(store: &S, prefix: &[u8]) -> Vec<KeyValue> {
+    let mut end = prefix.to_vec();
+    // Every prefix here ends below 0xff, so its range ends at the same bytes plus one.
+    *end.last_mut().expect("a non-empty prefix") += 1;
+    store
+        .begin_read()
+        .and_then(|mut transaction| transaction.get_range(prefix, &end, usize::MAX))
+        .expect("read the store")
 }
 
 #[derive(Debug)]
@@ -291,12 +427,12 @@ struct Client {
     unconsumed: VecDeque<(u64, UserId, Vec<u8>)>,
 }
 
-struct World {
+struct World<S: SimStore> {
     seed: u64,
     rng: Rng,
     now: UnixMillis,
     config: CoreConfig,
-    store: FaultStore<MemoryStore>,
+    store: FaultStore<S>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
     /// Every (inbox, seq) a commit was seen to store.
@@ -341,8 +477,8 @@ struct World {
     stats: Stats,
 }
 
-impl World {
-    fn new(seed: u64) -> World {
+impl<S: SimStore> World<S> {
+    fn new(seed: u64, open: impl FnOnce(&mut Rng) -> S) -> World<S> {
         let mut rng = Rng::new(seed);
         let batch_requests_max = 1 + rng.below(16) as usize;
         let config = CoreConfig {
@@ -371,7 +507,7 @@ impl World {
             fsync_failure_per_million: fault_level * 5_000,
             fenced_per_million: fault_level * 2_000,
         };
-        let store = FaultStore::new(MemoryStore::new(), rates, rng.next_u64());
+        let store = FaultStore::new(open(&mut rng), rates, rng.next_u64());
         let shard_count = 1 + rng.below(4) as u32;
         let messages_per_client = 1 + rng.below(60);
         let in_flight_max = 1 + rng.below(8) as usize;
@@ -562,6 +698,7 @@ impl World {
             }
         }
         self.stats.drain_steps = steps as u64;
+        self.stats.recoveries_from_snapshot = self.store.inner().recoveries_from_snapshot();
         self.harvest_session_stats();
         self.check()
     }
@@ -702,6 +839,7 @@ impl World {
         if self.store_reopen_at.is_some_and(|at| at <= self.now) {
             self.store_reopen_at = None;
             self.store.reopen();
+            self.store.inner_mut().restart();
         }
         // Shards commit: one batch per shard at a time. The commit runs when the batch is
         // taken; its result comes back now or, for a slow commit, some steps later, while new
@@ -851,6 +989,7 @@ impl World {
         }
         self.store_reopen_at = None;
         self.store.reopen();
+        self.store.inner_mut().restart();
         for client in 0..self.clients.len() {
             if self.clients[client].conn.take().is_some() {
                 let now = self.now;
@@ -1184,7 +1323,7 @@ impl World {
     }
 }
 
-impl World {
+impl<S: SimStore> World<S> {
     /// Done when every send is answered, every device consumed its inbox up to the head and
     /// its ack is committed, and nothing is in flight.
     fn converged(&mut self) -> bool {
@@ -1328,17 +1467,14 @@ impl World {
         }
 
         // R4: after all acks, no unexpired message is stored.
-        let left = self.store.inner().dump_prefix(&[keys::TAG_MESSAGE]);
+        let left = dump_prefix(self.store.inner(), &[keys::TAG_MESSAGE]);
         for (key, value) in &left {
             let (inbox, seq) = keys::parse_message(key).expect("message key");
             let message =
                 courier_core::envelope::decode(inbox, seq, value).expect("stored envelope");
             if message.expire_at_ms > self.edge_now() {
                 let (start, _) = keys::device_range(inbox);
-                let devices: Vec<String> = self
-                    .store
-                    .inner()
-                    .dump_prefix(&start)
+                let devices: Vec<String> = dump_prefix(self.store.inner(), &start)
                     .iter()
                     .map(|(key, value)| format!("{key:?}={value:?}"))
                     .collect();
@@ -1391,7 +1527,7 @@ impl World {
             keys::TAG_COUNTER,
             keys::TAG_EMPTIED,
         ] {
-            let left = self.store.inner().dump_prefix(&[tag]);
+            let left = dump_prefix(self.store.inner(), &[tag]);
             if !left.is_empty() {
                 return Err(format!(
                     "{} keys with tag {} left after expiry",
@@ -1418,7 +1554,7 @@ impl World {
 #[test]
 fn simulation_detects_a_lost_acknowledged_message() {
     // A world where the server acknowledged a message that no recipient ever received.
-    let mut world = World::new(7);
+    let mut world = World::new(7, |_| MemoryStore::new());
     let to = world.clients[1].user;
     world.clients[0].acked.insert(
         1,
@@ -1437,7 +1573,7 @@ fn simulation_detects_a_lost_acknowledged_message() {
     assert!(failure.contains("lost"), "{failure}");
 }
 
-impl World {
+impl<S: SimStore> World<S> {
     /// The client on `slot`, if `SIM_TRACE_USER` names its user (debugging aid).
     fn traced(&self, slot: usize) -> Option<usize> {
         let user: UserId = std::env::var("SIM_TRACE_USER").ok()?.parse().ok()?;

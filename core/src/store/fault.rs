@@ -62,6 +62,11 @@ impl<S: Store> FaultStore<S> {
         &self.inner
     }
 
+    /// The store behind the faults, to close and reopen it as a restart would.
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Changes the fault rates, for example to zero for a final drain.
     pub fn set_rates(&self, rates: FaultRates) {
         *self.rates.lock().expect("fault rates lock") = rates;

@@ -20,6 +20,17 @@ pub fn run_seeds<S: Send + std::fmt::Debug>(
     seeds_default: u64,
     run_seed: fn(u64) -> Result<S, String>,
 ) -> Option<(u64, Vec<S>)> {
+    run_seeds_counted_by(name, "SIM_SEEDS", seeds_default, run_seed)
+}
+
+/// [`run_seeds`], with the count of seeds read from `count_variable` instead of `SIM_SEEDS`.
+#[allow(dead_code)]
+pub fn run_seeds_counted_by<S: Send + std::fmt::Debug>(
+    name: &str,
+    count_variable: &str,
+    seeds_default: u64,
+    run_seed: fn(u64) -> Result<S, String>,
+) -> Option<(u64, Vec<S>)> {
     let run = move |seed: u64| match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
         Ok(result) => result,
         Err(panic) => Err(panic
@@ -34,8 +45,12 @@ pub fn run_seeds<S: Send + std::fmt::Debug>(
         eprintln!("{name}: seed {seed}: {stats:?}");
         return None;
     }
-    let seeds: u64 = std::env::var("SIM_SEEDS")
-        .map(|count| count.parse().expect("SIM_SEEDS must be a number"))
+    let seeds: u64 = std::env::var(count_variable)
+        .map(|count| {
+            count
+                .parse()
+                .unwrap_or_else(|_| panic!("{count_variable} must be a number"))
+        })
         .unwrap_or(seeds_default);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let results: Vec<(u64, Result<S, String>)> = std::thread::scope(|scope| {
