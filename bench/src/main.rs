@@ -9,6 +9,7 @@
 
 mod abuse;
 mod edge;
+mod redis;
 mod report;
 mod workloads;
 
@@ -166,6 +167,12 @@ pub enum Workload {
     /// Attacks, each bounded in time, while a clean pair chats alongside: what the attacker
     /// achieved, the edge's memory, the clean pair's latency and losses (docs/security.md).
     Abuse(abuse::AbuseArgs),
+    /// `pairs` against Redis Streams, fsyncing before every reply (the durable peer issue 10
+    /// compares with): starts `redis-server` unless --redis-addr names one. Ignores the edge
+    /// options; pin Redis with --server-cpus and the load generator with --bench-cpus.
+    RedisPairs(redis::RedisArgs),
+    /// `offline` against Redis Streams: senders add everything, then receivers drain it.
+    RedisOffline(redis::RedisArgs),
 }
 
 fn main() -> ExitCode {
@@ -228,6 +235,25 @@ fn main() -> ExitCode {
 
 /// Runs the workload; `Ok(false)` means it ran but a check failed.
 async fn run(cli: Cli) -> Result<bool, String> {
+    let peer = match &cli.workload {
+        Workload::RedisPairs(args) => Some(redis::pairs(args, false).await?),
+        Workload::RedisOffline(args) => Some(redis::pairs(args, true).await?),
+        _ => None,
+    };
+    let report = match peer {
+        Some(report) => report,
+        None => run_on_edge(&cli).await?,
+    };
+    report.print();
+    if let Some(path) = &cli.json {
+        report.write_json(path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report.passed())
+}
+
+/// Runs a workload on Courier's edge.
+async fn run_on_edge(cli: &Cli) -> Result<report::Report, String> {
     let target = edge::Target::open(&cli.target).await?;
     let report = match &cli.workload {
         Workload::Pairs(args) => workloads::pairs(&target, args, false).await?,
@@ -236,11 +262,9 @@ async fn run(cli: Cli) -> Result<bool, String> {
         Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,
         Workload::Restart(args) => workloads::restart(&target, args).await?,
         Workload::Abuse(args) => abuse::abuse(&target, args).await?,
+        Workload::RedisPairs(_) | Workload::RedisOffline(_) => {
+            return Err("peer workloads run without an edge".into());
+        }
     };
-    report.print();
-    if let Some(path) = &cli.json {
-        report.write_json(path)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(report.passed())
+    Ok(report)
 }

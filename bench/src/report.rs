@@ -60,6 +60,9 @@ pub struct Report {
     pub delivered_per_sec: f64,
     pub send_ack_latency: Option<Latency>,
     pub deliver_latency: Option<Latency>,
+    /// What served the run: "edge", or the peer a comparison ran against (`redis-pairs`).
+    /// The `edge_*` fields below are that server's.
+    pub server: String,
     /// CPU seconds the edge process used during the run, when its PID is known.
     pub edge_cpu_secs: Option<f64>,
     /// The edge's resident memory at the end of the run, when its PID is known.
@@ -89,6 +92,7 @@ impl Report {
             delivered_per_sec: 0.0,
             send_ack_latency: None,
             deliver_latency: None,
+            server: "edge".into(),
             edge_cpu_secs: None,
             edge_rss_bytes: None,
             extra: serde_json::Map::new(),
@@ -148,14 +152,18 @@ impl Report {
                 );
             }
         }
+        let server = &self.server;
         if let Some(cpu) = self.edge_cpu_secs {
-            println!("  edge       cpu {cpu:.2} s");
+            println!("  {server:<10} cpu {cpu:.2} s");
             if let Some(per_cpu) = self.delivered_per_edge_cpu_sec() {
-                println!("  edge       {per_cpu:.0} delivered per edge CPU-second");
+                println!("  {server:<10} {per_cpu:.0} delivered per server CPU-second");
             }
         }
         if let Some(rss) = self.edge_rss_bytes {
-            println!("  edge       rss {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+            println!(
+                "  {server:<10} rss {:.1} MiB",
+                rss as f64 / (1024.0 * 1024.0)
+            );
         }
         for (key, value) in &self.extra {
             match value.as_array() {
