@@ -21,7 +21,15 @@ fn run(workload: &str) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_courier-bench"))
         .arg("--json")
         .arg(&json)
-        .args([workload, "--pairs", "4", "--msgs", "300", "--in-flight", "8"])
+        .args([
+            workload,
+            "--pairs",
+            "4",
+            "--msgs",
+            "300",
+            "--in-flight",
+            "8",
+        ])
         .output()
         .expect("run courier-bench");
     assert!(
@@ -51,7 +59,9 @@ fn redis_streams_peer_runs_pairs_and_a_drain_with_every_message_delivered_once()
             assert_eq!(report[check], 0, "{workload}: {check}: {report}");
         }
         assert!(
-            report["server"].as_str().is_some_and(|s| s.starts_with("redis ")),
+            report["server"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("redis ")),
             "{report}"
         );
         // The comparison is with a peer that fsyncs before it answers.
