@@ -100,7 +100,7 @@ pub struct TargetArgs {
 pub struct CpuList(pub Vec<usize>);
 
 /// Parses a CPU list like `0,2,3`.
-fn parse_cpus(text: &str) -> Result<CpuList, String> {
+pub(crate) fn parse_cpus(text: &str) -> Result<CpuList, String> {
     let cpus = text
         .split(',')
         .map(|part| {

@@ -1,25 +1,29 @@
 //! The same pairs workloads against Redis Streams, the durable peer issue 10 compares with,
 //! so the comparison can be run again side by side on any box (decision 0024).
 //!
-//! Each pair has a stream. The sender adds its messages with `XADD` (at most `--in-flight`
-//! unanswered, or paced); Redis runs with `appendonly yes` and `appendfsync always`, so it
-//! answers an `XADD` only after the append is fsynced, as Courier answers a send only after
-//! its commit is. The receiver reads its stream with `XREAD BLOCK` and deletes what it read
-//! with `XDEL` (the acknowledgement: nothing is kept once delivered). The checks are
-//! Courier's: every acknowledged message delivered once, in order.
+//! Each pair has a stream. The sender adds its messages with `XADD`: closed loop with at most
+//! `--in-flight` unanswered, pipelined on one connection, or paced with one `XADD` per tick and
+//! no window, as `pairs` paces Courier's sends. Redis runs with `appendonly yes` and
+//! `appendfsync always`, so it answers an `XADD` only after the append is fsynced, as Courier
+//! answers a send only after its commit is. The receiver reads its stream with `XREAD BLOCK`
+//! and deletes what it read with `XDEL` (the acknowledgement: nothing is kept once delivered).
+//! The checks and clocks are `pairs`': every acknowledged message delivered once, in order,
+//! under the id the sender was told; the run's clock starts once everyone is connected and
+//! stops at the last delivery.
 //!
-//! The client is a minimal RESP2 one written here (commands out, replies parsed in order),
-//! pipelined per connection like Courier's clients; no Redis client crate is needed.
+//! The client is a minimal RESP2 one written here (commands out, replies parsed in order, with
+//! bounded lines, sizes and nesting); no Redis client crate is needed.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
@@ -28,33 +32,38 @@ use tokio::sync::Semaphore;
 
 use crate::edge::process_usage;
 use crate::report::{Latency, Report, latency_histogram};
-use crate::workloads::PairsArgs;
+use crate::workloads::{
+    HEADER_BYTES, PairsArgs, body, micros, own_cpu_secs, parse_body, tick_phase,
+};
+use crate::{CpuList, parse_cpus};
 
-/// Bytes of the header every message body starts with: pair, index, send time (as Courier's
-/// workloads write it).
-const HEADER_BYTES: usize = 4 + 4 + 8;
 /// Entries one `XREAD` returns at most.
-const READ_COUNT: usize = 1000;
+const READ_ENTRIES_MAX: usize = 1000;
 /// Nesting of a reply the parser accepts (an `XREAD` reply is four deep).
 const REPLY_DEPTH_MAX: usize = 8;
+/// Bytes of one reply line (a type byte, a number or a short status) the parser accepts.
+const REPLY_LINE_BYTES_MAX: u64 = 4096;
 /// Bytes of one bulk string the parser accepts.
 const BULK_BYTES_MAX: usize = 64 << 20;
+/// Elements of one array the parser accepts.
+const ARRAY_ITEMS_MAX: i64 = 1 << 20;
 
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     #[command(flatten)]
     pub pairs: PairsArgs,
-    /// A running Redis to use instead of starting one (it must fsync as this run is meant to
-    /// compare: `appendonly yes`, `appendfsync always`). Its streams `courier-bench:*` are
-    /// deleted first.
+    /// A running Redis to use instead of starting one. It must fsync before it answers
+    /// (`appendonly yes`, `appendfsync always`), or the run refuses to compare. Its streams
+    /// `courier-bench:*` are deleted first.
     #[arg(long)]
     pub redis_addr: Option<String>,
     /// The `redis-server` binary to start (without --redis-addr).
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
     /// CPUs the started Redis may run on, like `0` (as --edge-cpus pins a spawned edge).
-    #[arg(long)]
-    pub server_cpus: Option<String>,
+    /// Default: every CPU, whatever --bench-cpus pinned the load generator to.
+    #[arg(long, value_parser = parse_cpus)]
+    pub server_cpus: Option<CpuList>,
 }
 
 /// One RESP2 reply.
@@ -67,25 +76,12 @@ enum Reply {
     Array(Option<Vec<Reply>>),
 }
 
-/// A pipelined RESP connection: commands are buffered until `flush`, replies read in order.
-struct Connection {
-    reader: BufReader<OwnedReadHalf>,
+/// The write side of a connection: commands are buffered until `flush`.
+struct Commands {
     writer: BufWriter<OwnedWriteHalf>,
 }
 
-impl Connection {
-    async fn open(addr: &str) -> Result<Connection, String> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect to Redis at {addr}: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (read, write) = stream.into_split();
-        Ok(Connection {
-            reader: BufReader::with_capacity(1 << 16, read),
-            writer: BufWriter::with_capacity(1 << 16, write),
-        })
-    }
-
+impl Commands {
     async fn send(&mut self, args: &[&[u8]]) -> Result<(), String> {
         self.writer
             .write_all(&encode(args))
@@ -99,6 +95,28 @@ impl Connection {
             .await
             .map_err(|e| format!("write to Redis: {e}"))
     }
+}
+
+/// A pipelined RESP connection: replies come in the order of the commands.
+struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    commands: Commands,
+}
+
+impl Connection {
+    async fn open(addr: &str) -> Result<Connection, String> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to Redis at {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (read, write) = stream.into_split();
+        Ok(Connection {
+            reader: BufReader::with_capacity(1 << 16, read),
+            commands: Commands {
+                writer: BufWriter::with_capacity(1 << 16, write),
+            },
+        })
+    }
 
     async fn reply(&mut self) -> Result<Reply, String> {
         read_reply(&mut self.reader, 0).await
@@ -106,14 +124,40 @@ impl Connection {
 
     /// Sends one command and waits for its reply, which must not be an error.
     async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, String> {
-        self.send(args).await?;
-        self.flush().await?;
+        self.commands.send(args).await?;
+        self.commands.flush().await?;
         match self.reply().await? {
             Reply::Error(error) => Err(format!(
                 "Redis refused {}: {error}",
                 String::from_utf8_lossy(args[0])
             )),
             reply => Ok(reply),
+        }
+    }
+
+    /// A `CONFIG GET` value, or "" where Redis has no such setting.
+    async fn config(&mut self, name: &str) -> Result<String, String> {
+        match self.call(&[b"CONFIG", b"GET", name.as_bytes()]).await? {
+            Reply::Array(Some(mut items)) => match items.pop() {
+                Some(Reply::Bulk(Some(value))) => Ok(String::from_utf8_lossy(&value).into_owned()),
+                _ => Ok(String::new()),
+            },
+            other => Err(format!("CONFIG GET {name} answered {other:?}")),
+        }
+    }
+
+    /// A field of `INFO server`.
+    async fn info(&mut self, field: &str) -> Result<String, String> {
+        match self.call(&[b"INFO", b"server"]).await? {
+            Reply::Bulk(Some(info)) => Ok(String::from_utf8_lossy(&info)
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix(field)
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .map(str::to_string)
+                })
+                .unwrap_or_default()),
+            other => Err(format!("INFO answered {other:?}")),
         }
     }
 }
@@ -139,7 +183,8 @@ fn read_reply<'a>(
             return Err("a Redis reply nested too deep".into());
         }
         let mut line = Vec::new();
-        reader
+        (&mut *reader)
+            .take(REPLY_LINE_BYTES_MAX)
             .read_until(b'\n', &mut line)
             .await
             .map_err(|e| format!("read from Redis: {e}"))?;
@@ -157,27 +202,33 @@ fn read_reply<'a>(
             b':' => Ok(Reply::Integer(number()?)),
             b'$' => {
                 let len = number()?;
-                if len < 0 {
+                if len == -1 {
                     return Ok(Reply::Bulk(None));
                 }
-                let len = len as usize;
-                if len > BULK_BYTES_MAX {
-                    return Err(format!("a Redis bulk string of {len} bytes"));
-                }
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|len| *len <= BULK_BYTES_MAX)
+                    .ok_or_else(|| format!("a Redis bulk string of {len} bytes"))?;
                 let mut bytes = vec![0; len + 2];
                 reader
                     .read_exact(&mut bytes)
                     .await
                     .map_err(|e| format!("read from Redis: {e}"))?;
+                if !bytes.ends_with(b"\r\n") {
+                    return Err("a Redis bulk string without its line end".into());
+                }
                 bytes.truncate(len);
                 Ok(Reply::Bulk(Some(bytes)))
             }
             b'*' => {
                 let count = number()?;
-                if count < 0 {
+                if count == -1 {
                     return Ok(Reply::Array(None));
                 }
-                let mut items = Vec::with_capacity((count as usize).min(READ_COUNT));
+                if !(0..=ARRAY_ITEMS_MAX).contains(&count) {
+                    return Err(format!("a Redis array of {count} items"));
+                }
+                let mut items = Vec::with_capacity((count as usize).min(READ_ENTRIES_MAX));
                 for _ in 0..count {
                     items.push(read_reply(reader, depth + 1).await?);
                 }
@@ -191,7 +242,15 @@ fn read_reply<'a>(
 /// The started `redis-server`, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Server {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
 }
 
 impl Drop for Server {
@@ -212,68 +271,99 @@ impl Drop for Server {
     }
 }
 
-/// Starts `redis-server` on a free loopback port, fsyncing before every reply.
+/// Starts `redis-server` on a free loopback port, fsyncing before every reply, with no AOF
+/// rewrite (a rewrite runs in a child process, whose CPU this run would not count). Retries on
+/// another port if another process took the one it picked.
 async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_err(|e| format!("find a free port: {e}"))?
-        .port();
-    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-    let server_args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        &dir.path().display().to_string(),
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--save",
-        "",
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut command = match &args.server_cpus {
-        Some(cpus) => {
-            let mut command = Command::new("taskset");
-            command.arg("-c").arg(cpus).arg(&args.redis_server);
-            command
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(|e| format!("find a free port: {e}"))?
+            .port();
+        let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+        let mut command = Command::new(&args.redis_server);
+        command
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--dir"])
+            .arg(dir.path())
+            .args(["--logfile", "redis.log"])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--auto-aof-rewrite-percentage", "0", "--save", ""])
+            .args(["--protected-mode", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // Its own CPUs, not the ones --bench-cpus pinned this process to.
+        let cpus = server_cpu_set(args.server_cpus.as_ref());
+        #[allow(unsafe_code)]
+        // SAFETY: between fork and exec the closure only calls sched_setaffinity, which is
+        // async-signal-safe, on a set built before the fork; it allocates nothing.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
         }
-        None => Command::new(&args.redis_server),
-    };
-    let child = command
-        .args(&server_args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| {
+        let child = command.spawn().map_err(|e| {
             format!(
                 "start {}: {e} (install it, for example `apt-get install redis-server`, or \
                  pass --redis-server or --redis-addr)",
                 args.redis_server.display()
             )
         })?;
-    let server = Server { child, _dir: dir };
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut connection) = Connection::open(&addr).await
-            && let Ok(Reply::Simple(pong)) = connection.call(&[b"PING"]).await
-            && pong == "PONG"
-        {
-            return Ok((server, addr));
+        let mut server = Server { child, dir };
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                last_error = format!(
+                    "redis-server exited ({status}) before answering on {addr}:\n{}",
+                    server.log_tail()
+                );
+                break;
+            }
+            if let Ok(mut connection) = Connection::open(&addr).await
+                && let Ok(Reply::Simple(pong)) = connection.call(&[b"PING"]).await
+                && pong == "PONG"
+            {
+                // Ours, not another Redis that took the port first.
+                if connection.info("process_id").await? == server.child.id().to_string() {
+                    return Ok((server, addr));
+                }
+                last_error = format!("another Redis answered on {addr}");
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "redis-server did not answer on {addr} within 10 s:\n{}",
+                    server.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if Instant::now() > deadline {
-            return Err(format!("redis-server did not answer on {addr} within 10 s"));
+    }
+    Err(last_error)
+}
+
+/// The CPU set a started Redis runs on: `cpus`, or every online CPU.
+fn server_cpu_set(cpus: Option<&CpuList>) -> libc::cpu_set_t {
+    let all: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let cpus = cpus.map_or(&all[..], |list| &list.0[..]);
+    #[allow(unsafe_code)]
+    // SAFETY: cpu_set_t is plain data, zeroed then filled by CPU_SET for CPUs parse_cpus
+    // checked exist (or below the CPU count).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(*cpu, &mut set);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        set
     }
 }
 
@@ -281,136 +371,144 @@ fn stream_key(pair: u32) -> Vec<u8> {
     format!("courier-bench:{pair}").into_bytes()
 }
 
-/// What one sender saw.
-#[derive(Default)]
-struct SenderResult {
-    acked: u64,
-    send_ack_us: Vec<u64>,
+/// A stream entry id, `ms-seq`, as numbers: ids order as these do.
+fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(id).ok()?;
+    let (ms, seq) = text.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// Adds `args.msgs` messages to the pair's stream, at most `args.in_flight` unanswered (or
-/// paced at `args.rate`), and times each answer.
+/// What a pair's sender was told and its receiver got, per message index, for the checks.
+struct PairState {
+    /// The id each `XADD` was answered with (`None`: not acknowledged).
+    acked: Mutex<Vec<Option<(u64, u64)>>>,
+    /// The id each index was read under (`None`: not delivered).
+    delivered: Mutex<Vec<Option<(u64, u64)>>>,
+}
+
+/// Adds `args.msgs` messages to the pair's stream, closed loop (at most `args.in_flight`
+/// unanswered) or paced (one per tick, no window), and times each from its send.
 async fn sender(
-    addr: String,
+    mut connection: Connection,
     pair: u32,
     args: PairsArgs,
     epoch: Instant,
-) -> Result<SenderResult, String> {
-    let connection = Connection::open(&addr).await?;
-    let Connection { mut reader, writer } = connection;
+    paced_start: tokio::time::Instant,
+    state: Arc<PairState>,
+) -> Result<Histogram<u64>, String> {
+    let paced_interval = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(1.0 / rate.max(0.001)));
     let window = Arc::new(Semaphore::new(args.in_flight.max(1) as usize));
-    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Instant)>();
     let msgs = args.msgs;
-    let reader_window = window.clone();
-    // Answers come in order: this task matches each with its send time.
+    let answers_window = window.clone();
+    let mut reader = connection.reader;
+    // Answers come in order: this task matches each with its send. It closes the window on
+    // every way out, so a sender waiting for room hears of a failure instead of hanging.
     let answers = tokio::spawn(async move {
-        let mut result = SenderResult::default();
-        for _ in 0..msgs {
-            let reply = read_reply(&mut reader, 0).await?;
-            let sent = sent_rx
-                .recv()
-                .await
-                .ok_or("the sender stopped before its answers")?;
-            match reply {
-                Reply::Bulk(Some(_)) => {}
-                other => return Err(format!("XADD answered {other:?}")),
+        let result = async {
+            let mut hist = latency_histogram();
+            for _ in 0..msgs {
+                let reply = read_reply(&mut reader, 0).await?;
+                let (index, sent) = sent_rx
+                    .recv()
+                    .await
+                    .ok_or("the sender stopped before its answers")?;
+                let id = match &reply {
+                    Reply::Bulk(Some(id)) => parse_id(id),
+                    _ => None,
+                };
+                let Some(id) = id else {
+                    return Err(format!("XADD answered {reply:?}"));
+                };
+                let _ = hist.record(micros(sent.elapsed()));
+                state.acked.lock().expect("pair state")[index as usize] = Some(id);
+                answers_window.add_permits(1);
             }
-            result.acked += 1;
-            result.send_ack_us.push(sent.elapsed().as_micros() as u64);
-            reader_window.add_permits(1);
+            Ok::<_, String>(hist)
         }
-        Ok::<_, String>(result)
+        .await;
+        answers_window.close();
+        result
     });
     let key = stream_key(pair);
-    let mut writer = Connection::writer_only(writer);
-    let interval = args.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
-    let start = Instant::now();
-    let mut body = vec![0u8; args.bytes.max(HEADER_BYTES)];
-    for index in 0..args.msgs {
-        if let Some(interval) = interval {
-            // Spread over the interval, as independent clients' ticks would be.
-            let offset = interval.mul_f64(f64::from(pair % 100) / 100.0);
-            tokio::time::sleep_until((start + offset + interval * index).into()).await;
+    let mut ticker = paced_interval.map(|interval| {
+        let mut ticker = tokio::time::interval_at(
+            paced_start + tick_phase(pair, interval, args.aligned),
+            interval,
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        ticker
+    });
+    let sent: Result<(), String> = async {
+        for index in 0..args.msgs {
+            match &mut ticker {
+                Some(ticker) => {
+                    ticker.tick().await;
+                }
+                None => {
+                    if window
+                        .acquire()
+                        .await
+                        .map(|permit| permit.forget())
+                        .is_err()
+                    {
+                        return Ok(()); // The answers stopped: their error is the run's.
+                    }
+                }
+            }
+            let message = body(pair, index, args.bytes, epoch);
+            connection
+                .commands
+                .send(&[b"XADD", &key, b"*", b"b", &message])
+                .await?;
+            if sent_tx.send((index, Instant::now())).is_err() {
+                return Ok(()); // The answers stopped: their error is the run's.
+            }
+            // Closed loop: flush once the window is full (the next send waits for an answer),
+            // or at the end; paced: every send goes at its tick.
+            if ticker.is_some() || window.available_permits() == 0 || index + 1 == args.msgs {
+                connection.commands.flush().await?;
+            }
         }
-        window.acquire().await.map_err(|e| e.to_string())?.forget();
-        body[..4].copy_from_slice(&pair.to_le_bytes());
-        body[4..8].copy_from_slice(&index.to_le_bytes());
-        body[8..16].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-        writer.send(&[b"XADD", &key, b"*", b"b", &body]).await?;
-        sent_tx.send(Instant::now()).map_err(|e| e.to_string())?;
-        // Flush unless the next send is free to go at once (closed loop with room left).
-        if interval.is_some() || window.available_permits() == 0 || index + 1 == args.msgs {
-            writer.flush().await?;
-        }
+        Ok(())
+    }
+    .await;
+    if let Err(error) = sent {
+        answers.abort();
+        return Err(error);
     }
     answers.await.map_err(|e| format!("sender task: {e}"))?
 }
 
-impl Connection {
-    /// The write half alone (a task reads the answers).
-    fn writer_only(writer: BufWriter<OwnedWriteHalf>) -> WriteOnly {
-        WriteOnly { writer }
-    }
-}
-
-struct WriteOnly {
-    writer: BufWriter<OwnedWriteHalf>,
-}
-
-impl WriteOnly {
-    async fn send(&mut self, args: &[&[u8]]) -> Result<(), String> {
-        self.writer
-            .write_all(&encode(args))
-            .await
-            .map_err(|e| format!("write to Redis: {e}"))
-    }
-
-    async fn flush(&mut self) -> Result<(), String> {
-        self.writer
-            .flush()
-            .await
-            .map_err(|e| format!("write to Redis: {e}"))
-    }
-}
-
-/// What one receiver saw.
-#[derive(Default)]
-struct ReceiverResult {
-    delivered: u64,
-    duplicates: u64,
-    reordered: u64,
-    deliver_us: Vec<u64>,
-}
-
-/// Reads the pair's stream until `expected` messages came, deleting each batch it read.
+/// Reads the pair's stream until every message came, deleting each batch it read with the
+/// next read. Returns when it received the last one, with its latencies.
 async fn receiver(
-    addr: String,
+    mut connection: Connection,
     pair: u32,
-    expected: u32,
+    msgs: u32,
     epoch: Instant,
-    timeout: Duration,
-    delivered_total: Arc<AtomicU64>,
-) -> Result<ReceiverResult, String> {
-    let mut connection = Connection::open(&addr).await?;
+    state: Arc<PairState>,
+    counters: Arc<Counters>,
+) -> Result<(Instant, Histogram<u64>), String> {
     let key = stream_key(pair);
-    let mut result = ReceiverResult::default();
-    let mut last_id = b"0".to_vec();
-    let mut next_index = 0u32;
-    let count = READ_COUNT.to_string();
+    let mut hist = latency_histogram();
+    let mut last_id = (0u64, 0u64);
+    let mut last_delivery = Instant::now();
+    let count = READ_ENTRIES_MAX.to_string();
     let mut pending_delete: Vec<Vec<u8>> = Vec::new();
-    let mut last_progress = Instant::now();
-    while next_index < expected {
-        if last_progress.elapsed() > timeout {
-            break;
-        }
-        // The acknowledgement of the last batch goes with the next read.
+    let mut received = 0u32;
+    while received < msgs {
         let deleting = !pending_delete.is_empty();
         if deleting {
             let mut command: Vec<&[u8]> = vec![b"XDEL", &key];
             command.extend(pending_delete.iter().map(|id| id.as_slice()));
-            connection.send(&command).await?;
+            connection.commands.send(&command).await?;
         }
+        let from = format!("{}-{}", last_id.0, last_id.1);
         connection
+            .commands
             .send(&[
                 b"XREAD",
                 b"COUNT",
@@ -419,10 +517,10 @@ async fn receiver(
                 b"1000",
                 b"STREAMS",
                 &key,
-                &last_id,
+                from.as_bytes(),
             ])
             .await?;
-        connection.flush().await?;
+        connection.commands.flush().await?;
         if deleting {
             match connection.reply().await? {
                 Reply::Integer(deleted) if deleted as usize == pending_delete.len() => {}
@@ -446,38 +544,44 @@ async fn receiver(
             },
             other => return Err(format!("XREAD answered {other:?}")),
         };
-        let now = epoch.elapsed().as_nanos() as u64;
         for entry in entries {
             let Reply::Array(Some(mut entry)) = entry else {
                 return Err("an XREAD entry that is not an array".into());
             };
-            let (Some(Reply::Array(Some(mut fields))), Some(Reply::Bulk(Some(id)))) =
+            let (Some(Reply::Array(Some(mut fields))), Some(Reply::Bulk(Some(id_bytes)))) =
                 (entry.pop(), entry.pop())
             else {
                 return Err("an XREAD entry without an id and fields".into());
             };
-            let Some(Reply::Bulk(Some(body))) = fields.pop() else {
+            let Some(id) = parse_id(&id_bytes) else {
+                return Err(format!("an XREAD entry id {id_bytes:?}"));
+            };
+            let Some(Reply::Bulk(Some(message))) = fields.pop() else {
                 return Err("an XREAD entry without a body".into());
             };
-            if body.len() < HEADER_BYTES {
-                return Err(format!("a body of {} bytes", body.len()));
+            let now_ns = epoch.elapsed().as_nanos() as u64;
+            last_delivery = Instant::now();
+            if id <= last_id {
+                counters.reordered.fetch_add(1, Ordering::Relaxed);
             }
-            let index = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
-            let sent = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-            if index < next_index {
-                result.duplicates += 1;
-            } else {
-                if index > next_index {
-                    result.reordered += 1;
-                }
-                next_index = index + 1;
-                result.delivered += 1;
-                delivered_total.fetch_add(1, Ordering::Relaxed);
-                result.deliver_us.push(now.saturating_sub(sent) / 1000);
+            last_id = last_id.max(id);
+            pending_delete.push(id_bytes);
+            let Some((from_pair, index, sent_ns)) = parse_body(&message) else {
+                continue;
+            };
+            if from_pair != pair || index >= msgs {
+                continue;
             }
-            last_id = id.clone();
-            pending_delete.push(id);
-            last_progress = Instant::now();
+            let mut delivered = state.delivered.lock().expect("pair state");
+            if delivered[index as usize].is_some() {
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            delivered[index as usize] = Some(id);
+            drop(delivered);
+            received += 1;
+            counters.delivered.fetch_add(1, Ordering::Relaxed);
+            let _ = hist.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
         }
     }
     if !pending_delete.is_empty() {
@@ -485,7 +589,19 @@ async fn receiver(
         command.extend(pending_delete.iter().map(|id| id.as_slice()));
         connection.call(&command).await?;
     }
-    Ok(result)
+    Ok((last_delivery, hist))
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
+    duplicates: AtomicU64,
+    reordered: AtomicU64,
+}
+
+/// The server's CPU seconds so far, if this run started it.
+fn server_cpu_secs(pid: Option<u32>) -> Option<f64> {
+    pid.and_then(process_usage).map(|(cpu, _)| cpu)
 }
 
 /// Runs the pairs workload (`offline`: senders first, then the receivers drain) on Redis.
@@ -494,8 +610,13 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     if pairs_args.bytes < HEADER_BYTES {
         return Err(format!("--bytes must be at least {HEADER_BYTES}"));
     }
-    if pairs_args.pairs == 0 || pairs_args.msgs == 0 {
-        return Err("--pairs and --msgs must be at least 1".into());
+    if pairs_args.settle_secs > 0 {
+        return Err("--settle-secs measures an edge's store on disk: not with Redis".into());
+    }
+    if args.redis_addr.is_some() && args.server_cpus.is_some() {
+        return Err(
+            "--server-cpus pins a Redis this run starts: pin a running one with taskset".into(),
+        );
     }
     let (server, addr) = match &args.redis_addr {
         Some(addr) => (None, addr.clone()),
@@ -506,23 +627,19 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     };
     let server_pid = server.as_ref().map(|s| s.child.id());
     let mut admin = Connection::open(&addr).await?;
+    let append_only = admin.config("appendonly").await?;
+    let fsync = admin.config("appendfsync").await?;
+    if append_only != "yes" || fsync != "always" {
+        return Err(format!(
+            "Redis at {addr} has appendonly {append_only:?} and appendfsync {fsync:?}: it \
+             answers before its writes are on disk, which is not what Courier is compared with. \
+             Run `CONFIG SET appendonly yes` and `CONFIG SET appendfsync always` on it first"
+        ));
+    }
+    let version = admin.info("redis_version").await?;
     for pair in 0..pairs_args.pairs {
         admin.call(&[b"DEL", &stream_key(pair)]).await?;
     }
-    let fsync = match admin.call(&[b"CONFIG", b"GET", b"appendfsync"]).await? {
-        Reply::Array(Some(mut items)) => match items.pop() {
-            Some(Reply::Bulk(Some(value))) => String::from_utf8_lossy(&value).into_owned(),
-            _ => "unknown".into(),
-        },
-        _ => "unknown".into(),
-    };
-    let version = match admin.call(&[b"INFO", b"server"]).await? {
-        Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info)
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:").map(str::to_string))
-            .unwrap_or_default(),
-        _ => String::new(),
-    };
 
     let workload = if offline {
         "redis-offline"
@@ -532,102 +649,171 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     let mut report = Report::new(
         workload,
         json!({
-            "pairs": pairs_args.pairs,
-            "msgs": pairs_args.msgs,
-            "bytes": pairs_args.bytes,
-            "in_flight": pairs_args.in_flight,
-            "rate": pairs_args.rate,
+            "pairs": pairs_args.pairs, "msgs": pairs_args.msgs, "bytes": pairs_args.bytes,
+            "in_flight": pairs_args.in_flight, "rate": pairs_args.rate,
+            "aligned": pairs_args.aligned,
         }),
     );
     report.server = format!("redis {version}");
     report
         .extra
         .insert("redis_appendfsync".into(), json!(fsync));
-    let cpu = |pid: Option<u32>| pid.and_then(process_usage).map(|(cpu, _)| cpu);
-    let server_cpu_start = cpu(server_pid);
-    let bench_cpu_start = cpu(Some(std::process::id()));
     let epoch = Instant::now();
-    let timeout = Duration::from_secs(pairs_args.drain_timeout_secs);
-    let delivered_total = Arc::new(AtomicU64::new(0));
+    let states: Vec<Arc<PairState>> = (0..pairs_args.pairs)
+        .map(|_| {
+            Arc::new(PairState {
+                acked: Mutex::new(vec![None; pairs_args.msgs as usize]),
+                delivered: Mutex::new(vec![None; pairs_args.msgs as usize]),
+            })
+        })
+        .collect();
+    let counters = Arc::new(Counters::default());
+    // Everyone connects before the clock starts, as in `pairs`.
+    let mut sender_connections = Vec::new();
+    let mut receiver_connections = Vec::new();
+    for _ in 0..pairs_args.pairs {
+        sender_connections.push(Connection::open(&addr).await?);
+        receiver_connections.push(Connection::open(&addr).await?);
+    }
 
-    let spawn_receivers = || {
-        (0..pairs_args.pairs)
-            .map(|pair| {
+    let server_cpu_start = server_cpu_secs(server_pid);
+    let bench_cpu_start = own_cpu_secs();
+    let start = Instant::now();
+    let spawn_receivers = |connections: Vec<Connection>| {
+        connections
+            .into_iter()
+            .enumerate()
+            .map(|(pair, connection)| {
                 tokio::spawn(receiver(
-                    addr.clone(),
-                    pair,
+                    connection,
+                    pair as u32,
                     pairs_args.msgs,
                     epoch,
-                    timeout,
-                    delivered_total.clone(),
+                    states[pair].clone(),
+                    counters.clone(),
                 ))
             })
             .collect::<Vec<_>>()
     };
-    let receivers = (!offline).then(spawn_receivers);
-    let senders: Vec<_> = (0..pairs_args.pairs)
-        .map(|pair| tokio::spawn(sender(addr.clone(), pair, pairs_args.clone(), epoch)))
-        .collect();
-    let mut send_ack = latency_histogram();
-    for task in senders {
-        let result = task.await.map_err(|e| format!("sender task: {e}"))??;
-        report.messages_acked += result.acked;
-        for us in result.send_ack_us {
-            let _ = send_ack.record(us.max(1));
-        }
-    }
-    report.messages_sent = u64::from(pairs_args.pairs) * u64::from(pairs_args.msgs);
-    let drain_start = Instant::now();
-    let drain_cpu_start = (cpu(server_pid), cpu(Some(std::process::id())));
-    let receivers = match receivers {
-        Some(receivers) => receivers,
-        None => spawn_receivers(),
+    let mut receive_tasks = if offline {
+        Vec::new()
+    } else {
+        spawn_receivers(std::mem::take(&mut receiver_connections))
     };
-    let mut deliver = latency_histogram();
-    for task in receivers {
-        let result = task.await.map_err(|e| format!("receiver task: {e}"))??;
-        report.messages_delivered += result.delivered;
-        report.duplicates += result.duplicates;
-        report.reordered += result.reordered;
-        for us in result.deliver_us {
-            let _ = deliver.record(us.max(1));
+    let paced_start = tokio::time::Instant::now();
+    let send_tasks: Vec<_> = sender_connections
+        .into_iter()
+        .enumerate()
+        .map(|(pair, connection)| {
+            tokio::spawn(sender(
+                connection,
+                pair as u32,
+                pairs_args.clone(),
+                epoch,
+                paced_start,
+                states[pair].clone(),
+            ))
+        })
+        .collect();
+    let mut ack_hist = latency_histogram();
+    for task in send_tasks {
+        match task.await {
+            Ok(Ok(hist)) => ack_hist.add(&hist).expect("same bounds"),
+            Ok(Err(error)) => report.errors.push(error),
+            Err(error) => report.errors.push(error.to_string()),
         }
     }
-    let elapsed = epoch.elapsed();
-    report.duration_secs = elapsed.as_secs_f64();
-    report.lost = report
-        .messages_acked
-        .saturating_sub(report.messages_delivered);
-    report.send_ack_latency = Latency::from_histogram(&send_ack);
+    let sends_done = Instant::now();
+    let drain_start = Instant::now();
+    let drain_cpu_start = (server_cpu_secs(server_pid), own_cpu_secs());
     if offline {
-        let drain_secs = drain_start.elapsed().as_secs_f64();
-        report.delivered_per_sec = report.messages_delivered as f64 / drain_secs.max(1e-9);
-        report.extra.insert("drain_secs".into(), json!(drain_secs));
-        report
-            .extra
-            .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
-        if let (Some(start), Some(now)) = (drain_cpu_start.0, cpu(server_pid)) {
+        receive_tasks = spawn_receivers(receiver_connections);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(pairs_args.drain_timeout_secs);
+    let mut last_delivery = sends_done;
+    let mut deliver_hist = latency_histogram();
+    let mut receive_tasks = receive_tasks.into_iter();
+    for task in receive_tasks.by_ref() {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Ok((last, hist)))) => {
+                last_delivery = last_delivery.max(last);
+                deliver_hist.add(&hist).expect("same bounds");
+            }
+            Ok(Ok(Err(error))) => report.errors.push(error),
+            Ok(Err(error)) => report.errors.push(error.to_string()),
+            Err(_) => {
+                report
+                    .errors
+                    .push("deliveries still missing at the drain timeout".into());
+                break;
+            }
+        }
+    }
+    for task in receive_tasks {
+        task.abort();
+    }
+    if offline {
+        if let (Some(start), Some(now)) = (drain_cpu_start.0, server_cpu_secs(server_pid)) {
             report
                 .extra
-                .insert("drain_server_cpu_secs".into(), json!(now - start));
+                .insert("drain_edge_cpu_secs".into(), json!(now - start));
         }
-        if let (Some(start), Some(now)) = (drain_cpu_start.1, cpu(Some(std::process::id()))) {
+        if let (Some(start), Some(now)) = (drain_cpu_start.1, own_cpu_secs()) {
             report
                 .extra
                 .insert("drain_bench_cpu_secs".into(), json!(now - start));
         }
-    } else {
-        report.delivered_per_sec = report.messages_delivered as f64 / elapsed.as_secs_f64();
-        report.deliver_latency = Latency::from_histogram(&deliver);
     }
-    if let (Some(start), Some(now)) = (server_cpu_start, cpu(server_pid)) {
+    if let (Some(start), Some(now)) = (server_cpu_start, server_cpu_secs(server_pid)) {
         report.edge_cpu_secs = Some(now - start);
         report.edge_rss_bytes = server_pid.and_then(process_usage).map(|(_, rss)| rss);
     }
-    if let (Some(start), Some(now)) = (bench_cpu_start, cpu(Some(std::process::id()))) {
+    if let (Some(start), Some(now)) = (bench_cpu_start, own_cpu_secs()) {
         report
             .extra
             .insert("bench_cpu_secs".into(), json!(now - start));
+    }
+
+    // Checks: every acknowledged message delivered, under the id the sender was told.
+    for state in &states {
+        let acked = state.acked.lock().expect("pair state");
+        let delivered = state.delivered.lock().expect("pair state");
+        for (acked, delivered) in acked.iter().zip(delivered.iter()) {
+            match (acked, delivered) {
+                (Some(_), None) => report.lost += 1,
+                (Some(acked), Some(delivered)) if acked != delivered => {
+                    report.seq_mismatches += 1;
+                }
+                _ => {}
+            }
+            report.messages_acked += u64::from(acked.is_some());
+        }
+    }
+    report.messages_sent = u64::from(pairs_args.pairs) * u64::from(pairs_args.msgs);
+    report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
+    report.duplicates = counters.duplicates.load(Ordering::Relaxed);
+    report.reordered = counters.reordered.load(Ordering::Relaxed);
+    let active = if offline {
+        last_delivery - drain_start
+    } else {
+        last_delivery - start
+    };
+    report.duration_secs = (last_delivery - start).as_secs_f64();
+    report.delivered_per_sec = report.messages_delivered as f64 / active.as_secs_f64().max(1e-9);
+    report.send_ack_latency = Latency::from_histogram(&ack_hist);
+    if offline {
+        report.extra.insert(
+            "send_secs".into(),
+            json!((sends_done - start).as_secs_f64()),
+        );
+        report
+            .extra
+            .insert("drain_secs".into(), json!(active.as_secs_f64()));
+        report
+            .extra
+            .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
+    } else {
+        report.deliver_latency = Latency::from_histogram(&deliver_hist);
     }
     for pair in 0..pairs_args.pairs {
         admin.call(&[b"DEL", &stream_key(pair)]).await?;
@@ -651,7 +837,7 @@ mod tests {
             socket
                 .write_all(
                     b"+OK\r\n:12\r\n$-1\r\n*-1\r\n*1\r\n*2\r\n$3\r\nkey\r\n*1\r\n*2\r\n$3\r\n1-0\r\n\
-                      *2\r\n$1\r\nb\r\n$5\r\nhello\r\n-ERR nope\r\n?what\r\n",
+                      *2\r\n$1\r\nb\r\n$5\r\nhello\r\n-ERR nope\r\n$-2\r\n$3\r\nabcXY?what\r\n",
                 )
                 .await
                 .unwrap();
@@ -667,7 +853,33 @@ mod tests {
         };
         assert_eq!(streams.len(), 1);
         assert!(matches!(connection.reply().await, Ok(Reply::Error(e)) if e == "ERR nope"));
+        // A negative length other than -1, and a bulk string without its line end.
+        assert!(connection.reply().await.is_err());
         assert!(connection.reply().await.is_err());
         server.await.unwrap();
+    }
+
+    /// A reply line with no end in sight is refused once it passes the bound, not read into
+    /// memory for ever.
+    #[tokio::test]
+    async fn an_endless_reply_line_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let _ = socket.write_all(b"+").await;
+            let _ = socket.write_all(&vec![b'a'; 1 << 20]).await;
+        });
+        let mut connection = Connection::open(&addr.to_string()).await.unwrap();
+        assert!(connection.reply().await.is_err());
+        server.abort();
+    }
+
+    #[test]
+    fn stream_ids_parse_and_order_as_numbers() {
+        assert_eq!(parse_id(b"1700000000000-12"), Some((1_700_000_000_000, 12)));
+        assert!(parse_id(b"9-2") < parse_id(b"10-0"));
+        assert_eq!(parse_id(b"12"), None);
+        assert_eq!(parse_id(b"a-b"), None);
     }
 }

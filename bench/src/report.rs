@@ -60,8 +60,8 @@ pub struct Report {
     pub delivered_per_sec: f64,
     pub send_ack_latency: Option<Latency>,
     pub deliver_latency: Option<Latency>,
-    /// What served the run: "edge", or the peer a comparison ran against (`redis-pairs`).
-    /// The `edge_*` fields below are that server's.
+    /// What served the run: "edge", or the peer a comparison ran against, like
+    /// "redis 7.0.15" (`redis-pairs`). The `edge_*` fields below are that server's.
     pub server: String,
     /// CPU seconds the edge process used during the run, when its PID is known.
     pub edge_cpu_secs: Option<f64>,
@@ -154,14 +154,14 @@ impl Report {
         }
         let server = &self.server;
         if let Some(cpu) = self.edge_cpu_secs {
-            println!("  {server:<10} cpu {cpu:.2} s");
+            println!("  {server:<12} cpu {cpu:.2} s");
             if let Some(per_cpu) = self.delivered_per_edge_cpu_sec() {
-                println!("  {server:<10} {per_cpu:.0} delivered per server CPU-second");
+                println!("  {server:<12} {per_cpu:.0} delivered per server CPU-second");
             }
         }
         if let Some(rss) = self.edge_rss_bytes {
             println!(
-                "  {server:<10} rss {:.1} MiB",
+                "  {server:<12} rss {:.1} MiB",
                 rss as f64 / (1024.0 * 1024.0)
             );
         }

@@ -13,7 +13,7 @@ use crate::edge::{Target, process_usage};
 use crate::report::{Latency, Report, latency_histogram};
 
 /// Bytes of the header every bench message body starts with: pair, index, send time.
-const HEADER_BYTES: usize = 4 + 4 + 8;
+pub(crate) const HEADER_BYTES: usize = 4 + 4 + 8;
 
 #[derive(Args, Debug, Clone)]
 pub struct PairsArgs {
@@ -114,11 +114,11 @@ enum ReceiverClient {
 }
 
 /// CPU seconds (user + system) this process has used so far.
-fn own_cpu_secs() -> Option<f64> {
+pub(crate) fn own_cpu_secs() -> Option<f64> {
     process_usage(std::process::id()).map(|(cpu, _)| cpu)
 }
 
-fn micros(duration: Duration) -> u64 {
+pub(crate) fn micros(duration: Duration) -> u64 {
     (duration.as_micros() as u64).max(1)
 }
 
@@ -186,7 +186,7 @@ struct Counters {
     reordered: AtomicU64,
 }
 
-fn body(pair: u32, index: u32, bytes: usize, epoch: Instant) -> Vec<u8> {
+pub(crate) fn body(pair: u32, index: u32, bytes: usize, epoch: Instant) -> Vec<u8> {
     let mut body = Vec::with_capacity(bytes.max(HEADER_BYTES));
     body.extend_from_slice(&pair.to_be_bytes());
     body.extend_from_slice(&index.to_be_bytes());
@@ -195,7 +195,7 @@ fn body(pair: u32, index: u32, bytes: usize, epoch: Instant) -> Vec<u8> {
     body
 }
 
-fn parse_body(body: &[u8]) -> Option<(u32, u32, u64)> {
+pub(crate) fn parse_body(body: &[u8]) -> Option<(u32, u32, u64)> {
     let pair = u32::from_be_bytes(body.get(0..4)?.try_into().ok()?);
     let index = u32::from_be_bytes(body.get(4..8)?.try_into().ok()?);
     let sent_ns = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
@@ -557,7 +557,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
 /// by the golden-ratio sequence (gaps within about 2.6× of each other, whatever the count)
 /// unless `aligned`: senders that all tick at once are one burst per interval, which measures
 /// how the edge drains a burst rather than its latency at a steady rate.
-fn tick_phase(pair: u32, interval: Duration, aligned: bool) -> Duration {
+pub(crate) fn tick_phase(pair: u32, interval: Duration, aligned: bool) -> Duration {
     if aligned {
         return Duration::ZERO;
     }

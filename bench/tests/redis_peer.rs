@@ -15,7 +15,7 @@ fn redis_present() -> bool {
         .is_ok_and(|output| output.status.success())
 }
 
-fn run(workload: &str) -> serde_json::Value {
+fn run(workload: &str, extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("report.json");
     let output = Command::new(env!("CARGO_BIN_EXE_courier-bench"))
@@ -30,6 +30,7 @@ fn run(workload: &str) -> serde_json::Value {
             "--in-flight",
             "8",
         ])
+        .args(extra)
         .output()
         .expect("run courier-bench");
     assert!(
@@ -51,11 +52,16 @@ fn redis_streams_peer_runs_pairs_and_a_drain_with_every_message_delivered_once()
         eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
         return;
     }
-    for workload in ["redis-pairs", "redis-offline"] {
-        let report = run(workload);
+    // Closed loop, the drain, and paced (one send per tick, no window).
+    for (workload, extra) in [
+        ("redis-pairs", &[][..]),
+        ("redis-offline", &[][..]),
+        ("redis-pairs", &["--rate", "200"][..]),
+    ] {
+        let report = run(workload, extra);
         assert_eq!(report["messages_acked"], 1200, "{workload}: {report}");
         assert_eq!(report["messages_delivered"], 1200, "{workload}: {report}");
-        for check in ["lost", "duplicates", "reordered"] {
+        for check in ["lost", "duplicates", "reordered", "seq_mismatches"] {
             assert_eq!(report[check], 0, "{workload}: {check}: {report}");
         }
         assert!(
