@@ -864,6 +864,9 @@ enum LinkEnd {
     Lost(ClientError),
 }
 
+/// Commands (sends, acks, signals) the driver applies in one pass of its loop, at most.
+const COMMANDS_PER_PASS_MAX: usize = 256;
+
 impl Driver {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -1144,6 +1147,16 @@ impl Driver {
                             if let Some(incoming) = self.to_app.pop_front() {
                                 permit.send(incoming);
                             }
+                            // And whatever else fits now: a pass of this loop per delivery
+                            // polled every branch and set up a timer each time.
+                            while !self.to_app.is_empty() {
+                                let Ok(permit) = self.incoming.try_reserve() else {
+                                    break;
+                                };
+                                if let Some(incoming) = self.to_app.pop_front() {
+                                    permit.send(incoming);
+                                }
+                            }
                         }
                         // The application dropped its client: close as it asked.
                         Err(_) => return self.close_link(link).await,
@@ -1160,6 +1173,16 @@ impl Driver {
                     if self.apply(command) {
                         return self.close_link(link).await;
                     }
+                    // The commands that queued meanwhile (an ack per message handed out), in
+                    // the same pass, up to a bound so reads and writes still get their turn.
+                    for _ in 0..COMMANDS_PER_PASS_MAX {
+                        let Ok(command) = self.commands.try_recv() else {
+                            break;
+                        };
+                        if self.apply(Some(command)) {
+                            return self.close_link(link).await;
+                        }
+                    }
                 }
             }
         }
@@ -1167,8 +1190,9 @@ impl Driver {
 
     /// Hands every whole frame of `data` to the session (see [`take_frames`]).
     fn handle_input(&mut self, link: &mut Link, data: &[u8]) -> Result<(), ClientError> {
+        // One clock read per read, not per frame: the session counts in milliseconds.
+        let now = self.now();
         take_frames(&mut link.inbuf, data, |frame| {
-            let now = self.now();
             self.session.handle_frame(now, frame).map_err(session_error)
         })
     }
