@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use crate::edge::process_usage;
 use crate::report::{Latency, Report, latency_histogram};
 use crate::workloads::{
-    HEADER_BYTES, PairsArgs, body, micros, own_cpu_secs, parse_body, tick_phase,
+    HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
 };
 use crate::{CpuList, parse_cpus};
 
@@ -724,7 +724,8 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
         }
     }
     let sends_done = Instant::now();
-    let drain_start = Instant::now();
+    // The drain starts as the sends end (nothing is measured in between, as `offline` does).
+    let drain_start = sends_done;
     let drain_cpu_start = (server_cpu_secs(server_pid), own_cpu_secs());
     if offline {
         receive_tasks = spawn_receivers(receiver_connections);
@@ -793,26 +794,15 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    let active = if offline {
-        last_delivery - drain_start
-    } else {
-        last_delivery - start
+    let clocks = RunClocks {
+        start,
+        sends_done,
+        drain_start,
+        last_delivery,
     };
-    report.duration_secs = (last_delivery - start).as_secs_f64();
-    report.delivered_per_sec = report.messages_delivered as f64 / active.as_secs_f64().max(1e-9);
+    clocks.fill(&mut report, offline);
     report.send_ack_latency = Latency::from_histogram(&ack_hist);
-    if offline {
-        report.extra.insert(
-            "send_secs".into(),
-            json!((sends_done - start).as_secs_f64()),
-        );
-        report
-            .extra
-            .insert("drain_secs".into(), json!(active.as_secs_f64()));
-        report
-            .extra
-            .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
-    } else {
+    if !offline {
         report.deliver_latency = Latency::from_histogram(&deliver_hist);
     }
     for pair in 0..pairs_args.pairs {
@@ -828,22 +818,27 @@ mod tests {
 
     /// The parser reads the replies an `XREAD` and its neighbours give, and refuses what is
     /// not RESP instead of guessing.
-    #[tokio::test]
-    async fn replies_parse_and_garbage_is_refused() {
+    /// A connection to a loopback server that writes `bytes` to its one client, then holds
+    /// the connection open a moment.
+    async fn connection_to_a_server_writing(bytes: Vec<u8>) -> Connection {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
-            socket
-                .write_all(
-                    b"+OK\r\n:12\r\n$-1\r\n*-1\r\n*1\r\n*2\r\n$3\r\nkey\r\n*1\r\n*2\r\n$3\r\n1-0\r\n\
-                      *2\r\n$1\r\nb\r\n$5\r\nhello\r\n-ERR nope\r\n$-2\r\n$3\r\nabcXY?what\r\n",
-                )
-                .await
-                .unwrap();
+            let _ = socket.write_all(&bytes).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         });
-        let mut connection = Connection::open(&addr.to_string()).await.unwrap();
+        Connection::open(&addr.to_string()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn replies_parse_and_garbage_is_refused() {
+        let mut connection = connection_to_a_server_writing(
+            b"+OK\r\n:12\r\n$-1\r\n*-1\r\n*1\r\n*2\r\n$3\r\nkey\r\n*1\r\n*2\r\n$3\r\n1-0\r\n\
+              *2\r\n$1\r\nb\r\n$5\r\nhello\r\n-ERR nope\r\n$-2\r\n$3\r\nabcXY?what\r\n"
+                .to_vec(),
+        )
+        .await;
         assert!(matches!(connection.reply().await, Ok(Reply::Simple(s)) if s == "OK"));
         assert!(matches!(connection.reply().await, Ok(Reply::Integer(12))));
         assert!(matches!(connection.reply().await, Ok(Reply::Bulk(None))));
@@ -856,23 +851,16 @@ mod tests {
         // A negative length other than -1, and a bulk string without its line end.
         assert!(connection.reply().await.is_err());
         assert!(connection.reply().await.is_err());
-        server.await.unwrap();
     }
 
     /// A reply line with no end in sight is refused once it passes the bound, not read into
     /// memory for ever.
     #[tokio::test]
     async fn an_endless_reply_line_is_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let _ = socket.write_all(b"+").await;
-            let _ = socket.write_all(&vec![b'a'; 1 << 20]).await;
-        });
-        let mut connection = Connection::open(&addr.to_string()).await.unwrap();
+        let mut endless = vec![b'a'; 1 << 20];
+        endless[0] = b'+';
+        let mut connection = connection_to_a_server_writing(endless).await;
         assert!(connection.reply().await.is_err());
-        server.abort();
     }
 
     #[test]

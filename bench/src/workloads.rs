@@ -526,31 +526,56 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    let active = if offline {
-        last_delivery - drain_start
-    } else {
-        last_delivery - start
+    let clocks = RunClocks {
+        start,
+        sends_done,
+        drain_start,
+        last_delivery,
     };
-    report.duration_secs = (last_delivery - start).as_secs_f64();
-    report.delivered_per_sec = report.messages_delivered as f64 / active.as_secs_f64().max(1e-9);
+    clocks.fill(&mut report, offline);
     report.send_ack_latency = Latency::from_histogram(&ack_hist);
     if !offline {
         report.deliver_latency = Latency::from_histogram(&deliver_hist.lock().expect("histogram"));
     }
-    if offline {
-        report.extra.insert(
-            "send_secs".into(),
-            json!((sends_done - start).as_secs_f64()),
-        );
-        report
-            .extra
-            .insert("drain_secs".into(), json!(active.as_secs_f64()));
-        report
-            .extra
-            .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
-    }
     drop(senders);
     Ok(report)
+}
+
+/// The instants a `pairs` or `offline` run is timed by (Courier's and the Redis peer's alike).
+pub(crate) struct RunClocks {
+    /// Every connection open; the first send.
+    pub start: Instant,
+    pub sends_done: Instant,
+    /// `offline`: before the receivers come back.
+    pub drain_start: Instant,
+    pub last_delivery: Instant,
+}
+
+impl RunClocks {
+    /// The run's duration and rate: from the first send (`offline`: from the drain's start) to
+    /// the last delivery; for `offline` also `send_secs`, `drain_secs` and `drain_per_sec`.
+    pub(crate) fn fill(&self, report: &mut Report, offline: bool) {
+        let active = if offline {
+            self.last_delivery - self.drain_start
+        } else {
+            self.last_delivery - self.start
+        };
+        report.duration_secs = (self.last_delivery - self.start).as_secs_f64();
+        report.delivered_per_sec =
+            report.messages_delivered as f64 / active.as_secs_f64().max(1e-9);
+        if offline {
+            report.extra.insert(
+                "send_secs".into(),
+                json!((self.sends_done - self.start).as_secs_f64()),
+            );
+            report
+                .extra
+                .insert("drain_secs".into(), json!(active.as_secs_f64()));
+            report
+                .extra
+                .insert("drain_per_sec".into(), json!(report.delivered_per_sec));
+        }
+    }
 }
 
 /// When a paced sender's first tick comes, within its first interval. Spread over the interval

@@ -58,10 +58,7 @@ fn simulation_over_many_seeds() {
     let Some((seeds, results)) = common::run_seeds("simulation", SEEDS_DEFAULT, run_seed) else {
         return;
     };
-    let mut total = Stats::default();
-    for stats in &results {
-        total.add(stats);
-    }
+    let total = Stats::sum(&results);
     eprintln!("simulation: {seeds} seeds, {total:?}");
     // A simulation that stopped injecting faults would pass without proving anything.
     if seeds >= 100 {
@@ -164,6 +161,14 @@ struct Stats {
 }
 
 impl Stats {
+    fn sum(all: &[Stats]) -> Stats {
+        let mut total = Stats::default();
+        for stats in all {
+            total.add(stats);
+        }
+        total
+    }
+
     fn add(&mut self, other: &Stats) {
         self.messages_acked += other.messages_acked;
         self.crashes += other.crashes;
@@ -225,10 +230,7 @@ fn simulation_on_the_log_store() {
     ) else {
         return;
     };
-    let mut total = Stats::default();
-    for stats in &results {
-        total.add(stats);
-    }
+    let total = Stats::sum(&results);
     eprintln!("simulation on the log store: {seeds} seeds, {total:?}");
     if seeds >= 100 {
         // Recovery from files is what this test adds: it must have run, often.
