@@ -78,14 +78,18 @@ impl Lane {
         let jobs = self.jobs.clone();
         let name = self.name.clone();
         async move {
-            let (reply, result) = flume::bounded(1);
+            // The reply wakes the executor only after it has let go of its own lock. A flume
+            // channel woke it while holding the channel's mutex: the woken shard, on the same
+            // core, preempted the lane thread and then blocked on that mutex, two extra
+            // context switches and a futex round trip per commit (docs/benchmarks.md).
+            let (reply, result) = futures_channel::oneshot::channel();
             let job: Job = Box::new(move || {
                 let _ = reply.send(work());
             });
             jobs.send_async(job)
                 .await
                 .map_err(|_| LaneStopped(name.clone()))?;
-            result.recv_async().await.map_err(|_| LaneStopped(name))
+            result.await.map_err(|_| LaneStopped(name))
         }
     }
 }
@@ -192,6 +196,18 @@ mod tests {
             assert_eq!(doubled, 2 * i as u32);
             assert_eq!(thread.as_deref(), Some("test-lane"));
         }
+    }
+
+    #[test]
+    fn work_that_panics_reads_as_a_stopped_lane_not_a_hang() {
+        let lane = Lane::start("test-lane-panics".into(), 1, None, 0).expect("lane starts");
+        let result = glommio::LocalExecutorBuilder::default()
+            .io_memory(64 * 1024)
+            .spawn(move || async move { lane.run(|| -> u32 { panic!("a store bug") }).await })
+            .expect("executor starts")
+            .join()
+            .expect("executor ends");
+        assert_eq!(result, Err(LaneStopped("test-lane-panics".into())));
     }
 
     /// The thread's own nice value, as the scheduler sees it.
