@@ -500,6 +500,18 @@ impl UdpSocket {
         self.socket.peek(buf).await.map_err(Into::into)
     }
 
+    /// Courier patch (see vendor/README.md): waits through the ring alone until a datagram
+    /// can be read, and peeks at its first `buf.len()` bytes without taking it, on a socket
+    /// that need not be connected. [`UdpSocket::peek_from`] first tries a non-blocking
+    /// `recvmsg`, which fails on a socket just drained: one wasted system call per wake-up.
+    pub async fn peek_through_ring(&self, buf: &mut [u8]) -> Result<usize> {
+        let (size, _) = self
+            .socket
+            .recv_from_blocking::<SockaddrStorage>(buf, nix::sys::socket::MsgFlags::MSG_PEEK)
+            .await?;
+        Ok(size)
+    }
+
     ///Receives a single datagram message on the socket, without removing it
     /// from the queue. On success, returns the number of bytes read and the
     /// origin.
