@@ -79,9 +79,9 @@ impl Lane {
         let name = self.name.clone();
         async move {
             // The reply wakes the executor only after it has let go of its own lock. A flume
-            // channel woke it while holding the channel's mutex: the woken shard, on the same
-            // core, preempted the lane thread and then blocked on that mutex, two extra
-            // context switches and a futex round trip per commit (docs/benchmarks.md).
+            // channel wakes an async receiver while holding the channel's mutex: when the
+            // woken shard ran before the lane thread let go (seen under `strace`, rare
+            // otherwise), it blocked on that mutex (docs/benchmarks.md, fifteenth session).
             let (reply, result) = futures_channel::oneshot::channel();
             let job: Job = Box::new(move || {
                 let _ = reply.send(work());

@@ -770,8 +770,8 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let mut peek = [0u8; 1];
     loop {
         // Peeking waits for readability without taking the datagram; quinn-udp reads it below.
-        // Through the ring alone: the socket was just drained, so a first non-blocking try
-        // (glommio's `peek_from`) would fail on every wake-up.
+        // Through the ring alone: the socket was usually just drained, so a first
+        // non-blocking try (glommio's `peek_from`) would mostly fail.
         if let Err(error) = socket.glommio.peek_through_ring(&mut peek).await {
             warn!(%error, "socket peek failed");
             glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -503,7 +503,7 @@ impl UdpSocket {
     /// Courier patch (see vendor/README.md): waits through the ring alone until a datagram
     /// can be read, and peeks at its first `buf.len()` bytes without taking it, on a socket
     /// that need not be connected. [`UdpSocket::peek_from`] first tries a non-blocking
-    /// `recvmsg`, which fails on a socket just drained: one wasted system call per wake-up.
+    /// `recvmsg`, which usually fails on a socket just drained: a wasted system call per wake-up.
     pub async fn peek_through_ring(&self, buf: &mut [u8]) -> Result<usize> {
         let (size, _) = self
             .socket
