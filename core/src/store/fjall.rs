@@ -506,6 +506,105 @@ impl FjallStore {
     }
 }
 
+/// The log store's dedupe tier (`store::log`, decision 0023): reads of the latest state and
+/// writes that are not synced, because the log store's own journal holds them durably first and
+/// is replayed here after a crash. The log store calls [`FjallStore::persist`] before it drops
+/// a journal, and serialises these calls with its own lock.
+impl FjallStore {
+    pub(crate) fn read_latest(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.keyspace_of(key).get(key).map_err(io_error)?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    /// Calls `visit` for each pair in `[begin, end)` in order until it returns false.
+    pub(crate) fn scan_latest(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
+        for (keyspace, segment_begin, segment_end) in self.segments(begin, end) {
+            for guard in keyspace.range(segment_begin..segment_end) {
+                let (key, value) = guard.into_inner().map_err(io_error)?;
+                if !visit(&key, &value) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes `changes` (`None` deletes) as one batch, left in fjall's journal buffer: no
+    /// write system call, no sync.
+    pub(crate) fn write_unsynced<'a>(
+        &self,
+        changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch().durability(None);
+        let mut bytes = 0u64;
+        let mut deleted_in = [false; PARTITIONED_TAGS.len() + 1];
+        let mut empty = true;
+        for (key, value) in changes {
+            empty = false;
+            let index = FjallStore::keyspace_index(key);
+            let keyspace = self.keyspace_at(index);
+            bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+            match value {
+                Some(value) => batch.insert(keyspace, key, value),
+                None => {
+                    deleted_in[index] = true;
+                    batch.remove(keyspace, key)
+                }
+            }
+        }
+        if empty {
+            return Ok(());
+        }
+        batch.commit().map_err(io_error)?;
+        self.note_written(bytes, &deleted_in);
+        Ok(())
+    }
+
+    /// The highest key in `[begin, end)`, which must lie in one keyspace.
+    pub(crate) fn highest_key_in(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.keyspace_of(begin)
+            .range(begin.to_vec()..end.to_vec())
+            .next_back()
+            .map(|guard| guard.key().map(|key| key.to_vec()).map_err(io_error))
+            .transpose()
+    }
+
+    /// Makes every write so far durable (`fsync` of fjall's journal).
+    pub(crate) fn persist(&self) -> Result<(), StoreError> {
+        self.db.persist(PersistMode::SyncAll).map_err(io_error)
+    }
+
+    /// Bytes of disk the store's files take (blocks allocated, not lengths: fjall's journal
+    /// is a sparse file of 64 MiB).
+    pub(crate) fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        fn walk(dir: &Path) -> std::io::Result<u64> {
+            use std::os::unix::fs::MetadataExt;
+            let mut total = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let metadata = entry.metadata()?;
+                total += if metadata.is_dir() {
+                    walk(&entry.path())?
+                } else {
+                    metadata.blocks() * 512
+                };
+            }
+            Ok(total)
+        }
+        walk(&self.path)
+            .map_err(|e| StoreError::Io(format!("measure {}: {e}", self.path.display())))
+    }
+}
+
 impl Store for FjallStore {
     type Transaction<'a> = FjallTransaction<'a>;
 

@@ -19,6 +19,16 @@
 //!   the snapshot may be taken while commits go on (a fuzzy checkpoint).
 //! - `snapshot-{id}.tmp`: a snapshot being written; recovery deletes it.
 //! - `FORMAT`: names this layout, so an engine never opens another's directory.
+//! - `dedupe/`: the dedupe tier (below), a fjall store.
+//!
+//! Dedupe records (one per send, kept for the dedupe window, a day by default, and read only
+//! when a send is retried) would make the map grow with a day of sends instead of with what is
+//! undelivered. They live in the dedupe tier instead: a commit's journal record holds them like
+//! any change, and once it is fsynced they are written to the tier without a sync of their own
+//! (its journal stays in a buffer). A checkpoint syncs the tier before it writes its snapshot,
+//! which leaves them out, so a journal is deleted only once the tier holds its dedupe records
+//! durably; recovery replays the journals into the tier as into the map. Every other key stays
+//! in memory.
 //!
 //! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload][payload]`; a payload is a
 //! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
@@ -46,12 +56,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::dedupe_filter::DedupeFilter;
+use super::fjall::{FjallOptions, FjallStore};
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
 
-/// The first line of `FORMAT`.
-const FORMAT: &str = "courier log store 1\n";
+/// The first line of `FORMAT`. Version 2 keeps dedupe records in the dedupe tier
+/// (`DEDUPE_DIR`); a version 1 store (every key in the map) is upgraded when it is opened.
+const FORMAT: &str = "courier log store 2\n";
+const FORMAT_V1: &str = "courier log store 1\n";
+/// The dedupe tier: a fjall store, in this subdirectory, holding the dedupe records.
+const DEDUPE_DIR: &str = "dedupe";
 const FORMAT_FILE: &str = "FORMAT";
 const JOURNAL_PREFIX: &str = "journal-";
 const SNAPSHOT_PREFIX: &str = "snapshot-";
@@ -123,6 +138,49 @@ fn pair_bytes(key: &[u8], value: &[u8]) -> u64 {
     (key.len() + value.len()) as u64 + PAIR_OVERHEAD_BYTES
 }
 
+/// Whether `key` lives in the dedupe tier.
+fn is_dedupe(key: &[u8]) -> bool {
+    key.first() == Some(&keys::TAG_DEDUPE)
+}
+
+/// The dedupe tier's keys: `[DEDUPE_BEGIN, DEDUPE_END)`.
+const DEDUPE_BEGIN: &[u8] = &[keys::TAG_DEDUPE];
+const DEDUPE_END: &[u8] = &[keys::TAG_DEDUPE + 1];
+
+/// The dedupe tier's options: small caches (it is read only on retried sends), no filter of its
+/// own (the log store's writer keeps one).
+fn dedupe_tier_options() -> FjallOptions {
+    FjallOptions {
+        cache_bytes: 8 * 1024 * 1024,
+        worker_threads: 1,
+        memtable_bytes_max: 8 * 1024 * 1024,
+        dedupe_filter_bytes_max: 0,
+        dedupe_filter_warm_keys_max: 0,
+        ..FjallOptions::default()
+    }
+}
+
+/// Applies one record's `changes` in order: dedupe keys to the tier, the rest to the map.
+fn apply_changes<'a>(
+    state: &mut State,
+    dedupe: &FjallStore,
+    changes: &[(&'a [u8], Option<&'a [u8]>)],
+) -> Result<(), StoreError> {
+    dedupe.write_unsynced(
+        changes
+            .iter()
+            .filter(|(key, _)| is_dedupe(key))
+            .map(|(key, value)| (*key, *value)),
+    )?;
+    state.apply(
+        changes
+            .iter()
+            .filter(|(key, _)| !is_dedupe(key))
+            .map(|(key, value)| (*key, *value)),
+    );
+    Ok(())
+}
+
 /// What the writer lock guards.
 #[derive(Debug)]
 struct Writer {
@@ -183,6 +241,9 @@ struct Inner {
     checkpoint_running: Mutex<()>,
     checkpoint_wanted: Mutex<CheckpointRequest>,
     checkpoint_signal: Condvar,
+    /// The dedupe tier: every key tagged `keys::TAG_DEDUPE`, nothing else. Written under the
+    /// map's write lock, so a reader holding the read lock sees it as of the same commit.
+    dedupe: FjallStore,
     /// Held for the store's life: a second process opening the directory fails.
     _lock: File,
 }
@@ -377,38 +438,42 @@ enum Ending {
     Damaged,
 }
 
-/// Replays the records at the start of `bytes` into `state`. Returns the length of the valid
-/// prefix and how the file ends after it.
-fn replay(state: &mut State, bytes: &[u8]) -> (usize, Ending) {
+/// Replays the records at the start of `bytes` into `state` and the dedupe tier. Returns the
+/// length of the valid prefix and how the file ends after it.
+fn replay(
+    state: &mut State,
+    dedupe: &FjallStore,
+    bytes: &[u8],
+) -> Result<(usize, Ending), StoreError> {
     let mut at = 0usize;
     while at < bytes.len() {
         match decode_record(&bytes[at..]) {
             Ok((changes, len)) => {
-                state.apply(changes.into_iter());
+                apply_changes(state, dedupe, &changes)?;
                 at += len;
             }
             Err(_) => {
                 let rest = &bytes[at..];
                 if is_zeros(rest) {
-                    return (at, Ending::ZeroTail);
+                    return Ok((at, Ending::ZeroTail));
                 }
                 // A torn write is the last write: no whole record can follow it. Whatever its
                 // pages look like (a record's later page can reach the disk before the page
                 // with its header), only a record that decodes after it proves damage.
                 let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
                 let damaged = (1..=last).any(|offset| starts_a_record(&rest[offset..]));
-                return (
+                return Ok((
                     at,
                     if damaged {
                         Ending::Damaged
                     } else {
                         Ending::Torn
                     },
-                );
+                ));
             }
         }
     }
-    (at, Ending::Clean)
+    Ok((at, Ending::Clean))
 }
 
 /// Whether `bytes` starts with a whole, valid record. Checks the header's length against what
@@ -437,25 +502,36 @@ fn torn_bytes(bytes: &[u8], valid: usize) -> u64 {
         .map_or(0, |last| last as u64 + 1)
 }
 
-/// The dedupe filter of a store just recovered (`DedupeFilter::opened`).
-fn open_dedupe_filter(state: &State, bytes_max: usize, warm_keys_max: usize) -> DedupeFilter {
-    let next_tag = [keys::TAG_DEDUPE + 1];
-    let dedupe_keys_from = |start: &[u8]| {
-        state
-            .map
-            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(&next_tag[..])))
-            .map(|(key, _)| &key.bytes[..])
-    };
-    let opened: Result<DedupeFilter, std::convert::Infallible> = DedupeFilter::opened(
+/// The dedupe filter of a store just recovered (`DedupeFilter::opened`), from the tier.
+fn open_dedupe_filter(
+    dedupe: &FjallStore,
+    bytes_max: usize,
+    warm_keys_max: usize,
+) -> Result<DedupeFilter, StoreError> {
+    DedupeFilter::opened(
         bytes_max,
         warm_keys_max,
-        || Ok(dedupe_keys_from(&[keys::TAG_DEDUPE]).next_back()),
-        |start, take| Ok(dedupe_keys_from(start).take(take).collect()),
-    );
-    match opened {
-        Ok(filter) => filter,
-        Err(never) => match never {},
-    }
+        || dedupe.highest_key_in(DEDUPE_BEGIN, DEDUPE_END),
+        |start, take| {
+            let mut found = Vec::new();
+            dedupe.scan_latest(start, DEDUPE_END, &mut |key, _| {
+                found.push(key.to_vec());
+                found.len() < take
+            })?;
+            Ok(found)
+        },
+    )
+}
+
+/// Writes `FORMAT` (this version) durably: a copy, renamed over the old one.
+fn write_format(dir: &Path) -> Result<(), StoreError> {
+    let format_path = dir.join(FORMAT_FILE);
+    let tmp_path = dir.join(format!("{FORMAT_FILE}{TMP_SUFFIX}"));
+    std::fs::write(&tmp_path, FORMAT)
+        .and_then(|()| File::open(&tmp_path)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp_path, &format_path))
+        .map_err(|e| io(format!("write {}", format_path.display()), e))?;
+    sync_dir(dir)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
@@ -474,8 +550,10 @@ impl LogStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
         let format_path = dir.join(FORMAT_FILE);
+        let mut upgrade_from_v1 = false;
         match std::fs::read_to_string(&format_path) {
             Ok(format) if format == FORMAT => {}
+            Ok(format) if format == FORMAT_V1 => upgrade_from_v1 = true,
             Ok(other) => {
                 return Err(StoreError::Corrupt(format!(
                     "{} says {:?}, not {FORMAT:?}: this directory belongs to another store \
@@ -499,16 +577,12 @@ impl LogStore {
                         dir.display()
                     )));
                 }
-                let tmp_path = dir.join(format!("{FORMAT_FILE}{TMP_SUFFIX}"));
-                std::fs::write(&tmp_path, FORMAT)
-                    .and_then(|()| File::open(&tmp_path)?.sync_all())
-                    .and_then(|()| std::fs::rename(&tmp_path, &format_path))
-                    .map_err(|e| io(format!("write {}", format_path.display()), e))?;
-                sync_dir(dir)?;
+                write_format(dir)?;
             }
             Err(e) => return Err(io(format!("read {}", format_path.display()), e)),
         }
         let lock = lock_dir(dir)?;
+        let dedupe = FjallStore::open(&dir.join(DEDUPE_DIR), &dedupe_tier_options())?;
 
         let mut stale = Vec::new();
         let snapshots = list_ids(dir, SNAPSHOT_PREFIX, &mut stale)?;
@@ -521,7 +595,7 @@ impl LogStore {
             Some(&id) => {
                 let path = dir.join(file_name(SNAPSHOT_PREFIX, id));
                 let bytes = read_file(&path)?;
-                let (valid, ending) = replay(&mut state, &bytes);
+                let (valid, ending) = replay(&mut state, &dedupe, &bytes)?;
                 if ending != Ending::Clean {
                     return Err(StoreError::Corrupt(format!(
                         "{} is damaged at byte {valid}: restore the store from a backup",
@@ -540,7 +614,7 @@ impl LogStore {
         for (index, id) in replayed.iter().enumerate() {
             let path = dir.join(file_name(JOURNAL_PREFIX, *id));
             let bytes = read_file(&path)?;
-            let (valid, ending) = replay(&mut state, &bytes);
+            let (valid, ending) = replay(&mut state, &dedupe, &bytes)?;
             // Journals after this one that hold no commit (started by a checkpoint, a reopen or
             // a full segment, then a crash or a failed write) do not make its tear a damage.
             let newer_hold_commits = ending == Ending::Torn
@@ -614,10 +688,16 @@ impl LogStore {
         };
         let live_bytes = state.live_bytes;
         let dedupe_filter = open_dedupe_filter(
-            &state,
+            &dedupe,
             options.dedupe_filter_bytes_max,
             options.dedupe_filter_warm_keys_max,
-        );
+        )?;
+        if upgrade_from_v1 {
+            // A version 1 snapshot's dedupe records went to the tier in the replay above (the
+            // snapshot stays until the next checkpoint, so a crash before this replays it again).
+            dedupe.persist()?;
+            write_format(dir)?;
+        }
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options: options.clone(),
@@ -640,6 +720,7 @@ impl LogStore {
             checkpoint_running: Mutex::new(()),
             checkpoint_wanted: Mutex::new(CheckpointRequest::default()),
             checkpoint_signal: Condvar::new(),
+            dedupe,
             _lock: lock,
         });
         let background = Arc::clone(&inner);
@@ -698,9 +779,11 @@ impl LogStore {
         let entries = std::fs::read_dir(&self.inner.dir)
             .map_err(|e| io(format!("list {}", self.inner.dir.display()), e))?;
         for entry in entries.flatten() {
-            total += entry.metadata().map_or(0, |m| m.len());
+            total += entry
+                .metadata()
+                .map_or(0, |m| if m.is_file() { m.len() } else { 0 });
         }
-        Ok(total)
+        Ok(total + self.inner.dedupe.allocated_bytes()?)
     }
 
     /// Makes what was deleted physically gone from disk: a checkpoint, after which the
@@ -717,6 +800,9 @@ impl LogStore {
             self.inner.checkpoint_locked(&running)?;
         }
         drop(running);
+        // Deleted dedupe records leave the tier's journal and tables (it does nothing if
+        // nothing was written to it since its last pass).
+        self.inner.dedupe.erase_deleted()?;
         Ok(LogEraseReport {
             checkpointed,
             disk_bytes_before,
@@ -892,7 +978,22 @@ impl Inner {
         }
         {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let tiered = self.dedupe.write_unsynced(
+                changes
+                    .iter()
+                    .filter(|(key, _)| is_dedupe(key))
+                    .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
+            );
+            if let Err(error) = tiered {
+                // The commit is durable in the journal but not in the tier: recovery
+                // replays it there.
+                self.poisoned.store(true, Ordering::Release);
+                return Err(error);
+            }
             for (key, value) in changes {
+                if is_dedupe(&key) {
+                    continue;
+                }
                 match value {
                     Some(value) => state.set(key, value),
                     None => state.delete(key),
@@ -919,8 +1020,10 @@ impl Inner {
     /// Refuses a commit that would leave the live pairs above `memory_bytes_max`. What its
     /// deletes free counts: acks and expiry always pass, and make room for sends.
     fn check_memory_bound(&self, changes: &[(Bytes, Option<Bytes>)]) -> Result<(), StoreError> {
+        // Dedupe records go to the tier, on disk.
         let added: u64 = changes
             .iter()
+            .filter(|(key, _)| !is_dedupe(key))
             .filter_map(|(key, value)| value.as_ref().map(|v| pair_bytes(key, v)))
             .sum();
         let state = self.read_state();
@@ -932,7 +1035,7 @@ impl Inner {
         let mut counted = std::collections::HashSet::new();
         let freed: u64 = changes
             .iter()
-            .filter(|(key, _)| counted.insert(&key[..]))
+            .filter(|(key, _)| !is_dedupe(key) && counted.insert(&key[..]))
             .filter_map(|(key, _)| {
                 let old = state.map.get(&WriteKey::new(key.clone()))?;
                 Some(pair_bytes(key, old))
@@ -1118,7 +1221,9 @@ impl Inner {
                 self.deleted_since_checkpoint.swap(false, Ordering::AcqRel),
             )
         };
-        let written = self.write_snapshot(id);
+        // Every commit in the journals before `id` reached the tier before the switch above
+        // (under the writer lock): synced now, they may go once the snapshot is written.
+        let written = self.dedupe.persist().and_then(|()| self.write_snapshot(id));
         if written.is_err() {
             self.journal_bytes_since_checkpoint
                 .fetch_add(journal_bytes, Ordering::Relaxed);
@@ -1250,6 +1355,25 @@ impl LogEngine<'_> {
             LogAccess::Read(state) => read(state),
         }
     }
+
+    /// Visits the map's pairs in `[begin, end)`; false when `visit` stopped it.
+    fn scan_map(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> bool {
+        let (begin, end) = (
+            WriteKey::new(Bytes::from(begin)),
+            WriteKey::new(Bytes::from(end)),
+        );
+        self.with_state(|state| {
+            state
+                .map
+                .range::<WriteKey, _>((Bound::Included(&begin), Bound::Excluded(&end)))
+                .all(|(key, value)| visit(&key.bytes, value))
+        })
+    }
 }
 
 impl Engine for LogEngine<'_> {
@@ -1259,6 +1383,11 @@ impl Engine for LogEngine<'_> {
             && writer.dedupe_filter.is_absent(key)
         {
             return Ok(None);
+        }
+        if is_dedupe(key) {
+            // A writer holds the writer lock and a reader the map's read lock: either way no
+            // commit changes the tier meanwhile.
+            return self.inner.dedupe.read_latest(key);
         }
         // Looked up as a `WriteKey`, so the search compares numbers, not byte strings.
         let key = WriteKey::new(Bytes::from(key));
@@ -1275,20 +1404,19 @@ impl Engine for LogEngine<'_> {
         if begin >= end {
             return Ok(());
         }
-        let (begin, end) = (
-            WriteKey::new(Bytes::from(begin)),
-            WriteKey::new(Bytes::from(end)),
-        );
-        self.with_state(|state| {
-            for (key, value) in state
-                .map
-                .range::<WriteKey, _>((Bound::Included(&begin), Bound::Excluded(&end)))
-            {
-                if !visit(&key.bytes, value) {
-                    break;
-                }
-            }
-        });
+        // In key order: the map below the tier's keys, the tier, the map above them.
+        let below = (begin, end.min(DEDUPE_BEGIN));
+        let tier = (begin.max(DEDUPE_BEGIN), end.min(DEDUPE_END));
+        let above = (begin.max(DEDUPE_END), end);
+        if below.0 < below.1 && !self.scan_map(below.0, below.1, visit) {
+            return Ok(());
+        }
+        if tier.0 < tier.1 && !self.inner.dedupe.scan_latest(tier.0, tier.1, visit)? {
+            return Ok(());
+        }
+        if above.0 < above.1 {
+            self.scan_map(above.0, above.1, visit);
+        }
         Ok(())
     }
 
