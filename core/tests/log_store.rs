@@ -438,34 +438,81 @@ fn dedupe_records_live_in_the_tier_not_in_memory() {
     assert!(scanned.windows(2).all(|pair| pair[0].0 < pair[1].0));
 }
 
+/// A record of the log store's files (`core/src/store/log.rs`), written here independently
+/// of the engine, to build directories an older version left.
+fn record(changes: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
+    let mut payload = (changes.len() as u32).to_le_bytes().to_vec();
+    for (key, value) in changes {
+        payload.push(if value.is_some() { 1 } else { 2 });
+        payload.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        payload.extend_from_slice(key);
+        if let Some(value) = value {
+            payload.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            payload.extend_from_slice(value);
+        }
+    }
+    let mut out = (payload.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
 /// A store written before the dedupe tier (`FORMAT` version 1: dedupe records in the
-/// journals and the map) is upgraded when opened: its records move to the tier, `FORMAT`
-/// says version 2, and nothing is lost across the next checkpoint and reopen.
+/// snapshot and journals, no `dedupe/`) is upgraded when opened: its records reach the tier,
+/// `FORMAT` says version 2, and nothing is lost across the next checkpoint and reopen. A tier
+/// an unfinished earlier upgrade left is not trusted: a record deleted since does not return.
 #[test]
 fn a_version_1_store_is_upgraded_on_open() {
     use courier_core::keys;
+    use courier_core::store::fjall::{FjallOptions, FjallStore};
     let dir = tempfile::tempdir().unwrap();
-    let record = keys::dedupe(7, 100, 5, 1);
-    {
-        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        set(&store, &record, b"seq");
-        set(&store, b"q-message", b"body");
-    }
-    // What version 1 left: the same journals, no tier, the old `FORMAT`.
-    std::fs::remove_dir_all(dir.path().join("dedupe")).unwrap();
+    let kept = keys::dedupe(7, 100, 5, 1);
+    let deleted_since = keys::dedupe(7, 100, 5, 2);
     std::fs::write(dir.path().join("FORMAT"), "courier log store 1\n").unwrap();
+    std::fs::write(
+        dir.path().join("snapshot-00000000000000000001"),
+        record(&[(&kept, Some(b"seq")), (b"q-message", Some(b"body"))]),
+    )
+    .unwrap();
+    {
+        let stale_tier =
+            FjallStore::open(&dir.path().join("dedupe"), &FjallOptions::default()).unwrap();
+        let mut txn = stale_tier.begin().unwrap();
+        txn.set(&deleted_since, b"seq");
+        txn.commit().unwrap();
+    }
     {
         let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-        assert_eq!(get(&store, &record).as_deref(), Some(&b"seq"[..]));
+        assert_eq!(get(&store, &kept).as_deref(), Some(&b"seq"[..]));
+        assert_eq!(get(&store, &deleted_since), None);
         assert_eq!(
             std::fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
             "courier log store 2\n"
         );
         store.checkpoint().unwrap();
+        assert!(!dir.path().join("snapshot-00000000000000000001").exists());
     }
     let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-    assert_eq!(get(&store, &record).as_deref(), Some(&b"seq"[..]));
+    assert_eq!(get(&store, &kept).as_deref(), Some(&b"seq"[..]));
     assert_eq!(get(&store, b"q-message").as_deref(), Some(&b"body"[..]));
+}
+
+/// A version 2 store whose tier is gone is refused, naming it, instead of opening without its
+/// dedupe records; one whose creation stopped before the tier was made opens.
+#[test]
+fn a_store_without_its_dedupe_tier_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(LogStore::open(dir.path(), &LogOptions::default()).unwrap());
+    std::fs::remove_dir_all(dir.path().join("dedupe")).unwrap();
+    match LogStore::open(dir.path(), &LogOptions::default()) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("dedupe"), "{message}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "courier log store 2\n").unwrap();
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    set(&store, b"q-1", b"body");
 }
 
 /// A checkpoint deletes the journals that held dedupe records only after the tier holds them

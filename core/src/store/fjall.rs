@@ -534,8 +534,8 @@ impl FjallStore {
         Ok(true)
     }
 
-    /// Writes `changes` (`None` deletes) as one batch, left in fjall's journal buffer: no
-    /// write system call, no sync.
+    /// Writes `changes` (`None` deletes) as one batch into fjall's journal buffer (written out
+    /// as it fills), not synced.
     pub(crate) fn write_unsynced<'a>(
         &self,
         changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
@@ -589,9 +589,19 @@ impl FjallStore {
         fn walk(dir: &Path) -> std::io::Result<u64> {
             use std::os::unix::fs::MetadataExt;
             let mut total = 0;
-            for entry in std::fs::read_dir(dir)? {
+            // fjall deletes files as it goes (journals, compacted tables): one gone between
+            // the listing and its look counts nothing.
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            let entries = match std::fs::read_dir(dir) {
+                Err(e) if gone(&e) => return Ok(0),
+                other => other?,
+            };
+            for entry in entries {
                 let entry = entry?;
-                let metadata = entry.metadata()?;
+                let metadata = match entry.metadata() {
+                    Err(e) if gone(&e) => continue,
+                    other => other?,
+                };
                 total += if metadata.is_dir() {
                     walk(&entry.path())?
                 } else {

@@ -25,7 +25,7 @@
 //! when a send is retried) would make the map grow with a day of sends instead of with what is
 //! undelivered. They live in the dedupe tier instead: a commit's journal record holds them like
 //! any change, and once it is fsynced they are written to the tier without a sync of their own
-//! (its journal stays in a buffer). A checkpoint syncs the tier before it writes its snapshot,
+//! (into its journal's buffer), just before the rest of the commit reaches the map. A checkpoint syncs the tier before it writes its snapshot,
 //! which leaves them out, so a journal is deleted only once the tier holds its dedupe records
 //! durably; recovery replays the journals into the tier as into the map. Every other key stays
 //! in memory.
@@ -241,8 +241,8 @@ struct Inner {
     checkpoint_running: Mutex<()>,
     checkpoint_wanted: Mutex<CheckpointRequest>,
     checkpoint_signal: Condvar,
-    /// The dedupe tier: every key tagged `keys::TAG_DEDUPE`, nothing else. Written under the
-    /// map's write lock, so a reader holding the read lock sees it as of the same commit.
+    /// The dedupe tier: every key tagged `keys::TAG_DEDUPE`, nothing else. Written by the
+    /// writer (under the writer lock) just before it applies the rest of a commit to the map.
     dedupe: FjallStore,
     /// Held for the store's life: a second process opening the directory fails.
     _lock: File,
@@ -582,7 +582,31 @@ impl LogStore {
             Err(e) => return Err(io(format!("read {}", format_path.display()), e)),
         }
         let lock = lock_dir(dir)?;
-        let dedupe = FjallStore::open(&dir.join(DEDUPE_DIR), &dedupe_tier_options())?;
+        let dedupe_dir = dir.join(DEDUPE_DIR);
+        if upgrade_from_v1 {
+            // A version 1 store holds every dedupe record in its snapshot and journals. A tier
+            // left by an upgrade that did not finish (and a rollback since) may hold records
+            // deleted after it: the replay below fills a new one.
+            match std::fs::remove_dir_all(&dedupe_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("remove {}", dedupe_dir.display()), e)),
+            }
+        } else if !dedupe_dir.exists() {
+            // A store whose creation stopped before its tier was made has no journal yet;
+            // any other without a tier lost the dedupe records it held.
+            let mut tmp = Vec::new();
+            let holds_data = !list_ids(dir, JOURNAL_PREFIX, &mut tmp)?.is_empty()
+                || !list_ids(dir, SNAPSHOT_PREFIX, &mut tmp)?.is_empty();
+            if holds_data {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is missing: the dedupe records of this log store are gone; restore \
+                     the store from a backup",
+                    dedupe_dir.display()
+                )));
+            }
+        }
+        let dedupe = FjallStore::open(&dedupe_dir, &dedupe_tier_options())?;
 
         let mut stale = Vec::new();
         let snapshots = list_ids(dir, SNAPSHOT_PREFIX, &mut stale)?;
@@ -976,20 +1000,23 @@ impl Inner {
                 writer.dedupe_filter.note_written(key);
             }
         }
+        // The tier first, outside the map's lock: its write can wait for fjall's journal lock,
+        // which a tier sync or flush holds across an fsync, and readers must not wait on that.
+        // A reader may therefore see a commit's dedupe records a moment before its other keys.
+        let tiered = self.dedupe.write_unsynced(
+            changes
+                .iter()
+                .filter(|(key, _)| is_dedupe(key))
+                .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
+        );
+        if let Err(error) = tiered {
+            // The commit is durable in the journal but not in the tier: recovery replays it
+            // there.
+            self.poisoned.store(true, Ordering::Release);
+            return Err(error);
+        }
         {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-            let tiered = self.dedupe.write_unsynced(
-                changes
-                    .iter()
-                    .filter(|(key, _)| is_dedupe(key))
-                    .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
-            );
-            if let Err(error) = tiered {
-                // The commit is durable in the journal but not in the tier: recovery
-                // replays it there.
-                self.poisoned.store(true, Ordering::Release);
-                return Err(error);
-            }
             for (key, value) in changes {
                 if is_dedupe(&key) {
                     continue;
@@ -1223,7 +1250,15 @@ impl Inner {
         };
         // Every commit in the journals before `id` reached the tier before the switch above
         // (under the writer lock): synced now, they may go once the snapshot is written.
-        let written = self.dedupe.persist().and_then(|()| self.write_snapshot(id));
+        let written = self
+            .dedupe
+            .persist()
+            .inspect_err(|_| {
+                // fjall is poisoned now: every later tier write fails. Refuse commits from here
+                // (not after a durable one), until the reopen recovers the tier.
+                self.poisoned.store(true, Ordering::Release);
+            })
+            .and_then(|()| self.write_snapshot(id));
         if written.is_err() {
             self.journal_bytes_since_checkpoint
                 .fetch_add(journal_bytes, Ordering::Relaxed);
