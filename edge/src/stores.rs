@@ -40,26 +40,7 @@ pub fn legacy_store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
 }
 
-/// Bytes of disk blocks the files under `dir` use: fjall preallocates its journals as sparse
-/// files, so their length is not what they use. Unreadable entries count as nothing.
-pub fn allocated_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            match entry.metadata() {
-                Ok(metadata) if metadata.is_dir() => pending.push(entry.path()),
-                Ok(metadata) => total += metadata.blocks() * 512,
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
+pub use courier_core::store::allocated_bytes;
 
 /// The directory of shard `shard`'s store under `stores` ([`stores_dir`]).
 pub fn shard_dir(stores: &Path, shard: u32) -> PathBuf {

@@ -451,38 +451,56 @@ impl Engine for FjallEngine<'_> {
                 "a read-only transaction cannot commit writes: this is a bug".into(),
             ));
         };
-        if !changes.is_empty() {
-            let mut batch = self
-                .store
-                .db
-                .batch()
-                .durability(Some(self.store.persist_mode));
-            let mut bytes = 0u64;
-            let mut deleted_in = [false; PARTITIONED_TAGS.len() + 1];
-            for (key, value) in changes {
-                let index = FjallStore::keyspace_index(&key);
-                let keyspace = self.store.keyspace_at(index);
-                bytes += (key.len() + value.as_ref().map_or(0, |value| value.len())) as u64;
-                match value {
-                    Some(value) => {
-                        writer.dedupe_filter.note_written(&key);
-                        batch.insert(keyspace, key, value)
-                    }
-                    None => {
-                        deleted_in[index] = true;
-                        batch.remove(keyspace, key)
-                    }
-                }
-            }
-            batch.commit().map_err(io_error)?;
-            self.store.note_written(bytes, &deleted_in);
-        }
+        self.store
+            .write_batch(changes, Some(self.store.persist_mode), |key| {
+                writer.dedupe_filter.note_written(key)
+            })?;
         writer.version += 1;
         Ok(writer.version)
     }
 }
 
 impl FjallStore {
+    /// Writes `changes` (`None` deletes) as one fjall batch persisted with `durability`
+    /// (`None`: left in fjall's journal buffer), calling `on_set` with each key it sets.
+    /// Nothing happens for no changes.
+    fn write_batch<K, V>(
+        &self,
+        changes: impl IntoIterator<Item = (K, Option<V>)>,
+        durability: Option<PersistMode>,
+        mut on_set: impl FnMut(&[u8]),
+    ) -> Result<(), StoreError>
+    where
+        K: AsRef<[u8]> + Into<fjall::Slice>,
+        V: AsRef<[u8]> + Into<fjall::Slice>,
+    {
+        let mut changes = changes.into_iter().peekable();
+        if changes.peek().is_none() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch().durability(durability);
+        let mut bytes = 0u64;
+        let mut deleted_in = [false; PARTITIONED_TAGS.len() + 1];
+        for (key, value) in changes {
+            let index = FjallStore::keyspace_index(key.as_ref());
+            let keyspace = self.keyspace_at(index);
+            bytes += (key.as_ref().len() + value.as_ref().map_or(0, |v| v.as_ref().len())) as u64;
+            match value {
+                Some(value) => {
+                    on_set(key.as_ref());
+                    batch.insert(keyspace, key, value)
+                }
+                None => {
+                    deleted_in[index] = true;
+                    batch.remove(keyspace, key)
+                }
+            }
+        }
+        batch.commit().map_err(io_error)?;
+        self.note_written(bytes, &deleted_in);
+        Ok(())
+    }
+
     /// Counts bytes written and, every `flush_every_bytes`, seals every keyspace's memtable so
     /// fjall flushes it. Counters, device records and the clock are written a few bytes at a
     /// time and would otherwise pin the journal until it reaches `journal_bytes_max`.
@@ -540,29 +558,7 @@ impl FjallStore {
         &self,
         changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch().durability(None);
-        let mut bytes = 0u64;
-        let mut deleted_in = [false; PARTITIONED_TAGS.len() + 1];
-        let mut empty = true;
-        for (key, value) in changes {
-            empty = false;
-            let index = FjallStore::keyspace_index(key);
-            let keyspace = self.keyspace_at(index);
-            bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
-            match value {
-                Some(value) => batch.insert(keyspace, key, value),
-                None => {
-                    deleted_in[index] = true;
-                    batch.remove(keyspace, key)
-                }
-            }
-        }
-        if empty {
-            return Ok(());
-        }
-        batch.commit().map_err(io_error)?;
-        self.note_written(bytes, &deleted_in);
-        Ok(())
+        self.write_batch(changes, None, |_| {})
     }
 
     /// The highest key in `[begin, end)`, which must lie in one keyspace.
@@ -581,37 +577,6 @@ impl FjallStore {
     /// Makes every write so far durable (`fsync` of fjall's journal).
     pub(crate) fn persist(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll).map_err(io_error)
-    }
-
-    /// Bytes of disk the store's files take (blocks allocated, not lengths: fjall's journal
-    /// is a sparse file of 64 MiB).
-    pub(crate) fn allocated_bytes(&self) -> Result<u64, StoreError> {
-        fn walk(dir: &Path) -> std::io::Result<u64> {
-            use std::os::unix::fs::MetadataExt;
-            let mut total = 0;
-            // fjall deletes files as it goes (journals, compacted tables): one gone between
-            // the listing and its look counts nothing.
-            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-            let entries = match std::fs::read_dir(dir) {
-                Err(e) if gone(&e) => return Ok(0),
-                other => other?,
-            };
-            for entry in entries {
-                let entry = entry?;
-                let metadata = match entry.metadata() {
-                    Err(e) if gone(&e) => continue,
-                    other => other?,
-                };
-                total += if metadata.is_dir() {
-                    walk(&entry.path())?
-                } else {
-                    metadata.blocks() * 512
-                };
-            }
-            Ok(total)
-        }
-        walk(&self.path)
-            .map_err(|e| StoreError::Io(format!("measure {}: {e}", self.path.display())))
     }
 }
 

@@ -807,7 +807,7 @@ impl LogStore {
                 .metadata()
                 .map_or(0, |m| if m.is_file() { m.len() } else { 0 });
         }
-        Ok(total + self.inner.dedupe.allocated_bytes()?)
+        Ok(total + super::allocated_bytes(&self.inner.dir.join(DEDUPE_DIR)))
     }
 
     /// Makes what was deleted physically gone from disk: a checkpoint, after which the
