@@ -13,7 +13,7 @@
 //! (`_seconds`, `_bytes`), `_total` on counters. docs/operations.md lists every series.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use courier_core::FastHashMap;
 use courier_protocol::ErrorCode;
@@ -112,14 +112,21 @@ pub struct Metrics {
     /// Read on each scrape.
     store_disk_bytes: Family<ShardLabel, Gauge>,
     stores: Vec<PathBuf>,
+    /// Read on each scrape: one cache for every shard.
+    tls_sessions_cached: Gauge,
+    tls_sessions: Option<Arc<crate::tls::SessionCache>>,
     /// Serialises scrapes (the disk walk sets gauges before encoding).
     scrape: Mutex<()>,
 }
 
 impl Metrics {
     /// The registry with every series. `stores` are the shards' embedded store directories
-    /// (empty with FoundationDB), whose disk use each scrape reports.
-    pub fn new(stores: Vec<PathBuf>) -> Metrics {
+    /// (empty with FoundationDB), whose disk use each scrape reports, as it reports how many
+    /// sessions `tls_sessions` holds.
+    pub fn new(
+        stores: Vec<PathBuf>,
+        tls_sessions: Option<Arc<crate::tls::SessionCache>>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("courier");
         macro_rules! family {
             ($name:literal, $help:literal) => {{
@@ -276,6 +283,12 @@ impl Metrics {
             Unit::Bytes,
             store_disk_bytes.clone(),
         );
+        let tls_sessions_cached = Gauge::default();
+        registry.register(
+            "tls_sessions_cached",
+            "TLS sessions held for resumption and 0-RTT, one per recent handshake (at most tls.session_cache_entries)",
+            tls_sessions_cached.clone(),
+        );
         let build_info: Family<Vec<(String, String)>, Gauge> = Family::default();
         build_info
             .get_or_create(&vec![(
@@ -322,6 +335,8 @@ impl Metrics {
             link_requests_received,
             store_disk_bytes,
             stores,
+            tls_sessions_cached,
+            tls_sessions,
             scrape: Mutex::new(()),
         }
     }
@@ -429,6 +444,9 @@ impl Metrics {
                     shard: shard as u32,
                 })
                 .set(crate::stores::allocated_bytes(dir) as i64);
+        }
+        if let Some(sessions) = &self.tls_sessions {
+            self.tls_sessions_cached.set(sessions.len() as i64);
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
@@ -594,7 +612,7 @@ mod tests {
     /// what the shards counted.
     #[test]
     fn shards_count_into_one_exposition() {
-        let metrics = Metrics::new(Vec::new());
+        let metrics = Metrics::new(Vec::new(), None);
         let mut zero = metrics.shard(0);
         let one = metrics.shard(1);
         zero.frame_received("send");

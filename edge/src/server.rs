@@ -132,7 +132,8 @@ impl Edge {
         } else {
             None
         };
-        let server_config = tls::server_config(&config, identity, cluster_tls.as_ref())?;
+        let (server_config, tls_sessions) =
+            tls::server_config(&config, identity, cluster_tls.as_ref())?;
         let link_client_config = match &cluster_tls {
             Some(cluster) => Some(tls::link_client_config(&config, cluster)?),
             None => None,
@@ -197,7 +198,7 @@ impl Edge {
             // FoundationDB's storage is the cluster's, not this machine's.
             _ => Vec::new(),
         };
-        let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs));
+        let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs, Some(tls_sessions)));
         let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
         if let Some(listen) = config.metrics.listen_addr()? {
             crate::health::start(listen, health.clone(), metrics.clone())?;

@@ -228,13 +228,14 @@ const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
 const LINK_ACK_DELAY: Duration = Duration::from_millis(25);
 const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The QUIC server configuration every shard's endpoint uses. With `cluster`, it also accepts
-/// links from other edges (their ALPN, their certificate checked against the cluster's CA).
+/// The QUIC server configuration every shard's endpoint uses, and the TLS session cache it
+/// resumes from (for the metrics). With `cluster`, it also accepts links from other edges
+/// (their ALPN, their certificate checked against the cluster's CA).
 pub fn server_config(
     config: &Config,
     identity: Identity,
     cluster: Option<&ClusterTls>,
-) -> Result<Arc<quinn_proto::ServerConfig>, String> {
+) -> Result<(Arc<quinn_proto::ServerConfig>, Arc<SessionCache>), String> {
     let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("tls: {e}"))?;
@@ -272,7 +273,14 @@ pub fn server_config(
             .push(courier_protocol::link::LINK_ALPN.to_vec());
     }
     tls.max_early_data_size = u32::MAX;
-    tls.session_storage = Arc::new(SessionCache::new(config.tls.session_cache_entries));
+    let sessions = Arc::new(SessionCache::new(config.tls.session_cache_entries));
+    tls.session_storage = sessions.clone();
+    // One ticket per handshake, not rustls's two. A client resumes with its newest ticket and
+    // gets a new one each time, so the second was a spare used only when a connection died
+    // before its ticket arrived: it took half of `session_cache_entries` (every ticket is a
+    // cached session, evicted oldest first), so the cache remembered half as many devices,
+    // and it cost a session encoding and a cache insert per handshake.
+    tls.send_tls13_tickets = 1;
     tls.send_half_rtt_data = true;
     // Our order, not the client's: AES-128-GCM with SHA-256 (see `crypto_provider`).
     tls.ignore_client_order = true;
@@ -284,7 +292,7 @@ pub fn server_config(
     let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
     server.transport_config(Arc::new(transport_config(config)));
     server.migration(true);
-    Ok(Arc::new(server))
+    Ok((Arc::new(server), sessions))
 }
 
 /// Transport parameters: small stream counts (quinn reserves state for every stream the peer
@@ -513,6 +521,8 @@ mod tests {
         server_conn: Option<(quinn_proto::ConnectionHandle, quinn_proto::Connection)>,
         client_conn: (quinn_proto::ConnectionHandle, quinn_proto::Connection),
         client_config: quinn_proto::ClientConfig,
+        /// The server's TLS session cache.
+        sessions: Arc<SessionCache>,
         now: std::time::Instant,
     }
 
@@ -526,7 +536,8 @@ mod tests {
                 certs: vec![generated.cert.der().clone()],
                 key: PrivateKeyDer::try_from(generated.key_pair.serialize_der()).unwrap(),
             };
-            let server_config = server_config(&Config::default(), identity, None).unwrap();
+            let (server_config, sessions) =
+                server_config(&Config::default(), identity, None).unwrap();
             let mut roots = rustls::RootCertStore::empty();
             roots.add(generated.cert.der().clone()).unwrap();
             let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
@@ -562,6 +573,7 @@ mod tests {
                 server_conn: None,
                 client_conn,
                 client_config,
+                sessions,
                 now,
             }
         }
@@ -762,5 +774,36 @@ mod tests {
         pair.drive(100);
         assert!(!pair.client_conn.1.is_handshaking());
         assert!(pair.client_conn.1.accepted_0rtt(), "the server resumed it");
+    }
+
+    /// Every handshake, full or resumed, leaves one session in the cache: a client resumes
+    /// with its newest ticket, so a second ticket per handshake would only fill the cache with
+    /// spares and halve the devices it remembers. The client still resumes each time.
+    #[test]
+    fn each_handshake_caches_one_session_and_the_client_resumes_with_it() {
+        let mut pair = Pair::new();
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "the handshake finished"
+        );
+        assert_eq!(pair.sessions.len(), 1, "one ticket, one cached session");
+        for round in 0..3 {
+            pair.reconnect();
+            assert!(
+                pair.client_conn.1.has_0rtt(),
+                "round {round}: the client holds a ticket"
+            );
+            pair.drive(100);
+            assert!(
+                pair.client_conn.1.accepted_0rtt(),
+                "round {round}: the server resumed it"
+            );
+            assert_eq!(
+                pair.sessions.len(),
+                1,
+                "round {round}: the resumption took its session and cached one new one"
+            );
+        }
     }
 }

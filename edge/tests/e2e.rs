@@ -326,6 +326,14 @@ async fn g_resumed_connection_sends_in_0rtt() {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(accepted, 1.0, "{scrape}");
+    // Bob's handshake, the first and the resumed one left one session each, less the one the
+    // resumption took: the cache holds one per device.
+    let sessions: Vec<f64> = scrape
+        .lines()
+        .filter(|line| line.starts_with("courier_tls_sessions_cached "))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    assert_eq!(sessions, [2.0], "{scrape}");
 }
 
 /// h. Two users homed on different shards chat (the cross-shard path).
