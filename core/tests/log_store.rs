@@ -389,23 +389,58 @@ fn dedupe_records_are_found_across_reopens_whatever_the_filter_knows() {
 
 /// Dedupe records (a day of sends by default) live in the dedupe tier on disk, not in the
 /// memory the bound counts: a store whose bound a few messages would fill takes thousands of
-/// them, finds them after a checkpoint (whose snapshot leaves them out, and which deletes the
-/// journals that held them) and a reopen, and a range scan crossing the tier's keys sees map
-/// and tier pairs in key order.
+/// them. Past `dedupe_memory_bytes_max` the background thread moves them to the tier; reads
+/// and range scans merge what memory still holds with the tier, in key order, deletes
+/// included, before and after a checkpoint (whose snapshot leaves them out, and which deletes
+/// the journals that held them) and a reopen.
 #[test]
-fn dedupe_records_live_in_the_tier_not_in_memory() {
+fn dedupe_records_move_to_the_tier_and_reads_merge_memory_and_tier() {
     use courier_core::keys;
     let dir = tempfile::tempdir().unwrap();
     let options = LogOptions {
         memory_bytes_max: 4096,
+        dedupe_memory_bytes_max: 16 * 1024,
         ..LogOptions::default()
     };
-    let records: Vec<[u8; 33]> = (0..5_000u64)
-        .map(|i| keys::dedupe(7, 100 + i % 50, 5, i))
+    let moved: Vec<[u8; 33]> = (0..5_000u64)
+        .map(|i| keys::dedupe(7, 100 + i % 50, 5, 2 * i))
         .collect();
+    // Between the moved ones in key order, and few enough to stay in memory.
+    let recent: Vec<[u8; 33]> = (0..50u64)
+        .map(|i| keys::dedupe(7, 100 + i % 50, 5, 2 * i + 1))
+        .collect();
+    let (gone_moved, gone_recent) = (moved[4_321], recent[17]);
+    let check = |store: &LogStore, when: &str| {
+        let mut txn = store.begin_read().unwrap();
+        for key in moved.iter().step_by(97).chain(recent.iter().step_by(7)) {
+            if *key != gone_moved && *key != gone_recent {
+                assert_eq!(
+                    txn.get(key).unwrap().as_deref(),
+                    Some(&[7u8; 24][..]),
+                    "{when}"
+                );
+            }
+        }
+        assert_eq!(txn.get(&gone_moved).unwrap(), None, "{when}");
+        assert_eq!(txn.get(&gone_recent).unwrap(), None, "{when}");
+        let scanned = txn.get_range(b"c", b"f", 10_000).unwrap();
+        assert_eq!(scanned.len(), moved.len() + recent.len() - 2 + 2, "{when}");
+        assert_eq!(scanned.first().unwrap().0, b"c-below", "{when}");
+        assert_eq!(scanned.last().unwrap().0, b"e-above", "{when}");
+        assert!(
+            scanned.windows(2).all(|pair| pair[0].0 < pair[1].0),
+            "{when}"
+        );
+        assert!(
+            !scanned
+                .iter()
+                .any(|(key, _)| key[..] == gone_moved[..] || key[..] == gone_recent[..]),
+            "{when}"
+        );
+    };
     {
         let store = LogStore::open(dir.path(), &options).unwrap();
-        for chunk in records.chunks(500) {
+        for chunk in moved.chunks(500) {
             let mut txn = store.begin().unwrap();
             for key in chunk {
                 txn.set(key, &[7u8; 24]);
@@ -413,9 +448,38 @@ fn dedupe_records_live_in_the_tier_not_in_memory() {
             txn.commit().unwrap();
         }
         assert_eq!(store.live_bytes_without_waiting(), 0);
+        // Each commit asked for a move; the last one ends in the background.
+        let waited = std::time::Instant::now();
+        while store.dedupe_memory_bytes() > 0 {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(60),
+                "the records never moved to the tier"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut txn = store.begin().unwrap();
+        for key in &recent {
+            txn.set(key, &[7u8; 24]);
+        }
+        txn.commit().unwrap();
+        assert!(
+            store.dedupe_memory_bytes() > 0,
+            "the last ones wait in memory"
+        );
         set(&store, b"c-below", b"1");
         set(&store, b"e-above", b"2");
+        let mut txn = store.begin().unwrap();
+        txn.clear(&gone_moved);
+        txn.clear(&gone_recent);
+        txn.commit().unwrap();
+        check(&store, "in memory and in the tier");
         store.checkpoint().unwrap();
+        assert_eq!(
+            store.dedupe_memory_bytes(),
+            0,
+            "a checkpoint moves them all"
+        );
+        check(&store, "after a checkpoint");
         let journals_with_records = files(dir.path())
             .iter()
             .filter(|path| {
@@ -427,15 +491,7 @@ fn dedupe_records_live_in_the_tier_not_in_memory() {
         assert_eq!(journals_with_records, 0, "the checkpoint kept a journal");
     }
     let store = LogStore::open(dir.path(), &options).unwrap();
-    let mut txn = store.begin_read().unwrap();
-    for key in records.iter().step_by(97) {
-        assert_eq!(txn.get(key).unwrap().as_deref(), Some(&[7u8; 24][..]));
-    }
-    let scanned = txn.get_range(b"c", b"f", 10_000).unwrap();
-    assert_eq!(scanned.len(), records.len() + 2);
-    assert_eq!(scanned.first().unwrap().0, b"c-below");
-    assert_eq!(scanned.last().unwrap().0, b"e-above");
-    assert!(scanned.windows(2).all(|pair| pair[0].0 < pair[1].0));
+    check(&store, "after a reopen");
 }
 
 /// A record of the log store's files (`core/src/store/log.rs`), written here independently
@@ -516,9 +572,10 @@ fn a_store_without_its_dedupe_tier_is_refused() {
 }
 
 /// A checkpoint deletes the journals that held dedupe records only after the tier holds them
-/// durably. The tier's writes wait in its journal's buffer until it is synced, so a copy of the
+/// durably (moved into its tables), and the journals that held their deletes only after the
+/// tier's tombstones are synced (they wait in its journal's buffer until then). A copy of the
 /// directory taken right after a checkpoint, while the store is open, is what a crash would
-/// leave: opened, it still has every record.
+/// leave: opened, it has every record, then none of the deleted ones.
 #[test]
 fn a_crash_right_after_a_checkpoint_keeps_the_dedupe_records() {
     use courier_core::keys;
@@ -534,6 +591,21 @@ fn a_crash_right_after_a_checkpoint_keeps_the_dedupe_records() {
     let crashed = LogStore::open(copy.path(), &LogOptions::default()).unwrap();
     for key in &records {
         assert_eq!(get(&crashed, key).as_deref(), Some(&b"seq"[..]));
+    }
+    drop(crashed);
+    // Deleted now, from the tier: the tombstones are synced before the journal holding the
+    // deletes goes, or the records would come back.
+    let mut txn = store.begin().unwrap();
+    for key in &records {
+        txn.clear(key);
+    }
+    txn.commit().unwrap();
+    store.checkpoint().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    let crashed = LogStore::open(copy.path(), &LogOptions::default()).unwrap();
+    for key in &records {
+        assert_eq!(get(&crashed, key), None);
     }
     drop(store);
 }

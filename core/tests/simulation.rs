@@ -285,6 +285,8 @@ impl SimLog {
             // A checkpoint every few dozen commits, and segments from tiny to none.
             journal_bytes_max: 4_096 << rng.below(4),
             journal_segment_bytes: [0, 512, 4_096][rng.below(3) as usize],
+            // Dedupe records moved to the tier every few commits, or only at checkpoints.
+            dedupe_memory_bytes_max: [256, 4_096, u64::MAX][rng.below(3) as usize],
             ..LogOptions::default()
         };
         let store = LogStore::open(dir.path(), &options).expect("open the log store");

@@ -574,6 +574,37 @@ impl FjallStore {
             .transpose()
     }
 
+    /// Writes `pairs` (in ascending key order, all in one keyspace) straight into new tables
+    /// with fjall's ingestion: no memtable, no journal, one sequential write, durable (tables
+    /// and version fsynced) when it returns. The pairs are newer than every write before: a
+    /// delete written earlier of a key among them no longer hides it.
+    pub(crate) fn ingest_sorted<'a>(
+        &self,
+        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), StoreError> {
+        let mut pairs = pairs.peekable();
+        let Some((first, _)) = pairs.peek() else {
+            return Ok(());
+        };
+        let index = FjallStore::keyspace_index(first);
+        let mut ingestion = self
+            .keyspace_at(index)
+            .start_ingestion()
+            .map_err(io_error)?;
+        let mut previous: Option<&[u8]> = None;
+        for (key, value) in pairs {
+            // fjall panics on keys out of order; a caller's bug should be an error instead.
+            if FjallStore::keyspace_index(key) != index || previous.is_some_and(|p| p >= key) {
+                return Err(StoreError::Io(
+                    "an ingestion's keys must ascend within one keyspace: this is a bug".into(),
+                ));
+            }
+            ingestion.write(key, value).map_err(io_error)?;
+            previous = Some(key);
+        }
+        ingestion.finish().map_err(io_error)
+    }
+
     /// Makes every write so far durable (`fsync` of fjall's journal).
     pub(crate) fn persist(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll).map_err(io_error)

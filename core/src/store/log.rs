@@ -22,13 +22,18 @@
 //! - `dedupe/`: the dedupe tier (below), a fjall store.
 //!
 //! Dedupe records (one per send, kept for the dedupe window, a day by default, and read only
-//! when a send is retried) would make the map grow with a day of sends instead of with what is
-//! undelivered. They live in the dedupe tier instead: a commit's journal record holds them like
-//! any change, and once it is fsynced they are written to the tier without a sync of their own
-//! (into its journal's buffer), just before the rest of the commit reaches the map. A checkpoint syncs the tier before it writes its snapshot,
-//! which leaves them out, so a journal is deleted only once the tier holds its dedupe records
-//! durably; recovery replays the journals into the tier as into the map. Every other key stays
-//! in memory.
+//! when a send is retried) would make memory grow with a day of sends instead of with what is
+//! undelivered. They move to the dedupe tier instead: a commit's journal record holds them like
+//! any change, and memory holds them in a map of their own until it reaches
+//! `dedupe_memory_bytes_max` or a checkpoint comes. Then the background thread takes that map
+//! whole (readers still find it there) and writes it into the tier as new sorted tables, in
+//! one sequential write (fjall's ingestion) instead of one memtable insert per send. A
+//! deleted dedupe record's tombstone goes to the tier at once, and again after a move that ran
+//! meanwhile (its tables are newer than the first tombstone). A checkpoint moves the records
+//! and syncs the tier's tombstones before it writes its snapshot, which leaves dedupe records
+//! out, so a journal is deleted only once the tier holds its dedupe records durably; recovery
+//! replays the journals into memory and the tombstones into the tier. Every other key stays in
+//! memory.
 //!
 //! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload][payload]`; a payload is a
 //! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
@@ -47,7 +52,7 @@
 //! snapshot; a writer fsyncs its journal record before it takes the write lock, so a reader
 //! never sees a commit that is not yet durable, and never waits for an fsync.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::ops::Bound;
@@ -110,6 +115,11 @@ pub struct LogOptions {
     /// Dedupe records an open loads into the filter, from the highest bucket and the one
     /// before it (as `FjallOptions::dedupe_filter_warm_keys_max`).
     pub dedupe_filter_warm_keys_max: usize,
+    /// Memory the dedupe records written since the last move to the tier may take
+    /// (estimated) before the background thread moves them, in one sorted write. A move also
+    /// comes with every checkpoint. About twice this is held while a move runs. Not part of
+    /// `memory_bytes_max`, which bounds what stays in memory until it is delivered.
+    pub dedupe_memory_bytes_max: u64,
 }
 
 impl Default for LogOptions {
@@ -120,6 +130,7 @@ impl Default for LogOptions {
             memory_bytes_max: 4 * 1024 * 1024 * 1024,
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
             dedupe_filter_warm_keys_max: 65_536,
+            dedupe_memory_bytes_max: 32 * 1024 * 1024,
         }
     }
 }
@@ -127,11 +138,33 @@ impl Default for LogOptions {
 /// The committed state: what readers see.
 #[derive(Debug, Default)]
 struct State {
+    /// Every live key but the dedupe records.
     map: BTreeMap<WriteKey, Bytes>,
-    /// Estimated bytes of the live pairs (`pair_bytes`).
+    /// Estimated bytes of the live pairs of `map` (`pair_bytes`): what the memory bound counts.
     live_bytes: u64,
     /// Message keys (`q`) in `map`.
     message_keys: u64,
+    /// Dedupe records committed since the last move to the tier. They move in one sorted
+    /// ingestion when they reach `dedupe_memory_bytes_max` or at a checkpoint.
+    dedupe_recent: BTreeMap<Bytes, Bytes>,
+    /// Estimated bytes of `dedupe_recent`.
+    dedupe_recent_bytes: u64,
+    /// The records a move is ingesting into the tier, read-only meanwhile.
+    dedupe_moving: Option<Arc<BTreeMap<Bytes, Bytes>>>,
+    /// Estimated bytes of `dedupe_moving`.
+    dedupe_moving_bytes: u64,
+    /// Dedupe keys deleted while a move runs: deleted whatever `dedupe_moving` holds. The
+    /// ingested tables are newer than the tombstones those deletes wrote to the tier, so the
+    /// move writes their tombstones again once its tables are in.
+    dedupe_deleted_while_moving: BTreeSet<Bytes>,
+}
+
+/// What the memory part of the state knows of a dedupe key.
+enum DedupeInMemory {
+    Value(Vec<u8>),
+    Deleted,
+    /// Not in memory: the tier has the answer.
+    Unknown,
 }
 
 fn pair_bytes(key: &[u8], value: &[u8]) -> u64 {
@@ -160,7 +193,8 @@ fn dedupe_tier_options() -> FjallOptions {
     }
 }
 
-/// Applies one record's `changes` in order: dedupe keys to the tier, the rest to the map.
+/// Applies one record's `changes` in order: a deleted dedupe record's tombstone to the tier
+/// (which may hold it), everything else to memory.
 fn apply_changes<'a>(
     state: &mut State,
     dedupe: &FjallStore,
@@ -169,15 +203,10 @@ fn apply_changes<'a>(
     dedupe.write_unsynced(
         changes
             .iter()
-            .filter(|(key, _)| is_dedupe(key))
+            .filter(|(key, value)| value.is_none() && is_dedupe(key))
             .map(|(key, value)| (*key, *value)),
     )?;
-    state.apply(
-        changes
-            .iter()
-            .filter(|(key, _)| !is_dedupe(key))
-            .map(|(key, value)| (*key, *value)),
-    );
+    state.apply(changes.iter().map(|(key, value)| (*key, *value)));
     Ok(())
 }
 
@@ -253,6 +282,8 @@ struct CheckpointRequest {
     wanted: bool,
     /// The writer took the spare journal segment: zero-fill another.
     spare_wanted: bool,
+    /// The recent dedupe records reached `dedupe_memory_bytes_max`: move them to the tier.
+    dedupe_move_wanted: bool,
     closing: bool,
 }
 
@@ -416,10 +447,139 @@ impl State {
     fn apply<'a>(&mut self, changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) {
         for (key, value) in changes {
             match value {
-                Some(value) => self.set(Bytes::from(key), Bytes::from(value)),
-                None => self.delete(Bytes::from(key)),
+                Some(value) => self.set_any(Bytes::from(key), Bytes::from(value)),
+                None => self.delete_any(Bytes::from(key)),
             }
         }
+    }
+
+    /// Sets a key of either kind.
+    fn set_any(&mut self, key: Bytes, value: Bytes) {
+        if is_dedupe(&key) {
+            self.set_dedupe(key, value);
+        } else {
+            self.set(key, value);
+        }
+    }
+
+    /// Deletes a key of either kind (a dedupe key's tombstone in the tier is the caller's).
+    fn delete_any(&mut self, key: Bytes) {
+        if is_dedupe(&key) {
+            self.delete_dedupe(key);
+        } else {
+            self.delete(key);
+        }
+    }
+
+    fn set_dedupe(&mut self, key: Bytes, value: Bytes) {
+        if self.dedupe_moving.is_some() {
+            self.dedupe_deleted_while_moving.remove(&key[..]);
+        }
+        let added = pair_bytes(&key, &value);
+        let key_bytes = key.len();
+        let removed = self.dedupe_recent.insert(key, value).map_or(0, |old| {
+            (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES
+        });
+        self.dedupe_recent_bytes = (self.dedupe_recent_bytes + added).saturating_sub(removed);
+    }
+
+    fn delete_dedupe(&mut self, key: Bytes) {
+        if let Some((key, value)) = self.dedupe_recent.remove_entry(&key[..]) {
+            self.dedupe_recent_bytes = self
+                .dedupe_recent_bytes
+                .saturating_sub(pair_bytes(&key, &value));
+        }
+        if self.dedupe_moving.is_some() {
+            self.dedupe_deleted_while_moving.insert(key);
+        }
+    }
+
+    fn dedupe_in_memory(&self, key: &[u8]) -> DedupeInMemory {
+        if let Some(value) = self.dedupe_recent.get(key) {
+            return DedupeInMemory::Value(value.to_vec());
+        }
+        let Some(moving) = &self.dedupe_moving else {
+            return DedupeInMemory::Unknown;
+        };
+        if self.dedupe_deleted_while_moving.contains(key) {
+            return DedupeInMemory::Deleted;
+        }
+        match moving.get(key) {
+            Some(value) => DedupeInMemory::Value(value.to_vec()),
+            None => DedupeInMemory::Unknown,
+        }
+    }
+
+    /// Visits the dedupe records in `[begin, end)` in key order, memory over the tier, until
+    /// `visit` returns false (then returns false).
+    fn scan_dedupe(
+        &self,
+        tier: &FjallStore,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
+        let range = (Bound::Included(begin), Bound::Excluded(end));
+        let deleted = &self.dedupe_deleted_while_moving;
+        let mut recent = self.dedupe_recent.range::<[u8], _>(range).peekable();
+        let mut moving = self
+            .dedupe_moving
+            .iter()
+            .flat_map(|moving| moving.range::<[u8], _>(range))
+            .filter(|(key, _)| !deleted.contains(&key[..]))
+            .peekable();
+        // The next pair in memory: recent over moving for a key in both.
+        let mut next_in_memory = move || -> Option<(&Bytes, &Bytes)> {
+            match (recent.peek(), moving.peek()) {
+                (None, None) => None,
+                (Some(_), None) => recent.next(),
+                (None, Some(_)) => moving.next(),
+                (Some((a, _)), Some((b, _))) => match a.cmp(b) {
+                    std::cmp::Ordering::Less => recent.next(),
+                    std::cmp::Ordering::Greater => moving.next(),
+                    std::cmp::Ordering::Equal => {
+                        moving.next();
+                        recent.next()
+                    }
+                },
+            }
+        };
+        let mut pending = next_in_memory();
+        let mut stopped = false;
+        let completed = tier.scan_latest(begin, end, &mut |key, value| {
+            while let Some((memory_key, memory_value)) = pending {
+                if &memory_key[..] > key {
+                    break;
+                }
+                let shadows = &memory_key[..] == key;
+                pending = next_in_memory();
+                if !visit(memory_key, memory_value) {
+                    stopped = true;
+                    return false;
+                }
+                if shadows {
+                    return true;
+                }
+            }
+            if deleted.contains(key) {
+                return true;
+            }
+            if !visit(key, value) {
+                stopped = true;
+                return false;
+            }
+            true
+        })?;
+        if stopped || !completed {
+            return Ok(false);
+        }
+        while let Some((key, value)) = pending {
+            if !visit(key, value) {
+                return Ok(false);
+            }
+            pending = next_in_memory();
+        }
+        Ok(true)
     }
 }
 
@@ -502,8 +662,10 @@ fn torn_bytes(bytes: &[u8], valid: usize) -> u64 {
         .map_or(0, |last| last as u64 + 1)
 }
 
-/// The dedupe filter of a store just recovered (`DedupeFilter::opened`), from the tier.
+/// The dedupe filter of a store just recovered (`DedupeFilter::opened`), from the records in
+/// memory and in the tier.
 fn open_dedupe_filter(
+    state: &State,
     dedupe: &FjallStore,
     bytes_max: usize,
     warm_keys_max: usize,
@@ -511,10 +673,18 @@ fn open_dedupe_filter(
     DedupeFilter::opened(
         bytes_max,
         warm_keys_max,
-        || dedupe.highest_key_in(DEDUPE_BEGIN, DEDUPE_END),
+        || {
+            let in_tier = dedupe.highest_key_in(DEDUPE_BEGIN, DEDUPE_END)?;
+            let in_memory = state
+                .dedupe_recent
+                .keys()
+                .next_back()
+                .map(|key| key.to_vec());
+            Ok::<_, StoreError>(in_tier.max(in_memory))
+        },
         |start, take| {
             let mut found = Vec::new();
-            dedupe.scan_latest(start, DEDUPE_END, &mut |key, _| {
+            state.scan_dedupe(dedupe, start, DEDUPE_END, &mut |key, _| {
                 found.push(key.to_vec());
                 found.len() < take
             })?;
@@ -704,7 +874,7 @@ impl LogStore {
             .sum();
 
         let recovery = LogRecovery {
-            keys: state.map.len() as u64,
+            keys: (state.map.len() + state.dedupe_recent.len()) as u64,
             snapshot: snapshots.last().is_some(),
             journal_bytes,
             torn_bytes_cut,
@@ -712,16 +882,19 @@ impl LogStore {
         };
         let live_bytes = state.live_bytes;
         let dedupe_filter = open_dedupe_filter(
+            &state,
             &dedupe,
             options.dedupe_filter_bytes_max,
             options.dedupe_filter_warm_keys_max,
         )?;
         if upgrade_from_v1 {
-            // A version 1 snapshot's dedupe records went to the tier in the replay above (the
-            // snapshot stays until the next checkpoint, so a crash before this replays it again).
+            // A version 1 snapshot's dedupe records are in memory now, as version 2 replays
+            // them, and its deletes' tombstones in the tier: synced, so that the snapshot and
+            // journals may go at the next checkpoint, which moves the records to the tier.
             dedupe.persist()?;
             write_format(dir)?;
         }
+        let dedupe_move_due = state.dedupe_recent_bytes >= options.dedupe_memory_bytes_max;
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options: options.clone(),
@@ -754,6 +927,9 @@ impl LogStore {
             .map_err(|e| io("start the checkpoint thread", e))?;
         inner.want_checkpoint_if_due();
         inner.want_spare();
+        if dedupe_move_due {
+            inner.want_background(|request| request.dedupe_move_wanted = true);
+        }
         Ok(LogStore {
             inner,
             checkpointer: Some(checkpointer),
@@ -787,6 +963,13 @@ impl LogStore {
     /// Estimated bytes of memory the live pairs take, as of the last commit, without a lock.
     pub fn live_bytes_without_waiting(&self) -> u64 {
         self.inner.live_bytes_now.load(Ordering::Relaxed)
+    }
+
+    /// Estimated bytes of memory the dedupe records not yet in the tier take (those a move is
+    /// writing included).
+    pub fn dedupe_memory_bytes(&self) -> u64 {
+        let state = self.inner.read_state();
+        state.dedupe_recent_bytes + state.dedupe_moving_bytes
     }
 
     /// How full the store is, in percent of `memory_bytes_max`, without waiting for a lock
@@ -1000,14 +1183,15 @@ impl Inner {
                 writer.dedupe_filter.note_written(key);
             }
         }
-        // The tier first, outside the map's lock: its write can wait for fjall's journal lock,
-        // which a tier sync or flush holds across an fsync, and readers must not wait on that.
-        // A reader may therefore see a commit's dedupe records a moment before its other keys.
+        // A deleted dedupe record may be in the tier: its tombstone goes there first, outside
+        // the map's lock, since the write can wait for fjall's journal lock, which a tier sync
+        // holds across an fsync, and readers must not wait on that. (Rare: dedupe records are
+        // deleted a bucket at a time, a day after their sends.)
         let tiered = self.dedupe.write_unsynced(
             changes
                 .iter()
-                .filter(|(key, _)| is_dedupe(key))
-                .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
+                .filter(|(key, value)| value.is_none() && is_dedupe(key))
+                .map(|(key, _)| (&key[..], None)),
         );
         if let Err(error) = tiered {
             // The commit is durable in the journal but not in the tier: recovery replays it
@@ -1015,19 +1199,20 @@ impl Inner {
             self.poisoned.store(true, Ordering::Release);
             return Err(error);
         }
-        {
+        let dedupe_recent_bytes = {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             for (key, value) in changes {
-                if is_dedupe(&key) {
-                    continue;
-                }
                 match value {
-                    Some(value) => state.set(key, value),
-                    None => state.delete(key),
+                    Some(value) => state.set_any(key, value),
+                    None => state.delete_any(key),
                 }
             }
             self.live_bytes_now
                 .store(state.live_bytes, Ordering::Relaxed);
+            state.dedupe_recent_bytes
+        };
+        if dedupe_recent_bytes >= self.options.dedupe_memory_bytes_max {
+            self.want_background(|request| request.dedupe_move_wanted = true);
         }
         if deleted {
             self.deleted_since_checkpoint.store(true, Ordering::Release);
@@ -1104,12 +1289,16 @@ impl Inner {
 
     fn run_checkpoints(&self) {
         loop {
-            let (checkpoint, spare) = {
+            let (checkpoint, spare, dedupe_move) = {
                 let mut request = self
                     .checkpoint_wanted
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                while !request.wanted && !request.spare_wanted && !request.closing {
+                while !request.wanted
+                    && !request.spare_wanted
+                    && !request.dedupe_move_wanted
+                    && !request.closing
+                {
                     request = self
                         .checkpoint_signal
                         .wait(request)
@@ -1118,9 +1307,11 @@ impl Inner {
                 if request.closing {
                     return;
                 }
+                let dedupe_move = std::mem::take(&mut request.dedupe_move_wanted);
                 (
                     std::mem::take(&mut request.wanted),
                     std::mem::take(&mut request.spare_wanted),
+                    dedupe_move,
                 )
             };
             // A failed spare leaves the writer appending to its journal past the segment,
@@ -1133,7 +1324,87 @@ impl Inner {
             if checkpoint && let Err(error) = self.checkpoint() {
                 warn_background_failed(&self.dir, "a checkpoint", &error);
             }
+            // A checkpoint moves them too; a failed move poisons the store.
+            if dedupe_move
+                && !checkpoint
+                && let Err(error) = self.move_dedupe_records()
+            {
+                warn_background_failed(&self.dir, "moving dedupe records to the tier", &error);
+            }
         }
+    }
+
+    /// Sets what `set` asks of the background thread and wakes it.
+    fn want_background(&self, set: impl FnOnce(&mut CheckpointRequest)) {
+        let mut request = self
+            .checkpoint_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set(&mut request);
+        self.checkpoint_signal.notify_one();
+    }
+
+    /// Moves the recent dedupe records to the tier, in one sorted ingestion.
+    fn move_dedupe_records(&self) -> Result<(), StoreError> {
+        let running = self.lock_checkpoint();
+        self.check_poisoned()?;
+        let moving = {
+            let _writer = self.lock_writer();
+            self.freeze_dedupe_records()
+        };
+        self.ingest_dedupe_records(moving, &running)
+    }
+
+    /// Takes the recent dedupe records for a move (the caller holds the writer lock): readers
+    /// find them in `dedupe_moving` until it ends.
+    fn freeze_dedupe_records(&self) -> Option<Arc<BTreeMap<Bytes, Bytes>>> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.dedupe_recent.is_empty() {
+            return None;
+        }
+        let moving = Arc::new(std::mem::take(&mut state.dedupe_recent));
+        state.dedupe_moving = Some(Arc::clone(&moving));
+        state.dedupe_moving_bytes = std::mem::take(&mut state.dedupe_recent_bytes);
+        Some(moving)
+    }
+
+    /// Writes `moving` into the tier as new tables, then ends the move: tombstones again for
+    /// what was deleted meanwhile (the tables are newer than the first ones), and memory given
+    /// back. A failure poisons the store (the tier's state is unknown; the reopen replays the
+    /// journals, which still hold every record), and readers keep finding `moving`.
+    fn ingest_dedupe_records(
+        &self,
+        moving: Option<Arc<BTreeMap<Bytes, Bytes>>>,
+        _running: &MutexGuard<'_, ()>,
+    ) -> Result<(), StoreError> {
+        let Some(moving) = moving else {
+            return Ok(());
+        };
+        let poison = |error: StoreError| {
+            self.poisoned.store(true, Ordering::Release);
+            error
+        };
+        self.dedupe
+            .ingest_sorted(moving.iter().map(|(key, value)| (&key[..], &value[..])))
+            .map_err(poison)?;
+        // The writer lock keeps commits out from here until the move ends: a delete that
+        // wrote its tombstone before the ingestion but reaches memory after the end would
+        // otherwise leave the record alive in the new tables.
+        let _writer = self.lock_writer();
+        let deleted: Vec<Bytes> = self
+            .read_state()
+            .dedupe_deleted_while_moving
+            .iter()
+            .cloned()
+            .collect();
+        self.dedupe
+            .write_unsynced(deleted.iter().map(|key| (&key[..], None)))
+            .map_err(poison)?;
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        state.dedupe_moving = None;
+        state.dedupe_moving_bytes = 0;
+        state.dedupe_deleted_while_moving.clear();
+        Ok(())
     }
 
     /// Asks the background thread to zero-fill a spare journal segment.
@@ -1141,12 +1412,7 @@ impl Inner {
         if self.options.journal_segment_bytes == 0 {
             return;
         }
-        let mut request = self
-            .checkpoint_wanted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        request.spare_wanted = true;
-        self.checkpoint_signal.notify_one();
+        self.want_background(|request| request.spare_wanted = true);
     }
 
     /// Zero-fills a new spare segment and offers it to the writer, unless one is ready.
@@ -1231,9 +1497,9 @@ impl Inner {
     /// [`checkpoint`](Inner::checkpoint) with `checkpoint_running` held by the caller. On a
     /// failure after the journal switch it puts the counts back, so the next erase pass or
     /// full journal tries again, and deletes its partial snapshot.
-    fn checkpoint_locked(&self, _running: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
+    fn checkpoint_locked(&self, running: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
         self.check_poisoned()?;
-        let (id, journal_bytes, deleted) = {
+        let (id, journal_bytes, deleted, moving) = {
             let mut writer = self.lock_writer();
             // A commit that failed while this waited for the lock poisoned the store: a new
             // journal after its torn record would make recovery see damage.
@@ -1246,13 +1512,15 @@ impl Inner {
                 self.journal_bytes_since_checkpoint
                     .swap(0, Ordering::Relaxed),
                 self.deleted_since_checkpoint.swap(false, Ordering::AcqRel),
+                // Every dedupe record of the journals before `id`, unless already in the tier.
+                self.freeze_dedupe_records(),
             )
         };
-        // Every commit in the journals before `id` reached the tier before the switch above
-        // (under the writer lock): synced now, they may go once the snapshot is written.
+        // The journals before `id` may go once the snapshot is written and the tier holds
+        // their dedupe records (ingested, durable) and their deletes' tombstones (synced here).
         let written = self
-            .dedupe
-            .persist()
+            .ingest_dedupe_records(moving, running)
+            .and_then(|()| self.dedupe.persist())
             .inspect_err(|_| {
                 // fjall is poisoned now: every later tier write fails. Refuse commits from here
                 // (not after a durable one), until the reopen recovers the tier.
@@ -1421,8 +1689,13 @@ impl Engine for LogEngine<'_> {
         }
         if is_dedupe(key) {
             // A writer holds the writer lock and a reader the map's read lock: either way no
-            // commit changes the tier meanwhile.
-            return self.inner.dedupe.read_latest(key);
+            // commit changes the tier meanwhile, and no move to the tier ends (a move may
+            // start, which takes nothing from memory that the tier does not hold then).
+            return match self.with_state(|state| state.dedupe_in_memory(key)) {
+                DedupeInMemory::Value(value) => Ok(Some(value)),
+                DedupeInMemory::Deleted => Ok(None),
+                DedupeInMemory::Unknown => self.inner.dedupe.read_latest(key),
+            };
         }
         // Looked up as a `WriteKey`, so the search compares numbers, not byte strings.
         let key = WriteKey::new(Bytes::from(key));
@@ -1446,7 +1719,10 @@ impl Engine for LogEngine<'_> {
         if below.0 < below.1 && !self.scan_map(below.0, below.1, visit) {
             return Ok(());
         }
-        if tier.0 < tier.1 && !self.inner.dedupe.scan_latest(tier.0, tier.1, visit)? {
+        if tier.0 < tier.1
+            && !self
+                .with_state(|state| state.scan_dedupe(&self.inner.dedupe, tier.0, tier.1, visit))?
+        {
             return Ok(());
         }
         if above.0 < above.1 {
@@ -1491,3 +1767,54 @@ impl Store for LogStore {
 }
 
 overlay::overlay_transaction!(LogTransaction<'_>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Transaction;
+
+    /// A dedupe record deleted while a move writes it into the tier stays deleted: the
+    /// ingested tables are newer than the delete's first tombstone, so the move writes it
+    /// again before it ends. Checked in memory, in the tier itself, and after a reopen.
+    #[test]
+    fn a_dedupe_record_deleted_during_its_move_stays_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = keys::dedupe(3, 1, 2, 10);
+        let deleted = keys::dedupe(3, 1, 2, 11);
+        {
+            let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+            let mut txn = store.begin().unwrap();
+            txn.set(&kept, b"seq-10");
+            txn.set(&deleted, b"seq-11");
+            txn.commit().unwrap();
+            let inner = &store.inner;
+            let running = inner.lock_checkpoint();
+            let moving = {
+                let _writer = inner.lock_writer();
+                inner.freeze_dedupe_records()
+            };
+            assert!(moving.is_some(), "the records were in memory");
+            // The delete lands while the move runs: its tombstone is older than the tables.
+            let mut txn = store.begin().unwrap();
+            txn.clear(&deleted);
+            txn.commit().unwrap();
+            inner.ingest_dedupe_records(moving, &running).unwrap();
+            drop(running);
+            assert_eq!(store.dedupe_memory_bytes(), 0, "the move gave memory back");
+            let mut txn = store.begin_read().unwrap();
+            assert_eq!(txn.get(&kept).unwrap().as_deref(), Some(&b"seq-10"[..]));
+            assert_eq!(txn.get(&deleted).unwrap(), None);
+            drop(txn);
+            assert_eq!(inner.dedupe.read_latest(&deleted).unwrap(), None);
+            assert_eq!(
+                inner.dedupe.read_latest(&kept).unwrap().as_deref(),
+                Some(&b"seq-10"[..])
+            );
+            store.checkpoint().unwrap();
+        }
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        let mut txn = store.begin_read().unwrap();
+        assert_eq!(txn.get(&kept).unwrap().as_deref(), Some(&b"seq-10"[..]));
+        assert_eq!(txn.get(&deleted).unwrap(), None);
+    }
+}
