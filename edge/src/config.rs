@@ -284,6 +284,9 @@ pub struct StoreSection {
     /// not persist a new file size (decision 0023). Each shard holds a segment and a spare on
     /// disk. 0: journals grow by appending (slower fsyncs, no space held in advance).
     pub log_journal_segment_bytes: u64,
+    /// `engine = "log"`: memory per shard the dedupe records of recent sends may take before
+    /// they move to the shard's dedupe tier on disk in one sorted write (decision 0023).
+    pub log_dedupe_memory_bytes_max: u64,
     pub foundationdb: FoundationDbSection,
 }
 
@@ -311,6 +314,8 @@ impl Default for StoreSection {
             log_memory_bytes_max: courier_core::store::log::LogOptions::default().memory_bytes_max,
             log_journal_segment_bytes: courier_core::store::log::LogOptions::default()
                 .journal_segment_bytes,
+            log_dedupe_memory_bytes_max: courier_core::store::log::LogOptions::default()
+                .dedupe_memory_bytes_max,
             foundationdb: FoundationDbSection::default(),
         }
     }
@@ -779,6 +784,13 @@ impl Config {
                 "0 (journals append) or from 1048576 (1 MiB) to 1073741824 (1 GiB)",
             );
         }
+        let dedupe = self.store.log_dedupe_memory_bytes_max;
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&dedupe) {
+            return invalid(
+                "store.log_dedupe_memory_bytes_max",
+                "from 1048576 (1 MiB) to 1073741824 (1 GiB) per shard",
+            );
+        }
         // Sends are refused from 90% of the bound; the last tenth must hold what is already
         // queued, or batches carrying acks fail on the bound with those sends.
         if self.store.engine == "log"
@@ -1133,6 +1145,17 @@ mod tests {
                 ((1 << 30) + 1, false),
             ],
             |config, bytes| config.store.log_journal_segment_bytes = bytes,
+        );
+        check_accepted_values(
+            "store.log_dedupe_memory_bytes_max",
+            &[
+                (0, false),
+                ((1 << 20) - 1, false),
+                (1 << 20, true),
+                (1 << 30, true),
+                ((1 << 30) + 1, false),
+            ],
+            |config, bytes| config.store.log_dedupe_memory_bytes_max = bytes,
         );
         // On the log engine the bound's last tenth must hold a full send queue (16 MiB).
         check_accepted_values(

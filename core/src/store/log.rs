@@ -130,7 +130,7 @@ impl Default for LogOptions {
             memory_bytes_max: 4 * 1024 * 1024 * 1024,
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
             dedupe_filter_warm_keys_max: 65_536,
-            dedupe_memory_bytes_max: 32 * 1024 * 1024,
+            dedupe_memory_bytes_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -146,11 +146,11 @@ struct State {
     message_keys: u64,
     /// Dedupe records committed since the last move to the tier. They move in one sorted
     /// ingestion when they reach `dedupe_memory_bytes_max` or at a checkpoint.
-    dedupe_recent: BTreeMap<Bytes, Bytes>,
+    dedupe_recent: BTreeMap<WriteKey, Bytes>,
     /// Estimated bytes of `dedupe_recent`.
     dedupe_recent_bytes: u64,
     /// The records a move is ingesting into the tier, read-only meanwhile.
-    dedupe_moving: Option<Arc<BTreeMap<Bytes, Bytes>>>,
+    dedupe_moving: Option<Arc<BTreeMap<WriteKey, Bytes>>>,
     /// Estimated bytes of `dedupe_moving`.
     dedupe_moving_bytes: u64,
     /// Dedupe keys deleted while a move runs: deleted whatever `dedupe_moving` holds. The
@@ -477,9 +477,12 @@ impl State {
         }
         let added = pair_bytes(&key, &value);
         let key_bytes = key.len();
-        let removed = self.dedupe_recent.insert(key, value).map_or(0, |old| {
-            (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES
-        });
+        let removed = self
+            .dedupe_recent
+            .insert(WriteKey::new(key), value)
+            .map_or(0, |old| {
+                (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES
+            });
         self.dedupe_recent_bytes = (self.dedupe_recent_bytes + added).saturating_sub(removed);
     }
 
@@ -487,7 +490,7 @@ impl State {
         if let Some((key, value)) = self.dedupe_recent.remove_entry(&key[..]) {
             self.dedupe_recent_bytes = self
                 .dedupe_recent_bytes
-                .saturating_sub(pair_bytes(&key, &value));
+                .saturating_sub(pair_bytes(&key.bytes, &value));
         }
         if self.dedupe_moving.is_some() {
             self.dedupe_deleted_while_moving.insert(key);
@@ -526,10 +529,10 @@ impl State {
             .dedupe_moving
             .iter()
             .flat_map(|moving| moving.range::<[u8], _>(range))
-            .filter(|(key, _)| !deleted.contains(&key[..]))
+            .filter(|(key, _)| !deleted.contains(&key.bytes[..]))
             .peekable();
         // The next pair in memory: recent over moving for a key in both.
-        let mut next_in_memory = move || -> Option<(&Bytes, &Bytes)> {
+        let mut next_in_memory = move || -> Option<(&WriteKey, &Bytes)> {
             match (recent.peek(), moving.peek()) {
                 (None, None) => None,
                 (Some(_), None) => recent.next(),
@@ -548,12 +551,12 @@ impl State {
         let mut stopped = false;
         let completed = tier.scan_latest(begin, end, &mut |key, value| {
             while let Some((memory_key, memory_value)) = pending {
-                if &memory_key[..] > key {
+                if &memory_key.bytes[..] > key {
                     break;
                 }
-                let shadows = &memory_key[..] == key;
+                let shadows = &memory_key.bytes[..] == key;
                 pending = next_in_memory();
-                if !visit(memory_key, memory_value) {
+                if !visit(&memory_key.bytes, memory_value) {
                     stopped = true;
                     return false;
                 }
@@ -574,7 +577,7 @@ impl State {
             return Ok(false);
         }
         while let Some((key, value)) = pending {
-            if !visit(key, value) {
+            if !visit(&key.bytes, value) {
                 return Ok(false);
             }
             pending = next_in_memory();
@@ -679,7 +682,7 @@ fn open_dedupe_filter(
                 .dedupe_recent
                 .keys()
                 .next_back()
-                .map(|key| key.to_vec());
+                .map(|key| key.bytes.to_vec());
             Ok::<_, StoreError>(in_tier.max(in_memory))
         },
         |start, take| {
@@ -1357,7 +1360,7 @@ impl Inner {
 
     /// Takes the recent dedupe records for a move (the caller holds the writer lock): readers
     /// find them in `dedupe_moving` until it ends.
-    fn freeze_dedupe_records(&self) -> Option<Arc<BTreeMap<Bytes, Bytes>>> {
+    fn freeze_dedupe_records(&self) -> Option<Arc<BTreeMap<WriteKey, Bytes>>> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.dedupe_recent.is_empty() {
             return None;
@@ -1374,7 +1377,7 @@ impl Inner {
     /// journals, which still hold every record), and readers keep finding `moving`.
     fn ingest_dedupe_records(
         &self,
-        moving: Option<Arc<BTreeMap<Bytes, Bytes>>>,
+        moving: Option<Arc<BTreeMap<WriteKey, Bytes>>>,
         _running: &MutexGuard<'_, ()>,
     ) -> Result<(), StoreError> {
         let Some(moving) = moving else {
@@ -1385,7 +1388,11 @@ impl Inner {
             error
         };
         self.dedupe
-            .ingest_sorted(moving.iter().map(|(key, value)| (&key[..], &value[..])))
+            .ingest_sorted(
+                moving
+                    .iter()
+                    .map(|(key, value)| (&key.bytes[..], &value[..])),
+            )
             .map_err(poison)?;
         // The writer lock keeps commits out from here until the move ends: a delete that
         // wrote its tombstone before the ingestion but reaches memory after the end would
