@@ -144,6 +144,7 @@ pub fn open_embedded_log(
             from_snapshot = recovery.snapshot,
             journal_bytes = recovery.journal_bytes,
             torn_bytes_cut = recovery.torn_bytes_cut,
+            dedupe_moves = recovery.dedupe_moves,
             elapsed_ms = recovery.elapsed.as_millis() as u64,
             "log store recovered"
         );
