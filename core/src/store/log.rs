@@ -88,6 +88,8 @@ const RECORD_HEADER_BYTES: usize = 4 + 8;
 const RECORD_BYTES_MAX: usize = 1 << 30;
 const KIND_SET: u8 = 1;
 const KIND_DELETE: u8 = 2;
+/// Replayed changes merged into the map at once, at least (`State::merge_replayed`).
+const REPLAY_RUN_CHANGES_MIN: usize = 65_536;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
 /// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
@@ -162,6 +164,26 @@ struct State {
     /// write can wait for an fsync), so until then memory says "deleted" and a reader never
     /// sees the tier's answer change under it.
     dedupe_tombstones_pending: BTreeSet<Bytes>,
+    /// Only while the store opens: replayed changes of the map not merged into it yet.
+    replayed: Vec<(WriteKey, Option<Bytes>)>,
+    /// Only while the store opens: replayed dedupe changes, and their estimated bytes.
+    dedupe_replayed: Vec<(WriteKey, Option<Bytes>)>,
+    dedupe_replayed_bytes: u64,
+}
+
+/// Each key's last change, in key order: sorted stably, so a key's changes keep their order.
+fn last_change_per_key(
+    mut changes: Vec<(WriteKey, Option<Bytes>)>,
+) -> Vec<(WriteKey, Option<Bytes>)> {
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut last: Vec<(WriteKey, Option<Bytes>)> = Vec::with_capacity(changes.len());
+    for change in changes {
+        match last.last_mut() {
+            Some(previous) if previous.0 == change.0 => *previous = change,
+            _ => last.push(change),
+        }
+    }
+    last
 }
 
 /// What the memory part of the state knows of a dedupe key.
@@ -196,23 +218,6 @@ fn dedupe_tier_options() -> FjallOptions {
         dedupe_filter_warm_keys_max: 0,
         ..FjallOptions::default()
     }
-}
-
-/// Applies one record's `changes` in order: a deleted dedupe record's tombstone to the tier
-/// (which may hold it), everything else to memory.
-fn apply_changes<'a>(
-    state: &mut State,
-    dedupe: &FjallStore,
-    changes: &[(&'a [u8], Option<&'a [u8]>)],
-) -> Result<(), StoreError> {
-    dedupe.write_unsynced(
-        changes
-            .iter()
-            .filter(|(key, value)| value.is_none() && is_dedupe(key))
-            .map(|(key, value)| (*key, *value)),
-    )?;
-    state.apply(changes.iter().map(|(key, value)| (*key, *value)));
-    Ok(())
 }
 
 /// What the writer lock guards.
@@ -454,13 +459,91 @@ impl State {
         }
     }
 
-    fn apply<'a>(&mut self, changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) {
+    /// Replays one record's changes (at open): dedupe records at once, the map's changes into
+    /// `replayed`, merged into the map in sorted runs.
+    fn replay<'a>(&mut self, changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) {
         for (key, value) in changes {
-            match value {
-                Some(value) => self.set_any(Bytes::from(key), Bytes::from(value)),
-                None => self.delete_any(Bytes::from(key)),
+            let key = Bytes::from(key);
+            let value = value.map(Bytes::from);
+            if is_dedupe(&key) {
+                self.dedupe_replayed_bytes += pair_bytes(&key, value.as_deref().unwrap_or(&[]));
+                self.dedupe_replayed.push((WriteKey::new(key), value));
+            } else {
+                self.replayed.push((WriteKey::new(key), value));
             }
         }
+        if self.replayed.len() >= REPLAY_RUN_CHANGES_MIN.max(self.map.len() / 4) {
+            self.merge_replayed();
+        }
+    }
+
+    /// Applies `replayed` to the map in key order: sorted stably (a key's changes keep their
+    /// order), only each key's last change. Inserting a large backlog's keys one by one in
+    /// journal order (inboxes at random) missed the cache at every level of the tree: 3.6 µs
+    /// per key here, most of a restart; in key order each insert follows the path the last
+    /// one warmed. A run is at least a quarter of the map, which bounds its extra memory.
+    fn merge_replayed(&mut self) {
+        if self.replayed.is_empty() {
+            return;
+        }
+        // In key order, consecutive inserts follow the path the last one warmed.
+        for (key, change) in last_change_per_key(std::mem::take(&mut self.replayed)) {
+            match change {
+                Some(value) => {
+                    self.map.insert(key, value);
+                }
+                None => {
+                    self.map.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Applies the replayed dedupe changes: each key's last one, in key order. Sets go into
+    /// the tier as one ingestion (or, with `into_memory`, at the end of the replay, into
+    /// `dedupe_recent`), then deletes become tombstones, newer than every table: a delete
+    /// replayed after its record's set, in this run or an earlier one, hides it.
+    fn move_replayed_dedupe(
+        &mut self,
+        tier: &FjallStore,
+        into_memory: bool,
+    ) -> Result<(), StoreError> {
+        let last = last_change_per_key(std::mem::take(&mut self.dedupe_replayed));
+        self.dedupe_replayed_bytes = 0;
+        let (sets, deletes): (Vec<_>, Vec<_>) =
+            last.into_iter().partition(|(_, value)| value.is_some());
+        let sets = sets
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value?)));
+        if into_memory {
+            debug_assert!(self.dedupe_recent.is_empty(), "replay fills it only here");
+            self.dedupe_recent = sets.collect();
+            self.dedupe_recent_bytes = self
+                .dedupe_recent
+                .iter()
+                .map(|(key, value)| pair_bytes(&key.bytes, value))
+                .sum();
+        } else {
+            let sets: Vec<(WriteKey, Bytes)> = sets.collect();
+            tier.ingest_sorted(sets.iter().map(|(key, value)| (&key.bytes[..], &value[..])))?;
+        }
+        tier.write_unsynced(deletes.iter().map(|(key, _)| (&key.bytes[..], None)))
+    }
+
+    /// Ends a replay: the last runs applied, and the map's counts taken.
+    fn finish_replay(&mut self, tier: &FjallStore) -> Result<(), StoreError> {
+        self.move_replayed_dedupe(tier, true)?;
+        self.merge_replayed();
+        self.replayed = Vec::new();
+        self.live_bytes = 0;
+        self.message_keys = 0;
+        for (key, value) in &self.map {
+            self.live_bytes += pair_bytes(&key.bytes, value);
+            if key.bytes.first() == Some(&keys::TAG_MESSAGE) {
+                self.message_keys += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Sets a key of either kind.
@@ -469,15 +552,6 @@ impl State {
             self.set_dedupe(key, value);
         } else {
             self.set(key, value);
-        }
-    }
-
-    /// Deletes a key of either kind (a dedupe key's tombstone in the tier is the caller's).
-    fn delete_any(&mut self, key: Bytes) {
-        if is_dedupe(&key) {
-            self.delete_dedupe(key);
-        } else {
-            self.delete(key);
         }
     }
 
@@ -629,17 +703,10 @@ fn replay(
     while at < bytes.len() {
         match decode_record(&bytes[at..]) {
             Ok((changes, len)) => {
-                apply_changes(state, dedupe, &changes)?;
+                state.replay(changes.into_iter());
                 at += len;
-                if state.dedupe_recent_bytes >= dedupe_memory_bytes_max {
-                    // Later deletes in the replay write tombstones newer than these tables.
-                    let recent = std::mem::take(&mut state.dedupe_recent);
-                    state.dedupe_recent_bytes = 0;
-                    dedupe.ingest_sorted(
-                        recent
-                            .iter()
-                            .map(|(key, value)| (&key.bytes[..], &value[..])),
-                    )?;
+                if state.dedupe_replayed_bytes >= dedupe_memory_bytes_max {
+                    state.move_replayed_dedupe(dedupe, false)?;
                     *dedupe_moves += 1;
                 }
             }
@@ -917,6 +984,7 @@ impl LogStore {
             })
             .sum();
 
+        state.finish_replay(&dedupe)?;
         let recovery = LogRecovery {
             keys: state.map.len() as u64,
             snapshot: snapshots.last().is_some(),
