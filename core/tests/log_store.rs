@@ -691,6 +691,33 @@ fn a_replay_moves_dedupe_records_to_the_tier_past_their_bound() {
                     .map(|key| (key, Some(&b"again"[..]))),
             );
         }
+        // Changes of one key close together, so within one run: set, deleted, set again,
+        // deleted again.
+        for chunk in records.chunks(100).take(5) {
+            commit(
+                &mut chunk
+                    .iter()
+                    .step_by(5)
+                    .map(|key| (key, Some(&b"close"[..]))),
+            );
+            commit(&mut chunk.iter().step_by(10).map(|key| (key, None)));
+            commit(
+                &mut chunk
+                    .iter()
+                    .step_by(20)
+                    .map(|key| (key, Some(&b"closer"[..]))),
+            );
+            commit(&mut chunk.iter().skip(40).step_by(40).map(|key| (key, None)));
+        }
+        // Last, deletes of records moved long ago: tombstones of the replay's final run.
+        commit(
+            &mut records
+                .iter()
+                .skip(1)
+                .step_by(7)
+                .take(50)
+                .map(|key| (key, None)),
+        );
     }
     let bound = 16 * 1024;
     let store = LogStore::open(
@@ -701,7 +728,7 @@ fn a_replay_moves_dedupe_records_to_the_tier_past_their_bound() {
         },
     )
     .unwrap();
-    // About 140 bytes each: over 2,600 changes pass 16 KiB more than ten times.
+    // About 140 bytes each: over 3,000 changes pass 16 KiB more than ten times.
     assert!(
         store.recovery().dedupe_moves >= 10,
         "{:?}",
@@ -747,12 +774,23 @@ fn a_long_replay_in_sorted_runs_recovers_the_exact_state() {
         let mut txn = store.begin_read().unwrap();
         txn.get_range(b"", &[0xff], 1_000_000).unwrap()
     };
+    // Message keys (tag `q`) among others, so the recovered counts are checked too.
+    let key_of = |roll: u64| {
+        let index = roll % 30_000;
+        if index % 2 == 0 {
+            format!("q{index:05}").into_bytes()
+        } else {
+            format!("k{index:05}").into_bytes()
+        }
+    };
     let as_pairs = |model: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>| {
         model
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect::<Vec<_>>()
     };
+    // The store's own counts before the last reopen, to compare with the recovered ones.
+    let mut store_counts: (Option<u64>, Option<u64>) = (None, None);
     for half in 0..2 {
         let store = LogStore::open(dir.path(), &options).unwrap();
         if half == 1 {
@@ -763,7 +801,7 @@ fn a_long_replay_in_sorted_runs_recovers_the_exact_state() {
             let mut txn = store.begin().unwrap();
             for _ in 0..100 {
                 let roll = next();
-                let key = format!("k{:05}", roll % 30_000).into_bytes();
+                let key = key_of(roll);
                 if roll % 5 == 0 {
                     txn.clear(&key);
                     model.remove(&key);
@@ -785,7 +823,7 @@ fn a_long_replay_in_sorted_runs_recovers_the_exact_state() {
             let mut txn = store.begin().unwrap();
             for _ in 0..100 {
                 let roll = next();
-                let key = format!("k{:05}", roll % 30_000).into_bytes();
+                let key = key_of(roll);
                 if roll % 3 == 0 {
                     txn.clear(&key);
                     model.remove(&key);
@@ -796,7 +834,15 @@ fn a_long_replay_in_sorted_runs_recovers_the_exact_state() {
             }
             txn.commit().unwrap();
         }
+        store_counts = (
+            Some(store.live_bytes_without_waiting()),
+            store.message_keys_without_waiting(),
+        );
     }
+    let (live_bytes, message_keys) = (
+        store_counts.0.expect("counted before the reopen"),
+        store_counts.1.expect("counted before the reopen"),
+    );
     let store = LogStore::open(dir.path(), &options).unwrap();
     assert!(store.recovery().snapshot);
     assert_eq!(store.recovery().keys, model.len() as u64);
@@ -804,5 +850,11 @@ fn a_long_replay_in_sorted_runs_recovers_the_exact_state() {
         recovered(&store),
         as_pairs(&model),
         "from a snapshot and journals"
+    );
+    assert_eq!(store.live_bytes_without_waiting(), live_bytes);
+    assert_eq!(store.message_keys_without_waiting(), Some(message_keys));
+    assert_eq!(
+        message_keys,
+        model.keys().filter(|key| key[0] == b'q').count() as u64
     );
 }

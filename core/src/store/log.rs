@@ -88,8 +88,12 @@ const RECORD_HEADER_BYTES: usize = 4 + 8;
 const RECORD_BYTES_MAX: usize = 1 << 30;
 const KIND_SET: u8 = 1;
 const KIND_DELETE: u8 = 2;
-/// Replayed changes merged into the map at once, at least (`State::merge_replayed`).
+/// Replayed changes merged into the map at once, at least (`State::merge_replayed`), unless
+/// their keys and values reach `REPLAY_RUN_BYTES_MAX` first.
 const REPLAY_RUN_CHANGES_MIN: usize = 65_536;
+/// Estimated bytes (`pair_bytes`) a run of replayed changes holds at most, values later
+/// overwritten or deleted included: what a replay holds beyond the map.
+const REPLAY_RUN_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
 /// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
@@ -164,8 +168,10 @@ struct State {
     /// write can wait for an fsync), so until then memory says "deleted" and a reader never
     /// sees the tier's answer change under it.
     dedupe_tombstones_pending: BTreeSet<Bytes>,
-    /// Only while the store opens: replayed changes of the map not merged into it yet.
+    /// Only while the store opens: replayed changes of the map not merged into it yet, and
+    /// their estimated bytes (`pair_bytes`).
     replayed: Vec<(WriteKey, Option<Bytes>)>,
+    replayed_bytes: u64,
     /// Only while the store opens: replayed dedupe changes, and their estimated bytes.
     dedupe_replayed: Vec<(WriteKey, Option<Bytes>)>,
     dedupe_replayed_bytes: u64,
@@ -176,14 +182,16 @@ fn last_change_per_key(
     mut changes: Vec<(WriteKey, Option<Bytes>)>,
 ) -> Vec<(WriteKey, Option<Bytes>)> {
     changes.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut last: Vec<(WriteKey, Option<Bytes>)> = Vec::with_capacity(changes.len());
-    for change in changes {
-        match last.last_mut() {
-            Some(previous) if previous.0 == change.0 => *previous = change,
-            _ => last.push(change),
+    // In place: of two neighbours with one key, the later (the one `dedup_by` drops) moves
+    // into the kept slot.
+    changes.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
         }
-    }
-    last
+        same
+    });
+    changes
 }
 
 /// What the memory part of the state knows of a dedupe key.
@@ -469,10 +477,13 @@ impl State {
                 self.dedupe_replayed_bytes += pair_bytes(&key, value.as_deref().unwrap_or(&[]));
                 self.dedupe_replayed.push((WriteKey::new(key), value));
             } else {
+                self.replayed_bytes += pair_bytes(&key, value.as_deref().unwrap_or(&[]));
                 self.replayed.push((WriteKey::new(key), value));
             }
         }
-        if self.replayed.len() >= REPLAY_RUN_CHANGES_MIN.max(self.map.len() / 4) {
+        if self.replayed.len() >= REPLAY_RUN_CHANGES_MIN.max(self.map.len() / 4)
+            || self.replayed_bytes >= REPLAY_RUN_BYTES_MAX
+        {
             self.merge_replayed();
         }
     }
@@ -481,11 +492,14 @@ impl State {
     /// order), only each key's last change. Inserting a large backlog's keys one by one in
     /// journal order (inboxes at random) missed the cache at every level of the tree: 3.6 µs
     /// per key here, most of a restart; in key order each insert follows the path the last
-    /// one warmed. A run is at least a quarter of the map, which bounds its extra memory.
+    /// one warmed. A run holds a quarter of the map's keys (at least 65,536) or 64 MiB
+    /// (estimated as the map's pairs are), whichever comes first: the replay's memory beyond
+    /// the map.
     fn merge_replayed(&mut self) {
         if self.replayed.is_empty() {
             return;
         }
+        self.replayed_bytes = 0;
         // In key order, consecutive inserts follow the path the last one warmed.
         for (key, change) in last_change_per_key(std::mem::take(&mut self.replayed)) {
             match change {
