@@ -96,6 +96,12 @@ pub trait ShardStore: Send + Sync + 'static {
     fn memory_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// Memory the dedupe records of recent sends take before they move to disk (the log
+    /// engine); never blocks.
+    fn dedupe_memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// How full a store is against a memory bound (`ShardStore::memory_fill`).
@@ -133,6 +139,10 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     }
     /// `ShardStore::memory_bytes`; never blocks.
     fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// `ShardStore::dedupe_memory_bytes`; never blocks.
+    fn dedupe_memory_bytes(&self) -> Option<u64> {
         None
     }
 }
@@ -190,6 +200,9 @@ impl EmbeddedEngine for LogStore {
     }
     fn memory_bytes(&self) -> Option<u64> {
         Some(self.live_bytes_without_waiting())
+    }
+    fn dedupe_memory_bytes(&self) -> Option<u64> {
+        Some(LogStore::dedupe_memory_bytes(self))
     }
 }
 
@@ -324,6 +337,12 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
 
     fn memory_bytes(&self) -> Option<u64> {
         self.all[usize::from(self.shard)].try_get()?.memory_bytes()
+    }
+
+    fn dedupe_memory_bytes(&self) -> Option<u64> {
+        self.all[usize::from(self.shard)]
+            .try_get()?
+            .dedupe_memory_bytes()
     }
 }
 

@@ -100,6 +100,7 @@ pub struct Metrics {
     inbox_queue_requests: Family<ShardLabel, Gauge>,
     store_message_keys: Family<ShardLabel, Gauge>,
     store_memory_bytes: Family<ShardLabel, Gauge>,
+    store_dedupe_memory_bytes: Family<ShardLabel, Gauge>,
     store_full: Family<ShardLabel, Gauge>,
     mesh_backlog_messages: Family<ShardLabel, Gauge>,
     mesh_messages_dropped: Family<ShardLabel, Counter>,
@@ -240,6 +241,10 @@ impl Metrics {
             "store_memory_bytes",
             "Memory the stored keys take, estimated (store.engine = \"log\" only; bounded by store.log_memory_bytes_max)"
         );
+        let store_dedupe_memory_bytes = family!(
+            "store_dedupe_memory_bytes",
+            "Memory the dedupe records of recent sends take before they move to the dedupe tier on disk, estimated (store.engine = \"log\" only; moved past store.log_dedupe_memory_bytes_max)"
+        );
         let store_full = family!(
             "store_full",
             "1 while the store is near its memory bound and the shard refuses sends with StoreUnavailable, else 0"
@@ -324,6 +329,7 @@ impl Metrics {
             inbox_queue_requests,
             store_message_keys,
             store_memory_bytes,
+            store_dedupe_memory_bytes,
             store_full,
             mesh_backlog_messages,
             mesh_messages_dropped,
@@ -412,6 +418,7 @@ impl Metrics {
             inbox_queue_requests: self.inbox_queue_requests.get_or_create_owned(&label),
             store_message_keys: self.store_message_keys.get_or_create_owned(&label),
             store_memory_bytes: self.store_memory_bytes.get_or_create_owned(&label),
+            store_dedupe_memory_bytes: self.store_dedupe_memory_bytes.get_or_create_owned(&label),
             store_full: self.store_full.get_or_create_owned(&label),
             mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
@@ -529,6 +536,7 @@ pub struct ShardMetrics {
     pub inbox_queue_requests: Gauge,
     pub store_message_keys: Gauge,
     pub store_memory_bytes: Gauge,
+    pub store_dedupe_memory_bytes: Gauge,
     pub store_full: Gauge,
     pub mesh_backlog_messages: Gauge,
     pub mesh_messages_dropped: Counter,

@@ -2133,6 +2133,9 @@ impl Shard {
         if let Some(bytes) = self.store.memory_bytes() {
             metrics.store_memory_bytes.set(bytes as i64);
         }
+        if let Some(bytes) = self.store.dedupe_memory_bytes() {
+            metrics.store_dedupe_memory_bytes.set(bytes as i64);
+        }
         metrics.store_full.set(i64::from(self.store_full));
     }
 

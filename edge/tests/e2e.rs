@@ -677,3 +677,55 @@ async fn new_connections_are_not_probed_for_their_first_flight() {
         "the edge resent the first flight of {probed} of {CLIENTS} new idle connections: it went unacknowledged"
     );
 }
+
+/// On the log engine, the dedupe records of recent sends wait in memory until they move to the
+/// dedupe tier on disk: `courier_store_dedupe_memory_bytes` shows them (an operator sizes
+/// `store.log_dedupe_memory_bytes_max` by it), apart from the undelivered messages in
+/// `courier_store_memory_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_engine_reports_the_memory_of_its_recent_dedupe_records() {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let edge = Edge::start_with(
+        1,
+        &format!("[metrics]\nlisten = \"{metrics}\"\n[store]\nengine = \"log\"\n"),
+        &[],
+    );
+    let sender = edge.client(81).await;
+    for i in 0..50u32 {
+        sender
+            .send(82, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    let gauge = |name: &str| -> f64 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(metrics).expect("metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // The shard sets its gauges about once a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let dedupe = gauge("courier_store_dedupe_memory_bytes");
+        let stored = gauge("courier_store_memory_bytes");
+        // 50 records of about 140 bytes each (a 33-byte key, its value, the map's overhead).
+        if dedupe >= 50.0 * 100.0 && stored > 0.0 {
+            assert!(dedupe < 50.0 * 1_000.0, "{dedupe} bytes for 50 records");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dedupe {dedupe} bytes, stored {stored} bytes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

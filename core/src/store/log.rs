@@ -278,6 +278,8 @@ struct Inner {
     poisoned: AtomicBool,
     /// `State::live_bytes` after the last commit, readable without the lock.
     live_bytes_now: AtomicU64,
+    /// `State::dedupe_memory_bytes` after the last commit or move, readable without the lock.
+    dedupe_bytes_now: AtomicU64,
     /// Journal bytes written since the journal the last checkpoint started.
     journal_bytes_since_checkpoint: AtomicU64,
     /// Something was deleted since the last checkpoint started.
@@ -593,6 +595,11 @@ impl State {
         if self.dedupe_moving.is_some() {
             self.dedupe_deleted_while_moving.insert(key);
         }
+    }
+
+    /// Estimated bytes of the dedupe records in memory, a move's included.
+    fn dedupe_memory_bytes(&self) -> u64 {
+        self.dedupe_recent_bytes + self.dedupe_moving_bytes
     }
 
     fn dedupe_in_memory(&self, key: &[u8]) -> DedupeInMemory {
@@ -1008,6 +1015,7 @@ impl LogStore {
             elapsed: started.elapsed(),
         };
         let live_bytes = state.live_bytes;
+        let dedupe_bytes = state.dedupe_memory_bytes();
         let dedupe_filter = open_dedupe_filter(
             &state,
             &dedupe,
@@ -1037,6 +1045,7 @@ impl LogStore {
             }),
             poisoned: AtomicBool::new(false),
             live_bytes_now: AtomicU64::new(live_bytes),
+            dedupe_bytes_now: AtomicU64::new(dedupe_bytes),
             journal_bytes_since_checkpoint: AtomicU64::new(journal_bytes),
             deleted_since_checkpoint: AtomicBool::new(true),
             spare: Mutex::new(None),
@@ -1094,10 +1103,9 @@ impl LogStore {
     }
 
     /// Estimated bytes of memory the dedupe records not yet in the tier take (those a move is
-    /// writing included).
+    /// writing included), as of the last commit or move, without a lock.
     pub fn dedupe_memory_bytes(&self) -> u64 {
-        let state = self.inner.read_state();
-        state.dedupe_recent_bytes + state.dedupe_moving_bytes
+        self.inner.dedupe_bytes_now.load(Ordering::Relaxed)
     }
 
     /// How full the store is, in percent of `memory_bytes_max`, without waiting for a lock
@@ -1332,6 +1340,8 @@ impl Inner {
             }
             self.live_bytes_now
                 .store(state.live_bytes, Ordering::Relaxed);
+            self.dedupe_bytes_now
+                .store(state.dedupe_memory_bytes(), Ordering::Relaxed);
             state.dedupe_recent_bytes
         };
         if !tombstones.is_empty() {
@@ -1543,6 +1553,8 @@ impl Inner {
         state.dedupe_moving = None;
         state.dedupe_moving_bytes = 0;
         state.dedupe_deleted_while_moving.clear();
+        self.dedupe_bytes_now
+            .store(state.dedupe_memory_bytes(), Ordering::Relaxed);
         Ok(())
     }
 
