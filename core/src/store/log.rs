@@ -713,6 +713,89 @@ enum Ending {
 /// dedupe records to the tier whenever they reach `dedupe_memory_bytes_max` (the journals of a
 /// large backlog can hold gigabytes of them). Returns the length of the valid prefix and how
 /// the file ends after it.
+/// Replays one record's changes into `state`, moving the replayed dedupe records to the tier
+/// once they reach `dedupe_memory_bytes_max`.
+fn replay_record(
+    state: &mut State,
+    dedupe: &FjallStore,
+    changes: Vec<(&[u8], Option<&[u8]>)>,
+    dedupe_memory_bytes_max: u64,
+    dedupe_moves: &mut u64,
+) -> Result<(), StoreError> {
+    state.replay(changes.into_iter());
+    if state.dedupe_replayed_bytes >= dedupe_memory_bytes_max {
+        state.move_replayed_dedupe(dedupe, false)?;
+        *dedupe_moves += 1;
+    }
+    Ok(())
+}
+
+/// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
+/// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
+fn replay_snapshot(
+    state: &mut State,
+    dedupe: &FjallStore,
+    path: &Path,
+    dedupe_memory_bytes_max: u64,
+    dedupe_moves: &mut u64,
+) -> Result<(), StoreError> {
+    let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
+    let mut file = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut record = Vec::new();
+    let mut at = 0u64;
+    let damaged = |at: u64| {
+        StoreError::Corrupt(format!(
+            "{} is damaged at byte {at}: restore the store from a backup",
+            path.display()
+        ))
+    };
+    loop {
+        record.resize(RECORD_HEADER_BYTES, 0);
+        // The end of the file, between two records: done.
+        let first = loop {
+            match file.read(&mut record[..1]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                read => break read.map_err(|e| io(format!("read {}", path.display()), e))?,
+            }
+        };
+        if first == 0 {
+            return Ok(());
+        }
+        let whole = file
+            .read_exact(&mut record[1..RECORD_HEADER_BYTES])
+            .and_then(|()| {
+                let payload_bytes =
+                    u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+                if payload_bytes > RECORD_BYTES_MAX {
+                    return Err(std::io::ErrorKind::InvalidData.into());
+                }
+                record.resize(RECORD_HEADER_BYTES + payload_bytes, 0);
+                file.read_exact(&mut record[RECORD_HEADER_BYTES..])
+            });
+        match whole {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                return Err(damaged(at));
+            }
+            Err(e) => return Err(io(format!("read {}", path.display()), e)),
+        }
+        let (changes, len) = decode_record(&record).map_err(|_| damaged(at))?;
+        replay_record(
+            state,
+            dedupe,
+            changes,
+            dedupe_memory_bytes_max,
+            dedupe_moves,
+        )?;
+        at += len as u64;
+    }
+}
+
 fn replay(
     state: &mut State,
     dedupe: &FjallStore,
@@ -724,12 +807,14 @@ fn replay(
     while at < bytes.len() {
         match decode_record(&bytes[at..]) {
             Ok((changes, len)) => {
-                state.replay(changes.into_iter());
+                replay_record(
+                    state,
+                    dedupe,
+                    changes,
+                    dedupe_memory_bytes_max,
+                    dedupe_moves,
+                )?;
                 at += len;
-                if state.dedupe_replayed_bytes >= dedupe_memory_bytes_max {
-                    state.move_replayed_dedupe(dedupe, false)?;
-                    *dedupe_moves += 1;
-                }
             }
             Err(_) => {
                 let rest = &bytes[at..];
@@ -908,20 +993,13 @@ impl LogStore {
         let first_journal = match snapshots.last() {
             Some(&id) => {
                 let path = dir.join(file_name(SNAPSHOT_PREFIX, id));
-                let bytes = read_file(&path)?;
-                let (valid, ending) = replay(
+                replay_snapshot(
                     &mut state,
                     &dedupe,
-                    &bytes,
+                    &path,
                     options.dedupe_memory_bytes_max,
                     &mut dedupe_moves,
                 )?;
-                if ending != Ending::Clean {
-                    return Err(StoreError::Corrupt(format!(
-                        "{} is damaged at byte {valid}: restore the store from a backup",
-                        path.display()
-                    )));
-                }
                 id
             }
             None => 0,
