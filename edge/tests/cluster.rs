@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{EVENT_TIMEOUT, Edge, assert_quiet, free_addr, next_message};
+use common::{EVENT_TIMEOUT, Edge, assert_quiet, free_addr, metric_sum_at, next_message};
 use courier_client::raw::RawConnection;
 use courier_client::{ConnectOptions, Connector};
 use courier_core::placement::home_edge;
@@ -156,22 +156,6 @@ static METRICS: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, SocketAd
 fn metric_sum(edge: &Edge, name: &str) -> f64 {
     let addr = METRICS.lock().expect("metrics")[&edge.addr];
     metric_sum_at(addr, name).expect("metrics listener")
-}
-
-/// The sum of a metric's series on the `/metrics` listener at `addr`; `None` if it cannot be
-/// reached.
-fn metric_sum_at(addr: SocketAddr, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    Some(
-        text.lines()
-            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
 }
 
 /// A user id whose home is the edge at `index` of `EDGE_IDS`, the `nth` such id.

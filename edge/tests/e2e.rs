@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{EVENT_TIMEOUT, Edge, assert_quiet, next_message};
+use common::{EVENT_TIMEOUT, Edge, assert_quiet, metric_sum_at, next_message};
 use courier_client::raw::RawConnection;
 use courier_client::{ClientError, ConnectOptions, EarlySend};
 use courier_protocol::{ErrorCode, Frame};
@@ -699,19 +699,7 @@ async fn the_log_engine_reports_the_memory_of_its_recent_dedupe_records() {
             .await
             .expect("send");
     }
-    let gauge = |name: &str| -> f64 {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(metrics).expect("metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-            .expect("request");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("response");
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let gauge = |name: &str| metric_sum_at(metrics, name).expect("metrics listener");
     // The shard sets its gauges about once a second.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {

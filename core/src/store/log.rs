@@ -709,135 +709,115 @@ enum Ending {
     Damaged,
 }
 
-/// Replays the records at the start of `bytes` into `state` and the dedupe tier, moving the
-/// dedupe records to the tier whenever they reach `dedupe_memory_bytes_max` (the journals of a
-/// large backlog can hold gigabytes of them). Returns the length of the valid prefix and how
-/// the file ends after it.
-/// Replays one record's changes into `state`, moving the replayed dedupe records to the tier
-/// once they reach `dedupe_memory_bytes_max`.
-fn replay_record(
-    state: &mut State,
-    dedupe: &FjallStore,
-    changes: Vec<(&[u8], Option<&[u8]>)>,
-    dedupe_memory_bytes_max: u64,
-    dedupe_moves: &mut u64,
-) -> Result<(), StoreError> {
-    state.replay(changes.into_iter());
-    if state.dedupe_replayed_bytes >= dedupe_memory_bytes_max {
-        state.move_replayed_dedupe(dedupe, false)?;
-        *dedupe_moves += 1;
-    }
-    Ok(())
+/// A replay at open: the state it builds, and the tier its dedupe records move to whenever
+/// they reach `dedupe_bytes_max` (the journals of a large backlog can hold gigabytes of them).
+struct Replay<'a> {
+    state: State,
+    tier: &'a FjallStore,
+    /// `LogOptions::dedupe_memory_bytes_max`.
+    dedupe_bytes_max: u64,
+    /// Moves of dedupe records to the tier so far (`LogRecovery::dedupe_moves`).
+    dedupe_moves: u64,
 }
 
-/// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
-/// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
-fn replay_snapshot(
-    state: &mut State,
-    dedupe: &FjallStore,
-    path: &Path,
-    dedupe_memory_bytes_max: u64,
-    dedupe_moves: &mut u64,
-) -> Result<(), StoreError> {
-    let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
-    let mut file = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut record = Vec::new();
-    let mut at = 0u64;
-    let damaged = |at: u64| {
-        StoreError::Corrupt(format!(
-            "{} is damaged at byte {at}: restore the store from a backup",
-            path.display()
-        ))
-    };
-    loop {
-        record.resize(RECORD_HEADER_BYTES, 0);
-        // The end of the file, between two records: done.
-        let first = loop {
-            match file.read(&mut record[..1]) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                read => break read.map_err(|e| io(format!("read {}", path.display()), e))?,
-            }
+impl Replay<'_> {
+    /// Replays one record's changes.
+    fn record(&mut self, changes: Vec<(&[u8], Option<&[u8]>)>) -> Result<(), StoreError> {
+        self.state.replay(changes.into_iter());
+        if self.state.dedupe_replayed_bytes >= self.dedupe_bytes_max {
+            self.state.move_replayed_dedupe(self.tier, false)?;
+            self.dedupe_moves += 1;
+        }
+        Ok(())
+    }
+
+    /// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
+    /// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
+    fn snapshot(&mut self, path: &Path) -> Result<(), StoreError> {
+        let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
+        let mut file = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut record = Vec::new();
+        let mut at = 0u64;
+        let damaged = |at: u64| {
+            StoreError::Corrupt(format!(
+                "{} is damaged at byte {at}: restore the store from a backup",
+                path.display()
+            ))
         };
-        if first == 0 {
-            return Ok(());
-        }
-        let whole = file
-            .read_exact(&mut record[1..RECORD_HEADER_BYTES])
-            .and_then(|()| {
-                let payload_bytes =
-                    u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
-                if payload_bytes > RECORD_BYTES_MAX {
-                    return Err(std::io::ErrorKind::InvalidData.into());
+        loop {
+            record.resize(RECORD_HEADER_BYTES, 0);
+            // The end of the file, between two records: done.
+            let first = loop {
+                match file.read(&mut record[..1]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => break read.map_err(|e| io(format!("read {}", path.display()), e))?,
                 }
-                record.resize(RECORD_HEADER_BYTES + payload_bytes, 0);
-                file.read_exact(&mut record[RECORD_HEADER_BYTES..])
-            });
-        match whole {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
-                ) =>
-            {
-                return Err(damaged(at));
+            };
+            if first == 0 {
+                return Ok(());
             }
-            Err(e) => return Err(io(format!("read {}", path.display()), e)),
+            let whole = file
+                .read_exact(&mut record[1..RECORD_HEADER_BYTES])
+                .and_then(|()| {
+                    let payload_bytes =
+                        u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+                    if payload_bytes > RECORD_BYTES_MAX {
+                        return Err(std::io::ErrorKind::InvalidData.into());
+                    }
+                    record.resize(RECORD_HEADER_BYTES + payload_bytes, 0);
+                    file.read_exact(&mut record[RECORD_HEADER_BYTES..])
+                });
+            match whole {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                    ) =>
+                {
+                    return Err(damaged(at));
+                }
+                Err(e) => return Err(io(format!("read {}", path.display()), e)),
+            }
+            let (changes, len) = decode_record(&record).map_err(|_| damaged(at))?;
+            self.record(changes)?;
+            at += len as u64;
         }
-        let (changes, len) = decode_record(&record).map_err(|_| damaged(at))?;
-        replay_record(
-            state,
-            dedupe,
-            changes,
-            dedupe_memory_bytes_max,
-            dedupe_moves,
-        )?;
-        at += len as u64;
     }
-}
 
-fn replay(
-    state: &mut State,
-    dedupe: &FjallStore,
-    bytes: &[u8],
-    dedupe_memory_bytes_max: u64,
-    dedupe_moves: &mut u64,
-) -> Result<(usize, Ending), StoreError> {
-    let mut at = 0usize;
-    while at < bytes.len() {
-        match decode_record(&bytes[at..]) {
-            Ok((changes, len)) => {
-                replay_record(
-                    state,
-                    dedupe,
-                    changes,
-                    dedupe_memory_bytes_max,
-                    dedupe_moves,
-                )?;
-                at += len;
-            }
-            Err(_) => {
-                let rest = &bytes[at..];
-                if is_zeros(rest) {
-                    return Ok((at, Ending::ZeroTail));
+    /// Replays the records at the start of `bytes` (a journal). Returns the length of the valid
+    /// prefix and how the file ends after it.
+    fn journal(&mut self, bytes: &[u8]) -> Result<(usize, Ending), StoreError> {
+        let mut at = 0usize;
+        while at < bytes.len() {
+            match decode_record(&bytes[at..]) {
+                Ok((changes, len)) => {
+                    self.record(changes)?;
+                    at += len;
                 }
-                // A torn write is the last write: no whole record can follow it. Whatever its
-                // pages look like (a record's later page can reach the disk before the page
-                // with its header), only a record that decodes after it proves damage.
-                let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
-                let damaged = (1..=last).any(|offset| starts_a_record(&rest[offset..]));
-                return Ok((
-                    at,
-                    if damaged {
-                        Ending::Damaged
-                    } else {
-                        Ending::Torn
-                    },
-                ));
+                Err(_) => {
+                    let rest = &bytes[at..];
+                    if is_zeros(rest) {
+                        return Ok((at, Ending::ZeroTail));
+                    }
+                    // A torn write is the last write: no whole record can follow it. Whatever its
+                    // pages look like (a record's later page can reach the disk before the page
+                    // with its header), only a record that decodes after it proves damage.
+                    let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
+                    let damaged = (1..=last).any(|offset| starts_a_record(&rest[offset..]));
+                    return Ok((
+                        at,
+                        if damaged {
+                            Ending::Damaged
+                        } else {
+                            Ending::Torn
+                        },
+                    ));
+                }
             }
         }
+        Ok((at, Ending::Clean))
     }
-    Ok((at, Ending::Clean))
 }
 
 /// Whether `bytes` starts with a whole, valid record. Checks the header's length against what
@@ -921,7 +901,6 @@ impl LogStore {
     pub fn open(dir: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
         let started = std::time::Instant::now();
         let mut torn_bytes_cut = 0u64;
-        let mut dedupe_moves = 0u64;
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
         let format_path = dir.join(FORMAT_FILE);
@@ -989,17 +968,15 @@ impl LogStore {
         for path in &stale {
             std::fs::remove_file(path).map_err(|e| io(format!("remove {}", path.display()), e))?;
         }
-        let mut state = State::default();
+        let mut replay = Replay {
+            state: State::default(),
+            tier: &dedupe,
+            dedupe_bytes_max: options.dedupe_memory_bytes_max,
+            dedupe_moves: 0,
+        };
         let first_journal = match snapshots.last() {
             Some(&id) => {
-                let path = dir.join(file_name(SNAPSHOT_PREFIX, id));
-                replay_snapshot(
-                    &mut state,
-                    &dedupe,
-                    &path,
-                    options.dedupe_memory_bytes_max,
-                    &mut dedupe_moves,
-                )?;
+                replay.snapshot(&dir.join(file_name(SNAPSHOT_PREFIX, id)))?;
                 id
             }
             None => 0,
@@ -1012,13 +989,7 @@ impl LogStore {
         for (index, id) in replayed.iter().enumerate() {
             let path = dir.join(file_name(JOURNAL_PREFIX, *id));
             let bytes = read_file(&path)?;
-            let (valid, ending) = replay(
-                &mut state,
-                &dedupe,
-                &bytes,
-                options.dedupe_memory_bytes_max,
-                &mut dedupe_moves,
-            )?;
+            let (valid, ending) = replay.journal(&bytes)?;
             // Journals after this one that hold no commit (started by a checkpoint, a reopen or
             // a full segment, then a crash or a failed write) do not make its tear a damage.
             let newer_hold_commits = ending == Ending::Torn
@@ -1083,6 +1054,7 @@ impl LogStore {
             })
             .sum();
 
+        let (mut state, dedupe_moves) = (replay.state, replay.dedupe_moves);
         state.finish_replay(&dedupe)?;
         let recovery = LogRecovery {
             keys: state.map.len() as u64,
