@@ -134,9 +134,7 @@ fn start_cluster_with(
     let edges = members
         .iter()
         .map(|(id, addr)| {
-            let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("free TCP port");
+            let metrics = free_addr();
             let config = files.config_with(*id, "ca", &members, cluster_keys)
                 + extra
                 + &format!("\n[metrics]\nlisten = \"{metrics}\"\n");
@@ -593,9 +591,7 @@ mod takeover_on_shared_memory {
             members: &[(u32, SocketAddr)],
             keys: &str,
         ) {
-            self.metrics = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("free TCP port");
+            self.metrics = free_addr();
             let config = format!(
                 "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = 1\npin_shards = false\n\n\
                  [control]\nenabled = false\n\n[metrics]\nlisten = \"{}\"\n\n",
@@ -616,9 +612,7 @@ mod takeover_on_shared_memory {
             // A metrics listener of an earlier start keeps its port: take a new one, whatever
             // port the config file names.
             let path = self.config_path();
-            self.metrics = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("free TCP port");
+            self.metrics = free_addr();
             let text: String = std::fs::read_to_string(&path)
                 .expect("config")
                 .split_inclusive('\n')

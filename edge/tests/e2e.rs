@@ -259,9 +259,7 @@ async fn f_connection_migrates_to_a_new_local_port() {
 /// g. A second connection resumes the TLS session and its 0-RTT data is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_resumed_connection_sends_in_0rtt() {
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port");
+    let metrics = free_addr();
     let edge = Edge::start_with(2, &format!("[metrics]\nlisten = \"{metrics}\"\n"), &[]);
     let mut bob = edge.client(72).await;
     let connector = edge.connector();
@@ -684,9 +682,7 @@ async fn new_connections_are_not_probed_for_their_first_flight() {
 /// `courier_store_memory_bytes`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_engine_reports_the_memory_of_its_recent_dedupe_records() {
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port");
+    let metrics = free_addr();
     let edge = Edge::start_with(
         1,
         &format!("[metrics]\nlisten = \"{metrics}\"\n[store]\nengine = \"log\"\n"),

@@ -23,12 +23,7 @@ fn get(addr: &str, request: &str) -> (u16, String) {
 
 #[test]
 fn livez_and_readyz_answer_once_every_shard_serves() {
-    // A free TCP port: bind, read it, let go.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_addr().to_string();
     let edge = Edge::start_with(2, &format!("[metrics]\nlisten = \"{addr}\"\n"), &[]);
     assert_eq!(
         get(&addr, "GET /livez HTTP/1.1\r\n\r\n"),

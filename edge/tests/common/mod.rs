@@ -156,9 +156,15 @@ impl Edge {
                 }
             }
         });
-        ready_rx
-            .recv_timeout(EVENT_TIMEOUT)
-            .expect("the edge printed its listening line");
+        if let Err(error) = ready_rx.recv_timeout(EVENT_TIMEOUT) {
+            let log = self.log.lock().expect("log");
+            let tail = &log[log.len().saturating_sub(20)..];
+            panic!(
+                "the edge on {} did not print its listening line ({error:?}); its last lines:\n{}",
+                self.addr,
+                tail.join("\n")
+            );
+        }
         self.pid
             .store(child.id(), std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
@@ -278,13 +284,38 @@ impl Drop for Edge {
     }
 }
 
-/// A loopback address with a UDP port that was free a moment ago.
+/// A loopback address whose port was free for UDP and TCP a moment ago, for an edge's QUIC
+/// listener or its metrics listener.
+///
+/// The port comes from below the kernel's ephemeral range, so no socket bound to port 0 (the
+/// test clients', a scrape's) can take it between this check and the edge's bind; an edge
+/// that lost its port that way exited before listening and failed a cluster test in CI. Ports
+/// are handed out once per test binary, from an offset that differs per process.
 pub fn free_addr() -> SocketAddr {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free port")
-        .port();
-    format!("127.0.0.1:{port}").parse().expect("addr")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = ports_below_ephemeral();
+    let span = u32::from(high - low);
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = low + ((offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        if UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// Ports outside the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): the 12,000
+/// ports below it, or 20,000..32,000 when it cannot be read.
+fn ports_below_ephemeral() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low >= 14_000)
+        .unwrap_or(32_000);
+    (ephemeral_low - 12_000, ephemeral_low)
 }
 
 pub async fn next_message(client: &mut courier_client::Client) -> Delivery {
