@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{EVENT_TIMEOUT, Edge, assert_quiet, metric_sum_at, next_message};
+use common::{EVENT_TIMEOUT, Edge, assert_quiet, free_addr, metric_sum_at, next_message};
 use courier_client::raw::RawConnection;
 use courier_client::{ClientError, ConnectOptions, EarlySend};
 use courier_protocol::{ErrorCode, Frame};
