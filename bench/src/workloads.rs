@@ -66,6 +66,10 @@ pub struct ConnectionsArgs {
     /// connections is 50,000 packets/s. The default is what a phone app would choose.
     #[arg(long, default_value_t = 25_000)]
     pub keep_alive_ms: u64,
+    /// Connections started per second (0: as fast as `--concurrency` allows). A rate the load
+    /// generator keeps up with measures the edge's cost per connection, not the generator's.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -623,7 +627,7 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         "connections",
         json!({
             "connections": args.connections, "hold_secs": args.hold_secs,
-            "sockets": args.sockets, "keep_alive_ms": args.keep_alive_ms,
+            "sockets": args.sockets, "keep_alive_ms": args.keep_alive_ms, "rate": args.rate,
         }),
     );
     // Tokens are minted before anything is measured: an app's client holds its token already,
@@ -646,7 +650,19 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     let start = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1) as usize));
     let mut tasks = Vec::new();
+    // The edge's CPU seconds each time another tenth of the connections has been started:
+    // whether a connection costs more as more are open (item 7 of issue 10). Idle ones are not
+    // free, so the later tenths also pay for the keep-alives of the earlier ones.
+    let tenth = (args.connections / 10).max(1);
+    let mut cpu_at_tenths = vec![(0, target.edge_usage().map(|(cpu, _)| cpu))];
     for index in 0..args.connections {
+        if args.rate > 0 {
+            let due = start + Duration::from_secs_f64(f64::from(index) / f64::from(args.rate));
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if index > 0 && index % tenth == 0 {
+            cpu_at_tenths.push((index, target.edge_usage().map(|(cpu, _)| cpu)));
+        }
         let connector = connectors[index as usize % connectors.len()].clone();
         let options = all_options.next().expect("one per connection");
         let permit = semaphore
@@ -685,7 +701,40 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         clients.len(),
         args.hold_secs
     );
+    cpu_at_tenths.push((args.connections, target.edge_usage().map(|(cpu, _)| cpu)));
+    let per_tenth_us: Option<Vec<u64>> = cpu_at_tenths
+        .windows(2)
+        .map(|pair| {
+            let ((from, cpu_from), (to, cpu_to)) = (pair[0], pair[1]);
+            let opened = f64::from(to - from).max(1.0);
+            Some(((cpu_to? - cpu_from?) * 1e6 / opened).round() as u64)
+        })
+        .collect();
+    if let Some(per_tenth_us) = per_tenth_us.filter(|_| args.connections >= 10) {
+        eprintln!("edge CPU µs per connection, by tenth opened: {per_tenth_us:?}");
+        report.extra.insert(
+            "edge_cpu_us_per_connection_by_tenth".into(),
+            json!(per_tenth_us),
+        );
+    }
+    let cpu_held_from = target.edge_usage().map(|(cpu, _)| cpu);
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    // Holding idle connections costs the edge their keep-alives: one packet in and one
+    // acknowledgement out per connection and interval.
+    if let (Some(from), Some((to, _))) = (cpu_held_from, target.edge_usage())
+        && args.hold_secs > 0
+        && !clients.is_empty()
+    {
+        let keep_alives = clients.len() as f64 * args.hold_secs as f64 / keep_alive.as_secs_f64();
+        report.extra.insert(
+            "edge_cpu_secs_per_sec_holding".into(),
+            json!((to - from) / args.hold_secs as f64),
+        );
+        report.extra.insert(
+            "edge_cpu_us_per_keep_alive_holding".into(),
+            json!(((to - from) * 1e6 / keep_alives.max(1.0)).round()),
+        );
+    }
     let still_open = clients.iter().filter(|c| c.connections() == 1).count();
     let rss_held = target.edge_usage().map(|(_, rss)| rss);
     usage.finish(target, &mut report);

@@ -531,6 +531,11 @@ mod tests {
 
     impl Pair {
         fn new() -> Pair {
+            Pair::with_client_transport(quinn_proto::TransportConfig::default())
+        }
+
+        /// A pair whose client connects with `transport`.
+        fn with_client_transport(transport: quinn_proto::TransportConfig) -> Pair {
             let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
             let identity = Identity {
                 certs: vec![generated.cert.der().clone()],
@@ -549,7 +554,8 @@ mod tests {
             tls.enable_early_data = true;
             let crypto =
                 quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-            let client_config = quinn_proto::ClientConfig::new(Arc::new(crypto));
+            let mut client_config = quinn_proto::ClientConfig::new(Arc::new(crypto));
+            client_config.transport_config(Arc::new(transport));
             let endpoint_config = Arc::new(quinn_proto::EndpointConfig::default());
             let server = quinn_proto::Endpoint::new(
                 endpoint_config.clone(),
@@ -774,6 +780,74 @@ mod tests {
         pair.drive(100);
         assert!(!pair.client_conn.1.is_handshaking());
         assert!(pair.client_conn.1.accepted_0rtt(), "the server resumed it");
+    }
+
+    /// An idle client's keep-alive is acknowledged by the edge in the same wake-up that
+    /// receives it: the client asks for it with IMMEDIATE_ACK (a vendor patch of quinn-proto,
+    /// vendor/README.md) instead of a PING, which the edge acknowledged only when its
+    /// delayed-acknowledgement timer fired, a wake-up of its own per keep-alive.
+    #[test]
+    fn an_idle_clients_keep_alive_is_acknowledged_in_the_wake_up_that_receives_it() {
+        let keep_alive = Duration::from_millis(200);
+        let mut transport = quinn_proto::TransportConfig::default();
+        transport.keep_alive_interval(Some(keep_alive));
+        transport.ack_frequency_config(Some(quinn_proto::AckFrequencyConfig::default()));
+        let mut pair = Pair::with_client_transport(transport);
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "the handshake finished"
+        );
+        // Past every delayed acknowledgement (25 ms): the client's next timer is its keep-alive.
+        let settle = |pair: &mut Pair| (0..60).for_each(|_| pair.drive(1));
+        settle(&mut pair);
+        let mut buf = Vec::new();
+        for keep_alive_index in 0..3 {
+            // Idle until the client's keep-alive is due: nothing to send before.
+            let due = pair
+                .client_conn
+                .1
+                .poll_timeout()
+                .expect("a keep-alive timer");
+            assert!(
+                due <= pair.now + keep_alive,
+                "the next timer is the keep-alive"
+            );
+            pair.now = due;
+            pair.client_conn.1.handle_timeout(pair.now);
+            buf.clear();
+            let transmit = pair
+                .client_conn
+                .1
+                .poll_transmit(pair.now, 1, &mut buf)
+                .expect("the keep-alive");
+            let data = bytes::BytesMut::from(&buf[..transmit.size]);
+            let mut response = Vec::new();
+            let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) = pair.server.handle(
+                pair.now,
+                CLIENT_ADDR.parse().unwrap(),
+                None,
+                None,
+                data,
+                &mut response,
+            ) else {
+                panic!("the keep-alive reaches the server's connection");
+            };
+            let now = pair.now;
+            let server = pair.server_conn();
+            server.handle_event(event);
+            buf.clear();
+            assert!(
+                server.poll_transmit(now, 1, &mut buf).is_some(),
+                "keep-alive {keep_alive_index}: the server acknowledges it at once, not at its \
+                 delayed-acknowledgement timer"
+            );
+            // The acknowledgement reaches the client; both go idle again.
+            settle(&mut pair);
+        }
+        let stats = pair.client_conn.1.stats();
+        assert!(stats.frame_tx.immediate_ack >= 3, "{:?}", stats.frame_tx);
+        assert!(!pair.client_conn.1.is_closed() && !pair.server_conn().is_closed());
     }
 
     /// Every handshake, full or resumed, leaves one session in the cache: a client resumes

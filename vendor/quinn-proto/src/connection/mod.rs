@@ -1212,7 +1212,17 @@ impl Connection {
                 }
                 Timer::KeepAlive => {
                     trace!("sending keep-alive");
-                    self.ping();
+                    // Courier patch (vendor/README.md): a peer that speaks the ACK frequency
+                    // extension is asked to acknowledge the keep-alive at once (IMMEDIATE_ACK is
+                    // ack-eliciting, like PING). Its acknowledgement then leaves in the wake-up
+                    // that received the keep-alive instead of a delayed-ack timer's own wake-up
+                    // one `max_ack_delay` later: an idle connection costs the peer half as many
+                    // wake-ups.
+                    if self.peer_supports_ack_frequency() {
+                        self.immediate_ack();
+                    } else {
+                        self.ping();
+                    }
                 }
                 Timer::LossDetection => {
                     self.on_loss_detection_timeout(now);
