@@ -653,14 +653,16 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     // The edge's CPU seconds each time another tenth of the connections has been started:
     // whether a connection costs more as more are open (item 7 of issue 10). Idle ones are not
     // free, so the later tenths also pay for the keep-alives of the earlier ones.
-    let tenth = (args.connections / 10).max(1);
+    let tenth_ends: Vec<u32> = (1..10)
+        .map(|k| (u64::from(args.connections) * k / 10) as u32)
+        .collect();
     let mut cpu_at_tenths = vec![(0, target.edge_usage().map(|(cpu, _)| cpu))];
     for index in 0..args.connections {
         if args.rate > 0 {
             let due = start + Duration::from_secs_f64(f64::from(index) / f64::from(args.rate));
             tokio::time::sleep_until(due.into()).await;
         }
-        if index > 0 && index % tenth == 0 {
+        if args.connections >= 10 && tenth_ends.contains(&index) {
             cpu_at_tenths.push((index, target.edge_usage().map(|(cpu, _)| cpu)));
         }
         let connector = connectors[index as usize % connectors.len()].clone();
@@ -717,15 +719,29 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
             json!(per_tenth_us),
         );
     }
+    // Keep-alives the clients sent (PING, or IMMEDIATE_ACK to an edge that speaks ACK
+    // frequency; loss probes, which also carry one, are rare on loopback).
+    let keep_alives_sent = |clients: &[courier_client::Client]| -> u64 {
+        clients
+            .iter()
+            .filter_map(|client| client.transport_stats())
+            .map(|stats| stats.frame_tx.ping + stats.frame_tx.immediate_ack)
+            .sum()
+    };
+    let keep_alives_from = keep_alives_sent(&clients);
     let cpu_held_from = target.edge_usage().map(|(cpu, _)| cpu);
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     // Holding idle connections costs the edge their keep-alives: one packet in and one
-    // acknowledgement out per connection and interval.
+    // acknowledgement out per connection and interval (and whatever else an idle edge does).
+    let keep_alives = keep_alives_sent(&clients).saturating_sub(keep_alives_from);
+    report
+        .extra
+        .insert("keep_alives_holding".into(), json!(keep_alives));
     if let (Some(from), Some((to, _))) = (cpu_held_from, target.edge_usage())
         && args.hold_secs > 0
-        && !clients.is_empty()
+        && keep_alives > 0
     {
-        let keep_alives = clients.len() as f64 * args.hold_secs as f64 / keep_alive.as_secs_f64();
+        let keep_alives = keep_alives as f64;
         report.extra.insert(
             "edge_cpu_secs_per_sec_holding".into(),
             json!((to - from) / args.hold_secs as f64),

@@ -287,14 +287,14 @@ impl Drop for Edge {
 /// A loopback address whose port was free for UDP and TCP a moment ago, for an edge's QUIC
 /// listener or its metrics listener.
 ///
-/// The port comes from below the kernel's ephemeral range, so no socket bound to port 0 (the
+/// The port comes from outside the kernel's ephemeral range, so no socket bound to port 0 (the
 /// test clients', a scrape's) can take it between this check and the edge's bind; an edge
 /// that lost its port that way exited before listening and failed a cluster test in CI. Ports
 /// are handed out once per test binary, from an offset that differs per process.
 pub fn free_addr() -> SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let (low, high) = ports_below_ephemeral();
+    let (low, high) = ports_outside_ephemeral();
     let span = u32::from(high - low);
     let offset = std::process::id().wrapping_mul(7919) % span;
     for _ in 0..span {
@@ -307,15 +307,31 @@ pub fn free_addr() -> SocketAddr {
     panic!("no free loopback port in {low}..{high}");
 }
 
-/// Ports outside the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): the 12,000
-/// ports below it, or 20,000..32,000 when it cannot be read.
-fn ports_below_ephemeral() -> (u16, u16) {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// 12,000 ports outside the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): below
+/// it when there is room, else above it; 20,000..32,000 when it cannot be read (Linux's default
+/// range starts at 32,768).
+fn ports_outside_ephemeral() -> (u16, u16) {
+    const SPAN: u32 = 12_000;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
-        .filter(|low| *low >= 14_000)
-        .unwrap_or(32_000);
-    (ephemeral_low - 12_000, ephemeral_low)
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        });
+    let Some((low, high)) = range else {
+        return (20_000, 32_000);
+    };
+    let (from, to) = if low >= 1_024 + SPAN {
+        (low - SPAN, low)
+    } else if high < 65_535 - SPAN {
+        (high + 1, high + 1 + SPAN)
+    } else {
+        panic!(
+            "the ephemeral port range {low}-{high} leaves no 12,000 ports for test edges: \
+             narrow net.ipv4.ip_local_port_range"
+        )
+    };
+    (from as u16, to as u16)
 }
 
 pub async fn next_message(client: &mut courier_client::Client) -> Delivery {
