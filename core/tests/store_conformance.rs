@@ -19,8 +19,10 @@ impl Harness for Memory {
 }
 
 struct Fjall {
-    dir: tempfile::TempDir,
+    /// Before `dir`: fields drop in order, and the store's threads must stop before its
+    /// directory goes (or they write into it as it is removed, and it stays behind).
     store: Option<FjallStore>,
+    dir: tempfile::TempDir,
 }
 
 impl Harness for Fjall {
@@ -37,8 +39,10 @@ impl Harness for Fjall {
 }
 
 struct Log {
-    dir: tempfile::TempDir,
+    /// Before `dir`, as in [`Fjall`]: the store's thread prepares a spare journal segment
+    /// in the directory until the store is dropped.
     store: Option<LogStore>,
+    dir: tempfile::TempDir,
     options: LogOptions,
 }
 
@@ -48,8 +52,8 @@ impl Log {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = LogStore::open(dir.path(), &options).expect("open log store");
         Log {
-            dir,
             store: Some(store),
+            dir,
             options,
         }
     }
@@ -91,8 +95,8 @@ fn fjall_backend_conforms() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("open fjall");
         Fjall {
-            dir,
             store: Some(store),
+            dir,
         }
     });
 }
