@@ -156,18 +156,21 @@ impl Edge {
                 }
             }
         });
-        if let Err(error) = ready_rx.recv_timeout(EVENT_TIMEOUT) {
-            let log = self.log.lock().expect("log");
-            let tail = &log[log.len().saturating_sub(20)..];
-            panic!(
-                "the edge on {} did not print its listening line ({error:?}); its last lines:\n{}",
-                self.addr,
-                tail.join("\n")
-            );
-        }
+        // Stored before the wait: an edge that hangs instead of listening is still killed
+        // when the panic below drops this `Edge`.
         self.pid
             .store(child.id(), std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
+        if let Err(error) = ready_rx.recv_timeout(EVENT_TIMEOUT) {
+            let tail = {
+                let log = self.log.lock().expect("log");
+                log[log.len().saturating_sub(20)..].join("\n")
+            };
+            panic!(
+                "the edge on {} did not print its listening line ({error:?}); its last lines:\n{tail}",
+                self.addr,
+            );
+        }
     }
 
     /// SIGTERM, then waits for the process; returns whether it exited successfully.
