@@ -57,12 +57,42 @@ impl Edge {
         extra_config: &str,
         env: &[(&str, &str)],
     ) -> Edge {
-        Edge::start_on(free_addr(), shards, data_dir, extra_config, env)
+        // Ports come from outside the ephemeral range, but another process on the machine
+        // may still bind one between `free_addr` and the edge: then take another.
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let addr = free_addr();
+            let mut edge = Edge::unspawned(addr, shards, data_dir, extra_config, env);
+            match edge.try_spawn() {
+                Ok(()) => return edge,
+                Err(error)
+                    if attempt < ATTEMPTS
+                        && error.contains(&format!("cannot listen on {addr}")) =>
+                {
+                    eprintln!("port {addr} was taken before the edge bound it; another one");
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Like [`Edge::start_in`], listening on `addr` (a cluster's members know each other's
     /// addresses before they start).
     pub fn start_on(
+        addr: SocketAddr,
+        shards: u32,
+        data_dir: Option<&std::path::Path>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
+        let mut edge = Edge::unspawned(addr, shards, data_dir, extra_config, env);
+        edge.spawn();
+        edge
+    }
+
+    /// An edge's directory, config and watchdog, its process not started yet.
+    fn unspawned(
         addr: SocketAddr,
         shards: u32,
         data_dir: Option<&std::path::Path>,
@@ -101,7 +131,7 @@ impl Edge {
                 std::process::abort();
             });
         }
-        let mut edge = Edge {
+        Edge {
             child: None,
             done,
             pid,
@@ -114,12 +144,19 @@ impl Edge {
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
             log: Default::default(),
-        };
-        edge.spawn();
-        edge
+        }
     }
 
+    /// Starts the edge's process and waits for its listening line.
     pub fn spawn(&mut self) {
+        if let Err(error) = self.try_spawn() {
+            panic!("{error}");
+        }
+    }
+
+    /// [`Edge::spawn`], with an edge that exits or hangs instead of listening stopped and
+    /// reported with its last log lines.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
             .args(["serve", "--config"])
             .arg(&self.config_path)
@@ -162,15 +199,17 @@ impl Edge {
             .store(child.id(), std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
         if let Err(error) = ready_rx.recv_timeout(EVENT_TIMEOUT) {
+            self.kill9();
             let tail = {
                 let log = self.log.lock().expect("log");
                 log[log.len().saturating_sub(20)..].join("\n")
             };
-            panic!(
+            return Err(format!(
                 "the edge on {} did not print its listening line ({error:?}); its last lines:\n{tail}",
                 self.addr,
-            );
+            ));
         }
+        Ok(())
     }
 
     /// SIGTERM, then waits for the process; returns whether it exited successfully.
