@@ -602,6 +602,52 @@ mod tests {
             &mut self.server_conn.as_mut().expect("the server accepted").1
         }
 
+        /// Hands one datagram of the client to the server, which may accept a new connection
+        /// from it; returns whether it reached a server connection.
+        fn deliver_to_server(&mut self, datagram: &[u8]) -> bool {
+            let mut response = Vec::new();
+            match self.server.handle(
+                self.now,
+                CLIENT_ADDR.parse().unwrap(),
+                None,
+                None,
+                bytes::BytesMut::from(datagram),
+                &mut response,
+            ) {
+                Some(quinn_proto::DatagramEvent::NewConnection(incoming)) => {
+                    let accepted = self
+                        .server
+                        .accept(incoming, self.now, &mut response, None)
+                        .unwrap();
+                    self.server_conn = Some(accepted);
+                    true
+                }
+                Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) => {
+                    self.server_conn().handle_event(event);
+                    true
+                }
+                _ => false,
+            }
+        }
+
+        /// Hands one datagram of the server to the client; returns whether it reached the
+        /// client's connection.
+        fn deliver_to_client(&mut self, datagram: &[u8]) -> bool {
+            let mut response = Vec::new();
+            let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) = self.client.handle(
+                self.now,
+                SERVER_ADDR.parse().unwrap(),
+                None,
+                None,
+                bytes::BytesMut::from(datagram),
+                &mut response,
+            ) else {
+                return false;
+            };
+            self.client_conn.1.handle_event(event);
+            true
+        }
+
         /// Moves datagrams both ways until neither side sends, at most `rounds_max` times.
         fn drive(&mut self, rounds_max: usize) {
             let mut buf = Vec::new();
@@ -616,52 +662,21 @@ mod tests {
                         break;
                     };
                     sent = true;
-                    let data = bytes::BytesMut::from(&buf[..transmit.size]);
-                    let mut response = Vec::new();
-                    match self.server.handle(
-                        self.now,
-                        CLIENT_ADDR.parse().unwrap(),
-                        None,
-                        None,
-                        data,
-                        &mut response,
-                    ) {
-                        Some(quinn_proto::DatagramEvent::NewConnection(incoming)) => {
-                            let accepted = self
-                                .server
-                                .accept(incoming, self.now, &mut response, None)
-                                .unwrap();
-                            self.server_conn = Some(accepted);
-                        }
-                        Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) => {
-                            self.server_conn().handle_event(event);
-                        }
-                        _ => {}
-                    }
+                    self.deliver_to_server(&buf[..transmit.size]);
                 }
                 // Server to client.
-                if let Some((_, conn)) = self.server_conn.as_mut() {
-                    loop {
-                        buf.clear();
-                        let Some(transmit) = conn.poll_transmit(self.now, 1, &mut buf) else {
-                            break;
-                        };
-                        sent = true;
-                        let data = bytes::BytesMut::from(&buf[..transmit.size]);
-                        let mut response = Vec::new();
-                        if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) =
-                            self.client.handle(
-                                self.now,
-                                SERVER_ADDR.parse().unwrap(),
-                                None,
-                                None,
-                                data,
-                                &mut response,
-                            )
-                        {
-                            self.client_conn.1.handle_event(event);
-                        }
-                    }
+                loop {
+                    buf.clear();
+                    let now = self.now;
+                    let Some(transmit) = self
+                        .server_conn
+                        .as_mut()
+                        .and_then(|(_, conn)| conn.poll_transmit(now, 1, &mut buf))
+                    else {
+                        break;
+                    };
+                    sent = true;
+                    self.deliver_to_client(&buf[..transmit.size]);
                 }
                 // Endpoint events (connection ids) and timers, both sides.
                 let (handle, conn) = &mut self.client_conn;
@@ -829,39 +844,24 @@ mod tests {
                 (sent_before.immediate_ack + 1, sent_before.ping),
                 "keep-alive {keep_alive_index} is one IMMEDIATE_ACK, no PING"
             );
-            let data = bytes::BytesMut::from(&buf[..transmit.size]);
-            let mut response = Vec::new();
-            let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) = pair.server.handle(
-                now,
-                CLIENT_ADDR.parse().unwrap(),
-                None,
-                None,
-                data,
-                &mut response,
-            ) else {
-                panic!("the keep-alive reaches the server's connection");
-            };
-            let server = pair.server_conn();
-            server.handle_event(event);
+            assert!(
+                pair.deliver_to_server(&buf[..transmit.size]),
+                "the keep-alive reaches the server's connection"
+            );
             buf.clear();
-            let transmit = server.poll_transmit(now, 1, &mut buf).unwrap_or_else(|| {
-                panic!(
-                    "keep-alive {keep_alive_index}: the server acknowledges it at once, not at \
-                     its delayed-acknowledgement timer"
-                )
-            });
-            let data = bytes::BytesMut::from(&buf[..transmit.size]);
-            let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) = pair.client.handle(
-                now,
-                SERVER_ADDR.parse().unwrap(),
-                None,
-                None,
-                data,
-                &mut response,
-            ) else {
-                panic!("the acknowledgement reaches the client's connection");
-            };
-            pair.client_conn.1.handle_event(event);
+            let transmit = pair
+                .server_conn()
+                .poll_transmit(now, 1, &mut buf)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "keep-alive {keep_alive_index}: the server acknowledges it at once, not \
+                         at its delayed-acknowledgement timer"
+                    )
+                });
+            assert!(
+                pair.deliver_to_client(&buf[..transmit.size]),
+                "the acknowledgement reaches the client's connection"
+            );
             // Acknowledged: nothing in flight, so no probe timer, only the next keep-alive.
             assert_eq!(
                 pair.client_conn.1.poll_timeout(),

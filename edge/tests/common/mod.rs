@@ -336,7 +336,8 @@ impl Drop for Edge {
 pub fn free_addr() -> SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let (low, high) = ports_outside_ephemeral();
+    static RANGE: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
+    let (low, high) = *RANGE.get_or_init(ports_outside_ephemeral);
     let span = u32::from(high - low);
     let offset = std::process::id().wrapping_mul(7919) % span;
     for _ in 0..span {
