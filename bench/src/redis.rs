@@ -31,7 +31,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 
 use crate::edge::process_usage;
-use crate::report::{Latency, Report, latency_histogram};
+use crate::report::{Latency, PacketCounts, Report, Transport, latency_histogram};
 use crate::workloads::{
     HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
 };
@@ -599,6 +599,14 @@ struct Counters {
     reordered: AtomicU64,
 }
 
+/// Whether `addr` (`host:port`) is this machine's loopback.
+fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => addr.starts_with("localhost:"),
+    }
+}
+
 /// The server's CPU seconds so far, if this run started it.
 fn server_cpu_secs(pid: Option<u32>) -> Option<f64> {
     pid.and_then(process_usage).map(|(cpu, _)| cpu)
@@ -678,6 +686,7 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
 
     let server_cpu_start = server_cpu_secs(server_pid);
     let bench_cpu_start = own_cpu_secs();
+    let packets = PacketCounts::read(Transport::Tcp);
     let start = Instant::now();
     let spawn_receivers = |connections: Vec<Connection>| {
         connections
@@ -794,6 +803,11 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
+    if let Some(packets) = packets {
+        // The admin connection and the receivers' cleanup are in the count too: a few
+        // segments against hundreds of thousands.
+        packets.record_since(&mut report, is_loopback(&addr));
+    }
     let clocks = RunClocks {
         start,
         sends_done,

@@ -196,3 +196,70 @@ impl Report {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 }
+
+/// The transport's packets, from the kernel's counters in `/proc/net/snmp`: UDP datagrams
+/// (Courier's QUIC) or TCP segments (the Redis peer's). The counters are the machine's, so a
+/// run's share is exact only on a box that sends nothing else meanwhile. On loopback every
+/// packet counts once as sent and once as received, so the sent count is every packet between
+/// the clients and the server, both ways.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketCounts {
+    protocol: Transport,
+    received: u64,
+    sent: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl PacketCounts {
+    /// The counters now, or `None` where `/proc/net/snmp` cannot be read (not Linux).
+    pub fn read(protocol: Transport) -> Option<PacketCounts> {
+        let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+        let (prefix, received, sent) = match protocol {
+            Transport::Udp => ("Udp:", "InDatagrams", "OutDatagrams"),
+            Transport::Tcp => ("Tcp:", "InSegs", "OutSegs"),
+        };
+        // Two lines per protocol: the field names, then the values.
+        let mut lines = snmp.lines().filter(|line| line.starts_with(prefix));
+        let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let field = |name: &str| -> Option<u64> {
+            let index = names.iter().position(|n| *n == name)?;
+            values.get(index)?.parse().ok()
+        };
+        Some(PacketCounts {
+            protocol,
+            received: field(received)?,
+            sent: field(sent)?,
+        })
+    }
+
+    /// Adds the packets since `self` to `report` (`udp_datagrams` or `tcp_segments`), and per
+    /// delivered message when the report has deliveries. `loopback`: the server is on this
+    /// machine's loopback (count the sent side only, which holds both directions); otherwise
+    /// this machine's sends and receives are the clients' two directions.
+    pub fn record_since(&self, report: &mut Report, loopback: bool) {
+        let Some(now) = PacketCounts::read(self.protocol) else {
+            return;
+        };
+        let sent = now.sent.saturating_sub(self.sent);
+        let received = now.received.saturating_sub(self.received);
+        let packets = if loopback { sent } else { sent + received };
+        let name = match self.protocol {
+            Transport::Udp => "udp_datagrams",
+            Transport::Tcp => "tcp_segments",
+        };
+        report.extra.insert(name.into(), serde_json::json!(packets));
+        if report.messages_delivered > 0 {
+            let per_message = packets as f64 / report.messages_delivered as f64;
+            report.extra.insert(
+                format!("{name}_per_delivered"),
+                serde_json::json!((per_message * 100.0).round() / 100.0),
+            );
+        }
+    }
+}

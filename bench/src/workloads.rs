@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use crate::edge::{Target, process_usage};
-use crate::report::{Latency, Report, latency_histogram};
+use crate::report::{Latency, PacketCounts, Report, Transport, latency_histogram};
 
 /// Bytes of the header every bench message body starts with: pair, index, send time.
 pub(crate) const HEADER_BYTES: usize = 4 + 4 + 8;
@@ -288,6 +288,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
 
     let disk_baseline = target.store_disk_bytes();
     let usage = EdgeUsage::start(target);
+    let packets = PacketCounts::read(Transport::Udp);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress_task = progress(counters.clone(), expected, stop.clone());
     let start = Instant::now();
@@ -530,6 +531,9 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
+    if let Some(packets) = packets {
+        packets.record_since(&mut report, target.is_loopback());
+    }
     let clocks = RunClocks {
         start,
         sends_done,
