@@ -218,7 +218,11 @@ pub enum Transport {
 impl PacketCounts {
     /// The counters now, or `None` where `/proc/net/snmp` cannot be read (not Linux).
     pub fn read(protocol: Transport) -> Option<PacketCounts> {
-        let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+        PacketCounts::parse(&std::fs::read_to_string("/proc/net/snmp").ok()?, protocol)
+    }
+
+    /// The counters in the text of `/proc/net/snmp`.
+    fn parse(snmp: &str, protocol: Transport) -> Option<PacketCounts> {
         let (prefix, received, sent) = match protocol {
             Transport::Udp => ("Udp:", "InDatagrams", "OutDatagrams"),
             Transport::Tcp => ("Tcp:", "InSegs", "OutSegs"),
@@ -261,5 +265,30 @@ impl PacketCounts {
                 serde_json::json!((per_message * 100.0).round() / 100.0),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SNMP: &str = "\
+Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 123
+Tcp: RtoAlgorithm RtoMin InSegs OutSegs RetransSegs
+Tcp: 1 200 1744947 1743673 334
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
+Udp: 7677192 5907 31585 7747558 31585
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
+UdpLite: 1 2 3 4 5
+";
+
+    #[test]
+    fn packet_counters_are_read_by_field_name_from_the_protocols_own_lines() {
+        let udp = PacketCounts::parse(SNMP, Transport::Udp).expect("udp lines");
+        assert_eq!((udp.received, udp.sent), (7_677_192, 7_747_558));
+        let tcp = PacketCounts::parse(SNMP, Transport::Tcp).expect("tcp lines");
+        assert_eq!((tcp.received, tcp.sent), (1_744_947, 1_743_673));
+        assert!(PacketCounts::parse("Ip: Forwarding\nIp: 1\n", Transport::Udp).is_none());
     }
 }
