@@ -253,12 +253,6 @@ impl Target {
         }
     }
 
-    /// Whether every edge is on this machine's loopback (its packets then count twice in the
-    /// kernel's counters: sent and received).
-    pub fn is_loopback(&self) -> bool {
-        self.addrs.iter().all(|addr| addr.ip().is_loopback())
-    }
-
     pub fn options(&self, user: u64) -> ConnectOptions {
         let addr = self.addrs[(user % self.addrs.len() as u64) as usize];
         ConnectOptions::new(addr, self.token(user), 0)

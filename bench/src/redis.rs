@@ -31,7 +31,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 
 use crate::edge::process_usage;
-use crate::report::{Latency, PacketCounts, Report, Transport, latency_histogram};
+use crate::report::{Latency, Report, TcpSegments, latency_histogram};
 use crate::workloads::{
     HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
 };
@@ -686,7 +686,7 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
 
     let server_cpu_start = server_cpu_secs(server_pid);
     let bench_cpu_start = own_cpu_secs();
-    let packets = PacketCounts::read(Transport::Tcp);
+    let segments = TcpSegments::read();
     let start = Instant::now();
     let spawn_receivers = |connections: Vec<Connection>| {
         connections
@@ -803,10 +803,10 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    if let Some(packets) = packets {
-        // The admin connection and the receivers' cleanup are in the count too: a few
-        // segments against hundreds of thousands.
-        packets.record_since(&mut report, is_loopback(&addr));
+    if let Some(segments) = segments {
+        // The connections' closing segments are in the count too: a few hundred against
+        // hundreds of thousands.
+        segments.record_since(&mut report, is_loopback(&addr));
     }
     let clocks = RunClocks {
         start,

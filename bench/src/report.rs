@@ -197,72 +197,62 @@ impl Report {
     }
 }
 
-/// The transport's packets, from the kernel's counters in `/proc/net/snmp`: UDP datagrams
-/// (Courier's QUIC) or TCP segments (the Redis peer's). The counters are the machine's, so a
-/// run's share is exact only on a box that sends nothing else meanwhile. On loopback every
-/// packet counts once as sent and once as received, so the sent count is every packet between
-/// the clients and the server, both ways.
+/// TCP segments, from the kernel's counters in `/proc/net/snmp` (IPv4 and IPv6 alike): what
+/// the Redis peer's runs exchange, for a packets-per-message figure next to Courier's UDP
+/// datagrams (which its clients' QUIC connections count themselves). The counters are the
+/// machine's, so a run's share is exact only while nothing else on the box uses TCP. On
+/// loopback every segment counts once as sent and once as received, so the sent count is
+/// every segment between the clients and the server, both ways.
 #[derive(Debug, Clone, Copy)]
-pub struct PacketCounts {
-    protocol: Transport,
+pub struct TcpSegments {
     received: u64,
     sent: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
-
-impl PacketCounts {
+impl TcpSegments {
     /// The counters now, or `None` where `/proc/net/snmp` cannot be read (not Linux).
-    pub fn read(protocol: Transport) -> Option<PacketCounts> {
-        PacketCounts::parse(&std::fs::read_to_string("/proc/net/snmp").ok()?, protocol)
+    pub fn read() -> Option<TcpSegments> {
+        TcpSegments::parse(&std::fs::read_to_string("/proc/net/snmp").ok()?)
     }
 
     /// The counters in the text of `/proc/net/snmp`.
-    fn parse(snmp: &str, protocol: Transport) -> Option<PacketCounts> {
-        let (prefix, received, sent) = match protocol {
-            Transport::Udp => ("Udp:", "InDatagrams", "OutDatagrams"),
-            Transport::Tcp => ("Tcp:", "InSegs", "OutSegs"),
-        };
-        // Two lines per protocol: the field names, then the values.
-        let mut lines = snmp.lines().filter(|line| line.starts_with(prefix));
+    fn parse(snmp: &str) -> Option<TcpSegments> {
+        // Two lines: the field names, then the values.
+        let mut lines = snmp.lines().filter(|line| line.starts_with("Tcp:"));
         let names: Vec<&str> = lines.next()?.split_whitespace().collect();
         let values: Vec<&str> = lines.next()?.split_whitespace().collect();
         let field = |name: &str| -> Option<u64> {
             let index = names.iter().position(|n| *n == name)?;
             values.get(index)?.parse().ok()
         };
-        Some(PacketCounts {
-            protocol,
-            received: field(received)?,
-            sent: field(sent)?,
+        Some(TcpSegments {
+            received: field("InSegs")?,
+            sent: field("OutSegs")?,
         })
     }
 
-    /// Adds the packets since `self` to `report` (`udp_datagrams` or `tcp_segments`), and per
-    /// delivered message when the report has deliveries. `loopback`: the server is on this
-    /// machine's loopback (count the sent side only, which holds both directions); otherwise
-    /// this machine's sends and receives are the clients' two directions.
+    /// Adds the segments since `self` to `report` (`tcp_segments`, and per delivered message
+    /// when the report has deliveries). `loopback`: the server is on this machine's loopback
+    /// (count the sent side only, which holds both directions); otherwise this machine's sends
+    /// and receives are the clients' two directions. Records nothing if the counters cannot
+    /// be read again.
     pub fn record_since(&self, report: &mut Report, loopback: bool) {
-        let Some(now) = PacketCounts::read(self.protocol) else {
+        let Some(now) = TcpSegments::read() else {
             return;
         };
         let sent = now.sent.saturating_sub(self.sent);
         let received = now.received.saturating_sub(self.received);
-        let packets = if loopback { sent } else { sent + received };
-        let name = match self.protocol {
-            Transport::Udp => "udp_datagrams",
-            Transport::Tcp => "tcp_segments",
-        };
-        report.extra.insert(name.into(), serde_json::json!(packets));
+        let segments = if loopback { sent } else { sent + received };
+        report
+            .extra
+            .insert("tcp_segments".into(), serde_json::json!(segments));
         if report.messages_delivered > 0 {
-            let per_message = packets as f64 / report.messages_delivered as f64;
             report.extra.insert(
-                format!("{name}_per_delivered"),
-                serde_json::json!((per_message * 100.0).round() / 100.0),
+                "tcp_segments_per_delivered".into(),
+                serde_json::json!(crate::workloads::per_delivered(
+                    segments,
+                    report.messages_delivered
+                )),
             );
         }
     }
@@ -279,16 +269,12 @@ Tcp: RtoAlgorithm RtoMin InSegs OutSegs RetransSegs
 Tcp: 1 200 1744947 1743673 334
 Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
 Udp: 7677192 5907 31585 7747558 31585
-UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
-UdpLite: 1 2 3 4 5
 ";
 
     #[test]
-    fn packet_counters_are_read_by_field_name_from_the_protocols_own_lines() {
-        let udp = PacketCounts::parse(SNMP, Transport::Udp).expect("udp lines");
-        assert_eq!((udp.received, udp.sent), (7_677_192, 7_747_558));
-        let tcp = PacketCounts::parse(SNMP, Transport::Tcp).expect("tcp lines");
+    fn tcp_segments_are_read_by_field_name_from_the_tcp_lines() {
+        let tcp = TcpSegments::parse(SNMP).expect("tcp lines");
         assert_eq!((tcp.received, tcp.sent), (1_744_947, 1_743_673));
-        assert!(PacketCounts::parse("Ip: Forwarding\nIp: 1\n", Transport::Udp).is_none());
+        assert!(TcpSegments::parse("Ip: Forwarding\nIp: 1\n").is_none());
     }
 }

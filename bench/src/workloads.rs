@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use crate::edge::{Target, process_usage};
-use crate::report::{Latency, PacketCounts, Report, Transport, latency_histogram};
+use crate::report::{Latency, Report, latency_histogram};
 
 /// Bytes of the header every bench message body starts with: pair, index, send time.
 pub(crate) const HEADER_BYTES: usize = 4 + 4 + 8;
@@ -186,6 +186,9 @@ struct Counters {
     sent: AtomicU64,
     acked: AtomicU64,
     delivered: AtomicU64,
+    /// UDP datagrams the receivers' connections sent and received, added as each receiver
+    /// finishes (see `client_datagrams`).
+    receiver_datagrams: AtomicU64,
     duplicates: AtomicU64,
     reordered: AtomicU64,
 }
@@ -288,7 +291,9 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
 
     let disk_baseline = target.store_disk_bytes();
     let usage = EdgeUsage::start(target);
-    let packets = PacketCounts::read(Transport::Udp);
+    // Datagrams the clients' connections carried before the clock starts (their handshakes
+    // and logins), taken off at the end.
+    let datagrams_before: u64 = senders.iter().chain(&receivers).map(client_datagrams).sum();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress_task = progress(counters.clone(), expected, stop.clone());
     let start = Instant::now();
@@ -344,6 +349,9 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                     .expect("histogram")
                     .add(&local)
                     .expect("same bounds");
+                counters
+                    .receiver_datagrams
+                    .fetch_add(client_datagrams(&client), Ordering::Relaxed);
                 Ok(last)
             }));
         };
@@ -494,6 +502,11 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     stop.store(true, Ordering::Relaxed);
     let _ = progress_task.await;
     usage.finish(target, &mut report);
+    // Every datagram between the clients and the edge, both ways, is one the clients sent or
+    // received: counted by their QUIC connections, so a GSO batch counts each datagram in it.
+    let datagrams = senders.iter().map(client_datagrams).sum::<u64>()
+        + counters.receiver_datagrams.load(Ordering::Relaxed);
+    let datagrams = datagrams.saturating_sub(datagrams_before);
     if let (Some(baseline), Some(filled)) = (disk_baseline, disk_filled) {
         report
             .extra
@@ -531,8 +544,14 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    if let Some(packets) = packets {
-        packets.record_since(&mut report, target.is_loopback());
+    report
+        .extra
+        .insert("udp_datagrams".into(), json!(datagrams));
+    if report.messages_delivered > 0 {
+        report.extra.insert(
+            "udp_datagrams_per_delivered".into(),
+            json!(per_delivered(datagrams, report.messages_delivered)),
+        );
     }
     let clocks = RunClocks {
         start,
@@ -547,6 +566,20 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     }
     drop(senders);
     Ok(report)
+}
+
+/// UDP datagrams `client`'s connection sent and received (QUIC's own counts, one per
+/// datagram whether or not GSO or GRO batched it). Only the connection in use: a client that
+/// reconnected during a run counts from its new connection.
+fn client_datagrams(client: &Client) -> u64 {
+    client
+        .transport_stats()
+        .map_or(0, |stats| stats.udp_tx.datagrams + stats.udp_rx.datagrams)
+}
+
+/// `packets` per delivered message, to two decimals.
+pub(crate) fn per_delivered(packets: u64, delivered: u64) -> f64 {
+    (packets as f64 / delivered.max(1) as f64 * 100.0).round() / 100.0
 }
 
 /// The instants a `pairs` or `offline` run is timed by (Courier's and the Redis peer's alike).
