@@ -240,11 +240,22 @@ async fn run(cli: Cli) -> Result<bool, String> {
         Workload::RedisOffline(args) => Some(redis::pairs(args, true).await?),
         _ => None,
     };
-    let report = match peer {
+    let mut report = match peer {
         Some(report) => report,
         None => run_on_edge(&cli).await?,
     };
+    // The CPUs this process may run on (`--bench-cpus`, or an outer taskset).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    report.note_load_generator_busy(cpus);
     report.print();
+    if report.load_generator_saturated() {
+        eprintln!(
+            "courier-bench: the load generator kept its {cpus} CPU(s) at least {:.0}% busy: its \
+             own queueing is in the latencies above. Give it more or quieter CPUs \
+             (--bench-cpus), or fewer pairs or a lower --rate",
+            report::LOAD_GENERATOR_BUSY_WARN * 100.0
+        );
+    }
     if let Some(path) = &cli.json {
         report.write_json(path)?;
         eprintln!("wrote {}", path.display());

@@ -33,6 +33,10 @@ impl Latency {
 }
 
 /// A histogram for microsecond latencies from 1 µs to 10 minutes, 3 significant digits.
+/// From this fraction of its CPUs busy, the load generator's report warns that its own
+/// queueing is in the latencies (a run at 10,000 msgs/s on one core is at 0.95–0.98 here).
+pub const LOAD_GENERATOR_BUSY_WARN: f64 = 0.9;
+
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
@@ -114,6 +118,43 @@ impl Report {
             && self.reordered == 0
             && self.seq_mismatches == 0
             && self.errors.is_empty()
+    }
+
+    /// Adds `bench_busy_fraction`: the load generator's CPU over the measured stretch (the
+    /// first send to the last delivery; for a drain, the drain), as a fraction of the CPUs it
+    /// may run on (`cpus`). Near 1 its own queueing is in every latency it measured, so the
+    /// report then says so.
+    pub fn note_load_generator_busy(&mut self, cpus: usize) {
+        let (cpu_key, secs) = if self.extra.contains_key("drain_secs") {
+            (
+                "drain_bench_cpu_secs",
+                self.extra.get("drain_secs").and_then(|v| v.as_f64()),
+            )
+        } else {
+            ("bench_cpu_secs", Some(self.duration_secs))
+        };
+        let Some(cpu_secs) = self.extra.get(cpu_key).and_then(|v| v.as_f64()) else {
+            return;
+        };
+        let Some(secs) = secs.filter(|secs| *secs > 0.0) else {
+            return;
+        };
+        if self.messages_delivered == 0 {
+            return;
+        }
+        let busy = cpu_secs / (secs * cpus.max(1) as f64);
+        self.extra.insert(
+            "bench_busy_fraction".into(),
+            serde_json::json!((busy * 100.0).round() / 100.0),
+        );
+    }
+
+    /// Whether the load generator was busy enough to distort the latencies it measured.
+    pub fn load_generator_saturated(&self) -> bool {
+        self.extra
+            .get("bench_busy_fraction")
+            .and_then(|v| v.as_f64())
+            .is_some_and(|busy| busy >= LOAD_GENERATOR_BUSY_WARN)
     }
 
     pub fn print(&self) {
@@ -270,6 +311,36 @@ Tcp: 1 200 1744947 1743673 334
 Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
 Udp: 7677192 5907 31585 7747558 31585
 ";
+
+    #[test]
+    fn the_load_generators_busy_fraction_uses_the_measured_stretch_and_its_cpus() {
+        let mut paced = Report::new("pairs", serde_json::json!({}));
+        paced.duration_secs = 5.0;
+        paced.messages_delivered = 50_000;
+        paced
+            .extra
+            .insert("bench_cpu_secs".into(), serde_json::json!(4.8));
+        paced.note_load_generator_busy(1);
+        assert_eq!(paced.extra["bench_busy_fraction"], serde_json::json!(0.96));
+        assert!(paced.load_generator_saturated());
+        paced.note_load_generator_busy(2);
+        assert_eq!(paced.extra["bench_busy_fraction"], serde_json::json!(0.48));
+        assert!(!paced.load_generator_saturated());
+
+        // A drain counts the drain alone, not the sends before it.
+        let mut drain = Report::new("offline", serde_json::json!({}));
+        drain.duration_secs = 3.0;
+        drain.messages_delivered = 100_000;
+        for (key, value) in [
+            ("bench_cpu_secs", 2.9),
+            ("drain_secs", 0.5),
+            ("drain_bench_cpu_secs", 0.2),
+        ] {
+            drain.extra.insert(key.into(), serde_json::json!(value));
+        }
+        drain.note_load_generator_busy(1);
+        assert_eq!(drain.extra["bench_busy_fraction"], serde_json::json!(0.4));
+    }
 
     #[test]
     fn tcp_segments_are_read_by_field_name_from_the_tcp_lines() {
