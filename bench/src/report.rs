@@ -32,11 +32,11 @@ impl Latency {
     }
 }
 
-/// A histogram for microsecond latencies from 1 µs to 10 minutes, 3 significant digits.
 /// From this fraction of its CPUs busy, the load generator's report warns that its own
 /// queueing is in the latencies (a run at 10,000 msgs/s on one core is at 0.95–0.98 here).
 pub const LOAD_GENERATOR_BUSY_WARN: f64 = 0.9;
 
+/// A histogram for microsecond latencies from 1 µs to 10 minutes, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
@@ -147,6 +147,19 @@ impl Report {
             "bench_busy_fraction".into(),
             serde_json::json!((busy * 100.0).round() / 100.0),
         );
+    }
+
+    /// Adds `name`, the run's `packets` (datagrams or segments, both ways), and
+    /// `{name}_per_delivered` once the report has deliveries.
+    pub fn record_packets(&mut self, name: &str, packets: u64) {
+        self.extra.insert(name.into(), serde_json::json!(packets));
+        if self.messages_delivered > 0 {
+            let per_delivered = packets as f64 / self.messages_delivered as f64;
+            self.extra.insert(
+                format!("{name}_per_delivered"),
+                serde_json::json!((per_delivered * 100.0).round() / 100.0),
+            );
+        }
     }
 
     /// Whether the load generator was busy enough to distort the latencies it measured.
@@ -272,11 +285,10 @@ impl TcpSegments {
         })
     }
 
-    /// Adds the segments since `self` to `report` (`tcp_segments`, and per delivered message
-    /// when the report has deliveries). `loopback`: the server is on this machine's loopback
-    /// (count the sent side only, which holds both directions); otherwise this machine's sends
-    /// and receives are the clients' two directions. Records nothing if the counters cannot
-    /// be read again.
+    /// Adds the segments since `self` to `report` (`Report::record_packets`). `loopback`: the
+    /// server is on this machine's loopback (count the sent side only, which holds both
+    /// directions); otherwise this machine's sends and receives are the clients' two
+    /// directions. Records nothing if the counters cannot be read again.
     pub fn record_since(&self, report: &mut Report, loopback: bool) {
         let Some(now) = TcpSegments::read() else {
             return;
@@ -284,18 +296,7 @@ impl TcpSegments {
         let sent = now.sent.saturating_sub(self.sent);
         let received = now.received.saturating_sub(self.received);
         let segments = if loopback { sent } else { sent + received };
-        report
-            .extra
-            .insert("tcp_segments".into(), serde_json::json!(segments));
-        if report.messages_delivered > 0 {
-            report.extra.insert(
-                "tcp_segments_per_delivered".into(),
-                serde_json::json!(crate::workloads::per_delivered(
-                    segments,
-                    report.messages_delivered
-                )),
-            );
-        }
+        report.record_packets("tcp_segments", segments);
     }
 }
 

@@ -544,15 +544,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    report
-        .extra
-        .insert("udp_datagrams".into(), json!(datagrams));
-    if report.messages_delivered > 0 {
-        report.extra.insert(
-            "udp_datagrams_per_delivered".into(),
-            json!(per_delivered(datagrams, report.messages_delivered)),
-        );
-    }
+    report.record_packets("udp_datagrams", datagrams);
     let clocks = RunClocks {
         start,
         sends_done,
@@ -575,11 +567,6 @@ fn client_datagrams(client: &Client) -> u64 {
     client
         .transport_stats()
         .map_or(0, |stats| stats.udp_tx.datagrams + stats.udp_rx.datagrams)
-}
-
-/// `packets` per delivered message, to two decimals.
-pub(crate) fn per_delivered(packets: u64, delivered: u64) -> f64 {
-    (packets as f64 / delivered.max(1) as f64 * 100.0).round() / 100.0
 }
 
 /// The instants a `pairs` or `offline` run is timed by (Courier's and the Redis peer's alike).
