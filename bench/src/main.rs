@@ -247,6 +247,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
     // The CPUs this process may run on (`--bench-cpus`, or an outer taskset).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     report.note_load_generator_busy(cpus);
+    report.note_per_delivered();
     report.print();
     if report.load_generator_saturated() {
         eprintln!(

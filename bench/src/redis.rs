@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 
-use crate::edge::process_usage;
+use crate::edge::{context_switches, disk_written_bytes, process_usage};
 use crate::report::{Latency, Report, TcpSegments, latency_histogram};
 use crate::workloads::{
     HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
@@ -685,6 +685,12 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     }
 
     let server_cpu_start = server_cpu_secs(server_pid);
+    let server_switches_start = server_pid.and_then(context_switches);
+    // The disk under the Redis this run started (its append-only file).
+    let disk_dir = server
+        .as_ref()
+        .map(|server| server.dir.path().to_path_buf());
+    let disk_written_start = disk_dir.as_deref().and_then(disk_written_bytes);
     let bench_cpu_start = own_cpu_secs();
     let segments = TcpSegments::read();
     let start = Instant::now();
@@ -777,6 +783,16 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     if let (Some(start), Some(now)) = (server_cpu_start, server_cpu_secs(server_pid)) {
         report.edge_cpu_secs = Some(now - start);
         report.edge_rss_bytes = server_pid.and_then(process_usage).map(|(_, rss)| rss);
+    }
+    if let (Some(start), Some(now)) = (server_switches_start, server_pid.and_then(context_switches))
+    {
+        report.record_count("edge_context_switches", now.saturating_sub(start));
+    }
+    if let (Some(start), Some(now)) = (
+        disk_written_start,
+        disk_dir.as_deref().and_then(disk_written_bytes),
+    ) {
+        report.record_count("disk_write_bytes", now.saturating_sub(start));
     }
     if let (Some(start), Some(now)) = (bench_cpu_start, own_cpu_secs()) {
         report

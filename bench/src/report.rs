@@ -36,6 +36,15 @@ impl Latency {
 /// queueing is in the latencies (a run at 10,000 msgs/s on one core is at 0.95–0.98 here).
 pub const LOAD_GENERATOR_BUSY_WARN: f64 = 0.9;
 
+/// Counts a report divides by its deliveries (`Report::note_per_delivered`): the costs that
+/// come per packet, per wake-up and per byte written rather than per second.
+pub const PER_DELIVERED: &[&str] = &[
+    "udp_datagrams",
+    "tcp_segments",
+    "edge_context_switches",
+    "disk_write_bytes",
+];
+
 /// A histogram for microsecond latencies from 1 µs to 10 minutes, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
@@ -149,12 +158,23 @@ impl Report {
         );
     }
 
-    /// Adds `name`, the run's `packets` (datagrams or segments, both ways), and
-    /// `{name}_per_delivered` once the report has deliveries.
-    pub fn record_packets(&mut self, name: &str, packets: u64) {
-        self.extra.insert(name.into(), serde_json::json!(packets));
-        if self.messages_delivered > 0 {
-            let per_delivered = packets as f64 / self.messages_delivered as f64;
+    /// Adds `name`, a count the run made (packets both ways, the server's context switches,
+    /// bytes written to the disk); `note_per_delivered` divides it by the deliveries.
+    pub fn record_count(&mut self, name: &str, count: u64) {
+        self.extra.insert(name.into(), serde_json::json!(count));
+    }
+
+    /// Adds `{name}_per_delivered` for every count in `PER_DELIVERED` the report holds, once
+    /// it has deliveries.
+    pub fn note_per_delivered(&mut self) {
+        if self.messages_delivered == 0 {
+            return;
+        }
+        for name in PER_DELIVERED {
+            let Some(count) = self.extra.get(*name).and_then(|v| v.as_u64()) else {
+                continue;
+            };
+            let per_delivered = count as f64 / self.messages_delivered as f64;
             self.extra.insert(
                 format!("{name}_per_delivered"),
                 serde_json::json!((per_delivered * 100.0).round() / 100.0),
@@ -285,7 +305,7 @@ impl TcpSegments {
         })
     }
 
-    /// Adds the segments since `self` to `report` (`Report::record_packets`). `loopback`: the
+    /// Adds the segments since `self` to `report` (`Report::record_count`). `loopback`: the
     /// server is on this machine's loopback (count the sent side only, which holds both
     /// directions); otherwise this machine's sends and receives are the clients' two
     /// directions. Records nothing if the counters cannot be read again.
@@ -296,7 +316,7 @@ impl TcpSegments {
         let sent = now.sent.saturating_sub(self.sent);
         let received = now.received.saturating_sub(self.received);
         let segments = if loopback { sent } else { sent + received };
-        report.record_packets("tcp_segments", segments);
+        report.record_count("tcp_segments", segments);
     }
 }
 
@@ -341,6 +361,26 @@ Udp: 7677192 5907 31585 7747558 31585
         }
         drain.note_load_generator_busy(1);
         assert_eq!(drain.extra["bench_busy_fraction"], serde_json::json!(0.4));
+    }
+
+    #[test]
+    fn counts_are_divided_by_the_deliveries_once_there_are_some() {
+        let mut report = Report::new("pairs", serde_json::json!({}));
+        report.record_count("udp_datagrams", 331_000);
+        report.record_count("edge_context_switches", 27_783);
+        report.note_per_delivered();
+        assert!(!report.extra.contains_key("udp_datagrams_per_delivered"));
+        report.messages_delivered = 100_000;
+        report.note_per_delivered();
+        assert_eq!(
+            report.extra["udp_datagrams_per_delivered"],
+            serde_json::json!(3.31)
+        );
+        assert_eq!(
+            report.extra["edge_context_switches_per_delivered"],
+            serde_json::json!(0.28)
+        );
+        assert!(!report.extra.contains_key("tcp_segments_per_delivered"));
     }
 
     #[test]

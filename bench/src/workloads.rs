@@ -129,7 +129,9 @@ pub(crate) fn micros(duration: Duration) -> u64 {
 /// The edge's CPU seconds and memory (every edge's, added up), if its PID is known.
 struct EdgeUsage {
     cpu_start: Option<f64>,
-    written_start: Option<(u64, u64)>,
+    write_calls_start: Option<u64>,
+    context_switches_start: Option<u64>,
+    disk_written_start: Option<u64>,
     /// This process's CPU seconds at the start: a load generator near one full core adds its
     /// own queueing to the latencies it measures.
     bench_cpu_start: Option<f64>,
@@ -139,7 +141,9 @@ impl EdgeUsage {
     fn start(target: &Target) -> EdgeUsage {
         EdgeUsage {
             cpu_start: target.edge_usage().map(|(cpu, _)| cpu),
-            written_start: target.edge_written_bytes(),
+            write_calls_start: target.edge_write_call_bytes(),
+            context_switches_start: target.edge_context_switches(),
+            disk_written_start: target.edge_disk_written_bytes(),
             bench_cpu_start: own_cpu_secs(),
         }
     }
@@ -156,18 +160,20 @@ impl EdgeUsage {
                 .extra
                 .insert("bench_cpu_secs".into(), json!(now - start));
         }
-        // What the store wrote for the run (journal, flushes, compactions): unlike CPU time,
-        // it hardly depends on how busy the machine is.
-        if let Some((wchar_start, storage_start)) = self.written_start
-            && let Some((wchar, storage)) = target.edge_written_bytes()
+        // What the store handed to `write` for the run (journal, flushes, compactions): unlike
+        // CPU time, it hardly depends on how busy the machine is.
+        if let (Some(start), Some(now)) = (self.write_calls_start, target.edge_write_call_bytes()) {
+            report.record_count("edge_write_call_bytes", now.saturating_sub(start));
+        }
+        if let (Some(start), Some(now)) =
+            (self.context_switches_start, target.edge_context_switches())
         {
-            report
-                .extra
-                .insert("edge_write_call_bytes".into(), json!(wchar - wchar_start));
-            report.extra.insert(
-                "edge_storage_write_bytes".into(),
-                json!(storage - storage_start),
-            );
+            report.record_count("edge_context_switches", now.saturating_sub(start));
+        }
+        if let (Some(start), Some(now)) =
+            (self.disk_written_start, target.edge_disk_written_bytes())
+        {
+            report.record_count("disk_write_bytes", now.saturating_sub(start));
         }
     }
 }
@@ -544,7 +550,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
-    report.record_packets("udp_datagrams", datagrams);
+    report.record_count("udp_datagrams", datagrams);
     let clocks = RunClocks {
         start,
         sends_done,
