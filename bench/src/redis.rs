@@ -25,10 +25,13 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
 
 use crate::edge::{context_switches, disk_written_bytes, process_usage};
 use crate::report::{Latency, Report, TcpSegments, latency_histogram};
@@ -64,6 +67,21 @@ pub struct RedisArgs {
     /// Default: every CPU, whatever --bench-cpus pinned the load generator to.
     #[arg(long, value_parser = parse_cpus)]
     pub server_cpus: Option<CpuList>,
+    /// Serve and connect over TLS 1.3 (AES-128-GCM, the edge's QUIC cipher), with a
+    /// certificate made for the run: the peer encrypting every byte as Courier does. Needs a
+    /// `redis-server` built with TLS (Debian's is); not with --redis-addr.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The reading half of a connection, plain or TLS.
+type ReadHalf = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+
+/// Where the clients connect: the address, and the TLS settings when Redis serves TLS.
+#[derive(Clone)]
+struct Dial {
+    addr: String,
+    tls: Option<TlsConnector>,
 }
 
 /// One RESP2 reply.
@@ -78,7 +96,7 @@ enum Reply {
 
 /// The write side of a connection: commands are buffered until `flush`.
 struct Commands {
-    writer: BufWriter<OwnedWriteHalf>,
+    writer: BufWriter<Box<dyn AsyncWrite + Unpin + Send>>,
 }
 
 impl Commands {
@@ -99,17 +117,36 @@ impl Commands {
 
 /// A pipelined RESP connection: replies come in the order of the commands.
 struct Connection {
-    reader: BufReader<OwnedReadHalf>,
+    reader: ReadHalf,
     commands: Commands,
 }
 
 impl Connection {
-    async fn open(addr: &str) -> Result<Connection, String> {
+    async fn open(dial: &Dial) -> Result<Connection, String> {
+        let addr = &dial.addr;
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect to Redis at {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (read, write) = stream.into_split();
+        let (read, write): (
+            Box<dyn AsyncRead + Unpin + Send>,
+            Box<dyn AsyncWrite + Unpin + Send>,
+        ) = match &dial.tls {
+            None => {
+                let (read, write) = stream.into_split();
+                (Box::new(read), Box::new(write))
+            }
+            Some(connector) => {
+                let name =
+                    rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake with Redis at {addr}: {e}"))?;
+                let (read, write) = tokio::io::split(stream);
+                (Box::new(read), Box::new(write))
+            }
+        };
         Ok(Connection {
             reader: BufReader::with_capacity(1 << 16, read),
             commands: Commands {
@@ -175,7 +212,7 @@ fn encode(args: &[&[u8]]) -> Vec<u8> {
 }
 
 fn read_reply<'a>(
-    reader: &'a mut BufReader<OwnedReadHalf>,
+    reader: &'a mut ReadHalf,
     depth: usize,
 ) -> Pin<Box<dyn Future<Output = Result<Reply, String>> + Send + 'a>> {
     Box::pin(async move {
@@ -273,8 +310,9 @@ impl Drop for Server {
 
 /// Starts `redis-server` on a free loopback port, fsyncing before every reply, with no AOF
 /// rewrite (a rewrite runs in a child process, whose CPU this run would not count). Retries on
-/// another port if another process took the one it picked.
-async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
+/// another port if another process took the one it picked. With `--tls` it serves TLS 1.3
+/// only, on that port.
+async fn start_server(args: &RedisArgs) -> Result<(Server, Dial), String> {
     let mut last_error = String::new();
     for _ in 0..3 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -284,8 +322,6 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let mut command = Command::new(&args.redis_server);
         command
-            .arg("--port")
-            .arg(port.to_string())
             .args(["--bind", "127.0.0.1", "--dir"])
             .arg(dir.path())
             .args(["--logfile", "redis.log"])
@@ -294,6 +330,12 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
             .args(["--protected-mode", "no", "--daemonize", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        let tls = if args.tls {
+            Some(serve_tls(&mut command, dir.path(), port)?)
+        } else {
+            command.arg("--port").arg(port.to_string());
+            None
+        };
         // Its own CPUs, not the ones --bench-cpus pinned this process to.
         let cpus = server_cpu_set(args.server_cpus.as_ref());
         #[allow(unsafe_code)]
@@ -318,6 +360,10 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
         })?;
         let mut server = Server { child, dir };
         let addr = format!("127.0.0.1:{port}");
+        let dial = Dial {
+            addr: addr.clone(),
+            tls: tls.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -327,13 +373,13 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
                 );
                 break;
             }
-            if let Ok(mut connection) = Connection::open(&addr).await
+            if let Ok(mut connection) = Connection::open(&dial).await
                 && let Ok(Reply::Simple(pong)) = connection.call(&[b"PING"]).await
                 && pong == "PONG"
             {
                 // Ours, not another Redis that took the port first.
                 if connection.info("process_id").await? == server.child.id().to_string() {
-                    return Ok((server, addr));
+                    return Ok((server, dial));
                 }
                 last_error = format!("another Redis answered on {addr}");
                 break;
@@ -348,6 +394,47 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, String), String> {
         }
     }
     Err(last_error)
+}
+
+/// Makes `command` serve TLS 1.3 alone on `port` (instead of plain TCP), with a certificate
+/// for `localhost` made now and written to `dir`, and returns a connector that trusts it.
+/// The cipher is the edge's QUIC one (AES-128-GCM) and the key exchange X25519, as the edge
+/// and its clients negotiate; clients are not asked for certificates (the edge authenticates
+/// its clients with tokens, not TLS).
+fn serve_tls(
+    command: &mut Command,
+    dir: &std::path::Path,
+    port: u16,
+) -> Result<TlsConnector, String> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .map_err(|e| format!("make a certificate for Redis: {e}"))?;
+    let (cert_path, key_path) = (dir.join("redis.crt"), dir.join("redis.key"));
+    std::fs::write(&cert_path, certified.cert.pem())
+        .and_then(|()| std::fs::write(&key_path, certified.key_pair.serialize_pem()))
+        .map_err(|e| format!("write Redis's certificate to {}: {e}", dir.display()))?;
+    command
+        .args(["--port", "0", "--tls-port"])
+        .arg(port.to_string())
+        .arg("--tls-cert-file")
+        .arg(&cert_path)
+        .arg("--tls-key-file")
+        .arg(&key_path)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert_path)
+        .args(["--tls-auth-clients", "no", "--tls-protocols", "TLSv1.3"])
+        .args(["--tls-ciphersuites", "TLS_AES_128_GCM_SHA256"]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(certified.cert.der().clone())
+        .map_err(|e| format!("trust Redis's certificate: {e}"))?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| format!("TLS settings: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(std::sync::Arc::new(config)))
 }
 
 /// The CPU set a started Redis runs on: `cpus`, or every online CPU.
@@ -626,15 +713,29 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
             "--server-cpus pins a Redis this run starts: pin a running one with taskset".into(),
         );
     }
-    let (server, addr) = match &args.redis_addr {
-        Some(addr) => (None, addr.clone()),
+    if args.redis_addr.is_some() && args.tls {
+        return Err(
+            "--tls starts its own Redis with a certificate made for the run: not with \
+                    --redis-addr"
+                .into(),
+        );
+    }
+    let (server, dial) = match &args.redis_addr {
+        Some(addr) => (
+            None,
+            Dial {
+                addr: addr.clone(),
+                tls: None,
+            },
+        ),
         None => {
-            let (server, addr) = start_server(args).await?;
-            (Some(server), addr)
+            let (server, dial) = start_server(args).await?;
+            (Some(server), dial)
         }
     };
+    let addr = dial.addr.clone();
     let server_pid = server.as_ref().map(|s| s.child.id());
-    let mut admin = Connection::open(&addr).await?;
+    let mut admin = Connection::open(&dial).await?;
     let append_only = admin.config("appendonly").await?;
     let fsync = admin.config("appendfsync").await?;
     if append_only != "yes" || fsync != "always" {
@@ -662,7 +763,14 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
             "aligned": pairs_args.aligned,
         }),
     );
-    report.server = format!("redis {version}");
+    report.server = if dial.tls.is_some() {
+        format!("redis {version} over TLS")
+    } else {
+        format!("redis {version}")
+    };
+    report
+        .extra
+        .insert("redis_tls".into(), json!(dial.tls.is_some()));
     report
         .extra
         .insert("redis_appendfsync".into(), json!(fsync));
@@ -680,8 +788,8 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     let mut sender_connections = Vec::new();
     let mut receiver_connections = Vec::new();
     for _ in 0..pairs_args.pairs {
-        sender_connections.push(Connection::open(&addr).await?);
-        receiver_connections.push(Connection::open(&addr).await?);
+        sender_connections.push(Connection::open(&dial).await?);
+        receiver_connections.push(Connection::open(&dial).await?);
     }
 
     let server_cpu_start = server_cpu_secs(server_pid);
@@ -858,7 +966,12 @@ mod tests {
             let _ = socket.write_all(&bytes).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         });
-        Connection::open(&addr.to_string()).await.unwrap()
+        Connection::open(&Dial {
+            addr: addr.to_string(),
+            tls: None,
+        })
+        .await
+        .unwrap()
     }
 
     #[tokio::test]

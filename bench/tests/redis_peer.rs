@@ -1,6 +1,7 @@
 //! The Redis Streams peer workloads (`redis-pairs`, `redis-offline`) run end to end against a
 //! real `redis-server` and pass the same checks as Courier's: every acknowledged message
-//! delivered once, in order, with the report naming the server and its fsync policy.
+//! delivered once, in order, with the report naming the server, its fsync policy and whether
+//! it served TLS.
 //!
 //! It needs `redis-server` (Debian: `apt-get install redis-server`). Where it is missing the
 //! test says so and passes, unless `COURIER_REQUIRE_REDIS=1` (set by .ci/run, which installs
@@ -57,6 +58,8 @@ fn redis_streams_peer_runs_pairs_and_a_drain_with_every_message_delivered_once()
         ("redis-pairs", &[][..]),
         ("redis-offline", &[][..]),
         ("redis-pairs", &["--rate", "200"][..]),
+        // Over TLS 1.3, as Courier's QUIC encrypts: Redis serves TLS alone on its port.
+        ("redis-pairs", &["--tls"][..]),
     ] {
         let report = run(workload, extra);
         assert_eq!(report["messages_acked"], 1200, "{workload}: {report}");
@@ -73,5 +76,14 @@ fn redis_streams_peer_runs_pairs_and_a_drain_with_every_message_delivered_once()
         // The comparison is with a peer that fsyncs before it answers.
         assert_eq!(report["extra"]["redis_appendfsync"], "always", "{report}");
         assert!(report["edge_cpu_secs"].as_f64().is_some(), "{report}");
+        let tls = extra.contains(&"--tls");
+        assert_eq!(report["extra"]["redis_tls"], tls, "{report}");
+        assert_eq!(
+            report["server"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(" over TLS")),
+            tls,
+            "{report}"
+        );
     }
 }
