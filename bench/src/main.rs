@@ -8,6 +8,7 @@
 //! non-zero exit.
 
 mod abuse;
+mod direct;
 mod edge;
 mod redis;
 mod report;
@@ -268,7 +269,13 @@ async fn run(cli: Cli) -> Result<bool, String> {
 async fn run_on_edge(cli: &Cli) -> Result<report::Report, String> {
     let target = edge::Target::open(&cli.target).await?;
     let report = match &cli.workload {
+        Workload::Pairs(args) if args.driver == workloads::Driver::Direct => {
+            workloads::pairs_direct(&target, args).await?
+        }
         Workload::Pairs(args) => workloads::pairs(&target, args, false).await?,
+        Workload::Offline(args) if args.driver == workloads::Driver::Direct => {
+            return Err("--driver direct runs `pairs`; `offline` uses the SDK".into());
+        }
         Workload::Offline(args) => workloads::pairs(&target, args, true).await?,
         Workload::Connections(args) => workloads::connections(&target, args).await?,
         Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,

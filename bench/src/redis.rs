@@ -705,6 +705,9 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     if pairs_args.bytes < HEADER_BYTES {
         return Err(format!("--bytes must be at least {HEADER_BYTES}"));
     }
+    if pairs_args.driver != crate::workloads::Driver::Sdk {
+        return Err("--driver chooses how Courier's clients are driven: not with Redis".into());
+    }
     if pairs_args.settle_secs > 0 {
         return Err("--settle-secs measures an edge's store on disk: not with Redis".into());
     }

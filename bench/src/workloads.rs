@@ -45,6 +45,20 @@ pub struct PairsArgs {
     /// deleted messages leaving the disk). 0: do not wait.
     #[arg(long, default_value_t = 0)]
     pub settle_secs: u64,
+    /// Courier's `pairs` only: `sdk` drives each client through the client SDK (its tokio
+    /// tasks, what applications run); `direct` drives every client from one thread with
+    /// quinn-proto and the SDK's own protocol session, about half the load generator's CPU
+    /// per message, so the edge rather than the load generator bounds the run
+    /// (bench/src/direct.rs). Same checks and report.
+    #[arg(long, value_enum, default_value_t = Driver::Sdk)]
+    pub driver: Driver,
+}
+
+/// How `pairs` drives its clients (`--driver`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Sdk,
+    Direct,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -563,6 +577,95 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         report.deliver_latency = Latency::from_histogram(&deliver_hist.lock().expect("histogram"));
     }
     drop(senders);
+    Ok(report)
+}
+
+/// `pairs --driver direct`: the same workload, checks and report as `pairs`, with the
+/// clients driven by `direct` from this thread (blocking it for the run).
+pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "pairs",
+        json!({
+            "pairs": args.pairs, "msgs": args.msgs, "bytes": args.bytes,
+            "in_flight": args.in_flight, "rate": args.rate, "aligned": args.aligned,
+            "driver": "direct",
+        }),
+    );
+    if args.bytes < HEADER_BYTES {
+        return Err(format!("--bytes must be at least {HEADER_BYTES}"));
+    }
+    let connector = target.connector()?;
+    let session_config = |user: u64| target.options(user).session_config();
+    let plan = crate::direct::Plan {
+        addr: target.options(target.user_base).addr,
+        quic: connector.quic_client_config(),
+        server_name: connector.server_name().to_string(),
+        pairs: (0..args.pairs)
+            .map(|pair| {
+                let sender = target.user_base + 2 * u64::from(pair) + 1;
+                let receiver = target.user_base + 2 * u64::from(pair) + 2;
+                (session_config(sender), session_config(receiver), receiver)
+            })
+            .collect(),
+        msgs: args.msgs,
+        bytes: args.bytes,
+        in_flight: args.in_flight,
+        rate: args.rate,
+        aligned: args.aligned,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        epoch: Instant::now(),
+    };
+    let mut usage = None;
+    let mut disk_baseline = None;
+    let outcome = tokio::task::block_in_place(|| {
+        crate::direct::run(&plan, || {
+            eprintln!("pairs: {} pairs connected (direct driver)", args.pairs);
+            disk_baseline = target.store_disk_bytes();
+            usage = Some(EdgeUsage::start(target));
+        })
+    })?;
+    if let Some(usage) = &usage {
+        usage.finish(target, &mut report);
+    }
+    if let Some(baseline) = disk_baseline {
+        report
+            .extra
+            .insert("store_disk_bytes_before".into(), json!(baseline));
+        report.extra.insert(
+            "store_disk_bytes_drained".into(),
+            json!(target.store_disk_bytes()),
+        );
+    }
+    for (acked, delivered) in outcome.acked_seq.iter().zip(&outcome.delivered_seq) {
+        for (acked, delivered) in acked.iter().zip(delivered) {
+            if *acked != 0 && *delivered == 0 {
+                report.lost += 1;
+            } else if *acked != 0 && acked != delivered {
+                report.seq_mismatches += 1;
+            }
+        }
+    }
+    report.messages_sent = outcome.sent;
+    report.messages_acked = outcome.acked;
+    report.messages_delivered = outcome.delivered;
+    report.duplicates = outcome.duplicates;
+    report.reordered = outcome.reordered;
+    report.errors.extend(outcome.errors.iter().take(5).cloned());
+    report.record_count("udp_datagrams", outcome.datagrams);
+    let start = outcome.start.unwrap_or_else(Instant::now);
+    let sends_done = outcome.sends_done.unwrap_or(start);
+    let clocks = RunClocks {
+        start,
+        sends_done,
+        drain_start: sends_done,
+        last_delivery: outcome.last_delivery.unwrap_or(sends_done),
+    };
+    clocks.fill(&mut report, false);
+    report.send_ack_latency = outcome.ack_hist.as_ref().and_then(Latency::from_histogram);
+    report.deliver_latency = outcome
+        .deliver_hist
+        .as_ref()
+        .and_then(Latency::from_histogram);
     Ok(report)
 }
 

@@ -317,6 +317,17 @@ impl Connector {
     pub async fn connect(&self, options: ConnectOptions) -> Result<Client, ClientError> {
         Client::connect(self.clone(), options).await
     }
+
+    /// The QUIC and TLS configuration this connector's connections use, for tools that drive
+    /// quinn-proto themselves on the same settings (the load generator's `--driver direct`).
+    pub fn quic_client_config(&self) -> quinn::ClientConfig {
+        self.client_config.clone()
+    }
+
+    /// The name the server's certificate is checked against.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
 }
 
 /// How a client connects and behaves.
@@ -385,7 +396,9 @@ impl ConnectOptions {
         }
     }
 
-    fn session_config(&self) -> ClientConfig {
+    /// The protocol session's settings these options make, for tools that drive
+    /// [`ClientSession`] themselves (the load generator's `--driver direct`).
+    pub fn session_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(self.token.as_bytes().to_vec(), self.device);
         config.sends_in_flight_max = self.sends_in_flight_max.max(1);
         config.sends_pending_max = self.sends_pending_max.max(1);
