@@ -47,8 +47,8 @@ pub struct PairsArgs {
     pub settle_secs: u64,
     /// Courier's `pairs` only: `sdk` drives each client through the client SDK (its tokio
     /// tasks, what applications run); `direct` drives every client from one thread with
-    /// quinn-proto and the SDK's own protocol session, about half the load generator's CPU
-    /// per message, so the edge rather than the load generator bounds the run
+    /// quinn-proto and the SDK's own protocol session, a half to three quarters of the load
+    /// generator's CPU per message, so the edge rather than the load generator bounds the run
     /// (bench/src/direct.rs). Same checks and report.
     #[arg(long, value_enum, default_value_t = Driver::Sdk)]
     pub driver: Driver,
