@@ -1,22 +1,27 @@
 //! `pairs --driver direct`: the same pairs, checks and clocks as the SDK's, with every client
 //! driven from one thread by quinn-proto and the protocol's sans-IO `ClientSession` (the
-//! edge's own design, mirrored), instead of the SDK's tokio tasks.
+//! edge's own design, mirrored), instead of the SDK's tokio tasks (decision 0025).
 //!
-//! Why: through the SDK each client is four tokio tasks (its driver, quinn's connection and
-//! endpoint drivers, the workload's) and a message crosses several of them on each side; at
+//! Why: through the SDK each client is several tokio tasks (its driver, quinn's connection and
+//! endpoint drivers, the workload's) and a message crosses a few of them on each side; at
 //! 10,000 msgs/s from 100 pairs that keeps the load generator's core full, so the latencies it
 //! reports are its own queueing as much as the edge's (docs/benchmarks.md). Here a datagram
-//! goes from the socket to its connection and its session in one call, like the Redis peer's
-//! minimal client, which is the fair footing for a side-by-side. The protocol logic is the
-//! SDK's own (`ClientSession`: `Hello`, sends in order with retries under the same id,
-//! deliveries in sequence, coalesced acks), and so is the QUIC and TLS configuration
-//! (`Connector::quic_client_config`). What it leaves out is the SDK's reconnecting: a lost
-//! connection ends the run with an error.
+//! goes from its socket to its connection and its session in one call, like the Redis peer's
+//! minimal client, which is the fair footing for a side-by-side.
+//!
+//! What is the SDK's: the protocol logic (`ClientSession`: `Hello`, sends in order with retries
+//! under the same id, deliveries in sequence, coalesced acks), the QUIC and TLS configuration
+//! (`Connector::quic_client_config`), the session settings (`ConnectOptions::session_config`),
+//! and one UDP socket per client, so the edge's shards share the clients as the kernel spreads
+//! them. What it leaves out: reconnecting (a lost connection ends the run with an error),
+//! following a `Goaway` to another edge (so no `--spawn-edges`), and the SDK's buffer of
+//! deliveries the application has not taken (each delivery is taken at once).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,13 +37,15 @@ use crate::report::latency_histogram;
 use crate::workloads::{body, micros, parse_body, tick_phase};
 
 /// Bytes of encoded frames a client holds for its stream before it stops asking its session
-/// for more (as the SDK does): QUIC's flow control then holds the sends back.
+/// for more: QUIC's flow control then holds the sends back.
 const OUTBUF_BYTES_MAX: usize = 64 * 1024;
 /// Bytes of one received datagram buffer (a GRO batch fits).
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
-/// Datagrams a connection may hand the socket per pass, so one busy connection cannot starve
-/// the others of the loop.
+/// Datagrams a connection may hand its socket per pass, so one busy connection cannot starve
+/// the others; one that has more is driven again at once.
 const TRANSMITS_PER_PASS_MAX: usize = 64;
+/// Sockets reported ready per wait.
+const READY_EVENTS_MAX: usize = 256;
 /// How long connecting and logging in may take before the run gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest the loop sleeps without a deadline (progress lines come about this often).
@@ -62,6 +69,8 @@ pub(crate) struct Plan {
     pub in_flight: u32,
     pub rate: Option<f64>,
     pub aligned: bool,
+    /// After the last answer, or after the last progress before it, how long to wait for the
+    /// rest before giving up.
     pub drain_timeout: Duration,
     /// Message bodies carry their send time relative to this.
     pub epoch: Instant,
@@ -76,12 +85,15 @@ pub(crate) struct Outcome {
     pub delivered_seq: Vec<Vec<u64>>,
     pub sent: u64,
     pub acked: u64,
+    /// Sends the edge refused for good.
+    pub failed: u64,
     pub delivered: u64,
     pub duplicates: u64,
     pub reordered: u64,
     pub ack_hist: Option<Histogram<u64>>,
     pub deliver_hist: Option<Histogram<u64>>,
-    /// UDP datagrams of every client's connection, both ways, from the first send on.
+    /// UDP datagrams of every client's connection, both ways, from the first send to the
+    /// last delivery.
     pub datagrams: u64,
     pub start: Option<Instant>,
     pub sends_done: Option<Instant>,
@@ -98,17 +110,18 @@ enum Role {
         outstanding: u32,
         /// Paced: when the next send is due.
         next_tick: Option<Instant>,
-        /// Client message id → (index, when it was sent).
+        /// Client message id → (index, when it was sent); at most the messages of the run.
         waiting: HashMap<u64, (u32, Instant)>,
     },
     Receiver {
         pair: usize,
-        received: u32,
         last_seq: u64,
     },
 }
 
 struct Client {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
     handle: ConnectionHandle,
     quic: quinn_proto::Connection,
     session: ClientSession,
@@ -119,25 +132,33 @@ struct Client {
     outbuf: Vec<u8>,
     role: Role,
     welcomed: bool,
+    /// The stream is finished (the run is over).
+    finished: bool,
     /// The deadline this client has in the timer heap.
     armed: Option<Instant>,
 }
 
-/// Runs the plan to the end: connects every client, calls `on_connected` (the run's clock
-/// starts after it), sends and receives, and returns what it saw.
-pub(crate) fn run(plan: &Plan, on_connected: impl FnOnce()) -> Result<Outcome, String> {
+/// Runs the plan: connects every client, calls `on_connected` (the run's clock starts after
+/// it), sends and receives, calls `on_done` at the last delivery (before the connections
+/// close, so what it measures is the run's), closes, and returns what it saw.
+pub(crate) fn run(
+    plan: &Plan,
+    on_connected: impl FnOnce(),
+    on_done: impl FnOnce(),
+) -> Result<Outcome, String> {
     let mut driver = Driver::new(plan)?;
     driver.connect_all()?;
     on_connected();
     driver.exchange()?;
+    on_done();
     Ok(driver.finish())
 }
 
 struct Driver<'a> {
     plan: &'a Plan,
     endpoint: Endpoint,
-    socket: UdpSocket,
-    state: quinn_udp::UdpSocketState,
+    /// Every client's socket, keyed by its index in `clients`.
+    epoll: OwnedFd,
     clients: Vec<Client>,
     /// Endpoint handle → index in `clients`.
     by_handle: HashMap<usize, usize>,
@@ -150,31 +171,31 @@ struct Driver<'a> {
     ack_hist: Histogram<u64>,
     deliver_hist: Histogram<u64>,
     datagrams_before: u64,
-    next_progress: Instant,
     /// The run is over: connections ending are expected.
     closing: bool,
-    /// Datagram buffers, kept between passes.
+    /// Datagram buffers and their metadata, kept between passes.
     recv_buffers: Vec<Vec<u8>>,
-    /// Clients that got a datagram in this pass.
-    touched: Vec<usize>,
+    recv_metas: Vec<quinn_udp::RecvMeta>,
+    ready: Vec<libc::epoll_event>,
 }
 
 impl<'a> Driver<'a> {
     fn new(plan: &'a Plan) -> Result<Driver<'a>, String> {
-        let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .map_err(|e| format!("bind a UDP socket: {e}"))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| format!("UDP socket: {e}"))?;
-        let state = quinn_udp::UdpSocketState::new((&socket).into())
-            .map_err(|e| format!("UDP socket: {e}"))?;
+        #[allow(unsafe_code)]
+        // SAFETY: epoll_create1 takes no pointers; a new descriptor is owned by nobody else.
+        let epoll = unsafe {
+            let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if fd < 0 {
+                return Err(format!("epoll: {}", std::io::Error::last_os_error()));
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
         let pairs = plan.pairs.len();
         let msgs = plan.msgs as usize;
         Ok(Driver {
             plan,
             endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None),
-            socket,
-            state,
+            epoll,
             clients: Vec::with_capacity(2 * pairs),
             by_handle: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -189,10 +210,12 @@ impl<'a> Driver<'a> {
             ack_hist: latency_histogram(),
             deliver_hist: latency_histogram(),
             datagrams_before: 0,
-            next_progress: Instant::now(),
             closing: false,
-            recv_buffers: Vec::new(),
-            touched: Vec::new(),
+            recv_buffers: (0..quinn_udp::BATCH_SIZE)
+                .map(|_| vec![0u8; RECV_BUFFER_BYTES])
+                .collect(),
+            recv_metas: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
+            ready: vec![libc::epoll_event { events: 0, u64: 0 }; READY_EVENTS_MAX],
         })
     }
 
@@ -200,11 +223,39 @@ impl<'a> Driver<'a> {
         now.duration_since(self.started).as_millis() as u64
     }
 
+    /// A client's own UDP socket, watched by the epoll set under the client's index.
+    fn open_socket(&self, index: usize) -> Result<(UdpSocket, quinn_udp::UdpSocketState), String> {
+        let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .map_err(|e| format!("bind a UDP socket: {e}"))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("UDP socket: {e}"))?;
+        let state = quinn_udp::UdpSocketState::new((&socket).into())
+            .map_err(|e| format!("UDP socket: {e}"))?;
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: index as u64,
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: both descriptors are open for the call; `event` outlives it.
+        let added = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                socket.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if added != 0 {
+            return Err(format!("epoll: {}", std::io::Error::last_os_error()));
+        }
+        Ok((socket, state))
+    }
+
     /// Opens every connection and waits until each session is welcomed.
     fn connect_all(&mut self) -> Result<(), String> {
-        let now = Instant::now();
         for (pair, (sender, receiver, to)) in self.plan.pairs.iter().enumerate() {
-            for (config, role) in [
+            let roles = [
                 (
                     sender,
                     Role::Sender {
@@ -216,27 +267,24 @@ impl<'a> Driver<'a> {
                         waiting: HashMap::new(),
                     },
                 ),
-                (
-                    receiver,
-                    Role::Receiver {
-                        pair,
-                        received: 0,
-                        last_seq: 0,
-                    },
-                ),
-            ] {
+                (receiver, Role::Receiver { pair, last_seq: 0 }),
+            ];
+            for (config, role) in roles {
+                let index = self.clients.len();
+                let (socket, state) = self.open_socket(index)?;
                 let (handle, quic) = self
                     .endpoint
                     .connect(
-                        now,
+                        Instant::now(),
                         self.plan.quic.clone(),
                         self.plan.addr,
                         &self.plan.server_name,
                     )
                     .map_err(|e| format!("connect to {}: {e}", self.plan.addr))?;
-                let index = self.clients.len();
                 self.by_handle.insert(handle.0, index);
                 self.clients.push(Client {
+                    socket,
+                    state,
                     handle,
                     quic,
                     session: ClientSession::new(config.clone(), 0),
@@ -245,9 +293,10 @@ impl<'a> Driver<'a> {
                     outbuf: Vec::new(),
                     role,
                     welcomed: false,
+                    finished: false,
                     armed: None,
                 });
-                self.drive(index, now)?;
+                self.drive(index)?;
             }
         }
         let deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -263,16 +312,13 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Sends and receives until every message is delivered and answered, or the drain
-    /// timeout passes after the last send.
+    /// Sends and receives until every message is answered and delivered, or nothing moves
+    /// for the drain timeout (after the last answer, or before it).
     fn exchange(&mut self) -> Result<(), String> {
         let start = Instant::now();
         self.outcome.start = Some(start);
         self.datagrams_before = self.datagrams();
-        let interval = self
-            .plan
-            .rate
-            .map(|rate| Duration::from_secs_f64(1.0 / rate.max(0.001)));
+        let interval = self.send_interval();
         for index in 0..self.clients.len() {
             if let Role::Sender {
                 pair, next_tick, ..
@@ -281,32 +327,36 @@ impl<'a> Driver<'a> {
                 *next_tick = interval
                     .map(|interval| start + tick_phase(*pair as u32, interval, self.plan.aligned));
             }
-            self.drive(index, start)?;
+            self.drive(index)?;
         }
         let expected = self.plan.pairs.len() as u64 * u64::from(self.plan.msgs);
-        let mut give_up_at: Option<Instant> = None;
-        self.next_progress = start + Duration::from_secs(1);
+        let mut next_progress = start + Duration::from_secs(1);
+        let mut progress = (0, 0);
+        let mut progressed_at = start;
         loop {
-            let sends_done = self.outcome.acked + self.errors_count() >= expected;
-            if sends_done && self.outcome.sends_done.is_none() {
+            let answered = self.outcome.acked + self.outcome.failed;
+            if answered >= expected && self.outcome.sends_done.is_none() {
                 self.outcome.sends_done = Some(Instant::now());
-                give_up_at = Some(Instant::now() + self.plan.drain_timeout);
             }
-            if sends_done && self.outcome.delivered >= expected {
+            if answered >= expected && self.outcome.delivered >= expected {
                 break;
             }
-            if let Some(at) = give_up_at
-                && Instant::now() > at
-            {
-                self.outcome
-                    .errors
-                    .push("deliveries still missing at the drain timeout".into());
+            let now = Instant::now();
+            if (answered, self.outcome.delivered) != progress {
+                progress = (answered, self.outcome.delivered);
+                progressed_at = now;
+            }
+            let give_up_at = progressed_at + self.plan.drain_timeout;
+            if now > give_up_at {
+                self.outcome.errors.push(format!(
+                    "nothing moved for {:?}: {} of {expected} answered, {} delivered",
+                    self.plan.drain_timeout, answered, self.outcome.delivered
+                ));
                 break;
             }
-            let wait_until = give_up_at.unwrap_or_else(|| Instant::now() + IDLE_WAIT_MAX);
-            self.turn(wait_until)?;
-            if Instant::now() >= self.next_progress {
-                self.next_progress += Duration::from_secs(1);
+            self.turn(give_up_at.min(now + IDLE_WAIT_MAX))?;
+            if Instant::now() >= next_progress {
+                next_progress += Duration::from_secs(1);
                 eprintln!(
                     "[{:>5.1}s] sent {} acked {} delivered {}/{}",
                     start.elapsed().as_secs_f64(),
@@ -320,11 +370,14 @@ impl<'a> Driver<'a> {
         if self.outcome.sends_done.is_none() {
             self.outcome.sends_done = Some(Instant::now());
         }
+        self.outcome.datagrams = self.datagrams().saturating_sub(self.datagrams_before);
         Ok(())
     }
 
-    fn errors_count(&self) -> u64 {
-        self.outcome.errors.len() as u64
+    fn send_interval(&self) -> Option<Duration> {
+        self.plan
+            .rate
+            .map(|rate| Duration::from_secs_f64(1.0 / rate.max(0.001)))
     }
 
     fn datagrams(&self) -> u64 {
@@ -338,20 +391,13 @@ impl<'a> Driver<'a> {
     }
 
     /// Closes every session (its last ack goes out, as the SDK's close sends it), finishes its
-    /// stream, waits briefly for the edge to close the connections, and hands over what was
-    /// seen.
+    /// stream once the stream took everything, waits briefly for the edge to close the
+    /// connections, and hands over what was seen.
     fn finish(mut self) -> Outcome {
-        self.outcome.datagrams = self.datagrams().saturating_sub(self.datagrams_before);
         self.closing = true;
-        let now = Instant::now();
         for index in 0..self.clients.len() {
             self.clients[index].session.close();
-            let _ = self.drive(index, now);
-            let client = &mut self.clients[index];
-            if let Some(id) = client.stream {
-                let _ = client.quic.send_stream(id).finish();
-            }
-            let _ = self.drive(index, now);
+            let _ = self.drive(index);
         }
         let deadline = Instant::now() + CLOSE_WAIT;
         while Instant::now() < deadline && self.clients.iter().any(|c| !c.quic.is_closed()) {
@@ -365,7 +411,7 @@ impl<'a> Driver<'a> {
                     0u32.into(),
                     bytes::Bytes::from_static(b"done"),
                 );
-                let _ = self.drive(index, now);
+                let _ = self.drive(index);
             }
         }
         self.outcome.ack_hist = Some(self.ack_hist);
@@ -373,17 +419,18 @@ impl<'a> Driver<'a> {
         self.outcome
     }
 
-    /// One pass: waits for a datagram or the next deadline (at most until `limit`), takes
-    /// every datagram waiting, then runs the clients whose deadline came.
+    /// One pass: waits until a socket is readable or the next deadline (at most until
+    /// `limit`), takes every datagram waiting, then runs the clients whose deadline came.
     fn turn(&mut self, limit: Instant) -> Result<(), String> {
         let now = Instant::now();
         let next = self
             .next_deadline()
             .map_or(limit, |deadline| deadline.min(limit));
-        if next > now {
-            wait_readable(&self.socket, next - now);
+        let ready = self.wait(next.saturating_duration_since(now));
+        for slot in 0..ready {
+            let index = self.ready[slot].u64 as usize;
+            self.receive(index)?;
         }
-        self.receive()?;
         let now = Instant::now();
         while let Some(Reverse((deadline, index))) = self.timers.peek().copied() {
             if deadline > now {
@@ -394,9 +441,30 @@ impl<'a> Driver<'a> {
                 continue; // Re-armed since.
             }
             self.clients[index].armed = None;
-            self.drive(index, now)?;
+            self.drive(index)?;
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for readable sockets; returns how many `self.ready` holds.
+    fn wait(&mut self, timeout: Duration) -> usize {
+        let spec = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: `ready` has room for READY_EVENTS_MAX events and outlives the call, as does
+        // `spec`; no signal mask is passed.
+        let count = unsafe {
+            libc::epoll_pwait2(
+                self.epoll.as_raw_fd(),
+                self.ready.as_mut_ptr(),
+                READY_EVENTS_MAX as libc::c_int,
+                &spec,
+                std::ptr::null(),
+            )
+        };
+        usize::try_from(count).unwrap_or(0)
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
@@ -409,27 +477,27 @@ impl<'a> Driver<'a> {
         None
     }
 
-    /// Hands every waiting datagram to its connection, then drives those that got one.
-    fn receive(&mut self) -> Result<(), String> {
-        let batch = quinn_udp::BATCH_SIZE;
+    /// Hands every datagram waiting on client `index`'s socket to its connection (or, if the
+    /// endpoint routes it elsewhere, to that one), then drives the connections that got one.
+    fn receive(&mut self, index: usize) -> Result<(), String> {
         let mut buffers = std::mem::take(&mut self.recv_buffers);
-        buffers.resize_with(batch, || vec![0u8; RECV_BUFFER_BYTES]);
-        let mut metas = vec![quinn_udp::RecvMeta::default(); batch];
-        let mut touched = std::mem::take(&mut self.touched);
-        touched.clear();
+        let mut metas = std::mem::take(&mut self.recv_metas);
+        let mut touched = Vec::new();
+        let mut result = Ok(());
         loop {
             let count = {
+                let client = &self.clients[index];
                 let mut slices: Vec<IoSliceMut<'_>> =
                     buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                match self
+                match client
                     .state
-                    .recv((&self.socket).into(), &mut slices, &mut metas)
+                    .recv((&client.socket).into(), &mut slices, &mut metas)
                 {
                     Ok(count) => count,
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(error) => {
-                        self.recv_buffers = buffers;
-                        return Err(format!("receive: {error}"));
+                        result = Err(format!("receive: {error}"));
+                        break;
                     }
                 }
             };
@@ -437,75 +505,49 @@ impl<'a> Driver<'a> {
             for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
                 let stride = meta.stride.max(1);
                 for segment in buffer[..meta.len].chunks(stride) {
-                    let ecn = meta.ecn.map(|ecn| match ecn {
-                        quinn_udp::EcnCodepoint::Ect0 => EcnCodepoint::Ect0,
-                        quinn_udp::EcnCodepoint::Ect1 => EcnCodepoint::Ect1,
-                        quinn_udp::EcnCodepoint::Ce => EcnCodepoint::Ce,
-                    });
                     self.response_buf.clear();
                     match self.endpoint.handle(
                         now,
                         meta.addr,
                         meta.dst_ip,
-                        ecn,
+                        meta.ecn.map(from_udp_ecn),
                         BytesMut::from(segment),
                         &mut self.response_buf,
                     ) {
                         Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                            if let Some(&index) = self.by_handle.get(&handle.0) {
-                                self.clients[index].quic.handle_event(event);
-                                touched.push(index);
+                            if let Some(&owner) = self.by_handle.get(&handle.0) {
+                                self.clients[owner].quic.handle_event(event);
+                                touched.push(owner);
                             }
                         }
                         Some(DatagramEvent::Response(transmit)) => {
-                            let buf = std::mem::take(&mut self.response_buf);
-                            self.send(&transmit, &buf);
-                            self.response_buf = buf;
+                            send(&self.clients[index], &transmit, &self.response_buf);
                         }
                         // A client endpoint accepts no connections.
                         Some(DatagramEvent::NewConnection(_)) | None => {}
                     }
                 }
             }
-            if count < batch {
+            if count < buffers.len() {
                 break;
             }
         }
         self.recv_buffers = buffers;
+        self.recv_metas = metas;
+        result?;
         touched.sort_unstable();
         touched.dedup();
-        let now = Instant::now();
-        let mut result = Ok(());
-        for &index in &touched {
-            result = self.drive(index, now);
-            if result.is_err() {
-                break;
-            }
+        for owner in touched {
+            self.drive(owner)?;
         }
-        self.touched = touched;
-        result
-    }
-
-    fn send(&self, transmit: &quinn_proto::Transmit, buf: &[u8]) {
-        let udp = quinn_udp::Transmit {
-            destination: transmit.destination,
-            ecn: transmit.ecn.map(|ecn| match ecn {
-                EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
-                EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
-                EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
-            }),
-            contents: &buf[..transmit.size],
-            segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
-        };
-        // A full socket buffer drops the datagram; QUIC resends it.
-        let _ = self.state.try_send((&self.socket).into(), &udp);
+        Ok(())
     }
 
     /// Everything client `index` has to do now: QUIC events, its stream's input, its
     /// session's events and timers, due sends, its stream's output, its datagrams, and its
     /// next deadline.
-    fn drive(&mut self, index: usize, now: Instant) -> Result<(), String> {
+    fn drive(&mut self, index: usize) -> Result<(), String> {
+        let now = Instant::now();
         let now_ms = self.now_ms(now);
         let client = &mut self.clients[index];
         if client.quic.poll_timeout().is_some_and(|due| due <= now) {
@@ -535,16 +577,16 @@ impl<'a> Driver<'a> {
         }
         if !self.closing {
             read_stream(client, now_ms)?;
+            if client
+                .session
+                .poll_timeout()
+                .is_some_and(|due| due <= now_ms)
+            {
+                client.session.handle_timeout(now_ms);
+            }
+            self.take_events(index, now_ms);
+            self.send_due(index, now)?;
         }
-        if client
-            .session
-            .poll_timeout()
-            .is_some_and(|due| due <= now_ms)
-        {
-            client.session.handle_timeout(now_ms);
-        }
-        self.take_events(index, now, now_ms)?;
-        self.send_due(index, now, now_ms)?;
         let client = &mut self.clients[index];
         while client.outbuf.len() < OUTBUF_BYTES_MAX {
             let Some(frame) = client.session.poll_transmit() else {
@@ -554,37 +596,48 @@ impl<'a> Driver<'a> {
                 .map_err(|e| format!("encode a frame: {e}"))?;
         }
         if let Some(id) = client.stream
-            && !client.outbuf.is_empty()
+            && !client.finished
         {
-            match client.quic.send_stream(id).write(&client.outbuf) {
-                Ok(written) => {
-                    client.outbuf.drain(..written);
+            if !client.outbuf.is_empty() {
+                match client.quic.send_stream(id).write(&client.outbuf) {
+                    Ok(written) => {
+                        client.outbuf.drain(..written);
+                    }
+                    Err(quinn_proto::WriteError::Blocked) => {}
+                    // Closing: the edge may have stopped the stream; the datagrams below
+                    // still go (the connection's close among them).
+                    Err(_) if self.closing => client.outbuf.clear(),
+                    Err(error) => return Err(format!("stream write: {error}")),
                 }
-                Err(quinn_proto::WriteError::Blocked) => {}
-                Err(error) => return Err(format!("stream write: {error}")),
+            }
+            if self.closing && client.outbuf.is_empty() {
+                // Everything written, the last ack included: a graceful end, as the SDK's.
+                let _ = client.quic.send_stream(id).finish();
+                client.finished = true;
             }
         }
-        let max_datagrams = self.state.max_gso_segments().max(1);
         let mut buf = std::mem::take(&mut self.transmit_buf);
-        for _ in 0..TRANSMITS_PER_PASS_MAX {
+        let mut more = false;
+        let client = &mut self.clients[index];
+        let max_datagrams = client.state.max_gso_segments().max(1);
+        for sent in 0..=TRANSMITS_PER_PASS_MAX {
             buf.clear();
-            let Some(transmit) =
-                self.clients[index]
-                    .quic
-                    .poll_transmit(now, max_datagrams, &mut buf)
-            else {
+            let Some(transmit) = client.quic.poll_transmit(now, max_datagrams, &mut buf) else {
                 break;
             };
-            self.send(&transmit, &buf);
+            send(client, &transmit, &buf);
+            if sent == TRANSMITS_PER_PASS_MAX {
+                more = true;
+            }
         }
         self.transmit_buf = buf;
-        self.arm(index);
+        self.arm(index, more.then_some(now));
         Ok(())
     }
 
     /// Takes the session's events: logins, deliveries (checked, timed and consumed, so
     /// the session acknowledges them) and send answers (timed, recorded).
-    fn take_events(&mut self, index: usize, now: Instant, now_ms: u64) -> Result<(), String> {
+    fn take_events(&mut self, index: usize, now_ms: u64) {
         let epoch = self.plan.epoch;
         let msgs = self.plan.msgs;
         let client = &mut self.clients[index];
@@ -592,22 +645,19 @@ impl<'a> Driver<'a> {
             match event {
                 ClientEvent::Welcome { .. } => client.welcomed = true,
                 ClientEvent::Message(delivery) => {
+                    let now = Instant::now();
                     client.session.consumed(now_ms, delivery.seq);
-                    let Role::Receiver {
-                        pair,
-                        received,
-                        last_seq,
-                    } = &mut client.role
-                    else {
+                    let Role::Receiver { pair, last_seq } = &mut client.role else {
+                        continue;
+                    };
+                    // The same checks as the SDK's receivers, in the same order.
+                    let Some((from_pair, message, sent_ns)) = parse_body(&delivery.body) else {
                         continue;
                     };
                     if delivery.seq <= *last_seq {
                         self.outcome.reordered += 1;
                     }
                     *last_seq = delivery.seq;
-                    let Some((from_pair, message, sent_ns)) = parse_body(&delivery.body) else {
-                        continue;
-                    };
                     if from_pair as usize != *pair || message >= msgs {
                         continue;
                     }
@@ -617,7 +667,6 @@ impl<'a> Driver<'a> {
                         continue;
                     }
                     *slot = delivery.seq;
-                    *received += 1;
                     self.outcome.delivered += 1;
                     self.outcome.last_delivery = Some(now);
                     let now_ns = now.duration_since(epoch).as_nanos() as u64;
@@ -641,25 +690,26 @@ impl<'a> Driver<'a> {
                     *outstanding = outstanding.saturating_sub(1);
                     match result {
                         Ok(receipt) => {
-                            let _ = self.ack_hist.record(micros(now.duration_since(sent_at)));
+                            let _ = self.ack_hist.record(micros(sent_at.elapsed()));
                             self.outcome.acked_seq[*pair][message as usize] = receipt.seq;
                             self.outcome.acked += 1;
                         }
-                        Err(code) => self
-                            .outcome
-                            .errors
-                            .push(format!("send failed: the edge refused it: {code:?}")),
+                        Err(code) => {
+                            self.outcome.failed += 1;
+                            self.outcome
+                                .errors
+                                .push(format!("send failed: the edge refused it: {code:?}"));
+                        }
                     }
                 }
                 ClientEvent::Hole { .. } | ClientEvent::Signal { .. } => {}
             }
         }
-        Ok(())
     }
 
     /// A sender's sends that are due: closed loop, up to `in_flight` unanswered; paced, one
     /// per tick that has come (missed ticks are sent at once, as the SDK driver's ticker does).
-    fn send_due(&mut self, index: usize, now: Instant, _now_ms: u64) -> Result<(), String> {
+    fn send_due(&mut self, index: usize, now: Instant) -> Result<(), String> {
         if self.outcome.start.is_none() {
             return Ok(()); // Still connecting.
         }
@@ -669,10 +719,7 @@ impl<'a> Driver<'a> {
             self.plan.in_flight.max(1),
             self.plan.epoch,
         );
-        let interval = self
-            .plan
-            .rate
-            .map(|rate| Duration::from_secs_f64(1.0 / rate.max(0.001)));
+        let interval = self.send_interval();
         let client = &mut self.clients[index];
         let Role::Sender {
             pair,
@@ -708,7 +755,7 @@ impl<'a> Driver<'a> {
                     None,
                 )
                 .map_err(|e| format!("send refused by the session: {e}"))?;
-            waiting.insert(client_id, (message, now));
+            waiting.insert(client_id, (message, Instant::now()));
             *next_index += 1;
             *outstanding += 1;
             self.outcome.sent += 1;
@@ -716,10 +763,11 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Puts the client's next deadline (QUIC's, its session's, its next paced send) in the
-    /// timer heap, unless it is there already.
-    fn arm(&mut self, index: usize) {
+    /// Puts the client's next deadline (QUIC's, its session's, its next paced send, or `now`
+    /// when it has more to send) in the timer heap, unless it is there already.
+    fn arm(&mut self, index: usize, again_at: Option<Instant>) {
         let started = self.started;
+        let msgs = self.plan.msgs;
         let client = &mut self.clients[index];
         let session = client
             .session
@@ -730,10 +778,10 @@ impl<'a> Driver<'a> {
                 next_tick: Some(tick),
                 next_index,
                 ..
-            } if *next_index < self.plan.msgs => Some(*tick),
+            } if *next_index < msgs => Some(*tick),
             _ => None,
         };
-        let deadline = [client.quic.poll_timeout(), session, tick]
+        let deadline = [client.quic.poll_timeout(), session, tick, again_at]
             .into_iter()
             .flatten()
             .min();
@@ -744,10 +792,47 @@ impl<'a> Driver<'a> {
         if let Some(deadline) = deadline {
             self.timers.push(Reverse((deadline, index)));
         }
+        // Entries re-armed since stay until they reach the top: rebuild before they pile up.
+        if self.timers.len() > 4 * self.clients.len().max(16) {
+            let clients = &self.clients;
+            self.timers
+                .retain(|Reverse((deadline, index))| clients[*index].armed == Some(*deadline));
+        }
     }
 }
 
-/// Reads what the client's stream has and hands each whole frame to its session.
+/// Hands a datagram (or a GSO batch) to client's socket. A full socket buffer drops it; QUIC
+/// resends.
+fn send(client: &Client, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+    let udp = quinn_udp::Transmit {
+        destination: transmit.destination,
+        ecn: transmit.ecn.map(to_udp_ecn),
+        contents: &buf[..transmit.size],
+        segment_size: transmit.segment_size,
+        src_ip: transmit.src_ip,
+    };
+    let _ = client.state.try_send((&client.socket).into(), &udp);
+}
+
+fn from_udp_ecn(ecn: quinn_udp::EcnCodepoint) -> EcnCodepoint {
+    match ecn {
+        quinn_udp::EcnCodepoint::Ect0 => EcnCodepoint::Ect0,
+        quinn_udp::EcnCodepoint::Ect1 => EcnCodepoint::Ect1,
+        quinn_udp::EcnCodepoint::Ce => EcnCodepoint::Ce,
+    }
+}
+
+fn to_udp_ecn(ecn: EcnCodepoint) -> quinn_udp::EcnCodepoint {
+    match ecn {
+        EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
+        EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
+        EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
+    }
+}
+
+/// Reads what the client's stream has and hands each whole frame to its session. Frames that
+/// came before the edge ended the stream are handled first, so its last word (a `Goaway`, an
+/// error) is what the run reports.
 fn read_stream(client: &mut Client, now_ms: u64) -> Result<(), String> {
     let Some(id) = client.stream else {
         return Ok(());
@@ -758,24 +843,23 @@ fn read_stream(client: &mut Client, now_ms: u64) -> Result<(), String> {
         Err(quinn_proto::ReadableError::ClosedStream) => return Ok(()),
         Err(error) => return Err(format!("stream read: {error}")),
     };
-    let mut result = Ok(());
+    let mut ended = None;
     loop {
         match chunks.next(usize::MAX) {
             Ok(Some(chunk)) => client.inbuf.extend_from_slice(&chunk.bytes),
             Ok(None) => {
-                result = Err("the edge finished the stream".to_string());
+                ended = Some("the edge finished the stream".to_string());
                 break;
             }
             Err(quinn_proto::ReadError::Blocked) => break,
             Err(error) => {
-                result = Err(format!("stream read: {error}"));
+                ended = Some(format!("stream read: {error}"));
                 break;
             }
         }
     }
     // Gives the edge its flow-control credit back.
     let _ = chunks.finalize();
-    result?;
     let mut consumed_total = 0;
     while let Some((frame, consumed)) = courier_protocol::decode(&client.inbuf[consumed_total..])
         .map_err(|e| format!("a frame from the edge: {e}"))?
@@ -787,24 +871,5 @@ fn read_stream(client: &mut Client, now_ms: u64) -> Result<(), String> {
             .map_err(|e| format!("the session ended: {e}"))?;
     }
     client.inbuf.drain(..consumed_total);
-    Ok(())
-}
-
-/// Blocks until the socket is readable or `timeout` passes.
-fn wait_readable(socket: &UdpSocket, timeout: Duration) {
-    use std::os::fd::AsRawFd;
-    let mut fd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let spec = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: one valid pollfd and a valid timespec, both alive for the call; no signal mask.
-    unsafe {
-        libc::ppoll(&mut fd, 1, &spec, std::ptr::null());
-    }
+    ended.map_or(Ok(()), Err)
 }

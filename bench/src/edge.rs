@@ -1,5 +1,6 @@
 //! The edge under load: one this process spawned, or one already running.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,7 @@ use courier_client::{ConnectOptions, Connector};
 use courier_protocol::token::{Claims, Role, SigningKey, mint, signing_key_from_base64};
 
 use crate::TargetArgs;
+use crate::report::Report;
 
 /// How long a spawned edge may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -208,24 +210,20 @@ impl Target {
         })
     }
 
-    /// Context switches of every edge process's threads, added up (`context_switches`).
-    pub fn edge_context_switches(&self) -> Option<u64> {
-        if self.pids.is_empty() {
-            return None;
-        }
-        self.pids
-            .iter()
-            .try_fold(0, |total, pid| Some(total + context_switches(*pid)?))
+    /// How many edges the clients are spread over (`--spawn-edges`: the cluster's).
+    pub fn edge_count(&self) -> usize {
+        self.addrs.len()
     }
 
-    /// Bytes written so far to the disk that holds the spawned edge's data directory
-    /// (`disk_written_bytes`; the first edge's, for a cluster on this machine).
-    pub fn edge_disk_written_bytes(&self) -> Option<u64> {
+    /// Starts counting the edges' context switches and their disk's writes
+    /// (`ServerCounters`): every edge process, and the disk under the spawned edge's data
+    /// directory (the first edge's, for a cluster on this machine).
+    pub fn server_counters(&self) -> ServerCounters {
         let dir = match &self.spawned {
-            Some(spawned) => spawned.lock().ok()?.data_dir(),
-            None => self.cluster.first()?.data_dir(),
+            Some(spawned) => spawned.lock().ok().map(|spawned| spawned.data_dir()),
+            None => self.cluster.first().map(|edge| edge.data_dir()),
         };
-        disk_written_bytes(&dir)
+        ServerCounters::start(self.pids.clone(), dir)
     }
 
     /// Bytes of the spawned edge's store on disk (`None` for an edge this process did not
@@ -475,19 +473,76 @@ impl Drop for SpawnedEdge {
     }
 }
 
-/// Context switches of every thread of a process, voluntary and involuntary, from
-/// `/proc/PID/task/*/status`: about how often its threads were woken, the cost that does not
-/// shrink with the work a wake-up carries. Threads that ended are no longer counted.
-pub fn context_switches(pid: u32) -> Option<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut total = 0;
-    for task in tasks.flatten() {
-        // A thread may end between listing and reading: it counts nothing.
-        if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
-            total += context_switches_in_status(&status).unwrap_or(0);
+/// What a server's run cost beyond CPU time, counted from `start` to `finish`: its threads'
+/// context switches and the bytes its disk was sent. For the edge (`Target::server_counters`)
+/// and for the Redis the bench starts alike.
+#[derive(Debug)]
+pub struct ServerCounters {
+    pids: Vec<u32>,
+    disk_dir: Option<std::path::PathBuf>,
+    switches_start: Option<HashMap<(u32, u32), u64>>,
+    disk_start: Option<u64>,
+}
+
+impl ServerCounters {
+    pub fn start(pids: Vec<u32>, disk_dir: Option<std::path::PathBuf>) -> ServerCounters {
+        let switches_start = context_switches_by_thread(&pids);
+        let disk_start = disk_dir.as_deref().and_then(disk_written_bytes);
+        ServerCounters {
+            pids,
+            disk_dir,
+            switches_start,
+            disk_start,
         }
     }
-    Some(total)
+
+    /// Adds `edge_context_switches` and `disk_write_bytes` (those it could read) to `report`.
+    pub fn finish(&self, report: &mut Report) {
+        if let (Some(start), Some(now)) =
+            (&self.switches_start, context_switches_by_thread(&self.pids))
+        {
+            report.record_count("edge_context_switches", switches_since(start, &now));
+        }
+        if let (Some(start), Some(now)) = (
+            self.disk_start,
+            self.disk_dir.as_deref().and_then(disk_written_bytes),
+        ) {
+            report.record_count("disk_write_bytes", now.saturating_sub(start));
+        }
+    }
+}
+
+/// Context switches, voluntary and involuntary, of every thread of `pids`, by (process,
+/// thread), from `/proc/PID/task/TID/status`: about how often each was woken, the cost that
+/// does not shrink with the work a wake-up carries. `None` when no thread could be read.
+fn context_switches_by_thread(pids: &[u32]) -> Option<HashMap<(u32, u32), u64>> {
+    let mut counts = HashMap::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // A thread may end between listing and reading.
+            if let Ok(status) = std::fs::read_to_string(task.path().join("status"))
+                && let Some(count) = context_switches_in_status(&status)
+            {
+                counts.insert((*pid, tid), count);
+            }
+        }
+    }
+    (!counts.is_empty()).then_some(counts)
+}
+
+/// The switches between two readings: each thread's own difference (a thread that started
+/// meanwhile counts from zero; one that ended counts up to the first reading, so nothing is
+/// taken off for it).
+fn switches_since(start: &HashMap<(u32, u32), u64>, now: &HashMap<(u32, u32), u64>) -> u64 {
+    now.iter()
+        .map(|(thread, count)| count.saturating_sub(start.get(thread).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// `voluntary_ctxt_switches` plus `nonvoluntary_ctxt_switches` of one thread's status text.
@@ -504,12 +559,21 @@ fn context_switches_in_status(status: &str) -> Option<u64> {
 }
 
 /// Bytes written so far to the block device that holds `path`, from `/proc/diskstats`
-/// (sectors written, 512 bytes each): what reached the disk, the file system's own writes
-/// included, from every process on the machine. `None` when `path` is not on a block device
-/// listed there (tmpfs, overlay).
-pub fn disk_written_bytes(path: &std::path::Path) -> Option<u64> {
+/// (sectors written, 512 bytes each), after syncing its file system (`syncfs`), so that what
+/// the run left in the page cache is in the count and what came before it is not: what reached
+/// the disk, the file system's own writes included, from every process on the machine. `None`
+/// when `path` is not on a block device listed there (tmpfs, overlay, btrfs, ZFS, NFS: their
+/// device numbers are anonymous).
+fn disk_written_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    let device = std::fs::metadata(path).ok()?.dev();
+    let dir = std::fs::File::open(path).ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
+    unsafe {
+        libc::syncfs(dir.as_raw_fd());
+    }
+    let device = dir.metadata().ok()?.dev();
     let diskstats = std::fs::read_to_string("/proc/diskstats").ok()?;
     written_sectors_in_diskstats(&diskstats, libc::major(device), libc::minor(device))
         .map(|sectors| sectors * 512)
@@ -557,13 +621,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn context_switches_add_the_voluntary_and_the_involuntary() {
+    fn context_switches_add_the_voluntary_and_the_involuntary_per_thread() {
         let status = "Name:\tshard-0-1\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1200\n\
                       nonvoluntary_ctxt_switches:\t34\n";
         assert_eq!(context_switches_in_status(status), Some(1234));
         assert_eq!(context_switches_in_status("Name:\tx\n"), None);
-        // This process has at least its main thread, which has been scheduled.
-        assert!(context_switches(std::process::id()).is_some());
+        // A thread that ended takes nothing off; one that started counts from zero.
+        let start = HashMap::from([((1, 1), 100), ((1, 2), 50)]);
+        let now = HashMap::from([((1, 1), 130), ((1, 3), 7)]);
+        assert_eq!(switches_since(&start, &now), 37);
+        // This process's threads can be read; a process that does not exist gives nothing.
+        assert!(context_switches_by_thread(&[std::process::id()]).is_some());
+        assert!(context_switches_by_thread(&[u32::MAX]).is_none());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 
-use crate::edge::{context_switches, disk_written_bytes, process_usage};
+use crate::edge::{ServerCounters, process_usage};
 use crate::report::{Latency, Report, TcpSegments, latency_histogram};
 use crate::workloads::{
     HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
@@ -365,28 +365,42 @@ async fn start_server(args: &RedisArgs) -> Result<(Server, Dial), String> {
             tls: tls.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
+        // Why the last attempt to talk to it failed (a refused connection while it starts, a
+        // failed TLS handshake), for the error if it never answers.
+        let mut not_answering;
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
+                let hint = if args.tls {
+                    " (with --tls it needs a redis-server built with TLS, as Debian's is; a \
+                     build without it refuses the tls-* options on stderr, above)"
+                } else {
+                    ""
+                };
+                // Perhaps another process took the port: try another (three in all).
                 last_error = format!(
-                    "redis-server exited ({status}) before answering on {addr}:\n{}",
+                    "redis-server exited ({status}) before answering on {addr}{hint}:\n{}",
                     server.log_tail()
                 );
                 break;
             }
-            if let Ok(mut connection) = Connection::open(&dial).await
-                && let Ok(Reply::Simple(pong)) = connection.call(&[b"PING"]).await
-                && pong == "PONG"
-            {
-                // Ours, not another Redis that took the port first.
-                if connection.info("process_id").await? == server.child.id().to_string() {
-                    return Ok((server, dial));
-                }
-                last_error = format!("another Redis answered on {addr}");
-                break;
+            match Connection::open(&dial).await {
+                Ok(mut connection) => match connection.call(&[b"PING"]).await {
+                    Ok(Reply::Simple(pong)) if pong == "PONG" => {
+                        // Ours, not another Redis that took the port first.
+                        if connection.info("process_id").await? == server.child.id().to_string() {
+                            return Ok((server, dial));
+                        }
+                        last_error = format!("another Redis answered on {addr}");
+                        break;
+                    }
+                    Ok(other) => not_answering = format!("PING answered {other:?}"),
+                    Err(error) => not_answering = error,
+                },
+                Err(error) => not_answering = error,
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "redis-server did not answer on {addr} within 10 s:\n{}",
+                    "redis-server did not answer on {addr} within 10 s ({not_answering}):\n{}",
                     server.log_tail()
                 ));
             }
@@ -427,13 +441,16 @@ fn serve_tls(
     roots
         .add(certified.cert.der().clone())
         .map_err(|e| format!("trust Redis's certificate: {e}"))?;
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| format!("TLS settings: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    // X25519 alone, as the edge's clients use first.
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::ring::kx_group::X25519],
+        ..rustls::crypto::ring::default_provider()
+    };
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(TlsConnector::from(std::sync::Arc::new(config)))
 }
 
@@ -796,12 +813,13 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     }
 
     let server_cpu_start = server_cpu_secs(server_pid);
-    let server_switches_start = server_pid.and_then(context_switches);
-    // The disk under the Redis this run started (its append-only file).
-    let disk_dir = server
-        .as_ref()
-        .map(|server| server.dir.path().to_path_buf());
-    let disk_written_start = disk_dir.as_deref().and_then(disk_written_bytes);
+    // Its context switches, and the disk under its append-only file.
+    let server_counters = ServerCounters::start(
+        server_pid.into_iter().collect(),
+        server
+            .as_ref()
+            .map(|server| server.dir.path().to_path_buf()),
+    );
     let bench_cpu_start = own_cpu_secs();
     let segments = TcpSegments::read();
     let start = Instant::now();
@@ -895,16 +913,7 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
         report.edge_cpu_secs = Some(now - start);
         report.edge_rss_bytes = server_pid.and_then(process_usage).map(|(_, rss)| rss);
     }
-    if let (Some(start), Some(now)) = (server_switches_start, server_pid.and_then(context_switches))
-    {
-        report.record_count("edge_context_switches", now.saturating_sub(start));
-    }
-    if let (Some(start), Some(now)) = (
-        disk_written_start,
-        disk_dir.as_deref().and_then(disk_written_bytes),
-    ) {
-        report.record_count("disk_write_bytes", now.saturating_sub(start));
-    }
+    server_counters.finish(&mut report);
     if let (Some(start), Some(now)) = (bench_cpu_start, own_cpu_secs()) {
         report
             .extra

@@ -120,6 +120,23 @@ impl Report {
         (self.messages_delivered > 0).then(|| self.messages_delivered as f64 / cpu)
     }
 
+    /// Counts, per message index of one pair, the acknowledged messages never delivered
+    /// (`lost`) and those delivered under another seq than the sender was told
+    /// (`seq_mismatches`); 0 means not acknowledged, or not delivered.
+    pub fn check_seqs(
+        &mut self,
+        acked: impl Iterator<Item = u64>,
+        delivered: impl Iterator<Item = u64>,
+    ) {
+        for (acked, delivered) in acked.zip(delivered) {
+            if acked != 0 && delivered == 0 {
+                self.lost += 1;
+            } else if acked != 0 && acked != delivered {
+                self.seq_mismatches += 1;
+            }
+        }
+    }
+
     /// Whether every check passed.
     pub fn passed(&self) -> bool {
         self.lost == 0
@@ -361,6 +378,14 @@ Udp: 7677192 5907 31585 7747558 31585
         }
         drain.note_load_generator_busy(1);
         assert_eq!(drain.extra["bench_busy_fraction"], serde_json::json!(0.4));
+    }
+
+    #[test]
+    fn seqs_count_lost_and_mismatched_messages_by_index() {
+        let mut report = Report::new("pairs", serde_json::json!({}));
+        // Index 0 fine, 1 lost, 2 never acknowledged (not lost), 3 under another seq.
+        report.check_seqs([5, 6, 0, 8].into_iter(), [5, 0, 7, 9].into_iter());
+        assert_eq!((report.lost, report.seq_mismatches), (1, 1));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The workloads. Each connects real clients through the SDK, measures, and checks.
+//! The workloads. Each connects real clients (through the SDK, or for `pairs --driver direct`
+//! through `direct`), measures, and checks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,12 +141,12 @@ pub(crate) fn micros(duration: Duration) -> u64 {
     (duration.as_micros() as u64).max(1)
 }
 
-/// The edge's CPU seconds and memory (every edge's, added up), if its PID is known.
+/// What the edge used over a run (every edge's, added up), if its PID is known: CPU seconds,
+/// memory at the end, bytes handed to `write`, context switches and disk writes.
 struct EdgeUsage {
     cpu_start: Option<f64>,
     write_calls_start: Option<u64>,
-    context_switches_start: Option<u64>,
-    disk_written_start: Option<u64>,
+    counters: crate::edge::ServerCounters,
     /// This process's CPU seconds at the start: a load generator near one full core adds its
     /// own queueing to the latencies it measures.
     bench_cpu_start: Option<f64>,
@@ -156,8 +157,7 @@ impl EdgeUsage {
         EdgeUsage {
             cpu_start: target.edge_usage().map(|(cpu, _)| cpu),
             write_calls_start: target.edge_write_call_bytes(),
-            context_switches_start: target.edge_context_switches(),
-            disk_written_start: target.edge_disk_written_bytes(),
+            counters: target.server_counters(),
             bench_cpu_start: own_cpu_secs(),
         }
     }
@@ -179,16 +179,7 @@ impl EdgeUsage {
         if let (Some(start), Some(now)) = (self.write_calls_start, target.edge_write_call_bytes()) {
             report.record_count("edge_write_call_bytes", now.saturating_sub(start));
         }
-        if let (Some(start), Some(now)) =
-            (self.context_switches_start, target.edge_context_switches())
-        {
-            report.record_count("edge_context_switches", now.saturating_sub(start));
-        }
-        if let (Some(start), Some(now)) =
-            (self.disk_written_start, target.edge_disk_written_bytes())
-        {
-            report.record_count("disk_write_bytes", now.saturating_sub(start));
-        }
+        self.counters.finish(report);
     }
 }
 
@@ -267,19 +258,13 @@ fn progress(
 /// once, in order, at the seq the sender was told.
 pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<Report, String> {
     let workload = if offline { "offline" } else { "pairs" };
-    let mut report = Report::new(
-        workload,
-        json!({
-            "pairs": args.pairs, "msgs": args.msgs, "bytes": args.bytes,
-            "in_flight": args.in_flight, "rate": args.rate, "aligned": args.aligned,
-        }),
-    );
+    let mut report = Report::new(workload, args.params());
     if args.bytes < HEADER_BYTES {
         return Err(format!("--bytes must be at least {HEADER_BYTES}"));
     }
     let epoch = Instant::now();
-    let sender_user = |pair: u32| target.user_base + 2 * u64::from(pair) + 1;
-    let receiver_user = |pair: u32| target.user_base + 2 * u64::from(pair) + 2;
+    let sender_user = |pair: u32| pair_users(target, pair).0;
+    let receiver_user = |pair: u32| pair_users(target, pair).1;
     let states: Arc<Vec<PairState>> = Arc::new(
         (0..args.pairs)
             .map(|_| PairState {
@@ -550,14 +535,11 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     // Checks: every acknowledged message delivered, at the seq the sender was told.
     for state in states.iter() {
         let delivered = state.delivered_seq.lock().expect("state");
-        for (acked, delivered) in state.acked_seq.iter().zip(delivered.iter()) {
-            let acked = acked.load(Ordering::Relaxed);
-            if acked != 0 && *delivered == 0 {
-                report.lost += 1;
-            } else if acked != 0 && acked != *delivered {
-                report.seq_mismatches += 1;
-            }
-        }
+        let acked = state
+            .acked_seq
+            .iter()
+            .map(|seq| seq.load(Ordering::Relaxed));
+        report.check_seqs(acked, delivered.iter().copied());
     }
     report.messages_sent = counters.sent.load(Ordering::Relaxed);
     report.messages_acked = counters.acked.load(Ordering::Relaxed);
@@ -580,31 +562,54 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     Ok(report)
 }
 
-/// `pairs --driver direct`: the same workload, checks and report as `pairs`, with the
-/// clients driven by `direct` from this thread (blocking it for the run).
-pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, String> {
-    let mut report = Report::new(
-        "pairs",
+/// The sender's and the receiver's user of `pair`.
+fn pair_users(target: &Target, pair: u32) -> (u64, u64) {
+    let base = target.user_base + 2 * u64::from(pair);
+    (base + 1, base + 2)
+}
+
+impl PairsArgs {
+    /// The report's `params`.
+    fn params(&self) -> serde_json::Value {
         json!({
-            "pairs": args.pairs, "msgs": args.msgs, "bytes": args.bytes,
-            "in_flight": args.in_flight, "rate": args.rate, "aligned": args.aligned,
-            "driver": "direct",
-        }),
-    );
+            "pairs": self.pairs, "msgs": self.msgs, "bytes": self.bytes,
+            "in_flight": self.in_flight, "rate": self.rate, "aligned": self.aligned,
+            "driver": match self.driver { Driver::Sdk => "sdk", Driver::Direct => "direct" },
+        })
+    }
+}
+
+/// `pairs --driver direct`: the same workload, checks and report as `pairs` (but for
+/// `store_disk_bytes_filled` and `--settle-secs`), with the clients driven by
+/// `direct` from this thread (blocking it for the run).
+pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, String> {
+    let report = Report::new("pairs", args.params());
     if args.bytes < HEADER_BYTES {
         return Err(format!("--bytes must be at least {HEADER_BYTES}"));
     }
+    if args.settle_secs > 0 {
+        return Err("--settle-secs needs --driver sdk".into());
+    }
+    if target.edge_count() > 1 {
+        return Err(
+            "--driver direct connects every client to one edge and does not follow a \
+             redirect to another: not with --spawn-edges (use --driver sdk)"
+                .into(),
+        );
+    }
     let connector = target.connector()?;
-    let session_config = |user: u64| target.options(user).session_config();
     let plan = crate::direct::Plan {
         addr: target.options(target.user_base).addr,
         quic: connector.quic_client_config(),
         server_name: connector.server_name().to_string(),
         pairs: (0..args.pairs)
             .map(|pair| {
-                let sender = target.user_base + 2 * u64::from(pair) + 1;
-                let receiver = target.user_base + 2 * u64::from(pair) + 2;
-                (session_config(sender), session_config(receiver), receiver)
+                let (sender, receiver) = pair_users(target, pair);
+                (
+                    target.options(sender).session_config(),
+                    target.options(receiver).session_config(),
+                    receiver,
+                )
             })
             .collect(),
         msgs: args.msgs,
@@ -615,42 +620,48 @@ pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, S
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         epoch: Instant::now(),
     };
-    let mut usage = None;
-    let mut disk_baseline = None;
+    let usage = std::cell::RefCell::new(None);
+    let disk = std::cell::Cell::new((None, None));
+    let report_cell = std::cell::RefCell::new(report);
     let outcome = tokio::task::block_in_place(|| {
-        crate::direct::run(&plan, || {
-            eprintln!("pairs: {} pairs connected (direct driver)", args.pairs);
-            disk_baseline = target.store_disk_bytes();
-            usage = Some(EdgeUsage::start(target));
-        })
+        crate::direct::run(
+            &plan,
+            || {
+                eprintln!("pairs: {} pairs connected (direct driver)", args.pairs);
+                disk.set((target.store_disk_bytes(), None));
+                *usage.borrow_mut() = Some(EdgeUsage::start(target));
+            },
+            || {
+                if let Some(usage) = usage.borrow().as_ref() {
+                    usage.finish(target, &mut report_cell.borrow_mut());
+                }
+                disk.set((disk.get().0, target.store_disk_bytes()));
+            },
+        )
     })?;
-    if let Some(usage) = &usage {
-        usage.finish(target, &mut report);
-    }
-    if let Some(baseline) = disk_baseline {
+    let mut report = report_cell.into_inner();
+    if let (Some(before), Some(drained)) = disk.get() {
         report
             .extra
-            .insert("store_disk_bytes_before".into(), json!(baseline));
-        report.extra.insert(
-            "store_disk_bytes_drained".into(),
-            json!(target.store_disk_bytes()),
-        );
+            .insert("store_disk_bytes_before".into(), json!(before));
+        report
+            .extra
+            .insert("store_disk_bytes_drained".into(), json!(drained));
     }
     for (acked, delivered) in outcome.acked_seq.iter().zip(&outcome.delivered_seq) {
-        for (acked, delivered) in acked.iter().zip(delivered) {
-            if *acked != 0 && *delivered == 0 {
-                report.lost += 1;
-            } else if *acked != 0 && acked != delivered {
-                report.seq_mismatches += 1;
-            }
-        }
+        report.check_seqs(acked.iter().copied(), delivered.iter().copied());
     }
     report.messages_sent = outcome.sent;
     report.messages_acked = outcome.acked;
     report.messages_delivered = outcome.delivered;
     report.duplicates = outcome.duplicates;
     report.reordered = outcome.reordered;
-    report.errors.extend(outcome.errors.iter().take(5).cloned());
+    // The last error (a drain timeout) always; the first few otherwise.
+    let errors = &outcome.errors;
+    report.errors.extend(errors.iter().take(4).cloned());
+    if errors.len() > 4 {
+        report.errors.extend(errors.last().cloned());
+    }
     report.record_count("udp_datagrams", outcome.datagrams);
     let start = outcome.start.unwrap_or_else(Instant::now);
     let sends_done = outcome.sends_done.unwrap_or(start);
