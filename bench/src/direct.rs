@@ -69,6 +69,9 @@ pub(crate) struct Plan {
     pub in_flight: u32,
     pub rate: Option<f64>,
     pub aligned: bool,
+    /// `offline`: the receivers log in once and leave; they come back together once every
+    /// send is answered, and drain.
+    pub offline: bool,
     /// After the last answer, or after the last progress before it, how long to wait for the
     /// rest before giving up.
     pub drain_timeout: Duration,
@@ -97,6 +100,8 @@ pub(crate) struct Outcome {
     pub datagrams: u64,
     pub start: Option<Instant>,
     pub sends_done: Option<Instant>,
+    /// `offline`: when the receivers started to come back.
+    pub drain_start: Option<Instant>,
     pub last_delivery: Option<Instant>,
     pub errors: Vec<String>,
 }
@@ -132,24 +137,32 @@ struct Client {
     outbuf: Vec<u8>,
     role: Role,
     welcomed: bool,
-    /// The stream is finished (the run is over).
+    /// The stream is finished (the run is over, or the client left).
     finished: bool,
+    /// Its session is closed and its connection ending: the run is over, or an `offline`
+    /// receiver left.
+    leaving: bool,
     /// The deadline this client has in the timer heap.
     armed: Option<Instant>,
 }
 
 /// Runs the plan: connects every client, calls `on_connected` (the run's clock starts after
-/// it), sends and receives, calls `on_done` at the last delivery (before the connections
-/// close, so what it measures is the run's), closes, and returns what it saw.
+/// it), sends and receives (`offline`: calls `on_drain` when the receivers start to come
+/// back), calls `on_done` at the last delivery (before the connections close, so what it
+/// measures is the run's), closes, and returns what it saw.
 pub(crate) fn run(
     plan: &Plan,
     on_connected: impl FnOnce(),
+    on_drain: impl FnOnce(),
     on_done: impl FnOnce(),
 ) -> Result<Outcome, String> {
     let mut driver = Driver::new(plan)?;
     driver.connect_all()?;
+    if plan.offline {
+        driver.receivers_leave();
+    }
     on_connected();
-    driver.exchange()?;
+    driver.exchange(on_drain)?;
     on_done();
     Ok(driver.finish())
 }
@@ -171,6 +184,8 @@ struct Driver<'a> {
     ack_hist: Histogram<u64>,
     deliver_hist: Histogram<u64>,
     datagrams_before: u64,
+    /// Datagrams of connections that ended (an `offline` receiver's first).
+    datagrams_retired: u64,
     /// The run is over: connections ending are expected.
     closing: bool,
     /// Datagram buffers and their metadata, kept between passes.
@@ -210,6 +225,7 @@ impl<'a> Driver<'a> {
             ack_hist: latency_histogram(),
             deliver_hist: latency_histogram(),
             datagrams_before: 0,
+            datagrams_retired: 0,
             closing: false,
             recv_buffers: (0..quinn_udp::BATCH_SIZE)
                 .map(|_| vec![0u8; RECV_BUFFER_BYTES])
@@ -294,6 +310,7 @@ impl<'a> Driver<'a> {
                     role,
                     welcomed: false,
                     finished: false,
+                    leaving: false,
                     armed: None,
                 });
                 self.drive(index)?;
@@ -314,7 +331,8 @@ impl<'a> Driver<'a> {
 
     /// Sends and receives until every message is answered and delivered, or nothing moves
     /// for the drain timeout (after the last answer, or before it).
-    fn exchange(&mut self) -> Result<(), String> {
+    fn exchange(&mut self, on_drain: impl FnOnce()) -> Result<(), String> {
+        let mut on_drain = Some(on_drain);
         let start = Instant::now();
         self.outcome.start = Some(start);
         self.datagrams_before = self.datagrams();
@@ -337,6 +355,13 @@ impl<'a> Driver<'a> {
             let answered = self.outcome.acked + self.outcome.failed;
             if answered >= expected && self.outcome.sends_done.is_none() {
                 self.outcome.sends_done = Some(Instant::now());
+                if self.plan.offline
+                    && let Some(on_drain) = on_drain.take()
+                {
+                    on_drain();
+                    self.outcome.drain_start = Some(Instant::now());
+                    self.receivers_return()?;
+                }
             }
             if answered >= expected && self.outcome.delivered >= expected {
                 break;
@@ -381,13 +406,73 @@ impl<'a> Driver<'a> {
     }
 
     fn datagrams(&self) -> u64 {
-        self.clients
-            .iter()
-            .map(|client| {
-                let stats = client.quic.stats();
-                stats.udp_tx.datagrams + stats.udp_rx.datagrams
-            })
-            .sum()
+        self.datagrams_retired + self.clients.iter().map(connection_datagrams).sum::<u64>()
+    }
+
+    /// `offline`: every receiver closes its session (its first login done) and its connection,
+    /// as the SDK's receivers that connect once and are dropped.
+    fn receivers_leave(&mut self) {
+        let receivers: Vec<usize> = (0..self.clients.len())
+            .filter(|index| matches!(self.clients[*index].role, Role::Receiver { .. }))
+            .collect();
+        for &index in &receivers {
+            self.clients[index].session.close();
+            self.clients[index].leaving = true;
+            let _ = self.drive(index);
+        }
+        let deadline = Instant::now() + CLOSE_WAIT;
+        while Instant::now() < deadline
+            && receivers
+                .iter()
+                .any(|index| !self.clients[*index].quic.is_closed())
+        {
+            let _ = self.turn(deadline);
+        }
+    }
+
+    /// `offline`: every receiver connects again, from a new socket (as the SDK's receivers do
+    /// with a new connector), on a new connection and session, all together.
+    fn receivers_return(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        for index in 0..self.clients.len() {
+            let Role::Receiver { pair, .. } = self.clients[index].role else {
+                continue;
+            };
+            // The old socket leaves the epoll set as it closes.
+            let (socket, state) = self.open_socket(index)?;
+            self.clients[index].socket = socket;
+            self.clients[index].state = state;
+            let (handle, quic) = self
+                .endpoint
+                .connect(
+                    now,
+                    self.plan.quic.clone(),
+                    self.plan.addr,
+                    &self.plan.server_name,
+                )
+                .map_err(|e| format!("connect to {}: {e}", self.plan.addr))?;
+            let retired = connection_datagrams(&self.clients[index]);
+            self.datagrams_retired += retired;
+            let client = &mut self.clients[index];
+            // The endpoint frees a drained connection's handle and may have given it to
+            // another returning receiver already: forget the old one only if it is still ours.
+            if self.by_handle.get(&client.handle.0) == Some(&index) {
+                self.by_handle.remove(&client.handle.0);
+            }
+            self.by_handle.insert(handle.0, index);
+            client.handle = handle;
+            client.quic = quic;
+            client.session = ClientSession::new(self.plan.pairs[pair].1.clone(), 0);
+            client.stream = None;
+            client.inbuf.clear();
+            client.outbuf.clear();
+            client.welcomed = false;
+            client.finished = false;
+            client.leaving = false;
+            client.role = Role::Receiver { pair, last_seq: 0 };
+            self.drive(index)?;
+        }
+        Ok(())
     }
 
     /// Closes every session (its last ack goes out, as the SDK's close sends it), finishes its
@@ -396,7 +481,9 @@ impl<'a> Driver<'a> {
     fn finish(mut self) -> Outcome {
         self.closing = true;
         for index in 0..self.clients.len() {
-            self.clients[index].session.close();
+            if !self.clients[index].leaving {
+                self.clients[index].session.close();
+            }
             let _ = self.drive(index);
         }
         let deadline = Instant::now() + CLOSE_WAIT;
@@ -549,6 +636,7 @@ impl<'a> Driver<'a> {
     fn drive(&mut self, index: usize) -> Result<(), String> {
         let now = Instant::now();
         let now_ms = self.now_ms(now);
+        let closing = self.closing || self.clients[index].leaving;
         let client = &mut self.clients[index];
         if client.quic.poll_timeout().is_some_and(|due| due <= now) {
             client.quic.handle_timeout(now);
@@ -569,13 +657,27 @@ impl<'a> Driver<'a> {
                     client.stream = Some(id);
                     client.session.connected(now_ms);
                 }
-                Event::ConnectionLost { reason } if !self.closing => {
-                    return Err(format!("a connection was lost: {reason}"));
+                Event::ConnectionLost { reason } if !closing => {
+                    let role = match client.role {
+                        Role::Sender { .. } => "sender",
+                        Role::Receiver { .. } => "receiver",
+                    };
+                    let state = if client.welcomed {
+                        "logged in"
+                    } else {
+                        "before its login"
+                    };
+                    let stats = client.quic.stats();
+                    return Err(format!(
+                        "a {role}'s connection was lost {state}: {reason} (it sent {} \
+                         datagrams and received {})",
+                        stats.udp_tx.datagrams, stats.udp_rx.datagrams
+                    ));
                 }
                 _ => {}
             }
         }
-        if !self.closing {
+        if !closing {
             read_stream(client, now_ms)?;
             if client
                 .session
@@ -606,11 +708,11 @@ impl<'a> Driver<'a> {
                     Err(quinn_proto::WriteError::Blocked) => {}
                     // Closing: the edge may have stopped the stream; the datagrams below
                     // still go (the connection's close among them).
-                    Err(_) if self.closing => client.outbuf.clear(),
+                    Err(_) if closing => client.outbuf.clear(),
                     Err(error) => return Err(format!("stream write: {error}")),
                 }
             }
-            if self.closing && client.outbuf.is_empty() {
+            if closing && client.outbuf.is_empty() {
                 // Everything written, the last ack included: a graceful end, as the SDK's.
                 let _ = client.quic.send_stream(id).finish();
                 client.finished = true;
@@ -812,6 +914,12 @@ fn send(client: &Client, transmit: &quinn_proto::Transmit, buf: &[u8]) {
         src_ip: transmit.src_ip,
     };
     let _ = client.state.try_send((&client.socket).into(), &udp);
+}
+
+/// UDP datagrams of the client's connection, both ways.
+fn connection_datagrams(client: &Client) -> u64 {
+    let stats = client.quic.stats();
+    stats.udp_tx.datagrams + stats.udp_rx.datagrams
 }
 
 fn from_udp_ecn(ecn: quinn_udp::EcnCodepoint) -> EcnCodepoint {

@@ -270,11 +270,11 @@ async fn run_on_edge(cli: &Cli) -> Result<report::Report, String> {
     let target = edge::Target::open(&cli.target).await?;
     let report = match &cli.workload {
         Workload::Pairs(args) if args.driver == workloads::Driver::Direct => {
-            workloads::pairs_direct(&target, args).await?
+            workloads::pairs_direct(&target, args, false).await?
         }
         Workload::Pairs(args) => workloads::pairs(&target, args, false).await?,
         Workload::Offline(args) if args.driver == workloads::Driver::Direct => {
-            return Err("--driver direct runs `pairs`; `offline` uses the SDK".into());
+            workloads::pairs_direct(&target, args, true).await?
         }
         Workload::Offline(args) => workloads::pairs(&target, args, true).await?,
         Workload::Connections(args) => workloads::connections(&target, args).await?,

@@ -579,11 +579,16 @@ impl PairsArgs {
     }
 }
 
-/// `pairs --driver direct`: the same workload, checks and report as `pairs` (but for
-/// `store_disk_bytes_filled` and `--settle-secs`), with the clients driven by
+/// `pairs` and `offline` with `--driver direct`: the same workloads, checks and report as
+/// `pairs` (but for `store_disk_bytes_filled` and `--settle-secs`), with the clients driven by
 /// `direct` from this thread (blocking it for the run).
-pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, String> {
-    let report = Report::new("pairs", args.params());
+pub async fn pairs_direct(
+    target: &Target,
+    args: &PairsArgs,
+    offline: bool,
+) -> Result<Report, String> {
+    let workload = if offline { "offline" } else { "pairs" };
+    let report = Report::new(workload, args.params());
     if args.bytes < HEADER_BYTES {
         return Err(format!("--bytes must be at least {HEADER_BYTES}"));
     }
@@ -617,9 +622,12 @@ pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, S
         in_flight: args.in_flight,
         rate: args.rate,
         aligned: args.aligned,
+        offline,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         epoch: Instant::now(),
     };
+    // The drain's own CPU, the edge's and this process's, apart from the sends before it.
+    let drain_cpu_start = std::cell::Cell::new((None, None));
     let usage = std::cell::RefCell::new(None);
     let disk = std::cell::Cell::new((None, None));
     let report_cell = std::cell::RefCell::new(report);
@@ -627,15 +635,32 @@ pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, S
         crate::direct::run(
             &plan,
             || {
-                eprintln!("pairs: {} pairs connected (direct driver)", args.pairs);
+                eprintln!("{workload}: {} pairs connected (direct driver)", args.pairs);
                 disk.set((target.store_disk_bytes(), None));
                 *usage.borrow_mut() = Some(EdgeUsage::start(target));
             },
             || {
+                eprintln!("{workload}: all sends acknowledged; the receivers come back");
+                drain_cpu_start.set((target.edge_usage().map(|(cpu, _)| cpu), own_cpu_secs()));
+            },
+            || {
+                let mut report = report_cell.borrow_mut();
                 if let Some(usage) = usage.borrow().as_ref() {
-                    usage.finish(target, &mut report_cell.borrow_mut());
+                    usage.finish(target, &mut report);
                 }
                 disk.set((disk.get().0, target.store_disk_bytes()));
+                if let (Some(start), Some((cpu, _))) =
+                    (drain_cpu_start.get().0, target.edge_usage())
+                {
+                    report
+                        .extra
+                        .insert("drain_edge_cpu_secs".into(), json!(cpu - start));
+                }
+                if let (Some(start), Some(now)) = (drain_cpu_start.get().1, own_cpu_secs()) {
+                    report
+                        .extra
+                        .insert("drain_bench_cpu_secs".into(), json!(now - start));
+                }
             },
         )
     })?;
@@ -665,18 +690,21 @@ pub async fn pairs_direct(target: &Target, args: &PairsArgs) -> Result<Report, S
     report.record_count("udp_datagrams", outcome.datagrams);
     let start = outcome.start.unwrap_or_else(Instant::now);
     let sends_done = outcome.sends_done.unwrap_or(start);
+    let drain_start = outcome.drain_start.unwrap_or(sends_done);
     let clocks = RunClocks {
         start,
         sends_done,
-        drain_start: sends_done,
+        drain_start,
         last_delivery: outcome.last_delivery.unwrap_or(sends_done),
     };
-    clocks.fill(&mut report, false);
+    clocks.fill(&mut report, offline);
     report.send_ack_latency = outcome.ack_hist.as_ref().and_then(Latency::from_histogram);
-    report.deliver_latency = outcome
-        .deliver_hist
-        .as_ref()
-        .and_then(Latency::from_histogram);
+    if !offline {
+        report.deliver_latency = outcome
+            .deliver_hist
+            .as_ref()
+            .and_then(Latency::from_histogram);
+    }
     Ok(report)
 }
 
