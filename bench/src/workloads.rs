@@ -183,6 +183,37 @@ impl EdgeUsage {
     }
 }
 
+/// The drain's own CPU, apart from the sends before it: the edge's and this process's (the
+/// receivers'), to tell which side bounds the drain rate.
+#[derive(Clone, Copy)]
+struct DrainCpu {
+    edge_start: Option<f64>,
+    bench_start: Option<f64>,
+}
+
+impl DrainCpu {
+    fn start(target: &Target) -> DrainCpu {
+        DrainCpu {
+            edge_start: target.edge_usage().map(|(cpu, _)| cpu),
+            bench_start: own_cpu_secs(),
+        }
+    }
+
+    /// Adds `drain_edge_cpu_secs` and `drain_bench_cpu_secs`.
+    fn finish(&self, target: &Target, report: &mut Report) {
+        if let (Some(start), Some((cpu, _))) = (self.edge_start, target.edge_usage()) {
+            report
+                .extra
+                .insert("drain_edge_cpu_secs".into(), json!(cpu - start));
+        }
+        if let (Some(start), Some(now)) = (self.bench_start, own_cpu_secs()) {
+            report
+                .extra
+                .insert("drain_bench_cpu_secs".into(), json!(now - start));
+        }
+    }
+}
+
 /// What the receivers saw, per pair.
 struct PairState {
     /// Seq the sender was told for each message index (0: not acknowledged).
@@ -460,8 +491,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     let disk_filled = target.store_disk_bytes();
 
     let drain_start = Instant::now();
-    let drain_edge_cpu_start = target.edge_usage().map(|(cpu, _)| cpu);
-    let drain_bench_cpu_start = own_cpu_secs();
+    let drain_cpu = DrainCpu::start(target);
     if offline {
         // The receivers come back together, as a fleet of phones does when a network returns:
         // each connects in its own task and drains as soon as it is in. (Connected one after
@@ -491,18 +521,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         }
     }
     if offline {
-        // The drain's own CPU, apart from the sends before it: the edge's and this process's
-        // (the receivers'), to tell which side bounds the drain rate.
-        if let (Some(start), Some((cpu, _))) = (drain_edge_cpu_start, target.edge_usage()) {
-            report
-                .extra
-                .insert("drain_edge_cpu_secs".into(), json!(cpu - start));
-        }
-        if let (Some(start), Some(now)) = (drain_bench_cpu_start, own_cpu_secs()) {
-            report
-                .extra
-                .insert("drain_bench_cpu_secs".into(), json!(now - start));
-        }
+        drain_cpu.finish(target, &mut report);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = progress_task.await;
@@ -626,8 +645,7 @@ pub async fn pairs_direct(
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         epoch: Instant::now(),
     };
-    // The drain's own CPU, the edge's and this process's, apart from the sends before it.
-    let drain_cpu_start = std::cell::Cell::new((None, None));
+    let drain_cpu = std::cell::Cell::new(None);
     let usage = std::cell::RefCell::new(None);
     let disk = std::cell::Cell::new((None, None));
     let report_cell = std::cell::RefCell::new(report);
@@ -641,7 +659,7 @@ pub async fn pairs_direct(
             },
             || {
                 eprintln!("{workload}: all sends acknowledged; the receivers come back");
-                drain_cpu_start.set((target.edge_usage().map(|(cpu, _)| cpu), own_cpu_secs()));
+                drain_cpu.set(Some(DrainCpu::start(target)));
             },
             || {
                 let mut report = report_cell.borrow_mut();
@@ -649,17 +667,8 @@ pub async fn pairs_direct(
                     usage.finish(target, &mut report);
                 }
                 disk.set((disk.get().0, target.store_disk_bytes()));
-                if let (Some(start), Some((cpu, _))) =
-                    (drain_cpu_start.get().0, target.edge_usage())
-                {
-                    report
-                        .extra
-                        .insert("drain_edge_cpu_secs".into(), json!(cpu - start));
-                }
-                if let (Some(start), Some(now)) = (drain_cpu_start.get().1, own_cpu_secs()) {
-                    report
-                        .extra
-                        .insert("drain_bench_cpu_secs".into(), json!(now - start));
+                if let Some(drain_cpu) = drain_cpu.get() {
+                    drain_cpu.finish(target, &mut report);
                 }
             },
         )
