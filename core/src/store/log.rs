@@ -62,6 +62,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::dedupe_filter::DedupeFilter;
 use super::fjall::{FjallOptions, FjallStore};
+use super::key_map::KeyMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
@@ -145,7 +146,7 @@ impl Default for LogOptions {
 #[derive(Debug, Default)]
 struct State {
     /// Every live key but the dedupe records.
-    map: BTreeMap<WriteKey, Bytes>,
+    map: KeyMap,
     /// Estimated bytes of the live pairs of `map` (`pair_bytes`): what the memory bound counts.
     live_bytes: u64,
     /// Message keys (`q`) in `map`.
@@ -444,7 +445,7 @@ impl State {
         let added = pair_bytes(&key, &value);
         let is_message = key.first() == Some(&keys::TAG_MESSAGE);
         let key_bytes = key.len();
-        match self.map.insert(WriteKey::new(key), value) {
+        match self.map.insert(key, value) {
             Some(old) => {
                 let removed = (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES;
                 self.live_bytes = (self.live_bytes + added).saturating_sub(removed);
@@ -459,11 +460,9 @@ impl State {
     }
 
     fn delete(&mut self, key: Bytes) {
-        if let Some((key, value)) = self.map.remove_entry(&WriteKey::new(key)) {
-            self.live_bytes = self
-                .live_bytes
-                .saturating_sub(pair_bytes(&key.bytes, &value));
-            if key.bytes.first() == Some(&keys::TAG_MESSAGE) {
+        if let Some(value) = self.map.remove(&key) {
+            self.live_bytes = self.live_bytes.saturating_sub(pair_bytes(&key, &value));
+            if key.first() == Some(&keys::TAG_MESSAGE) {
                 self.message_keys = self.message_keys.saturating_sub(1);
             }
         }
@@ -506,10 +505,10 @@ impl State {
         for (key, change) in last_change_per_key(std::mem::take(&mut self.replayed)) {
             match change {
                 Some(value) => {
-                    self.map.insert(key, value);
+                    self.map.insert(key.bytes, value);
                 }
                 None => {
-                    self.map.remove(&key);
+                    self.map.remove(&key.bytes);
                 }
             }
         }
@@ -551,14 +550,17 @@ impl State {
         self.move_replayed_dedupe(tier, true)?;
         self.merge_replayed();
         self.replayed = Vec::new();
-        self.live_bytes = 0;
-        self.message_keys = 0;
-        for (key, value) in &self.map {
-            self.live_bytes += pair_bytes(&key.bytes, value);
-            if key.bytes.first() == Some(&keys::TAG_MESSAGE) {
-                self.message_keys += 1;
-            }
-        }
+        let (mut live_bytes, mut message_keys) = (0, 0);
+        self.map
+            .visit_range(Bound::Unbounded, Bound::Unbounded, &mut |key, value| {
+                live_bytes += pair_bytes(key, value);
+                if key.first() == Some(&keys::TAG_MESSAGE) {
+                    message_keys += 1;
+                }
+                true
+            });
+        self.live_bytes = live_bytes;
+        self.message_keys = message_keys;
         Ok(())
     }
 
@@ -1447,7 +1449,7 @@ impl Inner {
             .iter()
             .filter(|(key, _)| !is_dedupe(key) && counted.insert(&key[..]))
             .filter_map(|(key, _)| {
-                let old = state.map.get(&WriteKey::new(key.clone()))?;
+                let old = state.map.get(key)?;
                 Some(pair_bytes(key, old))
             })
             .sum();
@@ -1796,11 +1798,25 @@ impl Inner {
                         Some(key) => Bound::Excluded(key.as_slice()),
                         None => Bound::Unbounded,
                     };
-                    let pairs: Vec<(&[u8], Option<&[u8]>)> = state
+                    // Keys copied one after another into `key_bytes` (short keys are
+                    // held as numbers), values shared.
+                    let mut key_bytes = Vec::new();
+                    let mut pairs: Vec<(usize, Bytes)> = Vec::new();
+                    state
                         .map
-                        .range::<[u8], _>((lower, Bound::Unbounded))
-                        .take(CHECKPOINT_CHUNK_PAIRS)
-                        .map(|(key, value)| (&key.bytes[..], Some(&value[..])))
+                        .visit_range(lower, Bound::Unbounded, &mut |key, value| {
+                            key_bytes.extend_from_slice(key);
+                            pairs.push((key_bytes.len(), value.clone()));
+                            pairs.len() < CHECKPOINT_CHUNK_PAIRS
+                        });
+                    let mut start = 0;
+                    let pairs: Vec<(&[u8], Option<&[u8]>)> = pairs
+                        .iter()
+                        .map(|(end, value)| {
+                            let key = &key_bytes[start..*end];
+                            start = *end;
+                            (key, Some(&value[..]))
+                        })
                         .collect();
                     if let Some((key, _)) = pairs.last() {
                         last = Some(key.to_vec());
@@ -1908,15 +1924,12 @@ impl LogEngine<'_> {
         end: &[u8],
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> bool {
-        let (begin, end) = (
-            WriteKey::new(Bytes::from(begin)),
-            WriteKey::new(Bytes::from(end)),
-        );
         self.with_state(|state| {
-            state
-                .map
-                .range::<WriteKey, _>((Bound::Included(&begin), Bound::Excluded(&end)))
-                .all(|(key, value)| visit(&key.bytes, value))
+            state.map.visit_range(
+                Bound::Included(begin),
+                Bound::Excluded(end),
+                &mut |key, value| visit(key, value),
+            )
         })
     }
 }
@@ -1940,9 +1953,7 @@ impl Engine for LogEngine<'_> {
                 DedupeInMemory::Unknown => self.inner.dedupe.read_latest(key),
             };
         }
-        // Looked up as a `WriteKey`, so the search compares numbers, not byte strings.
-        let key = WriteKey::new(Bytes::from(key));
-        Ok(self.with_state(|state| state.map.get(&key).map(|value| value.to_vec())))
+        Ok(self.with_state(|state| state.map.get(key).map(|value| value.to_vec())))
     }
 
     fn scan(

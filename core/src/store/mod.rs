@@ -24,6 +24,7 @@ pub mod fault;
 pub mod fdb;
 mod fdb_error;
 pub mod fjall;
+mod key_map;
 pub mod log;
 pub mod memory;
 mod overlay;
