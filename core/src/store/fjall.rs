@@ -578,29 +578,34 @@ impl FjallStore {
     /// with fjall's ingestion: no memtable, no journal, one sequential write, durable (tables
     /// and version fsynced) when it returns. The pairs are newer than every write before: a
     /// delete written earlier of a key among them no longer hides it.
-    pub(crate) fn ingest_sorted<'a>(
+    pub(crate) fn ingest_sorted<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
-        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+        pairs: impl Iterator<Item = (K, V)>,
     ) -> Result<(), StoreError> {
         let mut pairs = pairs.peekable();
         let Some((first, _)) = pairs.peek() else {
             return Ok(());
         };
-        let index = FjallStore::keyspace_index(first);
+        let index = FjallStore::keyspace_index(first.as_ref());
         let mut ingestion = self
             .keyspace_at(index)
             .start_ingestion()
             .map_err(io_error)?;
-        let mut previous: Option<&[u8]> = None;
+        let mut previous: Option<Vec<u8>> = None;
         for (key, value) in pairs {
+            let key = key.as_ref();
             // fjall panics on keys out of order; a caller's bug should be an error instead.
-            if FjallStore::keyspace_index(key) != index || previous.is_some_and(|p| p >= key) {
+            if FjallStore::keyspace_index(key) != index
+                || previous.as_deref().is_some_and(|p| p >= key)
+            {
                 return Err(StoreError::Io(
                     "an ingestion's keys must ascend within one keyspace: this is a bug".into(),
                 ));
             }
-            ingestion.write(key, value).map_err(io_error)?;
-            previous = Some(key);
+            ingestion.write(key, value.as_ref()).map_err(io_error)?;
+            let previous = previous.get_or_insert_with(Vec::new);
+            previous.clear();
+            previous.extend_from_slice(key);
         }
         ingestion.finish().map_err(io_error)
     }

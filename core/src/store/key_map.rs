@@ -1,69 +1,75 @@
-//! The log store's map of live keys, with short keys held as three numbers.
+//! Ordered maps of byte-string keys, with keys of up to 39 bytes held as numbers.
 //!
-//! Every key the log store keeps in memory but the dedupe records is at most 17 bytes
-//! (`keys`: a tag and one or two big-endian numbers). Held as a [`WriteKey`] each took 64
-//! bytes (40 of numbers and a `Bytes` header), so a B-tree node's keys spanned 11 cache lines
-//! and an insert into a large map missed the cache at nearly every key it compared. A key of
-//! up to [`ShortKey::BYTES_MAX`] bytes is held here as 24 bytes instead: its bytes, zero
-//! padded, then its length, as three big-endian `u64`s, which order as the bytes do. Longer
-//! keys (none of Courier's, but the store takes any) go to a second map of `WriteKey`s, and a
-//! range visit merges the two.
+//! Every key Courier writes is at most 17 bytes (`keys`: a tag and one or two big-endian
+//! numbers) but the dedupe records' (33). Held as a [`WriteKey`] each took 64 bytes (40 of
+//! numbers and a `Bytes` header), so a B-tree node's keys spanned 11 cache lines, an insert
+//! into a large map missed the cache at nearly every key it compared, and a lookup by a byte
+//! slice compared with `memcmp`. Here a key of up to 23 bytes is held as 24 bytes (its bytes,
+//! zero padded, then its length, as three big-endian `u64`s, which order as the bytes do), a
+//! key of up to 39 bytes as 40, and only longer keys (none of Courier's, but the stores take
+//! any) as `WriteKey`s; a range merges the three maps.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use super::overlay::{Bytes, WriteKey};
 
-/// A key of at most `BYTES_MAX` bytes: its bytes zero-padded to 23, then its length, as three
-/// big-endian words. Keys that agree up to the shorter one's length differ in the padding or
-/// the length, and the shorter sorts first, as in byte order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct ShortKey([u64; 3]);
+/// Bytes of the longest key a [`PackedKey`] holds, plus its length byte.
+const PACKED_BYTES_MAX: usize = 40;
 
-impl ShortKey {
-    pub(crate) const BYTES_MAX: usize = 23;
+/// A key of at most `WORDS * 8 - 1` bytes: its bytes zero-padded to that, then its length,
+/// as big-endian words. Keys that agree up to the shorter one's length differ in the padding
+/// or the length, and the shorter sorts first, as in byte order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct PackedKey<const WORDS: usize>([u64; WORDS]);
+
+/// Keys of up to 23 bytes: every key of the log store's map.
+pub(crate) type ShortKey = PackedKey<3>;
+/// Keys of 24 to 39 bytes: dedupe records' (33).
+pub(crate) type MediumKey = PackedKey<5>;
+
+impl<const WORDS: usize> PackedKey<WORDS> {
+    pub(crate) const BYTES_MAX: usize = WORDS * 8 - 1;
 
     /// `None` for a key longer than `BYTES_MAX`.
-    pub(crate) fn new(key: &[u8]) -> Option<ShortKey> {
+    pub(crate) fn new(key: &[u8]) -> Option<Self> {
+        const { assert!(WORDS * 8 <= PACKED_BYTES_MAX) };
         if key.len() > Self::BYTES_MAX {
             return None;
         }
-        let mut padded = [0u8; 24];
+        let mut padded = [0u8; PACKED_BYTES_MAX];
         padded[..key.len()].copy_from_slice(key);
-        padded[23] = key.len() as u8;
-        Some(Self::from_padded(&padded))
-    }
-
-    fn from_padded(padded: &[u8; 24]) -> ShortKey {
-        let word = |at: usize| u64::from_be_bytes(padded[at..at + 8].try_into().expect("8 bytes"));
-        ShortKey([word(0), word(8), word(16)])
+        padded[Self::BYTES_MAX] = key.len() as u8;
+        Some(PackedKey(std::array::from_fn(|word| {
+            u64::from_be_bytes(padded[word * 8..word * 8 + 8].try_into().expect("8 bytes"))
+        })))
     }
 
     /// The key's bytes, written into `buffer`.
-    pub(crate) fn bytes<'a>(&self, buffer: &'a mut [u8; 24]) -> &'a [u8] {
+    pub(crate) fn bytes<'a>(&self, buffer: &'a mut [u8; PACKED_BYTES_MAX]) -> &'a [u8] {
         for (at, word) in self.0.iter().enumerate() {
             buffer[at * 8..at * 8 + 8].copy_from_slice(&word.to_be_bytes());
         }
-        let len = usize::from(buffer[23]);
+        let len = usize::from(buffer[Self::BYTES_MAX]);
         &buffer[..len]
     }
 
-    /// The short keys at or above (`lower`) or below (`!lower`) the byte string `bound`.
-    fn bound(bound: Bound<&[u8]>, lower: bool) -> Bound<ShortKey> {
+    /// The packed keys at or above (`lower`) or below (`!lower`) the byte string `bound`.
+    fn bound(bound: Bound<&[u8]>, lower: bool) -> Bound<Self> {
         let key = match bound {
             Bound::Unbounded => return Bound::Unbounded,
             Bound::Included(key) | Bound::Excluded(key) => key,
         };
-        if let Some(short) = ShortKey::new(key) {
+        if let Some(packed) = Self::new(key) {
             return match bound {
-                Bound::Included(_) => Bound::Included(short),
-                _ => Bound::Excluded(short),
+                Bound::Included(_) => Bound::Included(packed),
+                _ => Bound::Excluded(packed),
             };
         }
-        // A bound longer than any short key: no short key equals it, and a short key sorts
-        // after it exactly when it sorts after the bound's first 23 bytes (equal to those, it
+        // A bound longer than any packed key: none equals it, and a packed key sorts after it
+        // exactly when it sorts after the bound's first `BYTES_MAX` bytes (equal to those, it
         // is a prefix of the bound, so before it).
-        let head = ShortKey::new(&key[..Self::BYTES_MAX]).expect("23 bytes");
+        let head = Self::new(&key[..Self::BYTES_MAX]).expect("fits");
         if lower {
             Bound::Excluded(head)
         } else {
@@ -72,39 +78,137 @@ impl ShortKey {
     }
 }
 
-/// Live keys and their values, in byte order.
-#[derive(Debug, Default)]
-pub(crate) struct KeyMap {
-    short: BTreeMap<ShortKey, Bytes>,
-    long: BTreeMap<WriteKey, Bytes>,
+/// Keys and their values, in byte order: the log store's live pairs and dedupe records, and a
+/// transaction's writes (`overlay`). Each key is in one of three maps by its length.
+#[derive(Debug)]
+pub(crate) struct KeyMap<V> {
+    short: BTreeMap<ShortKey, V>,
+    medium: BTreeMap<MediumKey, V>,
+    long: BTreeMap<WriteKey, V>,
 }
 
-impl KeyMap {
+impl<V> Default for KeyMap<V> {
+    fn default() -> Self {
+        KeyMap {
+            short: BTreeMap::new(),
+            medium: BTreeMap::new(),
+            long: BTreeMap::new(),
+        }
+    }
+}
+
+/// A key a range of a [`KeyMap`] yields: a packed key's bytes rebuilt, or a long key's own.
+pub(crate) enum MapKey<'a> {
+    Packed {
+        padded: [u8; PACKED_BYTES_MAX],
+        len: u8,
+    },
+    Long(&'a Bytes),
+}
+
+impl MapKey<'_> {
+    fn packed<const WORDS: usize>(key: &PackedKey<WORDS>) -> Self {
+        let mut padded = [0u8; PACKED_BYTES_MAX];
+        let len = key.bytes(&mut padded).len() as u8;
+        MapKey::Packed { padded, len }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            MapKey::Packed { padded, len } => &padded[..usize::from(*len)],
+            MapKey::Long(bytes) => bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for MapKey<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl<V> KeyMap<V> {
     pub(crate) fn len(&self) -> usize {
-        self.short.len() + self.long.len()
+        self.short.len() + self.medium.len() + self.long.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Sets `key`; returns the value it replaced.
-    pub(crate) fn insert(&mut self, key: Bytes, value: Bytes) -> Option<Bytes> {
-        match ShortKey::new(&key) {
-            Some(short) => self.short.insert(short, value),
-            None => self.long.insert(WriteKey::new(key), value),
+    pub(crate) fn insert(&mut self, key: Bytes, value: V) -> Option<V> {
+        if let Some(short) = ShortKey::new(&key) {
+            self.short.insert(short, value)
+        } else if let Some(medium) = MediumKey::new(&key) {
+            self.medium.insert(medium, value)
+        } else {
+            self.long.insert(WriteKey::new(key), value)
         }
     }
 
     /// Deletes `key`; returns its value.
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Bytes> {
-        match ShortKey::new(key) {
-            Some(short) => self.short.remove(&short),
-            None => self.long.remove(key),
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
+        if let Some(short) = ShortKey::new(key) {
+            self.short.remove(&short)
+        } else if let Some(medium) = MediumKey::new(key) {
+            self.medium.remove(&medium)
+        } else {
+            self.long.remove(key)
         }
     }
 
-    pub(crate) fn get(&self, key: &[u8]) -> Option<&Bytes> {
-        match ShortKey::new(key) {
-            Some(short) => self.short.get(&short),
-            None => self.long.get(key),
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&V> {
+        if let Some(short) = ShortKey::new(key) {
+            self.short.get(&short)
+        } else if let Some(medium) = MediumKey::new(key) {
+            self.medium.get(&medium)
+        } else {
+            self.long.get(key)
         }
+    }
+
+    /// The highest key.
+    pub(crate) fn last_key(&self) -> Option<Vec<u8>> {
+        let mut padded = [0u8; PACKED_BYTES_MAX];
+        let short = self
+            .short
+            .keys()
+            .next_back()
+            .map(|key| key.bytes(&mut padded).to_vec());
+        let medium = self
+            .medium
+            .keys()
+            .next_back()
+            .map(|key| key.bytes(&mut padded).to_vec());
+        let long = self.long.keys().next_back().map(|key| key.bytes.to_vec());
+        short.max(medium).max(long)
+    }
+
+    pub(crate) fn contains_key(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The pairs between `begin` and `end`, in key order.
+    pub(crate) fn range<'a>(
+        &'a self,
+        begin: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> impl Iterator<Item = (MapKey<'a>, &'a V)> + 'a {
+        let short = self
+            .short
+            .range((ShortKey::bound(begin, true), ShortKey::bound(end, false)))
+            .map(|(key, value)| (MapKey::packed(key), value));
+        let medium = self
+            .medium
+            .range((MediumKey::bound(begin, true), MediumKey::bound(end, false)))
+            .map(|(key, value)| (MapKey::packed(key), value));
+        let long = self
+            .long
+            .range::<[u8], _>((begin, end))
+            .map(|(key, value)| (MapKey::Long(&key.bytes), value));
+        let first = |a: &(MapKey, &V), b: &(MapKey, &V)| a.0.bytes() < b.0.bytes();
+        merge(merge(short, medium, first), long, first)
     }
 
     /// Calls `visit` with the pairs between `begin` and `end` in key order until it returns
@@ -113,36 +217,45 @@ impl KeyMap {
         &self,
         begin: Bound<&[u8]>,
         end: Bound<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+        visit: &mut dyn FnMut(&[u8], &V) -> bool,
     ) -> bool {
-        let mut short = self
-            .short
-            .range((ShortKey::bound(begin, true), ShortKey::bound(end, false)))
-            .peekable();
-        let mut long = self.long.range::<[u8], _>((begin, end)).peekable();
-        let mut buffer = [0u8; 24];
-        loop {
-            // The next of the two maps; a key is in one of them only.
-            let short_first = match (short.peek(), long.peek()) {
-                (None, None) => return true,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((short_key, _)), Some((long_key, _))) => {
-                    short_key.bytes(&mut buffer) < &long_key.bytes[..]
-                }
-            };
-            let going = if short_first {
-                let (key, value) = short.next().expect("peeked");
-                visit(key.bytes(&mut buffer), value)
+        self.range(begin, end)
+            .all(|(key, value)| visit(key.bytes(), value))
+    }
+
+    /// Every pair, in key order, the keys as `Bytes` again.
+    pub(crate) fn into_pairs(self) -> impl Iterator<Item = (Bytes, V)> {
+        fn unpacked<const WORDS: usize, V>((key, value): (PackedKey<WORDS>, V)) -> (Bytes, V) {
+            let mut padded = [0u8; PACKED_BYTES_MAX];
+            (Bytes::from(key.bytes(&mut padded)), value)
+        }
+        let short = self.short.into_iter().map(unpacked);
+        let medium = self.medium.into_iter().map(unpacked);
+        let long = self.long.into_iter().map(|(key, value)| (key.bytes, value));
+        let first = |a: &(Bytes, V), b: &(Bytes, V)| a.0[..] < b.0[..];
+        merge(merge(short, medium, first), long, first)
+    }
+}
+
+/// Two ordered sequences with no key in both, as one (`first`: whether `a` comes before `b`).
+fn merge<T>(
+    a: impl Iterator<Item = T>,
+    b: impl Iterator<Item = T>,
+    first: impl Fn(&T, &T) -> bool,
+) -> impl Iterator<Item = T> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (None, None) => None,
+        (Some(_), None) => a.next(),
+        (None, Some(_)) => b.next(),
+        (Some(next_a), Some(next_b)) => {
+            if first(next_a, next_b) {
+                a.next()
             } else {
-                let (key, value) = long.next().expect("peeked");
-                visit(&key.bytes, value)
-            };
-            if !going {
-                return false;
+                b.next()
             }
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -158,14 +271,14 @@ mod tests {
         }
     }
 
-    /// Short keys order as their bytes do, and give their bytes back, at every length
+    /// Packed keys order as their bytes do, and give their bytes back, at every length
     /// around the padding and the length byte (zeros and 0xff at the end of a key).
     #[test]
-    fn short_keys_order_as_their_bytes() {
+    fn packed_keys_order_as_their_bytes() {
         let mut rng = Rng::new(7);
         let mut keys: Vec<Vec<u8>> = vec![vec![], vec![0], vec![0, 0], vec![0xff], vec![1]];
         for _ in 0..2000 {
-            let len = (rng.next_u64() % 24) as usize;
+            let len = (rng.next_u64() % 40) as usize;
             let pick = [0u8, 1, 0x7f, 0xff];
             keys.push(
                 (0..len)
@@ -174,19 +287,28 @@ mod tests {
             );
         }
         for a in &keys {
-            let short_a = ShortKey::new(a).unwrap();
-            let mut buffer = [0u8; 24];
-            assert_eq!(short_a.bytes(&mut buffer), &a[..]);
+            let medium_a = MediumKey::new(a).unwrap();
+            let mut buffer = [0u8; PACKED_BYTES_MAX];
+            assert_eq!(medium_a.bytes(&mut buffer), &a[..]);
+            let short_a = ShortKey::new(a);
+            if let Some(short_a) = short_a {
+                assert_eq!(short_a.bytes(&mut buffer), &a[..]);
+            }
             for b in keys.iter().take(200) {
-                let short_b = ShortKey::new(b).unwrap();
-                assert_eq!(short_a.cmp(&short_b), a.cmp(b), "{a:?} vs {b:?}");
+                let medium_b = MediumKey::new(b).unwrap();
+                assert_eq!(medium_a.cmp(&medium_b), a.cmp(b), "{a:?} vs {b:?}");
+                if let (Some(short_a), Some(short_b)) = (short_a, ShortKey::new(b)) {
+                    assert_eq!(short_a.cmp(&short_b), a.cmp(b), "{a:?} vs {b:?}");
+                }
             }
         }
+        assert_eq!(ShortKey::new(&[0; 23]).map(|_| ()), Some(()));
         assert!(ShortKey::new(&[0; 24]).is_none());
+        assert!(MediumKey::new(&[0; 40]).is_none());
     }
 
     /// The map agrees with a plain ordered map of byte strings: sets, deletes, lookups and
-    /// range visits with every kind of bound, over keys short and long (longer than 23 bytes,
+    /// range visits with every kind of bound, over keys of all three maps (around 23 and 39 bytes,
     /// sharing prefixes with the short ones).
     #[test]
     fn the_map_agrees_with_an_ordered_map_of_bytes() {
@@ -194,7 +316,8 @@ mod tests {
         let mut map = KeyMap::default();
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let key = |rng: &mut Rng| -> Vec<u8> {
-            let len = [0usize, 1, 9, 17, 22, 23, 24, 25, 33][(rng.next_u64() % 9) as usize];
+            let len =
+                [0usize, 1, 9, 17, 22, 23, 24, 25, 33, 39, 40, 41][(rng.next_u64() % 12) as usize];
             (0..len).map(|_| (rng.next_u64() % 3) as u8).collect()
         };
         for step in 0..20_000u64 {
@@ -209,6 +332,7 @@ mod tests {
                 _ => assert_eq!(map.get(&k).map(|v| &v[..]), model.get(&k).map(|v| &v[..])),
             }
             assert_eq!(map.len(), model.len());
+            assert_eq!(map.last_key(), model.keys().next_back().cloned());
             if step % 50 == 0 {
                 let (a, b) = (key(&mut rng), key(&mut rng));
                 let bound = |key: &Vec<u8>, kind: u64| match kind {
@@ -248,5 +372,10 @@ mod tests {
                 assert_eq!(seen, expected, "{begin:?}..{end:?}");
             }
         }
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = map
+            .into_pairs()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(pairs, model.into_iter().collect::<Vec<_>>());
     }
 }

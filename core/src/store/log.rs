@@ -52,7 +52,7 @@
 //! snapshot; a writer fsyncs its journal record before it takes the write lock, so a reader
 //! never sees a commit that is not yet durable, and never waits for an fsync.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::ops::Bound;
@@ -62,7 +62,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::dedupe_filter::DedupeFilter;
 use super::fjall::{FjallOptions, FjallStore};
-use super::key_map::KeyMap;
+use super::key_map::{KeyMap, MapKey};
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
@@ -146,18 +146,18 @@ impl Default for LogOptions {
 #[derive(Debug, Default)]
 struct State {
     /// Every live key but the dedupe records.
-    map: KeyMap,
+    map: KeyMap<Bytes>,
     /// Estimated bytes of the live pairs of `map` (`pair_bytes`): what the memory bound counts.
     live_bytes: u64,
     /// Message keys (`q`) in `map`.
     message_keys: u64,
     /// Dedupe records committed since the last move to the tier. They move in one sorted
     /// ingestion when they reach `dedupe_memory_bytes_max` or at a checkpoint.
-    dedupe_recent: BTreeMap<WriteKey, Bytes>,
+    dedupe_recent: KeyMap<Bytes>,
     /// Estimated bytes of `dedupe_recent`.
     dedupe_recent_bytes: u64,
     /// The records a move is ingesting into the tier, read-only meanwhile.
-    dedupe_moving: Option<Arc<BTreeMap<WriteKey, Bytes>>>,
+    dedupe_moving: Option<Arc<KeyMap<Bytes>>>,
     /// Estimated bytes of `dedupe_moving`.
     dedupe_moving_bytes: u64,
     /// Dedupe keys deleted while a move runs: deleted whatever `dedupe_moving` holds. The
@@ -532,12 +532,10 @@ impl State {
             .filter_map(|(key, value)| Some((key, value?)));
         if into_memory {
             debug_assert!(self.dedupe_recent.is_empty(), "replay fills it only here");
-            self.dedupe_recent = sets.collect();
-            self.dedupe_recent_bytes = self
-                .dedupe_recent
-                .iter()
-                .map(|(key, value)| pair_bytes(&key.bytes, value))
-                .sum();
+            for (key, value) in sets {
+                self.dedupe_recent_bytes += pair_bytes(&key.bytes, &value);
+                self.dedupe_recent.insert(key.bytes, value);
+            }
         } else {
             let sets: Vec<(WriteKey, Bytes)> = sets.collect();
             tier.ingest_sorted(sets.iter().map(|(key, value)| (&key.bytes[..], &value[..])))?;
@@ -579,20 +577,17 @@ impl State {
         }
         let added = pair_bytes(&key, &value);
         let key_bytes = key.len();
-        let removed = self
-            .dedupe_recent
-            .insert(WriteKey::new(key), value)
-            .map_or(0, |old| {
-                (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES
-            });
+        let removed = self.dedupe_recent.insert(key, value).map_or(0, |old| {
+            (key_bytes + old.len()) as u64 + PAIR_OVERHEAD_BYTES
+        });
         self.dedupe_recent_bytes = (self.dedupe_recent_bytes + added).saturating_sub(removed);
     }
 
     fn delete_dedupe(&mut self, key: Bytes) {
-        if let Some((key, value)) = self.dedupe_recent.remove_entry(&key[..]) {
+        if let Some(value) = self.dedupe_recent.remove(&key) {
             self.dedupe_recent_bytes = self
                 .dedupe_recent_bytes
-                .saturating_sub(pair_bytes(&key.bytes, &value));
+                .saturating_sub(pair_bytes(&key, &value));
         }
         if self.dedupe_moving.is_some() {
             self.dedupe_deleted_while_moving.insert(key);
@@ -632,22 +627,22 @@ impl State {
         end: &[u8],
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<bool, StoreError> {
-        let range = (Bound::Included(begin), Bound::Excluded(end));
+        let (lower, upper) = (Bound::Included(begin), Bound::Excluded(end));
         let deleted = &self.dedupe_deleted_while_moving;
-        let mut recent = self.dedupe_recent.range::<[u8], _>(range).peekable();
+        let mut recent = self.dedupe_recent.range(lower, upper).peekable();
         let mut moving = self
             .dedupe_moving
             .iter()
-            .flat_map(|moving| moving.range::<[u8], _>(range))
-            .filter(|(key, _)| !deleted.contains(&key.bytes[..]))
+            .flat_map(|moving| moving.range(lower, upper))
+            .filter(|(key, _)| !deleted.contains(key.bytes()))
             .peekable();
         // The next pair in memory: recent over moving for a key in both.
-        let mut next_in_memory = move || -> Option<(&WriteKey, &Bytes)> {
+        let mut next_in_memory = move || -> Option<(MapKey<'_>, &Bytes)> {
             match (recent.peek(), moving.peek()) {
                 (None, None) => None,
                 (Some(_), None) => recent.next(),
                 (None, Some(_)) => moving.next(),
-                (Some((a, _)), Some((b, _))) => match a.cmp(b) {
+                (Some((a, _)), Some((b, _))) => match a.bytes().cmp(b.bytes()) {
                     std::cmp::Ordering::Less => recent.next(),
                     std::cmp::Ordering::Greater => moving.next(),
                     std::cmp::Ordering::Equal => {
@@ -660,13 +655,14 @@ impl State {
         let mut pending = next_in_memory();
         let mut stopped = false;
         let completed = tier.scan_latest(begin, end, &mut |key, value| {
-            while let Some((memory_key, memory_value)) = pending {
-                if &memory_key.bytes[..] > key {
+            while let Some((memory_key, memory_value)) = pending.take() {
+                if memory_key.bytes() > key {
+                    pending = Some((memory_key, memory_value));
                     break;
                 }
-                let shadows = &memory_key.bytes[..] == key;
+                let shadows = memory_key.bytes() == key;
                 pending = next_in_memory();
-                if !visit(&memory_key.bytes, memory_value) {
+                if !visit(memory_key.bytes(), memory_value) {
                     stopped = true;
                     return false;
                 }
@@ -687,7 +683,7 @@ impl State {
             return Ok(false);
         }
         while let Some((key, value)) = pending {
-            if !visit(&key.bytes, value) {
+            if !visit(key.bytes(), value) {
                 return Ok(false);
             }
             pending = next_in_memory();
@@ -861,11 +857,7 @@ fn open_dedupe_filter(
         warm_keys_max,
         || {
             let in_tier = dedupe.highest_key_in(DEDUPE_BEGIN, DEDUPE_END)?;
-            let in_memory = state
-                .dedupe_recent
-                .keys()
-                .next_back()
-                .map(|key| key.bytes.to_vec());
+            let in_memory = state.dedupe_recent.last_key();
             Ok::<_, StoreError>(in_tier.max(in_memory))
         },
         |start, take| {
@@ -1554,7 +1546,7 @@ impl Inner {
 
     /// Takes the recent dedupe records for a move (the caller holds the writer lock): readers
     /// find them in `dedupe_moving` until it ends.
-    fn freeze_dedupe_records(&self) -> Option<Arc<BTreeMap<WriteKey, Bytes>>> {
+    fn freeze_dedupe_records(&self) -> Option<Arc<KeyMap<Bytes>>> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.dedupe_recent.is_empty() {
             return None;
@@ -1571,7 +1563,7 @@ impl Inner {
     /// the journals, which still hold every record. `_running` is the move lock.
     fn ingest_dedupe_records(
         &self,
-        moving: Option<Arc<BTreeMap<WriteKey, Bytes>>>,
+        moving: Option<Arc<KeyMap<Bytes>>>,
         _running: &MutexGuard<'_, ()>,
     ) -> Result<(), StoreError> {
         let Some(moving) = moving else {
@@ -1582,11 +1574,7 @@ impl Inner {
             error
         };
         self.dedupe
-            .ingest_sorted(
-                moving
-                    .iter()
-                    .map(|(key, value)| (&key.bytes[..], &value[..])),
-            )
+            .ingest_sorted(moving.range(Bound::Unbounded, Bound::Unbounded))
             .map_err(poison)?;
         // The writer lock keeps commits out from here until the move ends: a delete that
         // wrote its tombstone before the ingestion but reaches memory after the end would

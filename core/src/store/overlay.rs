@@ -5,9 +5,9 @@
 //! records the final state of every key this transaction touched plus the ranges it cleared;
 //! `commit` turns that into one atomic engine write.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use super::key_map::KeyMap;
 use super::{AtomicOp, BoundedClear, CommitVersion, KeyValue, StoreError, apply_atomic};
 
 /// Bytes a transaction writes: fjall's own type, so a commit hands the engine what the
@@ -31,7 +31,8 @@ pub(crate) trait Engine {
     fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
 }
 
-/// A key the transaction wrote (and a key of the log store's map), with its first
+/// A key longer than a [`super::key_map::ShortKey`] (in a transaction's writes and the log
+/// store's maps: the dedupe records' keys, 33 bytes), with its first
 /// `KEY_WORDS_BYTES` bytes as big-endian numbers (zero past a short key's end), which order
 /// as the bytes do wherever they differ. An insert into the map then compares numbers where it
 /// compared two `Bytes` (a `memcmp` call, and a pointer to follow for keys longer than 20
@@ -125,7 +126,7 @@ impl ClearedRange {
 pub(crate) struct Overlay<E> {
     engine: E,
     /// Final state of each written key: `Some` set, `None` cleared.
-    writes: BTreeMap<WriteKey, Option<Bytes>>,
+    writes: KeyMap<Option<Bytes>>,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
     cleared: Vec<ClearedRange>,
     /// A read error inside an atomic mutation, reported by `commit`: mutations return
@@ -137,7 +138,7 @@ impl<E: Engine> Overlay<E> {
     pub(crate) fn new(engine: E) -> Overlay<E> {
         Overlay {
             engine,
-            writes: BTreeMap::new(),
+            writes: KeyMap::default(),
             cleared: Vec::new(),
             deferred_error: None,
         }
@@ -185,7 +186,7 @@ impl<E: Engine> Overlay<E> {
         }
         let mut own = self
             .writes
-            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
+            .range(Bound::Included(begin), Bound::Excluded(end))
             .peekable();
         let cleared = &self.cleared;
         let in_cleared = |key: &[u8]| cleared.iter().any(|range| range.contains(key));
@@ -198,15 +199,15 @@ impl<E: Engine> Overlay<E> {
         let mut going = true;
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
-            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.bytes.as_slice() < key) {
+            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.bytes() < key) {
                 if let Some(v) = own_value
-                    && !emit(&own_key.bytes, v)
+                    && !emit(own_key.bytes(), v)
                 {
                     going = false;
                     return false;
                 }
             }
-            let more = match own.next_if(|(k, _)| k.bytes.as_slice() == key) {
+            let more = match own.next_if(|(k, _)| k.bytes() == key) {
                 Some((_, Some(v))) => emit(key, v),
                 Some((_, None)) => true,
                 None if in_cleared(key) => true,
@@ -218,7 +219,7 @@ impl<E: Engine> Overlay<E> {
         if going {
             for (own_key, own_value) in own {
                 if let Some(v) = own_value
-                    && !emit(&own_key.bytes, v)
+                    && !emit(own_key.bytes(), v)
                 {
                     break;
                 }
@@ -229,11 +230,11 @@ impl<E: Engine> Overlay<E> {
 
     pub(crate) fn set(&mut self, key: &[u8], value: &[u8]) {
         self.writes
-            .insert(WriteKey::new(Bytes::from(key)), Some(Bytes::from(value)));
+            .insert(Bytes::from(key), Some(Bytes::from(value)));
     }
 
     pub(crate) fn clear(&mut self, key: &[u8]) {
-        self.writes.insert(WriteKey::new(Bytes::from(key)), None);
+        self.writes.insert(Bytes::from(key), None);
     }
 
     pub(crate) fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
@@ -300,13 +301,13 @@ impl<E: Engine> Overlay<E> {
         if begin >= end {
             return;
         }
-        let inside: Vec<Bytes> = self
+        let inside: Vec<Vec<u8>> = self
             .writes
-            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
-            .map(|(k, _)| k.bytes.clone())
+            .range(Bound::Included(begin), Bound::Excluded(end))
+            .map(|(key, _)| key.bytes().to_vec())
             .collect();
         for key in inside {
-            self.writes.remove(key.as_ref());
+            self.writes.remove(&key);
         }
         self.cleared.push(ClearedRange {
             begin: begin.to_vec(),
@@ -348,11 +349,7 @@ impl<E: Engine> Overlay<E> {
                 })?,
             }
         }
-        changes.extend(
-            self.writes
-                .into_iter()
-                .map(|(key, value)| (key.bytes, value)),
-        );
+        changes.extend(self.writes.into_pairs());
         self.engine.apply(changes)
     }
 }
