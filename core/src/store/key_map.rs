@@ -113,6 +113,16 @@ impl MapKey<'_> {
         MapKey::Packed { padded, len }
     }
 
+    /// A copy of `key`, of at most `PACKED_BYTES_MAX` bytes.
+    pub(crate) fn from_bytes(key: &[u8]) -> Self {
+        let mut padded = [0u8; PACKED_BYTES_MAX];
+        padded[..key.len()].copy_from_slice(key);
+        MapKey::Packed {
+            padded,
+            len: key.len() as u8,
+        }
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             MapKey::Packed { padded, len } => &padded[..usize::from(*len)],
@@ -211,18 +221,6 @@ impl<V> KeyMap<V> {
         merge(merge(short, medium, first), long, first)
     }
 
-    /// Calls `visit` with the pairs between `begin` and `end` in key order until it returns
-    /// false; returns whether it never did.
-    pub(crate) fn visit_range(
-        &self,
-        begin: Bound<&[u8]>,
-        end: Bound<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &V) -> bool,
-    ) -> bool {
-        self.range(begin, end)
-            .all(|(key, value)| visit(key.bytes(), value))
-    }
-
     /// Every pair, in key order, the keys as `Bytes` again.
     pub(crate) fn into_pairs(self) -> impl Iterator<Item = (Bytes, V)> {
         fn unpacked<const WORDS: usize, V>((key, value): (PackedKey<WORDS>, V)) -> (Bytes, V) {
@@ -238,7 +236,7 @@ impl<V> KeyMap<V> {
 }
 
 /// Two ordered sequences with no key in both, as one (`first`: whether `a` comes before `b`).
-fn merge<T>(
+pub(crate) fn merge<T>(
     a: impl Iterator<Item = T>,
     b: impl Iterator<Item = T>,
     first: impl Fn(&T, &T) -> bool,
@@ -359,11 +357,11 @@ mod tests {
                     continue;
                 }
                 let limit = (rng.next_u64() % 40) as usize + 1;
-                let mut seen = Vec::new();
-                map.visit_range(as_ref(&begin), as_ref(&end), &mut |k, v| {
-                    seen.push((k.to_vec(), v.to_vec()));
-                    seen.len() < limit
-                });
+                let seen: Vec<(Vec<u8>, Vec<u8>)> = map
+                    .range(as_ref(&begin), as_ref(&end))
+                    .take(limit)
+                    .map(|(k, v)| (k.bytes().to_vec(), v.to_vec()))
+                    .collect();
                 let expected: Vec<(Vec<u8>, Vec<u8>)> = model
                     .range::<[u8], _>((as_ref(&begin), as_ref(&end)))
                     .take(limit)

@@ -63,6 +63,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use super::dedupe_filter::DedupeFilter;
 use super::fjall::{FjallOptions, FjallStore};
 use super::key_map::{KeyMap, MapKey};
+use super::live_map::LiveMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
@@ -146,7 +147,7 @@ impl Default for LogOptions {
 #[derive(Debug, Default)]
 struct State {
     /// Every live key but the dedupe records.
-    map: KeyMap<Bytes>,
+    map: LiveMap,
     /// Estimated bytes of the live pairs of `map` (`pair_bytes`): what the memory bound counts.
     live_bytes: u64,
     /// Message keys (`q`) in `map`.

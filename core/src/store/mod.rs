@@ -25,6 +25,7 @@ pub mod fdb;
 mod fdb_error;
 pub mod fjall;
 mod key_map;
+mod live_map;
 pub mod log;
 pub mod memory;
 mod overlay;
