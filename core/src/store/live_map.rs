@@ -18,22 +18,94 @@ use super::key_map::{KeyMap, MapKey, merge};
 use super::overlay::Bytes;
 use crate::keys;
 
+/// Deleted slots an inbox's queue may hold beyond its live messages before it is compacted.
+const HOLES_MIN: usize = 32;
+/// A queue's capacity kept beyond twice its length once it is this large.
+const CAPACITY_KEPT_MIN: usize = 64;
+
 /// One inbox's counter and messages.
 #[derive(Debug, Default)]
 struct Inbox {
     counter: Option<Bytes>,
-    /// By seq, ascending.
-    messages: VecDeque<(u64, Bytes)>,
+    /// By seq, ascending. A message deleted from the middle (expiry of a message with a
+    /// shorter time to live than those before it) leaves a hole, `None`, so the delete moves
+    /// nothing; holes at either end are popped, and the queue is compacted once they
+    /// outnumber its live messages (and `HOLES_MIN`): each delete costs O(1) amortized.
+    messages: VecDeque<(u64, Option<Bytes>)>,
+    /// `None`s in `messages`.
+    holes: usize,
 }
 
 impl Inbox {
     fn is_empty(&self) -> bool {
-        self.counter.is_none() && self.messages.is_empty()
+        self.counter.is_none() && self.messages.len() == self.holes
     }
 
     /// Where `seq` is or would go.
     fn position(&self, seq: u64) -> Result<usize, usize> {
         self.messages.binary_search_by_key(&seq, |(held, _)| *held)
+    }
+
+    /// Sets message `seq`; returns the value it replaced.
+    fn set(&mut self, seq: u64, value: Bytes) -> Option<Bytes> {
+        if self.messages.back().is_none_or(|(last, _)| *last < seq) {
+            self.messages.push_back((seq, Some(value)));
+            return None;
+        }
+        match self.position(seq) {
+            Ok(at) => {
+                let old = self.messages[at].1.replace(value);
+                if old.is_none() {
+                    self.holes -= 1;
+                }
+                old
+            }
+            // Only a recovery's replay sets a seq below the highest, and only in seq order.
+            Err(at) => {
+                self.messages.insert(at, (seq, Some(value)));
+                None
+            }
+        }
+    }
+
+    /// Deletes message `seq`; returns its value.
+    fn delete(&mut self, seq: u64) -> Option<Bytes> {
+        let at = self.position(seq).ok()?;
+        let old = self.messages[at].1.take()?;
+        self.holes += 1;
+        while self
+            .messages
+            .front()
+            .is_some_and(|(_, value)| value.is_none())
+        {
+            self.messages.pop_front();
+            self.holes -= 1;
+        }
+        while self
+            .messages
+            .back()
+            .is_some_and(|(_, value)| value.is_none())
+        {
+            self.messages.pop_back();
+            self.holes -= 1;
+        }
+        if self.holes > HOLES_MIN && self.holes > self.messages.len() - self.holes {
+            self.messages.retain(|(_, value)| value.is_some());
+            self.holes = 0;
+        }
+        if self.messages.is_empty() {
+            // An emptied inbox gives its queue's memory back (most inboxes are caught up).
+            self.messages = VecDeque::new();
+        } else if self.messages.capacity() > CAPACITY_KEPT_MIN
+            && self.messages.len() < self.messages.capacity() / 4
+        {
+            self.messages.shrink_to(self.messages.len() * 2);
+        }
+        Some(old)
+    }
+
+    fn get(&self, seq: u64) -> Option<&Bytes> {
+        self.messages[self.position(seq).ok()?].1.as_ref()
     }
 }
 
@@ -66,6 +138,10 @@ pub(crate) struct LiveMap {
     ordered: BTreeSet<u64>,
     /// Counters and messages held in `inboxes`.
     inbox_keys: usize,
+    /// Inboxes range visits looked at, for a test that they stay proportional to the pairs
+    /// visited.
+    #[cfg(test)]
+    inboxes_looked_at: std::sync::atomic::AtomicUsize,
 }
 
 impl LiveMap {
@@ -87,20 +163,7 @@ impl LiveMap {
         });
         let old = match parsed {
             InboxKey::Counter(_) => inbox.counter.replace(value),
-            InboxKey::Message(_, seq) => {
-                if inbox.messages.back().is_none_or(|(last, _)| *last < seq) {
-                    inbox.messages.push_back((seq, value));
-                    None
-                } else {
-                    match inbox.position(seq) {
-                        Ok(at) => Some(std::mem::replace(&mut inbox.messages[at].1, value)),
-                        Err(at) => {
-                            inbox.messages.insert(at, (seq, value));
-                            None
-                        }
-                    }
-                }
-            }
+            InboxKey::Message(_, seq) => inbox.set(seq, value),
         };
         if old.is_none() {
             self.inbox_keys += 1;
@@ -119,26 +182,8 @@ impl LiveMap {
         let inbox = self.inboxes.get_mut(&id)?;
         let old = match parsed {
             InboxKey::Counter(_) => inbox.counter.take(),
-            InboxKey::Message(_, seq) => {
-                if inbox
-                    .messages
-                    .front()
-                    .is_some_and(|(first, _)| *first == seq)
-                {
-                    inbox.messages.pop_front().map(|(_, value)| value)
-                } else {
-                    inbox
-                        .position(seq)
-                        .ok()
-                        .and_then(|at| inbox.messages.remove(at))
-                        .map(|(_, value)| value)
-                }
-            }
+            InboxKey::Message(_, seq) => inbox.delete(seq),
         };
-        if inbox.messages.is_empty() && inbox.messages.capacity() > 0 {
-            // An emptied inbox gives its queue's memory back.
-            inbox.messages = VecDeque::new();
-        }
         if inbox.is_empty() {
             self.inboxes.remove(&id);
             self.ordered.remove(&id);
@@ -153,11 +198,7 @@ impl LiveMap {
         match InboxKey::parse(key) {
             None => self.other.get(key),
             Some(InboxKey::Counter(id)) => self.inboxes.get(&id)?.counter.as_ref(),
-            Some(InboxKey::Message(id, seq)) => {
-                let inbox = self.inboxes.get(&id)?;
-                let at = inbox.position(seq).ok()?;
-                Some(&inbox.messages[at].1)
-            }
+            Some(InboxKey::Message(id, seq)) => self.inboxes.get(&id)?.get(seq),
         }
     }
 
@@ -169,35 +210,68 @@ impl LiveMap {
         end: Bound<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
     ) -> bool {
+        // In two parts, below the message tag (other keys and counters) and from it on (other
+        // keys and messages), so that a visit of the first part never looks for messages: on
+        // a shard whose inboxes are mostly caught up that search would pass every inbox with
+        // a counter and no message, and a checkpoint visits in chunks.
+        const MESSAGES: &[u8] = &[keys::TAG_MESSAGE];
         let first = |a: &(MapKey, &Bytes), b: &(MapKey, &Bytes)| a.0.bytes() < b.0.bytes();
-        let counters = self
-            .inboxes_between(keys::TAG_COUNTER, begin, end)
-            .filter_map(|(id, inbox)| {
-                let value = inbox.counter.as_ref()?;
-                Some((MapKey::from_bytes(&keys::counter(id)), value))
-            });
-        let messages =
-            self.inboxes_between(keys::TAG_MESSAGE, begin, end)
-                .flat_map(move |(id, inbox)| {
-                    // Messages below `begin` in the first inbox are skipped by a binary search.
-                    let skipped = inbox
-                        .messages
-                        .partition_point(|(seq, _)| !is_above(&keys::message(id, *seq), begin));
-                    inbox.messages.range(skipped..).map(move |(seq, value)| {
-                        (MapKey::from_bytes(&keys::message(id, *seq)), value)
-                    })
-                });
-        let in_range = |(key, _): &(MapKey, &Bytes)| {
-            is_above(key.bytes(), begin) && is_below(key.bytes(), end)
+        let below_messages = match end {
+            Bound::Included(key) | Bound::Excluded(key) if key < MESSAGES => end,
+            _ => Bound::Excluded(MESSAGES),
         };
-        let counters = counters.filter(in_range);
-        let messages = messages.take_while(move |(key, _)| is_below(key.bytes(), end));
-        merge(
-            merge(self.other.range(begin, end), counters, first),
-            messages,
-            first,
-        )
-        .all(|(key, value)| visit(key.bytes(), value))
+        if is_below_bound(begin, MESSAGES) {
+            let counters = self
+                .inboxes_between(keys::TAG_COUNTER, begin, below_messages)
+                .filter_map(|(id, inbox)| {
+                    let value = inbox.counter.as_ref()?;
+                    Some((MapKey::from_bytes(&keys::counter(id)), value))
+                })
+                .filter(|(key, _)| is_above(key.bytes(), begin) && is_below(key.bytes(), end));
+            if !merge(self.other.range(begin, below_messages), counters, first)
+                .all(|(key, value)| visit(key.bytes(), value))
+            {
+                return false;
+            }
+        }
+        let from_messages = match begin {
+            Bound::Included(key) | Bound::Excluded(key) if key >= MESSAGES => begin,
+            _ => Bound::Included(MESSAGES),
+        };
+        let reaches_messages = match end {
+            Bound::Unbounded => true,
+            Bound::Included(key) => key >= MESSAGES,
+            Bound::Excluded(key) => key > MESSAGES,
+        };
+        if !reaches_messages {
+            return true;
+        }
+        let messages = self
+            .inboxes_between(keys::TAG_MESSAGE, from_messages, end)
+            .flat_map(move |(id, inbox)| {
+                // Only the first inbox can hold messages below `begin`: a binary search
+                // skips them.
+                let skipped = match inbox.messages.front() {
+                    Some((seq, _)) if !is_above(&keys::message(id, *seq), from_messages) => {
+                        inbox.messages.partition_point(|(seq, _)| {
+                            !is_above(&keys::message(id, *seq), from_messages)
+                        })
+                    }
+                    _ => 0,
+                };
+                inbox
+                    .messages
+                    .range(skipped..)
+                    .filter_map(move |(seq, value)| {
+                        Some((
+                            MapKey::from_bytes(&keys::message(id, *seq)),
+                            value.as_ref()?,
+                        ))
+                    })
+            })
+            .take_while(move |(key, _)| is_below(key.bytes(), end));
+        merge(self.other.range(from_messages, end), messages, first)
+            .all(|(key, value)| visit(key.bytes(), value))
     }
 
     /// The inboxes whose keys of `tag` (`tag` and the inbox's id, then anything) can lie
@@ -240,7 +314,20 @@ impl LiveMap {
         };
         ids.into_iter()
             .flat_map(|ids| self.ordered.range(ids))
-            .map(|id| (*id, &self.inboxes[id]))
+            .map(|id| {
+                #[cfg(test)]
+                self.inboxes_looked_at
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (*id, &self.inboxes[id])
+            })
+    }
+}
+
+/// Whether some key at or above `begin` sorts below `key`.
+fn is_below_bound(begin: Bound<&[u8]>, key: &[u8]) -> bool {
+    match begin {
+        Bound::Unbounded => true,
+        Bound::Included(bound) | Bound::Excluded(bound) => bound < key,
     }
 }
 
@@ -279,12 +366,20 @@ mod tests {
     /// tags one byte short or long, other tags, and short prefixes (as range bounds are).
     fn some_key(rng: &mut Rng) -> Vec<u8> {
         let inbox = [0u64, 1, 2, 255, 256, u64::MAX - 1, u64::MAX][rng.below(7) as usize];
-        let seq = rng.below(6);
-        let mut key = match rng.below(8) {
+        // Mostly a few seqs; sometimes one of hundreds, so that queues grow, wrap and get
+        // holes deep inside.
+        let seq = if rng.below(4) == 0 {
+            rng.below(400)
+        } else {
+            rng.below(6)
+        };
+        let mut key = match rng.below(9) {
             0..=2 => keys::message(inbox, seq).to_vec(),
             3 | 4 => keys::counter(inbox).to_vec(),
             5 => keys::device(inbox, seq as u32).to_vec(),
             6 => keys::dedupe(inbox, seq, 1, 2).to_vec(),
+            // Longer than any packed key, starting like a message or counter key.
+            7 => [&keys::message(inbox, seq)[..], &[7u8; 30][..]].concat(),
             _ => vec![[b'c', b'q', b'd', b'a', b'z'][rng.below(5) as usize]],
         };
         match rng.below(6) {
@@ -304,7 +399,7 @@ mod tests {
             let mut rng = Rng::new(seed);
             let mut map = LiveMap::default();
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-            for step in 0..3000u64 {
+            for step in 0..6000u64 {
                 let key = some_key(&mut rng);
                 match rng.below(5) {
                     0 | 1 => {
@@ -372,6 +467,76 @@ mod tests {
             }
             assert_eq!(map.len(), 0);
             assert!(map.inboxes.is_empty() && map.ordered.is_empty());
+        }
+    }
+
+    /// A checkpoint visits everything in chunks, each from just after the last key of the one
+    /// before. On a shard whose inboxes hold counters but almost no messages, every chunk
+    /// below the message keys once looked through every inbox for a message (quadratic in
+    /// the inboxes): the inboxes looked at stay a small multiple of the pairs visited.
+    #[test]
+    fn chunked_visits_look_at_each_inbox_a_few_times() {
+        let mut map = LiveMap::default();
+        let inboxes = 5_000u64;
+        for inbox in 0..inboxes {
+            map.insert(
+                Bytes::from(&keys::counter(inbox)[..]),
+                Bytes::from(&b"1"[..]),
+            );
+            map.insert(
+                Bytes::from(&keys::emptied(inbox)[..]),
+                Bytes::from(&b""[..]),
+            );
+        }
+        map.insert(
+            Bytes::from(&keys::message(inboxes - 1, 1)[..]),
+            Bytes::from(&b"m"[..]),
+        );
+        let mut after: Option<Vec<u8>> = None;
+        let mut visited = 0usize;
+        loop {
+            let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut chunk = Vec::new();
+            map.visit_range(lower, Bound::Unbounded, &mut |key, _| {
+                chunk.push(key.to_vec());
+                chunk.len() < 100
+            });
+            let Some(last) = chunk.last() else { break };
+            visited += chunk.len();
+            after = Some(last.clone());
+        }
+        assert_eq!(visited, map.len());
+        let looked_at = map
+            .inboxes_looked_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            looked_at <= 3 * visited,
+            "{looked_at} inboxes looked at to visit {visited} pairs"
+        );
+    }
+
+    /// Messages deleted from the middle of a long queue (expiry of shorter lives) leave holes
+    /// that are compacted away: the queue stays within twice its live messages (plus a few),
+    /// and every message left is still found.
+    #[test]
+    fn holes_in_a_long_queue_are_compacted() {
+        let mut map = LiveMap::default();
+        for seq in 1..=10_000u64 {
+            map.insert(
+                Bytes::from(&keys::message(7, seq)[..]),
+                Bytes::from(&seq.to_le_bytes()[..]),
+            );
+        }
+        for seq in (1..=10_000u64).filter(|seq| seq % 10 != 0) {
+            assert!(map.remove(&keys::message(7, seq)).is_some());
+            let inbox = &map.inboxes[&7];
+            let live = inbox.messages.len() - inbox.holes;
+            assert!(inbox.messages.len() <= 2 * live + HOLES_MIN + 1);
+        }
+        assert_eq!(map.len(), 1_000);
+        for seq in 1..=10_000u64 {
+            let found = map.get(&keys::message(7, seq)).map(|v| v.to_vec());
+            assert_eq!(found, (seq % 10 == 0).then(|| seq.to_le_bytes().to_vec()));
         }
     }
 }

@@ -31,8 +31,8 @@ pub(crate) trait Engine {
     fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
 }
 
-/// A key longer than a [`super::key_map::ShortKey`] (in a transaction's writes and the log
-/// store's maps: the dedupe records' keys, 33 bytes), with its first
+/// A key longer than a [`super::key_map::MediumKey`] in a [`super::key_map::KeyMap`] (none of
+/// Courier's), and a replayed change's key in the log store's recovery, with its first
 /// `KEY_WORDS_BYTES` bytes as big-endian numbers (zero past a short key's end), which order
 /// as the bytes do wherever they differ. An insert into the map then compares numbers where it
 /// compared two `Bytes` (a `memcmp` call, and a pointer to follow for keys longer than 20
