@@ -11,12 +11,12 @@
 //! in a [`KeyMap`]. Range visits merge the three kinds in byte order, so the map behaves as
 //! one ordered map of byte strings.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Bound;
 
 use super::key_map::{KeyMap, MapKey, merge};
 use super::overlay::Bytes;
-use crate::keys;
+use crate::{FastHashMap, keys};
 
 /// Deleted slots an inbox's queue may hold beyond its live messages before it is compacted.
 const HOLES_MIN: usize = 32;
@@ -133,7 +133,9 @@ impl InboxKey {
 #[derive(Debug, Default)]
 pub(crate) struct LiveMap {
     other: KeyMap<Bytes>,
-    inboxes: HashMap<u64, Inbox>,
+    /// Keyed like the committer's inbox caches (decision 0021): inbox ids are chosen by
+    /// senders.
+    inboxes: FastHashMap<u64, Inbox>,
     /// The ids of `inboxes`, in order.
     ordered: BTreeSet<u64>,
     /// Counters and messages held in `inboxes`.
