@@ -262,11 +262,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-        match bound {
-            Bound::Unbounded => Bound::Unbounded,
-            Bound::Included(key) => Bound::Included(&key[..]),
-            Bound::Excluded(key) => Bound::Excluded(&key[..]),
-        }
+        bound.as_ref().map(Vec::as_slice)
     }
 
     /// Packed keys order as their bytes do, and give their bytes back, at every length

@@ -1787,29 +1787,23 @@ impl Inner {
                         Some(key) => Bound::Excluded(key.as_slice()),
                         None => Bound::Unbounded,
                     };
-                    // Keys copied one after another into `key_bytes` (short keys are
-                    // held as numbers), values shared.
-                    let mut key_bytes = Vec::new();
-                    let mut pairs: Vec<(usize, Bytes)> = Vec::new();
+                    // The map holds short keys as numbers: each is copied out (inline in a
+                    // `Bytes`, no allocation), values shared.
+                    let mut pairs: Vec<(Bytes, Bytes)> = Vec::new();
                     state
                         .map
                         .visit_range(lower, Bound::Unbounded, &mut |key, value| {
-                            key_bytes.extend_from_slice(key);
-                            pairs.push((key_bytes.len(), value.clone()));
+                            pairs.push((Bytes::from(key), value.clone()));
                             pairs.len() < CHECKPOINT_CHUNK_PAIRS
                         });
-                    let mut start = 0;
-                    let pairs: Vec<(&[u8], Option<&[u8]>)> = pairs
-                        .iter()
-                        .map(|(end, value)| {
-                            let key = &key_bytes[start..*end];
-                            start = *end;
-                            (key, Some(&value[..]))
-                        })
-                        .collect();
                     if let Some((key, _)) = pairs.last() {
                         last = Some(key.to_vec());
-                        encode_record(&mut chunk, pairs.into_iter());
+                        encode_record(
+                            &mut chunk,
+                            pairs
+                                .iter()
+                                .map(|(key, value)| (&key[..], Some(&value[..]))),
+                        );
                     }
                 }
                 let Some(last) = last else { break };

@@ -301,10 +301,10 @@ impl<E: Engine> Overlay<E> {
         if begin >= end {
             return;
         }
-        let inside: Vec<Vec<u8>> = self
+        let inside: Vec<Bytes> = self
             .writes
             .range(Bound::Included(begin), Bound::Excluded(end))
-            .map(|(key, _)| key.bytes().to_vec())
+            .map(|(key, _)| Bytes::from(key.bytes()))
             .collect();
         for key in inside {
             self.writes.remove(&key);
