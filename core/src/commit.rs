@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use crate::envelope::{self, StoredMessage};
 use crate::keys;
-use crate::store::{Store, StoreError, Transaction};
+use crate::store::{CommitVersion, Store, StoreError, Transaction};
 use crate::{CoreConfig, FastHashMap, FastHashSet, UnixMillis, UserId};
 
 /// A request to an inbox's home shard.
@@ -208,6 +208,40 @@ impl Committer {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError> {
+        self.commit_batch_with(store, requests, now, false)
+            .map(|(outcomes, _)| outcomes)
+    }
+
+    /// Like [`commit_batch`](Committer::commit_batch), but on a store that
+    /// [`defers_sync`](Store::defers_sync) returns once the batch is written, before it is
+    /// durable, with the version to make durable with [`Store::sync_through`] before anyone
+    /// is told (decision 0027); `None` when the commit is durable already. What the batch
+    /// taught this committer holds for the next batch, written on top of it; if the sync
+    /// fails, the caller calls [`forget_cached`](Committer::forget_cached).
+    pub fn commit_batch_unsynced<S: Store>(
+        &mut self,
+        store: &S,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<(Vec<Outcome>, Option<CommitVersion>), StoreError> {
+        let unsynced = store.defers_sync();
+        let (outcomes, version) = self.commit_batch_with(store, requests, now, unsynced)?;
+        Ok((outcomes, unsynced.then_some(version)))
+    }
+
+    /// Forgets every cached fact (last seqs, cursors): after a commit this committer wrote
+    /// failed to become durable, they may be ahead of the store.
+    pub fn forget_cached(&mut self) {
+        self.known.clear();
+    }
+
+    fn commit_batch_with<S: Store>(
+        &mut self,
+        store: &S,
+        requests: &[Request],
+        now: UnixMillis,
+        unsynced: bool,
+    ) -> Result<(Vec<Outcome>, CommitVersion), StoreError> {
         let lease_claim = store.lease_claim();
         if lease_claim != self.lease_claim {
             self.known.clear();
@@ -220,8 +254,8 @@ impl Committer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = self.attempt(store, requests, now);
-            let mut outcomes = match result {
+            let result = self.attempt(store, requests, now, unsynced);
+            let (mut outcomes, version) = match result {
                 Ok(written) => written,
                 Err((error, outcomes)) => {
                     self.known.clear();
@@ -254,7 +288,7 @@ impl Committer {
                 self.known.clear();
             }
             self.known.absorb(&mut self.learned);
-            return Ok(outcomes);
+            return Ok((outcomes, version));
         }
     }
 
@@ -266,9 +300,15 @@ impl Committer {
         store: &S,
         requests: &[Request],
         now: UnixMillis,
-    ) -> Result<Vec<Outcome>, (StoreError, Vec<Outcome>)> {
+        unsynced: bool,
+    ) -> Result<(Vec<Outcome>, CommitVersion), (StoreError, Vec<Outcome>)> {
         self.learned.clear();
-        let mut txn = store.begin().map_err(|error| (error, Vec::new()))?;
+        let begun = if unsynced {
+            store.begin_unsynced()
+        } else {
+            store.begin()
+        };
+        let mut txn = begun.map_err(|error| (error, Vec::new()))?;
         let outcomes = write_batch(
             &mut txn,
             requests,
@@ -279,7 +319,7 @@ impl Committer {
         )
         .map_err(|error| (error, Vec::new()))?;
         match txn.commit() {
-            Ok(_version) => Ok(outcomes),
+            Ok(version) => Ok((outcomes, version)),
             Err(error) => Err((error, outcomes)),
         }
     }

@@ -42,6 +42,11 @@ pub struct CoreConfig {
     /// with `StoreUnavailable` (retry later) until it completes, instead of queueing behind a
     /// slow or stuck store.
     pub commit_slow_ms: u64,
+    /// Batches a shard may have taken and not yet answered: 2 lets the next batch's work
+    /// (and, on the log engine, its journal write) go while the previous one's fsync runs
+    /// (decision 0027); 1 commits one batch at a time. Answers always go in the order the
+    /// batches were taken.
+    pub batches_in_flight_max: usize,
     /// Refuse sends (`BadRecipient`) to users that never logged in: no inbox record is made
     /// for an id nobody uses. Off by default, since apps may message users before their first
     /// login.
@@ -49,6 +54,10 @@ pub struct CoreConfig {
 }
 
 const HOUR_MS: u64 = 3600 * 1000;
+
+/// The most batches in flight that help: a shard's committer writes one batch at a time,
+/// and a store keeps at most one written commit waiting for its fsync (decision 0027).
+pub const BATCHES_IN_FLIGHT_LIMIT: usize = 2;
 
 impl Default for CoreConfig {
     fn default() -> CoreConfig {
@@ -68,6 +77,7 @@ impl Default for CoreConfig {
             seq_cache_entries_max: 262_144,
             ack_commit_delay_ms: 50,
             commit_slow_ms: 2_000,
+            batches_in_flight_max: 2,
             recipients_must_exist: false,
         }
     }
@@ -127,6 +137,9 @@ impl CoreConfig {
         }
         if self.commit_slow_ms == 0 {
             return fail("commit_slow_ms", "at least 1");
+        }
+        if !(1..=BATCHES_IN_FLIGHT_LIMIT).contains(&self.batches_in_flight_max) {
+            return fail("batches_in_flight_max", "1 or 2");
         }
         if self.commit_attempts_max == 0 {
             return fail("commit_attempts_max", "at least 1");

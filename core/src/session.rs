@@ -1102,10 +1102,14 @@ impl<A: Authenticator> EdgeSession<A> {
         self.servers.remove(&edge);
         if !self.guests.contains_key(&edge) {
             // A queue released with its batch in flight serves again as it is.
-            let inbox = self
-                .released
-                .remove(&edge)
-                .unwrap_or_else(|| InboxShard::new(&self.config.core));
+            let inbox = self.released.remove(&edge).unwrap_or_else(|| {
+                // A guest's batches commit one at a time: its committer goes with each
+                // (`takeover::ShardGuests`), and its stores sync every commit.
+                InboxShard::new(&CoreConfig {
+                    batches_in_flight_max: 1,
+                    ..self.config.core.clone()
+                })
+            });
             self.guests.insert(edge, inbox);
         }
     }

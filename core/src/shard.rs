@@ -4,9 +4,11 @@
 //! [`InboxShard::handle_ack`], takes a batch with
 //! [`InboxShard::poll_batch`] when its input has run dry (or the queue holds a full batch),
 //! commits it with [`crate::commit::Committer::commit_batch`] on a thread that may block, and hands the
-//! result back to [`InboxShard::handle_commit`], which returns what to send to whom. Only one
-//! batch is in flight at a time: while it commits, new requests queue up and form the next,
-//! larger batch, so light load gets low latency and heavy load gets large batches.
+//! result back to [`InboxShard::handle_commit`], which returns what to send to whom. At most
+//! `batches_in_flight_max` batches are in flight (2 by default: the next one is written while
+//! the previous one's fsync runs, decision 0027), and their results come back in the order
+//! they were taken; meanwhile new requests queue up and form the next, larger batch, so light
+//! load gets low latency and heavy load gets large batches.
 //!
 //! Acks are coalesced per inbox and device (only the highest `up_to_seq` matters) and kept
 //! until a commit applies them: a failed commit puts them back, so an ack is never lost to a
@@ -31,6 +33,8 @@ use crate::{CoreConfig, UnixMillis, UserId};
 /// needs to route the answer (a connection handle, a reply channel).
 #[derive(Debug)]
 pub struct Batch<T> {
+    /// Numbers the shard's batches in the order it took them: results come back in it.
+    pub number: u64,
     pub requests: Vec<Request>,
     pub tags: Vec<T>,
     /// When each send was queued, in order (the runtime measures send-to-commit latency).
@@ -101,10 +105,12 @@ pub struct InboxShard<T> {
     /// When the oldest ack (or forget) arrived; they alone make a batch `ack_delay_ms` later.
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
-    batch_in_flight: bool,
-    /// When the batch in flight was taken: once it has taken `commit_slow_ms`, the store is
-    /// slow and sends are refused at once instead of queueing behind it (a circuit breaker).
-    batch_taken_ms: UnixMillis,
+    /// Batches taken and not yet answered, oldest first: each one's number and when it was
+    /// taken. Once the oldest has taken `commit_slow_ms`, the store is slow and sends are
+    /// refused at once instead of queueing behind it (a circuit breaker).
+    in_flight: VecDeque<(u64, UnixMillis)>,
+    batches_in_flight_max: usize,
+    batches_taken: u64,
     commit_slow_ms: u64,
     /// The store is near its memory bound (the log engine's `store.log_memory_bytes_max`):
     /// sends are refused until deliveries and expiry free room; acks still go, and free it.
@@ -129,8 +135,9 @@ impl<T> InboxShard<T> {
             purges: BTreeSet::new(),
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
-            batch_in_flight: false,
-            batch_taken_ms: 0,
+            in_flight: VecDeque::new(),
+            batches_in_flight_max: config.batches_in_flight_max.max(1),
+            batches_taken: 0,
             commit_slow_ms: config.commit_slow_ms,
             store_full: false,
         }
@@ -148,10 +155,10 @@ impl<T> InboxShard<T> {
     }
 
     /// When the waiting acks make a batch on their own, if nothing else comes first: the
-    /// runtime calls `poll_batch` again then. `None` when no acks wait or a batch is due (or in
-    /// flight) anyway.
+    /// runtime calls `poll_batch` again then. `None` when no acks wait, a batch is due anyway,
+    /// or no batch can be taken before one in flight comes back.
     pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
-        if self.batch_in_flight
+        if self.in_flight.len() >= self.batches_in_flight_max
             || !self.queue.is_empty()
             || !self.links.is_empty()
             || !self.purges.is_empty()
@@ -172,13 +179,20 @@ impl<T> InboxShard<T> {
     }
 
     pub fn batch_in_flight(&self) -> bool {
-        self.batch_in_flight
+        !self.in_flight.is_empty()
     }
 
-    /// Whether the commit in flight has taken longer than `commit_slow_ms` (the breaker is
-    /// open: sends are refused until it completes).
+    /// Batches taken and not yet answered.
+    pub fn batches_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the oldest commit in flight has taken longer than `commit_slow_ms` (the
+    /// breaker is open: sends are refused until it completes).
     pub fn store_slow(&self, now_ms: UnixMillis) -> bool {
-        self.batch_in_flight && now_ms.saturating_sub(self.batch_taken_ms) > self.commit_slow_ms
+        self.in_flight
+            .front()
+            .is_some_and(|(_, taken_ms)| now_ms.saturating_sub(*taken_ms) > self.commit_slow_ms)
     }
 
     /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
@@ -187,7 +201,7 @@ impl<T> InboxShard<T> {
     /// Each sender may hold at most its share of the queue (`queue_requests_per_sender_max`,
     /// `queue_bytes_per_sender_max`), so one flooding sender cannot crowd out the others.
     ///
-    /// While the batch in flight has taken longer than `commit_slow_ms`, or the store is near
+    /// While the oldest batch in flight has taken longer than `commit_slow_ms`, or the store is near
     /// its memory bound (`set_store_full`), every send is refused with `StoreUnavailable`: the
     /// client retries later instead of waiting in a queue that does not move.
     pub fn handle_send(
@@ -291,11 +305,11 @@ impl<T> InboxShard<T> {
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
-    /// while a batch is in flight, when nothing is queued, or when only acks wait and the
+    /// while `batches_in_flight_max` batches are in flight, when nothing is queued, or when only acks wait and the
     /// oldest has waited less than `ack_commit_delay_ms` (see `batch_deadline_ms`) and they do
     /// not fill a batch. Such acks also stay behind when sends or links make a batch.
     pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<T>> {
-        if self.batch_in_flight || self.queued_requests() == 0 {
+        if self.in_flight.len() >= self.batches_in_flight_max || self.queued_requests() == 0 {
             return None;
         }
         let acks_only = self.queue.is_empty() && self.links.is_empty() && self.purges.is_empty();
@@ -310,6 +324,7 @@ impl<T> InboxShard<T> {
             return None;
         }
         let mut batch = Batch {
+            number: self.batches_taken,
             requests: Vec::new(),
             tags: Vec::new(),
             send_queued_ms: Vec::new(),
@@ -379,8 +394,8 @@ impl<T> InboxShard<T> {
         if self.acks.is_empty() && self.forgets.is_empty() {
             self.acks_waiting_since_ms = None;
         }
-        self.batch_in_flight = true;
-        self.batch_taken_ms = now_ms;
+        self.in_flight.push_back((self.batches_taken, now_ms));
+        self.batches_taken += 1;
         Some(batch)
     }
 
@@ -403,16 +418,20 @@ impl<T> InboxShard<T> {
 
     /// Turns the result of committing `batch` into answers and deliveries. Acks of a failed
     /// batch go back into the ack table to be retried with the next batch.
+    ///
+    /// Results come back in the order the batches were taken (the oldest in flight first):
+    /// a send's answer and delivery never overtake an earlier batch's.
     pub fn handle_commit(
         &mut self,
         batch: Batch<T>,
         result: Result<Vec<Outcome>, StoreError>,
     ) -> Vec<Output<T>> {
-        assert!(
-            self.batch_in_flight,
-            "handle_commit without a batch in flight"
+        let oldest = self.in_flight.pop_front().map(|(number, _)| number);
+        assert_eq!(
+            oldest,
+            Some(batch.number),
+            "handle_commit takes the oldest batch in flight"
         );
-        self.batch_in_flight = false;
         let mut outputs = Vec::with_capacity(batch.tags.len() * 2);
         let mut tags = batch.tags.into_iter();
         match result {
@@ -557,6 +576,7 @@ mod tests {
     #[test]
     fn batches_respect_count_and_byte_maxima_and_one_in_flight() {
         let config = CoreConfig {
+            batches_in_flight_max: 1,
             batch_requests_max: 3,
             batch_bytes_max: 100_000,
             queue_requests_max: 5,
@@ -593,6 +613,87 @@ mod tests {
         shard.handle_send(send(9, 60_000), 9, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![8]);
+    }
+
+    /// With two batches in flight the second is taken while the first commits; a third waits
+    /// for the first's result, and results are taken oldest first. A failed first batch
+    /// puts its acks back even though the second, taken after, carried newer ones.
+    #[test]
+    fn two_batches_in_flight_are_answered_in_the_order_taken() {
+        let config = CoreConfig {
+            batches_in_flight_max: 2,
+            batch_requests_max: 2,
+            ack_commit_delay_ms: 0,
+            commit_slow_ms: 1_000,
+            ..CoreConfig::default()
+        };
+        let mut shard = InboxShard::new(&config);
+        for id in 1..=6 {
+            shard.handle_send(send(id, 10), id, 0).unwrap();
+        }
+        let first = shard.poll_batch(0).unwrap();
+        let second = shard.poll_batch(5).unwrap();
+        assert_eq!(
+            (first.tags.clone(), second.tags.clone()),
+            (vec![1, 2], vec![3, 4])
+        );
+        assert!(shard.poll_batch(10).is_none(), "at most two in flight");
+        assert_eq!(shard.batch_deadline_ms(), None);
+        assert!(
+            shard.store_slow(1_001),
+            "the breaker counts from the oldest batch"
+        );
+        let stored = |seq| Outcome::Stored {
+            seq,
+            server_time_ms: 0,
+            expire_at_ms: 9_000,
+            fresh: true,
+        };
+        let outputs = shard.handle_commit(first, Ok(vec![stored(1), stored(2)]));
+        assert!(matches!(outputs[0], Output::SendAck { tag: 1, seq: 1, .. }));
+        assert!(
+            !shard.store_slow(1_001),
+            "the oldest in flight is the second now"
+        );
+        let third = shard.poll_batch(20).unwrap();
+        assert_eq!(third.tags, vec![5, 6]);
+        shard.handle_commit(second, Ok(vec![stored(3), stored(4)]));
+        shard.handle_commit(third, Ok(vec![stored(5), stored(6)]));
+        assert!(!shard.batch_in_flight());
+
+        // A failed batch's acks come back behind a later batch's newer ones.
+        shard.handle_ack(5, 0, 3, 30);
+        let acks = shard.poll_batch(30).unwrap();
+        shard.handle_ack(5, 0, 7, 31);
+        let newer = shard.poll_batch(31).unwrap();
+        assert!(
+            shard
+                .handle_commit(acks, Err(StoreError::Poisoned))
+                .is_empty()
+        );
+        shard.handle_commit(newer, Ok(vec![Outcome::Acked]));
+        let retry = shard.poll_batch(32).unwrap();
+        assert_eq!(
+            retry.requests,
+            vec![Request::Ack {
+                inbox: 5,
+                device: 0,
+                up_to_seq: 3
+            }],
+            "retried: the store keeps a device's highest cursor"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "oldest batch in flight")]
+    fn a_result_out_of_order_is_a_bug() {
+        let mut shard = InboxShard::new(&CoreConfig::default());
+        shard.handle_send(send(1, 10), 1, 0).unwrap();
+        let first = shard.poll_batch(0).unwrap();
+        shard.handle_send(send(2, 10), 2, 0).unwrap();
+        let second = shard.poll_batch(0).unwrap();
+        drop(first);
+        shard.handle_commit(second, Err(StoreError::Poisoned));
     }
 
     #[test]

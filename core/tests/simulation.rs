@@ -106,6 +106,10 @@ fn simulation_over_many_seeds() {
             "no slow commit tripped the breaker, or no poisoned store was reopened: {total:?}"
         );
         assert!(
+            total.batches_behind_another > 0,
+            "no batch was taken while another was in flight: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -150,6 +154,8 @@ struct Stats {
     slow_commits: u64,
     /// Sends refused while a commit was slow (the breaker).
     sends_store_slow: u64,
+    /// Batches taken while another of their shard's was still in flight (decision 0027).
+    batches_behind_another: u64,
     /// Poisoned stores reopened in place (without a process crash).
     store_reopens: u64,
     /// Inboxes expiry emptied and handed to their home shard to be forgotten.
@@ -192,6 +198,7 @@ impl Stats {
         self.connections_timed_out += other.connections_timed_out;
         self.slow_commits += other.slow_commits;
         self.sends_store_slow += other.sends_store_slow;
+        self.batches_behind_another += other.batches_behind_another;
         self.store_reopens += other.store_reopens;
         self.inboxes_emptied += other.inboxes_emptied;
         self.seqs_from_floor += other.seqs_from_floor;
@@ -327,6 +334,18 @@ impl Store for SimLog {
 
     fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
         self.store().begin_read()
+    }
+
+    fn defers_sync(&self) -> bool {
+        self.store().defers_sync()
+    }
+
+    fn begin_unsynced(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.store().begin_unsynced()
+    }
+
+    fn sync_through(&self, version: courier_core::store::CommitVersion) -> Result<(), StoreError> {
+        self.store().sync_through(version)
     }
 }
 
@@ -478,15 +497,9 @@ struct World<S: SimStore> {
     clock: ServerClock,
     client_in_flight_max: usize,
     session_config: SessionConfig,
-    /// Per shard: a slow commit whose result arrives at the given time.
-    #[allow(clippy::type_complexity)]
-    commits_in_flight: Vec<
-        Option<(
-            u64,
-            courier_core::shard::Batch<ConnRef>,
-            Result<Vec<commit::Outcome>, StoreError>,
-        )>,
-    >,
+    /// Per shard: the batches in flight, oldest first, each written and waiting for its
+    /// result to come back at the given time (and, on the log store, for its sync).
+    commits_in_flight: Vec<VecDeque<InFlight>>,
     slow_commit_per_thousand: u64,
     /// When the poisoned store is reopened (`store_refused`).
     store_reopen_at: Option<u64>,
@@ -494,6 +507,15 @@ struct World<S: SimStore> {
     /// connection, so a seed replays exactly.
     held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
     stats: Stats,
+}
+
+/// A batch taken and written, waiting for its result to come back.
+struct InFlight {
+    due: u64,
+    batch: courier_core::shard::Batch<ConnRef>,
+    result: Result<Vec<commit::Outcome>, StoreError>,
+    /// The version to sync before the result counts (the log store's unsynced commits).
+    sync: Option<courier_core::store::CommitVersion>,
 }
 
 impl<S: SimStore> World<S> {
@@ -505,6 +527,7 @@ impl<S: SimStore> World<S> {
             queue_requests_max: batch_requests_max + rng.below(32) as usize,
             queue_requests_per_sender_max: 1 + rng.below(8) as usize,
             commit_slow_ms: 5 + rng.below(50),
+            batches_in_flight_max: [1, 2, 2][rng.below(3) as usize],
             commit_attempts_max: 1 + rng.below(4) as u32,
             expire_scan_keys_max: 2 + rng.below(50) as usize,
             sync_messages_max: 1 + rng.below(20) as usize,
@@ -685,7 +708,7 @@ impl<S: SimStore> World<S> {
             })
             .collect();
         self.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
-        self.commits_in_flight = (0..count).map(|_| None).collect();
+        self.commits_in_flight = (0..count).map(|_| VecDeque::new()).collect();
     }
 
     fn run(mut self) -> Result<Stats, String> {
@@ -860,24 +883,33 @@ impl<S: SimStore> World<S> {
             self.store.reopen();
             self.store.inner_mut().restart();
         }
-        // Shards commit: one batch per shard at a time. The commit runs when the batch is
-        // taken; its result comes back now or, for a slow commit, some steps later, while new
-        // requests queue (and the slow-store breaker may refuse them).
+        // Shards commit: up to `batches_in_flight_max` batches per shard (decision 0027). A
+        // batch is written when it is taken (on the log store unsynced: the next batch reads
+        // it, readers do not); its result comes back, after its sync, now or some steps later
+        // (a slow commit, or one whose fsync is still running when the next batch goes),
+        // always in the order taken, while new requests queue (and the slow-store breaker may
+        // refuse them).
         for shard in 0..self.shards.len() {
-            if self.commits_in_flight[shard]
-                .as_ref()
-                .is_some_and(|(due, ..)| *due <= self.now)
+            while self.commits_in_flight[shard]
+                .front()
+                .is_some_and(|in_flight| in_flight.due <= self.now)
             {
-                let (_, batch, result) = self.commits_in_flight[shard].take().expect("in flight");
-                self.finish_commit(shard, batch, result);
-                continue;
-            }
-            if self.commits_in_flight[shard].is_some() {
-                continue;
+                let in_flight = self.commits_in_flight[shard]
+                    .pop_front()
+                    .expect("in flight");
+                self.finish_in_flight(shard, in_flight);
             }
             let now = self.edge_now();
             if let Some(batch) = self.shards[shard].poll_batch(now) {
-                let result = self.committers[shard].commit_batch(&self.store, &batch.requests, now);
+                if !self.commits_in_flight[shard].is_empty() {
+                    self.stats.batches_behind_another += 1;
+                }
+                let written =
+                    self.committers[shard].commit_batch_unsynced(&self.store, &batch.requests, now);
+                let (result, sync) = match written {
+                    Ok((outcomes, sync)) => (Ok(outcomes), sync),
+                    Err(error) => (Err(error), None),
+                };
                 if let Ok(outcomes) = &result {
                     for (request, outcome) in batch.requests.iter().zip(outcomes) {
                         if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =
@@ -897,12 +929,28 @@ impl<S: SimStore> World<S> {
                         .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
                         .count() as u64;
                 }
-                if self.rng.below(1000) < self.slow_commit_per_thousand {
+                let due = if self.rng.below(1000) < self.slow_commit_per_thousand {
                     self.stats.slow_commits += 1;
-                    let due = self.now + 1 + self.rng.below(3 * self.config.commit_slow_ms);
-                    self.commits_in_flight[shard] = Some((due, batch, result));
+                    self.now + 1 + self.rng.below(3 * self.config.commit_slow_ms)
+                } else if self.config.batches_in_flight_max > 1 && self.rng.chance(1, 3) {
+                    self.now + 1 + self.rng.below(2)
                 } else {
-                    self.finish_commit(shard, batch, result);
+                    self.now
+                };
+                // Behind the batches taken before it.
+                let due = self.commits_in_flight[shard]
+                    .back()
+                    .map_or(due, |before| due.max(before.due));
+                let in_flight = InFlight {
+                    due,
+                    batch,
+                    result,
+                    sync,
+                };
+                if due <= self.now && self.commits_in_flight[shard].is_empty() {
+                    self.finish_in_flight(shard, in_flight);
+                } else {
+                    self.commits_in_flight[shard].push_back(in_flight);
                 }
             }
         }
@@ -966,6 +1014,29 @@ impl<S: SimStore> World<S> {
         }
     }
 
+    /// A batch in flight is synced (the log store's fsync) and its result reaches its shard.
+    /// A failed sync fails the batch, and its committer forgets what it cached (as the edge's
+    /// does): the batch's seqs may not be in the store.
+    fn finish_in_flight(&mut self, shard: usize, in_flight: InFlight) {
+        let InFlight {
+            batch,
+            result,
+            sync,
+            ..
+        } = in_flight;
+        let result = match (result, sync) {
+            (Ok(outcomes), Some(version)) => match self.store.sync_through(version) {
+                Ok(()) => Ok(outcomes),
+                Err(error) => {
+                    self.committers[shard].forget_cached();
+                    Err(error)
+                }
+            },
+            (result, _) => result,
+        };
+        self.finish_commit(shard, batch, result);
+    }
+
     /// A commit's result reaches its shard.
     fn finish_commit(
         &mut self,
@@ -1004,7 +1075,7 @@ impl<S: SimStore> World<S> {
         self.lane_clock.clear();
         // Commits in flight die with the process: nobody hears of them.
         for in_flight in &mut self.commits_in_flight {
-            *in_flight = None;
+            in_flight.clear();
         }
         self.store_reopen_at = None;
         self.store.reopen();
@@ -1516,8 +1587,8 @@ impl<S: SimStore> World<S> {
             passes += 1;
             self.hand_emptied(&report.emptied);
             for shard in 0..self.shards.len() {
-                if let Some((_, batch, result)) = self.commits_in_flight[shard].take() {
-                    self.finish_commit(shard, batch, result);
+                while let Some(in_flight) = self.commits_in_flight[shard].pop_front() {
+                    self.finish_in_flight(shard, in_flight);
                 }
                 let now = self.edge_now();
                 while let Some(batch) =

@@ -22,6 +22,9 @@ use courier_core::store::{Store, StoreError};
 use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UnixMillis, UserId};
 
+/// Makes a commit written by [`ShardStore::commit_unsynced`] durable; blocks for an fsync.
+pub type SyncCommit = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
+
 /// What a shard needs from its store. Every method blocks: call it from a blocking thread.
 pub trait ShardStore: Send + Sync + 'static {
     /// Commits one group-commit batch.
@@ -31,6 +34,20 @@ pub trait ShardStore: Send + Sync + 'static {
         requests: &[Request],
         now: UnixMillis,
     ) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Commits one batch like [`commit`](ShardStore::commit), but a store that can returns
+    /// once the batch is written, before its fsync, with the call that makes it durable
+    /// (decision 0027): nobody is told about the batch before that call succeeds. The next
+    /// batch may be committed meanwhile, on top of this one. `None`: durable already.
+    fn commit_unsynced(
+        &self,
+        committer: &mut Committer,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<(Vec<Outcome>, Option<SyncCommit>), StoreError> {
+        self.commit(committer, requests, now)
+            .map(|outcomes| (outcomes, None))
+    }
 
     /// Commits a batch of a guest edge's users under the lease this edge claimed for them
     /// (takeover, decision 0015). Only a store every edge shares serves guests; the others
@@ -284,6 +301,21 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     ) -> Result<Vec<Outcome>, StoreError> {
         // Every request of a shard's batch is for an inbox homed to it (the session routes them).
         committer.commit_batch(&*self.own()?, requests, now)
+    }
+
+    fn commit_unsynced(
+        &self,
+        committer: &mut Committer,
+        requests: &[Request],
+        now: UnixMillis,
+    ) -> Result<(Vec<Outcome>, Option<SyncCommit>), StoreError> {
+        let own = self.own()?;
+        let (outcomes, version) = committer.commit_batch_unsynced(&*own, requests, now)?;
+        // The sync holds this store: a reopen meanwhile opens another, which never had the
+        // commit (the sync then fails on the poisoned one, as it must).
+        let sync =
+            version.map(|version| -> SyncCommit { Box::new(move || own.sync_through(version)) });
+        Ok((outcomes, sync))
     }
 
     fn read_inbox(

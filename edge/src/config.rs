@@ -546,6 +546,9 @@ pub struct BatchingSection {
     /// A commit running longer than this opens a circuit breaker: new sends get the
     /// retryable `StoreUnavailable` until it completes, instead of queueing behind a slow store.
     pub commit_slow_ms: u64,
+    /// Batches a shard has in flight: 2 writes the next while the previous one's fsync runs
+    /// (the log engine, decision 0027); 1 commits one at a time.
+    pub batches_in_flight_max: usize,
 }
 
 impl Default for ServerSection {
@@ -659,6 +662,7 @@ impl Default for BatchingSection {
             sync_messages_max: core.sync_messages_max,
             ack_commit_delay_ms: core.ack_commit_delay_ms,
             commit_slow_ms: core.commit_slow_ms,
+            batches_in_flight_max: core.batches_in_flight_max,
         }
     }
 }
@@ -1000,6 +1004,7 @@ impl Config {
             sync_messages_max: self.batching.sync_messages_max,
             ack_commit_delay_ms: self.batching.ack_commit_delay_ms,
             commit_slow_ms: self.batching.commit_slow_ms,
+            batches_in_flight_max: self.batching.batches_in_flight_max,
             recipients_must_exist: self.limits.recipients_must_exist,
             expire_scan_keys_max: self.retention.expire_scan_keys_max,
             ..CoreConfig::default()

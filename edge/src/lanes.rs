@@ -1,9 +1,11 @@
 //! Store lanes: threads of a shard that run its blocking store work, each fed by a bounded
 //! queue.
 //!
-//! A shard has three (docs/decisions/0008-per-shard-stores.md):
+//! A shard has four (docs/decisions/0008-per-shard-stores.md):
 //! - the **writer** runs group commits, one at a time, so an fsync never blocks the executor
 //!   and no other shard's commit ever waits behind it;
+//! - the **syncer** makes a written commit durable (the log engine's fsync, decision 0027)
+//!   while the writer writes the next one;
 //! - the **reader** runs sync reads (fjall snapshots: no writer lock), so a reconnect storm
 //!   that reads thousands of pages never stalls a commit;
 //! - **maintenance** runs the expiry and erase passes, which can take long.
@@ -114,6 +116,7 @@ impl Lane {
 #[derive(Debug, Clone)]
 pub struct StoreLanes {
     pub writer: Lane,
+    pub syncer: Lane,
     pub reader: Lane,
     pub maintenance: Lane,
 }
@@ -130,6 +133,8 @@ impl StoreLanes {
         Ok(StoreLanes {
             // One commit is in flight per shard; room for two keeps the lane busy.
             writer: Lane::start(format!("store-w{shard}"), 2, cpu, writer_nice)?,
+            // At most two batches are in flight (`batching.batches_in_flight_max`).
+            syncer: Lane::start(format!("store-s{shard}"), 2, cpu, writer_nice)?,
             reader: Lane::start(format!("store-r{shard}"), reads_queued_max, cpu, 0)?,
             maintenance: Lane::start(format!("store-m{shard}"), 2, cpu, 0)?,
         })

@@ -290,6 +290,13 @@ pub struct Shard {
     purge_waiters: FastHashMap<UserId, Vec<(u64, PurgeReply)>>,
     /// Commit batches taken so far: a batch's number is this count when it was taken.
     batches_taken: u64,
+    /// Own batches taken and not yet handed to the session, oldest first: each one's number
+    /// and, once its commit is written and durable (or failed), its result. The session
+    /// takes them in this order (decision 0027: two can be in flight).
+    own_commits: VecDeque<(u64, Option<OwnCommitDone>)>,
+    /// A commit the committer wrote failed to become durable while the committer was out on
+    /// the writer: what it cached may be ahead of the store, so it forgets it on return.
+    committer_stale: bool,
     /// After a failed commit, no batch is taken before this (`COMMIT_RETRY_DELAY`); the timer
     /// task, which wakes at least every `SHUTDOWN_POLL`, tries again.
     commit_retry_at: Option<Instant>,
@@ -550,6 +557,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         metrics: setup.metrics.shard(u32::from(id)),
         purge_waiters: FastHashMap::default(),
         batches_taken: 0,
+        own_commits: VecDeque::new(),
+        committer_stale: false,
         commit_retry_at: None,
         gauges_published_at: Instant::now(),
         stats: ShardStats::default(),
@@ -762,6 +771,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
 }
 
 /// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
+/// An own batch whose commit is over, waiting for the ones taken before it.
+struct OwnCommitDone {
+    batch: Batch<ConnRef>,
+    result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
+    /// Writing and syncing, not the wait in between.
+    took: Duration,
+}
+
 async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();
@@ -1890,7 +1907,16 @@ impl Shard {
         work: impl FnOnce() -> R + Send + 'static,
         done: impl FnOnce(&mut Shard, R, Duration) + 'static,
     ) {
-        let lane = self.lanes.writer.clone();
+        self.on_lane(self.lanes.writer.clone(), work, done);
+    }
+
+    /// `on_writer` on any of the shard's store lanes.
+    fn on_lane<R: Send + 'static>(
+        &self,
+        lane: crate::lanes::Lane,
+        work: impl FnOnce() -> R + Send + 'static,
+        done: impl FnOnce(&mut Shard, R, Duration) + 'static,
+    ) {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
@@ -1968,22 +1994,92 @@ impl Shard {
         };
         let batch_number = self.batches_taken;
         self.batches_taken += 1;
+        self.own_commits.push_back((batch_number, None));
         let store = self.store.clone();
         let now = self.now_ms();
+        // The writer returns once the batch is written; on the log engine its fsync then runs
+        // on the syncer lane while the next batch is built and written (decision 0027).
         self.on_writer(
             move || {
-                let result = store.commit(&mut committer, &batch.requests, now);
+                let result = store.commit_unsynced(&mut committer, &batch.requests, now);
                 (committer, batch, result)
             },
-            move |shard, (committer, batch, result), took| {
-                shard.committer = Some(committer);
-                shard.measure_commit(&batch, result.is_ok(), took);
-                if result.is_ok() {
-                    shard.answer_commit(&batch, batch_number);
+            move |shard, (mut committer, batch, result), took| {
+                if std::mem::take(&mut shard.committer_stale) {
+                    committer.forget_cached();
                 }
-                shard.finish_commit(batch, result);
+                shard.committer = Some(committer);
+                match result {
+                    Ok((outcomes, Some(sync))) => {
+                        shard.sync_own_commit(batch_number, batch, outcomes, sync, took);
+                    }
+                    Ok((outcomes, None)) => {
+                        shard.own_commit_done(batch_number, batch, Ok(outcomes), took);
+                    }
+                    Err(error) => shard.own_commit_done(batch_number, batch, Err(error), took),
+                }
             },
         );
+    }
+
+    /// Makes a written batch durable on the syncer lane, then hands it on.
+    fn sync_own_commit(
+        &self,
+        batch_number: u64,
+        batch: Batch<ConnRef>,
+        outcomes: Vec<courier_core::commit::Outcome>,
+        sync: crate::backend::SyncCommit,
+        wrote: Duration,
+    ) {
+        self.on_lane(
+            self.lanes.syncer.clone(),
+            sync,
+            move |shard, synced, took| {
+                if synced.is_err() {
+                    // Facts the committer learned from this batch (seqs, cursors) may be
+                    // lost with it.
+                    match shard.committer.as_mut() {
+                        Some(committer) => committer.forget_cached(),
+                        None => shard.committer_stale = true,
+                    }
+                }
+                let result = synced.map(|()| outcomes);
+                shard.own_commit_done(batch_number, batch, result, wrote + took);
+            },
+        );
+    }
+
+    /// Records an own batch's result and hands the session every result that is next in
+    /// order: a batch is answered only after every batch taken before it.
+    fn own_commit_done(
+        &mut self,
+        batch_number: u64,
+        batch: Batch<ConnRef>,
+        result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
+        took: Duration,
+    ) {
+        if let Some((_, slot)) = self
+            .own_commits
+            .iter_mut()
+            .find(|(number, _)| *number == batch_number)
+        {
+            *slot = Some(OwnCommitDone {
+                batch,
+                result,
+                took,
+            });
+        }
+        while let Some((number, Some(_))) = self.own_commits.front() {
+            let number = *number;
+            let Some((_, Some(done))) = self.own_commits.pop_front() else {
+                unreachable!("the front was just seen done");
+            };
+            self.measure_commit(&done.batch, done.result.is_ok(), done.took);
+            if done.result.is_ok() {
+                self.answer_commit(&done.batch, number);
+            }
+            self.finish_commit(done.batch, done.result);
+        }
     }
 
     fn measure_commit(&self, batch: &Batch<ConnRef>, committed: bool, took: Duration) {

@@ -134,16 +134,50 @@ impl<S: Store> Store for FaultStore<S> {
         S: 'a;
 
     fn begin(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
+        self.check_open()?;
+        Ok(FaultTransaction {
+            store: self,
+            inner: self.inner.begin()?,
+        })
+    }
+
+    fn begin_read(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
+        self.check_open()?;
+        Ok(FaultTransaction {
+            store: self,
+            inner: self.inner.begin_read()?,
+        })
+    }
+
+    fn defers_sync(&self) -> bool {
+        self.inner.defers_sync()
+    }
+
+    fn begin_unsynced(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
+        self.check_open()?;
+        Ok(FaultTransaction {
+            store: self,
+            inner: self.inner.begin_unsynced()?,
+        })
+    }
+
+    /// A poisoned store (an injected failed fsync) fails the sync of every commit before
+    /// it too: their records may not be on disk.
+    fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
+        self.check_open()?;
+        self.inner.sync_through(version)
+    }
+}
+
+impl<S: Store> FaultStore<S> {
+    fn check_open(&self) -> Result<(), StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
         if self.is_fenced() {
             return Err(StoreError::Fenced);
         }
-        Ok(FaultTransaction {
-            store: self,
-            inner: self.inner.begin()?,
-        })
+        Ok(())
     }
 }
 

@@ -49,8 +49,14 @@
 //! backlog, where fjall's does not (docs/benchmarks.md).
 //!
 //! Readers (`begin_read`) hold the map's read lock for their transaction, a consistent
-//! snapshot; a writer fsyncs its journal record before it takes the write lock, so a reader
+//! snapshot. A commit reaches the map only after its journal record is fsynced, so a reader
 //! never sees a commit that is not yet durable, and never waits for an fsync.
+//!
+//! A commit from [`Store::begin_unsynced`] returns once its record is written, before the
+//! fsync (decision 0027): it waits as the *pending* commit, whose changes the next write
+//! transaction reads in front of the map, until [`Store::sync_through`] (or the next commit)
+//! fsyncs the journal and moves them into the map. A commit first makes the one before it
+//! durable, so at most one record is ever unsynced, and a crash tears at most the last one.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -233,7 +239,8 @@ fn dedupe_tier_options() -> FjallOptions {
 /// What the writer lock guards.
 #[derive(Debug)]
 struct Writer {
-    journal: File,
+    /// Shared with `Pending`, whose syncer fsyncs it.
+    journal: Arc<File>,
     journal_id: u64,
     /// Where the next record goes in `journal`.
     journal_offset: u64,
@@ -271,11 +278,50 @@ pub struct LogRecovery {
     pub elapsed: std::time::Duration,
 }
 
+/// A commit written to the journal and not yet known durable (at most one).
+struct PendingCommit {
+    version: CommitVersion,
+    /// Its changes, sorted by key, one per key: the writer's reads search them.
+    changes: Vec<(Bytes, Option<Bytes>)>,
+}
+
+/// What the syncer needs: the pending commit, and the journal it is in.
+struct Pending {
+    commit: Option<PendingCommit>,
+    journal: Arc<File>,
+}
+
+impl Pending {
+    /// The pending value of `key`: `Some(None)` if the pending commit deletes it.
+    fn get(&self, key: &[u8]) -> Option<Option<Bytes>> {
+        let changes = &self.commit.as_ref()?.changes;
+        let at = changes
+            .binary_search_by(|(changed, _)| changed[..].cmp(key))
+            .ok()?;
+        Some(changes[at].1.clone())
+    }
+
+    /// The pending changes in `[begin, end)`, in key order.
+    fn range(&self, begin: &[u8], end: &[u8]) -> Vec<(Bytes, Option<Bytes>)> {
+        let Some(commit) = &self.commit else {
+            return Vec::new();
+        };
+        let changes = &commit.changes;
+        let from = changes.partition_point(|(key, _)| key[..] < *begin);
+        let to = changes.partition_point(|(key, _)| key[..] < *end);
+        changes[from..to.max(from)].to_vec()
+    }
+}
+
 struct Inner {
     dir: PathBuf,
     options: LogOptions,
     state: RwLock<State>,
     writer: Mutex<Writer>,
+    /// Lock order: `pending` before `state`.
+    pending: Mutex<Pending>,
+    /// One fsync of the journal at a time (`sync_through`).
+    sync_running: Mutex<()>,
     /// A write or fsync failed: what is on disk is unknown until the store is reopened.
     poisoned: AtomicBool,
     /// `State::live_bytes` after the last commit, readable without the lock.
@@ -1075,10 +1121,16 @@ impl LogStore {
             write_format(dir)?;
         }
         let dedupe_move_due = state.dedupe_recent_bytes >= options.dedupe_memory_bytes_max;
+        let journal = Arc::new(journal);
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options: options.clone(),
             state: RwLock::new(state),
+            pending: Mutex::new(Pending {
+                commit: None,
+                journal: Arc::clone(&journal),
+            }),
+            sync_running: Mutex::new(()),
             writer: Mutex::new(Writer {
                 journal,
                 journal_id,
@@ -1297,11 +1349,20 @@ impl Inner {
         }
     }
 
-    /// Writes one commit: journal, fsync, then the map.
+    fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes one commit to the journal. Unless `unsynced`, also fsyncs it and applies it to
+    /// the map before returning; otherwise it is the pending commit until `sync_through` (or
+    /// the next commit) makes it durable. A commit that deletes dedupe records is always
+    /// synced at once: their tombstones go to the tier under the writer lock (rare: a bucket
+    /// of records a day).
     fn commit(
         &self,
         writer: &mut Writer,
-        changes: Vec<(Bytes, Option<Bytes>)>,
+        mut changes: Vec<(Bytes, Option<Bytes>)>,
+        unsynced: bool,
     ) -> Result<CommitVersion, StoreError> {
         self.check_poisoned()?;
         if changes.is_empty() {
@@ -1318,6 +1379,12 @@ impl Inner {
             )));
         }
         self.check_memory_bound(&changes)?;
+        if unsynced {
+            // The writer's reads search the pending changes. Only cleared keys can repeat
+            // (overlapping ranges), all as deletes: keeping one changes nothing.
+            changes.sort_by(|a, b| a.0[..].cmp(&b.0[..]));
+            changes.dedup_by(|a, b| a.0 == b.0);
+        }
         writer.record.clear();
         encode_record(
             &mut writer.record,
@@ -1331,6 +1398,9 @@ impl Inner {
                 writer.record.len()
             )));
         }
+        // The commit before this one durable first (usually it is, or its fsync is running):
+        // then a crash tears at most this record, and nothing after a torn one is acknowledged.
+        self.sync_through(writer.version)?;
         let record_bytes = writer.record.len() as u64;
         if writer.journal_offset > 0
             && writer.journal_offset + record_bytes > writer.journal_capacity
@@ -1344,7 +1414,6 @@ impl Inner {
             writer
                 .journal
                 .write_all_at(&writer.record, writer.journal_offset)
-                .and_then(|()| writer.journal.sync_data())
         };
         if let Err(error) = written {
             // The record may be on disk in part or whole: only recovery can tell.
@@ -1358,12 +1427,63 @@ impl Inner {
                 error,
             ));
         }
-        let deleted = changes.iter().any(|(_, value)| value.is_none());
+        let mut deletes_dedupe = false;
         for (key, value) in &changes {
-            if value.is_some() {
-                writer.dedupe_filter.note_written(key);
+            match value {
+                Some(_) => writer.dedupe_filter.note_written(key),
+                None => {
+                    deletes_dedupe |= is_dedupe(key);
+                    self.deleted_since_checkpoint.store(true, Ordering::Release);
+                }
             }
         }
+        writer.journal_offset += record_bytes;
+        self.journal_bytes_since_checkpoint
+            .fetch_add(record_bytes, Ordering::Relaxed);
+        // A large one-off record is not kept for the next commit.
+        if writer.record.capacity() > 1 << 20 {
+            writer.record = Vec::new();
+        }
+        writer.version += 1;
+        let version = writer.version;
+        self.lock_pending().commit = Some(PendingCommit { version, changes });
+        if !unsynced || deletes_dedupe {
+            self.sync_through(version)?;
+        }
+        self.want_checkpoint_if_due();
+        Ok(version)
+    }
+
+    /// Makes every commit up to `version` durable: fsyncs the journal if the pending commit
+    /// is one of them, then applies it to the map, where readers see it. One fsync at a time;
+    /// a caller that finds its commit synced meanwhile returns at once.
+    fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
+        let _running = self.sync_running.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_poisoned()?;
+        let journal = {
+            let pending = self.lock_pending();
+            match &pending.commit {
+                Some(commit) if commit.version <= version => Arc::clone(&pending.journal),
+                // Synced already (a later commit may be pending: the writer syncs the one
+                // before it first).
+                _ => return Ok(()),
+            }
+        };
+        if let Err(error) = journal.sync_data() {
+            // The record may be on disk in part or whole: only recovery can tell.
+            self.poisoned.store(true, Ordering::Release);
+            return Err(io(
+                format!("fsync the journal in {}", self.dir.display()),
+                error,
+            ));
+        }
+        // Under the pending lock until the map holds the changes: a writer's read finds them
+        // in one or the other, never in neither. Only a writer holding `sync_running` replaces
+        // the pending commit, so it is still the one synced.
+        let mut pending = self.lock_pending();
+        let Some(commit) = pending.commit.take() else {
+            return Ok(());
+        };
         // A deleted dedupe record may be in the tier, so it gets a tombstone there. Memory
         // first: the commit's changes become visible together, its deleted dedupe keys marked
         // as pending tombstones; then the tombstones, outside the map's lock (a tier write can
@@ -1372,7 +1492,7 @@ impl Inner {
         let mut tombstones = Vec::new();
         let dedupe_recent_bytes = {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-            for (key, value) in changes {
+            for (key, value) in commit.changes {
                 match value {
                     Some(value) => state.set_any(key, value),
                     None if is_dedupe(&key) => {
@@ -1389,6 +1509,7 @@ impl Inner {
                 .store(state.dedupe_memory_bytes(), Ordering::Relaxed);
             state.dedupe_recent_bytes
         };
+        drop(pending);
         if !tombstones.is_empty() {
             let tiered = self
                 .dedupe
@@ -1407,19 +1528,7 @@ impl Inner {
         if dedupe_recent_bytes >= self.options.dedupe_memory_bytes_max {
             self.want_background(|request| request.dedupe_move_wanted = true);
         }
-        if deleted {
-            self.deleted_since_checkpoint.store(true, Ordering::Release);
-        }
-        writer.journal_offset += record_bytes;
-        self.journal_bytes_since_checkpoint
-            .fetch_add(record_bytes, Ordering::Relaxed);
-        // A large one-off record is not kept for the next commit.
-        if writer.record.capacity() > 1 << 20 {
-            writer.record = Vec::new();
-        }
-        self.want_checkpoint_if_due();
-        writer.version += 1;
-        Ok(writer.version)
+        Ok(())
     }
 
     /// Refuses a commit that would leave the live pairs above `memory_bytes_max`. What its
@@ -1634,6 +1743,9 @@ impl Inner {
     /// otherwise, unless `only_spare`, a new appending journal (with `only_spare` the writer
     /// stays and writes past its segment's end).
     fn next_journal(&self, writer: &mut Writer, only_spare: bool) -> Result<(), StoreError> {
+        // The pending commit is in the current journal: durable and in the map before the
+        // writer leaves it (a checkpoint snapshots the map and deletes the journals before).
+        self.sync_through(writer.version)?;
         let id = writer.journal_id + 1;
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (journal, capacity) = match spare {
@@ -1666,6 +1778,8 @@ impl Inner {
                 }
             },
         };
+        let journal = Arc::new(journal);
+        self.lock_pending().journal = Arc::clone(&journal);
         writer.journal = journal;
         writer.journal_id = id;
         writer.journal_offset = 0;
@@ -1877,6 +1991,8 @@ impl std::fmt::Debug for LogTransaction<'_> {
 struct LogEngine<'a> {
     inner: &'a Inner,
     access: LogAccess<'a>,
+    /// A writer's commit returns before its fsync (`Store::begin_unsynced`).
+    unsynced: bool,
 }
 
 impl std::fmt::Debug for LogEngine<'_> {
@@ -1885,8 +2001,9 @@ impl std::fmt::Debug for LogEngine<'_> {
     }
 }
 
-/// A writer reads the map under short read locks (only it changes the map); a reader holds
-/// the read lock for its whole transaction, a consistent snapshot.
+/// A writer reads the pending commit, then the map under short read locks (only it and the
+/// syncer change the map, and the syncer only with what was pending); a reader holds the read
+/// lock for its whole transaction, a consistent snapshot of what is durable.
 enum LogAccess<'a> {
     Write(MutexGuard<'a, Writer>),
     Read(RwLockReadGuard<'a, State>),
@@ -1898,6 +2015,61 @@ impl LogEngine<'_> {
             LogAccess::Write(_) => read(&self.inner.read_state()),
             LogAccess::Read(state) => read(state),
         }
+    }
+
+    /// Visits the durable pairs in `[begin, end)` and, for a writer, the pending commit's over
+    /// them, in key order.
+    fn scan_with_pending(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let pending = match &self.access {
+            LogAccess::Write(_) => self.inner.lock_pending().range(begin, end),
+            LogAccess::Read(_) => Vec::new(),
+        };
+        if pending.is_empty() {
+            return self.scan_durable(begin, end, visit);
+        }
+        let mut next = 0;
+        let mut stopped = false;
+        let mut give = |key: &[u8], value: &[u8], stopped: &mut bool| {
+            *stopped = !visit(key, value);
+            !*stopped
+        };
+        self.scan_durable(begin, end, &mut |key, value| {
+            while let Some((pending_key, pending_value)) = pending.get(next)
+                && pending_key[..] < *key
+            {
+                next += 1;
+                if let Some(pending_value) = pending_value
+                    && !give(pending_key, pending_value, &mut stopped)
+                {
+                    return false;
+                }
+            }
+            if let Some((pending_key, pending_value)) = pending.get(next)
+                && pending_key[..] == *key
+            {
+                next += 1;
+                return match pending_value {
+                    Some(pending_value) => give(key, pending_value, &mut stopped),
+                    None => true,
+                };
+            }
+            give(key, value, &mut stopped)
+        })?;
+        if !stopped {
+            for (key, value) in &pending[next..] {
+                if let Some(value) = value
+                    && !visit(key, value)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Visits the map's pairs in `[begin, end)`; false when `visit` stopped it.
@@ -1920,10 +2092,13 @@ impl LogEngine<'_> {
 impl Engine for LogEngine<'_> {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.check_poisoned()?;
-        if let LogAccess::Write(writer) = &self.access
-            && writer.dedupe_filter.is_absent(key)
-        {
-            return Ok(None);
+        if let LogAccess::Write(writer) = &self.access {
+            if writer.dedupe_filter.is_absent(key) {
+                return Ok(None);
+            }
+            if let Some(pending) = self.inner.lock_pending().get(key) {
+                return Ok(pending.map(|value| value.to_vec()));
+            }
         }
         if is_dedupe(key) {
             // Memory first, then the tier. A writer holds the writer lock, so nothing changes
@@ -1949,6 +2124,28 @@ impl Engine for LogEngine<'_> {
         if begin >= end {
             return Ok(());
         }
+        self.scan_with_pending(begin, end, visit)
+    }
+
+    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError> {
+        match &mut self.access {
+            LogAccess::Write(writer) => self.inner.commit(writer, changes, self.unsynced),
+            LogAccess::Read(_) if changes.is_empty() => Ok(0),
+            LogAccess::Read(_) => Err(StoreError::Io(
+                "a read-only transaction cannot commit writes: this is a bug".into(),
+            )),
+        }
+    }
+}
+
+impl LogEngine<'_> {
+    /// What is durable in `[begin, end)`: the map and the dedupe tier, in key order.
+    fn scan_durable(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         // In key order: the map below the tier's keys, the tier, the map above them.
         let below = (begin, end.min(DEDUPE_BEGIN));
         let tier = (begin.max(DEDUPE_BEGIN), end.min(DEDUPE_END));
@@ -1967,29 +2164,13 @@ impl Engine for LogEngine<'_> {
         }
         Ok(())
     }
-
-    fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError> {
-        match &mut self.access {
-            LogAccess::Write(writer) => self.inner.commit(writer, changes),
-            LogAccess::Read(_) if changes.is_empty() => Ok(0),
-            LogAccess::Read(_) => Err(StoreError::Io(
-                "a read-only transaction cannot commit writes: this is a bug".into(),
-            )),
-        }
-    }
 }
 
 impl Store for LogStore {
     type Transaction<'a> = LogTransaction<'a>;
 
     fn begin(&self) -> Result<LogTransaction<'_>, StoreError> {
-        self.inner.check_poisoned()?;
-        Ok(LogTransaction {
-            overlay: Overlay::new(LogEngine {
-                inner: &self.inner,
-                access: LogAccess::Write(self.inner.lock_writer()),
-            }),
-        })
+        self.begin_writer(false)
     }
 
     fn begin_read(&self) -> Result<LogTransaction<'_>, StoreError> {
@@ -1998,6 +2179,32 @@ impl Store for LogStore {
             overlay: Overlay::new(LogEngine {
                 inner: &self.inner,
                 access: LogAccess::Read(self.inner.read_state()),
+                unsynced: false,
+            }),
+        })
+    }
+
+    fn defers_sync(&self) -> bool {
+        true
+    }
+
+    fn begin_unsynced(&self) -> Result<LogTransaction<'_>, StoreError> {
+        self.begin_writer(true)
+    }
+
+    fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
+        self.inner.sync_through(version)
+    }
+}
+
+impl LogStore {
+    fn begin_writer(&self, unsynced: bool) -> Result<LogTransaction<'_>, StoreError> {
+        self.inner.check_poisoned()?;
+        Ok(LogTransaction {
+            overlay: Overlay::new(LogEngine {
+                inner: &self.inner,
+                access: LogAccess::Write(self.inner.lock_writer()),
+                unsynced,
             }),
         })
     }
@@ -2009,6 +2216,104 @@ overlay::overlay_transaction!(LogTransaction<'_>);
 mod tests {
     use super::*;
     use crate::store::Transaction;
+
+    fn pairs(list: &[(&[u8], &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        list.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    }
+
+    /// What a reader sees of every key.
+    fn read_all(store: &LogStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut txn = store.begin_read().expect("begin_read");
+        txn.get_range(b"", b"\xff", 100).expect("range")
+    }
+
+    /// A commit from `begin_unsynced` is pending until it is durable (decision 0027): the
+    /// next writer reads it in front of the map (gets, dedupe records, ranges, its deletes);
+    /// a reader sees it only once synced, by `sync_through` or by the next commit, which
+    /// makes the one before it durable before it writes; and it survives a reopen.
+    #[test]
+    fn a_pending_commit_is_seen_by_the_next_writer_and_by_readers_once_durable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions::default();
+        let store = LogStore::open(dir.path(), &options).expect("open");
+        let mut txn = store.begin().expect("begin");
+        txn.set(b"xa", b"1");
+        txn.set(b"xb", b"1");
+        txn.commit().expect("commit");
+
+        let mut txn = store.begin_unsynced().expect("begin_unsynced");
+        txn.set(b"xc", b"2");
+        txn.set(b"d-dedupe", b"2");
+        txn.clear(b"xa");
+        let first = txn.commit().expect("commit");
+        let durable = pairs(&[(b"xa", b"1"), (b"xb", b"1")]);
+        assert_eq!(
+            read_all(&store),
+            durable,
+            "a reader never sees a pending commit"
+        );
+
+        let mut txn = store.begin_unsynced().expect("begin_unsynced");
+        assert_eq!(txn.get(b"xa").expect("get"), None, "the pending delete");
+        assert_eq!(txn.get(b"xc").expect("get"), Some(b"2".to_vec()));
+        assert_eq!(txn.get(b"d-dedupe").expect("get"), Some(b"2".to_vec()));
+        assert_eq!(
+            txn.get_range(b"x", b"y", 10).expect("range"),
+            pairs(&[(b"xb", b"1"), (b"xc", b"2")]),
+            "ranges merge the pending commit over the map"
+        );
+        assert_eq!(
+            txn.get_range(b"x", b"y", 1).expect("range"),
+            pairs(&[(b"xb", b"1")]),
+            "a limit stops the merge"
+        );
+        txn.clear_range(b"xc", b"xd");
+        txn.set(b"xd", b"3");
+        let second = txn.commit().expect("commit");
+        assert_eq!(
+            read_all(&store),
+            pairs(&[(b"d-dedupe", b"2"), (b"xb", b"1"), (b"xc", b"2")]),
+            "the second commit made the first durable before it wrote, and only the first"
+        );
+        store.sync_through(first).expect("sync");
+        assert_eq!(
+            read_all(&store).len(),
+            3,
+            "synced already: nothing more shows"
+        );
+        store.sync_through(second).expect("sync");
+        let last = pairs(&[(b"d-dedupe", b"2"), (b"xb", b"1"), (b"xd", b"3")]);
+        assert_eq!(read_all(&store), last);
+
+        let mut txn = store.begin_unsynced().expect("begin_unsynced");
+        txn.set(b"xe", b"4");
+        txn.commit().expect("commit");
+        drop(store);
+        let store = LogStore::open(dir.path(), &options).expect("reopen");
+        assert_eq!(
+            read_all(&store).len(),
+            4,
+            "a written commit is in the journal (a process crash keeps the page cache)"
+        );
+    }
+
+    /// A checkpoint starts a new journal and deletes the older ones: the pending commit in
+    /// the old journal must be in the map (and so in the snapshot) first.
+    #[test]
+    fn a_checkpoint_keeps_the_pending_commit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions::default();
+        let store = LogStore::open(dir.path(), &options).expect("open");
+        let mut txn = store.begin_unsynced().expect("begin_unsynced");
+        txn.set(b"xa", b"1");
+        txn.commit().expect("commit");
+        store.checkpoint().expect("checkpoint");
+        assert_eq!(read_all(&store), pairs(&[(b"xa", b"1")]));
+        drop(store);
+        let store = LogStore::open(dir.path(), &options).expect("reopen");
+        assert!(store.recovery().snapshot);
+        assert_eq!(read_all(&store), pairs(&[(b"xa", b"1")]));
+    }
 
     /// A dedupe record deleted while a move writes it into the tier stays deleted: the
     /// ingested tables are newer than the delete's first tombstone, so the move writes it

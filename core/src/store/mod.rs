@@ -125,6 +125,29 @@ pub trait Store: Send + Sync {
         self.begin()
     }
 
+    /// Whether [`begin_unsynced`](Store::begin_unsynced) transactions commit before they are
+    /// durable (the log store). The others' commits are durable when they return.
+    fn defers_sync(&self) -> bool {
+        false
+    }
+
+    /// Starts a write transaction whose `commit` returns once its writes are in the store's
+    /// log, before they are durable (decision 0027): later write transactions see them,
+    /// readers (`begin_read`) do not until [`sync_through`](Store::sync_through) has made them
+    /// durable. The caller tells nobody about the commit before that. Stores that do not
+    /// [`defer_sync`](Store::defers_sync) start a plain transaction.
+    fn begin_unsynced(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        self.begin()
+    }
+
+    /// Makes every commit up to `version` (what `commit` returned) durable and visible to
+    /// readers. An error (a failed fsync) poisons the store: the commit may or may not be on
+    /// disk, and every later call fails until it is reopened.
+    fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
+        let _ = version;
+        Ok(())
+    }
+
     /// The lease this store's commits run under (edge and epoch; `crate::takeover`), if any.
     /// A committer forgets what it cached when it changes: another holder may have written
     /// the inboxes in between.
@@ -147,6 +170,18 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
         (**self).begin_read()
+    }
+
+    fn defers_sync(&self) -> bool {
+        (**self).defers_sync()
+    }
+
+    fn begin_unsynced(&self) -> Result<Self::Transaction<'_>, StoreError> {
+        (**self).begin_unsynced()
+    }
+
+    fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
+        (**self).sync_through(version)
     }
 
     fn lease_claim(&self) -> Option<(u32, u64)> {
