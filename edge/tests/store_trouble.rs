@@ -63,15 +63,34 @@ async fn send_and_answer(sender: &mut RawConnection, client_id: u64) -> Frame {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_sends_as_retryable_and_the_edge_recovers_by_itself() {
+    full_disk_then_recovery("").await;
+}
+
+/// The same on the log engine, whose commits are written by the writer and fsynced by the
+/// syncer, two batches in flight (decision 0027): a failed journal write fails the batch
+/// waiting for its sync too, and the store is reopened in place. Small journal segments
+/// make the writer need a new one soon after the disk fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_the_log_engine_refuses_sends_as_retryable_and_recovers() {
+    full_disk_then_recovery(
+        "[store]\nengine = \"log\"\nlog_journal_segment_bytes = 1048576\n\
+         [batching]\nbatches_in_flight_max = 2\n",
+    )
+    .await;
+}
+
+async fn full_disk_then_recovery(config: &str) {
     let disk = Tmpfs::mount(48);
     let data_dir = disk.path().join("data");
     let edge = Edge::start_in(
         1,
         Some(&data_dir),
-        "[limits.send_per_connection]\nmessages_per_sec = 0\nmessages_burst = 0\n\
-         bytes_per_sec = 0\nbytes_burst = 0\n\
-         [limits.send_per_user]\nmessages_per_sec = 0\nmessages_burst = 0\n\
-         bytes_per_sec = 0\nbytes_burst = 0\n",
+        &format!(
+            "[limits.send_per_connection]\nmessages_per_sec = 0\nmessages_burst = 0\n\
+             bytes_per_sec = 0\nbytes_burst = 0\n\
+             [limits.send_per_user]\nmessages_per_sec = 0\nmessages_burst = 0\n\
+             bytes_per_sec = 0\nbytes_burst = 0\n{config}"
+        ),
         &[],
     );
     let pid = edge.pid().expect("edge runs");
