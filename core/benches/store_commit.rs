@@ -20,6 +20,11 @@
 //! zero-filled a segment ahead (`LogOptions::journal_segment_bytes = 0`): what preallocation
 //! saves.
 //!
+//! With `--log --pipelined`, commits return once written (`Committer::commit_batch_unsynced`)
+//! and a second thread makes each durable (`Store::sync_through`) while the next batch is
+//! built and written, as an edge shard with two batches in flight does (decision 0027). A
+//! batch's latency then runs from its start until it is durable.
+//!
 //! With `--reopen`, each writer's store is closed after its run and opened again, timed: how
 //! long a restart takes to recover what the run stored (fjall replays its journal; the log
 //! store loads its snapshot and replays its journals).
@@ -35,7 +40,7 @@
 //! messages. The drain alone is timed, and runs inside `drain_stored_messages`, so
 //! `valgrind --tool=callgrind --toggle-collect='*drain_stored_messages*'` counts it alone.
 //!
-//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--drain] [--reopen] [--append]`
+//! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--pipelined] [--drain] [--reopen] [--append]`
 //! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
 
@@ -74,6 +79,7 @@ fn main() {
     let mut log = false;
     let mut reopen = false;
     let mut append = false;
+    let mut pipelined = false;
     let mut inboxes = None;
     let mut drain = false;
     let mut memtable_mib: Option<u64> = None;
@@ -101,6 +107,7 @@ fn main() {
             "--log" => log = true,
             "--reopen" => reopen = true,
             "--append" => append = true,
+            "--pipelined" => pipelined = true,
             "--drain" => drain = true,
             "--memtable-mib" => {
                 memtable_mib = Some(
@@ -131,11 +138,15 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--drain] [--reopen] [--append]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--pipelined] [--drain] [--reopen] [--append]"
                 );
                 std::process::exit(2);
             }
         }
+    }
+    if pipelined && (raw || drain || !log) {
+        eprintln!("--pipelined runs the commit logic's sends on the log store: with --log, not with --raw or --drain");
+        std::process::exit(2);
     }
     if drain && raw {
         eprintln!("--drain reads and acknowledges what the commit logic stored; not with --raw");
@@ -161,6 +172,8 @@ fn main() {
             "raw set per message"
         } else if drain {
             "drain: read pages and acknowledge them (fill before, not timed)"
+        } else if pipelined {
+            "commit logic, pipelined: the next batch is written while this one syncs"
         } else {
             "commit logic"
         }
@@ -191,6 +204,7 @@ fn main() {
                             duration,
                             messages_max,
                             raw,
+                            pipelined,
                             inboxes,
                             drain_messages,
                         };
@@ -249,6 +263,8 @@ struct Workload {
     /// Stop after this many messages instead (then `duration` does not apply).
     messages_max: Option<u64>,
     raw: bool,
+    /// Sync each batch on a second thread while the next is written.
+    pipelined: bool,
     inboxes: u64,
     /// Store this many messages, then time their drain instead of the sends.
     drain_messages: Option<u64>,
@@ -323,6 +339,7 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         duration,
         messages_max,
         raw,
+        pipelined,
         inboxes,
         drain_messages,
     } = workload;
@@ -333,9 +350,48 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
     if let Some(fill) = drain_messages {
         return fill_then_drain(store, &config, workload, fill);
     }
+    if pipelined {
+        return std::thread::scope(|scope| {
+            // At most two batches in flight: the one syncing and the one being written.
+            let (to_sync, synced) = std::sync::mpsc::sync_channel::<(u64, Instant)>(1);
+            let syncer = scope.spawn(move || {
+                let mut latencies = Vec::new();
+                for (version, started) in synced {
+                    store.sync_through(version).expect("sync");
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            });
+            let mut sends = SendSource::new(batch_size, writer, inboxes);
+            let mut committer = Committer::new(&config);
+            let mut messages = 0u64;
+            let now_ms = 1_700_000_000_000u64;
+            let start = Instant::now();
+            while match messages_max {
+                Some(max) => messages < max,
+                None => start.elapsed() < duration,
+            } {
+                let batch = sends.next_batch();
+                let started = Instant::now();
+                let (outcomes, version) = committer
+                    .commit_batch_unsynced(store, &batch, now_ms + messages)
+                    .expect("commit");
+                assert_eq!(outcomes.len(), batch_size);
+                let version = version.expect("the log store defers its syncs");
+                to_sync.send((version, started)).expect("syncer runs");
+                messages += batch_size as u64;
+            }
+            drop(to_sync);
+            let latencies = syncer.join().expect("syncer thread");
+            RunResult {
+                messages,
+                elapsed: start.elapsed(),
+                latencies,
+            }
+        });
+    }
     let mut committer = Committer::new(&config);
-    let mut rng = Rng::new(batch_size as u64 * 1000 + writer);
-    let mut client_id = 0u64;
+    let mut sends = SendSource::new(batch_size, writer, inboxes);
     let mut latencies = Vec::new();
     let mut messages = 0u64;
     let now_ms = 1_700_000_000_000u64;
@@ -345,18 +401,7 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         None => start.elapsed() < duration,
     };
     while more(messages) {
-        let batch: Vec<Request> = (0..batch_size)
-            .map(|_| {
-                client_id += 1;
-                Request::Send(SendRequest {
-                    sender: 1 + rng.below(inboxes),
-                    client_id,
-                    to: 1 + rng.below(inboxes),
-                    body: vec![0x5A; BODY_BYTES],
-                    ttl_secs: None,
-                })
-            })
-            .collect();
+        let batch = sends.next_batch();
         let commit_start = Instant::now();
         if raw {
             let mut txn = store.begin().expect("begin");
@@ -379,6 +424,40 @@ fn run_on<S: Store>(store: &S, workload: &Workload) -> RunResult {
         messages,
         elapsed: start.elapsed(),
         latencies,
+    }
+}
+
+/// First sends, 200 bytes each, between random users: the same for every engine and mode.
+struct SendSource {
+    batch_size: usize,
+    inboxes: u64,
+    rng: Rng,
+    client_id: u64,
+}
+
+impl SendSource {
+    fn new(batch_size: usize, writer: u64, inboxes: u64) -> SendSource {
+        SendSource {
+            batch_size,
+            inboxes,
+            rng: Rng::new(batch_size as u64 * 1000 + writer),
+            client_id: 0,
+        }
+    }
+
+    fn next_batch(&mut self) -> Vec<Request> {
+        (0..self.batch_size)
+            .map(|_| {
+                self.client_id += 1;
+                Request::Send(SendRequest {
+                    sender: 1 + self.rng.below(self.inboxes),
+                    client_id: self.client_id,
+                    to: 1 + self.rng.below(self.inboxes),
+                    body: vec![0x5A; BODY_BYTES],
+                    ttl_secs: None,
+                })
+            })
+            .collect()
     }
 }
 
