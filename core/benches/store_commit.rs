@@ -145,7 +145,9 @@ fn main() {
         }
     }
     if pipelined && (raw || drain || !log) {
-        eprintln!("--pipelined runs the commit logic's sends on the log store: with --log, not with --raw or --drain");
+        eprintln!(
+            "--pipelined runs the commit logic's sends on the log store: with --log, not with --raw or --drain"
+        );
         std::process::exit(2);
     }
     if drain && raw {

@@ -601,8 +601,10 @@ impl SeqSource {
     /// The stored floor is a snapshot read: it adds no read conflict, so on FoundationDB a
     /// send to a new inbox does not conflict with another shard forgetting one of its own
     /// inboxes. That is safe because the floor only has to be above the seqs of this shard's
-    /// own forgotten inboxes, and this shard raised it for those in batches that committed
-    /// before this one began (one batch in flight per shard; a takeover fences the old owner).
+    /// own forgotten inboxes, and this shard raised it for those in batches written before
+    /// this one began: one committer per shard writes its batches one after another, each
+    /// committed (or, on the log store, pending and read by the next, decision 0027) before
+    /// the next begins; a takeover fences the old owner.
     fn floor<T: Transaction>(&mut self, txn: &mut T) -> Result<u64, StoreError> {
         let stored = match self.floor_stored {
             Some(floor) => floor,

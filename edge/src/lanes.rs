@@ -131,7 +131,7 @@ impl StoreLanes {
         writer_nice: i32,
     ) -> Result<StoreLanes, String> {
         Ok(StoreLanes {
-            // One commit is in flight per shard; room for two keeps the lane busy.
+            // One commit is written at a time per shard; room for two keeps the lane busy.
             writer: Lane::start(format!("store-w{shard}"), 2, cpu, writer_nice)?,
             // At most two batches are in flight (`batching.batches_in_flight_max`).
             syncer: Lane::start(format!("store-s{shard}"), 2, cpu, writer_nice)?,
