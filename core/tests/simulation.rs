@@ -156,6 +156,8 @@ struct Stats {
     sends_store_slow: u64,
     /// Batches taken while another of their shard's was still in flight (decision 0027).
     batches_behind_another: u64,
+    /// Batches committed unsynced, synced when their result came back (the log store).
+    commits_unsynced: u64,
     /// Poisoned stores reopened in place (without a process crash).
     store_reopens: u64,
     /// Inboxes expiry emptied and handed to their home shard to be forgotten.
@@ -199,6 +201,7 @@ impl Stats {
         self.slow_commits += other.slow_commits;
         self.sends_store_slow += other.sends_store_slow;
         self.batches_behind_another += other.batches_behind_another;
+        self.commits_unsynced += other.commits_unsynced;
         self.store_reopens += other.store_reopens;
         self.inboxes_emptied += other.inboxes_emptied;
         self.seqs_from_floor += other.seqs_from_floor;
@@ -247,6 +250,10 @@ fn simulation_on_the_log_store() {
                 && total.recoveries_from_snapshot > 50
                 && total.messages_acked > 1_000,
             "too few crashes, reopens, snapshots or messages to test recovery: {total:?}"
+        );
+        assert!(
+            total.commits_unsynced > 1_000 && total.batches_behind_another > 1_000,
+            "too few unsynced commits, or too few taken while another was in flight: {total:?}"
         );
     }
 }
@@ -904,12 +911,19 @@ impl<S: SimStore> World<S> {
                 if !self.commits_in_flight[shard].is_empty() {
                     self.stats.batches_behind_another += 1;
                 }
-                let written =
-                    self.committers[shard].commit_batch_unsynced(&self.store, &batch.requests, now);
+                // As the edge does: unsynced when more waits (the next batch goes at once).
+                let written = if batch.more_waiting {
+                    self.committers[shard].commit_batch_unsynced(&self.store, &batch.requests, now)
+                } else {
+                    self.committers[shard]
+                        .commit_batch(&self.store, &batch.requests, now)
+                        .map(|outcomes| (outcomes, None))
+                };
                 let (result, sync) = match written {
                     Ok((outcomes, sync)) => (Ok(outcomes), sync),
                     Err(error) => (Err(error), None),
                 };
+                self.stats.commits_unsynced += u64::from(sync.is_some());
                 if let Ok(outcomes) = &result {
                     for (request, outcome) in batch.requests.iter().zip(outcomes) {
                         if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =

@@ -1997,11 +1997,19 @@ impl Shard {
         self.own_commits.push_back((batch_number, None));
         let store = self.store.clone();
         let now = self.now_ms();
-        // The writer returns once the batch is written; on the log engine its fsync then runs
-        // on the syncer lane while the next batch is built and written (decision 0027).
+        // With more waiting, the writer returns once the batch is written; on the log engine
+        // its fsync then runs on the syncer lane while the next batch is built and written
+        // (decision 0027). Otherwise the writer commits it in one step: no next batch to
+        // overlap, and one hand-over between threads fewer.
         self.on_writer(
             move || {
-                let result = store.commit_unsynced(&mut committer, &batch.requests, now);
+                let result = if batch.more_waiting {
+                    store.commit_unsynced(&mut committer, &batch.requests, now)
+                } else {
+                    store
+                        .commit(&mut committer, &batch.requests, now)
+                        .map(|outcomes| (outcomes, None))
+                };
                 (committer, batch, result)
             },
             move |shard, (mut committer, batch, result), took| {
