@@ -529,7 +529,7 @@ impl<T> InboxShard<T> {
                             up_to_seq,
                         } => {
                             // Re-inserting never grows the table past its maximum by more
-                            // than this batch took out of it.
+                            // than the batches in flight took out of it.
                             let merged = self.acks.entry((inbox, device)).or_insert(up_to_seq);
                             *merged = (*merged).max(up_to_seq);
                             retried_acks = true;

@@ -158,6 +158,10 @@ struct Stats {
     batches_behind_another: u64,
     /// Batches committed unsynced, synced when their result came back (the log store).
     commits_unsynced: u64,
+    /// Unsynced commits a power cut lost (the log store).
+    unsynced_lost: u64,
+    /// Power cuts just after an unsynced batch was answered (the log store).
+    power_cuts_after_answers: u64,
     /// Poisoned stores reopened in place (without a process crash).
     store_reopens: u64,
     /// Inboxes expiry emptied and handed to their home shard to be forgotten.
@@ -202,6 +206,8 @@ impl Stats {
         self.sends_store_slow += other.sends_store_slow;
         self.batches_behind_another += other.batches_behind_another;
         self.commits_unsynced += other.commits_unsynced;
+        self.unsynced_lost += other.unsynced_lost;
+        self.power_cuts_after_answers += other.power_cuts_after_answers;
         self.store_reopens += other.store_reopens;
         self.inboxes_emptied += other.inboxes_emptied;
         self.seqs_from_floor += other.seqs_from_floor;
@@ -255,6 +261,10 @@ fn simulation_on_the_log_store() {
             total.commits_unsynced > 1_000 && total.batches_behind_another > 1_000,
             "too few unsynced commits, or too few taken while another was in flight: {total:?}"
         );
+        assert!(
+            total.power_cuts_after_answers > 50 && total.unsynced_lost > 0,
+            "too few power cuts after answers, or none lost an unsynced commit: {total:?}"
+        );
     }
 }
 
@@ -262,6 +272,13 @@ fn simulation_on_the_log_store() {
 /// what a restarted edge finds is what the store made durable.
 trait SimStore: Store {
     fn restart(&mut self);
+
+    /// Restarts after a power cut: what was written and never fsynced is lost. Returns
+    /// whether a written commit was lost.
+    fn cut_power(&mut self) -> bool {
+        self.restart();
+        false
+    }
 
     /// Restarts so far that recovered from a snapshot.
     fn recoveries_from_snapshot(&self) -> u64 {
@@ -318,6 +335,17 @@ impl SimLog {
 }
 
 impl SimStore for SimLog {
+    /// The pending commit's record (written by an unsynced commit, not yet synced) is lost.
+    fn cut_power(&mut self) -> bool {
+        let lost = self
+            .store
+            .take()
+            .expect("the log store is open")
+            .cut_power_for_test();
+        self.restart();
+        lost
+    }
+
     fn restart(&mut self) {
         // Close first: the store locks its directory.
         self.store = None;
@@ -510,6 +538,8 @@ struct World<S: SimStore> {
     slow_commit_per_thousand: u64,
     /// When the poisoned store is reopened (`store_refused`).
     store_reopen_at: Option<u64>,
+    /// When the power fails, a few steps after an unsynced batch was answered.
+    power_cut_at: Option<u64>,
     /// Frames for connections whose input the edge paused, in arrival order. Ordered by
     /// connection, so a seed replays exactly.
     held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
@@ -668,6 +698,7 @@ impl<S: SimStore> World<S> {
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             store_reopen_at: None,
+            power_cut_at: None,
             next_slot: 0,
             network: BTreeMap::new(),
             lane_clock: HashMap::new(),
@@ -884,9 +915,27 @@ impl<S: SimStore> World<S> {
                 self.apply_effects(shard);
             }
         }
-        // A poisoned store is reopened in place after a pause, as the edge does.
+        if self.power_cut_at.is_some_and(|at| at <= self.now) {
+            self.power_cut_at = None;
+            self.stats.power_cuts_after_answers += 1;
+            self.crash_with(true);
+        }
+        // A poisoned store is reopened in place after a pause, as the edge does. A batch in
+        // flight syncs on the store that wrote it (the edge's sync holds that instance): it
+        // fails, unless its commit was durable already.
         if self.store_reopen_at.is_some_and(|at| at <= self.now) {
             self.store_reopen_at = None;
+            for shard in 0..self.commits_in_flight.len() {
+                for in_flight in &mut self.commits_in_flight[shard] {
+                    if let Some(version) = in_flight.sync.take()
+                        && in_flight.result.is_ok()
+                        && let Err(error) = self.store.sync_through(version)
+                    {
+                        in_flight.result = Err(error);
+                        self.committers[shard].forget_cached();
+                    }
+                }
+            }
             self.store.reopen();
             self.store.inner_mut().restart();
         }
@@ -905,6 +954,10 @@ impl<S: SimStore> World<S> {
                     .pop_front()
                     .expect("in flight");
                 self.finish_in_flight(shard, in_flight);
+            }
+            if self.power_cut_at.is_some() {
+                // The writer stalls until the power cut.
+                continue;
             }
             let now = self.edge_now();
             if let Some(batch) = self.shards[shard].poll_batch(now) {
@@ -946,7 +999,11 @@ impl<S: SimStore> World<S> {
                 let due = if self.rng.below(1000) < self.slow_commit_per_thousand {
                     self.stats.slow_commits += 1;
                     self.now + 1 + self.rng.below(3 * self.config.commit_slow_ms)
-                } else if self.config.batches_in_flight_max > 1 && self.rng.chance(1, 3) {
+                } else if sync.is_some()
+                    || (self.config.batches_in_flight_max > 1 && self.rng.chance(1, 3))
+                {
+                    // An unsynced commit's fsync takes a while: the next batch goes meanwhile,
+                    // and a crash then may cut the power on it.
                     self.now + 1 + self.rng.below(2)
                 } else {
                     self.now
@@ -992,7 +1049,7 @@ impl<S: SimStore> World<S> {
                 }
             }
         }
-        if self.rng.chance(1, 50) {
+        if self.rng.chance(1, 50) && self.power_cut_at.is_none() {
             // Expiry runs alongside, as on the edge's maintenance thread; a store that refuses
             // it is handled as the edge handles it.
             match commit::expire(&self.store, self.edge_now(), &self.config) {
@@ -1038,6 +1095,7 @@ impl<S: SimStore> World<S> {
             sync,
             ..
         } = in_flight;
+        let synced = sync.is_some();
         let result = match (result, sync) {
             (Ok(outcomes), Some(version)) => match self.store.sync_through(version) {
                 Ok(()) => Ok(outcomes),
@@ -1048,7 +1106,14 @@ impl<S: SimStore> World<S> {
             },
             (result, _) => result,
         };
+        let answered = result.is_ok();
         self.finish_commit(shard, batch, result);
+        // Now and then the power fails once an unsynced batch's answers have reached the
+        // clients (the network's longest way is 30 ms), with no commit in between (the writer
+        // stalls): a batch answered before its fsync would be lost with its acknowledgements.
+        if synced && answered && self.power_cut_at.is_none() && self.rng.chance(1, 30) {
+            self.power_cut_at = Some(self.now + 30 + self.rng.below(20));
+        }
     }
 
     /// A commit's result reaches its shard.
@@ -1082,6 +1147,13 @@ impl<S: SimStore> World<S> {
     /// A process crash: every shard loses its state and the store is reopened. Packets to and
     /// from the process are lost; clients see their connections reset and reconnect.
     fn crash(&mut self) {
+        // Half the crashes cut the power: on the log store an unsynced commit is lost then,
+        // and no acknowledged message may go with it.
+        let power_cut = self.rng.chance(1, 2);
+        self.crash_with(power_cut);
+    }
+
+    fn crash_with(&mut self, power_cut: bool) {
         self.stats.crashes += 1;
         self.start_shards();
         self.network.clear();
@@ -1093,7 +1165,11 @@ impl<S: SimStore> World<S> {
         }
         self.store_reopen_at = None;
         self.store.reopen();
-        self.store.inner_mut().restart();
+        if power_cut {
+            self.stats.unsynced_lost += u64::from(self.store.inner_mut().cut_power());
+        } else {
+            self.store.inner_mut().restart();
+        }
         for client in 0..self.clients.len() {
             if self.clients[client].conn.take().is_some() {
                 let now = self.now;

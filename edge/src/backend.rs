@@ -311,8 +311,9 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     ) -> Result<(Vec<Outcome>, Option<SyncCommit>), StoreError> {
         let own = self.own()?;
         let (outcomes, version) = committer.commit_batch_unsynced(&*own, requests, now)?;
-        // The sync holds this store: a reopen meanwhile opens another, which never had the
-        // commit (the sync then fails on the poisoned one, as it must).
+        // The sync holds this store instance (a version means something to it alone): a
+        // reopen waits for it to let go (the directory's lock), and a sync of a poisoned store
+        // fails unless its commit was durable already.
         let sync =
             version.map(|version| -> SyncCommit { Box::new(move || own.sync_through(version)) });
         Ok((outcomes, sync))

@@ -770,7 +770,6 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     end_tasks().await;
 }
 
-/// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
 /// An own batch whose commit is over, waiting for the ones taken before it.
 struct OwnCommitDone {
     batch: Batch<ConnRef>,
@@ -779,6 +778,7 @@ struct OwnCommitDone {
     took: Duration,
 }
 
+/// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
 async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();

@@ -67,9 +67,10 @@ async fn a_full_disk_refuses_sends_as_retryable_and_the_edge_recovers_by_itself(
 }
 
 /// The same on the log engine, whose commits are written by the writer and fsynced by the
-/// syncer, two batches in flight (decision 0027): a failed journal write fails the batch
-/// waiting for its sync too, and the store is reopened in place. Small journal segments
-/// make the writer need a new one soon after the disk fills.
+/// syncer, two batches in flight (decision 0027): a failed journal write poisons the store,
+/// a batch waiting for its sync then fails unless it was durable already, and the store is
+/// reopened in place. Small journal segments make the writer need a new one soon after the
+/// disk fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_on_the_log_engine_refuses_sends_as_retryable_and_recovers() {
     full_disk_then_recovery(

@@ -162,10 +162,31 @@ impl<S: Store> Store for FaultStore<S> {
     }
 
     /// A poisoned store (an injected failed fsync) fails the sync of every commit before
-    /// it too: their records may not be on disk.
+    /// it too: their records may not be on disk. On a store that defers its syncs, a sync
+    /// fails as often as a commit's fsync does (`fsync_failure_per_million`), synced or not,
+    /// and poisons the store.
     fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
         self.check_open()?;
-        self.inner.sync_through(version)
+        if !self.inner.defers_sync() {
+            return self.inner.sync_through(version);
+        }
+        let (failed, applied) = {
+            let rates = *self.rates.lock().expect("fault rates lock");
+            let mut rng = self.rng.lock().expect("fault rng lock");
+            (
+                rng.below(1_000_000) < rates.fsync_failure_per_million,
+                rng.chance(1, 2),
+            )
+        };
+        if !failed {
+            return self.inner.sync_through(version);
+        }
+        self.counts.fsync_failures.fetch_add(1, Ordering::Relaxed);
+        if applied {
+            self.inner.sync_through(version)?;
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+        Err(StoreError::Io("injected fsync failure".into()))
     }
 }
 

@@ -283,6 +283,9 @@ struct PendingCommit {
     version: CommitVersion,
     /// Its changes, sorted by key, one per key: the writer's reads search them.
     changes: Vec<(Bytes, Option<Bytes>)>,
+    /// Where its record is in the journal, and its length.
+    record_at: u64,
+    record_bytes: u64,
 }
 
 /// What the syncer needs: the pending commit, and the journal it is in.
@@ -1254,6 +1257,29 @@ impl LogStore {
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.inner.checkpoint()
     }
+
+    /// For tests of durability (the simulation's power cut): closes the store as a power cut
+    /// would, losing the journal record of the pending commit (written, never fsynced: zeros
+    /// again where it was) and nothing synced. Returns whether a record was lost.
+    #[doc(hidden)]
+    pub fn cut_power_for_test(self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let inner = &self.inner;
+        let _writer = inner.lock_writer();
+        let _running = inner.sync_running.lock().unwrap_or_else(|p| p.into_inner());
+        // Nothing syncs from here: not a background checkpoint, not the close.
+        inner.poisoned.store(true, Ordering::Release);
+        let pending = inner.lock_pending();
+        let Some(commit) = &pending.commit else {
+            return false;
+        };
+        let zeros = vec![0; commit.record_bytes as usize];
+        pending
+            .journal
+            .write_all_at(&zeros, commit.record_at)
+            .expect("zero the unsynced record");
+        true
+    }
 }
 
 impl Drop for LogStore {
@@ -1378,6 +1404,10 @@ impl Inner {
                 key.len()
             )));
         }
+        // The commit before this one durable and in the map first (usually it is, or its
+        // fsync is running): then a crash tears at most this record, and nothing after a torn
+        // one is acknowledged; and the memory bound counts the map with it.
+        self.sync_through(writer.version)?;
         self.check_memory_bound(&changes)?;
         if unsynced {
             // The writer's reads search the pending changes. Only cleared keys can repeat
@@ -1398,9 +1428,6 @@ impl Inner {
                 writer.record.len()
             )));
         }
-        // The commit before this one durable first (usually it is, or its fsync is running):
-        // then a crash tears at most this record, and nothing after a torn one is acknowledged.
-        self.sync_through(writer.version)?;
         let record_bytes = writer.record.len() as u64;
         if writer.journal_offset > 0
             && writer.journal_offset + record_bytes > writer.journal_capacity
@@ -1437,6 +1464,7 @@ impl Inner {
                 }
             }
         }
+        let record_at = writer.journal_offset;
         writer.journal_offset += record_bytes;
         self.journal_bytes_since_checkpoint
             .fetch_add(record_bytes, Ordering::Relaxed);
@@ -1446,7 +1474,18 @@ impl Inner {
         }
         writer.version += 1;
         let version = writer.version;
-        self.lock_pending().commit = Some(PendingCommit { version, changes });
+        let mut pending = self.lock_pending();
+        debug_assert!(
+            pending.commit.is_none(),
+            "the commit before was synced before this one was written"
+        );
+        pending.commit = Some(PendingCommit {
+            version,
+            changes,
+            record_at,
+            record_bytes,
+        });
+        drop(pending);
         if !unsynced || deletes_dedupe {
             self.sync_through(version)?;
         }
@@ -1459,16 +1498,16 @@ impl Inner {
     /// a caller that finds its commit synced meanwhile returns at once.
     fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
         let _running = self.sync_running.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_poisoned()?;
         let journal = {
             let pending = self.lock_pending();
             match &pending.commit {
                 Some(commit) if commit.version <= version => Arc::clone(&pending.journal),
                 // Synced already (a later commit may be pending: the writer syncs the one
-                // before it first).
+                // before it first). Durable is durable, even if the store failed since.
                 _ => return Ok(()),
             }
         };
+        self.check_poisoned()?;
         if let Err(error) = journal.sync_data() {
             // The record may be on disk in part or whole: only recovery can tell.
             self.poisoned.store(true, Ordering::Release);
@@ -1478,8 +1517,9 @@ impl Inner {
             ));
         }
         // Under the pending lock until the map holds the changes: a writer's read finds them
-        // in one or the other, never in neither. Only a writer holding `sync_running` replaces
-        // the pending commit, so it is still the one synced.
+        // in one or the other, never in neither. It is still the commit synced: a writer
+        // replaces the pending commit only after its own `sync_through` of it, which waits for
+        // `sync_running`.
         let mut pending = self.lock_pending();
         let Some(commit) = pending.commit.take() else {
             return Ok(());
