@@ -112,7 +112,7 @@ impl Lane {
     }
 }
 
-/// The writer, reader and maintenance lanes of one shard.
+/// The writer, syncer, reader and maintenance lanes of one shard.
 #[derive(Debug, Clone)]
 pub struct StoreLanes {
     pub writer: Lane,
