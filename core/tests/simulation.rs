@@ -273,11 +273,11 @@ fn simulation_on_the_log_store() {
 trait SimStore: Store {
     fn restart(&mut self);
 
-    /// Restarts after a power cut: what was written and never fsynced is lost. Returns
-    /// whether a written commit was lost.
-    fn cut_power(&mut self) -> bool {
+    /// Restarts after a power cut: what was written and never fsynced is lost. Returns the
+    /// keys a lost commit had set, if a written commit was lost.
+    fn cut_power(&mut self) -> Option<Vec<Vec<u8>>> {
         self.restart();
-        false
+        None
     }
 
     /// Restarts so far that recovered from a snapshot.
@@ -336,7 +336,7 @@ impl SimLog {
 
 impl SimStore for SimLog {
     /// The pending commit's record (written by an unsynced commit, not yet synced) is lost.
-    fn cut_power(&mut self) -> bool {
+    fn cut_power(&mut self) -> Option<Vec<Vec<u8>>> {
         let lost = self
             .store
             .take()
@@ -508,7 +508,7 @@ struct World<S: SimStore> {
     store: FaultStore<S>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
-    /// Every (inbox, seq) a commit was seen to store.
+    /// Every (inbox, seq) a commit was seen to store, less those a power cut lost.
     assigned: HashSet<(UserId, u64)>,
     /// The highest of them per inbox.
     last_assigned: HashMap<UserId, u64>,
@@ -1062,6 +1062,27 @@ impl<S: SimStore> World<S> {
         }
     }
 
+    /// A power cut lost an unsynced commit: the seqs it gave were never stored (nobody was
+    /// told of them), and a later commit may give them again.
+    fn forget_lost_seqs(&mut self, lost_keys: &[Vec<u8>]) {
+        for key in lost_keys {
+            let Some((inbox, seq)) = keys::parse_message(key) else {
+                continue;
+            };
+            self.assigned.remove(&(inbox, seq));
+            if self.last_assigned.get(&inbox) == Some(&seq) {
+                let last = self
+                    .assigned
+                    .iter()
+                    .filter(|(assigned_to, _)| *assigned_to == inbox)
+                    .map(|(_, seq)| *seq)
+                    .max()
+                    .unwrap_or(0);
+                self.last_assigned.insert(inbox, last);
+            }
+        }
+    }
+
     /// The last seq an inbox used: its counter or, once it is forgotten (the floor is above
     /// it and may come from another inbox), the highest seq a commit gave it.
     fn head(&self, inbox: UserId) -> u64 {
@@ -1166,7 +1187,10 @@ impl<S: SimStore> World<S> {
         self.store_reopen_at = None;
         self.store.reopen();
         if power_cut {
-            self.stats.unsynced_lost += u64::from(self.store.inner_mut().cut_power());
+            if let Some(lost) = self.store.inner_mut().cut_power() {
+                self.stats.unsynced_lost += 1;
+                self.forget_lost_seqs(&lost);
+            }
         } else {
             self.store.inner_mut().restart();
         }

@@ -1260,9 +1260,10 @@ impl LogStore {
 
     /// For tests of durability (the simulation's power cut): closes the store as a power cut
     /// would, losing the journal record of the pending commit (written, never fsynced: zeros
-    /// again where it was) and nothing synced. Returns whether a record was lost.
+    /// again where it was) and nothing synced. Returns the keys the lost commit set, or `None`
+    /// when no commit was pending.
     #[doc(hidden)]
-    pub fn cut_power_for_test(self) -> bool {
+    pub fn cut_power_for_test(self) -> Option<Vec<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
         let inner = &self.inner;
         let _writer = inner.lock_writer();
@@ -1270,15 +1271,20 @@ impl LogStore {
         // Nothing syncs from here: not a background checkpoint, not the close.
         inner.poisoned.store(true, Ordering::Release);
         let pending = inner.lock_pending();
-        let Some(commit) = &pending.commit else {
-            return false;
-        };
+        let commit = pending.commit.as_ref()?;
         let zeros = vec![0; commit.record_bytes as usize];
         pending
             .journal
             .write_all_at(&zeros, commit.record_at)
             .expect("zero the unsynced record");
-        true
+        Some(
+            commit
+                .changes
+                .iter()
+                .filter(|(_, value)| value.is_some())
+                .map(|(key, _)| key.to_vec())
+                .collect(),
+        )
     }
 }
 
