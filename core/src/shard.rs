@@ -39,9 +39,10 @@ pub struct Batch<T> {
     pub tags: Vec<T>,
     /// When each send was queued, in order (the runtime measures send-to-commit latency).
     pub send_queued_ms: Vec<UnixMillis>,
-    /// Sends or links were left queued: the batch reached a maximum, so the next one is ready
-    /// at once. Then it pays to write the next batch while this one's fsync runs (decision
-    /// 0027); otherwise the runtime commits this one in one step, which at a pace saves the
+    /// Requests were left queued that make a batch at once (sends, links, purges, due acks):
+    /// the batch reached a maximum, so the next one is ready, and a second may be in flight.
+    /// Then it pays to write the next batch while this one's fsync runs (decision 0027);
+    /// otherwise the runtime commits this one in one step, which at a pace saves the
     /// hand-over between two threads and keeps the latency of one batch at a time.
     pub more_waiting: bool,
 }
@@ -400,7 +401,14 @@ impl<T> InboxShard<T> {
         if self.acks.is_empty() && self.forgets.is_empty() {
             self.acks_waiting_since_ms = None;
         }
-        batch.more_waiting = !self.queue.is_empty() || !self.links.is_empty();
+        // Due acks or forgets left over, or purges, make a next batch at once too. With one
+        // batch in flight nothing could overlap: the batch commits in one step, as before.
+        let acks_left_due = acks_due && !(self.acks.is_empty() && self.forgets.is_empty());
+        batch.more_waiting = self.batches_in_flight_max > 1
+            && (!self.queue.is_empty()
+                || !self.links.is_empty()
+                || !self.purges.is_empty()
+                || acks_left_due);
         self.in_flight.push_back((self.batches_taken, now_ms));
         self.batches_taken += 1;
         Some(batch)
@@ -599,6 +607,10 @@ mod tests {
 
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![1, 2, 3]);
+        assert!(
+            !batch.more_waiting,
+            "with one batch in flight nothing overlaps: it commits in one step"
+        );
         assert!(
             shard.poll_batch(u64::MAX).is_none(),
             "only one batch in flight"

@@ -921,8 +921,9 @@ impl<S: SimStore> World<S> {
             self.crash_with(true);
         }
         // A poisoned store is reopened in place after a pause, as the edge does. A batch in
-        // flight syncs on the store that wrote it (the edge's sync holds that instance): it
-        // fails, unless its commit was durable already.
+        // flight syncs on the store that wrote it (the edge's sync holds that instance): here
+        // it fails (the fault wrapper refuses every sync once poisoned; the edge's log store
+        // succeeds for a commit durable already, so this is the stricter case).
         if self.store_reopen_at.is_some_and(|at| at <= self.now) {
             self.store_reopen_at = None;
             for shard in 0..self.commits_in_flight.len() {
@@ -1176,6 +1177,8 @@ impl<S: SimStore> World<S> {
 
     fn crash_with(&mut self, power_cut: bool) {
         self.stats.crashes += 1;
+        // A power cut waiting for answers that died with this crash is moot.
+        self.power_cut_at = None;
         self.start_shards();
         self.network.clear();
         self.held.clear();

@@ -1398,6 +1398,10 @@ impl Inner {
     ) -> Result<CommitVersion, StoreError> {
         self.check_poisoned()?;
         if changes.is_empty() {
+            // Durable when it returns, unless unsynced: so is every commit before it.
+            if !unsynced {
+                self.sync_through(writer.version)?;
+            }
             writer.version += 1;
             return Ok(writer.version);
         }
