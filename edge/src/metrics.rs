@@ -91,6 +91,7 @@ pub struct Metrics {
     send_ack_latency: Histograms<ShardLabel>,
     commit_batches: Family<ShardLabel, Counter>,
     commit_failures: Family<ShardLabel, Counter>,
+    commit_batches_overlapped: Family<ShardLabel, Counter>,
     commit_batch_requests: Histograms<ShardLabel>,
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
@@ -200,6 +201,11 @@ impl Metrics {
             "Group-commit batches committed (one transaction and fsync each)"
         );
         let commit_failures = family!("commit_failures", "Group-commit batches the store refused");
+        let commit_batches_overlapped = family!(
+            "commit_batches_overlapped",
+            "Batches written while more waited, their fsync then overlapping the next batch's \
+             work (the log engine, decision 0027)"
+        );
         let commit_batch_requests: Histograms<ShardLabel> =
             Family::new_with_constructor(batch_histogram as fn() -> Histogram);
         registry.register(
@@ -320,6 +326,7 @@ impl Metrics {
             send_ack_latency,
             commit_batches,
             commit_failures,
+            commit_batches_overlapped,
             commit_batch_requests,
             commit_duration,
             sync_reads,
@@ -407,6 +414,7 @@ impl Metrics {
             send_ack_latency: self.send_ack_latency.get_or_create_owned(&label),
             commit_batches: self.commit_batches.get_or_create_owned(&label),
             commit_failures: self.commit_failures.get_or_create_owned(&label),
+            commit_batches_overlapped: self.commit_batches_overlapped.get_or_create_owned(&label),
             commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
@@ -527,6 +535,7 @@ pub struct ShardMetrics {
     pub send_ack_latency: Histogram,
     pub commit_batches: Counter,
     pub commit_failures: Counter,
+    pub commit_batches_overlapped: Counter,
     pub commit_batch_requests: Histogram,
     pub commit_duration: Histogram,
     pub sync_reads: Counter,

@@ -2019,6 +2019,7 @@ impl Shard {
                 shard.committer = Some(committer);
                 match result {
                     Ok((outcomes, Some(sync))) => {
+                        shard.metrics.commit_batches_overlapped.inc();
                         shard.sync_own_commit(batch_number, batch, outcomes, sync, took);
                     }
                     Ok((outcomes, None)) => {

@@ -713,3 +713,56 @@ async fn the_log_engine_reports_the_memory_of_its_recent_dedupe_records() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// On the log engine, sends that arrive faster than one batch takes them are committed two
+/// batches in flight (decision 0027): a batch is written, its fsync runs on the syncer thread
+/// while the next is built, and `courier_commit_batches_overlapped_total` counts it. Every send
+/// is acknowledged and delivered, each sender's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
+    const SENDERS: u64 = 8;
+    const MESSAGES: u32 = 25;
+    let metrics = free_addr();
+    let edge = Edge::start_with(
+        1,
+        &format!(
+            "[metrics]\nlisten = \"{metrics}\"\n[store]\nengine = \"log\"\n\
+             [batching]\nbatch_requests_max = 2\nbatches_in_flight_max = 2\n"
+        ),
+        &[],
+    );
+    let mut receiver = edge.client(90).await;
+    let mut senders = Vec::new();
+    for sender in 0..SENDERS {
+        let client = edge.client(91 + sender).await;
+        senders.push(tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                client
+                    .send(90, i.to_be_bytes().to_vec())
+                    .await
+                    .expect("send");
+            }
+        }));
+    }
+    let mut next_from = std::collections::BTreeMap::new();
+    for _ in 0..SENDERS * u64::from(MESSAGES) {
+        let got = next_message(&mut receiver).await;
+        let expected = next_from.entry(got.from).or_insert(0u32);
+        assert_eq!(
+            got.body,
+            expected.to_be_bytes().to_vec(),
+            "sender {}'s messages in order",
+            got.from
+        );
+        *expected += 1;
+    }
+    for sender in senders {
+        sender.await.expect("sender task");
+    }
+    let overlapped = metric_sum_at(metrics, "courier_commit_batches_overlapped_total")
+        .expect("metrics listener");
+    assert!(
+        overlapped > 0.0,
+        "no batch was written while more waited: {overlapped}"
+    );
+}
