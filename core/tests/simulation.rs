@@ -226,10 +226,11 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
 /// world of seed N on memory (the store's options come from a generator of their own), so a
 /// seed that fails here alone points at the store.
 ///
-/// A simulated crash closes the store as a process would end, not mid-write: a checkpoint in
-/// progress finishes first (torn records and cut snapshots are `core/tests/log_store.rs`'s),
-/// and when the background checkpoints run depends on timing, so a replay of a seed here
-/// takes the same steps but may recover from a different snapshot.
+/// A simulated crash closes the store as a process would end, not mid-write (torn records and
+/// cut snapshots are `core/tests/log_store.rs`'s), or as a power cut would (the commit written
+/// and not yet fsynced is lost). The store's background work (checkpoints, spare segments,
+/// dedupe moves) runs at steps the seed chooses, not on its own thread, so a seed replays
+/// exactly.
 fn run_seed_on_the_log_store(seed: u64) -> Result<Stats, String> {
     World::new(seed, || SimLog::open(seed)).run()
 }
@@ -284,6 +285,9 @@ trait SimStore: Store {
     fn recoveries_from_snapshot(&self) -> u64 {
         0
     }
+
+    /// Runs the store's background work that is due (the log store's checkpoints).
+    fn run_background_work(&self) {}
 }
 
 impl SimStore for MemoryStore {
@@ -318,6 +322,9 @@ impl SimLog {
             journal_segment_bytes: [0, 512, 4_096][rng.below(3) as usize],
             // Dedupe records moved to the tier every few commits, or only at checkpoints.
             dedupe_memory_bytes_max: [256, 4_096, u64::MAX][rng.below(3) as usize],
+            // Checkpoints, spare segments and moves run when the world says (`step`), so a
+            // seed replays exactly.
+            background_thread: false,
             ..LogOptions::default()
         };
         let store = LogStore::open(dir.path(), &options).expect("open the log store");
@@ -335,6 +342,10 @@ impl SimLog {
 }
 
 impl SimStore for SimLog {
+    fn run_background_work(&self) {
+        self.store().run_background_work();
+    }
+
     /// The pending commit's record (written by an unsynced commit, not yet synced) is lost.
     fn cut_power(&mut self) -> Option<Vec<Vec<u8>>> {
         let lost = self
@@ -1025,6 +1036,11 @@ impl<S: SimStore> World<S> {
                     self.commits_in_flight[shard].push_back(in_flight);
                 }
             }
+        }
+        // The store's background thread (checkpoints, spare segments, dedupe moves) runs at
+        // points the seed chooses: between commits, or with one in flight and unsynced.
+        if self.rng.chance(1, 2) {
+            self.store.inner().run_background_work();
         }
         if chaos {
             if self.rng.chance(1, 300) {

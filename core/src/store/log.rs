@@ -134,6 +134,11 @@ pub struct LogOptions {
     /// comes with every checkpoint. About twice this is held while a move runs. Not part of
     /// `memory_bytes_max`, which bounds what stays in memory until it is delivered.
     pub dedupe_memory_bytes_max: u64,
+    /// Run the background work (spare segments, checkpoints, dedupe moves) on the store's own
+    /// thread, as it becomes due. `false`: only when the owner calls
+    /// [`LogStore::run_background_work`], at points of its choosing; the simulation does, so
+    /// that a seed replays exactly (when a checkpoint ran decides what a power cut loses).
+    pub background_thread: bool,
 }
 
 impl Default for LogOptions {
@@ -145,6 +150,7 @@ impl Default for LogOptions {
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
             dedupe_filter_warm_keys_max: 65_536,
             dedupe_memory_bytes_max: 16 * 1024 * 1024,
+            background_thread: true,
         }
     }
 }
@@ -351,6 +357,17 @@ struct Inner {
     dedupe: FjallStore,
     /// Held for the store's life: a second process opening the directory fails.
     _lock: File,
+}
+
+impl CheckpointRequest {
+    /// What is wanted, `(checkpoint, spare, dedupe_move)`, cleared.
+    fn take(&mut self) -> (bool, bool, bool) {
+        (
+            std::mem::take(&mut self.wanted),
+            std::mem::take(&mut self.spare_wanted),
+            std::mem::take(&mut self.dedupe_move_wanted),
+        )
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1158,10 +1175,16 @@ impl LogStore {
             _lock: lock,
         });
         let background = Arc::clone(&inner);
-        let checkpointer = std::thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || background.run_checkpoints())
-            .map_err(|e| io("start the checkpoint thread", e))?;
+        let checkpointer = if options.background_thread {
+            Some(
+                std::thread::Builder::new()
+                    .name("store-checkpoint".into())
+                    .spawn(move || background.run_checkpoints())
+                    .map_err(|e| io("start the checkpoint thread", e))?,
+            )
+        } else {
+            None
+        };
         inner.want_checkpoint_if_due();
         inner.want_spare();
         if dedupe_move_due {
@@ -1169,7 +1192,7 @@ impl LogStore {
         }
         Ok(LogStore {
             inner,
-            checkpointer: Some(checkpointer),
+            checkpointer,
             recovery,
         })
     }
@@ -1256,6 +1279,13 @@ impl LogStore {
     /// Runs a checkpoint now, on this thread.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.inner.checkpoint()
+    }
+
+    /// Runs the background work that is due (a spare journal segment, a checkpoint, a move of
+    /// dedupe records to the tier), on this thread: with `LogOptions::background_thread` off,
+    /// nothing else does.
+    pub fn run_background_work(&self) {
+        self.inner.run_background_work();
     }
 
     /// For tests of durability (the simulation's power cut): closes the store as a power cut
@@ -1641,7 +1671,7 @@ impl Inner {
 
     fn run_checkpoints(&self) {
         loop {
-            let (checkpoint, spare, dedupe_move) = {
+            let wanted = {
                 let mut request = self
                     .checkpoint_wanted
                     .lock()
@@ -1659,27 +1689,37 @@ impl Inner {
                 if request.closing {
                     return;
                 }
-                let dedupe_move = std::mem::take(&mut request.dedupe_move_wanted);
-                (
-                    std::mem::take(&mut request.wanted),
-                    std::mem::take(&mut request.spare_wanted),
-                    dedupe_move,
-                )
+                request.take()
             };
-            // A failed spare leaves the writer appending to its journal past the segment,
-            // more slowly; the next segment change asks again.
-            if spare && let Err(error) = self.prepare_spare() {
-                warn_background_failed(&self.dir, "zero-filling a spare journal segment", &error);
-            }
-            // A failure leaves the old files in place, which recovery still reads; the next
-            // commit past the bound asks again.
-            if checkpoint && let Err(error) = self.checkpoint() {
-                warn_background_failed(&self.dir, "a checkpoint", &error);
-            }
-            // After a checkpoint (which moved them too) this finds few or none.
-            if dedupe_move && let Err(error) = self.move_dedupe_records() {
-                warn_move_failed(&self.dir, &error);
-            }
+            self.run_wanted(wanted);
+        }
+    }
+
+    /// Runs the background work that is due now, on this thread, without waiting for more.
+    fn run_background_work(&self) {
+        let wanted = self
+            .checkpoint_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.run_wanted(wanted);
+    }
+
+    /// Carries out `(checkpoint, spare, dedupe_move)`, as `CheckpointRequest::take` gave them.
+    fn run_wanted(&self, (checkpoint, spare, dedupe_move): (bool, bool, bool)) {
+        // A failed spare leaves the writer appending to its journal past the segment, more
+        // slowly; the next segment change asks again.
+        if spare && let Err(error) = self.prepare_spare() {
+            warn_background_failed(&self.dir, "zero-filling a spare journal segment", &error);
+        }
+        // A failure leaves the old files in place, which recovery still reads; the next commit
+        // past the bound asks again.
+        if checkpoint && let Err(error) = self.checkpoint() {
+            warn_background_failed(&self.dir, "a checkpoint", &error);
+        }
+        // After a checkpoint (which moved them too) this finds few or none.
+        if dedupe_move && let Err(error) = self.move_dedupe_records() {
+            warn_move_failed(&self.dir, &error);
         }
     }
 
