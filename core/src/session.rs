@@ -1018,6 +1018,11 @@ impl<A: Authenticator> EdgeSession<A> {
         Ok(())
     }
 
+    /// Own batches taken so far: the number the next own batch gets (`Batch::number`).
+    pub fn batches_taken(&self) -> u64 {
+        self.inbox.batches_taken()
+    }
+
     /// Takes the next group-commit batch, if any and none is in flight.
     pub fn poll_batch(&mut self, now_ms: UnixMillis) -> Option<Batch<ConnRef>> {
         if self.drained_to.is_some() {

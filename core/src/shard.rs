@@ -188,6 +188,11 @@ impl<T> InboxShard<T> {
         !self.in_flight.is_empty()
     }
 
+    /// Batches taken so far: the next batch's `number`.
+    pub fn batches_taken(&self) -> u64 {
+        self.batches_taken
+    }
+
     /// Batches taken and not yet answered.
     pub fn batches_in_flight(&self) -> usize {
         self.in_flight.len()

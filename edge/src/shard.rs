@@ -286,10 +286,8 @@ pub struct Shard {
     health: Arc<crate::health::Health>,
     metrics: crate::metrics::ShardMetrics,
     /// Operators waiting for a purge of this user's inbox to commit, each with the number of
-    /// the first batch that can carry its purge (`batches_taken` when it asked).
+    /// the first batch that can carry its purge (`EdgeSession::batches_taken` when it asked).
     purge_waiters: FastHashMap<UserId, Vec<(u64, PurgeReply)>>,
-    /// Commit batches taken so far: a batch's number is this count when it was taken.
-    batches_taken: u64,
     /// Own batches taken and not yet handed to the session, oldest first: each one's number
     /// and, once its commit is written and durable (or failed), its result. The session
     /// takes them in this order (decision 0027: two can be in flight).
@@ -556,7 +554,6 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         health: setup.health.clone(),
         metrics: setup.metrics.shard(u32::from(id)),
         purge_waiters: FastHashMap::default(),
-        batches_taken: 0,
         own_commits: VecDeque::new(),
         committer_stale: false,
         commit_retry_at: None,
@@ -1992,9 +1989,7 @@ impl Shard {
         let Some(mut committer) = self.committer.take() else {
             return;
         };
-        let batch_number = self.batches_taken;
-        self.batches_taken += 1;
-        self.own_commits.push_back((batch_number, None));
+        self.own_commits.push_back((batch.number, None));
         let store = self.store.clone();
         let now = self.now_ms();
         // With more waiting, the writer returns once the batch is written; on the log engine
@@ -2020,12 +2015,12 @@ impl Shard {
                 match result {
                     Ok((outcomes, Some(sync))) => {
                         shard.metrics.commit_batches_overlapped.inc();
-                        shard.sync_own_commit(batch_number, batch, outcomes, sync, took);
+                        shard.sync_own_commit(batch, outcomes, sync, took);
                     }
                     Ok((outcomes, None)) => {
-                        shard.own_commit_done(batch_number, batch, Ok(outcomes), took);
+                        shard.own_commit_done(batch, Ok(outcomes), took);
                     }
-                    Err(error) => shard.own_commit_done(batch_number, batch, Err(error), took),
+                    Err(error) => shard.own_commit_done(batch, Err(error), took),
                 }
             },
         );
@@ -2034,7 +2029,6 @@ impl Shard {
     /// Makes a written batch durable on the syncer lane, then hands it on.
     fn sync_own_commit(
         &self,
-        batch_number: u64,
         batch: Batch<ConnRef>,
         outcomes: Vec<courier_core::commit::Outcome>,
         sync: crate::backend::SyncCommit,
@@ -2053,7 +2047,7 @@ impl Shard {
                     }
                 }
                 let result = synced.map(|()| outcomes);
-                shard.own_commit_done(batch_number, batch, result, wrote + took);
+                shard.own_commit_done(batch, result, wrote + took);
             },
         );
     }
@@ -2062,7 +2056,6 @@ impl Shard {
     /// order: a batch is answered only after every batch taken before it.
     fn own_commit_done(
         &mut self,
-        batch_number: u64,
         batch: Batch<ConnRef>,
         result: Result<Vec<courier_core::commit::Outcome>, StoreError>,
         took: Duration,
@@ -2070,7 +2063,7 @@ impl Shard {
         if let Some((_, slot)) = self
             .own_commits
             .iter_mut()
-            .find(|(number, _)| *number == batch_number)
+            .find(|(number, _)| *number == batch.number)
         {
             *slot = Some(OwnCommitDone {
                 batch,
@@ -2078,14 +2071,17 @@ impl Shard {
                 took,
             });
         }
-        while let Some((number, Some(_))) = self.own_commits.front() {
-            let number = *number;
+        while self
+            .own_commits
+            .front()
+            .is_some_and(|(_, done)| done.is_some())
+        {
             let Some((_, Some(done))) = self.own_commits.pop_front() else {
                 unreachable!("the front was just seen done");
             };
             self.measure_commit(&done.batch, done.result.is_ok(), done.took);
             if done.result.is_ok() {
-                self.answer_commit(&done.batch, number);
+                self.answer_commit(&done.batch);
             }
             self.finish_commit(done.batch, done.result);
         }
@@ -2113,13 +2109,13 @@ impl Shard {
     /// What a committed batch settles beyond the session's answers: the operators waiting for
     /// its purges (those who asked before the batch was taken; a later request waits for its
     /// own purge), and the forgets it committed.
-    fn answer_commit(&mut self, batch: &Batch<ConnRef>, batch_number: u64) {
+    fn answer_commit(&mut self, batch: &Batch<ConnRef>) {
         for request in &batch.requests {
             match request {
                 courier_core::commit::Request::Purge { inbox } => {
                     if let Some(waiters) = self.purge_waiters.get_mut(inbox) {
                         waiters.retain(|(first_batch, waiter)| {
-                            if *first_batch <= batch_number {
+                            if *first_batch <= batch.number {
                                 let _ = waiter.try_send(Ok(()));
                                 false
                             } else {
@@ -2189,7 +2185,7 @@ impl Shard {
                         let waiters = self.purge_waiters.entry(user).or_default();
                         // Operators who gave up waiting (their control request timed out).
                         waiters.retain(|(_, waiter)| !waiter.is_disconnected());
-                        waiters.push((self.batches_taken, reply));
+                        waiters.push((self.session.batches_taken(), reply));
                         self.after_input();
                     }
                     Err(PurgeRefused::QueueFull) => {

@@ -258,6 +258,9 @@ struct Writer {
     /// Answers most dedupe lookups of a send without searching the map (decision 0018): a
     /// miss there is a search of the largest part of the map, about a sixth of a commit.
     dedupe_filter: DedupeFilter,
+    /// This writer left its last commit pending (unsynced): until it syncs it, its reads look
+    /// at the pending commit first. Only a hint: the syncer may have synced it meanwhile.
+    left_pending: bool,
 }
 
 /// The log store in one directory.
@@ -1159,6 +1162,7 @@ impl LogStore {
                 version: 0,
                 record: Vec::new(),
                 dedupe_filter,
+                left_pending: false,
             }),
             poisoned: AtomicBool::new(false),
             live_bytes_now: AtomicU64::new(live_bytes),
@@ -1415,6 +1419,13 @@ impl Inner {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Makes every commit `writer` wrote durable (`sync_through` its last version).
+    fn sync_written(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        self.sync_through(writer.version)?;
+        writer.left_pending = false;
+        Ok(())
+    }
+
     /// Writes one commit to the journal. Unless `unsynced`, also fsyncs it and applies it to
     /// the map before returning; otherwise it is the pending commit until `sync_through` (or
     /// the next commit) makes it durable. A commit that deletes dedupe records is always
@@ -1430,7 +1441,7 @@ impl Inner {
         if changes.is_empty() {
             // Durable when it returns, unless unsynced: so is every commit before it.
             if !unsynced {
-                self.sync_through(writer.version)?;
+                self.sync_written(writer)?;
             }
             writer.version += 1;
             return Ok(writer.version);
@@ -1447,7 +1458,7 @@ impl Inner {
         // The commit before this one durable and in the map first (usually it is, or its
         // fsync is running): then a crash tears at most this record, and nothing after a torn
         // one is acknowledged; and the memory bound counts the map with it.
-        self.sync_through(writer.version)?;
+        self.sync_written(writer)?;
         self.check_memory_bound(&changes)?;
         if unsynced {
             // The writer's reads search the pending changes. Only cleared keys can repeat
@@ -1494,15 +1505,19 @@ impl Inner {
                 error,
             ));
         }
+        let mut deletes = false;
         let mut deletes_dedupe = false;
         for (key, value) in &changes {
             match value {
                 Some(_) => writer.dedupe_filter.note_written(key),
                 None => {
+                    deletes = true;
                     deletes_dedupe |= is_dedupe(key);
-                    self.deleted_since_checkpoint.store(true, Ordering::Release);
                 }
             }
+        }
+        if deletes {
+            self.deleted_since_checkpoint.store(true, Ordering::Release);
         }
         let record_at = writer.journal_offset;
         writer.journal_offset += record_bytes;
@@ -1526,8 +1541,10 @@ impl Inner {
             record_bytes,
         });
         drop(pending);
-        if !unsynced || deletes_dedupe {
-            self.sync_through(version)?;
+        if unsynced && !deletes_dedupe {
+            writer.left_pending = true;
+        } else {
+            self.sync_written(writer)?;
         }
         self.want_checkpoint_if_due();
         Ok(version)
@@ -1835,7 +1852,7 @@ impl Inner {
     fn next_journal(&self, writer: &mut Writer, only_spare: bool) -> Result<(), StoreError> {
         // The pending commit is in the current journal: durable and in the map before the
         // writer leaves it (a checkpoint snapshots the map and deletes the journals before).
-        self.sync_through(writer.version)?;
+        self.sync_written(writer)?;
         let id = writer.journal_id + 1;
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (journal, capacity) = match spare {
@@ -2116,8 +2133,10 @@ impl LogEngine<'_> {
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         let pending = match &self.access {
-            LogAccess::Write(_) => self.inner.lock_pending().range(begin, end),
-            LogAccess::Read(_) => Vec::new(),
+            LogAccess::Write(writer) if writer.left_pending => {
+                self.inner.lock_pending().range(begin, end)
+            }
+            _ => Vec::new(),
         };
         if pending.is_empty() {
             return self.scan_durable(begin, end, visit);
@@ -2186,7 +2205,9 @@ impl Engine for LogEngine<'_> {
             if writer.dedupe_filter.is_absent(key) {
                 return Ok(None);
             }
-            if let Some(pending) = self.inner.lock_pending().get(key) {
+            if writer.left_pending
+                && let Some(pending) = self.inner.lock_pending().get(key)
+            {
                 return Ok(pending.map(|value| value.to_vec()));
             }
         }
