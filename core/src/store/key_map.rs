@@ -78,8 +78,9 @@ impl<const WORDS: usize> PackedKey<WORDS> {
     }
 }
 
-/// Keys and their values, in byte order: the log store's live pairs and dedupe records, and a
-/// transaction's writes (`overlay`). Each key is in one of three maps by its length.
+/// Keys and their values, in byte order: the log store's live pairs and dedupe records. Each
+/// key is in one of three maps by its length. (A transaction's writes are a `WriteSet`,
+/// ordered only when a range asks.)
 #[derive(Debug)]
 pub(crate) struct KeyMap<V> {
     short: BTreeMap<ShortKey, V>,
@@ -195,10 +196,6 @@ impl<V> KeyMap<V> {
         short.max(medium).max(long)
     }
 
-    pub(crate) fn contains_key(&self, key: &[u8]) -> bool {
-        self.get(key).is_some()
-    }
-
     /// The pairs between `begin` and `end`, in key order.
     pub(crate) fn range<'a>(
         &'a self,
@@ -218,19 +215,6 @@ impl<V> KeyMap<V> {
             .range::<[u8], _>((begin, end))
             .map(|(key, value)| (MapKey::Long(&key.bytes), value));
         let first = |a: &(MapKey, &V), b: &(MapKey, &V)| a.0.bytes() < b.0.bytes();
-        merge(merge(short, medium, first), long, first)
-    }
-
-    /// Every pair, in key order, the keys as `Bytes` again.
-    pub(crate) fn into_pairs(self) -> impl Iterator<Item = (Bytes, V)> {
-        fn unpacked<const WORDS: usize, V>((key, value): (PackedKey<WORDS>, V)) -> (Bytes, V) {
-            let mut padded = [0u8; PACKED_BYTES_MAX];
-            (Bytes::from(key.bytes(&mut padded)), value)
-        }
-        let short = self.short.into_iter().map(unpacked);
-        let medium = self.medium.into_iter().map(unpacked);
-        let long = self.long.into_iter().map(|(key, value)| (key.bytes, value));
-        let first = |a: &(Bytes, V), b: &(Bytes, V)| a.0[..] < b.0[..];
         merge(merge(short, medium, first), long, first)
     }
 }
@@ -377,8 +361,8 @@ mod tests {
             }
         }
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = map
-            .into_pairs()
-            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .range(Bound::Unbounded, Bound::Unbounded)
+            .map(|(k, v)| (k.bytes().to_vec(), v.to_vec()))
             .collect();
         assert_eq!(pairs, model.into_iter().collect::<Vec<_>>());
     }

@@ -72,7 +72,7 @@ use super::key_map::{KeyMap, MapKey};
 use super::live_map::LiveMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
-use crate::keys;
+use crate::{FastHashMap, keys};
 
 /// The first line of `FORMAT`. Version 2 keeps dedupe records in the dedupe tier
 /// (`DEDUPE_DIR`); a version 1 store (every key in the map) is upgraded when it is opened.
@@ -191,6 +191,44 @@ struct State {
     dedupe_replayed_bytes: u64,
 }
 
+/// Sorts `changes` by key (not stably). A transaction hands them over in no order, and
+/// comparing keys as numbers (`sort_number`) instead of byte strings makes the sort several
+/// times cheaper; a key too long for that (none of Courier's) sorts them all by bytes.
+fn sort_by_key_bytes(changes: &mut Vec<(Bytes, Option<Bytes>)>) {
+    let Some(mut order) = changes
+        .iter()
+        .enumerate()
+        .map(|(at, (key, _))| Some((sort_number(key)?, at as u32)))
+        .collect::<Option<Vec<_>>>()
+    else {
+        changes.sort_unstable_by(|a, b| a.0[..].cmp(&b.0[..]));
+        return;
+    };
+    order.sort_unstable();
+    let mut unsorted: Vec<Option<(Bytes, Option<Bytes>)>> = changes.drain(..).map(Some).collect();
+    changes.extend(
+        order
+            .into_iter()
+            .filter_map(|(_, at)| unsorted[at as usize].take()),
+    );
+}
+
+/// A key of at most 39 bytes as numbers that order as its bytes do: its bytes zero-padded to
+/// 39, then its length (as `key_map::PackedKey`), in big-endian words.
+fn sort_number(key: &[u8]) -> Option<(u128, u128, u64)> {
+    if key.len() > 39 {
+        return None;
+    }
+    let mut padded = [0u8; 40];
+    padded[..key.len()].copy_from_slice(key);
+    padded[39] = key.len() as u8;
+    Some((
+        u128::from_be_bytes(padded[..16].try_into().expect("16 bytes")),
+        u128::from_be_bytes(padded[16..32].try_into().expect("16 bytes")),
+        u64::from_be_bytes(padded[32..].try_into().expect("8 bytes")),
+    ))
+}
+
 /// Each key's last change, in key order: sorted stably, so a key's changes keep their order.
 fn last_change_per_key(
     mut changes: Vec<(WriteKey, Option<Bytes>)>,
@@ -290,8 +328,16 @@ pub struct LogRecovery {
 /// A commit written to the journal and not yet known durable (at most one).
 struct PendingCommit {
     version: CommitVersion,
-    /// Its changes, sorted by key, one per key: the writer's reads search them.
+    /// Its changes, in the order the transaction handed them over; sorted by key, one per
+    /// key (`sorted`), once a writer's range asks. Reads walk them, then use `index`: a sort
+    /// of every send batch cost more than its transaction's writes.
     changes: Vec<(Bytes, Option<Bytes>)>,
+    sorted: bool,
+    /// Reads answered by a walk over the unsorted changes (every commit reads the clock key
+    /// back): past `PENDING_WALKS_MAX` reads go through `index`.
+    walks: u32,
+    /// Where each key is in the unsorted changes, built on the first read past the walks.
+    index: Option<FastHashMap<Bytes, u32>>,
     /// Where its record is in the journal, and its length.
     record_at: u64,
     record_bytes: u64,
@@ -303,22 +349,66 @@ struct Pending {
     journal: Arc<File>,
 }
 
+impl PendingCommit {
+    /// The pending value of `key`: `Some(None)` if the commit deletes it.
+    fn get(&mut self, key: &[u8]) -> Option<Option<Bytes>> {
+        let at = if self.sorted {
+            self.changes
+                .binary_search_by(|(changed, _)| changed[..].cmp(key))
+                .ok()?
+        } else if self.walks < PENDING_WALKS_MAX {
+            self.walks += 1;
+            // A key repeats only as deletes (overlapping cleared ranges): any one answers.
+            self.changes
+                .iter()
+                .position(|(changed, _)| changed[..] == *key)?
+        } else {
+            let changes = &self.changes;
+            let index = self.index.get_or_insert_with(|| {
+                let mut index = FastHashMap::default();
+                index.reserve(changes.len());
+                for (at, (key, _)) in changes.iter().enumerate() {
+                    index.insert(key.clone(), at as u32);
+                }
+                index
+            });
+            *index.get(key)? as usize
+        };
+        Some(self.changes[at].1.clone())
+    }
+
+    /// The changes sorted by key, one per key.
+    fn sorted_changes(&mut self) -> &[(Bytes, Option<Bytes>)] {
+        if !self.sorted {
+            // Positions change.
+            self.index = None;
+            sort_by_key_bytes(&mut self.changes);
+            // Only cleared keys can repeat (overlapping ranges), all as deletes: keeping one
+            // changes nothing.
+            self.changes.dedup_by(|a, b| a.0 == b.0);
+            self.sorted = true;
+        }
+        &self.changes
+    }
+}
+
+/// Reads of a pending commit answered by walking its unsorted changes before the commit
+/// builds a hash index of them: a walk costs about a comparison per change, the index about
+/// a hash and an insert per change.
+const PENDING_WALKS_MAX: u32 = 8;
+
 impl Pending {
     /// The pending value of `key`: `Some(None)` if the pending commit deletes it.
-    fn get(&self, key: &[u8]) -> Option<Option<Bytes>> {
-        let changes = &self.commit.as_ref()?.changes;
-        let at = changes
-            .binary_search_by(|(changed, _)| changed[..].cmp(key))
-            .ok()?;
-        Some(changes[at].1.clone())
+    fn get(&mut self, key: &[u8]) -> Option<Option<Bytes>> {
+        self.commit.as_mut()?.get(key)
     }
 
     /// The pending changes in `[begin, end)`, in key order.
-    fn range(&self, begin: &[u8], end: &[u8]) -> Vec<(Bytes, Option<Bytes>)> {
-        let Some(commit) = &self.commit else {
+    fn range(&mut self, begin: &[u8], end: &[u8]) -> Vec<(Bytes, Option<Bytes>)> {
+        let Some(commit) = &mut self.commit else {
             return Vec::new();
         };
-        let changes = &commit.changes;
+        let changes = commit.sorted_changes();
         let from = changes.partition_point(|(key, _)| key[..] < *begin);
         let to = changes.partition_point(|(key, _)| key[..] < *end);
         changes[from..to.max(from)].to_vec()
@@ -1434,7 +1524,7 @@ impl Inner {
     fn commit(
         &self,
         writer: &mut Writer,
-        mut changes: Vec<(Bytes, Option<Bytes>)>,
+        changes: Vec<(Bytes, Option<Bytes>)>,
         unsynced: bool,
     ) -> Result<CommitVersion, StoreError> {
         self.check_poisoned()?;
@@ -1460,12 +1550,6 @@ impl Inner {
         // one is acknowledged; and the memory bound counts the map with it.
         self.sync_written(writer)?;
         self.check_memory_bound(&changes)?;
-        if unsynced {
-            // The writer's reads search the pending changes. Only cleared keys can repeat
-            // (overlapping ranges), all as deletes: keeping one changes nothing.
-            changes.sort_by(|a, b| a.0[..].cmp(&b.0[..]));
-            changes.dedup_by(|a, b| a.0 == b.0);
-        }
         writer.record.clear();
         encode_record(
             &mut writer.record,
@@ -1537,6 +1621,9 @@ impl Inner {
         pending.commit = Some(PendingCommit {
             version,
             changes,
+            sorted: false,
+            walks: 0,
+            index: None,
             record_at,
             record_bytes,
         });
@@ -2336,6 +2423,74 @@ mod tests {
     fn read_all(store: &LogStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut txn = store.begin_read().expect("begin_read");
         txn.get_range(b"", b"\xff", 100).expect("range")
+    }
+
+    /// A pending commit answers reads the same whether it walks its unsorted changes, looks
+    /// them up in its index or searches them sorted (after a range), and its ranges are in
+    /// key order: keys of every length (a key too long to sort as numbers included) and
+    /// repeated deletes (overlapping cleared ranges).
+    #[test]
+    fn a_pending_commit_answers_reads_alike_unsorted_indexed_and_sorted() {
+        use std::collections::BTreeMap;
+        let mut rng = crate::rng::Rng::new(5);
+        for round in 0..200 {
+            let key = |rng: &mut crate::rng::Rng| -> Vec<u8> {
+                let len = if rng.below(20) == 0 {
+                    41
+                } else {
+                    rng.below(5) as usize
+                };
+                (0..len).map(|_| rng.below(3) as u8).collect()
+            };
+            let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut changes = Vec::new();
+            for _ in 0..rng.below(40) {
+                let k = key(&mut rng);
+                let held = model.get(&k).cloned();
+                if held == Some(None) && rng.below(2) == 0 {
+                    // A delete repeated, as overlapping cleared ranges give.
+                    changes.push((Bytes::from(&k[..]), None));
+                } else if held.is_none() {
+                    let value = (rng.below(2) == 0).then(|| key(&mut rng));
+                    changes.push((Bytes::from(&k[..]), value.as_deref().map(Bytes::from)));
+                    model.insert(k, value);
+                }
+            }
+            changes.reverse();
+            let mut commit = PendingCommit {
+                version: 1,
+                changes,
+                sorted: false,
+                walks: 0,
+                index: None,
+                record_at: 0,
+                record_bytes: 0,
+            };
+            let as_vec = |state: Option<Option<Bytes>>| state.map(|v| v.map(|v| v.to_vec()));
+            // Walks, then the index; every few rounds a range sorts them part way.
+            for read in 0..2 * PENDING_WALKS_MAX + 4 {
+                if round % 3 == 0 && read == PENDING_WALKS_MAX + 2 {
+                    let (begin, end) = (key(&mut rng), key(&mut rng));
+                    let got: Vec<_> = {
+                        let sorted = commit.sorted_changes();
+                        let from = sorted.partition_point(|(k, _)| k[..] < begin[..]);
+                        let to = sorted.partition_point(|(k, _)| k[..] < end[..]);
+                        sorted[from..to.max(from)]
+                            .iter()
+                            .map(|(k, v)| (k.to_vec(), v.as_ref().map(|v| v.to_vec())))
+                            .collect()
+                    };
+                    let want: Vec<_> = model
+                        .iter()
+                        .filter(|(k, _)| begin <= **k && **k < end)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    assert_eq!(got, want, "range {begin:?}..{end:?}");
+                }
+                let k = key(&mut rng);
+                assert_eq!(as_vec(commit.get(&k)), model.get(&k).cloned(), "{k:?}");
+            }
+        }
     }
 
     /// A commit from `begin_unsynced` is pending until it is durable (decision 0027): the

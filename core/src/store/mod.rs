@@ -29,6 +29,7 @@ mod live_map;
 pub mod log;
 pub mod memory;
 mod overlay;
+mod write_set;
 
 /// Bytes of disk blocks the files under `dir` use: fjall preallocates its journals as sparse
 /// files, so their length is not what they use. Unreadable entries (a file deleted meanwhile)

@@ -7,7 +7,7 @@
 
 use std::ops::Bound;
 
-use super::key_map::KeyMap;
+use super::write_set::WriteSet;
 use super::{AtomicOp, BoundedClear, CommitVersion, KeyValue, StoreError, apply_atomic};
 
 /// Bytes a transaction writes: fjall's own type, so a commit hands the engine what the
@@ -126,7 +126,7 @@ impl ClearedRange {
 pub(crate) struct Overlay<E> {
     engine: E,
     /// Final state of each written key: `Some` set, `None` cleared.
-    writes: KeyMap<Option<Bytes>>,
+    writes: WriteSet,
     /// Ranges cleared, except for keys written again afterwards (those are in `writes`).
     cleared: Vec<ClearedRange>,
     /// A read error inside an atomic mutation, reported by `commit`: mutations return
@@ -138,7 +138,7 @@ impl<E: Engine> Overlay<E> {
     pub(crate) fn new(engine: E) -> Overlay<E> {
         Overlay {
             engine,
-            writes: KeyMap::default(),
+            writes: WriteSet::new(),
             cleared: Vec::new(),
             deferred_error: None,
         }
@@ -150,7 +150,7 @@ impl<E: Engine> Overlay<E> {
 
     pub(crate) fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(state) = self.writes.get(key) {
-            return Ok(state.as_ref().map(|value| value.to_vec()));
+            return Ok(state.map(|value| value.to_vec()));
         }
         if self.in_cleared_range(key) {
             return Ok(None);
@@ -199,15 +199,15 @@ impl<E: Engine> Overlay<E> {
         let mut going = true;
         self.engine.scan(begin, end, &mut |key, value| {
             // Emit own writes that sort before this engine key.
-            while let Some((own_key, own_value)) = own.next_if(|(k, _)| k.bytes() < key) {
+            while let Some((own_key, own_value)) = own.next_if(|(k, _)| &k[..] < key) {
                 if let Some(v) = own_value
-                    && !emit(own_key.bytes(), v)
+                    && !emit(own_key, v)
                 {
                     going = false;
                     return false;
                 }
             }
-            let more = match own.next_if(|(k, _)| k.bytes() == key) {
+            let more = match own.next_if(|(k, _)| &k[..] == key) {
                 Some((_, Some(v))) => emit(key, v),
                 Some((_, None)) => true,
                 None if in_cleared(key) => true,
@@ -219,7 +219,7 @@ impl<E: Engine> Overlay<E> {
         if going {
             for (own_key, own_value) in own {
                 if let Some(v) = own_value
-                    && !emit(own_key.bytes(), v)
+                    && !emit(own_key, v)
                 {
                     break;
                 }
@@ -304,7 +304,7 @@ impl<E: Engine> Overlay<E> {
         let inside: Vec<Bytes> = self
             .writes
             .range(Bound::Included(begin), Bound::Excluded(end))
-            .map(|(key, _)| Bytes::from(key.bytes()))
+            .map(|(key, _)| key.clone())
             .collect();
         for key in inside {
             self.writes.remove(&key);
@@ -332,7 +332,13 @@ impl<E: Engine> Overlay<E> {
         if let Some(error) = self.deferred_error.take() {
             return Err(error);
         }
-        let mut changes: Vec<(Bytes, Option<Bytes>)> = Vec::new();
+        let listed: usize = self
+            .cleared
+            .iter()
+            .map(|range| range.keys.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut changes: Vec<(Bytes, Option<Bytes>)> =
+            Vec::with_capacity(listed + self.writes.len());
         for range in &self.cleared {
             let writes = &self.writes;
             match &range.keys {
@@ -349,7 +355,7 @@ impl<E: Engine> Overlay<E> {
                 })?,
             }
         }
-        changes.extend(self.writes.into_pairs());
+        changes.extend(self.writes.drain_pairs());
         self.engine.apply(changes)
     }
 }
@@ -458,8 +464,9 @@ mod tests {
         }
     }
 
-    /// The overlay keeps its writes in a map keyed by `WriteKey` (a `Bytes` and its first 40
-    /// bytes as numbers), as the log store does, and looks them up with byte slices, and fjall's memtables sort by `Bytes`: both
+    /// The log store's maps key long keys by `WriteKey` (a `Bytes` and its first 40 bytes as
+    /// numbers) and look them up with byte slices, and fjall's memtables (and a transaction's
+    /// write set) sort by `Bytes`: both
     /// must order exactly as byte slices do, including the patched comparison in
     /// vendor/byteview (short and heap-held strings, long shared prefixes, one string a prefix
     /// of the other, every way a string is built), and agree with equality and hashing.

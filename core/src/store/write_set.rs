@@ -1,0 +1,284 @@
+//! A transaction's writes: each key's final state, found by hashing, put in key order only
+//! when a range asks.
+//!
+//! A send batch writes three to four keys per message and reads a few back, and nearly every
+//! commit asks for no range before it ends. In an ordered map every write was a search from
+//! the root (and the commit a merge of three maps by key length): a third of a commit's
+//! instructions in the store bench. Here a write is a hash probe and a push, the commit hands
+//! the engine the pairs as they lie (no engine needs them in order: the log store sorts the
+//! ones its writer searches), and a range first sorts the keys written since the last range
+//! and merges them into the ordered ones, so interleaved writes and ranges cost a merge each,
+//! not a sort of everything.
+
+use std::cell::Cell;
+use std::ops::Bound;
+
+use super::overlay::Bytes;
+use crate::FastHashMap;
+
+/// Keys a dropped write set may hold room for and still be kept for the thread's next
+/// transaction: a commit then starts with its tables grown (growing them from empty was a
+/// third of a write's cost), and a rare huge transaction does not keep its memory.
+const SPARE_KEYS_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// The last write set this thread dropped, emptied, if it was not too large.
+    static SPARE: Cell<Option<WriteSet>> = const { Cell::new(None) };
+}
+
+/// A key's state in a transaction.
+#[derive(Debug)]
+enum Write {
+    /// Set to this value.
+    Set(Bytes),
+    /// Cleared.
+    Cleared,
+    /// Written, then taken back by a cleared range: as if never written. Kept so that the
+    /// key keeps its one place in `ordered`.
+    Dropped,
+}
+
+impl Write {
+    fn state(&self) -> Option<Option<&Bytes>> {
+        match self {
+            Write::Set(value) => Some(Some(value)),
+            Write::Cleared => Some(None),
+            Write::Dropped => None,
+        }
+    }
+}
+
+/// Each written key's final state: `Some` set, `None` cleared.
+#[derive(Debug, Default)]
+pub(crate) struct WriteSet {
+    writes: FastHashMap<Bytes, Write>,
+    /// Keys of `writes` in byte order, but for those in `unordered`.
+    ordered: Vec<Bytes>,
+    /// Keys first written since the last range, in the order written.
+    unordered: Vec<Bytes>,
+}
+
+impl WriteSet {
+    /// An empty write set: the one this thread dropped last, if it kept one.
+    pub(crate) fn new() -> WriteSet {
+        SPARE.take().unwrap_or_default()
+    }
+
+    /// Sets `key`'s state: `Some` a value, `None` cleared.
+    pub(crate) fn insert(&mut self, key: Bytes, state: Option<Bytes>) {
+        let write = match state {
+            Some(value) => Write::Set(value),
+            None => Write::Cleared,
+        };
+        match self.writes.get_mut(&key[..]) {
+            Some(held) => *held = write,
+            None => {
+                self.unordered.push(key.clone());
+                self.writes.insert(key, write);
+            }
+        }
+    }
+
+    /// Keys written, those taken back included (an upper bound for `drain_pairs`).
+    pub(crate) fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// `key`'s state if this transaction wrote it: `Some(None)` cleared.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Option<&Bytes>> {
+        self.writes.get(key).and_then(Write::state)
+    }
+
+    pub(crate) fn contains_key(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Takes back the write of `key`, if any: as if this transaction never wrote it.
+    pub(crate) fn remove(&mut self, key: &[u8]) {
+        if let Some(held) = self.writes.get_mut(key) {
+            *held = Write::Dropped;
+        }
+    }
+
+    /// The written keys between `begin` and `end`, in key order, with their states.
+    pub(crate) fn range(
+        &mut self,
+        begin: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> impl Iterator<Item = (&Bytes, Option<&Bytes>)> {
+        self.order();
+        let start = match begin {
+            Bound::Included(key) => self.ordered.partition_point(|held| &held[..] < key),
+            Bound::Excluded(key) => self.ordered.partition_point(|held| &held[..] <= key),
+            Bound::Unbounded => 0,
+        };
+        let writes = &self.writes;
+        self.ordered[start..]
+            .iter()
+            .take_while(move |key| match end {
+                Bound::Included(end) => &key[..] <= end,
+                Bound::Excluded(end) => &key[..] < end,
+                Bound::Unbounded => true,
+            })
+            .filter_map(move |key| {
+                let state = writes.get(&key[..]).and_then(Write::state)?;
+                Some((key, state))
+            })
+    }
+
+    /// Takes every written key and its state, in no particular order.
+    pub(crate) fn drain_pairs(&mut self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> {
+        self.ordered.clear();
+        self.unordered.clear();
+        self.writes.drain().filter_map(|(key, write)| match write {
+            Write::Set(value) => Some((key, Some(value))),
+            Write::Cleared => Some((key, None)),
+            Write::Dropped => None,
+        })
+    }
+
+    /// Merges the keys written since the last range into `ordered`.
+    fn order(&mut self) {
+        if self.unordered.is_empty() {
+            return;
+        }
+        self.unordered.sort_unstable_by(|a, b| a[..].cmp(&b[..]));
+        if self.ordered.is_empty() {
+            std::mem::swap(&mut self.ordered, &mut self.unordered);
+            return;
+        }
+        let old = std::mem::take(&mut self.ordered);
+        let mut merged = Vec::with_capacity(old.len() + self.unordered.len());
+        let mut new = self.unordered.drain(..).peekable();
+        for key in old {
+            while let Some(next) = new.next_if(|next| next[..] < key[..]) {
+                merged.push(next);
+            }
+            merged.push(key);
+        }
+        merged.extend(new);
+        self.ordered = merged;
+    }
+}
+
+impl Drop for WriteSet {
+    fn drop(&mut self) {
+        let capacity = self.writes.capacity();
+        if capacity == 0 || capacity > SPARE_KEYS_MAX {
+            return;
+        }
+        // Kept only in an empty slot, so no set dropped here has tables left to keep: a
+        // drop never leads to another. (Fails only while the thread exits: nothing kept.)
+        let _ = SPARE.try_with(|slot| {
+            let held = slot.take();
+            if held.is_some() {
+                slot.set(held);
+                return;
+            }
+            let mut spare = WriteSet {
+                writes: std::mem::take(&mut self.writes),
+                ordered: std::mem::take(&mut self.ordered),
+                unordered: std::mem::take(&mut self.unordered),
+            };
+            spare.writes.clear();
+            spare.ordered.clear();
+            spare.unordered.clear();
+            slot.set(Some(spare));
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::rng::Rng;
+
+    fn as_slices(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+        bound.as_ref().map(Vec::as_slice)
+    }
+
+    /// The write set answers every question as an ordered map of byte strings does, through
+    /// any mix of sets, clears, take-backs and ranges (ranges between writes exercise the
+    /// merge of new keys into the ordered ones, and take-backs a key written again after).
+    #[test]
+    fn behaves_as_an_ordered_map() {
+        let mut rng = Rng::new(11);
+        for _ in 0..300 {
+            // Each round takes the set the last one dropped: nothing of it may show.
+            let mut set = WriteSet::new();
+            let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let key = |rng: &mut Rng| -> Vec<u8> {
+                let len = rng.below(6) as usize;
+                (0..len).map(|_| rng.below(4) as u8 * 85).collect()
+            };
+            let bound = |rng: &mut Rng| -> Bound<Vec<u8>> {
+                match rng.below(3) {
+                    0 => Bound::Included(key(rng)),
+                    1 => Bound::Excluded(key(rng)),
+                    _ => Bound::Unbounded,
+                }
+            };
+            for _ in 0..rng.below(60) {
+                match rng.below(6) {
+                    0 | 1 => {
+                        let (k, v) = (key(&mut rng), key(&mut rng));
+                        set.insert(Bytes::from(&k[..]), Some(Bytes::from(&v[..])));
+                        model.insert(k, Some(v));
+                    }
+                    2 => {
+                        let k = key(&mut rng);
+                        set.insert(Bytes::from(&k[..]), None);
+                        model.insert(k, None);
+                    }
+                    3 => {
+                        let k = key(&mut rng);
+                        set.remove(&k);
+                        model.remove(&k);
+                    }
+                    4 => {
+                        let k = key(&mut rng);
+                        assert_eq!(
+                            set.get(&k).map(|state| state.map(|v| v.to_vec())),
+                            model.get(&k).cloned()
+                        );
+                        assert_eq!(set.contains_key(&k), model.contains_key(&k));
+                    }
+                    _ => {
+                        let (begin, end) = (bound(&mut rng), bound(&mut rng));
+                        if let (
+                            Bound::Included(b) | Bound::Excluded(b),
+                            Bound::Included(e) | Bound::Excluded(e),
+                        ) = (&begin, &end)
+                            && b > e
+                        {
+                            continue;
+                        }
+                        if let (Bound::Excluded(b), Bound::Excluded(e)) = (&begin, &end)
+                            && b == e
+                        {
+                            continue;
+                        }
+                        let got: Vec<(Vec<u8>, Option<Vec<u8>>)> = set
+                            .range(as_slices(&begin), as_slices(&end))
+                            .map(|(k, v)| (k.to_vec(), v.map(|v| v.to_vec())))
+                            .collect();
+                        let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = model
+                            .range::<Vec<u8>, _>((begin.clone(), end.clone()))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        assert_eq!(got, want, "range {begin:?}..{end:?}");
+                    }
+                }
+            }
+            let mut pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = set
+                .drain_pairs()
+                .map(|(k, v)| (k.to_vec(), v.map(|v| v.to_vec())))
+                .collect();
+            pairs.sort();
+            let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = model.into_iter().collect();
+            assert_eq!(pairs, want);
+        }
+    }
+}
