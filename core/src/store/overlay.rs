@@ -301,13 +301,24 @@ impl<E: Engine> Overlay<E> {
         if begin >= end {
             return;
         }
-        let inside: Vec<Bytes> = self
-            .writes
-            .range(Bound::Included(begin), Bound::Excluded(end))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in inside {
-            self.writes.remove(&key);
+        match &keys {
+            // Every key the range can hold is listed, this transaction's writes included: no
+            // range over the writes (which would put them in order) is needed.
+            Some(keys) => {
+                for key in keys {
+                    self.writes.remove(key);
+                }
+            }
+            None => {
+                let inside: Vec<Bytes> = self
+                    .writes
+                    .range(Bound::Included(begin), Bound::Excluded(end))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in inside {
+                    self.writes.remove(&key);
+                }
+            }
         }
         self.cleared.push(ClearedRange {
             begin: begin.to_vec(),
