@@ -240,7 +240,7 @@ pub trait Transaction {
     /// embedded engines have no range delete: for a plain range clear they scan the range at
     /// commit for the keys to delete; here they delete the listed keys without reading.
     /// FoundationDB clears the range. A key of the range that is not listed may survive on the
-    /// embedded engines, so list them all.
+    /// embedded engines, so list them all, keys this transaction wrote included.
     fn clear_range_with_keys<K: AsRef<[u8]>>(
         &mut self,
         begin: &[u8],

@@ -302,7 +302,8 @@ impl<E: Engine> Overlay<E> {
             return;
         }
         match &keys {
-            // Every key the range can hold is listed, this transaction's writes included: no
+            // Every key the range can hold is listed (`clear_range_with_keys`' contract; a
+            // bounded clear lists what its scan found, this transaction's sets included): no
             // range over the writes (which would put them in order) is needed.
             Some(keys) => {
                 for key in keys {

@@ -4,11 +4,13 @@
 //! A send batch writes three to four keys per message and reads a few back, and nearly every
 //! commit asks for no range before it ends. In an ordered map every write was a search from
 //! the root (and the commit a merge of three maps by key length): a third of a commit's
-//! instructions in the store bench. Here a write is a hash probe and a push, the commit hands
-//! the engine the pairs as they lie (no engine needs them in order: the log store sorts the
-//! ones its writer searches), and a range first sorts the keys written since the last range
-//! and merges them into the ordered ones, so interleaved writes and ranges cost a merge each,
-//! not a sort of everything.
+//! instructions in the store bench. Here a write is a hash probe and a push, and the commit
+//! hands the engine the pairs in the order they were first written. No engine needs them in
+//! key order (the log store sorts its pending commit only when a writer's range asks), and
+//! first-written order keeps what the committer wrote in order in order: an inbox's new
+//! messages by ascending seq, which the log store's map appends. A range first sorts the keys
+//! written since the last range and merges them into the ordered ones, so interleaved writes
+//! and ranges cost a merge each, not a sort of everything.
 
 use std::cell::Cell;
 use std::ops::Bound;
@@ -18,8 +20,9 @@ use crate::FastHashMap;
 
 /// Keys a dropped write set may hold room for and still be kept for the thread's next
 /// transaction: a commit then starts with its tables grown (growing them from empty was a
-/// third of a write's cost), and a rare huge transaction does not keep its memory.
-const SPARE_KEYS_MAX: usize = 16 * 1024;
+/// third of a write's cost), and a rare huge transaction does not keep its memory (nor make
+/// every later small one clear a large table).
+const SPARE_KEYS_MAX: usize = 8 * 1024;
 
 thread_local! {
     /// The last write set this thread dropped, emptied, if it was not too large.
@@ -34,7 +37,7 @@ enum Write {
     /// Cleared.
     Cleared,
     /// Written, then taken back by a cleared range: as if never written. Kept so that the
-    /// key keeps its one place in `ordered`.
+    /// key keeps its one place in `entries` and `ordered`.
     Dropped,
 }
 
@@ -51,17 +54,23 @@ impl Write {
 /// Each written key's final state: `Some` set, `None` cleared.
 #[derive(Debug, Default)]
 pub(crate) struct WriteSet {
-    writes: FastHashMap<Bytes, Write>,
-    /// Keys of `writes` in byte order, but for those in `unordered`.
-    ordered: Vec<Bytes>,
-    /// Keys first written since the last range, in the order written.
-    unordered: Vec<Bytes>,
+    /// Each key and its state, in the order first written.
+    entries: Vec<(Bytes, Write)>,
+    /// Where each key is in `entries`.
+    index: FastHashMap<Bytes, u32>,
+    /// Positions in `entries` in key order: those before `ordered_upto`.
+    ordered: Vec<u32>,
+    ordered_upto: usize,
 }
 
 impl WriteSet {
     /// An empty write set: the one this thread dropped last, if it kept one.
     pub(crate) fn new() -> WriteSet {
-        SPARE.take().unwrap_or_default()
+        SPARE
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 
     /// Sets `key`'s state: `Some` a value, `None` cleared.
@@ -70,23 +79,24 @@ impl WriteSet {
             Some(value) => Write::Set(value),
             None => Write::Cleared,
         };
-        match self.writes.get_mut(&key[..]) {
-            Some(held) => *held = write,
+        match self.index.get(&key[..]) {
+            Some(&at) => self.entries[at as usize].1 = write,
             None => {
-                self.unordered.push(key.clone());
-                self.writes.insert(key, write);
+                self.index.insert(key.clone(), self.entries.len() as u32);
+                self.entries.push((key, write));
             }
         }
     }
 
     /// Keys written, those taken back included (an upper bound for `drain_pairs`).
     pub(crate) fn len(&self) -> usize {
-        self.writes.len()
+        self.entries.len()
     }
 
     /// `key`'s state if this transaction wrote it: `Some(None)` cleared.
     pub(crate) fn get(&self, key: &[u8]) -> Option<Option<&Bytes>> {
-        self.writes.get(key).and_then(Write::state)
+        let at = *self.index.get(key)?;
+        self.entries[at as usize].1.state()
     }
 
     pub(crate) fn contains_key(&self, key: &[u8]) -> bool {
@@ -95,8 +105,8 @@ impl WriteSet {
 
     /// Takes back the write of `key`, if any: as if this transaction never wrote it.
     pub(crate) fn remove(&mut self, key: &[u8]) {
-        if let Some(held) = self.writes.get_mut(key) {
-            *held = Write::Dropped;
+        if let Some(&at) = self.index.get(key) {
+            self.entries[at as usize].1 = Write::Dropped;
         }
     }
 
@@ -107,54 +117,62 @@ impl WriteSet {
         end: Bound<&[u8]>,
     ) -> impl Iterator<Item = (&Bytes, Option<&Bytes>)> {
         self.order();
+        let entries = &self.entries;
+        let key_at = move |at: &u32| &entries[*at as usize].0[..];
         let start = match begin {
-            Bound::Included(key) => self.ordered.partition_point(|held| &held[..] < key),
-            Bound::Excluded(key) => self.ordered.partition_point(|held| &held[..] <= key),
+            Bound::Included(key) => self.ordered.partition_point(|at| key_at(at) < key),
+            Bound::Excluded(key) => self.ordered.partition_point(|at| key_at(at) <= key),
             Bound::Unbounded => 0,
         };
-        let writes = &self.writes;
         self.ordered[start..]
             .iter()
-            .take_while(move |key| match end {
-                Bound::Included(end) => &key[..] <= end,
-                Bound::Excluded(end) => &key[..] < end,
+            .take_while(move |at| match end {
+                Bound::Included(end) => key_at(at) <= end,
+                Bound::Excluded(end) => key_at(at) < end,
                 Bound::Unbounded => true,
             })
-            .filter_map(move |key| {
-                let state = writes.get(&key[..]).and_then(Write::state)?;
-                Some((key, state))
+            .filter_map(move |at| {
+                let (key, write) = &entries[*at as usize];
+                Some((key, write.state()?))
             })
     }
 
-    /// Takes every written key and its state, in no particular order.
+    /// Takes every written key and its state, in the order first written.
     pub(crate) fn drain_pairs(&mut self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> {
+        self.index.clear();
         self.ordered.clear();
-        self.unordered.clear();
-        self.writes.drain().filter_map(|(key, write)| match write {
-            Write::Set(value) => Some((key, Some(value))),
-            Write::Cleared => Some((key, None)),
-            Write::Dropped => None,
-        })
+        self.ordered_upto = 0;
+        self.entries
+            .drain(..)
+            .filter_map(|(key, write)| match write {
+                Write::Set(value) => Some((key, Some(value))),
+                Write::Cleared => Some((key, None)),
+                Write::Dropped => None,
+            })
     }
 
     /// Merges the keys written since the last range into `ordered`.
     fn order(&mut self) {
-        if self.unordered.is_empty() {
+        let written = self.entries.len();
+        if self.ordered_upto == written {
             return;
         }
-        self.unordered.sort_unstable_by(|a, b| a[..].cmp(&b[..]));
+        let entries = &self.entries;
+        let key_at = |at: &u32| &entries[*at as usize].0[..];
+        let mut new: Vec<u32> = (self.ordered_upto as u32..written as u32).collect();
+        new.sort_unstable_by(|a, b| key_at(a).cmp(key_at(b)));
+        self.ordered_upto = written;
         if self.ordered.is_empty() {
-            std::mem::swap(&mut self.ordered, &mut self.unordered);
+            self.ordered = new;
             return;
         }
-        let old = std::mem::take(&mut self.ordered);
-        let mut merged = Vec::with_capacity(old.len() + self.unordered.len());
-        let mut new = self.unordered.drain(..).peekable();
-        for key in old {
-            while let Some(next) = new.next_if(|next| next[..] < key[..]) {
+        let mut merged = Vec::with_capacity(self.ordered.len() + new.len());
+        let mut new = new.into_iter().peekable();
+        for at in self.ordered.drain(..) {
+            while let Some(next) = new.next_if(|next| key_at(next) < key_at(&at)) {
                 merged.push(next);
             }
-            merged.push(key);
+            merged.push(at);
         }
         merged.extend(new);
         self.ordered = merged;
@@ -163,7 +181,7 @@ impl WriteSet {
 
 impl Drop for WriteSet {
     fn drop(&mut self) {
-        let capacity = self.writes.capacity();
+        let capacity = self.index.capacity();
         if capacity == 0 || capacity > SPARE_KEYS_MAX {
             return;
         }
@@ -175,14 +193,17 @@ impl Drop for WriteSet {
                 slot.set(held);
                 return;
             }
+            // The hasher's keys go along; a new one would draw fresh ones on every drop.
+            let hasher = self.index.hasher().clone();
             let mut spare = WriteSet {
-                writes: std::mem::take(&mut self.writes),
+                entries: std::mem::take(&mut self.entries),
+                index: std::mem::replace(&mut self.index, FastHashMap::with_hasher(hasher)),
                 ordered: std::mem::take(&mut self.ordered),
-                unordered: std::mem::take(&mut self.unordered),
+                ordered_upto: 0,
             };
-            spare.writes.clear();
+            spare.entries.clear();
+            spare.index.clear();
             spare.ordered.clear();
-            spare.unordered.clear();
             slot.set(Some(spare));
         });
     }
@@ -201,7 +222,8 @@ mod tests {
 
     /// The write set answers every question as an ordered map of byte strings does, through
     /// any mix of sets, clears, take-backs and ranges (ranges between writes exercise the
-    /// merge of new keys into the ordered ones, and take-backs a key written again after).
+    /// merge of new keys into the ordered ones, and take-backs a key written again after),
+    /// and hands its pairs over in the order their keys were first written.
     #[test]
     fn behaves_as_an_ordered_map() {
         let mut rng = Rng::new(11);
@@ -209,6 +231,8 @@ mod tests {
             // Each round takes the set the last one dropped: nothing of it may show.
             let mut set = WriteSet::new();
             let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            // Every key ever written, in the order first written (taken back ones too).
+            let mut first_written: Vec<Vec<u8>> = Vec::new();
             let key = |rng: &mut Rng| -> Vec<u8> {
                 let len = rng.below(6) as usize;
                 (0..len).map(|_| rng.below(4) as u8 * 85).collect()
@@ -224,11 +248,17 @@ mod tests {
                 match rng.below(6) {
                     0 | 1 => {
                         let (k, v) = (key(&mut rng), key(&mut rng));
+                        if !first_written.contains(&k) {
+                            first_written.push(k.clone());
+                        }
                         set.insert(Bytes::from(&k[..]), Some(Bytes::from(&v[..])));
                         model.insert(k, Some(v));
                     }
                     2 => {
                         let k = key(&mut rng);
+                        if !first_written.contains(&k) {
+                            first_written.push(k.clone());
+                        }
                         set.insert(Bytes::from(&k[..]), None);
                         model.insert(k, None);
                     }
@@ -272,12 +302,14 @@ mod tests {
                     }
                 }
             }
-            let mut pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = set
+            let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = set
                 .drain_pairs()
                 .map(|(k, v)| (k.to_vec(), v.map(|v| v.to_vec())))
                 .collect();
-            pairs.sort();
-            let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = model.into_iter().collect();
+            let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = first_written
+                .into_iter()
+                .filter_map(|k| Some((k.clone(), model.get(&k)?.clone())))
+                .collect();
             assert_eq!(pairs, want);
         }
     }
