@@ -191,9 +191,10 @@ struct State {
     dedupe_replayed_bytes: u64,
 }
 
-/// Sorts `changes` by key (not stably). A transaction hands them over in no order, and
-/// comparing keys as numbers (`sort_number`) instead of byte strings makes the sort several
-/// times cheaper; a key too long for that (none of Courier's) sorts them all by bytes.
+/// Sorts `changes` by key (not stably). A transaction hands them over in the order first
+/// written, and comparing keys as numbers (`sort_number`) instead of byte strings makes the
+/// sort several times cheaper; a key too long for that (none of Courier's) sorts them all by
+/// bytes.
 fn sort_by_key_bytes(changes: &mut Vec<(Bytes, Option<Bytes>)>) {
     let Some(mut order) = changes
         .iter()
