@@ -67,8 +67,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::dedupe_filter::DedupeFilter;
+use super::dedupe_records::DedupeRecords;
 use super::fjall::{FjallOptions, FjallStore};
-use super::key_map::{KeyMap, MapKey};
+use super::key_map::MapKey;
 use super::live_map::LiveMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
@@ -166,11 +167,11 @@ struct State {
     message_keys: u64,
     /// Dedupe records committed since the last move to the tier. They move in one sorted
     /// ingestion when they reach `dedupe_memory_bytes_max` or at a checkpoint.
-    dedupe_recent: KeyMap<Bytes>,
+    dedupe_recent: DedupeRecords,
     /// Estimated bytes of `dedupe_recent`.
     dedupe_recent_bytes: u64,
     /// The records a move is ingesting into the tier, read-only meanwhile.
-    dedupe_moving: Option<Arc<KeyMap<Bytes>>>,
+    dedupe_moving: Option<Arc<DedupeRecords>>,
     /// Estimated bytes of `dedupe_moving`.
     dedupe_moving_bytes: u64,
     /// Dedupe keys deleted while a move runs: deleted whatever `dedupe_moving` holds. The
@@ -1851,7 +1852,7 @@ impl Inner {
 
     /// Takes the recent dedupe records for a move (the caller holds the writer lock): readers
     /// find them in `dedupe_moving` until it ends.
-    fn freeze_dedupe_records(&self) -> Option<Arc<KeyMap<Bytes>>> {
+    fn freeze_dedupe_records(&self) -> Option<Arc<DedupeRecords>> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.dedupe_recent.is_empty() {
             return None;
@@ -1868,7 +1869,7 @@ impl Inner {
     /// the journals, which still hold every record. `_running` is the move lock.
     fn ingest_dedupe_records(
         &self,
-        moving: Option<Arc<KeyMap<Bytes>>>,
+        moving: Option<Arc<DedupeRecords>>,
         _running: &MutexGuard<'_, ()>,
     ) -> Result<(), StoreError> {
         let Some(moving) = moving else {

@@ -19,6 +19,7 @@ pub mod clusters;
 pub mod config;
 pub mod conformance;
 mod dedupe_filter;
+mod dedupe_records;
 pub mod fault;
 #[cfg(feature = "fdb")]
 pub mod fdb;
