@@ -105,8 +105,9 @@ const REPLAY_RUN_CHANGES_MIN: usize = 65_536;
 const REPLAY_RUN_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
-/// Map overhead counted per live pair (node slots, key head, `Bytes` headers), for the memory
-/// bound: an estimate, so the bound is approximate.
+/// Map overhead counted per live pair (node or hash slots, key head, `Bytes` headers), for the
+/// memory bound: an estimate, so the bound is approximate (a hash table growing holds two for
+/// a moment).
 const PAIR_OVERHEAD_BYTES: u64 = 96;
 
 /// Options of the log store.
