@@ -131,6 +131,18 @@ pub fn dedupe(bucket: u64, inbox: UserId, sender: UserId, client_id: u64) -> [u8
     key
 }
 
+/// `(bucket, inbox, sender, client_id)` of a dedupe key (`dedupe`); `None` for any other.
+pub fn parse_dedupe(key: &[u8]) -> Option<(u64, UserId, UserId, u64)> {
+    (key.len() == 33 && key[0] == TAG_DEDUPE).then(|| {
+        (
+            be_u64(&key[1..9]),
+            be_u64(&key[9..17]),
+            be_u64(&key[17..25]),
+            be_u64(&key[25..33]),
+        )
+    })
+}
+
 /// The range `[start, end)` of every dedupe record of `inbox` in bucket `bucket`.
 pub fn dedupe_inbox_range(bucket: u64, inbox: UserId) -> (Vec<u8>, Vec<u8>) {
     let start = dedupe(bucket, inbox, 0, 0)[..17].to_vec();

@@ -19,18 +19,12 @@ use crate::{FastHashMap, keys};
 /// A dedupe key's numbers after its bucket: inbox, sender, client id.
 type Record = (u64, u64, u64);
 
-/// Bytes of a dedupe key (`keys::dedupe`).
-const DEDUPE_KEY_BYTES: usize = 33;
-
 fn split(key: &[u8]) -> Option<(u64, Record)> {
-    if key.len() != DEDUPE_KEY_BYTES || key[0] != keys::TAG_DEDUPE {
-        return None;
-    }
-    let word = |at: usize| u64::from_be_bytes(key[at..at + 8].try_into().expect("8 bytes"));
-    Some((word(1), (word(9), word(17), word(25))))
+    let (bucket, inbox, sender, client_id) = keys::parse_dedupe(key)?;
+    Some((bucket, (inbox, sender, client_id)))
 }
 
-fn join(bucket: u64, (inbox, sender, client_id): Record) -> [u8; DEDUPE_KEY_BYTES] {
+fn join(bucket: u64, (inbox, sender, client_id): Record) -> [u8; 33] {
     keys::dedupe(bucket, inbox, sender, client_id)
 }
 
@@ -170,10 +164,7 @@ impl DedupeRecords {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-
-    fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-        bound.as_ref().map(Vec::as_slice)
-    }
+    use crate::store::key_map::test_bounds::{as_slices as as_ref, is_valid};
 
     /// The records behave as an ordered map of byte strings: dedupe keys of a few buckets
     /// (the highest bucket included), keys of other shapes among and around them, and range
@@ -232,21 +223,7 @@ mod tests {
                         _ => Bound::Excluded(key(rng)),
                     };
                     let (begin, end) = (bound(&mut rng), bound(&mut rng));
-                    let valid = match (&begin, &end) {
-                        (
-                            Bound::Included(a) | Bound::Excluded(a),
-                            Bound::Included(b) | Bound::Excluded(b),
-                        ) => {
-                            a < b
-                                || (a == b
-                                    && matches!(
-                                        (&begin, &end),
-                                        (Bound::Included(_), Bound::Included(_))
-                                    ))
-                        }
-                        _ => true,
-                    };
-                    if !valid {
+                    if !is_valid(&begin, &end) {
                         continue;
                     }
                     let got: Vec<(Vec<u8>, Vec<u8>)> = records

@@ -240,14 +240,33 @@ pub(crate) fn merge<T>(
     })
 }
 
+/// Range bounds over byte strings for the ordered-map model tests of the embedded stores' maps.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rng::Rng;
+pub(crate) mod test_bounds {
+    use std::ops::Bound;
 
-    fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    pub(crate) fn as_slices(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
         bound.as_ref().map(Vec::as_slice)
     }
+
+    /// Whether `BTreeMap::range` takes `(begin, end)`: not past each other, and not one key
+    /// excluded at both ends.
+    pub(crate) fn is_valid(begin: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
+        match (begin, end) {
+            (Bound::Excluded(a), Bound::Excluded(b)) => a < b,
+            (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+                a <= b
+            }
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_bounds::{as_slices as as_ref, is_valid};
+    use super::*;
+    use crate::rng::Rng;
 
     /// Packed keys order as their bytes do, and give their bytes back, at every length
     /// around the padding and the length byte (zeros and 0xff at the end of a key).
@@ -329,21 +348,7 @@ mod tests {
                     _ => Bound::Excluded(key.clone()),
                 };
                 let (begin, end) = (bound(&a, rng.next_u64() % 3), bound(&b, rng.next_u64() % 3));
-                let valid = match (&begin, &end) {
-                    (
-                        Bound::Included(a) | Bound::Excluded(a),
-                        Bound::Included(b) | Bound::Excluded(b),
-                    ) => {
-                        a < b
-                            || (a == b
-                                && matches!(
-                                    (&begin, &end),
-                                    (Bound::Included(_), Bound::Included(_))
-                                ))
-                    }
-                    _ => true,
-                };
-                if !valid {
+                if !is_valid(&begin, &end) {
                     continue;
                 }
                 let limit = (rng.next_u64() % 40) as usize + 1;

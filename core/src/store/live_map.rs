@@ -355,10 +355,7 @@ mod tests {
 
     use super::*;
     use crate::rng::Rng;
-
-    fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-        bound.as_ref().map(Vec::as_slice)
-    }
+    use crate::store::key_map::test_bounds::{as_slices as as_ref, is_valid};
 
     /// A key near the inbox shapes: message and counter keys of a few inboxes, keys of those
     /// tags one byte short or long, other tags, and short prefixes (as range bounds are).
@@ -432,15 +429,7 @@ mod tests {
                     _ => Bound::Excluded(key.clone()),
                 };
                 let (begin, end) = (bound(&a, rng.below(3)), bound(&b, rng.below(3)));
-                let valid = match (&begin, &end) {
-                    (Bound::Included(a), Bound::Included(b)) => a <= b,
-                    (
-                        Bound::Included(a) | Bound::Excluded(a),
-                        Bound::Included(b) | Bound::Excluded(b),
-                    ) => a < b,
-                    _ => true,
-                };
-                if !valid {
+                if !is_valid(&begin, &end) {
                     continue;
                 }
                 let limit = rng.below(30) as usize + 1;

@@ -69,7 +69,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use super::dedupe_filter::DedupeFilter;
 use super::dedupe_records::DedupeRecords;
 use super::fjall::{FjallOptions, FjallStore};
-use super::key_map::MapKey;
+use super::key_map::{MapKey, MediumKey};
 use super::live_map::LiveMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
@@ -194,14 +194,13 @@ struct State {
 }
 
 /// Sorts `changes` by key (not stably). A transaction hands them over in the order first
-/// written, and comparing keys as numbers (`sort_number`) instead of byte strings makes the
-/// sort several times cheaper; a key too long for that (none of Courier's) sorts them all by
-/// bytes.
+/// written, and comparing packed keys (numbers) instead of byte strings makes the sort
+/// several times cheaper; a key too long to pack (none of Courier's) sorts them all by bytes.
 fn sort_by_key_bytes(changes: &mut Vec<(Bytes, Option<Bytes>)>) {
     let Some(mut order) = changes
         .iter()
         .enumerate()
-        .map(|(at, (key, _))| Some((sort_number(key)?, at as u32)))
+        .map(|(at, (key, _))| Some((MediumKey::new(key)?, at as u32)))
         .collect::<Option<Vec<_>>>()
     else {
         changes.sort_unstable_by(|a, b| a.0[..].cmp(&b.0[..]));
@@ -214,22 +213,6 @@ fn sort_by_key_bytes(changes: &mut Vec<(Bytes, Option<Bytes>)>) {
             .into_iter()
             .filter_map(|(_, at)| unsorted[at as usize].take()),
     );
-}
-
-/// A key of at most 39 bytes as numbers that order as its bytes do: its bytes zero-padded to
-/// 39, then its length (as `key_map::PackedKey`), in big-endian words.
-fn sort_number(key: &[u8]) -> Option<(u128, u128, u64)> {
-    if key.len() > 39 {
-        return None;
-    }
-    let mut padded = [0u8; 40];
-    padded[..key.len()].copy_from_slice(key);
-    padded[39] = key.len() as u8;
-    Some((
-        u128::from_be_bytes(padded[..16].try_into().expect("16 bytes")),
-        u128::from_be_bytes(padded[16..32].try_into().expect("16 bytes")),
-        u64::from_be_bytes(padded[32..].try_into().expect("8 bytes")),
-    ))
 }
 
 /// Each key's last change, in key order: sorted stably, so a key's changes keep their order.
@@ -393,6 +376,14 @@ impl PendingCommit {
         }
         &self.changes
     }
+
+    /// The changes in `[begin, end)`, in key order.
+    fn range(&mut self, begin: &[u8], end: &[u8]) -> &[(Bytes, Option<Bytes>)] {
+        let changes = self.sorted_changes();
+        let from = changes.partition_point(|(key, _)| key[..] < *begin);
+        let to = changes.partition_point(|(key, _)| key[..] < *end);
+        &changes[from..to.max(from)]
+    }
 }
 
 /// Reads of a pending commit answered by walking its unsorted changes before the commit
@@ -411,10 +402,7 @@ impl Pending {
         let Some(commit) = &mut self.commit else {
             return Vec::new();
         };
-        let changes = commit.sorted_changes();
-        let from = changes.partition_point(|(key, _)| key[..] < *begin);
-        let to = changes.partition_point(|(key, _)| key[..] < *end);
-        changes[from..to.max(from)].to_vec()
+        commit.range(begin, end).to_vec()
     }
 }
 
@@ -2474,15 +2462,11 @@ mod tests {
             for read in 0..2 * PENDING_WALKS_MAX + 4 {
                 if round % 3 == 0 && read == PENDING_WALKS_MAX + 2 {
                     let (begin, end) = (key(&mut rng), key(&mut rng));
-                    let got: Vec<_> = {
-                        let sorted = commit.sorted_changes();
-                        let from = sorted.partition_point(|(k, _)| k[..] < begin[..]);
-                        let to = sorted.partition_point(|(k, _)| k[..] < end[..]);
-                        sorted[from..to.max(from)]
-                            .iter()
-                            .map(|(k, v)| (k.to_vec(), v.as_ref().map(|v| v.to_vec())))
-                            .collect()
-                    };
+                    let got: Vec<_> = commit
+                        .range(&begin, &end)
+                        .iter()
+                        .map(|(k, v)| (k.to_vec(), v.as_ref().map(|v| v.to_vec())))
+                        .collect();
                     let want: Vec<_> = model
                         .iter()
                         .filter(|(k, _)| begin <= **k && **k < end)

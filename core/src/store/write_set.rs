@@ -215,10 +215,7 @@ mod tests {
 
     use super::*;
     use crate::rng::Rng;
-
-    fn as_slices(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-        bound.as_ref().map(Vec::as_slice)
-    }
+    use crate::store::key_map::test_bounds::{as_slices, is_valid};
 
     /// The write set answers every question as an ordered map of byte strings does, through
     /// any mix of sets, clears, take-backs and ranges (ranges between writes exercise the
@@ -277,17 +274,7 @@ mod tests {
                     }
                     _ => {
                         let (begin, end) = (bound(&mut rng), bound(&mut rng));
-                        if let (
-                            Bound::Included(b) | Bound::Excluded(b),
-                            Bound::Included(e) | Bound::Excluded(e),
-                        ) = (&begin, &end)
-                            && b > e
-                        {
-                            continue;
-                        }
-                        if let (Bound::Excluded(b), Bound::Excluded(e)) = (&begin, &end)
-                            && b == e
-                        {
+                        if !is_valid(&begin, &end) {
                             continue;
                         }
                         let got: Vec<(Vec<u8>, Option<Vec<u8>>)> = set
