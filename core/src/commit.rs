@@ -368,9 +368,10 @@ fn write_batch<T: Transaction>(
                         .ttl_secs
                         .map_or(config.retention_ms, |ttl| u64::from(ttl) * 1000);
                     let expire_at_ms = now.saturating_add(ttl_ms.min(config.retention_ms));
-                    txn.set(
+                    txn.set_concat(
                         &keys::message(send.to, seq),
-                        &envelope::encode(send.sender, now, expire_at_ms, &send.body),
+                        &envelope::header(send.sender, now, expire_at_ms),
+                        &send.body,
                     );
                     let mut record = [0u8; 24];
                     record[..8].copy_from_slice(&seq.to_le_bytes());

@@ -6,7 +6,8 @@
 use crate::{UnixMillis, UserId};
 
 const VERSION: u8 = 1;
-const HEADER_BYTES: usize = 1 + 8 + 8 + 8;
+/// Bytes of the header before the body.
+pub const HEADER_BYTES: usize = 1 + 8 + 8 + 8;
 
 /// A message as stored in an inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,12 +29,24 @@ pub fn encode(
     body: &[u8],
 ) -> Vec<u8> {
     let mut value = Vec::with_capacity(HEADER_BYTES + body.len());
-    value.push(VERSION);
-    value.extend_from_slice(&from.to_le_bytes());
-    value.extend_from_slice(&sent_at_ms.to_le_bytes());
-    value.extend_from_slice(&expire_at_ms.to_le_bytes());
+    value.extend_from_slice(&header(from, sent_at_ms, expire_at_ms));
     value.extend_from_slice(body);
     value
+}
+
+/// The stored value's header: the value is this, then the body (`Transaction::set_concat`
+/// stores the two without joining them first).
+pub fn header(
+    from: UserId,
+    sent_at_ms: UnixMillis,
+    expire_at_ms: UnixMillis,
+) -> [u8; HEADER_BYTES] {
+    let mut header = [0u8; HEADER_BYTES];
+    header[0] = VERSION;
+    header[1..9].copy_from_slice(&from.to_le_bytes());
+    header[9..17].copy_from_slice(&sent_at_ms.to_le_bytes());
+    header[17..].copy_from_slice(&expire_at_ms.to_le_bytes());
+    header
 }
 
 /// Decodes a stored value. `None` means the store holds bytes this version cannot read, which

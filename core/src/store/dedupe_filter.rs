@@ -164,15 +164,16 @@ impl DedupeFilter {
             return;
         }
         let hash = hash(key);
-        if !self.buckets.contains_key(&bucket) {
-            self.drop_buckets_before_previous(bucket);
+        match self.buckets.get_mut(&bucket) {
+            // Nearly every write: the bucket's newest slice has room.
+            Some(filter) => match filter.slices.last_mut() {
+                _ if filter.saturated => return,
+                Some(slice) if slice.keys < slice.keys_max => return slice.insert(hash),
+                _ => {}
+            },
+            None => self.drop_buckets_before_previous(bucket),
         }
-        let needs_slice = match self.buckets.get(&bucket) {
-            None => true,
-            Some(bucket) if bucket.saturated => return,
-            Some(bucket) => bucket.slices.last().is_none_or(|s| s.keys >= s.keys_max),
-        };
-        if needs_slice && !self.grow(bucket) {
+        if !self.grow(bucket) {
             return;
         }
         self.buckets

@@ -7,12 +7,15 @@
 //! of its time). Here an inbox is found by hashing its id, its counter is a field, and its
 //! messages are a queue in seq order: a new message is appended, an ack pops from the front.
 //! A sorted set of the inboxes held keeps range visits in key order; it changes only when an
-//! inbox appears or goes. Every other key, and any key of those tags with another shape, is
-//! in a [`KeyMap`]. Range visits merge the three kinds in byte order, so the map behaves as
-//! one ordered map of byte strings.
+//! inbox appears or goes. Expiry index entries (`e/{bucket}/{inbox}`, one per inbox and
+//! expiry bucket, so one for nearly every send to a recipient of few messages) are held by
+//! bucket, then by inbox in a map of numbers: an insert compares `u64`s, where the packed
+//! keys of a [`KeyMap`] node span four times the cache lines. Every other key, and any key
+//! of those tags with another shape, is in a [`KeyMap`]. Range visits merge the kinds in byte
+//! order, so the map behaves as one ordered map of byte strings.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::ops::Bound;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::{Bound, RangeInclusive};
 
 use super::key_map::{KeyMap, MapKey, merge};
 use super::overlay::Bytes;
@@ -140,6 +143,10 @@ pub(crate) struct LiveMap {
     ordered: BTreeSet<u64>,
     /// Counters and messages held in `inboxes`.
     inbox_keys: usize,
+    /// Expiry index entries: bucket, then inbox.
+    expiry: BTreeMap<u64, BTreeMap<u64, Bytes>>,
+    /// Entries held in `expiry`.
+    expiry_keys: usize,
     /// Inboxes range visits looked at, for a test that they stay proportional to the pairs
     /// visited.
     #[cfg(test)]
@@ -148,11 +155,18 @@ pub(crate) struct LiveMap {
 
 impl LiveMap {
     pub(crate) fn len(&self) -> usize {
-        self.other.len() + self.inbox_keys
+        self.other.len() + self.inbox_keys + self.expiry_keys
     }
 
     /// Sets `key`; returns the value it replaced.
     pub(crate) fn insert(&mut self, key: Bytes, value: Bytes) -> Option<Bytes> {
+        if let Some((bucket, inbox)) = keys::parse_expiry(&key) {
+            let old = self.expiry.entry(bucket).or_default().insert(inbox, value);
+            if old.is_none() {
+                self.expiry_keys += 1;
+            }
+            return old;
+        }
         let Some(parsed) = InboxKey::parse(&key) else {
             return self.other.insert(key, value);
         };
@@ -175,6 +189,15 @@ impl LiveMap {
 
     /// Deletes `key`; returns its value.
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Bytes> {
+        if let Some((bucket, inbox)) = keys::parse_expiry(key) {
+            let entries = self.expiry.get_mut(&bucket)?;
+            let old = entries.remove(&inbox)?;
+            if entries.is_empty() {
+                self.expiry.remove(&bucket);
+            }
+            self.expiry_keys -= 1;
+            return Some(old);
+        }
         let Some(parsed) = InboxKey::parse(key) else {
             return self.other.remove(key);
         };
@@ -197,6 +220,9 @@ impl LiveMap {
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Bytes> {
+        if let Some((bucket, inbox)) = keys::parse_expiry(key) {
+            return self.expiry.get(&bucket)?.get(&inbox);
+        }
         match InboxKey::parse(key) {
             None => self.other.get(key),
             Some(InboxKey::Counter(id)) => self.inboxes.get(&id)?.counter.as_ref(),
@@ -230,9 +256,11 @@ impl LiveMap {
                     Some((MapKey::from_bytes(&keys::counter(id)), value))
                 })
                 .filter(|(key, _)| is_above(key.bytes(), begin) && is_below(key.bytes(), end));
-            if !merge(self.other.range(begin, below_messages), counters, first)
-                .all(|(key, value)| visit(key.bytes(), value))
-            {
+            let expiry = self
+                .expiry_between(begin, below_messages)
+                .filter(|(key, _)| is_above(key.bytes(), begin) && is_below(key.bytes(), end));
+            let below = merge(self.other.range(begin, below_messages), counters, &first);
+            if !merge(below, expiry, &first).all(|(key, value)| visit(key.bytes(), value)) {
                 return false;
             }
         }
@@ -276,6 +304,27 @@ impl LiveMap {
             .all(|(key, value)| visit(key.bytes(), value))
     }
 
+    /// The expiry entries whose keys can lie between `begin` and `end`, in key order: a few
+    /// more at the ends, never fewer.
+    fn expiry_between<'a>(
+        &'a self,
+        begin: Bound<&'a [u8]>,
+        end: Bound<&'a [u8]>,
+    ) -> impl Iterator<Item = (MapKey<'a>, &'a Bytes)> + 'a {
+        numbers_between(&[keys::TAG_EXPIRY], begin, end)
+            .into_iter()
+            .flat_map(|buckets| self.expiry.range(buckets))
+            .flat_map(move |(&bucket, entries)| {
+                let start = keys::expiry_bucket_start(bucket);
+                numbers_between(&start, begin, end)
+                    .into_iter()
+                    .flat_map(|inboxes| entries.range(inboxes))
+                    .map(move |(&inbox, value)| {
+                        (MapKey::from_bytes(&keys::expiry(bucket, inbox)), value)
+                    })
+            })
+    }
+
     /// The inboxes whose keys of `tag` (`tag` and the inbox's id, then anything) can lie
     /// between `begin` and `end`, in order: a few more at the ends, never fewer.
     fn inboxes_between<'a>(
@@ -284,37 +333,8 @@ impl LiveMap {
         begin: Bound<&[u8]>,
         end: Bound<&[u8]>,
     ) -> impl Iterator<Item = (u64, &'a Inbox)> + 'a {
-        // A key `tag, id, ...` at or above a bound `tag, b...` has `id` at least `b`'s first
-        // eight bytes (zero-padded); one below such a bound, at most those.
-        let id_in = |key: &[u8]| {
-            let mut id = [0u8; 8];
-            let tail = &key[1..];
-            id[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
-            u64::from_be_bytes(id)
-        };
-        let low = match begin {
-            Bound::Unbounded => Some(0),
-            Bound::Included(key) | Bound::Excluded(key) => match key.first() {
-                None => Some(0),
-                Some(first) if *first < tag => Some(0),
-                Some(first) if *first > tag => None,
-                Some(_) => Some(id_in(key)),
-            },
-        };
-        let high = match end {
-            Bound::Unbounded => Some(u64::MAX),
-            Bound::Included(key) | Bound::Excluded(key) => match key.first() {
-                None => None,
-                Some(first) if *first < tag => None,
-                Some(first) if *first > tag => Some(u64::MAX),
-                Some(_) => Some(id_in(key)),
-            },
-        };
-        let ids = match (low, high) {
-            (Some(low), Some(high)) if low <= high => Some(low..=high),
-            _ => None,
-        };
-        ids.into_iter()
+        numbers_between(&[tag], begin, end)
+            .into_iter()
             .flat_map(|ids| self.ordered.range(ids))
             .map(|id| {
                 #[cfg(test)]
@@ -322,6 +342,43 @@ impl LiveMap {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 (*id, &self.inboxes[id])
             })
+    }
+}
+
+/// The numbers `n` such that keys `prefix, n, ...` (`n` as 8 big-endian bytes, then
+/// anything) can lie between `begin` and `end`: a few more at the ends, never fewer. `None`
+/// when no such key can.
+fn numbers_between(
+    prefix: &[u8],
+    begin: Bound<&[u8]>,
+    end: Bound<&[u8]>,
+) -> Option<RangeInclusive<u64>> {
+    // A key `prefix, n, ...` at or above a bound `prefix, b...` has `n` at least `b`'s first
+    // eight bytes (zero-padded); one below such a bound, at most those. A bound that does not
+    // start with `prefix` is below or above every such key.
+    let number_in = |key: &[u8]| {
+        let mut number = [0u8; 8];
+        let tail = &key[prefix.len()..];
+        number[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
+        u64::from_be_bytes(number)
+    };
+    let low = match begin {
+        Bound::Unbounded => Some(0),
+        Bound::Included(key) | Bound::Excluded(key) if key.starts_with(prefix) => {
+            Some(number_in(key))
+        }
+        Bound::Included(key) | Bound::Excluded(key) => (key < prefix).then_some(0),
+    };
+    let high = match end {
+        Bound::Unbounded => Some(u64::MAX),
+        Bound::Included(key) | Bound::Excluded(key) if key.starts_with(prefix) => {
+            Some(number_in(key))
+        }
+        Bound::Included(key) | Bound::Excluded(key) => (key > prefix).then_some(u64::MAX),
+    };
+    match (low, high) {
+        (Some(low), Some(high)) if low <= high => Some(low..=high),
+        _ => None,
     }
 }
 
@@ -357,8 +414,9 @@ mod tests {
     use crate::rng::Rng;
     use crate::store::key_map::test_bounds::{as_slices as as_ref, is_valid};
 
-    /// A key near the inbox shapes: message and counter keys of a few inboxes, keys of those
-    /// tags one byte short or long, other tags, and short prefixes (as range bounds are).
+    /// A key near the inbox shapes: message, counter and expiry keys of a few inboxes, keys
+    /// of those tags one byte short or long, other tags, and short prefixes (as range bounds
+    /// are).
     fn some_key(rng: &mut Rng) -> Vec<u8> {
         let inbox = [0u64, 1, 2, 255, 256, u64::MAX - 1, u64::MAX][rng.below(7) as usize];
         // Mostly a few seqs; sometimes one of hundreds, so that queues grow, wrap and get
@@ -368,14 +426,16 @@ mod tests {
         } else {
             rng.below(6)
         };
-        let mut key = match rng.below(9) {
+        let mut key = match rng.below(10) {
             0..=2 => keys::message(inbox, seq).to_vec(),
             3 | 4 => keys::counter(inbox).to_vec(),
+            // Buckets among the ids, inboxes among the seqs.
+            9 => keys::expiry(inbox, seq).to_vec(),
             5 => keys::device(inbox, seq as u32).to_vec(),
             6 => keys::dedupe(inbox, seq, 1, 2).to_vec(),
             // Longer than any packed key, starting like a message or counter key.
             7 => [&keys::message(inbox, seq)[..], &[7u8; 30][..]].concat(),
-            _ => vec![[b'c', b'q', b'd', b'a', b'z'][rng.below(5) as usize]],
+            _ => vec![[b'c', b'q', b'd', b'e', b'a', b'z'][rng.below(6) as usize]],
         };
         match rng.below(6) {
             0 => key.truncate(rng.below(key.len() as u64 + 1) as usize),

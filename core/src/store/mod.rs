@@ -230,6 +230,15 @@ pub trait Transaction {
 
     fn set(&mut self, key: &[u8], value: &[u8]);
 
+    /// Sets `key` to `head` followed by `tail` (a message's header and body): the embedded
+    /// engines build the value in one allocation, without a buffer to join them first.
+    fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
+        let mut value = Vec::with_capacity(head.len() + tail.len());
+        value.extend_from_slice(head);
+        value.extend_from_slice(tail);
+        self.set(key, &value);
+    }
+
     fn clear(&mut self, key: &[u8]);
 
     /// Clears every key with `begin <= key < end`.

@@ -233,6 +233,11 @@ impl<E: Engine> Overlay<E> {
             .insert(Bytes::from(key), Some(Bytes::from(value)));
     }
 
+    pub(crate) fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
+        let value = Bytes::from(byteview::ByteView::fused(head, tail));
+        self.writes.insert(Bytes::from(key), Some(value));
+    }
+
     pub(crate) fn clear(&mut self, key: &[u8]) {
         self.writes.insert(Bytes::from(key), None);
     }
@@ -399,6 +404,9 @@ macro_rules! overlay_transaction {
             }
             fn set(&mut self, key: &[u8], value: &[u8]) {
                 self.overlay.set(key, value);
+            }
+            fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
+                self.overlay.set_concat(key, head, tail);
             }
             fn clear(&mut self, key: &[u8]) {
                 self.overlay.clear(key);
