@@ -76,12 +76,73 @@ pub enum EncodeError {
 /// frame it must reject.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     frame.check_limits()?;
-    let bytes = rkyv::to_bytes::<rancor::Error>(frame)
-        .map_err(|error| EncodeError::Archive(error.to_string()))?;
-    append_prefixed(&bytes, out)
+    append_archived(frame, out)
 }
 
-/// Appends an archived frame body with its length prefix (client and link frames alike).
+/// Appends `value`'s archive with its length prefix (client and link frames alike). The
+/// archive is written into `out` in place, not into a buffer of its own that is then copied.
+fn append_archived<T>(value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError>
+where
+    T: for<'a, 'w> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                ArchiveIn<'w>,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    let prefix_at = out.len();
+    out.extend_from_slice(&[0; LENGTH_PREFIX_BYTES]);
+    let body_at = out.len();
+    let written = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
+        value,
+        ArchiveIn {
+            out: &mut *out,
+            start: body_at,
+        },
+    )
+    .map(drop);
+    let body_bytes = out.len() - body_at;
+    let checked = match written {
+        Err(error) => Err(EncodeError::Archive(error.to_string())),
+        Ok(_) if body_bytes > FRAME_BYTES_MAX => Err(DecodeError::FrameTooLarge {
+            length_bytes: body_bytes,
+        }
+        .into()),
+        Ok(_) => Ok(()),
+    };
+    if let Err(error) = checked {
+        out.truncate(prefix_at);
+        return Err(error);
+    }
+    // The cast cannot truncate: FRAME_BYTES_MAX fits in u32 (asserted in limits.rs).
+    out[prefix_at..body_at].copy_from_slice(&(body_bytes as u32).to_be_bytes());
+    Ok(())
+}
+
+/// An archive being written at the end of a buffer. Its positions count from where it starts,
+/// so its padding is what it would be in a buffer of its own: the reader copies a frame's body
+/// into an aligned buffer of its own before reading it.
+struct ArchiveIn<'a> {
+    out: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl rkyv::ser::Positional for ArchiveIn<'_> {
+    fn pos(&self) -> usize {
+        self.out.len() - self.start
+    }
+}
+
+impl<E> rkyv::ser::Writer<E> for ArchiveIn<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        self.out.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Appends an archived frame body with its length prefix.
+#[cfg(test)]
 fn append_prefixed(body: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
     if body.len() > FRAME_BYTES_MAX {
         return Err(DecodeError::FrameTooLarge {
@@ -89,7 +150,6 @@ fn append_prefixed(body: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
         }
         .into());
     }
-    // The cast cannot truncate: FRAME_BYTES_MAX fits in u32 (asserted in limits.rs).
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(body);
     Ok(())

@@ -141,9 +141,7 @@ impl LinkFrame {
 /// Appends `frame`, length-prefixed, to `out`, checked against the limits the peer applies.
 pub fn encode_link(frame: &LinkFrame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     frame.check_limits()?;
-    let bytes = rkyv::to_bytes::<rancor::Error>(frame)
-        .map_err(|error| EncodeError::Archive(error.to_string()))?;
-    crate::append_prefixed(&bytes, out)
+    crate::append_archived(frame, out)
 }
 
 /// Decodes the first link frame of `buf`, like [`crate::decode`] does client frames:

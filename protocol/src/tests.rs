@@ -44,6 +44,39 @@ fn round_trip_keeps_every_field() {
     assert!(rest.is_empty());
 }
 
+/// A frame is archived in place at the end of the output, wherever that is: the same bytes
+/// as an archive in a buffer of its own (rkyv's `to_bytes`), so its padding holds once the
+/// reader copies the body to an aligned buffer.
+#[test]
+fn a_frame_archived_in_place_is_the_archive_of_its_own() {
+    let frames = [
+        send_frame(0),
+        send_frame(3),
+        Frame::Deliver {
+            seq: 1,
+            from: 2,
+            sent_at_ms: 3,
+            body: b"hi".to_vec(),
+        },
+        Frame::Hole { up_to_seq: 41 },
+    ];
+    for frame in &frames {
+        let own = rkyv::to_bytes::<rancor::Error>(frame).unwrap();
+        for already in 0..17 {
+            let mut out = vec![0xEE; already];
+            encode(frame, &mut out).unwrap();
+            assert_eq!(&out[..already], &vec![0xEE; already][..]);
+            let prefix = u32::from_be_bytes(out[already..already + 4].try_into().unwrap());
+            assert_eq!(prefix as usize, own.len());
+            assert_eq!(
+                &out[already + 4..],
+                &own[..],
+                "{frame:?} after {already} bytes"
+            );
+        }
+    }
+}
+
 #[test]
 fn partial_frame_asks_for_more_bytes() {
     let bytes = encode_to_vec(&send_frame(10)).unwrap();

@@ -44,9 +44,12 @@ impl Inbox {
         self.counter.is_none() && self.messages.len() == self.holes
     }
 
-    /// Where `seq` is or would go.
+    /// Where `seq` is or would go. An ack deletes its inbox's first message: looked at first.
     fn position(&self, seq: u64) -> Result<usize, usize> {
-        self.messages.binary_search_by_key(&seq, |(held, _)| *held)
+        match self.messages.front() {
+            Some((first, _)) if *first == seq => Ok(0),
+            _ => self.messages.binary_search_by_key(&seq, |(held, _)| *held),
+        }
     }
 
     /// Sets message `seq`; returns the value it replaced.
