@@ -578,7 +578,7 @@ impl FjallStore {
     /// with fjall's ingestion: no memtable, no journal, one sequential write, durable (tables
     /// and version fsynced) when it returns. The pairs are newer than every write before: a
     /// delete written earlier of a key among them no longer hides it.
-    pub(crate) fn ingest_sorted<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    pub(crate) fn ingest_sorted<K: AsRef<[u8]>, V: Into<fjall::Slice>>(
         &self,
         pairs: impl Iterator<Item = (K, V)>,
     ) -> Result<(), StoreError> {
@@ -602,7 +602,8 @@ impl FjallStore {
                     "an ingestion's keys must ascend within one keyspace: this is a bug".into(),
                 ));
             }
-            ingestion.write(key, value.as_ref()).map_err(io_error)?;
+            // A value that is a `Slice` already (the log store's) goes in without a copy.
+            ingestion.write(key, value).map_err(io_error)?;
             let previous = previous.get_or_insert_with(Vec::new);
             previous.clear();
             previous.extend_from_slice(key);

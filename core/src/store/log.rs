@@ -689,7 +689,7 @@ impl State {
             }
         } else {
             let sets: Vec<(WriteKey, Bytes)> = sets.collect();
-            tier.ingest_sorted(sets.iter().map(|(key, value)| (&key.bytes[..], &value[..])))?;
+            tier.ingest_sorted(sets.into_iter().map(|(key, value)| (key.bytes, value)))?;
         }
         tier.write_unsynced(deletes.iter().map(|(key, _)| (&key.bytes[..], None)))
     }
@@ -1869,7 +1869,11 @@ impl Inner {
             error
         };
         self.dedupe
-            .ingest_sorted(moving.range(Bound::Unbounded, Bound::Unbounded))
+            .ingest_sorted(
+                moving
+                    .range(Bound::Unbounded, Bound::Unbounded)
+                    .map(|(key, value)| (key, value.clone())),
+            )
             .map_err(poison)?;
         // The writer lock keeps commits out from here until the move ends: a delete that
         // wrote its tombstone before the ingestion but reaches memory after the end would
