@@ -373,13 +373,10 @@ fn write_batch<T: Transaction>(
                         &envelope::header(send.sender, now, expire_at_ms),
                         &send.body,
                     );
-                    let mut record = [0u8; 24];
-                    record[..8].copy_from_slice(&seq.to_le_bytes());
-                    record[8..16].copy_from_slice(&now.to_le_bytes());
-                    record[16..].copy_from_slice(&expire_at_ms.to_le_bytes());
+                    let (record, record_bytes) = dedupe_record(seq, now, expire_at_ms);
                     txn.set(
                         &keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id),
-                        &record,
+                        &record[..record_bytes],
                     );
                     let expiry = (expire_at_ms / config.expiry_bucket_ms, send.to);
                     // A bucket that ends soon is written every time: an expiry pass that began
@@ -650,10 +647,7 @@ fn find_dedupe<T: Transaction>(
     {
         let key = keys::dedupe(bucket, send.to, send.sender, send.client_id);
         if let Some(record) = txn.get(&key)? {
-            let field = |at: usize| record.get(at..at + 8).and_then(keys::le_u64);
-            let (Some(seq), Some(server_time_ms), Some(expire_at_ms)) =
-                (field(0), field(8), field(16))
-            else {
+            let Some((seq, server_time_ms, expire_at_ms)) = parse_dedupe_record(&record) else {
                 return Err(StoreError::Corrupt(format!(
                     "dedupe record of {} bytes",
                     record.len()
@@ -668,6 +662,47 @@ fn find_dedupe<T: Transaction>(
         }
     }
     Ok(None)
+}
+
+/// A dedupe record's value: the seq, server time and expiry of the send it remembers, as
+/// little-endian numbers. The expiry is written as milliseconds after the server time in 4
+/// bytes when it fits (any lifetime under 49 days; the default retention is 30), which makes
+/// the value 20 bytes: a byte string that short is held inline by the embedded stores, so a
+/// record costs no allocation of its own in a transaction, in the log store's memory or in
+/// its move to the tier (and no free when the moved records are dropped). Otherwise the
+/// expiry is written whole (24 bytes), as every record was before.
+fn dedupe_record(seq: u64, server_time_ms: u64, expire_at_ms: u64) -> ([u8; 24], usize) {
+    let mut record = [0u8; 24];
+    record[..8].copy_from_slice(&seq.to_le_bytes());
+    record[8..16].copy_from_slice(&server_time_ms.to_le_bytes());
+    match expire_at_ms
+        .checked_sub(server_time_ms)
+        .and_then(|lifetime_ms| u32::try_from(lifetime_ms).ok())
+    {
+        Some(lifetime_ms) => {
+            record[16..20].copy_from_slice(&lifetime_ms.to_le_bytes());
+            (record, 20)
+        }
+        None => {
+            record[16..].copy_from_slice(&expire_at_ms.to_le_bytes());
+            (record, 24)
+        }
+    }
+}
+
+/// The seq, server time and expiry of a dedupe record's value, of either length.
+fn parse_dedupe_record(record: &[u8]) -> Option<(u64, u64, u64)> {
+    let field = |at: usize| record.get(at..at + 8).and_then(keys::le_u64);
+    let (seq, server_time_ms) = (field(0)?, field(8)?);
+    let expire_at_ms = match record.len() {
+        20 => {
+            let lifetime_ms = u32::from_le_bytes(record[16..20].try_into().ok()?);
+            server_time_ms.checked_add(u64::from(lifetime_ms))?
+        }
+        24 => field(16)?,
+        _ => return None,
+    };
+    Some((seq, server_time_ms, expire_at_ms))
 }
 
 /// At most this many messages an ack deletes by listing their keys; more (or after a seq the
@@ -1100,6 +1135,39 @@ mod tests {
             body: b"hi".to_vec(),
             ttl_secs: None,
         })
+    }
+
+    /// A dedupe record's value is 20 bytes (inline in the embedded stores) for any lifetime
+    /// that fits 4 bytes of milliseconds, 24 past that, and records of both lengths (every
+    /// record stored before the short form was 24 bytes) read back the same numbers.
+    #[test]
+    fn dedupe_records_are_short_when_the_lifetime_fits_and_both_lengths_read() {
+        let now = 1_700_000_000_000;
+        for (lifetime_ms, bytes) in [
+            (0, 20),
+            (30 * 24 * 3_600_000, 20),
+            (u64::from(u32::MAX), 20),
+            (u64::from(u32::MAX) + 1, 24),
+            (u64::MAX - now, 24),
+        ] {
+            let (record, len) = dedupe_record(7, now, now + lifetime_ms);
+            assert_eq!(len, bytes, "lifetime {lifetime_ms} ms");
+            assert_eq!(
+                parse_dedupe_record(&record[..len]),
+                Some((7, now, now + lifetime_ms))
+            );
+        }
+        // A record written before the short form: seq, server time, expiry, 8 bytes each.
+        let mut old = Vec::new();
+        for field in [9u64, now, now + 60_000] {
+            old.extend_from_slice(&field.to_le_bytes());
+        }
+        assert_eq!(parse_dedupe_record(&old), Some((9, now, now + 60_000)));
+        // An expiry in the past (a clock set back) takes the long form.
+        assert_eq!(dedupe_record(1, now, now - 1).1, 24);
+        for len in [0, 8, 16, 19, 21, 23, 25, 32] {
+            assert_eq!(parse_dedupe_record(&vec![1; len]), None, "{len} bytes");
+        }
     }
 
     /// An inbox with more live messages than one pass may read still gets its expiry done:
