@@ -13,6 +13,7 @@
 //! and ranges cost a merge each, not a sort of everything.
 
 use std::cell::Cell;
+use std::collections::hash_map::Entry;
 use std::ops::Bound;
 
 use super::overlay::Bytes;
@@ -79,10 +80,11 @@ impl WriteSet {
             Some(value) => Write::Set(value),
             None => Write::Cleared,
         };
-        match self.index.get(&key[..]) {
-            Some(&at) => self.entries[at as usize].1 = write,
-            None => {
-                self.index.insert(key.clone(), self.entries.len() as u32);
+        // One hash and probe: nearly every key is new to the set.
+        match self.index.entry(key.clone()) {
+            Entry::Occupied(at) => self.entries[*at.get() as usize].1 = write,
+            Entry::Vacant(slot) => {
+                slot.insert(self.entries.len() as u32);
                 self.entries.push((key, write));
             }
         }
