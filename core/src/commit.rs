@@ -373,7 +373,8 @@ fn write_batch<T: Transaction>(
                         &envelope::header(send.sender, now, expire_at_ms),
                         &send.body,
                     );
-                    let (record, record_bytes) = dedupe_record(seq, now, expire_at_ms);
+                    let (record, record_bytes) =
+                        dedupe_record(seq, now, expire_at_ms, txn.holds_short_values_inline());
                     txn.set(
                         &keys::dedupe(dedupe_bucket, send.to, send.sender, send.client_id),
                         &record[..record_bytes],
@@ -664,21 +665,23 @@ fn find_dedupe<T: Transaction>(
     Ok(None)
 }
 
-/// A dedupe record's value: the seq, server time and expiry of the send it remembers, as
-/// little-endian numbers. The expiry is written as milliseconds after the server time in 4
-/// bytes when it fits (any lifetime under 49 days; the default retention is 30), which makes
-/// the value 20 bytes: a byte string that short is held inline by the embedded stores, so a
-/// record costs no allocation of its own in a transaction, in the log store's memory or in
-/// its move to the tier (and no free when the moved records are dropped). Otherwise the
-/// expiry is written whole (24 bytes), as every record was before.
-fn dedupe_record(seq: u64, server_time_ms: u64, expire_at_ms: u64) -> ([u8; 24], usize) {
+/// A dedupe record's value: seq, server time, expiry, little-endian. The expiry takes 4 bytes
+/// as milliseconds after the server time when `short` and it fits (a lifetime under 49.7 days):
+/// 20 bytes, which the embedded stores hold inline. Otherwise 8 (24 bytes, as every record
+/// before). Decision 0002.
+fn dedupe_record(
+    seq: u64,
+    server_time_ms: u64,
+    expire_at_ms: u64,
+    short: bool,
+) -> ([u8; 24], usize) {
     let mut record = [0u8; 24];
     record[..8].copy_from_slice(&seq.to_le_bytes());
     record[8..16].copy_from_slice(&server_time_ms.to_le_bytes());
-    match expire_at_ms
+    let lifetime_ms = expire_at_ms
         .checked_sub(server_time_ms)
-        .and_then(|lifetime_ms| u32::try_from(lifetime_ms).ok())
-    {
+        .and_then(|lifetime_ms| u32::try_from(lifetime_ms).ok());
+    match lifetime_ms.filter(|_| short) {
         Some(lifetime_ms) => {
             record[16..20].copy_from_slice(&lifetime_ms.to_le_bytes());
             (record, 20)
@@ -1138,8 +1141,9 @@ mod tests {
     }
 
     /// A dedupe record's value is 20 bytes (inline in the embedded stores) for any lifetime
-    /// that fits 4 bytes of milliseconds, 24 past that, and records of both lengths (every
-    /// record stored before the short form was 24 bytes) read back the same numbers.
+    /// that fits 4 bytes of milliseconds, 24 past that or on a store that gains nothing from
+    /// it (FoundationDB), and records of both lengths (every record stored before the short
+    /// form was 24 bytes) read back the same numbers.
     #[test]
     fn dedupe_records_are_short_when_the_lifetime_fits_and_both_lengths_read() {
         let now = 1_700_000_000_000;
@@ -1150,12 +1154,15 @@ mod tests {
             (u64::from(u32::MAX) + 1, 24),
             (u64::MAX - now, 24),
         ] {
-            let (record, len) = dedupe_record(7, now, now + lifetime_ms);
-            assert_eq!(len, bytes, "lifetime {lifetime_ms} ms");
-            assert_eq!(
-                parse_dedupe_record(&record[..len]),
-                Some((7, now, now + lifetime_ms))
-            );
+            for short in [true, false] {
+                let (record, len) = dedupe_record(7, now, now + lifetime_ms, short);
+                let want = if short { bytes } else { 24 };
+                assert_eq!(len, want, "lifetime {lifetime_ms} ms, short {short}");
+                assert_eq!(
+                    parse_dedupe_record(&record[..len]),
+                    Some((7, now, now + lifetime_ms))
+                );
+            }
         }
         // A record written before the short form: seq, server time, expiry, 8 bytes each.
         let mut old = Vec::new();
@@ -1163,8 +1170,9 @@ mod tests {
             old.extend_from_slice(&field.to_le_bytes());
         }
         assert_eq!(parse_dedupe_record(&old), Some((9, now, now + 60_000)));
-        // An expiry in the past (a clock set back) takes the long form.
-        assert_eq!(dedupe_record(1, now, now - 1).1, 24);
+        // An expiry before the server time (`write_batch` never makes one) takes the long
+        // form, which holds any.
+        assert_eq!(dedupe_record(1, now, now - 1, true).1, 24);
         for len in [0, 8, 16, 19, 21, 23, 25, 32] {
             assert_eq!(parse_dedupe_record(&vec![1; len]), None, "{len} bytes");
         }

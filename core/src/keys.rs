@@ -7,7 +7,7 @@
 //! | `q` inbox seq | [`crate::envelope`] | a stored message |
 //! | `c` inbox | last seq, u64 LE | the inbox's sequence counter (kept after deletes, deleted when expiry empties the inbox) |
 //! | `f` | highest last seq of a forgotten inbox, u64 LE (atomic max) | the seq floor: an inbox without a counter continues above it |
-//! | `d` bucket inbox sender client_id | seq u64 LE, time u64 LE | dedupe record |
+//! | `d` bucket inbox sender client_id | seq u64 LE, server time u64 LE, then the expiry: its ms after the server time u32 LE (20 bytes; embedded stores, when it fits) or itself u64 LE (24 bytes) | dedupe record (decision 0002) |
 //! | `e` bucket inbox | empty (older stores: a seq, ignored) | expiry index: inbox has messages expiring in bucket |
 //! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
 //! | `t` | highest commit time (and time of an expiry pass that wrote `k`), u64 LE (atomic max) | server time high-water mark (`clock`) |

@@ -73,7 +73,7 @@ pub enum EncodeError {
 /// Appends `frame`, length-prefixed, to `out`.
 ///
 /// The frame is checked against the same limits [`decode`] applies, so a peer never receives a
-/// frame it must reject.
+/// frame it must reject. On error `out` is left as it was.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     frame.check_limits()?;
     append_archived(frame, out)

@@ -77,6 +77,42 @@ fn a_frame_archived_in_place_is_the_archive_of_its_own() {
     }
 }
 
+/// Link frames take the same path (`encode_link`).
+#[test]
+fn a_link_frame_archived_in_place_is_the_archive_of_its_own() {
+    let frame = link::LinkFrame::Send {
+        request_id: 1,
+        sender: 2,
+        client_id: 3,
+        to: 4,
+        body: b"abc".to_vec(),
+        ttl_secs: Some(5),
+    };
+    let own = rkyv::to_bytes::<rancor::Error>(&frame).unwrap();
+    for already in 0..17 {
+        let mut out = vec![0xEE; already];
+        link::encode_link(&frame, &mut out).unwrap();
+        assert_eq!(&out[already + 4..], &own[..], "after {already} bytes");
+        assert_eq!(
+            link::decode_link(&out[already..]).unwrap().unwrap().0,
+            frame
+        );
+    }
+}
+
+/// An archive over the frame limit is refused, and the buffer is left as it was: no length
+/// prefix, no part of the archive.
+#[test]
+fn an_archive_over_the_limit_leaves_the_buffer_as_it_was() {
+    let mut out = vec![1, 2, 3];
+    let error = append_archived(&vec![0u8; FRAME_BYTES_MAX + 1], &mut out).unwrap_err();
+    assert!(matches!(
+        error,
+        EncodeError::Invalid(DecodeError::FrameTooLarge { .. })
+    ));
+    assert_eq!(out, [1, 2, 3]);
+}
+
 #[test]
 fn partial_frame_asks_for_more_bytes() {
     let bytes = encode_to_vec(&send_frame(10)).unwrap();

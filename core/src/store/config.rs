@@ -247,8 +247,9 @@ impl FdbConfig {
         let dedupe_key = prefixed(keys::dedupe(0, 0, 0, 0).len());
         let counter_key = prefixed(keys::counter(0).len());
         let expiry_key = prefixed(keys::expiry(0, 0).len());
-        let envelope_header = envelope::encode(0, 0, 0, &[]).len();
-        // The dedupe record: seq, commit time, expiry, u64 each (commit.rs).
+        let envelope_header = envelope::HEADER_BYTES;
+        // The dedupe record: seq, commit time, expiry, u64 each (commit.rs; 20 bytes on the
+        // embedded stores when the lifetime fits, never on FoundationDB).
         let dedupe_record = 24;
         let send = 2 * read_bytes(dedupe_key)
             + read_bytes(counter_key)

@@ -106,8 +106,17 @@ fn reads_its_own_writes<H: Harness>(h: &mut H) {
     txn.clear(b"a");
     assert_eq!(txn.get(b"a").unwrap(), None);
     txn.set(b"a", b"2");
+    // A value given in two parts (a message's header and body), short and long.
+    let long_tail = [7u8; 300];
+    txn.set_concat(b"b", b"he", b"llo");
+    txn.set_concat(b"c", b"header ", &long_tail);
+    let long = [&b"header "[..], &long_tail[..]].concat();
+    assert_eq!(txn.get(b"b").unwrap().as_deref(), Some(&b"hello"[..]));
+    assert_eq!(txn.get(b"c").unwrap().as_deref(), Some(&long[..]));
     txn.commit().unwrap();
     assert_eq!(get(h.store(), b"a").as_deref(), Some(&b"2"[..]));
+    assert_eq!(get(h.store(), b"b").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(get(h.store(), b"c").as_deref(), Some(&long[..]));
 }
 
 fn commit_is_all_or_nothing<H: Harness>(h: &mut H) {

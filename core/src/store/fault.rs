@@ -226,6 +226,12 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn set(&mut self, key: &[u8], value: &[u8]) {
         self.inner.set(key, value);
     }
+    fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
+        self.inner.set_concat(key, head, tail);
+    }
+    fn holds_short_values_inline(&self) -> bool {
+        self.inner.holds_short_values_inline()
+    }
     fn clear(&mut self, key: &[u8]) {
         self.inner.clear(key);
     }

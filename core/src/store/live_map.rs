@@ -241,10 +241,10 @@ impl LiveMap {
         end: Bound<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
     ) -> bool {
-        // In two parts, below the message tag (other keys and counters) and from it on (other
-        // keys and messages), so that a visit of the first part never looks for messages: on
-        // a shard whose inboxes are mostly caught up that search would pass every inbox with
-        // a counter and no message, and a checkpoint visits in chunks.
+        // In two parts, below the message tag (other keys, counters and expiry entries) and
+        // from it on (other keys and messages), so that a visit of the first part never looks
+        // for messages: on a shard whose inboxes are mostly caught up that search would pass
+        // every inbox with a counter and no message, and a checkpoint visits in chunks.
         const MESSAGES: &[u8] = &[keys::TAG_MESSAGE];
         let first = |a: &(MapKey, &Bytes), b: &(MapKey, &Bytes)| a.0.bytes() < b.0.bytes();
         let below_messages = match end {
@@ -432,8 +432,8 @@ mod tests {
         let mut key = match rng.below(10) {
             0..=2 => keys::message(inbox, seq).to_vec(),
             3 | 4 => keys::counter(inbox).to_vec(),
-            // Buckets among the ids, inboxes among the seqs.
-            9 => keys::expiry(inbox, seq).to_vec(),
+            // Buckets among the ids, inboxes among the seqs and near the highest.
+            9 => keys::expiry(inbox, [seq, u64::MAX - seq][rng.below(2) as usize]).to_vec(),
             5 => keys::device(inbox, seq as u32).to_vec(),
             6 => keys::dedupe(inbox, seq, 1, 2).to_vec(),
             // Longer than any packed key, starting like a message or counter key.
@@ -516,7 +516,7 @@ mod tests {
                 map.remove(key);
             }
             assert_eq!(map.len(), 0);
-            assert!(map.inboxes.is_empty() && map.ordered.is_empty());
+            assert!(map.inboxes.is_empty() && map.ordered.is_empty() && map.expiry.is_empty());
         }
     }
 

@@ -688,8 +688,7 @@ impl State {
                 self.dedupe_recent.insert(key.bytes, value);
             }
         } else {
-            let sets: Vec<(WriteKey, Bytes)> = sets.collect();
-            tier.ingest_sorted(sets.into_iter().map(|(key, value)| (key.bytes, value)))?;
+            tier.ingest_sorted(sets.map(|(key, value)| (key.bytes, value)))?;
         }
         tier.write_unsynced(deletes.iter().map(|(key, _)| (&key.bytes[..], None)))
     }

@@ -230,6 +230,14 @@ pub trait Transaction {
 
     fn set(&mut self, key: &[u8], value: &[u8]);
 
+    /// Whether this store holds values of up to 20 bytes inline (fjall's byte strings, in
+    /// every embedded engine), so that a shorter value saves an allocation. The committer
+    /// writes dedupe records short only then (decision 0002): FoundationDB gains nothing from
+    /// it, and edges of two versions share its records during a rolling upgrade.
+    fn holds_short_values_inline(&self) -> bool {
+        false
+    }
+
     /// Sets `key` to `head` followed by `tail` (a message's header and body): the embedded
     /// engines build the value in one allocation, without a buffer to join them first.
     fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {

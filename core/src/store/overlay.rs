@@ -408,6 +408,9 @@ macro_rules! overlay_transaction {
             fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
                 self.overlay.set_concat(key, head, tail);
             }
+            fn holds_short_values_inline(&self) -> bool {
+                true
+            }
             fn clear(&mut self, key: &[u8]) {
                 self.overlay.clear(key);
             }
