@@ -323,10 +323,43 @@ struct PendingCommit {
     /// back): past `PENDING_WALKS_MAX` reads go through `index`.
     walks: u32,
     /// Where each key is in the unsorted changes, built on the first read past the walks.
-    index: Option<FastHashMap<Bytes, u32>>,
+    index: Option<PendingIndex>,
+    /// The index's hash of a key (`hash_pending_key`; tests force collisions).
+    hash: fn(&[u8]) -> u64,
     /// Where its record is in the journal, and its length.
     record_at: u64,
     record_bytes: u64,
+}
+
+/// Where each key is in a pending commit's unsorted changes, by a hash of the key: built
+/// without a copy of any key (a copy of one held on the heap, a dedupe record's, was an atomic
+/// increment on the writer, and its drop another on the syncer). `None` when two keys share a
+/// hash: reads walk instead.
+type PendingIndex = Option<FastHashMap<u64, u32>>;
+
+/// A pending commit's index of `changes` by `hash`.
+fn index_changes(changes: &[(Bytes, Option<Bytes>)], hash: fn(&[u8]) -> u64) -> PendingIndex {
+    let mut index = FastHashMap::default();
+    index.reserve(changes.len());
+    for (at, (key, _)) in changes.iter().enumerate() {
+        match index.entry(hash(key)) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(at as u32);
+            }
+            // The same key again (a repeated delete): either answers.
+            std::collections::hash_map::Entry::Occupied(held)
+                if changes[*held.get() as usize].0 == *key => {}
+            std::collections::hash_map::Entry::Occupied(_) => return None,
+        }
+    }
+    Some(index)
+}
+
+/// The hash a pending commit's index keeps of a key: keyed once per process, since keys are
+/// chosen by senders (decision 0021).
+fn hash_pending_key(key: &[u8]) -> u64 {
+    static HASHER: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+    std::hash::BuildHasher::hash_one(HASHER.get_or_init(ahash::RandomState::new), key)
 }
 
 /// What the syncer needs: the pending commit, and the journal it is in.
@@ -349,16 +382,23 @@ impl PendingCommit {
                 .iter()
                 .position(|(changed, _)| changed[..] == *key)?
         } else {
-            let changes = &self.changes;
-            let index = self.index.get_or_insert_with(|| {
-                let mut index = FastHashMap::default();
-                index.reserve(changes.len());
-                for (at, (key, _)) in changes.iter().enumerate() {
-                    index.insert(key.clone(), at as u32);
+            let (changes, hash) = (&self.changes, self.hash);
+            match self
+                .index
+                .get_or_insert_with(|| index_changes(changes, hash))
+            {
+                Some(index) => {
+                    let at = *index.get(&hash(key))? as usize;
+                    // Another key of the same hash, when `key` is not in the commit.
+                    if changes[at].0[..] != *key {
+                        return None;
+                    }
+                    at
                 }
-                index
-            });
-            *index.get(key)? as usize
+                None => changes
+                    .iter()
+                    .position(|(changed, _)| changed[..] == *key)?,
+            }
         };
         Some(self.changes[at].1.clone())
     }
@@ -1614,6 +1654,7 @@ impl Inner {
             sorted: false,
             walks: 0,
             index: None,
+            hash: hash_pending_key,
             record_at,
             record_bytes,
         });
@@ -2420,9 +2461,10 @@ mod tests {
     }
 
     /// A pending commit answers reads the same whether it walks its unsorted changes, looks
-    /// them up in its index or searches them sorted (after a range), and its ranges are in
-    /// key order: keys of every length (a key too long to sort as numbers included) and
-    /// repeated deletes (overlapping cleared ranges).
+    /// them up in its index (or walks, when two keys share a hash: forced in a third of the
+    /// rounds) or searches them sorted (after a range), and its ranges are in key order: keys
+    /// of every length (a key too long to sort as numbers included) and repeated deletes
+    /// (overlapping cleared ranges).
     #[test]
     fn a_pending_commit_answers_reads_alike_unsorted_indexed_and_sorted() {
         use std::collections::BTreeMap;
@@ -2457,6 +2499,16 @@ mod tests {
                 sorted: false,
                 walks: 0,
                 index: None,
+                // A hash of few values (keys collide) or of the key's length and first
+                // byte (keys collide in some rounds, and a key absent from the commit can
+                // hash like one in it), or the real one.
+                hash: match round % 3 {
+                    0 => |key: &[u8]| key.len() as u64 % 3,
+                    1 => {
+                        |key: &[u8]| (key.len() as u64) << 8 | u64::from(*key.first().unwrap_or(&9))
+                    }
+                    _ => hash_pending_key,
+                },
                 record_at: 0,
                 record_bytes: 0,
             };
