@@ -21,21 +21,9 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
-/// Encodes the stored value of a message (everything but the inbox and seq, which are the key).
-pub fn encode(
-    from: UserId,
-    sent_at_ms: UnixMillis,
-    expire_at_ms: UnixMillis,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut value = Vec::with_capacity(HEADER_BYTES + body.len());
-    value.extend_from_slice(&header(from, sent_at_ms, expire_at_ms));
-    value.extend_from_slice(body);
-    value
-}
-
-/// The stored value's header: the value is this, then the body (`Transaction::set_concat`
-/// stores the two without joining them first).
+/// The stored value of a message (everything but the inbox and seq, which are the key) is
+/// this header, then the body (`Transaction::set_concat` stores the two without joining them
+/// first).
 pub fn header(
     from: UserId,
     sent_at_ms: UnixMillis,
@@ -83,7 +71,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejects_truncated_or_unknown_version() {
-        let value = encode(5, 1000, 2000, b"hello");
+        let value = [&header(5, 1000, 2000)[..], b"hello"].concat();
         let message = decode(9, 3, &value).unwrap();
         assert_eq!(message.from, 5);
         assert_eq!(message.body, b"hello");

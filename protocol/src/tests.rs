@@ -9,6 +9,15 @@ fn send_frame(body_bytes: usize) -> Frame {
     }
 }
 
+fn deliver_frame() -> Frame {
+    Frame::Deliver {
+        seq: 1,
+        from: 2,
+        sent_at_ms: 3,
+        body: b"hi".to_vec(),
+    }
+}
+
 #[test]
 fn round_trip_keeps_every_field() {
     let frames = [
@@ -19,12 +28,7 @@ fn round_trip_keeps_every_field() {
             resume_after_seq: 9,
         },
         send_frame(200),
-        Frame::Deliver {
-            seq: 1,
-            from: 2,
-            sent_at_ms: 3,
-            body: b"hi".to_vec(),
-        },
+        deliver_frame(),
         Frame::Hole { up_to_seq: 41 },
         Frame::Error {
             code: ErrorCode::TokenExpired,
@@ -52,12 +56,7 @@ fn a_frame_archived_in_place_is_the_archive_of_its_own() {
     let frames = [
         send_frame(0),
         send_frame(3),
-        Frame::Deliver {
-            seq: 1,
-            from: 2,
-            sent_at_ms: 3,
-            body: b"hi".to_vec(),
-        },
+        deliver_frame(),
         Frame::Hole { up_to_seq: 41 },
     ];
     for frame in &frames {

@@ -59,6 +59,7 @@
 //! durable, so at most one record is ever unsynced, and a crash tears at most the last one.
 
 use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::ops::Bound;
@@ -343,13 +344,12 @@ fn index_changes(changes: &[(Bytes, Option<Bytes>)], hash: fn(&[u8]) -> u64) -> 
     index.reserve(changes.len());
     for (at, (key, _)) in changes.iter().enumerate() {
         match index.entry(hash(key)) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
+            Entry::Vacant(slot) => {
                 slot.insert(at as u32);
             }
             // The same key again (a repeated delete): either answers.
-            std::collections::hash_map::Entry::Occupied(held)
-                if changes[*held.get() as usize].0 == *key => {}
-            std::collections::hash_map::Entry::Occupied(_) => return None,
+            Entry::Occupied(held) if changes[*held.get() as usize].0 == *key => {}
+            Entry::Occupied(_) => return None,
         }
     }
     Some(index)
