@@ -482,10 +482,29 @@ pub struct ServerCounters {
     disk_dir: Option<std::path::PathBuf>,
     switches_start: Option<HashMap<(u32, u32), u64>>,
     disk_start: Option<u64>,
+    /// The disk's flush latency just before the run (`disk_flush_p50_us`, `_p90_us`).
+    disk_flush: Option<courier_core::store::flush_probe::FlushLatency>,
 }
+
+/// The disk probe before a run: 100 overwrites of a batch-sized 36 KiB, each with
+/// `fdatasync`, about 20–100 ms on the development machine. A commit waits for one flush, so
+/// the disk's speed at the hour is part of every latency and rate a run reports there
+/// (decision 0028).
+const FLUSH_PROBE_FLUSHES: usize = 100;
+const FLUSH_PROBE_WRITE_BYTES: usize = 36 * 1024;
 
 impl ServerCounters {
     pub fn start(pids: Vec<u32>, disk_dir: Option<std::path::PathBuf>) -> ServerCounters {
+        // Before the disk's counter is read: the probe's writes are not the server's.
+        let disk_flush = disk_dir.as_deref().and_then(|dir| {
+            courier_core::store::flush_probe::measure(
+                dir,
+                FLUSH_PROBE_FLUSHES,
+                FLUSH_PROBE_WRITE_BYTES,
+            )
+            .map_err(|error| eprintln!("courier-bench: disk flush not measured: {error}"))
+            .ok()
+        });
         let switches_start = context_switches_by_thread(&pids);
         let disk_start = disk_dir.as_deref().and_then(disk_written_bytes);
         ServerCounters {
@@ -493,11 +512,17 @@ impl ServerCounters {
             disk_dir,
             switches_start,
             disk_start,
+            disk_flush,
         }
     }
 
-    /// Adds `edge_context_switches` and `disk_write_bytes` (those it could read) to `report`.
+    /// Adds `edge_context_switches`, `disk_write_bytes` and the disk's flush latency before
+    /// the run (those it could read) to `report`.
     pub fn finish(&self, report: &mut Report) {
+        if let Some(flush) = &self.disk_flush {
+            report.record_count("disk_flush_p50_us", flush.p50_us);
+            report.record_count("disk_flush_p90_us", flush.p90_us);
+        }
         if let (Some(start), Some(now)) =
             (&self.switches_start, context_switches_by_thread(&self.pids))
         {

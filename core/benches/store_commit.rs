@@ -180,6 +180,9 @@ fn main() {
             "commit logic"
         }
     );
+    if !memory {
+        print_disk_flush(&dir);
+    }
     println!(
         "| writers | batch size | messages/s | batches/s (fsyncs/s) | commit p50 | commit p99 |"
     );
@@ -257,6 +260,34 @@ enum Engine {
 }
 
 /// What one writer thread commits, whatever the engine.
+/// Writes of the disk probe: about a batch of 100 sends' journal record.
+const FLUSH_PROBE_WRITE_BYTES: usize = 36 * 1024;
+const FLUSH_PROBE_FLUSHES: usize = 100;
+
+/// Prints how long the disk under `dir` takes per flush just before the run: a commit waits
+/// for one, so on this shared machine the disk's speed at the hour decides the figures
+/// (decision 0028).
+fn print_disk_flush(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("create bench dir");
+    match courier_core::store::flush_probe::measure(
+        dir,
+        FLUSH_PROBE_FLUSHES,
+        FLUSH_PROBE_WRITE_BYTES,
+    ) {
+        Ok(latency) => println!(
+            "disk flush: p50 {} µs, p90 {} µs, max {} µs ({} overwrites of {} KiB, each with \
+             fdatasync): about {} flushes/s one after another",
+            latency.p50_us,
+            latency.p90_us,
+            latency.max_us,
+            latency.flushes,
+            FLUSH_PROBE_WRITE_BYTES / 1024,
+            latency.flushes_per_sec()
+        ),
+        Err(error) => println!("disk flush: not measured ({error})"),
+    }
+}
+
 struct Workload {
     batch_size: usize,
     /// The writer's number, which seeds its random users.

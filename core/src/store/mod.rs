@@ -25,6 +25,7 @@ pub mod fault;
 pub mod fdb;
 mod fdb_error;
 pub mod fjall;
+pub mod flush_probe;
 mod key_map;
 mod live_map;
 pub mod log;
