@@ -1917,15 +1917,15 @@ impl Shard {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
+        // Handed to the lane now, while this wake-up goes on; the task only waits for the
+        // result.
+        let running = lane.run(move || {
+            let started = Instant::now();
+            let result = work();
+            (result, started.elapsed())
+        });
         spawn_detached(async move {
-            let ran = lane
-                .run(move || {
-                    let started = Instant::now();
-                    let result = work();
-                    (result, started.elapsed())
-                })
-                .await;
-            let Ok((result, took)) = ran else {
+            let Ok((result, took)) = running.await else {
                 tracing::error!("the store writer thread stopped; exiting");
                 std::process::exit(3);
             };
