@@ -43,6 +43,9 @@
 //! Run: `cargo bench -p courier-core --bench store_commit -- [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--raw] [--memory] [--log] [--pipelined] [--drain] [--reopen] [--append]`
 //! On glibc's malloc; `--features bench-jemalloc` (before `--`) for the edge's allocator.
 //! The directory must be on the disk you want to measure (not tmpfs); default: `target/`.
+//! Before the table it prints the disk's flush latency there (`store::flush_probe`): the
+//! figures depend on it (decision 0028). With `--dir` on tmpfs the syncs cost nothing, which
+//! shows what the commit path alone reaches; nothing there is durable.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
