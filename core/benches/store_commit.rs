@@ -262,7 +262,6 @@ enum Engine {
     Log { append: bool },
 }
 
-/// What one writer thread commits, whatever the engine.
 /// Writes of the disk probe: about a batch of 100 sends' journal record.
 const FLUSH_PROBE_WRITE_BYTES: usize = 36 * 1024;
 const FLUSH_PROBE_FLUSHES: usize = 100;
@@ -291,6 +290,7 @@ fn print_disk_flush(dir: &std::path::Path) {
     }
 }
 
+/// What one writer thread commits, whatever the engine.
 struct Workload {
     batch_size: usize,
     /// The writer's number, which seeds its random users.

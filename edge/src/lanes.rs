@@ -29,8 +29,9 @@ pub struct Lane {
     jobs: flume::Sender<Job>,
     name: String,
     /// Jobs that found the queue full and wait to be sent (`run`): while there are any, a new
-    /// job waits behind them instead of taking a freed place first, so jobs run in the order
-    /// they were handed over.
+    /// job waits behind them instead of taking a freed place first. Waiting jobs are sent in
+    /// the order their futures are first polled, which for a shard's tasks is the order it
+    /// spawned them: jobs run in the order they were handed over.
     deferred: Arc<AtomicUsize>,
 }
 
@@ -84,11 +85,11 @@ impl Lane {
     /// Runs `work` on the lane's thread; the future gives its result.
     ///
     /// The job is handed over now, when the queue has room: the lane's thread starts while
-    /// the caller goes on, not when an executor next polls the future (at 10,000 msgs/s a
-    /// busy shard polled a commit's task 0.26–0.5 ms after it was spawned, on average;
-    /// decision 0008). With the queue full the future waits for room: a full lane slows its
-    /// callers down instead of growing. A job handed over at once runs even if the future is
-    /// dropped.
+    /// the caller goes on, not when an executor next polls the future (at 10,000 msgs/s, with
+    /// each sync taking 250 µs or more, a busy shard polled a commit's task 0.26–0.5 ms after
+    /// it was spawned, on average; decision 0008). With the queue full the future waits for
+    /// room: a full lane slows its callers down instead of growing. A job handed over at once
+    /// runs even if the future is dropped; one still waiting for room does not.
     pub fn run<R: Send + 'static>(
         &self,
         work: impl FnOnce() -> R + Send + 'static,

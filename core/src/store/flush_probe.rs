@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Bytes the probe file holds; its writes cycle through it.
@@ -42,16 +43,30 @@ pub fn measure(dir: &Path, flushes: usize, write_bytes: usize) -> std::io::Resul
             "a flush probe needs at least one write of 1 byte to 1 MiB",
         ));
     }
-    let path = dir.join(format!("flush-probe-{}.tmp", std::process::id()));
-    let result = probe(&path, flushes, write_bytes);
-    let removed = std::fs::remove_file(&path);
+    // A name of its own per probe, so that two probes never share (or remove) one file.
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let path = dir.join(format!(
+        "flush-probe-{}-{}.tmp",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)?;
+    let result = probe(file, flushes, write_bytes);
+    let removed = std::fs::remove_file(&path).map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("remove the flush probe's file {}: {error}", path.display()),
+        )
+    });
     let latency = result?;
     removed?;
     Ok(latency)
 }
 
-fn probe(path: &Path, flushes: usize, write_bytes: usize) -> std::io::Result<FlushLatency> {
-    let mut file: File = OpenOptions::new().create_new(true).write(true).open(path)?;
+fn probe(mut file: File, flushes: usize, write_bytes: usize) -> std::io::Result<FlushLatency> {
     // Written and synced first, as the journal's segments are: the overwrites below then
     // need no change of the file's size or extents, only the data's flush.
     file.write_all(&vec![0u8; PROBE_FILE_BYTES as usize])?;
@@ -66,7 +81,11 @@ fn probe(path: &Path, flushes: usize, write_bytes: usize) -> std::io::Result<Flu
         latencies_us.push(started.elapsed().as_micros() as u64);
     }
     latencies_us.sort_unstable();
-    let at = |quantile: f64| latencies_us[((latencies_us.len() - 1) as f64 * quantile) as usize];
+    // Nearest rank: the smallest latency at or above `quantile` of them.
+    let at = |quantile: f64| {
+        let rank = (latencies_us.len() as f64 * quantile).ceil() as usize;
+        latencies_us[rank.clamp(1, latencies_us.len()) - 1]
+    };
     Ok(FlushLatency {
         flushes,
         p50_us: at(0.5),
