@@ -53,7 +53,13 @@ pub fn measure(dir: &Path, flushes: usize, write_bytes: usize) -> std::io::Resul
     let file = OpenOptions::new()
         .create_new(true)
         .write(true)
-        .open(&path)?;
+        .open(&path)
+        .map_err(|error| {
+            std::io::Error::new(
+                error.kind(),
+                format!("create the flush probe's file {}: {error}", path.display()),
+            )
+        })?;
     let result = probe(file, flushes, write_bytes);
     let removed = std::fs::remove_file(&path).map_err(|error| {
         std::io::Error::new(
