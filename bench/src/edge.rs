@@ -486,24 +486,16 @@ pub struct ServerCounters {
     disk_flush: Option<courier_core::store::flush_probe::FlushLatency>,
 }
 
-/// The disk probe before a run: 100 overwrites of a batch-sized 36 KiB, each with
-/// `fdatasync`, about 20–100 ms on the development machine. A commit waits for one flush, so
-/// the disk's speed at the hour is part of every latency and rate a run reports there
-/// (decision 0028).
-const FLUSH_PROBE_FLUSHES: usize = 100;
-const FLUSH_PROBE_WRITE_BYTES: usize = 36 * 1024;
-
 impl ServerCounters {
     pub fn start(pids: Vec<u32>, disk_dir: Option<std::path::PathBuf>) -> ServerCounters {
-        // Before the disk's counter is read: the probe's writes are not the server's.
+        // A commit waits for one flush, so the disk's speed at the hour is part of every
+        // latency and rate a run reports (decision 0028). Probed before the disk's counter is
+        // read: the probe's writes are not the server's.
         let disk_flush = disk_dir.as_deref().and_then(|dir| {
-            courier_core::store::flush_probe::measure(
-                dir,
-                FLUSH_PROBE_FLUSHES,
-                FLUSH_PROBE_WRITE_BYTES,
-            )
-            .map_err(|error| eprintln!("courier-bench: disk flush not measured: {error}"))
-            .ok()
+            use courier_core::store::flush_probe::{BATCH_FLUSHES, BATCH_WRITE_BYTES, measure};
+            measure(dir, BATCH_FLUSHES, BATCH_WRITE_BYTES)
+                .map_err(|error| eprintln!("courier-bench: disk flush not measured: {error}"))
+                .ok()
         });
         let switches_start = context_switches_by_thread(&pids);
         let disk_start = disk_dir.as_deref().and_then(disk_written_bytes);

@@ -262,20 +262,13 @@ enum Engine {
     Log { append: bool },
 }
 
-/// Writes of the disk probe: about a batch of 100 sends' journal record.
-const FLUSH_PROBE_WRITE_BYTES: usize = 36 * 1024;
-const FLUSH_PROBE_FLUSHES: usize = 100;
-
 /// Prints how long the disk under `dir` takes per flush just before the run: a commit waits
 /// for one, so on this shared machine the disk's speed at the hour decides the figures
 /// (decision 0028).
 fn print_disk_flush(dir: &std::path::Path) {
     std::fs::create_dir_all(dir).expect("create bench dir");
-    match courier_core::store::flush_probe::measure(
-        dir,
-        FLUSH_PROBE_FLUSHES,
-        FLUSH_PROBE_WRITE_BYTES,
-    ) {
+    use courier_core::store::flush_probe::{BATCH_FLUSHES, BATCH_WRITE_BYTES, measure};
+    match measure(dir, BATCH_FLUSHES, BATCH_WRITE_BYTES) {
         Ok(latency) => println!(
             "disk flush: p50 {} µs, p90 {} µs, max {} µs ({} overwrites of {} KiB, each with \
              fdatasync): about {} flushes/s one after another",
@@ -283,7 +276,7 @@ fn print_disk_flush(dir: &std::path::Path) {
             latency.p90_us,
             latency.max_us,
             latency.flushes,
-            FLUSH_PROBE_WRITE_BYTES / 1024,
+            BATCH_WRITE_BYTES / 1024,
             latency.flushes_per_sec()
         ),
         Err(error) => println!("disk flush: not measured ({error})"),

@@ -102,17 +102,16 @@ impl Lane {
         let job: Job = Box::new(move || {
             let _ = reply.send(work());
         });
-        let deferred = if self.deferred.load(Ordering::Acquire) > 0 {
+        // Full or gone: sent (or found gone) when the future is polled.
+        let unsent = if self.deferred.load(Ordering::Acquire) > 0 {
             Some(job)
         } else {
-            match self.jobs.try_send(job) {
-                Ok(()) => None,
-                Err(flume::TrySendError::Full(job) | flume::TrySendError::Disconnected(job)) => {
-                    Some(job)
-                }
-            }
+            self.jobs
+                .try_send(job)
+                .err()
+                .map(flume::TrySendError::into_inner)
         };
-        let waiting = deferred.map(|job| {
+        let waiting = unsent.map(|job| {
             self.deferred.fetch_add(1, Ordering::AcqRel);
             DeferredJob {
                 job: Some(job),

@@ -17,6 +17,11 @@ use std::time::Instant;
 /// Bytes the probe file holds; its writes cycle through it.
 const PROBE_FILE_BYTES: u64 = 1 << 20;
 
+/// What the benchmarks probe before a run: writes of about a batch of 100 sends' journal
+/// record, 100 of them (20–100 ms on the development machine).
+pub const BATCH_WRITE_BYTES: usize = 36 * 1024;
+pub const BATCH_FLUSHES: usize = 100;
+
 /// Latencies of a probe's flushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushLatency {
