@@ -480,7 +480,7 @@ impl Drop for SpawnedEdge {
 pub struct ServerCounters {
     pids: Vec<u32>,
     disk_dir: Option<std::path::PathBuf>,
-    switches_start: Option<HashMap<(u32, u32), u64>>,
+    threads_start: Option<HashMap<(u32, u32), ThreadUsage>>,
     disk_start: Option<u64>,
     /// The disk's flush latency just before the run (`disk_flush_p50_us`, `_p90_us`).
     disk_flush: Option<courier_core::store::flush_probe::FlushLatency>,
@@ -497,28 +497,41 @@ impl ServerCounters {
                 .map_err(|error| eprintln!("courier-bench: disk flush not measured: {error}"))
                 .ok()
         });
-        let switches_start = context_switches_by_thread(&pids);
+        let threads_start = usage_by_thread(&pids);
         let disk_start = disk_dir.as_deref().and_then(disk_written_bytes);
         ServerCounters {
             pids,
             disk_dir,
-            switches_start,
+            threads_start,
             disk_start,
             disk_flush,
         }
     }
 
-    /// Adds `edge_context_switches`, `disk_write_bytes` and the disk's flush latency before
-    /// the run (those it could read) to `report`.
+    /// Adds `edge_context_switches`, `edge_threads`, `disk_write_bytes` and the disk's flush
+    /// latency before the run (those it could read) to `report`.
     pub fn finish(&self, report: &mut Report) {
         if let Some(flush) = &self.disk_flush {
             report.record_count("disk_flush_p50_us", flush.p50_us);
             report.record_count("disk_flush_p90_us", flush.p90_us);
         }
-        if let (Some(start), Some(now)) =
-            (&self.switches_start, context_switches_by_thread(&self.pids))
-        {
-            report.record_count("edge_context_switches", switches_since(start, &now));
+        if let (Some(start), Some(now)) = (&self.threads_start, usage_by_thread(&self.pids)) {
+            let by_role = usage_since_by_role(start, &now);
+            let switches = by_role
+                .values()
+                .map(|usage| usage.voluntary_switches + usage.involuntary_switches)
+                .sum();
+            report.record_count("edge_context_switches", switches);
+            report.extra.insert(
+                "edge_threads".into(),
+                serde_json::Value::Array(
+                    by_role
+                        .into_iter()
+                        .filter(|(_, usage)| !usage.is_idle())
+                        .map(|(role, usage)| usage.to_json(&role))
+                        .collect(),
+                ),
+            );
         }
         if let (Some(start), Some(now)) = (
             self.disk_start,
@@ -529,11 +542,48 @@ impl ServerCounters {
     }
 }
 
-/// Context switches, voluntary and involuntary, of every thread of `pids`, by (process,
-/// thread), from `/proc/PID/task/TID/status`: about how often each was woken, the cost that
-/// does not shrink with the work a wake-up carries. `None` when no thread could be read.
-fn context_switches_by_thread(pids: &[u32]) -> Option<HashMap<(u32, u32), u64>> {
-    let mut counts = HashMap::new();
+/// What one thread of the server used so far, from `/proc/PID/task/TID/{comm,stat,status}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ThreadUsage {
+    /// The thread's name without its numbers (`shard-0-1` is a `shard`, `store-w0` a
+    /// `store-w`): its role, which the edge's threads of one kind share.
+    role: String,
+    /// User and system CPU, in clock ticks.
+    cpu_ticks: u64,
+    /// Times it went to sleep by itself: waiting for work, a lock or I/O.
+    voluntary_switches: u64,
+    /// Times the scheduler took the CPU from it while it could run: another thread of the
+    /// same core (a store thread at a higher priority, say) was woken and preferred.
+    involuntary_switches: u64,
+}
+
+impl ThreadUsage {
+    fn is_idle(&self) -> bool {
+        self.cpu_ticks == 0 && self.voluntary_switches == 0 && self.involuntary_switches == 0
+    }
+
+    /// One row of `edge_threads`: the role's threads together over the run.
+    fn to_json(&self, role: &str) -> serde_json::Value {
+        serde_json::json!({
+            "thread": role,
+            "cpu_secs": (self.cpu_ticks as f64 / clock_ticks_per_sec() * 100.0).round() / 100.0,
+            "voluntary_switches": self.voluntary_switches,
+            "involuntary_switches": self.involuntary_switches,
+        })
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks.max(1.0)
+}
+
+/// Every thread of `pids` by (process, thread): where the server's CPU and wake-ups went,
+/// thread by thread. `None` when no thread could be read.
+fn usage_by_thread(pids: &[u32]) -> Option<HashMap<(u32, u32), ThreadUsage>> {
+    let mut threads = HashMap::new();
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
@@ -543,27 +593,20 @@ fn context_switches_by_thread(pids: &[u32]) -> Option<HashMap<(u32, u32), u64>> 
                 continue;
             };
             // A thread may end between listing and reading.
-            if let Ok(status) = std::fs::read_to_string(task.path().join("status"))
-                && let Some(count) = context_switches_in_status(&status)
+            let read = |file: &str| std::fs::read_to_string(task.path().join(file)).ok();
+            if let (Some(comm), Some(stat), Some(status)) =
+                (read("comm"), read("stat"), read("status"))
+                && let Some(usage) = thread_usage(&comm, &stat, &status)
             {
-                counts.insert((*pid, tid), count);
+                threads.insert((*pid, tid), usage);
             }
         }
     }
-    (!counts.is_empty()).then_some(counts)
+    (!threads.is_empty()).then_some(threads)
 }
 
-/// The switches between two readings: each thread's own difference (a thread that started
-/// meanwhile counts from zero; one that ended counts up to the first reading, so nothing is
-/// taken off for it).
-fn switches_since(start: &HashMap<(u32, u32), u64>, now: &HashMap<(u32, u32), u64>) -> u64 {
-    now.iter()
-        .map(|(thread, count)| count.saturating_sub(start.get(thread).copied().unwrap_or(0)))
-        .sum()
-}
-
-/// `voluntary_ctxt_switches` plus `nonvoluntary_ctxt_switches` of one thread's status text.
-fn context_switches_in_status(status: &str) -> Option<u64> {
+/// One thread's usage from the texts of its `comm`, `stat` and `status` files.
+fn thread_usage(comm: &str, stat: &str, status: &str) -> Option<ThreadUsage> {
     let field = |name: &str| -> Option<u64> {
         status
             .lines()
@@ -572,7 +615,50 @@ fn context_switches_in_status(status: &str) -> Option<u64> {
             .parse()
             .ok()
     };
-    Some(field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?)
+    // The fields after the name, which is in parentheses and may hold anything: utime and
+    // stime are the 12th and 13th of them.
+    let after_name: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let ticks = |at: usize| -> Option<u64> { after_name.get(at)?.parse().ok() };
+    Some(ThreadUsage {
+        role: thread_role(comm.trim()),
+        cpu_ticks: ticks(11)? + ticks(12)?,
+        voluntary_switches: field("voluntary_ctxt_switches:")?,
+        involuntary_switches: field("nonvoluntary_ctxt_switches:")?,
+    })
+}
+
+/// A thread's name without the shard, lane or worker numbers at its end.
+fn thread_role(name: &str) -> String {
+    let role = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '_');
+    if role.is_empty() { name } else { role }.to_string()
+}
+
+/// The usage between two readings, summed per role: each thread's own difference (a thread
+/// that started meanwhile counts from zero; one that ended counts up to the first reading, so
+/// nothing is taken off for it). Sorted by role.
+fn usage_since_by_role(
+    start: &HashMap<(u32, u32), ThreadUsage>,
+    now: &HashMap<(u32, u32), ThreadUsage>,
+) -> std::collections::BTreeMap<String, ThreadUsage> {
+    let mut by_role = std::collections::BTreeMap::<String, ThreadUsage>::new();
+    for (thread, usage) in now {
+        let before = start.get(thread).cloned().unwrap_or_default();
+        let sum = by_role.entry(usage.role.clone()).or_default();
+        sum.cpu_ticks += usage.cpu_ticks.saturating_sub(before.cpu_ticks);
+        sum.voluntary_switches += usage
+            .voluntary_switches
+            .saturating_sub(before.voluntary_switches);
+        sum.involuntary_switches += usage
+            .involuntary_switches
+            .saturating_sub(before.involuntary_switches);
+    }
+    for (role, usage) in &mut by_role {
+        usage.role = role.clone();
+    }
+    by_role
 }
 
 /// Bytes written so far to the block device that holds `path`, from `/proc/diskstats`
@@ -619,9 +705,6 @@ pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf only reads a constant.
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: u64 = status
         .lines()
@@ -630,7 +713,7 @@ pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
         .nth(1)?
         .parse()
         .ok()?;
-    Some((ticks / ticks_per_sec.max(1.0), rss_kib * 1024))
+    Some((ticks / clock_ticks_per_sec(), rss_kib * 1024))
 }
 
 #[cfg(test)]
@@ -638,18 +721,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn context_switches_add_the_voluntary_and_the_involuntary_per_thread() {
+    fn thread_usage_is_summed_per_role_over_the_run() {
+        let stat = "4242 (shard-0-1) S 1 4242 4242 0 -1 4194560 90 0 0 0 150 25 0 0 20 0 3 0 \
+                    123 0 0";
         let status = "Name:\tshard-0-1\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1200\n\
                       nonvoluntary_ctxt_switches:\t34\n";
-        assert_eq!(context_switches_in_status(status), Some(1234));
-        assert_eq!(context_switches_in_status("Name:\tx\n"), None);
-        // A thread that ended takes nothing off; one that started counts from zero.
-        let start = HashMap::from([((1, 1), 100), ((1, 2), 50)]);
-        let now = HashMap::from([((1, 1), 130), ((1, 3), 7)]);
-        assert_eq!(switches_since(&start, &now), 37);
+        let usage = thread_usage("shard-0-1\n", stat, status).expect("parsed");
+        assert_eq!(
+            usage,
+            ThreadUsage {
+                role: "shard".into(),
+                cpu_ticks: 175,
+                voluntary_switches: 1200,
+                involuntary_switches: 34,
+            }
+        );
+        assert_eq!(thread_usage("x", stat, "Name:\tx\n"), None);
+        // A name with a space and a parenthesis does not shift the fields.
+        let odd = "7 (a) b) S 1 7 7 0 -1 0 0 0 0 0 3 4 0 0 20 0 1 0 5 0 0";
+        assert_eq!(
+            thread_usage("a) b", odd, status).map(|u| u.cpu_ticks),
+            Some(7)
+        );
+
+        assert_eq!(thread_role("store-w0"), "store-w");
+        assert_eq!(thread_role("store-checkpoin"), "store-checkpoin");
+        assert_eq!(thread_role("fjall:worker"), "fjall:worker");
+        assert_eq!(thread_role("2"), "2");
+
+        let usage = |role: &str, cpu_ticks, voluntary_switches, involuntary_switches| ThreadUsage {
+            role: role.into(),
+            cpu_ticks,
+            voluntary_switches,
+            involuntary_switches,
+        };
+        // Two shards add up; a thread that ended takes nothing off, one that started counts
+        // from zero.
+        let start = HashMap::from([
+            ((1, 1), usage("shard", 100, 10, 1)),
+            ((1, 2), usage("shard", 50, 5, 0)),
+            ((1, 3), usage("store-w", 7, 70, 0)),
+        ]);
+        let now = HashMap::from([
+            ((1, 1), usage("shard", 130, 12, 4)),
+            ((1, 2), usage("shard", 60, 9, 0)),
+            ((1, 4), usage("store-w", 3, 30, 1)),
+        ]);
+        let by_role = usage_since_by_role(&start, &now);
+        assert_eq!(by_role["shard"], usage("shard", 40, 6, 3));
+        assert_eq!(by_role["store-w"], usage("store-w", 3, 30, 1));
+        assert_eq!(by_role.len(), 2);
+
         // This process's threads can be read; a process that does not exist gives nothing.
-        assert!(context_switches_by_thread(&[std::process::id()]).is_some());
-        assert!(context_switches_by_thread(&[u32::MAX]).is_none());
+        assert!(usage_by_thread(&[std::process::id()]).is_some());
+        assert!(usage_by_thread(&[u32::MAX]).is_none());
     }
 
     #[test]
