@@ -636,9 +636,10 @@ fn thread_role(name: &str) -> String {
     if role.is_empty() { name } else { role }.to_string()
 }
 
-/// The usage between two readings, summed per role: each thread's own difference (a thread
-/// that started meanwhile counts from zero; one that ended counts up to the first reading, so
-/// nothing is taken off for it). Sorted by role.
+/// The usage between two readings, summed per role: each thread's own difference. A thread
+/// that started meanwhile counts from zero; one that ended is not read again, so what it used
+/// after the first reading is missing, and one that started and ended in between is not seen:
+/// the roles can add up to less than the process's CPU. Sorted by role.
 fn usage_since_by_role(
     start: &HashMap<(u32, u32), ThreadUsage>,
     now: &HashMap<(u32, u32), ThreadUsage>,
