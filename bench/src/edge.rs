@@ -615,19 +615,24 @@ fn thread_usage(comm: &str, stat: &str, status: &str) -> Option<ThreadUsage> {
             .parse()
             .ok()
     };
-    // The fields after the name, which is in parentheses and may hold anything: utime and
-    // stime are the 12th and 13th of them.
-    let after_name: Vec<&str> = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .collect();
-    let ticks = |at: usize| -> Option<u64> { after_name.get(at)?.parse().ok() };
     Some(ThreadUsage {
         role: thread_role(comm.trim()),
-        cpu_ticks: ticks(11)? + ticks(12)?,
+        cpu_ticks: cpu_ticks_in_stat(stat)?,
         voluntary_switches: field("voluntary_ctxt_switches:")?,
         involuntary_switches: field("nonvoluntary_ctxt_switches:")?,
     })
+}
+
+/// User plus system CPU, in clock ticks, from the text of a process's or thread's `stat`.
+fn cpu_ticks_in_stat(stat: &str) -> Option<u64> {
+    // The fields after the name, which is in parentheses and may hold anything: utime and
+    // stime are the 12th and 13th of them.
+    let mut after_name = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let mut ticks = || -> Option<u64> { after_name.next()?.parse().ok() };
+    Some(ticks()? + ticks()?)
 }
 
 /// A thread's name without the shard, lane or worker numbers at its end.
@@ -702,10 +707,7 @@ fn written_sectors_in_diskstats(diskstats: &str, major: u32, minor: u32) -> Opti
 /// CPU seconds (user + system) and resident bytes of a process, from /proc.
 pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let ticks = cpu_ticks_in_stat(&stat)? as f64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: u64 = status
         .lines()

@@ -113,40 +113,30 @@ impl Lane {
         };
         let waiting = unsent.map(|job| {
             self.deferred.fetch_add(1, Ordering::AcqRel);
-            DeferredJob {
-                job: Some(job),
-                jobs: self.jobs.clone(),
-                deferred: Arc::clone(&self.deferred),
-            }
+            let counted = Deferred(Arc::clone(&self.deferred));
+            (job, self.jobs.clone(), counted)
         });
         let name = self.name.clone();
         async move {
-            if let Some(mut waiting) = waiting {
-                let job = waiting.job.take().expect("sent once");
-                waiting
-                    .jobs
-                    .send_async(job)
+            if let Some((job, jobs, counted)) = waiting {
+                jobs.send_async(job)
                     .await
                     .map_err(|_| LaneStopped(name.clone()))?;
                 // Sent: jobs handed over from now on may take a place at once.
-                drop(waiting);
+                drop(counted);
             }
             result.await.map_err(|_| LaneStopped(name))
         }
     }
 }
 
-/// A job waiting for room in its lane's queue; counted in `Lane::deferred` until it is sent
-/// or dropped.
-struct DeferredJob {
-    job: Option<Job>,
-    jobs: flume::Sender<Job>,
-    deferred: Arc<AtomicUsize>,
-}
+/// One job waiting for room in its lane's queue, counted in `Lane::deferred` until it is sent
+/// or its future is dropped.
+struct Deferred(Arc<AtomicUsize>);
 
-impl Drop for DeferredJob {
+impl Drop for Deferred {
     fn drop(&mut self) {
-        self.deferred.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
