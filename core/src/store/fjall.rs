@@ -68,6 +68,14 @@ pub struct FjallOptions {
     /// before it (loading 65,536 added 25–50 ms to an open here). With more, lookups in those
     /// two buckets read the store until time has moved two buckets on.
     pub dedupe_filter_warm_keys_max: usize,
+    /// Sorted runs level 0 collects before fjall merges them into level 1 (its
+    /// `l0_threshold`, 4 by default). Each merge rewrites the level 1 tables the runs overlap.
+    pub level0_runs_max: u8,
+    /// Filters in partitions, of which a lookup reads one, instead of one filter per table.
+    /// A full filter is about 1.25 bytes per key, over a megabyte for a 64 MiB table, and a
+    /// lookup the block cache cannot serve reads it whole and checksums it: for a store
+    /// whose tables outgrow its cache (the log store's dedupe tier, decision 0029).
+    pub filters_partitioned: bool,
 }
 
 impl Default for FjallOptions {
@@ -83,6 +91,8 @@ impl Default for FjallOptions {
             flush_every_bytes: 16 * 1024 * 1024,
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
             dedupe_filter_warm_keys_max: 65_536,
+            level0_runs_max: 4,
+            filters_partitioned: false,
         }
     }
 }
@@ -180,7 +190,17 @@ impl FjallStore {
             })?;
         let open_keyspace = |name: &str| {
             db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(options.memtable_bytes_max)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(options.memtable_bytes_max)
+                    .filter_block_partitioning_policy(if options.filters_partitioned {
+                        fjall::config::PartitioningPolicy::all(true)
+                    } else {
+                        KeyspaceCreateOptions::default().filter_block_partitioning_policy
+                    })
+                    .compaction_strategy(std::sync::Arc::new(
+                        fjall::compaction::Leveled::default()
+                            .with_l0_threshold(options.level0_runs_max.max(1)),
+                    ))
             })
             .map_err(io_error)
         };
