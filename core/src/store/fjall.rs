@@ -69,7 +69,9 @@ pub struct FjallOptions {
     /// two buckets read the store until time has moved two buckets on.
     pub dedupe_filter_warm_keys_max: usize,
     /// Sorted runs level 0 collects before fjall merges them into level 1 (its
-    /// `l0_threshold`, 4 by default). Each merge rewrites the level 1 tables the runs overlap.
+    /// `l0_threshold`, 4 by default; 0 counts as 1). Each merge rewrites the level 1 tables
+    /// the runs overlap. Like the filters below, fixed when a keyspace is created: fjall
+    /// keeps a keyspace's options with it.
     pub level0_runs_max: u8,
     /// Filters in partitions, of which a lookup reads one, instead of one filter per table.
     /// A full filter is about 1.25 bytes per key, over a megabyte for a 64 MiB table, and a
@@ -190,17 +192,19 @@ impl FjallStore {
             })?;
         let open_keyspace = |name: &str| {
             db.keyspace(name, || {
-                KeyspaceCreateOptions::default()
+                let create = KeyspaceCreateOptions::default()
                     .max_memtable_size(options.memtable_bytes_max)
-                    .filter_block_partitioning_policy(if options.filters_partitioned {
-                        fjall::config::PartitioningPolicy::all(true)
-                    } else {
-                        KeyspaceCreateOptions::default().filter_block_partitioning_policy
-                    })
                     .compaction_strategy(std::sync::Arc::new(
                         fjall::compaction::Leveled::default()
                             .with_l0_threshold(options.level0_runs_max.max(1)),
+                    ));
+                if options.filters_partitioned {
+                    create.filter_block_partitioning_policy(fjall::config::PartitioningPolicy::all(
+                        true,
                     ))
+                } else {
+                    create
+                }
             })
             .map_err(io_error)
         };

@@ -254,10 +254,11 @@ fn is_dedupe(key: &[u8]) -> bool {
 const DEDUPE_BEGIN: &[u8] = &[keys::TAG_DEDUPE];
 const DEDUPE_END: &[u8] = &[keys::TAG_DEDUPE + 1];
 
-/// The dedupe tier's options: small caches (it is read only on retried sends and the writer's
-/// filter's false positives), no filter of its own (the log store's writer keeps one), filters
-/// in partitions and sixteen runs in level 0 before a merge (decision 0029: its tables
-/// outgrow the cache, and every run spans the bucket's whole key range).
+/// The dedupe tier's options: small caches (it is read only on retried sends and the false
+/// positives of the writer's dedupe filter), no dedupe filter of its own (the log store's
+/// writer keeps one), its tables' Bloom filters in partitions and sixteen runs in level 0
+/// before a merge (decision 0029: its tables outgrow the cache, and every run spans the
+/// bucket's whole key range).
 fn dedupe_tier_options() -> FjallOptions {
     FjallOptions {
         cache_bytes: 8 * 1024 * 1024,
