@@ -526,9 +526,9 @@ impl ServerCounters {
                 "edge_threads".into(),
                 serde_json::Value::Array(
                     by_role
-                        .into_iter()
-                        .filter(|(_, usage)| !usage.is_idle())
-                        .map(|(role, usage)| usage.to_json(&role))
+                        .into_values()
+                        .filter(|usage| !usage.is_idle())
+                        .map(|usage| usage.to_json())
                         .collect(),
                 ),
             );
@@ -563,9 +563,9 @@ impl ThreadUsage {
     }
 
     /// One row of `edge_threads`: the role's threads together over the run.
-    fn to_json(&self, role: &str) -> serde_json::Value {
+    fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "thread": role,
+            "thread": self.role,
             "cpu_secs": (self.cpu_ticks as f64 / clock_ticks_per_sec() * 100.0).round() / 100.0,
             "voluntary_switches": self.voluntary_switches,
             "involuntary_switches": self.involuntary_switches,
@@ -652,7 +652,12 @@ fn usage_since_by_role(
     let mut by_role = std::collections::BTreeMap::<String, ThreadUsage>::new();
     for (thread, usage) in now {
         let before = start.get(thread).cloned().unwrap_or_default();
-        let sum = by_role.entry(usage.role.clone()).or_default();
+        let sum = by_role
+            .entry(usage.role.clone())
+            .or_insert_with(|| ThreadUsage {
+                role: usage.role.clone(),
+                ..ThreadUsage::default()
+            });
         sum.cpu_ticks += usage.cpu_ticks.saturating_sub(before.cpu_ticks);
         sum.voluntary_switches += usage
             .voluntary_switches
@@ -660,9 +665,6 @@ fn usage_since_by_role(
         sum.involuntary_switches += usage
             .involuntary_switches
             .saturating_sub(before.involuntary_switches);
-    }
-    for (role, usage) in &mut by_role {
-        usage.role = role.clone();
     }
     by_role
 }
