@@ -271,7 +271,8 @@ pub struct StoreSection {
     /// `--features fdb`; see docs/foundationdb.md).
     pub kind: String,
     /// Embedded store: memory per shard for the filter that answers dedupe lookups without a
-    /// read (decision 0018). 16 MiB keeps every lookup in memory up to ~6.6 million sends per
+    /// read (decisions 0018, 0030): half of it per dedupe bucket (a day), taken at the bucket's
+    /// first send. 16 MiB answers ~99% of lookups from memory up to ~6 million sends per
     /// shard and day; 0 turns it off.
     pub dedupe_filter_bytes_max: usize,
     /// Embedded store: the engine, `fjall` (an LSM tree; the default) or `log` (live keys in
@@ -505,8 +506,8 @@ pub struct QuicSection {
 /// about 650 ms (a data centre), they still notice a dead peer within their 5 s idle timeout.
 /// Their replies (a forwarded send's result) are resent up to the delay later when lost.
 const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
-/// The largest dedupe filter budget per shard (`store.dedupe_filter_bytes_max`): 1 GiB holds a
-/// day of ~400 million sends, beyond what a shard commits.
+/// The largest dedupe filter budget per shard (`store.dedupe_filter_bytes_max`): 1 GiB answers
+/// ~99% of lookups over a day of ~400 million sends, beyond what a shard commits.
 const DEDUPE_FILTER_BYTES_MAX_LIMIT: usize = 1 << 30;
 /// Highest `server.shutdown_grace_secs`: a stop that takes longer is a hung edge.
 const SHUTDOWN_GRACE_SECS_LIMIT: u64 = 600;

@@ -10,10 +10,11 @@
 //! at open and the one before it ([`DedupeFilter::warmed`]). A bucket above the ones it knows whole
 //! can only hold records written since, so for it "not in the filter" means "not in the
 //! store". Older buckets, a bucket whose filter was dropped to stay within its memory budget,
-//! and a filter's false positives (about 1% per full slice a bucket has, so up to ~7% for a
-//! bucket at a 16 MiB budget) fall back to the real read. Deletes are not tracked: a deleted
-//! key left in the filter only costs a read. Only the current and the previous bucket are
-//! kept: lookups go nowhere else.
+//! and a filter's false positives (half the budget per bucket: at 16 MiB under 0.1% up to
+//! ~3.3 million sends a bucket, 1% at ~6 million, ~40% at ~20 million, where it is freed)
+//! fall back to the real read. Deletes are not tracked: a deleted key left in
+//! the filter only costs a read. Only the current and the previous bucket are kept: lookups
+//! go nowhere else.
 //!
 //! The filter never says a key exists, so the worst it can do is cost a read: the store's
 //! answers are the same with or without it.
@@ -25,13 +26,21 @@ use crate::keys;
 /// A filter block: one cache line, which holds every probe of a key.
 const BLOCK_BITS: u64 = 512;
 const BLOCK_WORDS: usize = (BLOCK_BITS / 64) as usize;
-/// Probes per key; with ~10 bits per key a full blocked slice gives about 1% false positives.
+/// Probes per key: at 10 bits per key about 1% false positives, at 20 under 0.1%.
 const PROBES: u64 = 6;
-const BITS_PER_KEY: usize = 10;
-/// A bucket's first filter; each next one is twice the last, until the budget.
-const FIRST_SLICE_BYTES: usize = 64 * 1024;
+/// A bucket's first filter takes this share of the bucket's memory, and holds its first keys
+/// at 20 bits each: small enough to stay in a core's cache through a light day or a short
+/// run, tight enough to add under 0.1% of false positives once the rest is in use.
+const FIRST_FILTER_SHARE: usize = 8;
+const FIRST_FILTER_BITS_PER_KEY: usize = 20;
+/// A bucket's second filter answers until it holds this few bits per key (about 40% false
+/// positives): past that it saves too few reads for its memory, and both are freed.
+const BITS_PER_KEY_MIN: usize = 3;
+/// The least budget that turns the filter on (each bucket's filter is half of it).
+const BYTES_MIN: usize = 64 * 1024;
 
 type Block = [u64; BLOCK_WORDS];
+const BLOCK_BYTES: usize = std::mem::size_of::<Block>();
 
 /// Which dedupe records a store may hold, from the writes it saw since it was opened.
 #[derive(Debug)]
@@ -40,21 +49,27 @@ pub(crate) struct DedupeFilter {
     /// store was opened, or in a bucket whose filters were dropped): always read.
     floor: Option<u64>,
     buckets: BTreeMap<u64, BucketFilter>,
-    /// Bytes of every bucket's slices; at most `bytes_max`.
+    /// Bytes of every bucket's filter; at most `bytes_max`.
     bytes: usize,
     bytes_max: usize,
 }
 
-/// The filters of one bucket: slices of growing size, each filled to its capacity.
-#[derive(Debug, Default)]
-struct BucketFilter {
-    slices: Vec<Slice>,
-    /// The bucket outgrew the budget: its filters are gone and every read goes to the store.
-    saturated: bool,
+/// The filters of one bucket, which together take at most its share of the budget (half:
+/// lookups go to two buckets). Two sizes rather than filters added as a bucket grows: a Bloom
+/// filter cannot be resized without its keys, and each filter added cost a cache miss per
+/// lookup and its own ~1% of false positives (doubling slices until the twenty-seventh
+/// session: up to seven, decision 0030).
+#[derive(Debug)]
+enum BucketFilter {
+    /// Holds every record written to the bucket since it was made: the first keys in
+    /// `first`, the rest in `rest`, made when `first` is full.
+    Answering { first: Bloom, rest: Option<Bloom> },
+    /// The bucket outgrew its filters, or found no room for them: every read goes to the store.
+    Saturated,
 }
 
 #[derive(Debug)]
-struct Slice {
+struct Bloom {
     blocks: Vec<Block>,
     keys: usize,
     keys_max: usize,
@@ -62,7 +77,7 @@ struct Slice {
 
 impl DedupeFilter {
     /// A filter for a store whose highest dedupe key at open is `highest_key` (none: the
-    /// store held no dedupe record). A `bytes_max` below one slice (64 KiB) disables it.
+    /// store held no dedupe record). A `bytes_max` below 64 KiB disables it.
     pub(crate) fn new(highest_key: Option<&[u8]>, bytes_max: usize) -> DedupeFilter {
         DedupeFilter {
             floor: highest_key.map(|key| keys::parse_dedupe_bucket(key).unwrap_or(u64::MAX)),
@@ -124,13 +139,18 @@ impl DedupeFilter {
         ))
     }
 
-    /// Whether a filter with `bytes_max` answers anything (it needs one slice).
+    /// Whether a filter with `bytes_max` answers anything.
     pub(crate) fn is_budget_enough(bytes_max: usize) -> bool {
-        bytes_max >= FIRST_SLICE_BYTES
+        bytes_max >= BYTES_MIN
     }
 
     fn enabled(&self) -> bool {
         Self::is_budget_enough(self.bytes_max)
+    }
+
+    /// Each bucket's share: half the budget, since lookups go to two buckets.
+    fn bucket_bytes(&self) -> usize {
+        self.bytes_max / 2 / BLOCK_BYTES * BLOCK_BYTES
     }
 
     /// Whether `key` is certainly not in the store. False means "read it": the key is no
@@ -148,7 +168,12 @@ impl DedupeFilter {
         match self.buckets.get(&bucket) {
             // Nothing was written to this bucket since open, nor before (it is above the floor).
             None => true,
-            Some(bucket) => !bucket.saturated && !bucket.may_contain(hash(key)),
+            Some(BucketFilter::Answering { first, rest }) => {
+                let hash = hash(key);
+                !first.may_contain(hash)
+                    && !rest.as_ref().is_some_and(|rest| rest.may_contain(hash))
+            }
+            Some(BucketFilter::Saturated) => false,
         }
     }
 
@@ -163,37 +188,34 @@ impl DedupeFilter {
         if self.floor.is_some_and(|floor| bucket <= floor) {
             return;
         }
-        let hash = hash(key);
-        match self.buckets.get_mut(&bucket) {
-            // Nearly every write: the bucket's newest slice has room.
-            Some(filter) => match filter.slices.last_mut() {
-                _ if filter.saturated => return,
-                Some(slice) if slice.keys < slice.keys_max => return slice.insert(hash),
-                _ => {}
-            },
-            None => self.drop_buckets_before_previous(bucket),
+        if !self.buckets.contains_key(&bucket) {
+            self.drop_buckets_before_previous(bucket);
+            self.make_bucket(bucket);
         }
-        if !self.grow(bucket) {
+        let bucket_bytes = self.bucket_bytes();
+        let filter = self.buckets.get_mut(&bucket).expect("made above");
+        let BucketFilter::Answering { first, rest } = filter else {
             return;
+        };
+        // Nearly every write: the bucket's newest filter has room.
+        let newest = match rest {
+            None if first.keys < first.keys_max => first,
+            None => rest.insert(Bloom::new(bucket_bytes - first.bytes(), BITS_PER_KEY_MIN)),
+            Some(rest) => rest,
+        };
+        if newest.keys < newest.keys_max {
+            return newest.insert(hash(key));
         }
-        self.buckets
-            .get_mut(&bucket)
-            .expect("grown above")
-            .slices
-            .last_mut()
-            .expect("a bucket that is not saturated has a slice")
-            .insert(hash);
+        self.bytes -= bucket_bytes;
+        *filter = BucketFilter::Saturated;
     }
 
-    /// Adds a slice to `bucket`'s filter, dropping older buckets' filters to make room. When
-    /// no older bucket is left to drop, the bucket saturates; returns whether it has a slice.
-    fn grow(&mut self, bucket: u64) -> bool {
-        let slice_bytes = self
-            .buckets
-            .get(&bucket)
-            .and_then(|bucket| bucket.slices.last())
-            .map_or(FIRST_SLICE_BYTES, |last| last.bytes() * 2);
-        while self.bytes + slice_bytes > self.bytes_max {
+    /// Makes `bucket`'s filter, its whole share counted now, dropping older buckets' filters
+    /// to make room. When no older bucket is left to drop, the bucket is saturated from the
+    /// start.
+    fn make_bucket(&mut self, bucket: u64) {
+        let bucket_bytes = self.bucket_bytes();
+        while self.bytes + bucket_bytes > self.bytes_max {
             let Some((&oldest, _)) = self.buckets.first_key_value() else {
                 break;
             };
@@ -202,18 +224,16 @@ impl DedupeFilter {
             }
             self.drop_bucket(oldest);
         }
-        let filter = self.buckets.entry(bucket).or_default();
-        if self.bytes + slice_bytes > self.bytes_max {
-            // Nothing older to drop: this bucket stops answering from memory.
-            let freed: usize = filter.slices.iter().map(Slice::bytes).sum();
-            filter.slices = Vec::new();
-            filter.saturated = true;
-            self.bytes -= freed;
-            return false;
-        }
-        filter.slices.push(Slice::with_bytes(slice_bytes));
-        self.bytes += slice_bytes;
-        true
+        let filter = if self.bytes + bucket_bytes > self.bytes_max {
+            BucketFilter::Saturated
+        } else {
+            self.bytes += bucket_bytes;
+            BucketFilter::Answering {
+                first: Bloom::new(bucket_bytes / FIRST_FILTER_SHARE, FIRST_FILTER_BITS_PER_KEY),
+                rest: None,
+            }
+        };
+        self.buckets.insert(bucket, filter);
     }
 
     /// A first write to `bucket` means time reached it: lookups go to it and the one before
@@ -232,8 +252,8 @@ impl DedupeFilter {
 
     /// Forgets `bucket`'s filter: it and every bucket below it are read from now on.
     fn drop_bucket(&mut self, bucket: u64) {
-        if let Some(filter) = self.buckets.remove(&bucket) {
-            self.bytes -= filter.slices.iter().map(Slice::bytes).sum::<usize>();
+        if let Some(BucketFilter::Answering { .. }) = self.buckets.remove(&bucket) {
+            self.bytes -= self.bucket_bytes();
         }
         self.floor = Some(self.floor.map_or(bucket, |floor| floor.max(bucket)));
     }
@@ -244,24 +264,19 @@ impl DedupeFilter {
     }
 }
 
-impl BucketFilter {
-    fn may_contain(&self, hash: u64) -> bool {
-        self.slices.iter().any(|slice| slice.may_contain(hash))
-    }
-}
-
-impl Slice {
-    fn with_bytes(bytes: usize) -> Slice {
-        let blocks = (bytes / std::mem::size_of::<Block>()).max(1);
-        Slice {
+impl Bloom {
+    /// A filter of about `bytes` (at least one block) that takes keys up to `bits_per_key`.
+    fn new(bytes: usize, bits_per_key: usize) -> Bloom {
+        let blocks = (bytes / BLOCK_BYTES).max(1);
+        Bloom {
             blocks: vec![[0; BLOCK_WORDS]; blocks],
             keys: 0,
-            keys_max: blocks * BLOCK_BITS as usize / BITS_PER_KEY,
+            keys_max: blocks * BLOCK_BITS as usize / bits_per_key,
         }
     }
 
     fn bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<Block>()
+        self.blocks.len() * BLOCK_BYTES
     }
 
     /// The block of `hash` and its probes' bit positions in it (double hashing).
@@ -378,30 +393,65 @@ mod tests {
         assert!(!filter.is_absent(&keys::message(1, 1)), "not a dedupe key");
     }
 
+    /// Two filters per bucket, sized for the whole share: at ~20 bits per key almost every
+    /// unwritten key is known absent. (Doubling slices, before decision 0030, answered ~97%
+    /// here: three slices, each adding its own ~1% of false positives.)
     #[test]
-    fn the_budget_drops_older_buckets_then_saturates() {
-        let budget = 4 * FIRST_SLICE_BYTES;
+    fn a_bucket_well_within_its_share_has_almost_no_false_positives() {
+        let mut filter = DedupeFilter::new(None, 1 << 20);
+        for n in 0..200_000 {
+            filter.note_written(&key(5, n));
+        }
+        let absent = (200_000..300_000)
+            .filter(|&n| filter.is_absent(&key(5, n)))
+            .count();
+        assert!(
+            absent > 99_800,
+            "only {absent} of 100,000 unwritten keys known absent"
+        );
+    }
+
+    #[test]
+    fn a_bucket_past_its_keys_max_saturates_and_frees_its_filter() {
+        let budget = 2 * BYTES_MIN;
         let mut filter = DedupeFilter::new(None, budget);
         for n in 0..20_000 {
             filter.note_written(&key(1, n));
         }
-        // Bucket 2 grows until it needs bucket 1's room, then until nothing is left to drop.
+        // 64 KiB each: bucket 2 answers up to 156,193 keys (3,276 in its first filter at 20
+        // bits each, the rest at 3 in the other 56 KiB), then saturates.
         for n in 0..400_000 {
             filter.note_written(&key(2, n));
             assert!(filter.bytes() <= budget);
         }
-        assert!(
-            !filter.is_absent(&key(1, 1_000_000)),
-            "bucket 1 was dropped"
-        );
+        assert_eq!(filter.bytes(), BYTES_MIN, "bucket 2's filter freed");
         assert!(!filter.is_absent(&key(2, 1_000_000)), "bucket 2 saturated");
         for n in (0..400_000).step_by(997) {
             assert!(!filter.is_absent(&key(2, n)));
         }
         assert!(
-            filter.is_absent(&key(3, 1)),
-            "a new bucket above is still known"
+            filter.is_absent(&key(1, 1_000_000)),
+            "bucket 1, the previous, still answers"
         );
+        for n in 0..20_000 {
+            assert!(!filter.is_absent(&key(1, n)), "key {n} was written");
+        }
+        filter.note_written(&key(3, 1));
+        assert!(!filter.is_absent(&key(1, 1_000_000)), "bucket 1 dropped");
+        assert!(filter.is_absent(&key(3, 2)), "a new bucket above is known");
+        assert_eq!(filter.bytes(), BYTES_MIN);
+    }
+
+    #[test]
+    fn a_bucket_older_than_the_two_held_is_read() {
+        let mut filter = DedupeFilter::new(None, 1 << 20);
+        filter.note_written(&key(3, 1));
+        filter.note_written(&key(2, 1));
+        filter.note_written(&key(1, 1));
+        assert!(!filter.is_absent(&key(1, 2)), "no room for bucket 1");
+        assert!(!filter.is_absent(&key(1, 1)));
+        assert!(filter.is_absent(&key(2, 2)) && filter.is_absent(&key(3, 2)));
+        assert_eq!(filter.bytes(), 1 << 20);
     }
 
     #[test]
@@ -424,16 +474,16 @@ mod tests {
         let mut filter = DedupeFilter::new(None, 1 << 20);
         filter.note_written(&key(1, 1));
         filter.note_written(&key(2, 1));
-        assert_eq!(filter.bytes(), 2 * FIRST_SLICE_BYTES);
+        assert_eq!(filter.bytes(), 1 << 20, "half the budget each");
         filter.note_written(&key(3, 1));
-        assert_eq!(filter.bytes(), 2 * FIRST_SLICE_BYTES, "bucket 1 freed");
+        assert_eq!(filter.bytes(), 1 << 20, "bucket 1 freed");
         assert!(!filter.is_absent(&key(1, 9)), "and read from now on");
         assert!(filter.is_absent(&key(2, 9)) && filter.is_absent(&key(3, 9)));
     }
 
     #[test]
-    fn a_budget_below_one_slice_disables_the_filter() {
-        let filter = DedupeFilter::new(None, FIRST_SLICE_BYTES - 1);
+    fn a_budget_below_64_kib_disables_the_filter() {
+        let filter = DedupeFilter::new(None, BYTES_MIN - 1);
         assert!(!filter.is_absent(&key(1, 1)));
     }
 }
