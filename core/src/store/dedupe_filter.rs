@@ -12,9 +12,8 @@
 //! store". Older buckets, a bucket whose filter was dropped to stay within its memory budget,
 //! and a filter's false positives (half the budget per bucket: at 16 MiB under 0.1% up to
 //! ~3.3 million sends a bucket, 1% at ~6 million, ~40% at ~20 million, where it is freed)
-//! fall back to the real read. Deletes are not tracked: a deleted key left in
-//! the filter only costs a read. Only the current and the previous bucket are kept: lookups
-//! go nowhere else.
+//! fall back to the real read. Deletes are not tracked: a deleted key left in the filter only
+//! costs a read. Only the current and the previous bucket are kept: lookups go nowhere else.
 //!
 //! The filter never says a key exists, so the worst it can do is cost a read: the store's
 //! answers are the same with or without it.
@@ -49,7 +48,8 @@ pub(crate) struct DedupeFilter {
     /// store was opened, or in a bucket whose filters were dropped): always read.
     floor: Option<u64>,
     buckets: BTreeMap<u64, BucketFilter>,
-    /// Bytes of every bucket's filter; at most `bytes_max`.
+    /// Bytes the answering buckets hold, each its whole share from its first write (its
+    /// first filter is an eighth of it until full); at most `bytes_max`.
     bytes: usize,
     bytes_max: usize,
 }
