@@ -394,8 +394,8 @@ mod tests {
     }
 
     /// Two filters per bucket, sized for the whole share: at ~20 bits per key almost every
-    /// unwritten key is known absent. (Doubling slices, before decision 0030, answered ~97%
-    /// here: three slices, each adding its own ~1% of false positives.)
+    /// unwritten key is known absent. (Doubling slices, before decision 0030, answered ~98%
+    /// here: two full slices of three, each adding its own ~1% of false positives.)
     #[test]
     fn a_bucket_well_within_its_share_has_almost_no_false_positives() {
         let mut filter = DedupeFilter::new(None, 1 << 20);
