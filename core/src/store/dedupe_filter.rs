@@ -177,6 +177,25 @@ impl DedupeFilter {
         }
     }
 
+    /// Starts loading the blocks that `is_absent` or `note_written` of `key` will touch. A
+    /// filter past the core's cache misses once per probe, and a batch of sends probes it in
+    /// a row: loaded together, the misses overlap (the writer's CPU: decision 0030).
+    pub(crate) fn prefetch(&self, key: &[u8]) {
+        if !self.enabled() {
+            return;
+        }
+        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
+            return;
+        };
+        if let Some(BucketFilter::Answering { first, rest }) = self.buckets.get(&bucket) {
+            let hash = hash(key);
+            first.prefetch(hash);
+            if let Some(rest) = rest {
+                rest.prefetch(hash);
+            }
+        }
+    }
+
     /// Records that `key` is written (call it before the write can be seen).
     pub(crate) fn note_written(&mut self, key: &[u8]) {
         if !self.enabled() {
@@ -298,12 +317,30 @@ impl Bloom {
         self.keys += 1;
     }
 
+    fn prefetch(&self, hash: u64) {
+        let (block, _) = self.probes(hash);
+        prefetch_line(&self.blocks[block]);
+    }
+
     fn may_contain(&self, hash: u64) -> bool {
         let (block, mut bits) = self.probes(hash);
         let block = &self.blocks[block];
         bits.all(|bit| block[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
     }
 }
+
+/// Asks the CPU to load `block`'s cache line without waiting for it.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn prefetch_line(block: &Block) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: a prefetch only hints the cache: it never faults, reads nothing into the
+    // program and writes nothing; the pointer is that of a live reference besides.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().cast()) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch_line(_block: &Block) {}
 
 /// A fixed hash, so a seeded simulation reads the same keys every run: 8-byte words mixed
 /// with a multiply and a shift each, then the finalizer of MurmurHash3. Not built to resist

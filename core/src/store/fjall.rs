@@ -434,6 +434,12 @@ impl std::fmt::Debug for FjallEngine<'_> {
 }
 
 impl Engine for FjallEngine<'_> {
+    fn prefetch(&self, key: &[u8]) {
+        if let Access::Write(writer) = &self.access {
+            writer.dedupe_filter.prefetch(key);
+        }
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let keyspace = self.store.keyspace_of(key);
         let value = match &self.access {

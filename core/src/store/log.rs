@@ -1626,6 +1626,12 @@ impl Inner {
         }
         let mut deletes = false;
         let mut deletes_dedupe = false;
+        // The filter's blocks of a batch's keys loaded together, not one miss per insert.
+        for (key, value) in &changes {
+            if value.is_some() {
+                writer.dedupe_filter.prefetch(key);
+            }
+        }
         for (key, value) in &changes {
             match value {
                 Some(_) => writer.dedupe_filter.note_written(key),
@@ -2326,6 +2332,12 @@ impl LogEngine<'_> {
 }
 
 impl Engine for LogEngine<'_> {
+    fn prefetch(&self, key: &[u8]) {
+        if let LogAccess::Write(writer) = &self.access {
+            writer.dedupe_filter.prefetch(key);
+        }
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.check_poisoned()?;
         if let LogAccess::Write(writer) = &self.access {

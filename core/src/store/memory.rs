@@ -75,6 +75,10 @@ struct MemoryEngine<'a> {
 }
 
 impl Engine for MemoryEngine<'_> {
+    fn prefetch(&self, key: &[u8]) {
+        self.state.dedupe_filter.prefetch(key);
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if self.state.dedupe_filter.is_absent(key) {
             return Ok(None);

@@ -231,6 +231,11 @@ pub trait Transaction {
 
     fn set(&mut self, key: &[u8], value: &[u8]);
 
+    /// A hint that `key` is read soon: an engine may start loading from memory what that
+    /// read will touch, so that the loads of a batch's reads overlap instead of each waiting
+    /// in turn. No effect on any answer.
+    fn prefetch(&self, _key: &[u8]) {}
+
     /// Whether this store holds values of up to 20 bytes inline (fjall's byte strings, in
     /// every embedded engine), so that a shorter value saves an allocation. The committer
     /// writes dedupe records short only then (decision 0002): FoundationDB gains nothing from

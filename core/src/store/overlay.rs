@@ -29,6 +29,9 @@ pub(crate) trait Engine {
 
     /// Writes all `changes` (`None` deletes) atomically and durably.
     fn apply(&mut self, changes: Vec<(Bytes, Option<Bytes>)>) -> Result<CommitVersion, StoreError>;
+
+    /// See [`Transaction::prefetch`](super::Transaction::prefetch).
+    fn prefetch(&self, _key: &[u8]) {}
 }
 
 /// A key longer than a [`super::key_map::MediumKey`] in a [`super::key_map::KeyMap`] (none of
@@ -146,6 +149,10 @@ impl<E: Engine> Overlay<E> {
 
     fn in_cleared_range(&self, key: &[u8]) -> bool {
         self.cleared.iter().any(|range| range.contains(key))
+    }
+
+    pub(crate) fn prefetch(&self, key: &[u8]) {
+        self.engine.prefetch(key);
     }
 
     pub(crate) fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -404,6 +411,9 @@ macro_rules! overlay_transaction {
             }
             fn set(&mut self, key: &[u8], value: &[u8]) {
                 self.overlay.set(key, value);
+            }
+            fn prefetch(&self, key: &[u8]) {
+                self.overlay.prefetch(key);
             }
             fn set_concat(&mut self, key: &[u8], head: &[u8], tail: &[u8]) {
                 self.overlay.set_concat(key, head, tail);
