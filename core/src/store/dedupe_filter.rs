@@ -148,6 +148,19 @@ impl DedupeFilter {
         Self::is_budget_enough(self.bytes_max)
     }
 
+    /// The bucket of `key` when the filter speaks for it: the filter is on, `key` is a dedupe
+    /// key, and its bucket is above the floor (below it, every lookup reads).
+    fn bucket_known(&self, key: &[u8]) -> Option<u64> {
+        if !self.enabled() {
+            return None;
+        }
+        let bucket = keys::parse_dedupe_bucket(key)?;
+        if self.floor.is_some_and(|floor| bucket <= floor) {
+            return None;
+        }
+        Some(bucket)
+    }
+
     /// Each bucket's share: half the budget, since lookups go to two buckets.
     fn bucket_bytes(&self) -> usize {
         self.bytes_max / 2 / BLOCK_BYTES * BLOCK_BYTES
@@ -156,15 +169,9 @@ impl DedupeFilter {
     /// Whether `key` is certainly not in the store. False means "read it": the key is no
     /// dedupe key, may predate the filter, or may be in the store.
     pub(crate) fn is_absent(&self, key: &[u8]) -> bool {
-        if !self.enabled() {
-            return false;
-        }
-        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
+        let Some(bucket) = self.bucket_known(key) else {
             return false;
         };
-        if self.floor.is_some_and(|floor| bucket <= floor) {
-            return false;
-        }
         match self.buckets.get(&bucket) {
             // Nothing was written to this bucket since open, nor before (it is above the floor).
             None => true,
@@ -181,10 +188,7 @@ impl DedupeFilter {
     /// filter past the core's cache misses once per probe, and a batch of sends probes it in
     /// a row: loaded together, the misses overlap (the writer's CPU: decision 0030).
     pub(crate) fn prefetch(&self, key: &[u8]) {
-        if !self.enabled() {
-            return;
-        }
-        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
+        let Some(bucket) = self.bucket_known(key) else {
             return;
         };
         if let Some(BucketFilter::Answering { first, rest }) = self.buckets.get(&bucket) {
@@ -196,17 +200,22 @@ impl DedupeFilter {
         }
     }
 
+    /// Records that each of `keys` is written (call it before the writes can be seen), their
+    /// blocks prefetched first so that a commit's misses overlap.
+    pub(crate) fn note_all_written<'a>(&mut self, keys: impl Iterator<Item = &'a [u8]> + Clone) {
+        for key in keys.clone() {
+            self.prefetch(key);
+        }
+        for key in keys {
+            self.note_written(key);
+        }
+    }
+
     /// Records that `key` is written (call it before the write can be seen).
     pub(crate) fn note_written(&mut self, key: &[u8]) {
-        if !self.enabled() {
-            return;
-        }
-        let Some(bucket) = keys::parse_dedupe_bucket(key) else {
+        let Some(bucket) = self.bucket_known(key) else {
             return;
         };
-        if self.floor.is_some_and(|floor| bucket <= floor) {
-            return;
-        }
         if !self.buckets.contains_key(&bucket) {
             self.drop_buckets_before_previous(bucket);
             self.make_bucket(bucket);
@@ -376,6 +385,22 @@ mod tests {
         keys::dedupe(bucket, n, n.wrapping_mul(7), n)
     }
 
+    /// A filter of 1 MiB that saw keys 0 to 199,999 of bucket 5.
+    fn filter_of_200_000_keys() -> DedupeFilter {
+        let mut filter = DedupeFilter::new(None, 1 << 20);
+        for n in 0..200_000 {
+            filter.note_written(&key(5, n));
+        }
+        filter
+    }
+
+    /// How many of the 100,000 keys after those `filter` is sure it never saw.
+    fn unwritten_known_absent(filter: &DedupeFilter) -> usize {
+        (200_000..300_000)
+            .filter(|&n| filter.is_absent(&key(5, n)))
+            .count()
+    }
+
     /// The hash reads whole words in place: the same values as zero-padding every chunk, so
     /// a seeded simulation keeps its false positives.
     #[test]
@@ -400,17 +425,12 @@ mod tests {
 
     #[test]
     fn a_written_key_is_never_called_absent() {
-        let mut filter = DedupeFilter::new(None, 1 << 20);
-        for n in 0..200_000 {
-            filter.note_written(&key(5, n));
-        }
+        let filter = filter_of_200_000_keys();
         for n in 0..200_000 {
             assert!(!filter.is_absent(&key(5, n)), "key {n} was written");
         }
         // Keys never written are mostly known absent (false positives cost only a read).
-        let absent = (200_000..300_000)
-            .filter(|&n| filter.is_absent(&key(5, n)))
-            .count();
+        let absent = unwritten_known_absent(&filter);
         assert!(
             absent > 95_000,
             "only {absent} of 100,000 unwritten keys known absent"
@@ -435,13 +455,7 @@ mod tests {
     /// here: two full slices of three, each adding its own ~1% of false positives.)
     #[test]
     fn a_bucket_well_within_its_share_has_almost_no_false_positives() {
-        let mut filter = DedupeFilter::new(None, 1 << 20);
-        for n in 0..200_000 {
-            filter.note_written(&key(5, n));
-        }
-        let absent = (200_000..300_000)
-            .filter(|&n| filter.is_absent(&key(5, n)))
-            .count();
+        let absent = unwritten_known_absent(&filter_of_200_000_keys());
         assert!(
             absent > 99_800,
             "only {absent} of 100,000 unwritten keys known absent"

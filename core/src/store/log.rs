@@ -1626,20 +1626,15 @@ impl Inner {
         }
         let mut deletes = false;
         let mut deletes_dedupe = false;
-        // The filter's blocks of a batch's keys loaded together, not one miss per insert.
-        for (key, value) in &changes {
-            if value.is_some() {
-                writer.dedupe_filter.prefetch(key);
-            }
-        }
-        for (key, value) in &changes {
-            match value {
-                Some(_) => writer.dedupe_filter.note_written(key),
-                None => {
-                    deletes = true;
-                    deletes_dedupe |= is_dedupe(key);
-                }
-            }
+        writer.dedupe_filter.note_all_written(
+            changes
+                .iter()
+                .filter(|(_, value)| value.is_some())
+                .map(|(key, _)| &**key),
+        );
+        for (key, _) in changes.iter().filter(|(_, value)| value.is_none()) {
+            deletes = true;
+            deletes_dedupe |= is_dedupe(key);
         }
         if deletes {
             self.deleted_since_checkpoint.store(true, Ordering::Release);
