@@ -75,10 +75,13 @@ pub enum Outcome {
     /// The device's cursor after the link: delivery to it starts after this seq. Every seq
     /// after it and before `first_seq` is gone (acknowledged by every device, or expired);
     /// `first_seq` is the first stored message after the cursor, or the next seq the inbox
-    /// will assign when none is stored.
+    /// will assign when none is stored. `last_seq` is the inbox's last assigned seq: when
+    /// `first_seq` is past it, nothing after the cursor is stored, and the connection has
+    /// nothing to read before its first live delivery.
     Linked {
         cursor: u64,
         first_seq: u64,
+        last_seq: u64,
     },
     Acked,
     Forgotten,
@@ -442,7 +445,11 @@ fn write_batch<T: Transaction>(
                     }
                     None => last.saturating_add(1),
                 };
-                Outcome::Linked { cursor, first_seq }
+                Outcome::Linked {
+                    cursor,
+                    first_seq,
+                    last_seq: last,
+                }
             }
             Request::Ack {
                 inbox,

@@ -112,10 +112,13 @@ pub enum ShardMessage {
     },
     /// Back from the home shard once the device is linked (committed): live deliveries flow
     /// from now on, so the connection can read the store after `cursor` without a gap.
+    /// `stored_after_cursor` false: the inbox held nothing after the cursor at the link, so
+    /// there is nothing to read (the common reconnect of a device that is up to date).
     Registered {
         conn: ConnRef,
         cursor: u64,
         first_seq: u64,
+        stored_after_cursor: bool,
     },
     /// Back from the home shard when the user already has the maximum of connections
     /// (`LimitExceeded`) or logins wait in numbers (`Overloaded`).
@@ -460,6 +463,8 @@ pub struct EdgeSession<A> {
     local: VecDeque<ShardMessage>,
     effects: VecDeque<Effect>,
     stats: SessionStats,
+    /// Logins that needed no store read: the link saw nothing after the device's cursor.
+    logins_without_read: u64,
     /// The time of the latest input, for the messages handled from `local`.
     now_ms: UnixMillis,
     /// Users with connections on this shard: their send budgets and recipient counts.
@@ -540,6 +545,7 @@ impl<A: Authenticator> EdgeSession<A> {
             local: VecDeque::new(),
             effects: VecDeque::new(),
             stats: SessionStats::default(),
+            logins_without_read: 0,
             now_ms: 0,
             senders: FastHashMap::default(),
             unauthenticated: 0,
@@ -568,6 +574,12 @@ impl<A: Authenticator> EdgeSession<A> {
 
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// Logins that started without a store read (nothing was stored after the device's
+    /// cursor), since the session started.
+    pub fn logins_without_read(&self) -> u64 {
+        self.logins_without_read
     }
 
     /// Requests waiting for a commit, and whether one is in flight: a shard is idle when both
@@ -1279,12 +1291,14 @@ impl<A: Authenticator> EdgeSession<A> {
                     tag,
                     cursor,
                     first_seq,
+                    stored_after_cursor,
                 } => self.route(
                     tag.shard,
                     ShardMessage::Registered {
                         conn: tag,
                         cursor,
                         first_seq,
+                        stored_after_cursor,
                     },
                 ),
                 Output::Deliver(message) => {
@@ -1724,14 +1738,24 @@ impl<A: Authenticator> EdgeSession<A> {
                 conn,
                 cursor,
                 first_seq,
+                stored_after_cursor,
             } => {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
                 if let Login::Registering { user } = c.login {
                     c.login = Login::Active { user };
-                    // What the device consumed (maybe on an earlier install) is not sent again.
-                    c.delivered_up_to = c.delivered_up_to.max(cursor);
+                    // What the device consumed (maybe on an earlier install) is not sent again,
+                    // nor is anything before `first_seq`: `Welcome` declares that gone.
+                    c.delivered_up_to = c
+                        .delivered_up_to
+                        .max(cursor)
+                        .max(first_seq.saturating_sub(1));
+                    // A read is owed if the link saw messages after the cursor, or if a live
+                    // delivery or a catch-up reached this connection before it was active
+                    // (`deliver` and `catch_up` set `sync_again`). Otherwise every message
+                    // stored from now on arrives live, in order, or reveals its gap.
+                    let read_owed = stored_after_cursor || c.sync_again;
                     let device = c.device;
                     self.write(
                         conn,
@@ -1743,7 +1767,11 @@ impl<A: Authenticator> EdgeSession<A> {
                             first_seq,
                         },
                     );
-                    self.start_sync(conn);
+                    if read_owed {
+                        self.start_sync(conn);
+                    } else {
+                        self.logins_without_read += 1;
+                    }
                 }
             }
             ShardMessage::RegisterRefused { conn, code } => {
@@ -1834,6 +1862,11 @@ impl<A: Authenticator> EdgeSession<A> {
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
+        if matches!(c.login, Login::Registering { .. }) {
+            // Not active yet: the read that `Registered` starts finds it in the store.
+            c.sync_again = true;
+            return;
+        }
         if !matches!(c.login, Login::Active { .. }) || message.seq <= c.delivered_up_to {
             return;
         }

@@ -72,8 +72,14 @@ pub enum Output<T> {
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
     /// The device is linked: delivery to its connection starts after `cursor`, and the first
-    /// stored message after it is `first_seq` (see `Outcome::Linked`).
-    Linked { tag: T, cursor: u64, first_seq: u64 },
+    /// stored message after it is `first_seq` (see `Outcome::Linked`). `stored_after_cursor`
+    /// is false when the inbox held nothing after the cursor at the link's commit.
+    Linked {
+        tag: T,
+        cursor: u64,
+        first_seq: u64,
+        stored_after_cursor: bool,
+    },
 }
 
 /// The send is handed back so the runtime can refuse it with `code`: `Overloaded` when the
@@ -492,12 +498,20 @@ impl<T> InboxShard<T> {
                                 body: send.body,
                             }));
                         }
-                        (Request::Link { .. }, Outcome::Linked { cursor, first_seq }) => {
+                        (
+                            Request::Link { .. },
+                            Outcome::Linked {
+                                cursor,
+                                first_seq,
+                                last_seq,
+                            },
+                        ) => {
                             let tag = tags.next().expect("one tag per link");
                             outputs.push(Output::Linked {
                                 tag,
                                 cursor,
                                 first_seq,
+                                stored_after_cursor: first_seq <= last_seq,
                             });
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}

@@ -110,6 +110,10 @@ fn simulation_over_many_seeds() {
             "no batch was taken while another was in flight: {total:?}"
         );
         assert!(
+            total.logins_without_read > 0,
+            "every login read the store, so skipping the read was never checked: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -170,6 +174,8 @@ struct Stats {
     seqs_from_floor: u64,
     /// Restarts that recovered the store from a snapshot and journals (log store only).
     recoveries_from_snapshot: u64,
+    /// Logins that read nothing from the store (nothing stored after the device's cursor).
+    logins_without_read: u64,
 }
 
 impl Stats {
@@ -212,6 +218,7 @@ impl Stats {
         self.inboxes_emptied += other.inboxes_emptied;
         self.seqs_from_floor += other.seqs_from_floor;
         self.recoveries_from_snapshot += other.recoveries_from_snapshot;
+        self.logins_without_read += other.logins_without_read;
     }
 }
 
@@ -737,6 +744,7 @@ impl<S: SimStore> World<S> {
             self.stats.sends_over_recipient_limit += stats.sends_over_recipient_limit;
             self.stats.connections_timed_out += stats.connections_timed_out;
             self.stats.sends_store_slow += stats.sends_store_slow;
+            self.stats.logins_without_read += shard.logins_without_read();
         }
     }
 

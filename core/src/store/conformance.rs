@@ -433,7 +433,8 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         linked,
         vec![Outcome::Linked {
             cursor: 0,
-            first_seq: 1
+            first_seq: 1,
+            last_seq: 1
         }]
     );
     committer
@@ -446,7 +447,8 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         linked,
         vec![Outcome::Linked {
             cursor: 1,
-            first_seq: 2
+            first_seq: 2,
+            last_seq: 1
         }],
         "second device: at the head"
     );
@@ -470,7 +472,8 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         new_device,
         vec![Outcome::Linked {
             cursor: 5,
-            first_seq: 6
+            first_seq: 6,
+            last_seq: 5
         }],
         "a new device starts at the head"
     );
@@ -491,7 +494,8 @@ fn commit_logic_deletes_what_every_device_acked<H: Harness>(h: &mut H) {
         relinked,
         vec![Outcome::Linked {
             cursor: 6,
-            first_seq: 7
+            first_seq: 7,
+            last_seq: 6
         }]
     );
 }
@@ -705,7 +709,8 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
         linked[1],
         Outcome::Linked {
             cursor: 0,
-            first_seq: 4
+            first_seq: 4,
+            last_seq: 3
         }
     );
     let page = commit::read_inbox(h.store(), 6, 0, later, &config).unwrap();
