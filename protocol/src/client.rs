@@ -779,6 +779,26 @@ mod tests {
         ));
     }
 
+    /// Messages consumed within the ack delay cost one `Ack`, with the highest seq, sent when
+    /// the delay of the first ends: a receiver of a burst does not answer each message.
+    #[test]
+    fn acks_within_the_delay_leave_as_one() {
+        let mut s = session();
+        let delay = s.config.ack_delay_ms;
+        assert!(delay >= 4, "the delay must leave room for three messages");
+        s.connected(0);
+        drain(&mut s);
+        for seq in 1..=3 {
+            s.handle_frame(seq, deliver(seq)).unwrap();
+            s.consumed(seq, seq);
+            s.handle_timeout(seq);
+        }
+        assert_eq!(drain(&mut s), vec![], "no ack before the delay ends");
+        assert_eq!(s.poll_timeout(), Some(1 + delay));
+        s.handle_timeout(1 + delay);
+        assert_eq!(drain(&mut s), vec![Frame::Ack { up_to_seq: 3 }]);
+    }
+
     /// Closing sends the last ack at once.
     #[test]
     fn close_flushes_the_last_ack() {
