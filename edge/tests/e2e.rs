@@ -718,6 +718,11 @@ async fn the_log_engine_reports_the_memory_of_its_recent_dedupe_records() {
 /// batches in flight (decision 0027): a batch is written, its fsync runs on the syncer thread
 /// while the next is built, and `courier_commit_batches_overlapped_total` counts it. Every send
 /// is acknowledged and delivered, each sender's in order.
+///
+/// The senders connect first and start together, and a batch holds one request, so that
+/// sends queue behind a batch however slowly this machine runs the clients: with the senders
+/// starting as they connected and two requests a batch, a loaded CI machine once ran all 200
+/// sends without a third ever waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
     const SENDERS: u64 = 8;
@@ -727,15 +732,18 @@ async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
         1,
         &format!(
             "[metrics]\nlisten = \"{metrics}\"\n[store]\nengine = \"log\"\n\
-             [batching]\nbatch_requests_max = 2\nbatches_in_flight_max = 2\n"
+             [batching]\nbatch_requests_max = 1\nbatches_in_flight_max = 2\n"
         ),
         &[],
     );
     let mut receiver = edge.client(90).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(SENDERS as usize));
     let mut senders = Vec::new();
     for sender in 0..SENDERS {
         let client = edge.client(91 + sender).await;
+        let start = start.clone();
         senders.push(tokio::spawn(async move {
+            start.wait().await;
             for i in 0..MESSAGES {
                 client
                     .send(90, i.to_be_bytes().to_vec())
