@@ -515,6 +515,17 @@ impl ServerCounters {
             report.record_count("disk_flush_p50_us", flush.p50_us);
             report.record_count("disk_flush_p90_us", flush.p90_us);
         }
+        // An idle core's wake-up cost moves paced latencies by a third here (courier_edge::idle).
+        let idle = courier_edge::idle::IdlePolicy::read();
+        if let Some(governor) = idle.governor {
+            report.extra.insert(
+                "cpuidle_governor".into(),
+                serde_json::Value::String(governor),
+            );
+        }
+        if let Some(poll_ns) = idle.guest_halt_poll_ns {
+            report.record_count("guest_halt_poll_ns", poll_ns);
+        }
         if let (Some(start), Some(now)) = (&self.threads_start, usage_by_thread(&self.pids)) {
             let by_role = usage_since_by_role(start, &now);
             let switches = by_role

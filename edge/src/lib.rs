@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod health;
+pub mod idle;
 mod lanes;
 pub mod memory;
 mod mesh;

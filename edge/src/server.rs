@@ -173,6 +173,16 @@ impl Edge {
             elapsed_ms = opening.elapsed().as_millis() as u64,
             "store opened"
         );
+        let idle = crate::idle::IdlePolicy::read();
+        if idle.halts_at_once() {
+            info!(
+                governor = "haltpoll",
+                guest_halt_poll_ns = 0,
+                "this virtual machine halts idle CPUs without polling first: each wake-up of an \
+                 idle core costs a VM exit, tens of microseconds on the path of every message at \
+                 a modest rate; see \"Virtual machines\" in docs/operations.md"
+            );
+        }
         let shard_count = config.shard_count();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
