@@ -1,14 +1,14 @@
 //! What this machine does with an idle CPU, read from sysfs.
 //!
-//! A paced message wakes idle cores several times: the edge for the sender's datagram, the
-//! store writer for each wait inside `fdatasync`, the recipient's host for the delivery. On a
-//! KVM guest whose `haltpoll` idle driver polls for 0 ns, an idle vCPU halts at once, and
-//! waking it costs a VM exit and an interrupt injected by the host: a cross-CPU round trip
-//! (`perf bench sched pipe`) took 66–108 µs on the development VM against 6.6–8.3 µs with the
-//! kernel's default of polling up to 200 µs, and paced medians were 30–50% lower with polling,
-//! for Courier and Redis alike (docs/benchmarks.md, twenty-ninth session). The edge says so at
-//! start, and the load generator records it in every report, so that a latency is read with
-//! the machine's setting that moved it.
+//! A paced message wakes idle cores several times: the edge for the sender's datagram, the store
+//! writer for each wait inside `fdatasync`, the recipient's host for the delivery. On a KVM guest
+//! whose `haltpoll` idle driver polls for 0 ns, an idle vCPU halts at once, and waking it costs a
+//! VM exit and an interrupt injected by the host: a cross-CPU round trip (`perf bench sched pipe`)
+//! took 66–108 µs on the development VM against 6.6–8.3 µs with the kernel's default of polling up
+//! to 200 µs, and paced medians were a third to a half lower with polling, for Courier and Redis
+//! alike (docs/benchmarks.md, twenty-ninth session). The edge says so at start, and the load
+//! generator records it in every report, so that a latency is read with the machine's setting that
+//! moved it.
 
 use std::path::Path;
 
