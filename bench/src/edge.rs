@@ -515,7 +515,7 @@ impl ServerCounters {
             report.record_count("disk_flush_p50_us", flush.p50_us);
             report.record_count("disk_flush_p90_us", flush.p90_us);
         }
-        // An idle core's wake-up cost moves paced latencies by a third here (courier_edge::idle).
+        // Waking an idle core moved paced medians by a third to a half here (courier_edge::idle).
         let idle = courier_edge::idle::IdlePolicy::read();
         if let Some(governor) = idle.governor {
             report.extra.insert(

@@ -28,8 +28,8 @@ impl IdlePolicy {
         IdlePolicy::read_under(Path::new("/"))
     }
 
-    /// Reads the policy from a tree laid out like `/sys` under `root` (tests use a temporary
-    /// directory).
+    /// Reads the policy from the `sys/...` files under `root`, which stands for `/` (tests use
+    /// a temporary directory).
     pub fn read_under(root: &Path) -> IdlePolicy {
         let read = |path: &str| {
             std::fs::read_to_string(root.join(path))
