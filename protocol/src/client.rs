@@ -50,9 +50,8 @@ pub struct ClientConfig {
     /// (`quic.client_ack_delay_ms`): the app's `Ack` and the transport's ACK of the same
     /// deliveries leave in one datagram, and a receiver of several messages within it sends
     /// one `Ack` for all of them (at 100 messages/s per receiver, 3.3 datagrams per message
-    /// instead of 4.0). Only deletion waits
-    /// for it; a message acked late is at worst delivered again after a reconnect, and dropped
-    /// by its seq.
+    /// instead of 4.0). Only deletion waits for it; a message acked late is at worst delivered
+    /// again after a reconnect, and dropped by its seq.
     pub ack_delay_ms: u64,
     /// Signals waiting to be written; the oldest is dropped beyond it (signals are ephemeral).
     pub signals_queued_max: usize,
