@@ -82,6 +82,7 @@ fn main() {
     let mut log = false;
     let mut reopen = false;
     let mut append = false;
+    let mut buffered = false;
     let mut pipelined = false;
     let mut inboxes = None;
     let mut drain = false;
@@ -110,6 +111,7 @@ fn main() {
             "--log" => log = true,
             "--reopen" => reopen = true,
             "--append" => append = true,
+            "--buffered" => buffered = true,
             "--pipelined" => pipelined = true,
             "--drain" => drain = true,
             "--memtable-mib" => {
@@ -141,7 +143,7 @@ fn main() {
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--pipelined] [--drain] [--reopen] [--append]"
+                    "unknown argument {other}; usage: store_commit [--seconds N] [--messages N] [--dir PATH] [--batch N] [--writers N] [--inboxes N] [--memtable-mib N] [--raw] [--memory] [--log] [--pipelined] [--drain] [--reopen] [--append] [--buffered]"
                 );
                 std::process::exit(2);
             }
@@ -202,7 +204,7 @@ fn main() {
                         let engine = if memory {
                             Engine::Memory
                         } else if log {
-                            Engine::Log { append }
+                            Engine::Log { append, buffered }
                         } else {
                             Engine::Fjall { memtable_mib }
                         };
@@ -258,8 +260,9 @@ enum Engine {
     Fjall { memtable_mib: Option<u64> },
     /// An in-memory map: what the commit logic costs without an engine.
     Memory,
-    /// The log store; `append`: without preallocated journal segments.
-    Log { append: bool },
+    /// The log store; `append`: without preallocated journal segments; `buffered`: records
+    /// through the page cache, not direct writes.
+    Log { append: bool, buffered: bool },
 }
 
 /// Prints how long the disk under `dir` takes per flush just before the run: a commit waits
@@ -302,8 +305,8 @@ struct Workload {
 fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult {
     match engine {
         Engine::Memory => run_on(&courier_core::store::memory::MemoryStore::new(), workload),
-        Engine::Log { append } => run_on(
-            &courier_core::store::log::LogStore::open(dir, &log_options(append))
+        Engine::Log { append, buffered } => run_on(
+            &courier_core::store::log::LogStore::open(dir, &log_options(append, buffered))
                 .expect("open store"),
             workload,
         ),
@@ -320,11 +323,12 @@ fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult 
     }
 }
 
-fn log_options(append: bool) -> courier_core::store::log::LogOptions {
+fn log_options(append: bool, buffered: bool) -> courier_core::store::log::LogOptions {
     let mut options = courier_core::store::log::LogOptions::default();
     if append {
         options.journal_segment_bytes = 0;
     }
+    options.direct_writes = !buffered;
     options
 }
 
@@ -339,9 +343,10 @@ fn reopen_timed(dir: &std::path::Path, engine: Engine, writer: usize) {
             drop(store);
             (elapsed, "fjall".to_string())
         }
-        Engine::Log { append } => {
-            let store = courier_core::store::log::LogStore::open(dir, &log_options(append))
-                .expect("reopen");
+        Engine::Log { append, buffered } => {
+            let store =
+                courier_core::store::log::LogStore::open(dir, &log_options(append, buffered))
+                    .expect("reopen");
             let elapsed = start.elapsed();
             let recovery = store.recovery();
             drop(store);

@@ -285,6 +285,12 @@ pub struct StoreSection {
     /// not persist a new file size (decision 0023). Each shard holds a segment and a spare on
     /// disk. 0: journals grow by appending (slower fsyncs, no space held in advance).
     pub log_journal_segment_bytes: u64,
+    /// `engine = "log"`: write each commit's record around the page cache (`O_DIRECT`), as
+    /// the few 512-byte blocks it touches instead of the 4 KiB page an fsync writes back: a
+    /// quarter of the disk writes at a pace and less CPU per commit (decision 0032). Where
+    /// the file system does not take direct writes the journal goes through the page cache
+    /// either way.
+    pub log_direct_writes: bool,
     /// `engine = "log"`: memory per shard the dedupe records of recent sends may take before
     /// they move to the shard's dedupe tier on disk in one sorted write (decision 0023).
     pub log_dedupe_memory_bytes_max: u64,
@@ -315,6 +321,7 @@ impl Default for StoreSection {
             log_memory_bytes_max: courier_core::store::log::LogOptions::default().memory_bytes_max,
             log_journal_segment_bytes: courier_core::store::log::LogOptions::default()
                 .journal_segment_bytes,
+            log_direct_writes: courier_core::store::log::LogOptions::default().direct_writes,
             log_dedupe_memory_bytes_max: courier_core::store::log::LogOptions::default()
                 .dedupe_memory_bytes_max,
             foundationdb: FoundationDbSection::default(),

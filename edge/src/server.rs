@@ -437,6 +437,7 @@ fn open_store(
                     memory_bytes_max: config.store.log_memory_bytes_max,
                     dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                     journal_segment_bytes: config.store.log_journal_segment_bytes,
+                    direct_writes: config.store.log_direct_writes,
                     dedupe_memory_bytes_max: config.store.log_dedupe_memory_bytes_max,
                     ..Default::default()
                 };

@@ -145,6 +145,7 @@ pub fn open_embedded_log(
             journal_bytes = recovery.journal_bytes,
             torn_bytes_cut = recovery.torn_bytes_cut,
             dedupe_moves = recovery.dedupe_moves,
+            direct_writes = recovery.direct_writes,
             elapsed_ms = recovery.elapsed.as_millis() as u64,
             "log store recovered"
         );
