@@ -10,7 +10,9 @@
 //! Files in the store's directory:
 //! - `journal-{id}`: commits in order, each one record (below). New ones get higher ids. A
 //!   journal is a segment zero-filled in advance (`journal_segment_bytes`): records overwrite
-//!   zeros, so an fdatasync need not persist a new file size.
+//!   zeros, so an fdatasync need not persist a new file size. Records go to a segment around
+//!   the page cache where the file system allows it, as the blocks they touch
+//!   (`direct_journal.rs`, decision 0032); the file's bytes are the same either way.
 //! - `journal-spare-{n}.tmp`: the next segment, being or already zero-filled by the background
 //!   thread; the writer renames it to the next journal id when its segment is full.
 //! - `snapshot-{id}`: every live pair, taken while journal `id` was the current one. Recovery
