@@ -117,6 +117,7 @@ impl DirectJournal {
         if padded > BUFFER_KEPT_BYTES_MAX {
             let tail = self.window()[..tail_bytes].to_vec();
             self.buffer = Vec::new();
+            self.window_at = 0;
             self.reserve(block);
             self.buffer[self.window_at..self.window_at + tail_bytes].copy_from_slice(&tail);
         }
@@ -213,6 +214,29 @@ mod tests {
             let on_disk = std::fs::read(&path).expect("read the journal");
             assert_eq!(on_disk, expected, "after record {index}");
         }
+    }
+
+    /// A record larger than the buffer kept between writes: the buffer shrinks back, and the
+    /// tail it keeps still starts the next record.
+    #[test]
+    fn a_large_record_leaves_a_small_buffer_and_the_right_tail() {
+        let bytes = 4 * 1024 * 1024;
+        let Some((_dir, path, mut journal)) = segment(bytes) else {
+            return;
+        };
+        let mut expected = vec![0u8; bytes];
+        let mut offset = 0u64;
+        for (index, length) in [300usize, BUFFER_KEPT_BYTES_MAX + 700, 300]
+            .iter()
+            .enumerate()
+        {
+            let record: Vec<u8> = (0..*length).map(|i| (index * 7 + i) as u8 | 1).collect();
+            journal.write_at(&record, offset).expect("direct write");
+            expected[offset as usize..offset as usize + length].copy_from_slice(&record);
+            offset += *length as u64;
+        }
+        assert!(std::fs::read(&path).expect("read") == expected);
+        assert!(journal.buffer.len() < BUFFER_KEPT_BYTES_MAX);
     }
 
     #[test]
