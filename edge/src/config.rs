@@ -285,12 +285,14 @@ pub struct StoreSection {
     /// not persist a new file size (decision 0023). Each shard holds a segment and a spare on
     /// disk. 0: journals grow by appending (slower fsyncs, no space held in advance).
     pub log_journal_segment_bytes: u64,
-    /// `engine = "log"`: write each commit's record around the page cache (`O_DIRECT`), as
-    /// the few 512-byte blocks it touches instead of the 4 KiB page an fsync writes back: a
-    /// quarter of the disk writes at a pace and less CPU per commit (decision 0032). Where
+    /// Write each commit's journal bytes around the page cache (`O_DIRECT`), as the few
+    /// 512-byte blocks they touch instead of the 4 KiB pages an fsync writes back: a quarter
+    /// of the disk writes at a pace and less CPU per commit. Both engines (decisions 0032,
+    /// 0033); `log_direct_writes`, its name before it applied to fjall, is still read. Where
     /// the file system does not take direct writes the journal goes through the page cache
     /// either way.
-    pub log_direct_writes: bool,
+    #[serde(alias = "log_direct_writes")]
+    pub direct_writes: bool,
     /// `engine = "log"`: memory per shard the dedupe records of recent sends may take before
     /// they move to the shard's dedupe tier on disk in one sorted write (decision 0023).
     pub log_dedupe_memory_bytes_max: u64,
@@ -321,7 +323,7 @@ impl Default for StoreSection {
             log_memory_bytes_max: courier_core::store::log::LogOptions::default().memory_bytes_max,
             log_journal_segment_bytes: courier_core::store::log::LogOptions::default()
                 .journal_segment_bytes,
-            log_direct_writes: courier_core::store::log::LogOptions::default().direct_writes,
+            direct_writes: courier_core::store::log::LogOptions::default().direct_writes,
             log_dedupe_memory_bytes_max: courier_core::store::log::LogOptions::default()
                 .dedupe_memory_bytes_max,
             foundationdb: FoundationDbSection::default(),
@@ -1128,6 +1130,20 @@ mod tests {
             ],
             |config, bytes| config.store.dedupe_filter_bytes_max = bytes,
         );
+    }
+
+    /// `store.direct_writes` was `log_direct_writes` while it applied to the log engine
+    /// alone: a config written then still means what it said.
+    #[test]
+    fn direct_writes_is_read_under_its_former_name() {
+        for (text, expected) in [
+            ("[store]\nlog_direct_writes = false\n", false),
+            ("[store]\ndirect_writes = false\n", false),
+            ("[store]\n", true),
+        ] {
+            let config = Config::parse(text).expect(text);
+            assert_eq!(config.store.direct_writes, expected, "{text}");
+        }
     }
 
     #[test]

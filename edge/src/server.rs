@@ -437,7 +437,7 @@ fn open_store(
                     memory_bytes_max: config.store.log_memory_bytes_max,
                     dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                     journal_segment_bytes: config.store.log_journal_segment_bytes,
-                    direct_writes: config.store.log_direct_writes,
+                    direct_writes: config.store.direct_writes,
                     dedupe_memory_bytes_max: config.store.log_dedupe_memory_bytes_max,
                     ..Default::default()
                 };
@@ -450,6 +450,7 @@ fn open_store(
                 cache_bytes: (FjallOptions::default().cache_bytes / u64::from(shards))
                     .max(8 * 1024 * 1024),
                 dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
+                direct_journal_writes: config.store.direct_writes,
                 ..FjallOptions::default()
             };
             let stores = crate::stores::open_embedded(&config.server.data_dir, shards, &options)?;

@@ -12,7 +12,7 @@
 //!   journal is a segment zero-filled in advance (`journal_segment_bytes`): records overwrite
 //!   zeros, so an fdatasync need not persist a new file size. Records go to a segment around
 //!   the page cache where the file system allows it, as the blocks they touch
-//!   (`direct_journal.rs`, decision 0032); the file's bytes are the same either way.
+//!   (`fjall::direct_journal`, decision 0032); the file's bytes are the same either way.
 //! - `journal-spare-{n}.tmp`: the next segment, being or already zero-filled by the background
 //!   thread; the writer renames it to the next journal id when its segment is full.
 //! - `snapshot-{id}`: every live pair, taken while journal `id` was the current one. Recovery
@@ -71,13 +71,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::dedupe_filter::DedupeFilter;
 use super::dedupe_records::DedupeRecords;
-use super::direct_journal::DirectJournal;
 use super::fjall::{FjallOptions, FjallStore};
 use super::key_map::{MapKey, MediumKey};
 use super::live_map::LiveMap;
 use super::overlay::{self, Bytes, Engine, Overlay, WriteKey};
 use super::{CommitVersion, Store, StoreError};
 use crate::{FastHashMap, keys};
+use fjall::direct_journal::DirectJournal;
 
 /// The first line of `FORMAT`. Version 2 keeps dedupe records in the dedupe tier
 /// (`DEDUPE_DIR`); a version 1 store (every key in the map) is upgraded when it is opened.
@@ -146,7 +146,7 @@ pub struct LogOptions {
     /// that a seed replays exactly (when a checkpoint ran decides what a power cut loses).
     pub background_thread: bool,
     /// Write records into zero-filled segments around the page cache (`O_DIRECT`), each as
-    /// the few blocks it touches, where the file system allows it (`direct_journal.rs`):
+    /// the few blocks it touches, where the file system allows it (`fjall::direct_journal`):
     /// at one message per commit, a quarter of the disk writes and less CPU than the 4 KiB
     /// page an fdatasync writes back otherwise. `false`, or a file system that refuses: the
     /// page cache.
@@ -269,8 +269,9 @@ const DEDUPE_END: &[u8] = &[keys::TAG_DEDUPE + 1];
 /// writer keeps one), its tables' Bloom filters in partitions and sixteen runs in level 0
 /// before a merge (decision 0029: its tables outgrow the cache, and every run spans the
 /// bucket's whole key range).
-fn dedupe_tier_options() -> FjallOptions {
+fn dedupe_tier_options(direct_writes: bool) -> FjallOptions {
     FjallOptions {
+        direct_journal_writes: direct_writes,
         cache_bytes: 8 * 1024 * 1024,
         worker_threads: 1,
         memtable_bytes_max: 8 * 1024 * 1024,
@@ -1165,7 +1166,7 @@ impl LogStore {
                 )));
             }
         }
-        let dedupe = FjallStore::open(&dedupe_dir, &dedupe_tier_options())?;
+        let dedupe = FjallStore::open(&dedupe_dir, &dedupe_tier_options(options.direct_writes))?;
 
         let mut stale = Vec::new();
         let snapshots = list_ids(dir, SNAPSHOT_PREFIX, &mut stale)?;

@@ -20,7 +20,6 @@ pub mod config;
 pub mod conformance;
 mod dedupe_filter;
 mod dedupe_records;
-mod direct_journal;
 pub mod fault;
 #[cfg(feature = "fdb")]
 pub mod fdb;

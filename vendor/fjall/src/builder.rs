@@ -50,6 +50,15 @@ impl<O: Openable> Builder<O> {
         self
     }
 
+    /// Courier's: writes the journal around the page cache (`O_DIRECT`) where the file system
+    /// takes direct writes: a commit sends the disk the 512-byte blocks its batch touches, not
+    /// the 4 KiB pages around them (`direct_journal`). Off by default, as upstream.
+    #[must_use]
+    pub fn journal_direct_writes(mut self, direct_writes: bool) -> Self {
+        self.inner.journal_direct_writes = direct_writes;
+        self
+    }
+
     /// Sets the compression type to use for large values that are written into the journal file.
     #[must_use]
     pub fn journal_compression(mut self, comp: CompressionType) -> Self {

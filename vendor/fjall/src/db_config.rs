@@ -45,6 +45,9 @@ pub struct Config {
 
     pub(crate) journal_compression_threshold: usize,
 
+    /// Courier's: journal writes around the page cache (`O_DIRECT`), see `direct_journal`.
+    pub(crate) journal_direct_writes: bool,
+
     // pub(crate) journal_recovery_mode: RecoveryMode,
     //
     pub(crate) compaction_filter_factory_assigner: Option<CompactionFilterAssigner>,
@@ -86,6 +89,8 @@ impl Config {
             journal_compression_type: CompressionType::Lz4,
 
             journal_compression_threshold: 4_096,
+
+            journal_direct_writes: false,
 
             cache: Arc::new(Cache::with_capacity_bytes(/* 32 MiB */ 32 * 1_024 * 1_024)),
 

@@ -92,6 +92,9 @@ pub mod compaction;
 
 mod db_config;
 
+/// Courier's: journal writes around the page cache (vendor/README.md).
+pub mod direct_journal;
+
 #[cfg(feature = "__internal_whitebox")]
 #[doc(hidden)]
 pub mod drop;

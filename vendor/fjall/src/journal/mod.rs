@@ -68,6 +68,16 @@ impl Journal {
         self
     }
 
+    /// Courier's: journal writes around the page cache where the file system takes them
+    /// (`Writer::set_direct_writes`); rotated journals keep the setting.
+    pub fn with_direct_writes(self, direct_writes: bool) -> Self {
+        {
+            let mut writer = self.writer.lock().expect("lock is poisoned");
+            writer.set_direct_writes(direct_writes);
+        }
+        self
+    }
+
     fn from_file<P: AsRef<Path>>(path: P) -> crate::Result<Self> {
         Ok(Self {
             writer: Mutex::new(Writer::from_file(path)?),

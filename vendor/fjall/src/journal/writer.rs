@@ -4,14 +4,14 @@
 
 use super::entry::{serialize_marker_item, Entry};
 use crate::{
-    batch::item::Item as BatchItem, file::fsync_directory, journal::recovery::JournalId,
-    keyspace::InternalKeyspaceId,
+    batch::item::Item as BatchItem, direct_journal::DirectJournal, file::fsync_directory,
+    journal::recovery::JournalId, keyspace::InternalKeyspaceId,
 };
 use lsm_tree::{CompressionType, SeqNo, ValueType};
 use std::{
     fs::{File, OpenOptions},
     hash::Hasher,
-    io::{BufWriter, Seek, Write},
+    io::{BufWriter, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
 
@@ -22,7 +22,7 @@ pub const JOURNAL_BUFFER_BYTES: usize = 8 * 1_024;
 
 pub struct Writer {
     pub(crate) path: PathBuf,
-    file: BufWriter<File>,
+    file: Sink,
     buf: Vec<u8>,
     is_buffer_dirty: bool,
 
@@ -55,12 +55,18 @@ impl Writer {
         self.compression_threshold = threshold;
     }
 
+    /// Courier's: with `true`, the journal's bytes go around the page cache from the first
+    /// write on, where the file system takes direct writes (`Sink`).
+    pub fn set_direct_writes(&mut self, direct_writes: bool) {
+        self.file.set_direct_writes(direct_writes);
+    }
+
     pub fn pos(&mut self) -> crate::Result<u64> {
-        self.file.stream_position().map_err(Into::into)
+        self.file.position().map_err(Into::into)
     }
 
     pub fn len(&self) -> crate::Result<u64> {
-        Ok(self.file.get_ref().metadata()?.len())
+        Ok(self.file.buffered.get_ref().metadata()?.len())
     }
 
     pub fn rotate(&mut self) -> crate::Result<(PathBuf, PathBuf)> {
@@ -112,8 +118,10 @@ impl Writer {
 
         let comp = self.compression;
         let compt = self.compression_threshold;
+        let direct_writes = self.file.direct_wanted();
         *self = Self::create_new(new_path.clone())?;
         self.set_compression(comp, compt);
+        self.set_direct_writes(direct_writes);
 
         // IMPORTANT: fsync folder on Unix
         fsync_directory(&folder)?;
@@ -140,8 +148,8 @@ impl Writer {
         })?;
 
         Ok(Self {
+            file: Sink::new(BufWriter::new(file), path.clone(), true),
             path,
-            file: BufWriter::new(file),
             buf: Vec::new(),
             is_buffer_dirty: false,
             compression: CompressionType::None,
@@ -174,7 +182,11 @@ impl Writer {
 
             return Ok(Self {
                 path: path.into(),
-                file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
+                file: Sink::new(
+                    BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
+                    path.into(),
+                    true,
+                ),
                 buf: Vec::new(),
                 is_buffer_dirty: false,
                 compression: CompressionType::None,
@@ -182,8 +194,10 @@ impl Writer {
             });
         }
 
+        // Not `append`: a direct write rewrites the last block, and the sink starts at the
+        // file's end at its first write (after the replay has cut off a torn tail).
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(path)
             .inspect_err(|e| {
                 log::error!("Failed to open journal file at {}: {e:?}", path.display());
@@ -191,7 +205,11 @@ impl Writer {
 
         Ok(Self {
             path: path.into(),
-            file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
+            file: Sink::new(
+                BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
+                path.into(),
+                false,
+            ),
             buf: Vec::new(),
             is_buffer_dirty: false,
             compression: CompressionType::None,
@@ -217,13 +235,13 @@ impl Writer {
         }
 
         match mode {
-            PersistMode::SyncAll => self.file.get_mut().sync_all().inspect_err(|e| {
+            PersistMode::SyncAll => self.file.buffered.get_mut().sync_all().inspect_err(|e| {
                 log::error!(
                     "Failed to fsync journal file at {}: {e:?}",
                     self.path.display(),
                 );
             }),
-            PersistMode::SyncData => self.file.get_mut().sync_data().inspect_err(|e| {
+            PersistMode::SyncData => self.file.buffered.get_mut().sync_data().inspect_err(|e| {
                 log::error!(
                     "Failed to fsyncdata journal file at {}: {e:?}",
                     self.path.display(),
@@ -376,5 +394,164 @@ impl Writer {
         byte_count += self.write_end(checksum)?;
 
         Ok(byte_count)
+    }
+}
+
+/// Bytes gathered for direct writes before they are written without waiting for a flush.
+const DIRECT_PENDING_BYTES_MAX: usize = 1 << 20;
+
+/// Where the journal's bytes go (Courier's change, vendor/README.md): through the page cache
+/// (upstream's `BufWriter`), or, with direct writes on, gathered in memory and written around
+/// the page cache (`DirectJournal`) at each flush, as the blocks they touch. The file holds
+/// zeros past its records either way (a sparse file's hole), so it reads the same, and the
+/// journal's recovery is unchanged. Past `PRE_ALLOCATED_BYTES`, or where the kernel refuses a
+/// direct write, the rest of the journal goes through the page cache.
+struct Sink {
+    buffered: BufWriter<File>,
+    path: PathBuf,
+    /// Whether the buffered file's position is the journal's end. A recovered journal's is
+    /// found at the first write: the replay truncates a torn tail after the writer opened.
+    positioned: bool,
+    direct: Direct,
+}
+
+enum Direct {
+    Off,
+    /// Opened at the first write, once the journal's end is known.
+    Wanted,
+    On {
+        journal: DirectJournal,
+        /// Written, not yet sent to the file.
+        pending: Vec<u8>,
+        /// The file's length: direct writes stay within it.
+        capacity: u64,
+    },
+}
+
+impl Sink {
+    fn new(buffered: BufWriter<File>, path: PathBuf, positioned: bool) -> Sink {
+        Sink {
+            buffered,
+            path,
+            positioned,
+            direct: Direct::Off,
+        }
+    }
+
+    fn set_direct_writes(&mut self, direct_writes: bool) {
+        match (&self.direct, direct_writes) {
+            (Direct::Off, true) => self.direct = Direct::Wanted,
+            (Direct::Wanted, false) => self.direct = Direct::Off,
+            // Once opened, the journal stays as it is until it is rotated.
+            _ => {}
+        }
+    }
+
+    fn direct_wanted(&self) -> bool {
+        !matches!(self.direct, Direct::Off)
+    }
+
+    /// The journal's logical end: what was written, flushed or not.
+    fn position(&mut self) -> std::io::Result<u64> {
+        match &self.direct {
+            Direct::On {
+                journal, pending, ..
+            } => Ok(journal.next_offset() + pending.len() as u64),
+            _ if !self.positioned => Ok(self.buffered.get_ref().metadata()?.len()),
+            _ => self.buffered.stream_position(),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.positioned {
+            let end = self.buffered.get_ref().metadata()?.len();
+            self.buffered.seek(SeekFrom::Start(end))?;
+            self.positioned = true;
+        }
+        if matches!(self.direct, Direct::Wanted) {
+            self.open_direct()?;
+        }
+        match &mut self.direct {
+            Direct::On { pending, .. } => {
+                pending.extend_from_slice(bytes);
+                if pending.len() >= DIRECT_PENDING_BYTES_MAX {
+                    self.flush_direct()?;
+                }
+                Ok(())
+            }
+            _ => self.buffered.write_all(bytes),
+        }
+    }
+
+    /// Opens the journal for direct writes from where the buffered file stands (nothing is
+    /// buffered yet: this runs at the first write), or leaves it to the page cache.
+    fn open_direct(&mut self) -> std::io::Result<()> {
+        let offset = self.buffered.stream_position()?;
+        let file = self.buffered.get_ref();
+        let length = file.metadata()?.len();
+        if length < PRE_ALLOCATED_BYTES {
+            // A recovered journal, cut to its records: give it back its room (a hole, which
+            // reads as zeros) so that commits write within the file instead of growing it.
+            file.set_len(PRE_ALLOCATED_BYTES)?;
+        }
+        let capacity = length.max(PRE_ALLOCATED_BYTES);
+        self.direct = match DirectJournal::open_at(&self.path, offset) {
+            Some(journal) => Direct::On {
+                journal,
+                pending: Vec::new(),
+                capacity,
+            },
+            None => Direct::Off,
+        };
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_direct()?;
+        self.buffered.flush()
+    }
+
+    /// Writes the pending bytes around the page cache, or, where they do not fit the file in
+    /// whole blocks or the kernel refuses them, through it, and the rest of the journal too.
+    fn flush_direct(&mut self) -> std::io::Result<()> {
+        let Direct::On {
+            journal,
+            pending,
+            capacity,
+        } = &mut self.direct
+        else {
+            return Ok(());
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let offset = journal.next_offset();
+        if journal.fits(offset, pending.len() as u64, *capacity) {
+            match journal.write_at(pending, offset) {
+                Ok(()) => {
+                    pending.clear();
+                    return Ok(());
+                }
+                // Refused before any byte was written: the page cache takes it.
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => {
+                    log::warn!(
+                        "journal {}: direct write refused ({error}); going on through the page cache",
+                        self.path.display()
+                    );
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let pending = std::mem::take(pending);
+        self.direct = Direct::Off;
+        self.buffered.seek(SeekFrom::Start(offset))?;
+        self.buffered.write_all(&pending)
+    }
+}
+
+impl Drop for Sink {
+    /// As `BufWriter` does on drop: what was written goes to the file, errors ignored.
+    fn drop(&mut self) {
+        let _ = self.flush_direct();
     }
 }

@@ -1,5 +1,6 @@
 //! Journal records written around the page cache (`O_DIRECT`): a commit sends the disk only
-//! the blocks its record touches.
+//! the blocks its record touches. Courier's addition to this vendored crate (vendor/README.md):
+//! fjall's journal writer uses it, and so does Courier's log engine (`courier_core::store::log`).
 //!
 //! Through the page cache, the fdatasync after a 300-byte record writes back the whole 4 KiB
 //! page around it: at a pace, where each commit is one message, that is 4.6 kB for the disk per
@@ -7,11 +8,12 @@
 //! into the cache and its write-back: measured on this project's VM (docs/benchmarks.md,
 //! thirtieth session), 1.0 kB per commit instead of 4.6, 15–25% less CPU per commit, and the
 //! same fsync latency or lower. The fdatasync stays: it is what flushes the disk's cache.
+//! (Courier's docs/decisions/0032 and 0033.)
 //!
 //! The block a record starts in usually holds the end of the record before it. The writer
 //! keeps those bytes (the tail) and writes them again in front of the record, then pads the
-//! last block with zeros. Records go only into a zero-filled segment, which holds zeros there
-//! already, so the file reads as it would have through the page cache: records, then zeros,
+//! last block with zeros. Records go only into a file that holds zeros past its end of records
+//! (zero-filled, or a hole a sparse file reads as zeros), so the file reads as it would have through the page cache: records, then zeros,
 //! and recovery is unchanged. Rewriting the tail's block puts the records before it at the
 //! same risk as the page cache's write-back of their page does: a device that tears a block
 //! it overwrites can damage them either way.
@@ -25,11 +27,11 @@ use std::path::Path;
 /// Largest alignment taken from the file system; a larger one is not trusted.
 const ALIGN_BYTES_MAX: usize = 64 * 1024;
 /// A buffer grown past this for a large record is not kept for the next.
-const BUFFER_KEPT_BYTES_MAX: usize = 1 << 20;
+pub const BUFFER_KEPT_BYTES_MAX: usize = 1 << 20;
 
 /// One journal segment open for direct writes, written front to back.
 #[derive(Debug)]
-pub(crate) struct DirectJournal {
+pub struct DirectJournal {
     file: File,
     /// Alignment of a direct write's file offset and length: the device's logical block.
     block_bytes: usize,
@@ -67,6 +69,35 @@ impl DirectJournal {
         };
         journal.reserve(block_bytes);
         Some(journal)
+    }
+
+    /// Opens `path` for direct writes that go on from `offset`, where its records end (the
+    /// file holds zeros past it): the bytes of the block `offset` falls in are read back to
+    /// start the next write. `None` where the file system does not take direct writes, or the
+    /// read fails.
+    pub fn open_at(path: &Path, offset: u64) -> Option<DirectJournal> {
+        let mut journal = DirectJournal::open(path)?;
+        let tail_bytes = (offset % journal.block_bytes as u64) as usize;
+        let mut tail = vec![0u8; tail_bytes];
+        File::open(path)
+            .ok()?
+            .read_exact_at(&mut tail, offset - tail_bytes as u64)
+            .ok()?;
+        let window_at = journal.window_at;
+        journal.buffer[window_at..window_at + tail_bytes].copy_from_slice(&tail);
+        journal.tail_bytes = tail_bytes;
+        journal.next_offset = offset;
+        Some(journal)
+    }
+
+    /// Where the next record must start: the end of the last one written.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Bytes of memory the writer holds for its aligned window (bounded between records).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer.len()
     }
 
     /// Whether `record_bytes` at `offset` fits in a segment of `capacity` bytes once padded
@@ -177,83 +208,4 @@ fn direct_io_alignment(file: &File) -> Option<(usize, usize)> {
         usable(status.stx_dio_offset_align)?,
         usable(status.stx_dio_mem_align)?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A zero-filled file of `bytes` beside the sources, on a disk (`/tmp` may be tmpfs, which
-    /// reports no alignment for direct writes), or `None` where direct writes are refused.
-    fn segment(bytes: usize) -> Option<(tempfile::TempDir, std::path::PathBuf, DirectJournal)> {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("temp dir");
-        let path = dir.path().join("journal");
-        std::fs::write(&path, vec![0u8; bytes]).expect("zero-fill");
-        let journal = DirectJournal::open(&path)?;
-        Some((dir, path, journal))
-    }
-
-    #[test]
-    fn records_written_directly_read_back_as_through_the_page_cache() {
-        let Some((_dir, path, mut journal)) = segment(64 * 1024) else {
-            eprintln!("this file system takes no direct writes: nothing to check");
-            return;
-        };
-        // Records that start and end inside blocks, fill one exactly, span several.
-        let mut expected = vec![0u8; 64 * 1024];
-        let mut offset = 0u64;
-        for (index, length) in [300usize, 212, 512, 1, 5_000, 511, 513, 3_000]
-            .iter()
-            .enumerate()
-        {
-            let record: Vec<u8> = (0..*length).map(|i| (index * 31 + i) as u8 | 1).collect();
-            assert!(journal.fits(offset, record.len() as u64, 64 * 1024));
-            journal.write_at(&record, offset).expect("direct write");
-            expected[offset as usize..offset as usize + length].copy_from_slice(&record);
-            offset += *length as u64;
-            let on_disk = std::fs::read(&path).expect("read the journal");
-            assert_eq!(on_disk, expected, "after record {index}");
-        }
-    }
-
-    /// A record larger than the buffer kept between writes: the buffer shrinks back, and the
-    /// tail it keeps still starts the next record.
-    #[test]
-    fn a_large_record_leaves_a_small_buffer_and_the_right_tail() {
-        let bytes = 4 * 1024 * 1024;
-        let Some((_dir, path, mut journal)) = segment(bytes) else {
-            return;
-        };
-        let mut expected = vec![0u8; bytes];
-        let mut offset = 0u64;
-        for (index, length) in [300usize, BUFFER_KEPT_BYTES_MAX + 700, 300]
-            .iter()
-            .enumerate()
-        {
-            let record: Vec<u8> = (0..*length).map(|i| (index * 7 + i) as u8 | 1).collect();
-            journal.write_at(&record, offset).expect("direct write");
-            expected[offset as usize..offset as usize + length].copy_from_slice(&record);
-            offset += *length as u64;
-        }
-        assert!(std::fs::read(&path).expect("read") == expected);
-        assert!(journal.buffer.len() < BUFFER_KEPT_BYTES_MAX);
-    }
-
-    #[test]
-    fn a_write_elsewhere_than_the_journals_end_is_refused_before_any_byte() {
-        let Some((_dir, path, mut journal)) = segment(4_096) else {
-            return;
-        };
-        journal.write_at(&[7; 100], 0).expect("first record");
-        let error = journal
-            .write_at(&[8; 100], 50)
-            .expect_err("an overlapping write");
-        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
-        assert!(!journal.fits(50, 100, 4_096));
-        let on_disk = std::fs::read(&path).expect("read");
-        assert!(on_disk[..100].iter().all(|b| *b == 7) && on_disk[100..].iter().all(|b| *b == 0));
-        // A record whose padded end passes the segment does not fit.
-        assert!(!journal.fits(100, 4_000, 4_096));
-        assert!(journal.fits(100, 3_996, 4_096));
-    }
 }
