@@ -16,6 +16,9 @@
 //! With `--log`, the same commit logic runs over the log store (`store::log`: live keys in
 //! memory, one journal append and fdatasync per commit).
 //!
+//! With `--buffered`, the store's journal goes through the page cache instead of around it
+//! (`FjallOptions::direct_journal_writes`, `LogOptions::direct_writes`: decisions 0032, 0033).
+//!
 //! With `--log --append`, the log store's journals grow by appending instead of being
 //! zero-filled a segment ahead (`LogOptions::journal_segment_bytes = 0`): what preallocation
 //! saves.
@@ -206,7 +209,10 @@ fn main() {
                         } else if log {
                             Engine::Log { append, buffered }
                         } else {
-                            Engine::Fjall { memtable_mib }
+                            Engine::Fjall {
+                                memtable_mib,
+                                buffered,
+                            }
                         };
                         let workload = Workload {
                             batch_size,
@@ -256,8 +262,12 @@ struct RunResult {
 /// What the commits run on.
 #[derive(Clone, Copy)]
 enum Engine {
-    /// The embedded store, with fjall's default memtable size unless given.
-    Fjall { memtable_mib: Option<u64> },
+    /// The embedded store, with fjall's default memtable size unless given; `buffered`: its
+    /// journal through the page cache, not direct writes.
+    Fjall {
+        memtable_mib: Option<u64>,
+        buffered: bool,
+    },
     /// An in-memory map: what the commit logic costs without an engine.
     Memory,
     /// The log store; `append`: without preallocated journal segments; `buffered`: records
@@ -310,8 +320,14 @@ fn run(dir: &std::path::Path, engine: Engine, workload: &Workload) -> RunResult 
                 .expect("open store"),
             workload,
         ),
-        Engine::Fjall { memtable_mib } => {
-            let mut options = FjallOptions::default();
+        Engine::Fjall {
+            memtable_mib,
+            buffered,
+        } => {
+            let mut options = FjallOptions {
+                direct_journal_writes: !buffered,
+                ..FjallOptions::default()
+            };
             if let Some(mib) = memtable_mib {
                 options.memtable_bytes_max = mib * 1024 * 1024;
             }

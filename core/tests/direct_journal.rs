@@ -102,6 +102,44 @@ fn a_journal_opened_at_its_end_keeps_the_block_it_ends_in() {
     assert!(on_disk[800..].iter().all(|b| *b == 0));
 }
 
+/// Bytes written past the journal's end some other way (the page cache), ending inside a
+/// block or in the block the last record ended in: the next direct write keeps them.
+#[test]
+fn bytes_written_elsewhere_are_kept_by_the_next_direct_write() {
+    let Some((_dir, path, mut journal)) = segment(16 * 1024) else {
+        return;
+    };
+    let mut expected = vec![0u8; 16 * 1024];
+    let mut offset = 0u64;
+    for (index, (length, direct)) in [
+        (300usize, true),
+        (100, false),
+        (1_500, false),
+        (40, true),
+        (5_000, false),
+        (10, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let record: Vec<u8> = (0..*length).map(|i| (index * 13 + i) as u8 | 1).collect();
+        if *direct {
+            journal.write_at(&record, offset).expect("direct write");
+        } else {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.write_all_at(&record, offset).unwrap();
+            journal.wrote_elsewhere(&record, offset).unwrap();
+        }
+        expected[offset as usize..offset as usize + length].copy_from_slice(&record);
+        offset += *length as u64;
+        assert!(
+            std::fs::read(&path).unwrap() == expected,
+            "after record {index}"
+        );
+    }
+}
+
 /// fjall's journal written directly (`FjallOptions::direct_journal_writes`, decision 0033)
 /// holds the bytes it holds through the page cache: the same commits of sizes that start and
 /// end inside 512-byte blocks and span several, with a reopen in the middle (the recovered
@@ -133,6 +171,14 @@ fn fjall_journals_written_directly_hold_the_bytes_the_page_cache_would() {
                     txn.clear(&key);
                 } else {
                     txn.set(&key, &vec![(commit % 255) as u8 + 1 + opening; length]);
+                }
+                // Now and then a batch large enough to go through the page cache between
+                // direct writes.
+                if commit % 40 == 39 {
+                    for extra in 0..30u64 {
+                        let key = [b"m/big/".as_slice(), &extra.to_be_bytes()].concat();
+                        txn.set(&key, &vec![opening + 1; 3_000]);
+                    }
                 }
                 txn.commit().unwrap();
             }

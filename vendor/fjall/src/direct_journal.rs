@@ -155,6 +155,62 @@ impl DirectJournal {
         Ok(())
     }
 
+    /// Records that `bytes` were written at `offset`, the journal's end, some other way
+    /// (through the page cache): the next direct write goes on after them, rewriting the
+    /// block they end in from memory.
+    pub fn wrote_elsewhere(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        if offset != self.next_offset {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bytes written at {offset}, where the journal ends at {}", self.next_offset),
+            ));
+        }
+        let block = self.block_bytes;
+        let end = offset + bytes.len() as u64;
+        let tail_bytes = (end % block as u64) as usize;
+        let window_at = self.window_at;
+        if tail_bytes <= bytes.len() {
+            let tail = &bytes[bytes.len() - tail_bytes..];
+            self.buffer[window_at..window_at + tail_bytes].copy_from_slice(tail);
+        } else {
+            // Still inside the block the last write ended in: the old tail goes on.
+            let kept = self.tail_bytes;
+            self.buffer[window_at + kept..window_at + tail_bytes].copy_from_slice(bytes);
+        }
+        self.tail_bytes = tail_bytes;
+        self.next_offset = end;
+        Ok(())
+    }
+
+    /// Writes `bytes` of zeros at `offset`, past every record (at or after the block the
+    /// journal ends in), so that the records written there later overwrite allocated blocks
+    /// instead of filling a sparse file's hole: into a hole, each direct write allocates, and
+    /// its fdatasync then commits the file system's metadata too. `offset` and `bytes` must be
+    /// multiples of the block size.
+    pub fn zero_fill(&mut self, offset: u64, bytes: usize) -> io::Result<()> {
+        let block = self.block_bytes as u64;
+        let ends_in = self.next_offset.div_ceil(block) * block;
+        if offset < ends_in || offset % block != 0 || bytes as u64 % block != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("zeros for {bytes} bytes at {offset}, where the records end at {}", self.next_offset),
+            ));
+        }
+        let mut buffer = vec![0u8; bytes + self.memory_align];
+        let at = buffer.as_ptr().align_offset(self.memory_align);
+        let zeros = &mut buffer[at..at + bytes];
+        let mut written = 0;
+        while written < bytes {
+            match self.file.write_at(&zeros[written..], offset + written as u64) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+                Ok(0) => return Err(io::Error::other("a direct write of zeros wrote nothing")),
+                Ok(done) => written += done,
+            }
+        }
+        Ok(())
+    }
+
     fn window(&self) -> &[u8] {
         &self.buffer[self.window_at..]
     }
