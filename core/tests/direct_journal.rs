@@ -140,6 +140,33 @@ fn bytes_written_elsewhere_are_kept_by_the_next_direct_write() {
     }
 }
 
+/// A write that carries zeros up to a point allocates the file's blocks up to there (in a
+/// sparse file), and the records after it go on from the record's end, not from the zeros'.
+#[test]
+fn zeros_carried_by_a_write_allocate_ahead_and_hold_no_record() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("journal");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(1 << 20).unwrap();
+    let Some(mut journal) = DirectJournal::open(&path) else {
+        eprintln!("this file system takes no direct writes: nothing to check");
+        return;
+    };
+    let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    assert_eq!(allocated(&path), 0, "a hole to start with");
+    journal
+        .write_at_zeroing_to(&[3; 300], 0, 64 * 1024)
+        .unwrap();
+    assert!(allocated(&path) >= 64 * 1024, "the zeros were written");
+    journal.write_at(&[4; 200], 300).unwrap();
+    let on_disk = std::fs::read(&path).unwrap();
+    assert!(on_disk[..300].iter().all(|b| *b == 3));
+    assert!(on_disk[300..500].iter().all(|b| *b == 4));
+    assert!(on_disk[500..].iter().all(|b| *b == 0));
+    assert!(allocated(&path) < 128 * 1024, "no more than asked for");
+}
+
 /// fjall's journal written directly (`FjallOptions::direct_journal_writes`, decision 0033)
 /// holds the bytes it holds through the page cache: the same commits of sizes that start and
 /// end inside 512-byte blocks and span several, with a reopen in the middle (the recovered

@@ -112,6 +112,20 @@ impl DirectJournal {
     /// nothing (it refused the alignment): the caller may write the record through the page
     /// cache instead and leave this journal. Any other error may have written part of it.
     pub fn write_at(&mut self, record: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at_zeroing_to(record, offset, 0)
+    }
+
+    /// `write_at`, with zeros after the record up to `zeros_to` (a multiple of the block size)
+    /// in the same write, where that is past the record's last block: in a sparse file, the
+    /// records written there later then overwrite allocated blocks instead of each allocating
+    /// in the hole (whose fdatasync also commits the file system's metadata). The caller
+    /// checks that `zeros_to` is within the file.
+    pub fn write_at_zeroing_to(
+        &mut self,
+        record: &[u8],
+        offset: u64,
+        zeros_to: u64,
+    ) -> io::Result<()> {
         if offset != self.next_offset {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -123,9 +137,10 @@ impl DirectJournal {
         }
         let block = self.block_bytes;
         let bytes = self.tail_bytes + record.len();
-        let padded = bytes.div_ceil(block) * block;
-        self.reserve(padded);
         let start = offset - self.tail_bytes as u64;
+        let padded = (bytes.div_ceil(block) * block)
+            .max(zeros_to.saturating_sub(start) as usize / block * block);
+        self.reserve(padded);
         let window = &mut self.buffer[self.window_at..self.window_at + padded];
         window[self.tail_bytes..bytes].copy_from_slice(record);
         window[bytes..].fill(0);
@@ -179,35 +194,6 @@ impl DirectJournal {
         }
         self.tail_bytes = tail_bytes;
         self.next_offset = end;
-        Ok(())
-    }
-
-    /// Writes `bytes` of zeros at `offset`, past every record (at or after the block the
-    /// journal ends in), so that the records written there later overwrite allocated blocks
-    /// instead of filling a sparse file's hole: into a hole, each direct write allocates, and
-    /// its fdatasync then commits the file system's metadata too. `offset` and `bytes` must be
-    /// multiples of the block size.
-    pub fn zero_fill(&mut self, offset: u64, bytes: usize) -> io::Result<()> {
-        let block = self.block_bytes as u64;
-        let ends_in = self.next_offset.div_ceil(block) * block;
-        if offset < ends_in || offset % block != 0 || bytes as u64 % block != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("zeros for {bytes} bytes at {offset}, where the records end at {}", self.next_offset),
-            ));
-        }
-        let mut buffer = vec![0u8; bytes + self.memory_align];
-        let at = buffer.as_ptr().align_offset(self.memory_align);
-        let zeros = &mut buffer[at..at + bytes];
-        let mut written = 0;
-        while written < bytes {
-            match self.file.write_at(&zeros[written..], offset + written as u64) {
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(error),
-                Ok(0) => return Err(io::Error::other("a direct write of zeros wrote nothing")),
-                Ok(done) => written += done,
-            }
-        }
         Ok(())
     }
 

@@ -400,15 +400,19 @@ impl Writer {
 /// Bytes gathered for direct writes before they are written without waiting for a flush.
 const DIRECT_PENDING_BYTES_MAX: usize = 1 << 20;
 
-/// Flushes of more than this go through the page cache even with direct writes on: a large
-/// batch's rounding to pages costs little, and writing it there lets the fdatasync's write-back
-/// and flush overlap (measured: a closed loop of batches of ~1,000 messages ran 25% slower
-/// with every byte written directly, docs/decisions/0033).
-const DIRECT_FLUSH_BYTES_MAX: usize = 64 * 1024;
+/// Flushes of more than this go through the page cache even with direct writes on. Direct
+/// writes pay where a commit is small (at a pace, a message or a few): the page cache writes
+/// back whole 4 KiB pages for it. For larger flushes that rounding costs little, the zeros
+/// written ahead of direct writes would cost as much again, and a direct write waits for the
+/// device before the fdatasync starts: measured, batches of 100 messages (~35 KB) committed
+/// 13–23% slower written directly, batches of ~1,000 25% slower (docs/decisions/0033).
+const DIRECT_FLUSH_BYTES_MAX: usize = 8 * 1024;
 
-/// Zeros written ahead of the records at a time (`DirectJournal::zero_fill`), so that direct
-/// writes overwrite allocated blocks instead of allocating in the file's hole.
-const DIRECT_ZERO_AHEAD_BYTES: u64 = 1 << 20;
+/// Zeros a direct write carries after its records when they pass what is allocated
+/// (`DirectJournal::write_at_zeroing_to`): up to the next multiple of this, so that the next
+/// writes overwrite allocated blocks instead of each allocating in the file's hole. In the
+/// same write, so no commit waits for a separate one.
+const DIRECT_ZERO_AHEAD_BYTES: u64 = 64 * 1024;
 
 /// The file system's block: what a byte written anywhere in it allocates whole.
 const FILE_SYSTEM_BLOCK_BYTES: u64 = 4096;
@@ -557,22 +561,15 @@ impl Sink {
         }
         if journal.fits(offset, pending.len() as u64, *capacity) {
             let end = offset + pending.len() as u64;
-            while *zeroed_end < end {
-                let room = DIRECT_ZERO_AHEAD_BYTES.min(*capacity - *zeroed_end);
-                let bytes = room / FILE_SYSTEM_BLOCK_BYTES * FILE_SYSTEM_BLOCK_BYTES;
-                match journal.zero_fill(*zeroed_end, bytes as usize) {
-                    Ok(()) if bytes > 0 => *zeroed_end += bytes,
-                    // The file's last partial block, or zeros the kernel refuses: the records
-                    // go into the hole (correct, only slower).
-                    Ok(()) => *zeroed_end = *capacity,
-                    Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => {
-                        *zeroed_end = *capacity
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            match journal.write_at(pending, offset) {
+            let zeros_to = if end > *zeroed_end {
+                (end.div_ceil(DIRECT_ZERO_AHEAD_BYTES) * DIRECT_ZERO_AHEAD_BYTES)
+                    .min(*capacity / FILE_SYSTEM_BLOCK_BYTES * FILE_SYSTEM_BLOCK_BYTES)
+            } else {
+                0
+            };
+            match journal.write_at_zeroing_to(pending, offset, zeros_to) {
                 Ok(()) => {
+                    *zeroed_end = (*zeroed_end).max(zeros_to);
                     pending.clear();
                     return Ok(());
                 }
