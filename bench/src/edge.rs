@@ -517,14 +517,24 @@ impl ServerCounters {
         }
         // Waking an idle core moved paced medians by a third to a half here (courier_edge::idle).
         let idle = courier_edge::idle::IdlePolicy::read();
-        if let Some(governor) = idle.governor {
+        if let Some(governor) = &idle.governor {
             report.extra.insert(
                 "cpuidle_governor".into(),
-                serde_json::Value::String(governor),
+                serde_json::Value::String(governor.clone()),
+            );
+        }
+        if let Some(driver) = &idle.driver {
+            report.extra.insert(
+                "cpuidle_driver".into(),
+                serde_json::Value::String(driver.clone()),
             );
         }
         if let Some(poll_ns) = idle.guest_halt_poll_ns {
             report.record_count("guest_halt_poll_ns", poll_ns);
+        }
+        // What applies: 0 with no cpuidle driver, whatever the haltpoll module's limit says.
+        if let Some(poll_ns) = idle.halt_poll_ns() {
+            report.record_count("halt_poll_ns", poll_ns);
         }
         if let (Some(start), Some(now)) = (&self.threads_start, usage_by_thread(&self.pids)) {
             let by_role = usage_since_by_role(start, &now);

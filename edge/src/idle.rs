@@ -12,9 +12,14 @@
 
 use std::path::Path;
 
-/// The cpuidle governor and the guest's halt-polling limit, where the machine has them.
+/// The cpuidle driver and governor and the guest's halt-polling limit, where the machine has
+/// them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdlePolicy {
+    /// `/sys/devices/system/cpu/cpuidle/current_driver` (`haltpoll`, `acpi_idle`,
+    /// `intel_idle`, or `none`: no cpuidle driver, and an idle CPU runs the kernel's default
+    /// idle, which on a KVM guest halts at once).
+    pub driver: Option<String>,
     /// `/sys/devices/system/cpu/cpuidle/current_governor` (`haltpoll`, `menu`, `teo`, ...).
     pub governor: Option<String>,
     /// `/sys/module/haltpoll/parameters/guest_halt_poll_ns`: how long an idle vCPU polls for
@@ -37,19 +42,33 @@ impl IdlePolicy {
                 .map(|text| text.trim().to_string())
                 .filter(|text| !text.is_empty())
         };
+        let driver = read("sys/devices/system/cpu/cpuidle/current_driver");
         let governor = read("sys/devices/system/cpu/cpuidle/current_governor")
             .or_else(|| read("sys/devices/system/cpu/cpuidle/current_governor_ro"));
         let guest_halt_poll_ns = read("sys/module/haltpoll/parameters/guest_halt_poll_ns")
             .and_then(|text| text.parse().ok());
         IdlePolicy {
+            driver,
             governor,
             guest_halt_poll_ns,
         }
     }
 
-    /// Whether idle vCPUs halt without polling first: the haltpoll governor with a limit of 0.
+    /// How long an idle vCPU polls before it halts, as far as this guest decides it: 0 with no
+    /// cpuidle driver (the default idle halts at once, whatever `guest_halt_poll_ns` says),
+    /// the haltpoll limit under the haltpoll governor; `None` where another governor decides
+    /// or nothing could be read.
+    pub fn halt_poll_ns(&self) -> Option<u64> {
+        match (self.driver.as_deref(), self.governor.as_deref()) {
+            (Some("none"), _) => Some(0),
+            (_, Some("haltpoll")) => self.guest_halt_poll_ns,
+            _ => None,
+        }
+    }
+
+    /// Whether idle vCPUs halt without polling first.
     pub fn halts_at_once(&self) -> bool {
-        self.governor.as_deref() == Some("haltpoll") && self.guest_halt_poll_ns == Some(0)
+        self.halt_poll_ns() == Some(0)
     }
 }
 
@@ -58,7 +77,20 @@ mod tests {
     use super::*;
 
     fn tree(governor: Option<&str>, poll_ns: Option<&str>) -> tempfile::TempDir {
+        tree_with_driver(None, governor, poll_ns)
+    }
+
+    fn tree_with_driver(
+        driver: Option<&str>,
+        governor: Option<&str>,
+        poll_ns: Option<&str>,
+    ) -> tempfile::TempDir {
         let root = tempfile::tempdir().expect("temporary directory");
+        if let Some(driver) = driver {
+            let dir = root.path().join("sys/devices/system/cpu/cpuidle");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("current_driver"), format!("{driver}\n")).unwrap();
+        }
         if let Some(governor) = governor {
             let dir = root.path().join("sys/devices/system/cpu/cpuidle");
             std::fs::create_dir_all(&dir).unwrap();
@@ -82,6 +114,22 @@ mod tests {
         let polls = IdlePolicy::read_under(tree(Some("haltpoll"), Some("200000")).path());
         assert_eq!(polls.guest_halt_poll_ns, Some(200_000));
         assert!(!polls.halts_at_once());
+    }
+
+    /// A guest with no cpuidle driver halts at once, whatever the haltpoll module's limit
+    /// says (this project's VM on 2026-12-02 evening: driver `none`, limit 200,000).
+    #[test]
+    fn a_guest_without_a_cpuidle_driver_halts_at_once() {
+        let none = IdlePolicy::read_under(
+            tree_with_driver(Some("none"), Some("menu"), Some("200000")).path(),
+        );
+        assert_eq!(none.halt_poll_ns(), Some(0));
+        assert!(none.halts_at_once());
+        let haltpoll = IdlePolicy::read_under(
+            tree_with_driver(Some("haltpoll"), Some("haltpoll"), Some("200000")).path(),
+        );
+        assert_eq!(haltpoll.halt_poll_ns(), Some(200_000));
+        assert!(!haltpoll.halts_at_once());
     }
 
     #[test]

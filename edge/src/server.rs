@@ -176,8 +176,8 @@ impl Edge {
         let idle = crate::idle::IdlePolicy::read();
         if idle.halts_at_once() {
             info!(
-                governor = "haltpoll",
-                guest_halt_poll_ns = 0,
+                cpuidle_driver = idle.driver.as_deref().unwrap_or("unknown"),
+                cpuidle_governor = idle.governor.as_deref().unwrap_or("unknown"),
                 "this virtual machine halts idle CPUs without polling first: each wake-up of an \
                  idle core costs a VM exit, tens of microseconds on the path of every message at \
                  a modest rate; see \"Virtual machines\" in docs/operations.md"
