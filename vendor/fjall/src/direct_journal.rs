@@ -13,8 +13,9 @@
 //! The block a record starts in usually holds the end of the record before it. The writer
 //! keeps those bytes (the tail) and writes them again in front of the record, then pads the
 //! last block with zeros. Records go only into a file that holds zeros past its end of records
-//! (zero-filled, or a hole a sparse file reads as zeros), so the file reads as it would have through the page cache: records, then zeros,
-//! and recovery is unchanged. Rewriting the tail's block puts the records before it at the
+//! (zero-filled, or a hole, which a sparse file reads as zeros), so the file reads as it would
+//! have through the page cache: records, then zeros, and recovery is unchanged. Rewriting the
+//! tail's block puts the records before it at the
 //! same risk as the page cache's write-back of their page does: a device that tears a block
 //! it overwrites can damage them either way.
 
@@ -177,7 +178,10 @@ impl DirectJournal {
         if offset != self.next_offset {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("bytes written at {offset}, where the journal ends at {}", self.next_offset),
+                format!(
+                    "bytes written at {offset}, where the journal ends at {}",
+                    self.next_offset
+                ),
             ));
         }
         let block = self.block_bytes;

@@ -196,12 +196,9 @@ impl Writer {
 
         // Not `append`: a direct write rewrites the last block, and the sink starts at the
         // file's end at its first write (after the replay has cut off a torn tail).
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .inspect_err(|e| {
-                log::error!("Failed to open journal file at {}: {e:?}", path.display());
-            })?;
+        let file = OpenOptions::new().write(true).open(path).inspect_err(|e| {
+            log::error!("Failed to open journal file at {}: {e:?}", path.display());
+        })?;
 
         Ok(Self {
             path: path.into(),
@@ -555,7 +552,8 @@ impl Sink {
             journal.wrote_elsewhere(pending, offset)?;
             // The page cache's write-back allocates the blocks it writes.
             let end = offset + pending.len() as u64;
-            *zeroed_end = (*zeroed_end).max(end.div_ceil(FILE_SYSTEM_BLOCK_BYTES) * FILE_SYSTEM_BLOCK_BYTES);
+            *zeroed_end =
+                (*zeroed_end).max(end.div_ceil(FILE_SYSTEM_BLOCK_BYTES) * FILE_SYSTEM_BLOCK_BYTES);
             pending.clear();
             return Ok(());
         }
