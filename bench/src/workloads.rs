@@ -85,6 +85,12 @@ pub struct ConnectionsArgs {
     /// generator keeps up with measures the edge's cost per connection, not the generator's.
     #[arg(long, default_value_t = 0)]
     pub rate: u32,
+    /// Give every connection an empty TLS session cache, so that each makes a full handshake
+    /// (the edge's certificate and its signature) like a freshly installed app. Without it a
+    /// socket's connections resume the sessions of the ones before them (a ticket each), as
+    /// a device reconnecting does: resumed handshakes, with a key exchange but no certificate.
+    #[arg(long)]
+    pub full_handshakes: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -809,6 +815,7 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         json!({
             "connections": args.connections, "hold_secs": args.hold_secs,
             "sockets": args.sockets, "keep_alive_ms": args.keep_alive_ms, "rate": args.rate,
+            "full_handshakes": args.full_handshakes,
         }),
     );
     // Tokens are minted before anything is measured: an app's client holds its token already,
@@ -846,7 +853,12 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         if args.connections >= 10 && tenth_ends.contains(&index) {
             cpu_at_tenths.push((index, target.edge_usage().map(|(cpu, _)| cpu)));
         }
-        let connector = connectors[index as usize % connectors.len()].clone();
+        let connector = &connectors[index as usize % connectors.len()];
+        let connector = if args.full_handshakes {
+            connector.fresh_session().map_err(|e| e.to_string())?
+        } else {
+            connector.clone()
+        };
         let options = all_options.next().expect("one per connection");
         let permit = semaphore
             .clone()
