@@ -1159,6 +1159,9 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
         let before: Vec<u64> = clients.iter().map(Client::connections).collect();
         let (pid, to_listening) = tokio::task::block_in_place(|| target.restart_edge())?;
         let listening_at = Instant::now();
+        // The new process's CPU from here until every client is back: what the reconnect
+        // storm (handshakes and logins of known devices) cost it.
+        let cpu_at_listening = process_usage(pid).map(|(cpu, _)| cpu);
         listening.push(to_listening.as_secs_f64() * 1000.0);
         let mut hist = latency_histogram();
         let mut back = vec![false; clients.len()];
@@ -1179,14 +1182,24 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
                 "restart {cycle}: {left} clients did not come back in 90 s"
             ));
         }
-        let rss = process_usage(pid).map(|(_, rss)| rss);
+        let usage = process_usage(pid);
+        let rss = usage.map(|(_, rss)| rss);
+        let back_count = (clients.len() - left).max(1) as f64;
+        let cpu_us_per_client = match (cpu_at_listening, usage) {
+            (Some(from), Some((to, _))) => ((to - from) * 1e6 / back_count).round(),
+            _ => 0.0,
+        };
         eprintln!(
-            "restart {cycle}: listening {:.0} ms after spawn; clients back p50 {} ms p99 {} ms max {} ms; edge rss {} MiB",
+            "restart {cycle}: listening {:.0} ms after spawn; clients back p50 {} ms p99 {} ms max {} ms; edge rss {} MiB; edge CPU {cpu_us_per_client} µs per client back",
             to_listening.as_secs_f64() * 1000.0,
             hist.value_at_quantile(0.5) / 1000,
             hist.value_at_quantile(0.99) / 1000,
             hist.max() / 1000,
             rss.unwrap_or(0) / (1024 * 1024)
+        );
+        report.extra.insert(
+            format!("restart_{cycle}_edge_cpu_us_per_client_back"),
+            json!(cpu_us_per_client),
         );
         report.extra.insert(
             format!("restart_{cycle}_reconnect_after_listening"),

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::HOUR_MS;
 use crate::envelope::{self, StoredMessage};
 use crate::keys;
 use crate::store::{CommitVersion, Store, StoreError, Transaction};
@@ -109,6 +110,9 @@ pub struct Committer {
     /// The lease the cache was learned under (`Store::lease_claim`): under another one, the
     /// cache is dropped, since the users' inboxes may have been written by another edge.
     lease_claim: Option<(u32, u64)>,
+    /// Logins committed without a write (decision 0034), for the simulation's proof that the
+    /// case was exercised.
+    logins_unwritten: u64,
 }
 
 /// What the committer knows about inboxes from its own commits.
@@ -131,6 +135,9 @@ struct InboxFacts {
     /// The records in `devices`, which the cache's bound counts (an inbox holds up to
     /// `DEVICES_PER_INBOX_MAX`).
     device_records: usize,
+    /// Logins of this batch that left their device record as it was (only in what a batch
+    /// learned).
+    logins_unwritten: u64,
 }
 
 /// A device record: everything up to `cursor` consumed; last linked or acked at `last_seen_ms`.
@@ -156,6 +163,7 @@ impl InboxFacts {
         self.forgotten.clear();
         self.devices.clear();
         self.device_records = 0;
+        self.logins_unwritten = 0;
     }
 
     fn insert_devices(&mut self, inbox: UserId, records: Vec<DeviceRecord>) {
@@ -197,6 +205,7 @@ impl Committer {
             known: InboxFacts::default(),
             learned: InboxFacts::default(),
             lease_claim: None,
+            logins_unwritten: 0,
         }
     }
 
@@ -236,6 +245,11 @@ impl Committer {
     /// failed to become durable, they may be ahead of the store.
     pub fn forget_cached(&mut self) {
         self.known.clear();
+    }
+
+    /// Logins committed that left their device's record as it was (decision 0034).
+    pub fn logins_unwritten(&self) -> u64 {
+        self.logins_unwritten
     }
 
     fn commit_batch_with<S: Store>(
@@ -290,6 +304,7 @@ impl Committer {
                 // Bounded: start over rather than track recency; misses only cost a read.
                 self.known.clear();
             }
+            self.logins_unwritten += self.learned.logins_unwritten;
             self.known.absorb(&mut self.learned);
             return Ok((outcomes, version));
         }
@@ -416,7 +431,8 @@ fn write_batch<T: Transaction>(
                 acked_up_to,
             } => {
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                let cursor = match device_cursor(txn, &devices, *inbox, *device, learned, known)? {
+                let before = device_record(txn, &devices, *inbox, *device, learned, known)?;
+                let cursor = match before.map(|(cursor, _)| cursor) {
                     // The inbox's first device gets everything stored; a device added to an
                     // inbox that has others starts at the head (it gets what is sent after it
                     // links, like a newly linked companion device).
@@ -429,7 +445,18 @@ fn write_batch<T: Transaction>(
                     None => (*acked_up_to).min(last),
                     Some(cursor) => cursor.max((*acked_up_to).min(last)),
                 };
-                devices.insert((*inbox, *device), cursor);
+                // A device that logs in again with nothing consumed since, seen recently: its
+                // record would be rewritten with only a newer `last_seen_ms`. It is left as
+                // it is (decision 0034), so a reconnect writes nothing and waits for no sync.
+                let unchanged = before.is_some_and(|(stored, last_seen_ms)| {
+                    stored == cursor
+                        && last_seen_ms.saturating_add(device_seen_refresh_ms(config)) >= now
+                });
+                if unchanged {
+                    learned.logins_unwritten += 1;
+                } else {
+                    devices.insert((*inbox, *device), cursor);
+                }
                 let after_cursor = txn.get_range(
                     &keys::message(*inbox, cursor.saturating_add(1)),
                     &keys::message(*inbox, u64::MAX),
@@ -461,7 +488,8 @@ fn write_batch<T: Transaction>(
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 // A device without a record (never linked, forgotten, or purged while its ack
                 // was on the way) records nothing: an ack must not bring a purged user back.
-                if let Some(cursor) = device_cursor(txn, &devices, *inbox, *device, learned, known)?
+                if let Some((cursor, _)) =
+                    device_record(txn, &devices, *inbox, *device, learned, known)?
                 {
                     devices.insert((*inbox, *device), cursor.max((*up_to_seq).min(last)));
                 }
@@ -574,8 +602,15 @@ fn write_batch<T: Transaction>(
     if let Some(floor) = seqs.floor_raised_to {
         txn.atomic_max(&keys::floor(), floor);
     }
-    // The server time high-water mark: after a restart, time never runs back behind it.
-    txn.atomic_max(&keys::clock(), now);
+    // The server time high-water mark: after a restart, time never runs back behind it. A
+    // batch of logins that changed nothing hands out no time and writes nothing at all.
+    let wrote_nothing = devices.is_empty()
+        && requests
+            .iter()
+            .all(|request| matches!(request, Request::Link { .. }));
+    if !wrote_nothing {
+        txn.atomic_max(&keys::clock(), now);
+    }
     Ok(outcomes)
 }
 
@@ -768,28 +803,38 @@ fn stored_devices<T: Transaction>(
     Ok(records)
 }
 
-/// A device's cursor: as this batch left it, or as stored; `None` for a device new to the inbox.
-fn device_cursor<T: Transaction>(
+/// A device's cursor and when it was last seen: as this batch left them (seen `u64::MAX`: it
+/// is written at the end of the batch whatever happens), or as stored; `None` for a device new
+/// to the inbox.
+fn device_record<T: Transaction>(
     txn: &mut T,
     batch_cursors: &BTreeMap<(UserId, u32), u64>,
     inbox: UserId,
     device: u32,
     batch: &InboxFacts,
     known: &InboxFacts,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<(u64, UnixMillis)>, StoreError> {
     if let Some(cursor) = batch_cursors.get(&(inbox, device)) {
-        return Ok(Some(*cursor));
+        return Ok(Some((*cursor, UnixMillis::MAX)));
     }
     if !batch.forgotten.contains(&inbox)
         && let Some(records) = known.devices.get(&inbox)
     {
         let record = records.iter().find(|record| record.device == device);
-        return Ok(record.map(|record| record.cursor));
+        return Ok(record.map(|record| (record.cursor, record.last_seen_ms)));
     }
     match txn.get(&keys::device(inbox, device))? {
         None => Ok(None),
-        Some(value) => decode_device(&value).map(|(cursor, _)| Some(cursor)),
+        Some(value) => decode_device(&value).map(Some),
     }
+}
+
+/// How stale a device's `last_seen_ms` may grow before a login rewrites it: an eighth of the
+/// retention period, at most an hour. A device is forgotten (and stops holding back its
+/// inbox's deletes) only after a whole retention period unseen, so a record at most this much
+/// older than the device's last login changes when that happens by at most this much.
+fn device_seen_refresh_ms(config: &CoreConfig) -> u64 {
+    (config.retention_ms / 8).min(HOUR_MS)
 }
 
 /// Whether `inbox` has a device seen within the retention period (stored, or linked by this
@@ -1380,6 +1425,81 @@ mod tests {
         for up_to_seq in [2_905, 2_999] {
             ack_and_check(&mut restarted, up_to_seq, "after a restart, ");
         }
+    }
+
+    /// A device that logs in again having consumed nothing new, seen within the refresh
+    /// period, leaves the store byte for byte as it was, so its reconnect needs no write and no
+    /// sync (decision 0034), whether the committer remembers the device or reads it. Its
+    /// outcome is what a written login's would be. A moved cursor, a stale last-seen time or a
+    /// new device still write.
+    #[test]
+    fn a_login_that_changes_nothing_writes_nothing() {
+        let config = CoreConfig::default();
+        let refresh_ms = device_seen_refresh_ms(&config);
+        let store = MemoryStore::new();
+        let everything = || {
+            let mut txn = store.begin().unwrap();
+            txn.get_range(&[], &[0xff; 32], 100_000).unwrap()
+        };
+        let link = |device, acked_up_to| Request::Link {
+            inbox: 7,
+            device,
+            acked_up_to,
+        };
+        let linked = |cursor, first_seq| Outcome::Linked {
+            cursor,
+            first_seq,
+            last_seq: 3,
+        };
+        let start = 10 * HOUR_MS;
+        let mut committer = Committer::new(&config);
+        committer
+            .commit_batch(&store, &[link(0, 0)], start)
+            .unwrap();
+        let sends: Vec<Request> = (1..=3).map(|id| send(id, 7)).collect();
+        committer.commit_batch(&store, &sends, start).unwrap();
+        let before = everything();
+        let outcomes = committer
+            .commit_batch(&store, &[link(0, 0)], start + refresh_ms)
+            .unwrap();
+        assert_eq!(outcomes, vec![linked(0, 1)]);
+        assert_eq!(everything(), before, "a remembered device, nothing changed");
+        let mut restarted = Committer::new(&config);
+        let outcomes = restarted
+            .commit_batch(&store, &[link(0, 0), link(0, 0)], start + 1)
+            .unwrap();
+        assert_eq!(outcomes, vec![linked(0, 1), linked(0, 1)]);
+        assert_eq!(everything(), before, "a device read from the store");
+
+        let outcomes = restarted
+            .commit_batch(&store, &[link(0, 0), send(4, 8)], start + 2)
+            .unwrap();
+        assert_eq!(outcomes[0], linked(0, 1));
+        assert_ne!(everything(), before, "the send is written");
+        let before = everything();
+        restarted
+            .commit_batch(&store, &[link(0, 0)], start + refresh_ms)
+            .unwrap();
+        assert_eq!(
+            everything(),
+            before,
+            "still seen at the start, within the period"
+        );
+        restarted
+            .commit_batch(&store, &[link(0, 0)], start + refresh_ms + 1)
+            .unwrap();
+        assert_ne!(everything(), before, "last seen longer ago than the period");
+        let before = everything();
+        let outcomes = restarted
+            .commit_batch(&store, &[link(0, 2)], start + 2 + refresh_ms + 2)
+            .unwrap();
+        assert_eq!(outcomes, vec![linked(2, 3)]);
+        assert_ne!(everything(), before, "the cursor moved");
+        let before = everything();
+        restarted
+            .commit_batch(&store, &[link(1, 0)], start + 2 + refresh_ms + 3)
+            .unwrap();
+        assert_ne!(everything(), before, "a new device");
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct CoreConfig {
     pub recipients_must_exist: bool,
 }
 
-const HOUR_MS: u64 = 3600 * 1000;
+pub(crate) const HOUR_MS: u64 = 3600 * 1000;
 
 /// The most batches in flight that help: a shard's committer writes one batch at a time,
 /// and a store keeps at most one written commit waiting for its fsync (decision 0027).

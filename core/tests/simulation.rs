@@ -114,6 +114,11 @@ fn simulation_over_many_seeds() {
             "every login read the store, so skipping the read was never checked: {total:?}"
         );
         assert!(
+            total.logins_unwritten > 0,
+            "every login rewrote its device record, so a login that writes nothing was never \
+             checked: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -176,6 +181,8 @@ struct Stats {
     recoveries_from_snapshot: u64,
     /// Logins that read nothing from the store (nothing stored after the device's cursor).
     logins_without_read: u64,
+    /// Logins that left the device's record as it was and wrote nothing (decision 0034).
+    logins_unwritten: u64,
 }
 
 impl Stats {
@@ -219,6 +226,7 @@ impl Stats {
         self.seqs_from_floor += other.seqs_from_floor;
         self.recoveries_from_snapshot += other.recoveries_from_snapshot;
         self.logins_without_read += other.logins_without_read;
+        self.logins_unwritten += other.logins_unwritten;
     }
 }
 
@@ -745,6 +753,9 @@ impl<S: SimStore> World<S> {
             self.stats.connections_timed_out += stats.connections_timed_out;
             self.stats.sends_store_slow += stats.sends_store_slow;
             self.stats.logins_without_read += shard.logins_without_read();
+        }
+        for committer in &self.committers {
+            self.stats.logins_unwritten += committer.logins_unwritten();
         }
     }
 
