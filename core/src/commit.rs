@@ -448,10 +448,12 @@ fn write_batch<T: Transaction>(
                 // A device that logs in again with nothing consumed since, seen recently: its
                 // record would be rewritten with only a newer `last_seen_ms`. It is left as
                 // it is (decision 0034), so a reconnect writes nothing and waits for no sync.
-                let unchanged = before.is_some_and(|(stored, last_seen_ms)| {
-                    stored == cursor
-                        && last_seen_ms.saturating_add(device_seen_refresh_ms(config)) >= now
-                });
+                let written_anyway = devices.contains_key(&(*inbox, *device));
+                let unchanged = !written_anyway
+                    && before.is_some_and(|(stored, last_seen_ms)| {
+                        stored == cursor
+                            && last_seen_ms.saturating_add(device_seen_refresh_ms(config)) >= now
+                    });
                 if unchanged {
                     learned.logins_unwritten += 1;
                 } else {
@@ -803,9 +805,9 @@ fn stored_devices<T: Transaction>(
     Ok(records)
 }
 
-/// A device's cursor and when it was last seen: as this batch left them (seen `u64::MAX`: it
-/// is written at the end of the batch whatever happens), or as stored; `None` for a device new
-/// to the inbox.
+/// A device's cursor and when it was last seen: as this batch left them (seen
+/// `UnixMillis::MAX`, as good as now: the batch writes the record with its time), or as
+/// stored; `None` for a device new to the inbox.
 fn device_record<T: Transaction>(
     txn: &mut T,
     batch_cursors: &BTreeMap<(UserId, u32), u64>,
@@ -1500,6 +1502,22 @@ mod tests {
             .commit_batch(&store, &[link(1, 0)], start + 2 + refresh_ms + 3)
             .unwrap();
         assert_ne!(everything(), before, "a new device");
+        // A login behind an ack of its own device in one batch: the ack writes the record, so
+        // the login is not one that wrote nothing.
+        let counted = restarted.logins_unwritten();
+        let ack = Request::Ack {
+            inbox: 7,
+            device: 1,
+            up_to_seq: 3,
+        };
+        restarted
+            .commit_batch(&store, &[ack, link(1, 3)], start + 2 + refresh_ms + 4)
+            .unwrap();
+        assert_eq!(restarted.logins_unwritten(), counted);
+        restarted
+            .commit_batch(&store, &[link(1, 3)], start + 2 + refresh_ms + 5)
+            .unwrap();
+        assert_eq!(restarted.logins_unwritten(), counted + 1);
     }
 
     #[test]
