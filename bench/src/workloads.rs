@@ -1185,22 +1185,26 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
         let usage = process_usage(pid);
         let rss = usage.map(|(_, rss)| rss);
         let back_count = (clients.len() - left).max(1) as f64;
+        // Left out, not reported as 0, when /proc could not be read.
         let cpu_us_per_client = match (cpu_at_listening, usage) {
-            (Some(from), Some((to, _))) => ((to - from) * 1e6 / back_count).round(),
-            _ => 0.0,
+            (Some(from), Some((to, _))) => Some(((to - from) * 1e6 / back_count).round()),
+            _ => None,
         };
+        let cpu_shown = cpu_us_per_client.map_or("unknown".to_string(), |us| us.to_string());
         eprintln!(
-            "restart {cycle}: listening {:.0} ms after spawn; clients back p50 {} ms p99 {} ms max {} ms; edge rss {} MiB; edge CPU {cpu_us_per_client} µs per client back",
+            "restart {cycle}: listening {:.0} ms after spawn; clients back p50 {} ms p99 {} ms max {} ms; edge rss {} MiB; edge CPU {cpu_shown} µs per client back",
             to_listening.as_secs_f64() * 1000.0,
             hist.value_at_quantile(0.5) / 1000,
             hist.value_at_quantile(0.99) / 1000,
             hist.max() / 1000,
             rss.unwrap_or(0) / (1024 * 1024)
         );
-        report.extra.insert(
-            format!("restart_{cycle}_edge_cpu_us_per_client_back"),
-            json!(cpu_us_per_client),
-        );
+        if let Some(us) = cpu_us_per_client {
+            report.extra.insert(
+                format!("restart_{cycle}_edge_cpu_us_per_client_back"),
+                json!(us),
+            );
+        }
         report.extra.insert(
             format!("restart_{cycle}_reconnect_after_listening"),
             serde_json::to_value(Latency::from_histogram(&hist)).unwrap_or_default(),
