@@ -277,16 +277,24 @@ impl Target {
         ConnectOptions::new(addr, self.token(user), 0)
     }
 
-    /// Kills the spawned edge with SIGKILL and starts it again on the same data directory.
-    /// Returns the new PID and the time from spawning to its "listening" line.
-    pub fn restart_edge(&self) -> Result<(u32, Duration), String> {
+    /// Kills the spawned edge with SIGKILL (`graceful`: stops it with SIGTERM and waits for
+    /// its exit, as a deploy does) and starts it again on the same data directory. Returns
+    /// the new PID and the time from spawning to its "listening" line.
+    pub fn restart_edge(&self, graceful: bool) -> Result<(u32, Duration), String> {
         let spawned = self
             .spawned
             .as_ref()
             .ok_or("restarting needs --spawn-edge")?;
         let mut spawned = spawned.lock().map_err(|_| "edge lock poisoned")?;
-        let _ = spawned.child.kill();
-        let _ = spawned.child.wait();
+        if graceful {
+            let status = stop_with_sigterm(&mut spawned.child)?;
+            if !status.success() {
+                eprintln!("the edge's stop ended with {status} (docs/operations.md, Signals)");
+            }
+        } else {
+            let _ = spawned.child.kill();
+            let _ = spawned.child.wait();
+        }
         let started = std::time::Instant::now();
         let child = spawn_and_wait(
             &spawned.config_path(),
@@ -445,31 +453,35 @@ fn spawn_and_wait(
     }
 }
 
+/// SIGTERM, then waits for the edge's exit: its default grace period and 2 s more (an
+/// `--edge-config` raising it is cut short here), then SIGKILL.
+fn stop_with_sigterm(child: &mut std::process::Child) -> Result<std::process::ExitStatus, String> {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) with a PID we started and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the edge did not stop within 12 s of SIGTERM: killed".into());
+            }
+        }
+    }
+}
+
 impl Drop for SpawnedEdge {
     fn drop(&mut self) {
         // SIGTERM: the edge finishes its commits and exits within its grace period
         // (`server.shutdown_grace_secs`, 10 s); everything acknowledged is on disk already.
-        let pid = self.child.id() as libc::pid_t;
-        #[allow(unsafe_code)]
-        // SAFETY: kill(2) with a PID we started and have not reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        // The default grace and 2 s more; an `--edge-config` raising it is cut short here.
-        let deadline = std::time::Instant::now() + Duration::from_secs(12);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return;
-                }
-            }
-        }
+        let _ = stop_with_sigterm(&mut self.child);
     }
 }
 

@@ -161,9 +161,10 @@ pub enum Workload {
     /// A storm of reconnects, full handshakes then resumed sessions with 0-RTT: handshakes/s
     /// and the time from starting to connect until the first send is acknowledged.
     Reconnect(workloads::ReconnectArgs),
-    /// Kill the spawned edge with SIGKILL under N idle clients and restart it on the same data
-    /// directory (optionally holding --fill undelivered messages): time to listening, and how
-    /// soon each client is logged in again by itself. Needs --spawn-edge.
+    /// Kill the spawned edge with SIGKILL (or stop it with SIGTERM: --graceful) under N idle
+    /// clients and restart it on the same data directory (optionally holding --fill
+    /// undelivered messages): time to listening, and how soon each client is logged in again
+    /// by itself. Needs --spawn-edge.
     Restart(workloads::RestartArgs),
     /// Attacks, each bounded in time, while a clean pair chats alongside: what the attacker
     /// achieved, the edge's memory, the clean pair's latency and losses (docs/security.md).

@@ -111,6 +111,11 @@ pub struct RestartArgs {
     /// SIGKILL-and-restart cycles.
     #[arg(long, default_value_t = 3)]
     pub restarts: u32,
+    /// Stop the edge with SIGTERM and wait for its exit instead of killing it, as a deploy
+    /// does: it closes its connections and saves its TLS sessions
+    /// (`tls.sessions_survive_restart`), so the clients come back resuming them.
+    #[arg(long)]
+    pub graceful: bool,
     /// Undelivered messages to store first (to offline recipients), so every restart
     /// recovers a store that size.
     #[arg(long, default_value_t = 0)]
@@ -1123,6 +1128,7 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
         json!({
             "clients": args.clients, "restarts": args.restarts, "fill": args.fill,
             "bytes": args.bytes, "keep_alive_ms": args.keep_alive_ms,
+            "graceful": args.graceful,
         }),
     );
     let start = Instant::now();
@@ -1157,7 +1163,8 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
     let mut all = latency_histogram();
     for cycle in 0..args.restarts {
         let before: Vec<u64> = clients.iter().map(Client::connections).collect();
-        let (pid, to_listening) = tokio::task::block_in_place(|| target.restart_edge())?;
+        let (pid, to_listening) =
+            tokio::task::block_in_place(|| target.restart_edge(args.graceful))?;
         let listening_at = Instant::now();
         // The new process's CPU from here until every client is back: what the reconnect
         // storm (handshakes and logins of known devices) cost it.

@@ -383,6 +383,10 @@ pub struct TlsSection {
     pub key_path: PathBuf,
     /// TLS sessions remembered for resumption and 0-RTT (~275 bytes each), shared by shards.
     pub session_cache_entries: usize,
+    /// A stopping edge (SIGTERM, `courier-edge stop`) saves its TLS sessions in the data
+    /// directory and the next start takes them back (and deletes the file), so its clients
+    /// resume instead of all making full handshakes at once. A kill saves nothing.
+    pub sessions_survive_restart: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -581,6 +585,7 @@ impl Default for TlsSection {
             cert_path: PathBuf::new(),
             key_path: PathBuf::new(),
             session_cache_entries: 100_000,
+            sessions_survive_restart: true,
         }
     }
 }

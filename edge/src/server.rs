@@ -63,6 +63,10 @@ pub struct Edge {
     stopped: std::sync::mpsc::Receiver<u8>,
     takeover: TakeoverHandle,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// The TLS sessions clients resume from, saved when the edge stops
+    /// (`tls.sessions_survive_restart`), under the fingerprint of its certificates.
+    tls_sessions: Arc<tls::SessionCache>,
+    sessions_fingerprint: [u8; 32],
     /// What must live as long as the edge (FoundationDB's network thread).
     _keep_alive: Box<dyn std::any::Any>,
 }
@@ -132,8 +136,13 @@ impl Edge {
         } else {
             None
         };
+        let sessions_fingerprint = tls::chains_fingerprint(
+            std::iter::once(identity.certs.as_slice())
+                .chain(cluster_tls.as_ref().map(tls::ClusterTls::certs)),
+        );
         let (server_config, tls_sessions) =
             tls::server_config(&config, identity, cluster_tls.as_ref())?;
+        restore_tls_sessions(&config, &tls_sessions, &sessions_fingerprint);
         let link_client_config = match &cluster_tls {
             Some(cluster) => Some(tls::link_client_config(&config, cluster)?),
             None => None,
@@ -208,7 +217,10 @@ impl Edge {
             // FoundationDB's storage is the cluster's, not this machine's.
             _ => Vec::new(),
         };
-        let metrics = Arc::new(crate::metrics::Metrics::new(store_dirs, Some(tls_sessions)));
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            store_dirs,
+            Some(tls_sessions.clone()),
+        ));
         let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
         if let Some(listen) = config.metrics.listen_addr()? {
             crate::health::start(listen, health.clone(), metrics.clone())?;
@@ -283,6 +295,8 @@ impl Edge {
             stopped: stopped_rx,
             takeover,
             executors,
+            tls_sessions,
+            sessions_fingerprint,
             _keep_alive: keep_alive,
         })
     }
@@ -328,6 +342,7 @@ impl Edge {
         if self.config.control.enabled {
             let _ = std::fs::remove_file(self.config.control_socket_path());
         }
+        self.save_tls_sessions();
         if stopped < self.shard_count {
             tracing::error!(
                 shards_stopped = stopped,
@@ -341,6 +356,28 @@ impl Edge {
         }
         info!(shards_stopped = stopped, "stopped");
         Ok(())
+    }
+
+    /// Saves the TLS sessions for the next start, so that its clients resume instead of all
+    /// making full handshakes at once (`tls.sessions_survive_restart`). The connections are
+    /// closed by now, so no session is resumed after it was saved.
+    fn save_tls_sessions(&self) {
+        if !self.config.tls.sessions_survive_restart {
+            return;
+        }
+        let path = tls::saved_sessions_path(&self.config);
+        match self.tls_sessions.save(&path, &self.sessions_fingerprint) {
+            Ok(sessions) => info!(
+                sessions,
+                path = %path.display(),
+                "saved the TLS sessions for the next start"
+            ),
+            Err(error) => warn!(
+                %error,
+                "could not save the TLS sessions: after the restart every client makes a full \
+                 handshake"
+            ),
+        }
     }
 
     /// Stops the edge at once, as if its process died: no hand-over, no closes, no last
@@ -367,6 +404,34 @@ impl Edge {
     pub fn fenced(&self) -> bool {
         self.abort.load(std::sync::atomic::Ordering::SeqCst)
             || self.takeover.as_ref().is_some_and(|t| t.fenced_out())
+    }
+}
+
+/// Takes back the TLS sessions the last stop saved (`tls.sessions_survive_restart`), or
+/// deletes them unused when that is off. Sessions that cannot be restored only cost their
+/// clients a full handshake, so this warns and goes on.
+fn restore_tls_sessions(config: &Config, sessions: &tls::SessionCache, fingerprint: &[u8; 32]) {
+    let path = tls::saved_sessions_path(config);
+    if !config.tls.sessions_survive_restart {
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(
+                path = %path.display(),
+                "deleted the TLS sessions a stop saved: tls.sessions_survive_restart is off"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                warn!(%error, path = %path.display(), "cannot delete the saved TLS sessions")
+            }
+        }
+        return;
+    }
+    match sessions.restore(&path, fingerprint) {
+        Ok(0) => {}
+        Ok(restored) => info!(
+            restored,
+            "restored the TLS sessions saved at the last stop: their clients resume"
+        ),
+        Err(error) => warn!(%error, "the saved TLS sessions were not restored"),
     }
 }
 

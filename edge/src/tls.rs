@@ -122,6 +122,13 @@ pub struct ClusterTls {
     roots: Arc<rustls::RootCertStore>,
 }
 
+impl ClusterTls {
+    /// The certificate chain this edge presents to other edges.
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.identity.certs
+    }
+}
+
 /// Loads `[cluster]`'s CA, certificate and key.
 pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
     let cluster = &config.cluster;
@@ -429,6 +436,175 @@ impl SessionCache {
     }
 }
 
+/// What starts a saved session file (`SessionCache::save`): its format, version 1.
+const SAVED_SESSIONS_MAGIC: &[u8; 8] = b"CRSESS01";
+/// Longest session id and session accepted from a saved file: rustls's ids are 32 bytes and
+/// its sessions a few hundred; anything longer is not one of ours.
+const SAVED_SESSION_ID_BYTES_MAX: usize = 255;
+const SAVED_SESSION_BYTES_MAX: usize = 16 * 1024;
+
+/// Where a stopping edge leaves its TLS sessions for its next start
+/// (`tls.sessions_survive_restart`).
+pub fn saved_sessions_path(config: &Config) -> PathBuf {
+    config.server.data_dir.join("tls").join("sessions")
+}
+
+/// SHA-256 of certificate chains, each certificate length-prefixed: sessions saved under one
+/// set of certificates are not resumed under another (a rotated certificate, perhaps a
+/// compromised one, also retires the sessions made with it).
+pub fn chains_fingerprint<'a>(
+    chains: impl IntoIterator<Item = &'a [CertificateDer<'static>]>,
+) -> [u8; 32] {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for chain in chains {
+        digest.update(&(chain.len() as u64).to_le_bytes());
+        for cert in chain {
+            digest.update(&(cert.len() as u64).to_le_bytes());
+            digest.update(cert);
+        }
+    }
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(digest.finish().as_ref());
+    fingerprint
+}
+
+impl SessionCache {
+    /// Writes every live session, oldest first, to `path` (mode 0600, replacing what is there)
+    /// under `fingerprint` (`chains_fingerprint`); returns how many. The file holds resumption
+    /// secrets: it is as sensitive as the TLS key in the same directory.
+    pub fn save(&self, path: &Path, fingerprint: &[u8; 32]) -> Result<usize, String> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(SAVED_SESSIONS_MAGIC);
+        bytes.extend_from_slice(fingerprint);
+        let count = {
+            let inner = self.lock();
+            bytes.extend_from_slice(&(inner.sessions.len() as u32).to_le_bytes());
+            let mut count = 0;
+            for (id, stamp) in &inner.order {
+                if !inner.is_live(id, *stamp) {
+                    continue;
+                }
+                let value = &inner.sessions[id].0;
+                if id.len() > SAVED_SESSION_ID_BYTES_MAX || value.len() > SAVED_SESSION_BYTES_MAX {
+                    continue;
+                }
+                bytes.push(id.len() as u8);
+                bytes.extend_from_slice(id);
+                bytes.extend_from_slice(&(value.len() as u16).to_le_bytes());
+                bytes.extend_from_slice(value);
+                count += 1;
+            }
+            count
+        };
+        bytes[40..44].copy_from_slice(&(count as u32).to_le_bytes());
+        let checksum = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        bytes.extend_from_slice(checksum.as_ref());
+        let temporary = path.with_extension("saving");
+        let _ = std::fs::remove_file(&temporary);
+        crate::auth::write_private_file(&temporary, &bytes)?;
+        std::fs::rename(&temporary, path).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                temporary.display(),
+                path.display()
+            )
+        })?;
+        Ok(count)
+    }
+
+    /// Takes back the sessions a stopped edge saved at `path`, if it saved them under
+    /// `fingerprint`; returns how many. The file is deleted (and the deletion synced) before any
+    /// session is used: a 0-RTT session must resume once, so a saved file is used at most once,
+    /// and not at all if it cannot be deleted. A file that is torn, altered or of other
+    /// certificates is deleted and restores nothing (`Err` says why); no file restores nothing.
+    pub fn restore(&self, path: &Path, fingerprint: &[u8; 32]) -> Result<usize, String> {
+        let header_bytes = SAVED_SESSIONS_MAGIC.len() + 32 + 4;
+        let file_bytes_max = header_bytes
+            + 32
+            + self.entries_max * (3 + SAVED_SESSION_ID_BYTES_MAX + SAVED_SESSION_BYTES_MAX);
+        let too_large = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Ok(meta) => meta.len() > file_bytes_max as u64,
+        };
+        let bytes = if too_large {
+            Vec::new()
+        } else {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        };
+        std::fs::remove_file(path).map_err(|e| {
+            format!(
+                "cannot delete {} (its sessions are not used): {e}",
+                path.display()
+            )
+        })?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| {
+                    format!(
+                        "cannot sync {} after deleting the saved sessions: {e}",
+                        dir.display()
+                    )
+                })?;
+        }
+        if too_large {
+            return Err(format!(
+                "{} is larger than tls.session_cache_entries sessions can be: none restored",
+                path.display()
+            ));
+        }
+        let sessions = parse_saved_sessions(&bytes, fingerprint)?;
+        let count = sessions.len();
+        for (id, value) in sessions {
+            rustls::server::StoresServerSessions::put(self, id.to_vec(), value.to_vec());
+        }
+        Ok(count.min(self.entries_max))
+    }
+}
+
+/// A saved session: its id and rustls's encoding of it.
+type SavedSession<'a> = (&'a [u8], &'a [u8]);
+
+/// The sessions of a saved file, oldest first, if it is whole and of `fingerprint`.
+fn parse_saved_sessions<'a>(
+    bytes: &'a [u8],
+    fingerprint: &[u8; 32],
+) -> Result<Vec<SavedSession<'a>>, String> {
+    let torn = || "the saved TLS sessions are torn or altered: none restored".to_string();
+    let body_bytes = bytes.len().checked_sub(32).ok_or_else(torn)?;
+    let (body, checksum) = bytes.split_at(body_bytes);
+    if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != checksum {
+        return Err(torn());
+    }
+    let rest = body.strip_prefix(SAVED_SESSIONS_MAGIC).ok_or_else(torn)?;
+    let (saved_fingerprint, rest) = rest.split_at_checked(32).ok_or_else(torn)?;
+    if saved_fingerprint != fingerprint {
+        return Err(
+            "the saved TLS sessions were made with another certificate: none restored".into(),
+        );
+    }
+    let (count, mut rest) = rest.split_at_checked(4).ok_or_else(torn)?;
+    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
+    let mut sessions = Vec::new();
+    while !rest.is_empty() {
+        let (&id_bytes, after) = rest.split_first().ok_or_else(torn)?;
+        let (id, after) = after.split_at_checked(id_bytes as usize).ok_or_else(torn)?;
+        let (value_bytes, after) = after.split_at_checked(2).ok_or_else(torn)?;
+        let value_bytes = u16::from_le_bytes(value_bytes.try_into().expect("2 bytes")) as usize;
+        if value_bytes > SAVED_SESSION_BYTES_MAX {
+            return Err(torn());
+        }
+        let (value, after) = after.split_at_checked(value_bytes).ok_or_else(torn)?;
+        sessions.push((id, value));
+        rest = after;
+    }
+    if sessions.len() != count {
+        return Err(torn());
+    }
+    Ok(sessions)
+}
+
 impl SessionCacheInner {
     fn is_live(&self, id: &[u8], stamp: u64) -> bool {
         self.sessions
@@ -523,6 +699,8 @@ mod tests {
         client_config: quinn_proto::ClientConfig,
         /// The server's TLS session cache.
         sessions: Arc<SessionCache>,
+        /// The server's certificate and key, for a restarted server.
+        identity: Identity,
         now: std::time::Instant,
     }
 
@@ -540,6 +718,10 @@ mod tests {
             let identity = Identity {
                 certs: vec![generated.cert.der().clone()],
                 key: PrivateKeyDer::try_from(generated.key_pair.serialize_der()).unwrap(),
+            };
+            let kept = Identity {
+                certs: identity.certs.clone(),
+                key: identity.key.clone_key(),
             };
             let (server_config, sessions) =
                 server_config(&Config::default(), identity, None).unwrap();
@@ -580,8 +762,29 @@ mod tests {
                 client_conn,
                 client_config,
                 sessions,
+                identity: kept,
                 now,
             }
+        }
+
+        /// Replaces the server with a new one of the same certificate, as a restarted edge
+        /// process, whose session cache `restore` fills (or leaves empty).
+        fn restart_server(&mut self, restore: impl FnOnce(&SessionCache)) {
+            let identity = Identity {
+                certs: self.identity.certs.clone(),
+                key: self.identity.key.clone_key(),
+            };
+            let (server_config, sessions) =
+                server_config(&Config::default(), identity, None).unwrap();
+            restore(&sessions);
+            self.server = quinn_proto::Endpoint::new(
+                Arc::new(quinn_proto::EndpointConfig::default()),
+                Some(server_config),
+                true,
+                None,
+            );
+            self.server_conn = None;
+            self.sessions = sessions;
         }
 
         /// A new connection from the same client (with the tickets it was given).
@@ -900,6 +1103,116 @@ mod tests {
                 1,
                 "round {round}: the resumption took its session and cached one new one"
             );
+        }
+    }
+
+    /// A stopping edge saves its sessions and the next process resumes them: its clients
+    /// reconnect with 0-RTT instead of a full handshake. A process that starts without them
+    /// (a kill saves nothing) refuses the same tickets, and the saved file is used only once.
+    #[test]
+    fn saved_sessions_resume_with_0rtt_after_a_restart_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let mut pair = Pair::new();
+        pair.drive(100);
+        assert_eq!(pair.sessions.len(), 1);
+        let fingerprint = chains_fingerprint([pair.identity.certs.as_slice()]);
+        assert_eq!(pair.sessions.save(&path, &fingerprint).unwrap(), 1);
+
+        pair.restart_server(|sessions| {
+            assert_eq!(sessions.restore(&path, &fingerprint), Ok(1));
+        });
+        assert!(
+            !path.exists(),
+            "the saved file is deleted as it is restored"
+        );
+        pair.reconnect();
+        assert!(pair.client_conn.1.has_0rtt());
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "the resumed handshake finished"
+        );
+        assert!(
+            pair.client_conn.1.accepted_0rtt(),
+            "the restarted server resumed the saved session with 0-RTT"
+        );
+
+        // The same client, its newest ticket saved again, then a start that finds no file
+        // (the one before already used it): the ticket is refused, a full handshake follows.
+        pair.sessions.save(&path, &fingerprint).unwrap();
+        pair.restart_server(|sessions| {
+            assert_eq!(sessions.restore(&path, &fingerprint), Ok(1));
+        });
+        pair.restart_server(|sessions| {
+            assert_eq!(
+                sessions.restore(&path, &fingerprint),
+                Ok(0),
+                "a saved file is used once"
+            );
+        });
+        pair.reconnect();
+        assert!(pair.client_conn.1.has_0rtt());
+        pair.drive(100);
+        assert!(!pair.client_conn.1.is_handshaking());
+        assert!(
+            !pair.client_conn.1.accepted_0rtt(),
+            "without the saved sessions the server refuses the ticket"
+        );
+    }
+
+    /// A saved file restores only when it is whole and of the same certificates, is deleted
+    /// either way, and refills the cache oldest first within its bound.
+    #[test]
+    fn a_torn_altered_or_foreign_session_file_restores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let fingerprint = [7u8; 32];
+        let saved = SessionCache::new(10);
+        for id in 0..5u8 {
+            saved.put(vec![id; 32], vec![id; 300]);
+        }
+        saved.take(&[2; 32]);
+        assert_eq!(saved.save(&path, &fingerprint), Ok(4));
+        let whole = std::fs::read(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "resumption secrets are private");
+        }
+
+        let small = SessionCache::new(3);
+        assert_eq!(small.restore(&path, &fingerprint), Ok(3));
+        assert!(small.get(&[0; 32]).is_none(), "the oldest went first");
+        for id in [1u8, 3, 4] {
+            assert_eq!(small.get(&[id; 32]), Some(vec![id; 300]));
+        }
+        assert!(
+            small.get(&[2; 32]).is_none(),
+            "a taken session is not saved"
+        );
+
+        let cases: [(&str, Vec<u8>, [u8; 32]); 4] = [
+            ("other certificates", whole.clone(), [8u8; 32]),
+            ("torn", whole[..whole.len() - 100].to_vec(), fingerprint),
+            (
+                "altered",
+                {
+                    let mut altered = whole.clone();
+                    altered[60] ^= 1;
+                    altered
+                },
+                fingerprint,
+            ),
+            ("empty", Vec::new(), fingerprint),
+        ];
+        for (case, bytes, fingerprint) in cases {
+            std::fs::write(&path, &bytes).unwrap();
+            let cache = SessionCache::new(10);
+            assert!(cache.restore(&path, &fingerprint).is_err(), "{case}");
+            assert!(cache.is_empty(), "{case}: nothing restored");
+            assert!(!path.exists(), "{case}: the file is deleted");
         }
     }
 }

@@ -130,3 +130,65 @@ async fn sighup_reloads_the_token_keys() {
     );
     assert_eq!(edge.pid(), Some(pid), "no restart");
 }
+
+/// A stopped edge saves its TLS sessions and takes them back when it starts again, so its
+/// clients resume with 0-RTT instead of all making full handshakes at once; a kill saves
+/// nothing, and the saved file is used by one start only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resume_with_0rtt_after_a_stop_but_not_after_a_kill() {
+    let mut edge = Edge::start(2);
+    let saved = edge.data_dir.join("tls/sessions");
+    let connector = edge.connector();
+    let options = courier_client::ConnectOptions::new(edge.addr, edge.token(71, 0), 0);
+    let connect = |options: courier_client::ConnectOptions| {
+        let connector = connector.clone();
+        async move {
+            let client = tokio::time::timeout(EVENT_TIMEOUT, connector.connect(options))
+                .await
+                .expect("connected in time")
+                .expect("connect");
+            // An acknowledged send: the handshake (and its session ticket) is complete.
+            tokio::time::timeout(EVENT_TIMEOUT, client.send(72, b"hello".to_vec()))
+                .await
+                .expect("in time")
+                .expect("acknowledged");
+            client
+        }
+    };
+    let first = connect(options.clone()).await;
+    first.close();
+    assert!(edge.terminate(), "a clean stop");
+    assert!(saved.exists(), "the stop saved the sessions");
+
+    edge.spawn();
+    assert!(
+        !saved.exists(),
+        "the start took the file back and deleted it"
+    );
+    assert!(
+        edge.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|line| line.contains("restored the TLS sessions")),
+        "the start says it restored them"
+    );
+    let resumed = connect(options.clone()).await;
+    assert_eq!(
+        resumed.zero_rtt_accepted(),
+        Some(true),
+        "the client resumed its session from before the stop with 0-RTT"
+    );
+    resumed.close();
+
+    edge.kill9();
+    assert!(!saved.exists(), "a kill saves nothing");
+    edge.spawn();
+    let after_kill = connect(options).await;
+    assert_eq!(
+        after_kill.zero_rtt_accepted(),
+        Some(false),
+        "after a kill the edge does not know the session: a full handshake"
+    );
+    after_kill.close();
+}
