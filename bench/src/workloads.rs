@@ -1149,7 +1149,11 @@ pub async fn restart(target: &Target, args: &RestartArgs) -> Result<Report, Stri
     }
     let mut clients = Vec::new();
     for index in 0..args.clients {
-        let connector = &connectors[index as usize % connectors.len()];
+        // Each client its own TLS session cache, as each device has: a shared one would let
+        // a client resume with a ticket another client's new connection just received.
+        let connector = connectors[index as usize % connectors.len()]
+            .fresh_session()
+            .map_err(|e| e.to_string())?;
         let user = target.user_base + 10 + u64::from(index);
         clients.push(
             connector
