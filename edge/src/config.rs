@@ -383,7 +383,7 @@ pub struct TlsSection {
     pub key_path: PathBuf,
     /// TLS sessions remembered for resumption and 0-RTT (~275 bytes each), shared by shards.
     pub session_cache_entries: usize,
-    /// A stopping edge (SIGTERM, `courier-edge stop`) saves its TLS sessions in the data
+    /// A stopping edge (SIGTERM, `courier-edge ctl drain`) saves its TLS sessions in the data
     /// directory and the next start takes them back (and deletes the file), so its clients
     /// resume instead of all making full handshakes at once. A kill saves nothing.
     pub sessions_survive_restart: bool,
