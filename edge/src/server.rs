@@ -136,9 +136,12 @@ impl Edge {
         } else {
             None
         };
-        let sessions_fingerprint = tls::chains_fingerprint(
-            std::iter::once(identity.certs.as_slice())
-                .chain(cluster_tls.as_ref().map(tls::ClusterTls::certs)),
+        let sessions_fingerprint = tls::certificates_fingerprint(
+            std::iter::once(identity.certs.as_slice()).chain(
+                cluster_tls
+                    .iter()
+                    .flat_map(|cluster| [cluster.certs(), cluster.ca_certs()]),
+            ),
         );
         let (server_config, tls_sessions) =
             tls::server_config(&config, identity, cluster_tls.as_ref())?;
@@ -342,7 +345,13 @@ impl Edge {
         if self.config.control.enabled {
             let _ = std::fs::remove_file(self.config.control_socket_path());
         }
-        self.save_tls_sessions();
+        if stopped == self.shard_count {
+            self.save_tls_sessions();
+        } else if self.config.tls.sessions_survive_restart {
+            // A shard still running may still resume a session (a handshake it accepted
+            // before the drain): saved too, it could be resumed twice.
+            warn!("the TLS sessions were not saved: some shards were still running");
+        }
         if stopped < self.shard_count {
             tracing::error!(
                 shards_stopped = stopped,
@@ -359,8 +368,8 @@ impl Edge {
     }
 
     /// Saves the TLS sessions for the next start, so that its clients resume instead of all
-    /// making full handshakes at once (`tls.sessions_survive_restart`). The connections are
-    /// closed by now, so no session is resumed after it was saved.
+    /// making full handshakes at once (`tls.sessions_survive_restart`). Only once every shard
+    /// has stopped: then no session can be resumed after it was saved.
     fn save_tls_sessions(&self) {
         if !self.config.tls.sessions_survive_restart {
             return;
@@ -431,7 +440,11 @@ fn restore_tls_sessions(config: &Config, sessions: &tls::SessionCache, fingerpri
             restored,
             "restored the TLS sessions saved at the last stop: their clients resume"
         ),
-        Err(error) => warn!(%error, "the saved TLS sessions were not restored"),
+        Err(error) => warn!(
+            %error,
+            path = %path.display(),
+            "the saved TLS sessions were not restored: their clients make full handshakes"
+        ),
     }
 }
 

@@ -120,12 +120,19 @@ pub const LINK_SERVER_NAME: &str = "courier-link";
 pub struct ClusterTls {
     identity: Identity,
     roots: Arc<rustls::RootCertStore>,
+    /// The CA's certificates as read, for [`certificates_fingerprint`].
+    ca_certs: Vec<CertificateDer<'static>>,
 }
 
 impl ClusterTls {
     /// The certificate chain this edge presents to other edges.
     pub fn certs(&self) -> &[CertificateDer<'static>] {
         &self.identity.certs
+    }
+
+    /// The certificates of the CA that admits peer edges.
+    pub fn ca_certs(&self) -> &[CertificateDer<'static>] {
+        &self.ca_certs
     }
 }
 
@@ -141,6 +148,7 @@ pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
         )
     })?;
     let mut roots = rustls::RootCertStore::empty();
+    let mut ca_certs = Vec::new();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_slice()) {
         let cert = cert.map_err(|e| {
             format!(
@@ -148,6 +156,7 @@ pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
                 cluster.ca_cert_path.display()
             )
         })?;
+        ca_certs.push(cert.clone());
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", cluster.ca_cert_path.display()))?;
@@ -161,6 +170,7 @@ pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
     Ok(ClusterTls {
         identity,
         roots: Arc::new(roots),
+        ca_certs,
     })
 }
 
@@ -402,12 +412,22 @@ pub struct SessionCache {
 
 #[derive(Debug, Default)]
 struct SessionCacheInner {
-    /// Session id → (session, insertion stamp).
-    sessions: std::collections::HashMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// Session id → the session.
+    sessions: std::collections::HashMap<Vec<u8>, CachedSession>,
     /// Ids in insertion order with their stamp; a slot whose stamp no longer matches the map is
     /// stale (taken or overwritten).
     order: std::collections::VecDeque<(Vec<u8>, u64)>,
     next_stamp: u64,
+}
+
+/// A cached session: rustls's encoding, its insertion stamp, and when it was made.
+#[derive(Debug)]
+struct CachedSession {
+    value: Vec<u8>,
+    stamp: u64,
+    /// Wall-clock seconds; kept across a saved restart, so a session never outlives
+    /// [`SAVED_SESSION_AGE_SECS_MAX`] by being saved again and again.
+    made_at_secs: u64,
 }
 
 impl SessionCache {
@@ -436,12 +456,22 @@ impl SessionCache {
     }
 }
 
-/// What starts a saved session file (`SessionCache::save`): its format, version 1.
-const SAVED_SESSIONS_MAGIC: &[u8; 8] = b"CRSESS01";
-/// Longest session id and session accepted from a saved file: rustls's ids are 32 bytes and
-/// its sessions a few hundred; anything longer is not one of ours.
+/// What starts a saved session file (`SessionCache::save`): its format, version 2.
+const SAVED_SESSIONS_MAGIC: &[u8; 8] = b"CRSESS02";
+/// Where the session count is in a saved file: after the magic and the fingerprint.
+const SAVED_COUNT_AT: usize = SAVED_SESSIONS_MAGIC.len() + 32;
+/// Longest session id and session saved or restored: rustls's ids are 32 bytes and its
+/// sessions a few hundred (a link's, with the peer's certificates, one to two thousand); a
+/// longer one is not saved (its client makes a full handshake).
 const SAVED_SESSION_ID_BYTES_MAX: usize = 255;
-const SAVED_SESSION_BYTES_MAX: usize = 16 * 1024;
+const SAVED_SESSION_BYTES_MAX: usize = 4096;
+/// Bytes of a saved session beyond its id and value: the id's length, the time it was made,
+/// the value's length.
+const SAVED_SESSION_OVERHEAD_BYTES: usize = 1 + 8 + 2;
+/// Sessions older than this are neither saved nor restored: the lifetime rustls announces
+/// in its tickets (24 h), which the server side of rustls does not itself check for stateful
+/// sessions. Before sessions were saved they lived at most as long as the process.
+pub const SAVED_SESSION_AGE_SECS_MAX: u64 = 24 * 60 * 60;
 
 /// Where a stopping edge leaves its TLS sessions for its next start
 /// (`tls.sessions_survive_restart`).
@@ -449,16 +479,18 @@ pub fn saved_sessions_path(config: &Config) -> PathBuf {
     config.server.data_dir.join("tls").join("sessions")
 }
 
-/// SHA-256 of certificate chains, each certificate length-prefixed: sessions saved under one
-/// set of certificates are not resumed under another (a rotated certificate, perhaps a
-/// compromised one, also retires the sessions made with it).
-pub fn chains_fingerprint<'a>(
-    chains: impl IntoIterator<Item = &'a [CertificateDer<'static>]>,
+/// SHA-256 of certificate lists, each certificate length-prefixed: sessions saved under one
+/// set of certificates are not resumed under another. The edge's own chains (a rotated
+/// certificate, perhaps a compromised one, also retires the sessions made with it) and, in a
+/// cluster, the CA that admits peer edges (a link session resumes as the peer it was made
+/// with, without showing its certificate again: a new CA must retire them).
+pub fn certificates_fingerprint<'a>(
+    lists: impl IntoIterator<Item = &'a [CertificateDer<'static>]>,
 ) -> [u8; 32] {
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    for chain in chains {
-        digest.update(&(chain.len() as u64).to_le_bytes());
-        for cert in chain {
+    for list in lists {
+        digest.update(&(list.len() as u64).to_le_bytes());
+        for cert in list {
             digest.update(&(cert.len() as u64).to_le_bytes());
             digest.update(cert);
         }
@@ -468,38 +500,49 @@ pub fn chains_fingerprint<'a>(
     fingerprint
 }
 
+/// Seconds since the Unix epoch, by the wall clock (a session's age must survive a restart).
+fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
 impl SessionCache {
-    /// Writes every live session, oldest first, to `path` (mode 0600, replacing what is there)
-    /// under `fingerprint` (`chains_fingerprint`); returns how many. The file holds resumption
-    /// secrets: it is as sensitive as the TLS key in the same directory.
+    /// Writes every live session younger than [`SAVED_SESSION_AGE_SECS_MAX`], oldest first,
+    /// to `path` (mode 0600, through a temporary file renamed over it) under `fingerprint`
+    /// (`certificates_fingerprint`); returns how many. The file holds resumption secrets: it
+    /// is as sensitive as the TLS key.
     pub fn save(&self, path: &Path, fingerprint: &[u8; 32]) -> Result<usize, String> {
+        let oldest_kept_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
         let mut bytes = Vec::new();
         bytes.extend_from_slice(SAVED_SESSIONS_MAGIC);
         bytes.extend_from_slice(fingerprint);
-        let count = {
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let mut count = 0u32;
+        {
             let inner = self.lock();
-            bytes.extend_from_slice(&(inner.sessions.len() as u32).to_le_bytes());
-            let mut count = 0;
             for (id, stamp) in &inner.order {
-                if !inner.is_live(id, *stamp) {
+                let Some(session) = inner.sessions.get(id).filter(|s| s.stamp == *stamp) else {
                     continue;
-                }
-                let value = &inner.sessions[id].0;
-                if id.len() > SAVED_SESSION_ID_BYTES_MAX || value.len() > SAVED_SESSION_BYTES_MAX {
+                };
+                if id.len() > SAVED_SESSION_ID_BYTES_MAX
+                    || session.value.len() > SAVED_SESSION_BYTES_MAX
+                    || session.made_at_secs < oldest_kept_secs
+                {
                     continue;
                 }
                 bytes.push(id.len() as u8);
                 bytes.extend_from_slice(id);
-                bytes.extend_from_slice(&(value.len() as u16).to_le_bytes());
-                bytes.extend_from_slice(value);
+                bytes.extend_from_slice(&session.made_at_secs.to_le_bytes());
+                bytes.extend_from_slice(&(session.value.len() as u16).to_le_bytes());
+                bytes.extend_from_slice(&session.value);
                 count += 1;
             }
-            count
-        };
-        bytes[40..44].copy_from_slice(&(count as u32).to_le_bytes());
+        }
+        bytes[SAVED_COUNT_AT..SAVED_COUNT_AT + 4].copy_from_slice(&count.to_le_bytes());
         let checksum = ring::digest::digest(&ring::digest::SHA256, &bytes);
         bytes.extend_from_slice(checksum.as_ref());
-        let temporary = path.with_extension("saving");
+        let temporary = saving_path(path);
         let _ = std::fs::remove_file(&temporary);
         crate::auth::write_private_file(&temporary, &bytes)?;
         std::fs::rename(&temporary, path).map_err(|e| {
@@ -509,32 +552,38 @@ impl SessionCache {
                 path.display()
             )
         })?;
-        Ok(count)
+        Ok(count as usize)
     }
 
     /// Takes back the sessions a stopped edge saved at `path`, if it saved them under
     /// `fingerprint`; returns how many. The file is deleted (and the deletion synced) before any
     /// session is used: a 0-RTT session must resume once, so a saved file is used at most once,
-    /// and not at all if it cannot be deleted. A file that is torn, altered or of other
-    /// certificates is deleted and restores nothing (`Err` says why); no file restores nothing.
+    /// and not at all if it cannot be deleted. A file that is torn, damaged, too large or of
+    /// other certificates is deleted and restores nothing (`Err` says why); sessions older than
+    /// [`SAVED_SESSION_AGE_SECS_MAX`] are dropped; no file restores nothing. The checksum finds
+    /// damage, not forgery: whoever can write the data directory can change what the edge
+    /// stores and which keys it holds anyway (docs/security.md).
     pub fn restore(&self, path: &Path, fingerprint: &[u8; 32]) -> Result<usize, String> {
-        let header_bytes = SAVED_SESSIONS_MAGIC.len() + 32 + 4;
-        let file_bytes_max = header_bytes
-            + 32
-            + self.entries_max * (3 + SAVED_SESSION_ID_BYTES_MAX + SAVED_SESSION_BYTES_MAX);
-        let too_large = match std::fs::metadata(path) {
+        // A save cut short leaves its temporary file: secrets no one will read.
+        let _ = std::fs::remove_file(saving_path(path));
+        let file_bytes_max =
+            (SAVED_COUNT_AT + 4 + 32).saturating_add(self.entries_max.saturating_mul(
+                SAVED_SESSION_OVERHEAD_BYTES + SAVED_SESSION_ID_BYTES_MAX + SAVED_SESSION_BYTES_MAX,
+            ));
+        let file = match std::fs::File::open(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-            Ok(meta) => meta.len() > file_bytes_max as u64,
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+            Ok(file) => file,
         };
-        let bytes = if too_large {
-            Vec::new()
-        } else {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        };
+        let mut bytes = Vec::new();
+        let read = std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, file_bytes_max as u64 + 1),
+            &mut bytes,
+        );
         std::fs::remove_file(path).map_err(|e| {
             format!(
-                "cannot delete {} (its sessions are not used): {e}",
+                "cannot delete {} (so none of its sessions is used; check the permissions of \
+                 its directory, or delete it by hand): {e}",
                 path.display()
             )
         })?;
@@ -543,83 +592,50 @@ impl SessionCache {
                 .and_then(|dir| dir.sync_all())
                 .map_err(|e| {
                     format!(
-                        "cannot sync {} after deleting the saved sessions: {e}",
+                        "cannot sync {} after deleting the saved sessions (so none is used): {e}",
                         dir.display()
                     )
                 })?;
         }
-        if too_large {
+        read.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() > file_bytes_max {
             return Err(format!(
-                "{} is larger than tls.session_cache_entries sessions can be: none restored",
+                "{} is larger than tls.session_cache_entries sessions can be (did the setting \
+                 shrink?): none restored",
                 path.display()
             ));
         }
-        let sessions = parse_saved_sessions(&bytes, fingerprint)?;
-        let count = sessions.len();
-        for (id, value) in sessions {
-            rustls::server::StoresServerSessions::put(self, id.to_vec(), value.to_vec());
+        let oldest_kept_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
+        let mut restored = 0;
+        for session in parse_saved_sessions(&bytes, fingerprint)? {
+            if session.made_at_secs < oldest_kept_secs {
+                continue;
+            }
+            self.put_made_at(
+                session.id.to_vec(),
+                session.value.to_vec(),
+                session.made_at_secs,
+            );
+            restored += 1;
         }
-        Ok(count.min(self.entries_max))
+        Ok(restored.min(self.entries_max))
     }
-}
 
-/// A saved session: its id and rustls's encoding of it.
-type SavedSession<'a> = (&'a [u8], &'a [u8]);
-
-/// The sessions of a saved file, oldest first, if it is whole and of `fingerprint`.
-fn parse_saved_sessions<'a>(
-    bytes: &'a [u8],
-    fingerprint: &[u8; 32],
-) -> Result<Vec<SavedSession<'a>>, String> {
-    let torn = || "the saved TLS sessions are torn or altered: none restored".to_string();
-    let body_bytes = bytes.len().checked_sub(32).ok_or_else(torn)?;
-    let (body, checksum) = bytes.split_at(body_bytes);
-    if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != checksum {
-        return Err(torn());
-    }
-    let rest = body.strip_prefix(SAVED_SESSIONS_MAGIC).ok_or_else(torn)?;
-    let (saved_fingerprint, rest) = rest.split_at_checked(32).ok_or_else(torn)?;
-    if saved_fingerprint != fingerprint {
-        return Err(
-            "the saved TLS sessions were made with another certificate: none restored".into(),
-        );
-    }
-    let (count, mut rest) = rest.split_at_checked(4).ok_or_else(torn)?;
-    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
-    let mut sessions = Vec::new();
-    while !rest.is_empty() {
-        let (&id_bytes, after) = rest.split_first().ok_or_else(torn)?;
-        let (id, after) = after.split_at_checked(id_bytes as usize).ok_or_else(torn)?;
-        let (value_bytes, after) = after.split_at_checked(2).ok_or_else(torn)?;
-        let value_bytes = u16::from_le_bytes(value_bytes.try_into().expect("2 bytes")) as usize;
-        if value_bytes > SAVED_SESSION_BYTES_MAX {
-            return Err(torn());
-        }
-        let (value, after) = after.split_at_checked(value_bytes).ok_or_else(torn)?;
-        sessions.push((id, value));
-        rest = after;
-    }
-    if sessions.len() != count {
-        return Err(torn());
-    }
-    Ok(sessions)
-}
-
-impl SessionCacheInner {
-    fn is_live(&self, id: &[u8], stamp: u64) -> bool {
-        self.sessions
-            .get(id)
-            .is_some_and(|(_, live)| *live == stamp)
-    }
-}
-
-impl rustls::server::StoresServerSessions for SessionCache {
-    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+    /// Caches `value` as a session made at `made_at_secs`, evicting the oldest beyond the
+    /// maximum.
+    fn put_made_at(&self, key: Vec<u8>, value: Vec<u8>, made_at_secs: u64) {
         let mut inner = self.lock();
         let stamp = inner.next_stamp;
         inner.next_stamp += 1;
         inner.order.push_back((key.clone(), stamp));
-        inner.sessions.insert(key, (value, stamp));
+        inner.sessions.insert(
+            key,
+            CachedSession {
+                value,
+                stamp,
+                made_at_secs,
+            },
+        );
         while inner.sessions.len() > self.entries_max {
             let Some((oldest, stamp)) = inner.order.pop_front() else {
                 break;
@@ -632,8 +648,87 @@ impl rustls::server::StoresServerSessions for SessionCache {
             let SessionCacheInner {
                 sessions, order, ..
             } = &mut *inner;
-            order.retain(|(id, stamp)| sessions.get(id).is_some_and(|(_, live)| live == stamp));
+            order.retain(|(id, stamp)| sessions.get(id).is_some_and(|s| s.stamp == *stamp));
         }
+    }
+}
+
+/// The temporary file a save writes before renaming it over `path`.
+fn saving_path(path: &Path) -> PathBuf {
+    path.with_extension("saving")
+}
+
+/// A session read from a saved file.
+#[derive(Debug, PartialEq, Eq)]
+struct SavedSession<'a> {
+    id: &'a [u8],
+    made_at_secs: u64,
+    /// rustls's encoding of the session.
+    value: &'a [u8],
+}
+
+/// The sessions of a saved file, oldest first, if it is whole and of `fingerprint`.
+fn parse_saved_sessions<'a>(
+    bytes: &'a [u8],
+    fingerprint: &[u8; 32],
+) -> Result<Vec<SavedSession<'a>>, String> {
+    let torn = || "the saved TLS sessions are torn or damaged: none restored".to_string();
+    let body_bytes = bytes.len().checked_sub(32).ok_or_else(torn)?;
+    let (body, checksum) = bytes.split_at(body_bytes);
+    if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != checksum {
+        return Err(torn());
+    }
+    let rest = body.strip_prefix(SAVED_SESSIONS_MAGIC).ok_or_else(|| {
+        "the saved TLS sessions are of another format (another version saved them): none \
+         restored"
+            .to_string()
+    })?;
+    let (saved_fingerprint, rest) = rest.split_at_checked(32).ok_or_else(torn)?;
+    if saved_fingerprint != fingerprint {
+        return Err(
+            "the saved TLS sessions were made with other certificates: none restored".into(),
+        );
+    }
+    let (count, mut rest) = rest.split_at_checked(4).ok_or_else(torn)?;
+    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
+    let mut sessions = Vec::new();
+    while !rest.is_empty() {
+        let (&id_bytes, after) = rest.split_first().ok_or_else(torn)?;
+        let (id, after) = after
+            .split_at_checked(usize::from(id_bytes))
+            .ok_or_else(torn)?;
+        let (made_at, after) = after.split_at_checked(8).ok_or_else(torn)?;
+        let made_at_secs = u64::from_le_bytes(made_at.try_into().expect("8 bytes"));
+        let (value_len, after) = after.split_at_checked(2).ok_or_else(torn)?;
+        let value_len = usize::from(u16::from_le_bytes(value_len.try_into().expect("2 bytes")));
+        if value_len > SAVED_SESSION_BYTES_MAX {
+            return Err(torn());
+        }
+        let (value, after) = after.split_at_checked(value_len).ok_or_else(torn)?;
+        sessions.push(SavedSession {
+            id,
+            made_at_secs,
+            value,
+        });
+        rest = after;
+    }
+    if sessions.len() != count {
+        return Err(torn());
+    }
+    Ok(sessions)
+}
+
+impl SessionCacheInner {
+    fn is_live(&self, id: &[u8], stamp: u64) -> bool {
+        self.sessions
+            .get(id)
+            .is_some_and(|session| session.stamp == stamp)
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.put_made_at(key, value, unix_now_secs());
         true
     }
 
@@ -641,11 +736,14 @@ impl rustls::server::StoresServerSessions for SessionCache {
         self.lock()
             .sessions
             .get(key)
-            .map(|(value, _)| value.clone())
+            .map(|session| session.value.clone())
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.lock().sessions.remove(key).map(|(value, _)| value)
+        self.lock()
+            .sessions
+            .remove(key)
+            .map(|session| session.value)
     }
 
     fn can_cache(&self) -> bool {
@@ -1116,7 +1214,7 @@ mod tests {
         let mut pair = Pair::new();
         pair.drive(100);
         assert_eq!(pair.sessions.len(), 1);
-        let fingerprint = chains_fingerprint([pair.identity.certs.as_slice()]);
+        let fingerprint = certificates_fingerprint([pair.identity.certs.as_slice()]);
         assert_eq!(pair.sessions.save(&path, &fingerprint).unwrap(), 1);
 
         pair.restart_server(|sessions| {
@@ -1214,5 +1312,144 @@ mod tests {
             assert!(cache.is_empty(), "{case}: nothing restored");
             assert!(!path.exists(), "{case}: the file is deleted");
         }
+    }
+
+    /// A saved file's body with a checksum made for it: what the parser sees past the
+    /// checksum, so that its own checks are tested.
+    fn checksummed(body: &[u8]) -> Vec<u8> {
+        let mut bytes = body.to_vec();
+        bytes.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
+        bytes
+    }
+
+    fn saved_header(fingerprint: &[u8; 32], count: u32) -> Vec<u8> {
+        let mut body = SAVED_SESSIONS_MAGIC.to_vec();
+        body.extend_from_slice(fingerprint);
+        body.extend_from_slice(&count.to_le_bytes());
+        body
+    }
+
+    fn saved_entry(id: &[u8], made_at_secs: u64, value: &[u8]) -> Vec<u8> {
+        let mut entry = vec![id.len() as u8];
+        entry.extend_from_slice(id);
+        entry.extend_from_slice(&made_at_secs.to_le_bytes());
+        entry.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        entry.extend_from_slice(value);
+        entry
+    }
+
+    /// Past the checksum the parser still refuses whatever does not add up: a length that
+    /// runs past the end, a session over the limit, a count that does not match, another
+    /// format; and no input makes it panic.
+    #[test]
+    fn the_saved_session_parser_refuses_bodies_that_do_not_add_up() {
+        let fingerprint = [3u8; 32];
+        let now = unix_now_secs();
+        let mut good = saved_header(&fingerprint, 2);
+        good.extend(saved_entry(&[1; 32], now, &[9; 100]));
+        good.extend(saved_entry(&[2; 32], now, &[8; 50]));
+        let good_file = checksummed(&good);
+        let parsed = parse_saved_sessions(&good_file, &fingerprint).unwrap();
+        assert_eq!(
+            parsed,
+            vec![
+                SavedSession {
+                    id: &[1; 32],
+                    made_at_secs: now,
+                    value: &[9; 100]
+                },
+                SavedSession {
+                    id: &[2; 32],
+                    made_at_secs: now,
+                    value: &[8; 50]
+                },
+            ]
+        );
+        let mut wrong_count = saved_header(&fingerprint, 3);
+        wrong_count.extend_from_slice(&good[SAVED_COUNT_AT + 4..]);
+        let mut overrun = good.clone();
+        overrun.truncate(overrun.len() - 1);
+        let mut too_long = saved_header(&fingerprint, 1);
+        too_long.extend(saved_entry(
+            &[1; 32],
+            now,
+            &vec![0; SAVED_SESSION_BYTES_MAX + 1],
+        ));
+        let mut other_format = good.clone();
+        other_format[..8].copy_from_slice(b"CRSESS01");
+        for (case, body) in [
+            ("a count that does not match", wrong_count),
+            ("a length past the end", overrun),
+            ("a session over the limit", too_long),
+            ("another format", other_format),
+        ] {
+            assert!(
+                parse_saved_sessions(&checksummed(&body), &fingerprint).is_err(),
+                "{case}"
+            );
+        }
+        // Arbitrary bodies behind a valid checksum: refused or parsed, never a panic.
+        let mut rng = courier_core::rng::Rng::new(7);
+        for _ in 0..20_000 {
+            let mut body = saved_header(&fingerprint, rng.below(4) as u32);
+            for _ in 0..rng.below(64) {
+                body.push(rng.below(256) as u8);
+            }
+            let _ = parse_saved_sessions(&checksummed(&body), &fingerprint);
+        }
+    }
+
+    /// A session older than a ticket's lifetime is neither saved nor restored: saving does
+    /// not let sessions outlive the process that made them by more than that.
+    #[test]
+    fn sessions_older_than_a_ticket_lifetime_are_not_saved_or_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let fingerprint = [5u8; 32];
+        let now = unix_now_secs();
+        let too_old = now - SAVED_SESSION_AGE_SECS_MAX - 1;
+        let cache = SessionCache::new(10);
+        cache.put_made_at(vec![1; 32], vec![1; 10], too_old);
+        cache.put_made_at(vec![2; 32], vec![2; 10], now - 60);
+        assert_eq!(cache.save(&path, &fingerprint), Ok(1));
+        let restored = SessionCache::new(10);
+        assert_eq!(restored.restore(&path, &fingerprint), Ok(1));
+        assert!(restored.get(&[2; 32]).is_some());
+        // Restored, a session keeps its age.
+        assert_eq!(
+            restored.lock().sessions[&vec![2u8; 32]].made_at_secs,
+            now - 60
+        );
+
+        let mut body = saved_header(&fingerprint, 2);
+        body.extend(saved_entry(&[3; 32], too_old, &[3; 10]));
+        body.extend(saved_entry(&[4; 32], now, &[4; 10]));
+        std::fs::write(&path, checksummed(&body)).unwrap();
+        let cache = SessionCache::new(10);
+        assert_eq!(cache.restore(&path, &fingerprint), Ok(1));
+        assert!(cache.get(&[3; 32]).is_none(), "the old one is dropped");
+        assert!(cache.get(&[4; 32]).is_some());
+    }
+
+    /// A file larger than the cache's sessions can be is refused before it is parsed, and a
+    /// save's leftover temporary file is deleted by the next restore.
+    #[test]
+    fn an_oversized_file_restores_nothing_and_leftovers_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let fingerprint = [6u8; 32];
+        let cache = SessionCache::new(1);
+        let bound = SAVED_COUNT_AT
+            + 4
+            + 32
+            + SAVED_SESSION_OVERHEAD_BYTES
+            + SAVED_SESSION_ID_BYTES_MAX
+            + SAVED_SESSION_BYTES_MAX;
+        std::fs::write(&path, vec![0u8; bound + 1]).unwrap();
+        std::fs::write(saving_path(&path), b"a save cut short").unwrap();
+        let refused = cache.restore(&path, &fingerprint).unwrap_err();
+        assert!(refused.contains("larger than"), "{refused}");
+        assert!(!path.exists() && !saving_path(&path).exists());
+        assert!(cache.is_empty());
     }
 }

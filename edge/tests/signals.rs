@@ -184,11 +184,25 @@ async fn clients_resume_with_0rtt_after_a_stop_but_not_after_a_kill() {
     edge.kill9();
     assert!(!saved.exists(), "a kill saves nothing");
     edge.spawn();
-    let after_kill = connect(options).await;
+    let after_kill = connect(options.clone()).await;
     assert_eq!(
         after_kill.zero_rtt_accepted(),
         Some(false),
         "after a kill the edge does not know the session: a full handshake"
     );
     after_kill.close();
+
+    // Turned off, a start deletes what a stop saved before, unused.
+    assert!(edge.terminate());
+    assert!(saved.exists());
+    let mut config = std::fs::read_to_string(&edge.config_path).expect("config");
+    config.push_str("\n[tls]\nsessions_survive_restart = false\n");
+    std::fs::write(&edge.config_path, config).expect("config");
+    edge.spawn();
+    assert!(!saved.exists(), "deleted unused");
+    let after_off = connect(options).await;
+    assert_eq!(after_off.zero_rtt_accepted(), Some(false));
+    after_off.close();
+    assert!(edge.terminate());
+    assert!(!saved.exists(), "nothing saved when it is off");
 }
