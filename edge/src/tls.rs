@@ -510,8 +510,9 @@ fn unix_now_secs() -> u64 {
 impl SessionCache {
     /// Writes every live session younger than [`SAVED_SESSION_AGE_SECS_MAX`], oldest first,
     /// to `path` (mode 0600, through a temporary file renamed over it) under `fingerprint`
-    /// (`certificates_fingerprint`); returns how many. The file holds resumption secrets: it
-    /// is as sensitive as the TLS key.
+    /// (`certificates_fingerprint`); returns how many. The cache is emptied as it is saved:
+    /// a handshake still running somewhere cannot resume a saved session, which the next start
+    /// will offer again. The file holds resumption secrets: it is as sensitive as the TLS key.
     pub fn save(&self, path: &Path, fingerprint: &[u8; 32]) -> Result<usize, String> {
         let oldest_kept_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
         let mut bytes = Vec::new();
@@ -520,9 +521,11 @@ impl SessionCache {
         bytes.extend_from_slice(&0u32.to_le_bytes());
         let mut count = 0u32;
         {
-            let inner = self.lock();
-            for (id, stamp) in &inner.order {
-                let Some(session) = inner.sessions.get(id).filter(|s| s.stamp == *stamp) else {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            let sessions = std::mem::take(&mut inner.sessions);
+            for (id, stamp) in std::mem::take(&mut inner.order) {
+                let Some(session) = sessions.get(&id).filter(|s| s.stamp == stamp) else {
                     continue;
                 };
                 if id.len() > SAVED_SESSION_ID_BYTES_MAX
@@ -532,7 +535,7 @@ impl SessionCache {
                     continue;
                 }
                 bytes.push(id.len() as u8);
-                bytes.extend_from_slice(id);
+                bytes.extend_from_slice(&id);
                 bytes.extend_from_slice(&session.made_at_secs.to_le_bytes());
                 bytes.extend_from_slice(&(session.value.len() as u16).to_le_bytes());
                 bytes.extend_from_slice(&session.value);
@@ -1216,6 +1219,10 @@ mod tests {
         assert_eq!(pair.sessions.len(), 1);
         let fingerprint = certificates_fingerprint([pair.identity.certs.as_slice()]);
         assert_eq!(pair.sessions.save(&path, &fingerprint).unwrap(), 1);
+        assert!(
+            pair.sessions.is_empty(),
+            "saving empties the cache: no handshake still running can resume a saved session"
+        );
 
         pair.restart_server(|sessions| {
             assert_eq!(sessions.restore(&path, &fingerprint), Ok(1));
