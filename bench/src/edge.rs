@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use courier_client::{ConnectOptions, Connector};
 use courier_protocol::token::{Claims, Role, SigningKey, mint, signing_key_from_base64};
@@ -242,9 +242,7 @@ impl Target {
 
     /// A token for `device` of `user`, valid for a day.
     pub fn device_token(&self, user: u64, device: u32) -> String {
-        let now_secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now_secs = courier_core::clock::wall_clock_ms() / 1000;
         mint(
             &self.key,
             &Claims {

@@ -90,9 +90,7 @@ impl Report {
         Report {
             workload: workload.to_string(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
-            started_at_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_at_unix_ms: courier_core::clock::wall_clock_ms(),
             params,
             duration_secs: 0.0,
             messages_sent: 0,

@@ -14,6 +14,17 @@
 
 use crate::UnixMillis;
 
+/// Milliseconds since the Unix epoch by the wall clock (0 for a clock set before 1970). For
+/// what must be wall time: a [`ServerClock`]'s anchor, an age that must survive a restart, a
+/// token's expiry minted on the command line. Everything else reads the server clock.
+pub fn wall_clock_ms() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 /// Server time: a wall-clock anchor taken at start, advanced by a monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerClock {

@@ -312,9 +312,7 @@ fn try_main(cli: Cli) -> Result<(), String> {
                     auth::signing_key_path(&config).display()
                 );
             }
-            let now_secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now_secs = courier_core::clock::wall_clock_ms() / 1000;
             let claims = auth::Claims {
                 key_id: config.auth.signing_key_id,
                 user,

@@ -31,10 +31,10 @@ use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use courier_core::clock::ServerClock;
+use courier_core::clock::{ServerClock, wall_clock_ms};
 use courier_core::commit::Committer;
 use courier_core::placement::EdgeId;
 use courier_core::session::{
@@ -401,12 +401,6 @@ fn connection_log_allowed(
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Milliseconds of a monotonic clock shared by the process's shards.
 fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -497,7 +491,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     };
     // Dedupe buckets and expiry run on a clock that never goes back (core::clock).
     let clock = match store.clock_high_water() {
-        Ok(high_water_ms) => ServerClock::start(unix_ms(), high_water_ms, monotonic_ms()),
+        Ok(high_water_ms) => ServerClock::start(wall_clock_ms(), high_water_ms, monotonic_ms()),
         Err(error) => {
             let _ = setup.ready.send(Err(format!(
                 "shard {id}: cannot read the clock high-water mark: {error}"

@@ -502,9 +502,7 @@ pub fn certificates_fingerprint<'a>(
 
 /// Seconds since the Unix epoch, by the wall clock (a session's age must survive a restart).
 fn unix_now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
+    courier_core::clock::wall_clock_ms() / 1000
 }
 
 impl SessionCache {
