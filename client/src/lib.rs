@@ -349,14 +349,20 @@ pub struct ConnectOptions {
     pub reconnect: bool,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
-    /// Wait this long before retrying a send the server refused with a retryable error.
+    /// Wait this long before retrying a send the server refused with a retryable error
+    /// (`Overloaded`, `StoreUnavailable`, ...); each further refusal of the same send doubles
+    /// the wait, up to `retry_after_max`, and retries are spread over the second half of it.
     pub retry_after: Duration,
+    pub retry_after_max: Duration,
     /// Sends written and not yet answered; the rest wait in the client. At most the server's
     /// `limits.sends_in_flight_per_connection_max` (256 by default).
     pub sends_in_flight_max: usize,
     /// Sends queued or in flight; beyond it `send` fails with `Refused(TooManyInFlight)`.
     pub sends_pending_max: usize,
-    /// Deliveries buffered for the application before the client stops reading.
+    /// Deliveries buffered for the application before the client stops reading the
+    /// connection. Receipts of sends and signals come on the same stream, so while the
+    /// application does not take its deliveries ([`Client::recv`]), `send` waits for its
+    /// receipt too; an application that only sends still has to take what arrives.
     pub deliveries_buffered_max: usize,
     /// Messages to send in the connection's first flight, right after `Hello` (as 0-RTT data
     /// when the connector resumes a session). Wait for their receipts with
@@ -388,12 +394,34 @@ impl ConnectOptions {
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(2),
             retry_after: Duration::from_millis(200),
+            retry_after_max: Duration::from_secs(5),
             sends_in_flight_max: 256,
             sends_pending_max: 100_000,
             deliveries_buffered_max: 4096,
             early_sends: Vec::new(),
             welcome_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Refuses options whose `Hello` the protocol's limits would refuse: without the check the
+    /// link would end with a protocol error at its first frame.
+    fn check(&self) -> Result<(), ClientError> {
+        if self.token.len() > courier_protocol::TOKEN_BYTES_MAX {
+            return Err(ClientError::Config(format!(
+                "the token is {} bytes, more than the protocol's {}: pass the token \
+                 `courier-edge token` printed",
+                self.token.len(),
+                courier_protocol::TOKEN_BYTES_MAX
+            )));
+        }
+        if self.device > courier_protocol::DEVICE_ID_MAX {
+            return Err(ClientError::Config(format!(
+                "device {} is out of range: a user's devices are numbered 0 to {}",
+                self.device,
+                courier_protocol::DEVICE_ID_MAX
+            )));
+        }
+        Ok(())
     }
 
     /// The protocol session's settings these options make, for tools that drive
@@ -403,6 +431,7 @@ impl ConnectOptions {
         config.sends_in_flight_max = self.sends_in_flight_max.max(1);
         config.sends_pending_max = self.sends_pending_max.max(1);
         config.retry_after_ms = self.retry_after.as_millis() as u64;
+        config.retry_after_max_ms = self.retry_after_max.as_millis() as u64;
         config.reconnect_backoff_min_ms = self.reconnect_backoff_min.as_millis() as u64;
         config.reconnect_backoff_max_ms = self.reconnect_backoff_max.as_millis() as u64;
         config
@@ -476,6 +505,7 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     async fn connect(connector: Connector, options: ConnectOptions) -> Result<Client, ClientError> {
+        options.check()?;
         let mut session = ClientSession::new(options.session_config(), options.resume_after_seq);
         let mut waiters: HashMap<u64, Vec<Waiter>> = HashMap::new();
         let mut early_receipts = Vec::new();
@@ -704,9 +734,10 @@ impl Drop for Client {
 
 fn refusal_error(refused: SendRefused) -> ClientError {
     match refused {
-        SendRefused::ReservedId | SendRefused::BodyTooLarge(_) => {
-            ClientError::Config(refused.to_string())
-        }
+        SendRefused::ReservedId
+        | SendRefused::NoRecipient
+        | SendRefused::TtlTooLong(_)
+        | SendRefused::BodyTooLarge(_) => ClientError::Config(refused.to_string()),
         SendRefused::QueueFull => ClientError::Refused(ErrorCode::TooManyInFlight),
         SendRefused::Closed => ClientError::Shutdown,
     }
@@ -909,6 +940,9 @@ impl Driver {
                 }
                 LinkEnd::Lost(error) => error,
             };
+            // A redirect on a link that was welcomed (a `Goaway`) waits the reconnect backoff:
+            // edges that disagree on the user's home cannot bounce the client at full speed.
+            let redirected_after_welcome = self.session.is_active();
             let now = self.now();
             self.session.disconnected(now);
             if back_to_first {
@@ -921,7 +955,16 @@ impl Driver {
             }
             let error = match error {
                 ClientError::Redirected { to } => match self.follow_redirect(&to).await {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        if redirected_after_welcome {
+                            let delay = self.session.reconnect_delay_ms(rand::random());
+                            if self.wait_or_close(Duration::from_millis(delay)).await {
+                                self.fail(ClientError::Shutdown);
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     Err(error) => error,
                 },
                 error => error,
@@ -1130,7 +1173,12 @@ impl Driver {
             let timeout = self.session.poll_timeout();
             let sleep_for =
                 timeout.map(|due| Duration::from_millis(due.saturating_sub(self.now())));
-            let app_has_room = self.to_app.len() < self.options.deliveries_buffered_max.max(1);
+            // A full buffer stops reading (the server's flow control then holds its
+            // deliveries, and this connection's receipts and signals behind them), but not
+            // before the link's `Welcome`: the buffer outlives a reconnect, and a link that
+            // could not read its `Welcome` would time out and reconnect forever.
+            let app_has_room = self.to_app.len() < self.options.deliveries_buffered_max.max(1)
+                || !self.session.is_active();
             let incoming = self.incoming.clone();
             tokio::select! {
                 // quinn hands over its own buffer (no copy); frames are decoded from it.

@@ -249,6 +249,8 @@ type PurgeReply = flume::Sender<Result<(), String>>;
 pub struct Shard {
     id: u8,
     shard_count: u32,
+    /// The largest UDP payload the endpoint takes (`EndpointConfig::max_udp_payload_size`).
+    datagram_bytes_max: u64,
     config: Arc<Config>,
     core: CoreConfig,
     store: Arc<dyn ShardStore>,
@@ -507,6 +509,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     // turns a thousand clients into twenty seconds of waiting. A reset is always smaller than
     // the packet that caused it, so answering each one amplifies nothing.
     endpoint_config.min_reset_interval(Duration::ZERO);
+    let datagram_bytes_max = endpoint_config.get_max_udp_payload_size();
     let endpoint = Endpoint::new(
         Arc::new(endpoint_config),
         Some(setup.server_config.clone()),
@@ -516,6 +519,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     let shard = Rc::new(RefCell::new(Shard {
         id,
         shard_count: setup.shard_count,
+        datagram_bytes_max,
         core: setup.core.clone(),
         store,
         lanes,
@@ -1303,18 +1307,48 @@ impl Shard {
             && u32::from(target) < self.shard_count
         {
             tracing::trace!(from = self.id, to = target, %remote, "steering a datagram to its connection's shard");
-            self.route(
-                target,
-                MeshMessage::Datagram {
-                    remote,
-                    local_ip,
-                    ecn,
-                    data: data.to_vec(),
-                },
-            );
+            self.steer_datagram(target, remote, local_ip, ecn, data);
             return;
         }
         self.endpoint_input(now, remote, local_ip, ecn, data);
+    }
+
+    /// Hands a short-header datagram to the shard its connection id names, or drops it.
+    ///
+    /// Anyone can send such datagrams without a handshake, so they are never queued behind a
+    /// full channel: a queue would count towards the mesh's congestion, which stops this
+    /// shard decoding client frames and starting commits, and would hold up to a 64 KiB
+    /// copy per datagram; and while a backlog to that shard drains, its messages go first.
+    /// QUIC resends what is lost. A datagram larger than the endpoint
+    /// takes (`max_udp_payload_size`, which the clients are told) is junk and goes first.
+    fn steer_datagram(
+        &mut self,
+        target: u8,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<u8>,
+        data: &[u8],
+    ) {
+        let peer = target as usize;
+        let handed_over = data.len() as u64 <= self.datagram_bytes_max
+            && !self.mesh_draining[peer]
+            && self.mesh.clone().is_some_and(|senders| {
+                senders
+                    .try_send_to(
+                        peer,
+                        MeshMessage::Datagram {
+                            remote,
+                            local_ip,
+                            ecn,
+                            data: data.to_vec(),
+                        },
+                    )
+                    .is_ok()
+            });
+        if !handed_over {
+            self.stats.mesh_messages_dropped += 1;
+            self.metrics.mesh_messages_dropped.inc();
+        }
     }
 
     fn endpoint_input(

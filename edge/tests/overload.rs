@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EVENT_TIMEOUT, Edge, next_message};
+use common::{EVENT_TIMEOUT, Edge, free_addr, next_message};
 use courier_client::{ConnectOptions, Incoming};
 use courier_protocol::{Frame, SignalKind};
 
@@ -161,6 +161,62 @@ async fn a_tiny_mesh_under_cross_shard_load_serves_every_connection() {
             .expect("send after the burst");
         assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
     }
+}
+
+/// Junk short-header datagrams that name the other shard, which anyone can send without a
+/// handshake, are not queued for it: those larger than a QUIC datagram the edge takes are
+/// dropped and counted, and the edge goes on serving. Before the fix each was copied (up to
+/// 64 KiB) into the cross-shard channel and, once that was full, into a backlog whose
+/// congestion stopped the shard decoding client frames and committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_datagrams_for_another_shard_are_dropped_not_queued() {
+    let metrics = free_addr();
+    let mut edge = Edge::start_with(2, &format!("[metrics]\nlisten = \"{metrics}\"\n"), &[]);
+    // Let both shards listen (the first client proves it).
+    let alice = edge.client(900).await;
+    const SOCKETS: usize = 16;
+    const OVERSIZED_PER_SOCKET: usize = 20;
+    for socket_number in 0..SOCKETS {
+        // Each socket's datagrams land on one shard (the kernel hashes the 4-tuple); they name
+        // shard 0 and shard 1 in turn, so half of them name the other shard.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for i in 0..OVERSIZED_PER_SOCKET {
+            let mut datagram = vec![0x5au8; 4_000];
+            datagram[0] = 0x40; // a short header
+            datagram[1] = (i % 2) as u8; // the shard its connection id names
+            datagram[2] = socket_number as u8;
+            socket.send_to(&datagram, edge.addr).expect("send junk");
+        }
+    }
+    let mut bob = edge.client(901).await;
+    for i in 0..5u32 {
+        alice
+            .send(901, i.to_be_bytes().to_vec())
+            .await
+            .expect("send during the junk");
+        assert_eq!(next_message(&mut bob).await.body, i.to_be_bytes().to_vec());
+    }
+    let mut dropped = 0.0;
+    for _ in 0..50 {
+        dropped = common::metric_sum_at(metrics, "courier_mesh_messages_dropped_total")
+            .expect("metrics listener");
+        if dropped > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        dropped > 0.0,
+        "oversized datagrams naming the other shard are dropped, not handed over"
+    );
+    assert!(
+        dropped <= (SOCKETS * OVERSIZED_PER_SOCKET / 2) as f64,
+        "only those: {dropped}"
+    );
+    assert!(
+        edge.wait_exit(Duration::from_millis(10)).is_none(),
+        "the edge is still running"
+    );
 }
 
 /// A flood of signals at connections that never read leaves the edge's memory bounded: over a

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::{BODY_BYTES_MAX, ErrorCode, Frame, SIGNAL_PAYLOAD_BYTES_MAX, SignalKind};
+use crate::{BODY_BYTES_MAX, ErrorCode, Frame, SIGNAL_PAYLOAD_BYTES_MAX, SignalKind, TTL_SECS_MAX};
 
 /// Milliseconds of the driver's monotonic clock.
 pub type Millis = u64;
@@ -43,8 +43,12 @@ pub struct ClientConfig {
     pub sends_in_flight_max: usize,
     /// Sends the application may have queued or in flight; beyond it `send` is refused.
     pub sends_pending_max: usize,
-    /// Wait before resending a send the server refused with a retryable code.
+    /// Wait before resending a send the server refused with a retryable code (`Overloaded`,
+    /// `StoreUnavailable`, ...); each further refusal of the same send doubles it, up to
+    /// `retry_after_max_ms`. A retry comes due at a point spread over the second half of its
+    /// wait, so a window of sends refused together does not come back together.
     pub retry_after_ms: u64,
+    pub retry_after_max_ms: u64,
     /// Acks are gathered this long and the highest sent (acks are cumulative). The default,
     /// 25 ms, is the QUIC acknowledgement delay the edge asks its clients for
     /// (`quic.client_ack_delay_ms`): the app's `Ack` and the transport's ACK of the same
@@ -58,6 +62,11 @@ pub struct ClientConfig {
     /// First reconnect delay; doubles per failed attempt, with jitter, up to the maximum.
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
+    /// A link that stayed up this long after its `Welcome` starts the backoff over when it
+    /// ends. A shorter one keeps it growing: two instances of one device that supersede each
+    /// other, or edges that redirect a client back and forth, reconnect at the backoff's
+    /// maximum instead of as fast as a handshake allows.
+    pub link_healthy_after_ms: u64,
 }
 
 impl ClientConfig {
@@ -68,10 +77,12 @@ impl ClientConfig {
             sends_in_flight_max: 256,
             sends_pending_max: 100_000,
             retry_after_ms: 200,
+            retry_after_max_ms: 5_000,
             ack_delay_ms: 25,
             signals_queued_max: 1024,
             reconnect_backoff_min_ms: 50,
             reconnect_backoff_max_ms: 2_000,
+            link_healthy_after_ms: 10_000,
         }
     }
 }
@@ -127,6 +138,10 @@ pub enum ClientEvent {
 pub enum SendRefused {
     #[error("client message id 0 is reserved")]
     ReservedId,
+    #[error("user id 0 is not a recipient")]
+    NoRecipient,
+    #[error("a time to live of {0} s exceeds the protocol's maximum of {max} s", max = TTL_SECS_MAX)]
+    TtlTooLong(u32),
     #[error("body of {0} bytes exceeds the protocol's maximum")]
     BodyTooLarge(usize),
     #[error("too many sends pending: wait for receipts")]
@@ -175,6 +190,23 @@ pub fn is_fatal_code(code: ErrorCode) -> bool {
     )
 }
 
+/// How long a send refused `refusals` times before waits for its next attempt: doubling from
+/// `retry_after_ms` up to `retry_after_max_ms`, at a point in the second half of that wait
+/// chosen by the send's id and attempt (no randomness needed: the ids of a refused window
+/// differ, so their retries spread).
+fn retry_wait_ms(config: &ClientConfig, client_id: u64, refusals: u32) -> Millis {
+    let first = config.retry_after_ms.max(1);
+    let wait = first
+        .saturating_mul(1u64 << refusals.min(32))
+        .min(config.retry_after_max_ms.max(first));
+    // splitmix64's finaliser: neighbouring ids land far apart.
+    let mut spread = client_id ^ u64::from(refusals).rotate_left(32);
+    spread = (spread ^ (spread >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    spread = (spread ^ (spread >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    spread ^= spread >> 31;
+    wait - wait / 2 + spread % (wait / 2 + 1)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
     Down,
@@ -190,6 +222,8 @@ struct PendingSend {
     body: Vec<u8>,
     ttl_secs: Option<u32>,
     in_flight: bool,
+    /// Retryable refusals of this send so far: its next retry waits longer.
+    refusals: u32,
 }
 
 /// One device's protocol state. See the module documentation for the calling order.
@@ -219,6 +253,8 @@ pub struct ClientSession {
     events: VecDeque<ClientEvent>,
     closed: bool,
     reconnect_attempts: u32,
+    /// When the current link was welcomed (`link_healthy_after_ms`).
+    welcomed_at_ms: Option<Millis>,
 }
 
 impl ClientSession {
@@ -244,6 +280,7 @@ impl ClientSession {
             events: VecDeque::new(),
             closed: false,
             reconnect_attempts: 0,
+            welcomed_at_ms: None,
         }
     }
 
@@ -312,7 +349,13 @@ impl ClientSession {
 
     /// The connection is gone. Unanswered sends go out again on the next connection, under
     /// the same ids; signals and control frames for this connection are dropped.
-    pub fn disconnected(&mut self, _now: Millis) {
+    pub fn disconnected(&mut self, now: Millis) {
+        let welcomed_at_ms = self.welcomed_at_ms.take();
+        if welcomed_at_ms
+            .is_some_and(|at| now.saturating_sub(at) >= self.config.link_healthy_after_ms)
+        {
+            self.reconnect_attempts = 0;
+        }
         self.link = Link::Down;
         self.control.clear();
         self.signals.clear();
@@ -323,8 +366,8 @@ impl ClientSession {
     }
 
     /// How long to wait before the next connection attempt: exponential from the minimum,
-    /// capped at the maximum, with jitter (half to all of it) from `random`. Reset by a
-    /// `Welcome`.
+    /// capped at the maximum, with jitter (half to all of it) from `random`. Reset when a
+    /// link that stayed up `link_healthy_after_ms` after its `Welcome` ends.
     pub fn reconnect_delay_ms(&mut self, random: u64) -> u64 {
         let min = self.config.reconnect_backoff_min_ms.max(1);
         let max = self.config.reconnect_backoff_max_ms.max(min);
@@ -350,7 +393,7 @@ impl ClientSession {
             } => {
                 self.link = Link::Active;
                 self.user = Some(user);
-                self.reconnect_attempts = 0;
+                self.welcomed_at_ms = Some(now);
                 self.events.push_back(ClientEvent::Welcome {
                     user,
                     device,
@@ -402,7 +445,9 @@ impl ClientSession {
                     {
                         pending.in_flight = false;
                         self.in_flight -= 1;
-                        let due = now.saturating_add(self.config.retry_after_ms);
+                        let wait_ms = retry_wait_ms(&self.config, client_id, pending.refusals);
+                        pending.refusals = pending.refusals.saturating_add(1);
+                        let due = now.saturating_add(wait_ms);
                         self.retries.insert((due, pending.order), client_id);
                     }
                 } else {
@@ -519,6 +564,14 @@ impl ClientSession {
         if body.len() > BODY_BYTES_MAX {
             return Err(SendRefused::BodyTooLarge(body.len()));
         }
+        // Checked here as the server checks the frame: a frame that fails its limits would not
+        // encode, and the link would end with a protocol error for every send pending.
+        if to == 0 {
+            return Err(SendRefused::NoRecipient);
+        }
+        if let Some(ttl) = ttl_secs.filter(|ttl| *ttl > TTL_SECS_MAX) {
+            return Err(SendRefused::TtlTooLong(ttl));
+        }
         if self.pending.contains_key(&client_id) {
             return Ok(());
         }
@@ -535,6 +588,7 @@ impl ClientSession {
                 body,
                 ttl_secs,
                 in_flight: false,
+                refusals: 0,
             },
         );
         self.queue.insert(order, client_id);
@@ -562,7 +616,11 @@ impl ClientSession {
     /// Queues an ephemeral signal for `peer`. Dropped when there is no connection (signals
     /// are never stored) and, oldest first, beyond `signals_queued_max`.
     pub fn signal(&mut self, peer: u64, kind: SignalKind, payload: Vec<u8>) -> bool {
-        if self.link == Link::Down || self.closed || payload.len() > SIGNAL_PAYLOAD_BYTES_MAX {
+        if self.link == Link::Down
+            || self.closed
+            || peer == 0
+            || payload.len() > SIGNAL_PAYLOAD_BYTES_MAX
+        {
             return false;
         }
         if self.signals.len() >= self.config.signals_queued_max {
@@ -683,6 +741,32 @@ mod tests {
             from: 9,
             sent_at_ms: 0,
             body: vec![],
+        }
+    }
+
+    /// A send or signal the protocol's limits would refuse is refused when the application
+    /// asks, and the others go on: queued, such a frame would fail to encode and end the link
+    /// for every pending send.
+    #[test]
+    fn sends_and_signals_outside_the_protocols_limits_are_refused_at_once() {
+        let mut s = session();
+        assert_eq!(s.send(1, 0, vec![], None), Err(SendRefused::NoRecipient));
+        assert_eq!(
+            s.send(2, 5, vec![], Some(TTL_SECS_MAX + 1)),
+            Err(SendRefused::TtlTooLong(TTL_SECS_MAX + 1))
+        );
+        s.send(3, 5, vec![], Some(TTL_SECS_MAX)).unwrap();
+        s.connected(0);
+        assert!(!s.signal(0, SignalKind::Typing, vec![]));
+        assert!(s.signal(5, SignalKind::Typing, vec![]));
+        let frames = drain(&mut s);
+        assert_eq!(
+            frames.len(),
+            3,
+            "Hello, the valid send and signal: {frames:?}"
+        );
+        for frame in &frames {
+            crate::encode(frame, &mut Vec::new()).expect("every queued frame encodes");
         }
     }
 
@@ -817,5 +901,110 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= 2_000), "{delays:?}");
         assert!(delays[0] <= 50);
         assert!(delays[9] >= 1_000);
+    }
+
+    fn welcome() -> Frame {
+        Frame::Welcome {
+            user: 1,
+            device: 0,
+            server_time_ms: 0,
+            acked_up_to: 0,
+            first_seq: 1,
+        }
+    }
+
+    /// Links that end soon after their `Welcome` (another instance of the device superseding
+    /// this one, over and over) keep the backoff growing to its maximum; a link that stayed up
+    /// `link_healthy_after_ms` starts it over.
+    #[test]
+    fn only_a_link_that_stayed_up_resets_the_reconnect_backoff() {
+        let mut s = session();
+        let healthy_ms = s.config.link_healthy_after_ms;
+        let mut now = 0;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            s.connected(now);
+            s.handle_frame(now, welcome()).unwrap();
+            now += 100;
+            s.disconnected(now);
+            // With no jitter drawn, the delay is half the backoff.
+            let delay = s.reconnect_delay_ms(0);
+            delays.push(delay);
+            now += delay;
+        }
+        assert_eq!(
+            delays.last(),
+            Some(&(s.config.reconnect_backoff_max_ms / 2)),
+            "{delays:?}"
+        );
+        assert!(
+            delays.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{delays:?}"
+        );
+        s.connected(now);
+        s.handle_frame(now, welcome()).unwrap();
+        s.disconnected(now + healthy_ms);
+        assert_eq!(
+            s.reconnect_delay_ms(0),
+            s.config.reconnect_backoff_min_ms / 2
+        );
+    }
+
+    /// Each retryable refusal of a send doubles its wait up to the maximum, and a window of
+    /// sends refused at once comes due spread over the second half of the wait.
+    #[test]
+    fn refused_sends_back_off_and_spread() {
+        let mut s = session();
+        let (first_ms, max_ms) = (s.config.retry_after_ms, s.config.retry_after_max_ms);
+        for id in 1..=100 {
+            s.send(id, 2, vec![], None).unwrap();
+        }
+        s.connected(0);
+        drain(&mut s);
+        let refuse = |s: &mut ClientSession, now: Millis, client_id: u64| {
+            s.handle_frame(
+                now,
+                Frame::SendError {
+                    client_id,
+                    code: ErrorCode::Overloaded,
+                    retryable: true,
+                },
+            )
+            .unwrap();
+        };
+        for id in 1..=100 {
+            refuse(&mut s, 0, id);
+        }
+        let dues: Vec<Millis> = s.retries.keys().map(|(due, _)| *due).collect();
+        assert!(
+            dues.iter()
+                .all(|due| (first_ms / 2..=first_ms).contains(due)),
+            "{dues:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = dues.iter().collect();
+        assert!(distinct.len() > 50, "retries spread: {distinct:?}");
+        // Send 1 alone, refused again and again: 200, 400, 800, ... up to the maximum.
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let due = s
+                .retries
+                .iter()
+                .find(|(_, id)| **id == 1)
+                .map(|((due, _), _)| *due)
+                .expect("send 1 waits for its retry");
+            waits.push(due - now);
+            now = due;
+            s.handle_timeout(now);
+            drain(&mut s);
+            refuse(&mut s, now, 1);
+        }
+        for (attempt, wait) in waits.iter().enumerate() {
+            let full = (first_ms << attempt).min(max_ms);
+            assert!(
+                (full / 2..=full).contains(wait),
+                "attempt {attempt}: {waits:?}"
+            );
+        }
     }
 }

@@ -19,7 +19,9 @@ use courier_protocol::link::{LINK_ALPN, LinkFrame, decode_link, encode_link};
 use quinn_proto::{ConnectionHandle, Dir, VarInt};
 use tracing::{debug, info, warn};
 
-use super::{Conn, INBUF_BYTES_MAX, Shard, StreamRead, flush_outbuf, read_chunk};
+use super::{
+    Conn, INBUF_BYTES_MAX, Shard, StreamRead, connection_log_allowed, flush_outbuf, read_chunk,
+};
 use crate::config::Config;
 
 /// What a connection carries.
@@ -210,7 +212,11 @@ impl Shard {
                 // It was opened as a client connection (its ALPN was not known yet).
                 self.session.connection_lost(conn_ref);
                 if self.cluster.is_none() || conn.quic.crypto_session().peer_identity().is_none() {
-                    warn!(peer = %conn.quic.remote_address(), "a link without a cluster certificate; closing it");
+                    // Anyone can offer the link protocol: its refusals share the connection
+                    // log budget, so a flood of them is not a log flood.
+                    if connection_log_allowed(&mut self.connection_logs, &mut self.stats) {
+                        warn!(peer = %conn.quic.remote_address(), "a link without a cluster certificate; closing it");
+                    }
                     conn.quic.close(
                         Instant::now(),
                         VarInt::from_u32(ErrorCode::Unauthenticated.to_u16().into()),
