@@ -121,7 +121,7 @@ pub enum ShardMessage {
         stored_after_cursor: bool,
     },
     /// Back from the home shard when the user already has the maximum of connections
-    /// (`LimitExceeded`) or logins wait in numbers (`Overloaded`).
+    /// (`TooManyConnections`) or logins wait in numbers (`Overloaded`).
     RegisterRefused {
         conn: ConnRef,
         code: ErrorCode,
@@ -1695,7 +1695,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     self.route(old.shard, ShardMessage::Superseded { conn: old });
                 }
                 if !accepted {
-                    let code = ErrorCode::LimitExceeded;
+                    let code = ErrorCode::TooManyConnections;
                     return self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
                 }
                 // `Registered` follows once the link is committed (`Output::Linked`).
@@ -1788,7 +1788,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     let login = std::mem::replace(&mut c.login, Login::Closing);
                     self.forget_login(login);
                     let reason = match code {
-                        ErrorCode::LimitExceeded => "too many connections for this user",
+                        ErrorCode::TooManyConnections => "too many connections for this user",
                         ErrorCode::ShardUnavailable => "not served here any more: reconnect",
                         _ => "too many logins at once: reconnect later",
                     };

@@ -618,6 +618,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::Internal => "internal",
         ErrorCode::Superseded => "superseded",
         ErrorCode::Disconnected => "disconnected",
+        ErrorCode::TooManyConnections => "too_many_connections",
     }
 }
 

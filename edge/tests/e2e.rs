@@ -774,3 +774,46 @@ async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
         "no batch was written while more waited: {overlapped}"
     );
 }
+
+/// A user's connections beyond `limits.connections_per_user_max` are refused with the
+/// retryable `TooManyConnections` (before, `LimitExceeded`, which clients take as fatal: a
+/// client that met the cap on a reconnect stopped for good), and a device gets in once
+/// another of the user's devices goes offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_user_cap_are_refused_retryably() {
+    let edge = Edge::start_with(2, "[limits]\nconnections_per_user_max = 2\n", &[]);
+    let connector = edge.connector();
+    let options = |device: u32| ConnectOptions::new(edge.addr, edge.token(950, device), device);
+    let first = connector.connect(options(0)).await.expect("device 0");
+    let _second = connector.connect(options(1)).await.expect("device 1");
+    let refused = connector
+        .connect(options(2))
+        .await
+        .expect_err("a third device is over the cap");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::TooManyConnections),
+        "{refused}"
+    );
+    assert!(ErrorCode::TooManyConnections.is_retryable());
+    assert!(!courier_protocol::client::is_fatal_code(
+        ErrorCode::TooManyConnections
+    ));
+    first.close();
+    drop(first);
+    // Device 0 leaves the registry when its connection ends; then device 2 gets in.
+    let mut third = None;
+    for _ in 0..100 {
+        match connector.connect(options(2)).await {
+            Ok(client) => {
+                third = Some(client);
+                break;
+            }
+            Err(error) if error.code() == Some(ErrorCode::TooManyConnections) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("device 2: {error}"),
+        }
+    }
+    assert!(third.is_some(), "device 2 gets in once device 0 is gone");
+}

@@ -157,6 +157,10 @@ pub enum ErrorCode {
     /// An operator ended this connection (`courier-edge ctl disconnect`). Not retryable: the
     /// application decides whether to log in again.
     Disconnected = 15,
+    /// The user already has `limits.connections_per_user_max` connections on this edge.
+    /// Retryable: the client reconnects with backoff and gets in once another of the user's
+    /// devices goes offline.
+    TooManyConnections = 16,
 }
 
 impl ErrorCode {
@@ -170,6 +174,7 @@ impl ErrorCode {
                 | ErrorCode::ShardUnavailable
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Superseded
+                | ErrorCode::TooManyConnections
         )
     }
 
@@ -185,7 +190,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for lookups and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 15] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::LimitExceeded,
@@ -201,6 +206,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::Internal,
     ErrorCode::Superseded,
     ErrorCode::Disconnected,
+    ErrorCode::TooManyConnections,
 ];
 
 impl Frame {
