@@ -67,11 +67,16 @@ pub struct SendRequest {
 pub enum Outcome {
     /// The message is stored as `seq`. `fresh` is false when an earlier attempt with the same
     /// (sender, client id) had stored it; then `server_time_ms` is the time of that commit.
+    /// `live`: connected devices may get it from this outcome, with this send's body. False
+    /// when an earlier attempt stored it and the inbox no longer holds it with this body: it
+    /// was consumed or expired (nothing to deliver again), or the retry carries another body
+    /// than the one stored (devices must all see the stored one; they read it from the store).
     Stored {
         seq: u64,
         server_time_ms: UnixMillis,
         expire_at_ms: UnixMillis,
         fresh: bool,
+        live: bool,
     },
     /// The device's cursor after the link: delivery to it starts after this seq. Every seq
     /// after it and before `first_seq` is gone (acknowledged by every device, or expired);
@@ -422,6 +427,7 @@ fn write_batch<T: Transaction>(
                         server_time_ms: now,
                         expire_at_ms,
                         fresh: true,
+                        live: true,
                     }
                 }
             }
@@ -704,11 +710,17 @@ fn find_dedupe<T: Transaction>(
                     record.len()
                 )));
             };
+            // A retry: delivered live only as stored. Rare, so the read costs little.
+            let live = txn
+                .get(&keys::message(send.to, seq))?
+                .and_then(|value| envelope::decode(send.to, seq, &value))
+                .is_some_and(|stored| stored.from == send.sender && stored.body == send.body);
             return Ok(Some(Outcome::Stored {
                 seq,
                 server_time_ms,
                 expire_at_ms,
                 fresh: false,
+                live,
             }));
         }
     }
@@ -988,12 +1000,16 @@ pub fn read_inbox<S: Store>(
     }
     let more = scanned >= config.sync_messages_max;
     // A full page covers what it scanned. A short one saw every stored message, so it covers
-    // the inbox up to its counter (or the floor), read in the same transaction: a seq at or
-    // below it is committed or will never be used, so if it is not stored it is gone.
+    // the inbox up to its counter, read in the same transaction: a seq at or below it is
+    // committed or will never be used, so if it is not stored it is gone. An inbox without a
+    // counter covers only what was scanned, not up to the floor: on FoundationDB the shards
+    // share the floor and raise it with their forgets, while a send to this inbox in flight
+    // may hold a seq it took from the floor before (a snapshot read, decision 0011) that it
+    // has not committed yet. The device's next message, or its next login, moves it on.
     let covered_up_to = if more {
         last_scanned
     } else {
-        read_last_seq(&mut txn, inbox)?.max(last_scanned)
+        read_counter(&mut txn, inbox)?.map_or(last_scanned, |last| last.max(last_scanned))
     };
     Ok(InboxPage {
         messages,
@@ -1288,6 +1304,30 @@ mod tests {
             1,
             "only the retention bucket's entry is left"
         );
+    }
+
+    /// A short page of an inbox with a counter covers up to the counter; of an inbox without
+    /// one, only what it scanned, not up to the floor: on FoundationDB another shard's forget
+    /// can raise the shared floor past a seq that a send to this inbox took and has not
+    /// committed yet, and a hole declared over it would drop that message's live delivery.
+    #[test]
+    fn a_page_of_an_inbox_without_a_counter_covers_only_what_it_scanned() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut txn = store.begin().unwrap();
+        txn.atomic_max(&keys::floor(), 500);
+        txn.commit().unwrap();
+        let page = read_inbox(&store, 5, 3, 1_000, &config).unwrap();
+        assert!(page.messages.is_empty());
+        assert_eq!(page.covered_up_to, 3, "no hole up to the floor");
+        let mut committer = Committer::new(&config);
+        committer
+            .commit_batch(&store, &[send(1, 5)], 1_000)
+            .unwrap();
+        let page = read_inbox(&store, 5, 3, 1_000, &config).unwrap();
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].seq, 501, "above the floor");
+        assert_eq!(page.covered_up_to, 501, "up to the counter");
     }
 
     /// Dedupe records of buckets past their window go a bounded number per pass (half the

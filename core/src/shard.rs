@@ -347,6 +347,17 @@ impl<T> InboxShard<T> {
             send_queued_ms: Vec::new(),
             more_waiting: false,
         };
+        // Purges go first: a purge erases what was committed before it, and the sends and
+        // logins that share its batch come after it (they may have been queued after it). A
+        // purge later in the batch would erase a send the batch acknowledges and the device
+        // record of a login it welcomes. Purges are rare and clear whole ranges: a few per
+        // batch keep its size bounded.
+        for _ in 0..PURGES_PER_BATCH_MAX {
+            let Some(inbox) = self.purges.pop_first() else {
+                break;
+            };
+            batch.requests.push(Request::Purge { inbox });
+        }
         let mut batch_bytes = 0;
         while let Some((send, ..)) = self.queue.front() {
             let bytes = send.body.len();
@@ -401,13 +412,6 @@ impl<T> InboxShard<T> {
             };
             device_updates += 1;
             batch.requests.push(Request::Forget { inbox });
-        }
-        // Purges are rare and clear whole ranges: a few per batch keep its size bounded.
-        for _ in 0..PURGES_PER_BATCH_MAX {
-            let Some(inbox) = self.purges.pop_first() else {
-                break;
-            };
-            batch.requests.push(Request::Purge { inbox });
         }
         if self.acks.is_empty() && self.forgets.is_empty() {
             self.acks_waiting_since_ms = None;
@@ -476,6 +480,7 @@ impl<T> InboxShard<T> {
                                 server_time_ms,
                                 expire_at_ms,
                                 fresh: _,
+                                live,
                             },
                         ) => {
                             let tag = tags.next().expect("one tag per send");
@@ -488,7 +493,11 @@ impl<T> InboxShard<T> {
                             });
                             // Delivered even when an earlier attempt stored it (not `fresh`):
                             // that attempt may have ended in an unknown result, which delivered
-                            // nothing. A connection skips a seq it already has.
+                            // nothing. A connection skips a seq it already has. Not when the
+                            // store no longer holds it as this send carries it (`live`).
+                            if !live {
+                                continue;
+                            }
                             outputs.push(Output::Deliver(StoredMessage {
                                 inbox: send.to,
                                 seq,
@@ -653,6 +662,115 @@ mod tests {
         assert_eq!(batch.tags, vec![8]);
     }
 
+    /// A purge erases what was committed before it, not the sends and logins of its own
+    /// batch: a send queued after the purge is stored (above the erased seqs) and acknowledged,
+    /// and a login after it keeps its device record. Before, the purge came last in the batch
+    /// and erased both after they were answered.
+    #[test]
+    fn a_purge_spares_the_sends_and_logins_that_share_its_batch() {
+        use crate::commit::{Committer, Outcome, read_inbox};
+        use crate::keys;
+        use crate::store::memory::MemoryStore;
+        use crate::store::{Store, Transaction};
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let mut shard = InboxShard::new(&config);
+        let commit = |shard: &mut InboxShard<u64>, committer: &mut Committer| {
+            let batch = shard.poll_batch(u64::MAX).expect("a batch");
+            let outcomes = committer
+                .commit_batch(&store, &batch.requests, 1_000)
+                .expect("commit");
+            shard.handle_commit(batch, Ok(outcomes.clone()));
+            outcomes
+        };
+        shard.handle_send(send(1, 10), 1, 0).unwrap();
+        commit(&mut shard, &mut committer);
+        assert!(shard.handle_purge(2));
+        shard.handle_send(send(2, 10), 2, 0).unwrap();
+        shard.handle_link(2, 0, 0, 3).unwrap();
+        let outcomes = commit(&mut shard, &mut committer);
+        let stored_seq = outcomes
+            .iter()
+            .find_map(|outcome| match outcome {
+                Outcome::Stored { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .expect("the send was stored");
+        let inbox = read_inbox(&store, 2, 0, 1_000, &config).expect("read");
+        let seqs: Vec<u64> = inbox.messages.iter().map(|message| message.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![stored_seq],
+            "the acknowledged send survives the purge"
+        );
+        assert!(stored_seq > 1, "above the erased seq");
+        let device = store.begin().unwrap().get(&keys::device(2, 0)).unwrap();
+        assert!(
+            device.is_some(),
+            "the login's device record survives the purge"
+        );
+    }
+
+    /// A retry (same sender and client id) is acknowledged with the stored seq, and delivered
+    /// live only as stored: a retry that carries another body does not give connected devices
+    /// a seq whose body differs from the one the others read from the store.
+    #[test]
+    fn a_retry_is_delivered_live_only_with_the_stored_body() {
+        use crate::commit::Committer;
+        use crate::store::memory::MemoryStore;
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let mut shard = InboxShard::new(&config);
+        let mut commit = |body: &[u8]| {
+            let request = SendRequest {
+                sender: 1,
+                client_id: 7,
+                to: 2,
+                body: body.to_vec(),
+                ttl_secs: None,
+            };
+            shard.handle_send(request, 0, 0).unwrap();
+            let batch = shard.poll_batch(u64::MAX).expect("a batch");
+            let outcomes = committer
+                .commit_batch(&store, &batch.requests, 1_000)
+                .expect("commit");
+            let outputs = shard.handle_commit(batch, Ok(outcomes));
+            let acked = outputs
+                .iter()
+                .find_map(|output| match output {
+                    Output::SendAck { seq, .. } => Some(*seq),
+                    _ => None,
+                })
+                .expect("acknowledged");
+            let delivered: Vec<(u64, Vec<u8>)> = outputs
+                .into_iter()
+                .filter_map(|output| match output {
+                    Output::Deliver(message) => Some((message.seq, message.body)),
+                    _ => None,
+                })
+                .collect();
+            (acked, delivered)
+        };
+        let (seq, delivered) = commit(b"A");
+        assert_eq!(delivered, vec![(seq, b"A".to_vec())]);
+        let (again, delivered) = commit(b"A");
+        assert_eq!(again, seq, "a retry is acknowledged with the stored seq");
+        assert_eq!(
+            delivered,
+            vec![(seq, b"A".to_vec())],
+            "delivered again as stored"
+        );
+        let (changed, delivered) = commit(b"B");
+        assert_eq!(changed, seq);
+        assert_eq!(
+            delivered,
+            vec![],
+            "never delivered with a body the store does not hold"
+        );
+    }
+
     /// With two batches in flight the second is taken while the first commits; a third waits
     /// for the first's result, and results are taken oldest first. A failed first batch
     /// puts its acks back even though the second, taken after, carried newer ones.
@@ -690,6 +808,7 @@ mod tests {
             server_time_ms: 0,
             expire_at_ms: 9_000,
             fresh: true,
+            live: true,
         };
         let outputs = shard.handle_commit(first, Ok(vec![stored(1), stored(2)]));
         assert!(matches!(outputs[0], Output::SendAck { tag: 1, seq: 1, .. }));
@@ -897,6 +1016,7 @@ mod tests {
                 server_time_ms: 1_010,
                 expire_at_ms: 9_000,
                 fresh: true,
+                live: true,
             }]),
         );
         shard.handle_ack(5, 0, 4, 1_020);

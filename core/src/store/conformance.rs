@@ -713,8 +713,10 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
             last_seq: 3
         }
     );
+    // A read of it covers only what it scanned, not up to the floor: on FoundationDB another
+    // shard's forget can raise the floor past a seq a send to it holds and has not committed.
     let page = commit::read_inbox(h.store(), 6, 0, later, &config).unwrap();
-    assert_eq!((page.messages.len(), page.covered_up_to), (0, 3));
+    assert_eq!((page.messages.len(), page.covered_up_to), (0, 0));
 }
 
 /// Takeover (decision 0015) on this backend: a claim of an edge's lease fences the earlier
