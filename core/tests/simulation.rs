@@ -139,6 +139,9 @@ struct Stats {
     fenced: u64,
     /// Sends answered from the dedupe record instead of being stored again.
     duplicate_sends: u64,
+    /// Retries stored a second time because they came more than a dedupe window after the
+    /// first attempt was stored (allowed: client ids are unique within the window).
+    stored_again_past_dedupe_window: u64,
     overloaded: u64,
     /// Mesh messages that met simulated congestion (dropped, refused or degraded).
     mesh_degraded: u64,
@@ -205,6 +208,7 @@ impl Stats {
         self.fsync_failures += other.fsync_failures;
         self.fenced += other.fenced;
         self.duplicate_sends += other.duplicate_sends;
+        self.stored_again_past_dedupe_window += other.stored_again_past_dedupe_window;
         self.overloaded += other.overloaded;
         self.mesh_degraded += other.mesh_degraded;
         self.expired += other.expired;
@@ -524,6 +528,8 @@ struct Client {
     consume_per_thousand: u64,
     /// Deliveries handed out and not yet consumed, in order.
     unconsumed: VecDeque<(u64, UserId, Vec<u8>)>,
+    /// The server time each received seq was stored at (`Deliver.sent_at_ms`).
+    sent_at_ms: HashMap<u64, u64>,
 }
 
 struct World<S: SimStore> {
@@ -660,6 +666,7 @@ impl<S: SimStore> World<S> {
                         50 + rng.below(900)
                     },
                     unconsumed: VecDeque::new(),
+                    sent_at_ms: HashMap::new(),
                 }
             })
             .collect();
@@ -1505,6 +1512,7 @@ impl<S: SimStore> World<S> {
                     }
                 }
                 ClientEvent::Message(delivery) => {
+                    c.sent_at_ms.insert(delivery.seq, delivery.sent_at_ms);
                     c.unconsumed
                         .push_back((delivery.seq, delivery.from, delivery.body));
                 }
@@ -1619,10 +1627,21 @@ impl<S: SimStore> World<S> {
                 if !body.starts_with(sender_prefix.as_bytes()) {
                     return Err(format!("message from {from} carries another sender's body"));
                 }
-                if bodies.insert(body.clone(), *seq).is_some() {
+                if let Some(earlier) = bodies.insert(body.clone(), *seq) {
+                    let at = |seq: u64| c.sent_at_ms.get(&seq).copied().unwrap_or(0);
+                    // A client id is unique within the dedupe window (docs/protocol.md): a
+                    // retry that reaches the server more than a window after the first attempt
+                    // was stored may be stored again. The simulated wall clock steps forward by
+                    // hours within seconds of the client's time, so this happens here.
+                    if at(*seq).saturating_sub(at(earlier)) >= self.config.dedupe_window_ms {
+                        self.stats.stored_again_past_dedupe_window += 1;
+                        continue;
+                    }
                     return Err(format!(
-                        "message {} stored or delivered twice to device {}/{}",
+                        "message {} stored or delivered twice (seqs {earlier} at {} and {seq} at {}) to device {}/{}",
                         String::from_utf8_lossy(body),
+                        at(earlier),
+                        at(*seq),
                         c.user,
                         c.device
                     ));
