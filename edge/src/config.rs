@@ -930,6 +930,14 @@ impl Config {
                 "at least one maximal frame (66564 bytes)",
             );
         }
+        // Below one maximal frame quinn blocks every stream write that would pass it: a
+        // window of 0 let handshakes finish and then sent no reply at all.
+        if (self.quic.send_window_bytes as usize) < courier_protocol::FRAME_BYTES_MAX + 4 {
+            return invalid(
+                "quic.send_window_bytes",
+                "at least one maximal frame (66564 bytes)",
+            );
+        }
         if self.quic.receive_window_bytes < self.quic.stream_receive_window_bytes {
             return invalid(
                 "quic.receive_window_bytes",
@@ -1094,6 +1102,15 @@ mod tests {
             "quic.client_ack_delay_ms",
             &[(0, false), (1, true), (1_000, true), (1_001, false)],
             |config, delay_ms| config.quic.client_ack_delay_ms = delay_ms,
+        );
+    }
+
+    #[test]
+    fn send_window_holds_at_least_one_maximal_frame() {
+        check_accepted_values(
+            "quic.send_window_bytes",
+            &[(0, false), (66_563, false), (66_564, true), (1 << 20, true)],
+            |config, bytes| config.quic.send_window_bytes = bytes,
         );
     }
 

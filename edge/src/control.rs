@@ -128,6 +128,34 @@ impl Shards {
     }
 }
 
+/// What [`start`] would refuse about `path`, checked before the edge opens its store (which,
+/// in a cluster with takeover, claims its users' lease): a file there that is not a socket, or
+/// a directory that does not exist. `data_dir` is created at start, so a socket in it passes.
+pub fn check_path(path: &Path, data_dir: &Path) -> Result<(), String> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !metadata.file_type().is_socket() {
+            return Err(format!(
+                "control.socket {} exists and is not a socket; choose another path",
+                path.display()
+            ));
+        }
+    }
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !directory.is_dir() && directory != data_dir {
+        return Err(format!(
+            "control.socket {}: the directory {} does not exist; create it, set control.socket \
+             to a path in an existing directory, or control.enabled = false",
+            path.display(),
+            directory.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Binds `path` (replacing a stale socket file) with mode 0600 and serves requests on a thread
 /// of its own.
 pub fn start(path: &Path, shards: Shards) -> Result<(), String> {

@@ -99,7 +99,6 @@ pub fn start(
 }
 
 fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::Metrics) {
-    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     // Up to the end of the headers (only Accept matters); whatever arrived is answered.
     let (request, _) = crate::bounded_read::read_until(
         &mut stream,
@@ -142,7 +141,27 @@ fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::M
          connection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = stream.write_all(response.as_bytes());
+    write_within(&mut stream, response.as_bytes(), REQUEST_TIMEOUT);
+}
+
+/// Writes `bytes`, giving up once `timeout` has passed in all: a socket timeout bounds each
+/// write, so a client reading a little at a time could hold this one thread (and the liveness
+/// probes queued behind it) for as long as it liked.
+fn write_within(stream: &mut TcpStream, bytes: &[u8], timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut written = 0;
+    while written < bytes.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.write(&bytes[written..]) {
+            Ok(0) => return,
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -110,6 +110,16 @@ impl Edge {
         // Everything that can be checked is checked before anything is written.
         preflight(&config)?;
         probe_address_free(config.server.listen)?;
+        // Before the store opens (in a cluster with takeover that claims the users' lease, and
+        // fences whoever served them meanwhile): a metrics port in use fails the start here.
+        if let Some(listen) = config.metrics.listen_addr()? {
+            std::net::TcpListener::bind(listen).map_err(|e| {
+                format!(
+                    "cannot listen for metrics on {listen}: {e} (is another courier-edge \
+                     running? set metrics.listen)"
+                )
+            })?;
+        }
         let config = Arc::new(config);
         std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
             format!(
@@ -706,6 +716,9 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     }
     auth::verify_keys(config)?;
     check_writable(&config.server.data_dir)?;
+    if config.control.enabled {
+        crate::control::check_path(&config.control_socket_path(), &config.server.data_dir)?;
+    }
     crate::stores::check_layout(&config.server.data_dir, config.shard_count())
 }
 

@@ -58,6 +58,13 @@ fn check_config_refuses_what_serve_would_refuse() {
             ),
             "auth.verify_keys id 2",
         ),
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[control]\nsocket = \"/nonexistent/ctl.sock\"\n",
+                data.display()
+            ),
+            "control.socket /nonexistent/ctl.sock: the directory /nonexistent does not exist",
+        ),
         // /proc refuses new files even to root.
         (
             "[server]\ndata_dir = \"/proc/courier-data\"\n".to_string(),
