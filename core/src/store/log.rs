@@ -325,6 +325,11 @@ pub struct LogRecovery {
     pub journal_bytes: u64,
     /// Bytes of a torn last record cut off (a crash during a commit), usually 0.
     pub torn_bytes_cut: u64,
+    /// Journals whose records recovery made durable before using them. A process that died
+    /// between a commit's write and its sync left that record where the reopen reads it (the
+    /// page cache, or the disk's volatile cache) but not durable: used unsynced, a reader or
+    /// a retried send's dedupe lookup would see a commit a power cut could still take away.
+    pub journals_synced: u64,
     /// Times the replay moved the dedupe records it had read to the tier, because they
     /// reached `dedupe_memory_bytes_max`.
     pub dedupe_moves: u64,
@@ -917,6 +922,9 @@ enum Ending {
     Torn,
     /// In a record that is whole but wrong, with more data after it: damage, not a crash.
     Damaged,
+    /// In a bad record after which the search for whole records gave up
+    /// (`TAIL_SCAN_HASH_BYTES_MAX`): a tear or damage, recovery cannot tell.
+    Undecided,
 }
 
 /// A replay at open: the state it builds, and the tier its dedupe records move to whenever
@@ -1013,14 +1021,12 @@ impl Replay<'_> {
                     // A torn write is the last write: no whole record can follow it. Whatever its
                     // pages look like (a record's later page can reach the disk before the page
                     // with its header), only a record that decodes after it proves damage.
-                    let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
-                    let damaged = (1..=last).any(|offset| starts_a_record(&rest[offset..]));
                     return Ok((
                         at,
-                        if damaged {
-                            Ending::Damaged
-                        } else {
-                            Ending::Torn
+                        match whole_record_after(rest, TAIL_SCAN_HASH_BYTES_MAX) {
+                            Some(true) => Ending::Damaged,
+                            Some(false) => Ending::Torn,
+                            None => Ending::Undecided,
                         },
                     ));
                 }
@@ -1030,18 +1036,42 @@ impl Replay<'_> {
     }
 }
 
-/// Whether `bytes` starts with a whole, valid record. Checks the header's length against what
-/// is there before hashing anything, so scanning garbage byte by byte stays cheap.
-fn starts_a_record(bytes: &[u8]) -> bool {
-    let Some(len) = bytes.get(..4) else {
-        return false;
-    };
+/// Bytes of candidate records the search after a bad record may hash. Each offset whose four
+/// bytes read as a length that fits is hashed over that length: random bytes (an encrypted
+/// body) make about one offset in 256 a candidate, but a body of repeated small lengths makes
+/// every fourth one, and a 16 MiB tail of them would take terabytes of hashing.
+const TAIL_SCAN_HASH_BYTES_MAX: usize = 32 << 30;
+
+/// Whether a whole record starts anywhere after the first byte of `rest` (a bad record and
+/// what follows it), before the last byte that is not zero; `None` when the search gave up
+/// after hashing `hash_bytes_max` (the caller then refuses the file as damaged rather than
+/// cut records that may follow).
+fn whole_record_after(rest: &[u8], hash_bytes_max: usize) -> Option<bool> {
+    let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
+    let mut hashed = 0usize;
+    for offset in 1..=last {
+        let Some(payload_bytes) = record_fits(&rest[offset..]) else {
+            continue;
+        };
+        hashed = hashed.saturating_add(payload_bytes);
+        if hashed > hash_bytes_max {
+            return None;
+        }
+        if decode_record(&rest[offset..]).is_ok() {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// The payload length `bytes`' header declares, if a record of it fits in `bytes`. Checked
+/// before hashing anything, so scanning garbage byte by byte stays cheap.
+fn record_fits(bytes: &[u8]) -> Option<usize> {
+    let len = bytes.get(..4)?;
     let payload_bytes = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
     // The smallest payload is a count of 4 bytes.
-    if payload_bytes < 4 || RECORD_HEADER_BYTES + payload_bytes > bytes.len() {
-        return false;
-    }
-    decode_record(bytes).is_ok()
+    (payload_bytes >= 4 && RECORD_HEADER_BYTES + payload_bytes <= bytes.len())
+        .then_some(payload_bytes)
 }
 
 fn is_zeros(bytes: &[u8]) -> bool {
@@ -1107,6 +1137,7 @@ impl LogStore {
     pub fn open(dir: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
         let started = std::time::Instant::now();
         let mut torn_bytes_cut = 0u64;
+        let mut journals_synced = 0u64;
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
         let format_path = dir.join(FORMAT_FILE);
@@ -1203,6 +1234,15 @@ impl LogStore {
                     read_file(&dir.join(file_name(JOURNAL_PREFIX, *newer)))
                         .map_or(true, |bytes| decode_record(&bytes).is_ok())
                 });
+            if ending == Ending::Undecided {
+                return Err(StoreError::Corrupt(format!(
+                    "{} has a bad record at byte {valid}, and the search for whole records \
+                     after it gave up: a crash's tear or damage, recovery cannot tell. Keep a \
+                     copy of the directory; truncating the file at byte {valid} accepts the \
+                     loss of anything after it, or restore the store from a backup",
+                    path.display()
+                )));
+            }
             if ending == Ending::Damaged || (ending == Ending::Torn && newer_hold_commits) {
                 return Err(StoreError::Corrupt(format!(
                     "{} is damaged at byte {valid}{}: restore the store from a backup",
@@ -1229,6 +1269,15 @@ impl LogStore {
                         f.sync_all()
                     })
                     .map_err(|e| io(format!("cut the torn end of {}", path.display()), e))?;
+                journals_synced += 1;
+            } else if valid > 0 {
+                // Its last record may never have been synced (`journals_synced`).
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| io(format!("sync the recovered {}", path.display()), e))?;
+                journals_synced += 1;
             }
         }
         // Older files a crash left behind after a checkpoint.
@@ -1267,6 +1316,7 @@ impl LogStore {
             snapshot: snapshots.last().is_some(),
             journal_bytes,
             torn_bytes_cut,
+            journals_synced,
             dedupe_moves,
             direct_writes: direct.is_some(),
             elapsed: started.elapsed(),
@@ -2053,9 +2103,17 @@ impl Inner {
                 let direct = open_direct(&self.options, &path);
                 (file, self.options.journal_segment_bytes, direct)
             }
-            None if only_spare => return Ok(()),
+            // No spare ready: ask again, since a spare whose preparation failed is not
+            // retried until something asks; meanwhile records append through the page cache.
+            None if only_spare => {
+                self.want_spare();
+                return Ok(());
+            }
             None => match create_journal(&self.dir, id) {
-                Ok(file) => (file, 0, None),
+                Ok(file) => {
+                    self.want_spare();
+                    (file, 0, None)
+                }
                 Err(error) => {
                     // The file may exist (its directory sync failed): as above.
                     self.poisoned.store(true, Ordering::Release);
@@ -2602,6 +2660,62 @@ mod tests {
     /// next writer reads it in front of the map (gets, dedupe records, ranges, its deletes);
     /// a reader sees it only once synced, by `sync_through` or by the next commit, which
     /// makes the one before it durable before it writes; and it survives a reopen.
+    #[test]
+    fn the_search_after_a_bad_record_finds_a_whole_one_and_gives_up_past_its_budget() {
+        let mut record = Vec::new();
+        encode_record(
+            &mut record,
+            [(&b"key"[..], Some(&b"value"[..]))].into_iter(),
+        );
+        // A bad record (its checksum broken), then zeros: a tear.
+        let mut tail = record.clone();
+        tail[5] ^= 0xff;
+        tail.extend_from_slice(&[0u8; 4096]);
+        assert_eq!(whole_record_after(&tail, usize::MAX), Some(false));
+        // A whole record after it: damage.
+        let mut damaged = tail.clone();
+        damaged.extend_from_slice(&record);
+        assert_eq!(whole_record_after(&damaged, usize::MAX), Some(true));
+        // A body of repeated small lengths makes every fourth offset a candidate to hash: the
+        // search stops at its budget instead of hashing for hours.
+        let mut crafted = tail[..record.len()].to_vec();
+        for _ in 0..(1 << 16) {
+            crafted.extend_from_slice(&[0x00, 0x10, 0x00, 0x00]);
+        }
+        crafted.extend_from_slice(&[0u8; 1 << 16]);
+        assert_eq!(whole_record_after(&crafted, 64 << 20), None);
+    }
+
+    #[test]
+    fn a_commit_a_crash_left_unsynced_is_made_durable_before_a_reopen_uses_it() {
+        // A journal appended through the page cache ends right after its last record, the
+        // ending a replay calls clean; before, only torn or zero-padded endings were synced.
+        for segment_bytes in [0, LogOptions::default().journal_segment_bytes] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let options = LogOptions {
+                journal_segment_bytes: segment_bytes,
+                ..LogOptions::default()
+            };
+            {
+                let store = LogStore::open(dir.path(), &options).expect("open");
+                let mut txn = store.begin_unsynced().expect("begin_unsynced");
+                txn.set(b"xa", b"written, never synced");
+                txn.commit().expect("commit");
+                // The process dies here: no sync, the bytes wherever the write left them.
+            }
+            let store = LogStore::open(dir.path(), &options).expect("reopen");
+            assert_eq!(
+                read_all(&store),
+                pairs(&[(b"xa", b"written, never synced")]),
+                "segment {segment_bytes}"
+            );
+            assert!(
+                store.recovery().journals_synced >= 1,
+                "segment {segment_bytes}: recovery synced the journal it replayed"
+            );
+        }
+    }
+
     #[test]
     fn a_pending_commit_is_seen_by_the_next_writer_and_by_readers_once_durable() {
         let dir = tempfile::tempdir().expect("temp dir");
