@@ -13,6 +13,12 @@ use courier_core::store::fjall::FjallOptions;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
+/// Messages one shard's cross-shard channels hold together at most
+/// ([`Config::mesh_channel_capacity`]).
+pub const MESH_MESSAGES_PER_SHARD_MAX: usize = 65_536;
+/// The fewest messages a cross-shard channel holds, however many shards there are.
+const MESH_CHANNEL_MESSAGES_MIN: usize = 256;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -427,7 +433,10 @@ pub struct LimitsSection {
     pub outbound_bytes_per_connection_max: usize,
     /// Datagrams one shard reads per wake-up before it serves other work.
     pub datagrams_per_wakeup_max: usize,
-    /// Messages in each cross-shard channel.
+    /// Messages in each cross-shard channel. A shard has a channel to every other shard and
+    /// each is allocated whole at start, so with many shards each gets at most
+    /// `MESH_MESSAGES_PER_SHARD_MAX / (shards - 1)` ([`Config::mesh_channel_capacity`]): memory
+    /// grows with the shards, not with their square.
     pub mesh_channel_messages_max: usize,
     /// Sync reads queued for one shard's store reader; further reads wait their turn.
     pub store_reads_queued_max: usize,
@@ -1042,6 +1051,16 @@ impl Config {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u32)
     }
 
+    /// Messages in each cross-shard channel: `limits.mesh_channel_messages_max`, less with
+    /// many shards so that one shard's channels hold at most [`MESH_MESSAGES_PER_SHARD_MAX`]
+    /// together (at 64 shards and 4,096 each, the n·(n−1) channels took gigabytes at start).
+    pub fn mesh_channel_capacity(&self) -> usize {
+        let peers = self.shard_count().saturating_sub(1).max(1) as usize;
+        self.limits
+            .mesh_channel_messages_max
+            .min((MESH_MESSAGES_PER_SHARD_MAX / peers).max(MESH_CHANNEL_MESSAGES_MIN))
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         crate::stores::stores_dir(&self.server.data_dir)
     }
@@ -1103,6 +1122,24 @@ mod tests {
             &[(0, false), (1, true), (1_000, true), (1_001, false)],
             |config, delay_ms| config.quic.client_ack_delay_ms = delay_ms,
         );
+    }
+
+    /// A shard's channels to the others hold at most `MESH_MESSAGES_PER_SHARD_MAX` messages
+    /// together, so the mesh allocated at start grows with the shards, not their square.
+    #[test]
+    fn mesh_channels_shrink_as_shards_grow() {
+        let capacity = |shards: u32, configured: usize| {
+            let mut config = Config::default();
+            config.server.shards = shards;
+            config.limits.mesh_channel_messages_max = configured;
+            config.mesh_channel_capacity()
+        };
+        assert_eq!(capacity(2, 4096), 4096);
+        assert_eq!(capacity(17, 4096), 4096);
+        assert_eq!(capacity(64, 4096), MESH_MESSAGES_PER_SHARD_MAX / 63);
+        assert_eq!(capacity(255, 4096), MESH_MESSAGES_PER_SHARD_MAX / 254);
+        assert_eq!(capacity(2, 2), 2, "a smaller configured channel stays");
+        assert!(64 * 63 * capacity(64, 4096) <= 64 * MESH_MESSAGES_PER_SHARD_MAX);
     }
 
     #[test]

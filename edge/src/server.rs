@@ -208,12 +208,8 @@ impl Edge {
         let shard_count = config.shard_count();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-        let mesh = (shard_count > 1).then(|| {
-            MeshBuilder::full(
-                shard_count as usize,
-                config.limits.mesh_channel_messages_max,
-            )
-        });
+        let mesh = (shard_count > 1)
+            .then(|| MeshBuilder::full(shard_count as usize, config.mesh_channel_capacity()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -251,6 +251,8 @@ pub struct Shard {
     shard_count: u32,
     /// The largest UDP payload the endpoint takes (`EndpointConfig::max_udp_payload_size`).
     datagram_bytes_max: u64,
+    /// Messages in each channel to another shard (`Config::mesh_channel_capacity`).
+    mesh_channel_messages: usize,
     config: Arc<Config>,
     core: CoreConfig,
     store: Arc<dyn ShardStore>,
@@ -520,6 +522,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         id,
         shard_count: setup.shard_count,
         datagram_bytes_max,
+        mesh_channel_messages: setup.config.mesh_channel_capacity(),
         core: setup.core.clone(),
         store,
         lanes,
@@ -1095,19 +1098,19 @@ impl Shard {
 
     /// Backlog length past which droppable messages are dropped and sends refused.
     fn mesh_backlog_data_max(&self) -> usize {
-        4 * self.config.limits.mesh_channel_messages_max
+        4 * self.mesh_channel_messages
     }
 
     /// Backlog length past which even control messages are dropped. Back-pressure keeps the
     /// backlog far below it; it exists so that memory stays bounded whatever happens.
     fn mesh_backlog_messages_max(&self) -> usize {
-        (64 * self.config.limits.mesh_channel_messages_max).max(MESH_BACKLOG_MESSAGES_MIN)
+        (64 * self.mesh_channel_messages).max(MESH_BACKLOG_MESSAGES_MIN)
     }
 
     /// True while some peer's backlog holds a channel's worth: the shard then decodes no client
     /// frames and starts no commits, the two sources of new cross-shard messages.
     fn mesh_congested(&self) -> bool {
-        let channel = self.config.limits.mesh_channel_messages_max;
+        let channel = self.mesh_channel_messages;
         self.mesh_backlog
             .iter()
             .any(|backlog| backlog.len() >= channel)
