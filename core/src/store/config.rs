@@ -38,6 +38,18 @@ const _: () = assert!(BODY_BYTES_MAX + 1024 < FDB_VALUE_BYTES_MAX);
 /// FoundationDB keeps its own system keys under `0xff`.
 pub const FDB_METADATA_BYTE: u8 = 0xff;
 
+/// The bytes every key of a deployment starts with in FoundationDB: the prefix's length, then
+/// the prefix. Self-delimiting: of two prefixes where one starts with the other (`courier/`
+/// and `courier/global/`), neither deployment's ranges reach the other's keys. Plain
+/// concatenation let the shorter one's expiry and membership scans read (and its membership
+/// change rewrite) the longer one's keys.
+pub fn fdb_key_prefix(key_prefix: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(1 + key_prefix.len());
+    stored.push(u8::try_from(key_prefix.len()).unwrap_or(u8::MAX));
+    stored.extend_from_slice(key_prefix);
+    stored
+}
+
 /// Where the FoundationDB backend keeps the owner epoch of `shard`:
 /// `{key_prefix} 0xff o {shard}` ([`keys::owner`] after the metadata byte).
 pub fn fdb_owner_key(key_prefix: &[u8], shard: crate::placement::ShardId) -> Vec<u8> {
@@ -242,7 +254,7 @@ impl FdbConfig {
 
     /// Bytes of the owner check, and of one send and one link or ack without the body.
     fn batch_costs(&self) -> (usize, usize) {
-        let prefixed = |key_len: usize| self.key_prefix.len() + key_len;
+        let prefixed = |key_len: usize| 1 + self.key_prefix.len() + key_len;
         let message_key = prefixed(keys::message(0, 0).len());
         let dedupe_key = prefixed(keys::dedupe(0, 0, 0, 0).len());
         let counter_key = prefixed(keys::counter(0).len());
@@ -295,7 +307,7 @@ impl FdbConfig {
     }
 
     fn owner_check_bytes(&self) -> usize {
-        read_bytes(fdb_owner_key(&self.key_prefix, 0).len())
+        read_bytes(fdb_owner_key(&fdb_key_prefix(&self.key_prefix), 0).len())
     }
 
     /// An upper bound of the bytes FoundationDB counts for one `commit::expire` pass under
@@ -312,7 +324,7 @@ impl FdbConfig {
     /// Bytes of the fixed part of an expiry pass, and per scanned key (the average of an
     /// index entry and a message, both rounded up).
     fn expire_costs(&self) -> (usize, usize) {
-        let prefixed = |key_len: usize| self.key_prefix.len() + key_len;
+        let prefixed = |key_len: usize| 1 + self.key_prefix.len() + key_len;
         let message_key = prefixed(keys::message(0, 0).len());
         let expiry_key = prefixed(keys::expiry(0, 0).len());
         let bucket_key = prefixed(keys::dedupe_bucket_start(0).len());
@@ -409,6 +421,26 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    /// Deployments whose prefixes start with one another keep apart: no stored prefix starts
+    /// with another, so no range of one reaches the other's keys.
+    #[test]
+    fn stored_key_prefixes_never_nest() {
+        let prefixes: [&[u8]; 5] = [b"courier/", b"courier/global/", b"courier/g", b"c", b"co"];
+        for a in prefixes {
+            for b in prefixes {
+                if a != b {
+                    assert!(
+                        !fdb_key_prefix(b).starts_with(&fdb_key_prefix(a)),
+                        "{:?} inside {:?}",
+                        String::from_utf8_lossy(a),
+                        String::from_utf8_lossy(b)
+                    );
+                }
+            }
+            assert!(fdb_key_prefix(a).ends_with(a));
+        }
+    }
     use crate::commit::{self, Committer, Request, SendRequest};
     use crate::store::memory::{MemoryStore, MemoryTransaction};
     use crate::store::{CommitVersion, KeyValue, Store, StoreError, Transaction};

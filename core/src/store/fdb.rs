@@ -33,7 +33,7 @@ use foundationdb::options::{DatabaseOption, MutationType, StreamingMode};
 use foundationdb::{Database, FdbError, FdbResult, RangeOption};
 use futures_executor::block_on;
 
-use super::config::{FdbConfig, fdb_owner_key, key_prefix_is_valid};
+use super::config::{FdbConfig, fdb_key_prefix, fdb_owner_key, key_prefix_is_valid};
 use super::fdb_error::{FdbPhase, FdbVerdict, classify};
 use super::{CommitVersion, KeyValue, Store, StoreError, Transaction};
 use crate::keys;
@@ -246,7 +246,7 @@ impl FdbClusters {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(FdbClusters {
             clusters,
-            key_prefix: config.key_prefix.clone(),
+            key_prefix: fdb_key_prefix(&config.key_prefix),
         })
     }
 
