@@ -387,6 +387,10 @@ pub struct Shared<S> {
     pub stores: Vec<S>,
     /// In a cluster: this edge's own lease, under which its own commits run.
     pub lease: Option<(EdgeId, Lease)>,
+    /// Whether this shard runs the expiry passes. A cluster's expiry index covers every
+    /// inbox on it, whichever shard owns it, so one shard per edge runs them: from every
+    /// shard the passes did the same work and conflicted with each other.
+    pub runs_expiry: bool,
 }
 
 /// A shard's stores on FoundationDB.
@@ -447,6 +451,9 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
         // One pass per cluster; `more` if any cluster has more to do.
         let mut total = ExpireReport::default();
+        if !self.runs_expiry {
+            return Ok(total);
+        }
         for store in &self.stores {
             let report = expire(store, now, core)?;
             total.messages_deleted += report.messages_deleted;
@@ -463,5 +470,45 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
             highest = highest.max(courier_core::commit::clock_high_water(store)?);
         }
         Ok(highest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::commit::{Request, SendRequest};
+    use courier_core::store::memory::MemoryStore;
+
+    /// On shared stores only the shard chosen to run expiry passes deletes anything; the
+    /// others' passes do nothing (before, every shard ran the same pass over the cluster).
+    #[test]
+    fn on_shared_stores_one_shard_runs_the_expiry_passes() {
+        let core = CoreConfig::default();
+        let shared = |runs_expiry| Shared {
+            stores: vec![MemoryStore::new()],
+            lease: None,
+            runs_expiry,
+        };
+        for runs_expiry in [false, true] {
+            let backend = shared(runs_expiry);
+            let send = Request::Send(SendRequest {
+                sender: 1,
+                client_id: 1,
+                to: 2,
+                body: b"short-lived".to_vec(),
+                ttl_secs: Some(1),
+            });
+            let mut committer = Committer::new(&core);
+            committer
+                .commit_batch(&backend.stores[0], &[send], 1_000)
+                .unwrap();
+            let later = 1_000 + 10 * core.expiry_bucket_ms;
+            let report = backend.expire(later, &core).unwrap();
+            assert_eq!(
+                report.messages_deleted,
+                u64::from(runs_expiry),
+                "runs_expiry = {runs_expiry}"
+            );
+        }
     }
 }

@@ -654,10 +654,11 @@ where
     };
     let (takeover, lease) = crate::takeover::Takeover::start(stores, settings, owner)?;
     let lease = Some((cluster.edge_id, lease));
-    let open: OpenShardStore = Arc::new(move |_shard| {
+    let open: OpenShardStore = Arc::new(move |shard| {
         let store: Arc<dyn ShardStore> = Arc::new(crate::backend::Shared {
             stores: shard_stores(),
             lease,
+            runs_expiry: shard == 0,
         });
         Ok(store)
     });
