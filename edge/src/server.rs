@@ -566,6 +566,7 @@ fn open_store(
                 let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {
                     stores,
                     lease: None,
+                    runs_expiry: shard == 0,
                 });
                 Ok(store)
             });
