@@ -686,7 +686,7 @@ mod tests {
         };
         let store = Weighing {
             inner: MemoryStore::new(),
-            prefix_bytes: fdb.key_prefix.len(),
+            prefix_bytes: fdb_key_prefix(&fdb.key_prefix).len(),
             committed_bytes: Mutex::new(Vec::new()),
         };
         let now = 10 * core.dedupe_window_ms;
@@ -762,7 +762,7 @@ mod tests {
         for with_messages in [true, false] {
             let store = Weighing {
                 inner: MemoryStore::new(),
-                prefix_bytes: fdb.key_prefix.len(),
+                prefix_bytes: fdb_key_prefix(&fdb.key_prefix).len(),
                 committed_bytes: Mutex::new(Vec::new()),
             };
             let inboxes = (1..=4 * core.expire_scan_keys_max as u64).map(|i| i + 10_000);
