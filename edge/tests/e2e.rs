@@ -782,11 +782,22 @@ async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_per_user_cap_are_refused_retryably() {
     let edge = Edge::start_with(2, "[limits]\nconnections_per_user_max = 2\n", &[]);
-    let connector = edge.connector();
     let options = |device: u32| ConnectOptions::new(edge.addr, edge.token(950, device), device);
-    let first = connector.connect(options(0)).await.expect("device 0");
-    let _second = connector.connect(options(1)).await.expect("device 1");
-    let refused = connector
+    // A connector of its own per connection: one that resumed a TLS session would send its
+    // `Hello` in 0-RTT data, and a refusal before the handshake completes is a transport
+    // close that carries no application code (RFC 9000, 10.2.3).
+    let first = edge
+        .connector()
+        .connect(options(0))
+        .await
+        .expect("device 0");
+    let _second = edge
+        .connector()
+        .connect(options(1))
+        .await
+        .expect("device 1");
+    let refused = edge
+        .connector()
         .connect(options(2))
         .await
         .expect_err("a third device is over the cap");
@@ -804,7 +815,7 @@ async fn connections_past_the_per_user_cap_are_refused_retryably() {
     // Device 0 leaves the registry when its connection ends; then device 2 gets in.
     let mut third = None;
     for _ in 0..100 {
-        match connector.connect(options(2)).await {
+        match edge.connector().connect(options(2)).await {
             Ok(client) => {
                 third = Some(client);
                 break;
