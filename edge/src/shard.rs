@@ -168,6 +168,11 @@ struct Conn {
     kind: ConnKind,
     /// Close it then, if it is still open: a redirected client had time to read `Goaway`.
     close_at: Option<Instant>,
+    /// A close the session asked for before the handshake completed (a `Hello` in 0-RTT
+    /// refused): sent once it completes, or at `close_at`. A close during the handshake is a
+    /// transport close that carries no application code (RFC 9000, 10.2.3), and a client
+    /// told nothing but "closed" would retry where its code says stop (`TokenExpired`).
+    close_once_connected: Option<(ErrorCode, Bytes)>,
 }
 
 impl Conn {
@@ -192,12 +197,16 @@ impl Conn {
             partial_frame: false,
             kind,
             close_at: None,
+            close_once_connected: None,
         }
     }
 }
 
 /// How long a redirected client has to read `Goaway` and close before the edge closes.
 const REDIRECT_CLOSE_AFTER: Duration = Duration::from_secs(2);
+/// How long a close asked for during the handshake waits for it to complete
+/// (`Conn::close_once_connected`) before it goes without its code.
+const HELD_CLOSE_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
 /// verified (`auth::VerifiedTokens`).
@@ -1208,11 +1217,20 @@ impl Shard {
                         );
                     }
                     c.closing = true;
-                    c.quic.close(
-                        Instant::now(),
-                        VarInt::from_u32(code.to_u16().into()),
-                        Bytes::copy_from_slice(reason.as_bytes()),
-                    );
+                    let reason = Bytes::copy_from_slice(reason.as_bytes());
+                    if !c.handshake_done && c.quic.is_handshaking() {
+                        c.close_once_connected = Some((code, reason));
+                        c.close_at = Some(Instant::now() + HELD_CLOSE_WAIT_MAX);
+                        let mut held = self.conns.remove(&handle).expect("just found");
+                        self.arm_timer(handle, &mut held);
+                        self.conns.insert(handle, held);
+                    } else {
+                        c.quic.close(
+                            Instant::now(),
+                            VarInt::from_u32(code.to_u16().into()),
+                            reason,
+                        );
+                    }
                     self.mark_dirty(handle);
                 }
                 Effect::Route { shard, message } => {
@@ -1468,11 +1486,12 @@ impl Shard {
             }
             if conn.close_at.is_some_and(|at| at <= now) {
                 conn.close_at = None;
-                conn.quic.close(
-                    now,
-                    VarInt::from_u32(ErrorCode::ShuttingDown.to_u16().into()),
+                let (code, reason) = conn.close_once_connected.take().unwrap_or((
+                    ErrorCode::ShuttingDown,
                     Bytes::from_static(b"redirected to the user's home edge"),
-                );
+                ));
+                conn.quic
+                    .close(now, VarInt::from_u32(code.to_u16().into()), reason);
             }
             self.process_conn(now, handle);
         }
@@ -1511,6 +1530,11 @@ impl Shard {
             match event {
                 Event::Connected => {
                     conn.handshake_done = true;
+                    if let Some((code, reason)) = conn.close_once_connected.take() {
+                        conn.close_at = None;
+                        conn.quic
+                            .close(now, VarInt::from_u32(code.to_u16().into()), reason);
+                    }
                     self.handshake_finished(&mut conn);
                     if self.cluster.is_some() {
                         self.link_handshake_done(handle, &mut conn);

@@ -492,6 +492,43 @@ async fn expired_token_is_refused_with_its_own_code() {
     assert_eq!(error.code(), Some(ErrorCode::TokenExpired), "{error}");
 }
 
+/// The same refusal for a client that resumes a TLS session: its `Hello` goes in 0-RTT data
+/// and is refused before the handshake completes. A close then would be a transport close
+/// without the code (RFC 9000, 10.2.3), and a client with an expired token would retry instead
+/// of stopping; the edge holds the close until the handshake completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_a_hello_in_0rtt_carries_its_code() {
+    let edge = Edge::start(1);
+    let connector = edge.connector();
+    let first = connector
+        .connect(ConnectOptions::new(edge.addr, edge.token(122, 0), 0))
+        .await
+        .expect("a first connection leaves a session to resume");
+    first.close();
+    drop(first);
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["token", "--config"])
+        .arg(&edge.config_path)
+        .args(["--user", "122", "--ttl", "0s"])
+        .output()
+        .expect("run courier-edge token");
+    let expired = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    for attempt in 0..3 {
+        let error = connector
+            .connect(ConnectOptions::new(edge.addr, expired.clone(), 0))
+            .await
+            .expect_err("expired");
+        assert_eq!(
+            error.code(),
+            Some(ErrorCode::TokenExpired),
+            "attempt {attempt}: {error}"
+        );
+    }
+}
+
 /// A client that floods pings and never reads the pongs is held back by flow control (the edge
 /// stops reading it once its answers pile up) while another pair chats undisturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,21 +820,13 @@ async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
 async fn connections_past_the_per_user_cap_are_refused_retryably() {
     let edge = Edge::start_with(2, "[limits]\nconnections_per_user_max = 2\n", &[]);
     let options = |device: u32| ConnectOptions::new(edge.addr, edge.token(950, device), device);
-    // A connector of its own per connection: one that resumed a TLS session would send its
-    // `Hello` in 0-RTT data, and a refusal before the handshake completes is a transport
-    // close that carries no application code (RFC 9000, 10.2.3).
-    let first = edge
-        .connector()
-        .connect(options(0))
-        .await
-        .expect("device 0");
-    let _second = edge
-        .connector()
-        .connect(options(1))
-        .await
-        .expect("device 1");
-    let refused = edge
-        .connector()
+    // One connector: later connections resume a TLS session and send their `Hello` in 0-RTT
+    // data, refused before the handshake completes (the edge holds that close until it does,
+    // so that it carries its code: `a_refusal_of_a_hello_in_0rtt_carries_its_code`).
+    let connector = edge.connector();
+    let first = connector.connect(options(0)).await.expect("device 0");
+    let _second = connector.connect(options(1)).await.expect("device 1");
+    let refused = connector
         .connect(options(2))
         .await
         .expect_err("a third device is over the cap");
@@ -815,7 +844,7 @@ async fn connections_past_the_per_user_cap_are_refused_retryably() {
     // Device 0 leaves the registry when its connection ends; then device 2 gets in.
     let mut third = None;
     for _ in 0..100 {
-        match edge.connector().connect(options(2)).await {
+        match connector.connect(options(2)).await {
             Ok(client) => {
                 third = Some(client);
                 break;
