@@ -403,25 +403,23 @@ impl ConnectOptions {
         }
     }
 
-    /// Refuses options whose `Hello` the protocol's limits would refuse: without the check the
-    /// link would end with a protocol error at its first frame.
+    /// Refuses options whose `Hello` the protocol's limits would refuse (the checks every
+    /// frame passes, `Frame::check_limits`): without it the link would end with a protocol
+    /// error at its first frame.
     fn check(&self) -> Result<(), ClientError> {
-        if self.token.len() > courier_protocol::TOKEN_BYTES_MAX {
-            return Err(ClientError::Config(format!(
-                "the token is {} bytes, more than the protocol's {}: pass the token \
-                 `courier-edge token` printed",
-                self.token.len(),
-                courier_protocol::TOKEN_BYTES_MAX
-            )));
+        Frame::Hello {
+            token: self.token.as_bytes().to_vec(),
+            device: self.device,
+            acked_up_to: self.resume_after_seq,
+            resume_after_seq: self.resume_after_seq,
         }
-        if self.device > courier_protocol::DEVICE_ID_MAX {
-            return Err(ClientError::Config(format!(
-                "device {} is out of range: a user's devices are numbered 0 to {}",
-                self.device,
-                courier_protocol::DEVICE_ID_MAX
-            )));
-        }
-        Ok(())
+        .check_limits()
+        .map_err(|error| {
+            ClientError::Config(format!(
+                "connect options: {error} (the token and device `courier-edge token` printed \
+                 fit)"
+            ))
+        })
     }
 
     /// The protocol session's settings these options make, for tools that drive

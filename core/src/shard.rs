@@ -662,6 +662,21 @@ mod tests {
         assert_eq!(batch.tags, vec![8]);
     }
 
+    /// Takes the next batch, commits it on `store` through `committer` and hands the result
+    /// back: the outcomes and what the shard answers.
+    fn commit_next_batch(
+        shard: &mut InboxShard<u64>,
+        committer: &mut crate::commit::Committer,
+        store: &crate::store::memory::MemoryStore,
+    ) -> (Vec<crate::commit::Outcome>, Vec<Output<u64>>) {
+        let batch = shard.poll_batch(u64::MAX).expect("a batch");
+        let outcomes = committer
+            .commit_batch(store, &batch.requests, 1_000)
+            .expect("commit");
+        let outputs = shard.handle_commit(batch, Ok(outcomes.clone()));
+        (outcomes, outputs)
+    }
+
     /// A purge erases what was committed before it, not the sends and logins of its own
     /// batch: a send queued after the purge is stored (above the erased seqs) and acknowledged,
     /// and a login after it keeps its device record. Before, the purge came last in the batch
@@ -676,20 +691,12 @@ mod tests {
         let store = MemoryStore::new();
         let mut committer = Committer::new(&config);
         let mut shard = InboxShard::new(&config);
-        let commit = |shard: &mut InboxShard<u64>, committer: &mut Committer| {
-            let batch = shard.poll_batch(u64::MAX).expect("a batch");
-            let outcomes = committer
-                .commit_batch(&store, &batch.requests, 1_000)
-                .expect("commit");
-            shard.handle_commit(batch, Ok(outcomes.clone()));
-            outcomes
-        };
         shard.handle_send(send(1, 10), 1, 0).unwrap();
-        commit(&mut shard, &mut committer);
+        commit_next_batch(&mut shard, &mut committer, &store);
         assert!(shard.handle_purge(2));
         shard.handle_send(send(2, 10), 2, 0).unwrap();
         shard.handle_link(2, 0, 0, 3).unwrap();
-        let outcomes = commit(&mut shard, &mut committer);
+        let (outcomes, _) = commit_next_batch(&mut shard, &mut committer, &store);
         let stored_seq = outcomes
             .iter()
             .find_map(|outcome| match outcome {
@@ -732,11 +739,7 @@ mod tests {
                 ttl_secs: None,
             };
             shard.handle_send(request, 0, 0).unwrap();
-            let batch = shard.poll_batch(u64::MAX).expect("a batch");
-            let outcomes = committer
-                .commit_batch(&store, &batch.requests, 1_000)
-                .expect("commit");
-            let outputs = shard.handle_commit(batch, Ok(outcomes));
+            let (_, outputs) = commit_next_batch(&mut shard, &mut committer, &store);
             let acked = outputs
                 .iter()
                 .find_map(|output| match output {

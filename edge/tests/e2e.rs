@@ -474,22 +474,28 @@ async fn signals_reach_online_peers_and_are_not_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_token_is_refused_with_its_own_code() {
     let edge = Edge::start(1);
-    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
-        .args(["token", "--config"])
-        .arg(&edge.config_path)
-        .args(["--user", "121", "--ttl", "0s"])
-        .output()
-        .expect("run courier-edge token");
-    let token = String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string();
+    let token = expired_token(&edge, 121);
     let error = edge
         .connector()
         .connect(ConnectOptions::new(edge.addr, token, 0))
         .await
         .expect_err("expired");
     assert_eq!(error.code(), Some(ErrorCode::TokenExpired), "{error}");
+}
+
+/// A token for `user`, device 0, that has expired: minted by `courier-edge token` with no
+/// time to live.
+fn expired_token(edge: &Edge, user: u64) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["token", "--config"])
+        .arg(&edge.config_path)
+        .args(["--user", &user.to_string(), "--ttl", "0s"])
+        .output()
+        .expect("run courier-edge token");
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
 }
 
 /// The same refusal for a client that resumes a TLS session: its `Hello` goes in 0-RTT data
@@ -506,16 +512,7 @@ async fn a_refusal_of_a_hello_in_0rtt_carries_its_code() {
         .expect("a first connection leaves a session to resume");
     first.close();
     drop(first);
-    let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
-        .args(["token", "--config"])
-        .arg(&edge.config_path)
-        .args(["--user", "122", "--ttl", "0s"])
-        .output()
-        .expect("run courier-edge token");
-    let expired = String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string();
+    let expired = expired_token(&edge, 122);
     for attempt in 0..3 {
         let error = connector
             .connect(ConnectOptions::new(edge.addr, expired.clone(), 0))

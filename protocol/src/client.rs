@@ -735,6 +735,16 @@ mod tests {
         std::iter::from_fn(|| session.poll_transmit()).collect()
     }
 
+    fn welcome() -> Frame {
+        Frame::Welcome {
+            user: 1,
+            device: 0,
+            server_time_ms: 0,
+            acked_up_to: 0,
+            first_seq: 1,
+        }
+    }
+
     fn deliver(seq: u64) -> Frame {
         Frame::Deliver {
             seq,
@@ -777,17 +787,7 @@ mod tests {
         let mut s = session();
         s.connected(0);
         drain(&mut s);
-        s.handle_frame(
-            0,
-            Frame::Welcome {
-                user: 1,
-                device: 0,
-                server_time_ms: 0,
-                acked_up_to: 0,
-                first_seq: 1,
-            },
-        )
-        .unwrap();
+        s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
             s.handle_frame(0, deliver(seq)).unwrap();
         }
@@ -901,16 +901,6 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= 2_000), "{delays:?}");
         assert!(delays[0] <= 50);
         assert!(delays[9] >= 1_000);
-    }
-
-    fn welcome() -> Frame {
-        Frame::Welcome {
-            user: 1,
-            device: 0,
-            server_time_ms: 0,
-            acked_up_to: 0,
-            first_seq: 1,
-        }
     }
 
     /// Links that end soon after their `Welcome` (another instance of the device superseding
