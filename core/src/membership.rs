@@ -11,11 +11,13 @@
 //!
 //! - An edge [`join`]s before it claims anything. The store's epoch equal to its own (with the
 //!   same members) lets it in; a later one in the store refuses it (its config is stale); an
-//!   earlier one is replaced, and in the same transaction **every lease's epoch is raised**, so
-//!   every edge still on the old members is fenced: its next commit and its next beat fail,
-//!   and it exits for its supervisor to restart it with the new config.
-//! - Every lease change and every beat checks the membership epoch in its transaction
-//!   ([`check`]), so an edge on the old members cannot claim a lease after the change either.
+//!   earlier one is replaced, and in the same transaction **every lease of the previous
+//!   members is raised**, so every edge still on the old members is fenced: its next commit
+//!   and its next beat fail, and it exits for its supervisor to restart it with the new config.
+//! - Every lease change and every beat checks the membership epoch in its transaction, and
+//!   that the lease is a member's ([`check`]), so an edge on the old members cannot claim a
+//!   lease after the change either, and no lease outside the members is ever claimed: the
+//!   previous members' leases are all a change has to raise.
 //!
 //! Commits need no extra read: they check their lease, and the change raised every lease.
 
@@ -143,7 +145,30 @@ pub fn join<S: Store>(stores: &[S], ours: &Membership) -> Result<Joined, JoinErr
         }
         previous => {
             txn.set(&keys::members(), &ours.encode());
-            for (key, value) in leases_in(&mut txn)? {
+            // Under an epoch only its members' leases are claimed, beaten or handed over
+            // (`check`), and every earlier change raised the leases claimed before it: the
+            // previous members' leases are all an edge on the previous members can commit
+            // under. Raising only those keeps the transaction small however many edge ids
+            // were ever used (raising every lease passed FoundationDB's transaction size
+            // limit at some ten thousand). A store without a membership was written by a
+            // version before memberships, whose claims named no epoch: all of its leases.
+            let raised = match &previous {
+                Some(previous) => {
+                    let keys: Vec<[u8; 5]> = previous
+                        .members
+                        .iter()
+                        .map(|edge| keys::lease(*edge))
+                        .collect();
+                    let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+                    let values = txn.get_many(&key_refs)?;
+                    keys.iter()
+                        .zip(values)
+                        .filter_map(|(key, value)| Some((key.to_vec(), value?)))
+                        .collect()
+                }
+                None => leases_in(&mut txn)?,
+            };
+            for (key, value) in raised {
                 let mut lease = crate::takeover::Lease::decode(&value)?;
                 lease.epoch += 1;
                 txn.set(&key, &lease.encode());
@@ -152,13 +177,26 @@ pub fn join<S: Store>(stores: &[S], ours: &Membership) -> Result<Joined, JoinErr
             Joined::Changed { previous }
         }
     };
+    // The other stores' copies are brought up to the first store's: each store's leases in
+    // one read, and a write only for each copy that is behind.
     let leases = {
         let mut txn = first.begin_read()?;
         leases_in(&mut txn)?
     };
     for store in &stores[1..] {
+        let copies: std::collections::HashMap<Vec<u8>, Vec<u8>> = {
+            let mut txn = store.begin_read()?;
+            leases_in(&mut txn)?.into_iter().collect()
+        };
         for (key, value) in &leases {
             let lease = crate::takeover::Lease::decode(value)?;
+            let copy = copies
+                .get(key)
+                .map(|copy| crate::takeover::Lease::decode(copy))
+                .transpose()?;
+            if copy.is_some_and(|copy| copy.epoch >= lease.epoch) {
+                continue;
+            }
             let edge = u32::from_be_bytes(key[1..5].try_into().expect("a lease key"));
             match crate::takeover::write_if_newer(store, edge, lease, None) {
                 // A later claim landed there meanwhile: newer still.
@@ -178,11 +216,20 @@ pub fn read<S: Store>(stores: &[S]) -> Result<Option<Membership>, StoreError> {
     }
 }
 
-/// `Fenced` unless the store's membership epoch is `epoch`: in a lease change's or a beat's
-/// transaction (on the first store), so an edge on other members changes nothing.
-pub(crate) fn check<T: Transaction>(txn: &mut T, epoch: u64) -> Result<(), StoreError> {
+/// `Fenced` unless the store's membership epoch is `epoch` and `edge`, whose lease the
+/// transaction changes or beats, is one of its members: in a lease change's or a beat's
+/// transaction (on the first store), so an edge on other members changes nothing. Only
+/// members' leases are claimed under an epoch, which is why a change of the members need
+/// raise only the previous members' leases ([`join`]).
+pub(crate) fn check<T: Transaction>(
+    txn: &mut T,
+    epoch: u64,
+    edge: EdgeId,
+) -> Result<(), StoreError> {
     match read_in(txn)? {
-        Some(stored) if stored.epoch == epoch => Ok(()),
+        Some(stored) if stored.epoch == epoch && stored.members.binary_search(&edge).is_ok() => {
+            Ok(())
+        }
         _ => Err(StoreError::Fenced),
     }
 }
@@ -293,6 +340,53 @@ mod tests {
         for edge in [0, 7, u32::MAX] {
             let beat = keys::beat(edge);
             assert!(beat.as_slice() < start.as_slice() || beat.as_slice() >= end.as_slice());
+        }
+    }
+
+    /// A change of the members raises the previous members' leases and no other: those are
+    /// all the leases claimed under the previous epoch (an edge outside the members can
+    /// neither claim nor be claimed), and they fit in one transaction however many edge ids
+    /// were ever used, which all the leases did not.
+    #[test]
+    fn a_change_raises_only_the_previous_members_leases() {
+        let stores = [MemoryStore::new(), MemoryStore::new()];
+        join(&stores, &Membership::new(1, &[1, 2])).unwrap();
+        let one = takeover::claim_own(&stores, 1, 11, 1).unwrap();
+        assert_eq!(
+            takeover::claim_own(&stores, 3, 33, 1),
+            Err(StoreError::Fenced),
+            "an edge outside the members claims nothing"
+        );
+        let seen = takeover::observe_all(&stores, &[3]).unwrap()[&3];
+        assert_eq!(
+            takeover::claim(&stores, 3, 1, 11, seen, 1),
+            Err(StoreError::Fenced),
+            "nor is an edge outside the members taken over"
+        );
+        // Leases of ids retired long ago, left in the store.
+        const RETIRED: std::ops::Range<u32> = 1_000..21_000;
+        let retired = |edge: EdgeId| takeover::Lease {
+            epoch: 5,
+            holder: edge,
+            owner: 7,
+        };
+        for store in &stores {
+            let mut txn = store.begin().unwrap();
+            for edge in RETIRED {
+                txn.set(&keys::lease(edge), &retired(edge).encode());
+            }
+            txn.commit().unwrap();
+        }
+
+        join(&stores, &Membership::new(2, &[1, 2, 4])).unwrap();
+        for store in &stores {
+            let leased = takeover::LeasedStore::new(store, 1, one);
+            assert_eq!(leased.begin().err(), Some(StoreError::Fenced));
+            let mut txn = store.begin_read().unwrap();
+            for edge in RETIRED.step_by(997) {
+                let value = txn.get(&keys::lease(edge)).unwrap().expect("kept");
+                assert_eq!(takeover::Lease::decode(&value), Ok(retired(edge)));
+            }
         }
     }
 

@@ -412,8 +412,9 @@ impl FdbStore {
     }
 }
 
-/// The pending read of the owner key, started with the transaction.
-type OwnerRead = Box<dyn Future<Output = FdbResult<Option<FdbSlice>>> + Send + Unpin>;
+/// A read in flight: the owner key's, started with the transaction, or one of a
+/// [`Transaction::get_many`].
+type PendingRead = Box<dyn Future<Output = FdbResult<Option<FdbSlice>>> + Send + Unpin>;
 
 /// A transaction of an [`FdbStore`].
 ///
@@ -423,7 +424,7 @@ type OwnerRead = Box<dyn Future<Output = FdbResult<Option<FdbSlice>>> + Send + U
 /// same error, and writes are ignored, because FoundationDB resets a transaction on error.
 pub struct FdbTransaction<'a> {
     // Declared before `trx`: a pending read is dropped before its transaction.
-    fence: Option<OwnerRead>,
+    fence: Option<PendingRead>,
     /// `None` once the transaction failed or committed.
     trx: Option<foundationdb::Transaction>,
     store: &'a FdbStore,
@@ -451,7 +452,7 @@ impl Store for FdbStore {
             .create_trx()
             .map_err(|error| store_error(error, FdbPhase::Read))?;
         // A serializable read: a claim committed after it makes this transaction conflict.
-        let fence: OwnerRead = Box::new(trx.get(&self.owner_key, false));
+        let fence: PendingRead = Box::new(trx.get(&self.owner_key, false));
         Ok(FdbTransaction {
             fence: Some(fence),
             trx: Some(trx),
@@ -522,6 +523,24 @@ impl Transaction for FdbTransaction<'_> {
             Ok(value) => Ok(value.map(|value| value.to_vec())),
             Err(error) => Err(self.fail(error, FdbPhase::Read)),
         }
+    }
+
+    /// Every read is sent before the first is waited for: one round trip for all.
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let keys: Vec<Vec<u8>> = keys.iter().map(|key| self.store.prefixed(key)).collect();
+        let trx = self.checked()?;
+        let reads: Vec<PendingRead> = keys
+            .iter()
+            .map(|key| Box::new(trx.get(key, false)) as PendingRead)
+            .collect();
+        let mut values = Vec::with_capacity(reads.len());
+        for read in reads {
+            match block_on(read) {
+                Ok(value) => values.push(value.map(|value| value.to_vec())),
+                Err(error) => return Err(self.fail(error, FdbPhase::Read)),
+            }
+        }
+        Ok(values)
     }
 
     fn get_range(

@@ -204,6 +204,13 @@ pub trait Transaction {
         self.get(key)
     }
 
+    /// The values of `keys`, in their order, as [`get`](Transaction::get) reads each. On
+    /// FoundationDB the reads are in flight together, one round trip for all instead of one
+    /// each; the embedded backends read one after another, from memory.
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(key)).collect()
+    }
+
     /// Up to `limit` pairs with `begin <= key < end`, in key order, seeing own writes.
     fn get_range(
         &mut self,
