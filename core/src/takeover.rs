@@ -461,6 +461,20 @@ impl Planner {
             .collect()
     }
 
+    /// Whether this edge is the one that runs the cluster's expiry passes: the lowest id
+    /// among the members it sees alive, itself included. The expiry index covers every inbox
+    /// of the store, so one runner does the work once; every edge running it did the same
+    /// scans and deletes and conflicted. Edges that see each other differently may both run
+    /// for a while, which costs conflicts and retries, not messages; a dead runner's turn
+    /// passes to the next once it is judged dead, as its users do.
+    pub fn runs_expiry(&self, now_ms: UnixMillis) -> bool {
+        self.members
+            .iter()
+            .filter(|edge| self.alive(**edge, now_ms))
+            .min()
+            .is_none_or(|runner| *runner == self.edge)
+    }
+
     /// The edges whose users this edge serves besides its own.
     pub fn guests(&self) -> impl Iterator<Item = (EdgeId, Lease)> + '_ {
         self.guests.iter().map(|(edge, lease)| (*edge, *lease))
@@ -878,6 +892,53 @@ mod tests {
             Err(StoreError::Fenced)
         );
         assert!(passes(back) && fenced_everywhere(next));
+    }
+
+    /// One edge of a cluster runs the expiry passes: the lowest id alive. While it lives the
+    /// others leave them to it; once it is judged dead the next one takes them up, and gives
+    /// them back when it returns.
+    #[test]
+    fn the_lowest_live_member_runs_the_expiry_passes() {
+        let store = joined([MemoryStore::new()]);
+        let leases: Vec<Lease> = [1, 2, 3]
+            .into_iter()
+            .map(|edge| claim_own(&store, edge, 10 + u64::from(edge), MEMBERS_EPOCH).unwrap())
+            .collect();
+        let mut planners: Vec<Planner> = [1, 2, 3]
+            .into_iter()
+            .map(|edge| Planner::new(edge, &[1, 2, 3], TIMEOUT))
+            .collect();
+        let runners = |planners: &[Planner], now| -> Vec<EdgeId> {
+            planners
+                .iter()
+                .filter(|planner| planner.runs_expiry(now))
+                .map(|planner| planner.edge)
+                .collect()
+        };
+        assert_eq!(
+            runners(&planners, 0),
+            vec![1, 2, 3],
+            "before it saw anyone, each runs them (expiry is not held up)"
+        );
+        for planner in &mut planners {
+            planner.observe_round(0, observe_all(&store, &[1, 2, 3]).unwrap());
+        }
+        assert_eq!(runners(&planners, 0), vec![1]);
+        // Edge 1 stops beating; edges 2 and 3 beat on.
+        for now in [TIMEOUT / 2, TIMEOUT, TIMEOUT + TIMEOUT / 2] {
+            for (edge, lease) in [(2, leases[1]), (3, leases[2])] {
+                renew(&store, edge, lease, MEMBERS_EPOCH).unwrap();
+            }
+            for planner in &mut planners[1..] {
+                planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
+            }
+        }
+        let later = TIMEOUT + TIMEOUT / 2;
+        assert_eq!(runners(&planners[1..], later), vec![2]);
+        // Edge 1 comes back with a new lease: edge 2 leaves the passes to it again.
+        claim_own(&store, 1, 19, MEMBERS_EPOCH).unwrap();
+        planners[1].observe_round(later + 1, observe_all(&store, &[1, 2, 3]).unwrap());
+        assert!(!planners[1].runs_expiry(later + 1));
     }
 
     /// A claim whose result this edge lost (it landed, but the answer did not) is claimed

@@ -391,6 +391,9 @@ pub struct Shared<S> {
     /// inbox on it, whichever shard owns it, so one shard per edge runs them: from every
     /// shard the passes did the same work and conflicted with each other.
     pub runs_expiry: bool,
+    /// In a cluster of edges, the lease thread, which says whether this edge is the one that
+    /// runs them ([`crate::takeover::Takeover::runs_expiry`]).
+    pub expiry_turn: Option<Arc<crate::takeover::Takeover>>,
 }
 
 /// A shard's stores on FoundationDB.
@@ -451,7 +454,11 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
         // One pass per cluster; `more` if any cluster has more to do.
         let mut total = ExpireReport::default();
-        if !self.runs_expiry {
+        let our_turn = self
+            .expiry_turn
+            .as_ref()
+            .is_none_or(|takeover| takeover.runs_expiry());
+        if !self.runs_expiry || !our_turn {
             return Ok(total);
         }
         for store in &self.stores {
@@ -488,6 +495,7 @@ mod tests {
             stores: vec![MemoryStore::new()],
             lease: None,
             runs_expiry,
+            expiry_turn: None,
         };
         for runs_expiry in [false, true] {
             let backend = shared(runs_expiry);

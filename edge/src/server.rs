@@ -567,6 +567,7 @@ fn open_store(
                     stores,
                     lease: None,
                     runs_expiry: shard == 0,
+                    expiry_turn: None,
                 });
                 Ok(store)
             });
@@ -655,11 +656,13 @@ where
     };
     let (takeover, lease) = crate::takeover::Takeover::start(stores, settings, owner)?;
     let lease = Some((cluster.edge_id, lease));
+    let expiry_turn = Arc::clone(&takeover);
     let open: OpenShardStore = Arc::new(move |shard| {
         let store: Arc<dyn ShardStore> = Arc::new(crate::backend::Shared {
             stores: shard_stores(),
             lease,
             runs_expiry: shard == 0,
+            expiry_turn: Some(Arc::clone(&expiry_turn)),
         });
         Ok(store)
     });

@@ -74,6 +74,10 @@ pub struct Takeover {
     /// Set when a beat was fenced and the thread stopped instead of ending the process
     /// (`LeaseSettings::exit_when_fenced` off): the shards stop as the process would.
     fenced_out: AtomicBool,
+    /// Whether this edge runs the cluster's expiry passes ([`Planner::runs_expiry`]); every
+    /// edge does until its first round of observations, and without takeover (it observes
+    /// no one).
+    runs_expiry: AtomicBool,
 }
 
 impl std::fmt::Debug for Command {
@@ -171,6 +175,7 @@ impl Takeover {
             commands,
             handing_over: AtomicBool::new(false),
             fenced_out: AtomicBool::new(false),
+            runs_expiry: AtomicBool::new(true),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -218,6 +223,11 @@ impl Takeover {
     /// shards must stop (a test's in-process edge).
     pub fn fenced_out(&self) -> bool {
         self.fenced_out.load(Ordering::Acquire)
+    }
+
+    /// Whether this edge runs the cluster's expiry passes now (one edge of the cluster does).
+    pub fn runs_expiry(&self) -> bool {
+        self.runs_expiry.load(Ordering::Acquire)
     }
 
     /// Ends the lease thread without handing anything over: its lease stops beating.
@@ -485,6 +495,10 @@ impl<S: Store> LeaseThread<S> {
 
     fn publish(&self) {
         self.shared.publish(self.view());
+        let runs_expiry = self.planner.runs_expiry(self.now_ms());
+        self.shared
+            .runs_expiry
+            .store(runs_expiry, Ordering::Release);
     }
 }
 
@@ -562,7 +576,9 @@ mod tests {
     }
 
     /// An edge that stops beating is taken over after the timeout; when it starts again it
-    /// claims its users back and the other edge releases them.
+    /// claims its users back and the other edge releases them. The cluster's expiry passes
+    /// go the same way: edge 2 runs them while edge 1 is dead, and leaves them to edge 1,
+    /// the lower id, once it is back.
     #[test]
     fn a_silent_edge_is_taken_over_and_given_back() {
         let store = Arc::new(vec![MemoryStore::new()]);
@@ -573,9 +589,17 @@ mod tests {
         wait_for("edge 2 to take edge 1 over", || {
             two.view().guests.contains_key(&1)
         });
-        let (_one, _) = Takeover::start(Arc::clone(&store), settings(1), 12).expect("1");
+        assert!(
+            two.runs_expiry(),
+            "the only live edge runs the expiry passes"
+        );
+        let (one, _) = Takeover::start(Arc::clone(&store), settings(1), 12).expect("1");
         wait_for("edge 2 to give edge 1 back", || {
             two.view().guests.is_empty() && two.view().servers.is_empty()
         });
+        wait_for("edge 2 to leave the expiry passes to edge 1", || {
+            !two.runs_expiry()
+        });
+        assert!(one.runs_expiry());
     }
 }
