@@ -366,11 +366,15 @@ fn write_batch<T: Transaction>(
     let mut seqs = SeqSource::default();
     let mut outcomes = Vec::with_capacity(requests.len());
     // Every send's dedupe lookups start loading at once: each would otherwise wait for its
-    // own memory load (the embedded stores' filter, decision 0030) behind the sends before it.
+    // own memory load (the embedded stores' filter, decision 0030), or on FoundationDB its own
+    // round trip, behind the sends before it. So do the counters of inboxes not cached.
     for request in requests {
         if let Request::Send(send) = request {
             for bucket in dedupe_buckets(dedupe_bucket) {
                 txn.prefetch(&keys::dedupe(bucket, send.to, send.sender, send.client_id));
+            }
+            if !known.last_seqs.contains_key(&send.to) {
+                txn.prefetch(&keys::counter(send.to));
             }
         }
     }

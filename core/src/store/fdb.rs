@@ -23,6 +23,9 @@
 //! backend waits FoundationDB's backoff (`on_error`) before returning, and the Committer
 //! retries up to `CoreConfig::commit_attempts_max` times. docs/foundationdb.md has the rest.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -412,8 +415,12 @@ impl FdbStore {
     }
 }
 
+/// The most reads [`Transaction::prefetch`] keeps in flight in one transaction: two dedupe
+/// lookups and a counter per send of the largest batch, with room.
+const PREFETCHED_MAX: usize = 4096;
+
 /// A read in flight: the owner key's, started with the transaction, or one of a
-/// [`Transaction::get_many`].
+/// [`Transaction::get_many`] or a [`Transaction::prefetch`].
 type PendingRead = Box<dyn Future<Output = FdbResult<Option<FdbSlice>>> + Send + Unpin>;
 
 /// A transaction of an [`FdbStore`].
@@ -425,6 +432,10 @@ type PendingRead = Box<dyn Future<Output = FdbResult<Option<FdbSlice>>> + Send +
 pub struct FdbTransaction<'a> {
     // Declared before `trx`: a pending read is dropped before its transaction.
     fence: Option<PendingRead>,
+    /// Reads that [`Transaction::prefetch`] sent, by prefixed key, for the `get` of the key
+    /// to wait for: a batch's lookups then take about one round trip, not one each. A write
+    /// to a key drops its read, which was sent before the write and would not see it.
+    prefetched: RefCell<HashMap<Vec<u8>, PendingRead>>,
     /// `None` once the transaction failed or committed.
     trx: Option<foundationdb::Transaction>,
     store: &'a FdbStore,
@@ -455,6 +466,7 @@ impl Store for FdbStore {
         let fence: PendingRead = Box::new(trx.get(&self.owner_key, false));
         Ok(FdbTransaction {
             fence: Some(fence),
+            prefetched: RefCell::new(HashMap::new()),
             trx: Some(trx),
             store: self,
             wrote: false,
@@ -469,6 +481,7 @@ impl FdbTransaction<'_> {
     fn fail(&mut self, error: FdbError, phase: FdbPhase) -> StoreError {
         let mapped = store_error(error, phase);
         self.fence = None;
+        self.prefetched.get_mut().clear();
         if let Some(trx) = self.trx.take() {
             back_off(trx, error, &mapped);
         }
@@ -497,6 +510,23 @@ impl FdbTransaction<'_> {
             .ok_or_else(|| StoreError::Io("the transaction already failed or committed".into()))
     }
 
+    /// Drops the prefetched reads of keys in `[begin, end)` (prefixed), which a write is
+    /// about to change.
+    fn forget_prefetched(&mut self, begin: &[u8], end: &[u8]) {
+        let prefetched = self.prefetched.get_mut();
+        if !prefetched.is_empty() {
+            prefetched.retain(|key, _| key.as_slice() < begin || key.as_slice() >= end);
+        }
+    }
+
+    /// Drops the prefetched read of `key` (prefixed), which a write is about to change.
+    fn forget_prefetched_key(&mut self, key: &[u8]) {
+        let prefetched = self.prefetched.get_mut();
+        if !prefetched.is_empty() {
+            prefetched.remove(key);
+        }
+    }
+
     /// Applies a write unless the transaction already failed (then the commit reports it).
     fn write(&mut self, apply: impl FnOnce(&foundationdb::Transaction)) {
         if let Some(trx) = &self.trx {
@@ -509,7 +539,12 @@ impl FdbTransaction<'_> {
 impl Transaction for FdbTransaction<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.store.prefixed(key);
-        let result = block_on(self.checked()?.get(&key, false));
+        self.checked()?;
+        let read = match self.prefetched.get_mut().remove(&key) {
+            Some(read) => read,
+            None => Box::new(self.checked()?.get(&key, false)),
+        };
+        let result = block_on(read);
         match result {
             Ok(value) => Ok(value.map(|value| value.to_vec())),
             Err(error) => Err(self.fail(error, FdbPhase::Read)),
@@ -582,13 +617,32 @@ impl Transaction for FdbTransaction<'_> {
         Ok(pairs)
     }
 
+    /// Sends the read of `key` now; its `get` waits for it (see `prefetched`). At most
+    /// `PREFETCHED_MAX` wait at once; past that the hint is ignored.
+    fn prefetch(&self, key: &[u8]) {
+        let (Some(trx), None) = (&self.trx, &self.failed) else {
+            return;
+        };
+        let mut prefetched = self.prefetched.borrow_mut();
+        if prefetched.len() >= PREFETCHED_MAX {
+            return;
+        }
+        let key = self.store.prefixed(key);
+        if let Entry::Vacant(slot) = prefetched.entry(key) {
+            let read: PendingRead = Box::new(trx.get(slot.key(), false));
+            slot.insert(read);
+        }
+    }
+
     fn set(&mut self, key: &[u8], value: &[u8]) {
         let key = self.store.prefixed(key);
+        self.forget_prefetched_key(&key);
         self.write(|trx| trx.set(&key, value));
     }
 
     fn clear(&mut self, key: &[u8]) {
         let key = self.store.prefixed(key);
+        self.forget_prefetched_key(&key);
         self.write(|trx| trx.clear(&key));
     }
 
@@ -598,16 +652,19 @@ impl Transaction for FdbTransaction<'_> {
             return;
         }
         let (begin, end) = (self.store.prefixed(begin), self.store.prefixed(end));
+        self.forget_prefetched(&begin, &end);
         self.write(|trx| trx.clear_range(&begin, &end));
     }
 
     fn atomic_add(&mut self, key: &[u8], delta: u64) {
         let key = self.store.prefixed(key);
+        self.forget_prefetched_key(&key);
         self.write(|trx| trx.atomic_op(&key, &delta.to_le_bytes(), MutationType::Add));
     }
 
     fn atomic_max(&mut self, key: &[u8], value: u64) {
         let key = self.store.prefixed(key);
+        self.forget_prefetched_key(&key);
         self.write(|trx| trx.atomic_op(&key, &value.to_le_bytes(), MutationType::Max));
     }
 
@@ -615,6 +672,8 @@ impl Transaction for FdbTransaction<'_> {
     /// version is its read version.
     fn commit(mut self) -> Result<CommitVersion, StoreError> {
         self.checked()?;
+        // Reads never waited for (a hint not followed) are dropped before the transaction.
+        self.prefetched.get_mut().clear();
         let Some(trx) = self.trx.take() else {
             return Err(StoreError::Io(
                 "the transaction already failed or committed".into(),

@@ -239,8 +239,9 @@ pub trait Transaction {
     fn set(&mut self, key: &[u8], value: &[u8]);
 
     /// A hint that `key` is read soon: an engine may start loading from memory what that
-    /// read will touch, so that the loads of a batch's reads overlap instead of each waiting
-    /// in turn. No effect on any answer.
+    /// read will touch (or, on FoundationDB, send the read), so that the loads of a batch's
+    /// reads overlap instead of each waiting in turn. No effect on any answer: a read must
+    /// still see the writes made between the hint and it.
     fn prefetch(&self, _key: &[u8]) {}
 
     /// Whether this store holds values of up to 20 bytes inline (fjall's byte strings, in
