@@ -360,9 +360,13 @@ pub struct ConnectOptions {
     /// Sends queued or in flight; beyond it `send` fails with `Refused(TooManyInFlight)`.
     pub sends_pending_max: usize,
     /// Deliveries buffered for the application before the client stops reading the
-    /// connection. Receipts of sends and signals come on the same stream, so while the
-    /// application does not take its deliveries ([`Client::recv`]), `send` waits for its
-    /// receipt too; an application that only sends still has to take what arrives.
+    /// connection. Receipts of sends and signals come on the same stream; the edge gives a
+    /// connection at most `limits.deliveries_unacked_per_connection_max` (1,024) messages
+    /// not acknowledged, so with a buffer at least that large a slow application does not
+    /// hold up its own sends' receipts. With a smaller one (or the edge's limit raised past
+    /// it), or after a reconnect while the buffer still holds deliveries from before, `send`
+    /// may wait for its receipt until the application takes its deliveries
+    /// ([`Client::recv`]).
     pub deliveries_buffered_max: usize,
     /// Messages to send in the connection's first flight, right after `Hello` (as 0-RTT data
     /// when the connector resumes a session). Wait for their receipts with

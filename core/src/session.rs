@@ -289,6 +289,12 @@ pub struct SessionConfig {
     /// `TooManyInFlight`. At least one maximal frame.
     pub send_bytes_in_flight_per_connection_max: usize,
     pub outbound_bytes_per_connection_max: usize,
+    /// Messages one connection may hold delivered and not acknowledged; past it, delivery
+    /// waits for the device's `Ack` and then reads the store. A client's buffer of at least
+    /// this many deliveries never fills, so it never stops reading the stream that also
+    /// carries its sends' receipts (a slow application would otherwise hold up its own
+    /// sends). Messages the device held when it said `Hello` are not counted.
+    pub deliveries_unacked_per_connection_max: usize,
     /// What one connection may send; beyond it: `Overloaded`.
     pub send_budget_per_connection: SendBudget,
     /// What one user may send through the connections this shard holds; beyond it:
@@ -341,6 +347,7 @@ impl SessionConfig {
             sends_in_flight_per_connection_max: 256,
             send_bytes_in_flight_per_connection_max: 1024 * 1024,
             outbound_bytes_per_connection_max: 1024 * 1024,
+            deliveries_unacked_per_connection_max: 1024,
             send_budget_per_connection: SendBudget::UNLIMITED,
             send_budget_per_user: SendBudget::UNLIMITED,
             recipients_per_user_per_window_max: 0,
@@ -435,11 +442,69 @@ struct Connection {
     input_paused_for_answer: bool,
     /// Highest seq written to this connection, or declared a hole, or held by the device.
     delivered_up_to: u64,
+    /// Messages written to this connection and not acknowledged on it.
+    unacked: UnackedDeliveries,
     sync_running: bool,
     sync_again: bool,
     /// Bytes written and not yet taken by the transport, as last reported by the driver plus
     /// what the session wrote since.
     outbound_bytes: usize,
+}
+
+/// The messages a connection was given and has not acknowledged, as runs of consecutive
+/// seqs in delivery order (which is seq order): usually one run, a new one after each hole.
+/// At most as many runs as messages, and those at most the window.
+#[derive(Debug, Default)]
+struct UnackedDeliveries {
+    /// First and last seq of each run.
+    runs: VecDeque<(u64, u64)>,
+    messages: usize,
+}
+
+impl UnackedDeliveries {
+    /// `seq` was written to the connection; above every seq before it.
+    fn delivered(&mut self, seq: u64) {
+        self.messages += 1;
+        match self.runs.back_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(seq) => *last = seq,
+            _ => self.runs.push_back((seq, seq)),
+        }
+    }
+
+    /// The device acknowledged everything up to `up_to_seq`.
+    fn acked(&mut self, up_to_seq: u64) {
+        while let Some((first, last)) = self.runs.front_mut() {
+            if *first > up_to_seq {
+                break;
+            }
+            if *last <= up_to_seq {
+                self.messages -= (*last - *first + 1) as usize;
+                self.runs.pop_front();
+            } else {
+                self.messages -= (up_to_seq - *first + 1) as usize;
+                *first = up_to_seq + 1;
+                break;
+            }
+        }
+    }
+
+    /// The device asked for everything after `after_seq` again (`Sync`): what it was given
+    /// above it is given anew.
+    fn resent_after(&mut self, after_seq: u64) {
+        while let Some((first, last)) = self.runs.back_mut() {
+            if *last <= after_seq {
+                break;
+            }
+            if *first > after_seq {
+                self.messages -= (*last - *first + 1) as usize;
+                self.runs.pop_back();
+            } else {
+                self.messages -= (*last - after_seq) as usize;
+                *last = after_seq;
+                break;
+            }
+        }
+    }
 }
 
 /// A connection registered at its user's home shard.
@@ -465,6 +530,8 @@ pub struct EdgeSession<A> {
     stats: SessionStats,
     /// Logins that needed no store read: the link saw nothing after the device's cursor.
     logins_without_read: u64,
+    /// Deliveries held back because their connection had its window of unacknowledged ones.
+    deliveries_held_for_acks: u64,
     /// The time of the latest input, for the messages handled from `local`.
     now_ms: UnixMillis,
     /// Users with connections on this shard: their send budgets and recipient counts.
@@ -546,6 +613,7 @@ impl<A: Authenticator> EdgeSession<A> {
             effects: VecDeque::new(),
             stats: SessionStats::default(),
             logins_without_read: 0,
+            deliveries_held_for_acks: 0,
             now_ms: 0,
             senders: FastHashMap::default(),
             unauthenticated: 0,
@@ -580,6 +648,13 @@ impl<A: Authenticator> EdgeSession<A> {
     /// cursor), since the session started.
     pub fn logins_without_read(&self) -> u64 {
         self.logins_without_read
+    }
+
+    /// Deliveries (live, or from a read) held back until their connection acknowledged
+    /// some of what it was given (`deliveries_unacked_per_connection_max`), since the session
+    /// started.
+    pub fn deliveries_held_for_acks(&self) -> u64 {
+        self.deliveries_held_for_acks
     }
 
     /// Requests waiting for a commit, and whether one is in flight: a shard is idle when both
@@ -654,6 +729,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 input_paused_until_ms: None,
                 input_paused_for_answer: false,
                 delivered_up_to: 0,
+                unacked: UnackedDeliveries::default(),
                 sync_running: false,
                 sync_again: false,
                 outbound_bytes: 0,
@@ -1504,11 +1580,17 @@ impl<A: Authenticator> EdgeSession<A> {
             }
             Frame::Ack { up_to_seq } => {
                 // A device cannot acknowledge what it was never given.
-                let Some(c) = self.conn(conn) else {
+                let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
                 let up_to_seq = up_to_seq.min(c.delivered_up_to);
                 let device = c.device;
+                c.unacked.acked(up_to_seq);
+                // A read owed and not running waits for room in the window (or the outbound
+                // buffer, `set_outbound_bytes`): this ack may have made it.
+                if c.sync_again && !c.sync_running && c.outbound_bytes == 0 {
+                    self.start_sync(conn);
+                }
                 if up_to_seq > 0 {
                     let home = self.home_of(user);
                     self.route(
@@ -1526,6 +1608,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     return;
                 };
                 c.delivered_up_to = after_seq;
+                c.unacked.resent_after(after_seq);
                 if matches!(c.login, Login::Active { .. }) {
                     self.start_sync(conn);
                 }
@@ -1859,6 +1942,7 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Pushes a live message, in sequence order, or falls back to reading the store.
     fn deliver(&mut self, conn: ConnRef, message: StoredMessage) {
         let outbound_max = self.config.outbound_bytes_per_connection_max;
+        let unacked_max = self.config.deliveries_unacked_per_connection_max;
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
@@ -1872,12 +1956,21 @@ impl<A: Authenticator> EdgeSession<A> {
         }
         // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
         let in_order = c.delivered_up_to.checked_add(1) == Some(message.seq);
-        let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max;
+        let window_full = c.unacked.messages >= unacked_max;
+        let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max
+            && !window_full;
+        if window_full {
+            self.deliveries_held_for_acks += 1;
+        }
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
         if in_order && room && !c.sync_running {
             c.delivered_up_to = message.seq;
+            c.unacked.delivered(message.seq);
             self.write_frame(conn, deliver_frame(message), true);
         } else {
-            // A gap or a full buffer: the store has it; catch up from there.
+            // A gap, a full buffer or a full window: the store has it; catch up from there.
             self.catch_up(conn);
         }
     }
@@ -1896,13 +1989,15 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Asks the driver to read the store for everything after the connection's cursor.
     fn start_sync(&mut self, conn: ConnRef) {
+        let unacked_max = self.config.deliveries_unacked_per_connection_max;
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
         let Login::Active { user } = c.login else {
             return;
         };
-        if c.sync_running {
+        if c.sync_running || c.unacked.messages >= unacked_max {
+            // After the read, or after the device's next `Ack` (`Frame::Ack`).
             c.sync_again = true;
             return;
         }
@@ -1923,6 +2018,7 @@ impl<A: Authenticator> EdgeSession<A> {
         result: Result<InboxPage, StoreError>,
     ) {
         let outbound_max = self.config.outbound_bytes_per_connection_max;
+        let unacked_max = self.config.deliveries_unacked_per_connection_max;
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
@@ -1940,10 +2036,15 @@ impl<A: Authenticator> EdgeSession<A> {
             c.sync_again = true;
         } else if let Some(page) = page {
             let mut stopped = false;
+            let mut held_for_acks = false;
             let mut frames = Vec::new();
             let mut outbound = c.outbound_bytes;
             for message in page.messages {
-                if outbound + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX > outbound_max {
+                let window_full = c.unacked.messages >= unacked_max;
+                if outbound + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX > outbound_max
+                    || window_full
+                {
+                    held_for_acks = window_full;
                     stopped = true;
                     break;
                 }
@@ -1953,6 +2054,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     });
                 }
                 c.delivered_up_to = message.seq;
+                c.unacked.delivered(message.seq);
                 outbound += message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX;
                 frames.push(deliver_frame(message));
             }
@@ -1964,6 +2066,9 @@ impl<A: Authenticator> EdgeSession<A> {
             }
             if stopped || page.more {
                 c.sync_again = true;
+            }
+            if held_for_acks {
+                self.deliveries_held_for_acks += 1;
             }
             for frame in frames {
                 self.write(conn, frame);

@@ -119,6 +119,10 @@ fn simulation_over_many_seeds() {
              checked: {total:?}"
         );
         assert!(
+            total.deliveries_held_for_acks > 0,
+            "no delivery waited for room in its connection's window: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -186,6 +190,8 @@ struct Stats {
     logins_without_read: u64,
     /// Logins that left the device's record as it was and wrote nothing (decision 0034).
     logins_unwritten: u64,
+    /// Deliveries held back until their connection acknowledged some of its window.
+    deliveries_held_for_acks: u64,
 }
 
 impl Stats {
@@ -231,6 +237,7 @@ impl Stats {
         self.recoveries_from_snapshot += other.recoveries_from_snapshot;
         self.logins_without_read += other.logins_without_read;
         self.logins_unwritten += other.logins_unwritten;
+        self.deliveries_held_for_acks += other.deliveries_held_for_acks;
     }
 }
 
@@ -693,6 +700,13 @@ impl<S: SimStore> World<S> {
             sends_in_flight_per_connection_max: 1 + rng.below(8) as usize,
             send_bytes_in_flight_per_connection_max: 1 + rng.below(300) as usize,
             outbound_bytes_per_connection_max: 2 * courier_protocol::FRAME_BYTES_MAX,
+            // Half the runs hold a device to a few unacknowledged deliveries, so that every
+            // delivery waits for acks and reads the store.
+            deliveries_unacked_per_connection_max: if rng.chance(1, 2) {
+                1 + rng.below(4) as usize
+            } else {
+                1024
+            },
             send_budget_per_connection: budget(&mut rng),
             send_budget_per_user: budget(&mut rng),
             // Tight enough to refuse in the chaos phase; windows short enough that a
@@ -760,6 +774,7 @@ impl<S: SimStore> World<S> {
             self.stats.connections_timed_out += stats.connections_timed_out;
             self.stats.sends_store_slow += stats.sends_store_slow;
             self.stats.logins_without_read += shard.logins_without_read();
+            self.stats.deliveries_held_for_acks += shard.deliveries_held_for_acks();
         }
         for committer in &self.committers {
             self.stats.logins_unwritten += committer.logins_unwritten();

@@ -431,6 +431,12 @@ pub struct LimitsSection {
     /// Bytes queued for one connection; beyond it live deliveries pause and the connection
     /// catches up from the store.
     pub outbound_bytes_per_connection_max: usize,
+    /// Messages one connection holds delivered and not acknowledged; beyond it delivery waits
+    /// for the device's acks, then catches up from the store. Keep it at most the clients'
+    /// buffer (the SDK's `deliveries_buffered_max`, 4,096 by default): then a client whose
+    /// application is slow to take its messages still reads its sends' receipts, which come
+    /// on the same stream.
+    pub deliveries_unacked_per_connection_max: usize,
     /// Datagrams one shard reads per wake-up before it serves other work.
     pub datagrams_per_wakeup_max: usize,
     /// Messages in each cross-shard channel. A shard has a channel to every other shard and
@@ -617,6 +623,7 @@ impl Default for LimitsSection {
             connections_per_user_max: 16,
             sends_in_flight_per_connection_max: 256,
             outbound_bytes_per_connection_max: 1024 * 1024,
+            deliveries_unacked_per_connection_max: 1024,
             datagrams_per_wakeup_max: 256,
             mesh_channel_messages_max: 4096,
             store_reads_queued_max: 64,
@@ -860,6 +867,10 @@ impl Config {
             (
                 "limits.mesh_channel_messages_max",
                 limits.mesh_channel_messages_max,
+            ),
+            (
+                "limits.deliveries_unacked_per_connection_max",
+                limits.deliveries_unacked_per_connection_max,
             ),
             (
                 "limits.store_reads_queued_max",

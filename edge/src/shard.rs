@@ -384,6 +384,7 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
         sends_in_flight_per_connection_max: limits.sends_in_flight_per_connection_max,
         send_bytes_in_flight_per_connection_max: limits.send_bytes_in_flight_per_connection_max,
         outbound_bytes_per_connection_max: limits.outbound_bytes_per_connection_max,
+        deliveries_unacked_per_connection_max: limits.deliveries_unacked_per_connection_max,
         send_budget_per_connection: limits.send_per_connection.budget(),
         send_budget_per_user: limits.send_per_user.budget(),
         recipients_per_user_per_window_max: limits.recipients_per_user_per_window_max,

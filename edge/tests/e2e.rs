@@ -90,6 +90,44 @@ async fn b2_a_backlog_larger_than_the_outbound_buffer_arrives_in_order() {
     assert_quiet(&mut bob).await;
 }
 
+/// A client whose application takes none of its deliveries still gets the receipts of its
+/// own sends, which come on the same stream: the edge gives a connection at most
+/// `limits.deliveries_unacked_per_connection_max` unacknowledged messages, the client's buffer
+/// holds them, so it never stops reading. The rest arrive once the application takes (and so
+/// acknowledges) what it holds. Without the window the client stops reading at a full buffer
+/// and its sends wait behind the deliveries (with a window of 1,000 this test fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b3_a_slow_application_still_gets_its_send_receipts() {
+    let edge = Edge::start_with(
+        1,
+        "[limits]\ndeliveries_unacked_per_connection_max = 8\n",
+        &[],
+    );
+    let alice = edge.client(25).await;
+    let mut options = ConnectOptions::new(edge.addr, edge.token(26, 0), 0);
+    options.deliveries_buffered_max = 8;
+    let mut bob = edge.connector().connect(options).await.expect("connect");
+    let messages = 40u32;
+    for i in 0..messages {
+        alice
+            .send(26, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    for i in 0..5u32 {
+        tokio::time::timeout(EVENT_TIMEOUT, bob.send(25, i.to_be_bytes().to_vec()))
+            .await
+            .expect("a receipt while the application is behind")
+            .expect("stored");
+    }
+    for i in 0..messages {
+        let got = next_message(&mut bob).await;
+        assert_eq!(got.seq, u64::from(i) + 1);
+        assert_eq!(got.body, i.to_be_bytes().to_vec());
+    }
+    assert_quiet(&mut bob).await;
+}
+
 /// c. The edge is killed with SIGKILL after the sends were acknowledged and before delivery;
 /// after restart everything arrives exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
