@@ -508,8 +508,9 @@ fn dedupe_records_move_to_the_tier_and_reads_merge_memory_and_tier() {
     check(&store, "after a reopen");
 }
 
-/// A record of the log store's files (`core/src/store/log.rs`), written here independently
-/// of the engine, to build directories an older version left.
+/// A record of the log store's files (`core/src/store/log.rs`) as versions 1 and 2 wrote it
+/// (its checksum unkeyed), written here independently of the engine, to build directories an
+/// older version left, or what a sender who knows the format can put in a message body.
 fn record(changes: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
     let mut payload = (changes.len() as u32).to_le_bytes().to_vec();
     for (key, value) in changes {
@@ -529,7 +530,7 @@ fn record(changes: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
 
 /// A store written before the dedupe tier (`FORMAT` version 1: dedupe records in the
 /// snapshot and journals, no `dedupe/`) is upgraded when opened: its records reach the tier,
-/// `FORMAT` says version 2, and nothing is lost across the next checkpoint and reopen. A tier
+/// `FORMAT` says version 3, and nothing is lost across the next checkpoint and reopen. A tier
 /// an unfinished earlier upgrade left is not trusted: a record deleted since does not return.
 #[test]
 fn a_version_1_store_is_upgraded_on_open() {
@@ -555,16 +556,94 @@ fn a_version_1_store_is_upgraded_on_open() {
         let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
         assert_eq!(get(&store, &kept).as_deref(), Some(&b"seq"[..]));
         assert_eq!(get(&store, &deleted_since), None);
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-            "courier log store 2\n"
-        );
+        let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+        assert!(format.starts_with("courier log store 3\n"), "{format}");
         store.checkpoint().unwrap();
         assert!(!dir.path().join("snapshot-00000000000000000001").exists());
     }
     let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
     assert_eq!(get(&store, &kept).as_deref(), Some(&b"seq"[..]));
     assert_eq!(get(&store, b"q-message").as_deref(), Some(&b"body"[..]));
+}
+
+/// A store of version 2 (records' checksums unkeyed) is upgraded when opened: its journals are
+/// read as they were written, `FORMAT` names a salt for the journals from the next one on, and
+/// everything is there after more commits, a checkpoint and reopens.
+#[test]
+fn a_version_2_store_is_read_and_its_new_files_salted() {
+    use courier_core::store::fjall::{FjallOptions, FjallStore};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "courier log store 2\n").unwrap();
+    drop(FjallStore::open(&dir.path().join("dedupe"), &FjallOptions::default()).unwrap());
+    let mut journal = record(&[(b"q-old-1", Some(b"one"))]);
+    journal.extend_from_slice(&record(&[(b"q-old-2", Some(b"two")), (b"q-old-1", None)]));
+    std::fs::write(dir.path().join("journal-00000000000000000001"), journal).unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(get(&store, b"q-old-1"), None);
+        assert_eq!(get(&store, b"q-old-2").as_deref(), Some(&b"two"[..]));
+        let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+        assert!(format.starts_with("courier log store 3\nsalt "), "{format}");
+        assert!(format.ends_with("salted_from 2\n"), "{format}");
+        set(&store, b"q-new", b"three");
+    }
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(get(&store, b"q-old-2").as_deref(), Some(&b"two"[..]));
+        assert_eq!(get(&store, b"q-new").as_deref(), Some(&b"three"[..]));
+        store.checkpoint().unwrap();
+        set(&store, b"q-after", b"four");
+    }
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    for (key, value) in [
+        (&b"q-old-2"[..], &b"two"[..]),
+        (b"q-new", b"three"),
+        (b"q-after", b"four"),
+    ] {
+        assert_eq!(get(&store, key).as_deref(), Some(value));
+    }
+    // A damaged FORMAT (its salt unreadable) is refused, not read as some other version.
+    drop(store);
+    std::fs::write(dir.path().join("FORMAT"), "courier log store 3\nsalt zz\n").unwrap();
+    match LogStore::open(dir.path(), &LogOptions::default()) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("salt"), "{message}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
+/// A message body is the sender's to choose, and one can hold a whole record as the format
+/// writes it. If a crash tears the record that carries that body, the bytes after the tear
+/// hold a record that would check with an unkeyed checksum: recovery took that for damage
+/// after the tear and refused to open. Keyed with the store's salt, the crafted record does
+/// not check, and the tear is cut like any other.
+#[test]
+fn a_body_holding_a_whole_record_does_not_make_a_tear_look_like_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 10, b"kept");
+    let mut body = vec![0xaa; 64];
+    body.extend_from_slice(&record(&[(b"q-forged", Some(b"forged"))]));
+    body.extend_from_slice(&[0xbb; 64]);
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        set(&store, b"q-crafted", &body);
+    }
+    // The crash: the record's last 32 bytes (in the body's tail) never reached the disk.
+    let journal = newest_journal(dir.path());
+    let bytes = std::fs::read(&journal).unwrap();
+    let end = records_end(&bytes);
+    write_at(&journal, (end - 32) as u64, &[0u8; 32]);
+    let store = LogStore::open(dir.path(), &LogOptions::default()).expect("a tear, cut");
+    assert!(store.recovery().torn_bytes_cut > 0);
+    assert_eq!(
+        get(&store, b"q-crafted"),
+        None,
+        "the torn commit is dropped"
+    );
+    assert_eq!(get(&store, b"q-forged"), None);
+    assert_eq!(
+        get(&store, &9u32.to_be_bytes()).as_deref(),
+        Some(&b"kept"[..])
+    );
 }
 
 /// A version 2 store whose tier is gone is refused, naming it, instead of opening without its
@@ -917,6 +996,12 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
     let run = |name: &str, direct_writes: bool| {
         let dir = root.path().join(name);
         std::fs::create_dir(&dir).unwrap();
+        // The same salt for both, or their checksums differ.
+        std::fs::write(
+            dir.join("FORMAT"),
+            "courier log store 3\nsalt 0123456789abcdef\nsalted_from 0\n",
+        )
+        .unwrap();
         let store = LogStore::open(&dir, &options(direct_writes)).unwrap();
         let direct = store.recovery().direct_writes;
         let mut x = 7u64;

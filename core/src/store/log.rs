@@ -37,7 +37,8 @@
 //! replays the journals into memory and the tombstones into the tier. Every other key stays in
 //! memory.
 //!
-//! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload][payload]`; a payload is a
+//! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload, seeded with the store's
+//! salt][payload]` (`Salt`: a body cannot hold a record that checks); a payload is a
 //! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
 //! for a set, `[u32 LE value bytes][value]`. A crash can leave a torn record at the end of the
 //! newest journal only (each commit is fsynced before the next is written), with only zeros
@@ -79,9 +80,11 @@ use super::{CommitVersion, Store, StoreError};
 use crate::{FastHashMap, keys};
 use fjall::direct_journal::DirectJournal;
 
-/// The first line of `FORMAT`. Version 2 keeps dedupe records in the dedupe tier
-/// (`DEDUPE_DIR`); a version 1 store (every key in the map) is upgraded when it is opened.
-const FORMAT: &str = "courier log store 2\n";
+/// The first line of `FORMAT`. Version 3 keys the records' checksums with the store's salt
+/// ([`Salt`], on the lines after it); version 2 keeps dedupe records in the dedupe tier
+/// (`DEDUPE_DIR`). A version 1 store (every key in the map) or 2 is upgraded when opened.
+const FORMAT_HEADER: &str = "courier log store 3\n";
+const FORMAT_V2: &str = "courier log store 2\n";
 const FORMAT_V1: &str = "courier log store 1\n";
 /// The dedupe tier: a fjall store, in this subdirectory, holding the dedupe records.
 const DEDUPE_DIR: &str = "dedupe";
@@ -476,6 +479,8 @@ impl Pending {
 struct Inner {
     dir: PathBuf,
     options: LogOptions,
+    /// Keys the checksums of every record this process writes (`Salt`).
+    salt: Salt,
     state: RwLock<State>,
     writer: Mutex<Writer>,
     /// Lock order: `pending` before `state`.
@@ -583,10 +588,66 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io(format!("fsync directory {}", dir.display()), e))
 }
 
-/// Appends one record holding `changes` to `out`.
+/// How a file's record checksums are keyed (`FORMAT` version 3): xxh3 seeded with a random
+/// number the store drew when it was created or upgraded, kept in `FORMAT`. A message body is
+/// the sender's to choose: with an unkeyed checksum one could hold a whole record that checks,
+/// and a crash's tear of the record around it would look like damage after the tear (recovery
+/// refuses that), keeping the store shut. Without the seed no one can make a record that
+/// checks. Files (journals, snapshots) with ids below `salted_from` were written before the
+/// upgrade, unkeyed, and are read that way (xxh3 with seed 0 is xxh3 unseeded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Salt {
+    seed: u64,
+    salted_from: u64,
+}
+
+impl Salt {
+    /// A store's files before version 3: all unkeyed.
+    const NONE: Salt = Salt {
+        seed: 0,
+        salted_from: u64::MAX,
+    };
+
+    /// A new salt for the files from `salted_from` on.
+    fn draw(salted_from: u64) -> Result<Salt, StoreError> {
+        let mut seed = 0u64;
+        while seed == 0 {
+            let mut bytes = [0u8; 8];
+            File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut bytes))
+                .map_err(|e| io("read /dev/urandom for the store's salt", e))?;
+            seed = u64::from_le_bytes(bytes);
+        }
+        Ok(Salt { seed, salted_from })
+    }
+
+    /// The seed of the checksums in file `id`.
+    fn seed_of(&self, id: u64) -> u64 {
+        if id >= self.salted_from { self.seed } else { 0 }
+    }
+
+    /// The whole `FORMAT` file of version 3.
+    fn format(&self) -> String {
+        format!(
+            "{FORMAT_HEADER}salt {:016x}\nsalted_from {}\n",
+            self.seed, self.salted_from
+        )
+    }
+
+    /// The salt a version 3 `FORMAT` file names; `None` if it is not one.
+    fn parse(format: &str) -> Option<Salt> {
+        let mut lines = format.strip_prefix(FORMAT_HEADER)?.lines();
+        let seed = u64::from_str_radix(lines.next()?.strip_prefix("salt ")?, 16).ok()?;
+        let salted_from = lines.next()?.strip_prefix("salted_from ")?.parse().ok()?;
+        (lines.next().is_none() && seed != 0).then_some(Salt { seed, salted_from })
+    }
+}
+
+/// Appends one record holding `changes` to `out`, its checksum seeded with `seed`.
 fn encode_record<'a>(
     out: &mut Vec<u8>,
     changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    seed: u64,
 ) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
@@ -605,7 +666,7 @@ fn encode_record<'a>(
         }
     }
     let payload_bytes = out.len() - start - RECORD_HEADER_BYTES;
-    let checksum = xxhash_rust::xxh3::xxh3_64(&out[start + RECORD_HEADER_BYTES..]);
+    let checksum = xxhash_rust::xxh3::xxh3_64_with_seed(&out[start + RECORD_HEADER_BYTES..], seed);
     out[start..start + 4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
     out[start + 4..start + RECORD_HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
 }
@@ -615,9 +676,13 @@ fn encode_record<'a>(
 #[derive(Debug, PartialEq, Eq)]
 struct BadRecord;
 
-/// The record at the start of `bytes`: its changes and its length.
+/// The record at the start of `bytes`, its checksum seeded with `seed`: its changes and its
+/// length.
 #[allow(clippy::type_complexity)]
-fn decode_record(bytes: &[u8]) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), BadRecord> {
+fn decode_record(
+    bytes: &[u8],
+    seed: u64,
+) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), BadRecord> {
     let header = bytes.get(..RECORD_HEADER_BYTES).ok_or(BadRecord)?;
     let payload_bytes = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
     if payload_bytes > RECORD_BYTES_MAX {
@@ -627,7 +692,7 @@ fn decode_record(bytes: &[u8]) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), B
     let payload = bytes
         .get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_bytes)
         .ok_or(BadRecord)?;
-    if xxhash_rust::xxh3::xxh3_64(payload) != checksum {
+    if xxhash_rust::xxh3::xxh3_64_with_seed(payload, seed) != checksum {
         return Err(BadRecord);
     }
     let mut at = 0usize;
@@ -951,7 +1016,7 @@ impl Replay<'_> {
 
     /// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
     /// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
-    fn snapshot(&mut self, path: &Path) -> Result<(), StoreError> {
+    fn snapshot(&mut self, path: &Path, seed: u64) -> Result<(), StoreError> {
         let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
         let mut file = std::io::BufReader::with_capacity(1 << 20, file);
         let mut record = Vec::new();
@@ -997,7 +1062,7 @@ impl Replay<'_> {
                 }
                 Err(e) => return Err(io(format!("read {}", path.display()), e)),
             }
-            let (changes, len) = decode_record(&record).map_err(|_| damaged(at))?;
+            let (changes, len) = decode_record(&record, seed).map_err(|_| damaged(at))?;
             self.record(changes)?;
             at += len as u64;
         }
@@ -1005,10 +1070,10 @@ impl Replay<'_> {
 
     /// Replays the records at the start of `bytes` (a journal). Returns the length of the valid
     /// prefix and how the file ends after it.
-    fn journal(&mut self, bytes: &[u8]) -> Result<(usize, Ending), StoreError> {
+    fn journal(&mut self, bytes: &[u8], seed: u64) -> Result<(usize, Ending), StoreError> {
         let mut at = 0usize;
         while at < bytes.len() {
-            match decode_record(&bytes[at..]) {
+            match decode_record(&bytes[at..], seed) {
                 Ok((changes, len)) => {
                     self.record(changes)?;
                     at += len;
@@ -1023,7 +1088,7 @@ impl Replay<'_> {
                     // with its header), only a record that decodes after it proves damage.
                     return Ok((
                         at,
-                        match whole_record_after(rest, TAIL_SCAN_HASH_BYTES_MAX) {
+                        match whole_record_after(rest, TAIL_SCAN_HASH_BYTES_MAX, seed) {
                             Some(true) => Ending::Damaged,
                             Some(false) => Ending::Torn,
                             None => Ending::Undecided,
@@ -1046,7 +1111,7 @@ const TAIL_SCAN_HASH_BYTES_MAX: usize = 32 << 30;
 /// what follows it), before the last byte that is not zero; `None` when the search gave up
 /// after hashing `hash_bytes_max` (the caller then refuses the file as damaged rather than
 /// cut records that may follow).
-fn whole_record_after(rest: &[u8], hash_bytes_max: usize) -> Option<bool> {
+fn whole_record_after(rest: &[u8], hash_bytes_max: usize, seed: u64) -> Option<bool> {
     let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
     let mut hashed = 0usize;
     for offset in 1..=last {
@@ -1057,7 +1122,7 @@ fn whole_record_after(rest: &[u8], hash_bytes_max: usize) -> Option<bool> {
         if hashed > hash_bytes_max {
             return None;
         }
-        if decode_record(&rest[offset..]).is_ok() {
+        if decode_record(&rest[offset..], seed).is_ok() {
             return Some(true);
         }
     }
@@ -1113,11 +1178,11 @@ fn open_dedupe_filter(
     )
 }
 
-/// Writes `FORMAT` (this version) durably: a copy, renamed over the old one.
-fn write_format(dir: &Path) -> Result<(), StoreError> {
+/// Writes `FORMAT` (this version, with `salt`) durably: a copy, renamed over the old one.
+fn write_format(dir: &Path, salt: &Salt) -> Result<(), StoreError> {
     let format_path = dir.join(FORMAT_FILE);
     let tmp_path = dir.join(format!("{FORMAT_FILE}{TMP_SUFFIX}"));
-    std::fs::write(&tmp_path, FORMAT)
+    std::fs::write(&tmp_path, salt.format())
         .and_then(|()| File::open(&tmp_path)?.sync_all())
         .and_then(|()| std::fs::rename(&tmp_path, &format_path))
         .map_err(|e| io(format!("write {}", format_path.display()), e))?;
@@ -1142,15 +1207,28 @@ impl LogStore {
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
         let format_path = dir.join(FORMAT_FILE);
         let mut upgrade_from_v1 = false;
+        // `None` while the store is of a version before salts (1 or 2): its files are read
+        // unkeyed, and the salt is drawn once it is open.
+        let mut salt: Option<Salt> = None;
         match std::fs::read_to_string(&format_path) {
-            Ok(format) if format == FORMAT => {}
+            Ok(format) if format.starts_with(FORMAT_HEADER) => {
+                salt = Some(Salt::parse(&format).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "{} is damaged ({format:?}): it must name the store's salt; restore \
+                         the store from a backup",
+                        format_path.display()
+                    ))
+                })?);
+            }
+            Ok(format) if format == FORMAT_V2 => {}
             Ok(format) if format == FORMAT_V1 => upgrade_from_v1 = true,
             Ok(other) => {
                 return Err(StoreError::Corrupt(format!(
-                    "{} says {:?}, not {FORMAT:?}: this directory belongs to another store \
+                    "{} says {:?}, not {:?}: this directory belongs to another store \
                      format; point the log engine at an empty directory",
                     format_path.display(),
-                    other.trim()
+                    other.trim(),
+                    FORMAT_HEADER.trim()
                 )));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -1168,7 +1246,9 @@ impl LogStore {
                         dir.display()
                     )));
                 }
-                write_format(dir)?;
+                let fresh = Salt::draw(0)?;
+                write_format(dir, &fresh)?;
+                salt = Some(fresh);
             }
             Err(e) => return Err(io(format!("read {}", format_path.display()), e)),
         }
@@ -1211,9 +1291,13 @@ impl LogStore {
             dedupe_bytes_max: options.dedupe_memory_bytes_max,
             dedupe_moves: 0,
         };
+        let read_salt = salt.unwrap_or(Salt::NONE);
         let first_journal = match snapshots.last() {
             Some(&id) => {
-                replay.snapshot(&dir.join(file_name(SNAPSHOT_PREFIX, id)))?;
+                replay.snapshot(
+                    &dir.join(file_name(SNAPSHOT_PREFIX, id)),
+                    read_salt.seed_of(id),
+                )?;
                 id
             }
             None => 0,
@@ -1226,13 +1310,14 @@ impl LogStore {
         for (index, id) in replayed.iter().enumerate() {
             let path = dir.join(file_name(JOURNAL_PREFIX, *id));
             let bytes = read_file(&path)?;
-            let (valid, ending) = replay.journal(&bytes)?;
+            let (valid, ending) = replay.journal(&bytes, read_salt.seed_of(*id))?;
             // Journals after this one that hold no commit (started by a checkpoint, a reopen or
             // a full segment, then a crash or a failed write) do not make its tear a damage.
             let newer_hold_commits = ending == Ending::Torn
                 && replayed[index + 1..].iter().any(|newer| {
-                    read_file(&dir.join(file_name(JOURNAL_PREFIX, *newer)))
-                        .map_or(true, |bytes| decode_record(&bytes).is_ok())
+                    read_file(&dir.join(file_name(JOURNAL_PREFIX, *newer))).map_or(true, |bytes| {
+                        decode_record(&bytes, read_salt.seed_of(*newer)).is_ok()
+                    })
                 });
             if ending == Ending::Undecided {
                 return Err(StoreError::Corrupt(format!(
@@ -1334,13 +1419,24 @@ impl LogStore {
             // them, and its deletes' tombstones in the tier: synced, so that the snapshot and
             // journals may go at the next checkpoint, which moves the records to the tier.
             dedupe.persist()?;
-            write_format(dir)?;
         }
+        // A store of a version before salts gets one now, for the files from the new journal
+        // on. Written before the first commit: the new journal holds nothing yet (a crash
+        // before this leaves zeros, which any version reads as the end).
+        let salt = match salt {
+            Some(salt) => salt,
+            None => {
+                let salt = Salt::draw(journal_id)?;
+                write_format(dir, &salt)?;
+                salt
+            }
+        };
         let dedupe_move_due = state.dedupe_recent_bytes >= options.dedupe_memory_bytes_max;
         let journal = Arc::new(journal);
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options: options.clone(),
+            salt,
             state: RwLock::new(state),
             pending: Mutex::new(Pending {
                 commit: None,
@@ -1669,6 +1765,7 @@ impl Inner {
             changes
                 .iter()
                 .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
+            self.salt.seed,
         );
         if writer.record.len() > RECORD_BYTES_MAX {
             return Err(StoreError::Io(format!(
@@ -2261,6 +2358,7 @@ impl Inner {
                             pairs
                                 .iter()
                                 .map(|(key, value)| (&key[..], Some(&value[..]))),
+                            self.salt.seed,
                         );
                     }
                 }
@@ -2663,19 +2761,26 @@ mod tests {
     #[test]
     fn the_search_after_a_bad_record_finds_a_whole_one_and_gives_up_past_its_budget() {
         let mut record = Vec::new();
+        const SEED: u64 = 0x5eed;
         encode_record(
             &mut record,
             [(&b"key"[..], Some(&b"value"[..]))].into_iter(),
+            SEED,
         );
         // A bad record (its checksum broken), then zeros: a tear.
         let mut tail = record.clone();
         tail[5] ^= 0xff;
         tail.extend_from_slice(&[0u8; 4096]);
-        assert_eq!(whole_record_after(&tail, usize::MAX), Some(false));
+        assert_eq!(whole_record_after(&tail, usize::MAX, SEED), Some(false));
         // A whole record after it: damage.
         let mut damaged = tail.clone();
         damaged.extend_from_slice(&record);
-        assert_eq!(whole_record_after(&damaged, usize::MAX), Some(true));
+        assert_eq!(whole_record_after(&damaged, usize::MAX, SEED), Some(true));
+        // One that checks only under another seed (a body's crafted record) is not.
+        assert_eq!(
+            whole_record_after(&damaged, usize::MAX, SEED + 1),
+            Some(false)
+        );
         // A body of repeated small lengths makes every fourth offset a candidate to hash: the
         // search stops at its budget instead of hashing for hours.
         let mut crafted = tail[..record.len()].to_vec();
@@ -2683,7 +2788,7 @@ mod tests {
             crafted.extend_from_slice(&[0x00, 0x10, 0x00, 0x00]);
         }
         crafted.extend_from_slice(&[0u8; 1 << 16]);
-        assert_eq!(whole_record_after(&crafted, 64 << 20), None);
+        assert_eq!(whole_record_after(&crafted, 64 << 20, SEED), None);
     }
 
     #[test]
