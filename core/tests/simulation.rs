@@ -24,7 +24,7 @@
 //! does not converge names the devices behind and their edge-side state; `SIM_TRACE_USER=<id>`
 //! with `SIM_SEED` prints that user's frames and the mesh messages that name it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod common;
 use common::SimAuth;
@@ -547,8 +547,9 @@ struct World<S: SimStore> {
     store: FaultStore<S>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
-    /// Every (inbox, seq) a commit was seen to store, less those a power cut lost.
-    assigned: HashSet<(UserId, u64)>,
+    /// Every (inbox, seq) a commit was seen to store, less those a power cut lost, with the
+    /// TTL of the send it was given to.
+    assigned: HashMap<(UserId, u64), Option<u32>>,
     /// The highest of them per inbox.
     last_assigned: HashMap<UserId, u64>,
     clients: Vec<Client>,
@@ -735,7 +736,7 @@ impl<S: SimStore> World<S> {
             now: 1_700_000_000_000,
             shards: Vec::new(),
             committers: Vec::new(),
-            assigned: HashSet::new(),
+            assigned: HashMap::new(),
             last_assigned: HashMap::new(),
             config,
             store,
@@ -1035,7 +1036,7 @@ impl<S: SimStore> World<S> {
                         if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =
                             (request, outcome)
                         {
-                            self.assigned.insert((send.to, *seq));
+                            self.assigned.insert((send.to, *seq), send.ttl_secs);
                             let last = self.last_assigned.entry(send.to).or_insert(0);
                             if *seq > *last + 1 {
                                 // A forgotten inbox continued from the floor.
@@ -1131,7 +1132,7 @@ impl<S: SimStore> World<S> {
             if self.last_assigned.get(&inbox) == Some(&seq) {
                 let last = self
                     .assigned
-                    .iter()
+                    .keys()
                     .filter(|(assigned_to, _)| *assigned_to == inbox)
                     .map(|(_, seq)| *seq)
                     .max()
@@ -1730,7 +1731,10 @@ impl<S: SimStore> World<S> {
                             ));
                         }
                         // Below the seq floor of a forgotten inbox: never used in this inbox.
-                        None if !self.assigned.contains(&(c.user, seq)) => {}
+                        None if !self.assigned.contains_key(&(c.user, seq)) => {}
+                        // Stored with a TTL, its sender never told (its retries lost or
+                        // still going): it may have expired like any other.
+                        None if matches!(self.assigned.get(&(c.user, seq)), Some(Some(_))) => {}
                         None => {
                             return Err(format!(
                                 "inbox {}: a hole covered seq {seq}, which no sender was acked for",
