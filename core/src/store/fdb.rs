@@ -498,6 +498,7 @@ impl FdbTransaction<'_> {
             match block_on(fence) {
                 Ok(value) if value.as_deref() == Some(self.store.owner_value.as_slice()) => {}
                 Ok(_) => {
+                    self.prefetched.get_mut().clear();
                     self.trx = None;
                     self.failed = Some(StoreError::Fenced);
                     return Err(StoreError::Fenced);
@@ -569,10 +570,15 @@ impl Transaction for FdbTransaction<'_> {
             .map(|key| Box::new(trx.get(key, false)) as PendingRead)
             .collect();
         let mut values = Vec::with_capacity(reads.len());
-        for read in reads {
+        let mut reads = reads.into_iter();
+        while let Some(read) = reads.next() {
             match block_on(read) {
                 Ok(value) => values.push(value.map(|value| value.to_vec())),
-                Err(error) => return Err(self.fail(error, FdbPhase::Read)),
+                Err(error) => {
+                    // The reads still in flight go before their transaction.
+                    drop(reads);
+                    return Err(self.fail(error, FdbPhase::Read));
+                }
             }
         }
         Ok(values)
