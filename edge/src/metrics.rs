@@ -95,6 +95,7 @@ pub struct Metrics {
     commit_batch_requests: Histograms<ShardLabel>,
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
+    deliveries_held_for_acks: Family<ShardLabel, Counter>,
     expired_messages: Family<ShardLabel, Counter>,
     expiry_index_entries_cleared: Family<ShardLabel, Counter>,
     inboxes_emptied: Family<ShardLabel, Counter>,
@@ -219,6 +220,10 @@ impl Metrics {
             Unit::Seconds,
             latency_histogram as fn() -> Histogram
         );
+        let deliveries_held_for_acks = family!(
+            "deliveries_held_for_acks",
+            "Deliveries held back until their connection acknowledged some of what it was given (limits.deliveries_unacked_per_connection_max): clients slow to take their messages"
+        );
         let sync_reads = family!(
             "sync_reads",
             "Store reads for connections catching up (after login, a gap or a full buffer)"
@@ -330,6 +335,7 @@ impl Metrics {
             commit_batch_requests,
             commit_duration,
             sync_reads,
+            deliveries_held_for_acks,
             expired_messages,
             expiry_index_entries_cleared,
             inboxes_emptied,
@@ -418,6 +424,7 @@ impl Metrics {
             commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
+            deliveries_held_for_acks: self.deliveries_held_for_acks.get_or_create_owned(&label),
             expired_messages: self.expired_messages.get_or_create_owned(&label),
             expiry_index_entries_cleared: self
                 .expiry_index_entries_cleared
@@ -539,6 +546,7 @@ pub struct ShardMetrics {
     pub commit_batch_requests: Histogram,
     pub commit_duration: Histogram,
     pub sync_reads: Counter,
+    pub deliveries_held_for_acks: Counter,
     pub expired_messages: Counter,
     pub expiry_index_entries_cleared: Counter,
     pub inboxes_emptied: Counter,

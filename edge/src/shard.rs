@@ -313,6 +313,8 @@ pub struct Shard {
     commit_retry_at: Option<Instant>,
     /// When the gauges were last set (`publish_gauges`).
     gauges_published_at: Instant,
+    /// `EdgeSession::deliveries_held_for_acks` at the last publish: the counter's increments.
+    deliveries_held_published: u64,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -569,6 +571,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         committer_stale: false,
         commit_retry_at: None,
         gauges_published_at: Instant::now(),
+        deliveries_held_published: 0,
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -2294,6 +2297,11 @@ impl Shard {
             metrics.store_dedupe_memory_bytes.set(bytes as i64);
         }
         metrics.store_full.set(i64::from(self.store_full));
+        let held = self.session.deliveries_held_for_acks();
+        metrics
+            .deliveries_held_for_acks
+            .inc_by(held - self.deliveries_held_published);
+        self.deliveries_held_published = held;
     }
 
     fn finish_commit(
