@@ -342,7 +342,9 @@ pub struct ConnectOptions {
     /// it. 0 for a fresh install.
     pub resume_after_seq: u64,
     /// Ack each delivery when [`Client::recv`] hands it out. Off: the application acks with
-    /// [`Client::ack`], and nothing is acked for it, across reconnects too.
+    /// [`Client::ack`], and nothing is acked for it, across reconnects too. The edge gives a
+    /// connection at most `limits.deliveries_unacked_per_connection_max` (1,024) messages not
+    /// acknowledged and then waits for an ack: acking less often than that stops delivery.
     pub auto_ack: bool,
     /// Reconnect when the connection is lost, with jittered exponential backoff between these
     /// bounds.
