@@ -428,14 +428,17 @@ impl Edge {
 fn restore_tls_sessions(config: &Config, sessions: &tls::SessionCache, fingerprint: &[u8; 32]) {
     let path = tls::saved_sessions_path(config);
     if !config.tls.sessions_survive_restart {
-        match std::fs::remove_file(&path) {
-            Ok(()) => info!(
-                path = %path.display(),
-                "deleted the TLS sessions a stop saved: tls.sessions_survive_restart is off"
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                warn!(%error, path = %path.display(), "cannot delete the saved TLS sessions")
+        // And the copy of a save cut short.
+        for path in [tls::saving_path(&path), path] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!(
+                    path = %path.display(),
+                    "deleted the TLS sessions a stop saved: tls.sessions_survive_restart is off"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    warn!(%error, path = %path.display(), "cannot delete the saved TLS sessions")
+                }
             }
         }
         return;

@@ -571,6 +571,19 @@ impl SessionCache {
             (SAVED_COUNT_AT + 4 + 32).saturating_add(self.entries_max.saturating_mul(
                 SAVED_SESSION_OVERHEAD_BYTES + SAVED_SESSION_ID_BYTES_MAX + SAVED_SESSION_BYTES_MAX,
             ));
+        // Only a regular file: opening a FIFO put there would block the start for good.
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+            Ok(meta) if !meta.file_type().is_file() => {
+                let _ = std::fs::remove_file(path);
+                return Err(format!(
+                    "{} is not a regular file (a link, a FIFO?): deleted unread, none restored",
+                    path.display()
+                ));
+            }
+            Ok(_) => {}
+        }
         let file = match std::fs::File::open(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
@@ -606,10 +619,12 @@ impl SessionCache {
                 path.display()
             ));
         }
-        let oldest_kept_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
+        let now_secs = unix_now_secs();
+        let oldest_kept_secs = now_secs.saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
         let mut restored = 0;
-        for session in parse_saved_sessions(&bytes, fingerprint)? {
-            if session.made_at_secs < oldest_kept_secs {
+        for session in parse_saved_sessions(&bytes, fingerprint, self.entries_max)? {
+            // Made in the future: the clock stepped back, or the file was not ours to trust.
+            if session.made_at_secs < oldest_kept_secs || session.made_at_secs > now_secs {
                 continue;
             }
             self.put_made_at(
@@ -655,7 +670,7 @@ impl SessionCache {
 }
 
 /// The temporary file a save writes before renaming it over `path`.
-fn saving_path(path: &Path) -> PathBuf {
+pub fn saving_path(path: &Path) -> PathBuf {
     path.with_extension("saving")
 }
 
@@ -668,10 +683,14 @@ struct SavedSession<'a> {
     value: &'a [u8],
 }
 
-/// The sessions of a saved file, oldest first, if it is whole and of `fingerprint`.
+/// The newest `entries_max` sessions of a saved file (the cache's size, which may have shrunk
+/// since the save), oldest first, if the file is whole and of `fingerprint`. The older ones
+/// are checked and skipped, not collected: a file of millions of tiny entries cannot take
+/// their memory.
 fn parse_saved_sessions<'a>(
     bytes: &'a [u8],
     fingerprint: &[u8; 32],
+    entries_max: usize,
 ) -> Result<Vec<SavedSession<'a>>, String> {
     let torn = || "the saved TLS sessions are torn or damaged: none restored".to_string();
     let body_bytes = bytes.len().checked_sub(32).ok_or_else(torn)?;
@@ -692,8 +711,13 @@ fn parse_saved_sessions<'a>(
     }
     let (count, mut rest) = rest.split_at_checked(4).ok_or_else(torn)?;
     let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
-    let mut sessions = Vec::new();
+    let skipped = count.saturating_sub(entries_max);
+    let mut seen = 0usize;
+    let mut sessions = Vec::with_capacity(count.min(entries_max));
     while !rest.is_empty() {
+        if seen == count {
+            return Err(torn());
+        }
         let (&id_bytes, after) = rest.split_first().ok_or_else(torn)?;
         let (id, after) = after
             .split_at_checked(usize::from(id_bytes))
@@ -706,14 +730,17 @@ fn parse_saved_sessions<'a>(
             return Err(torn());
         }
         let (value, after) = after.split_at_checked(value_len).ok_or_else(torn)?;
-        sessions.push(SavedSession {
-            id,
-            made_at_secs,
-            value,
-        });
+        if seen >= skipped {
+            sessions.push(SavedSession {
+                id,
+                made_at_secs,
+                value,
+            });
+        }
+        seen += 1;
         rest = after;
     }
-    if sessions.len() != count {
+    if seen != count {
         return Err(torn());
     }
     Ok(sessions)
@@ -733,17 +760,23 @@ impl rustls::server::StoresServerSessions for SessionCache {
         true
     }
 
+    /// Past its lifetime a session is not resumed: rustls's server does not check that for
+    /// stateful sessions, and a quiet edge can run for weeks.
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let oldest_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
         self.lock()
             .sessions
             .get(key)
+            .filter(|session| session.made_at_secs >= oldest_secs)
             .map(|session| session.value.clone())
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let oldest_secs = unix_now_secs().saturating_sub(SAVED_SESSION_AGE_SECS_MAX);
         self.lock()
             .sessions
             .remove(key)
+            .filter(|session| session.made_at_secs >= oldest_secs)
             .map(|session| session.value)
     }
 
@@ -1354,7 +1387,16 @@ mod tests {
         good.extend(saved_entry(&[1; 32], now, &[9; 100]));
         good.extend(saved_entry(&[2; 32], now, &[8; 50]));
         let good_file = checksummed(&good);
-        let parsed = parse_saved_sessions(&good_file, &fingerprint).unwrap();
+        let parsed = parse_saved_sessions(&good_file, &fingerprint, 2).unwrap();
+        assert_eq!(
+            parse_saved_sessions(&good_file, &fingerprint, 1)
+                .unwrap()
+                .iter()
+                .map(|session| session.id)
+                .collect::<Vec<_>>(),
+            vec![&[2u8; 32][..]],
+            "past the cache's size only the newest are collected"
+        );
         assert_eq!(
             parsed,
             vec![
@@ -1389,7 +1431,7 @@ mod tests {
             ("another format", other_format),
         ] {
             assert!(
-                parse_saved_sessions(&checksummed(&body), &fingerprint).is_err(),
+                parse_saved_sessions(&checksummed(&body), &fingerprint, 10).is_err(),
                 "{case}"
             );
         }
@@ -1400,8 +1442,27 @@ mod tests {
             for _ in 0..rng.below(64) {
                 body.push(rng.below(256) as u8);
             }
-            let _ = parse_saved_sessions(&checksummed(&body), &fingerprint);
+            let _ = parse_saved_sessions(&checksummed(&body), &fingerprint, 10);
         }
+    }
+
+    /// Only a regular file is read back: a link (or a FIFO, whose open would block the start)
+    /// in its place is deleted unread.
+    #[test]
+    fn a_saved_sessions_path_that_is_not_a_file_is_deleted_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"not sessions").unwrap();
+        let path = dir.path().join("sessions");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let cache = SessionCache::new(10);
+        let error = cache.restore(&path, &[5u8; 32]).unwrap_err();
+        assert!(error.contains("not a regular file"), "{error}");
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "the link is gone"
+        );
+        assert!(target.exists(), "what it pointed to is untouched");
     }
 
     /// A session older than a ticket's lifetime is neither saved nor restored: saving does
@@ -1416,6 +1477,7 @@ mod tests {
         let cache = SessionCache::new(10);
         cache.put_made_at(vec![1; 32], vec![1; 10], too_old);
         cache.put_made_at(vec![2; 32], vec![2; 10], now - 60);
+        assert_eq!(cache.get(&[1; 32]), None, "nor resumed");
         assert_eq!(cache.save(&path, &fingerprint), Ok(1));
         let restored = SessionCache::new(10);
         assert_eq!(restored.restore(&path, &fingerprint), Ok(1));

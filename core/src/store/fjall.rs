@@ -29,6 +29,8 @@ const PARTITIONED_TAGS: [u8; 4] = [
 const MISC_KEYSPACE: &str = "misc";
 /// How long an erase pass waits for fjall's background compactions before its own.
 const COMPACTION_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// The longest an erase pass waits for a keyspace's memtables to reach tables.
+const FLUSH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 /// Major compactions an erase pass tries per keyspace while background ones interfere.
 const COMPACTION_ATTEMPTS_MAX: usize = 5;
 
@@ -241,10 +243,12 @@ impl FjallStore {
             }),
             flush_every_bytes: options.flush_every_bytes.max(1024 * 1024),
             written_since_flush: std::sync::atomic::AtomicU64::new(0),
+            // Nothing on disk says what the last process deleted since its last pass (a delete
+            // then a restart, or a reopen after a failure): the first pass erases everything.
             deleted_since_erase: (0..=PARTITIONED_TAGS.len())
-                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .map(|_| std::sync::atomic::AtomicBool::new(true))
                 .collect(),
-            written_since_erase: std::sync::atomic::AtomicBool::new(false),
+            written_since_erase: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -353,31 +357,70 @@ impl FjallStore {
             .iter()
             .map(|deleted| deleted.swap(false, Ordering::AcqRel))
             .collect();
-        self.db.rotate_journal().map_err(io_error)?;
-        for keyspace in self.keyspaces() {
-            keyspace.rotate_memtable_and_wait().map_err(io_error)?;
-        }
-        // Deletes the journal sealed above: everything in it is now in tables.
-        self.db.rotate_journal().map_err(io_error)?;
-        after_flush();
+        let mut compacted = vec![false; deleted.len()];
+        let pass = || -> Result<(), StoreError> {
+            self.db.rotate_journal().map_err(io_error)?;
+            for keyspace in self.keyspaces() {
+                self.flush_memtables(keyspace)?;
+            }
+            // Deletes the journal sealed above: everything in it is now in tables.
+            self.db.rotate_journal().map_err(io_error)?;
+            after_flush();
+            for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
+                // false: a background compaction overlapped ours, which then may have merged
+                // nothing; the next pass tries again.
+                compacted[index] = self.compact_fully(self.keyspace_at(index))?;
+            }
+            // The compactions' input tables hold the deleted values until their files go.
+            self.db.collect_garbage().map_err(io_error)
+        };
+        let result = pass();
+        // What this pass did not finish (a failure part-way, an overlapped compaction) is
+        // the next pass's to do.
         let mut keyspaces_compacted = 0;
-        for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
-            if self.compact_fully(self.keyspace_at(index))? {
+        for (index, was_deleted) in deleted.iter().enumerate() {
+            if !was_deleted {
+                continue;
+            }
+            if result.is_ok() && compacted[index] {
                 keyspaces_compacted += 1;
             } else {
-                // A background compaction overlapped ours, which then may have merged
-                // nothing: the next pass tries again.
                 self.deleted_since_erase[index].store(true, Ordering::Release);
                 self.written_since_erase.store(true, Ordering::Release);
             }
         }
-        // The compactions' input tables hold the deleted values until their files go.
-        self.db.collect_garbage().map_err(io_error)?;
+        if result.is_err() {
+            self.written_since_erase.store(true, Ordering::Release);
+        }
+        result?;
         Ok(EraseReport {
             keyspaces_compacted,
             disk_bytes_before,
             disk_bytes_after: self.disk_bytes()?,
         })
+    }
+
+    /// Seals `keyspace`'s memtable and waits until none of its sealed memtables waits for a
+    /// flush: an earlier one too, which fjall's own wait skips when the active memtable is
+    /// empty (its tombstones would then miss the compaction that follows). Gives up when the
+    /// database failed (its flush worker has stopped: the wait would never end, holding the
+    /// maintenance lane and with it the store's reopen) or after `FLUSH_WAIT_MAX`.
+    fn flush_memtables(&self, keyspace: &Keyspace) -> Result<(), StoreError> {
+        keyspace.rotate_memtable().map_err(io_error)?;
+        let deadline = std::time::Instant::now() + FLUSH_WAIT_MAX;
+        while keyspace.sealed_memtable_count() > 0 {
+            if self.db.is_poisoned() {
+                return Err(StoreError::Poisoned);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Io(format!(
+                    "a memtable flush did not finish within {} s: is the disk stalled?",
+                    FLUSH_WAIT_MAX.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Splits `[begin, end)` into pieces that each lie in one keyspace, in key order.

@@ -140,6 +140,14 @@ impl Openable for Database {
 }
 
 impl Database {
+    /// Whether a write, fsync or flush failed: the database refuses writes until reopened,
+    /// and its flush worker has stopped (a wait for a flush would never end). Courier's
+    /// patch: its erase pass waits for flushes itself.
+    #[must_use]
+    pub fn is_poisoned(&self) -> bool {
+        self.is_poisoned.is_poisoned()
+    }
+
     /// Opens a cross-keyspace snapshot.
     ///
     /// # Caution
