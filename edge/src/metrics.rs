@@ -266,7 +266,7 @@ impl Metrics {
         );
         let mesh_messages_dropped = family!(
             "mesh_messages_dropped",
-            "Datagrams for another shard dropped (its channel full, or larger than the endpoint takes) and signals dropped because another shard's backlog was full"
+            "Datagrams for another shard dropped (its channel full, or larger than the endpoint takes), and signals dropped because another shard's backlog or a link to another edge was full"
         );
         let mesh_backpressure = family!(
             "mesh_backpressure",

@@ -1598,6 +1598,11 @@ impl Shard {
                     if Some(id) == conn.stream && conn.kind != ConnKind::Client =>
                 {
                     flush_outbuf(&mut conn);
+                    if conn.closing {
+                        // Its stream was stopped (`flush_outbuf`): fail the link over now.
+                        self.link_gone(handle, conn.kind);
+                        continue;
+                    }
                     self.read_link_stream(handle, &mut conn);
                 }
                 Event::Stream(StreamEvent::Readable { id }) if Some(id) == conn.stream => {
@@ -1610,6 +1615,12 @@ impl Shard {
                     self.session.set_outbound_bytes(conn_ref, conn.outbuf.len());
                     // Input may have waited for room to answer it.
                     self.read_stream(now, handle, &mut conn);
+                }
+                Event::Stream(StreamEvent::Stopped { id, .. }) if Some(id) == conn.stream => {
+                    close_for_stopped_stream(&mut conn);
+                    if conn.kind != ConnKind::Client {
+                        self.link_gone(handle, conn.kind);
+                    }
                 }
                 Event::Stream(_) | Event::DatagramReceived | Event::DatagramsUnblocked => {}
             }
@@ -2601,8 +2612,24 @@ fn flush_outbuf(conn: &mut Conn) {
         }
         Err(quinn_proto::WriteError::Blocked) => {}
         Err(error) => {
-            debug!(%error, "stream write failed");
-            conn.outbuf.clear();
+            debug!(%error, "stream write failed; closing the connection");
+            close_for_stopped_stream(conn);
         }
     }
+}
+
+/// The peer stopped the connection's only stream (STOP_SENDING), or a write to it failed:
+/// nothing written reaches the peer any more. The connection closes, so that a link fails
+/// over (what it carried is refused as retryable) and a client reconnects, instead of both
+/// writing into nothing while keep-alives hold the connection open.
+fn close_for_stopped_stream(conn: &mut Conn) {
+    if !conn.closing {
+        conn.quic.close(
+            Instant::now(),
+            VarInt::from_u32(ErrorCode::UnexpectedFrame.to_u16().into()),
+            Bytes::from_static(b"the stream was stopped"),
+        );
+        conn.closing = true;
+    }
+    conn.outbuf.clear();
 }

@@ -128,6 +128,31 @@ async fn b3_a_slow_application_still_gets_its_send_receipts() {
     assert_quiet(&mut bob).await;
 }
 
+/// A client that stops the connection's stream (STOP_SENDING) can be sent nothing more: the
+/// edge closes the connection instead of writing into nothing while keep-alives hold it
+/// open. (The same path fails a link between edges over, and its pending sends with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_stream_closes_its_connection() {
+    let edge = Edge::start(1);
+    let connector = edge.connector();
+    let raw = edge.raw_session(&connector, 27, 0).await;
+    let (connection, _send, mut recv) = raw.into_parts();
+    recv.stop(quinn::VarInt::from_u32(0)).expect("stop");
+    // Something for the edge to write to it: a message for its user.
+    let alice = edge.client(28).await;
+    alice
+        .send(27, b"after the stop".to_vec())
+        .await
+        .expect("stored");
+    let closed = tokio::time::timeout(EVENT_TIMEOUT, connection.closed())
+        .await
+        .expect("the edge closes the connection");
+    assert!(
+        format!("{closed:?}").contains("the stream was stopped"),
+        "{closed:?}"
+    );
+}
+
 /// c. The edge is killed with SIGKILL after the sends were acknowledged and before delivery;
 /// after restart everything arrives exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,6 +316,15 @@ impl Shard {
         if conn.closing {
             return;
         }
+        if matches!(frame, LinkFrame::Signal { .. }) && conn.outbuf.len() >= outbound_bytes_max / 2
+        {
+            // Signals are ephemeral and have no budget: past half the link's outbound bytes
+            // (where forwarded sends stop too) they are dropped, so that a flood of them
+            // cannot push the link over its bound and fail every send it carries.
+            self.stats.mesh_messages_dropped += 1;
+            self.metrics.mesh_messages_dropped.inc();
+            return;
+        }
         write_link_frame(conn, frame);
         if conn.outbuf.len() > outbound_bytes_max {
             // The peer does not keep up: start the link over. The session refuses what it
