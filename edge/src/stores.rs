@@ -170,14 +170,19 @@ fn open_shards<E: EmbeddedEngine + Send + Sync>(
                 })
             })
             .collect();
-        opening
+        let opened: Result<Vec<Arc<E>>, String> = opening
             .into_iter()
             .map(|handle| {
                 handle
                     .join()
                     .unwrap_or_else(|_| Err("a store failed to open (panic)".into()))
             })
-            .collect()
+            .collect();
+        // The engines sync their own directories, not their entries in `stores`: a shard
+        // directory just created must not vanish at a power cut with what it then commits.
+        let opened = opened?;
+        sync_dir(stores).map_err(|e| format!("cannot sync {}: {e}", stores.display()))?;
+        Ok(opened)
     })
 }
 
@@ -187,6 +192,14 @@ fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            // A first start that died while writing the layout left only its copy.
+            let temporary = stores.join(format!("{LAYOUT_FILE}.tmp"));
+            let only_the_copy = std::fs::read_dir(stores)
+                .is_ok_and(|entries| entries.flatten().all(|entry| entry.path() == temporary));
+            if only_the_copy && temporary.exists() {
+                std::fs::remove_file(&temporary)
+                    .map_err(|e| format!("cannot remove {}: {e}", temporary.display()))?;
+            }
             if stores.exists() && std::fs::read_dir(stores).is_ok_and(|mut d| d.next().is_some()) {
                 return Err(format!(
                     "{} holds files but no {LAYOUT_FILE} file: it is not a Courier store. Move it \
@@ -477,5 +490,18 @@ mod tests {
         std::fs::write(stores_dir(data.path()).join("notes.txt"), "mine").unwrap();
         let error = open_embedded(data.path(), 1, &FjallOptions::default()).expect_err("refused");
         assert!(error.contains("not a Courier store"), "{error}");
+    }
+
+    /// A first start that died while writing the layout left only `layout.tmp`: the next
+    /// start creates the store (it held nothing), instead of calling it a foreign directory.
+    #[test]
+    fn a_layout_copy_left_by_a_first_start_is_not_a_foreign_directory() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let stores = stores_dir(data.path());
+        std::fs::create_dir_all(&stores).unwrap();
+        std::fs::write(stores.join(format!("{LAYOUT_FILE}.tmp")), "cut").unwrap();
+        let opened = open_embedded(data.path(), 2, &FjallOptions::default()).expect("creates");
+        assert_eq!(opened.len(), 2);
+        assert_eq!(read_layout(&stores), Ok(Some(2)));
     }
 }
