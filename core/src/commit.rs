@@ -851,7 +851,10 @@ fn device_record<T: Transaction>(
 /// retention period, at most an hour. A device is forgotten (and stops holding back its
 /// inbox's deletes) only after a whole retention period unseen, so a record at most this much
 /// older than the device's last login changes when that happens by at most this much.
-fn device_seen_refresh_ms(config: &CoreConfig) -> u64 {
+/// How often a device's record is marked seen again at the least: by a login that finds it
+/// older (decision 0034), and by a connection that stays open (`EdgeSession`'s refresh). Far
+/// inside the retention period, after which an unseen device is forgotten.
+pub(crate) fn device_seen_refresh_ms(config: &CoreConfig) -> u64 {
     (config.retention_ms / 8).min(HOUR_MS)
 }
 

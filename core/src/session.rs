@@ -388,6 +388,8 @@ enum Deadline {
     Frame,
     /// The connection's input is paused until its send budget refills.
     Resume,
+    /// The connection's device record is due to be marked seen again (`refresh_seen`).
+    Seen,
 }
 
 /// What the session tracks of a user that has connections on this shard.
@@ -444,6 +446,9 @@ struct Connection {
     delivered_up_to: u64,
     /// Messages written to this connection and not acknowledged on it.
     unacked: UnackedDeliveries,
+    /// What the device acknowledged, as far as this connection knows: its cursor at login,
+    /// raised by its acks. At most its stored cursor.
+    acked_up_to: u64,
     sync_running: bool,
     sync_again: bool,
     /// Bytes written and not yet taken by the transport, as last reported by the driver plus
@@ -563,6 +568,9 @@ pub struct EdgeSession<A> {
     /// A drain handed this edge's users (and its guests') to this edge: nothing is committed
     /// here any more, and clients and sends for them go there.
     drained_to: Option<EdgeId>,
+    /// The edge is stopping ([`EdgeSession::stop_taking_sends`]): new sends are refused as
+    /// retryable, so that what is queued can finish.
+    taking_sends: bool,
 }
 
 /// This shard's link to another edge.
@@ -629,6 +637,7 @@ impl<A: Authenticator> EdgeSession<A> {
             released: BTreeMap::new(),
             servers: BTreeMap::new(),
             drained_to: None,
+            taking_sends: true,
         }
     }
 
@@ -730,6 +739,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 input_paused_for_answer: false,
                 delivered_up_to: 0,
                 unacked: UnackedDeliveries::default(),
+                acked_up_to: 0,
                 sync_running: false,
                 sync_again: false,
                 outbound_bytes: 0,
@@ -828,6 +838,11 @@ impl<A: Authenticator> EdgeSession<A> {
                         if !c.input_paused_for_answer {
                             self.effects.push_back(Effect::ResumeInput { conn });
                         }
+                    }
+                }
+                Deadline::Seen => {
+                    if let Login::Active { user } = c.login {
+                        self.refresh_seen(now_ms, conn, user);
                     }
                 }
                 Deadline::Frame => match c.partial_frame_since_ms {
@@ -1052,6 +1067,8 @@ impl<A: Authenticator> EdgeSession<A> {
                 };
                 let refusal = if misplaced {
                     Some(ErrorCode::ShardUnavailable)
+                } else if !self.taking_sends {
+                    Some(ErrorCode::ShuttingDown)
                 } else if in_link.requests_in_flight >= requests_max {
                     Some(ErrorCode::Overloaded)
                 } else {
@@ -1246,6 +1263,16 @@ impl<A: Authenticator> EdgeSession<A> {
     /// queued sends are refused as retryable (the clients send them again there), and queued
     /// acks and logins dropped (repeated there). From now on nothing is committed here, and
     /// sends forwarded to this edge's users are refused as retryable.
+    /// The edge is stopping: sends from now on (from clients or forwarded by other edges)
+    /// are refused as retryable (`ShuttingDown`), so that the queue of what was accepted
+    /// empties, its answers go out, and the shard can close its connections. While sends
+    /// kept coming, a busy shard's queue was never empty at the moment it looked, and its
+    /// drain ran out its grace period instead (no `ShuttingDown` to clients, no TLS sessions
+    /// saved). Acks, logins and reads go on; they dwindle once nothing new is stored.
+    pub fn stop_taking_sends(&mut self) {
+        self.taking_sends = false;
+    }
+
     pub fn drain_to(&mut self, edge: EdgeId) {
         if self.drained_to.is_some() {
             return;
@@ -1555,7 +1582,12 @@ impl<A: Authenticator> EdgeSession<A> {
                 body,
                 ttl_secs,
             } => {
-                if let Err(code) = self.admit_send(now_ms, conn, user, to, body.len()) {
+                let admitted = if self.taking_sends {
+                    self.admit_send(now_ms, conn, user, to, body.len())
+                } else {
+                    Err(ErrorCode::ShuttingDown)
+                };
+                if let Err(code) = admitted {
                     return self.write(
                         conn,
                         Frame::SendError {
@@ -1586,6 +1618,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 let up_to_seq = up_to_seq.min(c.delivered_up_to);
                 let device = c.device;
                 c.unacked.acked(up_to_seq);
+                c.acked_up_to = c.acked_up_to.max(up_to_seq);
                 // A read owed and not running waits for room in the window (or the outbound
                 // buffer, `set_outbound_bytes`): this ack may have made it.
                 if c.sync_again && !c.sync_running && c.outbound_bytes == 0 {
@@ -1828,6 +1861,19 @@ impl<A: Authenticator> EdgeSession<A> {
                 };
                 if let Login::Registering { user } = c.login {
                     c.login = Login::Active { user };
+                    c.acked_up_to = c.acked_up_to.max(cursor);
+                    // While the connection lives, its device is marked seen now and then.
+                    let seen_due = now_ms
+                        .saturating_add(crate::commit::device_seen_refresh_ms(&self.config.core));
+                    self.deadlines.push(Reverse((
+                        seen_due,
+                        conn.slot,
+                        conn.generation,
+                        Deadline::Seen,
+                    )));
+                    let Some(c) = self.conn_mut(conn) else {
+                        return;
+                    };
                     // What the device consumed (maybe on an earlier install) is not sent again,
                     // nor is anything before `first_seq`: `Welcome` declares that gone.
                     c.delivered_up_to = c
@@ -1973,6 +2019,33 @@ impl<A: Authenticator> EdgeSession<A> {
             // A gap, a full buffer or a full window: the store has it; catch up from there.
             self.catch_up(conn);
         }
+    }
+
+    /// Marks the device of a connection that lives as seen, and asks to be called again after
+    /// the same while. A device unseen for the retention period is forgotten by the next
+    /// commit that writes its inbox's devices, and the inbox's messages are then deleted up to
+    /// the other devices' cursors. Only acks and logins that wrote its record marked it seen,
+    /// so a device that stayed connected and acknowledged nothing for that long (nothing came)
+    /// was forgotten while it lived, and the next message was deleted once another device
+    /// acked it, before this one had it. An ack of what the device already acknowledged moves
+    /// no cursor and rewrites its record, seen now.
+    fn refresh_seen(&mut self, now_ms: UnixMillis, conn: ConnRef, user: UserId) {
+        let due = now_ms.saturating_add(crate::commit::device_seen_refresh_ms(&self.config.core));
+        let Some(c) = self.conn(conn) else {
+            return;
+        };
+        let (device, up_to_seq) = (c.device, c.acked_up_to);
+        self.deadlines
+            .push(Reverse((due, conn.slot, conn.generation, Deadline::Seen)));
+        let home = self.home_of(user);
+        self.route(
+            home,
+            ShardMessage::Ack {
+                inbox: user,
+                device,
+                up_to_seq,
+            },
+        );
     }
 
     /// The connection reads the store after its cursor: now if no read runs and its outbound
