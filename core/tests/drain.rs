@@ -152,3 +152,56 @@ fn a_drained_shard_redirects_once_and_commits_nothing_more() {
     assert_eq!(shard.handle_emptied(&[user], now), 0);
     assert_eq!(shard.queued_requests(), 0);
 }
+
+/// A stopping edge refuses new sends as retryable (`ShuttingDown`), so that what it accepted
+/// can finish and its shard close its connections; before, a busy shard's queue was never
+/// empty when it looked, and the drain ran out its grace period.
+#[test]
+fn a_stopping_shard_refuses_new_sends_as_retryable() {
+    let now = 1_700_000_000_000;
+    let mut shard = EdgeSession::new(SessionConfig::new(0, 1, CoreConfig::default()), SimAuth);
+    let store = MemoryStore::new();
+    let mut committer = Committer::new(&CoreConfig::default());
+    let conn = ConnRef {
+        shard: 0,
+        slot: 0,
+        generation: 1,
+    };
+    shard.open_connection(now, conn);
+    let hello = Frame::Hello {
+        token: b"5:0".to_vec(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    };
+    shard.handle_frame(now, conn, hello, false);
+    let batch = shard.poll_batch(now).expect("the login commits");
+    let result = committer.commit_batch(&store, &batch.requests, now);
+    shard.handle_commit(batch, result);
+    effects(&mut shard);
+
+    shard.stop_taking_sends();
+    let send = Frame::Send {
+        client_id: 1,
+        to: 5,
+        body: b"late".to_vec(),
+        ttl_secs: None,
+    };
+    shard.handle_frame(now, conn, send, false);
+    let answered = effects(&mut shard);
+    assert!(
+        answered.iter().any(|effect| matches!(
+            effect,
+            Effect::Write {
+                frame: Frame::SendError {
+                    client_id: 1,
+                    code: ErrorCode::ShuttingDown,
+                    retryable: true,
+                },
+                ..
+            }
+        )),
+        "{answered:?}"
+    );
+    assert_eq!(shard.queued_requests(), 0, "nothing new to wait for");
+}

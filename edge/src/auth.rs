@@ -50,25 +50,31 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey, String> {
     signing_key_from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The verifier for `config`: the signing key's public half plus `auth.verify_keys`.
+/// The verifier for `config`: the signing key's public half plus `auth.verify_keys`. An entry
+/// under the signing key's id may stay there (step 2 of a rotation adds the new key's entry,
+/// and step 3 makes it the signing key) as long as it is that key's public half.
 pub fn verifier(config: &Config, signing_key: &SigningKey) -> Result<TokenVerifier, String> {
     let mut keys = verify_keys(config)?;
-    keys.insert(config.auth.signing_key_id, signing_key.verifying_key());
+    let id = config.auth.signing_key_id;
+    let public = signing_key.verifying_key();
+    if keys.get(&id).is_some_and(|listed| *listed != public) {
+        return Err(format!(
+            "auth.verify_keys id {id} is auth.signing_key_id, with another public key than the \
+             signing key's: remove that entry (the signing key's own tokens are accepted \
+             anyway), or give one of the two keys another id"
+        ));
+    }
+    keys.insert(id, public);
     Ok(TokenVerifier::new(keys))
 }
 
-/// `auth.verify_keys`, parsed, with ids distinct from each other and from the signing key's.
+/// `auth.verify_keys`, parsed, with ids distinct from each other (one under the signing key's
+/// id is checked against that key by [`verifier`]).
 pub fn verify_keys(
     config: &Config,
 ) -> Result<std::collections::HashMap<u32, courier_protocol::token::VerifyingKey>, String> {
     let mut keys = std::collections::HashMap::new();
     for extra in &config.auth.verify_keys {
-        if extra.id == config.auth.signing_key_id {
-            return Err(format!(
-                "auth.verify_keys: key id {} is used twice",
-                extra.id
-            ));
-        }
         let key = verifying_key_from_base64(&extra.public_key)
             .map_err(|e| format!("auth.verify_keys id {}: {e}", extra.id))?;
         if keys.insert(extra.id, key).is_some() {
@@ -230,6 +236,28 @@ impl VerifiedTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rotation's steps, as docs/operations.md gives them: the new key's entry may stay
+    /// once it is the signing key (before, the edge refused that config on SIGHUP and at
+    /// start); an entry under the signing key's id with another key is refused, saying so.
+    #[test]
+    fn a_rotation_may_leave_the_new_keys_entry_and_refuses_a_clash() {
+        let (old, new) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        );
+        let entry = |id: u32, key: &SigningKey| crate::config::VerifyKey {
+            id,
+            public_key: courier_protocol::token::verifying_key_to_base64(&key.verifying_key()),
+        };
+        let mut config = Config::default();
+        config.auth.signing_key_id = 2;
+        config.auth.verify_keys = vec![entry(2, &new), entry(1, &old)];
+        assert!(verifier(&config, &new).is_ok());
+        config.auth.verify_keys = vec![entry(2, &old)];
+        let error = verifier(&config, &new).unwrap_err();
+        assert!(error.contains("auth.signing_key_id"), "{error}");
+    }
 
     #[test]
     fn durations_parse_with_units() {

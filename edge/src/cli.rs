@@ -61,6 +61,17 @@ enum Command {
         #[arg(long)]
         key_id: u32,
     },
+    /// Print the `[[auth.verify_keys]]` entry of an existing token-signing key: what the
+    /// edges keep accepting while tokens it signed are still valid, after a rotation made
+    /// another key the signing key.
+    PublicKey {
+        /// The signing key file (as `auth.signing_key_path` names it).
+        #[arg(long)]
+        key: PathBuf,
+        /// The id tokens it signed carry (its `auth.signing_key_id`).
+        #[arg(long)]
+        key_id: u32,
+    },
     /// Print the built-in configuration as TOML, every key with its default.
     PrintDefaultConfig,
     /// Check a config file and exit 0 if it is valid.
@@ -343,12 +354,19 @@ fn try_main(cli: Cli) -> Result<(), String> {
                  public_key = \"{public}\"\n\
                  \n\
                  2. Where tokens are minted, set auth.signing_key_path = \"{}\" and\n\
-                 \x20  auth.signing_key_id = {key_id}, and keep the old key's public half in\n\
-                 \x20  auth.verify_keys under its old id.\n\
+                 \x20  auth.signing_key_id = {key_id} (the entry above may stay), and add the\n\
+                 \x20  old key's entry, which `courier-edge public-key --key OLD_KEY_FILE\n\
+                 \x20  --key-id OLD_ID` prints, so that its tokens are still accepted.\n\
                  3. Once every token signed with the old key has expired, remove its entry.",
                 out.display(),
                 out.display()
             );
+            Ok(())
+        }
+        Command::PublicKey { key, key_id } => {
+            let key = auth::read_signing_key(&key)?;
+            let public = courier_protocol::token::verifying_key_to_base64(&key.verifying_key());
+            println!("[[auth.verify_keys]]\nid = {key_id}\npublic_key = \"{public}\"");
             Ok(())
         }
         Command::PrintDefaultConfig => {

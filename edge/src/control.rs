@@ -128,10 +128,28 @@ impl Shards {
     }
 }
 
+/// The longest path a Unix socket can be bound to (`sun_path` holds 108 bytes with its NUL).
+const SOCKET_PATH_BYTES_MAX: usize = 107;
+/// What [`start`]'s temporary name adds to the path at most: `.` and a process id (at most 7
+/// digits: Linux's `pid_max` is at most 4,194,304), then `.tmp`.
+const STAGING_SUFFIX_BYTES_MAX: usize = 1 + 7 + 4;
+
 /// What [`start`] would refuse about `path`, checked before the edge opens its store (which,
 /// in a cluster with takeover, claims its users' lease): a file there that is not a socket, or
 /// a directory that does not exist. `data_dir` is created at start, so a socket in it passes.
 pub fn check_path(path: &Path, data_dir: &Path) -> Result<(), String> {
+    // A Unix socket's path holds at most 107 bytes, and `start` binds it first under a
+    // temporary name up to `STAGING_SUFFIX_BYTES_MAX` longer.
+    let bytes = path.as_os_str().len();
+    if bytes + STAGING_SUFFIX_BYTES_MAX > SOCKET_PATH_BYTES_MAX {
+        return Err(format!(
+            "control.socket {} is {bytes} bytes long, and a Unix socket's path may be at most \
+             {} here ({SOCKET_PATH_BYTES_MAX}, less the temporary name it is bound under \
+             first); set control.socket to a shorter path",
+            path.display(),
+            SOCKET_PATH_BYTES_MAX - STAGING_SUFFIX_BYTES_MAX
+        ));
+    }
     if let Ok(metadata) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !metadata.file_type().is_socket() {

@@ -1,6 +1,6 @@
 //! Health checks for supervisors and load balancers, `GET /livez` and `GET /readyz`, and
 //! Prometheus metrics, `GET /metrics` (`crate::metrics`), on the `[metrics] listen` address,
-//! served by one thread off the data path.
+//! served off the data path by a thread per connection, at most `CONNECTIONS_MAX` at once.
 //!
 //! - `/livez` answers 200 while the process runs.
 //! - `/readyz` answers 200 only when every shard runs with its store open, no store is being
@@ -14,9 +14,15 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-/// A request that does not arrive within this long is dropped: one slow client cannot hold the
-/// (single) health thread for long.
+/// A request that does not arrive within this long is dropped, and a response not taken
+/// within it is given up: a client that sends nothing (or reads nothing) holds its thread
+/// no longer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once. One thread served them in turn: a single client that opened a
+/// connection and sent nothing, every two seconds, made every liveness probe behind it wait
+/// past a supervisor's timeout (Kubernetes': 1 s), and the supervisor restarted the edge.
+/// Past this many the newest is closed at once.
+const CONNECTIONS_MAX: usize = 16;
 /// Bytes of a request read at most; a health check's request line is far shorter.
 const REQUEST_BYTES_MAX: usize = 4096;
 
@@ -86,10 +92,33 @@ pub fn start(
     std::thread::Builder::new()
         .name("courier-health".into())
         .spawn(move || {
+            let serving = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => serve_one(stream, &health, &metrics),
-                    Err(error) => warn!(%error, "health endpoint: accept failed"),
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        warn!(%error, "health endpoint: accept failed");
+                        continue;
+                    }
+                };
+                if serving.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+                    serving.fetch_sub(1, Ordering::AcqRel);
+                    continue; // Dropped: closed at once.
+                }
+                let (health, metrics, done) = (
+                    Arc::clone(&health),
+                    Arc::clone(&metrics),
+                    Arc::clone(&serving),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("courier-health-conn".into())
+                    .spawn(move || {
+                        serve_one(stream, &health, &metrics);
+                        done.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(error) = spawned {
+                    serving.fetch_sub(1, Ordering::AcqRel);
+                    warn!(%error, "health endpoint: cannot start a thread for a connection");
                 }
             }
         })
@@ -145,8 +174,8 @@ fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::M
 }
 
 /// Writes `bytes`, giving up once `timeout` has passed in all: a socket timeout bounds each
-/// write, so a client reading a little at a time could hold this one thread (and the liveness
-/// probes queued behind it) for as long as it liked.
+/// write, so a client reading a little at a time could hold its thread for as long as it
+/// liked.
 fn write_within(stream: &mut TcpStream, bytes: &[u8], timeout: std::time::Duration) {
     let deadline = std::time::Instant::now() + timeout;
     let mut written = 0;

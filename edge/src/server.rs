@@ -716,7 +716,8 @@ pub fn preflight(config: &Config) -> Result<(), String> {
         tls::load_cluster_tls(config)?;
     }
     if !config.auth.signing_key_path.as_os_str().is_empty() {
-        auth::read_signing_key(&config.auth.signing_key_path)?;
+        let key = auth::read_signing_key(&config.auth.signing_key_path)?;
+        auth::verifier(config, &key)?;
     }
     auth::verify_keys(config)?;
     check_writable(&config.server.data_dir)?;

@@ -1826,9 +1826,10 @@ impl Shard {
         }
         if !self.draining {
             self.draining = true;
+            self.session.stop_taking_sends();
             info!(
                 shard = self.id,
-                "draining: refusing new connections, finishing commits"
+                "draining: refusing new connections and sends, finishing commits"
             );
         }
         // The main thread published the drain before it set `shutdown`: read it now, even if

@@ -65,6 +65,15 @@ fn check_config_refuses_what_serve_would_refuse() {
             ),
             "control.socket /nonexistent/ctl.sock: the directory /nonexistent does not exist",
         ),
+        // Longer than a Unix socket's path may be (with its temporary name).
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[control]\nsocket = \"/tmp/{}.sock\"\n",
+                data.display(),
+                "c".repeat(95)
+            ),
+            "set control.socket to a shorter path",
+        ),
         // /proc refuses new files even to root.
         (
             "[server]\ndata_dir = \"/proc/courier-data\"\n".to_string(),
@@ -136,6 +145,15 @@ fn keygen_writes_a_usable_owner_only_key_and_never_overwrites() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+    // `public-key` prints the same entry for the existing key (what a rotation keeps for it).
+    let entry = run(&["public-key", "--key", key_arg, "--key-id", "2"]);
+    assert!(entry.status.success(), "{entry:?}");
+    let entry = String::from_utf8_lossy(&entry.stdout);
+    assert!(
+        entry.starts_with("[[auth.verify_keys]]\nid = 2\npublic_key = ")
+            && printed.contains(entry.lines().nth(2).expect("its key")),
+        "{entry} is not in {printed}"
+    );
 
     let config = dir.path().join("edge.toml");
     std::fs::write(

@@ -37,3 +37,25 @@ fn livez_and_readyz_answer_once_every_shard_serves() {
     assert_eq!(get(&addr, "POST /readyz HTTP/1.1\r\n\r\n").0, 405);
     drop(edge);
 }
+
+/// A client that opens a connection and sends nothing does not hold up the probes: they are
+/// answered while it still waits (one thread served connections in turn, so a probe waited
+/// for the idle one's 2 s timeout, past a supervisor's 1 s, and the edge was restarted).
+#[test]
+fn an_idle_connection_does_not_hold_up_the_probes() {
+    let addr = common::free_addr().to_string();
+    let edge = Edge::start_with(1, &format!("[metrics]\nlisten = \"{addr}\"\n"), &[]);
+    let mut idle = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(
+        get(&addr, "GET /livez HTTP/1.1\r\n\r\n"),
+        (200, "ok\n".into())
+    );
+    // Had the probe waited for the idle connection, the edge would have closed that by now.
+    idle.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    match idle.read(&mut byte) {
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the idle connection was closed before the probe was answered: {other:?}"),
+    }
+    drop(edge);
+}
