@@ -38,7 +38,7 @@ pub struct Health {
 }
 
 impl Health {
-    /// `draining` is the shutdown flag the shards watch.
+    /// `draining` is set as the edge starts to stop (before a hand-over to its successor).
     pub fn new(shards: usize, draining: Arc<AtomicBool>) -> Arc<Health> {
         Arc::new(Health {
             shards,

@@ -58,6 +58,8 @@ pub struct Edge {
     verifier: Arc<auth::VerifierCell>,
     shard_count: u32,
     shutdown: Arc<std::sync::atomic::AtomicBool>,
+    /// Set as the stop begins, before any hand-over: `/readyz` answers 503 from then on.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     /// Set to stop every shard at once, as if the process died (`Edge::crash`).
     abort: Arc<std::sync::atomic::AtomicBool>,
     stopped: std::sync::mpsc::Receiver<u8>,
@@ -213,7 +215,10 @@ impl Edge {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let health = crate::health::Health::new(shard_count as usize, shutdown.clone());
+        // Set when the stop begins, before a hand-over to the successor (which can take
+        // seconds): load balancers stop sending new clients here at once.
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let health = crate::health::Health::new(shard_count as usize, stopping.clone());
         let store_dirs = match config.store_config().map_err(|e| e.to_string())? {
             courier_core::store::config::StoreConfig::Embedded { .. } => (0..shard_count)
                 .map(|shard| {
@@ -300,6 +305,7 @@ impl Edge {
             verifier,
             shard_count,
             shutdown,
+            stopping,
             abort,
             stopped: stopped_rx,
             takeover,
@@ -314,6 +320,8 @@ impl Edge {
     /// redirected there; then every shard finishes its commits and closes its connections,
     /// within a grace period. `Err` with the shards that did not finish in time.
     pub fn shut_down(&self) -> Result<(), u32> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // Without takeover the lease thread only fences (decision 0016): no one to hand over to.
         if let Some(takeover) = self
             .takeover
