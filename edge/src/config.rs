@@ -537,6 +537,9 @@ const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
 /// The largest dedupe filter budget per shard (`store.dedupe_filter_bytes_max`): 1 GiB answers
 /// ~99% of lookups over a day of ~400 million sends, beyond what a shard commits.
 const DEDUPE_FILTER_BYTES_MAX_LIMIT: usize = 1 << 30;
+/// Lowest `retention.dedupe_window_secs` (see `Config::validate_on`).
+const DEDUPE_WINDOW_SECS_MIN: u64 = 600;
+
 /// Highest `server.shutdown_grace_secs`: a stop that takes longer is a hung edge.
 const SHUTDOWN_GRACE_SECS_LIMIT: u64 = 600;
 
@@ -964,6 +967,15 @@ impl Config {
                 "at least quic.stream_receive_window_bytes",
             );
         }
+        if self.retention.dedupe_window_secs < DEDUPE_WINDOW_SECS_MIN {
+            // A send is stored once only within the window: a client retrying across
+            // reconnects (backoff up to seconds), or a 0-RTT first flight an attacker replays
+            // later, must fall inside it, or it is stored again.
+            return invalid(
+                "retention.dedupe_window_secs",
+                "at least 600 (10 minutes): retries and replayed 0-RTT sends must fall inside it",
+            );
+        }
         if self.retention.erase_within_secs < 2 {
             return invalid("retention.erase_within_secs", "at least 2");
         }
@@ -1319,6 +1331,18 @@ mod tests {
             })
             .collect();
         config
+    }
+
+    /// A dedupe window shorter than a client's retries (or a replayed 0-RTT send) can take
+    /// would store a send twice: refused, naming the key.
+    #[test]
+    fn a_dedupe_window_under_ten_minutes_is_refused() {
+        let mut config = Config::default();
+        config.retention.dedupe_window_secs = 60;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("retention.dedupe_window_secs"), "{error}");
+        config.retention.dedupe_window_secs = 600;
+        config.validate("test").expect("ten minutes is enough");
     }
 
     #[test]
