@@ -1862,9 +1862,14 @@ impl<A: Authenticator> EdgeSession<A> {
                 if let Login::Registering { user } = c.login {
                     c.login = Login::Active { user };
                     c.acked_up_to = c.acked_up_to.max(cursor);
-                    // While the connection lives, its device is marked seen now and then.
-                    let seen_due = now_ms
-                        .saturating_add(crate::commit::device_seen_refresh_ms(&self.config.core));
+                    // While the connection lives, its device is marked seen now and then; the
+                    // first time within the second half of the interval, spread by slot, so
+                    // that the connections of a reconnect storm do not all write at once an
+                    // interval later.
+                    let refresh_ms = crate::commit::device_seen_refresh_ms(&self.config.core);
+                    let spread_ms = (conn.slot as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        % (refresh_ms / 2).max(1);
+                    let seen_due = now_ms.saturating_add(refresh_ms / 2 + spread_ms);
                     self.deadlines.push(Reverse((
                         seen_due,
                         conn.slot,
