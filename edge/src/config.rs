@@ -537,6 +537,30 @@ const CLIENT_ACK_DELAY_MS_MAX: u64 = 1000;
 /// The largest dedupe filter budget per shard (`store.dedupe_filter_bytes_max`): 1 GiB answers
 /// ~99% of lookups over a day of ~400 million sends, beyond what a shard commits.
 const DEDUPE_FILTER_BYTES_MAX_LIMIT: usize = 1 << 30;
+/// The config file's key for a field of `CoreConfig` (`Config::core_config`), so that a
+/// refusal names what the operator wrote, not the field it became.
+fn toml_key_of_core_field(field: &'static str) -> &'static str {
+    match field {
+        "retention_ms" => "retention.message_retention_secs",
+        "dedupe_window_ms" => "retention.dedupe_window_secs",
+        "expiry_bucket_ms" => {
+            "retention.expiry_bucket_secs (at most retention.message_retention_secs)"
+        }
+        "batch_requests_max" => "batching.batch_requests_max",
+        "batch_bytes_max" => "batching.batch_bytes_max",
+        "queue_requests_max" => "batching.queue_requests_max",
+        "queue_bytes_max" => "batching.queue_bytes_max",
+        "queue_requests_per_sender_max" => "batching.queue_requests_per_sender_max",
+        "queue_bytes_per_sender_max" => "batching.queue_bytes_per_sender_max",
+        "commit_slow_ms" => "batching.commit_slow_ms",
+        "batches_in_flight_max" => "batching.batches_in_flight_max",
+        "expire_scan_keys_max/sync_messages_max" => {
+            "retention.expire_scan_keys_max or batching.sync_messages_max"
+        }
+        other => other,
+    }
+}
+
 /// Lowest `retention.dedupe_window_secs` (see `Config::validate_on`).
 const DEDUPE_WINDOW_SECS_MIN: u64 = 600;
 
@@ -989,8 +1013,8 @@ impl Config {
         if let Err(error) = core.validate() {
             return Err(ConfigError::Invalid {
                 origin: origin.to_string(),
-                key: "retention/batching",
-                expected: error.to_string(),
+                key: toml_key_of_core_field(error.field),
+                expected: error.expected.to_string(),
             });
         }
         let store = self.store_config().map_err(|error| ConfigError::Invalid {
@@ -1331,6 +1355,22 @@ mod tests {
             })
             .collect();
         config
+    }
+
+    /// A value the core refuses is reported under the key the operator wrote.
+    #[test]
+    fn core_refusals_name_the_config_files_key() {
+        let mut config = Config::default();
+        config.retention.message_retention_secs = 0;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(
+            error.contains("retention.message_retention_secs"),
+            "{error}"
+        );
+        let mut config = Config::default();
+        config.batching.batches_in_flight_max = 3;
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("batching.batches_in_flight_max"), "{error}");
     }
 
     /// A dedupe window shorter than a client's retries (or a replayed 0-RTT send) can take
