@@ -1625,15 +1625,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     self.start_sync(conn);
                 }
                 if up_to_seq > 0 {
-                    let home = self.home_of(user);
-                    self.route(
-                        home,
-                        ShardMessage::Ack {
-                            inbox: user,
-                            device,
-                            up_to_seq,
-                        },
-                    );
+                    self.route_ack(user, device, up_to_seq);
                 }
             }
             Frame::Sync { after_seq } => {
@@ -2010,18 +2002,13 @@ impl<A: Authenticator> EdgeSession<A> {
         let window_full = c.unacked.messages >= unacked_max;
         let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max
             && !window_full;
-        if window_full {
-            self.deliveries_held_for_acks += 1;
-        }
-        let Some(c) = self.conn_mut(conn) else {
-            return;
-        };
         if in_order && room && !c.sync_running {
             c.delivered_up_to = message.seq;
             c.unacked.delivered(message.seq);
             self.write_frame(conn, deliver_frame(message), true);
         } else {
             // A gap, a full buffer or a full window: the store has it; catch up from there.
+            self.deliveries_held_for_acks += u64::from(window_full);
             self.catch_up(conn);
         }
     }
@@ -2042,6 +2029,11 @@ impl<A: Authenticator> EdgeSession<A> {
         let (device, up_to_seq) = (c.device, c.acked_up_to);
         self.deadlines
             .push(Reverse((due, conn.slot, conn.generation, Deadline::Seen)));
+        self.route_ack(user, device, up_to_seq);
+    }
+
+    /// Sends `device`'s ack of `user`'s inbox to the inbox's home shard.
+    fn route_ack(&mut self, user: UserId, device: u32, up_to_seq: u64) {
         let home = self.home_of(user);
         self.route(
             home,

@@ -6,6 +6,7 @@
 
 mod common;
 use common::SimAuth;
+use common::one_shard::OneShard;
 
 use courier_core::CoreConfig;
 use courier_core::commit::Committer;
@@ -158,50 +159,34 @@ fn a_drained_shard_redirects_once_and_commits_nothing_more() {
 /// empty when it looked, and the drain ran out its grace period.
 #[test]
 fn a_stopping_shard_refuses_new_sends_as_retryable() {
-    let now = 1_700_000_000_000;
-    let mut shard = EdgeSession::new(SessionConfig::new(0, 1, CoreConfig::default()), SimAuth);
-    let store = MemoryStore::new();
-    let mut committer = Committer::new(&CoreConfig::default());
-    let conn = ConnRef {
-        shard: 0,
-        slot: 0,
-        generation: 1,
-    };
-    shard.open_connection(now, conn);
-    let hello = Frame::Hello {
-        token: b"5:0".to_vec(),
-        device: 0,
-        acked_up_to: 0,
-        resume_after_seq: 0,
-    };
-    shard.handle_frame(now, conn, hello, false);
-    let batch = shard.poll_batch(now).expect("the login commits");
-    let result = committer.commit_batch(&store, &batch.requests, now);
-    shard.handle_commit(batch, result);
-    effects(&mut shard);
-
-    shard.stop_taking_sends();
-    let send = Frame::Send {
-        client_id: 1,
-        to: 5,
-        body: b"late".to_vec(),
-        ttl_secs: None,
-    };
-    shard.handle_frame(now, conn, send, false);
-    let answered = effects(&mut shard);
+    let mut shard = OneShard::new(SessionConfig::new(0, 1, CoreConfig::default()));
+    shard.login(0, 5, 0);
+    shard.session.stop_taking_sends();
+    shard.frame(
+        0,
+        Frame::Send {
+            client_id: 1,
+            to: 5,
+            body: b"late".to_vec(),
+            ttl_secs: None,
+        },
+    );
+    assert_eq!(
+        shard.session.queued_requests(),
+        0,
+        "nothing new to wait for"
+    );
+    let answered = shard.settle();
     assert!(
-        answered.iter().any(|effect| matches!(
-            effect,
-            Effect::Write {
-                frame: Frame::SendError {
+        answered.iter().any(|(slot, frame)| *slot == 0
+            && matches!(
+                frame,
+                Frame::SendError {
                     client_id: 1,
                     code: ErrorCode::ShuttingDown,
                     retryable: true,
-                },
-                ..
-            }
-        )),
+                }
+            )),
         "{answered:?}"
     );
-    assert_eq!(shard.queued_requests(), 0, "nothing new to wait for");
 }

@@ -2624,11 +2624,20 @@ fn flush_outbuf(conn: &mut Conn) {
 /// over (what it carried is refused as retryable) and a client reconnects, instead of both
 /// writing into nothing while keep-alives hold the connection open.
 fn close_for_stopped_stream(conn: &mut Conn) {
+    close_now(
+        conn,
+        ErrorCode::UnexpectedFrame,
+        Bytes::from_static(b"the stream was stopped"),
+    );
+}
+
+/// Closes the QUIC connection (once) with `code`, and drops what waits to be written to it.
+fn close_now(conn: &mut Conn, code: ErrorCode, reason: Bytes) {
     if !conn.closing {
         conn.quic.close(
             Instant::now(),
-            VarInt::from_u32(ErrorCode::UnexpectedFrame.to_u16().into()),
-            Bytes::from_static(b"the stream was stopped"),
+            VarInt::from_u32(code.to_u16().into()),
+            reason,
         );
         conn.closing = true;
     }

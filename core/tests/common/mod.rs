@@ -3,6 +3,9 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+#[allow(dead_code)] // Only the step-by-step tests drive one shard.
+pub mod one_shard;
+
 use courier_core::UserId;
 use courier_core::session::{AuthFailure, Authenticator};
 use courier_protocol::ErrorCode;

@@ -330,13 +330,11 @@ impl Shard {
             // The peer does not keep up: start the link over. The session refuses what it
             // carried as retryable once the loss is processed.
             warn!(peer = %conn.quic.remote_address(), bytes = conn.outbuf.len(), "link over its outbound bytes; closing it");
-            conn.quic.close(
-                Instant::now(),
-                VarInt::from_u32(ErrorCode::Overloaded.to_u16().into()),
+            super::close_now(
+                conn,
+                ErrorCode::Overloaded,
                 Bytes::from_static(b"link over its outbound bytes"),
             );
-            conn.closing = true;
-            conn.outbuf.clear();
             let kind = conn.kind;
             self.link_gone(handle, kind);
         }

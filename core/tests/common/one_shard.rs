@@ -1,0 +1,122 @@
+//! One edge of one shard, driven step by step: a session, its store and its committer, with
+//! the simulated clock in the test's hands. For tests that walk one behaviour through the real
+//! session (`delivery_window.rs`, `device_seen.rs`) rather than over many seeds.
+
+use courier_core::CoreConfig;
+use courier_core::commit::{self, Committer};
+use courier_core::session::{ConnRef, EdgeSession, Effect, SessionConfig};
+use courier_core::store::memory::MemoryStore;
+use courier_protocol::Frame;
+
+use super::SimAuth;
+
+/// Connection slots a test uses: each gets its outbound bytes taken at every settle.
+const SLOTS: usize = 3;
+
+pub struct OneShard {
+    pub session: EdgeSession<SimAuth>,
+    pub store: MemoryStore,
+    pub committer: Committer,
+    pub core: CoreConfig,
+    pub now: u64,
+}
+
+impl OneShard {
+    pub fn new(config: SessionConfig) -> OneShard {
+        let core = config.core.clone();
+        OneShard {
+            session: EdgeSession::new(config, SimAuth),
+            store: MemoryStore::new(),
+            committer: Committer::new(&core),
+            core,
+            now: 1_700_000_000_000,
+        }
+    }
+
+    /// Runs the session's deadlines, then commits, reads and routes at `now` until nothing is
+    /// left, the transport taking every byte written; returns the frames written, by slot.
+    pub fn settle(&mut self) -> Vec<(usize, Frame)> {
+        let now = self.now;
+        self.session.handle_deadlines(now);
+        let mut written = Vec::new();
+        loop {
+            let mut progressed = false;
+            while let Some(batch) = self.session.poll_batch(now) {
+                let result = self
+                    .committer
+                    .commit_batch(&self.store, &batch.requests, now);
+                self.session.handle_commit(batch, result);
+                progressed = true;
+            }
+            while let Some(effect) = self.session.poll_effect() {
+                progressed = true;
+                match effect {
+                    Effect::Write { conn, frame, .. } => written.push((conn.slot, frame)),
+                    Effect::Read {
+                        conn,
+                        inbox,
+                        after_seq,
+                    } => {
+                        let page =
+                            commit::read_inbox(&self.store, inbox, after_seq, now, &self.core);
+                        self.session.handle_read(conn, after_seq, page);
+                    }
+                    Effect::Route { message, .. } => self.session.handle_message(now, message),
+                    Effect::ResumeInput { .. } => {}
+                    other => panic!("unexpected effect {other:?}"),
+                }
+            }
+            for slot in 0..SLOTS {
+                self.session.set_outbound_bytes(conn(slot), 0);
+            }
+            if !progressed {
+                return written;
+            }
+        }
+    }
+
+    /// Logs `user`'s `device` in on `slot` (a fresh install) and settles until its `Welcome`.
+    pub fn login(&mut self, slot: usize, user: u64, device: u32) {
+        self.session.open_connection(self.now, conn(slot));
+        let hello = Frame::Hello {
+            token: format!("{user}:{device}").into_bytes(),
+            device,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        };
+        self.session
+            .handle_frame(self.now, conn(slot), hello, false);
+        let frames = self.settle();
+        assert!(
+            frames
+                .iter()
+                .any(|(to, frame)| *to == slot && matches!(frame, Frame::Welcome { .. })),
+            "{frames:?}"
+        );
+    }
+
+    /// A client frame on `slot`, at `now`.
+    pub fn frame(&mut self, slot: usize, frame: Frame) {
+        self.session
+            .handle_frame(self.now, conn(slot), frame, false);
+    }
+}
+
+pub fn conn(slot: usize) -> ConnRef {
+    ConnRef {
+        shard: 0,
+        slot,
+        generation: 1,
+    }
+}
+
+/// The seqs delivered to `slot` among `frames`.
+pub fn delivered(frames: &[(usize, Frame)], slot: usize) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|(to, frame)| match frame {
+            Frame::Deliver { seq, .. } if *to == slot => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
