@@ -244,16 +244,18 @@ impl Takeover {
         let _ = self.commands.try_send(Command::Fenced(guest, lease));
     }
 
-    /// Hands this edge's lease and its guests' to the successor, waiting at most `wait`,
-    /// and returns it once it claimed them (or had its time to). `None`: no other edge is
-    /// alive, the lease could not be handed over, or the thread did not answer; the edge's
-    /// clients are then closed with `ShuttingDown`.
+    /// Hands this edge's lease and its guests' to the successor, waiting at most `wait` in
+    /// all (for room in the thread's commands and for its answer together), and returns it
+    /// once it claimed them (or had its time to). `None`: no other edge is alive, the lease
+    /// could not be handed over, or the thread did not answer; the edge's clients are then
+    /// closed with `ShuttingDown`.
     pub fn drain(&self, wait: Duration) -> Option<EdgeId> {
+        let deadline = Instant::now() + wait;
         let (reply, answer) = flume::bounded(1);
         self.commands
-            .send_timeout(Command::Drain(reply), wait)
+            .send_deadline(Command::Drain(reply), deadline)
             .ok()?;
-        answer.recv_timeout(wait).ok().flatten()
+        answer.recv_deadline(deadline).ok().flatten()
     }
 
     fn publish(&self, view: View) {
@@ -526,6 +528,43 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// `drain(wait)` waits at most `wait` in all: a lease thread that takes the command late
+    /// and then never answers (stuck in a store call) does not get a second `wait` for its
+    /// answer. Before, the two waits added up: a stop took up to twice the documented time.
+    #[test]
+    fn a_drain_waits_at_most_its_wait_in_all() {
+        let (commands, receiver) = flume::bounded(1);
+        let takeover = Takeover {
+            view: Mutex::new(View::default()),
+            version: AtomicU64::new(0),
+            commands,
+            handing_over: AtomicBool::new(false),
+            fenced_out: AtomicBool::new(false),
+            runs_expiry: AtomicBool::new(true),
+        };
+        // Full, so the drain's command waits for room.
+        takeover.commands.send(Command::Stop).expect("room for one");
+        let wait = Duration::from_millis(1_000);
+        let stuck = std::thread::spawn(move || {
+            // Takes the first command most of the way into the wait, then the drain, and
+            // holds its reply without answering until the drain gave up.
+            std::thread::sleep(wait.mul_f64(0.9));
+            let _stop = receiver.recv().expect("the first command");
+            let drain = receiver.recv().expect("the drain");
+            std::thread::sleep(wait * 2);
+            drop(drain);
+        });
+        let started = Instant::now();
+        assert_eq!(takeover.drain(wait), None);
+        let took = started.elapsed();
+        // Generous for a busy machine; the old code took at least 1.9 × `wait` here.
+        assert!(
+            took < wait.mul_f64(1.6),
+            "the drain took {took:?} for a wait of {wait:?}"
+        );
+        stuck.join().expect("the stuck thread");
     }
 
     /// The lease threads of two edges on one store: a drained edge's users go to the other
