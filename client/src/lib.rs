@@ -39,10 +39,17 @@ pub use quinn::ConnectionStats;
 use quinn::crypto::rustls::QuicClientConfig;
 /// The TLS library whose types [`Connector::with_key_exchange_groups`] takes.
 pub use rustls;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 /// Errors the SDK reports. Each says whether trying again can help.
+///
+/// A send that fails with `Shutdown`, `Closed`, `Connect` or `Protocol` was not acknowledged,
+/// but it may have been stored all the same: it was written, and the connection ended before
+/// its receipt came. Sending it again under a new id (what [`Sender::send`] picks) may then
+/// deliver it twice. An application that must not duplicate sends with
+/// [`Sender::send_with_id`] and retries under the same id; the server answers a retry of a
+/// stored message with its first receipt. `Refused` is always a refusal: nothing was stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect: {0}")]
@@ -361,6 +368,9 @@ pub struct ConnectOptions {
     pub sends_in_flight_max: usize,
     /// Sends queued or in flight; beyond it `send` fails with `Refused(TooManyInFlight)`.
     pub sends_pending_max: usize,
+    /// Bytes of the bodies of sends queued or in flight; beyond it `send` fails with
+    /// `Refused(TooManyInFlight)` too.
+    pub sends_pending_bytes_max: usize,
     /// Deliveries buffered for the application before the client stops reading the
     /// connection. Receipts of sends and signals come on the same stream; the edge gives a
     /// connection at most `limits.deliveries_unacked_per_connection_max` (1,024) messages
@@ -403,6 +413,7 @@ impl ConnectOptions {
             retry_after_max: Duration::from_secs(5),
             sends_in_flight_max: 256,
             sends_pending_max: 100_000,
+            sends_pending_bytes_max: 64 * 1024 * 1024,
             deliveries_buffered_max: 4096,
             early_sends: Vec::new(),
             welcome_timeout: Duration::from_secs(10),
@@ -434,6 +445,7 @@ impl ConnectOptions {
         let mut config = ClientConfig::new(self.token.as_bytes().to_vec(), self.device);
         config.sends_in_flight_max = self.sends_in_flight_max.max(1);
         config.sends_pending_max = self.sends_pending_max.max(1);
+        config.sends_pending_bytes_max = self.sends_pending_bytes_max.max(1);
         config.retry_after_ms = self.retry_after.as_millis() as u64;
         config.retry_after_max_ms = self.retry_after_max.as_millis() as u64;
         config.reconnect_backoff_min_ms = self.reconnect_backoff_min.as_millis() as u64;
@@ -467,18 +479,30 @@ enum Command {
         ttl_secs: Option<u32>,
         waiter: Waiter,
     },
-    Ack(u64),
     Signal {
         peer: u64,
         kind: SignalKind,
         payload: Vec<u8>,
     },
-    Close,
+}
+
+/// Sends and signals the application may have handed to the driver and it has not taken yet:
+/// past it `send` waits for room and a signal is dropped. (While a connection is being set
+/// up, up to `welcome_timeout`, the driver takes none.)
+const COMMANDS_QUEUED_MAX: usize = 1024;
+
+/// What the application asks of the driver that is never dropped nor queued: the highest ack
+/// and whether to close. One value, however often the application asks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Control {
+    ack_up_to: u64,
+    close: bool,
 }
 
 /// One logged-in device.
 pub struct Client {
     sender: Sender,
+    control: watch::Sender<Control>,
     incoming: mpsc::Receiver<Incoming>,
     auto_ack: bool,
     user: u64,
@@ -490,7 +514,7 @@ pub struct Client {
 #[derive(Clone)]
 pub struct Sender {
     shared: Arc<Mutex<Shared>>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -525,7 +549,8 @@ impl Client {
             received_up_to: options.resume_after_seq,
             ..Shared::default()
         }));
-        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+        let (control_tx, control_rx) = watch::channel(Control::default());
         let (incoming_tx, incoming_rx) = mpsc::channel(options.deliveries_buffered_max.max(1));
         let (welcomed_tx, welcomed_rx) = oneshot::channel();
         let driver = Driver {
@@ -535,6 +560,7 @@ impl Client {
             waiters,
             shared: shared.clone(),
             commands: commands_rx,
+            control: control_rx,
             incoming: incoming_tx,
             to_app: VecDeque::new(),
             started: Instant::now(),
@@ -549,6 +575,7 @@ impl Client {
                 shared,
                 commands: commands_tx,
             },
+            control: control_tx,
             incoming: incoming_rx,
             auto_ack: options.auto_ack,
             user,
@@ -604,7 +631,7 @@ impl Client {
         if let Incoming::Message(delivery) = &incoming
             && self.auto_ack
         {
-            let _ = self.sender.commands.send(Command::Ack(delivery.seq));
+            self.ack(delivery.seq);
         }
         Some(incoming)
     }
@@ -622,13 +649,15 @@ impl Client {
     /// Acknowledges every message up to `up_to_seq` (at most what was received); the server
     /// deletes them once every device of the user acknowledged them.
     pub fn ack(&self, up_to_seq: u64) {
-        let _ = self.sender.commands.send(Command::Ack(up_to_seq));
+        self.control
+            .send_modify(|control| control.ack_up_to = control.ack_up_to.max(up_to_seq));
     }
 
-    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline
-    /// or this client is between connections.
+    /// Sends an ephemeral signal (typing, presence) to `peer`; dropped if the peer is offline,
+    /// this client is between connections, or the driver has not taken the last
+    /// `COMMANDS_QUEUED_MAX` (1,024) sends and signals yet.
     pub fn signal(&self, peer: u64, kind: SignalKind, payload: Vec<u8>) {
-        let _ = self.sender.commands.send(Command::Signal {
+        let _ = self.sender.commands.try_send(Command::Signal {
             peer,
             kind,
             payload,
@@ -681,9 +710,10 @@ impl Client {
     }
 
     /// Sends the last ack, then closes the connection; pending sends fail with
-    /// [`ClientError::Shutdown`]. The client never reconnects afterwards.
+    /// [`ClientError::Shutdown`] (those already written may have been stored all the same:
+    /// see [`ClientError::Shutdown`]). The client never reconnects afterwards.
     pub fn close(&self) {
-        let _ = self.sender.commands.send(Command::Close);
+        self.control.send_modify(|control| control.close = true);
     }
 }
 
@@ -725,6 +755,7 @@ impl Sender {
                 ttl_secs,
                 waiter,
             })
+            .await
             .map_err(|_| ClientError::Shutdown)?;
         answer.await.map_err(|_| ClientError::Shutdown)?
     }
@@ -732,7 +763,7 @@ impl Sender {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let _ = self.sender.commands.send(Command::Close);
+        self.control.send_modify(|control| control.close = true);
     }
 }
 
@@ -780,6 +811,9 @@ fn is_fatal(error: &ClientError) -> bool {
 const OUTBUF_BYTES_MAX: usize = 1024 * 1024;
 /// How long a close waits for the server to take the last frames (the last ack).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the client waits for the connection to close after the server ended, reset or
+/// stopped the protocol stream, before closing it itself.
+const STREAM_END_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Most bytes taken from the stream at a time; quinn usually hands over less (about one packet).
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -836,8 +870,20 @@ impl Link {
         })
     }
 
-    async fn lost(&self) -> ClientError {
-        map_connection_error(&self.connection.closed().await)
+    /// Why the connection ended, after the server ended, reset or stopped the stream. The
+    /// edge closes the connection right after (a `Goaway` comes first); a server that leaves
+    /// it open (keep-alives would hold it forever) has it closed here after `wait`, and the
+    /// client reconnects.
+    async fn lost(&self, wait: Duration) -> ClientError {
+        match tokio::time::timeout(wait, self.connection.closed()).await {
+            Ok(error) => map_connection_error(&error),
+            Err(_) => {
+                self.connection.close(0u32.into(), b"stream ended");
+                ClientError::Connect(
+                    "the server ended the protocol stream but not the connection".into(),
+                )
+            }
+        }
     }
 }
 
@@ -848,7 +894,9 @@ struct Driver {
     session: ClientSession,
     waiters: HashMap<u64, Vec<Waiter>>,
     shared: Arc<Mutex<Shared>>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::Receiver<Command>,
+    /// The application's acks and close.
+    control: watch::Receiver<Control>,
     incoming: mpsc::Sender<Incoming>,
     /// Events for the application waiting for room in `incoming`.
     to_app: VecDeque<Incoming>,
@@ -931,6 +979,10 @@ impl Driver {
                 Ok((link, zero_rtt)) => self.run_link(link, zero_rtt, welcome_by).await,
                 Err(error) => LinkEnd::Lost(error),
             };
+            // What the link's last read brought before it ended (a `SendAck` in the same read
+            // as a `Goaway`) goes to its owners now, not after the next `Welcome`, and never
+            // as a failure: the send is stored.
+            self.take_events();
             let unreachable = matches!(&end, LinkEnd::Lost(error)
                 if !matches!(error, ClientError::Redirected { .. }));
             // No `Welcome` on a connection to an edge it was redirected to: that edge is gone
@@ -1013,12 +1065,13 @@ impl Driver {
         Ok(())
     }
 
-    /// Sleeps for `delay` while taking commands; returns true if the application closed the
-    /// client meanwhile.
+    /// Sleeps for `delay` while taking commands and handing buffered deliveries to the
+    /// application; returns true if the application closed the client meanwhile.
     async fn wait_or_close(&mut self, delay: Duration) -> bool {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            let incoming = self.incoming.clone();
             tokio::select! {
                 _ = &mut sleep => return false,
                 command = self.commands.recv() => {
@@ -1026,20 +1079,72 @@ impl Driver {
                         return true;
                     }
                 }
+                changed = self.control.changed() => {
+                    if self.apply_control(changed.is_err()) {
+                        return true;
+                    }
+                }
+                permit = incoming.reserve(), if !self.to_app.is_empty() => match permit {
+                    Ok(permit) => self.hand_to_app(permit),
+                    Err(_) => {
+                        self.close_session();
+                        return true;
+                    }
+                }
             }
         }
     }
 
-    /// Applies one command to the session; returns true when the client is to close.
-    fn apply(&mut self, command: Option<Command>) -> bool {
+    /// Hands the oldest buffered event to the application through `permit`, and whatever
+    /// else fits now: a pass of the driver's loop per delivery polled every branch and set up
+    /// a timer each time.
+    fn hand_to_app(&mut self, permit: mpsc::Permit<'_, Incoming>) {
+        if let Some(incoming) = self.to_app.pop_front() {
+            permit.send(incoming);
+        }
+        while !self.to_app.is_empty() {
+            let Ok(permit) = self.incoming.try_reserve() else {
+                break;
+            };
+            if let Some(incoming) = self.to_app.pop_front() {
+                permit.send(incoming);
+            }
+        }
+    }
+
+    /// Applies the application's latest ack, and its close; returns true when the client is
+    /// to close (also when the `Client` is gone: `client_gone`).
+    fn apply_control(&mut self, client_gone: bool) -> bool {
+        let control = *self.control.borrow_and_update();
+        if control.close || client_gone {
+            self.close_session();
+            return true;
+        }
         let now = self.now();
+        self.session.ack(now, control.ack_up_to);
+        self.publish();
+        false
+    }
+
+    /// Closes the session with the application's last ack queued to go out; pending sends
+    /// fail with `Shutdown`.
+    fn close_session(&mut self) {
+        let now = self.now();
+        let ack_up_to = self.control.borrow().ack_up_to;
+        self.session.ack(now, ack_up_to);
+        for client_id in self.session.close() {
+            for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
+                let _ = waiter.send(Err(ClientError::Shutdown));
+            }
+        }
+    }
+
+    /// Applies one command to the session; returns true when the client is to close (every
+    /// sending handle is gone).
+    fn apply(&mut self, command: Option<Command>) -> bool {
         match command {
-            None | Some(Command::Close) => {
-                for client_id in self.session.close() {
-                    for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
-                        let _ = waiter.send(Err(ClientError::Shutdown));
-                    }
-                }
+            None => {
+                self.close_session();
                 return true;
             }
             Some(Command::Send {
@@ -1054,7 +1159,6 @@ impl Driver {
                     let _ = waiter.send(Err(refusal_error(refused)));
                 }
             },
-            Some(Command::Ack(up_to_seq)) => self.session.ack(now, up_to_seq),
             Some(Command::Signal {
                 peer,
                 kind,
@@ -1189,7 +1293,7 @@ impl Driver {
                 read = link.recv.read_chunk(READ_CHUNK_BYTES, true), if app_has_room => {
                     let chunk = match read {
                         Ok(Some(chunk)) => chunk,
-                        Ok(None) | Err(_) => return LinkEnd::Lost(link.lost().await),
+                        Ok(None) | Err(_) => return LinkEnd::Lost(link.lost(STREAM_END_CLOSE_WAIT).await),
                     };
                     if let Err(error) = self.handle_input(&mut link, &chunk.bytes) {
                         return LinkEnd::Lost(error);
@@ -1202,29 +1306,18 @@ impl Driver {
                         }
                         Err(error) => {
                             debug!(%error, "stream write failed");
-                            return LinkEnd::Lost(link.lost().await);
+                            return LinkEnd::Lost(link.lost(STREAM_END_CLOSE_WAIT).await);
                         }
                     }
                 }
                 permit = incoming.reserve(), if !self.to_app.is_empty() => {
                     match permit {
-                        Ok(permit) => {
-                            if let Some(incoming) = self.to_app.pop_front() {
-                                permit.send(incoming);
-                            }
-                            // And whatever else fits now: a pass of this loop per delivery
-                            // polled every branch and set up a timer each time.
-                            while !self.to_app.is_empty() {
-                                let Ok(permit) = self.incoming.try_reserve() else {
-                                    break;
-                                };
-                                if let Some(incoming) = self.to_app.pop_front() {
-                                    permit.send(incoming);
-                                }
-                            }
-                        }
+                        Ok(permit) => self.hand_to_app(permit),
                         // The application dropped its client: close as it asked.
-                        Err(_) => return self.close_link(link).await,
+                        Err(_) => {
+                            self.close_session();
+                            return self.close_link(link).await;
+                        }
                     }
                 }
                 _ = async { tokio::time::sleep(sleep_for.unwrap_or_default()).await }, if sleep_for.is_some() => {
@@ -1234,12 +1327,17 @@ impl Driver {
                 _ = tokio::time::sleep_until(welcome_by), if !self.session.is_active() => {
                     return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
                 }
+                changed = self.control.changed() => {
+                    if self.apply_control(changed.is_err()) {
+                        return self.close_link(link).await;
+                    }
+                }
                 command = self.commands.recv() => {
                     if self.apply(command) {
                         return self.close_link(link).await;
                     }
-                    // The commands that queued meanwhile (an ack per message handed out), in
-                    // the same pass, up to a bound so reads and writes still get their turn.
+                    // The commands that queued meanwhile, in the same pass, up to a bound so
+                    // reads and writes still get their turn.
                     for _ in 0..COMMANDS_PER_PASS_MAX {
                         let Ok(command) = self.commands.try_recv() else {
                             break;
@@ -1278,8 +1376,10 @@ impl Driver {
         LinkEnd::Closed
     }
 
-    /// Ends the client: every waiting send gets `error`, later calls get it too.
+    /// Ends the client: every waiting send gets `error`, later calls get it too. Sends already
+    /// answered (the session holds their events) get their answers first.
     fn fail(&mut self, error: ClientError) {
+        self.take_events();
         for client_id in self.session.close() {
             for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
                 let _ = waiter.send(Err(error.clone()));
@@ -1566,5 +1666,166 @@ mod tests {
             3,
             "the default"
         );
+    }
+}
+
+/// The driver against a scripted server: a quinn endpoint that answers with the frames a test
+/// chooses, for what the edge never does (two answers in one write, a stream ended without a
+/// close) but another server, or a middlebox, may.
+#[cfg(test)]
+mod scripted_server_tests {
+    use super::*;
+
+    struct Scripted {
+        endpoint: quinn::Endpoint,
+        connector: Connector,
+    }
+
+    impl Scripted {
+        fn start() -> Scripted {
+            let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+                .expect("a self-signed certificate");
+            let key =
+                rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .with_no_client_auth()
+                .with_single_cert(vec![certified.cert.der().clone()], key)
+                .expect("certificate and key");
+            tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+                .expect("a QUIC server configuration");
+            let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap())
+                .expect("a server endpoint on loopback");
+            let connector =
+                Connector::new(certified.cert.pem().as_bytes(), "localhost").expect("connector");
+            Scripted {
+                endpoint,
+                connector,
+            }
+        }
+
+        fn options(&self) -> ConnectOptions {
+            let mut options =
+                ConnectOptions::new(self.endpoint.local_addr().expect("bound"), "token", 0);
+            options.reconnect_backoff_min = Duration::from_millis(10);
+            options.reconnect_backoff_max = Duration::from_millis(20);
+            options
+        }
+
+        /// The next connection's stream, after its `Hello` was read and `Welcome` written.
+        async fn welcome(&self) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+            let connection = self
+                .endpoint
+                .accept()
+                .await
+                .expect("a connection")
+                .await
+                .expect("a handshake");
+            let (mut send, mut recv) = connection.accept_bi().await.expect("the stream");
+            let hello = read_frame(&mut recv).await;
+            assert!(matches!(hello, Frame::Hello { .. }), "{hello:?}");
+            let welcome = Frame::Welcome {
+                user: 7,
+                device: 0,
+                server_time_ms: 0,
+                acked_up_to: 0,
+                first_seq: 1,
+            };
+            write_frame(&mut send, &welcome).await.expect("Welcome");
+            (connection, send, recv)
+        }
+    }
+
+    async fn read_frame(recv: &mut quinn::RecvStream) -> Frame {
+        let mut prefix = [0u8; courier_protocol::LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix).await.expect("a length prefix");
+        let length = courier_protocol::peek_length(&prefix)
+            .expect("a valid prefix")
+            .expect("whole");
+        let mut body = vec![0u8; length];
+        recv.read_exact(&mut body).await.expect("a frame body");
+        courier_protocol::decode_body(&body).expect("a frame")
+    }
+
+    /// A send the server acknowledged in the same read as a fatal error is reported stored,
+    /// not failed: the caller would otherwise send it again under a new id, and the recipient
+    /// get it twice. Before, the driver ended the link with the receipt still in the session.
+    #[tokio::test]
+    async fn a_receipt_read_with_a_fatal_error_is_still_a_receipt() {
+        let server = Scripted::start();
+        let serve = async {
+            let (_connection, mut send, mut recv) = server.welcome().await;
+            let Frame::Send { client_id, .. } = read_frame(&mut recv).await else {
+                panic!("a Send");
+            };
+            let mut both = courier_protocol::encode_to_vec(&Frame::SendAck {
+                client_id,
+                seq: 1,
+                server_time_ms: 0,
+            })
+            .expect("SendAck");
+            courier_protocol::encode(
+                &Frame::Error {
+                    code: ErrorCode::Unauthenticated,
+                    message: "token revoked".into(),
+                },
+                &mut both,
+            )
+            .expect("Error");
+            send.write_all(&both).await.expect("one write");
+            // Held open until the client is done with it.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        let client = async {
+            let client = server
+                .connector
+                .connect(server.options())
+                .await
+                .expect("connect");
+            client.send(9, b"hello".to_vec()).await
+        };
+        let receipt = tokio::select! {
+            receipt = client => receipt,
+            () = serve => panic!("the client did not answer in time"),
+        };
+        let receipt = receipt.expect("stored: the server acknowledged it");
+        assert_eq!(receipt.seq, 1);
+    }
+
+    /// A server that ends the protocol stream but keeps the connection open (keep-alives
+    /// would hold it forever) does not wedge the client: it closes that connection and
+    /// reconnects. Before, the driver waited for the close forever, and neither `send` nor
+    /// `close` was ever answered.
+    #[tokio::test]
+    async fn a_stream_ended_without_a_close_is_left_and_the_client_reconnects() {
+        let server = Scripted::start();
+        let serve = async {
+            let (first, mut send, _recv) = server.welcome().await;
+            send.finish().expect("finish the stream");
+            let (_second, _send, _recv) = server.welcome().await;
+            drop(first);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let client = async {
+            let client = server
+                .connector
+                .connect(server.options())
+                .await
+                .expect("connect");
+            while client.connections() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            () = client => {}
+            () = serve => panic!("the server's script ended first"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => {
+                panic!("the client did not leave a connection whose stream ended")
+            }
+        }
     }
 }

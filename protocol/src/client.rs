@@ -43,6 +43,10 @@ pub struct ClientConfig {
     pub sends_in_flight_max: usize,
     /// Sends the application may have queued or in flight; beyond it `send` is refused.
     pub sends_pending_max: usize,
+    /// Bytes of bodies the application may have queued or in flight; beyond it `send` is
+    /// refused. With bodies of up to 64 KiB, `sends_pending_max` alone would let 100,000
+    /// pending sends hold 6.5 GB.
+    pub sends_pending_bytes_max: usize,
     /// Wait before resending a send the server refused with a retryable code (`Overloaded`,
     /// `StoreUnavailable`, ...); each further refusal of the same send doubles it, up to
     /// `retry_after_max_ms`. A retry comes due at a point spread over the second half of its
@@ -76,6 +80,7 @@ impl ClientConfig {
             device,
             sends_in_flight_max: 256,
             sends_pending_max: 100_000,
+            sends_pending_bytes_max: 64 * 1024 * 1024,
             retry_after_ms: 200,
             retry_after_max_ms: 5_000,
             ack_delay_ms: 25,
@@ -241,6 +246,8 @@ pub struct ClientSession {
     /// its answer instead of asking again.
     sync_sent_for: Option<u64>,
     pending: HashMap<u64, PendingSend>,
+    /// Bytes of the bodies in `pending` (`sends_pending_bytes_max`).
+    pending_bytes: usize,
     /// Sends waiting to be written: order → client id.
     queue: BTreeMap<u64, u64>,
     /// Refused sends waiting for their retry: (due, order) → client id.
@@ -271,6 +278,7 @@ impl ClientSession {
             ack_due_at: None,
             sync_sent_for: None,
             pending: HashMap::new(),
+            pending_bytes: 0,
             queue: BTreeMap::new(),
             retries: BTreeMap::new(),
             next_order: 0,
@@ -454,6 +462,12 @@ impl ClientSession {
                     self.finish_send(client_id, Err(code));
                 }
             }
+            // Deliveries, holes and signals come after `Welcome`: the edge sends none before
+            // it. One that does is ignored, so a server cannot make the client buffer without
+            // bound while it waits for `Welcome` (a dropped delivery is a gap the client
+            // asks for again).
+            Frame::Deliver { .. } | Frame::Hole { .. } | Frame::Signal { .. }
+                if self.link != Link::Active => {}
             Frame::Deliver {
                 seq,
                 from,
@@ -502,7 +516,18 @@ impl ClientSession {
                 kind,
                 payload,
             }),
-            Frame::Ping { nonce } => self.control.push_back(Frame::Pong { nonce }),
+            // One `Pong` waits at most, answering the latest `Ping`: a server that pings while
+            // withholding flow control credit cannot grow the queue.
+            Frame::Ping { nonce } => {
+                let queued = self.control.iter_mut().find_map(|frame| match frame {
+                    Frame::Pong { nonce } => Some(nonce),
+                    _ => None,
+                });
+                match queued {
+                    Some(queued) => *queued = nonce,
+                    None => self.control.push_back(Frame::Pong { nonce }),
+                }
+            }
             Frame::Pong { .. } => {}
             Frame::Goaway {
                 reason,
@@ -575,9 +600,12 @@ impl ClientSession {
         if self.pending.contains_key(&client_id) {
             return Ok(());
         }
-        if self.pending.len() >= self.config.sends_pending_max {
+        if self.pending.len() >= self.config.sends_pending_max
+            || self.pending_bytes.saturating_add(body.len()) > self.config.sends_pending_bytes_max
+        {
             return Err(SendRefused::QueueFull);
         }
+        self.pending_bytes += body.len();
         let order = self.next_order;
         self.next_order += 1;
         self.pending.insert(
@@ -644,6 +672,7 @@ impl ClientSession {
         self.retries.clear();
         self.signals.clear();
         self.in_flight = 0;
+        self.pending_bytes = 0;
         let mut abandoned: Vec<(u64, u64)> = self
             .pending
             .drain()
@@ -712,6 +741,7 @@ impl ClientSession {
         let Some(pending) = self.pending.remove(&client_id) else {
             return; // An answer to a send already answered (a retry's duplicate).
         };
+        self.pending_bytes -= pending.body.len();
         if pending.in_flight {
             self.in_flight -= 1;
         } else {
@@ -805,12 +835,75 @@ mod tests {
         );
     }
 
+    /// A server cannot make the client hold without bound what it sends: deliveries and
+    /// signals before `Welcome` are ignored (the edge sends none; a dropped delivery is a gap
+    /// asked for again), and pings answered while nothing is written leave one `Pong`, for
+    /// the latest.
+    #[test]
+    fn a_server_cannot_grow_what_the_session_holds() {
+        let mut s = session();
+        s.connected(0);
+        drain(&mut s);
+        for seq in 1..=1_000 {
+            s.handle_frame(0, deliver(seq)).unwrap();
+            s.handle_frame(
+                0,
+                Frame::Signal {
+                    peer: 9,
+                    kind: SignalKind::Typing,
+                    payload: vec![],
+                },
+            )
+            .unwrap();
+            s.handle_frame(0, Frame::Ping { nonce: seq }).unwrap();
+        }
+        assert_eq!(s.poll_event(), None, "nothing before Welcome");
+        assert_eq!(s.received_up_to(), 0);
+        assert_eq!(drain(&mut s), vec![Frame::Pong { nonce: 1_000 }]);
+        s.handle_frame(0, welcome()).unwrap();
+        assert!(matches!(s.poll_event(), Some(ClientEvent::Welcome { .. })));
+        s.handle_frame(0, deliver(1)).unwrap();
+        assert!(matches!(s.poll_event(), Some(ClientEvent::Message(d)) if d.seq == 1));
+    }
+
+    /// Pending sends are bounded in bytes as well as in number, and a send answered gives
+    /// its bytes back.
+    #[test]
+    fn pending_sends_are_bounded_in_bytes() {
+        let mut config = ClientConfig::new(b"token".to_vec(), 0);
+        config.sends_pending_bytes_max = 250;
+        let mut s = ClientSession::new(config, 0);
+        s.send(1, 5, vec![0; 100], None).unwrap();
+        s.send(2, 5, vec![0; 100], None).unwrap();
+        assert_eq!(
+            s.send(3, 5, vec![0; 100], None),
+            Err(SendRefused::QueueFull)
+        );
+        s.send(4, 5, vec![0; 50], None).unwrap();
+        s.connected(0);
+        drain(&mut s);
+        s.handle_frame(0, welcome()).unwrap();
+        s.handle_frame(
+            0,
+            Frame::SendAck {
+                client_id: 1,
+                seq: 1,
+                server_time_ms: 0,
+            },
+        )
+        .unwrap();
+        s.send(3, 5, vec![0; 100], None).unwrap();
+        assert_eq!(s.send(5, 5, vec![0; 1], None), Err(SendRefused::QueueFull));
+    }
+
     /// A declared hole moves the cursor; an undeclared gap asks for a sync once.
     #[test]
     fn holes_are_skipped_and_gaps_synced_once() {
         let mut s = session();
         s.connected(0);
         drain(&mut s);
+        s.handle_frame(0, welcome()).unwrap();
+        assert!(matches!(s.poll_event(), Some(ClientEvent::Welcome { .. })));
         s.handle_frame(0, deliver(5)).unwrap();
         s.handle_frame(0, deliver(6)).unwrap();
         assert_eq!(drain(&mut s), vec![Frame::Sync { after_seq: 0 }]);
@@ -871,6 +964,7 @@ mod tests {
         assert!(delay >= 4, "the delay must leave room for three messages");
         s.connected(0);
         drain(&mut s);
+        s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
             s.handle_frame(seq, deliver(seq)).unwrap();
             s.consumed(seq, seq);
@@ -888,6 +982,7 @@ mod tests {
         let mut s = session();
         s.connected(0);
         drain(&mut s);
+        s.handle_frame(0, welcome()).unwrap();
         s.handle_frame(0, deliver(1)).unwrap();
         s.consumed(0, 1);
         s.close();
