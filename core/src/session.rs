@@ -803,6 +803,17 @@ impl<A: Authenticator> EdgeSession<A> {
         }
     }
 
+    /// The frame that was partial was finished and another started since: the timeout is the
+    /// new one's, from `now_ms`. (Its deadline, queued for the earlier frame, is put back when it
+    /// comes due.)
+    pub fn restart_partial_frame(&mut self, now_ms: UnixMillis, conn: ConnRef) {
+        if let Some(c) = self.conn_mut(conn)
+            && c.partial_frame_since_ms.is_some()
+        {
+            c.partial_frame_since_ms = Some(now_ms);
+        }
+    }
+
     /// Closes the connections whose `Hello` or started frame is overdue at `now_ms`.
     pub fn handle_deadlines(&mut self, now_ms: UnixMillis) {
         self.now_ms = now_ms;

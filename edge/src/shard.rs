@@ -1755,6 +1755,11 @@ impl Shard {
         if partial != conn.partial_frame {
             conn.partial_frame = partial;
             self.session.set_partial_frame(now_ms, conn_ref, partial);
+        } else if partial && consumed_total > 0 {
+            // A frame was finished and the next one started in this read: the timeout is
+            // the new frame's, from now (a client uploading large frames back to back rarely
+            // ends a read on a frame's boundary).
+            self.session.restart_partial_frame(now_ms, conn_ref);
         }
     }
 

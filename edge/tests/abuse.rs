@@ -99,6 +99,38 @@ async fn a_frame_left_unfinished_closes_its_connection() {
     assert_eq!(closed_code(&stalled).await, Some(ErrorCode::Malformed));
 }
 
+/// The frame timeout is per frame: a client whose every write finishes one frame and starts
+/// the next (a phone uploading large messages back to back: its reads almost never end on a
+/// frame's boundary) stays open while each frame comes within the timeout, however long the
+/// whole goes on. Before, the timeout ran from the first frame's start and closed such a client
+/// with a fatal `Malformed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_writes_end_mid_frame_stays_while_each_frame_is_on_time() {
+    let edge = Edge::start_with(1, "[limits]\nframe_timeout_ms = 300\n", &[]);
+    let connector = edge.connector();
+    let mut uploader = edge.raw_session(&connector, 6, 0).await;
+    let frames: Vec<Vec<u8>> = (0..8)
+        .map(|nonce| courier_protocol::encode_to_vec(&Frame::Ping { nonce }).expect("encode"))
+        .collect();
+    let split = courier_protocol::LENGTH_PREFIX_BYTES + 1;
+    uploader
+        .write_bytes(&frames[0][..split])
+        .await
+        .expect("the first frame's start");
+    // Each write ends frame `nonce` and starts the next; 7 writes 150 ms apart, 1 s in all.
+    for nonce in 0..7u64 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut write = frames[nonce as usize][split..].to_vec();
+        write.extend_from_slice(&frames[nonce as usize + 1][..split]);
+        uploader
+            .write_bytes(&write)
+            .await
+            .expect("the rest and the next start");
+        let pong = uploader.read_frame().await.expect("stays open");
+        assert_eq!(pong, Frame::Pong { nonce });
+    }
+}
+
 /// A connection that pipelines sends past its budget gets a retryable `Overloaded` and is then
 /// slowed: the edge stops reading it until the budget refills, so most of the burst waits in
 /// flow control instead of being decoded and refused. Another user's send on the same shard is
