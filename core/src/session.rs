@@ -46,7 +46,7 @@ use crate::{FastHashMap, FastHashSet};
 use courier_protocol::link::{LinkFrame, LinkSendResult};
 use courier_protocol::{ErrorCode, Frame, SignalKind};
 
-use crate::budget::{SendBuckets, SendBudget};
+use crate::budget::{Rate, SendBuckets, SendBudget, TokenBucket};
 use crate::commit::{InboxPage, Outcome, SendRequest};
 use crate::envelope::StoredMessage;
 use crate::placement::{EdgeId, home_edge, home_shard};
@@ -300,6 +300,15 @@ pub struct SessionConfig {
     /// What one user may send through the connections this shard holds; beyond it:
     /// `Overloaded`.
     pub send_budget_per_user: SendBudget,
+    /// Signals one connection may send. A signal costs its recipient's home shard a message
+    /// per connection of the recipient (up to `connections_per_user_max`), so without a bound
+    /// one client could congest the shards' channels and stall their commits. Beyond it the
+    /// signal is dropped (signals are ephemeral) and the connection is not read until the
+    /// budget holds one again.
+    pub signal_rate_per_connection: Rate,
+    /// `Ack`, `Sync` and `Ping` frames one connection may send; beyond it the connection is
+    /// not read until the budget holds one again (the frame itself is handled).
+    pub control_frame_rate_per_connection: Rate,
     /// Distinct recipients one user may send to per `recipients_window_ms` on this shard
     /// (0: no limit): each new recipient leaves a record in the store, so a sender cannot
     /// spray ids.
@@ -350,6 +359,8 @@ impl SessionConfig {
             deliveries_unacked_per_connection_max: 1024,
             send_budget_per_connection: SendBudget::UNLIMITED,
             send_budget_per_user: SendBudget::UNLIMITED,
+            signal_rate_per_connection: Rate::UNLIMITED,
+            control_frame_rate_per_connection: Rate::UNLIMITED,
             recipients_per_user_per_window_max: 0,
             recipients_window_ms: 60_000,
             hello_timeout_ms: 10_000,
@@ -371,6 +382,9 @@ pub struct SessionStats {
     pub sends_overloaded: u64,
     /// Sends refused because their connection or user spent its send budget.
     pub sends_over_budget: u64,
+    /// Signals dropped, and acks, syncs and pings that paused their connection's input,
+    /// because the connection spent its budget for them.
+    pub frames_over_budget: u64,
     /// Sends refused because their user passed its distinct recipients per minute.
     pub sends_over_recipient_limit: u64,
     /// Connections closed because `Hello` or a started frame did not arrive in time.
@@ -433,6 +447,10 @@ struct Connection {
     sends_in_flight: usize,
     send_bytes_in_flight: usize,
     budget: SendBuckets,
+    /// `signal_rate_per_connection`.
+    signal_budget: TokenBucket,
+    /// `control_frame_rate_per_connection`.
+    control_frame_budget: TokenBucket,
     opened_at_ms: UnixMillis,
     /// Since when the driver holds the start of a frame whose rest has not arrived.
     partial_frame_since_ms: Option<UnixMillis>,
@@ -732,6 +750,11 @@ impl<A: Authenticator> EdgeSession<A> {
                 sends_in_flight: 0,
                 send_bytes_in_flight: 0,
                 budget,
+                signal_budget: TokenBucket::full(self.config.signal_rate_per_connection, now_ms),
+                control_frame_budget: TokenBucket::full(
+                    self.config.control_frame_rate_per_connection,
+                    now_ms,
+                ),
                 opened_at_ms: now_ms,
                 partial_frame_since_ms: None,
                 frame_deadline_queued: false,
@@ -1540,6 +1563,19 @@ impl<A: Authenticator> EdgeSession<A> {
             }
             (Login::Registering { user } | Login::Active { user }, _) => user,
         };
+        let over_budget = match frame {
+            Frame::Signal { .. } => !self.spend_frame_budget(now_ms, conn, true),
+            Frame::Ack { .. } | Frame::Sync { .. } | Frame::Ping { .. } => {
+                !self.spend_frame_budget(now_ms, conn, false)
+            }
+            _ => false,
+        };
+        if over_budget {
+            self.stats.frames_over_budget += 1;
+            if matches!(frame, Frame::Signal { .. }) {
+                return;
+            }
+        }
         match frame {
             Frame::Hello {
                 token,
@@ -2394,6 +2430,35 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Checks a send of `bytes` from `user` on `conn` to `to` against the connection's
     /// in-flight limits, the send budgets and the recipient limit, and counts it in.
+    /// Takes one frame from the connection's signal or control frame budget; when there is
+    /// none, pauses the connection's input until there is one again and returns false.
+    fn spend_frame_budget(&mut self, now_ms: UnixMillis, conn: ConnRef, signal: bool) -> bool {
+        let (rate, Some(c)) = (
+            if signal {
+                self.config.signal_rate_per_connection
+            } else {
+                self.config.control_frame_rate_per_connection
+            },
+            self.conns
+                .get_mut(&conn.slot)
+                .filter(|c| c.generation == conn.generation),
+        ) else {
+            return true;
+        };
+        let bucket = if signal {
+            &mut c.signal_budget
+        } else {
+            &mut c.control_frame_budget
+        };
+        if bucket.has(rate, 1, now_ms) {
+            bucket.take(rate, 1);
+            return true;
+        }
+        let wait_ms = bucket.wait_ms(rate, 1, now_ms);
+        pause_input(&mut self.deadlines, c, conn, now_ms, wait_ms);
+        false
+    }
+
     fn admit_send(
         &mut self,
         now_ms: UnixMillis,

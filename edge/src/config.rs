@@ -453,6 +453,16 @@ pub struct LimitsSection {
     pub send_per_connection: SendRateSection,
     /// What one user may send through one shard's connections, all of them together.
     pub send_per_user: SendRateSection,
+    /// Signals one connection may send per second, and at once after a quiet time (0: no
+    /// limit). Each signal costs a message per connection of its recipient; beyond it signals
+    /// are dropped and the connection is not read until the budget refills.
+    pub signals_per_connection_per_sec: u64,
+    pub signals_per_connection_burst: u64,
+    /// `Ack`, `Sync` and `Ping` frames one connection may send per second, and at once (0: no
+    /// limit); beyond it the connection is not read until the budget refills. The SDK acks at
+    /// most every 25 ms.
+    pub control_frames_per_connection_per_sec: u64,
+    pub control_frames_per_connection_burst: u64,
     /// Distinct recipients one user may send to per `recipients_window_secs` on one shard
     /// (0: no limit). Beyond it: `Overloaded`. Every recipient ever addressed keeps a record.
     pub recipients_per_user_per_window_max: usize,
@@ -667,6 +677,10 @@ impl Default for LimitsSection {
                 bytes_per_sec: 2 * 1024 * 1024,
                 bytes_burst: 2 * 1024 * 1024,
             },
+            signals_per_connection_per_sec: 50,
+            signals_per_connection_burst: 100,
+            control_frames_per_connection_per_sec: 1_000,
+            control_frames_per_connection_burst: 2_000,
             recipients_per_user_per_window_max: 1_000,
             recipients_window_secs: 60,
             recipients_must_exist: false,
@@ -944,6 +958,22 @@ impl Config {
                     key,
                     "bytes_burst of at least one maximal frame (66560) when bytes_per_sec is set",
                 );
+            }
+        }
+        for (key, per_sec, burst) in [
+            (
+                "limits.signals_per_connection_burst",
+                limits.signals_per_connection_per_sec,
+                limits.signals_per_connection_burst,
+            ),
+            (
+                "limits.control_frames_per_connection_burst",
+                limits.control_frames_per_connection_per_sec,
+                limits.control_frames_per_connection_burst,
+            ),
+        ] {
+            if per_sec > 0 && burst == 0 {
+                return invalid(key, "at least 1 when the matching _per_sec is set");
             }
         }
         if limits.memory_bytes_max != 0 && limits.memory_bytes_max < 64 * 1024 * 1024 {

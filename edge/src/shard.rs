@@ -388,6 +388,14 @@ fn session_config(id: u8, shard_count: u32, config: &Config, core: &CoreConfig) 
         outbound_bytes_per_connection_max: limits.outbound_bytes_per_connection_max,
         deliveries_unacked_per_connection_max: limits.deliveries_unacked_per_connection_max,
         send_budget_per_connection: limits.send_per_connection.budget(),
+        signal_rate_per_connection: courier_core::budget::Rate {
+            per_sec: limits.signals_per_connection_per_sec,
+            burst: limits.signals_per_connection_burst,
+        },
+        control_frame_rate_per_connection: courier_core::budget::Rate {
+            per_sec: limits.control_frames_per_connection_per_sec,
+            burst: limits.control_frames_per_connection_burst,
+        },
         send_budget_per_user: limits.send_per_user.budget(),
         recipients_per_user_per_window_max: limits.recipients_per_user_per_window_max,
         recipients_window_ms: limits.recipients_window_secs.saturating_mul(1000),
@@ -1797,6 +1805,7 @@ impl Shard {
             mesh_messages_dropped = is.mesh_messages_dropped - was.mesh_messages_dropped,
             mesh_control_dropped = is.mesh_control_dropped - was.mesh_control_dropped,
             sends_over_budget = is.session.sends_over_budget - was.session.sends_over_budget,
+            frames_over_budget = is.session.frames_over_budget - was.session.frames_over_budget,
             sends_over_recipient_limit =
                 is.session.sends_over_recipient_limit - was.session.sends_over_recipient_limit,
             connections_timed_out =

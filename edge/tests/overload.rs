@@ -14,7 +14,8 @@ use courier_protocol::{Frame, SignalKind};
 
 /// The tiniest mesh the config allows more or less: every burst of cross-shard traffic fills
 /// it, so the full-channel path runs all the time.
-const TINY_MESH: &str = "[limits]\nmesh_channel_messages_max = 2\n";
+const TINY_MESH: &str =
+    "[limits]\nmesh_channel_messages_max = 2\nsignals_per_connection_per_sec = 0\n";
 
 /// With cross-shard channels of two messages, a burst of sends, registrations and signals
 /// crossing both shards is served in full: every send is acknowledged (after retries of
@@ -225,7 +226,8 @@ async fn junk_datagrams_for_another_shard_are_dropped_not_queued() {
 /// that much per connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_flood_at_connections_that_never_read_leaves_memory_bounded() {
-    let edge = Edge::start_with(2, "", &[]);
+    // Without the flooder's own signal budget, which would hold the flood back at its source.
+    let edge = Edge::start_with(2, "[limits]\nsignals_per_connection_per_sec = 0\n", &[]);
     let connector = edge.connector();
     let target = 901;
     let mut silent = Vec::new();
