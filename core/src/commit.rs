@@ -1087,12 +1087,13 @@ fn write_expiry<T: Transaction>(
     let dedupe_bucket = now / config.dedupe_window_ms;
     if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
         let end = keys::dedupe_bucket_start(keep_from);
-        // A mark at or past the end is not one this clock and window would have left (the
-        // window was raised, which makes bucket numbers smaller, or the clock was set back):
-        // records may lie below it, so the pass starts over from the first bucket.
+        // A mark at the end is the one a finished pass left: everything below it is gone. A
+        // mark past the end is not one this clock and window would have left (the window was
+        // raised, which makes bucket numbers smaller, or the clock was set back): records may
+        // lie below it, so the pass starts over from the first bucket.
         let begin = match txn.get(&keys::dedupe_expired_below())? {
             Some(mark)
-                if keys::parse_dedupe_bucket(&mark).is_some() && mark.as_slice() < &end[..] =>
+                if keys::parse_dedupe_bucket(&mark).is_some() && mark.as_slice() <= &end[..] =>
             {
                 mark
             }
@@ -1394,6 +1395,22 @@ mod tests {
             Some(keys::dedupe_bucket_start(2).to_vec()),
             "the passes marked everything below the buckets they keep as deleted"
         );
+        // Another pass in the same bucket begins at the mark the finished ones left, not at
+        // bucket 0: on the embedded engines it would walk the tombstones of everything they
+        // deleted, every pass until a compaction. A record put below the mark by hand shows
+        // where it begins (it is left).
+        {
+            let mut txn = store.begin().unwrap();
+            txn.set(&keys::dedupe(1, 7, 99, 99), &[0; 20]);
+            txn.commit().unwrap();
+        }
+        assert!(!expire(&store, now + 1, &config).unwrap().more);
+        assert_eq!(dedupe_records(1), 1, "the pass began at the mark");
+        {
+            let mut txn = store.begin().unwrap();
+            txn.clear(&keys::dedupe(1, 7, 99, 99));
+            txn.commit().unwrap();
+        }
         // A window later, bucket 3 is past its window too: the passes go on from the mark
         // and reach it.
         let report = expire(&store, 5 * window + 2, &config).unwrap();
