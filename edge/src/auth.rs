@@ -131,38 +131,34 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
 /// so a token signed with a removed key stops working at its next login.
 #[derive(Debug)]
 pub struct VerifierCell {
-    current: std::sync::RwLock<std::sync::Arc<TokenVerifier>>,
-    generation: std::sync::atomic::AtomicU64,
+    /// The verifier and its generation, under one lock: read apart, a reload between the two
+    /// reads could pair the old keys with the new generation, and a token of a removed key
+    /// verified then would stay in a shard's cache as current.
+    current: std::sync::RwLock<(std::sync::Arc<TokenVerifier>, u64)>,
 }
 
 impl VerifierCell {
     pub fn new(verifier: TokenVerifier) -> VerifierCell {
         VerifierCell {
-            current: std::sync::RwLock::new(std::sync::Arc::new(verifier)),
-            generation: std::sync::atomic::AtomicU64::new(0),
+            current: std::sync::RwLock::new((std::sync::Arc::new(verifier), 0)),
         }
     }
 
     /// The verifier now, and its generation.
     pub fn current(&self) -> (std::sync::Arc<TokenVerifier>, u64) {
-        let verifier = self
+        let current = self
             .current
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        (
-            verifier,
-            self.generation.load(std::sync::atomic::Ordering::SeqCst),
-        )
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (current.0.clone(), current.1)
     }
 
     pub fn replace(&self, verifier: TokenVerifier) {
-        *self
+        let mut current = self
             .current
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(verifier);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = (std::sync::Arc::new(verifier), current.1 + 1);
     }
 }
 
