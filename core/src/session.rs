@@ -718,6 +718,12 @@ impl<A: Authenticator> EdgeSession<A> {
         self.unauthenticated
     }
 
+    /// Whether the connection is open and has not said a valid `Hello` yet.
+    pub fn awaiting_hello(&self, conn: ConnRef) -> bool {
+        self.conn(conn)
+            .is_some_and(|c| c.login == Login::AwaitingHello)
+    }
+
     /// When [`EdgeSession::handle_deadlines`] has work: a `Hello` or a started frame is due.
     pub fn next_deadline_ms(&self) -> Option<UnixMillis> {
         self.deadlines.peek().map(|Reverse((at, ..))| *at)

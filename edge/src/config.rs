@@ -481,7 +481,8 @@ pub struct LimitsSection {
     /// Above this many unauthenticated connections on a shard, a new client must first prove
     /// its address with a QUIC Retry (one more round trip, no state kept for spoofed floods).
     pub retry_above_unauthenticated: usize,
-    /// Handshakes in progress from one IP address on one shard; beyond it: refused.
+    /// Connections from one IP address (an IPv6 /64) on one shard whose handshake is in
+    /// progress or whose `Hello` was not accepted yet; beyond it new ones are refused.
     pub handshakes_per_address_max: usize,
     /// The edge's memory ceiling in bytes: above 90% of it new connections and sends are
     /// refused until it is back under 80%. 0: 75% of the machine's memory (or of the

@@ -159,8 +159,8 @@ struct Conn {
     /// Stopped decoding frames while the mesh is congested; on `Shard::parked`.
     parked: bool,
     timer_armed: Option<Instant>,
-    /// The peer's IP address while its handshake is in progress (counted in
-    /// `Shard::handshakes_by_address`); `None` once it is done.
+    /// The peer's address group ([`address_group`]) until its handshake is done and its
+    /// `Hello` accepted (counted in `Shard::handshakes_by_address`); `None` after.
     handshaking_from: Option<IpAddr>,
     /// The session was told that `inbuf` holds the start of an unfinished frame.
     partial_frame: bool,
@@ -293,7 +293,8 @@ pub struct Shard {
     mesh_draining: Vec<bool>,
     /// Connections with undecoded input, waiting for the mesh to drain.
     parked: Vec<ConnectionHandle>,
-    /// Handshakes in progress per peer IP address (`limits.handshakes_per_address_max`).
+    /// Connections per peer address group ([`address_group`]) whose handshake is in progress
+    /// or whose `Hello` was not accepted yet (`limits.handshakes_per_address_max`).
     handshakes_by_address: FastHashMap<IpAddr, usize>,
     memory: Arc<crate::memory::MemoryGuard>,
     health: Arc<crate::health::Health>,
@@ -426,6 +427,21 @@ fn connection_log_allowed(
 }
 
 /// Milliseconds of a monotonic clock shared by the process's shards.
+/// What `limits.handshakes_per_address_max` counts by: an IPv4 address, or an IPv6 address's
+/// /64 (one subscriber's network: a single host may hold all of it). An IPv4 address mapped into
+/// IPv6 (a dual-stack socket) counts as itself, not as one /64 with every IPv4 client.
+fn address_group(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
 fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -1412,7 +1428,7 @@ impl Shard {
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let limits = &self.config.limits;
-                let address = incoming.remote_address().ip();
+                let address = address_group(incoming.remote_address().ip());
                 let unauthenticated = self.session.unauthenticated_connections();
                 let from_address = self
                     .handshakes_by_address
@@ -1547,9 +1563,15 @@ impl Shard {
                         conn.quic
                             .close(now, VarInt::from_u32(code.to_u16().into()), reason);
                     }
-                    self.handshake_finished(&mut conn);
                     if self.cluster.is_some() {
                         self.link_handshake_done(handle, &mut conn);
+                    }
+                    // A client counts against its address until its `Hello` is accepted (it
+                    // may have come as 0-RTT data); a link is done.
+                    if conn.kind != ConnKind::Client
+                        || !self.session.awaiting_hello(self.conn_ref(handle, &conn))
+                    {
+                        self.handshake_finished(&mut conn);
                     }
                     // Clients only (an accepted link became `LinkIn` just above).
                     // On a server, `has_0rtt` says the early data was accepted (`accepted_0rtt` is a client's).
@@ -1754,6 +1776,12 @@ impl Shard {
             }
         }
         conn.inbuf.drain(..consumed_total);
+        if conn.handshaking_from.is_some()
+            && conn.handshake_done
+            && !self.session.awaiting_hello(conn_ref)
+        {
+            self.handshake_finished(conn);
+        }
         // The frame timeout runs only while the rest of a frame is the client's to send: not
         // while this shard holds whole frames back (mesh congestion) or stopped reading
         // (the client does not read its answers).
@@ -2475,8 +2503,8 @@ impl Shard {
         self.conns.insert(handle, conn);
     }
 
-    /// The connection's handshake is over (done, or the connection is gone): it no longer
-    /// counts against its address's handshakes in progress.
+    /// The connection's handshake is done and its `Hello` accepted, or it is gone: it no
+    /// longer counts against its address.
     fn handshake_finished(&mut self, conn: &mut Conn) {
         let Some(address) = conn.handshaking_from.take() else {
             return;
@@ -2656,4 +2684,21 @@ fn close_now(conn: &mut Conn, code: ErrorCode, reason: Bytes) {
         conn.closing = true;
     }
     conn.outbuf.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPv6 peers are counted by their /64, IPv4 ones (mapped or not) by their address.
+    #[test]
+    fn addresses_are_grouped_by_what_one_subscriber_holds() {
+        let group = |text: &str| address_group(text.parse().expect("an address"));
+        assert_eq!(group("203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("203.0.113.7"), group("203.0.113.8"));
+        assert_eq!(group("2001:db8:1:2::1"), group("2001:db8:1:2:ffff::9"));
+        assert_ne!(group("2001:db8:1:2::1"), group("2001:db8:1:3::1"));
+        assert_eq!(group("::ffff:203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("::ffff:203.0.113.7"), group("::ffff:203.0.113.8"));
+    }
 }

@@ -131,6 +131,45 @@ async fn a_client_whose_writes_end_mid_frame_stays_while_each_frame_is_on_time()
     }
 }
 
+/// `limits.handshakes_per_address_max` counts a connection from its first packet until its
+/// `Hello` is accepted, not only while its handshake runs: one address cannot hold the
+/// shard's unauthenticated connections by finishing handshakes and saying nothing. Once a
+/// connection logs in it no longer counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_hello_count_against_their_address() {
+    let edge = Edge::start_with(1, "[limits]\nhandshakes_per_address_max = 3\n", &[]);
+    let connector = edge.connector();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(
+            RawConnection::connect(&connector, edge.addr)
+                .await
+                .expect("within the address's limit"),
+        );
+    }
+    let refused = RawConnection::connect(&connector, edge.addr).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection without Hello from the address is refused"
+    );
+    // One of them logs in: its place is free again.
+    let mut first = silent.remove(0);
+    first
+        .write_frame(&Frame::Hello {
+            token: edge.token(31, 0).into_bytes(),
+            device: 0,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        })
+        .await
+        .expect("Hello");
+    let welcome = first.read_frame().await.expect("Welcome");
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("room again once one logged in");
+}
+
 /// A connection that pipelines sends past its budget gets a retryable `Overloaded` and is then
 /// slowed: the edge stops reading it until the budget refills, so most of the burst waits in
 /// flow control instead of being decoded and refused. Another user's send on the same shard is
