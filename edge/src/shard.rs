@@ -1655,6 +1655,11 @@ impl Shard {
                 Event::Stream(_) | Event::DatagramReceived | Event::DatagramsUnblocked => {}
             }
         }
+        if conn.closing && conn.kind != ConnKind::Client {
+            // A link this shard closed (its stream was stopped, a write failed): the session
+            // fails what it carried now, not once the connection drains (a few round trips).
+            self.link_gone(handle, conn.kind);
+        }
         if conn.quic.is_drained() {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
