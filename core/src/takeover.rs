@@ -137,7 +137,29 @@ pub fn observe_all<S: Store>(
 /// with itself as holder, whoever held them (a successor's commits for them are fenced from
 /// now on). `Fenced` unless the cluster's membership epoch is `members_epoch` (the edge
 /// [`crate::membership::join`]ed first).
+///
+/// A successor claiming this edge's users at the same moment (it judged the edge dead before
+/// the restart) can write the same epoch first; the claim then reads again and goes one
+/// higher, up to `CLAIM_OWN_ATTEMPTS` times, instead of failing the start.
 pub fn claim_own<S: Store>(
+    stores: &[S],
+    edge: EdgeId,
+    owner: u64,
+    members_epoch: u64,
+) -> Result<Lease, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match try_claim_own(stores, edge, owner, members_epoch) {
+            Err(StoreError::Fenced) if attempt < CLAIM_OWN_ATTEMPTS => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+/// Claims of an edge's own lease at its start that find the epoch taken meanwhile, in a row.
+const CLAIM_OWN_ATTEMPTS: u32 = 5;
+
+fn try_claim_own<S: Store>(
     stores: &[S],
     edge: EdgeId,
     owner: u64,
@@ -715,6 +737,53 @@ mod tests {
         for (edge, observed) in observe_all(store, &[1, 2, 3]).expect("read") {
             planner.observe(now, edge, observed);
         }
+    }
+
+    /// A store on which a successor's claim of edge 3 lands between the restarting edge's
+    /// read of the highest epoch and its write (the successor judged it dead just before).
+    struct ClaimedMeanwhile {
+        store: MemoryStore,
+        claimed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for ClaimedMeanwhile {
+        type Transaction<'a> = <MemoryStore as Store>::Transaction<'a>;
+
+        fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+            if !self.claimed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let mut txn = self.store.begin()?;
+                let epoch = read_lease(&mut txn, 3)?.map_or(0, |lease| lease.epoch) + 1;
+                let successor = Lease {
+                    epoch,
+                    holder: 1,
+                    owner: 7,
+                };
+                txn.set(&keys::lease(3), &successor.encode());
+                txn.commit()?;
+            }
+            self.store.begin()
+        }
+
+        fn begin_read(&self) -> Result<Self::Transaction<'_>, StoreError> {
+            self.store.begin_read()
+        }
+    }
+
+    /// An edge that restarts while its successor claims its users, both at the same epoch,
+    /// claims one epoch higher instead of failing its start (which cost a restart).
+    #[test]
+    fn a_restart_racing_its_successors_claim_goes_one_epoch_higher() {
+        let [store] = joined([MemoryStore::new()]);
+        let first = claim_own(std::slice::from_ref(&store), 3, 1, MEMBERS_EPOCH).expect("claim");
+        let raced = [ClaimedMeanwhile {
+            store,
+            claimed: std::sync::atomic::AtomicBool::new(false),
+        }];
+        let back = claim_own(&raced, 3, 2, MEMBERS_EPOCH).expect("claims after the race");
+        assert_eq!(back.holder, 3);
+        assert_eq!(back.epoch, first.epoch + 2, "above the successor's claim");
+        let mut txn = raced[0].store.begin_read().expect("read");
+        assert_eq!(read_lease(&mut txn, 3).expect("lease"), Some(back));
     }
 
     #[test]

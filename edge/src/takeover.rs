@@ -154,7 +154,8 @@ impl Takeover {
             }) => warn!(
                 %previous,
                 membership = %settings.membership,
-                "the members changed: every edge still on the earlier ones is fenced and exits                  until it is restarted with this membership"
+                "the members changed: every edge still on the earlier ones is fenced and exits \
+                 until it is restarted with this membership"
             ),
             Err(error) => return Err(error.to_string()),
         }
