@@ -316,11 +316,13 @@ impl Shard {
         if conn.closing {
             return;
         }
-        if matches!(frame, LinkFrame::Signal { .. }) && conn.outbuf.len() >= outbound_bytes_max / 2
+        if matches!(frame, LinkFrame::Signal { .. }) && conn.outbuf.len() >= outbound_bytes_max / 4
         {
-            // Signals are ephemeral and have no budget: past half the link's outbound bytes
-            // (where forwarded sends stop too) they are dropped, so that a flood of them
-            // cannot push the link over its bound and fail every send it carries.
+            // Signals are ephemeral and have no budget of their own on a link: past a quarter
+            // of its outbound bytes they are dropped. Forwarded sends are admitted by their
+            // bodies in flight, up to half, so the two together (with the frames' own bytes)
+            // stay under the bound, and a flood of signals cannot push the link over it and
+            // fail every send it carries.
             self.stats.mesh_messages_dropped += 1;
             self.metrics.mesh_messages_dropped.inc();
             return;
