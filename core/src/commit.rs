@@ -1207,6 +1207,7 @@ fn write_expiry<T: Transaction>(
             txn.set(&keys::emptied(inbox), &[]);
         }
     }
+    sweep_forgotten_devices(txn, now, config, budget.min(DEVICE_SWEEP_KEYS_MAX))?;
     let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
     for (key, _) in txn.get_range(&start, &end, entries_max)? {
         let inbox = keys::parse_emptied(&key)
@@ -1214,6 +1215,64 @@ fn write_expiry<T: Transaction>(
         report.emptied.push(inbox);
     }
     Ok(report)
+}
+
+/// Device records a pass of expiry looks at, at most: the sweep is background work, and on
+/// FoundationDB every record it reads is a conflict with a commit that writes it.
+const DEVICE_SWEEP_KEYS_MAX: usize = 64;
+
+/// Deletes the records of devices unseen for the retention period whose inbox was forgotten
+/// (expiry emptied it and its counter went), looking at up to `keys_max` records after where
+/// the last pass stopped (the `w` mark) and starting over at the end.
+///
+/// An inbox with a counter forgets its stale devices as its devices ack and log in (one per
+/// transaction, `write_devices`); an inbox that no device ever acks again, because the user
+/// left, is forgotten by expiry once its messages are gone, and without this sweep its device
+/// records would stay forever. Only forgotten inboxes are swept, so no stored message loses a
+/// device it waits for. A record a committer still holds in its cache (it read the inbox's
+/// devices before this pass) only makes it keep messages longer, or, if that device acks,
+/// writes it back: it is alive then.
+fn sweep_forgotten_devices<T: Transaction>(
+    txn: &mut T,
+    now: UnixMillis,
+    config: &CoreConfig,
+    keys_max: usize,
+) -> Result<(), StoreError> {
+    if keys_max == 0 {
+        return Ok(());
+    }
+    let (start, end) = keys::tag_range(keys::TAG_DEVICE);
+    let mark = txn.get(&keys::devices_swept_to())?;
+    let from = match &mark {
+        // Just after the mark: a zero byte appended makes the next key in order.
+        Some(mark) if mark.first() == Some(&keys::TAG_DEVICE) => {
+            let mut after = mark.clone();
+            after.push(0);
+            after
+        }
+        _ => start.to_vec(),
+    };
+    let records = txn.get_range(&from, &end, keys_max)?;
+    let mut last = None;
+    for (key, value) in &records {
+        let Some((inbox, _)) = keys::parse_device(key) else {
+            return Err(StoreError::Corrupt("device key of unexpected shape".into()));
+        };
+        let (_, last_seen_ms) = decode_device(value)?;
+        if last_seen_ms.saturating_add(config.retention_ms) < now
+            && txn.get(&keys::counter(inbox))?.is_none()
+        {
+            txn.clear(key);
+        }
+        last = Some(key.clone());
+    }
+    match last {
+        Some(key) if records.len() == keys_max => txn.set(&keys::devices_swept_to(), &key),
+        // The end of the records: the next pass starts over.
+        _ if mark.is_some() => txn.clear(&keys::devices_swept_to()),
+        _ => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1336,6 +1395,63 @@ mod tests {
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].seq, 501, "above the floor");
         assert_eq!(page.covered_up_to, 501, "up to the counter");
+    }
+
+    /// A device record stays while its inbox has a counter (its devices' acks and logins
+    /// forget it there) or while it was seen within the retention; one of a forgotten inbox
+    /// unseen for the retention goes in expiry's sweep, a bounded number per pass, the sweep
+    /// going on where the last pass stopped. Before, the record of a user who left stayed
+    /// forever.
+    #[test]
+    fn device_records_of_forgotten_inboxes_go_after_the_retention() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 4,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let t0 = 1_000;
+        // Inboxes 1..=6 each link a device; inbox 6 also has a message (a counter).
+        let links: Vec<Request> = (1..=6)
+            .map(|inbox| Request::Link {
+                inbox,
+                device: 0,
+                acked_up_to: 0,
+            })
+            .collect();
+        committer.commit_batch(&store, &links, t0).unwrap();
+        committer.commit_batch(&store, &[send(1, 6)], t0).unwrap();
+        let devices = || {
+            let (start, end) = keys::tag_range(keys::TAG_DEVICE);
+            let mut txn = store.begin().unwrap();
+            txn.get_range(&start, &end, 100)
+                .unwrap()
+                .iter()
+                .filter_map(|(key, _)| keys::parse_device(key).map(|(inbox, _)| inbox))
+                .collect::<Vec<_>>()
+        };
+        // Within the retention nothing goes.
+        expire(&store, t0 + config.retention_ms, &config).unwrap();
+        assert_eq!(devices(), vec![1, 2, 3, 4, 5, 6]);
+        // Past it, at most four records a pass (the budget left), going on where the last
+        // pass stopped and starting over at the end, until only inbox 6's is left (it has a
+        // counter).
+        let later = t0 + config.retention_ms + 1;
+        let mut passes = 0;
+        while devices() != vec![6] {
+            let before = devices().len();
+            expire(&store, later, &config).unwrap();
+            passes += 1;
+            assert!(before - devices().len() <= 4, "at most the budget a pass");
+            assert!(
+                passes <= 3,
+                "the sweep goes on where it stopped: {:?}",
+                devices()
+            );
+        }
+        assert!(passes >= 2, "five records take two passes of four");
+        expire(&store, later, &config).unwrap();
+        assert_eq!(devices(), vec![6], "a counter keeps its inbox's devices");
     }
 
     /// Dedupe records of buckets past their window go a bounded number per pass (half the

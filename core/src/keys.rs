@@ -13,6 +13,7 @@
 //! | `t` | highest commit time (and time of an expiry pass that wrote `k`), u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `k` | a dedupe key | every dedupe record below it is deleted: where expiry goes on clearing buckets past their window (embedded stores, which delete key by key) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
+//! | `w` | a `v` key | where expiry's sweep of device records goes on: records of forgotten inboxes unseen for the retention are deleted (`crate::commit::expire`) |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
 //! | `m` | [`crate::membership::Membership`] | the cluster's members and their epoch: an edge on other members is fenced |
@@ -37,6 +38,12 @@ pub const TAG_LEASE: u8 = b'l';
 pub const TAG_MEMBERS: u8 = b'm';
 pub const TAG_BEAT: u8 = b'b';
 pub const TAG_DEDUPE_EXPIRED: u8 = b'k';
+pub const TAG_DEVICES_SWEPT: u8 = b'w';
+
+/// `w`: the device key expiry's sweep of device records got to (`crate::commit::expire`).
+pub fn devices_swept_to() -> [u8; 1] {
+    [TAG_DEVICES_SWEPT]
+}
 
 /// `k`: below this dedupe key every record is deleted (`crate::commit::expire`).
 pub fn dedupe_expired_below() -> [u8; 1] {
