@@ -1921,12 +1921,17 @@ impl Shard {
         let Some(shard) = self.self_ref.upgrade() else {
             return;
         };
+        // The inbox may live in another shard's embedded store: its failure is that shard's to
+        // recover (its own commits see it), not a reason to reopen this one's.
+        let own_store = placement::home_shard(inbox, self.shard_count) == u32::from(self.id);
         spawn_detached(async move {
             let result = lane
                 .run_store(move || store.read_inbox(inbox, after_seq, now, &core))
                 .await;
             if let Err(error) = &result {
-                shard.borrow_mut().store_refused(error);
+                if own_store {
+                    shard.borrow_mut().store_refused(error);
+                }
                 // The session reads again at once: pause, so a failing store is not spun on.
                 if *error == StoreError::Poisoned {
                     debug!(%error, "sync read failed while the store recovers; reading again shortly");
