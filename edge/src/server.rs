@@ -208,7 +208,9 @@ impl Edge {
             );
         }
         let shard_count = config.shard_count();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Shard n is pinned to the n-th CPU this process may run on (a cpuset, `taskset`, a
+        // container's CPU list), not to CPU n, which may not be among them.
+        let cpus = allowed_cpus();
 
         let mesh = (shard_count > 1)
             .then(|| MeshBuilder::full(shard_count as usize, config.mesh_channel_capacity()));
@@ -243,10 +245,9 @@ impl Edge {
             .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
         let mut executors = Vec::new();
         for index in 0..shard_count {
-            let placement = if config.server.pin_shards && (index as usize) < cores {
-                Placement::Fixed(index as usize)
-            } else {
-                Placement::Unbound
+            let placement = match cpus.get(index as usize) {
+                Some(cpu) if config.server.pin_shards => Placement::Fixed(*cpu),
+                _ => Placement::Unbound,
             };
             let setup = ShardSetup {
                 cpu: match placement {
@@ -283,11 +284,31 @@ impl Edge {
         }
         drop(ready_tx);
         drop(stopped_tx);
-        for _ in 0..shard_count {
-            match ready_rx.recv() {
-                Ok(Ok(_)) => health.shard_ready(),
+        let mut ready = 0;
+        while ready < shard_count {
+            match ready_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(Ok(_)) => {
+                    health.shard_ready();
+                    ready += 1;
+                }
                 Ok(Err(error)) => return Err(error),
-                Err(_) => return Err("a shard stopped during start-up".into()),
+                // A shard whose executor could not be built (its thread ended before it ran)
+                // says nothing, and the others would wait for it in the mesh forever.
+                Err(_) => {
+                    if let Some(index) = executors.iter().position(|e| e.is_finished()) {
+                        let cause = match executors.swap_remove(index).join() {
+                            Err(error) => error.to_string(),
+                            Ok(()) => "it ended".into(),
+                        };
+                        return Err(format!(
+                            "shard {index} could not start: {cause}. Usual causes: \
+                             `server.pin_shards` onto a CPU this process may not use (set it to \
+                             false), io_uring refused (a seccomp profile: allow io_uring_setup, \
+                             io_uring_enter and io_uring_register), or the locked memory limit \
+                             (RLIMIT_MEMLOCK, LimitMEMLOCK=) below 512 KiB"
+                        ));
+                    }
+                }
             }
         }
         if config.control.enabled {
@@ -485,6 +506,25 @@ pub fn install_panic_exit() {
         );
         std::process::exit(EXIT_SHARD_PANICKED);
     }));
+}
+
+/// The CPUs this process may run on, in order; every CPU the machine has if that cannot be
+/// read.
+#[allow(unsafe_code)]
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, and sched_getaffinity writes at most its
+    // size into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let read =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if read != 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..cores).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+        .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
+        .collect()
 }
 
 /// How long a drain waits for the lease thread to hand the leases over and see them claimed.

@@ -177,3 +177,48 @@ fn keygen_writes_a_usable_owner_only_key_and_never_overwrites() {
     let again = run(&["keygen", "--out", key_arg, "--key-id", "3"]);
     assert!(!again.status.success(), "keygen overwrote an existing key");
 }
+
+/// A shard that cannot start (here: glommio refuses a locked-memory limit under 512 KiB)
+/// ends `serve` with its cause and what to check, instead of "a shard stopped" or, when only
+/// some shards fail, a start that hangs forever while the others wait for it.
+#[test]
+fn serve_says_why_a_shard_could_not_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nshards = 2\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new("prlimit")
+        .arg("--memlock=65536:65536")
+        .arg(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run serve under prlimit (util-linux)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve hung when a shard could not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("could not start") && stderr.contains("MemLock"),
+        "{stderr}"
+    );
+}

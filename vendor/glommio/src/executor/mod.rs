@@ -406,6 +406,13 @@ impl<T: Send + 'static> ExecutorJoinHandle<T> {
         self.0.thread()
     }
 
+    /// See [`std::thread::JoinHandle::is_finished()`] (Courier: a start-up that waits for
+    /// executors can tell one that could not start from one still starting).
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
     /// See [`std::thread::JoinHandle::join()`]
     pub fn join(self) -> Result<T> {
         match self.0.join() {
