@@ -855,7 +855,8 @@ fn device_record<T: Transaction>(
 /// older (decision 0034), and by a connection that stays open (`EdgeSession`'s refresh). Far
 /// inside the retention period, after which an unseen device is forgotten.
 pub(crate) fn device_seen_refresh_ms(config: &CoreConfig) -> u64 {
-    (config.retention_ms / 8).min(HOUR_MS)
+    // At least 1 ms: a refresh due at once would re-arm itself forever.
+    (config.retention_ms / 8).clamp(1, HOUR_MS)
 }
 
 /// Whether `inbox` has a device seen within the retention period (stored, or linked by this

@@ -395,6 +395,12 @@ pub struct SessionStats {
     pub sends_store_slow: u64,
 }
 
+/// The kinds of [`Deadline`]: a live connection has at most one entry of each.
+const DEADLINE_KINDS: usize = 4;
+/// Entries of closed connections the deadline heap may hold beyond `DEADLINE_KINDS` per live
+/// connection before it is compacted.
+const DEADLINES_SLACK: usize = 1024;
+
 /// Why a connection has an entry in the deadline heap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Deadline {
@@ -561,7 +567,8 @@ pub struct EdgeSession<A> {
     senders: FastHashMap<UserId, Sender>,
     /// Connections that have not said a valid `Hello` (handshaking or waiting).
     unauthenticated: usize,
-    /// At most one entry per connection and kind: (when, slot, generation, kind).
+    /// At most one entry per live connection and kind, and those of closed connections not yet
+    /// due (compacted in `connection_lost`): (when, slot, generation, kind).
     deadlines: BinaryHeap<Reverse<(UnixMillis, usize, u64, Deadline)>>,
     /// The edge is near its memory ceiling: refuse sends.
     shedding: bool,
@@ -718,6 +725,12 @@ impl<A: Authenticator> EdgeSession<A> {
         self.unauthenticated
     }
 
+    /// Entries in the deadline heap: at most `DEADLINE_KINDS` per open connection, plus those
+    /// of closed connections not yet due, which compaction bounds.
+    pub fn deadline_entries(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Whether the connection is open and has not said a valid `Hello` yet.
     pub fn awaiting_hello(&self, conn: ConnRef) -> bool {
         self.conn(conn)
@@ -783,6 +796,16 @@ impl<A: Authenticator> EdgeSession<A> {
         }
         self.end_login(conn);
         self.conns.remove(&conn.slot);
+        // A closed connection's deadlines are dropped when they come due, and its `Seen` one
+        // comes up to an hour later: under a churn of connections the heap would hold every
+        // connection of the last hour. Past what the live ones can have, only theirs are kept
+        // (amortized: the next compaction is at least as many closes away).
+        if self.deadlines.len() > DEADLINE_KINDS * self.conns.len() + DEADLINES_SLACK {
+            let conns = &self.conns;
+            self.deadlines.retain(|Reverse((_, slot, generation, _))| {
+                conns.get(slot).is_some_and(|c| c.generation == *generation)
+            });
+        }
         self.drain_local();
     }
 
@@ -1685,6 +1708,9 @@ impl<A: Authenticator> EdgeSession<A> {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
+                // Not past what it was given: an `Ack` is capped by it, so a `Sync` beyond
+                // would let the device acknowledge (and delete) what it never received.
+                let after_seq = after_seq.min(c.delivered_up_to);
                 c.delivered_up_to = after_seq;
                 c.unacked.resent_after(after_seq);
                 if matches!(c.login, Login::Active { .. }) {
@@ -1868,6 +1894,9 @@ impl<A: Authenticator> EdgeSession<A> {
                 if let Err(conn) = linked {
                     if let Some(entries) = self.registry.get_mut(&user) {
                         entries.retain(|r| r.conn != conn);
+                        if entries.is_empty() {
+                            self.registry.remove(&user);
+                        }
                     }
                     // Not served here any more (a takeover ended, a drain): the connection's
                     // shard sends it on; otherwise the queue was full.
