@@ -23,7 +23,22 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     // so every thread inherits the mask and only this thread, in `sigwait`, receives them: a
     // second SIGTERM during the drain then waits instead of killing the process.
     let signals = block_shutdown_signals()?;
-    let edge = Edge::start(config, EdgeStore::Configured)?;
+    // A failed check exits 1 (`?`): the config or the machine needs an operator. A start that
+    // failed after its checks passed (the port still held by the process before, the store's
+    // disk, FoundationDB unreachable, a shard that could not start) exits 4, which a
+    // supervisor restarts: it may be gone by the next try.
+    config
+        .validate_on("built-in or loaded config", false)
+        .map_err(|e| e.to_string())?;
+    preflight(&config)?;
+    let edge = match Edge::start(config, EdgeStore::Configured) {
+        Ok(edge) => edge,
+        Err(error) => {
+            tracing::error!(%error, "could not start");
+            eprintln!("courier-edge: {error}");
+            std::process::exit(EXIT_START_FAILED);
+        }
+    };
     let signal = loop {
         let signal = wait_for_signal(&signals);
         if signal != libc::SIGHUP {
@@ -489,6 +504,8 @@ fn restore_tls_sessions(config: &Config, sessions: &tls::SessionCache, fingerpri
 /// Exit status when a shard panicked: the process must not live on serving nothing, and a
 /// supervisor must see a failure (Rust's own status for a panicking `main`).
 pub const EXIT_SHARD_PANICKED: i32 = 101;
+/// `serve`'s checks passed but the start failed (see `serve`): worth restarting.
+pub const EXIT_START_FAILED: i32 = 4;
 /// Exit status when shutdown ended with shards that never reported done.
 pub const EXIT_SHUTDOWN_INCOMPLETE: i32 = 2;
 
