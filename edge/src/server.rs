@@ -44,7 +44,7 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
         if signal != libc::SIGHUP {
             break signal;
         }
-        reload(config_path.as_deref(), &edge.verifier);
+        reload(config_path.as_deref(), &edge.config, &edge.verifier);
     };
     info!(
         signal,
@@ -740,7 +740,7 @@ where
 /// SIGHUP: reads the config file again and applies what can change while the edge runs: the
 /// token keys (`auth`) and the log filter (`log.filter`). Everything else needs a restart. A
 /// file that does not load changes nothing.
-fn reload(config_path: Option<&std::path::Path>, verifier: &auth::VerifierCell) {
+fn reload(config_path: Option<&std::path::Path>, running: &Config, verifier: &auth::VerifierCell) {
     let Some(path) = config_path else {
         info!("SIGHUP received: no config file to reload (the edge runs on built-in defaults)");
         return;
@@ -752,21 +752,61 @@ fn reload(config_path: Option<&std::path::Path>, verifier: &auth::VerifierCell) 
             let key = auth::read_signing_key(&auth::signing_key_path(&config))?;
             let keys = auth::verifier(&config, &key)?;
             crate::cli::set_log_filter(&config.log.filter)?;
-            Ok((keys, config.auth.verify_keys.len()))
+            Ok((
+                keys,
+                config.auth.verify_keys.len(),
+                not_reloaded(running, &config),
+            ))
         });
     match reloaded {
-        Ok((keys, verify_keys)) => {
+        Ok((keys, verify_keys, not_reloaded)) => {
             verifier.replace(keys);
             info!(
                 path = %path.display(),
                 verify_keys,
                 "SIGHUP: reloaded the token keys and the log filter (other settings need a restart)"
             );
+            if !not_reloaded.is_empty() {
+                tracing::warn!(
+                    sections = %not_reloaded.join(", "),
+                    "SIGHUP: these sections of the file differ from what the edge runs with and \
+                     take effect only at a restart"
+                );
+            }
         }
         Err(error) => {
             tracing::warn!(path = %path.display(), %error, "SIGHUP: reload failed; nothing changed");
         }
     }
+}
+
+/// The sections of `reloaded` that differ from `running` beyond what a reload applies (the
+/// token keys and the log filter): an operator who edited them learns they are not live.
+fn not_reloaded(running: &Config, reloaded: &Config) -> Vec<&'static str> {
+    let mut running = running.clone();
+    running.auth.signing_key_path = reloaded.auth.signing_key_path.clone();
+    running.auth.signing_key_id = reloaded.auth.signing_key_id;
+    running.auth.verify_keys = reloaded.auth.verify_keys.clone();
+    running.log.filter = reloaded.log.filter.clone();
+    let mut differ = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            differ.push(name);
+        }
+    };
+    check("server", running.server == reloaded.server);
+    check("tls", running.tls == reloaded.tls);
+    check("auth", running.auth == reloaded.auth);
+    check("limits", running.limits == reloaded.limits);
+    check("quic", running.quic == reloaded.quic);
+    check("retention", running.retention == reloaded.retention);
+    check("batching", running.batching == reloaded.batching);
+    check("store", running.store == reloaded.store);
+    check("log", running.log == reloaded.log);
+    check("metrics", running.metrics == reloaded.metrics);
+    check("control", running.control == reloaded.control);
+    check("cluster", running.cluster == reloaded.cluster);
+    differ
 }
 
 /// What `serve` checks before it writes anything, and all `check-config` checks, so that its
@@ -862,4 +902,23 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
         libc::sigwait(set, &mut signal);
     }
     signal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload names the sections edited beyond what it applies, and only those: the token
+    /// keys and the log filter are applied, so they are not named.
+    #[test]
+    fn a_reload_names_the_sections_it_does_not_apply() {
+        let running = Config::default();
+        let mut edited = running.clone();
+        edited.log.filter = "debug".into();
+        edited.auth.signing_key_id = 9;
+        assert!(not_reloaded(&running, &edited).is_empty());
+        edited.limits.connections_per_user_max += 1;
+        edited.tls.session_cache_entries += 1;
+        assert_eq!(not_reloaded(&running, &edited), vec!["tls", "limits"]);
+    }
 }
