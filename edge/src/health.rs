@@ -2,15 +2,17 @@
 //! Prometheus metrics, `GET /metrics` (`crate::metrics`), on the `[metrics] listen` address,
 //! served off the data path by a thread per connection, at most `CONNECTIONS_MAX` at once.
 //!
-//! - `/livez` answers 200 while the process runs.
+//! - `/livez` answers 200 while the process runs and every shard that started answers within
+//!   `SHARD_SILENT_MAX` (each beats every second from a task on its executor); 503 naming the
+//!   shard otherwise, so a supervisor restarts an edge whose shard is wedged.
 //! - `/readyz` answers 200 only when every shard runs with its store open, no store is being
 //!   reopened after a failed write, and the edge is not draining; otherwise 503 and the reason.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -26,10 +28,21 @@ const CONNECTIONS_MAX: usize = 16;
 /// Bytes of a request read at most; a health check's request line is far shorter.
 const REQUEST_BYTES_MAX: usize = 4096;
 
-/// What `/readyz` reports, updated by the shards and the main thread.
+/// How often a shard beats (`Health::beat`).
+pub const SHARD_BEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A shard that has not beaten for this long is wedged: `/livez` fails. Long next to any pause
+/// a shard's executor makes (its store work runs on other threads).
+const SHARD_SILENT_MAX: Duration = Duration::from_secs(30);
+
+/// What `/livez` and `/readyz` report, updated by the shards and the main thread.
 #[derive(Debug)]
 pub struct Health {
     shards: usize,
+    /// Since when the beats count.
+    started: Instant,
+    /// Per shard: milliseconds after `started` of its last beat, plus 1 (0: never beat, not
+    /// started yet or still starting).
+    beats_ms: Vec<AtomicU64>,
     /// Shards that opened their store and serve.
     shards_ready: AtomicUsize,
     /// Shards whose store is being reopened after a failed write.
@@ -42,10 +55,45 @@ impl Health {
     pub fn new(shards: usize, draining: Arc<AtomicBool>) -> Arc<Health> {
         Arc::new(Health {
             shards,
+            started: Instant::now(),
+            beats_ms: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             shards_ready: AtomicUsize::new(0),
             stores_recovering: AtomicUsize::new(0),
             draining,
         })
+    }
+
+    /// `shard`'s executor ran its beat task now.
+    pub fn beat(&self, shard: usize) {
+        if let Some(beat) = self.beats_ms.get(shard) {
+            let now_ms = self.started.elapsed().as_millis() as u64;
+            beat.store(now_ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Ok` while every shard that has beaten beat within `silent_max` of `now`, else which
+    /// one did not.
+    fn liveness_at(&self, now: Instant, silent_max: Duration) -> Result<(), String> {
+        let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        for (shard, beat) in self.beats_ms.iter().enumerate() {
+            let beat = beat.load(Ordering::Relaxed);
+            if beat == 0 {
+                continue;
+            }
+            let silent_ms = now_ms.saturating_sub(beat - 1);
+            if silent_ms > silent_max.as_millis() as u64 {
+                return Err(format!(
+                    "shard {shard} has not run its tasks for {} s: it is wedged",
+                    silent_ms / 1000
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok` while the process runs and no shard is wedged, else why.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.liveness_at(Instant::now(), SHARD_SILENT_MAX)
     }
 
     pub fn shard_ready(&self) {
@@ -154,7 +202,10 @@ fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::M
             };
             ("200 OK", metrics.encode(openmetrics))
         }
-        ("GET", "/livez") => ("200 OK", "ok\n".to_string()),
+        ("GET", "/livez") => match health.liveness() {
+            Ok(()) => ("200 OK", "ok\n".to_string()),
+            Err(reason) => ("503 Service Unavailable", format!("not live: {reason}\n")),
+        },
         ("GET", "/readyz") => match health.readiness() {
             Ok(()) => ("200 OK", "ready\n".to_string()),
             Err(reason) => ("503 Service Unavailable", format!("not ready: {reason}\n")),
@@ -196,6 +247,22 @@ fn write_within(stream: &mut TcpStream, bytes: &[u8], timeout: std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Live while every shard that started beats; a shard silent past the limit is named.
+    /// A shard that never beat (still starting) does not count.
+    #[test]
+    fn live_until_a_started_shard_stops_beating() {
+        let health = Health::new(2, Arc::new(AtomicBool::new(false)));
+        let limit = Duration::from_secs(30);
+        let start = health.started;
+        assert_eq!(health.liveness_at(start + 3 * limit, limit), Ok(()));
+        health.beat(0);
+        health.beat(1);
+        assert_eq!(health.liveness_at(Instant::now(), limit), Ok(()));
+        let later = Instant::now() + limit + Duration::from_secs(2);
+        let error = health.liveness_at(later, limit).unwrap_err();
+        assert!(error.contains("shard 0"), "{error}");
+    }
 
     #[test]
     fn ready_only_with_every_shard_up_no_store_reopening_and_no_drain() {

@@ -792,6 +792,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
 
     info!(shard = id, listen = %setup.config.server.listen, "shard ready");
     let _ = setup.ready.send(Ok(id));
+    // `/livez` fails when this stops: the executor no longer runs its tasks.
+    let health = setup.health.clone();
+    spawn_detached(async move {
+        loop {
+            health.beat(usize::from(id));
+            glommio::timer::sleep(crate::health::SHARD_BEAT_INTERVAL).await;
+        }
+    });
     if let Some(link_socket) = link_socket {
         spawn_task(receive_loop(shard.clone(), link_socket));
     }
