@@ -503,6 +503,9 @@ struct Control {
 pub struct Client {
     sender: Sender,
     control: watch::Sender<Control>,
+    /// The highest seq [`Client::recv`] handed to the application (from the start, what it
+    /// consumed before: `resume_after_seq`): an ack never goes past it.
+    handed_up_to: std::sync::atomic::AtomicU64,
     incoming: mpsc::Receiver<Incoming>,
     auto_ack: bool,
     user: u64,
@@ -576,6 +579,7 @@ impl Client {
                 commands: commands_tx,
             },
             control: control_tx,
+            handed_up_to: std::sync::atomic::AtomicU64::new(options.resume_after_seq),
             incoming: incoming_rx,
             auto_ack: options.auto_ack,
             user,
@@ -628,10 +632,12 @@ impl Client {
     /// `auto_ack`, handing out a message acknowledges it.
     pub async fn recv(&mut self) -> Option<Incoming> {
         let incoming = self.incoming.recv().await?;
-        if let Incoming::Message(delivery) = &incoming
-            && self.auto_ack
-        {
-            self.ack(delivery.seq);
+        if let Incoming::Message(delivery) = &incoming {
+            self.handed_up_to
+                .fetch_max(delivery.seq, std::sync::atomic::Ordering::Relaxed);
+            if self.auto_ack {
+                self.ack(delivery.seq);
+            }
         }
         Some(incoming)
     }
@@ -646,9 +652,14 @@ impl Client {
         }
     }
 
-    /// Acknowledges every message up to `up_to_seq` (at most what was received); the server
-    /// deletes them once every device of the user acknowledged them.
+    /// Acknowledges every message up to `up_to_seq`, at most what [`Client::recv`] handed out
+    /// (or `resume_after_seq`); the server deletes them once every device of the user
+    /// acknowledged them.
     pub fn ack(&self, up_to_seq: u64) {
+        // Clamped now, to what the application was handed: the value stays, and applied
+        // later it would also cover deliveries that arrived since and were never handed out.
+        let handed = self.handed_up_to.load(std::sync::atomic::Ordering::Relaxed);
+        let up_to_seq = up_to_seq.min(handed);
         self.control
             .send_modify(|control| control.ack_up_to = control.ack_up_to.max(up_to_seq));
     }
@@ -960,7 +971,7 @@ enum LinkEnd {
     Lost(ClientError),
 }
 
-/// Commands (sends, acks, signals) the driver applies in one pass of its loop, at most.
+/// Commands (sends, signals) the driver applies in one pass of its loop, at most.
 const COMMANDS_PER_PASS_MAX: usize = 256;
 
 impl Driver {

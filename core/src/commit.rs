@@ -1220,7 +1220,7 @@ fn write_expiry<T: Transaction>(
 
 /// Device records a pass of expiry looks at, at most: the sweep is background work, and on
 /// FoundationDB every record it reads is a conflict with a commit that writes it.
-const DEVICE_SWEEP_KEYS_MAX: usize = 64;
+pub(crate) const DEVICE_SWEEP_KEYS_MAX: usize = 64;
 
 /// Deletes the records of devices unseen for the retention period whose inbox was forgotten
 /// (expiry emptied it and its counter went), looking at up to `keys_max` records after where
@@ -1256,16 +1256,22 @@ fn sweep_forgotten_devices<T: Transaction>(
     let records = txn.get_range(&from, &end, keys_max)?;
     let mut last = None;
     for (key, value) in &records {
-        let Some((inbox, _)) = keys::parse_device(key) else {
-            return Err(StoreError::Corrupt("device key of unexpected shape".into()));
+        last = Some(key.clone());
+        // A record that does not parse is passed, not an error: it would stop every later
+        // pass at the same key, and expiry with it. (Its inbox's acks report it.)
+        let (Some((inbox, _)), Ok((_, last_seen_ms))) =
+            (keys::parse_device(key), decode_device(value))
+        else {
+            continue;
         };
-        let (_, last_seen_ms) = decode_device(value)?;
+        // A snapshot read: a send creating the counter meanwhile need not fail the pass (the
+        // device is unseen for the retention either way, and its inbox's next ack would
+        // forget it too).
         if last_seen_ms.saturating_add(config.retention_ms) < now
-            && txn.get(&keys::counter(inbox))?.is_none()
+            && txn.get_snapshot(&keys::counter(inbox))?.is_none()
         {
             txn.clear(key);
         }
-        last = Some(key.clone());
     }
     match last {
         Some(key) if records.len() == keys_max => txn.set(&keys::devices_swept_to(), &key),

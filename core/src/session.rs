@@ -622,6 +622,8 @@ struct PendingSend {
 struct InLink {
     /// The edge it said it is (`LinkFrame::Hello`); nothing else is accepted before.
     edge: Option<EdgeId>,
+    /// The edges its certificate names, when links are bound to them: `Hello` must say one.
+    named: Option<Vec<EdgeId>>,
     /// Its forwarded sends waiting for their commit.
     requests_in_flight: usize,
 }
@@ -1052,8 +1054,18 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// Another edge opened a link to this shard; `link` is the driver's id for it.
-    pub fn open_link(&mut self, link: u64) {
-        self.in_links.insert(link, InLink::default());
+    ///
+    /// `named`: the edges the peer's certificate names, when links are bound to them (the
+    /// edge's `cluster.link_certificates_name_the_edge`); its `Hello` must then say one of
+    /// them. `None`: any member.
+    pub fn open_link(&mut self, link: u64, named: Option<Vec<EdgeId>>) {
+        self.in_links.insert(
+            link,
+            InLink {
+                named,
+                ..InLink::default()
+            },
+        );
     }
 
     /// A link another edge opened to this shard is gone: answers to its sends have nowhere to
@@ -1093,6 +1105,13 @@ impl<A: Authenticator> EdgeSession<A> {
                     return Err(format!("edge {edge} is not a member of this cluster"));
                 }
                 if let Some(in_link) = self.in_links.get_mut(&link) {
+                    if let Some(named) = &in_link.named
+                        && !named.contains(&edge)
+                    {
+                        return Err(format!(
+                            "a link said it is edge {edge}, but its certificate names {named:?}"
+                        ));
+                    }
                     in_link.edge = Some(edge);
                 }
                 return Ok(());
@@ -1708,8 +1727,10 @@ impl<A: Authenticator> EdgeSession<A> {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
-                // Not past what it was given: an `Ack` is capped by it, so a `Sync` beyond
-                // would let the device acknowledge (and delete) what it never received.
+                // Not past what it was given: later messages up to a `Sync` beyond it would
+                // be skipped as given, and the device's ack would then let the store delete
+                // them. (A client can still claim to hold more in its `Hello`: that is its
+                // own device's loss.)
                 let after_seq = after_seq.min(c.delivered_up_to);
                 c.delivered_up_to = after_seq;
                 c.unacked.resent_after(after_seq);
@@ -2463,8 +2484,6 @@ impl<A: Authenticator> EdgeSession<A> {
         }
     }
 
-    /// Checks a send of `bytes` from `user` on `conn` to `to` against the connection's
-    /// in-flight limits, the send budgets and the recipient limit, and counts it in.
     /// Takes one frame from the connection's signal or control frame budget; when there is
     /// none, pauses the connection's input until there is one again and returns false.
     fn spend_frame_budget(&mut self, now_ms: UnixMillis, conn: ConnRef, signal: bool) -> bool {
@@ -2494,6 +2513,8 @@ impl<A: Authenticator> EdgeSession<A> {
         false
     }
 
+    /// Checks a send of `bytes` from `user` on `conn` to `to` against the connection's
+    /// in-flight limits, the send budgets and the recipient limit, and counts it in.
     fn admit_send(
         &mut self,
         now_ms: UnixMillis,

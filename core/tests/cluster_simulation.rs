@@ -1048,7 +1048,7 @@ impl World {
             };
             let now = self.now;
             let landing = &mut self.edges[to_edge].shards[to_shard as usize];
-            landing.open_link(link);
+            landing.open_link(link, None);
             landing
                 .handle_link_request(now, link, hello)
                 .expect("a member's hello is accepted");

@@ -109,7 +109,7 @@ fn a_drained_shard_redirects_once_and_commits_nothing_more() {
     );
 
     // The peer forwards a send for the drained edge's user: refused as retryable.
-    shard.open_link(7);
+    shard.open_link(7, None);
     shard
         .handle_link_request(now, 7, LinkFrame::Hello { edge: 2 })
         .expect("a member links");

@@ -60,6 +60,13 @@ pub struct ClusterSection {
     pub link_outbound_bytes_max: usize,
     /// Forwarded sends one link may have waiting for their commit; beyond it: `Overloaded`.
     pub link_requests_in_flight_max: usize,
+    /// Every edge's link certificate also names the edge, `edge-{id}.courier-link`: a link's
+    /// dialing side checks it reached the member it meant, and the accepting side accepts
+    /// `Hello { edge }` only for an edge the certificate names. Off, any certificate the CA
+    /// signed may claim any edge id (and name any sender in a forwarded send), so one leaked
+    /// edge key speaks for the whole cluster. Turn it on once every edge's certificate
+    /// carries its name (docs/cluster.md).
+    pub link_certificates_name_the_edge: bool,
     /// While an edge is dead, another serves its users (decision 0015). Needs a store every
     /// edge shares: `store.kind = "foundationdb"`.
     pub takeover: bool,
@@ -99,6 +106,7 @@ impl Default for ClusterSection {
             link_reconnect_ms_max: 30_000,
             link_outbound_bytes_max: 16 * 1024 * 1024,
             link_requests_in_flight_max: 4096,
+            link_certificates_name_the_edge: false,
             takeover: false,
             lease_timeout_ms: 10_000,
             lease_renew_ms: 1_000,

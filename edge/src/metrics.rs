@@ -104,6 +104,7 @@ pub struct Metrics {
     store_memory_bytes: Family<ShardLabel, Gauge>,
     store_dedupe_memory_bytes: Family<ShardLabel, Gauge>,
     store_full: Family<ShardLabel, Gauge>,
+    store_reopening: Family<ShardLabel, Gauge>,
     mesh_backlog_messages: Family<ShardLabel, Gauge>,
     mesh_messages_dropped: Family<ShardLabel, Counter>,
     mesh_backpressure: Family<ShardLabel, Counter>,
@@ -260,6 +261,10 @@ impl Metrics {
             "store_full",
             "1 while the store is near its memory bound and the shard refuses sends with StoreUnavailable, else 0"
         );
+        let store_reopening = family!(
+            "store_reopening",
+            "1 while the shard reopens its store after a failed write (sends get StoreUnavailable), else 0"
+        );
         let mesh_backlog_messages = family!(
             "mesh_backlog_messages",
             "Messages waiting for room in the channels to other shards"
@@ -344,6 +349,7 @@ impl Metrics {
             store_memory_bytes,
             store_dedupe_memory_bytes,
             store_full,
+            store_reopening,
             mesh_backlog_messages,
             mesh_messages_dropped,
             mesh_backpressure,
@@ -435,6 +441,7 @@ impl Metrics {
             store_memory_bytes: self.store_memory_bytes.get_or_create_owned(&label),
             store_dedupe_memory_bytes: self.store_dedupe_memory_bytes.get_or_create_owned(&label),
             store_full: self.store_full.get_or_create_owned(&label),
+            store_reopening: self.store_reopening.get_or_create_owned(&label),
             mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
             mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
@@ -555,6 +562,7 @@ pub struct ShardMetrics {
     pub store_memory_bytes: Gauge,
     pub store_dedupe_memory_bytes: Gauge,
     pub store_full: Gauge,
+    pub store_reopening: Gauge,
     pub mesh_backlog_messages: Gauge,
     pub mesh_messages_dropped: Counter,
     pub mesh_backpressure: Counter,

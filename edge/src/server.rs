@@ -309,7 +309,11 @@ impl Edge {
                 Ok(Err(error)) => return Err(error),
                 // A shard whose executor could not be built (its thread ended before it ran)
                 // says nothing, and the others would wait for it in the mesh forever.
-                Err(_) => {
+                Err(timeout_or_gone) => {
+                    if timeout_or_gone == std::sync::mpsc::RecvTimeoutError::Disconnected {
+                        // Every shard's sender is gone: its thread is ending; do not spin.
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
                     if let Some(index) = executors.iter().position(|e| e.is_finished()) {
                         let cause = match executors.swap_remove(index).join() {
                             Err(error) => error.to_string(),

@@ -426,7 +426,6 @@ fn connection_log_allowed(
     }
 }
 
-/// Milliseconds of a monotonic clock shared by the process's shards.
 /// What `limits.handshakes_per_address_max` counts by: an IPv4 address, or an IPv6 address's
 /// /64 (one subscriber's network: a single host may hold all of it). An IPv4 address mapped into
 /// IPv6 (a dual-stack socket) counts as itself, not as one /64 with every IPv4 client.
@@ -442,6 +441,7 @@ fn address_group(address: IpAddr) -> IpAddr {
     }
 }
 
+/// Milliseconds of a monotonic clock shared by the process's shards.
 fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -2369,6 +2369,9 @@ impl Shard {
             metrics.store_dedupe_memory_bytes.set(bytes as i64);
         }
         metrics.store_full.set(i64::from(self.store_full));
+        metrics
+            .store_reopening
+            .set(i64::from(self.store_recovering));
         let held = self.session.deliveries_held_for_acks();
         metrics
             .deliveries_held_for_acks

@@ -114,6 +114,24 @@ pub fn key_exchange_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGrou
 /// The DNS name every edge's cluster certificate carries: a link's connecting side checks it.
 pub const LINK_SERVER_NAME: &str = "courier-link";
 
+/// The DNS name of edge `edge`'s link certificate with `cluster.link_certificates_name_the_edge`.
+pub fn link_name_of(edge: u32) -> String {
+    format!("edge-{edge}.{LINK_SERVER_NAME}")
+}
+
+/// Whether the end-entity certificate `cert` is valid for the DNS name `name` (its subject
+/// alternative names, as a TLS client reads them). Its signature is checked by the handshake,
+/// not here.
+pub fn certificate_names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 /// What links between edges authenticate with (`[cluster]`): this edge's cluster certificate
 /// and the cluster's CA.
 #[derive(Debug)]
@@ -141,6 +159,21 @@ pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
     let cluster = &config.cluster;
     let identity = read_identity(&cluster.cert_path, &cluster.key_path)
         .map_err(|e| format!("cluster.cert_path/key_path: {e}"))?;
+    if cluster.link_certificates_name_the_edge {
+        let name = link_name_of(cluster.edge_id);
+        if !identity
+            .certs
+            .first()
+            .is_some_and(|cert| certificate_names(cert, &name))
+        {
+            return Err(format!(
+                "cluster.cert_path {} does not name this edge ({name}), and \
+                 cluster.link_certificates_name_the_edge is on: issue it with that DNS name \
+                 (besides {LINK_SERVER_NAME}), or turn the setting off",
+                cluster.cert_path.display()
+            ));
+        }
+    }
     let ca_pem = std::fs::read(&cluster.ca_cert_path).map_err(|e| {
         format!(
             "cannot read cluster.ca_cert_path {}: {e}",
@@ -788,6 +821,29 @@ impl rustls::server::StoresServerSessions for SessionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link certificate names the edges of its DNS names, as a TLS client reads them.
+    #[test]
+    fn a_link_certificate_names_the_edges_of_its_dns_names() {
+        let cert = |names: &[&str]| {
+            let names = names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>();
+            rcgen::generate_simple_self_signed(names)
+                .expect("certificate")
+                .cert
+                .der()
+                .clone()
+        };
+        let edge_7 = cert(&["courier-link", "edge-7.courier-link"]);
+        assert!(certificate_names(&edge_7, &link_name_of(7)));
+        assert!(certificate_names(&edge_7, LINK_SERVER_NAME));
+        assert!(!certificate_names(&edge_7, &link_name_of(8)));
+        assert!(!certificate_names(&edge_7, &link_name_of(77)));
+        let plain = cert(&["courier-link"]);
+        assert!(!certificate_names(&plain, &link_name_of(7)));
+    }
     use rustls::server::StoresServerSessions;
 
     #[test]

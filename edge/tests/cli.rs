@@ -219,7 +219,7 @@ fn serve_says_why_a_shard_could_not_start() {
     // 4: the checks passed and the start failed; a supervisor restarts it (1 is for checks).
     assert_eq!(status.code(), Some(4), "{stderr}");
     assert!(
-        stderr.contains("could not start") && stderr.contains("MemLock"),
+        stderr.contains("could not start") && stderr.to_lowercase().contains("memlock"),
         "{stderr}"
     );
 }

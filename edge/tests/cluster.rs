@@ -55,6 +55,16 @@ impl ClusterFiles {
     /// A CA (`{name}.pem`) and, for each id, a link certificate it signed (`{name}-{id}.pem`,
     /// `{name}-{id}.key`).
     fn make_ca(&self, name: &str, ids: &[u32]) {
+        let files: Vec<(u32, Option<u32>)> = ids.iter().map(|id| (*id, None)).collect();
+        self.make_ca_naming(name, &files);
+    }
+
+    /// [`ClusterFiles::make_ca`] whose certificates also name an edge: `(id, Some(named))`
+    /// writes `{name}-{id}.pem` with the DNS name `edge-{named}.courier-link` too
+    /// (`cluster.link_certificates_name_the_edge`).
+    fn make_ca_naming(&self, name: &str, files: &[(u32, Option<u32>)]) {
+        let ids: Vec<u32> = files.iter().map(|(id, _)| *id).collect();
+        let ids = &ids[..];
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -63,10 +73,11 @@ impl ClusterFiles {
             .push(rcgen::DnType::CommonName, format!("{name} cluster CA"));
         let ca = ca_params.self_signed(&ca_key).expect("CA");
         std::fs::write(self.path(&format!("{name}.pem")), ca.pem()).expect("write");
-        for id in ids {
+        for (id, named) in ids.iter().zip(files.iter().map(|(_, named)| *named)) {
             let key = rcgen::KeyPair::generate().expect("key");
-            let mut params =
-                rcgen::CertificateParams::new(vec!["courier-link".to_string()]).expect("params");
+            let mut names = vec!["courier-link".to_string()];
+            names.extend(named.map(|edge| format!("edge-{edge}.courier-link")));
+            let mut params = rcgen::CertificateParams::new(names).expect("params");
             params.extended_key_usages = vec![
                 rcgen::ExtendedKeyUsagePurpose::ServerAuth,
                 rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -952,4 +963,78 @@ mod takeover_on_shared_memory {
         acked.extend(send_numbered(&dave_client, carol, 3..6, "on the new members").await);
         assert_numbered_delivered(&mut carol_client, &acked).await;
     }
+}
+
+/// With `cluster.link_certificates_name_the_edge`, edges whose certificates name them link and
+/// carry messages as before (the dialing side checks the accepting edge's name, the accepting
+/// side the name the dialer's `Hello` claims).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_whose_certificates_name_them_link_and_carry_messages() {
+    let files = ClusterFiles::new();
+    let ids = [11u32, 22];
+    files.make_ca_naming("named", &[(11, Some(11)), (22, Some(22))]);
+    let members: Vec<(u32, SocketAddr)> = ids.iter().map(|id| (*id, free_addr())).collect();
+    let edges: Vec<Edge> = members
+        .iter()
+        .map(|(id, addr)| {
+            let config = files.config_with(
+                *id,
+                "named",
+                &members,
+                "link_certificates_name_the_edge = true\n",
+            );
+            Edge::start_on(*addr, 1, None, &config, &[])
+        })
+        .collect();
+    let homed_on = |edge: u32| {
+        (1..)
+            .find(|user| home_edge(*user, &ids) == edge)
+            .expect("a user")
+    };
+    let (alice, bob) = (homed_on(11), homed_on(22));
+    let alice_client = client_via(&files, &edges[0], alice).await;
+    let mut bob_client = client_via(&files, &edges[1], bob).await;
+    let acked = send_numbered(&alice_client, bob, 0..3, "across the named link").await;
+    assert_numbered_delivered(&mut bob_client, &acked).await;
+}
+
+/// With names per edge, a certificate that names another edge links nowhere: the edge that
+/// dials it finds the wrong name at the handshake, and the edge it dials refuses its `Hello`
+/// for an edge its certificate does not name. (Here edge 22 itself has the setting off, so it
+/// starts with a certificate naming edge 44; with it on it would refuse to start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_naming_another_edge_links_nowhere() {
+    let files = ClusterFiles::new();
+    files.make_ca_naming("named", &[(11, Some(11)), (22, Some(44))]);
+    let members = [(11u32, free_addr()), (22u32, free_addr())];
+    let checking = files.config_with(
+        11,
+        "named",
+        &members,
+        "link_certificates_name_the_edge = true\n",
+    );
+    let lying = files.config_with(22, "named", &members, "");
+    let edges = [
+        Edge::start_on(members[0].1, 1, None, &checking, &[]),
+        Edge::start_on(members[1].1, 1, None, &lying, &[]),
+    ];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Edge 11's link to 22 fails its handshake. (Edge 22's to 11 completes its handshake, and
+    // 22 logs it up, before 11 reads its Hello and closes it.)
+    let log = edges[0].log.lock().expect("log").clone();
+    assert!(
+        !log.iter().any(|line| line.contains("link up")),
+        "edge 11 linked to a certificate naming edge 44: {:?}",
+        log.iter().rev().take(20).collect::<Vec<_>>()
+    );
+    let refused = edges[0]
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .any(|line| line.contains("its certificate names"));
+    assert!(
+        refused,
+        "edge 11 refused the Hello of a certificate naming edge 44"
+    );
 }

@@ -313,9 +313,10 @@ impl FdbConfig {
     /// An upper bound of the bytes FoundationDB counts for one `commit::expire` pass under
     /// `core`: it reads at most `expire_scan_keys_max` keys (at least 4), at most half of them
     /// expiry index entries (each a range read of messages, a clear and an emptied-inbox mark)
-    /// and the rest messages (a clear each), plus one dedupe range clear (FoundationDB clears
-    /// it without reading, so it writes no `k` mark), the read of that mark, the list of
-    /// emptied inboxes and the owner check.
+    /// and the rest messages (a clear each) or device records its sweep looks at (a counter
+    /// read and a clear each), plus one dedupe range clear (FoundationDB clears it without
+    /// reading, so it writes no `k` mark), the read of that mark, the sweep's mark, the list
+    /// of emptied inboxes and the owner check.
     pub fn expire_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_key) = self.expire_costs();
         fixed + core.expire_scan_keys_max.max(4) * per_key
@@ -329,6 +330,8 @@ impl FdbConfig {
         let expiry_key = prefixed(keys::expiry(0, 0).len());
         let bucket_key = prefixed(keys::dedupe_bucket_start(0).len());
         let emptied_key = prefixed(keys::emptied(0).len());
+        let device_key = prefixed(keys::device(0, 0).len());
+        let counter_key = prefixed(keys::counter(0).len());
         let tag_key = prefixed(1);
         // The dedupe clear and the read of its mark, the read of the index, the list of
         // emptied inboxes, and one entry rewritten with where the next pass goes on.
@@ -337,7 +340,11 @@ impl FdbConfig {
             + read_bytes(prefixed(keys::dedupe_expired_below().len()))
             + range_read_bytes(bucket_key, bucket_key)
             + range_read_bytes(tag_key, tag_key)
-            + set_bytes(expiry_key, 9);
+            + set_bytes(expiry_key, 9)
+            // The device sweep's mark, read and moved, and its range read's bounds.
+            + read_bytes(tag_key)
+            + set_bytes(tag_key, device_key)
+            + range_read_bytes(device_key, device_key);
         // Each budget unit is an index entry, a message read, or the emptiness check after an
         // entry's scan. An entry costs its first page's read, its clear and the emptied mark;
         // the check a range read; a message its clear and its share of a page's read. An
@@ -349,7 +356,15 @@ impl FdbConfig {
         let check = range_read_bytes(message_key, message_key);
         let message = clear_range_bytes(message_key, message_key + 1)
             + page_read.div_ceil(crate::commit::EXPIRY_PAGE_KEYS);
-        (fixed, (entry + check).div_ceil(2).max(message))
+        // A device record the sweep looks at: its share of the range read, its inbox's
+        // counter read, and its clear. At most `DEVICE_SWEEP_KEYS_MAX` units of a pass are
+        // device records: what they cost beyond another unit is fixed.
+        let device = range_read_bytes(device_key, device_key)
+            + read_bytes(counter_key)
+            + clear_range_bytes(device_key, device_key + 1);
+        let unit = (entry + check).div_ceil(2).max(message);
+        let fixed = fixed + crate::commit::DEVICE_SWEEP_KEYS_MAX * device.saturating_sub(unit);
+        (fixed, unit)
     }
 
     /// Checks the settings, and that the largest batch and expiry pass of `core` fit

@@ -39,6 +39,9 @@ pub(super) enum ConnKind {
 pub(super) struct Cluster {
     edge: EdgeId,
     client_config: quinn_proto::ClientConfig,
+    /// `cluster.link_certificates_name_the_edge`: links are bound to the edge their
+    /// certificate names.
+    names_per_edge: bool,
     /// Every other edge: where to reach it, and this shard's link to it.
     peers: BTreeMap<EdgeId, PeerLink>,
     reconnect_min: Duration,
@@ -82,6 +85,7 @@ impl Cluster {
         Cluster {
             edge: cluster.edge_id,
             client_config,
+            names_per_edge: cluster.link_certificates_name_the_edge,
             peers: cluster
                 .members
                 .iter()
@@ -122,6 +126,22 @@ impl Cluster {
     }
 }
 
+/// The members among `peers` whose link name (`tls::link_name_of`) the peer's certificate
+/// carries: the edges a link it opened may say it is.
+fn edges_named(quic: &quinn_proto::Connection, peers: impl Iterator<Item = EdgeId>) -> Vec<EdgeId> {
+    let certs = quic.crypto_session().peer_identity().and_then(|identity| {
+        identity
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
+        return Vec::new();
+    };
+    peers
+        .filter(|peer| crate::tls::certificate_names(leaf, &crate::tls::link_name_of(*peer)))
+        .collect()
+}
+
 /// The ALPN the handshake settled on.
 fn negotiated_alpn(quic: &quinn_proto::Connection) -> Option<Vec<u8>> {
     let data = quic.crypto_session().handshake_data()?;
@@ -144,11 +164,17 @@ impl Shard {
             if link.conn.is_some() || link.retry_at > now {
                 continue;
             }
+            // With names per edge, the handshake checks that the peer is the member meant.
+            let server_name = if cluster.names_per_edge {
+                crate::tls::link_name_of(*peer)
+            } else {
+                crate::tls::LINK_SERVER_NAME.to_string()
+            };
             match self.endpoint.connect(
                 now,
                 cluster.client_config.clone(),
                 link.address,
-                crate::tls::LINK_SERVER_NAME,
+                &server_name,
             ) {
                 Ok((handle, quic)) => {
                     link.conn = Some(handle);
@@ -228,7 +254,12 @@ impl Shard {
                 let link = conn.generation;
                 conn.kind = ConnKind::LinkIn { link };
                 self.in_links.insert(link, handle);
-                self.session.open_link(link);
+                let named = self
+                    .cluster
+                    .as_ref()
+                    .filter(|cluster| cluster.names_per_edge)
+                    .map(|cluster| edges_named(&conn.quic, cluster.peers.keys().copied()));
+                self.session.open_link(link, named);
                 debug!(shard = self.id, link, peer = %conn.quic.remote_address(), "link accepted");
             }
             ConnKind::LinkIn { .. } => {}
