@@ -693,6 +693,16 @@ impl<A: Authenticator> EdgeSession<A> {
         self.deliveries_held_for_acks
     }
 
+    /// Sends waiting for a commit (their senders wait for the answer).
+    pub fn queued_sends(&self) -> usize {
+        self.inbox.queued_sends()
+            + self
+                .guests
+                .values()
+                .map(InboxShard::queued_sends)
+                .sum::<usize>()
+    }
+
     /// Requests waiting for a commit, and whether one is in flight: a shard is idle when both
     /// are zero.
     pub fn queued_requests(&self) -> usize {

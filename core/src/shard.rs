@@ -181,6 +181,11 @@ impl<T> InboxShard<T> {
             .map(|since| since.saturating_add(self.ack_delay_ms))
     }
 
+    /// Sends waiting for a batch.
+    pub fn queued_sends(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Sends, links, acks and forgets waiting for a batch.
     pub fn queued_requests(&self) -> usize {
         self.queue.len()

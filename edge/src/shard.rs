@@ -1903,8 +1903,9 @@ impl Shard {
                 }
             }
         }
+        // The sends queued are answered before the connections close: their senders wait.
         if self.committer.is_none()
-            || self.session.queued_requests() > 0
+            || self.session.queued_sends() > 0
             || self.session.batch_in_flight()
         {
             return false;
@@ -1915,7 +1916,11 @@ impl Shard {
                 .close_all(ErrorCode::ShuttingDown, "the edge is shutting down");
             self.close_links();
         }
-        true
+        // Acks, logins and forgets still queued commit with the next batches. They are waited
+        // for only now that the connections are closed: while clients were connected their
+        // acks (each waiting `ack_commit_delay_ms`) kept the queue from ever being empty at a
+        // check, and a busy edge ran out its grace without telling its clients to reconnect.
+        self.session.queued_requests() == 0 && !self.session.batch_in_flight()
     }
 
     // ---- Store reads ------------------------------------------------------------------------
