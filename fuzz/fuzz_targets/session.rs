@@ -144,7 +144,7 @@ fuzz_target!(|data: &[u8]| {
             15 => match (op >> 2) & 3 {
                 0 => shards[shard].link_up(PEER_EDGE),
                 1 => shards[shard].link_down(PEER_EDGE),
-                2 => shards[shard].open_link(slot as u64),
+                2 => shards[shard].open_link(slot as u64, None),
                 _ => shards[shard].link_closed(slot as u64),
             },
             // Takeover, on one shard (the edge's shards apply it each at its own tick).
