@@ -1727,6 +1727,14 @@ mod scripted_server_tests {
             options
         }
 
+        /// A client of this server, connected (its first `Welcome` read).
+        async fn client(&self) -> Client {
+            self.connector
+                .connect(self.options())
+                .await
+                .expect("connect")
+        }
+
         /// The next connection's stream, after its `Hello` was read and `Welcome` written.
         async fn welcome(&self) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
             let connection = self
@@ -1792,11 +1800,7 @@ mod scripted_server_tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         };
         let client = async {
-            let client = server
-                .connector
-                .connect(server.options())
-                .await
-                .expect("connect");
+            let client = server.client().await;
             client.send(9, b"hello".to_vec()).await
         };
         let receipt = tokio::select! {
@@ -1822,11 +1826,7 @@ mod scripted_server_tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
         };
         let client = async {
-            let client = server
-                .connector
-                .connect(server.options())
-                .await
-                .expect("connect");
+            let client = server.client().await;
             while client.connections() < 2 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

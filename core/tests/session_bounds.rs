@@ -2,20 +2,11 @@
 //! connections is bounded, and a `Sync` cannot make the session skip what it never gave.
 
 mod common;
-use common::one_shard::{OneShard, delivered};
+use common::one_shard::{OneShard, delivered, hello};
 
 use courier_core::CoreConfig;
 use courier_core::session::{ConnRef, SessionConfig};
 use courier_protocol::Frame;
-
-fn hello(user: u64, device: u32) -> Frame {
-    Frame::Hello {
-        token: format!("{user}:{device}").into_bytes(),
-        device,
-        acked_up_to: 0,
-        resume_after_seq: 0,
-    }
-}
 
 /// Each login arms a `Seen` deadline an hour or so out, which stays in the heap after its
 /// connection closes until it comes due. A churn of connections (phones changing networks, a

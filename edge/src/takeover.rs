@@ -170,14 +170,7 @@ impl Takeover {
             "claimed this edge's lease"
         );
         let (commands, receiver) = flume::bounded(COMMANDS_MAX);
-        let shared = Arc::new(Takeover {
-            view: Mutex::new(View::default()),
-            version: AtomicU64::new(0),
-            commands,
-            handing_over: AtomicBool::new(false),
-            fenced_out: AtomicBool::new(false),
-            runs_expiry: AtomicBool::new(true),
-        });
+        let shared = Arc::new(Takeover::new(commands));
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("lease".into())
@@ -243,6 +236,18 @@ impl Takeover {
     pub fn fenced(&self, guest: EdgeId, lease: Lease) {
         // A full queue already carries reports enough; the next observation catches up.
         let _ = self.commands.try_send(Command::Fenced(guest, lease));
+    }
+
+    /// The shared side of a lease thread that reads `commands`.
+    fn new(commands: flume::Sender<Command>) -> Takeover {
+        Takeover {
+            view: Mutex::new(View::default()),
+            version: AtomicU64::new(0),
+            commands,
+            handing_over: AtomicBool::new(false),
+            fenced_out: AtomicBool::new(false),
+            runs_expiry: AtomicBool::new(true),
+        }
     }
 
     /// Hands this edge's lease and its guests' to the successor, waiting at most `wait` in
@@ -537,14 +542,7 @@ mod tests {
     #[test]
     fn a_drain_waits_at_most_its_wait_in_all() {
         let (commands, receiver) = flume::bounded(1);
-        let takeover = Takeover {
-            view: Mutex::new(View::default()),
-            version: AtomicU64::new(0),
-            commands,
-            handing_over: AtomicBool::new(false),
-            fenced_out: AtomicBool::new(false),
-            runs_expiry: AtomicBool::new(true),
-        };
+        let takeover = Takeover::new(commands);
         // Full, so the drain's command waits for room.
         takeover.commands.send(Command::Stop).expect("room for one");
         let wait = Duration::from_millis(1_000);

@@ -78,14 +78,8 @@ impl OneShard {
     /// Logs `user`'s `device` in on `slot` (a fresh install) and settles until its `Welcome`.
     pub fn login(&mut self, slot: usize, user: u64, device: u32) {
         self.session.open_connection(self.now, conn(slot));
-        let hello = Frame::Hello {
-            token: format!("{user}:{device}").into_bytes(),
-            device,
-            acked_up_to: 0,
-            resume_after_seq: 0,
-        };
         self.session
-            .handle_frame(self.now, conn(slot), hello, false);
+            .handle_frame(self.now, conn(slot), hello(user, device), false);
         let frames = self.settle();
         assert!(
             frames
@@ -99,6 +93,16 @@ impl OneShard {
     pub fn frame(&mut self, slot: usize, frame: Frame) {
         self.session
             .handle_frame(self.now, conn(slot), frame, false);
+    }
+}
+
+/// The `Hello` of `user`'s `device` as a fresh install (the test authenticator's token).
+pub fn hello(user: u64, device: u32) -> Frame {
+    Frame::Hello {
+        token: format!("{user}:{device}").into_bytes(),
+        device,
+        acked_up_to: 0,
+        resume_after_seq: 0,
     }
 }
 
