@@ -1595,6 +1595,11 @@ impl<A: Authenticator> EdgeSession<A> {
             return;
         };
         let login = c.login;
+        // A closing connection (redirected, refused, superseded) handles nothing more: a
+        // second close could discard the `Goaway` it is waiting to send.
+        if login == Login::Closing {
+            return;
+        }
         if early && !frame.is_idempotent() {
             return self.close(
                 conn,

@@ -190,3 +190,44 @@ fn a_stopping_shard_refuses_new_sends_as_retryable() {
         "{answered:?}"
     );
 }
+
+/// A client redirected at its `Hello` (its user lives on another edge) whose 0-RTT data also
+/// carried an `Ack` (not idempotent, so not allowed there): the connection is already closing,
+/// and the frame is ignored. Before, it was answered with a second close, which can discard the
+/// `Goaway` (and its address) not yet sent.
+#[test]
+fn an_early_frame_on_a_redirected_connection_does_not_close_it_again() {
+    let now = 1_700_000_000_000;
+    let user = (1..)
+        .find(|user| home_edge(*user, &EDGES) == 2)
+        .expect("a user of edge 2");
+    let mut shard = session();
+    let conn = ConnRef {
+        shard: 0,
+        slot: 0,
+        generation: 1,
+    };
+    shard.open_connection(now, conn);
+    let hello = Frame::Hello {
+        token: format!("{user}:0").into_bytes(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    };
+    shard.handle_frame(now, conn, hello, true);
+    let redirected = effects(&mut shard);
+    assert!(
+        redirected
+            .iter()
+            .any(|effect| matches!(effect, Effect::Redirect { .. })),
+        "{redirected:?}"
+    );
+    shard.handle_frame(now, conn, Frame::Ack { up_to_seq: 1 }, true);
+    let after = effects(&mut shard);
+    assert!(
+        !after
+            .iter()
+            .any(|effect| matches!(effect, Effect::Close { .. })),
+        "a second close: {after:?}"
+    );
+}
