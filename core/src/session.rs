@@ -1594,21 +1594,17 @@ impl<A: Authenticator> EdgeSession<A> {
         let Some(c) = self.conn(conn) else {
             return;
         };
-        let login = c.login;
-        // A closing connection (redirected, refused, superseded) handles nothing more: a
-        // second close could discard the `Goaway` it is waiting to send.
-        if login == Login::Closing {
-            return;
-        }
-        if early && !frame.is_idempotent() {
-            return self.close(
-                conn,
-                ErrorCode::UnexpectedFrame,
-                "only idempotent frames are allowed in 0-RTT data".into(),
-            );
-        }
-        let user = match (login, &frame) {
+        let user = match (c.login, &frame) {
+            // A closing connection (redirected, refused, superseded) handles nothing more: a
+            // second close could discard the `Goaway` it is waiting to send.
             (Login::Closing, _) => return,
+            _ if early && !frame.is_idempotent() => {
+                return self.close(
+                    conn,
+                    ErrorCode::UnexpectedFrame,
+                    "only idempotent frames are allowed in 0-RTT data".into(),
+                );
+            }
             (Login::AwaitingHello, Frame::Hello { .. }) => 0,
             (Login::AwaitingHello, _) => {
                 return self.close(

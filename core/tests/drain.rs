@@ -6,13 +6,13 @@
 
 mod common;
 use common::SimAuth;
-use common::one_shard::OneShard;
+use common::one_shard::{OneShard, conn, hello};
 
 use courier_core::CoreConfig;
 use courier_core::commit::Committer;
 use courier_core::placement::home_edge;
 use courier_core::session::{
-    ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
+    ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
 };
 use courier_core::store::memory::MemoryStore;
 use courier_protocol::link::{LinkFrame, LinkSendResult};
@@ -35,6 +35,13 @@ fn session() -> EdgeSession<SimAuth> {
     EdgeSession::new(config, SimAuth)
 }
 
+/// A user whose home is `edge`.
+fn user_of(edge: u32) -> u64 {
+    (1..)
+        .find(|user| home_edge(*user, &EDGES) == edge)
+        .expect("a user of every edge")
+}
+
 fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
     std::iter::from_fn(|| session.poll_effect()).collect()
 }
@@ -42,25 +49,13 @@ fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
 #[test]
 fn a_drained_shard_redirects_once_and_commits_nothing_more() {
     let now = 1_700_000_000_000;
-    let user = (1..)
-        .find(|u| home_edge(*u, &EDGES) == 1)
-        .expect("a user of edge 1");
+    let user = user_of(1);
     let mut shard = session();
     let store = MemoryStore::new();
     let mut committer = Committer::new(&CoreConfig::default());
-    let conn = ConnRef {
-        shard: 0,
-        slot: 0,
-        generation: 1,
-    };
+    let conn = conn(0);
     shard.open_connection(now, conn);
-    let hello = Frame::Hello {
-        token: format!("{user}:0").into_bytes(),
-        device: 0,
-        acked_up_to: 0,
-        resume_after_seq: 0,
-    };
-    shard.handle_frame(now, conn, hello, false);
+    shard.handle_frame(now, conn, hello(user, 0), false);
     let batch = shard.poll_batch(now).expect("the login commits");
     let result = committer.commit_batch(&store, &batch.requests, now);
     shard.handle_commit(batch, result);
@@ -198,23 +193,11 @@ fn a_stopping_shard_refuses_new_sends_as_retryable() {
 #[test]
 fn an_early_frame_on_a_redirected_connection_does_not_close_it_again() {
     let now = 1_700_000_000_000;
-    let user = (1..)
-        .find(|user| home_edge(*user, &EDGES) == 2)
-        .expect("a user of edge 2");
+    let user = user_of(2);
     let mut shard = session();
-    let conn = ConnRef {
-        shard: 0,
-        slot: 0,
-        generation: 1,
-    };
+    let conn = conn(0);
     shard.open_connection(now, conn);
-    let hello = Frame::Hello {
-        token: format!("{user}:0").into_bytes(),
-        device: 0,
-        acked_up_to: 0,
-        resume_after_seq: 0,
-    };
-    shard.handle_frame(now, conn, hello, true);
+    shard.handle_frame(now, conn, hello(user, 0), true);
     let redirected = effects(&mut shard);
     assert!(
         redirected

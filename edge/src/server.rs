@@ -27,11 +27,8 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     // failed after its checks passed (the port still held by the process before, the store's
     // disk, FoundationDB unreachable, a shard that could not start) exits 4, which a
     // supervisor restarts: it may be gone by the next try.
-    config
-        .validate_on("built-in or loaded config", false)
-        .map_err(|e| e.to_string())?;
-    preflight(&config)?;
-    let edge = match Edge::start(config, EdgeStore::Configured) {
+    Edge::check(&config, &EdgeStore::Configured)?;
+    let edge = match Edge::start_checked(config, EdgeStore::Configured) {
         Ok(edge) => edge,
         Err(error) => {
             tracing::error!(%error, "could not start");
@@ -120,12 +117,22 @@ impl std::fmt::Debug for Edge {
 impl Edge {
     /// Checks the config, opens the store and starts every shard; returns once all serve.
     pub fn start(config: Config, store: EdgeStore) -> Result<Edge, String> {
+        Edge::check(&config, &store)?;
+        Edge::start_checked(config, store)
+    }
+
+    /// The checks [`Edge::start`] makes before it writes anything: the config, and the files
+    /// and directories it names (`preflight`).
+    pub fn check(config: &Config, store: &EdgeStore) -> Result<(), String> {
         let shared_store = matches!(store, EdgeStore::SharedMemory(_));
         config
             .validate_on("built-in or loaded config", shared_store)
             .map_err(|e| e.to_string())?;
-        // Everything that can be checked is checked before anything is written.
-        preflight(&config)?;
+        preflight(config)
+    }
+
+    /// [`Edge::start`] after [`Edge::check`] passed: binds, opens the store, starts the shards.
+    pub fn start_checked(config: Config, store: EdgeStore) -> Result<Edge, String> {
         probe_address_free(config.server.listen)?;
         // Before the store opens (in a cluster with takeover that claims the users' lease, and
         // fences whoever served them meanwhile): a metrics port in use fails the start here.
