@@ -6,7 +6,11 @@
 //! lock, so a pass's length is how long every commit of the shard may wait. Prints the
 //! passes, the median and the longest pass, the total, and the process's peak memory.
 //!
-//! Run: `cargo bench -p courier-core --bench expiry -- [--sends N] [--dir PATH]`
+//! With `--ttl-secs N` the messages expire too (N at most a day): the passes also clear the
+//! expiry index, delete the messages and list the inboxes they empty. `--inboxes N` (default
+//! 100,000) spreads the sends over that many inboxes: one expiry index entry each.
+//!
+//! Run: `cargo bench -p courier-core --bench expiry -- [--sends N] [--inboxes N] [--ttl-secs N] [--dir PATH]`
 //! The directory must be on the disk you want to measure; default: `target/expiry-bench`.
 
 use std::path::PathBuf;
@@ -19,6 +23,8 @@ use courier_core::store::fjall::{FjallOptions, FjallStore};
 
 fn main() {
     let mut sends = 200_000u64;
+    let mut inboxes = 100_000u64;
+    let mut ttl_secs = None;
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/expiry-bench");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -30,11 +36,26 @@ fn main() {
                     .filter(|&n| n > 0)
                     .expect("--sends N (at least 1)")
             }
+            "--inboxes" => {
+                inboxes = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--inboxes N (at least 1)")
+            }
+            "--ttl-secs" => {
+                ttl_secs = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|&n| (1..=86_400).contains(&n))
+                        .expect("--ttl-secs N (1 to 86400)"),
+                )
+            }
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             // `cargo bench` passes --bench; anything else is a mistake worth reporting.
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}; usage: expiry [--sends N] [--dir PATH]");
+                eprintln!("unknown argument {other}; usage: expiry [--sends N] [--inboxes N] [--ttl-secs N] [--dir PATH]");
                 std::process::exit(2);
             }
         }
@@ -53,9 +74,9 @@ fn main() {
                 Request::Send(SendRequest {
                     sender: 1 + rng.below(100_000),
                     client_id: stored + index + 1,
-                    to: 1 + rng.below(100_000),
+                    to: 1 + rng.below(inboxes),
                     body: vec![0x5A; 200],
-                    ttl_secs: None,
+                    ttl_secs,
                 })
             })
             .collect();
@@ -66,11 +87,14 @@ fn main() {
     }
     let now = 3 * window_ms + 1;
     let mut passes: Vec<Duration> = Vec::new();
+    let (mut messages_deleted, mut emptied_listed) = (0u64, 0usize);
     let start = Instant::now();
     loop {
         let pass_start = Instant::now();
         let report = expire(&store, now, &config).expect("expire");
         passes.push(pass_start.elapsed());
+        messages_deleted += report.messages_deleted;
+        emptied_listed += report.emptied.len();
         if !report.more {
             break;
         }
@@ -80,11 +104,11 @@ fn main() {
     passes.sort();
     let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
     println!(
-        "| dedupe records due | expiry passes | pass p50 / longest (writer lock held) | all passes | peak RSS |"
+        "| dedupe records due | messages deleted | emptied inboxes listed | expiry passes | pass p50 / longest (writer lock held) | all passes | peak RSS |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {stored} | {count} | {:.1} / {:.1} ms | {:.2} s | {} MiB |",
+        "| {stored} | {messages_deleted} | {emptied_listed} | {count} | {:.1} / {:.1} ms | {:.2} s | {} MiB |",
         ms(passes[count / 2]),
         ms(passes[count - 1]),
         total.as_secs_f64(),

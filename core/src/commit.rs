@@ -1041,8 +1041,9 @@ pub struct ExpireReport {
     pub index_entries_cleared: u64,
     /// Inboxes expiry left without a message (this pass or an earlier one) that are not yet
     /// forgotten: hand each to its home shard as a [`Request::Forget`], so the counter goes
-    /// too. Each stays listed (a `g` record) until its forget commits, so a crash in between
-    /// loses none. At most `expire_scan_keys_max / 2`.
+    /// too. Each stays recorded (a `g` record) until its forget commits, and the first pass of
+    /// every round lists the recorded ones again, so a crash in between loses none. At most
+    /// `expire_scan_keys_max / 2`.
     pub emptied: Vec<UserId>,
     /// The scan budget ran out; call again.
     pub more: bool,
@@ -1117,13 +1118,27 @@ fn write_expiry<T: Transaction>(
     let first_live = now / config.expiry_bucket_ms;
     // Index entries take at most half the budget so messages always get the rest.
     let entries_max = budget / 2;
-    let entries = txn.get_range(
-        &keys::expiry_bucket_start(0),
-        &keys::expiry_bucket_start(first_live),
-        entries_max,
-    )?;
-    report.more |= entries.len() == entries_max;
+    // A round of passes (those that run out of budget, then the one that finishes) goes on
+    // where the last one stopped: from the start, each would walk the tombstones of every
+    // entry the round cleared before it (quadratic in an hour's inboxes on fjall). A round
+    // begins at the start, so an entry put below the mark meanwhile (a send whose clock was
+    // behind the pass's) waits at most for the next round. A mark at or past the live buckets
+    // (the clock set back, or larger buckets) is not one this round left.
+    let live_start = keys::expiry_bucket_start(first_live);
+    let mark = txn.get(&keys::expiry_round_at())?;
+    let mark_found = mark.is_some();
+    let round_at = mark.filter(|mark| {
+        keys::parse_expiry(mark).is_some() && mark.as_slice() < &live_start[..]
+    });
+    let round_begins = round_at.is_none();
+    let scan_from = round_at.unwrap_or_else(|| keys::expiry_bucket_start(0).to_vec());
+    let entries = txn.get_range(&scan_from, &live_start, entries_max)?;
+    let mut round_stopped_at = (entries.len() == entries_max)
+        .then(|| entries.last().map(|(key, _)| key.clone()))
+        .flatten();
+    report.more |= round_stopped_at.is_some();
     budget -= entries.len();
+    let mut emptied_now = Vec::new();
     for (key, value) in entries {
         let Some((bucket, inbox)) = keys::parse_expiry(&key) else {
             return Err(StoreError::Corrupt(
@@ -1132,6 +1147,7 @@ fn write_expiry<T: Transaction>(
         };
         if budget == 0 {
             report.more = true;
+            round_stopped_at = Some(key);
             break;
         }
         // A message expiring in `bucket` was stored before the bucket ended, and seqs follow
@@ -1194,6 +1210,7 @@ fn write_expiry<T: Transaction>(
                 txn.set(&key, &resume);
             }
             report.more = true;
+            round_stopped_at = Some(key);
             break;
         }
         txn.clear(&key);
@@ -1206,14 +1223,28 @@ fn write_expiry<T: Transaction>(
             .is_empty()
         {
             txn.set(&keys::emptied(inbox), &[]);
+            emptied_now.push(inbox);
         }
     }
+    match round_stopped_at {
+        Some(key) => txn.set(&keys::expiry_round_at(), &key),
+        None if mark_found => txn.clear(&keys::expiry_round_at()),
+        None => {}
+    }
     sweep_forgotten_devices(txn, now, config, budget.min(DEVICE_SWEEP_KEYS_MAX))?;
-    let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
-    for (key, _) in txn.get_range(&start, &end, entries_max)? {
-        let inbox = keys::parse_emptied(&key)
-            .ok_or_else(|| StoreError::Corrupt("emptied-inbox key of unexpected shape".into()))?;
-        report.emptied.push(inbox);
+    // Inboxes emptied before and not yet forgotten (their forget was lost in a crash) are
+    // listed once a round, by its first pass: every pass would walk the tombstones of the `g`
+    // records the round's forgets cleared. The others hand on what they emptied.
+    if round_begins {
+        let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
+        for (key, _) in txn.get_range(&start, &end, entries_max)? {
+            let inbox = keys::parse_emptied(&key).ok_or_else(|| {
+                StoreError::Corrupt("emptied-inbox key of unexpected shape".into())
+            })?;
+            report.emptied.push(inbox);
+        }
+    } else {
+        report.emptied = emptied_now;
     }
     Ok(report)
 }
@@ -1378,6 +1409,81 @@ mod tests {
             1,
             "only the retention bucket's entry is left"
         );
+    }
+
+    /// The passes of a round go on where the last one stopped, not from the start of the
+    /// index: on fjall each would walk the tombstones of every entry the round had cleared. An
+    /// entry put below the mark meanwhile (a send whose clock was behind) waits for the next
+    /// round, which starts over. Emptied inboxes are each handed on once by the pass that
+    /// emptied them; the `g` records a crash left are listed again by a round's first pass.
+    #[test]
+    fn a_round_of_expiry_passes_goes_on_where_the_last_stopped() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 12,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let short = |client_id: u64, to: UserId| {
+            Request::Send(SendRequest {
+                sender: 1,
+                client_id,
+                to,
+                body: b"short".to_vec(),
+                ttl_secs: Some(1),
+            })
+        };
+        let t0 = 10 * config.expiry_bucket_ms;
+        let sends: Vec<Request> = (10..30).map(|inbox| short(inbox, inbox)).collect();
+        committer.commit_batch(&store, &sends, t0).unwrap();
+        let stored = |inbox: UserId| {
+            let mut txn = store.begin().unwrap();
+            let (start, end) = (keys::message(inbox, 0), keys::message(inbox, u64::MAX));
+            txn.get_range(&start, &end, 10).unwrap().len()
+        };
+        let later = t0 + 2 * config.expiry_bucket_ms;
+        let first = expire(&store, later, &config).unwrap();
+        assert!(first.more, "20 inboxes take more than one pass of 12 keys");
+        assert!(!first.emptied.is_empty());
+        // Behind the mark now: a late send to inbox 1 (its entry sorts first in the bucket),
+        // and a `g` record left by a crash before its forget.
+        committer.commit_batch(&store, &[short(1, 1)], t0).unwrap();
+        {
+            let mut txn = store.begin().unwrap();
+            txn.set(&keys::emptied(999), &[]);
+            txn.commit().unwrap();
+        }
+        let mut emptied = first.emptied.clone();
+        let mut passes = 1;
+        loop {
+            let report = expire(&store, later, &config).unwrap();
+            emptied.extend(&report.emptied);
+            passes += 1;
+            assert!(passes < 30, "the round never finished");
+            if !report.more {
+                break;
+            }
+        }
+        assert!(passes > 2);
+        emptied.sort_unstable();
+        assert_eq!(
+            emptied,
+            (10..30).collect::<Vec<_>>(),
+            "each emptied inbox handed on once, by the pass that emptied it"
+        );
+        assert!((10..30).all(|inbox| stored(inbox) == 0));
+        assert_eq!(stored(1), 1, "the round went on from its mark");
+        assert_eq!(store.begin().unwrap().get(&keys::expiry_round_at()).unwrap(), None);
+        // Their home shards forget them, as the edge's shards do with what expiry hands on.
+        let forgets: Vec<Request> = emptied.iter().map(|&inbox| Request::Forget { inbox }).collect();
+        committer.commit_batch(&store, &forgets, later).unwrap();
+        // The next round starts over.
+        let next = expire(&store, later, &config).unwrap();
+        assert!(!next.more);
+        assert_eq!(stored(1), 0, "the next round began at the start");
+        let mut listed = next.emptied.clone();
+        listed.sort_unstable();
+        assert_eq!(listed, vec![1, 999], "a round's first pass lists the g records");
     }
 
     /// A short page of an inbox with a counter covers up to the counter; of an inbox without

@@ -13,9 +13,11 @@
 //! | `t` | highest commit time (and time of an expiry pass that wrote `k`), u64 LE (atomic max) | server time high-water mark (`clock`) |
 //! | `k` | a dedupe key | every dedupe record below it is deleted: where expiry goes on clearing buckets past their window (embedded stores, which delete key by key) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
+//! | `p` | an `e` key | where a round of expiry passes goes on in the expiry index (set while a round runs out of budget, cleared when one finishes) |
 //! | `w` | a `v` key | where expiry's sweep of device records goes on: records of forgotten inboxes unseen for the retention are deleted (`crate::commit::expire`) |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
+//! | `r` edge | renew interval ms, u64 LE | how often the edge beats, written at its start: others judge it dead only after several of its own intervals, whatever their own timeout (`crate::takeover`) |
 //! | `m` | [`crate::membership::Membership`] | the cluster's members and their epoch: an edge on other members is fenced |
 //! | `o` shard | owner epoch | shard ownership; the FoundationDB backend keeps it at `{prefix} 0xff o {shard}`, outside the data keys (`store::config::fdb_owner_key`) |
 //!
@@ -37,8 +39,16 @@ pub const TAG_EMPTIED: u8 = b'g';
 pub const TAG_LEASE: u8 = b'l';
 pub const TAG_MEMBERS: u8 = b'm';
 pub const TAG_BEAT: u8 = b'b';
+pub const TAG_RENEW_INTERVAL: u8 = b'r';
 pub const TAG_DEDUPE_EXPIRED: u8 = b'k';
 pub const TAG_DEVICES_SWEPT: u8 = b'w';
+pub const TAG_EXPIRY_ROUND: u8 = b'p';
+
+/// `p`: the expiry index key the current round of expiry passes goes on from
+/// (`crate::commit::expire`).
+pub fn expiry_round_at() -> [u8; 1] {
+    [TAG_EXPIRY_ROUND]
+}
 
 /// `w`: the device key expiry's sweep of device records got to (`crate::commit::expire`).
 pub fn devices_swept_to() -> [u8; 1] {
@@ -208,6 +218,14 @@ pub fn lease(edge: u32) -> [u8; 5] {
 pub fn beat(edge: u32) -> [u8; 5] {
     let mut key = [0u8; 5];
     key[0] = TAG_BEAT;
+    key[1..5].copy_from_slice(&edge.to_be_bytes());
+    key
+}
+
+/// `r/{edge}`: how often the edge beats, as it said at its start (`crate::takeover`).
+pub fn renew_interval(edge: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = TAG_RENEW_INTERVAL;
     key[1..5].copy_from_slice(&edge.to_be_bytes());
     key
 }

@@ -14,7 +14,9 @@
 //!   commit of the earlier holder at once, as the owner epoch fences a shard.
 //! - The [`Planner`] (one per edge, sans-IO) reads every lease and beat each period. An edge
 //!   whose beat stood still for `lease_timeout_ms` of the observer's own clock (no clocks are
-//!   compared across machines) is dead. Its successor, by rendezvous hashing over the edges
+//!   compared across machines), and for [`BEATS_PER_TIMEOUT_MIN`] of the intervals it said it
+//!   beats at ([`publish_renew_interval`]), is dead: edges configured apart never judge a
+//!   slower-beating one dead between two of its beats. Its successor, by rendezvous hashing over the edges
 //!   alive, claims its lease ([`claim`]) if the record is still the one it saw, and serves its
 //!   users on its own shards until the lease changes again: the edge restarted and claimed
 //!   its own lease back, or the successor is fenced.
@@ -83,6 +85,27 @@ pub struct Observed {
     pub lease: Option<Lease>,
     /// Raised by the edge every renew interval while it holds its own lease.
     pub beat: u64,
+    /// The renew interval the edge said at its start; `None` from edges before it said one.
+    pub renew_ms: Option<u64>,
+}
+
+/// Beats an edge may miss before it is judged dead, at the least: an edge's own
+/// `lease_timeout_ms` is at least this many of its renew intervals (`cluster.lease_renew_ms`),
+/// and it waits at least this many of another edge's intervals, whatever its own timeout.
+pub const BEATS_PER_TIMEOUT_MIN: u64 = 3;
+
+/// Says how often `edge` beats (on the first store, where [`observe_all`] reads), so that
+/// edges whose `lease_timeout_ms` is shorter than a few of its intervals wait longer before
+/// judging it dead, instead of taking its users over while it lives. Written at every start.
+pub fn publish_renew_interval<S: Store>(
+    stores: &[S],
+    edge: EdgeId,
+    renew_ms: u64,
+) -> Result<(), StoreError> {
+    let mut txn = first(stores)?.begin()?;
+    txn.set(&keys::renew_interval(edge), &renew_ms.to_le_bytes());
+    txn.commit()?;
+    Ok(())
 }
 
 /// `b/{edge}`: the beat, apart from the lease so that raising it conflicts with no commit,
@@ -104,7 +127,14 @@ fn read_observed<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Observed, 
         .get(&beat_key(edge))?
         .and_then(|value| keys::le_u64(&value))
         .unwrap_or(0);
-    Ok(Observed { lease, beat })
+    let renew_ms = txn
+        .get(&keys::renew_interval(edge))?
+        .and_then(|value| keys::le_u64(&value));
+    Ok(Observed {
+        lease,
+        beat,
+        renew_ms,
+    })
 }
 
 /// Every edge's lease and beat, from one snapshot of the first store (see [`claim`] for why
@@ -118,17 +148,31 @@ pub fn observe_all<S: Store>(
     let mut txn = first(stores)?.begin_read()?;
     let keys: Vec<[u8; 5]> = edges
         .iter()
-        .flat_map(|edge| [keys::lease(*edge), beat_key(*edge)])
+        .flat_map(|edge| {
+            [
+                keys::lease(*edge),
+                beat_key(*edge),
+                keys::renew_interval(*edge),
+            ]
+        })
         .collect();
     let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
     let values = txn.get_many(&key_refs)?;
     edges
         .iter()
-        .zip(values.chunks_exact(2))
-        .map(|(edge, pair)| {
-            let lease = pair[0].as_deref().map(Lease::decode).transpose()?;
-            let beat = pair[1].as_deref().and_then(keys::le_u64).unwrap_or(0);
-            Ok((*edge, Observed { lease, beat }))
+        .zip(values.chunks_exact(3))
+        .map(|(edge, read)| {
+            let lease = read[0].as_deref().map(Lease::decode).transpose()?;
+            let beat = read[1].as_deref().and_then(keys::le_u64).unwrap_or(0);
+            let renew_ms = read[2].as_deref().and_then(keys::le_u64);
+            Ok((
+                *edge,
+                Observed {
+                    lease,
+                    beat,
+                    renew_ms,
+                },
+            ))
         })
         .collect()
 }
@@ -455,8 +499,30 @@ impl Planner {
         }
         self.seen.get(&edge).is_some_and(|(observed, changed_ms)| {
             observed.lease.is_some_and(|lease| lease.holder == edge)
-                && now_ms.saturating_sub(*changed_ms) < self.lease_timeout_ms
+                && now_ms.saturating_sub(*changed_ms) < self.timeout_of(observed)
         })
+    }
+
+    /// How long `observed`'s beat may stand still before its edge is dead: this edge's
+    /// timeout, or [`BEATS_PER_TIMEOUT_MIN`] of the edge's own renew intervals if longer.
+    fn timeout_of(&self, observed: &Observed) -> u64 {
+        observed.renew_ms.map_or(self.lease_timeout_ms, |renew_ms| {
+            self.lease_timeout_ms
+                .max(renew_ms.saturating_mul(BEATS_PER_TIMEOUT_MIN))
+        })
+    }
+
+    /// Members that beat too slowly for this edge's `lease_timeout_ms`, with their renew
+    /// interval: the edges' `[cluster]` timings differ. Each is given the longer timeout, so
+    /// nothing is taken over wrongly, but a dead one's users wait that much longer.
+    pub fn slow_beaters(&self) -> Vec<(EdgeId, u64)> {
+        self.seen
+            .iter()
+            .filter_map(|(edge, (observed, _))| {
+                let renew_ms = observed.renew_ms?;
+                (self.timeout_of(observed) > self.lease_timeout_ms).then_some((*edge, renew_ms))
+            })
+            .collect()
     }
 
     /// The edge serving `home`'s users: `home` while alive, else the live holder of its
@@ -551,7 +617,7 @@ impl Planner {
                 });
                 continue;
             }
-            let dead_long_enough = now_ms.saturating_sub(*changed_ms) >= self.lease_timeout_ms;
+            let dead_long_enough = now_ms.saturating_sub(*changed_ms) >= self.timeout_of(observed);
             if self.guests.contains_key(edge)
                 || self.claiming.contains(edge)
                 || !dead_long_enough
@@ -859,6 +925,45 @@ mod tests {
         );
         assert_eq!(planner.server_of(3, now), Some(3));
         assert!(planner.servers(now).is_empty());
+    }
+
+    /// Edges configured with different `[cluster]` lease timings: one beating every 500 ms is
+    /// watched by one whose timeout is 1,000 ms. Before, the watcher took its users over
+    /// whenever two of its beats were a little late, the slow edge's next beat was fenced and
+    /// it exited. Now the watcher waits three of the slow edge's intervals, says so, and
+    /// still takes over once the slow edge is silent that long.
+    #[test]
+    fn a_member_that_beats_slowly_is_judged_by_its_own_interval() {
+        let store = joined([MemoryStore::new()]);
+        let renew_ms = TIMEOUT / 2;
+        let lease = claim_own(&store, 2, 22, MEMBERS_EPOCH).expect("claim");
+        publish_renew_interval(&store, 2, renew_ms).expect("publish");
+        claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
+        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
+        // Every other beat is missed, and the next one is late (a busy store, a paused VM):
+        // 1,100 ms between beats, past the watcher's timeout, within three intervals.
+        let beat_every = 2 * renew_ms + 100;
+        let mut last_beat = 0;
+        for now in (0..10 * TIMEOUT).step_by(100) {
+            if now % beat_every == 0 {
+                renew(&store, 2, lease, MEMBERS_EPOCH).expect("renew");
+                last_beat = now;
+            }
+            observe_store(&mut planner, &store, now);
+            assert_eq!(planner.actions(now), vec![], "a live edge keeps its users ({now} ms)");
+        }
+        assert_eq!(planner.slow_beaters(), vec![(2, renew_ms)]);
+        // Silent from its last beat: taken over after three of its intervals, not sooner.
+        let due = last_beat + 3 * renew_ms;
+        for now in (10 * TIMEOUT..due).step_by(100) {
+            observe_store(&mut planner, &store, now);
+            assert_eq!(planner.actions(now), vec![], "{now} ms, due at {due}");
+        }
+        observe_store(&mut planner, &store, due);
+        assert!(matches!(
+            planner.actions(due)[..],
+            [TakeoverAction::Claim { edge: 2, .. }]
+        ));
     }
 
     #[test]

@@ -63,6 +63,10 @@ const IDLE_TIMEOUT_MS: u64 = 300;
 /// Takeover seeds: an edge whose beat stood still this long is dead to the others.
 const LEASE_TIMEOUT_MS: u64 = 300;
 const RENEW_MS: u64 = 50;
+/// Seeds with mixed `[cluster]` lease timings: some edges beat this slowly (with a timeout of
+/// three beats), slower than the others' timeout. Each edge judges another by that edge's
+/// published interval too, so a slow beater is never taken over while it beats.
+const SLOW_RENEW_MS: u64 = 400;
 
 #[test]
 fn cluster_simulation_over_many_seeds() {
@@ -96,6 +100,7 @@ fn cluster_simulation_over_many_seeds() {
         );
         assert!(total.fenced > 0, "no stale holder was fenced: {total:?}");
         assert!(total.drains > 0, "no edge was drained: {total:?}");
+        assert!(total.slow_beaters > 0, "no seed mixed lease timings: {total:?}");
         assert!(
             total.released_in_flight > 0,
             "no guest was released with a batch in flight: {total:?}"
@@ -136,6 +141,8 @@ struct Stats {
     /// starts refused because the edge's config had the old members.
     membership_changes: u64,
     stale_joins: u64,
+    /// Edges that beat more slowly than the others' lease timeout (mixed `[cluster]` timings).
+    slow_beaters: u64,
 }
 
 impl Stats {
@@ -157,6 +164,7 @@ impl Stats {
         self.released_in_flight += other.released_in_flight;
         self.membership_changes += other.membership_changes;
         self.stale_joins += other.stale_joins;
+        self.slow_beaters += other.slow_beaters;
     }
 }
 
@@ -311,6 +319,11 @@ struct Edge {
     planner: Option<Planner>,
     guests: Vec<ShardGuests>,
     next_beat_at: UnixMillis,
+    /// Its `[cluster]` lease timings: `lease_renew_ms`, `lease_timeout_ms`.
+    renew_ms: u64,
+    lease_timeout_ms: u64,
+    /// When its last beat went through.
+    last_beat_at: UnixMillis,
     /// This process's owner id, which its claims carry.
     owner: u64,
     /// Down until then (takeover seeds: a crashed edge stays down a while).
@@ -486,7 +499,14 @@ impl World {
         // With takeover, one or two FoundationDB clusters: a lease then has a copy on each.
         let cluster_count = if takeover { 1 + world.rng.below(2) } else { 1 };
         let shared = Rc::new((0..cluster_count).map(|_| MemoryStore::new()).collect());
+        let mixed_timings = takeover && world.rng.below(4) == 0;
         for id in &edge_ids {
+            let (renew_ms, lease_timeout_ms) = if mixed_timings && world.rng.below(2) == 0 {
+                world.stats.slow_beaters += 1;
+                (SLOW_RENEW_MS, 3 * SLOW_RENEW_MS)
+            } else {
+                (RENEW_MS, LEASE_TIMEOUT_MS)
+            };
             let stores = if takeover {
                 Rc::clone(&shared)
             } else {
@@ -503,6 +523,9 @@ impl World {
                 planner: None,
                 guests: Vec::new(),
                 next_beat_at: 0,
+                renew_ms,
+                lease_timeout_ms,
+                last_beat_at: 0,
                 owner: 0,
                 down_until: None,
                 stalled_until: 0,
@@ -549,6 +572,7 @@ impl World {
             }
             let lease = takeover::claim_own(&e.stores, e.id, owner, e.running.epoch)
                 .expect("claim own lease");
+            takeover::publish_renew_interval(&e.stores, e.id, e.renew_ms).expect("publish");
             e.lease = Some(lease);
             e.owner = owner;
             let planned = if self.lease_only {
@@ -556,7 +580,7 @@ impl World {
             } else {
                 e.running.members.clone()
             };
-            e.planner = Some(Planner::new(e.id, &planned, LEASE_TIMEOUT_MS));
+            e.planner = Some(Planner::new(e.id, &planned, e.lease_timeout_ms));
             e.next_beat_at = now;
         }
         e.shards = (0..count)
@@ -909,13 +933,17 @@ impl World {
             return;
         }
         if now >= e.next_beat_at {
-            e.next_beat_at = now + RENEW_MS;
+            e.next_beat_at = now + e.renew_ms;
             let lease = e.lease.expect("a live edge holds its lease");
-            if takeover::renew(&e.stores, e.id, lease, e.running.epoch) == Err(StoreError::Fenced) {
+            match takeover::renew(&e.stores, e.id, lease, e.running.epoch) {
                 // Its users were taken over while it stalled, or the members changed: the
                 // process exits.
-                self.stats.fenced += 1;
-                return self.crash_edge(edge);
+                Err(StoreError::Fenced) => {
+                    self.stats.fenced += 1;
+                    return self.crash_edge(edge);
+                }
+                Ok(()) => e.last_beat_at = now,
+                Err(_) => {}
             }
         }
         let observed = takeover::observe_all(&e.stores, &e.running.members).expect("read leases");
@@ -932,6 +960,23 @@ impl World {
                     let result =
                         takeover::claim(&e.stores, dead, e.id, e.owner, expected, e.running.epoch);
                     let ok = result.is_ok();
+                    // Taken over while it beat on time (up, not stalled, not draining): a
+                    // watcher judged it by its own timeout, not by the edge's interval.
+                    let dead_index = self.edge_ids.iter().position(|id| *id == dead);
+                    let d = &self.edges[dead_index.expect("a member")];
+                    let beating = d.down_until.is_none()
+                        && d.handing_over.is_none()
+                        && d.exits_at.is_none()
+                        && now >= d.stalled_until
+                        && now - d.last_beat_at < d.renew_ms;
+                    assert!(
+                        !(ok && beating),
+                        "edge {} took over edge {dead}, which beat {} ms ago (every {} ms)",
+                        self.edges[edge].id,
+                        now - d.last_beat_at,
+                        d.renew_ms
+                    );
+                    let e = &mut self.edges[edge];
                     e.planner.as_mut().expect("planner").claimed(dead, result);
                     self.stats.takeovers += u64::from(ok);
                 }

@@ -187,7 +187,11 @@ impl ClusterSection {
         if self.link_requests_in_flight_max == 0 {
             return Err(("cluster.link_requests_in_flight_max", "at least 1".into()));
         }
-        if self.lease_renew_ms == 0 || self.lease_timeout_ms < self.lease_renew_ms.saturating_mul(3)
+        if self.lease_renew_ms == 0
+            || self.lease_timeout_ms
+                < self
+                    .lease_renew_ms
+                    .saturating_mul(courier_core::takeover::BEATS_PER_TIMEOUT_MIN)
         {
             return Err((
                 "cluster.lease_renew_ms/lease_timeout_ms",

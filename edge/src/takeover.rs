@@ -164,6 +164,12 @@ impl Takeover {
         let epoch = settings.membership.epoch;
         let own = retry_transient(|| takeover::claim_own(&stores, settings.edge, owner, epoch))
             .map_err(|e| format!("cannot claim this edge's lease in the store: {e}"))?;
+        // Before the first beat: an edge whose lease timeout is shorter than a few of this
+        // edge's beats waits that many of them before judging it dead.
+        retry_transient(|| {
+            takeover::publish_renew_interval(&stores, settings.edge, settings.renew_ms)
+        })
+        .map_err(|e| format!("cannot write this edge's renew interval in the store: {e}"))?;
         info!(
             edge = settings.edge,
             epoch = own.epoch,
@@ -188,6 +194,7 @@ impl Takeover {
                     owner,
                     shared: thread_shared,
                     started: Instant::now(),
+                    slow_beaters_logged: Vec::new(),
                 }
                 .run(receiver)
             })
@@ -286,6 +293,8 @@ struct LeaseThread<S> {
     shared: Arc<Takeover>,
     /// The planner's clock: this process's own, never compared with another machine's.
     started: Instant,
+    /// The members last warned of for beating too slowly for this edge's timeout.
+    slow_beaters_logged: Vec<(EdgeId, u64)>,
 }
 
 impl<S: Store> LeaseThread<S> {
@@ -374,6 +383,20 @@ impl<S: Store> LeaseThread<S> {
         };
         let now = self.now_ms();
         self.planner.observe_round(now, observed);
+        let slow_beaters = self.planner.slow_beaters();
+        if slow_beaters != self.slow_beaters_logged {
+            for (member, renew_ms) in &slow_beaters {
+                warn!(
+                    member,
+                    renew_ms,
+                    timeout_ms = self.settings.timeout_ms,
+                    "a member beats too slowly for this edge's cluster.lease_timeout_ms: it is \
+                     judged dead only after several of its beats, so its users wait longer \
+                     for a takeover; give every edge the same [cluster] lease timings"
+                );
+            }
+            self.slow_beaters_logged = slow_beaters;
+        }
         if !renewed {
             // While this edge cannot beat, it may be the one cut off: it judges no one.
             self.publish();
