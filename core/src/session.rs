@@ -1154,10 +1154,19 @@ impl<A: Authenticator> EdgeSession<A> {
                 // The sender's edge placed `to` here; if this edge disagrees (membership
                 // changing), refuse as retryable instead of storing where no one reads.
                 let misplaced = self.remote_home(to).is_some();
+                let Some(in_link) = self.in_links.get(&link) else {
+                    return Ok(());
+                };
+                // A link bound to its edge's certificate speaks only for the users that edge
+                // serves, so one edge's leaked key cannot send as any user of the cluster. A
+                // view that differs for a moment (a takeover, a member change) gets the same
+                // retryable refusal as a misplaced recipient.
+                let not_its_sender =
+                    in_link.named.is_some() && self.remote_home(sender) != Some(edge);
                 let Some(in_link) = self.in_links.get_mut(&link) else {
                     return Ok(());
                 };
-                let refusal = if misplaced {
+                let refusal = if misplaced || not_its_sender {
                     Some(ErrorCode::ShardUnavailable)
                 } else if !self.taking_sends {
                     Some(ErrorCode::ShuttingDown)

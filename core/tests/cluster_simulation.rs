@@ -401,6 +401,10 @@ struct World {
     /// beats its lease (so a change of the members fences it), but its planner knows only
     /// itself, so no edge serves another's users.
     lease_only: bool,
+    /// Links bound to the edge their certificate names
+    /// (`cluster.link_certificates_name_the_edge`): a link then sends only as the users its
+    /// edge serves, in this shard's view of who serves whom.
+    links_named: bool,
     stall_per_thousand: u64,
     drain_per_thousand: u64,
     next_owner: u64,
@@ -469,6 +473,7 @@ impl World {
         let mut world = World {
             takeover,
             lease_only: takeover && rng.below(4) == 0,
+            links_named: rng.below(2) == 0,
             stall_per_thousand: if takeover { rng.below(2) } else { 0 },
             drain_per_thousand: if takeover { rng.below(2) } else { 0 },
             next_owner: 1,
@@ -1092,8 +1097,9 @@ impl World {
                 edge: self.edges[from_edge].id,
             };
             let now = self.now;
+            let named = self.links_named.then(|| vec![self.edges[from_edge].id]);
             let landing = &mut self.edges[to_edge].shards[to_shard as usize];
-            landing.open_link(link, None);
+            landing.open_link(link, named);
             landing
                 .handle_link_request(now, link, hello)
                 .expect("a member's hello is accepted");

@@ -1,14 +1,18 @@
 //! A link another edge opened says which edge it is in its `Hello`. When links are bound to
 //! the edge their certificate names (`cluster.link_certificates_name_the_edge`), the session
-//! accepts only a `Hello` for one of those edges: one leaked edge key then speaks for its own
-//! edge, not for the whole cluster.
+//! accepts only a `Hello` for one of those edges, and sends on it only as the users that edge
+//! serves: one leaked edge key then speaks for its own edge and its users, not for the whole
+//! cluster.
 
 mod common;
 use common::SimAuth;
 
-use courier_core::CoreConfig;
-use courier_core::session::{ClusterView, EdgeMember, EdgeSession, SessionConfig};
-use courier_protocol::link::LinkFrame;
+use courier_core::commit::Request;
+use courier_core::placement::{EdgeId, home_edge};
+use courier_core::session::{ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig};
+use courier_core::{CoreConfig, UserId};
+use courier_protocol::ErrorCode;
+use courier_protocol::link::{LinkFrame, LinkSendResult};
 
 /// Edge 3 of the cluster 1, 2, 3.
 fn session() -> EdgeSession<SimAuth> {
@@ -48,4 +52,84 @@ fn a_link_may_say_only_an_edge_its_certificate_names() {
     edge.open_link(10, None);
     edge.handle_link_request(0, 10, LinkFrame::Hello { edge: 2 })
         .expect("any member");
+}
+
+/// A user whose home is `edge` in the cluster 1, 2, 3.
+fn user_of(edge: EdgeId) -> UserId {
+    (1..)
+        .find(|user| home_edge(*user, &[1, 2, 3]) == edge)
+        .expect("a user")
+}
+
+/// The sends a link `link` of `edge` delivered to this shard's commit queue (their senders), and
+/// the refusals it answered on the link.
+fn sent_on_link(
+    edge: &mut EdgeSession<SimAuth>,
+    link: u64,
+    senders: &[UserId],
+) -> (Vec<UserId>, Vec<(u64, LinkSendResult)>) {
+    for (request_id, sender) in (1..).zip(senders) {
+        let send = LinkFrame::Send {
+            request_id,
+            sender: *sender,
+            client_id: request_id,
+            to: user_of(3),
+            body: b"hi".to_vec(),
+            ttl_secs: None,
+        };
+        edge.handle_link_request(0, link, send).expect("a send");
+    }
+    let refused = std::iter::from_fn(|| edge.poll_effect())
+        .filter_map(|effect| match effect {
+            Effect::LinkReply {
+                frame: LinkFrame::SendResult { request_id, result },
+                ..
+            } => Some((request_id, result)),
+            _ => None,
+        })
+        .collect();
+    let taken = edge
+        .poll_batch(0)
+        .map(|batch| {
+            batch
+                .requests
+                .iter()
+                .filter_map(|request| match request {
+                    Request::Send(send) => Some(send.sender),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (taken, refused)
+}
+
+/// On a link bound to edge 1's certificate, a send as a user of edge 2 is refused (retryable,
+/// as when views of who serves whom differ for a moment); one as edge 1's user is taken.
+/// Without names per edge the `Hello` is the peer's word, and nothing is checked against it.
+#[test]
+fn a_bound_link_sends_only_as_the_users_its_edge_serves() {
+    let mut edge = session();
+    edge.open_link(7, Some(vec![1]));
+    edge.handle_link_request(0, 7, LinkFrame::Hello { edge: 1 })
+        .expect("hello");
+    let (taken, refused) = sent_on_link(&mut edge, 7, &[user_of(2), user_of(1)]);
+    assert_eq!(taken, vec![user_of(1)]);
+    assert_eq!(
+        refused,
+        vec![(
+            1,
+            LinkSendResult::Refused {
+                code: ErrorCode::ShardUnavailable
+            }
+        )]
+    );
+
+    let mut edge = session();
+    edge.open_link(8, None);
+    edge.handle_link_request(0, 8, LinkFrame::Hello { edge: 1 })
+        .expect("hello");
+    let (taken, refused) = sent_on_link(&mut edge, 8, &[user_of(2), user_of(1)]);
+    assert_eq!(taken, vec![user_of(2), user_of(1)]);
+    assert_eq!(refused, vec![]);
 }
