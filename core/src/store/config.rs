@@ -315,8 +315,8 @@ impl FdbConfig {
     /// expiry index entries (each a range read of messages, a clear and an emptied-inbox mark)
     /// and the rest messages (a clear each) or device records its sweep looks at (a counter
     /// read and a clear each), plus one dedupe range clear (FoundationDB clears it without
-    /// reading, so it writes no `k` mark), the read of that mark, the sweep's mark, the list
-    /// of emptied inboxes and the owner check.
+    /// reading, so it writes no `k` mark), the read of that mark, the round's mark in the
+    /// index, the sweep's mark, the list of emptied inboxes and the owner check.
     pub fn expire_transaction_bytes_max(&self, core: &CoreConfig) -> usize {
         let (fixed, per_key) = self.expire_costs();
         fixed + core.expire_scan_keys_max.max(4) * per_key
@@ -341,6 +341,9 @@ impl FdbConfig {
             + range_read_bytes(bucket_key, bucket_key)
             + range_read_bytes(tag_key, tag_key)
             + set_bytes(expiry_key, 9)
+            // The round's mark in the expiry index, read and moved.
+            + read_bytes(tag_key)
+            + set_bytes(tag_key, expiry_key)
             // The device sweep's mark, read and moved, and its range read's bounds.
             + read_bytes(tag_key)
             + set_bytes(tag_key, device_key)
