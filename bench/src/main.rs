@@ -161,6 +161,10 @@ pub enum Workload {
     /// A storm of reconnects, full handshakes then resumed sessions with 0-RTT: handshakes/s
     /// and the time from starting to connect until the first send is acknowledged.
     Reconnect(workloads::ReconnectArgs),
+    /// QUIC handshakes alone: N connections, each closed as soon as its handshake is done
+    /// (no Hello, no login): the edge's CPU per full (or --resumed) handshake, and the
+    /// handshakes per second one edge core would make at that cost.
+    Handshakes(workloads::HandshakesArgs),
     /// Kill the spawned edge with SIGKILL (or stop it with SIGTERM: --graceful) under N idle
     /// clients and restart it on the same data directory (optionally holding --fill
     /// undelivered messages): time to listening, and how soon each client is logged in again
@@ -280,6 +284,7 @@ async fn run_on_edge(cli: &Cli) -> Result<report::Report, String> {
         Workload::Offline(args) => workloads::pairs(&target, args, true).await?,
         Workload::Connections(args) => workloads::connections(&target, args).await?,
         Workload::Reconnect(args) => workloads::reconnect(&target, args).await?,
+        Workload::Handshakes(args) => workloads::handshakes(&target, args).await?,
         Workload::Restart(args) => workloads::restart(&target, args).await?,
         Workload::Abuse(args) => abuse::abuse(&target, args).await?,
         Workload::RedisPairs(_) | Workload::RedisOffline(_) => {

@@ -94,6 +94,24 @@ pub struct ConnectionsArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct HandshakesArgs {
+    /// Handshakes to make.
+    #[arg(long, default_value_t = 5_000)]
+    pub connections: u32,
+    /// Handshakes under way at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: u32,
+    /// Client UDP sockets to spread them over.
+    #[arg(long, default_value_t = 16)]
+    pub sockets: u32,
+    /// Resume the TLS session of the socket's previous connection (a ticket each, as a
+    /// device reconnecting): a key exchange, no certificate. Default: full handshakes, each
+    /// with an empty session cache, as a freshly installed app.
+    #[arg(long)]
+    pub resumed: bool,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct ReconnectArgs {
     /// Connections per phase (full handshakes, then resumed with 0-RTT).
     #[arg(long, default_value_t = 2000)]
@@ -979,6 +997,101 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         report.errors.push(format!(
             "only {} of {} connections opened",
             clients.len(),
+            args.connections
+        ));
+    }
+    Ok(report)
+}
+
+/// `handshakes`: QUIC handshakes alone (issue 10, item 4: "≥ 5,000 full handshakes/s per edge
+/// core"). Each connection is closed as soon as its handshake is done, without `Hello`, so
+/// the edge's CPU per connection is the handshake's, its close's and the connection's upkeep
+/// in between: no token check, no login, no store. The load generator makes the client's
+/// half of each handshake (the same key exchange, and the certificate's check) on its own
+/// core, so it may be the limit of the rate; the edge's CPU per handshake is what says how
+/// many one edge core makes (`edge_handshakes_per_core_sec`).
+pub async fn handshakes(target: &Target, args: &HandshakesArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "handshakes",
+        json!({
+            "connections": args.connections, "concurrency": args.concurrency,
+            "sockets": args.sockets, "resumed": args.resumed,
+        }),
+    );
+    let connectors: Vec<_> = (0..args.sockets.max(1))
+        .map(|_| target.connector())
+        .collect::<Result<_, _>>()?;
+    // Resumed: every socket's first connection is a full handshake that leaves a ticket,
+    // outside the count.
+    if args.resumed {
+        for connector in &connectors {
+            let raw = courier_client::raw::RawConnection::connect(connector, target.addr)
+                .await
+                .map_err(|e| format!("a first handshake: {e}"))?;
+            raw.connection.close(0u32.into(), b"");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let usage = EdgeUsage::start(target);
+    let start = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1) as usize));
+    let mut tasks = Vec::new();
+    for index in 0..args.connections {
+        let connector = &connectors[index as usize % connectors.len()];
+        let connector = if args.resumed {
+            connector.clone()
+        } else {
+            connector.fresh_session().map_err(|e| e.to_string())?
+        };
+        let permit = semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = target.addr;
+        tasks.push(tokio::spawn(async move {
+            let result = courier_client::raw::RawConnection::connect(&connector, addr).await;
+            drop(permit);
+            let raw = result?;
+            raw.connection.close(0u32.into(), b"");
+            Ok::<_, courier_client::ClientError>(())
+        }));
+    }
+    let mut made = 0u64;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => made += 1,
+            Ok(Err(error)) => {
+                if report.errors.len() < 5 {
+                    report.errors.push(error.to_string());
+                }
+            }
+            Err(error) => report.errors.push(error.to_string()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    // The closes reach the edge and are handled: part of each connection's cost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    usage.finish(target, &mut report);
+    report.duration_secs = secs;
+    report.extra.insert("handshakes".into(), json!(made));
+    report
+        .extra
+        .insert("handshakes_per_sec".into(), json!(made as f64 / secs.max(1e-9)));
+    if let Some(cpu) = report.edge_cpu_secs.filter(|_| made > 0) {
+        let per_handshake_us = cpu * 1e6 / made as f64;
+        report.extra.insert(
+            "edge_cpu_us_per_handshake".into(),
+            json!(per_handshake_us.round()),
+        );
+        report.extra.insert(
+            "edge_handshakes_per_core_sec".into(),
+            json!((1e6 / per_handshake_us.max(1e-9)).round()),
+        );
+    }
+    if made < u64::from(args.connections) {
+        report.errors.push(format!(
+            "only {made} of {} handshakes completed",
             args.connections
         ));
     }

@@ -1041,10 +1041,14 @@ pub struct ExpireReport {
     pub index_entries_cleared: u64,
     /// Inboxes expiry left without a message (this pass or an earlier one) that are not yet
     /// forgotten: hand each to its home shard as a [`Request::Forget`], so the counter goes
-    /// too. Each stays recorded (a `g` record) until its forget commits, and the first pass of
-    /// every round lists the recorded ones again, so a crash in between loses none. At most
-    /// `expire_scan_keys_max / 2`.
+    /// too: those this pass emptied, and on a round's first pass up to
+    /// `expire_scan_keys_max / 2` more recorded before. Each stays recorded (a `g` record)
+    /// until its forget commits, so a crash in between loses none. At most
+    /// `expire_scan_keys_max`.
     pub emptied: Vec<UserId>,
+    /// This pass began a round of passes (see `expire`): it listed the emptied inboxes
+    /// recorded before, and scanned the expiry index from its start.
+    pub round_began: bool,
     /// The scan budget ran out; call again.
     pub more: bool,
 }
@@ -1118,17 +1122,17 @@ fn write_expiry<T: Transaction>(
     let first_live = now / config.expiry_bucket_ms;
     // Index entries take at most half the budget so messages always get the rest.
     let entries_max = budget / 2;
-    // A round of passes (those that run out of budget, then the one that finishes) goes on
-    // where the last one stopped: from the start, each would walk the tombstones of every
-    // entry the round cleared before it (quadratic in an hour's inboxes on fjall). A round
-    // begins at the start, so an entry put below the mark meanwhile (a send whose clock was
-    // behind the pass's) waits at most for the next round. A mark at or past the live buckets
-    // (the clock set back, or larger buckets) is not one this round left.
+    // A round of passes (those that say `more`, then the one that does not) goes on where
+    // the last one stopped: from the start, each would walk the tombstones of every entry the
+    // round cleared before it (quadratic in an hour's inboxes on fjall). A round begins at the
+    // start, so an entry put below the mark meanwhile (a send whose clock was behind the
+    // pass's) waits at most for the next round. A mark past the live buckets (the clock set
+    // back, or larger buckets) is not one this round left.
     let live_start = keys::expiry_bucket_start(first_live);
     let mark = txn.get(&keys::expiry_round_at())?;
     let mark_found = mark.is_some();
     let round_at = mark.filter(|mark| {
-        keys::parse_expiry(mark).is_some() && mark.as_slice() < &live_start[..]
+        mark.first() == Some(&keys::TAG_EXPIRY) && mark.as_slice() <= &live_start[..]
     });
     let round_begins = round_at.is_none();
     let scan_from = round_at.unwrap_or_else(|| keys::expiry_bucket_start(0).to_vec());
@@ -1226,26 +1230,32 @@ fn write_expiry<T: Transaction>(
             emptied_now.push(inbox);
         }
     }
+    // The round goes on while the pass has more to do (old dedupe records too: a round that
+    // ended with the index would start the next pass at the index's start again).
     match round_stopped_at {
         Some(key) => txn.set(&keys::expiry_round_at(), &key),
+        None if report.more => txn.set(&keys::expiry_round_at(), &live_start),
         None if mark_found => txn.clear(&keys::expiry_round_at()),
         None => {}
     }
     sweep_forgotten_devices(txn, now, config, budget.min(DEVICE_SWEEP_KEYS_MAX))?;
     // Inboxes emptied before and not yet forgotten (their forget was lost in a crash) are
     // listed once a round, by its first pass: every pass would walk the tombstones of the `g`
-    // records the round's forgets cleared. The others hand on what they emptied.
+    // records the round's forgets cleared. Every pass hands on what it emptied itself.
+    report.round_began = round_begins;
     if round_begins {
+        emptied_now.sort_unstable();
         let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
         for (key, _) in txn.get_range(&start, &end, entries_max)? {
             let inbox = keys::parse_emptied(&key).ok_or_else(|| {
                 StoreError::Corrupt("emptied-inbox key of unexpected shape".into())
             })?;
-            report.emptied.push(inbox);
+            if emptied_now.binary_search(&inbox).is_err() {
+                report.emptied.push(inbox);
+            }
         }
-    } else {
-        report.emptied = emptied_now;
     }
+    report.emptied.extend(emptied_now);
     Ok(report)
 }
 

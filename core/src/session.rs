@@ -1206,7 +1206,14 @@ impl<A: Authenticator> EdgeSession<A> {
                 kind,
                 payload,
             } => {
-                if self.remote_home(to).is_none() {
+                // As a send: a bound link signals only as the users its edge serves. Signals
+                // are best effort, so one that fails the check is dropped.
+                let bound = self
+                    .in_links
+                    .get(&link)
+                    .is_some_and(|in_link| in_link.named.is_some());
+                let not_its_sender = bound && self.remote_home(from) != Some(edge);
+                if self.remote_home(to).is_none() && !not_its_sender {
                     let home = self.home_of(to);
                     let message = ShardMessage::Signal {
                         to,

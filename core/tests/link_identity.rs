@@ -6,12 +6,14 @@
 
 mod common;
 use common::SimAuth;
+use common::one_shard::{conn, hello};
 
-use courier_core::commit::Request;
+use courier_core::commit::{Committer, Request};
+use courier_core::store::memory::MemoryStore;
 use courier_core::placement::{EdgeId, home_edge};
 use courier_core::session::{ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig};
 use courier_core::{CoreConfig, UserId};
-use courier_protocol::ErrorCode;
+use courier_protocol::{ErrorCode, Frame, SignalKind};
 use courier_protocol::link::{LinkFrame, LinkSendResult};
 
 /// Edge 3 of the cluster 1, 2, 3.
@@ -132,4 +134,51 @@ fn a_bound_link_sends_only_as_the_users_its_edge_serves() {
     let (taken, refused) = sent_on_link(&mut edge, 8, &[user_of(2), user_of(1)]);
     assert_eq!(taken, vec![user_of(2), user_of(1)]);
     assert_eq!(refused, vec![]);
+}
+
+/// Signals too: on a link bound to edge 1's certificate, a signal from a user of edge 2 to a
+/// user connected here is dropped; one from edge 1's user is delivered. Without names per
+/// edge both are.
+#[test]
+fn a_bound_link_signals_only_as_the_users_its_edge_serves() {
+    for named in [true, false] {
+        let now = 1_700_000_000_000;
+        let mut edge = session();
+        let recipient = user_of(3);
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&CoreConfig::default());
+        edge.open_connection(now, conn(0));
+        edge.handle_frame(now, conn(0), hello(recipient, 0), false);
+        let login = edge.poll_batch(now).expect("the login commits");
+        let result = committer.commit_batch(&store, &login.requests, now);
+        edge.handle_commit(login, result);
+        while edge.poll_effect().is_some() {}
+        edge.open_link(7, named.then(|| vec![1]));
+        edge.handle_link_request(now, 7, LinkFrame::Hello { edge: 1 })
+            .expect("hello");
+        for from in [user_of(2), user_of(1)] {
+            let signal = LinkFrame::Signal {
+                to: recipient,
+                from,
+                kind: SignalKind::Typing,
+                payload: Vec::new(),
+            };
+            edge.handle_link_request(now, 7, signal).expect("a signal");
+        }
+        let signalled: Vec<UserId> = std::iter::from_fn(|| edge.poll_effect())
+            .filter_map(|effect| match effect {
+                Effect::Write {
+                    frame: Frame::Signal { peer, .. },
+                    ..
+                } => Some(peer),
+                _ => None,
+            })
+            .collect();
+        let expected = if named {
+            vec![user_of(1)]
+        } else {
+            vec![user_of(2), user_of(1)]
+        };
+        assert_eq!(signalled, expected, "named: {named}");
+    }
 }

@@ -1792,8 +1792,10 @@ impl<S: SimStore> World<S> {
                     self.shards[shard].handle_commit(batch, result);
                 }
             }
-            // A shard queues a bounded number of forgets; the rest are listed again next pass.
-            if !report.more && report.emptied.is_empty() {
+            // A shard queues a bounded number of forgets; the rest are listed again by the
+            // next round's first pass, which also scans the expiry index from its start (an
+            // entry written below a round's mark waits for it).
+            if report.round_began && !report.more && report.emptied.is_empty() {
                 break;
             }
             if passes > 10_000 {
