@@ -1075,9 +1075,10 @@ pub async fn handshakes(target: &Target, args: &HandshakesArgs) -> Result<Report
     usage.finish(target, &mut report);
     report.duration_secs = secs;
     report.extra.insert("handshakes".into(), json!(made));
-    report
-        .extra
-        .insert("handshakes_per_sec".into(), json!(made as f64 / secs.max(1e-9)));
+    report.extra.insert(
+        "handshakes_per_sec".into(),
+        json!(made as f64 / secs.max(1e-9)),
+    );
     if let Some(cpu) = report.edge_cpu_secs.filter(|_| made > 0) {
         let per_handshake_us = cpu * 1e6 / made as f64;
         report.extra.insert(

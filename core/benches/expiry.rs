@@ -55,7 +55,9 @@ fn main() {
             // `cargo bench` passes --bench; anything else is a mistake worth reporting.
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}; usage: expiry [--sends N] [--inboxes N] [--ttl-secs N] [--dir PATH]");
+                eprintln!(
+                    "unknown argument {other}; usage: expiry [--sends N] [--inboxes N] [--ttl-secs N] [--dir PATH]"
+                );
                 std::process::exit(2);
             }
         }

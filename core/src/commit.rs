@@ -1259,6 +1259,39 @@ fn write_expiry<T: Transaction>(
     Ok(report)
 }
 
+/// Up to `max` inboxes recorded as emptied and not yet forgotten (`g` records), after the key
+/// `after` (from the start without it), and where the next call goes on (`None`: the start
+/// again, the end was reached). Read without conflicts.
+///
+/// On a store the shards share (FoundationDB), one shard of one edge runs the expiry passes,
+/// while only an inbox's home shard may forget it (decision 0011): every shard lists the
+/// records this way and forgets its own.
+pub fn list_emptied<S: Store>(
+    store: &S,
+    after: Option<&[u8]>,
+    max: usize,
+) -> Result<(Vec<UserId>, Option<Vec<u8>>), StoreError> {
+    let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
+    let from = match after {
+        // Just after the key: a zero byte appended makes the next key in order.
+        Some(key) if key.first() == Some(&keys::TAG_EMPTIED) => [key, &[0]].concat(),
+        _ => start.to_vec(),
+    };
+    let mut txn = store.begin_read()?;
+    let records = txn.get_range(&from, &end, max.max(1))?;
+    let next = (records.len() >= max.max(1))
+        .then(|| records.last().map(|(key, _)| key.clone()))
+        .flatten();
+    let inboxes = records
+        .iter()
+        .map(|(key, _)| {
+            keys::parse_emptied(key)
+                .ok_or_else(|| StoreError::Corrupt("emptied-inbox key of unexpected shape".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((inboxes, next))
+}
+
 /// Device records a pass of expiry looks at, at most: the sweep is background work, and on
 /// FoundationDB every record it reads is a conflict with a commit that writes it.
 pub(crate) const DEVICE_SWEEP_KEYS_MAX: usize = 64;
@@ -1483,9 +1516,19 @@ mod tests {
         );
         assert!((10..30).all(|inbox| stored(inbox) == 0));
         assert_eq!(stored(1), 1, "the round went on from its mark");
-        assert_eq!(store.begin().unwrap().get(&keys::expiry_round_at()).unwrap(), None);
+        assert_eq!(
+            store
+                .begin()
+                .unwrap()
+                .get(&keys::expiry_round_at())
+                .unwrap(),
+            None
+        );
         // Their home shards forget them, as the edge's shards do with what expiry hands on.
-        let forgets: Vec<Request> = emptied.iter().map(|&inbox| Request::Forget { inbox }).collect();
+        let forgets: Vec<Request> = emptied
+            .iter()
+            .map(|&inbox| Request::Forget { inbox })
+            .collect();
         committer.commit_batch(&store, &forgets, later).unwrap();
         // The next round starts over.
         let next = expire(&store, later, &config).unwrap();
@@ -1493,7 +1536,11 @@ mod tests {
         assert_eq!(stored(1), 0, "the next round began at the start");
         let mut listed = next.emptied.clone();
         listed.sort_unstable();
-        assert_eq!(listed, vec![1, 999], "a round's first pass lists the g records");
+        assert_eq!(
+            listed,
+            vec![1, 999],
+            "a round's first pass lists the g records"
+        );
     }
 
     /// A short page of an inbox with a counter covers up to the counter; of an inbox without

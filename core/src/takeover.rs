@@ -950,7 +950,11 @@ mod tests {
                 last_beat = now;
             }
             observe_store(&mut planner, &store, now);
-            assert_eq!(planner.actions(now), vec![], "a live edge keeps its users ({now} ms)");
+            assert_eq!(
+                planner.actions(now),
+                vec![],
+                "a live edge keeps its users ({now} ms)"
+            );
         }
         assert_eq!(planner.slow_beaters(), vec![(2, renew_ms)]);
         // Silent from its last beat: taken over after three of its intervals, not sooner.

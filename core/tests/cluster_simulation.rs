@@ -100,7 +100,10 @@ fn cluster_simulation_over_many_seeds() {
         );
         assert!(total.fenced > 0, "no stale holder was fenced: {total:?}");
         assert!(total.drains > 0, "no edge was drained: {total:?}");
-        assert!(total.slow_beaters > 0, "no seed mixed lease timings: {total:?}");
+        assert!(
+            total.slow_beaters > 0,
+            "no seed mixed lease timings: {total:?}"
+        );
         assert!(
             total.released_in_flight > 0,
             "no guest was released with a batch in flight: {total:?}"

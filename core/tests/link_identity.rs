@@ -9,12 +9,12 @@ use common::SimAuth;
 use common::one_shard::{conn, hello};
 
 use courier_core::commit::{Committer, Request};
-use courier_core::store::memory::MemoryStore;
 use courier_core::placement::{EdgeId, home_edge};
 use courier_core::session::{ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig};
+use courier_core::store::memory::MemoryStore;
 use courier_core::{CoreConfig, UserId};
-use courier_protocol::{ErrorCode, Frame, SignalKind};
 use courier_protocol::link::{LinkFrame, LinkSendResult};
+use courier_protocol::{ErrorCode, Frame, SignalKind};
 
 /// Edge 3 of the cluster 1, 2, 3.
 fn session() -> EdgeSession<SimAuth> {

@@ -394,6 +394,25 @@ pub struct Shared<S> {
     /// In a cluster of edges, the lease thread, which says whether this edge is the one that
     /// runs them ([`crate::takeover::Takeover::runs_expiry`]).
     pub expiry_turn: Option<Arc<crate::takeover::Takeover>>,
+    /// Per store, where this shard's listing of emptied inboxes goes on (see `expire`).
+    pub emptied_listed_to: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+}
+
+impl<S> Shared<S> {
+    pub fn new(
+        stores: Vec<S>,
+        lease: Option<(EdgeId, Lease)>,
+        runs_expiry: bool,
+        expiry_turn: Option<Arc<crate::takeover::Takeover>>,
+    ) -> Shared<S> {
+        Shared {
+            emptied_listed_to: std::sync::Mutex::new(vec![None; stores.len()]),
+            stores,
+            lease,
+            runs_expiry,
+            expiry_turn,
+        }
+    }
 }
 
 /// A shard's stores on FoundationDB.
@@ -458,15 +477,32 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
             .expiry_turn
             .as_ref()
             .is_none_or(|takeover| takeover.runs_expiry());
-        if !self.runs_expiry || !our_turn {
-            return Ok(total);
+        if self.runs_expiry && our_turn {
+            for store in &self.stores {
+                let report = expire(store, now, core)?;
+                total.messages_deleted += report.messages_deleted;
+                total.index_entries_cleared += report.index_entries_cleared;
+                total.emptied.extend(report.emptied);
+                total.more |= report.more;
+            }
         }
-        for store in &self.stores {
-            let report = expire(store, now, core)?;
-            total.messages_deleted += report.messages_deleted;
-            total.index_entries_cleared += report.index_entries_cleared;
-            total.emptied.extend(report.emptied);
-            total.more |= report.more;
+        // Only an inbox's home shard may forget it (decision 0011), and the passes above run
+        // on one shard of one edge: so every shard lists the inboxes recorded as emptied, a
+        // page per interval going round the records, and forgets its own. (Left to the passes,
+        // the others' inboxes kept their counters, device records and `g` records for good.)
+        if !total.more {
+            let mut listed_to = self
+                .emptied_listed_to
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            listed_to.resize(self.stores.len(), None);
+            for (store, after) in self.stores.iter().zip(listed_to.iter_mut()) {
+                let page = (core.expire_scan_keys_max / 2).max(1);
+                let (inboxes, next) =
+                    courier_core::commit::list_emptied(store, after.as_deref(), page)?;
+                total.emptied.extend(inboxes);
+                *after = next;
+            }
         }
         Ok(total)
     }
@@ -486,17 +522,58 @@ mod tests {
     use courier_core::commit::{Request, SendRequest};
     use courier_core::store::memory::MemoryStore;
 
+    /// On a shared store one shard runs the expiry passes, but every shard lists the inboxes
+    /// they emptied, a page per interval going round the records, so that each inbox's home
+    /// shard forgets it. Before, only the runner's shard heard of them, and every other
+    /// shard's emptied inboxes kept their counter and `g` record for good.
+    #[test]
+    fn on_shared_stores_every_shard_hears_of_the_inboxes_expiry_emptied() {
+        let core = CoreConfig {
+            expire_scan_keys_max: 4,
+            ..CoreConfig::default()
+        };
+        let store = Arc::new(MemoryStore::new());
+        let runner = Shared::new(vec![Arc::clone(&store)], None, true, None);
+        let other = Shared::new(vec![Arc::clone(&store)], None, false, None);
+        let sends: Vec<Request> = (1..=5)
+            .map(|to| {
+                Request::Send(SendRequest {
+                    sender: 9,
+                    client_id: to,
+                    to,
+                    body: b"short-lived".to_vec(),
+                    ttl_secs: Some(1),
+                })
+            })
+            .collect();
+        Committer::new(&core)
+            .commit_batch(&store, &sends, 1_000)
+            .unwrap();
+        let later = 1_000 + 10 * core.expiry_bucket_ms;
+        loop {
+            if !runner.expire(later, &core).unwrap().more {
+                break;
+            }
+        }
+        // Two a page (half the scan budget): the other shard's listing goes round all five
+        // in three intervals, then starts over.
+        let mut heard = Vec::new();
+        for _ in 0..3 {
+            let report = other.expire(later, &core).unwrap();
+            assert_eq!(report.messages_deleted, 0, "it runs no passes");
+            heard.extend(report.emptied);
+        }
+        heard.sort_unstable();
+        assert_eq!(heard, vec![1, 2, 3, 4, 5]);
+        assert_eq!(other.expire(later, &core).unwrap().emptied, vec![1, 2]);
+    }
+
     /// On shared stores only the shard chosen to run expiry passes deletes anything; the
     /// others' passes do nothing (before, every shard ran the same pass over the cluster).
     #[test]
     fn on_shared_stores_one_shard_runs_the_expiry_passes() {
         let core = CoreConfig::default();
-        let shared = |runs_expiry| Shared {
-            stores: vec![MemoryStore::new()],
-            lease: None,
-            runs_expiry,
-            expiry_turn: None,
-        };
+        let shared = |runs_expiry| Shared::new(vec![MemoryStore::new()], None, runs_expiry, None);
         for runs_expiry in [false, true] {
             let backend = shared(runs_expiry);
             let send = Request::Send(SendRequest {

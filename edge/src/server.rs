@@ -642,12 +642,12 @@ fn open_store(
                 let stores = clusters
                     .claim_shard(u32::from(shard), owner, attempts)
                     .map_err(|e| format!("cannot claim shard {shard} in FoundationDB: {e}"))?;
-                let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb {
+                let store: Arc<dyn ShardStore> = Arc::new(crate::backend::FoundationDb::new(
                     stores,
-                    lease: None,
-                    runs_expiry: shard == 0,
-                    expiry_turn: None,
-                });
+                    None,
+                    shard == 0,
+                    None,
+                ));
                 Ok(store)
             });
             info!(
@@ -737,12 +737,12 @@ where
     let lease = Some((cluster.edge_id, lease));
     let expiry_turn = Arc::clone(&takeover);
     let open: OpenShardStore = Arc::new(move |shard| {
-        let store: Arc<dyn ShardStore> = Arc::new(crate::backend::Shared {
-            stores: shard_stores(),
+        let store: Arc<dyn ShardStore> = Arc::new(crate::backend::Shared::new(
+            shard_stores(),
             lease,
-            runs_expiry: shard == 0,
-            expiry_turn: Some(Arc::clone(&expiry_turn)),
-        });
+            shard == 0,
+            Some(Arc::clone(&expiry_turn)),
+        ));
         Ok(store)
     });
     Ok((open, Some(takeover)))

@@ -900,6 +900,60 @@ mod takeover_on_shared_memory {
         wait_for_a_guest(&edges);
     }
 
+    /// Expiry runs on one shard of one edge of the shared store, and empties inboxes of every
+    /// edge; each must be forgotten by its home edge (decision 0011), which only hears of it
+    /// by listing the emptied inboxes itself. Before, the inboxes of the other edges kept their
+    /// counter and `g` record for good (R4).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inboxes_expiry_empties_are_forgotten_on_every_edge() {
+        use courier_core::keys;
+        use courier_core::store::{Store, Transaction};
+        let _one_at_a_time = IN_PROCESS.lock().await;
+        let _watchdog = Watchdog::start();
+        let files = ClusterFiles::new();
+        let stores = shared_stores();
+        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
+        for edge in &mut edges {
+            let mut config = std::fs::read_to_string(edge.config_path()).expect("config");
+            config.push_str("\n[retention]\nexpiry_interval_secs = 1\nexpiry_bucket_secs = 1\n");
+            std::fs::write(edge.config_path(), config).expect("config");
+            edge.start(&stores).expect("start");
+        }
+        wait_links(&edges, 2);
+        let alice = user_homed_on(0, 2);
+        let alice_client = client_via(&files, &edges[0], alice).await;
+        let recipients: Vec<u64> = (0..EDGE_IDS.len())
+            .map(|edge| user_homed_on(edge, 2))
+            .collect();
+        for (client_id, to) in (1..).zip(&recipients) {
+            alice_client
+                .send_with_id(client_id, *to, b"short-lived".to_vec(), Some(1))
+                .await
+                .expect("ack");
+        }
+        let left = || {
+            let mut txn = stores[0].begin_read().expect("read");
+            let counters: Vec<u64> = recipients
+                .iter()
+                .copied()
+                .filter(|inbox| txn.get(&keys::counter(*inbox)).expect("read").is_some())
+                .collect();
+            let (start, end) = keys::tag_range(keys::TAG_EMPTIED);
+            let emptied = txn.get_range(&start, &end, 100).expect("read").len();
+            (counters, emptied)
+        };
+        assert_eq!(left().0, recipients, "each inbox has its counter");
+        let deadline = std::time::Instant::now() + 2 * EVENT_TIMEOUT;
+        while left() != (Vec::new(), 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counters of emptied inboxes left, and emptied records: {:?}",
+                left()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The members change one edge at a time (decision 0016): edge 33 joins a cluster of 11 and
     /// 22 with a raised `membership_epoch`. The first edge on the new epoch fences the two on
     /// the old one at once; one restarted on its old config is refused; restarted on the new
