@@ -47,7 +47,7 @@ impl Target {
         if args.spawn_edge {
             let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
             let extra = spawned_edge_extra(args)?;
-            let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra)?;
+            let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra, args.edge_cert.key())?;
             return Ok(Target {
                 addr: spawned.addr,
                 addrs: vec![spawned.addr],
@@ -353,8 +353,25 @@ fn free_addr() -> Result<SocketAddr, String> {
 }
 
 impl SpawnedEdge {
-    fn start(shards: u32, cpus: Option<&[usize]>, extra: &str) -> Result<SpawnedEdge, String> {
-        SpawnedEdge::start_on(free_addr()?, shards, cpus, extra)
+    /// Starts an edge on its development certificate, generated here with a `cert_key` key.
+    fn start(
+        shards: u32,
+        cpus: Option<&[usize]>,
+        extra: &str,
+        cert_key: courier_edge::tls::DevCertKey,
+    ) -> Result<SpawnedEdge, String> {
+        let dir =
+            tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let tls = dir.path().join("data/tls");
+        let (cert_pem, key_pem) =
+            courier_edge::tls::generate_dev_cert(cert_key, vec!["localhost".into()])?;
+        courier_edge::tls::write_dev_cert(
+            &tls.join("cert.pem"),
+            &tls.join("key.pem"),
+            &cert_pem,
+            &key_pem,
+        )?;
+        SpawnedEdge::start_in(dir, free_addr()?, shards, cpus, extra)
     }
 
     fn start_on(
@@ -365,6 +382,16 @@ impl SpawnedEdge {
     ) -> Result<SpawnedEdge, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        SpawnedEdge::start_in(dir, addr, shards, cpus, extra)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        shards: u32,
+        cpus: Option<&[usize]>,
+        extra: &str,
+    ) -> Result<SpawnedEdge, String> {
         let config_path = dir.path().join("courier.toml");
         let config = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n{extra}\n",

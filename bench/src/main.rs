@@ -94,6 +94,26 @@ pub struct TargetArgs {
     /// lost packet is resent up to this much later.
     #[arg(long, global = true)]
     pub ack_delay_ms: Option<u64>,
+    /// Key type of the spawned edge's development certificate: `ed25519` (what the edge
+    /// generates) or `ecdsa-p256`, to compare a full handshake's cost in one binary.
+    #[arg(long, global = true, value_enum, default_value_t = EdgeCert::Ed25519)]
+    pub edge_cert: EdgeCert,
+}
+
+/// `--edge-cert`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeCert {
+    Ed25519,
+    EcdsaP256,
+}
+
+impl EdgeCert {
+    pub fn key(self) -> courier_edge::tls::DevCertKey {
+        match self {
+            EdgeCert::Ed25519 => courier_edge::tls::DevCertKey::Ed25519,
+            EdgeCert::EcdsaP256 => courier_edge::tls::DevCertKey::EcdsaP256,
+        }
+    }
 }
 
 /// A list of CPU numbers (`--edge-cpus 0,1`).
