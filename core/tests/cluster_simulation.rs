@@ -27,19 +27,28 @@
 //! others through the membership epoch; an edge restarted on the old config is refused until
 //! its config is updated.
 //!
+//! Expiry runs as on the edges: shard 0 of the edge that runs it (each edge on its own store;
+//! on shared stores the lowest live member in its planner's view) makes passes over every
+//! store, every shard lists a page of the inboxes the passes recorded as emptied, and an
+//! inbox's home shard on its home edge forgets it (decision 0011). Some sends carry a TTL of
+//! 1 to 3 s: such a message may expire into a hole declared to its recipient, and a hole may
+//! cover nothing else. After the run, time moves past the retention, and expiry must leave no
+//! message, counter, expiry entry, dedupe or emptied-inbox record in any store (R4).
+//!
 //! The single-edge simulation (`simulation.rs`) covers what happens inside one edge (store
-//! faults, expiry, abuse limits, several devices); this one covers what crosses edges.
+//! faults, clock steps, abuse limits, several devices); this one covers what crosses edges.
 //! `SIM_SEED=<n>` replays one seed; `SIM_SEEDS=<count>` sets how many run (default 500).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 
 mod common;
-use common::SimAuth;
+use common::{SimAuth, dump_prefix};
 
 use courier_core::commit::{self, Committer};
+use courier_core::keys;
 use courier_core::membership::{self, JoinError, Joined, Membership};
-use courier_core::placement::{EdgeId, cluster_of, home_edge};
+use courier_core::placement::{EdgeId, cluster_of, home_edge, home_shard};
 use courier_core::rng::Rng;
 use courier_core::session::{
     ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
@@ -112,6 +121,14 @@ fn cluster_simulation_over_many_seeds() {
             total.membership_changes > 0 && total.stale_joins > 0,
             "no rolling change of the members fenced an edge on the old ones: {total:?}"
         );
+        assert!(
+            total.expired > 0 && total.expired_in_holes > 0,
+            "no message expired into a declared hole: {total:?}"
+        );
+        assert!(
+            total.inboxes_forgotten > 0,
+            "expiry emptied no inbox that its home shard forgot: {total:?}"
+        );
     }
 }
 
@@ -146,6 +163,12 @@ struct Stats {
     stale_joins: u64,
     /// Edges that beat more slowly than the others' lease timeout (mixed `[cluster]` timings).
     slow_beaters: u64,
+    /// Messages expiry deleted, and acknowledged ones a recipient never got because they
+    /// expired into a hole declared to it.
+    expired: u64,
+    expired_in_holes: u64,
+    /// Emptied inboxes handed to their home shard to forget, during the run.
+    inboxes_forgotten: u64,
 }
 
 impl Stats {
@@ -168,6 +191,9 @@ impl Stats {
         self.membership_changes += other.membership_changes;
         self.stale_joins += other.stale_joins;
         self.slow_beaters += other.slow_beaters;
+        self.expired += other.expired;
+        self.expired_in_holes += other.expired_in_holes;
+        self.inboxes_forgotten += other.inboxes_forgotten;
     }
 }
 
@@ -196,6 +222,24 @@ fn duplicates_in(result: &Result<Vec<commit::Outcome>, StoreError>) -> u64 {
             .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
             .count() as u64
     })
+}
+
+/// Notes the seq each stored send of `batch` got, with its TTL, for the checker.
+fn record_assigned(
+    assigned: &mut HashMap<(UserId, u64), Option<u32>>,
+    batch: &Batch<ConnRef>,
+    result: &Result<Vec<commit::Outcome>, StoreError>,
+) {
+    let Ok(outcomes) = result else {
+        return;
+    };
+    for (request, outcome) in batch.requests.iter().zip(outcomes) {
+        if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =
+            (request, outcome)
+        {
+            assigned.insert((send.to, *seq), send.ttl_secs);
+        }
+    }
 }
 
 fn run_seed(seed: u64) -> Result<Stats, String> {
@@ -339,6 +383,8 @@ struct Edge {
     /// Draining: its leases are handed over and its clients redirected; its process exits
     /// then (time for the `Goaway`s to leave).
     exits_at: Option<UnixMillis>,
+    /// Per shard, per store: where its listing of the emptied inboxes goes on.
+    emptied_listed_to: Vec<Vec<Option<Vec<u8>>>>,
 }
 
 /// A link that is up: opened by (from_edge, from_shard), landed on (to_edge, to_shard).
@@ -358,14 +404,16 @@ struct Client {
     /// The edge it connects to next: a random one at first, then where it was redirected.
     target_edge: usize,
     reconnect_at: UnixMillis,
-    /// Still to send: (client id, recipient index).
-    planned: VecDeque<(u64, usize)>,
-    /// Sent and not answered: client id → recipient.
-    outbox: BTreeMap<u64, UserId>,
-    /// Answered: client id → (recipient, seq).
-    acked: HashMap<u64, (UserId, u64)>,
+    /// Still to send: (client id, recipient index, TTL).
+    planned: VecDeque<(u64, usize, Option<u32>)>,
+    /// Sent and not answered: client id → (recipient, TTL).
+    outbox: BTreeMap<u64, (UserId, Option<u32>)>,
+    /// Answered: client id → (recipient, seq, TTL).
+    acked: HashMap<u64, (UserId, u64, Option<u32>)>,
     /// Deliveries the application took, in order: (seq, from, body).
     received: Vec<(u64, UserId, Vec<u8>)>,
+    /// Holes the edge declared to it (expired messages): (after seq, up to seq).
+    holes: Vec<(u64, u64)>,
     linked_after: Option<u64>,
 }
 
@@ -410,6 +458,12 @@ struct World {
     links_named: bool,
     stall_per_thousand: u64,
     drain_per_thousand: u64,
+    /// How often each live shard takes its expiry interval's turn (`expire_on`).
+    expire_per_thousand: u64,
+    /// How often a client goes away for 0.5 to 4 s.
+    away_per_thousand: u64,
+    /// Every seq a commit gave, with its send's TTL: (inbox, seq) → TTL.
+    assigned: HashMap<(UserId, u64), Option<u32>>,
     next_owner: u64,
     stats: Stats,
 }
@@ -424,6 +478,8 @@ impl World {
             queue_requests_per_sender_max: 1 + rng.below(8) as usize,
             sync_messages_max: 1 + rng.below(20) as usize,
             seq_cache_entries_max: rng.below(8) as usize,
+            expire_scan_keys_max: 2 + rng.below(50) as usize,
+            expiry_bucket_ms: 1_000,
             ..CoreConfig::default()
         };
         config.validate().expect("valid sim config");
@@ -449,11 +505,18 @@ impl World {
         let users: Vec<UserId> = (0..user_count).map(|i| 1000 + i as u64 * 7919).collect();
         let messages_per_client = 1 + rng.below(30);
         let in_flight_max = 1 + rng.below(4) as usize;
+        // In quarters: how many seeds send some messages with a TTL of 1 to 3 s.
+        let ttl_share = rng.below(4);
         let clients = users
             .iter()
             .map(|user| {
                 let planned = (1..=messages_per_client)
-                    .map(|n| (n, rng.below(user_count as u64) as usize))
+                    .map(|n| {
+                        let to = rng.below(user_count as u64) as usize;
+                        let ttl = (rng.below(4) < ttl_share && rng.chance(1, 3))
+                            .then(|| 1 + rng.below(3) as u32);
+                        (n, to, ttl)
+                    })
                     .collect();
                 let mut client_config = ClientConfig::new(format!("{user}:0").into_bytes(), 0);
                 client_config.sends_in_flight_max = in_flight_max;
@@ -468,6 +531,7 @@ impl World {
                     outbox: BTreeMap::new(),
                     acked: HashMap::new(),
                     received: Vec::new(),
+                    holes: Vec::new(),
                     linked_after: None,
                 }
             })
@@ -479,6 +543,9 @@ impl World {
             links_named: rng.below(2) == 0,
             stall_per_thousand: if takeover { rng.below(2) } else { 0 },
             drain_per_thousand: if takeover { rng.below(2) } else { 0 },
+            expire_per_thousand: rng.below(40),
+            away_per_thousand: rng.below(2),
+            assigned: HashMap::new(),
             next_owner: 1,
             link_fail_per_thousand: rng.below(20),
             crash_per_thousand: rng.below(3),
@@ -539,6 +606,7 @@ impl World {
                 stalled_until: 0,
                 handing_over: None,
                 exits_at: None,
+                emptied_listed_to: Vec::new(),
             });
         }
         for index in 0..edge_count {
@@ -603,6 +671,7 @@ impl World {
             .collect();
         e.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
         e.guests = (0..count).map(|_| ShardGuests::new(&self.config)).collect();
+        e.emptied_listed_to = vec![Vec::new(); count as usize];
         for shard in 0..count as u8 {
             for peer in 0..self.edges.len() {
                 if peer != edge
@@ -730,11 +799,22 @@ impl World {
         self.edge_ids.iter().position(|e| *e == id).expect("member")
     }
 
-    /// The last seq of `user`'s inbox, read on its home edge.
+    /// The last seq of `user`'s inbox: its counter, read on its home edge, or, once expiry
+    /// emptied it and it was forgotten (the seq floor is above it and may come from another
+    /// inbox), the highest seq a commit gave it.
     fn head(&self, user: UserId) -> u64 {
         let stores = &self.edges[self.home_index(user)].stores;
-        let cluster = cluster_of(user, stores.len() as u32) as usize;
-        commit::last_seq(&stores[cluster], user).expect("read")
+        let store = &stores[cluster_of(user, stores.len() as u32) as usize];
+        if commit::has_counter(store, user).expect("read") {
+            commit::last_seq(store, user).expect("read")
+        } else {
+            self.assigned
+                .keys()
+                .filter(|(inbox, _)| *inbox == user)
+                .map(|(_, seq)| *seq)
+                .max()
+                .unwrap_or(0)
+        }
     }
 
     fn schedule(&mut self, packet: Packet, latency: u64) {
@@ -771,6 +851,9 @@ impl World {
         }
         for edge in 0..self.edges.len() {
             for shard in 0..self.edges[edge].shards.len() {
+                if self.rng.below(1000) < self.expire_per_thousand {
+                    self.stats.inboxes_forgotten += self.expire_on(edge, shard) as u64;
+                }
                 self.commit_own(edge, shard);
                 self.commit_guests(edge, shard);
             }
@@ -789,6 +872,12 @@ impl World {
             for client in 0..self.clients.len() {
                 if self.rng.below(1000) < self.disconnect_per_thousand {
                     self.drop_connection(client);
+                }
+                if self.rng.below(1000) < self.away_per_thousand {
+                    // The app is closed for a while: messages with a TTL may expire before
+                    // it comes back, and then it is told of a hole instead.
+                    self.drop_connection(client);
+                    self.clients[client].reconnect_at = self.now + 500 + self.rng.below(3_500);
                 }
             }
             if self.rng.below(1000) < self.drain_per_thousand {
@@ -825,6 +914,7 @@ impl World {
             None => commit_batch_split(&mut e.committers[shard], &e.stores, &batch.requests, now),
         };
         self.stats.duplicate_sends += duplicates_in(&result);
+        record_assigned(&mut self.assigned, &batch, &result);
         let fenced = result == Err(StoreError::Fenced);
         self.edges[edge].shards[shard].handle_commit(batch, result);
         self.apply_effects(edge, shard as u8);
@@ -862,6 +952,7 @@ impl World {
         );
         self.stats.guest_commits += 1;
         self.stats.duplicate_sends += duplicates_in(&result);
+        record_assigned(&mut self.assigned, &commit.batch, &result);
         let latency = self.rng.below(10);
         let done = Packet::GuestCommitDone {
             edge,
@@ -870,6 +961,49 @@ impl World {
             result,
         };
         self.schedule(done, latency);
+    }
+
+    /// A shard's expiry interval, as the edge runs it (`Shared::expire`, then
+    /// `Shard::forget_emptied`): shard 0 of the edge that runs expiry makes a pass over every
+    /// store (each edge on its own store runs its own; on shared stores the lowest live member
+    /// in its planner's view, or every edge without takeover), then, unless a pass has more to
+    /// do, the shard lists a page of the inboxes recorded as emptied; those homed on this shard
+    /// go to its forget queue, which keeps only its own edge's. Returns how many it handed.
+    fn expire_on(&mut self, edge: usize, shard: usize) -> usize {
+        let now = self.now;
+        let e = &mut self.edges[edge];
+        if e.shards.len() <= shard {
+            return 0;
+        }
+        let runs = shard == 0 && e.planner.as_ref().is_none_or(|p| p.runs_expiry(now));
+        let mut emptied = Vec::new();
+        let mut more = false;
+        if runs {
+            for store in e.stores.iter() {
+                let report = commit::expire(store, now, &self.config).expect("expire");
+                self.stats.expired += report.messages_deleted;
+                emptied.extend(report.emptied);
+                more |= report.more;
+            }
+        }
+        if !more {
+            let listed_to = &mut e.emptied_listed_to[shard];
+            listed_to.resize(e.stores.len(), None);
+            let page = (self.config.expire_scan_keys_max / 2).max(1);
+            for (store, after) in e.stores.iter().zip(listed_to.iter_mut()) {
+                let (inboxes, next) =
+                    commit::list_emptied(store, after.as_deref(), page).expect("list emptied");
+                emptied.extend(inboxes);
+                *after = next;
+            }
+        }
+        let shard_count = e.shards.len() as u32;
+        let own: Vec<UserId> = emptied
+            .into_iter()
+            .filter(|inbox| home_shard(*inbox, shard_count) as usize == shard)
+            .collect();
+        let dropped = e.shards[shard].handle_emptied(&own, now);
+        own.len() - dropped.min(own.len())
     }
 
     /// A guest's commit result reaches its shard; a fenced one is released there and
@@ -1465,14 +1599,14 @@ impl World {
         let users: Vec<UserId> = self.clients.iter().map(|c| c.user).collect();
         let c = &mut self.clients[client];
         while c.session.pending_sends() < 8 {
-            let Some((client_id, recipient)) = c.planned.pop_front() else {
+            let Some((client_id, recipient, ttl)) = c.planned.pop_front() else {
                 break;
             };
             let to = users[recipient];
             let body = format!("{}:{client_id}", c.user).into_bytes();
-            c.outbox.insert(client_id, to);
+            c.outbox.insert(client_id, (to, ttl));
             c.session
-                .send(client_id, to, body, None)
+                .send(client_id, to, body, ttl)
                 .expect("send queued");
             // Now and then a typing signal too: it crosses edges like a send, unanswered.
             if client_id % 4 == 0 {
@@ -1496,11 +1630,17 @@ impl World {
                         .push((delivery.seq, delivery.from, delivery.body));
                     c.session.consumed(now, delivery.seq);
                 }
-                ClientEvent::Hole { .. } | ClientEvent::Signal { .. } => {}
+                ClientEvent::Hole {
+                    after_seq,
+                    up_to_seq,
+                } => c.holes.push((after_seq, up_to_seq)),
+                ClientEvent::Signal { .. } => {}
                 ClientEvent::SendDone { client_id, result } => match result {
                     Ok(receipt) => {
-                        let to = c.outbox.remove(&client_id).expect("a send made");
-                        if let Some((_, earlier)) = c.acked.insert(client_id, (to, receipt.seq)) {
+                        let (to, ttl) = c.outbox.remove(&client_id).expect("a send made");
+                        if let Some((_, earlier, _)) =
+                            c.acked.insert(client_id, (to, receipt.seq, ttl))
+                        {
                             assert_eq!(earlier, receipt.seq, "two seqs for one send");
                         }
                     }
@@ -1527,7 +1667,11 @@ impl World {
                 if !self.members.members.contains(&e.id) {
                     return e.shards.is_empty();
                 }
+                // Not draining: a draining edge commits nothing of its own any more (its
+                // forgets wait for its next start).
                 !e.shards.is_empty()
+                    && e.handing_over.is_none()
+                    && e.exits_at.is_none()
                     && e.running == self.members
                     && e.planner.as_ref().is_none_or(|p| {
                         p.guests().next().is_none() && p.servers(self.now).is_empty()
@@ -1589,10 +1733,15 @@ impl World {
             }
             delivered.push(bodies);
         }
+        let in_hole = |c: &Client, seq: u64| {
+            c.holes
+                .iter()
+                .any(|(after, up_to)| *after < seq && seq <= *up_to)
+        };
         let mut acked = 0;
         let mut expected = vec![0usize; self.clients.len()];
         for sender in &self.clients {
-            for (client_id, (to, seq)) in &sender.acked {
+            for (client_id, (to, seq, ttl)) in &sender.acked {
                 acked += 1;
                 let body = format!("{}:{client_id}", sender.user).into_bytes();
                 let index = self
@@ -1614,6 +1763,10 @@ impl World {
                             sender.user
                         ));
                     }
+                    // It expired before it reached the device, which was told of the hole.
+                    None if ttl.is_some() && in_hole(&self.clients[index], *seq) => {
+                        self.stats.expired_in_holes += 1;
+                    }
                     None => {
                         return Err(format!(
                             "acknowledged message {}:{client_id} ({to}#{seq}) was lost",
@@ -1633,8 +1786,105 @@ impl World {
                 ));
             }
         }
+        // A hole covers only messages that may have expired (a TTL) and seqs the inbox never
+        // used (below a forgotten inbox's floor), never a live message.
+        for ((inbox, seq), ttl) in &self.assigned {
+            let recipient = self.clients.iter().find(|c| c.user == *inbox);
+            if ttl.is_none() && recipient.is_some_and(|c| in_hole(c, *seq)) {
+                return Err(format!(
+                    "a hole declared to {inbox} covered live message {seq}"
+                ));
+            }
+        }
         self.stats.messages_acked = acked;
+        self.expire_everything()?;
         Ok(self.stats)
+    }
+
+    /// Every store the edges write: the shared ones once, or each edge's own.
+    fn all_stores(&self) -> Vec<Rc<Vec<MemoryStore>>> {
+        if self.takeover {
+            vec![Rc::clone(&self.edges[0].stores)]
+        } else {
+            self.edges.iter().map(|e| Rc::clone(&e.stores)).collect()
+        }
+    }
+
+    /// R4 once the cluster converged: every message was acknowledged by its recipient, so
+    /// none that has yet to expire is stored; and past the dedupe window (twice: records live
+    /// up to two windows) and the retention, the edges' expiry and forgetting leave no
+    /// message, expiry entry, dedupe record, inbox counter or emptied-inbox record anywhere.
+    fn expire_everything(&mut self) -> Result<(), String> {
+        for stores in self.all_stores() {
+            for store in stores.iter() {
+                for (key, value) in dump_prefix(store, &[keys::TAG_MESSAGE]) {
+                    let (inbox, seq) = keys::parse_message(&key).expect("message key");
+                    let message = courier_core::envelope::decode(inbox, seq, &value)
+                        .expect("stored envelope");
+                    if message.expire_at_ms > self.now {
+                        return Err(format!(
+                            "message {inbox}#{seq} left in the store after its recipient acked it"
+                        ));
+                    }
+                }
+            }
+        }
+        self.now += 2 * self.config.dedupe_window_ms
+            + self.config.retention_ms
+            + self.config.expiry_bucket_ms;
+        let tags = [
+            keys::TAG_DEDUPE,
+            keys::TAG_EXPIRY,
+            keys::TAG_MESSAGE,
+            keys::TAG_COUNTER,
+            keys::TAG_EMPTIED,
+        ];
+        let left = |world: &World| -> Vec<(char, usize)> {
+            let mut left = Vec::new();
+            for stores in world.all_stores() {
+                for store in stores.iter() {
+                    for tag in tags {
+                        let count = dump_prefix(store, &[tag]).len();
+                        if count > 0 {
+                            left.push((tag as char, count));
+                        }
+                    }
+                }
+            }
+            left
+        };
+        for _ in 0..10_000 {
+            if left(self).is_empty() {
+                return Ok(());
+            }
+            // Each interval: every shard's expiry turn, then its forgets commit (they wait
+            // `ack_commit_delay_ms` like acks).
+            self.now += self.config.ack_commit_delay_ms + 1;
+            for edge in 0..self.edges.len() {
+                for shard in 0..self.edges[edge].shards.len() {
+                    self.expire_on(edge, shard);
+                }
+            }
+            self.now += self.config.ack_commit_delay_ms + 1;
+            for edge in 0..self.edges.len() {
+                for shard in 0..self.edges[edge].shards.len() {
+                    // Batches are bounded: a few rounds of them take the whole queue.
+                    for _ in 0..64 {
+                        if self.edges[edge].shards[shard].queued_requests() == 0 {
+                            break;
+                        }
+                        self.commit_own(edge, shard);
+                        if self.edges[edge].shards.len() <= shard {
+                            return Err(format!("edge {edge} crashed while forgetting"));
+                        }
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "keys left after expiry (tag, count): {:?}",
+            left(self)
+        ))
     }
 }
 
@@ -1658,7 +1908,7 @@ fn cluster_view(edge: EdgeId, members: &Membership) -> ClusterView {
 fn cluster_simulation_detects_a_lost_acknowledged_message() {
     let mut world = World::new(3);
     let to = world.clients[1].user;
-    world.clients[0].acked.insert(1, (to, 1));
+    world.clients[0].acked.insert(1, (to, 1, None));
     for client in &mut world.clients {
         client.linked_after = Some(0);
         client.conn = None;

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod common;
 use common::SimAuth;
+use common::dump_prefix;
 
 use courier_core::budget::{Rate, SendBudget};
 use courier_core::clock::ServerClock;
@@ -38,7 +39,7 @@ use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfi
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::memory::MemoryStore;
-use courier_core::store::{KeyValue, Store, StoreError, Transaction};
+use courier_core::store::{Store, StoreError};
 use courier_core::{CoreConfig, UnixMillis, UserId};
 use courier_protocol::client::{ClientConfig, ClientEvent, ClientSession};
 use courier_protocol::{ErrorCode, Frame};
@@ -419,23 +420,6 @@ impl Store for SimLog {
     fn sync_through(&self, version: courier_core::store::CommitVersion) -> Result<(), StoreError> {
         self.store().sync_through(version)
     }
-}
-
-/// Every committed pair whose key starts with `prefix` (a checker looking, past any fault).
-fn dump_prefix<S: Store>(store: &S, prefix: &[u8]) -> Vec<KeyValue> {
-    // The first key past the prefix: its last byte below 0xff raised by one.
-    let mut end = prefix.to_vec();
-    while end.last() == Some(&0xff) {
-        end.pop();
-    }
-    let Some(last) = end.last_mut() else {
-        panic!("a prefix of 0xff bytes only has no end: {prefix:?}");
-    };
-    *last += 1;
-    store
-        .begin_read()
-        .and_then(|mut transaction| transaction.get_range(prefix, &end, usize::MAX))
-        .expect("read the store")
 }
 
 #[derive(Debug)]

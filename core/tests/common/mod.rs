@@ -101,3 +101,25 @@ impl Authenticator for SimAuth {
             })
     }
 }
+
+/// Every committed pair whose key starts with `prefix` (a checker looking, past any fault).
+#[allow(dead_code)] // Only the simulations read the store directly.
+pub fn dump_prefix<S: courier_core::store::Store>(
+    store: &S,
+    prefix: &[u8],
+) -> Vec<courier_core::store::KeyValue> {
+    // The first key past the prefix: its last byte below 0xff raised by one.
+    let mut end = prefix.to_vec();
+    while end.last() == Some(&0xff) {
+        end.pop();
+    }
+    let Some(last) = end.last_mut() else {
+        panic!("a prefix of 0xff bytes only has no end: {prefix:?}");
+    };
+    *last += 1;
+    use courier_core::store::Transaction;
+    store
+        .begin_read()
+        .and_then(|mut transaction| transaction.get_range(prefix, &end, usize::MAX))
+        .expect("read the store")
+}
