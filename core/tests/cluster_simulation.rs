@@ -1923,3 +1923,47 @@ fn cluster_simulation_detects_a_lost_acknowledged_message() {
         .expect_err("a lost acknowledged message must fail the check");
     assert!(failure.contains("lost"), "{failure}");
 }
+
+/// The checkers must notice a hole declared over a live message, and an inbox counter that
+/// expiry never got rid of (R4).
+#[test]
+fn cluster_simulation_detects_a_hole_over_a_live_message_and_a_counter_left_behind() {
+    let settled = |seed: u64| {
+        let mut world = World::new(seed);
+        for client in &mut world.clients {
+            client.linked_after = Some(0);
+            client.conn = None;
+        }
+        for client in 0..world.clients.len() {
+            world.clients[client].target_edge = world.home_index(world.clients[client].user);
+            world.connect(client);
+        }
+        world
+    };
+
+    let mut world = settled(3);
+    let user = world.clients[1].user;
+    world.assigned.insert((user, 1), None);
+    world.clients[1].holes.push((0, 1));
+    let failure = world
+        .check()
+        .expect_err("a hole over a live message must fail the check");
+    assert!(failure.contains("covered live message"), "{failure}");
+
+    // A counter written past every edge's view: no expiry entry lists its inbox, so no pass
+    // empties it and nothing forgets it.
+    let world = settled(3);
+    let user = world.clients[0].user;
+    let home = world.home_index(user);
+    {
+        let stores = &world.edges[home].stores;
+        let store = &stores[cluster_of(user, stores.len() as u32) as usize];
+        let mut txn = courier_core::store::Store::begin(store).expect("begin");
+        courier_core::store::Transaction::set(&mut txn, &keys::counter(user), &7u64.to_le_bytes());
+        courier_core::store::Transaction::commit(txn).expect("commit");
+    }
+    let failure = world
+        .check()
+        .expect_err("a counter left behind must fail the check");
+    assert!(failure.contains("keys left after expiry"), "{failure}");
+}
