@@ -10,8 +10,8 @@ use std::time::Duration;
 use courier_client::{ConnectOptions, Connector};
 use courier_protocol::token::{Claims, Role, SigningKey, mint, signing_key_from_base64};
 
-use crate::TargetArgs;
 use crate::report::Report;
+use crate::{EdgeCert, TargetArgs};
 
 /// How long a spawned edge may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -47,7 +47,12 @@ impl Target {
         if args.spawn_edge {
             let cpus = args.edge_cpus.as_ref().map(|cpus| cpus.0.as_slice());
             let extra = spawned_edge_extra(args)?;
-            let spawned = SpawnedEdge::start(args.edge_shards, cpus, &extra, args.edge_cert.key())?;
+            let spawned = SpawnedEdge::start(
+                args.edge_shards,
+                cpus,
+                &extra,
+                EdgeCert::key_of(args.edge_cert),
+            )?;
             return Ok(Target {
                 addr: spawned.addr,
                 addrs: vec![spawned.addr],
@@ -100,10 +105,12 @@ impl Target {
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Ok::<String, String>(path.display().to_string())
         };
-        let public = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-            .map_err(|e| format!("cannot generate a certificate: {e}"))?;
-        let public_cert = write("public.pem", public.cert.pem())?;
-        let public_key = write("public.key", public.key_pair.serialize_pem())?;
+        let (public_cert_pem, public_key_pem) = courier_edge::tls::generate_dev_cert(
+            EdgeCert::key_of(args.edge_cert),
+            vec!["localhost".to_string()],
+        )?;
+        let public_cert = write("public.pem", public_cert_pem)?;
+        let public_key = write("public.key", public_key_pem)?;
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
         let signing_key = write(
             "signing.key",

@@ -94,10 +94,10 @@ pub struct TargetArgs {
     /// lost packet is resent up to this much later.
     #[arg(long, global = true)]
     pub ack_delay_ms: Option<u64>,
-    /// Key type of the spawned edge's development certificate: `ed25519` (what the edge
+    /// Key type of the spawned edges' certificate: `ed25519` (default; what the edge
     /// generates) or `ecdsa-p256`, to compare a full handshake's cost in one binary.
-    #[arg(long, global = true, value_enum, default_value_t = EdgeCert::Ed25519)]
-    pub edge_cert: EdgeCert,
+    #[arg(long, global = true, value_enum)]
+    pub edge_cert: Option<EdgeCert>,
 }
 
 /// `--edge-cert`.
@@ -108,10 +108,11 @@ pub enum EdgeCert {
 }
 
 impl EdgeCert {
-    pub fn key(self) -> courier_edge::tls::DevCertKey {
-        match self {
-            EdgeCert::Ed25519 => courier_edge::tls::DevCertKey::Ed25519,
-            EdgeCert::EcdsaP256 => courier_edge::tls::DevCertKey::EcdsaP256,
+    /// The key of `--edge-cert`, Ed25519 without it.
+    pub fn key_of(choice: Option<EdgeCert>) -> courier_edge::tls::DevCertKey {
+        match choice {
+            None | Some(EdgeCert::Ed25519) => courier_edge::tls::DevCertKey::Ed25519,
+            Some(EdgeCert::EcdsaP256) => courier_edge::tls::DevCertKey::EcdsaP256,
         }
     }
 }
@@ -227,6 +228,12 @@ fn main() -> ExitCode {
     }
     if cli.target.spawn_edge && cli.target.spawn_edges.is_some() {
         eprintln!("courier-bench: choose --spawn-edge (one edge) or --spawn-edges N (a cluster)");
+        return ExitCode::from(2);
+    }
+    if cli.target.edge_cert.is_some() && !spawning {
+        eprintln!(
+            "courier-bench: --edge-cert needs --spawn-edge or --spawn-edges (a running edge has its own certificate)"
+        );
         return ExitCode::from(2);
     }
     // Before the runtime starts its threads, so they inherit the CPU set.

@@ -1259,6 +1259,50 @@ fn write_expiry<T: Transaction>(
     Ok(report)
 }
 
+/// One expiry turn of a shard on stores every shard shares (FoundationDB clusters, one store
+/// each): if `runs_passes` (one shard of one edge runs them, decision 0011), a pass over every
+/// store; then, unless a pass has more to do, a page of each store's inboxes recorded as emptied
+/// (`list_emptied`, `expire_scan_keys_max / 2` of them), going on where `listed_to` (one
+/// position per store) left off. The caller hands [`ExpireReport::emptied`] to its session
+/// ([`crate::session::EdgeSession::handle_emptied`]), which keeps those homed on its shard and
+/// edge, and calls again while [`ExpireReport::more`] is set.
+///
+/// The edge's FoundationDB backend and the cluster simulation both run this, so the simulation
+/// checks what the edge does.
+pub fn expire_shared<S: Store>(
+    stores: &[S],
+    runs_passes: bool,
+    listed_to: &mut Vec<Option<Vec<u8>>>,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<ExpireReport, StoreError> {
+    let mut total = ExpireReport::default();
+    if runs_passes {
+        for store in stores {
+            let report = expire(store, now, config)?;
+            total.messages_deleted += report.messages_deleted;
+            total.index_entries_cleared += report.index_entries_cleared;
+            total.emptied.extend(report.emptied);
+            total.round_began |= report.round_began;
+            total.more |= report.more;
+        }
+    }
+    // Only an inbox's home shard may forget it, and the passes above run on one shard of one
+    // edge: so every shard lists the inboxes recorded as emptied, a page per turn going round
+    // the records, and keeps its own. (Left to the passes, the others' inboxes kept their
+    // counters, device records and `g` records for good.)
+    if !total.more {
+        listed_to.resize(stores.len(), None);
+        let page = (config.expire_scan_keys_max / 2).max(1);
+        for (store, after) in stores.iter().zip(listed_to.iter_mut()) {
+            let (inboxes, next) = list_emptied(store, after.as_deref(), page)?;
+            total.emptied.extend(inboxes);
+            *after = next;
+        }
+    }
+    Ok(total)
+}
+
 /// Up to `max` inboxes recorded as emptied and not yet forgotten (`g` records), after the key
 /// `after` (from the start without it), and where the next call goes on (`None`: the start
 /// again, the end was reached). Read without conflicts.

@@ -1245,11 +1245,13 @@ impl<A: Authenticator> EdgeSession<A> {
         self.inbox.poll_batch(now_ms)
     }
 
-    /// Expiry left these inboxes of this shard without a message: forget them with a later
-    /// batch (their counters go; decision 0011). Returns how many the queue had no room for.
+    /// Expiry left these inboxes without a message: forget those homed on this shard with a
+    /// later batch (their counters go; decision 0011). Returns how many of those the queue had
+    /// no room for.
     ///
-    /// In a cluster, only inboxes of this edge's own users: on a shared store an expiry pass
-    /// sees every edge's, and only the edge serving an inbox may write it.
+    /// Only an inbox's home shard may write it, and in a cluster only its home edge: on a
+    /// shared store an expiry pass (and `commit::expire_shared`'s listing) sees every shard's
+    /// and every edge's, so each shard hands every inbox it heard of here.
     pub fn handle_emptied(&mut self, inboxes: &[UserId], now_ms: UnixMillis) -> usize {
         if self.drained_to.is_some() {
             // Nothing commits here any more; the edge serving them now forgets them.
@@ -1258,6 +1260,9 @@ impl<A: Authenticator> EdgeSession<A> {
         let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
         let mut dropped = 0;
         for inbox in inboxes {
+            if home_shard(*inbox, self.config.shard_count) != u32::from(self.config.shard) {
+                continue;
+            }
             let home = (!self.edge_ids.is_empty()).then(|| home_edge(*inbox, &self.edge_ids));
             if home.is_some() && home != local_edge {
                 continue;

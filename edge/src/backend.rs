@@ -471,40 +471,21 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
-        // One pass per cluster; `more` if any cluster has more to do.
-        let mut total = ExpireReport::default();
         let our_turn = self
             .expiry_turn
             .as_ref()
             .is_none_or(|takeover| takeover.runs_expiry());
-        if self.runs_expiry && our_turn {
-            for store in &self.stores {
-                let report = expire(store, now, core)?;
-                total.messages_deleted += report.messages_deleted;
-                total.index_entries_cleared += report.index_entries_cleared;
-                total.emptied.extend(report.emptied);
-                total.more |= report.more;
-            }
-        }
-        // Only an inbox's home shard may forget it (decision 0011), and the passes above run
-        // on one shard of one edge: so every shard lists the inboxes recorded as emptied, a
-        // page per interval going round the records, and forgets its own. (Left to the passes,
-        // the others' inboxes kept their counters, device records and `g` records for good.)
-        if !total.more {
-            let mut listed_to = self
-                .emptied_listed_to
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            listed_to.resize(self.stores.len(), None);
-            for (store, after) in self.stores.iter().zip(listed_to.iter_mut()) {
-                let page = (core.expire_scan_keys_max / 2).max(1);
-                let (inboxes, next) =
-                    courier_core::commit::list_emptied(store, after.as_deref(), page)?;
-                total.emptied.extend(inboxes);
-                *after = next;
-            }
-        }
-        Ok(total)
+        let mut listed_to = self
+            .emptied_listed_to
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        courier_core::commit::expire_shared(
+            &self.stores,
+            self.runs_expiry && our_turn,
+            &mut listed_to,
+            now,
+            core,
+        )
     }
 
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {

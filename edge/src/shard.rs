@@ -1962,19 +1962,15 @@ impl Shard {
     // ---- Group commit -----------------------------------------------------------------------
 
     /// Inboxes an expiry pass emptied: those homed here are forgotten with a later batch
-    /// (decision 0011). On FoundationDB a pass covers a whole cluster; another shard's inboxes
-    /// keep their counters, since only an inbox's home shard may write it.
+    /// (decision 0011; the session keeps only its own). On FoundationDB a pass covers a whole
+    /// cluster; another shard's inboxes keep their counters, since only an inbox's home shard
+    /// may write it.
     fn forget_emptied(&mut self, emptied: &[UserId]) {
-        let own: Vec<UserId> = emptied
-            .iter()
-            .copied()
-            .filter(|inbox| placement::home_shard(*inbox, self.shard_count) == u32::from(self.id))
-            .collect();
-        if own.is_empty() {
+        if emptied.is_empty() {
             return;
         }
         let now_ms = self.now_ms();
-        let dropped = self.session.handle_emptied(&own, now_ms);
+        let dropped = self.session.handle_emptied(emptied, now_ms);
         if dropped > 0 {
             debug!(dropped, "forget queue full; those inbox counters stay");
         }
