@@ -1922,21 +1922,27 @@ fn cluster_view(edge: EdgeId, members: &Membership) -> ClusterView {
     }
 }
 
-/// The checker must notice an acknowledged message that never arrived.
-#[test]
-fn cluster_simulation_detects_a_lost_acknowledged_message() {
-    let mut world = World::new(3);
-    let to = world.clients[1].user;
-    world.clients[0].acked.insert(1, (to, 1, None));
+/// A world of `seed` whose clients are settled on their home edges, as convergence would leave
+/// them, for the checkers' own tests.
+fn settled_world(seed: u64) -> World {
+    let mut world = World::new(seed);
     for client in &mut world.clients {
         client.linked_after = Some(0);
         client.conn = None;
     }
-    // Settle every client on its home edge, as convergence would.
     for client in 0..world.clients.len() {
         world.clients[client].target_edge = world.home_index(world.clients[client].user);
         world.connect(client);
     }
+    world
+}
+
+/// The checker must notice an acknowledged message that never arrived.
+#[test]
+fn cluster_simulation_detects_a_lost_acknowledged_message() {
+    let mut world = settled_world(3);
+    let to = world.clients[1].user;
+    world.clients[0].acked.insert(1, (to, 1, None));
     let failure = world
         .check()
         .expect_err("a lost acknowledged message must fail the check");
@@ -1947,20 +1953,7 @@ fn cluster_simulation_detects_a_lost_acknowledged_message() {
 /// and an inbox counter that expiry never got rid of (R4).
 #[test]
 fn cluster_simulation_detects_early_holes_and_a_counter_left_behind() {
-    let settled = |seed: u64| {
-        let mut world = World::new(seed);
-        for client in &mut world.clients {
-            client.linked_after = Some(0);
-            client.conn = None;
-        }
-        for client in 0..world.clients.len() {
-            world.clients[client].target_edge = world.home_index(world.clients[client].user);
-            world.connect(client);
-        }
-        world
-    };
-
-    let mut world = settled(3);
+    let mut world = settled_world(3);
     let user = world.clients[1].user;
     world.assigned.insert((user, 1), None);
     world.clients[1].holes.push((0, 1, world.now));
@@ -1969,7 +1962,7 @@ fn cluster_simulation_detects_early_holes_and_a_counter_left_behind() {
         .expect_err("a hole over a live message must fail the check");
     assert!(failure.contains("covered live message"), "{failure}");
 
-    let mut world = settled(3);
+    let mut world = settled_world(3);
     let user = world.clients[1].user;
     let now = world.now;
     world.assigned.insert((user, 1), Some(now + 1_000));
@@ -1981,7 +1974,7 @@ fn cluster_simulation_detects_early_holes_and_a_counter_left_behind() {
 
     // A counter written past every edge's view: no expiry entry lists its inbox, so no pass
     // empties it and nothing forgets it.
-    let world = settled(3);
+    let world = settled_world(3);
     let user = world.clients[0].user;
     let home = world.home_index(user);
     {
