@@ -211,8 +211,10 @@ async fn clients_resume_with_0rtt_after_a_stop_but_not_after_a_kill() {
 /// delivery a client acknowledges brings the next, a few thousand acks a second), and the edge
 /// must not wait for them to end. It closes every connection with `ShuttingDown` (clients
 /// reconnect elsewhere or later) and exits 0 within a 1 s grace, though each backlog would take
-/// about 2 s more. (This load does not reproduce the trigger of 9b56c54, acks queued at every
-/// check: the test passes with that fix reverted.)
+/// about 2 s more. Until 2026-12-03 the shard waited for an empty queue before it closed any
+/// connection; the acks kept it from ever being empty when it looked, and the edge ran out its
+/// grace (exit 2, "some shards did not finish in time") without telling its clients to
+/// reconnect: with that check put back, this test fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_clients_drain_backlogs_closes_them_and_exits_in_time() {
     use courier_protocol::{ErrorCode, Frame};
