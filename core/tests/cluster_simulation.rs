@@ -415,10 +415,10 @@ struct Client {
     reconnect_at: UnixMillis,
     /// Still to send: (client id, recipient index, TTL).
     planned: VecDeque<(u64, usize, Option<u32>)>,
-    /// Sent and not answered: client id → (recipient, TTL).
-    outbox: BTreeMap<u64, (UserId, Option<u32>)>,
-    /// Answered: client id → (recipient, seq, TTL).
-    acked: HashMap<u64, (UserId, u64, Option<u32>)>,
+    /// Sent and not answered: client id → recipient.
+    outbox: BTreeMap<u64, UserId>,
+    /// Answered: client id → (recipient, seq).
+    acked: HashMap<u64, (UserId, u64)>,
     /// Deliveries the application took, in order: (seq, from, body).
     received: Vec<(u64, UserId, Vec<u8>)>,
     /// Holes the edge declared to it (expired messages): (after seq, up to seq, when).
@@ -1607,7 +1607,7 @@ impl World {
             };
             let to = users[recipient];
             let body = format!("{}:{client_id}", c.user).into_bytes();
-            c.outbox.insert(client_id, (to, ttl));
+            c.outbox.insert(client_id, to);
             c.session
                 .send(client_id, to, body, ttl)
                 .expect("send queued");
@@ -1640,10 +1640,8 @@ impl World {
                 ClientEvent::Signal { .. } => {}
                 ClientEvent::SendDone { client_id, result } => match result {
                     Ok(receipt) => {
-                        let (to, ttl) = c.outbox.remove(&client_id).expect("a send made");
-                        if let Some((_, earlier, _)) =
-                            c.acked.insert(client_id, (to, receipt.seq, ttl))
-                        {
+                        let to = c.outbox.remove(&client_id).expect("a send made");
+                        if let Some((_, earlier)) = c.acked.insert(client_id, (to, receipt.seq)) {
                             assert_eq!(earlier, receipt.seq, "two seqs for one send");
                         }
                     }
@@ -1744,7 +1742,7 @@ impl World {
         let mut acked = 0;
         let mut expected = vec![0usize; self.clients.len()];
         for sender in &self.clients {
-            for (client_id, (to, seq, ttl)) in &sender.acked {
+            for (client_id, (to, seq)) in &sender.acked {
                 acked += 1;
                 let body = format!("{}:{client_id}", sender.user).into_bytes();
                 let index = self
@@ -1767,7 +1765,9 @@ impl World {
                         ));
                     }
                     // It expired before it reached the device, which was told of the hole.
-                    None if ttl.is_some() && in_hole(&self.clients[index], *seq) => {
+                    None if matches!(self.assigned.get(&(*to, *seq)), Some(Some(_)))
+                        && in_hole(&self.clients[index], *seq) =>
+                    {
                         self.stats.expired_in_holes += 1;
                     }
                     None => {
@@ -1942,7 +1942,7 @@ fn settled_world(seed: u64) -> World {
 fn cluster_simulation_detects_a_lost_acknowledged_message() {
     let mut world = settled_world(3);
     let to = world.clients[1].user;
-    world.clients[0].acked.insert(1, (to, 1, None));
+    world.clients[0].acked.insert(1, (to, 1));
     let failure = world
         .check()
         .expect_err("a lost acknowledged message must fail the check");

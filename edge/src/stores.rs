@@ -229,19 +229,13 @@ fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
 
 /// Writes the layout file of a new store directory, atomically and durably.
 fn create_layout(stores: &Path, shards: u32) -> Result<(), String> {
-    std::fs::create_dir_all(stores)
-        .map_err(|e| format!("cannot create {}: {e}", stores.display()))?;
-    let path = stores.join(LAYOUT_FILE);
-    let temporary = stores.join(format!("{LAYOUT_FILE}.tmp"));
     let text = format!("{LAYOUT_HEADER}\nshards = {shards}\n");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temporary)?;
-        std::io::Write::write_all(&mut file, text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        sync_dir(stores)
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    crate::auth::replace_file(
+        &stores.join(LAYOUT_FILE),
+        &stores.join(format!("{LAYOUT_FILE}.tmp")),
+        text.as_bytes(),
+        0o644,
+    )
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -76,47 +76,22 @@ pub fn generate_dev_cert(key: DevCertKey, names: Vec<String>) -> Result<(String,
 /// Writes a development certificate where [`load_identity`] looks for it, the key readable by
 /// its owner only.
 ///
-/// Each file is written whole under a temporary name, synced, then renamed into place, the
-/// key first: a crash leaves the old pair, or a new key without its certificate, never a torn
-/// file. [`load_identity`] generates a new pair whenever one of the two is missing (the rename
-/// replaces a lone file).
+/// Each file is replaced in one step (`auth::replace_file`), the key first: a crash leaves the
+/// old pair, or a new key without its certificate, never a torn file. [`load_identity`]
+/// generates a new pair whenever one of the two is missing.
 pub fn write_dev_cert(
     cert_path: &Path,
     key_path: &Path,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<(), String> {
-    use std::io::Write;
-    let dir = cert_path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let temporary = |path: &Path| {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".tmp");
         path.with_file_name(name)
     };
-    let (key_temporary, cert_temporary) = (temporary(key_path), temporary(cert_path));
-    for leftover in [&key_temporary, &cert_temporary] {
-        match std::fs::remove_file(leftover) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(format!("cannot remove {}: {e}", leftover.display()));
-            }
-            _ => {}
-        }
-    }
-    crate::auth::write_private_file(&key_temporary, key_pem.as_bytes())?;
-    std::fs::File::create(&cert_temporary)
-        .and_then(|mut file| {
-            file.write_all(cert_pem.as_bytes())?;
-            file.sync_all()
-        })
-        .map_err(|e| format!("cannot write {}: {e}", cert_temporary.display()))?;
-    for (from, to) in [(&key_temporary, key_path), (&cert_temporary, cert_path)] {
-        std::fs::rename(from, to)
-            .map_err(|e| format!("cannot rename {} to {}: {e}", from.display(), to.display()))?;
-    }
-    std::fs::File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+    crate::auth::replace_file(key_path, &temporary(key_path), key_pem.as_bytes(), 0o600)?;
+    crate::auth::replace_file(cert_path, &temporary(cert_path), cert_pem.as_bytes(), 0o644)
 }
 
 fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> {
@@ -648,16 +623,7 @@ impl SessionCache {
         bytes[SAVED_COUNT_AT..SAVED_COUNT_AT + 4].copy_from_slice(&count.to_le_bytes());
         let checksum = ring::digest::digest(&ring::digest::SHA256, &bytes);
         bytes.extend_from_slice(checksum.as_ref());
-        let temporary = saving_path(path);
-        let _ = std::fs::remove_file(&temporary);
-        crate::auth::write_private_file(&temporary, &bytes)?;
-        std::fs::rename(&temporary, path).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                temporary.display(),
-                path.display()
-            )
-        })?;
+        crate::auth::replace_file(path, &saving_path(path), &bytes, 0o600)?;
         Ok(count as usize)
     }
 
