@@ -435,3 +435,55 @@ async fn with_recipients_must_exist_only_known_users_can_be_messaged() {
     assert!(receipt.seq > 0);
     drop(recipient);
 }
+
+/// A ClientHello the edge refuses (here: an application protocol it does not speak) fails the
+/// connection in its first packet. The client must hear why at once, in a CONNECTION_CLOSE
+/// protected with the Initial keys (the vendored quinn-proto derives them again for that
+/// close, having handed its first copy to the connection), rather than wait out its idle
+/// timeout; and the edge goes on serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_the_edge_refuses_is_answered_with_a_close_at_once() {
+    let edge = Edge::start(1);
+    let pem = std::fs::read(edge.data_dir.join("tls/cert.pem")).expect("dev cert");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("certificate")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"not-courier".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls))
+        .expect("QUIC TLS config");
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Long enough that a missing close shows as a timeout, not as this error.
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("idle")));
+    config.transport_config(std::sync::Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+
+    let connecting = endpoint
+        .connect_with(config, edge.addr, "localhost")
+        .expect("connect");
+    let error = tokio::time::timeout(EVENT_TIMEOUT, connecting)
+        .await
+        .expect("the edge answers the refused handshake with a close, in time")
+        .expect_err("no application protocol in common");
+    // TLS alert 120, no_application_protocol, as QUIC's CRYPTO_ERROR range carries it.
+    match &error {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(u64::from(close.error_code), 0x100 + 120, "{error}");
+        }
+        other => panic!("expected the edge's CONNECTION_CLOSE, got {other}"),
+    }
+
+    let client = edge.client(21).await;
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, client.send(22, b"still served".to_vec()))
+        .await
+        .expect("in time")
+        .expect("acknowledged");
+    assert!(receipt.seq > 0);
+}

@@ -385,6 +385,7 @@ impl Endpoint {
             },
             now,
             tls,
+            None,
             config.transport,
             SideArgs::Client {
                 token_store: config.token_store,
@@ -648,6 +649,9 @@ impl Endpoint {
 
         let tls = server_config.crypto.clone().start_session(version, &params);
         let transport_config = server_config.transport.clone();
+        // Courier: the Initial keys `handle` derived go to the connection instead of being
+        // derived again there; a failed first packet derives them again for its close.
+        let server_crypto = server_config.crypto.clone();
         let mut conn = self.add_connection(
             ch,
             version,
@@ -657,6 +661,7 @@ impl Endpoint {
             incoming.addresses,
             incoming.received_at,
             tls,
+            Some(incoming.crypto),
             transport_config,
             SideArgs::Server {
                 server_config,
@@ -686,11 +691,11 @@ impl Endpoint {
             Err(e) => {
                 debug!("handshake failed: {}", e);
                 self.handle_event(ch, EndpointEvent(EndpointEventInner::Drained));
-                let response = match e {
-                    ConnectionError::TransportError(ref e) => Some(self.initial_close(
+                let response = match (&e, server_crypto.initial_keys(version, &dst_cid)) {
+                    (ConnectionError::TransportError(e), Ok(crypto)) => Some(self.initial_close(
                         version,
                         incoming.addresses,
-                        &incoming.crypto,
+                        &crypto,
                         &src_cid,
                         e.clone(),
                         buf,
@@ -821,6 +826,7 @@ impl Endpoint {
         addresses: FourTuple,
         now: Instant,
         tls: Box<dyn crypto::Session>,
+        initial_keys: Option<Keys>,
         transport_config: Arc<TransportConfig>,
         side_args: SideArgs,
     ) -> Connection {
@@ -837,6 +843,7 @@ impl Endpoint {
             addresses.remote,
             addresses.local_ip,
             tls,
+            initial_keys,
             self.local_cid_generator.as_ref(),
             now,
             version,
