@@ -1,5 +1,6 @@
 //! Deterministic simulation of a cluster of edges (issue 13): several edges, each with its own
-//! shards and its own store (the embedded mode), linked shard to edge, driven through the real
+//! shards and its own stores (the embedded mode: one per shard, each holding the inboxes homed
+//! on its shard; a shard reads the others' but writes only its own), linked shard to edge, driven through the real
 //! `EdgeSession` (placement, redirects, forwarding over links, link failure) and the real
 //! `Committer`, with the client's real `ClientSession`.
 //!
@@ -27,10 +28,10 @@
 //! others through the membership epoch; an edge restarted on the old config is refused until
 //! its config is updated.
 //!
-//! Expiry runs as on the edges: shard 0 of the edge that runs it (each edge on its own store;
-//! on shared stores the lowest live member in its planner's view) makes passes over every
-//! store, every shard lists a page of the inboxes the passes recorded as emptied, and an
-//! inbox's home shard on its home edge forgets it (decision 0011). Some sends carry a TTL of
+//! Expiry runs as on the edges: on its own stores every shard passes over its own; on shared
+//! stores shard 0 of the edge that runs it (the lowest live member in its planner's view)
+//! makes passes over every store, every shard lists a page of the inboxes the passes recorded
+//! as emptied, and an inbox's home shard on its home edge forgets it (decision 0011). Some sends carry a TTL of
 //! 1 to 3 s: such a message may expire into a hole declared to its recipient, and a hole may
 //! cover nothing else. After the run, time moves past the retention, and expiry must leave no
 //! message, counter, expiry entry, dedupe or emptied-inbox record in any store (R4).
@@ -48,14 +49,14 @@ use common::{SimAuth, dump_prefix};
 use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::membership::{self, JoinError, Joined, Membership};
-use courier_core::placement::{EdgeId, cluster_of, home_edge};
+use courier_core::placement::{EdgeId, cluster_of, home_edge, home_shard};
 use courier_core::rng::Rng;
 use courier_core::session::{
     ClusterView, ConnRef, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
 };
 use courier_core::shard::Batch;
 use courier_core::store::StoreError;
-use courier_core::store::clusters::commit_batch_split;
+use courier_core::store::clusters::{commit_batch_split, inbox_of};
 use courier_core::store::memory::MemoryStore;
 use courier_core::takeover::{
     self, GuestCommit, Lease, LeasedStore, Planner, ShardGuests, TakeoverAction,
@@ -362,8 +363,12 @@ struct Edge {
     /// started with (what it places users by, and the epoch its lease changes carry).
     config: Membership,
     running: Membership,
-    /// One store per FoundationDB cluster stand-in: inboxes spread over them (`cluster_of`).
+    /// Shared-store seeds: one store per FoundationDB cluster stand-in, inboxes spread over
+    /// them (`cluster_of`). Otherwise the edge's embedded stores, one per shard, each holding
+    /// the inboxes homed on its shard (`home_shard`), as `data_dir/stores/shard-N` does.
     stores: Rc<Vec<MemoryStore>>,
+    /// Whether `stores` are the edge's own, one per shard (decision 0008).
+    per_shard_stores: bool,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
     /// Takeover seeds: the lease this process claimed at start, its view of the others, and
@@ -394,6 +399,19 @@ struct Edge {
     /// What its lease thread last published: whether this edge runs the expiry passes
     /// (`Planner::runs_expiry`); true until the first round, and without takeover.
     runs_expiry: bool,
+}
+
+impl Edge {
+    /// The store that holds `inbox`'s keys: its home shard's own, or its cluster's.
+    fn store_of(&self, inbox: UserId) -> &MemoryStore {
+        let count = self.stores.len() as u32;
+        let at = if self.per_shard_stores {
+            home_shard(inbox, count)
+        } else {
+            cluster_of(inbox, count)
+        };
+        &self.stores[at as usize]
+    }
 }
 
 /// A link that is up: opened by (from_edge, from_shard), landed on (to_edge, to_shard).
@@ -595,13 +613,15 @@ impl World {
             let stores = if takeover {
                 Rc::clone(&shared)
             } else {
-                Rc::new(vec![MemoryStore::new()])
+                let shards = world.session_config.shard_count;
+                Rc::new((0..shards).map(|_| MemoryStore::new()).collect())
             };
             world.edges.push(Edge {
                 id: *id,
                 config: members.clone(),
                 running: members.clone(),
                 stores,
+                per_shard_stores: !takeover,
                 shards: Vec::new(),
                 committers: Vec::new(),
                 lease: None,
@@ -815,8 +835,7 @@ impl World {
     /// emptied it and it was forgotten (the seq floor is above it and may come from another
     /// inbox), the highest seq a commit gave it.
     fn head(&self, user: UserId) -> u64 {
-        let stores = &self.edges[self.home_index(user)].stores;
-        let store = &stores[cluster_of(user, stores.len() as u32) as usize];
+        let store = self.edges[self.home_index(user)].store_of(user);
         if commit::has_counter(store, user).expect("read") {
             commit::last_seq(store, user).expect("read")
         } else {
@@ -923,6 +942,20 @@ impl World {
                 &batch,
                 now,
             ),
+            None if e.per_shard_stores => {
+                // The edge's `Embedded::commit`: a shard writes only its own store, so every
+                // request its session batched must be for an inbox homed on it.
+                let count = e.stores.len() as u32;
+                for request in &batch.requests {
+                    let inbox = inbox_of(request);
+                    assert_eq!(
+                        home_shard(inbox, count),
+                        shard as u32,
+                        "shard {shard} batched a request for inbox {inbox} of another shard"
+                    );
+                }
+                e.committers[shard].commit_batch(&e.stores[shard], &batch.requests, now)
+            }
             None => commit_batch_split(&mut e.committers[shard], &e.stores, &batch.requests, now),
         };
         self.stats.duplicate_sends += duplicates_in(&result);
@@ -975,11 +1008,12 @@ impl World {
         self.schedule(done, latency);
     }
 
-    /// A shard's expiry interval, as the edge's expiry task runs it: `commit::expire_shared`
-    /// (the edge's `Shared::expire`), again at once while a pass has more to do, each report's
-    /// emptied inboxes handed to the session, which keeps those homed on its shard and edge.
-    /// Shard 0 runs the passes when its edge's lease thread last published that the edge runs
-    /// them (each edge on its own store always does). Returns how many forgets it queued.
+    /// A shard's expiry interval, as the edge's expiry task runs it: on its own store
+    /// `commit::expire` (the edge's `Embedded::expire`), on shared stores
+    /// `commit::expire_shared` (`Shared::expire`), again at once while a pass has more to do,
+    /// each report's emptied inboxes handed to the session, which keeps those homed on its
+    /// shard and edge. On shared stores shard 0 runs the passes when its edge's lease thread
+    /// last published that the edge runs them. Returns how many forgets it queued.
     fn expire_on(&mut self, edge: usize, shard: usize) -> usize {
         let now = self.now;
         let e = &mut self.edges[edge];
@@ -989,13 +1023,18 @@ impl World {
         let runs_passes = shard == 0 && e.runs_expiry;
         let queued_before = e.shards[shard].queued_requests();
         for _ in 0..EXPIRY_PASSES_PER_TURN_MAX {
-            let report = commit::expire_shared(
-                &e.stores[..],
-                runs_passes,
-                &mut e.emptied_listed_to[shard],
-                now,
-                &self.config,
-            )
+            let report = if e.per_shard_stores {
+                // The edge's `Embedded::expire`: every shard passes over its own store.
+                commit::expire(&e.stores[shard], now, &self.config)
+            } else {
+                commit::expire_shared(
+                    &e.stores[..],
+                    runs_passes,
+                    &mut e.emptied_listed_to[shard],
+                    now,
+                    &self.config,
+                )
+            }
             .expect("expire");
             self.stats.expired += report.messages_deleted;
             e.shards[shard].handle_emptied(&report.emptied, now);
@@ -1541,8 +1580,8 @@ impl World {
                     inbox,
                     after_seq,
                 } => {
-                    let stores = &self.edges[edge].stores;
-                    let store = &stores[cluster_of(inbox, stores.len() as u32) as usize];
+                    // Another shard's store, for a user homed there: reads cross shards.
+                    let store = self.edges[edge].store_of(inbox);
                     let result =
                         commit::read_inbox(store, inbox, after_seq, self.now, &self.config);
                     let latency = 1 + self.rng.below(10);
@@ -1978,8 +2017,7 @@ fn cluster_simulation_detects_early_holes_and_a_counter_left_behind() {
     let user = world.clients[0].user;
     let home = world.home_index(user);
     {
-        let stores = &world.edges[home].stores;
-        let store = &stores[cluster_of(user, stores.len() as u32) as usize];
+        let store = world.edges[home].store_of(user);
         let mut txn = courier_core::store::Store::begin(store).expect("begin");
         courier_core::store::Transaction::set(&mut txn, &keys::counter(user), &7u64.to_le_bytes());
         courier_core::store::Transaction::commit(txn).expect("commit");

@@ -11,8 +11,8 @@ use crate::UnixMillis;
 use crate::commit::{Committer, Outcome, Request};
 use crate::placement::{ClusterId, cluster_of};
 
-/// The inbox a request writes to.
-fn inbox_of(request: &Request) -> crate::UserId {
+/// The inbox a request writes to: every key it writes is under that inbox.
+pub fn inbox_of(request: &Request) -> crate::UserId {
     match request {
         Request::Send(send) => send.to,
         Request::Link { inbox, .. }
