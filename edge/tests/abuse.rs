@@ -14,6 +14,17 @@ use courier_protocol::{ErrorCode, Frame};
 /// How long a test waits for the edge to act on a deadline of a few hundred ms.
 const DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
+/// A fresh client of `user` sends to `to` and is acknowledged in time: what a test checks after
+/// an attack, that everyone else is still served.
+async fn a_send_is_acknowledged(edge: &Edge, user: u64, to: u64, body: &[u8]) {
+    let client = edge.client(user).await;
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, client.send(to, body.to_vec()))
+        .await
+        .expect("answered in time")
+        .expect("acknowledged");
+    assert!(receipt.seq > 0);
+}
+
 /// `sends` Send frames to `to`, client ids 1 to `sends`, back to back: what a pipelining
 /// client writes at once.
 fn send_burst(sends: u64, to: u64, body: &[u8]) -> Vec<u8> {
@@ -209,12 +220,8 @@ async fn a_sender_over_its_budget_is_refused_then_slowed_and_others_still_send()
         acked + refused < sends / 2,
         "the rest waits unread instead of being refused: {acked} acked, {refused} refused"
     );
-    let other = edge.client(10).await;
-    let receipt = tokio::time::timeout(EVENT_TIMEOUT, other.send(9, b"hello".to_vec()))
-        .await
-        .expect("in time")
-        .expect("another user's send is acknowledged");
-    assert!(receipt.seq > 0);
+    // Another user's send is acknowledged.
+    a_send_is_acknowledged(&edge, 10, 9, b"hello").await;
 }
 
 /// A connection with the maximum of sends in flight is not read until one is answered: a
@@ -304,12 +311,7 @@ async fn past_the_retry_threshold_clients_still_connect_through_a_retry() {
     let _waiting = RawConnection::connect(&connector, edge.addr)
         .await
         .expect("first connection");
-    let client = edge.client(12).await;
-    let receipt = tokio::time::timeout(EVENT_TIMEOUT, client.send(13, b"after retry".to_vec()))
-        .await
-        .expect("in time")
-        .expect("acknowledged");
-    assert!(receipt.seq > 0);
+    a_send_is_acknowledged(&edge, 12, 13, b"after retry").await;
 }
 
 /// Before `Hello` only a `Hello` fits: a connection whose first frame announces more is closed
@@ -480,10 +482,5 @@ async fn a_client_hello_the_edge_refuses_is_answered_with_a_close_at_once() {
         other => panic!("expected the edge's CONNECTION_CLOSE, got {other}"),
     }
 
-    let client = edge.client(21).await;
-    let receipt = tokio::time::timeout(EVENT_TIMEOUT, client.send(22, b"still served".to_vec()))
-        .await
-        .expect("in time")
-        .expect("acknowledged");
-    assert!(receipt.seq > 0);
+    a_send_is_acknowledged(&edge, 21, 22, b"still served").await;
 }
