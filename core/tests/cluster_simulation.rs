@@ -1,8 +1,8 @@
 //! Deterministic simulation of a cluster of edges (issue 13): several edges, each with its own
 //! shards and its own stores (the embedded mode: one per shard, each holding the inboxes homed
-//! on its shard; a shard reads the others' but writes only its own), linked shard to edge, driven through the real
-//! `EdgeSession` (placement, redirects, forwarding over links, link failure) and the real
-//! `Committer`, with the client's real `ClientSession`.
+//! on its shard; a shard reads the others' but writes only its own), linked shard to edge,
+//! driven through the real `EdgeSession` (placement, redirects, forwarding over links, link
+//! failure) and the real `Committer`, with the client's real `ClientSession`.
 //!
 //! Clients connect to a random edge; the edge redirects each to its user's home edge, and the
 //! client follows `Goaway { reconnect_to }` as the SDK does. Sends to users of other edges go
@@ -29,12 +29,13 @@
 //! its config is updated.
 //!
 //! Expiry runs as on the edges: on its own stores every shard passes over its own; on shared
-//! stores shard 0 of the edge that runs it (the lowest live member in its planner's view)
-//! makes passes over every store, every shard lists a page of the inboxes the passes recorded
-//! as emptied, and an inbox's home shard on its home edge forgets it (decision 0011). Some sends carry a TTL of
-//! 1 to 3 s: such a message may expire into a hole declared to its recipient, and a hole may
-//! cover nothing else. After the run, time moves past the retention, and expiry must leave no
-//! message, counter, expiry entry, dedupe or emptied-inbox record in any store (R4).
+//! stores shard 0 of the edge that runs it (the lowest live member in its planner's view) makes
+//! passes over every store, every shard lists a page of the inboxes the passes recorded as
+//! emptied, and an inbox's home shard on its home edge forgets it (decision 0011). Some sends
+//! carry a TTL of 1 to 3 s: such a message may expire into a hole declared to its recipient,
+//! and a hole may cover nothing else. After the run, time moves past the retention, and expiry
+//! must leave no message, counter, expiry entry, dedupe or emptied-inbox record in any store
+//! (R4).
 //!
 //! The single-edge simulation (`simulation.rs`) covers what happens inside one edge (store
 //! faults, clock steps, abuse limits, several devices); this one covers what crosses edges.

@@ -131,12 +131,11 @@ fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> 
 /// 27–33 on the AMD development host, 16 against 40 on the Intel one; decision 0037). The
 /// development certificate is Ed25519.
 ///
-/// Random bytes from aws-lc-rs as well: its generator runs in user space, seeded from the
-/// kernel, where ring asks the kernel (`getrandom`) for every fill: the ServerHello's random
-/// and every session ticket's id were a system call each per full handshake.
-///
 /// Everything else stays ring's: its AES-GCM keys are smaller than aws-lc's, and a connection
-/// holds several (aws-lc's cost about 1 KB more per idle connection, decision 0017).
+/// holds several (aws-lc's cost about 1 KB more per idle connection, decision 0017). ring's
+/// random bytes are a `getrandom` system call per fill (four per full handshake), and still
+/// cheaper here than aws-lc's generator, whose CTR-DRBG with RDRAND on every call took more of
+/// a handshake's CPU (docs/benchmarks.md, fortieth session).
 ///
 /// Cipher suites: rustls lists AES-256-GCM/SHA-384 first; its SHA-384 key schedule costs more
 /// than SHA-256, which runs on the CPU's SHA extensions, and AES-128 seals packets in fewer
@@ -151,7 +150,6 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
         ],
         kx_groups: key_exchange_groups(),
         key_provider: rustls::crypto::aws_lc_rs::default_provider().key_provider,
-        secure_random: rustls::crypto::aws_lc_rs::default_provider().secure_random,
         ..rustls::crypto::ring::default_provider()
     })
 }

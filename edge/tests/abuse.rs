@@ -442,7 +442,9 @@ async fn with_recipients_must_exist_only_known_users_can_be_messaged() {
 /// connection in its first packet. The client must hear why at once, in a CONNECTION_CLOSE
 /// protected with the Initial keys (the vendored quinn-proto derives them again for that
 /// close, having handed its first copy to the connection), rather than wait out its idle
-/// timeout; and the edge goes on serving everyone else.
+/// timeout; and the edge goes on serving everyone else. (The ClientHello, with ring's X25519
+/// share, fits in the first Initial packet, so the refusal comes from that packet's handling,
+/// the path the patch changed; a hybrid post-quantum share would span two packets.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hello_the_edge_refuses_is_answered_with_a_close_at_once() {
     let edge = Edge::start(1);

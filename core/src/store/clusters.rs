@@ -11,7 +11,8 @@ use crate::UnixMillis;
 use crate::commit::{Committer, Outcome, Request};
 use crate::placement::{ClusterId, cluster_of};
 
-/// The inbox a request writes to: every key it writes is under that inbox.
+/// The inbox whose keys a request writes (a commit may also touch the store's clock and seq
+/// floor, which every store has).
 pub fn inbox_of(request: &Request) -> crate::UserId {
     match request {
         Request::Send(send) => send.to,

@@ -691,15 +691,20 @@ impl Endpoint {
             Err(e) => {
                 debug!("handshake failed: {}", e);
                 self.handle_event(ch, EndpointEvent(EndpointEventInner::Drained));
-                let response = match (&e, server_crypto.initial_keys(version, &dst_cid)) {
-                    (ConnectionError::TransportError(e), Ok(crypto)) => Some(self.initial_close(
-                        version,
-                        incoming.addresses,
-                        &crypto,
-                        &src_cid,
-                        e.clone(),
-                        buf,
-                    )),
+                let response = match e {
+                    ConnectionError::TransportError(ref e) => server_crypto
+                        .initial_keys(version, &dst_cid)
+                        .ok()
+                        .map(|crypto| {
+                            self.initial_close(
+                                version,
+                                incoming.addresses,
+                                &crypto,
+                                &src_cid,
+                                e.clone(),
+                                buf,
+                            )
+                        }),
                     _ => None,
                 };
                 Err(AcceptError { cause: e, response })
