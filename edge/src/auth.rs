@@ -39,7 +39,7 @@ pub fn load_or_create_signing_key(config: &Config) -> Result<(SigningKey, bool),
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let key = SigningKey::from_bytes(&seed);
-    write_private_file(&path, signing_key_to_base64(&key).as_bytes())?;
+    crate::files::write_private_file(&path, signing_key_to_base64(&key).as_bytes())?;
     Ok((key, true))
 }
 
@@ -85,66 +85,6 @@ pub fn verify_keys(
         }
     }
     Ok(keys)
-}
-
-/// Writes a file readable by its owner only, creating its directory.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// Replaces `path` with `contents` in one step, creating its directory: written with `mode`
-/// and synced under `temporary` (a leftover there from a crash is removed first), renamed over
-/// `path`, and the directory synced. A crash leaves the old file or the new one, never a torn
-/// one.
-pub fn replace_file(
-    path: &Path,
-    temporary: &Path,
-    contents: &[u8],
-    mode: u32,
-) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    match std::fs::remove_file(temporary) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("cannot remove {}: {e}", temporary.display()));
-        }
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(temporary)
-        .map_err(|e| format!("cannot create {}: {e}", temporary.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
-    std::fs::rename(temporary, path).map_err(|e| {
-        format!(
-            "cannot rename {} to {}: {e}",
-            temporary.display(),
-            path.display()
-        )
-    })?;
-    std::fs::File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
 }
 
 /// Parses a duration like `90s`, `30m`, `24h` or `7d` into seconds.

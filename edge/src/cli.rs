@@ -338,7 +338,7 @@ fn try_main(cli: Cli) -> Result<(), String> {
             let mut seed = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
             let key = courier_protocol::token::SigningKey::from_bytes(&seed);
-            auth::write_private_file(
+            crate::files::write_private_file(
                 &out,
                 courier_protocol::token::signing_key_to_base64(&key).as_bytes(),
             )?;

@@ -8,6 +8,7 @@ pub mod cid;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod health;
 pub mod idle;
 mod lanes;

@@ -181,7 +181,8 @@ fn open_shards<E: EmbeddedEngine + Send + Sync>(
         // The engines sync their own directories, not their entries in `stores`: a shard
         // directory just created must not vanish at a power cut with what it then commits.
         let opened = opened?;
-        sync_dir(stores).map_err(|e| format!("cannot sync {}: {e}", stores.display()))?;
+        crate::files::sync_dir(stores)
+            .map_err(|e| format!("cannot sync {}: {e}", stores.display()))?;
         Ok(opened)
     })
 }
@@ -230,16 +231,12 @@ fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
 /// Writes the layout file of a new store directory, atomically and durably.
 fn create_layout(stores: &Path, shards: u32) -> Result<(), String> {
     let text = format!("{LAYOUT_HEADER}\nshards = {shards}\n");
-    crate::auth::replace_file(
+    crate::files::replace_file(
         &stores.join(LAYOUT_FILE),
         &stores.join(format!("{LAYOUT_FILE}.tmp")),
         text.as_bytes(),
         0o644,
     )
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn remove_legacy(legacy: &Path) -> Result<(), String> {
@@ -283,7 +280,7 @@ fn migrate(
         })?
     };
     std::fs::rename(&staging, stores)
-        .and_then(|()| sync_dir(parent))
+        .and_then(|()| crate::files::sync_dir(parent))
         .map_err(|e| {
             format!(
                 "cannot move the migrated store into {}: {e}",

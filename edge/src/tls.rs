@@ -76,7 +76,7 @@ pub fn generate_dev_cert(key: DevCertKey, names: Vec<String>) -> Result<(String,
 /// Writes a development certificate where [`load_identity`] looks for it, the key readable by
 /// its owner only.
 ///
-/// Each file is replaced in one step (`auth::replace_file`), the key first: a crash leaves the
+/// Each file is replaced in one step (`files::replace_file`), the key first: a crash leaves the
 /// old pair, or a new key without its certificate, never a torn file. [`load_identity`]
 /// generates a new pair whenever one of the two is missing.
 pub fn write_dev_cert(
@@ -90,8 +90,8 @@ pub fn write_dev_cert(
         name.push(".tmp");
         path.with_file_name(name)
     };
-    crate::auth::replace_file(key_path, &temporary(key_path), key_pem.as_bytes(), 0o600)?;
-    crate::auth::replace_file(cert_path, &temporary(cert_path), cert_pem.as_bytes(), 0o644)
+    crate::files::replace_file(key_path, &temporary(key_path), key_pem.as_bytes(), 0o600)?;
+    crate::files::replace_file(cert_path, &temporary(cert_path), cert_pem.as_bytes(), 0o644)
 }
 
 fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> {
@@ -469,7 +469,7 @@ pub fn load_or_create_reset_key(config: &Config) -> Result<(Arc<ring::hmac::Key>
     } else {
         let mut secret = vec![0u8; RESET_SECRET_BYTES];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-        crate::auth::write_private_file(&path, &secret)?;
+        crate::files::write_private_file(&path, &secret)?;
         (secret, true)
     };
     Ok((
@@ -626,7 +626,7 @@ impl SessionCache {
         bytes[SAVED_COUNT_AT..SAVED_COUNT_AT + 4].copy_from_slice(&count.to_le_bytes());
         let checksum = ring::digest::digest(&ring::digest::SHA256, &bytes);
         bytes.extend_from_slice(checksum.as_ref());
-        crate::auth::replace_file(path, &saving_path(path), &bytes, 0o600)?;
+        crate::files::replace_file(path, &saving_path(path), &bytes, 0o600)?;
         Ok(count as usize)
     }
 
