@@ -1230,6 +1230,12 @@ fn write_expiry<T: Transaction>(
             emptied_now.push(inbox);
         }
     }
+    // A message expired at `now` is gone for good: after a restart the clock starts past this
+    // time, so no device is told of the hole at a time before the message's expiry (and no
+    // later send gets a `sent_at` before that of a message expiry already judged).
+    if report.messages_deleted > 0 {
+        txn.atomic_max(&keys::clock(), now);
+    }
     // The round goes on while the pass has more to do (old dedupe records too: a round that
     // ended with the index would start the next pass at the index's start again).
     match round_stopped_at {
@@ -1496,6 +1502,31 @@ mod tests {
             1,
             "only the retention bucket's entry is left"
         );
+    }
+
+    /// A pass that expired a message raises the clock's high-water mark to its time, so an
+    /// edge restarted with its wall clock set back does not run at a time before that expiry
+    /// (its devices would be told of a hole before the message's TTL ran out).
+    #[test]
+    fn an_expiry_pass_that_deleted_a_message_raises_the_clock_high_water_mark() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let now = 5 * config.dedupe_window_ms;
+        let short = Request::Send(SendRequest {
+            sender: 1,
+            client_id: 1,
+            to: 7,
+            body: b"short".to_vec(),
+            ttl_secs: Some(1),
+        });
+        Committer::new(&config)
+            .commit_batch(&store, &[short], now)
+            .unwrap();
+        assert_eq!(clock_high_water(&store).unwrap(), now);
+        let later = now + 2 * config.expiry_bucket_ms;
+        let report = expire(&store, later, &config).unwrap();
+        assert_eq!(report.messages_deleted, 1);
+        assert_eq!(clock_high_water(&store).unwrap(), later);
     }
 
     /// The passes of a round go on where the last one stopped, not from the start of the

@@ -1,6 +1,7 @@
 //! Deterministic simulation of the real session layer: the edge's `EdgeSession` (one per shard,
-//! with its inbox queue and the real `Committer` on a fault-injecting store) and the client's
-//! `ClientSession` (one per device), exchanging real frames over a simulated network, on a
+//! with its inbox queue and the real `Committer` on the shard's own fault-injecting store, as
+//! the edge's embedded stores are one per shard) and the client's `ClientSession` (one per
+//! device), exchanging real frames over a simulated network, on a
 //! virtual clock, with lost connections, shard crashes, fencing, store faults, mesh
 //! back-pressure, app restarts, several devices per user and messages with short TTLs that
 //! expire.
@@ -243,7 +244,7 @@ impl Stats {
 }
 
 fn run_seed(seed: u64) -> Result<Stats, String> {
-    World::new(seed, MemoryStore::new).run()
+    World::new(seed, |_| MemoryStore::new()).run()
 }
 
 /// The same seeds on the log store engine (`store.engine = "log"`) in a temporary directory:
@@ -259,7 +260,7 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
 /// dedupe moves) runs at steps the seed chooses, not on its own thread, so a seed replays
 /// exactly.
 fn run_seed_on_the_log_store(seed: u64) -> Result<Stats, String> {
-    World::new(seed, || SimLog::open(seed)).run()
+    World::new(seed, |shard| SimLog::open(seed, shard)).run()
 }
 
 /// The simulation on the log store: fewer seeds than on memory (each opens real files), set
@@ -333,8 +334,10 @@ struct SimLog {
 }
 
 impl SimLog {
-    fn open(seed: u64) -> SimLog {
-        let mut rng = Rng::new(seed ^ 0x6c6f_6773_746f_7265); // "logstore"
+    /// Shard `shard`'s store: each shard's has options of its own.
+    fn open(seed: u64, shard: u32) -> SimLog {
+        // "logstore", and the shard.
+        let mut rng = Rng::new(seed ^ 0x6c6f_6773_746f_7265 ^ (u64::from(shard) << 8));
         let rng = &mut rng;
         // On tmpfs where there is one: fsync is free there, and a process crash (which is what
         // the simulation's crash is) keeps what was written, as the page cache would.
@@ -511,8 +514,8 @@ struct Client {
     acked: HashMap<u64, Receipt>,
     /// Deliveries the application took: (seq, from, body).
     received: Vec<(u64, UserId, Vec<u8>)>,
-    /// Declared holes: (after, up_to].
-    holes: Vec<(u64, u64)>,
+    /// Declared holes: (after, up_to], and the edge's time when the device heard of it.
+    holes: Vec<(u64, u64, UnixMillis)>,
     /// Highest seq the application consumed and persisted (survives an app restart).
     consumed_up_to: u64,
     /// Consumes deliveries only some of the time (a slow app, or one with manual acks).
@@ -528,12 +531,14 @@ struct World<S: SimStore> {
     rng: Rng,
     now: UnixMillis,
     config: CoreConfig,
-    store: FaultStore<S>,
+    /// One store per shard, as the edge's embedded stores (`data_dir/stores/shard-N`): a shard
+    /// commits and expires its own; reads go to the inbox's home shard's.
+    stores: Vec<FaultStore<S>>,
     shards: Vec<EdgeSession<SimAuth>>,
     committers: Vec<Committer>,
     /// Every (inbox, seq) a commit was seen to store, less those a power cut lost, with the
-    /// TTL of the send it was given to.
-    assigned: HashMap<(UserId, u64), Option<u32>>,
+    /// time it expires at by the send's TTL (`None` for a send without one).
+    assigned: HashMap<(UserId, u64), Option<UnixMillis>>,
     /// The highest of them per inbox.
     last_assigned: HashMap<UserId, u64>,
     clients: Vec<Client>,
@@ -560,8 +565,8 @@ struct World<S: SimStore> {
     /// result to come back at the given time (and, on the log store, for its sync).
     commits_in_flight: Vec<VecDeque<InFlight>>,
     slow_commit_per_thousand: u64,
-    /// When the poisoned store is reopened (`store_refused`).
-    store_reopen_at: Option<u64>,
+    /// Per store: when it is reopened after it was poisoned (`store_refused`).
+    store_reopen_at: Vec<Option<u64>>,
     /// When the power fails, a few steps after an unsynced batch was answered.
     power_cut_at: Option<u64>,
     /// Frames for connections whose input the edge paused, in arrival order. Ordered by
@@ -580,7 +585,7 @@ struct InFlight {
 }
 
 impl<S: SimStore> World<S> {
-    fn new(seed: u64, open: impl FnOnce() -> S) -> World<S> {
+    fn new(seed: u64, open: impl Fn(u32) -> S) -> World<S> {
         let mut rng = Rng::new(seed);
         let batch_requests_max = 1 + rng.below(16) as usize;
         let config = CoreConfig {
@@ -610,8 +615,11 @@ impl<S: SimStore> World<S> {
             fsync_failure_per_million: fault_level * 5_000,
             fenced_per_million: fault_level * 2_000,
         };
-        let store = FaultStore::new(open(), rates, rng.next_u64());
         let shard_count = 1 + rng.below(4) as u32;
+        let fault_seed = rng.next_u64();
+        let stores: Vec<FaultStore<S>> = (0..shard_count)
+            .map(|shard| FaultStore::new(open(shard), rates, fault_seed ^ u64::from(shard)))
+            .collect();
         let messages_per_client = 1 + rng.below(60);
         let in_flight_max = 1 + rng.below(8) as usize;
         let ttl_share = rng.below(4); // in quarters of the sends
@@ -723,13 +731,13 @@ impl<S: SimStore> World<S> {
             assigned: HashMap::new(),
             last_assigned: HashMap::new(),
             config,
-            store,
+            store_reopen_at: vec![None; stores.len()],
+            stores,
             clients,
             slot_owner: HashMap::new(),
             held: BTreeMap::new(),
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
-            store_reopen_at: None,
             power_cut_at: None,
             next_slot: 0,
             network: BTreeMap::new(),
@@ -766,11 +774,18 @@ impl<S: SimStore> World<S> {
         }
     }
 
-    /// The edge process starts: its clock from the wall clock and the store's high-water mark.
+    /// The edge process starts: its clock from the wall clock and the highest high-water mark
+    /// of its stores (every shard's, as `Embedded::clock_high_water` reads them: the shards'
+    /// clocks agree, so a read of another shard's inbox expires what its owner would).
     fn start_shards(&mut self) {
         self.harvest_session_stats();
         let wall = self.now.saturating_add_signed(self.wall_offset_ms);
-        let high_water = commit::clock_high_water(self.store.inner()).expect("read the clock");
+        let high_water = self
+            .stores
+            .iter()
+            .map(|store| commit::clock_high_water(store.inner()).expect("read the clock"))
+            .max()
+            .expect("a store per shard");
         self.clock = ServerClock::start(wall, high_water, self.now);
         let count = self.session_config.shard_count;
         self.shards = (0..count)
@@ -797,7 +812,9 @@ impl<S: SimStore> World<S> {
         }
         // Calm phase: no new faults; every device reconnects by its own backoff and consumes
         // what it receives.
-        self.store.set_rates(FaultRates::default());
+        for store in &self.stores {
+            store.set_rates(FaultRates::default());
+        }
         self.loss_per_thousand = 0;
         self.congestion_per_thousand = 0;
         for client in &mut self.clients {
@@ -815,7 +832,11 @@ impl<S: SimStore> World<S> {
             }
         }
         self.stats.drain_steps = steps as u64;
-        self.stats.recoveries_from_snapshot = self.store.inner().recoveries_from_snapshot();
+        self.stats.recoveries_from_snapshot = self
+            .stores
+            .iter()
+            .map(|store| store.inner().recoveries_from_snapshot())
+            .sum();
         self.harvest_session_stats();
         self.check()
     }
@@ -957,25 +978,27 @@ impl<S: SimStore> World<S> {
             self.stats.power_cuts_after_answers += 1;
             self.crash_with(true);
         }
-        // A poisoned store is reopened in place after a pause, as the edge does. A batch in
-        // flight syncs on the store that wrote it (the edge's sync holds that instance): here
-        // it fails (the fault wrapper refuses every sync once poisoned; the edge's log store
-        // succeeds for a commit durable already, so this is the stricter case).
-        if self.store_reopen_at.is_some_and(|at| at <= self.now) {
-            self.store_reopen_at = None;
-            for shard in 0..self.commits_in_flight.len() {
-                for in_flight in &mut self.commits_in_flight[shard] {
-                    if let Some(version) = in_flight.sync.take()
-                        && in_flight.result.is_ok()
-                        && let Err(error) = self.store.sync_through(version)
-                    {
-                        in_flight.result = Err(error);
-                        self.committers[shard].forget_cached();
-                    }
+        // A poisoned store is reopened in place after a pause, as the edge does; the other
+        // shards' stores carry on. A batch in flight syncs on the store that wrote it (the
+        // edge's sync holds that instance): here it fails (the fault wrapper refuses every
+        // sync once poisoned; the edge's log store succeeds for a commit durable already, so
+        // this is the stricter case).
+        for shard in 0..self.stores.len() {
+            if !self.store_reopen_at[shard].is_some_and(|at| at <= self.now) {
+                continue;
+            }
+            self.store_reopen_at[shard] = None;
+            for in_flight in &mut self.commits_in_flight[shard] {
+                if let Some(version) = in_flight.sync.take()
+                    && in_flight.result.is_ok()
+                    && let Err(error) = self.stores[shard].sync_through(version)
+                {
+                    in_flight.result = Err(error);
+                    self.committers[shard].forget_cached();
                 }
             }
-            self.store.reopen();
-            self.store.inner_mut().restart();
+            self.stores[shard].reopen();
+            self.stores[shard].inner_mut().restart();
         }
         // Shards commit: up to `batches_in_flight_max` batches per shard (decision 0027). A
         // batch is written when it is taken (on the log store unsynced: the next batch reads
@@ -1004,10 +1027,14 @@ impl<S: SimStore> World<S> {
                 }
                 // As the edge does: unsynced when more waits (the next batch goes at once).
                 let written = if batch.more_waiting {
-                    self.committers[shard].commit_batch_unsynced(&self.store, &batch.requests, now)
+                    self.committers[shard].commit_batch_unsynced(
+                        &self.stores[shard],
+                        &batch.requests,
+                        now,
+                    )
                 } else {
                     self.committers[shard]
-                        .commit_batch(&self.store, &batch.requests, now)
+                        .commit_batch(&self.stores[shard], &batch.requests, now)
                         .map(|outcomes| (outcomes, None))
                 };
                 let (result, sync) = match written {
@@ -1017,10 +1044,34 @@ impl<S: SimStore> World<S> {
                 self.stats.commits_unsynced += u64::from(sync.is_some());
                 if let Ok(outcomes) = &result {
                     for (request, outcome) in batch.requests.iter().zip(outcomes) {
-                        if let (commit::Request::Send(send), commit::Outcome::Stored { seq, .. }) =
-                            (request, outcome)
+                        if let (
+                            commit::Request::Send(send),
+                            commit::Outcome::Stored { seq, fresh, .. },
+                        ) = (request, outcome)
                         {
-                            self.assigned.insert((send.to, *seq), send.ttl_secs);
+                            // What the TTL promises: not expired before its time from the
+                            // commit. A retry answered from its dedupe record keeps the
+                            // first's, which the checker may not have seen (its answer was an
+                            // unknown result): then the stored message says, and if it is
+                            // gone already, 0 (any time).
+                            let expire_at = send.ttl_secs.map(|ttl| {
+                                if *fresh {
+                                    return now
+                                        + (u64::from(ttl) * 1000).min(self.config.retention_ms);
+                                }
+                                let key = keys::message(send.to, *seq);
+                                dump_prefix(self.stores[shard].inner(), &key)
+                                    .first()
+                                    .and_then(|(_, value)| {
+                                        courier_core::envelope::expire_at_ms(value)
+                                    })
+                                    .unwrap_or(0)
+                            });
+                            if *fresh {
+                                self.assigned.insert((send.to, *seq), expire_at);
+                            } else {
+                                self.assigned.entry((send.to, *seq)).or_insert(expire_at);
+                            }
                             let last = self.last_assigned.entry(send.to).or_insert(0);
                             if *seq > *last + 1 {
                                 // A forgotten inbox continued from the floor.
@@ -1065,8 +1116,10 @@ impl<S: SimStore> World<S> {
         }
         // The store's background thread (checkpoints, spare segments, dedupe moves) runs at
         // points the seed chooses: between commits, or with one in flight and unsynced.
-        if self.rng.chance(1, 2) {
-            self.store.inner().run_background_work();
+        for store in &self.stores {
+            if self.rng.chance(1, 2) {
+                store.inner().run_background_work();
+            }
         }
         if chaos {
             if self.rng.chance(1, 300) {
@@ -1092,15 +1145,18 @@ impl<S: SimStore> World<S> {
                 }
             }
         }
-        if self.rng.chance(1, 50) && self.power_cut_at.is_none() {
-            // Expiry runs alongside, as on the edge's maintenance thread; a store that refuses
-            // it is handled as the edge handles it.
-            match commit::expire(&self.store, self.edge_now(), &self.config) {
+        for shard in 0..self.stores.len() {
+            if !self.rng.chance(1, 50) || self.power_cut_at.is_some() {
+                continue;
+            }
+            // Expiry runs alongside, each shard's on its own store, as on the edge's
+            // maintenance lanes; a store that refuses it is handled as the edge handles it.
+            match commit::expire(&self.stores[shard], self.edge_now(), &self.config) {
                 Ok(report) => {
                     self.stats.expired += report.messages_deleted;
                     self.hand_emptied(&report.emptied);
                 }
-                Err(error) => self.store_refused(&error),
+                Err(error) => self.store_refused(shard, &error),
             }
         }
     }
@@ -1130,7 +1186,7 @@ impl<S: SimStore> World<S> {
     /// it and may come from another inbox), the highest seq a commit gave it.
     fn head(&self, inbox: UserId) -> u64 {
         // Read past the fault injection: this is the checker looking, not the edge.
-        let store = self.store.inner();
+        let store = self.stores[self.home_shard(inbox)].inner();
         if commit::has_counter(store, inbox).expect("read the counter") {
             commit::last_seq(store, inbox).expect("read the counter")
         } else {
@@ -1138,13 +1194,17 @@ impl<S: SimStore> World<S> {
         }
     }
 
+    /// The shard an inbox is homed on, whose store holds it.
+    fn home_shard(&self, inbox: UserId) -> usize {
+        courier_core::placement::home_shard(inbox, self.stores.len() as u32) as usize
+    }
+
     /// Inboxes an expiry pass emptied go to their home shards to be forgotten, as on the edge.
     fn hand_emptied(&mut self, emptied: &[UserId]) {
         self.stats.inboxes_emptied += emptied.len() as u64;
         let now = self.edge_now();
-        let shard_count = self.shards.len() as u32;
         for inbox in emptied {
-            let home = courier_core::placement::home_shard(*inbox, shard_count) as usize;
+            let home = self.home_shard(*inbox);
             self.shards[home].handle_emptied(&[*inbox], now);
         }
     }
@@ -1161,7 +1221,7 @@ impl<S: SimStore> World<S> {
         } = in_flight;
         let synced = sync.is_some();
         let result = match (result, sync) {
-            (Ok(outcomes), Some(version)) => match self.store.sync_through(version) {
+            (Ok(outcomes), Some(version)) => match self.stores[shard].sync_through(version) {
                 Ok(()) => Ok(outcomes),
                 Err(error) => {
                     self.committers[shard].forget_cached();
@@ -1191,24 +1251,24 @@ impl<S: SimStore> World<S> {
         self.shards[shard].handle_commit(batch, result);
         self.apply_effects(shard);
         if let Some(error) = failed {
-            self.store_refused(&error);
+            self.store_refused(shard, &error);
         }
     }
 
-    /// What the edge does when the store refuses: fenced ends the process; poisoned (a failed
-    /// write or fsync) is reopened in place after a pause while the shards keep running.
-    fn store_refused(&mut self, error: &StoreError) {
+    /// What the edge does when a shard's store refuses: fenced ends the process; poisoned (a
+    /// failed write or fsync) is reopened in place after a pause while the shards keep running.
+    fn store_refused(&mut self, shard: usize, error: &StoreError) {
         match error {
             StoreError::Fenced => self.crash(),
-            StoreError::Poisoned if self.store_reopen_at.is_none() => {
+            StoreError::Poisoned if self.store_reopen_at[shard].is_none() => {
                 self.stats.store_reopens += 1;
-                self.store_reopen_at = Some(self.now + 1 + self.rng.below(200));
+                self.store_reopen_at[shard] = Some(self.now + 1 + self.rng.below(200));
             }
             _ => {}
         }
     }
 
-    /// A process crash: every shard loses its state and the store is reopened. Packets to and
+    /// A process crash: every shard loses its state and the stores are reopened. Packets to and
     /// from the process are lost; clients see their connections reset and reconnect.
     fn crash(&mut self) {
         // Half the crashes cut the power: on the log store an unsynced commit is lost then,
@@ -1229,15 +1289,17 @@ impl<S: SimStore> World<S> {
         for in_flight in &mut self.commits_in_flight {
             in_flight.clear();
         }
-        self.store_reopen_at = None;
-        self.store.reopen();
-        if power_cut {
-            if let Some(lost) = self.store.inner_mut().cut_power() {
-                self.stats.unsynced_lost += 1;
-                self.forget_lost_seqs(&lost);
+        for shard in 0..self.stores.len() {
+            self.store_reopen_at[shard] = None;
+            self.stores[shard].reopen();
+            if power_cut {
+                if let Some(lost) = self.stores[shard].inner_mut().cut_power() {
+                    self.stats.unsynced_lost += 1;
+                    self.forget_lost_seqs(&lost);
+                }
+            } else {
+                self.stores[shard].inner_mut().restart();
             }
-        } else {
-            self.store.inner_mut().restart();
         }
         for client in 0..self.clients.len() {
             if self.clients[client].conn.take().is_some() {
@@ -1437,16 +1499,22 @@ impl<S: SimStore> World<S> {
                     inbox,
                     after_seq,
                 } => {
+                    // From the inbox's home shard's store, which may be another shard's.
+                    let home = self.home_shard(inbox);
                     let result = commit::read_inbox(
-                        &self.store,
+                        &self.stores[home],
                         inbox,
                         after_seq,
                         self.edge_now(),
                         &self.config,
                     );
-                    if let Err(error) = &result {
+                    // As the edge: another shard's store failing is that shard's to recover
+                    // (its own commits and expiry see it), not a reason to reopen this one's.
+                    if let Err(error) = &result
+                        && home == shard
+                    {
                         let fenced = *error == StoreError::Fenced;
-                        self.store_refused(error);
+                        self.store_refused(shard, error);
                         if fenced {
                             return; // The process ended.
                         }
@@ -1500,6 +1568,7 @@ impl<S: SimStore> World<S> {
             c.consumed_up_to = seq;
             c.session.consumed(now, seq);
         }
+        let edge_now = self.edge_now();
         let c = &mut self.clients[client];
         while let Some(event) = c.session.poll_event() {
             match event {
@@ -1529,7 +1598,7 @@ impl<S: SimStore> World<S> {
                         continue;
                     }
                     self.stats.holes += 1;
-                    c.holes.push((after_seq, up_to_seq));
+                    c.holes.push((after_seq, up_to_seq, edge_now));
                 }
                 ClientEvent::Signal { .. } => {}
                 ClientEvent::SendDone { client_id, result } => match result {
@@ -1579,10 +1648,10 @@ impl<S: SimStore> World<S> {
     fn converged(&mut self) -> bool {
         if !self.network.is_empty()
             || !self.held.is_empty()
-            || self.store_reopen_at.is_some()
+            || self.store_reopen_at.iter().any(Option::is_some)
             // Poisoned by a write whose error was another one (an fsync failure reported as
             // an unknown result): the next store call notices, as on the edge.
-            || self.store.is_poisoned()
+            || self.stores.iter().any(FaultStore::is_poisoned)
             || self
                 .shards
                 .iter()
@@ -1652,7 +1721,7 @@ impl<S: SimStore> World<S> {
         let in_hole = |c: &Client, seq: u64| {
             c.holes
                 .iter()
-                .any(|(after, up_to)| *after < seq && seq <= *up_to)
+                .any(|(after, up_to, _)| *after < seq && seq <= *up_to)
         };
         // Every acknowledged message reached every device of its recipient at its seq (those
         // linked before it was stored), or expired into a hole declared to that device.
@@ -1702,10 +1771,20 @@ impl<S: SimStore> World<S> {
                 ));
             }
         }
-        // A hole covers only messages that expired, never a live one.
+        // A hole covers only messages that expired, never a live one, and none before its TTL
+        // ran out.
         for c in &self.clients {
-            for (after, up_to) in &c.holes {
+            for (after, up_to, heard_at) in &c.holes {
                 for seq in after + 1..=*up_to {
+                    if let Some(Some(expire_at)) = self.assigned.get(&(c.user, seq))
+                        && expire_at > heard_at
+                    {
+                        return Err(format!(
+                            "device {}/{}: a hole ({after}, {up_to}] heard at {heard_at} covered \
+                             message {seq}, which expires at {expire_at}",
+                            c.user, c.device
+                        ));
+                    }
                     match by_inbox_seq.get(&(c.user, seq)) {
                         Some(Some(_ttl)) => {}
                         Some(None) => {
@@ -1730,22 +1809,30 @@ impl<S: SimStore> World<S> {
             }
         }
 
-        // R4: after all acks, no unexpired message is stored.
-        let left = dump_prefix(self.store.inner(), &[keys::TAG_MESSAGE]);
-        for (key, value) in &left {
-            let (inbox, seq) = keys::parse_message(key).expect("message key");
-            let message =
-                courier_core::envelope::decode(inbox, seq, value).expect("stored envelope");
-            if message.expire_at_ms > self.edge_now() {
-                let (start, _) = keys::device_range(inbox);
-                let devices: Vec<String> = dump_prefix(self.store.inner(), &start)
-                    .iter()
-                    .map(|(key, value)| format!("{key:?}={value:?}"))
-                    .collect();
-                return Err(format!(
-                    "message {inbox}#{seq} left in the store after every device acked it \
-                     (device records: {devices:?})"
-                ));
+        // R4: after all acks, no unexpired message is stored, and every store holds only
+        // its own shard's inboxes.
+        for (shard, store) in self.stores.iter().enumerate() {
+            let left = dump_prefix(store.inner(), &[keys::TAG_MESSAGE]);
+            for (key, value) in &left {
+                let (inbox, seq) = keys::parse_message(key).expect("message key");
+                if self.home_shard(inbox) != shard {
+                    return Err(format!(
+                        "message {inbox}#{seq} in shard {shard}'s store, not its home shard's"
+                    ));
+                }
+                let message =
+                    courier_core::envelope::decode(inbox, seq, value).expect("stored envelope");
+                if message.expire_at_ms > self.edge_now() {
+                    let (start, _) = keys::device_range(inbox);
+                    let devices: Vec<String> = dump_prefix(store.inner(), &start)
+                        .iter()
+                        .map(|(key, value)| format!("{key:?}={value:?}"))
+                        .collect();
+                    return Err(format!(
+                        "message {inbox}#{seq} left in the store after every device acked it \
+                         (device records: {devices:?})"
+                    ));
+                }
             }
         }
         // After the dedupe window (twice, since records live up to two windows) and the
@@ -1754,12 +1841,17 @@ impl<S: SimStore> World<S> {
             + self.config.retention_ms
             + self.config.expiry_bucket_ms;
         // Every emptied inbox is forgotten by its home shard, so no counter outlives its inbox.
+        // Each shard expires its own store; a round is over when every store's is.
         let mut passes = 0;
         loop {
-            let report = commit::expire(&self.store, self.edge_now(), &self.config)
-                .map_err(|e| e.to_string())?;
+            let mut round_over = true;
+            for shard in 0..self.stores.len() {
+                let report = commit::expire(&self.stores[shard], self.edge_now(), &self.config)
+                    .map_err(|e| e.to_string())?;
+                self.hand_emptied(&report.emptied);
+                round_over &= report.round_began && !report.more && report.emptied.is_empty();
+            }
             passes += 1;
-            self.hand_emptied(&report.emptied);
             for shard in 0..self.shards.len() {
                 while let Some(in_flight) = self.commits_in_flight[shard].pop_front() {
                     self.finish_in_flight(shard, in_flight);
@@ -1768,8 +1860,11 @@ impl<S: SimStore> World<S> {
                 while let Some(batch) =
                     self.shards[shard].poll_batch(now + self.config.ack_commit_delay_ms)
                 {
-                    let result =
-                        self.committers[shard].commit_batch(&self.store, &batch.requests, now);
+                    let result = self.committers[shard].commit_batch(
+                        &self.stores[shard],
+                        &batch.requests,
+                        now,
+                    );
                     if let Err(error) = &result {
                         return Err(format!("forgetting emptied inboxes failed: {error}"));
                     }
@@ -1779,7 +1874,7 @@ impl<S: SimStore> World<S> {
             // A shard queues a bounded number of forgets; the rest are listed again by the
             // next round's first pass, which also scans the expiry index from its start (an
             // entry written below a round's mark waits for it).
-            if report.round_began && !report.more && report.emptied.is_empty() {
+            if round_over {
                 break;
             }
             if passes > 10_000 {
@@ -1793,25 +1888,29 @@ impl<S: SimStore> World<S> {
             keys::TAG_COUNTER,
             keys::TAG_EMPTIED,
         ] {
-            let left = dump_prefix(self.store.inner(), &[tag]);
-            if !left.is_empty() {
-                return Err(format!(
-                    "{} keys with tag {} left after expiry",
-                    left.len(),
-                    tag as char
-                ));
+            for (shard, store) in self.stores.iter().enumerate() {
+                let left = dump_prefix(store.inner(), &[tag]);
+                if !left.is_empty() {
+                    return Err(format!(
+                        "{} keys with tag {} left after expiry in shard {shard}'s store",
+                        left.len(),
+                        tag as char
+                    ));
+                }
             }
         }
-        let counts = &self.store.counts;
         let load = |counter: &std::sync::atomic::AtomicU64| {
             counter.load(std::sync::atomic::Ordering::Relaxed)
         };
         self.stats.messages_acked = acked_total as u64;
-        self.stats.conflicts = load(&counts.conflicts);
-        self.stats.commit_unknown_applied = load(&counts.commit_unknown_applied);
-        self.stats.commit_unknown_dropped = load(&counts.commit_unknown_dropped);
-        self.stats.fsync_failures = load(&counts.fsync_failures);
-        self.stats.fenced = load(&counts.fenced);
+        for store in &self.stores {
+            let counts = &store.counts;
+            self.stats.conflicts += load(&counts.conflicts);
+            self.stats.commit_unknown_applied += load(&counts.commit_unknown_applied);
+            self.stats.commit_unknown_dropped += load(&counts.commit_unknown_dropped);
+            self.stats.fsync_failures += load(&counts.fsync_failures);
+            self.stats.fenced += load(&counts.fenced);
+        }
         Ok(self.stats)
     }
 }
@@ -1820,7 +1919,7 @@ impl<S: SimStore> World<S> {
 #[test]
 fn simulation_detects_a_lost_acknowledged_message() {
     // A world where the server acknowledged a message that no recipient ever received.
-    let mut world = World::new(7, MemoryStore::new);
+    let mut world = World::new(7, |_| MemoryStore::new());
     let to = world.clients[1].user;
     world.clients[0].acked.insert(
         1,

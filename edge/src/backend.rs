@@ -343,8 +343,17 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         expire(&*self.own()?, now, core)
     }
 
+    /// The highest mark of every shard's store, not this shard's alone: each shard starts its
+    /// clock from it, so the shards' clocks agree. From its own store only, a shard whose store
+    /// saw no recent commit could start days behind another after the wall clock stepped back
+    /// (or one ahead judge another's inbox by a later time than its owner, declaring a
+    /// message with days of its TTL left expired when it reads it).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError> {
-        courier_core::commit::clock_high_water(&*self.own()?)
+        let mut highest = 0;
+        for slot in self.all.iter() {
+            highest = highest.max(courier_core::commit::clock_high_water(&*slot.get()?)?);
+        }
+        Ok(highest)
     }
 
     fn erase_deleted(&self) -> Result<Option<ErasePass>, StoreError> {
@@ -502,6 +511,57 @@ mod tests {
     use super::*;
     use courier_core::commit::{Request, SendRequest};
     use courier_core::store::memory::MemoryStore;
+
+    /// Every shard of an edge starts its clock from the same mark, the highest of all its
+    /// stores, even when only one shard's store saw the latest commit.
+    #[test]
+    fn the_shards_of_embedded_stores_start_their_clocks_from_one_mark() {
+        let dirs: Vec<_> = (0..2)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let options = LogOptions::default();
+        let slots: Vec<EmbeddedSlot<LogStore>> = dirs
+            .iter()
+            .map(|dir| {
+                let store = LogStore::open(dir.path(), &options).expect("open");
+                EmbeddedSlot::new(Arc::new(store), options.clone())
+            })
+            .collect();
+        let all = Arc::new(slots);
+        let core = CoreConfig::default();
+        let late_ms = 1_700_000_000_000;
+        // A user homed on shard 1 gets a message at a late time: only store 1 sees it.
+        let to = (1..)
+            .find(|user| courier_core::placement::home_shard(*user, 2) == 1)
+            .expect("a user on shard 1");
+        let shard_1 = Embedded {
+            shard: 1,
+            all: Arc::clone(&all),
+        };
+        let send = Request::Send(SendRequest {
+            sender: 7,
+            to,
+            client_id: 1,
+            body: b"late".to_vec(),
+            ttl_secs: None,
+        });
+        shard_1
+            .commit(&mut Committer::new(&core), &[send], late_ms)
+            .expect("commit");
+        let shard_0 = Embedded {
+            shard: 0,
+            all: Arc::clone(&all),
+        };
+        let (mark_0, mark_1) = (
+            shard_0.clock_high_water().expect("shard 0's mark"),
+            shard_1.clock_high_water().expect("shard 1's mark"),
+        );
+        assert!(mark_1 >= late_ms, "{mark_1}");
+        assert_eq!(
+            mark_0, mark_1,
+            "shard 0's clock would start behind shard 1's"
+        );
+    }
 
     /// On a shared store one shard runs the expiry passes, but every shard lists the inboxes
     /// they emptied, a page per interval going round the records, so that each inbox's home
