@@ -984,7 +984,7 @@ impl<S: SimStore> World<S> {
         // sync once poisoned; the edge's log store succeeds for a commit durable already, so
         // this is the stricter case).
         for shard in 0..self.stores.len() {
-            if !self.store_reopen_at[shard].is_some_and(|at| at <= self.now) {
+            if self.store_reopen_at[shard].is_none_or(|at| at > self.now) {
                 continue;
             }
             self.store_reopen_at[shard] = None;
