@@ -1683,6 +1683,7 @@ impl<S: SimStore> World<S> {
         let mut delivered: Vec<HashMap<Vec<u8>, u64>> = Vec::new();
         for c in &self.clients {
             let mut previous = 0;
+            let mut previous_sent_at = 0;
             let mut bodies = HashMap::new();
             for (seq, from, body) in &c.received {
                 if *seq <= previous {
@@ -1691,6 +1692,17 @@ impl<S: SimStore> World<S> {
                         c.user, c.device
                     ));
                 }
+                // An inbox's seqs follow its commits' time (the clock never runs back, across
+                // restarts too), which expiry's scan of an inbox relies on to stop early.
+                let sent_at = c.sent_at_ms.get(seq).copied().unwrap_or(0);
+                if sent_at < previous_sent_at {
+                    return Err(format!(
+                        "device {}/{}: message {seq} sent at {sent_at}, before {previous} \
+                         (sent at {previous_sent_at})",
+                        c.user, c.device
+                    ));
+                }
+                previous_sent_at = sent_at;
                 previous = *seq;
                 let sender_prefix = format!("{from}:");
                 if !body.starts_with(sender_prefix.as_bytes()) {
