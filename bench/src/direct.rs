@@ -122,11 +122,20 @@ enum Role {
         pair: usize,
         last_seq: u64,
     },
+    /// `connections --driver direct`: logs in and stays, idle but for its keep-alives.
+    Idle,
+}
+
+/// A UDP socket of the load generator and its quinn-udp state. A pairs client has its own;
+/// idle connections share a few, as the SDK's connectors do.
+struct Socket {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
 }
 
 struct Client {
-    socket: UdpSocket,
-    state: quinn_udp::UdpSocketState,
+    /// Index of its socket in `Driver::sockets`.
+    socket: usize,
     handle: ConnectionHandle,
     quic: quinn_proto::Connection,
     session: ClientSession,
@@ -167,11 +176,144 @@ pub(crate) fn run(
     Ok(driver.finish())
 }
 
+/// `connections --driver direct`: many idle, logged-in connections from one thread, so that
+/// the load generator, not saturated, measures what an open connection costs the edge (the
+/// SDK's tasks filled its core at about 2,300 new connections/s: docs/benchmarks.md).
+pub(crate) struct Idle {
+    /// One per connection, in the order they open (each its own user and token).
+    pub sessions: Vec<courier_protocol::client::ClientConfig>,
+    /// UDP sockets the connections share, round robin (the SDK's `--sockets`).
+    pub sockets: usize,
+    /// Connections started per second (0: as fast as `concurrency` allows).
+    pub rate: u32,
+    /// Connections that may be logging in at once.
+    pub concurrency: usize,
+    /// How long to hold them all open.
+    pub hold: Duration,
+}
+
+/// What an idle run saw.
+pub(crate) struct IdleOutcome {
+    /// Connections welcomed (logged in).
+    pub opened: usize,
+    /// Connections lost, before or after their login.
+    pub lost: usize,
+    /// From the first connection started until every one was welcomed or lost.
+    pub connect_secs: f64,
+    /// Keep-alives the clients sent while held (PING or IMMEDIATE_ACK frames).
+    pub keep_alives_holding: u64,
+    pub errors: Vec<String>,
+}
+
+/// Opens `idle.sessions.len()` connections and logs each in, `quic_for(n)` giving connection
+/// `n`'s QUIC configuration (a shared one resumes TLS sessions; a fresh one per connection
+/// makes full handshakes); calls `on_start(n)` before it starts connection `n`, `on_open`
+/// once every one is welcomed or lost, `on_held` after the hold (before any closes), then
+/// closes them all.
+pub(crate) fn run_idle(
+    plan: &Plan,
+    idle: Idle,
+    mut quic_for: impl FnMut(usize) -> Result<ClientConfig, String>,
+    mut on_start: impl FnMut(usize),
+    on_open: impl FnOnce(),
+    on_held: impl FnOnce(),
+) -> Result<IdleOutcome, String> {
+    let mut driver = Driver::new(plan)?;
+    let total = idle.sessions.len();
+    driver.clients.reserve(total);
+    for socket in 0..idle.sockets.max(1) {
+        let opened = driver.open_socket(socket)?;
+        driver.sockets.push(opened);
+    }
+    let start = Instant::now();
+    let mut sessions = idle.sessions.into_iter();
+    let mut next_progress = start + Duration::from_secs(1);
+    let mut progressed_at = start;
+    let mut progress = 0;
+    loop {
+        let now = Instant::now();
+        let settled = driver.welcomed + driver.idle_lost;
+        let started = driver.clients.len();
+        if settled >= total {
+            break;
+        }
+        if settled != progress {
+            (progress, progressed_at) = (settled, now);
+        }
+        if now > progressed_at + CONNECT_TIMEOUT {
+            return Err(format!(
+                "no connection logged in for {CONNECT_TIMEOUT:?}: {} of {total} open, {} lost",
+                driver.welcomed, driver.idle_lost
+            ));
+        }
+        let mut next_start = None;
+        while driver.clients.len() < total
+            && driver.clients.len() - settled < idle.concurrency.max(1)
+        {
+            let index = driver.clients.len();
+            if idle.rate > 0 {
+                let due = start + Duration::from_secs_f64(index as f64 / f64::from(idle.rate));
+                if due > now {
+                    next_start = Some(due);
+                    break;
+                }
+            }
+            on_start(index);
+            let session = sessions.next().ok_or("a session per connection")?;
+            driver.connect_idle(index % driver.sockets.len(), quic_for(index)?, session)?;
+        }
+        if started != driver.clients.len() {
+            continue; // Take what the new connections' first packets brought first.
+        }
+        let limit = next_start.map_or(now + IDLE_WAIT_MAX, |at| at.min(now + IDLE_WAIT_MAX));
+        driver.turn(limit)?;
+        if Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(1);
+            eprintln!(
+                "[{:>5.1}s] {} connections started, {} logged in, {} lost",
+                start.elapsed().as_secs_f64(),
+                driver.clients.len(),
+                driver.welcomed,
+                driver.idle_lost
+            );
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    on_open();
+    let keep_alives_sent = |driver: &Driver<'_>| -> u64 {
+        driver
+            .clients
+            .iter()
+            .map(|client| {
+                let frames = client.quic.stats().frame_tx;
+                frames.ping + frames.immediate_ack
+            })
+            .sum()
+    };
+    let keep_alives_from = keep_alives_sent(&driver);
+    let hold_end = Instant::now() + idle.hold;
+    while Instant::now() < hold_end {
+        driver.turn(hold_end)?;
+    }
+    let keep_alives_holding = keep_alives_sent(&driver).saturating_sub(keep_alives_from);
+    on_held();
+    let (opened, lost) = (driver.welcomed, driver.idle_lost);
+    let outcome = driver.finish();
+    Ok(IdleOutcome {
+        opened,
+        lost,
+        connect_secs,
+        keep_alives_holding,
+        errors: outcome.errors,
+    })
+}
+
 struct Driver<'a> {
     plan: &'a Plan,
     endpoint: Endpoint,
-    /// Every client's socket, keyed by its index in `clients`.
+    /// Every socket, watched under its index in `sockets`.
     epoll: OwnedFd,
+    sockets: Vec<Socket>,
     clients: Vec<Client>,
     /// Endpoint handle → index in `clients`.
     by_handle: HashMap<usize, usize>,
@@ -192,6 +334,10 @@ struct Driver<'a> {
     recv_buffers: Vec<Vec<u8>>,
     recv_metas: Vec<quinn_udp::RecvMeta>,
     ready: Vec<libc::epoll_event>,
+    /// Clients welcomed so far (each once).
+    welcomed: usize,
+    /// Idle connections lost (`Role::Idle`).
+    idle_lost: usize,
 }
 
 impl<'a> Driver<'a> {
@@ -211,6 +357,7 @@ impl<'a> Driver<'a> {
             plan,
             endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None),
             epoll,
+            sockets: Vec::with_capacity(2 * pairs),
             clients: Vec::with_capacity(2 * pairs),
             by_handle: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -232,6 +379,8 @@ impl<'a> Driver<'a> {
                 .collect(),
             recv_metas: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
             ready: vec![libc::epoll_event { events: 0, u64: 0 }; READY_EVENTS_MAX],
+            welcomed: 0,
+            idle_lost: 0,
         })
     }
 
@@ -239,8 +388,8 @@ impl<'a> Driver<'a> {
         now.duration_since(self.started).as_millis() as u64
     }
 
-    /// A client's own UDP socket, watched by the epoll set under the client's index.
-    fn open_socket(&self, index: usize) -> Result<(UdpSocket, quinn_udp::UdpSocketState), String> {
+    /// A new UDP socket, watched by the epoll set under `index` (its place in `sockets`).
+    fn open_socket(&self, index: usize) -> Result<Socket, String> {
         let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .map_err(|e| format!("bind a UDP socket: {e}"))?;
         socket
@@ -265,7 +414,37 @@ impl<'a> Driver<'a> {
         if added != 0 {
             return Err(format!("epoll: {}", std::io::Error::last_os_error()));
         }
-        Ok((socket, state))
+        Ok(Socket { socket, state })
+    }
+
+    /// Starts an idle connection on socket `socket`.
+    fn connect_idle(
+        &mut self,
+        socket: usize,
+        quic: ClientConfig,
+        session: courier_protocol::client::ClientConfig,
+    ) -> Result<(), String> {
+        let index = self.clients.len();
+        let (handle, quic) = self
+            .endpoint
+            .connect(Instant::now(), quic, self.plan.addr, &self.plan.server_name)
+            .map_err(|e| format!("connect to {}: {e}", self.plan.addr))?;
+        self.by_handle.insert(handle.0, index);
+        self.clients.push(Client {
+            socket,
+            handle,
+            quic,
+            session: ClientSession::new(session, 0),
+            stream: None,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            role: Role::Idle,
+            welcomed: false,
+            finished: false,
+            leaving: false,
+            armed: None,
+        });
+        self.drive(index)
     }
 
     /// Opens every connection and waits until each session is welcomed.
@@ -287,7 +466,8 @@ impl<'a> Driver<'a> {
             ];
             for (config, role) in roles {
                 let index = self.clients.len();
-                let (socket, state) = self.open_socket(index)?;
+                let socket = self.sockets.len();
+                self.sockets.push(self.open_socket(socket)?);
                 let (handle, quic) = self
                     .endpoint
                     .connect(
@@ -300,7 +480,6 @@ impl<'a> Driver<'a> {
                 self.by_handle.insert(handle.0, index);
                 self.clients.push(Client {
                     socket,
-                    state,
                     handle,
                     quic,
                     session: ClientSession::new(config.clone(), 0),
@@ -438,10 +617,9 @@ impl<'a> Driver<'a> {
             let Role::Receiver { pair, .. } = self.clients[index].role else {
                 continue;
             };
-            // The old socket leaves the epoll set as it closes.
-            let (socket, state) = self.open_socket(index)?;
-            self.clients[index].socket = socket;
-            self.clients[index].state = state;
+            // The old socket leaves the epoll set as it closes; the new one takes its place.
+            let socket = self.clients[index].socket;
+            self.sockets[socket] = self.open_socket(socket)?;
             let (handle, quic) = self
                 .endpoint
                 .connect(
@@ -515,8 +693,8 @@ impl<'a> Driver<'a> {
             .map_or(limit, |deadline| deadline.min(limit));
         let ready = self.wait(next.saturating_duration_since(now));
         for slot in 0..ready {
-            let index = self.ready[slot].u64 as usize;
-            self.receive(index)?;
+            let socket = self.ready[slot].u64 as usize;
+            self.receive(socket)?;
         }
         let now = Instant::now();
         while let Some(Reverse((deadline, index))) = self.timers.peek().copied() {
@@ -564,21 +742,21 @@ impl<'a> Driver<'a> {
         None
     }
 
-    /// Hands every datagram waiting on client `index`'s socket to its connection (or, if the
-    /// endpoint routes it elsewhere, to that one), then drives the connections that got one.
-    fn receive(&mut self, index: usize) -> Result<(), String> {
+    /// Hands every datagram waiting on socket `socket` to the connection the endpoint routes
+    /// it to, then drives the connections that got one.
+    fn receive(&mut self, socket: usize) -> Result<(), String> {
         let mut buffers = std::mem::take(&mut self.recv_buffers);
         let mut metas = std::mem::take(&mut self.recv_metas);
         let mut touched = Vec::new();
         let mut result = Ok(());
         loop {
             let count = {
-                let client = &self.clients[index];
+                let socket = &self.sockets[socket];
                 let mut slices: Vec<IoSliceMut<'_>> =
                     buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                match client
+                match socket
                     .state
-                    .recv((&client.socket).into(), &mut slices, &mut metas)
+                    .recv((&socket.socket).into(), &mut slices, &mut metas)
                 {
                     Ok(count) => count,
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -608,7 +786,7 @@ impl<'a> Driver<'a> {
                             }
                         }
                         Some(DatagramEvent::Response(transmit)) => {
-                            send(&self.clients[index], &transmit, &self.response_buf);
+                            send(&self.sockets[socket], &transmit, &self.response_buf);
                         }
                         // A client endpoint accepts no connections.
                         Some(DatagramEvent::NewConnection(_)) | None => {}
@@ -657,10 +835,31 @@ impl<'a> Driver<'a> {
                     client.stream = Some(id);
                     client.session.connected(now_ms);
                 }
+                Event::ConnectionLost { reason }
+                    if !closing && matches!(client.role, Role::Idle) =>
+                {
+                    // One idle connection lost (the edge refused it, or it timed out) does not
+                    // end the run: it is counted, and the report says how many stayed open.
+                    if !client.leaving {
+                        client.leaving = true;
+                        self.idle_lost += 1;
+                        if self.outcome.errors.len() < 5 {
+                            let state = if client.welcomed {
+                                "logged in"
+                            } else {
+                                "before its login"
+                            };
+                            self.outcome
+                                .errors
+                                .push(format!("an idle connection was lost {state}: {reason}"));
+                        }
+                    }
+                }
                 Event::ConnectionLost { reason } if !closing => {
                     let role = match client.role {
                         Role::Sender { .. } => "sender",
                         Role::Receiver { .. } => "receiver",
+                        Role::Idle => "idle connection",
                     };
                     let state = if client.welcomed {
                         "logged in"
@@ -721,13 +920,14 @@ impl<'a> Driver<'a> {
         let mut buf = std::mem::take(&mut self.transmit_buf);
         let mut more = false;
         let client = &mut self.clients[index];
-        let max_datagrams = client.state.max_gso_segments().max(1);
+        let socket = &self.sockets[client.socket];
+        let max_datagrams = socket.state.max_gso_segments().max(1);
         for sent in 0..=TRANSMITS_PER_PASS_MAX {
             buf.clear();
             let Some(transmit) = client.quic.poll_transmit(now, max_datagrams, &mut buf) else {
                 break;
             };
-            send(client, &transmit, &buf);
+            send(socket, &transmit, &buf);
             if sent == TRANSMITS_PER_PASS_MAX {
                 more = true;
             }
@@ -745,7 +945,12 @@ impl<'a> Driver<'a> {
         let client = &mut self.clients[index];
         while let Some(event) = client.session.poll_event() {
             match event {
-                ClientEvent::Welcome { .. } => client.welcomed = true,
+                ClientEvent::Welcome { .. } => {
+                    if !client.welcomed {
+                        self.welcomed += 1;
+                    }
+                    client.welcomed = true;
+                }
                 ClientEvent::Message(delivery) => {
                     let now = Instant::now();
                     client.session.consumed(now_ms, delivery.seq);
@@ -903,9 +1108,8 @@ impl<'a> Driver<'a> {
     }
 }
 
-/// Hands a datagram (or a GSO batch) to client's socket. A full socket buffer drops it; QUIC
-/// resends.
-fn send(client: &Client, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+/// Hands a datagram (or a GSO batch) to a socket. A full socket buffer drops it; QUIC resends.
+fn send(socket: &Socket, transmit: &quinn_proto::Transmit, buf: &[u8]) {
     let udp = quinn_udp::Transmit {
         destination: transmit.destination,
         ecn: transmit.ecn.map(to_udp_ecn),
@@ -913,7 +1117,7 @@ fn send(client: &Client, transmit: &quinn_proto::Transmit, buf: &[u8]) {
         segment_size: transmit.segment_size,
         src_ip: transmit.src_ip,
     };
-    let _ = client.state.try_send((&client.socket).into(), &udp);
+    let _ = socket.state.try_send((&socket.socket).into(), &udp);
 }
 
 /// UDP datagrams of the client's connection, both ways.

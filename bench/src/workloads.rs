@@ -91,6 +91,13 @@ pub struct ConnectionsArgs {
     /// a device reconnecting does: resumed handshakes, with a key exchange but no certificate.
     #[arg(long)]
     pub full_handshakes: bool,
+    /// `sdk` opens each connection through the client SDK (a connector per socket, tokio
+    /// tasks); `direct` drives every connection from one thread with quinn-proto and the SDK's
+    /// protocol session (bench/src/direct.rs), so the load generator is not the limit of the
+    /// rate. Direct connections resume TLS sessions without 0-RTT data (their `Hello` goes
+    /// once the handshake is done); the SDK's send it as 0-RTT.
+    #[arg(long, value_enum, default_value_t = Driver::Sdk)]
+    pub driver: Driver,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -833,6 +840,9 @@ async fn send_one(
 
 /// `connections`: hold many idle, authenticated connections; memory per connection.
 pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Report, String> {
+    if args.driver == Driver::Direct {
+        return connections_direct(target, args);
+    }
     let mut report = Report::new(
         "connections",
         json!({
@@ -920,21 +930,7 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
         args.hold_secs
     );
     cpu_at_tenths.push((args.connections, target.edge_usage().map(|(cpu, _)| cpu)));
-    let per_tenth_us: Option<Vec<u64>> = cpu_at_tenths
-        .windows(2)
-        .map(|pair| {
-            let ((from, cpu_from), (to, cpu_to)) = (pair[0], pair[1]);
-            let opened = f64::from(to - from).max(1.0);
-            Some(((cpu_to? - cpu_from?) * 1e6 / opened).round() as u64)
-        })
-        .collect();
-    if let Some(per_tenth_us) = per_tenth_us.filter(|_| args.connections >= 10) {
-        eprintln!("edge CPU µs per connection, by tenth opened: {per_tenth_us:?}");
-        report.extra.insert(
-            "edge_cpu_us_per_connection_by_tenth".into(),
-            json!(per_tenth_us),
-        );
-    }
+    report_cpu_by_tenth(&mut report, &cpu_at_tenths);
     // Keep-alives the clients sent (PING, or IMMEDIATE_ACK to an edge that speaks ACK
     // frequency; loss probes, which also carry one, are rare on loopback).
     let keep_alives_sent = |clients: &[courier_client::Client]| -> u64 {
@@ -950,41 +946,224 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
     // Holding idle connections costs the edge their keep-alives: one packet in and one
     // acknowledgement out per connection and interval (and whatever else an idle edge does).
     let keep_alives = keep_alives_sent(&clients).saturating_sub(keep_alives_from);
-    report
-        .extra
-        .insert("keep_alives_holding".into(), json!(keep_alives));
-    if let (Some(from), Some((to, _))) = (cpu_held_from, target.edge_usage())
-        && args.hold_secs > 0
-        && keep_alives > 0
-    {
-        let keep_alives = keep_alives as f64;
-        report.extra.insert(
-            "edge_cpu_secs_per_sec_holding".into(),
-            json!((to - from) / args.hold_secs as f64),
-        );
-        report.extra.insert(
-            "edge_cpu_us_per_keep_alive_holding".into(),
-            json!(((to - from) * 1e6 / keep_alives.max(1.0)).round()),
-        );
-    }
+    report_holding(
+        &mut report,
+        target,
+        cpu_held_from,
+        args.hold_secs,
+        keep_alives,
+    );
     let still_open = clients.iter().filter(|c| c.connections() == 1).count();
     let rss_held = target.edge_usage().map(|(_, rss)| rss);
     usage.finish(target, &mut report);
     report.duration_secs = start.elapsed().as_secs_f64();
     report
         .extra
-        .insert("connections_open".into(), json!(clients.len()));
+        .insert("connections_never_reconnected".into(), json!(still_open));
+    report_opened(
+        &mut report,
+        args.connections,
+        clients.len(),
+        connect_secs,
+        (rss_before, rss_held),
+    );
+    Ok(report)
+}
+
+/// `connections --driver direct`: the same connections, report and figures as the SDK's, from
+/// one thread of quinn-proto (bench/src/direct.rs).
+fn connections_direct(target: &Target, args: &ConnectionsArgs) -> Result<Report, String> {
+    let mut report = Report::new(
+        "connections",
+        json!({
+            "connections": args.connections, "hold_secs": args.hold_secs,
+            "sockets": args.sockets, "keep_alive_ms": args.keep_alive_ms, "rate": args.rate,
+            "concurrency": args.concurrency, "full_handshakes": args.full_handshakes,
+            "driver": "direct",
+        }),
+    );
+    if target.edge_count() > 1 {
+        return Err("--driver direct connects to one edge: not with --spawn-edges".into());
+    }
+    let connector = target
+        .connector()?
+        .with_keep_alive(Duration::from_millis(args.keep_alive_ms.max(1)))
+        .map_err(|e| e.to_string())?;
+    // A configuration per socket, each with its own TLS session cache, as the SDK's
+    // connectors have: a connection resumes the session of one before it on its socket.
+    let sockets = args.sockets.max(1) as usize;
+    let shared: Vec<quinn_proto::ClientConfig> = (0..sockets)
+        .map(|_| {
+            connector
+                .fresh_session()
+                .map(|c| c.quic_client_config())
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let plan = crate::direct::Plan {
+        addr: target.options(target.user_base).addr,
+        quic: shared[0].clone(),
+        server_name: connector.server_name().to_string(),
+        pairs: Vec::new(),
+        msgs: 0,
+        bytes: 0,
+        in_flight: 1,
+        rate: None,
+        aligned: false,
+        offline: false,
+        drain_timeout: Duration::from_secs(30),
+        epoch: Instant::now(),
+    };
+    // Tokens are minted before anything is measured, as the SDK's workload does.
+    let sessions = (0..args.connections)
+        .map(|index| {
+            target
+                .options(target.user_base + u64::from(index) + 1)
+                .session_config()
+        })
+        .collect();
+    let idle = crate::direct::Idle {
+        sessions,
+        sockets,
+        rate: args.rate,
+        concurrency: args.concurrency.max(1) as usize,
+        hold: Duration::from_secs(args.hold_secs),
+    };
+    let usage = EdgeUsage::start(target);
+    let rss_before = target.edge_usage().map(|(_, rss)| rss);
+    let tenth_ends: Vec<u32> = (1..10)
+        .map(|k| (u64::from(args.connections) * k / 10) as u32)
+        .collect();
+    let cpu_at_tenths = std::cell::RefCell::new(vec![(0, target.edge_usage().map(|(cpu, _)| cpu))]);
+    let mut cpu_held_from = None;
+    let mut rss_held = None;
+    let start = Instant::now();
+    let outcome = tokio::task::block_in_place(|| {
+        crate::direct::run_idle(
+            &plan,
+            idle,
+            |index| {
+                if args.full_handshakes {
+                    connector
+                        .fresh_session()
+                        .map(|c| c.quic_client_config())
+                        .map_err(|e| e.to_string())
+                } else {
+                    Ok(shared[index % sockets].clone())
+                }
+            },
+            |index| {
+                if args.connections >= 10 && tenth_ends.contains(&(index as u32)) {
+                    cpu_at_tenths
+                        .borrow_mut()
+                        .push((index as u32, target.edge_usage().map(|(cpu, _)| cpu)));
+                }
+            },
+            || {
+                cpu_at_tenths
+                    .borrow_mut()
+                    .push((args.connections, target.edge_usage().map(|(cpu, _)| cpu)));
+                cpu_held_from = target.edge_usage().map(|(cpu, _)| cpu);
+            },
+            || rss_held = target.edge_usage().map(|(_, rss)| rss),
+        )
+    })?;
+    eprintln!(
+        "{} connections open after {:.2} s ({} lost); held {} s",
+        outcome.opened, outcome.connect_secs, outcome.lost, args.hold_secs
+    );
+    report_cpu_by_tenth(&mut report, &cpu_at_tenths.borrow());
+    report_holding(
+        &mut report,
+        target,
+        cpu_held_from,
+        args.hold_secs,
+        outcome.keep_alives_holding,
+    );
+    usage.finish(target, &mut report);
+    report.duration_secs = start.elapsed().as_secs_f64();
     report
         .extra
-        .insert("connections_never_reconnected".into(), json!(still_open));
+        .insert("connections_lost".into(), json!(outcome.lost));
+    report.errors.extend(outcome.errors);
+    report_opened(
+        &mut report,
+        args.connections,
+        outcome.opened,
+        outcome.connect_secs,
+        (rss_before, rss_held),
+    );
+    Ok(report)
+}
+
+/// The edge's CPU per connection opened in each tenth of the run (from the edge's CPU seconds
+/// as each tenth started): whether a connection costs more as more are open (issue 10, item
+/// 7). Idle ones are not free, so the later tenths also pay for the keep-alives of the earlier.
+fn report_cpu_by_tenth(report: &mut Report, cpu_at_tenths: &[(u32, Option<f64>)]) {
+    let per_tenth_us: Option<Vec<u64>> = cpu_at_tenths
+        .windows(2)
+        .map(|pair| {
+            let ((from, cpu_from), (to, cpu_to)) = (pair[0], pair[1]);
+            let opened = f64::from(to - from).max(1.0);
+            Some(((cpu_to? - cpu_from?) * 1e6 / opened).round() as u64)
+        })
+        .collect();
+    if let Some(per_tenth_us) = per_tenth_us.filter(|tenths| tenths.len() == 10) {
+        eprintln!("edge CPU µs per connection, by tenth opened: {per_tenth_us:?}");
+        report.extra.insert(
+            "edge_cpu_us_per_connection_by_tenth".into(),
+            json!(per_tenth_us),
+        );
+    }
+}
+
+/// What holding the connections cost the edge: their keep-alives, one packet in and one
+/// acknowledgement out per connection and interval (and whatever else an idle edge does).
+fn report_holding(
+    report: &mut Report,
+    target: &Target,
+    cpu_held_from: Option<f64>,
+    hold_secs: u64,
+    keep_alives: u64,
+) {
+    report
+        .extra
+        .insert("keep_alives_holding".into(), json!(keep_alives));
+    if let (Some(from), Some((to, _))) = (cpu_held_from, target.edge_usage())
+        && hold_secs > 0
+        && keep_alives > 0
+    {
+        report.extra.insert(
+            "edge_cpu_secs_per_sec_holding".into(),
+            json!((to - from) / hold_secs as f64),
+        );
+        report.extra.insert(
+            "edge_cpu_us_per_keep_alive_holding".into(),
+            json!(((to - from) * 1e6 / keep_alives as f64).round()),
+        );
+    }
+}
+
+/// How many opened, how fast, and the edge's memory per open connection (its resident set
+/// while they were held, over what it was before the first).
+fn report_opened(
+    report: &mut Report,
+    requested: u32,
+    opened: usize,
+    connect_secs: f64,
+    (rss_before, rss_held): (Option<u64>, Option<u64>),
+) {
+    report
+        .extra
+        .insert("connections_open".into(), json!(opened));
     report.extra.insert(
         "connect_per_sec".into(),
-        json!(clients.len() as f64 / connect_secs.max(1e-9)),
+        json!(opened as f64 / connect_secs.max(1e-9)),
     );
     if let (Some(before), Some(held)) = (rss_before, rss_held)
-        && !clients.is_empty()
+        && opened > 0
     {
-        let per_connection = held.saturating_sub(before) as f64 / clients.len() as f64;
+        let per_connection = held.saturating_sub(before) as f64 / opened as f64;
         report
             .extra
             .insert("edge_rss_before_bytes".into(), json!(before));
@@ -993,14 +1172,11 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Repo
             json!(per_connection.round()),
         );
     }
-    if clients.len() < args.connections as usize {
-        report.errors.push(format!(
-            "only {} of {} connections opened",
-            clients.len(),
-            args.connections
-        ));
+    if opened < requested as usize {
+        report
+            .errors
+            .push(format!("only {opened} of {requested} connections opened"));
     }
-    Ok(report)
 }
 
 /// `handshakes`: QUIC handshakes alone (issue 10, item 4: "≥ 5,000 full handshakes/s per edge

@@ -63,6 +63,11 @@ use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
 use links::ConnKind;
 
+/// How far the wall clock may be behind the stores' high-water mark at start before the
+/// operator is warned (the mark can run a little ahead of the wall clock: it is never set
+/// back, and a restart can come within a second of the last write).
+const CLOCK_BEHIND_WARN_MS: u64 = 1_000;
+
 /// How late a shard may run its timers so that timers due close together share one wake-up:
 /// quinn's own timer granularity. Each connection arms its own acknowledgement and loss timers,
 /// and without slack the shard woke for each one separately: at 1,000 msgs/s those wake-ups
@@ -531,7 +536,22 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     };
     // Dedupe buckets and expiry run on a clock that never goes back (core::clock).
     let clock = match store.clock_high_water() {
-        Ok(high_water_ms) => ServerClock::start(wall_clock_ms(), high_water_ms, monotonic_ms()),
+        Ok(high_water_ms) => {
+            let wall_ms = wall_clock_ms();
+            // A wall clock well behind the stores' mark means the host's clock stepped back
+            // (or NTP is not running): send times and expiry run from the mark instead, so
+            // they stay ahead of wall time until it catches up. One shard tells the operator.
+            let behind_ms = high_water_ms.saturating_sub(wall_ms);
+            if id == 0 && behind_ms > CLOCK_BEHIND_WARN_MS {
+                warn!(
+                    behind_ms,
+                    "the wall clock is behind the latest time the stores used; the edge runs \
+                     from that time until the wall clock catches up: check the host's clock \
+                     and NTP"
+                );
+            }
+            ServerClock::start(wall_ms, high_water_ms, monotonic_ms())
+        }
         Err(error) => {
             let _ = setup.ready.send(Err(format!(
                 "shard {id}: cannot read the clock high-water mark: {error}"
