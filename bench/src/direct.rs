@@ -232,7 +232,8 @@ pub(crate) fn run_idle(
     let mut progress = 0;
     loop {
         let now = Instant::now();
-        let settled = driver.welcomed + driver.idle_lost;
+        // Each connection settles once: welcomed, or lost before its login.
+        let settled = driver.welcomed + driver.idle_lost_unwelcomed;
         let started = driver.clients.len();
         if settled >= total {
             break;
@@ -336,8 +337,9 @@ struct Driver<'a> {
     ready: Vec<libc::epoll_event>,
     /// Clients welcomed so far (each once).
     welcomed: usize,
-    /// Idle connections lost (`Role::Idle`).
+    /// Idle connections lost (`Role::Idle`), and of those, lost before their login.
     idle_lost: usize,
+    idle_lost_unwelcomed: usize,
 }
 
 impl<'a> Driver<'a> {
@@ -381,6 +383,7 @@ impl<'a> Driver<'a> {
             ready: vec![libc::epoll_event { events: 0, u64: 0 }; READY_EVENTS_MAX],
             welcomed: 0,
             idle_lost: 0,
+            idle_lost_unwelcomed: 0,
         })
     }
 
@@ -840,19 +843,21 @@ impl<'a> Driver<'a> {
                 {
                     // One idle connection lost (the edge refused it, or it timed out) does not
                     // end the run: it is counted, and the report says how many stayed open.
-                    if !client.leaving {
-                        client.leaving = true;
-                        self.idle_lost += 1;
-                        if self.outcome.errors.len() < 5 {
-                            let state = if client.welcomed {
-                                "logged in"
-                            } else {
-                                "before its login"
-                            };
-                            self.outcome
-                                .errors
-                                .push(format!("an idle connection was lost {state}: {reason}"));
-                        }
+                    // (`closing` covers `leaving`, so each is counted once.)
+                    client.leaving = true;
+                    self.idle_lost += 1;
+                    if !client.welcomed {
+                        self.idle_lost_unwelcomed += 1;
+                    }
+                    if self.outcome.errors.len() < 5 {
+                        let state = if client.welcomed {
+                            "logged in"
+                        } else {
+                            "before its login"
+                        };
+                        self.outcome
+                            .errors
+                            .push(format!("an idle connection was lost {state}: {reason}"));
                     }
                 }
                 Event::ConnectionLost { reason } if !closing => {

@@ -1085,6 +1085,12 @@ fn connections_direct(target: &Target, args: &ConnectionsArgs) -> Result<Report,
     report
         .extra
         .insert("connections_lost".into(), json!(outcome.lost));
+    if outcome.lost > 0 {
+        report.errors.push(format!(
+            "{} connections lost (a keep-alive longer than the edge's idle timeout loses them all)",
+            outcome.lost
+        ));
+    }
     report.errors.extend(outcome.errors);
     report_opened(
         &mut report,
