@@ -261,7 +261,12 @@ pub(crate) fn run_idle(
             }
             on_start(index);
             let session = sessions.next().ok_or("a session per connection")?;
-            driver.connect_idle(index % driver.sockets.len(), quic_for(index)?, session)?;
+            driver.connect_client(
+                index % driver.sockets.len(),
+                quic_for(index)?,
+                session,
+                Role::Idle,
+            )?;
         }
         if started != driver.clients.len() {
             continue; // Take what the new connections' first packets brought first.
@@ -420,12 +425,13 @@ impl<'a> Driver<'a> {
         Ok(Socket { socket, state })
     }
 
-    /// Starts an idle connection on socket `socket`.
-    fn connect_idle(
+    /// Starts a client's connection on socket `socket`.
+    fn connect_client(
         &mut self,
         socket: usize,
         quic: ClientConfig,
         session: courier_protocol::client::ClientConfig,
+        role: Role,
     ) -> Result<(), String> {
         let index = self.clients.len();
         let (handle, quic) = self
@@ -441,7 +447,7 @@ impl<'a> Driver<'a> {
             stream: None,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
-            role: Role::Idle,
+            role,
             welcomed: false,
             finished: false,
             leaving: false,
@@ -468,34 +474,9 @@ impl<'a> Driver<'a> {
                 (receiver, Role::Receiver { pair, last_seq: 0 }),
             ];
             for (config, role) in roles {
-                let index = self.clients.len();
                 let socket = self.sockets.len();
                 self.sockets.push(self.open_socket(socket)?);
-                let (handle, quic) = self
-                    .endpoint
-                    .connect(
-                        Instant::now(),
-                        self.plan.quic.clone(),
-                        self.plan.addr,
-                        &self.plan.server_name,
-                    )
-                    .map_err(|e| format!("connect to {}: {e}", self.plan.addr))?;
-                self.by_handle.insert(handle.0, index);
-                self.clients.push(Client {
-                    socket,
-                    handle,
-                    quic,
-                    session: ClientSession::new(config.clone(), 0),
-                    stream: None,
-                    inbuf: Vec::new(),
-                    outbuf: Vec::new(),
-                    role,
-                    welcomed: false,
-                    finished: false,
-                    leaving: false,
-                    armed: None,
-                });
-                self.drive(index)?;
+                self.connect_client(socket, self.plan.quic.clone(), config.clone(), role)?;
             }
         }
         let deadline = Instant::now() + CONNECT_TIMEOUT;
