@@ -976,10 +976,43 @@ fn a_damaged_or_cut_snapshot_is_refused_as_corruption() {
     }
 }
 
+/// A record past 8 KiB goes through the page cache and the small records after it go on
+/// around it, directly: a batch of many messages does not turn direct writes off for the rest
+/// of its segment. Every record reads back after a reopen.
+#[test]
+fn direct_writes_go_on_after_a_large_record() {
+    let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let options = LogOptions {
+        background_thread: false,
+        ..LogOptions::default()
+    };
+    let store = LogStore::open(root.path(), &options).unwrap();
+    if !store.recovery().direct_writes {
+        eprintln!("this file system takes no direct writes: nothing to check");
+        return;
+    }
+    set(&store, b"small-1", &[1; 300]);
+    set(&store, b"large", &[2; 20_000]);
+    set(&store, b"small-2", &[3; 300]);
+    assert!(
+        store.writes_directly(),
+        "the record after a large one was written directly"
+    );
+    set(&store, b"small-3", &[4; 5_000]);
+    assert!(store.writes_directly());
+    drop(store);
+    let store = LogStore::open(root.path(), &options).unwrap();
+    assert_eq!(get(&store, b"small-1"), Some(vec![1; 300]));
+    assert_eq!(get(&store, b"large"), Some(vec![2; 20_000]));
+    assert_eq!(get(&store, b"small-2"), Some(vec![3; 300]));
+    assert_eq!(get(&store, b"small-3"), Some(vec![4; 5_000]));
+}
+
 /// Direct journal writes (`LogOptions::direct_writes`, decision 0032) leave exactly the files
 /// the page cache would: the same commits, synced and unsynced, of sizes that start and end
 /// inside 512-byte blocks, fill them, span them, and run past small segments, give two stores
-/// journals that are equal byte for byte, and the same state after a reopen.
+/// journals that are equal byte for byte, and the same state after a reopen. Records past
+/// 8 KiB go through the page cache in both, and the direct writer goes on after them.
 #[test]
 fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
     // On the disk under the target directory: `/tmp` may be tmpfs, which takes no direct
@@ -988,7 +1021,7 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
     let options = |direct_writes| LogOptions {
         // A segment every few dozen commits; no background thread, so both stores change
         // segments at the same commits (a spare is ready whenever `run_background_work` ran).
-        journal_segment_bytes: 16 * 1024,
+        journal_segment_bytes: 32 * 1024,
         background_thread: false,
         direct_writes,
         ..LogOptions::default()
@@ -1009,7 +1042,7 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let length = [1usize, 60, 300, 500, 1_000, 3_000][(x % 6) as usize];
+            let length = [1usize, 60, 300, 500, 1_000, 3_000, 9_000][(x % 7) as usize];
             let key = (x % 300).to_be_bytes();
             let mut txn = if commit % 3 == 0 {
                 store.begin_unsynced().unwrap()
