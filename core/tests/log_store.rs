@@ -976,6 +976,78 @@ fn a_damaged_or_cut_snapshot_is_refused_as_corruption() {
     }
 }
 
+/// A new journal segment is zero-filled to its length and allocated (what lets direct writes
+/// go into it without changing the file's metadata), whether its chunks went around the page
+/// cache or, where the file system refuses that (`/tmp` may be tmpfs) or a chunk is not whole
+/// pages, through it.
+#[test]
+fn a_new_journal_segment_is_zeros_and_allocated() {
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let in_tmp = tempfile::tempdir().unwrap();
+    for root in [on_disk.path(), in_tmp.path()] {
+        for bytes in [512u64, 4_096, 300 * 1024, 256 * 1024 + 100, 3 << 20] {
+            let dir = root.join(format!("store-{bytes}"));
+            let options = LogOptions {
+                journal_segment_bytes: bytes,
+                background_thread: false,
+                ..LogOptions::default()
+            };
+            drop(LogStore::open(&dir, &options).unwrap());
+            let journal = newest_journal(&dir);
+            let metadata = std::fs::metadata(&journal).unwrap();
+            assert_eq!(metadata.len(), bytes, "{}", journal.display());
+            assert!(
+                metadata.blocks() * 512 >= bytes,
+                "{}: {} blocks allocated",
+                journal.display(),
+                metadata.blocks()
+            );
+            let read = std::fs::read(&journal).unwrap();
+            assert!(read.iter().all(|&byte| byte == 0), "{}", journal.display());
+        }
+    }
+}
+
+/// The background thread (spare segments, checkpoints, dedupe moves) runs at the lowest
+/// priority, so that on a busy core a 16 MiB zero-fill or a snapshot never holds a commit or
+/// a shard back.
+#[test]
+fn the_background_thread_runs_at_the_lowest_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    let nice_of = |name: &str| -> Option<i64> {
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+                continue;
+            };
+            if comm.trim_end() == name {
+                let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+                // After the command in parentheses: state is field 3, nice field 19.
+                let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+                return Some(fields[16].parse().unwrap());
+            }
+        }
+        None
+    };
+    // The thread names itself at start: wait for it, bounded.
+    let mut nice = None;
+    for _ in 0..200 {
+        nice = nice_of("store-checkpoin");
+        if nice == Some(19) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        nice,
+        Some(19),
+        "the log store's background thread's nice value"
+    );
+    drop(store);
+}
+
 /// A record past 8 KiB goes through the page cache and the small records after it go on
 /// around it, directly: a batch of many messages does not turn direct writes off for the rest
 /// of its segment. Every record reads back after a reopen.

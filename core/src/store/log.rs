@@ -96,8 +96,10 @@ const TMP_SUFFIX: &str = ".tmp";
 /// open deletes one a previous process left, and a new name each time, so the writer renames
 /// exactly the file it was offered.
 const SPARE_PREFIX: &str = "journal-spare-";
-/// Zeros written per call while filling a segment.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Zeros written per call while filling a segment, each chunk synced before the next.
+const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+/// Alignment of the zero-fill's direct writes: a page, which every file system here takes.
+const DIRECT_ALIGN_BYTES: usize = 4096;
 /// Records longer than this go through the page cache even with direct writes on, and the
 /// direct writer goes on after them (`DirectJournal::wrote_elsewhere`): a direct write pays
 /// where a record is small (at a pace, a message or a few), since the page cache would write
@@ -1483,7 +1485,10 @@ impl LogStore {
             Some(
                 std::thread::Builder::new()
                     .name("store-checkpoint".into())
-                    .spawn(move || background.run_checkpoints())
+                    .spawn(move || {
+                        lower_this_threads_priority();
+                        background.run_checkpoints()
+                    })
                     .map_err(|e| io("start the checkpoint thread", e))?,
             )
         } else {
@@ -1675,19 +1680,61 @@ fn create_journal(dir: &Path, id: u64) -> Result<File, StoreError> {
 
 /// Creates `path` holding `bytes` zeros, synced (its directory is not).
 fn zero_filled_file(path: &Path, bytes: u64) -> Result<File, StoreError> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let fill = || -> std::io::Result<File> {
-        let mut file = OpenOptions::new().create_new(true).write(true).open(path)?;
-        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-        let mut left = bytes;
-        while left > 0 {
-            let chunk = left.min(ZERO_CHUNK_BYTES as u64) as usize;
-            file.write_all(&zeros[..chunk])?;
-            left -= chunk as u64;
+        let file = OpenOptions::new().create_new(true).write(true).open(path)?;
+        // Around the page cache where the file system takes it, so that no burst of written-
+        // back pages stands in the disk's queue in front of the commits' fsyncs.
+        let mut direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        let buffer = vec![0u8; ZERO_CHUNK_BYTES + DIRECT_ALIGN_BYTES];
+        let at = buffer.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        let zeros = &buffer[at..at + ZERO_CHUNK_BYTES];
+        let mut offset = 0u64;
+        while offset < bytes {
+            let chunk = (bytes - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
+            let written = match &direct {
+                Some(around) if chunk % DIRECT_ALIGN_BYTES == 0 => {
+                    around.write_all_at(&zeros[..chunk], offset)
+                }
+                _ => file.write_all_at(&zeros[..chunk], offset),
+            };
+            match written {
+                // Refused before a byte was written: the page cache takes the rest.
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::InvalidInput && direct.is_some() =>
+                {
+                    direct = None;
+                    continue;
+                }
+                written => written?,
+            }
+            // Each chunk durable before the next: a commit's fsync waits behind one at most.
+            file.sync_data()?;
+            offset += chunk as u64;
         }
         file.sync_all()?;
         Ok(file)
     };
     fill().map_err(|e| io(format!("fill {} with zeros", path.display()), e))
+}
+
+/// Gives the calling thread the lowest priority (nice 19): the background thread's work (zero-
+/// filling spare segments, checkpoints, dedupe moves) waits for any thread that serves.
+#[allow(unsafe_code)]
+fn lower_this_threads_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    let lowered =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    if lowered != 0 {
+        eprintln!(
+            "courier: the log store's background thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// An exclusive lock on `dir/LOCK`, held while the file stays open.
