@@ -977,9 +977,8 @@ fn a_damaged_or_cut_snapshot_is_refused_as_corruption() {
 }
 
 /// A new journal segment is zero-filled to its length and allocated (what lets direct writes
-/// go into it without changing the file's metadata), whether its chunks went around the page
-/// cache or, where the file system refuses that (`/tmp` may be tmpfs) or a chunk is not whole
-/// pages, through it.
+/// go into it without changing the file's metadata), in whole chunks and a part of one, and on
+/// whatever file system `/tmp` is (tmpfs, where the write-out of each chunk does nothing).
 #[test]
 fn a_new_journal_segment_is_zeros_and_allocated() {
     use std::os::unix::fs::MetadataExt;

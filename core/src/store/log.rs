@@ -96,10 +96,9 @@ const TMP_SUFFIX: &str = ".tmp";
 /// open deletes one a previous process left, and a new name each time, so the writer renames
 /// exactly the file it was offered.
 const SPARE_PREFIX: &str = "journal-spare-";
-/// Zeros written per call while filling a segment, each chunk synced before the next.
-const ZERO_CHUNK_BYTES: usize = 256 * 1024;
-/// Alignment of the zero-fill's direct writes: a page, which every file system here takes.
-const DIRECT_ALIGN_BYTES: usize = 4096;
+/// Zeros written per call while filling a segment, each chunk sent to the disk before the
+/// next.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// Records longer than this go through the page cache even with direct writes on, and the
 /// direct writer goes on after them (`DirectJournal::wrote_elsewhere`): a direct write pays
 /// where a record is small (at a pace, a message or a few), since the page cache would write
@@ -1680,46 +1679,47 @@ fn create_journal(dir: &Path, id: u64) -> Result<File, StoreError> {
 
 /// Creates `path` holding `bytes` zeros, synced (its directory is not).
 fn zero_filled_file(path: &Path, bytes: u64) -> Result<File, StoreError> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     let fill = || -> std::io::Result<File> {
         let file = OpenOptions::new().create_new(true).write(true).open(path)?;
-        // Around the page cache where the file system takes it, so that no burst of written-
-        // back pages stands in the disk's queue in front of the commits' fsyncs.
-        let mut direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
-        let buffer = vec![0u8; ZERO_CHUNK_BYTES + DIRECT_ALIGN_BYTES];
-        let at = buffer.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
-        let zeros = &buffer[at..at + ZERO_CHUNK_BYTES];
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
         let mut offset = 0u64;
         while offset < bytes {
             let chunk = (bytes - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
-            let written = match &direct {
-                Some(around) if chunk % DIRECT_ALIGN_BYTES == 0 => {
-                    around.write_all_at(&zeros[..chunk], offset)
-                }
-                _ => file.write_all_at(&zeros[..chunk], offset),
-            };
-            match written {
-                // Refused before a byte was written: the page cache takes the rest.
-                Err(error)
-                    if error.kind() == std::io::ErrorKind::InvalidInput && direct.is_some() =>
-                {
-                    direct = None;
-                    continue;
-                }
-                written => written?,
-            }
-            // Each chunk durable before the next: a commit's fsync waits behind one at most.
-            file.sync_data()?;
+            file.write_all_at(&zeros[..chunk], offset)?;
+            // Sent to the disk a chunk at a time (no cache flush: the sync at the end does
+            // that), so that no burst of the whole segment's pages stands in the disk's queue
+            // in front of the commits' fsyncs. The pages stay cached: a record written
+            // through the page cache over part of one then needs no read.
+            write_out(file.as_raw_fd(), offset, chunk as u64)?;
             offset += chunk as u64;
         }
         file.sync_all()?;
         Ok(file)
     };
     fill().map_err(|e| io(format!("fill {} with zeros", path.display()), e))
+}
+
+/// Writes `[offset, offset + bytes)` of `fd`'s dirty pages to the disk and waits for them
+/// (`sync_file_range`): no metadata, no flush of the disk's cache.
+#[allow(unsafe_code)]
+fn write_out(fd: std::os::fd::RawFd, offset: u64, bytes: u64) -> std::io::Result<()> {
+    // SAFETY: plain integers; the kernel checks the descriptor.
+    let done = unsafe {
+        libc::sync_file_range(
+            fd,
+            offset as libc::off64_t,
+            bytes as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Gives the calling thread the lowest priority (nice 19): the background thread's work (zero-
