@@ -1008,45 +1008,6 @@ fn a_new_journal_segment_is_zeros_and_allocated() {
     }
 }
 
-/// The background thread (spare segments, checkpoints, dedupe moves) runs at the lowest
-/// priority, so that on a busy core a 16 MiB zero-fill or a snapshot never holds a commit or
-/// a shard back.
-#[test]
-fn the_background_thread_runs_at_the_lowest_priority() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
-    let nice_of = |name: &str| -> Option<i64> {
-        for task in std::fs::read_dir("/proc/self/task").unwrap() {
-            let task = task.unwrap().path();
-            let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
-                continue;
-            };
-            if comm.trim_end() == name {
-                let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-                // After the command in parentheses: state is field 3, nice field 19.
-                let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-                return Some(fields[16].parse().unwrap());
-            }
-        }
-        None
-    };
-    // The thread names itself at start: wait for it, bounded.
-    let mut nice = None;
-    for _ in 0..200 {
-        nice = nice_of("store-checkpoin");
-        if nice == Some(19) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!(
-        nice,
-        Some(19),
-        "the log store's background thread's nice value"
-    );
-    drop(store);
-}
-
 /// A record past 8 KiB goes through the page cache and the small records after it go on
 /// around it, directly: a batch of many messages does not turn direct writes off for the rest
 /// of its segment. Every record reads back after a reopen.
