@@ -104,9 +104,8 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// where a record is small (at a pace, a message or a few), since the page cache would write
 /// back a whole 4 KiB page for it; for a large one that rounding costs little, and a direct
 /// write holds the writer until the device has the record, where a write to the page cache
-/// is a copy and the fdatasync, on the syncer, sends it. Measured on the store bench (batches
-/// of 100, ~30 KB records): 13% more commits a second through the page cache (decision 0032's
-/// later note). fjall's journal has the same rule (decision 0033).
+/// is a copy and the fdatasync, on the syncer, sends it (measured: decision 0032's later
+/// note). fjall's journal has the same rule (decision 0033).
 const DIRECT_RECORD_BYTES_MAX: usize = 8 * 1024;
 /// Header of a record: payload length and checksum.
 const RECORD_HEADER_BYTES: usize = 4 + 8;
@@ -1676,7 +1675,6 @@ fn create_journal(dir: &Path, id: u64) -> Result<File, StoreError> {
 
 /// Creates `path` holding `bytes` zeros, synced (its directory is not).
 fn zero_filled_file(path: &Path, bytes: u64) -> Result<File, StoreError> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let fill = || -> std::io::Result<File> {
         let file = OpenOptions::new().create_new(true).write(true).open(path)?;
@@ -1689,7 +1687,7 @@ fn zero_filled_file(path: &Path, bytes: u64) -> Result<File, StoreError> {
             // that), so that no burst of the whole segment's pages stands in the disk's queue
             // in front of the commits' fsyncs. The pages stay cached: a record written
             // through the page cache over part of one then needs no read.
-            write_out(file.as_raw_fd(), offset, chunk as u64)?;
+            write_out(&file, offset, chunk as u64)?;
             offset += chunk as u64;
         }
         file.sync_all()?;
@@ -1698,14 +1696,15 @@ fn zero_filled_file(path: &Path, bytes: u64) -> Result<File, StoreError> {
     fill().map_err(|e| io(format!("fill {} with zeros", path.display()), e))
 }
 
-/// Writes `[offset, offset + bytes)` of `fd`'s dirty pages to the disk and waits for them
+/// Writes `[offset, offset + bytes)` of `file`'s dirty pages to the disk and waits for them
 /// (`sync_file_range`): no metadata, no flush of the disk's cache.
 #[allow(unsafe_code)]
-fn write_out(fd: std::os::fd::RawFd, offset: u64, bytes: u64) -> std::io::Result<()> {
-    // SAFETY: plain integers; the kernel checks the descriptor.
+fn write_out(file: &File, offset: u64, bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain integers; the descriptor is `file`'s, open for the call.
     let done = unsafe {
         libc::sync_file_range(
-            fd,
+            file.as_raw_fd(),
             offset as libc::off64_t,
             bytes as libc::off64_t,
             libc::SYNC_FILE_RANGE_WAIT_BEFORE
@@ -1943,10 +1942,9 @@ impl Inner {
                 writer.journal.write_all_at(record, offset)?;
                 // Within the zero-filled segment: the blocks after the record still read as
                 // zeros, so direct writes may go on (an error here leaves the page cache).
-                if direct.wrote_elsewhere(record, offset).is_ok() {
-                    return Ok(());
+                if direct.wrote_elsewhere(record, offset).is_err() {
+                    writer.direct = None;
                 }
-                writer.direct = None;
                 return Ok(());
             }
             if direct.fits(offset, record.len() as u64, writer.journal_capacity) {
@@ -2260,7 +2258,7 @@ impl Inner {
         let segment_bytes = self.options.journal_segment_bytes;
         let filled =
             at_lowest_priority("store-zero-fill", || zero_filled_file(&path, segment_bytes))
-                .and_then(|filled| filled);
+                .and_then(std::convert::identity);
         let file = match filled {
             Ok(file) => file,
             Err(error) => {
