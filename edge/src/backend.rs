@@ -94,6 +94,13 @@ pub trait ShardStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether this shard's store refuses everything until [`ShardStore::recover`]: a failed
+    /// write poisons an embedded store, and the call that failed reports its cause (`Io`),
+    /// only the later ones `Poisoned`. Called on the shard's own thread: it must never block.
+    fn refuses_until_recovered(&self) -> bool {
+        false
+    }
+
     /// Stored message keys of this shard, approximately (deleted keys count until compaction
     /// drops them), for the backlog gauge; `None` where counting is not cheap, or now would
     /// mean waiting. Called on the shard's own thread: it must never block.
@@ -162,6 +169,8 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     fn dedupe_memory_bytes(&self) -> Option<u64> {
         None
     }
+    /// Whether a failed write poisoned the store; never blocks.
+    fn is_poisoned(&self) -> bool;
 }
 
 impl EmbeddedEngine for FjallStore {
@@ -189,6 +198,9 @@ impl EmbeddedEngine for FjallStore {
     }
     fn message_keys_approximate(&self) -> Option<u64> {
         Some(FjallStore::message_keys_approximate(self))
+    }
+    fn is_poisoned(&self) -> bool {
+        FjallStore::is_poisoned(self)
     }
 }
 
@@ -220,6 +232,9 @@ impl EmbeddedEngine for LogStore {
     }
     fn dedupe_memory_bytes(&self) -> Option<u64> {
         Some(LogStore::dedupe_memory_bytes(self))
+    }
+    fn is_poisoned(&self) -> bool {
+        LogStore::is_poisoned(self)
     }
 }
 
@@ -385,6 +400,13 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         self.all[usize::from(self.shard)]
             .try_get()?
             .dedupe_memory_bytes()
+    }
+
+    fn refuses_until_recovered(&self) -> bool {
+        // While a reopen holds the slot nobody knows; the shard that runs it knows already.
+        self.all[usize::from(self.shard)]
+            .try_get()
+            .is_some_and(|store| store.is_poisoned())
     }
 }
 

@@ -2453,7 +2453,11 @@ impl Shard {
         if !self.takeover.as_ref().is_some_and(|t| t.handed_over()) {
             exit_if_fenced(error, self.exit_when_fenced, &self.abort);
         }
-        if *error != StoreError::Poisoned || self.store_recovering {
+        // The commit whose write failed reports why (`Io`), and its store is poisoned from
+        // then on: reopen at once, not at the next commit, which a quiet shard may not have
+        // for a long time while other shards' reads of its users' inboxes keep failing.
+        let poisoned = *error == StoreError::Poisoned || self.store.refuses_until_recovered();
+        if !poisoned || self.store_recovering {
             return;
         }
         self.store_recovering = true;

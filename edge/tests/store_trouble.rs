@@ -164,3 +164,201 @@ fn fs_free_bytes(path: &std::path::Path) -> u64 {
         .and_then(|line| line.trim().parse().ok())
         .unwrap_or(u64::MAX)
 }
+
+/// Longer than the edge's pause between a failed sync read and the next (100 ms).
+const READ_RETRY_WAIT: Duration = Duration::from_millis(500);
+
+/// One shard's failing store stays that shard's trouble. A user homed on shard 0 whose
+/// connection the kernel handed to shard 1 syncs from shard 0's store; while that store is
+/// being reopened (its disk full) the read fails and is retried, but shard 1 must neither
+/// reopen its own healthy store nor refuse its own users' sends. Before 0f6791a every such
+/// failed read made the reading shard reopen its own store, refusing sends meanwhile, so one
+/// shard's full disk spread to every shard its users' connections landed on. And the failing
+/// shard reopens its store at its first failed write, not at its next commit: with nothing
+/// more to commit it stayed poisoned, and reads of its users' inboxes from other shards kept
+/// failing, for as long as it was quiet. On the log engine, whose reopen needs room for a
+/// journal segment: fjall opens on a full disk, so its reads work again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_failing_on_another_shards_store_leaves_this_shards_store_alone() {
+    use courier_core::placement::home_shard;
+    let homed_on = |shard: u32, nth: usize| {
+        (1..)
+            .filter(|user| home_shard(*user, 2) == shard)
+            .nth(nth)
+            .expect("users on both shards")
+    };
+    let (reader, filler_sender, filler_recipient) =
+        (homed_on(0, 0), homed_on(0, 1), homed_on(0, 2));
+    let (sender, recipient) = (homed_on(1, 0), homed_on(1, 1));
+
+    let metrics = common::free_addr();
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("data");
+    let mut edge = Edge::start_in(
+        2,
+        Some(&data_dir),
+        &format!(
+            "[metrics]\nlisten = \"{metrics}\"\n[store]\nengine = \"log\"\nlog_journal_segment_bytes = 1048576\n\
+             [limits.send_per_connection]\nmessages_per_sec = 0\nmessages_burst = 0\n\
+             bytes_per_sec = 0\nbytes_burst = 0\n\
+             [limits.send_per_user]\nmessages_per_sec = 0\nmessages_burst = 0\n\
+             bytes_per_sec = 0\nbytes_burst = 0\n"
+        ),
+        &[],
+    );
+    // Shard 0's store moves to a small filesystem of its own; shard 1's stays where it was.
+    assert!(edge.terminate(), "the edge stops cleanly");
+    let disk = Tmpfs::mount(48);
+    let shard_0 = data_dir.join("stores/shard-0");
+    let moved = disk.path().join("shard-0");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&shard_0)
+        .arg(&moved)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "copy shard 0's store to the tmpfs");
+    std::fs::remove_dir_all(&shard_0).expect("remove shard 0's old directory");
+    std::os::unix::fs::symlink(&moved, &shard_0).expect("link shard 0's store");
+    edge.spawn();
+    let logged = |text: &str, shard: u32| -> bool {
+        let shard = format!("shard={shard}");
+        let log = edge.log.lock().expect("log");
+        log.iter()
+            .any(|line| line.contains(text) && line.contains(&shard))
+    };
+    let metric = |name: &str, shard: u32| -> f64 {
+        common::metric_at(metrics, name, &format!("shard=\"{shard}\"")).expect("metrics listener")
+    };
+
+    // The reader logs in from new UDP ports (the kernel picks a connection's shard by its
+    // addresses) until its connection is on shard 1.
+    let mut connectors = Vec::new();
+    let mut reading = None;
+    for _ in 0..32 {
+        let before = metric("courier_connections_accepted_total", 1);
+        let connector = edge.connector();
+        let raw = edge.raw_session(&connector, reader, 0).await;
+        connectors.push(connector);
+        if metric("courier_connections_accepted_total", 1) > before {
+            reading = Some(raw);
+            break;
+        }
+    }
+    let mut reading = reading.expect("32 connections from new ports, none on shard 1");
+
+    // Fill shard 0's disk, then send to another user homed there until its store refuses.
+    let connector = edge.connector();
+    let mut filling = edge.raw_session(&connector, filler_sender, 0).await;
+    let filler = disk.path().join("filler");
+    let fill = fs_free_bytes(&disk.path()).saturating_sub(2 * 1024 * 1024);
+    let status = Command::new("fallocate")
+        .args(["-l", &fill.to_string()])
+        .arg(&filler)
+        .status()
+        .expect("run fallocate");
+    assert!(status.success(), "fallocate of {fill} bytes failed");
+    let mut client_id = 0;
+    loop {
+        client_id += 1;
+        assert!(
+            client_id < 2_000,
+            "shard 0's store never refused on a full disk"
+        );
+        let send = Frame::Send {
+            client_id,
+            to: filler_recipient,
+            body: vec![7; 60 * 1024],
+            ttl_secs: None,
+        };
+        filling.write_frame(&send).await.expect("send");
+        let answer = tokio::time::timeout(EVENT_TIMEOUT, filling.read_frame())
+            .await
+            .expect("answer in time")
+            .expect("open");
+        match answer {
+            Frame::SendAck { .. } => continue,
+            Frame::SendError {
+                code: ErrorCode::StoreUnavailable,
+                ..
+            } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // The reader on shard 1 asks to catch up: its reads of shard 0's store fail while that
+    // store is being reopened, and are retried.
+    let reads_before = metric("courier_sync_reads_total", 1);
+    reading
+        .write_frame(&Frame::Sync { after_seq: 0 })
+        .await
+        .expect("sync");
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !logged("reopening it", 0) || metric("courier_sync_reads_total", 1) < reads_before + 5.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shard 1 did not keep reading shard 0's failing store (shard 0 reopening: {}; \
+             shard 1's reads {} since the sync)",
+            logged("reopening it", 0),
+            metric("courier_sync_reads_total", 1) - reads_before,
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Shard 1 carries on: its users' sends are stored, and it never reopened its store.
+    let mut sending = edge.raw_session(&connector, sender, 0).await;
+    for client_id in 1..=20 {
+        let send = Frame::Send {
+            client_id,
+            to: recipient,
+            body: b"shard 1 is fine".to_vec(),
+            ttl_secs: None,
+        };
+        sending.write_frame(&send).await.expect("send");
+        let answer = tokio::time::timeout(EVENT_TIMEOUT, sending.read_frame())
+            .await
+            .expect("answer in time")
+            .expect("open");
+        assert!(
+            matches!(answer, Frame::SendAck { .. }),
+            "a send homed on shard 1 was refused while shard 0's store was down: {answer:?}"
+        );
+        assert_eq!(
+            metric("courier_store_reopening", 1),
+            0.0,
+            "shard 1 reopened its store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !logged("reopening it", 1),
+        "shard 1 reopened its own store for shard 0's failure"
+    );
+    assert!(
+        !logged("store reopened", 0),
+        "shard 0's store came back during the test: its reads no longer failed"
+    );
+
+    // Space returns: shard 0 reopens its store by itself (no send needed to notice), and the
+    // reader on shard 1 catches up.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !logged("store reopened", 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shard 0's store was not reopened within a minute of space returning"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(READ_RETRY_WAIT).await;
+    let reads_after = metric("courier_sync_reads_total", 1);
+    tokio::time::sleep(READ_RETRY_WAIT).await;
+    assert_eq!(
+        metric("courier_sync_reads_total", 1),
+        reads_after,
+        "the reader's reads still fail after shard 0's store came back"
+    );
+    drop((reading, filling, sending, connectors));
+    drop(edge);
+    drop(disk);
+}

@@ -256,6 +256,12 @@ impl FjallStore {
         &self.path
     }
 
+    /// Whether a failed write or fsync poisoned the database: every call fails with
+    /// `Poisoned` until it is opened again. Never blocks.
+    pub fn is_poisoned(&self) -> bool {
+        self.db.is_poisoned()
+    }
+
     fn keyspace_of(&self, key: &[u8]) -> &Keyspace {
         self.keyspace_at(Self::keyspace_index(key))
     }

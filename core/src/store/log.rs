@@ -1535,6 +1535,12 @@ impl LogStore {
         self.inner.live_bytes_now.load(Ordering::Relaxed)
     }
 
+    /// Whether a failed write poisoned the store: every call fails with `Poisoned` until it
+    /// is opened again. Never blocks.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
     /// Estimated bytes of memory the dedupe records not yet in the tier take (those a move is
     /// writing included), as of the last commit or move, without a lock.
     pub fn dedupe_memory_bytes(&self) -> u64 {

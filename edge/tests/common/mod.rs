@@ -408,3 +408,23 @@ pub fn metric_sum_at(addr: SocketAddr, name: &str) -> Option<f64> {
             .sum(),
     )
 }
+
+/// The sum of a metric's series whose labels contain `labels` (for example `shard="1"`) on the
+/// `/metrics` listener at `addr`; `None` if it cannot be reached.
+pub fn metric_at(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let series = line.strip_prefix(name)?.strip_prefix('{')?;
+                let (series_labels, value) = series.rsplit_once(' ')?;
+                series_labels.contains(labels).then_some(value)
+            })
+            .filter_map(|value| value.parse::<f64>().ok())
+            .sum(),
+    )
+}
