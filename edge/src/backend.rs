@@ -345,13 +345,13 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         // lock for its page (bounded by `batching.sync_messages_max`), during which the home
         // shard's next commit waits to apply (not to fsync).
         let home = courier_core::placement::home_shard(inbox, self.all.len() as u32);
-        read_inbox(
-            &*self.all[home as usize].get()?,
-            inbox,
-            after_seq,
-            now,
-            core,
-        )
+        // Never waits for a reopen: replaying a large store takes seconds, and this shard's
+        // one reader thread would hold every read of its own users behind it. The session
+        // reads again shortly, as after any failed read.
+        let store = self.all[home as usize]
+            .try_get()
+            .ok_or(StoreError::Poisoned)?;
+        read_inbox(&*store, inbox, after_seq, now, core)
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
@@ -533,6 +533,50 @@ mod tests {
     use super::*;
     use courier_core::commit::{Request, SendRequest};
     use courier_core::store::memory::MemoryStore;
+
+    /// A read of another shard's store while that store is being reopened fails at once
+    /// (the session reads again shortly) instead of waiting for the reopen: a large store's
+    /// replay takes seconds, and the reading shard's one reader thread would hold every read
+    /// of its own users behind it. Once the store is back the read works.
+    #[test]
+    fn a_read_of_a_store_being_reopened_does_not_wait_for_it() {
+        let dirs: Vec<_> = (0..2)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let options = LogOptions::default();
+        let slots: Vec<EmbeddedSlot<LogStore>> = dirs
+            .iter()
+            .map(|dir| {
+                let store = LogStore::open(dir.path(), &options).expect("open");
+                EmbeddedSlot::new(Arc::new(store), options.clone())
+            })
+            .collect();
+        let all = Arc::new(slots);
+        let core = CoreConfig::default();
+        let on_shard_0 = (1..)
+            .find(|user| courier_core::placement::home_shard(*user, 2) == 0)
+            .expect("a user on shard 0");
+        let shard_1 = Arc::new(Embedded {
+            shard: 1,
+            all: Arc::clone(&all),
+        });
+        // Shard 0's reopen holds its slot, as `EmbeddedSlot::reopen` does while it opens.
+        let reopening = all[0].current.write().expect("slot lock");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&shard_1);
+        let core_for_read = core.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(reader.read_inbox(on_shard_0, 0, 1_000, &core_for_read));
+        });
+        // A hang detector, not a speed check: a read that waits for the reopen never returns
+        // while it is held.
+        let during = done_rx.recv_timeout(std::time::Duration::from_secs(30));
+        drop(reopening);
+        let during = during.expect("the read waited for shard 0's reopen");
+        assert_eq!(during.err(), Some(StoreError::Poisoned));
+        let after = shard_1.read_inbox(on_shard_0, 0, 1_000, &core);
+        assert!(after.is_ok(), "{:?}", after.err());
+    }
 
     /// Every shard of an edge starts its clock from the same mark, the highest of all its
     /// stores, even when only one shard's store saw the latest commit.
