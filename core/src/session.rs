@@ -714,6 +714,11 @@ impl<A: Authenticator> EdgeSession<A> {
                 .sum::<usize>()
     }
 
+    /// Requests waiting in the queues of the guest edges this shard serves.
+    pub fn guest_queued_requests(&self) -> usize {
+        self.guests.values().map(InboxShard::queued_requests).sum()
+    }
+
     /// Whether a batch of this edge's users or of a guest edge's (released or not) is in flight.
     pub fn batch_in_flight(&self) -> bool {
         self.inbox.batch_in_flight()
@@ -1249,9 +1254,10 @@ impl<A: Authenticator> EdgeSession<A> {
     /// later batch (their counters go; decision 0011). Returns how many of those the queue had
     /// no room for.
     ///
-    /// Only an inbox's home shard may write it, and in a cluster only its home edge: on a
-    /// shared store an expiry pass (and `commit::expire_shared`'s listing) sees every shard's
-    /// and every edge's, so each shard hands every inbox it heard of here.
+    /// Only an inbox's home shard may write it, and in a cluster only the edge that serves its
+    /// users (their home edge, or this edge as its guest while it holds the home edge's
+    /// lease): on a shared store an expiry pass (and `commit::expire_shared`'s listing) sees
+    /// every shard's and every edge's, so each shard hands every inbox it heard of here.
     pub fn handle_emptied(&mut self, inboxes: &[UserId], now_ms: UnixMillis) -> usize {
         if self.drained_to.is_some() {
             // Nothing commits here any more; the edge serving them now forgets them.
@@ -1264,10 +1270,20 @@ impl<A: Authenticator> EdgeSession<A> {
                 continue;
             }
             let home = (!self.edge_ids.is_empty()).then(|| home_edge(*inbox, &self.edge_ids));
-            if home.is_some() && home != local_edge {
-                continue;
-            }
-            if !self.inbox.handle_emptied(*inbox, now_ms) {
+            let queue = match home {
+                Some(edge) if home != local_edge => {
+                    // Another edge's user: forgotten here while this edge serves that edge's
+                    // users (its lease fences the commit as it fences the guest's sends);
+                    // otherwise by whoever serves them. A guest's emptied inboxes used to
+                    // wait for their edge to come back.
+                    match self.guests.get_mut(&edge) {
+                        Some(guest) => guest,
+                        None => continue,
+                    }
+                }
+                _ => &mut self.inbox,
+            };
+            if !queue.handle_emptied(*inbox, now_ms) {
                 dropped += 1;
             }
         }

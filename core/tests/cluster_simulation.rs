@@ -31,7 +31,8 @@
 //! Expiry runs as on the edges: on its own stores every shard passes over its own; on shared
 //! stores shard 0 of the edge that runs it (the lowest live member in its planner's view) makes
 //! passes over every store, every shard lists a page of the inboxes the passes recorded as
-//! emptied, and an inbox's home shard on its home edge forgets it (decision 0011). Some sends
+//! emptied, and an inbox's home shard forgets it on the edge serving its users: its home
+//! edge, or a guest that took over its lease (decision 0011). Some sends
 //! carry a TTL of 1 to 3 s: such a message may expire into a hole declared to its recipient,
 //! and a hole may cover nothing else. After the run, time moves past the retention, and expiry
 //! must leave no message, counter, expiry entry, dedupe or emptied-inbox record in any store
@@ -133,6 +134,10 @@ fn cluster_simulation_over_many_seeds() {
             total.forgets_queued > 0,
             "expiry emptied no inbox that its home shard forgot: {total:?}"
         );
+        assert!(
+            total.guest_forgets_queued > 0,
+            "no edge forgot an inbox of another edge's it served as a guest: {total:?}"
+        );
     }
 }
 
@@ -173,6 +178,8 @@ struct Stats {
     expired_in_holes: u64,
     /// Forgets of emptied inboxes queued on their home shard, during the run.
     forgets_queued: u64,
+    /// Of those, forgets queued on a guest's queue: another edge's users this edge served.
+    guest_forgets_queued: u64,
 }
 
 impl Stats {
@@ -198,6 +205,7 @@ impl Stats {
         self.expired += other.expired;
         self.expired_in_holes += other.expired_in_holes;
         self.forgets_queued += other.forgets_queued;
+        self.guest_forgets_queued += other.guest_forgets_queued;
     }
 }
 
@@ -1023,6 +1031,7 @@ impl World {
         }
         let runs_passes = shard == 0 && e.runs_expiry;
         let queued_before = e.shards[shard].queued_requests();
+        let guest_queued_before = e.shards[shard].guest_queued_requests();
         for _ in 0..EXPIRY_PASSES_PER_TURN_MAX {
             let report = if e.per_shard_stores {
                 // The edge's `Embedded::expire`: every shard passes over its own store.
@@ -1043,6 +1052,9 @@ impl World {
                 break;
             }
         }
+        self.stats.guest_forgets_queued += e.shards[shard]
+            .guest_queued_requests()
+            .saturating_sub(guest_queued_before) as u64;
         e.shards[shard]
             .queued_requests()
             .saturating_sub(queued_before)
