@@ -265,11 +265,14 @@ impl<E: EmbeddedEngine> EmbeddedSlot<E> {
     }
 
     /// The store if it is open and nobody is reopening it right now: for callers that must
-    /// not wait (a shard's own thread), never blocking.
+    /// not wait (a shard's own thread; a sync read, which must not wait for a replay),
+    /// never blocking.
     fn try_get(&self) -> Option<Arc<E>> {
         match self.current.try_read() {
             Ok(current) => current.clone(),
-            Err(_) => None,
+            // As `get`: a panic elsewhere while holding the lock leaves the slot as it was.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
 
