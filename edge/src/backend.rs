@@ -537,24 +537,29 @@ mod tests {
     use courier_core::commit::{Request, SendRequest};
     use courier_core::store::memory::MemoryStore;
 
-    /// A read of another shard's store while that store is being reopened fails at once
-    /// (the session reads again shortly) instead of waiting for the reopen: a large store's
-    /// replay takes seconds, and the reading shard's one reader thread would hold every read
-    /// of its own users behind it. Once the store is back the read works.
-    #[test]
-    fn a_read_of_a_store_being_reopened_does_not_wait_for_it() {
+    /// Two shards' log stores in temporary directories (kept while the first is held).
+    fn two_log_stores() -> (Vec<tempfile::TempDir>, Arc<Vec<EmbeddedSlot<LogStore>>>) {
         let dirs: Vec<_> = (0..2)
             .map(|_| tempfile::tempdir().expect("tempdir"))
             .collect();
         let options = LogOptions::default();
-        let slots: Vec<EmbeddedSlot<LogStore>> = dirs
+        let slots = dirs
             .iter()
             .map(|dir| {
                 let store = LogStore::open(dir.path(), &options).expect("open");
                 EmbeddedSlot::new(Arc::new(store), options.clone())
             })
             .collect();
-        let all = Arc::new(slots);
+        (dirs, Arc::new(slots))
+    }
+
+    /// A read of another shard's store while that store is being reopened fails at once
+    /// (the session reads again shortly) instead of waiting for the reopen: a large store's
+    /// replay takes seconds, and the reading shard's one reader thread would hold every read
+    /// of its own users behind it. Once the store is back the read works.
+    #[test]
+    fn a_read_of_a_store_being_reopened_does_not_wait_for_it() {
+        let (_dirs, all) = two_log_stores();
         let core = CoreConfig::default();
         let on_shard_0 = (1..)
             .find(|user| courier_core::placement::home_shard(*user, 2) == 0)
@@ -585,18 +590,7 @@ mod tests {
     /// stores, even when only one shard's store saw the latest commit.
     #[test]
     fn the_shards_of_embedded_stores_start_their_clocks_from_one_mark() {
-        let dirs: Vec<_> = (0..2)
-            .map(|_| tempfile::tempdir().expect("tempdir"))
-            .collect();
-        let options = LogOptions::default();
-        let slots: Vec<EmbeddedSlot<LogStore>> = dirs
-            .iter()
-            .map(|dir| {
-                let store = LogStore::open(dir.path(), &options).expect("open");
-                EmbeddedSlot::new(Arc::new(store), options.clone())
-            })
-            .collect();
-        let all = Arc::new(slots);
+        let (_dirs, all) = two_log_stores();
         let core = CoreConfig::default();
         let late_ms = 1_700_000_000_000;
         // A user homed on shard 1 gets a message at a late time: only store 1 sees it.

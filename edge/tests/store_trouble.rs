@@ -35,6 +35,20 @@ impl Tmpfs {
     fn path(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
+
+    /// Fills the file system but for about `room` bytes with a file, whose path it returns
+    /// (remove it to give the space back).
+    fn fill_leaving(&self, room: u64) -> PathBuf {
+        let filler = self.path().join("filler");
+        let fill = fs_free_bytes(&self.path()).saturating_sub(room);
+        let status = Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(&filler)
+            .status()
+            .expect("run fallocate");
+        assert!(status.success(), "fallocate of {fill} bytes failed");
+        filler
+    }
 }
 
 impl Drop for Tmpfs {
@@ -48,10 +62,20 @@ impl Drop for Tmpfs {
 
 /// Sends a 60 KiB message to user 22 under `client_id` and returns the edge's answer.
 async fn send_and_answer(sender: &mut RawConnection, client_id: u64) -> Frame {
+    send_to_and_answer(sender, client_id, 22, vec![7; 60 * 1024]).await
+}
+
+/// Sends `body` to `to` under `client_id` and returns the edge's answer.
+async fn send_to_and_answer(
+    sender: &mut RawConnection,
+    client_id: u64,
+    to: u64,
+    body: Vec<u8>,
+) -> Frame {
     let send = Frame::Send {
         client_id,
-        to: 22,
-        body: vec![7; 60 * 1024],
+        to,
+        body,
         ttl_secs: None,
     };
     sender.write_frame(&send).await.expect("send");
@@ -99,15 +123,7 @@ async fn full_disk_then_recovery(config: &str) {
     let mut sender = edge.raw_session(&connector, 21, 0).await;
 
     // Fill the disk but for a little room, then send until the store refuses.
-    let filler = disk.path().join("filler");
-    let room = 2 * 1024 * 1024;
-    let fill = fs_free_bytes(&disk.path()).saturating_sub(room);
-    let status = Command::new("fallocate")
-        .args(["-l", &fill.to_string()])
-        .arg(&filler)
-        .status()
-        .expect("run fallocate");
-    assert!(status.success(), "fallocate of {fill} bytes failed");
+    let filler = disk.fill_leaving(2 * 1024 * 1024);
     let free = fs_free_bytes(&disk.path());
     assert!(free < 8 * 1024 * 1024, "the filler left {free} bytes free");
     let mut client_id = 0;
@@ -250,14 +266,7 @@ async fn a_read_failing_on_another_shards_store_leaves_this_shards_store_alone()
     // Fill shard 0's disk, then send to another user homed there until its store refuses.
     let connector = edge.connector();
     let mut filling = edge.raw_session(&connector, filler_sender, 0).await;
-    let filler = disk.path().join("filler");
-    let fill = fs_free_bytes(&disk.path()).saturating_sub(2 * 1024 * 1024);
-    let status = Command::new("fallocate")
-        .args(["-l", &fill.to_string()])
-        .arg(&filler)
-        .status()
-        .expect("run fallocate");
-    assert!(status.success(), "fallocate of {fill} bytes failed");
+    let filler = disk.fill_leaving(2 * 1024 * 1024);
     let mut client_id = 0;
     loop {
         client_id += 1;
@@ -265,17 +274,13 @@ async fn a_read_failing_on_another_shards_store_leaves_this_shards_store_alone()
             client_id < 2_000,
             "shard 0's store never refused on a full disk"
         );
-        let send = Frame::Send {
+        let answer = send_to_and_answer(
+            &mut filling,
             client_id,
-            to: filler_recipient,
-            body: vec![7; 60 * 1024],
-            ttl_secs: None,
-        };
-        filling.write_frame(&send).await.expect("send");
-        let answer = tokio::time::timeout(EVENT_TIMEOUT, filling.read_frame())
-            .await
-            .expect("answer in time")
-            .expect("open");
+            filler_recipient,
+            vec![7; 60 * 1024],
+        )
+        .await;
         match answer {
             Frame::SendAck { .. } => continue,
             Frame::SendError {
@@ -308,17 +313,13 @@ async fn a_read_failing_on_another_shards_store_leaves_this_shards_store_alone()
     // Shard 1 carries on: its users' sends are stored, and it never reopened its store.
     let mut sending = edge.raw_session(&connector, sender, 0).await;
     for client_id in 1..=20 {
-        let send = Frame::Send {
+        let answer = send_to_and_answer(
+            &mut sending,
             client_id,
-            to: recipient,
-            body: b"shard 1 is fine".to_vec(),
-            ttl_secs: None,
-        };
-        sending.write_frame(&send).await.expect("send");
-        let answer = tokio::time::timeout(EVENT_TIMEOUT, sending.read_frame())
-            .await
-            .expect("answer in time")
-            .expect("open");
+            recipient,
+            b"shard 1 is fine".to_vec(),
+        )
+        .await;
         assert!(
             matches!(answer, Frame::SendAck { .. }),
             "a send homed on shard 1 was refused while shard 0's store was down: {answer:?}"

@@ -396,17 +396,7 @@ pub async fn assert_quiet(client: &mut courier_client::Client) {
 /// The sum of a metric's series on the `/metrics` listener at `addr`; `None` if it cannot be
 /// reached.
 pub fn metric_sum_at(addr: SocketAddr, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    Some(
-        text.lines()
-            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    metric_at(addr, name, "")
 }
 
 /// The sum of a metric's series whose labels contain `labels` (for example `shard="1"`) on the
