@@ -1062,11 +1062,22 @@ pub fn expire<S: Store>(
     now: UnixMillis,
     config: &CoreConfig,
 ) -> Result<ExpireReport, StoreError> {
+    let drops_tables = store.drops_tables();
+    if drops_tables && let Some(end) = old_dedupe_end(now, config) {
+        // A sweep of the old dedupe buckets that begins at the first (the mark says so:
+        // `write_expiry` put it there when a bucket fell due) first drops their whole tables,
+        // a day's records at the cost of a few files instead of a tombstone each (decision
+        // 0038). Dropping again is harmless: a pass after a crash that lost the drop does it.
+        let mark = store.begin_read()?.get(&keys::dedupe_expired_below())?;
+        if dedupe_sweep_begin(mark, &end) == keys::dedupe_bucket_start(0) {
+            store.drop_tables_within(&keys::dedupe_bucket_start(0), &end)?;
+        }
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;
         let mut txn = store.begin()?;
-        let report = write_expiry(&mut txn, now, config)?;
+        let report = write_expiry(&mut txn, now, config, drops_tables)?;
         match txn.commit() {
             Ok(_) => return Ok(report),
             Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {}
@@ -1075,10 +1086,31 @@ pub fn expire<S: Store>(
     }
 }
 
+/// The end of the dedupe buckets expiry clears: every bucket before the previous one, which
+/// dedupe lookups still read. `None` while there is none.
+fn old_dedupe_end(now: UnixMillis, config: &CoreConfig) -> Option<[u8; 9]> {
+    let keep_from = (now / config.dedupe_window_ms).checked_sub(1)?;
+    Some(keys::dedupe_bucket_start(keep_from))
+}
+
+/// Where a pass's clearing of the old dedupe buckets (up to `end`) begins: at the mark the
+/// last pass left, unless it is missing or past `end`. A mark at the end is the one a finished
+/// pass left: everything below it is gone. A mark past the end is not one this clock and
+/// window would have left (the window was raised, which makes bucket numbers smaller, or the
+/// clock was set back): records may lie below it, so the pass starts over from the first
+/// bucket.
+fn dedupe_sweep_begin(mark: Option<Vec<u8>>, end: &[u8]) -> Vec<u8> {
+    match mark {
+        Some(mark) if keys::parse_dedupe_bucket(&mark).is_some() && mark.as_slice() <= end => mark,
+        _ => keys::dedupe_bucket_start(0).to_vec(),
+    }
+}
+
 fn write_expiry<T: Transaction>(
     txn: &mut T,
     now: UnixMillis,
     config: &CoreConfig,
+    drops_tables: bool,
 ) -> Result<ExpireReport, StoreError> {
     let mut report = ExpireReport::default();
     // At least 4: half for old dedupe records leaves index entries and messages at least one
@@ -1090,32 +1122,36 @@ fn write_expiry<T: Transaction>(
     // one of them while its writer lock keeps every commit of the shard waiting.)
     // Each pass begins where the last one stopped: from the start, it would walk the
     // tombstones of every record deleted before (quadratic in a window's sends).
-    let dedupe_bucket = now / config.dedupe_window_ms;
-    if let Some(keep_from) = dedupe_bucket.checked_sub(1) {
-        let end = keys::dedupe_bucket_start(keep_from);
-        // A mark at the end is the one a finished pass left: everything below it is gone. A
-        // mark past the end is not one this clock and window would have left (the window was
-        // raised, which makes bucket numbers smaller, or the clock was set back): records may
-        // lie below it, so the pass starts over from the first bucket.
-        let begin = match txn.get(&keys::dedupe_expired_below())? {
-            Some(mark)
-                if keys::parse_dedupe_bucket(&mark).is_some() && mark.as_slice() <= &end[..] =>
-            {
-                mark
+    if let Some(end) = old_dedupe_end(now, config) {
+        let begin = dedupe_sweep_begin(txn.get(&keys::dedupe_expired_below())?, &end);
+        let start = keys::dedupe_bucket_start(0);
+        // A bucket fell due since the last sweep finished (its mark, a bucket's first key, is
+        // below the end): where tables can be dropped, the next sweep starts over from the
+        // first bucket, after `expire` drops the buckets' whole tables. The mark goes back
+        // first, durably, so that a crash cannot leave a dropped tombstone's key (come back)
+        // below it.
+        let bucket_fell_due =
+            begin.len() == start.len() && begin[..] != start[..] && begin[..] < end[..];
+        if drops_tables && bucket_fell_due {
+            txn.set(&keys::dedupe_expired_below(), &start);
+            report.more = true;
+        } else {
+            let cleared = txn.clear_range_bounded(&begin, &end, budget / 2)?;
+            budget -= cleared.keys_read;
+            report.more |= !cleared.finished;
+            // Engines that delete key by key read what they cleared; FoundationDB cleared the
+            // range at once and needs no mark (nor a write every shard would contend on). A
+            // sweep from the first bucket that found its tables dropped and nothing left
+            // still moves the mark on, or every later pass would drop again.
+            let swept_from_start = drops_tables && begin[..] == start[..];
+            if cleared.keys_read > 0 || (swept_from_start && cleared.finished) {
+                let below = cleared.resume_at.unwrap_or_else(|| end.to_vec());
+                txn.set(&keys::dedupe_expired_below(), &below);
+                // The mark rests on time never running back behind this pass: after a
+                // restart, the clock starts above its high-water mark, so no record goes
+                // below the mark.
+                txn.atomic_max(&keys::clock(), now);
             }
-            _ => keys::dedupe_bucket_start(0).to_vec(),
-        };
-        let cleared = txn.clear_range_bounded(&begin, &end, budget / 2)?;
-        budget -= cleared.keys_read;
-        report.more |= !cleared.finished;
-        // Engines that delete key by key read what they cleared; FoundationDB cleared the
-        // range at once and needs no mark (nor a write every shard would contend on).
-        if cleared.keys_read > 0 {
-            let below = cleared.resume_at.unwrap_or_else(|| end.to_vec());
-            txn.set(&keys::dedupe_expired_below(), &below);
-            // The mark rests on time never running back behind this pass: after a restart,
-            // the clock starts above its high-water mark, so no record goes below the mark.
-            txn.atomic_max(&keys::clock(), now);
         }
     }
     // Expiry buckets before `first_live` ended at or before `now`.
@@ -1697,6 +1733,80 @@ mod tests {
         assert!(passes >= 2, "five records take two passes of four");
         expire(&store, later, &config).unwrap();
         assert_eq!(devices(), vec![6], "a counter keeps its inbox's devices");
+    }
+
+    /// On a store that drops whole tables (decision 0038), old dedupe buckets go by a drop and
+    /// a sweep of what is left from the first bucket: the first pass drops, the passes after
+    /// it clear the rest a bounded number at a time. When a bucket falls due after a finished
+    /// sweep, a pass first puts the mark back at the first bucket (durably, before any drop)
+    /// and clears no record; the next drops and sweeps. The current bucket stays throughout.
+    #[test]
+    fn old_dedupe_buckets_go_by_a_drop_and_a_sweep_from_the_first_bucket() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 40,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::dropping_tables();
+        let mut committer = Committer::new(&config);
+        let window = config.dedupe_window_ms;
+        let old: Vec<Request> = (1..=100).map(|id| send(id, 7)).collect();
+        for batch in old.chunks(config.batch_requests_max) {
+            committer.commit_batch(&store, batch, window + 1).unwrap();
+        }
+        let new: Vec<Request> = (1_001..=1_003).map(|id| send(id, 7)).collect();
+        committer
+            .commit_batch(&store, &new, 3 * window + 1)
+            .unwrap();
+        let dedupe_records = |bucket: u64| {
+            let mut txn = store.begin().unwrap();
+            txn.get_range(
+                &keys::dedupe_bucket_start(bucket),
+                &keys::dedupe_bucket_start(bucket + 1),
+                1_000,
+            )
+            .unwrap()
+            .len()
+        };
+        let mark = || {
+            store
+                .begin()
+                .unwrap()
+                .get(&keys::dedupe_expired_below())
+                .unwrap()
+        };
+        let now = 3 * window + 2;
+        let first = expire(&store, now, &config).unwrap();
+        let left = dedupe_records(1);
+        assert!(
+            left < 80,
+            "the first pass dropped tables before it cleared 20 records: {left} left"
+        );
+        let mut passes = 1;
+        let mut report = first;
+        while report.more {
+            passes += 1;
+            assert!(passes < 20, "expiry never finished");
+            report = expire(&store, now, &config).unwrap();
+        }
+        assert_eq!(dedupe_records(1), 0);
+        assert_eq!(dedupe_records(3), 3, "the current bucket stays");
+        assert_eq!(mark(), Some(keys::dedupe_bucket_start(2).to_vec()));
+        // A window later bucket 3 falls due: the first pass only puts the mark back.
+        let later = 5 * window + 2;
+        let report = expire(&store, later, &config).unwrap();
+        assert!(report.more);
+        assert_eq!(mark(), Some(keys::dedupe_bucket_start(0).to_vec()));
+        assert_eq!(
+            dedupe_records(3),
+            3,
+            "nothing cleared before the mark went back"
+        );
+        while expire(&store, later, &config).unwrap().more {}
+        assert_eq!(dedupe_records(3), 0, "bucket 3 went a window later");
+        assert_eq!(mark(), Some(keys::dedupe_bucket_start(4).to_vec()));
+        // Later passes in the same window find the sweep finished: no drop, no mark moved.
+        assert!(!expire(&store, later + 1, &config).unwrap().more);
+        assert_eq!(mark(), Some(keys::dedupe_bucket_start(4).to_vec()));
     }
 
     /// Dedupe records of buckets past their window go a bounded number per pass (half the

@@ -140,3 +140,76 @@ fn a_delete_before_a_restart_is_erased_by_the_first_pass_after_it() {
         "the deleted marker is gone ({report:?})"
     );
 }
+
+/// Old dedupe buckets leave fjall by whole tables (decision 0038): a day's records flushed to
+/// tables go in a few expiry passes, where a tombstone per record took one pass per half of
+/// the scan budget (here 250), and the current bucket's records stay.
+#[test]
+fn old_dedupe_buckets_go_by_whole_tables() {
+    use courier_core::CoreConfig;
+    use courier_core::commit::{Committer, Request, SendRequest, expire};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small memtables, so that the records reach several tables.
+    let options = FjallOptions {
+        memtable_bytes_max: 64 * 1024,
+        flush_every_bytes: 256 * 1024,
+        ..FjallOptions::default()
+    };
+    let store = FjallStore::open(dir.path(), &options).expect("open");
+    let config = CoreConfig {
+        expire_scan_keys_max: 40,
+        ..CoreConfig::default()
+    };
+    let window = config.dedupe_window_ms;
+    let mut committer = Committer::new(&config);
+    let send = |client_id: u64| {
+        Request::Send(SendRequest {
+            sender: 9,
+            to: 1 + client_id % 500,
+            client_id,
+            body: vec![7; 100],
+            ttl_secs: None,
+        })
+    };
+    // 5,000 sends in bucket 1, then 3 in bucket 3, the current one at the expiry below.
+    let old: Vec<Request> = (1..=5_000).map(send).collect();
+    for batch in old.chunks(config.batch_requests_max) {
+        committer
+            .commit_batch(&store, batch, window + 1)
+            .expect("commit");
+    }
+    store
+        .erase_deleted()
+        .expect("a pass flushes the memtables to tables");
+    let new: Vec<Request> = (10_001..=10_003).map(send).collect();
+    committer
+        .commit_batch(&store, &new, 3 * window + 1)
+        .expect("commit");
+    let dedupe_records = |bucket: u64| {
+        let mut txn = store.begin().expect("begin");
+        txn.get_range(
+            &keys::dedupe_bucket_start(bucket),
+            &keys::dedupe_bucket_start(bucket + 1),
+            10_000,
+        )
+        .expect("range")
+        .len()
+    };
+    assert_eq!((dedupe_records(1), dedupe_records(3)), (5_000, 3));
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        assert!(
+            passes <= 20,
+            "old dedupe records still there after 20 passes"
+        );
+        if !expire(&store, 3 * window + 2, &config)
+            .expect("expire")
+            .more
+        {
+            break;
+        }
+    }
+    assert_eq!(dedupe_records(1), 0, "bucket 1 is past its window");
+    assert_eq!(dedupe_records(3), 3, "the current bucket stays");
+}

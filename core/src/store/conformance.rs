@@ -26,7 +26,7 @@ type Case<H> = (&'static str, fn(&mut H));
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
-    let cases: [Case<H>; 16] = [
+    let cases: [Case<H>; 17] = [
         ("ranges_span_every_key_prefix", ranges_span_every_key_prefix),
         ("reads_its_own_writes", reads_its_own_writes),
         ("commit_is_all_or_nothing", commit_is_all_or_nothing),
@@ -42,6 +42,10 @@ pub fn run_all<H: Harness>(mut fresh: impl FnMut() -> H) {
         (
             "clear_range_bounded_clears_a_first_part_or_all",
             clear_range_bounded_clears_a_first_part_or_all,
+        ),
+        (
+            "drop_tables_within_drops_nothing_outside",
+            drop_tables_within_drops_nothing_outside,
         ),
         (
             "atomic_mutations_are_little_endian",
@@ -302,6 +306,46 @@ fn clear_range_bounded_clears_a_first_part_or_all<H: Harness>(h: &mut H) {
     let mut txn = h.store().begin().unwrap();
     assert!(txn.get_range(b"b/", b"b0", 100).unwrap().is_empty());
     assert_eq!(txn.get(b"c/1").unwrap(), Some(b"outside".to_vec()));
+}
+
+/// `drop_tables_within` may drop any key of its range (whatever its engine's tables hold
+/// whole), never one outside it, nor change a value; a sweep of the range after it clears the
+/// rest. Engines that drop no tables leave everything.
+fn drop_tables_within_drops_nothing_outside<H: Harness>(h: &mut H) {
+    let begin = keys::dedupe_bucket_start(0);
+    let end = keys::dedupe_bucket_start(2);
+    let inside: Vec<[u8; 33]> = (0..200).map(|n| keys::dedupe(1, n, 3, n)).collect();
+    let outside = [keys::dedupe(2, 1, 3, 1), keys::dedupe(5, 2, 3, 2)];
+    let mut pairs: Vec<(&[u8], &[u8])> = inside.iter().map(|k| (&k[..], &b"in"[..])).collect();
+    pairs.extend(outside.iter().map(|k| (&k[..], &b"out"[..])));
+    pairs.push((b"m/1", b"other tag"));
+    write(h.store(), &pairs);
+    h.store().drop_tables_within(&begin, &end).unwrap();
+    let mut txn = h.store().begin().unwrap();
+    for (key, value) in txn.get_range(&begin, &end, 1_000).unwrap() {
+        assert_eq!(value, b"in".to_vec(), "a key left inside keeps its value");
+        assert!(inside.iter().any(|k| k[..] == key[..]));
+    }
+    for key in &outside {
+        assert_eq!(
+            txn.get(key).unwrap(),
+            Some(b"out".to_vec()),
+            "a key past the end stays"
+        );
+    }
+    assert_eq!(txn.get(b"m/1").unwrap(), Some(b"other tag".to_vec()));
+    drop(txn);
+    for _ in 0..300 {
+        let mut txn = h.store().begin().unwrap();
+        let cleared = txn.clear_range_bounded(&begin, &end, 10).unwrap();
+        txn.commit().unwrap();
+        if cleared.finished {
+            break;
+        }
+    }
+    let mut txn = h.store().begin().unwrap();
+    assert!(txn.get_range(&begin, &end, 1_000).unwrap().is_empty());
+    assert_eq!(txn.get(&outside[0]).unwrap(), Some(b"out".to_vec()));
 }
 
 fn atomic_mutations_are_little_endian<H: Harness>(h: &mut H) {

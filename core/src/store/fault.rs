@@ -153,6 +153,15 @@ impl<S: Store> Store for FaultStore<S> {
         self.inner.defers_sync()
     }
 
+    fn drops_tables(&self) -> bool {
+        self.inner.drops_tables()
+    }
+
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        self.check_open()?;
+        self.inner.drop_tables_within(begin, end)
+    }
+
     fn begin_unsynced(&self) -> Result<FaultTransaction<'_, S>, StoreError> {
         self.check_open()?;
         Ok(FaultTransaction {

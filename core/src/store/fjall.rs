@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use fjall::AbstractTree as _;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 
 use super::dedupe_filter::DedupeFilter;
@@ -728,6 +729,26 @@ impl Store for FjallStore {
                 access: Access::Read(self.db.snapshot()),
             }),
         })
+    }
+
+    fn drops_tables(&self) -> bool {
+        true
+    }
+
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        // Only within one tag's keyspace, which holds that tag's keys alone.
+        let index = Self::keyspace_index(begin);
+        let same_keyspace = !begin.is_empty() && end.first() == begin.first();
+        if index == PARTITIONED_TAGS.len() || !same_keyspace || begin >= end {
+            return Ok(());
+        }
+        if self.db.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        self.keyspace_at(index)
+            .tree
+            .drop_range::<&[u8], _>(begin..end)
+            .map_err(|error| io_error(error.into()))
     }
 }
 

@@ -19,6 +19,8 @@ const DEDUPE_FILTER_BYTES_MAX: usize = 4 * 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<MemoryState>,
+    /// Models an engine that drops whole tables (`Store::drop_tables_within`).
+    drops_tables: bool,
 }
 
 #[derive(Debug)]
@@ -42,6 +44,17 @@ impl Default for MemoryState {
 impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// A memory store that drops tables as fjall does (`Store::drop_tables_within`), modelled:
+    /// a drop removes about half the keys of its range (those in tables wholly inside it, as
+    /// if the rest lay in tables reaching past its ends or in memtables), which the sweep after
+    /// it must clear key by key. So the simulation drives expiry's drops and its sweeps.
+    pub fn dropping_tables() -> MemoryStore {
+        MemoryStore {
+            drops_tables: true,
+            ..MemoryStore::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, MemoryState> {
@@ -126,6 +139,28 @@ impl Store for MemoryStore {
         Ok(MemoryTransaction {
             overlay: Overlay::new(MemoryEngine { state: self.lock() }),
         })
+    }
+
+    fn drops_tables(&self) -> bool {
+        self.drops_tables
+    }
+
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        if !self.drops_tables || begin >= end {
+            return Ok(());
+        }
+        let mut state = self.lock();
+        let in_dropped_tables: Vec<Vec<u8>> = state
+            .data
+            .range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)))
+            .map(|(key, _)| key)
+            .filter(|key| key.iter().fold(0u8, |parity, byte| parity ^ byte) & 1 == 0)
+            .cloned()
+            .collect();
+        for key in in_dropped_tables {
+            state.data.remove(&key);
+        }
+        Ok(())
     }
 }
 

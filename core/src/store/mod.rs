@@ -143,6 +143,23 @@ pub trait Store: Send + Sync {
         self.begin()
     }
 
+    /// Whether [`drop_tables_within`](Store::drop_tables_within) can drop anything: the engine
+    /// keeps keys in tables it can drop whole (fjall). Expiry then clears old dedupe buckets
+    /// by dropping their tables rather than with a tombstone per record.
+    fn drops_tables(&self) -> bool {
+        false
+    }
+
+    /// Drops the tables that hold only keys in `begin..end`, without a tombstone per key: a
+    /// fast clear of a range nothing reads any more (old dedupe buckets). What is in no such
+    /// table (memtables, tables that reach past either end) stays, to be cleared key by key;
+    /// and a key deleted before may come back (its tombstone gone with a dropped table, its
+    /// value in one that stayed), so clear the range from its start after a drop.
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        let _ = (begin, end);
+        Ok(())
+    }
+
     /// Makes every commit up to `version` (what `commit` returned) durable and visible to
     /// readers. An error (a failed fsync) poisons the store: the commit may or may not be on
     /// disk, and every later call fails until it is reopened.
