@@ -1157,3 +1157,89 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
         "the two stores recovered different states"
     );
 }
+
+/// Old dedupe buckets leave the dedupe tier by whole tables (decision 0038) in a few expiry
+/// passes, the current bucket stays, and none of the old records comes back at a reopen: a
+/// record moved to the tier stays in its journal until a checkpoint, so the drop checkpoints
+/// first (without it, the replay brought the dropped records back into memory).
+#[test]
+fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reopen() {
+    use courier_core::CoreConfig;
+    use courier_core::commit::{Committer, Request, SendRequest, expire};
+    use courier_core::keys;
+    let dir = tempfile::tempdir().unwrap();
+    // Records move to the tier every 16 KiB, between checkpoints.
+    let options = LogOptions {
+        dedupe_memory_bytes_max: 16 * 1024,
+        ..LogOptions::default()
+    };
+    let config = CoreConfig {
+        expire_scan_keys_max: 40,
+        ..CoreConfig::default()
+    };
+    let window = config.dedupe_window_ms;
+    let send = |client_id: u64| {
+        Request::Send(SendRequest {
+            sender: 9,
+            to: 1 + client_id % 500,
+            client_id,
+            body: vec![7; 100],
+            ttl_secs: None,
+        })
+    };
+    let dedupe_records = |store: &LogStore, bucket: u64| {
+        let mut txn = store.begin_read().unwrap();
+        txn.get_range(
+            &keys::dedupe_bucket_start(bucket),
+            &keys::dedupe_bucket_start(bucket + 1),
+            10_000,
+        )
+        .unwrap()
+        .len()
+    };
+    {
+        let store = LogStore::open(dir.path(), &options).unwrap();
+        let mut committer = Committer::new(&config);
+        let old: Vec<Request> = (1..=5_000).map(send).collect();
+        for batch in old.chunks(config.batch_requests_max) {
+            committer.commit_batch(&store, batch, window + 1).unwrap();
+        }
+        // A day goes by: the records move to the tier (moves leave the journals in place).
+        let waited = std::time::Instant::now();
+        while store.dedupe_memory_bytes() > 0 {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(60),
+                "the records never moved to the tier"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let new: Vec<Request> = (10_001..=10_003).map(send).collect();
+        committer
+            .commit_batch(&store, &new, 3 * window + 1)
+            .unwrap();
+        assert_eq!(
+            (dedupe_records(&store, 1), dedupe_records(&store, 3)),
+            (5_000, 3)
+        );
+        let mut passes = 0;
+        loop {
+            passes += 1;
+            assert!(
+                passes <= 20,
+                "old dedupe records still there after 20 passes"
+            );
+            if !expire(&store, 3 * window + 2, &config).unwrap().more {
+                break;
+            }
+        }
+        assert_eq!(dedupe_records(&store, 1), 0, "bucket 1 is past its window");
+        assert_eq!(dedupe_records(&store, 3), 3, "the current bucket stays");
+    }
+    let store = LogStore::open(dir.path(), &options).unwrap();
+    assert_eq!(
+        dedupe_records(&store, 1),
+        0,
+        "a dropped record came back from a journal"
+    );
+    assert_eq!(dedupe_records(&store, 3), 3);
+}

@@ -422,6 +422,14 @@ impl Store for SimLog {
         self.store().defers_sync()
     }
 
+    fn drops_tables(&self) -> bool {
+        self.store().drops_tables()
+    }
+
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        self.store().drop_tables_within(begin, end)
+    }
+
     fn begin_unsynced(&self) -> Result<Self::Transaction<'_>, StoreError> {
         self.store().begin_unsynced()
     }

@@ -2753,6 +2753,26 @@ impl Store for LogStore {
     fn sync_through(&self, version: CommitVersion) -> Result<(), StoreError> {
         self.inner.sync_through(version)
     }
+
+    fn drops_tables(&self) -> bool {
+        true
+    }
+
+    /// The dedupe tier's tables (decision 0038), after a checkpoint. A record moved to the
+    /// tier stays in its journal until a checkpoint deletes the journal, and a restart replays
+    /// what a journal holds: had its table been dropped meanwhile, the record would come back
+    /// into memory below the mark of the sweep that cleared it. The checkpoint deletes every
+    /// journal before it, and a commit after it writes records of the current bucket, which
+    /// no drop reaches for a window.
+    fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        let (begin, end) = (begin.max(DEDUPE_BEGIN), end.min(DEDUPE_END));
+        if begin >= end {
+            return Ok(());
+        }
+        self.inner.check_poisoned()?;
+        self.inner.checkpoint()?;
+        self.inner.dedupe.drop_tables_within(begin, end)
+    }
 }
 
 impl LogStore {
