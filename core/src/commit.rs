@@ -1735,6 +1735,31 @@ mod tests {
         assert_eq!(devices(), vec![6], "a counter keeps its inbox's devices");
     }
 
+    /// 100 sends in dedupe bucket 1, then 3 in bucket 3 (the current one at an expiry at
+    /// `3 * window + 2`).
+    fn send_in_buckets_1_and_3(store: &MemoryStore, config: &CoreConfig) {
+        let mut committer = Committer::new(config);
+        let window = config.dedupe_window_ms;
+        let old: Vec<Request> = (1..=100).map(|id| send(id, 7)).collect();
+        for batch in old.chunks(config.batch_requests_max) {
+            committer.commit_batch(store, batch, window + 1).unwrap();
+        }
+        let new: Vec<Request> = (1_001..=1_003).map(|id| send(id, 7)).collect();
+        committer.commit_batch(store, &new, 3 * window + 1).unwrap();
+    }
+
+    /// How many dedupe records `bucket` holds.
+    fn dedupe_records_in(store: &MemoryStore, bucket: u64) -> usize {
+        let mut txn = store.begin().unwrap();
+        txn.get_range(
+            &keys::dedupe_bucket_start(bucket),
+            &keys::dedupe_bucket_start(bucket + 1),
+            1_000,
+        )
+        .unwrap()
+        .len()
+    }
+
     /// On a store that drops whole tables (decision 0038), old dedupe buckets go by a drop and
     /// a sweep of what is left from the first bucket: the first pass drops, the passes after
     /// it clear the rest a bounded number at a time. When a bucket falls due after a finished
@@ -1747,26 +1772,9 @@ mod tests {
             ..CoreConfig::default()
         };
         let store = MemoryStore::dropping_tables();
-        let mut committer = Committer::new(&config);
         let window = config.dedupe_window_ms;
-        let old: Vec<Request> = (1..=100).map(|id| send(id, 7)).collect();
-        for batch in old.chunks(config.batch_requests_max) {
-            committer.commit_batch(&store, batch, window + 1).unwrap();
-        }
-        let new: Vec<Request> = (1_001..=1_003).map(|id| send(id, 7)).collect();
-        committer
-            .commit_batch(&store, &new, 3 * window + 1)
-            .unwrap();
-        let dedupe_records = |bucket: u64| {
-            let mut txn = store.begin().unwrap();
-            txn.get_range(
-                &keys::dedupe_bucket_start(bucket),
-                &keys::dedupe_bucket_start(bucket + 1),
-                1_000,
-            )
-            .unwrap()
-            .len()
-        };
+        send_in_buckets_1_and_3(&store, &config);
+        let dedupe_records = |bucket: u64| dedupe_records_in(&store, bucket);
         let mark = || {
             store
                 .begin()
@@ -1820,27 +1828,9 @@ mod tests {
             ..CoreConfig::default()
         };
         let store = MemoryStore::new();
-        let mut committer = Committer::new(&config);
         let window = config.dedupe_window_ms;
-        // 100 sends in bucket 1, then 3 in bucket 3 (the current one at the expiry below).
-        let old: Vec<Request> = (1..=100).map(|id| send(id, 7)).collect();
-        for batch in old.chunks(config.batch_requests_max) {
-            committer.commit_batch(&store, batch, window + 1).unwrap();
-        }
-        let new: Vec<Request> = (1_001..=1_003).map(|id| send(id, 7)).collect();
-        committer
-            .commit_batch(&store, &new, 3 * window + 1)
-            .unwrap();
-        let dedupe_records = |bucket: u64| {
-            let mut txn = store.begin().unwrap();
-            txn.get_range(
-                &keys::dedupe_bucket_start(bucket),
-                &keys::dedupe_bucket_start(bucket + 1),
-                1_000,
-            )
-            .unwrap()
-            .len()
-        };
+        send_in_buckets_1_and_3(&store, &config);
+        let dedupe_records = |bucket: u64| dedupe_records_in(&store, bucket);
         assert_eq!((dedupe_records(1), dedupe_records(3)), (100, 3));
         let now = 3 * window + 2;
         let mut left = vec![dedupe_records(1)];

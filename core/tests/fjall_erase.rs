@@ -1,6 +1,9 @@
 //! `FjallStore::erase_deleted`: deleted values leave the disk (journals and tables), and disk
 //! use falls back near its baseline.
 
+mod common;
+
+use common::bulk_sends::{dedupe_records, spread_send};
 use courier_core::keys;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::{Store, Transaction};
@@ -147,7 +150,7 @@ fn a_delete_before_a_restart_is_erased_by_the_first_pass_after_it() {
 #[test]
 fn old_dedupe_buckets_go_by_whole_tables() {
     use courier_core::CoreConfig;
-    use courier_core::commit::{Committer, Request, SendRequest, expire};
+    use courier_core::commit::{Committer, Request, expire};
     let dir = tempfile::tempdir().expect("tempdir");
     // Small memtables, so that the records reach several tables.
     let options = FjallOptions {
@@ -162,17 +165,8 @@ fn old_dedupe_buckets_go_by_whole_tables() {
     };
     let window = config.dedupe_window_ms;
     let mut committer = Committer::new(&config);
-    let send = |client_id: u64| {
-        Request::Send(SendRequest {
-            sender: 9,
-            to: 1 + client_id % 500,
-            client_id,
-            body: vec![7; 100],
-            ttl_secs: None,
-        })
-    };
     // 5,000 sends in bucket 1, then 3 in bucket 3, the current one at the expiry below.
-    let old: Vec<Request> = (1..=5_000).map(send).collect();
+    let old: Vec<Request> = (1..=5_000).map(spread_send).collect();
     for batch in old.chunks(config.batch_requests_max) {
         committer
             .commit_batch(&store, batch, window + 1)
@@ -181,20 +175,11 @@ fn old_dedupe_buckets_go_by_whole_tables() {
     store
         .erase_deleted()
         .expect("a pass flushes the memtables to tables");
-    let new: Vec<Request> = (10_001..=10_003).map(send).collect();
+    let new: Vec<Request> = (10_001..=10_003).map(spread_send).collect();
     committer
         .commit_batch(&store, &new, 3 * window + 1)
         .expect("commit");
-    let dedupe_records = |bucket: u64| {
-        let mut txn = store.begin().expect("begin");
-        txn.get_range(
-            &keys::dedupe_bucket_start(bucket),
-            &keys::dedupe_bucket_start(bucket + 1),
-            10_000,
-        )
-        .expect("range")
-        .len()
-    };
+    let dedupe_records = |bucket: u64| dedupe_records(&store, bucket);
     assert_eq!((dedupe_records(1), dedupe_records(3)), (5_000, 3));
     let mut passes = 0;
     loop {

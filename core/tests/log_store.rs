@@ -2,6 +2,8 @@
 //! commit short, snapshots taken while commits go on, deleted values gone from every file
 //! after an erase pass, refusals that say what to do, and the memory bound.
 
+mod common;
+
 use std::path::Path;
 
 use courier_core::store::log::{LogOptions, LogStore};
@@ -1164,9 +1166,9 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
 /// first (without it, the replay brought the dropped records back into memory).
 #[test]
 fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reopen() {
+    use common::bulk_sends::{dedupe_records, spread_send};
     use courier_core::CoreConfig;
-    use courier_core::commit::{Committer, Request, SendRequest, expire};
-    use courier_core::keys;
+    use courier_core::commit::{Committer, Request, expire};
     let dir = tempfile::tempdir().unwrap();
     // Records move to the tier every 16 KiB, between checkpoints.
     let options = LogOptions {
@@ -1178,29 +1180,10 @@ fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reope
         ..CoreConfig::default()
     };
     let window = config.dedupe_window_ms;
-    let send = |client_id: u64| {
-        Request::Send(SendRequest {
-            sender: 9,
-            to: 1 + client_id % 500,
-            client_id,
-            body: vec![7; 100],
-            ttl_secs: None,
-        })
-    };
-    let dedupe_records = |store: &LogStore, bucket: u64| {
-        let mut txn = store.begin_read().unwrap();
-        txn.get_range(
-            &keys::dedupe_bucket_start(bucket),
-            &keys::dedupe_bucket_start(bucket + 1),
-            10_000,
-        )
-        .unwrap()
-        .len()
-    };
     {
         let store = LogStore::open(dir.path(), &options).unwrap();
         let mut committer = Committer::new(&config);
-        let old: Vec<Request> = (1..=5_000).map(send).collect();
+        let old: Vec<Request> = (1..=5_000).map(spread_send).collect();
         for batch in old.chunks(config.batch_requests_max) {
             committer.commit_batch(&store, batch, window + 1).unwrap();
         }
@@ -1213,7 +1196,7 @@ fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reope
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let new: Vec<Request> = (10_001..=10_003).map(send).collect();
+        let new: Vec<Request> = (10_001..=10_003).map(spread_send).collect();
         committer
             .commit_batch(&store, &new, 3 * window + 1)
             .unwrap();

@@ -3,6 +3,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+#[allow(dead_code)] // Only the embedded stores' expiry tests send in bulk.
+pub mod bulk_sends;
 #[allow(dead_code)] // Only the step-by-step tests drive one shard.
 pub mod one_shard;
 
