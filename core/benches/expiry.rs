@@ -127,7 +127,7 @@ fn run<S: Store>(store: &S, sends: u64, inboxes: u64, ttl_secs: Option<u32>) {
     passes.sort();
     let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
     println!(
-        "| dedupe records due | messages deleted | emptied inboxes listed | expiry passes | pass p50 / longest (writer lock held) | all passes | their CPU | peak RSS |"
+        "| dedupe records due | messages deleted | emptied inboxes listed | expiry passes | pass p50 / longest | all passes | their CPU | peak RSS |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(

@@ -1166,13 +1166,33 @@ fn direct_journal_writes_leave_the_bytes_the_page_cache_would() {
 /// first (without it, the replay brought the dropped records back into memory).
 #[test]
 fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reopen() {
+    old_dedupe_buckets_leave_by_whole_tables(true);
+}
+
+/// Old dedupe records still in memory at the drop (a shard whose day of sends fits its
+/// dedupe memory) leave with their journals at the drop's checkpoint, not ingested into the
+/// tier first, and stay gone after a reopen; the current bucket's records, in memory too,
+/// are ingested and stay.
+#[test]
+fn old_dedupe_records_still_in_memory_go_with_their_journals_at_the_drop() {
+    old_dedupe_buckets_leave_by_whole_tables(false);
+}
+
+/// 5,000 sends in dedupe bucket 1, moved to the tier before the day ends or not, and 3 in
+/// bucket 3; then expiry passes until they say there is no more, and a reopen.
+fn old_dedupe_buckets_leave_by_whole_tables(moved_to_the_tier: bool) {
     use common::bulk_sends::{dedupe_records, spread_send};
     use courier_core::CoreConfig;
     use courier_core::commit::{Committer, Request, expire};
     let dir = tempfile::tempdir().unwrap();
-    // Records move to the tier every 16 KiB, between checkpoints.
+    // Moved: records move to the tier every 16 KiB, between checkpoints. Not moved: they
+    // stay in memory (no checkpoint either: the journals are far from their bound).
     let options = LogOptions {
-        dedupe_memory_bytes_max: 16 * 1024,
+        dedupe_memory_bytes_max: if moved_to_the_tier {
+            16 * 1024
+        } else {
+            64 << 20
+        },
         ..LogOptions::default()
     };
     let config = CoreConfig {
@@ -1187,9 +1207,10 @@ fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reope
         for batch in old.chunks(config.batch_requests_max) {
             committer.commit_batch(&store, batch, window + 1).unwrap();
         }
-        // A day goes by: the records move to the tier (moves leave the journals in place).
+        // A day goes by: the records move to the tier (moves leave the journals in place),
+        // or stay in memory.
         let waited = std::time::Instant::now();
-        while store.dedupe_memory_bytes() > 0 {
+        while moved_to_the_tier && store.dedupe_memory_bytes() > 0 {
             assert!(
                 waited.elapsed() < std::time::Duration::from_secs(60),
                 "the records never moved to the tier"
@@ -1204,6 +1225,12 @@ fn old_dedupe_buckets_leave_the_tier_by_whole_tables_and_stay_gone_after_a_reope
             (dedupe_records(&store, 1), dedupe_records(&store, 3)),
             (5_000, 3)
         );
+        if !moved_to_the_tier {
+            assert!(
+                store.dedupe_memory_bytes() > 100_000,
+                "the records moved after all"
+            );
+        }
         let mut passes = 0;
         loop {
             passes += 1;

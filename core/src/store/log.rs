@@ -1579,7 +1579,7 @@ impl LogStore {
         let running = self.inner.lock_checkpoint();
         let checkpointed = self.inner.deleted_since_checkpoint.load(Ordering::Acquire);
         if checkpointed {
-            self.inner.checkpoint_locked(&running)?;
+            self.inner.checkpoint_locked(&running, None)?;
         }
         drop(running);
         // Deleted dedupe records leave the tier's journal and tables (it does nothing if
@@ -2180,7 +2180,7 @@ impl Inner {
             let _writer = self.lock_writer();
             self.freeze_dedupe_records()
         };
-        self.ingest_dedupe_records(moving, &running)
+        self.ingest_dedupe_records(moving, None, &running)
     }
 
     /// Takes the recent dedupe records for a move (the caller holds the writer lock): readers
@@ -2199,10 +2199,12 @@ impl Inner {
     /// Writes `moving` into the tier as new tables, then ends the move: tombstones again for
     /// what was deleted meanwhile (the tables are newer than the first ones), and memory given
     /// back. A failure poisons the store: the tier's state is unknown, and the reopen replays
-    /// the journals, which still hold every record. `_running` is the move lock.
+    /// the journals, which still hold every record. `_running` is the move lock. Records
+    /// within `skipped` (begin, end) are not written: they end with the move.
     fn ingest_dedupe_records(
         &self,
         moving: Option<Arc<DedupeRecords>>,
+        skipped: Option<(&[u8], &[u8])>,
         _running: &MutexGuard<'_, ()>,
     ) -> Result<(), StoreError> {
         let Some(moving) = moving else {
@@ -2212,10 +2214,17 @@ impl Inner {
             self.poisoned.store(true, Ordering::Release);
             error
         };
+        let (below, from) = match skipped {
+            Some((begin, end)) => (Bound::Excluded(begin), Bound::Included(end)),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        };
+        let ingested = moving.range(Bound::Unbounded, below);
+        // Without a skipped range the first part holds every record.
+        let after_skipped = skipped.map(|_| moving.range(from, Bound::Unbounded));
         self.dedupe
             .ingest_sorted(
-                moving
-                    .range(Bound::Unbounded, Bound::Unbounded)
+                ingested
+                    .chain(after_skipped.into_iter().flatten())
                     .map(|(key, value)| (key, value.clone())),
             )
             .map_err(poison)?;
@@ -2338,7 +2347,7 @@ impl Inner {
     /// the older journals and snapshots.
     fn checkpoint(&self) -> Result<(), StoreError> {
         let running = self.lock_checkpoint();
-        self.checkpoint_locked(&running)
+        self.checkpoint_locked(&running, None)
     }
 
     fn lock_dedupe_move(&self) -> MutexGuard<'_, ()> {
@@ -2374,7 +2383,16 @@ impl Inner {
     /// [`checkpoint`](Inner::checkpoint) with `checkpoint_running` held by the caller. On a
     /// failure after the journal switch it puts the counts back, so the next erase pass or
     /// full journal tries again, and deletes its partial snapshot.
-    fn checkpoint_locked(&self, _running: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
+    ///
+    /// `dropping`: a range of dedupe records the caller drops from the tier next (decision
+    /// 0038). Those still in memory are not ingested first: they leave with the journals
+    /// that held them, and readers stop finding them when the move ends, as they stop
+    /// finding the tier's once its tables are dropped.
+    fn checkpoint_locked(
+        &self,
+        _running: &MutexGuard<'_, ()>,
+        dropping: Option<(&[u8], &[u8])>,
+    ) -> Result<(), StoreError> {
         let moving_lock = self.lock_dedupe_move();
         self.check_poisoned()?;
         let (id, journal_bytes, deleted, moving) = {
@@ -2397,7 +2415,7 @@ impl Inner {
         // The journals before `id` may go once the snapshot is written and the tier holds
         // their dedupe records (ingested, durable) and their deletes' tombstones (synced here).
         let written = self
-            .ingest_dedupe_records(moving, &moving_lock)
+            .ingest_dedupe_records(moving, dropping, &moving_lock)
             .and_then(|()| {
                 // Moves may run again (between the snapshot's chunks): what they move is in
                 // the journals this checkpoint keeps.
@@ -2763,14 +2781,17 @@ impl Store for LogStore {
     /// what a journal holds: had its table been dropped meanwhile, the record would come back
     /// into memory below the mark of the sweep that cleared it. The checkpoint deletes every
     /// journal before it, and a commit after it writes records of the current bucket, which
-    /// no drop reaches for a window.
+    /// no drop reaches for a window. The range's records still in memory are not ingested
+    /// into the tier by that checkpoint only to be dropped: they go with their journals.
     fn drop_tables_within(&self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         let (begin, end) = (begin.max(DEDUPE_BEGIN), end.min(DEDUPE_END));
         if begin >= end {
             return Ok(());
         }
         self.inner.check_poisoned()?;
-        self.inner.checkpoint()?;
+        let running = self.inner.lock_checkpoint();
+        self.inner.checkpoint_locked(&running, Some((begin, end)))?;
+        drop(running);
         self.inner.dedupe.drop_tables_within(begin, end)
     }
 }
@@ -3122,7 +3143,7 @@ mod tests {
             txn.set(&recent, b"seq-13");
             txn.commit().unwrap();
             check(&store, "during the move");
-            inner.ingest_dedupe_records(moving, &running).unwrap();
+            inner.ingest_dedupe_records(moving, None, &running).unwrap();
             drop(running);
             check(&store, "after the move");
             assert_eq!(inner.dedupe.read_latest(&deleted).unwrap(), None);

@@ -14,8 +14,9 @@ use courier_protocol::ErrorCode;
 
 /// Runs `run_seed` over the seeds the environment asks for, on every core:
 /// - `SIM_SEED=<n>` replays that one seed, prints its stats and returns `None`;
-/// - otherwise `SIM_SEEDS=<count>` seeds (default `seeds_default`), and returns their count
-///   and stats.
+/// - otherwise `SIM_SEEDS=<count>` seeds (default `seeds_default`) from seed
+///   `SIM_SEEDS_FROM` (default 0, so that a run with a larger count explores seeds no run
+///   before it tried), and returns their count and stats.
 ///
 /// A failing seed (an `Err`, or a panic) fails the test with the first failure and how to
 /// replay it.
@@ -57,12 +58,17 @@ pub fn run_seeds_counted_by<S: Send + std::fmt::Debug>(
                 .unwrap_or_else(|_| panic!("{count_variable} must be a number"))
         })
         .unwrap_or(seeds_default);
+    let first: u64 = std::env::var("SIM_SEEDS_FROM").map_or(0, |first| {
+        first
+            .parse()
+            .unwrap_or_else(|_| panic!("SIM_SEEDS_FROM must be a number"))
+    });
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let results: Vec<(u64, Result<S, String>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|worker| {
                 scope.spawn(move || {
-                    (0..seeds)
+                    (first..first.saturating_add(seeds))
                         .filter(|seed| seed % threads == worker)
                         .map(|seed| (seed, run(seed)))
                         .collect::<Vec<_>>()
