@@ -149,9 +149,11 @@ pub enum ShardMessage {
         kind: SignalKind,
         payload: Vec<u8>,
     },
-    /// To the shard holding `conn`: a live delivery did not reach it; read the store.
+    /// To the shard holding `conn`: a live delivery of `seq` did not reach it, or there was
+    /// none; read the store, unless the connection already has `seq`.
     CatchUp {
         conn: ConnRef,
+        seq: u64,
     },
 }
 
@@ -206,7 +208,10 @@ impl ShardMessage {
     /// The message for `conn` when a `Deliver` cannot be carried: read the store instead.
     pub fn degrade(self) -> ShardMessage {
         match self {
-            ShardMessage::Deliver { conn, .. } => ShardMessage::CatchUp { conn },
+            ShardMessage::Deliver { conn, message } => ShardMessage::CatchUp {
+                conn,
+                seq: message.seq,
+            },
             other => other,
         }
     }
@@ -1538,6 +1543,9 @@ impl<A: Authenticator> EdgeSession<A> {
                         ShardMessage::Deliver { conn, message }
                     });
                 }
+                Output::CatchUp { inbox, seq } => {
+                    self.fan_out(inbox, seq, |conn, seq| ShardMessage::CatchUp { conn, seq });
+                }
             }
         }
         self.drain_local();
@@ -2127,7 +2135,11 @@ impl<A: Authenticator> EdgeSession<A> {
                     },
                 );
             }
-            ShardMessage::CatchUp { conn } => self.catch_up(conn),
+            ShardMessage::CatchUp { conn, seq } => {
+                if self.conn_mut(conn).is_some_and(|c| c.delivered_up_to < seq) {
+                    self.catch_up(conn);
+                }
+            }
         }
     }
 

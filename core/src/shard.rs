@@ -71,6 +71,13 @@ pub enum Output<T> {
     },
     /// Push a newly stored message to the recipient's open connections.
     Deliver(StoredMessage),
+    /// `inbox` holds (or held) `seq`, which no live delivery carried: its open connections
+    /// that have not had it read the store. An earlier attempt of a retried send stored it in
+    /// a commit whose result was unknown (which delivered nothing), and the retry found it
+    /// consumed, expired or stored with another body, so it cannot deliver it either. `seq`
+    /// is `u64::MAX` after a failed commit that may have stored a send for `inbox`, at what
+    /// seq is not known: every open connection reads.
+    CatchUp { inbox: UserId, seq: u64 },
     /// The device is linked: delivery to its connection starts after `cursor`, and the first
     /// stored message after it is `first_seq` (see `Outcome::Linked`). `stored_after_cursor`
     /// is false when the inbox held nothing after the cursor at the link's commit.
@@ -114,6 +121,13 @@ pub struct InboxShard<T> {
     forgets: BTreeSet<UserId>,
     /// Inboxes an operator asked to erase (`Request::Purge`); at most `queue_requests_max`.
     purges: BTreeSet<UserId>,
+    /// Inboxes of sends in failed commits that may have stored them (an unknown result):
+    /// such a commit delivered nothing, and a sender that never retries (an app that lost
+    /// its outbox) would leave the recipient's open connections behind it. After the next
+    /// commit that succeeds (the store works again) their connections read the store. At
+    /// most `queue_requests_max`: past it, those devices get the message at their next
+    /// reconnect or delivery.
+    sends_of_unknown_commits: BTreeSet<UserId>,
     /// When the oldest ack (or forget) arrived; they alone make a batch `ack_delay_ms` later.
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
@@ -145,6 +159,7 @@ impl<T> InboxShard<T> {
             acks: BTreeMap::new(),
             forgets: BTreeSet::new(),
             purges: BTreeSet::new(),
+            sends_of_unknown_commits: BTreeSet::new(),
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
             in_flight: VecDeque::new(),
@@ -499,8 +514,14 @@ impl<T> InboxShard<T> {
                             // Delivered even when an earlier attempt stored it (not `fresh`):
                             // that attempt may have ended in an unknown result, which delivered
                             // nothing. A connection skips a seq it already has. Not when the
-                            // store no longer holds it as this send carries it (`live`).
+                            // store no longer holds it as this send carries it (`live`):
+                            // then the connections still behind it read the store, which
+                            // gives them the stored body or declares the seq a hole.
                             if !live {
+                                outputs.push(Output::CatchUp {
+                                    inbox: send.to,
+                                    seq,
+                                });
                                 continue;
                             }
                             outputs.push(Output::Deliver(StoredMessage {
@@ -544,18 +565,36 @@ impl<T> InboxShard<T> {
                         }
                     }
                 }
+                for inbox in std::mem::take(&mut self.sends_of_unknown_commits) {
+                    outputs.push(Output::CatchUp {
+                        inbox,
+                        seq: u64::MAX,
+                    });
+                }
             }
-            Err(_error) => {
+            Err(error) => {
+                // Nothing was written on a conflict or when fenced; anything else may have
+                // stored the batch's sends.
+                let may_have_stored = !matches!(error, StoreError::Conflict | StoreError::Fenced);
                 let mut links = Vec::new();
                 let mut retried_acks = false;
                 for request in batch.requests {
                     match request {
-                        Request::Send(send) => outputs.push(Output::SendError {
-                            tag: tags.next().expect("one tag per send"),
-                            client_id: send.client_id,
-                            body_bytes: send.body.len(),
-                            code: ErrorCode::StoreUnavailable,
-                        }),
+                        Request::Send(send) => {
+                            if may_have_stored {
+                                insert_bounded(
+                                    &mut self.sends_of_unknown_commits,
+                                    send.to,
+                                    self.queue_requests_max,
+                                );
+                            }
+                            outputs.push(Output::SendError {
+                                tag: tags.next().expect("one tag per send"),
+                                client_id: send.client_id,
+                                body_bytes: send.body.len(),
+                                code: ErrorCode::StoreUnavailable,
+                            });
+                        }
                         Request::Link {
                             inbox,
                             device,
@@ -680,6 +719,114 @@ mod tests {
             .expect("commit");
         let outputs = shard.handle_commit(batch, Ok(outcomes.clone()));
         (outcomes, outputs)
+    }
+
+    /// A send whose first commit stored it but ended in an unknown result (answered
+    /// `StoreUnavailable`, delivered nothing), retried after it expired and expiry deleted it: the retry cannot
+    /// deliver it (`live` false), so the recipient's connections still behind it are sent to
+    /// the store, which declares it a hole. Before, a device connected throughout never moved
+    /// past it (simulation seed 75476).
+    #[test]
+    fn a_retry_that_cannot_deliver_what_an_unknown_commit_stored_sends_its_inbox_to_the_store() {
+        use crate::commit::Committer;
+        use crate::store::memory::MemoryStore;
+        let config = CoreConfig {
+            expiry_bucket_ms: 1_000,
+            ..CoreConfig::default()
+        };
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let mut shard = InboxShard::new(&config);
+        let expiring = SendRequest {
+            ttl_secs: Some(1),
+            ..send(1, 10)
+        };
+        shard.handle_send(expiring.clone(), 1, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        committer
+            .commit_batch(&store, &batch.requests, 1_000)
+            .expect("commit");
+        let outputs = shard.handle_commit(batch, Err(StoreError::CommitUnknown));
+        assert!(
+            matches!(
+                outputs[..],
+                [Output::SendError {
+                    code: ErrorCode::StoreUnavailable,
+                    ..
+                }]
+            ),
+            "{outputs:?}"
+        );
+        // Expiry deletes it; then the retry comes.
+        while crate::commit::expire(&store, 5_000, &config).unwrap().more {}
+        shard.handle_send(expiring, 2, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        let outcomes = committer
+            .commit_batch(&store, &batch.requests, 5_000)
+            .expect("commit");
+        let outputs = shard.handle_commit(batch, Ok(outcomes));
+        assert!(
+            matches!(
+                outputs[..],
+                [
+                    Output::SendAck { seq: 1, .. },
+                    Output::CatchUp { inbox: 2, seq: 1 },
+                    // And the catch-up every failed commit that may have stored leads to.
+                    Output::CatchUp {
+                        inbox: 2,
+                        seq: u64::MAX
+                    },
+                ]
+            ),
+            "{outputs:?}"
+        );
+    }
+
+    /// A failed commit that may have stored its sends (an unknown result, a failed write)
+    /// delivered nothing: if their senders never retry, the next commit that succeeds sends
+    /// the recipients' open connections to the store, once. A conflict wrote nothing and
+    /// leads to no read.
+    #[test]
+    fn the_commit_after_an_unknown_result_sends_its_recipients_to_the_store() {
+        let config = CoreConfig::default();
+        let mut shard = InboxShard::new(&config);
+        let to = |to: UserId| SendRequest { to, ..send(to, 10) };
+        shard.handle_send(to(5), 1, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        shard.handle_commit(batch, Err(StoreError::Conflict));
+        shard.handle_send(to(6), 2, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        shard.handle_commit(batch, Err(StoreError::CommitUnknown));
+        shard.handle_send(to(7), 3, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        let stored = Outcome::Stored {
+            seq: 1,
+            server_time_ms: 10,
+            expire_at_ms: 1_000,
+            fresh: true,
+            live: true,
+        };
+        let outputs = shard.handle_commit(batch, Ok(vec![stored]));
+        let catch_ups: Vec<_> = outputs
+            .iter()
+            .filter(|output| matches!(output, Output::CatchUp { .. }))
+            .collect();
+        assert_eq!(
+            catch_ups,
+            vec![&Output::CatchUp {
+                inbox: 6,
+                seq: u64::MAX
+            }]
+        );
+        shard.handle_send(to(7), 4, 0).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        let outputs = shard.handle_commit(batch, Ok(vec![stored]));
+        assert!(
+            !outputs
+                .iter()
+                .any(|output| matches!(output, Output::CatchUp { .. })),
+            "once: {outputs:?}"
+        );
     }
 
     /// A purge erases what was committed before it, not the sends and logins of its own
