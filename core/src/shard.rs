@@ -722,10 +722,10 @@ mod tests {
     }
 
     /// A send whose first commit stored it but ended in an unknown result (answered
-    /// `StoreUnavailable`, delivered nothing), retried after it expired and expiry deleted it: the retry cannot
-    /// deliver it (`live` false), so the recipient's connections still behind it are sent to
-    /// the store, which declares it a hole. Before, a device connected throughout never moved
-    /// past it (simulation seed 75476).
+    /// `StoreUnavailable`, delivered nothing), retried after it expired and expiry deleted it:
+    /// the retry cannot deliver it (`live` false), so the recipient's connections still behind
+    /// it are sent to the store, which declares it a hole. Before, a device connected
+    /// throughout never moved past it (simulation seed 75476).
     #[test]
     fn a_retry_that_cannot_deliver_what_an_unknown_commit_stored_sends_its_inbox_to_the_store() {
         use crate::commit::Committer;
