@@ -90,8 +90,17 @@ pub enum Outcome {
         last_seq: u64,
     },
     Acked,
-    Forgotten,
-    Purged,
+    /// `Some(last_seq)`: the inbox held no message and was forgotten, so every seq of it up
+    /// to `last_seq` is gone for good (its open connections are told: a read of an inbox
+    /// without a counter declares no hole past what it scans). `None`: a send came since,
+    /// and the inbox keeps its counter.
+    Forgotten {
+        last_seq: Option<u64>,
+    },
+    /// Every message of the inbox, up to `last_seq`, is erased.
+    Purged {
+        last_seq: u64,
+    },
     /// Not stored: the recipient has never logged in, and `recipients_must_exist` is set.
     UnknownRecipient,
 }
@@ -511,10 +520,12 @@ fn write_batch<T: Transaction>(
                 // Expiry saw the inbox empty; a send may have come since.
                 txn.clear(&keys::emptied(*inbox));
                 let (start, end) = (keys::message(*inbox, 0), keys::message(*inbox, u64::MAX));
-                if txn.get_range(&start, &end, 1)?.is_empty() {
-                    seqs.forget(txn, *inbox, learned, known)?;
-                }
-                Outcome::Forgotten
+                let last_seq = if txn.get_range(&start, &end, 1)?.is_empty() {
+                    Some(seqs.forget(txn, *inbox, learned, known)?)
+                } else {
+                    None
+                };
+                Outcome::Forgotten { last_seq }
             }
             Request::Purge { inbox } => {
                 let last_key = keys::message(*inbox, u64::MAX);
@@ -533,8 +544,8 @@ fn write_batch<T: Transaction>(
                 txn.clear(&keys::emptied(*inbox));
                 // Device updates this batch made before the purge are purged too.
                 devices.retain(|(device_inbox, _), _| device_inbox != inbox);
-                seqs.forget(txn, *inbox, learned, known)?;
-                Outcome::Purged
+                let last_seq = seqs.forget(txn, *inbox, learned, known)?;
+                Outcome::Purged { last_seq }
             }
         };
         outcomes.push(outcome);
@@ -681,20 +692,20 @@ impl SeqSource {
 
     /// Deletes `inbox`'s counter and raises the floor to its last seq (an atomic max at the
     /// end of the batch, with no read), so the next seq of the inbox is above every seq it
-    /// ever had; `batch` learns that the inbox is forgotten.
+    /// ever had; `batch` learns that the inbox is forgotten. Returns that last seq.
     fn forget<T: Transaction>(
         &mut self,
         txn: &mut T,
         inbox: UserId,
         batch: &mut InboxFacts,
         known: &InboxFacts,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let last = self.last_seq_of(txn, inbox, batch, known)?;
         txn.clear(&keys::counter(inbox));
         self.floor_raised_to = Some(self.floor_raised_to.unwrap_or(0).max(last));
         batch.last_seqs.remove(&inbox);
         batch.forgotten.insert(inbox);
-        Ok(())
+        Ok(last)
     }
 }
 

@@ -155,6 +155,12 @@ pub enum ShardMessage {
         conn: ConnRef,
         seq: u64,
     },
+    /// To the shard holding `conn`: every seq of its inbox up to `up_to_seq` is gone (the
+    /// inbox was forgotten or purged); declare the hole if the connection is behind it.
+    Gone {
+        conn: ConnRef,
+        up_to_seq: u64,
+    },
 }
 
 /// What may happen to a message that a congested lane cannot take.
@@ -183,7 +189,8 @@ impl ShardMessage {
             | ShardMessage::RegisterRefused { .. }
             | ShardMessage::Superseded { .. }
             | ShardMessage::Unregister { .. }
-            | ShardMessage::CatchUp { .. } => Overload::Keep,
+            | ShardMessage::CatchUp { .. }
+            | ShardMessage::Gone { .. } => Overload::Keep,
         }
     }
 
@@ -202,6 +209,7 @@ impl ShardMessage {
             ShardMessage::Signal { .. } => "Signal",
             ShardMessage::SignalDeliver { .. } => "SignalDeliver",
             ShardMessage::CatchUp { .. } => "CatchUp",
+            ShardMessage::Gone { .. } => "Gone",
         }
     }
 
@@ -759,9 +767,14 @@ impl<A: Authenticator> EdgeSession<A> {
             .is_some_and(|c| c.login == Login::AwaitingHello)
     }
 
-    /// When [`EdgeSession::handle_deadlines`] has work: a `Hello` or a started frame is due.
+    /// When [`EdgeSession::handle_deadlines`] has work: a `Hello` or a started frame is due,
+    /// or failed commits have landed (`InboxShard::unknown_results_landed_by_ms`).
     pub fn next_deadline_ms(&self) -> Option<UnixMillis> {
-        self.deadlines.peek().map(|Reverse((at, ..))| *at)
+        let connections = self.deadlines.peek().map(|Reverse((at, ..))| *at);
+        let unknown_results = std::iter::once(&self.inbox)
+            .chain(self.guests.values())
+            .filter_map(InboxShard::unknown_results_landed_by_ms);
+        connections.into_iter().chain(unknown_results).min()
     }
 
     /// The session's state of one connection, for diagnostics (simulation failures).
@@ -888,7 +901,9 @@ impl<A: Authenticator> EdgeSession<A> {
         }
     }
 
-    /// Closes the connections whose `Hello` or started frame is overdue at `now_ms`.
+    /// Closes the connections whose `Hello` or started frame is overdue at `now_ms`, and
+    /// sends connections to the store once failed commits have landed
+    /// (`InboxShard::poll_unknown_results`).
     pub fn handle_deadlines(&mut self, now_ms: UnixMillis) {
         self.now_ms = now_ms;
         while let Some(Reverse((at, slot, generation, kind))) = self.deadlines.peek().copied() {
@@ -952,7 +967,13 @@ impl<A: Authenticator> EdgeSession<A> {
                 },
             }
         }
-        self.drain_local();
+        // Failed commits that may have stored sends have landed by now, if they ever will:
+        // their inboxes' connections read the store.
+        let mut outputs = self.inbox.poll_unknown_results(now_ms);
+        for guest in self.guests.values_mut() {
+            outputs.extend(guest.poll_unknown_results(now_ms));
+        }
+        self.apply_outputs(outputs);
     }
 
     /// The driver's count of bytes still waiting in the connection's outbound buffer. When it
@@ -1318,14 +1339,15 @@ impl<A: Authenticator> EdgeSession<A> {
     /// guest, on every shard).
     pub fn handle_guest_commit(
         &mut self,
+        now_ms: UnixMillis,
         edge: EdgeId,
         batch: Batch<ConnRef>,
         result: Result<Vec<Outcome>, StoreError>,
     ) {
         let outputs = match self.released.remove(&edge) {
-            Some(mut inbox) => inbox.handle_commit(batch, result),
+            Some(mut inbox) => inbox.handle_commit(now_ms, batch, result),
             None => match self.guests.get_mut(&edge) {
-                Some(inbox) => inbox.handle_commit(batch, result),
+                Some(inbox) => inbox.handle_commit(now_ms, batch, result),
                 None => {
                     // A driver bug; ending the process for it would drop every connection.
                     debug_assert!(false, "handle_guest_commit for edge {edge} with no batch");
@@ -1480,10 +1502,11 @@ impl<A: Authenticator> EdgeSession<A> {
     /// The result of committing `batch`: answers to the senders and live deliveries.
     pub fn handle_commit(
         &mut self,
+        now_ms: UnixMillis,
         batch: Batch<ConnRef>,
         result: Result<Vec<Outcome>, StoreError>,
     ) {
-        let outputs = self.inbox.handle_commit(batch, result);
+        let outputs = self.inbox.handle_commit(now_ms, batch, result);
         self.apply_outputs(outputs);
         if self.drained_to.is_some() {
             // A failed batch put its acks back: nothing here may commit them any more.
@@ -1545,6 +1568,12 @@ impl<A: Authenticator> EdgeSession<A> {
                 }
                 Output::CatchUp { inbox, seq } => {
                     self.fan_out(inbox, seq, |conn, seq| ShardMessage::CatchUp { conn, seq });
+                }
+                Output::Gone { inbox, up_to_seq } => {
+                    self.fan_out(inbox, up_to_seq, |conn, up_to_seq| ShardMessage::Gone {
+                        conn,
+                        up_to_seq,
+                    });
                 }
             }
         }
@@ -2140,6 +2169,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     self.catch_up(conn);
                 }
             }
+            ShardMessage::Gone { conn, up_to_seq } => self.declare_gone(conn, up_to_seq),
         }
     }
 
@@ -2206,6 +2236,22 @@ impl<A: Authenticator> EdgeSession<A> {
                 up_to_seq,
             },
         );
+    }
+
+    /// Every seq of the connection's inbox up to `up_to_seq` is gone: a connection behind it
+    /// is told so (`Hole`) and moves past it. A read running now started before and reads
+    /// again when it ends (its cursor moved). A connection still logging in is left alone:
+    /// its home shard took its link after the forget (results come in commit order), so its
+    /// cursor starts past the hole.
+    fn declare_gone(&mut self, conn: ConnRef, up_to_seq: u64) {
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        if !matches!(c.login, Login::Active { .. }) || c.delivered_up_to >= up_to_seq {
+            return;
+        }
+        c.delivered_up_to = up_to_seq;
+        self.write(conn, Frame::Hole { up_to_seq });
     }
 
     /// The connection reads the store after its cursor: now if no read runs and its outbound

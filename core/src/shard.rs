@@ -78,6 +78,11 @@ pub enum Output<T> {
     /// is `u64::MAX` after a failed commit that may have stored a send for `inbox`, at what
     /// seq is not known: every open connection reads.
     CatchUp { inbox: UserId, seq: u64 },
+    /// Every seq of `inbox` up to `up_to_seq` is gone: the inbox was forgotten (it held no
+    /// message) or purged. Its open connections still behind it declare the hole: a read of
+    /// an inbox without a counter declares none past what it scans, so such a connection
+    /// would wait for them until the inbox's next message or the device's next login.
+    Gone { inbox: UserId, up_to_seq: u64 },
     /// The device is linked: delivery to its connection starts after `cursor`, and the first
     /// stored message after it is `first_seq` (see `Outcome::Linked`). `stored_after_cursor`
     /// is false when the inbox held nothing after the cursor at the link's commit.
@@ -123,11 +128,18 @@ pub struct InboxShard<T> {
     purges: BTreeSet<UserId>,
     /// Inboxes of sends in failed commits that may have stored them (an unknown result):
     /// such a commit delivered nothing, and a sender that never retries (an app that lost
-    /// its outbox) would leave the recipient's open connections behind it. After the next
-    /// commit that succeeds (the store works again) their connections read the store. At
-    /// most `queue_requests_max`: past it, those devices get the message at their next
+    /// its outbox) would leave the recipient's open connections behind it. Their connections
+    /// read the store twice: after the next commit that succeeds (the store works again),
+    /// and once every such commit has landed if it ever will (`unknown_results_landed_by_ms`).
+    /// At most `queue_requests_max`: past it, those devices get the message at their next
     /// reconnect or delivery.
     sends_of_unknown_commits: BTreeSet<UserId>,
+    /// Whether the next commit that succeeds sends `sends_of_unknown_commits` to the store.
+    unknown_results_read_at_next_commit: bool,
+    /// When every failed commit that may have stored has landed or never will
+    /// (`UNKNOWN_RESULT_LANDS_WITHIN_MS` after the latest one's result): then those inboxes'
+    /// connections read the store again and the set is emptied (`poll_unknown_results`).
+    unknown_results_landed_by_ms: Option<UnixMillis>,
     /// When the oldest ack (or forget) arrived; they alone make a batch `ack_delay_ms` later.
     acks_waiting_since_ms: Option<UnixMillis>,
     ack_delay_ms: u64,
@@ -160,6 +172,8 @@ impl<T> InboxShard<T> {
             forgets: BTreeSet::new(),
             purges: BTreeSet::new(),
             sends_of_unknown_commits: BTreeSet::new(),
+            unknown_results_read_at_next_commit: false,
+            unknown_results_landed_by_ms: None,
             acks_waiting_since_ms: None,
             ack_delay_ms: config.ack_commit_delay_ms,
             in_flight: VecDeque::new(),
@@ -230,6 +244,42 @@ impl<T> InboxShard<T> {
         self.in_flight
             .front()
             .is_some_and(|(_, taken_ms)| now_ms.saturating_sub(*taken_ms) > self.commit_slow_ms)
+    }
+
+    /// When `poll_unknown_results` has reads to start: once every failed commit that may
+    /// have stored sends has landed or never will.
+    pub fn unknown_results_landed_by_ms(&self) -> Option<UnixMillis> {
+        self.unknown_results_landed_by_ms
+    }
+
+    /// After `unknown_results_landed_by_ms`: the open connections of the inboxes of sends in
+    /// failed commits that may have stored them read the store (`Output::CatchUp`), which
+    /// holds by now whatever those commits stored.
+    pub fn poll_unknown_results(&mut self, now_ms: UnixMillis) -> Vec<Output<T>> {
+        let mut outputs = Vec::new();
+        if self
+            .unknown_results_landed_by_ms
+            .is_some_and(|landed_by| landed_by <= now_ms)
+        {
+            self.read_unknown_results(&mut outputs);
+            self.sends_of_unknown_commits.clear();
+            self.unknown_results_read_at_next_commit = false;
+            self.unknown_results_landed_by_ms = None;
+        }
+        outputs
+    }
+
+    /// Sends the open connections of `sends_of_unknown_commits` to the store, whatever seq
+    /// those commits gave.
+    fn read_unknown_results(&self, outputs: &mut Vec<Output<T>>) {
+        outputs.extend(
+            self.sends_of_unknown_commits
+                .iter()
+                .map(|&inbox| Output::CatchUp {
+                    inbox,
+                    seq: u64::MAX,
+                }),
+        );
     }
 
     /// Queues a send, or refuses it when the queue is at its maximum (backpressure: the
@@ -470,9 +520,12 @@ impl<T> InboxShard<T> {
     /// batch go back into the ack table to be retried with the next batch.
     ///
     /// Results come back in the order the batches were taken (the oldest in flight first):
-    /// a send's answer and delivery never overtake an earlier batch's.
+    /// a send's answer and delivery never overtake an earlier batch's. `now_ms` is when the
+    /// result came back: an unknown result may still land until
+    /// `UNKNOWN_RESULT_LANDS_WITHIN_MS` after it.
     pub fn handle_commit(
         &mut self,
+        now_ms: UnixMillis,
         batch: Batch<T>,
         result: Result<Vec<Outcome>, StoreError>,
     ) -> Vec<Output<T>> {
@@ -550,8 +603,17 @@ impl<T> InboxShard<T> {
                             });
                         }
                         (Request::Ack { .. }, Outcome::Acked) => {}
-                        (Request::Forget { .. }, Outcome::Forgotten) => {}
-                        (Request::Purge { .. }, Outcome::Purged) => {}
+                        (Request::Forget { .. }, Outcome::Forgotten { last_seq: None }) => {}
+                        (
+                            Request::Forget { inbox } | Request::Purge { inbox },
+                            Outcome::Forgotten {
+                                last_seq: Some(last_seq),
+                            }
+                            | Outcome::Purged { last_seq },
+                        ) => outputs.push(Output::Gone {
+                            inbox,
+                            up_to_seq: last_seq,
+                        }),
                         (Request::Send(send), Outcome::UnknownRecipient) => {
                             outputs.push(Output::SendError {
                                 tag: tags.next().expect("one tag per send"),
@@ -565,11 +627,8 @@ impl<T> InboxShard<T> {
                         }
                     }
                 }
-                for inbox in std::mem::take(&mut self.sends_of_unknown_commits) {
-                    outputs.push(Output::CatchUp {
-                        inbox,
-                        seq: u64::MAX,
-                    });
+                if std::mem::take(&mut self.unknown_results_read_at_next_commit) {
+                    self.read_unknown_results(&mut outputs);
                 }
             }
             Err(error) => {
@@ -587,6 +646,9 @@ impl<T> InboxShard<T> {
                                     send.to,
                                     self.queue_requests_max,
                                 );
+                                self.unknown_results_read_at_next_commit = true;
+                                self.unknown_results_landed_by_ms =
+                                    Some(now_ms.saturating_add(UNKNOWN_RESULT_LANDS_WITHIN_MS));
                             }
                             outputs.push(Output::SendError {
                                 tag: tags.next().expect("one tag per send"),
@@ -636,6 +698,15 @@ impl<T> InboxShard<T> {
         outputs
     }
 }
+
+/// How long after a commit's unknown result came back the commit may still land.
+/// FoundationDB resolves a commit within its transaction window: it refuses one whose read
+/// version is more than 5 seconds old, and every attempt of a batch read its version before
+/// the result came back. So a send answered `StoreUnavailable` may appear in the store after
+/// a later commit succeeded, which is when the first read of its inbox's connections runs;
+/// the second runs after this. The embedded stores never land late: a failed write or fsync
+/// poisons the store, and it is reopened before the next commit.
+pub const UNKNOWN_RESULT_LANDS_WITHIN_MS: u64 = 6_000;
 
 /// Adds `inbox` to `set` unless that would pass `max`; whether it is in the set now.
 fn insert_bounded(set: &mut BTreeSet<UserId>, inbox: UserId, max: usize) -> bool {
@@ -687,7 +758,7 @@ mod tests {
             shard.poll_batch(u64::MAX).is_none(),
             "only one batch in flight"
         );
-        let outputs = shard.handle_commit(batch, Err(StoreError::CommitUnknown));
+        let outputs = shard.handle_commit(0, batch, Err(StoreError::CommitUnknown));
         assert!(outputs.iter().all(|o| matches!(
             o,
             Output::SendError {
@@ -698,7 +769,7 @@ mod tests {
 
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![4, 5]);
-        shard.handle_commit(batch, Err(StoreError::Conflict));
+        shard.handle_commit(0, batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
         shard.handle_send(send(8, 60_000), 8, 0).unwrap();
         shard.handle_send(send(9, 60_000), 9, 0).unwrap();
@@ -717,7 +788,7 @@ mod tests {
         let outcomes = committer
             .commit_batch(store, &batch.requests, 1_000)
             .expect("commit");
-        let outputs = shard.handle_commit(batch, Ok(outcomes.clone()));
+        let outputs = shard.handle_commit(0, batch, Ok(outcomes.clone()));
         (outcomes, outputs)
     }
 
@@ -746,7 +817,7 @@ mod tests {
         committer
             .commit_batch(&store, &batch.requests, 1_000)
             .expect("commit");
-        let outputs = shard.handle_commit(batch, Err(StoreError::CommitUnknown));
+        let outputs = shard.handle_commit(0, batch, Err(StoreError::CommitUnknown));
         assert!(
             matches!(
                 outputs[..],
@@ -764,7 +835,7 @@ mod tests {
         let outcomes = committer
             .commit_batch(&store, &batch.requests, 5_000)
             .expect("commit");
-        let outputs = shard.handle_commit(batch, Ok(outcomes));
+        let outputs = shard.handle_commit(0, batch, Ok(outcomes));
         assert!(
             matches!(
                 outputs[..],
@@ -793,10 +864,10 @@ mod tests {
         let to = |to: UserId| SendRequest { to, ..send(to, 10) };
         shard.handle_send(to(5), 1, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
-        shard.handle_commit(batch, Err(StoreError::Conflict));
+        shard.handle_commit(0, batch, Err(StoreError::Conflict));
         shard.handle_send(to(6), 2, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
-        shard.handle_commit(batch, Err(StoreError::CommitUnknown));
+        shard.handle_commit(0, batch, Err(StoreError::CommitUnknown));
         shard.handle_send(to(7), 3, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
         let stored = Outcome::Stored {
@@ -806,7 +877,7 @@ mod tests {
             fresh: true,
             live: true,
         };
-        let outputs = shard.handle_commit(batch, Ok(vec![stored]));
+        let outputs = shard.handle_commit(0, batch, Ok(vec![stored]));
         let catch_ups: Vec<_> = outputs
             .iter()
             .filter(|output| matches!(output, Output::CatchUp { .. }))
@@ -820,13 +891,95 @@ mod tests {
         );
         shard.handle_send(to(7), 4, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
-        let outputs = shard.handle_commit(batch, Ok(vec![stored]));
+        let outputs = shard.handle_commit(0, batch, Ok(vec![stored]));
         assert!(
             !outputs
                 .iter()
                 .any(|output| matches!(output, Output::CatchUp { .. })),
             "once: {outputs:?}"
         );
+    }
+
+    /// A forget that found its inbox empty, and a purge, tell the inbox's open connections
+    /// that every seq up to its last is gone; a forget that found a message (a send came
+    /// since) tells nothing.
+    #[test]
+    fn a_forgotten_or_purged_inbox_is_declared_gone_up_to_its_last_seq() {
+        let config = CoreConfig::default();
+        let mut shard = InboxShard::<u64>::new(&config);
+        assert!(shard.handle_emptied(5, 0));
+        assert!(shard.handle_emptied(6, 0));
+        assert!(shard.handle_purge(7));
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        let outcomes = batch
+            .requests
+            .iter()
+            .map(|request| match request {
+                Request::Forget { inbox: 5 } => Outcome::Forgotten { last_seq: Some(3) },
+                Request::Forget { .. } => Outcome::Forgotten { last_seq: None },
+                Request::Purge { .. } => Outcome::Purged { last_seq: 9 },
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut outputs = shard.handle_commit(0, batch, Ok(outcomes));
+        outputs.sort_by_key(|output| match output {
+            Output::Gone { inbox, .. } => *inbox,
+            _ => 0,
+        });
+        assert_eq!(
+            outputs,
+            vec![
+                Output::Gone {
+                    inbox: 5,
+                    up_to_seq: 3
+                },
+                Output::Gone {
+                    inbox: 7,
+                    up_to_seq: 9
+                },
+            ]
+        );
+    }
+
+    /// A FoundationDB commit whose result was unknown may land after a later commit
+    /// succeeded, so after the read that commit led to. Once it has landed or never will
+    /// (`UNKNOWN_RESULT_LANDS_WITHIN_MS` after the latest such result), the connections of
+    /// its inboxes read the store again, once; a later unknown result moves that time.
+    #[test]
+    fn the_inboxes_of_unknown_results_are_read_again_once_those_commits_have_landed() {
+        let config = CoreConfig::default();
+        let mut shard = InboxShard::new(&config);
+        let to = |to: UserId| SendRequest { to, ..send(to, 10) };
+        let fail = |shard: &mut InboxShard<u64>, inbox: UserId, now_ms: UnixMillis| {
+            shard.handle_send(to(inbox), inbox, now_ms).unwrap();
+            let batch = shard.poll_batch(u64::MAX).unwrap();
+            shard.handle_commit(now_ms, batch, Err(StoreError::CommitUnknown));
+        };
+        assert_eq!(shard.unknown_results_landed_by_ms(), None);
+        fail(&mut shard, 5, 1_000);
+        assert_eq!(
+            shard.unknown_results_landed_by_ms(),
+            Some(1_000 + UNKNOWN_RESULT_LANDS_WITHIN_MS)
+        );
+        fail(&mut shard, 6, 2_000);
+        let landed_by = 2_000 + UNKNOWN_RESULT_LANDS_WITHIN_MS;
+        assert_eq!(shard.unknown_results_landed_by_ms(), Some(landed_by));
+        assert!(shard.poll_unknown_results(landed_by - 1).is_empty());
+        let read = |inbox| Output::CatchUp {
+            inbox,
+            seq: u64::MAX,
+        };
+        assert_eq!(
+            shard.poll_unknown_results(landed_by),
+            vec![read(5), read(6)]
+        );
+        assert_eq!(shard.unknown_results_landed_by_ms(), None);
+        assert!(shard.poll_unknown_results(u64::MAX).is_empty(), "once");
+        // A conflict wrote nothing: nothing to wait for.
+        shard.handle_send(to(7), 7, 9_000).unwrap();
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        shard.handle_commit(9_000, batch, Err(StoreError::Conflict));
+        assert_eq!(shard.unknown_results_landed_by_ms(), None);
     }
 
     /// A purge erases what was committed before it, not the sends and logins of its own
@@ -965,7 +1118,7 @@ mod tests {
             fresh: true,
             live: true,
         };
-        let outputs = shard.handle_commit(first, Ok(vec![stored(1), stored(2)]));
+        let outputs = shard.handle_commit(0, first, Ok(vec![stored(1), stored(2)]));
         assert!(matches!(outputs[0], Output::SendAck { tag: 1, seq: 1, .. }));
         assert!(
             !shard.store_slow(1_001),
@@ -974,8 +1127,8 @@ mod tests {
         let third = shard.poll_batch(20).unwrap();
         assert_eq!(third.tags, vec![5, 6]);
         assert!(!third.more_waiting, "the queue is empty after it");
-        shard.handle_commit(second, Ok(vec![stored(3), stored(4)]));
-        shard.handle_commit(third, Ok(vec![stored(5), stored(6)]));
+        shard.handle_commit(0, second, Ok(vec![stored(3), stored(4)]));
+        shard.handle_commit(0, third, Ok(vec![stored(5), stored(6)]));
         assert!(!shard.batch_in_flight());
 
         // A failed batch's acks come back behind a later batch's newer ones.
@@ -985,10 +1138,10 @@ mod tests {
         let newer = shard.poll_batch(31).unwrap();
         assert!(
             shard
-                .handle_commit(acks, Err(StoreError::Poisoned))
+                .handle_commit(0, acks, Err(StoreError::Poisoned))
                 .is_empty()
         );
-        shard.handle_commit(newer, Ok(vec![Outcome::Acked]));
+        shard.handle_commit(0, newer, Ok(vec![Outcome::Acked]));
         let retry = shard.poll_batch(32).unwrap();
         assert_eq!(
             retry.requests,
@@ -1010,7 +1163,7 @@ mod tests {
         shard.handle_send(send(2, 10), 2, 0).unwrap();
         let second = shard.poll_batch(0).unwrap();
         drop(first);
-        shard.handle_commit(second, Err(StoreError::Poisoned));
+        shard.handle_commit(0, second, Err(StoreError::Poisoned));
     }
 
     #[test]
@@ -1053,7 +1206,7 @@ mod tests {
         let refused = shard.handle_send(send(3, 10), 3, 1_011).unwrap_err();
         assert_eq!(refused.code, ErrorCode::StoreUnavailable);
         // The slow commit ends (here: failed; its send is answered StoreUnavailable).
-        shard.handle_commit(batch, Err(StoreError::Io("slow disk".into())));
+        shard.handle_commit(0, batch, Err(StoreError::Io("slow disk".into())));
         assert!(!shard.store_slow(5_000), "closed once the commit is back");
         shard.handle_send(send(4, 10), 4, 5_000).unwrap();
     }
@@ -1076,7 +1229,7 @@ mod tests {
             "only acks in the batch: {:?}",
             batch.requests
         );
-        shard.handle_commit(batch, Ok(vec![Outcome::Acked]));
+        shard.handle_commit(0, batch, Ok(vec![Outcome::Acked]));
         shard.set_store_full(false);
         shard.handle_send(send(2, 10), 2, 0).unwrap();
     }
@@ -1107,7 +1260,7 @@ mod tests {
         shard.handle_ack(5, 0, 2, 0);
         assert!(
             shard
-                .handle_commit(batch, Err(StoreError::CommitUnknown))
+                .handle_commit(0, batch, Err(StoreError::CommitUnknown))
                 .is_empty()
         );
         let retry = shard.poll_batch(u64::MAX).unwrap();
@@ -1165,6 +1318,7 @@ mod tests {
         let batch = shard.poll_batch(1_010).unwrap();
         assert_eq!(batch.requests.len(), 1, "{:?}", batch.requests);
         shard.handle_commit(
+            1_010,
             batch,
             Ok(vec![Outcome::Stored {
                 seq: 1,
@@ -1187,12 +1341,14 @@ mod tests {
         // A failed commit answers the send (its client retries) and keeps the ack, which is
         // retried at once, without waiting again.
         assert_eq!(
-            shard.handle_commit(batch, Err(StoreError::Conflict)).len(),
+            shard
+                .handle_commit(0, batch, Err(StoreError::Conflict))
+                .len(),
             1
         );
         let batch = shard.poll_batch(1_051).unwrap();
         assert_eq!(batch.requests.len(), 1);
-        shard.handle_commit(batch, Ok(vec![Outcome::Acked]));
+        shard.handle_commit(0, batch, Ok(vec![Outcome::Acked]));
         // Nothing else comes: an ack makes its own batch once its delay has passed.
         shard.handle_ack(7, 0, 1, 3_000);
         assert!(shard.poll_batch(3_049).is_none());

@@ -739,7 +739,7 @@ impl ShardGuests {
         let Some((lease, committer)) = taken else {
             // Cannot happen: the session and this map change together. Answer the batch
             // (retryably) rather than commit it under no lease.
-            session.handle_guest_commit(guest, batch, Err(StoreError::Fenced));
+            session.handle_guest_commit(now_ms, guest, batch, Err(StoreError::Fenced));
             return None;
         };
         Some(GuestCommit {
@@ -756,6 +756,7 @@ impl ShardGuests {
     pub fn finish<A: Authenticator>(
         &mut self,
         session: &mut EdgeSession<A>,
+        now_ms: UnixMillis,
         commit: GuestCommit,
         result: Result<Vec<Outcome>, StoreError>,
     ) -> Option<(EdgeId, Lease)> {
@@ -774,7 +775,7 @@ impl ShardGuests {
             *slot = Some(committer);
         }
         let fenced = result == Err(StoreError::Fenced);
-        session.handle_guest_commit(guest, batch, result);
+        session.handle_guest_commit(now_ms, guest, batch, result);
         if !(fenced && still_serving) {
             return None;
         }

@@ -970,7 +970,7 @@ impl World {
         self.stats.duplicate_sends += duplicates_in(&result);
         record_assigned(&mut self.assigned, &batch, &result, now);
         let fenced = result == Err(StoreError::Fenced);
-        self.edges[edge].shards[shard].handle_commit(batch, result);
+        self.edges[edge].shards[shard].handle_commit(now, batch, result);
         self.apply_effects(edge, shard as u8);
         if fenced {
             self.stats.fenced += 1;
@@ -1079,7 +1079,7 @@ impl World {
         self.stats.released_in_flight += u64::from(!serving);
         self.stats.fenced += u64::from(result == Err(StoreError::Fenced));
         let s = shard as usize;
-        let fenced = e.guests[s].finish(&mut e.shards[s], commit, result);
+        let fenced = e.guests[s].finish(&mut e.shards[s], self.now, commit, result);
         self.apply_effects(edge, shard);
         if let Some((guest, lease)) = fenced {
             let e = &mut self.edges[edge];

@@ -88,3 +88,51 @@ fn a_sync_gives_again_what_it_asks_for_within_the_window() {
     edge.frame(READER, Frame::Ack { up_to_seq: 2 });
     assert_eq!(delivered(&edge.settle(), READER), vec![3]);
 }
+
+/// Messages a device was not given yet (its window was full) expire, and expiry finds the
+/// inbox empty, so its home shard forgets it (deletes its counter). The device is told that
+/// those seqs are gone: a read of an inbox without a counter declares no hole past what it
+/// scans, so before, the device waited for them until the inbox's next message or its next
+/// login (found by the simulation, seed 369838).
+#[test]
+fn a_device_behind_its_inbox_is_told_when_the_inbox_is_forgotten() {
+    let mut edge = edge();
+    for client_id in 1..=4 {
+        edge.frame(
+            WRITER,
+            Frame::Send {
+                client_id,
+                to: 1,
+                body: b"soon gone".to_vec(),
+                ttl_secs: Some(1),
+            },
+        );
+    }
+    assert_eq!(
+        delivered(&edge.settle(), READER),
+        vec![1, 2],
+        "a full window"
+    );
+
+    edge.now += 2 * edge.core.expiry_bucket_ms;
+    loop {
+        let report = courier_core::commit::expire(&edge.store, edge.now, &edge.core).unwrap();
+        assert_eq!(edge.session.handle_emptied(&report.emptied, edge.now), 0);
+        if !report.more {
+            break;
+        }
+    }
+    edge.now += edge.core.ack_commit_delay_ms;
+    let frames = edge.settle();
+    assert!(
+        !courier_core::commit::has_counter(&edge.store, 1).unwrap(),
+        "the inbox is forgotten"
+    );
+    assert!(
+        frames.contains(&(READER, Frame::Hole { up_to_seq: 4 })),
+        "{frames:?}"
+    );
+    // The device acknowledges what it had; nothing is left to read, nothing to wait for.
+    edge.frame(READER, Frame::Ack { up_to_seq: 4 });
+    assert!(delivered(&edge.settle(), READER).is_empty());
+}

@@ -58,7 +58,7 @@ fn a_drained_shard_redirects_once_and_commits_nothing_more() {
     shard.handle_frame(now, conn, hello(user, 0), false);
     let batch = shard.poll_batch(now).expect("the login commits");
     let result = committer.commit_batch(&store, &batch.requests, now);
-    shard.handle_commit(batch, result);
+    shard.handle_commit(now, batch, result);
     let welcomed = effects(&mut shard).into_iter().any(|effect| {
         matches!(
             effect,

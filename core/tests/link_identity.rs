@@ -151,7 +151,7 @@ fn a_bound_link_signals_only_as_the_users_its_edge_serves() {
         edge.handle_frame(now, conn(0), hello(recipient, 0), false);
         let login = edge.poll_batch(now).expect("the login commits");
         let result = committer.commit_batch(&store, &login.requests, now);
-        edge.handle_commit(login, result);
+        edge.handle_commit(now, login, result);
         while edge.poll_effect().is_some() {}
         edge.open_link(7, named.then(|| vec![1]));
         edge.handle_link_request(now, 7, LinkFrame::Hello { edge: 1 })

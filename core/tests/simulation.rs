@@ -3,8 +3,9 @@
 //! the edge's embedded stores are one per shard) and the client's `ClientSession` (one per
 //! device), exchanging real frames over a simulated network, on a
 //! virtual clock, with lost connections, shard crashes, fencing, store faults, mesh
-//! back-pressure, app restarts, several devices per user and messages with short TTLs that
-//! expire.
+//! back-pressure, app restarts (some of which lose the app's unanswered sends), several devices
+//! per user, messages with short TTLs that expire, and commits answered with an unknown result
+//! that land seconds later, after later commits, as FoundationDB's may.
 //!
 //! The types are the ones the edge (`edge/src/shard.rs`) and the SDK (`client/src/lib.rs`) run;
 //! only the I/O is simulated. The network keeps each connection's frames in order (a QUIC stream
@@ -37,6 +38,7 @@ use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::rng::Rng;
 use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage};
+use courier_core::shard::UNKNOWN_RESULT_LANDS_WITHIN_MS;
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::memory::MemoryStore;
@@ -73,7 +75,9 @@ fn simulation_over_many_seeds() {
             "{total:?}"
         );
         assert!(
-            total.commit_unknown_applied > 0 && total.commit_unknown_dropped > 0,
+            total.commit_unknown_applied > 0
+                && total.commit_unknown_dropped > 0
+                && total.late_landings > 0,
             "{total:?}"
         );
         assert!(
@@ -84,7 +88,10 @@ fn simulation_over_many_seeds() {
             total.overloaded > 0,
             "backpressure never triggered: {total:?}"
         );
-        assert!(total.disconnects > 0 && total.app_restarts > 0, "{total:?}");
+        assert!(
+            total.disconnects > 0 && total.app_restarts > 0 && total.outboxes_lost > 0,
+            "{total:?}"
+        );
         assert!(
             total.mesh_degraded > 0,
             "mesh congestion never hit: {total:?}"
@@ -194,6 +201,10 @@ struct Stats {
     logins_unwritten: u64,
     /// Deliveries held back until their connection acknowledged some of its window.
     deliveries_held_for_acks: u64,
+    /// Sends of commits answered with an unknown result that landed later.
+    late_landings: u64,
+    /// App restarts that lost the app's unanswered sends (it kept no outbox).
+    outboxes_lost: u64,
 }
 
 impl Stats {
@@ -240,6 +251,8 @@ impl Stats {
         self.logins_without_read += other.logins_without_read;
         self.logins_unwritten += other.logins_unwritten;
         self.deliveries_held_for_acks += other.deliveries_held_for_acks;
+        self.late_landings += other.late_landings;
+        self.outboxes_lost += other.outboxes_lost;
     }
 }
 
@@ -586,7 +599,27 @@ struct World<S: SimStore> {
     /// Frames for connections whose input the edge paused, in arrival order. Ordered by
     /// connection, so a seed replays exactly.
     held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
+    /// Per shard: the sends of batches answered with an unknown result and written later,
+    /// each with when (sim time), as a FoundationDB commit may land after its result came
+    /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
+    /// Only sends: they are what a shard delivers. A landing writes them at the time the
+    /// batch was taken (the transaction computed its writes then), on the store as it is
+    /// when it lands (a FoundationDB commit whose reads changed meanwhile would not land).
+    late_landings: Vec<Vec<LateLanding>>,
+    late_landing_per_thousand: u64,
+    /// The bodies of sends that apps lost unanswered (`restart_app`): stored or not, they are
+    /// never acknowledged.
+    sends_lost: std::collections::HashSet<Vec<u8>>,
     stats: Stats,
+}
+
+/// The sends of a batch answered with an unknown result, written later.
+struct LateLanding {
+    /// Simulated time at which it lands.
+    land_at: u64,
+    /// The edge's time when the batch was taken: its commit time.
+    taken_ms: UnixMillis,
+    sends: Vec<commit::Request>,
 }
 
 /// A batch taken and written, waiting for its result to come back.
@@ -731,6 +764,7 @@ impl<S: SimStore> World<S> {
             ..SessionConfig::new(0, shard_count, config.clone())
         };
         let slow_commit_per_thousand = rng.below(200);
+        let late_landing_per_thousand = fault_level * 10;
         let mut world = World {
             seed,
             loss_per_thousand: rng.below(30),
@@ -752,6 +786,9 @@ impl<S: SimStore> World<S> {
             held: BTreeMap::new(),
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
+            late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
+            late_landing_per_thousand,
+            sends_lost: Default::default(),
             power_cut_at: None,
             next_slot: 0,
             network: BTreeMap::new(),
@@ -1014,6 +1051,39 @@ impl<S: SimStore> World<S> {
             self.stores[shard].reopen();
             self.stores[shard].inner_mut().restart();
         }
+        // Batches answered with an unknown result land when their time comes, after later
+        // commits; not while the writer stalls for a power cut (a landing is a commit).
+        for shard in 0..self.late_landings.len() {
+            while self.power_cut_at.is_none() {
+                let now_sim = self.now;
+                let Some(next) = self.late_landings[shard]
+                    .iter()
+                    .position(|landing| landing.land_at <= now_sim)
+                else {
+                    break;
+                };
+                let LateLanding {
+                    taken_ms: now,
+                    sends,
+                    ..
+                } = self.late_landings[shard].remove(next);
+                // FoundationDB refuses a commit whose read version is over 5 s old; the
+                // edge's clock jumps at a restart after the wall clock stepped.
+                let edge_now = self.edge_now();
+                if edge_now < now || edge_now > now + 5_000 {
+                    continue;
+                }
+                self.drop_conflicting_landings(shard, &sends);
+                match self.committers[shard].commit_batch(&self.stores[shard], &sends, now) {
+                    Ok(outcomes) => {
+                        self.stats.late_landings += 1;
+                        self.record_stored(shard, &sends, &outcomes, now);
+                    }
+                    // It never lands (or lands unknown, as any commit may).
+                    Err(error) => self.store_refused(shard, &error),
+                }
+            }
+        }
         // Shards commit: up to `batches_in_flight_max` batches per shard (decision 0027). A
         // batch is written when it is taken (on the log store unsynced: the next batch reads
         // it, readers do not); its result comes back, after its sync, now or some steps later
@@ -1039,8 +1109,30 @@ impl<S: SimStore> World<S> {
                 if !self.commits_in_flight[shard].is_empty() {
                     self.stats.batches_behind_another += 1;
                 }
+                // Now and then a batch's result is unknown and its sends are written later,
+                // after later commits (`late_landings`).
+                let lands_late = chaos
+                    && self.late_landing_per_thousand > 0
+                    && self.rng.below(1000) < self.late_landing_per_thousand;
                 // As the edge does: unsynced when more waits (the next batch goes at once).
-                let written = if batch.more_waiting {
+                let written = if lands_late {
+                    let sends: Vec<commit::Request> = batch
+                        .requests
+                        .iter()
+                        .filter(|request| matches!(request, commit::Request::Send(_)))
+                        .cloned()
+                        .collect();
+                    if !sends.is_empty() {
+                        let land_at =
+                            self.now + 1 + self.rng.below(UNKNOWN_RESULT_LANDS_WITHIN_MS - 1_000);
+                        self.late_landings[shard].push(LateLanding {
+                            land_at,
+                            taken_ms: now,
+                            sends,
+                        });
+                    }
+                    Err(StoreError::CommitUnknown)
+                } else if batch.more_waiting {
                     self.committers[shard].commit_batch_unsynced(
                         &self.stores[shard],
                         &batch.requests,
@@ -1051,53 +1143,16 @@ impl<S: SimStore> World<S> {
                         .commit_batch(&self.stores[shard], &batch.requests, now)
                         .map(|outcomes| (outcomes, None))
                 };
+                if !lands_late {
+                    self.drop_conflicting_landings(shard, &batch.requests);
+                }
                 let (result, sync) = match written {
                     Ok((outcomes, sync)) => (Ok(outcomes), sync),
                     Err(error) => (Err(error), None),
                 };
                 self.stats.commits_unsynced += u64::from(sync.is_some());
                 if let Ok(outcomes) = &result {
-                    for (request, outcome) in batch.requests.iter().zip(outcomes) {
-                        if let (
-                            commit::Request::Send(send),
-                            commit::Outcome::Stored { seq, fresh, .. },
-                        ) = (request, outcome)
-                        {
-                            // What the TTL promises: not expired before its time from the
-                            // commit. A retry answered from its dedupe record keeps the
-                            // first's, which the checker may not have seen (its answer was an
-                            // unknown result): then the stored message says, and if it is
-                            // gone already, 0 (any time).
-                            let expire_at = send.ttl_secs.map(|ttl| {
-                                if *fresh {
-                                    return now
-                                        + (u64::from(ttl) * 1000).min(self.config.retention_ms);
-                                }
-                                let key = keys::message(send.to, *seq);
-                                dump_prefix(self.stores[shard].inner(), &key)
-                                    .first()
-                                    .and_then(|(_, value)| {
-                                        courier_core::envelope::expire_at_ms(value)
-                                    })
-                                    .unwrap_or(0)
-                            });
-                            if *fresh {
-                                self.assigned.insert((send.to, *seq), expire_at);
-                            } else {
-                                self.assigned.entry((send.to, *seq)).or_insert(expire_at);
-                            }
-                            let last = self.last_assigned.entry(send.to).or_insert(0);
-                            if *seq > *last + 1 {
-                                // A forgotten inbox continued from the floor.
-                                self.stats.seqs_from_floor += 1;
-                            }
-                            *last = (*last).max(*seq);
-                        }
-                    }
-                    self.stats.duplicate_sends += outcomes
-                        .iter()
-                        .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
-                        .count() as u64;
+                    self.record_stored(shard, &batch.requests, outcomes, now);
                 }
                 let due = if self.rng.below(1000) < self.slow_commit_per_thousand {
                     self.stats.slow_commits += 1;
@@ -1254,6 +1309,72 @@ impl<S: SimStore> World<S> {
         }
     }
 
+    /// A commit of `requests` changed what the late landings waiting on `shard` read for
+    /// their inboxes (counters, dedupe records, messages): on FoundationDB those conflict and
+    /// never land.
+    fn drop_conflicting_landings(&mut self, shard: usize, requests: &[commit::Request]) {
+        let inbox_of = |request: &commit::Request| match request {
+            commit::Request::Send(send) => send.to,
+            commit::Request::Link { inbox, .. }
+            | commit::Request::Ack { inbox, .. }
+            | commit::Request::Forget { inbox }
+            | commit::Request::Purge { inbox } => *inbox,
+        };
+        let touched: std::collections::HashSet<UserId> = requests.iter().map(inbox_of).collect();
+        self.late_landings[shard].retain(|landing| {
+            !landing
+                .sends
+                .iter()
+                .any(|send| touched.contains(&inbox_of(send)))
+        });
+    }
+
+    /// The checker's record of what a commit stored: the seqs it gave and when they expire.
+    fn record_stored(
+        &mut self,
+        shard: usize,
+        requests: &[commit::Request],
+        outcomes: &[commit::Outcome],
+        now: UnixMillis,
+    ) {
+        for (request, outcome) in requests.iter().zip(outcomes) {
+            if let (commit::Request::Send(send), commit::Outcome::Stored { seq, fresh, .. }) =
+                (request, outcome)
+            {
+                // What the TTL promises: not expired before its time from the
+                // commit. A retry answered from its dedupe record keeps the
+                // first's, which the checker may not have seen (its answer was an
+                // unknown result): then the stored message says, and if it is
+                // gone already, 0 (any time).
+                let expire_at = send.ttl_secs.map(|ttl| {
+                    if *fresh {
+                        return now + (u64::from(ttl) * 1000).min(self.config.retention_ms);
+                    }
+                    let key = keys::message(send.to, *seq);
+                    dump_prefix(self.stores[shard].inner(), &key)
+                        .first()
+                        .and_then(|(_, value)| courier_core::envelope::expire_at_ms(value))
+                        .unwrap_or(0)
+                });
+                if *fresh {
+                    self.assigned.insert((send.to, *seq), expire_at);
+                } else {
+                    self.assigned.entry((send.to, *seq)).or_insert(expire_at);
+                }
+                let last = self.last_assigned.entry(send.to).or_insert(0);
+                if *seq > *last + 1 {
+                    // A forgotten inbox continued from the floor.
+                    self.stats.seqs_from_floor += 1;
+                }
+                *last = (*last).max(*seq);
+            }
+        }
+        self.stats.duplicate_sends += outcomes
+            .iter()
+            .filter(|o| matches!(o, commit::Outcome::Stored { fresh: false, .. }))
+            .count() as u64;
+    }
+
     /// A commit's result reaches its shard.
     fn finish_commit(
         &mut self,
@@ -1262,7 +1383,8 @@ impl<S: SimStore> World<S> {
         result: Result<Vec<commit::Outcome>, StoreError>,
     ) {
         let failed = result.as_ref().err().cloned();
-        self.shards[shard].handle_commit(batch, result);
+        let now = self.edge_now();
+        self.shards[shard].handle_commit(now, batch, result);
         self.apply_effects(shard);
         if let Some(error) = failed {
             self.store_refused(shard, &error);
@@ -1327,10 +1449,20 @@ impl<S: SimStore> World<S> {
 
     /// The app process restarts: buffered deliveries and unsent acks are gone, pending sends
     /// are lost to the app (it would resend from its own outbox; here it resends under the
-    /// same ids), and the new session starts from the persisted consumed cursor.
+    /// same ids, unless it kept none), and the new session starts from the persisted consumed
+    /// cursor.
     fn restart_app(&mut self, client: usize) {
         self.stats.app_restarts += 1;
         self.drop_connection(client);
+        // Now and then the app keeps no outbox (an agent that crashed): its unanswered sends
+        // are never made again, though a commit whose result was unknown may have stored
+        // them, and nobody else will deliver them.
+        if self.rng.chance(1, 4) && !self.clients[client].outbox.is_empty() {
+            let lost = std::mem::take(&mut self.clients[client].outbox);
+            self.sends_lost
+                .extend(lost.into_values().map(|(_, body, _)| body));
+            self.stats.outboxes_lost += 1;
+        }
         let in_flight_max = self.client_in_flight_max;
         let c = &mut self.clients[client];
         let mut session = new_client_session(c.user, c.device, in_flight_max, c.consumed_up_to);
@@ -1663,6 +1795,7 @@ impl<S: SimStore> World<S> {
         if !self.network.is_empty()
             || !self.held.is_empty()
             || self.store_reopen_at.iter().any(Option::is_some)
+            || self.late_landings.iter().any(|landings| !landings.is_empty())
             // Poisoned by a write whose error was another one (an fsync failure reported as
             // an unknown result): the next store call notices, as on the edge.
             || self.stores.iter().any(FaultStore::is_poisoned)
@@ -1787,7 +1920,12 @@ impl<S: SimStore> World<S> {
             }
         }
         for (index, c) in self.clients.iter().enumerate() {
-            if delivered[index].len() != expected_per_device[index] {
+            // Apart from sends their apps lost, which may have been stored all the same.
+            let lost = delivered[index]
+                .keys()
+                .filter(|body| self.sends_lost.contains(*body))
+                .count();
+            if delivered[index].len() - lost != expected_per_device[index] {
                 return Err(format!(
                     "device {}/{} got {} messages, {} of them acknowledged",
                     c.user,
@@ -1894,7 +2032,7 @@ impl<S: SimStore> World<S> {
                     if let Err(error) = &result {
                         return Err(format!("forgetting emptied inboxes failed: {error}"));
                     }
-                    self.shards[shard].handle_commit(batch, result);
+                    self.shards[shard].handle_commit(now, batch, result);
                 }
             }
             // A shard queues a bounded number of forgets; the rest are listed again by the

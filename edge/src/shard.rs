@@ -2101,7 +2101,11 @@ impl Shard {
         if let Err(error) = &result {
             warn!(guest = commit.guest, %error, "commit for a guest edge failed; senders will retry");
         }
-        if let Some((guest, lease)) = self.guests.finish(&mut self.session, commit, result) {
+        let now_ms = self.now_ms();
+        if let Some((guest, lease)) = self
+            .guests
+            .finish(&mut self.session, now_ms, commit, result)
+        {
             // Claimed by someone else since: this shard released them; the lease thread
             // stops serving them on every shard.
             if let Some(takeover) = &self.takeover {
@@ -2412,7 +2416,7 @@ impl Shard {
                 warn!(%error, requests = batch.requests.len(), "commit failed; senders will retry");
             }
         }
-        self.session.handle_commit(batch, result);
+        self.session.handle_commit(self.now_ms(), batch, result);
         self.note_store_full();
     }
 

@@ -123,7 +123,7 @@ mod tests {
                 }
                 Outcome::Acked => assert_eq!(at, batch.len() - 1),
                 Outcome::Linked { .. } => assert_eq!(at, batch.len() - 2),
-                Outcome::Forgotten | Outcome::Purged | Outcome::UnknownRecipient => {
+                Outcome::Forgotten { .. } | Outcome::Purged { .. } | Outcome::UnknownRecipient => {
                     panic!("no forget, purge or unknown recipient in this batch")
                 }
             }

@@ -396,8 +396,8 @@ fn seq_of(outcome: &Outcome) -> (u64, bool) {
         Outcome::Stored { seq, fresh, .. } => (*seq, *fresh),
         Outcome::Linked { .. }
         | Outcome::Acked
-        | Outcome::Forgotten
-        | Outcome::Purged
+        | Outcome::Forgotten { .. }
+        | Outcome::Purged { .. }
         | Outcome::UnknownRecipient => {
             panic!("expected a stored outcome")
         }
@@ -629,7 +629,7 @@ fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
     let outcomes = committer
         .commit_batch(h.store(), &[Request::Purge { inbox: 9 }], now)
         .unwrap();
-    assert_eq!(outcomes, vec![Outcome::Purged]);
+    assert_eq!(outcomes, vec![Outcome::Purged { last_seq: 4 }]);
     let prefix_left = |prefix: Vec<u8>| {
         let mut end = prefix.clone();
         *end.last_mut().unwrap() += 1;
@@ -712,7 +712,14 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
         )
         .unwrap();
     assert_eq!(seq_of(&outcomes[0]), (2, true));
-    assert_eq!(&outcomes[1..], &[Outcome::Forgotten, Outcome::Forgotten]);
+    assert_eq!(
+        &outcomes[1..],
+        &[
+            Outcome::Forgotten { last_seq: None },
+            Outcome::Forgotten { last_seq: Some(3) }
+        ],
+        "8 keeps its counter; every seq of 9 is gone"
+    );
     assert!(commit::has_counter(h.store(), 8).unwrap());
     assert!(
         !commit::has_counter(h.store(), 9).unwrap(),

@@ -80,10 +80,23 @@ pub fn run_seeds_counted_by<S: Send + std::fmt::Debug>(
             .flat_map(|w| w.join().expect("worker"))
             .collect()
     });
-    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    let mut failed: Vec<u64> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(seed, _)| *seed)
+        .collect();
+    failed.sort_unstable();
     if let Some((seed, Err(failure))) = results.iter().find(|(_, r)| r.is_err()) {
+        let listed: Vec<String> = failed.iter().take(20).map(u64::to_string).collect();
         panic!(
-            "{failed} of {seeds} seeds failed; first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}"
+            "{} of {seeds} seeds failed ({}{}); first: seed {seed}: {failure}\nreplay with SIM_SEED={seed}",
+            failed.len(),
+            listed.join(", "),
+            if failed.len() > listed.len() {
+                ", ..."
+            } else {
+                ""
+            },
         );
     }
     let stats = results

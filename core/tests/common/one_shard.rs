@@ -45,7 +45,7 @@ impl OneShard {
                 let result = self
                     .committer
                     .commit_batch(&self.store, &batch.requests, now);
-                self.session.handle_commit(batch, result);
+                self.session.handle_commit(now, batch, result);
                 progressed = true;
             }
             while let Some(effect) = self.session.poll_effect() {
