@@ -160,12 +160,12 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 if let Some(batch) = shards[shard].poll_batch(now_ms) {
                     let result = committers[shard].commit_batch(&store, &batch.requests, now_ms);
-                    shards[shard].handle_commit(batch, result);
+                    shards[shard].handle_commit(now_ms, batch, result);
                 }
                 if let Some((guest, batch)) = shards[shard].poll_guest_batch(now_ms) {
                     let committer = &mut guest_committers[shard];
                     let result = committer.commit_batch(&store, &batch.requests, now_ms);
-                    shards[shard].handle_guest_commit(guest, batch, result);
+                    shards[shard].handle_guest_commit(now_ms, guest, batch, result);
                 }
             }
         }
