@@ -39,6 +39,7 @@ use courier_core::keys;
 use courier_core::rng::Rng;
 use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage};
 use courier_core::shard::UNKNOWN_RESULT_LANDS_WITHIN_MS;
+use courier_core::store::clusters::inbox_of;
 use courier_core::store::fault::{FaultRates, FaultStore};
 use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::memory::MemoryStore;
@@ -1313,13 +1314,9 @@ impl<S: SimStore> World<S> {
     /// their inboxes (counters, dedupe records, messages): on FoundationDB those conflict and
     /// never land.
     fn drop_conflicting_landings(&mut self, shard: usize, requests: &[commit::Request]) {
-        let inbox_of = |request: &commit::Request| match request {
-            commit::Request::Send(send) => send.to,
-            commit::Request::Link { inbox, .. }
-            | commit::Request::Ack { inbox, .. }
-            | commit::Request::Forget { inbox }
-            | commit::Request::Purge { inbox } => *inbox,
-        };
+        if self.late_landings[shard].is_empty() {
+            return;
+        }
         let touched: std::collections::HashSet<UserId> = requests.iter().map(inbox_of).collect();
         self.late_landings[shard].retain(|landing| {
             !landing
