@@ -78,7 +78,8 @@ fn simulation_over_many_seeds() {
         assert!(
             total.commit_unknown_applied > 0
                 && total.commit_unknown_dropped > 0
-                && total.late_landings > 0,
+                && total.late_landings > 0
+                && total.late_landings_fenced > 0,
             "{total:?}"
         );
         assert!(
@@ -204,6 +205,8 @@ struct Stats {
     deliveries_held_for_acks: u64,
     /// Sends of commits answered with an unknown result that landed later.
     late_landings: u64,
+    /// Late landings a crash fenced (the restarted edge's claim): they never land.
+    late_landings_fenced: u64,
     /// App restarts that lost the app's unanswered sends (it kept no outbox).
     outboxes_lost: u64,
 }
@@ -253,6 +256,7 @@ impl Stats {
         self.logins_unwritten += other.logins_unwritten;
         self.deliveries_held_for_acks += other.deliveries_held_for_acks;
         self.late_landings += other.late_landings;
+        self.late_landings_fenced += other.late_landings_fenced;
         self.outboxes_lost += other.outboxes_lost;
     }
 }
@@ -606,6 +610,7 @@ struct World<S: SimStore> {
     /// Only sends: they are what a shard delivers. A landing writes them at the time the
     /// batch was taken (the transaction computed its writes then), on the store as it is
     /// when it lands (a FoundationDB commit whose reads changed meanwhile would not land).
+    /// A crash fences them all (`crash_with`).
     late_landings: Vec<Vec<LateLanding>>,
     late_landing_per_thousand: u64,
     /// The bodies of sends that apps lost unanswered (`restart_app`): stored or not, they are
@@ -1421,6 +1426,15 @@ impl<S: SimStore> World<S> {
         // Commits in flight die with the process: nobody hears of them.
         for in_flight in &mut self.commits_in_flight {
             in_flight.clear();
+        }
+        // Nor do the dead process's unknown results land later: the restarted edge claims
+        // its shards before it serves anyone, and every transaction reads the shard's owner
+        // key, so the claim makes each of the old process's commits still on its way
+        // conflict (core/src/store/fdb.rs, "Fencing"). A landing after the restart would
+        // reach a shard that never heard of its result.
+        for landings in &mut self.late_landings {
+            self.stats.late_landings_fenced += landings.len() as u64;
+            landings.clear();
         }
         for shard in 0..self.stores.len() {
             self.store_reopen_at[shard] = None;

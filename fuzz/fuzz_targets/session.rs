@@ -85,8 +85,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let mut committers: Vec<Committer> = (0..SHARDS).map(|_| Committer::new(&core)).collect();
-    let mut guest_committers: Vec<Committer> =
-        (0..SHARDS).map(|_| Committer::new(&core)).collect();
+    let mut guest_committers: Vec<Committer> = (0..SHARDS).map(|_| Committer::new(&core)).collect();
     let mut now_ms: u64 = 1_700_000_000_000;
     let mut generation = 1u64;
     let mut rest = data;
