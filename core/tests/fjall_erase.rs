@@ -198,3 +198,44 @@ fn old_dedupe_buckets_go_by_whole_tables() {
     assert_eq!(dedupe_records(1), 0, "bucket 1 is past its window");
     assert_eq!(dedupe_records(3), 3, "the current bucket stays");
 }
+
+/// Memtables sealed by rotations are freed by fjall's worker (not by the thread that rotates
+/// next, which was the store's writer: vendor/README.md) once flushed and no longer in any
+/// version: however many rotations, only the last few wait. If the worker kept them, memory
+/// would grow with every rotation.
+#[test]
+fn sealed_memtables_are_freed_once_flushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = FjallOptions {
+        // Every commit below passes it: each seals every memtable it wrote to.
+        flush_every_bytes: 1024 * 1024,
+        ..FjallOptions::default()
+    };
+    let store = FjallStore::open(dir.path(), &options).expect("open");
+    let body = vec![7u8; 1_100];
+    for round in 0..60u64 {
+        let mut txn = store.begin().expect("begin");
+        for i in 0..1_000u64 {
+            let seq = round * 1_000 + i;
+            txn.set(&keys::message(1 + seq % 50, seq), &body);
+        }
+        txn.commit().expect("commit");
+        // Acknowledged and deleted, as deliveries are.
+        let mut txn = store.begin().expect("begin");
+        for inbox in 1..=50 {
+            txn.clear_range(&keys::message(inbox, 0), &keys::message(inbox, u64::MAX));
+        }
+        txn.commit().expect("commit");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.retired_memtables() > 4 && std::time::Instant::now() < deadline {
+        // The worker frees at its next task: a rotation gives it one.
+        store.erase_deleted().expect("erase");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        store.retired_memtables() <= 4,
+        "after 60 rotations {} sealed memtables are still held",
+        store.retired_memtables()
+    );
+}

@@ -314,6 +314,12 @@ pub struct StoreSection {
     /// `engine = "log"`: memory per shard the dedupe records of recent sends may take before
     /// they move to the shard's dedupe tier on disk in one sorted write (decision 0023).
     pub log_dedupe_memory_bytes_max: u64,
+    /// `engine = "fjall"`: fjall's background workers (flushes, compactions) at idle priority
+    /// while they keep up, back at normal priority once memtables or level-0 tables pile up,
+    /// so that they do not hold a shard's core for milliseconds at a pace (decision 0039).
+    /// Needs the right to leave idle priority (root, CAP_SYS_NICE, or systemd's
+    /// `LimitNICE=0`); without it the edge warns once and leaves them at normal priority.
+    pub fjall_workers_idle_unless_behind: bool,
     pub foundationdb: FoundationDbSection,
 }
 
@@ -344,6 +350,7 @@ impl Default for StoreSection {
             direct_writes: courier_core::store::log::LogOptions::default().direct_writes,
             log_dedupe_memory_bytes_max: courier_core::store::log::LogOptions::default()
                 .dedupe_memory_bytes_max,
+            fjall_workers_idle_unless_behind: true,
             foundationdb: FoundationDbSection::default(),
         }
     }

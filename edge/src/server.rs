@@ -614,8 +614,19 @@ fn open_store(
                     .max(8 * 1024 * 1024),
                 dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                 direct_journal_writes: config.store.direct_writes,
+                workers_idle_unless_behind: config.store.fjall_workers_idle_unless_behind,
                 ..FjallOptions::default()
             };
+            if config.store.fjall_workers_idle_unless_behind
+                && !courier_core::store::worker_priority::idle_priority_reversible()
+            {
+                warn!(
+                    "store: fjall's background workers stay at normal priority: this process \
+                     may not take a thread back from idle priority (run as root, or give it \
+                     CAP_SYS_NICE or systemd's LimitNICE=0), or set \
+                     store.fjall_workers_idle_unless_behind = false to silence this"
+                );
+            }
             let stores = crate::stores::open_embedded(&config.server.data_dir, shards, &options)?;
             Ok((embedded_opener(stores, options), Box::new(()), None))
         }

@@ -15,6 +15,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Sn
 
 use super::dedupe_filter::DedupeFilter;
 use super::overlay::{self, Bytes, Engine, Overlay};
+use super::worker_priority::{self, Backlog, WorkerPriority};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
 
@@ -86,6 +87,11 @@ pub struct FjallOptions {
     /// pages around them (decision 0033, vendor/README.md). The journal's bytes and recovery
     /// are the same either way.
     pub direct_journal_writes: bool,
+    /// fjall's background workers at `SCHED_IDLE` while they keep up, at normal priority
+    /// once memtables or level-0 tables pile up (decision 0039, `store::worker_priority`).
+    /// Only where the process may take a thread back from `SCHED_IDLE`
+    /// (`worker_priority::idle_priority_reversible`); otherwise ignored.
+    pub workers_idle_unless_behind: bool,
 }
 
 impl Default for FjallOptions {
@@ -104,6 +110,7 @@ impl Default for FjallOptions {
             level0_runs_max: 4,
             filters_partitioned: false,
             direct_journal_writes: true,
+            workers_idle_unless_behind: false,
         }
     }
 }
@@ -125,6 +132,8 @@ pub struct FjallStore {
     deleted_since_erase: Vec<std::sync::atomic::AtomicBool>,
     /// Anything was written since the last erase pass.
     written_since_erase: std::sync::atomic::AtomicBool,
+    /// The background workers' priority, when `workers_idle_unless_behind` applies.
+    worker_priority: Option<WorkerPriority>,
 }
 
 /// The dedupe filter of a store just opened (`DedupeFilter::opened`).
@@ -250,7 +259,36 @@ impl FjallStore {
                 .map(|_| std::sync::atomic::AtomicBool::new(true))
                 .collect(),
             written_since_erase: std::sync::atomic::AtomicBool::new(true),
+            worker_priority: (options.workers_idle_unless_behind
+                && worker_priority::idle_priority_reversible())
+            .then(|| WorkerPriority::new(options.worker_threads.max(1))),
         })
+    }
+
+    /// Sealed memtables waiting for fjall's worker to free them (vendor/README.md): they go
+    /// once flushed and no version refers to them.
+    #[doc(hidden)]
+    pub fn retired_memtables(&self) -> usize {
+        self.db.retired_memtable_count()
+    }
+
+    /// How many of fjall's background workers are at idle priority now (decision 0039).
+    pub fn workers_idle(&self) -> usize {
+        self.worker_priority
+            .as_ref()
+            .map_or(0, WorkerPriority::workers_idle)
+    }
+
+    /// The most sealed memtables and level-0 tables of any keyspace: how far the
+    /// background workers are behind.
+    fn backlog(&self) -> Backlog {
+        self.keyspaces()
+            .fold(Backlog::default(), |most, keyspace| Backlog {
+                sealed_memtables_max: most
+                    .sealed_memtables_max
+                    .max(keyspace.sealed_memtable_count()),
+                level0_tables_max: most.level0_tables_max.max(keyspace.l0_table_count()),
+            })
     }
 
     pub fn path(&self) -> &Path {
@@ -347,6 +385,11 @@ impl FjallStore {
     ) -> Result<EraseReport, StoreError> {
         use std::sync::atomic::Ordering;
         let disk_bytes_before = self.disk_bytes()?;
+        // The pass waits for the workers' flushes and compactions.
+        let _workers_normal = self
+            .worker_priority
+            .as_ref()
+            .map(WorkerPriority::hold_normal);
         if !self.written_since_erase.swap(false, Ordering::AcqRel) {
             return Ok(EraseReport {
                 keyspaces_compacted: 0,
@@ -600,13 +643,20 @@ impl FjallStore {
             }
         }
         let total = self.written_since_flush.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if total < self.flush_every_bytes {
-            return;
+        if total >= self.flush_every_bytes {
+            self.written_since_flush.store(0, Ordering::Relaxed);
+            for keyspace in self.keyspaces() {
+                // Best effort: a memtable that cannot be sealed now is sealed by fjall later.
+                // (The memtables this frees are freed by fjall's worker: vendor/README.md.)
+                let _ = keyspace.rotate_memtable();
+            }
         }
-        self.written_since_flush.store(0, Ordering::Relaxed);
-        for keyspace in self.keyspaces() {
-            // Best effort: a memtable that cannot be sealed now is sealed by fjall later.
-            let _ = keyspace.rotate_memtable();
+        if let Some(priority) = &self.worker_priority {
+            priority.after_commit(
+                std::time::Instant::now(),
+                || self.db.worker_thread_ids(),
+                || self.backlog(),
+            );
         }
     }
 }

@@ -31,6 +31,7 @@ mod live_map;
 pub mod log;
 pub mod memory;
 mod overlay;
+pub mod worker_priority;
 mod write_set;
 
 /// Bytes of disk blocks the files under `dir` use: fjall preallocates its journals as sparse

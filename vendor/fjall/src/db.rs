@@ -254,6 +254,35 @@ impl Database {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The kernel thread ids of the background workers (flushes and compactions) that have
+    /// started, so that the application can set their scheduling priority (Courier's change,
+    /// vendor/README.md). A worker adds its id as it starts, so right after `open` some may
+    /// be missing yet.
+    #[must_use]
+    pub fn worker_thread_ids(&self) -> Vec<i32> {
+        self.worker_thread_ids_inner()
+    }
+
+    /// How many sealed memtables wait to be freed by a worker (Courier's change): they go
+    /// at the worker's next task once no version refers to them.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn retired_memtable_count(&self) -> usize {
+        self.supervisor
+            .retired_memtables
+            .lock()
+            .map(|retired| retired.len())
+            .unwrap_or(0)
+    }
+
+    fn worker_thread_ids_inner(&self) -> Vec<i32> {
+        self.worker_pool
+            .thread_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default()
+    }
+
     /// Returns the number of completed compactions.
     ///
     /// # Experimental
@@ -719,6 +748,7 @@ impl Database {
             journal: active_journal,
             journal_manager: Arc::new(RwLock::new(journal_manager)),
             backpressure_lock: Mutex::default(),
+            retired_memtables: Mutex::default(),
             seqno,
         });
 
@@ -997,6 +1027,7 @@ impl Database {
             journal,
             journal_manager: Arc::new(RwLock::new(JournalManager::new())),
             backpressure_lock: Mutex::default(),
+            retired_memtables: Mutex::default(),
             seqno,
         });
 

@@ -33,6 +33,13 @@ pub struct SupervisorInner {
     pub(crate) journal_manager: Arc<RwLock<JournalManager>>,
 
     pub(crate) backpressure_lock: Mutex<()>,
+
+    /// Sealed memtables, held until nothing else refers to them, then freed by a worker
+    /// (`worker_pool::free_retired_memtables`; Courier's change, vendor/README.md). Without
+    /// this the last reference goes in the version history's garbage collection, under its
+    /// write lock, on whichever thread rotated next: freeing an 8 MiB skiplist there held
+    /// the store's writer for 3–5 ms.
+    pub(crate) retired_memtables: Mutex<Vec<Arc<lsm_tree::Memtable>>>,
 }
 
 #[derive(Clone)]

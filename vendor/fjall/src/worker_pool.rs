@@ -43,6 +43,9 @@ type WorkerHandle = JoinHandle<Result<(), crate::Error>>;
 
 pub struct WorkerPool {
     thread_handles: Mutex<Vec<WorkerHandle>>,
+    /// The workers' kernel thread ids, each pushed by the worker as it starts (Courier's:
+    /// `Database::worker_thread_ids`, so that the application can set their priority).
+    pub(crate) thread_ids: Arc<Mutex<Vec<i32>>>,
     pub(crate) rx: flume::Receiver<WorkerMessage>,
     pub(crate) sender: flume::Sender<WorkerMessage>,
 }
@@ -53,6 +56,7 @@ impl WorkerPool {
 
         Self {
             thread_handles: Mutex::default(),
+            thread_ids: Arc::default(),
             rx,
             sender,
         }
@@ -85,8 +89,16 @@ impl WorkerPool {
 
                     let thread_counter = thread_counter.clone();
                     let poison_dart = poison_dart.clone();
+                    let thread_ids = self.thread_ids.clone();
 
                     move || {
+                        #[allow(unsafe_code)]
+                        // SAFETY: gettid takes nothing and returns the calling thread's id.
+                        let tid = unsafe { libc::gettid() };
+                        if let Ok(mut ids) = thread_ids.lock() {
+                            ids.push(tid);
+                        }
+
                         // The counter must drop on *every* way out of this
                         // thread, not just the graceful one: `Database::drop`
                         // spins on it (`while counter > 0`), so a worker that
@@ -166,7 +178,25 @@ struct WorkerState {
     stats: Arc<Stats>,
 }
 
+/// Frees the retired memtables nothing else refers to any more, outside every lock (Courier's
+/// change, vendor/README.md).
+fn free_retired_memtables(supervisor: &Supervisor) {
+    let unused: Vec<_> = {
+        let Ok(mut retired) = supervisor.retired_memtables.lock() else {
+            return;
+        };
+        let (unused, used) = std::mem::take(&mut *retired)
+            .into_iter()
+            .partition(|memtable| Arc::strong_count(memtable) == 1);
+        *retired = used;
+        unused
+    };
+    drop(unused);
+}
+
 fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
+    free_retired_memtables(&ctx.supervisor);
+
     let Ok(item) = ctx.rx.recv() else {
         return Ok(true);
     };

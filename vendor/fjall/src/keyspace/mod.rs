@@ -741,10 +741,13 @@ impl Keyspace {
         }
 
         // Rotate memtable
-        let Some(_) = self.tree.rotate_memtable() else {
+        let Some(sealed) = self.tree.rotate_memtable() else {
             log::debug!("Got no sealed memtable, someone beat us to it");
             return Ok(false);
         };
+        if let Ok(mut retired) = self.supervisor.retired_memtables.lock() {
+            retired.push(sealed);
+        }
 
         drop(journal_writer);
 
