@@ -164,7 +164,10 @@ impl State {
             }
         } else if self.idle_tids.len() < self.workers {
             for tid in worker_tids() {
-                if !self.idle_tids.contains(&tid) && set_idle(tid, true).is_ok() {
+                // Only a thread of this process: the id of a worker that has exited could
+                // have gone to another process's thread.
+                let ours = std::path::Path::new(&format!("/proc/self/task/{tid}")).exists();
+                if ours && !self.idle_tids.contains(&tid) && set_idle(tid, true).is_ok() {
                     self.idle_tids.push(tid);
                 }
             }
