@@ -260,7 +260,11 @@ impl Database {
     /// be missing yet.
     #[must_use]
     pub fn worker_thread_ids(&self) -> Vec<i32> {
-        self.worker_thread_ids_inner()
+        self.worker_pool
+            .thread_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default()
     }
 
     /// How many sealed memtables wait to be freed by a worker (Courier's change): they go
@@ -273,14 +277,6 @@ impl Database {
             .lock()
             .map(|retired| retired.len())
             .unwrap_or(0)
-    }
-
-    fn worker_thread_ids_inner(&self) -> Vec<i32> {
-        self.worker_pool
-            .thread_ids
-            .lock()
-            .map(|ids| ids.clone())
-            .unwrap_or_default()
     }
 
     /// Returns the number of completed compactions.
