@@ -18,6 +18,7 @@ use std::path::Path;
 
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::log::{LogOptions, LogStore};
+use courier_core::store::worker_priority::BackgroundPriority;
 use courier_core::store::{Store, StoreError};
 use courier_core::takeover::Lease;
 use courier_core::{CoreConfig, UnixMillis, UserId};
@@ -126,6 +127,12 @@ pub trait ShardStore: Send + Sync + 'static {
     fn dedupe_memory_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// fjall's background workers' priority (decision 0039), where the store manages it;
+    /// never blocks.
+    fn background_priority(&self) -> Option<BackgroundPriority> {
+        None
+    }
 }
 
 /// How full a store is against a memory bound (`ShardStore::memory_fill`).
@@ -169,6 +176,10 @@ pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     fn dedupe_memory_bytes(&self) -> Option<u64> {
         None
     }
+    /// `ShardStore::background_priority`; never blocks.
+    fn background_priority(&self) -> Option<BackgroundPriority> {
+        None
+    }
     /// Whether a failed write poisoned the store; never blocks.
     fn is_poisoned(&self) -> bool;
 }
@@ -198,6 +209,9 @@ impl EmbeddedEngine for FjallStore {
     }
     fn message_keys_approximate(&self) -> Option<u64> {
         Some(FjallStore::message_keys_approximate(self))
+    }
+    fn background_priority(&self) -> Option<BackgroundPriority> {
+        FjallStore::background_priority(self)
     }
     fn is_poisoned(&self) -> bool {
         FjallStore::is_poisoned(self)
@@ -403,6 +417,12 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         self.all[usize::from(self.shard)]
             .try_get()?
             .dedupe_memory_bytes()
+    }
+
+    fn background_priority(&self) -> Option<BackgroundPriority> {
+        self.all[usize::from(self.shard)]
+            .try_get()?
+            .background_priority()
     }
 
     fn refuses_until_recovered(&self) -> bool {

@@ -105,6 +105,8 @@ pub struct Metrics {
     store_dedupe_memory_bytes: Family<ShardLabel, Gauge>,
     store_full: Family<ShardLabel, Gauge>,
     store_reopening: Family<ShardLabel, Gauge>,
+    store_background_workers_idle: Family<ShardLabel, Gauge>,
+    store_background_behind: Family<ShardLabel, Counter>,
     mesh_backlog_messages: Family<ShardLabel, Gauge>,
     mesh_messages_dropped: Family<ShardLabel, Counter>,
     mesh_backpressure: Family<ShardLabel, Counter>,
@@ -265,6 +267,14 @@ impl Metrics {
             "store_reopening",
             "1 while the shard reopens its store after a failed write (sends get StoreUnavailable), else 0"
         );
+        let store_background_workers_idle = family!(
+            "store_background_workers_idle",
+            "fjall's background workers (flushes, compactions) at idle priority now: they keep up (store.fjall_workers_idle_unless_behind; store.engine = \"fjall\" only)"
+        );
+        let store_background_behind = family!(
+            "store_background_behind",
+            "Times fjall's background work piled up (two sealed memtables or eight level-0 tables in a keyspace) and its workers went back to normal priority; fjall halts writes at four sealed memtables"
+        );
         let mesh_backlog_messages = family!(
             "mesh_backlog_messages",
             "Messages waiting for room in the channels to other shards"
@@ -350,6 +360,8 @@ impl Metrics {
             store_dedupe_memory_bytes,
             store_full,
             store_reopening,
+            store_background_workers_idle,
+            store_background_behind,
             mesh_backlog_messages,
             mesh_messages_dropped,
             mesh_backpressure,
@@ -442,6 +454,10 @@ impl Metrics {
             store_dedupe_memory_bytes: self.store_dedupe_memory_bytes.get_or_create_owned(&label),
             store_full: self.store_full.get_or_create_owned(&label),
             store_reopening: self.store_reopening.get_or_create_owned(&label),
+            store_background_workers_idle: self
+                .store_background_workers_idle
+                .get_or_create_owned(&label),
+            store_background_behind: self.store_background_behind.get_or_create_owned(&label),
             mesh_backlog_messages: self.mesh_backlog_messages.get_or_create_owned(&label),
             mesh_messages_dropped: self.mesh_messages_dropped.get_or_create_owned(&label),
             mesh_backpressure: self.mesh_backpressure.get_or_create_owned(&label),
@@ -563,6 +579,8 @@ pub struct ShardMetrics {
     pub store_dedupe_memory_bytes: Gauge,
     pub store_full: Gauge,
     pub store_reopening: Gauge,
+    pub store_background_workers_idle: Gauge,
+    pub store_background_behind: Counter,
     pub mesh_backlog_messages: Gauge,
     pub mesh_messages_dropped: Counter,
     pub mesh_backpressure: Counter,

@@ -340,6 +340,9 @@ pub struct Shard {
     store_recovering: bool,
     /// The store is near its memory bound (`note_store_full`): sends are refused.
     store_full: bool,
+    /// The store's count of its background work falling behind, at the last gauges: the
+    /// counter moves on by the difference (a reopened store counts from 0 again).
+    background_behind_seen: u64,
     /// Budget of connection close and loss log lines, so a connection flood is not a log flood.
     connection_logs: courier_core::budget::TokenBucket,
     connections_closed: bool,
@@ -629,6 +632,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         draining: false,
         store_recovering: false,
         store_full: false,
+        background_behind_seen: 0,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
         connections_closed: false,
         takeover: setup.takeover.clone(),
@@ -2392,6 +2396,17 @@ impl Shard {
         }
         if let Some(bytes) = self.store.dedupe_memory_bytes() {
             metrics.store_dedupe_memory_bytes.set(bytes as i64);
+        }
+        if let Some(background) = self.store.background_priority() {
+            metrics
+                .store_background_workers_idle
+                .set(background.workers_idle as i64);
+            metrics.store_background_behind.inc_by(
+                background
+                    .behind_total
+                    .saturating_sub(self.background_behind_seen),
+            );
+            self.background_behind_seen = background.behind_total;
         }
         metrics.store_full.set(i64::from(self.store_full));
         metrics

@@ -773,6 +773,37 @@ async fn new_connections_are_not_probed_for_their_first_flight() {
     );
 }
 
+/// On fjall, the default store, the shard reports its store's background workers at idle
+/// priority once it has committed (decision 0039), and the count of times they fell behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fjall_reports_its_background_workers_at_idle_priority() {
+    if !courier_core::store::worker_priority::idle_priority_reversible() {
+        eprintln!("skipped: this process may not leave SCHED_IDLE (no CAP_SYS_NICE)");
+        return;
+    }
+    let metrics = free_addr();
+    let edge = Edge::start_with(1, &format!("[metrics]\nlisten = \"{metrics}\"\n"), &[]);
+    let sender = edge.client(91).await;
+    let gauge = |name: &str| metric_sum_at(metrics, name).expect("metrics listener");
+    // The shard sets its gauges about once a second; the store looks after commits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 0u32;
+    while gauge("courier_store_background_workers_idle") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fjall's worker never reported idle"
+        );
+        i += 1;
+        sender
+            .send(92, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A few sends do not pile up background work.
+    assert_eq!(gauge("courier_store_background_behind_total"), 0.0);
+}
+
 /// On the log engine, the dedupe records of recent sends wait in memory until they move to the
 /// dedupe tier on disk: `courier_store_dedupe_memory_bytes` shows them (an operator sizes
 /// `store.log_dedupe_memory_bytes_max` by it), apart from the undelivered messages in

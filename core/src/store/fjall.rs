@@ -15,7 +15,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Sn
 
 use super::dedupe_filter::DedupeFilter;
 use super::overlay::{self, Bytes, Engine, Overlay};
-use super::worker_priority::{self, Backlog, WorkerPriority};
+use super::worker_priority::{self, BackgroundPriority, Backlog, WorkerPriority};
 use super::{CommitVersion, Store, StoreError};
 use crate::keys;
 
@@ -272,11 +272,10 @@ impl FjallStore {
         self.db.retired_memtable_count()
     }
 
-    /// How many of fjall's background workers are at idle priority now (decision 0039).
-    pub fn workers_idle(&self) -> usize {
-        self.worker_priority
-            .as_ref()
-            .map_or(0, WorkerPriority::workers_idle)
+    /// fjall's background workers' priority (decision 0039): `None` unless
+    /// `workers_idle_unless_behind` applies.
+    pub fn background_priority(&self) -> Option<BackgroundPriority> {
+        self.worker_priority.as_ref().map(WorkerPriority::status)
     }
 
     /// The most sealed memtables and level-0 tables of any keyspace: how far the

@@ -72,7 +72,19 @@ struct State {
     held_normal: usize,
     /// Whether the backlog said "behind" at the last look (kept until it is cleared).
     behind: bool,
+    /// How many times `behind` became true.
+    behind_total: u64,
     checked_at: Option<Instant>,
+}
+
+/// The workers' priority, for metrics (`courier_store_background_workers_idle`,
+/// `courier_store_background_behind_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackgroundPriority {
+    /// Workers at `SCHED_IDLE` now.
+    pub workers_idle: usize,
+    /// Times the backlog piled up and put the workers back at normal priority.
+    pub behind_total: u64,
 }
 
 /// What the writer sees of fjall's backlog: per keyspace, sealed memtables and level-0
@@ -103,6 +115,7 @@ impl WorkerPriority {
                 workers,
                 held_normal: 0,
                 behind: false,
+                behind_total: 0,
                 checked_at: None,
             }),
         }
@@ -129,6 +142,9 @@ impl WorkerPriority {
         state.checked_at = Some(now);
         let backlog = backlog();
         if backlog.behind() {
+            if !state.behind {
+                state.behind_total += 1;
+            }
             state.behind = true;
         } else if backlog.caught_up() {
             state.behind = false;
@@ -146,12 +162,15 @@ impl WorkerPriority {
         HeldNormal { priority: self }
     }
 
-    /// How many workers are at `SCHED_IDLE` now (for tests and metrics).
-    pub fn workers_idle(&self) -> usize {
+    /// What the workers' priority is now, and how often they fell behind.
+    pub fn status(&self) -> BackgroundPriority {
         self.state
             .lock()
-            .map(|state| state.idle_tids.len())
-            .unwrap_or(0)
+            .map(|state| BackgroundPriority {
+                workers_idle: state.idle_tids.len(),
+                behind_total: state.behind_total,
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -243,6 +262,7 @@ mod tests {
             level0_tables_max: 0,
         };
         assert_eq!(look(behind), libc::SCHED_OTHER);
+        assert_eq!(look(behind), libc::SCHED_OTHER);
         assert_eq!(look(one_sealed), libc::SCHED_OTHER, "until caught up");
         let level0 = Backlog {
             sealed_memtables_max: 0,
@@ -254,6 +274,14 @@ mod tests {
             "level 0 not yet under half"
         );
         assert_eq!(look(quiet), libc::SCHED_IDLE);
+        assert_eq!(
+            priority.status(),
+            BackgroundPriority {
+                workers_idle: 1,
+                behind_total: 1
+            },
+            "one episode of falling behind, however many looks saw it"
+        );
         {
             let _held = priority.hold_normal();
             assert_eq!(policy_of(tid), libc::SCHED_OTHER);
