@@ -10,6 +10,7 @@
 //! idle priority for the same reason, with its write stalls as the only guard).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Sealed memtables of one keyspace that make the worker normal priority (fjall halts
@@ -59,6 +60,10 @@ fn set_idle(tid: i32, idle: bool) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct WorkerPriority {
     state: Mutex<State>,
+    /// `status`, published without the lock: the shard reads it for its gauges and must
+    /// never wait for the writer, which holds the lock while it reads fjall's backlog.
+    workers_idle: AtomicUsize,
+    behind_total: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -72,8 +77,6 @@ struct State {
     held_normal: usize,
     /// Whether the backlog said "behind" at the last look (kept until it is cleared).
     behind: bool,
-    /// How many times `behind` became true.
-    behind_total: u64,
     checked_at: Option<Instant>,
 }
 
@@ -115,9 +118,10 @@ impl WorkerPriority {
                 workers,
                 held_normal: 0,
                 behind: false,
-                behind_total: 0,
                 checked_at: None,
             }),
+            workers_idle: AtomicUsize::new(0),
+            behind_total: AtomicU64::new(0),
         }
     }
 
@@ -143,13 +147,19 @@ impl WorkerPriority {
         let backlog = backlog();
         if backlog.behind() {
             if !state.behind {
-                state.behind_total += 1;
+                self.behind_total.fetch_add(1, Ordering::Relaxed);
             }
             state.behind = true;
         } else if backlog.caught_up() {
             state.behind = false;
         }
         state.apply(worker_tids);
+        self.publish(&state);
+    }
+
+    fn publish(&self, state: &State) {
+        self.workers_idle
+            .store(state.idle_tids.len(), Ordering::Relaxed);
     }
 
     /// Keeps the workers at normal priority until the guard drops, whatever the backlog: for
@@ -158,19 +168,17 @@ impl WorkerPriority {
         if let Ok(mut state) = self.state.lock() {
             state.held_normal += 1;
             state.apply(Vec::new);
+            self.publish(&state);
         }
         HeldNormal { priority: self }
     }
 
-    /// What the workers' priority is now, and how often they fell behind.
+    /// What the workers' priority is now, and how often they fell behind. Never blocks.
     pub fn status(&self) -> BackgroundPriority {
-        self.state
-            .lock()
-            .map(|state| BackgroundPriority {
-                workers_idle: state.idle_tids.len(),
-                behind_total: state.behind_total,
-            })
-            .unwrap_or_default()
+        BackgroundPriority {
+            workers_idle: self.workers_idle.load(Ordering::Relaxed),
+            behind_total: self.behind_total.load(Ordering::Relaxed),
+        }
     }
 }
 
