@@ -320,6 +320,11 @@ pub struct StoreSection {
     /// Needs the right to leave idle priority (root, CAP_SYS_NICE, or systemd's
     /// `LimitNICE=0`); without it the edge warns once and leaves them at normal priority.
     pub fjall_workers_idle_unless_behind: bool,
+    /// `engine = "fjall"`: fjall's background threads per shard's store. With two or more,
+    /// one of them only flushes memtables and the others only compact, so a flush never waits
+    /// behind a compaction; with one, that thread does both, and a sustained loop that
+    /// saturates the core halts writes for up to a second now and then.
+    pub fjall_worker_threads: usize,
     pub foundationdb: FoundationDbSection,
 }
 
@@ -351,6 +356,7 @@ impl Default for StoreSection {
             log_dedupe_memory_bytes_max: courier_core::store::log::LogOptions::default()
                 .dedupe_memory_bytes_max,
             fjall_workers_idle_unless_behind: true,
+            fjall_worker_threads: FjallOptions::default().worker_threads,
             foundationdb: FoundationDbSection::default(),
         }
     }
@@ -880,6 +886,9 @@ impl Config {
                 "0 (journals append) or from 1048576 (1 MiB) to 1073741824 (1 GiB)",
             );
         }
+        if !(1..=8).contains(&self.store.fjall_worker_threads) {
+            return invalid("store.fjall_worker_threads", "from 1 to 8 per shard");
+        }
         let dedupe = self.store.log_dedupe_memory_bytes_max;
         if !(1024 * 1024..=1024 * 1024 * 1024).contains(&dedupe) {
             return invalid(
@@ -1330,6 +1339,11 @@ mod tests {
                 ((1 << 30) + 1, false),
             ],
             |config, bytes| config.store.log_journal_segment_bytes = bytes,
+        );
+        check_accepted_values(
+            "store.fjall_worker_threads",
+            &[(0, false), (1, true), (2, true), (8, true), (9, false)],
+            |config, threads| config.store.fjall_worker_threads = threads,
         );
         check_accepted_values(
             "store.log_dedupe_memory_bytes_max",

@@ -269,7 +269,7 @@ impl Metrics {
         );
         let store_background_workers_idle = family!(
             "store_background_workers_idle",
-            "fjall's background workers (flushes, compactions) at idle priority now: they keep up (store.fjall_workers_idle_unless_behind; store.engine = \"fjall\" only)"
+            "fjall's background workers (flushes, compactions) at idle priority now, all of them (store.fjall_worker_threads) while they keep up (store.fjall_workers_idle_unless_behind; store.engine = \"fjall\" only)"
         );
         let store_background_behind = family!(
             "store_background_behind",

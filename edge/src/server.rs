@@ -615,6 +615,7 @@ fn open_store(
                 dedupe_filter_bytes_max: config.store.dedupe_filter_bytes_max,
                 direct_journal_writes: config.store.direct_writes,
                 workers_idle_unless_behind: config.store.fjall_workers_idle_unless_behind,
+                worker_threads: config.store.fjall_worker_threads,
                 ..FjallOptions::default()
             };
             if config.store.fjall_workers_idle_unless_behind

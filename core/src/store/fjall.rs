@@ -51,7 +51,10 @@ pub struct FjallOptions {
     pub durability: Durability,
     /// Block cache bytes.
     pub cache_bytes: u64,
-    /// fjall's background threads for flushes and compactions.
+    /// fjall's background threads for flushes and compactions. With two or more, one only
+    /// flushes and the others only compact, so a flush never waits behind a compaction: with
+    /// one, fjall halted writes for up to a second in a sustained loop while four sealed
+    /// memtables waited for the compaction in progress (vendor/README.md, docs/benchmarks.md).
     pub worker_threads: usize,
     /// Bytes of the in-memory write buffer before it is flushed to a table. Smaller keeps
     /// memtable lookups (a skiplist) shallow; larger means fewer flushes.
@@ -99,7 +102,7 @@ impl Default for FjallOptions {
         FjallOptions {
             durability: Durability::SyncAll,
             cache_bytes: 64 * 1024 * 1024,
-            worker_threads: 1,
+            worker_threads: 2,
             memtable_bytes_max: 8 * 1024 * 1024,
             // Small keyspaces (counters, devices, the clock) fill their memtables slowly and
             // would pin old journals up to fjall's default of 512 MiB: five seconds of replay.

@@ -6,7 +6,7 @@ use crate::{
     compaction::worker::run as run_compaction, flush::worker::run as run_flush, poison::PoisonDart,
     stats::Stats, supervisor::Supervisor, Keyspace,
 };
-use lsm_tree::MemtableId;
+use lsm_tree::{AbstractTree, MemtableId};
 use std::{
     borrow::Cow,
     sync::{
@@ -41,25 +41,87 @@ impl std::fmt::Debug for WorkerMessage {
 
 type WorkerHandle = JoinHandle<Result<(), crate::Error>>;
 
+/// Where a keyspace sends its workers' tasks (Courier's change, vendor/README.md). With more
+/// than one worker, compactions go to a queue of their own, which workers 1 and up take, and
+/// everything else (flushes, memtable rotations) to worker 0: a flush never waits behind a
+/// compaction. Upstream had one queue, and its worker 0 put every compaction it took back on
+/// it and took it again at once, spinning while the others compacted. With one worker
+/// everything goes to the one queue, as upstream.
+#[derive(Clone)]
+pub struct WorkerMessager {
+    flushes: flume::Sender<WorkerMessage>,
+    compactions: flume::Sender<WorkerMessage>,
+    compactions_apart: bool,
+}
+
+impl WorkerMessager {
+    fn queue(&self, message: &WorkerMessage) -> &flume::Sender<WorkerMessage> {
+        match message {
+            WorkerMessage::Compact(_) if self.compactions_apart => &self.compactions,
+            _ => &self.flushes,
+        }
+    }
+
+    pub fn send(&self, message: WorkerMessage) -> Result<(), flume::SendError<WorkerMessage>> {
+        self.queue(&message).send(message)
+    }
+
+    pub fn try_send(
+        &self,
+        message: WorkerMessage,
+    ) -> Result<(), flume::TrySendError<WorkerMessage>> {
+        self.queue(&message).try_send(message)
+    }
+
+    /// Asks every worker to stop, whichever queue it takes.
+    pub(crate) fn try_send_close(&self) {
+        let _ = self.flushes.try_send(WorkerMessage::Close);
+        if self.compactions_apart {
+            let _ = self.compactions.try_send(WorkerMessage::Close);
+        }
+    }
+
+    /// Whether both queues are empty.
+    pub fn is_empty(&self) -> bool {
+        self.flushes.is_empty() && self.compactions.is_empty()
+    }
+}
+
 pub struct WorkerPool {
     thread_handles: Mutex<Vec<WorkerHandle>>,
     /// The workers' kernel thread ids, each pushed by the worker as it starts (Courier's:
     /// `Database::worker_thread_ids`, so that the application can set their priority).
     pub(crate) thread_ids: Arc<Mutex<Vec<i32>>>,
+    /// Flushes, memtable rotations and closing.
     pub(crate) rx: flume::Receiver<WorkerMessage>,
-    pub(crate) sender: flume::Sender<WorkerMessage>,
+    /// Compactions.
+    pub(crate) compact_rx: flume::Receiver<WorkerMessage>,
+    pub(crate) sender: WorkerMessager,
 }
 
 impl WorkerPool {
-    pub fn prepare() -> Self {
-        let (sender, rx) = flume::bounded(1_000);
+    /// `pool_size`: the workers `start` will be given.
+    pub fn prepare(pool_size: usize) -> Self {
+        let (flushes, rx) = flume::bounded(1_000);
+        let (compactions, compact_rx) = flume::bounded(1_000);
 
         Self {
             thread_handles: Mutex::default(),
             thread_ids: Arc::default(),
             rx,
-            sender,
+            compact_rx,
+            sender: WorkerMessager {
+                flushes,
+                compactions,
+                compactions_apart: pool_size > 1,
+            },
         }
+    }
+
+    /// Drops every queued message.
+    pub(crate) fn drain(&self) {
+        let _ = self.rx.drain().count();
+        let _ = self.compact_rx.drain().count();
     }
 
     pub fn start(
@@ -82,6 +144,7 @@ impl WorkerPool {
                         pool_size,
                         worker_id: i,
                         rx: self.rx.clone(),
+                        compact_rx: self.compact_rx.clone(),
                         supervisor: supervisor.clone(),
                         stats: stats.clone(),
                         sender: self.sender.clone(),
@@ -174,8 +237,26 @@ struct WorkerState {
     worker_id: usize,
     supervisor: Supervisor,
     rx: flume::Receiver<WorkerMessage>,
-    sender: flume::Sender<WorkerMessage>,
+    compact_rx: flume::Receiver<WorkerMessage>,
+    sender: WorkerMessager,
     stats: Arc<Stats>,
+}
+
+impl WorkerState {
+    /// The next task. Worker 0 of several takes only flushes and memtable rotations, the
+    /// others only compactions; a lone worker takes everything from the one queue.
+    fn recv(&self) -> Option<WorkerMessage> {
+        if self.pool_size > 1 && self.worker_id > 0 {
+            self.compact_rx.recv().ok()
+        } else {
+            self.rx.recv().ok()
+        }
+    }
+
+    /// Workers that compact.
+    fn compactors(&self) -> usize {
+        self.pool_size.saturating_sub(1).max(1)
+    }
 }
 
 /// Frees the retired memtables nothing else refers to any more, outside every lock (Courier's
@@ -194,10 +275,31 @@ fn free_retired_memtables(supervisor: &Supervisor) {
     drop(unused);
 }
 
+/// How long a flush of a keyspace with one sealed memtable waits for a second (Courier's
+/// change, vendor/README.md). A flush merges all of a keyspace's sealed memtables, dropping
+/// what a later one overwrote or deleted: a message and the delete that acknowledged it,
+/// written milliseconds apart, often land in consecutive memtables. A lone worker gets that
+/// merge for free, since memtables seal while it compacts; a flusher of its own flushed each
+/// one alone, and wrote a quarter more to disk and to compactions in a sustained loop.
+const FLUSH_GATHER: std::time::Duration = std::time::Duration::from_millis(100);
+const FLUSH_GATHER_STEP: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Waits, at most `FLUSH_GATHER`, until `task`'s keyspace has two sealed memtables to flush
+/// together, unless another flush is queued behind it.
+fn gather_sealed_memtables(task: &crate::flush::Task, supervisor: &Supervisor) {
+    let deadline = std::time::Instant::now() + FLUSH_GATHER;
+    while task.keyspace.tree.sealed_memtable_count() == 1
+        && supervisor.flush_manager.len() == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(FLUSH_GATHER_STEP);
+    }
+}
+
 fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
     free_retired_memtables(&ctx.supervisor);
 
-    let Ok(item) = ctx.rx.recv() else {
+    let Some(item) = ctx.recv() else {
         return Ok(true);
     };
 
@@ -258,6 +360,10 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                 }
             }
 
+            if ctx.pool_size > 1 {
+                gather_sealed_memtables(&task, &ctx.supervisor);
+            }
+
             run_flush(
                 &task,
                 &ctx.supervisor.write_buffer_size,
@@ -265,7 +371,7 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                 &ctx.stats,
             )?;
 
-            for _ in 0..ctx.pool_size {
+            for _ in 0..ctx.compactors() {
                 ctx.sender
                     .try_send(WorkerMessage::Compact(task.keyspace.clone()))
                     .ok();
@@ -278,12 +384,7 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                 .maintenance()?;
         }
         WorkerMessage::Compact(keyspace) => {
-            // NOTE: Let one worker prioritize flushing if there are pending flushes
-            if ctx.pool_size > 1 && ctx.worker_id == 0 {
-                ctx.sender.try_send(WorkerMessage::Compact(keyspace)).ok();
-                return Ok(false);
-            }
-
+            // Worker 0 of several never takes one (`WorkerState::recv`): it keeps flushing.
             run_compaction(&keyspace, &ctx.supervisor.snapshot_tracker, &ctx.stats)?;
         }
     }
@@ -336,6 +437,44 @@ mod tests {
             );
         }
 
+        Ok(())
+    }
+
+    /// With two workers, worker 0 takes the flushes and worker 1 the compactions, so a flush
+    /// never waits behind a compaction (upstream's worker 0 put each compaction back on the
+    /// shared queue and took it again, spinning); closing reaches both.
+    #[test]
+    fn worker_zero_of_two_flushes_and_leaves_compactions_to_the_others() -> crate::Result<()> {
+        let folder = tempfile::tempdir()?;
+        let db = Database::builder(&folder)
+            .worker_threads_unchecked(0)
+            .open()?;
+        let ks = db.keyspace("default", KeyspaceCreateOptions::default)?;
+        let pool = WorkerPool::prepare(2);
+        let state = |worker_id| WorkerState {
+            pool_size: 2,
+            worker_id,
+            supervisor: db.supervisor.clone(),
+            rx: pool.rx.clone(),
+            compact_rx: pool.compact_rx.clone(),
+            sender: pool.sender.clone(),
+            stats: db.stats.clone(),
+        };
+
+        pool.sender.send(WorkerMessage::Compact(ks.clone())).ok();
+        pool.sender.send(WorkerMessage::Flush).ok();
+        assert!(matches!(state(0).recv(), Some(WorkerMessage::Flush)));
+        assert!(pool.rx.is_empty(), "worker 0 met no compaction");
+        assert!(matches!(state(1).recv(), Some(WorkerMessage::Compact(_))));
+
+        pool.sender.try_send_close();
+        assert!(matches!(state(0).recv(), Some(WorkerMessage::Close)));
+        assert!(matches!(state(1).recv(), Some(WorkerMessage::Close)));
+        assert_eq!(2, state(1).compactors() + 1);
+
+        let lone = WorkerPool::prepare(1);
+        lone.sender.send(WorkerMessage::Compact(ks.clone())).ok();
+        assert_eq!(1, lone.rx.len(), "a lone worker's one queue");
         Ok(())
     }
 

@@ -86,7 +86,7 @@ pub struct KeyspaceInner {
     /// Database-level stats
     pub(crate) stats: Arc<Stats>,
 
-    pub(crate) worker_messager: flume::Sender<WorkerMessage>,
+    pub(crate) worker_messager: crate::worker_pool::WorkerMessager,
 
     #[expect(unused)]
     lock_file: LockedFileGuard,
