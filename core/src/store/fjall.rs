@@ -80,6 +80,11 @@ pub struct FjallOptions {
     /// the runs overlap. Like the filters below, fixed when a keyspace is created: fjall
     /// keeps a keyspace's options with it.
     pub level0_runs_max: u8,
+    /// `level0_runs_max` of the dedupe records' keyspace. Its records are written once under
+    /// keys spread over the whole bucket, so every merge of level 0 rewrites all of level 1:
+    /// merging sixteen runs at a time instead of four took a tenth of the edge's CPU off a
+    /// sustained loop (decision 0040). Its lookups are rare (the dedupe filter answers most).
+    pub dedupe_level0_runs_max: u8,
     /// Filters in partitions, of which a lookup reads one, instead of one filter per table.
     /// A full filter is about 1.25 bytes per key, over a megabyte for a 64 MiB table, and a
     /// lookup the block cache cannot serve reads it whole and checksums it: for a store
@@ -111,6 +116,7 @@ impl Default for FjallOptions {
             dedupe_filter_bytes_max: 16 * 1024 * 1024,
             dedupe_filter_warm_keys_max: 65_536,
             level0_runs_max: 4,
+            dedupe_level0_runs_max: 16,
             filters_partitioned: false,
             direct_journal_writes: true,
             workers_idle_unless_behind: false,
@@ -137,6 +143,23 @@ pub struct FjallStore {
     written_since_erase: std::sync::atomic::AtomicBool,
     /// The background workers' priority, when `workers_idle_unless_behind` applies.
     worker_priority: Option<WorkerPriority>,
+    /// Per keyspace (`tagged`, then `misc`): the level-0 runs at which fjall merges level 0
+    /// into level 1.
+    level0_runs_max: Vec<usize>,
+}
+
+/// The level-0 runs at which fjall merges `keyspace`'s level 0 into level 1, as the keyspace
+/// was created (fjall's default, 4, if it does not say).
+fn level0_runs_max_of(keyspace: &Keyspace) -> usize {
+    use fjall::compaction::CompactionStrategy;
+    keyspace
+        .config
+        .compaction_strategy
+        .get_config()
+        .into_iter()
+        .find(|(key, _)| &key[..] == b"leveled_l0_threshold")
+        .and_then(|(_, value)| value.first().copied())
+        .map_or(4, usize::from)
 }
 
 /// The dedupe filter of a store just opened (`DedupeFilter::opened`).
@@ -212,13 +235,13 @@ impl FjallStore {
             .map_err(|error| {
                 StoreError::Io(format!("cannot open store at {}: {error}", path.display()))
             })?;
-        let open_keyspace = |name: &str| {
+        let open_keyspace = |name: &str, level0_runs_max: u8| {
             db.keyspace(name, || {
                 let create = KeyspaceCreateOptions::default()
                     .max_memtable_size(options.memtable_bytes_max)
                     .compaction_strategy(std::sync::Arc::new(
                         fjall::compaction::Leveled::default()
-                            .with_l0_threshold(options.level0_runs_max.max(1)),
+                            .with_l0_threshold(level0_runs_max.max(1)),
                     ));
                 if options.filters_partitioned {
                     create.filter_block_partitioning_policy(fjall::config::PartitioningPolicy::all(
@@ -232,9 +255,23 @@ impl FjallStore {
         };
         let tagged = PARTITIONED_TAGS
             .iter()
-            .map(|tag| open_keyspace(&format!("tag-{}", *tag as char)))
+            .map(|tag| {
+                let level0_runs_max = if *tag == keys::TAG_DEDUPE {
+                    options.dedupe_level0_runs_max
+                } else {
+                    options.level0_runs_max
+                };
+                open_keyspace(&format!("tag-{}", *tag as char), level0_runs_max)
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let misc = open_keyspace(MISC_KEYSPACE)?;
+        let misc = open_keyspace(MISC_KEYSPACE, options.level0_runs_max)?;
+        // What each keyspace was created with: fjall keeps a keyspace's options, so a store
+        // created before a default changed keeps its own.
+        let level0_runs_max = tagged
+            .iter()
+            .chain(std::iter::once(&misc))
+            .map(level0_runs_max_of)
+            .collect();
         let dedupe_filter = open_dedupe_filter(
             &tagged[FjallStore::keyspace_index(&[keys::TAG_DEDUPE])],
             options.dedupe_filter_bytes_max,
@@ -265,6 +302,7 @@ impl FjallStore {
             worker_priority: (options.workers_idle_unless_behind
                 && worker_priority::idle_priority_reversible())
             .then(|| WorkerPriority::new(options.worker_threads.max(1))),
+            level0_runs_max,
         })
     }
 
@@ -281,16 +319,20 @@ impl FjallStore {
         self.worker_priority.as_ref().map(WorkerPriority::status)
     }
 
-    /// The most sealed memtables and level-0 tables of any keyspace: how far the
-    /// background workers are behind.
+    /// The most sealed memtables and level-0 tables past their mark of any keyspace: how far
+    /// the background workers are behind.
     fn backlog(&self) -> Backlog {
-        self.keyspaces()
-            .fold(Backlog::default(), |most, keyspace| Backlog {
+        self.keyspaces().zip(&self.level0_runs_max).fold(
+            Backlog::default(),
+            |most, (keyspace, runs_max)| Backlog {
                 sealed_memtables_max: most
                     .sealed_memtables_max
                     .max(keyspace.sealed_memtable_count()),
-                level0_tables_max: most.level0_tables_max.max(keyspace.l0_table_count()),
-            })
+                level0_tables_over_max: most.level0_tables_over_max.max(
+                    worker_priority::level0_tables_over(keyspace.l0_table_count(), *runs_max),
+                ),
+            },
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -805,3 +847,34 @@ impl Store for FjallStore {
 }
 
 overlay::overlay_transaction!(FjallTransaction<'_>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new store's dedupe keyspace merges level 0 at `dedupe_level0_runs_max` runs and the
+    /// others at `level0_runs_max`; a store created with other values keeps them when it is
+    /// opened with new defaults, and the backlog counts from what each keyspace has.
+    #[test]
+    fn each_keyspace_keeps_the_level0_mark_it_was_created_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dedupe = FjallStore::keyspace_index(&[keys::TAG_DEDUPE]);
+        let message = FjallStore::keyspace_index(&[keys::TAG_MESSAGE]);
+        {
+            let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("open");
+            assert_eq!(store.level0_runs_max[dedupe], 16);
+            assert_eq!(store.level0_runs_max[message], 4);
+            assert_eq!(store.level0_runs_max.len(), PARTITIONED_TAGS.len() + 1);
+        }
+        let other = tempfile::tempdir().expect("tempdir");
+        let created = FjallOptions {
+            level0_runs_max: 6,
+            dedupe_level0_runs_max: 5,
+            ..FjallOptions::default()
+        };
+        drop(FjallStore::open(other.path(), &created).expect("create"));
+        let store = FjallStore::open(other.path(), &FjallOptions::default()).expect("reopen");
+        assert_eq!(store.level0_runs_max[dedupe], 5);
+        assert_eq!(store.level0_runs_max[message], 6);
+    }
+}

@@ -290,6 +290,7 @@ fn dedupe_tier_options(direct_writes: bool) -> FjallOptions {
         dedupe_filter_bytes_max: 0,
         dedupe_filter_warm_keys_max: 0,
         level0_runs_max: 16,
+        dedupe_level0_runs_max: 16,
         filters_partitioned: true,
         ..FjallOptions::default()
     }

@@ -16,9 +16,18 @@ use std::time::{Duration, Instant};
 /// Sealed memtables of one keyspace that make the worker normal priority (fjall halts
 /// writes at 4).
 pub const SEALED_MEMTABLES_BEHIND: usize = 2;
-/// Level-0 tables of one keyspace that make the worker normal priority (fjall slows writes
-/// from 20 level-0 runs).
-pub const LEVEL0_TABLES_BEHIND: usize = 8;
+/// Level-0 tables of one keyspace beyond the runs at which it merges level 0 into level 1
+/// that make the workers normal priority (8 in all at fjall's default of 4).
+pub const LEVEL0_TABLES_OVER_BEHIND: usize = 4;
+/// fjall slows writes from this many level-0 runs in a keyspace (and halts them from 30).
+pub const LEVEL0_RUNS_SLOWED: usize = 20;
+
+/// Level-0 tables of a keyspace that merges level 0 at `runs_max` runs beyond the mark the
+/// backlog counts from: `runs_max`, but low enough that the workers are back at normal
+/// priority two runs before fjall slows writes.
+pub fn level0_tables_over(tables: usize, runs_max: usize) -> usize {
+    tables.saturating_sub(runs_max.min(LEVEL0_RUNS_SLOWED - LEVEL0_TABLES_OVER_BEHIND - 2))
+}
 /// How often the writer looks at the backlog, at most: each look reads two counts per
 /// keyspace under fjall's locks.
 const CHECK_EVERY: Duration = Duration::from_millis(2);
@@ -90,23 +99,24 @@ pub struct BackgroundPriority {
     pub behind_total: u64,
 }
 
-/// What the writer sees of fjall's backlog: per keyspace, sealed memtables and level-0
-/// tables.
+/// What the writer sees of fjall's backlog: the most sealed memtables of any keyspace, and
+/// the most level-0 tables any keyspace holds beyond the mark where it merges them
+/// (`level0_tables_over`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Backlog {
     pub sealed_memtables_max: usize,
-    pub level0_tables_max: usize,
+    pub level0_tables_over_max: usize,
 }
 
 impl Backlog {
     fn behind(self) -> bool {
         self.sealed_memtables_max >= SEALED_MEMTABLES_BEHIND
-            || self.level0_tables_max >= LEVEL0_TABLES_BEHIND
+            || self.level0_tables_over_max >= LEVEL0_TABLES_OVER_BEHIND
     }
 
-    /// Caught up: nothing waits to be flushed and level 0 is back under half the mark.
+    /// Caught up: nothing waits to be flushed and no level 0 is past its mark.
     fn caught_up(self) -> bool {
-        self.sealed_memtables_max == 0 && self.level0_tables_max < LEVEL0_TABLES_BEHIND / 2
+        self.sealed_memtables_max == 0 && self.level0_tables_over_max == 0
     }
 }
 
@@ -222,6 +232,20 @@ impl Drop for HeldNormal<'_> {
 mod tests {
     use super::*;
 
+    /// Level 0 counts from where a keyspace merges it, and from two runs before fjall slows
+    /// writes for a keyspace that merges later than that.
+    #[test]
+    fn level0_counts_from_the_keyspaces_mark() {
+        assert_eq!(level0_tables_over(3, 4), 0);
+        assert_eq!(level0_tables_over(8, 4), LEVEL0_TABLES_OVER_BEHIND);
+        assert_eq!(level0_tables_over(16, 16), 2);
+        assert_eq!(
+            level0_tables_over(LEVEL0_RUNS_SLOWED - 2, 16),
+            LEVEL0_TABLES_OVER_BEHIND,
+            "behind two runs before fjall slows writes"
+        );
+    }
+
     /// Reads the scheduling policy of thread `tid`.
     #[allow(unsafe_code)]
     fn policy_of(tid: i32) -> i32 {
@@ -258,7 +282,7 @@ mod tests {
         assert_eq!(look(quiet), libc::SCHED_IDLE);
         let one_sealed = Backlog {
             sealed_memtables_max: 1,
-            level0_tables_max: 0,
+            level0_tables_over_max: 0,
         };
         assert_eq!(
             look(one_sealed),
@@ -267,19 +291,19 @@ mod tests {
         );
         let behind = Backlog {
             sealed_memtables_max: SEALED_MEMTABLES_BEHIND,
-            level0_tables_max: 0,
+            level0_tables_over_max: 0,
         };
         assert_eq!(look(behind), libc::SCHED_OTHER);
         assert_eq!(look(behind), libc::SCHED_OTHER);
         assert_eq!(look(one_sealed), libc::SCHED_OTHER, "until caught up");
         let level0 = Backlog {
             sealed_memtables_max: 0,
-            level0_tables_max: LEVEL0_TABLES_BEHIND / 2,
+            level0_tables_over_max: 1,
         };
         assert_eq!(
             look(level0),
             libc::SCHED_OTHER,
-            "level 0 not yet under half"
+            "level 0 still past its mark"
         );
         assert_eq!(look(quiet), libc::SCHED_IDLE);
         assert_eq!(
