@@ -151,7 +151,6 @@ pub struct FjallStore {
 /// The level-0 runs at which fjall merges `keyspace`'s level 0 into level 1, as the keyspace
 /// was created (fjall's default, 4, if it does not say).
 fn level0_runs_max_of(keyspace: &Keyspace) -> usize {
-    use fjall::compaction::CompactionStrategy;
     keyspace
         .config
         .compaction_strategy

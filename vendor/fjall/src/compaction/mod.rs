@@ -6,11 +6,6 @@ pub(crate) mod worker;
 
 pub use lsm_tree::compaction::{Fifo, Leveled, Levelled};
 
-/// What a keyspace's compaction strategy is configured with (`get_config`), for an
-/// application that reads back the level-0 threshold a keyspace was created with (Courier's
-/// change, vendor/README.md).
-pub use lsm_tree::compaction::CompactionStrategy;
-
 /// Compaction filter utilities
 pub mod filter {
     pub use lsm_tree::compaction::filter::{
