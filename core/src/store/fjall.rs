@@ -62,8 +62,10 @@ pub struct FjallOptions {
     /// Bytes of journal kept before fjall flushes the memtables that pin the oldest journal.
     /// A restart replays the journal, so this bounds recovery time (fjall's minimum: 64 MiB).
     pub journal_bytes_max: u64,
-    /// After this many bytes written, every keyspace's memtable is sealed and flushed, so no
-    /// slowly written keyspace keeps old journals alive: a restart replays about this much.
+    /// After this many bytes written, every keyspace's memtable is sealed and flushed (but for
+    /// a keyspace that has a sealed memtable waiting already: it is sealed next time), so no
+    /// slowly written keyspace keeps old journals alive: a restart replays about this much,
+    /// at most about twice.
     pub flush_every_bytes: u64,
     /// Memory for the filter that answers most dedupe-record lookups without a read (decision
     /// 0018). The current and the previous dedupe bucket (a day each by default) get half of
@@ -689,6 +691,15 @@ impl FjallStore {
         if total >= self.flush_every_bytes {
             self.written_since_flush.store(0, Ordering::Relaxed);
             for keyspace in self.keyspaces() {
+                // A keyspace with a sealed memtable still waiting sealed itself since the last
+                // round (its active memtable is younger than this round's bytes), or its flushes
+                // are behind: sealing its active memtable too made two sealed memtables at once
+                // whenever a keyspace filled its memtable just before a round, and at a pace that
+                // put the workers at normal priority for a flush of both (decision 0040). It is
+                // sealed at the next round; a restart replays at most about two rounds.
+                if keyspace.sealed_memtable_count() > 0 {
+                    continue;
+                }
                 // Best effort: a memtable that cannot be sealed now is sealed by fjall later.
                 // (The memtables this frees are freed by fjall's worker: vendor/README.md.)
                 let _ = keyspace.rotate_memtable();

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Sealed memtables of one keyspace that make the worker normal priority (fjall halts
+/// Sealed memtables of one keyspace that make the workers normal priority (fjall halts
 /// writes at 4).
 pub const SEALED_MEMTABLES_BEHIND: usize = 2;
 /// Level-0 tables of one keyspace beyond the runs at which it merges level 0 into level 1
