@@ -322,8 +322,7 @@ pub struct StoreSection {
     pub fjall_workers_idle_unless_behind: bool,
     /// `engine = "fjall"`: fjall's background threads per shard's store. With two or more,
     /// one of them only flushes memtables and the others only compact, so a flush never waits
-    /// behind a compaction; with one, that thread does both, and a sustained loop that
-    /// saturates the core halts writes for up to a second now and then.
+    /// behind a compaction; with one, that thread does both (decision 0040).
     pub fjall_worker_threads: usize,
     pub foundationdb: FoundationDbSection,
 }

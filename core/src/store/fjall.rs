@@ -52,9 +52,8 @@ pub struct FjallOptions {
     /// Block cache bytes.
     pub cache_bytes: u64,
     /// fjall's background threads for flushes and compactions. With two or more, one only
-    /// flushes and the others only compact, so a flush never waits behind a compaction: with
-    /// one, fjall halted writes for up to a second in a sustained loop while four sealed
-    /// memtables waited for the compaction in progress (vendor/README.md, docs/benchmarks.md).
+    /// flushes and the others only compact, so a flush never waits behind a compaction
+    /// (decision 0040, vendor/README.md); with one, it does both.
     pub worker_threads: usize,
     /// Bytes of the in-memory write buffer before it is flushed to a table. Smaller keeps
     /// memtable lookups (a skiplist) shallow; larger means fewer flushes.
@@ -84,8 +83,9 @@ pub struct FjallOptions {
     pub level0_runs_max: u8,
     /// `level0_runs_max` of the dedupe records' keyspace. Its records are written once under
     /// keys spread over the whole bucket, so every merge of level 0 rewrites all of level 1:
-    /// merging sixteen runs at a time instead of four took a tenth of the edge's CPU off a
-    /// sustained loop (decision 0040). Its lookups are rare (the dedupe filter answers most).
+    /// merging sixteen runs at a time instead of four does a quarter of the merges (a fifth
+    /// less edge CPU in a sustained loop with two workers, decision 0040). Its lookups are
+    /// rare (the dedupe filter answers most).
     pub dedupe_level0_runs_max: u8,
     /// Filters in partitions, of which a lookup reads one, instead of one filter per table.
     /// A full filter is about 1.25 bytes per key, over a megabyte for a 64 MiB table, and a
