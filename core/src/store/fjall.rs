@@ -53,7 +53,8 @@ pub struct FjallOptions {
     pub cache_bytes: u64,
     /// fjall's background threads for flushes and compactions. With two or more, one only
     /// flushes and the others only compact, so a flush never waits behind a compaction
-    /// (decision 0040, vendor/README.md); with one, it does both.
+    /// (decision 0040, vendor/README.md); with one, it does both. 0 only in tests: nothing
+    /// is ever flushed, and writes halt once a keyspace has four sealed memtables.
     pub worker_threads: usize,
     /// Bytes of the in-memory write buffer before it is flushed to a table. Smaller keeps
     /// memtable lookups (a skiplist) shallow; larger means fewer flushes.
@@ -229,7 +230,7 @@ impl FjallStore {
     pub fn open(path: &Path, options: &FjallOptions) -> Result<FjallStore, StoreError> {
         let db = Database::builder(path)
             .cache_size(options.cache_bytes)
-            .worker_threads(options.worker_threads.max(1))
+            .worker_threads_unchecked(options.worker_threads)
             .max_journaling_size(options.journal_bytes_max.max(64 * 1024 * 1024))
             .journal_direct_writes(options.direct_journal_writes)
             .open()
@@ -861,6 +862,7 @@ overlay::overlay_transaction!(FjallTransaction<'_>);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Store, Transaction};
 
     /// A new store's dedupe keyspace merges level 0 at `dedupe_level0_runs_max` runs and the
     /// others at `level0_runs_max`; a store created with other values keeps them when it is
@@ -886,5 +888,33 @@ mod tests {
         let store = FjallStore::open(other.path(), &FjallOptions::default()).expect("reopen");
         assert_eq!(store.level0_runs_max[dedupe], 5);
         assert_eq!(store.level0_runs_max[message], 6);
+    }
+
+    /// The periodic seal (every `flush_every_bytes` written) leaves alone a keyspace whose
+    /// sealed memtable still waits for its flush: sealing its active memtable too made two at
+    /// once, which stalled a sustained loop (decision 0040). Without workers nothing is
+    /// flushed, so the sealed memtables stay where the rounds left them.
+    #[test]
+    fn the_periodic_seal_leaves_a_keyspace_with_a_sealed_memtable_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallOptions {
+            worker_threads: 0,
+            flush_every_bytes: 1024 * 1024,
+            ..FjallOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), &options).expect("open");
+        let message = FjallStore::keyspace_index(&[keys::TAG_MESSAGE]);
+        let body = vec![7u8; 16 * 1024];
+        // Three rounds' worth of writes, all to the message keyspace.
+        for seq in 0..3 * 64 + 8 {
+            let mut txn = store.begin().expect("begin");
+            txn.set(&keys::message(1, seq), &body);
+            txn.commit().expect("commit");
+        }
+        assert_eq!(
+            store.keyspace_at(message).sealed_memtable_count(),
+            1,
+            "sealed once, then left alone while that one waits"
+        );
     }
 }
