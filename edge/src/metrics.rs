@@ -273,7 +273,7 @@ impl Metrics {
         );
         let store_background_behind = family!(
             "store_background_behind",
-            "Times fjall's background work piled up (two sealed memtables or eight level-0 tables in a keyspace) and its workers went back to normal priority; fjall halts writes at four sealed memtables"
+            "Times fjall's background work piled up (two sealed memtables, or four level-0 tables past where a keyspace merges them) and its workers went back to normal priority; fjall halts writes at four sealed memtables"
         );
         let mesh_backlog_messages = family!(
             "mesh_backlog_messages",

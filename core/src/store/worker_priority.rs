@@ -1,5 +1,5 @@
-//! fjall's background worker (memtable flushes and compactions) at idle priority while it
-//! keeps up, and at normal priority once it falls behind (decision 0039).
+//! fjall's background workers (memtable flushes and compactions) at idle priority while they
+//! keep up, and at normal priority once they fall behind (decision 0039).
 //!
 //! The worker runs for 2–5 ms at a time on whatever core it shares with a shard, and the
 //! scheduler lets it finish its slice before a woken shard runs: at a pace, those waits were
