@@ -243,10 +243,16 @@ struct WorkerState {
 }
 
 impl WorkerState {
+    /// Whether compactions have a queue of their own: the messager's routing decides, so
+    /// that what is sent and what is taken cannot disagree.
+    fn compactions_apart(&self) -> bool {
+        self.sender.compactions_apart
+    }
+
     /// The next task. Worker 0 of several takes only flushes and memtable rotations, the
     /// others only compactions; a lone worker takes everything from the one queue.
     fn recv(&self) -> Option<WorkerMessage> {
-        if self.pool_size > 1 && self.worker_id > 0 {
+        if self.compactions_apart() && self.worker_id > 0 {
             self.compact_rx.recv().ok()
         } else {
             self.rx.recv().ok()
@@ -255,7 +261,11 @@ impl WorkerState {
 
     /// Workers that compact.
     fn compactors(&self) -> usize {
-        self.pool_size.saturating_sub(1).max(1)
+        if self.compactions_apart() {
+            self.pool_size - 1
+        } else {
+            1
+        }
     }
 }
 
@@ -360,7 +370,7 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                 }
             }
 
-            if ctx.pool_size > 1 {
+            if ctx.compactions_apart() {
                 gather_sealed_memtables(&task, &ctx.supervisor);
             }
 
