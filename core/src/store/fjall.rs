@@ -1,9 +1,9 @@
-//! The embedded default store: fjall 3, one fsync per commit.
+//! The embedded default store: fjall 3, one `fdatasync` per commit.
 //!
 //! One writer at a time: a transaction holds the store's lock from `begin` to `commit`, reads
 //! the latest committed state, and commits its writes as one fjall write batch persisted with
-//! `PersistMode::SyncAll` before `commit` returns. Readers (`begin_read`) take no lock: they
-//! read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync
+//! `PersistMode::SyncData` before `commit` returns (decision 0041). Readers (`begin_read`) take
+//! no lock: they read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync
 //! poisons the fjall database; every later call then fails with [`StoreError::Poisoned`] until
 //! the process reopens the store and recovers from the journal.
 
@@ -39,9 +39,12 @@ const COMPACTION_ATTEMPTS_MAX: usize = 5;
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// `fsync` of the journal before `commit` returns. The default.
+    /// `fsync` of the journal before `commit` returns: also the file's timestamps, which on a
+    /// journaling file system commits the file system's journal whenever they changed.
     SyncAll,
-    /// `fdatasync`: skips file metadata that recovery does not need.
+    /// `fdatasync` of the journal before `commit` returns: the data and whatever metadata
+    /// reading it back needs (blocks allocated, a new size), not the timestamps. The default
+    /// (decision 0041); equally durable, since fjall's recovery reads no timestamp.
     SyncData,
 }
 
@@ -108,7 +111,7 @@ pub struct FjallOptions {
 impl Default for FjallOptions {
     fn default() -> FjallOptions {
         FjallOptions {
-            durability: Durability::SyncAll,
+            durability: Durability::SyncData,
             cache_bytes: 64 * 1024 * 1024,
             worker_threads: 2,
             memtable_bytes_max: 8 * 1024 * 1024,
@@ -863,6 +866,22 @@ overlay::overlay_transaction!(FjallTransaction<'_>);
 mod tests {
     use super::*;
     use crate::store::{Store, Transaction};
+
+    /// A store opened with the defaults, as the edge opens it, syncs each commit's journal
+    /// bytes with `fdatasync` (decision 0041); one asked for `SyncAll` keeps it.
+    #[test]
+    fn commits_sync_the_journals_data_unless_asked_for_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("open");
+        assert_eq!(store.persist_mode, PersistMode::SyncData);
+        drop(store);
+        let options = FjallOptions {
+            durability: Durability::SyncAll,
+            ..FjallOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), &options).expect("reopen");
+        assert_eq!(store.persist_mode, PersistMode::SyncAll);
+    }
 
     /// A new store's dedupe keyspace merges level 0 at `dedupe_level0_runs_max` runs and the
     /// others at `level0_runs_max`; a store created with other values keeps them when it is
