@@ -151,8 +151,12 @@ impl Target {
                 "[tls]\ncert_path = \"{public_cert}\"\nkey_path = \"{public_key}\"\n\n\
                  [auth]\nsigning_key_path = \"{signing_key}\"\n\n\
                  [cluster]\nedge_id = {id}\nca_cert_path = \"{ca_cert}\"\n\
-                 cert_path = \"{link_cert}\"\nkey_path = \"{link_key}\"\n{member_tables}\n{extra}"
+                 cert_path = \"{link_cert}\"\nkey_path = \"{link_key}\"\n{member_tables}\n"
             );
+            let mut config: toml::Table = config
+                .parse()
+                .map_err(|e| format!("the cluster member's config: {e}"))?;
+            merge_config(&mut config, extra.clone());
             cluster.push(SpawnedEdge::start_on(
                 *addr,
                 args.edge_shards,
@@ -311,24 +315,92 @@ impl Target {
     }
 }
 
-/// What a spawned edge's config gets after its own sections: `--edge-config`, and the
-/// edge's side of `--ack-delay-ms`.
-fn spawned_edge_extra(args: &TargetArgs) -> Result<String, String> {
-    let extra = match &args.edge_config {
+/// Keys of `[server]` the harness sets itself: an `--edge-config` that sets them is refused.
+const HARNESS_SERVER_KEYS: [&str; 4] = ["listen", "data_dir", "shards", "pin_shards"];
+
+/// What a spawned edge's config gets besides its own sections: `--edge-config`, and the
+/// edge's side of `--ack-delay-ms`, to be merged into them (`merge_config`).
+fn spawned_edge_extra(args: &TargetArgs) -> Result<toml::Table, String> {
+    let text = match &args.edge_config {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read --edge-config {}: {e}", path.display()))?,
         None => String::new(),
     };
-    let Some(ms) = args.ack_delay_ms else {
+    edge_extra_from(&text, args.ack_delay_ms)
+}
+
+fn edge_extra_from(text: &str, ack_delay_ms: Option<u64>) -> Result<toml::Table, String> {
+    let mut extra: toml::Table = text
+        .parse()
+        .map_err(|e| format!("--edge-config is not a valid TOML file: {e}"))?;
+    if let Some(server) = extra.get("server").and_then(toml::Value::as_table)
+        && let Some(key) = HARNESS_SERVER_KEYS
+            .iter()
+            .find(|key| server.contains_key(**key))
+    {
+        return Err(format!(
+            "--edge-config sets server.{key}, which the spawned edge gets from the load \
+             generator (its address, a temporary data directory, --edge-shards, and shards \
+             left unpinned for --edge-cpus): leave it out"
+        ));
+    }
+    let Some(ms) = ack_delay_ms else {
         return Ok(extra);
     };
-    if extra.lines().any(|line| line.trim() == "[quic]") {
+    let quic = extra
+        .entry("quic")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(quic) = quic.as_table_mut() else {
+        return Err("--edge-config: `quic` must be a section".into());
+    };
+    if quic.contains_key("client_ack_delay_ms") {
         return Err(
-            "--ack-delay-ms and a [quic] section in --edge-config: set client_ack_delay_ms in that section instead"
-                .into(),
+            "--ack-delay-ms and quic.client_ack_delay_ms in --edge-config: set one of them".into(),
         );
     }
-    Ok(format!("[quic]\nclient_ack_delay_ms = {ms}\n{extra}"))
+    let ms = i64::try_from(ms).map_err(|_| format!("--ack-delay-ms {ms}: too large"))?;
+    quic.insert("client_ack_delay_ms".into(), toml::Value::Integer(ms));
+    Ok(extra)
+}
+
+/// The spawned edge's config file: the harness's `[server]` keys with `extra` merged in.
+fn spawned_edge_config(
+    addr: SocketAddr,
+    data_dir: &std::path::Path,
+    shards: u32,
+    extra: &toml::Table,
+) -> Result<String, String> {
+    let mut server = toml::Table::new();
+    server.insert("listen".into(), toml::Value::String(addr.to_string()));
+    let data_dir = data_dir.to_str().ok_or_else(|| {
+        format!(
+            "the temporary directory {} is not UTF-8",
+            data_dir.display()
+        )
+    })?;
+    server.insert("data_dir".into(), toml::Value::String(data_dir.into()));
+    server.insert("shards".into(), toml::Value::Integer(i64::from(shards)));
+    server.insert("pin_shards".into(), toml::Value::Boolean(false));
+    let mut config = toml::Table::new();
+    config.insert("server".into(), toml::Value::Table(server));
+    merge_config(&mut config, extra.clone());
+    toml::to_string(&config).map_err(|e| format!("cannot write the edge config: {e}"))
+}
+
+/// Merges `from` into `into`: sections present in both are merged key by key, and a key of
+/// `from` replaces the same key of `into`. So `--edge-config` can add keys to `[server]`, which
+/// the harness writes too, where appending a second `[server]` would not parse.
+fn merge_config(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(into_section)), toml::Value::Table(from_section)) => {
+                merge_config(into_section, from_section);
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
 }
 
 fn read_key(path: &std::path::Path) -> Result<SigningKey, String> {
@@ -364,7 +436,7 @@ impl SpawnedEdge {
     fn start(
         shards: u32,
         cpus: Option<&[usize]>,
-        extra: &str,
+        extra: &toml::Table,
         cert_key: courier_edge::tls::DevCertKey,
     ) -> Result<SpawnedEdge, String> {
         let dir =
@@ -385,7 +457,7 @@ impl SpawnedEdge {
         addr: SocketAddr,
         shards: u32,
         cpus: Option<&[usize]>,
-        extra: &str,
+        extra: &toml::Table,
     ) -> Result<SpawnedEdge, String> {
         let dir =
             tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
@@ -397,13 +469,10 @@ impl SpawnedEdge {
         addr: SocketAddr,
         shards: u32,
         cpus: Option<&[usize]>,
-        extra: &str,
+        extra: &toml::Table,
     ) -> Result<SpawnedEdge, String> {
         let config_path = dir.path().join("courier.toml");
-        let config = format!(
-            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nshards = {shards}\npin_shards = false\n{extra}\n",
-            dir.path().join("data").display()
-        );
+        let config = spawned_edge_config(addr, &dir.path().join("data"), shards, extra)?;
         std::fs::write(&config_path, config)
             .map_err(|e| format!("cannot write the edge config: {e}"))?;
         let cpus = cpus.map(|cpus| {
@@ -789,6 +858,44 @@ pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--edge-config` adds keys to the sections the harness writes (`[server]` among them)
+    /// instead of a second section the edge would refuse, adds its own sections, and may not
+    /// set what the harness owns; `--ack-delay-ms` joins a `[quic]` section the file has.
+    #[test]
+    fn edge_config_is_merged_into_the_harness_config() {
+        let extra = edge_extra_from(
+            "[server]\nstore_writer_nice = 0\n[store]\nengine = \"log\"\n[quic]\nidle_timeout_ms = 9000\n",
+            Some(200),
+        )
+        .expect("valid extra");
+        let text = spawned_edge_config(
+            "127.0.0.1:4433".parse().expect("addr"),
+            std::path::Path::new("/tmp/edge-data"),
+            2,
+            &extra,
+        )
+        .expect("config");
+        let config: toml::Table = text.parse().expect("the merged config parses");
+        let server = config["server"].as_table().expect("server");
+        assert_eq!(server["listen"].as_str(), Some("127.0.0.1:4433"));
+        assert_eq!(server["data_dir"].as_str(), Some("/tmp/edge-data"));
+        assert_eq!(server["shards"].as_integer(), Some(2));
+        assert_eq!(server["store_writer_nice"].as_integer(), Some(0));
+        assert_eq!(config["store"]["engine"].as_str(), Some("log"));
+        assert_eq!(config["quic"]["idle_timeout_ms"].as_integer(), Some(9000));
+        assert_eq!(
+            config["quic"]["client_ack_delay_ms"].as_integer(),
+            Some(200)
+        );
+
+        let owned = edge_extra_from("[server]\nshards = 4\n", None).expect_err("harness key");
+        assert!(owned.contains("server.shards"), "{owned}");
+        let twice =
+            edge_extra_from("[quic]\nclient_ack_delay_ms = 5\n", Some(200)).expect_err("set twice");
+        assert!(twice.contains("set one of them"), "{twice}");
+        assert!(edge_extra_from("[server\n", None).is_err());
+    }
 
     #[test]
     fn thread_usage_is_summed_per_role_over_the_run() {

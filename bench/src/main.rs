@@ -83,8 +83,9 @@ pub struct TargetArgs {
     /// CPUs the load generator may run on, like `1` (default: any).
     #[arg(long, global = true, value_parser = parse_cpus)]
     pub bench_cpus: Option<CpuList>,
-    /// A TOML file appended to the spawned edge's config, like a `[retention]` section with a
-    /// short `erase_within_secs`.
+    /// A TOML file merged into the spawned edge's config, like a `[retention]` section with a
+    /// short `erase_within_secs` or `[server]` with `store_writer_nice = 0` (the keys the load
+    /// generator sets itself, `server.listen`, `data_dir`, `shards` and `pin_shards`, are refused).
     #[arg(long, global = true)]
     pub edge_config: Option<PathBuf>,
     /// QUIC acknowledgement delay in both directions, in ms (1 to 1000; default 25 both
