@@ -3,9 +3,9 @@
 //! One writer at a time: a transaction holds the store's lock from `begin` to `commit`, reads
 //! the latest committed state, and commits its writes as one fjall write batch persisted with
 //! `PersistMode::SyncData` before `commit` returns (decision 0041). Readers (`begin_read`) take
-//! no lock: they read a fjall snapshot, so a sync never waits for a commit's fsync. A failed write or fsync
-//! poisons the fjall database; every later call then fails with [`StoreError::Poisoned`] until
-//! the process reopens the store and recovers from the journal.
+//! no lock: they read a fjall snapshot, so a sync never waits for a commit's fsync. A failed
+//! write or fsync poisons the fjall database; every later call then fails with
+//! [`StoreError::Poisoned`] until the process reopens the store and recovers from the journal.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
