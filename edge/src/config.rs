@@ -596,6 +596,12 @@ fn toml_key_of_core_field(field: &'static str) -> &'static str {
     }
 }
 
+/// `batching.receive_linger_us` by default (decision 0042).
+const RECEIVE_LINGER_US_DEFAULT: u64 = 0;
+/// Highest `batching.receive_linger_us`: a send's datagram may wait this long before the
+/// shard reads it, which adds to its delivery's latency.
+const RECEIVE_LINGER_US_MAX: u64 = 10_000;
+
 /// Lowest `retention.dedupe_window_secs` (see `Config::validate_on`).
 const DEDUPE_WINDOW_SECS_MIN: u64 = 600;
 
@@ -640,6 +646,11 @@ pub struct BatchingSection {
     /// Batches a shard has in flight: 2 writes the next while the previous one's fsync runs
     /// (the log engine, decision 0027); 1 commits one at a time.
     pub batches_in_flight_max: usize,
+    /// How long a shard leaves datagrams in its socket after a wake-up, so that those arriving
+    /// meanwhile share the next one (and their sends one commit): each datagram waits at most
+    /// this long. 0 wakes for every datagram. Paused while it gathers fewer than two
+    /// (decision 0042).
+    pub receive_linger_us: u64,
 }
 
 impl Default for ServerSection {
@@ -760,6 +771,7 @@ impl Default for BatchingSection {
             ack_commit_delay_ms: core.ack_commit_delay_ms,
             commit_slow_ms: core.commit_slow_ms,
             batches_in_flight_max: core.batches_in_flight_max,
+            receive_linger_us: RECEIVE_LINGER_US_DEFAULT,
         }
     }
 }
@@ -910,6 +922,12 @@ impl Config {
             return invalid(
                 "tls.cert_path/tls.key_path",
                 "both set, or both empty for the development certificate",
+            );
+        }
+        if self.batching.receive_linger_us > RECEIVE_LINGER_US_MAX {
+            return invalid(
+                "batching.receive_linger_us",
+                "at most 10000 (10 ms): every datagram may wait this long; 0 turns it off",
             );
         }
         if self.tls.session_cache_entries == 0 {

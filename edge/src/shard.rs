@@ -57,11 +57,13 @@ use tracing::{debug, info, warn};
 use crate::backend::ShardStore;
 
 mod links;
+mod receive_linger;
 use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
 use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
 use links::ConnKind;
+use receive_linger::{NextRead, ReceiveLinger};
 
 /// How far the wall clock may be behind the stores' high-water mark at start before the
 /// operator is warned (the mark can run a little ahead of the wall clock: it is never set
@@ -850,16 +852,30 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();
     let mut metas = vec![quinn_udp::RecvMeta::default(); batch];
-    let datagrams_max = shard.borrow().config.limits.datagrams_per_wakeup_max;
+    let (datagrams_max, linger) = {
+        let config = &shard.borrow().config;
+        (
+            config.limits.datagrams_per_wakeup_max,
+            Duration::from_micros(config.batching.receive_linger_us),
+        )
+    };
+    let mut linger = ReceiveLinger::new(linger, datagrams_max);
+    let mut next = NextRead::WhenReadable;
     let mut peek = [0u8; 1];
     loop {
-        // Peeking waits for readability without taking the datagram; quinn-udp reads it below.
-        // Through the ring alone: the socket was usually just drained, so a first
-        // non-blocking try (glommio's `peek_from`) would mostly fail.
-        if let Err(error) = socket.glommio.peek_through_ring(&mut peek).await {
-            warn!(%error, "socket peek failed");
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-            continue;
+        match next {
+            // Peeking waits for readability without taking the datagram; quinn-udp reads it
+            // below. Through the ring alone: the socket was usually just drained, so a first
+            // non-blocking try (glommio's `peek_from`) would mostly fail.
+            NextRead::WhenReadable => {
+                if let Err(error) = socket.glommio.peek_through_ring(&mut peek).await {
+                    warn!(%error, "socket peek failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+            // What arrived meanwhile is read below; an empty socket reads nothing.
+            NextRead::After(wait) => glommio::timer::sleep(wait).await,
         }
         let mut handled = 0;
         while handled < datagrams_max {
@@ -900,6 +916,7 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
                 break;
             }
         }
+        next = linger.after_reads(Instant::now(), handled);
         glommio::yield_if_needed().await;
     }
 }
