@@ -92,6 +92,8 @@ pub struct Metrics {
     commit_batches: Family<ShardLabel, Counter>,
     commit_failures: Family<ShardLabel, Counter>,
     commit_batches_overlapped: Family<ShardLabel, Counter>,
+    receive_lingers: Family<ShardLabel, Counter>,
+    receive_linger_datagrams: Family<ShardLabel, Counter>,
     commit_batch_requests: Histograms<ShardLabel>,
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
@@ -209,6 +211,15 @@ impl Metrics {
             "commit_batches_overlapped",
             "Batches written while more waited, their fsync then overlapping the next batch's \
              work (the log engine, decision 0027)"
+        );
+        let receive_lingers = family!(
+            "receive_lingers",
+            "Times the shard left datagrams in its socket after a wake-up \
+             (batching.receive_linger_us, decision 0042)"
+        );
+        let receive_linger_datagrams = family!(
+            "receive_linger_datagrams",
+            "Datagrams read after a linger: divided by the lingers, the datagrams each gathered"
         );
         let commit_batch_requests: Histograms<ShardLabel> =
             Family::new_with_constructor(batch_histogram as fn() -> Histogram);
@@ -347,6 +358,8 @@ impl Metrics {
             commit_batches,
             commit_failures,
             commit_batches_overlapped,
+            receive_lingers,
+            receive_linger_datagrams,
             commit_batch_requests,
             commit_duration,
             sync_reads,
@@ -439,6 +452,8 @@ impl Metrics {
             commit_batches: self.commit_batches.get_or_create_owned(&label),
             commit_failures: self.commit_failures.get_or_create_owned(&label),
             commit_batches_overlapped: self.commit_batches_overlapped.get_or_create_owned(&label),
+            receive_lingers: self.receive_lingers.get_or_create_owned(&label),
+            receive_linger_datagrams: self.receive_linger_datagrams.get_or_create_owned(&label),
             commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
@@ -566,6 +581,8 @@ pub struct ShardMetrics {
     pub commit_batches: Counter,
     pub commit_failures: Counter,
     pub commit_batches_overlapped: Counter,
+    pub receive_lingers: Counter,
+    pub receive_linger_datagrams: Counter,
     pub commit_batch_requests: Histogram,
     pub commit_duration: Histogram,
     pub sync_reads: Counter,

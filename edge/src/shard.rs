@@ -916,7 +916,19 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
                 break;
             }
         }
-        next = linger.after_reads(Instant::now(), handled);
+        {
+            let shard = shard.borrow();
+            if let NextRead::After(_) = next {
+                shard
+                    .metrics
+                    .receive_linger_datagrams
+                    .inc_by(handled as u64);
+            }
+            next = linger.after_reads(Instant::now(), handled);
+            if let NextRead::After(_) = next {
+                shard.metrics.receive_lingers.inc();
+            }
+        }
         glommio::yield_if_needed().await;
     }
 }

@@ -904,6 +904,62 @@ async fn the_log_engine_overlaps_batches_when_sends_queue_up() {
     );
 }
 
+/// With `batching.receive_linger_us` at its highest (decision 0042), every shard reads its
+/// socket after lingering: ten senders write to ten receivers across two shards at once, and
+/// every message arrives once, each sender's in order. The lingers happened and gathered
+/// datagrams (the metrics count both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_shards_deliver_every_message_in_order() {
+    const PAIRS: u64 = 10;
+    const MESSAGES: u32 = 30;
+    let metrics = free_addr();
+    let edge = Edge::start_with(
+        2,
+        &format!("[metrics]\nlisten = \"{metrics}\"\n[batching]\nreceive_linger_us = 10000\n"),
+        &[],
+    );
+    let mut receivers = Vec::new();
+    for pair in 0..PAIRS {
+        receivers.push(edge.client(300 + pair).await);
+    }
+    let mut senders = Vec::new();
+    for pair in 0..PAIRS {
+        let client = edge.client(400 + pair).await;
+        senders.push(tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                client
+                    .send(300 + pair, i.to_be_bytes().to_vec())
+                    .await
+                    .expect("send");
+            }
+        }));
+    }
+    for (pair, receiver) in (0..PAIRS).zip(&mut receivers) {
+        for i in 0..MESSAGES {
+            let got = next_message(receiver).await;
+            assert_eq!(
+                (got.from, got.seq, got.body),
+                (400 + pair, u64::from(i) + 1, i.to_be_bytes().to_vec()),
+                "receiver {pair} gets its sender's messages once, in order"
+            );
+        }
+    }
+    for sender in senders {
+        sender.await.expect("sender task");
+    }
+    for receiver in &mut receivers {
+        assert_quiet(receiver).await;
+    }
+    let lingers = metric_sum_at(metrics, "courier_receive_lingers_total").expect("metrics");
+    let gathered =
+        metric_sum_at(metrics, "courier_receive_linger_datagrams_total").expect("metrics");
+    assert!(lingers > 0.0, "no shard lingered");
+    assert!(
+        gathered > 0.0,
+        "the lingers read nothing: {lingers} lingers"
+    );
+}
+
 /// A user's connections beyond `limits.connections_per_user_max` are refused with the
 /// retryable `TooManyConnections` (before, `LimitExceeded`, which clients take as fatal: a
 /// client that met the cap on a reconnect stopped for good), and a device gets in once
