@@ -1454,7 +1454,9 @@ mod tests {
         assert!(error.contains("batching.batches_in_flight_max"), "{error}");
         let mut config = Config::default();
         config.batching.receive_linger_us = RECEIVE_LINGER_US_MAX;
-        config.validate("test").expect("the highest linger is accepted");
+        config
+            .validate("test")
+            .expect("the highest linger is accepted");
         config.batching.receive_linger_us = RECEIVE_LINGER_US_MAX + 1;
         let error = config.validate("test").unwrap_err().to_string();
         assert!(error.contains("batching.receive_linger_us"), "{error}");
