@@ -16,6 +16,8 @@
 //! the borrow only wake tasks (`try_send`), they never run them. The tasks:
 //! - the socket task waits for readability (io_uring peek), then drains at most
 //!   `datagrams_per_wakeup_max` datagrams with quinn-udp (GRO) and hands them to the endpoint;
+//!   with `batching.receive_linger_us` set it may instead sleep that long after a wake-up and
+//!   read what arrived meanwhile (`receive_linger`, decision 0042);
 //! - one task per mesh peer receives cross-shard messages;
 //! - the timer task drives quinn's timeouts;
 //! - commit, sync and expiry tasks hand the store work to the shard's store threads
