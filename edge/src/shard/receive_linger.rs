@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 /// Lingers judged together: arrivals at a steady rate still vary from one linger to the next.
 const LINGERS_PER_ROUND: u32 = 8;
 
-/// Datagrams a round's lingers must gather, each one's on average at least 1.5: a linger costs
-/// one timer's wake-up and saves one for each datagram it gathers.
+/// Datagrams a round's lingers must gather: 1.5 each on average. A linger costs one timer's
+/// wake-up and saves one for each datagram it gathers, so it pays from more than one; the
+/// half is a margin for the latency it adds.
 const ROUND_DATAGRAMS_MIN: usize = LINGERS_PER_ROUND as usize * 3 / 2;
 
-/// How long lingering stays off after a linger that did not pay.
+/// How long lingering stays off after a round of lingers that did not pay, or a burst.
 pub(super) const LINGER_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the socket task does after a wake-up.
