@@ -648,8 +648,8 @@ pub struct BatchingSection {
     pub batches_in_flight_max: usize,
     /// How long a shard leaves datagrams in its socket after a wake-up, so that those arriving
     /// meanwhile share the next one (and their sends one commit): each datagram waits at most
-    /// this long. 0 wakes for every datagram. Paused while it gathers fewer than two
-    /// (decision 0042).
+    /// this long. 0 wakes for every datagram. Paused for a while when a round of lingers
+    /// gathered fewer than 1.5 datagrams each, or one gathered a burst (decision 0042).
     pub receive_linger_us: u64,
 }
 

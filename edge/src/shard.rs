@@ -918,7 +918,9 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
                 break;
             }
         }
-        {
+        // With the linger off (the default) every wake-up waits for readability: no clock
+        // read, no borrow.
+        if linger.is_on() {
             let shard = shard.borrow();
             if let NextRead::After(_) = next {
                 shard

@@ -64,9 +64,14 @@ impl ReceiveLinger {
         }
     }
 
+    /// Whether it may ever linger (a zero linger never does).
+    pub(super) fn is_on(&self) -> bool {
+        !self.linger.is_zero()
+    }
+
     /// Decides what to do after a wake-up that read `datagrams` datagrams at `now`.
     pub(super) fn after_reads(&mut self, now: Instant, datagrams: usize) -> NextRead {
-        if self.linger.is_zero() {
+        if !self.is_on() {
             return NextRead::WhenReadable;
         }
         if std::mem::take(&mut self.after_linger) {
