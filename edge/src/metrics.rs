@@ -94,6 +94,7 @@ pub struct Metrics {
     commit_batches_overlapped: Family<ShardLabel, Counter>,
     receive_lingers: Family<ShardLabel, Counter>,
     receive_linger_datagrams: Family<ShardLabel, Counter>,
+    quic_acks_sent_early: Family<ShardLabel, Counter>,
     commit_batch_requests: Histograms<ShardLabel>,
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
@@ -220,6 +221,11 @@ impl Metrics {
         let receive_linger_datagrams = family!(
             "receive_linger_datagrams",
             "Datagrams read after a linger: divided by the lingers, the datagrams each gathered"
+        );
+        let quic_acks_sent_early = family!(
+            "quic_acks_sent_early",
+            "Delayed QUIC acknowledgements sent in a wake-up the shard had for other work, \
+             before they were due, instead of in a timer wake-up of their own"
         );
         let commit_batch_requests: Histograms<ShardLabel> =
             Family::new_with_constructor(batch_histogram as fn() -> Histogram);
@@ -360,6 +366,7 @@ impl Metrics {
             commit_batches_overlapped,
             receive_lingers,
             receive_linger_datagrams,
+            quic_acks_sent_early,
             commit_batch_requests,
             commit_duration,
             sync_reads,
@@ -454,6 +461,7 @@ impl Metrics {
             commit_batches_overlapped: self.commit_batches_overlapped.get_or_create_owned(&label),
             receive_lingers: self.receive_lingers.get_or_create_owned(&label),
             receive_linger_datagrams: self.receive_linger_datagrams.get_or_create_owned(&label),
+            quic_acks_sent_early: self.quic_acks_sent_early.get_or_create_owned(&label),
             commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
@@ -583,6 +591,7 @@ pub struct ShardMetrics {
     pub commit_batches_overlapped: Counter,
     pub receive_lingers: Counter,
     pub receive_linger_datagrams: Counter,
+    pub quic_acks_sent_early: Counter,
     pub commit_batch_requests: Histogram,
     pub commit_duration: Histogram,
     pub sync_reads: Counter,

@@ -1676,4 +1676,87 @@ mod tests {
         assert!(!path.exists() && !saving_path(&path).exists());
         assert!(cache.is_empty());
     }
+
+    /// A delayed acknowledgement leaves when the edge asks for it within the window it names,
+    /// and not before (`Connection::send_delayed_ack_due_by`, a vendor patch of quinn-proto,
+    /// vendor/README.md): a shard awake for other work sends an acknowledgement due soon
+    /// instead of waking again for its timer, and never one due later than it asked about.
+    #[test]
+    fn a_delayed_acknowledgement_leaves_early_only_when_due_within_the_window() {
+        let mut pair = Pair::new();
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "the handshake finished"
+        );
+        // Past every delayed acknowledgement of the handshake.
+        (0..60).for_each(|_| pair.drive(1));
+        let stream = pair
+            .client_conn
+            .1
+            .streams()
+            .open(quinn_proto::Dir::Bi)
+            .unwrap();
+        pair.client_conn
+            .1
+            .send_stream(stream)
+            .write(b"one ack-eliciting packet")
+            .unwrap();
+        let now = pair.now;
+        let mut buf = Vec::new();
+        let transmit = pair
+            .client_conn
+            .1
+            .poll_transmit(now, 1, &mut buf)
+            .expect("the stream data");
+        assert!(pair.deliver_to_server(&buf[..transmit.size]));
+        let server = pair.server_conn();
+        let due = server
+            .poll_timeout()
+            .expect("a delayed-acknowledgement timer");
+        assert!(
+            due > now,
+            "one packet is acknowledged after a delay, not at once"
+        );
+        let acks_before = server.stats().frame_tx.acks;
+        buf.clear();
+        assert!(
+            server.poll_transmit(now, 1, &mut buf).is_none(),
+            "nothing leaves before the delay"
+        );
+
+        let short = due - now - Duration::from_millis(1);
+        assert!(
+            !server.send_delayed_ack_due_by(now + short),
+            "an acknowledgement due later than the window stays delayed"
+        );
+        buf.clear();
+        assert!(server.poll_transmit(now, 1, &mut buf).is_none());
+        assert_eq!(server.poll_timeout(), Some(due), "its timer is unchanged");
+
+        assert!(
+            server.send_delayed_ack_due_by(due),
+            "an acknowledgement due within the window is sent"
+        );
+        buf.clear();
+        let transmit = server
+            .poll_transmit(now, 1, &mut buf)
+            .expect("the acknowledgement, now");
+        assert_eq!(server.stats().frame_tx.acks, acks_before + 1);
+        assert!(
+            server.poll_timeout().is_none_or(|next| next > due),
+            "its timer is gone"
+        );
+        assert!(
+            !server.send_delayed_ack_due_by(due),
+            "nothing left to acknowledge"
+        );
+        let client_acks_before = pair.client_conn.1.stats().frame_rx.acks;
+        assert!(pair.deliver_to_client(&buf[..transmit.size]));
+        assert_eq!(
+            pair.client_conn.1.stats().frame_rx.acks,
+            client_acks_before + 1,
+            "the client received it"
+        );
+    }
 }

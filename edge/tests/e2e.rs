@@ -960,6 +960,67 @@ async fn lingering_shards_deliver_every_message_in_order() {
     );
 }
 
+/// A recipient's acknowledgement of a delivery, at a low rate, is acknowledged by the edge in
+/// a wake-up it has anyway (here, a busy pair's traffic) before QUIC's delay is up, instead of
+/// in a timer wake-up of its own; every message still arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_due_soon_leave_in_wake_ups_the_edge_has_anyway() {
+    const SLOW_MESSAGES: u32 = 10;
+    let metrics = free_addr();
+    // Lingering 10 ms, the shard wakes about that often for the busy pair: an acknowledgement
+    // due between two such wake-ups leaves in the first, up to the linger plus 1 ms early.
+    let edge = Edge::start_with(
+        1,
+        &format!("[metrics]\nlisten = \"{metrics}\"\n[batching]\nreceive_linger_us = 10000\n"),
+        &[],
+    );
+    let mut slow_receiver = edge.client(520).await;
+    let slow_sender = edge.client(521).await;
+    let mut busy_receiver = edge.client(522).await;
+    let busy_sender = edge.client(523).await;
+    let busy_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let busy_done = busy_done.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !busy_done.load(std::sync::atomic::Ordering::Relaxed) {
+                busy_sender
+                    .send(522, sent.to_be_bytes().to_vec())
+                    .await
+                    .expect("busy send");
+                sent += 1;
+            }
+            sent
+        })
+    };
+    for i in 0..SLOW_MESSAGES {
+        slow_sender
+            .send(520, i.to_be_bytes().to_vec())
+            .await
+            .expect("slow send");
+        let got = next_message(&mut slow_receiver).await;
+        assert_eq!(
+            (got.from, got.seq, got.body),
+            (521, u64::from(i) + 1, i.to_be_bytes().to_vec())
+        );
+        // Longer than QUIC's 25 ms acknowledgement delay: nothing else goes to the slow
+        // receiver that its acknowledgement could ride in.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    busy_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let busy_sent = busy.await.expect("busy task");
+    for i in 0..busy_sent {
+        let got = next_message(&mut busy_receiver).await;
+        assert_eq!((got.from, got.body), (523, i.to_be_bytes().to_vec()));
+    }
+    assert_quiet(&mut slow_receiver).await;
+    let early = metric_sum_at(metrics, "courier_quic_acks_sent_early_total").expect("metrics");
+    assert!(
+        early >= f64::from(SLOW_MESSAGES / 2),
+        "{early} acknowledgements sent early for {SLOW_MESSAGES} slow deliveries"
+    );
+}
+
 /// A user's connections beyond `limits.connections_per_user_max` are refused with the
 /// retryable `TooManyConnections` (before, `LimitExceeded`, which clients take as fatal: a
 /// client that met the cap on a reconnect stopped for good), and a device gets in once

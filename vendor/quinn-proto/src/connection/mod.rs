@@ -1271,6 +1271,21 @@ impl Connection {
         }
     }
 
+    /// Courier patch (vendor/README.md): sends the Data space's delayed acknowledgement with
+    /// the next [`poll_transmit`](Self::poll_transmit) if it is due by `by`, and says whether
+    /// it will. An endpoint awake for other work sends an acknowledgement due a few
+    /// milliseconds later now, instead of waking again for it: early is always allowed, only
+    /// later than `max_ack_delay` is not.
+    pub fn send_delayed_ack_due_by(&mut self, by: Instant) -> bool {
+        if !self.timers.is_expired(Timer::MaxAckDelay, by) {
+            return false;
+        }
+        self.timers.stop(Timer::MaxAckDelay);
+        let pending = &mut self.spaces[SpaceId::Data].pending_acks;
+        pending.on_max_ack_delay_timeout();
+        pending.can_send()
+    }
+
     /// Close a connection immediately
     ///
     /// This does not ensure delivery of outstanding data. It is the application's responsibility to
