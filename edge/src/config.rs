@@ -601,8 +601,6 @@ const RECEIVE_LINGER_US_DEFAULT: u64 = 0;
 /// Highest `batching.receive_linger_us`: a send's datagram may wait this long before the
 /// shard reads it, which adds to its delivery's latency.
 const RECEIVE_LINGER_US_MAX: u64 = 10_000;
-/// Highest `batching.receive_wait_for_writer_us`, for the same reason.
-const RECEIVE_WAIT_FOR_WRITER_US_MAX: u64 = 10_000;
 
 /// Lowest `retention.dedupe_window_secs` (see `Config::validate_on`).
 const DEDUPE_WINDOW_SECS_MIN: u64 = 600;
@@ -653,11 +651,6 @@ pub struct BatchingSection {
     /// this long. 0 wakes for every datagram. Paused for a while when a round of lingers
     /// gathered fewer than 1.5 datagrams each, or one gathered a burst (decision 0042).
     pub receive_linger_us: u64,
-    /// How long at most a shard leaves datagrams in its socket while its writer holds a
-    /// commit: they are read when the writer gives the commit back, in the wake-up that costs
-    /// anyway, and their sends could not start a commit before then. 0 reads them as they
-    /// come (decision 0042's later note).
-    pub receive_wait_for_writer_us: u64,
 }
 
 impl Default for ServerSection {
@@ -779,7 +772,6 @@ impl Default for BatchingSection {
             commit_slow_ms: core.commit_slow_ms,
             batches_in_flight_max: core.batches_in_flight_max,
             receive_linger_us: RECEIVE_LINGER_US_DEFAULT,
-            receive_wait_for_writer_us: 0,
         }
     }
 }
@@ -936,12 +928,6 @@ impl Config {
             return invalid(
                 "batching.receive_linger_us",
                 "at most 10000 (10 ms): every datagram may wait this long; 0 turns it off",
-            );
-        }
-        if self.batching.receive_wait_for_writer_us > RECEIVE_WAIT_FOR_WRITER_US_MAX {
-            return invalid(
-                "batching.receive_wait_for_writer_us",
-                "at most 10000 (10 ms): a datagram may wait this long; 0 turns it off",
             );
         }
         if self.tls.session_cache_entries == 0 {
@@ -1474,17 +1460,6 @@ mod tests {
         config.batching.receive_linger_us = RECEIVE_LINGER_US_MAX + 1;
         let error = config.validate("test").unwrap_err().to_string();
         assert!(error.contains("batching.receive_linger_us"), "{error}");
-        let mut config = Config::default();
-        config.batching.receive_wait_for_writer_us = RECEIVE_WAIT_FOR_WRITER_US_MAX;
-        config
-            .validate("test")
-            .expect("the longest wait for the writer is accepted");
-        config.batching.receive_wait_for_writer_us = RECEIVE_WAIT_FOR_WRITER_US_MAX + 1;
-        let error = config.validate("test").unwrap_err().to_string();
-        assert!(
-            error.contains("batching.receive_wait_for_writer_us"),
-            "{error}"
-        );
     }
 
     /// A dedupe window shorter than a client's retries (or a replayed 0-RTT send) can take

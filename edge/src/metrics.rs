@@ -95,7 +95,6 @@ pub struct Metrics {
     receive_lingers: Family<ShardLabel, Counter>,
     receive_linger_datagrams: Family<ShardLabel, Counter>,
     quic_acks_sent_early: Family<ShardLabel, Counter>,
-    receive_writer_waits: Family<ShardLabel, Counter>,
     commit_batch_requests: Histograms<ShardLabel>,
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
@@ -222,11 +221,6 @@ impl Metrics {
         let receive_linger_datagrams = family!(
             "receive_linger_datagrams",
             "Datagrams read after a linger: divided by the lingers, the datagrams each gathered"
-        );
-        let receive_writer_waits = family!(
-            "receive_writer_waits",
-            "Times the shard left datagrams in its socket until its writer gave a commit back \
-             (batching.receive_wait_for_writer_us)"
         );
         let quic_acks_sent_early = family!(
             "quic_acks_sent_early",
@@ -373,7 +367,6 @@ impl Metrics {
             receive_lingers,
             receive_linger_datagrams,
             quic_acks_sent_early,
-            receive_writer_waits,
             commit_batch_requests,
             commit_duration,
             sync_reads,
@@ -469,7 +462,6 @@ impl Metrics {
             receive_lingers: self.receive_lingers.get_or_create_owned(&label),
             receive_linger_datagrams: self.receive_linger_datagrams.get_or_create_owned(&label),
             quic_acks_sent_early: self.quic_acks_sent_early.get_or_create_owned(&label),
-            receive_writer_waits: self.receive_writer_waits.get_or_create_owned(&label),
             commit_batch_requests: self.commit_batch_requests.get_or_create_owned(&label),
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
@@ -600,7 +592,6 @@ pub struct ShardMetrics {
     pub receive_lingers: Counter,
     pub receive_linger_datagrams: Counter,
     pub quic_acks_sent_early: Counter,
-    pub receive_writer_waits: Counter,
     pub commit_batch_requests: Histogram,
     pub commit_duration: Histogram,
     pub sync_reads: Counter,

@@ -80,7 +80,6 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// Timer entries one wake-up looks at for delayed acknowledgements due soon
 /// (`Shard::send_acks_due_soon`).
 const ACKS_EARLY_ENTRIES_MAX: usize = 64;
-
 /// How often a shard checks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 /// Bytes of one receive buffer; GRO may coalesce up to 64 KiB.
@@ -293,8 +292,6 @@ pub struct Shard {
     /// idle deadline per timer fire and was 8% of the edge's CPU at 10,000 msgs/s.)
     timers: BTreeSet<(Instant, usize, u64)>,
     timer_wake: Option<LocalSender<()>>,
-    /// Tells the client socket's receive loop that the writer gave the committer back.
-    writer_free_wake: Option<LocalSender<()>>,
     armed_deadline: Option<Instant>,
     /// When waiting acks are due to be committed on their own (server ms and its instant).
     batch_timer: Option<(u64, Instant)>,
@@ -601,7 +598,6 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         next_generation: 1,
         timers: BTreeSet::new(),
         timer_wake: None,
-        writer_free_wake: None,
         armed_deadline: None,
         batch_timer: None,
         dirty: Vec::new(),
@@ -836,15 +832,13 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         }
     });
     if let Some(link_socket) = link_socket {
-        spawn_task(receive_loop(shard.clone(), link_socket, None));
+        spawn_task(receive_loop(shard.clone(), link_socket));
     }
-    let (writer_free_tx, writer_free_rx) = local_channel::new_bounded::<()>(1);
-    shard.borrow_mut().writer_free_wake = Some(writer_free_tx);
     futures_lite::future::or(
         async {
             let _ = end_rx.recv().await;
         },
-        receive_loop(shard, socket, Some(writer_free_rx)),
+        receive_loop(shard, socket),
     )
     .await;
     end_tasks().await;
@@ -859,24 +853,15 @@ struct OwnCommitDone {
 }
 
 /// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
-async fn receive_loop(
-    shard: Rc<RefCell<Shard>>,
-    socket: Rc<Socket>,
-    writer_free: Option<local_channel::LocalReceiver<()>>,
-) {
+async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();
     let mut metas = vec![quinn_udp::RecvMeta::default(); batch];
-    let (datagrams_max, linger, writer_wait) = {
+    let (datagrams_max, linger) = {
         let config = &shard.borrow().config;
         (
             config.limits.datagrams_per_wakeup_max,
             Duration::from_micros(config.batching.receive_linger_us),
-            // The link socket's loop (no notice) reads as datagrams come.
-            match writer_free {
-                Some(_) => Duration::from_micros(config.batching.receive_wait_for_writer_us),
-                None => Duration::ZERO,
-            },
         )
     };
     let mut linger = ReceiveLinger::new(linger, datagrams_max);
@@ -887,21 +872,6 @@ async fn receive_loop(
             // Peeking waits for readability without taking the datagram; quinn-udp reads it
             // below. Through the ring alone: the socket was usually just drained, so a first
             // non-blocking try (glommio's `peek_from`) would mostly fail.
-            // While the writer holds a commit, the sends arriving could not start another:
-            // they are read when it gives the commit back, in the wake-up that costs anyway.
-            NextRead::WhenReadable
-                if writer_wait > Duration::ZERO && shard.borrow().committer.is_none() =>
-            {
-                let writer_free = writer_free.as_ref().expect("waits only with the notice");
-                shard.borrow().metrics.receive_writer_waits.inc();
-                futures_lite::future::or(
-                    async {
-                        let _ = writer_free.recv().await;
-                    },
-                    glommio::timer::sleep(writer_wait),
-                )
-                .await;
-            }
             NextRead::WhenReadable => {
                 if let Err(error) = socket.glommio.peek_through_ring(&mut peek).await {
                     warn!(%error, "socket peek failed");
@@ -2292,9 +2262,6 @@ impl Shard {
                     committer.forget_cached();
                 }
                 shard.committer = Some(committer);
-                if let Some(wake) = &shard.writer_free_wake {
-                    let _ = wake.try_send(());
-                }
                 match result {
                     Ok((outcomes, Some(sync))) => {
                         shard.metrics.commit_batches_overlapped.inc();

@@ -960,57 +960,6 @@ async fn lingering_shards_deliver_every_message_in_order() {
     );
 }
 
-/// A shard that leaves its socket unread while its writer holds a commit
-/// (`batching.receive_wait_for_writer_us`) still delivers every message of concurrent pairs
-/// once and in order, and it did wait.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shards_waiting_for_their_writer_deliver_every_message_in_order() {
-    const PAIRS: u64 = 10;
-    const MESSAGES: u32 = 30;
-    let metrics = free_addr();
-    let edge = Edge::start_with(
-        2,
-        &format!(
-            "[metrics]\nlisten = \"{metrics}\"\n[batching]\nreceive_wait_for_writer_us = 10000\n"
-        ),
-        &[],
-    );
-    let mut receivers = Vec::new();
-    for pair in 0..PAIRS {
-        receivers.push(edge.client(600 + pair).await);
-    }
-    let mut senders = Vec::new();
-    for pair in 0..PAIRS {
-        let client = edge.client(700 + pair).await;
-        senders.push(tokio::spawn(async move {
-            for i in 0..MESSAGES {
-                client
-                    .send(600 + pair, i.to_be_bytes().to_vec())
-                    .await
-                    .expect("send");
-            }
-        }));
-    }
-    for (pair, receiver) in (0..PAIRS).zip(&mut receivers) {
-        for i in 0..MESSAGES {
-            let got = next_message(receiver).await;
-            assert_eq!(
-                (got.from, got.seq, got.body),
-                (700 + pair, u64::from(i) + 1, i.to_be_bytes().to_vec()),
-                "receiver {pair} gets its sender's messages once, in order"
-            );
-        }
-    }
-    for sender in senders {
-        sender.await.expect("sender task");
-    }
-    for receiver in &mut receivers {
-        assert_quiet(receiver).await;
-    }
-    let waits = metric_sum_at(metrics, "courier_receive_writer_waits_total").expect("metrics");
-    assert!(waits > 0.0, "no shard waited for its writer");
-}
-
 /// A recipient's acknowledgement of a delivery, at a low rate, is acknowledged by the edge in
 /// a wake-up it has anyway (here, a busy pair's traffic) before QUIC's delay is up, instead of
 /// in a timer wake-up of its own; every message still arrives once and in order.
