@@ -1295,10 +1295,7 @@ impl Shard {
     /// task sleeps for, wakes it now (the executor is running: no wake-up of the core) to
     /// sleep for the new one, instead of waking later for nothing.
     fn timer_task_sleeps_on(&mut self) {
-        let connections_next = self.timers.first().map(|(at, _, _)| *at);
-        let batch_next = self.batch_timer.map(|(_, at)| at);
-        let earliest = connections_next.into_iter().chain(batch_next).min();
-        let later = match (earliest, self.armed_deadline) {
+        let later = match (self.earliest_deadline(), self.armed_deadline) {
             (_, None) => false,
             (None, Some(_)) => true,
             (Some(earliest), Some(armed)) => earliest > armed,
@@ -1660,9 +1657,15 @@ impl Shard {
         {
             self.session.handle_deadlines(now_ms);
         }
+        self.armed_deadline = self.earliest_deadline();
+    }
+
+    /// The earliest of the connections' timers and the batch timer: what the timer task
+    /// sleeps for.
+    fn earliest_deadline(&self) -> Option<Instant> {
         let connections_next = self.timers.first().map(|(at, _, _)| *at);
         let batch_next = self.batch_timer.map(|(_, at)| at);
-        self.armed_deadline = connections_next.into_iter().chain(batch_next).min();
+        connections_next.into_iter().chain(batch_next).min()
     }
 
     /// Runs a connection's state machine after an input: endpoint events, application
