@@ -1483,6 +1483,14 @@ pub mod raw {
             write_frame(&mut self.send, frame).await
         }
 
+        /// Ends the stream's sending half, as a client closing gracefully does after its
+        /// last frames; the server's answers can still be read.
+        pub fn finish(&mut self) -> Result<(), ClientError> {
+            self.send
+                .finish()
+                .map_err(|e| ClientError::Connect(format!("finish failed: {e}")))
+        }
+
         /// The next frame from the server, or the error that closed the connection.
         pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
             let mut chunk = vec![0u8; 64 * 1024];

@@ -1807,8 +1807,11 @@ impl Shard {
         };
         loop {
             // Backpressure: a client that does not read its answers stops being read; QUIC
-            // flow control then stops it from sending. Reading resumes on `Writable`.
-            let paused = self.session.input_paused(self.conn_ref(handle, conn));
+            // flow control then stops it from sending. Reading resumes on `Writable`. While
+            // decoding waits (input paused, or parked for the mesh) reading waits too: read
+            // on, it could reach the stream's end and close the connection with frames still
+            // undecoded (`ResumeInput` and `resume_parked` read on).
+            let paused = self.session.input_paused(self.conn_ref(handle, conn)) || conn.parked;
             if paused || conn.outbuf.len() >= self.config.limits.outbound_bytes_per_connection_max {
                 if conn.partial_frame {
                     // The rest of the frame may wait in QUIC's buffer: not the client's delay.

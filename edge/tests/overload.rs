@@ -375,3 +375,58 @@ async fn a_log_store_at_its_memory_bound_holds_sends_until_acks_free_room() {
         .expect("the held send is delivered once the store has room");
     assert_eq!(&delivery.body[..4], &held.to_be_bytes()[..]);
 }
+
+/// Every frame a client wrote before ending its stream is decoded while the mesh is
+/// congested: the shard stops reading the stream until the mesh drains. Before the fix it read
+/// on to the stream's end while its frames waited undecoded, and closed the connection with
+/// them dropped (a graceful close's last ack was lost that way). Each round's sends go to
+/// users on both shards and fill a one-message mesh; the edge counts the frames it decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_before_a_finished_stream_are_decoded_while_the_mesh_is_congested() {
+    let metrics = free_addr();
+    let edge = Edge::start_with(
+        2,
+        &format!("[metrics]\nlisten = \"{metrics}\"\n[limits]\nmesh_channel_messages_max = 1\n"),
+        &[],
+    );
+    let connector = edge.connector();
+    const ROUNDS: u64 = 5;
+    const SENDS: u64 = 200;
+    for round in 0..ROUNDS {
+        let mut raw = edge.raw_session(&connector, 960 + round, 0).await;
+        let mut bytes = Vec::new();
+        for i in 0..SENDS {
+            let send = Frame::Send {
+                client_id: i + 1,
+                to: 5_000 + i % 16,
+                body: i.to_be_bytes().to_vec(),
+                ttl_secs: None,
+            };
+            bytes.extend(courier_protocol::encode_to_vec(&send).expect("encode"));
+        }
+        let ping = Frame::Ping { nonce: round };
+        bytes.extend(courier_protocol::encode_to_vec(&ping).expect("encode"));
+        raw.write_bytes(&bytes).await.expect("write");
+        raw.finish().expect("finish");
+        // The edge closes the connection once it has read the stream's end.
+        let closed = tokio::time::timeout(EVENT_TIMEOUT, raw.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "round {round}: the edge closed the connection"
+        );
+    }
+    let decoded = |kind: &str| {
+        common::metric_at(
+            metrics,
+            "courier_frames_received_total",
+            &format!("kind=\"{kind}\""),
+        )
+        .expect("metrics listener")
+    };
+    assert_eq!(
+        decoded("send"),
+        (ROUNDS * SENDS) as f64,
+        "every send decoded"
+    );
+    assert_eq!(decoded("ping"), ROUNDS as f64, "every last frame decoded");
+}
