@@ -1190,6 +1190,9 @@ impl Shard {
                     let mut shard = shard.borrow_mut();
                     shard.mesh_backlog[peer].clear();
                     shard.mesh_draining[peer] = false;
+                    // The backlog that parked connections is gone with it.
+                    shard.resume_parked();
+                    shard.after_input();
                     return;
                 }
                 let mut shard = shard.borrow_mut();
@@ -2807,19 +2810,37 @@ fn flush_outbuf(conn: &mut Conn) {
     let Some(id) = conn.stream else {
         return;
     };
-    if conn.outbuf.is_empty() {
-        return;
+    if let Err(error) = write_outbuf(&mut conn.quic, id, &mut conn.outbuf) {
+        debug!(%error, "stream write failed; closing the connection");
+        close_for_stopped_stream(conn);
     }
-    match conn.quic.send_stream(id).write(&conn.outbuf) {
-        Ok(written) => {
-            conn.outbuf.drain(..written);
+}
+
+/// Writes as much of `outbuf` to stream `id` as QUIC takes now, and removes it from `outbuf`.
+/// A write QUIC takes only part of is tried once more, to be refused: a refusal (`Blocked`)
+/// is what makes quinn report the stream `Writable` once it has room again, and a partial
+/// write alone does not. Without it a connection that stopped being read for a full `outbuf`
+/// was never read again when its own send window, not the client, had held the answers back.
+pub(crate) fn write_outbuf(
+    quic: &mut quinn_proto::Connection,
+    id: StreamId,
+    outbuf: &mut Vec<u8>,
+) -> Result<(), quinn_proto::WriteError> {
+    // The first write, and the one that registers for `Writable` after a partial one.
+    const WRITES_MAX: usize = 2;
+    for _ in 0..WRITES_MAX {
+        if outbuf.is_empty() {
+            break;
         }
-        Err(quinn_proto::WriteError::Blocked) => {}
-        Err(error) => {
-            debug!(%error, "stream write failed; closing the connection");
-            close_for_stopped_stream(conn);
+        match quic.send_stream(id).write(outbuf) {
+            Ok(written) => {
+                outbuf.drain(..written);
+            }
+            Err(quinn_proto::WriteError::Blocked) => break,
+            Err(error) => return Err(error),
         }
     }
+    Ok(())
 }
 
 /// The peer stopped the connection's only stream (STOP_SENDING), or a write to it failed:

@@ -1772,4 +1772,74 @@ mod tests {
             "the client received it"
         );
     }
+
+    /// A stream write the edge's send window cut short leaves the stream registered for a
+    /// `Writable` event, which comes once acknowledgements free the window
+    /// (`shard::write_outbuf`). The shard stops reading a connection whose answers fill its
+    /// outbound buffer and reads it again on that event; quinn raises it only for a stream
+    /// whose write was refused, so after a partial write alone it never came.
+    #[test]
+    fn a_write_cut_short_by_the_send_window_is_told_when_there_is_room() {
+        let mut pair = Pair::new();
+        pair.drive(100);
+        let client_stream = pair
+            .client_conn
+            .1
+            .streams()
+            .open(quinn_proto::Dir::Bi)
+            .unwrap();
+        pair.client_conn
+            .1
+            .send_stream(client_stream)
+            .write(b"open")
+            .unwrap();
+        pair.drive(10);
+        let stream = pair
+            .server_conn()
+            .streams()
+            .accept(quinn_proto::Dir::Bi)
+            .expect("the client's stream");
+        // More than the edge's send window (and less than the client's stream window, so
+        // that the edge's own window is what cuts the write short).
+        let send_window = Config::default().quic.send_window_bytes as usize;
+        let mut outbuf = vec![7u8; send_window + 100_000];
+        crate::shard::write_outbuf(pair.server_conn(), stream, &mut outbuf).unwrap();
+        assert_eq!(outbuf.len(), 100_000, "the send window took what it holds");
+
+        let mut writable = false;
+        let mut buf = Vec::new();
+        for _ in 0..2_000 {
+            pair.now += Duration::from_millis(1);
+            let now = pair.now;
+            while let Some(transmit) = {
+                buf.clear();
+                pair.server_conn().poll_transmit(now, 1, &mut buf)
+            } {
+                pair.deliver_to_client(&buf[..transmit.size]);
+            }
+            read_available(&mut pair.client_conn.1, stream);
+            while let Some(transmit) = {
+                buf.clear();
+                pair.client_conn.1.poll_transmit(now, 1, &mut buf)
+            } {
+                pair.deliver_to_server(&buf[..transmit.size]);
+            }
+            let server = pair.server_conn();
+            server.handle_timeout(now);
+            while let Some(event) = server.poll() {
+                writable |= matches!(
+                    event,
+                    quinn_proto::Event::Stream(quinn_proto::StreamEvent::Writable { id })
+                        if id == stream
+                );
+            }
+            if writable {
+                break;
+            }
+        }
+        assert!(
+            writable,
+            "the stream was reported writable once the window had room"
+        );
+    }
 }
