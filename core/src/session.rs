@@ -2544,7 +2544,9 @@ impl<A: Authenticator> EdgeSession<A> {
 
     /// Ends the login (unregisters it at its home shard) and asks the driver to close.
     fn close(&mut self, conn: ConnRef, code: ErrorCode, reason: String) {
-        if self.conn(conn).is_none() {
+        if self.conn(conn).is_none() || self.is_leaving(conn) {
+            // Redirected or closed already: a second close would cut it short (the `Goaway`
+            // with the address to reconnect to, not yet sent, would be discarded).
             return;
         }
         let user = self.user_of(conn);

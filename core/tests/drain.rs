@@ -214,3 +214,30 @@ fn an_early_frame_on_a_redirected_connection_does_not_close_it_again() {
         "a second close: {after:?}"
     );
 }
+
+/// A client redirected at its `Hello` that ends its stream before reading the answer (the
+/// driver reads `Hello` and the stream's end in one go): the end does not close the connection
+/// again, which would discard the `Goaway` and its address before it is sent.
+#[test]
+fn a_stream_ended_after_a_redirecting_hello_does_not_close_it_again() {
+    let now = 1_700_000_000_000;
+    let user = user_of(2);
+    let mut shard = session();
+    let conn = conn(0);
+    shard.open_connection(now, conn);
+    shard.handle_frame(now, conn, hello(user, 0), false);
+    shard.close_connection(conn, ErrorCode::ShuttingDown, "stream finished".into());
+    let effects = effects(&mut shard);
+    assert!(
+        effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Redirect { .. })),
+        "{effects:?}"
+    );
+    assert!(
+        !effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Close { .. })),
+        "a second close: {effects:?}"
+    );
+}
