@@ -18,8 +18,9 @@
 //! - A lost connection is re-established with jittered exponential backoff (capped at
 //!   [`ConnectOptions::reconnect_backoff_max`], 2 s by default). `Hello` carries what the device
 //!   holds (delivery resumes after it) apart from what it consumed (the server may delete that).
-//! - [`Client::close`] (or dropping the client) sends the last ack before it closes, and a
-//!   closed client never reconnects.
+//! - [`Client::close`] (or dropping the client) sends the last ack before it closes (when the
+//!   client had no connection then, over one made for it, given at most a second), and a
+//!   closed client never reconnects; [`Client::recv`] hands out nothing after it.
 //! - A new connection sends few datagrams: path MTU discovery probes 1,452 bytes first (one
 //!   probe where quinn's search takes four), and the TLS key exchange is ring's unless the
 //!   application passes other groups ([`Connector::with_key_exchange_groups`]; `courier-bench`
@@ -631,6 +632,11 @@ impl Client {
     /// The next message or signal, in sequence order; `None` once the client is closed. With
     /// `auto_ack`, handing out a message acknowledges it.
     pub async fn recv(&mut self) -> Option<Incoming> {
+        if self.control.borrow().close {
+            // What the driver buffered before the close would be handed out with acks that
+            // no longer go anywhere, and delivered again at the next login.
+            return None;
+        }
         let incoming = self.incoming.recv().await?;
         if let Incoming::Message(delivery) = &incoming {
             self.handed_up_to
@@ -1026,6 +1032,7 @@ impl Driver {
                         if redirected_after_welcome {
                             let delay = self.session.reconnect_delay_ms(rand::random());
                             if self.wait_or_close(Duration::from_millis(delay)).await {
+                                self.flush_acks_at_close().await;
                                 self.fail(ClientError::Shutdown);
                                 return;
                             }
@@ -1049,6 +1056,7 @@ impl Driver {
             }
             let delay = self.session.reconnect_delay_ms(rand::random());
             if self.wait_or_close(Duration::from_millis(delay)).await {
+                self.flush_acks_at_close().await;
                 self.fail(ClientError::Shutdown);
                 return;
             }
@@ -1165,7 +1173,13 @@ impl Driver {
                 ttl_secs,
                 waiter,
             }) => match self.session.send(client_id, to, body, ttl_secs) {
-                Ok(()) => self.waiters.entry(client_id).or_default().push(waiter),
+                Ok(()) => {
+                    // A caller that gave up on an earlier call with this id (a timeout) left
+                    // its waiter behind: retried forever, they would pile up.
+                    let waiters = self.waiters.entry(client_id).or_default();
+                    waiters.retain(|waiter| !waiter.is_closed());
+                    waiters.push(waiter);
+                }
                 Err(refused) => {
                     let _ = waiter.send(Err(refusal_error(refused)));
                 }
@@ -1242,6 +1256,41 @@ impl Driver {
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// After [`ClientSession::close`] the session holds only control frames (its last ack,
+    /// or a `Hello` carrying it): all of them go into the buffer, past its bound, so that a
+    /// buffer full of sends cannot keep the last ack out.
+    fn take_last_transmits(&mut self, link: &mut Link) -> Result<(), ClientError> {
+        while let Some(frame) = self.session.poll_transmit() {
+            courier_protocol::encode(&frame, &mut link.outbuf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The application closed the client while it had no connection. Acks it made that the
+    /// server is not known to hold (made while down, or written to a connection that then
+    /// broke) would be lost, and their messages delivered again at the next login, perhaps
+    /// to an application that no longer recognises them. One connection, within
+    /// `CLOSE_FLUSH_TIMEOUT`, carries them in its `Hello`.
+    async fn flush_acks_at_close(&mut self) {
+        if !self.session.acks_unconfirmed() {
+            return;
+        }
+        let attempt = async {
+            let (link, _zero_rtt) = Link::open(&self.connector, &self.options).await.ok()?;
+            let now = self.now();
+            self.session.connected(now);
+            self.close_link(link).await;
+            Some(())
+        };
+        if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, attempt)
+            .await
+            .is_err()
+        {
+            debug!("closed without a connection, and none carried the last ack in time");
+        }
     }
 
     async fn run_link(
@@ -1374,7 +1423,7 @@ impl Driver {
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
     /// the server to close the connection after reading it.
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
-        if self.take_transmits(&mut link).is_ok() {
+        if self.take_last_transmits(&mut link).is_ok() {
             let flush = async {
                 link.send.write_all(&link.outbuf).await.ok()?;
                 link.send.finish().ok()?;
@@ -1776,6 +1825,39 @@ mod scripted_server_tests {
         let mut body = vec![0u8; length];
         recv.read_exact(&mut body).await.expect("a frame body");
         courier_protocol::decode_body(&body).expect("a frame")
+    }
+
+    /// After `close`, `recv` hands out nothing more, not even deliveries the driver had
+    /// buffered: acked then, their acks would go nowhere, and the messages would come again
+    /// at the next login.
+    #[tokio::test]
+    async fn a_closed_client_hands_out_no_buffered_delivery() {
+        let server = Scripted::start();
+        let serve = async {
+            let (_connection, mut send, _recv) = server.welcome().await;
+            let delivery = Frame::Deliver {
+                seq: 1,
+                from: 9,
+                sent_at_ms: 0,
+                body: b"buffered".to_vec(),
+            };
+            write_frame(&mut send, &delivery).await.expect("Deliver");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let client = async {
+            let mut client = server.client().await;
+            // The driver reads the delivery into its buffer meanwhile.
+            while client.last_seq() < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.close();
+            client.recv().await.map(|_| ())
+        };
+        let received = tokio::select! {
+            received = client => received,
+            () = serve => panic!("the client did not finish in time"),
+        };
+        assert_eq!(received, None, "nothing handed out after the close");
     }
 
     /// A send the server acknowledged in the same read as a fatal error is reported stored,

@@ -382,3 +382,40 @@ async fn kill_9_loop_under_load(mut edge: Edge) -> Edge {
     assert!(edge.terminate(), "the edge stops cleanly");
     edge
 }
+
+/// Acks the application makes while its client has no connection reach the server when it
+/// closes the client then: the close makes one connection whose `Hello` carries them. Before,
+/// they were dropped, and the acknowledged messages stayed stored, to be delivered again at
+/// the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_made_without_a_connection_reach_the_server_at_close() {
+    let mut edge = Edge::start(2);
+    let alice = edge.client(1301).await;
+    let mut options = ConnectOptions::new(edge.addr, edge.token(1302, 0), 0);
+    options.auto_ack = false;
+    // Down, it stays down until the close (no reconnect of its own within the test).
+    options.reconnect_backoff_min = Duration::from_secs(60);
+    options.reconnect_backoff_max = Duration::from_secs(60);
+    let mut bob = edge.connector().connect(options).await.expect("connect");
+    let mut last_seq = 0;
+    for i in 0..3u32 {
+        alice
+            .send(1302, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+        last_seq = next_message(&mut bob).await.seq;
+    }
+    // The edge stops (bob's connection ends) and comes back; bob waits out its backoff.
+    tokio::task::block_in_place(|| {
+        assert!(edge.terminate(), "the edge stops cleanly");
+        std::thread::sleep(Duration::from_millis(300));
+        edge.spawn();
+    });
+    bob.ack(last_seq);
+    bob.close();
+    drop(alice);
+    // The close's connection has a second at most.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(stored_messages(&edge, 1302), Vec::<u64>::new());
+}

@@ -241,6 +241,12 @@ pub struct ClientSession {
     acked_up_to: u64,
     /// Highest ack the server was told on the current connection (`Hello` or `Ack`).
     ack_sent_up_to: u64,
+    /// The ack the current connection's `Hello` carried.
+    ack_in_hello: u64,
+    /// Highest ack the server is known to hold: the last `Welcome`'s (which answered a
+    /// `Hello` carrying `ack_in_hello`). Acks beyond it were written to a connection that may
+    /// have broken before they arrived, or never written.
+    ack_confirmed_up_to: u64,
     ack_due_at: Option<Millis>,
     /// The `received_up_to` a `Sync` was sent for; another gap at the same cursor waits for
     /// its answer instead of asking again.
@@ -275,6 +281,8 @@ impl ClientSession {
             received_up_to: acked_up_to,
             acked_up_to,
             ack_sent_up_to: 0,
+            ack_in_hello: 0,
+            ack_confirmed_up_to: 0,
             ack_due_at: None,
             sync_sent_for: None,
             pending: HashMap::new(),
@@ -324,6 +332,13 @@ impl ClientSession {
         self.acked_up_to <= self.ack_sent_up_to
     }
 
+    /// Whether the application acked more than the server is known to hold (the last
+    /// `Welcome` confirmed its `Hello`'s ack): acks written since may have been lost with
+    /// their connection. A client closed without a connection then makes one to carry them.
+    pub fn acks_unconfirmed(&self) -> bool {
+        self.acked_up_to > self.ack_confirmed_up_to
+    }
+
     /// Whether [`ClientSession::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -352,6 +367,7 @@ impl ClientSession {
             resume_after_seq: self.received_up_to,
         });
         self.ack_sent_up_to = self.acked_up_to;
+        self.ack_in_hello = self.acked_up_to;
         self.ack_due_at = None;
     }
 
@@ -419,6 +435,10 @@ impl ClientSession {
                 }
                 self.acked_up_to = self.acked_up_to.max(acked_up_to);
                 self.ack_sent_up_to = self.ack_sent_up_to.max(acked_up_to);
+                self.ack_confirmed_up_to = self
+                    .ack_confirmed_up_to
+                    .max(acked_up_to)
+                    .max(self.ack_in_hello);
                 // Nothing is stored between the cursor and `first_seq`: a declared hole.
                 let gone_up_to = first_seq.saturating_sub(1);
                 if gone_up_to > self.received_up_to {
