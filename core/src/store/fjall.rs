@@ -231,6 +231,9 @@ fn io_error(error: fjall::Error) -> StoreError {
 impl FjallStore {
     /// Opens the store in `path`, creating it if needed, and recovers committed data.
     pub fn open(path: &Path, options: &FjallOptions) -> Result<FjallStore, StoreError> {
+        // What fjall's recovery reads is what the disk holds, not pages a failed sync left
+        // behind.
+        super::drop_cached_pages(path);
         let db = Database::builder(path)
             .cache_size(options.cache_bytes)
             .worker_threads_unchecked(options.worker_threads)

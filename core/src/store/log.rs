@@ -1216,6 +1216,8 @@ impl LogStore {
         let mut journals_synced = 0u64;
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
+        // What recovery reads is what the disk holds, not pages a failed sync left behind.
+        super::drop_cached_pages(dir);
         let format_path = dir.join(FORMAT_FILE);
         let mut upgrade_from_v1 = false;
         // `None` while the store is of a version before salts (1 or 2): its files are read
@@ -1320,6 +1322,16 @@ impl LogStore {
             .collect();
         for (index, id) in replayed.iter().enumerate() {
             let path = dir.join(file_name(JOURNAL_PREFIX, *id));
+            // Synced before it is replayed: its last record may never have been (a crash
+            // between write and sync), and the replay may move the records' dedupe records
+            // to the tier, durably; one saying a message is stored must not outlive the
+            // message at a power cut (`journals_synced`).
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| io(format!("sync the recovered {}", path.display()), e))?;
+            journals_synced += 1;
             let bytes = read_file(&path)?;
             let (valid, ending) = replay.journal(&bytes, read_salt.seed_of(*id))?;
             // Journals after this one that hold no commit (started by a checkpoint, a reopen or
@@ -1365,15 +1377,6 @@ impl LogStore {
                         f.sync_all()
                     })
                     .map_err(|e| io(format!("cut the torn end of {}", path.display()), e))?;
-                journals_synced += 1;
-            } else if valid > 0 {
-                // Its last record may never have been synced (`journals_synced`).
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| io(format!("sync the recovered {}", path.display()), e))?;
-                journals_synced += 1;
             }
         }
         // Older files a crash left behind after a checkpoint.

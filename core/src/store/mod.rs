@@ -56,6 +56,50 @@ pub fn allocated_bytes(dir: &std::path::Path) -> u64 {
     total
 }
 
+/// Drops the page cache's copy of every file under `dir`, so that what is read next is what
+/// the disk holds. After a failed fsync Linux keeps the pages it could not write, marked clean,
+/// and reports the error once, to that fsync: a store opened again (by this process after the
+/// failure, or by a restarted one while the machine stays up) would read them back as durable
+/// commits, answer a retry of the failed commit with "stored", and lose it at the next power
+/// cut ("fsyncgate"; `core/tests/writeback_error.rs`). Pages not yet written back (dirty) are
+/// kept. At most `FILES_MAX` files; a file that cannot be opened is skipped (it cannot be read
+/// either).
+pub fn drop_cached_pages(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    /// More than a store holds: fjall's tables and journals, the log engine's segments.
+    const FILES_MAX: usize = 100_000;
+    let mut files = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                pending.push(entry.path());
+                continue;
+            }
+            if !file_type.is_file() {
+                continue;
+            }
+            files += 1;
+            if files > FILES_MAX {
+                return;
+            }
+            if let Ok(file) = std::fs::File::open(entry.path()) {
+                // SAFETY: a plain call on a file descriptor this function holds open.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
+    }
+}
+
 /// What can go wrong in a store. The doc of each variant says what the caller does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
