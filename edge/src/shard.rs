@@ -1730,6 +1730,9 @@ impl Shard {
                             "connection lost"
                         );
                     }
+                    if reason != quinn_proto::ConnectionError::LocallyClosed && !conn.closing {
+                        self.apply_last_acks(handle, &mut conn);
+                    }
                     self.session.connection_lost(conn_ref);
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
@@ -1852,6 +1855,46 @@ impl Shard {
             }
             if !got || conn.closing {
                 return;
+            }
+        }
+    }
+
+    /// The client left (closed its connection, or went silent) while frames it sent waited
+    /// here: decoding had stopped for its budget or for the mesh, or they came with its
+    /// close. Its acks are applied now. They only move its cursor, and without them what it
+    /// consumed stays stored until it logs in again: a graceful close's last ack was lost
+    /// when the edge had not read it within the second the client waits. Other frames are
+    /// dropped, as on any connection that ends. At most what QUIC's stream window holds.
+    fn apply_last_acks(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
+        /// Reads of the stream: far more than its window's worth of chunks.
+        const READS_MAX: usize = 4096;
+        let conn_ref = self.conn_ref(handle, conn);
+        if self.session.awaiting_hello(conn_ref) {
+            return;
+        }
+        let Some(id) = conn.stream else {
+            return;
+        };
+        let now_ms = self.now_ms();
+        for _ in 0..READS_MAX {
+            let mut consumed_total = 0;
+            while let Ok(Some((frame, consumed))) =
+                courier_protocol::decode(&conn.inbuf[consumed_total..])
+            {
+                consumed_total += consumed;
+                if let Frame::Ack { .. } = frame {
+                    self.session.handle_frame(now_ms, conn_ref, frame, false);
+                }
+            }
+            conn.inbuf.drain(..consumed_total);
+            let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
+            // A full buffer holds no whole frame only when what is in it is not one.
+            if room == 0 {
+                return;
+            }
+            match read_chunk(conn, id, room) {
+                Some(StreamRead { got: true, .. }) => {}
+                _ => return,
             }
         }
     }

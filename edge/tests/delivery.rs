@@ -12,6 +12,7 @@ use courier_core::CoreConfig;
 use courier_core::commit::read_inbox;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::log::{LogOptions, LogStore};
+use courier_protocol::Frame;
 
 /// Messages still stored in `inbox`, read from the edge's data directory after it stopped.
 fn stored_messages(edge: &Edge, inbox: u64) -> Vec<u64> {
@@ -418,4 +419,52 @@ async fn acks_made_without_a_connection_reach_the_server_at_close() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(edge.terminate(), "the edge stops cleanly");
     assert_eq!(stored_messages(&edge, 1302), Vec::<u64>::new());
+}
+
+/// A client that acks and leaves while the edge is not reading it (here its frame budget is
+/// spent) still has its ack applied: the connection's loss applies the acks it left behind.
+/// Before, they were dropped with the connection, and the messages stayed stored until the
+/// device logged in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_left_unread_when_the_client_leaves_is_applied() {
+    let mut edge = Edge::start_with(
+        2,
+        "[limits]\ncontrol_frames_per_connection_per_sec = 1\n\
+         control_frames_per_connection_burst = 1\n",
+        &[],
+    );
+    let alice = edge.client(1401).await;
+    for i in 0..3u32 {
+        alice
+            .send(1402, i.to_be_bytes().to_vec())
+            .await
+            .expect("send");
+    }
+    let mut bob = edge.raw_session(&edge.connector(), 1402, 0).await;
+    let mut last_seq = 0;
+    while last_seq < 3 {
+        match bob.read_frame().await.expect("a frame") {
+            Frame::Deliver { seq, .. } => last_seq = seq,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The first ping spends the budget; the second pauses reading until it refills, a
+    // second from now; the ack waits behind it, and bob leaves before then.
+    for frame in [
+        Frame::Ping { nonce: 1 },
+        Frame::Ping { nonce: 2 },
+        Frame::Ack {
+            up_to_seq: last_seq,
+        },
+    ] {
+        bob.write_frame(&frame).await.expect("write");
+    }
+    // Long enough for the frames to reach the edge, well within the pause.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bob.connection.close(0u32.into(), b"gone");
+    drop(bob);
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(stored_messages(&edge, 1402), Vec::<u64>::new());
 }
