@@ -9,7 +9,7 @@
 //!   reopened after a failed write, and the edge is not draining; otherwise 503 and the reason.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +25,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// past a supervisor's timeout (Kubernetes': 1 s), and the supervisor restarted the edge.
 /// Past this many the newest is closed at once.
 const CONNECTIONS_MAX: usize = 16;
+/// Connections served at once from one address: one client holding every slot (sixteen that
+/// send nothing, opened again as they time out) failed the supervisor's probes from
+/// elsewhere, and Kubernetes took the edge out of its load balancer, then restarted it.
+const CONNECTIONS_PER_ADDRESS_MAX: usize = 4;
+/// After a failed accept (out of file descriptors), the wait before the next: the error
+/// repeats at once while the cause lasts, and the loop spun a core.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Bytes of a request read at most; a health check's request line is far shorter.
 const REQUEST_BYTES_MAX: usize = 4096;
 
@@ -140,17 +147,20 @@ pub fn start(
     std::thread::Builder::new()
         .name("courier-health".into())
         .spawn(move || {
-            let serving = Arc::new(AtomicUsize::new(0));
+            let serving = Arc::new(Serving::default());
             for stream in listener.incoming() {
                 let stream = match stream {
                     Ok(stream) => stream,
                     Err(error) => {
                         warn!(%error, "health endpoint: accept failed");
+                        std::thread::sleep(ACCEPT_RETRY_DELAY);
                         continue;
                     }
                 };
-                if serving.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
-                    serving.fetch_sub(1, Ordering::AcqRel);
+                let Ok(peer) = stream.peer_addr().map(|peer| peer.ip()) else {
+                    continue;
+                };
+                if !serving.admit(peer) {
                     continue; // Dropped: closed at once.
                 }
                 let (health, metrics, done) = (
@@ -162,10 +172,10 @@ pub fn start(
                     .name("courier-health-conn".into())
                     .spawn(move || {
                         serve_one(stream, &health, &metrics);
-                        done.fetch_sub(1, Ordering::AcqRel);
+                        done.release(peer);
                     });
                 if let Err(error) = spawned {
-                    serving.fetch_sub(1, Ordering::AcqRel);
+                    serving.release(peer);
                     warn!(%error, "health endpoint: cannot start a thread for a connection");
                 }
             }
@@ -173,6 +183,38 @@ pub fn start(
         .map_err(|e| format!("cannot start the health thread: {e}"))?;
     info!(%listen, "metrics on /metrics, health checks on /livez and /readyz");
     Ok(())
+}
+
+/// Connections being served, by the address they come from (at most `CONNECTIONS_MAX`
+/// entries).
+#[derive(Default)]
+struct Serving {
+    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl Serving {
+    /// Counts a connection from `peer` in, unless the listener or that address is at its
+    /// bound.
+    fn admit(&self, peer: IpAddr) -> bool {
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = by_address.values().sum();
+        let from_peer = by_address.get(&peer).copied().unwrap_or(0);
+        if total >= CONNECTIONS_MAX || from_peer >= CONNECTIONS_PER_ADDRESS_MAX {
+            return false;
+        }
+        by_address.insert(peer, from_peer + 1);
+        true
+    }
+
+    fn release(&self, peer: IpAddr) {
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = by_address.get_mut(&peer) {
+            *count -= 1;
+            if *count == 0 {
+                by_address.remove(&peer);
+            }
+        }
+    }
 }
 
 fn serve_one(mut stream: TcpStream, health: &Health, metrics: &crate::metrics::Metrics) {

@@ -59,3 +59,43 @@ fn an_idle_connection_does_not_hold_up_the_probes() {
     }
     drop(edge);
 }
+
+/// One client that holds every connection it may (idle ones) does not fail the probes from
+/// another address: connections are capped per address too. Before, sixteen idle connections
+/// from anywhere took every slot, and the probes were refused.
+#[test]
+fn a_client_holding_connections_does_not_fail_the_probes_from_elsewhere() {
+    let addr = common::free_addr().to_string();
+    let edge = Edge::start_with(1, &format!("[metrics]\nlisten = \"{addr}\"\n"), &[]);
+    // From 127.0.0.2 (loopback answers the whole of 127/8), sixteen that send nothing.
+    let idle: Vec<TcpStream> = (0..16).map(|_| connect_from("127.0.0.2", &addr)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        get(&addr, "GET /livez HTTP/1.1\r\n\r\n"),
+        (200, "ok\n".into()),
+        "the probe from 127.0.0.1 is answered"
+    );
+    drop(idle);
+    drop(edge);
+}
+
+/// A TCP connection to `to` from the address `from`, on a port the kernel picks.
+fn connect_from(from: &str, to: &str) -> TcpStream {
+    let from: std::net::SocketAddr = format!("{from}:0").parse().expect("from");
+    let to: std::net::SocketAddr = to.parse().expect("to");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(from).expect("bind the source address");
+        socket
+            .connect(to)
+            .await
+            .expect("connect from the source address")
+    });
+    let stream = stream.into_std().expect("a std stream");
+    stream.set_nonblocking(false).expect("blocking");
+    stream
+}
