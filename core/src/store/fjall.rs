@@ -688,12 +688,18 @@ impl FjallStore {
     /// time and would otherwise pin the journal until it reaches `journal_bytes_max`.
     fn note_written(&self, bytes: u64, deleted_in: &[bool]) {
         use std::sync::atomic::Ordering;
-        self.written_since_erase.store(true, Ordering::Release);
+        // The deletes first, then "written": an erase pass running beside this takes
+        // "written" first and the deletes after. In the other order a pass could take
+        // "written" between the two, then find no delete; this delete's flag set after it,
+        // every later pass stopped at "nothing written", and the deleted body stayed on disk
+        // until some other write came. In this order either the pass sees the delete, or
+        // "written" is set again after its swap and the next pass sees both.
         for (flag, deleted) in self.deleted_since_erase.iter().zip(deleted_in) {
             if *deleted {
                 flag.store(true, Ordering::Release);
             }
         }
+        self.written_since_erase.store(true, Ordering::Release);
         let total = self.written_since_flush.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total >= self.flush_every_bytes {
             self.written_since_flush.store(0, Ordering::Relaxed);
