@@ -562,6 +562,15 @@ pub struct QuicSection {
     pub client_ack_delay_ms: u64,
 }
 
+/// Highest `quic.idle_timeout_ms`. Far past any use, and below where quinn takes a value (it
+/// replaced larger ones with its default, silently).
+const IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// Highest `retention.erase_within_secs`: a year. Larger values overflowed the erase timer's
+/// deadline, and the shard panicked.
+const ERASE_WITHIN_SECS_MAX: u64 = 365 * 24 * 3600;
+/// Highest `retention.expiry_interval_secs`: a day (larger overflowed the timer, as above).
+const EXPIRY_INTERVAL_SECS_MAX: u64 = 24 * 3600;
+
 /// The longest acknowledgement delay the edge asks of its peers. A lost packet is resent
 /// after a probe timeout that includes it, and quinn stretches the idle timeout to three probe
 /// timeouts. Links accepted from other edges get the same request (the edge cannot tell them
@@ -1037,8 +1046,12 @@ impl Config {
                 "at least 100 (a client on a slow network needs a few round trips)",
             );
         }
-        if self.quic.idle_timeout_ms < 1000 {
-            return invalid("quic.idle_timeout_ms", "at least 1000");
+        if !(1000..=IDLE_TIMEOUT_MS_MAX).contains(&self.quic.idle_timeout_ms) {
+            return invalid(
+                "quic.idle_timeout_ms",
+                "between 1000 and 3600000 (an hour; QUIC keep-alives hold a live connection \
+                 open whatever it is)",
+            );
         }
         if !(1..=CLIENT_ACK_DELAY_MS_MAX).contains(&self.quic.client_ack_delay_ms) {
             return invalid(
@@ -1076,11 +1089,17 @@ impl Config {
                 "at least 600 (10 minutes): retries and replayed 0-RTT sends must fall inside it",
             );
         }
-        if self.retention.erase_within_secs < 2 {
-            return invalid("retention.erase_within_secs", "at least 2");
+        if !(2..=ERASE_WITHIN_SECS_MAX).contains(&self.retention.erase_within_secs) {
+            return invalid(
+                "retention.erase_within_secs",
+                "between 2 and 31536000 (a year)",
+            );
         }
-        if self.retention.expiry_interval_secs == 0 {
-            return invalid("retention.expiry_interval_secs", "at least 1");
+        if !(1..=EXPIRY_INTERVAL_SECS_MAX).contains(&self.retention.expiry_interval_secs) {
+            return invalid(
+                "retention.expiry_interval_secs",
+                "between 1 and 86400 (a day)",
+            );
         }
         if let Err((key, expected)) = self.cluster.validate() {
             return invalid(key, &expected);
@@ -1472,6 +1491,37 @@ mod tests {
         assert!(error.contains("retention.dedupe_window_secs"), "{error}");
         config.retention.dedupe_window_secs = 600;
         config.validate("test").expect("ten minutes is enough");
+    }
+
+    /// Periods past what any deployment means are refused with their key: larger ones
+    /// overflowed a timer's deadline and panicked the shard, or were replaced by quinn's
+    /// default without a word.
+    #[test]
+    fn periods_past_their_bound_are_refused() {
+        for (key, set) in [
+            (
+                "retention.erase_within_secs",
+                (|c: &mut Config| c.retention.erase_within_secs = u64::MAX) as fn(&mut Config),
+            ),
+            ("retention.expiry_interval_secs", |c: &mut Config| {
+                c.retention.expiry_interval_secs = u64::MAX / 2
+            }),
+            ("quic.idle_timeout_ms", |c: &mut Config| {
+                c.quic.idle_timeout_ms = 1 << 62
+            }),
+        ] {
+            let mut config = Config::default();
+            set(&mut config);
+            let error = config.validate("test").unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+        }
+        let mut config = Config::default();
+        config.retention.erase_within_secs = ERASE_WITHIN_SECS_MAX;
+        config.retention.expiry_interval_secs = EXPIRY_INTERVAL_SECS_MAX;
+        config.quic.idle_timeout_ms = IDLE_TIMEOUT_MS_MAX;
+        config
+            .validate("test")
+            .expect("the bounds themselves are valid");
     }
 
     #[test]

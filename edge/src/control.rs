@@ -226,7 +226,12 @@ pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => serve_one(stream, &shards),
-                    Err(error) => warn!(%error, "control socket: accept failed"),
+                    Err(error) => {
+                        warn!(%error, "control socket: accept failed");
+                        // The error repeats at once while its cause (no file descriptors
+                        // left) lasts: without a pause the loop spun a core.
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
                 }
             }
         })
@@ -237,6 +242,12 @@ pub fn start(path: &Path, shards: Shards) -> Result<(), String> {
 
 fn serve_one(mut stream: UnixStream, shards: &Shards) {
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    if let Err(message) = peer_allowed(&stream) {
+        warn!(%message, "control socket: request refused");
+        let answer = serde_json::to_string(&Answer::Error { message }).unwrap_or_default();
+        let _ = stream.write_all(format!("{answer}\n").as_bytes());
+        return;
+    }
     let answer = match read_request(&mut stream) {
         Err(message) => Answer::Error { message },
         Ok(line) => match serde_json::from_str::<Command>(&line) {
@@ -252,6 +263,47 @@ fn serve_one(mut stream: UnixStream, shards: &Shards) {
     let mut text = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
     text.push('\n');
     let _ = stream.write_all(text.as_bytes());
+}
+
+/// Whether the process at the other end of `stream` may give commands: root, or the edge's
+/// own user. The socket's mode (0600) says the same, but it is set just after the socket is
+/// bound, and a connection made in between, under a permissive umask, would be served.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    #[allow(unsafe_code)]
+    // SAFETY: `credentials` and `length` outlive the call, and `length` is their size.
+    let read = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut credentials).cast(),
+            &raw mut length,
+        )
+    };
+    if read != 0 {
+        return Err(format!(
+            "cannot tell who is asking: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: no arguments; it cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    if credentials.uid == 0 || credentials.uid == own_uid {
+        Ok(())
+    } else {
+        Err(format!(
+            "user {} may not control this edge: run courier-edge ctl as the edge's user or root",
+            credentials.uid
+        ))
+    }
 }
 
 /// One request line, read within `CLIENT_TIMEOUT` in all (a client trickling bytes cannot
@@ -370,10 +422,13 @@ fn ask_all<T>(
             .map_err(|_| format!("shard {shard} is busy or stopped; try again"))?;
         pending.push((shard, answer));
     }
+    // One deadline for all: waited for in turn, each wedged shard added its own timeout, past
+    // the time `ctl` waits, and later requests queued behind.
+    let deadline = std::time::Instant::now() + SHARD_ANSWER_TIMEOUT;
     for (shard, answer) in pending {
         answers.push(
             answer
-                .recv_timeout(SHARD_ANSWER_TIMEOUT)
+                .recv_deadline(deadline)
                 .map_err(|_| format!("shard {shard} did not answer"))?,
         );
     }
@@ -401,4 +456,71 @@ pub fn request(socket: &Path, command: &Command) -> Result<Answer, String> {
         .read_line(&mut line)
         .map_err(|e| format!("no answer from the edge: {e}"))?;
     serde_json::from_str(&line).map_err(|e| format!("an answer that does not parse ({e}): {line}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection from another user is refused, one from the edge's own user served: what
+    /// the socket's mode says, checked again for connections made before it was set. The
+    /// other user is `nobody` (65534), through `setpriv`, which needs root (as CI has).
+    #[test]
+    fn only_the_edges_user_or_root_may_give_commands() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("open the directory to all");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+                .expect("open the socket to all");
+        }
+        let own = UnixStream::connect(&path).expect("connect as this user");
+        let (served, _) = listener.accept().expect("accept");
+        assert_eq!(peer_allowed(&served), Ok(()));
+        drop(own);
+
+        let connect = format!(
+            "import socket, time; s = socket.socket(socket.AF_UNIX); s.connect({:?}); \
+             time.sleep(2)",
+            path.display().to_string()
+        );
+        // The distribution's python3: one under root's home cannot be run as nobody.
+        let mut other = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(&connect)
+            .spawn()
+            .expect("run python3 as nobody (needs root and setpriv)");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut accepted = None;
+        for _ in 0..100 {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    accepted = Some(stream);
+                    break;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Ok(Some(status)) = other.try_wait() {
+                        panic!("the connection as nobody failed: {status}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(error) => panic!("accept: {error}"),
+            }
+        }
+        let refused = accepted.expect("a connection as nobody within 10 s");
+        let verdict = peer_allowed(&refused);
+        let _ = other.kill();
+        let _ = other.wait();
+        let message = verdict.expect_err("another user is refused");
+        assert!(message.contains("user 65534 may not control"), "{message}");
+    }
 }
