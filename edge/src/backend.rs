@@ -160,6 +160,8 @@ pub struct ErasePass {
 pub trait EmbeddedEngine: Store + std::fmt::Debug + Sized + 'static {
     type Options: Clone + std::fmt::Debug + Send + Sync + 'static;
     fn open(path: &Path, options: &Self::Options) -> Result<Self, StoreError>;
+    /// Whether `path` holds a store of this engine (its marker file is there).
+    fn exists(path: &Path) -> bool;
     fn path(&self) -> &Path;
     fn erase_deleted(&self) -> Result<ErasePass, StoreError>;
     /// Stored message keys, possibly counting deleted ones; `None` rather than waiting.
@@ -196,6 +198,10 @@ impl EmbeddedEngine for FjallStore {
         }
         FjallStore::open(path, options)
     }
+    fn exists(path: &Path) -> bool {
+        // fjall's version marker, written when it creates a database.
+        path.join("version").exists()
+    }
     fn path(&self) -> &Path {
         FjallStore::path(self)
     }
@@ -222,6 +228,9 @@ impl EmbeddedEngine for LogStore {
     type Options = LogOptions;
     fn open(path: &Path, options: &LogOptions) -> Result<LogStore, StoreError> {
         LogStore::open(path, options)
+    }
+    fn exists(path: &Path) -> bool {
+        LogStore::is_log_store(path)
     }
     fn path(&self) -> &Path {
         LogStore::path(self)
@@ -299,6 +308,18 @@ impl<E: EmbeddedEngine> EmbeddedSlot<E> {
         // Ours is dropped here; a read on another thread may hold the database a moment
         // longer, and its lock file with it: then the open fails and the next attempt retries.
         current.take();
+        // Both engines create a store where none is. One that vanished (its volume unmounted
+        // after disk errors, its files deleted to free a full disk) would be replaced by an
+        // empty one: every inbox of the shard back at seq 1, everything stored before gone
+        // from service. The reopen fails instead, and is tried again until it is back.
+        if !E::exists(&self.path) {
+            return Err(StoreError::Io(format!(
+                "the store at {} is gone (its files removed, or its volume unmounted): \
+                 restore it there, and the edge reopens it; no empty store is made in its \
+                 place",
+                self.path.display()
+            )));
+        }
         let store = E::open(&self.path, &self.options)?;
         *current = Some(Arc::new(store));
         Ok(())
@@ -571,6 +592,26 @@ mod tests {
             })
             .collect();
         (dirs, Arc::new(slots))
+    }
+
+    /// A store whose files vanished while it was open is not replaced by an empty one when
+    /// the shard reopens it: the reopen fails, and works again once the files are back.
+    #[test]
+    fn a_reopen_does_not_make_an_empty_store_where_one_vanished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shard-0");
+        let options = LogOptions::default();
+        let store = LogStore::open(&path, &options).expect("open");
+        let slot = EmbeddedSlot::new(Arc::new(store), options);
+        let moved = dir.path().join("moved");
+        std::fs::rename(&path, &moved).expect("move the store away");
+        let refused = slot
+            .reopen()
+            .expect_err("a vanished store is not made anew");
+        assert!(refused.to_string().contains("is gone"), "{refused}");
+        assert!(!path.exists(), "no empty store was made in its place");
+        std::fs::rename(&moved, &path).expect("put it back");
+        slot.reopen().expect("the store is back");
     }
 
     /// A read of another shard's store while that store is being reopened fails at once

@@ -111,6 +111,9 @@ const CONNECTION_LOGS: courier_core::budget::Rate = courier_core::budget::Rate {
 /// Pauses between attempts to reopen a store that failed a write, doubling up to the maximum.
 const STORE_RECOVERY_PAUSE_MIN: Duration = Duration::from_millis(500);
 const STORE_RECOVERY_PAUSE_MAX: Duration = Duration::from_secs(30);
+/// A store that fails again within this long of its last reopen waits twice that reopen's
+/// first pause before the next (`Shard::store_recovery_pause`).
+const STORE_RECOVERY_PAUSE_KEPT: Duration = Duration::from_secs(60);
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a shard sets its gauges (open connections, queue and backlog depths).
@@ -345,6 +348,13 @@ pub struct Shard {
     draining: bool,
     /// The store failed a write and is being reopened (`store_refused`).
     store_recovering: bool,
+    /// The first pause of the last reopen, and when that reopen worked: the next failure
+    /// within `STORE_RECOVERY_PAUSE_KEPT` of it waits twice as long before its reopen. On
+    /// fjall a reopen works on a full disk and a commit soon fails again: each reopen
+    /// starting from the shortest pause, a shard replayed its journal every 0.6 s for as long
+    /// as the disk stayed full.
+    store_recovery_pause: Duration,
+    store_reopened_at: Option<Instant>,
     /// The store is near its memory bound (`note_store_full`): sends are refused.
     store_full: bool,
     /// The store's count of its background work falling behind, at the last gauges: the
@@ -638,6 +648,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         exit_when_fenced: setup.exit_when_fenced,
         draining: false,
         store_recovering: false,
+        store_recovery_pause: STORE_RECOVERY_PAUSE_MIN,
+        store_reopened_at: None,
         store_full: false,
         background_behind_seen: 0,
         connection_logs: courier_core::budget::TokenBucket::full(CONNECTION_LOGS, monotonic_ms()),
@@ -2630,8 +2642,17 @@ impl Shard {
         );
         let (store, lane) = (self.store.clone(), self.lanes.maintenance.clone());
         let (id, shard) = (self.id, self.self_ref.clone());
+        let again_soon = self
+            .store_reopened_at
+            .is_some_and(|at| at.elapsed() < STORE_RECOVERY_PAUSE_KEPT);
+        let first_pause = if again_soon {
+            (self.store_recovery_pause * 2).min(STORE_RECOVERY_PAUSE_MAX)
+        } else {
+            STORE_RECOVERY_PAUSE_MIN
+        };
+        self.store_recovery_pause = first_pause;
         spawn_detached(async move {
-            let mut pause = STORE_RECOVERY_PAUSE_MIN;
+            let mut pause = first_pause;
             loop {
                 glommio::timer::sleep(pause).await;
                 let store = store.clone();
@@ -2641,6 +2662,7 @@ impl Shard {
                         if let Some(shard) = shard.upgrade() {
                             let mut shard = shard.borrow_mut();
                             shard.store_recovering = false;
+                            shard.store_reopened_at = Some(Instant::now());
                             shard.health.store_recovering(false);
                             shard.note_store_full();
                         }

@@ -141,6 +141,39 @@ async fn full_disk_then_recovery(config: &str) {
         }
     };
 
+    // The disk stays full a while, sends keep coming: reopens back off. fjall reopens on a
+    // full disk and a commit soon fails again; each reopen started from the shortest pause,
+    // and the shard replayed its journal about every 0.6 s for as long as the disk stayed
+    // full. Backing off, the pauses grow 0.5, 1, 2 s...: at most 4 reopens in 6 s.
+    let reopens = || {
+        edge.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|line| line.contains("store reopened"))
+            .count()
+    };
+    let reopens_before = reopens();
+    let full_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < full_until {
+        client_id += 1;
+        match send_and_answer(&mut sender, client_id).await {
+            // Stored in what room a reopen found, which fills the disk again.
+            Frame::SendAck { .. } => {}
+            Frame::SendError {
+                code: ErrorCode::StoreUnavailable,
+                ..
+            } => {}
+            other => panic!("unexpected on a full disk: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let reopened = reopens() - reopens_before;
+    assert!(
+        reopened <= 4,
+        "{reopened} reopens in 6 s of a disk that stayed full: they do not back off"
+    );
+
     // Space returns; the same send, retried, is stored by the same process.
     std::fs::remove_file(&filler).expect("remove filler");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
