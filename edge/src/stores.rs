@@ -87,15 +87,37 @@ pub fn open_embedded(
             }
         }
         None => {
-            if legacy.exists() {
-                migrate(&legacy, &stores, shards, options)?;
-            } else {
-                create_layout(&stores, shards)?;
+            if !legacy.exists() {
+                return open_new(&stores, shards, options);
             }
+            migrate(&legacy, &stores, shards, options)?;
         }
     }
     // A shard directory of the log engine is refused by `EmbeddedEngine::open` for fjall.
-    open_shards(&stores, shards, options)
+    open_shards(&stores, shards, options, Existing::Required)
+}
+
+/// A data directory's first start: the shards' stores are made, then the layout that says
+/// they exist. From then on a shard store that is missing is refused ([`Existing`]).
+fn open_new<E: EmbeddedEngine + Send + Sync>(
+    stores: &Path,
+    shards: u32,
+    options: &E::Options,
+) -> Result<Vec<Arc<E>>, String> {
+    let opened = open_shards(stores, shards, options, Existing::MayBeMade)?;
+    create_layout(stores, shards)?;
+    Ok(opened)
+}
+
+/// Whether an open may make a shard's store where there is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// The layout exists, so every shard's store was made: one that is missing was lost
+    /// (a volume not mounted, files deleted). Made anew, every inbox of the shard would start
+    /// again at seq 1, and what it held would be gone from service without a word.
+    Required,
+    /// A first start, or one that died before it wrote the layout.
+    MayBeMade,
 }
 
 /// Opens the stores of an existing data directory with the shard count it was written with
@@ -107,7 +129,7 @@ pub fn open_existing<E: EmbeddedEngine + Send + Sync>(
     let stores = stores_dir(data_dir);
     let shards = read_layout(&stores)?
         .ok_or_else(|| format!("{} holds no Courier store", stores.display()))?;
-    open_shards(&stores, shards, options)
+    open_shards(&stores, shards, options, Existing::Required)
 }
 
 /// Opens (creating if needed) the log store of every shard, in shard order
@@ -133,9 +155,18 @@ pub fn open_embedded_log(
                 legacy.display()
             ));
         }
-        None => create_layout(&stores, shards)?,
+        None => {
+            let opened: Vec<Arc<LogStore>> = open_new(&stores, shards, options)?;
+            log_recoveries(&opened);
+            return Ok(opened);
+        }
     }
-    let opened: Vec<Arc<LogStore>> = open_shards(&stores, shards, options)?;
+    let opened: Vec<Arc<LogStore>> = open_shards(&stores, shards, options, Existing::Required)?;
+    log_recoveries(&opened);
+    Ok(opened)
+}
+
+fn log_recoveries(opened: &[Arc<LogStore>]) {
     for (shard, store) in opened.iter().enumerate() {
         let recovery = store.recovery();
         info!(
@@ -150,7 +181,6 @@ pub fn open_embedded_log(
             "log store recovered"
         );
     }
-    Ok(opened)
 }
 
 /// Opens the shard stores in parallel: each replays its own journal.
@@ -158,7 +188,20 @@ fn open_shards<E: EmbeddedEngine + Send + Sync>(
     stores: &Path,
     shards: u32,
     options: &E::Options,
+    existing: Existing,
 ) -> Result<Vec<Arc<E>>, String> {
+    if existing == Existing::Required
+        && let Some(missing) = (0..shards).find(|shard| !holds_files(&shard_dir(stores, *shard)))
+    {
+        return Err(format!(
+            "the store of shard {missing} is missing from {}, though {} says this data \
+             directory has {shards} shards: restore it from a backup (a volume not mounted, \
+             files deleted?). An empty store in its place would start every inbox of the \
+             shard again at seq 1. A data directory that never served may be deleted instead",
+            shard_dir(stores, missing).display(),
+            stores.join(LAYOUT_FILE).display()
+        ));
+    }
     std::thread::scope(|scope| {
         let opening: Vec<_> = (0..shards)
             .map(|shard| {
@@ -185,6 +228,12 @@ fn open_shards<E: EmbeddedEngine + Send + Sync>(
             .map_err(|e| format!("cannot sync {}: {e}", stores.display()))?;
         Ok(opened)
     })
+}
+
+/// Whether `dir` is a directory with something in it (which engine's files is for the engine
+/// to tell: it refuses the other's by name).
+fn holds_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
 }
 
 /// The shard count recorded in `stores`, or `None` if there is no layout yet.
@@ -271,7 +320,7 @@ fn migrate(
     let copied = {
         let source = FjallStore::open(legacy, options)
             .map_err(|e| format!("cannot open the old store in {}: {e}", legacy.display()))?;
-        let targets = open_shards(&staging, shards, options)?;
+        let targets = open_shards(&staging, shards, options, Existing::MayBeMade)?;
         copy_keys(&source, &targets).map_err(|e| {
             format!(
                 "migrating the store in {} failed (it is left as it was): {e}",
@@ -392,6 +441,36 @@ mod tests {
         // Both still open with their own engine.
         drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
         drop(open_embedded(fjall_dir.path(), 2, &FjallOptions::default()).unwrap());
+    }
+
+    /// A shard's store missing from a data directory whose layout says it exists is refused
+    /// at start, on both engines, not made anew empty: every inbox of the shard would start
+    /// again at seq 1. Once it is back, the edge starts.
+    #[test]
+    fn a_missing_shard_store_is_refused_not_made_anew() {
+        let fjall_dir = tempfile::tempdir().unwrap();
+        drop(open_embedded(fjall_dir.path(), 2, &FjallOptions::default()).unwrap());
+        let log_dir = tempfile::tempdir().unwrap();
+        drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
+        for (dir, open) in [
+            (
+                fjall_dir.path(),
+                (|data: &Path| open_embedded(data, 2, &FjallOptions::default()).map(drop))
+                    as fn(&Path) -> Result<(), String>,
+            ),
+            (log_dir.path(), |data: &Path| {
+                open_embedded_log(data, 2, &LogOptions::default()).map(drop)
+            }),
+        ] {
+            let shard = shard_dir(&stores_dir(dir), 1);
+            let away = dir.join("away");
+            std::fs::rename(&shard, &away).unwrap();
+            let error = open(dir).unwrap_err();
+            assert!(error.contains("store of shard 1 is missing"), "{error}");
+            assert!(!shard.exists(), "no empty store was made in its place");
+            std::fs::rename(&away, &shard).unwrap();
+            open(dir).expect("opens once the store is back");
+        }
     }
 
     fn send(sender: u64, to: u64, client_id: u64) -> Request {
