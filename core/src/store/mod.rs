@@ -40,19 +40,7 @@ mod write_set;
 pub fn allocated_bytes(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            match entry.metadata() {
-                Ok(metadata) if metadata.is_dir() => pending.push(entry.path()),
-                Ok(metadata) => total += metadata.blocks() * 512,
-                Err(_) => {}
-            }
-        }
-    }
+    visit_files(dir, |_, metadata| total += metadata.blocks() * 512);
     total
 }
 
@@ -62,10 +50,23 @@ pub fn allocated_bytes(dir: &std::path::Path) -> u64 {
 /// failure, or by a restarted one while the machine stays up) would read them back as durable
 /// commits, answer a retry of the failed commit with "stored", and lose it at the next power
 /// cut ("fsyncgate"; `core/tests/writeback_error.rs`). Pages not yet written back (dirty) are
-/// kept. At most `FILES_MAX` files; a file that cannot be opened is skipped (it cannot be read
-/// either).
+/// kept. A file that cannot be opened is skipped (it cannot be read either).
 pub fn drop_cached_pages(dir: &std::path::Path) {
     use std::os::fd::AsRawFd;
+    visit_files(dir, |path, _| {
+        if let Ok(file) = std::fs::File::open(path) {
+            // SAFETY: a plain call on a file descriptor this function holds open.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    });
+}
+
+/// Calls `visit` with the path and metadata of each file under `dir`, at most `FILES_MAX` of
+/// them. Entries that cannot be read (a file deleted meanwhile) are skipped.
+fn visit_files(dir: &std::path::Path, mut visit: impl FnMut(&std::path::Path, &std::fs::Metadata)) {
     /// More than a store holds: fjall's tables and journals, the log engine's segments.
     const FILES_MAX: usize = 100_000;
     let mut files = 0;
@@ -75,26 +76,16 @@ pub fn drop_cached_pages(dir: &std::path::Path) {
             continue;
         };
         for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            if file_type.is_dir() {
-                pending.push(entry.path());
-                continue;
-            }
-            if !file_type.is_file() {
-                continue;
-            }
-            files += 1;
-            if files > FILES_MAX {
-                return;
-            }
-            if let Ok(file) = std::fs::File::open(entry.path()) {
-                // SAFETY: a plain call on a file descriptor this function holds open.
-                #[allow(unsafe_code)]
-                unsafe {
-                    libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            match entry.metadata() {
+                Ok(metadata) if metadata.is_dir() => pending.push(entry.path()),
+                Ok(metadata) if metadata.is_file() => {
+                    files += 1;
+                    if files > FILES_MAX {
+                        return;
+                    }
+                    visit(&entry.path(), &metadata);
                 }
+                _ => {}
             }
         }
     }
