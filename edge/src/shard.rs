@@ -114,6 +114,8 @@ const STORE_RECOVERY_PAUSE_MAX: Duration = Duration::from_secs(30);
 /// A store that fails again within this long of its last reopen waits twice that reopen's
 /// first pause before the next (`Shard::store_recovery_pause`).
 const STORE_RECOVERY_PAUSE_KEPT: Duration = Duration::from_secs(60);
+/// Cross-shard messages a shard handles from one peer before it lets its other tasks run.
+const MESH_MESSAGES_PER_TURN_MAX: usize = 256;
 /// How often a shard logs what it dropped under overload, if anything.
 const STATS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a shard sets its gauges (open connections, queue and backlog depths).
@@ -675,10 +677,22 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         for (_peer, receiver) in receivers.streams() {
             let shard = shard.clone();
             spawn_task(async move {
+                let mut handled = 0;
                 while let Some(message) = receiver.recv().await {
-                    let mut shard = shard.borrow_mut();
-                    shard.handle_mesh(message);
-                    shard.after_input();
+                    {
+                        let mut shard = shard.borrow_mut();
+                        shard.handle_mesh(message);
+                        shard.after_input();
+                    }
+                    // `recv` returns at once while the channel holds a message, and glommio
+                    // never interrupts a task: a peer that kept the channel full (a flood of
+                    // datagrams naming this shard, steered here by the others) held this
+                    // shard's every other task, its socket, timers and health beat included.
+                    handled += 1;
+                    if handled >= MESH_MESSAGES_PER_TURN_MAX {
+                        handled = 0;
+                        futures_lite::future::yield_now().await;
+                    }
                 }
             });
         }
@@ -919,6 +933,12 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
             // nothing changed.
             shard.apply_takeover();
             for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
+                if meta.len == 0 {
+                    // An empty datagram has no segment, and counts all the same: a flood of
+                    // them otherwise never reached `datagrams_max`, and the loop never yielded.
+                    handled += 1;
+                    continue;
+                }
                 let stride = meta.stride.max(1);
                 for segment in buffer[..meta.len].chunks(stride) {
                     handled += 1;
