@@ -1589,11 +1589,19 @@ impl Shard {
                     .get(&address)
                     .copied()
                     .unwrap_or(0);
+                // An address group holding half its budget must prove its address (Retry)
+                // before it takes more: spoofed Initials never come back with the token, so
+                // they cannot fill another address's budget and lock its clients out.
+                let address_half_full =
+                    from_address >= limits.handshakes_per_address_max.div_ceil(2);
+                let retry = (unauthenticated >= limits.retry_above_unauthenticated
+                    || address_half_full)
+                    && incoming.may_retry();
                 let refuse = self.draining
                     || self.memory.shedding()
                     || self.conns.len() >= limits.connections_per_shard_max
                     || unauthenticated >= limits.unauthenticated_connections_per_shard_max
-                    || from_address >= limits.handshakes_per_address_max;
+                    || (!retry && from_address >= limits.handshakes_per_address_max);
                 if refuse {
                     if !self.draining {
                         self.stats.handshakes_refused += 1;
@@ -1603,7 +1611,7 @@ impl Shard {
                     self.send_transmit(&transmit, &buf);
                     return;
                 }
-                if unauthenticated >= limits.retry_above_unauthenticated && incoming.may_retry() {
+                if retry {
                     // Stateless: a spoofed source never comes back with the token, and the
                     // Retry packet is smaller than the Initial that caused it.
                     self.stats.retries_sent += 1;

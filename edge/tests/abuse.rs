@@ -486,3 +486,40 @@ async fn a_client_hello_the_edge_refuses_is_answered_with_a_close_at_once() {
 
     a_send_is_acknowledged(&edge, 21, 22, b"still served").await;
 }
+
+/// Handshakes that never go on, sent with another client's source address (spoofed, so they
+/// never see an answer), cannot lock that client out: once an address holds half its
+/// `handshakes_per_address_max`, its new connections must first prove the address with a
+/// QUIC Retry, which spoofed ones never do and a real client does at once. Before, the
+/// spoofer's Initials took the whole budget, and the real client was refused for as long as
+/// they stayed (`hello_timeout_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_handshakes_cannot_fill_another_addresss_budget() {
+    let edge = Edge::start_with(1, "[limits]\nhandshakes_per_address_max = 4\n", &[]);
+    let connector = edge.connector();
+    // Sixteen first datagrams from the victim's address (loopback, other ports), each of a
+    // handshake that never goes on.
+    for _ in 0..16 {
+        let datagram =
+            courier_client::raw::initial_datagram(&connector, edge.addr).expect("an Initial");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.send_to(&datagram, edge.addr).expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut victim =
+        tokio::time::timeout(EVENT_TIMEOUT, RawConnection::connect(&connector, edge.addr))
+            .await
+            .expect("connects in time")
+            .expect("the real client from the same address is let in");
+    victim
+        .write_frame(&Frame::Hello {
+            token: edge.token(41, 0).into_bytes(),
+            device: 0,
+            acked_up_to: 0,
+            resume_after_seq: 0,
+        })
+        .await
+        .expect("Hello");
+    let welcome = victim.read_frame().await.expect("Welcome");
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+}
