@@ -156,10 +156,13 @@ pub enum ShardMessage {
         seq: u64,
     },
     /// To the shard holding `conn`: every seq of its inbox up to `up_to_seq` is gone (the
-    /// inbox was forgotten or purged); declare the hole if the connection is behind it.
+    /// inbox was forgotten or purged); declare the hole if the connection is behind it. A
+    /// purge also erased the device records: the connection is closed to log in again
+    /// (`Output::Gone`).
     Gone {
         conn: ConnRef,
         up_to_seq: u64,
+        purged: bool,
     },
 }
 
@@ -1569,10 +1572,15 @@ impl<A: Authenticator> EdgeSession<A> {
                 Output::CatchUp { inbox, seq } => {
                     self.fan_out(inbox, seq, |conn, seq| ShardMessage::CatchUp { conn, seq });
                 }
-                Output::Gone { inbox, up_to_seq } => {
+                Output::Gone {
+                    inbox,
+                    up_to_seq,
+                    purged,
+                } => {
                     self.fan_out(inbox, up_to_seq, |conn, up_to_seq| ShardMessage::Gone {
                         conn,
                         up_to_seq,
+                        purged,
                     });
                 }
             }
@@ -1622,11 +1630,21 @@ impl<A: Authenticator> EdgeSession<A> {
         if let Some(edge) = self.drained_to {
             return Err(PurgeRefused::ServedElsewhere { edge });
         }
-        if self.inbox.handle_purge(inbox) {
-            Ok(())
-        } else {
-            Err(PurgeRefused::QueueFull)
+        let Some(refused) = self.inbox.handle_purge(inbox) else {
+            return Err(PurgeRefused::QueueFull);
+        };
+        for conn in refused {
+            if let Some(entries) = self.registry.get_mut(&inbox) {
+                entries.retain(|r| r.conn != conn);
+                if entries.is_empty() {
+                    self.registry.remove(&inbox);
+                }
+            }
+            let code = ErrorCode::Overloaded;
+            self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
         }
+        self.drain_local();
+        Ok(())
     }
 
     /// Closes every connection with `code` (shutdown: clients reconnect).
@@ -2169,7 +2187,16 @@ impl<A: Authenticator> EdgeSession<A> {
                     self.catch_up(conn);
                 }
             }
-            ShardMessage::Gone { conn, up_to_seq } => self.declare_gone(conn, up_to_seq),
+            ShardMessage::Gone {
+                conn, purged: true, ..
+            } => self.close(
+                conn,
+                ErrorCode::Disconnected,
+                "this user's stored data was erased: log in again".into(),
+            ),
+            ShardMessage::Gone {
+                conn, up_to_seq, ..
+            } => self.declare_gone(conn, up_to_seq),
         }
     }
 

@@ -82,7 +82,16 @@ pub enum Output<T> {
     /// message) or purged. Its open connections still behind it declare the hole: a read of
     /// an inbox without a counter declares none past what it scans, so such a connection
     /// would wait for them until the inbox's next message or the device's next login.
-    Gone { inbox: UserId, up_to_seq: u64 },
+    ///
+    /// `purged`: the inbox was purged, its device records with it; its open connections
+    /// are closed to log in again, which links each device anew (left open, a device had no
+    /// record: its acks moved nothing, and another device's acks could delete what it had
+    /// not been given).
+    Gone {
+        inbox: UserId,
+        up_to_seq: u64,
+        purged: bool,
+    },
     /// The device is linked: delivery to its connection starts after `cursor`, and the first
     /// stored message after it is `first_seq` (see `Outcome::Linked`). `stored_after_cursor`
     /// is false when the inbox held nothing after the cursor at the link's commit.
@@ -381,14 +390,21 @@ impl<T> InboxShard<T> {
 
     /// Queues the erasure of `inbox` (`Request::Purge`) for the next batch. Returns false when
     /// `queue_requests_max` purges wait already (the operator tries again).
-    pub fn handle_purge(&mut self, inbox: UserId) -> bool {
+    pub fn handle_purge(&mut self, inbox: UserId) -> Option<Vec<T>> {
         if !insert_bounded(&mut self.purges, inbox, self.queue_requests_max) {
-            return false;
+            return None;
         }
         // Acks of the inbox's devices that wait would only move cursors about to be erased.
         self.acks
             .retain(|(acked_inbox, _), _| *acked_inbox != inbox);
-        true
+        // Logins waiting to be linked would commit after the purge (purges go first in a
+        // batch) and write a device record for the purged user, for a connection the purge's
+        // disconnect may have closed already. They are refused: the devices log in again.
+        let (refused, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|((linked_inbox, _, _), _)| *linked_inbox == inbox);
+        self.links = kept;
+        Some(refused.into_iter().map(|(_, tag)| tag).collect())
     }
 
     /// Takes the next batch: as many queued requests as fit the maxima, at least one. `None`
@@ -605,15 +621,22 @@ impl<T> InboxShard<T> {
                         (Request::Ack { .. }, Outcome::Acked) => {}
                         (Request::Forget { .. }, Outcome::Forgotten { last_seq: None }) => {}
                         (
-                            Request::Forget { inbox } | Request::Purge { inbox },
+                            Request::Forget { inbox },
                             Outcome::Forgotten {
                                 last_seq: Some(last_seq),
-                            }
-                            | Outcome::Purged { last_seq },
+                            },
                         ) => outputs.push(Output::Gone {
                             inbox,
                             up_to_seq: last_seq,
+                            purged: false,
                         }),
+                        (Request::Purge { inbox }, Outcome::Purged { last_seq }) => {
+                            outputs.push(Output::Gone {
+                                inbox,
+                                up_to_seq: last_seq,
+                                purged: true,
+                            })
+                        }
                         (Request::Send(send), Outcome::UnknownRecipient) => {
                             outputs.push(Output::SendError {
                                 tag: tags.next().expect("one tag per send"),
@@ -909,7 +932,7 @@ mod tests {
         let mut shard = InboxShard::<u64>::new(&config);
         assert!(shard.handle_emptied(5, 0));
         assert!(shard.handle_emptied(6, 0));
-        assert!(shard.handle_purge(7));
+        assert_eq!(shard.handle_purge(7), Some(Vec::new()));
         let batch = shard.poll_batch(u64::MAX).unwrap();
         let outcomes = batch
             .requests
@@ -931,11 +954,13 @@ mod tests {
             vec![
                 Output::Gone {
                     inbox: 5,
-                    up_to_seq: 3
+                    up_to_seq: 3,
+                    purged: false,
                 },
                 Output::Gone {
                     inbox: 7,
-                    up_to_seq: 9
+                    up_to_seq: 9,
+                    purged: true,
                 },
             ]
         );
@@ -998,7 +1023,7 @@ mod tests {
         let mut shard = InboxShard::new(&config);
         shard.handle_send(send(1, 10), 1, 0).unwrap();
         commit_next_batch(&mut shard, &mut committer, &store);
-        assert!(shard.handle_purge(2));
+        assert!(shard.handle_purge(2).is_some());
         shard.handle_send(send(2, 10), 2, 0).unwrap();
         shard.handle_link(2, 0, 0, 3).unwrap();
         let (outcomes, _) = commit_next_batch(&mut shard, &mut committer, &store);
