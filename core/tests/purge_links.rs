@@ -49,14 +49,23 @@ fn closed(effects: &[Effect], slot: usize) -> Option<ErrorCode> {
     })
 }
 
-#[test]
-fn a_login_queued_before_a_purge_is_refused_not_linked_after_it() {
+/// A session, its store and committer, and `USER`'s device 0 saying `Hello` on slot 0 (its
+/// link queued, not committed).
+fn logging_in() -> (EdgeSession<SimAuth>, MemoryStore, Committer) {
     let mut shard = session();
-    let store = MemoryStore::new();
-    let mut committer = Committer::new(&CoreConfig::default());
     shard.open_connection(NOW, conn(0));
     shard.handle_frame(NOW, conn(0), hello(USER, 0), false);
     settle(&mut shard);
+    (
+        shard,
+        MemoryStore::new(),
+        Committer::new(&CoreConfig::default()),
+    )
+}
+
+#[test]
+fn a_login_queued_before_a_purge_is_refused_not_linked_after_it() {
+    let (mut shard, store, mut committer) = logging_in();
     assert_eq!(shard.queued_requests(), 1, "its link waits for a batch");
     shard.handle_purge(USER).expect("the purge is queued");
     let refused = settle(&mut shard);
@@ -80,12 +89,7 @@ fn a_login_queued_before_a_purge_is_refused_not_linked_after_it() {
 
 #[test]
 fn a_connection_linked_before_a_purge_is_closed_to_log_in_again() {
-    let mut shard = session();
-    let store = MemoryStore::new();
-    let mut committer = Committer::new(&CoreConfig::default());
-    shard.open_connection(NOW, conn(0));
-    shard.handle_frame(NOW, conn(0), hello(USER, 0), false);
-    settle(&mut shard);
+    let (mut shard, store, mut committer) = logging_in();
     commit_all(&mut shard, &store, &mut committer);
     let welcomed = settle(&mut shard);
     assert!(
