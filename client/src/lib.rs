@@ -1248,21 +1248,22 @@ impl Driver {
 
     /// Encodes the session's frames into the link's buffer, up to its bound.
     fn take_transmits(&mut self, link: &mut Link) -> Result<(), ClientError> {
-        while link.outbuf.len() < OUTBUF_BYTES_MAX {
+        self.take_transmits_up_to(link, OUTBUF_BYTES_MAX)
+    }
+
+    /// Encodes the session's frames into the link's buffer while it holds less than
+    /// `bytes_max`. After [`ClientSession::close`] the session holds only control frames (its
+    /// last ack, or a `Hello` carrying it), and `close_link` takes them all, past the bound,
+    /// so that a buffer full of sends cannot keep the last ack out.
+    fn take_transmits_up_to(
+        &mut self,
+        link: &mut Link,
+        bytes_max: usize,
+    ) -> Result<(), ClientError> {
+        while link.outbuf.len() < bytes_max {
             let Some(frame) = self.session.poll_transmit() else {
                 break;
             };
-            courier_protocol::encode(&frame, &mut link.outbuf)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    /// After [`ClientSession::close`] the session holds only control frames (its last ack,
-    /// or a `Hello` carrying it): all of them go into the buffer, past its bound, so that a
-    /// buffer full of sends cannot keep the last ack out.
-    fn take_last_transmits(&mut self, link: &mut Link) -> Result<(), ClientError> {
-        while let Some(frame) = self.session.poll_transmit() {
             courier_protocol::encode(&frame, &mut link.outbuf)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
         }
@@ -1423,7 +1424,7 @@ impl Driver {
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
     /// the server to close the connection after reading it.
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
-        if self.take_last_transmits(&mut link).is_ok() {
+        if self.take_transmits_up_to(&mut link, usize::MAX).is_ok() {
             let flush = async {
                 link.send.write_all(&link.outbuf).await.ok()?;
                 link.send.finish().ok()?;

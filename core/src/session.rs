@@ -1634,14 +1634,7 @@ impl<A: Authenticator> EdgeSession<A> {
             return Err(PurgeRefused::QueueFull);
         };
         for conn in refused {
-            if let Some(entries) = self.registry.get_mut(&inbox) {
-                entries.retain(|r| r.conn != conn);
-                if entries.is_empty() {
-                    self.registry.remove(&inbox);
-                }
-            }
-            let code = ErrorCode::Overloaded;
-            self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
+            self.refuse_registration(inbox, conn, ErrorCode::Overloaded);
         }
         self.drain_local();
         Ok(())
@@ -2016,12 +2009,6 @@ impl<A: Authenticator> EdgeSession<A> {
                     None => Err(conn),
                 };
                 if let Err(conn) = linked {
-                    if let Some(entries) = self.registry.get_mut(&user) {
-                        entries.retain(|r| r.conn != conn);
-                        if entries.is_empty() {
-                            self.registry.remove(&user);
-                        }
-                    }
                     // Not served here any more (a takeover ended, a drain): the connection's
                     // shard sends it on; otherwise the queue was full.
                     let code = if self.remote_home(user).is_some() {
@@ -2029,7 +2016,7 @@ impl<A: Authenticator> EdgeSession<A> {
                     } else {
                         ErrorCode::Overloaded
                     };
-                    self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
+                    self.refuse_registration(user, conn, code);
                 }
             }
             ShardMessage::Superseded { conn } => {
@@ -2589,6 +2576,18 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Whether `conn` was redirected or closed already (its driver is finishing it).
     fn is_leaving(&self, conn: ConnRef) -> bool {
         self.conn(conn).is_some_and(|c| c.login == Login::Closing)
+    }
+
+    /// Takes `conn`, whose link was not queued or was taken back, out of `user`'s registry
+    /// and tells its shard, which closes it with `code`.
+    fn refuse_registration(&mut self, user: UserId, conn: ConnRef, code: ErrorCode) {
+        if let Some(entries) = self.registry.get_mut(&user) {
+            entries.retain(|r| r.conn != conn);
+            if entries.is_empty() {
+                self.registry.remove(&user);
+            }
+        }
+        self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
     }
 
     fn end_login(&mut self, conn: ConnRef) {

@@ -1918,17 +1918,21 @@ impl Shard {
         let now_ms = self.now_ms();
         for _ in 0..READS_MAX {
             let mut consumed_total = 0;
-            while let Ok(Some((frame, consumed))) =
-                courier_protocol::decode(&conn.inbuf[consumed_total..])
-            {
-                consumed_total += consumed;
-                if let Frame::Ack { .. } = frame {
-                    self.session.handle_frame(now_ms, conn_ref, frame, false);
+            loop {
+                match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
+                    Ok(Some((frame, consumed))) => {
+                        consumed_total += consumed;
+                        if let Frame::Ack { .. } = frame {
+                            self.session.handle_frame(now_ms, conn_ref, frame, false);
+                        }
+                    }
+                    Ok(None) => break,
+                    // Bytes that are no frame: nothing after them is read either.
+                    Err(_) => return,
                 }
             }
             conn.inbuf.drain(..consumed_total);
             let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
-            // A full buffer holds no whole frame only when what is in it is not one.
             if room == 0 {
                 return;
             }

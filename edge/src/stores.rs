@@ -143,11 +143,11 @@ pub fn open_embedded_log(
 ) -> Result<Vec<Arc<LogStore>>, String> {
     let stores = stores_dir(data_dir);
     let legacy = legacy_store_dir(data_dir);
-    match read_layout(&stores)? {
+    let opened: Vec<Arc<LogStore>> = match read_layout(&stores)? {
         Some(existing) if existing != shards => {
             return Err(shard_count_error(&stores, existing, shards));
         }
-        Some(_) => {}
+        Some(_) => open_shards(&stores, shards, options, Existing::Required)?,
         None if legacy.exists() => {
             return Err(format!(
                 "{} holds a store from before per-shard stores, which the log engine cannot \
@@ -155,18 +155,8 @@ pub fn open_embedded_log(
                 legacy.display()
             ));
         }
-        None => {
-            let opened: Vec<Arc<LogStore>> = open_new(&stores, shards, options)?;
-            log_recoveries(&opened);
-            return Ok(opened);
-        }
-    }
-    let opened: Vec<Arc<LogStore>> = open_shards(&stores, shards, options, Existing::Required)?;
-    log_recoveries(&opened);
-    Ok(opened)
-}
-
-fn log_recoveries(opened: &[Arc<LogStore>]) {
+        None => open_new(&stores, shards, options)?,
+    };
     for (shard, store) in opened.iter().enumerate() {
         let recovery = store.recovery();
         info!(
@@ -181,6 +171,7 @@ fn log_recoveries(opened: &[Arc<LogStore>]) {
             "log store recovered"
         );
     }
+    Ok(opened)
 }
 
 /// Opens the shard stores in parallel: each replays its own journal.

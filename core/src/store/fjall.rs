@@ -234,6 +234,15 @@ impl FjallStore {
         // What fjall's recovery reads is what the disk holds, not pages a failed sync left
         // behind.
         super::drop_cached_pages(path);
+        FjallStore::open_cache_dropped(path, options)
+    }
+
+    /// [`FjallStore::open`] for a caller that dropped the page cache of `path` already (the
+    /// log store, whose directory holds its dedupe tier).
+    pub(crate) fn open_cache_dropped(
+        path: &Path,
+        options: &FjallOptions,
+    ) -> Result<FjallStore, StoreError> {
         let db = Database::builder(path)
             .cache_size(options.cache_bytes)
             .worker_threads_unchecked(options.worker_threads)

@@ -1290,7 +1290,11 @@ impl LogStore {
                 )));
             }
         }
-        let dedupe = FjallStore::open(&dedupe_dir, &dedupe_tier_options(options.direct_writes))?;
+        // Its page cache went with the store's own, above.
+        let dedupe = FjallStore::open_cache_dropped(
+            &dedupe_dir,
+            &dedupe_tier_options(options.direct_writes),
+        )?;
 
         let mut stale = Vec::new();
         let snapshots = list_ids(dir, SNAPSHOT_PREFIX, &mut stale)?;
