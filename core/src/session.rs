@@ -577,6 +577,8 @@ pub struct EdgeSession<A> {
     logins_without_read: u64,
     /// Deliveries held back because their connection had its window of unacknowledged ones.
     deliveries_held_for_acks: u64,
+    /// Deliveries held back because their connection's outbound buffer had no room.
+    deliveries_held_for_room: u64,
     /// The time of the latest input, for the messages handled from `local`.
     now_ms: UnixMillis,
     /// Users with connections on this shard: their send budgets and recipient counts.
@@ -665,6 +667,7 @@ impl<A: Authenticator> EdgeSession<A> {
             stats: SessionStats::default(),
             logins_without_read: 0,
             deliveries_held_for_acks: 0,
+            deliveries_held_for_room: 0,
             now_ms: 0,
             senders: FastHashMap::default(),
             unauthenticated: 0,
@@ -707,6 +710,13 @@ impl<A: Authenticator> EdgeSession<A> {
     /// started.
     pub fn deliveries_held_for_acks(&self) -> u64 {
         self.deliveries_held_for_acks
+    }
+
+    /// Deliveries (live, or from a read) held back until their connection's outbound buffer
+    /// had room (`outbound_bytes_per_connection_max`): the client, or its path, is slower than
+    /// its messages. Since the session started.
+    pub fn deliveries_held_for_room(&self) -> u64 {
+        self.deliveries_held_for_room
     }
 
     /// Sends waiting for a commit (their senders wait for the answer).
@@ -2207,15 +2217,16 @@ impl<A: Authenticator> EdgeSession<A> {
         // `Sync` lets a client set the cursor anywhere, up to u64::MAX: never overflow.
         let in_order = c.delivered_up_to.checked_add(1) == Some(message.seq);
         let window_full = c.unacked.messages >= unacked_max;
-        let room = c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max
-            && !window_full;
-        if in_order && room && !c.sync_running {
+        let bytes_fit =
+            c.outbound_bytes + message.body.len() + FRAME_OVERHEAD_BYTES_MAX <= outbound_max;
+        if in_order && bytes_fit && !window_full && !c.sync_running {
             c.delivered_up_to = message.seq;
             c.unacked.delivered(message.seq);
             self.write_frame(conn, deliver_frame(message), true);
         } else {
             // A gap, a full buffer or a full window: the store has it; catch up from there.
             self.deliveries_held_for_acks += u64::from(window_full);
+            self.deliveries_held_for_room += u64::from(!bytes_fit);
             self.catch_up(conn);
         }
     }
@@ -2330,14 +2341,16 @@ impl<A: Authenticator> EdgeSession<A> {
         } else if let Some(page) = page {
             let mut stopped = false;
             let mut held_for_acks = false;
+            let mut held_for_room = false;
             let mut frames = Vec::new();
             let mut outbound = c.outbound_bytes;
             for message in page.messages {
                 let window_full = c.unacked.messages >= unacked_max;
-                if outbound + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX > outbound_max
-                    || window_full
-                {
+                let bytes_fit =
+                    outbound + message.body.len() + 2 * FRAME_OVERHEAD_BYTES_MAX <= outbound_max;
+                if !bytes_fit || window_full {
                     held_for_acks = window_full;
+                    held_for_room = !bytes_fit;
                     stopped = true;
                     break;
                 }
@@ -2360,9 +2373,8 @@ impl<A: Authenticator> EdgeSession<A> {
             if stopped || page.more {
                 c.sync_again = true;
             }
-            if held_for_acks {
-                self.deliveries_held_for_acks += 1;
-            }
+            self.deliveries_held_for_acks += u64::from(held_for_acks);
+            self.deliveries_held_for_room += u64::from(held_for_room);
             for frame in frames {
                 self.write(conn, frame);
             }

@@ -134,6 +134,10 @@ fn simulation_over_many_seeds() {
             "no delivery waited for room in its connection's window: {total:?}"
         );
         assert!(
+            total.deliveries_held_for_room > 0,
+            "no delivery waited for room in its connection's outbound buffer: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -209,6 +213,8 @@ struct Stats {
     late_landings_fenced: u64,
     /// App restarts that lost the app's unanswered sends (it kept no outbox).
     outboxes_lost: u64,
+    /// Deliveries held back until their connection's outbound buffer had room.
+    deliveries_held_for_room: u64,
 }
 
 impl Stats {
@@ -258,6 +264,7 @@ impl Stats {
         self.late_landings += other.late_landings;
         self.late_landings_fenced += other.late_landings_fenced;
         self.outboxes_lost += other.outboxes_lost;
+        self.deliveries_held_for_room += other.deliveries_held_for_room;
     }
 }
 
@@ -514,6 +521,25 @@ struct Receipt {
     ttl_secs: Option<u32>,
 }
 
+/// The body of `user`'s send `client_id`: it names the message, so the checkers find it. In
+/// worlds with large bodies some are padded toward `BODY_BYTES_MAX`, so that a few fill a
+/// connection's outbound buffer; the padding follows from the id, so the checkers make the same
+/// body.
+fn body_of(user: UserId, client_id: u64, large_per_thousand: u64) -> Vec<u8> {
+    let mut body = format!("{user}:{client_id}").into_bytes();
+    let hash = (user.wrapping_mul(31) ^ client_id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    if (hash >> 40) % 1000 < large_per_thousand {
+        let padded_bytes = 1024 + (hash as usize) % (courier_protocol::BODY_BYTES_MAX - 1024);
+        body.push(b'#');
+        body.resize(padded_bytes, b'.');
+    }
+    body
+}
+
+fn outbuf_key(conn: ConnRef) -> (u8, usize, u64) {
+    (conn.shard, conn.slot, conn.generation)
+}
+
 fn new_client_session(
     user: UserId,
     device: u32,
@@ -604,6 +630,15 @@ struct World<S: SimStore> {
     /// Frames for connections whose input the edge paused, in arrival order. Ordered by
     /// connection, so a seed replays exactly.
     held: BTreeMap<(u8, usize, u64), VecDeque<Frame>>,
+    /// Per connection: frames the edge wrote that QUIC has not taken yet (the driver's
+    /// outbuf), with their encoded bytes, oldest first. Empty in worlds whose transport takes
+    /// every write at once.
+    outbufs: BTreeMap<(u8, usize, u64), VecDeque<(Frame, usize)>>,
+    /// Chance per step that QUIC takes some of a connection's outbuf (a slow path or a
+    /// client slow to read); 1000: it takes every write at once.
+    transport_takes_per_thousand: u64,
+    /// Share of sends whose body is padded toward the maximum (`body_of`).
+    large_bodies_per_thousand: u64,
     /// Per shard: the sends of batches answered with an unknown result and written later,
     /// each with when (sim time), as a FoundationDB commit may land after its result came
     /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
@@ -723,6 +758,19 @@ impl<S: SimStore> World<S> {
                 }
             })
             .collect();
+        // A third of the worlds send some large bodies, and half have a transport that takes
+        // the edge's writes late: together they fill connections' outbound buffers, so
+        // deliveries wait for room and the edge stops reading a connection.
+        let large_bodies_per_thousand = if rng.chance(1, 3) {
+            100 + rng.below(500)
+        } else {
+            0
+        };
+        let transport_takes_per_thousand = if rng.chance(1, 2) {
+            1000
+        } else {
+            100 + rng.below(800)
+        };
         // Limits against abuse, tight in some worlds so their refusals happen: every one is
         // retryable (or closes a connection that the client opens again), so delivery must
         // still converge.
@@ -736,10 +784,20 @@ impl<S: SimStore> World<S> {
                 }
             }
         };
+        // Large bodies get a larger byte rate, so the calm phase sends them in its minutes.
+        let bytes_per_sec_min = if large_bodies_per_thousand > 0 {
+            64_000
+        } else {
+            2_000
+        };
         let budget = |rng: &mut Rng| SendBudget {
             messages: rate(rng, 20, 1),
             // The burst holds at least one maximal body, so every send can pass eventually.
-            bytes: rate(rng, 2_000, courier_protocol::FRAME_BYTES_MAX as u64),
+            bytes: rate(
+                rng,
+                bytes_per_sec_min,
+                courier_protocol::FRAME_BYTES_MAX as u64,
+            ),
         };
         let session_config = SessionConfig {
             connections_per_user_max: 4,
@@ -790,6 +848,9 @@ impl<S: SimStore> World<S> {
             clients,
             slot_owner: HashMap::new(),
             held: BTreeMap::new(),
+            outbufs: BTreeMap::new(),
+            transport_takes_per_thousand,
+            large_bodies_per_thousand,
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -825,6 +886,7 @@ impl<S: SimStore> World<S> {
             self.stats.sends_store_slow += stats.sends_store_slow;
             self.stats.logins_without_read += shard.logins_without_read();
             self.stats.deliveries_held_for_acks += shard.deliveries_held_for_acks();
+            self.stats.deliveries_held_for_room += shard.deliveries_held_for_room();
         }
         for committer in &self.committers {
             self.stats.logins_unwritten += committer.logins_unwritten();
@@ -947,6 +1009,67 @@ impl<S: SimStore> World<S> {
         )
     }
 
+    /// A frame the transport took for the client on `conn`.
+    fn to_client(&mut self, conn: ConnRef, frame: Frame) {
+        let client = self.slot_owner[&conn.slot];
+        let latency = 1 + self.rng.below(20);
+        self.schedule(
+            Packet::ToClient {
+                client,
+                conn,
+                frame,
+            },
+            latency,
+        );
+    }
+
+    /// Whether the driver stops reading the connection: its outbuf holds the most it may
+    /// (`read_stream` in edge/src/shard.rs).
+    fn outbuf_full(&self, conn: ConnRef) -> bool {
+        self.outbufs.get(&outbuf_key(conn)).is_some_and(|outbuf| {
+            outbuf.iter().map(|(_, bytes)| bytes).sum::<usize>()
+                >= self.session_config.outbound_bytes_per_connection_max
+        })
+    }
+
+    /// QUIC takes some of each connection's outbuf, oldest first, now and then, and the driver
+    /// tells the session what is left, as the edge's `flush` does: a sync that waited for
+    /// room goes on when it is empty.
+    fn take_outbufs(&mut self) {
+        let keys: Vec<(u8, usize, u64)> = self.outbufs.keys().copied().collect();
+        for key in keys {
+            if self.rng.below(1000) >= self.transport_takes_per_thousand {
+                continue;
+            }
+            // An earlier connection's effects may have closed this one.
+            let Some(queued) = self.outbufs.get(&key).map(VecDeque::len) else {
+                continue;
+            };
+            let take = if self.rng.chance(1, 2) {
+                queued
+            } else {
+                1 + self.rng.below(queued as u64) as usize
+            };
+            let outbuf = self.outbufs.get_mut(&key).expect("listed");
+            let taken: Vec<Frame> = outbuf.drain(..take).map(|(frame, _)| frame).collect();
+            let buffered: usize = outbuf.iter().map(|(_, bytes)| bytes).sum();
+            if outbuf.is_empty() {
+                self.outbufs.remove(&key);
+            }
+            let (shard, slot, generation) = key;
+            let conn = ConnRef {
+                shard,
+                slot,
+                generation,
+            };
+            for frame in taken {
+                self.to_client(conn, frame);
+            }
+            self.shards[shard as usize].set_outbound_bytes(conn, buffered);
+            self.apply_effects(shard as usize);
+        }
+    }
+
     fn schedule(&mut self, packet: Packet, latency: u64) {
         let lane = packet.lane();
         let earliest = self.lane_clock.get(&lane).copied().unwrap_or(0);
@@ -994,6 +1117,7 @@ impl<S: SimStore> World<S> {
             let packet = entry.remove();
             self.receive(packet);
         }
+        self.take_outbufs();
         for client in 0..self.clients.len() {
             self.client_tick(client);
         }
@@ -1007,7 +1131,7 @@ impl<S: SimStore> World<S> {
                 generation,
             };
             let shard = shard as usize;
-            while !self.shards[shard].input_paused(conn) {
+            while !self.shards[shard].input_paused(conn) && !self.outbuf_full(conn) {
                 let Some(frame) = self.held.get_mut(&key).and_then(|q| q.pop_front()) else {
                     break;
                 };
@@ -1422,6 +1546,7 @@ impl<S: SimStore> World<S> {
         self.start_shards();
         self.network.clear();
         self.held.clear();
+        self.outbufs.clear();
         self.lane_clock.clear();
         // Commits in flight die with the process: nobody hears of them.
         for in_flight in &mut self.commits_in_flight {
@@ -1516,9 +1641,11 @@ impl<S: SimStore> World<S> {
                 let key = (conn.shard, conn.slot, conn.generation);
                 if self.shards[conn.shard as usize].input_paused(conn)
                     || self.held.contains_key(&key)
+                    || self.outbuf_full(conn)
                 {
-                    // Over its send budget: the edge reads nothing more from the connection
-                    // until it resumes; its frames wait, in order, as in QUIC's buffers.
+                    // Over its send budget, or its answers not taken: the edge reads nothing
+                    // more from the connection until it resumes; its frames wait, in order,
+                    // as in QUIC's buffers.
                     self.held.entry(key).or_default().push_back(frame);
                     return;
                 }
@@ -1577,6 +1704,7 @@ impl<S: SimStore> World<S> {
                 self.apply_effects(shard as usize);
             }
             Packet::IdleTimeout { conn } => {
+                self.outbufs.remove(&outbuf_key(conn));
                 self.shards[conn.shard as usize].connection_lost(conn);
                 self.apply_effects(conn.shard as usize);
             }
@@ -1588,21 +1716,25 @@ impl<S: SimStore> World<S> {
         while let Some(effect) = self.shards[shard].poll_effect() {
             match effect {
                 Effect::Write { conn, frame, .. } => {
-                    let client = self.slot_owner[&conn.slot];
-                    let latency = 1 + self.rng.below(20);
-                    self.schedule(
-                        Packet::ToClient {
-                            client,
-                            conn,
-                            frame,
-                        },
-                        latency,
-                    );
-                    // The transport takes the bytes at once here.
-                    self.shards[shard].set_outbound_bytes(conn, 0);
+                    if self.transport_takes_per_thousand >= 1000 {
+                        // The transport takes the bytes at once.
+                        self.to_client(conn, frame);
+                        self.shards[shard].set_outbound_bytes(conn, 0);
+                        continue;
+                    }
+                    // Into the driver's outbuf, for QUIC to take later (`take_outbufs`).
+                    let bytes = courier_protocol::encode_to_vec(&frame)
+                        .expect("the edge writes valid frames")
+                        .len();
+                    let outbuf = self.outbufs.entry(outbuf_key(conn)).or_default();
+                    outbuf.push_back((frame, bytes));
+                    let buffered = outbuf.iter().map(|(_, bytes)| bytes).sum();
+                    self.shards[shard].set_outbound_bytes(conn, buffered);
                 }
                 Effect::Close { conn, code, .. } => {
                     let client = self.slot_owner[&conn.slot];
+                    // QUIC's close discards what the stream had not sent.
+                    self.outbufs.remove(&outbuf_key(conn));
                     self.schedule(Packet::Closed { client, conn, code }, 1);
                     self.shards[shard].connection_lost(conn);
                 }
@@ -1703,6 +1835,7 @@ impl<S: SimStore> World<S> {
         let mut recipients: Vec<UserId> = self.clients.iter().map(|c| c.user).collect();
         recipients.dedup();
         let consume_chance = self.clients[client].consume_per_thousand;
+        let large_bodies_per_thousand = self.large_bodies_per_thousand;
         let c = &mut self.clients[client];
         // The application sends what it planned, a few at a time.
         while c.session.pending_sends() < 16 {
@@ -1710,7 +1843,7 @@ impl<S: SimStore> World<S> {
                 break;
             };
             // The body names the message so checkers can find it.
-            let body = format!("{}:{client_id}", c.user).into_bytes();
+            let body = body_of(c.user, client_id, large_bodies_per_thousand);
             let to = recipients[recipient];
             c.outbox.insert(client_id, (to, body.clone(), ttl));
             c.session
@@ -1805,6 +1938,7 @@ impl<S: SimStore> World<S> {
     fn converged(&mut self) -> bool {
         if !self.network.is_empty()
             || !self.held.is_empty()
+            || !self.outbufs.is_empty()
             || self.store_reopen_at.iter().any(Option::is_some)
             || self.late_landings.iter().any(|landings| !landings.is_empty())
             // Poisoned by a write whose error was another one (an fsync failure reported as
@@ -1878,7 +2012,7 @@ impl<S: SimStore> World<S> {
                     }
                     return Err(format!(
                         "message {} stored or delivered twice (seqs {earlier} at {} and {seq} at {}) to device {}/{}",
-                        String::from_utf8_lossy(body),
+                        String::from_utf8_lossy(&body[..body.len().min(40)]),
                         at(earlier),
                         at(*seq),
                         c.user,
@@ -1902,7 +2036,7 @@ impl<S: SimStore> World<S> {
             for (client_id, receipt) in &sender.acked {
                 acked_total += 1;
                 by_inbox_seq.insert((receipt.to, receipt.seq), receipt.ttl_secs);
-                let body = format!("{}:{client_id}", sender.user).into_bytes();
+                let body = body_of(sender.user, *client_id, self.large_bodies_per_thousand);
                 for (index, device) in self.clients.iter().enumerate() {
                     if device.user != receipt.to
                         || device

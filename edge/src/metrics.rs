@@ -99,6 +99,7 @@ pub struct Metrics {
     commit_duration: Histograms<ShardLabel>,
     sync_reads: Family<ShardLabel, Counter>,
     deliveries_held_for_acks: Family<ShardLabel, Counter>,
+    deliveries_held_for_room: Family<ShardLabel, Counter>,
     expired_messages: Family<ShardLabel, Counter>,
     expiry_index_entries_cleared: Family<ShardLabel, Counter>,
     inboxes_emptied: Family<ShardLabel, Counter>,
@@ -244,6 +245,10 @@ impl Metrics {
             "deliveries_held_for_acks",
             "Deliveries held back until their connection acknowledged some of what it was given (limits.deliveries_unacked_per_connection_max): clients slow to take their messages"
         );
+        let deliveries_held_for_room = family!(
+            "deliveries_held_for_room",
+            "Deliveries held back until their connection's outbound buffer had room (limits.outbound_bytes_per_connection_max): clients, or paths, slower than their messages"
+        );
         let sync_reads = family!(
             "sync_reads",
             "Store reads for connections catching up (after login, a gap or a full buffer)"
@@ -371,6 +376,7 @@ impl Metrics {
             commit_duration,
             sync_reads,
             deliveries_held_for_acks,
+            deliveries_held_for_room,
             expired_messages,
             expiry_index_entries_cleared,
             inboxes_emptied,
@@ -466,6 +472,7 @@ impl Metrics {
             commit_duration: self.commit_duration.get_or_create_owned(&label),
             sync_reads: self.sync_reads.get_or_create_owned(&label),
             deliveries_held_for_acks: self.deliveries_held_for_acks.get_or_create_owned(&label),
+            deliveries_held_for_room: self.deliveries_held_for_room.get_or_create_owned(&label),
             expired_messages: self.expired_messages.get_or_create_owned(&label),
             expiry_index_entries_cleared: self
                 .expiry_index_entries_cleared
@@ -596,6 +603,7 @@ pub struct ShardMetrics {
     pub commit_duration: Histogram,
     pub sync_reads: Counter,
     pub deliveries_held_for_acks: Counter,
+    pub deliveries_held_for_room: Counter,
     pub expired_messages: Counter,
     pub expiry_index_entries_cleared: Counter,
     pub inboxes_emptied: Counter,

@@ -333,6 +333,8 @@ pub struct Shard {
     gauges_published_at: Instant,
     /// `EdgeSession::deliveries_held_for_acks` at the last publish: the counter's increments.
     deliveries_held_published: u64,
+    /// `EdgeSession::deliveries_held_for_room` at the last publish.
+    deliveries_held_for_room_published: u64,
     stats: ShardStats,
     stats_logged: ShardStats,
     stats_logged_at: Instant,
@@ -638,6 +640,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         commit_retry_at: None,
         gauges_published_at: Instant::now(),
         deliveries_held_published: 0,
+        deliveries_held_for_room_published: 0,
         stats: ShardStats::default(),
         stats_logged: ShardStats::default(),
         stats_logged_at: Instant::now(),
@@ -2603,6 +2606,11 @@ impl Shard {
             .deliveries_held_for_acks
             .inc_by(held - self.deliveries_held_published);
         self.deliveries_held_published = held;
+        let held_for_room = self.session.deliveries_held_for_room();
+        metrics
+            .deliveries_held_for_room
+            .inc_by(held_for_room - self.deliveries_held_for_room_published);
+        self.deliveries_held_for_room_published = held_for_room;
     }
 
     fn finish_commit(
