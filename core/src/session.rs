@@ -484,6 +484,9 @@ struct Connection {
     input_paused_for_answer: bool,
     /// Highest seq written to this connection, or declared a hole, or held by the device.
     delivered_up_to: u64,
+    /// The highest `delivered_up_to` before a `Sync` moved it back (0 if none did): the
+    /// device was given everything up to it, so it may acknowledge that much.
+    given_before_sync: u64,
     /// Messages written to this connection and not acknowledged on it.
     unacked: UnackedDeliveries,
     /// What the device acknowledged, as far as this connection knows: its cursor at login,
@@ -828,6 +831,7 @@ impl<A: Authenticator> EdgeSession<A> {
                 input_paused_until_ms: None,
                 input_paused_for_answer: false,
                 delivered_up_to: 0,
+                given_before_sync: 0,
                 unacked: UnackedDeliveries::default(),
                 acked_up_to: 0,
                 sync_running: false,
@@ -1816,8 +1820,12 @@ impl<A: Authenticator> EdgeSession<A> {
                 let Some(c) = self.conn_mut(conn) else {
                     return;
                 };
-                let up_to_seq = up_to_seq.min(c.delivered_up_to);
+                let up_to_seq = up_to_seq.min(c.delivered_up_to.max(c.given_before_sync));
                 let device = c.device;
+                // What the device holds is not sent again: after a `Sync` moved the cursor
+                // back, a resend of it would be dropped as held and never acknowledged again,
+                // and would keep the window full for good.
+                c.delivered_up_to = c.delivered_up_to.max(up_to_seq);
                 c.unacked.acked(up_to_seq);
                 c.acked_up_to = c.acked_up_to.max(up_to_seq);
                 // A read owed and not running waits for room in the window (or the outbound
@@ -1836,8 +1844,11 @@ impl<A: Authenticator> EdgeSession<A> {
                 // Not past what it was given: later messages up to a `Sync` beyond it would
                 // be skipped as given, and the device's ack would then let the store delete
                 // them. (A client can still claim to hold more in its `Hello`: that is its
-                // own device's loss.)
-                let after_seq = after_seq.min(c.delivered_up_to);
+                // own device's loss.) Not before what it acknowledged: the store deletes
+                // that, and the device, holding it, would never acknowledge a resend of it
+                // again, so it would stay in the window and hold deliveries back.
+                let after_seq = after_seq.max(c.acked_up_to).min(c.delivered_up_to);
+                c.given_before_sync = c.given_before_sync.max(c.delivered_up_to);
                 c.delivered_up_to = after_seq;
                 c.unacked.resent_after(after_seq);
                 if matches!(c.login, Login::Active { .. }) {

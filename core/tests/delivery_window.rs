@@ -89,6 +89,61 @@ fn a_sync_gives_again_what_it_asks_for_within_the_window() {
     assert_eq!(delivered(&edge.settle(), READER), vec![3]);
 }
 
+/// A `Sync` that names a cursor below what the device acknowledged resends from its ack, not
+/// before: a device holding those messages drops their resend as held and never acknowledges
+/// them again, so they stayed in its window and held every later delivery back for good
+/// (found by the simulation once its clients sent `Sync` on their own).
+#[test]
+fn a_sync_before_what_the_device_acknowledged_resends_from_its_ack() {
+    let mut edge = edge();
+    for client_id in 1..=3 {
+        edge.frame(WRITER, send(client_id, 1, &[b'x'; 10]));
+    }
+    assert_eq!(delivered(&edge.settle(), READER), vec![1, 2]);
+    edge.frame(READER, Frame::Ack { up_to_seq: 2 });
+    assert_eq!(delivered(&edge.settle(), READER), vec![3]);
+    edge.frame(READER, Frame::Sync { after_seq: 0 });
+    assert_eq!(
+        delivered(&edge.settle(), READER),
+        vec![3],
+        "only what the device did not acknowledge comes again"
+    );
+    edge.frame(READER, Frame::Ack { up_to_seq: 3 });
+    edge.frame(WRITER, send(4, 1, b"after"));
+    assert_eq!(
+        delivered(&edge.settle(), READER),
+        vec![4],
+        "the window is free"
+    );
+}
+
+/// An ack that reaches the edge after a `Sync` moved the cursor back, for messages given
+/// before it, counts: the device holds them, so they are not resent (a resend would be dropped
+/// as held and never acknowledged again, and fill the window for good).
+#[test]
+fn an_ack_after_a_sync_counts_what_was_given_before_it() {
+    let mut edge = edge();
+    for client_id in 1..=2 {
+        edge.frame(WRITER, send(client_id, 1, &[b'x'; 10]));
+    }
+    assert_eq!(delivered(&edge.settle(), READER), vec![1, 2]);
+    // The `Sync` and the ack of what the device consumed cross on the way.
+    edge.frame(READER, Frame::Sync { after_seq: 0 });
+    edge.frame(READER, Frame::Ack { up_to_seq: 2 });
+    assert!(
+        delivered(&edge.settle(), READER).is_empty(),
+        "nothing the device acknowledged comes again"
+    );
+    for client_id in 3..=4 {
+        edge.frame(WRITER, send(client_id, 1, &[b'x'; 10]));
+    }
+    assert_eq!(
+        delivered(&edge.settle(), READER),
+        vec![3, 4],
+        "the whole window is free"
+    );
+}
+
 /// Messages a device was not given yet (its window was full) expire, and expiry finds the
 /// inbox empty, so its home shard forgets it (deletes its counter). The device is told that
 /// those seqs are gone: a read of an inbox without a counter declares no hole past what it

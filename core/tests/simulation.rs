@@ -4,8 +4,10 @@
 //! device), exchanging real frames over a simulated network, on a
 //! virtual clock, with lost connections, shard crashes, fencing, store faults, mesh
 //! back-pressure, app restarts (some of which lose the app's unanswered sends), several devices
-//! per user, messages with short TTLs that expire, and commits answered with an unknown result
-//! that land seconds later, after later commits, as FoundationDB's may.
+//! per user, messages with short TTLs that expire, commits answered with an unknown result
+//! that land seconds later, after later commits, as FoundationDB's may, a transport that takes
+//! the edge's writes late while bodies near the maximum fill connections' outbound buffers,
+//! and clients that ask for their inbox again (`Sync`) after any cursor.
 //!
 //! The types are the ones the edge (`edge/src/shard.rs`) and the SDK (`client/src/lib.rs`) run;
 //! only the I/O is simulated. The network keeps each connection's frames in order (a QUIC stream
@@ -138,6 +140,10 @@ fn simulation_over_many_seeds() {
             "no delivery waited for room in its connection's outbound buffer: {total:?}"
         );
         assert!(
+            total.syncs_made > 0,
+            "no client asked for its inbox again (`Sync`): {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -168,9 +174,11 @@ struct Stats {
     expired: u64,
     /// Holes the server declared to a client.
     holes: u64,
-    /// `Sync` frames clients sent for gaps (the edge never leaves one undeclared, so this
-    /// stays 0 unless something is wrong; the checkers decide).
+    /// `Sync` frames the SDK sent for gaps: the edge never leaves one undeclared, so a run
+    /// where this is not 0 fails (`check`).
     syncs: u64,
+    /// `Sync` frames clients sent on their own, naming any cursor (`syncs_per_thousand`).
+    syncs_made: u64,
     /// Steps of the calm phase until convergence, summed.
     drain_steps: u64,
     /// Wall-clock steps (the edge sees them when it restarts).
@@ -243,6 +251,7 @@ impl Stats {
         self.expired += other.expired;
         self.holes += other.holes;
         self.syncs += other.syncs;
+        self.syncs_made += other.syncs_made;
         self.drain_steps += other.drain_steps;
         self.clock_steps += other.clock_steps;
         self.sends_over_budget += other.sends_over_budget;
@@ -639,6 +648,9 @@ struct World<S: SimStore> {
     transport_takes_per_thousand: u64,
     /// Share of sends whose body is padded toward the maximum (`body_of`).
     large_bodies_per_thousand: u64,
+    /// Chance per step that a client with a live link asks for its inbox again after a
+    /// cursor of its choosing (`Sync`), in the chaotic phase.
+    syncs_per_thousand: u64,
     /// Per shard: the sends of batches answered with an unknown result and written later,
     /// each with when (sim time), as a FoundationDB commit may land after its result came
     /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
@@ -828,6 +840,7 @@ impl<S: SimStore> World<S> {
             ..SessionConfig::new(0, shard_count, config.clone())
         };
         let slow_commit_per_thousand = rng.below(200);
+        let syncs_per_thousand = if rng.chance(1, 2) { rng.below(20) } else { 0 };
         let late_landing_per_thousand = fault_level * 10;
         let mut world = World {
             seed,
@@ -851,6 +864,7 @@ impl<S: SimStore> World<S> {
             outbufs: BTreeMap::new(),
             transport_takes_per_thousand,
             large_bodies_per_thousand,
+            syncs_per_thousand,
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -1082,15 +1096,33 @@ impl<S: SimStore> World<S> {
     /// A frame from a client. QUIC recovers lost packets, so loss here is the loss of the
     /// whole connection.
     fn client_frame(&mut self, client: usize, conn: ConnRef, frame: Frame) {
-        if matches!(frame, Frame::Sync { .. }) {
-            self.stats.syncs += 1;
-        }
         if self.rng.below(1000) < self.loss_per_thousand {
             self.drop_connection(client);
             return;
         }
         let latency = 1 + self.rng.below(20);
         self.schedule(Packet::ToEdge { conn, frame }, latency);
+    }
+
+    /// The client asks for its inbox again after a cursor of its choosing, as a client that
+    /// lost deliveries may: mostly one it holds (the edge resends what follows, which the
+    /// SDK drops as held), sometimes one past it (the edge clamps it to what it gave), and
+    /// never before `Welcome` (a `Sync` before `Hello` is a protocol error). Whatever it
+    /// names, nothing may be lost, delivered twice or out of order.
+    fn make_sync(&mut self, client: usize) {
+        let c = &self.clients[client];
+        let Some(conn) = c.conn.filter(|_| c.session.is_active()) else {
+            return;
+        };
+        let held = c.session.received_up_to();
+        let after_seq = match self.rng.below(10) {
+            0..=5 => self.rng.below(held + 1),
+            6 | 7 => held,
+            8 => held + 1 + self.rng.below(10),
+            _ => u64::MAX,
+        };
+        self.stats.syncs_made += 1;
+        self.client_frame(client, conn, Frame::Sync { after_seq });
     }
 
     /// The client's connection dies without a close: the client notices now, the edge at its
@@ -1336,6 +1368,9 @@ impl<S: SimStore> World<S> {
                 self.crash();
             }
             for client in 0..self.clients.len() {
+                if self.rng.below(1000) < self.syncs_per_thousand {
+                    self.make_sync(client);
+                }
                 if self.rng.below(1000) < self.disconnect_per_thousand {
                     self.drop_connection(client);
                 }
@@ -1921,6 +1956,9 @@ impl<S: SimStore> World<S> {
         };
         let mut frames = Vec::new();
         while let Some(frame) = self.clients[client].session.poll_transmit() {
+            if matches!(frame, Frame::Sync { .. }) {
+                self.stats.syncs += 1;
+            }
             frames.push(frame);
         }
         for frame in frames {
@@ -1971,6 +2009,13 @@ impl<S: SimStore> World<S> {
 
     /// The checkers. Runs after convergence.
     fn check(mut self) -> Result<Stats, String> {
+        // The edge declares a hole before it delivers past it, so the SDK never saw a gap.
+        if self.stats.syncs > 0 {
+            return Err(format!(
+                "the SDK asked {} times for a gap the edge did not declare",
+                self.stats.syncs
+            ));
+        }
         // Per device: deliveries in inbox order, from their claimed sender, each once.
         let mut delivered: Vec<HashMap<Vec<u8>, u64>> = Vec::new();
         for c in &self.clients {
