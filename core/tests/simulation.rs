@@ -7,7 +7,8 @@
 //! per user, messages with short TTLs that expire, commits answered with an unknown result
 //! that land seconds later, after later commits, as FoundationDB's may, a transport that takes
 //! the edge's writes late while bodies near the maximum fill connections' outbound buffers,
-//! and clients that ask for their inbox again (`Sync`) after any cursor.
+//! clients that ask for their inbox again (`Sync`) after any cursor, and operators who purge
+//! users (`ctl purge`: disconnect, then erase) while their devices log in again.
 //!
 //! The types are the ones the edge (`edge/src/shard.rs`) and the SDK (`client/src/lib.rs`) run;
 //! only the I/O is simulated. The network keeps each connection's frames in order (a QUIC stream
@@ -21,7 +22,9 @@
 //! at the head it was told in `Welcome`), unless it expired, and then inside a hole the server
 //! declared; no hole ever covered a live message; one device's ack never deleted a message
 //! another device had not received; a retried send was stored once; after every device acked,
-//! the store holds no message; after expiry no dedupe record or index entry is left.
+//! the store holds no message; after expiry no dedupe record or index entry is left. A purge
+//! excuses what it erased, and a device links anew after it (no connection stays linked
+//! across one).
 //!
 //! Everything random comes from one seed. A failure prints it; `SIM_SEED=<n>` replays exactly
 //! that run, and `SIM_SEEDS=<count>` changes how many seeds run (default 1000). A failure that
@@ -39,7 +42,9 @@ use courier_core::clock::ServerClock;
 use courier_core::commit::{self, Committer};
 use courier_core::keys;
 use courier_core::rng::Rng;
-use courier_core::session::{ConnRef, EdgeSession, Effect, Overload, SessionConfig, ShardMessage};
+use courier_core::session::{
+    ConnRef, EdgeSession, Effect, Overload, PurgeRefused, SessionConfig, ShardMessage,
+};
 use courier_core::shard::UNKNOWN_RESULT_LANDS_WITHIN_MS;
 use courier_core::store::clusters::inbox_of;
 use courier_core::store::fault::{FaultRates, FaultStore};
@@ -143,6 +148,7 @@ fn simulation_over_many_seeds() {
             total.syncs_made > 0,
             "no client asked for its inbox again (`Sync`): {total:?}"
         );
+        assert!(total.purges > 0, "no purge was answered: {total:?}");
         assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
@@ -223,6 +229,10 @@ struct Stats {
     outboxes_lost: u64,
     /// Deliveries held back until their connection's outbound buffer had room.
     deliveries_held_for_room: u64,
+    /// Purges (`ctl purge`) answered.
+    purges: u64,
+    /// Sends stored again after a purge erased their first copy and its dedupe record.
+    stored_again_after_purge: u64,
 }
 
 impl Stats {
@@ -274,6 +284,8 @@ impl Stats {
         self.late_landings_fenced += other.late_landings_fenced;
         self.outboxes_lost += other.outboxes_lost;
         self.deliveries_held_for_room += other.deliveries_held_for_room;
+        self.purges += other.purges;
+        self.stored_again_after_purge += other.stored_again_after_purge;
     }
 }
 
@@ -591,6 +603,11 @@ struct Client {
     unconsumed: VecDeque<(u64, UserId, Vec<u8>)>,
     /// The server time each received seq was stored at (`Deliver.sent_at_ms`).
     sent_at_ms: HashMap<u64, u64>,
+    /// A purge of the user erased the device's record: its next link starts it anew, and
+    /// sets `linked_after` (`record_answered`).
+    relink_pending: bool,
+    /// Those links after purges: the edge's time each was answered, and its cursor.
+    relinks: Vec<(UnixMillis, u64)>,
 }
 
 struct World<S: SimStore> {
@@ -651,6 +668,21 @@ struct World<S: SimStore> {
     /// Chance per step that a client with a live link asks for its inbox again after a
     /// cursor of its choosing (`Sync`), in the chaotic phase.
     syncs_per_thousand: u64,
+    /// Chance per step, in the chaotic phase, that an operator purges a user (`ctl purge`).
+    purge_per_thousand: u64,
+    /// Users an operator purged whose purge was not answered yet, with the edge's time of
+    /// the first request: run again after a crash (the operator is told to) or a full queue.
+    purges_wanted: BTreeMap<UserId, UnixMillis>,
+    /// When the operator runs the wanted purges again.
+    purges_rerun_at: Option<u64>,
+    /// Purges on their way to their home shard, after their users were disconnected: when
+    /// each arrives.
+    purges_to_queue: Vec<(u64, UserId)>,
+    /// Per user: its answered purges, each with the edge's time it was first asked for and
+    /// the last seq it erased. A purge erases from when it is written, which may be before
+    /// its answer, or before an answer of an earlier attempt that never came (an unknown
+    /// result): never before it was asked for.
+    purges: HashMap<UserId, Vec<(UnixMillis, u64)>>,
     /// Per shard: the sends of batches answered with an unknown result and written later,
     /// each with when (sim time), as a FoundationDB commit may land after its result came
     /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
@@ -767,6 +799,8 @@ impl<S: SimStore> World<S> {
                     },
                     unconsumed: VecDeque::new(),
                     sent_at_ms: HashMap::new(),
+                    relink_pending: false,
+                    relinks: Vec::new(),
                 }
             })
             .collect();
@@ -841,6 +875,11 @@ impl<S: SimStore> World<S> {
         };
         let slow_commit_per_thousand = rng.below(200);
         let syncs_per_thousand = if rng.chance(1, 2) { rng.below(20) } else { 0 };
+        let purge_per_thousand = if rng.chance(1, 3) {
+            1 + rng.below(3)
+        } else {
+            0
+        };
         let late_landing_per_thousand = fault_level * 10;
         let mut world = World {
             seed,
@@ -865,6 +904,11 @@ impl<S: SimStore> World<S> {
             transport_takes_per_thousand,
             large_bodies_per_thousand,
             syncs_per_thousand,
+            purge_per_thousand,
+            purges_wanted: BTreeMap::new(),
+            purges_rerun_at: None,
+            purges_to_queue: Vec::new(),
+            purges: HashMap::new(),
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -1175,6 +1219,21 @@ impl<S: SimStore> World<S> {
                 self.held.remove(&key);
             }
         }
+        while let Some(next) = self
+            .purges_to_queue
+            .iter()
+            .position(|(at, _)| *at <= self.now)
+        {
+            let (_, user) = self.purges_to_queue.remove(next);
+            self.queue_purge(user);
+        }
+        if self.purges_rerun_at.is_some_and(|at| at <= self.now) {
+            self.purges_rerun_at = None;
+            let wanted: Vec<UserId> = self.purges_wanted.keys().copied().collect();
+            for user in wanted {
+                self.purge(user);
+            }
+        }
         // Overdue `Hello`s close their connections, as the edge's timer does.
         for shard in 0..self.shards.len() {
             let now = self.edge_now();
@@ -1367,6 +1426,10 @@ impl<S: SimStore> World<S> {
             if self.rng.below(1000) < self.crash_per_thousand {
                 self.crash();
             }
+            if self.rng.below(1000) < self.purge_per_thousand {
+                let user = self.clients[self.rng.below(self.clients.len() as u64) as usize].user;
+                self.purge(user);
+            }
             for client in 0..self.clients.len() {
                 if self.rng.below(1000) < self.syncs_per_thousand {
                     self.make_sync(client);
@@ -1544,12 +1607,91 @@ impl<S: SimStore> World<S> {
         result: Result<Vec<commit::Outcome>, StoreError>,
     ) {
         let failed = result.as_ref().err().cloned();
+        if let Ok(outcomes) = &result {
+            self.record_answered(&batch.requests, outcomes);
+        }
         let now = self.edge_now();
         self.shards[shard].handle_commit(now, batch, result);
         self.apply_effects(shard);
         if let Some(error) = failed {
             self.store_refused(shard, &error);
         }
+    }
+
+    /// What an answered commit tells the checkers about purges. An answered purge erased its
+    /// inbox up to `last_seq` (readers see it from now), and every device of the user lost its
+    /// record: its next link starts it anew, as a device new to the inbox. Commits are
+    /// answered in the order taken, so the links answered after the purge came after it.
+    fn record_answered(&mut self, requests: &[commit::Request], outcomes: &[commit::Outcome]) {
+        for (request, outcome) in requests.iter().zip(outcomes) {
+            match (request, outcome) {
+                (commit::Request::Purge { inbox }, commit::Outcome::Purged { last_seq }) => {
+                    self.stats.purges += 1;
+                    let now = self.edge_now();
+                    let asked_at = self.purges_wanted.remove(inbox).unwrap_or(now);
+                    self.purges
+                        .entry(*inbox)
+                        .or_default()
+                        .push((asked_at, *last_seq));
+                    for c in self.clients.iter_mut().filter(|c| c.user == *inbox) {
+                        c.relink_pending = true;
+                    }
+                }
+                (
+                    commit::Request::Link { inbox, device, .. },
+                    commit::Outcome::Linked { cursor, .. },
+                ) => {
+                    let now = self.edge_now();
+                    for c in &mut self.clients {
+                        if c.user == *inbox && c.device == *device && c.relink_pending {
+                            c.relink_pending = false;
+                            c.linked_after = Some(*cursor);
+                            c.relinks.push((now, *cursor));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// An operator erases `user` (`ctl purge`): it is disconnected on every shard, then, once
+    /// the shards answered (a few milliseconds, in which its devices may log in again), its
+    /// purge is queued on its home shard (`queue_purge`). Until the purge is answered the
+    /// operator runs it again after a crash or a full queue.
+    fn purge(&mut self, user: UserId) {
+        for shard in 0..self.shards.len() {
+            self.shards[shard].disconnect_user(user, "purged by an operator");
+            self.apply_effects(shard);
+        }
+        let now = self.edge_now();
+        self.purges_wanted.entry(user).or_insert(now);
+        let at = self.now + 1 + self.rng.below(30);
+        self.purges_to_queue.push((at, user));
+    }
+
+    fn queue_purge(&mut self, user: UserId) {
+        let home = self.home_shard(user);
+        match self.shards[home].handle_purge(user) {
+            Ok(()) => {}
+            Err(PurgeRefused::QueueFull) => {
+                self.purges_rerun_at = Some(self.now + 50 + self.rng.below(500));
+            }
+            Err(refused) => panic!("a lone edge refused a purge: {refused:?}"),
+        }
+        self.apply_effects(home);
+    }
+
+    /// The last seq the purges of `user` asked for by `heard_at` erased (0: none).
+    fn purged_up_to(&self, user: UserId, heard_at: UnixMillis) -> u64 {
+        self.purges.get(&user).map_or(0, |purges| {
+            purges
+                .iter()
+                .filter(|(at, _)| *at <= heard_at)
+                .map(|(_, last_seq)| *last_seq)
+                .max()
+                .unwrap_or(0)
+        })
     }
 
     /// What the edge does when a shard's store refuses: fenced ends the process; poisoned (a
@@ -1578,6 +1720,12 @@ impl<S: SimStore> World<S> {
         self.stats.crashes += 1;
         // A power cut waiting for answers that died with this crash is moot.
         self.power_cut_at = None;
+        // Purges queued in the dead process, or on their way to it, are gone; their operators
+        // were told to run them again.
+        self.purges_to_queue.clear();
+        if !self.purges_wanted.is_empty() {
+            self.purges_rerun_at = Some(self.now + 50 + self.rng.below(500));
+        }
         self.start_shards();
         self.network.clear();
         self.held.clear();
@@ -1710,8 +1858,13 @@ impl<S: SimStore> World<S> {
             }
             Packet::Closed { client, conn, code } => {
                 if self.clients[client].conn == Some(conn) {
+                    // An operator's purge disconnects the user: its app logs in again.
+                    let user = self.clients[client].user;
+                    let purged =
+                        self.purges_wanted.contains_key(&user) || self.purges.contains_key(&user);
                     assert!(
-                        !courier_protocol::client::is_fatal_code(code),
+                        !courier_protocol::client::is_fatal_code(code)
+                            || (code == ErrorCode::Disconnected && purged),
                         "client {client}: its live connection was closed with {code:?}"
                     );
                     self.drop_connection(client);
@@ -1978,6 +2131,7 @@ impl<S: SimStore> World<S> {
             || !self.held.is_empty()
             || !self.outbufs.is_empty()
             || self.store_reopen_at.iter().any(Option::is_some)
+            || !self.purges_wanted.is_empty()
             || self.late_landings.iter().any(|landings| !landings.is_empty())
             // Poisoned by a write whose error was another one (an fsync failure reported as
             // an unknown result): the next store call notices, as on the edge.
@@ -2016,6 +2170,14 @@ impl<S: SimStore> World<S> {
                 self.stats.syncs
             ));
         }
+        // A purge erases its user's device records, so no connection stays linked across it:
+        // every device logged in again since, and its link started it anew.
+        if let Some(c) = self.clients.iter().find(|c| c.relink_pending) {
+            return Err(format!(
+                "device {}/{} stayed connected across a purge of its user without linking again",
+                c.user, c.device
+            ));
+        }
         // Per device: deliveries in inbox order, from their claimed sender, each once.
         let mut delivered: Vec<HashMap<Vec<u8>, u64>> = Vec::new();
         for c in &self.clients {
@@ -2047,6 +2209,17 @@ impl<S: SimStore> World<S> {
                 }
                 if let Some(earlier) = bodies.insert(body.clone(), *seq) {
                     let at = |seq: u64| c.sent_at_ms.get(&seq).copied().unwrap_or(0);
+                    // A purge asked for before the second copy was stored erased the first
+                    // and its dedupe record: the retry is a new message to the purged inbox.
+                    let purged_between = self.purges.get(&c.user).is_some_and(|purges| {
+                        purges.iter().any(|(asked_at, last_seq)| {
+                            *asked_at <= at(*seq) && earlier <= *last_seq
+                        })
+                    });
+                    if purged_between {
+                        self.stats.stored_again_after_purge += 1;
+                        continue;
+                    }
                     // A client id is unique within the dedupe window (docs/protocol.md): a
                     // retry that reaches the server more than a window after the first attempt
                     // was stored may be stored again. The simulated wall clock steps forward by
@@ -2056,12 +2229,13 @@ impl<S: SimStore> World<S> {
                         continue;
                     }
                     return Err(format!(
-                        "message {} stored or delivered twice (seqs {earlier} at {} and {seq} at {}) to device {}/{}",
+                        "message {} stored or delivered twice (seqs {earlier} at {} and {seq} at {}) to device {}/{} (purges {:?})",
                         String::from_utf8_lossy(&body[..body.len().min(40)]),
                         at(earlier),
                         at(*seq),
                         c.user,
-                        c.device
+                        c.device,
+                        self.purges.get(&c.user)
                     ));
                 }
             }
@@ -2073,15 +2247,18 @@ impl<S: SimStore> World<S> {
                 .any(|(after, up_to, _)| *after < seq && seq <= *up_to)
         };
         // Every acknowledged message reached every device of its recipient at its seq (those
-        // linked before it was stored), or expired into a hole declared to that device.
+        // linked before it was stored), or expired into a hole declared to that device, or a
+        // purge erased it.
         let mut acked_total = 0;
-        let mut expected_per_device = vec![0usize; self.clients.len()];
+        let mut expected_per_device: Vec<std::collections::HashSet<Vec<u8>>> =
+            vec![Default::default(); self.clients.len()];
         let mut by_inbox_seq: HashMap<(UserId, u64), Option<u32>> = HashMap::new();
         for sender in &self.clients {
             for (client_id, receipt) in &sender.acked {
                 acked_total += 1;
                 by_inbox_seq.insert((receipt.to, receipt.seq), receipt.ttl_secs);
                 let body = body_of(sender.user, *client_id, self.large_bodies_per_thousand);
+                let erased_up_to = self.purged_up_to(receipt.to, UnixMillis::MAX);
                 for (index, device) in self.clients.iter().enumerate() {
                     if device.user != receipt.to
                         || device
@@ -2090,46 +2267,65 @@ impl<S: SimStore> World<S> {
                     {
                         continue;
                     }
-                    match delivered[index].get(&body) {
-                        Some(seq) if *seq == receipt.seq => expected_per_device[index] += 1,
-                        Some(seq) => {
-                            return Err(format!(
-                                "message {}:{client_id} acked as {}#{} but delivered to device {} as {seq}",
-                                sender.user, receipt.to, receipt.seq, device.device
-                            ));
-                        }
-                        None if receipt.ttl_secs.is_some() && in_hole(device, receipt.seq) => {}
-                        None => {
-                            return Err(format!(
-                                "acknowledged message {}:{client_id} ({}#{}) was lost for device {}",
-                                sender.user, receipt.to, receipt.seq, device.device
-                            ));
-                        }
+                    let got = delivered[index].get(&body).copied();
+                    if got == Some(receipt.seq) {
+                        expected_per_device[index].insert(body.clone());
+                        continue;
+                    }
+                    // A copy a purge erased (with its dedupe record) may have reached the
+                    // device before the retry that was acknowledged.
+                    if let Some(seq) = got.filter(|seq| *seq > erased_up_to) {
+                        return Err(format!(
+                            "message {}:{client_id} acked as {}#{} but delivered to device {} as {seq}",
+                            sender.user, receipt.to, receipt.seq, device.device
+                        ));
+                    }
+                    let expired = receipt.ttl_secs.is_some() && in_hole(device, receipt.seq);
+                    if !expired && receipt.seq > erased_up_to {
+                        return Err(format!(
+                            "acknowledged message {}:{client_id} ({}#{}) was lost for device {}",
+                            sender.user, receipt.to, receipt.seq, device.device
+                        ));
                     }
                 }
             }
         }
         for (index, c) in self.clients.iter().enumerate() {
-            // Apart from sends their apps lost, which may have been stored all the same.
-            let lost = delivered[index]
-                .keys()
-                .filter(|body| self.sends_lost.contains(*body))
-                .count();
-            if delivered[index].len() - lost != expected_per_device[index] {
-                return Err(format!(
-                    "device {}/{} got {} messages, {} of them acknowledged",
-                    c.user,
-                    c.device,
-                    delivered[index].len(),
-                    expected_per_device[index]
-                ));
+            // Every message a device got was acknowledged to its sender at that seq, apart from
+            // sends their apps lost (which may have been stored all the same) and copies a
+            // purge erased (their sender may have been answered for a later copy).
+            let purged_up_to = self.purged_up_to(c.user, UnixMillis::MAX);
+            for (body, seq) in &delivered[index] {
+                if !expected_per_device[index].contains(body)
+                    && !self.sends_lost.contains(body)
+                    && *seq > purged_up_to
+                {
+                    return Err(format!(
+                        "device {}/{} got message {} as {seq}, which no sender was acked for",
+                        c.user,
+                        c.device,
+                        String::from_utf8_lossy(&body[..body.len().min(40)])
+                    ));
+                }
             }
         }
         // A hole covers only messages that expired, never a live one, and none before its TTL
-        // ran out.
+        // ran out; or, heard after a purge, what it erased and what came before the device
+        // linked again (it joined the inbox anew).
         for c in &self.clients {
             for (after, up_to, heard_at) in &c.holes {
+                let purged_up_to = self.purged_up_to(c.user, *heard_at);
+                // The device's link after the latest purge before the hole.
+                let relinked_after = c
+                    .relinks
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| at <= heard_at)
+                    .map(|(_, cursor)| *cursor);
                 for seq in after + 1..=*up_to {
+                    if seq <= purged_up_to || relinked_after.is_some_and(|cursor| seq <= cursor) {
+                        continue;
+                    }
                     if let Some(Some(expire_at)) = self.assigned.get(&(c.user, seq))
                         && expire_at > heard_at
                     {
@@ -2143,8 +2339,11 @@ impl<S: SimStore> World<S> {
                         Some(Some(_ttl)) => {}
                         Some(None) => {
                             return Err(format!(
-                                "device {}/{}: a hole ({after}, {up_to}] covered live message {seq}",
-                                c.user, c.device
+                                "device {}/{}: a hole ({after}, {up_to}] covered live message {seq} (heard at {heard_at}, purges {:?}, links after them {:?})",
+                                c.user,
+                                c.device,
+                                self.purges.get(&c.user),
+                                c.relinks
                             ));
                         }
                         // Below the seq floor of a forgotten inbox: never used in this inbox.
