@@ -1068,7 +1068,7 @@ impl<S: SimStore> World<S> {
     }
 
     /// A frame the transport took for the client on `conn`.
-    fn to_client(&mut self, conn: ConnRef, frame: Frame) {
+    fn send_to_client(&mut self, conn: ConnRef, frame: Frame) {
         let client = self.slot_owner[&conn.slot];
         let latency = 1 + self.rng.below(20);
         self.schedule(
@@ -1121,7 +1121,7 @@ impl<S: SimStore> World<S> {
                 generation,
             };
             for frame in taken {
-                self.to_client(conn, frame);
+                self.send_to_client(conn, frame);
             }
             self.shards[shard as usize].set_outbound_bytes(conn, buffered);
             self.apply_effects(shard as usize);
@@ -1906,7 +1906,7 @@ impl<S: SimStore> World<S> {
                 Effect::Write { conn, frame, .. } => {
                     if self.transport_takes_per_thousand >= 1000 {
                         // The transport takes the bytes at once.
-                        self.to_client(conn, frame);
+                        self.send_to_client(conn, frame);
                         self.shards[shard].set_outbound_bytes(conn, 0);
                         continue;
                     }
