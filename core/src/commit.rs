@@ -452,12 +452,15 @@ fn write_batch<T: Transaction>(
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 let before = device_record(txn, &devices, *inbox, *device, learned, known)?;
                 let cursor = match before.map(|(cursor, _)| cursor) {
-                    // The inbox's first device gets everything stored; a device added to an
-                    // inbox that has others starts at the head (it gets what is sent after it
-                    // links, like a newly linked companion device).
-                    None if has_live_device(
-                        txn, &devices, *inbox, now, config, learned, known,
-                    )? =>
+                    // The inbox's first device gets everything stored; a device new to an
+                    // inbox that has others (it consumed nothing from it) starts at the head:
+                    // it gets what is sent after it links, like a newly linked companion. A
+                    // device without a record that consumed from the inbox before (its record
+                    // was purged, or forgotten after the retention) gets what is still stored
+                    // after what it consumed: after a purge every device comes back without
+                    // one, and all but the first would miss what was sent in between.
+                    None if *acked_up_to == 0
+                        && has_live_device(txn, &devices, *inbox, now, config, learned, known)? =>
                     {
                         last
                     }

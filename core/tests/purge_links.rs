@@ -8,7 +8,7 @@
 
 mod common;
 use common::SimAuth;
-use common::one_shard::{conn, hello};
+use common::one_shard::{OneShard, conn, delivered, hello};
 
 use courier_core::CoreConfig;
 use courier_core::commit::Committer;
@@ -111,4 +111,52 @@ fn a_connection_linked_before_a_purge_is_closed_to_log_in_again() {
         Some(ErrorCode::Disconnected),
         "closed to log in again: {purged:?}"
     );
+}
+
+/// After a purge every device of the user logs in again, each without a device record. Each
+/// device that had consumed from the inbox gets what was stored since the purge, whichever
+/// logs in first. Before, only the first did: the others were taken for companions new to an
+/// inbox that has a live device and started at its head, so the messages sent between the
+/// purge and their login never reached them.
+#[test]
+fn every_returning_device_gets_what_was_sent_after_a_purge() {
+    const WRITER: u64 = 6;
+    let mut edge = OneShard::new(SessionConfig::new(0, 1, CoreConfig::default()));
+    edge.login(0, USER, 0);
+    edge.login(1, USER, 1);
+    edge.login(2, WRITER, 0);
+    let send = |client_id| Frame::Send {
+        client_id,
+        to: USER,
+        body: b"hi".to_vec(),
+        ttl_secs: None,
+    };
+    edge.frame(2, send(1));
+    let frames = edge.settle();
+    assert_eq!(delivered(&frames, 0), vec![1]);
+    assert_eq!(delivered(&frames, 1), vec![1]);
+    edge.frame(0, Frame::Ack { up_to_seq: 1 });
+    edge.frame(1, Frame::Ack { up_to_seq: 1 });
+    edge.now += edge.core.ack_commit_delay_ms;
+    edge.settle();
+
+    // `ctl purge`: disconnect, then erase.
+    assert_eq!(edge.session.disconnect_user(USER, "purged"), 2);
+    edge.session
+        .handle_purge(USER)
+        .expect("the purge is queued");
+    edge.settle();
+    edge.frame(2, send(2));
+    let frames = edge.settle();
+    let Some(seq) = frames.iter().find_map(|(_, frame)| match frame {
+        Frame::SendAck { seq, .. } => Some(*seq),
+        _ => None,
+    }) else {
+        panic!("the send after the purge is answered: {frames:?}");
+    };
+
+    let first = edge.login_holding(3, USER, 0, 1);
+    assert_eq!(delivered(&first, 3), vec![seq], "the first device back");
+    let second = edge.login_holding(4, USER, 1, 1);
+    assert_eq!(delivered(&second, 4), vec![seq], "the second device back");
 }

@@ -593,8 +593,9 @@ struct Client {
     acked: HashMap<u64, Receipt>,
     /// Deliveries the application took: (seq, from, body).
     received: Vec<(u64, UserId, Vec<u8>)>,
-    /// Declared holes: (after, up_to], and the edge's time when the device heard of it.
-    holes: Vec<(u64, u64, UnixMillis)>,
+    /// Declared holes: (after, up_to], the edge's time when the device heard of it, and the
+    /// simulated time (which, unlike the edge's, never runs back across a restart).
+    holes: Vec<(u64, u64, UnixMillis, u64)>,
     /// Highest seq the application consumed and persisted (survives an app restart).
     consumed_up_to: u64,
     /// Consumes deliveries only some of the time (a slow app, or one with manual acks).
@@ -606,8 +607,9 @@ struct Client {
     /// A purge of the user erased the device's record: its next link starts it anew, and
     /// sets `linked_after` (`record_answered`).
     relink_pending: bool,
-    /// Those links after purges: the edge's time each was answered, and its cursor.
-    relinks: Vec<(UnixMillis, u64)>,
+    /// Those links after purges: the simulated time each was answered, and the seq after
+    /// which the device gets what is stored (its cursor, or past what was deleted before).
+    relinks: Vec<(u64, u64)>,
 }
 
 struct World<S: SimStore> {
@@ -670,19 +672,22 @@ struct World<S: SimStore> {
     syncs_per_thousand: u64,
     /// Chance per step, in the chaotic phase, that an operator purges a user (`ctl purge`).
     purge_per_thousand: u64,
-    /// Users an operator purged whose purge was not answered yet, with the edge's time of
+    /// Users an operator purged whose purge was not answered yet, with the simulated time of
     /// the first request: run again after a crash (the operator is told to) or a full queue.
-    purges_wanted: BTreeMap<UserId, UnixMillis>,
+    purges_wanted: BTreeMap<UserId, u64>,
     /// When the operator runs the wanted purges again.
     purges_rerun_at: Option<u64>,
     /// Purges on their way to their home shard, after their users were disconnected: when
     /// each arrives.
     purges_to_queue: Vec<(u64, UserId)>,
-    /// Per user: its answered purges, each with the edge's time it was first asked for and
+    /// Per user: its answered purges, each with the simulated time it was first asked for
+    /// (the edge's clock may run back across a restart: it resumes from the last commit) and
     /// the last seq it erased. A purge erases from when it is written, which may be before
     /// its answer, or before an answer of an earlier attempt that never came (an unknown
     /// result): never before it was asked for.
-    purges: HashMap<UserId, Vec<(UnixMillis, u64)>>,
+    purges: HashMap<UserId, Vec<(u64, u64)>>,
+    /// The simulated time each (inbox, seq) was first seen stored.
+    stored_at: HashMap<(UserId, u64), u64>,
     /// Per shard: the sends of batches answered with an unknown result and written later,
     /// each with when (sim time), as a FoundationDB commit may land after its result came
     /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
@@ -909,6 +914,7 @@ impl<S: SimStore> World<S> {
             purges_rerun_at: None,
             purges_to_queue: Vec::new(),
             purges: HashMap::new(),
+            stored_at: HashMap::new(),
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -1466,6 +1472,7 @@ impl<S: SimStore> World<S> {
                 continue;
             };
             self.assigned.remove(&(inbox, seq));
+            self.stored_at.remove(&(inbox, seq));
             if self.last_assigned.get(&inbox) == Some(&seq) {
                 let last = self
                     .assigned
@@ -1585,6 +1592,7 @@ impl<S: SimStore> World<S> {
                 } else {
                     self.assigned.entry((send.to, *seq)).or_insert(expire_at);
                 }
+                self.stored_at.entry((send.to, *seq)).or_insert(self.now);
                 let last = self.last_assigned.entry(send.to).or_insert(0);
                 if *seq > *last + 1 {
                     // A forgotten inbox continued from the floor.
@@ -1627,8 +1635,7 @@ impl<S: SimStore> World<S> {
             match (request, outcome) {
                 (commit::Request::Purge { inbox }, commit::Outcome::Purged { last_seq }) => {
                     self.stats.purges += 1;
-                    let now = self.edge_now();
-                    let asked_at = self.purges_wanted.remove(inbox).unwrap_or(now);
+                    let asked_at = self.purges_wanted.remove(inbox).unwrap_or(self.now);
                     self.purges
                         .entry(*inbox)
                         .or_default()
@@ -1639,14 +1646,19 @@ impl<S: SimStore> World<S> {
                 }
                 (
                     commit::Request::Link { inbox, device, .. },
-                    commit::Outcome::Linked { cursor, .. },
+                    commit::Outcome::Linked {
+                        cursor, first_seq, ..
+                    },
                 ) => {
-                    let now = self.edge_now();
+                    // Without a record the device held nothing back: what was deleted before
+                    // it linked (below `first_seq`) is not its to get.
+                    let linked_after = (*cursor).max(first_seq.saturating_sub(1));
+                    let now = self.now;
                     for c in &mut self.clients {
                         if c.user == *inbox && c.device == *device && c.relink_pending {
                             c.relink_pending = false;
-                            c.linked_after = Some(*cursor);
-                            c.relinks.push((now, *cursor));
+                            c.linked_after = Some(linked_after);
+                            c.relinks.push((now, linked_after));
                         }
                     }
                 }
@@ -1664,8 +1676,7 @@ impl<S: SimStore> World<S> {
             self.shards[shard].disconnect_user(user, "purged by an operator");
             self.apply_effects(shard);
         }
-        let now = self.edge_now();
-        self.purges_wanted.entry(user).or_insert(now);
+        self.purges_wanted.entry(user).or_insert(self.now);
         let at = self.now + 1 + self.rng.below(30);
         self.purges_to_queue.push((at, user));
     }
@@ -1682,12 +1693,12 @@ impl<S: SimStore> World<S> {
         self.apply_effects(home);
     }
 
-    /// The last seq the purges of `user` asked for by `heard_at` erased (0: none).
-    fn purged_up_to(&self, user: UserId, heard_at: UnixMillis) -> u64 {
+    /// The last seq the purges of `user` asked for by simulated time `by` erased (0: none).
+    fn purged_up_to(&self, user: UserId, by: u64) -> u64 {
         self.purges.get(&user).map_or(0, |purges| {
             purges
                 .iter()
-                .filter(|(at, _)| *at <= heard_at)
+                .filter(|(asked_at, _)| *asked_at <= by)
                 .map(|(_, last_seq)| *last_seq)
                 .max()
                 .unwrap_or(0)
@@ -2076,7 +2087,7 @@ impl<S: SimStore> World<S> {
                         continue;
                     }
                     self.stats.holes += 1;
-                    c.holes.push((after_seq, up_to_seq, edge_now));
+                    c.holes.push((after_seq, up_to_seq, edge_now, now));
                 }
                 ClientEvent::Signal { .. } => {}
                 ClientEvent::SendDone { client_id, result } => match result {
@@ -2211,9 +2222,13 @@ impl<S: SimStore> World<S> {
                     let at = |seq: u64| c.sent_at_ms.get(&seq).copied().unwrap_or(0);
                     // A purge asked for before the second copy was stored erased the first
                     // and its dedupe record: the retry is a new message to the purged inbox.
+                    // (A copy stored by a commit whose result was unknown was never seen
+                    // stored: then any purge before the end.)
+                    let stored_at = self.stored_at.get(&(c.user, *seq)).copied();
                     let purged_between = self.purges.get(&c.user).is_some_and(|purges| {
                         purges.iter().any(|(asked_at, last_seq)| {
-                            *asked_at <= at(*seq) && earlier <= *last_seq
+                            stored_at.is_none_or(|stored_at| *asked_at <= stored_at)
+                                && earlier <= *last_seq
                         })
                     });
                     if purged_between {
@@ -2244,7 +2259,7 @@ impl<S: SimStore> World<S> {
         let in_hole = |c: &Client, seq: u64| {
             c.holes
                 .iter()
-                .any(|(after, up_to, _)| *after < seq && seq <= *up_to)
+                .any(|(after, up_to, ..)| *after < seq && seq <= *up_to)
         };
         // Every acknowledged message reached every device of its recipient at its seq (those
         // linked before it was stored), or expired into a hole declared to that device, or a
@@ -2258,7 +2273,7 @@ impl<S: SimStore> World<S> {
                 acked_total += 1;
                 by_inbox_seq.insert((receipt.to, receipt.seq), receipt.ttl_secs);
                 let body = body_of(sender.user, *client_id, self.large_bodies_per_thousand);
-                let erased_up_to = self.purged_up_to(receipt.to, UnixMillis::MAX);
+                let erased_up_to = self.purged_up_to(receipt.to, u64::MAX);
                 for (index, device) in self.clients.iter().enumerate() {
                     if device.user != receipt.to
                         || device
@@ -2294,7 +2309,7 @@ impl<S: SimStore> World<S> {
             // Every message a device got was acknowledged to its sender at that seq, apart from
             // sends their apps lost (which may have been stored all the same) and copies a
             // purge erased (their sender may have been answered for a later copy).
-            let purged_up_to = self.purged_up_to(c.user, UnixMillis::MAX);
+            let purged_up_to = self.purged_up_to(c.user, u64::MAX);
             for (body, seq) in &delivered[index] {
                 if !expected_per_device[index].contains(body)
                     && !self.sends_lost.contains(body)
@@ -2313,14 +2328,14 @@ impl<S: SimStore> World<S> {
         // ran out; or, heard after a purge, what it erased and what came before the device
         // linked again (it joined the inbox anew).
         for c in &self.clients {
-            for (after, up_to, heard_at) in &c.holes {
-                let purged_up_to = self.purged_up_to(c.user, *heard_at);
+            for (after, up_to, heard_at, heard_at_sim) in &c.holes {
+                let purged_up_to = self.purged_up_to(c.user, *heard_at_sim);
                 // The device's link after the latest purge before the hole.
                 let relinked_after = c
                     .relinks
                     .iter()
                     .rev()
-                    .find(|(at, _)| at <= heard_at)
+                    .find(|(at, _)| at <= heard_at_sim)
                     .map(|(_, cursor)| *cursor);
                 for seq in after + 1..=*up_to {
                     if seq <= purged_up_to || relinked_after.is_some_and(|cursor| seq <= cursor) {

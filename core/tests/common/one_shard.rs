@@ -11,7 +11,7 @@ use courier_protocol::Frame;
 use super::SimAuth;
 
 /// Connection slots a test uses: each gets its outbound bytes taken at every settle.
-const SLOTS: usize = 3;
+const SLOTS: usize = 5;
 
 pub struct OneShard {
     pub session: EdgeSession<SimAuth>,
@@ -62,6 +62,8 @@ impl OneShard {
                         self.session.handle_read(conn, after_seq, page);
                     }
                     Effect::Route { message, .. } => self.session.handle_message(now, message),
+                    // The driver closes the connection and tells the session it is gone.
+                    Effect::Close { conn, .. } => self.session.connection_lost(conn),
                     Effect::ResumeInput { .. } => {}
                     other => panic!("unexpected effect {other:?}"),
                 }
@@ -77,9 +79,27 @@ impl OneShard {
 
     /// Logs `user`'s `device` in on `slot` (a fresh install) and settles until its `Welcome`.
     pub fn login(&mut self, slot: usize, user: u64, device: u32) {
+        self.login_holding(slot, user, device, 0);
+    }
+
+    /// Logs `user`'s `device` in on `slot`, holding and having consumed everything up to
+    /// `held_up_to`, and settles until its `Welcome`; returns the frames written meanwhile.
+    pub fn login_holding(
+        &mut self,
+        slot: usize,
+        user: u64,
+        device: u32,
+        held_up_to: u64,
+    ) -> Vec<(usize, Frame)> {
         self.session.open_connection(self.now, conn(slot));
+        let hello = Frame::Hello {
+            token: format!("{user}:{device}").into_bytes(),
+            device,
+            acked_up_to: held_up_to,
+            resume_after_seq: held_up_to,
+        };
         self.session
-            .handle_frame(self.now, conn(slot), hello(user, device), false);
+            .handle_frame(self.now, conn(slot), hello, false);
         let frames = self.settle();
         assert!(
             frames
@@ -87,6 +107,7 @@ impl OneShard {
                 .any(|(to, frame)| *to == slot && matches!(frame, Frame::Welcome { .. })),
             "{frames:?}"
         );
+        frames
     }
 
     /// A client frame on `slot`, at `now`.
