@@ -44,9 +44,9 @@ pub enum Request {
         inbox: UserId,
     },
     /// Erasure on request (`courier-edge ctl purge`): delete every message of `inbox`, its
-    /// device records, its dedupe records and its counter (then forgotten like an emptied
-    /// inbox, so its seqs never repeat). Messages the user sent to others stay in their
-    /// inboxes.
+    /// dedupe records and its counter (then forgotten like an emptied inbox, so its seqs
+    /// never repeat), and reset its device records past the erased seqs, seen now (decision
+    /// 0044). Messages the user sent to others stay in their inboxes.
     Purge {
         inbox: UserId,
     },
@@ -452,15 +452,12 @@ fn write_batch<T: Transaction>(
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
                 let before = device_record(txn, &devices, *inbox, *device, learned, known)?;
                 let cursor = match before.map(|(cursor, _)| cursor) {
-                    // The inbox's first device gets everything stored; a device new to an
-                    // inbox that has others (it consumed nothing from it) starts at the head:
-                    // it gets what is sent after it links, like a newly linked companion. A
-                    // device without a record that consumed from the inbox before (its record
-                    // was purged, or forgotten after the retention) gets what is still stored
-                    // after what it consumed: after a purge every device comes back without
-                    // one, and all but the first would miss what was sent in between.
-                    None if *acked_up_to == 0
-                        && has_live_device(txn, &devices, *inbox, now, config, learned, known)? =>
+                    // The inbox's first device gets everything stored; a device added to an
+                    // inbox that has others starts at the head (it gets what is sent after it
+                    // links, like a newly linked companion device).
+                    None if has_live_device(
+                        txn, &devices, *inbox, now, config, learned, known,
+                    )? =>
                     {
                         last
                     }
@@ -534,8 +531,24 @@ fn write_batch<T: Transaction>(
                 let last_key = keys::message(*inbox, u64::MAX);
                 txn.clear_range(&keys::message(*inbox, 0), &last_key);
                 txn.clear(&last_key);
-                let (start, end) = keys::device_range(*inbox);
-                txn.clear_range(&start, &end);
+                // The devices stay, each reset past what is erased and seen now (below): a
+                // device that comes back is known, so what is sent to the user from now on
+                // waits for it. Erased, every device but the first back started at the
+                // head and missed what was sent before it came (decision 0044).
+                let mut reset = Vec::new();
+                for record in stored_devices(txn, *inbox, learned, known)? {
+                    if record.last_seen_ms.saturating_add(config.retention_ms) < now {
+                        // Unseen for the retention period: forgotten, not kept alive.
+                        txn.clear(&keys::device(*inbox, record.device));
+                    } else {
+                        reset.push(record.device);
+                    }
+                }
+                reset.extend(
+                    devices
+                        .range((*inbox, 0)..=(*inbox, u32::MAX))
+                        .map(|((_, device), _)| *device),
+                );
                 // Dedupe records live in the current and the previous bucket (`find_dedupe`).
                 for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)]
                     .into_iter()
@@ -545,9 +558,12 @@ fn write_batch<T: Transaction>(
                     txn.clear_range(&start, &end);
                 }
                 txn.clear(&keys::emptied(*inbox));
-                // Device updates this batch made before the purge are purged too.
-                devices.retain(|(device_inbox, _), _| device_inbox != inbox);
                 let last_seq = seqs.forget(txn, *inbox, learned, known)?;
+                // Device updates this batch made before the purge are reset too; the records
+                // are written with the batch's time, like every moved cursor.
+                for device in reset {
+                    devices.insert((*inbox, device), last_seq);
+                }
                 Outcome::Purged { last_seq }
             }
         };
@@ -903,7 +919,7 @@ fn encode_device(cursor: u64, last_seen_ms: UnixMillis) -> [u8; 16] {
     value
 }
 
-fn decode_device(value: &[u8]) -> Result<(u64, UnixMillis), StoreError> {
+pub(crate) fn decode_device(value: &[u8]) -> Result<(u64, UnixMillis), StoreError> {
     match (
         value.get(..8).and_then(keys::le_u64),
         value.get(8..16).and_then(keys::le_u64),

@@ -157,7 +157,7 @@ pub enum ShardMessage {
     },
     /// To the shard holding `conn`: every seq of its inbox up to `up_to_seq` is gone (the
     /// inbox was forgotten or purged); declare the hole if the connection is behind it. A
-    /// purge also erased the device records: the connection is closed to log in again
+    /// purge also reset the device records: the connection is closed to log in again
     /// (`Output::Gone`).
     Gone {
         conn: ConnRef,
@@ -2235,9 +2235,11 @@ impl<A: Authenticator> EdgeSession<A> {
             c.unacked.delivered(message.seq);
             self.write_frame(conn, deliver_frame(message), true);
         } else {
+            // Held for room only when nothing else held it (a gap, a running read).
+            let held_for_room = in_order && !c.sync_running && !bytes_fit;
             // A gap, a full buffer or a full window: the store has it; catch up from there.
             self.deliveries_held_for_acks += u64::from(window_full);
-            self.deliveries_held_for_room += u64::from(!bytes_fit);
+            self.deliveries_held_for_room += u64::from(held_for_room);
             self.catch_up(conn);
         }
     }

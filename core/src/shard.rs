@@ -83,10 +83,9 @@ pub enum Output<T> {
     /// an inbox without a counter declares none past what it scans, so such a connection
     /// would wait for them until the inbox's next message or the device's next login.
     ///
-    /// `purged`: the inbox was purged, its device records with it; its open connections
-    /// are closed to log in again, which links each device anew (left open, a device had no
-    /// record: its acks moved nothing, and another device's acks could delete what it had
-    /// not been given).
+    /// `purged`: the inbox was purged and its device records reset past it (decision 0044);
+    /// its open connections are closed to log in again, so each device is welcomed with the
+    /// erased seqs declared a hole and its cursor past them.
     Gone {
         inbox: UserId,
         up_to_seq: u64,
@@ -398,8 +397,8 @@ impl<T> InboxShard<T> {
         self.acks
             .retain(|(acked_inbox, _), _| *acked_inbox != inbox);
         // Logins waiting to be linked would commit after the purge (purges go first in a
-        // batch) and write a device record for the purged user, for a connection the purge's
-        // disconnect may have closed already. They are refused: the devices log in again.
+        // batch) and welcome a connection the purge's disconnect may have closed already, with
+        // a cursor from before the purge. They are refused: the devices log in again.
         let (refused, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.links)
             .into_iter()
             .partition(|((linked_inbox, _, _), _)| *linked_inbox == inbox);

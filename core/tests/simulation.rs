@@ -23,8 +23,9 @@
 //! declared; no hole ever covered a live message; one device's ack never deleted a message
 //! another device had not received; a retried send was stored once; after every device acked,
 //! the store holds no message; after expiry no dedupe record or index entry is left. A purge
-//! excuses what it erased, and a device links anew after it (no connection stays linked
-//! across one).
+//! excuses what it erased before a device got it, and every device logs in again after it
+//! (no connection stays linked across one). The checker cannot see when a purge whose result
+//! was unknown was written, so a purge excuses from when it was first asked for.
 //!
 //! Everything random comes from one seed. A failure prints it; `SIM_SEED=<n>` replays exactly
 //! that run, and `SIM_SEEDS=<count>` changes how many seeds run (default 1000). A failure that
@@ -557,6 +558,14 @@ fn body_of(user: UserId, client_id: u64, large_per_thousand: u64) -> Vec<u8> {
     body
 }
 
+/// The sender and client id a body names (`body_of`).
+fn body_id(body: &[u8]) -> Option<(UserId, u64)> {
+    let name = body.split(|byte| *byte == b'#').next()?;
+    let name = std::str::from_utf8(name).ok()?;
+    let (user, client_id) = name.split_once(':')?;
+    Some((user.parse().ok()?, client_id.parse().ok()?))
+}
+
 fn outbuf_key(conn: ConnRef) -> (u8, usize, u64) {
     (conn.shard, conn.slot, conn.generation)
 }
@@ -604,11 +613,17 @@ struct Client {
     unconsumed: VecDeque<(u64, UserId, Vec<u8>)>,
     /// The server time each received seq was stored at (`Deliver.sent_at_ms`).
     sent_at_ms: HashMap<u64, u64>,
-    /// A purge of the user erased the device's record: its next link starts it anew, and
-    /// sets `linked_after` (`record_answered`).
+    /// The simulated time each seq was handed to the application.
+    delivered_at: HashMap<u64, u64>,
+    /// What the application had consumed when each purge of its user was first asked for:
+    /// (simulated time of the ask, `consumed_up_to`).
+    consumed_at_purges: Vec<(u64, u64)>,
+    /// A purge of the user closed the device's connections: it must log in again
+    /// (`record_answered`). If it had never linked, that link sets `linked_after`.
     relink_pending: bool,
-    /// Those links after purges: the simulated time each was answered, and the seq after
-    /// which the device gets what is stored (its cursor, or past what was deleted before).
+    /// Such first links after purges: the simulated time each was answered, and the seq
+    /// after which the device gets what is stored (its cursor, or past what was deleted
+    /// before it linked).
     relinks: Vec<(u64, u64)>,
 }
 
@@ -688,6 +703,11 @@ struct World<S: SimStore> {
     purges: HashMap<UserId, Vec<(u64, u64)>>,
     /// The simulated time each (inbox, seq) was first seen stored.
     stored_at: HashMap<(UserId, u64), u64>,
+    /// The recipient of every send an app made, by (sender, client id).
+    sends_to: HashMap<(UserId, u64), UserId>,
+    /// Per user: the next connection slot when its latest purge was answered. Connections
+    /// before it may be closed with `Disconnected` by that purge.
+    purge_slot_marks: HashMap<UserId, usize>,
     /// Per shard: the sends of batches answered with an unknown result and written later,
     /// each with when (sim time), as a FoundationDB commit may land after its result came
     /// back, within `UNKNOWN_RESULT_LANDS_WITHIN_MS`, and after later commits succeeded.
@@ -804,6 +824,8 @@ impl<S: SimStore> World<S> {
                     },
                     unconsumed: VecDeque::new(),
                     sent_at_ms: HashMap::new(),
+                    delivered_at: HashMap::new(),
+                    consumed_at_purges: Vec::new(),
                     relink_pending: false,
                     relinks: Vec::new(),
                 }
@@ -915,6 +937,8 @@ impl<S: SimStore> World<S> {
             purges_to_queue: Vec::new(),
             purges: HashMap::new(),
             stored_at: HashMap::new(),
+            sends_to: HashMap::new(),
+            purge_slot_marks: HashMap::new(),
             commits_in_flight: Vec::new(),
             slow_commit_per_thousand,
             late_landings: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -1636,6 +1660,7 @@ impl<S: SimStore> World<S> {
                 (commit::Request::Purge { inbox }, commit::Outcome::Purged { last_seq }) => {
                     self.stats.purges += 1;
                     let asked_at = self.purges_wanted.remove(inbox).unwrap_or(self.now);
+                    self.purge_slot_marks.insert(*inbox, self.next_slot);
                     self.purges
                         .entry(*inbox)
                         .or_default()
@@ -1650,15 +1675,19 @@ impl<S: SimStore> World<S> {
                         cursor, first_seq, ..
                     },
                 ) => {
-                    // Without a record the device held nothing back: what was deleted before
-                    // it linked (below `first_seq`) is not its to get.
+                    // A device linked before the purge kept its record (reset past what the
+                    // purge erased), so it is owed what came since as before. One that never
+                    // linked is new to the inbox: without a record it held nothing back, and
+                    // what was deleted before it linked (below `first_seq`) is not its to get.
                     let linked_after = (*cursor).max(first_seq.saturating_sub(1));
                     let now = self.now;
                     for c in &mut self.clients {
                         if c.user == *inbox && c.device == *device && c.relink_pending {
                             c.relink_pending = false;
-                            c.linked_after = Some(linked_after);
-                            c.relinks.push((now, linked_after));
+                            if c.linked_after.is_none() {
+                                c.linked_after = Some(linked_after);
+                                c.relinks.push((now, linked_after));
+                            }
                         }
                     }
                 }
@@ -1676,7 +1705,13 @@ impl<S: SimStore> World<S> {
             self.shards[shard].disconnect_user(user, "purged by an operator");
             self.apply_effects(shard);
         }
-        self.purges_wanted.entry(user).or_insert(self.now);
+        if !self.purges_wanted.contains_key(&user) {
+            self.purges_wanted.insert(user, self.now);
+            let now = self.now;
+            for c in self.clients.iter_mut().filter(|c| c.user == user) {
+                c.consumed_at_purges.push((now, c.consumed_up_to));
+            }
+        }
         let at = self.now + 1 + self.rng.below(30);
         self.purges_to_queue.push((at, user));
     }
@@ -1691,6 +1726,23 @@ impl<S: SimStore> World<S> {
             Err(refused) => panic!("a lone edge refused a purge: {refused:?}"),
         }
         self.apply_effects(home);
+    }
+
+    /// Whether a purge may have erased `seq` of the device's inbox before the device got it:
+    /// one that erased it, asked for while the application had consumed nothing at or past
+    /// it (it consumes in order, so anything it consumed past `seq` came after `seq`, or
+    /// after a hole over it).
+    fn erased_before_delivery(&self, device: &Client, seq: u64) -> bool {
+        self.purges.get(&device.user).is_some_and(|purges| {
+            purges.iter().any(|(asked_at, last_seq)| {
+                seq <= *last_seq
+                    && device
+                        .consumed_at_purges
+                        .iter()
+                        .find(|(at, _)| at == asked_at)
+                        .is_none_or(|(_, consumed)| *consumed < seq)
+            })
+        })
     }
 
     /// The last seq the purges of `user` asked for by simulated time `by` erased (0: none).
@@ -1869,10 +1921,14 @@ impl<S: SimStore> World<S> {
             }
             Packet::Closed { client, conn, code } => {
                 if self.clients[client].conn == Some(conn) {
-                    // An operator's purge disconnects the user: its app logs in again.
+                    // An operator's purge disconnects the user, and closes its connections when
+                    // it commits: its app logs in again.
                     let user = self.clients[client].user;
-                    let purged =
-                        self.purges_wanted.contains_key(&user) || self.purges.contains_key(&user);
+                    let purged = self.purges_wanted.contains_key(&user)
+                        || self
+                            .purge_slot_marks
+                            .get(&user)
+                            .is_some_and(|mark| conn.slot < *mark);
                     assert!(
                         !courier_protocol::client::is_fatal_code(code)
                             || (code == ErrorCode::Disconnected && purged),
@@ -2044,6 +2100,7 @@ impl<S: SimStore> World<S> {
             // The body names the message so checkers can find it.
             let body = body_of(c.user, client_id, large_bodies_per_thousand);
             let to = recipients[recipient];
+            self.sends_to.insert((c.user, client_id), to);
             c.outbox.insert(client_id, (to, body.clone(), ttl));
             c.session
                 .send(client_id, to, body, ttl)
@@ -2071,6 +2128,7 @@ impl<S: SimStore> World<S> {
                 }
                 ClientEvent::Message(delivery) => {
                     c.sent_at_ms.insert(delivery.seq, delivery.sent_at_ms);
+                    c.delivered_at.entry(delivery.seq).or_insert(now);
                     c.unconsumed
                         .push_back((delivery.seq, delivery.from, delivery.body));
                 }
@@ -2223,12 +2281,16 @@ impl<S: SimStore> World<S> {
                     // A purge asked for before the second copy was stored erased the first
                     // and its dedupe record: the retry is a new message to the purged inbox.
                     // (A copy stored by a commit whose result was unknown was never seen
-                    // stored: then any purge before the end.)
-                    let stored_at = self.stored_at.get(&(c.user, *seq)).copied();
+                    // stored: it was stored before it was delivered.)
+                    let stored_at = self
+                        .stored_at
+                        .get(&(c.user, *seq))
+                        .or_else(|| c.delivered_at.get(seq))
+                        .copied()
+                        .unwrap_or(0);
                     let purged_between = self.purges.get(&c.user).is_some_and(|purges| {
                         purges.iter().any(|(asked_at, last_seq)| {
-                            stored_at.is_none_or(|stored_at| *asked_at <= stored_at)
-                                && earlier <= *last_seq
+                            *asked_at <= stored_at && earlier <= *last_seq
                         })
                     });
                     if purged_between {
@@ -2296,7 +2358,7 @@ impl<S: SimStore> World<S> {
                         ));
                     }
                     let expired = receipt.ttl_secs.is_some() && in_hole(device, receipt.seq);
-                    if !expired && receipt.seq > erased_up_to {
+                    if !expired && !self.erased_before_delivery(device, receipt.seq) {
                         return Err(format!(
                             "acknowledged message {}:{client_id} ({}#{}) was lost for device {}",
                             sender.user, receipt.to, receipt.seq, device.device
@@ -2311,10 +2373,13 @@ impl<S: SimStore> World<S> {
             // purge erased (their sender may have been answered for a later copy).
             let purged_up_to = self.purged_up_to(c.user, u64::MAX);
             for (body, seq) in &delivered[index] {
-                if !expected_per_device[index].contains(body)
-                    && !self.sends_lost.contains(body)
-                    && *seq > purged_up_to
-                {
+                let sent_here = body_id(body)
+                    .and_then(|id| self.sends_to.get(&id))
+                    .is_some_and(|to| *to == c.user);
+                let accounted = expected_per_device[index].contains(body)
+                    || self.sends_lost.contains(body)
+                    || (sent_here && *seq <= purged_up_to);
+                if !accounted {
                     return Err(format!(
                         "device {}/{} got message {} as {seq}, which no sender was acked for",
                         c.user,

@@ -281,8 +281,9 @@ fn ctl(
             user,
             connections_closed,
         } => println!(
-            "user {user}: closed {connections_closed} connection(s) and erased the inbox and \
-             device records (gone from disk within retention.erase_within_secs)"
+            "user {user}: closed {connections_closed} connection(s) and erased the inbox \
+             (gone from disk within retention.erase_within_secs); its devices start again \
+             after the erased messages"
         ),
         Answer::Error { message } => return Err(message),
     }

@@ -40,8 +40,8 @@ pub enum Command {
     Connections { user: UserId },
     /// Close every connection of the user with `Disconnected`.
     Disconnect { user: UserId },
-    /// Disconnect the user, then erase their inbox: messages, device records, dedupe records
-    /// and counter (erasure on request).
+    /// Disconnect the user, then erase their inbox: messages, dedupe records and counter, with
+    /// the device records reset past the erased messages (erasure on request, decision 0044).
     Purge { user: UserId },
 }
 

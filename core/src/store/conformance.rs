@@ -610,8 +610,9 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     assert_eq!(seq_of(&next[0]), (6, true));
 }
 
-/// Issue 12: erasure on request leaves nothing of the inbox but the seq floor: no message,
-/// device record, dedupe record or counter. Its seqs never repeat, and other inboxes keep
+/// Issue 12: erasure on request leaves nothing of the inbox but the seq floor and its devices:
+/// no message, dedupe record or counter, and each device record reset past the erased seqs,
+/// seen at the purge (decision 0044). Its seqs never repeat, and other inboxes keep
 /// everything.
 fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
     let config = CoreConfig::default();
@@ -641,7 +642,16 @@ fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
         0,
         "messages"
     );
-    assert_eq!(prefix_left(keys::device(9, 0)[..9].to_vec()), 0, "devices");
+    let device_of = |inbox| {
+        let mut txn = h.store().begin().unwrap();
+        let value = txn.get(&keys::device(inbox, 0)).unwrap()?;
+        Some(commit::decode_device(&value).unwrap())
+    };
+    assert_eq!(
+        device_of(9),
+        Some((4, now)),
+        "the device, reset past the erased seqs"
+    );
     let bucket = now / config.dedupe_window_ms;
     assert_eq!(
         prefix_left(keys::dedupe(bucket, 9, 0, 0)[..17].to_vec()),
@@ -656,7 +666,7 @@ fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
     );
     assert!(commit::has_counter(h.store(), 8).unwrap());
     // The committer remembers inbox 9's device records from the link. An ack that was on the
-    // way records nothing, whether it commits after the purge or in the same batch.
+    // way moves no cursor back, whether it commits after the purge or in the same batch.
     let late_ack = Request::Ack {
         inbox: 9,
         device: 0,
@@ -665,25 +675,24 @@ fn commit_logic_purges_an_inbox<H: Harness>(h: &mut H) {
     committer
         .commit_batch(h.store(), std::slice::from_ref(&late_ack), now)
         .unwrap();
-    assert_eq!(
-        prefix_left(keys::device(9, 0)[..9].to_vec()),
-        0,
-        "ack after"
-    );
-    committer.commit_batch(h.store(), &[link(9)], now).unwrap();
+    assert_eq!(device_of(9), Some((4, now)), "ack after");
+    committer
+        .commit_batch(h.store(), &[link(9), send(1, 20, 9, b"erase me too")], now)
+        .unwrap();
+    let late_ack = Request::Ack {
+        inbox: 9,
+        device: 0,
+        up_to_seq: 2,
+    };
     committer
         .commit_batch(h.store(), &[Request::Purge { inbox: 9 }, late_ack], now)
         .unwrap();
-    assert_eq!(
-        prefix_left(keys::device(9, 0)[..9].to_vec()),
-        0,
-        "same batch"
-    );
+    assert_eq!(device_of(9), Some((5, now)), "same batch");
     // A retry of a purged send inside the dedupe window is a new message, at a new seq.
     let again = committer
         .commit_batch(h.store(), &[send(1, 1, 9, b"new")], now)
         .unwrap();
-    assert_eq!(seq_of(&again[0]), (5, true));
+    assert_eq!(seq_of(&again[0]), (6, true));
 }
 
 /// Issue 11: an inbox expiry emptied leaves no record, and its seqs never repeat.
