@@ -71,9 +71,13 @@ async fn an_operator_lists_disconnects_and_purges_a_user_and_drains_the_edge() {
     let (ok, out) = ctl(&socket, &["connections", "--user", "9001"]);
     assert!(ok && out.contains("0 connection(s)"), "{out}");
 
-    // Erasure on request: three messages wait for user 9003; after the purge there are none,
-    // and the next message gets a seq above the erased ones.
+    // Erasure on request: three messages wait for user 9003, whose two devices are connected.
+    // The purge disconnects both and erases the messages. The next message gets a seq above the
+    // erased ones and reaches each device when it comes back, the second one back too (its
+    // record was reset, not deleted: decision 0044).
     let sender = edge.client(9004).await;
+    let phone = edge.client_device(9003, 0).await;
+    let laptop = edge.client_device(9003, 1).await;
     for i in 0..3u8 {
         let receipt = sender.send(9003, vec![b'x', i]).await.expect("send");
         assert_eq!(receipt.seq, u64::from(i) + 1);
@@ -81,16 +85,32 @@ async fn an_operator_lists_disconnects_and_purges_a_user_and_drains_the_edge() {
     let (ok, out) = ctl(&socket, &["purge", "--user", "9003"]);
     assert!(!ok && out.contains("--yes"), "a purge needs --yes: {out}");
     let (ok, out) = ctl(&socket, &["purge", "--user", "9003", "--yes"]);
-    assert!(ok && out.contains("erased"), "{out}");
-    let mut purged = edge.client(9003).await;
-    assert_quiet(&mut purged).await;
+    assert!(
+        ok && out.contains("closed 2 connection(s)") && out.contains("erased"),
+        "{out}"
+    );
+    for mut device in [phone, laptop] {
+        // What was delivered before the purge may still be in the client's buffer; then the
+        // end of the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while device.recv_message().await.is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the purge disconnected the device");
+    }
     let receipt = sender.send(9003, b"fresh".to_vec()).await.expect("send");
     assert!(
         receipt.seq > 3,
         "seq {} reused after the purge",
         receipt.seq
     );
-    assert_eq!(next_message(&mut purged).await.body, b"fresh");
+    let mut phone = edge.client_device(9003, 0).await;
+    assert_eq!(next_message(&mut phone).await.body, b"fresh");
+    // The phone acknowledges it meanwhile: the laptop's reset record keeps it stored.
+    assert_quiet(&mut phone).await;
+    let mut laptop = edge.client_device(9003, 1).await;
+    assert_eq!(next_message(&mut laptop).await.body, b"fresh");
+    assert_quiet(&mut laptop).await;
 
     // Bad input gets a sentence, not a crash.
     let (ok, out) = ctl(Path::new("/nonexistent/control.sock"), &["status"]);

@@ -312,8 +312,17 @@ impl Edge {
     }
 
     pub async fn client(&self, user: u64) -> courier_client::Client {
+        self.client_device(user, 0).await
+    }
+
+    /// A client of `user`'s `device`, as a fresh install.
+    pub async fn client_device(&self, user: u64, device: u32) -> courier_client::Client {
         self.connector()
-            .connect(ConnectOptions::new(self.addr, self.token(user, 0), 0))
+            .connect(ConnectOptions::new(
+                self.addr,
+                self.token(user, device),
+                device,
+            ))
             .await
             .expect("connect")
     }
