@@ -113,6 +113,38 @@ fn a_delete_racing_a_pass_is_erased_by_the_next() {
     assert!(found.is_empty(), "the deleted marker is still in {found:?}");
 }
 
+/// A read open while a pass compacts (a device's catch-up reading its inbox) keeps fjall's
+/// version from before the compaction, and with it the input table that still holds a
+/// deleted value. The pass after it, with nothing written since, still erases the value.
+/// (The pass counted its compaction done, so the next one, seeing no write, did nothing, and
+/// the value stayed on disk past the erase bound until something was written.)
+#[test]
+fn a_read_open_during_a_pass_does_not_keep_a_deleted_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FjallStore::open(dir.path(), &FjallOptions::default()).expect("open");
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let key = keys::message(7, 1);
+    let mut txn = store.begin().expect("begin");
+    txn.set(&key, &marker);
+    txn.commit().expect("commit");
+    store.erase_deleted().expect("a first pass flushes");
+    assert!(
+        !scan(dir.path(), &marker).1.is_empty(),
+        "the marker is in a table (else this test could not fail)"
+    );
+    let mut txn = store.begin().expect("begin");
+    txn.clear(&key);
+    txn.commit().expect("commit");
+    let mut read = None;
+    store
+        .erase_deleted_then(|| read = Some(store.begin_read().expect("read")))
+        .expect("erase");
+    drop(read);
+    store.erase_deleted().expect("erase");
+    let (_, found) = scan(dir.path(), &marker);
+    assert!(found.is_empty(), "the deleted marker is still in {found:?}");
+}
+
 /// A delete followed by a restart, with no pass between and no write after: the pass after
 /// the reopen erases it. (What a store deleted since its last pass was known only in memory,
 /// so a restart forgot it, and with nothing written after the reopen every pass did nothing:

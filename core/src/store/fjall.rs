@@ -35,6 +35,9 @@ const COMPACTION_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(
 const FLUSH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 /// Major compactions an erase pass tries per keyspace while background ones interfere.
 const COMPACTION_ATTEMPTS_MAX: usize = 5;
+/// How long an erase pass waits for reads open across its compactions to end, so that the
+/// tables those reads keep (deleted values in them) can go; past it, the next pass collects.
+const GARBAGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,7 +472,7 @@ impl FjallStore {
             .map(|deleted| deleted.swap(false, Ordering::AcqRel))
             .collect();
         let mut compacted = vec![false; deleted.len()];
-        let pass = || -> Result<(), StoreError> {
+        let pass = || -> Result<bool, StoreError> {
             self.db.rotate_journal().map_err(io_error)?;
             for keyspace in self.keyspaces() {
                 self.flush_memtables(keyspace)?;
@@ -482,10 +485,24 @@ impl FjallStore {
                 // nothing; the next pass tries again.
                 compacted[index] = self.compact_fully(self.keyspace_at(index))?;
             }
-            // The compactions' input tables hold the deleted values until their files go.
-            self.db.collect_garbage().map_err(io_error)
+            // The compactions' input tables hold the deleted values until their files go. A
+            // read open across the compactions (a catch-up's snapshot) keeps the version
+            // before them, and those tables, until it ends: reads are short, so wait for them.
+            let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
+            loop {
+                if self.db.collect_garbage().map_err(io_error)? {
+                    return Ok(true);
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         };
         let result = pass();
+        // Tables a read still kept: the next pass compacts and collects again, even with
+        // nothing written meanwhile (else it would skip, and the values stay on disk).
+        let collected = matches!(result, Ok(true));
         // What this pass did not finish (a failure part-way, an overlapped compaction) is
         // the next pass's to do.
         let mut keyspaces_compacted = 0;
@@ -493,7 +510,7 @@ impl FjallStore {
             if !was_deleted {
                 continue;
             }
-            if result.is_ok() && compacted[index] {
+            if collected && compacted[index] {
                 keyspaces_compacted += 1;
             } else {
                 self.deleted_since_erase[index].store(true, Ordering::Release);

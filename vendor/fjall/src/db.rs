@@ -350,10 +350,14 @@ impl Database {
     /// so after a major compaction on a quiet database the old tables, deleted values and
     /// all, stayed on disk until the next write filled a memtable.
     ///
+    /// Returns whether every keyspace is down to its current version: `false` when a snapshot
+    /// open from before a change (a read) keeps an older version, and with it tables that
+    /// version uses, on disk; call again once the reads are done.
+    ///
     /// # Errors
     ///
     /// Will return `Err` if an IO error occurs.
-    pub fn collect_garbage(&self) -> crate::Result<()> {
+    pub fn collect_garbage(&self) -> crate::Result<bool> {
         // Courier patch: versions retired at the newest sequence number (by a compaction that
         // no write has followed) are only collectable once the number moves on. Move it on
         // here, as an empty batch would, under the journal lock that orders batches.
@@ -367,13 +371,13 @@ impl Database {
         let gc_seqno = self.supervisor.snapshot_tracker.get_seqno_safe_to_gc();
         #[expect(clippy::expect_used)]
         let keyspaces = self.supervisor.keyspaces.read().expect("lock is poisoned");
+        let mut collected = true;
         for keyspace in keyspaces.values() {
-            keyspace
-                .tree
-                .get_version_history_lock()
-                .maintenance(keyspace.path(), gc_seqno)?;
+            let mut history = keyspace.tree.get_version_history_lock();
+            history.maintenance(keyspace.path(), gc_seqno)?;
+            collected &= history.free_list_len() == 0;
         }
-        Ok(())
+        Ok(collected)
     }
 
     /// Returns the disk space usage of the journal.
