@@ -812,12 +812,18 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     }
 
     {
-        // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread.
+        // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread,
+        // the first an eighth of the bound after the start. Half a bound after it, an edge
+        // restarted more often than that (a deploy, a crash loop) never erased, and a body
+        // deleted just before a restart stayed past the bound.
         let shard = shard.clone();
-        let interval = Duration::from_secs(setup.config.retention.erase_within_secs / 2);
+        let erase_within_ms = setup.config.retention.erase_within_secs * 1000;
+        let mut wait = Duration::from_millis(erase_within_ms / 8);
+        let interval = Duration::from_millis(erase_within_ms / 2);
         spawn_task(async move {
             loop {
-                glommio::timer::sleep(interval).await;
+                glommio::timer::sleep(wait).await;
+                wait = interval;
                 let (store, lane) = {
                     let shard = shard.borrow();
                     (shard.store.clone(), shard.lanes.maintenance.clone())

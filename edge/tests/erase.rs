@@ -55,6 +55,19 @@ async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound_on_the_
     erased_within_the_bound(edge).await;
 }
 
+/// Whether a file under `data` holds `marker`. A scan is not atomic: a checkpoint or
+/// compaction that renames and deletes files while it reads can hide the marker from one scan,
+/// so this looks a few times.
+async fn on_disk(data: &Path, marker: &[u8]) -> bool {
+    for _ in 0..20 {
+        if !files_containing(data, marker).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn erased_within_the_bound(edge: Edge) {
     let data = edge.dir.path().join("data");
     // Random bytes: compression cannot hide them, and nothing else on disk matches.
@@ -69,18 +82,8 @@ async fn erased_within_the_bound(edge: Edge) {
             .expect("send");
     }
     sender.send(3002, marker.clone()).await.expect("send");
-    // A scan is not atomic: a checkpoint or compaction that renames and deletes files while it
-    // reads can hide the marker from one scan, so look a few times.
-    let mut on_disk = false;
-    for _ in 0..20 {
-        on_disk = !files_containing(&data, &marker).is_empty();
-        if on_disk {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        on_disk,
+        on_disk(&data, &marker).await,
         "an acknowledged send is on disk (else this test could not fail)"
     );
     // The recipient comes online only now: connected before, it acked the marker at once, and
@@ -108,4 +111,41 @@ async fn erased_within_the_bound(edge: Edge) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// An edge restarted more often than every half of the bound still erases: the first pass
+/// comes an eighth of the bound after a start. (It came half a bound after, so an edge whose
+/// every run was shorter than that, restarted for deploys or in a crash loop, never erased,
+/// and a body deleted just before a restart stayed past the bound.) Here the bound is 16 s,
+/// and the edge is restarted every 5 s: each run is shorter than the 8 s half bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restarted_often_still_erases() {
+    let mut edge = Edge::start_with(2, "[retention]\nerase_within_secs = 16\n", &[]);
+    let data = edge.dir.path().join("data");
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let sender = edge.client(3001).await;
+    sender.send(3002, marker.clone()).await.expect("send");
+    assert!(
+        on_disk(&data, &marker).await,
+        "a stored body is on disk (else this test could not fail)"
+    );
+    let mut recipient = edge.client(3002).await;
+    assert_eq!(next_message(&mut recipient).await.body, marker);
+    recipient.close();
+    sender.close();
+    // The ack commits within milliseconds; a graceful stop also commits what waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    for _ in 0..6 {
+        edge.spawn();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(edge.terminate(), "the edge stops cleanly");
+        if files_containing(&data, &marker).is_empty() {
+            return;
+        }
+    }
+    panic!(
+        "the acknowledged body is still on disk after six runs of 5 s: {:?}",
+        files_containing(&data, &marker)
+    );
 }
