@@ -507,8 +507,9 @@ fn write_batch<T: Transaction>(
                 // A cursor never passes the inbox's head, so a hostile ack cannot delete
                 // messages that are not written yet.
                 let last = seqs.last_seq_of(txn, *inbox, learned, known)?;
-                // A device without a record (never linked, forgotten, or purged while its ack
-                // was on the way) records nothing: an ack must not bring a purged user back.
+                // A device without a record (never linked, or forgotten) records nothing. (A
+                // purge resets the records, so an ack that was on the way moves no cursor
+                // back: a cursor only moves up.)
                 if let Some((cursor, _)) =
                     device_record(txn, &devices, *inbox, *device, learned, known)?
                 {
@@ -564,6 +565,7 @@ fn write_batch<T: Transaction>(
                 for device in reset {
                     devices.insert((*inbox, device), last_seq);
                 }
+                learned.acked_up_to.insert(*inbox, last_seq);
                 Outcome::Purged { last_seq }
             }
         };
@@ -615,7 +617,13 @@ fn write_batch<T: Transaction>(
         // range scan from seq 1 would walk on every ack. The committer remembers where its
         // deletes ended; before its first delete of the inbox (after a login, a restart, or
         // once the inbox left its cache), the lowest stored cursor says the same.
-        let known_deleted_up_to = known.acked_up_to.get(&inbox).copied().or(stored_lowest);
+        // (A purge in this batch deleted every message up to its cursors already.)
+        let known_deleted_up_to = learned
+            .acked_up_to
+            .get(&inbox)
+            .or_else(|| known.acked_up_to.get(&inbox))
+            .copied()
+            .or(stored_lowest);
         let deleted_up_to = known_deleted_up_to.unwrap_or(0);
         if delete_up_to > deleted_up_to {
             let begin = keys::message(inbox, deleted_up_to.saturating_add(1));

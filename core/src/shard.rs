@@ -397,8 +397,8 @@ impl<T> InboxShard<T> {
         self.acks
             .retain(|(acked_inbox, _), _| *acked_inbox != inbox);
         // Logins waiting to be linked would commit after the purge (purges go first in a
-        // batch) and welcome a connection the purge's disconnect may have closed already, with
-        // a cursor from before the purge. They are refused: the devices log in again.
+        // batch) and welcome a connection the purge's disconnect may have closed already.
+        // They are refused: the devices log in again, as every connection of the user does.
         let (refused, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.links)
             .into_iter()
             .partition(|((linked_inbox, _, _), _)| *linked_inbox == inbox);

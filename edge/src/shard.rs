@@ -2484,7 +2484,7 @@ impl Shard {
                     info!(
                         shard = self.id,
                         user = inbox,
-                        "purged the user's inbox and devices"
+                        "purged the user's inbox; its devices start again after it"
                     );
                 }
                 courier_core::commit::Request::Forget { .. } => {

@@ -485,26 +485,17 @@ impl FjallStore {
                 // nothing; the next pass tries again.
                 compacted[index] = self.compact_fully(self.keyspace_at(index))?;
             }
-            // The compactions' input tables hold the deleted values until their files go. A
-            // read open across the compactions (a catch-up's snapshot) keeps the version
-            // before them, and those tables, until it ends: reads are short, so wait for them.
-            let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
-            loop {
-                if self.db.collect_garbage().map_err(io_error)? {
-                    return Ok(true);
-                }
-                if std::time::Instant::now() >= deadline {
-                    return Ok(false);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
+            // The compactions' input tables hold the deleted values until their files go.
+            self.collect_garbage_waiting()
         };
         let result = pass();
         // Tables a read still kept: the next pass compacts and collects again, even with
-        // nothing written meanwhile (else it would skip, and the values stay on disk).
+        // nothing written meanwhile (else it would skip, and the values stay on disk). It
+        // compacts again too: a read open from before a delete (not one of Courier's, which
+        // last a page) would have kept the value in the compaction's output as well.
         let collected = matches!(result, Ok(true));
-        // What this pass did not finish (a failure part-way, an overlapped compaction) is
-        // the next pass's to do.
+        // What this pass did not finish (a failure part-way, an overlapped compaction, tables
+        // a read kept) is the next pass's to do.
         let mut keyspaces_compacted = 0;
         for (index, was_deleted) in deleted.iter().enumerate() {
             if !was_deleted {
@@ -526,6 +517,23 @@ impl FjallStore {
             disk_bytes_before,
             disk_bytes_after: self.disk_bytes()?,
         })
+    }
+
+    /// Deletes the files of tables no current version uses. A read open across a change (a
+    /// catch-up's snapshot) keeps the version before it, and the tables that version uses,
+    /// until it ends: reads are short, so this waits for them, up to `GARBAGE_WAIT_MAX`.
+    /// Returns whether every keyspace is down to its current version.
+    fn collect_garbage_waiting(&self) -> Result<bool, StoreError> {
+        let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
+        loop {
+            if self.db.collect_garbage().map_err(io_error)? {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Seals `keyspace`'s memtable and waits until none of its sealed memtables waits for a
