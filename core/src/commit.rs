@@ -978,6 +978,36 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
     }
 }
 
+/// Records the expiry bucket size in a store that has none, and says which size a store's
+/// expiry index was written with when it is not `expiry_bucket_ms` (`Some`). The index's keys
+/// hold bucket numbers: read with another size, every entry names the wrong time, and the
+/// messages it indexes may never expire. A store without the record (new, or from before it
+/// was kept) takes the size it is opened with.
+pub fn check_expiry_bucket<S: Store>(
+    store: &S,
+    expiry_bucket_ms: u64,
+) -> Result<Option<u64>, StoreError> {
+    // Edges on a shared store may record it at once: their commits conflict, and the retry
+    // reads the record the first one wrote.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut txn = store.begin()?;
+        if let Some(value) = txn.get(&keys::expiry_bucket_size())? {
+            let stored = keys::le_u64(&value).ok_or_else(|| {
+                StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
+            })?;
+            return Ok((stored != expiry_bucket_ms).then_some(stored));
+        }
+        txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
+        match txn.commit() {
+            Ok(_) => return Ok(None),
+            Err(StoreError::Conflict) if attempts < 3 => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// The last sequence number of `inbox`: the last one assigned, or for an inbox without a
 /// counter (never written to, or forgotten) the shard's floor, above every seq it ever had.
 pub fn last_seq<S: Store>(store: &S, inbox: UserId) -> Result<u64, StoreError> {

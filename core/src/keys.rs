@@ -15,6 +15,7 @@
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `p` | an `e` key | where a round of expiry passes goes on in the expiry index (set while a round runs out of budget, cleared when one finishes) |
 //! | `w` | a `v` key | where expiry's sweep of device records goes on: records of forgotten inboxes unseen for the retention are deleted (`crate::commit::expire`) |
+//! | `x` | expiry bucket size in ms, u64 LE | the size the `e` keys' bucket numbers were written with, set at the first start (`crate::commit::check_expiry_bucket`) |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
 //! | `r` edge | renew interval ms, u64 LE | how often the edge beats, written at its start: others judge it dead only after several of its own intervals, whatever their own timeout (`crate::takeover`) |
@@ -43,6 +44,12 @@ pub const TAG_RENEW_INTERVAL: u8 = b'r';
 pub const TAG_DEDUPE_EXPIRED: u8 = b'k';
 pub const TAG_DEVICES_SWEPT: u8 = b'w';
 pub const TAG_EXPIRY_ROUND: u8 = b'p';
+pub const TAG_EXPIRY_BUCKET: u8 = b'x';
+
+/// `x`: the expiry bucket size the store's expiry index was written with.
+pub fn expiry_bucket_size() -> [u8; 1] {
+    [TAG_EXPIRY_BUCKET]
+}
 
 /// `p`: the expiry index key the current round of expiry passes goes on from
 /// (`crate::commit::expire`).

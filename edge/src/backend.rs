@@ -80,6 +80,10 @@ pub trait ShardStore: Send + Sync + 'static {
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 
+    /// The expiry bucket size this shard's stores were written with, when it is not
+    /// `expiry_bucket_ms`; records it where none is (`commit::check_expiry_bucket`).
+    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError>;
+
     /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`,
     /// `LogStore::erase_deleted`). FoundationDB reclaims deleted data in its own storage
     /// engine, so its backend does nothing here.
@@ -413,6 +417,10 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         self.own()?.erase_deleted().map(Some)
     }
 
+    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
+        courier_core::commit::check_expiry_bucket(&*self.own()?, expiry_bucket_ms)
+    }
+
     fn recover(&self) -> Result<(), StoreError> {
         self.all[usize::from(self.shard)].reopen()
     }
@@ -569,6 +577,17 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
             highest = highest.max(courier_core::commit::clock_high_water(store)?);
         }
         Ok(highest)
+    }
+
+    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
+        for store in &self.stores {
+            if let Some(stored) =
+                courier_core::commit::check_expiry_bucket(store, expiry_bucket_ms)?
+            {
+                return Ok(Some(stored));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -583,6 +583,28 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
+    // The expiry index's keys hold bucket numbers: a store written with another size would
+    // keep the messages they index for good.
+    match store.expiry_bucket_mismatch(setup.core.expiry_bucket_ms) {
+        Ok(None) => {}
+        Ok(Some(stored_ms)) => {
+            let _ = setup.ready.send(Err(format!(
+                "shard {id}: retention.expiry_bucket_secs is {} but this store's expiry index \
+                 was written with {}: set it back to {} (the size cannot change on a store \
+                 that holds messages; to change it, start on an empty data directory)",
+                setup.core.expiry_bucket_ms / 1000,
+                stored_ms / 1000,
+                stored_ms / 1000
+            )));
+            return;
+        }
+        Err(error) => {
+            let _ = setup.ready.send(Err(format!(
+                "shard {id}: cannot read the store's expiry bucket size: {error}"
+            )));
+            return;
+        }
+    }
     let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());
     endpoint_config.cid_generator(move || Box::new(ShardCidGenerator::new(id)));
     endpoint_config.supported_versions(vec![1]);

@@ -115,3 +115,43 @@ fn keys_while_stopped<const N: usize>(edge: &mut Edge, data: &Path, tags: [u8; N
     edge.spawn();
     counts
 }
+
+/// The expiry index holds bucket numbers, so a store written with one bucket size cannot be
+/// served with another: read with another size, every entry names the wrong time, and an
+/// inbox that got no later message kept its messages for good. The edge refuses to start and
+/// says what to do; with the size the store was written with, it starts again.
+#[test]
+fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let config = |secs: u32| format!("[retention]\nexpiry_bucket_secs = {secs}\n");
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(60), &[]);
+    assert!(edge.terminate(), "the edge stops cleanly");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_path = dir.path().join("courier.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = {SHARDS}\npin_shards = false\n{}",
+            common::free_addr(),
+            data.path().display(),
+            config(120)
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run courier-edge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the edge must refuse: {stderr}");
+    assert!(
+        stderr.contains("retention.expiry_bucket_secs is 120")
+            && stderr.contains("written with 60: set it back to 60"),
+        "{stderr}"
+    );
+
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(60), &[]);
+    assert!(edge.terminate(), "the same size starts again");
+}
