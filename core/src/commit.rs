@@ -1119,6 +1119,9 @@ pub struct ExpireReport {
     pub round_began: bool,
     /// The scan budget ran out; call again.
     pub more: bool,
+    /// Dropping the old dedupe buckets' tables failed (on the log engine it needs a
+    /// checkpoint, which a full disk refuses): the pass cleared them key by key instead.
+    pub dedupe_tables_drop_failed: Option<String>,
 }
 
 /// Deletes dedupe records older than their window and messages past their expiry, reading at
@@ -1131,14 +1134,19 @@ pub fn expire<S: Store>(
     config: &CoreConfig,
 ) -> Result<ExpireReport, StoreError> {
     let drops_tables = store.drops_tables();
+    let mut dedupe_tables_drop_failed = None;
     if drops_tables && let Some(end) = old_dedupe_end(now, config) {
         // A sweep of the old dedupe buckets that begins at the first (the mark says so:
         // `write_expiry` put it there when a bucket fell due) first drops their whole tables,
         // a day's records at the cost of a few files instead of a tombstone each (decision
         // 0038). Dropping again is harmless: a pass after a crash that lost the drop does it.
         let mark = store.begin_read()?.get(&keys::dedupe_expired_below())?;
-        if dedupe_sweep_begin(mark, &end) == keys::dedupe_bucket_start(0) {
-            store.drop_tables_within(&keys::dedupe_bucket_start(0), &end)?;
+        // A failed drop must not stop expiry, which frees what a full disk needs: the
+        // sweep below clears what the drop left, key by key.
+        if dedupe_sweep_begin(mark, &end) == keys::dedupe_bucket_start(0)
+            && let Err(error) = store.drop_tables_within(&keys::dedupe_bucket_start(0), &end)
+        {
+            dedupe_tables_drop_failed = Some(error.to_string());
         }
     }
     let mut attempt = 0;
@@ -1147,7 +1155,12 @@ pub fn expire<S: Store>(
         let mut txn = store.begin()?;
         let report = write_expiry(&mut txn, now, config, drops_tables)?;
         match txn.commit() {
-            Ok(_) => return Ok(report),
+            Ok(_) => {
+                return Ok(ExpireReport {
+                    dedupe_tables_drop_failed,
+                    ..report
+                });
+            }
             Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {}
             Err(error) => return Err(error),
         }
@@ -1514,6 +1527,65 @@ fn sweep_forgotten_devices<T: Transaction>(
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+
+    /// A store whose tables cannot be dropped: the log engine's drop needs a checkpoint,
+    /// which a full disk refuses.
+    struct DropFails(MemoryStore);
+
+    impl Store for DropFails {
+        type Transaction<'a> = <MemoryStore as Store>::Transaction<'a>;
+
+        fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+            self.0.begin()
+        }
+
+        fn drops_tables(&self) -> bool {
+            true
+        }
+
+        fn drop_tables_within(&self, _begin: &[u8], _end: &[u8]) -> Result<(), StoreError> {
+            Err(StoreError::Io("no space left on device".into()))
+        }
+    }
+
+    /// A failed drop of old dedupe tables does not stop expiry: messages past their TTL and
+    /// the old dedupe records are deleted all the same, key by key. (It returned the error,
+    /// so no message expired while the drop kept failing, though expiry is what frees a full
+    /// disk.)
+    #[test]
+    fn a_failed_table_drop_does_not_stop_expiry() {
+        let config = CoreConfig::default();
+        let store = DropFails(MemoryStore::new());
+        let mut committer = Committer::new(&config);
+        let now = 10 * config.dedupe_window_ms;
+        let short_lived = Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..match send(1, 7) {
+                Request::Send(send) => send,
+                _ => unreachable!(),
+            }
+        });
+        committer.commit_batch(&store, &[short_lived], now).unwrap();
+        let later = now + 3 * config.dedupe_window_ms;
+        let mut deleted = 0;
+        let mut drop_failed = false;
+        for _ in 0..20 {
+            let report = expire(&store, later, &config).expect("expiry goes on");
+            deleted += report.messages_deleted;
+            drop_failed |= report.dedupe_tables_drop_failed.is_some();
+            if !report.more {
+                break;
+            }
+        }
+        assert!(drop_failed, "the drop was tried and its failure reported");
+        assert_eq!(deleted, 1, "the message past its TTL is deleted");
+        let mut txn = store.begin().unwrap();
+        let (start, end) = keys::tag_range(keys::TAG_DEDUPE);
+        assert!(
+            txn.get_range(&start, &end, 10).unwrap().is_empty(),
+            "the old dedupe record is deleted"
+        );
+    }
 
     fn send(client_id: u64, to: UserId) -> Request {
         Request::Send(SendRequest {

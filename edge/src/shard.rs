@@ -815,6 +815,14 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                         shard.forget_emptied(&report.emptied);
                         // Expiry frees room in a store at its memory bound.
                         shard.note_store_full();
+                        if let Some(error) = &report.dedupe_tables_drop_failed {
+                            warn!(
+                                shard = id,
+                                %error,
+                                "dropping old dedupe tables failed; expiry deletes their records \
+                                 one by one"
+                            );
+                        }
                     }
                     match report {
                         Ok(report) if report.more => continue,
