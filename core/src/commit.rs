@@ -1401,13 +1401,28 @@ pub fn expire_shared<S: Store>(
 ) -> Result<ExpireReport, StoreError> {
     let mut total = ExpireReport::default();
     if runs_passes {
+        // A store that fails does not hold up the others' passes: its error is returned once
+        // they ran (and the caller retries at its next interval).
+        let mut failed = None;
         for store in stores {
-            let report = expire(store, now, config)?;
+            let report = match expire(store, now, config) {
+                Ok(report) => report,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                    continue;
+                }
+            };
             total.messages_deleted += report.messages_deleted;
             total.index_entries_cleared += report.index_entries_cleared;
             total.emptied.extend(report.emptied);
             total.round_began |= report.round_began;
             total.more |= report.more;
+            if total.dedupe_tables_drop_failed.is_none() {
+                total.dedupe_tables_drop_failed = report.dedupe_tables_drop_failed;
+            }
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
     }
     // Only an inbox's home shard may forget it, and the passes above run on one shard of one
@@ -1546,6 +1561,69 @@ mod tests {
         fn drop_tables_within(&self, _begin: &[u8], _end: &[u8]) -> Result<(), StoreError> {
             Err(StoreError::Io("no space left on device".into()))
         }
+    }
+
+    /// A store that cannot be written at all.
+    struct Broken;
+
+    impl Store for Broken {
+        type Transaction<'a> = <MemoryStore as Store>::Transaction<'a>;
+
+        fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+            Err(StoreError::Io("the disk is gone".into()))
+        }
+    }
+
+    /// On stores the shards share, a store whose expiry fails does not hold up the passes of
+    /// the stores after it: their expired messages are deleted, and the error still comes
+    /// back. (The first error ended the round, so one failing store stopped expiry on every
+    /// store after it, for as long as it failed.)
+    #[test]
+    fn a_failing_shared_store_does_not_stop_the_others_expiry() {
+        enum Either {
+            Broken(Broken),
+            Fine(MemoryStore),
+        }
+        impl Store for Either {
+            type Transaction<'a> = <MemoryStore as Store>::Transaction<'a>;
+
+            fn begin(&self) -> Result<Self::Transaction<'_>, StoreError> {
+                match self {
+                    Either::Broken(store) => store.begin(),
+                    Either::Fine(store) => store.begin(),
+                }
+            }
+        }
+        let config = CoreConfig::default();
+        let stores = [Either::Broken(Broken), Either::Fine(MemoryStore::new())];
+        let now = 10 * config.expiry_bucket_ms;
+        let short_lived = Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..match send(1, 7) {
+                Request::Send(send) => send,
+                _ => unreachable!(),
+            }
+        });
+        Committer::new(&config)
+            .commit_batch(&stores[1], &[short_lived], now)
+            .unwrap();
+        let later = now + 2 * config.expiry_bucket_ms;
+        let result = expire_shared(&stores, true, &mut Vec::new(), later, &config);
+        assert!(result.is_err(), "the broken store's error comes back");
+        let Either::Fine(fine) = &stores[1] else {
+            unreachable!()
+        };
+        assert_eq!(
+            dump_messages(fine),
+            0,
+            "the other store's expired message is deleted"
+        );
+    }
+
+    fn dump_messages(store: &MemoryStore) -> usize {
+        let mut txn = store.begin().unwrap();
+        let (start, end) = keys::tag_range(keys::TAG_MESSAGE);
+        txn.get_range(&start, &end, 10).unwrap().len()
     }
 
     /// A failed drop of old dedupe tables does not stop expiry: messages past their TTL and
