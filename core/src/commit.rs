@@ -1597,13 +1597,7 @@ mod tests {
         let config = CoreConfig::default();
         let stores = [Either::Broken(Broken), Either::Fine(MemoryStore::new())];
         let now = 10 * config.expiry_bucket_ms;
-        let short_lived = Request::Send(SendRequest {
-            ttl_secs: Some(1),
-            ..match send(1, 7) {
-                Request::Send(send) => send,
-                _ => unreachable!(),
-            }
-        });
+        let short_lived = send_with_ttl(1, 7, 1);
         Committer::new(&config)
             .commit_batch(&stores[1], &[short_lived], now)
             .unwrap();
@@ -1636,13 +1630,7 @@ mod tests {
         let store = DropFails(MemoryStore::new());
         let mut committer = Committer::new(&config);
         let now = 10 * config.dedupe_window_ms;
-        let short_lived = Request::Send(SendRequest {
-            ttl_secs: Some(1),
-            ..match send(1, 7) {
-                Request::Send(send) => send,
-                _ => unreachable!(),
-            }
-        });
+        let short_lived = send_with_ttl(1, 7, 1);
         committer.commit_batch(&store, &[short_lived], now).unwrap();
         let later = now + 3 * config.dedupe_window_ms;
         let mut deleted = 0;
@@ -1672,6 +1660,16 @@ mod tests {
             to,
             body: b"hi".to_vec(),
             ttl_secs: None,
+        })
+    }
+
+    fn send_with_ttl(client_id: u64, to: UserId, ttl_secs: u32) -> Request {
+        Request::Send(SendRequest {
+            sender: 1,
+            client_id,
+            to,
+            body: b"hi".to_vec(),
+            ttl_secs: Some(ttl_secs),
         })
     }
 
