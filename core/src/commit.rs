@@ -978,32 +978,46 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
     }
 }
 
-/// Records the expiry bucket size in a store that has none, and says which size a store's
-/// expiry index was written with when it is not `expiry_bucket_ms` (`Some`). The index's keys
-/// hold bucket numbers: read with another size, every entry names the wrong time, and the
-/// messages it indexes may never expire. A store without the record (new, or from before it
-/// was kept) takes the size it is opened with.
-pub fn check_expiry_bucket<S: Store>(
-    store: &S,
-    expiry_bucket_ms: u64,
-) -> Result<Option<u64>, StoreError> {
-    // Edges on a shared store may record it at once: their commits conflict, and the retry
-    // reads the record the first one wrote.
+/// The expiry bucket size a store's expiry index was written with (`record_expiry_bucket`),
+/// if it was recorded. The index's keys hold bucket numbers: read with another size, every
+/// entry names the wrong time, and the messages it indexes may never expire.
+pub fn stored_expiry_bucket<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let mut txn = store.begin()?;
-        if let Some(value) = txn.get(&keys::expiry_bucket_size())? {
-            let stored = keys::le_u64(&value).ok_or_else(|| {
-                StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
-            })?;
-            return Ok((stored != expiry_bucket_ms).then_some(stored));
-        }
-        txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
-        match txn.commit() {
-            Ok(_) => return Ok(None),
-            Err(StoreError::Conflict) if attempts < 3 => continue,
+        let read = store
+            .begin_read()
+            .and_then(|mut txn| txn.get(&keys::expiry_bucket_size()));
+        match read {
+            Ok(None) => return Ok(None),
+            Ok(Some(value)) => {
+                return keys::le_u64(&value).map(Some).ok_or_else(|| {
+                    StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
+                });
+            }
+            Err(error) if error.is_retryable() && attempts < 3 => {}
             Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Records the expiry bucket size in a store that has none (new, or from before it was
+/// kept: it takes the size it is opened with). Edges on a shared store may record it at
+/// once: their commits conflict, and a retry finds the record the first one wrote.
+pub fn record_expiry_bucket<S: Store>(store: &S, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let written = store.begin().and_then(|mut txn| {
+            if txn.get(&keys::expiry_bucket_size())?.is_some() {
+                return Ok(());
+            }
+            txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
+            txn.commit().map(|_| ())
+        });
+        match written {
+            Err(error) if error.is_retryable() && attempts < 3 => {}
+            written => return written,
         }
     }
 }
@@ -1120,7 +1134,8 @@ pub struct ExpireReport {
     /// The scan budget ran out; call again.
     pub more: bool,
     /// Dropping the old dedupe buckets' tables failed (on the log engine it needs a
-    /// checkpoint, which a full disk refuses): the pass cleared them key by key instead.
+    /// checkpoint, which a full disk refuses): the pass expired messages and left those
+    /// records to the next pass's drop.
     pub dedupe_tables_drop_failed: Option<String>,
 }
 
@@ -1141,8 +1156,8 @@ pub fn expire<S: Store>(
         // a day's records at the cost of a few files instead of a tombstone each (decision
         // 0038). Dropping again is harmless: a pass after a crash that lost the drop does it.
         let mark = store.begin_read()?.get(&keys::dedupe_expired_below())?;
-        // A failed drop must not stop expiry, which frees what a full disk needs: the
-        // sweep below clears what the drop left, key by key.
+        // A failed drop must not stop expiry, which frees what a full disk needs: messages
+        // still expire, and the next pass tries the drop again.
         if dedupe_sweep_begin(mark, &end) == keys::dedupe_bucket_start(0)
             && let Err(error) = store.drop_tables_within(&keys::dedupe_bucket_start(0), &end)
         {
@@ -1153,7 +1168,11 @@ pub fn expire<S: Store>(
     loop {
         attempt += 1;
         let mut txn = store.begin()?;
-        let report = write_expiry(&mut txn, now, config, drops_tables)?;
+        // After a failed drop the old dedupe records wait for the next pass's drop: swept key
+        // by key from the start, they would move the mark on, and the rest of the window
+        // would go a tombstone each (decision 0038), on a disk that is short of room.
+        let sweep_dedupe = dedupe_tables_drop_failed.is_none();
+        let report = write_expiry(&mut txn, now, config, drops_tables, sweep_dedupe)?;
         match txn.commit() {
             Ok(_) => {
                 return Ok(ExpireReport {
@@ -1192,6 +1211,7 @@ fn write_expiry<T: Transaction>(
     now: UnixMillis,
     config: &CoreConfig,
     drops_tables: bool,
+    sweep_dedupe: bool,
 ) -> Result<ExpireReport, StoreError> {
     let mut report = ExpireReport::default();
     // At least 4: half for old dedupe records leaves index entries and messages at least one
@@ -1203,7 +1223,7 @@ fn write_expiry<T: Transaction>(
     // one of them while its writer lock keeps every commit of the shard waiting.)
     // Each pass begins where the last one stopped: from the start, it would walk the
     // tombstones of every record deleted before (quadratic in a window's sends).
-    if let Some(end) = old_dedupe_end(now, config) {
+    if let Some(end) = old_dedupe_end(now, config).filter(|_| sweep_dedupe) {
         let begin = dedupe_sweep_begin(txn.get(&keys::dedupe_expired_below())?, &end);
         let start = keys::dedupe_bucket_start(0);
         // A bucket fell due since the last sweep finished (its mark, a bucket's first key, is
@@ -1620,10 +1640,10 @@ mod tests {
         txn.get_range(&start, &end, 10).unwrap().len()
     }
 
-    /// A failed drop of old dedupe tables does not stop expiry: messages past their TTL and
-    /// the old dedupe records are deleted all the same, key by key. (It returned the error,
-    /// so no message expired while the drop kept failing, though expiry is what frees a full
-    /// disk.)
+    /// A failed drop of old dedupe tables does not stop expiry: messages past their TTL are
+    /// deleted, and the old dedupe records wait for the next pass's drop. (It returned the
+    /// error, so no message expired while the drop kept failing, though expiry is what frees
+    /// a full disk.)
     #[test]
     fn a_failed_table_drop_does_not_stop_expiry() {
         let config = CoreConfig::default();
@@ -1647,9 +1667,14 @@ mod tests {
         assert_eq!(deleted, 1, "the message past its TTL is deleted");
         let mut txn = store.begin().unwrap();
         let (start, end) = keys::tag_range(keys::TAG_DEDUPE);
+        assert_eq!(
+            txn.get_range(&start, &end, 10).unwrap().len(),
+            1,
+            "the old dedupe record waits for a drop that succeeds, not swept a key at a time"
+        );
         assert!(
-            txn.get_range(&start, &end, 10).unwrap().is_empty(),
-            "the old dedupe record is deleted"
+            txn.get(&keys::dedupe_expired_below()).unwrap().is_none(),
+            "the sweep's mark stays at the start, so the next pass drops again"
         );
     }
 

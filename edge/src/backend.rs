@@ -80,9 +80,13 @@ pub trait ShardStore: Send + Sync + 'static {
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 
-    /// The expiry bucket size this shard's stores were written with, when it is not
-    /// `expiry_bucket_ms`; records it where none is (`commit::check_expiry_bucket`).
+    /// The expiry bucket size this shard's stores were written with, when one recorded
+    /// another than `expiry_bucket_ms` (`commit::stored_expiry_bucket`).
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError>;
+
+    /// Records `expiry_bucket_ms` in the stores that have no size recorded
+    /// (`commit::record_expiry_bucket`).
+    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError>;
 
     /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`,
     /// `LogStore::erase_deleted`). FoundationDB reclaims deleted data in its own storage
@@ -418,7 +422,12 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     }
 
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
-        courier_core::commit::check_expiry_bucket(&*self.own()?, expiry_bucket_ms)
+        let stored = courier_core::commit::stored_expiry_bucket(&*self.own()?)?;
+        Ok(stored.filter(|stored| *stored != expiry_bucket_ms))
+    }
+
+    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+        courier_core::commit::record_expiry_bucket(&*self.own()?, expiry_bucket_ms)
     }
 
     fn recover(&self) -> Result<(), StoreError> {
@@ -581,13 +590,19 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
 
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
         for store in &self.stores {
-            if let Some(stored) =
-                courier_core::commit::check_expiry_bucket(store, expiry_bucket_ms)?
-            {
+            let stored = courier_core::commit::stored_expiry_bucket(store)?;
+            if let Some(stored) = stored.filter(|stored| *stored != expiry_bucket_ms) {
                 return Ok(Some(stored));
             }
         }
         Ok(None)
+    }
+
+    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+        for store in &self.stores {
+            courier_core::commit::record_expiry_bucket(store, expiry_bucket_ms)?;
+        }
+        Ok(())
     }
 }
 

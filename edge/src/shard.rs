@@ -591,7 +591,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             let _ = setup.ready.send(Err(format!(
                 "shard {id}: retention.expiry_bucket_secs is {} but this store's expiry index \
                  was written with {}: set it back to {} (the size cannot change on a store \
-                 that holds messages; to change it, start on an empty data directory)",
+                 that holds messages; to change it, start on empty stores)",
                 setup.core.expiry_bucket_ms / 1000,
                 stored_ms / 1000,
                 stored_ms / 1000
@@ -604,6 +604,15 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             )));
             return;
         }
+    }
+    // Recorded where it is not yet. A store that refuses the write now (at its memory bound,
+    // on a full disk) still starts, so that expiry can free it: the next start records it.
+    if let Err(error) = store.record_expiry_bucket(setup.core.expiry_bucket_ms) {
+        warn!(
+            shard = id,
+            %error,
+            "cannot record the expiry bucket size in the store; the next start tries again"
+        );
     }
     let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());
     endpoint_config.cid_generator(move || Box::new(ShardCidGenerator::new(id)));
