@@ -2514,12 +2514,24 @@ impl<S: SimStore> World<S> {
                 return Err("expiry never finished".into());
             }
         }
+        // The inboxes are forgotten and their devices unseen for the retention: expiry's
+        // sweep deletes their records, a bounded page a pass (`sweep_forgotten_devices`).
+        for shard in 0..self.stores.len() {
+            for _ in 0..100 {
+                if dump_prefix(self.stores[shard].inner(), &[keys::TAG_DEVICE]).is_empty() {
+                    break;
+                }
+                commit::expire(&self.stores[shard], self.edge_now(), &self.config)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         for tag in [
             keys::TAG_DEDUPE,
             keys::TAG_EXPIRY,
             keys::TAG_MESSAGE,
             keys::TAG_COUNTER,
             keys::TAG_EMPTIED,
+            keys::TAG_DEVICE,
         ] {
             for (shard, store) in self.stores.iter().enumerate() {
                 let left = dump_prefix(store.inner(), &[tag]);
