@@ -982,42 +982,43 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
 /// if it was recorded. The index's keys hold bucket numbers: read with another size, every
 /// entry names the wrong time, and the messages it indexes may never expire.
 pub fn stored_expiry_bucket<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let read = store
+    let value = retrying(|| {
+        store
             .begin_read()
-            .and_then(|mut txn| txn.get(&keys::expiry_bucket_size()));
-        match read {
-            Ok(None) => return Ok(None),
-            Ok(Some(value)) => {
-                return keys::le_u64(&value).map(Some).ok_or_else(|| {
-                    StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
-                });
-            }
-            Err(error) if error.is_retryable() && attempts < 3 => {}
-            Err(error) => return Err(error),
-        }
-    }
+            .and_then(|mut txn| txn.get(&keys::expiry_bucket_size()))
+    })?;
+    value
+        .map(|value| {
+            keys::le_u64(&value).ok_or_else(|| {
+                StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
+            })
+        })
+        .transpose()
 }
 
 /// Records the expiry bucket size in a store that has none (new, or from before it was
 /// kept: it takes the size it is opened with). Edges on a shared store may record it at
 /// once: their commits conflict, and a retry finds the record the first one wrote.
 pub fn record_expiry_bucket<S: Store>(store: &S, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+    retrying(|| {
+        let mut txn = store.begin()?;
+        if txn.get(&keys::expiry_bucket_size())?.is_some() {
+            return Ok(());
+        }
+        txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
+        txn.commit().map(|_| ())
+    })
+}
+
+/// Runs `attempt` again, up to three times in all, while it fails with a retryable error:
+/// for the few reads and writes at start-up, outside the batches' own retries.
+fn retrying<T>(mut attempt: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let written = store.begin().and_then(|mut txn| {
-            if txn.get(&keys::expiry_bucket_size())?.is_some() {
-                return Ok(());
-            }
-            txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
-            txn.commit().map(|_| ())
-        });
-        match written {
+        match attempt() {
             Err(error) if error.is_retryable() && attempts < 3 => {}
-            written => return written,
+            result => return result,
         }
     }
 }
