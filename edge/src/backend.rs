@@ -95,6 +95,12 @@ pub trait ShardStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// When this shard's store last finished an erase pass that left nothing to the next
+    /// one (`crate::erase_record`), in Unix milliseconds; `None` without a record.
+    fn last_complete_erase_ms(&self) -> Option<u64> {
+        None
+    }
+
     /// Brings a store that refused with `Poisoned` (a failed write or fsync: a full disk, a
     /// disk error) back: the embedded store reopens this shard's database, which recovers
     /// what was committed. Until it succeeds every call fails with `Poisoned`, and the shard
@@ -155,13 +161,18 @@ pub enum MemoryFill {
 }
 
 /// What one erase pass of an embedded store did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErasePass {
     /// Files rewritten without deleted data: fjall keyspaces compacted, or log store
     /// snapshots written.
     pub rewrites: usize,
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
+    /// The pass left nothing to the next one (`crate::erase_record`).
+    pub complete: bool,
+    /// Why the record of a complete pass could not be written: the next start then passes
+    /// soon after it, as for a store without a record.
+    pub record_failed: Option<String>,
 }
 
 /// An embedded engine: one per shard, in its own directory (`stores`).
@@ -219,6 +230,8 @@ impl EmbeddedEngine for FjallStore {
             rewrites: report.keyspaces_compacted,
             disk_bytes_before: report.disk_bytes_before,
             disk_bytes_after: report.disk_bytes_after,
+            complete: report.complete,
+            record_failed: None,
         })
     }
     fn message_keys_approximate(&self) -> Option<u64> {
@@ -249,6 +262,8 @@ impl EmbeddedEngine for LogStore {
             rewrites: usize::from(report.checkpointed),
             disk_bytes_before: report.disk_bytes_before,
             disk_bytes_after: report.disk_bytes_after,
+            complete: report.complete,
+            record_failed: None,
         })
     }
     fn message_keys_approximate(&self) -> Option<u64> {
@@ -418,7 +433,18 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     }
 
     fn erase_deleted(&self) -> Result<Option<ErasePass>, StoreError> {
-        self.own()?.erase_deleted().map(Some)
+        let store = self.own()?;
+        // What was deleted before this instant is gone once the pass completes.
+        let started = std::time::SystemTime::now();
+        let mut pass = store.erase_deleted()?;
+        if pass.complete {
+            pass.record_failed = crate::erase_record::write(store.path(), started).err();
+        }
+        Ok(Some(pass))
+    }
+
+    fn last_complete_erase_ms(&self) -> Option<u64> {
+        crate::erase_record::read(&self.all[usize::from(self.shard)].path)
     }
 
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {

@@ -8,6 +8,7 @@ pub mod cid;
 pub mod cli;
 pub mod config;
 pub mod control;
+mod erase_record;
 pub mod files;
 pub mod health;
 pub mod idle;

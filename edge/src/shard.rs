@@ -851,14 +851,22 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     }
 
     {
-        // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread,
-        // the first an eighth of the bound after the start. Half a bound after it, an edge
-        // restarted more often than that (a deploy, a crash loop) never erased, and a body
-        // deleted just before a restart stayed past the bound.
+        // Deleted means gone from disk (R4): every half of the bound, on the maintenance thread.
+        // The first after a start comes when the period the last complete pass began is due
+        // (its record is in the store's directory), and at most `OVERDUE_WAIT_MAX` after the
+        // start when that is past: an edge restarted often (deploys, a crash loop) still
+        // erases, and a restart does not redo a pass that just ran.
         let shard = shard.clone();
         let erase_within_ms = setup.config.retention.erase_within_secs * 1000;
-        let mut wait = Duration::from_millis(erase_within_ms / 8);
         let interval = Duration::from_millis(erase_within_ms / 2);
+        let last_pass_ms = shard.borrow().store.last_complete_erase_ms();
+        let now_ms = crate::erase_record::unix_millis(std::time::SystemTime::now());
+        let mut wait = crate::erase_record::first_wait(last_pass_ms, now_ms, interval);
+        debug!(
+            shard = id,
+            wait_ms = wait.as_millis() as u64,
+            "first erase pass scheduled"
+        );
         spawn_task(async move {
             loop {
                 glommio::timer::sleep(wait).await;
@@ -870,15 +878,28 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 let started = Instant::now();
                 let report = lane.run_store(move || store.erase_deleted()).await;
                 match report {
-                    Ok(Some(report)) if report.rewrites > 0 => debug!(
-                        shard = id,
-                        rewrites = report.rewrites,
-                        disk_bytes_before = report.disk_bytes_before,
-                        disk_bytes_after = report.disk_bytes_after,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "erase pass"
-                    ),
-                    Ok(_) => {}
+                    Ok(Some(report)) => {
+                        if report.rewrites > 0 {
+                            debug!(
+                                shard = id,
+                                rewrites = report.rewrites,
+                                disk_bytes_before = report.disk_bytes_before,
+                                disk_bytes_after = report.disk_bytes_after,
+                                complete = report.complete,
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "erase pass"
+                            );
+                        }
+                        if let Some(error) = report.record_failed {
+                            warn!(
+                                shard = id,
+                                %error,
+                                "recording the erase pass failed; the next start erases soon \
+                                 after it, as for a store without a record"
+                            );
+                        }
+                    }
+                    Ok(None) => {}
                     Err(error) => {
                         shard.borrow_mut().store_refused(&error);
                         warn!(shard = id, %error, "erase pass failed; retrying at the next interval");

@@ -114,10 +114,11 @@ async fn erased_within_the_bound(edge: Edge) {
 }
 
 /// An edge restarted more often than every half of the bound still erases: the first pass
-/// comes an eighth of the bound after a start. (It came half a bound after, so an edge whose
-/// every run was shorter than that, restarted for deploys or in a crash loop, never erased,
-/// and a body deleted just before a restart stayed past the bound.) Here the bound is 16 s,
-/// and the edge is restarted every 5 s: each run is shorter than the 8 s half bound.
+/// after a start comes when the running period is due, an eighth of the bound after the start
+/// at most for a bound this short. (It came half a bound after, so an edge whose every run was
+/// shorter than that, restarted for deploys or in a crash loop, never erased, and a body
+/// deleted just before a restart stayed past the bound.) Here the bound is 16 s, and the edge
+/// is restarted every 5 s: each run is shorter than the 8 s half bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_restarted_often_still_erases() {
     let mut edge = Edge::start_with(2, "[retention]\nerase_within_secs = 16\n", &[]);
@@ -147,5 +148,63 @@ async fn an_edge_restarted_often_still_erases() {
     panic!(
         "the acknowledged body is still on disk after six runs of 5 s: {:?}",
         files_containing(&data, &marker)
+    );
+}
+
+/// The stores' records of their last complete erase pass (`erase-pass` in each shard's store
+/// directory), by shard.
+fn erase_records(data: &Path) -> Vec<Option<String>> {
+    (0..2)
+        .map(|shard| {
+            let path = data.join(format!("stores/shard-{shard}/erase-pass"));
+            std::fs::read_to_string(path).ok()
+        })
+        .collect()
+}
+
+/// A crash loop whose runs are far shorter than the bound still erases, and a restart does not
+/// redo a pass that just ran. The bound is 240 s here, so passes come every 120 s; each run
+/// lasts 15 s, shorter than the 30 s (an eighth of the bound) after which the first pass of a
+/// start used to come. Now a start whose period is past (or whose store has no record) passes
+/// within 10 s; a start within the period waits for it, as the unchanged records show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_shorter_than_an_eighth_of_the_bound_still_erases() {
+    let mut edge = Edge::start_with(2, "[retention]\nerase_within_secs = 240\n", &[]);
+    let data = edge.dir.path().join("data");
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let sender = edge.client(3001).await;
+    sender.send(3002, marker.clone()).await.expect("send");
+    assert!(
+        on_disk(&data, &marker).await,
+        "a stored body is on disk (else this test could not fail)"
+    );
+    let mut recipient = edge.client(3002).await;
+    assert_eq!(next_message(&mut recipient).await.body, marker);
+    recipient.close();
+    sender.close();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    let run = Duration::from_secs(15);
+    edge.spawn();
+    tokio::time::sleep(run).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    let found = files_containing(&data, &marker);
+    assert!(
+        found.is_empty(),
+        "the acknowledged body is still on disk after a run of {run:?}: {found:?}"
+    );
+    let records = erase_records(&data);
+    assert!(
+        records.iter().all(Option::is_some),
+        "each shard recorded its complete pass: {records:?}"
+    );
+    // Within the period: the next start waits for it (about 100 s more), so no pass runs.
+    edge.spawn();
+    tokio::time::sleep(run).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    assert_eq!(
+        erase_records(&data),
+        records,
+        "a start within the period did not pass again"
     );
 }

@@ -211,6 +211,10 @@ pub struct EraseReport {
     /// Bytes the store used on disk before and after the pass.
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
+    /// Everything deleted before the pass started is in no file of the store: the pass left
+    /// nothing to the next one (no keyspace whose compaction overlapped fjall's own, no tables
+    /// a read still held).
+    pub complete: bool,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -459,6 +463,7 @@ impl FjallStore {
                 keyspaces_compacted: 0,
                 disk_bytes_before,
                 disk_bytes_after: disk_bytes_before,
+                complete: true,
             });
         }
         // Which keyspaces had deletes, taken before the flush below: a delete counted here
@@ -497,6 +502,7 @@ impl FjallStore {
         // What this pass did not finish (a failure part-way, an overlapped compaction, tables
         // a read kept) is the next pass's to do.
         let mut keyspaces_compacted = 0;
+        let mut complete = true;
         for (index, was_deleted) in deleted.iter().enumerate() {
             if !was_deleted {
                 continue;
@@ -504,6 +510,7 @@ impl FjallStore {
             if collected && compacted[index] {
                 keyspaces_compacted += 1;
             } else {
+                complete = false;
                 self.deleted_since_erase[index].store(true, Ordering::Release);
                 self.written_since_erase.store(true, Ordering::Release);
             }
@@ -516,6 +523,7 @@ impl FjallStore {
             keyspaces_compacted,
             disk_bytes_before,
             disk_bytes_after: self.disk_bytes()?,
+            complete,
         })
     }
 

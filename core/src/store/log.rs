@@ -562,6 +562,9 @@ pub struct LogEraseReport {
     pub checkpointed: bool,
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
+    /// Everything deleted before the pass started is in no file of the store (the dedupe
+    /// tier's pass left nothing to the next one either).
+    pub complete: bool,
 }
 
 fn io(context: impl std::fmt::Display, error: std::io::Error) -> StoreError {
@@ -1592,11 +1595,12 @@ impl LogStore {
         drop(running);
         // Deleted dedupe records leave the tier's journal and tables (it does nothing if
         // nothing was written to it since its last pass).
-        self.inner.dedupe.erase_deleted()?;
+        let dedupe = self.inner.dedupe.erase_deleted()?;
         Ok(LogEraseReport {
             checkpointed,
             disk_bytes_before,
             disk_bytes_after: self.disk_bytes()?,
+            complete: dedupe.complete,
         })
     }
 
