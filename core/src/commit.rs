@@ -1134,6 +1134,15 @@ pub struct ExpireReport {
     pub round_began: bool,
     /// The scan budget ran out; call again.
     pub more: bool,
+    /// The sweep of device records is behind its round's schedule (a large store: a pass
+    /// reads `DEVICE_SWEEP_KEYS_MAX` of them): call [`sweep_devices`] until it says it no
+    /// longer is.
+    pub devices_behind: bool,
+    /// On stores the shards share ([`expire_shared`]): the first error of a store whose pass
+    /// or listing failed. The other stores' passes ran and their `more` stands: handle the
+    /// error as a failed pass (a `Fenced` one is returned as an error instead, since the edge
+    /// must stop).
+    pub store_failed: Option<StoreError>,
     /// Dropping the old dedupe buckets' tables failed (on the log engine it needs a
     /// checkpoint, which a full disk refuses): the pass expired messages and left those
     /// records to the next pass's drop.
@@ -1382,7 +1391,8 @@ fn write_expiry<T: Transaction>(
         None if mark_found => txn.clear(&keys::expiry_round_at()),
         None => {}
     }
-    sweep_forgotten_devices(txn, now, config, budget.min(DEVICE_SWEEP_KEYS_MAX))?;
+    report.devices_behind =
+        sweep_forgotten_devices(txn, now, config, budget.min(DEVICE_SWEEP_KEYS_MAX))?;
     // Inboxes emptied before and not yet forgotten (their forget was lost in a crash) are
     // listed once a round, by its first pass: every pass would walk the tombstones of the `g`
     // records the round's forgets cleared. Every pass hands on what it emptied itself.
@@ -1422,14 +1432,14 @@ pub fn expire_shared<S: Store>(
 ) -> Result<ExpireReport, StoreError> {
     let mut total = ExpireReport::default();
     if runs_passes {
-        // A store that fails does not hold up the others' passes: its error is returned once
-        // they ran (and the caller retries at its next interval).
-        let mut failed = None;
+        // A store that fails does not hold up the others: their passes run, their `more`
+        // stands, and its error comes back in the report (tried again with the next pass).
         for store in stores {
             let report = match expire(store, now, config) {
                 Ok(report) => report,
+                Err(StoreError::Fenced) => return Err(StoreError::Fenced),
                 Err(error) => {
-                    failed.get_or_insert(error);
+                    total.store_failed.get_or_insert(error);
                     continue;
                 }
             };
@@ -1438,12 +1448,10 @@ pub fn expire_shared<S: Store>(
             total.emptied.extend(report.emptied);
             total.round_began |= report.round_began;
             total.more |= report.more;
+            total.devices_behind |= report.devices_behind;
             if total.dedupe_tables_drop_failed.is_none() {
                 total.dedupe_tables_drop_failed = report.dedupe_tables_drop_failed;
             }
-        }
-        if let Some(error) = failed {
-            return Err(error);
         }
     }
     // Only an inbox's home shard may forget it, and the passes above run on one shard of one
@@ -1454,12 +1462,41 @@ pub fn expire_shared<S: Store>(
         listed_to.resize(stores.len(), None);
         let page = (config.expire_scan_keys_max / 2).max(1);
         for (store, after) in stores.iter().zip(listed_to.iter_mut()) {
-            let (inboxes, next) = list_emptied(store, after.as_deref(), page)?;
-            total.emptied.extend(inboxes);
-            *after = next;
+            match list_emptied(store, after.as_deref(), page) {
+                Ok((inboxes, next)) => {
+                    total.emptied.extend(inboxes);
+                    *after = next;
+                }
+                Err(StoreError::Fenced) => return Err(StoreError::Fenced),
+                // The page is listed again next turn.
+                Err(error) => {
+                    total.store_failed.get_or_insert(error);
+                }
+            }
         }
     }
     Ok(total)
+}
+
+/// [`sweep_devices`] on every store the shards share, for the shard that runs the expiry
+/// passes ([`expire_shared`]): a store that fails does not hold up the others, and its error
+/// comes back after them. Returns whether any store's round is still behind.
+pub fn sweep_devices_shared<S: Store>(
+    stores: &[S],
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<bool, StoreError> {
+    let mut behind = false;
+    let mut failed = None;
+    for store in stores {
+        match sweep_devices(store, now, config) {
+            Ok(store_behind) => behind |= store_behind,
+            Err(error) => {
+                failed.get_or_insert(error);
+            }
+        }
+    }
+    failed.map_or(Ok(behind), Err)
 }
 
 /// Up to `max` inboxes recorded as emptied and not yet forgotten (`g` records), after the key
@@ -1499,9 +1536,60 @@ pub fn list_emptied<S: Store>(
 /// FoundationDB every record it reads is a conflict with a commit that writes it.
 pub(crate) const DEVICE_SWEEP_KEYS_MAX: usize = 64;
 
+/// The longest a round of the device sweep should take: the sweep reads a bounded number of
+/// records a pass, so a store with many (a million devices is 15,625 passes, eleven days at one
+/// pass a minute) would delete a record unseen for the retention that much later. A round
+/// behind this schedule runs extra passes ([`sweep_devices`]). An eighth of the retention,
+/// at most a day: a record is then gone within the retention and a day.
+pub fn device_sweep_round_ms(config: &CoreConfig) -> u64 {
+    (config.retention_ms / 8).clamp(1, 24 * crate::config::HOUR_MS)
+}
+
+/// The pace of a round of the device sweep (the `y` record): a round that ends within the pass
+/// it began in keeps none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SweepRound {
+    began_ms: UnixMillis,
+    /// Records the last round read (0: not known, this is the first round kept).
+    last_round_keys: u64,
+    /// Records this round read so far.
+    keys: u64,
+}
+
+impl SweepRound {
+    fn decode(value: &[u8]) -> Option<SweepRound> {
+        let field = |at: usize| Some(u64::from_le_bytes(value.get(at..at + 8)?.try_into().ok()?));
+        Some(SweepRound {
+            began_ms: field(0)?,
+            last_round_keys: field(8)?,
+            keys: field(16)?,
+        })
+    }
+
+    fn encode(&self) -> [u8; 24] {
+        let mut value = [0; 24];
+        value[..8].copy_from_slice(&self.began_ms.to_le_bytes());
+        value[8..16].copy_from_slice(&self.last_round_keys.to_le_bytes());
+        value[16..].copy_from_slice(&self.keys.to_le_bytes());
+        value
+    }
+
+    /// Whether the round read fewer records than its share of the schedule: the last round's
+    /// count spread evenly over `round_ms`. Without a count, behind once `round_ms` passed.
+    fn behind(&self, now: UnixMillis, round_ms: u64) -> bool {
+        let elapsed_ms = now.saturating_sub(self.began_ms).min(round_ms);
+        if self.last_round_keys == 0 {
+            return elapsed_ms >= round_ms;
+        }
+        let due = u128::from(self.last_round_keys) * u128::from(elapsed_ms) / u128::from(round_ms);
+        u128::from(self.keys) < due
+    }
+}
+
 /// Deletes the records of devices unseen for the retention period whose inbox was forgotten
 /// (expiry emptied it and its counter went), looking at up to `keys_max` records after where
-/// the last pass stopped (the `w` mark) and starting over at the end.
+/// the last pass stopped (the `w` mark) and starting over at the end. Returns whether the round
+/// is behind its schedule (`device_sweep_round_ms`).
 ///
 /// An inbox with a counter forgets its stale devices as its devices ack and log in (one per
 /// transaction, `write_devices`); an inbox that no device ever acks again, because the user
@@ -1515,9 +1603,9 @@ fn sweep_forgotten_devices<T: Transaction>(
     now: UnixMillis,
     config: &CoreConfig,
     keys_max: usize,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     if keys_max == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let (start, end) = keys::tag_range(keys::TAG_DEVICE);
     let mark = txn.get(&keys::devices_swept_to())?;
@@ -1550,13 +1638,67 @@ fn sweep_forgotten_devices<T: Transaction>(
             txn.clear(key);
         }
     }
-    match last {
-        Some(key) if records.len() == keys_max => txn.set(&keys::devices_swept_to(), &key),
+    // The round's pace. A round without a record begins at this pass (one from before the
+    // mark's round was kept counts from here).
+    let kept = txn
+        .get(&keys::devices_sweep_round())?
+        .and_then(|value| SweepRound::decode(&value));
+    let mut round = kept.unwrap_or(SweepRound {
+        began_ms: now,
+        last_round_keys: 0,
+        keys: 0,
+    });
+    round.keys += records.len() as u64;
+    let round_ended = match last {
+        Some(key) if records.len() == keys_max => {
+            txn.set(&keys::devices_swept_to(), &key);
+            false
+        }
         // The end of the records: the next pass starts over.
-        _ if mark.is_some() => txn.clear(&keys::devices_swept_to()),
-        _ => {}
+        _ => {
+            if mark.is_some() {
+                txn.clear(&keys::devices_swept_to());
+            }
+            true
+        }
+    };
+    if !round_ended {
+        txn.set(&keys::devices_sweep_round(), &round.encode());
+        return Ok(round.behind(now, device_sweep_round_ms(config)));
     }
-    Ok(())
+    // A round that ended within one pass needs no pace (and a store that small writes
+    // nothing for it); a longer one hands its count to the next round.
+    if round.keys <= keys_max as u64 {
+        if kept.is_some() {
+            txn.clear(&keys::devices_sweep_round());
+        }
+    } else {
+        let next = SweepRound {
+            began_ms: now,
+            last_round_keys: round.keys,
+            keys: 0,
+        };
+        txn.set(&keys::devices_sweep_round(), &next.encode());
+    }
+    Ok(false)
+}
+
+/// One more pass of the device sweep alone, for a round behind its schedule
+/// ([`ExpireReport::devices_behind`]): reads up to `DEVICE_SWEEP_KEYS_MAX` records (at most
+/// `expire_scan_keys_max`) in a transaction of its own. Returns whether the round is still
+/// behind; call again while it is (each call reads records or ends the round).
+pub fn sweep_devices<S: Store>(
+    store: &S,
+    now: UnixMillis,
+    config: &CoreConfig,
+) -> Result<bool, StoreError> {
+    let keys_max = config.expire_scan_keys_max.clamp(1, DEVICE_SWEEP_KEYS_MAX);
+    retrying(|| {
+        let mut txn = store.begin()?;
+        let behind = sweep_forgotten_devices(&mut txn, now, config, keys_max)?;
+        txn.commit()?;
+        Ok(behind)
+    })
 }
 
 #[cfg(test)]
@@ -1596,9 +1738,11 @@ mod tests {
     }
 
     /// On stores the shards share, a store whose expiry fails does not hold up the passes of
-    /// the stores after it: their expired messages are deleted, and the error still comes
-    /// back. (The first error ended the round, so one failing store stopped expiry on every
-    /// store after it, for as long as it failed.)
+    /// the stores after it: their expired messages are deleted, their `more` stands (so the
+    /// caller goes on with them at once), and the error comes back in the report. (The first
+    /// error ended the round, so one failing store stopped expiry on every store after it,
+    /// for as long as it failed; then, returned as an error, it made the caller wait an
+    /// interval while the other stores had more to do.)
     #[test]
     fn a_failing_shared_store_does_not_stop_the_others_expiry() {
         enum Either {
@@ -1623,8 +1767,12 @@ mod tests {
             .commit_batch(&stores[1], &[short_lived], now)
             .unwrap();
         let later = now + 2 * config.expiry_bucket_ms;
-        let result = expire_shared(&stores, true, &mut Vec::new(), later, &config);
-        assert!(result.is_err(), "the broken store's error comes back");
+        let report = expire_shared(&stores, true, &mut Vec::new(), later, &config)
+            .expect("a failing store is reported, not returned as an error");
+        assert!(
+            report.store_failed.is_some(),
+            "the broken store's error comes back"
+        );
         let Either::Fine(fine) = &stores[1] else {
             unreachable!()
         };
@@ -1633,6 +1781,25 @@ mod tests {
             0,
             "the other store's expired message is deleted"
         );
+        // With more to do on the fine store than a pass reads, the report says so.
+        let config = CoreConfig {
+            expire_scan_keys_max: 4,
+            ..config
+        };
+        let many: Vec<Request> = (1..=20).map(|id| send_with_ttl(id, 100 + id, 1)).collect();
+        Committer::new(&config)
+            .commit_batch(&stores[1], &many, later)
+            .unwrap();
+        let report = expire_shared(
+            &stores,
+            true,
+            &mut Vec::new(),
+            later + 2 * config.expiry_bucket_ms,
+            &config,
+        )
+        .expect("reported");
+        assert!(report.store_failed.is_some());
+        assert!(report.more, "the fine store's pass has more to do: go on");
     }
 
     fn dump_messages(store: &MemoryStore) -> usize {
@@ -1975,6 +2142,112 @@ mod tests {
         assert!(passes >= 2, "five records take two passes of four");
         expire(&store, later, &config).unwrap();
         assert_eq!(devices(), vec![6], "a counter keeps its inbox's devices");
+    }
+
+    /// Links `inboxes` one device each at `now`, without a message (no counter: each inbox is
+    /// as expiry leaves a forgotten one).
+    fn link_devices(
+        store: &MemoryStore,
+        config: &CoreConfig,
+        inboxes: std::ops::RangeInclusive<u64>,
+        now: UnixMillis,
+    ) {
+        let mut committer = Committer::new(config);
+        let links: Vec<Request> = inboxes
+            .map(|inbox| Request::Link {
+                inbox,
+                device: 0,
+                acked_up_to: 0,
+            })
+            .collect();
+        for batch in links.chunks(config.batch_requests_max) {
+            committer.commit_batch(store, batch, now).unwrap();
+        }
+    }
+
+    fn device_records(store: &MemoryStore) -> usize {
+        let (start, end) = keys::tag_range(keys::TAG_DEVICE);
+        let mut txn = store.begin().unwrap();
+        txn.get_range(&start, &end, 100_000).unwrap().len()
+    }
+
+    fn sweep_round(store: &MemoryStore) -> Option<SweepRound> {
+        let mut txn = store.begin().unwrap();
+        txn.get(&keys::devices_sweep_round())
+            .unwrap()
+            .and_then(|value| SweepRound::decode(&value))
+    }
+
+    /// A store with more device records than a pass reads (64) sweeps them at a pace: a round
+    /// behind its schedule (an eighth of the retention, at most a day) says so, and
+    /// `sweep_devices` catches it up in transactions of its own. At one pass a minute a million
+    /// records took eleven days a round, and a device unseen for the retention stayed that much
+    /// longer.
+    #[test]
+    fn a_device_sweep_behind_its_round_catches_up_in_passes_of_its_own() {
+        let config = CoreConfig {
+            expire_scan_keys_max: 1_000,
+            ..CoreConfig::default()
+        };
+        let round_ms = device_sweep_round_ms(&config);
+        assert_eq!(
+            round_ms,
+            24 * crate::config::HOUR_MS,
+            "a day at the default retention"
+        );
+        let store = MemoryStore::new();
+        let t0 = 1_000;
+        link_devices(&store, &config, 1..=640, t0);
+        let later = t0 + config.retention_ms + 1;
+        // The first round's first pass: 64 records, nothing known to be behind.
+        let report = expire(&store, later, &config).unwrap();
+        assert!(!report.devices_behind);
+        assert_eq!(device_records(&store), 576);
+        // A day on, the round (with no count from a round before) is behind: the pass says so.
+        let late = later + round_ms;
+        let report = expire(&store, late, &config).unwrap();
+        assert!(
+            report.devices_behind,
+            "a round older than its schedule is behind"
+        );
+        let mut calls = 0;
+        while sweep_devices(&store, late, &config).unwrap() {
+            calls += 1;
+            assert!(calls <= 10, "each call reads 64 records or ends the round");
+        }
+        assert_eq!(device_records(&store), 0, "the round caught up to its end");
+        assert_eq!(
+            sweep_round(&store),
+            Some(SweepRound {
+                began_ms: late,
+                last_round_keys: 640,
+                keys: 0
+            }),
+            "the next round knows how many records a round reads"
+        );
+        // The next round, paced by that count: half a day in, it reads half of 640 (these
+        // records were seen recently, so they stay), no more.
+        link_devices(&store, &config, 1_001..=1_640, late);
+        let half = late + round_ms / 2;
+        assert!(expire(&store, half, &config).unwrap().devices_behind);
+        while sweep_devices(&store, half, &config).unwrap() {}
+        assert_eq!(sweep_round(&store).map(|round| round.keys), Some(320));
+        assert!(!expire(&store, half, &config).unwrap().devices_behind);
+        assert_eq!(device_records(&store), 640, "records seen recently stay");
+    }
+
+    /// A store whose device records fit in one pass keeps no pace record (its passes write
+    /// nothing for the sweep).
+    #[test]
+    fn a_sweep_that_fits_in_a_pass_writes_no_pace() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        link_devices(&store, &config, 1..=30, 1_000);
+        for pass in 0..3 {
+            let report = expire(&store, 2_000 + pass, &config).unwrap();
+            assert!(!report.devices_behind);
+            assert_eq!(sweep_round(&store), None);
+        }
     }
 
     /// 100 sends in dedupe bucket 1, then 3 in bucket 3 (the current one at an expiry at

@@ -15,6 +15,7 @@
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `p` | an `e` key | where a round of expiry passes goes on in the expiry index (set while a round runs out of budget, cleared when one finishes) |
 //! | `w` | a `v` key | where expiry's sweep of device records goes on: records of forgotten inboxes unseen for the retention are deleted (`crate::commit::expire`) |
+//! | `y` | round began ms, last round's records, this round's records, each u64 LE | the pace of the device sweep: a round that spans passes should end within `device_sweep_round_ms`, and one behind runs extra passes (`crate::commit::sweep_devices`) |
 //! | `x` | expiry bucket size in ms, u64 LE | the size the `e` keys' bucket numbers were written with, set at the first start (`crate::commit::check_expiry_bucket`) |
 //! | `l` edge | [`crate::takeover::Lease`] | who serves the edge's users (the edge itself or the edge that took it over), fencing every commit for them |
 //! | `b` edge | beat, u64 LE (atomic add) | raised by the edge while it holds its own lease: how others see it alive (outside the `l` range, which a membership join reads whole) |
@@ -45,6 +46,7 @@ pub const TAG_DEDUPE_EXPIRED: u8 = b'k';
 pub const TAG_DEVICES_SWEPT: u8 = b'w';
 pub const TAG_EXPIRY_ROUND: u8 = b'p';
 pub const TAG_EXPIRY_BUCKET: u8 = b'x';
+pub const TAG_DEVICES_SWEEP_ROUND: u8 = b'y';
 
 /// `x`: the expiry bucket size the store's expiry index was written with.
 pub fn expiry_bucket_size() -> [u8; 1] {
@@ -60,6 +62,12 @@ pub fn expiry_round_at() -> [u8; 1] {
 /// `w`: the device key expiry's sweep of device records got to (`crate::commit::expire`).
 pub fn devices_swept_to() -> [u8; 1] {
     [TAG_DEVICES_SWEPT]
+}
+
+/// `y`: the pace of the current round of expiry's sweep of device records
+/// (`crate::commit::sweep_devices`).
+pub fn devices_sweep_round() -> [u8; 1] {
+    [TAG_DEVICES_SWEEP_ROUND]
 }
 
 /// `k`: below this dedupe key every record is deleted (`crate::commit::expire`).

@@ -1046,6 +1046,10 @@ impl World {
                 )
             }
             .expect("expire");
+            assert_eq!(
+                report.store_failed, None,
+                "the simulation's stores do not fail"
+            );
             self.stats.expired += report.messages_deleted;
             e.shards[shard].handle_emptied(&report.emptied, now);
             if !report.more {

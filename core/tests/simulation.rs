@@ -1482,6 +1482,21 @@ impl<S: SimStore> World<S> {
                 Ok(report) => {
                     self.stats.expired += report.messages_deleted;
                     self.hand_emptied(&report.emptied);
+                    // As the edge's expiry turn: a device sweep behind its round catches up.
+                    let mut behind = report.devices_behind;
+                    while behind {
+                        match commit::sweep_devices(
+                            &self.stores[shard],
+                            self.edge_now(),
+                            &self.config,
+                        ) {
+                            Ok(still) => behind = still,
+                            Err(error) => {
+                                self.store_refused(shard, &error);
+                                break;
+                            }
+                        }
+                    }
                 }
                 Err(error) => self.store_refused(shard, &error),
             }

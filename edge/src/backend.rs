@@ -77,6 +77,10 @@ pub trait ShardStore: Send + Sync + 'static {
     /// One expiry pass over everything this store holds.
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError>;
 
+    /// One more pass of the device sweep, while a round is behind its schedule
+    /// (`ExpireReport::devices_behind`, `commit::sweep_devices`): whether it still is.
+    fn sweep_devices(&self, now: UnixMillis, core: &CoreConfig) -> Result<bool, StoreError>;
+
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 
@@ -419,6 +423,10 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         expire(&*self.own()?, now, core)
     }
 
+    fn sweep_devices(&self, now: UnixMillis, core: &CoreConfig) -> Result<bool, StoreError> {
+        courier_core::commit::sweep_devices(&*self.own()?, now, core)
+    }
+
     /// The highest mark of every shard's store, not this shard's alone: each shard starts its
     /// clock from it, so the shards' clocks agree. From its own store only, a shard whose store
     /// saw no recent commit could start days behind another after the wall clock stepped back
@@ -542,6 +550,14 @@ impl<S: Store> Shared<S> {
         let cluster = courier_core::placement::cluster_of(inbox, self.stores.len() as u32);
         &self.stores[cluster as usize]
     }
+
+    /// Whether this edge is the cluster's one that runs expiry passes now (always, outside
+    /// a cluster of edges).
+    fn runs_expiry_turn(&self) -> bool {
+        self.expiry_turn
+            .as_ref()
+            .is_none_or(|takeover| takeover.runs_expiry())
+    }
 }
 
 impl<S: Store + 'static> ShardStore for Shared<S> {
@@ -588,11 +604,17 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
         read_inbox(self.store_of(inbox), inbox, after_seq, now, core)
     }
 
+    fn sweep_devices(&self, now: UnixMillis, core: &CoreConfig) -> Result<bool, StoreError> {
+        // Only the shard that runs the passes is told it is behind; a turn that moved on
+        // since stops here, and its new runner's passes see the pace.
+        if !(self.runs_expiry && self.runs_expiry_turn()) {
+            return Ok(false);
+        }
+        courier_core::commit::sweep_devices_shared(&self.stores, now, core)
+    }
+
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
-        let our_turn = self
-            .expiry_turn
-            .as_ref()
-            .is_none_or(|takeover| takeover.runs_expiry());
+        let our_turn = self.runs_expiry_turn();
         let mut listed_to = self
             .emptied_listed_to
             .lock()

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use courier_core::clock::{ServerClock, wall_clock_ms};
-use courier_core::commit::Committer;
+use courier_core::commit::{Committer, ExpireReport};
 use courier_core::placement::EdgeId;
 use courier_core::session::{
     AuthFailure, Authenticator, ConnRef, EdgeSession, Effect, Overload, PurgeRefused,
@@ -833,10 +833,22 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             );
                         }
                     }
+                    if let Ok(ExpireReport {
+                        store_failed: Some(error),
+                        ..
+                    }) = &report
+                    {
+                        // One of the shared stores: the others' passes ran and go on.
+                        shard.borrow_mut().store_refused(error);
+                        warn!(%error, "expiry pass failed on one store; retrying with the next pass");
+                    }
                     match report {
                         Ok(report) if report.more => continue,
                         Ok(report) => {
                             debug!(deleted = report.messages_deleted, "expiry pass");
+                            if report.devices_behind {
+                                sweep_devices_behind(&shard, now).await;
+                            }
                             break;
                         }
                         Err(error) => {
@@ -948,6 +960,42 @@ struct OwnCommitDone {
 }
 
 /// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
+/// Extra passes of the device sweep in one expiry turn, at most: 65,536 records, a day's round
+/// of a store with about 94 million of them at the default minute between turns. A round still
+/// behind after them says so again at the next turn.
+const DEVICE_SWEEP_PASSES_PER_TURN_MAX: usize = 1024;
+
+/// Runs the device sweep's extra passes while its round is behind its schedule
+/// (`commit::sweep_devices`), on the maintenance thread, at the expiry pass's time.
+async fn sweep_devices_behind(shard: &Rc<RefCell<Shard>>, now: courier_core::UnixMillis) {
+    let (store, core, lane) = {
+        let shard = shard.borrow();
+        (
+            shard.store.clone(),
+            shard.core.clone(),
+            shard.lanes.maintenance.clone(),
+        )
+    };
+    for pass in 1..=DEVICE_SWEEP_PASSES_PER_TURN_MAX {
+        let (store, core) = (store.clone(), core.clone());
+        match lane
+            .run_store(move || store.sweep_devices(now, &core))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                debug!(passes = pass, "device sweep caught up with its round");
+                return;
+            }
+            Err(error) => {
+                shard.borrow_mut().store_refused(&error);
+                warn!(%error, "device sweep failed; retrying at the next interval");
+                return;
+            }
+        }
+    }
+}
+
 async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();

@@ -155,3 +155,33 @@ fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
     let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(60), &[]);
     assert!(edge.terminate(), "the same size starts again");
 }
+
+/// Many users who logged in once and left: their device records go within the sweep's round
+/// (an eighth of the retention), not at 64 records an expiry turn. 300 users homed on shard 0
+/// log in and close; with a 2 s retention and a turn every 8 s, the second turn finds the
+/// round (begun by the first) behind and sweeps the rest in passes of its own. Without them,
+/// two turns read 128 of the 300 records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_records_of_many_users_who_left_go_within_the_sweeps_round() {
+    let mut edge = Edge::start_with(
+        SHARDS,
+        "[retention]\nmessage_retention_secs = 2\nexpiry_bucket_secs = 1\n\
+         expiry_interval_secs = 8\n",
+        &[],
+    );
+    let started = Instant::now();
+    let data = edge.data_dir.clone();
+    for user in homed_on_shard_0(20_000, 300) {
+        edge.client(user).await.close();
+    }
+    let logged_in = started.elapsed();
+    assert!(
+        logged_in < Duration::from_secs(12),
+        "the logins took {logged_in:?}: too slow for the turns this test counts on"
+    );
+    // The second turn comes 16 s after the start, when every record is unseen for the
+    // retention; its sweep's extra passes take milliseconds.
+    tokio::time::sleep(Duration::from_secs(19).saturating_sub(started.elapsed())).await;
+    let [devices] = keys_while_stopped(&mut edge, &data, [keys::TAG_DEVICE]);
+    assert_eq!(devices, 0, "device records left after two expiry turns");
+}
