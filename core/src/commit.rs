@@ -1174,23 +1174,40 @@ pub fn expire<S: Store>(
             dedupe_tables_drop_failed = Some(error.to_string());
         }
     }
+    // After a failed drop the old dedupe records wait for the next pass's drop: swept key by
+    // key from the start, they would move the mark on, and the rest of the window would go a
+    // tombstone each (decision 0038), on a disk that is short of room.
+    let sweep_dedupe = dedupe_tables_drop_failed.is_none();
+    let mut scan_keys_max = config.expire_scan_keys_max.max(4);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut txn = store.begin()?;
-        // After a failed drop the old dedupe records wait for the next pass's drop: swept key
-        // by key from the start, they would move the mark on, and the rest of the window
-        // would go a tombstone each (decision 0038), on a disk that is short of room.
-        let sweep_dedupe = dedupe_tables_drop_failed.is_none();
-        let report = write_expiry(&mut txn, now, config, drops_tables, sweep_dedupe)?;
-        match txn.commit() {
-            Ok(_) => {
+        let pass = || -> Result<ExpireReport, StoreError> {
+            let mut txn = store.begin()?;
+            let report = write_expiry(
+                &mut txn,
+                now,
+                config,
+                scan_keys_max,
+                drops_tables,
+                sweep_dedupe,
+            )?;
+            txn.commit()?;
+            Ok(report)
+        };
+        match pass() {
+            Ok(report) => {
                 return Ok(ExpireReport {
                     dedupe_tables_drop_failed,
                     ..report
                 });
             }
-            Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {}
+            // A read or commit that may succeed again. On FoundationDB a pass that reads too
+            // much for the transaction's time limit under load fails that way on every
+            // attempt at the same size: each retry reads half as much (the pass says `more`).
+            Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {
+                scan_keys_max = (scan_keys_max / 2).max(4);
+            }
             Err(error) => return Err(error),
         }
     }
@@ -1220,13 +1237,14 @@ fn write_expiry<T: Transaction>(
     txn: &mut T,
     now: UnixMillis,
     config: &CoreConfig,
+    scan_keys_max: usize,
     drops_tables: bool,
     sweep_dedupe: bool,
 ) -> Result<ExpireReport, StoreError> {
     let mut report = ExpireReport::default();
     // At least 4: half for old dedupe records leaves index entries and messages at least one
     // key each, so every pass makes progress.
-    let mut budget = config.expire_scan_keys_max.max(4);
+    let mut budget = scan_keys_max.max(4);
     // Dedupe lookups read the current and the previous bucket; everything older goes, at
     // most half the budget a pass. (A bucket holds a window's sends: cleared in one
     // transaction, an embedded store would read, and hold a tombstone in memory for, every
@@ -1800,6 +1818,46 @@ mod tests {
         .expect("reported");
         assert!(report.store_failed.is_some());
         assert!(report.more, "the fine store's pass has more to do: go on");
+    }
+
+    /// A pass that reads too much for the store's time limit (FoundationDB's, under load)
+    /// fails the same way on every attempt at the same size: each retry reads half as much,
+    /// so the pass commits and the passes after it finish the work. (Retried at the same size,
+    /// it failed for good, and nothing expired while the load lasted.)
+    #[test]
+    fn a_pass_too_large_for_the_transaction_limit_retries_smaller() {
+        use crate::store::fault::{FaultRates, FaultStore};
+        let config = CoreConfig {
+            expire_scan_keys_max: 1_000,
+            ..CoreConfig::default()
+        };
+        let store = FaultStore::new(MemoryStore::new(), FaultRates::default(), 1);
+        let now = 10 * config.expiry_bucket_ms;
+        let sends: Vec<Request> = (1..=300)
+            .map(|id| send_with_ttl(id, 1_000 + id, 1))
+            .collect();
+        let mut committer = Committer::new(&config);
+        for batch in sends.chunks(config.batch_requests_max) {
+            committer.commit_batch(&store, batch, now).unwrap();
+        }
+        // A transaction may read 200 keys: a pass of 1,000 reads about 900 here.
+        store.set_reads_per_transaction_max(200);
+        let later = now + 2 * config.expiry_bucket_ms;
+        let mut passes = 0;
+        loop {
+            let report = expire(&store, later, &config).expect("a smaller pass commits");
+            passes += 1;
+            assert!(passes < 100, "the passes finish");
+            if !report.more {
+                break;
+            }
+        }
+        let mut txn = store.inner().begin().unwrap();
+        let (start, end) = keys::tag_range(keys::TAG_MESSAGE);
+        assert!(
+            txn.get_range(&start, &end, 10).unwrap().is_empty(),
+            "every expired message is deleted"
+        );
     }
 
     fn dump_messages(store: &MemoryStore) -> usize {

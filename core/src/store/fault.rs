@@ -43,6 +43,10 @@ pub struct FaultStore<S> {
     rng: Mutex<Rng>,
     poisoned: AtomicBool,
     fenced: AtomicBool,
+    /// A transaction that read more keys than this fails its commit with a conflict (0: no
+    /// limit): FoundationDB's time limit on a transaction (its five seconds, or the backend's
+    /// timeout), which one that reads too much under load runs into on every attempt.
+    reads_per_transaction_max: AtomicU64,
     pub counts: FaultCounts,
 }
 
@@ -54,6 +58,7 @@ impl<S: Store> FaultStore<S> {
             rng: Mutex::new(Rng::new(seed)),
             poisoned: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
+            reads_per_transaction_max: AtomicU64::new(0),
             counts: FaultCounts::default(),
         }
     }
@@ -70,6 +75,13 @@ impl<S: Store> FaultStore<S> {
     /// Changes the fault rates, for example to zero for a final drain.
     pub fn set_rates(&self, rates: FaultRates) {
         *self.rates.lock().expect("fault rates lock") = rates;
+    }
+
+    /// Fails the commit of every transaction that read more than `keys_max` keys, with a
+    /// conflict (0: no limit).
+    pub fn set_reads_per_transaction_max(&self, keys_max: u64) {
+        self.reads_per_transaction_max
+            .store(keys_max, Ordering::SeqCst);
     }
 
     /// Clears the poisoned and fenced states, as reopening a real store after a crash, or
@@ -125,6 +137,7 @@ enum Fault {
 pub struct FaultTransaction<'a, S: Store + 'a> {
     store: &'a FaultStore<S>,
     inner: S::Transaction<'a>,
+    keys_read: u64,
 }
 
 impl<S: Store> Store for FaultStore<S> {
@@ -138,6 +151,7 @@ impl<S: Store> Store for FaultStore<S> {
         Ok(FaultTransaction {
             store: self,
             inner: self.inner.begin()?,
+            keys_read: 0,
         })
     }
 
@@ -146,6 +160,7 @@ impl<S: Store> Store for FaultStore<S> {
         Ok(FaultTransaction {
             store: self,
             inner: self.inner.begin_read()?,
+            keys_read: 0,
         })
     }
 
@@ -167,6 +182,7 @@ impl<S: Store> Store for FaultStore<S> {
         Ok(FaultTransaction {
             store: self,
             inner: self.inner.begin_unsynced()?,
+            keys_read: 0,
         })
     }
 
@@ -213,6 +229,7 @@ impl<S: Store> FaultStore<S> {
 
 impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.keys_read += 1;
         self.inner.get(key)
     }
     fn get_range(
@@ -221,7 +238,9 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        self.inner.get_range(begin, end, limit)
+        let found = self.inner.get_range(begin, end, limit)?;
+        self.keys_read += found.len() as u64;
+        Ok(found)
     }
     fn scan_range(
         &mut self,
@@ -230,7 +249,13 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
         limit: usize,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        self.inner.scan_range(begin, end, limit, visit)
+        let mut visited = 0;
+        let result = self.inner.scan_range(begin, end, limit, &mut |key, value| {
+            visited += 1;
+            visit(key, value)
+        });
+        self.keys_read += visited;
+        result
     }
     fn set(&mut self, key: &[u8], value: &[u8]) {
         self.inner.set(key, value);
@@ -253,7 +278,9 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
         end: &[u8],
         keys_max: usize,
     ) -> Result<super::BoundedClear, StoreError> {
-        self.inner.clear_range_bounded(begin, end, keys_max)
+        let cleared = self.inner.clear_range_bounded(begin, end, keys_max)?;
+        self.keys_read += cleared.keys_read as u64;
+        Ok(cleared)
     }
     fn clear_range_with_keys<K: AsRef<[u8]>>(
         &mut self,
@@ -272,6 +299,11 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn commit(self) -> Result<CommitVersion, StoreError> {
         let store = self.store;
         let counts = &store.counts;
+        let reads_max = store.reads_per_transaction_max.load(Ordering::SeqCst);
+        if reads_max > 0 && self.keys_read > reads_max {
+            counts.conflicts.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Conflict);
+        }
         match store.roll() {
             Fault::None => self.inner.commit(),
             Fault::Conflict => {
