@@ -14,14 +14,22 @@
 //! also gives the CPU the passes took, every thread of the process counted (the log engine's
 //! background thread and its dedupe tier's fjall worker too).
 //!
-//! Run: `cargo bench -p courier-core --bench expiry -- [--sends N] [--inboxes N] [--ttl-secs N] [--log] [--dir PATH]`
+//! With `--devices N` it measures the sweep of device records instead: N users each link one
+//! device and leave (no message: their inboxes are as expiry leaves forgotten ones), the clock
+//! moves past the retention, a first pass begins the sweep's round, and a pass a round's
+//! length (`device_sweep_round_ms`) later finds it behind; `sweep_devices` passes then run
+//! until it no longer is, as a shard's expiry turn does. Prints those passes as above.
+//!
+//! Run: `cargo bench -p courier-core --bench expiry -- [--sends N] [--inboxes N] [--ttl-secs N] [--devices N] [--log] [--dir PATH]`
 //! The directory must be on the disk you want to measure; default: `target/expiry-bench`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use courier_core::CoreConfig;
-use courier_core::commit::{Committer, Request, SendRequest, expire};
+use courier_core::commit::{
+    Committer, Request, SendRequest, device_sweep_round_ms, expire, sweep_devices,
+};
 use courier_core::rng::Rng;
 use courier_core::store::Store;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
@@ -31,6 +39,7 @@ fn main() {
     let mut sends = 200_000u64;
     let mut inboxes = 100_000u64;
     let mut ttl_secs = None;
+    let mut devices = None;
     let mut log = false;
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/expiry-bench");
     let mut args = std::env::args().skip(1);
@@ -58,13 +67,21 @@ fn main() {
                         .expect("--ttl-secs N (1 to 86400)"),
                 )
             }
+            "--devices" => {
+                devices = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|&n| n > 0)
+                        .expect("--devices N (at least 1)"),
+                )
+            }
             "--log" => log = true,
             "--dir" => dir = PathBuf::from(args.next().expect("--dir PATH")),
             // `cargo bench` passes --bench; anything else is a mistake worth reporting.
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument {other}; usage: expiry [--sends N] [--inboxes N] [--ttl-secs N] [--log] [--dir PATH]"
+                    "unknown argument {other}; usage: expiry [--sends N] [--inboxes N] [--ttl-secs N] [--devices N] [--log] [--dir PATH]"
                 );
                 std::process::exit(2);
             }
@@ -74,10 +91,16 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("create bench dir");
     if log {
         let store = LogStore::open(&dir, &LogOptions::default()).expect("open store");
-        run(&store, sends, inboxes, ttl_secs);
+        match devices {
+            Some(devices) => sweep(&store, devices),
+            None => run(&store, sends, inboxes, ttl_secs),
+        }
     } else {
         let store = FjallStore::open(&dir, &FjallOptions::default()).expect("open store");
-        run(&store, sends, inboxes, ttl_secs);
+        match devices {
+            Some(devices) => sweep(&store, devices),
+            None => run(&store, sends, inboxes, ttl_secs),
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -135,6 +158,56 @@ fn run<S: Store>(store: &S, sends: u64, inboxes: u64, ttl_secs: Option<u32>) {
         ms(passes[count / 2]),
         ms(passes[count - 1]),
         total.as_secs_f64(),
+        peak_rss_kib() / 1024
+    );
+}
+
+/// Links `devices` users' devices, then catches the device sweep's round up past the
+/// retention, and prints the table row.
+fn sweep<S: Store>(store: &S, devices: u64) {
+    let config = CoreConfig::default();
+    let mut committer = Committer::new(&config);
+    let t0 = 1_000;
+    let mut linked = 0u64;
+    while linked < devices {
+        let batch: Vec<Request> = (linked..devices.min(linked + config.batch_requests_max as u64))
+            .map(|user| Request::Link {
+                inbox: user + 1,
+                device: 0,
+                acked_up_to: 0,
+            })
+            .collect();
+        committer.commit_batch(store, &batch, t0).expect("link");
+        linked += batch.len() as u64;
+    }
+    let begun = t0 + config.retention_ms + 1;
+    expire(store, begun, &config).expect("the round's first pass");
+    let now = begun + device_sweep_round_ms(&config);
+    let start = Instant::now();
+    let cpu_before = process_cpu_secs();
+    let mut passes: Vec<Duration> = Vec::new();
+    let mut behind = expire(store, now, &config).expect("expire").devices_behind;
+    assert!(behind, "a round a day old is behind");
+    while behind {
+        let pass_start = Instant::now();
+        behind = sweep_devices(store, now, &config).expect("sweep");
+        passes.push(pass_start.elapsed());
+    }
+    let total = start.elapsed();
+    let cpu = process_cpu_secs() - cpu_before;
+    let count = passes.len();
+    passes.sort();
+    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    println!(
+        "| device records | sweep passes | pass p50 / longest | all passes | their CPU | per million records | peak RSS |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {devices} | {count} | {:.2} / {:.2} ms | {:.2} s | {cpu:.2} s | {:.1} s | {} MiB |",
+        ms(passes[count / 2]),
+        ms(passes[count - 1]),
+        total.as_secs_f64(),
+        total.as_secs_f64() * 1e6 / devices as f64,
         peak_rss_kib() / 1024
     );
 }

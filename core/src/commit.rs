@@ -1158,6 +1158,19 @@ pub fn expire<S: Store>(
     now: UnixMillis,
     config: &CoreConfig,
 ) -> Result<ExpireReport, StoreError> {
+    let mut scan_keys_max = config.expire_scan_keys_max;
+    expire_sized(store, now, config, &mut scan_keys_max)
+}
+
+/// [`expire`], reading at most `*scan_keys_max` keys (at least 4). On a retryable failure
+/// each attempt reads half as much, and `*scan_keys_max` is left at the size that committed
+/// (or the last one tried), for the caller to start the next pass from.
+fn expire_sized<S: Store>(
+    store: &S,
+    now: UnixMillis,
+    config: &CoreConfig,
+    scan_keys_max: &mut usize,
+) -> Result<ExpireReport, StoreError> {
     let drops_tables = store.drops_tables();
     let mut dedupe_tables_drop_failed = None;
     if drops_tables && let Some(end) = old_dedupe_end(now, config) {
@@ -1178,20 +1191,14 @@ pub fn expire<S: Store>(
     // key from the start, they would move the mark on, and the rest of the window would go a
     // tombstone each (decision 0038), on a disk that is short of room.
     let sweep_dedupe = dedupe_tables_drop_failed.is_none();
-    let mut scan_keys_max = config.expire_scan_keys_max.max(4);
+    *scan_keys_max = (*scan_keys_max).max(4);
     let mut attempt = 0;
     loop {
         attempt += 1;
+        let keys_max = *scan_keys_max;
         let pass = || -> Result<ExpireReport, StoreError> {
             let mut txn = store.begin()?;
-            let report = write_expiry(
-                &mut txn,
-                now,
-                config,
-                scan_keys_max,
-                drops_tables,
-                sweep_dedupe,
-            )?;
+            let report = write_expiry(&mut txn, now, config, keys_max, drops_tables, sweep_dedupe)?;
             txn.commit()?;
             Ok(report)
         };
@@ -1206,7 +1213,7 @@ pub fn expire<S: Store>(
             // much for the transaction's time limit under load fails that way on every
             // attempt at the same size: each retry reads half as much (the pass says `more`).
             Err(error) if error.is_retryable() && attempt < config.commit_attempts_max => {
-                scan_keys_max = (scan_keys_max / 2).max(4);
+                *scan_keys_max = (*scan_keys_max / 2).max(4);
             }
             Err(error) => return Err(error),
         }
@@ -1431,32 +1438,79 @@ fn write_expiry<T: Transaction>(
     Ok(report)
 }
 
+/// What a shard keeps between its expiry calls on stores every shard shares
+/// ([`expire_shared`], [`sweep_devices_shared`]), one entry per store.
+#[derive(Debug, Clone, Default)]
+pub struct SharedExpiry {
+    /// Where this shard's listing of emptied inboxes goes on (`None`: from the start).
+    pub listed_to: Vec<Option<Vec<u8>>>,
+    /// The scan size the store's last pass committed with (0: not yet known, the configured
+    /// one): on FoundationDB under load a pass of the configured size can outlast the
+    /// transaction's time limit on every attempt, so a smaller size that committed is where
+    /// the next pass starts, growing back an eighth a pass.
+    scan_keys_max: Vec<usize>,
+    /// The store's pass failed in this turn: later calls of the turn pass it by (each failure
+    /// can take several transaction timeouts), until a call ends the turn.
+    failed_this_turn: Vec<bool>,
+    /// The store's device sweep is behind its round ([`ExpireReport::devices_behind`]).
+    devices_behind: Vec<bool>,
+    /// The first error of a store's device sweep in this catch-up, returned once no store is
+    /// behind any more.
+    sweep_failed: Option<StoreError>,
+}
+
+impl SharedExpiry {
+    fn fit(&mut self, stores: usize) {
+        self.listed_to.resize(stores, None);
+        self.scan_keys_max.resize(stores, 0);
+        self.failed_this_turn.resize(stores, false);
+        self.devices_behind.resize(stores, false);
+    }
+}
+
 /// One expiry turn of a shard on stores every shard shares (FoundationDB clusters, one store
 /// each): if `runs_passes` (one shard of one edge runs them, decision 0011), a pass over every
 /// store; then, unless a pass has more to do, a page of each store's inboxes recorded as emptied
-/// (`list_emptied`, `expire_scan_keys_max / 2` of them), going on where `listed_to` (one
+/// (`list_emptied`, `expire_scan_keys_max / 2` of them), going on where `state.listed_to` (one
 /// position per store) left off. The caller hands [`ExpireReport::emptied`] to its session
 /// ([`crate::session::EdgeSession::handle_emptied`]), which keeps those homed on its shard and
-/// edge, and calls again while [`ExpireReport::more`] is set.
+/// edge, and calls again while [`ExpireReport::more`] is set: a call that returns without
+/// `more` ends the turn.
+///
+/// A store that fails does not hold up the others: their passes run and their `more` stands,
+/// its error comes back in [`ExpireReport::store_failed`], and the turn's later calls pass it
+/// by. Only `Fenced` is returned as an error (the edge must stop).
 ///
 /// The edge's FoundationDB backend and the cluster simulation both run this, so the simulation
 /// checks what the edge does.
 pub fn expire_shared<S: Store>(
     stores: &[S],
     runs_passes: bool,
-    listed_to: &mut Vec<Option<Vec<u8>>>,
+    state: &mut SharedExpiry,
     now: UnixMillis,
     config: &CoreConfig,
 ) -> Result<ExpireReport, StoreError> {
+    state.fit(stores.len());
     let mut total = ExpireReport::default();
     if runs_passes {
-        // A store that fails does not hold up the others: their passes run, their `more`
-        // stands, and its error comes back in the report (tried again with the next pass).
-        for store in stores {
-            let report = match expire(store, now, config) {
-                Ok(report) => report,
+        for (index, store) in stores.iter().enumerate() {
+            if state.failed_this_turn[index] {
+                continue;
+            }
+            let configured = config.expire_scan_keys_max.max(4);
+            let size = &mut state.scan_keys_max[index];
+            if *size == 0 {
+                *size = configured;
+            }
+            let report = match expire_sized(store, now, config, size) {
+                Ok(report) => {
+                    // Back toward the configured size, an eighth a pass that committed.
+                    *size = (*size + (*size / 8).max(1)).min(configured);
+                    report
+                }
                 Err(StoreError::Fenced) => return Err(StoreError::Fenced),
                 Err(error) => {
+                    state.failed_this_turn[index] = true;
                     total.store_failed.get_or_insert(error);
                     continue;
                 }
@@ -1466,6 +1520,7 @@ pub fn expire_shared<S: Store>(
             total.emptied.extend(report.emptied);
             total.round_began |= report.round_began;
             total.more |= report.more;
+            state.devices_behind[index] = report.devices_behind;
             total.devices_behind |= report.devices_behind;
             if total.dedupe_tables_drop_failed.is_none() {
                 total.dedupe_tables_drop_failed = report.dedupe_tables_drop_failed;
@@ -1477,13 +1532,15 @@ pub fn expire_shared<S: Store>(
     // the records, and keeps its own. (Left to the passes, the others' inboxes kept their
     // counters, device records and `g` records for good.)
     if !total.more {
-        listed_to.resize(stores.len(), None);
         let page = (config.expire_scan_keys_max / 2).max(1);
-        for (store, after) in stores.iter().zip(listed_to.iter_mut()) {
-            match list_emptied(store, after.as_deref(), page) {
+        for (index, store) in stores.iter().enumerate() {
+            if state.failed_this_turn[index] {
+                continue;
+            }
+            match list_emptied(store, state.listed_to[index].as_deref(), page) {
                 Ok((inboxes, next)) => {
                     total.emptied.extend(inboxes);
-                    *after = next;
+                    state.listed_to[index] = next;
                 }
                 Err(StoreError::Fenced) => return Err(StoreError::Fenced),
                 // The page is listed again next turn.
@@ -1492,29 +1549,40 @@ pub fn expire_shared<S: Store>(
                 }
             }
         }
+        // The turn ends: a store that failed is tried again at the next.
+        state.failed_this_turn.fill(false);
     }
     Ok(total)
 }
 
-/// [`sweep_devices`] on every store the shards share, for the shard that runs the expiry
-/// passes ([`expire_shared`]): a store that fails does not hold up the others, and its error
-/// comes back after them. Returns whether any store's round is still behind.
+/// [`sweep_devices`] on each store the shards share whose device sweep is behind (as the
+/// turn's passes found, [`expire_shared`]), for the shard that runs the passes. A store that
+/// fails is passed by for the rest of the catch-up, and its error comes back once no other
+/// store is behind. Returns whether any store is still behind.
 pub fn sweep_devices_shared<S: Store>(
     stores: &[S],
+    state: &mut SharedExpiry,
     now: UnixMillis,
     config: &CoreConfig,
 ) -> Result<bool, StoreError> {
-    let mut behind = false;
-    let mut failed = None;
-    for store in stores {
+    state.fit(stores.len());
+    for (index, store) in stores.iter().enumerate() {
+        if !state.devices_behind[index] {
+            continue;
+        }
         match sweep_devices(store, now, config) {
-            Ok(store_behind) => behind |= store_behind,
+            Ok(behind) => state.devices_behind[index] = behind,
+            Err(StoreError::Fenced) => return Err(StoreError::Fenced),
             Err(error) => {
-                failed.get_or_insert(error);
+                state.devices_behind[index] = false;
+                state.sweep_failed.get_or_insert(error);
             }
         }
     }
-    failed.map_or(Ok(behind), Err)
+    if state.devices_behind.contains(&true) {
+        return Ok(true);
+    }
+    state.sweep_failed.take().map_or(Ok(false), Err)
 }
 
 /// Up to `max` inboxes recorded as emptied and not yet forgotten (`g` records), after the key
@@ -1592,12 +1660,18 @@ impl SweepRound {
         value
     }
 
-    /// Whether the round read fewer records than its share of the schedule: the last round's
-    /// count spread evenly over `round_ms`. Without a count, behind once `round_ms` passed.
+    /// Whether the round read fewer records than its share of the schedule (the last round's
+    /// count spread evenly over `round_ms`), or is older than `round_ms`.
     fn behind(&self, now: UnixMillis, round_ms: u64) -> bool {
-        let elapsed_ms = now.saturating_sub(self.began_ms).min(round_ms);
+        let elapsed_ms = now.saturating_sub(self.began_ms);
+        // Past its length a round is behind whatever it read (the store grew since the last
+        // round, or that round's count was only part of one: a store swept before rounds
+        // were kept).
+        if elapsed_ms >= round_ms {
+            return true;
+        }
         if self.last_round_keys == 0 {
-            return elapsed_ms >= round_ms;
+            return false;
         }
         let due = u128::from(self.last_round_keys) * u128::from(elapsed_ms) / u128::from(round_ms);
         u128::from(self.keys) < due
@@ -1785,7 +1859,8 @@ mod tests {
             .commit_batch(&stores[1], &[short_lived], now)
             .unwrap();
         let later = now + 2 * config.expiry_bucket_ms;
-        let report = expire_shared(&stores, true, &mut Vec::new(), later, &config)
+        let mut state = SharedExpiry::default();
+        let report = expire_shared(&stores, true, &mut state, later, &config)
             .expect("a failing store is reported, not returned as an error");
         assert!(
             report.store_failed.is_some(),
@@ -1808,16 +1883,31 @@ mod tests {
         Committer::new(&config)
             .commit_batch(&stores[1], &many, later)
             .unwrap();
-        let report = expire_shared(
-            &stores,
-            true,
-            &mut Vec::new(),
-            later + 2 * config.expiry_bucket_ms,
-            &config,
-        )
-        .expect("reported");
+        let mut state = SharedExpiry::default();
+        let much_later = later + 2 * config.expiry_bucket_ms;
+        let report =
+            expire_shared(&stores, true, &mut state, much_later, &config).expect("reported");
         assert!(report.store_failed.is_some());
         assert!(report.more, "the fine store's pass has more to do: go on");
+        // The turn's later calls pass the failed store by: only its first call reports it.
+        let mut calls = 1;
+        loop {
+            let report = expire_shared(&stores, true, &mut state, much_later, &config).unwrap();
+            calls += 1;
+            assert_eq!(
+                report.store_failed, None,
+                "call {calls} tried the failed store again"
+            );
+            if !report.more {
+                break;
+            }
+        }
+        // The next turn tries it again.
+        let report = expire_shared(&stores, true, &mut state, much_later, &config).unwrap();
+        assert!(
+            report.store_failed.is_some(),
+            "a new turn tries every store"
+        );
     }
 
     /// A pass that reads too much for the store's time limit (FoundationDB's, under load)
@@ -1857,6 +1947,53 @@ mod tests {
         assert!(
             txn.get_range(&start, &end, 10).unwrap().is_empty(),
             "every expired message is deleted"
+        );
+    }
+
+    /// On shared stores the size a pass committed with is where the next starts (growing
+    /// back an eighth a pass): under a sustained transaction limit a turn's passes do not each
+    /// fail down from the configured size again (on FoundationDB each failure is a timeout of
+    /// seconds).
+    #[test]
+    fn shared_passes_start_from_the_size_that_committed() {
+        use crate::store::fault::{FaultRates, FaultStore};
+        let config = CoreConfig {
+            expire_scan_keys_max: 1_000,
+            ..CoreConfig::default()
+        };
+        let stores = [FaultStore::new(
+            MemoryStore::new(),
+            FaultRates::default(),
+            1,
+        )];
+        let now = 10 * config.expiry_bucket_ms;
+        let sends: Vec<Request> = (1..=2_000)
+            .map(|id| send_with_ttl(id, 10_000 + id, 1))
+            .collect();
+        let mut committer = Committer::new(&config);
+        for batch in sends.chunks(config.batch_requests_max) {
+            committer.commit_batch(&stores[0], batch, now).unwrap();
+        }
+        stores[0].set_reads_per_transaction_max(200);
+        let later = now + 2 * config.expiry_bucket_ms;
+        let mut state = SharedExpiry::default();
+        let mut passes = 0;
+        while expire_shared(&stores, true, &mut state, later, &config)
+            .expect("passes commit")
+            .more
+        {
+            passes += 1;
+            assert!(passes < 1_000, "the passes finish");
+        }
+        let conflicts = stores[0]
+            .counts
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(passes > 10, "{passes} passes");
+        assert!(
+            conflicts * 3 < passes,
+            "{conflicts} failed attempts in {passes} passes: each pass failed down from the \
+             configured size again"
         );
     }
 
@@ -2292,6 +2429,39 @@ mod tests {
         assert_eq!(sweep_round(&store).map(|round| round.keys), Some(320));
         assert!(!expire(&store, half, &config).unwrap().devices_behind);
         assert_eq!(device_records(&store), 640, "records seen recently stay");
+    }
+
+    /// A round older than its length is behind whatever it read: a store that grew since
+    /// the last round (or whose last count was only part of a round) still ends its round on
+    /// time. Within the length, behind is the last round's count spread over it.
+    #[test]
+    fn a_round_past_its_length_is_behind_whatever_it_read() {
+        let round = SweepRound {
+            began_ms: 1_000,
+            last_round_keys: 1_000,
+            keys: 1_000,
+        };
+        assert!(
+            !round.behind(1_000 + 999, 1_000),
+            "read the last round's count"
+        );
+        assert!(
+            round.behind(1_000 + 1_000, 1_000),
+            "the round's length passed"
+        );
+        let half = SweepRound { keys: 499, ..round };
+        assert!(half.behind(1_500, 1_000));
+        assert!(!SweepRound { keys: 500, ..round }.behind(1_500, 1_000));
+        let first = SweepRound {
+            last_round_keys: 0,
+            keys: 10,
+            ..round
+        };
+        assert!(
+            !first.behind(1_999, 1_000),
+            "no count: on time until the length"
+        );
+        assert!(first.behind(2_000, 1_000));
     }
 
     /// A store whose device records fit in one pass keeps no pace record (its passes write

@@ -404,7 +404,7 @@ struct Edge {
     /// then (time for the `Goaway`s to leave).
     exits_at: Option<UnixMillis>,
     /// Per shard, per store: where its listing of the emptied inboxes goes on.
-    emptied_listed_to: Vec<Vec<Option<Vec<u8>>>>,
+    expiry_state: Vec<commit::SharedExpiry>,
     /// What its lease thread last published: whether this edge runs the expiry passes
     /// (`Planner::runs_expiry`); true until the first round, and without takeover.
     runs_expiry: bool,
@@ -645,7 +645,7 @@ impl World {
                 stalled_until: 0,
                 handing_over: None,
                 exits_at: None,
-                emptied_listed_to: Vec::new(),
+                expiry_state: Vec::new(),
                 runs_expiry: true,
             });
         }
@@ -711,7 +711,7 @@ impl World {
             .collect();
         e.committers = (0..count).map(|_| Committer::new(&self.config)).collect();
         e.guests = (0..count).map(|_| ShardGuests::new(&self.config)).collect();
-        e.emptied_listed_to = vec![Vec::new(); count as usize];
+        e.expiry_state = vec![commit::SharedExpiry::default(); count as usize];
         e.runs_expiry = true;
         for shard in 0..count as u8 {
             for peer in 0..self.edges.len() {
@@ -1040,7 +1040,7 @@ impl World {
                 commit::expire_shared(
                     &e.stores[..],
                     runs_passes,
-                    &mut e.emptied_listed_to[shard],
+                    &mut e.expiry_state[shard],
                     now,
                     &self.config,
                 )

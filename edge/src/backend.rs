@@ -520,8 +520,8 @@ pub struct Shared<S> {
     /// In a cluster of edges, the lease thread, which says whether this edge is the one that
     /// runs them ([`crate::takeover::Takeover::runs_expiry`]).
     pub expiry_turn: Option<Arc<crate::takeover::Takeover>>,
-    /// Per store, where this shard's listing of emptied inboxes goes on (see `expire`).
-    pub emptied_listed_to: std::sync::Mutex<Vec<Option<Vec<u8>>>>,
+    /// What this shard's expiry keeps between calls, per store (see `expire`).
+    pub expiry: std::sync::Mutex<courier_core::commit::SharedExpiry>,
 }
 
 impl<S> Shared<S> {
@@ -532,7 +532,7 @@ impl<S> Shared<S> {
         expiry_turn: Option<Arc<crate::takeover::Takeover>>,
     ) -> Shared<S> {
         Shared {
-            emptied_listed_to: std::sync::Mutex::new(vec![None; stores.len()]),
+            expiry: std::sync::Mutex::new(courier_core::commit::SharedExpiry::default()),
             stores,
             lease,
             runs_expiry,
@@ -610,19 +610,23 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
         if !(self.runs_expiry && self.runs_expiry_turn()) {
             return Ok(false);
         }
-        courier_core::commit::sweep_devices_shared(&self.stores, now, core)
+        let mut state = self
+            .expiry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        courier_core::commit::sweep_devices_shared(&self.stores, &mut state, now, core)
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
         let our_turn = self.runs_expiry_turn();
-        let mut listed_to = self
-            .emptied_listed_to
+        let mut state = self
+            .expiry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         courier_core::commit::expire_shared(
             &self.stores,
             self.runs_expiry && our_turn,
-            &mut listed_to,
+            &mut state,
             now,
             core,
         )

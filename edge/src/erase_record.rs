@@ -5,7 +5,8 @@
 //! start. An edge whose runs were all shorter than that (a crash loop) never erased, and each
 //! start of one that ran longer paid for a pass (on fjall a rewrite of every keyspace) even when
 //! one had just finished. With it, the first pass after a start comes when the period that was
-//! running is due, and no later than `OVERDUE_WAIT_MAX` after the start when it is past.
+//! running is due, and no later than `OVERDUE_WAIT_MAX` after the start when it is past (or
+//! when the record is missing, unreadable or from the future).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -13,7 +14,7 @@ use std::time::{Duration, SystemTime};
 /// The record's file in a store's directory. Neither engine lists it (their files have their
 /// own names), and a store without it is erased as one whose period is past.
 pub const FILE_NAME: &str = "erase-pass";
-const TEMPORARY_NAME: &str = "erase-pass.tmp";
+pub const TEMPORARY_NAME: &str = "erase-pass.tmp";
 
 /// The longest wait for the first pass after a start when one is due already (or there is no
 /// record): long enough that a start's reconnect storm is mostly over, short enough that an
@@ -46,17 +47,17 @@ pub fn unix_millis(time: SystemTime) -> u64 {
 /// How long after a start the first erase pass comes, for passes every `interval`: when the
 /// period that the last recorded pass began is due, but no sooner than a short wait (a start's
 /// own work first) and no later than `OVERDUE_WAIT_MAX` once it is past. With no record, the
-/// short wait: what a store without one holds is unknown. A record from the future (the wall
-/// clock stepped back) counts as a pass now.
+/// short wait: what a store without one holds is unknown. A record from the future counts as
+/// none: a clock that was ahead when it was written (a host booted before its time was set)
+/// would otherwise put every pass of an edge restarted within an interval off until the wall
+/// clock reached that time, and one extra pass costs little.
 pub fn first_wait(last_pass_ms: Option<u64>, now_ms: u64, interval: Duration) -> Duration {
     // An eighth of the bound, a quarter of the interval: the first pass's wait before records.
     let soonest = (interval / 4).min(OVERDUE_WAIT_MAX);
-    let Some(last_pass_ms) = last_pass_ms else {
+    let Some(last_pass_ms) = last_pass_ms.filter(|last| *last <= now_ms) else {
         return soonest;
     };
-    let due_ms = last_pass_ms
-        .min(now_ms)
-        .saturating_add(interval.as_millis() as u64);
+    let due_ms = last_pass_ms.saturating_add(interval.as_millis() as u64);
     Duration::from_millis(due_ms.saturating_sub(now_ms)).max(soonest)
 }
 
@@ -95,11 +96,14 @@ mod tests {
     }
 
     #[test]
-    fn a_record_from_the_future_counts_as_a_pass_now() {
-        // The wall clock stepped back an hour: the next pass is one interval away, not an
-        // hour and an interval.
-        let wait = first_wait(Some(NOW_MS + 3_600_000), NOW_MS, INTERVAL);
-        assert_eq!(wait, INTERVAL);
+    fn a_record_from_the_future_counts_as_none() {
+        // Written while the clock was a year ahead: counted as a pass now, it would put off
+        // the first pass of every start within an interval, and a restarted edge would never
+        // pass until the clock caught up.
+        for ahead_ms in [1, 3_600_000, 365 * 86_400_000] {
+            let wait = first_wait(Some(NOW_MS + ahead_ms), NOW_MS, INTERVAL);
+            assert_eq!(wait, OVERDUE_WAIT_MAX);
+        }
     }
 
     #[test]

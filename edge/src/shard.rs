@@ -840,7 +840,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     {
                         // One of the shared stores: the others' passes ran and go on.
                         shard.borrow_mut().store_refused(error);
-                        warn!(%error, "expiry pass failed on one store; retrying with the next pass");
+                        warn!(
+                            shard = id,
+                            %error,
+                            "expiry pass failed on one store; the others go on, and it is tried \
+                             again at the next interval"
+                        );
                     }
                     match report {
                         Ok(report) if report.more => continue,
@@ -906,8 +911,8 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                             warn!(
                                 shard = id,
                                 %error,
-                                "recording the erase pass failed; the next start erases soon \
-                                 after it, as for a store without a record"
+                                "recording the erase pass failed; a restart schedules the \
+                                 next pass from the record before (earlier: no pass put off)"
                             );
                         }
                     }
@@ -959,7 +964,6 @@ struct OwnCommitDone {
     took: Duration,
 }
 
-/// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
 /// Extra passes of the device sweep in one expiry turn, at most: 65,536 records, a day's round
 /// of a store with about 94 million of them at the default minute between turns. A round still
 /// behind after them says so again at the next turn.
@@ -968,9 +972,10 @@ const DEVICE_SWEEP_PASSES_PER_TURN_MAX: usize = 1024;
 /// Runs the device sweep's extra passes while its round is behind its schedule
 /// (`commit::sweep_devices`), on the maintenance thread, at the expiry pass's time.
 async fn sweep_devices_behind(shard: &Rc<RefCell<Shard>>, now: courier_core::UnixMillis) {
-    let (store, core, lane) = {
+    let (id, store, core, lane) = {
         let shard = shard.borrow();
         (
+            shard.id,
             shard.store.clone(),
             shard.core.clone(),
             shard.lanes.maintenance.clone(),
@@ -989,13 +994,14 @@ async fn sweep_devices_behind(shard: &Rc<RefCell<Shard>>, now: courier_core::Uni
             }
             Err(error) => {
                 shard.borrow_mut().store_refused(&error);
-                warn!(%error, "device sweep failed; retrying at the next interval");
+                warn!(shard = id, %error, "device sweep failed; retrying at the next interval");
                 return;
             }
         }
     }
 }
 
+/// Waits for datagrams and hands them to the shard, a bounded number per wake-up.
 async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut buffers: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; RECV_BUFFER_BYTES]).collect();

@@ -222,9 +222,18 @@ fn open_shards<E: EmbeddedEngine + Send + Sync>(
 }
 
 /// Whether `dir` is a directory with something in it (which engine's files is for the engine
-/// to tell: it refuses the other's by name).
+/// to tell: it refuses the other's by name) besides the edge's record of its last erase pass,
+/// which alone is no store.
 fn holds_files(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    std::fs::read_dir(dir).is_ok_and(|mut entries| {
+        entries.any(|entry| {
+            entry.is_ok_and(|entry| {
+                let name = entry.file_name();
+                name != crate::erase_record::FILE_NAME
+                    && name != crate::erase_record::TEMPORARY_NAME
+            })
+        })
+    })
 }
 
 /// The shard count recorded in `stores`, or `None` if there is no layout yet.
@@ -459,6 +468,13 @@ mod tests {
             let error = open(dir).unwrap_err();
             assert!(error.contains("store of shard 1 is missing"), "{error}");
             assert!(!shard.exists(), "no empty store was made in its place");
+            // Only the edge's record of its last erase pass left there (the engine's files
+            // deleted, the record not): still missing.
+            std::fs::create_dir(&shard).unwrap();
+            crate::erase_record::write(&shard, std::time::SystemTime::now()).unwrap();
+            let error = open(dir).unwrap_err();
+            assert!(error.contains("store of shard 1 is missing"), "{error}");
+            std::fs::remove_dir_all(&shard).unwrap();
             std::fs::rename(&away, &shard).unwrap();
             open(dir).expect("opens once the store is back");
         }
