@@ -174,9 +174,12 @@ pub struct ErasePass {
     pub disk_bytes_after: u64,
     /// The pass left nothing to the next one (`crate::erase_record`).
     pub complete: bool,
-    /// Why the record of a complete pass could not be written: the next start then passes
-    /// soon after it, as for a store without a record.
+    /// Why the record of a complete pass could not be written (a restart then schedules
+    /// the next pass from the record before, which is earlier: no pass is put off).
     pub record_failed: Option<String>,
+    /// When the pass started, Unix milliseconds: what was deleted before it is gone once it
+    /// is `complete`.
+    pub started_unix_ms: u64,
 }
 
 /// An embedded engine: one per shard, in its own directory (`stores`).
@@ -236,6 +239,7 @@ impl EmbeddedEngine for FjallStore {
             disk_bytes_after: report.disk_bytes_after,
             complete: report.complete,
             record_failed: None,
+            started_unix_ms: 0,
         })
     }
     fn message_keys_approximate(&self) -> Option<u64> {
@@ -268,6 +272,7 @@ impl EmbeddedEngine for LogStore {
             disk_bytes_after: report.disk_bytes_after,
             complete: report.complete,
             record_failed: None,
+            started_unix_ms: 0,
         })
     }
     fn message_keys_approximate(&self) -> Option<u64> {
@@ -445,6 +450,7 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         // What was deleted before this instant is gone once the pass completes.
         let started = std::time::SystemTime::now();
         let mut pass = store.erase_deleted()?;
+        pass.started_unix_ms = crate::erase_record::unix_millis(started);
         if pass.complete {
             pass.record_failed = crate::erase_record::write(store.path(), started).err();
         }

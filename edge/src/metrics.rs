@@ -48,6 +48,12 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    shard: u32,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
     shard: u32,
     path: &'static str,
@@ -119,6 +125,8 @@ pub struct Metrics {
     link_failures: Family<ShardLabel, Counter>,
     link_sends_forwarded: Family<ShardLabel, Counter>,
     link_requests_received: Family<ShardLabel, Counter>,
+    erase_passes: Family<ResultLabel, Counter>,
+    erase_last_complete: Family<ShardLabel, Gauge>,
     /// Read on each scrape.
     store_disk_bytes: Family<ShardLabel, Gauge>,
     stores: Vec<PathBuf>,
@@ -132,10 +140,12 @@ pub struct Metrics {
 impl Metrics {
     /// The registry with every series. `stores` are the shards' embedded store directories
     /// (empty with FoundationDB), whose disk use each scrape reports, as it reports how many
-    /// sessions `tls_sessions` holds.
+    /// sessions `tls_sessions` holds; `erase_within_secs` is their erase bound
+    /// (`retention.erase_within_secs`).
     pub fn new(
         stores: Vec<PathBuf>,
         tls_sessions: Option<Arc<crate::tls::SessionCache>>,
+        erase_within_secs: u64,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("courier");
         macro_rules! family {
@@ -329,6 +339,25 @@ impl Metrics {
             "link_requests_received",
             "Sends other edges forwarded to this shard, for users of this edge"
         );
+        let erase_passes = family!(
+            "erase_passes",
+            "Erase passes of the shard's embedded store, by result: complete (what was deleted before it started is in no file of the store), partial (it left work to the next pass: a compaction overlapped or a read held old tables) or failed"
+        );
+        let erase_last_complete: Family<ShardLabel, Gauge> = Family::default();
+        registry.register_with_unit(
+            "erase_last_complete_timestamp",
+            "Unix time at which the shard's last complete erase pass started (before the first since the edge started, the store's record of it, or the edge's start): whatever was deleted before it is in no file of the store. Embedded stores only",
+            Unit::Seconds,
+            erase_last_complete.clone(),
+        );
+        let erase_within = Gauge::<i64>::default();
+        erase_within.set(i64::try_from(erase_within_secs).unwrap_or(i64::MAX));
+        registry.register_with_unit(
+            "erase_within",
+            "retention.erase_within_secs: the bound within which a deleted body is in no file of an embedded store",
+            Unit::Seconds,
+            erase_within,
+        );
         let store_disk_bytes: Family<ShardLabel, Gauge> = Family::default();
         registry.register_with_unit(
             "store_disk",
@@ -396,6 +425,8 @@ impl Metrics {
             link_failures,
             link_sends_forwarded,
             link_requests_received,
+            erase_passes,
+            erase_last_complete,
             store_disk_bytes,
             stores,
             tls_sessions_cached,
@@ -496,6 +527,13 @@ impl Metrics {
             link_failures: self.link_failures.get_or_create_owned(&label),
             link_sends_forwarded: self.link_sends_forwarded.get_or_create_owned(&label),
             link_requests_received: self.link_requests_received.get_or_create_owned(&label),
+            erase_passes: ["complete", "partial", "failed"].map(|result| {
+                self.erase_passes
+                    .get_or_create_owned(&ResultLabel { shard, result })
+            }),
+            // FoundationDB erases on its own: no series, rather than one that stays 0.
+            erase_last_complete: (!self.stores.is_empty())
+                .then(|| self.erase_last_complete.get_or_create_owned(&label)),
         }
     }
 
@@ -623,9 +661,36 @@ pub struct ShardMetrics {
     pub link_failures: Counter,
     pub link_sends_forwarded: Counter,
     pub link_requests_received: Counter,
+    /// Complete, partial, failed.
+    erase_passes: [Counter; 3],
+    /// `None` on FoundationDB.
+    erase_last_complete: Option<Gauge>,
 }
 
 impl ShardMetrics {
+    /// An erase pass that left nothing to the next one, started at `started_unix_ms`.
+    pub fn erase_pass_complete(&self, started_unix_ms: u64) {
+        self.erase_passes[0].inc();
+        self.erase_complete_since(started_unix_ms);
+    }
+
+    /// An erase pass that left work to the next one.
+    pub fn erase_pass_partial(&self) {
+        self.erase_passes[1].inc();
+    }
+
+    pub fn erase_pass_failed(&self) {
+        self.erase_passes[2].inc();
+    }
+
+    /// Whatever was deleted before `unix_ms` is in no file of the store (a complete pass
+    /// started then; at start, the store's record of one, or the edge's start).
+    pub fn erase_complete_since(&self, unix_ms: u64) {
+        if let Some(gauge) = &self.erase_last_complete {
+            gauge.set(i64::try_from(unix_ms / 1000).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn frame_received(&mut self, kind: &'static str) {
         let (family, shard) = (&self.frames_received_family, self.shard);
         self.frames_received
@@ -698,7 +763,7 @@ mod tests {
     /// what the shards counted.
     #[test]
     fn shards_count_into_one_exposition() {
-        let metrics = Metrics::new(Vec::new(), None);
+        let metrics = Metrics::new(Vec::new(), None, 3600);
         let mut zero = metrics.shard(0);
         let one = metrics.shard(1);
         zero.frame_received("send");

@@ -258,6 +258,7 @@ impl Edge {
         let metrics = Arc::new(crate::metrics::Metrics::new(
             store_dirs,
             Some(tls_sessions.clone()),
+            config.retention.erase_within_secs,
         ));
         let (control_shards, mut control_receivers) = crate::control::Shards::new(shard_count);
         if let Some(listen) = config.metrics.listen_addr()? {

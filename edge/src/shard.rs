@@ -879,6 +879,15 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         let last_pass_ms = shard.borrow().store.last_complete_erase_ms();
         let now_ms = crate::erase_record::unix_millis(std::time::SystemTime::now());
         let mut wait = crate::erase_record::first_wait(last_pass_ms, now_ms, interval);
+        // For the metric (and the alert on it): a store without a usable record counts from
+        // this start, so one that never completes a pass is seen overdue a bound later.
+        let complete_since_ms = last_pass_ms
+            .filter(|last| *last <= now_ms)
+            .unwrap_or(now_ms);
+        shard
+            .borrow()
+            .metrics
+            .erase_complete_since(complete_since_ms);
         debug!(
             shard = id,
             wait_ms = wait.as_millis() as u64,
@@ -894,6 +903,17 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                 };
                 let started = Instant::now();
                 let report = lane.run_store(move || store.erase_deleted()).await;
+                {
+                    let metrics = &shard.borrow().metrics;
+                    match &report {
+                        Ok(Some(pass)) if pass.complete => {
+                            metrics.erase_pass_complete(pass.started_unix_ms)
+                        }
+                        Ok(Some(_)) => metrics.erase_pass_partial(),
+                        Ok(None) => {}
+                        Err(_) => metrics.erase_pass_failed(),
+                    }
+                }
                 match report {
                     Ok(Some(report)) => {
                         if report.rewrites > 0 {

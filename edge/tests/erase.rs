@@ -33,10 +33,38 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 /// A marker body is on disk once its send is acknowledged, and after the recipient acked it,
 /// within the configured bound (2 s here, polled for up to 60 s on a slow machine) no file of
 /// the running edge's data directory holds it: not the journal, not a table.
+///
+/// The metrics say so: complete passes counted, and each shard's last complete pass started
+/// after the edge did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound() {
-    let edge = Edge::start_with(2, "[retention]\nerase_within_secs = 2\n", &[]);
-    erased_within_the_bound(edge).await;
+    let metrics = common::free_addr();
+    let edge = Edge::start_with(
+        2,
+        &format!("[retention]\nerase_within_secs = 2\n[metrics]\nlisten = \"{metrics}\"\n"),
+        &[],
+    );
+    let started_unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    erased_within_the_bound(&edge).await;
+    let metric = |name: &str, labels: &str| {
+        common::metric_at(metrics, name, labels).expect("the metrics listener answers")
+    };
+    assert!(metric("courier_erase_passes_total", "result=\"complete\"") >= 2.0);
+    let last_complete = metric(
+        "courier_erase_last_complete_timestamp_seconds",
+        "shard=\"0\"",
+    )
+    .min(metric(
+        "courier_erase_last_complete_timestamp_seconds",
+        "shard=\"1\"",
+    ));
+    assert!(
+        last_complete >= started_unix_secs.floor(),
+        "both shards completed a pass since the start: {last_complete} against {started_unix_secs}"
+    );
 }
 
 /// The same on the log engine, where the erase pass is a checkpoint that deletes the journals
@@ -52,7 +80,7 @@ async fn an_acknowledged_body_is_erased_from_every_file_within_the_bound_on_the_
         edge.dir.path().join("data/stores/shard-0/FORMAT").exists(),
         "the edge runs on the log engine"
     );
-    erased_within_the_bound(edge).await;
+    erased_within_the_bound(&edge).await;
 }
 
 /// Whether a file under `data` holds `marker`. A scan is not atomic: a checkpoint or
@@ -68,7 +96,7 @@ async fn on_disk(data: &Path, marker: &[u8]) -> bool {
     false
 }
 
-async fn erased_within_the_bound(edge: Edge) {
+async fn erased_within_the_bound(edge: &Edge) {
     let data = edge.dir.path().join("data");
     // Random bytes: compression cannot hide them, and nothing else on disk matches.
     let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
