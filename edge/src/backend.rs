@@ -105,6 +105,15 @@ pub trait ShardStore: Send + Sync + 'static {
         None
     }
 
+    /// Since when nothing deleted can be left on this shard's disk as far as the edge knows,
+    /// Unix milliseconds, for the metric: the last complete pass's start, else (no record: a
+    /// store from before records, or one whose passes never completed) when the stores were
+    /// made. `None` where the backend erases on its own (FoundationDB).
+    fn erased_before_ms(&self, now_ms: u64) -> Option<u64> {
+        let _ = now_ms;
+        None
+    }
+
     /// Brings a store that refused with `Poisoned` (a failed write or fsync: a full disk, a
     /// disk error) back: the embedded store reopens this shard's database, which recovers
     /// what was committed. Until it succeeds every call fails with `Poisoned`, and the shard
@@ -459,6 +468,17 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
 
     fn last_complete_erase_ms(&self) -> Option<u64> {
         crate::erase_record::read(&self.all[usize::from(self.shard)].path)
+    }
+
+    fn erased_before_ms(&self, now_ms: u64) -> Option<u64> {
+        let dir = &self.all[usize::from(self.shard)].path;
+        let since = crate::erase_record::read(dir)
+            .filter(|last| *last <= now_ms)
+            .or_else(|| crate::stores::stores_created_unix_ms(dir))
+            // Neither readable: nothing is known, so claim nothing (the alert fires a bound
+            // after the epoch: at once).
+            .unwrap_or(0);
+        Some(since.min(now_ms))
     }
 
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {

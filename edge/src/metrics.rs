@@ -346,7 +346,7 @@ impl Metrics {
         let erase_last_complete: Family<ShardLabel, Gauge> = Family::default();
         registry.register_with_unit(
             "erase_last_complete_timestamp",
-            "Unix time at which the shard's last complete erase pass started (before the first since the edge started, the store's record of it, or the edge's start): whatever was deleted before it is in no file of the store. Embedded stores only",
+            "Unix time at which the shard's last complete erase pass started, whatever was deleted before it being in no file of the store; at start, from the store's record of its last complete pass, else when the stores were made (claiming nothing for a store that never completed one). Embedded stores only",
             Unit::Seconds,
             erase_last_complete.clone(),
         );
@@ -684,7 +684,8 @@ impl ShardMetrics {
     }
 
     /// Whatever was deleted before `unix_ms` is in no file of the store (a complete pass
-    /// started then; at start, the store's record of one, or the edge's start).
+    /// started then; at start, the store's record of one, else when the stores were made,
+    /// before which nothing was deleted from them).
     pub fn erase_complete_since(&self, unix_ms: u64) {
         if let Some(gauge) = &self.erase_last_complete {
             gauge.set(i64::try_from(unix_ms / 1000).unwrap_or(i64::MAX));

@@ -236,6 +236,15 @@ fn holds_files(dir: &Path) -> bool {
     })
 }
 
+/// When the stores of the data directory that holds `store_dir` (a shard's) were made, Unix
+/// milliseconds: the time of their layout file, written once at the first start (or at the
+/// migration from a single store, which copies live data only). `None` if it cannot be read.
+pub fn stores_created_unix_ms(store_dir: &Path) -> Option<u64> {
+    let layout = store_dir.parent()?.join(LAYOUT_FILE);
+    let modified = std::fs::metadata(layout).ok()?.modified().ok()?;
+    Some(crate::erase_record::unix_millis(modified))
+}
+
 /// The shard count recorded in `stores`, or `None` if there is no layout yet.
 fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
     let path = stores.join(LAYOUT_FILE);
@@ -441,6 +450,21 @@ mod tests {
         // Both still open with their own engine.
         drop(open_embedded_log(log_dir.path(), 2, &LogOptions::default()).unwrap());
         drop(open_embedded(fjall_dir.path(), 2, &FjallOptions::default()).unwrap());
+    }
+
+    /// The stores' making time (for the erase metric of a store that never completed a
+    /// pass) is their layout's, written once: a reopen does not move it.
+    #[test]
+    fn the_stores_making_time_is_their_layouts_and_a_reopen_keeps_it() {
+        let data = tempfile::tempdir().unwrap();
+        let before = crate::erase_record::unix_millis(std::time::SystemTime::now());
+        drop(open_embedded(data.path(), 2, &FjallOptions::default()).unwrap());
+        let shard = shard_dir(&stores_dir(data.path()), 1);
+        let made = stores_created_unix_ms(&shard).expect("the layout's time");
+        assert!(made + 1_000 >= before, "{made} against {before}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(open_embedded(data.path(), 2, &FjallOptions::default()).unwrap());
+        assert_eq!(stores_created_unix_ms(&shard), Some(made));
     }
 
     /// A shard's store missing from a data directory whose layout says it exists is refused
