@@ -1,5 +1,6 @@
 //! When a shard's store last finished an erase pass, kept in a small file in the store's
-//! directory, so that a restart neither puts the next pass off nor runs one too early.
+//! directory, so that a restart neither puts the next pass off nor runs one too early
+//! (decision 0045).
 //!
 //! Without it, every start began a new period: a first pass an eighth of the bound after the
 //! start. An edge whose runs were all shorter than that (a crash loop) never erased, and each
