@@ -146,17 +146,13 @@ fn run<S: Store>(store: &S, sends: u64, inboxes: u64, ttl_secs: Option<u32>) {
     }
     let total = start.elapsed();
     let cpu = process_cpu_secs() - cpu_before;
-    let count = passes.len();
-    passes.sort();
-    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    let (count, p50_ms, longest_ms) = pass_times(passes);
     println!(
         "| dedupe records due | messages deleted | emptied inboxes listed | expiry passes | pass p50 / longest | all passes | their CPU | peak RSS |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {stored} | {messages_deleted} | {emptied_listed} | {count} | {:.1} / {:.1} ms | {:.2} s | {cpu:.2} s | {} MiB |",
-        ms(passes[count / 2]),
-        ms(passes[count - 1]),
+        "| {stored} | {messages_deleted} | {emptied_listed} | {count} | {p50_ms:.1} / {longest_ms:.1} ms | {:.2} s | {cpu:.2} s | {} MiB |",
         total.as_secs_f64(),
         peak_rss_kib() / 1024
     );
@@ -195,21 +191,25 @@ fn sweep<S: Store>(store: &S, devices: u64) {
     }
     let total = start.elapsed();
     let cpu = process_cpu_secs() - cpu_before;
-    let count = passes.len();
-    passes.sort();
-    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    let (count, p50_ms, longest_ms) = pass_times(passes);
     println!(
         "| device records | sweep passes | pass p50 / longest | all passes | their CPU | per million records | peak RSS |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {devices} | {count} | {:.2} / {:.2} ms | {:.2} s | {cpu:.2} s | {:.1} s | {} MiB |",
-        ms(passes[count / 2]),
-        ms(passes[count - 1]),
+        "| {devices} | {count} | {p50_ms:.2} / {longest_ms:.2} ms | {:.2} s | {cpu:.2} s | {:.1} s | {} MiB |",
         total.as_secs_f64(),
         total.as_secs_f64() * 1e6 / devices as f64,
         peak_rss_kib() / 1024
     );
+}
+
+/// How many passes, the median and the longest, in milliseconds.
+fn pass_times(mut passes: Vec<Duration>) -> (usize, f64, f64) {
+    passes.sort();
+    let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+    let count = passes.len();
+    (count, ms(passes[count / 2]), ms(passes[count - 1]))
 }
 
 /// The CPU every thread of this process used so far (user and system), in seconds.

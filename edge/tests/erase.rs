@@ -152,6 +152,26 @@ async fn erased_within_the_bound(edge: &Edge) -> f64 {
     delivered_unix_secs
 }
 
+/// Stores a random marker body (checked on disk, else a test could not fail), has its
+/// recipient take and ack it, and stops the edge cleanly. Returns the marker.
+async fn marker_acked_then_stopped(edge: &mut Edge, data: &Path) -> Vec<u8> {
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let sender = edge.client(3001).await;
+    sender.send(3002, marker.clone()).await.expect("send");
+    assert!(
+        on_disk(data, &marker).await,
+        "a stored body is on disk (else this test could not fail)"
+    );
+    let mut recipient = edge.client(3002).await;
+    assert_eq!(next_message(&mut recipient).await.body, marker);
+    recipient.close();
+    sender.close();
+    // The ack commits within milliseconds; a graceful stop also commits what waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(edge.terminate(), "the edge stops cleanly");
+    marker
+}
+
 /// An edge restarted more often than every half of the bound still erases: the first pass
 /// after a start comes when the running period is due, an eighth of the bound after the start
 /// at most for a bound this short. (It came half a bound after, so an edge whose every run was
@@ -162,20 +182,7 @@ async fn erased_within_the_bound(edge: &Edge) -> f64 {
 async fn an_edge_restarted_often_still_erases() {
     let mut edge = Edge::start_with(2, "[retention]\nerase_within_secs = 16\n", &[]);
     let data = edge.dir.path().join("data");
-    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
-    let sender = edge.client(3001).await;
-    sender.send(3002, marker.clone()).await.expect("send");
-    assert!(
-        on_disk(&data, &marker).await,
-        "a stored body is on disk (else this test could not fail)"
-    );
-    let mut recipient = edge.client(3002).await;
-    assert_eq!(next_message(&mut recipient).await.body, marker);
-    recipient.close();
-    sender.close();
-    // The ack commits within milliseconds; a graceful stop also commits what waits.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(edge.terminate(), "the edge stops cleanly");
+    let marker = marker_acked_then_stopped(&mut edge, &data).await;
     for _ in 0..6 {
         edge.spawn();
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -210,19 +217,7 @@ fn erase_records(data: &Path) -> Vec<Option<String>> {
 async fn a_crash_loop_shorter_than_an_eighth_of_the_bound_still_erases() {
     let mut edge = Edge::start_with(2, "[retention]\nerase_within_secs = 240\n", &[]);
     let data = edge.dir.path().join("data");
-    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
-    let sender = edge.client(3001).await;
-    sender.send(3002, marker.clone()).await.expect("send");
-    assert!(
-        on_disk(&data, &marker).await,
-        "a stored body is on disk (else this test could not fail)"
-    );
-    let mut recipient = edge.client(3002).await;
-    assert_eq!(next_message(&mut recipient).await.body, marker);
-    recipient.close();
-    sender.close();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(edge.terminate(), "the edge stops cleanly");
+    let marker = marker_acked_then_stopped(&mut edge, &data).await;
     let run = Duration::from_secs(15);
     edge.spawn();
     tokio::time::sleep(run).await;
