@@ -1658,9 +1658,10 @@ pub(crate) const DEVICE_SWEEP_KEYS_MAX: usize = 64;
 /// records a pass, so a store with many (a million devices is 15,625 passes, eleven days at one
 /// pass a minute) would delete a record unseen for the retention that much later. A round
 /// behind this schedule runs extra passes ([`sweep_devices`]). An eighth of the retention,
-/// at most a day: a record is then gone within the retention and a day.
+/// at most `device_sweep_round_ms_max` (a day): a record is then gone within the retention and
+/// a day.
 pub fn device_sweep_round_ms(config: &CoreConfig) -> u64 {
-    (config.retention_ms / 8).clamp(1, 24 * crate::config::HOUR_MS)
+    (config.retention_ms / 8).clamp(1, config.device_sweep_round_ms_max.max(1))
 }
 
 /// The pace of a round of the device sweep (the `y` record): a round that ends within the pass

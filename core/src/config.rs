@@ -29,6 +29,9 @@ pub struct CoreConfig {
     pub commit_attempts_max: u32,
     /// Keys one expiry pass may read.
     pub expire_scan_keys_max: usize,
+    /// The longest a round of expiry's device sweep should take (a round takes an eighth of
+    /// the retention, at most this): `crate::commit::device_sweep_round_ms`.
+    pub device_sweep_round_ms_max: u64,
     /// Messages one sync read returns.
     pub sync_messages_max: usize,
     /// Inboxes whose last sequence number a shard remembers (saves a store read per send).
@@ -73,6 +76,7 @@ impl Default for CoreConfig {
             queue_bytes_per_sender_max: 2 * 1024 * 1024,
             commit_attempts_max: 5,
             expire_scan_keys_max: 10_000,
+            device_sweep_round_ms_max: 24 * HOUR_MS,
             sync_messages_max: 256,
             seq_cache_entries_max: 262_144,
             ack_commit_delay_ms: 50,

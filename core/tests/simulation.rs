@@ -151,6 +151,10 @@ fn simulation_over_many_seeds() {
         );
         assert!(total.purges > 0, "no purge was answered: {total:?}");
         assert!(
+            total.device_sweep_extra_passes > 0,
+            "no device sweep fell behind its round and caught up: {total:?}"
+        );
+        assert!(
             total.inboxes_emptied > 0 && total.seqs_from_floor > 0,
             "expiry never emptied an inbox, or no send went to a forgotten one: {total:?}"
         );
@@ -186,6 +190,8 @@ struct Stats {
     syncs: u64,
     /// `Sync` frames clients sent on their own, naming any cursor (`syncs_per_thousand`).
     syncs_made: u64,
+    /// Passes of the device sweep alone, for rounds behind their schedule.
+    device_sweep_extra_passes: u64,
     /// Steps of the calm phase until convergence, summed.
     drain_steps: u64,
     /// Wall-clock steps (the edge sees them when it restarts).
@@ -263,6 +269,7 @@ impl Stats {
         self.holes += other.holes;
         self.syncs += other.syncs;
         self.syncs_made += other.syncs_made;
+        self.device_sweep_extra_passes += other.device_sweep_extra_passes;
         self.drain_steps += other.drain_steps;
         self.clock_steps += other.clock_steps;
         self.sends_over_budget += other.sends_over_budget;
@@ -753,6 +760,13 @@ impl<S: SimStore> World<S> {
             batches_in_flight_max: [1, 2, 2][rng.below(3) as usize],
             commit_attempts_max: 1 + rng.below(4) as u32,
             expire_scan_keys_max: 2 + rng.below(50) as usize,
+            // Half the seeds pace the device sweep's rounds in simulated time, so that rounds
+            // fall behind and catch up (under the store's faults) while devices come and go.
+            device_sweep_round_ms_max: if rng.chance(1, 2) {
+                CoreConfig::default().device_sweep_round_ms_max
+            } else {
+                20 + rng.below(2_000)
+            },
             sync_messages_max: 1 + rng.below(20) as usize,
             seq_cache_entries_max: rng.below(8) as usize,
             expiry_bucket_ms: 1_000,
@@ -1485,6 +1499,7 @@ impl<S: SimStore> World<S> {
                     // As the edge's expiry turn: a device sweep behind its round catches up.
                     let mut behind = report.devices_behind;
                     while behind {
+                        self.stats.device_sweep_extra_passes += 1;
                         match commit::sweep_devices(
                             &self.stores[shard],
                             self.edge_now(),
@@ -2530,14 +2545,21 @@ impl<S: SimStore> World<S> {
             }
         }
         // The inboxes are forgotten and their devices unseen for the retention: expiry's
-        // sweep deletes their records, a bounded page a pass (`sweep_forgotten_devices`).
+        // sweep deletes their records, a bounded page a pass (`sweep_forgotten_devices`), with
+        // the edge's extra passes while a round is behind.
         for shard in 0..self.stores.len() {
             for _ in 0..100 {
                 if dump_prefix(self.stores[shard].inner(), &[keys::TAG_DEVICE]).is_empty() {
                     break;
                 }
-                commit::expire(&self.stores[shard], self.edge_now(), &self.config)
+                let report = commit::expire(&self.stores[shard], self.edge_now(), &self.config)
                     .map_err(|e| e.to_string())?;
+                let mut behind = report.devices_behind;
+                while behind {
+                    behind =
+                        commit::sweep_devices(&self.stores[shard], self.edge_now(), &self.config)
+                            .map_err(|e| e.to_string())?;
+                }
             }
         }
         for tag in [
