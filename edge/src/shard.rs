@@ -880,14 +880,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         let now_ms = crate::erase_record::unix_millis(std::time::SystemTime::now());
         let mut wait = crate::erase_record::first_wait(last_pass_ms, now_ms, interval);
         // For the metric (and the alert on it): a store without a usable record counts from
-        // this start, so one that never completes a pass is seen overdue a bound later.
-        let complete_since_ms = last_pass_ms
-            .filter(|last| *last <= now_ms)
-            .unwrap_or(now_ms);
-        shard
-            .borrow()
-            .metrics
-            .erase_complete_since(complete_since_ms);
+        // when the stores were made, so one that never completed a pass shows overdue.
+        if let Some(since_ms) = shard.borrow().store.erased_before_ms(now_ms) {
+            shard.borrow().metrics.erase_complete_since(since_ms);
+        }
         debug!(
             shard = id,
             wait_ms = wait.as_millis() as u64,

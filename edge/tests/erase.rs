@@ -242,3 +242,56 @@ async fn a_crash_loop_shorter_than_an_eighth_of_the_bound_still_erases() {
         "a start within the period did not pass again"
     );
 }
+
+/// The metric an operator alerts on (`CourierEraseOverdue`) claims nothing unproven at start:
+/// a shard whose store records a complete pass reports that pass's start, and one without a
+/// record reports when the data directory's stores were made (their `layout` file), not the
+/// edge's start, so a store that never completed a pass shows overdue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erase_gauge_starts_from_the_record_or_the_stores_making() {
+    let metrics = common::free_addr();
+    let mut edge = Edge::start_with(
+        2,
+        &format!("[retention]\nerase_within_secs = 240\n[metrics]\nlisten = \"{metrics}\"\n"),
+        &[],
+    );
+    assert!(edge.terminate(), "the edge stops cleanly");
+    let stores = edge.dir.path().join("data/stores");
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The stores made two hours ago; shard 1 completed a pass a minute ago, shard 0 never.
+    let made = std::time::SystemTime::now() - Duration::from_secs(7_200);
+    std::fs::File::options()
+        .write(true)
+        .open(stores.join("layout"))
+        .and_then(|layout| layout.set_modified(made))
+        .expect("set the layout's time");
+    let _ = std::fs::remove_file(stores.join("shard-0/erase-pass"));
+    std::fs::write(
+        stores.join("shard-1/erase-pass"),
+        format!("{}\n", (now_secs - 60) * 1000),
+    )
+    .expect("write shard 1's record");
+    edge.spawn();
+    let gauge = |shard: u32| {
+        common::metric_at(
+            metrics,
+            "courier_erase_last_complete_timestamp_seconds",
+            &format!("shard=\"{shard}\""),
+        )
+        .expect("the metrics listener answers")
+    };
+    // Read before the first pass, which comes 10 s after the start at the earliest.
+    let (shard_0, shard_1) = (gauge(0), gauge(1));
+    let near = |value: f64, expected: u64| (value - expected as f64).abs() <= 5.0;
+    assert!(
+        near(shard_0, now_secs - 7_200),
+        "shard 0 (no record) counts from the stores' making: {shard_0}, now {now_secs}"
+    );
+    assert!(
+        near(shard_1, now_secs - 60),
+        "shard 1 counts from its recorded pass: {shard_1}, now {now_secs}"
+    );
+}
