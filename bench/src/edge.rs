@@ -515,13 +515,15 @@ fn spawn_and_wait(
         .arg(crate::EDGE_SUBCOMMAND)
         .args(["serve", "--config"])
         .arg(config_path)
-        .env("RUST_LOG", "warn,courier_edge::server=info")
+        .env("RUST_LOG", edge_log_filter())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start the edge: {e}"))?;
     let stderr = child.stderr.take().ok_or("no stderr from the edge")?;
     let (ready_tx, ready_rx) = mpsc::channel();
+    // With directives of their own, every line the edge writes is theirs to see.
+    let forward_all = std::env::var_os("COURIER_BENCH_EDGE_LOG").is_some();
     std::thread::spawn(move || {
         let mut ready_tx = Some(ready_tx);
         for line in BufReader::new(stderr).lines() {
@@ -530,7 +532,8 @@ fn spawn_and_wait(
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Ok(()));
                 }
-            } else if line.contains("WARN")
+            } else if forward_all
+                || line.contains("WARN")
                 || line.contains("ERROR")
                 || line.contains("courier-edge:")
                 || line.contains("store opened")
@@ -853,6 +856,16 @@ pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
         .parse()
         .ok()?;
     Some((ticks / clock_ticks_per_sec(), rss_kib * 1024))
+}
+
+/// The spawned edge's log filter: warnings, and the line that says it listens (which the
+/// bench waits for); `COURIER_BENCH_EDGE_LOG` adds directives, like `courier_edge=debug`.
+fn edge_log_filter() -> String {
+    let base = "warn,courier_edge::server=info";
+    match std::env::var("COURIER_BENCH_EDGE_LOG") {
+        Ok(extra) if !extra.trim().is_empty() => format!("{base},{extra}"),
+        _ => base.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,11 @@ fn scan(dir: &std::path::Path, needle: &[u8]) -> (u64, Vec<String>) {
                 pending.push(path);
                 continue;
             }
-            let content = std::fs::read(&path).expect("read file");
-            bytes += std::os::unix::fs::MetadataExt::blocks(&entry.metadata().expect("stat")) * 512;
+            // A file fjall's background work deleted since the listing held nothing to find.
+            let (Ok(content), Ok(metadata)) = (std::fs::read(&path), entry.metadata()) else {
+                continue;
+            };
+            bytes += std::os::unix::fs::MetadataExt::blocks(&metadata) * 512;
             if content.windows(needle.len()).any(|w| w == needle) {
                 found.push(path.display().to_string());
             }
@@ -235,4 +238,80 @@ fn old_dedupe_buckets_go_by_whole_tables() {
     }
     assert_eq!(dedupe_records(1), 0, "bucket 1 is past its window");
     assert_eq!(dedupe_records(3), 3, "the current bucket stays");
+}
+
+/// A pass compacts a keyspace with deletes and counts it done while other keyspaces keep
+/// flushing and compacting under constant writes, pass after pass. (It judged an overlap by
+/// the database's compaction counters, so another keyspace's compaction during its own
+/// counted as one: under constant writes, as in the edge's sustained loop, no pass was ever
+/// complete, the rewrite of a keyspace with deletes being retried pass after pass, and the
+/// edge recorded none: 0 of 2 passes complete in a 17 s closed loop, docs/benchmarks.md.
+/// Here the old check failed 1 run of 3: timing decides. This check cannot be disturbed by
+/// another keyspace.)
+#[test]
+fn passes_complete_while_other_keyspaces_compact() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = FjallOptions {
+        memtable_bytes_max: 64 * 1024,
+        flush_every_bytes: 256 * 1024,
+        level0_runs_max: 1,
+        ..FjallOptions::default()
+    };
+    let store = Arc::new(FjallStore::open(dir.path(), &options).expect("open"));
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    // 200,000 messages in tables, the marker among them.
+    for chunk in 0..200u64 {
+        let mut txn = store.begin().expect("begin");
+        for seq in chunk * 1_000..(chunk + 1) * 1_000 {
+            let body = if seq == 7 {
+                marker.clone()
+            } else {
+                vec![seq as u8; 200]
+            };
+            txn.set(&keys::message(1, seq + 1), &body);
+        }
+        txn.commit().expect("commit");
+    }
+    store.erase_deleted().expect("a first pass flushes");
+    // Constant writes to another keyspace: flushes and compactions that never stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (store, stop, written) = (store.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut txn = store.begin().expect("begin");
+                for _ in 0..100 {
+                    n += 1;
+                    txn.set(&keys::counter(n), &[7; 64]);
+                }
+                txn.commit().expect("commit");
+                written.store(n, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut reports = Vec::new();
+    for round in 0..4u64 {
+        let at_least = written.load(Ordering::Relaxed) + 10_000;
+        while written.load(Ordering::Relaxed) < at_least {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut txn = store.begin().expect("begin");
+        for seq in round * 10_000..(round + 1) * 10_000 {
+            txn.clear(&keys::message(1, seq + 1));
+        }
+        txn.commit().expect("commit");
+        reports.push(store.erase_deleted().expect("erase"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert!(
+        reports.iter().all(|report| report.complete),
+        "a pass left work to the next: {reports:?}"
+    );
+    let (_, found) = scan(dir.path(), &marker);
+    assert!(found.is_empty(), "the deleted marker is still in {found:?}");
 }
