@@ -341,7 +341,7 @@ impl Metrics {
         );
         let erase_passes = family!(
             "erase_passes",
-            "Erase passes of the shard's embedded store, by result: complete (what was deleted before it started is in no file of the store), partial (it left work to the next pass: a compaction overlapped or a read held old tables) or failed"
+            "Erase passes of the shard's embedded store, by result: complete (what was deleted before it started is in no file of the store), partial (it left work to the next pass: a read held old tables, or a rewrite was skipped) or failed"
         );
         let erase_last_complete: Family<ShardLabel, Gauge> = Family::default();
         registry.register_with_unit(

@@ -210,8 +210,8 @@ pub struct EraseReport {
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
     /// Everything deleted before the pass started is in no file of the store: the pass left
-    /// nothing to the next one (no keyspace whose compaction overlapped fjall's own, no tables
-    /// a read still held).
+    /// nothing to the next one (no keyspace whose rewrite lsm-tree skipped, no tables a read
+    /// still held).
     pub complete: bool,
 }
 
@@ -489,8 +489,8 @@ impl FjallStore {
             self.db.rotate_journal().map_err(io_error)?;
             after_flush();
             for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
-                // false: a background compaction overlapped ours, which then may have merged
-                // nothing; the next pass tries again.
+                // false: lsm-tree kept skipping ours (a table still held by a background
+                // compaction); the next pass tries again.
                 compacted[index] = self.compact_fully(self.keyspace_at(index))?;
             }
             // The compactions' input tables hold the deleted values until their files go.
@@ -502,7 +502,7 @@ impl FjallStore {
         // compacts again too: a read open from before a delete (not one of Courier's, which
         // last a page) would have kept the value in the compaction's output as well.
         let collected = matches!(result, Ok(true));
-        // What this pass did not finish (a failure part-way, an overlapped compaction, tables
+        // What this pass did not finish (a failure part-way, a skipped rewrite, tables
         // a read kept) is the next pass's to do.
         let mut keyspaces_compacted = 0;
         let mut complete = true;
