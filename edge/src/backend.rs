@@ -105,12 +105,10 @@ pub trait ShardStore: Send + Sync + 'static {
         None
     }
 
-    /// Since when nothing deleted can be left on this shard's disk as far as the edge knows,
-    /// Unix milliseconds, for the metric: the last complete pass's start, else (no record: a
-    /// store from before records, or one whose passes never completed) when the stores were
-    /// made. `None` where the backend erases on its own (FoundationDB).
-    fn erased_before_ms(&self, now_ms: u64) -> Option<u64> {
-        let _ = now_ms;
+    /// When this shard's embedded stores were made, Unix milliseconds
+    /// (`stores::stores_created_unix_ms`): before it nothing was deleted from them, what the
+    /// erase metric claims for a store without a record. `None` on FoundationDB.
+    fn stores_made_ms(&self) -> Option<u64> {
         None
     }
 
@@ -457,9 +455,9 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     fn erase_deleted(&self) -> Result<Option<ErasePass>, StoreError> {
         let store = self.own()?;
         // What was deleted before this instant is gone once the pass completes.
-        let started = std::time::SystemTime::now();
+        let started = courier_core::clock::wall_clock_ms();
         let mut pass = store.erase_deleted()?;
-        pass.started_unix_ms = crate::erase_record::unix_millis(started);
+        pass.started_unix_ms = started;
         if pass.complete {
             pass.record_failed = crate::erase_record::write(store.path(), started).err();
         }
@@ -470,15 +468,8 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         crate::erase_record::read(&self.all[usize::from(self.shard)].path)
     }
 
-    fn erased_before_ms(&self, now_ms: u64) -> Option<u64> {
-        let dir = &self.all[usize::from(self.shard)].path;
-        let since = crate::erase_record::read(dir)
-            .filter(|last| *last <= now_ms)
-            .or_else(|| crate::stores::stores_created_unix_ms(dir))
-            // Neither readable: nothing is known, so claim nothing (the alert fires a bound
-            // after the epoch: at once).
-            .unwrap_or(0);
-        Some(since.min(now_ms))
+    fn stores_made_ms(&self) -> Option<u64> {
+        crate::stores::stores_created_unix_ms(&self.all[usize::from(self.shard)].path)
     }
 
     fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
@@ -577,12 +568,14 @@ impl<S: Store> Shared<S> {
         &self.stores[cluster as usize]
     }
 
-    /// Whether this edge is the cluster's one that runs expiry passes now (always, outside
-    /// a cluster of edges).
-    fn runs_expiry_turn(&self) -> bool {
-        self.expiry_turn
-            .as_ref()
-            .is_none_or(|takeover| takeover.runs_expiry())
+    /// Whether this shard runs the expiry passes now: the shard chosen for them, on the
+    /// cluster's edge whose turn it is (always, outside a cluster of edges).
+    fn runs_expiry_passes(&self) -> bool {
+        self.runs_expiry
+            && self
+                .expiry_turn
+                .as_ref()
+                .is_none_or(|takeover| takeover.runs_expiry())
     }
 }
 
@@ -633,7 +626,7 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
     fn sweep_devices(&self, now: UnixMillis, core: &CoreConfig) -> Result<bool, StoreError> {
         // Only the shard that runs the passes is told it is behind; a turn that moved on
         // since stops here, and its new runner's passes see the pace.
-        if !(self.runs_expiry && self.runs_expiry_turn()) {
+        if !self.runs_expiry_passes() {
             return Ok(false);
         }
         let mut state = self
@@ -644,14 +637,13 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
     }
 
     fn expire(&self, now: UnixMillis, core: &CoreConfig) -> Result<ExpireReport, StoreError> {
-        let our_turn = self.runs_expiry_turn();
         let mut state = self
             .expiry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         courier_core::commit::expire_shared(
             &self.stores,
-            self.runs_expiry && our_turn,
+            self.runs_expiry_passes(),
             &mut state,
             now,
             core,

@@ -10,7 +10,7 @@
 //! when the record is missing, unreadable or from the future).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The record's file in a store's directory. Neither engine lists it (their files have their
 /// own names), and a store without it is erased as one whose period is past.
@@ -29,20 +29,15 @@ pub fn read(store_dir: &Path) -> Option<u64> {
     text.trim().parse().ok()
 }
 
-/// Records that a pass which started at `started` left nothing to the next one.
-pub fn write(store_dir: &Path, started: SystemTime) -> Result<(), String> {
-    let started_ms = unix_millis(started);
+/// Records that a pass which started at `started_ms` (Unix milliseconds) left nothing to the
+/// next one.
+pub fn write(store_dir: &Path, started_ms: u64) -> Result<(), String> {
     crate::files::replace_file(
         &store_dir.join(FILE_NAME),
         &store_dir.join(TEMPORARY_NAME),
         format!("{started_ms}\n").as_bytes(),
         0o600,
     )
-}
-
-pub fn unix_millis(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
 }
 
 /// How long after a start the first erase pass comes, for passes every `interval`: when the
@@ -111,10 +106,9 @@ mod tests {
     fn the_record_reads_back_and_a_torn_or_missing_one_reads_as_none() {
         let dir = tempfile::tempdir().expect("temporary directory");
         assert_eq!(read(dir.path()), None);
-        let started = SystemTime::UNIX_EPOCH + Duration::from_millis(NOW_MS);
-        write(dir.path(), started).expect("write the record");
+        write(dir.path(), NOW_MS).expect("write the record");
         assert_eq!(read(dir.path()), Some(NOW_MS));
-        write(dir.path(), started + Duration::from_secs(1)).expect("replace the record");
+        write(dir.path(), NOW_MS + 1000).expect("replace the record");
         assert_eq!(read(dir.path()), Some(NOW_MS + 1000));
         std::fs::write(dir.path().join(FILE_NAME), "17000000").expect("write");
         assert_eq!(read(dir.path()), Some(17_000_000));

@@ -876,14 +876,18 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         let shard = shard.clone();
         let erase_within_ms = setup.config.retention.erase_within_secs * 1000;
         let interval = Duration::from_millis(erase_within_ms / 2);
+        let now_ms = wall_clock_ms();
         let last_pass_ms = shard.borrow().store.last_complete_erase_ms();
-        let now_ms = crate::erase_record::unix_millis(std::time::SystemTime::now());
         let mut wait = crate::erase_record::first_wait(last_pass_ms, now_ms, interval);
-        // For the metric (and the alert on it): a store without a usable record counts from
-        // when the stores were made, so one that never completed a pass shows overdue.
-        if let Some(since_ms) = shard.borrow().store.erased_before_ms(now_ms) {
-            shard.borrow().metrics.erase_complete_since(since_ms);
-        }
+        // For the metric (and the alert on it; no series on FoundationDB): a store without a
+        // usable record counts from when the stores were made, so one that never completed a
+        // pass shows overdue, and with neither known it claims nothing (0).
+        let since_ms = last_pass_ms
+            .filter(|last| *last <= now_ms)
+            .or_else(|| shard.borrow().store.stores_made_ms())
+            .unwrap_or(0)
+            .min(now_ms);
+        shard.borrow().metrics.erase_complete_since(since_ms);
         debug!(
             shard = id,
             wait_ms = wait.as_millis() as u64,

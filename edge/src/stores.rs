@@ -242,7 +242,8 @@ fn holds_files(dir: &Path) -> bool {
 pub fn stores_created_unix_ms(store_dir: &Path) -> Option<u64> {
     let layout = store_dir.parent()?.join(LAYOUT_FILE);
     let modified = std::fs::metadata(layout).ok()?.modified().ok()?;
-    Some(crate::erase_record::unix_millis(modified))
+    let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since_epoch.as_millis()).ok()
 }
 
 /// The shard count recorded in `stores`, or `None` if there is no layout yet.
@@ -457,7 +458,7 @@ mod tests {
     #[test]
     fn the_stores_making_time_is_their_layouts_and_a_reopen_keeps_it() {
         let data = tempfile::tempdir().unwrap();
-        let before = crate::erase_record::unix_millis(std::time::SystemTime::now());
+        let before = courier_core::clock::wall_clock_ms();
         drop(open_embedded(data.path(), 2, &FjallOptions::default()).unwrap());
         let shard = shard_dir(&stores_dir(data.path()), 1);
         let made = stores_created_unix_ms(&shard).expect("the layout's time");
@@ -495,7 +496,7 @@ mod tests {
             // Only the edge's record of its last erase pass left there (the engine's files
             // deleted, the record not): still missing.
             std::fs::create_dir(&shard).unwrap();
-            crate::erase_record::write(&shard, std::time::SystemTime::now()).unwrap();
+            crate::erase_record::write(&shard, courier_core::clock::wall_clock_ms()).unwrap();
             let error = open(dir).unwrap_err();
             assert!(error.contains("store of shard 1 is missing"), "{error}");
             std::fs::remove_dir_all(&shard).unwrap();
