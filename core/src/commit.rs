@@ -1443,7 +1443,7 @@ fn write_expiry<T: Transaction>(
 #[derive(Debug, Clone, Default)]
 pub struct SharedExpiry {
     /// Where this shard's listing of emptied inboxes goes on (`None`: from the start).
-    pub listed_to: Vec<Option<Vec<u8>>>,
+    listed_to: Vec<Option<Vec<u8>>>,
     /// The scan size the store's last pass committed with (0: not yet known, the configured
     /// one): on FoundationDB under load a pass of the configured size can outlast the
     /// transaction's time limit on every attempt, so a smaller size that committed is where
