@@ -172,6 +172,9 @@ fn client_config(
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(transport_settings.keep_alive));
+    // No QUIC DATAGRAM frames: the protocol has no use for them, and a server could otherwise
+    // fill quinn's queue of unread ones (1.25 MB by default) in every client.
+    transport.datagram_receive_buffer_size(None);
     // Let the edge acknowledge our packets in its next answer (a `SendAck`, a delivery)
     // instead of an ACK-only datagram; loss recovery waits up to this much longer.
     let mut ack_frequency = quinn::AckFrequencyConfig::default();
@@ -1826,6 +1829,21 @@ mod scripted_server_tests {
         let mut body = vec![0u8; length];
         recv.read_exact(&mut body).await.expect("a frame body");
         courier_protocol::decode_body(&body).expect("a frame")
+    }
+
+    /// The SDK takes no QUIC DATAGRAM frames: it never reads them, so had it advertised them
+    /// (quinn's default), a server could have filled quinn's queue of unread ones (1.25 MB)
+    /// in every client.
+    #[tokio::test]
+    async fn a_client_takes_no_quic_datagrams() {
+        let server = Scripted::start();
+        let (served, _client) = tokio::join!(server.welcome(), server.client());
+        let (connection, _send, _recv) = served;
+        assert_eq!(
+            connection.max_datagram_size(),
+            None,
+            "the client advertised QUIC datagrams"
+        );
     }
 
     /// After `close`, `recv` hands out nothing more, not even deliveries the driver had

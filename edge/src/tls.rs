@@ -403,6 +403,11 @@ pub fn transport_config(config: &Config) -> quinn_proto::TransportConfig {
     // One stream carries the protocol; every permitted stream costs state up front.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // No QUIC DATAGRAM frames: the protocol has no use for them, and quinn would otherwise
+    // advertise them and queue each one received (up to 1.25 MB per connection, each entry
+    // holding its whole packet) until the application reads it, which the edge never does.
+    // Unadvertised, a DATAGRAM frame is a protocol violation that closes its connection.
+    transport.datagram_receive_buffer_size(None);
     transport.stream_receive_window(quic.stream_receive_window_bytes.into());
     transport.receive_window(quic.receive_window_bytes.into());
     transport.send_window(quic.send_window_bytes);

@@ -511,3 +511,29 @@ async fn spoofed_handshakes_cannot_fill_another_addresss_budget() {
         .await
         .expect("the real client logs in in time");
 }
+
+/// The edge takes no QUIC DATAGRAM frames: it never reads them, so had it advertised them
+/// (quinn's default), a client could have filled quinn's queue of unread ones (1.25 MB per
+/// connection, each entry holding its whole packet) for as long as it stayed connected,
+/// outside every limit of the edge. Unadvertised, the client's quinn refuses to send one, and
+/// a DATAGRAM frame sent anyway is a protocol violation that closes only its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_takes_no_quic_datagrams() {
+    let edge = Edge::start_with(1, "", &[]);
+    let connector = edge.connector();
+    let raw = RawConnection::connect(&connector, edge.addr)
+        .await
+        .expect("handshake");
+    assert_eq!(
+        raw.connection.max_datagram_size(),
+        None,
+        "the edge advertised QUIC datagrams"
+    );
+    assert!(
+        raw.connection
+            .send_datagram(bytes::Bytes::from_static(b"x"))
+            .is_err(),
+        "a datagram was accepted for sending"
+    );
+    a_send_is_acknowledged(&edge, 23, 24, b"still served").await;
+}
