@@ -850,9 +850,43 @@ struct Link {
     inbuf: Vec<u8>,
     /// Bytes of frames not yet written to `send`.
     outbuf: Vec<u8>,
+    /// Bytes at the front of `outbuf` that finish a frame already partly written; whole
+    /// frames follow them.
+    outbuf_front_rest: usize,
 }
 
 impl Link {
+    /// `written` bytes from the front of `outbuf` went to the stream.
+    fn wrote(&mut self, written: usize) {
+        let written = written.min(self.outbuf.len());
+        // The first frame boundary at or past what was written.
+        let mut boundary = self.outbuf_front_rest;
+        while boundary < written {
+            boundary += encoded_frame_bytes(&self.outbuf[boundary..]);
+        }
+        self.outbuf.drain(..written);
+        self.outbuf_front_rest = boundary - written;
+    }
+
+    /// Takes the `Send` frames not yet written, none of whose bytes went out, out of `outbuf`;
+    /// the rest of a frame partly written stays, so that the stream stays whole.
+    fn drop_unwritten_sends(&mut self) {
+        let mut kept = self.outbuf[..self.outbuf_front_rest].to_vec();
+        let mut at = self.outbuf_front_rest;
+        while at < self.outbuf.len() {
+            let frame_bytes = encoded_frame_bytes(&self.outbuf[at..]);
+            let frame = &self.outbuf[at..at + frame_bytes];
+            if !matches!(
+                courier_protocol::decode(frame),
+                Ok(Some((Frame::Send { .. }, _)))
+            ) {
+                kept.extend_from_slice(frame);
+            }
+            at += frame_bytes;
+        }
+        self.outbuf = kept;
+    }
+
     async fn open(
         connector: &Connector,
         options: &ConnectOptions,
@@ -887,6 +921,7 @@ impl Link {
             recv,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
+            outbuf_front_rest: 0,
         })
     }
 
@@ -1319,7 +1354,7 @@ impl Driver {
             {
                 return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
             }
-            link.outbuf.clear();
+            link.wrote(link.outbuf.len());
             let Ok(accepted) = tokio::time::timeout_at(welcome_by, accepted).await else {
                 return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
             };
@@ -1365,9 +1400,7 @@ impl Driver {
                 }
                 written = link.send.write(&link.outbuf), if !link.outbuf.is_empty() => {
                     match written {
-                        Ok(written) => {
-                            link.outbuf.drain(..written);
-                        }
+                        Ok(written) => link.wrote(written),
                         Err(error) => {
                             debug!(%error, "stream write failed");
                             return LinkEnd::Lost(link.lost(STREAM_END_CLOSE_WAIT).await);
@@ -1427,6 +1460,9 @@ impl Driver {
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
     /// the server to close the connection after reading it.
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
+        // The sends still in the buffer failed with `Shutdown`: written now, they could be
+        // stored after their callers were told otherwise.
+        link.drop_unwritten_sends();
         if self.take_transmits_up_to(&mut link, usize::MAX).is_ok() {
             let flush = async {
                 link.send.write_all(&link.outbuf).await.ok()?;
@@ -1607,6 +1643,15 @@ pub mod raw {
 
 /// Hands every whole frame of `data` to `on_frame`, after the frame the previous read split
 /// (buffered in `inbuf`), and buffers the frame split at its end; stops at the first error.
+/// The length of the frame `buf` starts with, as this SDK encoded it: its prefix and body, or
+/// all of `buf` where that cannot be read (never for the SDK's own frames).
+fn encoded_frame_bytes(buf: &[u8]) -> usize {
+    match courier_protocol::peek_length(buf) {
+        Ok(Some(body)) => (courier_protocol::LENGTH_PREFIX_BYTES + body).min(buf.len()),
+        _ => buf.len(),
+    }
+}
+
 /// Only split frames are copied; the rest is decoded where quinn left it. quinn hands over
 /// about one packet per read, so most reads finish or split a frame.
 fn take_frames(
@@ -1755,6 +1800,10 @@ mod scripted_server_tests {
 
     impl Scripted {
         fn start() -> Scripted {
+            Scripted::start_with(quinn::TransportConfig::default())
+        }
+
+        fn start_with(transport: quinn::TransportConfig) -> Scripted {
             let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])
                 .expect("a self-signed certificate");
             let key =
@@ -1769,7 +1818,8 @@ mod scripted_server_tests {
             tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
             let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
                 .expect("a QUIC server configuration");
-            let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            server.transport_config(Arc::new(transport));
             let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap())
                 .expect("a server endpoint on loopback");
             let connector =
@@ -1877,6 +1927,77 @@ mod scripted_server_tests {
             () = serve => panic!("the client did not finish in time"),
         };
         assert_eq!(received, None, "nothing handed out after the close");
+    }
+
+    /// Sends still in the driver's buffer when the application closes the client are not
+    /// written after it: their callers are told `Shutdown`, and stored after that, a resend
+    /// under a new id would reach the recipient twice. Only what was written before the close
+    /// (here at most the server's stream window) and the last ack go out. Before, the close
+    /// wrote the whole buffer, up to 1 MiB of sends.
+    #[tokio::test]
+    async fn sends_failed_by_a_close_are_not_written_after_it() {
+        const WINDOW_BYTES: u32 = 64 * 1024;
+        const BODY_BYTES: usize = 30 * 1024;
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(WINDOW_BYTES.into());
+        let server = Scripted::start_with(transport);
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        let serve = async {
+            let (_connection, _send, mut recv) = server.welcome().await;
+            // Nothing read until the client closed: its writes stop at the window.
+            closed_rx.await.expect("the client closes");
+            let mut send_bytes = 0;
+            let mut prefix = [0u8; courier_protocol::LENGTH_PREFIX_BYTES];
+            while recv.read_exact(&mut prefix).await.is_ok() {
+                let length = courier_protocol::peek_length(&prefix)
+                    .expect("a valid prefix")
+                    .expect("whole");
+                let mut body = vec![0u8; length];
+                recv.read_exact(&mut body).await.expect("a frame body");
+                let frame = courier_protocol::decode_body(&body).expect("a frame");
+                if let Frame::Send { body, .. } = frame {
+                    send_bytes += body.len();
+                }
+            }
+            send_bytes
+        };
+        let client = async {
+            let client = server.client().await;
+            let mut sending = tokio::task::JoinSet::new();
+            for _ in 0..60 {
+                let sender = client.sender();
+                sending.spawn(async move { sender.send(9, vec![7u8; BODY_BYTES]).await });
+            }
+            // Long enough for the driver to fill the window and its buffer.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                sending.try_join_next().map(|_| ()),
+                None,
+                "answered without a server"
+            );
+            client.close();
+            while let Some(result) = sending.join_next().await {
+                assert_eq!(
+                    result.expect("a send task").map(|_| ()),
+                    Err(ClientError::Shutdown)
+                );
+            }
+            closed_tx.send(()).expect("the server waits");
+            client
+        };
+        let (send_bytes, _client) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(serve, client)
+        })
+        .await
+        .expect("done in time");
+        assert!(
+            send_bytes <= WINDOW_BYTES as usize + BODY_BYTES,
+            "{send_bytes} bytes of sends reached the server after the close"
+        );
+        assert!(
+            send_bytes > 0,
+            "the sends written before the close reached the server"
+        );
     }
 
     /// A send the server acknowledged in the same read as a fatal error is reported stored,

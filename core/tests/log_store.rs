@@ -1253,3 +1253,45 @@ fn old_dedupe_buckets_leave_by_whole_tables(moved_to_the_tier: bool) {
     );
     assert_eq!(dedupe_records(&store, 3), 3);
 }
+
+/// Two processes started on one new directory at once: one gets the store, the other is
+/// refused, and what the first commits survives a reopen. Before, the `FORMAT` file (and the
+/// salt every record is checked with) was written before the directory's lock was taken, so
+/// the refused opener could replace the salt of the store the other was filling, and the next
+/// open cut every journal as torn: an empty store, every acknowledged commit gone. (Threads
+/// stand for the processes: each open takes the lock through a descriptor of its own.)
+#[test]
+fn two_openers_of_a_new_directory_cannot_change_the_salt_under_each_other() {
+    for round in 0..200 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let barrier = std::sync::Barrier::new(2);
+        let opened = std::thread::scope(|scope| {
+            let openers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let store = LogStore::open(dir.path(), &LogOptions::default()).ok()?;
+                        set(&store, b"acknowledged", b"kept");
+                        // Held a moment, as a process that goes on serving does.
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        Some(())
+                    })
+                })
+                .collect();
+            openers
+                .into_iter()
+                .filter_map(|opener| opener.join().expect("no panic"))
+                .count()
+        });
+        assert!(opened <= 1, "round {round}: both openers held the store");
+        if opened == 1 {
+            let store = LogStore::open(dir.path(), &LogOptions::default())
+                .unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
+            assert_eq!(
+                get(&store, b"acknowledged"),
+                Some(b"kept".to_vec()),
+                "round {round}: an acknowledged commit was lost"
+            );
+        }
+    }
+}

@@ -502,9 +502,17 @@ impl ClientSession {
                     // once per cursor position.
                     if self.sync_sent_for != Some(self.received_up_to) {
                         self.sync_sent_for = Some(self.received_up_to);
-                        self.control.push_back(Frame::Sync {
-                            after_seq: self.received_up_to,
+                        // One `Sync` waits at most, from the latest cursor: it asks for
+                        // everything after it, so it stands for any older one.
+                        let after_seq = self.received_up_to;
+                        let queued = self.control.iter_mut().find_map(|frame| match frame {
+                            Frame::Sync { after_seq } => Some(after_seq),
+                            _ => None,
                         });
+                        match queued {
+                            Some(queued) => *queued = after_seq,
+                            None => self.control.push_back(Frame::Sync { after_seq }),
+                        }
                     }
                     return Ok(());
                 }
@@ -748,12 +756,21 @@ impl ClientSession {
         self.events.pop_front()
     }
 
+    /// Queues an `Ack` of everything acknowledged. One waits at most: an ack is cumulative,
+    /// so a queued one is raised instead (a server that withholds flow control credit while
+    /// it delivers cannot grow the queue).
     fn queue_ack(&mut self) {
         if self.link != Link::Down && self.acked_up_to > self.ack_sent_up_to {
             self.ack_sent_up_to = self.acked_up_to;
-            self.control.push_back(Frame::Ack {
-                up_to_seq: self.acked_up_to,
+            let up_to = self.acked_up_to;
+            let queued = self.control.iter_mut().find_map(|frame| match frame {
+                Frame::Ack { up_to_seq } => Some(up_to_seq),
+                _ => None,
             });
+            match queued {
+                Some(queued) => *queued = up_to,
+                None => self.control.push_back(Frame::Ack { up_to_seq: up_to }),
+            }
         }
     }
 
@@ -884,6 +901,31 @@ mod tests {
         assert!(matches!(s.poll_event(), Some(ClientEvent::Welcome { .. })));
         s.handle_frame(0, deliver(1)).unwrap();
         assert!(matches!(s.poll_event(), Some(ClientEvent::Message(d)) if d.seq == 1));
+        // Nothing written meanwhile: gaps past a moving cursor leave one `Sync`, and acks
+        // made as messages come leave one `Ack`, each for the latest.
+        let mut now = 0;
+        for round in 1..=1_000u64 {
+            s.handle_frame(
+                now,
+                Frame::Hole {
+                    up_to_seq: 3 * round - 1,
+                },
+            )
+            .unwrap();
+            s.handle_frame(now, deliver(3 * round + 1)).unwrap();
+            s.handle_frame(now, deliver(3 * round)).unwrap();
+            s.consumed(now, 3 * round);
+            now += 1_000;
+            s.handle_timeout(now);
+        }
+        while s.poll_event().is_some() {}
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Frame::Sync { after_seq: 2_999 },
+                Frame::Ack { up_to_seq: 3_000 },
+            ]
+        );
     }
 
     /// Pending sends are bounded in bytes as well as in number, and a send answered gives

@@ -1219,6 +1219,11 @@ impl LogStore {
         let mut journals_synced = 0u64;
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("create store directory {}", dir.display()), e))?;
+        // The lock before anything is read or made: a second process opening a new directory
+        // at the same time would otherwise write its own `FORMAT`, and its salt, over the one
+        // the first is committing under (every record would then fail its check on the next
+        // open, as a torn one).
+        let lock = lock_dir(dir)?;
         // What recovery reads is what the disk holds, not pages a failed sync left behind.
         super::drop_cached_pages(dir);
         let format_path = dir.join(FORMAT_FILE);
@@ -1252,8 +1257,7 @@ impl LogStore {
                 remove(dir, &format!("{FORMAT_FILE}{TMP_SUFFIX}"))?;
                 let occupied = std::fs::read_dir(dir)
                     .map_err(|e| io(format!("list {}", dir.display()), e))?
-                    .next()
-                    .is_some();
+                    .any(|entry| entry.is_ok_and(|entry| entry.file_name() != LOCK_FILE));
                 if occupied {
                     return Err(StoreError::Corrupt(format!(
                         "{} holds files but no {FORMAT_FILE}: it is not a log store (another \
@@ -1268,7 +1272,6 @@ impl LogStore {
             }
             Err(e) => return Err(io(format!("read {}", format_path.display()), e)),
         }
-        let lock = lock_dir(dir)?;
         let dedupe_dir = dir.join(DEDUPE_DIR);
         if upgrade_from_v1 {
             // A version 1 store holds every dedupe record in its snapshot and journals. A tier
@@ -1776,9 +1779,12 @@ fn lower_this_threads_priority() {
     }
 }
 
+/// The file whose lock says the store is open.
+const LOCK_FILE: &str = "LOCK";
+
 /// An exclusive lock on `dir/LOCK`, held while the file stays open.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join("LOCK");
+    let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
