@@ -51,6 +51,7 @@ pub struct ClientConfig {
     /// `StoreUnavailable`, ...); each further refusal of the same send doubles it, up to
     /// `retry_after_max_ms`. A retry comes due at a point spread over the second half of its
     /// wait, so a window of sends refused together does not come back together.
+    /// Both at least `WAIT_MIN_MS`.
     pub retry_after_ms: u64,
     pub retry_after_max_ms: u64,
     /// Acks are gathered this long and the highest sent (acks are cumulative). The default,
@@ -64,6 +65,7 @@ pub struct ClientConfig {
     /// Signals waiting to be written; the oldest is dropped beyond it (signals are ephemeral).
     pub signals_queued_max: usize,
     /// First reconnect delay; doubles per failed attempt, with jitter, up to the maximum.
+    /// Both at least `WAIT_MIN_MS`.
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
     /// A link that stayed up this long after its `Welcome` starts the backoff over when it
@@ -195,12 +197,17 @@ pub fn is_fatal_code(code: ErrorCode) -> bool {
     )
 }
 
+/// The least a retry or reconnect waits, whatever the configuration says: with no wait a
+/// client whose edge is down or overloaded would retry as fast as its CPU goes (a zero backoff
+/// made every reconnect delay 0 ms).
+pub const WAIT_MIN_MS: u64 = 10;
+
 /// How long a send refused `refusals` times before waits for its next attempt: doubling from
 /// `retry_after_ms` up to `retry_after_max_ms`, at a point in the second half of that wait
 /// chosen by the send's id and attempt (no randomness needed: the ids of a refused window
 /// differ, so their retries spread).
 fn retry_wait_ms(config: &ClientConfig, client_id: u64, refusals: u32) -> Millis {
-    let first = config.retry_after_ms.max(1);
+    let first = config.retry_after_ms.max(WAIT_MIN_MS);
     let wait = first
         .saturating_mul(1u64 << refusals.min(32))
         .min(config.retry_after_max_ms.max(first));
@@ -393,7 +400,7 @@ impl ClientSession {
     /// capped at the maximum, with jitter (half to all of it) from `random`. Reset when a
     /// link that stayed up `link_healthy_after_ms` after its `Welcome` ends.
     pub fn reconnect_delay_ms(&mut self, random: u64) -> u64 {
-        let min = self.config.reconnect_backoff_min_ms.max(1);
+        let min = self.config.reconnect_backoff_min_ms.max(WAIT_MIN_MS);
         let max = self.config.reconnect_backoff_max_ms.max(min);
         let base = min
             .saturating_mul(1u64 << self.reconnect_attempts.min(32))
@@ -1095,6 +1102,27 @@ mod tests {
             s.reconnect_delay_ms(0),
             s.config.reconnect_backoff_min_ms / 2
         );
+    }
+
+    /// A configuration of no wait still waits `WAIT_MIN_MS` (half of it, with jitter) before
+    /// each reconnect and each retry of a refused send: before, a zero backoff reconnected
+    /// back to back, as fast as handshakes go.
+    #[test]
+    fn no_configured_wait_still_waits() {
+        let mut config = ClientConfig::new(b"token".to_vec(), 0);
+        config.reconnect_backoff_min_ms = 0;
+        config.reconnect_backoff_max_ms = 0;
+        config.retry_after_ms = 0;
+        config.retry_after_max_ms = 0;
+        let mut s = ClientSession::new(config.clone(), 0);
+        for random in 0..100 {
+            let delay = s.reconnect_delay_ms(random);
+            assert!(delay >= WAIT_MIN_MS / 2, "reconnect after {delay} ms");
+        }
+        for client_id in 1..=100 {
+            let wait = retry_wait_ms(&config, client_id, 3);
+            assert!(wait >= WAIT_MIN_MS / 2, "retry after {wait} ms");
+        }
     }
 
     /// Each retryable refusal of a send doubles its wait up to the maximum, and a window of
