@@ -358,13 +358,14 @@ pub struct ConnectOptions {
     /// acknowledged and then waits for an ack: acking less often than that stops delivery.
     pub auto_ack: bool,
     /// Reconnect when the connection is lost, with jittered exponential backoff between these
-    /// bounds.
+    /// bounds (each at least 10 ms, whatever is given: `courier_protocol::client::WAIT_MIN_MS`).
     pub reconnect: bool,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
     /// Wait this long before retrying a send the server refused with a retryable error
     /// (`Overloaded`, `StoreUnavailable`, ...); each further refusal of the same send doubles
     /// the wait, up to `retry_after_max`, and retries are spread over the second half of it.
+    /// Both at least 10 ms.
     pub retry_after: Duration,
     pub retry_after_max: Duration,
     /// Sends written and not yet answered; the rest wait in the client. At most the server's
