@@ -548,6 +548,8 @@ struct Receipt {
     seq: u64,
     to: UserId,
     ttl_secs: Option<u32>,
+    /// The edge's time when it stored the acknowledged copy.
+    server_time_ms: u64,
 }
 
 /// The body of `user`'s send `client_id`: it names the message, so the checkers find it. In
@@ -2190,6 +2192,7 @@ impl<S: SimStore> World<S> {
                                 seq: receipt.seq,
                                 to,
                                 ttl_secs,
+                                server_time_ms: receipt.server_time_ms,
                             },
                         );
                         if let Some(earlier) = earlier {
@@ -2379,9 +2382,24 @@ impl<S: SimStore> World<S> {
                         expected_per_device[index].insert(body.clone());
                         continue;
                     }
+                    // A copy stored more than a dedupe window (by the edge's clock) before the
+                    // acknowledged one is another message (docs/protocol.md): the retry was
+                    // stored again, and the acknowledged copy must have come, or expired, by
+                    // itself. The device's map holds its latest copy only.
+                    let stored_again = got.is_some_and(|seq| {
+                        seq < receipt.seq
+                            && device.sent_at_ms.get(&seq).is_some_and(|sent_at| {
+                                receipt.server_time_ms.saturating_sub(*sent_at)
+                                    >= self.config.dedupe_window_ms
+                            })
+                    });
                     // A copy a purge erased (with its dedupe record) may have reached the
                     // device before the retry that was acknowledged.
-                    if let Some(seq) = got.filter(|seq| *seq > erased_up_to) {
+                    if stored_again {
+                        self.stats.stored_again_past_dedupe_window += 1;
+                        expected_per_device[index].insert(body.clone());
+                    }
+                    if let Some(seq) = got.filter(|seq| *seq > erased_up_to && !stored_again) {
                         return Err(format!(
                             "message {}:{client_id} acked as {}#{} but delivered to device {} as {seq}",
                             sender.user, receipt.to, receipt.seq, device.device
@@ -2609,6 +2627,7 @@ fn simulation_detects_a_lost_acknowledged_message() {
             seq: 1,
             to,
             ttl_secs: None,
+            server_time_ms: 0,
         },
     );
     for client in &mut world.clients {
