@@ -95,6 +95,9 @@ pub struct ConfigError {
     pub expected: &'static str,
 }
 
+/// The longest acks may wait before they are committed.
+pub const ACK_COMMIT_DELAY_MS_LIMIT: u64 = 60_000;
+
 impl CoreConfig {
     /// Checks relations between the values; the runtime calls this at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -141,6 +144,13 @@ impl CoreConfig {
         }
         if self.commit_slow_ms == 0 {
             return fail("commit_slow_ms", "at least 1");
+        }
+        if self.ack_commit_delay_ms > ACK_COMMIT_DELAY_MS_LIMIT {
+            return fail(
+                "ack_commit_delay_ms",
+                "at most 60000 (a minute): acks delete delivered messages, and every ack waiting \
+                 is a re-delivery after a crash",
+            );
         }
         if !(1..=BATCHES_IN_FLIGHT_LIMIT).contains(&self.batches_in_flight_max) {
             return fail("batches_in_flight_max", "1 or 2");

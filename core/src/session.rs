@@ -732,6 +732,15 @@ impl<A: Authenticator> EdgeSession<A> {
                 .sum::<usize>()
     }
 
+    /// Makes every ack (and forget) waiting now due at once, the guests' too: a draining edge
+    /// commits them before it exits instead of waiting out `ack_commit_delay_ms`.
+    pub fn acks_due_now(&mut self) {
+        self.inbox.acks_due_now();
+        for guest in self.guests.values_mut() {
+            guest.acks_due_now();
+        }
+    }
+
     /// Requests waiting for a commit, and whether one is in flight: a shard is idle when both
     /// are zero.
     pub fn queued_requests(&self) -> usize {

@@ -218,6 +218,15 @@ impl<T> InboxShard<T> {
             .map(|since| since.saturating_add(self.ack_delay_ms))
     }
 
+    /// Makes the acks (and forgets) waiting now due at once: a draining edge commits them
+    /// before it exits instead of waiting out `ack_commit_delay_ms`, which may be longer than
+    /// its grace.
+    pub fn acks_due_now(&mut self) {
+        if self.acks_waiting_since_ms.is_some() {
+            self.acks_waiting_since_ms = Some(0);
+        }
+    }
+
     /// Sends waiting for a batch.
     pub fn queued_sends(&self) -> usize {
         self.queue.len()

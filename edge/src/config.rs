@@ -151,7 +151,12 @@ impl ClusterSection {
         }
         for member in &self.members {
             let address = member.client_address.trim();
-            if address.is_empty() || address.len() > courier_protocol::ADDRESS_BYTES_MAX {
+            // Clients resolve it as given: without a port they can neither parse nor look it
+            // up, and every redirect to this member would fail.
+            let has_port = address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+            });
+            if !has_port || address.len() > courier_protocol::ADDRESS_BYTES_MAX {
                 return Err((
                     "cluster.members.client_address",
                     format!(
@@ -597,6 +602,7 @@ fn toml_key_of_core_field(field: &'static str) -> &'static str {
         "queue_requests_per_sender_max" => "batching.queue_requests_per_sender_max",
         "queue_bytes_per_sender_max" => "batching.queue_bytes_per_sender_max",
         "commit_slow_ms" => "batching.commit_slow_ms",
+        "ack_commit_delay_ms" => "batching.ack_commit_delay_ms",
         "batches_in_flight_max" => "batching.batches_in_flight_max",
         "expire_scan_keys_max/sync_messages_max" => {
             "retention.expire_scan_keys_max or batching.sync_messages_max"
@@ -616,6 +622,9 @@ const DEDUPE_WINDOW_SECS_MIN: u64 = 600;
 
 /// Highest `server.shutdown_grace_secs`: a stop that takes longer is a hung edge.
 const SHUTDOWN_GRACE_SECS_LIMIT: u64 = 600;
+/// The largest socket buffer asked for: the kernel takes the size as a C `int`, and socket2
+/// casts without a check (4 GiB became 0, the kernel's minimum).
+const SOCKET_BUFFER_BYTES_LIMIT: usize = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -866,8 +875,18 @@ impl Config {
                 "at most 255 (the shard id is one byte of every connection id)",
             );
         }
-        if self.server.socket_buffer_bytes < 64 * 1024 {
-            return invalid("server.socket_buffer_bytes", "at least 65536");
+        if self.server.listen.port() == 0 {
+            return invalid(
+                "server.listen",
+                "an address with a port other than 0: every shard would bind a random port of \
+                 its own, and clients could find none",
+            );
+        }
+        if !(64 * 1024..=SOCKET_BUFFER_BYTES_LIMIT).contains(&self.server.socket_buffer_bytes) {
+            return invalid(
+                "server.socket_buffer_bytes",
+                "from 65536 to 1073741824 (1 GiB; the kernel takes the size as a 32-bit int)",
+            );
         }
         if !(-20..=19).contains(&self.server.store_writer_nice) {
             return invalid(
@@ -1258,6 +1277,41 @@ mod tests {
     }
 
     #[test]
+    fn the_listen_port_is_not_0() {
+        check_accepted_values(
+            "server.listen",
+            &[(0u16, false), (1, true), (4433, true)],
+            |config, port| config.server.listen.set_port(port),
+        );
+    }
+
+    /// A size past `c_int` wrapped to the kernel's minimum without a word.
+    #[test]
+    fn socket_buffers_fit_the_kernels_int() {
+        check_accepted_values(
+            "server.socket_buffer_bytes",
+            &[
+                (65_535usize, false),
+                (65_536, true),
+                (1 << 30, true),
+                ((1 << 30) + 1, false),
+                (1 << 32, false),
+            ],
+            |config, bytes| config.server.socket_buffer_bytes = bytes,
+        );
+    }
+
+    /// Acks delete delivered messages: waiting longer than a minute only keeps them.
+    #[test]
+    fn acks_wait_at_most_a_minute() {
+        check_accepted_values(
+            "batching.ack_commit_delay_ms",
+            &[(0u64, true), (60_000, true), (60_001, false)],
+            |config, delay_ms| config.batching.ack_commit_delay_ms = delay_ms,
+        );
+    }
+
+    #[test]
     fn client_ack_delay_is_between_1_ms_and_1_s() {
         check_accepted_values(
             "quic.client_ack_delay_ms",
@@ -1542,6 +1596,33 @@ mod tests {
             .collect();
         let error = config.validate("test").unwrap_err().to_string();
         assert!(error.contains("cluster.members"), "{error}");
+    }
+
+    /// Clients resolve a member's `client_address` as given (a redirect carries it): one
+    /// without a port could be neither parsed nor looked up.
+    #[test]
+    fn a_members_client_address_names_a_port() {
+        for (address, accepted) in [
+            ("edge-2.example.com:4433", true),
+            ("10.0.0.2:4433", true),
+            ("[2001:db8::2]:4433", true),
+            ("edge-2.example.com", false),
+            (":4433", false),
+            ("edge-2:0", false),
+            ("edge-2:port", false),
+            ("", false),
+        ] {
+            let mut config = cluster_of_two();
+            config.cluster.members[1].client_address = address.to_string();
+            let result = config.validate("test");
+            assert_eq!(result.is_ok(), accepted, "{address:?}: {result:?}");
+            if let Err(error) = result {
+                assert!(
+                    error.to_string().contains("cluster.members.client_address"),
+                    "{error}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2273,6 +2273,8 @@ impl Shard {
         // for only now that the connections are closed: while clients were connected their
         // acks (each waiting `ack_commit_delay_ms`) kept the queue from ever being empty at a
         // check, and a busy edge ran out its grace without telling its clients to reconnect.
+        // No new ack comes now: those waiting go at once, not after their delay.
+        self.session.acks_due_now();
         self.session.queued_requests() == 0 && !self.session.batch_in_flight()
     }
 

@@ -303,3 +303,34 @@ async fn sigterm_while_clients_drain_backlogs_closes_them_and_exits_in_time() {
         "every backlog was drained before the edge stopped: the test shows nothing"
     );
 }
+
+/// Acks waiting out `batching.ack_commit_delay_ms` when SIGTERM comes commit at once: the
+/// drain does not wait out a delay longer than its grace. Before, an ack that came just before
+/// the signal held the drain until the grace ran out, and the edge exited 2 (without saving
+/// its TLS sessions) instead of 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_commits_waiting_acks_at_once() {
+    let mut edge = Edge::start_with(
+        1,
+        "shutdown_grace_secs = 3\n[batching]\nack_commit_delay_ms = 30000\n",
+        &[],
+    );
+    let alice = edge.client(170).await;
+    let mut bob = edge.client(171).await;
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        alice.send(171, b"acked before the stop".to_vec()),
+    )
+    .await
+    .expect("in time")
+    .expect("stored");
+    let delivery = tokio::time::timeout(EVENT_TIMEOUT, bob.recv_message())
+        .await
+        .expect("delivered in time")
+        .expect("a delivery");
+    assert_eq!(delivery.body, b"acked before the stop");
+    // Bob's ack (automatic, sent after the SDK's 25 ms) reaches the edge and waits there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Past the grace the edge exits 2: exit 0 says the drain ended within it.
+    assert!(edge.terminate(), "the edge exits 0 within its grace");
+}
