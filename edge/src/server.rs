@@ -844,16 +844,33 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     if config.cluster.enabled() {
         tls::load_cluster_tls(config)?;
     }
-    if !config.auth.signing_key_path.as_os_str().is_empty() {
-        let key = auth::read_signing_key(&config.auth.signing_key_path)?;
+    let signing_key_path = auth::signing_key_path(config);
+    if !config.auth.signing_key_path.as_os_str().is_empty() || signing_key_path.exists() {
+        let key = auth::read_signing_key(&signing_key_path)?;
         auth::verifier(config, &key)?;
+    } else if auth::verify_keys(config)?.contains_key(&config.auth.signing_key_id) {
+        // The development key is made at the first start: no entry can be its public half.
+        return Err(format!(
+            "auth.verify_keys has an entry under auth.signing_key_id {}, the id of the \
+             development key this edge would make at {}: remove the entry, give it another \
+             id, or set auth.signing_key_path to the key it belongs to",
+            config.auth.signing_key_id,
+            signing_key_path.display()
+        ));
     }
     auth::verify_keys(config)?;
     check_writable(&config.server.data_dir)?;
     if config.control.enabled {
         crate::control::check_path(&config.control_socket_path(), &config.server.data_dir)?;
     }
-    crate::stores::check_layout(&config.server.data_dir, config.shard_count())
+    match config.store_config().map_err(|e| e.to_string())? {
+        courier_core::store::config::StoreConfig::Embedded { .. } => crate::stores::check_layout(
+            &config.server.data_dir,
+            config.shard_count(),
+            &config.store.engine,
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The data directory, or the nearest directory above it that exists, accepts a new file.

@@ -26,6 +26,9 @@ use tracing::info;
 use crate::backend::EmbeddedEngine;
 
 const LAYOUT_FILE: &str = "layout";
+/// Written before a first start makes the shards' stores, removed once their layout is:
+/// found without a layout, it says those stores never served and may be made again.
+const MAKING_FILE: &str = "making";
 const LAYOUT_HEADER: &str = "courier store layout 2";
 /// Keys copied per transaction during a migration.
 const MIGRATION_KEYS_PER_COMMIT: usize = 10_000;
@@ -47,15 +50,35 @@ pub fn shard_dir(stores: &Path, shard: u32) -> PathBuf {
     stores.join(format!("shard-{shard}"))
 }
 
-/// Checks, without writing anything, that an edge with `shards` shards can open the store in
-/// `data_dir` (no store yet, an old single store to migrate, or a layout of that many shards).
-pub fn check_layout(data_dir: &Path, shards: u32) -> Result<(), String> {
-    match read_layout(&stores_dir(data_dir))? {
-        Some(existing) if existing != shards => {
-            Err(shard_count_error(&stores_dir(data_dir), existing, shards))
-        }
-        _ => Ok(()),
+/// Checks, without writing anything, that an edge with `shards` shards of the embedded
+/// `engine` (`fjall` or `log`) can open the store in `data_dir`: no store yet, an old single
+/// store to migrate, or a layout of that many shards whose stores that engine wrote.
+pub fn check_layout(data_dir: &Path, shards: u32, engine: &str) -> Result<(), String> {
+    let stores = stores_dir(data_dir);
+    if let Some(existing) = read_layout(&stores)?
+        && existing != shards
+    {
+        return Err(shard_count_error(&stores, existing, shards));
     }
+    for shard in 0..shards {
+        let dir = shard_dir(&stores, shard);
+        let written_by = if LogStore::is_log_store(&dir) {
+            "log"
+        } else if <FjallStore as EmbeddedEngine>::exists(&dir) {
+            "fjall"
+        } else {
+            continue;
+        };
+        if written_by != engine {
+            return Err(format!(
+                "{} holds a store of the {written_by} engine, and store.engine is {engine:?}: \
+                 set store.engine = \"{written_by}\" (the engines cannot read each other's \
+                 files)",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn shard_count_error(stores: &Path, existing: u32, shards: u32) -> String {
@@ -85,6 +108,7 @@ pub fn open_embedded(
                 // the old database: finish it.
                 remove_legacy(&legacy)?;
             }
+            remove_making_marker(&stores)?;
         }
         None => {
             if !legacy.exists() {
@@ -104,9 +128,65 @@ fn open_new<E: EmbeddedEngine + Send + Sync>(
     shards: u32,
     options: &E::Options,
 ) -> Result<Vec<Arc<E>>, String> {
+    begin_first_start(stores)?;
     let opened = open_shards(stores, shards, options, Existing::MayBeMade)?;
     create_layout(stores, shards)?;
+    remove_making_marker(stores)?;
     Ok(opened)
+}
+
+/// Marks `stores` as being made by a first start, after removing what an earlier one that
+/// failed or died before its layout left: that never served (the edge serves only once every
+/// store is open), so it is made again, with this start's shard count.
+fn begin_first_start(stores: &Path) -> Result<(), String> {
+    let making = stores.join(MAKING_FILE);
+    if making.exists() {
+        clear_unfinished_start(stores)?;
+    }
+    crate::files::replace_file(
+        &making,
+        &stores.join(format!("{MAKING_FILE}.tmp")),
+        b"a first start is making these stores\n",
+        0o644,
+    )
+}
+
+/// Removes what an unfinished first start left in `stores`, its marker last.
+fn clear_unfinished_start(stores: &Path) -> Result<(), String> {
+    let entries =
+        std::fs::read_dir(stores).map_err(|e| format!("cannot list {}: {e}", stores.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", stores.display()))?;
+        if entry.file_name() == MAKING_FILE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| {
+            format!(
+                "cannot remove {}, left by a first start that did not finish: {e}",
+                path.display()
+            )
+        })?;
+    }
+    info!(stores = %stores.display(), "removed the stores of a first start that did not finish");
+    Ok(())
+}
+
+/// Removes the first start's marker once the layout is written (a crash before leaves it, and
+/// the next start with a layout removes it).
+fn remove_making_marker(stores: &Path) -> Result<(), String> {
+    let making = stores.join(MAKING_FILE);
+    match std::fs::remove_file(&making) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot remove {}: {e}", making.display())),
+    }
+    crate::files::sync_dir(stores).map_err(|e| format!("cannot sync {}: {e}", stores.display()))
 }
 
 /// Whether an open may make a shard's store where there is none.
@@ -147,7 +227,10 @@ pub fn open_embedded_log(
         Some(existing) if existing != shards => {
             return Err(shard_count_error(&stores, existing, shards));
         }
-        Some(_) => open_shards(&stores, shards, options, Existing::Required)?,
+        Some(_) => {
+            remove_making_marker(&stores)?;
+            open_shards(&stores, shards, options, Existing::Required)?
+        }
         None if legacy.exists() => {
             return Err(format!(
                 "{} holds a store from before per-shard stores, which the log engine cannot \
@@ -259,6 +342,11 @@ fn read_layout(stores: &Path) -> Result<Option<u32>, String> {
             if only_the_copy && temporary.exists() {
                 std::fs::remove_file(&temporary)
                     .map_err(|e| format!("cannot remove {}: {e}", temporary.display()))?;
+            }
+            // A first start that did not finish is no foreign directory: the next start
+            // makes its stores again.
+            if stores.join(MAKING_FILE).exists() {
+                return Ok(None);
             }
             if stores.exists() && std::fs::read_dir(stores).is_ok_and(|mut d| d.next().is_some()) {
                 return Err(format!(
@@ -573,16 +661,63 @@ mod tests {
     fn another_shard_count_is_refused_with_the_count_to_set() {
         let data = tempfile::tempdir().expect("tempdir");
         let options = FjallOptions::default();
-        assert!(check_layout(data.path(), 4).is_ok(), "no store yet");
+        assert!(
+            check_layout(data.path(), 4, "fjall").is_ok(),
+            "no store yet"
+        );
         drop(open_embedded(data.path(), 2, &options).expect("creates"));
         let error = open_embedded(data.path(), 4, &options).expect_err("refused");
         assert!(error.contains("server.shards = 2"), "{error}");
         assert_eq!(
-            check_layout(data.path(), 4),
+            check_layout(data.path(), 4, "fjall"),
             Err(error),
             "check-config says the same"
         );
-        assert!(check_layout(data.path(), 2).is_ok());
+        assert!(check_layout(data.path(), 2, "fjall").is_ok());
+    }
+
+    /// A first start that died after making its stores and before writing their layout (or
+    /// whose last store failed to open) leaves no layout; the next start makes them again, with
+    /// its own shard count. Before, it called the data directory foreign ("holds files but no
+    /// layout file") for good.
+    #[test]
+    fn a_first_start_that_did_not_finish_is_made_again() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let stores = stores_dir(data.path());
+        let options = FjallOptions::default();
+        // The first start, four shards, dies before its layout.
+        begin_first_start(&stores).expect("marked");
+        drop(open_shards::<FjallStore>(&stores, 4, &options, Existing::MayBeMade).expect("made"));
+        assert!(check_layout(data.path(), 2, "fjall").is_ok());
+        let opened = open_embedded(data.path(), 2, &options).expect("made again");
+        assert_eq!(opened.len(), 2);
+        drop(opened);
+        assert!(!stores.join(MAKING_FILE).exists(), "the marker is gone");
+        assert!(
+            !shard_dir(&stores, 3).exists(),
+            "the dead start's stores are gone"
+        );
+        assert_eq!(read_layout(&stores), Ok(Some(2)));
+        // From now on a missing store is refused, not made.
+        std::fs::remove_dir_all(shard_dir(&stores, 1)).expect("lose shard 1");
+        let error = open_embedded(data.path(), 2, &options).expect_err("refused");
+        assert!(error.contains("restore it from a backup"), "{error}");
+    }
+
+    /// `check-config` refuses the other engine on a data directory one engine wrote, as the
+    /// start would (after making its keys and certificate), with the setting to change.
+    #[test]
+    fn another_engine_is_refused_with_the_engine_to_set() {
+        let data = tempfile::tempdir().expect("tempdir");
+        drop(open_embedded(data.path(), 2, &FjallOptions::default()).expect("creates"));
+        assert!(check_layout(data.path(), 2, "fjall").is_ok());
+        let error = check_layout(data.path(), 2, "log").expect_err("refused");
+        assert!(error.contains("store.engine = \"fjall\""), "{error}");
+        let logged = tempfile::tempdir().expect("tempdir");
+        drop(open_embedded_log(logged.path(), 1, &LogOptions::default()).expect("creates"));
+        assert!(check_layout(logged.path(), 1, "log").is_ok());
+        let error = check_layout(logged.path(), 1, "fjall").expect_err("refused");
+        assert!(error.contains("store.engine = \"log\""), "{error}");
     }
 
     #[test]

@@ -58,6 +58,15 @@ fn check_config_refuses_what_serve_would_refuse() {
             ),
             "auth.verify_keys id 2",
         ),
+        // An entry under the development key's id (1): that key is made at the first start,
+        // so no entry can be its public half. (Ed25519's base point, a valid key.)
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[[auth.verify_keys]]\nid = 1\npublic_key = \"WGZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=\"\n",
+                data.display()
+            ),
+            "auth.verify_keys has an entry under auth.signing_key_id 1",
+        ),
         (
             format!(
                 "[server]\ndata_dir = \"{}\"\n[control]\nsocket = \"/nonexistent/ctl.sock\"\n",
