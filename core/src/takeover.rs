@@ -87,6 +87,18 @@ pub struct Observed {
     pub beat: u64,
     /// The renew interval the edge said at its start; `None` from edges before it said one.
     pub renew_ms: Option<u64>,
+    /// Whether the edge said it takes over dead edges' users (`cluster.takeover`); `None`
+    /// from edges before they said so, taken as yes.
+    pub takes_over: Option<bool>,
+}
+
+/// What `r/{edge}` says: the renew interval (8 bytes, little-endian), then whether the edge
+/// takes over (1 byte; absent from edges before it).
+fn parse_beat_settings(value: Option<&[u8]>) -> (Option<u64>, Option<bool>) {
+    let Some(value) = value else {
+        return (None, None);
+    };
+    (keys::le_u64(value), value.get(8).map(|flag| *flag != 0))
 }
 
 /// Beats an edge may miss before it is judged dead, at the least: an edge's own
@@ -96,14 +108,20 @@ pub const BEATS_PER_TIMEOUT_MIN: u64 = 3;
 
 /// Says how often `edge` beats (on the first store, where [`observe_all`] reads), so that
 /// edges whose `lease_timeout_ms` is shorter than a few of its intervals wait longer before
-/// judging it dead, instead of taking its users over while it lives. Written at every start.
+/// judging it dead, instead of taking its users over while it lives; and whether it takes
+/// over (`takes_over`), so that no edge hands its users to, or leaves a dead edge's users
+/// for, one that would never claim them. Written at every start.
 pub fn publish_renew_interval<S: Store>(
     stores: &[S],
     edge: EdgeId,
     renew_ms: u64,
+    takes_over: bool,
 ) -> Result<(), StoreError> {
+    let mut value = [0u8; 9];
+    value[..8].copy_from_slice(&renew_ms.to_le_bytes());
+    value[8] = u8::from(takes_over);
     let mut txn = first(stores)?.begin()?;
-    txn.set(&keys::renew_interval(edge), &renew_ms.to_le_bytes());
+    txn.set(&keys::renew_interval(edge), &value);
     txn.commit()?;
     Ok(())
 }
@@ -127,13 +145,13 @@ fn read_observed<T: Transaction>(txn: &mut T, edge: EdgeId) -> Result<Observed, 
         .get(&beat_key(edge))?
         .and_then(|value| keys::le_u64(&value))
         .unwrap_or(0);
-    let renew_ms = txn
-        .get(&keys::renew_interval(edge))?
-        .and_then(|value| keys::le_u64(&value));
+    let (renew_ms, takes_over) =
+        parse_beat_settings(txn.get(&keys::renew_interval(edge))?.as_deref());
     Ok(Observed {
         lease,
         beat,
         renew_ms,
+        takes_over,
     })
 }
 
@@ -164,13 +182,14 @@ pub fn observe_all<S: Store>(
         .map(|(edge, read)| {
             let lease = read[0].as_deref().map(Lease::decode).transpose()?;
             let beat = read[1].as_deref().and_then(keys::le_u64).unwrap_or(0);
-            let renew_ms = read[2].as_deref().and_then(keys::le_u64);
+            let (renew_ms, takes_over) = parse_beat_settings(read[2].as_deref());
             Ok((
                 *edge,
                 Observed {
                     lease,
                     beat,
                     renew_ms,
+                    takes_over,
                 },
             ))
         })
@@ -503,6 +522,25 @@ impl Planner {
         })
     }
 
+    /// Whether `edge` would claim a dead or drained edge's users: not one that said it does
+    /// not take over (`cluster.takeover` off), though it beats and counts as alive.
+    fn takes_over(&self, edge: EdgeId) -> bool {
+        edge == self.edge
+            || self
+                .seen
+                .get(&edge)
+                .is_none_or(|(observed, _)| observed.takes_over != Some(false))
+    }
+
+    /// The edges alive that would take users over: the successors a rendezvous picks from.
+    fn successors_alive(&self, now_ms: UnixMillis) -> Vec<EdgeId> {
+        self.members
+            .iter()
+            .copied()
+            .filter(|edge| self.alive(*edge, now_ms) && self.takes_over(*edge))
+            .collect()
+    }
+
     /// How long `observed`'s beat may stand still before its edge is dead: this edge's
     /// timeout, or [`BEATS_PER_TIMEOUT_MIN`] of the edge's own renew intervals if longer.
     fn timeout_of(&self, observed: &Observed) -> u64 {
@@ -572,10 +610,9 @@ impl Planner {
     /// the same rendezvous a takeover uses. `None` when no other edge is alive.
     pub fn drain_target(&self, now_ms: UnixMillis) -> Option<EdgeId> {
         let alive: Vec<EdgeId> = self
-            .members
-            .iter()
-            .copied()
-            .filter(|edge| *edge != self.edge && self.alive(*edge, now_ms))
+            .successors_alive(now_ms)
+            .into_iter()
+            .filter(|edge| *edge != self.edge)
             .collect();
         (!alive.is_empty()).then(|| home_edge(SUCCESSOR_SALT ^ u64::from(self.edge), &alive))
     }
@@ -596,12 +633,7 @@ impl Planner {
             self.guests.remove(&edge);
             actions.push(TakeoverAction::Release { edge });
         }
-        let alive: Vec<EdgeId> = self
-            .members
-            .iter()
-            .copied()
-            .filter(|edge| self.alive(*edge, now_ms))
-            .collect();
+        let alive = self.successors_alive(now_ms);
         for (edge, (observed, changed_ms)) in &self.seen {
             // Names this edge but is not held here: handed over by a drain, claimed in a claim
             // whose answer was lost (unknown, or cut short between clusters), or claimed by
@@ -938,7 +970,7 @@ mod tests {
         let store = joined([MemoryStore::new()]);
         let renew_ms = TIMEOUT / 2;
         let lease = claim_own(&store, 2, 22, MEMBERS_EPOCH).expect("claim");
-        publish_renew_interval(&store, 2, renew_ms).expect("publish");
+        publish_renew_interval(&store, 2, renew_ms, true).expect("publish");
         claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
         let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
         // Every other beat is missed, and the next one is late (a busy store, a paused VM):
@@ -1031,6 +1063,46 @@ mod tests {
         assert!(claimed.is_ok());
         taker.claimed(1, claimed);
         assert_eq!(taker.server_of(1, 1), Some(2));
+    }
+
+    /// An edge with `cluster.takeover` off beats and counts as alive, but never claims
+    /// anyone: a drain does not hand it the users, and a dead edge's users go to a successor
+    /// that takes over. The non-taker here is the edge the rendezvous would pick, so before
+    /// (when every live edge was a candidate) the drain went to it, and the other edge left
+    /// the dead edge's users to it: served by no one, for good.
+    #[test]
+    fn an_edge_that_does_not_take_over_is_never_the_successor() {
+        let store = joined([MemoryStore::new()]);
+        let non_taker = home_edge(SUCCESSOR_SALT ^ 1, &[2, 3]);
+        let taker = 5 - non_taker;
+        let lease = claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
+        for (edge, takes_over) in [(taker, true), (non_taker, false)] {
+            let own = claim_own(&store, edge, 20 + u64::from(edge), MEMBERS_EPOCH).expect("claim");
+            publish_renew_interval(&store, edge, 100, takes_over).expect("publish");
+            renew(&store, edge, own, MEMBERS_EPOCH).expect("renew");
+        }
+        let observed = observe_all(&store, &[1, 2, 3]).expect("read");
+        assert_eq!(observed[&non_taker].takes_over, Some(false));
+        assert_eq!(observed[&taker].takes_over, Some(true));
+        assert_eq!(observed[&1].takes_over, None, "said nothing");
+        let mut draining = Planner::new(1, &[1, 2, 3], TIMEOUT);
+        draining.observe_round(0, observed.clone());
+        assert_eq!(draining.drain_target(0), Some(taker));
+        // Edge 1 dies instead: the taker claims its users once the timeout has passed,
+        // though the non-taker is alive (its beat goes on).
+        let mut successor = Planner::new(taker, &[1, 2, 3], TIMEOUT);
+        let mut round = observed;
+        for now in [0, TIMEOUT / 2, TIMEOUT] {
+            round.get_mut(&non_taker).expect("observed").beat += 1;
+            successor.observe_round(now, round.clone());
+        }
+        assert!(successor.alive(non_taker, TIMEOUT) && !successor.alive(1, TIMEOUT));
+        let actions = successor.actions(TIMEOUT);
+        assert!(
+            matches!(actions[..], [TakeoverAction::Claim { edge: 1, .. }]),
+            "the taker claims edge 1: {actions:?}"
+        );
+        drop(lease);
     }
 
     /// With several stores (FoundationDB clusters) each holds a copy of the lease: a claim

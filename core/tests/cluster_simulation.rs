@@ -688,7 +688,8 @@ impl World {
             }
             let lease = takeover::claim_own(&e.stores, e.id, owner, e.running.epoch)
                 .expect("claim own lease");
-            takeover::publish_renew_interval(&e.stores, e.id, e.renew_ms).expect("publish");
+            takeover::publish_renew_interval(&e.stores, e.id, e.renew_ms, !self.lease_only)
+                .expect("publish");
             e.lease = Some(lease);
             e.owner = owner;
             let planned = if self.lease_only {

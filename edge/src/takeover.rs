@@ -167,9 +167,16 @@ impl Takeover {
         // Before the first beat: an edge whose lease timeout is shorter than a few of this
         // edge's beats waits that many of them before judging it dead.
         retry_transient(|| {
-            takeover::publish_renew_interval(&stores, settings.edge, settings.renew_ms)
+            takeover::publish_renew_interval(
+                &stores,
+                settings.edge,
+                settings.renew_ms,
+                settings.takeover,
+            )
         })
-        .map_err(|e| format!("cannot write this edge's renew interval in the store: {e}"))?;
+        .map_err(|e| {
+            format!("cannot write this edge's renew interval and takeover in the store: {e}")
+        })?;
         info!(
             edge = settings.edge,
             epoch = own.epoch,
@@ -611,6 +618,23 @@ mod tests {
         });
         let (_, lease) = two.view().guests.into_iter().next().expect("a guest");
         assert_eq!(lease.holder, 2);
+    }
+
+    /// An edge with `cluster.takeover` off is no drain target: it would never claim the
+    /// users, and every other edge would leave them to it. Before, edge 1 handed them to
+    /// edge 2 all the same, and they were served by no one until edge 1 came back.
+    #[test]
+    fn a_drain_hands_no_users_to_an_edge_that_does_not_take_over() {
+        let store = Arc::new(vec![MemoryStore::new()]);
+        let (one, _) = Takeover::start(Arc::clone(&store), settings(1), 11).expect("1");
+        let mut off = settings(2);
+        off.takeover = false;
+        let (two, _) = Takeover::start(Arc::clone(&store), off, 22).expect("2");
+        // Edge 1 reads edge 2's lease, beat and settings within a few of its beats (20 ms).
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(one.drain(Duration::from_secs(5)), None);
+        assert!(!one.handed_over());
+        two.stop();
     }
 
     /// A start whose join and claim conflict (on FoundationDB, every beat of another edge
