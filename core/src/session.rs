@@ -1342,12 +1342,22 @@ impl<A: Authenticator> EdgeSession<A> {
         dropped
     }
 
-    /// When `poll_batch` (or `poll_guest_batch`) has a batch of waiting acks even if nothing
-    /// else arrives: the driver calls it again then (`InboxShard::batch_deadline_ms`).
-    pub fn batch_deadline_ms(&self) -> Option<UnixMillis> {
-        let own = self.drained_to.is_none().then_some(&self.inbox);
-        own.into_iter()
-            .chain(self.guests.values())
+    /// When `poll_batch` has a batch of waiting acks even if nothing else arrives: the driver
+    /// calls it again then (`InboxShard::batch_deadline_ms`).
+    pub fn own_batch_deadline_ms(&self) -> Option<UnixMillis> {
+        self.drained_to
+            .is_none()
+            .then(|| self.inbox.batch_deadline_ms())
+            .flatten()
+    }
+
+    /// When `poll_guest_batch` has a batch of a guest's waiting acks even if nothing else
+    /// arrives. Apart from [`EdgeSession::own_batch_deadline_ms`]: the driver holds guest
+    /// commits back after a failed one, and a deadline armed before that would find nothing to
+    /// take, again and again.
+    pub fn guest_batch_deadline_ms(&self) -> Option<UnixMillis> {
+        self.guests
+            .values()
             .filter_map(InboxShard::batch_deadline_ms)
             .min()
     }

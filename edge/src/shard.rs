@@ -97,6 +97,18 @@ const READ_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// After a failed commit, the next one waits this long: a failing store (a full disk) answers
 /// at once, and the requeued acks would otherwise be committed again in a tight loop.
 const COMMIT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// When the batch timer fires, in the shard's ms: the earliest of the own and the guests'
+/// batch deadlines (`(deadline, not before)` each), none before the end of its retry delay
+/// (`not before`, 0 when none runs). A deadline of acks put back after a failed commit is
+/// already past; armed at it while the retry waited, the timer fired at once, took nothing,
+/// and was armed again, in a loop that held the shard's executor until the delay ended.
+fn batch_timer_deadline_ms(own: (Option<u64>, u64), guests: (Option<u64>, u64)) -> Option<u64> {
+    [own, guests]
+        .into_iter()
+        .filter_map(|(deadline, not_before)| Some(deadline?.max(not_before)))
+        .min()
+}
 /// Share of the store's memory bound (`store.log_memory_bytes_max`) from which the shard
 /// refuses sends; the rest is room for what is already queued and for acks.
 const STORE_FULL_ON_PERCENT: u64 = 90;
@@ -2932,7 +2944,25 @@ impl Shard {
     /// Arms once per deadline: the timer task re-runs this after every wake, and waking it
     /// again for the same deadline would spin it until the deadline passed.
     fn arm_batch_timer(&mut self, now_ms: u64) {
-        let Some(deadline_ms) = self.session.batch_deadline_ms() else {
+        // A batch held back after a failed commit is due when its retry delay ends, not
+        // before: armed at its deadline (acks put back are due at once), the timer fired,
+        // found nothing it could take, and was armed again at once, a loop that held the
+        // shard's executor until the delay ended.
+        let not_before_ms = |retry_at: Option<Instant>| {
+            retry_at
+                .and_then(|at| at.checked_duration_since(Instant::now()))
+                .map_or(0, |left| now_ms + left.as_millis() as u64 + 1)
+        };
+        let Some(deadline_ms) = batch_timer_deadline_ms(
+            (
+                self.session.own_batch_deadline_ms(),
+                not_before_ms(self.commit_retry_at),
+            ),
+            (
+                self.session.guest_batch_deadline_ms(),
+                not_before_ms(self.guest_retry_at),
+            ),
+        ) else {
             return;
         };
         if self
@@ -3129,5 +3159,30 @@ mod tests {
         assert_ne!(group("2001:db8:1:2::1"), group("2001:db8:1:3::1"));
         assert_eq!(group("::ffff:203.0.113.7"), group("203.0.113.7"));
         assert_ne!(group("::ffff:203.0.113.7"), group("::ffff:203.0.113.8"));
+    }
+
+    /// Acks put back after a failed guest commit are due at once, but the guests' commits
+    /// wait out their retry delay: the timer fires when the delay ends (here at 1,100), not at
+    /// the past deadline (0), which had it fire and re-arm without end. The own deadline,
+    /// with no retry running, keeps its time.
+    #[test]
+    fn the_batch_timer_waits_for_a_retry_delay() {
+        assert_eq!(
+            batch_timer_deadline_ms((None, 0), (Some(0), 1_100)),
+            Some(1_100)
+        );
+        assert_eq!(
+            batch_timer_deadline_ms((Some(1_050), 0), (Some(0), 1_100)),
+            Some(1_050)
+        );
+        assert_eq!(
+            batch_timer_deadline_ms((Some(0), 1_100), (Some(1_200), 0)),
+            Some(1_100)
+        );
+        assert_eq!(
+            batch_timer_deadline_ms((Some(7), 0), (None, 1_100)),
+            Some(7)
+        );
+        assert_eq!(batch_timer_deadline_ms((None, 5), (None, 9)), None);
     }
 }
