@@ -1075,7 +1075,7 @@ mod tests {
         let store = joined([MemoryStore::new()]);
         let non_taker = home_edge(SUCCESSOR_SALT ^ 1, &[2, 3]);
         let taker = 5 - non_taker;
-        let lease = claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
+        claim_own(&store, 1, 11, MEMBERS_EPOCH).expect("claim");
         for (edge, takes_over) in [(taker, true), (non_taker, false)] {
             let own = claim_own(&store, edge, 20 + u64::from(edge), MEMBERS_EPOCH).expect("claim");
             publish_renew_interval(&store, edge, 100, takes_over).expect("publish");
@@ -1102,7 +1102,6 @@ mod tests {
             matches!(actions[..], [TakeoverAction::Claim { edge: 1, .. }]),
             "the taker claims edge 1: {actions:?}"
         );
-        drop(lease);
     }
 
     /// With several stores (FoundationDB clusters) each holds a copy of the lease: a claim
