@@ -688,6 +688,10 @@ impl SeqSource {
         if !batch.forgotten.contains(&inbox)
             && let Some(last) = known.last_seqs.get(&inbox)
         {
+            // Decided without reading the counter: the commit must still conflict with one
+            // that changed it since. On FoundationDB an attempt whose result was unknown may
+            // land after a later batch stored a send at the same seq, and would overwrite it.
+            txn.add_read_conflict(&keys::counter(inbox));
             return Ok(*last);
         }
         match read_counter(txn, inbox)? {
@@ -2088,6 +2092,215 @@ mod tests {
             body: b"hi".to_vec(),
             ttl_secs: None,
         })
+    }
+
+    /// A store that holds back one commit, as FoundationDB may after an unknown result, and
+    /// lands it later by FoundationDB's rule: it commits only if no key range it read (or
+    /// marked with `add_read_conflict`) was written by a commit since it began.
+    #[derive(Default)]
+    struct LateLanding {
+        inner: MemoryStore,
+        hold_next: std::sync::atomic::AtomicBool,
+        held: std::sync::Mutex<Option<HeldCommit>>,
+        /// The ranges every commit wrote, in commit order.
+        written: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    }
+
+    struct HeldCommit {
+        read: Vec<(Vec<u8>, Vec<u8>)>,
+        writes: Vec<HeldWrite>,
+        began_at: usize,
+    }
+
+    enum HeldWrite {
+        Set(Vec<u8>, Vec<u8>),
+        Clear(Vec<u8>),
+        ClearRange(Vec<u8>, Vec<u8>),
+        Add(Vec<u8>, u64),
+        Max(Vec<u8>, u64),
+    }
+
+    impl HeldWrite {
+        fn range(&self) -> (Vec<u8>, Vec<u8>) {
+            match self {
+                HeldWrite::Set(key, _)
+                | HeldWrite::Clear(key)
+                | HeldWrite::Add(key, _)
+                | HeldWrite::Max(key, _) => key_range(key),
+                HeldWrite::ClearRange(begin, end) => (begin.clone(), end.clone()),
+            }
+        }
+
+        fn apply<T: Transaction>(&self, txn: &mut T) {
+            match self {
+                HeldWrite::Set(key, value) => txn.set(key, value),
+                HeldWrite::Clear(key) => txn.clear(key),
+                HeldWrite::ClearRange(begin, end) => txn.clear_range(begin, end),
+                HeldWrite::Add(key, delta) => txn.atomic_add(key, *delta),
+                HeldWrite::Max(key, value) => txn.atomic_max(key, *value),
+            }
+        }
+    }
+
+    fn key_range(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut end = key.to_vec();
+        end.push(0);
+        (key.to_vec(), end)
+    }
+
+    struct LateTransaction<'a> {
+        store: &'a LateLanding,
+        inner: <MemoryStore as Store>::Transaction<'a>,
+        read: Vec<(Vec<u8>, Vec<u8>)>,
+        writes: Vec<HeldWrite>,
+        began_at: usize,
+    }
+
+    impl LateLanding {
+        /// Lands the held commit if nothing it read was written since it began; returns
+        /// whether it did.
+        fn land(&self) -> bool {
+            let held = self.held.lock().unwrap().take().expect("a held commit");
+            let conflicts =
+                self.written.lock().unwrap()[held.began_at..]
+                    .iter()
+                    .any(|(begin, end)| {
+                        held.read
+                            .iter()
+                            .any(|(read_begin, read_end)| begin < read_end && read_begin < end)
+                    });
+            if conflicts {
+                return false;
+            }
+            let mut txn = self.inner.begin().unwrap();
+            for write in &held.writes {
+                write.apply(&mut txn);
+            }
+            txn.commit().unwrap();
+            true
+        }
+    }
+
+    impl Store for LateLanding {
+        type Transaction<'a> = LateTransaction<'a>;
+
+        fn begin(&self) -> Result<LateTransaction<'_>, StoreError> {
+            Ok(LateTransaction {
+                store: self,
+                inner: self.inner.begin()?,
+                read: Vec::new(),
+                writes: Vec::new(),
+                began_at: self.written.lock().unwrap().len(),
+            })
+        }
+    }
+
+    impl Transaction for LateTransaction<'_> {
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.read.push(key_range(key));
+            self.inner.get(key)
+        }
+        fn get_range(
+            &mut self,
+            begin: &[u8],
+            end: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::store::KeyValue>, StoreError> {
+            self.read.push((begin.to_vec(), end.to_vec()));
+            self.inner.get_range(begin, end, limit)
+        }
+        fn add_read_conflict(&mut self, key: &[u8]) {
+            self.read.push(key_range(key));
+        }
+        fn set(&mut self, key: &[u8], value: &[u8]) {
+            self.writes
+                .push(HeldWrite::Set(key.to_vec(), value.to_vec()));
+            self.inner.set(key, value);
+        }
+        fn clear(&mut self, key: &[u8]) {
+            self.writes.push(HeldWrite::Clear(key.to_vec()));
+            self.inner.clear(key);
+        }
+        fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+            self.writes
+                .push(HeldWrite::ClearRange(begin.to_vec(), end.to_vec()));
+            self.inner.clear_range(begin, end);
+        }
+        fn atomic_add(&mut self, key: &[u8], delta: u64) {
+            self.writes.push(HeldWrite::Add(key.to_vec(), delta));
+            self.inner.atomic_add(key, delta);
+        }
+        fn atomic_max(&mut self, key: &[u8], value: u64) {
+            self.writes.push(HeldWrite::Max(key.to_vec(), value));
+            self.inner.atomic_max(key, value);
+        }
+        fn commit(self) -> Result<CommitVersion, StoreError> {
+            let store = self.store;
+            if store
+                .hold_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                // Dropped uncommitted here; it lands when the test says.
+                *store.held.lock().unwrap() = Some(HeldCommit {
+                    read: self.read,
+                    writes: self.writes,
+                    began_at: self.began_at,
+                });
+                return Err(StoreError::CommitUnknown);
+            }
+            let ranges: Vec<_> = self.writes.iter().map(HeldWrite::range).collect();
+            let version = self.inner.commit()?;
+            store.written.lock().unwrap().extend(ranges);
+            Ok(version)
+        }
+    }
+
+    /// A batch whose commit had an unknown result and lands after a later batch stored a
+    /// send to the same inbox (FoundationDB may let it) does not land over it: the committer
+    /// took the inbox's last seq from its cache, without reading the counter, so the commit
+    /// conflicted with nothing the later batch wrote, and put its own message at the seq the
+    /// later batch had acknowledged, losing that message. Now a cached seq adds a read
+    /// conflict on the counter.
+    #[test]
+    fn a_late_landing_commit_cannot_overwrite_a_later_acknowledged_send() {
+        let mut config = CoreConfig::default();
+        // The held attempt is the batch's only one, as when every retry failed too.
+        config.commit_attempts_max = 1;
+        let store = LateLanding::default();
+        let mut committer = Committer::new(&config);
+        let now = 1_000_000;
+        let from = |sender: UserId, client_id: u64, body: &[u8]| {
+            Request::Send(SendRequest {
+                sender,
+                client_id,
+                to: 7,
+                body: body.to_vec(),
+                ttl_secs: None,
+            })
+        };
+        // The cache learns inbox 7's last seq.
+        committer
+            .commit_batch(&store, &[from(1, 1, b"first")], now)
+            .unwrap();
+        store
+            .hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let unknown = committer.commit_batch(&store, &[from(2, 1, b"from A")], now);
+        assert_eq!(unknown.unwrap_err(), StoreError::CommitUnknown);
+        let outcomes = committer
+            .commit_batch(&store, &[from(3, 1, b"from B")], now)
+            .unwrap();
+        let [Outcome::Stored { seq: 2, .. }] = outcomes[..] else {
+            panic!("B's send stored at seq 2: {outcomes:?}");
+        };
+        assert!(!store.land(), "the held commit landed over B's");
+        let page = read_inbox(&store, 7, 0, now, &config).unwrap();
+        let bodies: Vec<(u64, &[u8])> = page
+            .messages
+            .iter()
+            .map(|message| (message.seq, &message.body[..]))
+            .collect();
+        assert_eq!(bodies, vec![(1, &b"first"[..]), (2, &b"from B"[..])]);
     }
 
     fn send_with_ttl(client_id: u64, to: UserId, ttl_secs: u32) -> Request {

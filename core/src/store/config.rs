@@ -642,6 +642,11 @@ mod tests {
             self.bytes += read_bytes(self.store.prefix_bytes + key.len());
             self.inner.get(key)
         }
+        fn add_read_conflict(&mut self, key: &[u8]) {
+            // A read conflict range, as a read's.
+            self.bytes += read_bytes(self.store.prefix_bytes + key.len());
+            self.inner.add_read_conflict(key);
+        }
         fn get_range(
             &mut self,
             begin: &[u8],

@@ -232,6 +232,9 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
         self.keys_read += 1;
         self.inner.get(key)
     }
+    fn add_read_conflict(&mut self, key: &[u8]) {
+        self.inner.add_read_conflict(key);
+    }
     fn get_range(
         &mut self,
         begin: &[u8],

@@ -640,6 +640,21 @@ impl Transaction for FdbTransaction<'_> {
         }
     }
 
+    fn add_read_conflict(&mut self, key: &[u8]) {
+        let begin = self.store.prefixed(key);
+        let mut end = begin.clone();
+        end.push(0);
+        let Some(trx) = &self.trx else {
+            return;
+        };
+        let added =
+            trx.add_conflict_range(&begin, &end, foundationdb::options::ConflictRangeType::Read);
+        if let Err(error) = added {
+            // Without the range the commit could overwrite a later one's writes: it fails.
+            self.fail(error, FdbPhase::Read);
+        }
+    }
+
     fn set(&mut self, key: &[u8], value: &[u8]) {
         let key = self.store.prefixed(key);
         self.forget_prefetched_key(&key);

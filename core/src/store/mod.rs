@@ -297,6 +297,14 @@ pub trait Transaction {
     /// still see the writes made between the hint and it.
     fn prefetch(&self, _key: &[u8]) {}
 
+    /// Makes the commit conflict with any other that writes `key` after this transaction
+    /// began, as a read of `key` would, without reading it: for a caller that decides from a
+    /// value it knows already (the committer's cache of an inbox's last seq). On FoundationDB
+    /// a read conflict range, which costs no round trip; a commit whose result was unknown and
+    /// lands late then cannot overwrite what a later commit wrote from the value it read. The
+    /// embedded stores commit one transaction at a time and never land one late: nothing.
+    fn add_read_conflict(&mut self, _key: &[u8]) {}
+
     /// Whether this store holds values of up to 20 bytes inline (fjall's byte strings, in
     /// every embedded engine), so that a shorter value saves an allocation. The committer
     /// writes dedupe records short only then (decision 0002): FoundationDB gains nothing from
