@@ -2263,9 +2263,11 @@ mod tests {
     /// conflict on the counter.
     #[test]
     fn a_late_landing_commit_cannot_overwrite_a_later_acknowledged_send() {
-        let mut config = CoreConfig::default();
         // The held attempt is the batch's only one, as when every retry failed too.
-        config.commit_attempts_max = 1;
+        let config = CoreConfig {
+            commit_attempts_max: 1,
+            ..CoreConfig::default()
+        };
         let store = LateLanding::default();
         let mut committer = Committer::new(&config);
         let now = 1_000_000;
