@@ -315,3 +315,44 @@ fn passes_complete_while_other_keyspaces_compact() {
     let (_, found) = scan(dir.path(), &marker);
     assert!(found.is_empty(), "the deleted marker is still in {found:?}");
 }
+
+/// A pass that reports itself complete leaves no sealed journal holding a deleted value.
+/// The journal a pass sealed was deleted only once every keyspace's tables held a seqno at
+/// least its last write's; a compaction into the last level that dropped the pass's newest
+/// tombstones (with the values they deleted) could lower that below the mark, and the
+/// journal, with the deleted marker in it, stayed while the pass said complete. Rounds, since
+/// a background compaction's timing decides.
+#[test]
+fn a_complete_pass_leaves_no_journal_with_a_deleted_value() {
+    for round in 0..20u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallOptions {
+            level0_runs_max: 1,
+            ..FjallOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), &options).expect("open");
+        let set = |key: &[u8], value: &[u8]| {
+            let mut txn = store.begin().expect("begin");
+            txn.set(key, value);
+            txn.commit().expect("commit");
+        };
+        set(&keys::message(7, 1), b"first");
+        set(&keys::message(7, 3), b"third");
+        store.erase_deleted().expect("a first pass");
+        let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+        set(&keys::message(7, 2), &marker);
+        let mut txn = store.begin().expect("begin");
+        txn.clear(&keys::message(7, 2));
+        txn.set(&keys::clock(), &round.to_le_bytes());
+        txn.commit().expect("commit");
+        let report = store.erase_deleted().expect("erase");
+        if report.complete {
+            let (_, found) = scan(dir.path(), &marker);
+            assert_eq!(
+                found,
+                Vec::<String>::new(),
+                "round {round}: a complete pass left the deleted marker ({report:?})"
+            );
+        }
+    }
+}

@@ -481,12 +481,19 @@ impl FjallStore {
             .collect();
         let mut compacted = vec![false; deleted.len()];
         let pass = || -> Result<bool, StoreError> {
-            self.db.rotate_journal().map_err(io_error)?;
+            let sealed = self.db.seal_journal().map_err(io_error)?;
             for keyspace in self.keyspaces() {
                 self.flush_memtables(keyspace)?;
             }
-            // Deletes the journal sealed above: everything in it is now in tables.
-            self.db.rotate_journal().map_err(io_error)?;
+            // Deletes the journal sealed above, and any before it: everything in them is now
+            // in tables. (fjall's own check, each keyspace's highest seqno in tables against
+            // the journal's, can keep it for good: a compaction that drops the newest
+            // tombstones with the values they deleted lowers that seqno below the mark.)
+            let flushed: Vec<&Keyspace> = self.keyspaces().collect();
+            let journals_gone = self
+                .db
+                .delete_journals_through(&sealed, &flushed)
+                .map_err(io_error)?;
             after_flush();
             for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
                 // false: lsm-tree kept skipping ours (a table still held by a background
@@ -494,7 +501,7 @@ impl FjallStore {
                 compacted[index] = self.compact_fully(self.keyspace_at(index))?;
             }
             // The compactions' input tables hold the deleted values until their files go.
-            self.collect_garbage_waiting()
+            Ok(self.collect_garbage_waiting()? && journals_gone)
         };
         let result = pass();
         // Tables a read still kept: the next pass compacts and collects again, even with

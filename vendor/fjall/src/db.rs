@@ -326,6 +326,16 @@ impl Database {
     ///
     /// Will return `Err` if an IO error occurs.
     pub fn rotate_journal(&self) -> crate::Result<()> {
+        self.seal_journal().map(|_| ())
+    }
+
+    /// [`Database::rotate_journal`], returning the path of the journal it sealed, for
+    /// [`Database::delete_journals_through`].
+    ///
+    /// # Errors
+    ///
+    /// Will return `Err` if an IO error occurs.
+    pub fn seal_journal(&self) -> crate::Result<std::path::PathBuf> {
         let mut journal_writer = self.supervisor.journal.get_writer()?;
         #[expect(clippy::expect_used)]
         let mut journal_manager = self
@@ -338,9 +348,33 @@ impl Database {
             let keyspaces = self.supervisor.keyspaces.write().expect("lock is poisoned");
             self.supervisor.build_seqno_map(&keyspaces)
         };
-        journal_manager.rotate_journal(&mut journal_writer, seqno_map)?;
+        let sealed = journal_manager.rotate_journal(&mut journal_writer, seqno_map)?;
         drop(journal_writer);
-        journal_manager.maintenance()
+        journal_manager.maintenance()?;
+        Ok(sealed)
+    }
+
+    /// Courier patch (see vendor/README.md): deletes the journal `sealed` (from
+    /// [`Database::seal_journal`]) and every one sealed before it, counting `flushed` as
+    /// flushed: call it only once every memtable of those keyspaces that was sealed after
+    /// `sealed` was has been flushed to tables. Other keyspaces' writes in them are checked as
+    /// journal maintenance does. Returns whether `sealed` is gone.
+    ///
+    /// # Errors
+    ///
+    /// Will return `Err` if an IO error occurs.
+    pub fn delete_journals_through(
+        &self,
+        sealed: &std::path::Path,
+        flushed: &[&crate::Keyspace],
+    ) -> crate::Result<bool> {
+        #[expect(clippy::expect_used)]
+        let mut journal_manager = self
+            .supervisor
+            .journal_manager
+            .write()
+            .expect("lock is poisoned");
+        journal_manager.delete_through(sealed, flushed)
     }
 
     /// Deletes the files of tables that no current version of any keyspace uses any more

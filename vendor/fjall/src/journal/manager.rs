@@ -170,17 +170,66 @@ impl JournalManager {
         &mut self,
         journal_writer: &mut MutexGuard<Writer>,
         watermarks: Vec<EvictionWatermark>,
-    ) -> crate::Result<()> {
+    ) -> crate::Result<PathBuf> {
         let journal_size = journal_writer.len()?;
 
         let (sealed_path, _) = journal_writer.rotate()?;
 
         self.enqueue(Item {
-            path: sealed_path,
+            path: sealed_path.clone(),
             watermarks,
             size_in_bytes: journal_size,
         });
 
-        Ok(())
+        Ok(sealed_path)
+    }
+
+    /// Courier patch (see vendor/README.md): deletes the sealed journals up to and including
+    /// `through`, oldest first, counting the keyspaces named in `flushed` (whose memtables the
+    /// caller flushed after `through` was sealed) as flushed whatever their tables' highest
+    /// seqno says; the others by `maintenance`'s check. Returns whether `through` is gone.
+    ///
+    /// `maintenance` alone can keep a journal for good: a compaction into the last level that
+    /// drops tombstones (with the values they deleted) lowers a keyspace's highest stored
+    /// seqno below the journal's mark, and nothing raises it until that keyspace is written
+    /// again.
+    pub(crate) fn delete_through(
+        &mut self,
+        through: &std::path::Path,
+        flushed: &[&Keyspace],
+    ) -> crate::Result<bool> {
+        if !self.items.iter().any(|item| item.path == through) {
+            // Journals go oldest first: it and every one before it are gone already.
+            return Ok(true);
+        }
+        loop {
+            let Some(item) = self.items.first() else {
+                return Ok(true);
+            };
+            for watermark in &item.watermarks {
+                let keyspace = &watermark.keyspace;
+                if keyspace.is_deleted.load(std::sync::atomic::Ordering::Acquire)
+                    || flushed.iter().any(|flushed| flushed.id == keyspace.id)
+                {
+                    continue;
+                }
+                let persisted = keyspace.tree.get_highest_persisted_seqno();
+                if persisted.is_none_or(|seqno| seqno < watermark.lsn) {
+                    return Ok(false);
+                }
+            }
+            std::fs::remove_file(&item.path).inspect_err(|e| {
+                log::error!(
+                    "Failed to clean up flushed journal file at {}: {e:?}",
+                    item.path.display(),
+                );
+            })?;
+            self.disk_space_in_bytes = self.disk_space_in_bytes.saturating_sub(item.size_in_bytes);
+            let done = item.path == through;
+            self.items.remove(0);
+            if done {
+                return Ok(true);
+            }
+        }
     }
 }
