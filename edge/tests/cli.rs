@@ -194,10 +194,15 @@ fn keygen_writes_a_usable_owner_only_key_and_never_overwrites() {
 fn serve_says_why_a_shard_could_not_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("edge.toml");
+    // A port free now (port 0 is refused: each shard would bind one of its own).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port")
+        .port();
     std::fs::write(
         &path,
         format!(
-            "[server]\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nshards = 2\n",
+            "[server]\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nshards = 2\n",
             dir.path().join("data").display()
         ),
     )
