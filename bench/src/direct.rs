@@ -1026,17 +1026,20 @@ impl<'a> Driver<'a> {
             return Ok(());
         };
         while *next_index < msgs {
-            let due = match (interval, next_tick.as_mut()) {
+            // When the send was meant to go: its tick when paced (latencies count from it,
+            // however late this loop got to it), else now.
+            let due_at = match (interval, next_tick.as_mut()) {
                 (Some(interval), Some(tick)) if *tick <= now => {
+                    let scheduled = *tick;
                     *tick += interval;
-                    true
+                    Some(scheduled)
                 }
-                (Some(_), _) => false,
-                (None, _) => *outstanding < in_flight,
+                (Some(_), _) => None,
+                (None, _) => (*outstanding < in_flight).then(Instant::now),
             };
-            if !due {
+            let Some(sent_at) = due_at else {
                 break;
-            }
+            };
             let message = *next_index;
             let client_id = u64::from(message) + 1;
             client
@@ -1044,11 +1047,11 @@ impl<'a> Driver<'a> {
                 .send(
                     client_id,
                     *to,
-                    body(*pair as u32, message, bytes, epoch),
+                    body(*pair as u32, message, bytes, epoch, sent_at),
                     None,
                 )
                 .map_err(|e| format!("send refused by the session: {e}"))?;
-            waiting.insert(client_id, (message, Instant::now()));
+            waiting.insert(client_id, (message, sent_at));
             *next_index += 1;
             *outstanding += 1;
             self.outcome.sent += 1;

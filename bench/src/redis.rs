@@ -547,10 +547,10 @@ async fn sender(
     });
     let sent: Result<(), String> = async {
         for index in 0..args.msgs {
-            match &mut ticker {
-                Some(ticker) => {
-                    ticker.tick().await;
-                }
+            // When the send was meant to go: its tick when paced (latencies count from it),
+            // else once the window let it.
+            let sent_at = match &mut ticker {
+                Some(ticker) => ticker.tick().await.into_std(),
                 None => {
                     if window
                         .acquire()
@@ -560,14 +560,15 @@ async fn sender(
                     {
                         return Ok(()); // The answers stopped: their error is the run's.
                     }
+                    Instant::now()
                 }
-            }
-            let message = body(pair, index, args.bytes, epoch);
+            };
+            let message = body(pair, index, args.bytes, epoch, sent_at);
             connection
                 .commands
                 .send(&[b"XADD", &key, b"*", b"b", &message])
                 .await?;
-            if sent_tx.send((index, Instant::now())).is_err() {
+            if sent_tx.send((index, sent_at)).is_err() {
                 return Ok(()); // The answers stopped: their error is the run's.
             }
             // Closed loop: flush once the window is full (the next send waits for an answer),
@@ -804,12 +805,15 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
         })
         .collect();
     let counters = Arc::new(Counters::default());
-    // Everyone connects before the clock starts, as in `pairs`.
+    // Everyone connects before the clock starts, as in `pairs`; offline, the receivers come
+    // back within the drain, as Courier's do (their handshakes and logins are its cost).
     let mut sender_connections = Vec::new();
     let mut receiver_connections = Vec::new();
     for _ in 0..pairs_args.pairs {
         sender_connections.push(Connection::open(&dial).await?);
-        receiver_connections.push(Connection::open(&dial).await?);
+        if !offline {
+            receiver_connections.push(Connection::open(&dial).await?);
+        }
     }
 
     let server_cpu_start = server_cpu_secs(server_pid);
@@ -872,6 +876,9 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     let drain_start = sends_done;
     let drain_cpu_start = (server_cpu_secs(server_pid), own_cpu_secs());
     if offline {
+        for _ in 0..pairs_args.pairs {
+            receiver_connections.push(Connection::open(&dial).await?);
+        }
         receive_tasks = spawn_receivers(receiver_connections);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(pairs_args.drain_timeout_secs);

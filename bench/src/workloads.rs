@@ -271,11 +271,22 @@ struct Counters {
     reordered: AtomicU64,
 }
 
-pub(crate) fn body(pair: u32, index: u32, bytes: usize, epoch: Instant) -> Vec<u8> {
+/// A message's body: its pair, its index and when it was meant to be sent (`sent_at`, ns since
+/// `epoch`), padded to `bytes`. A paced send's time is its tick, not when the load generator
+/// got to it: a generator running late would otherwise leave its own lag out of the latency
+/// (coordinated omission), and that lag comes when deliveries arrive in bursts.
+pub(crate) fn body(
+    pair: u32,
+    index: u32,
+    bytes: usize,
+    epoch: Instant,
+    sent_at: Instant,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(bytes.max(HEADER_BYTES));
     body.extend_from_slice(&pair.to_be_bytes());
     body.extend_from_slice(&index.to_be_bytes());
-    body.extend_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+    let sent_ns = sent_at.saturating_duration_since(epoch).as_nanos() as u64;
+    body.extend_from_slice(&sent_ns.to_be_bytes());
     body.resize(bytes.max(HEADER_BYTES), 0x5A);
     body
 }
@@ -462,13 +473,19 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                 );
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 for index in 0..args.msgs {
-                    ticker.tick().await;
+                    let scheduled = ticker.tick().await.into_std();
                     let sender = sender.clone();
                     let (states, counters, hist) = (states.clone(), counters.clone(), hist.clone());
                     let bytes = args.bytes;
                     lane_tasks.push(tokio::spawn(async move {
                         send_one(
-                            &sender, to, pair, index, bytes, epoch, &states, &counters, &hist,
+                            &sender,
+                            to,
+                            (pair, index, bytes),
+                            (epoch, scheduled),
+                            &states,
+                            &counters,
+                            &hist,
                         )
                         .await
                     }));
@@ -488,10 +505,8 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                             send_one(
                                 &sender,
                                 to,
-                                pair,
-                                index as u32,
-                                bytes,
-                                epoch,
+                                (pair, index as u32, bytes),
+                                (epoch, Instant::now()),
                                 &states,
                                 &counters,
                                 &hist,
@@ -514,8 +529,36 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         }));
     }
     let mut ack_hist = latency_histogram();
-    for task in send_tasks {
-        let (hist, errors) = task.await.map_err(|e| e.to_string())?;
+    // Bounded: an edge that stops answering (killed, hung) leaves every send waiting, since
+    // the clients reconnect and keep them pending. The run ends once no send was acknowledged
+    // and nothing was delivered for `--drain-timeout-secs`.
+    let stall_max = Duration::from_secs(args.drain_timeout_secs);
+    let mut progress = (0, 0);
+    let mut progress_at = Instant::now();
+    for mut task in send_tasks {
+        let (hist, errors) = loop {
+            match tokio::time::timeout(Duration::from_secs(1), &mut task).await {
+                Ok(joined) => break joined.map_err(|e| e.to_string())?,
+                Err(_) => {
+                    let now = (
+                        counters.acked.load(Ordering::Relaxed),
+                        counters.delivered.load(Ordering::Relaxed),
+                    );
+                    if now != progress {
+                        (progress, progress_at) = (now, Instant::now());
+                    } else if progress_at.elapsed() >= stall_max {
+                        task.abort();
+                        return Err(format!(
+                            "{workload}: no send acknowledged and nothing delivered for {} s \
+                             ({} of {} acknowledged): is the edge still running?",
+                            stall_max.as_secs(),
+                            now.0,
+                            u64::from(args.pairs) * u64::from(args.msgs)
+                        ));
+                    }
+                }
+            }
+        };
         ack_hist.add(&hist).expect("same bounds");
         report.errors.extend(errors.into_iter().take(5));
     }
@@ -812,21 +855,21 @@ pub(crate) fn tick_phase(pair: u32, interval: Duration, aligned: bool) -> Durati
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Sends message `index` of `pair` (`bytes` long), meant to go at `sent_at` (its tick when
+/// paced: latencies count from it).
 async fn send_one(
     sender: &courier_client::Sender,
     to: u64,
-    pair: u32,
-    index: u32,
-    bytes: usize,
-    epoch: Instant,
+    (pair, index, bytes): (u32, u32, usize),
+    (epoch, sent_at): (Instant, Instant),
     states: &[PairState],
     counters: &Counters,
     hist: &Mutex<Histogram<u64>>,
 ) -> Result<(), String> {
-    let started = Instant::now();
+    let started = sent_at;
     counters.sent.fetch_add(1, Ordering::Relaxed);
     let receipt = sender
-        .send(to, body(pair, index, bytes, epoch))
+        .send(to, body(pair, index, bytes, epoch, sent_at))
         .await
         .map_err(|e| format!("send failed: {e}"))?;
     let _ = hist
