@@ -170,12 +170,13 @@ impl Edge {
         } else {
             None
         };
-        let sessions_fingerprint = tls::certificates_fingerprint(
+        let sessions_fingerprint = tls::sessions_fingerprint(
             std::iter::once(identity.certs.as_slice()).chain(
                 cluster_tls
                     .iter()
                     .flat_map(|cluster| [cluster.certs(), cluster.ca_certs()]),
             ),
+            &config,
         );
         let (server_config, tls_sessions) =
             tls::server_config(&config, identity, cluster_tls.as_ref())?;

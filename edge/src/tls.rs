@@ -588,6 +588,31 @@ pub fn certificates_fingerprint<'a>(
     fingerprint
 }
 
+/// Raised whenever the code changes what the edge advertises in its transport parameters
+/// beyond what `[quic]` sets (2: no QUIC datagrams, `max_datagram_frame_size` gone).
+const TRANSPORT_PARAMETERS_VERSION: u32 = 2;
+
+/// What saved sessions must match to be resumed: the certificates
+/// ([`certificates_fingerprint`]) and the transport parameters the edge advertises. A client
+/// resuming with 0-RTT checks that no limit it cached with its ticket went down (RFC 9000,
+/// 7.4.1) and closes the connection if one did, and the session it came with is used up by
+/// then: sessions saved under other parameters (a smaller window in the config, a release
+/// that advertises less) are dropped at start instead, and their clients make one full
+/// handshake. Before, a planned restart that lowered a window failed every such client once.
+pub fn sessions_fingerprint<'a>(
+    lists: impl IntoIterator<Item = &'a [CertificateDer<'static>]>,
+    config: &Config,
+) -> [u8; 32] {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(&certificates_fingerprint(lists));
+    digest.update(&TRANSPORT_PARAMETERS_VERSION.to_le_bytes());
+    digest.update(&u64::from(config.quic.stream_receive_window_bytes).to_le_bytes());
+    digest.update(&u64::from(config.quic.receive_window_bytes).to_le_bytes());
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(digest.finish().as_ref());
+    fingerprint
+}
+
 /// Seconds since the Unix epoch, by the wall clock (a session's age must survive a restart).
 fn unix_now_secs() -> u64 {
     courier_core::clock::wall_clock_ms() / 1000
@@ -1398,6 +1423,44 @@ mod tests {
                 "round {round}: the resumption took its session and cached one new one"
             );
         }
+    }
+
+    /// Sessions saved under one set of transport parameters are not restored under another:
+    /// a client that resumed one with 0-RTT would find a limit it cached lowered and close the
+    /// connection (quinn's `validate_resumption_from`), its session used up. The certificates
+    /// alone decided before, so a restart that lowered a window failed every such client.
+    #[test]
+    fn saved_sessions_are_dropped_when_the_transport_parameters_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        let mut pair = Pair::new();
+        pair.drive(100);
+        let certs = [pair.identity.certs.as_slice()];
+        let config = Config::default();
+        let saved_under = sessions_fingerprint(certs, &config);
+        assert_eq!(saved_under, sessions_fingerprint(certs, &config));
+        let mut smaller = Config::default();
+        smaller.quic.stream_receive_window_bytes /= 2;
+        let started_under = sessions_fingerprint(certs, &smaller);
+        assert_ne!(saved_under, started_under);
+        assert_eq!(pair.sessions.save(&path, &saved_under).unwrap(), 1);
+        pair.restart_server(|sessions| {
+            assert!(
+                sessions.restore(&path, &started_under).is_err(),
+                "sessions saved under other transport parameters were restored"
+            );
+            assert!(sessions.is_empty());
+        });
+        pair.reconnect();
+        pair.drive(100);
+        assert!(
+            !pair.client_conn.1.accepted_0rtt(),
+            "no 0-RTT on a session the server no longer has"
+        );
+        assert!(
+            !pair.client_conn.1.is_handshaking(),
+            "a full handshake instead"
+        );
     }
 
     /// A stopping edge saves its sessions and the next process resumes them: its clients
