@@ -839,12 +839,7 @@ fn not_reloaded(running: &Config, reloaded: &Config) -> Vec<&'static str> {
 /// are readable and parse, the data directory can be written, and the store's layout fits the
 /// shard count.
 pub fn preflight(config: &Config) -> Result<(), String> {
-    if !config.tls.cert_path.as_os_str().is_empty() {
-        tls::load_identity(config)?;
-    }
-    if config.cluster.enabled() {
-        tls::load_cluster_tls(config)?;
-    }
+    tls::check_identities(config)?;
     let signing_key_path = auth::signing_key_path(config);
     if !config.auth.signing_key_path.as_os_str().is_empty() || signing_key_path.exists() {
         let key = auth::read_signing_key(&signing_key_path)?;

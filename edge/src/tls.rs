@@ -31,11 +31,12 @@ pub fn dev_cert_paths(config: &Config) -> (PathBuf, PathBuf) {
 /// Returns the identity and whether a certificate was just generated.
 pub fn load_identity(config: &Config) -> Result<(Identity, bool), String> {
     if !config.tls.cert_path.as_os_str().is_empty() {
-        return read_identity(&config.tls.cert_path, &config.tls.key_path).map(|id| (id, false));
+        return read_identity(&config.tls.cert_path, &config.tls.key_path, CONFIGURED)
+            .map(|id| (id, false));
     }
     let (cert_path, key_path) = dev_cert_paths(config);
     if cert_path.exists() && key_path.exists() {
-        return read_identity(&cert_path, &key_path).map(|id| (id, false));
+        return read_identity(&cert_path, &key_path, DEVELOPMENT).map(|id| (id, false));
     }
     // Neither, or one without the other (a first start that crashed in between): a new pair
     // replaces it.
@@ -46,7 +47,7 @@ pub fn load_identity(config: &Config) -> Result<(Identity, bool), String> {
     ];
     let (cert_pem, key_pem) = generate_dev_cert(DevCertKey::Ed25519, names)?;
     write_dev_cert(&cert_path, &key_path, &cert_pem, &key_pem)?;
-    read_identity(&cert_path, &key_path).map(|id| (id, true))
+    read_identity(&cert_path, &key_path, DEVELOPMENT).map(|id| (id, true))
 }
 
 /// The key type of a generated development certificate.
@@ -94,26 +95,98 @@ pub fn write_dev_cert(
     crate::files::replace_file(cert_path, &temporary(cert_path), cert_pem.as_bytes(), 0o644)
 }
 
-fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, String> {
+/// Where a certificate and key come from, for errors that name the setting to change.
+struct IdentitySource {
+    cert_setting: &'static str,
+    key_setting: &'static str,
+    /// What to do about a damaged file.
+    remedy: &'static str,
+}
+
+const CONFIGURED: IdentitySource = IdentitySource {
+    cert_setting: "tls.cert_path",
+    key_setting: "tls.key_path",
+    remedy: "point the setting at the right file",
+};
+
+/// The development certificate the edge made in its data directory.
+const DEVELOPMENT: IdentitySource = IdentitySource {
+    cert_setting: "the development certificate",
+    key_setting: "the development certificate's key",
+    remedy: "delete both files of the data directory's tls/ to generate a new pair (clients \
+             must then trust the new certificate)",
+};
+
+const CLUSTER: IdentitySource = IdentitySource {
+    cert_setting: "cluster.cert_path",
+    key_setting: "cluster.key_path",
+    remedy: "point the setting at the right file",
+};
+
+fn read_identity(
+    cert_path: &Path,
+    key_path: &Path,
+    source: IdentitySource,
+) -> Result<Identity, String> {
+    let IdentitySource {
+        cert_setting,
+        key_setting,
+        remedy,
+    } = source;
     let cert_pem = std::fs::read(cert_path)
-        .map_err(|e| format!("cannot read tls.cert_path {}: {e}", cert_path.display()))?;
+        .map_err(|e| format!("cannot read {cert_setting} {}: {e}", cert_path.display()))?;
     let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             format!(
-                "{} is not a PEM certificate chain: {e}",
+                "{cert_setting} {} is not a PEM certificate chain: {e}; {remedy}",
                 cert_path.display()
             )
         })?;
     if certs.is_empty() {
-        return Err(format!("{} holds no certificate", cert_path.display()));
+        return Err(format!(
+            "{cert_setting} {} holds no certificate; {remedy}",
+            cert_path.display()
+        ));
     }
     let key_pem = std::fs::read(key_path)
-        .map_err(|e| format!("cannot read tls.key_path {}: {e}", key_path.display()))?;
+        .map_err(|e| format!("cannot read {key_setting} {}: {e}", key_path.display()))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("{} is not a PEM private key: {e}", key_path.display()))?
-        .ok_or_else(|| format!("{} holds no private key", key_path.display()))?;
+        .map_err(|e| {
+            format!(
+                "{key_setting} {} is not a PEM private key: {e}; {remedy}",
+                key_path.display()
+            )
+        })?
+        .ok_or_else(|| {
+            format!(
+                "{key_setting} {} holds no private key; {remedy}",
+                key_path.display()
+            )
+        })?;
     Ok(Identity { certs, key })
+}
+
+/// What `check-config` checks of the certificates and keys, as the start would use them: each
+/// readable, and each key the one of its certificate. The development certificate only if it
+/// was made already (the start makes it otherwise).
+pub fn check_identities(config: &Config) -> Result<(), String> {
+    let provider = crypto_provider();
+    let (dev_cert, dev_key) = dev_cert_paths(config);
+    if !config.tls.cert_path.as_os_str().is_empty() || (dev_cert.exists() && dev_key.exists()) {
+        let (identity, _) = load_identity(config)?;
+        certified_key(identity, &provider)?;
+    }
+    if config.cluster.enabled() {
+        let cluster = load_cluster_tls(config)?;
+        let link = Identity {
+            certs: cluster.identity.certs.clone(),
+            key: cluster.identity.key.clone_key(),
+        };
+        certified_key(link, &provider)
+            .map_err(|e| format!("cluster.cert_path and cluster.key_path: {e}"))?;
+    }
+    Ok(())
 }
 
 /// ring's provider with aws-lc-rs's key exchanges and signing keys, and AES-128-GCM/SHA-256
@@ -207,8 +280,7 @@ impl ClusterTls {
 /// Loads `[cluster]`'s CA, certificate and key.
 pub fn load_cluster_tls(config: &Config) -> Result<ClusterTls, String> {
     let cluster = &config.cluster;
-    let identity = read_identity(&cluster.cert_path, &cluster.key_path)
-        .map_err(|e| format!("cluster.cert_path/key_path: {e}"))?;
+    let identity = read_identity(&cluster.cert_path, &cluster.key_path, CLUSTER)?;
     if cluster.link_certificates_name_the_edge {
         let name = link_name_of(cluster.edge_id);
         if !identity

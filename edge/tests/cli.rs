@@ -96,6 +96,45 @@ fn check_config_refuses_what_serve_would_refuse() {
     }
 }
 
+/// `check-config` refuses a certificate and key that do not fit together, and a damaged
+/// development certificate, as the start does. Before, it parsed only the configured files'
+/// PEM: it said "ok", and `serve` then exited 4 (worth a restart), so a supervisor restarted
+/// it in a loop. The errors name what to change.
+#[test]
+fn check_config_refuses_a_key_of_another_certificate_and_a_damaged_development_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let pair = |name: &str| {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a certificate");
+        let cert = dir.path().join(format!("{name}.crt"));
+        let key = dir.path().join(format!("{name}.key"));
+        std::fs::write(&cert, certified.cert.pem()).expect("cert");
+        std::fs::write(&key, certified.key_pair.serialize_pem()).expect("key");
+        (cert, key)
+    };
+    let (cert_a, _) = pair("a");
+    let (_, key_b) = pair("b");
+    let (ok, text) = check_config(&format!(
+        "[server]\ndata_dir = \"{}\"\n[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+        data.display(),
+        cert_a.display(),
+        key_b.display()
+    ));
+    assert!(!ok, "check-config passed a key of another certificate");
+    assert!(text.contains("do not fit together"), "{text}");
+
+    std::fs::create_dir_all(data.join("tls")).expect("tls dir");
+    std::fs::write(data.join("tls").join("cert.pem"), b"not a certificate").expect("cert");
+    std::fs::write(data.join("tls").join("key.pem"), b"not a key").expect("key");
+    let (ok, text) = check_config(&format!("[server]\ndata_dir = \"{}\"\n", data.display()));
+    assert!(!ok, "check-config passed a damaged development certificate");
+    assert!(
+        text.contains("the development certificate") && text.contains("to generate a new pair"),
+        "{text}"
+    );
+}
+
 /// `serve` with a configuration that fails a check exits without writing its data directory
 /// (keys, certificates).
 #[test]
