@@ -348,15 +348,7 @@ impl Database {
             let keyspaces = self.supervisor.keyspaces.write().expect("lock is poisoned");
             self.supervisor.build_seqno_map(&keyspaces)
         };
-        let sealed = journal_manager
-            .rotate_journal(&mut journal_writer, seqno_map)
-            .inspect_err(|_| {
-                // The writer may have moved to a new journal before the error (its directory
-                // sync): the sealed one is then in no list, and nothing would delete it while
-                // the process runs. As the worker's own rotation does: the database stops, and
-                // a reopen recovers from the files.
-                self.is_poisoned.poison();
-            })?;
+        let sealed = journal_manager.rotate_journal(&mut journal_writer, seqno_map)?;
         drop(journal_writer);
         journal_manager.maintenance()?;
         Ok(sealed)
