@@ -34,7 +34,7 @@ use quinn_proto::{
 };
 
 use crate::report::latency_histogram;
-use crate::workloads::{body, micros, parse_body, tick_phase};
+use crate::workloads::{body, body_intact, micros, parse_body, tick_phase};
 
 /// Bytes of encoded frames a client holds for its stream before it stops asking its session
 /// for more: QUIC's flow control then holds the sends back.
@@ -93,6 +93,7 @@ pub(crate) struct Outcome {
     pub delivered: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    pub misdelivered: u64,
     pub ack_hist: Option<Histogram<u64>>,
     pub deliver_hist: Option<Histogram<u64>>,
     /// UDP datagrams of every client's connection, both ways, from the first send to the
@@ -927,7 +928,7 @@ impl<'a> Driver<'a> {
     /// the session acknowledges them) and send answers (timed, recorded).
     fn take_events(&mut self, index: usize, now_ms: u64) {
         let epoch = self.plan.epoch;
-        let msgs = self.plan.msgs;
+        let (msgs, bytes) = (self.plan.msgs, self.plan.bytes);
         let client = &mut self.clients[index];
         while let Some(event) = client.session.poll_event() {
             match event {
@@ -944,16 +945,19 @@ impl<'a> Driver<'a> {
                         continue;
                     };
                     // The same checks as the SDK's receivers, in the same order.
-                    let Some((from_pair, message, sent_ns)) = parse_body(&delivery.body) else {
-                        continue;
-                    };
                     if delivery.seq <= *last_seq {
                         self.outcome.reordered += 1;
                     }
                     *last_seq = delivery.seq;
-                    if from_pair as usize != *pair || message >= msgs {
+                    let parsed = parse_body(&delivery.body)
+                        .filter(|_| body_intact(&delivery.body, bytes))
+                        .filter(|(from_pair, message, _)| {
+                            *from_pair as usize == *pair && *message < msgs
+                        });
+                    let Some((_, message, sent_ns)) = parsed else {
+                        self.outcome.misdelivered += 1;
                         continue;
-                    }
+                    };
                     let slot = &mut self.outcome.delivered_seq[*pair][message as usize];
                     if *slot != 0 {
                         self.outcome.duplicates += 1;

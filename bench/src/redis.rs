@@ -36,7 +36,8 @@ use tokio_rustls::rustls;
 use crate::edge::{ServerCounters, process_usage};
 use crate::report::{Latency, Report, TcpSegments, latency_histogram};
 use crate::workloads::{
-    HEADER_BYTES, PairsArgs, RunClocks, body, micros, own_cpu_secs, parse_body, tick_phase,
+    HEADER_BYTES, PairsArgs, RunClocks, body, body_intact, micros, own_cpu_secs, parse_body,
+    tick_phase,
 };
 use crate::{CpuList, parse_cpus};
 
@@ -592,7 +593,7 @@ async fn sender(
 async fn receiver(
     mut connection: Connection,
     pair: u32,
-    msgs: u32,
+    (msgs, bytes): (u32, usize),
     epoch: Instant,
     state: Arc<PairState>,
     counters: Arc<Counters>,
@@ -671,12 +672,13 @@ async fn receiver(
             }
             last_id = last_id.max(id);
             pending_delete.push(id_bytes);
-            let Some((from_pair, index, sent_ns)) = parse_body(&message) else {
+            let parsed = parse_body(&message)
+                .filter(|_| body_intact(&message, bytes))
+                .filter(|(from_pair, index, _)| *from_pair == pair && *index < msgs);
+            let Some((_, index, sent_ns)) = parsed else {
+                counters.misdelivered.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if from_pair != pair || index >= msgs {
-                continue;
-            }
             let mut delivered = state.delivered.lock().expect("pair state");
             if delivered[index as usize].is_some() {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -702,6 +704,7 @@ struct Counters {
     delivered: AtomicU64,
     duplicates: AtomicU64,
     reordered: AtomicU64,
+    misdelivered: AtomicU64,
 }
 
 /// Whether `addr` (`host:port`) is this machine's loopback.
@@ -835,7 +838,7 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
                 tokio::spawn(receiver(
                     connection,
                     pair as u32,
-                    pairs_args.msgs,
+                    (pairs_args.msgs, pairs_args.bytes),
                     epoch,
                     states[pair].clone(),
                     counters.clone(),
@@ -945,6 +948,7 @@ pub async fn pairs(args: &RedisArgs, offline: bool) -> Result<Report, String> {
     report.messages_sent = u64::from(pairs_args.pairs) * u64::from(pairs_args.msgs);
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
+    report.misdelivered = counters.misdelivered.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
     if let Some(segments) = segments {
         // The connections' closing segments are in the count too: a few hundred against

@@ -70,6 +70,9 @@ pub struct Report {
     pub reordered: u64,
     /// Delivered under another sequence number than the sender was told. Must be 0.
     pub seq_mismatches: u64,
+    /// Delivered to a receiver no message of whose sender it was (another pair's), or with
+    /// a body other than the one sent (damaged, cut short). Must be 0.
+    pub misdelivered: u64,
     pub delivered_per_sec: f64,
     pub send_ack_latency: Option<Latency>,
     pub deliver_latency: Option<Latency>,
@@ -100,6 +103,7 @@ impl Report {
             duplicates: 0,
             reordered: 0,
             seq_mismatches: 0,
+            misdelivered: 0,
             delivered_per_sec: 0.0,
             send_ack_latency: None,
             deliver_latency: None,
@@ -141,6 +145,7 @@ impl Report {
             && self.duplicates == 0
             && self.reordered == 0
             && self.seq_mismatches == 0
+            && self.misdelivered == 0
             && self.errors.is_empty()
     }
 
@@ -221,11 +226,12 @@ impl Report {
                 self.delivered_per_sec
             );
             println!(
-                "  checks     lost {}  duplicates {}  reordered {}  seq mismatches {}  => {}",
+                "  checks     lost {}  duplicates {}  reordered {}  seq mismatches {}  misdelivered {}  => {}",
                 self.lost,
                 self.duplicates,
                 self.reordered,
                 self.seq_mismatches,
+                self.misdelivered,
                 if self.passed() { "PASS" } else { "FAIL" }
             );
         }

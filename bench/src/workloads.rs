@@ -269,6 +269,7 @@ struct Counters {
     receiver_datagrams: AtomicU64,
     duplicates: AtomicU64,
     reordered: AtomicU64,
+    misdelivered: AtomicU64,
 }
 
 /// A message's body: its pair, its index and when it was meant to be sent (`sent_at`, ns since
@@ -289,6 +290,12 @@ pub(crate) fn body(
     body.extend_from_slice(&sent_ns.to_be_bytes());
     body.resize(bytes.max(HEADER_BYTES), 0x5A);
     body
+}
+
+/// Whether `body` is as [`body`] made it for a message of `bytes`: its length, and padding
+/// untouched. A damaged or cut body must not pass for a delivery.
+pub(crate) fn body_intact(body: &[u8], bytes: usize) -> bool {
+    body.len() == bytes.max(HEADER_BYTES) && body[HEADER_BYTES..].iter().all(|b| *b == 0x5A)
 }
 
 pub(crate) fn parse_body(body: &[u8]) -> Option<(u32, u32, u64)> {
@@ -388,7 +395,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
             let states = states.clone();
             let counters = counters.clone();
             let hist = deliver_hist.clone();
-            let msgs = args.msgs as usize;
+            let (msgs, bytes) = (args.msgs as usize, args.bytes);
             receive_tasks.push(tokio::spawn(async move {
                 let mut client = match client {
                     ReceiverClient::Connected(client) => client,
@@ -406,16 +413,19 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                         break;
                     };
                     last = Instant::now();
-                    let Some((from_pair, index, sent_ns)) = parse_body(&delivery.body) else {
-                        continue;
-                    };
                     if delivery.seq <= last_seq {
                         counters.reordered.fetch_add(1, Ordering::Relaxed);
                     }
                     last_seq = delivery.seq;
-                    if from_pair as usize != pair || index as usize >= msgs {
+                    let parsed = parse_body(&delivery.body)
+                        .filter(|_| body_intact(&delivery.body, bytes))
+                        .filter(|(from_pair, index, _)| {
+                            *from_pair as usize == pair && (*index as usize) < msgs
+                        });
+                    let Some((_, index, sent_ns)) = parsed else {
+                        counters.misdelivered.fetch_add(1, Ordering::Relaxed);
                         continue;
-                    }
+                    };
                     let mut delivered = states[pair].delivered_seq.lock().expect("state");
                     if delivered[index as usize] != 0 {
                         counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -643,6 +653,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     report.messages_acked = counters.acked.load(Ordering::Relaxed);
     report.messages_delivered = counters.delivered.load(Ordering::Relaxed);
     report.duplicates = counters.duplicates.load(Ordering::Relaxed);
+    report.misdelivered = counters.misdelivered.load(Ordering::Relaxed);
     report.reordered = counters.reordered.load(Ordering::Relaxed);
     report.record_count("udp_datagrams", datagrams);
     let clocks = RunClocks {
@@ -769,6 +780,7 @@ pub async fn pairs_direct(
     report.messages_delivered = outcome.delivered;
     report.duplicates = outcome.duplicates;
     report.reordered = outcome.reordered;
+    report.misdelivered = outcome.misdelivered;
     // The last error (a drain timeout) always; the first few otherwise.
     let errors = &outcome.errors;
     report.errors.extend(errors.iter().take(4).cloned());
@@ -1618,4 +1630,31 @@ async fn fill(target: &Target, args: &RestartArgs) -> Result<u64, String> {
         began.elapsed().as_secs_f64()
     );
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delivered body passes only as it was made: a changed padding byte or a cut body is
+    /// a misdelivery, not a delivery (before, only the 16-byte header was read).
+    #[test]
+    fn only_an_intact_body_passes() {
+        let epoch = Instant::now();
+        let made = body(3, 7, 200, epoch, epoch);
+        assert!(body_intact(&made, 200));
+        assert_eq!(
+            parse_body(&made).map(|(pair, index, _)| (pair, index)),
+            Some((3, 7))
+        );
+        let mut changed = made.clone();
+        changed[150] ^= 1;
+        assert!(!body_intact(&changed, 200));
+        assert!(!body_intact(&made[..199], 200));
+        assert!(!body_intact(&made, 300));
+        let mut report = Report::new("pairs", serde_json::json!({}));
+        assert!(report.passed());
+        report.misdelivered = 1;
+        assert!(!report.passed(), "a misdelivery fails the run");
+    }
 }
