@@ -509,17 +509,11 @@ impl ClientSession {
                     // once per cursor position.
                     if self.sync_sent_for != Some(self.received_up_to) {
                         self.sync_sent_for = Some(self.received_up_to);
-                        // One `Sync` waits at most, from the latest cursor: it asks for
-                        // everything after it, so it stands for any older one.
-                        let after_seq = self.received_up_to;
-                        let queued = self.control.iter_mut().find_map(|frame| match frame {
-                            Frame::Sync { after_seq } => Some(after_seq),
-                            _ => None,
+                        // From the latest cursor: it asks for everything after it, so it
+                        // stands for any older one.
+                        self.queue_control_once(Frame::Sync {
+                            after_seq: self.received_up_to,
                         });
-                        match queued {
-                            Some(queued) => *queued = after_seq,
-                            None => self.control.push_back(Frame::Sync { after_seq }),
-                        }
                     }
                     return Ok(());
                 }
@@ -551,18 +545,8 @@ impl ClientSession {
                 kind,
                 payload,
             }),
-            // One `Pong` waits at most, answering the latest `Ping`: a server that pings while
-            // withholding flow control credit cannot grow the queue.
-            Frame::Ping { nonce } => {
-                let queued = self.control.iter_mut().find_map(|frame| match frame {
-                    Frame::Pong { nonce } => Some(nonce),
-                    _ => None,
-                });
-                match queued {
-                    Some(queued) => *queued = nonce,
-                    None => self.control.push_back(Frame::Pong { nonce }),
-                }
-            }
+            // Answering the latest `Ping`.
+            Frame::Ping { nonce } => self.queue_control_once(Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
             Frame::Goaway {
                 reason,
@@ -763,21 +747,28 @@ impl ClientSession {
         self.events.pop_front()
     }
 
-    /// Queues an `Ack` of everything acknowledged. One waits at most: an ack is cumulative,
-    /// so a queued one is raised instead (a server that withholds flow control credit while
-    /// it delivers cannot grow the queue).
+    /// Queues an `Ack` of everything acknowledged (cumulative: it stands for any queued one).
     fn queue_ack(&mut self) {
         if self.link != Link::Down && self.acked_up_to > self.ack_sent_up_to {
             self.ack_sent_up_to = self.acked_up_to;
-            let up_to = self.acked_up_to;
-            let queued = self.control.iter_mut().find_map(|frame| match frame {
-                Frame::Ack { up_to_seq } => Some(up_to_seq),
-                _ => None,
+            self.queue_control_once(Frame::Ack {
+                up_to_seq: self.acked_up_to,
             });
-            match queued {
-                Some(queued) => *queued = up_to,
-                None => self.control.push_back(Frame::Ack { up_to_seq: up_to }),
-            }
+        }
+    }
+
+    /// Queues `frame`, replacing a queued frame of its kind (`Pong`, `Sync` and `Ack` each
+    /// stand for any earlier one): one of each waits at most, so a server that withholds flow
+    /// control credit while it pings, delivers or leaves gaps cannot grow the queue.
+    fn queue_control_once(&mut self, frame: Frame) {
+        let kind = std::mem::discriminant(&frame);
+        match self
+            .control
+            .iter_mut()
+            .find(|queued| std::mem::discriminant(&**queued) == kind)
+        {
+            Some(queued) => *queued = frame,
+            None => self.control.push_back(frame),
         }
     }
 
