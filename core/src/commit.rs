@@ -982,34 +982,75 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
     }
 }
 
-/// The expiry bucket size a store's expiry index was written with (`record_expiry_bucket`),
-/// if it was recorded. The index's keys hold bucket numbers: read with another size, every
-/// entry names the wrong time, and the messages it indexes may never expire.
-pub fn stored_expiry_bucket<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
+/// The sizes a store's keys were written with (`record_key_sizes`), kept in one record: the
+/// expiry bucket (the expiry index's keys hold bucket numbers: read with another size, every
+/// entry names the wrong time, and the messages it indexes may never expire) and the dedupe
+/// window (dedupe records' keys hold window numbers: with another window, expiry never reaches
+/// the records written before, and a retry across the change is stored twice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySizes {
+    pub expiry_bucket_ms: u64,
+    /// `None` in a record from before the window was kept.
+    pub dedupe_window_ms: Option<u64>,
+}
+
+impl KeySizes {
+    /// Whether a store written with these sizes cannot be served with `expiry_bucket_ms` and
+    /// `dedupe_window_ms` (a record without a window differs in the bucket only).
+    pub fn differ_from(&self, expiry_bucket_ms: u64, dedupe_window_ms: u64) -> bool {
+        self.expiry_bucket_ms != expiry_bucket_ms
+            || self
+                .dedupe_window_ms
+                .is_some_and(|window_ms| window_ms != dedupe_window_ms)
+    }
+}
+
+/// The sizes recorded in `store`, if any.
+pub fn stored_key_sizes<S: Store>(store: &S) -> Result<Option<KeySizes>, StoreError> {
     let value = retrying(|| {
         store
             .begin_read()
             .and_then(|mut txn| txn.get(&keys::expiry_bucket_size()))
     })?;
-    value
-        .map(|value| {
-            keys::le_u64(&value).ok_or_else(|| {
-                StoreError::Corrupt(format!("expiry bucket size of {} bytes", value.len()))
-            })
-        })
-        .transpose()
+    value.map(|value| parse_key_sizes(&value)).transpose()
 }
 
-/// Records the expiry bucket size in a store that has none (new, or from before it was
-/// kept: it takes the size it is opened with). Edges on a shared store may record it at
-/// once: their commits conflict, and a retry finds the record the first one wrote.
-pub fn record_expiry_bucket<S: Store>(store: &S, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+fn parse_key_sizes(value: &[u8]) -> Result<KeySizes, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("key sizes record of {} bytes", value.len()));
+    match value.len() {
+        8 | 16 => Ok(KeySizes {
+            expiry_bucket_ms: keys::le_u64(value).ok_or_else(corrupt)?,
+            dedupe_window_ms: value.get(8..).and_then(keys::le_u64),
+        }),
+        _ => Err(corrupt()),
+    }
+}
+
+/// Records the sizes in a store that has none (new, or from before they were kept: it takes
+/// those it is opened with), and the dedupe window in a record from before it was kept. Edges
+/// on a shared store may record them at once: their commits conflict, and a retry finds the
+/// record the first one wrote.
+pub fn record_key_sizes<S: Store>(
+    store: &S,
+    expiry_bucket_ms: u64,
+    dedupe_window_ms: u64,
+) -> Result<(), StoreError> {
     retrying(|| {
         let mut txn = store.begin()?;
-        if txn.get(&keys::expiry_bucket_size())?.is_some() {
-            return Ok(());
-        }
-        txn.set(&keys::expiry_bucket_size(), &expiry_bucket_ms.to_le_bytes());
+        let expiry_bucket_ms = match txn.get(&keys::expiry_bucket_size())? {
+            Some(value) => {
+                let recorded = parse_key_sizes(&value)?;
+                if recorded.dedupe_window_ms.is_some() {
+                    return Ok(());
+                }
+                recorded.expiry_bucket_ms
+            }
+            None => expiry_bucket_ms,
+        };
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&expiry_bucket_ms.to_le_bytes());
+        value[8..].copy_from_slice(&dedupe_window_ms.to_le_bytes());
+        txn.set(&keys::expiry_bucket_size(), &value);
         txn.commit().map(|_| ())
     })
 }
@@ -1834,6 +1875,43 @@ pub fn sweep_devices<S: Store>(
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+
+    /// The key sizes record holds the expiry bucket and the dedupe window; one from before
+    /// the window was kept (8 bytes) gains it at the next record, keeping its bucket; a
+    /// recorded window that differs from the configured one is a mismatch, a missing one not.
+    #[test]
+    fn key_sizes_record_the_dedupe_window_too() {
+        let store = MemoryStore::new();
+        assert_eq!(stored_key_sizes(&store).unwrap(), None);
+        let mut txn = store.begin().unwrap();
+        txn.set(&keys::expiry_bucket_size(), &60_000u64.to_le_bytes());
+        txn.commit().unwrap();
+        let before = stored_key_sizes(&store).unwrap().unwrap();
+        assert_eq!(before.dedupe_window_ms, None);
+        assert!(
+            !before.differ_from(60_000, 86_400_000),
+            "no window recorded yet"
+        );
+        assert!(before.differ_from(120_000, 86_400_000));
+        record_key_sizes(&store, 120_000, 86_400_000).unwrap();
+        let after = stored_key_sizes(&store).unwrap().unwrap();
+        assert_eq!(
+            after,
+            KeySizes {
+                expiry_bucket_ms: 60_000,
+                dedupe_window_ms: Some(86_400_000),
+            },
+            "the recorded bucket stays; the window is added"
+        );
+        assert!(after.differ_from(60_000, 172_800_000));
+        assert!(!after.differ_from(60_000, 86_400_000));
+        record_key_sizes(&store, 60_000, 172_800_000).unwrap();
+        assert_eq!(
+            stored_key_sizes(&store).unwrap(),
+            Some(after),
+            "never overwritten"
+        );
+    }
 
     /// A store whose tables cannot be dropped: the log engine's drop needs a checkpoint,
     /// which a full disk refuses.

@@ -16,6 +16,7 @@ use courier_core::commit::{
 use courier_core::placement::EdgeId;
 use std::path::Path;
 
+use courier_core::commit::KeySizes;
 use courier_core::store::fjall::{FjallOptions, FjallStore};
 use courier_core::store::log::{LogOptions, LogStore};
 use courier_core::store::worker_priority::BackgroundPriority;
@@ -84,13 +85,21 @@ pub trait ShardStore: Send + Sync + 'static {
     /// The highest time any commit used, where the server clock starts (`core::clock`).
     fn clock_high_water(&self) -> Result<UnixMillis, StoreError>;
 
-    /// The expiry bucket size this shard's stores were written with, when one recorded
-    /// another than `expiry_bucket_ms` (`commit::stored_expiry_bucket`).
-    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError>;
+    /// The sizes one of this shard's stores was written with, when they differ from
+    /// `expiry_bucket_ms` or `dedupe_window_ms` (`commit::stored_key_sizes`).
+    fn key_sizes_mismatch(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<Option<KeySizes>, StoreError>;
 
-    /// Records `expiry_bucket_ms` in the stores that have no size recorded
-    /// (`commit::record_expiry_bucket`).
-    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError>;
+    /// Records the sizes in the stores that have none, or no dedupe window
+    /// (`commit::record_key_sizes`).
+    fn record_key_sizes(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<(), StoreError>;
 
     /// Makes deleted data physically gone from disk (`FjallStore::erase_deleted`,
     /// `LogStore::erase_deleted`). FoundationDB reclaims deleted data in its own storage
@@ -472,13 +481,21 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         crate::stores::stores_created_unix_ms(&self.all[usize::from(self.shard)].path)
     }
 
-    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
-        let stored = courier_core::commit::stored_expiry_bucket(&*self.own()?)?;
-        Ok(stored.filter(|stored| *stored != expiry_bucket_ms))
+    fn key_sizes_mismatch(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<Option<KeySizes>, StoreError> {
+        let stored = courier_core::commit::stored_key_sizes(&*self.own()?)?;
+        Ok(stored.filter(|stored| stored.differ_from(expiry_bucket_ms, dedupe_window_ms)))
     }
 
-    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError> {
-        courier_core::commit::record_expiry_bucket(&*self.own()?, expiry_bucket_ms)
+    fn record_key_sizes(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<(), StoreError> {
+        courier_core::commit::record_key_sizes(&*self.own()?, expiry_bucket_ms, dedupe_window_ms)
     }
 
     fn recover(&self) -> Result<(), StoreError> {
@@ -658,19 +675,29 @@ impl<S: Store + 'static> ShardStore for Shared<S> {
         Ok(highest)
     }
 
-    fn expiry_bucket_mismatch(&self, expiry_bucket_ms: u64) -> Result<Option<u64>, StoreError> {
+    fn key_sizes_mismatch(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<Option<KeySizes>, StoreError> {
         for store in &self.stores {
-            let stored = courier_core::commit::stored_expiry_bucket(store)?;
-            if let Some(stored) = stored.filter(|stored| *stored != expiry_bucket_ms) {
+            let stored = courier_core::commit::stored_key_sizes(store)?;
+            if let Some(stored) =
+                stored.filter(|stored| stored.differ_from(expiry_bucket_ms, dedupe_window_ms))
+            {
                 return Ok(Some(stored));
             }
         }
         Ok(None)
     }
 
-    fn record_expiry_bucket(&self, expiry_bucket_ms: u64) -> Result<(), StoreError> {
+    fn record_key_sizes(
+        &self,
+        expiry_bucket_ms: u64,
+        dedupe_window_ms: u64,
+    ) -> Result<(), StoreError> {
         for store in &self.stores {
-            courier_core::commit::record_expiry_bucket(store, expiry_bucket_ms)?;
+            courier_core::commit::record_key_sizes(store, expiry_bucket_ms, dedupe_window_ms)?;
         }
         Ok(())
     }

@@ -595,35 +595,52 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
-    // The expiry index's keys hold bucket numbers: a store written with another size would
-    // keep the messages they index for good.
-    match store.expiry_bucket_mismatch(setup.core.expiry_bucket_ms) {
+    // The expiry index's keys hold bucket numbers, and dedupe records' keys window numbers: a
+    // store written with another size would keep what they index for good (and, for the
+    // window, store again a retry sent across the change).
+    let (expiry_bucket_ms, dedupe_window_ms) =
+        (setup.core.expiry_bucket_ms, setup.core.dedupe_window_ms);
+    match store.key_sizes_mismatch(expiry_bucket_ms, dedupe_window_ms) {
         Ok(None) => {}
-        Ok(Some(stored_ms)) => {
+        Ok(Some(stored)) if stored.expiry_bucket_ms != expiry_bucket_ms => {
             let _ = setup.ready.send(Err(format!(
                 "shard {id}: retention.expiry_bucket_secs is {} but this store's expiry index \
                  was written with {}: set it back to {} (the size cannot change on a store \
                  that holds messages; to change it, start on empty stores)",
-                setup.core.expiry_bucket_ms / 1000,
-                stored_ms / 1000,
-                stored_ms / 1000
+                expiry_bucket_ms / 1000,
+                stored.expiry_bucket_ms / 1000,
+                stored.expiry_bucket_ms / 1000
+            )));
+            return;
+        }
+        Ok(Some(stored)) => {
+            let stored_secs = stored.dedupe_window_ms.unwrap_or_default() / 1000;
+            let _ = setup.ready.send(Err(format!(
+                "shard {id}: retention.dedupe_window_secs is {} but this store's dedupe records \
+                 were written with {stored_secs}: set it back to {stored_secs} (the window \
+                 cannot change on a store that holds messages: expiry would never reach the \
+                 records written before, and a retry sent across the change would be stored \
+                 twice; to change it, start on empty stores)",
+                dedupe_window_ms / 1000,
             )));
             return;
         }
         Err(error) => {
             let _ = setup.ready.send(Err(format!(
-                "shard {id}: cannot read the store's expiry bucket size: {error}"
+                "shard {id}: cannot read the store's expiry bucket and dedupe window: {error}"
             )));
             return;
         }
     }
-    // Recorded where it is not yet. A store that refuses the write now (at its memory bound,
-    // on a full disk) still starts, so that expiry can free it: the next start records it.
-    if let Err(error) = store.record_expiry_bucket(setup.core.expiry_bucket_ms) {
+    // Recorded where they are not yet. A store that refuses the write now (at its memory
+    // bound, on a full disk) still starts, so that expiry can free it: the next start records
+    // them.
+    if let Err(error) = store.record_key_sizes(expiry_bucket_ms, dedupe_window_ms) {
         warn!(
             shard = id,
             %error,
-            "cannot record the expiry bucket size in the store; the next start tries again"
+            "cannot record the expiry bucket and dedupe window in the store; the next start tries \
+             again"
         );
     }
     let mut endpoint_config = EndpointConfig::new(setup.reset_key.clone());

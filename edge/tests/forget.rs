@@ -156,6 +156,47 @@ fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
     assert!(edge.terminate(), "the same size starts again");
 }
 
+/// Dedupe records' keys hold window numbers, so a store written with one dedupe window cannot
+/// be served with another: with a longer one, expiry never reached the records written before
+/// (they stayed for decades), and a retry sent across the change was stored twice. The edge
+/// refuses to start and says what to do; with the window the store was written with, it
+/// starts again.
+#[test]
+fn an_edge_refuses_a_store_written_with_another_dedupe_window() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let config = |secs: u32| format!("[retention]\ndedupe_window_secs = {secs}\n");
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(86_400), &[]);
+    assert!(edge.terminate(), "the edge stops cleanly");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_path = dir.path().join("courier.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = {SHARDS}\npin_shards = false\n{}",
+            common::free_addr(),
+            data.path().display(),
+            config(172_800)
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run courier-edge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the edge must refuse: {stderr}");
+    assert!(
+        stderr.contains("retention.dedupe_window_secs is 172800")
+            && stderr.contains("written with 86400: set it back to 86400"),
+        "{stderr}"
+    );
+
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(86_400), &[]);
+    assert!(edge.terminate(), "the same window starts again");
+}
+
 /// Many users who logged in once and left: their device records go within the sweep's round
 /// (an eighth of the retention), not at 64 records an expiry turn. 300 users homed on shard 0
 /// log in and close; with a 2 s retention and a turn every 8 s, the second turn finds the
