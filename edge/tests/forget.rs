@@ -116,15 +116,17 @@ fn keys_while_stopped<const N: usize>(edge: &mut Edge, data: &Path, tags: [u8; N
     counts
 }
 
-/// The expiry index holds bucket numbers, so a store written with one bucket size cannot be
-/// served with another: read with another size, every entry names the wrong time, and an
-/// inbox that got no later message kept its messages for good. The edge refuses to start and
-/// says what to do; with the size the store was written with, it starts again.
-#[test]
-fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
+/// Starts an edge on a new data directory with the `[retention]` lines `written`, then `serve`
+/// on it with `changed`: the start must fail, its error holding every one of `says`; with
+/// `written` again the edge starts.
+fn another_size_is_refused_and_the_recorded_one_starts(
+    written: &str,
+    changed: &str,
+    says: &[&str],
+) {
     let data = tempfile::tempdir().expect("temp dir");
-    let config = |secs: u32| format!("[retention]\nexpiry_bucket_secs = {secs}\n");
-    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(60), &[]);
+    let config = |lines: &str| format!("[retention]\n{lines}\n");
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(written), &[]);
     assert!(edge.terminate(), "the edge stops cleanly");
 
     let dir = tempfile::tempdir().expect("temp dir");
@@ -135,7 +137,7 @@ fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
             "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = {SHARDS}\npin_shards = false\n{}",
             common::free_addr(),
             data.path().display(),
-            config(120)
+            config(changed)
         ),
     )
     .expect("write config");
@@ -146,14 +148,26 @@ fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
         .expect("run courier-edge");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the edge must refuse: {stderr}");
-    assert!(
-        stderr.contains("retention.expiry_bucket_secs is 120")
-            && stderr.contains("written with 60: set it back to 60"),
-        "{stderr}"
-    );
+    assert!(says.iter().all(|said| stderr.contains(said)), "{stderr}");
 
-    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(60), &[]);
-    assert!(edge.terminate(), "the same size starts again");
+    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(written), &[]);
+    assert!(edge.terminate(), "the recorded size starts again");
+}
+
+/// The expiry index holds bucket numbers, so a store written with one bucket size cannot be
+/// served with another: read with another size, every entry names the wrong time, and an
+/// inbox that got no later message kept its messages for good. The edge refuses to start and
+/// says what to do; with the size the store was written with, it starts again.
+#[test]
+fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
+    another_size_is_refused_and_the_recorded_one_starts(
+        "expiry_bucket_secs = 60",
+        "expiry_bucket_secs = 120",
+        &[
+            "retention.expiry_bucket_secs is 120",
+            "written with 60: set it back to 60",
+        ],
+    );
 }
 
 /// Dedupe records' keys hold window numbers, so a store written with one dedupe window cannot
@@ -163,38 +177,14 @@ fn an_edge_refuses_a_store_written_with_another_expiry_bucket_size() {
 /// starts again.
 #[test]
 fn an_edge_refuses_a_store_written_with_another_dedupe_window() {
-    let data = tempfile::tempdir().expect("temp dir");
-    let config = |secs: u32| format!("[retention]\ndedupe_window_secs = {secs}\n");
-    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(86_400), &[]);
-    assert!(edge.terminate(), "the edge stops cleanly");
-
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config_path = dir.path().join("courier.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nshards = {SHARDS}\npin_shards = false\n{}",
-            common::free_addr(),
-            data.path().display(),
-            config(172_800)
-        ),
-    )
-    .expect("write config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier-edge"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .output()
-        .expect("run courier-edge");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "the edge must refuse: {stderr}");
-    assert!(
-        stderr.contains("retention.dedupe_window_secs is 172800")
-            && stderr.contains("written with 86400: set it back to 86400"),
-        "{stderr}"
+    another_size_is_refused_and_the_recorded_one_starts(
+        "dedupe_window_secs = 86400",
+        "dedupe_window_secs = 172800",
+        &[
+            "retention.dedupe_window_secs is 172800",
+            "written with 86400: set it back to 86400",
+        ],
     );
-
-    let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(86_400), &[]);
-    assert!(edge.terminate(), "the same window starts again");
 }
 
 /// Many users who logged in once and left: their device records go within the sweep's round
