@@ -121,6 +121,10 @@ const REPLAY_RUN_CHANGES_MIN: usize = 65_536;
 const REPLAY_RUN_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Pairs a checkpoint copies per hold of the read lock: a commit waits at most for one chunk.
 const CHECKPOINT_CHUNK_PAIRS: usize = 4096;
+/// Key and value bytes a checkpoint copies per hold of the read lock, at most (one pair more
+/// when a pair crosses it): 4,096 bodies of 64 KiB made one record of 256 MiB, held in memory
+/// at the checkpoint and again at the restart that reads it, and a commit waited for its copy.
+const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 /// Map overhead counted per live pair (node or hash slots, key head, `Bytes` headers), for the
 /// memory bound: an estimate, so the bound is approximate (a hash table growing holds two for
 /// a moment).
@@ -2487,11 +2491,14 @@ impl Inner {
                     // The map holds short keys as numbers: each is copied out (inline in a
                     // `Bytes`, no allocation), values shared.
                     let mut pairs: Vec<(Bytes, Bytes)> = Vec::new();
+                    let mut pairs_bytes = 0usize;
                     state
                         .map
                         .visit_range(lower, Bound::Unbounded, &mut |key, value| {
+                            pairs_bytes += key.len() + value.len();
                             pairs.push((Bytes::from(key), value.clone()));
                             pairs.len() < CHECKPOINT_CHUNK_PAIRS
+                                && pairs_bytes < CHECKPOINT_CHUNK_BYTES
                         });
                     if let Some((key, _)) = pairs.last() {
                         last = Some(key.to_vec());
@@ -3083,6 +3090,62 @@ mod tests {
         let store = LogStore::open(dir.path(), &options).expect("reopen");
         assert!(store.recovery().snapshot);
         assert_eq!(read_all(&store), pairs(&[(b"xa", b"1")]));
+    }
+
+    /// A checkpoint of large values writes its snapshot in records of a few megabytes, not
+    /// one record per 4,096 pairs (256 MiB of 64 KiB bodies, held whole in memory by the
+    /// checkpoint and by the restart that reads it), and a reopen reads them all back.
+    #[test]
+    fn a_snapshot_of_large_values_is_written_in_bounded_records() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions::default();
+        let store = LogStore::open(dir.path(), &options).expect("open");
+        let value_bytes = 60_000;
+        let mut written = Vec::new();
+        for batch in 0..6u8 {
+            let mut txn = store.begin_unsynced().expect("begin_unsynced");
+            for i in 0..30u8 {
+                let key = vec![b'm', batch, i];
+                let value = vec![batch ^ i; value_bytes];
+                txn.set(&key, &value);
+                written.push((key, value));
+            }
+            txn.commit().expect("commit");
+        }
+        store.checkpoint().expect("checkpoint");
+        drop(store);
+
+        let snapshot = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").path())
+            .find(|path| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(SNAPSHOT_PREFIX) && !name.ends_with(TMP_SUFFIX)
+            })
+            .expect("a snapshot");
+        let bytes = std::fs::read(&snapshot).expect("read the snapshot");
+        let format = std::fs::read_to_string(dir.path().join(FORMAT_FILE)).expect("FORMAT");
+        let seed = Salt::parse(&format).expect("a salted FORMAT").seed;
+        let (mut at, mut records, mut pairs_read) = (0, 0, 0);
+        while at < bytes.len() {
+            let (changes, len) = decode_record(&bytes[at..], seed).expect("a whole record");
+            assert!(
+                len <= CHECKPOINT_CHUNK_BYTES + value_bytes + 4096,
+                "a snapshot record of {len} bytes"
+            );
+            pairs_read += changes.len();
+            records += 1;
+            at += len;
+        }
+        assert_eq!(pairs_read, written.len());
+        assert!(records >= 3, "{records} records for 10 MB");
+
+        let store = LogStore::open(dir.path(), &options).expect("reopen");
+        assert!(store.recovery().snapshot);
+        written.sort();
+        let mut txn = store.begin_read().expect("begin_read");
+        let read = txn.get_range(b"", b"\xff", 1000).expect("range");
+        assert_eq!(read, written);
     }
 
     /// A dedupe record deleted while a move writes it into the tier stays deleted: the
