@@ -314,6 +314,18 @@ impl Database {
             .journal_count()
     }
 
+    /// Courier patch (see vendor/README.md): whether the active journal's next bytes go around
+    /// the page cache (`journal_direct_writes`). A journal falls back to the page cache when
+    /// a record runs past its file or the kernel refuses a direct write; the next one starts
+    /// with direct writes again.
+    ///
+    /// # Errors
+    ///
+    /// Will return `Err` if the journal's lock is poisoned.
+    pub fn journal_writes_directly(&self) -> crate::Result<bool> {
+        Ok(self.supervisor.journal.get_writer()?.writes_directly())
+    }
+
     /// Seals the active journal and starts a new one, then deletes every sealed journal whose
     /// writes are all flushed to tables.
     ///

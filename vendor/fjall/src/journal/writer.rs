@@ -61,6 +61,12 @@ impl Writer {
         self.file.set_direct_writes(direct_writes);
     }
 
+    /// Courier's: whether the journal's next bytes go around the page cache (opened for it,
+    /// or to be opened at the next write), not only whether they were asked to.
+    pub fn writes_directly(&self) -> bool {
+        matches!(self.file.direct, Direct::On { .. } | Direct::Wanted)
+    }
+
     pub fn pos(&mut self) -> crate::Result<u64> {
         self.file.position().map_err(Into::into)
     }
@@ -118,7 +124,10 @@ impl Writer {
 
         let comp = self.compression;
         let compt = self.compression_threshold;
-        let direct_writes = self.file.direct_wanted();
+        // What was configured, not what this journal ended with: a journal that fell back to
+        // the page cache (a record past its length, or a write the kernel refused) kept every
+        // later journal there for the life of the process.
+        let direct_writes = self.file.direct_configured;
         *self = Self::create_new(new_path.clone())?;
         self.set_compression(comp, compt);
         self.set_direct_writes(direct_writes);
@@ -427,6 +436,9 @@ struct Sink {
     /// found at the first write: the replay truncates a torn tail after the writer opened.
     positioned: bool,
     direct: Direct,
+    /// Whether direct writes were asked for: the next journal starts with them even where
+    /// this one fell back to the page cache.
+    direct_configured: bool,
 }
 
 enum Direct {
@@ -451,20 +463,18 @@ impl Sink {
             path,
             positioned,
             direct: Direct::Off,
+            direct_configured: false,
         }
     }
 
     fn set_direct_writes(&mut self, direct_writes: bool) {
+        self.direct_configured = direct_writes;
         match (&self.direct, direct_writes) {
             (Direct::Off, true) => self.direct = Direct::Wanted,
             (Direct::Wanted, false) => self.direct = Direct::Off,
             // Once opened, the journal stays as it is until it is rotated.
             _ => {}
         }
-    }
-
-    fn direct_wanted(&self) -> bool {
-        !matches!(self.direct, Direct::Off)
     }
 
     /// The journal's logical end: what was written, flushed or not.
