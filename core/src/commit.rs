@@ -835,18 +835,24 @@ const DEVICES_PER_INBOX_MAX: usize = courier_protocol::DEVICE_ID_MAX as usize + 
 /// The device records of `inbox` as stored before this batch's device writes: from the
 /// committer's cache, or read. An inbox this batch purged is read (the purge cleared its
 /// records in the transaction, not in the cache).
+///
+/// From the cache, the whole range is marked read (`add_read_conflict_range`): this batch
+/// may forget a device or delete up to the lowest cursor from it, and a commit of it that
+/// lands late on FoundationDB must not stand over a later login's record (a device forgotten
+/// just after it came back, or a new device's cursor missing from the lowest).
 fn stored_devices<T: Transaction>(
     txn: &mut T,
     inbox: UserId,
     batch: &InboxFacts,
     known: &InboxFacts,
 ) -> Result<Vec<DeviceRecord>, StoreError> {
+    let (start, end) = keys::device_range(inbox);
     if !batch.forgotten.contains(&inbox)
         && let Some(records) = known.devices.get(&inbox)
     {
+        txn.add_read_conflict_range(&start, &end);
         return Ok(records.clone());
     }
-    let (start, end) = keys::device_range(inbox);
     let stored = txn.get_range(&start, &end, DEVICES_PER_INBOX_MAX + 1)?;
     let mut records = Vec::with_capacity(stored.len());
     for (key, value) in stored {
@@ -877,13 +883,16 @@ fn device_record<T: Transaction>(
     if let Some(cursor) = batch_cursors.get(&(inbox, device)) {
         return Ok(Some((*cursor, UnixMillis::MAX)));
     }
+    let key = keys::device(inbox, device);
     if !batch.forgotten.contains(&inbox)
         && let Some(records) = known.devices.get(&inbox)
     {
+        // As `stored_devices`: what the cache says stands only if no later commit wrote it.
+        txn.add_read_conflict(&key);
         let record = records.iter().find(|record| record.device == device);
         return Ok(record.map(|record| (record.cursor, record.last_seen_ms)));
     }
-    match txn.get(&keys::device(inbox, device))? {
+    match txn.get(&key)? {
         None => Ok(None),
         Some(value) => decode_device(&value).map(Some),
     }
@@ -2290,6 +2299,9 @@ mod tests {
         fn add_read_conflict(&mut self, key: &[u8]) {
             self.read.push(key_range(key));
         }
+        fn add_read_conflict_range(&mut self, begin: &[u8], end: &[u8]) {
+            self.read.push((begin.to_vec(), end.to_vec()));
+        }
         fn set(&mut self, key: &[u8], value: &[u8]) {
             self.writes
                 .push(HeldWrite::Set(key.to_vec(), value.to_vec()));
@@ -2381,6 +2393,71 @@ mod tests {
             .map(|message| (message.seq, &message.body[..]))
             .collect();
         assert_eq!(bodies, vec![(1, &b"first"[..]), (2, &b"from B"[..])]);
+    }
+
+    /// A batch built from the cached device records whose commit had an unknown result, and
+    /// that lands after a later login of a device it forgot (FoundationDB may let it), does not
+    /// land over that login: it read no device key, so it conflicted with nothing the login
+    /// wrote, and it deleted the record of a device that had just been welcomed. That device's
+    /// acks then recorded nothing and the others' acks deleted what it had not read. Now the
+    /// cached records add a read conflict on the inbox's device range.
+    #[test]
+    fn a_late_landing_commit_cannot_forget_a_device_that_logged_in_after_it() {
+        let config = CoreConfig {
+            commit_attempts_max: 1,
+            ..CoreConfig::default()
+        };
+        let store = LateLanding::default();
+        let mut committer = Committer::new(&config);
+        let link = |device| Request::Link {
+            inbox: 7,
+            device,
+            acked_up_to: 0,
+        };
+        let ack = |device, up_to_seq| Request::Ack {
+            inbox: 7,
+            device,
+            up_to_seq,
+        };
+        let t0 = 1_000_000_000;
+        // The cache learns both device records; device 0 is seen again halfway, so that the
+        // login below leaves its record alone.
+        committer
+            .commit_batch(&store, &[link(0), link(1)], t0)
+            .unwrap();
+        committer
+            .commit_batch(&store, &[ack(0, 0)], t0 + config.retention_ms / 2)
+            .unwrap();
+        // A retention period later, device 1 unseen since: an ack of device 0 forgets it.
+        let later = t0 + config.retention_ms + 1;
+        store
+            .hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let unknown = committer.commit_batch(&store, &[ack(0, 0)], later);
+        assert_eq!(unknown.unwrap_err(), StoreError::CommitUnknown);
+        // Device 1 comes back and is welcomed.
+        let outcomes = committer.commit_batch(&store, &[link(1)], later).unwrap();
+        let [Outcome::Linked { cursor: 0, .. }] = outcomes[..] else {
+            panic!("device 1 linked at its cursor: {outcomes:?}");
+        };
+        assert!(
+            !store.land(),
+            "the held commit forgot a device that had just logged in"
+        );
+        // A message to the inbox, read by device 0 alone, waits for device 1.
+        let outcomes = committer
+            .commit_batch(&store, &[send(1, 7)], later)
+            .unwrap();
+        let [Outcome::Stored { seq: 1, .. }] = outcomes[..] else {
+            panic!("stored at seq 1: {outcomes:?}");
+        };
+        committer.commit_batch(&store, &[ack(0, 1)], later).unwrap();
+        let page = read_inbox(&store, 7, 0, later, &config).unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![1],
+            "the message device 1 has not read is kept"
+        );
     }
 
     fn send_with_ttl(client_id: u64, to: UserId, ttl_secs: u32) -> Request {

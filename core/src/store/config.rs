@@ -647,6 +647,12 @@ mod tests {
             self.bytes += read_bytes(self.store.prefix_bytes + key.len());
             self.inner.add_read_conflict(key);
         }
+        fn add_read_conflict_range(&mut self, begin: &[u8], end: &[u8]) {
+            // A read conflict range, as a range read's.
+            let p = self.store.prefix_bytes;
+            self.bytes += range_read_bytes(p + begin.len(), p + end.len());
+            self.inner.add_read_conflict_range(begin, end);
+        }
         fn get_range(
             &mut self,
             begin: &[u8],

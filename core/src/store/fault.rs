@@ -235,6 +235,9 @@ impl<'a, S: Store + 'a> Transaction for FaultTransaction<'a, S> {
     fn add_read_conflict(&mut self, key: &[u8]) {
         self.inner.add_read_conflict(key);
     }
+    fn add_read_conflict_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.inner.add_read_conflict_range(begin, end);
+    }
     fn get_range(
         &mut self,
         begin: &[u8],

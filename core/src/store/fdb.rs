@@ -641,9 +641,15 @@ impl Transaction for FdbTransaction<'_> {
     }
 
     fn add_read_conflict(&mut self, key: &[u8]) {
-        let begin = self.store.prefixed(key);
-        let mut end = begin.clone();
+        let mut end = Vec::with_capacity(key.len() + 1);
+        end.extend_from_slice(key);
         end.push(0);
+        self.add_read_conflict_range(key, &end);
+    }
+
+    fn add_read_conflict_range(&mut self, begin: &[u8], end: &[u8]) {
+        let begin = self.store.prefixed(begin);
+        let end = self.store.prefixed(end);
         let Some(trx) = &self.trx else {
             return;
         };

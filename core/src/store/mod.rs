@@ -305,6 +305,12 @@ pub trait Transaction {
     /// embedded stores commit one transaction at a time and never land one late: nothing.
     fn add_read_conflict(&mut self, _key: &[u8]) {}
 
+    /// [`Transaction::add_read_conflict`] for every key from `begin` up to `end`, those not
+    /// stored included, as a range read would: for a caller that decides from what it knows
+    /// of a whole range (the committer's cache of an inbox's device records), which a later
+    /// commit may add a key to.
+    fn add_read_conflict_range(&mut self, _begin: &[u8], _end: &[u8]) {}
+
     /// Whether this store holds values of up to 20 bytes inline (fjall's byte strings, in
     /// every embedded engine), so that a shorter value saves an allocation. The committer
     /// writes dedupe records short only then (decision 0002): FoundationDB gains nothing from
