@@ -610,7 +610,7 @@ pub struct EdgeSession<A> {
     /// Queues of guests released while a batch of theirs was in flight, until it is answered.
     released: BTreeMap<EdgeId, InboxShard<ConnRef>>,
     /// Edges whose users another edge serves (a takeover elsewhere): home → serving edge.
-    servers: BTreeMap<EdgeId, EdgeId>,
+    servers: BTreeMap<EdgeId, Option<EdgeId>>,
     /// A drain handed this edge's users (and its guests') to this edge: nothing is committed
     /// here any more, and clients and sends for them go there.
     drained_to: Option<EdgeId>,
@@ -1444,10 +1444,29 @@ impl<A: Authenticator> EdgeSession<A> {
         // In slot order, not the map's: a simulation seed must replay exactly.
         moving.sort_unstable_by_key(|(conn, _)| conn.slot);
         for (conn, user) in moving {
+            if self.home_unserved(user) {
+                self.close(
+                    conn,
+                    ErrorCode::ShardUnavailable,
+                    "another edge took this user over; reconnect".into(),
+                );
+                continue;
+            }
             let server = self.remote_home(user).unwrap_or(edge);
             self.redirect(conn, user, server);
         }
         self.drain_local();
+    }
+
+    /// [`EdgeSession::release_guest`] after a commit for `edge`'s users came back fenced:
+    /// someone claimed them, and the view does not say who until the edge's planner looks.
+    /// Until it does, their clients are closed retryably rather than sent home (which may be
+    /// the dead edge this one took over).
+    pub fn release_fenced_guest(&mut self, edge: EdgeId) {
+        if self.guests.contains_key(&edge) {
+            self.servers.insert(edge, None);
+        }
+        self.release_guest(edge);
     }
 
     /// A drain: this edge's leases (its own and its guests') were handed to `edge`. Every
@@ -1472,7 +1491,7 @@ impl<A: Authenticator> EdgeSession<A> {
         self.drained_to = Some(edge);
         let guests: Vec<EdgeId> = self.guests.keys().copied().collect();
         for guest in guests {
-            self.servers.insert(guest, edge);
+            self.servers.insert(guest, Some(edge));
             self.release_guest(guest);
         }
         self.refuse_queued_own();
@@ -1525,7 +1544,7 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Which edges other edges serve (from [`crate::takeover::Planner::servers`]): home →
     /// serving edge, for every edge not serving its own users. Entries naming this edge are
     /// ignored: what this edge serves is [`EdgeSession::serve_guest`]'s.
-    pub fn set_servers(&mut self, servers: BTreeMap<EdgeId, EdgeId>) {
+    pub fn set_servers(&mut self, servers: BTreeMap<EdgeId, Option<EdgeId>>) {
         self.servers = servers;
     }
 
@@ -1764,6 +1783,14 @@ impl<A: Authenticator> EdgeSession<A> {
                     Ok(user) => user,
                     Err(failure) => return self.close(conn, failure.code, failure.reason),
                 };
+                if self.home_unserved(user) {
+                    return self.close(
+                        conn,
+                        ErrorCode::ShardUnavailable,
+                        "no edge serves this user right now (a takeover is under way); retry"
+                            .into(),
+                    );
+                }
                 if let Some(edge) = self.remote_home(user) {
                     return self.redirect(conn, user, edge);
                 }
@@ -2439,12 +2466,36 @@ impl<A: Authenticator> EdgeSession<A> {
         if self.guests.contains_key(&home) {
             return None;
         }
-        let server = self.servers.get(&home).copied();
+        let server = self.servers.get(&home).copied().flatten();
         Some(
             server
                 .filter(|server| *server != cluster.edge)
                 .unwrap_or(home),
         )
+    }
+
+    /// Whether no edge is known to serve `user`'s home right now: the home was judged dead
+    /// and no live edge holds its lease yet, or the view still names this edge, which just
+    /// stopped serving them (a guest commit fenced: someone claimed them, the view does not
+    /// say who yet). A client is then closed retryably (`ShardUnavailable`) rather than sent
+    /// to the home: a dead edge answers nothing, and the client would wait out its whole
+    /// welcome timeout (10 s) before coming back.
+    fn home_unserved(&self, user: UserId) -> bool {
+        let Some(cluster) = self.config.cluster.as_ref() else {
+            return false;
+        };
+        if self.edge_ids.is_empty() {
+            return false;
+        }
+        let home = home_edge(user, &self.edge_ids);
+        if home == cluster.edge || self.guests.contains_key(&home) {
+            return false;
+        }
+        match self.servers.get(&home) {
+            Some(None) => true,
+            Some(Some(server)) => *server == cluster.edge,
+            None => false,
+        }
     }
 
     /// The commit queue of `user`'s inbox on this shard: this edge's own, or its guest

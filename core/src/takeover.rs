@@ -576,13 +576,19 @@ impl Planner {
         (holder != home && holder != self.edge && self.alive(holder, now_ms)).then_some(holder)
     }
 
-    /// Every edge served by another one, for [`crate::session::EdgeSession::set_servers`].
-    pub fn servers(&self, now_ms: UnixMillis) -> BTreeMap<EdgeId, EdgeId> {
+    /// Every edge not serving its own users, for
+    /// [`crate::session::EdgeSession::set_servers`]: home → the edge serving them, or `None`
+    /// while no one does (the home judged dead, its lease not yet claimed by a live edge).
+    /// An edge never observed (this edge takes no one over and does not watch) is left out:
+    /// unknown, not unserved.
+    pub fn servers(&self, now_ms: UnixMillis) -> BTreeMap<EdgeId, Option<EdgeId>> {
         self.members
             .iter()
-            .filter_map(|home| {
-                let server = self.server_of(*home, now_ms)?;
-                (server != *home).then_some((*home, server))
+            .filter(|home| **home != self.edge)
+            .filter_map(|home| match self.server_of(*home, now_ms) {
+                Some(server) if server == *home => None,
+                Some(server) => Some((*home, Some(server))),
+                None => self.seen.contains_key(home).then_some((*home, None)),
             })
             .collect()
     }
@@ -812,7 +818,7 @@ impl ShardGuests {
             return None;
         }
         self.guests.remove(&guest);
-        session.release_guest(guest);
+        session.release_fenced_guest(guest);
         Some((guest, lease))
     }
 }
@@ -958,6 +964,39 @@ mod tests {
         );
         assert_eq!(planner.server_of(3, now), Some(3));
         assert!(planner.servers(now).is_empty());
+    }
+
+    /// The view says who serves a silent edge's users, and says so when no one does: between
+    /// its death and a live edge's claim, and never for an edge it has not observed (an edge
+    /// that watches no leases knows nothing, and sends each user home as before).
+    #[test]
+    fn the_servers_name_no_one_for_a_dead_edge_not_yet_claimed() {
+        let store = joined([MemoryStore::new()]);
+        let leases: Vec<Lease> = (1..=3)
+            .map(|edge| {
+                claim_own(&store, edge, 100 + u64::from(edge), MEMBERS_EPOCH).expect("claim")
+            })
+            .collect();
+        let mut planner = Planner::new(1, &[1, 2, 3], TIMEOUT);
+        assert!(
+            planner.servers(0).is_empty(),
+            "nothing observed: nothing said"
+        );
+        observe_store(&mut planner, &store, 0);
+        assert!(
+            planner.servers(0).is_empty(),
+            "every edge serves its own users"
+        );
+        // Edge 3 falls silent; edge 2 beats on.
+        let now = TIMEOUT + 100;
+        renew(&store, 2, leases[1], MEMBERS_EPOCH).expect("renew");
+        observe_store(&mut planner, &store, now);
+        assert_eq!(planner.servers(now), BTreeMap::from([(3, None)]));
+        // Edge 2 claims edge 3's users.
+        let expected = observe_all(&store, &[3]).expect("read")[&3];
+        claim(&store, 3, 2, 202, expected, MEMBERS_EPOCH).expect("claim");
+        observe_store(&mut planner, &store, now + 100);
+        assert_eq!(planner.servers(now + 100), BTreeMap::from([(3, Some(2))]));
     }
 
     /// Edges configured with different `[cluster]` lease timings: one beating every 500 ms is

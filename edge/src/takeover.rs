@@ -31,8 +31,8 @@ use tracing::{info, warn};
 pub struct View {
     /// Edges whose users this edge serves besides its own, with the lease to commit under.
     pub guests: BTreeMap<EdgeId, Lease>,
-    /// Edges whose users another edge serves: home → serving edge.
-    pub servers: BTreeMap<EdgeId, EdgeId>,
+    /// Edges not serving their own users: home → serving edge, `None` while no one does.
+    pub servers: BTreeMap<EdgeId, Option<EdgeId>>,
     /// Set by a drain: every lease went to this edge, and clients are redirected there.
     pub drained_to: Option<EdgeId>,
 }
@@ -329,6 +329,14 @@ impl<S: Store> LeaseThread<S> {
                 Ok(Command::Fenced(guest, lease)) => {
                     if self.planner.fenced(guest, lease) {
                         warn!(guest, "a commit for a guest edge was fenced; releasing it");
+                        // Who claimed it: without a look, the view still named this edge's
+                        // stale lease until the next beat, and logins were turned away.
+                        if let Ok(observed) = takeover::observe_all(&self.stores, &[guest]) {
+                            let now = self.now_ms();
+                            for (edge, observed) in observed {
+                                self.planner.observe(now, edge, observed);
+                            }
+                        }
                         self.publish();
                     }
                     continue;
@@ -487,7 +495,7 @@ impl<S: Store> LeaseThread<S> {
         // The guests go with the rest: their clients are redirected to the target too.
         let mut view = self.view();
         for (guest, _) in std::mem::take(&mut view.guests) {
-            view.servers.insert(guest, target);
+            view.servers.insert(guest, Some(target));
         }
         view.drained_to = Some(target);
         self.shared.publish(view);
