@@ -1673,6 +1673,21 @@ impl<A: Authenticator> EdgeSession<A> {
     /// Only for this edge's own users: a guest's purge would be answered by this edge's own
     /// batches, and the guest's edge can purge once it is back.
     pub fn handle_purge(&mut self, inbox: UserId) -> Result<(), PurgeRefused> {
+        self.check_purge(inbox)?;
+        let Some(refused) = self.inbox.handle_purge(inbox) else {
+            return Err(PurgeRefused::QueueFull);
+        };
+        for conn in refused {
+            self.refuse_registration(inbox, conn, ErrorCode::Overloaded);
+        }
+        self.drain_local();
+        Ok(())
+    }
+
+    /// Whether [`EdgeSession::handle_purge`] would take `inbox` now, without queuing it: the
+    /// control socket asks before it disconnects the user, so that a purge refused (a guest's
+    /// user, a drained edge, a full queue) does not log the user out for nothing.
+    pub fn check_purge(&self, inbox: UserId) -> Result<(), PurgeRefused> {
         let local_edge = self.config.cluster.as_ref().map(|cluster| cluster.edge);
         let home = (!self.edge_ids.is_empty()).then(|| home_edge(inbox, &self.edge_ids));
         if let Some(home) = home.filter(|home| Some(*home) != local_edge) {
@@ -1682,13 +1697,9 @@ impl<A: Authenticator> EdgeSession<A> {
         if let Some(edge) = self.drained_to {
             return Err(PurgeRefused::ServedElsewhere { edge });
         }
-        let Some(refused) = self.inbox.handle_purge(inbox) else {
+        if !self.inbox.purge_has_room(inbox) {
             return Err(PurgeRefused::QueueFull);
-        };
-        for conn in refused {
-            self.refuse_registration(inbox, conn, ErrorCode::Overloaded);
         }
-        self.drain_local();
         Ok(())
     }
 

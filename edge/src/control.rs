@@ -107,6 +107,12 @@ pub enum ShardRequest {
         user: UserId,
         reply: flume::Sender<usize>,
     },
+    /// To the user's home shard: whether it would take a purge of the user now (asked before
+    /// the user is disconnected, so that a refused purge logs no one out).
+    CheckPurge {
+        user: UserId,
+        reply: flume::Sender<Result<(), String>>,
+    },
     /// To the user's home shard: erase the inbox; the answer comes once the commit is done.
     Purge {
         user: UserId,
@@ -374,12 +380,32 @@ fn execute(command: Command, shards: &Shards) -> Answer {
             }
         }
         Command::Purge { user } => {
+            let home = courier_core::placement::home_shard(user, shards.senders.len() as u32);
+            // Would the home shard take it? A purge refused after the disconnect below logged
+            // the user out for nothing (a guest's user, with its own edge down, for good).
+            let (reply, answer) = flume::bounded(1);
+            if shards.senders[home as usize]
+                .try_send(ShardRequest::CheckPurge { user, reply })
+                .is_err()
+            {
+                return Answer::Error {
+                    message: format!("shard {home} is busy; try again"),
+                };
+            }
+            match answer.recv_timeout(SHARD_ANSWER_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => return Answer::Error { message },
+                Err(_) => {
+                    return Answer::Error {
+                        message: format!("shard {home} did not answer; try again"),
+                    };
+                }
+            }
             // Disconnect first: a device still connected would go on acking with its cursor.
             let closed = match ask_all(shards, |reply| ShardRequest::Disconnect { user, reply }) {
                 Ok(counts) => counts.into_iter().sum(),
                 Err(message) => return Answer::Error { message },
             };
-            let home = courier_core::placement::home_shard(user, shards.senders.len() as u32);
             let (reply, answer) = flume::bounded(1);
             let asked = shards.senders[home as usize].try_send(ShardRequest::Purge { user, reply });
             if asked.is_err() {

@@ -1147,6 +1147,17 @@ async fn receive_loop(shard: Rc<RefCell<Shard>>, socket: Rc<Socket>) {
 /// Ends the process when another edge took the shard over, or the cluster's members changed
 /// (decision 0016): nothing this process does with it can succeed any more, and its supervisor
 /// restarts it as a fresh claimant. An in-process edge (tests) aborts instead.
+/// What the operator is told of a purge the shard would not take.
+fn purge_refused(user: UserId, refused: PurgeRefused) -> String {
+    match refused {
+        PurgeRefused::QueueFull => "too many purges are queued; try again".into(),
+        PurgeRefused::ServedElsewhere { edge } => format!(
+            "user {user} lives on edge {edge} (or is served there now): run the purge on that \
+             edge"
+        ),
+    }
+}
+
 fn exit_if_fenced(error: &StoreError, exit: bool, abort: &std::sync::atomic::AtomicBool) {
     if matches!(error, StoreError::Fenced) {
         tracing::error!(
@@ -2699,27 +2710,27 @@ impl Shard {
                 self.after_input();
                 let _ = reply.try_send(closed);
             }
-            ShardRequest::Purge { user, reply } => {
-                match self.session.handle_purge(user) {
-                    Ok(()) => {
-                        let waiters = self.purge_waiters.entry(user).or_default();
-                        // Operators who gave up waiting (their control request timed out).
-                        waiters.retain(|(_, waiter)| !waiter.is_disconnected());
-                        waiters.push((self.session.batches_taken(), reply));
-                        self.after_input();
-                    }
-                    Err(PurgeRefused::QueueFull) => {
-                        let _ = reply.try_send(Err("too many purges are queued; try again".into()));
-                    }
-                    Err(PurgeRefused::ServedElsewhere { edge }) => {
-                        let message = format!(
-                            "user {user} lives on edge {edge} (or is served there now): run the \
-                             purge on that edge"
-                        );
-                        let _ = reply.try_send(Err(message));
-                    }
-                }
+            ShardRequest::CheckPurge { user, reply } => {
+                let checked = self.session.check_purge(user);
+                let _ = reply.try_send(checked.map_err(|refused| {
+                    format!(
+                        "{} (no connection was closed)",
+                        purge_refused(user, refused)
+                    )
+                }));
             }
+            ShardRequest::Purge { user, reply } => match self.session.handle_purge(user) {
+                Ok(()) => {
+                    let waiters = self.purge_waiters.entry(user).or_default();
+                    // Operators who gave up waiting (their control request timed out).
+                    waiters.retain(|(_, waiter)| !waiter.is_disconnected());
+                    waiters.push((self.session.batches_taken(), reply));
+                    self.after_input();
+                }
+                Err(refused) => {
+                    let _ = reply.try_send(Err(purge_refused(user, refused)));
+                }
+            },
         }
     }
 

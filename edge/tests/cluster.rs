@@ -858,6 +858,60 @@ mod takeover_on_shared_memory {
         assert_numbered_delivered(&mut bob_client, &acked).await;
     }
 
+    /// A purge the edge refuses logs no one out. Bob's edge is down and a successor serves
+    /// him; a purge of Bob run there is refused (his own edge purges him once it is back).
+    /// Before, the control socket disconnected Bob's devices first, with the code the SDK
+    /// gives up on, and only then asked, so the refused purge logged him out for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_purge_disconnects_no_one() {
+        use courier_edge::control::{Answer, Command as Control};
+        let _one_at_a_time = IN_PROCESS.lock().await;
+        let _watchdog = Watchdog::start();
+        let files = ClusterFiles::new();
+        let stores = shared_stores();
+        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
+        for edge in &mut edges {
+            let config = std::fs::read_to_string(edge.config_path())
+                .expect("config")
+                .replace(
+                    "[control]\nenabled = false\n",
+                    "[control]\nenabled = true\n",
+                );
+            std::fs::write(edge.config_path(), config).expect("config");
+            edge.start(&stores).expect("start");
+        }
+        wait_links(&edges, 2);
+        let alice = user_homed_on(0, 3);
+        let bob = user_homed_on(1, 3);
+        edges[1].crash();
+        wait_for_a_guest(&edges);
+        let successor = edges
+            .iter()
+            .position(|edge| edge.running.is_some() && edge.metric_sum("courier_guest_edges") > 0.0)
+            .expect("a successor");
+        let mut bob_client = client_via(&files, &edges[successor], bob).await;
+        let socket = edges[successor]
+            .dir
+            .path()
+            .join("data")
+            .join("control.sock");
+        let answer = tokio::task::block_in_place(|| {
+            courier_edge::control::request(&socket, &Control::Purge { user: bob })
+        });
+        let Ok(Answer::Error { message }) = answer else {
+            panic!("the successor refuses a purge of a guest's user: {answer:?}");
+        };
+        assert!(message.contains("no connection was closed"), "{message}");
+        // Bob is still connected: Alice's next message reaches him.
+        let alice_client = client_via(&files, &edges[0], alice).await;
+        let sent = alice_client
+            .send(bob, b"still here".to_vec())
+            .await
+            .expect("ack");
+        let delivery = next_message(&mut bob_client).await;
+        assert_eq!(delivery.seq, sent.seq);
+    }
+
     /// A drain of Bob's edge hands him to its successor: his client is redirected there, and
     /// Alice's messages keep being acknowledged and delivered, once each.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
