@@ -19,8 +19,11 @@
 //!   [`ConnectOptions::reconnect_backoff_max`], 2 s by default). `Hello` carries what the device
 //!   holds (delivery resumes after it) apart from what it consumed (the server may delete that).
 //! - [`Client::close`] (or dropping the client) sends the last ack before it closes (when the
-//!   client had no connection then, over one made for it, given at most a second), and a
+//!   client had no connection then, over one made for it, given at most a second, written
+//!   again if the edge rejects its 0-RTT and taken to the edge a `Goaway` names), and a
 //!   closed client never reconnects; [`Client::recv`] hands out nothing after it.
+//! - When the client stops on its own (a fatal error from the edge, such as an expired token),
+//!   [`Client::recv`] returns `None` and [`Client::error`] says why.
 //! - A new connection sends few datagrams: path MTU discovery probes 1,452 bytes first (one
 //!   probe where quinn's search takes four), and the TLS key exchange is ring's unless the
 //!   application passes other groups ([`Connector::with_key_exchange_groups`]; `courier-bench`
@@ -716,6 +719,20 @@ impl Client {
         }
     }
 
+    /// Why the client stopped, once it has: what a waiting send was failed with (a fatal
+    /// error from the edge such as `TokenExpired`, `Unauthenticated` or `Disconnected`, a
+    /// connection lost with reconnects off, or [`ClientError::Shutdown`] after
+    /// [`Client::close`]). `None` while it runs. An application that only receives learns
+    /// here why [`Client::recv`] returned `None`: a new token or a new login may be needed.
+    pub fn error(&self) -> Option<ClientError> {
+        self.sender
+            .shared
+            .lock()
+            .expect("client state")
+            .closed
+            .clone()
+    }
+
     /// Connections welcomed so far, including reconnects.
     pub fn connections(&self) -> u64 {
         self.sender.shared.lock().expect("client state").connections
@@ -1319,10 +1336,31 @@ impl Driver {
             return;
         }
         let attempt = async {
-            let (link, _zero_rtt) = Link::open(&self.connector, &self.options).await.ok()?;
-            let now = self.now();
-            self.session.connected(now);
-            self.close_link(link).await;
+            // The edge reached first, and the one it names if it is not the user's home (an
+            // edge that redirects applies no ack of the `Hello`).
+            for _ in 0..2 {
+                let (mut link, zero_rtt) = Link::open(&self.connector, &self.options).await.ok()?;
+                let now = self.now();
+                self.session.connected(now);
+                if let Some(accepted) = zero_rtt {
+                    // Rejected 0-RTT data is discarded, the `Hello` with it: write it again
+                    // on a new stream, as `run_link` does.
+                    self.take_transmits(&mut link).ok()?;
+                    link.send.write_all(&link.outbuf).await.ok()?;
+                    link.wrote(link.outbuf.len());
+                    if !accepted.await {
+                        let connection = link.connection.clone();
+                        drop(link);
+                        link = Link::on_new_stream(connection).await.ok()?;
+                        let now = self.now();
+                        self.session.connected(now);
+                    }
+                }
+                match self.flush_link(link).await {
+                    None => return Some(()),
+                    Some(to) => self.follow_redirect(&to).await.ok()?,
+                }
+            }
             Some(())
         };
         if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, attempt)
@@ -1456,6 +1494,35 @@ impl Driver {
         take_frames(&mut link.inbuf, data, |frame| {
             self.session.handle_frame(now, frame).map_err(session_error)
         })
+    }
+
+    /// [`Driver::close_link`] for the connection opened only to carry the last ack: the
+    /// server's answer is read until it closes the connection. Returns where a `Goaway` sends
+    /// the client (the edge is not the user's home, and applied no ack), or `None` once the
+    /// server has closed without one.
+    async fn flush_link(&mut self, mut link: Link) -> Option<String> {
+        link.drop_unwritten_sends();
+        self.take_transmits_up_to(&mut link, usize::MAX).ok()?;
+        link.send.write_all(&link.outbuf).await.ok()?;
+        let _ = link.send.finish();
+        let mut redirect = None;
+        while let Ok(Some(chunk)) = link.recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            let read = take_frames(&mut link.inbuf, &chunk.bytes, |frame| {
+                if let Frame::Goaway {
+                    reconnect_to: Some(to),
+                    ..
+                } = frame
+                {
+                    redirect = Some(to);
+                }
+                Ok(())
+            });
+            if read.is_err() || redirect.is_some() {
+                break;
+            }
+        }
+        link.connection.close(0u32.into(), b"client closed");
+        redirect
     }
 
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
@@ -1797,6 +1864,35 @@ mod scripted_server_tests {
     struct Scripted {
         endpoint: quinn::Endpoint,
         connector: Connector,
+        server: quinn::ServerConfig,
+        certified: rcgen::CertifiedKey,
+    }
+
+    /// A server configuration for `certified`'s certificate, with its own session cache:
+    /// with `early_data`, it takes 0-RTT from a client resuming a session it issued.
+    fn server_config(
+        certified: &rcgen::CertifiedKey,
+        transport: quinn::TransportConfig,
+        early_data: bool,
+    ) -> quinn::ServerConfig {
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("certificate and key");
+        tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
+        if early_data {
+            tls.max_early_data_size = u32::MAX;
+        }
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+            .expect("a QUIC server configuration");
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport));
+        server
     }
 
     impl Scripted {
@@ -1805,30 +1901,38 @@ mod scripted_server_tests {
         }
 
         fn start_with(transport: quinn::TransportConfig) -> Scripted {
+            Scripted::serving(transport, false)
+        }
+
+        fn serving(transport: quinn::TransportConfig, early_data: bool) -> Scripted {
             let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])
                 .expect("a self-signed certificate");
-            let key =
-                rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .expect("TLS 1.3")
-                .with_no_client_auth()
-                .with_single_cert(vec![certified.cert.der().clone()], key)
-                .expect("certificate and key");
-            tls.alpn_protocols = vec![courier_protocol::ALPN.to_vec()];
-            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
-                .expect("a QUIC server configuration");
-            let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(Arc::new(transport));
-            let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap())
+            let server = server_config(&certified, transport, early_data);
+            let endpoint = quinn::Endpoint::server(server.clone(), "127.0.0.1:0".parse().unwrap())
                 .expect("a server endpoint on loopback");
             let connector =
                 Connector::new(certified.cert.pem().as_bytes(), "localhost").expect("connector");
             Scripted {
                 endpoint,
                 connector,
+                server,
+                certified,
             }
+        }
+
+        /// Another server with the same certificate and session cache (another edge of the
+        /// same cluster).
+        fn another_endpoint(&self) -> quinn::Endpoint {
+            quinn::Endpoint::server(self.server.clone(), "127.0.0.1:0".parse().unwrap())
+                .expect("a server endpoint on loopback")
+        }
+
+        /// Another server with the same certificate and a session cache of its own, taking
+        /// 0-RTT: it rejects the 0-RTT of a session this one issued.
+        fn another_with_its_own_sessions(&self) -> quinn::Endpoint {
+            let server = server_config(&self.certified, quinn::TransportConfig::default(), true);
+            quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap())
+                .expect("a server endpoint on loopback")
         }
 
         fn options(&self) -> ConnectOptions {
@@ -2040,6 +2144,188 @@ mod scripted_server_tests {
         };
         let receipt = receipt.expect("stored: the server acknowledged it");
         assert_eq!(receipt.seq, 1);
+    }
+
+    /// The last ack of a client closed while it had no connection reaches the user's home
+    /// edge: the edge the flush reaches first is not the home, answers the `Hello` with a
+    /// `Goaway` and applies no ack, and the flush follows it once. Before, it wrote the
+    /// `Hello`, waited for the close and dropped the ack: the message came again at the next
+    /// login.
+    #[tokio::test]
+    async fn the_last_ack_at_a_close_follows_a_redirect_to_the_home_edge() {
+        let first = Scripted::start();
+        let home = first.another_endpoint();
+        let home_addr = home.local_addr().expect("bound");
+        let read = tokio::sync::Notify::new();
+        let serve = async {
+            let (connection, mut send, _recv) = first.welcome().await;
+            let delivery = Frame::Deliver {
+                seq: 1,
+                from: 9,
+                sent_at_ms: 0,
+                body: b"read".to_vec(),
+            };
+            write_frame(&mut send, &delivery).await.expect("Deliver");
+            // Once the application has taken it, the connection breaks under the client.
+            read.notified().await;
+            connection.close(0u32.into(), b"gone");
+            // The flush, at the first address: not the user's home.
+            let connection = first
+                .endpoint
+                .accept()
+                .await
+                .expect("a connection")
+                .await
+                .expect("a handshake");
+            let (mut send, mut recv) = connection.accept_bi().await.expect("the stream");
+            let hello = read_frame(&mut recv).await;
+            assert!(matches!(hello, Frame::Hello { .. }), "{hello:?}");
+            let goaway = Frame::Goaway {
+                reason: "homed on another edge".into(),
+                reconnect_to: Some(home_addr.to_string()),
+            };
+            write_frame(&mut send, &goaway).await.expect("Goaway");
+            let _ = send.finish();
+            // The home edge reads the ack.
+            let connection = home
+                .accept()
+                .await
+                .expect("a connection")
+                .await
+                .expect("a handshake");
+            let (_send, mut recv) = connection.accept_bi().await.expect("the stream");
+            read_frame(&mut recv).await
+        };
+        let client = async {
+            let mut options = first.options();
+            // Down until the close: no reconnect of its own in between.
+            options.reconnect_backoff_min = Duration::from_secs(20);
+            options.reconnect_backoff_max = Duration::from_secs(20);
+            let mut client = first.connector.connect(options).await.expect("connect");
+            let delivery = client.recv_message().await.expect("a delivery");
+            assert_eq!(delivery.seq, 1);
+            // The ack goes out (gathered for 25 ms) before the connection breaks.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            read.notify_one();
+            let connected = || client.sender.shared.lock().unwrap().connection.is_some();
+            while connected() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.close();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let hello = tokio::select! {
+            hello = serve => hello,
+            () = client => panic!("the client finished first"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => {
+                panic!("no Hello reached the home edge")
+            }
+        };
+        let Frame::Hello { acked_up_to, .. } = hello else {
+            panic!("a Hello: {hello:?}");
+        };
+        assert_eq!(acked_up_to, 1, "the home edge got the last ack");
+    }
+
+    /// The last ack of a client closed while it had no connection arrives when the edge it
+    /// goes to rejects its 0-RTT: rejected early data is discarded, the `Hello` with it, and
+    /// the flush writes it again on a new stream. Here the client was sent to an edge of its
+    /// own session cache (a drain's `Goaway` after `Welcome`) and closed during the backoff
+    /// before it reconnects. Before, the flush left the `Hello` in the rejected data.
+    #[tokio::test]
+    async fn the_last_ack_at_a_close_is_written_again_after_a_rejected_0rtt() {
+        let first = Scripted::serving(quinn::TransportConfig::default(), true);
+        let next = first.another_with_its_own_sessions();
+        let next_addr = next.local_addr().expect("bound");
+        let read = tokio::sync::Notify::new();
+        let serve = async {
+            let (connection, mut send, _recv) = first.welcome().await;
+            let delivery = Frame::Deliver {
+                seq: 1,
+                from: 9,
+                sent_at_ms: 0,
+                body: b"read".to_vec(),
+            };
+            write_frame(&mut send, &delivery).await.expect("Deliver");
+            read.notified().await;
+            let goaway = Frame::Goaway {
+                reason: "draining".into(),
+                reconnect_to: Some(next_addr.to_string()),
+            };
+            write_frame(&mut send, &goaway).await.expect("Goaway");
+            let _ = send.finish();
+            let _ = connection.closed().await;
+            // The flush: its 0-RTT is rejected here.
+            let connection = next
+                .accept()
+                .await
+                .expect("a connection")
+                .await
+                .expect("a handshake");
+            let (_send, mut recv) = connection.accept_bi().await.expect("the stream");
+            read_frame(&mut recv).await
+        };
+        let client = async {
+            let mut options = first.options();
+            // The backoff after a redirect: long enough for the close to come first.
+            options.reconnect_backoff_min = Duration::from_secs(20);
+            options.reconnect_backoff_max = Duration::from_secs(20);
+            let mut client = first.connector.connect(options).await.expect("connect");
+            let delivery = client.recv_message().await.expect("a delivery");
+            assert_eq!(delivery.seq, 1);
+            // The ack goes out (gathered for 25 ms) before the redirect.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            read.notify_one();
+            let connected = || client.sender.shared.lock().unwrap().connection.is_some();
+            while connected() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.close();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let hello = tokio::select! {
+            hello = serve => hello,
+            () = client => panic!("the client finished first"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => {
+                panic!("no Hello reached the edge after the rejected 0-RTT")
+            }
+        };
+        let Frame::Hello { acked_up_to, .. } = hello else {
+            panic!("a Hello: {hello:?}");
+        };
+        assert_eq!(acked_up_to, 1, "the edge got the last ack");
+    }
+
+    /// An application that only receives learns why the client stopped: `recv` ends with
+    /// `None`, as after its own close, and `error` says the edge refused the token. Before,
+    /// only a send could find out.
+    #[tokio::test]
+    async fn a_receiver_learns_why_the_client_stopped() {
+        let server = Scripted::start();
+        let running = tokio::sync::Notify::new();
+        let serve = async {
+            let (_connection, mut send, _recv) = server.welcome().await;
+            running.notified().await;
+            let error = Frame::Error {
+                code: ErrorCode::TokenExpired,
+                message: "token expired".into(),
+            };
+            write_frame(&mut send, &error).await.expect("Error");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let client = async {
+            let mut client = server.client().await;
+            assert_eq!(client.error(), None, "running");
+            running.notify_one();
+            let received = client.recv().await;
+            (received, client.error())
+        };
+        let (received, error) = tokio::select! {
+            ended = client => ended,
+            () = serve => panic!("the client did not stop in time"),
+        };
+        assert_eq!(received, None);
+        assert_eq!(error.and_then(|e| e.code()), Some(ErrorCode::TokenExpired));
     }
 
     /// A server that ends the protocol stream but keeps the connection open (keep-alives
