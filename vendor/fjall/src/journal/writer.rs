@@ -427,8 +427,9 @@ const FILE_SYSTEM_BLOCK_BYTES: u64 = 4096;
 /// (upstream's `BufWriter`), or, with direct writes on, gathered in memory and written around
 /// the page cache (`DirectJournal`) at each flush, as the blocks they touch. The file holds
 /// zeros past its records either way (a sparse file's hole), so it reads the same, and the
-/// journal's recovery is unchanged. Past `PRE_ALLOCATED_BYTES`, or where the kernel refuses a
-/// direct write, the rest of the journal goes through the page cache.
+/// journal's recovery is unchanged. A journal that outgrows its preallocated length is grown
+/// by another `PRE_ALLOCATED_BYTES`; where the kernel refuses a direct write, the rest of the
+/// journal goes through the page cache (the next one starts direct again).
 struct Sink {
     buffered: BufWriter<File>,
     path: PathBuf,
@@ -566,6 +567,16 @@ impl Sink {
                 (*zeroed_end).max(end.div_ceil(FILE_SYSTEM_BLOCK_BYTES) * FILE_SYSTEM_BLOCK_BYTES);
             pending.clear();
             return Ok(());
+        }
+        if !journal.fits(offset, pending.len() as u64, *capacity) {
+            // Past the preallocated length: fjall seals a journal only at its next flush, and
+            // under a sustained load it grows well past it first (100 MB seen). Grown by
+            // another preallocation, the journal goes on around the page cache; before, it
+            // left it for the rest of the journal.
+            let grown = (offset + pending.len() as u64).next_multiple_of(PRE_ALLOCATED_BYTES)
+                + PRE_ALLOCATED_BYTES;
+            self.buffered.get_ref().set_len(grown)?;
+            *capacity = grown;
         }
         if journal.fits(offset, pending.len() as u64, *capacity) {
             let end = offset + pending.len() as u64;
