@@ -325,7 +325,11 @@ fn a_journal_past_its_preallocated_length_goes_on_writing_directly() {
             "fell back to the page cache after {i} MiB"
         );
     }
-    assert_eq!(db.journal_count(), 1, "one journal, past its preallocated length");
+    assert_eq!(
+        db.journal_count(),
+        1,
+        "one journal, past its preallocated length"
+    );
     drop(k);
     drop(db);
     let db = open();

@@ -110,3 +110,42 @@ fn without_the_option_the_worker_keeps_its_priority() {
     assert_eq!(workers_idle(&store), 0);
     assert_eq!(store.background_priority(), None);
 }
+
+/// Writes past a small memtable's size, with fjall's flusher of its own (two workers,
+/// decision 0040): every write past the size asks for a rotation, and while the flusher waits
+/// to gather a second sealed memtable (100 ms) those requests fill its queue (1,000). A
+/// rotation it then made sent the flush to that full queue, of which it is the only reader,
+/// and waited for room for good: no memtable was flushed again, the active one grew without
+/// bound, and the next rotation asked by anyone else (Courier's store writer rotates every few
+/// megabytes) waited too, and every commit behind it (seen in a paced run after a sustained
+/// one: acks stopped for the rest of the run). Afterwards a rotation must be flushed; the bound
+/// is minutes for what takes milliseconds, and a hang fails the test.
+#[test]
+fn rotation_requests_that_fill_the_flushers_queue_do_not_stop_its_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = fjall::Database::builder(dir.path())
+        .worker_threads(2)
+        .open()
+        .expect("open");
+    let keyspace = db
+        .keyspace("k", || {
+            fjall::KeyspaceCreateOptions::default().max_memtable_size(64 * 1024)
+        })
+        .expect("keyspace");
+    let value = [7u8; 200];
+    // Past the size for longer than the flusher's gathering wait: a request per write.
+    let started = std::time::Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < std::time::Duration::from_millis(500) || i < 50_000 {
+        keyspace.insert(i.to_be_bytes(), value).expect("insert");
+        i += 1;
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        keyspace.rotate_memtable_and_wait().expect("rotate");
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a rotation was flushed: fjall's flusher did not wait on its own queue");
+}

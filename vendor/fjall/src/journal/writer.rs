@@ -570,11 +570,10 @@ impl Sink {
         }
         if !journal.fits(offset, pending.len() as u64, *capacity) {
             // Past the preallocated length: fjall seals a journal only at its next flush, and
-            // under a sustained load it grows well past it first (100 MB seen). Grown by
-            // another preallocation, the journal goes on around the page cache; before, it
-            // left it for the rest of the journal.
-            let grown = (offset + pending.len() as u64).next_multiple_of(PRE_ALLOCATED_BYTES)
-                + PRE_ALLOCATED_BYTES;
+            // under a sustained load it grows well past it first (100 MB seen). Grown to the
+            // next multiple of the preallocation, the journal goes on around the page cache;
+            // before, it left it for the rest of the journal.
+            let grown = (offset + pending.len() as u64).next_multiple_of(PRE_ALLOCATED_BYTES);
             self.buffered.get_ref().set_len(grown)?;
             *capacity = grown;
         }

@@ -726,13 +726,18 @@ impl Keyspace {
         log::trace!("acquiring journal lock");
         let journal_writer = self.supervisor.journal.get_writer()?;
         let active_memtable_id = self.tree.active_memtable().id();
-        self.inner_rotate_memtable(journal_writer, active_memtable_id)
+        self.inner_rotate_memtable(journal_writer, active_memtable_id, true)
     }
 
+    /// `signal_flush`: whether to tell the flusher with a message (Courier's change,
+    /// vendor/README.md). The flusher itself passes `false` and flushes next: it is the only
+    /// reader of its queue, and a message to it, sent while rotation requests had filled it,
+    /// waited for room for good.
     pub(crate) fn inner_rotate_memtable(
         &self,
         journal_writer: MutexGuard<'_, crate::journal::writer::Writer>,
         memtable_id: lsm_tree::MemtableId,
+        signal_flush: bool,
     ) -> crate::Result<bool> {
         log::debug!("Rotating keyspace {:?}", self.name);
 
@@ -755,7 +760,9 @@ impl Keyspace {
             keyspace: self.clone(),
         }));
 
-        self.worker_messager.send(WorkerMessage::Flush).ok();
+        if signal_flush {
+            self.worker_messager.send(WorkerMessage::Flush).ok();
+        }
 
         {
             // NOTE: If the difference between watermark is too large, and
