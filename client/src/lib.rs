@@ -2146,16 +2146,32 @@ mod scripted_server_tests {
         assert_eq!(receipt.seq, 1);
     }
 
-    /// The last ack of a client closed while it had no connection reaches the user's home
-    /// edge: the edge the flush reaches first is not the home, answers the `Hello` with a
-    /// `Goaway` and applies no ack, and the flush follows it once. Before, it wrote the
-    /// `Hello`, waited for the close and dropped the ack: the message came again at the next
-    /// login.
-    #[tokio::test]
-    async fn the_last_ack_at_a_close_follows_a_redirect_to_the_home_edge() {
-        let first = Scripted::start();
-        let home = first.another_endpoint();
-        let home_addr = home.local_addr().expect("bound");
+    /// The next connection's stream on `endpoint`, and the `Hello` read from it.
+    async fn accept_hello(
+        endpoint: &quinn::Endpoint,
+    ) -> (quinn::Connection, quinn::SendStream, Frame) {
+        let connection = endpoint
+            .accept()
+            .await
+            .expect("a connection")
+            .await
+            .expect("a handshake");
+        let (send, mut recv) = connection.accept_bi().await.expect("the stream");
+        let hello = read_frame(&mut recv).await;
+        assert!(matches!(hello, Frame::Hello { .. }), "{hello:?}");
+        (connection, send, hello)
+    }
+
+    /// The script of the last-ack tests: the first connection is welcomed and given seq 1,
+    /// which the application takes (acked, the ack written); then `after_read` ends that
+    /// connection its own way and returns the `Hello` the flush's last server read. The
+    /// client is closed once it has no connection (its reconnect backoff is long), and that
+    /// `Hello` must carry the ack.
+    async fn the_last_ack_arrives<F, Fut>(first: &Scripted, after_read: F)
+    where
+        F: FnOnce(quinn::Connection, quinn::SendStream) -> Fut,
+        Fut: std::future::Future<Output = Frame>,
+    {
         let read = tokio::sync::Notify::new();
         let serve = async {
             let (connection, mut send, _recv) = first.welcome().await;
@@ -2166,35 +2182,8 @@ mod scripted_server_tests {
                 body: b"read".to_vec(),
             };
             write_frame(&mut send, &delivery).await.expect("Deliver");
-            // Once the application has taken it, the connection breaks under the client.
             read.notified().await;
-            connection.close(0u32.into(), b"gone");
-            // The flush, at the first address: not the user's home.
-            let connection = first
-                .endpoint
-                .accept()
-                .await
-                .expect("a connection")
-                .await
-                .expect("a handshake");
-            let (mut send, mut recv) = connection.accept_bi().await.expect("the stream");
-            let hello = read_frame(&mut recv).await;
-            assert!(matches!(hello, Frame::Hello { .. }), "{hello:?}");
-            let goaway = Frame::Goaway {
-                reason: "homed on another edge".into(),
-                reconnect_to: Some(home_addr.to_string()),
-            };
-            write_frame(&mut send, &goaway).await.expect("Goaway");
-            let _ = send.finish();
-            // The home edge reads the ack.
-            let connection = home
-                .accept()
-                .await
-                .expect("a connection")
-                .await
-                .expect("a handshake");
-            let (_send, mut recv) = connection.accept_bi().await.expect("the stream");
-            read_frame(&mut recv).await
+            after_read(connection, send).await
         };
         let client = async {
             let mut options = first.options();
@@ -2204,7 +2193,7 @@ mod scripted_server_tests {
             let mut client = first.connector.connect(options).await.expect("connect");
             let delivery = client.recv_message().await.expect("a delivery");
             assert_eq!(delivery.seq, 1);
-            // The ack goes out (gathered for 25 ms) before the connection breaks.
+            // The ack goes out (gathered for 25 ms) before the connection ends.
             tokio::time::sleep(Duration::from_millis(200)).await;
             read.notify_one();
             let connected = || client.sender.shared.lock().unwrap().connection.is_some();
@@ -2217,14 +2206,39 @@ mod scripted_server_tests {
         let hello = tokio::select! {
             hello = serve => hello,
             () = client => panic!("the client finished first"),
-            () = tokio::time::sleep(Duration::from_secs(20)) => {
-                panic!("no Hello reached the home edge")
-            }
+            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("no Hello with the ack"),
         };
         let Frame::Hello { acked_up_to, .. } = hello else {
             panic!("a Hello: {hello:?}");
         };
-        assert_eq!(acked_up_to, 1, "the home edge got the last ack");
+        assert_eq!(acked_up_to, 1, "the last ack arrived");
+    }
+
+    /// The last ack of a client closed while it had no connection reaches the user's home
+    /// edge: the edge the flush reaches first is not the home, answers the `Hello` with a
+    /// `Goaway` and applies no ack, and the flush follows it once. Before, it wrote the
+    /// `Hello`, waited for the close and dropped the ack: the message came again at the next
+    /// login.
+    #[tokio::test]
+    async fn the_last_ack_at_a_close_follows_a_redirect_to_the_home_edge() {
+        let first = Scripted::start();
+        let home = first.another_endpoint();
+        let home_addr = home.local_addr().expect("bound");
+        let (first_endpoint, home) = (&first.endpoint, &home);
+        the_last_ack_arrives(&first, |connection, _send| async move {
+            // The connection breaks under the client.
+            connection.close(0u32.into(), b"gone");
+            // The flush, at the first address: not the user's home.
+            let (_connection, mut send, _hello) = accept_hello(first_endpoint).await;
+            let goaway = Frame::Goaway {
+                reason: "homed on another edge".into(),
+                reconnect_to: Some(home_addr.to_string()),
+            };
+            write_frame(&mut send, &goaway).await.expect("Goaway");
+            let _ = send.finish();
+            accept_hello(home).await.2
+        })
+        .await;
     }
 
     /// The last ack of a client closed while it had no connection arrives when the edge it
@@ -2237,17 +2251,7 @@ mod scripted_server_tests {
         let first = Scripted::serving(quinn::TransportConfig::default(), true);
         let next = first.another_with_its_own_sessions();
         let next_addr = next.local_addr().expect("bound");
-        let read = tokio::sync::Notify::new();
-        let serve = async {
-            let (connection, mut send, _recv) = first.welcome().await;
-            let delivery = Frame::Deliver {
-                seq: 1,
-                from: 9,
-                sent_at_ms: 0,
-                body: b"read".to_vec(),
-            };
-            write_frame(&mut send, &delivery).await.expect("Deliver");
-            read.notified().await;
+        the_last_ack_arrives(&first, |connection, mut send| async move {
             let goaway = Frame::Goaway {
                 reason: "draining".into(),
                 reconnect_to: Some(next_addr.to_string()),
@@ -2256,44 +2260,9 @@ mod scripted_server_tests {
             let _ = send.finish();
             let _ = connection.closed().await;
             // The flush: its 0-RTT is rejected here.
-            let connection = next
-                .accept()
-                .await
-                .expect("a connection")
-                .await
-                .expect("a handshake");
-            let (_send, mut recv) = connection.accept_bi().await.expect("the stream");
-            read_frame(&mut recv).await
-        };
-        let client = async {
-            let mut options = first.options();
-            // The backoff after a redirect: long enough for the close to come first.
-            options.reconnect_backoff_min = Duration::from_secs(20);
-            options.reconnect_backoff_max = Duration::from_secs(20);
-            let mut client = first.connector.connect(options).await.expect("connect");
-            let delivery = client.recv_message().await.expect("a delivery");
-            assert_eq!(delivery.seq, 1);
-            // The ack goes out (gathered for 25 ms) before the redirect.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            read.notify_one();
-            let connected = || client.sender.shared.lock().unwrap().connection.is_some();
-            while connected() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            client.close();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        };
-        let hello = tokio::select! {
-            hello = serve => hello,
-            () = client => panic!("the client finished first"),
-            () = tokio::time::sleep(Duration::from_secs(20)) => {
-                panic!("no Hello reached the edge after the rejected 0-RTT")
-            }
-        };
-        let Frame::Hello { acked_up_to, .. } = hello else {
-            panic!("a Hello: {hello:?}");
-        };
-        assert_eq!(acked_up_to, 1, "the edge got the last ack");
+            accept_hello(&next).await.2
+        })
+        .await;
     }
 
     /// An application that only receives learns why the client stopped: `recv` ends with

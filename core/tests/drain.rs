@@ -6,14 +6,11 @@
 
 mod common;
 use common::SimAuth;
-use common::one_shard::{OneShard, conn, hello};
+use common::one_shard::{OneShard, cluster_shard, conn, effects, hello, user_homed_on};
 
 use courier_core::CoreConfig;
 use courier_core::commit::Committer;
-use courier_core::placement::home_edge;
-use courier_core::session::{
-    ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig, ShardMessage,
-};
+use courier_core::session::{EdgeSession, Effect, SessionConfig, ShardMessage};
 use courier_core::store::memory::MemoryStore;
 use courier_protocol::link::{LinkFrame, LinkSendResult};
 use courier_protocol::{ErrorCode, Frame};
@@ -21,29 +18,12 @@ use courier_protocol::{ErrorCode, Frame};
 const EDGES: [u32; 2] = [1, 2];
 
 fn session() -> EdgeSession<SimAuth> {
-    let mut config = SessionConfig::new(0, 1, CoreConfig::default());
-    config.cluster = Some(ClusterView {
-        edge: 1,
-        members: EDGES
-            .iter()
-            .map(|id| EdgeMember {
-                id: *id,
-                client_address: format!("edge-{id}"),
-            })
-            .collect(),
-    });
-    EdgeSession::new(config, SimAuth)
+    cluster_shard(1, &EDGES)
 }
 
 /// A user whose home is `edge`.
 fn user_of(edge: u32) -> u64 {
-    (1..)
-        .find(|user| home_edge(*user, &EDGES) == edge)
-        .expect("a user of every edge")
-}
-
-fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
-    std::iter::from_fn(|| session.poll_effect()).collect()
+    user_homed_on(edge, &EDGES)
 }
 
 #[test]

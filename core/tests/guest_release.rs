@@ -6,13 +6,12 @@
 
 mod common;
 use common::SimAuth;
-use common::one_shard::{conn, hello};
+use common::one_shard::{cluster_shard, conn, effects, hello, user_homed_on};
 
 use std::collections::BTreeMap;
 
 use courier_core::CoreConfig;
-use courier_core::placement::home_edge;
-use courier_core::session::{ClusterView, EdgeMember, EdgeSession, Effect, SessionConfig};
+use courier_core::session::{EdgeSession, Effect};
 use courier_core::store::StoreError;
 use courier_core::store::memory::MemoryStore;
 use courier_core::takeover::{Lease, ShardGuests};
@@ -22,28 +21,11 @@ const EDGES: [u32; 3] = [1, 2, 3];
 const NOW: u64 = 1_700_000_000_000;
 
 fn session() -> EdgeSession<SimAuth> {
-    let mut config = SessionConfig::new(0, 1, CoreConfig::default());
-    config.cluster = Some(ClusterView {
-        edge: 1,
-        members: EDGES
-            .iter()
-            .map(|id| EdgeMember {
-                id: *id,
-                client_address: format!("edge-{id}"),
-            })
-            .collect(),
-    });
-    EdgeSession::new(config, SimAuth)
+    cluster_shard(1, &EDGES)
 }
 
 fn user_of(edge: u32) -> u64 {
-    (1..)
-        .find(|user| home_edge(*user, &EDGES) == edge)
-        .expect("a user of every edge")
-}
-
-fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
-    std::iter::from_fn(|| session.poll_effect()).collect()
+    user_homed_on(edge, &EDGES)
 }
 
 /// How `slot`'s connection ended among `effects`: the address it was sent to, or the code

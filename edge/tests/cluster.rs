@@ -827,8 +827,19 @@ mod takeover_on_shared_memory {
 
     /// The three edges with takeover on, started on `stores` and linked to each other.
     fn started_cluster(files: &ClusterFiles, stores: &Stores) -> Vec<InProcess> {
+        started_cluster_with(files, stores, |config| config)
+    }
+
+    /// [`started_cluster`] with each edge's config file changed by `edit` first.
+    fn started_cluster_with(
+        files: &ClusterFiles,
+        stores: &Stores,
+        edit: impl Fn(String) -> String,
+    ) -> Vec<InProcess> {
         let mut edges = cluster(files, &EDGE_IDS, TAKEOVER);
         for edge in &mut edges {
+            let config = std::fs::read_to_string(edge.config_path()).expect("config");
+            std::fs::write(edge.config_path(), edit(config)).expect("config");
             edge.start(stores).expect("start");
         }
         wait_links(&edges, 2);
@@ -869,18 +880,12 @@ mod takeover_on_shared_memory {
         let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
-        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
-        for edge in &mut edges {
-            let config = std::fs::read_to_string(edge.config_path())
-                .expect("config")
-                .replace(
-                    "[control]\nenabled = false\n",
-                    "[control]\nenabled = true\n",
-                );
-            std::fs::write(edge.config_path(), config).expect("config");
-            edge.start(&stores).expect("start");
-        }
-        wait_links(&edges, 2);
+        let mut edges = started_cluster_with(&files, &stores, |config| {
+            config.replace(
+                "[control]\nenabled = false\n",
+                "[control]\nenabled = true\n",
+            )
+        });
         let alice = user_homed_on(0, 3);
         let bob = user_homed_on(1, 3);
         edges[1].crash();
@@ -966,14 +971,9 @@ mod takeover_on_shared_memory {
         let _watchdog = Watchdog::start();
         let files = ClusterFiles::new();
         let stores = shared_stores();
-        let mut edges = cluster(&files, &EDGE_IDS, TAKEOVER);
-        for edge in &mut edges {
-            let mut config = std::fs::read_to_string(edge.config_path()).expect("config");
-            config.push_str("\n[retention]\nexpiry_interval_secs = 1\nexpiry_bucket_secs = 1\n");
-            std::fs::write(edge.config_path(), config).expect("config");
-            edge.start(&stores).expect("start");
-        }
-        wait_links(&edges, 2);
+        let edges = started_cluster_with(&files, &stores, |config| {
+            config + "\n[retention]\nexpiry_interval_secs = 1\nexpiry_bucket_secs = 1\n"
+        });
         let alice = user_homed_on(0, 2);
         let alice_client = client_via(&files, &edges[0], alice).await;
         let recipients: Vec<u64> = (0..EDGE_IDS.len())

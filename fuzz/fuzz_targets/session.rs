@@ -150,9 +150,15 @@ fuzz_target!(|data: &[u8]| {
             12 if (op >> 1) & 7 != 0 => match (op >> 1) & 7 {
                 1 => shards[shard].serve_guest(DEAD_EDGE),
                 2 => shards[shard].serve_guest(PEER_EDGE),
+                // Released as the view says, or after a fenced commit (no server known).
+                3 if generation % 2 == 0 => shards[shard].release_fenced_guest(DEAD_EDGE),
                 3 => shards[shard].release_guest(DEAD_EDGE),
                 4 => shards[shard].release_guest(PEER_EDGE),
-                5 => shards[shard].set_servers([(DEAD_EDGE, PEER_EDGE)].into()),
+                // Served by the peer, or by no one yet (judged dead, not yet claimed).
+                5 => {
+                    let server = (generation % 2 == 1).then_some(PEER_EDGE);
+                    shards[shard].set_servers([(DEAD_EDGE, server)].into())
+                }
                 6 => shards[shard].set_servers(Default::default()),
                 _ => shards[shard].drain_to(PEER_EDGE),
             },

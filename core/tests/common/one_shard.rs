@@ -145,3 +145,32 @@ pub fn delivered(frames: &[(usize, Frame)], slot: usize) -> Vec<u64> {
         })
         .collect()
 }
+
+/// A lone shard of edge `edge` in a cluster of `members`, whose members are reached at
+/// `edge-{id}` (what a redirect names).
+pub fn cluster_shard(edge: u32, members: &[u32]) -> EdgeSession<SimAuth> {
+    let mut config = SessionConfig::new(0, 1, CoreConfig::default());
+    config.cluster = Some(courier_core::session::ClusterView {
+        edge,
+        members: members
+            .iter()
+            .map(|id| courier_core::session::EdgeMember {
+                id: *id,
+                client_address: format!("edge-{id}"),
+            })
+            .collect(),
+    });
+    EdgeSession::new(config, SimAuth)
+}
+
+/// The first user whose home, among `members`, is `edge`.
+pub fn user_homed_on(edge: u32, members: &[u32]) -> u64 {
+    (1..)
+        .find(|user| courier_core::placement::home_edge(*user, members) == edge)
+        .expect("a user of every edge")
+}
+
+/// Every effect the session has for its driver now.
+pub fn effects(session: &mut EdgeSession<SimAuth>) -> Vec<Effect> {
+    std::iter::from_fn(|| session.poll_effect()).collect()
+}
