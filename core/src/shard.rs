@@ -377,8 +377,11 @@ impl<T> InboxShard<T> {
     /// acknowledge, and the acknowledged messages stayed stored until it reconnected (the
     /// simulation found it). The table is bounded without a limit of its own: it holds one
     /// entry per device, and only a device with an open, logged-in connection sends acks
-    /// (`EdgeSession` acknowledges for the connection's own user and device), so it holds at
-    /// most as many entries as the edge has connections.
+    /// (`EdgeSession` acknowledges for the connection's own user and device, which its signed
+    /// token names). While commits succeed it holds about as many entries as the shard has
+    /// connections; while they fail, failed batches put their acks back, and it holds one per
+    /// device of the shard's inboxes that acked since, connected or not, until a commit
+    /// takes them (`batch_requests_max` at a time).
     pub fn handle_ack(&mut self, inbox: UserId, device: u32, up_to_seq: u64, now_ms: UnixMillis) {
         let entry = self.acks.entry((inbox, device)).or_insert(up_to_seq);
         *entry = (*entry).max(up_to_seq);
