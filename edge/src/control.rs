@@ -257,6 +257,16 @@ fn serve_one(mut stream: UnixStream, shards: &Shards) {
     let answer = match read_request(&mut stream) {
         Err(message) => Answer::Error { message },
         Ok(line) => match serde_json::from_str::<Command>(&line) {
+            Ok(command) if client_gone(&stream) => {
+                // Its request waited here behind others longer than the client waits (65 s):
+                // the client reported failure and exited, and an operator may run the command
+                // again (a second purge erases what came in between). Not run.
+                warn!(
+                    ?command,
+                    "control request not run: its client gave up waiting"
+                );
+                return;
+            }
             Ok(command) => {
                 info!(?command, "control request");
                 execute(command, shards)
@@ -269,6 +279,21 @@ fn serve_one(mut stream: UnixStream, shards: &Shards) {
     let mut text = serde_json::to_string(&answer).unwrap_or_else(|_| "{}".into());
     text.push('\n');
     let _ = stream.write_all(text.as_bytes());
+}
+
+/// Whether the client closed its end of `stream` (not only its writing half: a client that
+/// ends its request with end-of-file, as `socat` does, still waits for the answer).
+fn client_gone(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: one `pollfd` that outlives the call, and a count of one; no waiting.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
+    ready == 1 && poll.revents & libc::POLLHUP != 0
 }
 
 /// Whether the process at the other end of `stream` may give commands: root, or the edge's
@@ -478,15 +503,62 @@ pub fn request(socket: &Path, command: &Command) -> Result<Answer, String> {
         .write_all(text.as_bytes())
         .map_err(|e| format!("cannot send the request: {e}"))?;
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from the edge: {e}"))?;
+    BufReader::new(stream).read_line(&mut line).map_err(|e| {
+        format!(
+            "no answer from the edge: {e} (a request the edge had not started is dropped \
+                 now; one it had started, such as a purge waiting for its commit, goes on: see \
+                 its log)"
+        )
+    })?;
     serde_json::from_str(&line).map_err(|e| format!("an answer that does not parse ({e}): {line}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request whose client closed before the edge read it is not run: its client waited
+    /// behind other requests longer than it waits (65 s), reported failure and exited, and an
+    /// operator may have run the command again. Before, it ran all the same. A client that
+    /// only ended its writing half (end-of-file after the request, as `socat` sends) still
+    /// waits for the answer, and its request runs.
+    #[test]
+    fn a_request_whose_client_has_gone_is_not_run() {
+        let (shards, receivers) = Shards::new(1);
+        let request = serde_json::to_string(&Command::Disconnect { user: 9 }).expect("json") + "\n";
+        let (mut client, server) = UnixStream::pair().expect("a socket pair");
+        client.write_all(request.as_bytes()).expect("request");
+        drop(client);
+        serve_one(server, &shards);
+        assert!(
+            receivers[0].try_recv().is_err(),
+            "a request of a client that is gone was run"
+        );
+
+        let (mut client, server) = UnixStream::pair().expect("a socket pair");
+        client.write_all(request.as_bytes()).expect("request");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("end of the request");
+        let receiver = receivers[0].clone();
+        let shard = std::thread::spawn(move || {
+            match receiver.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(ShardRequest::Disconnect { user: 9, reply }) => reply.send(1).is_ok(),
+                _ => false,
+            }
+        });
+        serve_one(server, &shards);
+        assert!(shard.join().expect("shard"), "the request was run");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut client, &mut answer).expect("answer");
+        assert_eq!(
+            serde_json::from_str::<Answer>(answer.trim()).expect("an answer"),
+            Answer::Disconnected {
+                user: 9,
+                connections: 1
+            }
+        );
+    }
 
     /// A connection from another user is refused, one from the edge's own user served: what
     /// the socket's mode says, checked again for connections made before it was set. The
