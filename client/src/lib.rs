@@ -1343,18 +1343,9 @@ impl Driver {
                 let now = self.now();
                 self.session.connected(now);
                 if let Some(accepted) = zero_rtt {
-                    // Rejected 0-RTT data is discarded, the `Hello` with it: write it again
-                    // on a new stream, as `run_link` does.
-                    self.take_transmits(&mut link).ok()?;
-                    link.send.write_all(&link.outbuf).await.ok()?;
-                    link.wrote(link.outbuf.len());
-                    if !accepted.await {
-                        let connection = link.connection.clone();
-                        drop(link);
-                        link = Link::on_new_stream(connection).await.ok()?;
-                        let now = self.now();
-                        self.session.connected(now);
-                    }
+                    // Rejected 0-RTT data is discarded, the `Hello` with it.
+                    let by = tokio::time::Instant::now() + CLOSE_FLUSH_TIMEOUT;
+                    link = self.first_flight_as_0rtt(link, accepted, by).await.ok()?;
                 }
                 match self.flush_link(link).await {
                     None => return Some(()),
@@ -1371,6 +1362,41 @@ impl Driver {
         }
     }
 
+    /// Writes the first flight (the `Hello`) as 0-RTT data and waits, until `by`, for the
+    /// server's verdict: rejected 0-RTT data is discarded, the stream with it, and the flight
+    /// is written again on a new stream. Returns the link to go on with.
+    async fn first_flight_as_0rtt(
+        &mut self,
+        mut link: Link,
+        accepted: quinn::ZeroRttAccepted,
+        by: tokio::time::Instant,
+    ) -> Result<Link, ClientError> {
+        let welcome_timeout = self.options.welcome_timeout;
+        let timed_out = || welcome_timed_out(welcome_timeout);
+        self.take_transmits(&mut link)?;
+        // Bounded too: a gone edge never opens the stream window the first flight may need.
+        // (A failed write shows in what the link reads next.)
+        let _ = tokio::time::timeout_at(by, link.send.write_all(&link.outbuf))
+            .await
+            .map_err(|_| timed_out())?;
+        link.wrote(link.outbuf.len());
+        let accepted = tokio::time::timeout_at(by, accepted)
+            .await
+            .map_err(|_| timed_out())?;
+        self.shared.lock().expect("client state").zero_rtt_accepted = Some(accepted);
+        if accepted {
+            return Ok(link);
+        }
+        // Streams opened in rejected 0-RTT data are gone: start over on a new one, after
+        // letting go of the old one (the server allows one stream at a time).
+        let connection = link.connection.clone();
+        drop(link);
+        let link = Link::on_new_stream(connection).await?;
+        let now = self.now();
+        self.session.connected(now);
+        Ok(link)
+    }
+
     async fn run_link(
         &mut self,
         mut link: Link,
@@ -1382,34 +1408,10 @@ impl Driver {
         self.session.connected(now);
         let _published = PublishedConnection::new(&self.shared, &link.connection);
         if let Some(accepted) = zero_rtt {
-            // The first flight goes out as 0-RTT data; wait for the verdict before anything else.
-            if let Err(error) = self.take_transmits(&mut link) {
-                return LinkEnd::Lost(error);
-            }
-            // Bounded too: a gone edge never opens the stream window the first flight may need.
-            if tokio::time::timeout_at(welcome_by, link.send.write_all(&link.outbuf))
-                .await
-                .is_err()
-            {
-                return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
-            }
-            link.wrote(link.outbuf.len());
-            let Ok(accepted) = tokio::time::timeout_at(welcome_by, accepted).await else {
-                return LinkEnd::Lost(welcome_timed_out(welcome_timeout));
+            link = match self.first_flight_as_0rtt(link, accepted, welcome_by).await {
+                Ok(link) => link,
+                Err(error) => return LinkEnd::Lost(error),
             };
-            self.shared.lock().expect("client state").zero_rtt_accepted = Some(accepted);
-            if !accepted {
-                // Streams opened in rejected 0-RTT data are gone: start over on a new one,
-                // after letting go of the old one (the server allows one stream at a time).
-                let connection = link.connection.clone();
-                drop(link);
-                link = match Link::on_new_stream(connection).await {
-                    Ok(link) => link,
-                    Err(error) => return LinkEnd::Lost(error),
-                };
-                let now = self.now();
-                self.session.connected(now);
-            }
         }
         loop {
             self.take_events();
@@ -1501,10 +1503,7 @@ impl Driver {
     /// the client (the edge is not the user's home, and applied no ack), or `None` once the
     /// server has closed without one.
     async fn flush_link(&mut self, mut link: Link) -> Option<String> {
-        link.drop_unwritten_sends();
-        self.take_transmits_up_to(&mut link, usize::MAX).ok()?;
-        link.send.write_all(&link.outbuf).await.ok()?;
-        let _ = link.send.finish();
+        let _ = self.write_last(&mut link).await;
         let mut redirect = None;
         while let Ok(Some(chunk)) = link.recv.read_chunk(READ_CHUNK_BYTES, true).await {
             let read = take_frames(&mut link.inbuf, &chunk.bytes, |frame| {
@@ -1528,20 +1527,24 @@ impl Driver {
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
     /// the server to close the connection after reading it.
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
+        let flush = async {
+            self.write_last(&mut link).await?;
+            link.connection.closed().await;
+            Some(())
+        };
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+        link.connection.close(0u32.into(), b"client closed");
+        LinkEnd::Closed
+    }
+
+    /// Writes what is left at a close (the session's last ack) and finishes the stream.
+    async fn write_last(&mut self, link: &mut Link) -> Option<()> {
         // The sends still in the buffer failed with `Shutdown`: written now, they could be
         // stored after their callers were told otherwise.
         link.drop_unwritten_sends();
-        if self.take_transmits_up_to(&mut link, usize::MAX).is_ok() {
-            let flush = async {
-                link.send.write_all(&link.outbuf).await.ok()?;
-                link.send.finish().ok()?;
-                link.connection.closed().await;
-                Some(())
-            };
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
-        }
-        link.connection.close(0u32.into(), b"client closed");
-        LinkEnd::Closed
+        self.take_transmits_up_to(link, usize::MAX).ok()?;
+        link.send.write_all(&link.outbuf).await.ok()?;
+        link.send.finish().ok()
     }
 
     /// Ends the client: every waiting send gets `error`, later calls get it too. Sends already

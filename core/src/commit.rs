@@ -883,16 +883,15 @@ fn device_record<T: Transaction>(
     if let Some(cursor) = batch_cursors.get(&(inbox, device)) {
         return Ok(Some((*cursor, UnixMillis::MAX)));
     }
-    let key = keys::device(inbox, device);
     if !batch.forgotten.contains(&inbox)
         && let Some(records) = known.devices.get(&inbox)
     {
-        // As `stored_devices`: what the cache says stands only if no later commit wrote it.
-        txn.add_read_conflict(&key);
+        // No conflict range of its own: a batch that writes from this answer writes the
+        // inbox's device records, and `stored_devices` marks their whole range read then.
         let record = records.iter().find(|record| record.device == device);
         return Ok(record.map(|record| (record.cursor, record.last_seen_ms)));
     }
-    match txn.get(&key)? {
+    match txn.get(&keys::device(inbox, device))? {
         None => Ok(None),
         Some(value) => decode_device(&value).map(Some),
     }

@@ -2495,14 +2495,11 @@ impl<A: Authenticator> EdgeSession<A> {
         let Some(cluster) = self.config.cluster.as_ref() else {
             return false;
         };
-        if self.edge_ids.is_empty() {
+        // Not this edge's own user, nor a guest's: another edge's.
+        if self.remote_home(user).is_none() {
             return false;
         }
-        let home = home_edge(user, &self.edge_ids);
-        if home == cluster.edge || self.guests.contains_key(&home) {
-            return false;
-        }
-        match self.servers.get(&home) {
+        match self.servers.get(&home_edge(user, &self.edge_ids)) {
             Some(None) => true,
             Some(Some(server)) => *server == cluster.edge,
             None => false,

@@ -399,13 +399,13 @@ impl<T> InboxShard<T> {
         true
     }
 
-    /// Queues the erasure of `inbox` (`Request::Purge`) for the next batch. Returns false when
-    /// `queue_requests_max` purges wait already (the operator tries again).
     /// Whether [`InboxShard::handle_purge`] would take `inbox` now.
     pub fn purge_has_room(&self, inbox: UserId) -> bool {
         self.purges.len() < self.queue_requests_max || self.purges.contains(&inbox)
     }
 
+    /// Queues the erasure of `inbox` (`Request::Purge`) for the next batch. Returns false when
+    /// `queue_requests_max` purges wait already (the operator tries again).
     pub fn handle_purge(&mut self, inbox: UserId) -> Option<Vec<T>> {
         if !insert_bounded(&mut self.purges, inbox, self.queue_requests_max) {
             return None;

@@ -408,15 +408,13 @@ fn execute(command: Command, shards: &Shards) -> Answer {
             let home = courier_core::placement::home_shard(user, shards.senders.len() as u32);
             // Would the home shard take it? A purge refused after the disconnect below logged
             // the user out for nothing (a guest's user, with its own edge down, for good).
-            let (reply, answer) = flume::bounded(1);
-            if shards.senders[home as usize]
-                .try_send(ShardRequest::CheckPurge { user, reply })
-                .is_err()
-            {
-                return Answer::Error {
-                    message: format!("shard {home} is busy; try again"),
-                };
-            }
+            let answer = match ask_one(shards, home, |reply| ShardRequest::CheckPurge {
+                user,
+                reply,
+            }) {
+                Ok(answer) => answer,
+                Err(message) => return Answer::Error { message },
+            };
             match answer.recv_timeout(SHARD_ANSWER_TIMEOUT) {
                 Ok(Ok(())) => {}
                 Ok(Err(message)) => return Answer::Error { message },
@@ -431,13 +429,10 @@ fn execute(command: Command, shards: &Shards) -> Answer {
                 Ok(counts) => counts.into_iter().sum(),
                 Err(message) => return Answer::Error { message },
             };
-            let (reply, answer) = flume::bounded(1);
-            let asked = shards.senders[home as usize].try_send(ShardRequest::Purge { user, reply });
-            if asked.is_err() {
-                return Answer::Error {
-                    message: format!("shard {home} is busy; try again"),
-                };
-            }
+            let answer = match ask_one(shards, home, |reply| ShardRequest::Purge { user, reply }) {
+                Ok(answer) => answer,
+                Err(message) => return Answer::Error { message },
+            };
             match answer.recv_timeout(SHARD_ANSWER_TIMEOUT) {
                 Ok(Ok(())) => Answer::Purged {
                     user,
@@ -457,6 +452,19 @@ fn execute(command: Command, shards: &Shards) -> Answer {
             }
         }
     }
+}
+
+/// Sends a request to `shard`; its answer comes on the receiver returned.
+fn ask_one<T>(
+    shards: &Shards,
+    shard: u32,
+    request: impl FnOnce(flume::Sender<T>) -> ShardRequest,
+) -> Result<flume::Receiver<T>, String> {
+    let (reply, answer) = flume::bounded(1);
+    shards.senders[shard as usize]
+        .try_send(request(reply))
+        .map_err(|_| format!("shard {shard} is busy; try again"))?;
+    Ok(answer)
 }
 
 /// Sends a request to every shard and collects the answers in shard order.
