@@ -23,7 +23,9 @@
 //!   again if the edge rejects its 0-RTT and taken to the edge a `Goaway` names), and a
 //!   closed client never reconnects; [`Client::recv`] hands out nothing after it.
 //! - When the client stops on its own (a fatal error from the edge, such as an expired token),
-//!   [`Client::recv`] returns `None` and [`Client::error`] says why.
+//!   [`Client::recv`] returns `None` and [`Client::error`] says why. Deliveries it had
+//!   buffered are not handed out (their acks could no longer be sent): they come again at
+//!   the next login.
 //! - A new connection sends few datagrams: path MTU discovery probes 1,452 bytes first (one
 //!   probe where quinn's search takes four), and the TLS key exchange is ring's unless the
 //!   application passes other groups ([`Connector::with_key_exchange_groups`]; `courier-bench`
@@ -380,7 +382,8 @@ pub struct ConnectOptions {
     /// `Refused(TooManyInFlight)` too.
     pub sends_pending_bytes_max: usize,
     /// Deliveries buffered for the application before the client stops reading the
-    /// connection. Receipts of sends and signals come on the same stream; the edge gives a
+    /// connection (the read that reaches it may add what one read holds, at most
+    /// `READ_CHUNK_BYTES`, 64 KiB, of frames). Receipts of sends and signals come on the same stream; the edge gives a
     /// connection at most `limits.deliveries_unacked_per_connection_max` (1,024) messages
     /// not acknowledged, so with a buffer at least that large a slow application does not
     /// hold up its own sends' receipts. With a smaller one (or the edge's limit raised past
@@ -562,7 +565,8 @@ impl Client {
         }));
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (control_tx, control_rx) = watch::channel(Control::default());
-        let (incoming_tx, incoming_rx) = mpsc::channel(options.deliveries_buffered_max.max(1));
+        let (channel_max, _) = delivery_buffers(options.deliveries_buffered_max);
+        let (incoming_tx, incoming_rx) = mpsc::channel(channel_max);
         let (welcomed_tx, welcomed_rx) = oneshot::channel();
         let driver = Driver {
             connector,
@@ -636,15 +640,21 @@ impl Client {
         receipts
     }
 
-    /// The next message or signal, in sequence order; `None` once the client is closed. With
-    /// `auto_ack`, handing out a message acknowledges it.
+    /// The next message or signal, in sequence order; `None` once the client is closed or
+    /// has stopped ([`Client::error`] says why). With `auto_ack`, handing out a message
+    /// acknowledges it.
     pub async fn recv(&mut self) -> Option<Incoming> {
-        if self.control.borrow().close {
-            // What the driver buffered before the close would be handed out with acks that
-            // no longer go anywhere, and delivered again at the next login.
+        // What the driver buffered before a close, or before a fatal error stopped it, would
+        // be handed out with acks that no longer go anywhere, and delivered again at the
+        // next login: an application that keeps no state of its own could not tell. Not
+        // handed out, those messages come once at the next login.
+        if self.control.borrow().close || self.error().is_some() {
             return None;
         }
         let incoming = self.incoming.recv().await?;
+        if self.error().is_some() {
+            return None;
+        }
         if let Incoming::Message(delivery) = &incoming {
             self.handed_up_to
                 .fetch_max(delivery.seq, std::sync::atomic::Ordering::Relaxed);
@@ -725,12 +735,7 @@ impl Client {
     /// [`Client::close`]). `None` while it runs. An application that only receives learns
     /// here why [`Client::recv`] returned `None`: a new token or a new login may be needed.
     pub fn error(&self) -> Option<ClientError> {
-        self.sender
-            .shared
-            .lock()
-            .expect("client state")
-            .closed
-            .clone()
+        self.sender.stopped()
     }
 
     /// Connections welcomed so far, including reconnects.
@@ -781,8 +786,8 @@ impl Sender {
         body: impl Into<Vec<u8>>,
         ttl_secs: Option<u32>,
     ) -> Result<SendReceipt, ClientError> {
-        if let Some(error) = &self.shared.lock().expect("client state").closed {
-            return Err(error.clone());
+        if let Some(error) = self.stopped() {
+            return Err(error);
         }
         let (waiter, answer) = oneshot::channel();
         self.commands
@@ -794,8 +799,17 @@ impl Sender {
                 waiter,
             })
             .await
-            .map_err(|_| ClientError::Shutdown)?;
-        answer.await.map_err(|_| ClientError::Shutdown)?
+            .map_err(|_| self.stopped().unwrap_or(ClientError::Shutdown))?;
+        answer
+            .await
+            .map_err(|_| self.stopped().unwrap_or(ClientError::Shutdown))?
+    }
+
+    /// Why the client stopped, once it has. A send whose waiter the stopped driver dropped
+    /// untaken answers with it, not `Shutdown`: an application renews its token on
+    /// `TokenExpired`, not on a close it did not make.
+    fn stopped(&self) -> Option<ClientError> {
+        self.shared.lock().expect("client state").closed.clone()
     }
 }
 
@@ -1425,8 +1439,8 @@ impl Driver {
             // deliveries, and this connection's receipts and signals behind them), but not
             // before the link's `Welcome`: the buffer outlives a reconnect, and a link that
             // could not read its `Welcome` would time out and reconnect forever.
-            let app_has_room = self.to_app.len() < self.options.deliveries_buffered_max.max(1)
-                || !self.session.is_active();
+            let (_, to_app_max) = delivery_buffers(self.options.deliveries_buffered_max);
+            let app_has_room = self.to_app.len() < to_app_max || !self.session.is_active();
             let incoming = self.incoming.clone();
             tokio::select! {
                 // quinn hands over its own buffer (no copy); frames are decoded from it.
@@ -1564,10 +1578,21 @@ impl Driver {
         if let Some(welcomed) = self.welcomed.take() {
             let _ = welcomed.send(Err(error.clone()));
         }
+        // Sends handed over but not taken yet read this too (`Sender::stopped`) when their
+        // waiters are dropped with the driver.
         let mut shared = self.shared.lock().expect("client state");
         shared.closed = Some(error);
         shared.pending_sends = 0;
     }
+}
+
+/// `deliveries_buffered_max` split between the channel [`Client::recv`] reads (it takes from
+/// it without waking the driver) and the driver's own queue, which reading stops filling once
+/// full: the two together, not each, hold the configured figure (at least one each).
+fn delivery_buffers(deliveries_buffered_max: usize) -> (usize, usize) {
+    let channel_max = (deliveries_buffered_max / 2).max(1);
+    let to_app_max = deliveries_buffered_max.saturating_sub(channel_max).max(1);
+    (channel_max, to_app_max)
 }
 
 async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), ClientError> {
@@ -2298,6 +2323,147 @@ mod scripted_server_tests {
         };
         assert_eq!(received, None);
         assert_eq!(error.and_then(|e| e.code()), Some(ErrorCode::TokenExpired));
+    }
+
+    fn delivery(seq: u64) -> Frame {
+        Frame::Deliver {
+            seq,
+            from: 9,
+            sent_at_ms: 0,
+            body: format!("message {seq}").into_bytes(),
+        }
+    }
+
+    /// Deliveries the client had buffered when a fatal error stopped it are not handed out:
+    /// their acks would go nowhere (the driver is gone), so an application that keeps no
+    /// state could not tell them from the same messages delivered again at its next login.
+    /// Before, those read in an earlier read than the error's were handed out, the rest
+    /// dropped. Both splits are tried: the deliveries in a write of their own, and in one
+    /// write with the error.
+    #[tokio::test]
+    async fn a_stopped_client_hands_out_no_buffered_delivery() {
+        for same_write in [false, true] {
+            let server = Scripted::start();
+            let serve = async {
+                let (_connection, mut send, _recv) = server.welcome().await;
+                let error = Frame::Error {
+                    code: ErrorCode::TokenExpired,
+                    message: "token expired".into(),
+                };
+                if same_write {
+                    let mut bytes = Vec::new();
+                    for frame in [delivery(1), delivery(2), error] {
+                        bytes.extend(courier_protocol::encode_to_vec(&frame).expect("encode"));
+                    }
+                    send.write_all(&bytes).await.expect("the frames");
+                } else {
+                    write_frame(&mut send, &delivery(1)).await.expect("Deliver");
+                    write_frame(&mut send, &delivery(2)).await.expect("Deliver");
+                    // Read into the client's buffer before the error comes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    write_frame(&mut send, &error).await.expect("Error");
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            };
+            let client = async {
+                let mut client = server.client().await;
+                while client.error().is_none() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert_eq!(client.last_seq(), 2, "both deliveries read");
+                client.recv().await.map(|_| ())
+            };
+            let received = tokio::select! {
+                received = client => received,
+                () = serve => panic!("the client did not stop in time"),
+            };
+            assert_eq!(
+                received, None,
+                "a delivery handed out after the client stopped"
+            );
+        }
+    }
+
+    /// A send the application handed over that the driver had not taken when a fatal error
+    /// stopped it is answered with that error, not `Shutdown`: an application renews its
+    /// token on `TokenExpired`, not on a close it did not make. The sends queue while the
+    /// driver waits for the connection's close after the server ended the stream (it takes
+    /// no sends then); the close then says the token expired.
+    #[tokio::test]
+    async fn a_send_not_yet_taken_when_the_client_stops_learns_why() {
+        let server = Scripted::start();
+        let (ended_tx, ended_rx) = oneshot::channel::<()>();
+        let (queued_tx, queued_rx) = oneshot::channel::<()>();
+        let serve = async {
+            let (connection, mut send, _recv) = server.welcome().await;
+            send.finish().expect("end the stream");
+            let _ = ended_tx.send(());
+            queued_rx.await.expect("the sends queue");
+            connection.close(
+                u32::from(ErrorCode::TokenExpired as u16).into(),
+                b"token expired",
+            );
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let client = async {
+            let client = server.client().await;
+            ended_rx.await.expect("the stream ends");
+            // The driver has read the stream's end and waits for the close.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let sends: Vec<_> = (0..3)
+                .map(|_| {
+                    let sender = client.sender();
+                    tokio::spawn(async move { sender.send(7, b"queued".to_vec()).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = queued_tx.send(());
+            let mut answers = Vec::new();
+            for send in sends {
+                answers.push(send.await.expect("the send task"));
+            }
+            answers
+        };
+        let answers = tokio::select! {
+            answers = client => answers,
+            () = serve => panic!("the sends were not answered in time"),
+        };
+        for answer in answers {
+            assert_eq!(
+                answer.err().and_then(|e| e.code()),
+                Some(ErrorCode::TokenExpired),
+                "a queued send was not told why the client stopped"
+            );
+        }
+    }
+
+    /// With the application taking nothing, the client stops reading at
+    /// `deliveries_buffered_max` deliveries held for it in all (here 4, and one more if two
+    /// frames arrive in one read). Before, the channel to the application and the driver's
+    /// queue each held that many: 8.
+    #[tokio::test]
+    async fn a_stalled_application_is_buffered_at_most_its_configured_deliveries() {
+        let server = Scripted::start();
+        let serve = async {
+            let (_connection, mut send, _recv) = server.welcome().await;
+            for seq in 1..=20 {
+                write_frame(&mut send, &delivery(seq))
+                    .await
+                    .expect("Deliver");
+                // A read each.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let mut options = server.options();
+        options.deliveries_buffered_max = 4;
+        let (_, client) = tokio::join!(serve, server.connector.connect(options));
+        let client = client.expect("connect");
+        assert!(
+            (4..=5).contains(&client.last_seq()),
+            "{} deliveries buffered for an application that took none",
+            client.last_seq()
+        );
     }
 
     /// A server that ends the protocol stream but keeps the connection open (keep-alives

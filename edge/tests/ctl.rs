@@ -90,8 +90,8 @@ async fn an_operator_lists_disconnects_and_purges_a_user_and_drains_the_edge() {
         "{out}"
     );
     for mut device in [phone, laptop] {
-        // What was delivered before the purge may still be in the client's buffer; then the
-        // end of the connection.
+        // Once the purge's `Disconnected` is read, `recv` ends (what the SDK still buffered
+        // is not handed out); before it, a delivery may be.
         let ended = tokio::time::timeout(Duration::from_secs(10), async {
             while device.recv_message().await.is_some() {}
         })
