@@ -390,7 +390,7 @@ fn write_batch<T: Transaction>(
     for request in requests {
         let outcome = match request {
             Request::Send(send) => {
-                if let Some(found) = find_dedupe(txn, dedupe_bucket, send)? {
+                if let Some(found) = find_dedupe(txn, dedupe_bucket, send, now)? {
                     found
                 } else if config.recipients_must_exist
                     && !learned.last_seqs.contains_key(&send.to)
@@ -746,6 +746,7 @@ fn find_dedupe<T: Transaction>(
     txn: &mut T,
     dedupe_bucket: u64,
     send: &SendRequest,
+    now: UnixMillis,
 ) -> Result<Option<Outcome>, StoreError> {
     for bucket in dedupe_buckets(dedupe_bucket) {
         let key = keys::dedupe(bucket, send.to, send.sender, send.client_id);
@@ -756,11 +757,13 @@ fn find_dedupe<T: Transaction>(
                     record.len()
                 )));
             };
-            // A retry: delivered live only as stored. Rare, so the read costs little.
-            let live = txn
-                .get(&keys::message(send.to, seq))?
-                .and_then(|value| envelope::decode(send.to, seq, &value))
-                .is_some_and(|stored| stored.from == send.sender && stored.body == send.body);
+            // A retry: delivered live only as stored, and not once expired (a read declares
+            // it a hole; expiry has yet to delete it). Rare, so the read costs little.
+            let live = expire_at_ms > now
+                && txn
+                    .get(&keys::message(send.to, seq))?
+                    .and_then(|value| envelope::decode(send.to, seq, &value))
+                    .is_some_and(|stored| stored.from == send.sender && stored.body == send.body);
             return Ok(Some(Outcome::Stored {
                 seq,
                 server_time_ms,
@@ -982,7 +985,10 @@ fn read_last_seq<T: Transaction>(txn: &mut T, inbox: UserId) -> Result<u64, Stor
 
 /// The highest time any commit used: the start of a [`crate::clock::ServerClock`].
 pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
-    let mut txn = store.begin()?;
+    read_clock_mark(&mut store.begin()?)
+}
+
+fn read_clock_mark<T: Transaction>(txn: &mut T) -> Result<UnixMillis, StoreError> {
     match txn.get(&keys::clock())? {
         None => Ok(0),
         Some(value) => keys::le_u64(&value)
@@ -1103,7 +1109,9 @@ pub struct InboxPage {
 }
 
 /// Up to `config.sync_messages_max` keys of `inbox` after `after_seq`: the stored, unexpired
-/// messages among them, and how far the page covers the inbox (see [`InboxPage`]).
+/// messages among them (expired: by `now` and by the store's clock high-water mark, so that
+/// no later clock finds one live again), and how far the page covers the inbox (see
+/// [`InboxPage`]).
 pub fn read_inbox<S: Store>(
     store: &S,
     inbox: UserId,
@@ -1115,6 +1123,7 @@ pub fn read_inbox<S: Store>(
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
     let mut messages = Vec::new();
+    let mut expired_some = false;
     let mut scanned = 0usize;
     let mut last_scanned = after_seq;
     let mut corrupt = None;
@@ -1134,13 +1143,21 @@ pub fn read_inbox<S: Store>(
             )));
             return false;
         };
-        if message.expire_at_ms > now {
-            messages.push(message);
-        }
+        expired_some |= message.expire_at_ms <= now;
+        messages.push(message);
         true
     })?;
     if let Some(error) = corrupt {
         return Err(error);
+    }
+    if expired_some {
+        // Left out (and so declared a hole) only once expired by the store's high-water mark
+        // too, not by `now` alone: a restarted clock starts past the mark but may start behind
+        // `now` (the wall clock stepped back), and would then deliver the message a device
+        // was told is gone. One expired by `now` only is delivered: expired by so little that
+        // no commit or expiry pass of its store has run since.
+        let durable_ms = read_clock_mark(&mut txn)?;
+        messages.retain(|message| message.expire_at_ms > now.min(durable_ms));
     }
     let more = scanned >= config.sync_messages_max;
     // A full page covers what it scanned. A short one saw every stored message, so it covers
@@ -1273,10 +1290,20 @@ fn expire_sized<S: Store>(
     }
 }
 
+/// How far behind the expiring clock a commit's may be and still find its dedupe records:
+/// expiry clears a bucket only once a clock this much behind would no longer read it. A
+/// commit takes its time before it waits for the writer (and keeps it across retries), a
+/// commit whose result was unknown lands within 6 s, and on FoundationDB one edge's clock
+/// expires the buckets every edge reads. Without it, a retry within the window, committed at
+/// the window's boundary just after another clock cleared its bucket, was stored twice.
+pub const DEDUPE_CLEAR_SLACK_MS: u64 = 10 * 60 * 1000;
+
 /// The end of the dedupe buckets expiry clears: every bucket before the previous one, which
-/// dedupe lookups still read. `None` while there is none.
+/// dedupe lookups still read, as a clock `DEDUPE_CLEAR_SLACK_MS` behind `now` sees them.
+/// `None` while there is none.
 fn old_dedupe_end(now: UnixMillis, config: &CoreConfig) -> Option<[u8; 9]> {
-    let keep_from = (now / config.dedupe_window_ms).checked_sub(1)?;
+    let lagging = now.saturating_sub(DEDUPE_CLEAR_SLACK_MS);
+    let keep_from = (lagging / config.dedupe_window_ms).checked_sub(1)?;
     Some(keys::dedupe_bucket_start(keep_from))
 }
 
@@ -2886,8 +2913,125 @@ mod tests {
         }
     }
 
+    /// A retry within the dedupe window finds its first copy even where a clock a little
+    /// ahead of its commit's has run expiry at the window's boundary: a commit's time is
+    /// taken before it waits for the writer, and on FoundationDB another edge's clock expires
+    /// the buckets. Before, that expiry cleared the first copy's bucket, and the retry, 2 ms
+    /// inside the window, was stored again under a new seq (decision 0002: stored once).
+    #[test]
+    fn a_retry_at_the_windows_boundary_finds_its_first_copy_after_a_clock_ahead_expired() {
+        for store in [MemoryStore::new(), MemoryStore::dropping_tables()] {
+            let config = CoreConfig::default();
+            let window = config.dedupe_window_ms;
+            let first = Committer::new(&config)
+                .commit_batch(&store, &[send(1, 7)], 2 * window - 1)
+                .unwrap();
+            assert!(matches!(
+                first[..],
+                [Outcome::Stored {
+                    seq: 1,
+                    fresh: true,
+                    ..
+                }]
+            ));
+            while expire(&store, 3 * window, &config).unwrap().more {}
+            // Another committer: nothing of the first copy in its memory.
+            let retry = Committer::new(&config)
+                .commit_batch(&store, &[send(1, 7)], 3 * window - 2)
+                .unwrap();
+            assert!(
+                matches!(
+                    retry[..],
+                    [Outcome::Stored {
+                        seq: 1,
+                        fresh: false,
+                        ..
+                    }]
+                ),
+                "the retry was stored again: {retry:?}"
+            );
+        }
+    }
+
+    /// A retry that comes after its message expired, before expiry deleted it, is not
+    /// delivered live: connections still behind it read the store, which declares it a hole.
+    /// Before, the retry delivered the expired message to them.
+    #[test]
+    fn a_retry_after_its_message_expired_is_not_delivered_live() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let short = Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..match send(1, 7) {
+                Request::Send(send) => send,
+                _ => unreachable!(),
+            }
+        });
+        let live_at = |committer: &mut Committer, now| match committer
+            .commit_batch(&store, std::slice::from_ref(&short), now)
+            .unwrap()[..]
+        {
+            [Outcome::Stored { seq: 1, live, .. }] => live,
+            ref other => panic!("{other:?}"),
+        };
+        assert!(live_at(&mut committer, 1_000));
+        assert!(live_at(&mut committer, 1_999), "a retry before the expiry");
+        assert!(
+            !live_at(&mut committer, 2_000),
+            "a retry at its expiry was delivered live"
+        );
+    }
+
+    /// A read leaves an expired message out (the device is told it is gone) only once the
+    /// store's clock high-water mark is past its expiry: a restarted clock starts past the
+    /// mark, so no clock finds it live again. Before, a read by `now` alone declared it gone,
+    /// and after a restart with the wall clock stepped back the next read delivered it.
+    #[test]
+    fn a_message_is_declared_gone_only_once_the_stores_clock_mark_is_past_its_expiry() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let mut committer = Committer::new(&config);
+        let short = |client_id, to| {
+            let Request::Send(send) = send(client_id, to) else {
+                unreachable!()
+            };
+            Request::Send(SendRequest {
+                ttl_secs: Some(1),
+                ..send
+            })
+        };
+        committer
+            .commit_batch(&store, &[short(1, 7)], 1_000)
+            .unwrap();
+        let seqs_read = |now| -> (Vec<u64>, u64) {
+            let page = read_inbox(&store, 7, 0, now, &config).unwrap();
+            (
+                page.messages.iter().map(|m| m.seq).collect(),
+                page.covered_up_to,
+            )
+        };
+        // Expired by the reader's clock, not by the mark (1,000): delivered.
+        assert_eq!(
+            seqs_read(5_000),
+            (vec![1], 1),
+            "declared gone by `now` alone"
+        );
+        let restarted =
+            crate::clock::ServerClock::start(1_500, clock_high_water(&store).unwrap(), 0);
+        assert_eq!(seqs_read(restarted.now(0)), (vec![1], 1));
+        // A commit at 4,000 raises the mark past the expiry (2,000): gone for every clock.
+        committer
+            .commit_batch(&store, &[short(2, 8)], 4_000)
+            .unwrap();
+        assert_eq!(seqs_read(5_000), (vec![], 1));
+        let restarted =
+            crate::clock::ServerClock::start(1_500, clock_high_water(&store).unwrap(), 0);
+        assert_eq!(seqs_read(restarted.now(0)), (vec![], 1), "found live again");
+    }
+
     /// 100 sends in dedupe bucket 1, then 3 in bucket 3 (the current one at an expiry at
-    /// `3 * window + 2`).
+    /// `3 * window + DEDUPE_CLEAR_SLACK_MS + 2`).
     fn send_in_buckets_1_and_3(store: &MemoryStore, config: &CoreConfig) {
         let mut committer = Committer::new(config);
         let window = config.dedupe_window_ms;
@@ -2933,7 +3077,7 @@ mod tests {
                 .get(&keys::dedupe_expired_below())
                 .unwrap()
         };
-        let now = 3 * window + 2;
+        let now = 3 * window + DEDUPE_CLEAR_SLACK_MS + 2;
         let first = expire(&store, now, &config).unwrap();
         let left = dedupe_records(1);
         assert!(
@@ -2951,7 +3095,7 @@ mod tests {
         assert_eq!(dedupe_records(3), 3, "the current bucket stays");
         assert_eq!(mark(), Some(keys::dedupe_bucket_start(2).to_vec()));
         // A window later bucket 3 falls due: the first pass only puts the mark back.
-        let later = 5 * window + 2;
+        let later = 5 * window + DEDUPE_CLEAR_SLACK_MS + 2;
         let report = expire(&store, later, &config).unwrap();
         assert!(report.more);
         assert_eq!(mark(), Some(keys::dedupe_bucket_start(0).to_vec()));
@@ -2983,7 +3127,7 @@ mod tests {
         send_in_buckets_1_and_3(&store, &config);
         let dedupe_records = |bucket: u64| dedupe_records_in(&store, bucket);
         assert_eq!((dedupe_records(1), dedupe_records(3)), (100, 3));
-        let now = 3 * window + 2;
+        let now = 3 * window + DEDUPE_CLEAR_SLACK_MS + 2;
         let mut left = vec![dedupe_records(1)];
         loop {
             let report = expire(&store, now, &config).unwrap();
@@ -3025,14 +3169,16 @@ mod tests {
         }
         // A window later, bucket 3 is past its window too: the passes go on from the mark
         // and reach it.
-        let report = expire(&store, 5 * window + 2, &config).unwrap();
+        let report = expire(&store, 5 * window + DEDUPE_CLEAR_SLACK_MS + 2, &config).unwrap();
         assert!(!report.more);
         assert_eq!(dedupe_records(3), 0, "bucket 3 went a window later");
         assert_eq!(mark(), Some(keys::dedupe_bucket_start(4).to_vec()));
         // The mark rests on the clock never going back behind the pass: it is in the store's
         // high-water mark, where a restarted clock starts.
         let clock = store.begin().unwrap().get(&keys::clock()).unwrap();
-        assert!(clock.and_then(|v| keys::le_u64(&v)) >= Some(5 * window + 2));
+        assert!(
+            clock.and_then(|v| keys::le_u64(&v)) >= Some(5 * window + DEDUPE_CLEAR_SLACK_MS + 2)
+        );
         // The window raised tenfold: bucket numbers shrink, so new records land below the
         // mark. The passes must start over, not skip them.
         let wider = CoreConfig {
@@ -3041,7 +3187,11 @@ mod tests {
         };
         let mut committer = Committer::new(&wider);
         committer
-            .commit_batch(&store, &[send(2_001, 7)], 5 * window + 3)
+            .commit_batch(
+                &store,
+                &[send(2_001, 7)],
+                5 * window + DEDUPE_CLEAR_SLACK_MS + 3,
+            )
             .unwrap();
         assert_eq!(
             dedupe_records(0),

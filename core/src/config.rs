@@ -8,7 +8,8 @@ pub struct CoreConfig {
     /// Undelivered messages are deleted this long after they were sent (R4).
     pub retention_ms: u64,
     /// A retry with the same (sender, client id) is stored once if it arrives within this window
-    /// of the first commit. Records live between one and two windows.
+    /// of the first commit. Records live between one and two windows, plus
+    /// `commit::DEDUPE_CLEAR_SLACK_MS`.
     pub dedupe_window_ms: u64,
     /// Granularity of the expiry index: a message is deleted at most this late.
     pub expiry_bucket_ms: u64,

@@ -1906,6 +1906,7 @@ impl World {
             }
         }
         self.now += 2 * self.config.dedupe_window_ms
+            + courier_core::commit::DEDUPE_CLEAR_SLACK_MS
             + self.config.retention_ms
             + self.config.expiry_bucket_ms;
         let tags = [

@@ -191,7 +191,7 @@ fn a_delete_before_a_restart_is_erased_by_the_first_pass_after_it() {
 #[test]
 fn old_dedupe_buckets_go_by_whole_tables() {
     use courier_core::CoreConfig;
-    use courier_core::commit::{Committer, Request, expire};
+    use courier_core::commit::{Committer, DEDUPE_CLEAR_SLACK_MS, Request, expire};
     let dir = tempfile::tempdir().expect("tempdir");
     // Small memtables, so that the records reach several tables.
     let options = FjallOptions {
@@ -229,7 +229,7 @@ fn old_dedupe_buckets_go_by_whole_tables() {
             passes <= 20,
             "old dedupe records still there after 20 passes"
         );
-        if !expire(&store, 3 * window + 2, &config)
+        if !expire(&store, 3 * window + DEDUPE_CLEAR_SLACK_MS + 2, &config)
             .expect("expire")
             .more
         {

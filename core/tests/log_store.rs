@@ -1183,7 +1183,7 @@ fn old_dedupe_records_still_in_memory_go_with_their_journals_at_the_drop() {
 fn old_dedupe_buckets_leave_by_whole_tables(moved_to_the_tier: bool) {
     use common::bulk_sends::{dedupe_records, spread_send};
     use courier_core::CoreConfig;
-    use courier_core::commit::{Committer, Request, expire};
+    use courier_core::commit::{Committer, DEDUPE_CLEAR_SLACK_MS, Request, expire};
     let dir = tempfile::tempdir().unwrap();
     // Moved: records move to the tier every 16 KiB, between checkpoints. Not moved: they
     // stay in memory (no checkpoint either: the journals are far from their bound).
@@ -1238,7 +1238,10 @@ fn old_dedupe_buckets_leave_by_whole_tables(moved_to_the_tier: bool) {
                 passes <= 20,
                 "old dedupe records still there after 20 passes"
             );
-            if !expire(&store, 3 * window + 2, &config).unwrap().more {
+            if !expire(&store, 3 * window + DEDUPE_CLEAR_SLACK_MS + 2, &config)
+                .unwrap()
+                .more
+            {
                 break;
             }
         }

@@ -624,6 +624,9 @@ struct Client {
     sent_at_ms: HashMap<u64, u64>,
     /// The simulated time each seq was handed to the application.
     delivered_at: HashMap<u64, u64>,
+    /// Seqs handed to the application after a hole declared to it had covered them: (seq,
+    /// the hole). A device told a message is gone never gets it (`check`).
+    delivered_after_hole: Vec<(u64, (u64, u64))>,
     /// What the application had consumed when each purge of its user was first asked for:
     /// (simulated time of the ask, `consumed_up_to`).
     consumed_at_purges: Vec<(u64, u64)>,
@@ -841,6 +844,7 @@ impl<S: SimStore> World<S> {
                     unconsumed: VecDeque::new(),
                     sent_at_ms: HashMap::new(),
                     delivered_at: HashMap::new(),
+                    delivered_after_hole: Vec::new(),
                     consumed_at_purges: Vec::new(),
                     relink_pending: false,
                     relinks: Vec::new(),
@@ -2159,6 +2163,14 @@ impl<S: SimStore> World<S> {
                     }
                 }
                 ClientEvent::Message(delivery) => {
+                    if let Some((after, up_to, ..)) = c
+                        .holes
+                        .iter()
+                        .find(|(after, up_to, ..)| *after < delivery.seq && delivery.seq <= *up_to)
+                    {
+                        c.delivered_after_hole
+                            .push((delivery.seq, (*after, *up_to)));
+                    }
                     c.sent_at_ms.insert(delivery.seq, delivery.sent_at_ms);
                     c.delivered_at.entry(delivery.seq).or_insert(now);
                     c.unconsumed
@@ -2490,6 +2502,19 @@ impl<S: SimStore> World<S> {
             }
         }
 
+        // A device told a seq is gone (a hole) never gets it later: not after an app restart
+        // that resumes below the hole, not from a clock that restarted behind the one that
+        // declared it.
+        for c in &self.clients {
+            if let Some((seq, (after, up_to))) = c.delivered_after_hole.first() {
+                return Err(format!(
+                    "device {}/{}: message {seq} delivered after a hole ({after}, {up_to}] \
+                     declared it gone",
+                    c.user, c.device
+                ));
+            }
+        }
+
         // R4: after all acks, no unexpired message is stored, and every store holds only
         // its own shard's inboxes.
         for (shard, store) in self.stores.iter().enumerate() {
@@ -2519,6 +2544,7 @@ impl<S: SimStore> World<S> {
         // After the dedupe window (twice, since records live up to two windows) and the
         // retention, expiry leaves no dedupe records, index entries or messages.
         self.now += 2 * self.config.dedupe_window_ms
+            + courier_core::commit::DEDUPE_CLEAR_SLACK_MS
             + self.config.retention_ms
             + self.config.expiry_bucket_ms;
         // Every emptied inbox is forgotten by its home shard, so no counter outlives its inbox.

@@ -267,6 +267,7 @@ impl Edge {
         }
         let memory = crate::memory::MemoryGuard::start(config.limits.memory_bytes_max)
             .map_err(|e| format!("cannot start the memory sampling thread: {e}"))?;
+        let clock = Arc::new(crate::shard::EdgeClock::default());
         let mut executors = Vec::new();
         for index in 0..shard_count {
             let placement = match cpus.get(index as usize) {
@@ -296,6 +297,7 @@ impl Edge {
                 metrics: metrics.clone(),
                 control: control_receivers.remove(0),
                 takeover: takeover.clone(),
+                clock: clock.clone(),
             };
             let mesh = mesh.clone();
             let executor = LocalExecutorBuilder::new(placement)

@@ -171,6 +171,8 @@ pub struct ShardSetup {
     pub control: flume::Receiver<crate::control::ShardRequest>,
     /// The lease thread, when the edge takes part in takeover (decision 0015).
     pub takeover: Option<Arc<crate::takeover::Takeover>>,
+    /// The edge's one server clock, shared by its shards.
+    pub clock: Arc<EdgeClock>,
 }
 
 /// The transport side of one connection; its login and cursor live in the session.
@@ -482,6 +484,34 @@ fn address_group(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The edge's server clock, started by the first shard to need it and then the same for
+/// every shard. Each shard started its own before: whenever the wall clock was behind the
+/// stores' mark, each anchored at the mark at its own start, and a shard that started later
+/// ran behind the others by the time between their starts for the life of the process (and
+/// judged another shard's inbox, or a dedupe bucket, by a time its owner had not reached).
+#[derive(Debug, Default)]
+pub struct EdgeClock(std::sync::Mutex<Option<ServerClock>>);
+
+impl EdgeClock {
+    /// The clock, started by `start` if no shard has started it yet (an error leaves it for
+    /// the next shard to try).
+    pub fn get_or_start<E>(
+        &self,
+        start: impl FnOnce() -> Result<ServerClock, E>,
+    ) -> Result<ServerClock, E> {
+        let mut clock = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(clock) = *clock {
+            return Ok(clock);
+        }
+        let started = start()?;
+        *clock = Some(started);
+        Ok(started)
+    }
+}
+
 /// Milliseconds of a monotonic clock shared by the process's shards.
 fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -570,24 +600,29 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             return;
         }
     };
-    // Dedupe buckets and expiry run on a clock that never goes back (core::clock).
-    let clock = match store.clock_high_water() {
-        Ok(high_water_ms) => {
+    // Dedupe buckets and expiry run on a clock that never goes back (core::clock), the
+    // edge's one clock.
+    let clock = setup
+        .clock
+        .get_or_start(|| -> Result<ServerClock, StoreError> {
+            let high_water_ms = store.clock_high_water()?;
             let wall_ms = wall_clock_ms();
-            // A wall clock well behind the stores' mark means the host's clock stepped back
-            // (or NTP is not running): send times and expiry run from the mark instead, so
-            // they stay ahead of wall time until it catches up. One shard tells the operator.
+            // A wall clock well behind the stores' mark means the host's clock stepped back (or
+            // NTP is not running): send times and expiry run from the mark instead, ahead of wall
+            // time by as much for the life of the process.
             let behind_ms = high_water_ms.saturating_sub(wall_ms);
-            if id == 0 && behind_ms > CLOCK_BEHIND_WARN_MS {
+            if behind_ms > CLOCK_BEHIND_WARN_MS {
                 warn!(
                     behind_ms,
-                    "the wall clock is behind the latest time the stores used; the edge runs \
-                     from that time until the wall clock catches up: check the host's clock \
-                     and NTP"
+                    "the wall clock is behind the latest time the stores used; the edge runs from \
+                 that time, ahead of the wall clock by as much until it restarts after the wall \
+                 clock caught up: check the host's clock and NTP"
                 );
             }
-            ServerClock::start(wall_ms, high_water_ms, monotonic_ms())
-        }
+            Ok(ServerClock::start(wall_ms, high_water_ms, monotonic_ms()))
+        });
+    let clock = match clock {
+        Ok(clock) => clock,
         Err(error) => {
             let _ = setup.ready.send(Err(format!(
                 "shard {id}: cannot read the clock high-water mark: {error}"
@@ -3176,6 +3211,23 @@ fn close_now(conn: &mut Conn, code: ErrorCode, reason: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shard gets the clock the first one started, not one anchored at its own start:
+    /// with the wall clock behind the stores' mark, a shard starting 30 ms after another ran
+    /// 30 ms behind it for good. A start that failed leaves the clock to the next shard.
+    #[test]
+    fn the_shards_share_the_clock_the_first_one_started() {
+        let clock = EdgeClock::default();
+        let failed: Result<ServerClock, &str> = clock.get_or_start(|| Err("store closed"));
+        assert_eq!(failed, Err("store closed"));
+        let first = clock
+            .get_or_start(|| Ok::<_, ()>(ServerClock::start(1_000, 5_000, 0)))
+            .unwrap();
+        let second = clock
+            .get_or_start(|| Ok::<_, ()>(ServerClock::start(1_030, 5_000, 30)))
+            .unwrap();
+        assert_eq!(first.now(100), second.now(100), "the shards' clocks differ");
+    }
 
     /// IPv6 peers are counted by their /64, IPv4 ones (mapped or not) by their address.
     #[test]

@@ -570,8 +570,21 @@ fn commit_logic_acks_and_expires<H: Harness>(h: &mut H) {
     // The page covers the inbox to its last seq: 1..=3 are a declared hole, not a gap.
     assert_eq!((page.covered_up_to, page.more), (5, false));
 
-    // After the retention, the rest expires; after two dedupe windows, the dedupe records go.
-    let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
+    // After the retention, the rest expires; after two dedupe windows (and expiry's slack for
+    // lagging clocks), the dedupe records go.
+    let later = now
+        + config.retention_ms
+        + config.expiry_bucket_ms
+        + 2 * config.dedupe_window_ms
+        + commit::DEDUPE_CLEAR_SLACK_MS;
+    // Expired by the reader's clock only: no commit or expiry pass of the store has run
+    // since, so its clock high-water mark is behind their expiry and a clock restarted from
+    // it could find them live. Delivered, not declared gone.
+    let unconfirmed = commit::read_inbox(h.store(), 9, 0, later, &config).unwrap();
+    let left: Vec<u64> = unconfirmed.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(left, vec![4, 5]);
+    // A commit at `later` (the same ack again) moves the mark past their expiry.
+    committer.commit_batch(h.store(), &ack, later).unwrap();
     let expired = commit::read_inbox(h.store(), 9, 0, later, &config).unwrap();
     assert!(expired.messages.is_empty());
     assert_eq!(
@@ -706,7 +719,11 @@ fn commit_logic_forgets_emptied_inboxes<H: Harness>(h: &mut H) {
     committer
         .commit_batch(h.store(), &[send(1, 10, 8, b"m")], now)
         .unwrap();
-    let later = now + config.retention_ms + config.expiry_bucket_ms + 2 * config.dedupe_window_ms;
+    let later = now
+        + config.retention_ms
+        + config.expiry_bucket_ms
+        + 2 * config.dedupe_window_ms
+        + commit::DEDUPE_CLEAR_SLACK_MS;
     let report = commit::expire(h.store(), later, &config).unwrap();
     let mut emptied = report.emptied.clone();
     emptied.sort_unstable();
