@@ -22,10 +22,10 @@
 //!   client had no connection then, over one made for it, given at most a second, written
 //!   again if the edge rejects its 0-RTT and taken to the edge a `Goaway` names), and a
 //!   closed client never reconnects; [`Client::recv`] hands out nothing after it.
-//! - When the client stops on its own (a fatal error from the edge, such as an expired token),
-//!   [`Client::recv`] returns `None` and [`Client::error`] says why. Deliveries it had
-//!   buffered are not handed out (their acks could no longer be sent): they come again at
-//!   the next login.
+//! - When the client stops on its own (a fatal error from the edge, such as an expired token,
+//!   or a lost connection with [`ConnectOptions::reconnect`] off), [`Client::recv`] returns
+//!   `None` and [`Client::error`] says why. Deliveries it had buffered are not handed out
+//!   (their acks could no longer be sent): they come again at the next login.
 //! - A new connection sends few datagrams: path MTU discovery probes 1,452 bytes first (one
 //!   probe where quinn's search takes four), and the TLS key exchange is ring's unless the
 //!   application passes other groups ([`Connector::with_key_exchange_groups`]; `courier-bench`
@@ -381,12 +381,13 @@ pub struct ConnectOptions {
     /// Bytes of the bodies of sends queued or in flight; beyond it `send` fails with
     /// `Refused(TooManyInFlight)` too.
     pub sends_pending_bytes_max: usize,
-    /// Deliveries buffered for the application before the client stops reading the
-    /// connection (the read that reaches it may add what one read holds, at most
-    /// `READ_CHUNK_BYTES`, 64 KiB, of frames). Receipts of sends and signals come on the same stream; the edge gives a
-    /// connection at most `limits.deliveries_unacked_per_connection_max` (1,024) messages
-    /// not acknowledged, so with a buffer at least that large a slow application does not
-    /// hold up its own sends' receipts. With a smaller one (or the edge's limit raised past
+    /// Deliveries buffered for the application: the client stops reading the connection
+    /// once it holds more (the read that passes it may add what one read holds, at most
+    /// `READ_CHUNK_BYTES`, 64 KiB, of frames). Receipts of sends and signals come on the same
+    /// stream; the edge gives a connection at most
+    /// `limits.deliveries_unacked_per_connection_max` (1,024) messages not acknowledged, so
+    /// with a buffer at least that large a slow application does not hold up its own sends'
+    /// receipts. With a smaller one (or the edge's limit raised past
     /// it), or after a reconnect while the buffer still holds deliveries from before, `send`
     /// may wait for its receipt until the application takes its deliveries
     /// ([`Client::recv`]).
@@ -1588,10 +1589,12 @@ impl Driver {
 
 /// `deliveries_buffered_max` split between the channel [`Client::recv`] reads (it takes from
 /// it without waking the driver) and the driver's own queue, which reading stops filling once
-/// full: the two together, not each, hold the configured figure (at least one each).
+/// full: the two together, not each, hold the configured figure, and reading stops only past
+/// it. So a buffer as large as the edge's window of unacknowledged deliveries holds all of
+/// them and still reads the receipts behind them.
 fn delivery_buffers(deliveries_buffered_max: usize) -> (usize, usize) {
     let channel_max = (deliveries_buffered_max / 2).max(1);
-    let to_app_max = deliveries_buffered_max.saturating_sub(channel_max).max(1);
+    let to_app_max = deliveries_buffered_max.saturating_sub(channel_max) + 1;
     (channel_max, to_app_max)
 }
 
@@ -2437,9 +2440,9 @@ mod scripted_server_tests {
         }
     }
 
-    /// With the application taking nothing, the client stops reading at
-    /// `deliveries_buffered_max` deliveries held for it in all (here 4, and one more if two
-    /// frames arrive in one read). Before, the channel to the application and the driver's
+    /// With the application taking nothing, the client stops reading once it holds more than
+    /// `deliveries_buffered_max` deliveries in all (here 5 of a buffer of 4, more if frames
+    /// arrive together in one read). Before, the channel to the application and the driver's
     /// queue each held that many: 8.
     #[tokio::test]
     async fn a_stalled_application_is_buffered_at_most_its_configured_deliveries() {
@@ -2460,7 +2463,7 @@ mod scripted_server_tests {
         let (_, client) = tokio::join!(serve, server.connector.connect(options));
         let client = client.expect("connect");
         assert!(
-            (4..=5).contains(&client.last_seq()),
+            (5..8).contains(&client.last_seq()),
             "{} deliveries buffered for an application that took none",
             client.last_seq()
         );

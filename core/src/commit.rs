@@ -550,11 +550,10 @@ fn write_batch<T: Transaction>(
                         .range((*inbox, 0)..=(*inbox, u32::MAX))
                         .map(|((_, device), _)| *device),
                 );
-                // Dedupe records live in the current and the previous bucket (`find_dedupe`).
-                for bucket in [Some(dedupe_bucket), dedupe_bucket.checked_sub(1)]
-                    .into_iter()
-                    .flatten()
-                {
+                // Dedupe records live in the current and the previous bucket (`find_dedupe`),
+                // and the one before those until expiry clears it: it waits
+                // `DEDUPE_CLEAR_SLACK_MS` past the window for clocks behind its own.
+                for bucket in (0..3).filter_map(|back| dedupe_bucket.checked_sub(back)) {
                     let (start, end) = keys::dedupe_inbox_range(bucket, *inbox);
                     txn.clear_range(&start, &end);
                 }
@@ -757,9 +756,16 @@ fn find_dedupe<T: Transaction>(
                     record.len()
                 )));
             };
-            // A retry: delivered live only as stored, and not once expired (a read declares
-            // it a hole; expiry has yet to delete it). Rare, so the read costs little.
-            let live = expire_at_ms > now
+            // A retry: delivered live only as stored, and not once expired, by this batch's
+            // time or by the store's clock mark (a batch keeps its time across attempts, and
+            // a read may have declared it a hole meanwhile; expiry has yet to delete it): the
+            // connections behind it read the store instead. Rare, so the reads cost little;
+            // the mark's without a conflict, since every commit raises it.
+            let mark = match txn.get_snapshot(&keys::clock())? {
+                Some(value) => keys::le_u64(&value).unwrap_or(u64::MAX),
+                None => 0,
+            };
+            let live = expire_at_ms > now.max(mark)
                 && txn
                     .get(&keys::message(send.to, seq))?
                     .and_then(|value| envelope::decode(send.to, seq, &value))
@@ -1098,7 +1104,8 @@ pub fn has_counter<S: Store>(store: &S, inbox: UserId) -> Result<bool, StoreErro
 /// One page of an inbox for a device whose cursor is at some `after_seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxPage {
-    /// Stored, unexpired messages after `after_seq`, in sequence order.
+    /// Stored, unexpired messages after `after_seq`, in sequence order (see [`read_inbox`]
+    /// for what expired means).
     pub messages: Vec<StoredMessage>,
     /// Every seq in `after_seq + 1 ..= covered_up_to` that is not in `messages` is gone for good
     /// (acknowledged, expired, or past retention): the server declares it a hole instead of
@@ -1109,9 +1116,15 @@ pub struct InboxPage {
 }
 
 /// Up to `config.sync_messages_max` keys of `inbox` after `after_seq`: the stored, unexpired
-/// messages among them (expired: by `now` and by the store's clock high-water mark, so that
-/// no later clock finds one live again), and how far the page covers the inbox (see
-/// [`InboxPage`]).
+/// messages among them, and how far the page covers the inbox (see [`InboxPage`]).
+///
+/// A message is expired once its expiry is at or before the store's clock high-water mark
+/// (`keys::clock`), raised to `now` first when the page holds a message expired by `now`
+/// that the mark has not passed yet. A device told a message is gone (a hole) must never get
+/// it later, and every later clock starts past the mark: this edge's after a restart with the
+/// wall clock stepped back, and on FoundationDB, where the mark is the cluster's, another
+/// edge's behind this one. The raise is a commit of its own, in the rare read that meets a
+/// message expired since its store's last commit or expiry pass.
 pub fn read_inbox<S: Store>(
     store: &S,
     inbox: UserId,
@@ -1120,10 +1133,10 @@ pub fn read_inbox<S: Store>(
     config: &CoreConfig,
 ) -> Result<InboxPage, StoreError> {
     let mut txn = store.begin_read()?;
+    txn.prefetch(&keys::clock());
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
     let mut messages = Vec::new();
-    let mut expired_some = false;
     let mut scanned = 0usize;
     let mut last_scanned = after_seq;
     let mut corrupt = None;
@@ -1143,21 +1156,11 @@ pub fn read_inbox<S: Store>(
             )));
             return false;
         };
-        expired_some |= message.expire_at_ms <= now;
         messages.push(message);
         true
     })?;
     if let Some(error) = corrupt {
         return Err(error);
-    }
-    if expired_some {
-        // Left out (and so declared a hole) only once expired by the store's high-water mark
-        // too, not by `now` alone: a restarted clock starts past the mark but may start behind
-        // `now` (the wall clock stepped back), and would then deliver the message a device
-        // was told is gone. One expired by `now` only is delivered: expired by so little that
-        // no commit or expiry pass of its store has run since.
-        let durable_ms = read_clock_mark(&mut txn)?;
-        messages.retain(|message| message.expire_at_ms > now.min(durable_ms));
     }
     let more = scanned >= config.sync_messages_max;
     // A full page covers what it scanned. A short one saw every stored message, so it covers
@@ -1172,11 +1175,27 @@ pub fn read_inbox<S: Store>(
     } else {
         read_counter(&mut txn, inbox)?.map_or(last_scanned, |last| last.max(last_scanned))
     };
+    let mut mark = read_clock_mark(&mut txn)?;
+    drop(txn);
+    let expired_past_mark =
+        |message: &StoredMessage| message.expire_at_ms <= now && message.expire_at_ms > mark;
+    if messages.iter().any(expired_past_mark) {
+        raise_clock_mark(store, now)?;
+        mark = mark.max(now);
+    }
+    messages.retain(|message| message.expire_at_ms > mark);
     Ok(InboxPage {
         messages,
         covered_up_to: covered_up_to.max(after_seq),
         more,
     })
+}
+
+/// Raises the store's clock high-water mark to `now`, durably.
+fn raise_clock_mark<S: Store>(store: &S, now: UnixMillis) -> Result<(), StoreError> {
+    let mut txn = store.begin()?;
+    txn.atomic_max(&keys::clock(), now);
+    txn.commit().map(|_| ())
 }
 
 /// Messages an expiry scan reads at a time: most scans stop within the first page.
@@ -2981,29 +3000,38 @@ mod tests {
             !live_at(&mut committer, 2_000),
             "a retry at its expiry was delivered live"
         );
+        // A read past the expiry declared it gone and moved the clock mark on: a retry with
+        // an earlier time (a batch keeps its time across attempts) is not live either.
+        assert!(
+            read_inbox(&store, 7, 0, 5_000, &config)
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+        assert!(
+            !live_at(&mut committer, 1_999),
+            "a retry with a time before the mark was delivered live after the hole"
+        );
     }
 
-    /// A read leaves an expired message out (the device is told it is gone) only once the
-    /// store's clock high-water mark is past its expiry: a restarted clock starts past the
-    /// mark, so no clock finds it live again. Before, a read by `now` alone declared it gone,
-    /// and after a restart with the wall clock stepped back the next read delivered it.
+    /// A read that leaves an expired message out (the device is told it is gone) first makes
+    /// the store's clock high-water mark reach its time, and a message at or below the mark
+    /// is gone for any clock: a clock restarted with the wall clock stepped back starts past
+    /// the mark, and on FoundationDB another edge's clock may run behind this one's. Before,
+    /// a read by `now` alone declared it gone, and a clock restarted behind it delivered it.
     #[test]
-    fn a_message_is_declared_gone_only_once_the_stores_clock_mark_is_past_its_expiry() {
+    fn a_message_declared_gone_stays_gone_for_every_later_clock() {
         let config = CoreConfig::default();
         let store = MemoryStore::new();
         let mut committer = Committer::new(&config);
-        let short = |client_id, to| {
-            let Request::Send(send) = send(client_id, to) else {
-                unreachable!()
-            };
-            Request::Send(SendRequest {
-                ttl_secs: Some(1),
-                ..send
-            })
+        let Request::Send(short) = send(1, 7) else {
+            unreachable!()
         };
-        committer
-            .commit_batch(&store, &[short(1, 7)], 1_000)
-            .unwrap();
+        let short = Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..short
+        });
+        committer.commit_batch(&store, &[short], 1_000).unwrap();
         let seqs_read = |now| -> (Vec<u64>, u64) {
             let page = read_inbox(&store, 7, 0, now, &config).unwrap();
             (
@@ -3011,23 +3039,40 @@ mod tests {
                 page.covered_up_to,
             )
         };
-        // Expired by the reader's clock, not by the mark (1,000): delivered.
-        assert_eq!(
-            seqs_read(5_000),
-            (vec![1], 1),
-            "declared gone by `now` alone"
-        );
-        let restarted =
-            crate::clock::ServerClock::start(1_500, clock_high_water(&store).unwrap(), 0);
-        assert_eq!(seqs_read(restarted.now(0)), (vec![1], 1));
-        // A commit at 4,000 raises the mark past the expiry (2,000): gone for every clock.
-        committer
-            .commit_batch(&store, &[short(2, 8)], 4_000)
-            .unwrap();
+        assert_eq!(seqs_read(1_999), (vec![1], 1), "not expired yet");
+        assert_eq!(clock_high_water(&store).unwrap(), 1_000, "a read wrote");
+        // Expired at 2,000: gone, and the mark moved to the reader's time first.
         assert_eq!(seqs_read(5_000), (vec![], 1));
+        assert_eq!(clock_high_water(&store).unwrap(), 5_000);
         let restarted =
             crate::clock::ServerClock::start(1_500, clock_high_water(&store).unwrap(), 0);
         assert_eq!(seqs_read(restarted.now(0)), (vec![], 1), "found live again");
+        // A clock behind the mark (another edge's) finds it gone too.
+        assert_eq!(
+            seqs_read(1_500),
+            (vec![], 1),
+            "found live by a clock behind"
+        );
+    }
+
+    /// A purge leaves no dedupe record of the inbox, also in the bucket before the previous
+    /// one, which expiry keeps `DEDUPE_CLEAR_SLACK_MS` past the window. Before, it cleared
+    /// the current and the previous bucket only.
+    #[test]
+    fn a_purge_clears_the_dedupe_records_expiry_has_yet_to_clear() {
+        let config = CoreConfig::default();
+        let store = MemoryStore::new();
+        let window = config.dedupe_window_ms;
+        let mut committer = Committer::new(&config);
+        committer
+            .commit_batch(&store, &[send(1, 9)], window + 1)
+            .unwrap();
+        assert_eq!(dedupe_records_in(&store, 1), 1);
+        let purge = [Request::Purge { inbox: 9 }];
+        committer
+            .commit_batch(&store, &purge, 3 * window + 1)
+            .unwrap();
+        assert_eq!(dedupe_records_in(&store, 1), 0, "a dedupe record left");
     }
 
     /// 100 sends in dedupe bucket 1, then 3 in bucket 3 (the current one at an expiry at

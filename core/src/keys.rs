@@ -10,7 +10,7 @@
 //! | `d` bucket inbox sender client_id | seq u64 LE, server time u64 LE, then the expiry: its ms after the server time u32 LE (20 bytes; embedded stores, when it fits) or itself u64 LE (24 bytes) | dedupe record (decision 0002) |
 //! | `e` bucket inbox | empty (older stores: a seq, ignored) | expiry index: inbox has messages expiring in bucket |
 //! | `g` inbox | empty | expiry emptied the inbox and its home shard has yet to forget it (`Request::Forget`) |
-//! | `t` | highest commit time (and time of an expiry pass that wrote `k`), u64 LE (atomic max) | server time high-water mark (`clock`) |
+//! | `t` | highest commit time (and time of an expiry pass that wrote `k` or deleted, or of a read that declared an expired message gone), u64 LE (atomic max) | server time high-water mark (`clock`); reads judge expiry by it |
 //! | `k` | a dedupe key | every dedupe record below it is deleted: where expiry goes on clearing buckets past their window (embedded stores, which delete key by key) |
 //! | `v` inbox device | cursor u64 LE, last seen ms u64 LE | a device of the inbox: everything up to its cursor it has consumed |
 //! | `p` | an `e` key | where a round of expiry passes goes on in the expiry index (set while a round runs out of budget, cleared when one finishes) |

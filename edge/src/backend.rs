@@ -448,8 +448,8 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         courier_core::commit::sweep_devices(&*self.own()?, now, core)
     }
 
-    /// The highest mark of every shard's store, not this shard's alone: each shard starts its
-    /// clock from it, so the shards' clocks agree. From its own store only, a shard whose store
+    /// The highest mark of every shard's store, not this shard's alone: the edge starts its
+    /// one clock (`shard::EdgeClock`) from it. From its own store only, a shard whose store
     /// saw no recent commit could start days behind another after the wall clock stepped back
     /// (or one ahead judge another's inbox by a later time than its owner, declaring a
     /// message with days of its TTL left expired when it reads it).

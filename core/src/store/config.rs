@@ -285,14 +285,14 @@ impl FdbConfig {
             + clear_range_bytes(message_key, message_key);
         // A forget (decision 0011) costs less than a device update: a clear of its `g` record,
         // a counter read, a range read of its messages, a counter clear. A purge clears
-        // ranges instead: messages (and the last seq's key), devices, two dedupe buckets, and
+        // ranges instead: messages (and the last seq's key), devices, three dedupe buckets, and
         // the same keys as a forget. The seq floor is read and raised at most once per batch.
         let dedupe_inbox = prefixed(keys::dedupe_inbox_range(0, 0).0.len());
         let emptied_key = prefixed(keys::emptied(0).len());
         let purge = clear_range_bytes(message_key, message_key)
             + clear_range_bytes(message_key, message_key + 1)
             + clear_range_bytes(prefixed(devices_start.len()), prefixed(devices_end.len()))
-            + 2 * clear_range_bytes(dedupe_inbox, dedupe_inbox)
+            + 3 * clear_range_bytes(dedupe_inbox, dedupe_inbox)
             + clear_range_bytes(emptied_key, emptied_key + 1)
             + read_bytes(counter_key)
             + clear_range_bytes(counter_key, counter_key + 1);
