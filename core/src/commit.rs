@@ -1124,7 +1124,8 @@ pub struct InboxPage {
 /// it later, and every later clock starts past the mark: this edge's after a restart with the
 /// wall clock stepped back, and on FoundationDB, where the mark is the cluster's, another
 /// edge's behind this one. The raise is a commit of its own, in the rare read that meets a
-/// message expired since its store's last commit or expiry pass.
+/// message expired since its store's last commit or expiry pass; if the store takes no
+/// write, the read answers all the same and delivers those messages.
 pub fn read_inbox<S: Store>(
     store: &S,
     inbox: UserId,
@@ -1180,8 +1181,13 @@ pub fn read_inbox<S: Store>(
     let expired_past_mark =
         |message: &StoredMessage| message.expire_at_ms <= now && message.expire_at_ms > mark;
     if messages.iter().any(expired_past_mark) {
-        raise_clock_mark(store, now)?;
-        mark = mark.max(now);
+        match raise_clock_mark(store, now) {
+            Ok(()) => mark = mark.max(now),
+            Err(StoreError::Fenced) => return Err(StoreError::Fenced),
+            // The store takes no write now (a full disk, a failed fsync): the read still
+            // answers, and what expired past the mark is delivered, not declared gone.
+            Err(_) => {}
+        }
     }
     messages.retain(|message| message.expire_at_ms > mark);
     Ok(InboxPage {
@@ -2970,6 +2976,34 @@ mod tests {
                 "the retry was stored again: {retry:?}"
             );
         }
+    }
+
+    /// A read whose raise of the clock mark fails (the disk takes no write) still answers:
+    /// it delivers the message that expired past the mark rather than declare it gone, as a
+    /// read did before it ever wrote.
+    #[test]
+    fn a_read_whose_mark_raise_fails_still_answers_and_declares_nothing_gone() {
+        use crate::store::fault::{FaultRates, FaultStore};
+        let config = CoreConfig::default();
+        let store = FaultStore::new(MemoryStore::new(), FaultRates::default(), 1);
+        let Request::Send(short) = send(1, 7) else {
+            unreachable!()
+        };
+        let short = Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..short
+        });
+        Committer::new(&config)
+            .commit_batch(&store, &[short], 1_000)
+            .unwrap();
+        store.set_rates(FaultRates {
+            fsync_failure_per_million: 1_000_000,
+            ..FaultRates::default()
+        });
+        let page = read_inbox(&store, 7, 0, 5_000, &config).expect("the read answers");
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1], "declared gone without a durable mark");
+        assert!(store.is_poisoned(), "the raise was tried and failed");
     }
 
     /// A retry that comes after its message expired, before expiry deleted it, is not

@@ -429,7 +429,9 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
     ) -> Result<InboxPage, StoreError> {
         // On fjall a snapshot read takes no lock. On the log store a read holds the map's read
         // lock for its page (bounded by `batching.sync_messages_max`), during which the home
-        // shard's next commit waits to apply (not to fsync).
+        // shard's next commit waits to apply (not to fsync). A read that meets a message
+        // expired since the home store's last commit raises its clock mark first, in a commit
+        // of its own behind the home shard's writer (decision 0047: rare).
         let home = courier_core::placement::home_shard(inbox, self.all.len() as u32);
         // Never waits for a reopen: replaying a large store takes seconds, and this shard's
         // one reader thread would hold every read of its own users behind it. The session

@@ -6,8 +6,9 @@
 //!   and no other shard's commit ever waits behind it;
 //! - the **syncer** makes a written commit durable (the log engine's fsync, decision 0027)
 //!   while the writer writes the next one;
-//! - the **reader** runs sync reads (fjall snapshots: no writer lock), so a reconnect storm
-//!   that reads thousands of pages never stalls a commit;
+//! - the **reader** runs sync reads (fjall snapshots: no writer lock; a commit only in the rare
+//!   read that raises a store's clock mark, decision 0047), so a reconnect storm that reads
+//!   thousands of pages never stalls a commit;
 //! - **maintenance** runs the expiry and erase passes, which can take long.
 //!
 //! The executor hands a closure to a lane and awaits its result; the lane's thread wakes the

@@ -830,6 +830,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     return;
                 }
                 shard.handle_timeouts(Instant::now());
+                shard.notice_poisoned_store();
                 shard.apply_takeover();
                 shard.after_input();
                 shard.log_stats(Instant::now());
@@ -2872,6 +2873,16 @@ impl Shard {
             }
         }
         self.session.set_store_full(full);
+    }
+
+    /// Starts the recovery of this shard's store if it was poisoned by a write of another
+    /// thread: a sync read of another shard raising its store's clock mark (decision 0047).
+    /// A quiet shard would otherwise learn of it only at its next commit or expiry pass,
+    /// while every read of its users' inboxes failed.
+    fn notice_poisoned_store(&mut self) {
+        if !self.store_recovering && self.store.refuses_until_recovered() {
+            self.store_refused(&StoreError::Poisoned);
+        }
     }
 
     /// Acts on a store error: a fenced shard ends the process; a poisoned store (a failed write
