@@ -159,7 +159,8 @@ struct Client {
 /// Runs the plan: connects every client, calls `on_connected` (the run's clock starts after
 /// it), sends and receives (`offline`: calls `on_drain` when the receivers start to come
 /// back), calls `on_done` at the last delivery (before the connections close, so what it
-/// measures is the run's), closes, and returns what it saw.
+/// measures is the run's), goes on reading for `TRAILING_QUIET` (a copy delivered after the
+/// last expected message counts as a duplicate), closes, and returns what it saw.
 pub(crate) fn run(
     plan: &Plan,
     on_connected: impl FnOnce(),
@@ -174,6 +175,7 @@ pub(crate) fn run(
     on_connected();
     driver.exchange(on_drain)?;
     on_done();
+    driver.listen_for_stragglers(crate::workloads::TRAILING_QUIET)?;
     Ok(driver.finish())
 }
 
@@ -634,6 +636,16 @@ impl<'a> Driver<'a> {
             client.leaving = false;
             client.role = Role::Receiver { pair, last_seq: 0 };
             self.drive(index)?;
+        }
+        Ok(())
+    }
+
+    /// Reads on for `quiet` after the run's last expected delivery, counting what comes as
+    /// the run's other deliveries are (a second copy under a new seq is a duplicate).
+    fn listen_for_stragglers(&mut self, quiet: Duration) -> Result<(), String> {
+        let until = Instant::now() + quiet;
+        while Instant::now() < until {
+            self.turn(until)?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use courier_client::{Client, ConnectOptions, Connector, EarlySend};
+use courier_client::{Client, ConnectOptions, Connector, Delivery, EarlySend};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -186,6 +186,9 @@ struct EdgeUsage {
     /// This process's CPU seconds at the start: a load generator near one full core adds its
     /// own queueing to the latencies it measures.
     bench_cpu_start: Option<f64>,
+    /// When the CPU counting began: `cpu_window_secs` in the report, to set against the
+    /// run's duration.
+    started: Instant,
 }
 
 impl EdgeUsage {
@@ -195,10 +198,15 @@ impl EdgeUsage {
             write_calls_start: target.edge_write_call_bytes(),
             counters: target.server_counters(),
             bench_cpu_start: own_cpu_secs(),
+            started: Instant::now(),
         }
     }
 
     fn finish(&self, target: &Target, report: &mut Report) {
+        report.extra.insert(
+            "cpu_window_secs".into(),
+            json!(self.started.elapsed().as_secs_f64()),
+        );
         if let Some(start) = self.cpu_start
             && let Some((cpu, rss)) = target.edge_usage()
         {
@@ -270,7 +278,34 @@ struct Counters {
     duplicates: AtomicU64,
     reordered: AtomicU64,
     misdelivered: AtomicU64,
+    /// Receivers that have every message of their pair, or have given up: the run's
+    /// figures end when all have (`all_received`).
+    receivers_done: AtomicU64,
+    receiver_done: tokio::sync::Notify,
 }
+
+/// Counts a receiver as done once, when told or when its task ends however it ends.
+struct ReceiverDone(Option<Arc<Counters>>);
+
+impl ReceiverDone {
+    fn now(&mut self) {
+        if let Some(counters) = self.0.take() {
+            counters.receivers_done.fetch_add(1, Ordering::Relaxed);
+            counters.receiver_done.notify_one();
+        }
+    }
+}
+
+impl Drop for ReceiverDone {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
+/// How long a receiver goes on reading after its last expected message: a copy the edge
+/// delivers after it (a message stored twice, under a new seq) counts as a duplicate, not
+/// unseen because the run had ended.
+pub(crate) const TRAILING_QUIET: Duration = Duration::from_millis(200);
 
 /// A message's body: its pair, its index and when it was meant to be sent (`sent_at`, ns since
 /// `epoch`), padded to `bytes`. A paced send's time is its tick, not when the load generator
@@ -397,6 +432,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
             let hist = deliver_hist.clone();
             let (msgs, bytes) = (args.msgs as usize, args.bytes);
             receive_tasks.push(tokio::spawn(async move {
+                let mut done = ReceiverDone(Some(counters.clone()));
                 let mut client = match client {
                     ReceiverClient::Connected(client) => client,
                     ReceiverClient::Connect(connector, options) => connector
@@ -408,11 +444,8 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                 let mut received = 0usize;
                 let mut last_seq = 0;
                 let mut local = latency_histogram();
-                while received < msgs {
-                    let Some(delivery) = client.recv_message().await else {
-                        break;
-                    };
-                    last = Instant::now();
+                // Checks one delivery; true if it is a message of this pair not seen before.
+                let mut check = |delivery: &Delivery, local: &mut Histogram<u64>| {
                     if delivery.seq <= last_seq {
                         counters.reordered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -424,19 +457,38 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                         });
                     let Some((_, index, sent_ns)) = parsed else {
                         counters.misdelivered.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                        return false;
                     };
                     let mut delivered = states[pair].delivered_seq.lock().expect("state");
                     if delivered[index as usize] != 0 {
                         counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                        return false;
                     }
                     delivered[index as usize] = delivery.seq;
                     drop(delivered);
-                    received += 1;
                     counters.delivered.fetch_add(1, Ordering::Relaxed);
                     let now_ns = epoch.elapsed().as_nanos() as u64;
                     let _ = local.record((now_ns.saturating_sub(sent_ns) / 1000).max(1));
+                    true
+                };
+                while received < msgs {
+                    let Some(delivery) = client.recv_message().await else {
+                        break;
+                    };
+                    last = Instant::now();
+                    if check(&delivery, &mut local) {
+                        received += 1;
+                    }
+                }
+                // The run's figures end here; what comes after is only checked.
+                done.now();
+                if received == msgs {
+                    let quiet_until = tokio::time::Instant::now() + TRAILING_QUIET;
+                    while let Ok(Some(delivery)) =
+                        tokio::time::timeout_at(quiet_until, client.recv_message()).await
+                    {
+                        check(&delivery, &mut local);
+                    }
                 }
                 hist.lock()
                     .expect("histogram")
@@ -595,6 +647,21 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+    // The CPU figures end when the last receiver has its messages, not after the receivers'
+    // trailing quiet and closes, nor at the progress line's next second.
+    let receivers = receive_tasks.len() as u64;
+    let all_received = async {
+        while counters.receivers_done.load(Ordering::Relaxed) < receivers {
+            counters.receiver_done.notified().await;
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, all_received).await;
+    if offline {
+        drain_cpu.finish(target, &mut report);
+    }
+    usage.finish(target, &mut report);
+    stop.store(true, Ordering::Relaxed);
+    progress_task.abort();
     let mut last_delivery = sends_done;
     for task in receive_tasks {
         match tokio::time::timeout_at(deadline, task).await {
@@ -609,12 +676,6 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
             }
         }
     }
-    if offline {
-        drain_cpu.finish(target, &mut report);
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = progress_task.await;
-    usage.finish(target, &mut report);
     // Every datagram between the clients and the edge, both ways, is one the clients sent or
     // received: counted by their QUIC connections, so a GSO batch counts each datagram in it.
     let datagrams = senders.iter().map(client_datagrams).sum::<u64>()
