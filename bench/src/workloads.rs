@@ -482,6 +482,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                 }
                 // The run's figures end here; what comes after is only checked.
                 done.now();
+                let datagrams = client_datagrams(&client);
                 if received == msgs {
                     let quiet_until = tokio::time::Instant::now() + TRAILING_QUIET;
                     while let Ok(Some(delivery)) =
@@ -496,7 +497,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
                     .expect("same bounds");
                 counters
                     .receiver_datagrams
-                    .fetch_add(client_datagrams(&client), Ordering::Relaxed);
+                    .fetch_add(datagrams, Ordering::Relaxed);
                 Ok(last)
             }));
         };
@@ -655,7 +656,16 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
             counters.receiver_done.notified().await;
         }
     };
-    let _ = tokio::time::timeout_at(deadline, all_received).await;
+    let all_in = tokio::time::timeout_at(deadline, all_received)
+        .await
+        .is_ok();
+    // Receivers that have everything are only in their trailing quiet: wait it out, even
+    // past the drain's deadline, which they met.
+    let join_deadline = if all_in {
+        tokio::time::Instant::now() + TRAILING_QUIET + Duration::from_secs(2)
+    } else {
+        deadline
+    };
     if offline {
         drain_cpu.finish(target, &mut report);
     }
@@ -664,7 +674,7 @@ pub async fn pairs(target: &Target, args: &PairsArgs, offline: bool) -> Result<R
     progress_task.abort();
     let mut last_delivery = sends_done;
     for task in receive_tasks {
-        match tokio::time::timeout_at(deadline, task).await {
+        match tokio::time::timeout_at(join_deadline, task).await {
             Ok(Ok(Ok(last))) => last_delivery = last_delivery.max(last),
             Ok(Ok(Err(error))) => report.errors.push(error),
             Ok(Err(error)) => report.errors.push(error.to_string()),

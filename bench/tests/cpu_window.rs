@@ -42,5 +42,9 @@ fn the_cpu_a_run_reports_is_counted_over_the_run() {
             window < duration + 0.5,
             "{driver}: CPU counted over {window:.3} s of a {duration:.3} s run: {report}"
         );
+        assert!(
+            window + 0.01 >= duration,
+            "{driver}: CPU counted over {window:.3} s, less than the {duration:.3} s run: {report}"
+        );
     }
 }

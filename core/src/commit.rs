@@ -1183,7 +1183,11 @@ pub fn read_inbox<S: Store>(
     if messages.iter().any(expired_past_mark) {
         match raise_clock_mark(store, now) {
             Ok(()) => mark = mark.max(now),
-            Err(StoreError::Fenced) => return Err(StoreError::Fenced),
+            // Fenced: the edge stops. A conflict or an unknown result (FoundationDB) may go
+            // the next time: the read is tried again, as any failed read is.
+            Err(error) if error == StoreError::Fenced || error.is_retryable() => {
+                return Err(error);
+            }
             // The store takes no write now (a full disk, a failed fsync): the read still
             // answers, and what expired past the mark is delivered, not declared gone.
             Err(_) => {}
