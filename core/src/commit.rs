@@ -1134,7 +1134,6 @@ pub fn read_inbox<S: Store>(
     config: &CoreConfig,
 ) -> Result<InboxPage, StoreError> {
     let mut txn = store.begin_read()?;
-    txn.prefetch(&keys::clock());
     let begin = keys::message(inbox, after_seq.saturating_add(1));
     let end = keys::message(inbox, u64::MAX);
     let mut messages = Vec::new();
@@ -1176,7 +1175,19 @@ pub fn read_inbox<S: Store>(
     } else {
         read_counter(&mut txn, inbox)?.map_or(last_scanned, |last| last.max(last_scanned))
     };
-    let mut mark = read_clock_mark(&mut txn)?;
+    // The mark is read only for a page with a message near its expiry: on FoundationDB it is
+    // one key for the whole cluster, and every sync read in it would go to the one storage
+    // server that holds it. A clock within `DEDUPE_CLEAR_SLACK_MS` of this one's is the
+    // skew tolerated (an edge further behind the mark may deliver what one ahead declared
+    // gone, as it may store a retry twice).
+    let near_expiry = messages
+        .iter()
+        .any(|message| message.expire_at_ms <= now.saturating_add(DEDUPE_CLEAR_SLACK_MS));
+    let mut mark = if near_expiry {
+        read_clock_mark(&mut txn)?
+    } else {
+        0
+    };
     drop(txn);
     let expired_past_mark =
         |message: &StoredMessage| message.expire_at_ms <= now && message.expire_at_ms > mark;
