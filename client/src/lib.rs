@@ -649,9 +649,11 @@ impl Client {
         // be handed out with acks that no longer go anywhere, and delivered again at the
         // next login: an application that keeps no state of its own could not tell. Not
         // handed out, those messages come once at the next login.
-        if self.control.borrow().close || self.error().is_some() {
+        if self.control.borrow().close {
             return None;
         }
+        // A stopped driver has dropped its end of the channel: with nothing buffered `recv`
+        // reads `None` here, and what it buffered is not handed out (below).
         let incoming = self.incoming.recv().await?;
         if self.error().is_some() {
             return None;
@@ -2040,13 +2042,7 @@ mod scripted_server_tests {
         let server = Scripted::start();
         let serve = async {
             let (_connection, mut send, _recv) = server.welcome().await;
-            let delivery = Frame::Deliver {
-                seq: 1,
-                from: 9,
-                sent_at_ms: 0,
-                body: b"buffered".to_vec(),
-            };
-            write_frame(&mut send, &delivery).await.expect("Deliver");
+            write_frame(&mut send, &delivery(1)).await.expect("Deliver");
             tokio::time::sleep(Duration::from_secs(30)).await;
         };
         let client = async {
@@ -2306,11 +2302,9 @@ mod scripted_server_tests {
         let serve = async {
             let (_connection, mut send, _recv) = server.welcome().await;
             running.notified().await;
-            let error = Frame::Error {
-                code: ErrorCode::TokenExpired,
-                message: "token expired".into(),
-            };
-            write_frame(&mut send, &error).await.expect("Error");
+            write_frame(&mut send, &token_expired())
+                .await
+                .expect("Error");
             tokio::time::sleep(Duration::from_secs(30)).await;
         };
         let client = async {
@@ -2326,6 +2320,13 @@ mod scripted_server_tests {
         };
         assert_eq!(received, None);
         assert_eq!(error.and_then(|e| e.code()), Some(ErrorCode::TokenExpired));
+    }
+
+    fn token_expired() -> Frame {
+        Frame::Error {
+            code: ErrorCode::TokenExpired,
+            message: "token expired".into(),
+        }
     }
 
     fn delivery(seq: u64) -> Frame {
@@ -2349,10 +2350,7 @@ mod scripted_server_tests {
             let server = Scripted::start();
             let serve = async {
                 let (_connection, mut send, _recv) = server.welcome().await;
-                let error = Frame::Error {
-                    code: ErrorCode::TokenExpired,
-                    message: "token expired".into(),
-                };
+                let error = token_expired();
                 if same_write {
                     let mut bytes = Vec::new();
                     for frame in [delivery(1), delivery(2), error] {

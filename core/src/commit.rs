@@ -761,9 +761,10 @@ fn find_dedupe<T: Transaction>(
             // a read may have declared it a hole meanwhile; expiry has yet to delete it): the
             // connections behind it read the store instead. Rare, so the reads cost little;
             // the mark's without a conflict, since every commit raises it.
-            let mark = match txn.get_snapshot(&keys::clock())? {
-                Some(value) => keys::le_u64(&value).unwrap_or(u64::MAX),
-                None => 0,
+            let mark = if near_expiry(expire_at_ms, now) {
+                parse_clock_mark(txn.get_snapshot(&keys::clock())?)?
+            } else {
+                0
             };
             let live = expire_at_ms > now.max(mark)
                 && txn
@@ -995,11 +996,25 @@ pub fn clock_high_water<S: Store>(store: &S) -> Result<UnixMillis, StoreError> {
 }
 
 fn read_clock_mark<T: Transaction>(txn: &mut T) -> Result<UnixMillis, StoreError> {
-    match txn.get(&keys::clock())? {
+    parse_clock_mark(txn.get(&keys::clock())?)
+}
+
+/// The clock mark's stored value (none: 0).
+fn parse_clock_mark(value: Option<Vec<u8>>) -> Result<UnixMillis, StoreError> {
+    match value {
         None => Ok(0),
         Some(value) => keys::le_u64(&value)
             .ok_or_else(|| StoreError::Corrupt(format!("clock of {} bytes", value.len()))),
     }
+}
+
+/// Whether a message expiring at `expire_at_ms` is close enough to its expiry, by a clock
+/// at `now`, that the store's clock mark must be read to judge it: within
+/// `DEDUPE_CLEAR_SLACK_MS`, the clock skew tolerated between the edges of a cluster. On
+/// FoundationDB the mark is one key for the whole cluster, so it is read only then, not by
+/// every sync read and retry.
+fn near_expiry(expire_at_ms: UnixMillis, now: UnixMillis) -> bool {
+    expire_at_ms <= now.saturating_add(DEDUPE_CLEAR_SLACK_MS)
 }
 
 /// The sizes a store's keys were written with (`record_key_sizes`), kept in one record: the
@@ -1175,15 +1190,12 @@ pub fn read_inbox<S: Store>(
     } else {
         read_counter(&mut txn, inbox)?.map_or(last_scanned, |last| last.max(last_scanned))
     };
-    // The mark is read only for a page with a message near its expiry: on FoundationDB it is
-    // one key for the whole cluster, and every sync read in it would go to the one storage
-    // server that holds it. A clock within `DEDUPE_CLEAR_SLACK_MS` of this one's is the
-    // skew tolerated (an edge further behind the mark may deliver what one ahead declared
-    // gone, as it may store a retry twice).
-    let near_expiry = messages
+    // An edge further behind the mark than the skew `near_expiry` tolerates may deliver
+    // what one ahead declared gone, as it may store a retry twice.
+    let mut mark = if messages
         .iter()
-        .any(|message| message.expire_at_ms <= now.saturating_add(DEDUPE_CLEAR_SLACK_MS));
-    let mut mark = if near_expiry {
+        .any(|message| near_expiry(message.expire_at_ms, now))
+    {
         read_clock_mark(&mut txn)?
     } else {
         0
@@ -2247,6 +2259,17 @@ mod tests {
         })
     }
 
+    /// `send` with a lifetime of one second.
+    fn send_for_a_second(client_id: u64, to: UserId) -> Request {
+        let Request::Send(send) = send(client_id, to) else {
+            unreachable!()
+        };
+        Request::Send(SendRequest {
+            ttl_secs: Some(1),
+            ..send
+        })
+    }
+
     /// A store that holds back one commit, as FoundationDB may after an unknown result, and
     /// lands it later by FoundationDB's rule: it commits only if no key range it read (or
     /// marked with `add_read_conflict`) was written by a commit since it began.
@@ -3001,13 +3024,7 @@ mod tests {
         use crate::store::fault::{FaultRates, FaultStore};
         let config = CoreConfig::default();
         let store = FaultStore::new(MemoryStore::new(), FaultRates::default(), 1);
-        let Request::Send(short) = send(1, 7) else {
-            unreachable!()
-        };
-        let short = Request::Send(SendRequest {
-            ttl_secs: Some(1),
-            ..short
-        });
+        let short = send_for_a_second(1, 7);
         Committer::new(&config)
             .commit_batch(&store, &[short], 1_000)
             .unwrap();
@@ -3029,13 +3046,7 @@ mod tests {
         let config = CoreConfig::default();
         let store = MemoryStore::new();
         let mut committer = Committer::new(&config);
-        let short = Request::Send(SendRequest {
-            ttl_secs: Some(1),
-            ..match send(1, 7) {
-                Request::Send(send) => send,
-                _ => unreachable!(),
-            }
-        });
+        let short = send_for_a_second(1, 7);
         let live_at = |committer: &mut Committer, now| match committer
             .commit_batch(&store, std::slice::from_ref(&short), now)
             .unwrap()[..]
@@ -3073,13 +3084,7 @@ mod tests {
         let config = CoreConfig::default();
         let store = MemoryStore::new();
         let mut committer = Committer::new(&config);
-        let Request::Send(short) = send(1, 7) else {
-            unreachable!()
-        };
-        let short = Request::Send(SendRequest {
-            ttl_secs: Some(1),
-            ..short
-        });
+        let short = send_for_a_second(1, 7);
         committer.commit_batch(&store, &[short], 1_000).unwrap();
         let seqs_read = |now| -> (Vec<u64>, u64) {
             let page = read_inbox(&store, 7, 0, now, &config).unwrap();
