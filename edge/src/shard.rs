@@ -2124,41 +2124,21 @@ impl Shard {
     /// consumed stays stored until it logs in again: a graceful close's last ack was lost
     /// when the edge had not read it within the second the client waits. Other frames are
     /// dropped, as on any connection that ends. At most what QUIC's stream window holds.
+    ///
+    /// Acks are cumulative, so only the highest is applied: one message to the inbox's home
+    /// shard per lost connection. Applied one by one, a client that filled its stream window
+    /// with small acks and closed sent thousands of messages at once, past the mesh's
+    /// back-pressure (nothing here waits for it), until other users' control messages were
+    /// dropped at the backlog's hard maximum.
     fn apply_last_acks(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        /// Reads of the stream: far more than its window's worth of chunks.
-        const READS_MAX: usize = 4096;
         let conn_ref = self.conn_ref(handle, conn);
         if self.session.awaiting_hello(conn_ref) {
             return;
         }
-        let Some(id) = conn.stream else {
-            return;
-        };
-        let now_ms = self.now_ms();
-        for _ in 0..READS_MAX {
-            let mut consumed_total = 0;
-            loop {
-                match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
-                    Ok(Some((frame, consumed))) => {
-                        consumed_total += consumed;
-                        if let Frame::Ack { .. } = frame {
-                            self.session.handle_frame(now_ms, conn_ref, frame, false);
-                        }
-                    }
-                    Ok(None) => break,
-                    // Bytes that are no frame: nothing after them is read either.
-                    Err(_) => return,
-                }
-            }
-            conn.inbuf.drain(..consumed_total);
-            let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
-            if room == 0 {
-                return;
-            }
-            match read_chunk(conn, id, room) {
-                Some(StreamRead { got: true, .. }) => {}
-                _ => return,
-            }
+        if let Some(up_to_seq) = highest_ack_left(conn) {
+            let now_ms = self.now_ms();
+            self.session
+                .handle_frame(now_ms, conn_ref, Frame::Ack { up_to_seq }, false);
         }
     }
 
@@ -3204,6 +3184,41 @@ fn close_for_stopped_stream(conn: &mut Conn) {
         ErrorCode::UnexpectedFrame,
         Bytes::from_static(b"the stream was stopped"),
     );
+}
+
+/// The highest `Ack` among the frames a connection left unread: those in its input buffer and
+/// those still in its stream, read up to its window. Reading stops at bytes that are no frame.
+fn highest_ack_left(conn: &mut Conn) -> Option<u64> {
+    /// Reads of the stream: far more than its window's worth of chunks.
+    const READS_MAX: usize = 4096;
+    let id = conn.stream?;
+    let mut highest = None;
+    for _ in 0..READS_MAX {
+        let mut consumed_total = 0;
+        loop {
+            match courier_protocol::decode(&conn.inbuf[consumed_total..]) {
+                Ok(Some((frame, consumed))) => {
+                    consumed_total += consumed;
+                    if let Frame::Ack { up_to_seq } = frame {
+                        highest = highest.max(Some(up_to_seq));
+                    }
+                }
+                Ok(None) => break,
+                // Bytes that are no frame: nothing after them is read either.
+                Err(_) => return highest,
+            }
+        }
+        conn.inbuf.drain(..consumed_total);
+        let room = INBUF_BYTES_MAX.saturating_sub(conn.inbuf.len());
+        if room == 0 {
+            break;
+        }
+        match read_chunk(conn, id, room) {
+            Some(StreamRead { got: true, .. }) => {}
+            _ => break,
+        }
+    }
+    highest
 }
 
 /// Closes the QUIC connection (once) with `code`, and drops what waits to be written to it.

@@ -537,3 +537,103 @@ async fn the_edge_takes_no_quic_datagrams() {
     );
     a_send_is_acknowledged(&edge, 23, 24, b"still served").await;
 }
+
+/// A client's acks left unread when it closes reach its inbox's home shard as one message, the
+/// highest. Applied one by one, a client that filled its stream window with small acks while
+/// its input was paused (over its send budget) and then closed sent hundreds of thousands of
+/// cross-shard messages at once, past the mesh's back-pressure, until other users' control
+/// messages (logins, send answers) were dropped at the backlog's hard maximum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_left_unread_at_a_close_reach_the_home_shard_as_one() {
+    use courier_core::placement::home_shard;
+    // A window of 4 MiB holds about 200,000 acks: past the backlog's hard maximum (65,536)
+    // from one connection, if each became a message.
+    let metrics = common::free_addr();
+    let edge = Edge::start_with(
+        2,
+        &format!(
+            "[metrics]\nlisten = \"{metrics}\"\n\
+             [quic]\nstream_receive_window_bytes = 4194304\nreceive_window_bytes = 4194304\n\
+             [limits.send_per_connection]\nmessages_per_sec = 1\nmessages_burst = 1\n\
+             bytes_per_sec = 0\nbytes_burst = 0\n"
+        ),
+        &[],
+    );
+    let accepted_on_shard_1 = || {
+        common::metric_at(metrics, "courier_connections_accepted_total", "shard=\"1\"")
+            .expect("metrics listener")
+    };
+    let ack = courier_protocol::encode_to_vec(&Frame::Ack { up_to_seq: 1 }).expect("encode");
+    let mut flood = send_burst(2, 1_000, b"over budget");
+    flood.extend(ack.repeat(4 * 1024 * 1024 / ack.len() - 16));
+    // Users homed on shard 0 whose connections the kernel handed to shard 1, where each ack
+    // is a message to shard 0.
+    let users = (1..).filter(|user| home_shard(*user, 2) == 0).take(2);
+    for user in users {
+        // Seq 1 exists and the device holds it: acks of it are the device's to send.
+        a_send_is_acknowledged(&edge, 2_500, user, b"seq 1").await;
+        let mut connectors = Vec::new();
+        let mut on_shard_1 = None;
+        for _ in 0..32 {
+            let before = accepted_on_shard_1();
+            let connector = edge.connector();
+            let raw = RawConnection::connect(&connector, edge.addr)
+                .await
+                .expect("connect");
+            connectors.push(connector);
+            if accepted_on_shard_1() > before {
+                on_shard_1 = Some(raw);
+                break;
+            }
+        }
+        let mut raw = on_shard_1.expect("32 connections from new ports, none on shard 1");
+        raw.write_frame(&Frame::Hello {
+            token: edge.token(user, 0).into_bytes(),
+            device: 0,
+            acked_up_to: 0,
+            resume_after_seq: 1,
+        })
+        .await
+        .expect("hello");
+        let welcome = raw.read_frame().await.expect("welcome");
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        // The second send is over budget: the edge stops reading this connection for a
+        // second, and the acks wait in its stream.
+        tokio::time::timeout(EVENT_TIMEOUT, raw.write_bytes(&flood))
+            .await
+            .expect("the window takes the flood")
+            .expect("flood");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (connection, _, _) = raw.into_parts();
+        connection.close(0u32.into(), b"gone");
+    }
+    a_send_is_acknowledged(&edge, 2_501, 2_502, b"after the floods").await;
+    // Each ack past the connection's budget for control frames is counted, and the shard
+    // reports the count every 10 s: with one message per close, a handful; with one per ack,
+    // hundreds of thousands.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let over_budget = loop {
+        let reported = edge
+            .log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|line| line.contains("shard=1"))
+            .find_map(|line| {
+                let (_, after) = line.split_once("frames_over_budget=")?;
+                after.split_whitespace().next()?.parse::<u64>().ok()
+            });
+        if let Some(count) = reported {
+            break count;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shard 1 reported no frames over budget within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        over_budget < 1_000,
+        "{over_budget} acks over budget were applied: each left unread became a message"
+    );
+}
