@@ -879,12 +879,14 @@ impl<A: Authenticator> EdgeSession<A> {
     }
 
     /// What the driver may decode next from the connection, in one lookup per frame: `None`
-    /// while its input is paused ([`EdgeSession::input_paused`]), else the largest frame body
-    /// it may send. Before `Hello` only a `Hello` fits, so an unauthenticated client cannot
-    /// make the driver buffer a maximal frame.
+    /// while its input is paused ([`EdgeSession::input_paused`]) or the session closed it (the
+    /// frames after the one that closed it are not decoded), else the largest frame body it
+    /// may send. Before `Hello` only a `Hello` fits, so an unauthenticated client cannot make
+    /// the driver buffer a maximal frame.
     pub fn frame_bytes_max(&self, conn: ConnRef) -> Option<usize> {
         match self.conn(conn) {
             Some(c) if c.input_paused_until_ms.is_some() || c.input_paused_for_answer => None,
+            Some(c) if c.login == Login::Closing => None,
             Some(c) if c.login == Login::AwaitingHello => {
                 Some(courier_protocol::HELLO_FRAME_BYTES_MAX)
             }
@@ -953,7 +955,7 @@ impl<A: Authenticator> EdgeSession<A> {
                         self.stats.connections_timed_out += 1;
                         self.close(
                             conn,
-                            ErrorCode::UnexpectedFrame,
+                            ErrorCode::TimedOut,
                             format!("no Hello within {waited_ms} ms of connecting"),
                         );
                     }
@@ -978,7 +980,7 @@ impl<A: Authenticator> EdgeSession<A> {
                         self.stats.connections_timed_out += 1;
                         self.close(
                             conn,
-                            ErrorCode::Malformed,
+                            ErrorCode::TimedOut,
                             format!(
                                 "a frame was started and not finished within {frame_timeout_ms} ms"
                             ),

@@ -753,6 +753,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::Superseded => "superseded",
         ErrorCode::Disconnected => "disconnected",
         ErrorCode::TooManyConnections => "too_many_connections",
+        ErrorCode::TimedOut => "timed_out",
     }
 }
 

@@ -204,6 +204,9 @@ struct Conn {
     /// transport close that carries no application code (RFC 9000, 10.2.3), and a client
     /// told nothing but "closed" would retry where its code says stop (`TokenExpired`).
     close_once_connected: Option<(ErrorCode, Bytes)>,
+    /// Dropped then if not drained before: set when QUIC first reports it closed
+    /// (`CLOSED_LINGER_MAX`).
+    drain_by: Option<Instant>,
 }
 
 impl Conn {
@@ -229,6 +232,7 @@ impl Conn {
             kind,
             close_at: None,
             close_once_connected: None,
+            drain_by: None,
         }
     }
 }
@@ -238,6 +242,15 @@ const REDIRECT_CLOSE_AFTER: Duration = Duration::from_secs(2);
 /// How long a close asked for during the handshake waits for it to complete
 /// (`Conn::close_once_connected`) before it goes without its code.
 const HELD_CLOSE_WAIT_MAX: Duration = Duration::from_secs(2);
+/// How long a closed connection is kept at most before it is dropped. QUIC keeps one three
+/// probe timeouts (RFC 9000, 10.2) to answer a late packet with its close again, and the probe
+/// timeout includes the peer's `max_ack_delay`, which the peer chooses, up to 16 s: a client
+/// closed before it logged in (and so no longer counted against its address or the
+/// unauthenticated limit) could otherwise hold its slot and QUIC state for about 50 s, and
+/// enough of them every slot of the shard. Three seconds is three probe timeouts of a round
+/// trip near a second; a peer whose close went missing meanwhile learns of it from a
+/// stateless reset.
+const CLOSED_LINGER_MAX: Duration = Duration::from_secs(3);
 
 /// Checks `Hello` tokens with the edge's keys, for the session, remembering the ones that
 /// verified (`auth::VerifiedTokens`).
@@ -2050,7 +2063,7 @@ impl Shard {
             // fails what it carried now, not once the connection drains (a few round trips).
             self.link_gone(handle, conn.kind);
         }
-        if conn.quic.is_drained() {
+        if self.done_with(handle, &mut conn, now) {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
             self.link_gone(handle, conn.kind);
@@ -2968,7 +2981,7 @@ impl Shard {
         let Some(mut conn) = self.conns.remove(&handle) else {
             return;
         };
-        if conn.quic.is_drained() {
+        if self.done_with(handle, &mut conn, Instant::now()) {
             let conn_ref = self.conn_ref(handle, &conn);
             self.session.connection_lost(conn_ref);
             self.link_gone(handle, conn.kind);
@@ -2978,6 +2991,35 @@ impl Shard {
         }
         self.arm_timer(handle, &mut conn);
         self.conns.insert(handle, conn);
+    }
+
+    /// Whether the connection is to be dropped: QUIC drained it, or it has been closed for
+    /// `CLOSED_LINGER_MAX`, and the endpoint is then told it is drained. A closed connection's
+    /// buffers are freed when its close is first seen: nothing more is read from it or written
+    /// to it.
+    fn done_with(&mut self, handle: ConnectionHandle, conn: &mut Conn, now: Instant) -> bool {
+        if conn.quic.is_drained() {
+            return true;
+        }
+        if !conn.quic.is_closed() {
+            return false;
+        }
+        let drain_by = match conn.drain_by {
+            Some(drain_by) => drain_by,
+            None => {
+                conn.inbuf = Vec::new();
+                conn.outbuf = Vec::new();
+                *conn.drain_by.insert(now + CLOSED_LINGER_MAX)
+            }
+        };
+        if now < drain_by {
+            return false;
+        }
+        // No event of this connection reaches the endpoint after this one.
+        let _ = self
+            .endpoint
+            .handle_event(handle, quinn_proto::EndpointEvent::drained());
+        true
     }
 
     /// The connection's handshake is done and its `Hello` accepted, or it is gone: it no
@@ -3038,10 +3080,10 @@ impl Shard {
     /// Sets the connection's entry in the timer set to its next timeout, and wakes the timer
     /// task when that is the shard's earliest.
     fn arm_timer(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        let timeout = match (conn.quic.poll_timeout(), conn.close_at) {
-            (Some(quic), Some(close)) => Some(quic.min(close)),
-            (quic, close) => quic.or(close),
-        };
+        let timeout = [conn.quic.poll_timeout(), conn.close_at, conn.drain_by]
+            .into_iter()
+            .flatten()
+            .min();
         if conn.timer_armed == timeout {
             return;
         }

@@ -67,7 +67,7 @@ async fn a_connection_without_hello_is_closed_after_the_hello_timeout() {
         .expect("closed in time");
     match close {
         ClientError::Closed { code, reason } => {
-            assert_eq!(code, Some(ErrorCode::UnexpectedFrame));
+            assert_eq!(code, Some(ErrorCode::TimedOut));
             assert!(reason.contains("no Hello within"), "{reason}");
         }
         other => panic!("{other:?}"),
@@ -107,7 +107,10 @@ async fn a_frame_left_unfinished_closes_its_connection() {
         assert_eq!(pong, Frame::Pong { nonce });
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    assert_eq!(closed_code(&stalled).await, Some(ErrorCode::Malformed));
+    // Retryable: an honest client on a slow link meets the deadline too, and reconnects.
+    let code = closed_code(&stalled).await.expect("a code");
+    assert_eq!(code, ErrorCode::TimedOut);
+    assert!(!courier_protocol::client::is_fatal_code(code));
 }
 
 /// The frame timeout is per frame: a client whose every write finishes one frame and starts
@@ -636,4 +639,125 @@ async fn acks_left_unread_at_a_close_reach_the_home_shard_as_one() {
         over_budget < 1_000,
         "{over_budget} acks over budget were applied: each left unread became a message"
     );
+}
+
+/// A UDP relay between clients and the edge that holds every datagram for `delay_ms` (as it is
+/// when the datagram arrives) before passing it on: a long round trip, made on loopback.
+struct DelayingRelay {
+    addr: std::net::SocketAddr,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayingRelay {
+    async fn start(edge: std::net::SocketAddr) -> DelayingRelay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::net::UdpSocket;
+        let outside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let inside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        inside.connect(edge).await.expect("connect to the edge");
+        let addr = outside.local_addr().expect("relay address");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut from_client, mut from_edge) = (vec![0; 65_536], vec![0; 65_536]);
+            loop {
+                let hold = Duration::from_millis(delay.load(Ordering::Relaxed));
+                tokio::select! {
+                    Ok((len, peer)) = outside.recv_from(&mut from_client) => {
+                        client = Some(peer);
+                        let (inside, datagram) = (inside.clone(), from_client[..len].to_vec());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(hold).await;
+                            let _ = inside.send(&datagram).await;
+                        });
+                    }
+                    Ok(len) = inside.recv(&mut from_edge) => {
+                        let Some(client) = client else { continue };
+                        let (outside, datagram) = (outside.clone(), from_edge[..len].to_vec());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(hold).await;
+                            let _ = outside.send_to(&datagram, client).await;
+                        });
+                    }
+                }
+            }
+        });
+        DelayingRelay {
+            addr,
+            delay_ms,
+            task,
+        }
+    }
+
+    fn delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for DelayingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A connection the edge closed is dropped within seconds, whatever its round trip. QUIC
+/// keeps a closed connection for three probe timeouts, which grow with the round trip and with
+/// the `max_ack_delay` the peer chooses (up to 16 s): a client closed before it logged in no
+/// longer counts against its address or the unauthenticated limit, so such clients could
+/// hold the shard's connection slots, with their buffers, for about 50 s each. Here a round
+/// trip of 4 s makes QUIC's three probe timeouts 12 s or more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_is_dropped_within_seconds_whatever_its_round_trip() {
+    let metrics = common::free_addr();
+    let edge = Edge::start_with(1, &format!("[metrics]\nlisten = \"{metrics}\"\n"), &[]);
+    let open = || {
+        common::metric_at(metrics, "courier_connections_open", "shard=\"0\"")
+            .expect("metrics listener")
+    };
+    let relay = DelayingRelay::start(edge.addr).await;
+    let connector = edge.connector();
+    let mut raw = RawConnection::connect(&connector, relay.addr)
+        .await
+        .expect("handshake");
+    let hello = Frame::Hello {
+        token: edge.token(3_001, 0).into_bytes(),
+        device: 0,
+        acked_up_to: 0,
+        resume_after_seq: 0,
+    };
+    raw.write_frame(&hello).await.expect("hello");
+    let welcome = raw.read_frame().await.expect("welcome");
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    // Two seconds each way: the edge measures the round trip from the client's
+    // acknowledgements of its `Pong` (and of its probes meanwhile).
+    relay.delay(Duration::from_secs(2));
+    raw.write_frame(&Frame::Ping { nonce: 1 })
+        .await
+        .expect("ping");
+    let pong = tokio::time::timeout(Duration::from_secs(20), raw.read_frame())
+        .await
+        .expect("pong in time")
+        .expect("pong");
+    assert!(matches!(pong, Frame::Pong { nonce: 1 }), "{pong:?}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // A second `Hello` makes the edge close the connection.
+    relay.delay(Duration::ZERO);
+    raw.write_frame(&hello).await.expect("second hello");
+    assert_eq!(closed_code(&raw).await, Some(ErrorCode::UnexpectedFrame));
+    let closed = tokio::time::Instant::now();
+    // Three seconds of `CLOSED_LINGER_MAX`, and the gauge is published once a second.
+    while open() > 0.0 {
+        assert!(
+            closed.elapsed() < Duration::from_secs(8),
+            "the closed connection was still held {:?} after its close",
+            closed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -161,6 +161,11 @@ pub enum ErrorCode {
     /// Retryable: the client reconnects with backoff and gets in once another of the user's
     /// devices goes offline.
     TooManyConnections = 16,
+    /// `Hello`, or the rest of a started frame, did not arrive within its deadline
+    /// (`limits.hello_timeout_ms`, `limits.frame_timeout_ms`). Retryable: the client
+    /// reconnects. An honest client on a slow link meets it too (a 64 KiB frame takes over
+    /// 10 s below about 52 kbit/s); a fatal code stopped such a client for good.
+    TimedOut = 17,
 }
 
 impl ErrorCode {
@@ -175,6 +180,7 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Superseded
                 | ErrorCode::TooManyConnections
+                | ErrorCode::TimedOut
         )
     }
 
@@ -190,7 +196,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for lookups and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 17] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::LimitExceeded,
@@ -207,6 +213,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::Superseded,
     ErrorCode::Disconnected,
     ErrorCode::TooManyConnections,
+    ErrorCode::TimedOut,
 ];
 
 impl Frame {
