@@ -514,6 +514,11 @@ fn dedupe_records_move_to_the_tier_and_reads_merge_memory_and_tier() {
 /// (its checksum unkeyed), written here independently of the engine, to build directories an
 /// older version left, or what a sender who knows the format can put in a message body.
 fn record(changes: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
+    record_seeded(changes, 0)
+}
+
+/// A record as version 3 wrote it: its checksum keyed with the store's salt, no length tag.
+fn record_seeded(changes: &[(&[u8], Option<&[u8]>)], seed: u64) -> Vec<u8> {
     let mut payload = (changes.len() as u32).to_le_bytes().to_vec();
     for (key, value) in changes {
         payload.push(if value.is_some() { 1 } else { 2 });
@@ -525,14 +530,14 @@ fn record(changes: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
         }
     }
     let mut out = (payload.len() as u32).to_le_bytes().to_vec();
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64_with_seed(&payload, seed).to_le_bytes());
     out.extend_from_slice(&payload);
     out
 }
 
 /// A store written before the dedupe tier (`FORMAT` version 1: dedupe records in the
 /// snapshot and journals, no `dedupe/`) is upgraded when opened: its records reach the tier,
-/// `FORMAT` says version 3, and nothing is lost across the next checkpoint and reopen. A tier
+/// `FORMAT` says version 4, and nothing is lost across the next checkpoint and reopen. A tier
 /// an unfinished earlier upgrade left is not trusted: a record deleted since does not return.
 #[test]
 fn a_version_1_store_is_upgraded_on_open() {
@@ -559,7 +564,7 @@ fn a_version_1_store_is_upgraded_on_open() {
         assert_eq!(get(&store, &kept).as_deref(), Some(&b"seq"[..]));
         assert_eq!(get(&store, &deleted_since), None);
         let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
-        assert!(format.starts_with("courier log store 3\n"), "{format}");
+        assert!(format.starts_with("courier log store 4\n"), "{format}");
         store.checkpoint().unwrap();
         assert!(!dir.path().join("snapshot-00000000000000000001").exists());
     }
@@ -585,8 +590,11 @@ fn a_version_2_store_is_read_and_its_new_files_salted() {
         assert_eq!(get(&store, b"q-old-1"), None);
         assert_eq!(get(&store, b"q-old-2").as_deref(), Some(&b"two"[..]));
         let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
-        assert!(format.starts_with("courier log store 3\nsalt "), "{format}");
-        assert!(format.ends_with("salted_from 2\n"), "{format}");
+        assert!(format.starts_with("courier log store 4\nsalt "), "{format}");
+        assert!(
+            format.ends_with("salted_from 2\ntagged_from 2\n"),
+            "{format}"
+        );
         set(&store, b"q-new", b"three");
     }
     {
@@ -606,7 +614,7 @@ fn a_version_2_store_is_read_and_its_new_files_salted() {
     }
     // A damaged FORMAT (its salt unreadable) is refused, not read as some other version.
     drop(store);
-    std::fs::write(dir.path().join("FORMAT"), "courier log store 3\nsalt zz\n").unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "courier log store 4\nsalt zz\n").unwrap();
     match LogStore::open(dir.path(), &LogOptions::default()) {
         Err(StoreError::Corrupt(message)) => assert!(message.contains("salt"), "{message}"),
         other => panic!("expected a corruption error, got {other:?}"),
@@ -646,6 +654,104 @@ fn a_body_holding_a_whole_record_does_not_make_a_tear_look_like_damage() {
         get(&store, &9u32.to_be_bytes()).as_deref(),
         Some(&b"kept"[..])
     );
+}
+
+/// A store of version 3 (keyed checksums without length tags) is upgraded when opened: its
+/// files are read as they were written, `FORMAT` tags the files from the next journal on, and
+/// everything is there after more commits, a checkpoint and reopens.
+#[test]
+fn a_version_3_store_is_read_and_its_new_files_tagged() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        set(&store, b"q-old", b"one");
+    }
+    // What this store was before version 4: the same salt, no file tagged. Its journal is
+    // rewritten as version 3 wrote it.
+    let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+    let salt_line = format.lines().nth(1).unwrap().to_string();
+    let seed = u64::from_str_radix(salt_line.strip_prefix("salt ").unwrap(), 16).unwrap();
+    std::fs::write(
+        dir.path().join("FORMAT"),
+        format!("courier log store 3\n{salt_line}\nsalted_from 0\n"),
+    )
+    .unwrap();
+    let journal = newest_journal(dir.path());
+    let mut untagged = record_seeded(&[(b"q-old", Some(b"one"))], seed);
+    untagged.extend_from_slice(&record_seeded(&[(b"q-old-2", Some(b"two"))], seed));
+    std::fs::write(&journal, untagged).unwrap();
+    let tagged_from = {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(get(&store, b"q-old").as_deref(), Some(&b"one"[..]));
+        assert_eq!(get(&store, b"q-old-2").as_deref(), Some(&b"two"[..]));
+        let format = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+        assert!(
+            format.starts_with(&format!(
+                "courier log store 4\n{salt_line}\nsalted_from 0\n"
+            )),
+            "{format}"
+        );
+        set(&store, b"q-new", b"three");
+        format
+            .lines()
+            .nth(3)
+            .and_then(|line| line.strip_prefix("tagged_from "))
+            .expect("tagged_from")
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(tagged_from > 0, "the old journal stays untagged");
+    {
+        let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(get(&store, b"q-old-2").as_deref(), Some(&b"two"[..]));
+        assert_eq!(get(&store, b"q-new").as_deref(), Some(&b"three"[..]));
+        store.checkpoint().unwrap();
+        set(&store, b"q-after", b"four");
+    }
+    let store = LogStore::open(dir.path(), &LogOptions::default()).unwrap();
+    for (key, value) in [
+        (&b"q-old"[..], &b"one"[..]),
+        (b"q-old-2", b"two"),
+        (b"q-new", b"three"),
+        (b"q-after", b"four"),
+    ] {
+        assert_eq!(get(&store, key).as_deref(), Some(value));
+    }
+}
+
+/// A crash that tears the commit carrying bodies of repeated large lengths (a sender's to
+/// choose: here `00 00 10 00`, a megabyte, at every fourth byte) is cut like any other tear.
+/// Before the length tags (version 4), every fourth offset of such a body was a candidate
+/// record whose megabyte had to be hashed, the search after the tear gave up at its budget,
+/// and the store refused to open until an operator cut the journal by hand.
+#[test]
+fn a_tear_through_bodies_of_crafted_lengths_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        journal_segment_bytes: 16 << 20,
+        ..LogOptions::default()
+    };
+    let body: Vec<u8> = [0x00, 0x00, 0x10, 0x00].repeat(16 * 1024);
+    {
+        let store = LogStore::open(dir.path(), &options).unwrap();
+        set(&store, b"kept", b"before");
+        let mut txn = store.begin().unwrap();
+        for i in 0..6u8 {
+            txn.set(&[b'q', i], &body);
+        }
+        txn.commit().unwrap();
+    }
+    // The crash: the last of the record's bodies never reached the disk. The search after
+    // the tear then meets five bodies, about 16 GiB of candidates to hash each without tags:
+    // past its budget of 32 GiB.
+    let journal = newest_journal(dir.path());
+    let bytes = std::fs::read(&journal).unwrap();
+    let end = records_end(&bytes);
+    write_at(&journal, (end - body.len()) as u64, &vec![0u8; body.len()]);
+    let store = LogStore::open(dir.path(), &options).expect("a tear, cut");
+    assert!(store.recovery().torn_bytes_cut > 0);
+    assert_eq!(get(&store, b"kept").as_deref(), Some(&b"before"[..]));
+    assert_eq!(get(&store, b"q\0"), None, "the torn commit is dropped");
 }
 
 /// A version 2 store whose tier is gone is refused, naming it, instead of opening without its

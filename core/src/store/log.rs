@@ -37,8 +37,10 @@
 //! replays the journals into memory and the tombstones into the tier. Every other key stays in
 //! memory.
 //!
-//! A record is `[u32 LE payload bytes][u64 LE xxh3 of the payload, seeded with the store's
-//! salt][payload]` (`Salt`: a body cannot hold a record that checks); a payload is a
+//! A record is `[u32 LE payload bytes][u64 LE checksum][payload]`: xxh3 of the payload,
+//! seeded with the store's salt (`Salt`: a body cannot hold a record that checks), whose low
+//! 24 bits are a keyed hash of the length instead (`Codec`: a candidate record in a torn
+//! record's bytes is told from a real one without hashing its payload); a payload is a
 //! `u32 LE` count of changes, each `[u8 kind (1 set, 2 delete)][u16 LE key bytes][key]` and,
 //! for a set, `[u32 LE value bytes][value]`. A crash can leave a torn record at the end of the
 //! newest journal only (each commit is fsynced before the next is written), with only zeros
@@ -80,10 +82,12 @@ use super::{CommitVersion, Store, StoreError};
 use crate::{FastHashMap, keys};
 use fjall::direct_journal::DirectJournal;
 
-/// The first line of `FORMAT`. Version 3 keys the records' checksums with the store's salt
-/// ([`Salt`], on the lines after it); version 2 keeps dedupe records in the dedupe tier
-/// (`DEDUPE_DIR`). A version 1 store (every key in the map) or 2 is upgraded when opened.
-const FORMAT_HEADER: &str = "courier log store 3\n";
+/// The first line of `FORMAT`. Version 4 checks each record's length with a keyed hash in its
+/// checksum ([`Codec`]); version 3 keys the records' checksums with the store's salt ([`Salt`],
+/// on the lines after it); version 2 keeps dedupe records in the dedupe tier (`DEDUPE_DIR`).
+/// A store of version 1 (every key in the map), 2 or 3 is upgraded when opened.
+const FORMAT_HEADER: &str = "courier log store 4\n";
+const FORMAT_V3: &str = "courier log store 3\n";
 const FORMAT_V2: &str = "courier log store 2\n";
 const FORMAT_V1: &str = "courier log store 1\n";
 /// The dedupe tier: a fjall store, in this subdirectory, holding the dedupe records.
@@ -612,11 +616,13 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// and a crash's tear of the record around it would look like damage after the tear (recovery
 /// refuses that), keeping the store shut. Without the seed no one can make a record that
 /// checks. Files (journals, snapshots) with ids below `salted_from` were written before the
-/// upgrade, unkeyed, and are read that way (xxh3 with seed 0 is xxh3 unseeded).
+/// upgrade, unkeyed, and are read that way (xxh3 with seed 0 is xxh3 unseeded). Files from
+/// `tagged_from` on (version 4) carry the length tag ([`Codec`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Salt {
     seed: u64,
     salted_from: u64,
+    tagged_from: u64,
 }
 
 impl Salt {
@@ -624,9 +630,10 @@ impl Salt {
     const NONE: Salt = Salt {
         seed: 0,
         salted_from: u64::MAX,
+        tagged_from: u64::MAX,
     };
 
-    /// A new salt for the files from `salted_from` on.
+    /// A new salt for the files from `salted_from` on, which carry the length tag too.
     fn draw(salted_from: u64) -> Result<Salt, StoreError> {
         let mut seed = 0u64;
         while seed == 0 {
@@ -636,36 +643,108 @@ impl Salt {
                 .map_err(|e| io("read /dev/urandom for the store's salt", e))?;
             seed = u64::from_le_bytes(bytes);
         }
-        Ok(Salt { seed, salted_from })
+        Ok(Salt {
+            seed,
+            salted_from,
+            tagged_from: salted_from,
+        })
     }
 
-    /// The seed of the checksums in file `id`.
-    fn seed_of(&self, id: u64) -> u64 {
-        if id >= self.salted_from { self.seed } else { 0 }
+    /// How the records of file `id` are checked.
+    fn codec_of(&self, id: u64) -> Codec {
+        Codec {
+            seed: if id >= self.salted_from { self.seed } else { 0 },
+            tagged: id >= self.tagged_from,
+        }
     }
 
-    /// The whole `FORMAT` file of version 3.
+    /// How the records of the files written from now on are checked: an open store writes
+    /// only files from `tagged_from` on (commits go to a new journal after recovery).
+    fn codec(&self) -> Codec {
+        Codec {
+            seed: self.seed,
+            tagged: true,
+        }
+    }
+
+    /// The whole `FORMAT` file of version 4.
     fn format(&self) -> String {
         format!(
-            "{FORMAT_HEADER}salt {:016x}\nsalted_from {}\n",
-            self.seed, self.salted_from
+            "{FORMAT_HEADER}salt {:016x}\nsalted_from {}\ntagged_from {}\n",
+            self.seed, self.salted_from, self.tagged_from
         )
     }
 
-    /// The salt a version 3 `FORMAT` file names; `None` if it is not one.
+    /// The salt a version 4 `FORMAT` file names, or a version 3 one (no file tagged);
+    /// `None` if it is neither.
     fn parse(format: &str) -> Option<Salt> {
-        let mut lines = format.strip_prefix(FORMAT_HEADER)?.lines();
+        let (body, tagged) = match format.strip_prefix(FORMAT_HEADER) {
+            Some(body) => (body, true),
+            None => (format.strip_prefix(FORMAT_V3)?, false),
+        };
+        let mut lines = body.lines();
         let seed = u64::from_str_radix(lines.next()?.strip_prefix("salt ")?, 16).ok()?;
         let salted_from = lines.next()?.strip_prefix("salted_from ")?.parse().ok()?;
-        (lines.next().is_none() && seed != 0).then_some(Salt { seed, salted_from })
+        let tagged_from = if tagged {
+            lines.next()?.strip_prefix("tagged_from ")?.parse().ok()?
+        } else {
+            u64::MAX
+        };
+        (lines.next().is_none() && seed != 0).then_some(Salt {
+            seed,
+            salted_from,
+            tagged_from,
+        })
     }
 }
 
-/// Appends one record holding `changes` to `out`, its checksum seeded with `seed`.
+/// Bits of a tagged record's checksum that hash its length alone, keyed by the salt.
+/// Recovery searches a torn record's bytes for a whole record after it, to tell a crash's
+/// tear from damage, and every offset whose four bytes read as a length that fits is a
+/// candidate. Without the tag each candidate's payload had to be hashed: a message body of
+/// repeated large lengths (its sender's to choose) made every fourth offset a candidate of a
+/// megabyte or more, the search gave up at its budget, and the store refused to open after an
+/// ordinary crash. With it, one candidate in 16 million gets that far, and no sender can aim:
+/// the key is the salt. The payload's own check keeps 40 bits.
+const LENGTH_TAG_MASK: u64 = (1 << 24) - 1;
+
+/// How a file's records are checked: the checksum's seed ([`Salt`]) and whether its low bits
+/// are the length tag (`LENGTH_TAG_MASK`; files of version 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Codec {
+    seed: u64,
+    tagged: bool,
+}
+
+impl Codec {
+    fn checksum(self, payload: &[u8]) -> u64 {
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(payload, self.seed);
+        if self.tagged {
+            (hash & !LENGTH_TAG_MASK) | self.length_tag(payload.len())
+        } else {
+            hash
+        }
+    }
+
+    fn length_tag(self, payload_bytes: usize) -> u64 {
+        // Another key than the payload's: the tag says nothing of the payload's hash.
+        let key = self.seed.rotate_left(32) ^ 0x6c65_6e67_7468_7461;
+        xxhash_rust::xxh3::xxh3_64_with_seed(&(payload_bytes as u32).to_le_bytes(), key)
+            & LENGTH_TAG_MASK
+    }
+
+    /// Whether a header's checksum may belong to a record of this length, checked without
+    /// reading the payload (always, for a file without tags).
+    fn length_checks(self, payload_bytes: usize, checksum: u64) -> bool {
+        !self.tagged || checksum & LENGTH_TAG_MASK == self.length_tag(payload_bytes)
+    }
+}
+
+/// Appends one record holding `changes` to `out`, checked as `codec` says.
 fn encode_record<'a>(
     out: &mut Vec<u8>,
     changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-    seed: u64,
+    codec: Codec,
 ) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
@@ -684,7 +763,7 @@ fn encode_record<'a>(
         }
     }
     let payload_bytes = out.len() - start - RECORD_HEADER_BYTES;
-    let checksum = xxhash_rust::xxh3::xxh3_64_with_seed(&out[start + RECORD_HEADER_BYTES..], seed);
+    let checksum = codec.checksum(&out[start + RECORD_HEADER_BYTES..]);
     out[start..start + 4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
     out[start + 4..start + RECORD_HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
 }
@@ -694,12 +773,11 @@ fn encode_record<'a>(
 #[derive(Debug, PartialEq, Eq)]
 struct BadRecord;
 
-/// The record at the start of `bytes`, its checksum seeded with `seed`: its changes and its
-/// length.
+/// The record at the start of `bytes`, checked as `codec` says: its changes and its length.
 #[allow(clippy::type_complexity)]
 fn decode_record(
     bytes: &[u8],
-    seed: u64,
+    codec: Codec,
 ) -> Result<(Vec<(&[u8], Option<&[u8]>)>, usize), BadRecord> {
     let header = bytes.get(..RECORD_HEADER_BYTES).ok_or(BadRecord)?;
     let payload_bytes = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
@@ -707,10 +785,13 @@ fn decode_record(
         return Err(BadRecord);
     }
     let checksum = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
+    if !codec.length_checks(payload_bytes, checksum) {
+        return Err(BadRecord);
+    }
     let payload = bytes
         .get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_bytes)
         .ok_or(BadRecord)?;
-    if xxhash_rust::xxh3::xxh3_64_with_seed(payload, seed) != checksum {
+    if codec.checksum(payload) != checksum {
         return Err(BadRecord);
     }
     let mut at = 0usize;
@@ -1034,7 +1115,7 @@ impl Replay<'_> {
 
     /// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
     /// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
-    fn snapshot(&mut self, path: &Path, seed: u64) -> Result<(), StoreError> {
+    fn snapshot(&mut self, path: &Path, codec: Codec) -> Result<(), StoreError> {
         let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
         let mut file = std::io::BufReader::with_capacity(1 << 20, file);
         let mut record = Vec::new();
@@ -1080,7 +1161,7 @@ impl Replay<'_> {
                 }
                 Err(e) => return Err(io(format!("read {}", path.display()), e)),
             }
-            let (changes, len) = decode_record(&record, seed).map_err(|_| damaged(at))?;
+            let (changes, len) = decode_record(&record, codec).map_err(|_| damaged(at))?;
             self.record(changes)?;
             at += len as u64;
         }
@@ -1088,10 +1169,10 @@ impl Replay<'_> {
 
     /// Replays the records at the start of `bytes` (a journal). Returns the length of the valid
     /// prefix and how the file ends after it.
-    fn journal(&mut self, bytes: &[u8], seed: u64) -> Result<(usize, Ending), StoreError> {
+    fn journal(&mut self, bytes: &[u8], codec: Codec) -> Result<(usize, Ending), StoreError> {
         let mut at = 0usize;
         while at < bytes.len() {
-            match decode_record(&bytes[at..], seed) {
+            match decode_record(&bytes[at..], codec) {
                 Ok((changes, len)) => {
                     self.record(changes)?;
                     at += len;
@@ -1106,7 +1187,7 @@ impl Replay<'_> {
                     // with its header), only a record that decodes after it proves damage.
                     return Ok((
                         at,
-                        match whole_record_after(rest, TAIL_SCAN_HASH_BYTES_MAX, seed) {
+                        match whole_record_after(rest, TAIL_SCAN_HASH_BYTES_MAX, codec) {
                             Some(true) => Ending::Damaged,
                             Some(false) => Ending::Torn,
                             None => Ending::Undecided,
@@ -1120,41 +1201,46 @@ impl Replay<'_> {
 }
 
 /// Bytes of candidate records the search after a bad record may hash. Each offset whose four
-/// bytes read as a length that fits is hashed over that length: random bytes (an encrypted
-/// body) make about one offset in 256 a candidate, but a body of repeated small lengths makes
-/// every fourth one, and a 16 MiB tail of them would take terabytes of hashing.
+/// bytes read as a length that fits (and, in a file of version 4, whose checksum's length tag
+/// checks) is hashed over that length: in a file without tags random bytes (an encrypted body)
+/// make about one offset in 256 a candidate, but a body of repeated small lengths makes every
+/// fourth one, and a 16 MiB tail of them would take terabytes of hashing.
 const TAIL_SCAN_HASH_BYTES_MAX: usize = 32 << 30;
 
 /// Whether a whole record starts anywhere after the first byte of `rest` (a bad record and
 /// what follows it), before the last byte that is not zero; `None` when the search gave up
 /// after hashing `hash_bytes_max` (the caller then refuses the file as damaged rather than
 /// cut records that may follow).
-fn whole_record_after(rest: &[u8], hash_bytes_max: usize, seed: u64) -> Option<bool> {
+fn whole_record_after(rest: &[u8], hash_bytes_max: usize, codec: Codec) -> Option<bool> {
     let last = rest.iter().rposition(|byte| *byte != 0).unwrap_or(0);
     let mut hashed = 0usize;
     for offset in 1..=last {
-        let Some(payload_bytes) = record_fits(&rest[offset..]) else {
+        let Some(payload_bytes) = record_fits(&rest[offset..], codec) else {
             continue;
         };
         hashed = hashed.saturating_add(payload_bytes);
         if hashed > hash_bytes_max {
             return None;
         }
-        if decode_record(&rest[offset..], seed).is_ok() {
+        if decode_record(&rest[offset..], codec).is_ok() {
             return Some(true);
         }
     }
     Some(false)
 }
 
-/// The payload length `bytes`' header declares, if a record of it fits in `bytes`. Checked
-/// before hashing anything, so scanning garbage byte by byte stays cheap.
-fn record_fits(bytes: &[u8]) -> Option<usize> {
-    let len = bytes.get(..4)?;
-    let payload_bytes = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+/// The payload length `bytes`' header declares, if a record of it fits in `bytes` and its
+/// length tag checks. Checked before hashing anything, so scanning garbage byte by byte stays
+/// cheap.
+fn record_fits(bytes: &[u8], codec: Codec) -> Option<usize> {
+    let header = bytes.get(..RECORD_HEADER_BYTES)?;
+    let payload_bytes = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let checksum = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
     // The smallest payload is a count of 4 bytes.
-    (payload_bytes >= 4 && RECORD_HEADER_BYTES + payload_bytes <= bytes.len())
-        .then_some(payload_bytes)
+    (payload_bytes >= 4
+        && RECORD_HEADER_BYTES + payload_bytes <= bytes.len()
+        && codec.length_checks(payload_bytes, checksum))
+    .then_some(payload_bytes)
 }
 
 fn is_zeros(bytes: &[u8]) -> bool {
@@ -1236,7 +1322,7 @@ impl LogStore {
         // unkeyed, and the salt is drawn once it is open.
         let mut salt: Option<Salt> = None;
         match std::fs::read_to_string(&format_path) {
-            Ok(format) if format.starts_with(FORMAT_HEADER) => {
+            Ok(format) if format.starts_with(FORMAT_HEADER) || format.starts_with(FORMAT_V3) => {
                 salt = Some(Salt::parse(&format).ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "{} is damaged ({format:?}): it must name the store's salt; restore \
@@ -1323,7 +1409,7 @@ impl LogStore {
             Some(&id) => {
                 replay.snapshot(
                     &dir.join(file_name(SNAPSHOT_PREFIX, id)),
-                    read_salt.seed_of(id),
+                    read_salt.codec_of(id),
                 )?;
                 id
             }
@@ -1347,13 +1433,13 @@ impl LogStore {
                 .map_err(|e| io(format!("sync the recovered {}", path.display()), e))?;
             journals_synced += 1;
             let bytes = read_file(&path)?;
-            let (valid, ending) = replay.journal(&bytes, read_salt.seed_of(*id))?;
+            let (valid, ending) = replay.journal(&bytes, read_salt.codec_of(*id))?;
             // Journals after this one that hold no commit (started by a checkpoint, a reopen or
             // a full segment, then a crash or a failed write) do not make its tear a damage.
             let newer_hold_commits = ending == Ending::Torn
                 && replayed[index + 1..].iter().any(|newer| {
                     read_file(&dir.join(file_name(JOURNAL_PREFIX, *newer))).map_or(true, |bytes| {
-                        decode_record(&bytes, read_salt.seed_of(*newer)).is_ok()
+                        decode_record(&bytes, read_salt.codec_of(*newer)).is_ok()
                     })
                 });
             if ending == Ending::Undecided {
@@ -1448,11 +1534,20 @@ impl LogStore {
             // journals may go at the next checkpoint, which moves the records to the tier.
             dedupe.persist()?;
         }
-        // A store of a version before salts gets one now, for the files from the new journal
-        // on. Written before the first commit: the new journal holds nothing yet (a crash
-        // before this leaves zeros, which any version reads as the end).
+        // A store of a version before salts gets one now, and one of version 3 its length
+        // tags, for the files from the new journal on. Written before the first commit: the
+        // new journal holds nothing yet (a crash before this leaves zeros, which any version
+        // reads as the end).
         let salt = match salt {
-            Some(salt) => salt,
+            Some(salt) if salt.tagged_from != u64::MAX => salt,
+            Some(untagged) => {
+                let salt = Salt {
+                    tagged_from: journal_id,
+                    ..untagged
+                };
+                write_format(dir, &salt)?;
+                salt
+            }
             None => {
                 let salt = Salt::draw(journal_id)?;
                 write_format(dir, &salt)?;
@@ -1877,7 +1972,7 @@ impl Inner {
             changes
                 .iter()
                 .map(|(key, value)| (&key[..], value.as_ref().map(|v| &v[..]))),
-            self.salt.seed,
+            self.salt.codec(),
         );
         if writer.record.len() > RECORD_BYTES_MAX {
             return Err(StoreError::Io(format!(
@@ -2507,7 +2602,7 @@ impl Inner {
                             pairs
                                 .iter()
                                 .map(|(key, value)| (&key[..], Some(&value[..]))),
-                            self.salt.seed,
+                            self.salt.codec(),
                         );
                     }
                 }
@@ -2933,7 +3028,11 @@ mod tests {
     #[test]
     fn the_search_after_a_bad_record_finds_a_whole_one_and_gives_up_past_its_budget() {
         let mut record = Vec::new();
-        const SEED: u64 = 0x5eed;
+        // Files of version 3: no length tags.
+        const SEED: Codec = Codec {
+            seed: 0x5eed,
+            tagged: false,
+        };
         encode_record(
             &mut record,
             [(&b"key"[..], Some(&b"value"[..]))].into_iter(),
@@ -2950,7 +3049,14 @@ mod tests {
         assert_eq!(whole_record_after(&damaged, usize::MAX, SEED), Some(true));
         // One that checks only under another seed (a body's crafted record) is not.
         assert_eq!(
-            whole_record_after(&damaged, usize::MAX, SEED + 1),
+            whole_record_after(
+                &damaged,
+                usize::MAX,
+                Codec {
+                    seed: SEED.seed + 1,
+                    ..SEED
+                }
+            ),
             Some(false)
         );
         // A body of repeated small lengths makes every fourth offset a candidate to hash: the
@@ -2961,6 +3067,61 @@ mod tests {
         }
         crafted.extend_from_slice(&[0u8; 1 << 16]);
         assert_eq!(whole_record_after(&crafted, 64 << 20, SEED), None);
+    }
+
+    /// In a file of version 4 a candidate's length tag is checked before its payload is
+    /// hashed: the body of repeated lengths that made the search give up above (and the store
+    /// refuse to open after an ordinary crash) is searched through, and called a tear; a whole
+    /// record after a bad one is still found.
+    #[test]
+    fn length_tags_keep_a_crafted_body_from_exhausting_the_search() {
+        const CODEC: Codec = Codec {
+            seed: 0x5eed,
+            tagged: true,
+        };
+        let mut record = Vec::new();
+        encode_record(
+            &mut record,
+            [(&b"key"[..], Some(&b"value"[..]))].into_iter(),
+            CODEC,
+        );
+        assert!(decode_record(&record, CODEC).is_ok());
+        let mut bad = record.clone();
+        bad[5] ^= 0xff;
+        // A record of another length whose tag would not check: refused before its payload.
+        let mut tail = bad.clone();
+        for _ in 0..(1 << 16) {
+            tail.extend_from_slice(&[0x00, 0x10, 0x00, 0x00]);
+        }
+        tail.extend_from_slice(&[0u8; 1 << 20]);
+        // A budget of 0 bytes: any candidate hashed would end the search.
+        assert_eq!(
+            whole_record_after(&tail, 0, CODEC),
+            Some(false),
+            "no candidate of the crafted body got past its length tag"
+        );
+        let mut damaged = tail.clone();
+        damaged.truncate(tail.len() - (1 << 20));
+        damaged.extend_from_slice(&record);
+        damaged.extend_from_slice(&[0u8; 4096]);
+        assert_eq!(
+            whole_record_after(&damaged, usize::MAX, CODEC),
+            Some(true),
+            "a whole record after the bad one: damage"
+        );
+        // A record checked without tags does not pass as a tagged one, nor the reverse.
+        let untagged = Codec {
+            tagged: false,
+            ..CODEC
+        };
+        assert!(decode_record(&record, untagged).is_err());
+        let mut old = Vec::new();
+        encode_record(
+            &mut old,
+            [(&b"key"[..], Some(&b"value"[..]))].into_iter(),
+            untagged,
+        );
+        assert!(decode_record(&old, CODEC).is_err());
     }
 
     #[test]
@@ -3125,10 +3286,10 @@ mod tests {
             .expect("a snapshot");
         let bytes = std::fs::read(&snapshot).expect("read the snapshot");
         let format = std::fs::read_to_string(dir.path().join(FORMAT_FILE)).expect("FORMAT");
-        let seed = Salt::parse(&format).expect("a salted FORMAT").seed;
+        let codec = Salt::parse(&format).expect("a salted FORMAT").codec();
         let (mut at, mut records, mut pairs_read) = (0, 0, 0);
         while at < bytes.len() {
-            let (changes, len) = decode_record(&bytes[at..], seed).expect("a whole record");
+            let (changes, len) = decode_record(&bytes[at..], codec).expect("a whole record");
             assert!(
                 len <= CHECKPOINT_CHUNK_BYTES + value_bytes + 4096,
                 "a snapshot record of {len} bytes"
