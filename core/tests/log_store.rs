@@ -754,6 +754,47 @@ fn a_tear_through_bodies_of_crafted_lengths_is_cut() {
     assert_eq!(get(&store, b"q\0"), None, "the torn commit is dropped");
 }
 
+/// A journal file stops growing at 64 MiB even without segments (or a spare segment to go
+/// on to): recovery reads each journal whole beside the map it rebuilds, and one journal that
+/// grew until the next checkpoint (which waits for the journals to pass the live data) made a
+/// restart need about twice the store's memory.
+#[test]
+fn a_journal_without_segments_goes_on_in_a_new_file_past_64_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        journal_segment_bytes: 0,
+        background_thread: false,
+        ..LogOptions::default()
+    };
+    let value = vec![7u8; 1 << 20];
+    {
+        let store = LogStore::open(dir.path(), &options).unwrap();
+        for i in 0..100u32 {
+            set(&store, &i.to_be_bytes(), &value);
+        }
+    }
+    let journals: Vec<u64> = files(dir.path())
+        .iter()
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            name.starts_with("journal-0")
+        })
+        .map(|path| std::fs::metadata(path).unwrap().len())
+        .collect();
+    assert!(journals.len() >= 2, "journal sizes: {journals:?}");
+    assert!(
+        journals
+            .iter()
+            .all(|bytes| *bytes <= (64 << 20) + (1 << 20) + 64),
+        "journal sizes: {journals:?}"
+    );
+    let store = LogStore::open(dir.path(), &options).unwrap();
+    assert_eq!(store.recovery().keys, 100);
+    for i in [0u32, 63, 64, 99] {
+        assert_eq!(get(&store, &i.to_be_bytes()).as_deref(), Some(&value[..]));
+    }
+}
+
 /// A version 2 store whose tier is gone is refused, naming it, instead of opening without its
 /// dedupe records; one whose creation stopped before the tier was made opens.
 #[test]

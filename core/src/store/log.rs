@@ -115,6 +115,13 @@ const DIRECT_RECORD_BYTES_MAX: usize = 8 * 1024;
 const RECORD_HEADER_BYTES: usize = 4 + 8;
 /// The largest record recovery accepts: larger is corruption, not a commit.
 const RECORD_BYTES_MAX: usize = 1 << 30;
+/// A journal file grows past this (or past its segment, if larger) only by a single record:
+/// the commit after goes to a new file. Recovery reads each journal whole, beside the map it
+/// rebuilds; without segments (`journal_segment_bytes = 0`), or with a spare segment that is
+/// late or cannot be made, one journal grew until the next checkpoint, which waits for the
+/// journals to pass the live data's size: a store holding 3 GiB needed about 3 GiB more to
+/// restart.
+const JOURNAL_FILE_BYTES_MAX: u64 = 64 << 20;
 const KIND_SET: u8 = 1;
 const KIND_DELETE: u8 = 2;
 /// Replayed changes merged into the map at once, at least (`State::merge_replayed`), unless
@@ -1987,6 +1994,11 @@ impl Inner {
         {
             // The segment is full (or the journal appends): on to the spare, if it is ready.
             self.next_journal(writer, true)?;
+        }
+        let file_bytes_max = JOURNAL_FILE_BYTES_MAX.max(self.options.journal_segment_bytes);
+        if writer.journal_offset > 0 && writer.journal_offset + record_bytes > file_bytes_max {
+            // No spare, or no segments: a new file all the same.
+            self.next_journal(writer, false)?;
         }
         let written = self.write_record(writer);
         if let Err(error) = written {
