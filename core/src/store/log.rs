@@ -18,7 +18,8 @@
 //! - `snapshot-{id}`: every live pair, taken while journal `id` was the current one. Recovery
 //!   loads the newest snapshot and replays the journals from `id` on: a commit is a list of
 //!   plain sets and deletes, so replaying one the snapshot already holds changes nothing, and
-//!   the snapshot may be taken while commits go on (a fuzzy checkpoint).
+//!   the snapshot may be taken while commits go on (a fuzzy checkpoint). It ends with an
+//!   empty record (version 4), so one cut at a record's boundary is refused.
 //! - `snapshot-{id}.tmp`: a snapshot being written; recovery deletes it.
 //! - `FORMAT`: names this layout, so an engine never opens another's directory.
 //! - `dedupe/`: the dedupe tier (below), a fjall store.
@@ -1122,11 +1123,13 @@ impl Replay<'_> {
 
     /// Replays a snapshot (whole records, ending cleanly) as it reads it, a record at a time: a
     /// snapshot holds every live pair, and read whole it doubled the memory a restart needs.
+    /// One of version 4 must end with its end record (`write_snapshot`).
     fn snapshot(&mut self, path: &Path, codec: Codec) -> Result<(), StoreError> {
         let file = File::open(path).map_err(|e| io(format!("open {}", path.display()), e))?;
         let mut file = std::io::BufReader::with_capacity(1 << 20, file);
         let mut record = Vec::new();
         let mut at = 0u64;
+        let mut ended = false;
         let damaged = |at: u64| {
             StoreError::Corrupt(format!(
                 "{} is damaged at byte {at}: restore the store from a backup",
@@ -1143,7 +1146,18 @@ impl Replay<'_> {
                 }
             };
             if first == 0 {
+                if codec.tagged && !ended {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} ends at byte {at} without its end record: the file was cut short \
+                         (copied or restored in part?); restore the store from a backup",
+                        path.display()
+                    )));
+                }
                 return Ok(());
+            }
+            if ended {
+                // Bytes after the end record.
+                return Err(damaged(at));
             }
             let whole = file
                 .read_exact(&mut record[1..RECORD_HEADER_BYTES])
@@ -1169,6 +1183,8 @@ impl Replay<'_> {
                 Err(e) => return Err(io(format!("read {}", path.display()), e)),
             }
             let (changes, len) = decode_record(&record, codec).map_err(|_| damaged(at))?;
+            // The end record holds no change; no other snapshot record is empty.
+            ended = codec.tagged && changes.is_empty();
             self.record(changes)?;
             at += len as u64;
         }
@@ -2625,6 +2641,12 @@ impl Inner {
                 self.move_dedupe_records_if_wanted()
                     .map_err(|error| std::io::Error::other(error.to_string()))?;
             }
+            // The end record, empty: a snapshot cut at a record's boundary (a copy or restore
+            // in part; a crash cannot, the file is synced before it is renamed) is refused
+            // rather than read as a store without the pairs after the cut.
+            chunk.clear();
+            encode_record(&mut chunk, std::iter::empty(), self.salt.codec());
+            file.write_all(&chunk)?;
             let file = file.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()
         };
