@@ -2057,10 +2057,10 @@ impl<A: Authenticator> EdgeSession<A> {
                     conn,
                     hello_at_ms,
                 };
-                let entries = self.registry.entry(user).or_default();
+                let entries = self.registry.get(&user).map_or(&[][..], |e| &e[..]);
                 // One connection per device: the later `Hello` wins.
-                let mut loser = None;
-                if let Some(at) = entries.iter().position(|r| r.device == device) {
+                let existing = entries.iter().position(|r| r.device == device);
+                if let Some(at) = existing {
                     let existing = entries[at];
                     if (existing.hello_at_ms, existing.conn.generation)
                         > (incoming.hello_at_ms, incoming.conn.generation)
@@ -2068,17 +2068,11 @@ impl<A: Authenticator> EdgeSession<A> {
                         self.route(conn.shard, ShardMessage::Superseded { conn });
                         return;
                     }
-                    entries.remove(at);
-                    loser = Some(existing.conn);
                 }
-                let accepted = entries.len() < self.config.connections_per_user_max;
-                if accepted {
-                    entries.push(incoming);
-                }
-                if let Some(old) = loser {
-                    self.route(old.shard, ShardMessage::Superseded { conn: old });
-                }
-                if !accepted {
+                // The device's older connection makes room for it (it is replaced).
+                if entries.len() - usize::from(existing.is_some())
+                    >= self.config.connections_per_user_max
+                {
                     let code = ErrorCode::TooManyConnections;
                     return self.route(conn.shard, ShardMessage::RegisterRefused { conn, code });
                 }
@@ -2090,13 +2084,21 @@ impl<A: Authenticator> EdgeSession<A> {
                 };
                 if let Err(conn) = linked {
                     // Not served here any more (a takeover ended, a drain): the connection's
-                    // shard sends it on; otherwise the queue was full.
+                    // shard sends it on; otherwise the queue was full. The device's older
+                    // connection, if any, stays: closing it for a login refused would only
+                    // add a reconnect to a login storm.
                     let code = if self.remote_home(user).is_some() {
                         ErrorCode::ShardUnavailable
                     } else {
                         ErrorCode::Overloaded
                     };
-                    self.refuse_registration(user, conn, code);
+                    return self.refuse_registration(user, conn, code);
+                }
+                let entries = self.registry.entry(user).or_default();
+                let replaced = existing.map(|at| entries.remove(at).conn);
+                entries.push(incoming);
+                if let Some(old) = replaced {
+                    self.route(old.shard, ShardMessage::Superseded { conn: old });
                 }
             }
             ShardMessage::Superseded { conn } => {

@@ -66,3 +66,50 @@ fn a_sync_past_what_was_delivered_skips_nothing() {
         "what is stored after the sync is still delivered"
     );
 }
+
+/// A device's new login refused because logins queue in numbers (`Overloaded`) leaves the
+/// device's working connection alone. Before, the older connection was superseded first and
+/// the new one then refused: both closed, and a login storm got one more reconnect for each
+/// refusal.
+#[test]
+fn a_refused_login_leaves_the_devices_working_connection_open() {
+    use courier_core::session::Effect;
+    use courier_protocol::ErrorCode;
+    let core = CoreConfig {
+        queue_requests_max: 1,
+        ..CoreConfig::default()
+    };
+    let mut edge = OneShard::new(SessionConfig::new(0, 1, core));
+    edge.login(0, 1, 0);
+    // Another user's login waits in the queue, not yet committed; then device 0 of user 1
+    // logs in again on slot 2.
+    for (slot, user) in [(1, 2), (2, 1)] {
+        let conn = common::one_shard::conn(slot);
+        edge.session.open_connection(edge.now, conn);
+        edge.session
+            .handle_frame(edge.now, conn, hello(user, 0), false);
+    }
+    let mut closed = Vec::new();
+    while let Some(effect) = edge.session.poll_effect() {
+        match effect {
+            Effect::Route { message, .. } => edge.session.handle_message(edge.now, message),
+            Effect::Close { conn, code, .. } => closed.push((conn.slot, code)),
+            _ => {}
+        }
+    }
+    assert_eq!(closed, vec![(2, ErrorCode::Overloaded)]);
+    edge.session.connection_lost(common::one_shard::conn(2));
+    // The queued login is committed; the working connection still gets its messages.
+    edge.settle();
+    edge.login(3, 4, 0);
+    edge.frame(
+        3,
+        Frame::Send {
+            client_id: 1,
+            to: 1,
+            body: b"still here".to_vec(),
+            ttl_secs: None,
+        },
+    );
+    assert_eq!(delivered(&edge.settle(), 0), vec![1]);
+}
