@@ -347,6 +347,20 @@ impl<E: EmbeddedEngine> EmbeddedSlot<E> {
         }
     }
 
+    /// `read` of the store if it is open and nobody is reopening it right now, under the
+    /// slot's read lock, without a handle of its own: for the shard's own thread, which must
+    /// neither wait nor ever hold the last handle of a store being reopened (dropping it
+    /// there would run the store's shutdown, joining its threads, on the executor).
+    fn with_current<R>(&self, read: impl FnOnce(&E) -> R) -> Option<R> {
+        match self.current.try_read() {
+            Ok(current) => current.as_deref().map(read),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                poisoned.into_inner().as_deref().map(read)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Closes the database (once every reader let go of it) and opens it again.
     fn reopen(&self) -> Result<(), StoreError> {
         let mut current = self
@@ -504,40 +518,45 @@ impl<E: EmbeddedEngine> ShardStore for Embedded<E> {
         self.all[usize::from(self.shard)].reopen()
     }
 
+    // Called on the shard's thread: each skips a beat rather than wait for a reopen, and
+    // never holds a handle of its own (`EmbeddedSlot::with_current`).
+
     fn message_keys_approximate(&self) -> Option<u64> {
-        // Called on the shard's thread: skip a beat rather than wait for a reopen.
-        let own = self.all[usize::from(self.shard)].try_get()?;
-        own.message_keys_approximate()
+        self.all[usize::from(self.shard)]
+            .with_current(|own| own.message_keys_approximate())
+            .flatten()
     }
 
     fn memory_fill(&self) -> MemoryFill {
         // While the store is being reopened nobody knows: the shard keeps what it had.
         self.all[usize::from(self.shard)]
-            .try_get()
-            .map_or(MemoryFill::Unknown, |own| own.memory_fill())
+            .with_current(|own| own.memory_fill())
+            .unwrap_or(MemoryFill::Unknown)
     }
 
     fn memory_bytes(&self) -> Option<u64> {
-        self.all[usize::from(self.shard)].try_get()?.memory_bytes()
+        self.all[usize::from(self.shard)]
+            .with_current(|own| own.memory_bytes())
+            .flatten()
     }
 
     fn dedupe_memory_bytes(&self) -> Option<u64> {
         self.all[usize::from(self.shard)]
-            .try_get()?
-            .dedupe_memory_bytes()
+            .with_current(|own| own.dedupe_memory_bytes())
+            .flatten()
     }
 
     fn background_priority(&self) -> Option<BackgroundPriority> {
         self.all[usize::from(self.shard)]
-            .try_get()?
-            .background_priority()
+            .with_current(|own| own.background_priority())
+            .flatten()
     }
 
     fn refuses_until_recovered(&self) -> bool {
         // While a reopen holds the slot nobody knows; the shard that runs it knows already.
         self.all[usize::from(self.shard)]
-            .try_get()
-            .is_some_and(|store| store.is_poisoned())
+            .with_current(|store| store.is_poisoned())
+            .unwrap_or(false)
     }
 }
 

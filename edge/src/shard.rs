@@ -1582,7 +1582,7 @@ impl Shard {
                     let Some(c) = self.conns.get_mut(&handle) else {
                         continue;
                     };
-                    if c.generation != conn.generation {
+                    if c.generation != conn.generation || c.quic.is_closed() {
                         continue;
                     }
                     // Written to the stream by `flush`, with the rest of this wake-up's frames.
@@ -2083,6 +2083,11 @@ impl Shard {
         let Some(id) = conn.stream else {
             return;
         };
+        // A closed connection's stream still holds what arrived before its close: nothing of
+        // it is read any more (`done_with` freed the buffers).
+        if conn.quic.is_closed() {
+            return;
+        }
         loop {
             // Backpressure: a client that does not read its answers stops being read; QUIC
             // flow control then stops it from sending. Reading resumes on `Writable`. While
