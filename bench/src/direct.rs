@@ -833,7 +833,7 @@ impl<'a> Driver<'a> {
                         .open(Dir::Bi)
                         .ok_or("the edge allows no stream")?;
                     client.stream = Some(id);
-                    client.session.connected(now_ms);
+                    client.session.connected(now_ms, unix_ms());
                 }
                 Event::ConnectionLost { reason }
                     if !closing && matches!(client.role, Role::Idle) =>
@@ -1192,4 +1192,11 @@ fn read_stream(client: &mut Client, now_ms: u64) -> Result<(), String> {
     }
     client.inbuf.drain(..consumed_total);
     ended.map_or(Ok(()), Err)
+}
+
+/// Unix milliseconds by the wall clock: what the session times a send's retry window by.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -50,12 +50,14 @@ use tracing::debug;
 
 /// Errors the SDK reports. Each says whether trying again can help.
 ///
-/// A send that fails with `Shutdown`, `Closed`, `Connect` or `Protocol` was not acknowledged,
-/// but it may have been stored all the same: it was written, and the connection ended before
-/// its receipt came. Sending it again under a new id (what [`Sender::send`] picks) may then
-/// deliver it twice. An application that must not duplicate sends with
-/// [`Sender::send_with_id`] and retries under the same id; the server answers a retry of a
-/// stored message with its first receipt. `Refused` is always a refusal: nothing was stored.
+/// A send that fails with `Shutdown`, `Closed`, `Connect`, `Protocol` or `Unconfirmed` was not
+/// acknowledged, but it may have been stored all the same: it was written, and the connection
+/// ended before its receipt came. Sending it again under a new id (what [`Sender::send`] picks)
+/// may then deliver it twice. An application that must not duplicate sends with
+/// [`Sender::send_with_id`] and retries under the same id; within the edge's dedupe window (24 h
+/// by default) the server answers a retry of a stored message with its first receipt
+/// (`Unconfirmed` says that window may have passed). `Refused` is always a refusal: nothing was
+/// stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect: {0}")]
@@ -81,6 +83,14 @@ pub enum ClientError {
         "redirected to {to} (the edges disagree about this user's home, or it does not resolve)"
     )]
     Redirected { to: String },
+    /// The send was written and no answer came within
+    /// [`ConnectOptions::send_retry_window`]: it may have been stored, or not, and it is not
+    /// written again (past the edge's dedupe window a retry is stored as a second copy).
+    #[error(
+        "the send was not confirmed within the retry window: it may or may not have been \
+         stored, and a retry now could store it twice"
+    )]
+    Unconfirmed,
 }
 
 impl ClientError {
@@ -400,6 +410,13 @@ pub struct ConnectOptions {
     /// tried; after a redirect, at the first address. Without it a resumed session to an edge
     /// that is gone (0-RTT needs no answer to start) would wait for QUIC's idle timeout.
     pub welcome_timeout: Duration,
+    /// A send written and not answered this long after its first write (on the wall clock,
+    /// which counts the device's sleep) is not written again: it fails with
+    /// [`ClientError::Unconfirmed`]. The edge recognizes a retry only within its dedupe window
+    /// (`retention.dedupe_window_secs`, 24 h by default); past it a retry is stored as a second
+    /// copy. 23 h by default: keep it below the edge's window, by more than the clocks of the
+    /// device and the edge may differ.
+    pub send_retry_window: Duration,
 }
 
 /// A message sent in the first flight of a connection.
@@ -429,6 +446,7 @@ impl ConnectOptions {
             deliveries_buffered_max: 4096,
             early_sends: Vec::new(),
             welcome_timeout: Duration::from_secs(10),
+            send_retry_window: Duration::from_secs(23 * 3_600),
         }
     }
 
@@ -462,8 +480,17 @@ impl ConnectOptions {
         config.retry_after_max_ms = self.retry_after_max.as_millis() as u64;
         config.reconnect_backoff_min_ms = self.reconnect_backoff_min.as_millis() as u64;
         config.reconnect_backoff_max_ms = self.reconnect_backoff_max.as_millis() as u64;
+        config.send_retry_window_ms = self.send_retry_window.as_millis() as u64;
         config
     }
+}
+
+/// Unix milliseconds by the wall clock, which goes on while the device sleeps (the driver's
+/// monotonic clock stops then, on Linux and Android): what a send's retry window is timed by.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 /// What the application side can see of the driver's state.
@@ -1090,7 +1117,11 @@ impl Driver {
             // edges that disagree on the user's home cannot bounce the client at full speed.
             let redirected_after_welcome = self.session.is_active();
             let now = self.now();
-            self.session.disconnected(now);
+            if error.code() == Some(ErrorCode::TimedOut) {
+                self.session.disconnected_unhealthy(now);
+            } else {
+                self.session.disconnected(now);
+            }
             if back_to_first {
                 debug!(%error, "the edge redirected to is unreachable; back to the first address");
                 self.options.addr = self.first_addr;
@@ -1303,7 +1334,12 @@ impl Driver {
                     up_to_seq, "the server declared a hole; skipping it"
                 ),
                 ClientEvent::SendDone { client_id, result } => {
-                    let result = result.map_err(ClientError::Refused);
+                    // The server never refuses a send with `TimedOut`: it is the session's
+                    // retry window.
+                    let result = result.map_err(|code| match code {
+                        ErrorCode::TimedOut => ClientError::Unconfirmed,
+                        code => ClientError::Refused(code),
+                    });
                     for waiter in self.waiters.remove(&client_id).unwrap_or_default() {
                         let _ = waiter.send(result.clone());
                     }
@@ -1358,7 +1394,7 @@ impl Driver {
             for _ in 0..2 {
                 let (mut link, zero_rtt) = Link::open(&self.connector, &self.options).await.ok()?;
                 let now = self.now();
-                self.session.connected(now);
+                self.session.connected(now, wall_clock_ms());
                 if let Some(accepted) = zero_rtt {
                     // Rejected 0-RTT data is discarded, the `Hello` with it.
                     let by = tokio::time::Instant::now() + CLOSE_FLUSH_TIMEOUT;
@@ -1410,7 +1446,7 @@ impl Driver {
         drop(link);
         let link = Link::on_new_stream(connection).await?;
         let now = self.now();
-        self.session.connected(now);
+        self.session.connected(now, wall_clock_ms());
         Ok(link)
     }
 
@@ -1422,7 +1458,7 @@ impl Driver {
     ) -> LinkEnd {
         let welcome_timeout = self.options.welcome_timeout;
         let now = self.now();
-        self.session.connected(now);
+        self.session.connected(now, wall_clock_ms());
         let _published = PublishedConnection::new(&self.shared, &link.connection);
         if let Some(accepted) = zero_rtt {
             link = match self.first_flight_as_0rtt(link, accepted, welcome_by).await {
@@ -1544,6 +1580,18 @@ impl Driver {
     /// Writes what is left (the session's last ack), finishes the stream, and waits briefly for
     /// the server to close the connection after reading it.
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
+        if !self.session.is_active() {
+            // Not welcomed yet: an edge that is not the user's home answers the `Hello` with a
+            // `Goaway` and applies none of its acks, and nothing would read that answer here.
+            // The last ack goes as after a close without a connection, which follows a
+            // redirect (`flush_acks_at_close`).
+            link.connection.close(0u32.into(), b"client closed");
+            drop(link);
+            let now = self.now();
+            self.session.disconnected(now);
+            self.flush_acks_at_close().await;
+            return LinkEnd::Closed;
+        }
         let flush = async {
             self.write_last(&mut link).await?;
             link.connection.closed().await;
@@ -2290,6 +2338,67 @@ mod scripted_server_tests {
             accept_hello(&next).await.2
         })
         .await;
+    }
+
+    /// The last ack of a client closed while its reconnect waits for `Welcome` reaches the
+    /// user's home edge: the edge the reconnect reached is not the home, answers the `Hello`
+    /// with a `Goaway` and applies no ack. Before, the close wrote into that connection,
+    /// read nothing and ended: the message came again at the next login.
+    #[tokio::test]
+    async fn the_last_ack_at_a_close_before_welcome_reaches_the_home_edge() {
+        let first = Scripted::start();
+        let home = first.another_endpoint();
+        let home_addr = home.local_addr().expect("bound");
+        let (read, reconnected) = (tokio::sync::Notify::new(), tokio::sync::Notify::new());
+        let goaway = Frame::Goaway {
+            reason: "homed on another edge".into(),
+            reconnect_to: Some(home_addr.to_string()),
+        };
+        let serve = async {
+            let (connection, mut send, _recv) = first.welcome().await;
+            let delivery = Frame::Deliver {
+                seq: 1,
+                from: 9,
+                sent_at_ms: 0,
+                body: b"read".to_vec(),
+            };
+            write_frame(&mut send, &delivery).await.expect("Deliver");
+            read.notified().await;
+            connection.close(0u32.into(), b"gone");
+            // The reconnect's `Hello` waits: the client closes before an answer.
+            let (_held, mut held, _hello) = accept_hello(&first.endpoint).await;
+            reconnected.notify_one();
+            let _ = write_frame(&mut held, &goaway).await;
+            let _ = held.finish();
+            // A flush at the first address gets the same answer.
+            let (_flush, mut send, _hello) = accept_hello(&first.endpoint).await;
+            write_frame(&mut send, &goaway).await.expect("Goaway");
+            let _ = send.finish();
+            accept_hello(&home).await.2
+        };
+        let client = async {
+            let mut options = first.options();
+            options.reconnect_backoff_min = Duration::from_millis(10);
+            options.reconnect_backoff_max = Duration::from_millis(10);
+            let mut client = first.connector.connect(options).await.expect("connect");
+            let delivery = client.recv_message().await.expect("a delivery");
+            assert_eq!(delivery.seq, 1);
+            // The ack goes out (gathered for 25 ms) before the connection ends.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            read.notify_one();
+            reconnected.notified().await;
+            client.close();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        };
+        let hello = tokio::select! {
+            hello = serve => hello,
+            () = client => panic!("the client finished first"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("no Hello with the ack"),
+        };
+        let Frame::Hello { acked_up_to, .. } = hello else {
+            panic!("a Hello: {hello:?}");
+        };
+        assert_eq!(acked_up_to, 1, "the last ack arrived");
     }
 
     /// An application that only receives learns why the client stopped: `recv` ends with

@@ -73,6 +73,13 @@ pub struct ClientConfig {
     /// other, or edges that redirect a client back and forth, reconnect at the backoff's
     /// maximum instead of as fast as a handshake allows.
     pub link_healthy_after_ms: u64,
+    /// A send written and not answered this long after its first write (on the wall clock,
+    /// which counts a device's sleep) is not written again at the next connection: it ends
+    /// with `ErrorCode::TimedOut`, stored or not, no one can say. The server recognizes a
+    /// retry only within its dedupe window (`retention.dedupe_window_secs`: 24 h by default,
+    /// at least 10 minutes); past it a retry is stored again, a second copy of the message.
+    /// Keep it below that window, by more than the client's and server's clocks may differ.
+    pub send_retry_window_ms: u64,
 }
 
 impl ClientConfig {
@@ -90,6 +97,7 @@ impl ClientConfig {
             reconnect_backoff_min_ms: 50,
             reconnect_backoff_max_ms: 2_000,
             link_healthy_after_ms: 10_000,
+            send_retry_window_ms: 23 * 3_600_000,
         }
     }
 }
@@ -133,7 +141,9 @@ pub enum ClientEvent {
         kind: SignalKind,
         payload: Vec<u8>,
     },
-    /// A send's final answer: stored, or refused for good.
+    /// A send's final answer: stored, or refused for good, or `TimedOut`: written and not
+    /// answered within `send_retry_window_ms` (stored or not, no one can say; it is not
+    /// written again, since past the server's dedupe window a retry is stored again).
     SendDone {
         client_id: u64,
         result: Result<SendReceipt, ErrorCode>,
@@ -236,6 +246,8 @@ struct PendingSend {
     in_flight: bool,
     /// Retryable refusals of this send so far: its next retry waits longer.
     refusals: u32,
+    /// When it was first written, on the wall clock (`send_retry_window_ms`).
+    first_written_wall_ms: Option<u64>,
 }
 
 /// One device's protocol state. See the module documentation for the calling order.
@@ -275,6 +287,12 @@ pub struct ClientSession {
     reconnect_attempts: u32,
     /// When the current link was welcomed (`link_healthy_after_ms`).
     welcomed_at_ms: Option<Millis>,
+    /// The wall clock and the driver's clock when the current link was connected, and the
+    /// driver's clock at its latest call: a send's first write is timed on the wall clock
+    /// from them (`first_written_wall_ms`).
+    link_wall_ms: u64,
+    link_now: Millis,
+    last_now: Millis,
 }
 
 impl ClientSession {
@@ -304,6 +322,9 @@ impl ClientSession {
             closed: false,
             reconnect_attempts: 0,
             welcomed_at_ms: None,
+            link_wall_ms: 0,
+            link_now: 0,
+            last_now: 0,
         }
     }
 
@@ -353,18 +374,38 @@ impl ClientSession {
 
     // ---- Connection ---------------------------------------------------------------------------
 
-    /// A new connection's stream is open: queues `Hello` and every unanswered send (in the
-    /// order they were made) as the first flight.
-    pub fn connected(&mut self, _now: Millis) {
+    /// A new connection's stream is open, at `now` on the driver's clock and `wall_ms` on the
+    /// wall clock (Unix milliseconds): queues `Hello` and every unanswered send (in the order
+    /// they were made) as the first flight, but for sends first written more than
+    /// `send_retry_window_ms` ago, which end with `TimedOut`.
+    pub fn connected(&mut self, now: Millis, wall_ms: u64) {
         self.link = Link::AwaitingWelcome;
+        self.link_wall_ms = wall_ms;
+        self.link_now = now;
+        self.last_now = now;
         self.control.clear();
         self.signals.clear();
         self.sync_sent_for = None;
         self.in_flight = 0;
         self.retries.clear();
         self.queue.clear();
-        for (client_id, pending) in &mut self.pending {
+        for pending in self.pending.values_mut() {
             pending.in_flight = false;
+        }
+        let window_ms = self.config.send_retry_window_ms;
+        let unconfirmed: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.first_written_wall_ms
+                    .is_some_and(|at| wall_ms.saturating_sub(at) >= window_ms)
+            })
+            .map(|(client_id, _)| *client_id)
+            .collect();
+        for client_id in unconfirmed {
+            self.finish_send(client_id, Err(ErrorCode::TimedOut));
+        }
+        for (client_id, pending) in &self.pending {
             self.queue.insert(pending.order, *client_id);
         }
         self.control.push_back(Frame::Hello {
@@ -387,6 +428,20 @@ impl ClientSession {
         {
             self.reconnect_attempts = 0;
         }
+        self.link_gone();
+    }
+
+    /// The connection is gone, and however long it lived it was not healthy: the server
+    /// closed it because a frame of this client did not arrive in time (`TimedOut`). The
+    /// reconnect backoff goes on growing: a link too slow for a large send would otherwise
+    /// reconnect at the shortest wait, send it again and time out again, for as long as it
+    /// stays slow. Otherwise as [`ClientSession::disconnected`].
+    pub fn disconnected_unhealthy(&mut self, _now: Millis) {
+        self.welcomed_at_ms = None;
+        self.link_gone();
+    }
+
+    fn link_gone(&mut self) {
         self.link = Link::Down;
         self.control.clear();
         self.signals.clear();
@@ -414,6 +469,7 @@ impl ClientSession {
     /// Handles one frame from the server. An error means the connection is over (the server
     /// closes it, or it broke the protocol); whether to reconnect: [`SessionError::is_fatal`].
     pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<(), SessionError> {
+        self.last_now = self.last_now.max(now);
         match frame {
             Frame::Welcome {
                 user,
@@ -572,6 +628,7 @@ impl ClientSession {
 
     /// Runs what is due at `now`: the coalesced ack, retries of refused sends.
     pub fn handle_timeout(&mut self, now: Millis) {
+        self.last_now = self.last_now.max(now);
         if self.ack_due_at.is_some_and(|due| due <= now) {
             self.ack_due_at = None;
             self.queue_ack();
@@ -581,8 +638,21 @@ impl ClientSession {
                 break;
             }
             self.retries.remove(&(due, order));
-            if self.pending.contains_key(&client_id) {
-                self.queue.insert(order, client_id);
+            // A send refused now may have been stored by an earlier attempt whose answer was
+            // lost: past the window its retry could be stored again.
+            let window_ms = self.config.send_retry_window_ms;
+            let wall_ms = self.wall_ms();
+            match self.pending.get(&client_id) {
+                Some(p)
+                    if p.first_written_wall_ms
+                        .is_some_and(|at| wall_ms.saturating_sub(at) >= window_ms) =>
+                {
+                    self.finish_send(client_id, Err(ErrorCode::TimedOut));
+                }
+                Some(_) => {
+                    self.queue.insert(order, client_id);
+                }
+                None => {}
             }
         }
     }
@@ -636,6 +706,7 @@ impl ClientSession {
                 ttl_secs,
                 in_flight: false,
                 refusals: 0,
+                first_written_wall_ms: None,
             },
         );
         self.queue.insert(order, client_id);
@@ -731,8 +802,10 @@ impl ClientSession {
             return None;
         }
         let (_, client_id) = self.queue.pop_first()?;
+        let wall_ms = self.wall_ms();
         let pending = self.pending.get_mut(&client_id)?;
         pending.in_flight = true;
+        pending.first_written_wall_ms.get_or_insert(wall_ms);
         self.in_flight += 1;
         Some(Frame::Send {
             client_id,
@@ -770,6 +843,14 @@ impl ClientSession {
             Some(queued) => *queued = frame,
             None => self.control.push_back(frame),
         }
+    }
+
+    /// The wall clock now, as far as the driver's calls tell: the link's start on the wall
+    /// clock plus the driver's time since (a call without a time, such as `poll_transmit`,
+    /// counts from the latest that had one).
+    fn wall_ms(&self) -> u64 {
+        self.link_wall_ms
+            .saturating_add(self.last_now.saturating_sub(self.link_now))
     }
 
     fn finish_send(&mut self, client_id: u64, result: Result<SendReceipt, ErrorCode>) {
@@ -831,7 +912,7 @@ mod tests {
             Err(SendRefused::TtlTooLong(TTL_SECS_MAX + 1))
         );
         s.send(3, 5, vec![], Some(TTL_SECS_MAX)).unwrap();
-        s.connected(0);
+        s.connected(0, 0);
         assert!(!s.signal(0, SignalKind::Typing, vec![]));
         assert!(s.signal(5, SignalKind::Typing, vec![]));
         let frames = drain(&mut s);
@@ -845,12 +926,51 @@ mod tests {
         }
     }
 
+    /// A send written and unanswered past `send_retry_window_ms` (a device asleep for a day
+    /// after its connection broke before the answer came: the driver's clock barely moved,
+    /// the wall clock did) is not written again, since past the server's dedupe window the
+    /// retry would be stored again, a second copy. It ends with `TimedOut`. A send never
+    /// written, and one within the window, go out.
+    #[test]
+    fn a_send_unanswered_past_its_retry_window_is_not_written_again() {
+        let mut s = session();
+        let window_ms = s.config.send_retry_window_ms;
+        let sent = |frames: &[Frame]| -> Vec<u64> {
+            frames
+                .iter()
+                .filter_map(|frame| match frame {
+                    Frame::Send { client_id, .. } => Some(*client_id),
+                    _ => None,
+                })
+                .collect()
+        };
+        s.send(1, 9, b"written long ago".to_vec(), None).unwrap();
+        s.connected(0, 1_000);
+        assert_eq!(sent(&drain(&mut s)), vec![1]);
+        s.disconnected(5);
+        s.send(2, 9, b"never written".to_vec(), None).unwrap();
+        s.connected(10, 1_000 + window_ms / 2);
+        assert_eq!(sent(&drain(&mut s)), vec![1, 2], "within the window");
+        s.disconnected(15);
+        s.connected(20, 1_000 + window_ms);
+        assert_eq!(sent(&drain(&mut s)), vec![2]);
+        let done: Vec<ClientEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(
+            done,
+            vec![ClientEvent::SendDone {
+                client_id: 1,
+                result: Err(ErrorCode::TimedOut),
+            }]
+        );
+        assert_eq!(s.pending_sends(), 1);
+    }
+
     /// Resume and ack are separate: a reconnect carries what the device holds and what the
     /// application consumed, and acks only the latter.
     #[test]
     fn hello_acks_only_what_the_application_consumed() {
         let mut s = session();
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
@@ -858,7 +978,7 @@ mod tests {
         }
         s.consumed(0, 1);
         s.disconnected(1);
-        s.connected(2);
+        s.connected(2, 2);
         assert_eq!(
             drain(&mut s).first(),
             Some(&Frame::Hello {
@@ -877,7 +997,7 @@ mod tests {
     #[test]
     fn a_server_cannot_grow_what_the_session_holds() {
         let mut s = session();
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         for seq in 1..=1_000 {
             s.handle_frame(0, deliver(seq)).unwrap();
@@ -940,7 +1060,7 @@ mod tests {
             Err(SendRefused::QueueFull)
         );
         s.send(4, 5, vec![0; 50], None).unwrap();
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         s.handle_frame(
@@ -960,7 +1080,7 @@ mod tests {
     #[test]
     fn holes_are_skipped_and_gaps_synced_once() {
         let mut s = session();
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         assert!(matches!(s.poll_event(), Some(ClientEvent::Welcome { .. })));
@@ -982,7 +1102,7 @@ mod tests {
         for id in 1..=300 {
             s.send(id, 2, vec![], None).unwrap();
         }
-        s.connected(0);
+        s.connected(0, 0);
         let first = drain(&mut s);
         assert_eq!(first.len(), 1 + 256, "Hello and a window of sends");
         assert!(matches!(first[1], Frame::Send { client_id: 1, .. }));
@@ -1022,7 +1142,7 @@ mod tests {
         let mut s = session();
         let delay = s.config.ack_delay_ms;
         assert!(delay >= 4, "the delay must leave room for three messages");
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
@@ -1040,7 +1160,7 @@ mod tests {
     #[test]
     fn close_flushes_the_last_ack() {
         let mut s = session();
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         s.handle_frame(0, deliver(1)).unwrap();
@@ -1068,7 +1188,7 @@ mod tests {
         let mut now = 0;
         let mut delays = Vec::new();
         for _ in 0..8 {
-            s.connected(now);
+            s.connected(now, now);
             s.handle_frame(now, welcome()).unwrap();
             now += 100;
             s.disconnected(now);
@@ -1086,12 +1206,35 @@ mod tests {
             delays.windows(2).all(|pair| pair[0] <= pair[1]),
             "{delays:?}"
         );
-        s.connected(now);
+        s.connected(now, now);
         s.handle_frame(now, welcome()).unwrap();
         s.disconnected(now + healthy_ms);
         assert_eq!(
             s.reconnect_delay_ms(0),
             s.config.reconnect_backoff_min_ms / 2
+        );
+    }
+
+    /// A link the server closed for a frame that did not arrive in time (`TimedOut`: a slow
+    /// link and a large send, sent again first at every reconnect) keeps the backoff growing,
+    /// however long it lived: before, it counted as healthy after 10 s (the frame deadline's
+    /// length too) and reconnected at the shortest wait, to time out again.
+    #[test]
+    fn a_link_closed_for_a_slow_frame_keeps_the_reconnect_backoff_growing() {
+        let mut s = session();
+        let healthy_ms = s.config.link_healthy_after_ms;
+        let mut now = 0;
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            s.connected(now, now);
+            s.handle_frame(now, welcome()).unwrap();
+            now += 2 * healthy_ms;
+            s.disconnected_unhealthy(now);
+            delays.push(s.reconnect_delay_ms(0));
+        }
+        assert!(
+            delays.windows(2).all(|pair| pair[0] < pair[1]),
+            "{delays:?}"
         );
     }
 
@@ -1125,7 +1268,7 @@ mod tests {
         for id in 1..=100 {
             s.send(id, 2, vec![], None).unwrap();
         }
-        s.connected(0);
+        s.connected(0, 0);
         drain(&mut s);
         let refuse = |s: &mut ClientSession, now: Millis, client_id: u64| {
             s.handle_frame(
