@@ -891,6 +891,7 @@ impl<'a> Driver<'a> {
             self.send_due(index, now)?;
         }
         let client = &mut self.clients[index];
+        client.session.set_wall_clock(unix_ms());
         while client.outbuf.len() < OUTBUF_BYTES_MAX {
             let Some(frame) = client.session.poll_transmit() else {
                 break;

@@ -808,7 +808,8 @@ impl Sender {
 
     /// Sends with a chosen client message id (unique per sender), for callers that persist
     /// their outbox and must retry with the same id after a restart. A second call with an id
-    /// already stored is answered with the first copy's receipt.
+    /// already stored is answered with the first copy's receipt, within the edge's dedupe
+    /// window (24 h by default; past it the message is stored again).
     pub async fn send_with_id(
         &self,
         client_id: u64,
@@ -1369,6 +1370,7 @@ impl Driver {
         link: &mut Link,
         bytes_max: usize,
     ) -> Result<(), ClientError> {
+        self.session.set_wall_clock(wall_clock_ms());
         while link.outbuf.len() < bytes_max {
             let Some(frame) = self.session.poll_transmit() else {
                 break;
@@ -1376,6 +1378,8 @@ impl Driver {
             courier_protocol::encode(&frame, &mut link.outbuf)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
         }
+        // A send past its retry window ends here (`Unconfirmed`): its caller learns it now.
+        self.take_events();
         Ok(())
     }
 
@@ -1582,14 +1586,17 @@ impl Driver {
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
         if !self.session.is_active() {
             // Not welcomed yet: an edge that is not the user's home answers the `Hello` with a
-            // `Goaway` and applies none of its acks, and nothing would read that answer here.
-            // The last ack goes as after a close without a connection, which follows a
-            // redirect (`flush_acks_at_close`).
-            link.connection.close(0u32.into(), b"client closed");
-            drop(link);
-            let now = self.now();
-            self.session.disconnected(now);
-            self.flush_acks_at_close().await;
+            // `Goaway` and applies none of its acks. The link is read to its end for that
+            // answer (`flush_link`), and a redirect is followed as after a close without a
+            // connection (`flush_acks_at_close`).
+            let redirect = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.flush_link(link)).await;
+            if let Ok(Some(to)) = redirect
+                && self.follow_redirect(&to).await.is_ok()
+            {
+                let now = self.now();
+                self.session.disconnected(now);
+                self.flush_acks_at_close().await;
+            }
             return LinkEnd::Closed;
         }
         let flush = async {
@@ -2342,8 +2349,9 @@ mod scripted_server_tests {
 
     /// The last ack of a client closed while its reconnect waits for `Welcome` reaches the
     /// user's home edge: the edge the reconnect reached is not the home, answers the `Hello`
-    /// with a `Goaway` and applies no ack. Before, the close wrote into that connection,
-    /// read nothing and ended: the message came again at the next login.
+    /// with a `Goaway` and applies no ack, and the close follows it. Before, the close wrote
+    /// into that connection, read nothing and ended: the message came again at the next
+    /// login.
     #[tokio::test]
     async fn the_last_ack_at_a_close_before_welcome_reaches_the_home_edge() {
         let first = Scripted::start();
@@ -2368,12 +2376,8 @@ mod scripted_server_tests {
             // The reconnect's `Hello` waits: the client closes before an answer.
             let (_held, mut held, _hello) = accept_hello(&first.endpoint).await;
             reconnected.notify_one();
-            let _ = write_frame(&mut held, &goaway).await;
+            write_frame(&mut held, &goaway).await.expect("Goaway");
             let _ = held.finish();
-            // A flush at the first address gets the same answer.
-            let (_flush, mut send, _hello) = accept_hello(&first.endpoint).await;
-            write_frame(&mut send, &goaway).await.expect("Goaway");
-            let _ = send.finish();
             accept_hello(&home).await.2
         };
         let client = async {

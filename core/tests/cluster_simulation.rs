@@ -1710,6 +1710,7 @@ impl World {
             return;
         };
         let edge = self.slot_edge[&conn.slot];
+        self.clients[client].session.set_wall_clock(now);
         while let Some(frame) = self.clients[client].session.poll_transmit() {
             let latency = 1 + self.rng.below(20);
             self.schedule(Packet::ToEdge { edge, conn, frame }, latency);

@@ -2222,6 +2222,7 @@ impl<S: SimStore> World<S> {
             return;
         };
         let mut frames = Vec::new();
+        self.clients[client].session.set_wall_clock(now);
         while let Some(frame) = self.clients[client].session.poll_transmit() {
             if matches!(frame, Frame::Sync { .. }) {
                 self.stats.syncs += 1;

@@ -287,12 +287,9 @@ pub struct ClientSession {
     reconnect_attempts: u32,
     /// When the current link was welcomed (`link_healthy_after_ms`).
     welcomed_at_ms: Option<Millis>,
-    /// The wall clock and the driver's clock when the current link was connected, and the
-    /// driver's clock at its latest call: a send's first write is timed on the wall clock
-    /// from them (`first_written_wall_ms`).
-    link_wall_ms: u64,
-    link_now: Millis,
-    last_now: Millis,
+    /// The wall clock as the driver last said (`set_wall_clock`, `connected`): what a send's
+    /// first write is timed by (`first_written_wall_ms`).
+    wall_ms: u64,
 }
 
 impl ClientSession {
@@ -322,9 +319,7 @@ impl ClientSession {
             closed: false,
             reconnect_attempts: 0,
             welcomed_at_ms: None,
-            link_wall_ms: 0,
-            link_now: 0,
-            last_now: 0,
+            wall_ms: 0,
         }
     }
 
@@ -375,37 +370,19 @@ impl ClientSession {
     // ---- Connection ---------------------------------------------------------------------------
 
     /// A new connection's stream is open, at `now` on the driver's clock and `wall_ms` on the
-    /// wall clock (Unix milliseconds): queues `Hello` and every unanswered send (in the order
-    /// they were made) as the first flight, but for sends first written more than
-    /// `send_retry_window_ms` ago, which end with `TimedOut`.
-    pub fn connected(&mut self, now: Millis, wall_ms: u64) {
+    /// wall clock (as [`ClientSession::set_wall_clock`]): queues `Hello` and every unanswered
+    /// send (in the order they were made) as the first flight.
+    pub fn connected(&mut self, _now: Millis, wall_ms: u64) {
         self.link = Link::AwaitingWelcome;
-        self.link_wall_ms = wall_ms;
-        self.link_now = now;
-        self.last_now = now;
+        self.wall_ms = wall_ms;
         self.control.clear();
         self.signals.clear();
         self.sync_sent_for = None;
         self.in_flight = 0;
         self.retries.clear();
         self.queue.clear();
-        for pending in self.pending.values_mut() {
+        for (client_id, pending) in &mut self.pending {
             pending.in_flight = false;
-        }
-        let window_ms = self.config.send_retry_window_ms;
-        let unconfirmed: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| {
-                p.first_written_wall_ms
-                    .is_some_and(|at| wall_ms.saturating_sub(at) >= window_ms)
-            })
-            .map(|(client_id, _)| *client_id)
-            .collect();
-        for client_id in unconfirmed {
-            self.finish_send(client_id, Err(ErrorCode::TimedOut));
-        }
-        for (client_id, pending) in &self.pending {
             self.queue.insert(pending.order, *client_id);
         }
         self.control.push_back(Frame::Hello {
@@ -469,7 +446,6 @@ impl ClientSession {
     /// Handles one frame from the server. An error means the connection is over (the server
     /// closes it, or it broke the protocol); whether to reconnect: [`SessionError::is_fatal`].
     pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<(), SessionError> {
-        self.last_now = self.last_now.max(now);
         match frame {
             Frame::Welcome {
                 user,
@@ -628,7 +604,6 @@ impl ClientSession {
 
     /// Runs what is due at `now`: the coalesced ack, retries of refused sends.
     pub fn handle_timeout(&mut self, now: Millis) {
-        self.last_now = self.last_now.max(now);
         if self.ack_due_at.is_some_and(|due| due <= now) {
             self.ack_due_at = None;
             self.queue_ack();
@@ -638,21 +613,8 @@ impl ClientSession {
                 break;
             }
             self.retries.remove(&(due, order));
-            // A send refused now may have been stored by an earlier attempt whose answer was
-            // lost: past the window its retry could be stored again.
-            let window_ms = self.config.send_retry_window_ms;
-            let wall_ms = self.wall_ms();
-            match self.pending.get(&client_id) {
-                Some(p)
-                    if p.first_written_wall_ms
-                        .is_some_and(|at| wall_ms.saturating_sub(at) >= window_ms) =>
-                {
-                    self.finish_send(client_id, Err(ErrorCode::TimedOut));
-                }
-                Some(_) => {
-                    self.queue.insert(order, client_id);
-                }
-                None => {}
+            if self.pending.contains_key(&client_id) {
+                self.queue.insert(order, client_id);
             }
         }
     }
@@ -786,6 +748,14 @@ impl ClientSession {
         }
     }
 
+    /// The wall clock, Unix milliseconds (one that goes on while the device sleeps, unlike the
+    /// driver's monotonic clock on Linux and Android): call it before
+    /// [`ClientSession::poll_transmit`], which times each send's first write by it
+    /// (`send_retry_window_ms`).
+    pub fn set_wall_clock(&mut self, wall_ms: u64) {
+        self.wall_ms = wall_ms;
+    }
+
     /// The next frame to write on the connection: control frames, then signals, then sends
     /// while fewer than `sends_in_flight_max` are unanswered.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
@@ -801,11 +771,24 @@ impl ClientSession {
         if self.in_flight >= self.config.sends_in_flight_max {
             return None;
         }
-        let (_, client_id) = self.queue.pop_first()?;
-        let wall_ms = self.wall_ms();
-        let pending = self.pending.get_mut(&client_id)?;
+        // A send first written more than `send_retry_window_ms` ago (its connection lost, or
+        // refused since, before an answer) is not written again: it may have been stored, and
+        // past the server's dedupe window a retry is stored again.
+        let (client_id, pending) = loop {
+            let (_, client_id) = self.queue.pop_first()?;
+            let pending = self.pending.get(&client_id)?;
+            let window_ms = self.config.send_retry_window_ms;
+            if pending
+                .first_written_wall_ms
+                .is_some_and(|at| self.wall_ms.saturating_sub(at) >= window_ms)
+            {
+                self.finish_send(client_id, Err(ErrorCode::TimedOut));
+                continue;
+            }
+            break (client_id, self.pending.get_mut(&client_id)?);
+        };
         pending.in_flight = true;
-        pending.first_written_wall_ms.get_or_insert(wall_ms);
+        pending.first_written_wall_ms.get_or_insert(self.wall_ms);
         self.in_flight += 1;
         Some(Frame::Send {
             client_id,
@@ -843,14 +826,6 @@ impl ClientSession {
             Some(queued) => *queued = frame,
             None => self.control.push_back(frame),
         }
-    }
-
-    /// The wall clock now, as far as the driver's calls tell: the link's start on the wall
-    /// clock plus the driver's time since (a call without a time, such as `poll_transmit`,
-    /// counts from the latest that had one).
-    fn wall_ms(&self) -> u64 {
-        self.link_wall_ms
-            .saturating_add(self.last_now.saturating_sub(self.link_now))
     }
 
     fn finish_send(&mut self, client_id: u64, result: Result<SendReceipt, ErrorCode>) {
@@ -963,6 +938,44 @@ mod tests {
             }]
         );
         assert_eq!(s.pending_sends(), 1);
+    }
+
+    /// A send's first write is timed by the wall clock the driver gives before it writes, not
+    /// by the link's start: a send made late on a link quiet for most of the window, refused
+    /// once, is written again when its retry comes. (A first version timed it from the link's
+    /// last frame and failed such a send as unconfirmed seconds after its first write.)
+    #[test]
+    fn a_send_late_on_a_quiet_link_gets_its_whole_retry_window() {
+        let mut s = session();
+        let window_ms = s.config.send_retry_window_ms;
+        let sends = |frames: Vec<Frame>| {
+            frames
+                .iter()
+                .filter(|frame| matches!(frame, Frame::Send { .. }))
+                .count()
+        };
+        s.connected(0, 0);
+        s.handle_frame(0, welcome()).unwrap();
+        drain(&mut s);
+        s.set_wall_clock(window_ms - 1_000);
+        s.send(1, 9, b"late".to_vec(), None).unwrap();
+        assert_eq!(sends(drain(&mut s)), 1);
+        let refused = Frame::SendError {
+            client_id: 1,
+            code: ErrorCode::Overloaded,
+            retryable: true,
+        };
+        s.handle_frame(10, refused).unwrap();
+        s.set_wall_clock(window_ms + 1_000);
+        s.handle_timeout(10 + 2 * s.config.retry_after_max_ms);
+        assert_eq!(sends(drain(&mut s)), 1, "written again");
+        let events: Vec<ClientEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert!(
+            !events
+                .iter()
+                .any(|event| matches!(event, ClientEvent::SendDone { .. })),
+            "{events:?}"
+        );
     }
 
     /// Resume and ack are separate: a reconnect carries what the device holds and what the
