@@ -2244,6 +2244,23 @@ mod scripted_server_tests {
         (connection, send, hello)
     }
 
+    /// The `Hello` that `serve` returns, unless `client` finishes first or 20 s pass, carries
+    /// the application's ack of seq 1.
+    async fn the_hello_carries_the_ack(
+        serve: impl std::future::Future<Output = Frame>,
+        client: impl std::future::Future<Output = ()>,
+    ) {
+        let hello = tokio::select! {
+            hello = serve => hello,
+            () = client => panic!("the client finished first"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("no Hello with the ack"),
+        };
+        let Frame::Hello { acked_up_to, .. } = hello else {
+            panic!("a Hello: {hello:?}");
+        };
+        assert_eq!(acked_up_to, 1, "the last ack arrived");
+    }
+
     /// The script of the last-ack tests: the first connection is welcomed and given seq 1,
     /// which the application takes (acked, the ack written); then `after_read` ends that
     /// connection its own way and returns the `Hello` the flush's last server read. The
@@ -2285,15 +2302,7 @@ mod scripted_server_tests {
             client.close();
             tokio::time::sleep(Duration::from_secs(30)).await;
         };
-        let hello = tokio::select! {
-            hello = serve => hello,
-            () = client => panic!("the client finished first"),
-            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("no Hello with the ack"),
-        };
-        let Frame::Hello { acked_up_to, .. } = hello else {
-            panic!("a Hello: {hello:?}");
-        };
-        assert_eq!(acked_up_to, 1, "the last ack arrived");
+        the_hello_carries_the_ack(serve, client).await;
     }
 
     /// The last ack of a client closed while it had no connection reaches the user's home
@@ -2394,15 +2403,7 @@ mod scripted_server_tests {
             client.close();
             tokio::time::sleep(Duration::from_secs(30)).await;
         };
-        let hello = tokio::select! {
-            hello = serve => hello,
-            () = client => panic!("the client finished first"),
-            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("no Hello with the ack"),
-        };
-        let Frame::Hello { acked_up_to, .. } = hello else {
-            panic!("a Hello: {hello:?}");
-        };
-        assert_eq!(acked_up_to, 1, "the last ack arrived");
+        the_hello_carries_the_ack(serve, client).await;
     }
 
     /// An application that only receives learns why the client stopped: `recv` ends with
