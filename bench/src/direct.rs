@@ -833,7 +833,7 @@ impl<'a> Driver<'a> {
                         .open(Dir::Bi)
                         .ok_or("the edge allows no stream")?;
                     client.stream = Some(id);
-                    client.session.connected(now_ms, unix_ms());
+                    client.session.connected(now_ms);
                 }
                 Event::ConnectionLost { reason }
                     if !closing && matches!(client.role, Role::Idle) =>
@@ -891,7 +891,9 @@ impl<'a> Driver<'a> {
             self.send_due(index, now)?;
         }
         let client = &mut self.clients[index];
-        client.session.set_wall_clock(unix_ms());
+        client
+            .session
+            .set_wall_clock(courier_core::clock::wall_clock_ms());
         while client.outbuf.len() < OUTBUF_BYTES_MAX {
             let Some(frame) = client.session.poll_transmit() else {
                 break;
@@ -1193,11 +1195,4 @@ fn read_stream(client: &mut Client, now_ms: u64) -> Result<(), String> {
     }
     client.inbuf.drain(..consumed_total);
     ended.map_or(Ok(()), Err)
-}
-
-/// Unix milliseconds by the wall clock: what the session times a send's retry window by.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -1398,7 +1398,7 @@ impl Driver {
             for _ in 0..2 {
                 let (mut link, zero_rtt) = Link::open(&self.connector, &self.options).await.ok()?;
                 let now = self.now();
-                self.session.connected(now, wall_clock_ms());
+                self.session.connected(now);
                 if let Some(accepted) = zero_rtt {
                     // Rejected 0-RTT data is discarded, the `Hello` with it.
                     let by = tokio::time::Instant::now() + CLOSE_FLUSH_TIMEOUT;
@@ -1450,7 +1450,7 @@ impl Driver {
         drop(link);
         let link = Link::on_new_stream(connection).await?;
         let now = self.now();
-        self.session.connected(now, wall_clock_ms());
+        self.session.connected(now);
         Ok(link)
     }
 
@@ -1462,7 +1462,7 @@ impl Driver {
     ) -> LinkEnd {
         let welcome_timeout = self.options.welcome_timeout;
         let now = self.now();
-        self.session.connected(now, wall_clock_ms());
+        self.session.connected(now);
         let _published = PublishedConnection::new(&self.shared, &link.connection);
         if let Some(accepted) = zero_rtt {
             link = match self.first_flight_as_0rtt(link, accepted, welcome_by).await {

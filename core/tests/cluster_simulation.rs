@@ -1419,7 +1419,7 @@ impl World {
         self.edges[edge].shards[shard as usize].open_connection(now, conn);
         let c = &mut self.clients[client];
         c.conn = Some(conn);
-        c.session.connected(now, now);
+        c.session.connected(now);
     }
 
     fn receive(&mut self, packet: Packet) {

@@ -1907,7 +1907,7 @@ impl<S: SimStore> World<S> {
         let now = self.now;
         let c = &mut self.clients[client];
         c.conn = Some(conn);
-        c.session.connected(now, now);
+        c.session.connected(now);
     }
 
     fn receive(&mut self, packet: Packet) {

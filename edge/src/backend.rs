@@ -339,10 +339,15 @@ impl<E: EmbeddedEngine> EmbeddedSlot<E> {
     /// not wait (a shard's own thread; a sync read, which must not wait for a replay),
     /// never blocking.
     fn try_get(&self) -> Option<Arc<E>> {
+        self.try_slot()?.clone()
+    }
+
+    /// The slot under its read lock, if nobody is reopening the store right now.
+    fn try_slot(&self) -> Option<std::sync::RwLockReadGuard<'_, Option<Arc<E>>>> {
         match self.current.try_read() {
-            Ok(current) => current.clone(),
+            Ok(current) => Some(current),
             // As `get`: a panic elsewhere while holding the lock leaves the slot as it was.
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
@@ -352,13 +357,7 @@ impl<E: EmbeddedEngine> EmbeddedSlot<E> {
     /// neither wait nor ever hold the last handle of a store being reopened (dropping it
     /// there would run the store's shutdown, joining its threads, on the executor).
     fn with_current<R>(&self, read: impl FnOnce(&E) -> R) -> Option<R> {
-        match self.current.try_read() {
-            Ok(current) => current.as_deref().map(read),
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
-                poisoned.into_inner().as_deref().map(read)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        self.try_slot()?.as_deref().map(read)
     }
 
     /// Closes the database (once every reader let go of it) and opens it again.

@@ -15,8 +15,9 @@
 //!   [`ClientSession::handle_timeout`] once [`ClientSession::poll_timeout`] has passed;
 //! - application: [`ClientSession::send`], [`ClientSession::consumed`] (or
 //!   [`ClientSession::ack`]), [`ClientSession::signal`], [`ClientSession::close`];
-//! - output, after any of the above: [`ClientSession::poll_transmit`] until `None` (frames to
-//!   write, in order), then [`ClientSession::poll_event`] until `None` (for the application).
+//! - output, after any of the above: [`ClientSession::set_wall_clock`], then
+//!   [`ClientSession::poll_transmit`] until `None` (frames to write, in order), then
+//!   [`ClientSession::poll_event`] until `None` (for the application).
 //!
 //! The cursors: `received_up_to` is the highest seq handed to the application (or declared a
 //! hole); `acked_up_to` is the highest the application consumed. `Hello` carries both, so a
@@ -287,7 +288,7 @@ pub struct ClientSession {
     reconnect_attempts: u32,
     /// When the current link was welcomed (`link_healthy_after_ms`).
     welcomed_at_ms: Option<Millis>,
-    /// The wall clock as the driver last said (`set_wall_clock`, `connected`): what a send's
+    /// The wall clock as the driver last said (`set_wall_clock`): what a send's
     /// first write is timed by (`first_written_wall_ms`).
     wall_ms: u64,
 }
@@ -369,12 +370,10 @@ impl ClientSession {
 
     // ---- Connection ---------------------------------------------------------------------------
 
-    /// A new connection's stream is open, at `now` on the driver's clock and `wall_ms` on the
-    /// wall clock (as [`ClientSession::set_wall_clock`]): queues `Hello` and every unanswered
-    /// send (in the order they were made) as the first flight.
-    pub fn connected(&mut self, _now: Millis, wall_ms: u64) {
+    /// A new connection's stream is open: queues `Hello` and every unanswered send (in the
+    /// order they were made) as the first flight.
+    pub fn connected(&mut self, _now: Millis) {
         self.link = Link::AwaitingWelcome;
-        self.wall_ms = wall_ms;
         self.control.clear();
         self.signals.clear();
         self.sync_sent_for = None;
@@ -887,7 +886,7 @@ mod tests {
             Err(SendRefused::TtlTooLong(TTL_SECS_MAX + 1))
         );
         s.send(3, 5, vec![], Some(TTL_SECS_MAX)).unwrap();
-        s.connected(0, 0);
+        s.connected(0);
         assert!(!s.signal(0, SignalKind::Typing, vec![]));
         assert!(s.signal(5, SignalKind::Typing, vec![]));
         let frames = drain(&mut s);
@@ -920,14 +919,17 @@ mod tests {
                 .collect()
         };
         s.send(1, 9, b"written long ago".to_vec(), None).unwrap();
-        s.connected(0, 1_000);
+        s.set_wall_clock(1_000);
+        s.connected(0);
         assert_eq!(sent(&drain(&mut s)), vec![1]);
         s.disconnected(5);
         s.send(2, 9, b"never written".to_vec(), None).unwrap();
-        s.connected(10, 1_000 + window_ms / 2);
+        s.set_wall_clock(1_000 + window_ms / 2);
+        s.connected(10);
         assert_eq!(sent(&drain(&mut s)), vec![1, 2], "within the window");
         s.disconnected(15);
-        s.connected(20, 1_000 + window_ms);
+        s.set_wall_clock(1_000 + window_ms);
+        s.connected(20);
         assert_eq!(sent(&drain(&mut s)), vec![2]);
         let done: Vec<ClientEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         assert_eq!(
@@ -954,7 +956,7 @@ mod tests {
                 .filter(|frame| matches!(frame, Frame::Send { .. }))
                 .count()
         };
-        s.connected(0, 0);
+        s.connected(0);
         s.handle_frame(0, welcome()).unwrap();
         drain(&mut s);
         s.set_wall_clock(window_ms - 1_000);
@@ -983,7 +985,7 @@ mod tests {
     #[test]
     fn hello_acks_only_what_the_application_consumed() {
         let mut s = session();
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
@@ -991,7 +993,7 @@ mod tests {
         }
         s.consumed(0, 1);
         s.disconnected(1);
-        s.connected(2, 2);
+        s.connected(2);
         assert_eq!(
             drain(&mut s).first(),
             Some(&Frame::Hello {
@@ -1010,7 +1012,7 @@ mod tests {
     #[test]
     fn a_server_cannot_grow_what_the_session_holds() {
         let mut s = session();
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         for seq in 1..=1_000 {
             s.handle_frame(0, deliver(seq)).unwrap();
@@ -1073,7 +1075,7 @@ mod tests {
             Err(SendRefused::QueueFull)
         );
         s.send(4, 5, vec![0; 50], None).unwrap();
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         s.handle_frame(
@@ -1093,7 +1095,7 @@ mod tests {
     #[test]
     fn holes_are_skipped_and_gaps_synced_once() {
         let mut s = session();
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         assert!(matches!(s.poll_event(), Some(ClientEvent::Welcome { .. })));
@@ -1115,7 +1117,7 @@ mod tests {
         for id in 1..=300 {
             s.send(id, 2, vec![], None).unwrap();
         }
-        s.connected(0, 0);
+        s.connected(0);
         let first = drain(&mut s);
         assert_eq!(first.len(), 1 + 256, "Hello and a window of sends");
         assert!(matches!(first[1], Frame::Send { client_id: 1, .. }));
@@ -1155,7 +1157,7 @@ mod tests {
         let mut s = session();
         let delay = s.config.ack_delay_ms;
         assert!(delay >= 4, "the delay must leave room for three messages");
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         for seq in 1..=3 {
@@ -1173,7 +1175,7 @@ mod tests {
     #[test]
     fn close_flushes_the_last_ack() {
         let mut s = session();
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         s.handle_frame(0, welcome()).unwrap();
         s.handle_frame(0, deliver(1)).unwrap();
@@ -1201,7 +1203,7 @@ mod tests {
         let mut now = 0;
         let mut delays = Vec::new();
         for _ in 0..8 {
-            s.connected(now, now);
+            s.connected(now);
             s.handle_frame(now, welcome()).unwrap();
             now += 100;
             s.disconnected(now);
@@ -1219,7 +1221,7 @@ mod tests {
             delays.windows(2).all(|pair| pair[0] <= pair[1]),
             "{delays:?}"
         );
-        s.connected(now, now);
+        s.connected(now);
         s.handle_frame(now, welcome()).unwrap();
         s.disconnected(now + healthy_ms);
         assert_eq!(
@@ -1239,7 +1241,7 @@ mod tests {
         let mut now = 0;
         let mut delays = Vec::new();
         for _ in 0..4 {
-            s.connected(now, now);
+            s.connected(now);
             s.handle_frame(now, welcome()).unwrap();
             now += 2 * healthy_ms;
             s.disconnected_unhealthy(now);
@@ -1281,7 +1283,7 @@ mod tests {
         for id in 1..=100 {
             s.send(id, 2, vec![], None).unwrap();
         }
-        s.connected(0, 0);
+        s.connected(0);
         drain(&mut s);
         let refuse = |s: &mut ClientSession, now: Millis, client_id: u64| {
             s.handle_frame(

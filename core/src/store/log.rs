@@ -746,6 +746,18 @@ impl Codec {
     fn length_checks(self, payload_bytes: usize, checksum: u64) -> bool {
         !self.tagged || checksum & LENGTH_TAG_MASK == self.length_tag(payload_bytes)
     }
+
+    /// Whether the payload's hash is the checksum's (its bits that are not the length tag,
+    /// which `length_checks` checked).
+    fn payload_checks(self, payload: &[u8], checksum: u64) -> bool {
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(payload, self.seed);
+        let mask = if self.tagged {
+            !LENGTH_TAG_MASK
+        } else {
+            u64::MAX
+        };
+        (hash ^ checksum) & mask == 0
+    }
 }
 
 /// Appends one record holding `changes` to `out`, checked as `codec` says.
@@ -799,7 +811,7 @@ fn decode_record(
     let payload = bytes
         .get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_bytes)
         .ok_or(BadRecord)?;
-    if codec.checksum(payload) != checksum {
+    if !codec.payload_checks(payload, checksum) {
         return Err(BadRecord);
     }
     let mut at = 0usize;
