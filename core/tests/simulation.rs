@@ -107,6 +107,10 @@ fn simulation_over_many_seeds() {
             "mesh congestion never hit: {total:?}"
         );
         assert!(
+            total.sends_unconfirmed > 0,
+            "no send outlived the SDK's retry window: {total:?}"
+        );
+        assert!(
             total.clock_steps > 0,
             "the wall clock never stepped: {total:?}"
         );
@@ -240,6 +244,8 @@ struct Stats {
     purges: u64,
     /// Sends stored again after a purge erased their first copy and its dedupe record.
     stored_again_after_purge: u64,
+    /// Sends the SDK gave up as unconfirmed: unanswered past its retry window.
+    sends_unconfirmed: u64,
 }
 
 impl Stats {
@@ -294,6 +300,7 @@ impl Stats {
         self.deliveries_held_for_room += other.deliveries_held_for_room;
         self.purges += other.purges;
         self.stored_again_after_purge += other.stored_again_after_purge;
+        self.sends_unconfirmed += other.sends_unconfirmed;
     }
 }
 
@@ -583,11 +590,13 @@ fn new_client_session(
     user: UserId,
     device: u32,
     in_flight_max: usize,
+    send_retry_window_ms: u64,
     consumed_up_to: u64,
 ) -> ClientSession {
     let mut config = ClientConfig::new(format!("{user}:{device}").into_bytes(), device);
     config.sends_in_flight_max = in_flight_max;
     config.retry_after_ms = 150;
+    config.send_retry_window_ms = send_retry_window_ms;
     ClientSession::new(config, consumed_up_to)
 }
 
@@ -607,6 +616,8 @@ struct Client {
     planned: VecDeque<(u64, usize, Option<u32>)>,
     /// The app's outbox: sends made and not answered, resent under their ids after a restart.
     outbox: BTreeMap<u64, (UserId, Vec<u8>, Option<u32>)>,
+    /// Ids of sends the SDK gave up as unconfirmed: none may be written again.
+    unconfirmed: std::collections::HashSet<u64>,
     /// Sends the server acknowledged.
     acked: HashMap<u64, Receipt>,
     /// Deliveries the application took: (seq, from, body).
@@ -673,6 +684,10 @@ struct World<S: SimStore> {
     wall_offset_ms: i64,
     clock: ServerClock,
     client_in_flight_max: usize,
+    /// The SDK's `send_retry_window_ms`: its default (a day, never reached here) or, for a
+    /// quarter of the seeds, seconds, so that sends stuck behind crashes and partitions fail
+    /// as unconfirmed and are never written again.
+    client_send_retry_window_ms: u64,
     session_config: SessionConfig,
     /// Per shard: the batches in flight, oldest first, each written and waiting for its
     /// result to come back at the given time (and, on the log store, for its sync).
@@ -798,6 +813,16 @@ impl<S: SimStore> World<S> {
             .collect();
         let messages_per_client = 1 + rng.below(60);
         let in_flight_max = 1 + rng.below(8) as usize;
+        // From a generator of its own, so that the other three quarters of the seeds keep
+        // the worlds they had before the window was simulated.
+        let send_retry_window_ms = {
+            let mut rng = Rng::new(seed ^ 0x5e4d_0000_7769_6e64);
+            if rng.chance(1, 4) {
+                500 + rng.below(4_000)
+            } else {
+                ClientConfig::new(Vec::new(), 0).send_retry_window_ms
+            }
+        };
         let ttl_share = rng.below(4); // in quarters of the sends
         let user_count = 2 + rng.below(10) as usize;
         let devices_max = 1 + rng.below(3) as u32;
@@ -826,12 +851,19 @@ impl<S: SimStore> World<S> {
                 Client {
                     user,
                     device,
-                    session: new_client_session(user, device, in_flight_max, 0),
+                    session: new_client_session(
+                        user,
+                        device,
+                        in_flight_max,
+                        send_retry_window_ms,
+                        0,
+                    ),
                     linked_after: None,
                     conn: None,
                     reconnect_at: 0,
                     planned,
                     outbox: BTreeMap::new(),
+                    unconfirmed: Default::default(),
                     acked: HashMap::new(),
                     received: Vec::new(),
                     holes: Vec::new(),
@@ -972,6 +1004,7 @@ impl<S: SimStore> World<S> {
             wall_offset_ms: 0,
             clock: ServerClock::start(0, 0, 0),
             client_in_flight_max: in_flight_max,
+            client_send_retry_window_ms: send_retry_window_ms,
             session_config,
             stats: Stats::default(),
         };
@@ -1881,9 +1914,11 @@ impl<S: SimStore> World<S> {
                 .extend(lost.into_values().map(|(_, body, _)| body));
             self.stats.outboxes_lost += 1;
         }
-        let in_flight_max = self.client_in_flight_max;
+        let (in_flight_max, window_ms) =
+            (self.client_in_flight_max, self.client_send_retry_window_ms);
         let c = &mut self.clients[client];
-        let mut session = new_client_session(c.user, c.device, in_flight_max, c.consumed_up_to);
+        let mut session =
+            new_client_session(c.user, c.device, in_flight_max, window_ms, c.consumed_up_to);
         for (client_id, (to, body, ttl)) in &c.outbox {
             session
                 .send(*client_id, *to, body.clone(), *ttl)
@@ -2214,6 +2249,17 @@ impl<S: SimStore> World<S> {
                             );
                         }
                     }
+                    // Unanswered past the SDK's retry window: stored or not, no one can say
+                    // (the app is told `Unconfirmed`), and the SDK never writes it again.
+                    Err(ErrorCode::TimedOut) => {
+                        let (_, body, _) = c
+                            .outbox
+                            .remove(&client_id)
+                            .expect("an unconfirmed send was made");
+                        self.sends_lost.insert(body);
+                        c.unconfirmed.insert(client_id);
+                        self.stats.sends_unconfirmed += 1;
+                    }
                     Err(code) => panic!("client {client}: send {client_id} refused: {code:?}"),
                 },
             }
@@ -2226,6 +2272,12 @@ impl<S: SimStore> World<S> {
         while let Some(frame) = self.clients[client].session.poll_transmit() {
             if matches!(frame, Frame::Sync { .. }) {
                 self.stats.syncs += 1;
+            }
+            if let Frame::Send { client_id, .. } = &frame {
+                assert!(
+                    !self.clients[client].unconfirmed.contains(client_id),
+                    "client {client}: send {client_id} written again after the SDK gave it up"
+                );
             }
             frames.push(frame);
         }
