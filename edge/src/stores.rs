@@ -30,8 +30,21 @@ const LAYOUT_FILE: &str = "layout";
 /// found without a layout, it says those stores never served and may be made again.
 const MAKING_FILE: &str = "making";
 const LAYOUT_HEADER: &str = "courier store layout 2";
-/// Keys copied per transaction during a migration.
-const MIGRATION_KEYS_PER_COMMIT: usize = 10_000;
+/// What a migration holds in memory at once: per read of the old store, and per commit to a
+/// shard's store. Bodies of up to 64 KiB make the bytes the bound that counts: about
+/// `(shards + 1) × 16 MiB` at most.
+#[derive(Clone, Copy, Debug)]
+struct MigrationLimits {
+    keys_per_read: usize,
+    keys_per_commit: usize,
+    bytes_per_commit: usize,
+}
+
+const MIGRATION_LIMITS: MigrationLimits = MigrationLimits {
+    keys_per_read: 256,
+    keys_per_commit: 10_000,
+    bytes_per_commit: 16 << 20,
+};
 
 /// Where the per-shard stores of a data directory live.
 pub fn stores_dir(data_dir: &Path) -> PathBuf {
@@ -419,7 +432,7 @@ fn migrate(
         let source = FjallStore::open(legacy, options)
             .map_err(|e| format!("cannot open the old store in {}: {e}", legacy.display()))?;
         let targets = open_shards(&staging, shards, options, Existing::MayBeMade)?;
-        copy_keys(&source, &targets).map_err(|e| {
+        copy_keys(&source, &targets, MIGRATION_LIMITS).map_err(|e| {
             format!(
                 "migrating the store in {} failed (it is left as it was): {e}",
                 legacy.display()
@@ -436,51 +449,76 @@ fn migrate(
         })?;
     remove_legacy(legacy)?;
     info!(
-        keys = copied,
+        keys = copied.keys,
+        commits = copied.commits,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "store migrated"
     );
     Ok(())
 }
 
-/// Copies every key of `source` to the target store of its inbox's shard. Returns the count.
-fn copy_keys(source: &FjallStore, targets: &[Arc<FjallStore>]) -> Result<u64, StoreError> {
+/// What a migration copied: keys read, and commits made to the shards' stores.
+#[derive(Debug, Default)]
+struct Copied {
+    keys: u64,
+    commits: u64,
+}
+
+/// Copies every key of `source` to the target store of its inbox's shard, each shard's pairs
+/// committed once they reach `limits`' keys or bytes.
+fn copy_keys(
+    source: &FjallStore,
+    targets: &[Arc<FjallStore>],
+    limits: MigrationLimits,
+) -> Result<Copied, StoreError> {
     let shards = targets.len() as u32;
-    let mut pending: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); targets.len()];
-    let mut copied = 0u64;
+    let mut pending: Vec<(Vec<(Vec<u8>, Vec<u8>)>, usize)> = vec![(Vec::new(), 0); targets.len()];
+    let mut copied = Copied::default();
     let mut from = Vec::new();
     loop {
         let page = source
             .begin_read()?
-            .get_range(&from, &[0xff; 2], MIGRATION_KEYS_PER_COMMIT)?;
+            .get_range(&from, &[0xff; 2], limits.keys_per_read)?;
         let Some((last, _)) = page.last() else {
             break;
         };
         from = last.clone();
         from.push(0);
         for (key, value) in page {
-            copied += 1;
+            copied.keys += 1;
+            let bytes = key.len() + value.len();
             match shard_of_key(&key, shards)? {
-                Some(shard) => pending[shard as usize].push((key, value)),
+                Some(shard) => {
+                    let (pairs, pairs_bytes) = &mut pending[shard as usize];
+                    pairs.push((key, value));
+                    *pairs_bytes += bytes;
+                }
                 // The clock high-water mark belongs to every shard.
-                None => pending
-                    .iter_mut()
-                    .for_each(|p| p.push((key.clone(), value.clone()))),
+                None => pending.iter_mut().for_each(|(pairs, pairs_bytes)| {
+                    pairs.push((key.clone(), value.clone()));
+                    *pairs_bytes += bytes;
+                }),
             }
-        }
-        for (target, pairs) in targets.iter().zip(&mut pending) {
-            if pairs.len() >= MIGRATION_KEYS_PER_COMMIT {
-                write_pairs(target, std::mem::take(pairs))?;
+            for (target, (pairs, pairs_bytes)) in targets.iter().zip(&mut pending) {
+                if pairs.len() >= limits.keys_per_commit || *pairs_bytes >= limits.bytes_per_commit
+                {
+                    write_pairs(target, std::mem::take(pairs), &mut copied)?;
+                    *pairs_bytes = 0;
+                }
             }
         }
     }
-    for (target, pairs) in targets.iter().zip(pending) {
-        write_pairs(target, pairs)?;
+    for (target, (pairs, _)) in targets.iter().zip(pending) {
+        write_pairs(target, pairs, &mut copied)?;
     }
     Ok(copied)
 }
 
-fn write_pairs(target: &FjallStore, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+fn write_pairs(
+    target: &FjallStore,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    copied: &mut Copied,
+) -> Result<(), StoreError> {
     if pairs.is_empty() {
         return Ok(());
     }
@@ -488,7 +526,9 @@ fn write_pairs(target: &FjallStore, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()
     for (key, value) in pairs {
         txn.set(&key, &value);
     }
-    txn.commit().map(|_| ())
+    txn.commit()?;
+    copied.commits += 1;
+    Ok(())
 }
 
 /// The shard whose store holds `key`, or `None` for keys every shard keeps (the clock).
@@ -601,6 +641,53 @@ mod tests {
             body: format!("hello {to} #{client_id}").into_bytes(),
             ttl_secs: None,
         })
+    }
+
+    /// A migration holds a bounded number of bytes, not only of keys: large bodies are
+    /// committed to a shard's store well before its key limit (10,000 bodies of 64 KiB
+    /// were held whole per shard before).
+    #[test]
+    fn a_migration_of_large_bodies_commits_by_bytes() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let options = FjallOptions::default();
+        let core = CoreConfig::default();
+        let now = 1_000_000;
+        let body = vec![7u8; 64 << 10];
+        let recipients: Vec<u64> = (1..=40).collect();
+        let legacy = FjallStore::open(&legacy_store_dir(data.path()), &options).unwrap();
+        let requests: Vec<Request> = recipients
+            .iter()
+            .map(|to| {
+                Request::Send(SendRequest {
+                    sender: 99,
+                    to: *to,
+                    client_id: *to,
+                    body: body.clone(),
+                    ttl_secs: None,
+                })
+            })
+            .collect();
+        let outcomes = Committer::new(&core)
+            .commit_batch(&legacy, &requests, now)
+            .unwrap();
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Stored { .. })));
+        let staging = data.path().join("staging");
+        create_layout(&staging, 2).unwrap();
+        let targets = open_shards(&staging, 2, &options, Existing::MayBeMade).unwrap();
+        let limits = MigrationLimits {
+            keys_per_read: 8,
+            keys_per_commit: 10_000,
+            bytes_per_commit: 256 << 10,
+        };
+        let copied = copy_keys(&legacy, &targets, limits).unwrap();
+        // 40 bodies of 64 KiB, four to a commit of 256 KiB: at least ten commits.
+        assert!(copied.commits >= 10, "{copied:?}");
+        for to in &recipients {
+            let shard = home_shard(*to, 2) as usize;
+            let page = read_inbox(&*targets[shard], *to, 0, now, &core).unwrap();
+            assert_eq!(page.messages.len(), 1, "inbox {to}");
+            assert_eq!(page.messages[0].body, body);
+        }
     }
 
     #[test]
