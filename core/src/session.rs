@@ -282,7 +282,8 @@ pub enum PurgeRefused {
 
 /// Checks `Hello`'s token. The edge verifies signatures; the simulation trusts a user id.
 pub trait Authenticator {
-    /// The user the token names, if it is valid for `device` at `now_secs`.
+    /// The user the token names, if it is valid for `device`. `now_secs` is the server clock;
+    /// an authenticator of wall-time claims (the edge's tokens) reads the wall clock instead.
     fn authenticate(&self, token: &[u8], device: u32, now_secs: u64)
     -> Result<UserId, AuthFailure>;
 }

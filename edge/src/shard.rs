@@ -262,12 +262,18 @@ struct TokenAuthenticator {
 }
 
 impl Authenticator for TokenAuthenticator {
+    /// A token's expiry is wall time, minted by the issuer's clock: it is judged by the wall
+    /// clock now, not by the server clock (`_server_secs`), which keeps the wall time of the
+    /// edge's start and stays behind a clock set forward since (a VM booted with a slow clock
+    /// and synced after the edge started: tokens expired hours ago were taken until a restart)
+    /// or ahead of it by the stores' mark (valid tokens refused as expired).
     fn authenticate(
         &self,
         token: &[u8],
         device: u32,
-        now_secs: u64,
+        _server_secs: u64,
     ) -> Result<courier_core::UserId, AuthFailure> {
+        let now_secs = courier_core::clock::wall_clock_ms() / 1_000;
         let (verifier, generation) = self.verifier.current();
         if generation != self.verified_generation.get() {
             // The keys were reloaded: what verified before may not any more.
@@ -3284,6 +3290,47 @@ fn close_now(conn: &mut Conn, code: ErrorCode, reason: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token's expiry is judged by the wall clock, whatever the server clock says: that
+    /// clock keeps the wall time of the edge's start (a host clock synced forward since left
+    /// it hours behind, and expired tokens were taken) or is ahead of it by the stores' mark.
+    #[test]
+    fn a_tokens_expiry_is_judged_by_the_wall_clock_not_the_server_clock() {
+        let key = crate::auth::SigningKey::from_bytes(&[7; 32]);
+        let verifier =
+            crate::auth::TokenVerifier::new([(1, key.verifying_key())].into_iter().collect());
+        let authenticator = TokenAuthenticator {
+            verifier: Arc::new(crate::auth::VerifierCell::new(verifier)),
+            verified_generation: std::cell::Cell::new(0),
+            verified: RefCell::new(crate::auth::VerifiedTokens::new(16)),
+        };
+        let wall_secs = courier_core::clock::wall_clock_ms() / 1_000;
+        let token = |user: u64, expires_at_secs: u64| {
+            crate::auth::mint(
+                &key,
+                &crate::auth::Claims {
+                    key_id: 1,
+                    user,
+                    device: 3,
+                    role: crate::auth::Role::User,
+                    expires_at_secs,
+                },
+            )
+        };
+        let two_hours = 7_200;
+        // Expired 90 minutes ago, the server clock two hours behind: refused.
+        let expired = token(1, wall_secs - 5_400);
+        let refused = authenticator
+            .authenticate(expired.as_bytes(), 3, wall_secs - two_hours)
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::TokenExpired, "{refused:?}");
+        // Valid for an hour, the server clock two hours ahead: taken.
+        let valid = token(2, wall_secs + 3_600);
+        assert_eq!(
+            authenticator.authenticate(valid.as_bytes(), 3, wall_secs + two_hours),
+            Ok(2)
+        );
+    }
 
     /// Every shard gets the clock the first one started, not one anchored at its own start:
     /// with the wall clock behind the stores' mark, a shard starting 30 ms after another ran
