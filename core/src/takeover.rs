@@ -448,6 +448,8 @@ pub struct Planner {
     last_round_ms: Option<UnixMillis>,
     /// A round failed since (the store could not be read): beats went unwatched.
     round_missed: bool,
+    /// This edge's last beat of its own lease failed ([`Planner::beat_result`]).
+    beat_failing: bool,
     /// Per other member: what was read last, and when that last changed.
     seen: BTreeMap<EdgeId, (Observed, UnixMillis)>,
     /// Edges whose users this edge serves besides its own, with the lease it claimed.
@@ -466,6 +468,7 @@ impl Planner {
             lease_timeout_ms,
             last_round_ms: None,
             round_missed: false,
+            beat_failing: false,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
             claiming: BTreeSet::new(),
@@ -495,6 +498,21 @@ impl Planner {
     /// A round of observations could not be read.
     pub fn round_failed(&mut self) {
         self.round_missed = true;
+    }
+
+    /// The result of this edge's beat of its own lease, before the round it belongs to is
+    /// observed. While its beats fail this edge may be the one cut off, so it claims no one
+    /// ([`Planner::actions`] gives releases only). And a store that took no writes took no
+    /// one's beats: had the others' beats failed as long, the first edge whose beat landed
+    /// again would find every other beat standing still past the timeout and claim them all,
+    /// fencing every other edge out. So the round after a failed beat counts as missed: each
+    /// edge gets a full timeout from then, in which its own beats land again.
+    pub fn beat_result(&mut self, landed: bool) {
+        if !landed {
+            self.beat_failing = true;
+        } else if std::mem::take(&mut self.beat_failing) {
+            self.round_missed = true;
+        }
     }
 
     /// What the store says of `edge` now (this edge's own record is ignored).
@@ -638,6 +656,9 @@ impl Planner {
         for edge in lost {
             self.guests.remove(&edge);
             actions.push(TakeoverAction::Release { edge });
+        }
+        if self.beat_failing {
+            return actions;
         }
         let alive = self.successors_alive(now_ms);
         for (edge, (observed, changed_ms)) in &self.seen {
@@ -1181,6 +1202,63 @@ mod tests {
             Err(StoreError::Fenced)
         );
         assert!(passes(back) && fenced_everywhere(next));
+    }
+
+    /// A store that took no writes for longer than the timeout, while reads went on, took no
+    /// edge's beat. The first edge whose beat lands again must not judge the others dead by
+    /// the beats they could not make (it claimed them all, and every other edge, fenced at
+    /// its next beat, exited): each gets a full timeout from then. While its own beats fail
+    /// an edge claims no one.
+    #[test]
+    fn after_a_write_outage_no_edge_claims_the_others_for_beats_that_could_not_land() {
+        let store = joined([MemoryStore::new()]);
+        let leases: Vec<Lease> = [1, 2, 3]
+            .into_iter()
+            .map(|edge| claim_own(&store, edge, 10 + u64::from(edge), MEMBERS_EPOCH).unwrap())
+            .collect();
+        let mut planner = Planner::new(1, &[1, 2, 3], TIMEOUT);
+        planner.beat_result(true);
+        planner.observe_round(0, observe_all(&store, &[1, 2, 3]).unwrap());
+        // Writes fail for two timeouts: no edge's beat lands; edge 1 reads on.
+        let mut now = 0;
+        while now < 2 * TIMEOUT {
+            now += TIMEOUT / 4;
+            planner.beat_result(false);
+            planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
+            assert_eq!(planner.actions(now), vec![], "{now} ms: its own beat fails");
+        }
+        // Edge 1's beat lands first.
+        now += TIMEOUT / 4;
+        renew(&store, 1, leases[0], MEMBERS_EPOCH).unwrap();
+        planner.beat_result(true);
+        planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
+        assert_eq!(
+            planner.actions(now),
+            vec![],
+            "the others get a full timeout"
+        );
+        // Edge 2 beats again within it; edge 3 stays silent and is claimed a timeout later.
+        renew(&store, 2, leases[1], MEMBERS_EPOCH).unwrap();
+        let recovered = now;
+        let mut claimed = Vec::new();
+        while claimed.is_empty() {
+            now += TIMEOUT / 4;
+            renew(&store, 1, leases[0], MEMBERS_EPOCH).unwrap();
+            if now < recovered + TIMEOUT / 2 {
+                renew(&store, 2, leases[1], MEMBERS_EPOCH).unwrap();
+            }
+            planner.beat_result(true);
+            planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
+            claimed = planner.actions(now);
+            assert!(now < recovered + 3 * TIMEOUT, "edge 3 never claimed");
+        }
+        assert!(now >= recovered + TIMEOUT, "claimed at {now} ms");
+        assert!(
+            claimed
+                .iter()
+                .all(|action| matches!(action, TakeoverAction::Claim { edge: 2 | 3, .. })),
+            "{claimed:?}"
+        );
     }
 
     /// One edge of a cluster runs the expiry passes: the lowest id alive. While it lives the

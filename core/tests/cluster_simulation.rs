@@ -1146,6 +1146,11 @@ impl World {
                 Ok(()) => e.last_beat_at = now,
                 Err(_) => {}
             }
+            let landed = e.last_beat_at == now;
+            e.planner
+                .as_mut()
+                .expect("a live edge plans")
+                .beat_result(landed);
         }
         let observed = takeover::observe_all(&e.stores, &e.running.members).expect("read leases");
         let planner = e.planner.as_mut().expect("a live edge plans");

@@ -387,6 +387,7 @@ impl<S: Store> LeaseThread<S> {
         if !self.settings.takeover {
             return Ok(());
         }
+        self.planner.beat_result(renewed);
         let observed = match takeover::observe_all(&self.stores, &self.settings.membership.members)
         {
             Ok(observed) => observed,
@@ -412,11 +413,7 @@ impl<S: Store> LeaseThread<S> {
             }
             self.slow_beaters_logged = slow_beaters;
         }
-        if !renewed {
-            // While this edge cannot beat, it may be the one cut off: it judges no one.
-            self.publish();
-            return Ok(());
-        }
+        // While this edge cannot beat, it may be the one cut off: the planner claims no one.
         for action in self.planner.actions(now) {
             match action {
                 TakeoverAction::Claim {
