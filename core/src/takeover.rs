@@ -450,6 +450,9 @@ pub struct Planner {
     round_missed: bool,
     /// This edge's last beat of its own lease failed ([`Planner::beat_result`]).
     beat_failing: bool,
+    /// Whether this edge claims anyone (`cluster.takeover`); one that does not still watches,
+    /// to know who serves a dead or drained edge's users ([`Planner::watching_only`]).
+    claims: bool,
     /// Per other member: what was read last, and when that last changed.
     seen: BTreeMap<EdgeId, (Observed, UnixMillis)>,
     /// Edges whose users this edge serves besides its own, with the lease it claimed.
@@ -469,6 +472,7 @@ impl Planner {
             last_round_ms: None,
             round_missed: false,
             beat_failing: false,
+            claims: true,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
             claiming: BTreeSet::new(),
@@ -493,6 +497,15 @@ impl Planner {
         for (edge, seen) in observed {
             self.observe(now_ms, edge, seen);
         }
+    }
+
+    /// A planner for an edge with `cluster.takeover` off: it watches every member, so that
+    /// it knows who serves a dead or drained edge's users (its clients' sends and logins for
+    /// them go there), and claims no one, not even a lease that names it (an edge that took
+    /// over before a restart with takeover off): others claim that from it.
+    pub fn watching_only(mut self) -> Planner {
+        self.claims = false;
+        self
     }
 
     /// A round of observations could not be read.
@@ -582,7 +595,9 @@ impl Planner {
     }
 
     /// The edge serving `home`'s users: `home` while alive, else the live holder of its
-    /// lease; `None` while no one does (sends to them are refused as retryable).
+    /// lease if it takes over (one restarted with `cluster.takeover` off serves no guests,
+    /// and is claimed from); `None` while no one does (sends to them are refused as
+    /// retryable).
     pub fn server_of(&self, home: EdgeId, now_ms: UnixMillis) -> Option<EdgeId> {
         if self.alive(home, now_ms) {
             return Some(home);
@@ -591,14 +606,17 @@ impl Planner {
             return Some(self.edge);
         }
         let holder = self.seen.get(&home)?.0.lease?.holder;
-        (holder != home && holder != self.edge && self.alive(holder, now_ms)).then_some(holder)
+        (holder != home
+            && holder != self.edge
+            && self.alive(holder, now_ms)
+            && self.takes_over(holder))
+        .then_some(holder)
     }
 
     /// Every edge not serving its own users, for
     /// [`crate::session::EdgeSession::set_servers`]: home → the edge serving them, or `None`
     /// while no one does (the home judged dead, its lease not yet claimed by a live edge).
-    /// An edge never observed (this edge takes no one over and does not watch) is left out:
-    /// unknown, not unserved.
+    /// An edge never observed (not read yet) is left out: unknown, not unserved.
     pub fn servers(&self, now_ms: UnixMillis) -> BTreeMap<EdgeId, Option<EdgeId>> {
         self.members
             .iter()
@@ -657,7 +675,7 @@ impl Planner {
             self.guests.remove(&edge);
             actions.push(TakeoverAction::Release { edge });
         }
-        if self.beat_failing {
+        if self.beat_failing || !self.claims {
             return actions;
         }
         let alive = self.successors_alive(now_ms);
@@ -1161,6 +1179,37 @@ mod tests {
         assert!(
             matches!(actions[..], [TakeoverAction::Claim { edge: 1, .. }]),
             "the taker claims edge 1: {actions:?}"
+        );
+    }
+
+    /// A dead edge's lease held by an edge restarted with `cluster.takeover` off: that edge
+    /// beats, but serves no guests (its planner watches no one), so it is no one's server and
+    /// the successor claims the lease from it. Before, every edge left the users to it, and
+    /// they were served by no one until their own edge came back.
+    #[test]
+    fn a_lease_held_by_an_edge_that_stopped_taking_over_is_claimed_again() {
+        let store = joined([MemoryStore::new()]);
+        claim_own(&store, 3, 13, MEMBERS_EPOCH).expect("claim");
+        let holder = claim_own(&store, 2, 12, MEMBERS_EPOCH).expect("claim");
+        let seen = observe_all(&store, &[3]).expect("read")[&3];
+        claim(&store, 3, 2, 12, seen, MEMBERS_EPOCH).expect("edge 2 claims edge 3");
+        // Edge 2 restarts with takeover off and beats on.
+        publish_renew_interval(&store, 2, 100, false).expect("publish");
+        renew(&store, 2, holder, MEMBERS_EPOCH).expect("renew");
+        let mut planner = Planner::new(1, &[1, 2, 3], TIMEOUT);
+        let mut now = 0;
+        let mut actions = Vec::new();
+        while now <= TIMEOUT && actions.is_empty() {
+            renew(&store, 2, holder, MEMBERS_EPOCH).expect("renew");
+            planner.beat_result(true);
+            planner.observe_round(now, observe_all(&store, &[1, 2, 3]).expect("read"));
+            actions = planner.actions(now);
+            now += TIMEOUT / 4;
+        }
+        assert!(planner.alive(2, now), "edge 2 beats on");
+        assert!(
+            matches!(actions[..], [TakeoverAction::Claim { edge: 3, .. }]),
+            "edge 1 claims edge 3's users from the non-taker: {actions:?}"
         );
     }
 

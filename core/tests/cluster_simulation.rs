@@ -692,12 +692,13 @@ impl World {
                 .expect("publish");
             e.lease = Some(lease);
             e.owner = owner;
-            let planned = if self.lease_only {
-                vec![e.id]
+            // As the edge's lease thread: without takeover it watches, and claims no one.
+            let planner = Planner::new(e.id, &e.running.members, e.lease_timeout_ms);
+            e.planner = Some(if self.lease_only {
+                planner.watching_only()
             } else {
-                e.running.members.clone()
-            };
-            e.planner = Some(Planner::new(e.id, &planned, e.lease_timeout_ms));
+                planner
+            });
             e.next_beat_at = now;
         }
         e.shards = (0..count)

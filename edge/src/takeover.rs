@@ -188,13 +188,19 @@ impl Takeover {
         std::thread::Builder::new()
             .name("lease".into())
             .spawn(move || {
-                let members = if settings.takeover {
-                    settings.membership.members.clone()
-                } else {
-                    vec![settings.edge]
-                };
+                let planner = Planner::new(
+                    settings.edge,
+                    &settings.membership.members,
+                    settings.timeout_ms,
+                );
                 LeaseThread {
-                    planner: Planner::new(settings.edge, &members, settings.timeout_ms),
+                    // Without takeover the edge still watches: its clients' sends and logins
+                    // for a dead or drained edge's users go to whoever serves them.
+                    planner: if settings.takeover {
+                        planner
+                    } else {
+                        planner.watching_only()
+                    },
                     stores,
                     settings,
                     own,
@@ -384,9 +390,6 @@ impl<S: Store> LeaseThread<S> {
                 false
             }
         };
-        if !self.settings.takeover {
-            return Ok(());
-        }
         self.planner.beat_result(renewed);
         let observed = match takeover::observe_all(&self.stores, &self.settings.membership.members)
         {
@@ -623,6 +626,37 @@ mod tests {
         });
         let (_, lease) = two.view().guests.into_iter().next().expect("a guest");
         assert_eq!(lease.holder, 2);
+    }
+
+    /// An edge with `cluster.takeover` off claims no one but watches: it learns who serves a
+    /// dead edge's users, so its clients' sends and logins for them go there. Before, it
+    /// never read the leases, and sent them to the dead edge until it came back.
+    #[test]
+    fn an_edge_that_does_not_take_over_learns_who_serves_a_dead_edge() {
+        let store = Arc::new(vec![MemoryStore::new()]);
+        let three_members = |edge| LeaseSettings {
+            membership: Membership::new(1, &[1, 2, 3]),
+            ..settings(edge)
+        };
+        let (one, _) = Takeover::start(Arc::clone(&store), three_members(1), 11).expect("1");
+        let mut off = three_members(2);
+        off.takeover = false;
+        let (two, _) = Takeover::start(Arc::clone(&store), off, 22).expect("2");
+        // Edge 3 claims its lease once and never beats: as if it died at once.
+        takeover::claim_own(&store, 3, 33, 1).expect("claim");
+        wait_for("edge 1 to take edge 3 over", || {
+            one.view().guests.contains_key(&3)
+        });
+        wait_for("edge 2 to learn that edge 1 serves edge 3's users", || {
+            two.view().servers.get(&3) == Some(&Some(1))
+        });
+        assert!(two.view().guests.is_empty(), "edge 2 claims no one");
+        assert!(
+            one.runs_expiry() && !two.runs_expiry(),
+            "one runner of the passes"
+        );
+        one.stop();
+        two.stop();
     }
 
     /// An edge with `cluster.takeover` off is no drain target: it would never claim the
