@@ -207,6 +207,11 @@ struct Conn {
     /// Dropped then if not drained before: set when QUIC first reports it closed
     /// (`CLOSED_LINGER_MAX`).
     drain_by: Option<Instant>,
+    /// Closed then if its TLS handshake is not done (`limits.hello_timeout_ms` from its first
+    /// packet). The session's `Hello` deadline does not cover a `Hello` that came as 0-RTT
+    /// data: that connection is logged in while its handshake may never finish, and QUIC
+    /// has no handshake timeout of its own (any packet restarts the idle timeout).
+    handshake_by: Option<Instant>,
 }
 
 impl Conn {
@@ -233,6 +238,7 @@ impl Conn {
             close_at: None,
             close_once_connected: None,
             drain_by: None,
+            handshake_by: None,
         }
     }
 }
@@ -428,6 +434,8 @@ struct ShardStats {
     handshakes_refused: u64,
     /// New connections asked to prove their address first (QUIC Retry).
     retries_sent: u64,
+    /// Connections closed with their TLS handshake not done by `limits.hello_timeout_ms`.
+    handshakes_timed_out: u64,
     /// Connection close and loss lines not logged (over `CONNECTION_LOGS_PER_SEC`).
     connection_logs_suppressed: u64,
 }
@@ -1867,10 +1875,10 @@ impl Shard {
                         *self.handshakes_by_address.entry(address).or_insert(0) += 1;
                         let generation = self.next_generation;
                         self.next_generation += 1;
-                        self.conns.insert(
-                            handle,
-                            Box::new(Conn::new(quic, generation, ConnKind::Client, Some(address))),
-                        );
+                        let mut conn = Conn::new(quic, generation, ConnKind::Client, Some(address));
+                        conn.handshake_by =
+                            Some(now + Duration::from_millis(self.config.limits.hello_timeout_ms));
+                        self.conns.insert(handle, Box::new(conn));
                         let now_ms = self.now_ms();
                         self.session.open_connection(
                             now_ms,
@@ -1911,6 +1919,22 @@ impl Shard {
             conn.timer_armed = None;
             if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
                 conn.quic.handle_timeout(now);
+            }
+            if conn.handshake_by.is_some_and(|at| at <= now) {
+                conn.handshake_by = None;
+                if !conn.handshake_done && !conn.quic.is_closed() {
+                    self.stats.handshakes_timed_out += 1;
+                    self.metrics.connection_closed(Some(ErrorCode::TimedOut));
+                    let reason = format!(
+                        "TLS handshake not done within {} ms",
+                        self.config.limits.hello_timeout_ms
+                    );
+                    conn.quic.close(
+                        now,
+                        VarInt::from_u32(ErrorCode::TimedOut.to_u16().into()),
+                        Bytes::from(reason),
+                    );
+                }
             }
             if conn.close_at.is_some_and(|at| at <= now) {
                 conn.close_at = None;
@@ -1964,6 +1988,7 @@ impl Shard {
             match event {
                 Event::Connected => {
                     conn.handshake_done = true;
+                    conn.handshake_by = None;
                     if let Some((code, reason)) = conn.close_once_connected.take() {
                         conn.close_at = None;
                         conn.quic
@@ -2285,6 +2310,7 @@ impl Shard {
             connections_timed_out =
                 is.session.connections_timed_out - was.session.connections_timed_out,
             handshakes_refused = is.handshakes_refused - was.handshakes_refused,
+            handshakes_timed_out = is.handshakes_timed_out - was.handshakes_timed_out,
             sends_shed = is.session.sends_shed - was.session.sends_shed,
             retries_sent = is.retries_sent - was.retries_sent,
             connection_logs_suppressed =
@@ -2292,7 +2318,7 @@ impl Shard {
             "dropped or refused under overload or abuse since the last report (signals to \
              connections that do not read, sends to a full inbox queue or over a send budget, \
              mesh messages to a busy shard, connections without Hello or with an unfinished \
-             frame, handshakes over a limit)"
+             frame or handshake, handshakes over a limit)"
         );
         self.stats_logged = is;
         self.stats_logged_at = now;
@@ -3091,10 +3117,15 @@ impl Shard {
     /// Sets the connection's entry in the timer set to its next timeout, and wakes the timer
     /// task when that is the shard's earliest.
     fn arm_timer(&mut self, handle: ConnectionHandle, conn: &mut Conn) {
-        let timeout = [conn.quic.poll_timeout(), conn.close_at, conn.drain_by]
-            .into_iter()
-            .flatten()
-            .min();
+        let timeout = [
+            conn.quic.poll_timeout(),
+            conn.close_at,
+            conn.drain_by,
+            conn.handshake_by,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if conn.timer_armed == timeout {
             return;
         }

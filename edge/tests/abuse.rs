@@ -761,3 +761,156 @@ async fn a_closed_connection_is_dropped_within_seconds_whatever_its_round_trip()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A connection whose `Hello` came as 0-RTT data is logged in before its TLS handshake is
+/// done; if the handshake never finishes (the client's `Finished` never arrives), the edge
+/// closes it at `limits.hello_timeout_ms` as it does a connection without `Hello`. Before,
+/// only the idle timeout ended it, and a client that kept sending early data held it, and
+/// its place in its address's handshake count, for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_in_0rtt_whose_handshake_never_finishes_is_closed_at_the_hello_timeout() {
+    let metrics = common::free_addr();
+    let edge = Edge::start_with(
+        1,
+        &format!("[limits]\nhello_timeout_ms = 1000\n[metrics]\nlisten = \"{metrics}\"\n"),
+        &[],
+    );
+    let connector = edge.connector();
+    let token = edge.token(81, 0);
+    // A full handshake leaves a session ticket with the connector.
+    let first = connector
+        .connect(courier_client::ConnectOptions::new(
+            edge.addr,
+            token.clone(),
+            0,
+        ))
+        .await
+        .expect("first connection");
+    first.close();
+    drop(first);
+    let timed_out = || {
+        common::metric_at(metrics, "courier_connections_closed_total", "timed_out")
+            .expect("metrics")
+    };
+    assert_eq!(timed_out(), 0.0);
+    // Resumed through a relay that drops the client's Handshake packets: its `Hello` in
+    // 0-RTT is taken, its `Finished` never arrives.
+    let relay = HandshakeDroppingRelay::start(edge.addr).await;
+    let resumed = connector
+        .connect(courier_client::ConnectOptions::new(relay.addr, token, 0))
+        .await
+        .expect("resumed connection");
+    assert_eq!(
+        resumed.zero_rtt_accepted(),
+        Some(true),
+        "logged in by 0-RTT"
+    );
+    let started = tokio::time::Instant::now();
+    while timed_out() < 1.0 {
+        // Generous for a busy machine: the idle timeout (30 s) ended it before.
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the connection was not closed for its unfinished handshake"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        relay.dropped() > 0,
+        "the relay dropped no Handshake packet: the scenario did not happen"
+    );
+    drop(resumed);
+}
+
+/// A UDP relay between a client and the edge that drops every datagram from the client that
+/// holds a QUIC Handshake packet (its `Finished`, and its acknowledgements of the edge's
+/// flight): the handshake never completes, while Initial, 0-RTT and 1-RTT packets pass.
+struct HandshakeDroppingRelay {
+    addr: std::net::SocketAddr,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HandshakeDroppingRelay {
+    async fn start(edge: std::net::SocketAddr) -> HandshakeDroppingRelay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::net::UdpSocket;
+        let outside = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let inside = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        inside.connect(edge).await.expect("connect to the edge");
+        let addr = outside.local_addr().expect("relay address");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut from_client, mut from_edge) = (vec![0; 65_536], vec![0; 65_536]);
+            loop {
+                tokio::select! {
+                    Ok((len, peer)) = outside.recv_from(&mut from_client) => {
+                        client = Some(peer);
+                        if holds_a_handshake_packet(&from_client[..len]) {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let _ = inside.send(&from_client[..len]).await;
+                    }
+                    Ok(len) = inside.recv(&mut from_edge) => {
+                        if let Some(client) = client {
+                            let _ = outside.send_to(&from_edge[..len], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        HandshakeDroppingRelay {
+            addr,
+            dropped,
+            task,
+        }
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HandshakeDroppingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether a datagram holds a QUIC version 1 Handshake packet, among its coalesced long
+/// header packets (RFC 9000, 17.2).
+fn holds_a_handshake_packet(mut datagram: &[u8]) -> bool {
+    fn varint(bytes: &[u8]) -> Option<(usize, usize)> {
+        let first = *bytes.first()?;
+        let len = 1usize << (first >> 6);
+        let mut value = u64::from(first & 0x3f);
+        for byte in bytes.get(1..len)? {
+            value = (value << 8) | u64::from(*byte);
+        }
+        Some((usize::try_from(value).ok()?, len))
+    }
+    let next = |packet: &[u8]| -> Option<(u8, usize)> {
+        let first = *packet.first()?;
+        let kind = (first >> 4) & 0x03;
+        let mut at = 5;
+        at += 1 + usize::from(*packet.get(at)?);
+        at += 1 + usize::from(*packet.get(at)?);
+        if kind == 0 {
+            let (token_len, len) = varint(packet.get(at..)?)?;
+            at += len + token_len;
+        }
+        let (payload_len, len) = varint(packet.get(at..)?)?;
+        Some((kind, at + len + payload_len))
+    };
+    while datagram.first().is_some_and(|first| first & 0x80 != 0) {
+        match next(datagram) {
+            Some((2, _)) => return true,
+            Some((_, end)) if end <= datagram.len() => datagram = &datagram[end..],
+            _ => return false,
+        }
+    }
+    false
+}
