@@ -457,6 +457,8 @@ fn migrate(
     Ok(())
 }
 
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What a migration copied: keys read, and commits made to the shards' stores.
 #[derive(Debug, Default)]
 struct Copied {
@@ -472,7 +474,8 @@ fn copy_keys(
     limits: MigrationLimits,
 ) -> Result<Copied, StoreError> {
     let shards = targets.len() as u32;
-    let mut pending: Vec<(Vec<(Vec<u8>, Vec<u8>)>, usize)> = vec![(Vec::new(), 0); targets.len()];
+    // Per shard: the pairs waiting for its next commit, and their bytes.
+    let mut pending: Vec<(Pairs, usize)> = vec![(Vec::new(), 0); targets.len()];
     let mut copied = Copied::default();
     let mut from = Vec::new();
     loop {
@@ -514,11 +517,7 @@ fn copy_keys(
     Ok(copied)
 }
 
-fn write_pairs(
-    target: &FjallStore,
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
-    copied: &mut Copied,
-) -> Result<(), StoreError> {
+fn write_pairs(target: &FjallStore, pairs: Pairs, copied: &mut Copied) -> Result<(), StoreError> {
     if pairs.is_empty() {
         return Ok(());
     }
