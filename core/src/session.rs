@@ -1801,7 +1801,8 @@ impl<A: Authenticator> EdgeSession<A> {
                     return self.close(
                         conn,
                         ErrorCode::ShardUnavailable,
-                        "no edge serves this user right now (a takeover is under way); retry"
+                        "no edge serves this user right now (their edge is down, or being \
+                         taken over); retry"
                             .into(),
                     );
                 }

@@ -438,6 +438,14 @@ pub enum TakeoverAction {
     Release { edge: EdgeId },
 }
 
+/// How long `observed`'s beat may stand still before its edge is dead, for an edge whose own
+/// timeout is `lease_timeout_ms` ([`Planner::timeout_of`]).
+fn timeout_ms_of(lease_timeout_ms: u64, observed: &Observed) -> u64 {
+    observed.renew_ms.map_or(lease_timeout_ms, |renew_ms| {
+        lease_timeout_ms.max(renew_ms.saturating_mul(BEATS_PER_TIMEOUT_MIN))
+    })
+}
+
 /// One edge's view of who serves whom, from the leases it reads (sans-IO; see the module).
 #[derive(Debug)]
 pub struct Planner {
@@ -448,8 +456,8 @@ pub struct Planner {
     last_round_ms: Option<UnixMillis>,
     /// A round failed since (the store could not be read): beats went unwatched.
     round_missed: bool,
-    /// This edge's last beat of its own lease failed ([`Planner::beat_result`]).
-    beat_failing: bool,
+    /// Since when this edge's beats of its own lease fail ([`Planner::beat_result`]).
+    beat_failing_since_ms: Option<UnixMillis>,
     /// Whether this edge claims anyone (`cluster.takeover`); one that does not still watches,
     /// to know who serves a dead or drained edge's users ([`Planner::watching_only`]).
     claims: bool,
@@ -471,7 +479,7 @@ impl Planner {
             lease_timeout_ms,
             last_round_ms: None,
             round_missed: false,
-            beat_failing: false,
+            beat_failing_since_ms: None,
             claims: true,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
@@ -513,18 +521,30 @@ impl Planner {
         self.round_missed = true;
     }
 
-    /// The result of this edge's beat of its own lease, before the round it belongs to is
-    /// observed. While its beats fail this edge may be the one cut off, so it claims no one
-    /// ([`Planner::actions`] gives releases only). And a store that took no writes took no
-    /// one's beats: had the others' beats failed as long, the first edge whose beat landed
-    /// again would find every other beat standing still past the timeout and claim them all,
-    /// fencing every other edge out. So the round after a failed beat counts as missed: each
-    /// edge gets a full timeout from then, in which its own beats land again.
-    pub fn beat_result(&mut self, landed: bool) {
+    /// The result of this edge's beat of its own lease at `now_ms`, before the round it
+    /// belongs to is observed. While its beats fail this edge may be the one cut off, so it
+    /// claims no one ([`Planner::actions`] gives releases only). And a store that took no
+    /// writes took no one's beats: had the others' beats failed as long, the first edge whose
+    /// beat landed again would find every other beat standing still past the timeout and
+    /// claim them all, fencing every other edge out. So once its beat lands again, the time
+    /// its beats failed does not count against an edge that was alive when they began to
+    /// fail. Only that time: an edge already dead then stays dead, and a successor whose
+    /// beats fail now and then still claims a dead edge (a full timeout for everyone at each
+    /// failed beat put the claim off for as long as the failures came once per timeout).
+    pub fn beat_result(&mut self, now_ms: UnixMillis, landed: bool) {
         if !landed {
-            self.beat_failing = true;
-        } else if std::mem::take(&mut self.beat_failing) {
-            self.round_missed = true;
+            self.beat_failing_since_ms.get_or_insert(now_ms);
+            return;
+        }
+        let Some(since) = self.beat_failing_since_ms.take() else {
+            return;
+        };
+        let failed_ms = now_ms.saturating_sub(since);
+        let lease_timeout_ms = self.lease_timeout_ms;
+        for (observed, changed_ms) in self.seen.values_mut() {
+            if since.saturating_sub(*changed_ms) < timeout_ms_of(lease_timeout_ms, observed) {
+                *changed_ms = now_ms.min(changed_ms.saturating_add(failed_ms));
+            }
         }
     }
 
@@ -575,10 +595,7 @@ impl Planner {
     /// How long `observed`'s beat may stand still before its edge is dead: this edge's
     /// timeout, or [`BEATS_PER_TIMEOUT_MIN`] of the edge's own renew intervals if longer.
     fn timeout_of(&self, observed: &Observed) -> u64 {
-        observed.renew_ms.map_or(self.lease_timeout_ms, |renew_ms| {
-            self.lease_timeout_ms
-                .max(renew_ms.saturating_mul(BEATS_PER_TIMEOUT_MIN))
-        })
+        timeout_ms_of(self.lease_timeout_ms, observed)
     }
 
     /// Members that beat too slowly for this edge's `lease_timeout_ms`, with their renew
@@ -675,7 +692,7 @@ impl Planner {
             self.guests.remove(&edge);
             actions.push(TakeoverAction::Release { edge });
         }
-        if self.beat_failing || !self.claims {
+        if self.beat_failing_since_ms.is_some() || !self.claims {
             return actions;
         }
         let alive = self.successors_alive(now_ms);
@@ -1006,8 +1023,8 @@ mod tests {
     }
 
     /// The view says who serves a silent edge's users, and says so when no one does: between
-    /// its death and a live edge's claim, and never for an edge it has not observed (an edge
-    /// that watches no leases knows nothing, and sends each user home as before).
+    /// its death and a live edge's claim, and never for an edge it has not observed yet (it
+    /// knows nothing of it, and sends each user home).
     #[test]
     fn the_servers_name_no_one_for_a_dead_edge_not_yet_claimed() {
         let store = joined([MemoryStore::new()]);
@@ -1201,7 +1218,7 @@ mod tests {
         let mut actions = Vec::new();
         while now <= TIMEOUT && actions.is_empty() {
             renew(&store, 2, holder, MEMBERS_EPOCH).expect("renew");
-            planner.beat_result(true);
+            planner.beat_result(now, true);
             planner.observe_round(now, observe_all(&store, &[1, 2, 3]).expect("read"));
             actions = planner.actions(now);
             now += TIMEOUT / 4;
@@ -1256,8 +1273,8 @@ mod tests {
     /// A store that took no writes for longer than the timeout, while reads went on, took no
     /// edge's beat. The first edge whose beat lands again must not judge the others dead by
     /// the beats they could not make (it claimed them all, and every other edge, fenced at
-    /// its next beat, exited): each gets a full timeout from then. While its own beats fail
-    /// an edge claims no one.
+    /// its next beat, exited): the time the beats failed does not count. While its own beats
+    /// fail an edge claims no one.
     #[test]
     fn after_a_write_outage_no_edge_claims_the_others_for_beats_that_could_not_land() {
         let store = joined([MemoryStore::new()]);
@@ -1266,27 +1283,28 @@ mod tests {
             .map(|edge| claim_own(&store, edge, 10 + u64::from(edge), MEMBERS_EPOCH).unwrap())
             .collect();
         let mut planner = Planner::new(1, &[1, 2, 3], TIMEOUT);
-        planner.beat_result(true);
+        planner.beat_result(0, true);
         planner.observe_round(0, observe_all(&store, &[1, 2, 3]).unwrap());
         // Writes fail for two timeouts: no edge's beat lands; edge 1 reads on.
         let mut now = 0;
         while now < 2 * TIMEOUT {
             now += TIMEOUT / 4;
-            planner.beat_result(false);
+            planner.beat_result(now, false);
             planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
             assert_eq!(planner.actions(now), vec![], "{now} ms: its own beat fails");
         }
         // Edge 1's beat lands first.
         now += TIMEOUT / 4;
         renew(&store, 1, leases[0], MEMBERS_EPOCH).unwrap();
-        planner.beat_result(true);
+        planner.beat_result(now, true);
         planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
         assert_eq!(
             planner.actions(now),
             vec![],
-            "the others get a full timeout"
+            "the outage does not count against the others"
         );
-        // Edge 2 beats again within it; edge 3 stays silent and is claimed a timeout later.
+        // Edge 2 beats again; edge 3 stays silent and is claimed once it has stood still for
+        // a timeout outside the outage (the quarter before it counts).
         renew(&store, 2, leases[1], MEMBERS_EPOCH).unwrap();
         let recovered = now;
         let mut claimed = Vec::new();
@@ -1296,18 +1314,54 @@ mod tests {
             if now < recovered + TIMEOUT / 2 {
                 renew(&store, 2, leases[1], MEMBERS_EPOCH).unwrap();
             }
-            planner.beat_result(true);
+            planner.beat_result(now, true);
             planner.observe_round(now, observe_all(&store, &[1, 2, 3]).unwrap());
             claimed = planner.actions(now);
             assert!(now < recovered + 3 * TIMEOUT, "edge 3 never claimed");
         }
-        assert!(now >= recovered + TIMEOUT, "claimed at {now} ms");
+        assert!(
+            now >= recovered + TIMEOUT - TIMEOUT / 4,
+            "claimed at {now} ms, recovered at {recovered} ms"
+        );
         assert!(
             claimed
                 .iter()
                 .all(|action| matches!(action, TakeoverAction::Claim { edge: 2 | 3, .. })),
             "{claimed:?}"
         );
+    }
+
+    /// A successor whose own beats fail now and then (one in four here) still claims a dead
+    /// edge, about a timeout plus its failed beats after the death: a failed beat stops
+    /// only what it overlaps. Giving everyone a full timeout after each failed beat put the
+    /// claim off for good.
+    #[test]
+    fn a_successor_whose_beats_fail_now_and_then_still_claims_a_dead_edge() {
+        let store = joined([MemoryStore::new()]);
+        let own = claim_own(&store, 1, 11, MEMBERS_EPOCH).unwrap();
+        claim_own(&store, 2, 12, MEMBERS_EPOCH).unwrap();
+        let mut planner = Planner::new(1, &[1, 2], TIMEOUT);
+        let mut now = 0;
+        let mut actions = Vec::new();
+        for round in 0u64.. {
+            let landed = round % 4 != 3;
+            if landed {
+                renew(&store, 1, own, MEMBERS_EPOCH).unwrap();
+            }
+            planner.beat_result(now, landed);
+            planner.observe_round(now, observe_all(&store, &[1, 2]).unwrap());
+            actions = planner.actions(now);
+            if !actions.is_empty() {
+                break;
+            }
+            assert!(now < 3 * TIMEOUT, "edge 2 never claimed");
+            now += TIMEOUT / 8;
+        }
+        assert!(
+            matches!(actions[..], [TakeoverAction::Claim { edge: 2, .. }]),
+            "{actions:?}"
+        );
+        assert!(now >= TIMEOUT, "claimed at {now} ms");
     }
 
     /// One edge of a cluster runs the expiry passes: the lowest id alive. While it lives the

@@ -406,7 +406,7 @@ struct Edge {
     /// Per shard, per store: where its listing of the emptied inboxes goes on.
     expiry_state: Vec<commit::SharedExpiry>,
     /// What its lease thread last published: whether this edge runs the expiry passes
-    /// (`Planner::runs_expiry`); true until the first round, and without takeover.
+    /// (`Planner::runs_expiry`); true until its first round.
     runs_expiry: bool,
 }
 
@@ -1151,7 +1151,7 @@ impl World {
             e.planner
                 .as_mut()
                 .expect("a live edge plans")
-                .beat_result(landed);
+                .beat_result(now, landed);
         }
         let observed = takeover::observe_all(&e.stores, &e.running.members).expect("read leases");
         let planner = e.planner.as_mut().expect("a live edge plans");

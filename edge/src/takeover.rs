@@ -3,10 +3,11 @@
 //! In a cluster on a shared store (FoundationDB) the edge joins the cluster's membership
 //! (`courier_core::membership::join`) and claims its own lease at start, before any shard
 //! commits, and every commit runs under it (`courier_core::takeover::LeasedStore`). This
-//! thread then beats the lease every `cluster.lease_renew_ms`. With `cluster.takeover` it also
-//! reads every member's lease and beat and runs the sans-IO [`Planner`]: it claims a dead
-//! edge's users when this edge is the successor, and releases them when their lease moves on.
-//! Without takeover the planner knows this edge alone, so it claims nothing. The shards read the outcome (a
+//! thread then beats the lease every `cluster.lease_renew_ms`, reads every member's lease and
+//! beat, and runs the sans-IO [`Planner`]. With `cluster.takeover` it claims a dead edge's
+//! users when this edge is the successor, and releases them when their lease moves on.
+//! Without takeover the planner only watches (`Planner::watching_only`): it claims nothing,
+//! and learns who serves whom. The shards read the outcome (a
 //! [`View`]) once per tick and apply it to their sessions: guests to serve, and which edges
 //! serve whom.
 //!
@@ -75,8 +76,7 @@ pub struct Takeover {
     /// (`LeaseSettings::exit_when_fenced` off): the shards stop as the process would.
     fenced_out: AtomicBool,
     /// Whether this edge runs the cluster's expiry passes ([`Planner::runs_expiry`]); every
-    /// edge does until its first round of observations, and without takeover (it observes
-    /// no one).
+    /// edge does until its first round of observations.
     runs_expiry: AtomicBool,
 }
 
@@ -390,7 +390,8 @@ impl<S: Store> LeaseThread<S> {
                 false
             }
         };
-        self.planner.beat_result(renewed);
+        let now = self.now_ms();
+        self.planner.beat_result(now, renewed);
         let observed = match takeover::observe_all(&self.stores, &self.settings.membership.members)
         {
             Ok(observed) => observed,
