@@ -1922,7 +1922,19 @@ impl Shard {
             }
             if conn.handshake_by.is_some_and(|at| at <= now) {
                 conn.handshake_by = None;
-                if !conn.handshake_done && !conn.quic.is_closed() {
+                // A connection still without `Hello` is the session's to close at its own
+                // deadline (the same length), and one it closed already is closing: closed
+                // here too, each would be counted twice.
+                let awaiting_hello = self.session.awaiting_hello(ConnRef {
+                    shard: self.id,
+                    slot,
+                    generation,
+                });
+                if !conn.handshake_done
+                    && !conn.closing
+                    && !awaiting_hello
+                    && !conn.quic.is_closed()
+                {
                     self.stats.handshakes_timed_out += 1;
                     self.metrics.connection_closed(Some(ErrorCode::TimedOut));
                     let reason = format!(

@@ -818,6 +818,23 @@ async fn a_login_in_0rtt_whose_handshake_never_finishes_is_closed_at_the_hello_t
         relay.dropped() > 0,
         "the relay dropped no Handshake packet: the scenario did not happen"
     );
+    // The client reconnects through the relay with full handshakes that never finish either
+    // (its ticket was used): the session's `Hello` deadline closes those, and the handshake
+    // deadline, of the same length, must not close and count them a second time.
+    while timed_out() < 4.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the client's later connections were not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed = timed_out();
+    let accepted =
+        common::metric_sum_at(metrics, "courier_connections_accepted_total").expect("metrics");
+    assert!(
+        closed <= accepted,
+        "{closed} connections closed for timing out, of {accepted} accepted: some counted twice"
+    );
     drop(resumed);
 }
 
