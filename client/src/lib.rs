@@ -415,7 +415,10 @@ pub struct ConnectOptions {
     /// [`ClientError::Unconfirmed`]. The edge recognizes a retry only within its dedupe window
     /// (`retention.dedupe_window_secs`, 24 h by default); past it a retry is stored as a second
     /// copy. 23 h by default: keep it below the edge's window, by more than the clocks of the
-    /// device and the edge may differ.
+    /// device and the edge may differ. The window is this client's: an app that keeps its
+    /// own outbox across restarts and sends its entries again under their ids
+    /// ([`Sender::send_with_id`]) starts a new window each time, so it must keep each entry's
+    /// first attempt time and stop resending past the same bound itself.
     pub send_retry_window: Duration,
 }
 

@@ -16,7 +16,8 @@ use crate::UnixMillis;
 
 /// Milliseconds since the Unix epoch by the wall clock (0 for a clock set before 1970). For
 /// what must be wall time: a [`ServerClock`]'s anchor, an age that must survive a restart, a
-/// token's expiry minted on the command line. Everything else reads the server clock.
+/// token's expiry (minted, and judged at login, by wall time). Everything else reads the
+/// server clock.
 pub fn wall_clock_ms() -> UnixMillis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
