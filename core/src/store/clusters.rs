@@ -55,12 +55,23 @@ pub fn commit_batch_split<S: Store>(
     }
     let parts = split_by_cluster(requests, stores.len() as u32);
     let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
+    let mut committed_a_part = false;
     for (store, positions) in stores.iter().zip(&parts) {
         if positions.is_empty() {
             continue;
         }
         let part: Vec<Request> = positions.iter().map(|&at| requests[at].clone()).collect();
-        let part_outcomes = committer.commit_batch(store, &part, now)?;
+        let part_outcomes =
+            committer
+                .commit_batch(store, &part, now)
+                .map_err(|error| match error {
+                    // A conflict says nothing was written, which is true of this part only: the
+                    // caller must treat the batch's sends as maybe stored (their recipients'
+                    // connections read the store again), not as refused before any write.
+                    StoreError::Conflict if committed_a_part => StoreError::CommitUnknown,
+                    error => error,
+                })?;
+        committed_a_part = true;
         for (&at, outcome) in positions.iter().zip(part_outcomes) {
             outcomes[at] = Some(outcome);
         }
@@ -150,7 +161,10 @@ mod tests {
         ));
     }
 
-    /// A failing cluster fails the batch; parts committed before it stay committed.
+    /// A failing cluster fails the batch; parts committed before it stay committed, so the
+    /// batch's result is unknown, not a conflict (which says nothing was written: the
+    /// shard then had no reason to read the committed part's inboxes again, and a message
+    /// stored there waited for its recipient's next login).
     #[test]
     fn a_failed_part_fails_the_batch() {
         let config = CoreConfig {
@@ -170,9 +184,13 @@ mod tests {
         let batch = [send(9, 1, on_1), send(9, 2, on_0)];
         let mut committer = Committer::new(&config);
         let result = commit_batch_split(&mut committer, &stores, &batch, 1_000);
-        assert_eq!(result, Err(StoreError::Conflict));
+        assert_eq!(result, Err(StoreError::CommitUnknown));
         assert_eq!(commit::last_seq(&stores[0], on_0).unwrap(), 1);
         assert_eq!(commit::last_seq(stores[1].inner(), on_1).unwrap(), 0);
+        // A conflict on the first part: nothing was written.
+        let batch = [send(9, 3, on_1)];
+        let result = commit_batch_split(&mut committer, &stores, &batch, 1_001);
+        assert_eq!(result, Err(StoreError::Conflict));
     }
 
     #[test]
