@@ -270,9 +270,11 @@ mod foundationdb {
 
     impl Drop for Fdb {
         fn drop(&mut self) {
-            // Everything under the prefix, the owner key (after `prefix 0xff`) included: the
-            // prefix ends in '/', so incrementing its last byte gives the end of its range.
-            let prefix = &self.config.key_prefix;
+            // Everything under the prefix as stored (its length byte first), the owner key
+            // (after `prefix 0xff`) included: the prefix ends in '/', so incrementing its
+            // last byte gives the end of its range. (The configured prefix, without the
+            // length byte, matched no key: every case left its keys in the cluster.)
+            let prefix = &self.clusters.key_prefix().to_vec();
             let mut end = prefix.clone();
             if let Some(last) = end.last_mut() {
                 *last += 1;
@@ -301,6 +303,7 @@ mod foundationdb {
         run_all(|| Fdb::fresh(&network, &cluster_file));
         a_new_claim_fences_the_old_owner(&network, &cluster_file);
         a_claim_between_read_and_commit_conflicts_then_fences(&network, &cluster_file);
+        read_conflicts_fail_a_commit_that_a_later_write_overtook(&network, &cluster_file);
         // Every store and cluster handle is gone here; the network stops last.
         drop(network);
     }
@@ -327,6 +330,60 @@ mod foundationdb {
         txn.commit().expect("the new owner commits");
         let mut txn = new.begin().expect("begin");
         assert_eq!(txn.get(b"k").expect("get").as_deref(), Some(&b"fresh"[..]));
+    }
+
+    /// What the committer's caches rely on (the inbox's last seq, its device records): a key
+    /// read, or named as read (`add_read_conflict`, `add_read_conflict_range`), fails the
+    /// commit of a transaction that another commit overtook by writing it; a snapshot read
+    /// does not; and a commit that failed wrote nothing. The embedded stores serialise their
+    /// writers, so only FoundationDB can show this.
+    fn read_conflicts_fail_a_commit_that_a_later_write_overtook(
+        network: &Arc<FdbNetwork>,
+        cluster_file: &Path,
+    ) {
+        let fdb = Fdb::fresh(network, cluster_file);
+        let store = &fdb.store;
+        let overtake = |key: &[u8]| {
+            let mut other = store.begin().expect("begin");
+            other.set(key, b"other");
+            other.commit().expect("the other commit");
+        };
+        let absent = |key: &[u8]| {
+            let mut txn = store.begin().expect("begin");
+            assert_eq!(
+                txn.get(key).expect("get"),
+                None,
+                "a failed commit wrote nothing"
+            );
+        };
+        let mut txn = store.begin().expect("begin");
+        txn.add_read_conflict(b"c/1");
+        overtake(b"c/1");
+        txn.set(b"w/1", b"stale");
+        assert_eq!(txn.commit(), Err(StoreError::Conflict), "named as read");
+        absent(b"w/1");
+        let mut txn = store.begin().expect("begin");
+        txn.add_read_conflict_range(b"r/", b"r0");
+        overtake(b"r/inserted");
+        txn.set(b"w/2", b"stale");
+        assert_eq!(
+            txn.commit(),
+            Err(StoreError::Conflict),
+            "a range named as read"
+        );
+        absent(b"w/2");
+        let mut txn = store.begin().expect("begin");
+        assert_eq!(txn.get(b"c/3").expect("get"), None);
+        overtake(b"c/3");
+        txn.set(b"w/3", b"stale");
+        assert_eq!(txn.commit(), Err(StoreError::Conflict), "read");
+        absent(b"w/3");
+        let mut txn = store.begin().expect("begin");
+        assert_eq!(txn.get_snapshot(b"c/4").expect("get"), None);
+        overtake(b"c/4");
+        txn.set(b"w/4", b"fresh");
+        txn.commit()
+            .expect("a snapshot read conflicts with nothing");
     }
 
     /// A claim that lands after a transaction read the owner key, but before it commits,
