@@ -115,6 +115,12 @@ pub struct Refused<T> {
 #[derive(Debug)]
 pub struct InboxShard<T> {
     batch_requests_max: usize,
+    /// What the next batch takes at most: `batch_requests_max`, halved after each failed
+    /// commit and doubled back after each that succeeds. A batch too big for the store's
+    /// time limit (FoundationDB's: a login's reads are sequential round trips, and 160 of
+    /// them after a restart can outlast it) failed as a conflict on every attempt, and was
+    /// put back whole, to fail again at the same size for good.
+    batch_requests_now: usize,
     batch_bytes_max: usize,
     queue_requests_max: usize,
     queue_bytes_max: usize,
@@ -167,6 +173,7 @@ impl<T> InboxShard<T> {
     pub fn new(config: &CoreConfig) -> InboxShard<T> {
         InboxShard {
             batch_requests_max: config.batch_requests_max,
+            batch_requests_now: config.batch_requests_max,
             batch_bytes_max: config.batch_bytes_max,
             queue_requests_max: config.queue_requests_max,
             queue_bytes_max: config.queue_bytes_max,
@@ -460,10 +467,11 @@ impl<T> InboxShard<T> {
             };
             batch.requests.push(Request::Purge { inbox });
         }
+        let requests_max = self.batch_requests_now;
         let mut batch_bytes = 0;
         while let Some((send, ..)) = self.queue.front() {
             let bytes = send.body.len();
-            let full = batch.requests.len() >= self.batch_requests_max
+            let full = batch.requests.len() >= requests_max
                 || (!batch.requests.is_empty() && batch_bytes + bytes > self.batch_bytes_max);
             if full {
                 break;
@@ -482,10 +490,10 @@ impl<T> InboxShard<T> {
             batch.tags.push(tag);
             batch.send_queued_ms.push(queued_ms);
         }
-        // Links and acks cost no body bytes; up to `batch_requests_max` of them together ride
+        // Links and acks cost no body bytes; up to `batch_requests_now` of them together ride
         // along with the sends, links first (a connection waits for its link).
         let mut device_updates = 0;
-        while device_updates < self.batch_requests_max {
+        while device_updates < requests_max {
             let Some(((inbox, device, acked_up_to), tag)) = self.links.pop_front() else {
                 break;
             };
@@ -497,7 +505,7 @@ impl<T> InboxShard<T> {
             });
             batch.tags.push(tag);
         }
-        while acks_due && device_updates < self.batch_requests_max {
+        while acks_due && device_updates < requests_max {
             let Some(((inbox, device), up_to_seq)) = self.acks.pop_first() else {
                 break;
             };
@@ -508,7 +516,7 @@ impl<T> InboxShard<T> {
                 up_to_seq,
             });
         }
-        while acks_due && device_updates < self.batch_requests_max {
+        while acks_due && device_updates < requests_max {
             let Some(inbox) = self.forgets.pop_first() else {
                 break;
             };
@@ -569,6 +577,11 @@ impl<T> InboxShard<T> {
         );
         let mut outputs = Vec::with_capacity(batch.tags.len() * 2);
         let mut tags = batch.tags.into_iter();
+        self.batch_requests_now = match result {
+            Ok(_) => self.batch_requests_now.saturating_mul(2),
+            Err(_) => self.batch_requests_now / 2,
+        }
+        .clamp(1, self.batch_requests_max);
         match result {
             Ok(outcomes) => {
                 assert_eq!(
@@ -806,14 +819,61 @@ mod tests {
             }
         )));
 
+        // After a failed commit the next batch takes half as many (3 / 2).
         let batch = shard.poll_batch(u64::MAX).unwrap();
-        assert_eq!(batch.tags, vec![4, 5]);
+        assert_eq!(batch.tags, vec![4]);
+        shard.handle_commit(0, batch, Err(StoreError::Conflict));
+        let batch = shard.poll_batch(u64::MAX).unwrap();
+        assert_eq!(batch.tags, vec![5]);
         shard.handle_commit(0, batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
         shard.handle_send(send(8, 60_000), 8, 0).unwrap();
         shard.handle_send(send(9, 60_000), 9, 0).unwrap();
         let batch = shard.poll_batch(u64::MAX).unwrap();
         assert_eq!(batch.tags, vec![8]);
+    }
+
+    /// A batch too big for the store (here: more reads than it takes in one transaction, as
+    /// FoundationDB's time limit is for a login's sequential reads) is followed by smaller
+    /// ones until they fit, and the size grows back after. Before, the failed batch was put
+    /// back whole and failed at the same size on every attempt: no login was ever answered.
+    #[test]
+    fn a_batch_too_big_for_the_store_is_followed_by_smaller_ones() {
+        use crate::commit::Committer;
+        use crate::store::fault::{FaultRates, FaultStore};
+        use crate::store::memory::MemoryStore;
+        let config = CoreConfig {
+            batches_in_flight_max: 1,
+            batch_requests_max: 64,
+            commit_attempts_max: 2,
+            ..CoreConfig::default()
+        };
+        let store = FaultStore::new(MemoryStore::new(), FaultRates::default(), 5);
+        store.set_reads_per_transaction_max(100);
+        let mut shard = InboxShard::new(&config);
+        let mut committer = Committer::new(&config);
+        for inbox in 1..=200u64 {
+            shard.handle_link(inbox, 0, 0, inbox).unwrap();
+        }
+        let mut linked = 0;
+        let mut sizes = Vec::new();
+        for _ in 0..100 {
+            let Some(batch) = shard.poll_batch(u64::MAX) else {
+                break;
+            };
+            sizes.push(batch.requests.len());
+            let result = committer.commit_batch(&store, &batch.requests, 1_000);
+            let outputs = shard.handle_commit(0, batch, result);
+            linked += outputs
+                .iter()
+                .filter(|output| matches!(output, Output::Linked { .. }))
+                .count();
+        }
+        assert_eq!(linked, 200, "every login answered; batch sizes {sizes:?}");
+        assert!(
+            sizes.contains(&64) && sizes.iter().any(|size| *size < 64),
+            "{sizes:?}"
+        );
     }
 
     /// Takes the next batch, commits it on `store` through `committer` and hands the result
