@@ -356,3 +356,46 @@ fn a_complete_pass_leaves_no_journal_with_a_deleted_value() {
         }
     }
 }
+
+/// A read open from before a delete, through the memtable rotations before the pass, held
+/// fjall's garbage-collection mark below the delete; it ended before the pass compacted, but
+/// the compaction still used the mark the last rotation left, kept the deleted value, and the
+/// pass reported itself complete: on a quiet store no later pass ran, and the value stayed on
+/// disk for good (found by review). The mark is now brought up to date before each rewrite,
+/// and a rewrite under a mark below the pass's deletes does not count as done.
+#[test]
+fn a_read_ended_before_the_rewrite_does_not_keep_a_deleted_value_through_a_stale_mark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = FjallOptions {
+        flush_every_bytes: 1 << 20,
+        ..FjallOptions::default()
+    };
+    let store = FjallStore::open(dir.path(), &options).expect("open");
+    let marker: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let key = keys::message(7, 1);
+    let mut txn = store.begin().expect("begin");
+    txn.set(&key, &marker);
+    txn.commit().expect("commit");
+    let mut read = Some(store.begin_read().expect("read"));
+    // Another inbox's writes rotate memtables while the read is open.
+    for seq in 1..=48u64 {
+        let mut txn = store.begin().expect("begin");
+        txn.set(&keys::message(8, seq), &[seq as u8; 32 << 10]);
+        txn.commit().expect("commit");
+    }
+    let mut txn = store.begin().expect("begin");
+    txn.clear(&key);
+    txn.commit().expect("commit");
+    let pass = store
+        .erase_deleted_then(|| drop(read.take()))
+        .expect("erase");
+    let next = store.erase_deleted().expect("erase");
+    let (_, found) = scan(dir.path(), &marker);
+    assert!(
+        found.is_empty(),
+        "the deleted marker is still in {found:?} after a pass that said complete: {}, \
+         and the next: {}",
+        pass.complete,
+        next.complete
+    );
+}

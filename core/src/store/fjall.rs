@@ -392,17 +392,27 @@ impl FjallStore {
     /// so it waits for the keyspace's background compactions and none starts during it; as a
     /// fail-safe lsm-tree skips it when a table is still held by one. It worked when none of
     /// the tables from before it is left (tables flushed meanwhile hold later writes only).
-    /// Returns false if it kept being skipped: the next pass tries again.
+    /// Returns false if it kept being skipped, or if fjall's garbage-collection mark stayed
+    /// below `deletes_before` (a read open from before a delete the pass erases): the next
+    /// pass tries again.
+    ///
+    /// The mark is brought up to date first: a compaction drops a value its tombstone shadows
+    /// only below the mark, which moves only when garbage is collected. Left as the last
+    /// memtable rotation set it while a read was open, the rewrite kept the deleted value
+    /// after the read had ended, and the pass counted it done.
     ///
     /// (Until the fifty-fifth session this judged by the database's compaction counters, so
     /// any other keyspace's compaction during it counted as an overlap: under constant writes
     /// the dedupe keyspace's rewrite was never counted done, and no pass was complete.)
-    fn compact_fully(&self, keyspace: &Keyspace) -> Result<bool, StoreError> {
+    fn compact_fully(&self, keyspace: &Keyspace, deletes_before: u64) -> Result<bool, StoreError> {
         use fjall::AbstractTree;
         let table_ids = || -> std::collections::HashSet<u64> {
             let version = keyspace.tree.current_version();
             version.iter_tables().map(|table| table.id()).collect()
         };
+        if !self.garbage_mark_reaches(deletes_before)? {
+            return Ok(false);
+        }
         for _ in 0..COMPACTION_ATTEMPTS_MAX {
             let before = table_ids();
             keyspace.major_compact().map_err(io_error)?;
@@ -479,6 +489,8 @@ impl FjallStore {
             .iter()
             .map(|deleted| deleted.swap(false, Ordering::AcqRel))
             .collect();
+        // Every delete counted above has a lower sequence number.
+        let deletes_before = self.db.seqno();
         let mut compacted = vec![false; deleted.len()];
         let pass = || -> Result<bool, StoreError> {
             let sealed = self.db.seal_journal().map_err(io_error)?;
@@ -498,7 +510,7 @@ impl FjallStore {
             for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
                 // false: lsm-tree kept skipping ours (a table still held by a background
                 // compaction); the next pass tries again.
-                compacted[index] = self.compact_fully(self.keyspace_at(index))?;
+                compacted[index] = self.compact_fully(self.keyspace_at(index), deletes_before)?;
             }
             // The compactions' input tables hold the deleted values until their files go.
             Ok(self.collect_garbage_waiting()? && journals_gone)
@@ -541,6 +553,22 @@ impl FjallStore {
     /// catch-up's snapshot) keeps the version before it, and the tables that version uses,
     /// until it ends: reads are short, so this waits for them, up to `GARBAGE_WAIT_MAX`.
     /// Returns whether every keyspace is down to its current version.
+    /// Collects garbage until fjall's garbage-collection mark reaches `seqno` (no read open
+    /// from before it is left), or `GARBAGE_WAIT_MAX` has passed: whether it did.
+    fn garbage_mark_reaches(&self, seqno: u64) -> Result<bool, StoreError> {
+        let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
+        loop {
+            self.db.collect_garbage().map_err(io_error)?;
+            if self.db.seqno_safe_to_gc() >= seqno {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     fn collect_garbage_waiting(&self) -> Result<bool, StoreError> {
         let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
         loop {

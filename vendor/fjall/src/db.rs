@@ -690,6 +690,16 @@ impl Database {
         self.supervisor.seqno.get()
     }
 
+    /// Courier patch: the sequence number below which a compaction may drop versions a
+    /// newer one shadows (what `Keyspace::major_compact` passes down). It moves only when
+    /// garbage is collected (a memtable rotation, `collect_garbage`), so it can be older
+    /// than every open read.
+    #[must_use]
+    #[doc(hidden)]
+    pub fn seqno_safe_to_gc(&self) -> crate::SeqNo {
+        self.supervisor.snapshot_tracker.get_seqno_safe_to_gc()
+    }
+
     /// Gets the currently visible sequence number.
     #[must_use]
     #[doc(hidden)]
