@@ -57,9 +57,44 @@ pub fn first_wait(last_pass_ms: Option<u64>, now_ms: u64, interval: Duration) ->
     Duration::from_millis(due_ms.saturating_sub(now_ms)).max(soonest)
 }
 
+/// The wait after a pass that ran for `elapsed`. After a complete one, the rest of its
+/// period: the next starts an interval after this one started, not after it ended (each
+/// pass's length pushed the schedule back, past the bound for a long pass). After a partial
+/// or failed one (a table held by a read or a compaction, a store that refused), the short
+/// wait: what it left stays on disk until a pass completes, and waiting a whole interval
+/// more put it past the bound.
+pub fn next_wait(complete: bool, elapsed: Duration, interval: Duration) -> Duration {
+    let soonest = (interval / 4).min(OVERDUE_WAIT_MAX);
+    if complete {
+        interval.saturating_sub(elapsed).max(soonest)
+    } else {
+        soonest
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_complete_pass_counts_its_period_from_its_start_and_a_partial_one_retries_soon() {
+        // Ten minutes long: the next starts twenty minutes after it ended.
+        let wait = next_wait(true, Duration::from_secs(600), INTERVAL);
+        assert_eq!(wait, Duration::from_secs(1200));
+        // Longer than its interval: the short wait, not at once.
+        let wait = next_wait(true, Duration::from_secs(3_600), INTERVAL);
+        assert_eq!(wait, OVERDUE_WAIT_MAX);
+        // Partial or failed: within the short wait, not a whole interval later.
+        assert_eq!(
+            next_wait(false, Duration::from_secs(5), INTERVAL),
+            OVERDUE_WAIT_MAX
+        );
+        let short = Duration::from_secs(8);
+        assert_eq!(
+            next_wait(false, Duration::ZERO, short),
+            Duration::from_secs(2)
+        );
+    }
 
     const INTERVAL: Duration = Duration::from_secs(1800);
     const NOW_MS: u64 = 1_800_000_000_000;

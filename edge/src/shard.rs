@@ -988,13 +988,18 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         spawn_task(async move {
             loop {
                 glommio::timer::sleep(wait).await;
-                wait = interval;
                 let (store, lane) = {
                     let shard = shard.borrow();
                     (shard.store.clone(), shard.lanes.maintenance.clone())
                 };
                 let started = Instant::now();
                 let report = lane.run_store(move || store.erase_deleted()).await;
+                let complete = match &report {
+                    Ok(Some(pass)) => pass.complete,
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                wait = crate::erase_record::next_wait(complete, started.elapsed(), interval);
                 {
                     let metrics = &shard.borrow().metrics;
                     match &report {
@@ -1031,7 +1036,12 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     Ok(None) => {}
                     Err(error) => {
                         shard.borrow_mut().store_refused(&error);
-                        warn!(shard = id, %error, "erase pass failed; retrying at the next interval");
+                        warn!(
+                            shard = id,
+                            %error,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "erase pass failed; retrying soon"
+                        );
                     }
                 }
             }
