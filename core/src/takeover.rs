@@ -456,8 +456,11 @@ pub struct Planner {
     last_round_ms: Option<UnixMillis>,
     /// A round failed since (the store could not be read): beats went unwatched.
     round_missed: bool,
-    /// Since when this edge's beats of its own lease fail ([`Planner::beat_result`]).
+    /// Since when this edge's beats of its own lease fail: its last beat that landed
+    /// ([`Planner::beat_result`]).
     beat_failing_since_ms: Option<UnixMillis>,
+    /// When this edge's last beat that landed began.
+    beat_landed_ms: Option<UnixMillis>,
     /// Whether this edge claims anyone (`cluster.takeover`); one that does not still watches,
     /// to know who serves a dead or drained edge's users ([`Planner::watching_only`]).
     claims: bool,
@@ -480,6 +483,7 @@ impl Planner {
             last_round_ms: None,
             round_missed: false,
             beat_failing_since_ms: None,
+            beat_landed_ms: None,
             claims: true,
             seen: BTreeMap::new(),
             guests: BTreeMap::new(),
@@ -521,21 +525,26 @@ impl Planner {
         self.round_missed = true;
     }
 
-    /// The result of this edge's beat of its own lease at `now_ms`, before the round it
+    /// The result of this edge's beat of its own lease begun at `now_ms` (before the store
+    /// answered: a failed beat may take a whole transaction timeout), before the round it
     /// belongs to is observed. While its beats fail this edge may be the one cut off, so it
     /// claims no one ([`Planner::actions`] gives releases only). And a store that took no
     /// writes took no one's beats: had the others' beats failed as long, the first edge whose
     /// beat landed again would find every other beat standing still past the timeout and
     /// claim them all, fencing every other edge out. So once its beat lands again, the time
     /// its beats failed does not count against an edge that was alive when they began to
-    /// fail. Only that time: an edge already dead then stays dead, and a successor whose
-    /// beats fail now and then still claims a dead edge (a full timeout for everyone at each
-    /// failed beat put the claim off for as long as the failures came once per timeout).
+    /// fail, counted from its last beat that landed (the store may have stopped taking
+    /// writes any time after it). Only that time: an edge already dead then stays dead, and a
+    /// successor whose beats fail now and then still claims a dead edge (a full timeout for
+    /// everyone at each failed beat put the claim off for as long as the failures came once
+    /// per timeout).
     pub fn beat_result(&mut self, now_ms: UnixMillis, landed: bool) {
         if !landed {
-            self.beat_failing_since_ms.get_or_insert(now_ms);
+            let since = self.beat_landed_ms.unwrap_or(now_ms);
+            self.beat_failing_since_ms.get_or_insert(since);
             return;
         }
+        self.beat_landed_ms = Some(now_ms);
         let Some(since) = self.beat_failing_since_ms.take() else {
             return;
         };
@@ -1304,7 +1313,9 @@ mod tests {
             "the outage does not count against the others"
         );
         // Edge 2 beats again; edge 3 stays silent and is claimed once it has stood still for
-        // a timeout outside the outage (the quarter before it counts).
+        // a timeout outside the outage, which counts from edge 1's last beat that landed (at
+        // 0), not from its first that failed (the store may have stopped taking writes any
+        // time after that beat, and a failed beat may take a whole transaction timeout).
         renew(&store, 2, leases[1], MEMBERS_EPOCH).unwrap();
         let recovered = now;
         let mut claimed = Vec::new();
@@ -1320,7 +1331,7 @@ mod tests {
             assert!(now < recovered + 3 * TIMEOUT, "edge 3 never claimed");
         }
         assert!(
-            now >= recovered + TIMEOUT - TIMEOUT / 4,
+            now >= recovered + TIMEOUT,
             "claimed at {now} ms, recovered at {recovered} ms"
         );
         assert!(

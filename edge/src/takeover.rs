@@ -362,6 +362,9 @@ impl<S: Store> LeaseThread<S> {
     fn tick(&mut self) -> Result<(), StoreError> {
         let edge = self.settings.edge;
         let epoch = self.settings.membership.epoch;
+        // Before the store answers: a failed beat may take a whole transaction timeout, and
+        // the planner counts the failure from the last beat that landed.
+        let beat_at = self.now_ms();
         let renewed = match takeover::renew(&self.stores, edge, self.own, epoch) {
             Ok(()) => true,
             Err(StoreError::Fenced) => {
@@ -390,8 +393,7 @@ impl<S: Store> LeaseThread<S> {
                 false
             }
         };
-        let now = self.now_ms();
-        self.planner.beat_result(now, renewed);
+        self.planner.beat_result(beat_at, renewed);
         let observed = match takeover::observe_all(&self.stores, &self.settings.membership.members)
         {
             Ok(observed) => observed,
