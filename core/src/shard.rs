@@ -116,11 +116,15 @@ pub struct Refused<T> {
 pub struct InboxShard<T> {
     batch_requests_max: usize,
     /// What the next batch takes at most: `batch_requests_max`, halved after each failed
-    /// commit and doubled back after each that succeeds. A batch too big for the store's
-    /// time limit (FoundationDB's: a login's reads are sequential round trips, and 160 of
-    /// them after a restart can outlast it) failed as a conflict on every attempt, and was
-    /// put back whole, to fail again at the same size for good.
+    /// commit, held there for `BATCH_SHRUNK_HOLD_MS`, then doubled back after each commit
+    /// that succeeds. A batch too big for the store's time limit (FoundationDB's: a login's
+    /// reads are sequential round trips, and 160 of them after a restart can outlast it)
+    /// failed as a conflict on every attempt, and was put back whole, to fail again at the
+    /// same size for good. (Doubled back at once, every other batch failed, at the cost of
+    /// all its attempts, for as long as the cause lasted.)
     batch_requests_now: usize,
+    /// `batch_requests_now` grows again from then on.
+    batch_grows_from_ms: UnixMillis,
     batch_bytes_max: usize,
     queue_requests_max: usize,
     queue_bytes_max: usize,
@@ -174,6 +178,7 @@ impl<T> InboxShard<T> {
         InboxShard {
             batch_requests_max: config.batch_requests_max,
             batch_requests_now: config.batch_requests_max,
+            batch_grows_from_ms: 0,
             batch_bytes_max: config.batch_bytes_max,
             queue_requests_max: config.queue_requests_max,
             queue_bytes_max: config.queue_bytes_max,
@@ -577,11 +582,24 @@ impl<T> InboxShard<T> {
         );
         let mut outputs = Vec::with_capacity(batch.tags.len() * 2);
         let mut tags = batch.tags.into_iter();
-        self.batch_requests_now = match result {
-            Ok(_) => self.batch_requests_now.saturating_mul(2),
-            Err(_) => self.batch_requests_now / 2,
+        match result {
+            Ok(_) if now_ms >= self.batch_grows_from_ms => {
+                self.batch_requests_now = self
+                    .batch_requests_now
+                    .saturating_mul(2)
+                    .min(self.batch_requests_max);
+            }
+            Ok(_) => {}
+            // A batch of a few requests failed for another cause (a conflict, a store that
+            // refuses): its size says nothing.
+            Err(_) if batch.requests.len() <= BATCH_SHRUNK_MIN => {}
+            Err(_) => {
+                self.batch_requests_now = (self.batch_requests_now.min(batch.requests.len()) / 2)
+                    .max(BATCH_SHRUNK_MIN)
+                    .min(self.batch_requests_max);
+                self.batch_grows_from_ms = now_ms.saturating_add(BATCH_SHRUNK_HOLD_MS);
+            }
         }
-        .clamp(1, self.batch_requests_max);
         match result {
             Ok(outcomes) => {
                 assert_eq!(
@@ -751,6 +769,13 @@ impl<T> InboxShard<T> {
     }
 }
 
+/// How long a batch size halved after a failed commit is kept before it grows again: the
+/// cause (a login storm's cold caches) outlasts a few batches.
+pub const BATCH_SHRUNK_HOLD_MS: u64 = 60_000;
+/// The fewest requests a batch is halved to: a store that cannot commit this many logins
+/// within its time limit is failing, not slow.
+const BATCH_SHRUNK_MIN: usize = 8;
+
 /// How long after a commit's unknown result came back the commit may still land.
 /// FoundationDB resolves a commit within its transaction window: it refuses one whose read
 /// version is more than 5 seconds old, and every attempt of a batch read its version before
@@ -819,12 +844,9 @@ mod tests {
             }
         )));
 
-        // After a failed commit the next batch takes half as many (3 / 2).
+        // A batch of a few requests that failed is not a reason to take fewer.
         let batch = shard.poll_batch(u64::MAX).unwrap();
-        assert_eq!(batch.tags, vec![4]);
-        shard.handle_commit(0, batch, Err(StoreError::Conflict));
-        let batch = shard.poll_batch(u64::MAX).unwrap();
-        assert_eq!(batch.tags, vec![5]);
+        assert_eq!(batch.tags, vec![4, 5]);
         shard.handle_commit(0, batch, Err(StoreError::Conflict));
         // Bytes: 60 KB + 60 KB exceeds 100 KB, so each large request gets its own batch.
         shard.handle_send(send(8, 60_000), 8, 0).unwrap();
@@ -857,23 +879,34 @@ mod tests {
         }
         let mut linked = 0;
         let mut sizes = Vec::new();
-        for _ in 0..100 {
+        for round in 0..100 {
             let Some(batch) = shard.poll_batch(u64::MAX) else {
                 break;
             };
             sizes.push(batch.requests.len());
             let result = committer.commit_batch(&store, &batch.requests, 1_000);
-            let outputs = shard.handle_commit(0, batch, result);
+            // A second apart: the halved size is held for a minute, then grows back.
+            let outputs = shard.handle_commit(round * 1_000, batch, result);
             linked += outputs
                 .iter()
                 .filter(|output| matches!(output, Output::Linked { .. }))
                 .count();
         }
         assert_eq!(linked, 200, "every login answered; batch sizes {sizes:?}");
-        assert!(
-            sizes.contains(&64) && sizes.iter().any(|size| *size < 64),
-            "{sizes:?}"
-        );
+        // 64 fails, 32 fits and is kept while there is work (it would be doubled back after a
+        // minute): one failed batch, not one in every two.
+        assert_eq!(sizes[..3], [64, 32, 32], "{sizes:?}");
+        let failed = sizes.iter().filter(|size| **size > 32).count();
+        assert_eq!(failed, 1, "{sizes:?}");
+        // After the hold the size grows back.
+        for inbox in 201..=210u64 {
+            shard.handle_link(inbox, 0, 0, inbox).unwrap();
+        }
+        store.set_reads_per_transaction_max(0);
+        let batch = shard.poll_batch(u64::MAX).expect("a batch");
+        let result = committer.commit_batch(&store, &batch.requests, 1_000);
+        shard.handle_commit(BATCH_SHRUNK_HOLD_MS + 1_000_000, batch, result);
+        assert_eq!(shard.batch_requests_now, 64);
     }
 
     /// Takes the next batch, commits it on `store` through `committer` and hands the result
