@@ -127,7 +127,14 @@ enum CtlAction {
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
-        Err(error) => error.exit(),
+        // `--help` and `--version` print and succeed. A usage error exits 1, as any other
+        // that needs an operator: clap's own 2 is `serve`'s "shutdown incomplete", which a
+        // supervisor restarts (into the same error).
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(1);
+        }
     };
     // `serve` logs as its config says; a config that does not load is reported below.
     let log = match &cli.command {

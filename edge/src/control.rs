@@ -177,6 +177,22 @@ pub fn check_path(path: &Path, data_dir: &Path) -> Result<(), String> {
             directory.display()
         ));
     }
+    // The socket is made once every shard serves: a directory the edge may not write failed
+    // the start then, after `/readyz` said ready (exit 4, at every restart).
+    if directory.is_dir() {
+        let probe = directory.join(format!(".courier-control-check-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                format!(
+                    "control.socket {}: the directory {} is not writable ({e}); give the \
+                     edge's user write access, set control.socket to a writable directory, or \
+                     control.enabled = false",
+                    path.display(),
+                    directory.display()
+                )
+            })?;
+    }
     Ok(())
 }
 
@@ -424,6 +440,12 @@ fn execute(command: Command, shards: &Shards) -> Answer {
                     };
                 }
             }
+            // Every request below must find room, or the user is logged out on some shards
+            // and not purged: the disconnect on every shard, then the purge on the home one.
+            // This thread is the queues' only sender, so room seen here stays.
+            if let Err(message) = room_for_a_purge(shards, home) {
+                return Answer::Error { message };
+            }
             // Disconnect first: a device still connected would go on acking with its cursor.
             let closed = match ask_all(shards, |reply| ShardRequest::Disconnect { user, reply }) {
                 Ok(counts) => counts.into_iter().sum(),
@@ -452,6 +474,20 @@ fn execute(command: Command, shards: &Shards) -> Answer {
             }
         }
     }
+}
+
+/// Whether every shard's queue takes a disconnect, and `home`'s a purge after it.
+fn room_for_a_purge(shards: &Shards, home: u32) -> Result<(), String> {
+    for (shard, sender) in shards.senders.iter().enumerate() {
+        let needed = if shard == home as usize { 2 } else { 1 };
+        let free = sender.capacity().unwrap_or(usize::MAX) - sender.len();
+        if sender.is_disconnected() || free < needed {
+            return Err(format!(
+                "shard {shard} is busy or stopped; nothing was done, try again"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Sends a request to `shard`; its answer comes on the receiver returned.
@@ -565,6 +601,43 @@ mod tests {
                 user: 9,
                 connections: 1
             }
+        );
+    }
+
+    /// A purge that a busy shard could not take logs no one out: every shard's queue is
+    /// checked for room first. Before, the disconnects went to the shards in turn, and one
+    /// with a full queue stopped the purge after the shards before it had closed the user's
+    /// connections (with the code that tells the SDK to stop).
+    #[test]
+    fn a_purge_a_busy_shard_cannot_take_logs_no_one_out() {
+        let (shards, receivers) = Shards::new(2);
+        let user = (1..)
+            .find(|user| courier_core::placement::home_shard(*user, 2) == 0)
+            .expect("a user homed on shard 0");
+        // Shard 1's queue is full (wedged behind earlier requests).
+        for _ in 0..SHARD_QUEUE_MAX {
+            let (reply, _answer) = flume::bounded(1);
+            shards.senders[1]
+                .try_send(ShardRequest::Disconnect { user: 1, reply })
+                .expect("room");
+        }
+        // The home shard takes the purge's check.
+        let home = receivers[0].clone();
+        let checker = std::thread::spawn(move || {
+            match home.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(ShardRequest::CheckPurge { reply, .. }) => reply.send(Ok(())).is_ok(),
+                _ => false,
+            }
+        });
+        let answer = execute(Command::Purge { user }, &shards);
+        assert!(checker.join().expect("checker"), "the check was asked");
+        assert!(
+            matches!(&answer, Answer::Error { message } if message.contains("shard 1 is busy")),
+            "{answer:?}"
+        );
+        assert!(
+            receivers[0].try_recv().is_err(),
+            "shard 0 was told to disconnect the user"
         );
     }
 

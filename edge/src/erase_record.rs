@@ -57,19 +57,24 @@ pub fn first_wait(last_pass_ms: Option<u64>, now_ms: u64, interval: Duration) ->
     Duration::from_millis(due_ms.saturating_sub(now_ms)).max(soonest)
 }
 
-/// The wait after a pass that ran for `elapsed`. After a complete one, the rest of its
-/// period: the next starts an interval after this one started, not after it ended (each
-/// pass's length pushed the schedule back, past the bound for a long pass). After a partial
-/// or failed one (a table held by a read or a compaction, a store that refused), the short
-/// wait: what it left stays on disk until a pass completes, and waiting a whole interval
-/// more put it past the bound.
-pub fn next_wait(complete: bool, elapsed: Duration, interval: Duration) -> Duration {
+/// The wait after a pass that ran for `elapsed`; `unfinished_in_a_row` counts the passes
+/// that were partial or failed up to this one (0 after a complete one). After a complete
+/// pass, the rest of its period: the next starts an interval after this one started, not
+/// after it ended (each pass's length pushed the schedule back, past the bound for a long
+/// pass). After a partial or failed one (a table held by a read or a compaction, a store
+/// that refused), the short wait, doubling with each such pass in a row up to a quarter of
+/// the interval: what it left stays on disk until a pass completes, and waiting a whole
+/// interval more put it past the bound; but each retry is a whole pass (a flush and
+/// rewrites, or a checkpoint), too costly every 10 s for a cause that lasts.
+pub fn next_wait(unfinished_in_a_row: u32, elapsed: Duration, interval: Duration) -> Duration {
     let soonest = (interval / 4).min(OVERDUE_WAIT_MAX);
-    if complete {
-        interval.saturating_sub(elapsed).max(soonest)
-    } else {
-        soonest
+    if unfinished_in_a_row == 0 {
+        return interval.saturating_sub(elapsed).max(soonest);
     }
+    let doublings = (unfinished_in_a_row - 1).min(30);
+    soonest
+        .saturating_mul(1 << doublings)
+        .min((interval / 4).max(soonest))
 }
 
 #[cfg(test)]
@@ -79,21 +84,22 @@ mod tests {
     #[test]
     fn a_complete_pass_counts_its_period_from_its_start_and_a_partial_one_retries_soon() {
         // Ten minutes long: the next starts twenty minutes after it ended.
-        let wait = next_wait(true, Duration::from_secs(600), INTERVAL);
+        let wait = next_wait(0, Duration::from_secs(600), INTERVAL);
         assert_eq!(wait, Duration::from_secs(1200));
         // Longer than its interval: the short wait, not at once.
-        let wait = next_wait(true, Duration::from_secs(3_600), INTERVAL);
+        let wait = next_wait(0, Duration::from_secs(3_600), INTERVAL);
         assert_eq!(wait, OVERDUE_WAIT_MAX);
-        // Partial or failed: within the short wait, not a whole interval later.
-        assert_eq!(
-            next_wait(false, Duration::from_secs(5), INTERVAL),
-            OVERDUE_WAIT_MAX
-        );
+        // Partial or failed: within the short wait, not a whole interval later; then twice
+        // as long for each such pass in a row, up to a quarter of the interval.
+        let five_secs = Duration::from_secs(5);
+        assert_eq!(next_wait(1, five_secs, INTERVAL), OVERDUE_WAIT_MAX);
+        assert_eq!(next_wait(2, five_secs, INTERVAL), 2 * OVERDUE_WAIT_MAX);
+        assert_eq!(next_wait(4, five_secs, INTERVAL), 8 * OVERDUE_WAIT_MAX);
+        assert_eq!(next_wait(9, five_secs, INTERVAL), INTERVAL / 4);
+        assert_eq!(next_wait(u32::MAX, five_secs, INTERVAL), INTERVAL / 4);
         let short = Duration::from_secs(8);
-        assert_eq!(
-            next_wait(false, Duration::ZERO, short),
-            Duration::from_secs(2)
-        );
+        assert_eq!(next_wait(1, Duration::ZERO, short), Duration::from_secs(2));
+        assert_eq!(next_wait(3, Duration::ZERO, short), Duration::from_secs(2));
     }
 
     const INTERVAL: Duration = Duration::from_secs(1800);

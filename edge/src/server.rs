@@ -30,10 +30,14 @@ pub fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> Result<
     Edge::check(&config, &EdgeStore::Configured)?;
     let edge = match Edge::start_checked(config, EdgeStore::Configured) {
         Ok(edge) => edge,
-        Err(error) => {
-            tracing::error!(%error, "could not start");
-            eprintln!("courier-edge: {error}");
-            std::process::exit(EXIT_START_FAILED);
+        // What the store says of the config (another expiry bucket or dedupe window than
+        // its records were written with) stays true at every restart: exit 1, as a failed
+        // check does, or a supervisor restarts into the same refusal, replaying the store
+        // each time.
+        Err(StartError { message, lasting }) => {
+            tracing::error!(error = %message, "could not start");
+            eprintln!("courier-edge: {message}");
+            std::process::exit(if lasting { 1 } else { EXIT_START_FAILED });
         }
     };
     let signal = loop {
@@ -114,11 +118,46 @@ impl std::fmt::Debug for Edge {
     }
 }
 
+/// Why a start failed after its checks passed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartError {
+    pub message: String,
+    /// The config disagrees with what the store recorded: a restart meets the same refusal.
+    pub lasting: bool,
+}
+
+impl StartError {
+    /// A refusal that a restart would meet again: the config must change.
+    pub fn lasting(message: String) -> StartError {
+        StartError {
+            message,
+            lasting: true,
+        }
+    }
+}
+
+/// Anything else (a port still held, the store's disk, a shard that could not start) may be
+/// gone at the next try.
+impl From<String> for StartError {
+    fn from(message: String) -> StartError {
+        StartError {
+            message,
+            lasting: false,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 impl Edge {
     /// Checks the config, opens the store and starts every shard; returns once all serve.
     pub fn start(config: Config, store: EdgeStore) -> Result<Edge, String> {
         Edge::check(&config, &store)?;
-        Edge::start_checked(config, store)
+        Edge::start_checked(config, store).map_err(|error| error.message)
     }
 
     /// The checks [`Edge::start`] makes before it writes anything: the config, and the files
@@ -132,7 +171,7 @@ impl Edge {
     }
 
     /// [`Edge::start`] after [`Edge::check`] passed: binds, opens the store, starts the shards.
-    pub fn start_checked(config: Config, store: EdgeStore) -> Result<Edge, String> {
+    pub fn start_checked(config: Config, store: EdgeStore) -> Result<Edge, StartError> {
         probe_address_free(config.server.listen)?;
         // Before the store opens (in a cluster with takeover that claims the users' lease, and
         // fences whoever served them meanwhile): a metrics port in use fails the start here.
@@ -330,13 +369,13 @@ impl Edge {
                             Err(error) => error.to_string(),
                             Ok(()) => "it ended".into(),
                         };
-                        return Err(format!(
+                        return Err(StartError::from(format!(
                             "shard {index} could not start: {cause}. Usual causes: \
                              `server.pin_shards` onto a CPU this process may not use (set it to \
                              false), io_uring refused (a seccomp profile: allow io_uring_setup, \
                              io_uring_enter and io_uring_register), or the locked memory limit \
                              (RLIMIT_MEMLOCK, LimitMEMLOCK=) below 512 KiB"
-                        ));
+                        )));
                     }
                 }
             }
@@ -858,6 +897,7 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     }
     auth::verify_keys(config)?;
     check_writable(&config.server.data_dir)?;
+    tls::check_reset_key(config)?;
     if config.control.enabled {
         crate::control::check_path(&config.control_socket_path(), &config.server.data_dir)?;
     }

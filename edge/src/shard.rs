@@ -64,6 +64,7 @@ use crate::cid::{self, ShardCidGenerator};
 use crate::config::Config;
 use crate::lanes::StoreLanes;
 use crate::mesh::MeshMessage;
+use crate::server::StartError;
 use links::ConnKind;
 use receive_linger::{NextRead, ReceiveLinger};
 
@@ -150,7 +151,7 @@ pub struct ShardSetup {
     /// How this shard opens its links to the other edges (`[cluster]`); `None` on its own.
     pub link_client_config: Option<quinn_proto::ClientConfig>,
     pub reset_key: Arc<ring::hmac::Key>,
-    pub ready: std::sync::mpsc::Sender<Result<u8, String>>,
+    pub ready: std::sync::mpsc::Sender<Result<u8, StartError>>,
     /// Set by the main thread on SIGTERM/SIGINT: finish in-flight commits, then close every
     /// connection with `ShuttingDown` and report on `stopped`.
     pub shutdown: Arc<std::sync::atomic::AtomicBool>,
@@ -242,6 +243,10 @@ impl Conn {
         }
     }
 }
+
+/// How soon a connection past its handshake deadline but still awaiting `Hello` (the
+/// session's to close) is looked at again (`Conn::handshake_by`).
+const HANDSHAKE_RECHECK: Duration = Duration::from_millis(500);
 
 /// How long a redirected client has to read `Goaway` and close before the edge closes.
 const REDIRECT_CLOSE_AFTER: Duration = Duration::from_secs(2);
@@ -574,7 +579,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             Err(error) => {
                 let _ = setup
                     .ready
-                    .send(Err(format!("cannot join the shard mesh: {error}")));
+                    .send(Err(format!("cannot join the shard mesh: {error}").into()));
                 return;
             }
         },
@@ -587,10 +592,10 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     ) {
         Ok(socket) => Rc::new(socket),
         Err(error) => {
-            let _ = setup.ready.send(Err(format!(
+            let _ = setup.ready.send(Err(StartError::from(format!(
                 "shard {id}: cannot bind {}: {error}",
                 setup.config.server.listen
-            )));
+            ))));
             return;
         }
     };
@@ -599,9 +604,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
         match bind_socket(address, setup.config.server.socket_buffer_bytes) {
             Ok(socket) => Some(Rc::new(socket)),
             Err(error) => {
-                let _ = setup.ready.send(Err(format!(
+                let _ = setup.ready.send(Err(StartError::from(format!(
                     "shard {id}: cannot bind a socket for links on {address}: {error}"
-                )));
+                ))));
                 return;
             }
         }
@@ -611,7 +616,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     let store = match (setup.open_store)(id) {
         Ok(store) => store,
         Err(error) => {
-            let _ = setup.ready.send(Err(format!("shard {id}: {error}")));
+            let _ = setup
+                .ready
+                .send(Err(StartError::from(format!("shard {id}: {error}"))));
             return;
         }
     };
@@ -623,7 +630,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     ) {
         Ok(lanes) => lanes,
         Err(error) => {
-            let _ = setup.ready.send(Err(format!("shard {id}: {error}")));
+            let _ = setup
+                .ready
+                .send(Err(StartError::from(format!("shard {id}: {error}"))));
             return;
         }
     };
@@ -651,9 +660,9 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     let clock = match clock {
         Ok(clock) => clock,
         Err(error) => {
-            let _ = setup.ready.send(Err(format!(
+            let _ = setup.ready.send(Err(StartError::from(format!(
                 "shard {id}: cannot read the clock high-water mark: {error}"
-            )));
+            ))));
             return;
         }
     };
@@ -665,32 +674,32 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
     match store.key_sizes_mismatch(expiry_bucket_ms, dedupe_window_ms) {
         Ok(None) => {}
         Ok(Some(stored)) if stored.expiry_bucket_ms != expiry_bucket_ms => {
-            let _ = setup.ready.send(Err(format!(
+            let _ = setup.ready.send(Err(StartError::lasting(format!(
                 "shard {id}: retention.expiry_bucket_secs is {} but this store's expiry index \
                  was written with {}: set it back to {} (the size cannot change on a store \
                  that holds messages; to change it, start on empty stores)",
                 expiry_bucket_ms / 1000,
                 stored.expiry_bucket_ms / 1000,
                 stored.expiry_bucket_ms / 1000
-            )));
+            ))));
             return;
         }
         Ok(Some(stored)) => {
             let stored_secs = stored.dedupe_window_ms.unwrap_or_default() / 1000;
-            let _ = setup.ready.send(Err(format!(
+            let _ = setup.ready.send(Err(StartError::lasting(format!(
                 "shard {id}: retention.dedupe_window_secs is {} but this store's dedupe records \
                  were written with {stored_secs}: set it back to {stored_secs} (the window \
                  cannot change on a store that holds messages: expiry would never reach the \
                  records written before, and a retry sent across the change would be stored \
                  twice; to change it, start on empty stores)",
                 dedupe_window_ms / 1000,
-            )));
+            ))));
             return;
         }
         Err(error) => {
-            let _ = setup.ready.send(Err(format!(
+            let _ = setup.ready.send(Err(StartError::from(format!(
                 "shard {id}: cannot read the store's expiry bucket and dedupe window: {error}"
-            )));
+            ))));
             return;
         }
     }
@@ -986,6 +995,7 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
             "first erase pass scheduled"
         );
         spawn_task(async move {
+            let mut unfinished_in_a_row = 0u32;
             loop {
                 glommio::timer::sleep(wait).await;
                 let (store, lane) = {
@@ -999,7 +1009,16 @@ pub async fn run(setup: ShardSetup, mesh: Option<MeshBuilder<MeshMessage, Full>>
                     Ok(None) => true,
                     Err(_) => false,
                 };
-                wait = crate::erase_record::next_wait(complete, started.elapsed(), interval);
+                unfinished_in_a_row = if complete {
+                    0
+                } else {
+                    unfinished_in_a_row.saturating_add(1)
+                };
+                wait = crate::erase_record::next_wait(
+                    unfinished_in_a_row,
+                    started.elapsed(),
+                    interval,
+                );
                 {
                     let metrics = &shard.borrow().metrics;
                     match &report {
@@ -1933,13 +1952,18 @@ impl Shard {
             if conn.handshake_by.is_some_and(|at| at <= now) {
                 conn.handshake_by = None;
                 // A connection still without `Hello` is the session's to close at its own
-                // deadline (the same length), and one it closed already is closing: closed
-                // here too, each would be counted twice.
+                // deadline (the same length, checked at wake-ups), and one it closed already
+                // is closing: closed here too, each would be counted twice. The first is
+                // looked at again shortly: a `Hello` in 0-RTT data may come before the
+                // session's deadline does, and then only this one is left.
                 let awaiting_hello = self.session.awaiting_hello(ConnRef {
                     shard: self.id,
                     slot,
                     generation,
                 });
+                if awaiting_hello && !conn.closing && !conn.handshake_done {
+                    conn.handshake_by = Some(now + HANDSHAKE_RECHECK);
+                }
                 if !conn.handshake_done
                     && !conn.closing
                     && !awaiting_hello

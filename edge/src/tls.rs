@@ -533,16 +533,7 @@ pub fn reset_key_path(config: &Config) -> PathBuf {
 pub fn load_or_create_reset_key(config: &Config) -> Result<(Arc<ring::hmac::Key>, bool), String> {
     let path = reset_key_path(config);
     let (secret, generated) = if path.exists() {
-        let secret = std::fs::read(&path)
-            .map_err(|e| format!("cannot read the reset key {}: {e}", path.display()))?;
-        if secret.len() != RESET_SECRET_BYTES {
-            return Err(format!(
-                "{} holds {} bytes, expected {RESET_SECRET_BYTES}: delete it to generate a new one",
-                path.display(),
-                secret.len()
-            ));
-        }
-        (secret, false)
+        (read_reset_key(&path)?, false)
     } else {
         let mut secret = vec![0u8; RESET_SECRET_BYTES];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
@@ -553,6 +544,31 @@ pub fn load_or_create_reset_key(config: &Config) -> Result<(Arc<ring::hmac::Key>
         Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)),
         generated,
     ))
+}
+
+/// The stateless-reset key's secret at `path`, of the one length it may have.
+fn read_reset_key(path: &Path) -> Result<Vec<u8>, String> {
+    let secret = std::fs::read(path)
+        .map_err(|e| format!("cannot read the reset key {}: {e}", path.display()))?;
+    if secret.len() != RESET_SECRET_BYTES {
+        return Err(format!(
+            "{} holds {} bytes, expected {RESET_SECRET_BYTES}: delete it to generate a new one",
+            path.display(),
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}
+
+/// For `check-config` and `serve`'s checks: a stateless-reset key already in the data
+/// directory must load (one that does not failed the start after the checks, exit 4, at every
+/// restart). A missing one is made at the start.
+pub fn check_reset_key(config: &Config) -> Result<(), String> {
+    let path = reset_key_path(config);
+    if path.exists() {
+        read_reset_key(&path)?;
+    }
+    Ok(())
 }
 
 /// The TLS session cache shared by every shard: at most `entries_max` sessions, the oldest

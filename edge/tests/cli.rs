@@ -36,6 +36,16 @@ fn check_config_accepts_a_config_serve_would_start_with() {
 fn check_config_refuses_what_serve_would_refuse() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let damaged_reset_key_dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(damaged_reset_key_dir.path().join("keys")).expect("keys dir");
+    std::fs::write(
+        damaged_reset_key_dir
+            .path()
+            .join("keys")
+            .join("stateless-reset.key"),
+        b"abc",
+    )
+    .expect("write a damaged key");
     for (config, expected) in [
         (
             format!(
@@ -87,6 +97,23 @@ fn check_config_refuses_what_serve_would_refuse() {
         (
             "[server]\ndata_dir = \"/proc/courier-data\"\n".to_string(),
             "is not writable",
+        ),
+        // The socket is made once the shards serve: a directory the edge may not write failed
+        // the start then (exit 4), after the checks had passed.
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[control]\nsocket = \"/proc/ctl.sock\"\n",
+                data.display()
+            ),
+            "control.socket /proc/ctl.sock: the directory /proc is not writable",
+        ),
+        // A stateless-reset key of the wrong length failed the start after the checks too.
+        (
+            format!(
+                "[server]\ndata_dir = \"{}\"\n",
+                damaged_reset_key_dir.path().display()
+            ),
+            "stateless-reset.key holds 3 bytes",
         ),
     ] {
         let (ok, text) = check_config(&config);
@@ -275,4 +302,32 @@ fn serve_says_why_a_shard_could_not_start() {
         stderr.contains("could not start") && stderr.to_lowercase().contains("memlock"),
         "{stderr}"
     );
+}
+
+/// A usage error (an unknown flag, a value out of its set) exits 1, as any error an operator
+/// must fix: clap's own 2 is `serve`'s "stopped, shutdown incomplete", which a supervisor
+/// restarts (docs/operations.md). `--help` and `--version` still succeed.
+#[test]
+fn a_usage_error_exits_1_and_help_succeeds() {
+    for args in [
+        &["serve", "--log-format", "JSON"][..],
+        &["serve", "--no-such-flag"][..],
+        &["no-such-command"][..],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(args)
+            .output()
+            .expect("run courier-edge");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.is_empty(), "{args:?} says what is wrong");
+    }
+    for args in [&["--help"][..], &["--version"][..]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_courier-edge"))
+            .args(args)
+            .output()
+            .expect("run courier-edge");
+        assert!(output.status.success(), "{args:?}");
+        assert!(!output.stdout.is_empty(), "{args:?} prints to stdout");
+    }
 }

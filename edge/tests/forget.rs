@@ -149,6 +149,10 @@ fn another_size_is_refused_and_the_recorded_one_starts(
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the edge must refuse: {stderr}");
     assert!(says.iter().all(|said| stderr.contains(said)), "{stderr}");
+    // A refusal every restart would meet again exits 1, which a supervisor does not restart
+    // (docs/operations.md); 4, "the cause may pass", restarted it into the same refusal,
+    // replaying the store each time.
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
 
     let mut edge = Edge::start_in(SHARDS, Some(data.path()), &config(written), &[]);
     assert!(edge.terminate(), "the recorded size starts again");

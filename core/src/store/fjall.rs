@@ -549,10 +549,6 @@ impl FjallStore {
         })
     }
 
-    /// Deletes the files of tables no current version uses. A read open across a change (a
-    /// catch-up's snapshot) keeps the version before it, and the tables that version uses,
-    /// until it ends: reads are short, so this waits for them, up to `GARBAGE_WAIT_MAX`.
-    /// Returns whether every keyspace is down to its current version.
     /// Collects garbage until fjall's garbage-collection mark reaches `seqno` (no read open
     /// from before it is left), or `GARBAGE_WAIT_MAX` has passed: whether it did.
     fn garbage_mark_reaches(&self, seqno: u64) -> Result<bool, StoreError> {
@@ -569,6 +565,10 @@ impl FjallStore {
         }
     }
 
+    /// Deletes the files of tables no current version uses. A read open across a change (a
+    /// catch-up's snapshot) keeps the version before it, and the tables that version uses,
+    /// until it ends: reads are short, so this waits for them, up to `GARBAGE_WAIT_MAX`.
+    /// Returns whether every keyspace is down to its current version.
     fn collect_garbage_waiting(&self) -> Result<bool, StoreError> {
         let deadline = std::time::Instant::now() + GARBAGE_WAIT_MAX;
         loop {
