@@ -590,15 +590,23 @@ impl<T> InboxShard<T> {
                     .min(self.batch_requests_max);
             }
             Ok(_) => {}
-            // A batch of a few requests failed for another cause (a conflict, a store that
-            // refuses): its size says nothing.
-            Err(_) if batch.requests.len() <= BATCH_SHRUNK_MIN => {}
-            Err(_) => {
-                self.batch_requests_now = (self.batch_requests_now.min(batch.requests.len()) / 2)
-                    .max(BATCH_SHRUNK_MIN)
+            // What a batch's size can cause: a transaction past the store's time limit ends as
+            // a conflict (during its reads) or an unknown result (during its commit). A failed
+            // write or fsync, or a fence, says nothing of the size (shrunk and held for them,
+            // a disk that filled for a while left batches of 8 for a minute after it
+            // recovered, with the reconnect storm at its peak). Nor does a batch of a few.
+            Err(StoreError::Conflict | StoreError::CommitUnknown)
+                if batch.requests.len() > BATCH_SHRUNK_MIN =>
+            {
+                // Half the failed batch: a second batch in flight, taken at the old size,
+                // failing as well halves nothing more.
+                self.batch_requests_now = self
+                    .batch_requests_now
+                    .min((batch.requests.len() / 2).max(BATCH_SHRUNK_MIN))
                     .min(self.batch_requests_max);
                 self.batch_grows_from_ms = now_ms.saturating_add(BATCH_SHRUNK_HOLD_MS);
             }
+            Err(_) => {}
         }
         match result {
             Ok(outcomes) => {
@@ -907,6 +915,37 @@ mod tests {
         let result = committer.commit_batch(&store, &batch.requests, 1_000);
         shard.handle_commit(BATCH_SHRUNK_HOLD_MS + 1_000_000, batch, result);
         assert_eq!(shard.batch_requests_now, 64);
+    }
+
+    /// With two batches in flight, both taken at the size that fails, the second's failure
+    /// halves nothing more (halving the size again made it a quarter, held for a minute); and
+    /// a failed write (a full disk) shrinks nothing, since a batch's size cannot cause it.
+    #[test]
+    fn a_second_failed_batch_in_flight_and_a_failed_write_shrink_nothing_more() {
+        let config = CoreConfig {
+            batches_in_flight_max: 2,
+            batch_requests_max: 64,
+            ..CoreConfig::default()
+        };
+        let mut shard = InboxShard::new(&config);
+        for inbox in 1..=300u64 {
+            shard.handle_link(inbox, 0, 0, inbox).unwrap();
+        }
+        let first = shard.poll_batch(u64::MAX).expect("a batch");
+        let second = shard
+            .poll_batch(u64::MAX)
+            .expect("a second batch in flight");
+        assert_eq!((first.requests.len(), second.requests.len()), (64, 64));
+        shard.handle_commit(0, first, Err(StoreError::Conflict));
+        shard.handle_commit(0, second, Err(StoreError::CommitUnknown));
+        assert_eq!(shard.batch_requests_now, 32);
+        let third = shard.poll_batch(u64::MAX).expect("a batch");
+        assert_eq!(third.requests.len(), 32);
+        shard.handle_commit(0, third, Err(StoreError::Poisoned));
+        assert_eq!(
+            shard.batch_requests_now, 32,
+            "a failed write says nothing of the size"
+        );
     }
 
     /// Takes the next batch, commits it on `store` through `committer` and hands the result

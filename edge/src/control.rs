@@ -178,11 +178,13 @@ pub fn check_path(path: &Path, data_dir: &Path) -> Result<(), String> {
         ));
     }
     // The socket is made once every shard serves: a directory the edge may not write failed
-    // the start then, after `/readyz` said ready (exit 4, at every restart).
+    // the start then, after `/readyz` said ready (exit 4, at every restart). Probed as the
+    // start binds it, a socket under a temporary name, removed at once.
     if directory.is_dir() {
-        let probe = directory.join(format!(".courier-control-check-{}", std::process::id()));
-        std::fs::write(&probe, b"")
-            .and_then(|()| std::fs::remove_file(&probe))
+        let probe = path.with_extension(format!("{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&probe);
+        UnixListener::bind(&probe)
+            .and_then(|_listener| std::fs::remove_file(&probe))
             .map_err(|e| {
                 format!(
                     "control.socket {}: the directory {} is not writable ({e}); give the \
@@ -476,14 +478,19 @@ fn execute(command: Command, shards: &Shards) -> Answer {
     }
 }
 
-/// Whether every shard's queue takes a disconnect, and `home`'s a purge after it.
+/// Whether every shard's queue takes a disconnect, and `home`'s a purge after it. (A shard
+/// with room that then does not answer in time still leaves the user disconnected where the
+/// others answered: `ask_all` says which.)
 fn room_for_a_purge(shards: &Shards, home: u32) -> Result<(), String> {
     for (shard, sender) in shards.senders.iter().enumerate() {
         let needed = if shard == home as usize { 2 } else { 1 };
-        let free = sender.capacity().unwrap_or(usize::MAX) - sender.len();
+        let free = sender
+            .capacity()
+            .unwrap_or(usize::MAX)
+            .saturating_sub(sender.len());
         if sender.is_disconnected() || free < needed {
             return Err(format!(
-                "shard {shard} is busy or stopped; nothing was done, try again"
+                "shard {shard}'s queue is full or it stopped; nothing was done, try again"
             ));
         }
     }
@@ -632,7 +639,7 @@ mod tests {
         let answer = execute(Command::Purge { user }, &shards);
         assert!(checker.join().expect("checker"), "the check was asked");
         assert!(
-            matches!(&answer, Answer::Error { message } if message.contains("shard 1 is busy")),
+            matches!(&answer, Answer::Error { message } if message.contains("shard 1's queue is full")),
             "{answer:?}"
         );
         assert!(

@@ -21,6 +21,11 @@ pub enum MeshMessage {
     },
     /// For the receiving shard's session layer.
     Session(ShardMessage),
+    /// Edge `peer` opened a link to another shard of this edge: it is up, so this shard's own
+    /// link to it is tried at once, not at the end of its backoff.
+    PeerBack {
+        peer: courier_core::placement::EdgeId,
+    },
 }
 
 impl MeshMessage {
@@ -28,7 +33,7 @@ impl MeshMessage {
     /// retransmitted by QUIC, so it may be dropped.
     pub fn on_overload(&self) -> Overload {
         match self {
-            MeshMessage::Datagram { .. } => Overload::Drop,
+            MeshMessage::Datagram { .. } | MeshMessage::PeerBack { .. } => Overload::Drop,
             MeshMessage::Session(message) => message.on_overload(),
         }
     }
@@ -37,6 +42,7 @@ impl MeshMessage {
     pub fn kind(&self) -> &'static str {
         match self {
             MeshMessage::Datagram { .. } => "Datagram",
+            MeshMessage::PeerBack { .. } => "PeerBack",
             MeshMessage::Session(message) => message.kind(),
         }
     }

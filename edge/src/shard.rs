@@ -2330,6 +2330,7 @@ impl Shard {
                 let now = self.now_ms();
                 self.session.handle_message(now, message)
             }
+            MeshMessage::PeerBack { peer } => self.peer_is_back(peer),
         }
     }
 

@@ -104,11 +104,17 @@ impl ClusterFiles {
         cluster_keys: &str,
     ) -> String {
         let path = |name: &str| self.path(name).display().to_string();
+        // Short reconnect waits, unless the test sets its own.
+        let reconnect = if cluster_keys.contains("link_reconnect_ms") {
+            ""
+        } else {
+            "link_reconnect_ms_min = 100\nlink_reconnect_ms_max = 500\n"
+        };
         let mut text = format!(
             "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n\n\
              [auth]\nsigning_key_path = \"{}\"\n\n\
              [cluster]\nedge_id = {id}\nca_cert_path = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
-             link_reconnect_ms_min = 100\nlink_reconnect_ms_max = 500\n{cluster_keys}",
+             {reconnect}{cluster_keys}",
             path("public.pem"),
             path("public.key"),
             path("signing.key"),
@@ -364,6 +370,67 @@ async fn sends_to_a_stopped_edge_are_retried_until_it_is_back() {
         (receipt.seq, b"during".to_vec())
     );
     assert_quiet(&mut bob_client).await;
+}
+
+/// A peer that comes back and links to this edge is linked to again at once, not at the end
+/// of this edge's reconnect backoff: sends to its users were refused as retryable for as long
+/// as the backoff had grown (up to `link_reconnect_ms_max`, 30 s by default) after the peer
+/// served them again. Here the backoff starts at 20 s, so a link made within seconds of the
+/// restart shows the peer's hello cut it short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_links_again_is_linked_to_at_once_whatever_the_backoff() {
+    let files = ClusterFiles::new();
+    let (mut edges, _members) = start_cluster_with(
+        &files,
+        "link_reconnect_ms_min = 20000\nlink_reconnect_ms_max = 40000\n",
+        "",
+    );
+    wait_links_up(&edges);
+    let alice = user_homed_on(0, 0);
+    let bob = user_homed_on(1, 0);
+    let alice_client = client_via(&files, &edges[0], alice).await;
+    let mut bob_client = client_via(&files, &edges[1], bob).await;
+    let first = alice_client
+        .send(bob, b"before".to_vec())
+        .await
+        .expect("acknowledged");
+    assert_eq!(next_message(&mut bob_client).await.seq, first.seq);
+
+    edges[1].kill9();
+    // Edge 0's links to edge 1 time out (5 s without an answer) and wait their backoff.
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !edges[0]
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .any(|line| line.contains("link down"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "edge 0 never saw its link to edge 1 go down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sender = alice_client.sender();
+    let pending = tokio::spawn(async move { sender.send(bob, b"during".to_vec()).await });
+    edges[1].spawn();
+    let restarted = tokio::time::Instant::now();
+    let receipt = tokio::time::timeout(EVENT_TIMEOUT, pending)
+        .await
+        .expect("acknowledged once the edge is back")
+        .expect("task")
+        .expect("acknowledged");
+    let took = restarted.elapsed();
+    assert_eq!(receipt.seq, first.seq + 1);
+    // The backoff alone would wait at least 15 s (20 s, jittered by up to a quarter) from
+    // the link's fall; the restart and a link take a few.
+    assert!(
+        took < Duration::from_secs(12),
+        "the send waited {took:?} after the restart: edge 0 waited out its backoff"
+    );
+    let delivery = next_message(&mut bob_client).await;
+    assert_eq!(delivery.body, b"during".to_vec());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

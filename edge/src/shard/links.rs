@@ -23,6 +23,7 @@ use super::{
     Conn, INBUF_BYTES_MAX, Shard, StreamRead, connection_log_allowed, flush_outbuf, read_chunk,
 };
 use crate::config::Config;
+use crate::mesh::MeshMessage;
 
 /// What a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,7 +429,20 @@ impl Shard {
                             if matches!(frame, LinkFrame::Send { .. }) {
                                 self.metrics.link_requests_received.inc();
                             }
-                            self.session.handle_link_request(now_ms, link, frame)
+                            let hello_from = match frame {
+                                LinkFrame::Hello { edge } => Some(edge),
+                                _ => None,
+                            };
+                            let handled = self.session.handle_link_request(now_ms, link, frame);
+                            if let (Ok(()), Some(peer)) = (&handled, hello_from) {
+                                // Each shard links on its own: tell them all.
+                                self.peer_is_back(peer);
+                                let own = self.id;
+                                for shard in (0..self.shard_count as u8).filter(|s| *s != own) {
+                                    self.route(shard, MeshMessage::PeerBack { peer });
+                                }
+                            }
+                            handled
                         }
                         ConnKind::LinkOut { peer } => {
                             self.session.handle_link_answer(now_ms, peer, frame)
@@ -445,6 +459,24 @@ impl Shard {
         }
         conn.inbuf.drain(..consumed_total.min(conn.inbuf.len()));
         self.mark_dirty_conn(handle, conn);
+    }
+
+    /// `peer` opened a link to this shard (it said hello): it is up, so this shard's own link
+    /// to it, if down, is tried at the next wake-up with the shortest backoff. Left to its
+    /// backoff (up to `link_reconnect_ms_max`, 30 s, after a peer down for a while), sends to
+    /// its users were refused as retryable for that long after it came back, though it
+    /// served them.
+    pub(super) fn peer_is_back(&mut self, peer: EdgeId) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let reconnect_min = cluster.reconnect_min;
+        if let Some(link) = cluster.peers.get_mut(&peer)
+            && link.conn.is_none()
+        {
+            link.retry_at = Instant::now();
+            link.backoff = reconnect_min;
+        }
     }
 
     fn close_link(
