@@ -433,6 +433,64 @@ async fn a_peer_that_links_again_is_linked_to_at_once_whatever_the_backoff() {
     assert_eq!(delivery.body, b"during".to_vec());
 }
 
+/// A link that never says hello is closed at `limits.hello_timeout_ms`, as a client without
+/// `Hello` is: before, once its handshake was done nothing closed it, and its keep-alives held
+/// a connection slot for good (with a cluster key, which a leak would hand out, every slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_never_says_hello_is_closed_at_the_hello_timeout() {
+    let files = ClusterFiles::new();
+    let (edges, _members) = start_cluster_with(&files, "", "\n[limits]\nhello_timeout_ms = 1000\n");
+    let certs = |name: &str| -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        let pem = std::fs::read(files.path(name)).expect("certificate");
+        rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<_, _>>()
+            .expect("certificates")
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs("ca.pem") {
+        roots.add(cert).expect("root");
+    }
+    // A member's own certificate and key: the CA signed them.
+    let member = EDGE_IDS[1];
+    let key_pem = std::fs::read(files.path(&format!("ca-{member}.key"))).expect("key");
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .expect("key")
+        .expect("a key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs(&format!("ca-{member}.pem")), key)
+        .expect("client certificate");
+    tls.alpn_protocols = vec![courier_protocol::link::LINK_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls))
+        .expect("QUIC TLS config");
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Kept alive, as a link is, so only the edge can end it.
+    transport.keep_alive_interval(Some(Duration::from_millis(300)));
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("idle")));
+    config.transport_config(std::sync::Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, edges[0].addr, "courier-link")
+        .expect("connect")
+        .await
+        .expect("the link's handshake");
+    // It says nothing.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .expect("the edge closes a silent link");
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let timed_out = u64::from(courier_protocol::ErrorCode::TimedOut.to_u16());
+            assert_eq!(u64::from(close.error_code), timed_out, "{closed}");
+        }
+        other => panic!("expected the edge's close, got {other}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_with_a_certificate_from_another_ca_never_links() {
     let files = ClusterFiles::new();

@@ -261,6 +261,18 @@ impl Shard {
                     .filter(|cluster| cluster.names_per_edge)
                     .map(|cluster| edges_named(&conn.quic, cluster.peers.keys().copied()));
                 self.session.open_link(link, named);
+                // Its hello is due as a client's is: a link that never says it (a leaked
+                // cluster key) held a connection slot for good, kept alive by keep-alives.
+                // The hello clears this (`decode_link_frames`).
+                let hello_timeout = Duration::from_millis(self.config.limits.hello_timeout_ms);
+                conn.close_at = Some(Instant::now() + hello_timeout);
+                conn.close_once_connected = Some((
+                    ErrorCode::TimedOut,
+                    Bytes::from(format!(
+                        "no link hello within {} ms",
+                        hello_timeout.as_millis()
+                    )),
+                ));
                 debug!(shard = self.id, link, peer = %conn.quic.remote_address(), "link accepted");
             }
             ConnKind::LinkIn { .. } => {}
@@ -435,6 +447,8 @@ impl Shard {
                             };
                             let handled = self.session.handle_link_request(now_ms, link, frame);
                             if let (Ok(()), Some(peer)) = (&handled, hello_from) {
+                                conn.close_at = None;
+                                conn.close_once_connected = None;
                                 // Each shard links on its own: tell them all.
                                 self.peer_is_back(peer);
                                 let own = self.id;
