@@ -1988,6 +1988,18 @@ impl Shard {
                     ErrorCode::ShuttingDown,
                     Bytes::from_static(b"redirected to the user's home edge"),
                 ));
+                // A link that never said hello (its deadline, `link_handshake_done`): the
+                // session never saw it, so it is counted and logged here. A cluster key in
+                // the wrong hands shows as these.
+                if matches!(conn.kind, ConnKind::LinkIn { .. }) {
+                    self.metrics.connection_closed(Some(code));
+                    if connection_log_allowed(&mut self.connection_logs, &mut self.stats) {
+                        warn!(
+                            peer = %conn.quic.remote_address(),
+                            "closing a link that never said hello"
+                        );
+                    }
+                }
                 conn.quic
                     .close(now, VarInt::from_u32(code.to_u16().into()), reason);
             }

@@ -396,15 +396,17 @@ async fn a_peer_that_links_again_is_linked_to_at_once_whatever_the_backoff() {
         .expect("acknowledged");
     assert_eq!(next_message(&mut bob_client).await.seq, first.seq);
 
+    let logged_before = edges[0].log.lock().expect("log").len();
     edges[1].kill9();
-    // Edge 0's links to edge 1 time out (5 s without an answer) and wait their backoff.
+    // Both of edge 0's shards' links to edge 1 time out (5 s without an answer) and wait
+    // their backoff.
     let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    while !edges[0]
-        .log
-        .lock()
-        .expect("log")
+    let peer = format!("peer={}", EDGE_IDS[1]);
+    while edges[0].log.lock().expect("log")[logged_before..]
         .iter()
-        .any(|line| line.contains("link down"))
+        .filter(|line| line.contains("link down") && line.contains(&peer))
+        .count()
+        < 2
     {
         assert!(
             tokio::time::Instant::now() < deadline,

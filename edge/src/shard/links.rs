@@ -60,6 +60,16 @@ struct PeerLink {
     /// Since when the link has been up: one that lasted `reconnect_max` resets the backoff
     /// when it drops (a peer that accepts the handshake and then closes is redialled slowly).
     up_since: Option<Instant>,
+    /// When the peer last said hello on a link it opened to this edge (any shard): it is up.
+    peer_hello_at: Option<Instant>,
+    /// Before then a peer's hello brings no redial forward (`peer_is_back`), and before
+    /// `early_redial_at_drop_from` a link dropped after the peer's hello is not redialled at
+    /// the shortest wait (`link_gone`): each once per backoff, so two edges whose links fail
+    /// after their hellos do not redial each other at the shortest wait for good. Apart, so
+    /// that a hello from before a drop (the peer's last life) does not use up the redial its
+    /// restart's hello brings.
+    early_redial_from: Instant,
+    early_redial_at_drop_from: Instant,
 }
 
 /// The session's view of the cluster (`None` for an edge on its own).
@@ -98,6 +108,9 @@ impl Cluster {
                         retry_at: now,
                         backoff: reconnect_min,
                         up_since: None,
+                        peer_hello_at: None,
+                        early_redial_from: now,
+                        early_redial_at_drop_from: now,
                     };
                     (member.id, link)
                 })
@@ -311,7 +324,17 @@ impl Shard {
                 }
                 // Jitter: links of every shard to a peer that restarted do not come back at once.
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                let wait = link.backoff.mul_f64(jitter);
+                let mut wait = link.backoff.mul_f64(jitter);
+                // The peer said hello since this link came up (it restarted while the link
+                // still looked up): it is there now, so the link is redialled at once, once
+                // per backoff.
+                let hello_since_up = link
+                    .peer_hello_at
+                    .is_some_and(|at| up_since.is_none_or(|since| at > since));
+                if hello_since_up && now >= link.early_redial_at_drop_from {
+                    wait = cluster.reconnect_min.mul_f64(jitter);
+                    link.early_redial_at_drop_from = now + link.backoff;
+                }
                 link.retry_at = now + wait;
                 link.backoff = (link.backoff * 2).min(cluster.reconnect_max);
                 info!(
@@ -475,21 +498,25 @@ impl Shard {
         self.mark_dirty_conn(handle, conn);
     }
 
-    /// `peer` opened a link to this shard (it said hello): it is up, so this shard's own link
-    /// to it, if down, is tried at the next wake-up with the shortest backoff. Left to its
-    /// backoff (up to `link_reconnect_ms_max`, 30 s, after a peer down for a while), sends to
-    /// its users were refused as retryable for that long after it came back, though it
-    /// served them.
+    /// `peer` opened a link to this edge (it said hello): it is up, so this shard's own link
+    /// to it, if down, is tried at the next wake-up, once per backoff (the backoff itself
+    /// goes on: a peer whose links keep failing is still redialled more and more slowly). Left
+    /// to its backoff (up to `link_reconnect_ms_max`, 30 s, after a peer down for a while),
+    /// sends to its users were refused as retryable for that long after it came back, though
+    /// it served them. A link that still looks up is redialled at once when it drops
+    /// (`link_gone`).
     pub(super) fn peer_is_back(&mut self, peer: EdgeId) {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
-        let reconnect_min = cluster.reconnect_min;
-        if let Some(link) = cluster.peers.get_mut(&peer)
-            && link.conn.is_none()
-        {
-            link.retry_at = Instant::now();
-            link.backoff = reconnect_min;
+        let Some(link) = cluster.peers.get_mut(&peer) else {
+            return;
+        };
+        let now = Instant::now();
+        link.peer_hello_at = Some(now);
+        if link.conn.is_none() && now >= link.early_redial_from && link.retry_at > now {
+            link.retry_at = now;
+            link.early_redial_from = now + link.backoff;
         }
     }
 
