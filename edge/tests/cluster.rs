@@ -331,20 +331,35 @@ async fn three_edges_redirect_and_carry_messages_both_ways() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sends_to_a_stopped_edge_are_retried_until_it_is_back() {
-    let files = ClusterFiles::new();
-    let (mut edges, _members) = start_cluster(&files);
-    wait_links_up(&edges);
+/// Once the links are up: Alice on edge 0, Bob on edge 1, and a first message from her to
+/// him delivered. Returns their clients, Bob's id, and the first message's receipt.
+async fn alice_to_bob_across(
+    files: &ClusterFiles,
+    edges: &[Edge],
+) -> (
+    courier_client::Client,
+    courier_client::Client,
+    u64,
+    courier_client::SendReceipt,
+) {
+    wait_links_up(edges);
     let alice = user_homed_on(0, 0);
     let bob = user_homed_on(1, 0);
-    let alice_client = client_via(&files, &edges[0], alice).await;
-    let mut bob_client = client_via(&files, &edges[1], bob).await;
+    let alice_client = client_via(files, &edges[0], alice).await;
+    let mut bob_client = client_via(files, &edges[1], bob).await;
     let first = alice_client
         .send(bob, b"before".to_vec())
         .await
         .expect("acknowledged");
     assert_eq!(next_message(&mut bob_client).await.seq, first.seq);
+    (alice_client, bob_client, bob, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_stopped_edge_are_retried_until_it_is_back() {
+    let files = ClusterFiles::new();
+    let (mut edges, _members) = start_cluster(&files);
+    let (alice_client, mut bob_client, bob, first) = alice_to_bob_across(&files, &edges).await;
 
     // Bob's edge dies: Alice's send is refused as retryable while it is down, and her SDK
     // keeps retrying it under the same id.
@@ -385,16 +400,7 @@ async fn a_peer_that_links_again_is_linked_to_at_once_whatever_the_backoff() {
         "link_reconnect_ms_min = 20000\nlink_reconnect_ms_max = 40000\n",
         "",
     );
-    wait_links_up(&edges);
-    let alice = user_homed_on(0, 0);
-    let bob = user_homed_on(1, 0);
-    let alice_client = client_via(&files, &edges[0], alice).await;
-    let mut bob_client = client_via(&files, &edges[1], bob).await;
-    let first = alice_client
-        .send(bob, b"before".to_vec())
-        .await
-        .expect("acknowledged");
-    assert_eq!(next_message(&mut bob_client).await.seq, first.seq);
+    let (alice_client, mut bob_client, bob, first) = alice_to_bob_across(&files, &edges).await;
 
     let logged_before = edges[0].log.lock().expect("log").len();
     edges[1].kill9();
