@@ -2264,6 +2264,22 @@ mod scripted_server_tests {
         assert_eq!(acked_up_to, 1, "the last ack arrived");
     }
 
+    /// The first connection of the last-ack tests, welcomed and given seq 1 (its streams
+    /// returned, so that the caller keeps them open).
+    async fn welcome_and_deliver_seq_1(
+        first: &Scripted,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+        let (connection, mut send, recv) = first.welcome().await;
+        let delivery = Frame::Deliver {
+            seq: 1,
+            from: 9,
+            sent_at_ms: 0,
+            body: b"read".to_vec(),
+        };
+        write_frame(&mut send, &delivery).await.expect("Deliver");
+        (connection, send, recv)
+    }
+
     /// The script of the last-ack tests: the first connection is welcomed and given seq 1,
     /// which the application takes (acked, the ack written); then `after_read` ends that
     /// connection its own way and returns the `Hello` the flush's last server read. The
@@ -2276,14 +2292,7 @@ mod scripted_server_tests {
     {
         let read = tokio::sync::Notify::new();
         let serve = async {
-            let (connection, mut send, _recv) = first.welcome().await;
-            let delivery = Frame::Deliver {
-                seq: 1,
-                from: 9,
-                sent_at_ms: 0,
-                body: b"read".to_vec(),
-            };
-            write_frame(&mut send, &delivery).await.expect("Deliver");
+            let (connection, send, _recv) = welcome_and_deliver_seq_1(first).await;
             read.notified().await;
             after_read(connection, send).await
         };
@@ -2375,14 +2384,7 @@ mod scripted_server_tests {
             reconnect_to: Some(home_addr.to_string()),
         };
         let serve = async {
-            let (connection, mut send, _recv) = first.welcome().await;
-            let delivery = Frame::Deliver {
-                seq: 1,
-                from: 9,
-                sent_at_ms: 0,
-                body: b"read".to_vec(),
-            };
-            write_frame(&mut send, &delivery).await.expect("Deliver");
+            let (connection, _send, _recv) = welcome_and_deliver_seq_1(&first).await;
             read.notified().await;
             connection.close(0u32.into(), b"gone");
             // The reconnect's `Hello` waits: the client closes before an answer.

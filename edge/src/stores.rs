@@ -489,24 +489,25 @@ fn copy_keys(
         from.push(0);
         for (key, value) in page {
             copied.keys += 1;
-            let bytes = key.len() + value.len();
-            match shard_of_key(&key, shards)? {
-                Some(shard) => {
-                    let (pairs, pairs_bytes) = &mut pending[shard as usize];
-                    pairs.push((key, value));
-                    *pairs_bytes += bytes;
-                }
-                // The clock high-water mark belongs to every shard.
-                None => pending.iter_mut().for_each(|(pairs, pairs_bytes)| {
-                    pairs.push((key.clone(), value.clone()));
-                    *pairs_bytes += bytes;
-                }),
-            }
-            for (target, (pairs, pairs_bytes)) in targets.iter().zip(&mut pending) {
+            // Adds a pair to a shard's pending ones, committed once they reach the limits.
+            let mut add = |shard: usize, key: Vec<u8>, value: Vec<u8>| {
+                let (pairs, pairs_bytes) = &mut pending[shard];
+                *pairs_bytes += key.len() + value.len();
+                pairs.push((key, value));
                 if pairs.len() >= limits.keys_per_commit || *pairs_bytes >= limits.bytes_per_commit
                 {
-                    write_pairs(target, std::mem::take(pairs), &mut copied)?;
                     *pairs_bytes = 0;
+                    return write_pairs(&targets[shard], std::mem::take(pairs), &mut copied);
+                }
+                Ok(())
+            };
+            match shard_of_key(&key, shards)? {
+                Some(shard) => add(shard as usize, key, value)?,
+                // The clock high-water mark belongs to every shard.
+                None => {
+                    for shard in 0..targets.len() {
+                        add(shard, key.clone(), value.clone())?;
+                    }
                 }
             }
         }

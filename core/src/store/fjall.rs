@@ -392,27 +392,19 @@ impl FjallStore {
     /// so it waits for the keyspace's background compactions and none starts during it; as a
     /// fail-safe lsm-tree skips it when a table is still held by one. It worked when none of
     /// the tables from before it is left (tables flushed meanwhile hold later writes only).
-    /// Returns false if it kept being skipped, or if fjall's garbage-collection mark stayed
-    /// below `deletes_before` (a read open from before a delete the pass erases): the next
-    /// pass tries again.
-    ///
-    /// The mark is brought up to date first: a compaction drops a value its tombstone shadows
-    /// only below the mark, which moves only when garbage is collected. Left as the last
-    /// memtable rotation set it while a read was open, the rewrite kept the deleted value
-    /// after the read had ended, and the pass counted it done.
+    /// Returns false if it kept being skipped: the next pass tries again. The caller brings
+    /// fjall's garbage-collection mark past the pass's deletes first
+    /// (`garbage_mark_reaches`).
     ///
     /// (Until the fifty-fifth session this judged by the database's compaction counters, so
     /// any other keyspace's compaction during it counted as an overlap: under constant writes
     /// the dedupe keyspace's rewrite was never counted done, and no pass was complete.)
-    fn compact_fully(&self, keyspace: &Keyspace, deletes_before: u64) -> Result<bool, StoreError> {
+    fn compact_fully(&self, keyspace: &Keyspace) -> Result<bool, StoreError> {
         use fjall::AbstractTree;
         let table_ids = || -> std::collections::HashSet<u64> {
             let version = keyspace.tree.current_version();
             version.iter_tables().map(|table| table.id()).collect()
         };
-        if !self.garbage_mark_reaches(deletes_before)? {
-            return Ok(false);
-        }
         for _ in 0..COMPACTION_ATTEMPTS_MAX {
             let before = table_ids();
             keyspace.major_compact().map_err(io_error)?;
@@ -507,10 +499,19 @@ impl FjallStore {
                 .delete_journals_through(&sealed, &flushed)
                 .map_err(io_error)?;
             after_flush();
-            for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
-                // false: lsm-tree kept skipping ours (a table still held by a background
-                // compaction); the next pass tries again.
-                compacted[index] = self.compact_fully(self.keyspace_at(index), deletes_before)?;
+            // A compaction drops a value its tombstone shadows only below fjall's
+            // garbage-collection mark, which moves only when garbage is collected. Left as the
+            // last memtable rotation set it while a read was open, a rewrite kept the deleted
+            // value after the read had ended, and the pass counted it done. The mark only
+            // rises: brought past the deletes once, it holds for every rewrite below. Below
+            // them (a read from before a delete still open), nothing is rewritten and the next
+            // pass tries again.
+            if self.garbage_mark_reaches(deletes_before)? {
+                for (index, _) in deleted.iter().enumerate().filter(|(_, deleted)| **deleted) {
+                    // false: lsm-tree kept skipping ours (a table still held by a background
+                    // compaction); the next pass tries again.
+                    compacted[index] = self.compact_fully(self.keyspace_at(index))?;
+                }
             }
             // The compactions' input tables hold the deleted values until their files go.
             Ok(self.collect_garbage_waiting()? && journals_gone)
